@@ -1,0 +1,185 @@
+"""The component contract: every block of imtm subclasses :class:`Component`.
+
+A component is an ``nn.Module`` with one role. It declares, as class defaults,
+
+- ``requires``: the names of the values it reads, in the order ``forward`` takes them;
+- ``provides``: the names of the values it returns (one name: ``forward`` returns
+  the value itself; several: a tuple in that order).
+
+Both can be renamed per instance with the ``requires=`` / ``provides=`` constructor
+keywords, so one block type can appear twice in a pipeline (for example a DCPA
+triplet loss on ``scores_i2t`` and another on ``scores_t2i``).
+
+Constructor arguments are stored unchanged under their own names, so
+``get_params`` / ``set_params`` / :func:`sklearn.base.clone` behave as for any
+scikit-learn estimator.
+
+The vocabulary of value names (:data:`VALUE_NAMES`) is documented here, in one
+place; method-specific blocks add their own names and say so in their docstrings.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, ClassVar
+
+import torch.nn as nn
+
+__all__ = ["Component", "Loss", "VALUE_NAMES", "suggest", "COMPONENT_REGISTRY", "register"]
+
+#: The shared vocabulary of value names that flow between blocks.
+VALUE_NAMES: dict[str, str] = {
+    "images": "raw image batch: pixels (Bi, 3, H, W) or precomputed region features as Tokens (Bi, N, D)",
+    "texts": "raw caption batch: a list of strings, or Tokens of integer token ids (Bt, M)",
+    "image_ids": "(Bt,) long: for each caption in the batch, the id of its image",
+    "positives": "(Bi, Bt) bool: True for matching image-caption pairs (derived from image_ids)",
+    "image_tokens": "Tokens (Bi, N, D) after encoding and refining",
+    "text_tokens": "Tokens (Bt, M, D) after encoding and refining",
+    "image_embedding": "(Bi, D) global image vectors",
+    "text_embedding": "(Bt, D) global caption vectors",
+    "scores": "(Bi, Bt) one similarity used for both retrieval directions",
+    "scores_i2t": "(Bi, Bt) similarity used to rank captions for an image",
+    "scores_t2i": "(Bi, Bt) similarity used to rank images for a caption",
+    "keep_decisions": "LAPS: (Bi, Bt, N) 0/1 patch keep decisions",
+    "patch_lexicon": "ELA: (Bi, N, V) patch-to-lexicon distributions",
+    "word_lexicon": "ELA: (Bt, M, V) word-to-lexicon distributions",
+    "transport_plan": "ELA: (B, N, M) optimal-transport plan between patches and words",
+}
+
+#: Every Component subclass defined by imtm or by a user, by class name. ``Matcher.load``
+#: rebuilds blocks only from this registry: a configuration can never import code by path.
+COMPONENT_REGISTRY: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Add a class to :data:`COMPONENT_REGISTRY` (Component subclasses are added automatically)."""
+    name = cls.__name__
+    if name in COMPONENT_REGISTRY and COMPONENT_REGISTRY[name] is not cls:
+        existing = COMPONENT_REGISTRY[name]
+        if f"{existing.__module__}.{existing.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}":
+            # A second class of the same name (e.g. a user's): keep both reachable by qualified name.
+            COMPONENT_REGISTRY[f"{cls.__module__}.{cls.__qualname__}"] = cls
+            return cls
+    COMPONENT_REGISTRY[name] = cls
+    return cls
+
+
+def suggest(name: str, options) -> str:
+    """A ' Did you mean ...?' suffix for a misspelled ``name`` (empty when nothing is close)."""
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+class Component(nn.Module):
+    """Base class of every imtm block.
+
+    Subclasses set ``requires`` / ``provides`` as class attributes, accept
+    ``requires=None, provides=None`` keywords in ``__init__`` (passed on to
+    ``super().__init__``), store every other constructor argument under its own
+    name, and implement ``forward`` with positional arguments in ``requires`` order.
+
+    Example:
+        >>> import torch
+        >>> class Double(Component):
+        ...     requires = ("image_embedding",)
+        ...     provides = ("image_embedding",)
+        ...     def __init__(self, factor=2.0, *, requires=None, provides=None):
+        ...         super().__init__(requires=requires, provides=provides)
+        ...         self.factor = factor
+        ...     def forward(self, x):
+        ...         return x * self.factor
+        >>> Double(factor=3.0).get_params()["factor"]
+        3.0
+    """
+
+    requires: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        register(cls)
+
+    def __init__(self, *, requires=None, provides=None):
+        super().__init__()
+        # Stored only when renamed, so the class default shows through otherwise.
+        if requires is not None:
+            self.requires = requires
+        if provides is not None:
+            self.provides = provides
+
+    # ------------------------------------------------------------------ scikit-learn protocol
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        init = cls.__init__
+        if init is object.__init__ or init is Component.__init__:
+            return ["provides", "requires"] if init is Component.__init__ else []
+        sig = inspect.signature(init)
+        names = []
+        for p in sig.parameters.values():
+            if p.name == "self" or p.kind == p.VAR_KEYWORD:
+                continue
+            if p.kind == p.VAR_POSITIONAL:
+                raise TypeError(f"{cls.__name__}: components may not take *args in __init__ (scikit-learn rule)")
+            names.append(p.name)
+        return sorted(names)
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Constructor arguments by name (``deep``: also those of nested blocks, as ``name__param``)."""
+        out: dict[str, Any] = {}
+        for name in self._get_param_names():
+            value = getattr(self, name)
+            if deep and hasattr(value, "get_params") and not isinstance(value, type):
+                for k, v in value.get_params(deep=True).items():
+                    out[f"{name}__{k}"] = v
+            out[name] = value
+        return out
+
+    def set_params(self, **params) -> "Component":
+        """Set constructor arguments (``name__param`` reaches into nested blocks).
+
+        Changing an argument that shapes parameters (a dimension) only takes effect
+        in a rebuilt block: the Matcher rebuilds its fitted blocks from these
+        arguments in ``fit``, as scikit-learn does.
+        """
+        valid = self._get_param_names()
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in params.items():
+            head, _, rest = key.partition("__")
+            if head not in valid:
+                raise ValueError(
+                    f"{type(self).__name__}: invalid parameter {head!r}; valid ones are {valid}."
+                    + suggest(head, valid)
+                )
+            if rest:
+                nested.setdefault(head, {})[rest] = value
+            else:
+                setattr(self, head, value)
+        for head, sub in nested.items():
+            getattr(self, head).set_params(**sub)
+        return self
+
+    def __sklearn_clone__(self):
+        from sklearn.base import _clone_parametrized
+
+        return _clone_parametrized(self)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def name_hint(self) -> str:
+        """The automatic pipeline name (lower-case class name, as ``make_pipeline``)."""
+        return type(self).__name__.lower()
+
+    def extra_repr(self) -> str:
+        bits = [f"requires={tuple(self.requires)}", f"provides={tuple(self.provides)}"]
+        return ", ".join(bits)
+
+
+class Loss(Component):
+    """Base class of objectives: ``forward`` returns a scalar.
+
+    The Matcher adds every active loss, multiplied by its ``weight``, and logs
+    each under its block name. Subclasses accept ``weight=1.0`` and store it.
+    """
+
+    weight: float = 1.0

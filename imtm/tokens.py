@@ -1,0 +1,230 @@
+"""Tokens: padded token features plus a validity mask, the one type that flows between blocks.
+
+Shape glossary (used in every docstring of imtm):
+
+- ``B``: batch size (``Bi`` images, ``Bt`` captions)
+- ``N``: image tokens (regions or patches), ``M``: words
+- ``D``: feature dimension, ``K``: kept / top-k, ``V``: vocabulary size
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Tokens", "check_finite"]
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` when ``x`` holds NaN or inf.
+
+    Used at the boundary of blocks (encoders, losses). It synchronises with the
+    device, so blocks call it once per input, not inside inner loops.
+    """
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        n_bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{what} holds {n_bad} NaN or inf value(s); check the input features")
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Padded token features and a boolean mask (True = real token).
+
+    Args:
+        feats: ``(B, N, D)`` token features, or ``(B, N)`` integer token ids
+            (raw captions as they come out of a tokenizer).
+        mask: ``(B, N)`` bool, True where a token is real. ``None`` means every
+            token is real.
+        grid: optional ``(h, w)`` patch grid of the non-prefix tokens (ViT/Swin).
+        num_prefix_tokens: how many leading tokens are prefix tokens such as
+            [CLS] (never hard-coded as ``x[:, 1:]`` anywhere in imtm).
+
+    Shape:
+        - feats: ``(B, N, D)`` or ``(B, N)``
+        - mask: ``(B, N)``
+
+    Example:
+        >>> t = Tokens.from_lengths(torch.randn(2, 4, 8), torch.tensor([4, 2]))
+        >>> t.mask.sum(1).tolist()
+        [4, 2]
+        >>> t.masked_mean().shape
+        torch.Size([2, 8])
+    """
+
+    feats: torch.Tensor
+    mask: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
+    num_prefix_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.feats, torch.Tensor):
+            raise TypeError(f"Tokens: feats must be a torch.Tensor, got {type(self.feats).__name__}")
+        if self.feats.dim() not in (2, 3):
+            raise ValueError(
+                f"Tokens: feats must have shape (B, N, D) or (B, N), got {tuple(self.feats.shape)}"
+            )
+        mask = self.mask
+        if mask is None:
+            mask = torch.ones(self.feats.shape[:2], dtype=torch.bool, device=self.feats.device)
+            object.__setattr__(self, "mask", mask)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(
+                "Tokens: mask must be a bool tensor (True = real token), got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)}"
+            )
+        if tuple(mask.shape) != tuple(self.feats.shape[:2]):
+            raise ValueError(
+                f"Tokens: mask shape {tuple(mask.shape)} does not match feats "
+                f"(B, N) = {tuple(self.feats.shape[:2])}"
+            )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_lengths(cls, feats: torch.Tensor, lengths: torch.Tensor | Sequence[int], **kw) -> "Tokens":
+        """Build Tokens whose first ``lengths[b]`` tokens of row ``b`` are real."""
+        lengths = torch.as_tensor(lengths, device=feats.device)
+        if lengths.dim() != 1 or lengths.numel() != feats.shape[0]:
+            raise ValueError(
+                f"Tokens.from_lengths: expected {feats.shape[0]} lengths, got shape {tuple(lengths.shape)}"
+            )
+        if bool((lengths < 0).any()) or bool((lengths > feats.shape[1]).any()):
+            raise ValueError(
+                f"Tokens.from_lengths: lengths must lie in [0, {feats.shape[1]}], got {lengths.tolist()}"
+            )
+        mask = torch.arange(feats.shape[1], device=feats.device)[None, :] < lengths[:, None]
+        return cls(feats, mask, **kw)
+
+    @classmethod
+    def pad_sequence(cls, seqs: Sequence[torch.Tensor], pad_to: int | None = None, **kw) -> "Tokens":
+        """Pad a list of ``(N_b, D)`` (or ``(N_b,)`` id) tensors into Tokens."""
+        if len(seqs) == 0:
+            raise ValueError("Tokens.pad_sequence: got an empty list")
+        n = max(int(s.shape[0]) for s in seqs)
+        if pad_to is not None:
+            if pad_to < n:
+                raise ValueError(f"Tokens.pad_sequence: pad_to={pad_to} is less than the longest ({n})")
+            n = pad_to
+        first = seqs[0]
+        out = first.new_zeros((len(seqs), n, *first.shape[1:]))
+        mask = torch.zeros(len(seqs), n, dtype=torch.bool, device=first.device)
+        for b, s in enumerate(seqs):
+            out[b, : s.shape[0]] = s
+            mask[b, : s.shape[0]] = True
+        return cls(out, mask, **kw)
+
+    @classmethod
+    def cat(cls, parts: Sequence["Tokens"]) -> "Tokens":
+        """Concatenate along the batch axis, padding the token axis to the longest."""
+        if len(parts) == 0:
+            raise ValueError("Tokens.cat: got an empty list")
+        n = max(p.num_tokens for p in parts)
+        feats, masks = [], []
+        for p in parts:
+            extra = n - p.num_tokens
+            f, m = p.feats, p.mask
+            if extra:
+                f = torch.cat([f, f.new_zeros((f.shape[0], extra, *f.shape[2:]))], dim=1)
+                m = torch.cat([m, m.new_zeros((m.shape[0], extra))], dim=1)
+            feats.append(f)
+            masks.append(m)
+        p0 = parts[0]
+        return cls(torch.cat(feats), torch.cat(masks), grid=p0.grid, num_prefix_tokens=p0.num_prefix_tokens)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def batch_size(self) -> int:
+        return int(self.feats.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.feats.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.feats.shape[2]) if self.feats.dim() == 3 else 0
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``(B,)`` number of real tokens per row."""
+        return self.mask.sum(1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.feats.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.feats.dtype
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    # ------------------------------------------------------------------ transforms
+    def __getitem__(self, index) -> "Tokens":
+        """Select rows of the batch (an int keeps the batch axis)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return replace(self, feats=self.feats[index], mask=self.mask[index])
+
+    def with_feats(self, feats: torch.Tensor) -> "Tokens":
+        """Same mask and metadata, new features ``(B, N, D')``."""
+        return replace(self, feats=feats)
+
+    def to(self, *args, **kwargs) -> "Tokens":
+        """Move to a device / dtype. The mask keeps its bool dtype; integer ids keep theirs."""
+        if self.feats.is_floating_point():
+            feats = self.feats.to(*args, **kwargs)
+        else:
+            device = next((a for a in args if isinstance(a, (str, torch.device))), kwargs.get("device"))
+            feats = self.feats.to(device) if device is not None else self.feats
+        return replace(self, feats=feats, mask=self.mask.to(feats.device))
+
+    def trim(self) -> "Tokens":
+        """Drop trailing columns that are padding in every row."""
+        if self.num_tokens == 0:
+            return self
+        last = self.mask.any(0).nonzero()
+        n = int(last.max()) + 1 if last.numel() else 0
+        return replace(self, feats=self.feats[:, :n], mask=self.mask[:, :n])
+
+    def zero_padding(self) -> "Tokens":
+        """Features with padded positions set to exactly zero."""
+        return self.with_feats(self.feats * self.mask.unsqueeze(-1).to(self.feats.dtype))
+
+    def normalize(self, eps: float = 1e-8) -> "Tokens":
+        """L2-normalise every token; padded tokens become zero vectors."""
+        f = F.normalize(self.feats, dim=-1, eps=eps)
+        return self.with_feats(f * self.mask.unsqueeze(-1).to(f.dtype))
+
+    def masked_mean(self, skip_prefix: bool = False) -> torch.Tensor:
+        """``(B, D)`` mean over real tokens (optionally not counting prefix tokens).
+
+        Rows without any real token give a zero vector.
+        """
+        mask = self.mask
+        if skip_prefix and self.num_prefix_tokens:
+            mask = mask.clone()
+            mask[:, : self.num_prefix_tokens] = False
+        w = mask.to(self.feats.dtype).unsqueeze(-1)
+        # where() rather than multiply: NaN/inf in padding must not leak into the mean
+        total = torch.where(mask.unsqueeze(-1), self.feats, torch.zeros_like(self.feats)).sum(1)
+        return total / w.sum(1).clamp_min(1.0)
+
+    def check(self, what: str, dim: int | None = None) -> "Tokens":
+        """Validate for a block: feature dim, no empty row, finite real features."""
+        if self.feats.dim() != 3:
+            raise ValueError(f"{what}: expected token features of shape (B, N, D), got {tuple(self.feats.shape)}")
+        if dim is not None and self.dim != dim:
+            raise ValueError(
+                f"{what}: expected token features of shape (B, N, {dim}), got {tuple(self.feats.shape)}"
+            )
+        empty = ~self.mask.any(1)
+        if bool(empty.any()):
+            rows = empty.nonzero().flatten().tolist()[:5]
+            raise ValueError(f"{what}: rows {rows} have no real token (every position is padding)")
+        real = self.feats[self.mask]
+        check_finite(real, what)
+        return self
