@@ -1,0 +1,138 @@
+"""Blocked all-pairs scoring: encode each side once, then run pairwise blocks on image x caption blocks."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from imtm.engine.graph import IMAGE, TEXT, Plan
+from imtm.tokens import Tokens
+
+__all__ = ["run_blocks", "take", "concat", "move", "encode_side", "blocked_scores"]
+
+
+def run_blocks(plan: Plan, indices: Sequence[int], values: dict[str, Any]) -> dict[str, Any]:
+    """Run blocks ``indices`` in order, reading and writing ``values`` (returned, updated in place)."""
+    for k in indices:
+        block = plan.blocks[k]
+        args = [values[name] for name in block.requires]
+        out = block(*args)
+        provides = tuple(block.provides)
+        if len(provides) == 1:
+            values[provides[0]] = out
+        else:
+            if not isinstance(out, (tuple, list)) or len(out) != len(provides):
+                raise TypeError(
+                    f"{plan.names[k]!r} ({type(block).__name__}) declares provides={provides} but returned "
+                    f"{type(out).__name__}{'' if not isinstance(out, (tuple, list)) else f' of length {len(out)}'}"
+                )
+            values.update(zip(provides, out))
+    return values
+
+
+def take(value: Any, sl: slice) -> Any:
+    """Rows ``sl`` of a batch value (Tokens trimmed of all-padding columns, tensors, lists)."""
+    if isinstance(value, Tokens):
+        return value[sl].trim()
+    if isinstance(value, torch.Tensor):
+        return value[sl]
+    if isinstance(value, (list, tuple)):
+        return value[sl]
+    raise TypeError(f"cannot split a value of type {type(value).__name__} into blocks")
+
+
+def concat(parts: list) -> Any:
+    first = parts[0]
+    if isinstance(first, Tokens):
+        return Tokens.cat(parts)
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, list):
+        return [x for p in parts for x in p]
+    raise TypeError(f"cannot concatenate values of type {type(first).__name__}")
+
+
+def move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, (Tokens, torch.Tensor)):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: move(v, device) for k, v in value.items()}
+    return value
+
+
+def encode_side(
+    plan: Plan,
+    indices: Sequence[int],
+    raw_name: str,
+    items: Sequence[Any],
+    collate_fn: Callable,
+    keep: Sequence[str],
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    progress: bool = False,
+    desc: str = "",
+) -> dict[str, Any]:
+    """Run one side's blocks over ``items`` in batches; return the ``keep`` values concatenated."""
+    n = len(items)
+    chunks: dict[str, list] = {name: [] for name in keep}
+    bar = tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False)
+    for start in bar:
+        batch = collate_fn([items[j] for j in range(start, min(n, start + batch_size))])
+        values = {raw_name: move(batch, device)}
+        with autocast():
+            run_blocks(plan, indices, values)
+        for name in keep:
+            chunks[name].append(values[name])
+    return {name: concat(parts) for name, parts in chunks.items()}
+
+
+def blocked_scores(
+    plan: Plan,
+    pair_indices: Sequence[int],
+    image_values: dict[str, Any],
+    text_values: dict[str, Any],
+    n_images: int,
+    n_captions: int,
+    *,
+    image_block: int,
+    text_block: int,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Fill ``(n_images, n_captions)`` score matrices block by block (float32, on the CPU).
+
+    Only one ``(image_block, text_block)`` block of pairwise intermediates exists at a time.
+    """
+    out = {name: torch.empty(n_images, n_captions, dtype=torch.float32) for name in plan.score_values}
+    starts = [(i0, t0) for i0 in range(0, n_images, image_block) for t0 in range(0, n_captions, text_block)]
+    cached_i: tuple[int, dict] | None = None
+    for i0, t0 in tqdm(starts, desc="scoring", disable=not progress, leave=False):
+        if cached_i is None or cached_i[0] != i0:
+            cached_i = (i0, {k: take(v, slice(i0, i0 + image_block)) for k, v in image_values.items()})
+        values = dict(cached_i[1])
+        values.update({k: take(v, slice(t0, t0 + text_block)) for k, v in text_values.items()})
+        with autocast():
+            run_blocks(plan, pair_indices, values)
+        for name in plan.score_values:
+            block = values[name]
+            out[name][i0 : i0 + image_block, t0 : t0 + text_block] = block.detach().float().cpu()
+    return out
+
+
+def side_values_needed(plan: Plan, pair_indices: Sequence[int], side: str) -> list[str]:
+    """Values of one side that the pairwise blocks read (the cache to keep)."""
+    target = frozenset({side})
+    need: list[str] = []
+    for k in pair_indices:
+        for r in plan.blocks[k].requires:
+            if plan.sides.get(r) == target and r not in need:
+                need.append(r)
+    return need
+
+
+__all__ += ["side_values_needed", "IMAGE", "TEXT"]

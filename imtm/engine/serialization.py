@@ -1,0 +1,234 @@
+"""JSON + safetensors serialisation of configurations and nested state (never pickle).
+
+Configurations name blocks by class name and rebuild them only from
+:data:`imtm.component.COMPONENT_REGISTRY`: a configuration can never make imtm
+import a module or run code named in a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from imtm.component import COMPONENT_REGISTRY, Component, suggest
+
+__all__ = [
+    "encode_value",
+    "decode_value",
+    "flatten_state",
+    "unflatten_state",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "save_tensors",
+    "load_tensors",
+    "file_sha256",
+    "register_serializable",
+    "ConfigError",
+]
+
+
+class ConfigError(ValueError):
+    """A saved configuration or checkpoint cannot be used (unknown block, other configuration)."""
+
+
+#: Non-JSON parameter types that know ``to_dict`` / ``from_dict`` (for example a Vocabulary).
+SERIALIZABLE: dict[str, type] = {}
+
+
+def register_serializable(cls: type) -> type:
+    """Allow instances of ``cls`` (with ``to_dict`` / ``from_dict``) as saved parameters."""
+    SERIALIZABLE[cls.__name__] = cls
+    return cls
+
+
+def _register_builtin() -> None:
+    from imtm.data.vocabulary import Vocabulary
+
+    register_serializable(Vocabulary)
+
+
+_register_builtin()
+
+
+def encode_value(value: Any, where: str = "parameter") -> Any:
+    """Encode a constructor argument as JSON-compatible data (tagged dicts for non-JSON types)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return {"__tuple__": [encode_value(v, where) for v in value]}
+    if isinstance(value, list):
+        return [encode_value(v, where) for v in value]
+    if isinstance(value, dict):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"cannot save {where}: dict keys must be strings, got {bad[:3]}")
+        return {"__dict__": {k: encode_value(v, f"{where}.{k}") for k, v in value.items()}}
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).replace("torch.", "")}
+    if isinstance(value, Component):
+        return {"__component__": type(value).__name__, "params": encode_params(value)}
+    if hasattr(value, "to_json_dict") and type(value).__name__ in SERIALIZABLE:
+        return {"__object__": type(value).__name__, "data": value.to_json_dict()}
+    if type(value).__name__ in SERIALIZABLE:
+        return {"__object__": type(value).__name__, "data": value.to_dict()}
+    raise TypeError(
+        f"cannot save {where} of type {type(value).__name__}: parameters must be JSON values, "
+        "torch dtypes, imtm components, or types registered with imtm.engine.serialization.register_serializable"
+    )
+
+
+def encode_params(block: Component) -> dict:
+    params = block.get_params(deep=False)
+    # Unrenamed requires/provides are the class defaults: store nothing, so a
+    # later version's defaults apply.
+    for key in ("requires", "provides"):
+        if key in params and key not in block.__dict__:
+            params[key] = None
+    return {k: encode_value(v, f"{type(block).__name__}.{k}") for k, v in params.items()}
+
+
+def build_component(class_name: str, params: dict) -> Component:
+    """Instantiate a registered block by class name (never by import path)."""
+    cls = COMPONENT_REGISTRY.get(class_name)
+    if cls is None:
+        raise ConfigError(
+            f"unknown block {class_name!r}: it is not a registered imtm component. Import the module that "
+            "defines it before loading (blocks are never imported by path from a file)."
+            + suggest(class_name, COMPONENT_REGISTRY)
+        )
+    kwargs = {k: decode_value(v) for k, v in params.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"cannot rebuild {class_name} from the saved parameters: {e}") from e
+
+
+def decode_value(data: Any) -> Any:
+    if isinstance(data, list):
+        return [decode_value(v) for v in data]
+    if not isinstance(data, dict):
+        return data
+    if "__tuple__" in data:
+        return tuple(decode_value(v) for v in data["__tuple__"])
+    if "__dict__" in data:
+        return {k: decode_value(v) for k, v in data["__dict__"].items()}
+    if "__dtype__" in data:
+        dt = getattr(torch, str(data["__dtype__"]), None)
+        if not isinstance(dt, torch.dtype):
+            raise ConfigError(f"unknown dtype {data['__dtype__']!r} in configuration")
+        return dt
+    if "__component__" in data:
+        return build_component(data["__component__"], data.get("params", {}))
+    if "__object__" in data:
+        cls = SERIALIZABLE.get(data["__object__"])
+        if cls is None:
+            raise ConfigError(f"unknown object type {data['__object__']!r} in configuration")
+        return cls.from_dict(data["data"])
+    raise ConfigError(f"unrecognised value in configuration: {sorted(data)[:5]}")
+
+
+# ---------------------------------------------------------------------- nested state
+def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested state (dicts, lists, tensors, numbers) into tensors and a JSON tree.
+
+    Tensors are replaced by ``{"__tensor__": key}``; integer dict keys are kept
+    as ``{"__intkeys__": ...}`` so that optimizer states round-trip exactly.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x, path):
+        if isinstance(x, torch.Tensor):
+            key = path or "value"
+            tensors[key] = x.detach().cpu().contiguous().clone()
+            return {"__tensor__": key}
+        if isinstance(x, dict):
+            if x and all(isinstance(k, int) for k in x):
+                return {"__intkeys__": {str(k): walk(v, f"{path}.{k}") for k, v in x.items()}}
+            return {"__dict__": {str(k): walk(v, f"{path}.{k}") for k, v in x.items()}}
+        if isinstance(x, tuple):
+            return {"__tuple__": [walk(v, f"{path}.{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(x)]
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if hasattr(x, "tolist"):  # numpy scalars / arrays
+            return walk(torch.as_tensor(x), path)
+        raise TypeError(f"cannot store {type(x).__name__} at {path!r} in a checkpoint")
+
+    tree = walk(obj, prefix)
+    return tensors, tree
+
+
+def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, list):
+        return [unflatten_state(v, tensors) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    if "__tensor__" in tree:
+        return tensors[tree["__tensor__"]]
+    if "__intkeys__" in tree:
+        return {int(k): unflatten_state(v, tensors) for k, v in tree["__intkeys__"].items()}
+    if "__dict__" in tree:
+        return {k: unflatten_state(v, tensors) for k, v in tree["__dict__"].items()}
+    if "__tuple__" in tree:
+        return tuple(unflatten_state(v, tensors) for v in tree["__tuple__"])
+    raise ConfigError(f"unrecognised entry in checkpoint state: {sorted(tree)[:5]}")
+
+
+# ---------------------------------------------------------------------- atomic files
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Atomic safetensors write (tensors are made contiguous and unshared first)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        save_file(clean, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

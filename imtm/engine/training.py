@@ -1,0 +1,406 @@
+"""The training loop behind ``Matcher.fit``: stages, AdamW, warm-up + cosine, checkpoints, resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from imtm.data.collate import collate
+from imtm.engine.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint, write_checkpoint
+from imtm.engine.evaluation import move, run_blocks
+from imtm.tokens import Tokens
+
+__all__ = ["Trainer", "EpochSampler", "check_batch"]
+
+log = logging.getLogger("imtm")
+
+#: Parameters that do not change what a run computes: a resumed run may differ in these.
+_RUN_ONLY_PARAMS = {"verbose", "checkpoint_dir", "checkpoint_every", "num_workers", "device", "eval_batch_size",
+                    "image_block", "text_block", "protocol"}
+
+
+class EpochSampler(Sampler):
+    """A permutation of ``range(n)`` fixed by ``(seed, epoch)``, optionally starting ``start`` items in.
+
+    Resuming mid-epoch re-creates the same order and skips what was already seen,
+    without loading the skipped items.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.epoch, self.start, self.shuffle = n, seed, epoch, start, shuffle
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(self.epoch))
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        return iter(self.order()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, self.n - self.start)
+
+
+def check_batch(batch: Any) -> dict:
+    """Validate a collated training batch at the boundary; return it as a dict."""
+    if not isinstance(batch, dict):
+        raise TypeError(
+            f"a training batch must be a dict with 'images', 'texts', 'image_ids', got {type(batch).__name__}; "
+            "use imtm.data.collate as the DataLoader's collate_fn"
+        )
+    missing = [k for k in ("images", "texts", "image_ids") if k not in batch]
+    if missing:
+        raise ValueError(f"a training batch lacks {missing}; it has {sorted(batch)}")
+    texts, images, ids = batch["texts"], batch["images"], batch["image_ids"]
+    n_t = len(texts)
+    n_i = len(images)
+    if n_t == 0:
+        raise ValueError("a training batch holds no captions")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"image_ids must be a 1-D integer tensor, got {getattr(ids, 'shape', type(ids).__name__)}")
+    if ids.numel() != n_t:
+        raise ValueError(f"image_ids has {ids.numel()} entries but the batch holds {n_t} captions")
+    if n_i != n_t:
+        raise ValueError(
+            f"a training batch must hold one image row per caption (row b of images goes with caption b); "
+            f"got {n_i} images and {n_t} captions"
+        )
+    if isinstance(texts, Tokens) and bool((texts.lengths == 0).any()):
+        raise ValueError("a training batch holds a caption of length 0")
+    return batch
+
+
+class Trainer:
+    """One ``fit`` call. Owns the optimizer, schedule, data order, checkpoints and history."""
+
+    def __init__(self, matcher, train, eval_set=None):
+        self.m = matcher
+        self.train = train
+        self.eval_set = eval_set
+        self.device = matcher._device()
+        self.stages = matcher._stages()
+        if isinstance(train, DataLoader):
+            self.loader_given = True
+            n_batches = len(train)
+        elif isinstance(train, Dataset) or (hasattr(train, "__getitem__") and hasattr(train, "__len__")):
+            self.loader_given = False
+            if len(train) == 0:
+                raise ValueError("Matcher.fit: the training dataset is empty")
+            n_batches = math.ceil(len(train) / matcher.batch_size)
+        else:
+            raise TypeError(f"Matcher.fit: train must be a torch Dataset or DataLoader, got {type(train).__name__}")
+        if n_batches == 0:
+            raise ValueError("Matcher.fit: the training data yields no batch")
+        self.n_batches = n_batches
+        if eval_set is not None:
+            for attr in ("images", "captions", "caption_to_image"):
+                if not hasattr(getattr(eval_set, "dataset", eval_set), attr):
+                    raise TypeError(f"Matcher.fit: eval_set has no {attr!r}; pass an imtm.data evaluation dataset")
+
+    # ------------------------------------------------------------------ data
+    def batches(self, epoch: int, start_batch: int):
+        m = self.m
+        if self.loader_given:
+            it = iter(self.train)
+            for _ in range(start_batch):
+                next(it)
+            return it
+        sampler = EpochSampler(len(self.train), self.seed, epoch, start=start_batch * m.batch_size)
+        # A private generator: creating the iterator must not draw from the global RNG,
+        # or a run resumed mid-epoch would see different dropout / noise than an uninterrupted one.
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return iter(DataLoader(self.train, batch_size=m.batch_size, sampler=sampler, collate_fn=collate,
+                               num_workers=m.num_workers, generator=g))
+
+    # ------------------------------------------------------------------ optimisation
+    def trainable(self, stage) -> list[str]:
+        return list(self.m.plan_.names) if stage.train is None else list(stage.train)
+
+    def make_optimizer(self, stage):
+        m = self.m
+        names = self.trainable(stage)
+        for name, block in m.components_.items():
+            block.requires_grad_(name in names)
+        params = [p for n in names for p in m.components_[n].parameters() if p.requires_grad]
+        lr = stage.lr if stage.lr is not None else m.lr
+        if not params:
+            return None, None
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=m.weight_decay)
+        total = max(1, stage.epochs * self.n_batches)
+        warm = int(m.warmup * total) if m.warmup < 1 else int(m.warmup)
+
+        def factor(step: int) -> float:
+            if warm and step < warm:
+                return (step + 1) / warm
+            progress = (step - warm) / max(1, total - warm)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return opt, sched
+
+    def set_modes(self, stage) -> None:
+        names = set(self.trainable(stage))
+        for name, block in self.m.components_.items():
+            block.train(name in names)
+
+    def active_losses(self, stage) -> list[int]:
+        plan = self.m.plan_
+        if stage.losses is None:
+            return plan.losses()
+        return [plan.names.index(n) for n in stage.losses]
+
+    def step(self, batch: dict, stage, opt, sched, loss_idx, run_idx) -> dict[str, float] | None:
+        m = self.m
+        plan = m.plan_
+        batch = check_batch(batch)
+        values = move(dict(batch), self.device)
+        ids = values["image_ids"]
+        values["positives"] = ids[:, None] == ids[None, :]
+        with m._autocast():
+            run_blocks(plan, [k for k in run_idx if not plan.is_loss(k)], values)
+            total = 0.0
+            logs: dict[str, torch.Tensor] = {}
+            for k in loss_idx:
+                block = plan.blocks[k]
+                value = block(*[values[n] for n in block.requires])
+                if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                    raise TypeError(f"loss block {plan.names[k]!r} must return a scalar tensor")
+                logs[plan.names[k]] = value
+                total = total + getattr(block, "weight", 1.0) * value.float()
+        if not isinstance(total, torch.Tensor):
+            raise RuntimeError("Matcher.fit: no loss block is active in this stage; add a loss such as TripletLoss")
+        if not bool(torch.isfinite(total)):
+            bad = [n for n, v in logs.items() if not bool(torch.isfinite(v))]
+            if m.on_nonfinite == "raise":
+                raise FloatingPointError(
+                    f"Matcher.fit: non-finite loss at step {self.global_step} from block(s) {bad}; "
+                    "set on_nonfinite='skip' to skip such steps"
+                )
+            self.skipped += 1
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            return None
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if m.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], m.grad_clip)
+            opt.step()
+            sched.step()
+        return {n: float(v.detach()) for n, v in logs.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def record(self) -> dict:
+        m = self.m
+        import imtm
+
+        versions = {"imtm": imtm.__version__, "torch": torch.__version__, "numpy": np.__version__,
+                    "python": platform.python_version()}
+        for mod in ("timm", "transformers", "ot", "sklearn"):
+            try:
+                versions[mod] = __import__(mod).__version__
+            except Exception:  # noqa: BLE001 - optional, only recorded
+                pass
+        fp = getattr(self.train, "fingerprint", None) or getattr(getattr(self.train, "dataset", None), "fingerprint", None)
+        return {
+            "seed": self.seed,
+            "versions": versions,
+            "data_fingerprint": fp() if callable(fp) else None,
+            "n_train": len(self.train.dataset if self.loader_given else self.train),
+            "evaluation_protocol": m.protocol or "all pairs of the evaluation set (retrieval_metrics)",
+            "config_hash": m.config_hash(),
+        }
+
+    def train_state(self, opt, sched) -> dict:
+        return {
+            "position": {"stage": self.stage_idx, "epoch": self.epoch, "batch": self.batch_idx,
+                         "global_step": self.global_step, "epoch_done": self.epoch_done},
+            "epoch_logs": self.epoch_logs,
+            "history": self.m.history_,
+            "best": self.m.best_,
+            "skipped": self.skipped,
+            "optimizer": opt.state_dict() if opt is not None else None,
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "numpy": _np_state(),
+                    "python": _py_state(random.getstate())},
+            "train_config": self.run_config(),
+        }
+
+    def run_config(self) -> dict:
+        cfg = self.m.get_config()
+        cfg["params"] = {k: v for k, v in cfg["params"].items() if k not in _RUN_ONLY_PARAMS}
+        return cfg
+
+    def checkpoint(self, opt, sched) -> None:
+        m = self.m
+        if m.checkpoint_dir is None:
+            return
+        write_checkpoint(
+            m.checkpoint_dir, f"ckpt-{self.global_step:08d}", config=m.get_config(),
+            model_state=m.components_.state_dict(), record=self.record_,
+            train_state=self.train_state(opt, sched),
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, resume: bool = False) -> None:
+        from imtm.matcher import seed_everything
+
+        m = self.m
+        seed = m.random_state if m.random_state is not None else int(np.random.SeedSequence().entropy % (2**31))
+        self.seed = int(seed)
+        seed_everything(self.seed)
+        m._build(self.seed)
+        m.seed_ = self.seed
+        m.history_, m.best_, m.n_epochs_ = [], None, 0
+        self.record_ = self.record()
+        m.record_ = self.record_
+        self.stage_idx, self.epoch, self.batch_idx, self.global_step = 0, 0, 0, 0
+        self.epoch_done, self.skipped, self.epoch_logs = False, 0, {}
+        best_state = None
+        resume_state = None
+        opt = sched = None
+        if resume:
+            if m.checkpoint_dir is None:
+                raise ValueError("Matcher.fit(resume=True) needs checkpoint_dir")
+            folder = latest_checkpoint(m.checkpoint_dir)
+            if folder is not None:
+                ckpt = read_checkpoint(folder)
+                ts = ckpt["train_state"]
+                if ts is None:
+                    raise CheckpointError(f"{folder} holds weights only; it cannot be resumed")
+                if ts["train_config"] != self.run_config():
+                    raise CheckpointError(
+                        f"{folder} comes from another configuration; resume with the same components and "
+                        "training parameters, or fit without resume=True to start afresh"
+                    )
+                m.load_state(ckpt["model_state"])
+                resume_state = ts
+                pos = ts["position"]
+                self.stage_idx, self.epoch, self.batch_idx = pos["stage"], pos["epoch"], pos["batch"]
+                self.global_step, self.epoch_done = pos["global_step"], pos["epoch_done"]
+                m.history_, m.best_, self.skipped = ts["history"], ts["best"], ts["skipped"]
+                self.epoch_logs = ts["epoch_logs"]
+                m.n_epochs_ = len(m.history_)
+                best_path = _best_path(m)
+                if best_path is not None and best_path.exists() and m.best_ is not None:
+                    best_state = read_checkpoint(best_path, with_train_state=False)["model_state"]
+                self.seed = ckpt["record"]["seed"]
+        plan = m.plan_
+        try:
+            for s in range(self.stage_idx, len(self.stages)):
+                stage = self.stages[s]
+                if s != self.stage_idx:
+                    self.stage_idx, self.epoch, self.batch_idx, self.epoch_done = s, 0, 0, False
+                    self.epoch_logs = {}
+                opt, sched = self.make_optimizer(stage)
+                if resume_state is not None:
+                    if opt is not None and resume_state["optimizer"] is not None:
+                        opt.load_state_dict(resume_state["optimizer"])
+                        sched.load_state_dict(resume_state["scheduler"])
+                    _restore_rng(resume_state["rng"])
+                    resume_state = None
+                loss_idx = self.active_losses(stage)
+                run_idx = plan.needed_for([plan.names[k] for k in loss_idx])
+                for e in range(self.epoch, stage.epochs):
+                    if self.epoch != e:
+                        self.epoch, self.batch_idx, self.epoch_done, self.epoch_logs = e, 0, False, {}
+                    if not self.epoch_done:
+                        self.set_modes(stage)
+                        t0 = time.time()
+                        label = f"{stage.name or f'stage {s + 1}'} epoch {e + 1}/{stage.epochs}" if len(self.stages) > 1 \
+                            else f"epoch {e + 1}/{stage.epochs}"
+                        bar = tqdm(self.batches(e, self.batch_idx), total=self.n_batches, initial=self.batch_idx,
+                                   desc=label, disable=not m.verbose, leave=False)
+                        for batch in bar:
+                            logs = self.step(batch, stage, opt, sched, loss_idx, run_idx)
+                            self.batch_idx += 1
+                            self.global_step += 1
+                            if logs is not None:
+                                for n, v in logs.items():
+                                    s_, c_ = self.epoch_logs.get(n, (0.0, 0))
+                                    self.epoch_logs[n] = (s_ + v, c_ + 1)
+                                bar.set_postfix({n: f"{s_ / max(c_, 1):.4f}" for n, (s_, c_) in self.epoch_logs.items()})
+                            if m.checkpoint_every and self.global_step % m.checkpoint_every == 0 \
+                                    and self.batch_idx < self.n_batches:
+                                self.checkpoint(opt, sched)
+                        bar.close()
+                        self.epoch_done = True
+                        entry = {"stage": s, "epoch": e + 1, "step": self.global_step,
+                                 "time_s": round(time.time() - t0, 3), "skipped_steps": self.skipped}
+                        for n, (s_, c_) in self.epoch_logs.items():
+                            entry[f"loss/{n}"] = s_ / max(c_, 1)
+                        if self.eval_set is not None:
+                            metrics = m.evaluate(self.eval_set)
+                            entry["eval"] = metrics
+                            if m.best_ is None or metrics["rsum"] > m.best_["rsum"]:
+                                m.best_ = {"rsum": metrics["rsum"], "stage": s, "epoch": e + 1}
+                                best_state = {k: v.detach().clone() for k, v in m.components_.state_dict().items()}
+                                self._save_best()
+                            self.set_modes(stage)
+                        m.history_.append(entry)
+                        m.n_epochs_ = len(m.history_)
+                        if m.verbose:
+                            losses = " ".join(f"{k[5:]}={v:.4f}" for k, v in entry.items() if k.startswith("loss/"))
+                            ev = f" rsum={entry['eval']['rsum']:.2f}" if "eval" in entry else ""
+                            tqdm.write(f"[imtm] {label}: {losses}{ev} ({entry['time_s']:.1f}s)")
+                        log.info("epoch %s", entry)
+                        self.checkpoint(opt, sched)
+                self.epoch = stage.epochs
+        except KeyboardInterrupt:
+            # Nothing lost: keep the position reached, then let the interrupt through.
+            if m.checkpoint_dir is not None and not self.epoch_done and self.batch_idx > 0:
+                self.checkpoint(opt, sched)
+            raise
+        for block in m.components_.values():
+            block.requires_grad_(True)
+        m.components_.eval()
+        if m.keep_best and best_state is not None:
+            m.load_state(best_state)
+
+    def _save_best(self) -> None:
+        m = self.m
+        path = _best_path(m)
+        if path is None:
+            return
+        write_checkpoint(path.parent, path.name, config=m.get_config(), model_state=m.components_.state_dict(),
+                         record={**self.record_, "best": m.best_}, update_latest=False)
+
+
+def _best_path(m):
+    from pathlib import Path
+
+    return None if m.checkpoint_dir is None else Path(m.checkpoint_dir) / "best"
+
+
+def _np_state() -> dict:
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached)}
+
+
+def _py_state(state):
+    version, internal, gauss = state
+    return {"version": version, "internal": list(internal), "gauss": gauss}
+
+
+def _restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and rng.get("cuda"):
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
+                         float(n["cached_gaussian"])))
+    p = rng["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))

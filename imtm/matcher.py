@@ -1,0 +1,528 @@
+"""Matcher: the scikit-learn-style estimator that composes blocks into a model.
+
+Example:
+    >>> from imtm import Matcher
+    >>> from imtm.components import PrecomputedEncoder, GRUTextEncoder, GlobalCosine, TripletLoss
+    >>> from imtm.data import synthetic
+    >>> train, dev, test = synthetic.load(view="regions", seed=0, n_train=200, n_dev=50, n_test=50)
+    >>> m = Matcher([PrecomputedEncoder(in_dim=train.region_dim, out_dim=64),
+    ...              GRUTextEncoder(vocab=train.vocab, out_dim=64), GlobalCosine(), TripletLoss()],
+    ...             epochs=1, batch_size=64, checkpoint_dir=None, verbose=False)
+    >>> m.fit(train).similarity(test.images, test.captions).shape
+    torch.Size([50, 250])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
+
+from imtm.component import Component, suggest
+from imtm.data.collate import collate_images, collate_texts
+from imtm.engine.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from imtm.engine.evaluation import (
+    IMAGE,
+    TEXT,
+    blocked_scores,
+    encode_side,
+    side_values_needed,
+)
+from imtm.engine.graph import PipelineError, Plan, build_plan, name_components
+from imtm.engine.serialization import ConfigError, decode_value, encode_value
+
+__all__ = ["Matcher", "Stage", "NotFittedError", "PipelineError"]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Stage:
+    """One training stage: which blocks train, which losses count, for how many epochs.
+
+    Args:
+        epochs: epochs in this stage.
+        train: names of the blocks whose parameters train; ``None`` = every block.
+            Every other block is frozen (no gradient, eval mode).
+        losses: names of the loss blocks that count; ``None`` = every loss block.
+        lr: learning rate of this stage; ``None`` = the Matcher's ``lr``.
+        name: a label for logs.
+
+    Example:
+        >>> Stage(epochs=2, train=["coding"], name="fine-tune")
+        Stage(epochs=2, train=['coding'], losses=None, lr=None, name='fine-tune')
+    """
+
+    epochs: int
+    train: list[str] | None = None
+    losses: list[str] | None = None
+    lr: float | None = None
+    name: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Stage":
+        return cls(**d)
+
+
+from imtm.engine.serialization import register_serializable  # noqa: E402
+
+register_serializable(Stage)
+
+
+class Matcher(BaseEstimator):
+    """Compose imtm blocks into an image-text matching model and train / evaluate it.
+
+    Args:
+        components: blocks, or ``(name, block)`` pairs, run in order. Unnamed blocks are
+            named like ``sklearn.pipeline.make_pipeline`` (lower-case class name, ``-1``,
+            ``-2`` for repeats); ``set_params(name__param=...)`` reaches inside a block.
+        epochs: training epochs (ignored when ``stages`` is given).
+        batch_size: training batch size (captions per batch).
+        lr: AdamW learning rate. weight_decay: AdamW weight decay.
+        warmup: linear warm-up, a fraction of each stage's steps (< 1) or a step count.
+        grad_clip: maximum gradient norm (``None``: no clipping).
+        stages: a list of :class:`Stage` (e.g. DCPA's two stages); ``None`` = one stage of
+            ``epochs`` training every block.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for forward passes.
+        random_state: seed for initialisation, data order, dropout; ``None`` draws one.
+        eval_batch_size: batch size for encoding images and captions in evaluation.
+        image_block, text_block: the image x caption block that pairwise blocks see
+            during ``similarity``; bounds memory, not the result.
+        checkpoint_dir: folder for atomic checkpoints (``None``: none are written).
+        checkpoint_every: also checkpoint every this many steps (``None``: at epoch ends).
+        keep_best: with an ``eval_set``, end ``fit`` with the weights of the best epoch (rSum).
+        protocol: evaluation protocol name for ``evaluate`` (see :mod:`imtm.metrics`).
+        on_nonfinite: ``"raise"`` on a NaN/inf loss, or ``"skip"`` the step and count it.
+        num_workers: DataLoader workers. verbose: progress bars and per-epoch lines.
+
+    Fitted attributes:
+        components_: the trained blocks (a ``torch.nn.ModuleDict`` by name).
+        history_: one dict per epoch (losses, time, evaluation metrics).
+        n_epochs_: epochs trained. best_: best evaluation record or ``None``.
+        seed_: the seed actually used. plan_: the analysed pipeline.
+    """
+
+    def __init__(
+        self,
+        components: Sequence[Any] = (),
+        *,
+        epochs: int = 10,
+        batch_size: int = 128,
+        lr: float = 2e-4,
+        weight_decay: float = 1e-4,
+        warmup: float = 0.05,
+        grad_clip: float | None = 2.0,
+        stages: Sequence[Stage] | None = None,
+        device: str = "auto",
+        precision: str = "fp32",
+        random_state: int | None = 0,
+        eval_batch_size: int = 256,
+        image_block: int = 128,
+        text_block: int = 1024,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        keep_best: bool = True,
+        protocol: str | None = None,
+        on_nonfinite: str = "raise",
+        num_workers: int = 0,
+        verbose: bool = True,
+    ):
+        self.components = components
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup = warmup
+        self.grad_clip = grad_clip
+        self.stages = stages
+        self.device = device
+        self.precision = precision
+        self.random_state = random_state
+        self.eval_batch_size = eval_batch_size
+        self.image_block = image_block
+        self.text_block = text_block
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self.keep_best = keep_best
+        self.protocol = protocol
+        self.on_nonfinite = on_nonfinite
+        self.num_workers = num_workers
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ sklearn plumbing
+    @property
+    def named_components(self) -> list[tuple[str, Component]]:
+        """``(name, block)`` pairs of the unfitted blocks."""
+        return name_components(self.components)
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        out = super().get_params(deep=False)
+        if not deep:
+            return out
+        for name, block in self.named_components:
+            out[name] = block
+            for k, v in block.get_params(deep=True).items():
+                out[f"{name}__{k}"] = v
+        return out
+
+    def set_params(self, **params) -> "Matcher":
+        own = {k: v for k, v in params.items() if "__" not in k}
+        nested: dict[str, dict[str, Any]] = {}
+        valid_own = set(self._get_param_names())
+        named = dict(self.named_components) if "components" not in own else None
+        for key in own:
+            if key not in valid_own and (named is None or key not in named):
+                raise ValueError(
+                    f"Matcher: invalid parameter {key!r}; valid ones are {sorted(valid_own)} "
+                    f"and the block names {sorted(named or [])}." + suggest(key, list(valid_own) + list(named or []))
+                )
+        if "components" in own:
+            self.components = own.pop("components")
+            named = dict(self.named_components)
+        for key, value in list(own.items()):
+            if key in valid_own:
+                setattr(self, key, value)
+            else:  # replace a whole block by name
+                self.components = [
+                    (n, value) if n == key else (n, b) for n, b in self.named_components
+                ]
+        for key, value in params.items():
+            if "__" in key:
+                head, rest = key.split("__", 1)
+                nested.setdefault(head, {})[rest] = value
+        if nested:
+            named = dict(self.named_components)
+            for head, sub in nested.items():
+                if head not in named:
+                    raise ValueError(
+                        f"Matcher: no block named {head!r}; blocks are {sorted(named)}." + suggest(head, named)
+                    )
+                named[head].set_params(**sub)
+        return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "components_")
+
+    def _check_fitted(self, method: str) -> None:
+        if not hasattr(self, "components_"):
+            raise NotFittedError(
+                f"This Matcher is not fitted yet; call fit(train) (or Matcher.load(path)) before {method}()."
+            )
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> Plan:
+        """Check the parameters and that every block's requirements are met; return the plan.
+
+        Raises:
+            PipelineError: a requirement no earlier block provides (naming the block,
+                its position, the value and the blocks that could provide it), or no
+                block provides ``scores`` (or ``scores_i2t`` and ``scores_t2i``).
+            ValueError: an invalid parameter value.
+        """
+        plan = build_plan(self.named_components)
+        if not plan.score_values:
+            raise PipelineError(
+                "Matcher: no block provides 'scores' (or both 'scores_i2t' and 'scores_t2i'); "
+                "add a scorer such as GlobalCosine or HardAssignmentCoding"
+            )
+        for name, value in [("epochs", self.epochs), ("batch_size", self.batch_size),
+                            ("eval_batch_size", self.eval_batch_size), ("image_block", self.image_block),
+                            ("text_block", self.text_block)]:
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "epochs" else 1):
+                raise ValueError(f"Matcher: {name} must be a positive integer, got {value!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"Matcher: precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}."
+                + suggest(self.precision, PRECISIONS)
+            )
+        if self.on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"Matcher: on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"Matcher: lr must be a positive number, got {self.lr!r}")
+        for s in self._stages():
+            for field_name in ("train", "losses"):
+                for n in getattr(s, field_name) or []:
+                    if n not in plan.names:
+                        raise ValueError(
+                            f"Matcher: stage {s.name or ''!s} names block {n!r} in {field_name}, but the blocks "
+                            f"are {plan.names}." + suggest(n, plan.names)
+                        )
+            for n in s.losses or []:
+                if not plan.is_loss(plan.names.index(n)):
+                    raise ValueError(f"Matcher: stage lists {n!r} as a loss, but it is not a Loss block")
+        if self.protocol is not None:
+            from imtm.metrics import PROTOCOLS
+
+            if self.protocol not in PROTOCOLS:
+                raise ValueError(
+                    f"Matcher: protocol must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}."
+                    + suggest(self.protocol, PROTOCOLS)
+                )
+        return plan
+
+    def _stages(self) -> list[Stage]:
+        if self.stages is None:
+            return [Stage(epochs=self.epochs)]
+        stages = [Stage(**s) if isinstance(s, dict) else s for s in self.stages]
+        if not stages:
+            raise ValueError("Matcher: stages is an empty list; give None for one stage of `epochs`")
+        return stages
+
+    def _device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"Matcher: invalid device {self.device!r}: {e}") from e
+
+    def _autocast(self):
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self._device().type, dtype=dtype)
+
+    # ------------------------------------------------------------------ configuration
+    def get_config(self) -> dict:
+        """JSON-compatible configuration: parameters, blocks by registered class name."""
+        params = super().get_params(deep=False)
+        params.pop("components")
+        cfg = {
+            "format": "imtm.Matcher/1",
+            "components": [
+                {"name": n, "class": type(b).__name__, "block": encode_value(b, f"component {n!r}")}
+                for n, b in self.named_components
+            ],
+            "params": {k: encode_value(v, f"Matcher.{k}") for k, v in params.items()},
+        }
+        if cfg["params"].get("checkpoint_dir") is not None:
+            cfg["params"]["checkpoint_dir"] = str(self.checkpoint_dir)
+        return cfg
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Matcher":
+        """Rebuild an unfitted Matcher from :meth:`get_config` output (registered blocks only)."""
+        if not isinstance(config, dict) or config.get("format") != "imtm.Matcher/1":
+            raise ConfigError("not an imtm Matcher configuration (missing format 'imtm.Matcher/1')")
+        comps = [(c["name"], decode_value(c["block"])) for c in config["components"]]
+        params = {k: decode_value(v) for k, v in config["params"].items()}
+        return cls(components=comps, **params)
+
+    def config_hash(self) -> str:
+        """Hash of the model-defining configuration (blocks and their parameters)."""
+        blocks = self.get_config()["components"]
+        return hashlib.sha256(json.dumps(blocks, sort_keys=True).encode()).hexdigest()[:12]
+
+    # ------------------------------------------------------------------ fitting
+    def _build(self, seed: int) -> None:
+        """Build fresh fitted blocks from the unfitted ones (as skorch builds ``module_``)."""
+        from sklearn.base import clone
+
+        torch.manual_seed(seed)
+        named = []
+        for name, block in self.named_components:
+            named.append((name, clone(block)))
+        self.components_ = torch.nn.ModuleDict(dict(named))
+        self.plan_ = build_plan(named)
+        self.components_.to(self._device())
+
+    def fit(self, train, eval_set=None, *, resume: bool = False) -> "Matcher":
+        """Train on ``train`` (a torch Dataset or DataLoader), evaluating on ``eval_set`` each epoch.
+
+        Args:
+            train: a dataset whose items are ``{"images", "texts", "image_ids"}`` (see
+                :mod:`imtm.data`), or a DataLoader yielding collated batches.
+            eval_set: optional dataset with ``images``, ``captions``, ``caption_to_image``.
+            resume: continue from the newest complete checkpoint in ``checkpoint_dir``
+                (same final weights as an uninterrupted run); starts afresh when none exists.
+
+        Returns:
+            self
+        """
+        from imtm.engine.training import Trainer
+
+        self.validate()
+        Trainer(self, train, eval_set).run(resume=resume)
+        return self
+
+    # ------------------------------------------------------------------ inference
+    def _eval_plan(self) -> tuple[list[int], list[int], list[int]]:
+        plan = self.plan_
+        needed = plan.needed_for(plan.score_values, exclude_losses=True)
+        return plan.split(needed)
+
+    def _prepare_eval(self):
+        self._check_fitted("similarity")
+        self.components_.eval()
+        img, txt, pair = self._eval_plan()
+        keep_i = side_values_needed(self.plan_, pair, IMAGE)
+        keep_t = side_values_needed(self.plan_, pair, TEXT)
+        return img, txt, pair, keep_i, keep_t
+
+    @staticmethod
+    def _items(x, what: str) -> Sequence:
+        if isinstance(x, torch.Tensor):
+            return x
+        if isinstance(x, str):
+            raise TypeError(f"Matcher: {what} must be a sequence, got a single string")
+        if not hasattr(x, "__len__") or not hasattr(x, "__getitem__"):
+            raise TypeError(f"Matcher: {what} must be an indexable sequence, got {type(x).__name__}")
+        if len(x) == 0:
+            raise ValueError(f"Matcher: got no {what}")
+        return x
+
+    @torch.no_grad()
+    def encode_images(self, images) -> dict[str, Any]:
+        """Run the image-side blocks over ``images``; return the values the pairwise blocks read.
+
+        Returns:
+            dict value name -> value for all images (e.g. ``{"image_tokens": Tokens (n_images, N, D)}``).
+        """
+        img, _, _, keep_i, _ = self._prepare_eval()
+        return encode_side(
+            self.plan_, img, "images", self._items(images, "images"), collate_images, keep_i,
+            batch_size=self.eval_batch_size, device=self._device(), autocast=self._autocast,
+            progress=self.verbose, desc="images",
+        )
+
+    @torch.no_grad()
+    def encode_texts(self, captions) -> dict[str, Any]:
+        """Run the caption-side blocks over ``captions``; return the values the pairwise blocks read."""
+        _, txt, _, _, keep_t = self._prepare_eval()
+        return encode_side(
+            self.plan_, txt, "texts", self._items(captions, "captions"), collate_texts, keep_t,
+            batch_size=self.eval_batch_size, device=self._device(), autocast=self._autocast,
+            progress=self.verbose, desc="captions",
+        )
+
+    @torch.no_grad()
+    def similarity(self, images, captions):
+        """All-pairs scores, computed in memory-bounded blocks.
+
+        Args:
+            images: sequence of image items (pixels ``(3, H, W)`` or regions ``(N, D)``).
+            captions: sequence of caption strings (or token-id sequences).
+
+        Returns:
+            ``(n_images, n_captions)`` float32 CPU tensor when the pipeline provides
+            ``scores``; a pair ``(scores_i2t, scores_t2i)`` when it provides
+            direction-specific scores (rank captions with the first, images with the second).
+        """
+        img, txt, pair, keep_i, keep_t = self._prepare_eval()
+        images = self._items(images, "images")
+        captions = self._items(captions, "captions")
+        device = self._device()
+        iv = encode_side(self.plan_, img, "images", images, collate_images, keep_i,
+                         batch_size=self.eval_batch_size, device=device, autocast=self._autocast,
+                         progress=self.verbose, desc="images")
+        tv = encode_side(self.plan_, txt, "texts", captions, collate_texts, keep_t,
+                         batch_size=self.eval_batch_size, device=device, autocast=self._autocast,
+                         progress=self.verbose, desc="captions")
+        out = blocked_scores(self.plan_, pair, iv, tv, len(images), len(captions),
+                             image_block=self.image_block, text_block=self.text_block,
+                             autocast=self._autocast, progress=self.verbose)
+        if len(self.plan_.score_values) == 1:
+            return out["scores"]
+        return out["scores_i2t"], out["scores_t2i"]
+
+    def evaluate(self, data, protocol: str | None = None) -> dict[str, float]:
+        """Retrieval metrics on an evaluation set (``images``, ``captions``, ``caption_to_image``).
+
+        Returns:
+            ``{'i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum', ...}``
+        """
+        from imtm.metrics import evaluate_protocol, retrieval_metrics
+
+        data = getattr(data, "dataset", data)  # a DataLoader: use its dataset
+        for attr in ("images", "captions", "caption_to_image"):
+            if not hasattr(data, attr):
+                raise TypeError(
+                    f"Matcher.evaluate: the evaluation set must have 'images', 'captions' and "
+                    f"'caption_to_image' (an imtm.data dataset); {type(data).__name__} has no {attr!r}"
+                )
+        sims = self.similarity(data.images, data.captions)
+        protocol = protocol or self.protocol
+        if protocol is None:
+            return retrieval_metrics(sims, data.caption_to_image)
+        return evaluate_protocol(protocol, sims, data.caption_to_image)
+
+    def score(self, data, y=None) -> float:
+        """rSum on ``data`` (scikit-learn's 'higher is better' scalar)."""
+        return float(self.evaluate(data)["rsum"])
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the fitted model to a folder: config.json, model.safetensors, record.json (no pickle)."""
+        self._check_fitted("save")
+        record = dict(getattr(self, "record_", {}))
+        record.update({"n_epochs": getattr(self, "n_epochs_", 0), "history": getattr(self, "history_", [])})
+        path = Path(path)
+        return write_checkpoint(
+            path.parent, path.name, config=self.get_config(), model_state=self.components_.state_dict(),
+            record=record, update_latest=False,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> "Matcher":
+        """Load a folder written by :meth:`save` (or a checkpoint folder); verifies checksums.
+
+        Blocks are rebuilt from registered imtm classes only; no file can make this run code.
+        """
+        ckpt = read_checkpoint(path, with_train_state=False)
+        m = cls.from_config(ckpt["config"])
+        if device is not None:
+            m.device = device
+        m.validate()
+        seed = ckpt["record"].get("seed", 0)
+        m._build(seed if seed is not None else 0)
+        m.load_state(ckpt["model_state"])
+        m.record_ = ckpt["record"]
+        m.history_ = ckpt["record"].get("history", [])
+        m.n_epochs_ = ckpt["record"].get("n_epochs", 0)
+        m.seed_ = seed
+        return m
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load fitted weights, with a clear error when they belong to another configuration."""
+        own = self.components_.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+        if missing or unexpected or wrong:
+            bits = []
+            if missing:
+                bits.append(f"missing {missing[:4]}")
+            if unexpected:
+                bits.append(f"unexpected {unexpected[:4]}")
+            if wrong:
+                bits.append(
+                    "shape mismatch "
+                    + ", ".join(f"{k}: saved {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:4])
+                )
+            raise CheckpointError("the weights come from another configuration: " + "; ".join(bits))
+        self.components_.load_state_dict(state)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+__all__ += ["seed_everything"]
