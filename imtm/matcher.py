@@ -302,6 +302,8 @@ class Matcher(BaseEstimator):
         """JSON-compatible configuration: parameters, blocks by registered class name."""
         params = super().get_params(deep=False)
         params.pop("components")
+        if isinstance(params.get("checkpoint_dir"), os.PathLike):
+            params["checkpoint_dir"] = os.fspath(params["checkpoint_dir"])
         cfg = {
             "format": "imtm.Matcher/1",
             "components": [
@@ -310,8 +312,6 @@ class Matcher(BaseEstimator):
             ],
             "params": {k: encode_value(v, f"Matcher.{k}") for k, v in params.items()},
         }
-        if cfg["params"].get("checkpoint_dir") is not None:
-            cfg["params"]["checkpoint_dir"] = str(self.checkpoint_dir)
         return cfg
 
     @classmethod
