@@ -1,0 +1,5 @@
+import sys
+
+from imtm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,154 @@
+"""The ``imtm`` command: ``imtm demo``, ``imtm train``, ``imtm evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _load_data(spec: str, view: str, seed: int, sizes: dict | None = None):
+    """``synthetic`` or a folder in the SCAN precomputed layout; returns (train, dev, test)."""
+    if spec == "synthetic":
+        from imtm.data import synthetic
+
+        return synthetic.load(view=view, seed=seed, **(sizes or {}))
+    from imtm.data import PrecompDataset
+
+    root = Path(spec)
+    if not root.is_dir():
+        raise SystemExit(f"imtm: --data must be 'synthetic' or a folder of precomputed features; {spec!r} is neither")
+    train = PrecompDataset(root, "train", build_vocab=True)
+    dev = PrecompDataset(root, "dev", vocab=train.vocab)
+    test_split = "testall" if (root / "testall_caps.txt").exists() else "test"
+    test = PrecompDataset(root, test_split, vocab=train.vocab)
+    return train, dev, test
+
+
+def _table(results: dict, title: str | None = None) -> str:
+    from imtm.metrics import format_table
+
+    return format_table(results) if title is None else f"{title}\n{format_table(results)}"
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from imtm import Matcher, presets
+
+    t0 = time.time()
+    sizes = {"n_train": 2000, "n_dev": 200, "n_test": 1000} if args.quick else {}
+    if args.quick:
+        sizes = {"n_train": 300, "n_dev": 50, "n_test": 100}
+    train, dev, test = _load_data("synthetic", "regions", args.seed, sizes)
+    print(f"imtm demo: synthetic benchmark (regions view), {train.n_images} train images, "
+          f"{test.n_images} test images x {test.n_captions // test.n_images} captions, "
+          f"vocabulary of {len(train.vocab)} words; generated in {time.time() - t0:.1f}s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results = {}
+    for name in args.presets.split(","):
+        t1 = time.time()
+        m = Matcher(presets.build(name, train, embed_dim=args.embed_dim, word_dim=args.word_dim),
+                    epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, random_state=args.seed,
+                    verbose=not args.quiet)
+        m.fit(train)
+        fit_s = time.time() - t1
+        res = m.evaluate(test)
+        res["train_s"] = round(fit_s, 1)
+        results[name] = res
+        print(f"{name}: trained {args.epochs} epochs in {fit_s:.1f}s, rSum {res['rsum']:.1f}")
+    print()
+    print(_table(results, f"R@K on the synthetic test split ({test.n_images} images, {test.n_captions} captions):"))
+    print(f"\ntotal wall time {time.time() - t0:.1f}s")
+    return 0
+
+
+def _matcher_from_args(args, train):
+    from imtm import Matcher, presets
+
+    kw = {"embed_dim": args.embed_dim}
+    if args.word_dim:
+        kw["word_dim"] = args.word_dim
+    return Matcher(presets.build(args.preset, train, **kw), epochs=args.epochs, batch_size=args.batch_size,
+                   lr=args.lr, random_state=args.seed, checkpoint_dir=args.out, device=args.device,
+                   precision=args.precision, checkpoint_every=args.checkpoint_every, verbose=not args.quiet)
+
+
+def cmd_train(args) -> int:
+    train, dev, test = _load_data(args.data, args.view, args.seed)
+    m = _matcher_from_args(args, train)
+    m.fit(train, eval_set=dev, resume=args.resume)
+    out = Path(args.out)
+    m.save(out / "final")
+    res = m.evaluate(test, protocol=args.protocol)
+    print(_table({args.preset: res}, f"test split ({test.n_images} images):"))
+    (out / "test_metrics.json").write_text(json.dumps(res, indent=2))
+    print(f"saved to {out / 'final'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from imtm import Matcher
+
+    m = Matcher.load(args.model, device=args.device)
+    m.verbose = not args.quiet
+    splits = dict(zip(("train", "dev", "test"), _load_data(args.data, args.view, args.seed)))
+    data = splits[args.split]
+    res = m.evaluate(data, protocol=args.protocol)
+    print(_table({Path(args.model).name: res}, f"{args.split} split ({data.n_images} images):"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imtm", description="Image-text matching components for PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="train small models on the built-in synthetic benchmark and print R@K")
+    d.add_argument("--presets", default="vsepp,chan", help="comma-separated presets to train (default: vsepp,chan)")
+    d.add_argument("--epochs", type=int, default=4)
+    d.add_argument("--batch-size", type=int, default=128)
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--embed-dim", type=int, default=256)
+    d.add_argument("--word-dim", type=int, default=128)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quick", action="store_true", help="a tiny run (seconds), for smoke tests")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    for name, func in (("train", cmd_train), ("evaluate", cmd_evaluate)):
+        t = sub.add_parser(name, help=f"{name} a model")
+        t.add_argument("--data", default="synthetic", help="'synthetic' or a folder in the SCAN precomputed layout")
+        t.add_argument("--view", default="regions", choices=["regions", "pixels"], help="synthetic view")
+        t.add_argument("--seed", type=int, default=0)
+        t.add_argument("--device", default="auto")
+        t.add_argument("--protocol", default=None, help="f30k_1k, coco_1k_5fold or coco_5k")
+        t.add_argument("--quiet", action="store_true")
+        if name == "train":
+            t.add_argument("--preset", default="chan")
+            t.add_argument("--epochs", type=int, default=10)
+            t.add_argument("--batch-size", type=int, default=128)
+            t.add_argument("--lr", type=float, default=2e-4)
+            t.add_argument("--embed-dim", type=int, default=1024)
+            t.add_argument("--word-dim", type=int, default=None)
+            t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+            t.add_argument("--checkpoint-every", type=int, default=None)
+            t.add_argument("--out", default="runs/imtm", help="run folder (checkpoints, final model)")
+            t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        else:
+            t.add_argument("--model", required=True, help="folder written by Matcher.save or imtm train")
+            t.add_argument("--split", default="test", choices=["train", "dev", "test"])
+        t.set_defaults(func=func)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
