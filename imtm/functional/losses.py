@@ -1,0 +1,300 @@
+"""Ranking objectives over a score matrix: the VSE++ hinge (triplet) loss and symmetric InfoNCE.
+
+Both take ``scores[i, t]`` (images rows, captions columns) and a bool matrix
+``positives[i, t]``, True where image ``i`` and caption ``t`` match. Several
+captions of one image (or one image repeated in the rows) are all positives of
+each other and are never used as negatives. Both also take a pair
+``(scores_i2t, scores_t2i)`` instead of one matrix: the image-to-text term is
+computed on the first and the text-to-image term on the second (DCPA's
+decoupled branches).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Sequence
+from numbers import Real
+
+import torch
+
+from imtm.tokens import check_finite
+
+__all__ = ["REDUCTIONS", "info_nce_loss", "triplet_loss"]
+
+
+def _reduce_sum(cost: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    return cost.sum()
+
+
+def _reduce_mean(cost: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    # One term per positive pair; the caller has checked that there is at least one.
+    return cost.sum() / positives.sum().to(cost.dtype)
+
+
+def _reduce_none(cost: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    return cost
+
+
+#: How ``triplet_loss`` reduces its ``(Bi, Bt)`` matrix of per-positive-pair terms.
+REDUCTIONS = {"sum": _reduce_sum, "mean": _reduce_mean, "none": _reduce_none}
+
+
+def _suggest(name, options) -> str:
+    # functional/ imports nothing of imtm but tokens, so the "did you mean" lives here too.
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _split_scores(scores, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores`` or ``(scores_i2t, scores_t2i)`` -> the matrix each direction uses."""
+    if isinstance(scores, torch.Tensor):
+        pair = (scores, scores)
+    elif isinstance(scores, Sequence) and not isinstance(scores, str):
+        if len(scores) != 2:
+            raise ValueError(
+                f"{fn}: scores must be one (Bi, Bt) matrix or a pair (scores_i2t, scores_t2i), "
+                f"got a sequence of {len(scores)}"
+            )
+        pair = (scores[0], scores[1])
+    else:
+        raise TypeError(
+            f"{fn}: scores must be a (Bi, Bt) tensor or a pair (scores_i2t, scores_t2i), got {type(scores).__name__}"
+        )
+    for s, what in zip(
+        pair, ("scores_i2t", "scores_t2i") if pair[0] is not pair[1] else ("scores", "scores")
+    ):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"{fn}: {what} must be a tensor, got {type(s).__name__}")
+        if s.dim() != 2:
+            raise ValueError(f"{fn}: {what} must have shape (Bi, Bt), got {tuple(s.shape)}")
+        if not s.is_floating_point():
+            raise TypeError(f"{fn}: {what} must be floating point, got {s.dtype}")
+    if pair[0].shape != pair[1].shape:
+        raise ValueError(
+            f"{fn}: scores_i2t {tuple(pair[0].shape)} and scores_t2i {tuple(pair[1].shape)} must have the same shape"
+        )
+    return pair
+
+
+def _check_positives(positives, shape: torch.Size, device: torch.device, fn: str) -> None:
+    if not isinstance(positives, torch.Tensor):
+        raise TypeError(
+            f"{fn}: positives must be a bool tensor (Bi, Bt), got {type(positives).__name__}"
+        )
+    if positives.dtype != torch.bool:
+        raise TypeError(
+            f"{fn}: positives must be a bool tensor (True = matching pair), got {positives.dtype}; "
+            "build it as image_ids[:, None] == image_ids[None, :]"
+        )
+    if positives.shape != shape:
+        raise ValueError(
+            f"{fn}: positives has shape {tuple(positives.shape)} but scores have {tuple(shape)}"
+        )
+    if positives.device != device:
+        raise ValueError(f"{fn}: positives are on {positives.device} but scores are on {device}")
+    if not bool(positives.any()):
+        raise ValueError(
+            f"{fn}: positives holds no True entry; every batch needs at least one matching pair"
+        )
+
+
+def _hardest_violation(
+    scores: torch.Tensor, positives: torch.Tensor, margin: float
+) -> torch.Tensor:
+    """Row-wise max-violation term of every positive pair: (Bi, Bt), zero off the positives."""
+    has_neg = (~positives).any(1, keepdim=True)
+    # The hinge grows with s(i, t'), so its max over the negatives is the hinge of the largest negative.
+    hard = scores.masked_fill(positives, float("-inf")).amax(1, keepdim=True)
+    # A row without negatives has nothing to push away: keep the arithmetic finite, zero the term below.
+    hard = torch.where(has_neg, hard, torch.zeros_like(hard))
+    cost = (margin - scores + hard).clamp_min(0)
+    return torch.where(positives & has_neg, cost, torch.zeros_like(cost))
+
+
+def _summed_violation(scores: torch.Tensor, positives: torch.Tensor, margin: float) -> torch.Tensor:
+    """Row-wise sum-of-hinges term of every positive pair: (Bi, Bt), zero off the positives.
+
+    The term of (i, t) sums ``margin - s(i, t) + s(i, t')`` over the negatives ``t'``
+    with ``s(i, t') > s(i, t) - margin``. Sorting each row once turns it into a count
+    ``k`` and a prefix sum of the ``k`` largest negatives, so memory stays O(Bi * Bt)
+    instead of the O(Bi * Bt * Bt) of broadcasting every triplet.
+    """
+    neg_sorted = scores.masked_fill(positives, float("-inf")).sort(dim=1, descending=True).values
+    top_sums = torch.cat(
+        [
+            torch.zeros_like(neg_sorted[:, :1]),
+            torch.where(
+                torch.isfinite(neg_sorted), neg_sorted, torch.zeros_like(neg_sorted)
+            ).cumsum(1),
+        ],
+        dim=1,
+    )
+    # Number of negatives strictly above s(i, t) - margin; searchsorted needs ascending rows.
+    count = torch.searchsorted(
+        (-neg_sorted).detach().contiguous(), (margin - scores).detach().contiguous()
+    )
+    cost = count.to(scores.dtype) * (margin - scores) + top_sums.gather(1, count)
+    # clamp: the sum of non-negative hinges can round to a hair below zero.
+    return torch.where(positives, cost.clamp_min(0), torch.zeros_like(cost))
+
+
+def triplet_loss(
+    scores,
+    positives: torch.Tensor,
+    margin: float = 0.2,
+    hardest: bool = True,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    r"""Bidirectional hinge (triplet) ranking loss of VSE++ over a batch score matrix.
+
+    For every positive pair :math:`(i, t)`, with :math:`\bar T_i` the captions that
+    are not positives of image :math:`i` and :math:`\bar I_t` the images that are
+    not positives of caption :math:`t`:
+
+    .. math::
+
+        \ell_{SH}(i, t) = \sum_{t' \in \bar T_i} [\alpha - s(i, t) + s(i, t')]_+
+                        + \sum_{i' \in \bar I_t} [\alpha - s(i, t) + s(i', t)]_+   \qquad (5)
+
+        \ell_{MH}(i, t) = \max_{t' \in \bar T_i} [\alpha - s(i, t) + s(i, t')]_+
+                        + \max_{i' \in \bar I_t} [\alpha - s(i, t) + s(i', t)]_+   \qquad (6)
+
+    ``hardest=True`` is the max-of-hinges loss (6), VSE++'s hardest negative;
+    ``hardest=False`` is the sum-of-hinges loss (5). With a pair
+    ``(scores_i2t, scores_t2i)`` the first sum/max reads ``scores_i2t`` and the
+    second ``scores_t2i``. A direction with no negative at all (a batch holding
+    one image only) contributes 0.
+
+    Args:
+        scores: ``(Bi, Bt)`` similarities, or a pair ``(scores_i2t, scores_t2i)``.
+        positives: True where image ``i`` and caption ``t`` match; in a training batch
+            ``image_ids[:, None] == image_ids[None, :]``. Several captions of one image
+            are never each other's negatives.
+        margin: :math:`\alpha`, at least 0.
+        hardest: max over negatives (VSE++) or sum over negatives.
+        reduction: ``"sum"`` (VSE++: the sum over positive pairs of both directions),
+            ``"mean"`` (that sum divided by the number of positive pairs) or ``"none"``
+            (the ``(Bi, Bt)`` matrix of :math:`\ell(i, t)`, zero where ``positives`` is False).
+
+    Returns:
+        A scalar, or ``(Bi, Bt)`` for ``reduction="none"``; always :math:`\ge 0`.
+
+    Shape:
+        - scores: ``(Bi, Bt)`` (each of the pair)
+        - positives: ``(Bi, Bt)`` bool
+        - output: ``()`` or ``(Bi, Bt)``
+
+    References:
+        Faghri et al., "VSE++: Improving Visual-Semantic Embeddings with Hard Negatives",
+        BMVC 2018, Eqs. 5 and 6.
+
+    Example:
+        >>> s = torch.tensor([[0.9, 0.8], [0.1, 0.5]])
+        >>> triplet_loss(s, torch.eye(2, dtype=torch.bool))  # [0.2 - 0.9 + 0.8] + [0.2 - 0.5 + 0.8]
+        tensor(0.6000)
+    """
+    fn = "triplet_loss"
+    s_i2t, s_t2i = _split_scores(scores, fn)
+    _check_positives(positives, s_i2t.shape, s_i2t.device, fn)
+    if (
+        isinstance(margin, bool)
+        or not isinstance(margin, Real)
+        or not math.isfinite(margin)
+        or margin < 0
+    ):
+        raise ValueError(f"{fn}: margin must be a finite number >= 0, got {margin!r}")
+    if not isinstance(hardest, bool):
+        raise TypeError(
+            f"{fn}: hardest must be True (max over negatives) or False (sum), got {hardest!r}"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}."
+            + _suggest(reduction, REDUCTIONS)
+        )
+    check_finite(s_i2t, f"{fn}: scores")
+    if s_t2i is not s_i2t:
+        check_finite(s_t2i, f"{fn}: scores_t2i")
+    violation = _hardest_violation if hardest else _summed_violation
+    margin = float(margin)
+    cost_i2t = violation(s_i2t, positives, margin)
+    # The text-to-image term is the same computation with captions as the rows.
+    cost_t2i = violation(s_t2i.transpose(0, 1), positives.transpose(0, 1), margin).transpose(0, 1)
+    return REDUCTIONS[reduction](cost_i2t + cost_t2i, positives)
+
+
+def _nce_direction(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Mean over queries (rows) that have a positive of ``-log(sum_pos exp / sum_all exp)``."""
+    has_pos = positives.any(1, keepdim=True)
+    pos_logits = logits.masked_fill(~positives, float("-inf"))
+    # Rows without a positive are dropped below; keep them finite so no NaN reaches the gradient.
+    pos_logits = torch.where(has_pos, pos_logits, logits)
+    per_query = torch.logsumexp(logits, 1) - torch.logsumexp(pos_logits, 1)
+    has_pos = has_pos.squeeze(1)
+    return torch.where(has_pos, per_query, torch.zeros_like(per_query)).sum() / has_pos.sum().to(
+        logits.dtype
+    )
+
+
+def info_nce_loss(scores, positives: torch.Tensor, temperature=0.05) -> torch.Tensor:
+    r"""Symmetric InfoNCE (CLIP-style contrastive) loss with several positives per query.
+
+    For an image query :math:`i` with positive captions :math:`P_i`:
+
+    .. math::
+
+        \ell_{i2t}(i) = -\log \frac{\sum_{t \in P_i} \exp(s(i, t) / \tau)}
+                                  {\sum_{t} \exp(s(i, t) / \tau)}
+
+    and symmetrically :math:`\ell_{t2i}(t)` over the images of column :math:`t`
+    (read from ``scores_t2i`` when a pair is given). The loss is
+    :math:`\tfrac12(\operatorname{mean}_i \ell_{i2t} + \operatorname{mean}_t \ell_{t2i})`.
+    With one positive per query this is CLIP's loss (InfoNCE, CPC Eq. 4, in both
+    directions). With several, the positives share the numerator, as in MIL-NCE
+    (Eq. 1): a query is satisfied when its positives together win, rather than
+    each one being pushed against the others. Queries without any positive
+    (a row or column of all False) are left out of the mean.
+
+    Args:
+        scores: ``(Bi, Bt)`` similarities, or a pair ``(scores_i2t, scores_t2i)``.
+        positives: True where image ``i`` and caption ``t`` match.
+        temperature: :math:`\tau > 0`, a number or a 0-d tensor (a learnable one).
+
+    Shape:
+        - scores: ``(Bi, Bt)``
+        - positives: ``(Bi, Bt)`` bool
+        - output: ``()``
+
+    References:
+        van den Oord et al., "Representation Learning with Contrastive Predictive Coding", 2018, Eq. 4;
+        Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (CLIP), 2021;
+        Miech et al., "End-to-End Learning of Visual Representations from Uncurated Instructional Videos"
+        (MIL-NCE), CVPR 2020, Eq. 1.
+
+    Example:
+        >>> s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> info_nce_loss(s, torch.eye(2, dtype=torch.bool), temperature=1.0)
+        tensor(0.3133)
+    """
+    fn = "info_nce_loss"
+    s_i2t, s_t2i = _split_scores(scores, fn)
+    _check_positives(positives, s_i2t.shape, s_i2t.device, fn)
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(
+                f"{fn}: temperature must be a number or a one-element tensor, got shape {tuple(temperature.shape)}"
+            )
+        temperature = temperature.reshape(())
+    elif (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, Real)
+        or not (0 < temperature < math.inf)
+    ):
+        raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
+    check_finite(s_i2t, f"{fn}: scores")
+    if s_t2i is not s_i2t:
+        check_finite(s_t2i, f"{fn}: scores_t2i")
+    loss_i2t = _nce_direction(s_i2t / temperature, positives)
+    loss_t2i = _nce_direction(s_t2i.transpose(0, 1) / temperature, positives.transpose(0, 1))
+    return (loss_i2t + loss_t2i) / 2

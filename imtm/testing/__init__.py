@@ -1,0 +1,47 @@
+"""Testing helpers for imtm blocks: the conformance battery and hypothesis strategies.
+
+- :func:`check_component`: one battery every block passes (shapes, gradients,
+  dtypes, determinism, state_dict and clone round trips, padding invariance,
+  agreement with the functional twin).
+- :func:`tokens`, :func:`score_matrices`, :func:`image_ids`, :func:`captions`:
+  hypothesis strategies for property tests of your own blocks. hypothesis is a
+  test extra (``pip install imtm[test]``); they load on first use, so
+  ``import imtm.testing`` works without it.
+
+Example:
+    >>> import torch
+    >>> from imtm.testing import check_component
+    >>> from imtm.components import GlobalCosine
+    >>> from imtm import Tokens
+    >>> check_component(GlobalCosine(), {"image_tokens": Tokens(torch.randn(2, 3, 4)),
+    ...                                  "text_tokens": Tokens(torch.randn(3, 5, 4))}).skipped
+    {'functional': 'no functional twin given'}
+"""
+
+from imtm.testing.conformance import CHECKS, ConformanceReport, check_component
+
+__all__ = [
+    "CHECKS",
+    "ConformanceReport",
+    "captions",
+    "check_component",
+    "image_ids",
+    "score_matrices",
+    "tokens",
+]
+
+_STRATEGIES = ("tokens", "score_matrices", "image_ids", "captions")
+
+
+def __getattr__(name):
+    if name in _STRATEGIES:
+        try:
+            from imtm.testing import strategies
+        except ModuleNotFoundError as err:
+            if err.name != "hypothesis":
+                raise
+            raise ImportError(
+                f"imtm.testing.{name} is a hypothesis strategy and needs hypothesis: pip install 'imtm[test]'"
+            ) from err
+        return getattr(strategies, name)
+    raise AttributeError(f"module 'imtm.testing' has no attribute {name!r}")

@@ -1,0 +1,247 @@
+import importlib
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import imtm.testing
+from imtm import Component, Loss, Tokens
+from imtm.testing import (
+    CHECKS,
+    ConformanceReport,
+    captions,
+    check_component,
+    image_ids,
+    score_matrices,
+    tokens,
+)
+
+SETTINGS = settings(max_examples=20, deadline=None)
+
+
+# ---------------------------------------------------------------------- a correct block and broken variants
+class Project(Component):
+    """A correct block: masked linear projection of image tokens."""
+
+    requires = ("image_tokens",)
+    provides = ("image_tokens",)
+
+    def __init__(self, dim=4, *, requires=None, provides=None):
+        super().__init__(requires=requires, provides=provides)
+        self.dim = dim
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tokens) -> Tokens:
+        feats = torch.where(x.mask.unsqueeze(-1), x.feats, torch.zeros((), dtype=x.feats.dtype))
+        return x.with_feats(self.proj(feats))
+
+
+class ReadsPadding(Project):
+    provides = ("image_embedding",)
+
+    def forward(self, x):
+        return self.proj(x.feats).mean(1)  # averages padded positions too
+
+
+class UnusedParameter(Project):
+    def __init__(self, dim=4, *, requires=None, provides=None):
+        super().__init__(dim, requires=requires, provides=provides)
+        self.unused = nn.Linear(dim, dim)
+
+
+class RenamesItsArgument(Project):
+    def __init__(self, size=4, *, requires=None, provides=None):
+        super().__init__(size, requires=requires, provides=provides)
+
+
+class NoisyInEval(Project):
+    def forward(self, x):
+        return super().forward(x).with_feats(super().forward(x).feats + torch.randn(()))
+
+
+class AlwaysFloat32(Project):
+    def forward(self, x):
+        return super().forward(x).with_feats(super().forward(x).feats.float())
+
+
+class InPlace(Project):
+    def forward(self, x):
+        x.feats.mul_(2)
+        return super().forward(x)
+
+
+class MakesNaN(Project):
+    def forward(self, x):
+        return super().forward(x).with_feats(super().forward(x).feats / 0.0 * 0.0)
+
+
+class RandomBuffer(Project):
+    def __init__(self, dim=4, *, requires=None, provides=None):
+        super().__init__(dim, requires=requires, provides=provides)
+        self.register_buffer("noise", torch.randn(dim), persistent=False)
+
+    def forward(self, x):
+        return super().forward(x).with_feats(super().forward(x).feats + self.noise)
+
+
+class TwoOutputsDeclaredOne(Project):
+    def forward(self, x):
+        out = super().forward(x)
+        return out, out
+
+
+class VectorLoss(Loss):
+    requires = ("scores", "positives")
+    provides = ("vector_loss",)
+
+    def __init__(self, weight=1.0, *, requires=None, provides=None):
+        super().__init__(requires=requires, provides=provides)
+        self.weight = weight
+
+    def forward(self, scores, positives):
+        return scores.sum(1)
+
+
+def image_inputs():
+    return {"image_tokens": Tokens.from_lengths(torch.randn(3, 5, 4), [5, 2, 1])}
+
+
+def test_a_correct_block_passes_every_check():
+    report = check_component(Project(), image_inputs(), skip=("functional",))
+    assert isinstance(report, ConformanceReport)
+    assert report.passed == [c for c in CHECKS if c != "functional"]
+    assert report.skipped == {"functional": "asked to skip"}
+    assert "Project: 10 checks passed" in str(report)
+
+
+@pytest.mark.parametrize(
+    "block, check, match",
+    [
+        (ReadsPadding(), "padding", "image_embedding differs"),
+        (
+            UnusedParameter(),
+            "gradients",
+            r"no gradient reaches the trainable parameters \['unused.weight', 'unused.bias'\]",
+        ),
+        (RenamesItsArgument(), "contract", "store every constructor argument"),
+        (NoisyInEval(), "deterministic", "differs"),
+        (AlwaysFloat32(), "dtypes", "came back in torch.float32"),
+        (InPlace(), "inputs_unchanged", "modified its input image_tokens.feats in place"),
+        (MakesNaN(), "finite", "NaN or inf"),
+        (RandomBuffer(), "state_dict", "differs"),
+        (TwoOutputsDeclaredOne(), "outputs", "must be Tokens, got tuple"),
+    ],
+)
+def test_broken_blocks_are_caught(block, check, match):
+    with pytest.raises(
+        AssertionError,
+        match=rf"check_component\({type(block).__name__}\): {check} check failed: .*{match}",
+    ):
+        check_component(block, image_inputs())
+
+
+def test_functional_twin_disagreement_is_caught():
+    block = Project()
+    with pytest.raises(AssertionError, match="functional check failed"):
+        check_component(block, image_inputs(), functional=lambda x: x)
+    check_component(block, image_inputs(), functional=lambda x: block(x))
+
+
+def test_loss_must_return_a_scalar():
+    inputs = {"scores": torch.randn(3, 3), "positives": torch.eye(3, dtype=torch.bool)}
+    with pytest.raises(
+        AssertionError, match=r"a Loss returns a floating-point scalar; 'vector_loss' is \(3,\)"
+    ):
+        check_component(VectorLoss(), inputs)
+
+
+def test_scores_must_be_bi_by_bt():
+    class WrongScores(Component):
+        requires = ("image_tokens", "text_tokens")
+        provides = ("scores",)
+
+        def __init__(self, *, requires=None, provides=None):
+            super().__init__(requires=requires, provides=provides)
+
+        def forward(self, images, texts):
+            return images.masked_mean() @ texts.masked_mean().t()[:, :1]
+
+    inputs = {
+        "image_tokens": Tokens(torch.randn(2, 3, 4)),
+        "text_tokens": Tokens(torch.randn(5, 3, 4)),
+    }
+    with pytest.raises(
+        AssertionError, match=r"'scores' must be a \(Bi, Bt\) = \(2, 5\) tensor, got \(2, 1\)"
+    ):
+        check_component(WrongScores(), inputs)
+
+
+def test_the_callers_block_is_left_as_it_was():
+    block = Project().train()
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    check_component(block, image_inputs())
+    assert block.training and all(p.grad is None for p in block.parameters())
+    assert all(torch.equal(before[k], v) for k, v in block.state_dict().items())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"inputs lacks \['image_tokens'\]"):
+        check_component(Project(), {"images": torch.randn(2, 3, 4)})
+    with pytest.raises(ValueError, match="Did you mean 'padding'"):
+        check_component(Project(), image_inputs(), skip=("paddding",))
+    with pytest.raises(ValueError, match="contract and outputs always run"):
+        check_component(Project(), image_inputs(), skip="outputs")
+    with pytest.raises(TypeError, match="inputs must map value names"):
+        check_component(Project(), [torch.randn(2, 3, 4)])
+    with pytest.raises(AssertionError, match="not an imtm.Component"):
+        check_component(nn.Linear(2, 2), {})
+
+
+# ---------------------------------------------------------------------- strategies
+@SETTINGS
+@given(t=tokens(batch=st.integers(1, 4), max_tokens=5, dim=3))
+def test_tokens_rows_always_hold_a_real_token(t):
+    assert t.feats.shape[0] == t.mask.shape[0] and t.dim == 3
+    assert bool(t.mask.any(1).all())
+
+
+@SETTINGS
+@given(t=tokens(batch=3, max_tokens=6, contiguous=True, vocab_size=7))
+def test_tokens_contiguous_ids(t):
+    assert t.feats.dtype == torch.long and int(t.feats.max()) < 7
+    lengths = t.mask.sum(1)
+    assert torch.equal(t.mask, torch.arange(t.num_tokens)[None, :] < lengths[:, None])
+
+
+@SETTINGS
+@given(
+    s=score_matrices(bi=2, bt=st.integers(1, 3), low=0.0, high=0.5),
+    ids=image_ids(batch=5, max_images=2),
+    c=captions(["a", "red", "circle"], batch=2, max_words=3),
+)
+def test_other_strategies(s, ids, c):
+    assert s.shape[0] == 2 and bool(((s >= 0) & (s < 0.5)).all())
+    assert ids.shape == (5,) and int(ids.max()) < 2
+    assert len(c) == 2 and all(1 <= len(x.split()) <= 3 for x in c)
+
+
+def test_strategy_arguments_are_checked():
+    with pytest.raises(ValueError, match="batch must be a positive int"):
+        tokens(batch=0).example()
+    with pytest.raises(ValueError, match="words must be a non-empty list"):
+        captions("abc").example()
+
+
+def test_check_component_imports_without_hypothesis(monkeypatch):
+    monkeypatch.delitem(sys.modules, "imtm.testing.strategies")
+    monkeypatch.delattr(imtm.testing, "strategies")
+    monkeypatch.setitem(sys.modules, "hypothesis", None)
+    module = importlib.reload(imtm.testing)
+    assert callable(module.check_component)
+    with pytest.raises(ImportError, match=r"needs hypothesis: pip install 'imtm\[test\]'"):
+        _ = module.tokens
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = module.nope
