@@ -1,3 +1,6 @@
 from imtm.components.encoders import GRUTextEncoder, PrecomputedEncoder
 from imtm.components.losses import InfoNCELoss, TripletLoss
 from imtm.components.scorers import GlobalCosine
+from imtm.components.scorers import HardAssignmentCoding, SoftAssignmentCoding
+from imtm.components.refiners.self_attention import SelfAttentionContext
+from imtm.components.pooling import LSEPooling, MaxPooling, MeanPooling, SoftmaxPooling, SumPooling

@@ -1,0 +1,122 @@
+"""HardAssignmentCoding: CHAN's scorer, each word keeps only its best-matching region."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from imtm.component import Component
+from imtm.functional.blocking import check_block_args, resolve_option
+from imtm.functional.hard_assignment import CODEBOOKS, hard_assignment_scores
+from imtm.functional.pooling import resolve_pooling
+from imtm.tokens import Tokens
+
+__all__ = ["HardAssignmentCoding"]
+
+
+def as_tokens(block: Component, value, what: str) -> Tokens:
+    """``value`` as Tokens (a ``(B, N, D)`` tensor means every token is real), or a TypeError naming ``block``."""
+    if isinstance(value, Tokens):
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 3:
+            raise ValueError(f"{type(block).__name__}: expected {what} of shape (B, N, D), got {tuple(value.shape)}")
+        return Tokens(value)
+    raise TypeError(f"{type(block).__name__}: expected {what} as Tokens or a (B, N, D) tensor, got {type(value).__name__}")
+
+
+@contextlib.contextmanager
+def named_errors(block: Component):
+    """Prefix the functional's input errors with the block's class name, so they say where they came from."""
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{type(block).__name__}: {err}") from err
+
+
+class HardAssignmentCoding(Component):
+    r"""Scores every image-caption pair by CHAN's hard assignment coding.
+
+    With the visual codebook every word takes the cosine of its single best
+    region, and a caption's word scores are pooled (log-sum-exp by default):
+
+    .. math::
+
+        s(t_i, V) = \max_j \cos(t_i, v_j) \quad \text{(Eq. 5-6)}, \qquad
+        S(I, T) = \frac{1}{\lambda} \log \sum_i \exp\big(\lambda\, s(t_i, V)\big)
+        \quad \text{(Eq. 8)}
+
+    A thin module over :func:`imtm.functional.hard_assignment_scores`; it has
+    no parameters. The computation is blocked and padding-free, so scoring a
+    whole test set block by block gives the same numbers as a training step.
+
+    Args:
+        codebook: ``"visual"`` (words query regions) or ``"textual"`` (regions query words).
+        pooling: ``"max"``, ``"mean"``, ``"sum"``, ``"softmax"`` or ``"lse"``.
+        temperature: ``T = 1 / lambda`` of the softmax and log-sum-exp poolings.
+        max_block_elements: memory budget of one block (token similarities); ``None``: the default.
+        compute_dtype: dtype of the matrix products, e.g. ``torch.bfloat16``; ``None``: the inputs'.
+
+    Shape:
+        - image_tokens: Tokens ``(Bi, N, D)`` (or a ``(Bi, N, D)`` tensor, all tokens real)
+        - text_tokens: Tokens ``(Bt, M, D)`` (or a ``(Bt, M, D)`` tensor)
+        - output: ``(Bi, Bt)`` scores
+
+    References:
+        Pan, Wu and Zhang, "Fine-grained Image-text Matching by Cross-modal Hard
+        Aligning Network", CVPR 2023, Eq. 3, 5-8.
+
+    Example:
+        >>> scorer = HardAssignmentCoding(pooling="lse", temperature=0.1)
+        >>> scorer(Tokens(torch.randn(2, 36, 16)), Tokens.from_lengths(torch.randn(3, 9, 16), [9, 4, 6])).shape
+        torch.Size([2, 3])
+    """
+
+    requires = ("image_tokens", "text_tokens")
+    provides = ("scores",)
+
+    def __init__(
+        self,
+        codebook: str = "visual",
+        pooling: str = "lse",
+        temperature: float = 0.1,
+        max_block_elements: int | None = None,
+        compute_dtype: torch.dtype | None = None,
+        *,
+        requires=None,
+        provides=None,
+    ):
+        super().__init__(requires=requires, provides=provides)
+        self.codebook = codebook
+        self.pooling = pooling
+        self.temperature = temperature
+        self.max_block_elements = max_block_elements
+        self.compute_dtype = compute_dtype
+
+    def validate(self) -> "HardAssignmentCoding":
+        """Check the hyper-parameters (names, temperature, budget, dtype); return ``self``."""
+        where = type(self).__name__
+        resolve_option(self.codebook, CODEBOOKS, name="codebook", where=where)
+        resolve_pooling(self.pooling, self.temperature, where=where)
+        check_block_args(self.max_block_elements, self.compute_dtype, where=where)
+        return self
+
+    def forward(self, image_tokens, text_tokens) -> torch.Tensor:
+        images = as_tokens(self, image_tokens, "image tokens")
+        texts = as_tokens(self, text_tokens, "text tokens")
+        with named_errors(self):
+            return hard_assignment_scores(
+                images.feats,
+                texts.feats,
+                images.mask,
+                texts.mask,
+                codebook=self.codebook,
+                pooling=self.pooling,
+                temperature=self.temperature,
+                max_block_elements=self.max_block_elements,
+                compute_dtype=self.compute_dtype,
+            )
+
+    def extra_repr(self) -> str:
+        return f"codebook={self.codebook!r}, pooling={self.pooling!r}, temperature={self.temperature}, " + super().extra_repr()

@@ -1,0 +1,559 @@
+"""Blocked all-pairs token similarity: the engine under token-level (late-interaction) scorers.
+
+Scoring every image against every caption at the token level means one cosine
+for every (region, word) pair of every (image, caption) pair. Written
+naively that is a ``(Bi, Bt, N, M)`` tensor, or ``(Bi, Bt, M, D)`` once words
+attend to regions. This module never builds it. It
+
+1. L2-normalises every token once (padding becomes an exact zero vector);
+2. cuts the problem into blocks whose similarity matrix holds at most
+   ``max_block_elements`` numbers, so the memory is set by that budget and
+   not by the problem size;
+3. computes each block with one matrix product ``(b * K, D) x (D, w)`` and
+   reduces it in place to ``(b, Bt_block)`` scores.
+
+Two engines share this plan:
+
+- :func:`blocked_query_scores` packs the *query* side: the valid tokens of
+  every query set (the words of every caption, say) are concatenated into one
+  ``(T, D)`` matrix, so padding costs no arithmetic at all. A callback turns
+  each block's similarities into one score per (key set, query token), for
+  example the best-matching region of each word (CHAN's hard assignment,
+  ColBERT's MaxSim); a pooling then reduces each query set's tokens.
+- :func:`blocked_pair_scores` keeps both sides padded and hands the callback
+  the full ``(b_i, N, b_t, M)`` block, for scores that need both axes at once
+  (bidirectional max-mean alignment, top-k aggregation).
+
+Neither engine validates its inputs (that needs a device synchronisation);
+call :func:`check_pair_inputs` once at the boundary. Gradients flow through
+both engines; the blocks are cut with :func:`torch.split`, whose backward
+assembles the gradient in one step, so a blocked training step costs no more
+than an unblocked one.
+
+Shape glossary: ``B`` sets (``Bk`` key sets, ``Bq`` query sets), ``K`` tokens
+per key set, ``L`` tokens per query set, ``D`` feature dimension, ``T`` valid
+query tokens in total.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from imtm.tokens import check_finite
+
+__all__ = [
+    "DEFAULT_MAX_BLOCK_ELEMENTS",
+    "EPS",
+    "resolve_option",
+    "check_pair_inputs",
+    "check_block_args",
+    "normalize_tokens",
+    "PackedTokens",
+    "pack_tokens",
+    "BlockPlan",
+    "plan_query_blocks",
+    "blocked_query_scores",
+    "blocked_pair_scores",
+    "max_over_keys",
+]
+
+#: Default budget: numbers in one block's similarity matrix (16 MiB in float32). Large enough
+#: that each block is an efficient matrix product (a few GFLOP at D = 1024), small enough to
+#: stay in the last-level cache of a server CPU.
+DEFAULT_MAX_BLOCK_ELEMENTS = 1 << 22
+
+#: Floor of a norm before division: an all-zero token gets a zero vector, not NaN.
+EPS = 1e-8
+
+#: ``token_scores(sims, key_mask, key_context) -> (b, w)``, see :func:`blocked_query_scores`.
+TokenScoreFn = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor]
+#: ``pool(x, mask, dim) -> x reduced along dim``, see :func:`imtm.functional.pooling.resolve_pooling`.
+PoolFn = Callable[[torch.Tensor, Optional[torch.Tensor], int], torch.Tensor]
+#: ``reduce(sims, image_mask, text_mask) -> (b_i, b_t)``, see :func:`blocked_pair_scores`.
+PairReduceFn = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------- checks
+def resolve_option(value, options: Mapping, *, name: str, where: str):
+    """``options[value]``, or a ``ValueError`` that lists the options and suggests the closest.
+
+    Example:
+        >>> resolve_option("visual", {"visual": 0, "textual": 1}, name="codebook", where="f")
+        0
+    """
+    if isinstance(value, str) and value in options:
+        return options[value]
+    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"{where}: {name} must be one of {sorted(options)}, got {value!r}.{hint}")
+
+
+def _check_side(x, mask, name: str, where: str) -> Optional[torch.Tensor]:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a tensor of shape (B, N, D), got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{where}: {name} must have shape (B, N, D), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: {name} must be floating point, got {x.dtype}")
+    if mask is None:
+        if x.shape[0] and x.shape[1] == 0:
+            raise ValueError(f"{where}: {name} has no tokens at all (shape {tuple(x.shape)})")
+        check_finite(x, f"{where}: {name}")
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(
+            f"{where}: {name}_mask must be a bool tensor (True = real token), got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)}"
+        )
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(
+            f"{where}: {name}_mask of shape {tuple(mask.shape)} does not match {name} (B, N) = {tuple(x.shape[:2])}"
+        )
+    if mask.device != x.device:
+        raise ValueError(f"{where}: {name}_mask is on {mask.device} but {name} on {x.device}")
+    empty = ~mask.any(1)
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(
+            f"{where}: {name} rows {rows[:5]}{' ...' if len(rows) > 5 else ''} have no real token "
+            "(every position is padding); drop them or give them at least one token"
+        )
+    check_finite(x[mask], f"{where}: {name}")
+    # An all-True mask is dropped so that the engines skip masking work entirely.
+    return None if bool(mask.all()) else mask
+
+
+def check_pair_inputs(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    image_mask: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+    *,
+    where: str,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Validate one image-caption token problem and return it ready for the engines.
+
+    Checks types, shapes, feature dimensions, devices, bool masks of shape
+    ``(B, N)``, that no row is all padding and that real tokens are finite
+    (padding may hold anything, NaN included). It synchronises with the device
+    once, so call it once per problem, never per block.
+
+    Returns:
+        ``(images, texts, image_mask, text_mask)``: both features in their
+        promoted common dtype, and each mask or ``None`` where every token is real.
+
+    Raises:
+        TypeError: not tensors, not floating point, masks not bool.
+        ValueError: wrong shapes, mismatched ``D`` or devices, empty rows, NaN/inf.
+
+    Shape:
+        - images: ``(Bi, N, D)``, texts: ``(Bt, M, D)``
+        - image_mask: ``(Bi, N)``, text_mask: ``(Bt, M)``
+
+    Example:
+        >>> v, t, vm, tm = check_pair_inputs(torch.randn(2, 3, 4), torch.randn(5, 6, 4), where="demo")
+        >>> vm is None and tm is None
+        True
+    """
+    image_mask = _check_side(images, image_mask, "images", where)
+    text_mask = _check_side(texts, text_mask, "texts", where)
+    if images.shape[-1] != texts.shape[-1]:
+        raise ValueError(
+            f"{where}: images and texts must share the feature dimension D, got images "
+            f"{tuple(images.shape)} (D={images.shape[-1]}) and texts {tuple(texts.shape)} (D={texts.shape[-1]})"
+        )
+    if images.device != texts.device:
+        raise ValueError(f"{where}: images are on {images.device} but texts on {texts.device}")
+    dtype = torch.promote_types(images.dtype, texts.dtype)
+    return images.to(dtype), texts.to(dtype), image_mask, text_mask
+
+
+def check_block_args(max_block_elements, compute_dtype, *, where: str) -> tuple[int, Optional[torch.dtype]]:
+    """Validate the engine's memory budget and compute dtype (``None`` picks the defaults)."""
+    if max_block_elements is None:
+        max_block_elements = DEFAULT_MAX_BLOCK_ELEMENTS
+    if isinstance(max_block_elements, bool) or not isinstance(max_block_elements, int) or max_block_elements < 1:
+        raise ValueError(f"{where}: max_block_elements must be a positive int, got {max_block_elements!r}")
+    if compute_dtype is not None and (not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point):
+        raise TypeError(
+            f"{where}: compute_dtype must be None or a floating torch.dtype such as torch.bfloat16, got {compute_dtype!r}"
+        )
+    return max_block_elements, compute_dtype
+
+
+# ---------------------------------------------------------------------------- preparation
+def normalize_tokens(
+    x: torch.Tensor, mask: torch.Tensor | None = None, *, dtype: torch.dtype | None = None, eps: float = EPS
+) -> torch.Tensor:
+    """L2-normalise every token; padded tokens become exact zero vectors.
+
+    Args:
+        x: token features.
+        mask: True where a token is real; ``None``: all are.
+        dtype: cast the result to this dtype (for example ``torch.bfloat16``).
+        eps: floor of the norm, so an all-zero token stays zero.
+
+    Shape:
+        - x: ``(B, N, D)``, mask: ``(B, N)``, output: ``(B, N, D)``
+
+    Example:
+        >>> normalize_tokens(torch.tensor([[[3.0, 4.0], [float("nan"), 0.0]]]), torch.tensor([[True, False]]))
+        tensor([[[0.6000, 0.8000],
+                 [0.0000, 0.0000]]])
+    """
+    out = F.normalize(x, dim=-1, eps=eps)
+    if mask is not None:
+        # where() rather than a product: padding may hold NaN, and 0 * NaN is NaN.
+        out = torch.where(mask.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out if dtype is None else out.to(dtype)
+
+
+@dataclass(frozen=True)
+class PackedTokens:
+    """The valid tokens of every set, concatenated set after set.
+
+    Attributes:
+        feats: ``(T, D)`` the valid tokens, set 0's first, each set's in order.
+        lengths: tokens per set (host ints).
+        spans: one past the position of each set's last real token (host ints); equal to
+            ``lengths`` when padding only trails.
+        offsets: set ``b`` owns rows ``offsets[b]:offsets[b + 1]`` of ``feats`` (host ints).
+        positions: ``(B, L)`` long: the row of ``feats`` holding token ``l`` of set ``b``
+            (0 at padding).
+        mask: ``(B, L)`` bool, True where a token is real, or ``None`` when all are
+            (then ``feats`` is the padded tensor reshaped, and no row was copied).
+    """
+
+    feats: torch.Tensor
+    lengths: tuple[int, ...]
+    spans: tuple[int, ...]
+    offsets: tuple[int, ...]
+    positions: torch.Tensor
+    mask: Optional[torch.Tensor]
+
+
+def pack_tokens(x: torch.Tensor, mask: torch.Tensor | None = None) -> PackedTokens:
+    """Drop the padding of ``x``: concatenate the valid tokens of all sets into one matrix.
+
+    Reads the lengths on the host once (a device synchronisation when ``mask`` is given).
+
+    Shape:
+        - x: ``(B, L, D)``, mask: ``(B, L)``
+        - output ``feats``: ``(T, D)`` with ``T = mask.sum()``
+
+    Example:
+        >>> p = pack_tokens(torch.arange(6.0).view(2, 3, 1), torch.tensor([[True, True, False], [True, False, False]]))
+        >>> p.feats.flatten().tolist(), p.offsets
+        ([0.0, 1.0, 3.0], (0, 2, 3))
+    """
+    B, L, D = x.shape
+    positions = torch.arange(B * L, device=x.device).view(B, L)
+    if mask is None:
+        lengths = spans = (L,) * B
+        feats = x.reshape(B * L, D)
+    else:
+        # One host read for both: the count of real tokens and where the last one sits
+        # (masks need not be prefixes).
+        last = torch.where(mask, torch.arange(1, L + 1, device=mask.device), 0).amax(1)
+        lengths, spans = (tuple(r) for r in torch.stack([mask.sum(1), last]).tolist())
+        feats = x[mask]
+        # Row-major boolean indexing keeps set order and token order, so a running count of
+        # valid tokens is each token's row in ``feats``.
+        rank = mask.flatten().cumsum(0).view(B, L) - 1
+        positions = torch.where(mask, rank, torch.zeros((), dtype=rank.dtype, device=rank.device))
+    offsets = (0, *itertools.accumulate(lengths))
+    return PackedTokens(feats, lengths, spans, offsets, positions, mask)
+
+
+# ---------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class BlockPlan:
+    """How :func:`blocked_query_scores` cuts a problem.
+
+    Attributes:
+        key_sets: key sets per key block (the last block may be smaller).
+        query_bounds: ``(q0, q1)`` query-set ranges, each holding at most
+            ``max_width`` valid tokens unless a single set is longer.
+        max_width: the token budget of one query block.
+    """
+
+    key_sets: int
+    query_bounds: tuple[tuple[int, int], ...]
+    max_width: int
+
+
+def plan_query_blocks(num_key_sets: int, tokens_per_key_set: int, offsets: Sequence[int], budget: int) -> BlockPlan:
+    """Choose block sizes so that one block's similarity matrix holds at most ``budget`` numbers.
+
+    The blocks are near-square matrix products (about ``sqrt(budget)`` rows of
+    key tokens), which keeps each product efficient; when all query tokens fit
+    in one block, the key side grows to fill the budget instead.
+
+    Example:
+        >>> plan = plan_query_blocks(100, 36, [0, 10, 25, 40], budget=36 * 25)
+        >>> plan.key_sets, plan.query_bounds
+        (1, ((0, 2), (2, 3)))
+    """
+    total = offsets[-1]
+    num_sets = len(offsets) - 1
+    K = max(1, tokens_per_key_set)
+    if num_key_sets * K * max(total, 1) <= budget:
+        return BlockPlan(max(1, num_key_sets), ((0, num_sets),) if num_sets else (), max(total, 1))
+    rows = max(K, min(num_key_sets * K, math.isqrt(budget)))
+    key_sets = max(1, min(num_key_sets, rows // K))
+    width = max(1, budget // (key_sets * K))
+    if width >= total:
+        width = max(total, 1)
+        key_sets = max(1, min(num_key_sets, budget // (K * width)))
+    bounds = []
+    start = 0
+    while start < num_sets:
+        # The longest run of whole sets from ``start`` whose tokens fit in ``width`` (at least one set).
+        end = bisect.bisect_right(offsets, offsets[start] + width, lo=start + 1) - 1
+        end = min(max(end, start + 1), num_sets)
+        bounds.append((start, end))
+        start = end
+    return BlockPlan(key_sets, tuple(bounds), width)
+
+
+# ---------------------------------------------------------------------------- engines
+def max_over_keys(
+    sims: torch.Tensor, key_mask: torch.Tensor | None = None, key_context: torch.Tensor | None = None
+) -> torch.Tensor:
+    r"""Token scores of hard assignment: the best-matching key token for every query token.
+
+    .. math::
+
+        s(t_i, V) = \max_{j : m_j} s_{ij} \qquad \text{(CHAN, Eq. 5-6)}
+
+    The :func:`blocked_query_scores` callback for CHAN's hard assignment and
+    ColBERT's MaxSim. Padded keys are filled with ``-inf`` in place (``sims``
+    is a fresh product owned by the engine). The gradient is the sub-gradient
+    of :func:`torch.amax`: it flows to the maximising key (shared equally at
+    an exact tie). :meth:`torch.Tensor.max` with indices would keep less for
+    the backward pass, but it is several times slower than ``amax`` on CPU.
+
+    Shape:
+        - sims: ``(b, K, w)``, key_mask: ``(b, K)``, output: ``(b, w)``
+
+    Example:
+        >>> max_over_keys(torch.tensor([[[0.1], [0.7], [0.9]]]), torch.tensor([[True, True, False]]))
+        tensor([[0.7000]])
+    """
+    if key_mask is not None:
+        sims = sims.masked_fill_(~key_mask.unsqueeze(-1), -math.inf)
+    return sims.amax(dim=1)
+
+
+def _repad_index(packed: PackedTokens, q0: int, q1: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], int]:
+    """For query sets ``q0:q1``: the gather index back to ``(b_q, L_blk)`` (``None`` when the
+    packed block already is that layout), the block's mask (``None`` when no padding), and ``L_blk``."""
+    width = max(packed.spans[q0:q1])
+    if min(packed.lengths[q0:q1]) == width:
+        # Every set of the block is a full prefix of the same length: the packed rows already
+        # are the (b_q, L_blk) layout, so no gather and no mask.
+        return None, None, width
+    mask = packed.mask[q0:q1, :width]
+    local = packed.positions[q0:q1, :width] - packed.offsets[q0]
+    index = torch.where(mask, local, torch.zeros((), dtype=local.dtype, device=local.device))
+    return index.reshape(-1), mask, width
+
+
+def blocked_query_scores(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
+    *,
+    token_scores: TokenScoreFn = max_over_keys,
+    pool: PoolFn,
+    key_context: torch.Tensor | None = None,
+    max_block_elements: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+    normalize: bool = True,
+) -> torch.Tensor:
+    r"""Score every key set against every query set through per-query-token scores.
+
+    .. math::
+
+        S(k, q) = \operatorname{pool}_{i \in q}\; f\big(\{\cos(q_i, k_j)\}_{j \in k}\big)
+
+    For each block of ``b`` key sets and a run of query sets holding ``w``
+    valid tokens, one matrix product gives the ``(b * K, w)`` cosines;
+    ``token_scores`` reduces them to ``(b, w)`` (one score per key set and
+    query token), and ``pool`` reduces each query set's tokens. Query padding
+    is packed away before the product, so it costs nothing; key padding is
+    handed to ``token_scores`` as ``key_mask``.
+
+    Args:
+        keys: key token features (the codebook side: regions for CHAN's visual codebook).
+        queries: query token features (words for the visual codebook).
+        key_mask: True where a key token is real; ``None``: all are.
+        query_mask: True where a query token is real; ``None``: all are.
+        token_scores: ``f(sims, key_mask, key_context) -> (b, w)``. ``sims`` is
+            the block's ``(b, K, w)`` cosines in ``compute_dtype`` (the callback
+            may overwrite it); ``key_mask`` the block's ``(b, K)`` mask or
+            ``None`` when it has no padding; ``key_context`` the block's rows of
+            ``key_context`` or ``None``. Default: :func:`max_over_keys`.
+        pool: ``pool(x, mask, dim)``, as returned by
+            :func:`imtm.functional.pooling.resolve_pooling`; called on
+            ``(b, b_q, L_blk)`` with a ``(b_q, L_blk)`` mask (or ``None``) and ``dim=-1``.
+        key_context: optional per-key-set tensor, cut into blocks along its first axis
+            (for example the key Gram matrices for soft assignment).
+        max_block_elements: at most this many similarities exist at once (per block);
+            default :data:`DEFAULT_MAX_BLOCK_ELEMENTS`.
+        compute_dtype: dtype of the normalised tokens and of the matrix products
+            (for example ``torch.bfloat16``; products accumulate in float32 inside
+            the kernel). Token scores are cast back to the input dtype before
+            pooling. ``None``: the input dtype.
+        normalize: L2-normalise tokens first (cosines). ``False``: the inputs are
+            used as given (already normalised with zero padding, or raw dot products).
+
+    Returns:
+        ``(Bk, Bq)`` scores in the inputs' dtype.
+
+    Shape:
+        - keys: ``(Bk, K, D)``, key_mask: ``(Bk, K)``
+        - queries: ``(Bq, L, D)``, query_mask: ``(Bq, L)``
+        - key_context: ``(Bk, *)``
+        - output: ``(Bk, Bq)``
+
+    References:
+        The blocked, padding-free form of CHAN's hard assignment (Pan et al.,
+        CVPR 2023, Eq. 5-8) and of ColBERT's MaxSim (Khattab and Zaharia,
+        SIGIR 2020, Eq. 3).
+
+    Example:
+        >>> from imtm.functional.pooling import resolve_pooling
+        >>> s = blocked_query_scores(torch.randn(4, 36, 8), torch.randn(5, 7, 8), pool=resolve_pooling("sum"))
+        >>> s.shape
+        torch.Size([4, 5])
+    """
+    budget = DEFAULT_MAX_BLOCK_ELEMENTS if max_block_elements is None else max_block_elements
+    out_dtype = torch.promote_types(keys.dtype, queries.dtype)
+    Bk, K, D = keys.shape
+    Bq = queries.shape[0]
+    if Bk == 0 or Bq == 0:
+        return torch.zeros(Bk, Bq, dtype=out_dtype, device=keys.device)
+    if normalize:
+        keys = normalize_tokens(keys, key_mask, dtype=compute_dtype)
+        queries = normalize_tokens(queries, query_mask, dtype=compute_dtype)
+    elif compute_dtype is not None:
+        keys, queries = keys.to(compute_dtype), queries.to(compute_dtype)
+    packed = pack_tokens(queries, query_mask)
+    plan = plan_query_blocks(Bk, K, packed.offsets, budget)
+
+    key_blocks = torch.split(keys.reshape(Bk * K, D), plan.key_sets * K)
+    mask_blocks: list = [None] * len(key_blocks)
+    if key_mask is not None:
+        # One host read decides which key blocks need masking at all.
+        has_pad = (~key_mask).any(1).tolist()
+        mask_blocks = [
+            m if any(has_pad[k0 : k0 + plan.key_sets]) else None
+            for k0, m in zip(range(0, Bk, plan.key_sets), torch.split(key_mask, plan.key_sets))
+        ]
+    context_blocks: list = [None] * len(key_blocks)
+    if key_context is not None:
+        context_blocks = list(torch.split(key_context, plan.key_sets))
+    query_blocks = torch.split(packed.feats, [packed.offsets[q1] - packed.offsets[q0] for q0, q1 in plan.query_bounds])
+    repad = [_repad_index(packed, q0, q1) for q0, q1 in plan.query_bounds]
+
+    rows = []
+    for kb, km, kc in zip(key_blocks, mask_blocks, context_blocks):
+        b = kb.shape[0] // K
+        parts = []
+        for qb, (q0, q1), (index, qmask, width) in zip(query_blocks, plan.query_bounds, repad):
+            sims = torch.mm(kb, qb.t()).view(b, K, qb.shape[0])
+            tok = token_scores(sims, km, kc).to(out_dtype)
+            tok = (tok if index is None else tok.index_select(1, index)).view(b, q1 - q0, width)
+            parts.append(pool(tok, qmask, -1))
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
+def blocked_pair_scores(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    image_mask: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+    *,
+    reduce: PairReduceFn,
+    max_block_elements: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+    normalize: bool = True,
+) -> torch.Tensor:
+    r"""Score every image against every caption from their full token-similarity blocks.
+
+    For each block of ``b_i`` images and ``b_t`` captions, one matrix product
+    ``(b_i * N, D) x (D, b_t * M)`` gives the cosines, viewed as
+    ``(b_i, N, b_t, M)``, and ``reduce`` turns them into ``(b_i, b_t)`` scores.
+    Both sides stay padded (use :func:`blocked_query_scores` when a reduction
+    over one axis followed by a pooling is enough: it skips padding).
+
+    Args:
+        images: image token features.
+        texts: caption token features.
+        image_mask: True where an image token is real; ``None``: all are.
+        text_mask: True where a word is real; ``None``: all are.
+        reduce: ``reduce(sims, image_mask, text_mask) -> (b_i, b_t)``, given the
+            block's cosines (in ``compute_dtype``; padded tokens have cosine 0 when
+            ``normalize``) and its masks (``None`` where the block has no padding).
+        max_block_elements: at most this many similarities exist at once.
+        compute_dtype: dtype of the tokens in the matrix products; ``None``: the inputs'.
+        normalize: L2-normalise tokens first.
+
+    Returns:
+        ``(Bi, Bt)`` scores (in the dtype ``reduce`` returns).
+
+    Shape:
+        - images: ``(Bi, N, D)``, image_mask: ``(Bi, N)``
+        - texts: ``(Bt, M, D)``, text_mask: ``(Bt, M)``
+        - output: ``(Bi, Bt)``
+
+    References:
+        The all-pairs blocking of fine-grained matchers' evaluation (e.g. SCAN,
+        CHAN), made memory-bounded and block-size independent.
+
+    Example:
+        >>> mean_of_max = lambda s, vm, tm: s.amax(1).mean(-1)
+        >>> blocked_pair_scores(torch.randn(3, 4, 8), torch.randn(5, 6, 8), reduce=mean_of_max).shape
+        torch.Size([3, 5])
+    """
+    budget = DEFAULT_MAX_BLOCK_ELEMENTS if max_block_elements is None else max_block_elements
+    Bi, N, D = images.shape
+    Bt, M, _ = texts.shape
+    if Bi == 0 or Bt == 0:
+        return torch.zeros(Bi, Bt, dtype=torch.promote_types(images.dtype, texts.dtype), device=images.device)
+    if normalize:
+        images = normalize_tokens(images, image_mask, dtype=compute_dtype)
+        texts = normalize_tokens(texts, text_mask, dtype=compute_dtype)
+    elif compute_dtype is not None:
+        images, texts = images.to(compute_dtype), texts.to(compute_dtype)
+    N1, M1 = max(N, 1), max(M, 1)
+    if Bi * N1 * Bt * M1 <= budget:
+        bi, bt = max(Bi, 1), max(Bt, 1)
+    else:
+        bi = max(1, min(Bi, math.isqrt(budget) // N1))
+        bt = max(1, min(Bt, budget // (bi * N1 * M1)))
+        if bt == Bt:
+            bi = max(1, min(Bi, budget // (N1 * Bt * M1)))
+    image_blocks = torch.split(images.reshape(Bi * N, D), bi * N)
+    text_blocks = torch.split(texts.reshape(Bt * M, D), bt * M)
+    image_masks = torch.split(image_mask, bi) if image_mask is not None else [None] * len(image_blocks)
+    text_masks = torch.split(text_mask, bt) if text_mask is not None else [None] * len(text_blocks)
+    rows = []
+    for ib, im in zip(image_blocks, image_masks):
+        parts = []
+        for tb, tm in zip(text_blocks, text_masks):
+            sims = torch.mm(ib, tb.t()).view(ib.shape[0] // N, N, tb.shape[0] // M, M)
+            parts.append(reduce(sims, im, tm))
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
