@@ -229,10 +229,17 @@ def test_other_strategies(s, ids, c):
 
 
 def test_strategy_arguments_are_checked():
-    with pytest.raises(ValueError, match="batch must be a positive int"):
-        tokens(batch=0).example()
-    with pytest.raises(ValueError, match="words must be a non-empty list"):
-        captions("abc").example()
+    for strategy, match in [
+        (tokens(batch=0), "batch must be a positive int"),
+        (captions("abc"), "words must be a non-empty list"),
+    ]:
+
+        @given(strategy)
+        def draw_one(value):
+            pass
+
+        with pytest.raises(ValueError, match=match):
+            draw_one()
 
 
 def test_check_component_imports_without_hypothesis(monkeypatch):
