@@ -93,6 +93,7 @@ def test_regions_view_shapes_and_protocol(regions):
                     torch.testing.assert_close(
                         boxes[r], torch.tensor(scene.objects[j].box(64), dtype=torch.float32)
                     )
+    assert (test.region_dim, test.image_size, test.captions_per_image) == (128, 64, 5)
     batch = collate([test[k] for k in range(7)])
     assert isinstance(batch["images"], Tokens) and batch["images"].feats.shape[-1] == 128
     torch.testing.assert_close(
@@ -105,7 +106,7 @@ def test_regions_view_shapes_and_protocol(regions):
 def test_pixels_view_shapes_range_and_boxes(pixels):
     _train, _dev, test = pixels
     assert isinstance(test.images, PixelImages) and test.images.shape == (40, 3, 64, 64)
-    assert test.region_objects is None
+    assert test.region_objects is None and test.region_dim is None
     x = test.images[3]
     assert x.dtype == torch.float32 and x.shape == (3, 64, 64)
     assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
@@ -440,6 +441,7 @@ def test_sample_scene_property(seed, lo, extra):
         ({"confusable_fraction": 1.5}, ValueError, r"confusable_fraction must be in \[0, 1\]"),
         ({"min_objects": 1, "max_objects": 1}, ValueError, "binding twins need max_objects >= 2"),
         ({"seed": -1}, ValueError, "seed must be a non-negative int"),
+        ({"seed": 1.5}, TypeError, "seed must be an int, got float"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

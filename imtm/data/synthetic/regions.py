@@ -87,7 +87,8 @@ class RegionAttributes:
         shape: ``(R,)`` int index into :data:`SHAPES` (ignored for background).
         rgb: ``(R, 3)`` object colour in ``[0, 1]`` (ignored for background).
         center: ``(R, 2)`` box centre ``(x, y)`` in image units.
-        extent: ``(R,)`` half the square root of the box area, in image units.
+        extent: ``(R,)`` region size in image units: an object's radius, or half the
+            square root of a background box's area.
         texture: ``(R,)`` int index into :data:`TEXTURES` of the scene background.
         tint: ``(R, 3)`` background colour in ``[0, 1]``.
         contrast: ``(R,)`` background texture contrast.

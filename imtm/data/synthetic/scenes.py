@@ -254,8 +254,8 @@ def sample_scene(
     objects: list[SceneObject] = []
     for k, c in enumerate(cells):
         if k > 0 and rng.random() < duplicate_prob:
-            twin = _pick(rng, objects)
-            shape, colour = twin.shape, twin.colour
+            source = _pick(rng, objects)
+            shape, colour = source.shape, source.colour
         else:
             shape, colour = _pick(rng, SHAPES), _pick(rng, COLOURS)
         objects.append(_sample_object(rng, shape, colour, divmod(c, GRID)))

@@ -173,6 +173,8 @@ class SyntheticDataset(ImageCaptionDataset):
         region_objects: regions view: per image ``(N_b,)`` long, the object index of
             each region, ``-1`` for background regions; None in the pixels view.
         view, split, seed, config: how the split was made.
+        captions_per_image, region_dim, image_size: read from ``config``
+            (``region_dim`` is None in the pixels view).
     """
 
     def __init__(
@@ -210,6 +212,20 @@ class SyntheticDataset(ImageCaptionDataset):
         self.seed = seed
         self.config = config
 
+    @property
+    def captions_per_image(self) -> int:
+        return self.config.captions_per_image
+
+    @property
+    def region_dim(self) -> int | None:
+        """Width ``D`` of the region features (regions view); None in the pixels view."""
+        return self.config.region_dim if self.view == "regions" else None
+
+    @property
+    def image_size(self) -> int:
+        """Side of the pixel images, and the frame of :attr:`boxes` in both views."""
+        return self.config.image_size
+
     def binding_accuracy(self, scores) -> float:
         """How often a score matrix prefers a twin image's own captions to its twin.
 
@@ -243,7 +259,7 @@ class SyntheticDataset(ImageCaptionDataset):
         image = torch.cat([pairs[:, 0], pairs[:, 1]])
         twin = torch.cat([pairs[:, 1], pairs[:, 0]])
         # Captions are stored image by image, captions_per_image each.
-        c = self.config.captions_per_image
+        c = self.captions_per_image
         caps = image[:, None] * c + torch.arange(c, device=scores.device)
         own, other = scores[image[:, None], caps], scores[twin[:, None], caps]
         return float(((own > other).double() + 0.5 * (own == other).double()).mean())
@@ -355,8 +371,10 @@ def load(
             f"synthetic.load: view must be one of {sorted(VIEWS)}, got {view!r}."
             + suggest(view, VIEWS)
         )
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"synthetic.load: seed must be a non-negative int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"synthetic.load: seed must be an int, got {type(seed).__name__} {seed!r}")
+    if seed < 0:
+        raise ValueError(f"synthetic.load: seed must be a non-negative int, got {seed}")
     seed = int(seed)
     cfg = SyntheticConfig(
         n_train=n_train,
