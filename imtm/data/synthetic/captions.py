@@ -223,7 +223,9 @@ def compose_caption(scene: Scene, rng: random.Random, subset: Sequence[int]) -> 
     if len(subset) == 0:
         raise ValueError("compose_caption: the subset of objects to name is empty")
     order = [subset[k] for k in _permutation(rng, len(subset))]
-    counts = scene.bindings()
+    counts: dict[tuple[str, str], int] = {}  # a plain dict: Counter is slow to build
+    for o in objs:
+        counts[o.binding] = counts.get(o.binding, 0) + 1
     groups: list[list[int]] = []
     seen: set[int] = set()
     for i in order:
