@@ -12,7 +12,7 @@ import torch
 from imtm.component import Component
 from imtm.functional.pooling import masked_pool
 
-__all__ = ["MaxPooling", "MeanPooling", "SumPooling", "SoftmaxPooling", "LSEPooling"]
+__all__ = ["LSEPooling", "MaxPooling", "MeanPooling", "SoftmaxPooling", "SumPooling"]
 
 
 class _Pooling(Component):

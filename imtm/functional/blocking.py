@@ -41,8 +41,8 @@ import bisect
 import difflib
 import itertools
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,34 +51,40 @@ from imtm.tokens import check_finite
 
 __all__ = [
     "DEFAULT_MAX_BLOCK_ELEMENTS",
+    "DEFAULT_MAX_BLOCK_ELEMENTS_CUDA",
     "EPS",
-    "resolve_option",
-    "check_pair_inputs",
-    "check_block_args",
-    "normalize_tokens",
-    "PackedTokens",
-    "pack_tokens",
     "BlockPlan",
-    "plan_query_blocks",
-    "blocked_query_scores",
+    "PackedTokens",
     "blocked_pair_scores",
+    "blocked_query_scores",
+    "check_block_args",
+    "check_pair_inputs",
+    "default_block_elements",
     "max_over_keys",
+    "normalize_tokens",
+    "pack_tokens",
+    "plan_query_blocks",
+    "resolve_option",
 ]
 
-#: Default budget: numbers in one block's similarity matrix (16 MiB in float32). Large enough
-#: that each block is an efficient matrix product (a few GFLOP at D = 1024), small enough to
-#: stay in the last-level cache of a server CPU.
+#: Default budget on CPU: numbers in one block's similarity matrix (16 MiB in float32). Large
+#: enough that each block is an efficient matrix product (a few GFLOP at D = 1024), small
+#: enough to stay in the last-level cache of a server CPU.
 DEFAULT_MAX_BLOCK_ELEMENTS = 1 << 22
+
+#: Default budget on CUDA (1 GiB in float32): a GPU needs far larger products to stay busy,
+#: and has the memory for them.
+DEFAULT_MAX_BLOCK_ELEMENTS_CUDA = 1 << 28
 
 #: Floor of a norm before division: an all-zero token gets a zero vector, not NaN.
 EPS = 1e-8
 
 #: ``token_scores(sims, key_mask, key_context) -> (b, w)``, see :func:`blocked_query_scores`.
-TokenScoreFn = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor]
+TokenScoreFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 #: ``pool(x, mask, dim) -> x reduced along dim``, see :func:`imtm.functional.pooling.resolve_pooling`.
-PoolFn = Callable[[torch.Tensor, Optional[torch.Tensor], int], torch.Tensor]
+PoolFn = Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor]
 #: ``reduce(sims, image_mask, text_mask) -> (b_i, b_t)``, see :func:`blocked_pair_scores`.
-PairReduceFn = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor]
+PairReduceFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------- checks
@@ -96,7 +102,18 @@ def resolve_option(value, options: Mapping, *, name: str, where: str):
     raise ValueError(f"{where}: {name} must be one of {sorted(options)}, got {value!r}.{hint}")
 
 
-def _check_side(x, mask, name: str, where: str) -> Optional[torch.Tensor]:
+def _check_real_finite(x: torch.Tensor, mask: torch.Tensor | None, what: str) -> None:
+    # One pass over the features (a sum per token: NaN and inf survive it) instead of the three
+    # of isfinite(); the exact count runs only when something is wrong. A sum can also overflow
+    # for finite values near the float limit; the exact check then lets those through.
+    row_ok = torch.isfinite(x.sum(-1))
+    if mask is not None:
+        row_ok = row_ok | ~mask
+    if not bool(row_ok.all()):
+        check_finite(x[mask] if mask is not None else x, what)
+
+
+def _check_side(x, mask, name: str, where: str) -> torch.Tensor | None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where}: {name} must be a tensor of shape (B, N, D), got {type(x).__name__}")
     if x.dim() != 3:
@@ -106,7 +123,7 @@ def _check_side(x, mask, name: str, where: str) -> Optional[torch.Tensor]:
     if mask is None:
         if x.shape[0] and x.shape[1] == 0:
             raise ValueError(f"{where}: {name} has no tokens at all (shape {tuple(x.shape)})")
-        check_finite(x, f"{where}: {name}")
+        _check_real_finite(x, None, f"{where}: {name}")
         return None
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(
@@ -126,7 +143,7 @@ def _check_side(x, mask, name: str, where: str) -> Optional[torch.Tensor]:
             f"{where}: {name} rows {rows[:5]}{' ...' if len(rows) > 5 else ''} have no real token "
             "(every position is padding); drop them or give them at least one token"
         )
-    check_finite(x[mask], f"{where}: {name}")
+    _check_real_finite(x, mask, f"{where}: {name}")
     # An all-True mask is dropped so that the engines skip masking work entirely.
     return None if bool(mask.all()) else mask
 
@@ -138,7 +155,7 @@ def check_pair_inputs(
     text_mask: torch.Tensor | None = None,
     *,
     where: str,
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Validate one image-caption token problem and return it ready for the engines.
 
     Checks types, shapes, feature dimensions, devices, bool masks of shape
@@ -176,12 +193,17 @@ def check_pair_inputs(
     return images.to(dtype), texts.to(dtype), image_mask, text_mask
 
 
-def check_block_args(max_block_elements, compute_dtype, *, where: str) -> tuple[int, Optional[torch.dtype]]:
-    """Validate the engine's memory budget and compute dtype (``None`` picks the defaults)."""
-    if max_block_elements is None:
-        max_block_elements = DEFAULT_MAX_BLOCK_ELEMENTS
-    if isinstance(max_block_elements, bool) or not isinstance(max_block_elements, int) or max_block_elements < 1:
-        raise ValueError(f"{where}: max_block_elements must be a positive int, got {max_block_elements!r}")
+def default_block_elements(device: torch.device) -> int:
+    """The default block budget for ``device``: :data:`DEFAULT_MAX_BLOCK_ELEMENTS` on CPU,
+    :data:`DEFAULT_MAX_BLOCK_ELEMENTS_CUDA` on CUDA."""
+    return DEFAULT_MAX_BLOCK_ELEMENTS_CUDA if torch.device(device).type == "cuda" else DEFAULT_MAX_BLOCK_ELEMENTS
+
+
+def check_block_args(max_block_elements, compute_dtype, *, where: str) -> tuple[int | None, torch.dtype | None]:
+    """Validate the engine's memory budget and compute dtype (``None``: the defaults); return them."""
+    bad_budget = isinstance(max_block_elements, bool) or not isinstance(max_block_elements, int)
+    if max_block_elements is not None and (bad_budget or max_block_elements < 1):
+        raise ValueError(f"{where}: max_block_elements must be a positive int or None, got {max_block_elements!r}")
     if compute_dtype is not None and (not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point):
         raise TypeError(
             f"{where}: compute_dtype must be None or a floating torch.dtype such as torch.bfloat16, got {compute_dtype!r}"
@@ -237,7 +259,7 @@ class PackedTokens:
     spans: tuple[int, ...]
     offsets: tuple[int, ...]
     positions: torch.Tensor
-    mask: Optional[torch.Tensor]
+    mask: torch.Tensor | None
 
 
 def pack_tokens(x: torch.Tensor, mask: torch.Tensor | None = None) -> PackedTokens:
@@ -353,7 +375,7 @@ def max_over_keys(
     return sims.amax(dim=1)
 
 
-def _repad_index(packed: PackedTokens, q0: int, q1: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], int]:
+def _repad_index(packed: PackedTokens, q0: int, q1: int) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
     """For query sets ``q0:q1``: the gather index back to ``(b_q, L_blk)`` (``None`` when the
     packed block already is that layout), the block's mask (``None`` when no padding), and ``L_blk``."""
     width = max(packed.spans[q0:q1])
@@ -409,7 +431,7 @@ def blocked_query_scores(
         key_context: optional per-key-set tensor, cut into blocks along its first axis
             (for example the key Gram matrices for soft assignment).
         max_block_elements: at most this many similarities exist at once (per block);
-            default :data:`DEFAULT_MAX_BLOCK_ELEMENTS`.
+            ``None``: :func:`default_block_elements` of the inputs' device.
         compute_dtype: dtype of the normalised tokens and of the matrix products
             (for example ``torch.bfloat16``; products accumulate in float32 inside
             the kernel). Token scores are cast back to the input dtype before
@@ -437,18 +459,21 @@ def blocked_query_scores(
         >>> s.shape
         torch.Size([4, 5])
     """
-    budget = DEFAULT_MAX_BLOCK_ELEMENTS if max_block_elements is None else max_block_elements
+    budget = default_block_elements(keys.device) if max_block_elements is None else max_block_elements
     out_dtype = torch.promote_types(keys.dtype, queries.dtype)
     Bk, K, D = keys.shape
     Bq = queries.shape[0]
     if Bk == 0 or Bq == 0:
         return torch.zeros(Bk, Bq, dtype=out_dtype, device=keys.device)
-    if normalize:
-        keys = normalize_tokens(keys, key_mask, dtype=compute_dtype)
-        queries = normalize_tokens(queries, query_mask, dtype=compute_dtype)
-    elif compute_dtype is not None:
-        keys, queries = keys.to(compute_dtype), queries.to(compute_dtype)
+    # Queries are packed before they are normalised: only real tokens get normalised, and the
+    # packing copy is the only one made.
     packed = pack_tokens(queries, query_mask)
+    feats = packed.feats
+    if normalize:
+        keys = normalize_tokens(keys, key_mask)
+        feats = F.normalize(feats, dim=-1, eps=EPS)
+    if compute_dtype is not None:
+        keys, feats = keys.to(compute_dtype), feats.to(compute_dtype)
     plan = plan_query_blocks(Bk, K, packed.offsets, budget)
 
     key_blocks = torch.split(keys.reshape(Bk * K, D), plan.key_sets * K)
@@ -463,7 +488,7 @@ def blocked_query_scores(
     context_blocks: list = [None] * len(key_blocks)
     if key_context is not None:
         context_blocks = list(torch.split(key_context, plan.key_sets))
-    query_blocks = torch.split(packed.feats, [packed.offsets[q1] - packed.offsets[q0] for q0, q1 in plan.query_bounds])
+    query_blocks = torch.split(feats, [packed.offsets[q1] - packed.offsets[q0] for q0, q1 in plan.query_bounds])
     repad = [_repad_index(packed, q0, q1) for q0, q1 in plan.query_bounds]
 
     rows = []
@@ -506,7 +531,8 @@ def blocked_pair_scores(
         reduce: ``reduce(sims, image_mask, text_mask) -> (b_i, b_t)``, given the
             block's cosines (in ``compute_dtype``; padded tokens have cosine 0 when
             ``normalize``) and its masks (``None`` where the block has no padding).
-        max_block_elements: at most this many similarities exist at once.
+        max_block_elements: at most this many similarities exist at once; ``None``:
+            :func:`default_block_elements` of the inputs' device.
         compute_dtype: dtype of the tokens in the matrix products; ``None``: the inputs'.
         normalize: L2-normalise tokens first.
 
@@ -527,7 +553,7 @@ def blocked_pair_scores(
         >>> blocked_pair_scores(torch.randn(3, 4, 8), torch.randn(5, 6, 8), reduce=mean_of_max).shape
         torch.Size([3, 5])
     """
-    budget = DEFAULT_MAX_BLOCK_ELEMENTS if max_block_elements is None else max_block_elements
+    budget = default_block_elements(images.device) if max_block_elements is None else max_block_elements
     Bi, N, D = images.shape
     Bt, M, _ = texts.shape
     if Bi == 0 or Bt == 0:

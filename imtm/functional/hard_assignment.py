@@ -18,7 +18,7 @@ from imtm.functional.blocking import (
 )
 from imtm.functional.pooling import resolve_pooling
 
-__all__ = ["hard_assignment_scores", "CODEBOOKS"]
+__all__ = ["CODEBOOKS", "hard_assignment_scores"]
 
 #: Which modality is the codebook. ``"visual"``: regions are the codewords and every word
 #: is assigned to one region (words query regions, pooled over words). ``"textual"``: words
@@ -69,8 +69,9 @@ def hard_assignment_scores(
         codebook: ``"visual"`` (words query regions) or ``"textual"`` (regions query words).
         pooling: ``"max"``, ``"mean"``, ``"sum"``, ``"softmax"`` or ``"lse"``.
         temperature: ``T = 1 / lambda`` of the softmax and log-sum-exp poolings.
-        max_block_elements: at most this many token similarities exist at once;
-            default :data:`imtm.functional.blocking.DEFAULT_MAX_BLOCK_ELEMENTS`.
+        max_block_elements: at most this many token similarities exist at once; ``None``:
+            :func:`~imtm.functional.blocking.default_block_elements` (``2**22`` on CPU,
+            ``2**28`` on CUDA).
         compute_dtype: dtype of the matrix products, e.g. ``torch.bfloat16``
             (products accumulate in float32 inside the kernel; maxima and pooling
             run in the inputs' dtype). ``None``: the inputs' dtype.

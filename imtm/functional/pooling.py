@@ -20,27 +20,27 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
 from imtm.functional.blocking import resolve_option
 
 __all__ = [
-    "max_pool",
-    "mean_pool",
-    "sum_pool",
-    "softmax_pool",
-    "lse_pool",
     "POOLINGS",
     "TEMPERED_POOLINGS",
-    "resolve_pooling",
     "check_temperature",
+    "lse_pool",
     "masked_pool",
+    "max_pool",
+    "mean_pool",
+    "resolve_pooling",
+    "softmax_pool",
+    "sum_pool",
 ]
 
 #: A resolved pooling: ``pool(x, mask, dim)`` with any temperature already bound.
-PoolFn = Callable[[torch.Tensor, Optional[torch.Tensor], int], torch.Tensor]
+PoolFn = Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor]
 
 
 def _fill(x: torch.Tensor, mask: torch.Tensor | None, value: float) -> torch.Tensor:

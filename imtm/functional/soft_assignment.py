@@ -23,7 +23,7 @@ from imtm.functional.blocking import (
 from imtm.functional.hard_assignment import CODEBOOKS
 from imtm.functional.pooling import check_temperature, resolve_pooling
 
-__all__ = ["soft_assignment_scores", "attended_cosine"]
+__all__ = ["attended_cosine", "soft_assignment_scores"]
 
 
 def attended_cosine(

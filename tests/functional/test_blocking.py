@@ -8,10 +8,12 @@ from hypothesis import strategies as st
 
 from imtm.functional.blocking import (
     DEFAULT_MAX_BLOCK_ELEMENTS,
+    DEFAULT_MAX_BLOCK_ELEMENTS_CUDA,
     blocked_pair_scores,
     blocked_query_scores,
     check_block_args,
     check_pair_inputs,
+    default_block_elements,
     max_over_keys,
     normalize_tokens,
     pack_tokens,
@@ -22,7 +24,7 @@ from imtm.functional.pooling import resolve_pooling
 from imtm.testing import tokens
 
 SETTINGS = settings(max_examples=20, deadline=None)
-SIDES = dict(batch=st.integers(1, 5), max_tokens=5, dim=4, dtype=torch.float64)
+SIDES = {"batch": st.integers(1, 5), "max_tokens": 5, "dim": 4, "dtype": torch.float64}
 
 
 def loop_query_scores(keys, queries, pooling="sum"):
@@ -217,8 +219,10 @@ def test_nan_in_padding_is_accepted():
 
 
 def test_block_args_and_options():
-    assert check_block_args(None, None, where="f") == (DEFAULT_MAX_BLOCK_ELEMENTS, None)
-    with pytest.raises(ValueError, match="max_block_elements must be a positive int, got 0"):
+    assert check_block_args(None, torch.bfloat16, where="f") == (None, torch.bfloat16)
+    assert default_block_elements(torch.device("cpu")) == DEFAULT_MAX_BLOCK_ELEMENTS
+    assert default_block_elements(torch.device("cuda")) == DEFAULT_MAX_BLOCK_ELEMENTS_CUDA
+    with pytest.raises(ValueError, match="max_block_elements must be a positive int or None, got 0"):
         check_block_args(0, None, where="f")
     with pytest.raises(TypeError, match="compute_dtype must be None or a floating torch.dtype"):
         check_block_args(None, torch.int8, where="f")

@@ -12,7 +12,7 @@ from imtm.functional.soft_assignment import attended_cosine
 from imtm.testing import tokens
 
 SETTINGS = settings(max_examples=20, deadline=None)
-SIDES = dict(batch=st.integers(1, 4), max_tokens=5, dim=4, dtype=torch.float64)
+SIDES = {"batch": st.integers(1, 4), "max_tokens": 5, "dim": 4, "dtype": torch.float64}
 
 
 def unit(a):

@@ -94,7 +94,7 @@ class HardAssignmentCoding(Component):
         self.max_block_elements = max_block_elements
         self.compute_dtype = compute_dtype
 
-    def validate(self) -> "HardAssignmentCoding":
+    def validate(self) -> HardAssignmentCoding:
         """Check the hyper-parameters (names, temperature, budget, dtype); return ``self``."""
         where = type(self).__name__
         resolve_option(self.codebook, CODEBOOKS, name="codebook", where=where)

@@ -77,7 +77,7 @@ class SoftAssignmentCoding(Component):
         self.max_block_elements = max_block_elements
         self.compute_dtype = compute_dtype
 
-    def validate(self) -> "SoftAssignmentCoding":
+    def validate(self) -> SoftAssignmentCoding:
         """Check the hyper-parameters (names, temperatures, budget, dtype); return ``self``."""
         where = type(self).__name__
         check_temperature(self.tau, name="tau", where=where)

@@ -1,8 +1,8 @@
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from imtm import Tokens
 from imtm.components import SelfAttentionContext
