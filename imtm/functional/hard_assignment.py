@@ -70,7 +70,7 @@ def hard_assignment_scores(
         pooling: ``"max"``, ``"mean"``, ``"sum"``, ``"softmax"`` or ``"lse"``.
         temperature: ``T = 1 / lambda`` of the softmax and log-sum-exp poolings.
         max_block_elements: at most this many token similarities exist at once; ``None``:
-            :func:`~imtm.functional.blocking.default_block_elements` (``2**22`` on CPU,
+            :func:`~imtm.functional.blocking.default_block_elements` (``2**24`` on CPU,
             ``2**28`` on CUDA).
         compute_dtype: dtype of the matrix products, e.g. ``torch.bfloat16``
             (products accumulate in float32 inside the kernel; maxima and pooling

@@ -50,6 +50,24 @@ def _fill(x: torch.Tensor, mask: torch.Tensor | None, value: float) -> torch.Ten
     return torch.where(mask, x, torch.full((), value, dtype=x.dtype, device=x.device))
 
 
+def _shifted_exp(x, mask, temperature, dim, top=None):
+    """``(z, w)``: ``x`` with padding replaced by the set's maximum, and ``exp((z - max) / T)``
+    with padding zeroed.
+
+    Shifting by the (detached) maximum keeps the exponentials finite for any temperature, and
+    changes neither value nor gradient of the poolings. Padding is set to the maximum before the
+    exp and zeroed after it, rather than set to ``-inf`` before: on CPU, exp of ``-inf`` (or of
+    any argument that underflows) takes a slow path, many times slower than the common case.
+    """
+    if top is None:
+        top = _fill(x, mask, -math.inf).amax(dim, keepdim=True).detach()
+    z = x if mask is None else torch.where(mask, x, top)
+    w = ((z - top) / temperature).exp()
+    if mask is not None:
+        w = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    return z, w
+
+
 def max_pool(x: torch.Tensor, mask: torch.Tensor | None = None, *, dim: int = -1) -> torch.Tensor:
     r"""Largest valid score of each set.
 
@@ -166,8 +184,8 @@ def softmax_pool(
         >>> softmax_pool(torch.tensor([[0.0, 1.0]]), temperature=1e-3)
         tensor([1.])
     """
-    weights = torch.softmax(_fill(x / temperature, mask, -math.inf), dim=dim)
-    return (weights * _fill(x, mask, 0.0)).sum(dim)
+    z, weights = _shifted_exp(x, mask, temperature, dim)
+    return (weights * z).sum(dim) / weights.sum(dim)
 
 
 def lse_pool(
@@ -181,8 +199,8 @@ def lse_pool(
         \qquad \text{(CHAN, Eq. 3 and 8)}
 
     It lies in ``[max, max + T log n]`` for a set of ``n`` valid scores and is
-    computed by :func:`torch.logsumexp`, which subtracts the maximum first, so
-    it stays finite for very small temperatures.
+    computed shifted by the set's maximum, so it stays finite for very small
+    temperatures.
 
     Args:
         x: per-token scores.
@@ -205,7 +223,9 @@ def lse_pool(
         >>> lse_pool(torch.tensor([[0.5, 0.5]]), temperature=1.0)
         tensor([1.1931])
     """
-    return torch.logsumexp(_fill(x / temperature, mask, -math.inf), dim=dim) * temperature
+    top = _fill(x, mask, -math.inf).amax(dim, keepdim=True).detach()
+    _, weights = _shifted_exp(x, mask, temperature, dim, top)
+    return top.squeeze(dim) + temperature * weights.sum(dim).log()
 
 
 #: Every pooling by name.

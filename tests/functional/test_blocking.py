@@ -94,8 +94,8 @@ def test_query_engine_budget_bounds_every_product(monkeypatch):
     sizes = []
     real_mm = torch.mm
 
-    def recording_mm(a, b):
-        out = real_mm(a, b)
+    def recording_mm(a, b, **kwargs):
+        out = real_mm(a, b, **kwargs)
         sizes.append(out.numel())
         return out
 

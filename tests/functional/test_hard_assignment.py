@@ -225,3 +225,15 @@ def test_bfloat16_compute_is_close_to_float32_and_returns_float32():
 def test_bad_inputs(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         hard_assignment_scores(*args, **kwargs)
+
+
+def test_autocast_training_and_inference_compute_the_same_numbers():
+    torch.manual_seed(5)
+    v, t = torch.randn(4, 6, 16), torch.randn(5, 3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            inference = hard_assignment_scores(v, t)
+        training = hard_assignment_scores(v.clone().requires_grad_(), t)
+    assert inference.dtype == training.dtype == torch.float32
+    torch.testing.assert_close(training.detach(), inference, rtol=0, atol=0)
+    torch.testing.assert_close(inference, hard_assignment_scores(v, t, compute_dtype=torch.bfloat16), rtol=0, atol=0)
