@@ -41,7 +41,7 @@ def cmd_demo(args) -> int:
     from imtm import Matcher, presets
 
     t0 = time.time()
-    sizes = {"n_train": 2000, "n_dev": 200, "n_test": 1000} if args.quick else {}
+    sizes = {"n_train": args.n_train, "n_dev": 100, "n_test": 1000}
     if args.quick:
         sizes = {"n_train": 300, "n_dev": 50, "n_test": 100}
     train, dev, test = _load_data("synthetic", "regions", args.seed, sizes)
@@ -52,7 +52,8 @@ def cmd_demo(args) -> int:
     results = {}
     for name in args.presets.split(","):
         t1 = time.time()
-        m = Matcher(presets.build(name, train, embed_dim=args.embed_dim, word_dim=args.word_dim),
+        # Summed negatives: the hardest-negative loss collapses when trained from scratch for a few epochs.
+        m = Matcher(presets.build(name, train, embed_dim=args.embed_dim, word_dim=args.word_dim, hardest=False),
                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, random_state=args.seed,
                     verbose=not args.quiet)
         m.fit(train)
@@ -110,10 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train small models on the built-in synthetic benchmark and print R@K")
     d.add_argument("--presets", default="vsepp,chan", help="comma-separated presets to train (default: vsepp,chan)")
     d.add_argument("--epochs", type=int, default=4)
+    d.add_argument("--n-train", type=int, default=2000, help="training images (5 captions each)")
     d.add_argument("--batch-size", type=int, default=128)
-    d.add_argument("--lr", type=float, default=1e-3)
-    d.add_argument("--embed-dim", type=int, default=256)
-    d.add_argument("--word-dim", type=int, default=128)
+    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--embed-dim", type=int, default=128)
+    d.add_argument("--word-dim", type=int, default=64)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a tiny run (seconds), for smoke tests")
     d.add_argument("--quiet", action="store_true")

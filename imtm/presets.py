@@ -38,12 +38,15 @@ def vsepp(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300,
 
 def chan(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, codebook: str = "visual",
          pooling: str = "lse", temperature: float = 0.1, margin: float = 0.2, context_heads: int = 16,
-         coding: str = "hard") -> list[tuple[str, Any]]:
+         coding: str = "hard", hardest: bool = True) -> list[tuple[str, Any]]:
     """CHAN: precomputed regions + one self-attention context layer, GRU text, hard-assignment coding
     with log-sum-exp pooling, triplet loss with hardest negatives (the paper's defaults).
 
     Args:
         coding: ``"hard"`` (the paper's model) or ``"soft"`` (cross-attention coding, Table 3).
+        hardest: triplet loss with the hardest negative (the paper) or summed over negatives.
+            Trained from scratch on small data, the hardest-negative loss can collapse in
+            the first epoch (as VSE++ reports); summing is the robust choice there.
 
     References:
         Pan et al., 'Fine-grained Image-text Matching by Cross-modal Hard Aligning Network', CVPR 2023.
@@ -68,7 +71,7 @@ def chan(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
         ("context", SelfAttentionContext(dim=embed_dim, heads=context_heads)),
         ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
         ("coding", codings[coding]()),
-        ("loss", TripletLoss(margin=margin, hardest=True)),
+        ("loss", TripletLoss(margin=margin, hardest=hardest)),
     ]
 
 

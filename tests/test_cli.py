@@ -1,0 +1,48 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from imtm.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_second():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).strip().splitlines()
+    assert len(block) == 2
+    assert block[0].startswith("pip install") and block[0].endswith("imtm demo")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert block[1] in ci
+
+
+def test_demo_runs_end_to_end_at_a_reduced_size(capsys):
+    assert main(["demo", "--quick", "--epochs", "1", "--quiet", "--embed-dim", "32", "--word-dim", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "R@K on the synthetic test split" in out
+    for name in ("vsepp", "chan"):
+        assert re.search(rf"\|\s*{name}\s*\|", out), out
+
+
+def test_train_and_evaluate_round_trip(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--preset", "vsepp", "--epochs", "1", "--embed-dim", "16", "--word-dim", "8", "--out", str(run),
+            "--quiet", "--batch-size", "256"]
+    import imtm.cli as cli
+
+    small = {"n_train": 100, "n_dev": 20, "n_test": 30}
+    orig = cli._load_data
+    cli._load_data = lambda spec, view, seed, sizes=None: orig(spec, view, seed, small)
+    try:
+        assert main(args) == 0
+        assert (run / "final" / "model.safetensors").exists() and (run / "LATEST").exists()
+        assert main(["evaluate", "--model", str(run / "final"), "--quiet"]) == 0
+    finally:
+        cli._load_data = orig
+    assert "rsum" in capsys.readouterr().out.lower()
+
+
+def test_unknown_preset_suggests(tmp_path):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["nope"])
