@@ -196,7 +196,8 @@ def test_save_load_identical_similarities(data, tmp_path):
                                rtol=0, atol=0)
     assert loaded.get_params()["toyhinge__margin"] == 0.2
     rec = json.loads((tmp_path / "model" / "record.json").read_text())
-    assert {"seed", "versions", "data_fingerprint", "evaluation_protocol"} <= set(rec)
+    assert {"seed", "versions", "data_fingerprint", "evaluation_protocol", "params"} <= set(rec)
+    assert rec["params"]["lr"] == m.lr and rec["versions"]["torch"] == torch.__version__
 
 
 def test_altered_checkpoint_is_refused(data, tmp_path):

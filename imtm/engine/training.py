@@ -219,6 +219,7 @@ class Trainer:
             "n_train": len(self.train.dataset if self.loader_given else self.train),
             "evaluation_protocol": m.protocol or "all pairs of the evaluation set (retrieval_metrics)",
             "config_hash": m.config_hash(),
+            "params": self.run_config()["params"],
         }
 
     def train_state(self, opt, sched) -> dict:
