@@ -3,17 +3,17 @@
 Not part of the test suite. Every comparison runs in this one process on the
 same inputs (random features, a fixed seed), with autograd off, at torch's
 default thread count; peak memory is measured in one fresh subprocess per
-method. Sections:
+run. Sections:
 
   (a) hard assignment (log-sum-exp pooling) for 1,000 images x 5,000 captions of
       8-20 words, D = 1,024, with N = 36 regions and N = 197 ViT patches: pairs/s,
       achieved GFLOP/s on the useful FLOPs (2 N D per real word per image), and the
-      ratio to the matrix-product roofline (one torch.mm with the same rows and inner
-      size, its columns cut so that its output fits in memory);
-  (b) against the straightforward dense way (the shape of the authors' code): for
-      each shard of 100 images, one einsum over all captions, padded, then a masked
-      max over regions and the pooling; same outputs (checked), speed ratio, and
-      peak memory of each;
+      ratio to the matrix-product roofline: torch.mm with the same rows and inner
+      size, timed just before and just after the scorer over a comparable stretch;
+  (b) against the straightforward dense way: for each shard of 100 images, one
+      einsum over all captions, padded, then a masked max over regions and the
+      pooling; same outputs (checked), speed ratio; the authors' released code path
+      op for op on a subset; and the peak memory of ours and of the dense way;
   (c) sum pooling (ColBERT's MaxSim) against the fast-maxsim package (one call per
       caption, with the caption's words as the query and the images as documents);
   (d) soft assignment against hard assignment, time per pair;
@@ -24,7 +24,7 @@ method. Sections:
 
 Usage::
 
-    python benchmarks/bench_chan.py            # full sizes (several minutes on 2 cores)
+    python benchmarks/bench_chan.py            # full sizes (many minutes on 2 busy cores)
     python benchmarks/bench_chan.py --quick    # small smoke run (seconds)
 """
 
@@ -46,7 +46,7 @@ from imtm.functional import hard_assignment_scores, masked_pool, soft_assignment
 from imtm.functional.blocking import DEFAULT_MAX_BLOCK_ELEMENTS
 
 MAX_WORDS, MIN_WORDS = 20, 8
-#: Output elements of the roofline product (1 GiB in float32): big enough to run at peak.
+#: Output elements of one roofline product (1 GiB in float32): big enough to run at peak.
 ROOFLINE_ELEMENTS = 1 << 28
 #: Images per shard of the dense reference, as asked of it.
 DENSE_SHARD = 100
@@ -62,9 +62,13 @@ def make_problem(n_images, n_captions, n_regions, dim, seed=0, device="cpu"):
     return images.to(device), texts.to(device), text_mask.to(device)
 
 
+def ours(images, texts, text_mask, **kw):
+    return hard_assignment_scores(images, texts, None, text_mask, **kw)
+
+
 def dense_scores(images, texts, text_mask, pooling="lse", temperature=0.1, shard=DENSE_SHARD, image_mask=None):
-    """The straightforward way, shaped like the authors' code: per shard of images, every (image,
-    caption, region, word) cosine at once, padding included; masked max over regions; pooling."""
+    """The straightforward way: per shard of images, every (image, caption, region, word) cosine
+    at once, padding included; masked max over regions; pooling."""
     t = F.normalize(texts, dim=-1)
     if image_mask is None:
         image_mask = torch.ones(images.shape[:2], dtype=torch.bool, device=images.device)
@@ -78,10 +82,31 @@ def dense_scores(images, texts, text_mask, pooling="lse", temperature=0.1, shard
     return torch.cat(rows)
 
 
-def ours(images, texts, text_mask, **kw):
-    return hard_assignment_scores(images, texts, None, text_mask, **kw)
+def authors_code_scores(images, texts, text_mask, temperature=0.1, shard=DENSE_SHARD):
+    """CHAN's released code path, op for op (VHACoding then LSEPooling), on 100-image shards:
+    one product, a float mask built as an outer product, masked_fill with the padding value -1,
+    max with indices over regions, padding set to -inf by boolean indexing, logsumexp."""
+    t = F.normalize(texts, dim=-1)  # their encoders L2-normalise their outputs
+    n_captions, max_words, dim = t.shape
+    cap_lens = text_mask.sum(1)
+    rows = []
+    for i0 in range(0, images.shape[0], shard):
+        v = F.normalize(images[i0 : i0 + shard], dim=-1)
+        bi, n = v.shape[:2]
+        sims = (v.reshape(bi * n, dim) @ t.reshape(n_captions * max_words, dim).t())
+        sims = sims.reshape(bi, n, n_captions, max_words).permute(0, 2, 1, 3)
+        mask_i = torch.ones(bi * n, 1, device=v.device)
+        mask_c = (torch.arange(max_words, device=v.device) < cap_lens[:, None]).float()
+        mask = (mask_i @ mask_c.reshape(n_captions * max_words, 1).t()).reshape(bi, n, n_captions, max_words)
+        sims = sims.masked_fill(mask.permute(0, 2, 1, 3) == 0, -1)
+        sims = sims.max(dim=-2)[0]
+        sims[sims == -1] = -math.inf
+        # Their LSEPooling omits the 1/lambda factor; it is put back here so the scores compare.
+        rows.append(torch.logsumexp(sims / temperature, dim=-1) * temperature)
+    return torch.cat(rows)
 
 
+# ---------------------------------------------------------------------------- timing
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -106,15 +131,23 @@ def side_by_side(fns: dict, repeats: int, device) -> tuple[dict, dict]:
     return best, outs
 
 
-def roofline_fn(rows, inner, cols, dtype, device, seed=1):
-    g = torch.Generator().manual_seed(seed)
+def roofline_rate(rows, inner, total_cols, dtype, device, fraction=1.0):
+    """GFLOP/s of torch.mm over ``fraction`` of a ``(rows x inner) . (inner x total_cols)`` product,
+    the same shape as the scorer's useful work, cut into column chunks that fit in memory and
+    written into one reused output (no allocation is timed)."""
+    cols = max(1, min(total_cols, ROOFLINE_ELEMENTS // rows))
+    calls = max(1, round(fraction * total_cols / cols))
+    g = torch.Generator().manual_seed(1)
     a = torch.randn(rows, inner, generator=g).to(device, dtype)
     b = torch.randn(cols, inner, generator=g).to(device, dtype)
-    return lambda: torch.mm(a, b.t())
+    out = torch.empty(rows, cols, dtype=dtype, device=device)
+    torch.mm(a, b.t(), out=out)  # warm-up
+    seconds, _ = timed(lambda: [torch.mm(a, b.t(), out=out) for _ in range(calls)], device)
+    return 2.0 * rows * cols * inner * calls / seconds / 1e9, (rows, cols, calls)
 
 
-def roofline_shape(rows, cols):
-    return rows, max(1, min(cols, ROOFLINE_ELEMENTS // rows))
+def useful_flops(n_images, n_regions, text_mask, dim):
+    return 2.0 * n_images * n_regions * int(text_mask.sum()) * dim
 
 
 # ---------------------------------------------------------------------------- peak memory (subprocess)
@@ -128,88 +161,100 @@ def _status_mb(field):
 
 def memory_child(args) -> None:
     """Run one method once in this fresh process; print its peak RSS above the inputs as JSON."""
-    images, texts, text_mask = make_problem(args.mem_images, args.n_captions, args.mem_regions, args.dim)
-    method = {"ours": lambda: ours(images, texts, text_mask, max_block_elements=args.max_block_elements),
-              "dense": lambda: dense_scores(images, texts, text_mask)}[args.memory_child]
+    images, texts, text_mask = make_problem(args.mem_images, args.n_captions, 36, args.dim)
+    methods = {
+        "ours": lambda v, t, m: ours(v, t, m, max_block_elements=args.max_block_elements),
+        "dense": dense_scores,
+    }
+    method = methods[args.memory_child]
     with torch.no_grad():
         # Warm up on a slice so that library workspaces count as baseline, not as the method's memory.
-        {"ours": lambda: ours(images[:2], texts[:50], text_mask[:50]),
-         "dense": lambda: dense_scores(images[:2], texts[:50], text_mask[:50])}[args.memory_child]()
+        method(images[:2], texts[:50], text_mask[:50])
         base = _status_mb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak (VmHWM) to the current RSS
-        t0 = time.perf_counter()
-        method()
-        seconds = time.perf_counter() - t0
+        method(images, texts, text_mask)
         peak = _status_mb("VmHWM")
-    print(json.dumps({"peak_mb": peak - base, "seconds": seconds}))
+    print(json.dumps({"peak_mb": peak - base}))
 
 
-def measure_memory(method, args):
-    if not os.path.exists("/proc/self/clear_refs"):
-        return None
+def measure_memory(method, n_images, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", method, "--n-captions", str(args.n_captions),
-           "--mem-images", str(args.mem_images), "--mem-regions", str(args.mem_regions), "--dim", str(args.dim)]
+           "--mem-images", str(n_images), "--dim", str(args.dim)]
     if args.max_block_elements:
         cmd += ["--max-block-elements", str(args.max_block_elements)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-# ---------------------------------------------------------------------------- report
-def useful_flops(n_images, n_regions, text_mask, dim):
-    return 2.0 * n_images * n_regions * int(text_mask.sum()) * dim
-
-
-def section_a_b(args, device, n_regions, with_dense_captions):
+# ---------------------------------------------------------------------------- sections
+def section_a(args, device, n_regions, fraction):
     images, texts, text_mask = make_problem(args.n_images, args.n_captions, n_regions, args.dim, device=device)
+    words = int(text_mask.sum())
     flops = useful_flops(args.n_images, n_regions, text_mask, args.dim)
     padded = 2.0 * args.n_images * n_regions * args.n_captions * MAX_WORDS * args.dim
-    rows, cols = roofline_shape(args.n_images * n_regions, int(text_mask.sum()))
-    roof = roofline_fn(rows, args.dim, cols, torch.float32, device)
     kw = {"max_block_elements": args.max_block_elements}
+    rows = args.n_images * n_regions
     with torch.no_grad():
         ours(images[:4], texts[:64], text_mask[:64], **kw)  # warm-up
-        roof()
-        best, _outs = side_by_side({"roofline": roof, "ours": lambda: ours(images, texts, text_mask, **kw)}, args.repeats, device)
-    roof_gflops = 2.0 * rows * cols * args.dim / best["roofline"] / 1e9
-    got_gflops = flops / best["ours"] / 1e9
+        # The roofline runs just before and just after the scorer, so that on a shared machine
+        # both see about the same load.
+        before, shape = roofline_rate(rows, args.dim, words, torch.float32, device, fraction)
+        seconds, _ = timed(lambda: ours(images, texts, text_mask, **kw), device)
+        after, _ = roofline_rate(rows, args.dim, words, torch.float32, device, fraction)
+    got = flops / seconds / 1e9
+    roof = (before + after) / 2
     pairs = args.n_images * args.n_captions
     print(f"(a) hard assignment, lse pooling, {args.n_images} images x {args.n_captions} captions, N={n_regions}, "
-          f"D={args.dim}, {int(text_mask.sum())} real words ({flops / padded:.2f} of the padded work), float32")
-    print(f"    ours:      {best['ours']:8.2f} s  {pairs / best['ours']:12,.0f} pairs/s  {got_gflops:7.1f} GFLOP/s (useful FLOPs)")
-    print(f"    roofline:  torch.mm ({rows}x{args.dim})·({args.dim}x{cols}) {roof_gflops:7.1f} GFLOP/s")
-    print(f"    ratio to roofline (useful FLOPs): {got_gflops / roof_gflops:.3f}")
-    if not with_dense_captions:
-        return
-    # (b) the dense way, on the captions given (all of them at N=36; a subset where it would not fit in memory)
-    nb = with_dense_captions
-    sub = (images, texts[:nb], text_mask[:nb])
+          f"D={args.dim}, {words} real words ({flops / padded:.2f} of the padded work), float32")
+    print(f"    ours:      {seconds:8.2f} s  {pairs / seconds:12,.0f} pairs/s  {got:7.1f} GFLOP/s (useful FLOPs)")
+    print(f"    roofline:  torch.mm ({shape[0]}x{args.dim})·({args.dim}x{shape[1]}) x {shape[2]} calls "
+          f"({shape[1] * shape[2] / words:.0%} of the same FLOPs): {before:.1f} GFLOP/s before, {after:.1f} after")
+    print(f"    ratio to roofline (useful FLOPs): {got / roof:.3f} (to the faster of the two: {got / max(before, after):.3f})")
+
+
+def section_b(args, device):
+    images, texts, text_mask = make_problem(args.n_images, args.n_captions, 36, args.dim, device=device)
+    kw = {"max_block_elements": args.max_block_elements}
     with torch.no_grad():
         dense_scores(images[:2], texts[:64], text_mask[:64])
-        best_b, outs_b = side_by_side(
-            {"ours": lambda: ours(*sub, **kw), "dense": lambda: dense_scores(*sub)}, args.repeats, device
+        best, outs = side_by_side(
+            {"ours": lambda: ours(images, texts, text_mask, **kw), "dense": lambda: dense_scores(images, texts, text_mask)},
+            args.repeats, device,
         )
-    torch.testing.assert_close(outs_b["ours"], outs_b["dense"], rtol=1e-4, atol=1e-4)
-    print(f"(b) dense einsum per shard of {DENSE_SHARD} images, {args.n_images} images x {nb} captions, N={n_regions}: "
-          f"same scores (max |diff| {float((outs_b['ours'] - outs_b['dense']).abs().max()):.1e})")
-    print(f"    ours {best_b['ours']:.2f} s, dense {best_b['dense']:.2f} s: ours is {best_b['dense'] / best_b['ours']:.2f}x faster")
+    torch.testing.assert_close(outs["ours"], outs["dense"], rtol=1e-4, atol=1e-4)
+    print(f"(b) dense einsum per shard of {DENSE_SHARD} images, {args.n_images} images x {args.n_captions} captions, "
+          f"N=36: same scores (max |diff| {float((outs['ours'] - outs['dense']).abs().max()):.1e})")
+    print(f"    ours {best['ours']:.2f} s, dense {best['dense']:.2f} s: ours is {best['dense'] / best['ours']:.2f}x faster")
+    del outs
+    ni = args.authors_images
+    sub = (images[:ni], texts, text_mask)
+    with torch.no_grad():
+        authors_code_scores(images[:2], texts[:64], text_mask[:64])
+        best, outs = side_by_side(
+            {"ours": lambda: ours(*sub, **kw), "authors": lambda: authors_code_scores(*sub)}, args.sub_repeats, device
+        )
+    torch.testing.assert_close(outs["ours"], outs["authors"], rtol=1e-4, atol=1e-4)
+    print(f"    the authors' code path op for op, {ni} images x {args.n_captions} captions: same scores; "
+          f"ours {best['ours']:.2f} s, theirs {best['authors']:.2f} s: ours is {best['authors'] / best['ours']:.2f}x faster")
 
 
 def section_memory(args):
-    rows = {}
-    for method in ("ours", "dense"):
-        rows[method] = measure_memory(method, args)
-    if rows["ours"] is None:
+    if not os.path.exists("/proc/self/clear_refs"):
         print("(b) peak memory: skipped (needs Linux /proc/self/clear_refs)")
         return
-    dense_shard_mb = DENSE_SHARD * args.n_captions * args.mem_regions * MAX_WORDS * 4 / 2**20
-    print(f"(b) peak memory above the inputs ({args.mem_images} images x {args.n_captions} captions, N={args.mem_regions}; "
-          "VmHWM after resetting it via /proc/self/clear_refs, one fresh process per method):")
-    print(f"    ours  {rows['ours']['peak_mb']:8.1f} MiB   (block budget: "
-          f"{(args.max_block_elements or DEFAULT_MAX_BLOCK_ELEMENTS) * 4 / 2**20:.0f} MiB of similarities)")
-    print(f"    dense {rows['dense']['peak_mb']:8.1f} MiB   (one shard's similarity tensor alone: {dense_shard_mb:.0f} MiB)")
-    print(f"    ours / dense: {rows['ours']['peak_mb'] / rows['dense']['peak_mb']:.3f}")
+    sizes = (args.mem_images, 4 * args.mem_images)
+    peaks = {(m, n): measure_memory(m, n, args)["peak_mb"] for m in ("ours", "dense") for n in sizes}
+    budget = args.max_block_elements or DEFAULT_MAX_BLOCK_ELEMENTS
+    words_mb = args.n_captions * (MIN_WORDS + MAX_WORDS) / 2 * args.dim * 4 / 2**20
+    shard_mb = DENSE_SHARD * args.n_captions * 36 * MAX_WORDS * 4 / 2**20
+    print(f"(b) peak memory above the inputs, {args.n_captions} captions, N=36 (VmHWM after resetting it through "
+          "/proc/self/clear_refs, one fresh process per run):")
+    for n in sizes:
+        print(f"    {n:5d} images: ours {peaks['ours', n]:7.0f} MiB, dense {peaks['dense', n]:7.0f} MiB, "
+              f"ours / dense {peaks['ours', n] / peaks['dense', n]:.3f}")
+    print(f"    ours: one normalised copy of the real words (~{words_mb:.0f} MiB) + the block budget "
+          f"({budget * 4 / 2**20:.0f} MiB) + small; dense: a shard's similarities ({shard_mb:.0f} MiB) + their masked copy")
 
 
 def section_c(args, device):
@@ -234,13 +279,13 @@ def section_c(args, device):
 
     with torch.no_grad():
         fast_maxsim.maxsim_scores(queries[0], docs[:4])
-        best, outs = side_by_side({"ours": lambda: ours(images, texts, text_mask, pooling="sum"), "fast": fast},
-                                  args.repeats, device)
+        best, outs = side_by_side(
+            {"ours": lambda: ours(images, texts, text_mask, pooling="sum"), "fast": fast}, args.sub_repeats, device
+        )
     torch.testing.assert_close(outs["ours"], outs["fast"].to(outs["ours"].dtype), rtol=1e-4, atol=1e-3)
     print(f"(c) sum pooling (MaxSim), {args.n_images} images x {nc} captions, N=36: same scores "
           f"(max |diff| {float((outs['ours'] - outs['fast']).abs().max()):.1e})")
-    print(f"    ours {best['ours']:.2f} s, fast-maxsim {getattr(fast_maxsim, '__version__', '0.2.0')} {best['fast']:.2f} s: "
-          f"ours is {best['fast'] / best['ours']:.2f}x faster")
+    print(f"    ours {best['ours']:.2f} s, fast-maxsim 0.2.0 {best['fast']:.2f} s: ours is {best['fast'] / best['ours']:.2f}x faster")
 
 
 def section_d_e(args, device):
@@ -253,25 +298,28 @@ def section_d_e(args, device):
         best, _ = side_by_side(
             {"hard": lambda: ours(images, texts, text_mask, **kw),
              "soft": lambda: soft_assignment_scores(images, texts, None, text_mask, **kw)},
-            args.repeats, device,
+            args.sub_repeats, device,
         )
     print(f"(d) soft vs hard assignment, {args.n_images} images x {nc} captions, N=36, float32:")
     print(f"    hard {best['hard'] / pairs * 1e6:.3f} us/pair, soft {best['soft'] / pairs * 1e6:.3f} us/pair: "
           f"soft / hard = {best['soft'] / best['hard']:.2f}")
 
     flops = useful_flops(args.n_images, 36, text_mask, args.dim)
-    rows, cols = roofline_shape(args.n_images * 36, int(text_mask.sum()))
-    roof32 = roofline_fn(rows, args.dim, cols, torch.float32, device)
-    roof16 = roofline_fn(rows, args.dim, cols, torch.bfloat16, device)
+    rows, words = args.n_images * 36, int(text_mask.sum())
+    rates = {"roof16": [], "roof32": []}
+    best = {"bf16": math.inf, "fp32": math.inf}
+    outs = {}
     with torch.no_grad():
         ours(images[:2], texts[:32], text_mask[:32], compute_dtype=torch.bfloat16)
-        roof16()
-        best, outs = side_by_side(
-            {"roof16": roof16, "bf16": lambda: ours(images, texts, text_mask, compute_dtype=torch.bfloat16, **kw),
-             "roof32": roof32, "fp32": lambda: ours(images, texts, text_mask, **kw)},
-            args.repeats, device,
-        )
-    g = {k: (2.0 * rows * cols * args.dim if k.startswith("roof") else flops) / v / 1e9 for k, v in best.items()}
+        for _ in range(args.sub_repeats):
+            rates["roof16"].append(roofline_rate(rows, args.dim, words, torch.bfloat16, device)[0])
+            seconds, outs["bf16"] = timed(lambda: ours(images, texts, text_mask, compute_dtype=torch.bfloat16, **kw), device)
+            best["bf16"] = min(best["bf16"], seconds)
+            rates["roof32"].append(roofline_rate(rows, args.dim, words, torch.float32, device)[0])
+            seconds, outs["fp32"] = timed(lambda: ours(images, texts, text_mask, **kw), device)
+            best["fp32"] = min(best["fp32"], seconds)
+    g = {"bf16": flops / best["bf16"] / 1e9, "fp32": flops / best["fp32"] / 1e9,
+         "roof16": max(rates["roof16"]), "roof32": max(rates["roof32"])}
     print(f"(e) bfloat16 products (float32 accumulation), {args.n_images} images x {nc} captions, N=36:")
     print(f"    bf16 ours {g['bf16']:.1f} GFLOP/s vs bf16 torch.mm {g['roof16']:.1f} GFLOP/s: ratio {g['bf16'] / g['roof16']:.3f}")
     print(f"    fp32 ours {g['fp32']:.1f} GFLOP/s vs fp32 torch.mm {g['roof32']:.1f} GFLOP/s: ratio {g['fp32'] / g['roof32']:.3f}")
@@ -286,22 +334,19 @@ def section_f(args):
     device = torch.device("cuda")
     images, texts, text_mask = make_problem(args.n_images, args.n_captions, 36, args.dim, device=device)
     flops = useful_flops(args.n_images, 36, text_mask, args.dim)
-    rows, cols = args.n_images * 36, int(text_mask.sum())
-    roof = roofline_fn(rows, args.dim, cols, torch.bfloat16, device)
+    rows, words = args.n_images * 36, int(text_mask.sum())
     kw = {"max_block_elements": args.max_block_elements}
     with torch.no_grad():
         for _ in range(2):
-            roof()
             ours(images, texts, text_mask, compute_dtype=torch.bfloat16, **kw)
-        best, _ = side_by_side(
-            {"roof": roof, "bf16": lambda: ours(images, texts, text_mask, compute_dtype=torch.bfloat16, **kw)},
-            max(3, args.repeats), device,
-        )
-    g_roof = 2.0 * rows * cols * args.dim / best["roof"] / 1e9
-    g_ours = flops / best["bf16"] / 1e9
+        roof, best = 0.0, math.inf
+        for _ in range(max(3, args.repeats)):
+            roof = max(roof, roofline_rate(rows, args.dim, words, torch.bfloat16, device)[0])
+            seconds, _ = timed(lambda: ours(images, texts, text_mask, compute_dtype=torch.bfloat16, **kw), device)
+            best = min(best, seconds)
+    got = flops / best / 1e9
     print(f"(f) CUDA {torch.cuda.get_device_name(device)}, bf16, {args.n_images} images x {args.n_captions} captions, N=36:")
-    print(f"    ours {g_ours:.0f} GFLOP/s vs torch.mm ({rows}x{args.dim})·({args.dim}x{cols}) {g_roof:.0f} GFLOP/s: "
-          f"fraction {g_ours / g_roof:.3f}")
+    print(f"    ours {got:.0f} GFLOP/s vs bf16 torch.mm of the same shape {roof:.0f} GFLOP/s: fraction {got / roof:.3f}")
 
 
 def main(argv=None) -> None:
@@ -310,23 +355,23 @@ def main(argv=None) -> None:
     p.add_argument("--n-images", type=int, default=None)
     p.add_argument("--n-captions", type=int, default=None)
     p.add_argument("--dim", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (best is kept)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds of the full-size comparisons (best kept)")
+    p.add_argument("--sub-repeats", type=int, default=None, help="timed rounds of the smaller comparisons")
     p.add_argument("--max-block-elements", type=int, default=None, help="block budget (default: the library's)")
     p.add_argument("--sections", default="abcdef", help="which sections to run, e.g. 'ab'")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mem-images", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--mem-regions", type=int, default=36, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    full = {"n_images": 1000, "n_captions": 5000, "dim": 1024, "repeats": 1, "sub_repeats": 2, "sub_captions": 1000,
+            "mem_images": 100, "authors_images": 200, "fractions": (0.5, 0.2)}
+    quick = {"n_images": 64, "n_captions": 320, "dim": 256, "repeats": 3, "sub_repeats": 3, "sub_captions": 160,
+             "mem_images": 50, "authors_images": 64, "fractions": (1.0, 1.0)}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     if args.memory_child:
         memory_child(args)
         return
-    full = {"n_images": 1000, "n_captions": 5000, "dim": 1024, "repeats": 1, "sub_captions": 1000, "mem_images": 200,
-                "dense197": 1000}
-    quick = {"n_images": 64, "n_captions": 320, "dim": 256, "repeats": 3, "sub_captions": 160, "mem_images": 200, "dense197": 160}
-    preset = quick if args.quick else full
-    for key, value in preset.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
     device = torch.device("cpu")
     cpu = platform.processor() or platform.machine()
     try:
@@ -335,12 +380,13 @@ def main(argv=None) -> None:
     except (OSError, StopIteration):
         pass
     print(f"bench_chan: torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}; "
-          f"{'quick' if args.quick else 'full'} sizes, best of {args.repeats}")
+          f"{'quick' if args.quick else 'full'} sizes")
     t0 = time.perf_counter()
-    if "a" in args.sections or "b" in args.sections:
-        section_a_b(args, device, 36, args.n_captions if "b" in args.sections else 0)
-        section_a_b(args, device, 197, args.dense197 if "b" in args.sections else 0)
+    if "a" in args.sections:
+        section_a(args, device, 36, args.fractions[0])
+        section_a(args, device, 197, args.fractions[1])
     if "b" in args.sections:
+        section_b(args, device)
         section_memory(args)
     if "c" in args.sections:
         section_c(args, device)

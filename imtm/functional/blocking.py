@@ -481,9 +481,15 @@ def blocked_query_scores(
     # packing copy is the only one made.
     packed = pack_tokens(queries, query_mask)
     feats = packed.feats
+    tracked = torch.is_grad_enabled() and (keys.requires_grad or queries.requires_grad)
     if normalize:
         keys = normalize_tokens(keys, key_mask)
-        feats = F.normalize(feats, dim=-1, eps=EPS)
+        if packed.mask is not None and not tracked:
+            # The packed rows are already a private copy: normalise them in place rather than
+            # holding a second input-sized copy.
+            feats = feats.div_(torch.linalg.vector_norm(feats, dim=-1, keepdim=True).clamp_min_(EPS))
+        else:
+            feats = F.normalize(feats, dim=-1, eps=EPS)
     if compute_dtype is not None:
         keys, feats = keys.to(compute_dtype), feats.to(compute_dtype)
     plan = plan_query_blocks(Bk, K, packed.offsets, budget)
@@ -506,7 +512,7 @@ def blocked_query_scores(
     # Without autograd every block's product goes into one reused buffer: a fresh multi-MiB
     # tensor per block would be fresh pages from the OS, zeroed by page faults, each time.
     buffer = None
-    if not (torch.is_grad_enabled() and (keys.requires_grad or feats.requires_grad)):
+    if not tracked:
         most = max(kb.shape[0] for kb in key_blocks) * max(qb.shape[0] for qb in query_blocks)
         buffer = torch.empty(most, dtype=keys.dtype, device=keys.device)
 
