@@ -23,8 +23,9 @@ def main(steps: int = 50):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    print(f"final loss {float(loss):.4f}")
-    return float(loss)
+    final = float(loss.detach())
+    print(f"final loss {final:.4f}")
+    return final
 
 
 if __name__ == "__main__":
