@@ -373,7 +373,7 @@ def main(argv=None) -> None:
     p.add_argument("--mem-images", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     full = {"n_images": 1000, "n_captions": 5000, "dim": 1024, "repeats": 1, "sub_repeats": 2, "sub_captions": 1000,
-            "mem_images": 100, "authors_images": 200, "chunks": (250, 100)}
+            "mem_images": 100, "authors_images": 200, "chunks": (500, 100)}
     quick = {"n_images": 64, "n_captions": 320, "dim": 256, "repeats": 3, "sub_repeats": 3, "sub_captions": 160,
              "mem_images": 50, "authors_images": 64, "chunks": (32, 32)}
     for key, value in (quick if args.quick else full).items():

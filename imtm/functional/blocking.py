@@ -336,11 +336,17 @@ def plan_query_blocks(num_key_sets: int, tokens_per_key_set: int, offsets: Seque
     if width >= total:
         width = max(total, 1)
         key_sets = max(1, min(num_key_sets, budget // (K * width)))
+    # Even out the blocks (a small last block is a slow product): as many blocks as the budget
+    # needs, each about the same size.
+    key_sets = -(-num_key_sets // -(-num_key_sets // key_sets))
+    width = min(max(total, 1), max(1, budget // (key_sets * K)))
+    longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
+    target = min(width, -(-total // -(-total // width)) + longest)
     bounds = []
     start = 0
     while start < num_sets:
-        # The longest run of whole sets from ``start`` whose tokens fit in ``width`` (at least one set).
-        end = bisect.bisect_right(offsets, offsets[start] + width, lo=start + 1) - 1
+        # The longest run of whole sets from ``start`` whose tokens fit in ``target`` (at least one set).
+        end = bisect.bisect_right(offsets, offsets[start] + target, lo=start + 1) - 1
         end = min(max(end, start + 1), num_sets)
         bounds.append((start, end))
         start = end
@@ -374,6 +380,21 @@ def max_over_keys(
     if key_mask is not None:
         sims = sims.masked_fill_(~key_mask.unsqueeze(-1), -math.inf)
     return sims.amax(dim=1)
+
+
+def _pool_groups(plan: BlockPlan, offsets, limit: int) -> list[tuple[int, int]]:
+    """Runs ``(j0, j1)`` of consecutive product blocks of ``plan`` holding at most ``limit`` query
+    tokens together (a single block may hold more)."""
+    groups, start, tokens = [], 0, 0
+    for j, (q0, q1) in enumerate(plan.query_bounds):
+        width = offsets[q1] - offsets[q0]
+        if j > start and tokens + width > limit:
+            groups.append((start, j))
+            start, tokens = j, 0
+        tokens += width
+    if plan.query_bounds:
+        groups.append((start, len(plan.query_bounds)))
+    return groups
 
 
 def _autocast_dtype(compute_dtype, dtype: torch.dtype, device: torch.device):
@@ -507,7 +528,11 @@ def blocked_query_scores(
     if key_context is not None:
         context_blocks = list(torch.split(key_context, plan.key_sets))
     query_blocks = torch.split(feats, [packed.offsets[q1] - packed.offsets[q0] for q0, q1 in plan.query_bounds])
-    repad = [_repad_index(packed, q0, q1) for q0, q1 in plan.query_bounds]
+    # Consecutive product blocks are pooled together, up to a quarter of the budget of token
+    # scores per key block: one gather and one pooling per group instead of per product keeps
+    # the number of small operations (each a thread synchronisation) low.
+    groups = _pool_groups(plan, packed.offsets, max(plan.max_width, budget // (4 * plan.key_sets)))
+    repad = [_repad_index(packed, plan.query_bounds[j0][0], plan.query_bounds[j1 - 1][1]) for j0, j1 in groups]
 
     # Without autograd every block's product goes into one reused buffer: a fresh multi-MiB
     # tensor per block would be fresh pages from the OS, zeroed by page faults, each time.
@@ -520,13 +545,17 @@ def blocked_query_scores(
     for kb, km, kc in zip(key_blocks, mask_blocks, context_blocks):
         b = kb.shape[0] // K
         parts = []
-        for qb, (q0, q1), (index, qmask, width) in zip(query_blocks, plan.query_bounds, repad):
-            if buffer is None:
-                sims = torch.mm(kb, qb.t())
-            else:
-                sims = torch.mm(kb, qb.t(), out=buffer[: kb.shape[0] * qb.shape[0]].view(kb.shape[0], qb.shape[0]))
-            tok = token_scores(sims.view(b, K, qb.shape[0]), km, kc).to(out_dtype)
-            tok = (tok if index is None else tok.index_select(1, index)).view(b, q1 - q0, width)
+        for (j0, j1), (index, qmask, width) in zip(groups, repad):
+            toks = []
+            for qb in query_blocks[j0:j1]:
+                if buffer is None:
+                    sims = torch.mm(kb, qb.t())
+                else:
+                    sims = torch.mm(kb, qb.t(), out=buffer[: kb.shape[0] * qb.shape[0]].view(kb.shape[0], qb.shape[0]))
+                toks.append(token_scores(sims.view(b, K, qb.shape[0]), km, kc))
+            tok = (toks[0] if len(toks) == 1 else torch.cat(toks, dim=1)).to(out_dtype)
+            n_sets = plan.query_bounds[j1 - 1][1] - plan.query_bounds[j0][0]
+            tok = (tok if index is None else tok.index_select(1, index)).view(b, n_sets, width)
             parts.append(pool(tok, qmask, -1))
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
