@@ -340,7 +340,7 @@ def plan_query_blocks(num_key_sets: int, tokens_per_key_set: int, offsets: Seque
     # needs, each about the same size.
     key_sets = -(-num_key_sets // -(-num_key_sets // key_sets))
     width = min(max(total, 1), max(1, budget // (key_sets * K)))
-    longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
+    longest = max((b - a for a, b in itertools.pairwise(offsets)), default=0)
     target = min(width, -(-total // -(-total // width)) + longest)
     bounds = []
     start = 0
