@@ -14,7 +14,10 @@ from imtm.testing import (
     ConformanceReport,
     captions,
     check_component,
+    devices,
+    dtypes,
     image_ids,
+    masks,
     score_matrices,
     tokens,
 )
@@ -228,10 +231,27 @@ def test_other_strategies(s, ids, c):
     assert len(c) == 2 and all(1 <= len(x.split()) <= 3 for x in c)
 
 
+@SETTINGS
+@given(t=tokens(batch=3, max_tokens=5, dim=2, padding="all_but_one"), m=masks(batch=2, padding="none"),
+       c=masks(batch=2, max_tokens=4, contiguous=True, padding="all_but_one"))
+def test_paddings(t, m, c):
+    assert t.mask.sum(1).tolist() == [1, 1, 1]
+    assert bool(m.all())
+    assert bool(c[:, 0].all()) and c.sum(1).tolist() == [1, 1]
+
+
+@SETTINGS
+@given(dt=dtypes(), dev=devices())
+def test_dtypes_and_devices(dt, dev):
+    assert dt in (torch.float32, torch.float64, torch.bfloat16)
+    assert dev.type == "cpu" or torch.cuda.is_available()
+
+
 def test_strategy_arguments_are_checked():
     for strategy, match in [
         (tokens(batch=0), "batch must be a positive int"),
         (captions("abc"), "words must be a non-empty list"),
+        (masks(padding="some"), "padding must be one of"),
     ]:
 
         @given(strategy)

@@ -3,8 +3,8 @@
 - :func:`check_component`: one battery every block passes (shapes, gradients,
   dtypes, determinism, state_dict and clone round trips, padding invariance,
   agreement with the functional twin).
-- :func:`tokens`, :func:`score_matrices`, :func:`image_ids`, :func:`captions`:
-  hypothesis strategies for property tests of your own blocks. hypothesis is a
+- :func:`tokens`, :func:`masks`, :func:`score_matrices`, :func:`image_ids`,
+  :func:`captions`, :func:`dtypes`, :func:`devices`: hypothesis strategies for property tests of your own blocks. hypothesis is a
   test extra (``pip install imtm[test]``); they load on first use, so
   ``import imtm.testing`` works without it.
 
@@ -23,14 +23,18 @@ from imtm.testing.conformance import CHECKS, ConformanceReport, check_component
 __all__ = [
     "CHECKS",
     "ConformanceReport",
+    "PADDINGS",
     "captions",
     "check_component",
+    "devices",
+    "dtypes",
     "image_ids",
+    "masks",
     "score_matrices",
     "tokens",
 ]
 
-_STRATEGIES = ("tokens", "score_matrices", "image_ids", "captions")
+_STRATEGIES = ("tokens", "masks", "score_matrices", "image_ids", "captions", "dtypes", "devices", "PADDINGS")
 
 
 def __getattr__(name):

@@ -14,7 +14,12 @@ from hypothesis import strategies as st
 
 from imtm.tokens import Tokens
 
-__all__ = ["captions", "image_ids", "score_matrices", "tokens"]
+__all__ = ["PADDINGS", "captions", "devices", "dtypes", "image_ids", "masks", "score_matrices", "tokens"]
+
+#: How :func:`masks` and :func:`tokens` pad a row: any non-empty subset of positions is
+#: real (``"random"``), exactly one position is real (``"all_but_one"``, the hardest
+#: case for a masked reduction), or nothing is padded (``"none"``).
+PADDINGS = ("random", "all_but_one", "none")
 
 _SEEDS = st.integers(0, 2**32 - 1)
 #: Default sizes: small, so that property tests stay fast.
@@ -31,6 +36,78 @@ def _size(value, what: str) -> st.SearchStrategy[int]:
     return st.just(value)
 
 
+def dtypes(*, bf16: bool = True, float64: bool = True) -> st.SearchStrategy[torch.dtype]:
+    """Floating dtypes a block should accept: float32, float64 and (optionally) bfloat16.
+
+    Example:
+        >>> from hypothesis import given
+        >>> @given(dt=dtypes(bf16=False))
+        ... def test_dtype(dt):
+        ...     assert dt in (torch.float32, torch.float64)
+        >>> test_dtype()
+    """
+    choices = [torch.float32] + ([torch.float64] if float64 else []) + ([torch.bfloat16] if bf16 else [])
+    return st.sampled_from(choices)
+
+
+def devices() -> st.SearchStrategy[torch.device]:
+    """The devices available here: ``cpu``, and ``cuda`` when a GPU is present.
+
+    Example:
+        >>> from hypothesis import given
+        >>> @given(dev=devices())
+        ... def test_device(dev):
+        ...     assert torch.zeros(1, device=dev).device.type == dev.type
+        >>> test_device()
+    """
+    found = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return st.sampled_from(found)
+
+
+def _check_padding(padding: str) -> None:
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+
+
+def _draw_row(draw, n: int, contiguous: bool, padding: str) -> list[bool]:
+    if padding == "none":
+        return [True] * n
+    if padding == "all_but_one":
+        keep = 0 if contiguous else draw(st.integers(0, n - 1))
+        return [k == keep for k in range(n)]
+    if contiguous:
+        length = draw(st.integers(1, n))
+        return [k < length for k in range(n)]
+    row = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    if not any(row):
+        row[draw(st.integers(0, n - 1))] = True
+    return row
+
+
+@st.composite
+def masks(draw, batch=_BATCH, max_tokens=6, *, contiguous: bool = False, padding: str = "random") -> torch.Tensor:
+    """A ``(B, N)`` bool mask with at least one real (True) position per row.
+
+    Args:
+        batch: rows ``B``.
+        max_tokens: the padded width ``N`` is drawn in ``[1, max_tokens]``.
+        contiguous: real positions form a prefix of each row.
+        padding: one of :data:`PADDINGS`: ``"random"`` (any non-empty subset),
+            ``"all_but_one"`` (exactly one real position per row) or ``"none"``.
+
+    Example:
+        >>> from hypothesis import given
+        >>> @given(m=masks(batch=3, max_tokens=5, padding="all_but_one"))
+        ... def test_one_real(m):
+        ...     assert m.sum(1).tolist() == [1, 1, 1]
+        >>> test_one_real()
+    """
+    _check_padding(padding)
+    b = draw(_size(batch, "batch"))
+    n = draw(st.integers(1, draw(_size(max_tokens, "max_tokens"))))
+    return torch.tensor([_draw_row(draw, n, contiguous, padding) for _ in range(b)], dtype=torch.bool).reshape(b, n)
+
+
 @st.composite
 def tokens(
     draw,
@@ -42,6 +119,7 @@ def tokens(
     vocab_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     scale: float = 1.0,
+    padding: str = "random",
 ) -> Tokens:
     """Tokens with a random mask holding at least one real token per row.
 
@@ -55,6 +133,8 @@ def tokens(
         dtype: feature dtype.
         scale: standard deviation of the features. Padded positions hold random
             values too, so a block that reads its padding shows it.
+        padding: one of :data:`PADDINGS` (see :func:`masks`); ``"all_but_one"``
+            leaves a single real token per row.
 
     Shape:
         - output: Tokens ``(B, N, D)`` (or ``(B, N)`` ids)
@@ -66,19 +146,8 @@ def tokens(
         ...     assert bool(t.mask.any(1).all())
         >>> test_rows_are_not_empty()
     """
-    b = draw(_size(batch, "batch"))
-    n = draw(st.integers(1, draw(_size(max_tokens, "max_tokens"))))
-    rows = []
-    for _ in range(b):
-        if contiguous:
-            length = draw(st.integers(1, n))
-            rows.append([k < length for k in range(n)])
-        else:
-            row = draw(st.lists(st.booleans(), min_size=n, max_size=n))
-            if not any(row):
-                row[draw(st.integers(0, n - 1))] = True
-            rows.append(row)
-    mask = torch.tensor(rows, dtype=torch.bool)
+    mask = draw(masks(batch, max_tokens, contiguous=contiguous, padding=padding))
+    b, n = mask.shape
     generator = torch.Generator().manual_seed(draw(_SEEDS))
     if vocab_size is not None:
         feats = torch.randint(0, vocab_size, (b, n), generator=generator)
