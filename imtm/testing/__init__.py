@@ -3,10 +3,27 @@
 - :func:`check_component`: one battery every block passes (shapes, gradients,
   dtypes, determinism, state_dict and clone round trips, padding invariance,
   agreement with the functional twin).
+- :func:`check_outputs`: the contract of one call (one output per ``provides``
+  name, documented shapes, finite values), for property tests.
+- :func:`component_inputs`: one consistent dict of random values for a block's
+  ``requires`` (shared ``Bi``, ``Bt``, ``N``, ``M``, ``D``; masks, dtypes, devices).
 - :func:`tokens`, :func:`masks`, :func:`score_matrices`, :func:`image_ids`,
   :func:`captions`, :func:`dtypes`, :func:`devices`: hypothesis strategies for property tests of your own blocks. hypothesis is a
   test extra (``pip install imtm[test]``); they load on first use, so
   ``import imtm.testing`` works without it.
+
+Property-test a block against the contract, every shape, padding, dtype and device:
+
+    >>> from hypothesis import given, settings
+    >>> from imtm.testing import check_outputs, component_inputs, devices, dtypes
+    >>> from imtm.components import HardAssignmentCoding
+    >>> block = HardAssignmentCoding()
+    >>> @settings(max_examples=10, deadline=None)
+    ... @given(values=component_inputs(block, dtype=dtypes(bf16=False), device=devices(), paired=False))
+    ... def test_contract(values):
+    ...     check_outputs(block, values, block.to(values["image_tokens"].device)(
+    ...         *[values[n] for n in block.requires]))
+    >>> test_contract()
 
 Example:
     >>> import torch
@@ -18,14 +35,18 @@ Example:
     {'functional': 'no functional twin given'}
 """
 
-from imtm.testing.conformance import CHECKS, ConformanceReport, check_component
+from imtm.testing.conformance import CHECKS, ConformanceReport, check_component, check_outputs
 
 __all__ = [
     "CHECKS",
     "ConformanceReport",
     "PADDINGS",
     "captions",
+    "DEFAULT_VOCAB_SIZE",
+    "InputSizes",
     "check_component",
+    "check_outputs",
+    "component_inputs",
     "devices",
     "dtypes",
     "image_ids",
@@ -34,7 +55,8 @@ __all__ = [
     "tokens",
 ]
 
-_STRATEGIES = ("tokens", "masks", "score_matrices", "image_ids", "captions", "dtypes", "devices", "PADDINGS")
+_STRATEGIES = ("tokens", "masks", "score_matrices", "image_ids", "captions", "dtypes", "devices", "PADDINGS",
+               "component_inputs", "InputSizes", "DEFAULT_VOCAB_SIZE")
 
 
 def __getattr__(name):

@@ -19,7 +19,7 @@ from sklearn.base import clone
 from imtm.component import Component, Loss, suggest
 from imtm.tokens import Tokens
 
-__all__ = ["CHECKS", "ConformanceReport", "check_component"]
+__all__ = ["CHECKS", "ConformanceReport", "check_component", "check_outputs"]
 
 #: The checks, in the order they run. Any of them can be left out with ``skip=``.
 CHECKS = (
@@ -40,9 +40,30 @@ CHECKS = (
 DTYPE_RTOL, DTYPE_ATOL = 1e-3, 1e-4
 
 #: Value names whose batch axis follows the images (Bi) or the captions (Bt).
-_IMAGE_SIDE = ("images", "image_tokens", "image_embedding")
-_TEXT_SIDE = ("texts", "text_tokens", "text_embedding", "image_ids")
-_PAIR_VALUES = ("positives", "scores", "scores_i2t", "scores_t2i")
+_IMAGE_SIDE = ("images", "image_tokens", "image_embedding", "visual_phrases", "masked_image_tokens")
+_TEXT_SIDE = ("texts", "text_tokens", "text_embedding", "image_ids", "text_phrase", "masked_texts",
+              "masked_text_tokens", "cross_text_tokens")
+_PAIR_VALUES = ("positives", "scores", "scores_i2t", "scores_t2i", "scores_intra", "scores_inter_i2t",
+                "scores_inter_t2i", "scores_inter", "itc_scores", "sparse_mask", "negatives_i2t", "negatives_t2i")
+#: Outputs that are Tokens with one row per image (Bi) or per caption (Bt).
+_TOKEN_VALUES = {"image_tokens": "Bi", "visual_phrases": "Bi", "masked_image_tokens": "Bi",
+                 "text_tokens": "Bt", "masked_texts": "Bt", "masked_text_tokens": "Bt", "cross_text_tokens": "Bt"}
+#: Documented shapes of other vocabulary names (imtm.component.VALUE_NAMES), axis by axis: Bi, Bt,
+#: N (the image tokens' width), M (the text tokens' width), an int, or None (any size).
+_SHAPES = {
+    "image_embedding": ("Bi", None),
+    "text_embedding": ("Bt", None),
+    "text_phrase": ("Bt", None),
+    "keep_decisions": ("Bi", "Bt", "N"),
+    "patch_scores": ("Bi", "Bt", "N"),
+    "aggregated_tokens": ("Bi", "Bt", None, None),
+    "fused_tokens": ("Bi", "Bt", None),
+    "word_lexicon": ("Bt", "M", None),
+    "masked_patches": ("Bi", None),
+    "mlm_labels": ("Bt", None),
+    "itm_logits": (None, 2),
+    "itm_labels": (None,),
+}
 
 
 @dataclass
@@ -143,7 +164,9 @@ def _crop_to(value: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
 
 # ---------------------------------------------------------------------- the battery
 class _Battery:
-    def __init__(self, block, inputs, functional, rtol, atol, extra_padding, padding_scale, seed):
+    def __init__(self, block, inputs, functional, rtol, atol, extra_padding, padding_scale, seed,
+                 caller="check_component"):
+        self.caller = caller
         self.block = block
         self.name = type(block).__name__
         self.inputs = dict(inputs)
@@ -156,7 +179,7 @@ class _Battery:
 
     # -- helpers
     def fail(self, check: str, message: str) -> None:
-        raise _Failure(f"check_component({self.name}): {check} check failed: {message}")
+        raise _Failure(f"{self.caller}({self.name}): {check} check failed: {message}")
 
     def args(self, inputs: Mapping[str, Any] | None = None) -> list[Any]:
         inputs = self.inputs if inputs is None else inputs
@@ -261,8 +284,22 @@ class _Battery:
         }
         with torch.no_grad():
             self.eval_out = self.outputs(self.eval_copy())
+        self.verify_outputs(self.eval_out)
+
+    def widths(self) -> dict[str, int | None]:
+        """``N`` and ``M``: the widths of the image and text tokens among the inputs (None: unknown)."""
+        out: dict[str, int | None] = {"N": None, "M": None}
+        for axis, name in (("N", "image_tokens"), ("M", "text_tokens")):
+            value = self.inputs.get(name)
+            if isinstance(value, Tokens):
+                out[axis] = value.num_tokens
+        return out
+
+    def verify_outputs(self, outputs: tuple) -> None:
+        """The ``outputs`` check on given outputs: types and documented shapes of each provided name."""
         bi, bt = self.batch_sizes()
-        for name, value in zip(self.block.provides, self.eval_out):
+        sizes = {"Bi": bi, "Bt": bt, **self.widths()}
+        for name, value in zip(self.block.provides, outputs):
             if isinstance(self.block, Loss):
                 if not (
                     isinstance(value, torch.Tensor)
@@ -278,25 +315,13 @@ class _Battery:
                         "outputs", f"a Loss returns a floating-point scalar; {name!r} is {shape}"
                     )
                 continue
-            if name in ("image_tokens", "text_tokens"):
+            if name in _TOKEN_VALUES:
                 if not isinstance(value, Tokens):
                     self.fail("outputs", f"{name!r} must be Tokens, got {type(value).__name__}")
-                want = bi if name == "image_tokens" else bt
+                want = sizes[_TOKEN_VALUES[name]]
                 if want is not None and value.batch_size != want:
                     self.fail(
                         "outputs", f"{name!r} has batch size {value.batch_size}, expected {want}"
-                    )
-            elif name in ("image_embedding", "text_embedding"):
-                want = bi if name == "image_embedding" else bt
-                if (
-                    not isinstance(value, torch.Tensor)
-                    or value.dim() != 2
-                    or (want is not None and value.shape[0] != want)
-                ):
-                    self.fail(
-                        "outputs",
-                        f"{name!r} must be a ({'Bi' if want == bi else 'Bt'}, D) tensor with B={want}, "
-                        f"got {tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}",
                     )
             elif name in _PAIR_VALUES:
                 if not isinstance(value, torch.Tensor) or (
@@ -310,11 +335,26 @@ class _Battery:
                     self.fail(
                         "outputs", f"{name!r} must be a (Bi, Bt) = ({bi}, {bt}) tensor, got {got}"
                     )
+            elif name in _SHAPES:
+                axes = _SHAPES[name]
+                want = tuple(sizes.get(a) if isinstance(a, str) else a for a in axes)
+                if (
+                    not isinstance(value, torch.Tensor)
+                    or value.dim() != len(axes)
+                    or any(w is not None and w != n for w, n in zip(want, value.shape))
+                ):
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    doc = ", ".join(a if isinstance(a, str) else ("*" if a is None else str(a)) for a in axes)
+                    self.fail("outputs", f"{name!r} must be a ({doc}) tensor with {sizes}, got {got}")
             elif not _leaves(value, name) and not isinstance(value, (torch.Tensor, Tokens)):
                 self.fail("outputs", f"{name!r} is a {type(value).__name__}, holding no tensor")
 
     def check_finite(self) -> None:
-        for name, value in zip(self.block.provides, self.eval_out):
+        self.verify_finite(self.eval_out)
+
+    def verify_finite(self, outputs: tuple) -> None:
+        """The ``finite`` check on given outputs: no NaN or inf (real tokens of Tokens only)."""
+        for name, value in zip(self.block.provides, outputs):
             for path, t in _leaves(value, name):
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     self.fail(
@@ -630,3 +670,50 @@ def check_component(
         else:
             report.passed.append(name)
     return report
+
+
+def check_outputs(block: Component, values: Mapping[str, Any], out: Any) -> None:
+    """Assert the component contract for one call: ``out = block(*[values[n] for n in block.requires])``.
+
+    The ``outputs`` and ``finite`` checks of :func:`check_component` on an output
+    you computed yourself (in a property test, on any device or dtype):
+
+    - one value per name in ``block.provides`` (a tuple when there are several);
+    - the documented type and shape of each vocabulary name, with ``Bi``, ``Bt``,
+      ``N`` and ``M`` read from ``values``: Tokens with ``Bi`` or ``Bt`` rows
+      (``image_tokens``, ``text_tokens``, ...), ``(Bi, Bt)`` score matrices
+      (``scores``, ``scores_i2t``, ...), ``(Bi, D)`` / ``(Bt, D)`` embeddings,
+      ``(Bi, Bt, N)`` patch decisions, and a 0-dim floating-point loss from a
+      :class:`~imtm.Loss`;
+    - no NaN or inf in any floating-point output (the real tokens of Tokens).
+
+    Args:
+        block: the block that was called.
+        values: the inputs it was called with, by name (e.g. from
+            :func:`imtm.testing.component_inputs`).
+        out: what ``block`` returned.
+
+    Raises:
+        AssertionError: the output breaks the contract; the message names the block
+            and what is wrong.
+
+    Example:
+        >>> from imtm import Tokens
+        >>> from imtm.components import GlobalCosine
+        >>> values = {"image_tokens": Tokens(torch.randn(2, 3, 4)), "text_tokens": Tokens(torch.randn(5, 2, 4))}
+        >>> check_outputs(GlobalCosine(), values, torch.zeros(2, 5))
+        >>> check_outputs(GlobalCosine(), values, torch.zeros(5, 2))
+        Traceback (most recent call last):
+        ...
+        AssertionError: check_outputs(GlobalCosine): outputs check failed: 'scores' must be a (Bi, Bt) = (2, 5) tensor, got (5, 2)
+    """
+    if not isinstance(values, Mapping):
+        raise TypeError(f"check_outputs: values must map value names to the inputs, got {type(values).__name__}")
+    battery = _Battery(block, values, None, 0.0, 0.0, 0, 0.0, 0, caller="check_outputs")
+    try:
+        battery.check_contract()
+        outputs = battery.as_tuple(out, "outputs")
+        battery.verify_outputs(outputs)
+        battery.verify_finite(outputs)
+    except _Failure as err:
+        raise AssertionError(str(err)) from None

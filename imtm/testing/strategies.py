@@ -7,14 +7,16 @@ Every size argument takes an int or a strategy of ints.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from hypothesis import strategies as st
 
+from imtm.component import suggest
 from imtm.tokens import Tokens
 
-__all__ = ["PADDINGS", "captions", "devices", "dtypes", "image_ids", "masks", "score_matrices", "tokens"]
+__all__ = ["DEFAULT_VOCAB_SIZE", "InputSizes", "PADDINGS", "captions", "component_inputs", "devices", "dtypes", "image_ids", "masks", "score_matrices", "tokens"]
 
 #: How :func:`masks` and :func:`tokens` pad a row: any non-empty subset of positions is
 #: real (``"random"``), exactly one position is real (``"all_but_one"``, the hardest
@@ -218,3 +220,290 @@ def captions(draw, words: Sequence[str], batch=_BATCH, max_words=6):
         " ".join(draw(st.lists(st.sampled_from(list(words)), min_size=1, max_size=draw(m))))
         for _ in range(b)
     ]
+
+
+# ---------------------------------------------------------------------- inputs of a whole block
+@dataclass(frozen=True)
+class InputSizes:
+    """The sizes one :func:`component_inputs` draw shares across its values.
+
+    A function given in ``extra=`` receives it and returns a strategy, so a value
+    of one's own agrees with the others (same ``Bi``, ``Bt``, ``D``, device ...).
+
+    Attributes:
+        bi, bt: images ``Bi`` and captions ``Bt`` (equal when ``paired``).
+        n, m: padded widths ``N`` (image tokens) and ``M`` (words).
+        d: feature size ``D``; v: vocabulary size ``V``.
+        dtype: floating dtype of the features; device: where every tensor lives.
+        paired: row ``b`` of the images goes with caption ``b`` (a training batch).
+        image_mask, text_mask: the ``(Bi, N)`` and ``(Bt, M)`` masks every image-side and
+            caption-side value shares.
+        image_ids: ``(Bt,)`` the image id of each caption.
+    """
+
+    bi: int
+    bt: int
+    n: int
+    m: int
+    d: int
+    v: int
+    dtype: torch.dtype
+    device: torch.device
+    paired: bool
+    image_mask: torch.Tensor
+    text_mask: torch.Tensor
+    image_ids: torch.Tensor
+
+    @property
+    def positives(self) -> torch.Tensor:
+        """``(Bi, Bt)`` bool, True where caption ``t`` belongs to image ``i`` (from ``image_ids``)."""
+        rows = self.image_ids if self.paired else torch.arange(self.bi, device=self.device)
+        return rows[:, None] == self.image_ids[None, :]
+
+
+#: Vocabulary size of drawn token ids, lexicon logits and labels when ``vocab_size`` is not given.
+DEFAULT_VOCAB_SIZE = 16
+
+
+def _float(generator: torch.Generator, shape, s: InputSizes, low=None, high=None) -> torch.Tensor:
+    if low is None:
+        x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    else:
+        x = torch.rand(shape, generator=generator, dtype=torch.float64) * (high - low) + low
+    return x.to(s.device, s.dtype)
+
+
+def _ids(generator: torch.Generator, shape, s: InputSizes) -> torch.Tensor:
+    return torch.randint(0, s.v, shape, generator=generator).to(s.device)
+
+
+def _feature_tokens(side: str, unit: bool = False):
+    def make(g, s):
+        mask = s.image_mask if side == "image" else s.text_mask
+        b, n = mask.shape
+        feats = torch.randn(b, n, s.d, generator=g, dtype=torch.float64)
+        if unit:
+            feats = torch.nn.functional.normalize(feats, dim=-1)
+        return Tokens(feats.to(s.device, s.dtype), mask)
+
+    return make
+
+
+def _id_tokens(g, s):
+    return Tokens(_ids(g, s.text_mask.shape, s), s.text_mask)
+
+
+def _keep_decisions(g, s):
+    keep = torch.rand(s.bi, s.bt, s.n, generator=g) < 0.5
+    return (keep.to(s.device) & s.image_mask[:, None, :]).to(s.dtype)
+
+
+def _patch_lexicon(g, s):
+    from imtm.components.heads.lexicon import LexiconLogits
+
+    picked = (torch.rand(s.bi, s.n, generator=g) < 0.5).to(s.device) & s.image_mask
+    batch_index, token_index = picked.nonzero(as_tuple=True)
+    return LexiconLogits(_float(g, (int(batch_index.numel()), s.v), s), batch_index, token_index)
+
+
+def _masked_patches(g, s):
+    return (torch.rand(s.bi, s.n, generator=g) < 0.5).to(s.device) & s.image_mask
+
+
+def _transport_plan(g, s):
+    # Row b couples image b with caption b (a training batch); unpaired, with every word position.
+    words = s.text_mask if s.bt == s.bi else torch.ones(s.bi, s.m, dtype=torch.bool, device=s.device)
+    valid = s.image_mask[:, :, None] & words[:, None, :]
+    plan = torch.rand(s.bi, s.n, s.m, generator=g, dtype=torch.float64).to(s.device) * valid
+    return (plan / plan.sum((1, 2), keepdim=True)).to(s.dtype)
+
+
+def _sparse_mask(g, s):
+    w = torch.rand(s.bi, s.bt, generator=g, dtype=torch.float64).to(s.device) * 0.999
+    if s.paired:
+        w.fill_diagonal_(0.0)
+    return w.to(s.dtype)
+
+
+def _mlm_labels(g, s):
+    picked = (torch.rand(s.bt, s.m, generator=g) < 0.3).to(s.device) & s.text_mask
+    from imtm.functional.lexicon import IGNORE_INDEX
+
+    return torch.where(picked, _ids(g, (s.bt, s.m), s), torch.full_like(picked, IGNORE_INDEX, dtype=torch.long))
+
+
+def _pair_scores(g, s):
+    return _float(g, (s.bi, s.bt), s, -1.0, 1.0)
+
+
+#: How :func:`component_inputs` makes each name of :data:`imtm.component.VALUE_NAMES`:
+#: ``(generator, sizes) -> value``. Names outside it need ``extra=``.
+_MAKERS = {
+    "images": _feature_tokens("image"),
+    "texts": _id_tokens,
+    "image_ids": lambda g, s: s.image_ids,
+    "positives": lambda g, s: s.positives,
+    "image_tokens": _feature_tokens("image"),
+    "text_tokens": _feature_tokens("text"),
+    "image_embedding": lambda g, s: _float(g, (s.bi, s.d), s),
+    "text_embedding": lambda g, s: _float(g, (s.bt, s.d), s),
+    "scores": _pair_scores,
+    "scores_i2t": _pair_scores,
+    "scores_t2i": _pair_scores,
+    "keep_decisions": _keep_decisions,
+    "patch_scores": lambda g, s: _float(g, (s.bi, s.bt, s.n), s, 0.0, 1.0),
+    "aggregated_tokens": lambda g, s: _float(g, (s.bi, s.bt, s.n, s.d), s),
+    "fused_tokens": lambda g, s: _float(g, (s.bi, s.bt, s.d), s),
+    "patch_lexicon": _patch_lexicon,
+    "word_lexicon": lambda g, s: _float(g, (s.bt, s.m, s.v), s),
+    "transport_plan": _transport_plan,
+    "sparse_mask": _sparse_mask,
+    "negatives_i2t": lambda g, s: torch.randint(0, s.bt, (s.bi, s.bt), generator=g).to(s.device),
+    "negatives_t2i": lambda g, s: torch.randint(0, s.bi, (s.bi, s.bt), generator=g).to(s.device),
+    "visual_phrases": _feature_tokens("image", unit=True),
+    "text_phrase": lambda g, s: _float(g, (s.bt, s.d), s),
+    "scores_intra": _pair_scores,
+    "scores_inter_i2t": _pair_scores,
+    "scores_inter_t2i": _pair_scores,
+    "masked_patches": _masked_patches,
+    "masked_image_tokens": _feature_tokens("image"),
+    "word_lexicon_masked": lambda g, s: _float(g, (s.bt, s.m, s.v), s),
+    "masked_texts": _id_tokens,
+    "masked_text_tokens": _feature_tokens("text"),
+    "mlm_labels": _mlm_labels,
+    "cross_text_tokens": _feature_tokens("text"),
+    "cross_lexicon": lambda g, s: _float(g, (s.bt, s.m, s.v), s),
+    "itc_scores": _pair_scores,
+    "scores_inter": _pair_scores,
+}
+# itm_logits and itm_labels share their number of pairs P, so they are drawn together (see _draw_inputs).
+_PAIRED_DRAWS = ("itm_logits", "itm_labels")
+
+
+def _choice(value, what: str, kind) -> st.SearchStrategy:
+    if isinstance(value, st.SearchStrategy):
+        return value
+    if value is None or isinstance(value, kind):
+        return st.just(value)
+    raise TypeError(f"component_inputs: {what} must be a {kind} or a strategy of them, got {value!r}")
+
+
+def component_inputs(
+    block_or_requires,
+    *,
+    batch=_BATCH,
+    max_tokens=6,
+    dim=8,
+    dtype=torch.float32,
+    padding: str = "random",
+    device=None,
+    vocab_size: int | None = None,
+    paired: bool = True,
+    extra: Mapping[str, object] | None = None,
+) -> st.SearchStrategy[dict]:
+    """One consistent dict of example values for a block's ``requires``.
+
+    Every name of the shared vocabulary (:data:`imtm.component.VALUE_NAMES`) has a
+    maker; the values of one draw agree with each other: ``Bi`` image rows, ``Bt``
+    caption rows, ``N`` image tokens and ``M`` words (one ``(Bi, N)`` and one
+    ``(Bt, M)`` mask shared by every image-side and caption-side value), feature
+    size ``D``, vocabulary ``V``, and ``positives`` derived from ``image_ids``.
+    ``images`` are region features (Tokens ``(Bi, N, D)``) and ``texts`` Tokens of
+    token ids ``(Bt, M)``; give ``extra={"images": ...}`` for pixels. Padded
+    positions hold random values, so a block that reads its padding shows it.
+
+    Args:
+        block_or_requires: a block (its ``requires`` is read) or a sequence of value names.
+        batch: rows per side (``Bi = Bt = B`` when ``paired``); an int or a strategy.
+        max_tokens: ``N`` and ``M`` are drawn in ``[1, max_tokens]``.
+        dim: ``D``; an int or a strategy.
+        dtype: floating dtype of every feature, score and logit; a dtype or a strategy
+            (e.g. :func:`dtypes`).
+        padding: one of :data:`PADDINGS` (see :func:`masks`); ``"all_but_one"`` leaves
+            one real token per row.
+        device: where the tensors live: ``None`` (cpu), a device, or a strategy
+            (e.g. :func:`devices`).
+        vocab_size: ``V`` of token ids, lexicon logits and labels
+            (default :data:`DEFAULT_VOCAB_SIZE`).
+        paired: ``True``: a training batch, row ``b`` of the images goes with caption
+            ``b`` (``Bi == Bt``, ``positives[i, t] = ids[i] == ids[t]``, ids repeat);
+            ``False``: an evaluation block, ``Bi`` and ``Bt`` drawn apart, caption ``t``
+            belongs to image ``image_ids[t]``.
+        extra: ``{name: strategy}`` for names outside the vocabulary (or to replace a
+            maker); instead of a strategy, a function of the drawn :class:`InputSizes`
+            returning one.
+
+    Returns:
+        A strategy of ``{name: value}`` with exactly the names of ``requires``.
+
+    Raises:
+        ValueError: a required name is neither in the vocabulary nor in ``extra``,
+            or ``padding`` is unknown.
+
+    Example:
+        >>> from hypothesis import given, settings
+        >>> from imtm.components import GlobalCosine
+        >>> from imtm.testing import check_outputs
+        >>> block = GlobalCosine()
+        >>> @settings(max_examples=5, deadline=None)
+        ... @given(values=component_inputs(block, padding="all_but_one", paired=False))
+        ... def test_scores(values):
+        ...     check_outputs(block, values, block(*[values[n] for n in block.requires]))
+        >>> test_scores()
+    """
+    names = tuple(getattr(block_or_requires, "requires", block_or_requires))
+    if isinstance(block_or_requires, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"component_inputs: give a block or a sequence of value names, got {block_or_requires!r}")
+    where = type(block_or_requires).__name__ if hasattr(block_or_requires, "requires") else "the given names"
+    _check_padding(padding)
+    extra = dict(extra or {})
+    known = set(_MAKERS) | set(_PAIRED_DRAWS) | set(extra)
+    for name in names:
+        if name not in known:
+            raise ValueError(
+                f"component_inputs: no strategy for {name!r} (required by {where}): it is not in "
+                f"imtm.component.VALUE_NAMES.{suggest(name, sorted(_MAKERS))} Pass one: "
+                f"component_inputs(..., extra={{{name!r}: strategy}}), a strategy or a function of the "
+                "drawn InputSizes that returns one"
+            )
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+        raise ValueError(f"component_inputs: vocab_size must be a positive int or None, got {vocab_size!r}")
+    return _draw_inputs(
+        names, _size(batch, "batch"), _size(max_tokens, "max_tokens"), _size(dim, "dim"),
+        _choice(dtype, "dtype", torch.dtype), padding, _choice(device, "device", (torch.device, str)),
+        vocab_size or DEFAULT_VOCAB_SIZE, bool(paired), extra,
+    )
+
+
+@st.composite
+def _draw_inputs(draw, names, batch, max_tokens, dim, dtype, padding, device, v, paired, extra):
+    bi = draw(batch)
+    bt = bi if paired else draw(batch)
+    width = draw(max_tokens)
+    image_mask = draw(masks(bi, st.just(width), padding=padding))
+    text_mask = draw(masks(bt, st.just(width), padding=padding))
+    device = torch.device(draw(device) or "cpu")
+    if paired:
+        ids = draw(st.lists(st.integers(0, bi - 1), min_size=bi, max_size=bi))
+    else:
+        ids = draw(st.lists(st.integers(0, bi - 1), min_size=bt, max_size=bt))
+    sizes = InputSizes(
+        bi=bi, bt=bt, n=int(image_mask.shape[1]), m=int(text_mask.shape[1]), d=draw(dim), v=v,
+        dtype=draw(dtype), device=device, paired=paired, image_mask=image_mask.to(device),
+        text_mask=text_mask.to(device), image_ids=torch.tensor(ids, dtype=torch.long, device=device),
+    )
+    generator = torch.Generator().manual_seed(draw(_SEEDS))
+    values = {}
+    if any(n in _PAIRED_DRAWS and n not in extra for n in names):
+        p = draw(st.integers(1, 3 * bi))
+        values["itm_logits"] = _float(generator, (p, 2), sizes)
+        values["itm_labels"] = torch.randint(0, 2, (p,), generator=generator).to(device)
+    for name in names:
+        if name in extra:
+            strategy = extra[name]
+            if not isinstance(strategy, st.SearchStrategy):
+                strategy = strategy(sizes)
+            values[name] = draw(strategy)
+        elif name not in values:
+            values[name] = _MAKERS[name](generator, sizes)
+    return {name: values[name] for name in names}
