@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
+from numbers import Real
 from typing import Any, ClassVar
 
 import torch.nn as nn
@@ -298,3 +300,10 @@ class Loss(Component):
     """
 
     weight: float = 1.0
+
+    def validate(self):
+        """Check ``weight`` (a finite number >= 0); return ``self``. Subclasses add their own checks."""
+        weight = self.weight
+        if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"{type(self).__name__}: weight must be a finite number >= 0, got {weight!r}")
+        return self

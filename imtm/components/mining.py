@@ -8,7 +8,7 @@ import torch
 
 from imtm.component import Component
 from imtm.components.scorers.hard_assignment import named_errors
-from imtm.functional.mining import distance_weighted_negatives
+from imtm.functional.mining import check_mining_args, distance_weighted_negatives
 
 __all__ = ["DistanceWeightedMiner"]
 
@@ -74,6 +74,14 @@ class DistanceWeightedMiner(Component):
         self.cutoff = cutoff
         self.nonzero_loss_cutoff = nonzero_loss_cutoff
         self.random_state = random_state
+
+    def validate(self) -> DistanceWeightedMiner:
+        """Check ``dim``, the two cutoffs and ``random_state``; return ``self``."""
+        check_mining_args(self.dim, self.cutoff, self.nonzero_loss_cutoff, where=type(self).__name__)
+        seed = self.random_state
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral)):
+            raise TypeError(f"{type(self).__name__}: random_state must be an int or None, got {seed!r}")
+        return self
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         seed = self.random_state

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from imtm.component import Component
-from imtm.functional.pooling import masked_pool
+from imtm.functional.pooling import check_temperature, masked_pool
 
 __all__ = ["LSEPooling", "MaxPooling", "MeanPooling", "SoftmaxPooling", "SumPooling"]
 
@@ -31,7 +31,16 @@ class _Pooling(Component):
     def _temperature(self) -> float:
         return 1.0
 
+    def validate(self) -> _Pooling:
+        """Check ``dim`` (an int) and the temperature (a finite number > 0); return ``self``."""
+        where = type(self).__name__
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int):
+            raise TypeError(f"{where}: dim must be an int (the axis to pool), got {self.dim!r}")
+        check_temperature(self._temperature(), where=where)
+        return self
+
     def forward(self, token_scores: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # masked_pool checks the temperature and dim itself on every call.
         try:
             return masked_pool(token_scores, token_mask, self._pooling, self._temperature(), self.dim)
         except (TypeError, ValueError) as err:

@@ -29,6 +29,19 @@ def _check_number(value, name: str, fn: str, low: float, high: float = math.inf)
     return float(value)
 
 
+def check_mining_args(dim, cutoff, nonzero_loss_cutoff, *, where: str) -> tuple[float, float]:
+    """Check the distance-weighted sampling arguments; return ``(cutoff, nonzero_loss_cutoff)`` as floats.
+
+    Raises:
+        ValueError: ``dim`` is not an integer >= 4, ``cutoff`` not in ``(0, 2)``, or
+            ``nonzero_loss_cutoff`` not in ``(cutoff, 2]``.
+    """
+    if isinstance(dim, bool) or not isinstance(dim, Integral) or dim < 4:
+        raise ValueError(f"{where}: dim must be the embedding dimension, an integer >= 4, got {dim!r}")
+    cutoff = _check_number(cutoff, "cutoff", where, 0.0, 2.0)
+    return cutoff, _check_number(nonzero_loss_cutoff, "nonzero_loss_cutoff", where, cutoff, 2.0 + 1e-9)
+
+
 def _sample_direction(
     scores: torch.Tensor,
     positives: torch.Tensor,
@@ -128,10 +141,7 @@ def distance_weighted_negatives(
         raise ValueError(f"{fn}: scores_i2t {tuple(s_i2t.shape)} and scores_t2i {tuple(s_t2i.shape)} differ in shape")
     if not isinstance(positives, torch.Tensor) or positives.dtype != torch.bool or positives.shape != s_i2t.shape:
         raise ValueError(f"{fn}: positives must be a bool tensor of shape {tuple(s_i2t.shape)} (True = matching pair)")
-    if isinstance(dim, bool) or not isinstance(dim, Integral) or dim < 4:
-        raise ValueError(f"{fn}: dim must be the embedding dimension, an integer >= 4, got {dim!r}")
-    cutoff = _check_number(cutoff, "cutoff", fn, 0.0, 2.0)
-    nonzero_loss_cutoff = _check_number(nonzero_loss_cutoff, "nonzero_loss_cutoff", fn, cutoff, 2.0 + 1e-9)
+    cutoff, nonzero_loss_cutoff = check_mining_args(dim, cutoff, nonzero_loss_cutoff, where=fn)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
     check_finite(s_i2t, f"{fn}: scores")

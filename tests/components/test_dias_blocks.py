@@ -130,4 +130,4 @@ def test_miner_bad_inputs():
     with pytest.raises(TypeError, match="random_state must be an int or None"):
         DistanceWeightedMiner(dim=8, random_state=1.5)(scores, positives)
     with pytest.raises(TypeError, match="miner must be None or a callable"):
-        TripletLoss(miner=3)
+        TripletLoss(miner=3).validate()

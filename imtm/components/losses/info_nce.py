@@ -78,7 +78,17 @@ class InfoNCELoss(Loss):
         self.temperature = temperature
         self.learnable = learnable
         self.weight = weight
+        if learnable is True:
+            # The parameter is built here, from the initial temperature, so that value is checked first.
+            self.validate()
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        else:
+            self.register_parameter("log_temperature", None)
+
+    def validate(self) -> InfoNCELoss:
+        """Check the temperature, ``learnable``, ``weight`` and the arity; return ``self``."""
         name = type(self).__name__
+        temperature = self.temperature
         if (
             isinstance(temperature, bool)
             or not isinstance(temperature, Real)
@@ -87,18 +97,15 @@ class InfoNCELoss(Loss):
             raise ValueError(
                 f"{name}: temperature must be a finite number > 0, got {temperature!r}"
             )
-        if not isinstance(learnable, bool):
-            raise TypeError(f"{name}: learnable must be True or False, got {learnable!r}")
-        if learnable and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        if not isinstance(self.learnable, bool):
+            raise TypeError(f"{name}: learnable must be True or False, got {self.learnable!r}")
+        if self.learnable and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
             raise ValueError(
                 f"{name}: a learnable temperature must start in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
                 f"got {temperature!r}"
             )
         check_loss_arguments(self)
-        if learnable:
-            self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
-        else:
-            self.register_parameter("log_temperature", None)
+        return self
 
     def current_temperature(self):
         """The temperature in use: the clamped learned value (a 0-d tensor), or ``temperature``."""
@@ -109,6 +116,7 @@ class InfoNCELoss(Loss):
         ).exp()
 
     def forward(self, *values) -> torch.Tensor:
+        self.validate()
         scores, positives = scores_and_positives(self, values)
         try:
             return info_nce_loss(scores, positives, temperature=self.current_temperature())

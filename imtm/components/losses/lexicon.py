@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from numbers import Integral, Real
 
 import torch
@@ -110,7 +111,6 @@ class ExpansiveLexiconLoss(Loss):
         self.beta = beta
         self.expansion = expansion
         self.weight = weight
-        self.validate()
 
     def validate(self) -> ExpansiveLexiconLoss:
         """Check the options; return ``self``."""
@@ -122,11 +122,17 @@ class ExpansiveLexiconLoss(Loss):
             raise TypeError(f"{where}: expansion must be True or False, got {self.expansion!r}")
         if isinstance(self.weight, bool) or not isinstance(self.weight, Real):
             raise TypeError(f"{where}: weight must be a number, got {self.weight!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, Integral) or self.top_k < 1:
-            raise ValueError(f"{where}: top_k must be a positive integer, got {self.top_k!r}")
+        super().validate()
+        for arg in ("top_k", "n_iter"):
+            value = getattr(self, arg)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise ValueError(f"{where}: {arg} must be a positive integer, got {value!r}")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, Real) or not 0 < self.beta < math.inf:
+            raise ValueError(f"{where}: beta must be a finite number > 0, got {self.beta!r}")
         return self
 
     def forward(self, patch_lexicon, word_lexicon, image_tokens, text_tokens, text_ids=None) -> torch.Tensor:
+        self.validate()
         name = type(self).__name__
         if not self.expansion:
             if text_ids is None:
@@ -221,9 +227,14 @@ class LexiconDistillationLoss(Loss):
         super().__init__(requires=requires, provides=provides)
         self.direction = direction
         self.weight = weight
-        resolve_option(direction, dict.fromkeys(KL_DIRECTIONS), name="direction", where=type(self).__name__)
+
+    def validate(self) -> LexiconDistillationLoss:
+        """Check ``direction`` and ``weight``; return ``self``."""
+        resolve_option(self.direction, dict.fromkeys(KL_DIRECTIONS), name="direction", where=type(self).__name__)
+        return super().validate()
 
     def forward(self, word_lexicon, cross_lexicon, mlm_labels) -> torch.Tensor:
+        self.validate()
         name = type(self).__name__
         if word_lexicon.dim() != 3 or word_lexicon.shape != cross_lexicon.shape:
             raise ValueError(f"{name}: word_lexicon and cross_lexicon must both be (B, L, V), got "

@@ -7,7 +7,7 @@ from numbers import Real
 
 import torch
 
-from imtm.component import Loss, suggest
+from imtm.component import Component, Loss, suggest
 from imtm.functional.losses import REDUCTIONS, triplet_loss
 
 __all__ = ["TripletLoss"]
@@ -29,7 +29,7 @@ def scores_and_positives(block: Loss, values: tuple):
 
 
 def check_loss_arguments(block: Loss) -> None:
-    """Constructor checks shared by the score losses: ``requires`` arity and ``weight``."""
+    """Checks shared by the score losses' ``validate``: ``requires`` arity and ``weight``."""
     name = type(block).__name__
     if len(tuple(block.requires)) not in (2, 3):
         raise ValueError(
@@ -110,12 +110,16 @@ class TripletLoss(Loss):
         self.reduction = reduction
         self.weight = weight
         self.miner = miner
+
+    def validate(self) -> TripletLoss:
+        """Check the hyper-parameters (margin, hardest, reduction, miner, weight, arity); return ``self``."""
         name = type(self).__name__
-        if reduction not in REDUCTIONS:
+        if self.reduction not in REDUCTIONS:
             raise ValueError(
-                f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}."
-                + suggest(reduction, REDUCTIONS)
+                f"{name}: reduction must be one of {sorted(REDUCTIONS)}, got {self.reduction!r}."
+                + suggest(self.reduction, REDUCTIONS)
             )
+        margin = self.margin
         if (
             isinstance(margin, bool)
             or not isinstance(margin, Real)
@@ -123,15 +127,23 @@ class TripletLoss(Loss):
             or margin < 0
         ):
             raise ValueError(f"{name}: margin must be a finite number >= 0, got {margin!r}")
-        if not isinstance(hardest, bool):
+        if not isinstance(self.hardest, bool):
             raise TypeError(
-                f"{name}: hardest must be True (max over negatives) or False (sum), got {hardest!r}"
+                f"{name}: hardest must be True (max over negatives) or False (sum), got {self.hardest!r}"
             )
-        if miner is not None and not callable(miner):
-            raise TypeError(f"{name}: miner must be None or a callable block such as DistanceWeightedMiner, got {miner!r}")
+        if self.miner is not None and not callable(self.miner):
+            raise TypeError(
+                f"{name}: miner must be None or a callable block such as DistanceWeightedMiner, "
+                f"got {self.miner!r}"
+            )
+        if isinstance(self.miner, Component):
+            # A nested block: set_params(miner__cutoff=...) is checked with the loss.
+            self.miner.validate()
         check_loss_arguments(self)
+        return self
 
     def forward(self, *values) -> torch.Tensor:
+        self.validate()
         scores, positives = scores_and_positives(self, values)
         try:
             negatives = None if self.miner is None else self.miner(scores, positives)

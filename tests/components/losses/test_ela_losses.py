@@ -162,19 +162,19 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="text_ids must have shape"):
         ExpansiveLexiconLoss(expansion=False)(lex, words, images, texts, torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="Did you mean 'plan_topk'"):
-        ExpansiveLexiconLoss(label_weights="plan_top")
+        ExpansiveLexiconLoss(label_weights="plan_top").validate()
     with pytest.raises(ValueError, match="method must be one of"):
-        ExpansiveLexiconLoss(method="exact")
+        ExpansiveLexiconLoss(method="exact").validate()
     with pytest.raises(TypeError, match="expansion must be True or False"):
-        ExpansiveLexiconLoss(expansion=1)
+        ExpansiveLexiconLoss(expansion=1).validate()
     with pytest.raises(TypeError, match="weight must be a number"):
-        ExpansiveLexiconLoss(weight="1")
+        ExpansiveLexiconLoss(weight="1").validate()
     with pytest.raises(ValueError, match="top_k must be a positive integer"):
-        ExpansiveLexiconLoss(top_k=0)
+        ExpansiveLexiconLoss(top_k=0).validate()
     with pytest.raises(ValueError, match="direction must be one of"):
-        ExpansiveLexiconLoss(direction="forward")
+        ExpansiveLexiconLoss(direction="forward").validate()
     with pytest.raises(ValueError, match="direction must be one of"):
-        LexiconDistillationLoss(direction="forward")
+        LexiconDistillationLoss(direction="forward").validate()
     with pytest.raises(ValueError, match="must both be"):
         LexiconDistillationLoss()(words, words[:, :2], torch.zeros(2, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="mlm_labels must have shape"):

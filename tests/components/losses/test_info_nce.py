@@ -79,8 +79,18 @@ def test_fixed_temperature_has_no_parameter():
     ],
 )
 def test_bad_arguments(kwargs, error, match):
+    if kwargs.get("learnable") is True:
+        # A learnable temperature builds its parameter from the initial value, so it is checked at once.
+        with pytest.raises(error, match=match):
+            InfoNCELoss(**kwargs)
+        return
+    # Otherwise the constructor only stores (scikit-learn); validate() and the first forward check.
+    loss = InfoNCELoss(**kwargs)
     with pytest.raises(error, match=match):
-        InfoNCELoss(**kwargs)
+        loss.validate()
+    scores, positives = batch()
+    with pytest.raises(error, match=match):
+        loss(scores, positives)
 
 
 def test_bad_inputs_name_the_block():

@@ -103,5 +103,10 @@ def test_errors_name_the_block():
     ],
 )
 def test_bad_arguments(kwargs, error, match):
+    # The constructor only stores (scikit-learn); validate() and the first forward check.
+    loss = TripletLoss(**kwargs)
     with pytest.raises(error, match=match):
-        TripletLoss(**kwargs)
+        loss.validate()
+    scores, positives = batch()
+    with pytest.raises(error, match=match):
+        loss(scores, positives)
