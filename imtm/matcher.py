@@ -111,7 +111,16 @@ class Matcher(BaseEstimator):
         checkpoint_every: also checkpoint every this many steps (``None``: at epoch ends).
         keep_best: with an ``eval_set``, end ``fit`` with the weights of the best epoch (rSum).
         protocol: evaluation protocol name for ``evaluate`` (see :mod:`imtm.metrics`).
-        on_nonfinite: ``"raise"`` on a NaN/inf loss, or ``"skip"`` the step and count it.
+        on_nonfinite: what a NaN/inf loss or gradient does. ``"raise"``: stop with
+            :class:`~imtm.engine.training.NonFiniteError` (a ``FloatingPointError``) naming the
+            step and the block that produced the value (the first block of the step whose output
+            holds NaN/inf, else the loss block; for gradients, the block whose parameters got
+            them). ``"skip"``: leave the weights, the optimizer state and the learning-rate
+            schedule as they were (the schedule advances with the steps taken), count the step
+            (``history_[i]['skipped_steps']``, ``skipped_steps_``), warn once per epoch; raise
+            ``NonFiniteError`` once as many steps in a row as one epoch holds were all skipped.
+            NaN/inf in the batch's own features raises ``ValueError`` under either policy.
+            See ``docs/robustness.md``.
         num_workers: DataLoader workers. verbose: progress bars and per-epoch lines.
 
     Fitted attributes:
@@ -119,6 +128,7 @@ class Matcher(BaseEstimator):
         history_: one dict per epoch (losses, time, evaluation metrics).
         n_epochs_: epochs trained. best_: best evaluation record or ``None``.
         seed_: the seed actually used. plan_: the analysed pipeline.
+        skipped_steps_: steps skipped as non-finite (``on_nonfinite="skip"``), over the whole run.
     """
 
     def __init__(
@@ -604,11 +614,51 @@ class _CompiledCall:
         return None  # a copied block starts eager; the Matcher compiles its own blocks
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
+#: cuBLAS's workspace setting for reproducible results (PyTorch's reproducibility notes; ":16:8" also works,
+#: with less memory and possibly less speed).
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+
+
+def seed_everything(seed: int, deterministic: bool | None = None, *, warn_only: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices); optionally make torch choose deterministic algorithms.
+
+    ``Matcher.fit`` calls ``seed_everything(random_state)``, which seeds and leaves the
+    algorithm switches alone. On the CPU that is enough for two runs to give identical
+    weights. On a GPU, call ``seed_everything(seed, deterministic=True)`` once at the start of
+    the script, before any CUDA work, for run-to-run identical results on the same machine and
+    software (see ``docs/robustness.md``, Determinism, for what holds and what does not).
+
+    Args:
+        seed: the seed for ``random``, NumPy (modulo 2**32) and torch (CPU and every GPU).
+        deterministic: ``True``: ``torch.use_deterministic_algorithms(True, warn_only=warn_only)``
+            (an operation with no deterministic implementation raises, or warns), cuDNN
+            deterministic and without benchmark autotuning, and ``CUBLAS_WORKSPACE_CONFIG`` set to
+            ``":4096:8"`` unless already set (cuBLAS reads it when it starts, hence "before any
+            CUDA work"). ``False``: back to torch's defaults (non-deterministic algorithms allowed,
+            cuDNN not forced deterministic). ``None``: leave these process-wide switches as they are.
+        warn_only: with ``deterministic=True``, warn instead of raising on an operation that has
+            no deterministic implementation.
+
+    Example:
+        >>> seed_everything(0)
+        >>> a = torch.rand(2)
+        >>> seed_everything(0)
+        >>> torch.equal(a, torch.rand(2))
+        True
+    """
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+    if deterministic is None:
+        return
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
 
 
 __all__ += ["seed_everything"]

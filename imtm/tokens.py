@@ -15,18 +15,27 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Tokens", "check_finite"]
+__all__ = ["Tokens", "check_finite", "NonFiniteValueError"]
+
+
+class NonFiniteValueError(ValueError):
+    """A block was given NaN or inf values (raised by :func:`check_finite`).
+
+    A ``ValueError``, so code that catches bad input keeps working; its own class lets
+    ``Matcher.fit`` tell "a block refused a non-finite input" from other errors and trace
+    the value back to the block (or the batch) that produced it.
+    """
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:
-    """Raise ``ValueError`` naming ``what`` when ``x`` holds NaN or inf.
+    """Raise :class:`NonFiniteValueError` (a ``ValueError``) naming ``what`` when ``x`` holds NaN or inf.
 
     Used at the boundary of blocks (encoders, losses). It synchronises with the
     device, so blocks call it once per input, not inside inner loops.
     """
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{what} holds {n_bad} NaN or inf value(s); check the input features")
+        raise NonFiniteValueError(f"{what} holds {n_bad} NaN or inf value(s); check the input features")
 
 
 @dataclass(frozen=True)

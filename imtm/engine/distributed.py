@@ -320,7 +320,30 @@ def all_gather_objects(obj: Any) -> list:
     return out
 
 
-__all__ += ["all_gather_objects"]
+def max_over_ranks(value: int | torch.Tensor) -> int:
+    """The largest of every rank's ``value`` (a small non-negative integer or a 0-d tensor), on every rank.
+
+    A collective: every rank must call it at the same point. Training uses it so that a
+    decision one rank would take alone (skip a step whose loss is NaN there) is taken by
+    all of them, or the ranks would wait on different collectives and deadlock. A tensor
+    on a CUDA device is reduced there (NCCL), without a host round trip before the reduction.
+    In a single process it is ``int(value)``.
+
+    Example:
+        >>> max_over_ranks(torch.tensor(True))
+        1
+    """
+    if not is_distributed():
+        return int(value)
+    t = torch.as_tensor(value).detach().reshape(1).to(torch.int64)
+    group = None
+    if t.device.type != "cuda" or dist.get_backend() == "gloo":
+        t, group = t.cpu(), cpu_group()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
+__all__ += ["all_gather_objects", "max_over_ranks"]
 
 
 # ---------------------------------------------------------------------------- data order

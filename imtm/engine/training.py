@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 
 import logging
@@ -9,6 +10,7 @@ import math
 import platform
 import random
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -21,9 +23,9 @@ from imtm.engine import distributed
 from imtm.engine.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint, write_checkpoint
 from imtm.engine.evaluation import move, run_blocks
 from imtm.engine.sampling import refresh_sampler
-from imtm.tokens import Tokens
+from imtm.tokens import NonFiniteValueError, Tokens
 
-__all__ = ["Trainer", "EpochSampler", "check_batch"]
+__all__ = ["Trainer", "EpochSampler", "check_batch", "NonFiniteError"]
 
 log = logging.getLogger("imtm")
 
@@ -82,6 +84,69 @@ def check_batch(batch: Any) -> dict:
     if isinstance(texts, Tokens) and bool((texts.lengths == 0).any()):
         raise ValueError("a training batch holds a caption of length 0")
     return batch
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf in a training step, traced to the block that produced it.
+
+    Raised by ``Matcher.fit`` under ``on_nonfinite="raise"``, and under ``"skip"`` when
+    as many steps in a row as one epoch holds were all skipped (the run would train nothing).
+
+    Attributes:
+        kind: ``"loss"`` (the loss, or a value computed on the way to it, holds NaN/inf),
+            ``"gradient"`` (the loss is finite, a gradient is not) or ``"rank"`` (under
+            torchrun, only another rank's step was non-finite).
+        block: the block the NaN/inf is traced to: the first block of the step (in plan
+            order) whose output holds NaN/inf at a real position; the loss block itself when
+            every intermediate value is finite; for gradients, the first block whose
+            parameters hold NaN/inf gradients. ``None`` when no single block is to blame
+            (a gradient norm that overflowed while every gradient is finite, another rank).
+        value: the name of ``block``'s output that holds NaN/inf (``None`` for a loss block's
+            own value and for gradients).
+        blocks: every block involved: the loss blocks whose value is NaN/inf, or every block
+            whose parameters hold NaN/inf gradients.
+        step: index of the step in the run (0-based, counted over every stage and epoch).
+        stage: index of the stage (0-based). epoch: epoch of that stage (1-based, as in
+            ``history_``). batch: index of the batch in the epoch (0-based).
+    """
+
+    def __init__(self, message: str, *, kind: str, block: str | None, value: str | None, blocks: tuple = (),
+                 step: int = -1, stage: int = 0, epoch: int = 0, batch: int = -1):
+        super().__init__(message)
+        self.kind, self.block, self.value, self.blocks = kind, block, value, tuple(blocks)
+        self.step, self.stage, self.epoch, self.batch = step, stage, epoch, batch
+
+
+def _nonfinite(value: Any) -> bool:
+    """True when a step value holds NaN or inf where it counts (Tokens: at real positions only)."""
+    if isinstance(value, Tokens):
+        feats = value.feats
+        return feats.is_floating_point() and not bool(torch.isfinite(feats[value.mask]).all())
+    if isinstance(value, torch.Tensor):
+        return (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all())
+    if isinstance(value, (list, tuple)):
+        return any(_nonfinite(v) for v in value if not isinstance(v, (str, bytes)))
+    if isinstance(value, dict):
+        return any(_nonfinite(v) for v in value.values())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(_nonfinite(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return False
+
+
+def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """The total 2-norm of the parameters' gradients, clipping them to ``max_norm`` when given.
+
+    It stays on the device (no synchronisation): the caller checks it together with the loss.
+    """
+    if max_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if total_norm is not None:  # torch >= 2.6: one fused kernel per device and dtype
+        return total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()).float() for g in grads]))
 
 
 class Trainer:
@@ -174,36 +239,129 @@ class Trainer:
         return [plan.names.index(n) for n in stage.losses]
 
     def step(self, batch: dict, stage, opt, sched, loss_idx, run_idx) -> dict[str, float] | None:
+        """One optimisation step; ``None`` when it was skipped (``on_nonfinite="skip"``).
+
+        The normal step pays one check: the loss and the gradient norm (which clipping
+        computes anyway) are tested for NaN/inf together, with one synchronisation (under
+        torchrun, one all-reduce of that flag, so every rank takes the same decision).
+        Only when it fails are the step's values searched for the block that produced it.
+        """
         m = self.m
         batch = check_batch(batch)
         values = move(dict(batch), self.device)
+        inputs = list(values)
         ids = values["image_ids"]
         values["positives"] = ids[:, None] == ids[None, :]
-        if self.ddp is not None:
-            total, logs = self.ddp(values, loss_idx, run_idx)
-        else:
-            total, logs = self.losses(values, loss_idx, run_idx)
-        if not isinstance(total, torch.Tensor):
+        refused = None
+        try:
+            if self.ddp is not None:
+                total, logs = self.ddp(values, loss_idx, run_idx)
+            else:
+                total, logs = self.losses(values, loss_idx, run_idx)
+        except NonFiniteValueError as err:
+            # A block refused a NaN/inf input (check_finite): an earlier block, or the batch,
+            # produced it. The values computed so far are in `values`.
+            refused, total, logs = err, None, {}
+        if refused is None and not isinstance(total, torch.Tensor):
             raise RuntimeError("Matcher.fit: no loss block is active in this stage; add a loss such as TripletLoss")
-        if not bool(torch.isfinite(total)):
-            bad = [n for n, v in logs.items() if not bool(torch.isfinite(v))]
-            if m.on_nonfinite == "raise":
-                raise FloatingPointError(
-                    f"Matcher.fit: non-finite loss at step {self.global_step} from block(s) {bad}; "
-                    "set on_nonfinite='skip' to skip such steps"
-                )
-            self.skipped += 1
+        if refused is not None:
+            bad: Any = True
+        else:
+            bad = ~torch.isfinite(total.detach())
             if opt is not None:
+                # Backward even when the loss is NaN: under DDP every rank must join the gradient
+                # all-reduce, and it costs nothing on the normal path.
                 opt.zero_grad(set_to_none=True)
-            return None
+                total.backward()
+                params = [p for g in opt.param_groups for p in g["params"]]
+                bad = bad | ~torch.isfinite(_grad_norm(params, m.grad_clip)).to(bad.device)
+        if not distributed.max_over_ranks(bad):
+            if opt is not None:
+                opt.step()
+                sched.step()
+            self.consecutive_skips = 0
+            return {n: float(v.detach()) for n, v in logs.items()}
+        self.nonfinite(values, inputs, logs, refused, bool(bad), opt, run_idx)
+        return None
+
+    def nonfinite(self, values: dict, inputs: list[str], logs: dict, refused, local: bool, opt, run_idx) -> None:
+        """Trace a non-finite step to its source, then raise or skip it (``on_nonfinite``).
+
+        Every rank gets here together (the flag was all-reduced). A NaN/inf in the batch
+        itself is bad input, refused with a ``ValueError`` under either policy.
+        """
+        m = self.m
+        kind, block, value, blocks, text = self._trace(values, inputs, logs, refused, local, run_idx)
+        # 2: bad input somewhere, 1: a non-finite step somewhere; the same decision on every rank.
+        verdict = distributed.max_over_ranks(2 if kind == "input" else 1)
+        where = (f"step {self.global_step} (stage {self.stage_idx + 1}, epoch {self.epoch + 1}, "
+                 f"batch {self.batch_idx})" + (f" on rank {self.rank}" if self.world > 1 else ""))
+        if verdict == 2:
+            raise ValueError(
+                f"Matcher.fit: {text} at {where}; imtm refuses non-finite input features under either "
+                "on_nonfinite policy: fix or filter the data"
+                if kind == "input" else
+                f"Matcher.fit: another rank's batch holds NaN/inf input features at {where}; see its error"
+            ) from refused
+        info = dict(kind=kind, block=block, value=value, blocks=blocks, step=self.global_step,
+                    stage=self.stage_idx, epoch=self.epoch + 1, batch=self.batch_idx)
+        if m.on_nonfinite == "raise":
+            raise NonFiniteError(f"Matcher.fit: non-finite {'gradient' if kind == 'gradient' else 'loss'} at "
+                                 f"{where}: {text}; set on_nonfinite='skip' to skip such steps", **info) from refused
+        # skip: no optimizer step, no schedule step, no gradient left behind.
         if opt is not None:
             opt.zero_grad(set_to_none=True)
-            total.backward()
-            if m.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], m.grad_clip)
-            opt.step()
-            sched.step()
-        return {n: float(v.detach()) for n, v in logs.items()}
+        self.skipped += 1
+        self.consecutive_skips += 1
+        m.skipped_steps_ = self.skipped
+        if self.consecutive_skips >= self.n_batches:
+            raise NonFiniteError(
+                f"Matcher.fit: the last {self.consecutive_skips} steps (as many as one epoch holds) were all "
+                f"skipped as non-finite; the last, {where}: {text}. The run is not training: lower lr, set "
+                "grad_clip, check the data, or use on_nonfinite='raise' to stop at the first one", **info)
+        if self.warned_epoch != (self.stage_idx, self.epoch) and (kind != "rank" or self.main):
+            self.warned_epoch = (self.stage_idx, self.epoch)
+            warnings.warn(
+                f"Matcher.fit: skipped {where}: {text}. Further skips in this epoch are counted without a "
+                "warning (history_[...]['skipped_steps'], skipped_steps_)", RuntimeWarning, stacklevel=2)
+
+    def _trace(self, values: dict, inputs: list[str], logs: dict, refused, local: bool, run_idx):
+        """``(kind, block, value, blocks, text)``: where this rank's NaN/inf comes from."""
+        plan = self.m.plan_
+        if not local:
+            return ("rank", None, None, (),
+                    "this rank's loss and gradients are finite; another rank's step was not (see its warning or error)")
+
+        def label(k: int) -> str:
+            return f"block {plan.names[k]!r} ({type(plan.blocks[k]).__name__}, position {k})"
+
+        losses = [n for n, v in logs.items() if _nonfinite(v)]
+        if refused is not None or losses:
+            for name in inputs:
+                if _nonfinite(values.get(name)):
+                    return "input", None, name, (), f"the batch's input {name!r} holds NaN/inf"
+            for k in run_idx:
+                if plan.is_loss(k):
+                    continue
+                for name in plan.blocks[k].provides:
+                    if name in values and _nonfinite(values[name]):
+                        then = (f"; loss block(s) {losses} returned NaN/inf" if losses
+                                else f"; a later block refused it ({refused})")
+                        return ("loss", plan.names[k], name, tuple(losses),
+                                f"{label(k)} produced NaN/inf in its output {name!r}{then}")
+            if losses:
+                k = plan.names.index(losses[0])
+                return ("loss", losses[0], None, tuple(losses),
+                        f"loss block(s) {losses} returned NaN/inf from finite inputs (first: {label(k)})")
+            return "loss", None, None, (), f"a block refused a non-finite value ({refused})"
+        grads = [name for name, b in self.m.components_.items()
+                 if any(p.grad is not None and _nonfinite(p.grad) for p in b.parameters())]
+        if grads:
+            k = plan.names.index(grads[0])
+            return ("gradient", grads[0], None, tuple(grads),
+                    f"the loss is finite but the parameters of block(s) {grads} got NaN/inf gradients "
+                    f"(first: {label(k)})")
+        return "gradient", None, None, (), "the loss and every gradient are finite but their total norm overflowed"
 
     def losses(self, values: dict, loss_idx, run_idx) -> tuple[Any, dict[str, torch.Tensor]]:
         """Run the blocks of one step and the active losses; return (weighted total, each loss by name)."""
@@ -304,6 +462,7 @@ class Trainer:
             "history": self.m.history_,
             "best": self.m.best_,
             "skipped": self.skipped,
+            "consecutive_skips": self.consecutive_skips,
             "optimizer": opt.state_dict() if opt is not None else None,
             "scheduler": sched.state_dict() if sched is not None else None,
             "rng": {"torch": torch.get_rng_state(),
@@ -353,6 +512,7 @@ class Trainer:
         m.record_ = self.record_
         self.stage_idx, self.epoch, self.batch_idx, self.global_step = 0, 0, 0, 0
         self.epoch_done, self.skipped, self.epoch_logs = False, 0, {}
+        self.consecutive_skips, self.warned_epoch = 0, None
         best_state = None
         resume_state = None
         opt = sched = None
@@ -384,12 +544,14 @@ class Trainer:
                 self.stage_idx, self.epoch, self.batch_idx = pos["stage"], pos["epoch"], pos["batch"]
                 self.global_step, self.epoch_done = pos["global_step"], pos["epoch_done"]
                 m.history_, m.best_, self.skipped = ts["history"], ts["best"], ts["skipped"]
+                self.consecutive_skips = ts.get("consecutive_skips", 0)
                 self.epoch_logs = ts["epoch_logs"]
                 m.n_epochs_ = len(m.history_)
                 best_path = _best_path(m)
                 if best_path is not None and best_path.exists() and m.best_ is not None:
                     best_state = read_checkpoint(best_path, with_train_state=False)["model_state"]
                 self.seed = ckpt["record"]["seed"]
+        m.skipped_steps_ = self.skipped
         plan = m.plan_
         try:
             for s in range(self.stage_idx, len(self.stages)):
