@@ -247,9 +247,15 @@ class LinkedComponent(Component):
             super().__setattr__(name, value)
 
     def _set_target(self, ref) -> None:
+        # Stored only: validate() checks a block given directly (scikit-learn: __init__ only stores).
         self._linked = None if isinstance(ref, str) else ref
-        if self._linked is not None:
-            self._check_target(self._linked)
+
+    def validate(self):
+        """Check a block given directly (not by name) with :meth:`_check_target`; return ``self``."""
+        ref = getattr(self, self._target_param)
+        if not isinstance(ref, str):
+            self._check_target(ref)
+        return self
 
     def link(self, blocks) -> None:
         ref = getattr(self, self._target_param)

@@ -84,9 +84,9 @@ def test_word_masking_with_the_text_encoder(data_and_model):
     # Positions line up with the text encoder's output.
     assert text(caps).num_tokens == clean.shape[1]
     with pytest.raises(TypeError, match="has no 'tokenize'"):
-        WordMasking(tokenizer=torch.nn.Linear(2, 2))
+        WordMasking(tokenizer=torch.nn.Linear(2, 2)).validate()
     with pytest.raises(ValueError, match=r"prob must be a number in \[0, 1\]"):
-        WordMasking(prob=2)
+        WordMasking(prob=2).validate()
 
 
 def test_ablation_flags_and_errors(data_and_model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from numbers import Integral, Real
 
 import torch
@@ -66,20 +67,28 @@ class CrossModalEncoder(Component):
         self.layers = layers
         self.heads = heads
         self.dropout = dropout
-        where = type(self).__name__
-        for name, value in (("dim", dim), ("layers", layers), ("heads", heads)):
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-                raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
-        if dim % heads:
-            raise ValueError(f"{where}: dim={dim} is not divisible by heads={heads}")
-        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
-            raise ValueError(f"{where}: dropout must be in [0, 1), got {dropout!r}")
+        # The layers are built from these arguments below, so they are checked first.
+        self.validate()
         self.modality = nn.Parameter(torch.zeros(2, dim))
         nn.init.normal_(self.modality, std=0.02)
         self.encoder = nn.TransformerEncoder(
             nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True), layers,
             enable_nested_tensor=False,
         )
+
+    def validate(self) -> CrossModalEncoder:
+        """Check ``dim``, ``layers``, ``heads`` (dividing ``dim``) and ``dropout``; return ``self``."""
+        where = type(self).__name__
+        for name in ("dim", "layers", "heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"{where}: dim={self.dim} is not divisible by heads={self.heads}")
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
+            raise ValueError(f"{where}: dropout must be in [0, 1), got {dropout!r}")
+        return self
 
     def encode_pairs(self, images: Tokens, texts: Tokens, image_index=None, text_index=None) -> Tokens:
         """Word states of the pairs ``(images[image_index[p]], texts[text_index[p]])`` (default: row by row)."""
@@ -162,18 +171,25 @@ class ImageTextMatchingHead(LinkedComponent):
         self.dim = dim
         self.encoder = encoder
         self.temperature = temperature
-        where = type(self).__name__
-        if isinstance(dim, bool) or not isinstance(dim, Integral) or dim < 1:
-            raise ValueError(f"{where}: dim must be a positive integer, got {dim!r}")
-        if not isinstance(encoder, (str, CrossModalEncoder)):
-            raise TypeError(f"{where}: encoder must be a block name or a CrossModalEncoder, got "
-                            f"{type(encoder).__name__}")
-        if isinstance(temperature, bool) or not isinstance(temperature, Real) or not temperature > 0:
-            raise ValueError(f"{where}: temperature must be a number > 0, got {temperature!r}")
         self._set_target(encoder)
+        # The classifier is built from dim below, so the arguments are checked first.
+        self.validate()
         self.classifier = nn.Linear(dim, 2)
 
+    def validate(self) -> ImageTextMatchingHead:
+        """Check ``dim``, ``temperature`` and an encoder given directly; return ``self``."""
+        where = type(self).__name__
+        if isinstance(self.dim, bool) or not isinstance(self.dim, Integral) or self.dim < 1:
+            raise ValueError(f"{where}: dim must be a positive integer, got {self.dim!r}")
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, Real) or not 0 < temperature < math.inf:
+            raise ValueError(f"{where}: temperature must be a number > 0, got {temperature!r}")
+        return super().validate()
+
     def _check_target(self, block, name=None) -> None:
+        if name is None and not isinstance(block, CrossModalEncoder):
+            raise TypeError(f"{type(self).__name__}: encoder must be a block name or a CrossModalEncoder, got "
+                            f"{type(block).__name__}")
         if not isinstance(block, CrossModalEncoder):
             raise TypeError(f"{type(self).__name__}: block {name!r} is a {type(block).__name__}, "
                             "not a CrossModalEncoder")
@@ -189,6 +205,7 @@ class ImageTextMatchingHead(LinkedComponent):
         return self.classifier(cls)
 
     def forward(self, image_tokens, text_tokens, scores, positives):
+        self.validate()
         images = _check_tokens(self, image_tokens, "image tokens", self.dim)
         texts = _check_tokens(self, text_tokens, "text tokens", self.dim)
         b = images.batch_size

@@ -56,9 +56,14 @@ class WordMasking(LinkedComponent):
         super().__init__(requires=requires, provides=provides)
         self.tokenizer = tokenizer
         self.prob = prob
+        self._set_target(tokenizer)
+
+    def validate(self) -> WordMasking:
+        """Check ``prob`` (in ``[0, 1]``) and a tokenizer block given directly; return ``self``."""
+        prob = self.prob
         if isinstance(prob, bool) or not isinstance(prob, Real) or not 0 <= prob <= 1:
             raise ValueError(f"{type(self).__name__}: prob must be a number in [0, 1], got {prob!r}")
-        self._set_target(tokenizer)
+        return super().validate()
 
     def _check_target(self, block, name=None) -> None:
         for attr in ("tokenize", "tokenizer", "vocab_size"):
@@ -67,6 +72,7 @@ class WordMasking(LinkedComponent):
                                 f"{attr!r}; use a text encoder such as HFTextEncoder")
 
     def forward(self, texts):
+        self.validate()
         encoder = self.target()
         ids = texts if isinstance(texts, Tokens) else encoder.tokenize(texts)
         tok = encoder.tokenizer
@@ -109,11 +115,14 @@ class Reuse(LinkedComponent):
     def __init__(self, block, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
         self.block = block
-        if not isinstance(block, (str, Component)):
-            raise TypeError(f"Reuse: block must be a block name or a Component, got {type(block).__name__}")
         self._set_target(block)
 
+    def _check_target(self, block, name=None) -> None:
+        if not isinstance(block, Component):
+            raise TypeError(f"Reuse: block must be a block name or a Component, got {type(block).__name__}")
+
     def forward(self, *values):
+        self.validate()
         return self.target()(*values)
 
     def extra_repr(self) -> str:
@@ -175,13 +184,12 @@ class MaskedImageView(LinkedComponent):
     def __init__(self, encoder="image", *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
         self.encoder = encoder
-        if not isinstance(encoder, (str, Component)):
-            raise TypeError(f"{type(self).__name__}: encoder must be a block name or a vision encoder, got "
-                            f"{type(encoder).__name__}")
         self._set_target(encoder)
 
     def _check_target(self, block, name=None) -> None:
         where = type(self).__name__
+        if not isinstance(block, Component):
+            raise TypeError(f"{where}: encoder must be a block name or a vision encoder, got {type(block).__name__}")
         if not callable(getattr(block, "forward_masked", None)):
             raise TypeError(f"{where}: the encoder block ({type(block).__name__}) has no forward_masked; use a "
                             "TimmVisionEncoder")
@@ -190,6 +198,7 @@ class MaskedImageView(LinkedComponent):
                              "build it with mask_ratio > 0 (and mask_in_forward=False for two views)")
 
     def forward(self, images):
+        self.validate()
         # This block's own mode decides (the encoder is borrowed, so eval() does not reach it).
         return self.target().forward_masked(images, mask=self.training)
 

@@ -76,20 +76,26 @@ class MatchingReranker(LinkedComponent):
         self.head = head
         self.k = k
         self.chunk = chunk
-        for name, value in (("k", k), ("chunk", chunk)):
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-                raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, got {value!r}")
-        if not isinstance(head, (str, ImageTextMatchingHead)):
-            raise TypeError(f"{type(self).__name__}: head must be a block name or an ImageTextMatchingHead, "
-                            f"got {type(head).__name__}")
         self._set_target(head)
 
+    def validate(self) -> MatchingReranker:
+        """Check ``k``, ``chunk`` and a head given directly; return ``self``."""
+        for name in ("k", "chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, got {value!r}")
+        return super().validate()
+
     def _check_target(self, block, name=None) -> None:
+        if name is None and not isinstance(block, ImageTextMatchingHead):
+            raise TypeError(f"{type(self).__name__}: head must be a block name or an ImageTextMatchingHead, "
+                            f"got {type(block).__name__}")
         if not isinstance(block, ImageTextMatchingHead):
             raise TypeError(f"{type(self).__name__}: block {name!r} is a {type(block).__name__}, "
                             "not an ImageTextMatchingHead")
 
     def forward(self, image_tokens, text_tokens, itc_scores):
+        self.validate()
         head = self.target()
         if not isinstance(image_tokens, Tokens) or not isinstance(text_tokens, Tokens):
             raise TypeError(f"{type(self).__name__}: expected image and text tokens as Tokens")

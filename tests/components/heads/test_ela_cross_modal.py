@@ -141,9 +141,9 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="not a CrossModalEncoder"):
         unlinked.link({"cross": GlobalCosine()})
     with pytest.raises(ValueError, match="k must be a positive integer"):
-        MatchingReranker(k=0)
+        MatchingReranker(k=0).validate()
     with pytest.raises(TypeError, match="head must be a block name"):
-        MatchingReranker(head=3)
+        MatchingReranker(head=3).validate()
     rr = MatchingReranker()
     with pytest.raises(RuntimeError, match="not linked yet"):
         rr(images, texts, torch.zeros(3, 3))
@@ -157,6 +157,6 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"itc_scores must have shape \(3, 3\)"):
         rr(images, texts, torch.zeros(3, 2))
     with pytest.raises(TypeError, match="block must be a block name or a Component"):
-        Reuse(3)
+        Reuse(3).validate()
     with pytest.raises(KeyError, match="names no block"):
         Reuse("x", requires=("a",), provides=("b",)).link({})

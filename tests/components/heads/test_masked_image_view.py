@@ -94,11 +94,11 @@ def test_conformance():
 
 def test_bad_inputs():
     with pytest.raises(TypeError, match="encoder must be a block name or a vision encoder"):
-        MaskedImageView(3)
+        MaskedImageView(3).validate()
     with pytest.raises(TypeError, match="has no forward_masked"):
-        MaskedImageView(GlobalCosine())
+        MaskedImageView(GlobalCosine()).validate()
     with pytest.raises(ValueError, match="the encoder masks nothing"):
-        MaskedImageView(vit(mask_ratio=0.0))
+        MaskedImageView(vit(mask_ratio=0.0)).validate()
     with pytest.raises(RuntimeError, match="is not linked yet"):
         MaskedImageView("image")(pixels())
     view = MaskedImageView("image")
