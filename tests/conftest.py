@@ -3,9 +3,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+# hypothesis profiles: the default keeps CI fast; HYPOTHESIS_PROFILE=thorough draws ten times more
+# examples wherever a test sizes its examples from settings.default (the property sweeps do).
+settings.register_profile("thorough", max_examples=1000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 SHARED_CAPTIONS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "captions"
 
