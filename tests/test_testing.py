@@ -272,3 +272,120 @@ def test_check_component_imports_without_hypothesis(monkeypatch):
         _ = module.tokens
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = module.nope
+
+
+# ---------------------------------------------------------------------- component_inputs and check_outputs
+from imtm.component import VALUE_NAMES  # noqa: E402
+from imtm.components.heads.lexicon import LexiconLogits  # noqa: E402
+from imtm.testing import InputSizes, check_outputs, component_inputs  # noqa: E402
+
+IMAGE_TOKENS = ("images", "image_tokens", "visual_phrases", "masked_image_tokens")
+TEXT_TOKENS = ("text_tokens", "masked_text_tokens", "cross_text_tokens")
+PAIRS = ("scores", "scores_i2t", "scores_t2i", "scores_intra", "scores_inter_i2t", "scores_inter_t2i",
+         "scores_inter", "itc_scores", "positives", "sparse_mask", "negatives_i2t", "negatives_t2i")
+
+
+@SETTINGS
+@given(v=component_inputs(list(VALUE_NAMES), batch=st.integers(1, 4), max_tokens=5, dim=3, vocab_size=11,
+                          dtype=dtypes(), paired=False))
+def test_component_inputs_agree_on_every_size(v):
+    assert list(v) == list(VALUE_NAMES)
+    bi, n = v["image_tokens"].mask.shape
+    bt, m = v["text_tokens"].mask.shape
+    dtype = v["image_tokens"].dtype
+    for name in IMAGE_TOKENS:
+        assert v[name].feats.shape == (bi, n, 3) and torch.equal(v[name].mask, v["image_tokens"].mask)
+        assert v[name].dtype == dtype
+    for name in TEXT_TOKENS:
+        assert v[name].feats.shape == (bt, m, 3) and torch.equal(v[name].mask, v["text_tokens"].mask)
+    for name in ("texts", "masked_texts"):
+        assert v[name].feats.shape == (bt, m) and int(v[name].feats.max()) < 11
+    for name in PAIRS:
+        assert v[name].shape == (bi, bt), name
+    assert v["image_embedding"].shape == (bi, 3) and v["text_embedding"].shape == (bt, 3)
+    assert v["text_phrase"].shape == (bt, 3)
+    assert v["image_ids"].shape == (bt,) and int(v["image_ids"].max()) < bi
+    # caption t belongs to image image_ids[t]: positives follow from the ids
+    assert torch.equal(v["positives"], torch.arange(bi)[:, None] == v["image_ids"][None, :])
+    assert int(v["negatives_i2t"].max()) < bt and int(v["negatives_t2i"].max()) < bi
+    assert v["keep_decisions"].shape == (bi, bt, n) and not v["keep_decisions"][~v["image_tokens"].mask[:, None]
+                                                                                 .expand(bi, bt, n)].any()
+    assert v["patch_scores"].shape == (bi, bt, n) and bool(((v["patch_scores"] >= 0) & (v["patch_scores"] <= 1)).all())
+    lexicon = v["patch_lexicon"]
+    assert isinstance(lexicon, LexiconLogits) and lexicon.logits.shape[1] == 11
+    assert bool(v["image_tokens"].mask[lexicon.batch_index, lexicon.token_index].all())
+    assert v["masked_patches"].shape == (bi, n) and not (v["masked_patches"] & ~v["image_tokens"].mask).any()
+    for name in ("word_lexicon", "word_lexicon_masked", "cross_lexicon"):
+        assert v[name].shape == (bt, m, 11) and v[name].dtype == dtype
+    labels = v["mlm_labels"]
+    assert labels.shape == (bt, m) and bool((labels[~v["text_tokens"].mask] == -100).all())
+    assert v["itm_logits"].shape == (v["itm_labels"].shape[0], 2) and set(v["itm_labels"].tolist()) <= {0, 1}
+    assert v["transport_plan"].shape == (bi, n, m)
+
+
+@SETTINGS
+@given(v=component_inputs(("image_tokens", "text_tokens", "positives", "image_ids"), batch=st.integers(1, 4),
+                          padding="all_but_one"))
+def test_component_inputs_paired_batches(v):
+    images, texts = v["image_tokens"], v["text_tokens"]
+    assert images.batch_size == texts.batch_size == v["image_ids"].shape[0]
+    assert images.mask.sum(1).eq(1).all() and texts.mask.sum(1).eq(1).all()
+    ids = v["image_ids"]
+    assert torch.equal(v["positives"], ids[:, None] == ids[None, :]) and bool(v["positives"].diagonal().all())
+
+
+def test_component_inputs_extra_strategies_and_errors():
+    seen = []
+
+    def token_scores(sizes):
+        seen.append(sizes)
+        assert isinstance(sizes, InputSizes)
+        return st.just(torch.zeros(sizes.bi, sizes.bt, sizes.m))
+
+    @settings(max_examples=5, deadline=None)
+    @given(v=component_inputs(("token_scores", "token_mask", "scores"), extra={
+        "token_scores": token_scores, "token_mask": st.just("given")}))
+    def draw(v):
+        assert v["token_scores"].shape[:2] == v["scores"].shape and v["token_mask"] == "given"
+
+    draw()
+    assert seen
+    with pytest.raises(ValueError, match=r"no strategy for 'token_scores' \(required by MaxPooling\).*"
+                                         r"extra=\{'token_scores': strategy\}"):
+        from imtm.components import MaxPooling
+
+        component_inputs(MaxPooling())
+    with pytest.raises(ValueError, match="Did you mean 'image_tokens'"):
+        component_inputs(["image_token"])
+    with pytest.raises(ValueError, match="padding must be one of"):
+        component_inputs(["scores"], padding="most")
+    with pytest.raises(TypeError, match="give a block or a sequence of value names"):
+        component_inputs("scores")
+
+
+def test_check_outputs_passes_a_correct_block_and_catches_broken_ones():
+    values = image_inputs()
+    check_outputs(Project(), values, Project()(values["image_tokens"]))
+    broken = [
+        (ReadsPadding(), torch.zeros(2, 4), r"'image_embedding' must be a \(Bi, \*\) tensor"),
+        (MakesNaN(), MakesNaN()(values["image_tokens"]), "finite check failed: image_tokens.feats"),
+        (TwoOutputsDeclaredOne(), TwoOutputsDeclaredOne()(values["image_tokens"]), "must be Tokens, got tuple"),
+        (Project(), Tokens(torch.zeros(1, 5, 4)), "'image_tokens' has batch size 1, expected 3"),
+    ]
+    for block, out, match in broken:
+        with pytest.raises(AssertionError, match=rf"check_outputs\({type(block).__name__}\): .*{match}"):
+            check_outputs(block, values, out)
+    scores = {"scores": torch.randn(3, 3), "positives": torch.eye(3, dtype=torch.bool)}
+    with pytest.raises(AssertionError, match=r"a Loss returns a floating-point scalar; 'vector_loss' is \(3,\)"):
+        check_outputs(VectorLoss(), scores, VectorLoss()(**{"scores": scores["scores"],
+                                                             "positives": scores["positives"]}))
+    with pytest.raises(ValueError, match=r"inputs lacks \['image_tokens'\]"):
+        check_outputs(Project(), {}, None)
+
+
+@SETTINGS
+@given(v=component_inputs(("image_tokens", "scores", "texts", "positives"), dtype=torch.bfloat16, device="cpu"))
+def test_component_inputs_dtype_and_device(v):
+    assert v["image_tokens"].dtype == v["scores"].dtype == torch.bfloat16
+    assert v["texts"].feats.dtype == torch.long and v["positives"].dtype == torch.bool
+    assert {x.device.type for x in (v["image_tokens"].feats, v["scores"], v["texts"].feats)} == {"cpu"}

@@ -1,0 +1,322 @@
+"""Property sweep over every registered block: random shapes, masks, dtypes and devices.
+
+Each block of :data:`imtm.component.COMPONENT_REGISTRY` has an entry in ``CASES``: a
+small factory, the values it reads (``imtm.testing.component_inputs`` and, for names
+outside the shared vocabulary, ``extra`` strategies), the errors its docstring
+documents for valid-looking input, and whether it promises padding invariance.
+For every drawn example (batch sizes, widths, ``padding`` among random,
+all-but-one and none, float32 / float64 / bfloat16, every available device,
+training or eval mode) the call either passes ``imtm.testing.check_outputs`` (one
+output per ``provides`` name, documented shapes, finite values) or raises exactly
+the documented error. A block registered without an entry fails
+``test_every_registered_block_has_a_case``.
+
+More examples: ``HYPOTHESIS_PROFILE=thorough python -m pytest tests/hardening``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from imtm.component import COMPONENT_REGISTRY, Component
+from imtm.components import (
+    CrossModalEncoder,
+    DimensionAlignmentLoss,
+    DistanceWeightedMiner,
+    ExpansiveLexiconLoss,
+    GlobalCosine,
+    GRUTextEncoder,
+    GumbelSelector,
+    HardAssignmentCoding,
+    HFTextEncoder,
+    ImageTextMatchingHead,
+    ImageTextMatchingLoss,
+    InfoNCELoss,
+    InterModalPhraseAttention,
+    LexiconDistillationLoss,
+    LSEPooling,
+    MaskedImageView,
+    MaskedLanguageModelingLoss,
+    MatchingReranker,
+    MaxPooling,
+    MeanEmbedding,
+    MeanPooling,
+    PatchScorer,
+    PatchSlimming,
+    PatchToLexiconHead,
+    PrecomputedEncoder,
+    RatioLoss,
+    RedundantFusion,
+    Reuse,
+    ScoreFusion,
+    SelfAttentionContext,
+    SoftAssignmentCoding,
+    SoftmaxPooling,
+    SparseCorrelation,
+    SparsePatchWordAlignment,
+    SpatialConstraintLoss,
+    SumPooling,
+    TextualPhraseEncoder,
+    TimmVisionEncoder,
+    TokenAggregation,
+    TopKAggregation,
+    TripletLoss,
+    VisualPhraseEncoder,
+    WordMasking,
+    WordToLexiconHead,
+)
+from imtm.components.encoders.hf_text import write_local_bert
+from imtm.data import Vocabulary
+from imtm.testing import PADDINGS, captions, check_component, check_outputs, component_inputs, devices, dtypes
+
+D, V = 8, 16  # feature size and vocabulary of the drawn values
+IMG = 16  # pixel side of drawn images: 2 x 2 patches of 8 pixels
+WORDS = ["a", "red", "blue", "circle", "square", "left", "of", "the", "green", "triangle"]
+VOCAB = Vocabulary.build([" ".join(WORDS)])
+# A tenth of the profile's examples per block: 10 by default, 100 with HYPOTHESIS_PROFILE=thorough.
+EXAMPLES = max(1, settings.default.max_examples // 10)
+SWEEP = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SEEDS = st.integers(0, 2**32 - 1)
+
+_CACHE: dict[str, Component] = {}
+
+
+def once(key: str, make: Callable[[], Component]) -> Component:
+    """Heavy blocks (timm, transformers) are built once per module and copied per example."""
+    if key not in _CACHE:
+        torch.manual_seed(0)
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
+def vit(**kw):
+    return TimmVisionEncoder("vit_tiny_patch16_224", img_size=IMG, out_dim=D,
+                             model_kwargs=dict(depth=1, embed_dim=16, num_heads=2, patch_size=8), **kw)
+
+
+def bert() -> HFTextEncoder:
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="imtm-sweep-bert-")
+    return HFTextEncoder(write_local_bert(folder, WORDS, hidden_size=16, num_layers=1, num_heads=2), out_dim=D)
+
+
+def cross():
+    return CrossModalEncoder(D, layers=1, heads=2)
+
+
+def random_tensor(shape, s, seed, kind="normal"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    return x.to(s.device, s.dtype)
+
+
+def pixels(s):
+    return SEEDS.map(lambda seed: random_tensor((s.bi, 3, IMG, IMG), s, seed))
+
+
+def strings(s):
+    return captions(WORDS, batch=s.bt, max_words=4)
+
+
+POOLING_EXTRA = {
+    # token_scores: one score per word of every pair; token_mask: the caption's words, broadcast over images.
+    "token_scores": lambda s: SEEDS.map(lambda seed: random_tensor((s.bi, s.bt, s.m), s, seed)),
+    "token_mask": lambda s: st.just(s.text_mask[None]),
+}
+
+
+def small_batch(values):
+    """The DIAS blocks standardise over the other pairs of the batch: their Shape says ``B >= 2``."""
+    b = values["image_embedding"].shape[0]
+    return (ValueError, "at least 2") if b < 2 else None
+
+
+@dataclass
+class Case:
+    """How to sweep one block."""
+
+    build: Callable[[], Component]
+    paired: bool = False  # row b of the images goes with caption b (a training batch)
+    extra: dict = field(default_factory=dict)
+    # The error the docstring documents for these values, as (type, message regex), or None.
+    error: Callable[[dict], tuple[type, str] | None] = lambda values: None
+    padding: bool = False  # promises that padded positions never change the output
+    vocab_size: int = V
+
+
+CASES: dict[str, Case] = {
+    # ---------------------------------------------------------------- encoders
+    "PrecomputedEncoder": Case(lambda: PrecomputedEncoder(in_dim=D, out_dim=6, num_layers=2, hidden_dim=5),
+                               padding=True),
+    "GRUTextEncoder": Case(lambda: GRUTextEncoder(VOCAB, out_dim=6, word_dim=5), vocab_size=len(VOCAB),
+                           padding=True),
+    "HFTextEncoder": Case(lambda: once("bert", bert), extra={"texts": strings}),
+    "TimmVisionEncoder": Case(lambda: once("vit", lambda: vit(mask_ratio=0.5)), extra={"images": pixels}),
+    "MaskedImageView": Case(lambda: MaskedImageView(once("vit2", lambda: vit(mask_ratio=0.5, mask_in_forward=False))),
+                            extra={"images": pixels}),
+    # ---------------------------------------------------------------- refiners and embeddings
+    "SelfAttentionContext": Case(lambda: SelfAttentionContext(D, heads=2), padding=True),
+    "VisualPhraseEncoder": Case(lambda: VisualPhraseEncoder(D, heads=2), padding=True),
+    "TextualPhraseEncoder": Case(lambda: TextualPhraseEncoder(D), padding=True),
+    "MeanEmbedding": Case(lambda: MeanEmbedding(side="text"), padding=True),
+    # ---------------------------------------------------------------- scorers
+    "GlobalCosine": Case(GlobalCosine, padding=True),
+    "HardAssignmentCoding": Case(lambda: HardAssignmentCoding(pooling="lse", max_block_elements=40), padding=True),
+    "SoftAssignmentCoding": Case(lambda: SoftAssignmentCoding(codebook="textual", pooling="softmax"), padding=True),
+    "SparsePatchWordAlignment": Case(lambda: SparsePatchWordAlignment(max_block_elements=30), padding=True),
+    "TopKAggregation": Case(lambda: TopKAggregation(k=2), padding=True),
+    "InterModalPhraseAttention": Case(lambda: InterModalPhraseAttention("t2i", dim=D, heads=2, k=2), padding=True),
+    "ScoreFusion": Case(ScoreFusion),
+    "PatchScorer": Case(lambda: PatchScorer(D), padding=True),
+    "GumbelSelector": Case(lambda: GumbelSelector(0.5)),
+    "TokenAggregation": Case(lambda: TokenAggregation(D, 2)),
+    "RedundantFusion": Case(RedundantFusion),
+    "PatchSlimming": Case(lambda: PatchSlimming(PatchScorer(D), GumbelSelector(0.5), TokenAggregation(D, 2),
+                                                SparsePatchWordAlignment())),
+    "MatchingReranker": Case(lambda: MatchingReranker(head=ImageTextMatchingHead(D, encoder=cross()), k=2),
+                             padding=True),
+    "MaxPooling": Case(MaxPooling, extra=POOLING_EXTRA),
+    "MeanPooling": Case(MeanPooling, extra=POOLING_EXTRA),
+    "SumPooling": Case(SumPooling, extra=POOLING_EXTRA),
+    "SoftmaxPooling": Case(lambda: SoftmaxPooling(temperature=0.1), extra=POOLING_EXTRA),
+    "LSEPooling": Case(lambda: LSEPooling(temperature=0.01), extra=POOLING_EXTRA),
+    # ---------------------------------------------------------------- heads
+    "CrossModalEncoder": Case(cross, paired=True, padding=True),
+    "ImageTextMatchingHead": Case(lambda: ImageTextMatchingHead(D, encoder=cross()), paired=True, padding=True),
+    "PatchToLexiconHead": Case(lambda: PatchToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4))),
+    "WordToLexiconHead": Case(lambda: WordToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4), layers=1, heads=2)),
+    "WordMasking": Case(lambda: WordMasking(tokenizer=once("bert", bert), prob=0.5), extra={"texts": strings}),
+    "Reuse": Case(lambda: Reuse(GlobalCosine(), requires=("image_tokens", "text_tokens"), provides=("scores",)),
+                  padding=True),
+    "DistanceWeightedMiner": Case(lambda: DistanceWeightedMiner(dim=D, random_state=0)),
+    "SparseCorrelation": Case(SparseCorrelation, paired=True, error=small_batch),
+    # ---------------------------------------------------------------- losses
+    "TripletLoss": Case(TripletLoss),
+    "InfoNCELoss": Case(InfoNCELoss),
+    "RatioLoss": Case(RatioLoss),
+    "DimensionAlignmentLoss": Case(DimensionAlignmentLoss, paired=True, error=small_batch),
+    "SpatialConstraintLoss": Case(SpatialConstraintLoss, paired=True, error=small_batch),
+    "ExpansiveLexiconLoss": Case(ExpansiveLexiconLoss, paired=True),
+    "LexiconDistillationLoss": Case(LexiconDistillationLoss),
+    "MaskedLanguageModelingLoss": Case(MaskedLanguageModelingLoss),
+    "ImageTextMatchingLoss": Case(ImageTextMatchingLoss),
+}
+
+
+def is_sweepable(name: str, cls: type) -> bool:
+    """The blocks the sweep must cover: concrete blocks of the imtm package.
+
+    Left out, by rule: private bases (a leading underscore, e.g. ``_Pooling``); abstract
+    bases that define no ``forward`` of their own (``Loss``, ``LinkedComponent``,
+    ``TiedEmbedding``); classes defined outside the ``imtm`` package (a user's or a test's
+    blocks, and doctest examples, which are not attributes of their module).
+    """
+    if cls.__name__.startswith("_") or cls.forward is nn.Module.forward:
+        return False
+    module = sys.modules.get(cls.__module__)
+    return cls.__module__.startswith("imtm.") and getattr(module, cls.__name__, None) is cls and name == cls.__name__
+
+
+def test_every_registered_block_has_a_case():
+    registered = {name for name, cls in COMPONENT_REGISTRY.items() if is_sweepable(name, cls)}
+    missing = sorted(registered - set(CASES))
+    assert not missing, f"blocks without an entry in CASES (add a factory for each): {missing}"
+    stale = sorted(set(CASES) - registered)
+    assert not stale, f"CASES names blocks that are not registered: {stale}"
+
+
+def move(block: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Block and the blocks it borrows (linked partners, tied embeddings) to ``device`` and ``dtype``."""
+    block.to(device=device, dtype=dtype)
+    for attr in getattr(block, "_borrowed", ()):
+        linked = block.__dict__.get(attr)
+        if isinstance(linked, nn.Module):
+            move(linked, device, dtype)
+
+
+def call(block: Component, values: dict):
+    return block(*[values[n] for n in block.requires])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@SWEEP
+@given(data=st.data())
+def test_block_returns_the_documented_outputs_or_the_documented_error(name, data):
+    case = CASES[name]
+    padding = data.draw(st.sampled_from(PADDINGS), label="padding")
+    dtype = data.draw(dtypes(), label="dtype")
+    device = data.draw(devices(), label="device")
+    training = data.draw(st.booleans(), label="training")
+    block = copy.deepcopy(case.build()).train(training)
+    move(block, device, dtype)
+    values = data.draw(component_inputs(block, batch=st.integers(1, 3), max_tokens=4, dim=D, dtype=dtype,
+                                        padding=padding, device=device, vocab_size=case.vocab_size,
+                                        paired=case.paired, extra=case.extra), label="values")
+    expected = case.error(values)
+    if expected is not None:
+        kind, match = expected
+        with pytest.raises(kind, match=match):
+            call(block, values)
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        out = call(block, values)
+    check_outputs(block, values, out)
+
+
+PADDING_ONLY = ("finite", "inputs_unchanged", "deterministic", "gradients", "dtypes", "state_dict", "clone",
+                "functional")
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.padding))
+@settings(max_examples=max(1, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_padding_never_changes_the_output(name, data):
+    """Appending padded positions full of large garbage to any Tokens input leaves every output as it was."""
+    case = CASES[name]
+    block = copy.deepcopy(case.build())
+    move(block, torch.device("cpu"), torch.float64)
+    padding = data.draw(st.sampled_from(PADDINGS), label="padding")
+    values = data.draw(component_inputs(block, batch=st.integers(1, 3), max_tokens=4, dim=D, dtype=torch.float64,
+                                        padding=padding, vocab_size=case.vocab_size, paired=case.paired,
+                                        extra=case.extra), label="values")
+    report = check_component(block, values, skip=PADDING_ONLY, rtol=1e-7, atol=1e-9)
+    assert "padding" in report.passed, report
+
+
+# ---------------------------------------------------------------------- the sweep catches broken blocks
+class NaNOnOneToken(Component):
+    """Broken on purpose: the mean over real tokens divides by (length - 1)."""
+
+    requires = ("image_tokens",)
+    provides = ("image_embedding",)
+
+    def __init__(self, *, requires=None, provides=None):
+        super().__init__(requires=requires, provides=provides)
+
+    def forward(self, tokens):
+        w = tokens.mask.unsqueeze(-1).to(tokens.feats.dtype)
+        return (tokens.feats * w).sum(1) / (w.sum(1) - 1)
+
+
+def test_a_block_that_fails_on_one_real_token_is_caught():
+    block = NaNOnOneToken()
+
+    @settings(max_examples=20, deadline=None, database=None)
+    @given(values=component_inputs(block, padding="all_but_one"))
+    def sweep(values):
+        check_outputs(block, values, call(block, values))
+
+    with pytest.raises(AssertionError, match=r"check_outputs\(NaNOnOneToken\): finite check failed"):
+        sweep()
