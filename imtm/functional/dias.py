@@ -306,7 +306,11 @@ def _inter(v: torch.Tensor, t: torch.Tensor, distance) -> torch.Tensor:
 
 
 def _intra(v: torch.Tensor, t: torch.Tensor, distance) -> torch.Tensor:
-    return distance(v, v) - distance(t, t)  # y_ij - z_ij, Eq. 9
+    diff = distance(v, v) - distance(t, t)  # y_ij - z_ij, Eq. 9
+    # y_ii = z_ii = 0 by definition; computed, the Euclidean one is the square root of a rounding
+    # residue (up to ~1e-3 in float32), so the diagonal is set to its exact value.
+    eye = torch.eye(diff.shape[0], dtype=torch.bool, device=diff.device)
+    return torch.where(eye, torch.zeros((), dtype=diff.dtype, device=diff.device), diff)
 
 
 #: The two constraints: the matrix whose squares Eq. 8 (inter) and Eq. 10 (intra) sum.

@@ -118,17 +118,21 @@ def _log_sinkhorn(cost, a, b, ms, mt, *, reg: float, n_iter: int) -> torch.Tenso
 
 
 def _pot_per_problem(solve, cost, a, b, source_mask, target_mask) -> torch.Tensor:
-    """Solve each problem with a POT function on its real rows and columns (a reference backend)."""
+    """Solve each problem with a POT function on its real rows and columns (a reference backend).
+
+    POT solves in float64 (it goes through NumPy, which has no bfloat16); the plan comes back
+    in the cost's dtype.
+    """
     out = torch.zeros_like(cost)
     for k in range(cost.shape[0]):
         rows = source_mask[k].nonzero().flatten()
         cols = target_mask[k].nonzero().flatten()
         if rows.numel() == 0 or cols.numel() == 0:
             continue
-        sub = cost[k].index_select(0, rows).index_select(1, cols)
-        aa = a[k, rows] / a[k, rows].sum()
-        bb = b[k, cols] / b[k, cols].sum()
-        out[k, rows.unsqueeze(1), cols.unsqueeze(0)] = solve(aa, bb, sub)
+        sub = cost[k].index_select(0, rows).index_select(1, cols).double()
+        aa, bb = a[k, rows].double(), b[k, cols].double()
+        aa, bb = aa / aa.sum(), bb / bb.sum()
+        out[k, rows.unsqueeze(1), cols.unsqueeze(0)] = solve(aa, bb, sub).to(cost.dtype)
     return out
 
 
@@ -230,7 +234,8 @@ def transport_plan(
         method: ``"ipot"`` (default, batched torch), ``"sinkhorn"`` (batched
             log-domain entropic Sinkhorn with ``reg``), ``"emd"`` (POT's exact
             ``ot.emd``, per problem) or ``"pot_sinkhorn"`` (POT's ``ot.sinkhorn``,
-            per problem). The POT backends give no gradient.
+            per problem). The POT backends give no gradient, and solve in float64
+            (NumPy has no bfloat16); their plans come back in ``cost``'s dtype.
         n_iter: outer iterations (IPOT), Sinkhorn iterations, or the minimum
             iteration cap of ``ot.emd``.
         beta: IPOT's proximal step :math:`\beta > 0`.
