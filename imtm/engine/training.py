@@ -137,20 +137,30 @@ def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tens
     """The total 2-norm of the parameters' gradients, clipping them to ``max_norm`` when given.
 
     It stays on the device (no synchronisation): the caller checks it together with the loss.
+    When it is NaN/inf the gradients are left as they are, not scaled by a NaN factor, so
+    that the blocks whose gradients are non-finite can be told from the others.
     """
+    utils = torch.nn.utils
+    if not hasattr(utils, "get_total_norm"):  # torch < 2.6: clipping as before, scaled even when NaN
+        if max_norm is not None:
+            return utils.clip_grad_norm_(params, max_norm)
+        grads = [p.grad.detach() for p in params if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).float() for g in grads])) \
+            if grads else torch.zeros(())
+    # torch's own clip_grad_norm_ is exactly these two calls (one fused kernel per device and dtype)
+    norm = utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if max_norm is not None:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-    if total_norm is not None:  # torch >= 2.6: one fused kernel per device and dtype
-        return total_norm(grads)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()).float() for g in grads]))
+        utils.clip_grads_with_norm_(params, max_norm, torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm)))
+    return norm
 
 
 class Trainer:
     """One ``fit`` call. Owns the optimizer, schedule, data order, checkpoints and history."""
+
+    #: Steps skipped as non-finite in the run, and in a row (``run`` resets them; a resumed run restores them).
+    skipped = consecutive_skips = 0
+    #: ``(stage, epoch)`` of the last skip warning: one warning per epoch.
+    warned_epoch: tuple[int, int] | None = None
 
     def __init__(self, matcher, train, eval_set=None):
         self.m = matcher
