@@ -83,26 +83,8 @@ class GRUTextEncoder(Component):
         self.bidirectional = bidirectional
         self.dropout = dropout
         self.normalize = normalize
-
-        name = type(self).__name__
-        if not (callable(getattr(vocab, "encode_batch", None)) and hasattr(vocab, "__len__")):
-            raise TypeError(
-                f"{name}: vocab must be an imtm.data.Vocabulary (build one with "
-                f"Vocabulary.build(train_captions)), got {type(vocab).__name__}"
-            )
-        for arg, value in (
-            ("out_dim", out_dim),
-            ("word_dim", word_dim),
-            ("num_layers", num_layers),
-        ):
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-                raise ValueError(f"{name}: {arg} must be a positive integer, got {value!r}")
-        if not isinstance(bidirectional, bool):
-            raise TypeError(f"{name}: bidirectional must be True or False, got {bidirectional!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
-            raise ValueError(f"{name}: dropout must be a number in [0, 1), got {dropout!r}")
-        if len(vocab) < 1:
-            raise ValueError(f"{name}: the vocabulary is empty")
+        # The embedding and the GRU are built from these arguments below, so they are checked first.
+        self.validate()
 
         self.embed = nn.Embedding(len(vocab), word_dim)
         self.word_dropout = nn.Dropout(dropout)
@@ -116,6 +98,27 @@ class GRUTextEncoder(Component):
             dropout=dropout if num_layers > 1 else 0.0,
         )
         self.reset_parameters()
+
+    def validate(self) -> GRUTextEncoder:
+        """Check the vocabulary, the sizes, ``bidirectional`` and ``dropout``; return ``self``."""
+        name, vocab = type(self).__name__, self.vocab
+        if not (callable(getattr(vocab, "encode_batch", None)) and hasattr(vocab, "__len__")):
+            raise TypeError(
+                f"{name}: vocab must be an imtm.data.Vocabulary (build one with "
+                f"Vocabulary.build(train_captions)), got {type(vocab).__name__}"
+            )
+        for arg in ("out_dim", "word_dim", "num_layers"):
+            value = getattr(self, arg)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise ValueError(f"{name}: {arg} must be a positive integer, got {value!r}")
+        if not isinstance(self.bidirectional, bool):
+            raise TypeError(f"{name}: bidirectional must be True or False, got {self.bidirectional!r}")
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
+            raise ValueError(f"{name}: dropout must be a number in [0, 1), got {dropout!r}")
+        if len(vocab) < 1:
+            raise ValueError(f"{name}: the vocabulary is empty")
+        return self
 
     def reset_parameters(self) -> None:
         """Uniform word embeddings in [-0.1, 0.1] (SCAN); the GRU keeps torch's initialisation."""

@@ -217,28 +217,10 @@ class HFTextEncoder(Component):
         self.max_length = max_length
         self.special_tokens = special_tokens
         self.chunk_tokens = chunk_tokens
+        # The model is loaded and the projection built from these arguments below, so they are checked first.
+        self.validate()
 
         name = type(self).__name__
-        if not isinstance(model_name_or_path, (str, os.PathLike)):
-            raise TypeError(
-                f"{name}: model_name_or_path must be a hub name or a folder, got {type(model_name_or_path).__name__}"
-            )
-        if special_tokens not in SPECIAL_TOKENS:
-            raise ValueError(
-                f"special_tokens must be one of {sorted(SPECIAL_TOKENS)}, got {special_tokens!r}."
-                + suggest(special_tokens, SPECIAL_TOKENS)
-            )
-        if out_dim is not None and (isinstance(out_dim, bool) or not isinstance(out_dim, Integral) or out_dim < 1):
-            raise ValueError(f"{name}: out_dim must be a positive integer or None, got {out_dim!r}")
-        if isinstance(max_length, bool) or not isinstance(max_length, Integral) or max_length < 2:
-            raise ValueError(f"{name}: max_length must be an integer >= 2 ([CLS] and [SEP]), got {max_length!r}")
-        if chunk_tokens is not None and (
-            isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, Integral) or chunk_tokens < 1
-        ):
-            raise ValueError(f"{name}: chunk_tokens must be a positive integer or None, got {chunk_tokens!r}")
-        if not isinstance(freeze, bool):
-            raise TypeError(f"{name}: freeze must be True or False, got {freeze!r}")
-
         source = os.fspath(model_name_or_path)
         if source == MINILM:
             source = minilm_path()
@@ -286,6 +268,36 @@ class HFTextEncoder(Component):
             >>> enc = HFTextEncoder.minilm(max_length=32)  # doctest: +SKIP
         """
         return cls(MINILM, **kwargs)
+
+    def validate(self) -> HFTextEncoder:
+        """Check the source, ``out_dim``, ``max_length``, ``chunk_tokens``, ``special_tokens``, ``freeze``.
+
+        ``max_length`` is also checked against the loaded model's position limit at construction.
+        """
+        name = type(self).__name__
+        if not isinstance(self.model_name_or_path, (str, os.PathLike)):
+            raise TypeError(
+                f"{name}: model_name_or_path must be a hub name or a folder, "
+                f"got {type(self.model_name_or_path).__name__}"
+            )
+        special_tokens = self.special_tokens
+        if not isinstance(special_tokens, str) or special_tokens not in SPECIAL_TOKENS:
+            raise ValueError(
+                f"{name}: special_tokens must be one of {sorted(SPECIAL_TOKENS)}, got {special_tokens!r}."
+                + suggest(special_tokens, SPECIAL_TOKENS)
+            )
+        out_dim, max_length, chunk_tokens = self.out_dim, self.max_length, self.chunk_tokens
+        if out_dim is not None and (isinstance(out_dim, bool) or not isinstance(out_dim, Integral) or out_dim < 1):
+            raise ValueError(f"{name}: out_dim must be a positive integer or None, got {out_dim!r}")
+        if isinstance(max_length, bool) or not isinstance(max_length, Integral) or max_length < 2:
+            raise ValueError(f"{name}: max_length must be an integer >= 2 ([CLS] and [SEP]), got {max_length!r}")
+        if chunk_tokens is not None and (
+            isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, Integral) or chunk_tokens < 1
+        ):
+            raise ValueError(f"{name}: chunk_tokens must be a positive integer or None, got {chunk_tokens!r}")
+        if not isinstance(self.freeze, bool):
+            raise TypeError(f"{name}: freeze must be True or False, got {self.freeze!r}")
+        return self
 
     @property
     def word_embeddings(self) -> nn.Embedding:

@@ -91,24 +91,8 @@ class PrecomputedEncoder(Component):
         self.normalize = normalize
         self.activation = activation
         self.residual = residual
-
-        name = type(self).__name__
-        _positive_int(in_dim, "in_dim", name)
-        _positive_int(out_dim, "out_dim", name)
-        _positive_int(num_layers, "num_layers", name)
-        if hidden_dim is not None:
-            _positive_int(hidden_dim, "hidden_dim", name)
-        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
-            raise ValueError(f"{name}: dropout must be a number in [0, 1), got {dropout!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}."
-                + suggest(activation, ACTIVATIONS)
-            )
-        if residual and num_layers < 2:
-            raise ValueError(
-                f"{name}: residual=True needs an MLP (num_layers >= 2), got num_layers={num_layers}"
-            )
+        # The MLP is built from these arguments below, so they are checked first.
+        self.validate()
 
         hidden = hidden_dim if hidden_dim is not None else max(1, out_dim // 2)
         dims = [in_dim] + [hidden] * (num_layers - 1) + [out_dim]
@@ -123,6 +107,27 @@ class PrecomputedEncoder(Component):
         self.shortcut = nn.Linear(in_dim, out_dim) if residual else None
         self.input_dropout = nn.Dropout(dropout)
         self.reset_parameters()
+
+    def validate(self) -> PrecomputedEncoder:
+        """Check the sizes, ``dropout``, ``activation`` and ``residual``; return ``self``."""
+        name = type(self).__name__
+        for arg in ("in_dim", "out_dim", "num_layers"):
+            _positive_int(getattr(self, arg), arg, name)
+        if self.hidden_dim is not None:
+            _positive_int(self.hidden_dim, "hidden_dim", name)
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
+            raise ValueError(f"{name}: dropout must be a number in [0, 1), got {dropout!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}."
+                + suggest(self.activation, ACTIVATIONS)
+            )
+        if self.residual and self.num_layers < 2:
+            raise ValueError(
+                f"{name}: residual=True needs an MLP (num_layers >= 2), got num_layers={self.num_layers}"
+            )
+        return self
 
     def reset_parameters(self) -> None:
         """Xavier-uniform weights and zero biases, as SCAN initialises its region projection."""

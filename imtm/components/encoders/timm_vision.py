@@ -283,37 +283,13 @@ class TimmVisionEncoder(Component):
         self.mask_ratio = mask_ratio
         self.model_kwargs = model_kwargs
         self.mask_in_forward = mask_in_forward
+        # The model and the projection are built from these arguments below, so they are checked first.
+        self.validate()
 
         import timm
 
         name = type(self).__name__
-        if not isinstance(model_name, str) or not timm.is_model(model_name):
-            raise ValueError(
-                f"{name}: unknown timm model {model_name!r}; see timm.list_models('vit_*') "
-                "and timm.list_models('swin*')." + suggest(model_name, timm.list_models())
-            )
-        for arg, value in (("pretrained", pretrained), ("keep_cls", keep_cls), ("freeze", freeze),
-                           ("mask_in_forward", mask_in_forward)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name}: {arg} must be True or False, got {value!r}")
-        if pretrained and checkpoint_path is not None:
-            raise ValueError(
-                f"{name}: give pretrained=True (weights from timm / the hub) or checkpoint_path "
-                "(a local file), not both"
-            )
-        if out_dim is not None and (isinstance(out_dim, bool) or not isinstance(out_dim, Integral) or out_dim < 1):
-            raise ValueError(f"{name}: out_dim must be a positive integer or None, got {out_dim!r}")
-        if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, Real) or not 0 <= mask_ratio < 1:
-            raise ValueError(f"{name}: mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
-        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
-            raise TypeError(f"{name}: model_kwargs must be a dict of timm.create_model arguments, got {type(model_kwargs).__name__}")
         kwargs = dict(model_kwargs or {})
-        reserved = [k for k in _RESERVED_KWARGS if k in kwargs]
-        if reserved:
-            raise ValueError(
-                f"{name}: model_kwargs may not set {reserved}; use the encoder's own arguments "
-                "(pretrained, checkpoint_path, img_size; the classifier is always removed)"
-            )
         if img_size is not None:
             kwargs["img_size"] = img_size
 
@@ -372,6 +348,42 @@ class TimmVisionEncoder(Component):
             self.model.eval()
 
     # ------------------------------------------------------------------ information
+    def validate(self) -> TimmVisionEncoder:
+        """Check the model name, the flags, ``out_dim``, ``mask_ratio`` and ``model_kwargs``; return ``self``."""
+        import timm
+
+        name, model_name = type(self).__name__, self.model_name
+        if not isinstance(model_name, str) or not timm.is_model(model_name):
+            raise ValueError(
+                f"{name}: unknown timm model {model_name!r}; see timm.list_models('vit_*') "
+                "and timm.list_models('swin*')." + suggest(model_name, timm.list_models())
+            )
+        for arg in ("pretrained", "keep_cls", "freeze", "mask_in_forward"):
+            value = getattr(self, arg)
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: {arg} must be True or False, got {value!r}")
+        if self.pretrained and self.checkpoint_path is not None:
+            raise ValueError(
+                f"{name}: give pretrained=True (weights from timm / the hub) or checkpoint_path "
+                "(a local file), not both"
+            )
+        out_dim, mask_ratio, model_kwargs = self.out_dim, self.mask_ratio, self.model_kwargs
+        if out_dim is not None and (isinstance(out_dim, bool) or not isinstance(out_dim, Integral) or out_dim < 1):
+            raise ValueError(f"{name}: out_dim must be a positive integer or None, got {out_dim!r}")
+        if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, Real) or not 0 <= mask_ratio < 1:
+            raise ValueError(f"{name}: mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+            raise TypeError(
+                f"{name}: model_kwargs must be a dict of timm.create_model arguments, got {type(model_kwargs).__name__}"
+            )
+        reserved = [k for k in _RESERVED_KWARGS if k in (model_kwargs or {})]
+        if reserved:
+            raise ValueError(
+                f"{name}: model_kwargs may not set {reserved}; use the encoder's own arguments "
+                "(pretrained, checkpoint_path, img_size; the classifier is always removed)"
+            )
+        return self
+
     @property
     def dim(self) -> int:
         """``D``, the size of the output tokens."""

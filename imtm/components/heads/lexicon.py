@@ -20,7 +20,7 @@ ids from, not a copy. A head takes ``embedding`` as
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral
+from numbers import Integral, Real
 
 import torch
 from torch import nn
@@ -124,6 +124,11 @@ class TiedEmbedding(Component):
                             f"{type(self.embedding).__name__}")
         if isinstance(self.embedding, nn.Module):
             self._check_shape(self.embedding.weight)
+
+    def validate(self):
+        """Check the sizes and the embedding (a block name, or a module of the right shape); return ``self``."""
+        self._validate_common()
+        return self
 
 
 class PatchToLexiconHead(TiedEmbedding):
@@ -241,6 +246,20 @@ class WordToLexiconHead(TiedEmbedding):
     requires = ("text_tokens",)
     provides = ("word_lexicon",)
 
+    def validate(self) -> WordToLexiconHead:
+        """Check the sizes, the embedding, ``layers``, ``heads`` (dividing ``dim``) and ``dropout``."""
+        self._validate_common()
+        where = type(self).__name__
+        layers, heads, dropout = self.layers, self.heads, self.dropout
+        if isinstance(layers, bool) or not isinstance(layers, Integral) or layers < 0:
+            raise ValueError(f"{where}: layers must be an integer >= 0, got {layers!r}")
+        _check_positive_int(heads, "heads", where)
+        if layers and self.dim % heads:
+            raise ValueError(f"{where}: dim={self.dim} is not divisible by heads={heads}")
+        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
+            raise ValueError(f"{where}: dropout must be a number in [0, 1), got {dropout!r}")
+        return self
+
     def __init__(self, dim: int, embed_dim: int, vocab_size: int, embedding="text", layers: int = 1,
                  heads: int = 4, dropout: float = 0.0, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
@@ -251,13 +270,8 @@ class WordToLexiconHead(TiedEmbedding):
         self.layers = layers
         self.heads = heads
         self.dropout = dropout
-        self._validate_common()
-        where = type(self).__name__
-        if isinstance(layers, bool) or not isinstance(layers, Integral) or layers < 0:
-            raise ValueError(f"{where}: layers must be an integer >= 0, got {layers!r}")
-        _check_positive_int(heads, "heads", where)
-        if layers and dim % heads:
-            raise ValueError(f"{where}: dim={dim} is not divisible by heads={heads}")
+        # The layers are built from these arguments below, so they are checked first.
+        self.validate()
         self._set_embedding(embedding)
         self.encoder = (
             nn.TransformerEncoder(

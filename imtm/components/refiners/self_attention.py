@@ -55,17 +55,22 @@ class SelfAttentionContext(Component):
         self.dim = dim
         self.heads = heads
         self.dropout = dropout
-        name = type(self).__name__
-        # The parameters are built here (a module must own them before fit); nn.MultiheadAttention
-        # would otherwise stop on a bare assert.
+        # The parameters are built here (a module must own them before fit), so the arguments are
+        # checked first; nn.MultiheadAttention would otherwise stop on a bare assert.
+        self.validate()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=float(dropout), batch_first=True)
+
+    def validate(self) -> SelfAttentionContext:
+        """Check ``dim``, ``heads`` (dividing ``dim``) and ``dropout``; return ``self``."""
+        name, dim, heads, dropout = type(self).__name__, self.dim, self.heads, self.dropout
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"{name}: dim must be a positive int, got {dim!r}")
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or dim % heads:
             raise ValueError(f"{name}: heads must be a positive int dividing dim={dim}, got {heads!r}")
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"{name}: dropout must lie in [0, 1), got {dropout!r}")
-        self.norm = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, dropout=float(dropout), batch_first=True)
+        return self
 
     def forward(self, image_tokens) -> Tokens:
         name = type(self).__name__

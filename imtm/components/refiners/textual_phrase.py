@@ -63,7 +63,16 @@ class TextualPhraseEncoder(Component):
         self.dim = dim
         self.windows = windows
         self.channels = channels
-        name = type(self).__name__
+        # The convolutions are built from these arguments below, so they are checked first.
+        self.validate()
+        width = dim if channels is None else channels
+        self.convs = nn.ModuleList(nn.Conv1d(dim, width, w) for w in windows)
+        self.proj = nn.Linear(width * len(windows), dim)
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+
+    def validate(self) -> TextualPhraseEncoder:
+        """Check ``dim``, ``windows`` and ``channels``; return ``self``."""
+        name, dim, windows, channels = type(self).__name__, self.dim, self.windows, self.channels
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"{name}: dim must be a positive int, got {dim!r}")
         if (not isinstance(windows, (tuple, list)) or not windows
@@ -72,9 +81,7 @@ class TextualPhraseEncoder(Component):
         width = dim if channels is None else channels
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"{name}: channels must be a positive int or None, got {channels!r}")
-        self.convs = nn.ModuleList(nn.Conv1d(dim, width, w) for w in windows)
-        self.proj = nn.Linear(width * len(windows), dim)
-        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        return self
 
     def forward(self, text_tokens) -> torch.Tensor:
         name = type(self).__name__

@@ -69,15 +69,22 @@ class VisualPhraseEncoder(Component):
         self.dim = dim
         self.heads = heads
         self.ffn_dim = ffn_dim
-        check_attention_args(self, dim, heads)
+        # The layers are built from these arguments below, so they are checked first.
+        self.validate()
         # The paper does not give the feed-forward width: the Transformer's 4 * dim (a settled ambiguity).
         hidden = 4 * dim if ffn_dim is None else ffn_dim
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"{type(self).__name__}: ffn_dim must be a positive int or None, got {ffn_dim!r}")
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+
+    def validate(self) -> VisualPhraseEncoder:
+        """Check ``dim``, ``heads`` (dividing ``dim``) and ``ffn_dim``; return ``self``."""
+        check_attention_args(self, self.dim, self.heads)
+        ffn_dim = self.ffn_dim
+        if ffn_dim is not None and (isinstance(ffn_dim, bool) or not isinstance(ffn_dim, int) or ffn_dim < 1):
+            raise ValueError(f"{type(self).__name__}: ffn_dim must be a positive int or None, got {ffn_dim!r}")
+        return self
 
     def forward(self, image_tokens) -> Tokens:
         name = type(self).__name__

@@ -141,14 +141,19 @@ class PatchScorer(Component):
         self.hidden_dim = hidden_dim
         self.language_context = language_context
         self.calibration = calibration
-        _check_int(self, "dim", dim)
-        if hidden_dim is not None:
-            _check_int(self, "hidden_dim", hidden_dim)
+        # The MLP is built from dim and hidden_dim below, so they are checked first.
+        self._check_sizes()
         hidden = hidden_dim if hidden_dim is not None else max(1, dim // 4)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
+    def _check_sizes(self) -> None:
+        _check_int(self, "dim", self.dim)
+        if self.hidden_dim is not None:
+            _check_int(self, "hidden_dim", self.hidden_dim)
+
     def validate(self) -> PatchScorer:
         """Check the hyper-parameters; return ``self``."""
+        self._check_sizes()
         _check_number(self, "beta", self.beta, 0.0, 1.0, lo_open=False)
         for name in ("language_context", "calibration"):
             if not isinstance(getattr(self, name), bool):
@@ -300,11 +305,17 @@ class TokenAggregation(Component):
         self.dim = dim
         self.num_out = num_out
         self.hidden_ratio = hidden_ratio
-        _check_int(self, "dim", dim)
-        _check_int(self, "num_out", num_out)
-        _check_number(self, "hidden_ratio", hidden_ratio, 0.0, math.inf, lo_open=True, hi_open=True)
+        # The MLP is built from these arguments below, so they are checked first.
+        self.validate()
         hidden = max(1, int(dim * hidden_ratio))
         self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_out))
+
+    def validate(self) -> TokenAggregation:
+        """Check ``dim``, ``num_out`` and ``hidden_ratio``; return ``self``."""
+        _check_int(self, "dim", self.dim)
+        _check_int(self, "num_out", self.num_out)
+        _check_number(self, "hidden_ratio", self.hidden_ratio, 0.0, math.inf, lo_open=True, hi_open=True)
+        return self
 
     def logits(self, patches: torch.Tensor) -> torch.Tensor:
         """``MLP(V)``: ``(Bi, Np, D) -> (Bi, Np, Nc)``, image-only."""

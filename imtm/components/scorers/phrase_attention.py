@@ -99,6 +99,7 @@ class InterModalPhraseAttention(Component):
         self.heads = heads
         self.k = k
         self.max_block_elements = max_block_elements
+        # The attention layers are built from dim and heads below, so they are checked first.
         check_attention_args(self, dim, heads)
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
@@ -108,6 +109,7 @@ class InterModalPhraseAttention(Component):
     def validate(self) -> InterModalPhraseAttention:
         """Check ``direction``, ``k`` and the budget; return ``self``."""
         where = type(self).__name__
+        check_attention_args(self, self.dim, self.heads)
         resolve_option(self.direction, DIRECTIONS, name="direction", where=where)
         check_k(self.k, where=where)
         budget = self.max_block_elements

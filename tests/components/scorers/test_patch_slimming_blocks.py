@@ -318,7 +318,7 @@ def test_bad_inputs_raise_clear_errors():
         PatchScorer(D)(Tokens(torch.randn(2, 5, 3)), texts)
     with pytest.raises(ValueError, match=r"RatioLoss: expected keep_decisions of shape"):
         RatioLoss()(torch.ones(3, 4, 5), images)
-    with pytest.raises(ValueError, match=r"RatioLoss: ratio_loss: rho must be"):
+    with pytest.raises(ValueError, match=r"RatioLoss: rho must be"):
         RatioLoss(rho=0.0)(torch.ones(3, 4, 7), images)
 
 
