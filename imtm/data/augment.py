@@ -127,7 +127,11 @@ class CaptionAugment:
         seed: seeds the generator. Each process draws from its own generator; in a
             DataLoader worker it is seeded from ``seed`` and the worker's seed (which the
             loader changes every epoch), so workers differ and a seeded run repeats.
-            ``None``: drawn once from torch's global generator.
+            ``None`` (what ``augment=True`` gives): in a worker, the worker's seed alone; in the
+            main process (``num_workers=0``), torch's global generator, which ``Matcher.fit``
+            seeds from ``random_state`` and its checkpoints restore, so two seeded fits on the
+            same dataset object augment alike. (A generator of the object's own, drawn once,
+            would carry its stream from one fit into the next.)
 
     Calling ``aug(caption, generator=g)`` draws from ``g`` instead.
 
@@ -214,14 +218,16 @@ class CaptionAugment:
         return cls(words, **kw)
 
     # ------------------------------------------------------------------ randomness
-    def _own_generator(self) -> torch.Generator:
+    def _own_generator(self) -> torch.Generator | None:
         info = torch.utils.data.get_worker_info()
+        if info is None and self.seed is None:
+            return None  # torch's global generator: whoever seeds torch (Matcher.fit) seeds this
         owner = (os.getpid(), None if info is None else (info.id, info.seed))
         if self._generator is None or self._owner != owner:
             if info is not None:
                 base = info.seed if self.seed is None else (self.seed * 1_000_003 + info.seed)
             else:
-                base = self.seed if self.seed is not None else int(torch.randint(2**62, (1,)))
+                base = self.seed
             self._generator = torch.Generator().manual_seed(base % 2**63)
             self._owner = owner
         return self._generator
