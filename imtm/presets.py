@@ -15,7 +15,10 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+import torch
+
 from imtm.component import suggest
+from imtm.tokens import Tokens
 
 __all__ = ["vsepp", "chan", "dias", "dias_losses", "dcpa", "dcpa_stages", "default_stages", "ela", "laps", "build", "PRESETS"]
 
@@ -497,8 +500,11 @@ def build(name: str, data, **kwargs) -> list[tuple[str, Any]]:
     kwargs.setdefault("vocab", data.vocab)
     if "region_dim" not in kwargs and "region_dim" in inspect.signature(PRESETS[name]).parameters:
         first = data.images[0]
-        if first.dim() != 2:
+        if isinstance(first, Tokens):
+            # Extracted features (ExtractedDataset) come one image at a time as Tokens (1, N, D).
+            first = first.feats[0] if first.feats.dim() == 3 and first.feats.shape[0] == 1 else first.feats
+        if not isinstance(first, torch.Tensor) or first.dim() != 2:
             raise ValueError(f"preset {name!r} needs region features (N, D); the data holds images of shape "
-                             f"{tuple(first.shape)}")
+                             f"{tuple(getattr(first, 'shape', ())) or type(first).__name__}")
         kwargs["region_dim"] = int(first.shape[-1])
     return PRESETS[name](**kwargs)
