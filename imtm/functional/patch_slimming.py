@@ -319,7 +319,9 @@ def _masked_softmax(logits: torch.Tensor, keep: torch.Tensor, dim: int) -> torch
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros((), dtype=shift.dtype, device=shift.device))
     e = keep * torch.exp((logits - shift).clamp_max(0))
     z = e.sum(dim, keepdim=True)
-    return e / z.clamp_min(torch.finfo(e.dtype).tiny)
+    # Nothing kept: divide by 1, not by a tiny clamp, whose 1 / tiny (and e / tiny**2 = 0 / 0) would
+    # send ~1e38 or NaN gradients into the decisions and the logits.
+    return e / torch.where(z > 0, z, torch.ones((), dtype=z.dtype, device=z.device))
 
 
 def aggregation_weights(logits: torch.Tensor, decisions: torch.Tensor) -> torch.Tensor:

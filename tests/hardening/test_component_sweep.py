@@ -75,9 +75,11 @@ from imtm.components import (
     WordMasking,
     WordToLexiconHead,
 )
+from imtm import Tokens
 from imtm.components.encoders.hf_text import write_local_bert
 from imtm.data import Vocabulary
 from imtm.testing import PADDINGS, captions, check_component, check_outputs, component_inputs, devices, dtypes
+from imtm.testing.conformance import _leaves, _map_tensors
 
 D, V = 8, 16  # feature size and vocabulary of the drawn values
 IMG = 16  # pixel side of drawn images: 2 x 2 patches of 8 pixels
@@ -269,10 +271,36 @@ def test_block_returns_the_documented_outputs_or_the_documented_error(name, data
         with pytest.raises(kind, match=match):
             call(block, values)
         return
+    # Training with float32 / float64: the outputs must also back-propagate finite gradients.
+    backward = training and dtype != torch.bfloat16
+    if backward:
+        values = {k: _map_tensors(v, lambda t: t.detach().clone().requires_grad_(True)) for k, v in values.items()}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         out = call(block, values)
     check_outputs(block, values, out)
+    if backward:
+        check_gradients(block, values, out)
+
+
+def check_gradients(block: Component, values: dict, out) -> None:
+    """A random projection of the outputs back-propagates finite gradients to parameters and inputs."""
+    outputs = out if len(block.provides) > 1 else (out,)
+    generator = torch.Generator().manual_seed(0)
+    total = None
+    for name, value in zip(block.provides, outputs):
+        for _, t in _leaves(value, name):
+            if t.is_floating_point() and t.requires_grad:
+                w = torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device, t.dtype)
+                total = (t * w).sum() if total is None else total + (t * w).sum()
+    if total is None:
+        return
+    total.backward()
+    grads = [(f"parameter {n!r}", p.grad) for n, p in block.named_parameters()]
+    for name, value in values.items():
+        grads += [(f"input {path}", t.grad) for path, t in _leaves(value, name, full=True) if t.requires_grad]
+    bad = [what for what, g in grads if g is not None and not bool(torch.isfinite(g).all())]
+    assert not bad, f"{type(block).__name__}: NaN or inf gradient of {bad}"
 
 
 PADDING_ONLY = ("finite", "inputs_unchanged", "deterministic", "gradients", "dtypes", "state_dict", "clone",
@@ -320,3 +348,26 @@ def test_a_block_that_fails_on_one_real_token_is_caught():
 
     with pytest.raises(AssertionError, match=r"check_outputs\(NaNOnOneToken\): finite check failed"):
         sweep()
+
+
+# ---------------------------------------------------------------------- regressions found by the sweep
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_pair_that_keeps_or_drops_every_patch_has_finite_gradients(dtype):
+    """LAPS: a pair whose decisions keep nothing (TokenAggregation) or drop nothing (RedundantFusion).
+
+    The masked softmax divided by a tiny clamp there: 1 / tiny (~1e38) gradients into the
+    decisions, and 0 / tiny**2 = NaN into the aggregation MLP.
+    """
+    torch.manual_seed(0)
+    feats = torch.randn(1, 3, D, dtype=dtype, requires_grad=True)
+    decisions = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 0.0, 1.0]], [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]]],
+                             dtype=dtype).requires_grad_(True)
+    aggregation = TokenAggregation(D, 2).to(dtype)
+    merged = aggregation(Tokens(feats), decisions[:1])
+    fused = RedundantFusion()(Tokens(feats), torch.rand(1, 2, 3, dtype=dtype), decisions[1:])
+    torch.testing.assert_close(merged[0, 0], torch.zeros(2, D, dtype=dtype))  # nothing kept: zero tokens
+    torch.testing.assert_close(fused[0, 0], torch.zeros(D, dtype=dtype))  # nothing dropped: a zero token
+    ((merged * torch.randn_like(merged)).sum() + (fused * torch.randn_like(fused)).sum()).backward()
+    for what, grad in [("features", feats.grad), ("decisions", decisions.grad)] + [
+            (n, p.grad) for n, p in aggregation.named_parameters()]:
+        assert bool(torch.isfinite(grad).all()) and float(grad.abs().max()) < 1e3, what
