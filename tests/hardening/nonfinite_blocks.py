@@ -4,8 +4,8 @@ A module of its own: processes spawned by ``run_ranks`` import the worker and th
 """
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from toy import ToyHinge, ToyText, toy_data
 
 from imtm import Component, Matcher, Tokens

@@ -17,8 +17,8 @@ from imtm import Matcher, presets
 from imtm.data import CaptionAugment, ImageCaptionDataset, synthetic
 from imtm.matcher import CUBLAS_WORKSPACE_CONFIG, seed_everything
 
-LAPS_TINY = dict(model_name="vit_tiny_patch16_224", img_size=32, embed_dim=16, word_dim=16,
-                 model_kwargs=dict(depth=1, embed_dim=16, num_heads=2, patch_size=8))
+LAPS_TINY = {"model_name": "vit_tiny_patch16_224", "img_size": 32, "embed_dim": 16, "word_dim": 16,
+             "model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_ela_masking_is_seeded(tmp_path):
 
     def components():
         return presets.ela(text_model=folder, image_model="vit_tiny_patch16_224", img_size=24, embed_dim=16,
-                           model_kwargs=dict(depth=1, embed_dim=16, num_heads=2, patch_size=8), heads=2,
+                           model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8}, heads=2,
                            cross_layers=1, rerank_k=2)
 
     a = fit(components(), train, seed=0)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
+from toy import ToyHinge, ToyText, toy_data
 
 from imtm import Matcher
 from imtm.components import GlobalCosine, PrecomputedEncoder, TripletLoss
@@ -16,11 +17,11 @@ from imtm.data import ImageCaptionDataset, collate
 from imtm.engine import training
 from imtm.engine.training import NonFiniteError
 from imtm.testing.distributed import run_ranks
-from toy import ToyHinge, ToyText, toy_data
 
 sys.path.insert(0, str(Path(__file__).parent))  # the blocks' module, importable by spawned processes too
-import nonfinite_blocks as nb  # noqa: E402
-from nonfinite_blocks import PoisonedEncoder, PoisonedScorer  # noqa: E402
+import nonfinite_blocks as nb
+from nonfinite_blocks import PoisonedEncoder, PoisonedScorer
+
 
 @pytest.fixture(scope="module")
 def data():
@@ -160,7 +161,8 @@ def test_skipped_step_leaves_weights_optimizer_and_schedule_unchanged(data, monk
         return out
 
     monkeypatch.setattr(training.Trainer, "step", recording)
-    matcher(data, scorer=PoisonedScorer(at=(2,)), on_nonfinite="skip").fit(loader(data))
+    with pytest.warns(RuntimeWarning, match=r"skipped step 2 .*block 'scorer'"):
+        matcher(data, scorer=PoisonedScorer(at=(2,)), on_nonfinite="skip").fit(loader(data))
     assert [out is None for out, *_ in seen] == [False, False, True, False, False, False]
     _, before, after, grads = seen[2]
     assert_same(before[0], after[0])
@@ -179,8 +181,10 @@ def test_skipped_step_leaves_weights_optimizer_and_schedule_unchanged(data, monk
 def test_skipping_is_exactly_training_without_the_bad_batch(data):
     """The bad batch (index 2) skipped in place, or moved to the end and skipped there: the same weights
     bit for bit (the schedule advances with steps taken, and the toy blocks draw no random numbers)."""
-    in_place = matcher(data, scorer=PoisonedScorer(at=(2,)), on_nonfinite="skip").fit(loader(data))
-    at_end = matcher(data, scorer=PoisonedScorer(at=(5,)), on_nonfinite="skip").fit(loader(data, [0, 1, 3, 4, 5, 2]))
+    with pytest.warns(RuntimeWarning, match=r"skipped step 2 "):
+        in_place = matcher(data, scorer=PoisonedScorer(at=(2,)), on_nonfinite="skip").fit(loader(data))
+    with pytest.warns(RuntimeWarning, match=r"skipped step 5 "):
+        at_end = matcher(data, scorer=PoisonedScorer(at=(5,)), on_nonfinite="skip").fit(loader(data, [0, 1, 3, 4, 5, 2]))
     assert in_place.skipped_steps_ == at_end.skipped_steps_ == 1
     assert in_place.history_[0]["skipped_steps"] == 1
     assert_same(state(in_place), state(at_end))
@@ -243,7 +247,9 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank(data):
     assert any("skipped step 1" in w and "another rank's step" in w for w in res[0]["warnings"])
     # The same as one process with the combined batch that skips the same step.
     single = Matcher(nb.components(data.vocab, PoisonedScorer(at=(1,))), epochs=1, batch_size=4, lr=1e-2,
-                     warmup=0, device="cpu", random_state=0, verbose=False, on_nonfinite="skip").fit(data)
+                     warmup=0, device="cpu", random_state=0, verbose=False, on_nonfinite="skip")
+    with pytest.warns(RuntimeWarning, match=r"skipped step 1 .*block 'scorer'"):
+        single.fit(data)
     assert single.skipped_steps_ == 1
     for k, v in single.components_.state_dict().items():
         torch.testing.assert_close(torch.as_tensor(res[0]["state"][k]), v, rtol=1e-4, atol=1e-5, msg=k)
