@@ -11,9 +11,10 @@ import math
 import pytest
 import torch
 from sklearn.base import clone
+from toy import ToyImage, ToyText, toy_data
 
-import imtm.components  # noqa: F401  (registers every block)
-import imtm.matcher  # noqa: F401
+import imtm.components
+import imtm.matcher
 from imtm import Matcher
 from imtm.component import COMPONENT_REGISTRY, Component
 from imtm.components import (
@@ -28,7 +29,6 @@ from imtm.components import (
 )
 from imtm.components.encoders.hf_text import write_local_bert
 from imtm.data import Vocabulary
-from toy import ToyImage, ToyText, toy_data
 
 D = 8
 WORDS = ["a", "red", "blue", "circle", "square"]
