@@ -77,7 +77,7 @@ def _check_positive(value, name: str, fn: str) -> float:
 
 
 def _check_embeddings(image_embedding, text_embedding, fn: str) -> None:
-    """Boundary checks shared by the losses: two floating (B, D) tensors, same shape, B >= 2, finite."""
+    """Boundary checks shared by the losses: two floating (B, D) tensors, same shape and dtype, B >= 2, finite."""
     for x, what in ((image_embedding, "image_embedding"), (text_embedding, "text_embedding")):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{fn}: {what} must be a (B, D) tensor, got {type(x).__name__}")
@@ -90,6 +90,11 @@ def _check_embeddings(image_embedding, text_embedding, fn: str) -> None:
             f"{fn}: image_embedding {tuple(image_embedding.shape)} and text_embedding "
             f"{tuple(text_embedding.shape)} must have the same shape (B, D): row b of each is a matched pair "
             "(in a Matcher batch, row b of the images is the image of caption b)"
+        )
+    if image_embedding.dtype != text_embedding.dtype:
+        raise TypeError(
+            f"{fn}: image_embedding is {image_embedding.dtype} but text_embedding is {text_embedding.dtype}; "
+            "cast one to the other's dtype"
         )
     if image_embedding.shape[0] < 2:
         raise ValueError(
@@ -194,6 +199,11 @@ def dimension_alignment_loss(
     Returns:
         A scalar in ``(-2D, 0)`` (``"sum"``) or ``(-2, 0)`` (``"mean"``).
 
+    Raises:
+        ValueError: shapes that are not one ``(B, D)`` for both, ``B < 2``, NaN or inf, a
+            temperature not > 0, an unknown ``reduction``.
+        TypeError: inputs that are not floating tensors, or of two different dtypes.
+
     Shape:
         - image_embedding, text_embedding: ``(B, D)`` with ``B >= 2``
         - output: ``()``
@@ -245,6 +255,12 @@ def word_region_pairs(
     Returns:
         ``(regions, words)``, each ``(W, D)`` with ``W`` the number of real words.
 
+    Raises:
+        ValueError: inputs that are not floating ``(B, N, D)`` tensors with the same ``B`` and
+            ``D``, masks that are not bool of shape ``(B, N)`` / ``(B, M)``, an image without a
+            real region.
+        TypeError: image and text tokens of two different dtypes.
+
     Shape:
         - image_tokens: ``(B, N, D)``; text_tokens: ``(B, M, D)``
         - output: two ``(W, D)`` tensors
@@ -267,6 +283,11 @@ def word_region_pairs(
         raise ValueError(
             f"{fn}: image_tokens {tuple(image_tokens.shape)} and text_tokens {tuple(text_tokens.shape)} must "
             "have the same batch size (row b of each is a matched pair) and feature dimension"
+        )
+    if image_tokens.dtype != text_tokens.dtype:
+        raise TypeError(
+            f"{fn}: image_tokens are {image_tokens.dtype} but text_tokens are {text_tokens.dtype}; "
+            "cast one to the other's dtype"
         )
     b, n, _ = image_tokens.shape
     m = text_tokens.shape[1]
@@ -330,6 +351,10 @@ def spatial_differences(
 
         \text{inter: } x_{ij} - x_{ji},\ x_{ij} = \sigma(V_i, T_j) \quad (7);\qquad
         \text{intra: } y_{ij} - z_{ij},\ y_{ij} = \sigma(V_i, V_j),\ z_{ij} = \sigma(T_i, T_j) \quad (9)
+
+    Raises:
+        ValueError / TypeError: as :func:`dimension_alignment_loss`, and for an unknown ``kind``
+            or ``distance``.
 
     Shape:
         - image_embedding, text_embedding: ``(B, D)``
@@ -474,6 +499,10 @@ def spatial_constraint_loss(
         temperature: relaxation temperature of the mask (standard-deviation units).
         distance: ``"cosine"`` or ``"euclidean"``.
         reduction: ``"sum"`` over pairs (as the paper) or ``"mean"`` over the ``B (B - 1)`` ordered pairs.
+
+    Raises:
+        ValueError / TypeError: as :func:`spatial_differences`, and for a ``sparse`` that is not
+            a bool (TypeError), a ``beta`` that is not finite or a temperature not > 0.
 
     Shape:
         - image_embedding, text_embedding: ``(B, D)`` with ``B >= 2``

@@ -314,6 +314,10 @@ def cosine_cost(
         target: ``(B, M, D)`` (ELA: word states), the same ``B`` (problem ``k`` pairs
             ``source[k]`` with ``target[k]``).
 
+    Raises:
+        ValueError: shapes that are not ``(B, N, D)`` and ``(B, M, D)``.
+        TypeError: source and target of two different dtypes.
+
     Example:
         >>> cosine_cost(torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
         tensor([[[0., 1.]]])
@@ -323,6 +327,10 @@ def cosine_cost(
         raise ValueError(
             f"cosine_cost: expected source (B, N, D) and target (B, M, D), got {tuple(source.shape)} "
             f"and {tuple(target.shape)}"
+        )
+    if source.dtype != target.dtype:
+        raise TypeError(
+            f"cosine_cost: source is {source.dtype} but target is {target.dtype}; cast one to the other's dtype"
         )
     x = torch.nn.functional.normalize(source, dim=-1, eps=eps)
     y = torch.nn.functional.normalize(target, dim=-1, eps=eps)

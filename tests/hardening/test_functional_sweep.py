@@ -1438,6 +1438,67 @@ def test_documented_errors(name):
     run()
 
 
+# ---------------------------------------------------------------------------- two inputs of different dtypes
+# Functions of two float inputs either compute in the promoted dtype (documented through
+# check_pair_inputs: "both features in their promoted common dtype") or refuse the pair with a
+# TypeError naming both dtypes. Each entry: (inputs of dtypes a and b) -> (call, "promote" | "refuse").
+def _mixed_pair_scorer(fn):
+    def build(ctx: Ctx, a, b):
+        v, vm = ctx.tokens(ctx.int(1, 3), 4, 4)
+        t, tm = ctx.tokens(ctx.int(1, 3), 4, 4)
+        return (lambda: fn(v.to(a), t.to(b), vm, tm)), "promote"
+    return build
+
+
+def _mixed_two(fn, shape_a, shape_b, rule):
+    def build(ctx: Ctx, a, b):
+        x, y = ctx.randn(*shape_a, dtype=a), ctx.randn(*shape_b, dtype=b)
+        return (lambda: fn(x, y)), rule
+    return build
+
+
+def _mixed_loss(fn):
+    def build(ctx: Ctx, a, b):
+        pos = ctx.positives(3, 2)
+        return (lambda: fn((ctx.scores(3, 2).to(a), ctx.scores(3, 2).to(b)), pos)), "promote"
+    return build
+
+
+MIXED = {
+    "hard_assignment_scores": _mixed_pair_scorer(F.hard_assignment_scores),
+    "soft_assignment_scores": _mixed_pair_scorer(F.soft_assignment_scores),
+    "sparse_alignment_scores": _mixed_pair_scorer(F.sparse_alignment_scores),
+    "global_cosine_scores": _mixed_two(lambda v, t: F.global_cosine_scores(v, t), (2, 3, 4), (3, 2, 4), "refuse"),
+    "cosine_similarity_matrix": _mixed_two(F.cosine_similarity_matrix, (2, 4), (3, 4), "refuse"),
+    "topk_mean_scores": _mixed_two(lambda v, c: F.topk_mean_scores(v, c, k=2), (2, 3, 4), (3, 4), "promote"),
+    "triplet_loss": _mixed_loss(F.triplet_loss),
+    "info_nce_loss": _mixed_loss(F.info_nce_loss),
+    "dimension_alignment_loss": _mixed_two(F.dimension_alignment_loss, (3, 4), (3, 4), "refuse"),
+    "spatial_differences": _mixed_two(F.spatial_differences, (3, 4), (3, 4), "refuse"),
+    "spatial_constraint_loss": _mixed_two(F.spatial_constraint_loss, (3, 4), (3, 4), "refuse"),
+    "word_region_pairs": _mixed_two(F.word_region_pairs, (2, 3, 4), (2, 2, 4), "refuse"),
+    "cosine_cost": _mixed_two(F.cosine_cost, (2, 3, 4), (2, 2, 4), "refuse"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MIXED))
+def test_mixed_dtypes(name):
+    @_settings(ERROR_EXAMPLES)
+    @given(data=st.data(), pair=st.permutations([F32, F64, BF16]), device=devices())
+    def run(data, pair, device):
+        a, b = pair[:2]
+        call, rule = MIXED[name](Ctx(data.draw, a, device), a, b)
+        if rule == "refuse":
+            with pytest.raises(TypeError, match=rf"{a}.* but .*{b}"):
+                call()
+            return
+        out = call()
+        assert out.dtype == torch.promote_types(a, b), f"{name}: {out.dtype} from {a} and {b}"
+        assert bool(torch.isfinite(out).all())
+
+    run()
+
+
 # ---------------------------------------------------------------------------- regressions found by the sweep
 @pytest.mark.parametrize("method", ["emd", "pot_sinkhorn"])
 def test_pot_backends_take_bfloat16(method):
