@@ -378,15 +378,18 @@ class Matcher(BaseEstimator):
             elif not self.compile and compiled:
                 block._compiled_call_impl = None
 
-    def fit(self, train, eval_set=None, *, resume: bool = False) -> "Matcher":
+    def fit(self, train, eval_set=None, *, resume: bool | str | os.PathLike = False) -> "Matcher":
         """Train on ``train`` (a torch Dataset or DataLoader), evaluating on ``eval_set`` each epoch.
 
         Args:
             train: a dataset whose items are ``{"images", "texts", "image_ids"}`` (see
                 :mod:`imtm.data`), or a DataLoader yielding collated batches.
             eval_set: optional dataset with ``images``, ``captions``, ``caption_to_image``.
-            resume: continue from the newest complete checkpoint in ``checkpoint_dir``
-                (same final weights as an uninterrupted run); starts afresh when none exists.
+            resume: ``True``: continue from the checkpoint ``checkpoint_dir/LATEST`` names
+                (same final weights as an uninterrupted run); starts afresh when there is
+                no ``LATEST``. A checkpoint that fails its checksums is refused with a
+                ``CheckpointError`` listing the complete ones left; pass one of their
+                names (``"ckpt-00000120"``) or a path to continue from it instead.
 
         Under ``torchrun`` (or ``python -m torch.distributed.run``) the same call trains
         with DistributedDataParallel: ``batch_size`` per process, scorers and losses see

@@ -15,13 +15,20 @@ Layout of a run folder::
 
 A checkpoint folder is written under a temporary name and renamed when complete;
 ``LATEST`` is replaced only after that, so an interruption at any point leaves the
-previous complete checkpoint in place.
+previous complete checkpoint in place. A folder that already exists (``best/``, a
+saved model) is first renamed aside to ``.<name>.old-<pid>``; a writer killed between
+the two renames leaves it there, and the next writer of the run folder (or
+``fit(resume=True)``) renames it back. Temporaries of a killed writer
+(``.<name>.tmp-<pid>``, ``.<name>.old-<pid>``, ``.LATEST.<random>``) are removed by
+the next writer once their process is gone; they are never read as checkpoints.
+See ``docs/robustness.md`` for what survives a kill at each point.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -39,7 +46,24 @@ from imtm.engine.serialization import (
     unflatten_state,
 )
 
-__all__ = ["write_checkpoint", "read_checkpoint", "latest_checkpoint", "CheckpointError", "verify_manifest"]
+__all__ = [
+    "write_checkpoint",
+    "read_checkpoint",
+    "latest_checkpoint",
+    "resolve_checkpoint",
+    "complete_checkpoints",
+    "recover_run",
+    "CheckpointError",
+    "verify_manifest",
+]
+
+#: Files in every checkpoint folder (besides MANIFEST.json), and the pair a resumable one adds.
+REQUIRED_FILES = ("config.json", "model.safetensors", "record.json")
+TRAIN_STATE_FILES = ("optimizer.safetensors", "state.json")
+
+# The temporaries write_checkpoint and atomic_write_bytes create; nothing else is ever removed.
+_FOLDER_TEMPORARY = re.compile(r"^\.(?P<name>[^/\\]+)\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)$")
+_LATEST_TEMPORARY = re.compile(r"^\.LATEST\.[a-z0-9_]{8}$")  # tempfile.mkstemp's 8-character suffix
 
 
 class CheckpointError(ConfigError):
@@ -47,20 +71,49 @@ class CheckpointError(ConfigError):
 
 
 def verify_manifest(folder: Path) -> None:
-    """Check every file against the sha256 in ``MANIFEST.json``; raise CheckpointError on any difference."""
+    """Check a checkpoint folder against its ``MANIFEST.json``; raise CheckpointError on any difference.
+
+    The manifest must list every required file (``REQUIRED_FILES``, and both or neither
+    of ``TRAIN_STATE_FILES``) with its sha256; the folder must hold exactly the listed
+    files and the manifest. A manifest rewritten to match altered files passes: checksums
+    detect truncation and accidental change, not a deliberate forgery.
+    """
+    folder = Path(folder)
     manifest_path = folder / "MANIFEST.json"
     if not manifest_path.exists():
         raise CheckpointError(f"{folder}: no MANIFEST.json; the checkpoint is incomplete")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from e
-    for name, digest in manifest.get("sha256", {}).items():
+        manifest = json.loads(manifest_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e}); the file was truncated or altered") from e
+    listed = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+        raise CheckpointError(f"{manifest_path}: malformed manifest (no 'sha256' table of file checksums)")
+    unknown = sorted(set(listed) - set(REQUIRED_FILES) - set(TRAIN_STATE_FILES))
+    if unknown:
+        raise CheckpointError(f"{manifest_path} lists {unknown}, which are not checkpoint files; the manifest was altered")
+    missing = [f for f in REQUIRED_FILES if f not in listed]
+    if len(set(TRAIN_STATE_FILES) & set(listed)) == 1:  # trainer state comes as a pair or not at all
+        missing += [f for f in TRAIN_STATE_FILES if f not in listed]
+    if missing:
+        raise CheckpointError(
+            f"{manifest_path} does not list {missing}; the manifest was altered or the checkpoint is incomplete"
+        )
+    extra = sorted(p.name for p in folder.iterdir() if p.name != "MANIFEST.json" and p.name not in listed)
+    if extra:
+        raise CheckpointError(
+            f"{folder} holds {extra}, which MANIFEST.json does not list; imtm writes no such file. "
+            "Remove what was added, or use another checkpoint"
+        )
+    for name, digest in listed.items():
         path = folder / name
-        if not path.exists():
-            raise CheckpointError(f"{folder}: {name} is missing")
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: {name} is missing; the checkpoint was damaged, use another one")
         if file_sha256(path) != digest:
-            raise CheckpointError(f"{path}: checksum mismatch; the file was truncated or altered")
+            raise CheckpointError(
+                f"{path}: checksum mismatch; the file was truncated or altered after it was written. "
+                "Nothing was loaded: use another checkpoint"
+            )
 
 
 def write_checkpoint(
@@ -74,9 +127,14 @@ def write_checkpoint(
     keep_last: int = 2,
     update_latest: bool = True,
 ) -> Path:
-    """Write a complete checkpoint folder ``run_dir/name`` atomically and point ``LATEST`` at it."""
+    """Write a complete checkpoint folder ``run_dir/name`` atomically and point ``LATEST`` at it.
+
+    First undoes what a killed writer left (:func:`recover_run`): of the whole run folder
+    when ``update_latest``, else of ``name`` only (a folder of saved models may have other writers).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    recover_run(run_dir, None if update_latest else name)
     tmp = run_dir / f".{name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -108,13 +166,116 @@ def write_checkpoint(
     return final
 
 
+def _process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this machine (leftovers of this very process are stale too)."""
+    if pid == os.getpid():
+        return True  # one process writes its checkpoints one after another: a leftover is from a failed write
+    if os.name != "posix":  # no harmless liveness test: keep what may belong to a running writer
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process, or not a possible process id
+        return True
+    except PermissionError:  # another user's running process
+        return False
+    return False
+
+
+def recover_run(run_dir: str | os.PathLike, name: str | None = None) -> list[str]:
+    """Undo what a killed writer left in ``run_dir``; return one line per action.
+
+    A folder ``X`` that is missing while a complete ``.X.old-<pid>`` exists (a writer
+    killed between renaming the previous ``X`` aside and renaming the new one in) is
+    renamed back. Then ``.X.tmp-<pid>`` and ``.X.old-<pid>`` folders and, for a whole
+    run folder, ``.LATEST.<random>`` files are removed, once process ``<pid>`` is gone.
+    Nothing else is touched. With ``name``, only the leftovers of ``run_dir/name`` are.
+    Assumes one writer per run folder on one machine (process ids of other machines mean nothing here).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    done: list[str] = []
+    leftovers = []
+    for path in sorted(run_dir.iterdir()):
+        match = _FOLDER_TEMPORARY.match(path.name)
+        if match:
+            if (name is None or match["name"] == name) and path.is_dir() and not path.is_symlink() \
+                    and _process_gone(int(match["pid"])):
+                leftovers.append((path, match["name"], match["kind"]))
+        elif name is None and _LATEST_TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            done.append(f"removed {path.name}")
+    for path, target, kind in leftovers:
+        if kind == "old" and not os.path.lexists(run_dir / target):
+            try:
+                verify_manifest(path)
+            except CheckpointError as e:
+                done.append(f"kept {path.name}: it cannot replace the missing {target} ({e})")
+                continue
+            os.replace(path, run_dir / target)
+            done.append(f"restored {target} from {path.name}")
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        done.append(f"removed {path.name}")
+    return done
+
+
+def resolve_checkpoint(run_dir: str | os.PathLike, which: bool | str | os.PathLike) -> Path | None:
+    """The checkpoint folder that ``fit(resume=which)`` continues from.
+
+    Args:
+        run_dir: the run folder (``checkpoint_dir``).
+        which: ``True`` for the one ``LATEST`` names (``None`` when the run folder has no
+            ``LATEST``, so the run starts afresh), or a checkpoint folder: its name in
+            ``run_dir`` (``"ckpt-00000120"``) or a path.
+    """
+    if which is True:
+        return latest_checkpoint(run_dir)
+    folder = Path(run_dir) / Path(which)  # an absolute path stays as given
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
+    return folder
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The resumable checkpoints of a run folder that pass :func:`verify_manifest`, newest first.
+
+    Hidden temporaries are never listed; neither is ``best/`` (weights only, no trainer state).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for path in sorted(run_dir.iterdir(), reverse=True):  # ckpt-<step> names: newest first
+        if path.name.startswith(".") or not path.is_dir() or not (path / "state.json").is_file():
+            continue
+        try:
+            verify_manifest(path)
+        except CheckpointError:
+            continue
+        found.append(path)
+    return found
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint of a run folder (None when there is none)."""
     run_dir = Path(run_dir)
     latest = run_dir / "LATEST"
     if not latest.exists():
         return None
-    folder = run_dir / latest.read_text().strip()
+    with open(latest, "rb") as f:
+        raw = f.read(1025)  # a folder name; anything longer is not one
+    try:
+        name = raw.decode("utf-8").strip() if len(raw) <= 1024 else raw[:40].decode("utf-8", "replace") + "..."
+    except UnicodeDecodeError:
+        name = raw[:40].decode("utf-8", "replace")
+    if not name:
+        raise CheckpointError(f"{latest} is empty; it should hold the name of the newest checkpoint folder in {run_dir}")
+    folder = run_dir / name
+    # A hidden name is a temporary of a writer, never a checkpoint; a link must not lead out of the run folder.
+    if name.startswith(".") or "/" in name or "\\" in name or "\x00" in name or len(raw) > 1024 \
+            or (folder.exists() and folder.resolve().parent != run_dir.resolve()):
+        raise CheckpointError(f"{latest} names {name!r}, which is not a checkpoint folder of {run_dir}")
     if not folder.is_dir():
         raise CheckpointError(f"{latest} names {folder.name}, which does not exist")
     return folder
@@ -124,7 +285,10 @@ def read_checkpoint(folder: str | os.PathLike, *, with_train_state: bool = True)
     """Verify and read a checkpoint folder: config, model state, record and (optionally) trainer state."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such checkpoint folder")
+        aside = sorted(p.name for p in folder.parent.glob(f".{folder.name}.old-*")) if folder.name else []
+        hint = (f"; a write killed while replacing it left the previous version in {aside[0]}: writing "
+                f"{folder.name} again restores it first, or rename it back by hand") if aside else ""
+        raise CheckpointError(f"{folder}: no such checkpoint folder{hint}")
     verify_manifest(folder)
     out = {
         "config": json.loads((folder / "config.json").read_text()),

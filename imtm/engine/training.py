@@ -7,6 +7,7 @@ import importlib.metadata
 
 import logging
 import math
+import os
 import platform
 import random
 import time
@@ -20,7 +21,14 @@ from tqdm.auto import tqdm
 
 from imtm.data.collate import collate
 from imtm.engine import distributed
-from imtm.engine.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint, write_checkpoint
+from imtm.engine.checkpoint import (
+    CheckpointError,
+    complete_checkpoints,
+    read_checkpoint,
+    recover_run,
+    resolve_checkpoint,
+    write_checkpoint,
+)
 from imtm.engine.evaluation import move, run_blocks
 from imtm.engine.sampling import refresh_sampler
 from imtm.tokens import NonFiniteValueError, Tokens
@@ -529,9 +537,18 @@ class Trainer:
         if resume:
             if m.checkpoint_dir is None:
                 raise ValueError("Matcher.fit(resume=True) needs checkpoint_dir")
-            folder = latest_checkpoint(m.checkpoint_dir)
+            if resume is not True and not (isinstance(resume, (str, os.PathLike)) and os.fspath(resume)):
+                raise TypeError(f"Matcher.fit: resume must be True, False or the name or path of a checkpoint "
+                                f"folder, got {resume!r}")
+            if self.main:  # this run is the next writer: undo what a killed one left (folders renamed aside)
+                recover_run(m.checkpoint_dir)
+            distributed.barrier()
+            try:
+                folder = resolve_checkpoint(m.checkpoint_dir, resume)
+                ckpt = read_checkpoint(folder) if folder is not None else None
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}. {_resume_advice(m.checkpoint_dir)}") from e
             if folder is not None:
-                ckpt = read_checkpoint(folder)
                 ts = ckpt["train_state"]
                 if ts is None:
                     raise CheckpointError(f"{folder} holds weights only; it cannot be resumed")
@@ -558,8 +575,16 @@ class Trainer:
                 self.epoch_logs = ts["epoch_logs"]
                 m.n_epochs_ = len(m.history_)
                 best_path = _best_path(m)
-                if best_path is not None and best_path.exists() and m.best_ is not None:
-                    best_state = read_checkpoint(best_path, with_train_state=False)["model_state"]
+                if best_path is not None and m.best_ is not None:
+                    if best_path.is_dir():
+                        best_state = read_checkpoint(best_path, with_train_state=False)["model_state"]
+                    elif m.keep_best:
+                        # best/ is written before any checkpoint that records it: it was removed since.
+                        raise CheckpointError(
+                            f"{folder} records a best epoch ({m.best_}) but {best_path} is missing, so keep_best "
+                            f"could not end this run with that epoch's weights. Restore {best_path}, or fit "
+                            "without resume=True to start afresh"
+                        )
                 self.seed = ckpt["record"]["seed"]
         m.skipped_steps_ = self.skipped
         plan = m.plan_
@@ -660,6 +685,16 @@ class _StepModule(torch.nn.Module):
 
     def forward(self, values, loss_idx, run_idx):
         return self.step_fn(values, loss_idx, run_idx)
+
+
+def _resume_advice(run_dir) -> str:
+    """What to do when the checkpoint to resume from is refused: the complete ones left, newest first."""
+    ok = [p.name for p in complete_checkpoints(run_dir)]
+    if ok:
+        return (f"Nothing was loaded. Complete checkpoints in {run_dir}, newest first: {', '.join(ok)}; continue "
+                f"from one with fit(..., resume={ok[0]!r}), or fit without resume=True to start afresh")
+    return (f"Nothing was loaded, and {run_dir} holds no other complete checkpoint: fit without resume=True "
+            "to start afresh")
 
 
 def _best_path(m):
