@@ -271,6 +271,7 @@ class Trainer:
         ids = values["image_ids"]
         values["positives"] = ids[:, None] == ids[None, :]
         refused = None
+        bad: Any
         try:
             if self.ddp is not None:
                 total, logs = self.ddp(values, loss_idx, run_idx)
@@ -283,9 +284,9 @@ class Trainer:
         if refused is None and not isinstance(total, torch.Tensor):
             raise RuntimeError("Matcher.fit: no loss block is active in this stage; add a loss such as TripletLoss")
         if refused is not None:
-            bad: Any = True
+            bad = loss_bad = True
         else:
-            bad = ~torch.isfinite(total.detach())
+            bad = loss_bad = ~torch.isfinite(total.detach())
             if opt is not None:
                 # Backward even when the loss is NaN: under DDP every rank must join the gradient
                 # all-reduce, and it costs nothing on the normal path.
@@ -299,13 +300,16 @@ class Trainer:
                 sched.step()
             self.consecutive_skips = 0
             return {n: float(v.detach()) for n, v in logs.items()}
-        self.nonfinite(values, inputs, logs, refused, bool(bad), opt, run_idx)
+        local = "loss" if bool(loss_bad) else "gradient" if bool(bad) else None
+        self.nonfinite(values, inputs, logs, refused, local, opt, run_idx)
         return None
 
-    def nonfinite(self, values: dict, inputs: list[str], logs: dict, refused, local: bool, opt, run_idx) -> None:
+    def nonfinite(self, values: dict, inputs: list[str], logs: dict, refused, local: str | None, opt,
+                  run_idx) -> None:
         """Trace a non-finite step to its source, then raise or skip it (``on_nonfinite``).
 
-        Every rank gets here together (the flag was all-reduced). A NaN/inf in the batch
+        Every rank gets here together (the flag was all-reduced); ``local`` says what was
+        non-finite on this rank (``"loss"``, ``"gradient"`` or ``None``). A NaN/inf in the batch
         itself is bad input, refused with a ``ValueError`` under either policy.
         """
         m = self.m
@@ -343,10 +347,10 @@ class Trainer:
                 f"Matcher.fit: skipped {where}: {text}. Further skips in this epoch are counted without a "
                 "warning (history_[...]['skipped_steps'], skipped_steps_)", RuntimeWarning, stacklevel=2)
 
-    def _trace(self, values: dict, inputs: list[str], logs: dict, refused, local: bool, run_idx):
+    def _trace(self, values: dict, inputs: list[str], logs: dict, refused, local: str | None, run_idx):
         """``(kind, block, value, blocks, text)``: where this rank's NaN/inf comes from."""
         plan = self.m.plan_
-        if not local:
+        if local is None:
             return ("rank", None, None, (),
                     "this rank's loss and gradients are finite; another rank's step was not (see its warning or error)")
 
@@ -354,7 +358,7 @@ class Trainer:
             return f"block {plan.names[k]!r} ({type(plan.blocks[k]).__name__}, position {k})"
 
         losses = [n for n, v in logs.items() if _nonfinite(v)]
-        if refused is not None or losses:
+        if local == "loss":
             for name in inputs:
                 if _nonfinite(values.get(name)):
                     return "input", None, name, (), f"the batch's input {name!r} holds NaN/inf"
@@ -371,7 +375,10 @@ class Trainer:
                 k = plan.names.index(losses[0])
                 return ("loss", losses[0], None, tuple(losses),
                         f"loss block(s) {losses} returned NaN/inf from finite inputs (first: {label(k)})")
-            return "loss", None, None, (), f"a block refused a non-finite value ({refused})"
+            if refused is not None:
+                return "loss", None, None, (), f"a block refused a non-finite value ({refused})"
+            return ("loss", None, None, tuple(logs), f"every loss is finite but their weighted sum overflowed "
+                    f"({ {n: float(v.detach()) for n, v in logs.items()} }); lower the loss weights")
         grads = [name for name, b in self.m.components_.items()
                  if any(p.grad is not None and _nonfinite(p.grad) for p in b.parameters())]
         if grads:

@@ -103,6 +103,15 @@ def test_loss_block_is_named_when_every_intermediate_is_finite(data):
     assert (e.value.block, e.value.value) == ("hinge", None)
 
 
+def test_an_overflowing_weighted_sum_of_finite_losses_is_named_as_such(data):
+    m = matcher(data)
+    m.set_params(loss=ToyHinge(weight=1e39))  # weight * loss overflows float32; each loss is finite
+    with pytest.raises(NonFiniteError, match=r"step 0 .*every loss is finite but their weighted sum overflowed "
+                                             r"\(\{'loss': \d") as e:
+        m.fit(loader(data))
+    assert (e.value.kind, e.value.block, e.value.blocks) == ("loss", None, ("loss",))
+
+
 def test_a_block_that_refuses_a_nan_input_does_not_hide_its_producer(data):
     """GlobalCosine checks its inputs (check_finite): a NaN the encoder produced used to surface as
     "check the input features" (a ValueError that bypassed on_nonfinite); it is traced to the encoder."""
