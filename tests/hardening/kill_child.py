@@ -285,7 +285,7 @@ def run_scenarios(spec_path: Path) -> None:
             last.unlink(missing_ok=True)
             before = listing(run_dir)
 
-            def killed_fit(kill=kill):
+            def killed_fit(kill=kill, run_dir=run_dir):
                 EVENTS.kill = None if "after_s" in kill else kill
                 EVENTS.labels, EVENTS.matched = [], 0  # count this process's events only
                 make_matcher(run_dir, train).fit(train, eval_set=dev, resume=True)
@@ -297,13 +297,12 @@ def run_scenarios(spec_path: Path) -> None:
 
         start = latest_state(run_dir)
         leftovers_before = [n for n in listing(run_dir) if n.startswith(".")]
-        steps = []
 
-        def final_fit():
+        def final_fit(run_dir=run_dir, out=out):
             EVENTS.kill = None
             EVENTS.labels, EVENTS.matched = [], 0
             m = make_matcher(run_dir, train).fit(train, eval_set=dev, resume=True)
-            steps.extend(e for e in EVENTS.labels if e.startswith("step "))
+            steps = [e for e in EVENTS.labels if e.startswith("step ")]
             save_result(m, out, {"steps_run": len(steps), "listing_after": listing(run_dir),
                                  "best_weights": _best_weights_equal(run_dir, ref_dir / "run")})
 

@@ -70,7 +70,8 @@ def dead_pid():
 
 
 def listing(folder: Path) -> dict[str, list[str]]:
-    return {str(p.relative_to(folder)): sorted(os.listdir(p)) if p.is_dir() else [] for p in [folder, *folder.rglob("*")]}
+    entries = [folder, *folder.rglob("*")]
+    return {str(p.relative_to(folder)): sorted(os.listdir(p)) if p.is_dir() else [] for p in entries}
 
 
 def resume_is_refused(data, run_dir: Path, match: str) -> None:

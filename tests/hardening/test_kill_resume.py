@@ -87,7 +87,7 @@ def assert_same_weights(ref: dict, got: dict, msg: str) -> None:
 
 def test_reference_run_has_every_kind_of_event(killed):
     # The targeted scenarios rely on these: a best/ that is replaced, old checkpoints pruned.
-    work, report = killed
+    work, _ = killed
     _, ref = result(work / "reference")
     events = ref["events"]
     assert ref["steps_run"] == 9 and ref["best"]["epoch"] == 2, ref["best"]
