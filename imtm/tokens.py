@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Tokens", "check_finite", "NonFiniteValueError"]
+__all__ = ["Tokens", "check_finite", "masked_mean_along", "NonFiniteValueError"]
 
 
 class NonFiniteValueError(ValueError):
@@ -36,6 +36,47 @@ def check_finite(x: torch.Tensor, what: str) -> None:
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
         raise NonFiniteValueError(f"{what} holds {n_bad} NaN or inf value(s); check the input features")
+
+
+def masked_mean_along(
+    x: torch.Tensor, mask: torch.Tensor | None = None, *, dim: int = 1, empty: float = 0.0
+) -> torch.Tensor:
+    r"""Mean of ``x`` along ``dim`` over the positions where ``mask`` is True.
+
+    The one implementation behind :meth:`Tokens.masked_mean`,
+    :func:`imtm.functional.masked_mean` and :func:`imtm.functional.mean_pool`. Masked
+    positions never enter the result, whatever they hold (NaN and inf included); the
+    count of real positions is exact (an integer) and cast to ``x``'s dtype; the result
+    keeps ``x``'s dtype. Unchecked: the wrappers check their inputs.
+
+    Args:
+        x: the values.
+        mask: bool, True where a position counts; broadcastable to ``x`` (aligned on the
+            trailing axes, as in broadcasting); ``None``: every position counts.
+        dim: the axis to average.
+        empty: the result of a set without any real position (``0.0``: a zero mean).
+
+    Shape:
+        - x: ``(*, N, *)`` with ``N`` at ``dim``
+        - mask: broadcastable to ``x``
+        - output: ``x``'s shape without ``dim``
+
+    Example:
+        >>> masked_mean_along(torch.tensor([[1.0, 3.0, float("nan")]]), torch.tensor([[True, True, False]]))
+        tensor([2.])
+    """
+    if mask is None:
+        return x.mean(dim)
+    d = dim % x.dim()
+    m = mask.reshape((1,) * (x.dim() - mask.dim()) + tuple(mask.shape))
+    # where() rather than a product with the mask: 0 * NaN in padding would be NaN.
+    total = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(d)
+    # A mask constant along dim (size 1 there) counts every position of x along it.
+    count = m.sum(d) * (x.shape[d] if m.shape[d] == 1 else 1)
+    mean = total / count.clamp_min(1).to(x.dtype)
+    if empty == 0.0:
+        return mean  # an empty set sums to 0, so 0 / 1 is already the answer
+    return torch.where(count > 0, mean, torch.full((), empty, dtype=mean.dtype, device=mean.device))
 
 
 @dataclass(frozen=True)
@@ -217,10 +258,7 @@ class Tokens:
         if skip_prefix and self.num_prefix_tokens:
             mask = mask.clone()
             mask[:, : self.num_prefix_tokens] = False
-        w = mask.to(self.feats.dtype).unsqueeze(-1)
-        # where() rather than multiply: NaN/inf in padding must not leak into the mean
-        total = torch.where(mask.unsqueeze(-1), self.feats, torch.zeros_like(self.feats)).sum(1)
-        return total / w.sum(1).clamp_min(1.0)
+        return masked_mean_along(self.feats, mask.unsqueeze(-1), dim=1)
 
     def check(self, what: str, dim: int | None = None) -> "Tokens":
         """Validate for a block: feature dim, no empty row, finite real features."""

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from imtm.functional.blocking import resolve_option
+from imtm.tokens import masked_mean_along
 
 __all__ = [
     "POOLINGS",
@@ -149,10 +150,8 @@ def mean_pool(x: torch.Tensor, mask: torch.Tensor | None = None, *, dim: int = -
         >>> mean_pool(torch.tensor([[0.1, 0.9, 5.0]]), torch.tensor([[True, True, False]]))
         tensor([0.5000])
     """
-    if mask is None:
-        return x.mean(dim)
-    count = torch.broadcast_to(mask, x.shape).sum(dim).to(x.dtype)
-    return _fill(x, mask, 0.0).sum(dim) / count
+    # An empty set has no mean: NaN, as 0 / 0 (masked_pool refuses empty sets before this).
+    return masked_mean_along(x, mask, dim=dim, empty=math.nan)
 
 
 def softmax_pool(

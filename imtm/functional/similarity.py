@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from imtm.tokens import masked_mean_along
+
 __all__ = ["cosine_similarity_matrix", "global_cosine_scores", "masked_mean"]
 
 #: Floor of a vector norm before division, so an all-zero vector gives a zero score, not NaN.
@@ -60,14 +62,7 @@ def masked_mean(feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.
         tensor([[2.]])
     """
     _check_tokens(feats, mask, "masked_mean")
-    if mask is None:
-        return feats.mean(1)
-    # where() rather than a product with the mask: 0 * NaN in padding would be NaN.
-    total = torch.where(
-        mask.unsqueeze(-1), feats, torch.zeros((), dtype=feats.dtype, device=feats.device)
-    ).sum(1)
-    count = mask.sum(1, keepdim=True).clamp_min(1).to(feats.dtype)
-    return total / count
+    return masked_mean_along(feats, None if mask is None else mask.unsqueeze(-1), dim=1)
 
 
 def cosine_similarity_matrix(
