@@ -224,9 +224,9 @@ def _pair_inputs(ctx: Ctx, *, dim=None, max_tokens=4):
 def _pair_properties(ctx, fn, v, t, vm, tm, out, kwargs, what, *, budget=True, grad=True):
     """Padding invariance (NaN in padding), permutation equivariance, budget independence, gradients."""
     dtype = ctx.dtype
+    v2 = v if vm is None else nan_padding(v, vm)
+    t2 = t if tm is None else nan_padding(t, tm)
     if vm is not None or tm is not None:
-        v2 = v if vm is None else nan_padding(v, vm)
-        t2 = t if tm is None else nan_padding(t, tm)
         close(fn(v2, t2, vm, tm, **kwargs), out, dtype, f"{what}: NaN in padding changed the scores")
     pi, pt = ctx.perm(v.shape[0]), ctx.perm(t.shape[0])
     permuted = fn(v[pi], t[pt], None if vm is None else vm[pi], None if tm is None else tm[pt], **kwargs)
@@ -234,8 +234,8 @@ def _pair_properties(ctx, fn, v, t, vm, tm, out, kwargs, what, *, budget=True, g
     if budget and kwargs.get("max_block_elements") is not None:
         close(fn(v, t, vm, tm, **{**kwargs, "max_block_elements": None}), out, dtype, f"{what}: depends on the block budget")
     if grad:
-        real = [vm, tm]
-        finite_grads(lambda a, b: fn(a, b, vm, tm, **kwargs), [v, t], real, what)
+        # NaN in padding must not reach the gradient of a real token either.
+        finite_grads(lambda a, b: fn(a, b, vm, tm, **kwargs), [v2, t2], [vm, tm], what)
 
 
 def _compute_dtype(ctx):
@@ -362,7 +362,7 @@ def case_phrase_attention_token_scores(ctx: Ctx):
     close(fn(nan_padding(q, qm), nan_padding(k, km), qm, km, **kwargs), out, ctx.dtype, f"{what}: NaN in padding")
     p = ctx.perm(b)
     close(fn(q[p], k[p], qm[p], km[p], **kwargs), out[p], ctx.dtype, f"{what}: not equivariant in the pairs")
-    finite_grads(lambda a, c: fn(a, c, qm, km, **kwargs), [q, k], [qm, km], what)
+    finite_grads(lambda a, c: fn(a, c, qm, km, **kwargs), [nan_padding(q, qm), nan_padding(k, km)], [qm, km], what)
 
 
 def case_topk_mean_scores(ctx: Ctx):
@@ -378,7 +378,7 @@ def case_topk_mean_scores(ctx: Ctx):
     pi, pt = ctx.perm(v.shape[0]), ctx.perm(c.shape[0])
     close(fn(v[pi], c[pt], vm[pi], **kwargs), out[pi][:, pt], ctx.dtype, f"{what}: not permutation equivariant")
     close(fn(v, c, vm, **{**kwargs, "max_block_elements": None}), out, ctx.dtype, f"{what}: depends on the budget")
-    finite_grads(lambda a, b: fn(a, b, vm, **kwargs), [v, c], [vm, None], what)
+    finite_grads(lambda a, b: fn(a, b, vm, **kwargs), [nan_padding(v, vm), c], [vm, None], what)
 
 
 def case_sparse_alignment_from_cosines(ctx: Ctx):
@@ -425,7 +425,7 @@ def case_masked_mean(ctx: Ctx):
     empty = m.clone()
     empty[0] = False
     assert bool((F.masked_mean(x, empty)[0] == 0).all()), f"{what}: an empty row must give a zero vector"
-    finite_grads(lambda a: F.masked_mean(a, m), [x], [m], what)
+    finite_grads(lambda a: F.masked_mean(a, m), [nan_padding(x, m)], [m], what)
 
 
 def case_normalize_tokens(ctx: Ctx):
@@ -440,7 +440,7 @@ def case_normalize_tokens(ctx: Ctx):
     within(norms[nonzero], 1, 1, coarse, f"{what}: real tokens must have unit norm")
     assert bool((norms[~nonzero] == 0).all()), f"{what}: a zero token must stay zero"
     close(F.normalize_tokens(nan_padding(x, m), m, dtype=cast), out, out.dtype, f"{what}: NaN in padding")
-    finite_grads(lambda a: F.normalize_tokens(a, m, dtype=cast), [x], [m], what)
+    finite_grads(lambda a: F.normalize_tokens(a, m, dtype=cast), [nan_padding(x, m)], [m], what)
 
 
 def case_pack_tokens(ctx: Ctx):
@@ -506,7 +506,7 @@ def _pool_case(name: str, *, bounded: str | None, **fixed):
         p = ctx.perm(x.shape[dim])
         xp, mp = x.index_select(dim % x.dim(), p), m.index_select(dim % m.dim(), p)
         close(fn(xp, mp, dim=dim, **kwargs), out, ctx.dtype, f"{name}: not invariant to the order within a set")
-        finite_grads(lambda a: fn(a, m, dim=dim, **kwargs), [x], None, name)
+        finite_grads(lambda a: fn(a, m, dim=dim, **kwargs), [nan_padding(x, full)], [full], name)
 
     case.__name__ = f"case_{name}"
     return case
