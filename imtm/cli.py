@@ -125,7 +125,7 @@ def cmd_extract(args) -> int:
     try:
         model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
     except json.JSONDecodeError as e:
-        raise SystemExit(f"imtm extract: --model-kwargs must be a JSON object, e.g. '{{\"depth\": 2}}': {e}")
+        raise SystemExit(f"imtm extract: --model-kwargs must be a JSON object, e.g. '{{\"depth\": 2}}': {e}") from e
     if model_kwargs is not None and not isinstance(model_kwargs, dict):
         raise SystemExit(f"imtm extract: --model-kwargs must be a JSON object, got {args.model_kwargs!r}")
     spec = {"model": args.model, "pretrained": args.pretrained, "checkpoint": args.checkpoint,
@@ -163,7 +163,7 @@ def cmd_compare(args) -> int:
     try:
         rows = compare(args.presets, data=args.data, settings=s, out=args.out, verbose=not args.quiet)
     except ValueError as e:
-        raise SystemExit(f"imtm {e}")
+        raise SystemExit(f"imtm {e}") from e
     print()
     print(markdown_table(rows))
     print(f"\nwritten to {Path(args.out) / 'compare.md'} and {Path(args.out) / 'compare.csv'}")

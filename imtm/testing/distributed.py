@@ -96,7 +96,10 @@ def run_ranks(fn: Callable, nprocs: int = 2, args: Sequence[Any] = (), timeout: 
             except queue_module.Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead and len(out) < nprocs and results.empty():
-                    raise RuntimeError(f"run_ranks: a process exited with code {dead[0].exitcode} without a result")
+                    # The empty queue is how the death showed, not its cause: no exception chain.
+                    raise RuntimeError(
+                        f"run_ranks: a process exited with code {dead[0].exitcode} without a result"
+                    ) from None
                 continue
             if status == "error":
                 raise RuntimeError(f"run_ranks: rank {rank} failed:\n{value}")
