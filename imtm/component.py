@@ -201,6 +201,11 @@ class Component(nn.Module):
         Blocks whose constructor arguments can be wrong override it. The Matcher
         calls it on every block in :meth:`imtm.Matcher.validate` (so before
         ``fit`` starts), keeping ``__init__`` a plain store of its arguments.
+        A block used alone checks on its first ``forward`` (most call ``validate()``
+        there, or their functional checks the same values). A block that builds
+        layers from its arguments (a dimension, a head count) calls ``validate()``
+        in ``__init__`` before building them, since no tensor can be built from an
+        invalid size; ``set_params`` followed by ``validate()`` still refuses a bad value.
         """
         return self
 
