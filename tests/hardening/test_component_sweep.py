@@ -371,3 +371,24 @@ def test_a_pair_that_keeps_or_drops_every_patch_has_finite_gradients(dtype):
     for what, grad in [("features", feats.grad), ("decisions", decisions.grad)] + [
             (n, p.grad) for n, p in aggregation.named_parameters()]:
         assert bool(torch.isfinite(grad).all()) and float(grad.abs().max()) < 1e3, what
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("real", [[True, True, False], [True, False, False]], ids=["one patch", "no patch"])
+def test_patch_slimming_with_one_or_no_real_patch_has_finite_gradients(training, real):
+    """An image whose only real token is [CLS] shifted its aggregation logits by -inf: exp(inf) in
+    the (masked) cosines of its empty tokens made every gradient NaN. With one real patch, the
+    pair keeps it (the fused token is empty) or drops it (the aggregated tokens are empty)."""
+    torch.manual_seed(0)
+    block = PatchSlimming(PatchScorer(D), GumbelSelector(0.5), TokenAggregation(D, 2), SparsePatchWordAlignment())
+    block = block.double().train(training)
+    feats = torch.randn(1, 3, D, dtype=torch.float64, requires_grad=True)
+    words = torch.randn(2, 3, D, dtype=torch.float64, requires_grad=True)
+    images = Tokens(feats, torch.tensor([real]), num_prefix_tokens=1)
+    texts = Tokens(words, torch.tensor([[True, False, False], [False, True, True]]))
+    scores, decisions = block(images, texts)
+    check_outputs(block, {"image_tokens": images, "text_tokens": texts}, (scores, decisions))
+    (scores * torch.tensor([[0.3, -1.2]], dtype=torch.float64)).sum().backward()
+    for what, grad in [("image features", feats.grad), ("words", words.grad)] + [
+            (n, p.grad) for n, p in block.named_parameters() if p.grad is not None]:
+        assert bool(torch.isfinite(grad).all()), what

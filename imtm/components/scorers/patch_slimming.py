@@ -181,6 +181,7 @@ class PatchScorer(Component):
         return score
 
     def forward(self, image_tokens, text_tokens) -> torch.Tensor:
+        self.validate()  # used alone, a bad beta or flag would otherwise weigh the scores silently
         images = as_tokens(self, image_tokens, "image tokens").check(type(self).__name__, self.dim)
         texts = as_tokens(self, text_tokens, "text tokens").check(type(self).__name__, self.dim)
         patches, patch_mask = _split_patches(self, images)
@@ -564,6 +565,9 @@ class PatchSlimming(Component):
         logits = self.aggregation.logits(patches).to(feats.dtype)
         a_p, a_s = self.scorer.image_scores(patches, patch_mask)
         top = logits if patch_mask is None else logits.masked_fill(~patch_mask.unsqueeze(-1), -math.inf)
+        shift = top.amax(1, keepdim=True).detach()
+        # An image whose only real tokens are prefix tokens has no patch: shift by 0, not -inf (exp(inf)).
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros((), dtype=shift.dtype, device=shift.device))
         return _ImageSide(
             feats=feats,
             prefix_mask=images.mask[:, :p],
@@ -571,7 +575,7 @@ class PatchSlimming(Component):
             patch_mask=patch_mask,
             scores=(a_p.to(feats.dtype), None if a_s is None else a_s.to(feats.dtype)),
             logits=logits,
-            exp_logits=torch.exp(logits - top.amax(1, keepdim=True).detach()),
+            exp_logits=torch.exp(logits - shift),
             gram=None,  # computed in _pairs, outside autocast
             inv_norm=inv,
         )
