@@ -81,7 +81,9 @@ def verify_manifest(folder: Path) -> None:
     folder = Path(folder)
     manifest_path = folder / "MANIFEST.json"
     if not manifest_path.exists():
-        raise CheckpointError(f"{folder}: no MANIFEST.json; the checkpoint is incomplete")
+        hint = ("; it is a training run folder: load one of its checkpoints (LATEST names the newest) or its "
+                "best/") if (folder / "LATEST").is_file() else ""
+        raise CheckpointError(f"{folder}: no MANIFEST.json; the checkpoint is incomplete{hint}")
     try:
         manifest = json.loads(manifest_path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

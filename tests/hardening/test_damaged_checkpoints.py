@@ -189,6 +189,12 @@ def test_a_bad_latest_is_refused(data, run, content, message):
     resume_is_refused(data, run, message + rf".*Complete checkpoints in .*, newest first: {LAST}, {OLDER}")
 
 
+def test_load_of_a_run_folder_says_what_to_load(run):
+    # Matcher.load reads one checkpoint folder, never LATEST: a run folder is refused with a pointer.
+    with pytest.raises(CheckpointError, match=r"no MANIFEST.json.*a training run folder: load one of its checkpoints"):
+        Matcher.load(run)
+
+
 def test_latest_naming_a_link_out_of_the_run_folder_is_refused(data, run):
     shutil.copytree(run / LAST, run.parent / "elsewhere")
     (run / "ckpt-link").symlink_to(run.parent / "elsewhere", target_is_directory=True)
