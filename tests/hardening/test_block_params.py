@@ -15,7 +15,7 @@ from toy import ToyImage, ToyText, toy_data
 
 import imtm.components
 import imtm.matcher
-from imtm import Matcher
+from imtm import Matcher, Tokens
 from imtm.component import COMPONENT_REGISTRY, Component
 from imtm.components import (
     CrossModalEncoder,
@@ -24,6 +24,7 @@ from imtm.components import (
     HFTextEncoder,
     ImageTextMatchingHead,
     InfoNCELoss,
+    PatchScorer,
     TimmVisionEncoder,
     TripletLoss,
 )
@@ -191,3 +192,10 @@ def test_bad_loss_values_raise_before_training_with_the_block_name(loss, match):
     scores, positives = torch.eye(3), torch.eye(3, dtype=torch.bool)
     with pytest.raises(ValueError, match=match):
         loss(scores, positives)
+
+
+@pytest.mark.parametrize("param, bad, error", [("beta", 5.0, ValueError), ("language_context", "yes", TypeError)])
+def test_patch_scorer_used_alone_refuses_bad_values_on_forward(param, bad, error):
+    scorer = PatchScorer(D).set_params(**{param: bad})
+    with pytest.raises(error, match=f"PatchScorer: {param} must be"):
+        scorer(Tokens(torch.randn(2, 5, D)), Tokens(torch.randn(3, 4, D)))
