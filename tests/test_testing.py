@@ -389,3 +389,15 @@ def test_component_inputs_dtype_and_device(v):
     assert v["image_tokens"].dtype == v["scores"].dtype == torch.bfloat16
     assert v["texts"].feats.dtype == torch.long and v["positives"].dtype == torch.bool
     assert {x.device.type for x in (v["image_tokens"].feats, v["scores"], v["texts"].feats)} == {"cpu"}
+
+
+@SETTINGS
+@given(v=component_inputs(("image_tokens", "texts", "image_embedding", "scores"), padding="all_but_one",
+                          num_prefix_tokens=1, scale=1e3, max_tokens=3))
+def test_component_inputs_prefix_tokens_and_scale(v):
+    images, texts = v["image_tokens"], v["texts"]
+    assert images.num_prefix_tokens == texts.num_prefix_tokens == 1
+    assert bool(images.mask[:, 0].all()) and bool(texts.mask[:, 0].all())  # a prefix token is always real
+    assert bool((images.mask.sum(1) <= 2).all())  # all_but_one: the prefix and at most one more
+    assert float(v["image_embedding"].abs().max()) > 10  # features drawn at scale 1e3
+    assert float(v["scores"].abs().max()) <= 1  # scores keep their range

@@ -239,6 +239,8 @@ class InputSizes:
         image_mask, text_mask: the ``(Bi, N)`` and ``(Bt, M)`` masks every image-side and
             caption-side value shares.
         image_ids: ``(Bt,)`` the image id of each caption.
+        scale: standard deviation of features, embeddings and logits.
+        prefix: leading prefix tokens ([CLS]) of every Tokens value, always real.
     """
 
     bi: int
@@ -253,6 +255,8 @@ class InputSizes:
     image_mask: torch.Tensor
     text_mask: torch.Tensor
     image_ids: torch.Tensor
+    scale: float = 1.0
+    prefix: int = 0
 
     @property
     def positives(self) -> torch.Tensor:
@@ -267,7 +271,7 @@ DEFAULT_VOCAB_SIZE = 16
 
 def _float(generator: torch.Generator, shape, s: InputSizes, low=None, high=None) -> torch.Tensor:
     if low is None:
-        x = torch.randn(shape, generator=generator, dtype=torch.float64)
+        x = torch.randn(shape, generator=generator, dtype=torch.float64) * s.scale
     else:
         x = torch.rand(shape, generator=generator, dtype=torch.float64) * (high - low) + low
     return x.to(s.device, s.dtype)
@@ -282,15 +286,14 @@ def _feature_tokens(side: str, unit: bool = False):
         mask = s.image_mask if side == "image" else s.text_mask
         b, n = mask.shape
         feats = torch.randn(b, n, s.d, generator=g, dtype=torch.float64)
-        if unit:
-            feats = torch.nn.functional.normalize(feats, dim=-1)
-        return Tokens(feats.to(s.device, s.dtype), mask)
+        feats = torch.nn.functional.normalize(feats, dim=-1) if unit else feats * s.scale
+        return Tokens(feats.to(s.device, s.dtype), mask, num_prefix_tokens=s.prefix)
 
     return make
 
 
 def _id_tokens(g, s):
-    return Tokens(_ids(g, s.text_mask.shape, s), s.text_mask)
+    return Tokens(_ids(g, s.text_mask.shape, s), s.text_mask, num_prefix_tokens=s.prefix)
 
 
 def _keep_decisions(g, s):
@@ -399,6 +402,8 @@ def component_inputs(
     device=None,
     vocab_size: int | None = None,
     paired: bool = True,
+    scale=1.0,
+    num_prefix_tokens=0,
     extra: Mapping[str, object] | None = None,
 ) -> st.SearchStrategy[dict]:
     """One consistent dict of example values for a block's ``requires``.
@@ -429,6 +434,12 @@ def component_inputs(
             ``b`` (``Bi == Bt``, ``positives[i, t] = ids[i] == ids[t]``, ids repeat);
             ``False``: an evaluation block, ``Bi`` and ``Bt`` drawn apart, caption ``t``
             belongs to image ``image_ids[t]``.
+        scale: standard deviation of features, embeddings and logits (scores, probabilities
+            and unit-norm phrases keep their range); a float or a strategy, e.g.
+            ``st.sampled_from([1e-3, 1.0, 1e3])`` for numerical extremes.
+        num_prefix_tokens: leading prefix tokens ([CLS]) of every Tokens value (an int or a
+            strategy); they are always real, so with ``padding="all_but_one"`` some rows hold
+            the prefix alone or the prefix and one token.
         extra: ``{name: strategy}`` for names outside the vocabulary (or to replace a
             maker); instead of a strategy, a function of the drawn :class:`InputSizes`
             returning one.
@@ -471,17 +482,21 @@ def component_inputs(
     return _draw_inputs(
         names, _size(batch, "batch"), _size(max_tokens, "max_tokens"), _size(dim, "dim"),
         _choice(dtype, "dtype", torch.dtype), padding, _choice(device, "device", (torch.device, str)),
-        vocab_size or DEFAULT_VOCAB_SIZE, bool(paired), extra,
+        vocab_size or DEFAULT_VOCAB_SIZE, bool(paired), _choice(scale, "scale", (int, float)),
+        _choice(num_prefix_tokens, "num_prefix_tokens", int), extra,
     )
 
 
 @st.composite
-def _draw_inputs(draw, names, batch, max_tokens, dim, dtype, padding, device, v, paired, extra):
+def _draw_inputs(draw, names, batch, max_tokens, dim, dtype, padding, device, v, paired, scale, prefix, extra):
     bi = draw(batch)
     bt = bi if paired else draw(batch)
-    width = draw(max_tokens)
+    prefix = draw(prefix)
+    width = max(draw(max_tokens), prefix)
     image_mask = draw(masks(bi, st.just(width), padding=padding))
     text_mask = draw(masks(bt, st.just(width), padding=padding))
+    image_mask[:, :prefix] = True  # a prefix token ([CLS]) is always real
+    text_mask[:, :prefix] = True
     device = torch.device(draw(device) or "cpu")
     if paired:
         ids = draw(st.lists(st.integers(0, bi - 1), min_size=bi, max_size=bi))
@@ -491,6 +506,7 @@ def _draw_inputs(draw, names, batch, max_tokens, dim, dtype, padding, device, v,
         bi=bi, bt=bt, n=int(image_mask.shape[1]), m=int(text_mask.shape[1]), d=draw(dim), v=v,
         dtype=draw(dtype), device=device, paired=paired, image_mask=image_mask.to(device),
         text_mask=text_mask.to(device), image_ids=torch.tensor(ids, dtype=torch.long, device=device),
+        scale=float(draw(scale)), prefix=prefix,
     )
     generator = torch.Generator().manual_seed(draw(_SEEDS))
     values = {}

@@ -5,8 +5,8 @@ small factory, the values it reads (``imtm.testing.component_inputs`` and, for n
 outside the shared vocabulary, ``extra`` strategies), the errors its docstring
 documents for valid-looking input, and whether it promises padding invariance.
 For every drawn example (batch sizes, widths, ``padding`` among random,
-all-but-one and none, float32 / float64 / bfloat16, every available device,
-training or eval mode) the call either passes ``imtm.testing.check_outputs`` (one
+all-but-one and none, a [CLS] prefix token or none, feature scales from 1e-4 to
+1e4, float32 / float64 / bfloat16, every available device, training or eval mode) the call either passes ``imtm.testing.check_outputs`` (one
 output per ``provides`` name, documented shapes, finite values) or raises exactly
 the documented error. A block registered without an entry fails
 ``test_every_registered_block_has_a_case``.
@@ -24,7 +24,7 @@ from typing import Callable
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -89,6 +89,7 @@ VOCAB = Vocabulary.build([" ".join(WORDS)])
 EXAMPLES = max(1, settings.default.max_examples // 10)
 SWEEP = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SEEDS = st.integers(0, 2**32 - 1)
+SCALES = st.sampled_from([1e-4, 1.0, 1e4])  # feature scales, numerical extremes included
 
 _CACHE: dict[str, Component] = {}
 
@@ -144,6 +145,12 @@ def small_batch(values):
     return (ValueError, "at least 2") if b < 2 else None
 
 
+def no_patch(values):
+    """The LAPS blocks select among patches: image tokens holding prefix tokens only leave none."""
+    images = values["image_tokens"]
+    return (ValueError, "no patch is left to select") if images.num_tokens <= images.num_prefix_tokens else None
+
+
 @dataclass
 class Case:
     """How to sweep one block."""
@@ -180,12 +187,12 @@ CASES: dict[str, Case] = {
     "TopKAggregation": Case(lambda: TopKAggregation(k=2), padding=True),
     "InterModalPhraseAttention": Case(lambda: InterModalPhraseAttention("t2i", dim=D, heads=2, k=2), padding=True),
     "ScoreFusion": Case(ScoreFusion),
-    "PatchScorer": Case(lambda: PatchScorer(D), padding=True),
-    "GumbelSelector": Case(lambda: GumbelSelector(0.5)),
-    "TokenAggregation": Case(lambda: TokenAggregation(D, 2)),
-    "RedundantFusion": Case(RedundantFusion),
+    "PatchScorer": Case(lambda: PatchScorer(D), padding=True, error=no_patch),
+    "GumbelSelector": Case(lambda: GumbelSelector(0.5), error=no_patch),
+    "TokenAggregation": Case(lambda: TokenAggregation(D, 2), error=no_patch),
+    "RedundantFusion": Case(RedundantFusion, error=no_patch),
     "PatchSlimming": Case(lambda: PatchSlimming(PatchScorer(D), GumbelSelector(0.5), TokenAggregation(D, 2),
-                                                SparsePatchWordAlignment())),
+                                                SparsePatchWordAlignment()), error=no_patch),
     "MatchingReranker": Case(lambda: MatchingReranker(head=ImageTextMatchingHead(D, encoder=cross()), k=2),
                              padding=True),
     "MaxPooling": Case(MaxPooling, extra=POOLING_EXTRA),
@@ -264,7 +271,8 @@ def test_block_returns_the_documented_outputs_or_the_documented_error(name, data
     move(block, device, dtype)
     values = data.draw(component_inputs(block, batch=st.integers(1, 3), max_tokens=4, dim=D, dtype=dtype,
                                         padding=padding, device=device, vocab_size=case.vocab_size,
-                                        paired=case.paired, extra=case.extra), label="values")
+                                        paired=case.paired, scale=SCALES, num_prefix_tokens=st.integers(0, 1),
+                                        extra=case.extra), label="values")
     expected = case.error(values)
     if expected is not None:
         kind, match = expected
@@ -318,7 +326,8 @@ def test_padding_never_changes_the_output(name, data):
     padding = data.draw(st.sampled_from(PADDINGS), label="padding")
     values = data.draw(component_inputs(block, batch=st.integers(1, 3), max_tokens=4, dim=D, dtype=torch.float64,
                                         padding=padding, vocab_size=case.vocab_size, paired=case.paired,
-                                        extra=case.extra), label="values")
+                                        num_prefix_tokens=st.integers(0, 1), extra=case.extra), label="values")
+    assume(case.error(values) is None)
     report = check_component(block, values, skip=PADDING_ONLY, rtol=1e-7, atol=1e-9)
     assert "padding" in report.passed, report
 
