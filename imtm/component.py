@@ -121,9 +121,12 @@ class Component(nn.Module):
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, abstract: bool = False, **kwargs):
         super().__init_subclass__(**kwargs)
-        register(cls)
+        # A base that cannot work as a block on its own (``class Loss(Component, abstract=True)``)
+        # stays out of the registry, so no configuration can build it; its subclasses are registered.
+        if not abstract:
+            register(cls)
 
     def __init__(self, *, requires=None, provides=None):
         super().__init__()
@@ -228,7 +231,7 @@ class Component(nn.Module):
         return ", ".join(bits)
 
 
-class LinkedComponent(Component):
+class LinkedComponent(Component, abstract=True):
     """A block that uses another block of the pipeline, named by one constructor argument.
 
     The argument (``_target_param``) is either a block name, resolved by
@@ -303,7 +306,7 @@ def state_mismatch(own: dict, state: dict, *, limit: int = 4) -> list[str]:
     return bits
 
 
-class Loss(Component):
+class Loss(Component, abstract=True):
     """Base class of objectives: ``forward`` returns a scalar.
 
     The Matcher adds every active loss, multiplied by its ``weight``, and logs

@@ -15,7 +15,7 @@ from imtm.functional.pooling import check_temperature, masked_pool
 __all__ = ["LSEPooling", "MaxPooling", "MeanPooling", "SoftmaxPooling", "SumPooling"]
 
 
-class _Pooling(Component):
+class _Pooling(Component, abstract=True):
     """Shared body: ``forward(token_scores, token_mask=None)`` pools along ``dim``.
 
     Reads the method-specific values ``token_scores`` (per-token scores, for

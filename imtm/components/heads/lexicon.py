@@ -51,7 +51,7 @@ def _check_positive_int(value, name: str, where: str) -> None:
         raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
 
 
-class TiedEmbedding(Component):
+class TiedEmbedding(Component, abstract=True):
     """Base of blocks that multiply by a text encoder's word-embedding matrix (see the module docstring).
 
     Subclasses take ``embedding`` (a block name or a module), ``vocab_size`` and
