@@ -41,7 +41,7 @@ from imtm.engine.evaluation import (
     side_values_needed,
 )
 from imtm.engine.graph import PipelineError, Plan, build_plan, name_components
-from imtm.engine.serialization import ConfigError, decode_value, encode_value
+from imtm.engine.serialization import ConfigError, check_depth, decode_value, encode_value
 
 __all__ = ["Matcher", "Stage", "NotFittedError", "PipelineError"]
 
@@ -343,8 +343,25 @@ class Matcher(BaseEstimator):
         """Rebuild an unfitted Matcher from :meth:`get_config` output (registered blocks only)."""
         if not isinstance(config, dict) or config.get("format") != "imtm.Matcher/1":
             raise ConfigError("not an imtm Matcher configuration (missing format 'imtm.Matcher/1')")
-        comps = [(c["name"], decode_value(c["block"])) for c in config["components"]]
-        params = {k: decode_value(v) for k, v in config["params"].items()}
+        check_depth(config, "Matcher configuration")
+        entries, saved = config.get("components"), config.get("params", {})
+        if not isinstance(entries, list) or not isinstance(saved, dict) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and "block" in c for c in entries
+        ):
+            raise ConfigError("malformed Matcher configuration: expected 'components' as a list of "
+                              "{'name': str, 'block': ...} and 'params' as a dict")
+        comps = []
+        for c in entries:
+            block = decode_value(c["block"])
+            if not isinstance(block, Component):
+                raise ConfigError(f"component {c['name']!r} of the configuration is a {type(block).__name__}, "
+                                  "not a block; blocks are saved as {'__component__': class name, 'params': {...}}")
+            comps.append((c["name"], block))
+        valid = [p for p in cls._get_param_names() if p != "components"]
+        for key in saved:
+            if key not in valid:
+                raise ConfigError(f"unknown Matcher parameter {key!r} in the configuration." + suggest(key, valid))
+        params = {k: decode_value(v) for k, v in saved.items()}
         return cls(components=comps, **params)
 
     def config_hash(self) -> str:

@@ -42,6 +42,7 @@ from imtm.engine.serialization import (
     file_sha256,
     flatten_state,
     load_tensors,
+    loads_json,
     save_tensors,
     unflatten_state,
 )
@@ -291,14 +292,53 @@ def read_checkpoint(folder: str | os.PathLike, *, with_train_state: bool = True)
         hint = (f"; a write killed while replacing it left the previous version in {aside[0]}: writing "
                 f"{folder.name} again restores it first, or rename it back by hand") if aside else ""
         raise CheckpointError(f"{folder}: no such checkpoint folder{hint}")
+    _check_links(folder)
     verify_manifest(folder)
     out = {
-        "config": json.loads((folder / "config.json").read_text()),
-        "model_state": load_tensors(folder / "model.safetensors"),
-        "record": json.loads((folder / "record.json").read_text()),
+        "config": _read_json(folder / "config.json", dict),
+        "model_state": _read_tensors(folder / "model.safetensors"),
+        "record": _read_json(folder / "record.json", dict),
         "train_state": None,
     }
     if with_train_state and (folder / "state.json").exists():
-        tree = json.loads((folder / "state.json").read_text())
-        out["train_state"] = unflatten_state(tree, load_tensors(folder / "optimizer.safetensors"))
+        tree = _read_json(folder / "state.json", object)
+        out["train_state"] = unflatten_state(tree, _read_tensors(folder / "optimizer.safetensors"))
     return out
+
+
+def _check_links(folder: Path) -> None:
+    """Refuse a checkpoint whose entries are symlinks leading out of it, or not regular files.
+
+    A checkpoint only holds its own files: a link elsewhere (another run's weights, a
+    device or FIFO that would block a read forever) is not something imtm wrote.
+    """
+    inside = folder.resolve()
+    for entry in folder.iterdir():
+        target = entry.resolve()
+        if entry.is_symlink() and not target.is_relative_to(inside):
+            raise CheckpointError(f"{entry} is a symlink to {target}, outside the checkpoint folder; imtm "
+                                  "writes no links: copy the file into the folder, or use another checkpoint")
+        if not entry.is_file() and not entry.is_dir():
+            raise CheckpointError(f"{entry} is not a regular file (a device, FIFO or broken link)")
+
+
+def _read_json(path: Path, kind: type) -> Any:
+    """Parse a checkpoint's JSON file; CheckpointError (not RecursionError) on bad or crafted content."""
+    try:
+        obj = loads_json(path.read_bytes(), str(path))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+    if not isinstance(obj, kind):
+        raise CheckpointError(f"{path}: expected a JSON {kind.__name__}, got {type(obj).__name__}")
+    return obj
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; anything else (a pickle, a torch.save file, a damaged header) is refused."""
+    try:
+        return load_tensors(path)
+    except Exception as e:  # SafetensorError (malformed or huge header), OSError: never a pickle fallback
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); imtm reads weights only as "
+            "safetensors and never unpickles (torch.load) a checkpoint file"
+        ) from e

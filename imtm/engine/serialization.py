@@ -31,11 +31,49 @@ __all__ = [
     "file_sha256",
     "register_serializable",
     "ConfigError",
+    "MAX_JSON_DEPTH",
+    "check_depth",
+    "loads_json",
 ]
 
 
 class ConfigError(ValueError):
     """A saved configuration or checkpoint cannot be used (unknown block, other configuration)."""
+
+
+#: Deepest nesting of lists and dicts accepted in a configuration or checkpoint state. Real
+#: ones stay below 20; the bound keeps a crafted file from exhausting Python's recursion
+#: limit halfway through a load.
+MAX_JSON_DEPTH = 100
+
+
+def check_depth(obj: Any, where: str = "configuration", limit: int = MAX_JSON_DEPTH) -> None:
+    """Raise ConfigError when the lists and dicts of ``obj`` nest deeper than ``limit`` (no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, dict):
+            children = x.values()
+        elif isinstance(x, (list, tuple)):
+            children = x
+        else:
+            continue
+        if depth > limit:
+            raise ConfigError(f"{where}: lists and dicts nest deeper than {limit} levels; this is not a file "
+                              "imtm wrote (configurations and checkpoint states are shallow)")
+        stack.extend((c, depth + 1) for c in children)
+
+
+def loads_json(text: str | bytes, where: str) -> Any:
+    """Parse JSON read from a file, with ConfigError (not RecursionError / JSONDecodeError) on bad input."""
+    try:
+        obj = json.loads(text)
+    except RecursionError as e:
+        raise ConfigError(f"{where}: JSON nested too deeply to read; this is not a file imtm wrote") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{where}: not valid JSON ({e})") from e
+    check_depth(obj, where)
+    return obj
 
 
 #: Non-JSON parameter types that know ``to_dict`` / ``from_dict`` (for example a Vocabulary).
@@ -98,6 +136,9 @@ def encode_params(block: Component) -> dict:
 
 def build_component(class_name: str, params: dict) -> Component:
     """Instantiate a registered block by class name (never by import path)."""
+    if not isinstance(class_name, str) or not isinstance(params, dict):
+        raise ConfigError(f"a block is a class name and a dict of parameters, got {class_name!r} and "
+                          f"{type(params).__name__}")
     cls = COMPONENT_REGISTRY.get(class_name)
     if cls is None:
         raise ConfigError(
@@ -117,6 +158,10 @@ def decode_value(data: Any) -> Any:
         return [decode_value(v) for v in data]
     if not isinstance(data, dict):
         return data
+    tags = ("__tuple__", "__dict__", "__dtype__", "__component__", "__object__")
+    tag = next((t for t in tags if t in data), None)
+    if tag in ("__tuple__", "__dict__") and not isinstance(data[tag], list if tag == "__tuple__" else dict):
+        raise ConfigError(f"malformed {tag} value in configuration: {type(data[tag]).__name__}")
     if "__tuple__" in data:
         return tuple(decode_value(v) for v in data["__tuple__"])
     if "__dict__" in data:
@@ -129,10 +174,14 @@ def decode_value(data: Any) -> Any:
     if "__component__" in data:
         return build_component(data["__component__"], data.get("params", {}))
     if "__object__" in data:
-        cls = SERIALIZABLE.get(data["__object__"])
+        name = data["__object__"]
+        cls = SERIALIZABLE.get(name) if isinstance(name, str) else None
         if cls is None:
-            raise ConfigError(f"unknown object type {data['__object__']!r} in configuration")
-        return cls.from_dict(data["data"])
+            raise ConfigError(f"unknown object type {name!r} in configuration (known: {sorted(SERIALIZABLE)})")
+        try:
+            return cls.from_dict(data["data"])
+        except (TypeError, KeyError, AttributeError, ValueError) as e:
+            raise ConfigError(f"cannot rebuild {name} from the saved data ({type(e).__name__}: {e})") from e
     raise ConfigError(f"unrecognised value in configuration: {sorted(data)[:5]}")
 
 
