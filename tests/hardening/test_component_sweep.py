@@ -140,8 +140,12 @@ POOLING_EXTRA = {
 
 
 def small_batch(values):
-    """The DIAS blocks standardise over the other pairs of the batch: their Shape says ``B >= 2``."""
-    b = values["image_embedding"].shape[0]
+    """The DIAS blocks standardise over the other pairs of the batch: their Shape says ``B >= 2``.
+
+    With ``pairs="words"`` the pairs are the real words of the batch, each with its best region.
+    """
+    texts = values.get("text_tokens")
+    b = int(texts.mask.sum()) if texts is not None else len(values["image_embedding"])
     return (ValueError, "at least 2") if b < 2 else None
 
 
@@ -155,7 +159,7 @@ def no_patch(values):
 class Case:
     """How to sweep one block."""
 
-    build: Callable[[], Component]
+    build: Callable[[], Component] | tuple[Callable[[], Component], ...]  # one factory, or variants
     paired: bool = False  # row b of the images goes with caption b (a training batch)
     extra: dict = field(default_factory=dict)
     # The error the docstring documents for these values, as (type, message regex), or None.
@@ -164,35 +168,68 @@ class Case:
     vocab_size: int = V
 
 
+def variants(*factories):
+    """Several configurations of one block: each example draws one."""
+    return factories
+
+
+def laps(**kw):
+    return PatchSlimming(PatchScorer(D), GumbelSelector(0.5), TokenAggregation(D, 2),
+                         kw.pop("alignment", SparsePatchWordAlignment()), **kw)
+
+
 CASES: dict[str, Case] = {
     # ---------------------------------------------------------------- encoders
-    "PrecomputedEncoder": Case(lambda: PrecomputedEncoder(in_dim=D, out_dim=6, num_layers=2, hidden_dim=5),
-                               padding=True),
-    "GRUTextEncoder": Case(lambda: GRUTextEncoder(VOCAB, out_dim=6, word_dim=5), vocab_size=len(VOCAB),
-                           padding=True),
+    "PrecomputedEncoder": Case(variants(
+        lambda: PrecomputedEncoder(in_dim=D, out_dim=6),
+        lambda: PrecomputedEncoder(in_dim=D, out_dim=6, num_layers=2, hidden_dim=5, residual=True,
+                                   activation="gelu", normalize=True, dropout=0.1)), padding=True),
+    "GRUTextEncoder": Case(variants(
+        lambda: GRUTextEncoder(VOCAB, out_dim=6, word_dim=5),
+        lambda: GRUTextEncoder(VOCAB, out_dim=6, word_dim=5, num_layers=2, bidirectional=False, dropout=0.2,
+                               normalize=True)), vocab_size=len(VOCAB), padding=True),
     "HFTextEncoder": Case(lambda: once("bert", bert), extra={"texts": strings}),
-    "TimmVisionEncoder": Case(lambda: once("vit", lambda: vit(mask_ratio=0.5)), extra={"images": pixels}),
+    "TimmVisionEncoder": Case(variants(
+        lambda: once("vit", lambda: vit(mask_ratio=0.5)),
+        lambda: once("vit-patches", lambda: vit(keep_cls=False))), extra={"images": pixels}),
     "MaskedImageView": Case(lambda: MaskedImageView(once("vit2", lambda: vit(mask_ratio=0.5, mask_in_forward=False))),
                             extra={"images": pixels}),
     # ---------------------------------------------------------------- refiners and embeddings
     "SelfAttentionContext": Case(lambda: SelfAttentionContext(D, heads=2), padding=True),
     "VisualPhraseEncoder": Case(lambda: VisualPhraseEncoder(D, heads=2), padding=True),
-    "TextualPhraseEncoder": Case(lambda: TextualPhraseEncoder(D), padding=True),
-    "MeanEmbedding": Case(lambda: MeanEmbedding(side="text"), padding=True),
+    "TextualPhraseEncoder": Case(variants(lambda: TextualPhraseEncoder(D), lambda: TextualPhraseEncoder(D, windows=(2, 5),
+                                                                                                    channels=3)),
+                                 padding=True),
+    "MeanEmbedding": Case(variants(lambda: MeanEmbedding(side="text"), lambda: MeanEmbedding(skip_prefix=True)),
+                          padding=True),
     # ---------------------------------------------------------------- scorers
     "GlobalCosine": Case(GlobalCosine, padding=True),
-    "HardAssignmentCoding": Case(lambda: HardAssignmentCoding(pooling="lse", max_block_elements=40), padding=True),
-    "SoftAssignmentCoding": Case(lambda: SoftAssignmentCoding(codebook="textual", pooling="softmax"), padding=True),
-    "SparsePatchWordAlignment": Case(lambda: SparsePatchWordAlignment(max_block_elements=30), padding=True),
-    "TopKAggregation": Case(lambda: TopKAggregation(k=2), padding=True),
-    "InterModalPhraseAttention": Case(lambda: InterModalPhraseAttention("t2i", dim=D, heads=2, k=2), padding=True),
+    "HardAssignmentCoding": Case(variants(
+        lambda: HardAssignmentCoding(pooling="lse", max_block_elements=40),
+        lambda: HardAssignmentCoding(codebook="textual", pooling="max"),
+        lambda: HardAssignmentCoding(pooling="mean"),
+        lambda: HardAssignmentCoding(codebook="textual", pooling="sum"),
+        lambda: HardAssignmentCoding(pooling="softmax", temperature=0.01)), padding=True),
+    "SoftAssignmentCoding": Case(variants(
+        lambda: SoftAssignmentCoding(codebook="textual", pooling="softmax"),
+        lambda: SoftAssignmentCoding(tau=0.01, pooling="lse", max_block_elements=40),
+        lambda: SoftAssignmentCoding(pooling="max")), padding=True),
+    "SparsePatchWordAlignment": Case(variants(
+        lambda: SparsePatchWordAlignment(max_block_elements=30),
+        lambda: SparsePatchWordAlignment(direction="patch_to_word"),
+        lambda: SparsePatchWordAlignment(direction="word_to_patch")), padding=True),
+    "TopKAggregation": Case(variants(lambda: TopKAggregation(k=2), lambda: TopKAggregation(k=None)), padding=True),
+    "InterModalPhraseAttention": Case(variants(
+        lambda: InterModalPhraseAttention("t2i", dim=D, heads=2, k=2),
+        lambda: InterModalPhraseAttention("i2t", dim=D, heads=2, k=None, max_block_elements=50)), padding=True),
     "ScoreFusion": Case(ScoreFusion),
     "PatchScorer": Case(lambda: PatchScorer(D), padding=True, error=no_patch),
     "GumbelSelector": Case(lambda: GumbelSelector(0.5), error=no_patch),
     "TokenAggregation": Case(lambda: TokenAggregation(D, 2), error=no_patch),
     "RedundantFusion": Case(RedundantFusion, error=no_patch),
-    "PatchSlimming": Case(lambda: PatchSlimming(PatchScorer(D), GumbelSelector(0.5), TokenAggregation(D, 2),
-                                                SparsePatchWordAlignment()), error=no_patch),
+    "PatchSlimming": Case(variants(
+        laps, lambda: laps(fusion=False, max_block_elements=60),
+        lambda: laps(alignment=HardAssignmentCoding(pooling="mean"))), error=no_patch),
     "MatchingReranker": Case(lambda: MatchingReranker(head=ImageTextMatchingHead(D, encoder=cross()), k=2),
                              padding=True),
     "MaxPooling": Case(MaxPooling, extra=POOLING_EXTRA),
@@ -204,20 +241,36 @@ CASES: dict[str, Case] = {
     "CrossModalEncoder": Case(cross, paired=True, padding=True),
     "ImageTextMatchingHead": Case(lambda: ImageTextMatchingHead(D, encoder=cross()), paired=True, padding=True),
     "PatchToLexiconHead": Case(lambda: PatchToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4))),
-    "WordToLexiconHead": Case(lambda: WordToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4), layers=1, heads=2)),
+    "WordToLexiconHead": Case(variants(
+        lambda: WordToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4), layers=1, heads=2),
+        lambda: WordToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4), layers=0))),
     "WordMasking": Case(lambda: WordMasking(tokenizer=once("bert", bert), prob=0.5), extra={"texts": strings}),
     "Reuse": Case(lambda: Reuse(GlobalCosine(), requires=("image_tokens", "text_tokens"), provides=("scores",)),
                   padding=True),
     "DistanceWeightedMiner": Case(lambda: DistanceWeightedMiner(dim=D, random_state=0)),
-    "SparseCorrelation": Case(SparseCorrelation, paired=True, error=small_batch),
+    "SparseCorrelation": Case(variants(
+        SparseCorrelation, lambda: SparseCorrelation(kind="intra", distance="euclidean", learnable=False, beta=0.5)),
+        paired=True, error=small_batch),
     # ---------------------------------------------------------------- losses
-    "TripletLoss": Case(TripletLoss),
-    "InfoNCELoss": Case(InfoNCELoss),
+    "TripletLoss": Case(variants(
+        TripletLoss, lambda: TripletLoss(hardest=False, reduction="mean"),
+        lambda: TripletLoss(miner=DistanceWeightedMiner(dim=D, random_state=0)),
+        lambda: TripletLoss(requires=("scores_i2t", "scores_t2i", "positives")))),
+    "InfoNCELoss": Case(variants(InfoNCELoss, lambda: InfoNCELoss(temperature=0.1, learnable=True))),
     "RatioLoss": Case(RatioLoss),
-    "DimensionAlignmentLoss": Case(DimensionAlignmentLoss, paired=True, error=small_batch),
-    "SpatialConstraintLoss": Case(SpatialConstraintLoss, paired=True, error=small_batch),
-    "ExpansiveLexiconLoss": Case(ExpansiveLexiconLoss, paired=True),
-    "LexiconDistillationLoss": Case(LexiconDistillationLoss),
+    "DimensionAlignmentLoss": Case(variants(
+        DimensionAlignmentLoss, lambda: DimensionAlignmentLoss(reduction="mean", pairs="words")),
+        paired=True, error=small_batch),
+    "SpatialConstraintLoss": Case(variants(
+        SpatialConstraintLoss, lambda: SpatialConstraintLoss(kind="intra", sparse=False, distance="euclidean"),
+        lambda: SpatialConstraintLoss(learn_beta=False, beta=1.0, reduction="mean")),
+        paired=True, error=small_batch),
+    "ExpansiveLexiconLoss": Case(variants(
+        ExpansiveLexiconLoss,
+        lambda: ExpansiveLexiconLoss(label_weights="one_minus_cost", method="sinkhorn", direction="target_first"),
+        lambda: ExpansiveLexiconLoss(method="emd", top_k=1)), paired=True),
+    "LexiconDistillationLoss": Case(variants(LexiconDistillationLoss,
+                                             lambda: LexiconDistillationLoss(direction="target_first"))),
     "MaskedLanguageModelingLoss": Case(MaskedLanguageModelingLoss),
     "ImageTextMatchingLoss": Case(ImageTextMatchingLoss),
 }
@@ -245,6 +298,10 @@ def test_every_registered_block_has_a_case():
     assert not stale, f"CASES names blocks that are not registered: {stale}"
 
 
+def factories(case: Case) -> tuple:
+    return case.build if isinstance(case.build, tuple) else (case.build,)
+
+
 def move(block: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Block and the blocks it borrows (linked partners, tied embeddings) to ``device`` and ``dtype``."""
     block.to(device=device, dtype=dtype)
@@ -267,7 +324,7 @@ def test_block_returns_the_documented_outputs_or_the_documented_error(name, data
     dtype = data.draw(dtypes(), label="dtype")
     device = data.draw(devices(), label="device")
     training = data.draw(st.booleans(), label="training")
-    block = copy.deepcopy(case.build()).train(training)
+    block = copy.deepcopy(data.draw(st.sampled_from(factories(case)), label="factory")()).train(training)
     move(block, device, dtype)
     values = data.draw(component_inputs(block, batch=st.integers(1, 3), max_tokens=4, dim=D, dtype=dtype,
                                         padding=padding, device=device, vocab_size=case.vocab_size,
@@ -321,7 +378,7 @@ PADDING_ONLY = ("finite", "inputs_unchanged", "deterministic", "gradients", "dty
 def test_padding_never_changes_the_output(name, data):
     """Appending padded positions full of large garbage to any Tokens input leaves every output as it was."""
     case = CASES[name]
-    block = copy.deepcopy(case.build())
+    block = copy.deepcopy(data.draw(st.sampled_from(factories(case)), label="factory")())
     move(block, torch.device("cpu"), torch.float64)
     padding = data.draw(st.sampled_from(PADDINGS), label="padding")
     values = data.draw(component_inputs(block, batch=st.integers(1, 3), max_tokens=4, dim=D, dtype=torch.float64,
