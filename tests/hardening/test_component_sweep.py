@@ -7,7 +7,8 @@ documents for valid-looking input, and whether it promises padding invariance.
 For every drawn example (batch sizes, widths, ``padding`` among random,
 all-but-one and none, a [CLS] prefix token or none, feature scales from 1e-4 to
 1e4, float32 / float64 / bfloat16, every available device, training or eval mode) the call either passes ``imtm.testing.check_outputs`` (one
-output per ``provides`` name, documented shapes, finite values) or raises exactly
+output per ``provides`` name, documented shapes, finite values), returns its
+inputs' dtype, and in training back-propagates finite gradients, or raises exactly
 the documented error. A block registered without an entry fails
 ``test_every_registered_block_has_a_case``.
 
@@ -155,6 +156,11 @@ def no_patch(values):
     return (ValueError, "no patch is left to select") if images.num_tokens <= images.num_prefix_tokens else None
 
 
+def at_least_float32(dtype):
+    """The ELA lexicon losses return float32 for bfloat16 logits, as lexicon_kl_loss documents."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 @dataclass
 class Case:
     """How to sweep one block."""
@@ -165,6 +171,8 @@ class Case:
     # The error the docstring documents for these values, as (type, message regex), or None.
     error: Callable[[dict], tuple[type, str] | None] = lambda values: None
     padding: bool = False  # promises that padded positions never change the output
+    # The dtype of its floating outputs given inputs of a dtype, where it is not that dtype.
+    out_dtype: Callable[[torch.dtype], torch.dtype] = lambda dtype: dtype
     vocab_size: int = V
 
 
@@ -268,9 +276,10 @@ CASES: dict[str, Case] = {
     "ExpansiveLexiconLoss": Case(variants(
         ExpansiveLexiconLoss,
         lambda: ExpansiveLexiconLoss(label_weights="one_minus_cost", method="sinkhorn", direction="target_first"),
-        lambda: ExpansiveLexiconLoss(method="emd", top_k=1)), paired=True),
+        lambda: ExpansiveLexiconLoss(method="emd", top_k=1)), paired=True, out_dtype=at_least_float32),
     "LexiconDistillationLoss": Case(variants(LexiconDistillationLoss,
-                                             lambda: LexiconDistillationLoss(direction="target_first"))),
+                                             lambda: LexiconDistillationLoss(direction="target_first")),
+                                    out_dtype=at_least_float32),
     "MaskedLanguageModelingLoss": Case(MaskedLanguageModelingLoss),
     "ImageTextMatchingLoss": Case(ImageTextMatchingLoss),
 }
@@ -344,6 +353,10 @@ def test_block_returns_the_documented_outputs_or_the_documented_error(name, data
         torch.manual_seed(0)
         out = call(block, values)
     check_outputs(block, values, out)
+    want = case.out_dtype(dtype)
+    for name, value in zip(block.provides, out if len(block.provides) > 1 else (out,)):
+        for path, t in _leaves(value, name):
+            assert not t.is_floating_point() or t.dtype == want, f"{path} is {t.dtype} for {dtype} inputs"
     if backward:
         check_gradients(block, values, out)
 
