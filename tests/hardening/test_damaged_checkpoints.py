@@ -167,6 +167,13 @@ def test_a_manifest_rewritten_to_match_is_not_detected_by_checksums(data, run):
     rewrite_manifest(run / LAST, lambda sha: sha.update({"record.json": file_sha256(run / LAST / "record.json")}))
     verify_manifest(run / LAST)
     assert Matcher.load(run / LAST).seed_ == 12345
+    # A forged manifest over a file that no longer parses is still refused by the reader.
+    weights = run / LAST / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    rewrite_manifest(run / LAST, lambda sha: sha.update({"model.safetensors": file_sha256(weights)}))
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        Matcher.load(run / LAST)
+    resume_is_refused(data, run, "model.safetensors: not a readable safetensors file")
 
 
 # ---------------------------------------------------------------- LATEST
