@@ -59,6 +59,10 @@ class SparseCorrelation(Component):
         - image_embedding, text_embedding: ``(B, D)``, row ``b`` of each a matched pair, ``B >= 2``
         - output: ``(B, B)`` weights in ``[0, 1)``
 
+    Raises:
+        ValueError: fewer than 2 pairs (the statistics run across the batch), or inputs of the
+            wrong shape.
+
     References:
         Ma et al., "Bridging the Modality Gap: Dimension Information Alignment and Sparse
         Spatial Constraint for Image-Text Matching", ACM MM 2024, Eq. 11-16.

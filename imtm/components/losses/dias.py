@@ -76,6 +76,10 @@ class DimensionAlignmentLoss(Loss):
           (``pairs="words"``: image_tokens ``(B, N, D)``, text_tokens ``(B, M, D)``)
         - output: ``()``
 
+    Raises:
+        ValueError: fewer than 2 pairs (the statistics run across the batch), or inputs of the
+            wrong shape.
+
     References:
         Ma, Li, Fang and Zhang, "Bridging the Modality Gap: Dimension Information Alignment and
         Sparse Spatial Constraint for Image-Text Matching", ACM MM 2024, Eq. 4-6.
@@ -168,6 +172,10 @@ class SpatialConstraintLoss(Loss):
     Shape:
         - image_embedding, text_embedding: ``(B, D)``, row ``b`` of each a matched pair, ``B >= 2``
         - output: ``()``
+
+    Raises:
+        ValueError: fewer than 2 pairs (the statistics run across the batch), or inputs of the
+            wrong shape.
 
     References:
         Ma et al., ACM MM 2024, Eq. 7-16.

@@ -111,6 +111,10 @@ class PatchScorer(Component):
         - image_tokens: Tokens ``(Bi, N, D)``, text_tokens: Tokens ``(Bt, M, D)``
         - output ``patch_scores``: ``(Bi, Bt, N)`` in ``[0, 1]``
 
+    Raises:
+        ValueError: the image tokens hold prefix tokens only (no patch left to select), or
+            inputs of the wrong shape.
+
     References:
         Fu et al., "Linguistic-Aware Patch Slimming Framework for Fine-grained
         Cross-Modal Alignment", CVPR 2024, Eq. 1-3.
@@ -213,6 +217,10 @@ class GumbelSelector(Component):
         - patch_scores: ``(Bi, Bt, N)``, image_tokens: Tokens ``(Bi, N, D)``
         - output ``keep_decisions``: ``(Bi, Bt, N)``, 0/1
 
+    Raises:
+        ValueError: the image tokens hold prefix tokens only (no patch left to select), or
+            inputs of the wrong shape.
+
     References:
         Fu et al., CVPR 2024, Eq. 4-5; Jang et al., "Categorical Reparameterization
         with Gumbel-Softmax", ICLR 2017.
@@ -288,6 +296,10 @@ class TokenAggregation(Component):
     Shape:
         - image_tokens: Tokens ``(Bi, N, D)``, keep_decisions: ``(Bi, Bt, N)``
         - output ``aggregated_tokens``: ``(Bi, Bt, Nc, D)``
+
+    Raises:
+        ValueError: the image tokens hold prefix tokens only (no patch left to select), or
+            inputs of the wrong shape.
 
     References:
         Fu et al., CVPR 2024, Eq. 6.
@@ -365,6 +377,10 @@ class RedundantFusion(Component):
     Shape:
         - image_tokens: Tokens ``(Bi, N, D)``, patch_scores, keep_decisions: ``(Bi, Bt, N)``
         - output ``fused_tokens``: ``(Bi, Bt, D)``
+
+    Raises:
+        ValueError: the image tokens hold prefix tokens only (no patch left to select), or
+            inputs of the wrong shape.
 
     References:
         Fu et al., CVPR 2024, Eq. 7.
@@ -493,6 +509,10 @@ class PatchSlimming(Component):
         - image_tokens: Tokens ``(Bi, N, D)`` (``num_prefix_tokens`` marks [CLS])
         - text_tokens: Tokens ``(Bt, M, D)``
         - output: ``scores`` ``(Bi, Bt)`` and ``keep_decisions`` ``(Bi, Bt, N)`` (prefix 1, padding 0)
+
+    Raises:
+        ValueError: the image tokens hold prefix tokens only (no patch left to select), or
+            inputs of the wrong shape.
 
     References:
         Fu et al., "Linguistic-Aware Patch Slimming Framework for Fine-grained
