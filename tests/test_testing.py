@@ -9,11 +9,16 @@ from torch import nn
 
 import imtm.testing
 from imtm import Component, Loss, Tokens
+from imtm.component import VALUE_NAMES
+from imtm.components.heads.lexicon import LexiconLogits
 from imtm.testing import (
     CHECKS,
     ConformanceReport,
+    InputSizes,
     captions,
     check_component,
+    check_outputs,
+    component_inputs,
     devices,
     dtypes,
     image_ids,
@@ -275,10 +280,6 @@ def test_check_component_imports_without_hypothesis(monkeypatch):
 
 
 # ---------------------------------------------------------------------- component_inputs and check_outputs
-from imtm.component import VALUE_NAMES  # noqa: E402
-from imtm.components.heads.lexicon import LexiconLogits  # noqa: E402
-from imtm.testing import InputSizes, check_outputs, component_inputs  # noqa: E402
-
 IMAGE_TOKENS = ("images", "image_tokens", "visual_phrases", "masked_image_tokens")
 TEXT_TOKENS = ("text_tokens", "masked_text_tokens", "cross_text_tokens")
 PAIRS = ("scores", "scores_i2t", "scores_t2i", "scores_intra", "scores_inter_i2t", "scores_inter_t2i",
@@ -377,8 +378,7 @@ def test_check_outputs_passes_a_correct_block_and_catches_broken_ones():
             check_outputs(block, values, out)
     scores = {"scores": torch.randn(3, 3), "positives": torch.eye(3, dtype=torch.bool)}
     with pytest.raises(AssertionError, match=r"a Loss returns a floating-point scalar; 'vector_loss' is \(3,\)"):
-        check_outputs(VectorLoss(), scores, VectorLoss()(**{"scores": scores["scores"],
-                                                             "positives": scores["positives"]}))
+        check_outputs(VectorLoss(), scores, VectorLoss()(scores["scores"], scores["positives"]))
     with pytest.raises(ValueError, match=r"inputs lacks \['image_tokens'\]"):
         check_outputs(Project(), {}, None)
 

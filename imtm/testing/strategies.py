@@ -16,7 +16,19 @@ from hypothesis import strategies as st
 from imtm.component import suggest
 from imtm.tokens import Tokens
 
-__all__ = ["DEFAULT_VOCAB_SIZE", "InputSizes", "PADDINGS", "captions", "component_inputs", "devices", "dtypes", "image_ids", "masks", "score_matrices", "tokens"]
+__all__ = [
+    "DEFAULT_VOCAB_SIZE",
+    "PADDINGS",
+    "InputSizes",
+    "captions",
+    "component_inputs",
+    "devices",
+    "dtypes",
+    "image_ids",
+    "masks",
+    "score_matrices",
+    "tokens",
+]
 
 #: How :func:`masks` and :func:`tokens` pad a row: any non-empty subset of positions is
 #: real (``"random"``), exactly one position is real (``"all_but_one"``, the hardest

@@ -18,10 +18,9 @@ More examples: ``HYPOTHESIS_PROFILE=thorough python -m pytest tests/hardening``.
 from __future__ import annotations
 
 import copy
-import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pytest
 import torch
@@ -29,6 +28,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from imtm import Tokens
 from imtm.component import COMPONENT_REGISTRY, Component
 from imtm.components import (
     CrossModalEncoder,
@@ -76,10 +76,17 @@ from imtm.components import (
     WordMasking,
     WordToLexiconHead,
 )
-from imtm import Tokens
 from imtm.components.encoders.hf_text import write_local_bert
 from imtm.data import Vocabulary
-from imtm.testing import PADDINGS, captions, check_component, check_outputs, component_inputs, devices, dtypes
+from imtm.testing import (
+    PADDINGS,
+    captions,
+    check_component,
+    check_outputs,
+    component_inputs,
+    devices,
+    dtypes,
+)
 from imtm.testing.conformance import _leaves, _map_tensors
 
 D, V = 8, 16  # feature size and vocabulary of the drawn values
@@ -105,7 +112,7 @@ def once(key: str, make: Callable[[], Component]) -> Component:
 
 def vit(**kw):
     return TimmVisionEncoder("vit_tiny_patch16_224", img_size=IMG, out_dim=D,
-                             model_kwargs=dict(depth=1, embed_dim=16, num_heads=2, patch_size=8), **kw)
+                             model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8}, **kw)
 
 
 def bert() -> HFTextEncoder:
@@ -354,8 +361,8 @@ def test_block_returns_the_documented_outputs_or_the_documented_error(name, data
         out = call(block, values)
     check_outputs(block, values, out)
     want = case.out_dtype(dtype)
-    for name, value in zip(block.provides, out if len(block.provides) > 1 else (out,)):
-        for path, t in _leaves(value, name):
+    for provided, value in zip(block.provides, out if len(block.provides) > 1 else (out,)):
+        for path, t in _leaves(value, provided):
             assert not t.is_floating_point() or t.dtype == want, f"{path} is {t.dtype} for {dtype} inputs"
     if backward:
         check_gradients(block, values, out)
