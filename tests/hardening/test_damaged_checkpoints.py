@@ -41,7 +41,7 @@ def data():
 
 def matcher(data, run_dir) -> Matcher:
     return Matcher(toy_components(data.vocab), epochs=3, batch_size=6, lr=1e-2, random_state=0, verbose=False,
-                   checkpoint_dir=run_dir, checkpoint_every=3)
+                   checkpoint_dir=run_dir, checkpoint_every=3, device="cpu")
 
 
 @pytest.fixture(scope="module")
