@@ -45,9 +45,9 @@ def masked_mean_along(
 
     The one implementation behind :meth:`Tokens.masked_mean`,
     :func:`imtm.functional.masked_mean` and :func:`imtm.functional.mean_pool`. Masked
-    positions never enter the result, whatever they hold (NaN and inf included); the
-    count of real positions is exact (an integer) and cast to ``x``'s dtype; the result
-    keeps ``x``'s dtype. Unchecked: the wrappers check their inputs.
+    positions never enter the result, whatever they hold (NaN and inf included); real
+    positions are counted in ``x``'s dtype, and the result keeps ``x``'s dtype. Unchecked:
+    the wrappers check their inputs.
 
     Args:
         x: the values.
@@ -71,9 +71,11 @@ def masked_mean_along(
     m = mask.reshape((1,) * (x.dim() - mask.dim()) + tuple(mask.shape))
     # where() rather than a product with the mask: 0 * NaN in padding would be NaN.
     total = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(d)
-    # A mask constant along dim (size 1 there) counts every position of x along it.
-    count = m.sum(d) * (x.shape[d] if m.shape[d] == 1 else 1)
-    mean = total / count.clamp_min(1).to(x.dtype)
+    # A mask constant along dim (size 1 there) counts every position of x along it. Counted in
+    # x's dtype, the arithmetic Tokens.masked_mean always had: an integer count cast afterwards
+    # compiles (torch.compile) to scores that break exact ties (duplicate captions) unlike eager.
+    count = m.to(x.dtype).sum(d) * (x.shape[d] if m.shape[d] == 1 else 1)
+    mean = total / count.clamp_min(1)
     if empty == 0.0:
         return mean  # an empty set sums to 0, so 0 / 1 is already the answer
     return torch.where(count > 0, mean, torch.full((), empty, dtype=mean.dtype, device=mean.device))
