@@ -115,11 +115,21 @@ def vit(**kw):
                              model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8}, **kw)
 
 
-def bert() -> HFTextEncoder:
-    import tempfile
+_FOLDERS: dict[str, object] = {}
 
-    folder = tempfile.mkdtemp(prefix="imtm-sweep-bert-")
-    return HFTextEncoder(write_local_bert(folder, WORDS, hidden_size=16, num_layers=1, num_heads=2), out_dim=D)
+
+@pytest.fixture(scope="module", autouse=True)
+def local_bert(tmp_path_factory):
+    """A tiny random BERT folder for this module's text encoders; the built blocks are dropped after it."""
+    _FOLDERS["bert"] = write_local_bert(tmp_path_factory.mktemp("bert"), WORDS, hidden_size=16, num_layers=1,
+                                        num_heads=2)
+    yield
+    _CACHE.clear()
+    _FOLDERS.clear()
+
+
+def bert() -> HFTextEncoder:
+    return HFTextEncoder(_FOLDERS["bert"], out_dim=D)
 
 
 def cross():
