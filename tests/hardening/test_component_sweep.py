@@ -488,3 +488,17 @@ def test_patch_slimming_with_one_or_no_real_patch_has_finite_gradients(training,
     for what, grad in [("image features", feats.grad), ("words", words.grad)] + [
             (n, p.grad) for n, p in block.named_parameters() if p.grad is not None]:
         assert bool(torch.isfinite(grad).all()), what
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_gumbel_selector_refuses_nan_scores_of_real_patches(training):
+    """Top-k and Gumbel decisions turned a NaN significance into a plain 0/1 decision, silently."""
+    selector = GumbelSelector(0.5).train(training)
+    images = Tokens(torch.randn(1, 4, D), torch.tensor([[True, True, True, False]]), num_prefix_tokens=1)
+    scores = torch.rand(1, 2, 4)
+    scores[0, 1, 3] = float("nan")  # a padded patch: ignored
+    decisions = selector(scores, images)
+    assert decisions.shape == (1, 2, 4) and bool(torch.isfinite(decisions).all())
+    scores[0, 1, 2] = float("nan")  # a real patch
+    with pytest.raises(ValueError, match="GumbelSelector: patch_scores holds 1 NaN or inf value"):
+        selector(scores, images)

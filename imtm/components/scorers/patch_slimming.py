@@ -35,7 +35,7 @@ from imtm.functional.patch_slimming import (
     _masked_softmax,
 )
 from imtm.functional.pooling import resolve_pooling
-from imtm.tokens import Tokens
+from imtm.tokens import Tokens, check_finite
 
 __all__ = ["GumbelSelector", "PatchScorer", "PatchSlimming", "RedundantFusion", "TokenAggregation"]
 
@@ -267,6 +267,8 @@ class GumbelSelector(Component):
         _, patch_mask = _split_patches(self, images)
         scores = patch_scores[..., p:].permute(0, 2, 1)  # (Bi, Np, Bt)
         pm = None if patch_mask is None else patch_mask.unsqueeze(-1)
+        # A NaN score would otherwise come out as a plain 0/1 decision (top-k and Gumbel both hide it).
+        check_finite(scores if pm is None else scores[pm.expand_as(scores)], f"{type(self).__name__}: patch_scores")
         decisions = self.decide(scores, pm, dim=1)
         return _pair_layout(decisions, p, 1.0, images.mask[:, :p])
 
