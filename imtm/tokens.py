@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Tokens", "check_finite", "masked_mean_along", "NonFiniteValueError"]
+__all__ = ["NonFiniteValueError", "Tokens", "check_finite", "masked_mean_along"]
 
 
 class NonFiniteValueError(ValueError):

@@ -1,12 +1,17 @@
 """benchmarks/_results.py: the one layout of the docs/results/*.md pages the ablation scripts write."""
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _results import binding_note, binding_timing_table, markdown_table, page, write_page  # noqa: E402
+# benchmarks/ is not a package: load the module from its file, as the scripts' own folder would.
+_spec = importlib.util.spec_from_file_location(
+    "_results", Path(__file__).resolve().parents[2] / "benchmarks" / "_results.py")
+_results = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_results)
+binding_note, binding_timing_table = _results.binding_note, _results.binding_timing_table
+markdown_table, page, write_page = _results.markdown_table, _results.page, _results.write_page
 
 ROW = {"i2t_r1": 10.0, "i2t_r5": 20.0, "i2t_r10": 30.0, "t2i_r1": 5.0, "t2i_r5": 15.0, "t2i_r10": 25.0,
        "rsum": 105.0}
