@@ -502,3 +502,33 @@ def test_gumbel_selector_refuses_nan_scores_of_real_patches(training):
     scores[0, 1, 2] = float("nan")  # a real patch
     with pytest.raises(ValueError, match="GumbelSelector: patch_scores holds 1 NaN or inf value"):
         selector(scores, images)
+
+
+@pytest.mark.parametrize("side", ["image_tokens", "text_tokens"])
+def test_expansive_lexicon_loss_refuses_a_nan_token(side):
+    """The transport plan and the soft labels are computed without gradient; a NaN patch or word
+    vanished into them and the loss came out finite."""
+    torch.manual_seed(0)
+    values = {"patch_lexicon": None, "word_lexicon": torch.randn(2, 3, V),
+              "image_tokens": Tokens(torch.randn(2, 4, D)), "text_tokens": Tokens(torch.randn(2, 3, D))}
+    values["patch_lexicon"] = PatchToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4))(
+        values["image_tokens"], torch.tensor([[True, False, True, False], [False, True, False, False]]))
+    loss = ExpansiveLexiconLoss()
+    check_outputs(loss, values, call(loss, values))
+    feats = values[side].feats.clone()
+    feats[1, 2] = float("nan")
+    values[side] = Tokens(feats)
+    with pytest.raises(ValueError, match=rf"ExpansiveLexiconLoss: {side.replace('_', ' ')} holds 8 NaN or inf"):
+        call(loss, values)
+
+
+def test_expansive_lexicon_loss_dtype_does_not_depend_on_the_masked_patches():
+    """With no masked patch the loss came back in bfloat16, with some in float32 (lexicon_kl_loss's dtype)."""
+    images = Tokens(torch.randn(2, 3, D, dtype=torch.bfloat16))
+    texts = Tokens(torch.randn(2, 3, D, dtype=torch.bfloat16))
+    head = PatchToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4)).to(torch.bfloat16)
+    words = torch.randn(2, 3, V, dtype=torch.bfloat16)
+    losses = [ExpansiveLexiconLoss()(head(images, torch.full((2, 3), masked)), words, images, texts)
+              for masked in (False, True)]
+    assert [loss.dtype for loss in losses] == [torch.float32, torch.float32]
+    assert float(losses[0].detach()) == 0.0

@@ -19,7 +19,7 @@ from imtm.functional.lexicon import (
     lexicon_kl_loss,
 )
 from imtm.functional.transport import TRANSPORT_METHODS, cosine_cost, transport_plan
-from imtm.tokens import Tokens
+from imtm.tokens import Tokens, check_finite
 
 __all__ = ["ExpansiveLexiconLoss", "LexiconDistillationLoss"]
 
@@ -153,6 +153,9 @@ class ExpansiveLexiconLoss(Loss):
         if images.dim != texts.dim:
             raise ValueError(f"{name}: the transport cost compares patch and word states, which must share their "
                              f"width; got D = {images.dim} (images) and {texts.dim} (texts); project one side")
+        # The plan and the labels are computed without gradient: a NaN token would vanish into them silently.
+        for tokens, what in ((images, "image tokens"), (texts, "text tokens")):
+            check_finite(tokens.feats[tokens.mask], f"{name}: {what}")
         if word_lexicon.dim() != 3 or word_lexicon.shape[:2] != texts.feats.shape[:2]:
             raise ValueError(f"{name}: word_lexicon must have shape (B, M, V) = ({texts.batch_size}, "
                              f"{texts.num_tokens}, V), got {tuple(word_lexicon.shape)}")
@@ -161,7 +164,8 @@ class ExpansiveLexiconLoss(Loss):
             raise ValueError(f"{name}: vocabulary mismatch: patch_lexicon has V = {logits.shape[-1]}, word_lexicon "
                              f"{word_lexicon.shape[-1]}; tie both heads to the same word embeddings")
         if logits.shape[0] == 0:  # nothing masked (evaluation, mask_ratio=0): nothing to align
-            return logits.sum() * 0.0
+            # In the dtype lexicon_kl_loss returns (at least float32), whether or not a patch is masked.
+            return (logits.sum() * 0.0).to(torch.promote_types(logits.dtype, torch.float32))
         patch_mask = _real_non_prefix(images)
         word_mask = _real_non_prefix(texts)
         with torch.no_grad(), named_errors(self):
