@@ -188,6 +188,8 @@ class Case:
     # The error the docstring documents for these values, as (type, message regex), or None.
     error: Callable[[dict], tuple[type, str] | None] = lambda values: None
     padding: bool = False  # promises that padded positions never change the output
+    # Why a NaN in a real token of its Tokens inputs may leave every output finite (None: it may not).
+    nan_unused: str | None = None
     # The dtype of its floating outputs given inputs of a dtype, where it is not that dtype.
     out_dtype: Callable[[torch.dtype], torch.dtype] = lambda dtype: dtype
     vocab_size: int = V
@@ -249,7 +251,8 @@ CASES: dict[str, Case] = {
         lambda: InterModalPhraseAttention("i2t", dim=D, heads=2, k=None, max_block_elements=50)), padding=True),
     "ScoreFusion": Case(ScoreFusion),
     "PatchScorer": Case(lambda: PatchScorer(D), padding=True, error=no_patch),
-    "GumbelSelector": Case(lambda: GumbelSelector(0.5), error=no_patch),
+    "GumbelSelector": Case(lambda: GumbelSelector(0.5), error=no_patch,
+                           nan_unused="reads the image tokens' mask and prefix count, not their features"),
     "TokenAggregation": Case(lambda: TokenAggregation(D, 2), error=no_patch),
     "RedundantFusion": Case(RedundantFusion, error=no_patch),
     "PatchSlimming": Case(variants(
@@ -265,7 +268,8 @@ CASES: dict[str, Case] = {
     # ---------------------------------------------------------------- heads
     "CrossModalEncoder": Case(cross, paired=True, padding=True),
     "ImageTextMatchingHead": Case(lambda: ImageTextMatchingHead(D, encoder=cross()), paired=True, padding=True),
-    "PatchToLexiconHead": Case(lambda: PatchToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4))),
+    "PatchToLexiconHead": Case(lambda: PatchToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4)),
+                               nan_unused="computes the masked patches only, never the others"),
     "WordToLexiconHead": Case(variants(
         lambda: WordToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4), layers=1, heads=2),
         lambda: WordToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4), layers=0))),
@@ -282,7 +286,7 @@ CASES: dict[str, Case] = {
         lambda: TripletLoss(miner=DistanceWeightedMiner(dim=D, random_state=0)),
         lambda: TripletLoss(requires=("scores_i2t", "scores_t2i", "positives")))),
     "InfoNCELoss": Case(variants(InfoNCELoss, lambda: InfoNCELoss(temperature=0.1, learnable=True))),
-    "RatioLoss": Case(RatioLoss),
+    "RatioLoss": Case(RatioLoss, nan_unused="reads the image tokens' mask and prefix count, not their features"),
     "DimensionAlignmentLoss": Case(variants(
         DimensionAlignmentLoss, lambda: DimensionAlignmentLoss(reduction="mean", pairs="words")),
         paired=True, error=small_batch),
@@ -417,6 +421,52 @@ def test_padding_never_changes_the_output(name, data):
     assume(case.error(values) is None)
     report = check_component(block, values, skip=PADDING_ONLY, rtol=1e-7, atol=1e-9)
     assert "padding" in report.passed, report
+
+
+def float_tokens(values: dict) -> list[str]:
+    return sorted(k for k, v in values.items() if isinstance(v, Tokens) and v.feats.is_floating_point())
+
+
+#: Vocabulary names drawn as Tokens of features.
+FEATURE_TOKENS = {"images", "image_tokens", "text_tokens", "visual_phrases", "masked_image_tokens",
+                  "masked_text_tokens", "cross_text_tokens"}
+
+
+def reads_feature_tokens(name: str) -> bool:
+    """The block's class reads Tokens of features that component_inputs draws (not an extra strategy)."""
+    return bool((set(COMPONENT_REGISTRY[name].requires) & FEATURE_TOKENS) - set(CASES[name].extra))
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CASES if reads_feature_tokens(n)))
+@settings(max_examples=max(1, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_nan_in_a_real_token_is_refused_or_shows(name, data):
+    """NaN in one real token of a Tokens input: a ValueError naming NaN, or a NaN in the outputs; never a
+    finite result that silently dropped it."""
+    case = CASES[name]
+    block = copy.deepcopy(data.draw(st.sampled_from(factories(case)), label="factory")()).eval()
+    move(block, torch.device("cpu"), torch.float64)
+    values = data.draw(component_inputs(block, batch=st.integers(2, 3), max_tokens=4, dim=D, dtype=torch.float64,
+                                        vocab_size=case.vocab_size, paired=case.paired, extra=case.extra),
+                       label="values")
+    keys = float_tokens(values)
+    assume(keys and case.error(values) is None)
+    key = data.draw(st.sampled_from(keys), label="input")
+    tokens = values[key]
+    real = tokens.mask.nonzero().tolist()
+    row, position = real[data.draw(st.integers(0, len(real) - 1), label="token")]
+    feats = tokens.feats.clone()
+    feats[row, position] = float("nan")
+    values[key] = tokens.with_feats(feats)
+    try:
+        out = call(block, values)
+    except ValueError as err:
+        assert "NaN" in str(err), err
+        return
+    outputs = out if len(block.provides) > 1 else (out,)
+    finite = all(bool(torch.isfinite(t).all()) for provided, value in zip(block.provides, outputs)
+                 for _, t in _leaves(value, provided) if t.is_floating_point())
+    assert not finite or case.nan_unused, f"{name}: a NaN in {key}[{row}, {position}] vanished from every output"
 
 
 # ---------------------------------------------------------------------- the sweep catches broken blocks
