@@ -6,10 +6,11 @@ outside the shared vocabulary, ``extra`` strategies), the errors its docstring
 documents for valid-looking input, and whether it promises padding invariance.
 For every drawn example (batch sizes, widths, ``padding`` among random,
 all-but-one and none, a [CLS] prefix token or none, feature scales from 1e-4 to
-1e4, float32 / float64 / bfloat16, every available device, training or eval mode) the call either passes ``imtm.testing.check_outputs`` (one
-output per ``provides`` name, documented shapes, finite values), returns its
-inputs' dtype, and in training back-propagates finite gradients, or raises exactly
-the documented error. A block registered without an entry fails
+1e4, float32 / float64 / bfloat16, every available device, training or eval
+mode) the call either passes ``imtm.testing.check_outputs`` (one output per
+``provides`` name, documented shapes, finite values), returns its inputs' dtype,
+and in training back-propagates finite gradients, or raises exactly the
+documented error. A block registered without an entry fails
 ``test_every_registered_block_has_a_case``.
 
 More examples: ``HYPOTHESIS_PROFILE=thorough python -m pytest tests/hardening``.
@@ -136,14 +137,20 @@ def cross():
     return CrossModalEncoder(D, layers=1, heads=2)
 
 
-def random_tensor(shape, s, seed, kind="normal"):
+def random_tensor(shape, s, seed):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g, dtype=torch.float64)
-    return x.to(s.device, s.dtype)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(s.device, s.dtype)
+
+
+def raw_pixels(shape, s, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(s.device)
 
 
 def pixels(s):
-    return SEEDS.map(lambda seed: random_tensor((s.bi, 3, IMG, IMG), s, seed))
+    """Normalised float pixels in the drawn dtype, or raw uint8 pixels (the encoder scales them)."""
+    make = st.sampled_from([random_tensor, raw_pixels])
+    return st.tuples(make, SEEDS).map(lambda ms: ms[0]((s.bi, 3, IMG, IMG), s, ms[1]))
 
 
 def strings(s):
