@@ -75,15 +75,25 @@ class AttentionWeights:
         return self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
 
 
-def _check_weights(w, dim: int, heads, where: str, what: str) -> None:
+def _check_weights(w, dim: int, heads, where: str, what: str, like: torch.Tensor | None = None) -> None:
     if not isinstance(w, AttentionWeights):
         raise TypeError(f"{where}: {what} must be an AttentionWeights, got {type(w).__name__}")
     shapes = {"in_proj_weight": (3 * dim, dim), "in_proj_bias": (3 * dim,), "out_proj_weight": (dim, dim),
               "out_proj_bias": (dim,), "norm_weight": (dim,), "norm_bias": (dim,)}
+    # Under autocast the products cast both sides themselves; otherwise the weights must match the tokens.
+    same_dtype = like is not None and not torch.is_autocast_enabled(like.device.type)
     for name, shape in shapes.items():
-        got = tuple(getattr(w, name).shape)
+        tensor = getattr(w, name)
+        got = tuple(tensor.shape)
         if got != shape:
             raise ValueError(f"{where}: {what}.{name} must have shape {shape} for D={dim}, got {got}")
+        if like is not None and tensor.device != like.device:
+            raise ValueError(f"{where}: {what}.{name} is on {tensor.device} but the tokens are on {like.device}")
+        if same_dtype and tensor.dtype != like.dtype:
+            raise TypeError(
+                f"{where}: {what}.{name} is {tensor.dtype} but the tokens are {like.dtype}; "
+                "cast the weights (or the tokens) to one dtype"
+            )
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or dim % heads:
         raise ValueError(f"{where}: heads must be a positive int dividing D={dim}, got {heads!r}")
 
@@ -182,7 +192,8 @@ def phrase_attention_scores(
     Raises:
         TypeError, ValueError: bad tensors or masks (see
             :func:`~imtm.functional.blocking.check_pair_inputs`), weights of the wrong
-            shape, ``heads`` not dividing ``D``, a bad ``k`` or budget.
+            shape, device or (outside autocast) dtype, ``heads`` not dividing ``D``, a bad
+            ``k`` or budget.
 
     Shape:
         - queries: ``(Bq, L, D)``, query_mask: ``(Bq, L)``
@@ -208,8 +219,8 @@ def phrase_attention_scores(
         raise ValueError(f"{where}: max_block_elements must be a positive int or None, got {max_block_elements!r}")
     queries, keys, query_mask, key_mask = check_pair_inputs(queries, keys, query_mask, key_mask, where=where)
     D = queries.shape[-1]
-    _check_weights(self_attn, D, heads, where, "self_attn")
-    _check_weights(cross_attn, D, heads, where, "cross_attn")
+    _check_weights(self_attn, D, heads, where, "self_attn", like=queries)
+    _check_weights(cross_attn, D, heads, where, "cross_attn", like=queries)
     budget = default_block_elements(queries.device) if max_block_elements is None else max_block_elements
     Bq, L, _ = queries.shape
     Bk, M, _ = keys.shape
@@ -327,8 +338,8 @@ def phrase_attention_token_scores(
         raise ValueError(f"{where}: queries and keys pair row by row; got {queries.shape[0]} query sets and "
                          f"{keys.shape[0]} key sets")
     D = queries.shape[-1]
-    _check_weights(self_attn, D, heads, where, "self_attn")
-    _check_weights(cross_attn, D, heads, where, "cross_attn")
+    _check_weights(self_attn, D, heads, where, "self_attn", like=queries)
+    _check_weights(cross_attn, D, heads, where, "cross_attn", like=queries)
     B, L, _ = queries.shape
     M = keys.shape[1]
     H, dh = heads, D // heads

@@ -1555,3 +1555,13 @@ def test_log_sinkhorn_meets_the_target_marginal_in_bfloat16():
     plan = F.transport_plan(cost.to(BF16), method="sinkhorn", n_iter=1, reg=0.05)
     assert plan.dtype == BF16
     torch.testing.assert_close(plan.double().sum(1), torch.full((2, 4), 0.25, dtype=F64), atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize("fn", [F.phrase_attention_scores, F.phrase_attention_token_scores])
+def test_phrase_attention_refuses_weights_of_another_dtype(fn):
+    # Float32 weights with float64 features failed inside F.linear ("mat1 and mat2 must have the same dtype").
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 4, generator=g, dtype=F64), torch.randn(2, 2, 4, generator=g, dtype=F64)
+    w = _attention_weights(Ctx(lambda strategy: 0, F32, torch.device("cpu")), 4)  # every draw seeds 0
+    with pytest.raises(TypeError, match=r"self_attn.in_proj_weight is torch.float32 but the tokens are torch.float64"):
+        fn(q, k, self_attn=w, cross_attn=w, heads=2)
