@@ -7,9 +7,11 @@ call must return finite values of the shape its docstring's ``Shape:`` section
 documents, in the dtype the rules below state; where the function promises it,
 padding invariance (padded positions filled with NaN or other values change
 nothing), permutation equivariance, independence of the block budget, bounds
-and finite gradients are checked too. A second test feeds each validating
-function one hostile input and checks the exception type and message its
-docstring documents.
+and finite gradients are checked too, and no call may write into its inputs.
+A second test feeds each validating function one hostile input and checks the
+exception type and message its docstring documents; a third gives two-input
+functions two dtypes (promoted or refused, never a failure deep inside); a
+fourth reruns the sweep on float32 inputs under bfloat16 autocast.
 
 Every public name must have an entry: exporting a new function without one
 fails :func:`test_every_public_function_is_swept`. ``IMTM_SWEEP_EXAMPLES=200``
