@@ -10,6 +10,7 @@ model the same as the fitted one. After a warm-up, the process's resident memory
 
     OMP_NUM_THREADS=1 python benchmarks/soak.py --minutes 5 --preset vsepp
     OMP_NUM_THREADS=1 python benchmarks/soak.py --minutes 5 --preset chan
+    OMP_NUM_THREADS=1 python benchmarks/soak.py --minutes 5 --preset laps --view pixels  # a one-layer ViT
 
 Prints one line per round and a final verdict; exits with status 1 on any
 difference or growth beyond the tolerances. Not a test: it never runs in the suite.
@@ -84,8 +85,11 @@ def one_round(args, data, resume: bool, tmp: Path) -> tuple[dict, dict, list[str
               "device": "cpu", "verbose": False, "checkpoint_dir": str(tmp / "run"), "keep_best": False}
 
     def blocks():
-        return presets.build(args.preset, train, embed_dim=args.embed_dim, **(
-            {"word_dim": args.embed_dim} if args.preset in ("vsepp", "chan", "dcpa", "dias") else {}))
+        kwargs = {"embed_dim": args.embed_dim, "word_dim": args.embed_dim}
+        if args.preset == "laps":  # a one-layer ViT of 8 x 8 patches on the pixel view's images
+            kwargs.update(model_name="vit_tiny_patch16_224", img_size=args.image_size,
+                          model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8})
+        return presets.build(args.preset, train, **kwargs)
 
     m = Matcher(blocks(), **params).fit(train)
     note = ""
@@ -111,6 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=5.0, help="how long to keep starting rounds")
     p.add_argument("--preset", default="vsepp", choices=sorted(presets.PRESETS))
     p.add_argument("--view", default="regions", choices=("regions", "pixels"), help="synthetic benchmark view")
+    p.add_argument("--image-size", type=int, default=32, help="pixel view: image side (LAPS)")
     p.add_argument("--n-train", type=int, default=300)
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--epochs", type=int, default=2)
@@ -129,8 +134,10 @@ def main(argv=None) -> int:
     if args.epochs < 2:
         p.error("--epochs must be >= 2 (a resumed round restarts from the checkpoint before the last)")
 
+    if (args.view == "pixels") != (args.preset == "laps"):
+        p.error("--preset laps takes --view pixels; the other presets take region features (--view regions)")
     train, _, test = synthetic.load(view=args.view, seed=args.seed, n_train=args.n_train, n_dev=10,
-                                    n_test=args.n_test)
+                                    n_test=args.n_test, **({"image_size": args.image_size} if args.view == "pixels" else {}))
     print(f"soak: preset={args.preset} view={args.view} n_train={args.n_train} n_test={args.n_test} "
           f"epochs={args.epochs} embed_dim={args.embed_dim} minutes={args.minutes} "
           f"torch threads={torch.get_num_threads()} pid={os.getpid()}", flush=True)
