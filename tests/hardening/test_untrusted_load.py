@@ -53,7 +53,7 @@ def write_pickle(path, canary, torch_format=False):
     if torch_format:
         torch.save({"weight": Payload(canary)}, path)
     else:
-        path.write_bytes(pickle.dumps({"weight": Payload(canary)}))
+        path.write_bytes(pickle.dumps({"weight": Payload(canary)}, protocol=2))  # torch.load's own protocol
 
 
 # ---------------------------------------------------------------- a saved model to tamper with
