@@ -14,7 +14,7 @@ functions two dtypes (promoted or refused, never a failure deep inside); a
 fourth reruns the sweep on float32 inputs under bfloat16 autocast.
 
 Every public name must have an entry: exporting a new function without one
-fails :func:`test_every_public_function_is_swept`. ``IMTM_SWEEP_EXAMPLES=200``
+fails :func:`test_every_public_function_is_swept`. ``HYPOTHESIS_PROFILE=thorough``
 runs a deeper sweep by hand (the suite uses 8 examples per function).
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import ast
 import inspect
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -1376,7 +1375,8 @@ CASES = {
 }
 
 #: Examples per function: few, the sizes are tiny; the POT backends solve problem by problem.
-EXAMPLES = int(os.environ.get("IMTM_SWEEP_EXAMPLES", "8"))
+#: 8 by default, 80 with HYPOTHESIS_PROFILE=thorough (a hundredth of the profile's examples).
+EXAMPLES = max(8, settings.default.max_examples // 100 * 8)
 ERROR_EXAMPLES = max(1, EXAMPLES * 3 // 4)
 AUTOCAST_EXAMPLES = max(1, EXAMPLES // 3)
 SLOW = dict.fromkeys(["transport_plan", "phrase_attention_scores", "soft_assignment_scores"], ERROR_EXAMPLES)
