@@ -572,9 +572,13 @@ class Matcher(BaseEstimator):
         """Load a folder written by :meth:`save` (or a checkpoint folder); verifies checksums.
 
         Blocks are rebuilt from registered imtm classes only; no file can make this run code.
+        ``checkpoint_dir`` is not restored (it is ``None`` on the loaded Matcher): a folder
+        from elsewhere must not choose where a later ``fit`` writes and prunes checkpoints.
+        Set it again with ``set_params(checkpoint_dir=...)`` to continue training with checkpoints.
         """
         ckpt = read_checkpoint(path, with_train_state=False)
         m = cls.from_config(ckpt["config"])
+        m.checkpoint_dir = None
         if device is not None:
             m.device = device
         m.validate()

@@ -431,3 +431,10 @@ def test_cli_evaluate_refuses_a_config_naming_code(model, canary):
     edit_config(model, set_first_block("os.system", {"command": f"touch {canary}"}))
     with pytest.raises(ConfigError, match="unknown block 'os.system'"):
         main(["evaluate", "--model", str(model), "--quiet"])
+
+
+def test_load_does_not_restore_where_a_later_fit_writes(saved, model):
+    # The saved configuration names a run folder; a loaded model must not write or prune there.
+    root, _ = saved
+    assert json.loads((model / "config.json").read_text())["params"]["checkpoint_dir"] == str(root / "run")
+    assert Matcher.load(model).checkpoint_dir is None
