@@ -265,8 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one ``imtm`` command; a folder or configuration that cannot be used exits with status 2.
+
+    A :class:`~imtm.engine.serialization.ConfigError` (an unknown block, an altered or
+    incomplete checkpoint, weights of another configuration) is a problem with the files
+    given, not a bug: it is printed as one line naming the command, without a traceback.
+    """
+    from imtm.engine.serialization import ConfigError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"imtm {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

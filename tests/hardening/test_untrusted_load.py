@@ -416,21 +416,24 @@ def test_timm_pretrained_file_with_code_is_refused(tmp_path, canary, timm_kwargs
 
 
 # ---------------------------------------------------------------- the command line
-def test_cli_evaluate_refuses_a_pickle_model(model, canary):
+def test_cli_evaluate_refuses_a_pickle_model(model, canary, capsys):
     from imtm.cli import main
 
     write_pickle(model / "model.safetensors", canary, torch_format=True)
     refresh_manifest(model)
-    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        main(["evaluate", "--model", str(model), "--quiet"])
+    assert main(["evaluate", "--model", str(model), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imtm evaluate: CheckpointError:") and "not a readable safetensors file" in err
 
 
-def test_cli_evaluate_refuses_a_config_naming_code(model, canary):
+def test_cli_evaluate_refuses_a_config_naming_code(model, canary, capsys):
     from imtm.cli import main
 
     edit_config(model, set_first_block("os.system", {"command": f"touch {canary}"}))
-    with pytest.raises(ConfigError, match="unknown block 'os.system'"):
-        main(["evaluate", "--model", str(model), "--quiet"])
+    assert main(["evaluate", "--model", str(model), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imtm evaluate: ConfigError:") and "unknown block 'os.system'" in err
+    assert "Traceback" not in err
 
 
 def test_load_does_not_restore_where_a_later_fit_writes(saved, model):
