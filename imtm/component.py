@@ -226,6 +226,19 @@ class Component(nn.Module):
         entry, one checkpoint entry).
         """
 
+    def generator_states(self) -> dict[str, Any]:
+        """States of the block's own random generators, for training checkpoints (default: none).
+
+        A block that draws from a ``torch.Generator`` of its own (rather than torch's
+        global one, which ``Matcher.fit`` seeds and checkpoints) returns its states
+        here, so that a resumed ``fit`` draws what an uninterrupted one would.
+        Values are tensors (``Generator.get_state()``) in a dict keyed by strings.
+        """
+        return {}
+
+    def load_generator_states(self, states: dict[str, Any]) -> None:
+        """Restore what :meth:`generator_states` returned (default: nothing to restore)."""
+
     def extra_repr(self) -> str:
         bits = [f"requires={tuple(self.requires)}", f"provides={tuple(self.provides)}"]
         return ", ".join(bits)

@@ -29,7 +29,8 @@ class DistanceWeightedMiner(Component):
     and ``negatives_t2i`` (see :func:`imtm.functional.distance_weighted_negatives`).
 
     Randomness: in training mode the draws use ``random_state``'s own generator
-    (advancing from call to call), or with ``random_state=None`` torch's global
+    (advancing from call to call, and saved in training checkpoints through
+    :meth:`generator_states`, so a resumed run continues the stream), or with ``random_state=None`` torch's global
     generator, which ``Matcher.fit`` seeds and checkpoints (so a resumed run draws
     the same negatives). In eval mode every call draws from a generator freshly
     seeded with ``random_state`` (0 when ``None``): the same inputs give the same
@@ -96,6 +97,18 @@ class DistanceWeightedMiner(Component):
         if str(device) not in generators:
             generators[str(device)] = torch.Generator(device=device).manual_seed(int(seed))
         return generators[str(device)]
+
+    def generator_states(self) -> dict[str, torch.Tensor]:
+        """The state of the block's own generator on each device it drew on (training mode)."""
+        return {dev: g.get_state() for dev, g in self.__dict__.get("_generators", {}).items()}
+
+    def load_generator_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Continue the streams saved by :meth:`generator_states` (a resumed ``fit``)."""
+        generators = self.__dict__.setdefault("_generators", {})
+        for dev, state in states.items():
+            g = torch.Generator(device=dev)
+            g.set_state(state)
+            generators[dev] = g
 
     def forward(self, scores, positives):
         device = (scores[0] if isinstance(scores, (tuple, list)) else scores).device

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from imtm.data.collate import collate
 from imtm.engine import distributed
+from imtm.component import Component
 from imtm.engine.checkpoint import (
     CheckpointError,
     complete_checkpoints,
@@ -495,6 +496,9 @@ class Trainer:
                     "numpy": _np_state(),
                     "python": _py_state(random.getstate())},
             "train_config": self.run_config(),
+            # Blocks with a generator of their own (DistanceWeightedMiner(random_state=...)).
+            "block_generators": {name: states for name, mod in self.m.components_.named_modules()
+                                 if isinstance(mod, Component) and (states := mod.generator_states())},
         }
 
     def run_config(self) -> dict:
@@ -608,6 +612,8 @@ class Trainer:
                         opt.load_state_dict(resume_state["optimizer"])
                         sched.load_state_dict(resume_state["scheduler"])
                     _restore_rng(resume_state["rng"])
+                    for name, states in resume_state.get("block_generators", {}).items():
+                        m.components_.get_submodule(name).load_generator_states(states)
                     resume_state = None
                 loss_idx = self.active_losses(stage)
                 run_idx = plan.needed_for([plan.names[k] for k in loss_idx])

@@ -1,0 +1,55 @@
+"""A block with a generator of its own (the DIAS miner with ``random_state``) resumes its stream."""
+
+import pytest
+import torch
+
+from imtm import Matcher
+from imtm.components import DistanceWeightedMiner, TripletLoss
+from imtm.data import ImageCaptionDataset
+from toy import ToyCosine, ToyImage, ToyText, toy_data
+
+
+@pytest.fixture(scope="module")
+def data():
+    return toy_data()
+
+
+def mined(data, **kw):
+    blocks = [ToyImage(), ToyText(vocab=data.vocab), ToyCosine(),
+              TripletLoss(margin=0.2, miner=DistanceWeightedMiner(dim=4, random_state=3))]
+    return Matcher(blocks, epochs=2, batch_size=6, checkpoint_every=1, verbose=False, **kw)
+
+
+class Crashing(ImageCaptionDataset):
+    def __init__(self, base, limit):
+        super().__init__(base.images, base.captions, base.caption_to_image, vocab=base.vocab)
+        self.limit, self.seen = limit, 0
+
+    def __getitem__(self, k):
+        self.seen += 1
+        if self.seen > self.limit:
+            raise RuntimeError("simulated crash")
+        return super().__getitem__(k)
+
+
+def test_miner_generator_is_checkpointed_and_resumed(data, tmp_path):
+    full = mined(data, checkpoint_dir=tmp_path / "a").fit(data)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        mined(data, checkpoint_dir=tmp_path / "b").fit(Crashing(data, 40))
+    resumed = mined(data, checkpoint_dir=tmp_path / "b").fit(data, resume=True)
+    a, b = full.components_.state_dict(), resumed.components_.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss/tripletloss"] for h in full.history_] == [h["loss/tripletloss"] for h in resumed.history_]
+
+
+def test_generator_states_round_trip():
+    miner = DistanceWeightedMiner(dim=4, random_state=5).train()
+    scores, positives = torch.randn(6, 6), torch.eye(6, dtype=torch.bool)
+    miner(scores, positives)
+    states = miner.generator_states()
+    assert list(states) == ["cpu"]
+    follow = miner(scores, positives)
+    other = DistanceWeightedMiner(dim=4, random_state=5).train()
+    other.load_generator_states(states)
+    assert all(torch.equal(x, y) for x, y in zip(other(scores, positives), follow))
+    assert DistanceWeightedMiner(dim=4).generator_states() == {}
