@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from toy import toy_components, toy_data
+from toy import Crashing, toy_components, toy_data
 
 from imtm import Matcher
 from imtm.components import (
@@ -12,7 +12,6 @@ from imtm.components import (
     PrecomputedEncoder,
     TripletLoss,
 )
-from imtm.data import ImageCaptionDataset
 from imtm.engine.training import Trainer
 
 #: Dataset and batch sizes: 21 items in global batches of 2 x 4 = 8 give batches of 8, 8 and 5
@@ -58,20 +57,6 @@ def matcher(train, batch_size, **kw):
     kw.setdefault("epochs", 1)
     return Matcher(components(train.vocab), batch_size=batch_size, lr=1e-2, grad_clip=None, device="cpu",
                    random_state=0, verbose=False, image_block=3, text_block=5, **kw)
-
-
-class Crashing(ImageCaptionDataset):
-    """Raises after ``limit`` items, like a process killed mid-epoch."""
-
-    def __init__(self, base, limit):
-        super().__init__(base.images, base.captions, base.caption_to_image, vocab=base.vocab)
-        self.limit, self.seen = limit, 0
-
-    def __getitem__(self, k):
-        self.seen += 1
-        if self.seen > self.limit:
-            raise RuntimeError("simulated crash")
-        return super().__getitem__(k)
 
 
 def toy_matcher(train, run_dir):

@@ -13,7 +13,7 @@ from imtm.engine.graph import PipelineError
 from imtm.engine.serialization import ConfigError
 from sklearn.exceptions import NotFittedError
 
-from toy import ToyCosine, ToyHinge, ToyImage, ToyText, toy_components, toy_data
+from toy import Crashing, ToyCosine, ToyHinge, ToyImage, ToyText, toy_components, toy_data
 
 
 @pytest.fixture(scope="module")
@@ -243,20 +243,6 @@ def test_weights_of_another_configuration(data, tmp_path):
 
 
 # ---------------------------------------------------------------- resume
-class Crashing(ImageCaptionDataset):
-    """Raises after `limit` items, like a process killed mid-epoch."""
-
-    def __init__(self, base, limit):
-        super().__init__(base.images, base.captions, base.caption_to_image, vocab=base.vocab)
-        self.limit, self.seen = limit, 0
-
-    def __getitem__(self, k):
-        self.seen += 1
-        if self.seen > self.limit:
-            raise RuntimeError("simulated crash")
-        return super().__getitem__(k)
-
-
 @pytest.mark.parametrize("limit", [13, 37, 50])
 def test_resume_gives_the_same_weights(data, tmp_path, limit):
     kw = dict(epochs=3, batch_size=5, checkpoint_every=2)

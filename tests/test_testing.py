@@ -401,3 +401,9 @@ def test_component_inputs_prefix_tokens_and_scale(v):
     assert bool((images.mask.sum(1) <= 2).all())  # all_but_one: the prefix and at most one more
     assert float(v["image_embedding"].abs().max()) > 10  # features drawn at scale 1e3
     assert float(v["scores"].abs().max()) <= 1  # scores keep their range
+
+
+def test_lazy_strategy_names_match_the_strategies_module():
+    from imtm.testing import strategies
+
+    assert sorted(imtm.testing._STRATEGIES) == sorted(strategies.__all__)

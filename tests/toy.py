@@ -78,3 +78,17 @@ def toy_data(n_images=24, cpi=2, dim=6, seed=0):
 
 def toy_components(vocab):
     return [ToyImage(), ToyText(vocab=vocab), ToyCosine(), ToyHinge()]
+
+
+class Crashing(ImageCaptionDataset):
+    """Raises after ``limit`` items, like a process killed mid-epoch."""
+
+    def __init__(self, base, limit):
+        super().__init__(base.images, base.captions, base.caption_to_image, vocab=base.vocab)
+        self.limit, self.seen = limit, 0
+
+    def __getitem__(self, k):
+        self.seen += 1
+        if self.seen > self.limit:
+            raise RuntimeError("simulated crash")
+        return super().__getitem__(k)

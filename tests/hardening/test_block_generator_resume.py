@@ -5,8 +5,7 @@ import torch
 
 from imtm import Matcher
 from imtm.components import DistanceWeightedMiner, TripletLoss
-from imtm.data import ImageCaptionDataset
-from toy import ToyCosine, ToyImage, ToyText, toy_data
+from toy import Crashing, ToyCosine, ToyImage, ToyText, toy_data
 
 
 @pytest.fixture(scope="module")
@@ -18,18 +17,6 @@ def mined(data, **kw):
     blocks = [ToyImage(), ToyText(vocab=data.vocab), ToyCosine(),
               TripletLoss(margin=0.2, miner=DistanceWeightedMiner(dim=4, random_state=3))]
     return Matcher(blocks, epochs=2, batch_size=6, checkpoint_every=1, verbose=False, **kw)
-
-
-class Crashing(ImageCaptionDataset):
-    def __init__(self, base, limit):
-        super().__init__(base.images, base.captions, base.caption_to_image, vocab=base.vocab)
-        self.limit, self.seen = limit, 0
-
-    def __getitem__(self, k):
-        self.seen += 1
-        if self.seen > self.limit:
-            raise RuntimeError("simulated crash")
-        return super().__getitem__(k)
 
 
 def test_miner_generator_is_checkpointed_and_resumed(data, tmp_path):
