@@ -574,6 +574,15 @@ class Trainer:
                         f"{self.world}; resume with the same number of processes (the global batch and the data "
                         "order depend on it)"
                     )
+                old = ckpt["record"]
+                for key, what in (("data_fingerprint", "fingerprint"), ("n_train", "size")):
+                    if old.get(key) is not None and self.record_.get(key) is not None \
+                            and old[key] != self.record_[key]:
+                        raise CheckpointError(
+                            f"{folder} was trained on other data (dataset {what} {old[key]!r}, this one "
+                            f"{self.record_[key]!r}); resume with the same training set, or fit without "
+                            "resume=True to start afresh"
+                        )
                 if "rng_ranks" in ts:
                     ts["rng"] = ts["rng_ranks"][self.rank]
                 m.load_state(ckpt["model_state"])

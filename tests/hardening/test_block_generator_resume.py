@@ -5,6 +5,8 @@ import torch
 
 from imtm import Matcher
 from imtm.components import DistanceWeightedMiner, TripletLoss
+from imtm.data import ImageCaptionDataset
+from imtm.engine.checkpoint import CheckpointError
 from toy import Crashing, ToyCosine, ToyImage, ToyText, toy_data
 
 
@@ -40,3 +42,16 @@ def test_generator_states_round_trip():
     other.load_generator_states(states)
     assert all(torch.equal(x, y) for x, y in zip(other(scores, positives), follow))
     assert DistanceWeightedMiner(dim=4).generator_states() == {}
+
+
+def test_resume_on_other_data_is_refused(data, tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        mined(data, checkpoint_dir=tmp_path).fit(Crashing(data, 20))
+    # Same vocabulary (so the same configuration), other features; then fewer captions.
+    other = ImageCaptionDataset([x + 1 for x in data.images], data.captions, data.caption_to_image, vocab=data.vocab)
+    with pytest.raises(CheckpointError, match=r"trained on other data \(dataset fingerprint"):
+        mined(other, checkpoint_dir=tmp_path).fit(other, resume=True)
+    fewer = ImageCaptionDataset(data.images, data.captions[:-2], data.caption_to_image[:-2], vocab=data.vocab)
+    with pytest.raises(CheckpointError, match="trained on other data"):
+        mined(fewer, checkpoint_dir=tmp_path).fit(fewer, resume=True)
+    assert mined(data, checkpoint_dir=tmp_path).fit(data, resume=True).n_epochs_ == 2
