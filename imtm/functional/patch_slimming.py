@@ -424,7 +424,9 @@ def slimmed_cosines(patch_word: torch.Tensor, gram: torch.Tensor, weights: torch
     dots = torch.einsum("intk,intm->itkm", weights, patch_word)
     gw = torch.bmm(gram, weights.reshape(bi, n, bt * k)).view(bi, n, bt, k)
     sq_norm = (weights * gw).sum(1)  # (bi, bt, k)
-    return dots / sq_norm.clamp_min(torch.finfo(dots.dtype).tiny).sqrt().unsqueeze(-1)
+    # Zero weights (nothing kept): cosine 0, divided by 1 rather than by sqrt(tiny), which
+    # would send gradients of ~1e19 into the weights.
+    return dots / torch.where(sq_norm > 0, sq_norm, 1.0).sqrt().unsqueeze(-1)
 
 
 def aggregated_cosines(
@@ -478,7 +480,9 @@ def aggregated_cosines(
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (patch_word, gram, exp_logits, decisions))
     sq_norm = (gu * u if grad else gu.mul_(u)).sum(1)  # (bi, bt, k)
     dots = dots.view(bi, k, bt, m).permute(0, 2, 1, 3)
-    return dots / sq_norm.clamp_min(torch.finfo(dots.dtype).tiny).sqrt().unsqueeze(-1)
+    # Zero weights (nothing kept): cosine 0, divided by 1 rather than by sqrt(tiny), which
+    # would send gradients of ~1e19 into the weights.
+    return dots / torch.where(sq_norm > 0, sq_norm, 1.0).sqrt().unsqueeze(-1)
 
 
 def weighted_cosine(patch_word: torch.Tensor, gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -502,7 +506,8 @@ def weighted_cosine(patch_word: torch.Tensor, gram: torch.Tensor, weights: torch
     """
     dots = (patch_word * weights.unsqueeze(-1)).sum(1)  # (bi, bt, m)
     sq_norm = (weights * torch.bmm(gram, weights)).sum(1)  # (bi, bt)
-    return (dots / sq_norm.clamp_min(torch.finfo(dots.dtype).tiny).sqrt().unsqueeze(-1)).unsqueeze(2)
+    # All-zero weights: cosine 0, divided by 1 (not sqrt(tiny): bounded gradients).
+    return (dots / torch.where(sq_norm > 0, sq_norm, 1.0).sqrt().unsqueeze(-1)).unsqueeze(2)
 
 
 # ---------------------------------------------------------------------------- objective (Eq. 10)

@@ -215,3 +215,21 @@ def test_ratio_loss_bad_inputs():
         ratio_loss(d, 0.5, torch.ones(2, 3))
     with pytest.raises(ValueError, match="does not broadcast"):
         ratio_loss(d, 0.5, torch.ones(4, 3, dtype=torch.bool))
+
+
+def test_zero_weights_give_cosine_zero_and_bounded_gradients():
+    # All weights zero (a pair that keeps nothing): cosine 0, and gradients of the size of
+    # the dot products, not of 1 / sqrt(tiny).
+    from imtm.functional.patch_slimming import slimmed_cosines, weighted_cosine
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2, 4, 8, generator=g)
+    t = torch.nn.functional.normalize(torch.randn(3, 5, 8, generator=g), dim=-1)
+    pw = torch.einsum("ind,tmd->intm", v, t)
+    gram = v @ v.transpose(1, 2)
+    for fn, shape in ((weighted_cosine, (2, 4, 3)), (slimmed_cosines, (2, 4, 3, 2))):
+        w = torch.zeros(shape, requires_grad=True)
+        out = fn(pw, gram, w)
+        assert torch.equal(out, torch.zeros_like(out))
+        out.sum().backward()
+        assert bool(torch.isfinite(w.grad).all()) and float(w.grad.abs().max()) < 100
