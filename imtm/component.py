@@ -187,6 +187,25 @@ class Component(nn.Module):
             getattr(self, head).set_params(**sub)
         return self
 
+    def _follow_option(self, old_value, option: str, defaults, params: dict) -> None:
+        """After ``set_params``: names that still hold ``option``'s old defaults take its new ones.
+
+        For blocks whose default ``requires`` / ``provides`` depend on an option
+        (``MeanEmbedding(side=...)``, ``DimensionAlignmentLoss(pairs=...)``): a
+        ``set_params`` of the option moves the names along, unless they were renamed
+        (in this call or before). ``defaults(value)`` gives ``{"requires": ..., "provides": ...}``
+        of an option value, or ``None`` for an unknown one.
+        """
+        new_value = getattr(self, option)
+        if option not in params or new_value == old_value:
+            return
+        before, after = defaults(old_value), defaults(new_value)
+        if before is None or after is None:
+            return
+        for key in ("requires", "provides"):
+            if key in after and key not in params and tuple(getattr(self, key)) == tuple(before[key]):
+                setattr(self, key, tuple(after[key]))
+
     def __sklearn_clone__(self):
         from sklearn.base import _clone_parametrized
 

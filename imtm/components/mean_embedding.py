@@ -17,6 +17,12 @@ SIDES = {
 }
 
 
+def _side_defaults(side):
+    if not isinstance(side, str) or side not in SIDES:
+        return None
+    return {"requires": SIDES[side][0], "provides": SIDES[side][1]}
+
+
 class MeanEmbedding(Component):
     r"""Global embedding of one modality: the mean of its real tokens.
 
@@ -60,6 +66,13 @@ class MeanEmbedding(Component):
         super().__init__(requires=requires, provides=provides)
         self.side = side
         self.skip_prefix = skip_prefix
+
+    def set_params(self, **params) -> MeanEmbedding:
+        """As :meth:`Component.set_params`; a new ``side`` moves unrenamed ``requires`` / ``provides`` along."""
+        old = self.side
+        super().set_params(**params)
+        self._follow_option(old, "side", _side_defaults, params)
+        return self
 
     def validate(self) -> MeanEmbedding:
         """Check the hyper-parameters; return ``self``."""

@@ -199,3 +199,18 @@ def test_patch_scorer_used_alone_refuses_bad_values_on_forward(param, bad, error
     scorer = PatchScorer(D).set_params(**{param: bad})
     with pytest.raises(error, match=f"PatchScorer: {param} must be"):
         scorer(Tokens(torch.randn(2, 5, D)), Tokens(torch.randn(3, 4, D)))
+
+
+def test_an_option_that_sets_default_names_moves_them_in_set_params():
+    from imtm.components import DimensionAlignmentLoss, MeanEmbedding
+
+    block = MeanEmbedding().set_params(side="text")
+    assert (block.requires, block.provides) == (("text_tokens",), ("text_embedding",))
+    assert clone(block).requires == ("text_tokens",)
+    renamed = MeanEmbedding(requires=("region_tokens",)).set_params(side="text")
+    assert (renamed.requires, renamed.provides) == (("region_tokens",), ("text_embedding",))
+    both = MeanEmbedding().set_params(side="text", provides=("caption_vector",))
+    assert (both.requires, both.provides) == (("text_tokens",), ("caption_vector",))
+    loss = DimensionAlignmentLoss().set_params(pairs="words")
+    assert loss.requires == ("image_tokens", "text_tokens")
+    assert loss.set_params(pairs="embeddings").requires == ("image_embedding", "text_embedding")

@@ -37,6 +37,12 @@ DIMENSION_PAIRS = {
 }
 
 
+def _pairs_defaults(pairs):
+    if not isinstance(pairs, str) or pairs not in DIMENSION_PAIRS:
+        return None
+    return {"requires": DIMENSION_PAIRS[pairs]}
+
+
 def check_weight(block: Loss) -> None:
     weight = block.weight
     if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(weight) or weight < 0:
@@ -111,6 +117,13 @@ class DimensionAlignmentLoss(Loss):
         self.reduction = reduction
         self.pairs = pairs
         self.weight = weight
+
+    def set_params(self, **params) -> DimensionAlignmentLoss:
+        """As :meth:`Component.set_params`; a new ``pairs`` moves an unrenamed ``requires`` along."""
+        old = self.pairs
+        super().set_params(**params)
+        self._follow_option(old, "pairs", _pairs_defaults, params)
+        return self
 
     def validate(self) -> DimensionAlignmentLoss:
         """Check the hyper-parameters; return ``self``."""
