@@ -285,6 +285,9 @@ class LinkedComponent(Component, abstract=True):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+        if name == self._target_param and "_linked" in self.__dict__:
+            # A new target (set_params): forget the old link; a name is resolved again by link().
+            self._set_target(value)
 
     def _set_target(self, ref) -> None:
         # Stored only: validate() checks a block given directly (scikit-learn: __init__ only stores).

@@ -214,3 +214,18 @@ def test_an_option_that_sets_default_names_moves_them_in_set_params():
     loss = DimensionAlignmentLoss().set_params(pairs="words")
     assert loss.requires == ("image_tokens", "text_tokens")
     assert loss.set_params(pairs="embeddings").requires == ("image_embedding", "text_embedding")
+
+
+def test_set_params_of_a_linked_blocks_target_drops_the_old_link():
+    from imtm.components import MeanEmbedding, Reuse
+
+    first, second = MeanEmbedding(), MeanEmbedding(side="text")
+    block = Reuse("first")
+    block.link({"first": first, "second": second})
+    assert block.target() is first
+    block.set_params(block="second")
+    with pytest.raises(RuntimeError, match="block='second' is not linked yet"):
+        block.target()
+    block.link({"first": first, "second": second})
+    assert block.target() is second
+    assert block.set_params(block=first).target() is first
