@@ -321,6 +321,10 @@ def sample_hard_negatives(
     Returns:
         ``(neg_text_of_image (Bi,), neg_image_of_text (Bt,))`` long indices.
 
+    Raises:
+        ValueError: shapes that disagree, an empty batch (``Bi`` or ``Bt`` is 0), or a
+            temperature that is not > 0.
+
     References:
         Li et al., "Align before Fuse" (ALBEF), NeurIPS 2021, Sec. 3.2.
 
@@ -333,6 +337,8 @@ def sample_hard_negatives(
     if scores.dim() != 2 or positives.shape != scores.shape or positives.dtype != torch.bool:
         raise ValueError(f"{fn}: scores must be (Bi, Bt) with a bool positives of the same shape, got "
                          f"{tuple(scores.shape)} and {positives.dtype} {tuple(positives.shape)}")
+    if scores.numel() == 0:
+        raise ValueError(f"{fn}: needs at least one image and one caption, got scores of shape {tuple(scores.shape)}")
     if isinstance(temperature, bool) or not isinstance(temperature, Real) or not temperature > 0:
         raise ValueError(f"{fn}: temperature must be a number > 0, got {temperature!r}")
     s = scores.detach().float()

@@ -115,6 +115,10 @@ def distance_weighted_negatives(
         - scores: ``(Bi, Bt)``; positives: ``(Bi, Bt)``
         - output: two ``(Bi, Bt)`` long tensors
 
+    Raises:
+        ValueError: scores that are not floating ``(Bi, Bt)`` tensors, positives of another
+            shape, an empty batch (``Bi`` or ``Bt`` is 0), NaN/inf scores, or bad cutoffs.
+
     References:
         Wu, Manmatha, Smola and Krähenbühl, "Sampling Matters in Deep Embedding Learning",
         ICCV 2017, Eq. 3-4; used by Ma et al. (DIAS), ACM MM 2024.
@@ -141,6 +145,8 @@ def distance_weighted_negatives(
         raise ValueError(f"{fn}: scores_i2t {tuple(s_i2t.shape)} and scores_t2i {tuple(s_t2i.shape)} differ in shape")
     if not isinstance(positives, torch.Tensor) or positives.dtype != torch.bool or positives.shape != s_i2t.shape:
         raise ValueError(f"{fn}: positives must be a bool tensor of shape {tuple(s_i2t.shape)} (True = matching pair)")
+    if s_i2t.numel() == 0:
+        raise ValueError(f"{fn}: needs at least one image and one caption, got scores of shape {tuple(s_i2t.shape)}")
     cutoff, nonzero_loss_cutoff = check_mining_args(dim, cutoff, nonzero_loss_cutoff, where=fn)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")

@@ -530,6 +530,11 @@ def ratio_loss(decisions: torch.Tensor, rho: float, mask: torch.Tensor | None = 
     Shape:
         - decisions: ``(*, N)``, mask: broadcastable, output: ``()``
 
+    Raises:
+        TypeError: decisions that are not a floating tensor, a mask that is not bool.
+        ValueError: ``rho`` outside ``(0, 1]``, a mask that does not broadcast, or empty
+            decisions (no pair or no patch: the mean would be NaN).
+
     Example:
         >>> ratio_loss(torch.tensor([[1.0, 1.0, 0.0, 0.0]]), 0.25)
         tensor(0.0625)
@@ -543,6 +548,8 @@ def ratio_loss(decisions: torch.Tensor, rho: float, mask: torch.Tensor | None = 
         )
     if isinstance(rho, bool) or not isinstance(rho, Real) or not 0 < rho <= 1:
         raise ValueError(f"{where}: rho must be a number in (0, 1], got {rho!r}")
+    if decisions.numel() == 0:
+        raise ValueError(f"{where}: decisions of shape {tuple(decisions.shape)} hold no pair or no patch")
     if mask is None:
         frac = decisions.mean(-1)
     else:
