@@ -243,13 +243,14 @@ class Tokens:
         return replace(self, feats=self.feats[:, :n], mask=self.mask[:, :n])
 
     def zero_padding(self) -> "Tokens":
-        """Features with padded positions set to exactly zero."""
-        return self.with_feats(self.feats * self.mask.unsqueeze(-1).to(self.feats.dtype))
+        """Features with padded positions set to exactly zero (whatever they held, NaN included)."""
+        # where() rather than multiply: NaN * 0 is NaN, and padding may hold anything.
+        return self.with_feats(torch.where(self.mask.unsqueeze(-1), self.feats, self.feats.new_zeros(())))
 
     def normalize(self, eps: float = 1e-8) -> "Tokens":
-        """L2-normalise every token; padded tokens become zero vectors."""
+        """L2-normalise every token; padded tokens become zero vectors (whatever they held)."""
         f = F.normalize(self.feats, dim=-1, eps=eps)
-        return self.with_feats(f * self.mask.unsqueeze(-1).to(f.dtype))
+        return self.with_feats(torch.where(self.mask.unsqueeze(-1), f, f.new_zeros(())))
 
     def masked_mean(self, skip_prefix: bool = False) -> torch.Tensor:
         """``(B, D)`` mean over real tokens (optionally not counting prefix tokens).
