@@ -42,8 +42,9 @@ class AlbefJsonDataset(ImageFileDataset):
 
     Raises:
         FileNotFoundError: an annotation file or (``check_files=True``) an image is missing.
-        ValueError: a file that is not a JSON list, an entry without ``image``/``caption``,
-            an empty caption (each named by file and entry index).
+        ValueError: a file that is not UTF-8 JSON or not a list, an entry without
+            ``image``/``caption`` or whose ``image`` is not a path, an empty caption (each named by
+            file and entry index).
 
     Shape:
         - ``self[k]["images"]``: ``(3, H, W)`` (what ``transform`` returns)
@@ -96,6 +97,8 @@ class AlbefJsonDataset(ImageFileDataset):
                 caps = [caps] if isinstance(caps, str) else caps
                 if not isinstance(caps, Sequence) or not caps:
                     raise ValueError(f"{who}: {where} has no caption (got {entry['caption']!r})")
+                if not isinstance(entry["image"], str) or not entry["image"].strip():
+                    raise ValueError(f"{who}: 'image' of {where} is {entry['image']!r}, expected an image file path")
                 key = str(resolve_under(root, entry["image"], path.parent))
                 first_source.setdefault(key, where)
                 if "image_id" in entry:

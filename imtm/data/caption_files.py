@@ -23,6 +23,7 @@ References:
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -60,9 +61,10 @@ class CaptionFileDataset(ImageFileDataset):
 
     Raises:
         FileNotFoundError: a missing caption or ids file, no id mapping, no image folder.
-        ValueError: caption and ids files of different lengths (naming both files and their
-            line counts), an empty caption or a non-integer id (naming file and line), an id
-            absent from the mapping (naming the ids-file line).
+        ValueError: a caption, ids or mapping file that is not UTF-8 (or not JSON), caption and
+            ids files of different lengths (naming both files and their line counts), an empty
+            caption or a non-integer id (naming file and line), an id absent from the mapping or
+            mapped to something that is not a file name (naming the ids-file line).
 
     Shape:
         - ``self[k]["images"]``: ``(3, H, W)`` (what ``transform`` returns)
@@ -111,7 +113,7 @@ class CaptionFileDataset(ImageFileDataset):
             )
         self.caps_path, self.ids_path = str(caps_path), str(ids_path)
         captions = self._read_captions(caps_path)
-        id_lines = _read_lines(ids_path)
+        id_lines = _read_lines(ids_path, who)
         ids = self._parse_ids(id_lines, ids_path)
         n_caps, n_ids = len(captions), len(ids)
         if n_ids == n_caps:
@@ -150,7 +152,11 @@ class CaptionFileDataset(ImageFileDataset):
                     f"{who}: image id {i} ({where}) is not in {mapping_name}.{suggest(str(i), keys)} "
                     "Check that the mapping belongs to this dataset"
                 ) from None
-            paths.append(img_root / str(rel))
+            if not isinstance(rel, (str, os.PathLike)) or not str(rel).strip():
+                raise ValueError(
+                    f"{who}: {mapping_name} maps image id {i} ({where}) to {rel!r}, expected an image file name"
+                )
+            paths.append(img_root / rel)
             sources.append(f"id {i}, {where}")
         self.captions_per_image = captions_per_image
         super().__init__(
@@ -194,10 +200,12 @@ class CaptionFileDataset(ImageFileDataset):
         if not path.is_file():
             raise FileNotFoundError(f"CaptionFileDataset: no id mapping file {str(path)!r}")
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 table = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"CaptionFileDataset: {str(path)!r} is not valid JSON (line {e.lineno}: {e.msg})") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"CaptionFileDataset: {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from e
         if not isinstance(table, dict):
             raise ValueError(f"CaptionFileDataset: {str(path)!r} must hold a JSON object {{id: file}}, got {type(table).__name__}")
         return _Lookup({str(k): v for k, v in table.items()}), repr(str(path))
@@ -224,7 +232,7 @@ class CaptionFileDataset(ImageFileDataset):
     @staticmethod
     def _read_captions(path: Path) -> list[str]:
         captions = []
-        for n, line in enumerate(_read_lines(path), start=1):
+        for n, line in enumerate(_read_lines(path, "CaptionFileDataset"), start=1):
             text = line.strip()
             if not text:
                 raise ValueError(

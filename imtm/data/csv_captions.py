@@ -36,8 +36,9 @@ class CsvDataset(ImageFileDataset):
 
     Raises:
         FileNotFoundError: the CSV or (``check_files=True``) an image is missing.
-        ValueError: a missing column (with the columns found), an empty caption or file
-            path (named by line number), no rows.
+        ValueError: a file that is not UTF-8 or not valid CSV (an unclosed quote), a missing or
+            repeated column (with the columns found), a row with more or fewer fields than the
+            header, an empty caption or file path (each named by line number), no rows.
 
     Shape:
         - ``self[k]["images"]``: ``(3, H, W)`` (what ``transform`` returns)
@@ -78,26 +79,42 @@ class CsvDataset(ImageFileDataset):
             sep = "\t" if path.suffix.lower() == ".tsv" else ","
         root = None if image_root is None else Path(image_root)
         keys, captions, first_line = [], [], {}
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter=sep)
-            columns = reader.fieldnames or []
-            for key in (image_key, caption_key):
-                if key not in columns:
-                    raise ValueError(
-                        f"{who}: {path.name} has no column {key!r}; its header is {columns} "
-                        f"(separator {sep!r}).{suggest(key, columns)} Pass image_key= / caption_key= / sep="
-                    )
-            for row in reader:
-                line = reader.line_num
-                file, cap = row.get(image_key), row.get(caption_key)
-                if not file or not file.strip():
-                    raise ValueError(f"{who}: line {line} of {path.name} has an empty {image_key!r}")
-                if not cap or not cap.strip():
-                    raise ValueError(f"{who}: line {line} of {path.name} has an empty caption ({caption_key!r})")
-                full = str(resolve_under(root, file.strip(), path.parent))
-                first_line.setdefault(full, (line, file.strip()))
-                keys.append(full)
-                captions.append(cap.strip())
+        try:
+            # utf-8-sig: a byte-order mark (Excel writes one) is not glued to the first column's name.
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                # strict: an unclosed quote is an error, not one caption swallowing the rest of the file.
+                reader = csv.DictReader(f, delimiter=sep, strict=True)
+                columns = reader.fieldnames or []
+                for key in (image_key, caption_key):
+                    if key not in columns:
+                        raise ValueError(
+                            f"{who}: {path.name} has no column {key!r}; its header is {columns} "
+                            f"(separator {sep!r}).{suggest(key, columns)} Pass image_key= / caption_key= / sep="
+                        )
+                    if columns.count(key) > 1:
+                        raise ValueError(f"{who}: {path.name} has the column {key!r} twice in its header {columns}")
+                rows = [(reader.line_num, row) for row in reader]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{who}: {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from e
+        except csv.Error as e:
+            raise ValueError(f"{who}: {str(path)!r} is not a valid CSV file (near line {reader.line_num}: {e})") from e
+        for line, row in rows:
+            if None in row or None in row.values():
+                # More fields than the header is most often a caption with an unquoted separator.
+                n_fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or ())
+                raise ValueError(
+                    f"{who}: line {line} of {path.name} has {n_fields} fields but the header has {len(columns)}; "
+                    f"quote fields that contain the separator {sep!r}"
+                )
+            file, cap = row.get(image_key), row.get(caption_key)
+            if not file or not file.strip():
+                raise ValueError(f"{who}: line {line} of {path.name} has an empty {image_key!r}")
+            if not cap or not cap.strip():
+                raise ValueError(f"{who}: line {line} of {path.name} has an empty caption ({caption_key!r})")
+            full = str(resolve_under(root, file.strip(), path.parent))
+            first_line.setdefault(full, (line, file.strip()))
+            keys.append(full)
+            captions.append(cap.strip())
         if not captions:
             raise ValueError(f"{who}: {path.name} has a header but no rows")
         paths, c2i = group_by_image(keys)

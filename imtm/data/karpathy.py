@@ -37,10 +37,15 @@ def _load_json(path: Path, who: str):
     if not path.is_file():
         raise FileNotFoundError(f"{who}: no annotation file {str(path)!r}")
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark some editors write is skipped, not a JSON error.
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{who}: {str(path)!r} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{who}: {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); JSON files must be UTF-8"
+        ) from e
 
 
 class KarpathyDataset(ImageFileDataset):
@@ -66,8 +71,9 @@ class KarpathyDataset(ImageFileDataset):
 
     Raises:
         FileNotFoundError: the JSON file or (with ``check_files=True``) an image is missing.
-        ValueError: malformed JSON, an entry without ``filename``/``split``/``sentences``,
-            an empty caption (named by entry and sentence), an unknown split.
+        ValueError: malformed JSON or not UTF-8, an entry without ``filename``/``split``/``sentences``
+            or with a value of the wrong type, an empty caption (named by entry and sentence), an
+            image file named by two entries, an unknown split.
 
     Shape:
         - ``self[k]["images"]``: ``(3, H, W)`` (what ``transform`` returns)
@@ -120,7 +126,7 @@ class KarpathyDataset(ImageFileDataset):
             )
         root = Path(image_root)
         paths, sources, captions, c2i, ext_ids = [], [], [], [], []
-        found_splits = set()
+        found_splits, first_entry = set(), {}
         for e, entry in enumerate(entries):
             where = f"images[{e}] of {json_path.name}"
             if not isinstance(entry, dict):
@@ -128,6 +134,11 @@ class KarpathyDataset(ImageFileDataset):
             for key in ("filename", "split", "sentences"):
                 if key not in entry:
                     raise ValueError(f"{who}: {where} has no {key!r} (keys: {sorted(entry)})")
+            for key, kind, expected in (("filename", str, "a file name"), ("split", str, "a split name"),
+                                        ("filepath", str, "a folder name"), ("sentences", list, "a list")):
+                if key in entry and (not isinstance(entry[key], kind) or (kind is str and key != "filepath"
+                                                                          and not entry[key].strip())):
+                    raise ValueError(f"{who}: {key!r} of {where} is {entry[key]!r}, expected {expected}")
             found_splits.add(entry["split"])
             if entry["split"] not in wanted:
                 continue
@@ -143,7 +154,12 @@ class KarpathyDataset(ImageFileDataset):
             for s, sent in enumerate(sents):
                 text = sent.get("raw") if isinstance(sent, dict) else None
                 if text is None and isinstance(sent, dict) and "tokens" in sent:
-                    text = " ".join(sent["tokens"])
+                    tokens = sent["tokens"]
+                    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+                        raise ValueError(
+                            f"{who}: 'tokens' of sentence {s} of {where} is {tokens!r}, expected a list of words"
+                        )
+                    text = " ".join(tokens)
                 if not isinstance(text, str) or not text.strip():
                     raise ValueError(
                         f"{who}: sentence {s} of {where} ({entry['filename']}) is an empty caption ({sent!r}); "
@@ -153,7 +169,15 @@ class KarpathyDataset(ImageFileDataset):
                 c2i.append(k_img)
             if not sents:
                 raise ValueError(f"{who}: {where} ({entry['filename']}) has no sentences")
-            paths.append(root / entry.get("filepath", "") / entry["filename"])
+            path = root / entry.get("filepath", "") / entry["filename"]
+            if path in first_entry:
+                # The same image twice would count as two images in retrieval (a silent wrong benchmark).
+                raise ValueError(
+                    f"{who}: {where} names the same image file {entry['filename']!r} as {first_entry[path]}; "
+                    "each image must appear once (merge their sentences)"
+                )
+            first_entry[path] = where
+            paths.append(path)
             sources.append(where)
             ext_ids.append(entry.get("cocoid", entry.get("imgid", e)))
         if not paths:

@@ -26,6 +26,7 @@ References:
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,11 @@ class PrecompImages:
         step: row stride: image ``k`` is row ``k * step`` (``step`` > 1 for files
             with one row per caption).
 
+    Raises:
+        ValueError: the file is not a plain numeric ``.npy`` array (truncated, empty, an
+            object array, which is refused without unpickling, an ``.npz``), is not 2-D or
+            3-D, is empty, or holds a non-numeric dtype; an item holds NaN or inf.
+
     Shape:
         - item: ``(R, D)`` float32 (``(1, D)`` for a 2-D file)
 
@@ -73,8 +79,13 @@ class PrecompImages:
     def _open(self) -> None:
         try:
             arr = np.load(self.path, mmap_mode="r" if self.mmap else None, allow_pickle=False)
-        except ValueError as e:
-            raise ValueError(f"PrecompImages: {self.path!r} is not a plain numeric .npy array: {e}") from e
+        except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
+            # allow_pickle=False: an object array is refused here, never unpickled.
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise ValueError(
+                f"PrecompImages: {self.path!r} is not a plain numeric .npy array ({type(e).__name__}: {e})"
+            ) from e
         if not isinstance(arr, np.ndarray) or arr.ndim not in (2, 3) or 0 in arr.shape:
             got = arr.shape if isinstance(arr, np.ndarray) else type(arr).__name__
             raise ValueError(
@@ -142,9 +153,14 @@ class PrecompImages:
         return f"PrecompImages({self.path!r}, shape={self.shape}, mmap={self.mmap}, step={self.step})"
 
 
-def _read_lines(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+def _read_lines(path: Path, who: str = "PrecompDataset") -> list[str]:
+    try:
+        # utf-8-sig: a byte-order mark is not glued to the first caption or id.
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ValueError(f"{who}: line {line} of {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from e
     # A final newline leaves one empty string after it; it is not a line.
     if lines and lines[-1] == "":
         lines.pop()
@@ -208,7 +224,10 @@ class PrecompDataset(ImageCaptionDataset):
 
     Raises:
         FileNotFoundError: the directory, the feature file or the caption file is missing.
-        ValueError: an empty caption line (named by its line number), a caption count
+        ValueError: a feature file that is not a numeric ``.npy`` array of 2 or 3 dimensions
+            (truncated, an object array, which is refused without unpickling, the wrong shape or
+            dtype), a caption or ids file that is not UTF-8 (named by line), an empty caption line
+            (named by its line number), a caption count
             that is not a multiple of the image count, an ids file of the wrong length or
             with different ids among one image's captions.
 
