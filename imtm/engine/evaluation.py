@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from imtm.engine.graph import IMAGE, TEXT, Plan
-from imtm.tokens import Tokens
+from imtm.tokens import NonFiniteValueError, Tokens
 
 __all__ = ["run_blocks", "take", "concat", "move", "encode_side", "blocked_scores"]
 
@@ -87,6 +87,25 @@ def move(value: Any, device: torch.device) -> Any:
     return value
 
 
+def _check_finite_batch(batch: Any, start: int, what: str) -> None:
+    """Refuse NaN/inf input features (padding excluded) naming the first bad item, as ``fit`` does."""
+    if isinstance(batch, Tokens):
+        feats = batch.feats
+        bad = ~torch.isfinite(feats) & batch.mask.reshape(*batch.mask.shape, *(1,) * (feats.dim() - 2))
+    elif isinstance(batch, torch.Tensor):
+        feats = batch
+        bad = ~torch.isfinite(feats)
+    else:
+        return
+    if not feats.is_floating_point() or not bool(bad.any()):
+        return
+    rows = torch.nonzero(bad.reshape(bad.shape[0], -1).any(1)).flatten()
+    raise NonFiniteValueError(
+        f"encoding {what}: item {start + int(rows[0])} holds NaN or inf features ({rows.numel()} bad item(s) in "
+        f"items {start}..{start + bad.shape[0] - 1}); fix or filter the inputs"
+    )
+
+
 def encode_side(
     plan: Plan,
     indices: Sequence[int],
@@ -107,6 +126,7 @@ def encode_side(
     bar = tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False)
     for start in bar:
         batch = collate_fn([items[j] for j in range(start, min(n, start + batch_size))])
+        _check_finite_batch(batch, start, desc or raw_name)
         values = {raw_name: move(batch, device)}
         with autocast():
             run_blocks(plan, indices, values)

@@ -88,14 +88,30 @@ def save_values(folder: Path, values: dict[str, CachedValue]) -> dict:
     return spec
 
 
-def load_values(folder: Path, spec: dict, mmap: bool = True) -> dict[str, CachedValue]:
-    """Open the values :func:`save_values` wrote (memory-mapped by default: nothing is read yet)."""
-    mode = "c" if mmap else None  # copy-on-write: writable views for torch, the file never changes
+def load_values(folder: Path, spec: dict, mmap: bool = True, size: int | None = None) -> dict[str, CachedValue]:
+    """Open the values :func:`save_values` wrote (memory-mapped by default: nothing is read yet).
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: a file is truncated, damaged or of the wrong shape (its rows differ from ``size``,
+            a mask that does not match its features); the message names the file.
+    """
+    from imtm.retrieval.index import _load_array
+
     out = {}
     for name, s in spec.items():
-        feats = np.load(folder / f"{name}.feats.npy", mmap_mode=mode, allow_pickle=False)
-        mask = np.load(folder / f"{name}.mask.npy", mmap_mode=mode, allow_pickle=False) if s["kind"] == "tokens" \
-            else None
+        feats_path = Path(folder) / f"{name}.feats.npy"
+        feats = _load_array(feats_path, mmap, "TwoStageRetriever.load")
+        if feats.ndim == 0 or (size is not None and feats.shape[0] != size):
+            raise ValueError(f"TwoStageRetriever.load: {feats_path} holds shape {feats.shape}, expected {size} rows "
+                             "(the gallery size in retriever.json)")
+        mask = None
+        if s["kind"] == "tokens":
+            mask_path = Path(folder) / f"{name}.mask.npy"
+            mask = _load_array(mask_path, mmap, "TwoStageRetriever.load")
+            if mask.dtype != np.bool_ or mask.shape != feats.shape[:2]:
+                raise ValueError(f"TwoStageRetriever.load: {mask_path} holds {mask.dtype} of shape {mask.shape}, "
+                                 f"expected a bool mask of shape {feats.shape[:2]}")
         grid = tuple(s["grid"]) if s.get("grid") else None
         out[name] = CachedValue(feats, mask, grid, int(s.get("num_prefix_tokens", 0)))
     return out

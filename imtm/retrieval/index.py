@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from imtm.tokens import check_finite
+
 __all__ = ["DEFAULT_INDEX_BLOCK_ELEMENTS", "INDEXES", "FaissIndex", "TorchIndex", "resolve_index"]
 
 #: Query x gallery similarities held at once by :class:`TorchIndex` (64 MiB of float32).
@@ -36,7 +38,34 @@ def _check_queries(queries: torch.Tensor, dim: int, where: str) -> torch.Tensor:
     if queries.shape[1] != dim:
         raise ValueError(f"{where}: query embeddings have dimension {queries.shape[1]} but the gallery's have "
                          f"{dim}; both sides must embed into one space")
+    if queries.dtype == torch.bool or queries.is_complex():
+        raise TypeError(f"{where}: expected real query embeddings, got dtype {queries.dtype}")
+    # NaN has no place in a ranking: topk would return it first, or anywhere.
+    check_finite(queries, f"{where}: query embeddings")
     return queries
+
+
+def _check_k(k: Any, n: int, where: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"{where}: k must be an integer, got {k!r}")
+    if n == 0:
+        raise ValueError(f"{where}: the gallery is empty; add embeddings before searching")
+    if not 1 <= k <= n:
+        raise ValueError(f"{where}: k must be in [1, {n}] (the gallery size), got {k}")
+    return int(k)
+
+
+def _load_array(path: Path, mmap: bool, where: str) -> np.ndarray:
+    """``np.load`` (never unpickling) of a float ``(n, D)`` array; errors name the file."""
+    try:
+        x = np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{where}: {path} is missing; the saved folder is incomplete") from err
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{where}: {path} is not a readable .npy array (truncated or damaged?): {err}") from err
+    if x.dtype.kind not in "fiub":
+        raise ValueError(f"{where}: {path} holds an array of dtype {x.dtype}; expected numbers")
+    return x
 
 
 class TorchIndex:
@@ -77,15 +106,24 @@ class TorchIndex:
         Shape:
             - queries: ``(Q, D)``
             - output: scores ``(Q, K)`` float32 and indices ``(Q, K)`` long, best first, on the queries' device
+
+        Raises:
+            TypeError: ``k`` not an integer (a bool included), queries not real numbers.
+            ValueError: ``k`` outside ``[1, n]``, an empty gallery, queries not ``(Q, D)``, or NaN/inf
+                in the queries or in the gallery rows searched
+                (:class:`~imtm.tokens.NonFiniteValueError`).
         """
         queries = _check_queries(queries, self.dim, "TorchIndex").float()
         n, q = len(self), queries.shape[0]
+        k = _check_k(k, n, "TorchIndex")
         rows = max(k, self.max_block_elements // max(q, 1))
         best_s = queries.new_empty((q, 0))
         best_i = torch.empty((q, 0), dtype=torch.long, device=queries.device)
         for a in range(0, n, rows):
             b = min(n, a + rows)
-            s = queries @ self._rows(a, b, queries.device).T
+            rows_ab = self._rows(a, b, queries.device)
+            check_finite(rows_ab, f"TorchIndex: gallery embeddings (rows {a}..{b - 1})")
+            s = queries @ rows_ab.T
             top_s, top_i = s.topk(min(k, b - a), dim=1)
             best_s = torch.cat([best_s, top_s], 1)
             best_i = torch.cat([best_i, top_i + a], 1)
@@ -99,7 +137,17 @@ class TorchIndex:
 
     @classmethod
     def load(cls, folder: Path, mmap: bool = True) -> TorchIndex:
-        return cls(np.load(folder / EMBEDDINGS_FILE, mmap_mode="c" if mmap else None, allow_pickle=False))
+        """Open ``folder/embedding.npy`` (memory-mapped by default; never unpickled).
+
+        Raises:
+            FileNotFoundError: the file is missing.
+            ValueError: the file is truncated, damaged, not numeric or not ``(n, D)``; the message names it.
+        """
+        path = Path(folder) / EMBEDDINGS_FILE
+        x = _load_array(path, mmap, "TorchIndex.load")
+        if x.ndim != 2:
+            raise ValueError(f"TorchIndex.load: {path} holds an array of shape {x.shape}; expected (n, D)")
+        return cls(x)
 
 
 def _faiss():
@@ -127,6 +175,9 @@ class FaissIndex:
         faiss = _faiss()
         if index is None:
             x = np.ascontiguousarray(_numpy(embeddings), dtype=np.float32)
+            if x.ndim != 2:
+                raise ValueError(f"FaissIndex: expected gallery embeddings of shape (n, D), got {x.shape}")
+            check_finite(torch.from_numpy(x), "FaissIndex: gallery embeddings")
             index = faiss.IndexFlatIP(x.shape[1])
             index.add(x)
         self.index = index
@@ -139,8 +190,9 @@ class FaissIndex:
         return int(self.index.d)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """As :meth:`TorchIndex.search` (the search itself runs on the CPU)."""
+        """As :meth:`TorchIndex.search` (the search itself runs on the CPU), with the same errors."""
         queries = _check_queries(queries, self.dim, "FaissIndex")
+        k = _check_k(k, len(self), "FaissIndex")
         x = np.ascontiguousarray(queries.detach().float().cpu().numpy())
         scores, idx = self.index.search(x, k)
         return torch.from_numpy(scores).to(queries.device), torch.from_numpy(idx).long().to(queries.device)
@@ -152,7 +204,14 @@ class FaissIndex:
     def load(cls, folder: Path, mmap: bool = True) -> FaissIndex:
         faiss = _faiss()
         flag = getattr(faiss, "IO_FLAG_MMAP_IFC", getattr(faiss, "IO_FLAG_MMAP", 0)) if mmap else 0
-        return cls(index=faiss.read_index(os.fspath(folder / FAISS_FILE), flag))
+        path = Path(folder) / FAISS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"FaissIndex.load: {path} is missing; the saved folder is incomplete")
+        try:
+            return cls(index=faiss.read_index(os.fspath(path), flag))
+        except RuntimeError as err:  # faiss reports a damaged file as a RuntimeError
+            raise ValueError(f"FaissIndex.load: {path} is not a readable faiss index (truncated or damaged?): "
+                             f"{err}") from err
 
 
 def _numpy(x: Any) -> np.ndarray:

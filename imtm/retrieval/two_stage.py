@@ -25,7 +25,7 @@ from imtm.data.collate import collate_images, collate_texts
 from imtm.engine.evaluation import IMAGE, TEXT, encode_side, run_blocks, side_values_needed
 from imtm.retrieval.cache import CachedValue, load_values, save_values
 from imtm.retrieval.index import INDEXES, resolve_index
-from imtm.tokens import Tokens
+from imtm.tokens import Tokens, check_finite
 
 __all__ = ["CALL_COST_PAIRS_CPU", "FORMAT", "QUERY_BLOCK_CUDA", "SearchResult", "TwoStageRetriever"]
 
@@ -231,6 +231,8 @@ class TwoStageRetriever:
         if not isinstance(emb, torch.Tensor) or emb.dim() != 2:
             raise ValueError(f"{type(self).__name__}: {_EMBEDDING[side]} must have shape (B, D), got "
                              f"{tuple(getattr(emb, 'shape', ())) or type(emb).__name__}")
+        # Refused here, at the boundary: a NaN vector would be ranked anywhere by the index.
+        check_finite(emb, f"{type(self).__name__}: the stage-1 {_EMBEDDING[side]} of the {_NOUN[side]}")
         return F.normalize(emb.float(), dim=-1)
 
     # ------------------------------------------------------------------ building
@@ -245,7 +247,8 @@ class TwoStageRetriever:
             self
 
         Raises:
-            ValueError: no gallery given, ``k`` larger than a gallery, or no way to embed a side.
+            ValueError: no gallery given or an empty one, ``k`` larger than a gallery, no way to embed a
+                side, or NaN/inf in the items or their embeddings.
         """
         self._check()
         if images is None and captions is None:
@@ -389,13 +392,21 @@ class TwoStageRetriever:
             mmap: memory-map the arrays (only the rows a search touches are read), or read them into RAM.
 
         Raises:
-            ValueError: not a saved retriever, or built with another model (configuration or weights).
+            ValueError: not a saved retriever, built with another model (configuration or weights), or a
+                damaged folder (unreadable ``retriever.json``, a truncated or reshaped array, an index
+                whose size differs from the one recorded); the message names the file.
+            FileNotFoundError: an array or index file is missing.
         """
         path = Path(path)
         meta_path = path / "retriever.json"
         if not meta_path.exists():
             raise ValueError(f"{cls.__name__}.load: {path} holds no retriever.json; not a saved {cls.__name__}")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{cls.__name__}.load: {meta_path} is not valid JSON (damaged?): {err}") from err
+        if not isinstance(meta, dict):
+            raise ValueError(f"{cls.__name__}.load: {meta_path} holds a {type(meta).__name__}, expected an object")
         if meta.get("format") != FORMAT:
             raise ValueError(f"{cls.__name__}.load: {meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
         r = cls(matcher, k=meta["k"], index=meta["index"], query_block=meta["query_block"])
@@ -409,6 +420,9 @@ class TwoStageRetriever:
         for side, g in meta["galleries"].items():
             sub = path / _FOLDER[side]
             index = INDEXES[meta["index"]].load(sub, mmap=mmap)
-            galleries[side] = _Gallery(index, load_values(sub, g["values"], mmap=mmap))
+            if len(index) != g["size"]:
+                raise ValueError(f"{cls.__name__}.load: the index in {sub} holds {len(index)} rows but "
+                                 f"{meta_path} records a gallery of {g['size']}")
+            galleries[side] = _Gallery(index, load_values(sub, g["values"], mmap=mmap, size=g["size"]))
         r.galleries_ = galleries
         return r
