@@ -47,10 +47,6 @@ def collate_images(items: Sequence[Any]):
             raise ValueError(f"collate_images: pixel images of different sizes {sorted(shapes)}; resize them first")
         return torch.stack(list(items))
     if first.dim() == 2:
-        for k, x in enumerate(items):
-            if x.dim() != 2 or x.shape[1] != first.shape[1]:
-                raise ValueError(f"collate_images: image {k} has region features of shape {tuple(x.shape)} but "
-                                 f"image 0 has (N, {first.shape[1]}); every image needs one feature size")
         return Tokens.pad_sequence([x.float() if not x.is_floating_point() else x for x in items])
     raise ValueError(
         f"collate_images: an image must be (3, H, W) pixels or (N, D) region features, got {tuple(first.shape)}"
@@ -78,12 +74,12 @@ def collate_texts(items: Sequence[Any]):
         if isinstance(x, str):
             raise TypeError(f"collate_texts: caption {k} is str but caption 0 is token ids; mixed types")
         s = _as_tensor(x, k, "caption", "collate_texts")
-        if s.is_floating_point() or s.is_complex() or s.dtype == torch.bool:
-            raise TypeError(f"collate_texts: caption {k} holds {s.dtype} values, expected integer token ids")
         if s.dim() != 1:
             raise ValueError(f"collate_texts: caption {k} has shape {tuple(s.shape)}, expected a 1-D sequence of token ids")
         if s.numel() == 0:
             raise ValueError(f"collate_texts: caption {k} has length 0")
+        if s.is_floating_point() or s.is_complex() or s.dtype == torch.bool:
+            raise TypeError(f"collate_texts: caption {k} holds {s.dtype} values, expected integer token ids")
         seqs.append(s.long())
     return Tokens.pad_sequence(seqs)
 
@@ -92,8 +88,8 @@ def _as_tensor(x, k: int, what: str, who: str) -> torch.Tensor:
     """``x`` as a tensor, or a ``TypeError`` naming item ``k`` (a string, ``None``, a ragged list)."""
     if isinstance(x, torch.Tensor):
         return x
-    if isinstance(x, (str, bytes)) or x is None:
-        raise TypeError(f"{who}: {what} {k} is {type(x).__name__}, expected a tensor or array")
+    if isinstance(x, (str, bytes, Tokens)) or x is None:
+        raise TypeError(f"{who}: {what} {k} is {type(x).__name__}, expected a tensor or array like {what} 0")
     try:
         return torch.as_tensor(x)
     except (TypeError, ValueError, RuntimeError) as e:

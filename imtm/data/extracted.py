@@ -70,7 +70,8 @@ class ExtractedDataset(PrecompDataset):
     Raises:
         FileNotFoundError: no manifest ``{split}_extract.json`` (the folder was not written
             by the extraction; :class:`PrecompDataset` reads it without the layout).
-        ValueError: the extraction did not finish (run it again to resume it).
+        ValueError: the extraction did not finish (run it again to resume it); the manifest is
+            not UTF-8 JSON, or its token layout is malformed or does not fit the feature file.
 
     Shape:
         - ``self[k]["images"]``: Tokens ``(1, N, D)``
@@ -93,8 +94,18 @@ class ExtractedDataset(PrecompDataset):
                 f"ExtractedDataset: no {manifest_path.name} in {str(data_path)!r}; the folder was not written by "
                 "imtm extract (read plain features with PrecompDataset)"
             )
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"ExtractedDataset: {str(manifest_path)!r} is not a valid UTF-8 JSON manifest ({e}); run the "
+                "extraction again with overwrite=True (--overwrite)"
+            ) from e
+        if not isinstance(manifest, dict):
+            raise ValueError(
+                f"ExtractedDataset: {str(manifest_path)!r} must hold a JSON object, got {type(manifest).__name__}"
+            )
         if not manifest.get("complete"):
             done, total = len(manifest.get("shards", {})), manifest.get("n_images")
             raise ValueError(
@@ -102,11 +113,38 @@ class ExtractedDataset(PrecompDataset):
                 f"{total} images written); run the same imtm extract command again to resume it"
             )
         super().__init__(data_path, split, **kwargs)
-        layout = manifest["tokens"]
+        layout = manifest.get("tokens")
+        grid, prefix = self._check_layout(layout, self.images.shape, manifest_path)
         self.token_layout = layout
         self.rows = self.images
-        grid = tuple(layout["grid"]) if layout.get("grid") is not None else None
-        self.images = TokenImages(self.rows, grid, int(layout.get("num_prefix_tokens", 0)))
+        self.images = TokenImages(self.rows, grid, prefix)
+
+    @staticmethod
+    def _check_layout(layout, shape, manifest_path) -> tuple[tuple[int, int] | None, int]:
+        """``(grid, num_prefix_tokens)`` of the manifest, checked against the feature file's ``(n, N, D)``."""
+
+        def is_count(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        where = f"ExtractedDataset: the 'tokens' layout of {str(manifest_path)!r}"
+        if not isinstance(layout, dict):
+            raise ValueError(f"{where} is {layout!r}, expected an object {{num_tokens, dim, grid, num_prefix_tokens}}")
+        grid, prefix = layout.get("grid"), layout.get("num_prefix_tokens", 0)
+        if grid is not None and not (isinstance(grid, list) and len(grid) == 2 and all(is_count(g) for g in grid)):
+            raise ValueError(f"{where} has grid {grid!r}, expected [h, w] or null")
+        if not is_count(prefix):
+            raise ValueError(f"{where} has num_prefix_tokens {prefix!r}, expected a non-negative integer")
+        n_tokens, dim = shape[1], shape[2]
+        expected = {"num_tokens": n_tokens, "dim": dim}
+        wrong = {k: layout.get(k) for k, v in expected.items() if layout.get(k) != v}
+        if grid is not None and grid[0] * grid[1] + prefix != n_tokens:
+            wrong["grid"] = grid
+        if wrong:
+            raise ValueError(
+                f"{where} ({wrong}) does not fit the features of shape (n, {n_tokens}, {dim}) next to it; the "
+                "manifest and the feature file come from different runs: run the extraction again"
+            )
+        return (tuple(grid) if grid is not None else None), prefix
 
     def fingerprint(self) -> str:
         """A short hash of the captions, the caption-to-image map and a sample of the feature rows."""

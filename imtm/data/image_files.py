@@ -47,7 +47,8 @@ def read_image(path, source: str | None = None):
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ImageReadError: PIL cannot decode the file.
+        ImageReadError: PIL cannot decode the file (empty, truncated, corrupt, not an
+            image), or it declares a size over PIL's decompression-bomb limit.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -59,6 +60,12 @@ def read_image(path, source: str | None = None):
             # load() decodes the pixels now: a truncated file fails here, not later inside a transform.
             im.load()
             return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        # PIL refuses a declared size over twice Image.MAX_IMAGE_PIXELS before decoding anything.
+        raise ImageReadError(
+            f"image file {str(path)!r}{where} declares a size too large to decode safely ({e}); it is damaged "
+            "or a decompression bomb. Raise PIL.Image.MAX_IMAGE_PIXELS only for files you trust"
+        ) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(
             f"image file {str(path)!r}{where} cannot be read as an image ({type(e).__name__}: {e}); "

@@ -101,8 +101,31 @@ class Vocabulary:
         return {"words": self.itos[2:]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Vocabulary":
-        return cls(d["words"])
+    def from_dict(cls, d: dict, source: str = "Vocabulary.from_dict") -> "Vocabulary":
+        """The vocabulary of :meth:`to_dict`'s ``{"words": [...]}``.
+
+        Args:
+            d: ``{"words": [word, ...]}``, the words after ``<pad>`` and ``<unk>`` in index order.
+            source: where ``d`` came from, put into errors.
+
+        Raises:
+            ValueError: ``d`` is not such a dict, or a word is not a non-empty string, is
+                repeated or is a reserved entry (each would shift the indices of the words
+                after it, so a model would read other words than it was trained on).
+        """
+        words = d.get("words") if isinstance(d, dict) else None
+        if not isinstance(words, list):
+            got = f"keys {sorted(d)}" if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"{source}: expected {{'words': [word, ...]}}, got {got}")
+        seen = {cls.PAD: -1, cls.UNK: -1}  # word -> its index in words; -1 for the reserved entries
+        for k, w in enumerate(words):
+            if not isinstance(w, str) or not w:
+                raise ValueError(f"{source}: word {k} is {w!r}, expected a non-empty string")
+            if w in seen:
+                first = "a reserved entry" if seen[w] < 0 else f"word {seen[w]}"
+                raise ValueError(f"{source}: word {k} {w!r} repeats {first}; every word must appear once")
+            seen[w] = k
+        return cls(words)
 
     def save(self, path) -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -110,5 +133,15 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path) -> "Vocabulary":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """Read a vocabulary written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: the file is not UTF-8 JSON or not a valid vocabulary (see :meth:`from_dict`).
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"Vocabulary.load: {str(path)!r} is not a UTF-8 JSON vocabulary ({e})") from e
+        return cls.from_dict(data, source=f"Vocabulary.load({str(path)!r})")
