@@ -488,6 +488,17 @@ class Matcher(BaseEstimator):
             Under torchrun every rank must call it with the same images and captions: each
             encodes a share of both and scores its share of the images against all captions,
             and rank 0 returns the gathered matrix (the others return ``None``).
+
+        The result does not depend on ``image_block`` / ``text_block`` nor, up to the same
+        permutation of its rows and columns, on the order of the inputs.
+
+        Raises:
+            NotFittedError: before ``fit`` or ``load``.
+            ValueError: no images or no captions, an empty caption, images of different shapes
+                (pixels of other sizes, region features of another ``D``), or NaN/inf image features
+                (:class:`~imtm.tokens.NonFiniteValueError`, naming the first bad image); a block's own
+                shape check (e.g. ``PrecomputedEncoder`` for a wrong feature size).
+            TypeError: ``images`` or ``captions`` not an indexable sequence (a single string).
         """
         img, txt, pair, keep_i, keep_t = self._prepare_eval()
         images = self._items(images, "images")
@@ -525,6 +536,11 @@ class Matcher(BaseEstimator):
         Returns:
             ``{'i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum', ...}``
             (under torchrun: sharded as :meth:`similarity`, the same metrics on every rank)
+
+        Raises:
+            TypeError: ``data`` lacks ``images``, ``captions`` or ``caption_to_image``.
+            ValueError: an unknown protocol, what :meth:`similarity` raises, and what
+                :func:`imtm.metrics.retrieval_metrics` raises (a bad ``caption_to_image``, NaN scores).
         """
         from imtm.metrics import evaluate_protocol, retrieval_metrics
 

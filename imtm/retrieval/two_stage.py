@@ -291,11 +291,23 @@ class TwoStageRetriever:
 
     # ------------------------------------------------------------------ search
     def text_to_image(self, captions, top: int = 10) -> SearchResult:
-        """Rank the indexed images for every caption (captions raw, or as :meth:`encode_texts` returns)."""
+        """Rank the indexed images for every caption (captions raw, or as :meth:`encode_texts` returns).
+
+        Raises:
+            NotFittedError: no images are indexed.
+            ValueError: ``top`` outside ``[1, k]``, no or empty captions, queries lacking a value the scorer
+                reads, or NaN/inf in their stage-1 embeddings.
+        """
         return self._search(TEXT, captions, top)
 
     def image_to_text(self, images, top: int = 10) -> SearchResult:
-        """Rank the indexed captions for every image (images raw, or as :meth:`encode_images` returns)."""
+        """Rank the indexed captions for every image (images raw, or as :meth:`encode_images` returns).
+
+        Raises:
+            NotFittedError: no captions are indexed.
+            ValueError: ``top`` outside ``[1, k]``, no images, images of different shapes, or NaN/inf image
+                features or stage-1 embeddings (:class:`~imtm.tokens.NonFiniteValueError`).
+        """
         return self._search(IMAGE, images, top)
 
     @torch.no_grad()
@@ -407,6 +419,10 @@ class TwoStageRetriever:
             raise ValueError(f"{cls.__name__}.load: {meta_path} is not valid JSON (damaged?): {err}") from err
         if not isinstance(meta, dict):
             raise ValueError(f"{cls.__name__}.load: {meta_path} holds a {type(meta).__name__}, expected an object")
+        absent = [key for key in ("format", "k", "index", "query_block", "config_hash", "weights", "galleries")
+                  if key not in meta]
+        if absent:
+            raise ValueError(f"{cls.__name__}.load: {meta_path} lacks {absent}; not a complete saved {cls.__name__}")
         if meta.get("format") != FORMAT:
             raise ValueError(f"{cls.__name__}.load: {meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
         r = cls(matcher, k=meta["k"], index=meta["index"], query_block=meta["query_block"])

@@ -389,6 +389,7 @@ def test_two_stage_refuses_bad_k_and_nan_precomputed_values(fitted, toy):
     ("index", ValueError, r"the index in .*images holds 9 rows but .*retriever\.json records a gallery of 10"),
     ("json", ValueError, r"retriever\.json is not valid JSON"),
     ("list", ValueError, r"retriever\.json holds a list, expected an object"),
+    ("keys", ValueError, r"retriever\.json lacks \['galleries'\]; not a complete saved"),
     ("missing", FileNotFoundError, r"images[/\\]embedding\.npy is missing"),
 ])
 def test_damaged_retriever_folder_is_refused_naming_the_file(fitted, toy, tmp_path, damage, error, match):
@@ -407,6 +408,10 @@ def test_damaged_retriever_folder_is_refused_naming_the_file(fitted, toy, tmp_pa
         (path / "retriever.json").write_text("{broken")
     elif damage == "list":
         (path / "retriever.json").write_text(json.dumps([1]))
+    elif damage == "keys":
+        meta = json.loads((path / "retriever.json").read_text())
+        del meta["galleries"]
+        (path / "retriever.json").write_text(json.dumps(meta))
     else:
         (path / "images" / "embedding.npy").unlink()
     with pytest.raises(error, match=match):
