@@ -186,7 +186,12 @@ def _as_caption_to_image(c2i, n_images: int, n_captions: int, device, what: str)
     if isinstance(c2i, np.ndarray):
         c2i = _from_numpy(c2i, what)
     elif not isinstance(c2i, torch.Tensor):
-        c2i = torch.as_tensor(c2i)
+        try:
+            c2i = torch.as_tensor(c2i)
+        except (TypeError, ValueError, RuntimeError) as e:  # strings, None, ragged lists
+            raise TypeError(
+                f"{what}: caption_to_image must be a sequence of integer image indices, got {c2i!r:.60}"
+            ) from e
     if c2i.dtype == torch.bool or c2i.is_floating_point() or c2i.is_complex():
         raise TypeError(f"{what}: caption_to_image must hold integer image indices, got dtype {c2i.dtype}")
     if c2i.dim() != 1 or c2i.numel() != n_captions:
@@ -197,6 +202,8 @@ def _as_caption_to_image(c2i, n_images: int, n_captions: int, device, what: str)
     c2i = c2i.to(device=device, dtype=torch.long)
     if n_captions == 0:
         raise ValueError(f"{what}: there are no captions (sims has shape ({n_images}, 0))")
+    if n_images == 0:
+        raise ValueError(f"{what}: there are no images (sims has shape (0, {n_captions}))")
     lo, hi = int(c2i.min()), int(c2i.max())
     if lo < 0 or hi >= n_images:
         raise ValueError(

@@ -320,6 +320,11 @@ class TwoStageRetriever:
             raise ValueError(f"{type(self).__name__}: k={self.k} is larger than the gallery of {len(gallery)} "
                              f"{_NOUN[_OTHER[query_side]]}; use k <= {len(gallery)}")
         values = queries if isinstance(queries, dict) else self._encode(query_side, queries)
+        _, keep_q, _ = self._side_plan(query_side)
+        missing = [n for n in keep_q if n not in values]
+        if missing:  # checked before stage 1, whose own error would not say what is wrong
+            raise ValueError(f"{type(self).__name__}: the encoded queries lack {missing}, which the scorer reads; "
+                             f"build them with encode_{'texts' if query_side == TEXT else 'images'}()")
         _, cand = gallery.index.search(self._embed(query_side, values), self.k)
         scores = self._rescore(query_side, values, gallery, cand)
         order = scores.argsort(dim=1, descending=True, stable=True)[:, :top]

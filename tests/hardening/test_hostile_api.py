@@ -126,15 +126,18 @@ def test_nan_anywhere_is_refused(problem, data):
     ([0.0, 1.0, 2.0], TypeError, "must hold integer image indices, got dtype torch.float"),
     ([True, False, True], TypeError, "must hold integer image indices, got dtype torch.bool"),
     ([0, 0, 2], ValueError, r"1 image\(s\) have no caption \(e.g. image index \[1\]\)"),
+    (["0", "1", "2"], TypeError, "must be a sequence of integer image indices, got \\['0'"),
+    ([0, None, 2], TypeError, "must be a sequence of integer image indices"),
 ])
 def test_bad_caption_to_image_is_refused(c2i, error, match):
     with pytest.raises(error, match=match):
-        retrieval_metrics(torch.eye(3), torch.tensor(c2i) if not isinstance(c2i[0], list) else c2i)
+        retrieval_metrics(torch.eye(3), c2i)
 
 
 @pytest.mark.parametrize("sims,error,match", [
     (torch.zeros(3), ValueError, r"expected a \(n_images, n_captions\) matrix, got shape \(3,\)"),
-    (torch.zeros(3, 0), ValueError, r"must have shape \(0,\)|there are no captions"),
+    (torch.zeros(3, 0), ValueError, r"must have shape \(0,\)"),
+    (torch.zeros(0, 3), ValueError, r"there are no images \(sims has shape \(0, 3\)\)"),
     (torch.zeros(3, 3, dtype=torch.bool), TypeError, "expected real similarity scores"),
     (np.array([["a", "b"]]), TypeError, "expected a numeric array"),
     ((torch.eye(3), torch.eye(2)), ValueError, "sims_i2t and sims_t2i must have the same shape"),
@@ -380,6 +383,9 @@ def test_two_stage_refuses_bad_k_and_nan_precomputed_values(fitted, toy):
     values["image_tokens"].feats[4, 0, 0] = math.nan
     with pytest.raises(NonFiniteValueError, match="stage-1 image_embedding of the images holds 1 NaN"):
         r.fit(images=values)
+    r.fit(images=toy.images)
+    with pytest.raises(ValueError, match=r"the encoded queries lack \['text_tokens'\].*encode_texts\(\)"):
+        r.text_to_image(r.encode_images(toy.images[:2]), top=1)
 
 
 @pytest.mark.parametrize("damage,error,match", [
