@@ -35,8 +35,8 @@ class Vocabulary:
 
     Example:
         >>> v = Vocabulary.build(["a red circle", "a blue square"])
-        >>> len(v), v["red"], v["zebra"]
-        (7, 3, 1)
+        >>> len(v), v["a"], v["red"], v["zebra"]
+        (7, 2, 5, 1)
         >>> v.encode_batch(["a red square", "blue"]).feats.shape
         torch.Size([2, 3])
     """
