@@ -422,8 +422,10 @@ class TwoStageRetriever:
             meta = json.loads(meta_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{cls.__name__}.load: {meta_path} is not valid JSON (damaged?): {err}") from err
-        if not isinstance(meta, dict):
-            raise ValueError(f"{cls.__name__}.load: {meta_path} holds a {type(meta).__name__}, expected an object")
+        if not isinstance(meta, dict):  # a damaged file, not an argument of the wrong type
+            raise ValueError(  # noqa: TRY004
+                f"{cls.__name__}.load: {meta_path} holds a {type(meta).__name__}, expected an object"
+            )
         absent = [key for key in ("format", "k", "index", "query_block", "config_hash", "weights", "galleries")
                   if key not in meta]
         if absent:

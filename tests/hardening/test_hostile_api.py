@@ -13,14 +13,20 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from toy import ToyCosine, ToyHinge, ToyText, toy_data
 
 from imtm import Matcher
 from imtm.components import PrecomputedEncoder
-from imtm.metrics import METRIC_KEYS, RECALL_KS, coco_1k_5fold, evaluate_protocol, retrieval_metrics, retrieval_ranks
+from imtm.metrics import (
+    METRIC_KEYS,
+    RECALL_KS,
+    coco_1k_5fold,
+    evaluate_protocol,
+    retrieval_metrics,
+    retrieval_ranks,
+)
 from imtm.retrieval import FaissIndex, TorchIndex, TwoStageRetriever
 from imtm.tokens import NonFiniteValueError
-
-from toy import ToyCosine, ToyHinge, ToyText, toy_data
 
 INF = math.inf
 FEW = settings(max_examples=25, deadline=None)
