@@ -29,7 +29,7 @@ from imtm.data.csv_captions import CsvDataset
 from imtm.data.extracted import ExtractedDataset
 from imtm.data.image_files import ImageFileDataset, ImageReadError
 from imtm.data.karpathy import KarpathyDataset
-from imtm.data.precomp import PrecompDataset, PrecompImages
+from imtm.data.precomp import PrecompDataset
 
 FEW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 BOM = b"\xef\xbb\xbf"
