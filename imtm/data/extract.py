@@ -180,7 +180,7 @@ def extract_features(
 
     Raises:
         ValueError: a manifest of a different run in ``out_dir`` (naming the differing
-            settings), unequal captions per image, padded or non-finite encoder outputs,
+            settings) or a damaged one (not UTF-8 JSON, not an object), unequal captions per image, padded or non-finite encoder outputs,
             token shapes that change between batches.
 
     Shape:
@@ -288,8 +288,19 @@ def _start_manifest(path: Path, shard_dir: Path, out: Path, split: str, config: 
                 "be trusted; remove the folder or pass overwrite=True"
             )
         return dict(config, shards={}, tokens=None, complete=False)
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"extract_features: {str(path)!r} is not a valid UTF-8 JSON manifest ({e}); pass overwrite=True "
+            "(--overwrite) to start afresh"
+        ) from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", {}), dict):
+        raise ValueError(
+            f"extract_features: {str(path)!r} is not an extraction manifest (a JSON object with a 'shards' "
+            "object); pass overwrite=True (--overwrite) to start afresh"
+        )
     differ = [k for k in config if manifest.get(k) != config[k]]
     if differ:
         detail = ", ".join(f"{k}: {manifest.get(k)!r} there, {config[k]!r} now" for k in differ)

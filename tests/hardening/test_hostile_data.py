@@ -480,3 +480,23 @@ def test_collate_malformed_items():
         collate_texts([[2.7, 3.0]])
     out = collate_texts([np.array([4, 5], np.int32), torch.tensor([6])])
     assert out.feats.tolist() == [[4, 5], [6, 0]] and out.feats.dtype == torch.long
+
+
+@pytest.mark.parametrize("raw, match", [
+    (b'{"shards": {', r"test_extract\.json' is not a valid UTF-8 JSON manifest"),
+    (b'{"x": "\xff"}', r"test_extract\.json' is not a valid UTF-8 JSON manifest"),
+    (b"[1, 2]", r"test_extract\.json' is not an extraction manifest"),
+    (b'{"shards": [1]}', r"test_extract\.json' is not an extraction manifest"),
+])
+def test_extraction_resumed_over_a_damaged_manifest(tmp_path, raw, match):
+    from imtm.data import ImageCaptionDataset
+    from imtm.data.extract import extract_features
+
+    data = ImageCaptionDataset(torch.rand(2, 3, 2, 2), ["a", "b"], [0, 1])
+    encoder = lambda x: x.flatten(2).transpose(1, 2)  # (B, 4, 3) tokens
+    out = extract_features(encoder, data, tmp_path, "test", progress=False)
+    (tmp_path / "test_extract.json").write_bytes(raw)
+    with pytest.raises(ValueError, match=match):
+        extract_features(encoder, data, out, "test", progress=False)
+    extract_features(encoder, data, out, "test", progress=False, overwrite=True)
+    assert ExtractedDataset(out, "test").n_images == 2
