@@ -22,13 +22,13 @@ References:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from imtm.component import suggest
 from imtm.data.image_files import ImageFileDataset, group_by_image
+from imtm.data.karpathy import _load_json
 from imtm.data.precomp import _read_lines
 
 __all__ = ["CaptionFileDataset"]
@@ -197,15 +197,7 @@ class CaptionFileDataset(ImageFileDataset):
                 )
             id_mapping = found
         path = Path(id_mapping)
-        if not path.is_file():
-            raise FileNotFoundError(f"CaptionFileDataset: no id mapping file {str(path)!r}")
-        try:
-            with open(path, encoding="utf-8-sig") as f:
-                table = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"CaptionFileDataset: {str(path)!r} is not valid JSON (line {e.lineno}: {e.msg})") from e
-        except UnicodeDecodeError as e:
-            raise ValueError(f"CaptionFileDataset: {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from e
+        table = _load_json(path, "CaptionFileDataset", "id mapping file")
         if not isinstance(table, dict):
             raise ValueError(f"CaptionFileDataset: {str(path)!r} must hold a JSON object {{id: file}}, got {type(table).__name__}")
         return _Lookup({str(k): v for k, v in table.items()}), repr(str(path))

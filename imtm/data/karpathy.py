@@ -33,9 +33,10 @@ SPLITS = ("train", "val", "test", "restval")
 _ALIASES = {"dev": "val"}
 
 
-def _load_json(path: Path, who: str):
+def _load_json(path: Path, who: str, what: str = "annotation file"):
+    """Read a UTF-8 JSON file (a byte-order mark allowed); errors name ``who`` and the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{who}: no annotation file {str(path)!r}")
+        raise FileNotFoundError(f"{who}: no {what} {str(path)!r}")
     try:
         # utf-8-sig: a byte-order mark some editors write is skipped, not a JSON error.
         with open(path, encoding="utf-8-sig") as f:
