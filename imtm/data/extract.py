@@ -274,6 +274,15 @@ def extract_features(
     return out
 
 
+def read_manifest(path: Path, who: str, remedy: str) -> Any:
+    """Parse an extraction manifest; a file that is not UTF-8 JSON is a ValueError ending in ``remedy``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{who}: {str(path)!r} is not a valid UTF-8 JSON manifest ({e}); {remedy}") from e
+
+
 def _start_manifest(path: Path, shard_dir: Path, out: Path, split: str, config: dict, overwrite: bool) -> dict:
     if path.is_file() and overwrite:
         path.unlink()
@@ -288,14 +297,7 @@ def _start_manifest(path: Path, shard_dir: Path, out: Path, split: str, config: 
                 "be trusted; remove the folder or pass overwrite=True"
             )
         return dict(config, shards={}, tokens=None, complete=False)
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(
-            f"extract_features: {str(path)!r} is not a valid UTF-8 JSON manifest ({e}); pass overwrite=True "
-            "(--overwrite) to start afresh"
-        ) from e
+    manifest = read_manifest(path, "extract_features", "pass overwrite=True (--overwrite) to start afresh")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", {}), dict):
         raise ValueError(
             f"extract_features: {str(path)!r} is not an extraction manifest (a JSON object with a 'shards' "

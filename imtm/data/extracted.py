@@ -13,9 +13,9 @@ grid-aware blocks such as LAPS's patch selection need.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
+from imtm.data.extract import read_manifest
 from imtm.data.precomp import PrecompDataset, PrecompImages
 from imtm.tokens import Tokens
 
@@ -94,14 +94,8 @@ class ExtractedDataset(PrecompDataset):
                 f"ExtractedDataset: no {manifest_path.name} in {str(data_path)!r}; the folder was not written by "
                 "imtm extract (read plain features with PrecompDataset)"
             )
-        try:
-            with open(manifest_path, encoding="utf-8") as f:
-                manifest = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(
-                f"ExtractedDataset: {str(manifest_path)!r} is not a valid UTF-8 JSON manifest ({e}); run the "
-                "extraction again with overwrite=True (--overwrite)"
-            ) from e
+        manifest = read_manifest(manifest_path, "ExtractedDataset",
+                                 "run the extraction again with overwrite=True (--overwrite)")
         if not isinstance(manifest, dict):
             raise ValueError(
                 f"ExtractedDataset: {str(manifest_path)!r} must hold a JSON object, got {type(manifest).__name__}"
