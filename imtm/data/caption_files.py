@@ -29,7 +29,7 @@ from pathlib import Path
 from imtm.component import suggest
 from imtm.data.image_files import ImageFileDataset, group_by_image
 from imtm.data.karpathy import _load_json
-from imtm.data.precomp import _read_lines
+from imtm.data.precomp import _parse_ids, _read_lines
 
 __all__ = ["CaptionFileDataset"]
 
@@ -114,7 +114,7 @@ class CaptionFileDataset(ImageFileDataset):
         self.caps_path, self.ids_path = str(caps_path), str(ids_path)
         captions = self._read_captions(caps_path)
         id_lines = _read_lines(ids_path, who)
-        ids = self._parse_ids(id_lines, ids_path)
+        ids = _parse_ids(id_lines, ids_path, who, "image id").tolist()
         n_caps, n_ids = len(captions), len(ids)
         if n_ids == n_caps:
             line_of_caption = list(range(n_caps))
@@ -235,18 +235,6 @@ class CaptionFileDataset(ImageFileDataset):
             raise ValueError(f"CaptionFileDataset: {str(path)!r} holds no captions")
         return captions
 
-    @staticmethod
-    def _parse_ids(lines: list[str], path: Path) -> list[int]:
-        ids = []
-        for n, line in enumerate(lines, start=1):
-            text = line.strip()
-            try:
-                ids.append(int(text))
-            except ValueError:
-                raise ValueError(
-                    f"CaptionFileDataset: line {n} of {str(path)!r} is {text!r}, expected an integer image id"
-                ) from None
-        return ids
 
     def __repr__(self) -> str:
         return (

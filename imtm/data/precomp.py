@@ -167,14 +167,15 @@ def _read_lines(path: Path, who: str = "PrecompDataset") -> list[str]:
     return [line.rstrip("\r") for line in lines]
 
 
-def _parse_ids(lines: list[str], path: Path) -> torch.Tensor:
+def _parse_ids(lines: list[str], path: Path, who: str = "PrecompDataset", what: str = "id") -> torch.Tensor:
+    """``(L,)`` long ids, one per line; a line that is not an integer is a ValueError naming it."""
     ids = []
     for n, line in enumerate(lines, start=1):
         text = line.strip()
         try:
             ids.append(int(text))
         except ValueError:
-            raise ValueError(f"PrecompDataset: line {n} of {str(path)!r} is {text!r}, expected an integer id") from None
+            raise ValueError(f"{who}: line {n} of {str(path)!r} is {text!r}, expected an integer {what}") from None
     return torch.tensor(ids, dtype=torch.long)
 
 
