@@ -235,7 +235,6 @@ class CaptionFileDataset(ImageFileDataset):
             raise ValueError(f"CaptionFileDataset: {str(path)!r} holds no captions")
         return captions
 
-
     def __repr__(self) -> str:
         return (
             f"CaptionFileDataset(root={self.root!r}, split={self.split!r}, n_images={self.n_images}, "
