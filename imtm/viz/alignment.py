@@ -17,6 +17,7 @@ from imtm.viz.figure import (
     finish,
     new_figure,
     patch_grid,
+    region_canvas,
     show_grid_values,
 )
 
@@ -103,12 +104,7 @@ def word_alignment_maps(matcher, image, caption: str, *, picture=None, boxes=Non
             show_grid_values(ax, pic, cos[k], (h, w), vmin=lo, vmax=hi)
             _outline_cell(ax, best, (h, w), pic)
         else:
-            if pic is not None:
-                ax.imshow(pic, interpolation="nearest")
-            else:
-                ax.set_xlim(0, float(boxes[:, 2].max()))
-                ax.set_ylim(float(boxes[:, 3].max()), 0)
-                ax.set_aspect("equal")
+            region_canvas(ax, pic, boxes)
             draw_boxes(ax, boxes, cos[k], highlight=[best], vmin=lo, vmax=hi)
         ax.set_title(f"{word}  ({cos[k, best]:.2f})", fontsize=8)
     return finish(fig, path, dpi)

@@ -17,6 +17,7 @@ from imtm.viz.figure import (
     encode_pair,
     finish,
     new_figure,
+    region_canvas,
 )
 
 __all__ = ["phrase_topk_regions"]
@@ -84,12 +85,7 @@ def phrase_topk_regions(matcher, image, caption: str, *, boxes, picture=None, in
     for ax, (title, scores, k) in zip(axes, panels):
         k = len(scores) if k is None else min(int(k), len(scores))
         top = np.argsort(-scores, kind="stable")[:k]
-        if pic is not None:
-            ax.imshow(pic, interpolation="nearest")
-        else:
-            ax.set_xlim(0, float(boxes[:, 2].max()))
-            ax.set_ylim(float(boxes[:, 3].max()), 0)
-            ax.set_aspect("equal")
+        region_canvas(ax, pic, boxes)
         draw_boxes(ax, boxes, scores, highlight=top, vmin=float(scores.min()),
                    vmax=float(scores.max()) + 1e-6)
         ax.set_title(f"{title}: top {k} of {len(scores)}", fontsize=8)

@@ -181,6 +181,17 @@ def show_grid_values(ax, picture: np.ndarray | None, values: np.ndarray, grid: t
     ax.set_yticks([])
 
 
+def region_canvas(ax, picture: np.ndarray | None, boxes) -> None:
+    """Show ``picture``; without one, size the axes to the boxes ``(x0, y0, x1, y1)`` (y down)."""
+    if picture is not None:
+        ax.imshow(picture, interpolation="nearest")
+        return
+    boxes = np.asarray(boxes, dtype=np.float64)
+    ax.set_xlim(0, float(boxes[:, 2].max()))
+    ax.set_ylim(float(boxes[:, 3].max()), 0)
+    ax.set_aspect("equal")
+
+
 def draw_boxes(ax, boxes: Sequence, values: Sequence[float] | None = None, *, highlight: Sequence[int] = (),
                cmap: str = "viridis", vmin: float = -1.0, vmax: float = 1.0, label_top: bool = False):
     """Boxes ``(x0, y0, x1, y1)``, filled by ``values`` through ``cmap``; ``highlight`` outlined in red."""
