@@ -114,7 +114,8 @@ class TiedEmbedding(Component, abstract=True):
         self._check_shape(weight)
         return weight
 
-    def _validate_common(self) -> None:
+    def validate(self):
+        """Check the sizes and the embedding (a block name, or a module of the right shape); return ``self``."""
         where = type(self).__name__
         _check_positive_int(self.dim, "dim", where)
         _check_positive_int(self.embed_dim, "embed_dim", where)
@@ -124,10 +125,6 @@ class TiedEmbedding(Component, abstract=True):
                             f"{type(self.embedding).__name__}")
         if isinstance(self.embedding, nn.Module):
             self._check_shape(self.embedding.weight)
-
-    def validate(self):
-        """Check the sizes and the embedding (a block name, or a module of the right shape); return ``self``."""
-        self._validate_common()
         return self
 
 
@@ -178,7 +175,8 @@ class PatchToLexiconHead(TiedEmbedding):
         self.embed_dim = embed_dim
         self.vocab_size = vocab_size
         self.embedding = embedding
-        self._validate_common()
+        # The projection is built from these arguments below, so they are checked first.
+        self.validate()
         self._set_embedding(embedding)
         self.proj = nn.Linear(dim, embed_dim)
 
@@ -248,7 +246,7 @@ class WordToLexiconHead(TiedEmbedding):
 
     def validate(self) -> WordToLexiconHead:
         """Check the sizes, the embedding, ``layers``, ``heads`` (dividing ``dim``) and ``dropout``."""
-        self._validate_common()
+        super().validate()
         where = type(self).__name__
         layers, heads, dropout = self.layers, self.heads, self.dropout
         if isinstance(layers, bool) or not isinstance(layers, Integral) or layers < 0:
