@@ -11,22 +11,36 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-def _load_data(spec: str, view: str, seed: int, sizes: dict | None = None):
-    """``synthetic`` or a folder in the SCAN precomputed layout; returns (train, dev, test)."""
-    if spec == "synthetic":
-        from imtm.data import synthetic
+def _data_error(err: Exception) -> SystemExit:
+    """A data problem (unknown format, missing file) as one line, without a traceback."""
+    return SystemExit(f"imtm: {err}")
 
-        return synthetic.load(view=view, seed=seed, **(sizes or {}))
-    from imtm.data import PrecompDataset
 
-    root = Path(spec)
-    if not root.is_dir():
-        raise SystemExit(f"imtm: --data must be 'synthetic' or a folder of precomputed features; {spec!r} is neither")
-    train = PrecompDataset(root, "train", build_vocab=True)
-    dev = PrecompDataset(root, "dev", vocab=train.vocab)
-    test_split = "testall" if (root / "testall_caps.txt").exists() else "test"
-    test = PrecompDataset(root, test_split, vocab=train.vocab)
-    return train, dev, test
+def _load_data(args, split: str | None = None, view: str = "regions", sizes: dict | None = None):
+    """The datasets of ``--data``/``--format``/``--image-root`` (see :func:`imtm.data.load_dataset`)."""
+    from imtm.data import load_dataset
+
+    try:
+        return load_dataset(args.data, getattr(args, "format", None), split,
+                            image_root=getattr(args, "image_root", None), view=view, seed=args.seed, sizes=sizes,
+                            captions_per_image=getattr(args, "captions_per_image", None))
+    except (ValueError, FileNotFoundError) as err:
+        raise _data_error(err) from err
+
+
+def _add_data_arguments(parser, *, default: str | None = "synthetic") -> None:
+    """``--data``, ``--format``, ``--image-root``, ``--view``, ``--captions-per-image`` (train, evaluate)."""
+    from imtm.data.formats import FORMATS
+
+    parser.add_argument("--data", default=default, help="'synthetic', or the file or folder --format reads")
+    parser.add_argument("--format", default=None, choices=list(FORMATS), metavar="FORMAT",
+                        help="how to read --data (default: synthetic, or precomp for a folder of *_ims.npy): "
+                             + "; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
+    parser.add_argument("--image-root", default=None, help="folder of the image files (raw-image formats)")
+    parser.add_argument("--view", default=None, choices=["regions", "pixels"],
+                        help="synthetic view (default: pixels for laps and ela, regions for the others)")
+    parser.add_argument("--captions-per-image", type=int, default=None,
+                        help="keep the first k captions of each image (karpathy, coco, flickr30k-token)")
 
 
 def _table(results: dict, title: str | None = None) -> str:
@@ -44,7 +58,9 @@ def cmd_demo(args) -> int:
     sizes = {"n_train": args.n_train, "n_dev": 100, "n_test": 1000}
     if args.quick:
         sizes = {"n_train": 300, "n_dev": 50, "n_test": 100}
-    train, _, test = _load_data("synthetic", "regions", args.seed, sizes)
+    from imtm.data import load_dataset
+
+    train, _, test = load_dataset("synthetic", view="regions", seed=args.seed, sizes=sizes)
     print(f"imtm demo: synthetic benchmark (regions view), {train.n_images} train images, "
           f"{test.n_images} test images x {test.n_captions // test.n_images} captions, "
           f"vocabulary of {len(train.vocab)} words; generated in {time.time() - t0:.1f}s")
@@ -52,8 +68,8 @@ def cmd_demo(args) -> int:
     results = {}
     for name in args.presets.split(","):
         t1 = time.time()
-        # Summed negatives: the hardest-negative loss collapses when trained from scratch for a few epochs.
-        m = Matcher(presets.build(name, train, embed_dim=args.embed_dim, word_dim=args.word_dim, hardest=False),
+        # The presets' triplet losses sum over negatives for a first epoch, then take the hardest.
+        m = Matcher(presets.build(name, train, embed_dim=args.embed_dim, word_dim=args.word_dim),
                     epochs=args.epochs, stages=presets.default_stages(name, args.epochs), batch_size=args.batch_size,
                     lr=args.lr, random_state=args.seed,
                     verbose=not args.quiet)
@@ -70,12 +86,36 @@ def cmd_demo(args) -> int:
 
 
 def _matcher_from_args(args, train):
+    import inspect
+
     from imtm import Matcher, presets
 
+    if args.preset not in presets.PRESETS:
+        raise SystemExit(f"imtm train: --preset must be one of {', '.join(presets.PRESETS)}, got {args.preset!r}")
+    params = inspect.signature(presets.PRESETS[args.preset]).parameters
     kw = {"embed_dim": args.embed_dim}
-    if args.word_dim:
+    if args.word_dim and "word_dim" in params:
         kw["word_dim"] = args.word_dim
-    return Matcher(presets.build(args.preset, train, **kw), epochs=args.epochs, batch_size=args.batch_size,
+    if args.preset in presets.PIXEL_PRESETS:
+        try:
+            model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"imtm train: --model-kwargs must be a JSON object, e.g. '{{\"depth\": 2}}': {e}") from e
+        image_key = "model_name" if args.preset == "laps" else "image_model"
+        given = {image_key: args.image_model, "img_size": args.img_size, "model_kwargs": model_kwargs,
+                 "text_model": args.text_model if args.preset == "ela" else None,
+                 "checkpoint_path": args.checkpoint if args.preset == "laps" else None}
+        kw.update({k: v for k, v in given.items() if v is not None})
+        if args.pretrained:
+            kw["pretrained"] = True
+        if args.checkpoint and args.preset != "laps":
+            raise SystemExit("imtm train: --checkpoint loads LAPS's backbone; ELA takes --pretrained or a "
+                             "--image-model of timm's")
+    try:
+        components = presets.build(args.preset, train, workdir=args.out, **kw)
+    except ValueError as err:
+        raise _data_error(err) from err
+    return Matcher(components, epochs=args.epochs, batch_size=args.batch_size,
                    stages=presets.default_stages(args.preset, args.epochs), lr=args.lr, random_state=args.seed,
                    checkpoint_dir=args.out, device=args.device,
                    precision=args.precision, checkpoint_every=args.checkpoint_every, verbose=not args.quiet)
@@ -84,28 +124,39 @@ def _matcher_from_args(args, train):
 def cmd_train(args) -> int:
     # Under torchrun every rank runs this: fit trains with DDP, save writes on rank 0, evaluate is
     # sharded over the ranks; only rank 0 prints and writes the metrics.
+    from imtm import presets
+    from imtm.data.formats import attach_model_transforms
     from imtm.engine import distributed
 
-    train, dev, test = _load_data(args.data, args.view, args.seed)
+    view = args.view or ("pixels" if args.preset in presets.PIXEL_PRESETS else "regions")
+    train, dev, test = _load_data(args, view=view)
     m = _matcher_from_args(args, train)
+    attach_model_transforms(m.components, train, dev, test)
     m.fit(train, eval_set=dev, resume=args.resume)
     out = Path(args.out)
     m.save(out / "final")
-    res = m.evaluate(test, protocol=args.protocol)
+    final, split = (test, "test") if test is not None else (dev, "dev")
+    res = m.evaluate(final, protocol=args.protocol) if final is not None else None
     if distributed.is_main():
-        print(_table({args.preset: res}, f"test split ({test.n_images} images):"))
-        (out / "test_metrics.json").write_text(json.dumps(res, indent=2))
+        if res is None:
+            print(f"{args.data} holds one split (the training one): nothing to test on; evaluate with "
+                  "imtm evaluate --model ... --data <test file>")
+        else:
+            print(_table({args.preset: res}, f"{split} split ({final.n_images} images):"))
+            (out / f"{split}_metrics.json").write_text(json.dumps(res, indent=2))
         print(f"saved to {out / 'final'}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from imtm import Matcher
+    from imtm.data.formats import attach_model_transforms, image_encoder
 
     m = Matcher.load(args.model, device=args.device)
     m.verbose = not args.quiet
-    splits = dict(zip(("train", "dev", "test"), _load_data(args.data, args.view, args.seed)))
-    data = splits[args.split]
+    view = args.view or ("pixels" if image_encoder(m.components_) is not None else "regions")
+    data = _load_data(args, split=args.split, view=view)
+    attach_model_transforms(m.components_, data, train=(False,))
     res = m.evaluate(data, protocol=args.protocol)  # sharded over the ranks under torchrun
     from imtm.engine import distributed
 
@@ -119,7 +170,8 @@ def cmd_extract(args) -> int:
     import torch
 
     from imtm.components import TimmVisionEncoder
-    from imtm.data.extract import dataset_from_format, extract_features
+    from imtm.data import load_dataset
+    from imtm.data.extract import extract_features
     from imtm.data.transforms import image_transform
 
     try:
@@ -133,8 +185,15 @@ def cmd_extract(args) -> int:
     encoder = TimmVisionEncoder(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
                                 img_size=args.img_size, keep_cls=not args.no_cls, freeze=True,
                                 model_kwargs=model_kwargs)
-    data = dataset_from_format(args.format, args.annotations, args.split, args.image_root,
-                               image_transform(encoder, train=False), args.captions_per_image)
+    if args.format in ("synthetic", "precomp"):
+        raise SystemExit(f"imtm extract: --format {args.format} holds no image files to encode; give a raw-image "
+                         "format (karpathy, caption-files, albef, csv, coco, flickr30k-token)")
+    try:
+        data = load_dataset(args.annotations, args.format, args.split, image_root=args.image_root,
+                            transform=image_transform(encoder, train=False),
+                            captions_per_image=args.captions_per_image)
+    except (ValueError, FileNotFoundError) as err:
+        raise _data_error(err) from err
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
     out = extract_features(
@@ -189,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func in (("train", cmd_train), ("evaluate", cmd_evaluate)):
         t = sub.add_parser(name, help=f"{name} a model")
-        t.add_argument("--data", default="synthetic", help="'synthetic' or a folder in the SCAN precomputed layout")
-        t.add_argument("--view", default="regions", choices=["regions", "pixels"], help="synthetic view")
+        _add_data_arguments(t)
         t.add_argument("--seed", type=int, default=0)
         t.add_argument("--device", default="auto")
         t.add_argument("--protocol", default=None, help="f30k_1k, coco_1k_5fold or coco_5k")
@@ -206,9 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--checkpoint-every", type=int, default=None)
             t.add_argument("--out", default="runs/imtm", help="run folder (checkpoints, final model)")
             t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+            # The pixel presets' backbones (laps, ela).
+            t.add_argument("--image-model", default=None, help="laps, ela: the timm ViT / Swin (default: the "
+                           "paper's on image files, a small ViT from scratch on synthetic pixels)")
+            t.add_argument("--img-size", type=int, default=None, help="laps, ela: input resolution")
+            t.add_argument("--model-kwargs", default=None, help="laps, ela: JSON object of timm.create_model "
+                           "arguments, e.g. '{\"depth\": 2}'")
+            t.add_argument("--pretrained", action="store_true", help="laps, ela: timm's pretrained weights")
+            t.add_argument("--checkpoint", default=None, help="laps: local backbone weights (.safetensors)")
+            t.add_argument("--text-model", default=None, help="ela: a local BERT folder or 'minilm' (default: a "
+                           "small BERT from scratch over the training captions, written into --out)")
         else:
             t.add_argument("--model", required=True, help="folder written by Matcher.save or imtm train")
-            t.add_argument("--split", default="test", choices=["train", "dev", "test"])
+            t.add_argument("--split", default="test", choices=["train", "dev", "val", "test"])
         t.set_defaults(func=func)
 
     c = sub.add_parser("compare", help="train several presets on the same data and budget; one results table "
@@ -231,15 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compare)
 
-    from imtm.data.extract import FORMATS
+    from imtm.data.formats import FORMATS
 
     x = sub.add_parser("extract", help="run a frozen timm image encoder once over a dataset and write its tokens "
                                        "in the precomputed layout (resumable)")
-    x.add_argument("--format", required=True, choices=sorted(FORMATS),
-                   help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
-    x.add_argument("--annotations", required=True, help="the annotation file (or folder, for caption-files)")
+    x.add_argument("--format", required=True, choices=list(FORMATS), metavar="FORMAT",
+                   help="how to read --data: " + "; ".join(f"{k}: {v}" for k, v in FORMATS.items()
+                                                           if k not in ("synthetic", "precomp")))
+    x.add_argument("--data", "--annotations", dest="annotations", required=True,
+                   help="the annotation file or folder --format reads")
     x.add_argument("--image-root", default=None, help="the image folder (default: per format)")
-    x.add_argument("--split", default="test", help="split to read (karpathy, caption-files) and output file prefix")
+    x.add_argument("--split", default="test", help="split to read (train, dev, test) and output file prefix")
     x.add_argument("--model", required=True, help="a timm ViT or Swin name, e.g. vit_base_patch16_224")
     x.add_argument("--checkpoint", default=None, help="local weights (.safetensors or a state dict)")
     x.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the hub or its cache)")
