@@ -191,7 +191,8 @@ def _split_files(root: Path, fmt: str) -> dict[str, Path]:
 _EXAMPLES = {"albef": "flickr30k_train.json", "csv": "train.csv", "coco": "captions_train2014.json"}
 
 
-def _read_file(fmt: str, path: Path, image_root, transform, captions_per_image, vocab, build_vocab, name):
+def _read_file(fmt: str, path: Path, image_root, transform, captions_per_image, *, name: str, vocab=None,
+               build_vocab: bool = False):
     common = {"vocab": vocab, "build_vocab": build_vocab, "name": name}
     if fmt == "albef":
         from imtm.data.albef import AlbefJsonDataset
