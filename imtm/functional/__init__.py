@@ -1,4 +1,4 @@
-from imtm.functional.losses import info_nce_loss, triplet_loss
+from imtm.functional.losses import info_nce_loss, row_multiplicity, triplet_loss
 from imtm.functional.similarity import cosine_similarity_matrix, global_cosine_scores, masked_mean
 from imtm.functional.pooling import POOLINGS, lse_pool, masked_pool, max_pool, mean_pool, resolve_pooling, softmax_pool, sum_pool
 from imtm.functional.blocking import blocked_pair_scores, blocked_query_scores, normalize_tokens, pack_tokens
