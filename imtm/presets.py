@@ -178,9 +178,11 @@ DIAS_WEIGHTS = {"dimension": 10.0, "inter": 0.05, "intra": 0.1}
 
 
 def dias_losses(*, dimension: bool = True, inter: bool = True, intra: bool = True, sparse: bool = True,
+                inter_sparse: bool | None = None, intra_sparse: bool | None = None,
                 beta: float = 0.0, dim_weight: float = DIAS_WEIGHTS["dimension"],
                 inter_weight: float = DIAS_WEIGHTS["inter"], intra_weight: float = DIAS_WEIGHTS["intra"],
-                dim_temperature: float = 0.1, mask_temperature: float = 0.1,
+                dim_temperature: float = 0.1, mask_temperature: float = 0.1, mask_rule: str = "intent",
+                correlation: str = "cosine", dim_objective: str = "softmax", beta_instances: int | None = None,
                 pool: bool = True) -> list[tuple[str, Any]]:
     """DIAS's regularisers, to append to any preset whose blocks provide ``image_tokens`` and ``text_tokens``.
 
@@ -196,14 +198,22 @@ def dias_losses(*, dimension: bool = True, inter: bool = True, intra: bool = Tru
     (``dim_loss``) and :class:`~imtm.components.SpatialConstraintLoss` of kind ``"inter"``
     (``inter_loss``) and ``"intra"`` (``intra_loss``), weighted as Eq. 17
     (``L = L_loc + 10 L_dim + 0.05 L_inter + 0.1 L_intra``). In a training batch, row ``b``
-    of the images is the image of caption ``b``, so the losses pair each caption with its image.
+    of the images is the image of caption ``b``, so the losses pair each caption with its image,
+    and the spatial constraints read ``positives`` so that two captions of one image are not an
+    unmatched pair.
 
     Args:
         dimension, inter, intra: which regularisers to add (the ablations of Table 4).
-        sparse: the sparse-correlation mask on both spatial constraints (Eq. 11-16).
+        sparse: the sparse-correlation mask on both spatial constraints (Eq. 11-14).
+        inter_sparse, intra_sparse: the mask on one constraint alone (``None``: ``sparse``); the
+            inter- and intra-modality sparsity ablations.
         beta: initial threshold scale of the masks (learned).
         dim_weight, inter_weight, intra_weight: the omegas of Eq. 17.
         dim_temperature: tau of the dimension-alignment shares. mask_temperature: of the soft masks.
+        mask_rule: ``"intent"`` or ``"printed"``, the reading of Eq. 14 (see ``docs/dias.md``).
+        correlation: ``"cosine"`` (the paper's default correlation) or ``"pearson"`` for Eq. 4.
+        dim_objective: ``"softmax"`` (Eq. 6) or ``"intuitive"`` (Eq. 5).
+        beta_instances: ``None`` (one beta per mask) or one per batch position (at least the batch size).
         pool: add the two mean-pooling blocks.
 
     References:
@@ -216,11 +226,15 @@ def dias_losses(*, dimension: bool = True, inter: bool = True, intra: bool = Tru
     if pool:
         blocks += [("image_pool", MeanEmbedding(side="image")), ("text_pool", MeanEmbedding(side="text"))]
     if dimension:
-        blocks.append(("dim_loss", DimensionAlignmentLoss(temperature=dim_temperature, weight=dim_weight)))
+        blocks.append(("dim_loss", DimensionAlignmentLoss(temperature=dim_temperature, weight=dim_weight,
+                                                          correlation=correlation, objective=dim_objective)))
+    masks = {"inter": sparse if inter_sparse is None else inter_sparse,
+             "intra": sparse if intra_sparse is None else intra_sparse}
     for kind, on, weight in (("inter", inter, inter_weight), ("intra", intra, intra_weight)):
         if on:
-            blocks.append((f"{kind}_loss", SpatialConstraintLoss(kind=kind, sparse=sparse, beta=beta,
-                                                                 temperature=mask_temperature, weight=weight)))
+            blocks.append((f"{kind}_loss", SpatialConstraintLoss(kind=kind, sparse=masks[kind], beta=beta,
+                                                                 temperature=mask_temperature, weight=weight,
+                                                                 rule=mask_rule, beta_instances=beta_instances)))
     return blocks
 
 
