@@ -5,6 +5,7 @@ from imtm.functional.blocking import blocked_pair_scores, blocked_query_scores, 
 from imtm.functional.hard_assignment import hard_assignment_scores
 from imtm.functional.masking import num_masked_patches, random_patch_mask
 from imtm.functional.soft_assignment import soft_assignment_scores
+from imtm.functional.local_matching import local_matching_scores, local_weights
 from imtm.functional.sparse_alignment import sparse_alignment_from_cosines, sparse_alignment_scores
 from imtm.functional.patch_slimming import aggregation_weights, fusion_weights, gumbel_keep_decisions, ratio_loss, slimmed_cosines, top_keep_decisions
 from imtm.functional.dias import (
