@@ -238,27 +238,34 @@ def dias_losses(*, dimension: bool = True, inter: bool = True, intra: bool = Tru
     return blocks
 
 
+#: The scorers :func:`dias` can use: DIAS's own framework (Eq. 1-3) or CHAN's soft-assignment coding.
+DIAS_SCORERS = ("local", "soft")
+
+
 def dias(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, context_heads: int = 8,
-         tau: float = 0.1, pooling: str = "lse", temperature: float = 0.1, margin: float = 0.2,
-         hardest: bool = True, miner: bool = False, **losses) -> list[tuple[str, Any]]:
+         scorer: str = "local", weighting: str = "linear", tau: float = 0.1, pooling: str = "lse",
+         temperature: float = 0.1, margin: float = 0.2, hardest: bool = True, miner: bool = False,
+         **losses) -> list[tuple[str, Any]]:
     """DIAS: the local matching framework (Eq. 1-3) trained with DIAS's regularisers (Eq. 17).
 
-    The local matching framework (each word attends over the regions with
-    correlation weights, the attended vectors are compared with the words and
-    pooled into one score, triplet loss) is what
-    :class:`~imtm.components.SoftAssignmentCoding` computes, so the preset uses it
-    over the same encoders as :func:`chan` (precomputed regions with a
-    self-attention context layer, GRU text). The paper averages the word scores
-    (``pooling="mean"``); the default here is the log-sum-exp pooling of CHAN's
-    soft-coding row, for comparability with :func:`chan` (settled in the docs).
-    Then :func:`dias_losses` (``**losses`` goes to it).
+    Over the same encoders as :func:`chan` (precomputed regions with a self-attention
+    context layer, GRU text), the scorer is :class:`~imtm.components.LocalMatching`
+    (``scorer="local"``, default): every region updated from the words and every word
+    from the regions (Eq. 1, ``weighting`` ``"linear"`` as printed or ``"softmax"``),
+    averaged into two global vectors (Eq. 2) compared by their cosine (Eq. 3).
+    ``scorer="soft"`` keeps the earlier stand-in, CHAN's soft-assignment coding with
+    ``pooling`` of the word scores. Then a triplet loss and :func:`dias_losses`
+    (``**losses`` goes to it: ``mask_rule``, ``inter_sparse``, ``intra_sparse``, ...).
 
     Args:
-        tau: attention temperature of the coding. pooling, temperature: word-score pooling.
+        scorer: ``"local"`` (:class:`~imtm.components.LocalMatching`) or ``"soft"``
+            (:class:`~imtm.components.SoftAssignmentCoding`).
+        weighting: Eq. 1's normalisation for ``"local"``, ``"linear"`` or ``"softmax"``.
+        tau: softmax temperature (of ``weighting="softmax"``, or of the soft coding's attention).
+        pooling, temperature: word-score pooling of ``scorer="soft"``.
         margin, hardest: the triplet loss (hardest negative, or summed with ``hardest=False``).
         miner: sample the triplet negatives by distance (Wu et al.; :class:`~imtm.components.DistanceWeightedMiner`)
-            as DIAS does. It reads scores as cosines of unit vectors, which the mean pooling gives;
-            log-sum-exp scores can exceed 1 and then all sit at the weight cap.
+            as DIAS does. It reads scores as cosines of unit vectors, which ``scorer="local"`` gives.
 
     References:
         Ma et al., 'Bridging the Modality Gap: Dimension Information Alignment and Sparse Spatial
@@ -267,17 +274,24 @@ def dias(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
     from imtm.components import (
         DistanceWeightedMiner,
         GRUTextEncoder,
+        LocalMatching,
         PrecomputedEncoder,
         SelfAttentionContext,
         SoftAssignmentCoding,
         TripletLoss,
     )
 
+    scorers = {
+        "local": lambda: LocalMatching(weighting=weighting, tau=tau),
+        "soft": lambda: SoftAssignmentCoding(tau=tau, pooling=pooling, temperature=temperature),
+    }
+    if scorer not in scorers:
+        raise ValueError(f"dias: scorer must be one of {sorted(scorers)}, got {scorer!r}." + suggest(scorer, scorers))
     return [
         ("image", PrecomputedEncoder(in_dim=region_dim, out_dim=embed_dim)),
         ("context", SelfAttentionContext(dim=embed_dim, heads=context_heads)),
         ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
-        ("coding", SoftAssignmentCoding(tau=tau, pooling=pooling, temperature=temperature)),
+        ("coding", scorers[scorer]()),
         ("loss", TripletLoss(margin=margin, hardest=hardest,
                              miner=DistanceWeightedMiner(dim=embed_dim) if miner else None)),
     ] + dias_losses(**losses)
