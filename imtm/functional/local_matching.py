@@ -99,13 +99,14 @@ def _block_scores(v, t, vm, tm, gram_v, gram_t, weigh, tau):
     # Eq. 2: V_hat = mean_i v_hat_i = sum_j alpha_j t_j and T_hat = mean_j t_hat_j = sum_i beta_i v_i.
     n_regions = vm.sum(1).to(s.dtype)[:, None, None]
     n_words = tm.sum(1).to(s.dtype)[None, :, None]
-    alpha = (to_words * region_mask).sum(-2) / n_regions  # (bi, bt, M)
-    beta = (to_regions * word_mask).sum(-1) / n_words  # (bi, bt, N)
-    # Eq. 3: cos(V_hat, T_hat) without forming the (bi, bt, D) vectors: V_hat . T_hat = alpha^T s^T beta,
+    # Masked sums as matrix products (no further (bi, bt, N, M) temporaries).
+    alpha = (vm.to(s.dtype)[:, None, None, :] @ to_words).squeeze(-2) / n_regions  # (bi, bt, M)
+    beta = (to_regions @ tm.to(s.dtype)[None, :, :, None]).squeeze(-1) / n_words  # (bi, bt, N)
+    # Eq. 3: cos(V_hat, T_hat) without forming the (bi, bt, D) vectors: V_hat . T_hat = beta^T s alpha,
     # |V_hat|^2 = alpha^T G_t alpha, |T_hat|^2 = beta^T G_v beta (G the Gram matrices of the unit tokens).
-    dot = torch.einsum("itm,itnm,itn->it", alpha, s, beta)
-    sq_v = torch.einsum("itm,tmk,itk->it", alpha, gram_t, alpha)
-    sq_t = torch.einsum("itn,ink,itk->it", beta, gram_v, beta)
+    dot = ((s @ alpha.unsqueeze(-1)).squeeze(-1) * beta).sum(-1)
+    sq_v = (torch.einsum("itm,tmk->itk", alpha, gram_t) * alpha).sum(-1)
+    sq_t = (torch.einsum("itn,ink->itk", beta, gram_v) * beta).sum(-1)
     return dot / (sq_v.clamp_min(EPS * EPS).sqrt() * sq_t.clamp_min(EPS * EPS).sqrt())
 
 
