@@ -103,9 +103,11 @@ def dcpa(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
     ``scores_t2i = w0 * scores_intra + w1 * scores_inter_t2i``.
 
     Args:
-        k: K of the top-K aggregations (intra and inter); ``None``: the global average (Table IV).
+        k: K of the top-K aggregations (intra and inter); ``None``: the global average, features
+            pooled first and one cosine taken (Table IV's "w/o local-agg"; with the intra-modal
+            blocks alone, Table III's SAEM-style aggregation).
         margin: triplet margin (0.1 in the paper). hardest: hardest negatives (the paper) or summed.
-        decoupled: ``False`` is the "without decoupling" ablation (Table III): one symmetric
+        decoupled: ``False`` is the "without decoupling" ablation (Table IV): one symmetric
             inter-modal score (the mean of the two branches) trained with one symmetric triplet
             loss, and one fused ``scores`` for both directions.
         weights: ``(w0, w1)``, the fusion weights of the intra-modal and inter-modal scores.
