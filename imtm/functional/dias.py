@@ -582,9 +582,9 @@ def sparse_correlation_mask(
                 [1, 0, 0],
                 [0, 0, 0]], dtype=torch.int32)
         >>> (sparse_correlation_mask(d, beta=0.0, temperature=0.01, rule="printed") > 0.5).int()
-        tensor([[0, 0, 0],
+        tensor([[0, 0, 1],
                 [0, 0, 0],
-                [0, 0, 0]], dtype=torch.int32)
+                [1, 0, 0]], dtype=torch.int32)
     """
     fn = "sparse_correlation_mask"
     if not isinstance(differences, torch.Tensor) or not differences.is_floating_point():
