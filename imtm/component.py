@@ -28,7 +28,16 @@ from typing import Any, ClassVar
 
 import torch.nn as nn
 
-__all__ = ["Component", "Loss", "VALUE_NAMES", "suggest", "COMPONENT_REGISTRY", "register"]
+__all__ = [
+    "Component",
+    "Loss",
+    "VALUE_NAMES",
+    "suggest",
+    "COMPONENT_REGISTRY",
+    "register",
+    "load_components",
+    "ENTRY_POINT_GROUP",
+]
 
 #: The shared vocabulary of value names that flow between blocks.
 VALUE_NAMES: dict[str, str] = {
@@ -77,8 +86,42 @@ VALUE_NAMES: dict[str, str] = {
 COMPONENT_REGISTRY: dict[str, type] = {}
 
 
+#: The entry-point group in which an installed package declares its blocks, so that
+#: :func:`load_components` (run by ``Matcher.load``) registers them in any process.
+ENTRY_POINT_GROUP = "imtm.components"
+
+#: Entry points of :data:`ENTRY_POINT_GROUP` that could not be loaded: name -> reason.
+ENTRY_POINT_ERRORS: dict[str, str] = {}
+_entry_points_loaded = False
+
+
 def register(cls: type) -> type:
-    """Add a class to :data:`COMPONENT_REGISTRY` (Component subclasses are added automatically)."""
+    """Add a block class to :data:`COMPONENT_REGISTRY`, under its class name; return the class.
+
+    Every :class:`Component` subclass is registered when its class statement runs, so
+    ``register`` is needed only to make that explicit (it works as a decorator). A saved
+    model names its blocks by class name, and ``Matcher.load`` rebuilds them only from this
+    registry: in a fresh process, the module that defines a third-party block must have been
+    imported, or be declared in the ``imtm.components`` entry-point group of its package
+    (see :func:`load_components`). A second class of the same name is kept under its
+    qualified name (``module.Class``) and the first keeps the plain name.
+
+    Raises:
+        TypeError: ``cls`` is not a subclass of :class:`Component`.
+
+    Example:
+        >>> import imtm
+        >>> @imtm.register
+        ... class Halve(imtm.Component):
+        ...     requires = ("scores",)
+        ...     provides = ("scores",)
+        ...     def forward(self, scores):
+        ...         return scores / 2
+        >>> imtm.component.COMPONENT_REGISTRY["Halve"] is Halve
+        True
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Component)):
+        raise TypeError(f"imtm.register: only subclasses of imtm.Component can be registered as blocks, got {cls!r}")
     name = cls.__name__
     if name in COMPONENT_REGISTRY and COMPONENT_REGISTRY[name] is not cls:
         existing = COMPONENT_REGISTRY[name]
@@ -88,6 +131,52 @@ def register(cls: type) -> type:
             return cls
     COMPONENT_REGISTRY[name] = cls
     return cls
+
+
+def load_components(*, reload: bool = False) -> dict[str, str]:
+    """Register every imtm block, and the blocks installed packages declare; return what failed.
+
+    Imports :mod:`imtm.components` (whose modules define, and so register, every built-in
+    block), then, once per process (again with ``reload=True``), loads each entry point of
+    the ``imtm.components`` group (:data:`ENTRY_POINT_GROUP`). An entry point names a
+    block class (``myblock = mypackage.blocks:MyBlock``), which is registered, or a module
+    (``mypackage = mypackage.blocks``), whose import registers the blocks it defines. A
+    package declares them in its ``pyproject.toml``::
+
+        [project.entry-points."imtm.components"]
+        myblock = "mypackage.blocks:MyBlock"
+
+    ``Matcher.load`` (and so every command that loads a model) calls this first. Only
+    installed packages are imported, never a module named in a saved file.
+
+    Returns:
+        ``{entry point name: reason}`` for the entry points that could not be loaded (an
+        import error, or an object that is neither a block class nor a module); the same
+        dict is kept in :data:`ENTRY_POINT_ERRORS` and quoted when a block is unknown.
+    """
+    global _entry_points_loaded
+    import importlib
+    import types
+
+    importlib.import_module("imtm.components")
+    if _entry_points_loaded and not reload:
+        return dict(ENTRY_POINT_ERRORS)
+    from importlib.metadata import entry_points
+
+    ENTRY_POINT_ERRORS.clear()
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as e:  # noqa: BLE001 - a broken third-party package must not stop other loads
+            ENTRY_POINT_ERRORS[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
+            continue
+        if isinstance(obj, type) and issubclass(obj, Component):
+            register(obj)
+        elif not isinstance(obj, types.ModuleType):
+            ENTRY_POINT_ERRORS[ep.name] = (f"{ep.value} is a {type(obj).__name__}, neither an imtm.Component "
+                                           "subclass nor a module")
+    _entry_points_loaded = True
+    return dict(ENTRY_POINT_ERRORS)
 
 
 def suggest(name: str, options) -> str:

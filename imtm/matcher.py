@@ -28,7 +28,7 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
-from imtm.component import Component, state_mismatch, suggest
+from imtm.component import Component, load_components, state_mismatch, suggest
 from imtm.data.collate import collate_images, collate_texts
 from imtm.engine import distributed
 from imtm.engine.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
@@ -592,6 +592,7 @@ class Matcher(BaseEstimator):
         from elsewhere must not choose where a later ``fit`` writes and prunes checkpoints.
         Set it again with ``set_params(checkpoint_dir=...)`` to continue training with checkpoints.
         """
+        load_components()  # every imtm block and those of the 'imtm.components' entry points, whoever calls
         ckpt = read_checkpoint(path, with_train_state=False)
         m = cls.from_config(ckpt["config"])
         m.checkpoint_dir = None

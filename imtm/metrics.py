@@ -639,7 +639,10 @@ def load_similarity(path) -> SimilarityRecord:
             sims: Any = (f.get_tensor("sims_i2t"), f.get_tensor("sims_t2i"))
         else:
             sims = f.get_tensor("sims")
-    return SimilarityRecord(sims, c2i, json.loads(metadata.get("meta", "{}")))
+    from imtm._io import loads_json
+
+    meta = loads_json(metadata.get("meta", "{}"), f"load_similarity: the 'meta' entry of {str(path)!r}")
+    return SimilarityRecord(sims, c2i, meta)
 
 
 def average_similarities(list_of_sims: Sequence, weights: Sequence[float] | None = None):

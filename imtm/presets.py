@@ -103,9 +103,11 @@ def dcpa(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
     ``scores_t2i = w0 * scores_intra + w1 * scores_inter_t2i``.
 
     Args:
-        k: K of the top-K aggregations (intra and inter); ``None``: the global average (Table IV).
+        k: K of the top-K aggregations (intra and inter); ``None``: the global average, features
+            pooled first and one cosine taken (Table IV's "w/o local-agg"; with the intra-modal
+            blocks alone, Table III's SAEM-style aggregation).
         margin: triplet margin (0.1 in the paper). hardest: hardest negatives (the paper) or summed.
-        decoupled: ``False`` is the "without decoupling" ablation (Table III): one symmetric
+        decoupled: ``False`` is the "without decoupling" ablation (Table IV): one symmetric
             inter-modal score (the mean of the two branches) trained with one symmetric triplet
             loss, and one fused ``scores`` for both directions.
         weights: ``(w0, w1)``, the fusion weights of the intra-modal and inter-modal scores.
@@ -273,10 +275,10 @@ def dias(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
 def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int | None = None,
         embed_dim: int = 256, model_kwargs: dict | None = None, pretrained: bool = False,
         mask_ratio: float = 0.3, mlm: bool = True, itm: bool = True, lexicon: bool = True, expansion: bool = True,
-        distillation: bool = True, rerank_k: int | None = 16, cross_layers: int = 2, w2l_layers: int = 1,
-        heads: int = 4, temperature: float = 0.07, label_weights: str = "plan_topk",
+        distillation: bool = True, rerank_k: int | None = 16, cross_layers: int = 2, w2l_layers: int = 2,
+        heads: int = 4, temperature: float = 0.07, label_weights: str = "plan_cosine_softmax",
         kl_direction: str = "prediction_first", max_length: int = 40, separate_masked_view: bool = True,
-        lexicon_weight: float = 1.0) -> list[tuple[str, Any]]:
+        lexicon_weight: float = 1.0, w2l_loss: bool = False) -> list[tuple[str, Any]]:
     """ELA: a ViT and a BERT-style encoder trained with contrastive, matching and masked-LM objectives
     plus expansive lexicon-patch alignment and cross-modal lexicon distillation.
 
@@ -294,9 +296,9 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
       the matching head with hard negatives sampled from the contrastive scores;
     - ``mlm_head`` + ``mlm_loss`` (``mlm`` or ``distillation``): image-aware masked-LM through ``cross``;
     - ``p2l`` + ``w2l`` + ``ela_loss`` (``lexicon``): the lexicon heads, tied to ``text``'s word embeddings,
-      and Eq. 5-7 on the masked patches; ``expansion=False`` labels patches with one-hot words; with
-      ``expansion`` the word-to-lexicon head learns masked-LM on the captions (``w2l_masked`` +
-      ``w2l_loss``);
+      and Eq. 5-7 on the masked patches; ``expansion=False`` labels patches with one-hot words;
+      ``w2l_loss=True`` (an option, off by default: Eq. 11 has no such term) adds masked-LM on the
+      captions for the word-to-lexicon head (``w2l_masked`` + ``w2l_loss``);
     - ``distill_loss`` (``distillation``): Eq. 8-10, ``cross``'s masked-LM teaching ``w2l``;
     - ``rerank`` (``rerank_k``, needs ``itm``): two-stage retrieval, the matching head re-ranking each
       query's top-``rerank_k`` by the contrastive score (:class:`~imtm.components.MatchingReranker`).
@@ -313,6 +315,14 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
             the masked view for Eq. 2 and 7 (``True``); or one masked pass for every objective
             (``False``), where training sees masked images and evaluation whole ones.
         lexicon_weight: weight of the ELA loss (Eq. 7) in the total.
+        w2l_layers: transformer layers of the word-to-lexicon head (Eq. 4; the paper: two, as the
+            two ``BertLayer`` of ``ctext_head`` in ``ALBEF.__init__``, model/model_pretrain.py of
+            Lydia-yang/ELA).
+        label_weights: the weights of Eq. 6 (see :func:`imtm.functional.expansive_soft_labels`);
+            the default is the authors' released rule.
+        w2l_loss: add a masked-LM loss on the word-to-lexicon head's predictions for the masked
+            captions (not in the paper's Eq. 11; without it, and without distillation, the head
+            learns nothing, as in the paper's "+ expansion" row).
 
     References:
         Yang et al., 'Pre-training Cross-Modal Retrieval by Expansive Lexicon-Patch Alignment',
@@ -344,7 +354,7 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
     text = HFTextEncoder(text_model, out_dim=embed_dim, max_length=max_length)
     vocab_size, word_dim = text.vocab_size, int(text.word_embeddings.embedding_dim)
     scores = "itc_scores" if rerank_k else "scores"
-    needs_masked_text = mlm or distillation or (lexicon and expansion)
+    needs_masked_text = mlm or distillation or (lexicon and expansion and w2l_loss)
     two_views = bool(lexicon and separate_masked_view and mask_ratio > 0)
     blocks: list[tuple[str, Any]] = [
         ("image", TimmVisionEncoder(image_model, pretrained=pretrained, out_dim=embed_dim, img_size=img_size,
@@ -387,11 +397,11 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
             ("w2l", WordToLexiconHead(embed_dim, word_dim, vocab_size, embedding="text", layers=w2l_layers,
                                       heads=heads)),
         ]
-        if expansion:
-            blocks += [
-                ("w2l_masked", Reuse("w2l", requires=("masked_text_tokens",), provides=("word_lexicon_masked",))),
-                ("w2l_loss", MaskedLanguageModelingLoss(requires=("word_lexicon_masked", "mlm_labels"))),
-            ]
+        if expansion and (w2l_loss or distillation):
+            blocks.append(
+                ("w2l_masked", Reuse("w2l", requires=("masked_text_tokens",), provides=("word_lexicon_masked",))))
+        if expansion and w2l_loss:
+            blocks.append(("w2l_loss", MaskedLanguageModelingLoss(requires=("word_lexicon_masked", "mlm_labels"))))
         requires = ExpansiveLexiconLoss.requires + (() if expansion else ("text_ids",))
         blocks.append(("ela_loss", ExpansiveLexiconLoss(label_weights=label_weights, expansion=expansion,
                                                         direction=kl_direction, weight=lexicon_weight,

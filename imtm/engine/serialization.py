@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from imtm.component import COMPONENT_REGISTRY, Component, suggest
+from imtm.component import (
+    COMPONENT_REGISTRY,
+    ENTRY_POINT_ERRORS,
+    ENTRY_POINT_GROUP,
+    Component,
+    load_components,
+    suggest,
+)
 
 __all__ = [
     "encode_value",
@@ -141,10 +148,16 @@ def build_component(class_name: str, params: dict) -> Component:
                           f"{type(params).__name__}")
     cls = COMPONENT_REGISTRY.get(class_name)
     if cls is None:
+        load_components()  # every imtm block, and those of installed packages' entry points
+        cls = COMPONENT_REGISTRY.get(class_name)
+    if cls is None:
+        broken = "".join(f" Entry point {n!r} of the {ENTRY_POINT_GROUP!r} group failed to load: {why}."
+                         for n, why in sorted(ENTRY_POINT_ERRORS.items()))
         raise ConfigError(
             f"unknown block {class_name!r}: it is not a registered imtm component. Import the module that "
-            "defines it before loading (blocks are never imported by path from a file)."
-            + suggest(class_name, COMPONENT_REGISTRY)
+            "defines it before loading, or declare the block in the 'imtm.components' entry-point group of "
+            "its package (blocks are never imported by path from a file)."
+            + broken + suggest(class_name, COMPONENT_REGISTRY)
         )
     kwargs = {k: decode_value(v) for k, v in params.items()}
     try:

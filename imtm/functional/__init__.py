@@ -17,6 +17,11 @@ from imtm.functional.dias import (
 )
 from imtm.functional.mining import distance_weighted_negatives
 from imtm.functional.topk import topk_mean, topk_mean_scores
-from imtm.functional.phrase_attention import AttentionWeights, phrase_attention_scores, phrase_attention_token_scores
+from imtm.functional.phrase_attention import (
+    AttentionWeights,
+    FeedForwardWeights,
+    phrase_attention_scores,
+    phrase_attention_token_scores,
+)
 from imtm.functional.transport import cosine_cost, transport_cost, transport_plan
 from imtm.functional.lexicon import expansive_soft_labels, lexicon_kl_loss, mask_words, sample_hard_negatives
