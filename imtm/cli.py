@@ -22,7 +22,7 @@ PRESET_HELP = {
 
 #: What ``--data`` accepts, for ``--help``.
 DATA_HELP = ("'synthetic' (the built-in benchmark, no download), or the file or folder that --format reads "
-             "(a folder of {split}_ims.npy features is read as precomp without --format)")
+             "(without --format a folder is read as precomp: {split}_ims.npy features, {split}_caps.txt)")
 
 #: Command lines shown under ``imtm COMMAND --help``.
 EXAMPLES = {
@@ -160,7 +160,7 @@ def _add_data_arguments(parser, *, default: str | None = "synthetic") -> None:
     parser.add_argument("--data", default=default, help="'synthetic', or the file or folder --format reads")
     parser.add_argument("--format", default=None, choices=list(FORMATS), metavar="FORMAT",
                         help=f"how to read --data: {', '.join(FORMATS)} (listed below; default: synthetic, or "
-                             "precomp for a folder of *_ims.npy)")
+                             "precomp for a folder)")
     parser.add_argument("--image-root", default=None, help="folder of the image files (raw-image formats)")
     parser.add_argument("--view", default=None, choices=["regions", "pixels"],
                         help="synthetic view (default: pixels for laps and ela, regions for the others)")

@@ -149,9 +149,8 @@ def _check_format(fmt: str, data) -> str:
     if fmt is None:
         if str(data) == "synthetic":
             return "synthetic"
-        root = Path(data)
-        if root.is_dir() and any(root.glob("*_ims.npy")):
-            return "precomp"  # the layout --data read before --format existed
+        if Path(data).is_dir():
+            return "precomp"  # what --data read before --format existed
         raise ValueError(f"--data {str(data)!r} needs --format, one of: {', '.join(FORMATS)} "
                          "(imtm train --help says what each reads)")
     if fmt not in FORMATS:
@@ -221,7 +220,7 @@ def load_dataset(data, format: str | None = None, split: str | None = None, *, i
     Args:
         data: ``"synthetic"``, or the file or folder the format reads (see :data:`FORMATS`).
         format: a key of :data:`FORMATS`. ``None``: ``"synthetic"`` for ``data="synthetic"``
-            and ``"precomp"`` for a folder holding ``*_ims.npy``; anything else needs it.
+            and ``"precomp"`` for a folder (what ``--data`` read before formats); a file needs it.
         split: ``None`` for all three splits, or ``"train"``, ``"dev"`` (``"val"``) or ``"test"``.
         image_root: the image folder of the raw-image formats (``None``: each format's default,
             see its class; ``karpathy`` needs it).

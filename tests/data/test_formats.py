@@ -68,7 +68,7 @@ def test_precomp_and_synthetic_by_name_and_by_default(tmp_path):
         (tmp_path / f"{split}_caps.txt").write_text("".join(f"caption {split} {k}\n" for k in range(2 * n)))
     train, dev, test = load_dataset(tmp_path, "precomp")
     assert (train.n_images, dev.n_images, test.n_images) == (4, 2, 2) and test.vocab is train.vocab
-    assert load_dataset(tmp_path).__class__ is tuple  # a folder of *_ims.npy is read as precomp
+    assert load_dataset(tmp_path).__class__ is tuple  # a folder is read as precomp
     assert load_dataset(tmp_path, "precomp", "val").captions == dev.captions
     s_train, _, s_test = load_dataset("synthetic", sizes={"n_train": 6, "n_dev": 2, "n_test": 3})
     assert s_train.n_images == 6 and s_test.n_images == 3 and s_train.images[0].dim() == 2
@@ -94,7 +94,9 @@ def test_bad_specs_say_what_to_pass(tiny, tmp_path):
     with pytest.raises(ValueError, match="--format must be one of: synthetic, precomp, karpathy.*Did you mean 'csv'"):
         load_dataset(tiny["sources"]["csv"], "cvs")
     with pytest.raises(ValueError, match="needs --format, one of: synthetic, precomp, karpathy, caption-files"):
-        load_dataset(tiny["sources"]["albef"])
+        load_dataset(tiny["sources"]["karpathy"])
+    with pytest.raises(FileNotFoundError, match="PrecompDataset: missing"):
+        load_dataset(tiny["sources"]["albef"])  # a folder without --format: the precomputed layout
     with pytest.raises(ValueError, match="karpathy: pass --image-root"):
         load_dataset(tiny["sources"]["karpathy"], "karpathy")
     with pytest.raises(FileNotFoundError, match="no file or folder"):

@@ -34,11 +34,17 @@ def test_summed_during_the_warm_up_hardest_after(ids, seed, warmup, epoch, margi
     g = torch.Generator().manual_seed(seed)
     positives = ids[:, None] == ids[None, :]
     scores = torch.rand(len(ids), len(ids), generator=g, dtype=torch.float64) * 2 - 1
-    loss = TripletLoss(margin=margin, warmup_epochs=warmup)
+    # count_pairs="per_row": every row of the batch counts, as in the plain loop of Eqs. 5-6.
+    loss = TripletLoss(margin=margin, warmup_epochs=warmup, count_pairs="per_row")
     loss.set_epoch(epoch)
     expected = loop_triplet(scores, positives, margin, hardest=epoch >= warmup)
     torch.testing.assert_close(loss(scores, positives), torch.tensor(expected, dtype=torch.float64))
     assert loss.hardest_now == (epoch >= warmup)
+    # With the default pair counting: the same value as the loss with hardest fixed to that epoch's choice.
+    default = TripletLoss(margin=margin, warmup_epochs=warmup)
+    default.set_epoch(epoch)
+    torch.testing.assert_close(default(scores, positives),
+                               TripletLoss(margin=margin, hardest=epoch >= warmup)(scores, positives))
 
 
 def test_never_told_the_epoch_it_stays_in_its_warm_up_and_hardest_false_ignores_it():
@@ -46,11 +52,12 @@ def test_never_told_the_epoch_it_stays_in_its_warm_up_and_hardest_false_ignores_
     positives = ids[:, None] == ids[None, :]
     scores = torch.rand(4, 4, generator=torch.Generator().manual_seed(1))
     summed = loop_triplet(scores, positives, 0.2, hardest=False)
-    torch.testing.assert_close(TripletLoss(warmup_epochs=2)(scores, positives), torch.tensor(summed))
-    plain = TripletLoss(hardest=False, warmup_epochs=2)
+    torch.testing.assert_close(TripletLoss(warmup_epochs=2, count_pairs="per_row")(scores, positives),
+                               torch.tensor(summed))
+    plain = TripletLoss(hardest=False, warmup_epochs=2, count_pairs="per_row")
     plain.set_epoch(9)
     torch.testing.assert_close(plain(scores, positives), torch.tensor(summed))
-    hardest = TripletLoss(warmup_epochs=0)
+    hardest = TripletLoss(warmup_epochs=0, count_pairs="per_row")
     torch.testing.assert_close(hardest(scores, positives), torch.tensor(loop_triplet(scores, positives, 0.2, True)))
 
 
