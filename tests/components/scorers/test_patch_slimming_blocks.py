@@ -476,3 +476,16 @@ def test_pairwise_arithmetic_stays_in_float32_under_bf16_autocast():
     assert scores.dtype == torch.float32 and keep.dtype == torch.float32
     # only the MLPs ran in bf16; the Gram norms and cosines did not (bf16 there is off by ~0.1)
     torch.testing.assert_close(scores, ref, rtol=0, atol=1e-2)
+
+
+def test_scan_alignment_row_equals_the_loop():
+    """Table 4's SCAN row: the slimmed sets aligned by SCAN's text-to-image attention."""
+    from imtm.components import ScanAttention
+
+    scan = ScanAttention()
+    slim = laps(alignment=scan).double().eval()
+    images, texts = image_tokens(lengths=[7, 5, 6]), text_tokens()
+    with torch.no_grad():
+        scores, _ = slim(images, texts)
+        want, _ = reference(slim, images, texts, align=scan)
+    torch.testing.assert_close(scores, want)
