@@ -9,6 +9,7 @@ from imtm.components.losses import RatioLoss
 from imtm.components.refiners.self_attention import SelfAttentionContext
 from imtm.components.refiners.textual_phrase import TextualPhraseEncoder
 from imtm.components.refiners.visual_phrase import VisualPhraseEncoder
+from imtm.components.refiners.word_slimming import WordAggregation, WordSelection
 from imtm.components.scorers import InterModalPhraseAttention, ScoreFusion, TopKAggregation
 from imtm.components.pooling import LSEPooling, MaxPooling, MeanPooling, SoftmaxPooling, SumPooling
 from imtm.components.losses import DimensionAlignmentLoss, SpatialConstraintLoss
