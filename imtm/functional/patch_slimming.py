@@ -443,9 +443,12 @@ def dpc_knn_weights(
     if mask is not None:
         kept = kept & mask.unsqueeze(-1)
     kept_t = kept.permute(0, 2, 1)  # (bi, bt, n)
-    inf = torch.full((), math.inf, dtype=patches.dtype, device=patches.device)
+    # At least float32: cdist has no half-precision kernel on every device, and densities need the range.
+    work = torch.promote_types(patches.dtype, torch.float32)
+    inf = torch.full((), math.inf, dtype=work, device=patches.device)
     with torch.no_grad():
-        dist = torch.cdist(patches.detach(), patches.detach()) / math.sqrt(d)  # (bi, n, n), image-only
+        x = patches.detach().to(work)
+        dist = torch.cdist(x, x) / math.sqrt(d)  # (bi, n, n), image-only
         # Per pair: distances to kept patches only.
         dd = torch.where(kept_t.unsqueeze(2), dist.unsqueeze(1), inf)  # (bi, bt, n, n)
         near = dd.topk(min(k, n), dim=-1, largest=False).values
@@ -453,7 +456,7 @@ def dpc_knn_weights(
         sq = torch.where(finite, near, torch.zeros((), dtype=near.dtype, device=near.device)) ** 2
         density = torch.exp(-sq.sum(-1) / finite.sum(-1).clamp_min(1).to(near.dtype))
         # Ties of density go to the lower position (a deterministic stand-in for random jitter).
-        density = density - torch.arange(n, device=patches.device, dtype=density.dtype) * 1e-9
+        density = density - torch.arange(n, device=patches.device, dtype=work) * 1e-9
         density = torch.where(kept_t, density, -inf)
         higher = (density.unsqueeze(-2) > density.unsqueeze(-1)) & kept_t.unsqueeze(2)  # [.., n, m]: rho_m > rho_n
         to_higher = torch.where(higher, dd, inf).amin(-1)
@@ -466,9 +469,9 @@ def dpc_knn_weights(
         to_centre = dd.gather(-1, centres.unsqueeze(2).expand(bi, bt, n, c))  # (bi, bt, n, c)
         to_centre = torch.where(centre_ok.unsqueeze(2), to_centre, inf)
         assign = to_centre.argmin(-1)  # (bi, bt, n)
-        member = torch.nn.functional.one_hot(assign, c).to(patches.dtype) * kept_t.unsqueeze(-1).to(patches.dtype)
+        member = torch.nn.functional.one_hot(assign, c).to(work) * kept_t.unsqueeze(-1).to(work)
         count = member.sum(2)  # (bi, bt, c)
-        member = member / count.clamp_min(1).unsqueeze(2)
+        member = (member / count.clamp_min(1).unsqueeze(2)).to(patches.dtype)
     if c < num_clusters:  # fewer patches than clusters: the extra clusters stay empty
         member = torch.cat([member, member.new_zeros(bi, bt, n, num_clusters - c)], -1)
         count = torch.cat([count, count.new_zeros(bi, bt, num_clusters - c)], -1)
