@@ -2,7 +2,7 @@ from imtm.components.encoders import GRUTextEncoder, PrecomputedEncoder
 from imtm.components.encoders import HFTextEncoder, TimmVisionEncoder
 from imtm.components.losses import InfoNCELoss, TripletLoss
 from imtm.components.scorers import GlobalCosine
-from imtm.components.scorers import HardAssignmentCoding, SoftAssignmentCoding
+from imtm.components.scorers import HardAssignmentCoding, LocalMatching, SoftAssignmentCoding
 from imtm.components.scorers import ScanAttention
 from imtm.components.scorers import DPCKNNAggregation, GumbelSelector, PatchScorer, PatchSlimming, RedundantFusion, SparsePatchWordAlignment, TokenAggregation
 from imtm.components.losses import RatioLoss
