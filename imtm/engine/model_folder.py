@@ -30,8 +30,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from imtm.engine.serialization import ConfigError, loads_json
-
 __all__ = [
     "MANIFEST",
     "MODEL_FORMAT",
@@ -61,12 +59,14 @@ def safe_relative_name(name: Any, depth: int = 2) -> bool:
 
 
 def _read_small_json(path: Path) -> Any:
-    """A JSON file imtm wrote, or ``None`` when it is missing, not a regular file, too large or unreadable."""
+    """A JSON file imtm wrote, or ``None`` when it is missing, a link, not a regular file, too large or unreadable."""
+    from imtm._io import read_json
+
+    if path.is_symlink():
+        return None
     try:
-        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_OWNED_LIST_BYTES:
-            return None
-        return loads_json(path.read_bytes(), str(path))
-    except (OSError, ConfigError):
+        return read_json(path, who="save", max_bytes=MAX_OWNED_LIST_BYTES, root=path.parent)
+    except (OSError, ValueError):
         return None
 
 
