@@ -347,7 +347,8 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
             two ``BertLayer`` of ``ctext_head`` in ``ALBEF.__init__``, model/model_pretrain.py of
             Lydia-yang/ELA).
         label_weights: the weights of Eq. 6 (see :func:`imtm.functional.expansive_soft_labels`);
-            the default is the authors' released rule.
+            the default is the authors' released rule (``ALBEF.get_p2w_loss``, model/model_pretrain.py
+            of Lydia-yang/ELA).
         w2l_loss: add a masked-LM loss on the word-to-lexicon head's predictions for the masked
             captions (not in the paper's Eq. 11; without it, and without distillation, the head
             learns nothing, as in the paper's "+ expansion" row).
