@@ -353,7 +353,8 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
             two ``BertLayer`` of ``ctext_head`` in ``ALBEF.__init__``, model/model_pretrain.py of
             Lydia-yang/ELA).
         label_weights: the weights of Eq. 6 (see :func:`imtm.functional.expansive_soft_labels`);
-            the default is the authors' released rule.
+            the default is the authors' released rule (``ALBEF.get_p2w_loss``, model/model_pretrain.py
+            of Lydia-yang/ELA).
         w2l_loss: add a masked-LM loss on the word-to-lexicon head's predictions for the masked
             captions (not in the paper's Eq. 11; without it, and without distillation, the head
             learns nothing, as in the paper's "+ expansion" row).
@@ -460,7 +461,10 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
          beta: float = 0.8, tau: float = 1.0, margin: float = 0.2, hardest: bool = True,
          warmup_epochs: int = WARMUP_EPOCHS,
          ratio_weight: float = 1.0, fusion: bool = True, language_context: bool = True,
-         calibration: bool = True, direction: str = "both") -> list[tuple[str, Any]]:
+         calibration: bool = True, direction: str = "both", self_attention: bool = True,
+         attentive_only: bool = False, clustering: bool = False, alignment: str = "sparse",
+         word_selection: bool = False, word_aggregation: bool = False, word_ratio: float = 0.8,
+         word_tokens: int = 4) -> list[tuple[str, Any]]:
     """LAPS: a timm ViT/Swin, GRU text, language-context patch slimming with sparse patch-word
     alignment, triplet loss with hardest negatives plus the ratio loss (Eq. 9-10).
 
@@ -473,6 +477,22 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
         model_name: the timm model; ``None``: the paper's Base/224 model of ``backbone``.
         img_size, model_kwargs, pretrained, checkpoint_path: passed to :class:`TimmVisionEncoder`.
         ratio, aggregation: :math:`\\rho` and :math:`\\lambda`; ``None``: the backbone's defaults.
+        fusion: the fused token of the dropped patches ("without redundant fusion": False).
+        language_context: the caption's attention score :math:`a^r` (Eq. 2).
+        calibration: the semantic-spatial patch calibration, the aggregation of Eq. 6-7 (Sec. 3.3);
+            False is Table 4's "without patch calibration": the selected patches are aligned as they
+            are (:class:`~imtm.components.PatchSlimming` with ``aggregation=None``).
+        self_attention: the image's own attention score :math:`a^s` (Eq. 2).
+        attentive_only: Table 4's "only attentive scores": the significance from :math:`a^s` and
+            :math:`a^r` alone, without the predicted :math:`a^p` (``beta = 1``).
+        clustering: Table 4's clustering alternative: DPC-KNN clusters
+            (:class:`~imtm.components.DPCKNNAggregation`) instead of the learned aggregation.
+        alignment: ``"sparse"`` (Eq. 8) or ``"scan"``, Table 4's SCAN row
+            (:class:`~imtm.components.ScanAttention`).
+        word_selection, word_aggregation: Table 4's word-slimming rows (text-side blocks
+            :class:`~imtm.components.WordSelection`, :class:`~imtm.components.WordAggregation`, or
+            both chained); ``word_ratio`` and ``word_tokens`` are their :math:`\\rho` and token
+            count (choices of this library: the paper's values are not given here).
 
     References:
         Fu et al., 'Linguistic-Aware Patch Slimming Framework for Fine-grained Cross-Modal Alignment', CVPR 2024.
@@ -480,15 +500,19 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
     import math
 
     from imtm.components import (
+        DPCKNNAggregation,
         GRUTextEncoder,
         GumbelSelector,
         PatchScorer,
         PatchSlimming,
         RatioLoss,
+        ScanAttention,
         SparsePatchWordAlignment,
         TimmVisionEncoder,
         TokenAggregation,
         TripletLoss,
+        WordAggregation,
+        WordSelection,
     )
 
     if backbone not in LAPS_RATIOS:
@@ -504,15 +528,38 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
     h, w = encoder.grid_size(height, width)
     n_kept = math.ceil(rho * h * w - 1e-6)
     num_out = max(1, int(lam * n_kept + 1e-6))
-    return [
+    aligners = {"sparse": lambda: SparsePatchWordAlignment(direction=direction), "scan": ScanAttention}
+    if alignment not in aligners:
+        raise ValueError(f"alignment must be one of {sorted(aligners)}, got {alignment!r}." + suggest(alignment, aligners))
+    if clustering and not calibration:
+        raise ValueError("laps: clustering replaces the aggregation that calibration=False removes; choose one")
+    if not calibration:
+        agg = None  # Table 4 "without patch calibration": select, then align the selected patches as they are
+    elif clustering:
+        agg = DPCKNNAggregation(num_out)
+    else:
+        agg = TokenAggregation(embed_dim, num_out)
+    blocks = [
         ("image", encoder),
         ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
+    ]
+    words = "text_tokens"
+    if word_selection:
+        blocks.append(("word_selection", WordSelection(embed_dim, ratio=word_ratio, provides=("selected_text_tokens",)
+                                                       if word_aggregation else None)))
+        words = "selected_text_tokens" if word_aggregation else "slim_text_tokens"
+    if word_aggregation:
+        blocks.append(("word_aggregation", WordAggregation(embed_dim, num_out=word_tokens, requires=(words,))))
+        words = "slim_text_tokens"
+    return blocks + [
         ("laps", PatchSlimming(
-            PatchScorer(embed_dim, beta=beta, language_context=language_context, calibration=calibration),
+            PatchScorer(embed_dim, beta=1.0 if attentive_only else beta, language_context=language_context,
+                        self_attention=self_attention),
             GumbelSelector(ratio=rho, tau=tau),
-            TokenAggregation(embed_dim, num_out),
-            SparsePatchWordAlignment(direction=direction),
+            agg,
+            aligners[alignment](),
             fusion=fusion,
+            requires=None if words == "text_tokens" else ("image_tokens", words),
         )),
         ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs)),
         ("ratio", RatioLoss(rho=rho, weight=ratio_weight)),
