@@ -3,8 +3,8 @@
     python examples/chan_synthetic.py [--quick]
 
 Every row trains the same encoders (precomputed regions, a GRU) with the same budget;
-only the scorer changes. Trained from scratch for a few epochs, the triplet loss sums over
-negatives (the hardest-negative loss of the paper can collapse in the first epoch).
+only the scorer changes. Trained from scratch, the presets' triplet loss sums over negatives for
+the first epoch and takes the hardest after (the hardest-negative loss alone can collapse).
 """
 
 import argparse
@@ -20,7 +20,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     sizes = {"n_train": 120, "n_dev": 10, "n_test": 40} if args.quick else {"n_train": 2000, "n_dev": 50, "n_test": 500}
     train, _, test = synthetic.load(view="regions", seed=0, **sizes)
-    common = {"embed_dim": 32 if args.quick else 128, "word_dim": 32 if args.quick else 64, "hardest": False}
+    common = {"embed_dim": 32 if args.quick else 128, "word_dim": 32 if args.quick else 64}
     rows = {
         "VSE++ (global cosine)": presets.build("vsepp", train, **common),
         "CHAN hard coding (visual codebook, LSE)": presets.build("chan", train, **common),

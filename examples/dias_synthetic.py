@@ -20,7 +20,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     sizes = {"n_train": 120, "n_dev": 10, "n_test": 40} if args.quick else {"n_train": 1000, "n_dev": 50, "n_test": 500}
     train, _, test = synthetic.load(view="regions", seed=0, **sizes)
-    common = {"embed_dim": 32 if args.quick else 128, "word_dim": 32 if args.quick else 64, "hardest": False}
+    common = {"embed_dim": 32 if args.quick else 128, "word_dim": 32 if args.quick else 64}
     rows = {
         "DIAS": presets.build("dias", train, **common),
         "CHAN + dimension alignment": presets.build("chan", train, **common)

@@ -65,8 +65,7 @@ def main(argv=None):
 
         train = PrecompDataset(out, "train", build_vocab=True)
         test = PrecompDataset(out, "test", vocab=train.vocab)
-        m = Matcher(vsepp(vocab=train.vocab, region_dim=train.images.shape[2], embed_dim=128, word_dim=64,
-                          hardest=False),
+        m = Matcher(vsepp(vocab=train.vocab, region_dim=train.images.shape[2], embed_dim=128, word_dim=64),
                     epochs=1 if args.quick else 6, batch_size=128, lr=2e-3, random_state=0, verbose=False)
         m.fit(train)
         results = m.evaluate(test)

@@ -26,7 +26,7 @@ def main(argv=None):
     sizes = {"n_train": 120, "n_dev": 10, "n_test": 40} if args.quick else {"n_train": 2000, "n_dev": 50, "n_test": 1000}
     train, _, test = synthetic.load(view="regions", seed=0, **sizes)
     dim = 32 if args.quick else 128
-    m = Matcher(presets.build("chan", train, embed_dim=dim, word_dim=dim, hardest=False),
+    m = Matcher(presets.build("chan", train, embed_dim=dim, word_dim=dim),
                 epochs=1 if args.quick else 4, batch_size=64 if args.quick else 128, lr=2e-3, random_state=0,
                 verbose=False).fit(train)
     retriever = TwoStageRetriever(m, k=args.k).fit(images=test.images)

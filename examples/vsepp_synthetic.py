@@ -22,7 +22,7 @@ def main(argv=None):
             PrecomputedEncoder(in_dim=train.region_dim, out_dim=128),
             GRUTextEncoder(vocab=train.vocab, out_dim=128, word_dim=64),
             GlobalCosine(),
-            TripletLoss(margin=0.2, hardest=False),
+            TripletLoss(margin=0.2, warmup_epochs=1),
         ],
         epochs=1 if args.quick else 4,
         batch_size=128,
