@@ -124,8 +124,12 @@ def test_an_unknown_format_lists_the_formats(work):
     assert proc.returncode == 2
     for fmt in ("synthetic", "precomp", "karpathy", "caption-files", "albef", "csv", "coco", "flickr30k-token"):
         assert fmt in proc.stderr
-    proc = imtm("evaluate", "--model", "m", "--data", str(work), "--format", "csv", cwd=work, check=False)
-    assert proc.returncode == 2 and "csv" in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
+    empty = work / "no_csv_here"
+    empty.mkdir()
+    proc = imtm("evaluate", "--model", trained("vsepp", work) / "final", "--data", empty, "--format", "csv",
+                cwd=work, check=False)
+    assert proc.returncode == 2 and "no .csv/.tsv split files" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2 and "Traceback" not in proc.stderr
 
 
 def test_draw_a_figure_from_the_saved_model(work):
