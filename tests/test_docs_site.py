@@ -111,3 +111,14 @@ def test_nested_lists_are_indented_enough_to_render_nested():
                 in_code = not in_code
             if not in_code:
                 assert not re.match(r"^ {1,3}([-*+]|\d+\.) ", line), f"{page.name}:{number}: {line!r}"
+
+
+def test_no_control_characters_in_sources_and_docs():
+    # A "\b" or "\t" read as an escape in a docstring turns \beta into a backspace and "eta",
+    # which the docs then show (and KaTeX refuses): keep them out of every source and page.
+    bad = re.compile(r"[\x07\x08\x0b\x0c\t]")
+    files = [*(ROOT / "imtm").rglob("*.py"), *DOCS.rglob("*.md"), *(ROOT / "tools").rglob("*.py")]
+    assert len(files) > 50
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            assert not bad.search(line), f"{path.relative_to(ROOT)}:{number}: {line.strip()[:80]!r}"
