@@ -122,3 +122,25 @@ def test_no_control_characters_in_sources_and_docs():
     for path in files:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             assert not bad.search(line), f"{path.relative_to(ROOT)}:{number}: {line.strip()[:80]!r}"
+
+
+def test_every_heading_starts_its_own_block():
+    # A heading straight under a table row renders as one more row of the table.
+    for page in DOCS.rglob("*.md"):
+        lines = page.read_text().splitlines()
+        in_code = False
+        for number, line in enumerate(lines, 1):
+            if line.lstrip().startswith("```"):
+                in_code = not in_code
+            if not in_code and re.match(r"#{1,6} ", line) and number > 1:
+                assert not lines[number - 2].strip(), f"{page.name}:{number}: no blank line before {line!r}"
+
+
+def test_results_notes_kept_on_a_rerun_stay_a_section_of_their_own(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _results import write_page
+
+    out = tmp_path / "r.md"
+    out.write_text("# old\n\n| a |\n| --- |\n| 1 |\n## Reading the table\n\nnotes\n")
+    text = write_page(out, ["# new", "", "| a |", "| --- |", "| 2 |"], keep_from="## Reading the table")
+    assert "| 2 |\n\n## Reading the table\n\nnotes\n" in text
