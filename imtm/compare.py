@@ -80,8 +80,10 @@ def build_components(name: str, train, s: CompareSettings, workdir: Path) -> tup
         if name == "dcpa":
             kw["heads"] = 2 if s.embed_dim % 2 == 0 else 1
         return presets.build(name, train, **kw), f"regions {train.region_dim}-d -> Linear; GRU"
+    # The ViT follows the images' side (IMTM_SYNTHETIC may have changed the settings' image_size).
+    size = int(train.images[0].shape[-1]) if name in PIXEL_PRESETS else s.image_size
     if name == "laps":
-        comps = presets.laps(vocab=train.vocab, model_name="vit_tiny_patch16_224", img_size=s.image_size,
+        comps = presets.laps(vocab=train.vocab, model_name="vit_tiny_patch16_224", img_size=size,
                              embed_dim=s.embed_dim, word_dim=s.word_dim, model_kwargs=_vit(s))
         return comps, f"ViT ({s.vit_depth} blocks, scratch); GRU"
     if name == "ela":
@@ -91,7 +93,7 @@ def build_components(name: str, train, s: CompareSettings, workdir: Path) -> tup
         if not (folder / "config.json").exists():
             write_local_bert(folder, train.captions, hidden_size=s.embed_dim, num_layers=2,
                              num_heads=2 if s.embed_dim % 2 == 0 else 1, seed=s.seed)
-        comps = presets.ela(text_model=str(folder), image_model="vit_tiny_patch16_224", img_size=s.image_size,
+        comps = presets.ela(text_model=str(folder), image_model="vit_tiny_patch16_224", img_size=size,
                             embed_dim=s.embed_dim, model_kwargs=_vit(s), heads=2 if s.embed_dim % 2 == 0 else 1,
                             cross_layers=1, w2l_layers=1, rerank_k=8)
         return comps, f"ViT ({s.vit_depth} blocks, scratch); BERT (2 layers, scratch)"
