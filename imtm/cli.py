@@ -199,7 +199,9 @@ def _demo_reading(results: dict, chance: dict) -> str:
     """One line that reads the demo's table."""
     best = max(results, key=lambda n: results[n]["rsum"])
     r = results[best]
-    line = (f"Reading: {best} does best (rSum {r['rsum']:.1f}, chance {chance['rsum']:.1f}); for "
+    others = sorted((n for n in results if n != best), key=lambda n: -results[n]["rsum"])
+    ahead = f", ahead of {others[0]} ({results[others[0]]['rsum']:.1f})" if others else ""
+    line = (f"Reading: {best} does best (rSum {r['rsum']:.1f}, chance {chance['rsum']:.1f}){ahead}; for "
             f"{r['t2i_r1']:.0f}% of the test captions its first-ranked image is the right one "
             f"(chance {chance['t2i_r1']:.1f}%).")
     weak = [n for n, v in results.items() if v["rsum"] < 2 * chance["rsum"]]
