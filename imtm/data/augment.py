@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
-from imtm.data.seeding import current_item_seed, fit_epoch_key
+from imtm.data.seeding import current_item_seed, fit_epoch_key, fit_epoch_serial
 
 __all__ = ["CaptionAugment", "augment_caption"]
 
@@ -234,7 +234,7 @@ class CaptionAugment:
         if info is None and self.seed is None:
             return None  # torch's generator: whoever seeds torch (Matcher.fit) seeds this
         epoch = fit_epoch_key() if info is None else None
-        owner = (os.getpid(), None if info is None else (info.id, info.seed), epoch)
+        owner = (os.getpid(), None if info is None else (info.id, info.seed), epoch, epoch and fit_epoch_serial())
         if self._generator is None or self._owner != owner:
             if info is not None:
                 base = info.seed if self.seed is None else (self.seed * 1_000_003 + info.seed)

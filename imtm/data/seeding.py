@@ -27,10 +27,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SeededItems", "seeded_item", "current_item_seed", "item_seed", "fit_epoch_key", "set_fit_epoch_key"]
+__all__ = ["SeededItems", "seeded_item", "current_item_seed", "item_seed", "fit_epoch_key", "fit_epoch_serial",
+           "set_fit_epoch_key"]
 
 _ITEM_SEED: int | None = None
 _EPOCH_KEY: int | None = None
+_EPOCH_SERIAL = 0
 
 # Large odd multipliers (splitmix64's) mix the three numbers into one 63-bit seed.
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
@@ -55,10 +57,16 @@ def fit_epoch_key() -> int | None:
     return _EPOCH_KEY
 
 
+def fit_epoch_serial() -> int:
+    """How many times :func:`set_fit_epoch_key` was called in this process: a new epoch, even of the same key."""
+    return _EPOCH_SERIAL
+
+
 def set_fit_epoch_key(key: int | None) -> None:
     """Set by the training loop at each epoch start, ``None`` when the fit ends."""
-    global _EPOCH_KEY
+    global _EPOCH_KEY, _EPOCH_SERIAL
     _EPOCH_KEY = key
+    _EPOCH_SERIAL += 1
 
 
 def _seed_all(seed: int) -> None:

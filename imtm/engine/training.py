@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 import warnings
 from typing import Any
 
@@ -28,6 +29,7 @@ from imtm.engine import distributed
 from imtm.component import Component
 from imtm.engine.checkpoint import (
     CheckpointError,
+    RunLock,
     complete_checkpoints,
     read_checkpoint,
     recover_run,
@@ -174,6 +176,8 @@ class Trainer:
     skipped = consecutive_skips = 0
     #: ``(stage, epoch)`` of the last skip warning: one warning per epoch.
     warned_epoch: tuple[int, int] | None = None
+    #: The stage under way (``run`` sets it; a Trainer used step by step stays in stage 0).
+    stage_idx = 0
 
     def __init__(self, matcher, train, eval_set=None):
         self.m = matcher
@@ -545,6 +549,9 @@ class Trainer:
             "best": self.m.best_,
             "skipped": self.skipped,
             "consecutive_skips": self.consecutive_skips,
+            # The sha256 of best/'s weights as this run wrote them: a resume refuses another run's best/.
+            "best_sha256": getattr(self, "best_sha256", None),
+            "run_id": self.run_id,
             "optimizer": opt.state_dict() if opt is not None else None,
             "scheduler": sched.state_dict() if sched is not None else None,
             "rng": rng,
@@ -629,6 +636,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False) -> None:
+        """Train; with a ``checkpoint_dir``, hold its lock file (one writer per run folder) the whole time.
+
+        Taking the lock also checks, before any training, that the folder can be written.
+        """
+        m = self.m
+        lock = RunLock(m.checkpoint_dir).acquire() if m.checkpoint_dir is not None and self.main else None
+        try:
+            self._run(resume)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, resume: bool = False) -> None:
         from imtm.matcher import seed_everything
 
         m = self.m
@@ -647,6 +667,7 @@ class Trainer:
         self.stage_idx, self.epoch, self.batch_idx, self.global_step = 0, 0, 0, 0
         self.epoch_done, self.skipped, self.epoch_logs = False, 0, {}
         self.consecutive_skips, self.warned_epoch = 0, None
+        self.run_id, self.best_sha256 = uuid.uuid4().hex, None  # a resumed run takes its checkpoint's
         best_state = None
         resume_state = None
         opt = sched = None
@@ -713,9 +734,23 @@ class Trainer:
                 self.epoch_logs = ts["epoch_logs"]
                 m.n_epochs_ = len(m.history_)
                 best_path = _best_path(m)
+                self.best_sha256, self.run_id = ts.get("best_sha256"), ts.get("run_id")
                 if best_path is not None and m.best_ is not None:
                     if best_path.is_dir():
-                        best_state = read_checkpoint(best_path, with_train_state=False)["model_state"]
+                        best = read_checkpoint(best_path, with_train_state=False)
+                        digest = _weights_digest(best_path)
+                        theirs = best["record"].get("best")
+                        # Written by this run after the checkpoint (killed before the next one): the
+                        # steps replayed from here reach that evaluation again and rewrite it identically.
+                        later = (best["record"].get("run_id") == self.run_id and isinstance(theirs, dict)
+                                 and (theirs.get("stage"), theirs.get("epoch")) > (m.best_["stage"], m.best_["epoch"]))
+                        if not later and (digest != self.best_sha256 or theirs != m.best_):
+                            raise CheckpointError(
+                                f"{best_path} is not the best epoch of the run in {folder}: its weights (sha256 "
+                                f"{str(digest)[:12]}, best {best['record'].get('best')}) are not the ones that run "
+                                f"saved (sha256 {str(self.best_sha256)[:12]}, best {m.best_}); it may come from "
+                                "another run. Restore that run's best/, or fit without resume=True to start afresh")
+                        best_state = None if later else best["model_state"]
                     elif m.keep_best:
                         # best/ is written before any checkpoint that records it: it was removed since.
                         raise CheckpointError(
@@ -845,7 +880,8 @@ class Trainer:
             return
         if self.main:
             write_checkpoint(path.parent, path.name, config=m.get_config(), model_state=m.components_.state_dict(),
-                             record={**self.record_, "best": m.best_}, update_latest=False)
+                             record={**self.record_, "best": m.best_, "run_id": self.run_id}, update_latest=False)
+            self.best_sha256 = _weights_digest(path)
         distributed.barrier()
 
 
@@ -943,3 +979,13 @@ class _DeferredInterrupt:
         if self.previous is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self.previous)
             self.previous = None
+
+
+def _weights_digest(folder) -> str | None:
+    """The sha256 of a checkpoint folder's ``model.safetensors``, as its (already verified) manifest lists it."""
+    from pathlib import Path
+
+    from imtm._io import read_json
+
+    manifest = read_json(Path(folder) / "MANIFEST.json", who="checkpoint", max_bytes=1 << 20, error=CheckpointError)
+    return manifest.get("sha256", {}).get("model.safetensors") if isinstance(manifest, dict) else None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from imtm.functional.blocking import (
     EPS,
@@ -19,6 +18,7 @@ from imtm.functional.blocking import (
     default_block_elements,
     normalize_tokens,
 )
+from imtm.tokens import l2_normalize
 
 __all__ = ["DEFAULT_TOPK", "check_k", "topk_mean", "topk_mean_scores"]
 
@@ -167,7 +167,7 @@ def topk_mean_scores(
     if Bi == 0 or Bt == 0:
         return torch.zeros(Bi, Bt, dtype=dtype, device=images.device)
     v = normalize_tokens(images.to(dtype), image_mask, dtype=compute_dtype)
-    c = F.normalize(texts.to(dtype), dim=-1, eps=EPS)
+    c = l2_normalize(texts.to(dtype), dim=-1, eps=EPS)
     if compute_dtype is not None:
         c = c.to(compute_dtype)
     # Block sizes: all captions per block when an image fits, else a run of captions.
