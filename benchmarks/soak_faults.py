@@ -3,9 +3,9 @@
 Each trial trains one small model (VSE++ blocks with dropout in the image projection, the
 GRU text encoder, caption augmentation) in fresh child processes with a checkpoint after
 every step, and interrupts them at random moments, drawn from ``--seed``: SIGINT
-(Ctrl-C) or SIGKILL, at a uniform time between 0 and the length of an uninterrupted run
-(so some land in the start-up, some in a step, a checkpoint write, a data-loader worker's
-work or an evaluation). The next child resumes with ``fit(resume=True)``, until one
+(Ctrl-C) or SIGKILL, at a uniform time between the start of the child's ``fit`` and the
+length of an uninterrupted fit (so they land in a step, a checkpoint write, the start of an
+epoch, or while data-loader workers load a batch). The next child resumes with ``fit(resume=True)``, until one
 finishes. Its final weights are compared bit for bit with those of an uninterrupted run of
 the same kind. The data come in one of three ways, in turn:
 
@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import random
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -95,23 +97,45 @@ def child(run_dir: Path, kind: str, out: Path, epochs: int) -> int:
 
 # ---------------------------------------------------------------- the parent
 def run_child(run_dir: Path, kind: str, out: Path, epochs: int, kill: tuple[str, float] | None):
-    """Start a child; send ``kill`` = (signal name, seconds) unless it ended first. Return (code, output)."""
+    """Start a child; ``kill`` = (signal name, seconds after its fit started) unless it ended first.
+
+    Return (exit code, output, seconds from the start of its fit to its end).
+    """
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     proc = subprocess.Popen([sys.executable, __file__, "child", str(run_dir), kind, str(out), str(epochs)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    if kill is not None:
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] and None, daemon=True)
+    reader.start()
+    output, started = [], None
+    deadline = time.time() + 600
+    while started is None and time.time() < deadline:  # the import and data set-up take a while
+        try:
+            line = lines.get(timeout=0.05)
+        except queue.Empty:
+            if proc.poll() is not None and not reader.is_alive():
+                break
+            continue
+        output.append(line)
+        if line.startswith("start"):
+            started = time.time()
+    if kill is not None and started is not None:
         try:
             proc.wait(timeout=kill[1])
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGINT if kill[0] == "SIGINT" else signal.SIGKILL)
     try:
-        output, _ = proc.communicate(timeout=300)
+        proc.wait(timeout=600)
     except subprocess.TimeoutExpired:
         proc.kill()
-        output, _ = proc.communicate()
-        return "timeout", output
-    return proc.returncode, output
+        proc.wait()
+        return "timeout", "".join(output), 0.0
+    ended = time.time()
+    reader.join(timeout=10)
+    while not lines.empty():
+        output.append(lines.get())
+    return proc.returncode, "".join(output), ended - (started or ended)
 
 
 def weights(path: Path):
@@ -138,13 +162,13 @@ def main(argv=None) -> int:
     print(f"soak_faults: seed={args.seed} epochs={args.epochs} minutes={args.minutes} work={work}", flush=True)
     references, durations = {}, {}
     for kind in KINDS:
-        t0 = time.time()
-        code, output = run_child(work / f"ref-{kind}", kind, work / f"ref-{kind}.safetensors", args.epochs, None)
+        code, output, seconds = run_child(work / f"ref-{kind}", kind, work / f"ref-{kind}.safetensors", args.epochs,
+                                          None)
         if code != 0:
             print(f"the uninterrupted {kind} run failed ({code}):\n{output[-3000:]}")
             return 2
-        durations[kind], references[kind] = time.time() - t0, weights(work / f"ref-{kind}.safetensors")
-        print(f"reference {kind}: {durations[kind]:.1f}s", flush=True)
+        durations[kind], references[kind] = seconds, weights(work / f"ref-{kind}.safetensors")
+        print(f"reference {kind}: its fit took {durations[kind]:.1f}s", flush=True)
 
     counts = {"trials": 0, "SIGINT": 0, "SIGKILL": 0, "resumes": 0, "bit-exact": 0, "refused": 0,
               "silently different": 0, "before a refusal (not judged)": 0}
@@ -160,7 +184,7 @@ def main(argv=None) -> int:
             kill = None
             if attempt < args.max_interrupts:
                 kill = (rng.choice(["SIGINT", "SIGKILL"]), round(rng.uniform(0, durations[kind]), 2))
-            code, output = run_child(run_dir, kind, out, args.epochs, kill)
+            code, output, _ = run_child(run_dir, kind, out, args.epochs, kill)
             resumed = "start resume" in output
             resumes += resumed
             log.append(f"{kill} -> {code}{' (resumed)' if resumed else ''}")
