@@ -20,11 +20,17 @@ import torch
 from imtm.component import suggest
 from imtm.tokens import Tokens
 
-__all__ = ["vsepp", "chan", "dias", "dias_losses", "dcpa", "dcpa_stages", "default_stages", "ela", "laps", "build", "PRESETS"]
+#: Epochs of summed negatives before the hardest in every preset's triplet loss (VSE-infinity's
+#: warm-up, ``vse_mean_warmup_epochs=1`` in CHAN's training scripts): from random initialisation
+#: the hardest-negative loss alone can collapse; 0 gives the papers' loss from the first step.
+WARMUP_EPOCHS = 1
+
+__all__ = ["vsepp", "chan", "dias", "dias_losses", "dcpa", "dcpa_stages", "default_stages", "ela", "laps", "build", "small_vit",
+           "PRESETS", "PIXEL_PRESETS", "WARMUP_EPOCHS"]
 
 
 def vsepp(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, margin: float = 0.2,
-          hardest: bool = True) -> list[tuple[str, Any]]:
+          hardest: bool = True, warmup_epochs: int = WARMUP_EPOCHS) -> list[tuple[str, Any]]:
     """VSE++ global baseline: region projection + GRU, masked mean pooling, cosine, hardest-negative triplet.
 
     References:
@@ -36,13 +42,13 @@ def vsepp(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300,
         ("image", PrecomputedEncoder(in_dim=region_dim, out_dim=embed_dim)),
         ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
         ("scorer", GlobalCosine()),
-        ("loss", TripletLoss(margin=margin, hardest=hardest)),
+        ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs)),
     ]
 
 
 def chan(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, codebook: str = "visual",
          pooling: str = "lse", temperature: float = 0.1, margin: float = 0.2, context_heads: int = 8,
-         coding: str = "hard", hardest: bool = True) -> list[tuple[str, Any]]:
+         coding: str = "hard", hardest: bool = True, warmup_epochs: int = WARMUP_EPOCHS) -> list[tuple[str, Any]]:
     """CHAN: precomputed regions + one self-attention context layer, GRU text, hard-assignment coding
     with log-sum-exp pooling, triplet loss with hardest negatives (the paper's defaults).
 
@@ -75,7 +81,7 @@ def chan(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
         ("context", SelfAttentionContext(dim=embed_dim, heads=context_heads)),
         ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
         ("coding", codings[coding]()),
-        ("loss", TripletLoss(margin=margin, hardest=hardest)),
+        ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs)),
     ]
 
 
@@ -85,7 +91,7 @@ DCPA_INTER_BLOCKS = ["inter_i2t", "inter_t2i"]
 
 
 def dcpa(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, heads: int = 8, k: int | None = 10,
-         margin: float = 0.1, hardest: bool = True, decoupled: bool = True,
+         margin: float = 0.1, hardest: bool = True, warmup_epochs: int = WARMUP_EPOCHS, decoupled: bool = True,
          weights: tuple[float, float] = (0.6, 0.4)) -> list[tuple[str, Any]]:
     """DCPA: phrase encoders scored by top-K aggregation (intra-modal), two decoupled inter-modal
     phrase-attention branches, and the weighted fusion of both at inference.
@@ -103,9 +109,11 @@ def dcpa(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
     ``scores_t2i = w0 * scores_intra + w1 * scores_inter_t2i``.
 
     Args:
-        k: K of the top-K aggregations (intra and inter); ``None``: the global average (Table IV).
+        k: K of the top-K aggregations (intra and inter); ``None``: the global average, features
+            pooled first and one cosine taken (Table IV's "w/o local-agg"; with the intra-modal
+            blocks alone, Table III's SAEM-style aggregation).
         margin: triplet margin (0.1 in the paper). hardest: hardest negatives (the paper) or summed.
-        decoupled: ``False`` is the "without decoupling" ablation (Table III): one symmetric
+        decoupled: ``False`` is the "without decoupling" ablation (Table IV): one symmetric
             inter-modal score (the mean of the two branches) trained with one symmetric triplet
             loss, and one fused ``scores`` for both directions.
         weights: ``(w0, w1)``, the fusion weights of the intra-modal and inter-modal scores.
@@ -135,13 +143,13 @@ def dcpa(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
         ("inter_i2t", InterModalPhraseAttention("i2t", dim=embed_dim, heads=heads, k=k)),
         ("inter_t2i", InterModalPhraseAttention("t2i", dim=embed_dim, heads=heads, k=k)),
     ]
-    intra_loss = ("intra_loss", TripletLoss(margin=margin, hardest=hardest, requires=("scores_intra", "positives")))
+    intra_loss = ("intra_loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs, requires=("scores_intra", "positives")))
     if decoupled:
         return blocks + [
             ("fusion", ScoreFusion({"scores_i2t": {"scores_intra": w_intra, "scores_inter_i2t": w_inter},
                                     "scores_t2i": {"scores_intra": w_intra, "scores_inter_t2i": w_inter}})),
             intra_loss,
-            ("inter_loss", TripletLoss(margin=margin, hardest=hardest,
+            ("inter_loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs,
                                        requires=("scores_inter_i2t", "scores_inter_t2i", "positives"))),
         ]
     return blocks + [
@@ -150,7 +158,7 @@ def dcpa(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
         ("fusion", ScoreFusion({"scores": {"scores_intra": w_intra, "scores_inter": w_inter}},
                                requires=("scores_intra", "scores_inter"), provides=("scores",))),
         intra_loss,
-        ("inter_loss", TripletLoss(margin=margin, hardest=hardest, requires=("scores_inter", "positives"))),
+        ("inter_loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs, requires=("scores_inter", "positives"))),
     ]
 
 
@@ -178,9 +186,11 @@ DIAS_WEIGHTS = {"dimension": 10.0, "inter": 0.05, "intra": 0.1}
 
 
 def dias_losses(*, dimension: bool = True, inter: bool = True, intra: bool = True, sparse: bool = True,
+                inter_sparse: bool | None = None, intra_sparse: bool | None = None,
                 beta: float = 0.0, dim_weight: float = DIAS_WEIGHTS["dimension"],
                 inter_weight: float = DIAS_WEIGHTS["inter"], intra_weight: float = DIAS_WEIGHTS["intra"],
-                dim_temperature: float = 0.1, mask_temperature: float = 0.1,
+                dim_temperature: float = 0.1, mask_temperature: float = 0.1, mask_rule: str = "intent",
+                correlation: str = "cosine", dim_objective: str = "softmax", beta_instances: int | None = None,
                 pool: bool = True) -> list[tuple[str, Any]]:
     """DIAS's regularisers, to append to any preset whose blocks provide ``image_tokens`` and ``text_tokens``.
 
@@ -196,14 +206,22 @@ def dias_losses(*, dimension: bool = True, inter: bool = True, intra: bool = Tru
     (``dim_loss``) and :class:`~imtm.components.SpatialConstraintLoss` of kind ``"inter"``
     (``inter_loss``) and ``"intra"`` (``intra_loss``), weighted as Eq. 17
     (``L = L_loc + 10 L_dim + 0.05 L_inter + 0.1 L_intra``). In a training batch, row ``b``
-    of the images is the image of caption ``b``, so the losses pair each caption with its image.
+    of the images is the image of caption ``b``, so the losses pair each caption with its image,
+    and the spatial constraints read ``positives`` so that two captions of one image are not an
+    unmatched pair.
 
     Args:
         dimension, inter, intra: which regularisers to add (the ablations of Table 4).
-        sparse: the sparse-correlation mask on both spatial constraints (Eq. 11-16).
+        sparse: the sparse-correlation mask on both spatial constraints (Eq. 11-14).
+        inter_sparse, intra_sparse: the mask on one constraint alone (``None``: ``sparse``); the
+            inter- and intra-modality sparsity ablations.
         beta: initial threshold scale of the masks (learned).
         dim_weight, inter_weight, intra_weight: the omegas of Eq. 17.
         dim_temperature: tau of the dimension-alignment shares. mask_temperature: of the soft masks.
+        mask_rule: ``"intent"`` or ``"printed"``, the reading of Eq. 14 (see ``docs/dias.md``).
+        correlation: ``"cosine"`` (the paper's default correlation) or ``"pearson"`` for Eq. 4.
+        dim_objective: ``"softmax"`` (Eq. 6) or ``"intuitive"`` (Eq. 5).
+        beta_instances: ``None`` (one beta per mask) or one per batch position (at least the batch size).
         pool: add the two mean-pooling blocks.
 
     References:
@@ -216,35 +234,46 @@ def dias_losses(*, dimension: bool = True, inter: bool = True, intra: bool = Tru
     if pool:
         blocks += [("image_pool", MeanEmbedding(side="image")), ("text_pool", MeanEmbedding(side="text"))]
     if dimension:
-        blocks.append(("dim_loss", DimensionAlignmentLoss(temperature=dim_temperature, weight=dim_weight)))
+        blocks.append(("dim_loss", DimensionAlignmentLoss(temperature=dim_temperature, weight=dim_weight,
+                                                          correlation=correlation, objective=dim_objective)))
+    masks = {"inter": sparse if inter_sparse is None else inter_sparse,
+             "intra": sparse if intra_sparse is None else intra_sparse}
     for kind, on, weight in (("inter", inter, inter_weight), ("intra", intra, intra_weight)):
         if on:
-            blocks.append((f"{kind}_loss", SpatialConstraintLoss(kind=kind, sparse=sparse, beta=beta,
-                                                                 temperature=mask_temperature, weight=weight)))
+            blocks.append((f"{kind}_loss", SpatialConstraintLoss(kind=kind, sparse=masks[kind], beta=beta,
+                                                                 temperature=mask_temperature, weight=weight,
+                                                                 rule=mask_rule, beta_instances=beta_instances)))
     return blocks
 
 
+#: The scorers :func:`dias` can use: DIAS's own framework (Eq. 1-3) or CHAN's soft-assignment coding.
+DIAS_SCORERS = ("local", "soft")
+
+
 def dias(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, context_heads: int = 8,
-         tau: float = 0.1, pooling: str = "lse", temperature: float = 0.1, margin: float = 0.2,
-         hardest: bool = True, miner: bool = False, **losses) -> list[tuple[str, Any]]:
+         scorer: str = "local", weighting: str = "linear", tau: float = 0.1, pooling: str = "lse",
+         temperature: float = 0.1, margin: float = 0.2, hardest: bool = True,
+         warmup_epochs: int = WARMUP_EPOCHS, miner: bool = False, **losses) -> list[tuple[str, Any]]:
     """DIAS: the local matching framework (Eq. 1-3) trained with DIAS's regularisers (Eq. 17).
 
-    The local matching framework (each word attends over the regions with
-    correlation weights, the attended vectors are compared with the words and
-    pooled into one score, triplet loss) is what
-    :class:`~imtm.components.SoftAssignmentCoding` computes, so the preset uses it
-    over the same encoders as :func:`chan` (precomputed regions with a
-    self-attention context layer, GRU text). The paper averages the word scores
-    (``pooling="mean"``); the default here is the log-sum-exp pooling of CHAN's
-    soft-coding row, for comparability with :func:`chan` (settled in the docs).
-    Then :func:`dias_losses` (``**losses`` goes to it).
+    Over the same encoders as :func:`chan` (precomputed regions with a self-attention
+    context layer, GRU text), the scorer is :class:`~imtm.components.LocalMatching`
+    (``scorer="local"``, default): every region updated from the words and every word
+    from the regions (Eq. 1, ``weighting`` ``"linear"`` as printed or ``"softmax"``),
+    averaged into two global vectors (Eq. 2) compared by their cosine (Eq. 3).
+    ``scorer="soft"`` keeps the earlier stand-in, CHAN's soft-assignment coding with
+    ``pooling`` of the word scores. Then a triplet loss and :func:`dias_losses`
+    (``**losses`` goes to it: ``mask_rule``, ``inter_sparse``, ``intra_sparse``, ...).
 
     Args:
-        tau: attention temperature of the coding. pooling, temperature: word-score pooling.
+        scorer: ``"local"`` (:class:`~imtm.components.LocalMatching`) or ``"soft"``
+            (:class:`~imtm.components.SoftAssignmentCoding`).
+        weighting: Eq. 1's normalisation for ``"local"``, ``"linear"`` or ``"softmax"``.
+        tau: softmax temperature (of ``weighting="softmax"``, or of the soft coding's attention).
+        pooling, temperature: word-score pooling of ``scorer="soft"``.
         margin, hardest: the triplet loss (hardest negative, or summed with ``hardest=False``).
         miner: sample the triplet negatives by distance (Wu et al.; :class:`~imtm.components.DistanceWeightedMiner`)
-            as DIAS does. It reads scores as cosines of unit vectors, which the mean pooling gives;
-            log-sum-exp scores can exceed 1 and then all sit at the weight cap.
+            as DIAS does. It reads scores as cosines of unit vectors, which ``scorer="local"`` gives.
 
     References:
         Ma et al., 'Bridging the Modality Gap: Dimension Information Alignment and Sparse Spatial
@@ -253,18 +282,25 @@ def dias(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
     from imtm.components import (
         DistanceWeightedMiner,
         GRUTextEncoder,
+        LocalMatching,
         PrecomputedEncoder,
         SelfAttentionContext,
         SoftAssignmentCoding,
         TripletLoss,
     )
 
+    scorers = {
+        "local": lambda: LocalMatching(weighting=weighting, tau=tau),
+        "soft": lambda: SoftAssignmentCoding(tau=tau, pooling=pooling, temperature=temperature),
+    }
+    if scorer not in scorers:
+        raise ValueError(f"dias: scorer must be one of {sorted(scorers)}, got {scorer!r}." + suggest(scorer, scorers))
     return [
         ("image", PrecomputedEncoder(in_dim=region_dim, out_dim=embed_dim)),
         ("context", SelfAttentionContext(dim=embed_dim, heads=context_heads)),
         ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
-        ("coding", SoftAssignmentCoding(tau=tau, pooling=pooling, temperature=temperature)),
-        ("loss", TripletLoss(margin=margin, hardest=hardest,
+        ("coding", scorers[scorer]()),
+        ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs,
                              miner=DistanceWeightedMiner(dim=embed_dim) if miner else None)),
     ] + dias_losses(**losses)
 
@@ -273,10 +309,10 @@ def dias(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
 def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int | None = None,
         embed_dim: int = 256, model_kwargs: dict | None = None, pretrained: bool = False,
         mask_ratio: float = 0.3, mlm: bool = True, itm: bool = True, lexicon: bool = True, expansion: bool = True,
-        distillation: bool = True, rerank_k: int | None = 16, cross_layers: int = 2, w2l_layers: int = 1,
-        heads: int = 4, temperature: float = 0.07, label_weights: str = "plan_topk",
+        distillation: bool = True, rerank_k: int | None = 16, cross_layers: int = 2, w2l_layers: int = 2,
+        heads: int = 4, temperature: float = 0.07, label_weights: str = "plan_cosine_softmax",
         kl_direction: str = "prediction_first", max_length: int = 40, separate_masked_view: bool = True,
-        lexicon_weight: float = 1.0) -> list[tuple[str, Any]]:
+        lexicon_weight: float = 1.0, w2l_loss: bool = False) -> list[tuple[str, Any]]:
     """ELA: a ViT and a BERT-style encoder trained with contrastive, matching and masked-LM objectives
     plus expansive lexicon-patch alignment and cross-modal lexicon distillation.
 
@@ -294,9 +330,9 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
       the matching head with hard negatives sampled from the contrastive scores;
     - ``mlm_head`` + ``mlm_loss`` (``mlm`` or ``distillation``): image-aware masked-LM through ``cross``;
     - ``p2l`` + ``w2l`` + ``ela_loss`` (``lexicon``): the lexicon heads, tied to ``text``'s word embeddings,
-      and Eq. 5-7 on the masked patches; ``expansion=False`` labels patches with one-hot words; with
-      ``expansion`` the word-to-lexicon head learns masked-LM on the captions (``w2l_masked`` +
-      ``w2l_loss``);
+      and Eq. 5-7 on the masked patches; ``expansion=False`` labels patches with one-hot words;
+      ``w2l_loss=True`` (an option, off by default: Eq. 11 has no such term) adds masked-LM on the
+      captions for the word-to-lexicon head (``w2l_masked`` + ``w2l_loss``);
     - ``distill_loss`` (``distillation``): Eq. 8-10, ``cross``'s masked-LM teaching ``w2l``;
     - ``rerank`` (``rerank_k``, needs ``itm``): two-stage retrieval, the matching head re-ranking each
       query's top-``rerank_k`` by the contrastive score (:class:`~imtm.components.MatchingReranker`).
@@ -313,6 +349,15 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
             the masked view for Eq. 2 and 7 (``True``); or one masked pass for every objective
             (``False``), where training sees masked images and evaluation whole ones.
         lexicon_weight: weight of the ELA loss (Eq. 7) in the total.
+        w2l_layers: transformer layers of the word-to-lexicon head (Eq. 4; the paper: two, as the
+            two ``BertLayer`` of ``ctext_head`` in ``ALBEF.__init__``, model/model_pretrain.py of
+            Lydia-yang/ELA).
+        label_weights: the weights of Eq. 6 (see :func:`imtm.functional.expansive_soft_labels`);
+            the default is the authors' released rule (``ALBEF.get_p2w_loss``, model/model_pretrain.py
+            of Lydia-yang/ELA).
+        w2l_loss: add a masked-LM loss on the word-to-lexicon head's predictions for the masked
+            captions (not in the paper's Eq. 11; without it, and without distillation, the head
+            learns nothing, as in the paper's "+ expansion" row).
 
     References:
         Yang et al., 'Pre-training Cross-Modal Retrieval by Expansive Lexicon-Patch Alignment',
@@ -344,7 +389,7 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
     text = HFTextEncoder(text_model, out_dim=embed_dim, max_length=max_length)
     vocab_size, word_dim = text.vocab_size, int(text.word_embeddings.embedding_dim)
     scores = "itc_scores" if rerank_k else "scores"
-    needs_masked_text = mlm or distillation or (lexicon and expansion)
+    needs_masked_text = mlm or distillation or (lexicon and expansion and w2l_loss)
     two_views = bool(lexicon and separate_masked_view and mask_ratio > 0)
     blocks: list[tuple[str, Any]] = [
         ("image", TimmVisionEncoder(image_model, pretrained=pretrained, out_dim=embed_dim, img_size=img_size,
@@ -387,11 +432,11 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
             ("w2l", WordToLexiconHead(embed_dim, word_dim, vocab_size, embedding="text", layers=w2l_layers,
                                       heads=heads)),
         ]
-        if expansion:
-            blocks += [
-                ("w2l_masked", Reuse("w2l", requires=("masked_text_tokens",), provides=("word_lexicon_masked",))),
-                ("w2l_loss", MaskedLanguageModelingLoss(requires=("word_lexicon_masked", "mlm_labels"))),
-            ]
+        if expansion and (w2l_loss or distillation):
+            blocks.append(
+                ("w2l_masked", Reuse("w2l", requires=("masked_text_tokens",), provides=("word_lexicon_masked",))))
+        if expansion and w2l_loss:
+            blocks.append(("w2l_loss", MaskedLanguageModelingLoss(requires=("word_lexicon_masked", "mlm_labels"))))
         requires = ExpansiveLexiconLoss.requires + (() if expansion else ("text_ids",))
         blocks.append(("ela_loss", ExpansiveLexiconLoss(label_weights=label_weights, expansion=expansion,
                                                         direction=kl_direction, weight=lexicon_weight,
@@ -414,8 +459,12 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
          model_kwargs: dict | None = None, pretrained: bool = False, checkpoint_path: str | None = None,
          embed_dim: int = 512, word_dim: int = 300, ratio: float | None = None, aggregation: float | None = None,
          beta: float = 0.8, tau: float = 1.0, margin: float = 0.2, hardest: bool = True,
+         warmup_epochs: int = WARMUP_EPOCHS,
          ratio_weight: float = 1.0, fusion: bool = True, language_context: bool = True,
-         calibration: bool = True, direction: str = "both") -> list[tuple[str, Any]]:
+         calibration: bool = True, direction: str = "both", self_attention: bool = True,
+         attentive_only: bool = False, clustering: bool = False, alignment: str = "sparse",
+         word_selection: bool = False, word_aggregation: bool = False, word_ratio: float = 0.8,
+         word_tokens: int = 4) -> list[tuple[str, Any]]:
     """LAPS: a timm ViT/Swin, GRU text, language-context patch slimming with sparse patch-word
     alignment, triplet loss with hardest negatives plus the ratio loss (Eq. 9-10).
 
@@ -428,6 +477,22 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
         model_name: the timm model; ``None``: the paper's Base/224 model of ``backbone``.
         img_size, model_kwargs, pretrained, checkpoint_path: passed to :class:`TimmVisionEncoder`.
         ratio, aggregation: :math:`\\rho` and :math:`\\lambda`; ``None``: the backbone's defaults.
+        fusion: the fused token of the dropped patches ("without redundant fusion": False).
+        language_context: the caption's attention score :math:`a^r` (Eq. 2).
+        calibration: the semantic-spatial patch calibration, the aggregation of Eq. 6-7 (Sec. 3.3);
+            False is Table 4's "without patch calibration": the selected patches are aligned as they
+            are (:class:`~imtm.components.PatchSlimming` with ``aggregation=None``).
+        self_attention: the image's own attention score :math:`a^s` (Eq. 2).
+        attentive_only: Table 4's "only attentive scores": the significance from :math:`a^s` and
+            :math:`a^r` alone, without the predicted :math:`a^p` (``beta = 1``).
+        clustering: Table 4's clustering alternative: DPC-KNN clusters
+            (:class:`~imtm.components.DPCKNNAggregation`) instead of the learned aggregation.
+        alignment: ``"sparse"`` (Eq. 8) or ``"scan"``, Table 4's SCAN row
+            (:class:`~imtm.components.ScanAttention`).
+        word_selection, word_aggregation: Table 4's word-slimming rows (text-side blocks
+            :class:`~imtm.components.WordSelection`, :class:`~imtm.components.WordAggregation`, or
+            both chained); ``word_ratio`` and ``word_tokens`` are their :math:`\\rho` and token
+            count (choices of this library: the paper's values are not given here).
 
     References:
         Fu et al., 'Linguistic-Aware Patch Slimming Framework for Fine-grained Cross-Modal Alignment', CVPR 2024.
@@ -435,15 +500,19 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
     import math
 
     from imtm.components import (
+        DPCKNNAggregation,
         GRUTextEncoder,
         GumbelSelector,
         PatchScorer,
         PatchSlimming,
         RatioLoss,
+        ScanAttention,
         SparsePatchWordAlignment,
         TimmVisionEncoder,
         TokenAggregation,
         TripletLoss,
+        WordAggregation,
+        WordSelection,
     )
 
     if backbone not in LAPS_RATIOS:
@@ -459,22 +528,62 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
     h, w = encoder.grid_size(height, width)
     n_kept = math.ceil(rho * h * w - 1e-6)
     num_out = max(1, int(lam * n_kept + 1e-6))
-    return [
+    aligners = {"sparse": lambda: SparsePatchWordAlignment(direction=direction), "scan": ScanAttention}
+    if alignment not in aligners:
+        raise ValueError(f"alignment must be one of {sorted(aligners)}, got {alignment!r}." + suggest(alignment, aligners))
+    if clustering and not calibration:
+        raise ValueError("laps: clustering replaces the aggregation that calibration=False removes; choose one")
+    if not calibration:
+        agg = None  # Table 4 "without patch calibration": select, then align the selected patches as they are
+    elif clustering:
+        agg = DPCKNNAggregation(num_out)
+    else:
+        agg = TokenAggregation(embed_dim, num_out)
+    blocks = [
         ("image", encoder),
         ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
+    ]
+    words = "text_tokens"
+    if word_selection:
+        blocks.append(("word_selection", WordSelection(embed_dim, ratio=word_ratio, provides=("selected_text_tokens",)
+                                                       if word_aggregation else None)))
+        words = "selected_text_tokens" if word_aggregation else "slim_text_tokens"
+    if word_aggregation:
+        blocks.append(("word_aggregation", WordAggregation(embed_dim, num_out=word_tokens, requires=(words,))))
+        words = "slim_text_tokens"
+    return blocks + [
         ("laps", PatchSlimming(
-            PatchScorer(embed_dim, beta=beta, language_context=language_context, calibration=calibration),
+            PatchScorer(embed_dim, beta=1.0 if attentive_only else beta, language_context=language_context,
+                        self_attention=self_attention),
             GumbelSelector(ratio=rho, tau=tau),
-            TokenAggregation(embed_dim, num_out),
-            SparsePatchWordAlignment(direction=direction),
+            agg,
+            aligners[alignment](),
             fusion=fusion,
+            requires=None if words == "text_tokens" else ("image_tokens", words),
         )),
-        ("loss", TripletLoss(margin=margin, hardest=hardest)),
+        ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs)),
         ("ratio", RatioLoss(rho=rho, weight=ratio_weight)),
     ]
 
 
-PRESETS: dict[str, Callable[..., list]] = {"vsepp": vsepp, "chan": chan, "dias": dias, "dcpa": dcpa, "laps": laps}
+PRESETS: dict[str, Callable[..., list]] = {"vsepp": vsepp, "chan": chan, "dias": dias, "dcpa": dcpa, "laps": laps,
+                                           "ela": ela}
+
+#: The presets that read pixels through a timm ViT / Swin; the others read region features.
+PIXEL_PRESETS = ("laps", "ela")
+
+
+def small_vit(width: int, *, depth: int = 2, patch_size: int = 8) -> dict:
+    """``model_kwargs`` of a small timm ViT trained from scratch (``vit_tiny_patch16_224`` reshaped).
+
+    What :func:`build` gives the pixel presets on the synthetic benchmark's small images
+    when no image model is named: ``depth`` blocks of width ``width``, ``patch_size`` pixels.
+
+    Example:
+        >>> small_vit(64)
+        {'depth': 2, 'embed_dim': 64, 'num_heads': 2, 'patch_size': 8}
+    """
+    return {"depth": depth, "embed_dim": width, "num_heads": 2 if width % 2 == 0 else 1, "patch_size": patch_size}
 
 
 def default_stages(name: str, epochs: int) -> list | None:
@@ -491,14 +600,59 @@ def default_stages(name: str, epochs: int) -> list | None:
     return None
 
 
-def build(name: str, data, **kwargs) -> list[tuple[str, Any]]:
-    """The preset ``name`` with ``vocab`` and ``region_dim`` read from a training dataset."""
+def build(name: str, data, *, workdir=None, **kwargs) -> list[tuple[str, Any]]:
+    """The preset ``name`` with the data-dependent pieces read from a training dataset.
+
+    Region presets get ``vocab`` and ``region_dim``. ``laps`` gets ``vocab``; ``laps`` and ``ela``
+    on the synthetic benchmark's pixels (tensors, not image files), with no image model named,
+    get a small ViT from scratch (:func:`small_vit` of width ``embed_dim``, at the images' size),
+    as :mod:`imtm.compare` trains them. ``ela`` without ``text_model`` gets a small BERT from
+    scratch over the training captions, written into ``workdir`` (needed then) by
+    :func:`~imtm.components.encoders.hf_text.write_local_bert`.
+
+    Keywords the preset does not take raise ``TypeError``, as calling it would.
+
+    Example:
+        >>> from imtm.data import synthetic
+        >>> train, _, _ = synthetic.load(n_train=4, n_dev=1, n_test=1)
+        >>> [n for n, _ in build("vsepp", train, embed_dim=8, word_dim=8)]
+        ['image', 'text', 'scorer', 'loss']
+    """
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}." + suggest(name, PRESETS))
-    if getattr(data, "vocab", None) is None:
-        raise ValueError(f"presets.build: {type(data).__name__} has no vocabulary (attribute 'vocab')")
-    kwargs.setdefault("vocab", data.vocab)
-    if "region_dim" not in kwargs and "region_dim" in inspect.signature(PRESETS[name]).parameters:
+    params = inspect.signature(PRESETS[name]).parameters
+    if "vocab" in params and "vocab" not in kwargs:
+        if getattr(data, "vocab", None) is None:
+            raise ValueError(f"presets.build: {type(data).__name__} has no vocabulary (attribute 'vocab')")
+        kwargs["vocab"] = data.vocab
+    if name in PIXEL_PRESETS:
+        image_key = "model_name" if name == "laps" else "image_model"
+        # Image files (KarpathyDataset, ...) get the preset's own backbone; tensors in memory a small ViT.
+        if kwargs.get(image_key) is None and not hasattr(data, "image_paths"):
+            first = data.images[0]
+            if not isinstance(first, torch.Tensor) or first.dim() != 3:
+                raise ValueError(f"preset {name!r} reads pixels (3, H, W); the data holds images of shape "
+                                 f"{tuple(getattr(first, 'shape', ()))} (for the synthetic benchmark use its 'pixels' view)")
+            width = kwargs.get("embed_dim", inspect.signature(PRESETS[name]).parameters["embed_dim"].default)
+            kwargs[image_key] = "vit_tiny_patch16_224"
+            kwargs.setdefault("img_size", int(first.shape[-1]))
+            kwargs.setdefault("model_kwargs", small_vit(width))
+        if name == "ela" and kwargs.get("text_model") is None:
+            if workdir is None:
+                raise ValueError("presets.build('ela'): pass text_model= (a local BERT folder or 'minilm'), or "
+                                 "workdir= to write a small BERT from scratch over the training captions there")
+            from pathlib import Path
+
+            from imtm.components.encoders.hf_text import write_local_bert
+
+            width = kwargs.get("embed_dim", params["embed_dim"].default)
+            folder = Path(workdir) / "text_model"
+            if not (folder / "config.json").exists():
+                write_local_bert(folder, data.captions, hidden_size=width, num_layers=2,
+                                 num_heads=2 if width % 2 == 0 else 1)
+            kwargs["text_model"] = str(folder)
+            kwargs.setdefault("heads", 2 if width % 2 == 0 else 1)
+    if "region_dim" not in kwargs and "region_dim" in params:
         first = data.images[0]
         if isinstance(first, Tokens):
             # Extracted features (ExtractedDataset) come one image at a time as Tokens (1, N, D).

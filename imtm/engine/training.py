@@ -36,6 +36,7 @@ from imtm.engine.checkpoint import (
     resolve_checkpoint,
     write_checkpoint,
 )
+from imtm.engine.epochs import start_epoch
 from imtm.engine.evaluation import move, run_blocks
 from imtm.engine.sampling import refresh_sampler
 from imtm.tokens import NonFiniteValueError, Tokens
@@ -787,6 +788,8 @@ class Trainer:
                         set_fit_epoch_key(item_seed(self.seed, self.epoch_key(e), -2))
                         # A batch sampler that follows the model (K-means neighbours) re-clusters here.
                         refresh_sampler(self, e)
+                        # Blocks that change with the epoch (a loss's warm-up) learn it; resumed runs too.
+                        start_epoch(m.components_, e)
                         if self.loader_mode == "rebuilt":
                             self.draw_epoch_batches(e)
                         self.set_modes(stage)

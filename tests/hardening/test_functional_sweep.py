@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 import imtm.functional as F
 from imtm.functional import AttentionWeights
+from imtm.functional.lexicon import LABEL_WEIGHTS as LEX_RULES
 from imtm.testing import PADDINGS, devices, dtypes, image_ids, masks, score_matrices, tokens
 
 BF16, F32, F64 = torch.bfloat16, torch.float32, torch.float64
@@ -43,6 +44,7 @@ _SEEDS = st.integers(0, 2**32 - 1)
 EXCLUDED = {
     "POOLINGS": "a dict of the pooling functions, each swept under its own name",
     "AttentionWeights": "a frozen dataclass holding attention weights; swept through phrase_attention_*",
+    "FeedForwardWeights": "a frozen dataclass holding feed-forward weights; swept through phrase_attention_*",
 }
 
 # Functions documented as doing no validation (they run inside blocked loops, or are pure
@@ -336,6 +338,18 @@ def _attention_weights(ctx: Ctx, dim: int) -> AttentionWeights:
     )
 
 
+def _feed_forward_weights(ctx: Ctx, dim: int):
+    """Feed-forward sub-layer weights (hidden width 1-5), or None (no sub-layer)."""
+    if not ctx.flag():
+        return None
+    hidden = ctx.int(1, 5)
+    return F.FeedForwardWeights(
+        ctx.randn(hidden, dim, scale=1 / math.sqrt(dim)), ctx.randn(hidden, scale=0.1),
+        ctx.randn(dim, hidden, scale=1 / math.sqrt(hidden)), ctx.randn(dim, scale=0.1),
+        1 + ctx.randn(dim, scale=0.1), ctx.randn(dim, scale=0.1),
+    )
+
+
 def case_phrase_attention_scores(ctx: Ctx):
     heads = ctx.int(1, 2)
     d = heads * ctx.int(1, 3)
@@ -343,6 +357,7 @@ def case_phrase_attention_scores(ctx: Ctx):
     kwargs = {
         "self_attn": _attention_weights(ctx, d), "cross_attn": _attention_weights(ctx, d), "heads": heads,
         "k": ctx.pick([None, 1, 2, 10]), "max_block_elements": ctx.budget(),
+        "feed_forward": _feed_forward_weights(ctx, d), "average": ctx.pick(["features", "cosines"]),
     }
     fn = F.phrase_attention_scores
     out = expect(fn(v, t, vm, tm, **kwargs), (v.shape[0], t.shape[0]), ctx.dtype, ctx, "phrase_attention_scores")
@@ -356,7 +371,8 @@ def case_phrase_attention_token_scores(ctx: Ctx):
     b = ctx.int(1, 3)
     q, qm = ctx.tokens(b, 4, d)
     k, km = ctx.tokens(b, 4, d)
-    kwargs = {"self_attn": _attention_weights(ctx, d), "cross_attn": _attention_weights(ctx, d), "heads": heads}
+    kwargs = {"self_attn": _attention_weights(ctx, d), "cross_attn": _attention_weights(ctx, d), "heads": heads,
+              "feed_forward": _feed_forward_weights(ctx, d)}
     fn = F.phrase_attention_token_scores
     what = "phrase_attention_token_scores"
     out = expect(fn(q, k, qm, km, **kwargs), q.shape[:2], ctx.dtype, ctx, what, finite=False)
@@ -699,6 +715,16 @@ def case_word_region_pairs(ctx: Ctx):
     finite_grads(lambda a, c: F.word_region_pairs(a, c, vm, tm), [v, t], [vm, tm], what)
 
 
+def case_scan_t2i_scores(ctx: Ctx):
+    v, t, vm, tm = _pair_inputs(ctx)
+    kwargs = {"smooth": ctx.pick([1.0, 9.0, 50.0]), "max_block_elements": ctx.budget()}
+    fn = F.scan_t2i_scores
+    what = "scan_t2i_scores"
+    out = expect(fn(v, t, vm, tm, **kwargs), (v.shape[0], t.shape[0]), ctx.dtype, ctx, what)
+    within(out, -1, 1, ctx.dtype, what)
+    _pair_properties(ctx, fn, v, t, vm, tm, out, kwargs, what)
+
+
 # ---------------------------------------------------------------------------- LAPS patch slimming
 def _significance(ctx: Ctx, *shape):
     a = ctx.rand(*shape)
@@ -767,6 +793,44 @@ def case_ratio_loss(ctx: Ctx):
 
 def _decisions(ctx: Ctx, *shape):
     return (ctx.rand(*shape) > 0.5).to(ctx.dtype)
+
+
+def case_dpc_knn_weights(ctx: Ctx):
+    bi, bt, n, d, nc = ctx.int(1, 3), ctx.int(1, 3), ctx.int(1, 5), ctx.int(1, 4), ctx.int(1, 4)
+    m = ctx.mask(bi, max_tokens=n)
+    n = m.shape[1]
+    v = ctx.randn(bi, n, d)
+    dec = _decisions(ctx, bi, n, bt)
+    k = ctx.int(1, 4)
+    mask = m if ctx.flag() else None
+    what = "dpc_knn_weights"
+    weights, valid = F.dpc_knn_weights(v, dec, nc, k=k, mask=mask)
+    expect(weights, (bi, n, bt, nc), ctx.dtype, ctx, what)
+    assert valid.dtype == torch.bool and tuple(valid.shape) == (bi, bt, nc), f"{what}: valid {valid.dtype} {tuple(valid.shape)}"
+    kept = (dec > 0) & (m.unsqueeze(-1) if mask is not None else True)
+    # Every kept patch joins exactly one cluster; dropped and padded patches join none.
+    member = (weights > 0).sum(-1)
+    assert bool((member[kept] == 1).all()), f"{what}: a kept patch is in {member[kept].tolist()} clusters"
+    assert bool((member[~kept] == 0).all()), f"{what}: a dropped or padded patch has weight"
+    # A non-empty cluster's weights are 1/|C| each, so they sum to 1; an empty cluster is not valid.
+    close(weights.sum(1), valid.to(ctx.dtype).permute(0, 1, 2), ctx.dtype, f"{what}: cluster weights must sum to 1")
+    assert int(valid.sum()) <= int(kept.sum()), f"{what}: more clusters than kept patches"
+    if mask is not None:
+        # NaN in padded patches changes nothing.
+        w2, v2 = F.dpc_knn_weights(nan_padding(v, m), dec, nc, k=k, mask=mask)
+        close(w2, weights, ctx.dtype, f"{what}: NaN in padding changed the weights")
+        assert torch.equal(v2, valid)
+    finite_grads(lambda a, b: F.dpc_knn_weights(a, b, nc, k=k, mask=mask)[0], [v, dec], None, what)
+
+
+def errors_dpc_knn_weights(ctx: Ctx):
+    v = ctx.randn(1, 3, 2)
+    dec = torch.ones(1, 3, 2, dtype=ctx.dtype, device=ctx.device)
+    return [
+        (lambda: F.dpc_knn_weights(v, dec, 0), ValueError, r"num_clusters must be a positive int"),
+        (lambda: F.dpc_knn_weights(v, dec, 2, k=True), ValueError, r"k must be a positive int"),
+        (lambda: F.dpc_knn_weights(v, dec[:, :2], 2), ValueError, r"expected patches \(Bi, N, D\) and decisions"),
+    ]
 
 
 def case_aggregation_weights(ctx: Ctx):
@@ -893,7 +957,7 @@ def case_expansive_soft_labels(ctx: Ctx):
     probs = torch.softmax(ctx.randn(b, m, v, dtype=F64), -1).to(ctx.dtype)
     plan = ctx.rand(b, n, m) * (ctx.rand(b, n, 1) > 0.3)  # some patch rows without mass
     cost = ctx.rand(b, n, m, high=2.0)
-    kwargs = {"label_weights": ctx.pick(["plan_topk", "one_minus_cost"]), "top_k": ctx.int(1, 4)}
+    kwargs = {"label_weights": ctx.pick(sorted(LEX_RULES)), "top_k": ctx.int(1, 4)}
     what = "expansive_soft_labels"
     if ctx.flag():
         out = F.expansive_soft_labels(plan, probs, wm, cost=cost, **kwargs)
@@ -1272,6 +1336,7 @@ ERRORS = {
          ({"reduction": "summ"}, ValueError, r"Did you mean 'sum'")],
     ),
     "distance_weighted_negatives": errors_distance_weighted_negatives,
+    "dpc_knn_weights": errors_dpc_knn_weights,
     "expansive_soft_labels": errors_expansive_soft_labels,
     "global_cosine_scores": errors_global_cosine_scores,
     "gumbel_keep_decisions": errors_gumbel_keep_decisions,
@@ -1293,6 +1358,11 @@ ERRORS = {
     "ratio_loss": errors_ratio_loss,
     "resolve_pooling": errors_resolve_pooling,
     "sample_hard_negatives": errors_sample_hard_negatives,
+    "scan_t2i_scores": _both(
+        _pair_errors(F.scan_t2i_scores),
+        lambda ctx: [(lambda: F.scan_t2i_scores(ctx.randn(1, 2, 4), ctx.randn(1, 2, 4), smooth=0.0),
+                      ValueError, r"smooth must be a finite number > 0")],
+    ),
     "soft_assignment_scores": _both(
         _pair_errors(F.soft_assignment_scores),
         _kw_error(F.soft_assignment_scores, {"tau": 0.0}, ValueError, r"tau must be a finite number > 0"),
@@ -1334,6 +1404,7 @@ CASES = {
     "dimension_alignment_loss": case_dimension_alignment_loss,
     "dimension_correlation": case_dimension_correlation,
     "distance_weighted_negatives": case_distance_weighted_negatives,
+    "dpc_knn_weights": case_dpc_knn_weights,
     "expansive_soft_labels": case_expansive_soft_labels,
     "fusion_weights": case_fusion_weights,
     "global_cosine_scores": case_global_cosine_scores,
@@ -1356,6 +1427,7 @@ CASES = {
     "ratio_loss": case_ratio_loss,
     "resolve_pooling": case_resolve_pooling,
     "sample_hard_negatives": case_sample_hard_negatives,
+    "scan_t2i_scores": case_scan_t2i_scores,
     "slimmed_cosines": case_slimmed_cosines,
     "soft_assignment_scores": case_soft_assignment_scores,
     "softmax_pool": _pool_case("softmax_pool", bounded="set"),
@@ -1498,6 +1570,7 @@ MIXED = {
     "hard_assignment_scores": _mixed_pair_scorer(F.hard_assignment_scores),
     "soft_assignment_scores": _mixed_pair_scorer(F.soft_assignment_scores),
     "sparse_alignment_scores": _mixed_pair_scorer(F.sparse_alignment_scores),
+    "scan_t2i_scores": _mixed_pair_scorer(F.scan_t2i_scores),
     "global_cosine_scores": _mixed_two(lambda v, t: F.global_cosine_scores(v, t), (2, 3, 4), (3, 2, 4), "refuse"),
     "cosine_similarity_matrix": _mixed_two(F.cosine_similarity_matrix, (2, 4), (3, 4), "refuse"),
     "topk_mean_scores": _mixed_two(lambda v, c: F.topk_mean_scores(v, c, k=2), (2, 3, 4), (3, 4), "promote"),
