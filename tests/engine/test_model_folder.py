@@ -46,7 +46,7 @@ def contents(folder):
 def test_save_refuses_a_folder_of_user_files_and_leaves_every_file(fitted, tmp_path):
     folder = tmp_path / "work"
     before = user_files(folder)
-    with pytest.raises(FileExistsError, match=r"is not empty .*not a saved model.*overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"is not empty .*not a saved imtm.Matcher/1 folder.*overwrite=True"):
         fitted.save(folder)
     assert contents(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]  # no temporary left beside it
