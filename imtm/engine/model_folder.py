@@ -157,6 +157,7 @@ def write_folder(
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise FileExistsError(f"{what}: {path} exists and is not a folder; nothing was written. Give a folder path")
+    path = Path(os.path.abspath(path))  # "." or "runs/x/" name a folder with a name and a parent
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True)
     recover_run(parent, path.name)  # the leftovers of a killed writer of this very folder
@@ -187,7 +188,9 @@ def write_folder(
                 "empty folder, or pass overwrite=True to write the files beside the others (only files an "
                 "earlier imtm folder of this kind listed as its own are ever replaced; no other file is touched)"
             )
-        if not others:  # only a previous imtm folder: swap it whole, atomically
+        cwd = Path(os.getcwd())
+        if not others and path != cwd and path not in cwd.parents:
+            # Only a previous imtm folder (and not the working directory, which must stay): swap it whole.
             old = parent / f".{path.name}.old-{os.getpid()}"
             os.replace(path, old)
             os.replace(tmp, path)
