@@ -118,6 +118,10 @@ class DimensionAlignmentLoss(Loss):
         self.pairs = pairs
         self.weight = weight
 
+    def default_names(self) -> dict[str, tuple[str, ...]]:
+        """The names of ``pairs`` (the class defaults for an unknown value, which validate() refuses)."""
+        return {**super().default_names(), **(_pairs_defaults(self.pairs) or {})}
+
     def set_params(self, **params) -> DimensionAlignmentLoss:
         """As :meth:`Component.set_params`; a new ``pairs`` moves an unrenamed ``requires`` along."""
         old = self.pairs
