@@ -26,9 +26,9 @@ import math
 from numbers import Real
 from typing import Any, ClassVar
 
-from torch import nn
+import torch.nn as nn
 
-__all__ = ["COMPONENT_REGISTRY", "VALUE_NAMES", "Component", "Loss", "register", "suggest"]
+__all__ = ["Component", "Loss", "VALUE_NAMES", "suggest", "COMPONENT_REGISTRY", "register"]
 
 #: The shared vocabulary of value names that flow between blocks.
 VALUE_NAMES: dict[str, str] = {
@@ -201,7 +201,7 @@ class Component(nn.Module):
             out[name] = value
         return out
 
-    def set_params(self, **params) -> Component:
+    def set_params(self, **params) -> "Component":
         """Set constructor arguments (``name__param`` reaches into nested blocks).
 
         Changing an argument that shapes parameters (a dimension) only takes effect

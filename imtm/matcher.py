@@ -19,10 +19,9 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ from imtm.engine.evaluation import (
 from imtm.engine.graph import PipelineError, Plan, build_plan, name_components
 from imtm.engine.serialization import ConfigError, check_depth, decode_value, encode_value
 
-__all__ = ["Matcher", "NotFittedError", "PipelineError", "Stage"]
+__all__ = ["Matcher", "Stage", "NotFittedError", "PipelineError"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,11 +75,11 @@ class Stage:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> Stage:
+    def from_dict(cls, d: dict) -> "Stage":
         return cls(**d)
 
 
-from imtm.engine.serialization import register_serializable
+from imtm.engine.serialization import register_serializable  # noqa: E402
 
 register_serializable(Stage)
 
@@ -206,7 +205,7 @@ class Matcher(BaseEstimator):
                 out[f"{name}__{k}"] = v
         return out
 
-    def set_params(self, **params) -> Matcher:
+    def set_params(self, **params) -> "Matcher":
         """Set parameters (``block__param`` reaches into a named block, ``name=block`` replaces one).
 
         As in scikit-learn, values are stored, not checked: ``fit`` (through :meth:`validate`) checks
@@ -360,7 +359,7 @@ class Matcher(BaseEstimator):
         return cfg
 
     @classmethod
-    def from_config(cls, config: dict) -> Matcher:
+    def from_config(cls, config: dict) -> "Matcher":
         """Rebuild an unfitted Matcher from :meth:`get_config` output (registered blocks only)."""
         if not isinstance(config, dict) or config.get("format") != "imtm.Matcher/1":
             raise ConfigError("not an imtm Matcher configuration (missing format 'imtm.Matcher/1')")
@@ -416,7 +415,7 @@ class Matcher(BaseEstimator):
             elif not self.compile and compiled:
                 block._compiled_call_impl = None
 
-    def fit(self, train, eval_set=None, *, resume: bool | str | os.PathLike = False) -> Matcher:
+    def fit(self, train, eval_set=None, *, resume: bool | str | os.PathLike = False) -> "Matcher":
         """Train on ``train`` (a torch Dataset or DataLoader), evaluating on ``eval_set`` each epoch.
 
         Args:
@@ -626,7 +625,7 @@ class Matcher(BaseEstimator):
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> Matcher:
+    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> "Matcher":
         """Load a folder written by :meth:`save` (or a checkpoint folder); verifies checksums.
 
         Blocks are rebuilt from registered imtm classes only; no file can make this run code.
