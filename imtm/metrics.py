@@ -81,6 +81,7 @@ __all__ = [
     "RetrievalRanks",
     "SimilarityRecord",
     "average_similarities",
+    "chance_metrics",
     "coco_1k_5fold",
     "coco_5k",
     "evaluate_protocol",
@@ -325,6 +326,61 @@ def metrics_from_ranks(ranks: RetrievalRanks) -> dict[str, float]:
         out[f"{direction}_meanr"] = float(r.double().mean()) + 1.0
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
     return {k: out[k] for k in METRIC_KEYS}
+
+
+def chance_metrics(caption_to_image) -> dict[str, float]:
+    """The expected recalls and rSum of a model that scores at random, for one test set.
+
+    A reference line for any results table: a recall near it means nothing was learned.
+    With uniformly random scores an image query with :math:`c` of the :math:`N_c` captions
+    ranks one of them in its top :math:`K` with probability
+    :math:`1 - \\binom{N_c - c}{K} / \\binom{N_c}{K}`, and a caption query ranks its one
+    image among the :math:`N_i` images in the top :math:`K` with probability
+    :math:`\\min(K, N_i) / N_i`; the recalls are the means over the queries.
+
+    Args:
+        caption_to_image: ``(n_captions,)`` integer image index of each caption, as for
+            :func:`retrieval_metrics` (any number of captions per image, at least one each;
+            the number of images is the largest index plus one).
+
+    Returns:
+        A dict of Python floats with the six recall keys of :data:`METRIC_KEYS` in percent
+        and ``rsum``.
+
+    Raises:
+        ValueError: no captions, negative indices, an image without captions.
+        TypeError: non-integer ``caption_to_image``.
+
+    Shape:
+        - caption_to_image: ``(Bt,)``
+
+    Example:
+        >>> m = chance_metrics(torch.arange(100).repeat_interleave(5))  # 100 images x 5 captions
+        >>> round(m["t2i_r1"], 2), round(m["i2t_r5"], 2), round(m["rsum"], 1)
+        (1.0, 4.92, 31.6)
+    """
+    import math
+
+    what = "chance_metrics"
+    n_captions = len(caption_to_image) if hasattr(caption_to_image, "__len__") else 0
+    if n_captions == 0:
+        raise ValueError(f"{what}: there are no captions; give the test set's caption_to_image")
+    try:
+        arr = caption_to_image.cpu() if isinstance(caption_to_image, torch.Tensor) else caption_to_image
+        n_images = int(np.max(np.asarray(arr))) + 1
+    except (TypeError, ValueError):  # not integers: _as_caption_to_image names the problem
+        n_images = 1
+    c2i = _as_caption_to_image(caption_to_image, max(n_images, 1), n_captions, "cpu", what)
+    counts = torch.bincount(c2i, minlength=n_images).tolist()
+    out: dict[str, float] = {}
+    for k in RECALL_KS:
+        total = math.comb(n_captions, k)
+        # P(none of an image's c captions in the top K) = C(Nc - c, K) / C(Nc, K), exactly in integers.
+        miss = sum(math.comb(n_captions - c, k) for c in counts)
+        out[f"i2t_r{k}"] = 100.0 * (1.0 - miss / (total * n_images)) if total else 100.0
+        out[f"t2i_r{k}"] = 100.0 * min(k, n_images) / n_images
+    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
+    return {k: out[k] for k in METRIC_KEYS if k in out}
 
 
 def retrieval_metrics(sims: Sims, caption_to_image, *, return_ranks: bool = False) -> dict[str, Any]:
@@ -583,7 +639,10 @@ def load_similarity(path) -> SimilarityRecord:
             sims: Any = (f.get_tensor("sims_i2t"), f.get_tensor("sims_t2i"))
         else:
             sims = f.get_tensor("sims")
-    return SimilarityRecord(sims, c2i, json.loads(metadata.get("meta", "{}")))
+    from imtm._io import loads_json
+
+    meta = loads_json(metadata.get("meta", "{}"), f"load_similarity: the 'meta' entry of {str(path)!r}")
+    return SimilarityRecord(sims, c2i, meta)
 
 
 def average_similarities(list_of_sims: Sequence, weights: Sequence[float] | None = None):

@@ -103,9 +103,11 @@ def dcpa(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
     ``scores_t2i = w0 * scores_intra + w1 * scores_inter_t2i``.
 
     Args:
-        k: K of the top-K aggregations (intra and inter); ``None``: the global average (Table IV).
+        k: K of the top-K aggregations (intra and inter); ``None``: the global average, features
+            pooled first and one cosine taken (Table IV's "w/o local-agg"; with the intra-modal
+            blocks alone, Table III's SAEM-style aggregation).
         margin: triplet margin (0.1 in the paper). hardest: hardest negatives (the paper) or summed.
-        decoupled: ``False`` is the "without decoupling" ablation (Table III): one symmetric
+        decoupled: ``False`` is the "without decoupling" ablation (Table IV): one symmetric
             inter-modal score (the mean of the two branches) trained with one symmetric triplet
             loss, and one fused ``scores`` for both directions.
         weights: ``(w0, w1)``, the fusion weights of the intra-modal and inter-modal scores.
@@ -178,9 +180,11 @@ DIAS_WEIGHTS = {"dimension": 10.0, "inter": 0.05, "intra": 0.1}
 
 
 def dias_losses(*, dimension: bool = True, inter: bool = True, intra: bool = True, sparse: bool = True,
+                inter_sparse: bool | None = None, intra_sparse: bool | None = None,
                 beta: float = 0.0, dim_weight: float = DIAS_WEIGHTS["dimension"],
                 inter_weight: float = DIAS_WEIGHTS["inter"], intra_weight: float = DIAS_WEIGHTS["intra"],
-                dim_temperature: float = 0.1, mask_temperature: float = 0.1,
+                dim_temperature: float = 0.1, mask_temperature: float = 0.1, mask_rule: str = "intent",
+                correlation: str = "cosine", dim_objective: str = "softmax", beta_instances: int | None = None,
                 pool: bool = True) -> list[tuple[str, Any]]:
     """DIAS's regularisers, to append to any preset whose blocks provide ``image_tokens`` and ``text_tokens``.
 
@@ -196,14 +200,22 @@ def dias_losses(*, dimension: bool = True, inter: bool = True, intra: bool = Tru
     (``dim_loss``) and :class:`~imtm.components.SpatialConstraintLoss` of kind ``"inter"``
     (``inter_loss``) and ``"intra"`` (``intra_loss``), weighted as Eq. 17
     (``L = L_loc + 10 L_dim + 0.05 L_inter + 0.1 L_intra``). In a training batch, row ``b``
-    of the images is the image of caption ``b``, so the losses pair each caption with its image.
+    of the images is the image of caption ``b``, so the losses pair each caption with its image,
+    and the spatial constraints read ``positives`` so that two captions of one image are not an
+    unmatched pair.
 
     Args:
         dimension, inter, intra: which regularisers to add (the ablations of Table 4).
-        sparse: the sparse-correlation mask on both spatial constraints (Eq. 11-16).
+        sparse: the sparse-correlation mask on both spatial constraints (Eq. 11-14).
+        inter_sparse, intra_sparse: the mask on one constraint alone (``None``: ``sparse``); the
+            inter- and intra-modality sparsity ablations.
         beta: initial threshold scale of the masks (learned).
         dim_weight, inter_weight, intra_weight: the omegas of Eq. 17.
         dim_temperature: tau of the dimension-alignment shares. mask_temperature: of the soft masks.
+        mask_rule: ``"intent"`` or ``"printed"``, the reading of Eq. 14 (see ``docs/dias.md``).
+        correlation: ``"cosine"`` (the paper's default correlation) or ``"pearson"`` for Eq. 4.
+        dim_objective: ``"softmax"`` (Eq. 6) or ``"intuitive"`` (Eq. 5).
+        beta_instances: ``None`` (one beta per mask) or one per batch position (at least the batch size).
         pool: add the two mean-pooling blocks.
 
     References:
@@ -216,35 +228,46 @@ def dias_losses(*, dimension: bool = True, inter: bool = True, intra: bool = Tru
     if pool:
         blocks += [("image_pool", MeanEmbedding(side="image")), ("text_pool", MeanEmbedding(side="text"))]
     if dimension:
-        blocks.append(("dim_loss", DimensionAlignmentLoss(temperature=dim_temperature, weight=dim_weight)))
+        blocks.append(("dim_loss", DimensionAlignmentLoss(temperature=dim_temperature, weight=dim_weight,
+                                                          correlation=correlation, objective=dim_objective)))
+    masks = {"inter": sparse if inter_sparse is None else inter_sparse,
+             "intra": sparse if intra_sparse is None else intra_sparse}
     for kind, on, weight in (("inter", inter, inter_weight), ("intra", intra, intra_weight)):
         if on:
-            blocks.append((f"{kind}_loss", SpatialConstraintLoss(kind=kind, sparse=sparse, beta=beta,
-                                                                 temperature=mask_temperature, weight=weight)))
+            blocks.append((f"{kind}_loss", SpatialConstraintLoss(kind=kind, sparse=masks[kind], beta=beta,
+                                                                 temperature=mask_temperature, weight=weight,
+                                                                 rule=mask_rule, beta_instances=beta_instances)))
     return blocks
 
 
+#: The scorers :func:`dias` can use: DIAS's own framework (Eq. 1-3) or CHAN's soft-assignment coding.
+DIAS_SCORERS = ("local", "soft")
+
+
 def dias(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, context_heads: int = 8,
-         tau: float = 0.1, pooling: str = "lse", temperature: float = 0.1, margin: float = 0.2,
-         hardest: bool = True, miner: bool = False, **losses) -> list[tuple[str, Any]]:
+         scorer: str = "local", weighting: str = "linear", tau: float = 0.1, pooling: str = "lse",
+         temperature: float = 0.1, margin: float = 0.2, hardest: bool = True, miner: bool = False,
+         **losses) -> list[tuple[str, Any]]:
     """DIAS: the local matching framework (Eq. 1-3) trained with DIAS's regularisers (Eq. 17).
 
-    The local matching framework (each word attends over the regions with
-    correlation weights, the attended vectors are compared with the words and
-    pooled into one score, triplet loss) is what
-    :class:`~imtm.components.SoftAssignmentCoding` computes, so the preset uses it
-    over the same encoders as :func:`chan` (precomputed regions with a
-    self-attention context layer, GRU text). The paper averages the word scores
-    (``pooling="mean"``); the default here is the log-sum-exp pooling of CHAN's
-    soft-coding row, for comparability with :func:`chan` (settled in the docs).
-    Then :func:`dias_losses` (``**losses`` goes to it).
+    Over the same encoders as :func:`chan` (precomputed regions with a self-attention
+    context layer, GRU text), the scorer is :class:`~imtm.components.LocalMatching`
+    (``scorer="local"``, default): every region updated from the words and every word
+    from the regions (Eq. 1, ``weighting`` ``"linear"`` as printed or ``"softmax"``),
+    averaged into two global vectors (Eq. 2) compared by their cosine (Eq. 3).
+    ``scorer="soft"`` keeps the earlier stand-in, CHAN's soft-assignment coding with
+    ``pooling`` of the word scores. Then a triplet loss and :func:`dias_losses`
+    (``**losses`` goes to it: ``mask_rule``, ``inter_sparse``, ``intra_sparse``, ...).
 
     Args:
-        tau: attention temperature of the coding. pooling, temperature: word-score pooling.
+        scorer: ``"local"`` (:class:`~imtm.components.LocalMatching`) or ``"soft"``
+            (:class:`~imtm.components.SoftAssignmentCoding`).
+        weighting: Eq. 1's normalisation for ``"local"``, ``"linear"`` or ``"softmax"``.
+        tau: softmax temperature (of ``weighting="softmax"``, or of the soft coding's attention).
+        pooling, temperature: word-score pooling of ``scorer="soft"``.
         margin, hardest: the triplet loss (hardest negative, or summed with ``hardest=False``).
         miner: sample the triplet negatives by distance (Wu et al.; :class:`~imtm.components.DistanceWeightedMiner`)
-            as DIAS does. It reads scores as cosines of unit vectors, which the mean pooling gives;
-            log-sum-exp scores can exceed 1 and then all sit at the weight cap.
+            as DIAS does. It reads scores as cosines of unit vectors, which ``scorer="local"`` gives.
 
     References:
         Ma et al., 'Bridging the Modality Gap: Dimension Information Alignment and Sparse Spatial
@@ -253,17 +276,24 @@ def dias(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
     from imtm.components import (
         DistanceWeightedMiner,
         GRUTextEncoder,
+        LocalMatching,
         PrecomputedEncoder,
         SelfAttentionContext,
         SoftAssignmentCoding,
         TripletLoss,
     )
 
+    scorers = {
+        "local": lambda: LocalMatching(weighting=weighting, tau=tau),
+        "soft": lambda: SoftAssignmentCoding(tau=tau, pooling=pooling, temperature=temperature),
+    }
+    if scorer not in scorers:
+        raise ValueError(f"dias: scorer must be one of {sorted(scorers)}, got {scorer!r}." + suggest(scorer, scorers))
     return [
         ("image", PrecomputedEncoder(in_dim=region_dim, out_dim=embed_dim)),
         ("context", SelfAttentionContext(dim=embed_dim, heads=context_heads)),
         ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
-        ("coding", SoftAssignmentCoding(tau=tau, pooling=pooling, temperature=temperature)),
+        ("coding", scorers[scorer]()),
         ("loss", TripletLoss(margin=margin, hardest=hardest,
                              miner=DistanceWeightedMiner(dim=embed_dim) if miner else None)),
     ] + dias_losses(**losses)
@@ -273,10 +303,10 @@ def dias(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
 def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int | None = None,
         embed_dim: int = 256, model_kwargs: dict | None = None, pretrained: bool = False,
         mask_ratio: float = 0.3, mlm: bool = True, itm: bool = True, lexicon: bool = True, expansion: bool = True,
-        distillation: bool = True, rerank_k: int | None = 16, cross_layers: int = 2, w2l_layers: int = 1,
-        heads: int = 4, temperature: float = 0.07, label_weights: str = "plan_topk",
+        distillation: bool = True, rerank_k: int | None = 16, cross_layers: int = 2, w2l_layers: int = 2,
+        heads: int = 4, temperature: float = 0.07, label_weights: str = "plan_cosine_softmax",
         kl_direction: str = "prediction_first", max_length: int = 40, separate_masked_view: bool = True,
-        lexicon_weight: float = 1.0) -> list[tuple[str, Any]]:
+        lexicon_weight: float = 1.0, w2l_loss: bool = False) -> list[tuple[str, Any]]:
     """ELA: a ViT and a BERT-style encoder trained with contrastive, matching and masked-LM objectives
     plus expansive lexicon-patch alignment and cross-modal lexicon distillation.
 
@@ -294,9 +324,9 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
       the matching head with hard negatives sampled from the contrastive scores;
     - ``mlm_head`` + ``mlm_loss`` (``mlm`` or ``distillation``): image-aware masked-LM through ``cross``;
     - ``p2l`` + ``w2l`` + ``ela_loss`` (``lexicon``): the lexicon heads, tied to ``text``'s word embeddings,
-      and Eq. 5-7 on the masked patches; ``expansion=False`` labels patches with one-hot words; with
-      ``expansion`` the word-to-lexicon head learns masked-LM on the captions (``w2l_masked`` +
-      ``w2l_loss``);
+      and Eq. 5-7 on the masked patches; ``expansion=False`` labels patches with one-hot words;
+      ``w2l_loss=True`` (an option, off by default: Eq. 11 has no such term) adds masked-LM on the
+      captions for the word-to-lexicon head (``w2l_masked`` + ``w2l_loss``);
     - ``distill_loss`` (``distillation``): Eq. 8-10, ``cross``'s masked-LM teaching ``w2l``;
     - ``rerank`` (``rerank_k``, needs ``itm``): two-stage retrieval, the matching head re-ranking each
       query's top-``rerank_k`` by the contrastive score (:class:`~imtm.components.MatchingReranker`).
@@ -313,6 +343,14 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
             the masked view for Eq. 2 and 7 (``True``); or one masked pass for every objective
             (``False``), where training sees masked images and evaluation whole ones.
         lexicon_weight: weight of the ELA loss (Eq. 7) in the total.
+        w2l_layers: transformer layers of the word-to-lexicon head (Eq. 4; the paper: two, as the
+            two ``BertLayer`` of ``ctext_head`` in ``ALBEF.__init__``, model/model_pretrain.py of
+            Lydia-yang/ELA).
+        label_weights: the weights of Eq. 6 (see :func:`imtm.functional.expansive_soft_labels`);
+            the default is the authors' released rule.
+        w2l_loss: add a masked-LM loss on the word-to-lexicon head's predictions for the masked
+            captions (not in the paper's Eq. 11; without it, and without distillation, the head
+            learns nothing, as in the paper's "+ expansion" row).
 
     References:
         Yang et al., 'Pre-training Cross-Modal Retrieval by Expansive Lexicon-Patch Alignment',
@@ -344,7 +382,7 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
     text = HFTextEncoder(text_model, out_dim=embed_dim, max_length=max_length)
     vocab_size, word_dim = text.vocab_size, int(text.word_embeddings.embedding_dim)
     scores = "itc_scores" if rerank_k else "scores"
-    needs_masked_text = mlm or distillation or (lexicon and expansion)
+    needs_masked_text = mlm or distillation or (lexicon and expansion and w2l_loss)
     two_views = bool(lexicon and separate_masked_view and mask_ratio > 0)
     blocks: list[tuple[str, Any]] = [
         ("image", TimmVisionEncoder(image_model, pretrained=pretrained, out_dim=embed_dim, img_size=img_size,
@@ -387,11 +425,11 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
             ("w2l", WordToLexiconHead(embed_dim, word_dim, vocab_size, embedding="text", layers=w2l_layers,
                                       heads=heads)),
         ]
-        if expansion:
-            blocks += [
-                ("w2l_masked", Reuse("w2l", requires=("masked_text_tokens",), provides=("word_lexicon_masked",))),
-                ("w2l_loss", MaskedLanguageModelingLoss(requires=("word_lexicon_masked", "mlm_labels"))),
-            ]
+        if expansion and (w2l_loss or distillation):
+            blocks.append(
+                ("w2l_masked", Reuse("w2l", requires=("masked_text_tokens",), provides=("word_lexicon_masked",))))
+        if expansion and w2l_loss:
+            blocks.append(("w2l_loss", MaskedLanguageModelingLoss(requires=("word_lexicon_masked", "mlm_labels"))))
         requires = ExpansiveLexiconLoss.requires + (() if expansion else ("text_ids",))
         blocks.append(("ela_loss", ExpansiveLexiconLoss(label_weights=label_weights, expansion=expansion,
                                                         direction=kl_direction, weight=lexicon_weight,

@@ -12,6 +12,7 @@ def test_compare_cli_writes_table_csv_and_plot(tmp_path, capsys):
     assert main(["compare", "--presets", "vsepp,laps", "--epochs", "1", "--quick", "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| vsepp | regions |" in printed and "| laps | pixels |" in printed
+    assert printed.startswith("--quick: a smoke test") and "chance (random scores) on this test split" in printed
     with open(out / "compare.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["preset"] for r in rows] == ["vsepp", "laps"]
@@ -40,7 +41,7 @@ def test_markdown_table_has_one_row_per_preset():
     assert all(line.count("|") == lines[0].count("|") for line in lines)
 
 
-def test_compare_bad_inputs(tmp_path):
+def test_compare_bad_inputs(tmp_path, capsys):
     tiny = CompareSettings(epochs=1, n_train=10, n_dev=2, n_test=5)
     with pytest.raises(ValueError, match="unknown preset 'chann'.*Did you mean 'chan'"):
         compare("chann", settings=tiny)
@@ -52,6 +53,8 @@ def test_compare_bad_inputs(tmp_path):
         compare("dcpa", settings=tiny)
     with pytest.raises(ValueError, match="train on pixels"):
         compare("laps", data=str(tmp_path), settings=tiny)
-    with pytest.raises(SystemExit, match="imtm compare: unknown preset"):
+    with pytest.raises(SystemExit) as stop:  # a usage error: exit status 2, the valid names on stderr
         main(["compare", "--presets", "nope", "--quick", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "unknown preset 'nope'; choose from chan, dcpa, dias, ela, laps, vsepp" in capsys.readouterr().err
     assert set(COMPARE_PRESETS) == {"vsepp", "chan", "dcpa", "dias", "laps", "ela"}

@@ -46,8 +46,9 @@ def test_fit_tie_save_load_and_two_stage_scores(data_and_model, tmp_path):
     m.fit(train)
     assert_tied(m)
     hist = m.history_[-1]
-    for loss in ("itc_loss", "itm_loss", "mlm_loss", "w2l_loss", "ela_loss", "distill_loss"):
+    for loss in ("itc_loss", "itm_loss", "mlm_loss", "ela_loss", "distill_loss"):
         assert f"loss/{loss}" in hist
+    assert "loss/w2l_loss" not in hist  # Eq. 11 has no such term: an option, off by default
     i2t, t2i = m.similarity(test.images, test.captions)
     assert i2t.shape == (4, len(test.captions)) and t2i.shape == i2t.shape
     m.save(tmp_path / "ela")
@@ -96,6 +97,14 @@ def test_ablation_flags_and_errors(data_and_model):
     names = [n for n, _ in make(folder, expansion=False, distillation=False, mlm=False).components]
     assert "masking" in names and "w2l_loss" not in names and "ela_loss" in names
     make(folder, expansion=False, distillation=False, mlm=False).validate()
+    full = dict(make(folder).components)
+    assert "w2l_loss" not in full and full["w2l"].layers == 2  # Eq. 4: two transformer layers
+    assert full["ela_loss"].label_weights == "plan_cosine_softmax"
+    opt = make(folder, w2l_loss=True, distillation=False, mlm=False)
+    assert {"w2l_masked", "w2l_loss", "masking", "masked_text"} <= {n for n, _ in opt.components}
+    opt.validate()
+    plain = [n for n, _ in make(folder, distillation=False, mlm=False).components]
+    assert "w2l_masked" not in plain and "masking" not in plain
     with pytest.raises(ValueError, match="needs the matching head"):
         presets.ela(text_model=folder, itm=False, rerank_k=4)
     with pytest.raises(ValueError, match="needs lexicon=True, expansion=True"):

@@ -2,7 +2,7 @@ from imtm.components.encoders import GRUTextEncoder, PrecomputedEncoder
 from imtm.components.encoders import HFTextEncoder, TimmVisionEncoder
 from imtm.components.losses import InfoNCELoss, TripletLoss
 from imtm.components.scorers import GlobalCosine
-from imtm.components.scorers import HardAssignmentCoding, SoftAssignmentCoding
+from imtm.components.scorers import HardAssignmentCoding, LocalMatching, SoftAssignmentCoding
 from imtm.components.scorers import GumbelSelector, PatchScorer, PatchSlimming, RedundantFusion, SparsePatchWordAlignment, TokenAggregation
 from imtm.components.losses import RatioLoss
 from imtm.components.refiners.self_attention import SelfAttentionContext

@@ -13,6 +13,7 @@ from imtm.components.scorers.hard_assignment import named_errors
 from imtm.functional.blocking import resolve_option
 from imtm.functional.dias import (
     DISTANCES,
+    MASK_RULES,
     SPATIAL_KINDS,
     sparse_correlation_mask,
     spatial_differences,
@@ -54,10 +55,11 @@ class SparseCorrelation(Component):
         learnable: learn :math:`\beta`.
         temperature: :math:`T > 0`, in standard deviations of :math:`p`.
         distance: ``"cosine"`` or ``"euclidean"``.
+        rule: ``"intent"`` (default) or ``"printed"``.
 
     Shape:
         - image_embedding, text_embedding: ``(B, D)``, row ``b`` of each a matched pair, ``B >= 2``
-        - output: ``(B, B)`` weights in ``[0, 1)``
+        - output: ``(B, B)`` weights in ``[0, 1]``
 
     Raises:
         ValueError: fewer than 2 pairs (the statistics run across the batch), or inputs of the
@@ -83,6 +85,7 @@ class SparseCorrelation(Component):
         learnable: bool = True,
         temperature: float = 0.1,
         distance: str = "cosine",
+        rule: str = "intent",
         *,
         requires=None,
         provides=None,
@@ -93,6 +96,7 @@ class SparseCorrelation(Component):
         self.learnable = learnable
         self.temperature = temperature
         self.distance = distance
+        self.rule = rule
         if learnable is True and isinstance(beta, Real) and not isinstance(beta, bool):
             self.learned_beta = nn.Parameter(torch.tensor(float(beta)))
         else:
@@ -103,6 +107,7 @@ class SparseCorrelation(Component):
         where = type(self).__name__
         resolve_option(self.kind, SPATIAL_KINDS, name="kind", where=where)
         resolve_option(self.distance, DISTANCES, name="distance", where=where)
+        resolve_option(self.rule, MASK_RULES, name="rule", where=where)
         check_temperature(self.temperature, where=where)
         if not isinstance(self.learnable, bool):
             raise TypeError(f"{where}: learnable must be True or False, got {self.learnable!r}")
@@ -118,7 +123,10 @@ class SparseCorrelation(Component):
         self.validate()
         with named_errors(self):
             diff = spatial_differences(image_embedding, text_embedding, kind=self.kind, distance=self.distance)
-            return sparse_correlation_mask(diff, self.current_beta(), temperature=self.temperature)
+            return sparse_correlation_mask(diff, self.current_beta(), temperature=self.temperature, rule=self.rule)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, beta={self.beta}, learnable={self.learnable}, " + super().extra_repr()
+        return (
+            f"kind={self.kind!r}, rule={self.rule!r}, beta={self.beta}, learnable={self.learnable}, "
+            + super().extra_repr()
+        )

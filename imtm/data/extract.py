@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from imtm._io import read_json
 from imtm.tokens import Tokens
 
 __all__ = ["FORMATS", "MANIFEST_VERSION", "dataset_from_format", "extract_features"]
@@ -277,9 +278,10 @@ def extract_features(
 def read_manifest(path: Path, who: str, remedy: str) -> Any:
     """Parse an extraction manifest; a file that is not UTF-8 JSON is a ValueError ending in ``remedy``."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return read_json(path, who=who, max_bytes=1 << 28)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:  # not a regular file, too large, not UTF-8, not JSON, nested too deeply
         raise ValueError(f"{who}: {str(path)!r} is not a valid UTF-8 JSON manifest ({e}); {remedy}") from e
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from imtm._io import read_json
 from imtm.component import suggest
 from imtm.data.image_files import ImageFileDataset
 
@@ -34,19 +35,17 @@ _ALIASES = {"dev": "val"}
 
 
 def _load_json(path: Path, who: str, what: str = "annotation file"):
-    """Read a UTF-8 JSON file (a byte-order mark allowed); errors name ``who`` and the file."""
-    if not path.is_file():
+    """Read a UTF-8 JSON file (a byte-order mark allowed); errors name ``who`` and the file.
+
+    Through :func:`imtm._io.read_json`: a regular file only (a FIFO or device is refused, not
+    waited on), at most ``MAX_JSON_BYTES``, nested at most ``MAX_JSON_DEPTH`` deep.
+    """
+    if not path.is_file() and not path.exists():
         raise FileNotFoundError(f"{who}: no {what} {str(path)!r}")
     try:
-        # utf-8-sig: a byte-order mark some editors write is skipped, not a JSON error.
-        with open(path, encoding="utf-8-sig") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{who}: {str(path)!r} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{who}: {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); JSON files must be UTF-8"
-        ) from e
+        return read_json(path, who=who)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{who}: no {what} {str(path)!r}") from None
 
 
 class KarpathyDataset(ImageFileDataset):

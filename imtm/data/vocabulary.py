@@ -139,9 +139,12 @@ class Vocabulary:
             FileNotFoundError: no file at ``path``.
             ValueError: the file is not UTF-8 JSON or not a valid vocabulary (see :meth:`from_dict`).
         """
+        from imtm._io import read_json
+
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            data = read_json(path, who="Vocabulary.load", max_bytes=1 << 28)
+        except FileNotFoundError:
+            raise
+        except ValueError as e:  # not a regular file, too large, not UTF-8, not JSON, nested too deeply
             raise ValueError(f"Vocabulary.load: {str(path)!r} is not a UTF-8 JSON vocabulary ({e})") from e
         return cls.from_dict(data, source=f"Vocabulary.load({str(path)!r})")

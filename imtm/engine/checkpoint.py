@@ -26,7 +26,6 @@ See ``docs/robustness.md`` for what survives a kill at each point.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from imtm._io import read_json, read_regular, regular_file_size
 from imtm.engine.serialization import (
     ConfigError,
     atomic_write_bytes,
@@ -42,7 +42,6 @@ from imtm.engine.serialization import (
     file_sha256,
     flatten_state,
     load_tensors,
-    loads_json,
     save_tensors,
     unflatten_state,
 )
@@ -67,6 +66,12 @@ _FOLDER_TEMPORARY = re.compile(r"^\.(?P<name>[^/\\]+)\.(?P<kind>tmp|old)-(?P<pid
 _LATEST_TEMPORARY = re.compile(r"^\.LATEST\.[a-z0-9_]{8}$")  # tempfile.mkstemp's 8-character suffix
 
 
+#: Largest LATEST / MANIFEST.json read (they hold a name, or six checksums).
+MAX_SMALL_FILE = 1 << 20
+#: Largest config.json / record.json / state.json read (a long history stays far below).
+MAX_STATE_FILE = 1 << 28
+
+
 class CheckpointError(ConfigError):
     """A checkpoint is missing, incomplete, altered, or from another configuration."""
 
@@ -81,18 +86,21 @@ def verify_manifest(folder: Path) -> None:
     """
     folder = Path(folder)
     manifest_path = folder / "MANIFEST.json"
-    if not manifest_path.exists():
+    if not os.path.lexists(manifest_path):
         hint = ("; it is a training run folder: load one of its checkpoints (LATEST names the newest) or its "
                 "best/") if (folder / "LATEST").is_file() else ""
         raise CheckpointError(f"{folder}: no MANIFEST.json; the checkpoint is incomplete{hint}")
     try:
-        manifest = json.loads(manifest_path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        # A regular file inside the folder, small: a FIFO, a device or a link elsewhere is refused unread.
+        manifest = read_json(manifest_path, who="checkpoint", max_bytes=MAX_SMALL_FILE, root=folder,
+                             error=CheckpointError, where=str(manifest_path))
+    except CheckpointError as e:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({e}); the file was truncated or altered") from e
     listed = manifest.get("sha256") if isinstance(manifest, dict) else None
     if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
         raise CheckpointError(f"{manifest_path}: malformed manifest (no 'sha256' table of file checksums)")
-    unknown = sorted(set(listed) - set(REQUIRED_FILES) - set(TRAIN_STATE_FILES))
+    assets = sorted(n for n in listed if _is_asset_file(n))
+    unknown = sorted(set(listed) - set(REQUIRED_FILES) - set(TRAIN_STATE_FILES) - set(assets))
     if unknown:
         raise CheckpointError(f"{manifest_path} lists {unknown}, which are not checkpoint files; the manifest was altered")
     missing = [f for f in REQUIRED_FILES if f not in listed]
@@ -102,21 +110,50 @@ def verify_manifest(folder: Path) -> None:
         raise CheckpointError(
             f"{manifest_path} does not list {missing}; the manifest was altered or the checkpoint is incomplete"
         )
-    extra = sorted(p.name for p in folder.iterdir() if p.name != "MANIFEST.json" and p.name not in listed)
-    if extra:
-        raise CheckpointError(
-            f"{folder} holds {extra}, which MANIFEST.json does not list; imtm writes no such file. "
-            "Remove what was added, or use another checkpoint"
-        )
+    if set(TRAIN_STATE_FILES) & set(listed):
+        # A training checkpoint holds exactly its files. A saved model may have others beside them (a
+        # hub repository's .gitattributes, a user's notes): they are never read, so they are left alone.
+        extra = sorted(p.name for p in folder.iterdir() if p.name != "MANIFEST.json" and p.name not in listed)
+        if extra:
+            raise CheckpointError(
+                f"{folder} holds {extra}, which MANIFEST.json does not list; imtm writes no such file. "
+                "Remove what was added, or use another checkpoint"
+            )
+    inside = folder.resolve()
+    for sub in sorted({n.split("/")[0] for n in assets}):
+        # A block's asset folder is read whole (a tokenizer reads what it finds): it holds the listed files only.
+        sub_path = folder / sub
+        if sub_path.is_symlink() or not sub_path.is_dir() or not sub_path.resolve().is_relative_to(inside):
+            raise CheckpointError(f"{sub_path} is not a folder inside {folder} (a link, or missing); imtm writes "
+                                  "asset folders as plain folders. Use the folder as saved")
+        extra = sorted(f"{sub}/{p.name}" for p in sub_path.iterdir() if f"{sub}/{p.name}" not in listed)
+        if extra:
+            raise CheckpointError(
+                f"{folder} holds {extra}, which MANIFEST.json does not list; imtm writes no such file, and a "
+                "block reads its whole folder. Remove what was added"
+            )
+        for name in (n for n in assets if n.startswith(sub + "/")):
+            if (folder / name).is_symlink():
+                raise CheckpointError(f"{folder / name} is a symlink; imtm writes no links. Copy the file in place")
     for name, digest in listed.items():
         path = folder / name
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise CheckpointError(f"{folder}: {name} is missing; the checkpoint was damaged, use another one")
+        regular_file_size(path, who="checkpoint", root=folder, error=CheckpointError)
         if file_sha256(path) != digest:
             raise CheckpointError(
                 f"{path}: checksum mismatch; the file was truncated or altered after it was written. "
                 "Nothing was loaded: use another checkpoint"
             )
+
+
+_ASSET_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def _is_asset_file(name: str) -> bool:
+    """``<block name>/<file>``: a file a block needs to be rebuilt (e.g. an HFTextEncoder's tokenizer)."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(_ASSET_PART.match(p) for p in parts) and "\\" not in name
 
 
 def write_checkpoint(
@@ -264,10 +301,15 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint of a run folder (None when there is none)."""
     run_dir = Path(run_dir)
     latest = run_dir / "LATEST"
-    if not latest.exists():
+    if not os.path.lexists(latest):
         return None
-    with open(latest, "rb") as f:
-        raw = f.read(1025)  # a folder name; anything longer is not one
+    # A regular file inside the run folder (a FIFO would block a read forever); a folder name, so
+    # anything longer than 1024 bytes is not one.
+    try:
+        raw = read_regular(latest, max_bytes=MAX_SMALL_FILE, who="fit(resume=True)", root=run_dir,
+                           error=CheckpointError)[:1025]
+    except FileNotFoundError:  # a link to nothing
+        raise CheckpointError(f"{latest} is a link to a file that does not exist") from None
     try:
         name = raw.decode("utf-8").strip() if len(raw) <= 1024 else raw[:40].decode("utf-8", "replace") + "..."
     except UnicodeDecodeError:
@@ -314,7 +356,10 @@ def _check_links(folder: Path) -> None:
     """
     inside = folder.resolve()
     for entry in folder.iterdir():
-        target = entry.resolve()
+        try:
+            target = entry.resolve()
+        except (OSError, RuntimeError) as e:  # a symlink loop
+            raise CheckpointError(f"{entry} is a link that cannot be resolved ({e}); imtm writes no links") from e
         if entry.is_symlink() and not target.is_relative_to(inside):
             raise CheckpointError(f"{entry} is a symlink to {target}, outside the checkpoint folder; imtm "
                                   "writes no links: copy the file into the folder, or use another checkpoint")
@@ -325,9 +370,10 @@ def _check_links(folder: Path) -> None:
 def _read_json(path: Path, kind: type) -> Any:
     """Parse a checkpoint's JSON file; CheckpointError (not RecursionError) on bad or crafted content."""
     try:
-        obj = loads_json(path.read_bytes(), str(path))
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from e
+        obj = read_json(path, who="checkpoint", max_bytes=MAX_STATE_FILE, root=path.parent, error=CheckpointError,
+                        where=str(path))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: missing; the checkpoint was damaged, use another one") from e
     if not isinstance(obj, kind):
         raise CheckpointError(f"{path}: expected a JSON {kind.__name__}, got {type(obj).__name__}")
     return obj

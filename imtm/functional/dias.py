@@ -38,7 +38,10 @@ from imtm.tokens import check_finite
 
 __all__ = [
     "DIAS_REDUCTIONS",
+    "DIMENSION_CORRELATIONS",
+    "DIMENSION_OBJECTIVES",
     "DISTANCES",
+    "MASK_RULES",
     "SPATIAL_KINDS",
     "dimension_alignment_loss",
     "dimension_correlation",
@@ -128,17 +131,42 @@ def _standardize(x: torch.Tensor) -> torch.Tensor:
     return centred * torch.rsqrt(centred.square().mean(0, keepdim=True) + VARIANCE_EPS)
 
 
-def dimension_correlation(image_embedding: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
+def _unit_columns(x: torch.Tensor) -> torch.Tensor:
+    """Each column divided by its root mean square across the batch; an all-zero column stays 0."""
+    return x * torch.rsqrt(x.square().mean(0, keepdim=True) + VARIANCE_EPS)
+
+
+def _cosine_columns(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return _unit_columns(v).transpose(0, 1) @ _unit_columns(t) / v.shape[0]
+
+
+def _pearson_columns(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return _standardize(v).transpose(0, 1) @ _standardize(t) / v.shape[0]
+
+
+#: The correlation :math:`\sigma` of Eq. 4 between an image dimension and a text dimension, over
+#: the batch: ``"cosine"`` (the paper's default correlation function, Sec. 4.1) or ``"pearson"``
+#: (the cosine of the centred columns).
+DIMENSION_CORRELATIONS = {"cosine": _cosine_columns, "pearson": _pearson_columns}
+
+
+def dimension_correlation(
+    image_embedding: torch.Tensor, text_embedding: torch.Tensor, *, correlation: str = "cosine"
+) -> torch.Tensor:
     r"""The ``(D, D)`` correlation matrix :math:`C` of DIAS Eq. 4 between image and text dimensions.
+
+    Column ``k`` of the images, :math:`v_{:k}`, holds dimension ``k`` of the ``B``
+    matched pairs, and :math:`C_{kl} = \sigma(v_{:k}, t_{:l})`. Sec. 4.1 of the paper
+    sets every correlation function to the cosine (default):
 
     .. math::
 
-        C_{kl} = \frac{1}{B} \sum_b \hat v_{bk}\, \hat t_{bl}, \qquad
-        \hat v_{bk} = \frac{v_{bk} - \mu_k}{\sqrt{\sigma_k^2 + \epsilon}} \qquad (4)
+        C_{kl} = \frac{\sum_b v_{bk}\, t_{bl}}{\sqrt{\sum_b v_{bk}^2 + B\epsilon}\,
+                 \sqrt{\sum_b t_{bl}^2 + B\epsilon}} \qquad (4)
 
-    the Pearson correlation, across the ``B`` matched pairs, of image dimension
-    ``k`` with text dimension ``l``. A dimension that is constant across the batch
-    has zero correlation with every other (``VARIANCE_EPS`` keeps it finite).
+    ``correlation="pearson"`` centres each column first (the Pearson correlation).
+    :math:`\epsilon` (``VARIANCE_EPS``) keeps an all-zero (cosine) or constant
+    (Pearson) column finite: its correlations are 0.
 
     Shape:
         - image_embedding, text_embedding: ``(B, D)``, row ``b`` of each a matched pair
@@ -149,8 +177,26 @@ def dimension_correlation(image_embedding: torch.Tensor, text_embedding: torch.T
         >>> dimension_correlation(v, v).diagonal().round(decimals=3)
         tensor([1., 1., 1., 1.])
     """
-    b = image_embedding.shape[0]
-    return _standardize(image_embedding).transpose(0, 1) @ _standardize(text_embedding) / b
+    fn = "dimension_correlation"
+    return _resolve(correlation, DIMENSION_CORRELATIONS, "correlation", fn)(image_embedding, text_embedding)
+
+
+def _softmax_shares(C: torch.Tensor, tau: float, off_weight) -> torch.Tensor:
+    logits = C / tau
+    # exp(C_ii / tau) / sum_j exp(C_ij / tau) is a softmax share: log-softmax keeps it exact.
+    return -(torch.log_softmax(logits, dim=1).diagonal().exp() + torch.log_softmax(logits, dim=0).diagonal().exp())
+
+
+def _intuitive(C: torch.Tensor, tau: float, off_weight) -> torch.Tensor:
+    d = C.shape[0]
+    eye = torch.eye(d, dtype=torch.bool, device=C.device)
+    lam = 1.0 / max(d - 1, 1) if off_weight is None else off_weight
+    return (1 - C.diagonal()).square() + lam * C.masked_fill(eye, 0).square().sum(1)
+
+
+#: The dimension-alignment objective: ``"softmax"`` the share form of Eq. 6, ``"intuitive"`` the
+#: regulariser of Eq. 5 (each dimension's own correlation to 1, the others to 0). One term per dimension.
+DIMENSION_OBJECTIVES = {"softmax": _softmax_shares, "intuitive": _intuitive}
 
 
 def dimension_alignment_loss(
@@ -159,11 +205,15 @@ def dimension_alignment_loss(
     *,
     temperature: float = 0.1,
     reduction: str = "sum",
+    correlation: str = "cosine",
+    objective: str = "softmax",
+    off_diagonal_weight: float | None = None,
 ) -> torch.Tensor:
     r"""DIAS dimension alignment (Eq. 4-6): each dimension's correlation with its counterpart dominates.
 
-    With :math:`C` the correlation matrix of :func:`dimension_correlation` (Eq. 4)
-    and :math:`c_{ij} = \exp(C_{ij} / \tau)`:
+    With :math:`C` the correlation matrix of :func:`dimension_correlation` (Eq. 4,
+    cosine by default) and :math:`c_{ij} = \exp(C_{ij} / \tau)`, the default
+    ``objective="softmax"`` is Eq. 6:
 
     .. math::
 
@@ -171,6 +221,18 @@ def dimension_alignment_loss(
         \qquad (6)
 
     i.e. minus the softmax share of the diagonal in its row plus in its column.
+    ``objective="intuitive"`` is the direct regulariser the paper starts from
+    (Eq. 5): pull each dimension's correlation with its counterpart to 1 and its
+    correlations with the other dimensions to 0,
+
+    .. math::
+
+        \mathcal L_{5} = \sum_i (1 - C_{ii})^2 + \lambda \sum_i \sum_{j \ne i} C_{ij}^2
+
+    with :math:`\lambda` = ``off_diagonal_weight`` (default :math:`1 / (D - 1)`, so
+    that a row's off-diagonal part weighs like its diagonal term). The squares are
+    this library's reading of that description (a signed sum would reward
+    correlations of -1 off the diagonal, not their absence).
 
     Two points the paper leaves open, settled here:
 
@@ -185,23 +247,27 @@ def dimension_alignment_loss(
        (order-preserving, sign-aware), which makes every share a softmax in
        ``(0, 1)``: the loss lies in ``(-2D, 0)`` (``reduction="sum"``) and stays
        finite for any input, including a batch of 2, identical rows and constant
-       dimensions (their correlations are 0). A diagonal :math:`C = I` gives
-       every share :math:`e^{1/\tau} / (e^{1/\tau} + D - 1)`, within
-       :math:`(D - 1) e^{-1/\tau}` of the bound 1 (which needs every off-diagonal
-       correlation at -1, not achievable for ``D > 2``).
+       dimensions. A diagonal :math:`C = I` gives every share
+       :math:`e^{1/\tau} / (e^{1/\tau} + D - 1)`, within :math:`(D - 1) e^{-1/\tau}`
+       of the bound 1.
 
     Args:
         image_embedding: ``(B, D)`` image vectors.
         text_embedding: ``(B, D)`` text vectors; row ``b`` matches row ``b`` of the images.
-        temperature: :math:`\tau > 0` of the positive mapping; smaller is closer to a hard max.
-        reduction: ``"sum"`` over the ``D`` dimensions (Eq. 6) or ``"mean"``.
+        temperature: :math:`\tau > 0` of the positive mapping (``"softmax"`` only).
+        reduction: ``"sum"`` over the ``D`` dimensions (Eq. 5-6) or ``"mean"``.
+        correlation: ``"cosine"`` (default, Sec. 4.1) or ``"pearson"``.
+        objective: ``"softmax"`` (Eq. 6, default) or ``"intuitive"`` (Eq. 5).
+        off_diagonal_weight: :math:`\lambda \ge 0` of ``"intuitive"``; ``None``: :math:`1 / (D - 1)`.
 
     Returns:
-        A scalar in ``(-2D, 0)`` (``"sum"``) or ``(-2, 0)`` (``"mean"``).
+        A scalar; ``"softmax"``: in ``(-2D, 0)`` (``"sum"``) or ``(-2, 0)`` (``"mean"``);
+        ``"intuitive"``: at least 0.
 
     Raises:
         ValueError: shapes that are not one ``(B, D)`` for both, ``B < 2``, NaN or inf, a
-            temperature not > 0, an unknown ``reduction``.
+            temperature not > 0, an unknown ``reduction``, ``correlation`` or ``objective``,
+            an ``off_diagonal_weight`` below 0.
         TypeError: inputs that are not floating tensors, or of two different dtypes.
 
     Shape:
@@ -210,7 +276,7 @@ def dimension_alignment_loss(
 
     References:
         Ma et al., "Bridging the Modality Gap: Dimension Information Alignment and Sparse
-        Spatial Constraint for Image-Text Matching", ACM MM 2024, Eq. 4-6.
+        Spatial Constraint for Image-Text Matching", ACM MM 2024, Eq. 4-6 and Sec. 4.1.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -224,11 +290,15 @@ def dimension_alignment_loss(
     _check_embeddings(image_embedding, text_embedding, fn)
     tau = _check_positive(temperature, "temperature", fn)
     reduce = _resolve(reduction, DIAS_REDUCTIONS, "reduction", fn)
-    logits = dimension_correlation(image_embedding, text_embedding) / tau
-    # exp(C_ii / tau) / sum_j exp(C_ij / tau) is a softmax share: log-softmax keeps it exact.
-    row_share = torch.log_softmax(logits, dim=1).diagonal().exp()
-    col_share = torch.log_softmax(logits, dim=0).diagonal().exp()
-    return -reduce(row_share + col_share, logits.shape[0])
+    corr = _resolve(correlation, DIMENSION_CORRELATIONS, "correlation", fn)
+    terms = _resolve(objective, DIMENSION_OBJECTIVES, "objective", fn)
+    if off_diagonal_weight is not None:
+        if isinstance(off_diagonal_weight, bool) or not isinstance(off_diagonal_weight, Real):
+            raise TypeError(f"{fn}: off_diagonal_weight must be None or a number >= 0, got {off_diagonal_weight!r}")
+        if not math.isfinite(off_diagonal_weight) or off_diagonal_weight < 0:
+            raise ValueError(f"{fn}: off_diagonal_weight must be a finite number >= 0, got {off_diagonal_weight!r}")
+    C = corr(image_embedding, text_embedding)
+    return reduce(terms(C, tau, off_diagonal_weight), C.shape[0])
 
 
 def word_region_pairs(
@@ -372,71 +442,138 @@ def spatial_differences(
     return build(image_embedding, text_embedding, dist)
 
 
-def _check_beta(beta, fn: str):
+def _check_beta(beta, fn: str, b: int | None = None):
     if isinstance(beta, torch.Tensor):
-        if beta.numel() != 1 or not beta.is_floating_point():
-            raise ValueError(f"{fn}: beta must be a number or a one-element floating tensor, got {tuple(beta.shape)}")
-        return beta.reshape(())
+        if not beta.is_floating_point() or not (beta.numel() == 1 or (beta.dim() == 1 and b is not None and beta.numel() == b)):
+            raise ValueError(
+                f"{fn}: beta must be a number, a one-element floating tensor or a floating (B,) tensor of one "
+                f"beta per instance (B = {b}), got {tuple(beta.shape)}"
+            )
+        return beta.reshape(()) if beta.numel() == 1 and beta.dim() != 1 else beta
     if isinstance(beta, bool) or not isinstance(beta, Real) or not math.isfinite(beta):
         raise ValueError(f"{fn}: beta must be a finite number (or a one-element tensor), got {beta!r}")
     return float(beta)
 
 
-def _standard_scores(p: torch.Tensor, off: torch.Tensor, dim: int) -> torch.Tensor:
-    """``(p - mean) / std`` with the statistics of each row (dim=1) or column (dim=0) over off-diagonal entries."""
-    count = off.sum(dim, keepdim=True).to(p.dtype)
-    mean = (p * off).sum(dim, keepdim=True) / count
-    var = ((p - mean).square() * off).sum(dim, keepdim=True) / count
-    return (p - mean) * torch.rsqrt(var + VARIANCE_EPS)
+def _statistics(x: torch.Tensor, unmatched: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of each row (dim=1) or column (dim=0) of ``p`` over the unmatched pairs."""
+    count = unmatched.sum(dim, keepdim=True).clamp_min(1).to(x.dtype)
+    mean = (x * unmatched).sum(dim, keepdim=True) / count
+    var = ((x - mean).square() * unmatched).sum(dim, keepdim=True) / count
+    return mean, torch.sqrt(var + VARIANCE_EPS)
 
 
-def sparse_correlation_mask(differences: torch.Tensor, beta=0.0, *, temperature: float = 0.1) -> torch.Tensor:
-    r"""DIAS sparse correlation (Eq. 11-16): a soft mask of the strongly correlated pairs.
+def _keep_intent(p: torch.Tensor, diff_abs: torch.Tensor, unmatched: torch.Tensor):
+    """Standardised margins of ``p`` above the row (V) and column (T) statistics of ``p``."""
+    (mv, sv), (mt, st) = _statistics(p, unmatched, 1), _statistics(p, unmatched, 0)
+    return (p - mv) / sv, (p - mt) / st
+
+
+def _keep_printed(p: torch.Tensor, diff_abs: torch.Tensor, unmatched: torch.Tensor):
+    """Standardised margins of ``|d|`` above thresholds built from the row (V) and column (T) statistics of ``p``."""
+    (mv, sv), (mt, st) = _statistics(p, unmatched, 1), _statistics(p, unmatched, 0)
+    return (diff_abs - mv) / sv, (diff_abs - mt) / st
+
+
+#: The two readings of DIAS Eq. 11-14 (see :func:`sparse_correlation_mask`): what is compared with
+#: the thresholds :math:`\kappa = \mu + \beta\theta` built from the statistics of :math:`p`.
+MASK_RULES = {"intent": _keep_intent, "printed": _keep_printed}
+
+
+def _unmatched_pairs(b: int, positives, device, fn: str) -> torch.Tensor:
+    off = ~torch.eye(b, dtype=torch.bool, device=device)
+    if positives is None:
+        return off
+    if not isinstance(positives, torch.Tensor) or positives.dtype != torch.bool or tuple(positives.shape) != (b, b):
+        raise ValueError(
+            f"{fn}: positives must be a bool (B, B) tensor with B = {b} (True where row i's image matches "
+            f"caption j, e.g. image_ids[:, None] == image_ids[None, :]), got "
+            f"{tuple(positives.shape) if isinstance(positives, torch.Tensor) else type(positives).__name__}"
+            + (f" of {positives.dtype}" if isinstance(positives, torch.Tensor) else "")
+        )
+    if positives.device != device:
+        raise ValueError(f"{fn}: positives are on {positives.device} but the embeddings are on {device}")
+    # A caption of the same image is a matched pair, not an unmatched one, whatever its row.
+    return off & ~positives & ~positives.transpose(0, 1)
+
+
+def sparse_correlation_mask(
+    differences: torch.Tensor,
+    beta=0.0,
+    *,
+    temperature: float = 0.1,
+    rule: str = "intent",
+    positives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""DIAS sparse correlation (Eq. 11-14): a soft mask of the strongly correlated unmatched pairs.
+
+    With :math:`d` the differences of :func:`spatial_differences` (inter:
+    :math:`x_{ij} - x_{ji}`; intra: :math:`y_{ij} - z_{ij}`), the paper defines
 
     .. math::
 
         p_{ij} = \operatorname{sigmoid}(-|d_{ij}|) \quad (11), \qquad
-        \kappa^V_i = \mu^V_i + \beta\, \theta^V_i, \quad \kappa^T_j = \mu^T_j + \beta\, \theta^T_j \quad (12\text{-}15)
+        \kappa^V_i = \mu^V_i + eta_i\, 	heta^V_i, \quad \kappa^T_j = \mu^T_j + eta_j\, 	heta^T_j \quad (12	ext{-}13)
 
-    and pair :math:`(i, j)` is kept when :math:`p_{ij} > \max(\kappa^V_i, \kappa^T_j)`
-    (Eq. 16), with :math:`d` the differences of :func:`spatial_differences`.
+    with :math:`\mu, 	heta` the mean and standard deviation of :math:`p` (row
+    ``i`` for the image side, column ``j`` for the text side, over the unmatched
+    pairs). The text says a larger :math:`p` is a stronger dependency, yet Eq. 14
+    keeps pair :math:`(i, j)` when
 
-    Two points settled here:
+    .. math::
 
-    1. *Scales.* The paper takes the mean :math:`\mu` and standard deviation
-       :math:`\theta` from the distances but compares them with :math:`p`, a
-       sigmoid of a difference, on another scale. Here both come from :math:`p`
-       itself: :math:`\mu^V_i, \theta^V_i` over row ``i`` and
-       :math:`\mu^T_j, \theta^T_j` over column ``j`` of :math:`p`, off the
-       diagonal (the matched pairs). Then
-       :math:`p_{ij} > \max(\kappa^V_i, \kappa^T_j)` is exactly
-       :math:`\min(z^V_{ij}, z^T_{ij}) > \beta` with
-       :math:`z^V_{ij} = (p_{ij} - \mu^V_i) / \theta^V_i` (and
-       :math:`z^T` by columns).
-    2. *Gradient.* The hard 0/1 mask gives :math:`\beta` no gradient. The mask is
-       relaxed to :math:`\operatorname{sigmoid}((\min(z^V, z^T) - \beta) / T)`
-       with a temperature :math:`T` in standard-deviation units; it tends to the
-       paper's hard mask as :math:`T \to 0`. :math:`\beta` is one scalar (learnable
-       in :class:`~imtm.components.SparseCorrelation`), not one per batch position.
+        |x_{ij} - x_{ji}| > \max(\kappa^V_i, \kappa^T_j) \qquad (14)
 
-    The diagonal (matched pairs) is always 0: the constraints concern unmatched
-    pairs. A row whose values are all equal (a batch of 2, identical embeddings)
-    has :math:`z = 0` and gets :math:`\operatorname{sigmoid}(-\beta / T)`.
+    i.e. the *large* asymmetries, comparing a distance with thresholds on the
+    scale of :math:`p`. The two readings, by name (``rule``):
+
+    - ``"printed"``: Eq. 14 as printed, :math:`|d_{ij}| > \max(\kappa^V_i, \kappa^T_j)`;
+    - ``"intent"``: the text's intent, keep the strong dependencies,
+      :math:`p_{ij} > \max(\kappa^V_i, \kappa^T_j)` (the small asymmetries).
+
+    On random inputs the two selections are disjoint (``p`` falls as ``|d|``
+    grows). Both are relaxed for a gradient in :math:`eta`: with
+    :math:`a_{ij}` the compared value (:math:`p_{ij}` or :math:`|d_{ij}|`),
+    :math:`z^V_{ij} = (a_{ij} - \mu^V_i) / 	heta^V_i - eta_i` and
+    :math:`z^T_{ij} = (a_{ij} - \mu^T_j) / 	heta^T_j - eta_j`,
+
+    .. math::
+
+        m_{ij} = \operatorname{sigmoid}ig(\min(z^V_{ij}, z^T_{ij}) / Tig)
+
+    which is above 1/2 exactly when the hard rule keeps the pair and tends to it
+    as :math:`T 	o 0` (``T`` in standard deviations of :math:`p`).
+    :math:`eta` is one number (the default) or one per instance (Eq. 12's
+    :math:`eta_i`, a ``(B,)`` tensor).
+
+    Matched pairs get 0: the diagonal, and with ``positives`` every pair whose
+    caption belongs to the row's image (several captions of one image in a batch
+    are not unmatched); they are also left out of the statistics. A row whose
+    values are all equal (a batch of 2, identical embeddings) has
+    :math:`	heta = \sqrt{\epsilon}` and :math:`z = -eta`.
 
     Args:
-        differences: ``(B, B)`` matrix :math:`d` (e.g. :math:`x_{ij} - x_{ji}`).
-        beta: :math:`\beta`, a number or a one-element tensor (a learnable one).
+        differences: ``(B, B)`` matrix :math:`d`.
+        beta: :math:`eta`: a number, a one-element tensor (a learnable one), or a ``(B,)`` tensor.
         temperature: :math:`T > 0` of the relaxation.
+        rule: ``"intent"`` (default, chosen by the ablation in ``docs/dias.md``) or ``"printed"``.
+        positives: ``(B, B)`` bool, True where row ``i``'s image matches caption ``j``; ``None``:
+            only the diagonal matches.
 
     Returns:
-        ``(B, B)`` weights in ``[0, 1)``, zero on the diagonal.
+        ``(B, B)`` weights in ``[0, 1]``, zero on the matched pairs.
+
+    Raises:
+        TypeError: ``differences`` not a floating tensor.
+        ValueError: a shape other than ``(B, B)`` with ``B >= 2``, a ``beta`` that is not finite
+            or of the wrong shape, a temperature not > 0, an unknown ``rule``, bad ``positives``.
 
     Shape:
-        - differences: ``(B, B)`` with ``B >= 2``
+        - differences: ``(B, B)`` with ``B >= 2``; positives: ``(B, B)``; beta: ``()`` or ``(B,)``
         - output: ``(B, B)``
 
     References:
-        Ma et al., ACM MM 2024, Eq. 11-16.
+        Ma et al., ACM MM 2024, Eq. 11-14.
 
     Example:
         >>> d = torch.tensor([[0.0, 0.01, 0.5], [-0.01, 0.0, 0.2], [-0.5, -0.2, 0.0]])
@@ -444,19 +581,29 @@ def sparse_correlation_mask(differences: torch.Tensor, beta=0.0, *, temperature:
         tensor([[0, 1, 0],
                 [1, 0, 0],
                 [0, 0, 0]], dtype=torch.int32)
+        >>> (sparse_correlation_mask(d, beta=0.0, temperature=0.01, rule="printed") > 0.5).int()
+        tensor([[0, 0, 1],
+                [0, 0, 0],
+                [1, 0, 0]], dtype=torch.int32)
     """
     fn = "sparse_correlation_mask"
     if not isinstance(differences, torch.Tensor) or not differences.is_floating_point():
         raise TypeError(f"{fn}: differences must be a floating (B, B) tensor, got {type(differences).__name__}")
     if differences.dim() != 2 or differences.shape[0] != differences.shape[1] or differences.shape[0] < 2:
         raise ValueError(f"{fn}: differences must have shape (B, B) with B >= 2, got {tuple(differences.shape)}")
-    beta = _check_beta(beta, fn)
-    t = _check_positive(temperature, "temperature", fn)
     b = differences.shape[0]
-    off = ~torch.eye(b, dtype=torch.bool, device=differences.device)
-    p = torch.sigmoid(-differences.abs())  # Eq. 11
-    z = torch.minimum(_standard_scores(p, off, 1), _standard_scores(p, off, 0))
-    return torch.sigmoid((z - beta) / t) * off
+    beta = _check_beta(beta, fn, b)
+    t = _check_positive(temperature, "temperature", fn)
+    margins = _resolve(rule, MASK_RULES, "rule", fn)
+    unmatched = _unmatched_pairs(b, positives, differences.device, fn)
+    diff_abs = differences.abs()
+    p = torch.sigmoid(-diff_abs)  # Eq. 11
+    z_v, z_t = margins(p, diff_abs, unmatched)
+    if isinstance(beta, torch.Tensor) and beta.dim() == 1:
+        z_v, z_t = z_v - beta[:, None], z_t - beta[None, :]
+    else:
+        z_v, z_t = z_v - beta, z_t - beta
+    return torch.sigmoid(torch.minimum(z_v, z_t) / t) * unmatched
 
 
 def spatial_constraint_loss(
@@ -469,8 +616,10 @@ def spatial_constraint_loss(
     temperature: float = 0.1,
     distance: str = "cosine",
     reduction: str = "sum",
+    rule: str = "intent",
+    positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    r"""DIAS spatial constraint on unmatched pairs (Eq. 7-10), optionally sparse (Eq. 11-16).
+    r"""DIAS spatial constraint on unmatched pairs (Eq. 7-10), optionally sparse (Eq. 11-14).
 
     .. math::
 
@@ -479,9 +628,15 @@ def spatial_constraint_loss(
 
     with :math:`x_{ij} = \sigma(V_i, T_j)`, :math:`y_{ij} = \sigma(V_i, V_j)`,
     :math:`z_{ij} = \sigma(T_i, T_j)` (cosine distance :math:`1 - \cos` by
-    default), :math:`w = 1` without sparsity and the soft mask of
-    :func:`sparse_correlation_mask` with it. Identical modalities
+    default), :math:`w = 1` on the unmatched pairs without sparsity and the soft
+    mask of :func:`sparse_correlation_mask` with it. Identical modalities
     (``image_embedding == text_embedding``) give 0 for both kinds.
+
+    *Unmatched pairs.* Without ``positives`` every off-diagonal pair is unmatched.
+    In a training batch an image with several captions fills several rows; pass
+    ``positives = image_ids[:, None] == image_ids[None, :]`` so that two captions of
+    one image are not constrained (nor counted in the mask's statistics) as an
+    unmatched pair.
 
     The mask selects pairs and passes no gradient to the embeddings (it is
     computed from detached differences): otherwise the loss could also fall by
@@ -494,22 +649,24 @@ def spatial_constraint_loss(
         image_embedding: ``(B, D)``; row ``b`` matches row ``b`` of ``text_embedding``.
         text_embedding: ``(B, D)``.
         kind: ``"inter"`` (Eq. 7-8) or ``"intra"`` (Eq. 9-10).
-        sparse: weight the pairs with the sparse-correlation mask (Eq. 11-16).
-        beta: threshold scale :math:`\beta` of the mask (number or one-element tensor).
+        sparse: weight the pairs with the sparse-correlation mask (Eq. 11-14).
+        beta: threshold scale :math:`\beta` of the mask (number, one-element tensor, or ``(B,)``).
         temperature: relaxation temperature of the mask (standard-deviation units).
         distance: ``"cosine"`` or ``"euclidean"``.
-        reduction: ``"sum"`` over pairs (as the paper) or ``"mean"`` over the ``B (B - 1)`` ordered pairs.
+        reduction: ``"sum"`` over pairs (as the paper) or ``"mean"`` over the unmatched ordered pairs.
+        rule: the mask's reading of Eq. 14, ``"intent"`` or ``"printed"`` (see :func:`sparse_correlation_mask`).
+        positives: ``(B, B)`` bool, True where row ``i``'s image matches caption ``j``; ``None``: the diagonal.
 
     Raises:
-        ValueError / TypeError: as :func:`spatial_differences`, and for a ``sparse`` that is not
-            a bool (TypeError), a ``beta`` that is not finite or a temperature not > 0.
+        ValueError / TypeError: as :func:`spatial_differences` and :func:`sparse_correlation_mask`, and
+            for a ``sparse`` that is not a bool (TypeError).
 
     Shape:
-        - image_embedding, text_embedding: ``(B, D)`` with ``B >= 2``
+        - image_embedding, text_embedding: ``(B, D)`` with ``B >= 2``; positives: ``(B, B)``
         - output: ``()``
 
     References:
-        Ma et al., ACM MM 2024, Eq. 7-16.
+        Ma et al., ACM MM 2024, Eq. 7-14.
 
     Example:
         >>> v = torch.randn(8, 16)
@@ -524,10 +681,12 @@ def spatial_constraint_loss(
     reduce = _resolve(reduction, DIAS_REDUCTIONS, "reduction", fn)
     diff = spatial_differences(image_embedding, text_embedding, kind=kind, distance=distance)
     b = diff.shape[0]
+    unmatched = _unmatched_pairs(b, positives, diff.device, fn)
     if sparse:
-        weights = sparse_correlation_mask(diff.detach(), beta, temperature=temperature)
+        weights = sparse_correlation_mask(diff.detach(), beta, temperature=temperature, rule=rule, positives=positives)
     else:
-        _check_beta(beta, fn)
+        _check_beta(beta, fn, b)
         _check_positive(temperature, "temperature", fn)
-        weights = (~torch.eye(b, dtype=torch.bool, device=diff.device)).to(diff.dtype)
-    return reduce(weights * diff.square(), b * (b - 1))
+        _resolve(rule, MASK_RULES, "rule", fn)
+        weights = unmatched.to(diff.dtype)
+    return reduce(weights * diff.square(), unmatched.sum().clamp_min(1))

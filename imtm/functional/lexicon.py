@@ -8,12 +8,15 @@ Shape glossary: ``B`` pairs (image ``b`` with caption ``b``), ``N`` patches,
 from __future__ import annotations
 
 import difflib
+import math
 from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "AUTHORS_SCALE",
+    "DEFAULT_LABEL_WEIGHTS",
     "IGNORE_INDEX",
     "KL_DIRECTIONS",
     "LABEL_WEIGHTS",
@@ -35,35 +38,80 @@ def _suggest(name, options) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def _plan_topk_weights(plan, cost, word_mask, top_k):
-    """The authors' released code: each patch's plan row over its ``top_k`` words, renormalised."""
+#: The authors' scale of the plan-times-cosine product before its softmax: ``scale = 2e3`` in
+#: ``ALBEF.get_p2w_loss`` of ``model/model_pretrain.py`` (github.com/Lydia-yang/ELA).
+AUTHORS_SCALE = 2e3
+
+
+def _need_cost(cost, label_weights):
+    if cost is None:
+        raise ValueError(f"label_weights={label_weights!r} needs the transport cost (cost=...), the cosine "
+                         "distance the plan was solved with")
+
+
+def _spread_over_picks(values, picked_real):
+    """Weights ``values`` normalised; a row without mass spreads evenly over its real picks."""
+    total = values.sum(-1, keepdim=True)
+    values = torch.where(total > 0, values, picked_real.to(values.dtype))
+    return values / values.sum(-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def _plan_topk_weights(plan, cost, word_mask, top_k, scale):
+    """The plan row over its ``top_k`` largest words, renormalised (a simplification of this library)."""
     k = min(top_k, plan.shape[-1])
     masked = plan.masked_fill(~word_mask, float("-inf"))
     values, index = masked.topk(k, dim=-1)
     # A caption with fewer real words than k: the extra picks are padding (-inf) and weigh 0.
-    values = torch.where(torch.isfinite(values), values, torch.zeros_like(values))
-    total = values.sum(-1, keepdim=True)
+    real = torch.isfinite(values)
+    values = torch.where(real, values, torch.zeros_like(values))
     # A row without mass (IPOT can flush a far-away patch row to zero): spread over the picks.
-    uniform = torch.isfinite(masked.gather(-1, index)).to(values.dtype)
-    values = torch.where(total > 0, values, uniform)
-    return values / values.sum(-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny), index
+    return _spread_over_picks(values, real), index
 
 
-def _one_minus_cost_weights(plan, cost, word_mask, top_k):
-    """The paper's Eq. 6 as printed: weights (1 - c_ij) over the caption's words, renormalised."""
-    if cost is None:
-        raise ValueError("label_weights='one_minus_cost' needs the transport cost (cost=...)")
-    w = (1.0 - cost).clamp_min(0.0).masked_fill(~word_mask, 0.0)
-    total = w.sum(-1, keepdim=True)
-    # All words at distance >= 1 from the patch: fall back to a uniform mean over the real words.
-    w = torch.where(total > 0, w, word_mask.to(w.dtype))
-    w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+def _plan_cosine_softmax_weights(plan, cost, word_mask, top_k, scale):
+    """The authors' released rule: softmax over the ``top_k`` words of ``scale * T_ij * cos_ij``."""
+    _need_cost(cost, "plan_cosine_softmax")
+    k = min(top_k, plan.shape[-1])
+    # optimal_transport_dist returns T * cos; get_p2w_loss scales it by 2e3 and sends exact zeros (padding,
+    # and plan entries that vanished) to -inf before the top-3 and the softmax.
+    product = scale * plan * (1.0 - cost)
+    product = product.masked_fill(~word_mask | (product == 0), float("-inf"))
+    values, index = product.topk(k, dim=-1)
+    real = torch.isfinite(values)
+    # Departure: a row with no finite pick is NaN in the authors' softmax; here it spreads evenly over the
+    # picks that are real words (or, without any, it is renormalised to zero weight by _spread_over_picks).
+    shifted = values - torch.where(real, values, torch.zeros_like(values)).amax(-1, keepdim=True)
+    weights = torch.where(real, shifted.exp(), torch.zeros_like(values))
+    picked_real = word_mask.gather(-1, index)
+    return _spread_over_picks(weights, picked_real), index
+
+
+def _one_minus_plan_weights(plan, cost, word_mask, top_k, scale):
+    """Eq. 6 as printed with ``c_ij`` the transport output of Eq. 5: weights ``1 - T_ij`` over the real words."""
+    w = (1.0 - plan).clamp_min(0.0).masked_fill(~word_mask, 0.0)
     index = torch.arange(w.shape[-1], device=w.device).expand_as(w)
-    return w, index
+    return _spread_over_picks(w, word_mask), index
 
 
-#: How Eq. 6 weighs each word's lexicon distribution for a patch.
-LABEL_WEIGHTS = {"plan_topk": _plan_topk_weights, "one_minus_cost": _one_minus_cost_weights}
+def _one_minus_cost_weights(plan, cost, word_mask, top_k, scale):
+    """Weights ``1 - C_ij`` over the real words, ``C`` the cosine cost of Eq. 5 (the plan takes no part)."""
+    _need_cost(cost, "one_minus_cost")
+    w = (1.0 - cost).clamp_min(0.0).masked_fill(~word_mask, 0.0)
+    index = torch.arange(w.shape[-1], device=w.device).expand_as(w)
+    # All words at distance >= 1 from the patch: fall back to a uniform mean over the real words.
+    return _spread_over_picks(w, word_mask), index
+
+
+#: How Eq. 6 weighs each word's lexicon distribution for a patch (see :func:`expansive_soft_labels`).
+LABEL_WEIGHTS = {
+    "plan_cosine_softmax": _plan_cosine_softmax_weights,
+    "one_minus_plan": _one_minus_plan_weights,
+    "plan_topk": _plan_topk_weights,
+    "one_minus_cost": _one_minus_cost_weights,
+}
+
+#: The rule used unless another is named: the authors' released rule (see :func:`expansive_soft_labels`).
+DEFAULT_LABEL_WEIGHTS = "plan_cosine_softmax"
 
 
 def expansive_soft_labels(
@@ -73,8 +121,9 @@ def expansive_soft_labels(
     *,
     batch_index: torch.Tensor | None = None,
     cost: torch.Tensor | None = None,
-    label_weights: str = "plan_topk",
+    label_weights: str = DEFAULT_LABEL_WEIGHTS,
     top_k: int = 3,
+    scale: float = AUTHORS_SCALE,
 ) -> torch.Tensor:
     r"""Soft lexicon labels of patches: a weighted mean of their caption's word distributions.
 
@@ -83,19 +132,34 @@ def expansive_soft_labels(
         \hat y_i = \sum_j w_{ij}\, P^{w2l}_j, \qquad \sum_j w_{ij} = 1
         \qquad \text{(ELA, Eq. 6)}
 
-    Two weightings (an ambiguity of the paper, settled by offering both):
+    The paper prints the weights as :math:`1 - c_{ij}`, with :math:`c_{ij}` the output of
+    its transport step (Eq. 5); the authors' released code weighs differently. Each reading
+    has its own name (``T`` the plan of Eq. 5, ``C`` its cosine cost, ``cos = 1 - C``):
 
-    - ``"plan_topk"`` (default, the authors' released code): :math:`w_{ij}` is the
-      transport plan :math:`T_{ij}` restricted to the ``top_k`` words of largest
-      :math:`T_{ij}` and renormalised; a patch row without mass spreads evenly
-      over its picks;
-    - ``"one_minus_cost"`` (Eq. 6 as printed): :math:`w_{ij} \propto 1 - c_{ij}`
-      over every real word, with :math:`c` the transport cost matrix of Eq. 5
-      (clamped at 0 for distances above 1).
+    - ``"plan_cosine_softmax"`` (default), the authors' released rule, read in
+      ``model/model_pretrain.py`` of github.com/Lydia-yang/ELA: ``optimal_transport_dist``
+      returns the plan times the cosine, ``T * sim``; ``ALBEF.get_p2w_loss`` multiplies it
+      by ``scale = 2e3``, sends exact zeros to :math:`-\infty`, keeps the 3 largest entries of
+      each patch row and takes their softmax:
+      :math:`w_{ij} = \mathrm{softmax}_{j \in \mathrm{top3}}(s\, T_{ij} \cos_{ij})`;
+    - ``"one_minus_plan"``, Eq. 6 as printed with :math:`c_{ij} = T_{ij}` the transport
+      output of Eq. 5: :math:`w_{ij} \propto 1 - T_{ij}` over every real word (nearly uniform,
+      since plan entries are of order :math:`1/(NM)`);
+    - ``"one_minus_cost"``: :math:`w_{ij} \propto \max(0, 1 - C_{ij})` over every real word,
+      with :math:`C` the cost matrix of Eq. 5 (the cosine distance); the plan takes no part;
+    - ``"plan_topk"``: the plan row restricted to its ``top_k`` largest words and renormalised
+      (a simplification of this library, neither the paper's nor the authors').
 
-    Only the selected patches are computed: with ``batch_index`` the plan rows are
-    ``(K, M)`` and the labels ``(K, V)``, so ``(B, N, V)`` is never built. The
-    gather loops over the ``top_k`` picks (or the ``M`` words), never over patches.
+    The default is the authors' rule: it is the one their reported numbers were trained with,
+    and on a seeded measurement (``tests/functional/test_ela_lexicon.py::test_label_rules_on_known_alignments``:
+    patches that are noisy copies of one word each, one-hot word distributions) it puts the
+    most label mass on the right word of the four rules, where ``"one_minus_plan"`` is close to
+    the uniform mean of the caption.
+
+    A row without mass spreads evenly over its real picks (the authors' softmax would give NaN
+    for a row of zeros). Only the selected patches are computed: with ``batch_index`` the plan
+    rows are ``(K, M)`` and the labels ``(K, V)``, so ``(B, N, V)`` is never built. The gather
+    loops over the ``top_k`` picks (or the ``M`` words), never over patches.
 
     Args:
         plan: ``(K, M)`` plan rows of the selected patches (with ``batch_index``), or
@@ -103,9 +167,11 @@ def expansive_soft_labels(
         word_probs: ``(B, M, V)`` word-to-lexicon distributions :math:`P^{w2l}` (rows sum to 1).
         word_mask: ``(B, M)`` bool, True for the caption's real words (``None``: all).
         batch_index: ``(K,)`` long, the caption (row of ``word_probs``) of each plan row.
-        cost: the transport cost, shaped like ``plan`` (needed by ``"one_minus_cost"``).
-        label_weights: ``"plan_topk"`` or ``"one_minus_cost"``.
-        top_k: words per patch of ``"plan_topk"`` (the authors: 3).
+        cost: the transport cost, shaped like ``plan`` (needed by ``"plan_cosine_softmax"`` and
+            ``"one_minus_cost"``).
+        label_weights: one of :data:`LABEL_WEIGHTS`.
+        top_k: words per patch of ``"plan_cosine_softmax"`` and ``"plan_topk"`` (the authors: 3).
+        scale: factor of ``T * cos`` before the softmax of ``"plan_cosine_softmax"`` (the authors: 2e3).
 
     Returns:
         ``(K, V)`` (or ``(B, N, V)``) distributions: non-negative, rows sum to 1.
@@ -116,12 +182,12 @@ def expansive_soft_labels(
 
     References:
         Yang et al., "Pre-training Cross-Modal Retrieval by Expansive Lexicon-Patch
-        Alignment", LREC-COLING 2024, Eq. 6.
+        Alignment", LREC-COLING 2024, Eq. 5-6.
 
     Example:
         >>> probs = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]])
         >>> plan = torch.tensor([[0.1, 0.3]])
-        >>> expansive_soft_labels(plan, probs, batch_index=torch.tensor([0]), top_k=2)
+        >>> expansive_soft_labels(plan, probs, batch_index=torch.tensor([0]), label_weights="plan_topk", top_k=2)
         tensor([[0.2500, 0.3750, 0.3750]])
     """
     fn = "expansive_soft_labels"
@@ -132,6 +198,8 @@ def expansive_soft_labels(
         )
     if isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1:
         raise ValueError(f"{fn}: top_k must be a positive integer, got {top_k!r}")
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not 0 < scale < math.inf:
+        raise ValueError(f"{fn}: scale must be a finite number > 0, got {scale!r}")
     if word_probs.dim() != 3:
         raise ValueError(f"{fn}: word_probs must have shape (B, M, V), got {tuple(word_probs.shape)}")
     b, m, v = word_probs.shape
@@ -151,13 +219,16 @@ def expansive_soft_labels(
         rows = plan.reshape(b * n, m)
         cost_rows = None if cost is None else cost.reshape(b * n, m)
         return expansive_soft_labels(rows, word_probs, word_mask, batch_index=batch_index, cost=cost_rows,
-                                     label_weights=label_weights, top_k=top_k).reshape(b, n, v)
+                                     label_weights=label_weights, top_k=top_k, scale=scale).reshape(b, n, v)
     if plan.dim() != 2 or plan.shape[1] != m:
         raise ValueError(f"{fn}: with batch_index, plan must have shape (K, M) = (K, {m}), got {tuple(plan.shape)}")
     if batch_index.dim() != 1 or batch_index.shape[0] != plan.shape[0]:
         raise ValueError(f"{fn}: batch_index must have shape ({plan.shape[0]},), got {tuple(batch_index.shape)}")
     row_mask = word_mask.index_select(0, batch_index)
-    weights, index = LABEL_WEIGHTS[label_weights](plan, cost, row_mask, top_k)
+    try:
+        weights, index = LABEL_WEIGHTS[label_weights](plan, cost, row_mask, top_k, float(scale))
+    except ValueError as err:
+        raise ValueError(f"{fn}: {err}") from None
     flat = word_probs.reshape(b * m, v)
     base = batch_index * m
     labels = word_probs.new_zeros(plan.shape[0], v)

@@ -20,19 +20,19 @@ import torch
 
 from imtm.tokens import check_finite
 
-__all__ = ["REDUCTIONS", "info_nce_loss", "triplet_loss"]
+__all__ = ["PAIR_COUNTS", "REDUCTIONS", "info_nce_loss", "row_multiplicity", "triplet_loss"]
 
 
-def _reduce_sum(cost: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+def _reduce_sum(cost: torch.Tensor, n_pairs: torch.Tensor) -> torch.Tensor:
     return cost.sum()
 
 
-def _reduce_mean(cost: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+def _reduce_mean(cost: torch.Tensor, n_pairs: torch.Tensor) -> torch.Tensor:
     # One term per positive pair; the caller has checked that there is at least one.
-    return cost.sum() / positives.sum().to(cost.dtype)
+    return cost.sum() / n_pairs.to(cost.dtype)
 
 
-def _reduce_none(cost: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+def _reduce_none(cost: torch.Tensor, n_pairs: torch.Tensor) -> torch.Tensor:
     return cost
 
 
@@ -100,41 +100,45 @@ def _check_positives(positives, shape: torch.Size, device: torch.device, fn: str
 
 
 def _hardest_violation(
-    scores: torch.Tensor, positives: torch.Tensor, margin: float
+    scores: torch.Tensor, positives: torch.Tensor, margin: float, excluded: torch.Tensor, neg_weight: torch.Tensor
 ) -> torch.Tensor:
-    """Row-wise max-violation term of every positive pair: (Bi, Bt), zero off the positives."""
-    has_neg = (~positives).any(1, keepdim=True)
+    """Row-wise max-violation term of every positive pair: (Bi, Bt), zero off the positives.
+
+    ``excluded`` marks the entries that are no negatives of their row (the positives, and in
+    the text-to-image direction the repeated rows of the row's own image); ``neg_weight`` is
+    not needed by a max (a repeated negative row has the same hinge).
+    """
+    has_neg = (~excluded).any(1, keepdim=True)
     # The hinge grows with s(i, t'), so its max over the negatives is the hinge of the largest negative.
-    hard = scores.masked_fill(positives, float("-inf")).amax(1, keepdim=True)
+    hard = scores.masked_fill(excluded, float("-inf")).amax(1, keepdim=True)
     # A row without negatives has nothing to push away: keep the arithmetic finite, zero the term below.
     hard = torch.where(has_neg, hard, torch.zeros_like(hard))
     cost = (margin - scores + hard).clamp_min(0)
     return torch.where(positives & has_neg, cost, torch.zeros_like(cost))
 
 
-def _summed_violation(scores: torch.Tensor, positives: torch.Tensor, margin: float) -> torch.Tensor:
+def _summed_violation(
+    scores: torch.Tensor, positives: torch.Tensor, margin: float, excluded: torch.Tensor, neg_weight: torch.Tensor
+) -> torch.Tensor:
     """Row-wise sum-of-hinges term of every positive pair: (Bi, Bt), zero off the positives.
 
-    The term of (i, t) sums ``margin - s(i, t) + s(i, t')`` over the negatives ``t'``
-    with ``s(i, t') > s(i, t) - margin``. Sorting each row once turns it into a count
-    ``k`` and a prefix sum of the ``k`` largest negatives, so memory stays O(Bi * Bt)
-    instead of the O(Bi * Bt * Bt) of broadcasting every triplet.
+    The term of (i, t) sums ``w(t') (margin - s(i, t) + s(i, t'))`` over the negatives ``t'``
+    with ``s(i, t') > s(i, t) - margin``, ``w = neg_weight`` (1, or one over the number of
+    repeated rows of a negative image, so that it counts once). Sorting each row once turns
+    it into a prefix sum of weights and of weighted scores of the largest negatives, so memory
+    stays O(Bi * Bt) instead of the O(Bi * Bt * Bt) of broadcasting every triplet.
     """
-    neg_sorted = scores.masked_fill(positives, float("-inf")).sort(dim=1, descending=True).values
-    top_sums = torch.cat(
-        [
-            torch.zeros_like(neg_sorted[:, :1]),
-            torch.where(
-                torch.isfinite(neg_sorted), neg_sorted, torch.zeros_like(neg_sorted)
-            ).cumsum(1),
-        ],
-        dim=1,
-    )
+    neg_sorted, order = scores.masked_fill(excluded, float("-inf")).sort(dim=1, descending=True)
+    finite = torch.isfinite(neg_sorted)
+    w_sorted = torch.where(finite, neg_weight.expand_as(scores).gather(1, order), torch.zeros_like(neg_sorted))
+    zero = torch.zeros_like(neg_sorted[:, :1])
+    top_sums = torch.cat([zero, (w_sorted * torch.where(finite, neg_sorted, torch.zeros_like(neg_sorted))).cumsum(1)], 1)
+    top_weights = torch.cat([zero, w_sorted.cumsum(1)], 1)
     # Number of negatives strictly above s(i, t) - margin; searchsorted needs ascending rows.
     count = torch.searchsorted(
         (-neg_sorted).detach().contiguous(), (margin - scores).detach().contiguous()
     )
-    cost = count.to(scores.dtype) * (margin - scores) + top_sums.gather(1, count)
+    cost = top_weights.gather(1, count) * (margin - scores) + top_sums.gather(1, count)
     # clamp: the sum of non-negative hinges can round to a hair below zero.
     return torch.where(positives, cost.clamp_min(0), torch.zeros_like(cost))
 
@@ -144,6 +148,43 @@ def _mined_violation(scores: torch.Tensor, positives: torch.Tensor, margin: floa
     has_neg = (~positives).any(1, keepdim=True)
     cost = (margin - scores + scores.gather(1, index)).clamp_min(0)
     return torch.where(positives & has_neg, cost, torch.zeros_like(cost))
+
+
+def row_multiplicity(positives: torch.Tensor) -> torch.Tensor:
+    """How many rows of ``positives`` hold the same non-empty set of positive captions: ``(Bi,)``, at least 1.
+
+    In a training batch row ``b`` of the images is the image of caption ``b``, so an image with
+    ``k`` captions in the batch is ``k`` rows whose positives are the same ``k`` captions: a
+    multiplicity of ``k``. Rows without any positive are counted as distinct images (1).
+
+    Shape:
+        - positives: ``(Bi, Bt)`` bool
+        - output: ``(Bi,)`` long
+
+    Example:
+        >>> ids = torch.tensor([7, 7, 3, 7])
+        >>> row_multiplicity(ids[:, None] == ids[None, :])
+        tensor([3, 3, 1, 3])
+    """
+    p = positives.to(torch.float64 if positives.shape[1] >= 1 << 24 else torch.float32)
+    shared = p @ p.transpose(0, 1)  # shared[r, u]: captions positive for both rows (exact integers)
+    count = p.sum(1)
+    same = (shared == count[:, None]) & (shared == count[None, :]) & (count[:, None] > 0)
+    return same.sum(1).clamp_min(1)
+
+
+def _count_once(positives: torch.Tensor) -> torch.Tensor:
+    return 1.0 / row_multiplicity(positives).to(torch.float64)
+
+
+def _count_per_row(positives: torch.Tensor) -> torch.Tensor:
+    return torch.ones(positives.shape[0], dtype=torch.float64, device=positives.device)
+
+
+#: How ``triplet_loss`` counts an (image, caption) pair whose image fills several rows of the
+#: batch: ``"once"`` (each row weighted by one over its number of copies) or ``"per_row"`` (each
+#: row counted, so an image with ``k`` captions in the batch counts each of its pairs ``k`` times).
+PAIR_COUNTS = {"once": _count_once, "per_row": _count_per_row}
 
 
 def _check_negatives(negatives, positives: torch.Tensor, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +215,7 @@ def triplet_loss(
     reduction: str = "sum",
     *,
     negatives=None,
+    count_pairs: str = "once",
 ) -> torch.Tensor:
     r"""Bidirectional hinge (triplet) ranking loss of VSE++ over a batch score matrix.
 
@@ -195,6 +237,18 @@ def triplet_loss(
     second ``scores_t2i``. A direction with no negative at all (a batch holding
     one image only) contributes 0.
 
+    *Repeated image rows.* In a training batch row ``b`` of the images is the image
+    of caption ``b``, so an image with ``k`` captions in the batch fills ``k`` rows,
+    and with ``positives = image_ids[:, None] == image_ids[None, :]`` each of its
+    ``k`` pairs appears in ``k`` rows. With ``count_pairs="once"`` (default) rows
+    with the same non-empty set of positives are copies of one image
+    (:func:`row_multiplicity`): each copy's terms are weighted by one over the
+    number of copies, so each matched pair counts once (the mean over the copies,
+    which are equal when the image encoder is deterministic), and in the summed
+    loss a negative image counts once however many rows it fills. That is the loss
+    of the batch with its image rows de-duplicated, as evaluation scores each image
+    once. ``count_pairs="per_row"`` counts every row (each pair ``k`` times).
+
     Args:
         scores: ``(Bi, Bt)`` similarities, or a pair ``(scores_i2t, scores_t2i)``.
         positives: True where image ``i`` and caption ``t`` match; in a training batch
@@ -209,6 +263,8 @@ def triplet_loss(
         reduction: ``"sum"`` (VSE++: the sum over positive pairs of both directions),
             ``"mean"`` (that sum divided by the number of positive pairs) or ``"none"``
             (the ``(Bi, Bt)`` matrix of :math:`\ell(i, t)`, zero where ``positives`` is False).
+        count_pairs: ``"once"`` or ``"per_row"``, how pairs of an image that fills several
+            rows count (see above).
 
     Returns:
         A scalar, or ``(Bi, Bt)`` for ``reduction="none"``; always :math:`\ge 0`.
@@ -249,19 +305,32 @@ def triplet_loss(
     check_finite(s_i2t, f"{fn}: scores")
     if s_t2i is not s_i2t:
         check_finite(s_t2i, f"{fn}: scores_t2i")
+    count_weight = _resolve_count(count_pairs, fn)
     margin = float(margin)
+    # w[r]: 1 / number of copies of image row r ("once"), or 1 ("per_row").
+    w = count_weight(positives).to(s_i2t.dtype)
+    n_pairs = (positives.to(s_i2t.dtype) * w[:, None]).sum()
+    pos_t = positives.transpose(0, 1)
     if negatives is not None:
         i2t, t2i = _check_negatives(negatives, positives, fn)
         cost_i2t = _mined_violation(s_i2t, positives, margin, i2t)
-        cost_t2i = _mined_violation(
-            s_t2i.transpose(0, 1), positives.transpose(0, 1), margin, t2i.transpose(0, 1)
-        ).transpose(0, 1)
-        return REDUCTIONS[reduction](cost_i2t + cost_t2i, positives)
+        cost_t2i = _mined_violation(s_t2i.transpose(0, 1), pos_t, margin, t2i.transpose(0, 1)).transpose(0, 1)
+        return REDUCTIONS[reduction]((cost_i2t + cost_t2i) * w[:, None], n_pairs)
     violation = _hardest_violation if hardest else _summed_violation
-    cost_i2t = violation(s_i2t, positives, margin)
-    # The text-to-image term is the same computation with captions as the rows.
-    cost_t2i = violation(s_t2i.transpose(0, 1), positives.transpose(0, 1), margin).transpose(0, 1)
-    return REDUCTIONS[reduction](cost_i2t + cost_t2i, positives)
+    ones = torch.ones_like(s_i2t[:1])
+    cost_i2t = violation(s_i2t, positives, margin, positives, ones)
+    # The text-to-image term is the same computation with captions as the rows; there each
+    # negative image is weighted by one over its copies.
+    cost_t2i = violation(s_t2i.transpose(0, 1), pos_t, margin, pos_t, w[None, :]).transpose(0, 1)
+    return REDUCTIONS[reduction]((cost_i2t + cost_t2i) * w[:, None], n_pairs)
+
+
+def _resolve_count(count_pairs, fn: str):
+    if isinstance(count_pairs, str) and count_pairs in PAIR_COUNTS:
+        return PAIR_COUNTS[count_pairs]
+    raise ValueError(
+        f"{fn}: count_pairs must be one of {sorted(PAIR_COUNTS)}, got {count_pairs!r}." + _suggest(count_pairs, PAIR_COUNTS)
+    )
 
 
 def _nce_direction(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """DCPA's inter-modal phrase attention, scored for every image-caption pair in blocks.
 
-One branch of DCPA (Eq. 11-14) runs a Transformer-decoder-style layer per
+One branch of DCPA (Eq. 11-14) runs a standard Transformer decoder layer per
 pair: the query tokens (regions for image-to-text, words for text-to-image)
-attend to each other, then query the other modality's tokens, and each output
-is compared with every token of the other modality. The self-attention depends
+attend to each other, then query the other modality's tokens, then pass a
+position-wise feed-forward sub-layer; each output is compared with every token
+of the other modality. The self-attention depends
 on one side only and runs once per query set; the key and value projections
 run once per key set. Only the cross-attention itself is pairwise, and it is
 computed for blocks of ``(b_q query sets) x (b_k key sets)`` at once with
@@ -30,9 +31,16 @@ from imtm.functional.blocking import (
     default_block_elements,
     normalize_tokens,
 )
-from imtm.functional.topk import DEFAULT_TOPK, check_k, topk_mean
+from imtm.functional.topk import DEFAULT_TOPK, check_average, check_k, topk_mean
 
-__all__ = ["AttentionWeights", "phrase_attention_scores", "phrase_attention_token_scores", "self_attention"]
+__all__ = [
+    "AttentionWeights",
+    "FeedForwardWeights",
+    "feed_forward",
+    "phrase_attention_scores",
+    "phrase_attention_token_scores",
+    "self_attention",
+]
 
 #: LayerNorm epsilon (torch's default, as in nn.TransformerDecoderLayer).
 LAYER_NORM_EPS = 1e-5
@@ -74,6 +82,92 @@ class AttentionWeights:
     def projections(self):
         """``(W_q, W_k, W_v), (b_q, b_k, b_v)``."""
         return self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
+
+
+@dataclass(frozen=True)
+class FeedForwardWeights:
+    """The weights of a position-wise feed-forward sub-layer with its residual LayerNorm.
+
+    The layout is ``nn.TransformerDecoderLayer``'s (``linear1``, ``linear2``, ``norm3``), read
+    without copies by :meth:`from_modules`, so gradients reach the modules.
+
+    Attributes:
+        linear1_weight: ``(F, D)``. linear1_bias: ``(F,)``.
+        linear2_weight: ``(D, F)``. linear2_bias: ``(D,)``.
+        norm_weight, norm_bias: ``(D,)`` the LayerNorm after the residual sum.
+
+    Example:
+        >>> w = FeedForwardWeights.from_modules(torch.nn.Linear(8, 32), torch.nn.Linear(32, 8), torch.nn.LayerNorm(8))
+        >>> tuple(w.linear1_weight.shape)
+        (32, 8)
+    """
+
+    linear1_weight: torch.Tensor
+    linear1_bias: torch.Tensor
+    linear2_weight: torch.Tensor
+    linear2_bias: torch.Tensor
+    norm_weight: torch.Tensor
+    norm_bias: torch.Tensor
+
+    @classmethod
+    def from_modules(cls, linear1: torch.nn.Linear, linear2: torch.nn.Linear,
+                     norm: torch.nn.LayerNorm) -> "FeedForwardWeights":
+        """The weights of two ``nn.Linear`` (with biases) and the ``nn.LayerNorm`` after them."""
+        return cls(linear1.weight, linear1.bias, linear2.weight, linear2.bias, norm.weight, norm.bias)
+
+
+def feed_forward(y: torch.Tensor, weights: FeedForwardWeights) -> torch.Tensor:
+    r"""Post-norm residual feed-forward sub-layer (the third sub-layer of a Transformer decoder layer).
+
+    .. math::
+
+        Y' = \operatorname{LN}_3\big(Y + W_2 \max(0, W_1 Y + b_1) + b_2\big)
+
+    ReLU, as ``nn.TransformerDecoderLayer``'s default.
+
+    Shape:
+        - y: ``(*, D)``, output: ``(*, D)``
+
+    References:
+        Vaswani et al., "Attention Is All You Need", NeurIPS 2017, Sec. 3.3.
+
+    Example:
+        >>> w = FeedForwardWeights.from_modules(torch.nn.Linear(8, 32), torch.nn.Linear(32, 8), torch.nn.LayerNorm(8))
+        >>> feed_forward(torch.randn(2, 3, 8), w).shape
+        torch.Size([2, 3, 8])
+    """
+    hidden = F.relu(F.linear(y, weights.linear1_weight, weights.linear1_bias))
+    out = F.linear(hidden, weights.linear2_weight, weights.linear2_bias)
+    return F.layer_norm(y + out, (y.shape[-1],), weights.norm_weight, weights.norm_bias, LAYER_NORM_EPS)
+
+
+#: The sub-layer under a name the ``feed_forward=`` arguments below do not shadow.
+_feed_forward = feed_forward
+
+
+def _check_feed_forward(w, dim: int, where: str, like: torch.Tensor) -> int:
+    """The hidden width ``F`` of feed-forward weights for ``D = dim``, after checking them."""
+    if not isinstance(w, FeedForwardWeights):
+        raise TypeError(f"{where}: feed_forward must be a FeedForwardWeights or None, got {type(w).__name__}")
+    hidden = w.linear1_weight.shape[0] if w.linear1_weight.dim() == 2 else -1
+    shapes = {"linear1_weight": (hidden, dim), "linear1_bias": (hidden,), "linear2_weight": (dim, hidden),
+              "linear2_bias": (dim,), "norm_weight": (dim,), "norm_bias": (dim,)}
+    for name, shape in shapes.items():
+        tensor = getattr(w, name)
+        if tuple(tensor.shape) != shape or hidden < 1:
+            raise ValueError(f"{where}: feed_forward.{name} must have shape {shape} for D={dim}, "
+                             f"got {tuple(tensor.shape)}")
+        if tensor.device != like.device:
+            raise ValueError(f"{where}: feed_forward.{name} is on {tensor.device} but the tokens are on {like.device}")
+    return hidden
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``(B, L, D) -> (B, D)``, the mean of the valid tokens (0 for a set without one)."""
+    if mask is None:
+        return x.mean(1)
+    x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x.sum(1) / mask.sum(1, keepdim=True).clamp_min(1).to(x.dtype)
 
 
 def _check_weights(w, dim: int, heads, where: str, what: str, like: torch.Tensor | None = None) -> None:
@@ -148,6 +242,8 @@ def phrase_attention_scores(
     heads: int,
     k: int | None = DEFAULT_TOPK,
     max_block_elements: int | None = None,
+    feed_forward: FeedForwardWeights | None = None,
+    average: str = "features",
 ) -> torch.Tensor:
     r"""One DCPA inter-modal branch, scored for every (query set, key set) pair.
 
@@ -158,20 +254,31 @@ def phrase_attention_scores(
     .. math::
 
         X &= \operatorname{LN}_1\big(V + \operatorname{MHA}_1(V, V, V)\big) \\
-        VP^T &= \operatorname{LN}_2\big(X + \operatorname{MHA}_2(X, W, W)\big) \\
+        Y &= \operatorname{LN}_2\big(X + \operatorname{MHA}_2(X, W, W)\big) \\
+        VP^T &= \operatorname{LN}_3\big(Y + \operatorname{FFN}(Y)\big) \\
         s_k &= \max_{m} \cos(vp^T_k, w_m) \\
         S(i^T, c) &= \frac{1}{K'} \sum_{k \in \operatorname{top}_{K'}} s_k \qquad \text{(Eq. 11-14)}
+
+    The layer is a standard (post-norm) Transformer decoder layer, as the paper's decoder
+    is: self-attention, cross-attention, feed-forward, each with residual and LayerNorm;
+    with ``feed_forward`` weights it equals ``nn.TransformerDecoderLayer`` (dropout 0, ReLU)
+    run on every pair (a test checks this). ``feed_forward=None`` leaves the feed-forward
+    sub-layer out (the layer of earlier versions of this library).
 
     The key and value projections of ``MHA_2`` are computed once per key set,
     its query projection once per query set (after ``MHA_1``, which is
     per set too); the output projection is folded into the values
     (``sum_h A_h (V_h W_O^h)``), so the pairwise work is the attention
-    itself, ``O(H * L * M * D)`` per pair. ``K' = min(K, valid queries)``.
+    itself, ``O(H * L * M * D)`` per pair, plus the feed-forward sub-layer,
+    ``O(L * D * F)`` per pair. ``K' = min(K, valid queries)``.
 
-    Paper ambiguities settled here: the decoder layer has no position-wise
-    feed-forward sub-layer (it would cost ``O(L * D^2)`` per pair, against the
-    ``O(m n d)`` per pair the method is described with), and each output is
-    compared with the *input* tokens of the other modality.
+    ``k=None`` is the "global average" of DCPA's Table IV ("w/o local-agg"): with
+    ``average="features"`` (default) the outputs are averaged first and one cosine taken with
+    the mean of the other modality's tokens, :math:`\cos(\frac1L \sum_k vp^T_k, \frac1M \sum_m w_m)`;
+    ``average="cosines"`` averages the :math:`s_k` instead.
+
+    A paper ambiguity settled here: each output is compared with the *input* tokens of
+    the other modality.
 
     Args:
         queries: query token features (regions for image-to-text).
@@ -182,11 +289,14 @@ def phrase_attention_scores(
         self_attn: weights of ``MHA_1`` and ``LN_1``.
         cross_attn: weights of ``MHA_2`` and ``LN_2``.
         heads: attention heads ``H`` (divides ``D``).
-        k: query tokens averaged per pair; ``None``: all valid query tokens.
+        k: query tokens averaged per pair; ``None``: the global average (see ``average``).
         max_block_elements: at most about this many numbers in one block's largest
-            intermediate (``b_q * b_k * L * max(D, H * M)``) and in a key block's values
+            intermediate (``b_q * b_k * L * max(D, H * M, F)``) and in a key block's values
             with the output projection folded in (``b_k * H * M * D``); ``None``: the
             device default.
+        feed_forward: weights of the feed-forward sub-layer (:class:`FeedForwardWeights`,
+            hidden width ``F``); ``None``: no feed-forward sub-layer.
+        average: with ``k=None``, ``"features"`` (pool, then one cosine) or ``"cosines"``.
 
     Returns:
         ``(Bq, Bk)`` scores in ``[-1, 1]``.
@@ -215,6 +325,7 @@ def phrase_attention_scores(
     """
     where = "phrase_attention_scores"
     check_k(k, where=where)
+    check_average(average, where=where)
     if max_block_elements is not None and (
         isinstance(max_block_elements, bool) or not isinstance(max_block_elements, int) or max_block_elements < 1
     ):
@@ -223,6 +334,7 @@ def phrase_attention_scores(
     D = queries.shape[-1]
     _check_weights(self_attn, D, heads, where, "self_attn", like=queries)
     _check_weights(cross_attn, D, heads, where, "cross_attn", like=queries)
+    hidden = 0 if feed_forward is None else _check_feed_forward(feed_forward, D, where, queries)
     budget = default_block_elements(queries.device) if max_block_elements is None else max_block_elements
     Bq, L, _ = queries.shape
     Bk, M, _ = keys.shape
@@ -255,7 +367,10 @@ def phrase_attention_scores(
     # Block sizes from the budget: a block of b_k key sets holds its folded values (b_k * H * M * D
     # numbers, made once per key block), and the largest pairwise intermediate of a block holds
     # b_q * b_k * L * max(D, H * M). Key sets are grouped first (all of them when they fit).
-    per_pair = L * max(D, H * M)
+    per_pair = L * max(D, H * M, hidden)
+    pooled = k is None and average == "features"
+    if pooled:
+        key_mean = F.normalize(_masked_mean(kz, key_mask), dim=-1, eps=EPS)
     bk = max(1, min(Bk, budget // max(1, per_pair, H * M * D)))
     bq = max(1, min(Bq, budget // max(1, per_pair * bk)))
     cols = []
@@ -279,8 +394,15 @@ def phrase_attention_scores(
             # sum_h A_h (V_h W_O^h) + b_O + X: the output projection, its bias and the residual at once.
             y = torch.baddbmm(x_bias[q0:q1].reshape(1, nq * L, D), attn, u)  # (nk, nq * L, D)
             y = F.layer_norm(y, (D,), cross_attn.norm_weight, cross_attn.norm_bias, LAYER_NORM_EPS)
-            # No position-wise feed-forward sub-layer follows (a settled ambiguity: it would cost
-            # O(L * D^2) per pair, against the O(m n d) per pair the method is described with).
+            if feed_forward is not None:
+                y = _feed_forward(y, feed_forward)
+            qmask = None if query_mask is None else query_mask[q0:q1].unsqueeze(0)
+            if pooled:
+                # The global average of Table IV: pool the outputs, then one cosine with the pooled keys.
+                y_mean = F.normalize(_masked_mean(y.view(nk * nq, L, D), None if qmask is None else
+                                                  qmask.expand(nk, nq, L).reshape(nk * nq, L)), dim=-1, eps=EPS)
+                parts.append((y_mean.view(nk, nq, D) * key_mean[k0:k1].unsqueeze(1)).sum(-1).t())
+                continue
             # Cosine of each output with every key token of the same set (the *input* tokens of the other
             # modality, a settled ambiguity), best key token. The norm of
             # the output divides the (smaller) best dot product, not the output itself: the same cosine.
@@ -290,7 +412,6 @@ def phrase_attention_scores(
                 dots = torch.baddbmm(dot_bias, units, y.transpose(1, 2))
             best = (dots.amax(1) / torch.linalg.vector_norm(y, dim=-1).clamp_min(EPS)).view(nk, nq, L)
             # Top-K mean over the query tokens.
-            qmask = None if query_mask is None else query_mask[q0:q1].unsqueeze(0)
             parts.append(topk_mean(best, qmask, k, dim=-1).t())  # (nq, nk)
         cols.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
     return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
@@ -305,6 +426,7 @@ def phrase_attention_token_scores(
     self_attn: AttentionWeights,
     cross_attn: AttentionWeights,
     heads: int,
+    feed_forward: FeedForwardWeights | None = None,
 ) -> torch.Tensor:
     r"""Per query token, the score :math:`s_k` that :func:`phrase_attention_scores` averages, for matched pairs.
 
@@ -317,7 +439,8 @@ def phrase_attention_token_scores(
         s_k = \max_m \cos(vp^T_k, w_m) \qquad \text{(Eq. 13)}
 
     ``topk_mean(s, query_mask, k)`` equals the diagonal of
-    ``phrase_attention_scores(queries, keys, ...)`` (a test checks this).
+    ``phrase_attention_scores(queries, keys, ...)`` with the same ``feed_forward`` (a test
+    checks this).
 
     Shape:
         - queries: ``(B, L, D)``, query_mask: ``(B, L)``
@@ -342,6 +465,8 @@ def phrase_attention_token_scores(
     D = queries.shape[-1]
     _check_weights(self_attn, D, heads, where, "self_attn", like=queries)
     _check_weights(cross_attn, D, heads, where, "cross_attn", like=queries)
+    if feed_forward is not None:
+        _check_feed_forward(feed_forward, D, where, queries)
     H, dh = heads, D // heads
     x = self_attention(queries, query_mask, self_attn, heads)  # (B, L, D)
     kz = keys if key_mask is None else torch.where(key_mask.unsqueeze(-1), keys, torch.zeros((), dtype=keys.dtype,
@@ -356,6 +481,8 @@ def phrase_attention_token_scores(
     out = rearrange(logits.softmax(-1) @ v, "b h l d -> b l (h d)")
     y = F.layer_norm(x + F.linear(out, cross_attn.out_proj_weight, cross_attn.out_proj_bias), (D,),
                      cross_attn.norm_weight, cross_attn.norm_bias, LAYER_NORM_EPS)
+    if feed_forward is not None:
+        y = _feed_forward(y, feed_forward)
     # As in phrase_attention_scores: each output against the other modality's *input* tokens.
     cos = F.normalize(y, dim=-1, eps=EPS) @ normalize_tokens(keys, key_mask).transpose(1, 2)  # (B, L, M)
     if key_mask is not None:

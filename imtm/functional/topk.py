@@ -20,10 +20,26 @@ from imtm.functional.blocking import (
     normalize_tokens,
 )
 
-__all__ = ["DEFAULT_TOPK", "check_k", "topk_mean", "topk_mean_scores"]
+__all__ = ["AVERAGES", "DEFAULT_TOPK", "check_average", "check_k", "topk_mean", "topk_mean_scores"]
 
 #: DCPA's K: the number of best-aligned tokens averaged (the paper's setting, Sec. IV-B).
 DEFAULT_TOPK = 10
+
+#: What ``k=None`` (the "global average" ablation) averages: ``"features"`` pools the token features
+#: and then takes one cosine (the ablation as the paper describes it: a global vector per side);
+#: ``"cosines"`` averages the per-token cosines (the top-K mean with K = all tokens).
+AVERAGES = ("features", "cosines")
+
+
+def check_average(average, *, where: str) -> str:
+    """``average`` if it is one of :data:`AVERAGES`, else a ValueError with a suggestion."""
+    if average not in AVERAGES:
+        import difflib
+
+        close = difflib.get_close_matches(str(average), AVERAGES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{where}: average must be one of {sorted(AVERAGES)}, got {average!r}.{hint}")
+    return average
 
 
 def check_k(k, *, where: str) -> int | None:
@@ -44,7 +60,8 @@ def topk_mean(x: torch.Tensor, mask: torch.Tensor | None = None, k: int | None =
     When a row holds fewer than ``k`` valid entries, all of them are averaged
     (``K'`` is the number of valid entries): the paper does not say what to do
     then, and this keeps the score a mean of real similarities. ``k=None``
-    averages every valid entry (the "global average" of DCPA's Table IV).
+    averages every valid entry (the mean of the scores: the ``average="cosines"`` reading;
+    DCPA's "global average" ablation pools the features first, see :func:`topk_mean_scores`).
     Padded entries never enter the result, whatever they hold. A row without
     any valid entry gives 0. The gradient flows to the selected entries only.
 
@@ -94,6 +111,7 @@ def topk_mean_scores(
     k: int | None = DEFAULT_TOPK,
     max_block_elements: int | None = None,
     compute_dtype: torch.dtype | None = None,
+    average: str = "features",
 ) -> torch.Tensor:
     r"""DCPA's intra-modal score: the mean of the top-K region-to-sentence cosines (Eq. 10).
 
@@ -104,7 +122,14 @@ def topk_mean_scores(
     For every image ``i`` and caption ``t``, the cosine of each valid region
     (visual phrase) ``r^V_k`` with the caption's sentence vector ``c^T``; the
     ``K`` best are averaged (all valid regions when fewer than ``K``, see
-    :func:`topk_mean`). ``k=None``: the mean over all valid regions.
+    :func:`topk_mean`).
+
+    ``k=None`` is the "global average" ablation (DCPA Table III, the SAEM-style global
+    aggregation of the intra-modal model; and the intra-modal half of Table IV's
+    "w/o local-agg"): with ``average="features"`` (default) the valid regions are averaged
+    *first* and one cosine taken, :math:`\cos(\frac1N \sum_k r^V_k, c^T)`; ``average="cosines"``
+    averages the per-region cosines instead (a different number: the mean of cosines is not
+    the cosine of the mean).
 
     The images are cut into blocks whose ``(b_i, N, Bt_block)`` cosine matrix
     holds at most ``max_block_elements`` numbers; each block is one matrix
@@ -118,6 +143,8 @@ def topk_mean_scores(
         max_block_elements: at most this many cosines exist at once; ``None``: the
             device default (:func:`~imtm.functional.blocking.default_block_elements`).
         compute_dtype: dtype of the matrix products (e.g. ``torch.bfloat16``); ``None``: the inputs'.
+        average: with ``k=None``, ``"features"`` (pool, then one cosine) or ``"cosines"``
+            (mean of the cosines); ignored for an integer ``k``.
 
     Returns:
         ``scores[i, t]`` in the inputs' dtype, in ``[-1, 1]``.
@@ -143,6 +170,7 @@ def topk_mean_scores(
     """
     where = "topk_mean_scores"
     check_k(k, where=where)
+    check_average(average, where=where)
     budget, compute_dtype = check_block_args(max_block_elements, compute_dtype, where=where)
     image_mask = _check_side(images, image_mask, "images", where)
     if not isinstance(texts, torch.Tensor):
@@ -166,10 +194,22 @@ def topk_mean_scores(
     Bt = texts.shape[0]
     if Bi == 0 or Bt == 0:
         return torch.zeros(Bi, Bt, dtype=dtype, device=images.device)
-    v = normalize_tokens(images.to(dtype), image_mask, dtype=compute_dtype)
     c = F.normalize(texts.to(dtype), dim=-1, eps=EPS)
     if compute_dtype is not None:
         c = c.to(compute_dtype)
+    if k is None and average == "features":
+        # Pool first, one cosine after: a (Bi, D) x (D, Bt) product, no per-region cosines at all.
+        x = images.to(dtype)
+        if image_mask is not None:
+            x = torch.where(image_mask.unsqueeze(-1), x, torch.zeros((), dtype=dtype, device=x.device))
+            count = image_mask.sum(1, keepdim=True).clamp_min(1).to(dtype)
+        else:
+            count = torch.full((Bi, 1), float(N), dtype=dtype, device=x.device)
+        pooled = F.normalize(x.sum(1) / count, dim=-1, eps=EPS)
+        if compute_dtype is not None:
+            pooled = pooled.to(compute_dtype)
+        return (pooled @ c.t()).to(dtype)
+    v = normalize_tokens(images.to(dtype), image_mask, dtype=compute_dtype)
     # Block sizes: all captions per block when an image fits, else a run of captions.
     bt = max(1, min(Bt, budget // max(N, 1)))
     bi = max(1, min(Bi, budget // (max(N, 1) * bt)))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.exceptions import NotFittedError
 
+from imtm._io import read_json
 from imtm.data.collate import collate_images, collate_texts
 from imtm.engine.evaluation import IMAGE, TEXT, encode_side, run_blocks, side_values_needed
 from imtm.retrieval.cache import CachedValue, load_values, save_values
@@ -419,9 +420,11 @@ class TwoStageRetriever:
         if not meta_path.exists():
             raise ValueError(f"{cls.__name__}.load: {path} holds no retriever.json; not a saved {cls.__name__}")
         try:
-            meta = json.loads(meta_path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{cls.__name__}.load: {meta_path} is not valid JSON (damaged?): {err}") from err
+            meta = read_json(meta_path, who=f"{cls.__name__}.load", max_bytes=1 << 26, where=f"{cls.__name__}.load: {meta_path}")
+        except FileNotFoundError:
+            raise
+        except ValueError as err:  # not a regular file, too large, not UTF-8, not JSON, nested too deeply
+            raise ValueError(f"{err} (damaged?)") from err
         if not isinstance(meta, dict):  # a damaged file, not an argument of the wrong type
             raise ValueError(  # noqa: TRY004
                 f"{cls.__name__}.load: {meta_path} holds a {type(meta).__name__}, expected an object"

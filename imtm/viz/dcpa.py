@@ -81,7 +81,7 @@ def phrase_topk_regions(matcher, image, caption: str, *, boxes, picture=None, in
             queries.feats.float(), keys.feats.float(), queries.mask, keys.mask,
             self_attn=AttentionWeights.from_modules(block.self_attn, block.norm1),
             cross_attn=AttentionWeights.from_modules(block.cross_attn, block.norm2),
-            heads=block.heads)[0][queries.mask[0]].cpu().numpy()
+            heads=block.heads, feed_forward=block.feed_forward_weights())[0][queries.mask[0]].cpu().numpy()
 
     inter_scores = branch_scores(i2t_block, regions, words)
     pic = None if picture is None else as_picture(picture)

@@ -24,28 +24,35 @@ def embeddings(b=6, d=5, seed=0, dtype=torch.float64):
 
 
 # ---------------------------------------------------------------------- plain-loop references
-def loop_correlation(v, t):
-    """Eq. 4: Pearson correlation of image dimension k with text dimension l over the batch."""
+def loop_correlation(v, t, correlation="cosine"):
+    """Eq. 4: cosine (or Pearson: centred) of image dimension k with text dimension l over the batch."""
     b, d = v.shape
     out = torch.empty(d, d, dtype=torch.float64)
     for k in range(d):
         a = [float(v[n, k]) for n in range(b)]
-        ma = sum(a) / b
+        ma = sum(a) / b if correlation == "pearson" else 0.0
         sa = math.sqrt(sum((x - ma) ** 2 for x in a) / b + VARIANCE_EPS)
         for l in range(d):
             c = [float(t[n, l]) for n in range(b)]
-            mc = sum(c) / b
+            mc = sum(c) / b if correlation == "pearson" else 0.0
             sc = math.sqrt(sum((x - mc) ** 2 for x in c) / b + VARIANCE_EPS)
             out[k, l] = sum((x - ma) * (y - mc) for x, y in zip(a, c)) / b / (sa * sc)
     return out
 
 
-def loop_dimension_loss(v, t, tau=0.1):
+def loop_dimension_loss(v, t, tau=0.1, correlation="cosine"):
     """Eq. 6 with c_ij = exp(C_ij / tau): minus the diagonal's share of its row and of its column."""
-    C = loop_correlation(v, t)
+    C = loop_correlation(v, t, correlation)
     d = C.shape[0]
     c = [[math.exp(float(C[i, j]) / tau) for j in range(d)] for i in range(d)]
     return -sum(c[i][i] / sum(c[i][j] for j in range(d)) + c[i][i] / sum(c[j][i] for j in range(d)) for i in range(d))
+
+
+def loop_intuitive_loss(v, t, lam, correlation="cosine"):
+    """Eq. 5: each C_ii to 1, each C_ij (j != i) to 0, in squares."""
+    C = loop_correlation(v, t, correlation)
+    d = C.shape[0]
+    return sum((1 - float(C[i, i])) ** 2 + lam * sum(float(C[i, j]) ** 2 for j in range(d) if j != i) for i in range(d))
 
 
 def cosine_distance(a, b):
@@ -66,62 +73,130 @@ def loop_differences(v, t, kind):
     return out
 
 
-def loop_mask(diff, beta, temperature):
-    """Eq. 11-16 with the settled scale (statistics of p) and the sigmoid relaxation."""
+def loop_mask(diff, beta, temperature, rule="intent", ids=None):
+    """Eq. 11-14 with the statistics of p over the unmatched pairs and the sigmoid relaxation.
+
+    ``rule="intent"`` compares p_ij with kappa; ``"printed"`` compares |d_ij| (Eq. 14 as printed).
+    ``beta`` is a number or a list (one per instance); ``ids`` the image of each row (None: all distinct).
+    """
     b = diff.shape[0]
+    ids = list(range(b)) if ids is None else list(ids)
+    betas = [beta] * b if isinstance(beta, (int, float)) else list(beta)
+    unmatched = [[ids[i] != ids[j] for j in range(b)] for i in range(b)]
     p = [[1 / (1 + math.exp(abs(float(diff[i, j])))) for j in range(b)] for i in range(b)]
+    a = p if rule == "intent" else [[abs(float(diff[i, j])) for j in range(b)] for i in range(b)]
 
     def stats(values):
+        if not values:
+            return 0.0, math.sqrt(VARIANCE_EPS)
         m = sum(values) / len(values)
         return m, math.sqrt(sum((x - m) ** 2 for x in values) / len(values) + VARIANCE_EPS)
 
-    rows = [stats([p[i][j] for j in range(b) if j != i]) for i in range(b)]
-    cols = [stats([p[i][j] for i in range(b) if i != j]) for j in range(b)]
+    rows = [stats([p[i][j] for j in range(b) if unmatched[i][j]]) for i in range(b)]
+    cols = [stats([p[i][j] for i in range(b) if unmatched[i][j]]) for j in range(b)]
     out = torch.zeros(b, b, dtype=torch.float64)
     for i in range(b):
         for j in range(b):
-            if i == j:
+            if not unmatched[i][j]:
                 continue
-            z = min((p[i][j] - rows[i][0]) / rows[i][1], (p[i][j] - cols[j][0]) / cols[j][1])
-            out[i, j] = 1 / (1 + math.exp(-(z - beta) / temperature))
+            z = min((a[i][j] - rows[i][0]) / rows[i][1] - betas[i], (a[i][j] - cols[j][0]) / cols[j][1] - betas[j])
+            out[i, j] = 1 / (1 + math.exp(-z / temperature))
     return out
 
 
-def loop_spatial_loss(v, t, kind, sparse, beta=0.0, temperature=0.1):
+def loop_spatial_loss(v, t, kind, sparse, beta=0.0, temperature=0.1, rule="intent", ids=None):
     diff = loop_differences(v, t, kind)
     b = diff.shape[0]
-    w = loop_mask(diff, beta, temperature) if sparse else 1 - torch.eye(b, dtype=torch.float64)
+    ids = list(range(b)) if ids is None else list(ids)
+    if sparse:
+        w = loop_mask(diff, beta, temperature, rule, ids)
+    else:
+        w = torch.tensor([[float(ids[i] != ids[j]) for j in range(b)] for i in range(b)], dtype=torch.float64)
     return sum(float(w[i, j]) * float(diff[i, j]) ** 2 for i in range(b) for j in range(b))
 
 
 # ---------------------------------------------------------------------- against the loops
-def test_dimension_correlation_and_loss_match_the_loop():
+@pytest.mark.parametrize("correlation", ["cosine", "pearson"])
+def test_dimension_correlation_and_loss_match_the_loop(correlation):
     v, t = embeddings()
-    torch.testing.assert_close(dimension_correlation(v, t), loop_correlation(v, t))
-    torch.testing.assert_close(dimension_alignment_loss(v, t), torch.tensor(loop_dimension_loss(v, t), dtype=torch.float64))
+    v = v + 0.7  # non-zero column means: cosine and Pearson differ
+    torch.testing.assert_close(dimension_correlation(v, t, correlation=correlation), loop_correlation(v, t, correlation))
     torch.testing.assert_close(
-        dimension_alignment_loss(v, t, temperature=0.5, reduction="mean"),
-        torch.tensor(loop_dimension_loss(v, t, 0.5) / v.shape[1], dtype=torch.float64),
+        dimension_alignment_loss(v, t, correlation=correlation),
+        torch.tensor(loop_dimension_loss(v, t, correlation=correlation), dtype=torch.float64),
     )
+    torch.testing.assert_close(
+        dimension_alignment_loss(v, t, temperature=0.5, reduction="mean", correlation=correlation),
+        torch.tensor(loop_dimension_loss(v, t, 0.5, correlation) / v.shape[1], dtype=torch.float64),
+    )
+    for lam, expect_lam in ((None, 1 / (v.shape[1] - 1)), (0.3, 0.3)):
+        torch.testing.assert_close(
+            dimension_alignment_loss(v, t, objective="intuitive", off_diagonal_weight=lam, correlation=correlation),
+            torch.tensor(loop_intuitive_loss(v, t, expect_lam, correlation), dtype=torch.float64),
+        )
+
+
+def test_cosine_is_the_default_correlation_and_differs_from_pearson():
+    v, t = embeddings(b=16, d=4, seed=11)
+    v, t = v + 2.0, t - 1.0
+    torch.testing.assert_close(dimension_correlation(v, t), dimension_correlation(v, t, correlation="cosine"))
+    assert float((dimension_correlation(v, t) - dimension_correlation(v, t, correlation="pearson")).abs().max()) > 0.1
+    # Centred columns: the two coincide.
+    vc, tc = v - v.mean(0), t - t.mean(0)
+    torch.testing.assert_close(dimension_correlation(vc, tc), dimension_correlation(vc, tc, correlation="pearson"))
+
+
+def test_intuitive_objective_is_zero_exactly_at_the_identity():
+    d = 5
+    x = torch.randn(64, d, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    q, _ = torch.linalg.qr(x)  # orthonormal columns: cosine correlation C = I
+    v = q * 8.0
+    assert float(dimension_alignment_loss(v, v, objective="intuitive")) == pytest.approx(0, abs=1e-6)
+    mix = torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    assert float(dimension_alignment_loss(v, v @ mix, objective="intuitive")) > 0.1
 
 
 @pytest.mark.parametrize("kind", ["inter", "intra"])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_spatial_loss_matches_the_loop(kind, sparse):
+@pytest.mark.parametrize("rule", ["intent", "printed"])
+def test_spatial_loss_matches_the_loop(kind, sparse, rule):
     v, t = embeddings(b=5, d=4, seed=1)
     torch.testing.assert_close(spatial_differences(v, t, kind=kind), loop_differences(v, t, kind))
-    got = spatial_constraint_loss(v, t, kind=kind, sparse=sparse, beta=0.3, temperature=0.2)
-    torch.testing.assert_close(got, torch.tensor(loop_spatial_loss(v, t, kind, sparse, 0.3, 0.2), dtype=torch.float64))
-    mean = spatial_constraint_loss(v, t, kind=kind, sparse=sparse, beta=0.3, temperature=0.2, reduction="mean")
+    got = spatial_constraint_loss(v, t, kind=kind, sparse=sparse, beta=0.3, temperature=0.2, rule=rule)
+    torch.testing.assert_close(got, torch.tensor(loop_spatial_loss(v, t, kind, sparse, 0.3, 0.2, rule), dtype=torch.float64))
+    mean = spatial_constraint_loss(v, t, kind=kind, sparse=sparse, beta=0.3, temperature=0.2, reduction="mean", rule=rule)
     torch.testing.assert_close(mean, got / 20)
 
 
-def test_sparse_mask_matches_the_loop_and_the_paper_limit():
+@pytest.mark.parametrize("kind", ["inter", "intra"])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("rule", ["intent", "printed"])
+def test_captions_of_one_image_are_not_unmatched_pairs(kind, sparse, rule):
+    # A training batch: rows 0, 1, 2 are the image of captions 0, 1, 2 and rows 0 and 2 are one image.
+    ids = [4, 7, 4, 9, 1, 7]
+    v, t = embeddings(b=6, d=4, seed=14)
+    v = v[torch.tensor([0, 1, 0, 3, 4, 1])]  # repeated image rows
+    pos = torch.tensor(ids)[:, None] == torch.tensor(ids)[None, :]
+    got = spatial_constraint_loss(v, t, kind=kind, sparse=sparse, beta=0.2, temperature=0.3, rule=rule, positives=pos)
+    ref = loop_spatial_loss(v, t, kind, sparse, 0.2, 0.3, rule, ids)
+    torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float64))
+    mean = spatial_constraint_loss(v, t, kind=kind, sparse=sparse, beta=0.2, temperature=0.3, rule=rule, positives=pos,
+                                   reduction="mean")
+    torch.testing.assert_close(mean, got / int((~pos).sum()))
+    # Without positives the two captions of image 4 count as an unmatched pair: a different loss.
+    without = spatial_constraint_loss(v, t, kind=kind, sparse=sparse, beta=0.2, temperature=0.3, rule=rule)
+    assert float((without - got).abs()) > 1e-6
+
+
+@pytest.mark.parametrize("rule", ["intent", "printed"])
+def test_sparse_mask_matches_the_loop_and_the_hard_limit(rule):
     v, t = embeddings(b=6, d=4, seed=2)
     diff = spatial_differences(v, t, kind="inter")
-    torch.testing.assert_close(sparse_correlation_mask(diff, 0.4, temperature=0.3), loop_mask(diff, 0.4, 0.3))
-    # T -> 0 is the paper's hard rule: keep (i, j) when p_ij > max(kappa_i^V, kappa_j^T), kappa = mu + beta theta.
+    torch.testing.assert_close(sparse_correlation_mask(diff, 0.4, temperature=0.3, rule=rule), loop_mask(diff, 0.4, 0.3, rule))
+    # T -> 0 is the hard rule, kappa = mu + beta theta from the statistics of p (Eq. 12-13): "intent" keeps
+    # (i, j) when p_ij > max(kappa_i^V, kappa_j^T); "printed" (Eq. 14) when |x_ij - x_ji| > max(kappa_i^V, kappa_j^T).
     p = torch.sigmoid(-diff.abs())
+    compared = p if rule == "intent" else diff.abs()
     off = ~torch.eye(6, dtype=torch.bool)
     hard = torch.zeros(6, 6, dtype=torch.bool)
     for i in range(6):
@@ -131,8 +206,31 @@ def test_sparse_mask_matches_the_loop_and_the_paper_limit():
                 col = p[:, j][off[:, j]]
                 k_row = row.mean() + 0.4 * (row.var(unbiased=False) + VARIANCE_EPS).sqrt()
                 k_col = col.mean() + 0.4 * (col.var(unbiased=False) + VARIANCE_EPS).sqrt()
-                hard[i, j] = p[i, j] > max(k_row, k_col)
-    assert torch.equal(sparse_correlation_mask(diff, 0.4, temperature=1e-6) > 0.5, hard)
+                hard[i, j] = compared[i, j] > max(k_row, k_col)
+    assert torch.equal(sparse_correlation_mask(diff, 0.4, temperature=1e-6, rule=rule) > 0.5, hard)
+
+
+def test_per_instance_beta_matches_the_loop_and_a_constant_vector_is_the_scalar():
+    v, t = embeddings(b=5, d=4, seed=15)
+    diff = spatial_differences(v, t, kind="intra")
+    betas = [0.1, -0.3, 0.5, 0.0, 0.2]
+    for rule in ("intent", "printed"):
+        got = sparse_correlation_mask(diff, torch.tensor(betas, dtype=torch.float64), temperature=0.2, rule=rule)
+        torch.testing.assert_close(got, loop_mask(diff, betas, 0.2, rule))
+        torch.testing.assert_close(
+            sparse_correlation_mask(diff, torch.full((5,), 0.25, dtype=torch.float64), rule=rule),
+            sparse_correlation_mask(diff, 0.25, rule=rule),
+        )
+
+
+def test_the_two_readings_select_disjoint_pairs_on_random_inputs():
+    v, t = embeddings(b=32, d=16, seed=16)
+    diff = spatial_differences(v, t, kind="inter")
+    intent = sparse_correlation_mask(diff, 0.0, temperature=1e-6) > 0.5
+    printed = sparse_correlation_mask(diff, 0.0, temperature=1e-6, rule="printed") > 0.5
+    assert int(intent.sum()) > 0 and int(printed.sum()) > 0
+    # Small asymmetries (large p) against large ones: no pair is kept by both.
+    assert int((intent & printed).sum()) == 0
 
 
 def test_gradients_match_the_loop():
@@ -238,19 +336,38 @@ def test_dimension_loss_bounds_and_pair_permutation(b, d, seed, tau):
 
 @SETTINGS
 @given(b=st.integers(2, 7), d=st.integers(2, 5), seed=st.integers(0, 2**16), kind=st.sampled_from(["inter", "intra"]),
-       sparse=st.booleans(), beta=st.floats(-1, 1))
-def test_spatial_loss_is_pair_permutation_invariant_and_nonnegative(b, d, seed, kind, sparse, beta):
+       sparse=st.booleans(), beta=st.floats(-1, 1), rule=st.sampled_from(["intent", "printed"]),
+       n_images=st.integers(1, 7))
+def test_spatial_loss_is_pair_permutation_invariant_and_nonnegative(b, d, seed, kind, sparse, beta, rule, n_images):
     v, t = embeddings(b, d, seed)
-    loss = spatial_constraint_loss(v, t, kind=kind, sparse=sparse, beta=beta)
+    ids = torch.arange(b) % n_images
+    pos = ids[:, None] == ids[None, :]
+    kw = {"kind": kind, "sparse": sparse, "beta": beta, "rule": rule, "positives": pos}
+    loss = spatial_constraint_loss(v, t, **kw)
     assert float(loss) >= 0
     perm = torch.randperm(b, generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(spatial_constraint_loss(v[perm], t[perm], kind=kind, sparse=sparse, beta=beta), loss)
+    torch.testing.assert_close(spatial_constraint_loss(v[perm], t[perm], **{**kw, "positives": pos[perm][:, perm]}), loss)
     diff = spatial_differences(v, t, kind=kind)
-    mask = sparse_correlation_mask(diff, beta)
-    assert bool(((mask >= 0) & (mask < 1)).all()) and bool((mask.diagonal() == 0).all())
-    torch.testing.assert_close(sparse_correlation_mask(diff[perm][:, perm], beta), mask[perm][:, perm])
+    mask = sparse_correlation_mask(diff, beta, rule=rule, positives=pos)
+    assert bool(((mask >= 0) & (mask <= 1)).all()) and bool((mask[pos] == 0).all())
+    torch.testing.assert_close(
+        sparse_correlation_mask(diff[perm][:, perm], beta, rule=rule, positives=pos[perm][:, perm]), mask[perm][:, perm]
+    )
     # The cosine distance is scale-free: rescaling a side's vectors changes nothing.
-    torch.testing.assert_close(spatial_constraint_loss(3 * v, 0.5 * t, kind=kind, sparse=sparse, beta=beta), loss)
+    torch.testing.assert_close(spatial_constraint_loss(3 * v, 0.5 * t, **kw), loss)
+
+
+@SETTINGS
+@given(b=st.integers(2, 7), d=st.integers(2, 5), seed=st.integers(0, 2**16),
+       correlation=st.sampled_from(["cosine", "pearson"]))
+def test_intuitive_objective_is_nonnegative_and_pair_permutation_invariant(b, d, seed, correlation):
+    v, t = embeddings(b, d, seed)
+    loss = dimension_alignment_loss(v, t, objective="intuitive", correlation=correlation)
+    assert float(loss) >= 0
+    perm = torch.randperm(b, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(dimension_alignment_loss(v[perm], t[perm], objective="intuitive", correlation=correlation), loss)
+    C = dimension_correlation(v, t, correlation=correlation)
+    assert bool((C.abs() <= 1 + 1e-9).all())
 
 
 @SETTINGS
@@ -311,6 +428,15 @@ def test_word_region_pairs_match_the_loop():
         (lambda v, t: sparse_correlation_mask(torch.zeros(3, 3, dtype=torch.long)), TypeError, "floating"),
         (lambda v, t: sparse_correlation_mask(torch.zeros(3, 4)), ValueError, r"shape \(B, B\) with B >= 2"),
         (lambda v, t: sparse_correlation_mask(torch.zeros(3, 3), temperature=-1.0), ValueError, "temperature"),
+        (lambda v, t: sparse_correlation_mask(torch.zeros(3, 3), rule="print"), ValueError, "Did you mean 'printed'"),
+        (lambda v, t: sparse_correlation_mask(torch.zeros(3, 3), beta=torch.zeros(4)), ValueError, r"\(B,\) tensor"),
+        (lambda v, t: sparse_correlation_mask(torch.zeros(3, 3), positives=torch.eye(3)), ValueError, "positives must be a bool"),
+        (lambda v, t: spatial_constraint_loss(v, t, positives=torch.eye(3, dtype=torch.bool)), ValueError, r"\(B, B\) tensor with B = 4"),
+        (lambda v, t: spatial_constraint_loss(v, t, sparse=False, rule="x"), ValueError, "rule must be one of"),
+        (lambda v, t: dimension_alignment_loss(v, t, correlation="pearsn"), ValueError, "Did you mean 'pearson'"),
+        (lambda v, t: dimension_alignment_loss(v, t, objective="intuition"), ValueError, "objective must be one of"),
+        (lambda v, t: dimension_alignment_loss(v, t, objective="intuitive", off_diagonal_weight=-1.0), ValueError, ">= 0"),
+        (lambda v, t: dimension_alignment_loss(v, t, off_diagonal_weight="big"), TypeError, "off_diagonal_weight"),
         (lambda v, t: word_region_pairs(v, t), ValueError, r"floating \(B, N, D\) tensor"),
         (lambda v, t: word_region_pairs(v[None].expand(2, 4, 3), t[None]), ValueError, "same batch size"),
         (lambda v, t: word_region_pairs(v[None], t[None], image_mask=torch.ones(1, 4)), ValueError, "bool tensor of shape"),

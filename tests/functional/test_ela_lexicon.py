@@ -26,8 +26,11 @@ def problem(b=2, n=4, m=5, v=7, seed=0):
     return plan, cost, probs, mask
 
 
-def loop_labels(plan, cost, probs, mask, weights="plan_topk", top_k=3):
-    """Eq. 6 for one patch at a time in plain Python."""
+RULES = ["plan_cosine_softmax", "one_minus_plan", "plan_topk", "one_minus_cost"]
+
+
+def loop_labels(plan, cost, probs, mask, weights="plan_topk", top_k=3, scale=2e3):
+    """Eq. 6 for one patch at a time in plain Python, each rule written out as its source states it."""
     b, n, m = plan.shape
     v = probs.shape[-1]
     out = torch.zeros(b, n, v, dtype=torch.float64)
@@ -37,6 +40,19 @@ def loop_labels(plan, cost, probs, mask, weights="plan_topk", top_k=3):
             if weights == "plan_topk":
                 chosen = sorted(words, key=lambda j: -float(plan[k, i, j]))[:top_k]
                 w = {j: float(plan[k, i, j]) for j in chosen}
+            elif weights == "plan_cosine_softmax":
+                # Lydia-yang/ELA, model/model_pretrain.py: T * sim (optimal_transport_dist), then in
+                # get_p2w_loss: * 2e3, zeros -> -inf, top-3, softmax over the kept entries.
+                x = {j: scale * float(plan[k, i, j]) * (1.0 - float(cost[k, i, j])) for j in words}
+                finite = {j: xj for j, xj in x.items() if xj != 0.0}
+                chosen = sorted(finite, key=lambda j: -finite[j])[:top_k]
+                if chosen:
+                    top = max(finite[j] for j in chosen)
+                    w = {j: math.exp(finite[j] - top) for j in chosen}
+                else:
+                    w = {j: 0.0 for j in sorted(words, key=lambda j: -x[j])[:top_k]}
+            elif weights == "one_minus_plan":
+                w = {j: 1.0 - float(plan[k, i, j]) for j in words}
             else:
                 w = {j: max(0.0, 1.0 - float(cost[k, i, j])) for j in words}
             total = sum(w.values())
@@ -49,10 +65,11 @@ def loop_labels(plan, cost, probs, mask, weights="plan_topk", top_k=3):
     return out
 
 
-@pytest.mark.parametrize("weights", ["plan_topk", "one_minus_cost"])
+@pytest.mark.parametrize("weights", RULES)
 @pytest.mark.parametrize("top_k", [1, 3, 9])
 def test_soft_labels_match_loop_and_are_distributions(weights, top_k):
     plan, cost, probs, mask = problem()
+    plan = plan / 20  # plan entries of the size a transport plan has, so the scaled softmax is not one-hot
     got = expansive_soft_labels(plan, probs, mask, cost=cost, label_weights=weights, top_k=top_k)
     torch.testing.assert_close(got, loop_labels(plan, cost, probs, mask, weights, top_k))
     assert bool((got >= 0).all())
@@ -64,21 +81,72 @@ def test_soft_labels_match_loop_and_are_distributions(weights, top_k):
     torch.testing.assert_close(packed, got[b_idx, t_idx])
 
 
+def test_authors_rule_scale_zero_entries_and_negative_cosines():
+    # Cosines below 0 (cost > 1) stay candidates with a negative product; exact zeros are never picked.
+    plan = torch.tensor([[[0.0, 1e-3, 2e-3, 1e-3, 5e-4]]], dtype=torch.float64)
+    cost = torch.tensor([[[0.1, 0.5, 0.2, 1.5, 0.9]]], dtype=torch.float64)
+    probs = torch.eye(5, dtype=torch.float64).unsqueeze(0)
+    got = expansive_soft_labels(plan, probs, cost=cost, top_k=3)
+    x = torch.tensor([2e3 * 1e-3 * 0.5, 2e3 * 2e-3 * 0.8, 2e3 * 5e-4 * 0.1], dtype=torch.float64)
+    want = torch.zeros(5, dtype=torch.float64)
+    want[[1, 2, 4]] = torch.softmax(x, 0)
+    torch.testing.assert_close(got[0, 0], want)
+    torch.testing.assert_close(expansive_soft_labels(plan, probs, cost=cost, scale=1.0)[0, 0, [1, 2, 4]],
+                               torch.softmax(x / 2e3, 0))
+
+
+@pytest.mark.parametrize("weights", ["plan_cosine_softmax", "one_minus_plan", "plan_topk"])
+def test_rules_that_read_the_plan_change_with_it(weights):
+    # Eq. 6's c_ij is the transport output: a random plan must change the labels ("one_minus_cost" reads
+    # only the cost and does not change: that is why it is not the printed reading).
+    plan, cost, probs, mask = problem()
+    other = torch.rand(plan.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    a = expansive_soft_labels(plan / 20, probs, mask, cost=cost, label_weights=weights)
+    b = expansive_soft_labels(other / 20, probs, mask, cost=cost, label_weights=weights)
+    assert float((a - b).abs().max()) > 1e-4
+    same = expansive_soft_labels(other, probs, mask, cost=cost, label_weights="one_minus_cost")
+    torch.testing.assert_close(same, expansive_soft_labels(plan, probs, mask, cost=cost, label_weights="one_minus_cost"))
+
+
+def _label_mass_on_the_right_word(rule, seed, noise=1.0, b=8, n=24, m=8, d=32):
+    from imtm.functional import cosine_cost, transport_plan
+
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randn(b, m, d, generator=g, dtype=torch.float64)
+    which = torch.randint(0, m, (b, n), generator=g)
+    patches = words.gather(1, which.unsqueeze(-1).expand(b, n, d)) + noise * torch.randn(b, n, d, generator=g,
+                                                                                        dtype=torch.float64)
+    cost = cosine_cost(patches, words)
+    labels = expansive_soft_labels(transport_plan(cost), torch.eye(m, dtype=torch.float64).expand(b, m, m),
+                                   cost=cost, label_weights=rule)
+    return float(labels.gather(-1, which.unsqueeze(-1)).mean())
+
+
+def test_label_rules_on_known_alignments():
+    """The measurement behind the default: patches are noisy copies of one word each (seeds 0-4)."""
+    mass = {rule: sum(_label_mass_on_the_right_word(rule, s) for s in range(5)) / 5 for rule in RULES}
+    assert max(mass, key=mass.get) == "plan_cosine_softmax"
+    assert mass["plan_cosine_softmax"] > 0.8 and mass["one_minus_plan"] < 0.13  # 1/8 is the uniform mean
+
+
 def test_one_word_caption_and_zero_plan_row():
     probs = torch.softmax(torch.randn(1, 1, 6), -1)
-    labels = expansive_soft_labels(torch.rand(1, 3, 1), probs)
-    torch.testing.assert_close(labels, probs.expand(1, 3, 6))
+    for rule in RULES:
+        labels = expansive_soft_labels(torch.rand(1, 3, 1) / 10, probs, cost=torch.rand(1, 3, 1), label_weights=rule)
+        torch.testing.assert_close(labels, probs.expand(1, 3, 6))
     plan = torch.zeros(1, 2, 4)
     probs = torch.softmax(torch.randn(1, 4, 6), -1)
-    labels = expansive_soft_labels(plan, probs, top_k=2)  # no mass: spread evenly over the picks
-    assert bool(torch.isfinite(labels).all())
-    torch.testing.assert_close(labels.sum(-1), torch.ones(1, 2))
+    for rule in RULES:  # no mass: spread evenly over the picks (the authors' softmax would be NaN here)
+        labels = expansive_soft_labels(plan, probs, cost=torch.rand(1, 2, 4), top_k=2, label_weights=rule)
+        assert bool(torch.isfinite(labels).all())
+        torch.testing.assert_close(labels.sum(-1), torch.ones(1, 2))
 
 
 @SETTINGS
-@given(seed=st.integers(0, 10**6), extra=st.integers(1, 3), weights=st.sampled_from(["plan_topk", "one_minus_cost"]))
+@given(seed=st.integers(0, 10**6), extra=st.integers(1, 3), weights=st.sampled_from(RULES))
 def test_padding_and_word_permutation_never_change_labels(seed, extra, weights):
     plan, cost, probs, mask = problem(seed=seed)
+    plan = plan / 20
     base = expansive_soft_labels(plan, probs, mask, cost=cost, label_weights=weights)
     g = torch.Generator().manual_seed(seed)
     pad = lambda x, d: torch.cat([x, torch.rand(*x.shape[:d], extra, *x.shape[d + 1:], generator=g,
@@ -165,6 +233,10 @@ def test_bad_inputs():
         expansive_soft_labels(plan, probs, cost=cost[:, :2])
     with pytest.raises(ValueError, match="needs the transport cost"):
         expansive_soft_labels(plan, probs, label_weights="one_minus_cost")
+    with pytest.raises(ValueError, match="'plan_cosine_softmax' needs the transport cost"):
+        expansive_soft_labels(plan, probs)
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        expansive_soft_labels(plan, probs, cost=cost, scale=0.0)
     with pytest.raises(ValueError, match="reduction must be one of"):
         lexicon_kl_loss(torch.zeros(1, 2), torch.ones(1, 2) / 2, reduction="avg")
     with pytest.raises(ValueError, match=r"both have shape \(K, V\)"):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imtm.functional import info_nce_loss, triplet_loss
+from imtm.functional import info_nce_loss, row_multiplicity, triplet_loss
 from imtm.testing import image_ids, score_matrices
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -87,7 +87,8 @@ def test_triplet_matches_loop_forward_and_gradient(problem, margin, hardest, red
     a1, a2 = s1.clone().requires_grad_(), s2.clone().requires_grad_()
     b1, b2 = s1.clone().requires_grad_(), s2.clone().requires_grad_()
     scores = (a1, a2) if paired else a1
-    out = triplet_loss(scores, pos, margin=margin, hardest=hardest, reduction=reduction)
+    # Arbitrary positives may repeat a row: every row counts here; "once" has its own loop below.
+    out = triplet_loss(scores, pos, margin=margin, hardest=hardest, reduction=reduction, count_pairs="per_row")
     ref_terms = loop_triplet(b1, b2 if paired else b1, pos, margin, hardest)
     ref = {"sum": ref_terms.sum(), "mean": ref_terms.sum() / pos.sum(), "none": ref_terms}[
         reduction
@@ -111,7 +112,7 @@ def test_triplet_with_tied_scores_matches_loop(problem, hardest):
     # Scores on a coarse grid make many negatives tie with each other and with s(i, t) - margin.
     s, _, pos = problem
     s = (s * 4).round() / 4
-    out = triplet_loss(s, pos, margin=0.25, hardest=hardest, reduction="none")
+    out = triplet_loss(s, pos, margin=0.25, hardest=hardest, reduction="none", count_pairs="per_row")
     torch.testing.assert_close(out, loop_triplet(s, s, pos, 0.25, hardest))
 
 
@@ -128,6 +129,98 @@ def test_triplet_is_permutation_equivariant(ids, seed):
             s[rows][:, cols], pos[rows][:, cols], hardest=hardest, reduction="none"
         )
         torch.testing.assert_close(permuted, full[rows][:, cols])
+
+
+def loop_triplet_deduplicated(base, caption_image, margin, hardest):
+    """VSE++ Eqs. 5/6 over the distinct images: ``base[u, c]`` scores image ``u`` with caption ``c``.
+
+    Each matched pair (u, c) once; negatives are the captions of other images and the other
+    distinct images, each once. The total of both directions.
+    """
+    n_images, n_captions = base.shape
+    total = base.new_zeros(())
+    for u in range(n_images):
+        for c in range(n_captions):
+            if caption_image[c] != u:
+                continue
+            i2t = [torch.clamp(margin - base[u, c] + base[u, d], min=0)
+                   for d in range(n_captions) if caption_image[d] != u]
+            t2i = [torch.clamp(margin - base[u, c] + base[v, c], min=0) for v in range(n_images) if v != u]
+            for hinges in (i2t, t2i):
+                if hinges:
+                    stacked = torch.stack(hinges)
+                    total = total + (stacked.max() if hardest else stacked.sum())
+    return total
+
+
+@SETTINGS
+@given(
+    ids=image_ids(batch=st.integers(2, 7), max_images=3),
+    seed=st.integers(0, 1000),
+    margin=st.sampled_from([0.0, 0.2, 0.5]),
+    hardest=st.booleans(),
+)
+def test_triplet_counts_each_pair_once_with_repeated_image_rows(ids, seed, margin, hardest):
+    # A training batch: row b of the images is the image of caption b, so an image with k captions
+    # fills k identical rows. The loss must equal the loss of the de-duplicated batch.
+    g = torch.Generator().manual_seed(seed)
+    distinct, caption_image = torch.unique(ids, return_inverse=True)
+    base = torch.rand(len(distinct), len(ids), generator=g, dtype=torch.float64, requires_grad=True)
+    scores = base[caption_image]  # (B, B): row b is the distinct image of caption b
+    pos = ids[:, None] == ids[None, :]
+    out = triplet_loss(scores, pos, margin=margin, hardest=hardest)
+    ref = loop_triplet_deduplicated(base, caption_image.tolist(), margin, hardest)
+    torch.testing.assert_close(out, ref)
+    n_pairs = len(ids)  # one matched pair per caption
+    torch.testing.assert_close(triplet_loss(scores, pos, margin=margin, hardest=hardest, reduction="mean"),
+                               ref / n_pairs)
+    (grad,) = torch.autograd.grad(out, base)
+    (ref_grad,) = torch.autograd.grad(ref + 0 * base.sum(), base)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def loop_triplet_copies(s, pos, margin, hardest):
+    """The "once" rule written out: rows with the same non-empty positives are copies of one image;
+    each copy's terms weigh 1 / copies, and in the summed loss a negative row weighs 1 / its copies."""
+    bi, bt = pos.shape
+    copies = [sum(1 for u in range(bi) if pos[u].any() and bool((pos[u] == pos[r]).all())) or 1 for r in range(bi)]
+    total = s.new_zeros(())
+    for i in range(bi):
+        for t in range(bt):
+            if not pos[i, t]:
+                continue
+            i2t = [torch.clamp(margin - s[i, t] + s[i, u], min=0) for u in range(bt) if not pos[i, u]]
+            t2i = [torch.clamp(margin - s[i, t] + s[j, t], min=0) / (1 if hardest else copies[j])
+                   for j in range(bi) if not pos[j, t]]
+            for hinges in (i2t, t2i):
+                if hinges:
+                    stacked = torch.stack(hinges)
+                    total = total + (stacked.max() if hardest else stacked.sum()) / copies[i]
+    return total
+
+
+@SETTINGS
+@given(ids=image_ids(batch=st.integers(2, 7), max_images=3), seed=st.integers(0, 1000), hardest=st.booleans())
+def test_triplet_once_with_unequal_copies_matches_loop(ids, seed, hardest):
+    # Copies of one image need not score alike (dropout in the image encoder): each copy weighs 1 / k.
+    s = torch.rand(len(ids), len(ids), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    pos = ids[:, None] == ids[None, :]
+    torch.testing.assert_close(triplet_loss(s, pos, margin=0.3, hardest=hardest), loop_triplet_copies(s, pos, 0.3, hardest))
+
+
+def test_triplet_per_row_counts_a_pair_once_per_copy():
+    # Image 7 has 3 captions in the batch: with identical rows, "per_row" counts its pairs 3 times.
+    ids = torch.tensor([7, 7, 7, 3])
+    base = torch.tensor([[0.5, 0.6, 0.4, 0.7], [0.2, 0.1, 0.3, 0.5]])
+    s = base[torch.tensor([0, 0, 0, 1])]
+    pos = ids[:, None] == ids[None, :]
+    once = triplet_loss(s, pos, hardest=False, reduction="none")
+    per_row = triplet_loss(s, pos, hardest=False, reduction="none", count_pairs="per_row")
+    torch.testing.assert_close(per_row[:3].sum(0), 3 * once[:3].sum(0))
+    # Caption 3 (image 3): in the summed loss "per_row" pushes it from image 7 three times, "once"
+    # once; the hinge is 0.2 - 0.5 + 0.7 = 0.4.
+    torch.testing.assert_close(per_row[3, 3] - once[3, 3], torch.tensor(2 * 0.4))
+    assert row_multiplicity(pos).tolist() == [3, 3, 3, 1]
 
 
 def test_triplet_vsepp_hand_computed():
@@ -215,6 +308,7 @@ def test_triplet_sum_variant_scales_to_large_batches():
         ({"margin": -0.1}, ValueError, "margin must be a finite number >= 0"),
         ({"margin": float("nan")}, ValueError, "margin"),
         ({"hardest": "yes"}, TypeError, "hardest must be True"),
+        ({"count_pairs": "onse"}, ValueError, "count_pairs must be one of .*Did you mean 'once'"),
         (
             {"reduction": "meen"},
             ValueError,

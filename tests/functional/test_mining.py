@@ -82,15 +82,17 @@ def test_triplet_with_negatives_matches_the_loop():
     positives = ids[:, None] == ids[None, :]
     scores = torch.rand(4, 4, generator=g, dtype=torch.float64)
     i2t, t2i = distance_weighted_negatives(scores, positives, dim=8, generator=g)
+    copies = [2, 2, 1, 1]  # image 0 fills rows 0 and 1: each of its pairs counts once in all
     expect = 0.0
     for i in range(4):
         for t in range(4):
             if positives[i, t]:
-                expect += max(0.0, 0.2 - float(scores[i, t]) + float(scores[i, i2t[i, t]]))
-                expect += max(0.0, 0.2 - float(scores[i, t]) + float(scores[t2i[i, t], t]))
+                expect += max(0.0, 0.2 - float(scores[i, t]) + float(scores[i, i2t[i, t]])) / copies[i]
+                expect += max(0.0, 0.2 - float(scores[i, t]) + float(scores[t2i[i, t], t])) / copies[i]
     torch.testing.assert_close(triplet_loss(scores, positives, negatives=(i2t, t2i)), torch.tensor(expect, dtype=torch.float64))
+    # 4 distinct matched pairs (one per caption)
     torch.testing.assert_close(
-        triplet_loss(scores, positives, negatives=(i2t, t2i), reduction="mean"), torch.tensor(expect / 6, dtype=torch.float64)
+        triplet_loss(scores, positives, negatives=(i2t, t2i), reduction="mean"), torch.tensor(expect / 4, dtype=torch.float64)
     )
     # A batch of one image has no negative: the loss is 0.
     one = torch.ones(2, 2, dtype=torch.bool)

@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imtm import Tokens
-from imtm.functional import AttentionWeights, phrase_attention_scores
-from imtm.functional.phrase_attention import self_attention
+from imtm.functional import AttentionWeights, FeedForwardWeights, phrase_attention_scores
+from imtm.functional.phrase_attention import feed_forward, self_attention
 from imtm.testing import tokens
 
 SETTINGS = settings(max_examples=15, deadline=None)
@@ -14,11 +14,19 @@ D, H = 4, 2
 SIDES = {"batch": st.integers(1, 3), "max_tokens": 5, "dim": D, "dtype": torch.float64}
 
 
-def modules(seed=0):
-    """Random float64 attention layers; biases and LayerNorm affine drawn too, so every weight matters."""
+FFN = 6  # hidden width of the feed-forward sub-layer in these tests
+
+
+def modules(seed=0, ffn=True):
+    """Random float64 decoder-layer weights; biases and LayerNorm affine drawn too, so every weight matters.
+
+    ``ffn``: seven layers (attention, norm, attention, norm, linear1, linear2, norm3), else the first four.
+    """
     torch.manual_seed(seed)
     layers = [torch.nn.MultiheadAttention(D, H, batch_first=True), torch.nn.LayerNorm(D),
               torch.nn.MultiheadAttention(D, H, batch_first=True), torch.nn.LayerNorm(D)]
+    if ffn:
+        layers += [torch.nn.Linear(D, FFN), torch.nn.Linear(FFN, D), torch.nn.LayerNorm(D)]
     for layer in layers:
         layer.double()
         for p in layer.parameters():
@@ -27,15 +35,16 @@ def modules(seed=0):
 
 
 def call(queries, keys, layers, **kw):
-    sa, n1, ca, n2 = layers
+    sa, n1, ca, n2 = layers[:4]
+    ff = FeedForwardWeights.from_modules(*layers[4:]) if len(layers) == 7 else None
     return phrase_attention_scores(queries.feats, keys.feats, queries.mask, keys.mask,
                                    self_attn=AttentionWeights.from_modules(sa, n1),
-                                   cross_attn=AttentionWeights.from_modules(ca, n2), heads=H, **kw)
+                                   cross_attn=AttentionWeights.from_modules(ca, n2), heads=H, feed_forward=ff, **kw)
 
 
-def loop_scores(queries: Tokens, keys: Tokens, layers, k):
+def loop_scores(queries: Tokens, keys: Tokens, layers, k, average="features"):
     """Eq. 11-14 one pair at a time, on the real tokens only, with torch's own attention modules."""
-    sa, n1, ca, n2 = layers
+    sa, n1, ca, n2 = layers[:4]
     out = []
     for i in range(queries.batch_size):
         v = queries.feats[i][queries.mask[i]][None]
@@ -44,6 +53,12 @@ def loop_scores(queries: Tokens, keys: Tokens, layers, k):
         for t in range(keys.batch_size):
             w = keys.feats[t][keys.mask[t]][None]
             y = n2(x + ca(x, w, w, need_weights=False)[0])[0]  # then query the other modality
+            if len(layers) == 7:  # then the feed-forward sub-layer
+                l1, l2, n3 = layers[4:]
+                y = n3(y + l2(torch.relu(l1(y))))
+            if k is None and average == "features":  # the global average: pool both sides, one cosine
+                row.append(F.cosine_similarity(y.mean(0), w[0].mean(0), dim=0))
+                continue
             best = torch.stack([max(F.cosine_similarity(y[a], w[0, b], dim=0) for b in range(w.shape[1]))
                                 for a in range(y.shape[0])])
             kk = best.numel() if k is None else min(k, best.numel())
@@ -53,7 +68,7 @@ def loop_scores(queries: Tokens, keys: Tokens, layers, k):
 
 
 def test_self_attention_matches_torch():
-    sa, n1, _, _ = modules()
+    sa, n1 = modules()[:2]
     x = torch.randn(3, 5, D, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 0, 1, 0]], dtype=torch.bool)
     got = self_attention(x, mask, AttentionWeights.from_modules(sa, n1), H)
@@ -63,15 +78,50 @@ def test_self_attention_matches_torch():
 
 
 @SETTINGS
-@given(queries=tokens(**SIDES), keys=tokens(**SIDES), k=st.sampled_from([1, 2, 10, None]), data=st.data())
-def test_matches_loop_for_every_block_size(queries, keys, k, data):
-    layers = modules()
-    full = call(queries, keys, layers, k=k)
+@given(queries=tokens(**SIDES), keys=tokens(**SIDES), k=st.sampled_from([1, 2, 10, None]),
+       average=st.sampled_from(["features", "cosines"]), ffn=st.booleans(), data=st.data())
+def test_matches_loop_for_every_block_size(queries, keys, k, average, ffn, data):
+    layers = modules(ffn=ffn)
+    full = call(queries, keys, layers, k=k, average=average)
     with torch.no_grad():
-        torch.testing.assert_close(full, loop_scores(queries, keys, layers, k))
+        torch.testing.assert_close(full, loop_scores(queries, keys, layers, k, average))
     assert bool((full.abs() <= 1 + 1e-9).all())
-    budget = data.draw(st.integers(1, queries.batch_size * keys.batch_size * 5 * max(D, H * 5)))
-    torch.testing.assert_close(call(queries, keys, layers, k=k, max_block_elements=budget), full)
+    budget = data.draw(st.integers(1, queries.batch_size * keys.batch_size * 5 * max(D, H * 5, FFN)))
+    torch.testing.assert_close(call(queries, keys, layers, k=k, average=average, max_block_elements=budget), full)
+
+
+def test_the_layer_is_torchs_transformer_decoder_layer():
+    """With the feed-forward sub-layer, each pair's outputs are nn.TransformerDecoderLayer's (post-norm, ReLU)."""
+    torch.manual_seed(3)
+    layer = torch.nn.TransformerDecoderLayer(D, H, FFN, dropout=0.0, batch_first=True).double().eval()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.7)
+    layers = [layer.self_attn, layer.norm1, layer.multihead_attn, layer.norm2, layer.linear1, layer.linear2,
+              layer.norm3]
+    q = Tokens.from_lengths(torch.randn(3, 5, D, dtype=torch.float64), [5, 2, 4])
+    kk = Tokens.from_lengths(torch.randn(2, 4, D, dtype=torch.float64), [4, 3])
+    got = call(q, kk, layers, k=2)
+    with torch.no_grad():
+        want = torch.zeros(3, 2, dtype=torch.float64)
+        for i in range(3):
+            for t in range(2):
+                v, w = q.feats[i][q.mask[i]][None], kk.feats[t][kk.mask[t]][None]
+                y = layer(v, w)[0]
+                cos = F.normalize(y, dim=-1) @ F.normalize(w[0], dim=-1).t()
+                want[i, t] = cos.amax(1).topk(min(2, y.shape[0])).values.mean()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(feed_forward(q.feats, FeedForwardWeights.from_modules(*layers[4:])),
+                               layer.norm3(q.feats + layer.linear2(torch.relu(layer.linear1(q.feats)))))
+
+
+def test_global_average_pools_first_and_differs_from_the_mean_of_cosines():
+    layers = modules(4)
+    q = Tokens.from_lengths(torch.randn(4, 5, D, dtype=torch.float64), [5, 2, 4, 3])
+    kk = Tokens.from_lengths(torch.randn(3, 4, D, dtype=torch.float64), [4, 3, 2])
+    pooled, mean_cos = call(q, kk, layers, k=None), call(q, kk, layers, k=None, average="cosines")
+    with torch.no_grad():
+        torch.testing.assert_close(pooled, loop_scores(q, kk, layers, None, "features"))
+    assert float((pooled - mean_cos).abs().max()) > 1e-3
 
 
 @pytest.mark.parametrize("budget", [1, 50, None])
@@ -105,7 +155,7 @@ def test_padding_is_never_attended():
 
 
 def test_bad_inputs():
-    sa, n1, ca, n2 = modules()
+    sa, n1, ca, n2 = modules(ffn=False)
     w = AttentionWeights.from_modules(sa, n1)
     q, kk = torch.randn(2, 3, D, dtype=torch.float64), torch.randn(2, 4, D, dtype=torch.float64)
     with pytest.raises(TypeError, match="self_attn must be an AttentionWeights"):
@@ -123,3 +173,13 @@ def test_bad_inputs():
         phrase_attention_scores(q, kk[..., :2], self_attn=w, cross_attn=w, heads=H)
     with pytest.raises(ValueError, match="have no real token"):
         phrase_attention_scores(q, kk, key_mask=torch.zeros(2, 4, dtype=torch.bool), self_attn=w, cross_attn=w, heads=H)
+    with pytest.raises(ValueError, match="Did you mean 'features'"):
+        phrase_attention_scores(q, kk, self_attn=w, cross_attn=w, heads=H, k=None, average="feature")
+    with pytest.raises(TypeError, match="feed_forward must be a FeedForwardWeights or None"):
+        phrase_attention_scores(q, kk, self_attn=w, cross_attn=w, heads=H, feed_forward=w)
+    l1, l2, n3 = modules()[4:]
+    ff = FeedForwardWeights.from_modules(l1, l2, n3)
+    bad = FeedForwardWeights(ff.linear1_weight, ff.linear1_bias, ff.linear2_weight[:, :2], ff.linear2_bias,
+                             ff.norm_weight, ff.norm_bias)
+    with pytest.raises(ValueError, match=r"feed_forward.linear2_weight must have shape \(4, 6\)"):
+        phrase_attention_scores(q, kk, self_attn=w, cross_attn=w, heads=H, feed_forward=bad)

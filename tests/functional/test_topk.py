@@ -24,13 +24,18 @@ def cos(a, b):
     return sum(x * y for x, y in zip(a, b)) / max(math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)), 1e-16)
 
 
-def loop_scores(images: Tokens, texts: torch.Tensor, k):
-    """DCPA Eq. 10 one pair at a time, in plain Python floats."""
+def loop_scores(images: Tokens, texts: torch.Tensor, k, average="features"):
+    """DCPA Eq. 10 one pair at a time, in plain Python floats; k=None with average="features" is the
+    global average of Table III / IV: the mean region first, then one cosine."""
     out = torch.empty(images.batch_size, texts.shape[0], dtype=torch.float64)
     for i in range(images.batch_size):
         regions = [images.feats[i, j].tolist() for j in range(images.num_tokens) if images.mask[i, j]]
+        mean = [sum(r[d] for r in regions) / len(regions) for d in range(len(regions[0]))]
         for t in range(texts.shape[0]):
-            out[i, t] = loop_topk_mean([cos(r, texts[t].tolist()) for r in regions], k)
+            if k is None and average == "features":
+                out[i, t] = cos(mean, texts[t].tolist())
+            else:
+                out[i, t] = loop_topk_mean([cos(r, texts[t].tolist()) for r in regions], k)
     return out
 
 
@@ -66,15 +71,28 @@ def test_shape_and_dtype():
 
 
 @SETTINGS
-@given(images=IMAGES, n_texts=st.integers(1, 4), k=KS, data=st.data())
-def test_matches_loop_of_equation_10_for_every_block_size(images, n_texts, k, data):
+@given(images=IMAGES, n_texts=st.integers(1, 4), k=KS, average=st.sampled_from(["features", "cosines"]),
+       data=st.data())
+def test_matches_loop_of_equation_10_for_every_block_size(images, n_texts, k, average, data):
     texts = torch.randn(n_texts, 4, dtype=torch.float64)
-    want = loop_scores(images, texts, k)
-    full = topk_mean_scores(images.feats, texts, images.mask, k=k)
+    want = loop_scores(images, texts, k, average)
+    full = topk_mean_scores(images.feats, texts, images.mask, k=k, average=average)
     torch.testing.assert_close(full, want)
     assert bool((full.abs() <= 1 + 1e-12).all())
     budget = data.draw(st.integers(1, images.batch_size * images.num_tokens * n_texts))
-    torch.testing.assert_close(topk_mean_scores(images.feats, texts, images.mask, k=k, max_block_elements=budget), full)
+    torch.testing.assert_close(topk_mean_scores(images.feats, texts, images.mask, k=k, max_block_elements=budget,
+                                                average=average), full)
+
+
+def test_global_average_pools_first():
+    """Pooling first and averaging cosines rank captions differently on random data (the old k=None)."""
+    g = torch.Generator().manual_seed(0)
+    images = Tokens.from_lengths(torch.randn(50, 12, 16, generator=g, dtype=torch.float64), [12] * 25 + [5] * 25)
+    texts = torch.randn(60, 16, generator=g, dtype=torch.float64)
+    pooled = topk_mean_scores(images.feats, texts, images.mask, k=None)
+    cosines = topk_mean_scores(images.feats, texts, images.mask, k=None, average="cosines")
+    agree = float((pooled.argmax(0) == cosines.argmax(0)).double().mean())
+    assert agree < 0.95
 
 
 @pytest.mark.parametrize("k", [2, None])
@@ -92,8 +110,11 @@ def test_gradient_matches_loop(k):
         regions = torch.nn.functional.normalize(feats[i][mask[i]], dim=-1)
         for t in range(4):
             sims = regions @ torch.nn.functional.normalize(texts[t], dim=0)
-            kk = sims.numel() if k is None else min(k, sims.numel())
-            total = total + weight[i, t] * sims.topk(kk).values.mean()
+            if k is None:  # the global average: mean region first, then one cosine
+                pooled = torch.nn.functional.normalize(feats[i][mask[i]].mean(0), dim=0)
+                total = total + weight[i, t] * (pooled @ torch.nn.functional.normalize(texts[t], dim=0))
+                continue
+            total = total + weight[i, t] * sims.topk(min(k, sims.numel())).values.mean()
     g_loop = torch.autograd.grad(total, (feats, texts))
     for a, b in zip(g_blocked, g_loop):
         torch.testing.assert_close(a, b)
@@ -121,3 +142,5 @@ def test_bad_inputs():
         topk_mean_scores(x, t, torch.tensor([[True, False, False], [False, False, False]]))
     with pytest.raises(ValueError, match="max_block_elements must be a positive int"):
         topk_mean_scores(x, t, max_block_elements=0)
+    with pytest.raises(ValueError, match="average must be one of .* Did you mean 'cosines'"):
+        topk_mean_scores(x, t, k=None, average="cosine")

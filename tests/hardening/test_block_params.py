@@ -64,6 +64,7 @@ CASES = {
     "InfoNCELoss": (lambda b: InfoNCELoss(learnable=True), "temperature", 5.0),
     "InterModalPhraseAttention": (lambda b: imtm.components.InterModalPhraseAttention(dim=D, heads=2), "k", 0),
     "LSEPooling": (lambda b: imtm.components.LSEPooling(), "temperature", 0.0),
+    "LocalMatching": (lambda b: imtm.components.LocalMatching(), "weighting", "linearr"),
     "LexiconDistillationLoss": (lambda b: imtm.components.LexiconDistillationLoss(), "weight", -1.0),
     "MaskedImageView": (lambda b: imtm.components.MaskedImageView(), "encoder", 3),
     "MaskedLanguageModelingLoss": (lambda b: imtm.components.MaskedLanguageModelingLoss(), "weight", -1.0),

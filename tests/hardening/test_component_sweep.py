@@ -63,6 +63,7 @@ from imtm.components import (
     ScoreFusion,
     SelfAttentionContext,
     SoftAssignmentCoding,
+    LocalMatching,
     SoftmaxPooling,
     SparseCorrelation,
     SparsePatchWordAlignment,
@@ -248,6 +249,9 @@ CASES: dict[str, Case] = {
         lambda: SoftAssignmentCoding(codebook="textual", pooling="softmax"),
         lambda: SoftAssignmentCoding(tau=0.01, pooling="lse", max_block_elements=40),
         lambda: SoftAssignmentCoding(pooling="max")), padding=True),
+    "LocalMatching": Case(variants(
+        lambda: LocalMatching(max_block_elements=40),
+        lambda: LocalMatching(weighting="softmax", tau=0.05)), padding=True),
     "SparsePatchWordAlignment": Case(variants(
         lambda: SparsePatchWordAlignment(max_block_elements=30),
         lambda: SparsePatchWordAlignment(direction="patch_to_word"),

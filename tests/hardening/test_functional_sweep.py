@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 import imtm.functional as F
 from imtm.functional import AttentionWeights
+from imtm.functional.lexicon import LABEL_WEIGHTS as LEX_RULES
 from imtm.testing import PADDINGS, devices, dtypes, image_ids, masks, score_matrices, tokens
 
 BF16, F32, F64 = torch.bfloat16, torch.float32, torch.float64
@@ -893,7 +894,7 @@ def case_expansive_soft_labels(ctx: Ctx):
     probs = torch.softmax(ctx.randn(b, m, v, dtype=F64), -1).to(ctx.dtype)
     plan = ctx.rand(b, n, m) * (ctx.rand(b, n, 1) > 0.3)  # some patch rows without mass
     cost = ctx.rand(b, n, m, high=2.0)
-    kwargs = {"label_weights": ctx.pick(["plan_topk", "one_minus_cost"]), "top_k": ctx.int(1, 4)}
+    kwargs = {"label_weights": ctx.pick(sorted(LEX_RULES)), "top_k": ctx.int(1, 4)}
     what = "expansive_soft_labels"
     if ctx.flag():
         out = F.expansive_soft_labels(plan, probs, wm, cost=cost, **kwargs)

@@ -258,7 +258,7 @@ class WordToLexiconHead(TiedEmbedding):
             raise ValueError(f"{where}: dropout must be a number in [0, 1), got {dropout!r}")
         return self
 
-    def __init__(self, dim: int, embed_dim: int, vocab_size: int, embedding="text", layers: int = 1,
+    def __init__(self, dim: int, embed_dim: int, vocab_size: int, embedding="text", layers: int = 2,
                  heads: int = 4, dropout: float = 0.0, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
         self.dim = dim

@@ -20,7 +20,10 @@ from imtm.components.scorers.hard_assignment import as_tokens, named_errors
 from imtm.functional.blocking import resolve_option
 from imtm.functional.dias import (
     DIAS_REDUCTIONS,
+    DIMENSION_CORRELATIONS,
+    DIMENSION_OBJECTIVES,
     DISTANCES,
+    MASK_RULES,
     SPATIAL_KINDS,
     dimension_alignment_loss,
     spatial_constraint_loss,
@@ -70,10 +73,18 @@ class DimensionAlignmentLoss(Loss):
     (:func:`imtm.functional.word_region_pairs`), and then requires
     ``("image_tokens", "text_tokens")``.
 
+    The correlation of Eq. 4 is the cosine across the batch (the paper's default
+    correlation function, Sec. 4.1); ``correlation="pearson"`` centres the columns
+    first. ``objective="intuitive"`` replaces Eq. 6 by the direct regulariser of
+    Eq. 5 (see :func:`imtm.functional.dimension_alignment_loss`).
+
     Args:
         temperature: :math:`\tau > 0` of the positive mapping.
         reduction: ``"sum"`` over dimensions (Eq. 6) or ``"mean"``.
         pairs: ``"embeddings"`` (default) or ``"words"``.
+        correlation: ``"cosine"`` (default) or ``"pearson"``.
+        objective: ``"softmax"`` (Eq. 6, default) or ``"intuitive"`` (Eq. 5).
+        off_diagonal_weight: :math:`\lambda` of ``"intuitive"``; ``None``: ``1 / (D - 1)``.
         weight: :math:`\omega_{dim}`, factor in the Matcher's total (the paper uses 10;
             ``presets.dias_losses`` sets it).
 
@@ -106,6 +117,9 @@ class DimensionAlignmentLoss(Loss):
         reduction: str = "sum",
         pairs: str = "embeddings",
         weight: float = 1.0,
+        correlation: str = "cosine",
+        objective: str = "softmax",
+        off_diagonal_weight: float | None = None,
         *,
         requires=None,
         provides=None,
@@ -117,6 +131,9 @@ class DimensionAlignmentLoss(Loss):
         self.reduction = reduction
         self.pairs = pairs
         self.weight = weight
+        self.correlation = correlation
+        self.objective = objective
+        self.off_diagonal_weight = off_diagonal_weight
 
     def default_names(self) -> dict[str, tuple[str, ...]]:
         """The names of ``pairs`` (the class defaults for an unknown value, which validate() refuses)."""
@@ -135,6 +152,11 @@ class DimensionAlignmentLoss(Loss):
         check_temperature(self.temperature, where=where)
         resolve_option(self.reduction, DIAS_REDUCTIONS, name="reduction", where=where)
         resolve_option(self.pairs, DIMENSION_PAIRS, name="pairs", where=where)
+        resolve_option(self.correlation, DIMENSION_CORRELATIONS, name="correlation", where=where)
+        resolve_option(self.objective, DIMENSION_OBJECTIVES, name="objective", where=where)
+        w = self.off_diagonal_weight
+        if w is not None and (isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w) or w < 0):
+            raise ValueError(f"{where}: off_diagonal_weight must be None or a finite number >= 0, got {w!r}")
         check_weight(self)
         if len(tuple(self.requires)) != 2:
             raise ValueError(f"{where}: requires must name 2 values, got {tuple(self.requires)!r}")
@@ -148,11 +170,20 @@ class DimensionAlignmentLoss(Loss):
                 texts = as_tokens(self, text_values, "text tokens")
                 image_values, text_values = word_region_pairs(images.feats, texts.feats, images.mask, texts.mask)
             return dimension_alignment_loss(
-                image_values, text_values, temperature=self.temperature, reduction=self.reduction
+                image_values,
+                text_values,
+                temperature=self.temperature,
+                reduction=self.reduction,
+                correlation=self.correlation,
+                objective=self.objective,
+                off_diagonal_weight=self.off_diagonal_weight,
             )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, pairs={self.pairs!r}, weight={self.weight}, " + super().extra_repr()
+        return (
+            f"temperature={self.temperature}, pairs={self.pairs!r}, correlation={self.correlation!r}, "
+            f"objective={self.objective!r}, weight={self.weight}, " + super().extra_repr()
+        )
 
 
 class SpatialConstraintLoss(Loss):
@@ -165,13 +196,16 @@ class SpatialConstraintLoss(Loss):
 
     with :math:`x_{ij} = \sigma(V_i, T_j)` (Eq. 7), :math:`y_{ij} = \sigma(V_i, V_j)`,
     :math:`z_{ij} = \sigma(T_i, T_j)` (Eq. 9), :math:`\sigma` the cosine distance by
-    default. With ``sparse=True`` the weights :math:`w` are the sparse-correlation
-    mask of Eq. 11-16 (see :func:`imtm.functional.sparse_correlation_mask` for the
-    two points settled there: thresholds on the scale of :math:`p` itself, and a
-    sigmoid relaxation with a temperature so that :math:`\beta` learns). The
+    default, over the *unmatched* pairs: ``positives`` (which a Matcher builds from
+    ``image_ids``) says which rows and captions belong to one image, so two captions of
+    one image in a batch are never constrained as unmatched. With ``sparse=True`` the
+    weights :math:`w` are the sparse-correlation mask of Eq. 11-14, in the reading
+    ``rule`` (``"intent"`` or ``"printed"``; see
+    :func:`imtm.functional.sparse_correlation_mask`, which quotes the paper). The
     threshold scale :math:`\beta` is one learnable scalar, the parameter
-    ``learned_beta`` initialised to ``beta`` (``learn_beta=False``: a constant).
-    Without sparsity, :math:`w = 1` off the diagonal.
+    ``learned_beta`` initialised to ``beta`` (``learn_beta=False``: a constant), or with
+    ``beta_instances=n`` one per batch position (Eq. 12's :math:`\beta_i`, ``n`` at least
+    the batch size; a smaller batch uses the first entries).
 
     A thin module over :func:`imtm.functional.spatial_constraint_loss`.
 
@@ -185,17 +219,21 @@ class SpatialConstraintLoss(Loss):
         reduction: ``"sum"`` over pairs (as the paper) or ``"mean"``.
         weight: :math:`\omega_{inter}` or :math:`\omega_{intra}` (the paper: 0.05 and 0.1;
             ``presets.dias_losses`` sets them).
+        rule: ``"intent"`` (default) or ``"printed"``, the reading of Eq. 14.
+        beta_instances: ``None`` (one :math:`\beta`) or the number of per-instance :math:`\beta_i`.
 
     Shape:
         - image_embedding, text_embedding: ``(B, D)``, row ``b`` of each a matched pair, ``B >= 2``
+        - positives: ``(B, B)`` bool (optional outside a Matcher: ``None`` means only row ``b``
+          matches caption ``b``)
         - output: ``()``
 
     Raises:
-        ValueError: fewer than 2 pairs (the statistics run across the batch), or inputs of the
-            wrong shape.
+        ValueError: fewer than 2 pairs (the statistics run across the batch), inputs of the
+            wrong shape, a batch larger than ``beta_instances``.
 
     References:
-        Ma et al., ACM MM 2024, Eq. 7-16.
+        Ma et al., ACM MM 2024, Eq. 7-14.
 
     Example:
         >>> loss = SpatialConstraintLoss(kind="intra")
@@ -204,7 +242,7 @@ class SpatialConstraintLoss(Loss):
         0.0
     """
 
-    requires = ("image_embedding", "text_embedding")
+    requires = ("image_embedding", "text_embedding", "positives")
     provides = ("spatial_constraint_loss",)
 
     def __init__(
@@ -217,6 +255,8 @@ class SpatialConstraintLoss(Loss):
         distance: str = "cosine",
         reduction: str = "sum",
         weight: float = 1.0,
+        rule: str = "intent",
+        beta_instances: int | None = None,
         *,
         requires=None,
         provides=None,
@@ -230,8 +270,11 @@ class SpatialConstraintLoss(Loss):
         self.distance = distance
         self.reduction = reduction
         self.weight = weight
+        self.rule = rule
+        self.beta_instances = beta_instances
         if sparse is True and learn_beta is True and isinstance(beta, Real) and not isinstance(beta, bool):
-            self.learned_beta = nn.Parameter(torch.tensor(float(beta)))
+            shape = (beta_instances,) if _is_count(beta_instances) else ()
+            self.learned_beta = nn.Parameter(torch.full(shape, float(beta)))
         else:
             self.register_parameter("learned_beta", None)
 
@@ -241,35 +284,72 @@ class SpatialConstraintLoss(Loss):
         resolve_option(self.kind, SPATIAL_KINDS, name="kind", where=where)
         resolve_option(self.distance, DISTANCES, name="distance", where=where)
         resolve_option(self.reduction, DIAS_REDUCTIONS, name="reduction", where=where)
+        resolve_option(self.rule, MASK_RULES, name="rule", where=where)
         check_temperature(self.temperature, where=where)
         for flag in ("sparse", "learn_beta"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{where}: {flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.beta, bool) or not isinstance(self.beta, Real) or not math.isfinite(self.beta):
             raise ValueError(f"{where}: beta must be a finite number, got {self.beta!r}")
+        if self.beta_instances is not None and not _is_count(self.beta_instances):
+            raise ValueError(
+                f"{where}: beta_instances must be None (one beta) or an int >= 2 (one beta per batch position, "
+                f"at least the batch size), got {self.beta_instances!r}"
+            )
         check_weight(self)
+        if len(tuple(self.requires)) not in (2, 3):
+            raise ValueError(
+                f"{where}: requires must name 2 values (embeddings) or 3 (embeddings, positives), "
+                f"got {tuple(self.requires)!r}"
+            )
         return self
 
-    def current_beta(self):
-        """The threshold scale in use: the learned parameter (a 0-d tensor) or ``beta``."""
-        return self.beta if self.learned_beta is None else self.learned_beta
+    def current_beta(self, batch: int | None = None):
+        """The threshold scale in use: the learned parameter (a 0-d tensor), or ``beta``.
 
-    def forward(self, image_embedding, text_embedding) -> torch.Tensor:
+        With ``beta_instances`` it is one value per batch position: ``batch`` of them.
+        """
+        if self.learned_beta is not None:
+            beta = self.learned_beta
+        elif _is_count(self.beta_instances):
+            beta = torch.full((self.beta_instances,), float(self.beta))
+        else:
+            return self.beta
+        if beta.dim() == 1 and batch is not None:
+            if batch > beta.shape[0]:
+                raise ValueError(
+                    f"{type(self).__name__}: a batch of {batch} pairs but beta_instances={beta.shape[0]}; "
+                    "set beta_instances to at least the batch size"
+                )
+            beta = beta[:batch]
+        return beta
+
+    def forward(self, image_embedding, text_embedding, positives=None) -> torch.Tensor:
         self.validate()
         with named_errors(self):
+            batch = image_embedding.shape[0] if isinstance(image_embedding, torch.Tensor) else None
+            beta = self.current_beta(batch)
+            if isinstance(beta, torch.Tensor) and isinstance(image_embedding, torch.Tensor):
+                beta = beta.to(image_embedding.device)
             return spatial_constraint_loss(
                 image_embedding,
                 text_embedding,
                 kind=self.kind,
                 sparse=self.sparse,
-                beta=self.current_beta(),
+                beta=beta,
                 temperature=self.temperature,
                 distance=self.distance,
                 reduction=self.reduction,
+                rule=self.rule,
+                positives=positives,
             )
 
     def extra_repr(self) -> str:
         return (
-            f"kind={self.kind!r}, sparse={self.sparse}, beta={self.beta}, learn_beta={self.learn_beta}, "
-            f"weight={self.weight}, " + super().extra_repr()
+            f"kind={self.kind!r}, sparse={self.sparse}, rule={self.rule!r}, beta={self.beta}, "
+            f"learn_beta={self.learn_beta}, weight={self.weight}, " + super().extra_repr()
         )
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 2

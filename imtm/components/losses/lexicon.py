@@ -12,6 +12,8 @@ from imtm.components.heads.lexicon import LexiconLogits
 from imtm.components.scorers.hard_assignment import named_errors
 from imtm.functional.blocking import resolve_option
 from imtm.functional.lexicon import (
+    AUTHORS_SCALE,
+    DEFAULT_LABEL_WEIGHTS,
     IGNORE_INDEX,
     KL_DIRECTIONS,
     LABEL_WEIGHTS,
@@ -67,8 +69,14 @@ class ExpansiveLexiconLoss(Loss):
     :class:`~imtm.components.WordToLexiconHead`.
 
     Args:
-        label_weights: ``"plan_topk"`` (the authors' code, default) or ``"one_minus_cost"`` (Eq. 6 as printed).
-        top_k: words per patch of ``"plan_topk"``.
+        label_weights: the weights of Eq. 6 (see :func:`~imtm.functional.expansive_soft_labels`):
+            ``"plan_cosine_softmax"`` (default, the authors' released rule: softmax over the top-3
+            words of ``2e3 * T * cos``, ``ALBEF.get_p2w_loss`` in ``model/model_pretrain.py`` of
+            Lydia-yang/ELA), ``"one_minus_plan"`` (Eq. 6 as printed, ``1 - c_ij`` with ``c`` the
+            plan of Eq. 5), ``"one_minus_cost"`` (``1 - C_ij``, ``C`` the cosine cost) or
+            ``"plan_topk"`` (the plan renormalised over its top-k words).
+        top_k: words per patch of ``"plan_cosine_softmax"`` and ``"plan_topk"`` (the authors: 3).
+        scale: factor of ``T * cos`` before the softmax of ``"plan_cosine_softmax"`` (the authors: 2e3).
         method, n_iter, beta: the transport solver (see :func:`~imtm.functional.transport_plan`).
         expansion: use the word-to-lexicon distributions (True) or one-hot words (False).
         direction: ``"prediction_first"`` (Eq. 7 as printed) or ``"target_first"`` (the order of
@@ -99,9 +107,9 @@ class ExpansiveLexiconLoss(Loss):
     requires = ("patch_lexicon", "word_lexicon", "image_tokens", "text_tokens")
     provides = ("expansive_lexicon_loss",)
 
-    def __init__(self, label_weights: str = "plan_topk", top_k: int = 3, method: str = "ipot", n_iter: int = 50,
-                 beta: float = 0.5, expansion: bool = True, direction: str = "prediction_first", weight: float = 1.0,
-                 *, requires=None, provides=None):
+    def __init__(self, label_weights: str = DEFAULT_LABEL_WEIGHTS, top_k: int = 3, method: str = "ipot",
+                 n_iter: int = 50, beta: float = 0.5, expansion: bool = True, direction: str = "prediction_first",
+                 weight: float = 1.0, scale: float = AUTHORS_SCALE, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
         self.direction = direction
         self.label_weights = label_weights
@@ -111,6 +119,7 @@ class ExpansiveLexiconLoss(Loss):
         self.beta = beta
         self.expansion = expansion
         self.weight = weight
+        self.scale = scale
 
     def validate(self) -> ExpansiveLexiconLoss:
         """Check the options; return ``self``."""
@@ -129,6 +138,8 @@ class ExpansiveLexiconLoss(Loss):
                 raise ValueError(f"{where}: {arg} must be a positive integer, got {value!r}")
         if isinstance(self.beta, bool) or not isinstance(self.beta, Real) or not 0 < self.beta < math.inf:
             raise ValueError(f"{where}: beta must be a finite number > 0, got {self.beta!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, Real) or not 0 < self.scale < math.inf:
+            raise ValueError(f"{where}: scale must be a finite number > 0, got {self.scale!r}")
         return self
 
     def forward(self, patch_lexicon, word_lexicon, image_tokens, text_tokens, text_ids=None) -> torch.Tensor:
@@ -182,7 +193,7 @@ class ExpansiveLexiconLoss(Loss):
                 word_probs = torch.nn.functional.one_hot(ids, word_lexicon.shape[-1]).to(dtype)
             labels = expansive_soft_labels(plan[b_idx, t_idx], word_probs, word_mask, batch_index=b_idx,
                                            cost=cost[b_idx, t_idx], label_weights=self.label_weights,
-                                           top_k=self.top_k)
+                                           top_k=self.top_k, scale=self.scale)
         return lexicon_kl_loss(logits, labels.to(logits.dtype), direction=self.direction)
 
     def extra_repr(self) -> str:

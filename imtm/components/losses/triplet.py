@@ -8,7 +8,7 @@ from numbers import Real
 import torch
 
 from imtm.component import Component, Loss, suggest
-from imtm.functional.losses import REDUCTIONS, triplet_loss
+from imtm.functional.losses import PAIR_COUNTS, REDUCTIONS, triplet_loss
 
 __all__ = ["TripletLoss"]
 
@@ -100,6 +100,7 @@ class TripletLoss(Loss):
         reduction: str = "sum",
         weight: float = 1.0,
         miner=None,
+        count_pairs: str = "once",
         *,
         requires=None,
         provides=None,
@@ -110,6 +111,7 @@ class TripletLoss(Loss):
         self.reduction = reduction
         self.weight = weight
         self.miner = miner
+        self.count_pairs = count_pairs
 
     def validate(self) -> TripletLoss:
         """Check the hyper-parameters (margin, hardest, reduction, miner, weight, arity); return ``self``."""
@@ -118,6 +120,11 @@ class TripletLoss(Loss):
             raise ValueError(
                 f"{name}: reduction must be one of {sorted(REDUCTIONS)}, got {self.reduction!r}."
                 + suggest(self.reduction, REDUCTIONS)
+            )
+        if not isinstance(self.count_pairs, str) or self.count_pairs not in PAIR_COUNTS:
+            raise ValueError(
+                f"{name}: count_pairs must be one of {sorted(PAIR_COUNTS)}, got {self.count_pairs!r}."
+                + suggest(self.count_pairs, PAIR_COUNTS)
             )
         margin = self.margin
         if (
@@ -154,6 +161,7 @@ class TripletLoss(Loss):
                 hardest=self.hardest,
                 reduction=self.reduction,
                 negatives=negatives,
+                count_pairs=self.count_pairs,
             )
         except (ValueError, TypeError) as err:
             raise type(err)(f"{type(self).__name__}: {err}") from err

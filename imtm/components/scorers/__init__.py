@@ -6,8 +6,9 @@ __all__ = ["GlobalCosine"]
 
 from imtm.components.scorers.hard_assignment import HardAssignmentCoding
 from imtm.components.scorers.soft_assignment import SoftAssignmentCoding
+from imtm.components.scorers.local_matching import LocalMatching
 
-__all__ += ["HardAssignmentCoding", "SoftAssignmentCoding"]
+__all__ += ["HardAssignmentCoding", "LocalMatching", "SoftAssignmentCoding"]
 
 from imtm.components.scorers.phrase_attention import InterModalPhraseAttention
 from imtm.components.scorers.score_fusion import ScoreFusion

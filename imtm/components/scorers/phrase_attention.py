@@ -8,8 +8,13 @@ from imtm.component import Component
 from imtm.components.refiners.visual_phrase import check_attention_args
 from imtm.components.scorers.hard_assignment import as_tokens, named_errors
 from imtm.functional.blocking import resolve_option
-from imtm.functional.phrase_attention import LAYER_NORM_EPS, AttentionWeights, phrase_attention_scores
-from imtm.functional.topk import DEFAULT_TOPK, check_k
+from imtm.functional.phrase_attention import (
+    LAYER_NORM_EPS,
+    AttentionWeights,
+    FeedForwardWeights,
+    phrase_attention_scores,
+)
+from imtm.functional.topk import DEFAULT_TOPK, check_average, check_k
 
 __all__ = ["DIRECTIONS", "InterModalPhraseAttention"]
 
@@ -41,7 +46,7 @@ class _DirectionProvides:
 
 
 class InterModalPhraseAttention(Component):
-    r"""One DCPA inter-modal branch: a decoder layer per image-caption pair, scored by top-K.
+    r"""One DCPA inter-modal branch: a Transformer decoder layer per image-caption pair, scored by top-K.
 
     ``direction="i2t"``: the regions of an image attend to each other, then
     query the caption's words; each output ``vp^T_k`` takes its best word and
@@ -52,22 +57,31 @@ class InterModalPhraseAttention(Component):
     .. math::
 
         X = \operatorname{LN}_1\big(V + \operatorname{MHA}_1(V, V, V)\big), \quad
-        VP^T = \operatorname{LN}_2\big(X + \operatorname{MHA}_2(X, W, W)\big), \quad
+        Y = \operatorname{LN}_2\big(X + \operatorname{MHA}_2(X, W, W)\big), \quad
+        VP^T = \operatorname{LN}_3\big(Y + \operatorname{FFN}(Y)\big), \quad
         S(i^T, c) = \operatorname{topK\text{-}mean}_k \max_m \cos(vp^T_k, w_m)
         \qquad \text{(Eq. 11-14)}
 
     A thin module over :func:`imtm.functional.phrase_attention_scores`, which
     batches the pairwise cross-attention over blocks of pairs (no loop over
-    images or captions) with the block size from ``max_block_elements``. As
-    settled there, the layer has no feed-forward sub-layer. Padded tokens on
+    images or captions) with the block size from ``max_block_elements``. The layer
+    is a standard post-norm Transformer decoder layer (the paper's decoder), the same
+    numbers as ``nn.TransformerDecoderLayer(dim, heads, ffn_dim, dropout=0)`` per pair;
+    ``feed_forward=False`` leaves its feed-forward sub-layer out. Padded tokens on
     either side are never attended to.
 
     Args:
         direction: ``"i2t"`` (regions query words) or ``"t2i"`` (words query regions).
         dim: token feature size ``D``.
         heads: attention heads (must divide ``dim``).
-        k: query tokens averaged per pair; ``None``: all valid ones (global average).
+        k: query tokens averaged per pair; ``None``: the global average of Table IV
+            ("w/o local-agg", see ``average``).
         max_block_elements: memory budget of one block; ``None``: the default.
+        feed_forward: include the decoder layer's feed-forward sub-layer (default ``True``).
+        ffn_dim: its hidden width; ``None``: ``4 * dim`` (the paper does not give it).
+        average: what ``k=None`` averages: ``"features"`` (pool the outputs and the other
+            modality's tokens, then one cosine; default) or ``"cosines"`` (the mean of the
+            per-token best cosines).
 
     Shape:
         - image_tokens: Tokens ``(Bi, N, D)`` (or a ``(Bi, N, D)`` tensor, all tokens real)
@@ -92,19 +106,43 @@ class InterModalPhraseAttention(Component):
     provides = _DirectionProvides()
 
     def __init__(self, direction: str = "i2t", dim: int = 1024, heads: int = 8, k: int | None = DEFAULT_TOPK,
-                 max_block_elements: int | None = None, *, requires=None, provides=None):
+                 max_block_elements: int | None = None, feed_forward: bool = True, ffn_dim: int | None = None,
+                 average: str = "features", *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
         self.direction = direction
         self.dim = dim
         self.heads = heads
         self.k = k
         self.max_block_elements = max_block_elements
-        # The attention layers are built from dim and heads below, so they are checked first.
+        self.feed_forward = feed_forward
+        self.ffn_dim = ffn_dim
+        self.average = average
+        # The layers are built from dim, heads and the feed-forward options below, so they are checked first.
         check_attention_args(self, dim, heads)
+        self._check_feed_forward()
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        if feed_forward:
+            hidden = 4 * dim if ffn_dim is None else ffn_dim
+            self.linear1 = nn.Linear(dim, hidden)
+            self.linear2 = nn.Linear(hidden, dim)
+            self.norm3 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+
+    def _check_feed_forward(self) -> None:
+        where = type(self).__name__
+        if not isinstance(self.feed_forward, bool):
+            raise TypeError(f"{where}: feed_forward must be True or False, got {self.feed_forward!r}")
+        ffn = self.ffn_dim
+        if ffn is not None and (isinstance(ffn, bool) or not isinstance(ffn, int) or ffn < 1):
+            raise ValueError(f"{where}: ffn_dim must be a positive int or None (4 * dim), got {ffn!r}")
+
+    def feed_forward_weights(self) -> FeedForwardWeights | None:
+        """The feed-forward sub-layer's weights (``None`` with ``feed_forward=False``)."""
+        if not self.feed_forward:
+            return None
+        return FeedForwardWeights.from_modules(self.linear1, self.linear2, self.norm3)
 
     def validate(self) -> InterModalPhraseAttention:
         """Check ``direction``, ``k`` and the budget; return ``self``."""
@@ -112,6 +150,8 @@ class InterModalPhraseAttention(Component):
         check_attention_args(self, self.dim, self.heads)
         resolve_option(self.direction, DIRECTIONS, name="direction", where=where)
         check_k(self.k, where=where)
+        check_average(self.average, where=where)
+        self._check_feed_forward()
         budget = self.max_block_elements
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
             raise ValueError(f"{where}: max_block_elements must be a positive int or None, got {budget!r}")
@@ -128,8 +168,10 @@ class InterModalPhraseAttention(Component):
                 self_attn=AttentionWeights.from_modules(self.self_attn, self.norm1),
                 cross_attn=AttentionWeights.from_modules(self.cross_attn, self.norm2),
                 heads=self.heads, k=self.k, max_block_elements=self.max_block_elements,
+                feed_forward=self.feed_forward_weights(), average=self.average,
             )
         return scores if images_query else scores.t().contiguous()
 
     def extra_repr(self) -> str:
-        return f"direction={self.direction!r}, dim={self.dim}, heads={self.heads}, k={self.k}, " + super().extra_repr()
+        return (f"direction={self.direction!r}, dim={self.dim}, heads={self.heads}, k={self.k}, "
+                f"feed_forward={self.feed_forward}, " + super().extra_repr())

@@ -7,7 +7,7 @@ import torch
 from imtm.component import Component
 from imtm.components.scorers.hard_assignment import as_tokens, named_errors
 from imtm.functional.blocking import check_block_args
-from imtm.functional.topk import DEFAULT_TOPK, check_k, topk_mean_scores
+from imtm.functional.topk import DEFAULT_TOPK, check_average, check_k, topk_mean_scores
 
 __all__ = ["TopKAggregation"]
 
@@ -22,10 +22,13 @@ class TopKAggregation(Component):
 
     A thin module over :func:`imtm.functional.topk_mean_scores`; it has no
     parameters. An image with fewer than ``k`` real regions averages all of
-    them; ``k=None`` averages every region (the "global average" ablation).
+    them. ``k=None`` is the "global average" ablation (Table III, SAEM; the intra-modal half
+    of Table IV's "w/o local-agg"): the regions are pooled first and one cosine taken
+    (``average="features"``), or, with ``average="cosines"``, the cosines are averaged.
 
     Args:
-        k: regions averaged per pair (10 in the paper); ``None``: all valid regions.
+        k: regions averaged per pair (10 in the paper); ``None``: the global average.
+        average: what ``k=None`` averages, ``"features"`` (default) or ``"cosines"``.
         max_block_elements: memory budget of one block (cosines); ``None``: the default.
         compute_dtype: dtype of the matrix products, e.g. ``torch.bfloat16``; ``None``: the inputs'.
 
@@ -49,9 +52,11 @@ class TopKAggregation(Component):
     provides = ("scores_intra",)
 
     def __init__(self, k: int | None = DEFAULT_TOPK, max_block_elements: int | None = None,
-                 compute_dtype: torch.dtype | None = None, *, requires=None, provides=None):
+                 compute_dtype: torch.dtype | None = None, average: str = "features", *, requires=None,
+                 provides=None):
         super().__init__(requires=requires, provides=provides)
         self.k = k
+        self.average = average
         self.max_block_elements = max_block_elements
         self.compute_dtype = compute_dtype
 
@@ -59,6 +64,7 @@ class TopKAggregation(Component):
         """Check the hyper-parameters (``k``, budget, dtype); return ``self``."""
         where = type(self).__name__
         check_k(self.k, where=where)
+        check_average(self.average, where=where)
         check_block_args(self.max_block_elements, self.compute_dtype, where=where)
         return self
 
@@ -66,7 +72,8 @@ class TopKAggregation(Component):
         images = as_tokens(self, visual_phrases, "visual phrases")
         with named_errors(self):
             return topk_mean_scores(images.feats, text_phrase, images.mask, k=self.k,
-                                    max_block_elements=self.max_block_elements, compute_dtype=self.compute_dtype)
+                                    max_block_elements=self.max_block_elements, compute_dtype=self.compute_dtype,
+                                    average=self.average)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, " + super().extra_repr()
+        return f"k={self.k}, average={self.average!r}, " + super().extra_repr()

@@ -28,12 +28,15 @@ def test_dimension_alignment_conformance_and_functional_twin():
 
 @pytest.mark.parametrize("kind", ["inter", "intra"])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_spatial_constraint_conformance_and_functional_twin(kind, sparse):
-    loss = SpatialConstraintLoss(kind=kind, sparse=sparse, beta=0.3, weight=0.05)
+@pytest.mark.parametrize("rule", ["intent", "printed"])
+def test_spatial_constraint_conformance_and_functional_twin(kind, sparse, rule):
+    loss = SpatialConstraintLoss(kind=kind, sparse=sparse, beta=0.3, weight=0.05, rule=rule)
+    ids = torch.tensor([0, 1, 0, 2, 3, 1])  # images 0 and 1 have two captions each in the batch
     report = check_component(
         loss,
-        embeddings(),
-        functional=lambda v, t: spatial_constraint_loss(v, t, kind=kind, sparse=sparse, beta=0.3),
+        {**embeddings(), "positives": ids[:, None] == ids[None, :]},
+        functional=lambda v, t, p: spatial_constraint_loss(v, t, kind=kind, sparse=sparse, beta=0.3, rule=rule,
+                                                           positives=p),
     )
     assert "functional" in report.passed and "gradients" in report.passed
     assert [n for n, _ in loss.named_parameters()] == (["learned_beta"] if sparse else [])
@@ -52,6 +55,27 @@ def test_beta_is_one_learnable_scalar_that_trains_and_the_argument_stays():
     assert float(fresh.learned_beta.detach()) == 0.25
     fixed = SpatialConstraintLoss(beta=0.25, learn_beta=False)
     assert list(fixed.parameters()) == [] and fixed.current_beta() == 0.25
+
+
+def test_per_instance_beta_is_a_learnable_vector_sliced_to_the_batch():
+    loss = SpatialConstraintLoss(kind="inter", beta=0.2, beta_instances=8, temperature=0.3)
+    assert loss.learned_beta.shape == (8,)
+    e = embeddings(b=6, seed=3)
+    out = loss(e["image_embedding"], e["text_embedding"])
+    beta = torch.full((6,), 0.2)
+    torch.testing.assert_close(out, spatial_constraint_loss(e["image_embedding"], e["text_embedding"], beta=beta,
+                                                            temperature=0.3))
+    out.backward()
+    assert bool((loss.learned_beta.grad[:6] != 0).any()) and bool((loss.learned_beta.grad[6:] == 0).all())
+    fixed = SpatialConstraintLoss(beta=0.2, beta_instances=8, learn_beta=False)
+    assert list(fixed.parameters()) == [] and fixed.current_beta(5).shape == (5,)
+
+
+def test_dimension_options_reach_the_functional():
+    e = embeddings(b=9, seed=4)
+    v, t = e["image_embedding"] + 1.0, e["text_embedding"]
+    for kw in ({"correlation": "pearson"}, {"objective": "intuitive"}, {"objective": "intuitive", "off_diagonal_weight": 0.5}):
+        torch.testing.assert_close(DimensionAlignmentLoss(**kw)(v, t), dimension_alignment_loss(v, t, **kw))
 
 
 def test_zero_for_identical_modalities_and_finite_for_a_batch_of_two():
@@ -105,6 +129,15 @@ def test_word_pairs_padding_never_changes_the_loss(images, texts, extra):
         (SpatialConstraintLoss(temperature=-1.0), None, ValueError, "temperature"),
         (SpatialConstraintLoss(weight=float("inf")), None, ValueError, "weight must be a finite number"),
         (SpatialConstraintLoss(), (torch.randn(1, 3), torch.randn(1, 3)), ValueError, "at least 2 pairs"),
+        (SpatialConstraintLoss(rule="paper"), None, ValueError, "rule must be one of"),
+        (SpatialConstraintLoss(beta_instances=1), None, ValueError, "beta_instances must be None"),
+        (SpatialConstraintLoss(beta_instances=3), None, ValueError, "a batch of 4 pairs but beta_instances=3"),
+        (SpatialConstraintLoss(requires=("a", "b", "c", "d")), None, ValueError, "requires must name 2 values"),
+        (SpatialConstraintLoss(), (torch.randn(4, 3), torch.randn(4, 3), torch.eye(4)), ValueError,
+         "positives must be a bool"),
+        (DimensionAlignmentLoss(correlation="spearman"), None, ValueError, "correlation must be one of"),
+        (DimensionAlignmentLoss(objective="intuitive", off_diagonal_weight=-0.5), None, ValueError,
+         "off_diagonal_weight must be None or a finite number >= 0"),
     ],
 )
 def test_bad_inputs(block, args, error, match):

@@ -40,8 +40,12 @@ def kl(p, q):
     return sum(pi * (math.log(pi) - math.log(max(qi, 1e-8))) for pi, qi in zip(p, q))
 
 
-def loop_loss(lex, words, images, texts, top_k=3, text_ids=None):
-    """Eq. 5-7 for one masked patch at a time (the plan of each pair from transport_plan)."""
+def loop_loss(lex, words, images, texts, top_k=3, text_ids=None, rule="plan_cosine_softmax"):
+    """Eq. 5-7 for one masked patch at a time (the plan of each pair from transport_plan).
+
+    ``"plan_cosine_softmax"``: the rule of ``ALBEF.get_p2w_loss`` (Lydia-yang/ELA, model/model_pretrain.py):
+    softmax over the top 3 of 2e3 * plan * cosine; ``"plan_topk"``: the plan over its top 3, renormalised.
+    """
     total = 0.0
     for k, (b, i) in enumerate(zip(lex.batch_index.tolist(), lex.token_index.tolist())):
         patches = [n for n in range(images.num_tokens) if images.mask[b, n] and n >= images.num_prefix_tokens]
@@ -49,7 +53,13 @@ def loop_loss(lex, words, images, texts, top_k=3, text_ids=None):
         cost = cosine_cost(images.feats[b : b + 1, patches], texts.feats[b : b + 1, wids])
         plan = transport_plan(cost)[0]
         row = plan[patches.index(i)].tolist()
-        chosen = sorted(range(len(wids)), key=lambda a: -row[a])[:top_k]
+        if rule == "plan_cosine_softmax":
+            cos = (1.0 - cost[0, patches.index(i)]).tolist()
+            x = [2e3 * row[a] * cos[a] for a in range(len(wids))]
+            chosen = sorted((a for a in range(len(wids)) if x[a] != 0.0), key=lambda a: -x[a])[:top_k]
+            row = dict(zip(chosen, softmax([x[a] for a in chosen])))
+        else:
+            chosen = sorted(range(len(wids)), key=lambda a: -row[a])[:top_k]
         total_w = sum(row[a] for a in chosen)
         label = [0.0] * V
         for a in chosen:
@@ -61,14 +71,16 @@ def loop_loss(lex, words, images, texts, top_k=3, text_ids=None):
     return total / len(lex.batch_index)
 
 
-def test_matches_loop_of_eq5_to_7_and_no_gradient_reaches_labels():
+@pytest.mark.parametrize("rule", ["plan_cosine_softmax", "plan_topk"])
+def test_matches_loop_of_eq5_to_7_and_no_gradient_reaches_labels(rule):
     lex, words, images, texts = batch()
     logits = lex.logits.clone().requires_grad_(True)
     words.requires_grad_(True)
     img_feats = images.feats.clone().requires_grad_(True)
-    loss = ExpansiveLexiconLoss()(LexiconLogits(logits, lex.batch_index, lex.token_index), words,
-                                  images.with_feats(img_feats), texts)
-    torch.testing.assert_close(loss, torch.tensor(loop_loss(lex, words.detach(), images, texts), dtype=torch.float64))
+    loss = ExpansiveLexiconLoss(label_weights=rule)(LexiconLogits(logits, lex.batch_index, lex.token_index),
+                                                    words, images.with_feats(img_feats), texts)
+    torch.testing.assert_close(loss, torch.tensor(loop_loss(lex, words.detach(), images, texts, rule=rule),
+                                                  dtype=torch.float64))
     loss.backward()
     assert logits.grad is not None and words.grad is None and img_feats.grad is None
 
@@ -171,6 +183,8 @@ def test_bad_inputs():
         ExpansiveLexiconLoss(weight="1").validate()
     with pytest.raises(ValueError, match="top_k must be a positive integer"):
         ExpansiveLexiconLoss(top_k=0).validate()
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        ExpansiveLexiconLoss(scale=float("inf")).validate()
     with pytest.raises(ValueError, match="direction must be one of"):
         ExpansiveLexiconLoss(direction="forward").validate()
     with pytest.raises(ValueError, match="direction must be one of"):

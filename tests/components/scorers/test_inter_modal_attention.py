@@ -26,16 +26,22 @@ def twin(block):
         q, k = (images, texts) if block.direction == "i2t" else (texts, images)
         s = phrase_attention_scores(q.feats, k.feats, q.mask, k.mask, heads=block.heads, k=block.k,
                                     self_attn=AttentionWeights.from_modules(block.self_attn, block.norm1),
-                                    cross_attn=AttentionWeights.from_modules(block.cross_attn, block.norm2))
+                                    cross_attn=AttentionWeights.from_modules(block.cross_attn, block.norm2),
+                                    feed_forward=block.feed_forward_weights(), average=block.average)
         return s if block.direction == "i2t" else s.t()
 
     return f
 
 
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])
-def test_shape_provides_and_conformance(direction):
-    block = InterModalPhraseAttention(direction, dim=8, heads=2, k=3)
+@pytest.mark.parametrize("options", [{}, {"feed_forward": False}, {"k": None}, {"k": None, "average": "cosines"}])
+def test_shape_provides_and_conformance(direction, options):
+    block = InterModalPhraseAttention(direction, dim=8, heads=2, **{"k": 3, **options})
     assert block.provides == (f"scores_inter_{direction}",)
+    # A standard decoder layer: self-attention, cross-attention and a feed-forward sub-layer (4 * dim wide).
+    assert hasattr(block, "linear1") == options.get("feed_forward", True)
+    if hasattr(block, "linear1"):
+        assert tuple(block.linear1.weight.shape) == (32, 8)
     x = inputs()
     assert block(x["image_tokens"], x["text_tokens"]).shape == (3, 4)
     report = check_component(block, x, functional=twin(block))
@@ -91,3 +97,9 @@ def test_bad_inputs():
         InterModalPhraseAttention("i2t", dim=8, heads=2)(torch.randn(2, 3, 4), torch.randn(2, 3, 4))
     with pytest.raises(TypeError, match="expected text tokens as Tokens"):
         InterModalPhraseAttention("i2t", dim=8, heads=2)(torch.randn(2, 3, 8), ["a caption"])
+    with pytest.raises(TypeError, match="feed_forward must be True or False"):
+        InterModalPhraseAttention("i2t", dim=8, heads=2, feed_forward="yes")
+    with pytest.raises(ValueError, match="ffn_dim must be a positive int or None"):
+        InterModalPhraseAttention("i2t", dim=8, heads=2, ffn_dim=0)
+    with pytest.raises(ValueError, match="average must be one of"):
+        InterModalPhraseAttention("i2t", dim=8, heads=2, k=None, average="mean").validate()
