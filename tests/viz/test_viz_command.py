@@ -1,5 +1,6 @@
 """``imtm viz KIND``: pictures of saved models from the command line."""
 
+import re
 import struct
 from pathlib import Path
 
@@ -45,10 +46,17 @@ def test_viz_words_recall_retrieved_and_dcpa(saved, tmp_path, capsys):
     assert size(tmp_path / "d.png") == (3 * 130, 150)
 
 
-def test_viz_bad_index(saved, tmp_path):
-    with pytest.raises(SystemExit, match=r"--index must lie in \[0, 6\)"):
-        main(["viz", "words", "--model", str(saved["chan"]), "--out", str(tmp_path / "x.png"), "--n-test", "6",
-              "--index", "6"])
+def usage_error(argv, capsys, pattern):
+    """``imtm`` exits 2 with a short message matching ``pattern`` (the CLI's usage errors)."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err) and len(err.strip().splitlines()) <= 2, err
+
+
+def test_viz_bad_index(saved, tmp_path, capsys):
+    usage_error(["viz", "words", "--model", str(saved["chan"]), "--out", str(tmp_path / "x.png"), "--n-test", "6",
+                 "--index", "6"], capsys, r"--index must lie in \[0, 6\)")
 
 
 def test_viz_formats_titles_and_block_flag(saved, tmp_path, capsys):
@@ -70,15 +78,14 @@ def test_viz_formats_titles_and_block_flag(saved, tmp_path, capsys):
     two = list(_models([str(saved["dcpa"]), str(copy)]))
     assert len(two) == 2 and two[1] == f"{label} (again/final)"
     # a kind that needs a block the model lacks names the flag
-    with pytest.raises(SystemExit, match=r"needs a LAPS model with a PatchSlimming block \(chosen with --block NAME"):
-        main(["viz", "laps-kept", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "k.png")] + common)
-    with pytest.raises(SystemExit, match=r"--block nope: model .* has no block of that name"):
-        main(["viz", "laps-kept", "--block", "nope", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "k.png")]
-             + common)
-    with pytest.raises(SystemExit, match="--block is for the kinds"):
-        main(["viz", "recall", "--block", "x", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "k.png")])
-    with pytest.raises(SystemExit, match=r"use \.png, \.pdf or \.svg"):
-        main(["viz", "recall", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "k.jpg")])
+    usage_error(["viz", "laps-kept", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "k.png")] + common, capsys,
+                r"needs a LAPS model with a PatchSlimming block \(chosen with --block NAME")
+    usage_error(["viz", "laps-kept", "--block", "nope", "--model", str(saved["dcpa"]), "--out",
+                 str(tmp_path / "k.png")] + common, capsys, r"--block nope: model .* has no block of that name")
+    usage_error(["viz", "recall", "--block", "x", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "k.png")],
+                capsys, "--block is for the kinds")
+    usage_error(["viz", "recall", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "k.jpg")], capsys,
+                r"use \.png, \.pdf or \.svg")
 
 
 def test_viz_words_come_from_the_models_vocabulary(tmp_path):
