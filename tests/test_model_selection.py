@@ -74,6 +74,8 @@ REQUIRED = {
     "TokenAggregation": lambda: {"dim": 8, "num_out": 2}, "VisualPhraseEncoder": lambda: {"dim": 8},
     "WordToLexiconHead": lambda: {"dim": 8, "embed_dim": 8, "vocab_size": 10},
     "PatchSlimming": lambda: _slimming_args(),
+    "DPCKNNAggregation": lambda: {"num_out": 2}, "WordAggregation": lambda: {"dim": 8},
+    "WordSelection": lambda: {"dim": 8},
 }
 
 
