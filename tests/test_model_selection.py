@@ -30,8 +30,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, KFold, RandomizedSearchCV, cross_validate
 from sklearn.utils import estimator_checks as ec
 
-import imtm.components
-import imtm.interop.metric_learning  # noqa: F401  (and the interop block)
+import imtm.components  # noqa: F401  (registers every block)
 from imtm import Matcher
 from imtm.component import COMPONENT_REGISTRY
 from imtm.components import GlobalCosine, GRUTextEncoder, PrecomputedEncoder, TripletLoss

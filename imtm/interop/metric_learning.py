@@ -12,8 +12,8 @@ tuples, and losses that measure with a ``distance`` object. Two adapters join th
 - **PML losses -> imtm scores**: :class:`ScoreMatrixDistance` is a PML distance that reads an imtm
   score matrix, so any PML loss (``TripletMarginLoss``, ``ContrastiveLoss``, ``MultiSimilarityLoss``...)
   trains from the scores of any imtm scorer (fine-grained ones included, which have no embeddings
-  for PML to measure); :func:`pml_loss_on_scores` calls a PML loss that way, and
-  :class:`MetricLearningLoss` makes one a pipeline block of a :class:`~imtm.Matcher`.
+  for PML to measure); :func:`pml_loss_on_scores` calls a PML loss that way, and :func:`pml_loss`
+  builds one (and a miner) by name for a training loop.
 
 PML is optional: ``pip install "imtm[pml]"``; :func:`tuple_triplet_loss` needs only torch.
 
@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from imtm.component import Loss, suggest
+from imtm.component import suggest
 
-__all__ = ["DIRECTIONS", "MetricLearningLoss", "ScoreMatrixDistance", "labels_from_positives",  # noqa: F822
-           "pairs_to_triplets", "pml_loss_on_scores", "tuple_triplet_loss"]
+__all__ = ["DIRECTIONS", "ScoreMatrixDistance", "labels_from_positives", "pairs_to_triplets",  # noqa: F822
+           "pml_loss", "pml_loss_on_scores", "tuple_triplet_loss"]
 
 #: Which side the tuples' anchors index: ``"i2t"`` images (rows), ``"t2i"`` captions (columns).
 DIRECTIONS = ("i2t", "t2i")
@@ -155,9 +155,10 @@ def labels_from_positives(positives: torch.Tensor) -> tuple[torch.Tensor, torch.
         - output: ``(Bi,)`` and ``(Bt,)`` long
 
     Example:
-        >>> r, c = labels_from_positives(torch.tensor([[True, True, False], [False, False, True]]))
-        >>> r.tolist(), c.tolist()
-        ([0, 1], [0, 0, 1])
+        >>> pos = torch.tensor([[True, True, False], [False, False, True]])
+        >>> r, c = labels_from_positives(pos)
+        >>> bool(r[0] != r[1]), bool(c[0] == c[1] == r[0]), torch.equal(r[:, None] == c[None, :], pos)
+        (True, True, True)
     """
     if not isinstance(positives, torch.Tensor) or positives.dim() != 2 or positives.dtype != torch.bool:
         raise TypeError("labels_from_positives: positives must be a (Bi, Bt) bool tensor")
@@ -269,75 +270,51 @@ def _pml_class(module: str, name, what: str):
     return getattr(mod, name)
 
 
-class MetricLearningLoss(Loss):
-    """A PML loss (and miner) as a pipeline block: it trains from the Matcher's ``scores`` and ``positives``.
+def _pml_class(module: str, name, what: str):
+    """The class ``name`` of ``pytorch_metric_learning.<module>`` (looked up there only: no path is imported)."""
+    import importlib
 
-    The loss and miner are named, with their arguments, so the block clones, saves and loads as any
-    other; each call builds them with ``distance=ScoreMatrixDistance()`` (PML losses without
-    learnable parameters: the metric-learning losses, not the classification ones such as ArcFace).
+    _require_pml()
+    mod = importlib.import_module(f"pytorch_metric_learning.{module}")
+    options = sorted(n for n in vars(mod) if n[:1].isupper() and isinstance(getattr(mod, n), type))
+    if not isinstance(name, str) or name not in options:
+        raise ValueError(f"pml_loss: {what} must name a class of pytorch_metric_learning.{module}, got {name!r}."
+                         + suggest(str(name), options))
+    return getattr(mod, name)
+
+
+def pml_loss(loss: str = "TripletMarginLoss", loss_params: dict | None = None, miner: str | None = None,
+             miner_params: dict | None = None, direction: str = "both"):
+    """A function ``(scores, positives) -> loss`` running a PML loss (and miner), named, on imtm scores.
 
     Args:
         loss: a class name in ``pytorch_metric_learning.losses`` (``"TripletMarginLoss"``,
-            ``"ContrastiveLoss"``, ``"MultiSimilarityLoss"``...).
-        loss_params: its keyword arguments (``{"margin": 0.2}``).
-        miner: ``None``, or a class name in ``pytorch_metric_learning.miners`` (``"TripletMarginMiner"``).
-        miner_params: its keyword arguments.
+            ``"ContrastiveLoss"``, ``"MultiSimilarityLoss"``...); built with
+            ``distance=ScoreMatrixDistance()`` and ``loss_params``.
+        miner: ``None`` or a class name in ``pytorch_metric_learning.miners``, built the same way.
         direction: ``"i2t"``, ``"t2i"`` or ``"both"`` (the mean of the two).
-        weight: factor of this loss in the Matcher's total.
 
-    Shape:
-        - scores: ``(Bi, Bt)``; positives: ``(Bi, Bt)`` bool
-        - output: ``()``
+    Returns:
+        ``fn(scores, positives)``: the loss of a ``(Bi, Bt)`` score matrix, a scalar.
 
     Example:
-        >>> block = MetricLearningLoss("TripletMarginLoss", {"margin": 0.1}, miner="TripletMarginMiner")
-        >>> ids = torch.tensor([0, 0, 1])
-        >>> float(block(torch.eye(3), ids[:, None] == ids[None, :])) >= 0  # doctest: +SKIP
-        True
+        >>> fn = pml_loss("TripletMarginLoss", {"margin": 0.1}, miner="TripletMarginMiner")  # doctest: +SKIP
+        >>> fn(scores, positives).backward()  # doctest: +SKIP
     """
+    if direction not in (*DIRECTIONS, "both"):
+        raise ValueError(f"pml_loss: direction must be 'i2t', 't2i' or 'both', got {direction!r}")
+    for name, value in (("loss_params", loss_params), ("miner_params", miner_params)):
+        if value is not None and not isinstance(value, dict):
+            raise TypeError(f"pml_loss: {name} must be a dict of keyword arguments or None, got {type(value).__name__}")
+    distance = _distance_class()
+    built = _pml_class("losses", loss, "loss")(distance=distance(), **(loss_params or {}))
+    mined = None if miner is None else _pml_class("miners", miner, "miner")(distance=distance(), **(miner_params or {}))
+    dirs = DIRECTIONS if direction == "both" else (direction,)
 
-    requires = ("scores", "positives")
-    provides = ("metric_learning_loss",)
-
-    def __init__(self, loss: str = "TripletMarginLoss", loss_params: dict | None = None, miner: str | None = None,
-                 miner_params: dict | None = None, direction: str = "both", weight: float = 1.0, *, requires=None,
-                 provides=None):
-        super().__init__(requires=requires, provides=provides)
-        self.loss = loss
-        self.loss_params = loss_params
-        self.miner = miner
-        self.miner_params = miner_params
-        self.direction = direction
-        self.weight = weight
-
-    def validate(self) -> MetricLearningLoss:
-        """Check the names, the arguments, ``direction`` and ``weight``; return ``self``."""
-        super().validate()
-        if self.direction not in (*DIRECTIONS, "both"):
-            raise ValueError(f"MetricLearningLoss: direction must be 'i2t', 't2i' or 'both', got {self.direction!r}")
-        for name, value in (("loss_params", self.loss_params), ("miner_params", self.miner_params)):
-            if value is not None and not isinstance(value, dict):
-                raise TypeError(f"MetricLearningLoss: {name} must be a dict of keyword arguments or None, "
-                                f"got {type(value).__name__}")
-        _pml_class("losses", self.loss, "loss")
-        if self.miner is not None:
-            _pml_class("miners", self.miner, "miner")
-        return self
-
-    def build(self):
-        """The PML loss and miner (``None`` without one), measuring with :class:`ScoreMatrixDistance`."""
-        self.validate()
-        distance = _distance_class()
-        loss = _pml_class("losses", self.loss, "loss")(distance=distance(), **(self.loss_params or {}))
-        miner = None
-        if self.miner is not None:
-            miner = _pml_class("miners", self.miner, "miner")(distance=distance(), **(self.miner_params or {}))
-        return loss, miner
-
-    def forward(self, scores, positives):
-        loss, miner = self.build()
+    def fn(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
         rows, cols = labels_from_positives(positives)
-        dirs = DIRECTIONS if self.direction == "both" else (self.direction,)
-        out = [pml_loss_on_scores(loss, scores, image_labels=rows, caption_labels=cols, direction=d, miner=miner)
+        out = [pml_loss_on_scores(built, scores, image_labels=rows, caption_labels=cols, direction=d, miner=mined)
                for d in dirs]
         return sum(out) / len(out)
+
+    return fn

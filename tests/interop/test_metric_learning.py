@@ -147,40 +147,37 @@ def test_pml_losses_on_imtm_scores_match_pml_on_embeddings():
         pml_loss_on_scores(TripletMarginLoss(), scores, positives)
 
 
-def test_metric_learning_loss_trains_saves_and_loads_in_a_matcher(tmp_path):
-    from sklearn.base import clone
-
-    from imtm import Matcher
-    from imtm.components import GlobalCosine, GRUTextEncoder, PrecomputedEncoder
-    from imtm.data import synthetic
-    from imtm.interop.metric_learning import MetricLearningLoss
-
-    train, _, test = synthetic.load(view="regions", seed=0, n_train=8, n_dev=2, n_test=4, region_dim=16)
-    loss = MetricLearningLoss("TripletMarginLoss", {"margin": 0.2}, miner="TripletMarginMiner",
-                              miner_params={"margin": 0.2})
-    m = Matcher([PrecomputedEncoder(in_dim=16, out_dim=8), GRUTextEncoder(vocab=train.vocab, out_dim=8),
-                 GlobalCosine(), loss], epochs=2, batch_size=20, lr=5e-3, verbose=False).fit(train)
-    losses = [h["loss/metriclearningloss"] for h in m.history_]
-    assert m.n_epochs_ == 2 and len(losses) == 2 and all(math.isfinite(x) and x >= 0 for x in losses), m.history_
-    back = Matcher.load(m.save(tmp_path / "pml"))
-    torch.testing.assert_close(back.similarity(test.images, test.captions), m.similarity(test.images, test.captions))
-    assert repr(clone(loss)) == ("MetricLearningLoss(loss_params={'margin': 0.2}, miner='TripletMarginMiner', "
-                                 "miner_params={'margin': 0.2})")
-    # the block's loss is PML's on the scores: the same number as pml_loss_on_scores, both directions averaged
+def test_pml_loss_by_name_in_a_training_loop():
     from pytorch_metric_learning.losses import TripletMarginLoss
 
-    from imtm.interop.metric_learning import ScoreMatrixDistance, pml_loss_on_scores
+    from imtm.interop.metric_learning import ScoreMatrixDistance, pml_loss, pml_loss_on_scores
 
     ids = torch.tensor([0, 0, 1, 2])
+    positives = ids[:, None] == ids[None, :]
     s = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
-    plain = MetricLearningLoss("TripletMarginLoss", {"margin": 0.3})
-    want = sum(pml_loss_on_scores(TripletMarginLoss(margin=0.3, distance=ScoreMatrixDistance()), s,
-                                  ids[:, None] == ids[None, :], direction=d) for d in ("i2t", "t2i")) / 2
-    torch.testing.assert_close(plain(s, ids[:, None] == ids[None, :]), want)
+    want = sum(pml_loss_on_scores(TripletMarginLoss(margin=0.3, distance=ScoreMatrixDistance()), s, positives,
+                                  direction=d) for d in ("i2t", "t2i")) / 2
+    torch.testing.assert_close(pml_loss("TripletMarginLoss", {"margin": 0.3})(s, positives), want)
+    # a few steps of a plain loop with a mined PML loss lower it
+    torch.manual_seed(0)
+    v, t = torch.randn(12, 8), torch.randn(12, 8)
+    ids = torch.arange(12) // 2
+    proj = torch.nn.Linear(8, 8)
+    opt = torch.optim.Adam(proj.parameters(), lr=5e-2)
+    fn = pml_loss("TripletMarginLoss", {"margin": 0.2}, miner="TripletMarginMiner", miner_params={"margin": 0.2})
+    losses = []
+    for _ in range(30):
+        scores = torch.nn.functional.normalize(proj(v), dim=-1) @ torch.nn.functional.normalize(t, dim=-1).T
+        loss = fn(scores, ids[:, None] == ids[None, :])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert math.isfinite(losses[0]) and losses[-1] < losses[0]
     with pytest.raises(ValueError, match="direction must be 'i2t', 't2i' or 'both'"):
-        MetricLearningLoss(direction="x").validate()
+        pml_loss(direction="x")
     with pytest.raises(ValueError, match="loss must name a class of pytorch_metric_learning.losses.*Did you mean "
                                          "'TripletMarginLoss'"):
-        MetricLearningLoss("TripletMarginLos").validate()
+        pml_loss("TripletMarginLos")
     with pytest.raises(TypeError, match="loss_params must be a dict"):
-        MetricLearningLoss(loss_params=[1]).validate()
+        pml_loss(loss_params=[1])
