@@ -236,10 +236,34 @@ def _matcher_from_args(args, train):
     kw = {"embed_dim": args.embed_dim}
     if args.word_dim:
         kw["word_dim"] = args.word_dim
+    if getattr(args, "miner", False):
+        import inspect
+
+        if "miner" not in inspect.signature(presets.PRESETS[args.preset]).parameters:
+            raise SystemExit(f"imtm: --miner (distance-weighted negatives) is an option of the dias preset; "
+                             f"{args.preset!r} has none")
+        kw["miner"] = True
     return Matcher(presets.build(args.preset, train, **kw), epochs=args.epochs, batch_size=args.batch_size,
                    stages=presets.default_stages(args.preset, args.epochs), lr=args.lr, random_state=args.seed,
                    checkpoint_dir=args.out, device=args.device,
                    precision=args.precision, checkpoint_every=args.checkpoint_every, verbose=not args.quiet)
+
+
+def _neighbour_batches(args, train):
+    """``train``, or with ``--neighbour-batches M`` a DataLoader of K-means neighbour batches (DIAS, Sec. 3.5)."""
+    clusters = getattr(args, "neighbour_batches", None)
+    if clusters is None:
+        return train
+    if clusters < 1 or args.batch_size // clusters < 1:
+        raise SystemExit(f"imtm: --neighbour-batches must be between 1 and --batch-size ({args.batch_size}), "
+                         f"got {clusters}")
+    from torch.utils.data import DataLoader
+
+    from imtm.data import KMeansNeighborSampler, collate
+
+    sampler = KMeansNeighborSampler(train, clusters_per_batch=clusters,
+                                    images_per_cluster=args.batch_size // clusters, random_state=args.seed)
+    return DataLoader(train, batch_sampler=sampler, collate_fn=collate)
 
 
 def cmd_train(args) -> int:
@@ -249,7 +273,7 @@ def cmd_train(args) -> int:
 
     train, dev, test = _load_data(args.data, args.view, args.seed)
     m = _matcher_from_args(args, train)
-    m.fit(train, eval_set=dev, resume=args.resume)
+    m.fit(_neighbour_batches(args, train), eval_set=dev, resume=args.resume)
     out = Path(args.out)
     m.save(out / "final")
     res = m.evaluate(test, protocol=args.protocol)
@@ -397,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--checkpoint-every", type=int, default=None)
             t.add_argument("--out", default="runs/imtm", help="run folder (checkpoints, final model)")
             t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+            t.add_argument("--miner", action="store_true",
+                           help="dias: distance-weighted negatives for the triplet loss (Wu et al. 2017)")
+            t.add_argument("--neighbour-batches", type=int, default=None, metavar="M",
+                           help="K-means neighbour batches (DIAS): M clusters x (batch-size / M) images per batch, "
+                                "one caption per image, re-clustered from the model before every epoch")
         else:
             t.add_argument("--model", required=True, help="folder written by Matcher.save or imtm train")
             t.add_argument("--split", default="test", choices=["train", "dev", "test"])
