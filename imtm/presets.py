@@ -40,8 +40,12 @@ def vsepp(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300,
     ]
 
 
+#: CHAN's triplet margin on imtm's score scale (the paper's ``T log sum exp``): see docs/chan.md, "The margin".
+CHAN_MARGIN = 0.2
+
+
 def chan(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, codebook: str = "visual",
-         pooling: str = "lse", temperature: float = 0.1, margin: float = 0.2, context_heads: int = 8,
+         pooling: str = "lse", temperature: float = 0.1, margin: float = CHAN_MARGIN, context_heads: int = 8,
          coding: str = "hard", hardest: bool = True) -> list[tuple[str, Any]]:
     """CHAN: precomputed regions + one self-attention context layer, GRU text, hard-assignment coding
     with log-sum-exp pooling, triplet loss with hardest negatives (the paper's defaults).
