@@ -4,16 +4,20 @@ Plain functions on ``(B, D)`` global embeddings, for any codebase. Row ``b`` of
 ``image_embedding`` and row ``b`` of ``text_embedding`` are a matched pair: in an
 imtm training batch row ``b`` of the images is the image of caption ``b`` (an image
 with several captions in the batch appears once per caption), so the pairs need
-no ``image_ids``. Outside imtm, give each caption's embedding next to its image's.
+no ``image_ids``; the spatial constraints take ``positives`` (from ``image_ids``)
+to know which other rows belong to the same image. Outside imtm, give each
+caption's embedding next to its image's.
 
 - :func:`dimension_alignment_loss` (Eq. 4-6): per-dimension correlations between
   the two modalities across the batch; each dimension's correlation with its own
   counterpart should dominate its row and column.
 - :func:`spatial_constraint_loss` (Eq. 7-10): the image-to-text distance matrix
   should be symmetric (``kind="inter"``) and the image-image distances should
-  equal the text-text distances (``kind="intra"``), optionally restricted by
-- :func:`sparse_correlation_mask` (Eq. 11-16): a soft selection of the pairs with
-  strong correlation, with a learnable threshold scale :math:`\beta`.
+  equal the text-text distances (``kind="intra"``), over the unmatched pairs,
+  optionally restricted by
+- :func:`sparse_correlation_mask` (Eq. 11-14): a soft selection of the pairs with
+  strong correlation, with a learnable threshold scale :math:`\beta`, in either
+  reading of Eq. 14 (``rule="intent"`` or ``"printed"``).
 - :func:`word_region_pairs`: the other reading of Eq. 4's paired samples (every
   word with its best region of the matched image).
 
