@@ -9,7 +9,8 @@ Sections:
       alignment) for 128 images x 640 captions of 8-16 words, N = 196 patches + [CLS],
       D = 512, rho = 0.5, lambda = 0.4 (N_s = 98, N_c = 39): ours, vectorised over all
       pairs in blocks, against a per-caption loop of the same maths in the structure
-      of the authors' code (for each caption: the caption's attention, top-N_s, the
+      of the authors' code (``CrossSparseAggrNet_v2.forward`` in lib/cross_net.py of
+      CrossmodalGroup/LAPS loops over the captions: for each caption the caption's attention, top-N_s, the
       aggregation MLP on the kept patches, fusion, alignment; the image-only a^p and
       a^s are hoisted out of the loop, which favours the loop). Same outputs, checked.
       When the loop would take too long on the machine, it runs on the first captions

@@ -171,7 +171,8 @@ def main():
         "ITC, ITM and the transport cost see whole images, as evaluation does; diagnostic row 7 masks the one "
         f"pass every objective sees) and tiny BERT (2 layers, width {args.dim}, vocabulary of the "
         "training captions) from scratch, a 1-layer cross-modal encoder, a 2-layer word-to-lexicon head, "
-        "image-aware masked-LM in every row, Eq. 6 weights by the authors' rule, batch "
+        "image-aware masked-LM in every row, Eq. 6 weights by the authors' rule (ALBEF.get_p2w_loss in "
+        "model/model_pretrain.py of Lydia-yang/ELA), batch "
         f"{args.batch_size}, {args.epochs} epochs, AdamW lr {args.lr}, the same seed; lexicon KL "
         f"direction {args.kl_direction!r}. Run on 2 CPU cores shared with other jobs (OMP_NUM_THREADS=1), so "
         "the times are indicative only."),

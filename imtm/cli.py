@@ -21,19 +21,23 @@ PRESET_HELP = {
 }
 
 #: What ``--data`` accepts, for ``--help``.
-DATA_HELP = ("'synthetic' (the built-in benchmark, no download) or a folder in the SCAN precomputed "
-             "layout ({split}_ims.npy with features (n_images, R, D), {split}_caps.txt one caption a line)")
+DATA_HELP = ("'synthetic' (the built-in benchmark, no download), or the file or folder that --format reads "
+             "(without --format a folder is read as precomp: {split}_ims.npy features, {split}_caps.txt)")
 
 #: Command lines shown under ``imtm COMMAND --help``.
 EXAMPLES = {
     "demo": ["imtm demo", "imtm demo --presets vsepp,chan,dias --epochs 6 --threads 2", "imtm demo --quick"],
     "train": ["imtm train --preset chan --epochs 4 --embed-dim 256 --lr 1e-3 --out runs/chan",
               "imtm train --preset vsepp --data data/f30k_precomp --out runs/vsepp --threads 8",
-              "imtm train --preset chan --out runs/chan --resume"],
+              "imtm train --preset chan --out runs/chan --resume",
+              "imtm train --preset laps --data dataset_flickr30k.json --format karpathy --image-root images "
+              "--out runs/laps"],
     "evaluate": ["imtm evaluate --model runs/chan/final",
-                 "imtm evaluate --model runs/vsepp/final --data data/f30k_precomp --protocol f30k_1k"],
+                 "imtm evaluate --model runs/vsepp/final --data data/f30k_precomp --protocol f30k_1k",
+                 "imtm evaluate --model runs/laps/final --data captions_val2014.json --format coco "
+                 "--image-root val2014"],
     "compare": ["imtm compare --presets chan,vsepp,dias --epochs 4 --out runs/compare", "imtm compare --quick"],
-    "extract": [("imtm extract --format karpathy --annotations dataset_flickr30k.json --image-root images "
+    "extract": [("imtm extract --format karpathy --data dataset_flickr30k.json --image-root images "
                  "--split test --model vit_base_patch16_224 --checkpoint vit.safetensors --out data/f30k_vit")],
     "viz": ["imtm viz words --model runs/chan/final --out words.png",
             "imtm viz recall --model chan=runs/chan/final --model vsepp=runs/vsepp/final --out recall.png"],
@@ -133,22 +137,35 @@ def _common(compute: bool) -> argparse.ArgumentParser:
     return p
 
 
-def _load_data(spec: str, view: str, seed: int, sizes: dict | None = None):
-    """``synthetic`` or a folder in the SCAN precomputed layout; returns (train, dev, test)."""
-    if spec == "synthetic":
-        from imtm.data import synthetic
+def _load_data(args, split: str | None = None, view: str = "regions", sizes: dict | None = None):
+    """The datasets of ``--data``/``--format``/``--image-root`` (see :func:`imtm.data.load_dataset`)."""
+    from imtm.data import load_dataset
 
-        return synthetic.load(view=view, seed=seed, **(sizes or {}))
-    from imtm.data import PrecompDataset
+    return load_dataset(args.data, getattr(args, "format", None), split, image_root=getattr(args, "image_root", None),
+                        view=view, seed=args.seed, sizes=sizes,
+                        captions_per_image=getattr(args, "captions_per_image", None))
 
-    root = Path(spec)
-    if not root.is_dir():
-        raise SystemExit(f"imtm: --data must be 'synthetic' or a folder of precomputed features; {spec!r} is neither")
-    train = PrecompDataset(root, "train", build_vocab=True)
-    dev = PrecompDataset(root, "dev", vocab=train.vocab)
-    test_split = "testall" if (root / "testall_caps.txt").exists() else "test"
-    test = PrecompDataset(root, test_split, vocab=train.vocab)
-    return train, dev, test
+
+def _formats_epilog(raw_only: bool = False) -> str:
+    from imtm.data.formats import FORMATS
+
+    return "formats (--format):\n" + "\n".join(f"  {k:15s} {v}" for k, v in FORMATS.items()
+                                               if not raw_only or k not in ("synthetic", "precomp"))
+
+
+def _add_data_arguments(parser, *, default: str | None = "synthetic") -> None:
+    """``--data``, ``--format``, ``--image-root``, ``--view``, ``--captions-per-image`` (train, evaluate)."""
+    from imtm.data.formats import FORMATS
+
+    parser.add_argument("--data", default=default, help="'synthetic', or the file or folder --format reads")
+    parser.add_argument("--format", default=None, choices=list(FORMATS), metavar="FORMAT",
+                        help=f"how to read --data: {', '.join(FORMATS)} (listed below; default: synthetic, or "
+                             "precomp for a folder)")
+    parser.add_argument("--image-root", default=None, help="folder of the image files (raw-image formats)")
+    parser.add_argument("--view", default=None, choices=["regions", "pixels"],
+                        help="synthetic view (default: pixels for laps and ela, regions for the others)")
+    parser.add_argument("--captions-per-image", type=int, default=None,
+                        help="keep the first k captions of each image (karpathy, coco, flickr30k-token)")
 
 
 def _table(results: dict, title: str | None = None) -> str:
@@ -198,7 +215,9 @@ def cmd_demo(args) -> int:
     sizes = {"n_train": args.n_train, "n_dev": 100, "n_test": 1000}
     if args.quick:
         sizes = {"n_train": 300, "n_dev": 50, "n_test": 100}
-    train, _, test = _load_data("synthetic", "regions", args.seed, sizes)
+    from imtm.data import load_dataset
+
+    train, _, test = load_dataset("synthetic", view="regions", seed=args.seed, sizes=sizes)
     print(_demo_intro(names, train, test, args))
     if args.quick:
         print("--quick: a smoke test at a tiny size (seconds); its numbers show that everything runs, "
@@ -207,8 +226,8 @@ def cmd_demo(args) -> int:
     results = {}
     for name in names:
         t1 = time.time()
-        # Summed negatives: the hardest-negative loss collapses when trained from scratch for a few epochs.
-        m = Matcher(presets.build(name, train, embed_dim=args.embed_dim, word_dim=args.word_dim, hardest=False),
+        # The presets' triplet losses sum over negatives for a first epoch, then take the hardest.
+        m = Matcher(presets.build(name, train, embed_dim=args.embed_dim, word_dim=args.word_dim),
                     epochs=args.epochs, stages=presets.default_stages(name, args.epochs), batch_size=args.batch_size,
                     lr=args.lr, random_state=args.seed,
                     verbose=not args.quiet)
@@ -231,19 +250,36 @@ def cmd_demo(args) -> int:
 
 
 def _matcher_from_args(args, train):
+    import inspect
+
     from imtm import Matcher, presets
 
+    params = inspect.signature(presets.PRESETS[args.preset]).parameters
     kw = {"embed_dim": args.embed_dim}
-    if args.word_dim:
+    if args.word_dim and "word_dim" in params:
         kw["word_dim"] = args.word_dim
     if getattr(args, "miner", False):
-        import inspect
-
-        if "miner" not in inspect.signature(presets.PRESETS[args.preset]).parameters:
+        if "miner" not in params:
             raise SystemExit(f"imtm: --miner (distance-weighted negatives) is an option of the dias preset; "
                              f"{args.preset!r} has none")
         kw["miner"] = True
-    return Matcher(presets.build(args.preset, train, **kw), epochs=args.epochs, batch_size=args.batch_size,
+    if args.preset in presets.PIXEL_PRESETS:
+        try:
+            model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"imtm train: --model-kwargs must be a JSON object, e.g. '{{\"depth\": 2}}': {e}") from e
+        image_key = "model_name" if args.preset == "laps" else "image_model"
+        given = {image_key: args.image_model, "img_size": args.img_size, "model_kwargs": model_kwargs,
+                 "text_model": args.text_model if args.preset == "ela" else None,
+                 "checkpoint_path": args.checkpoint if args.preset == "laps" else None}
+        kw.update({k: v for k, v in given.items() if v is not None})
+        if args.pretrained:
+            kw["pretrained"] = True
+        if args.checkpoint and args.preset != "laps":
+            raise SystemExit("imtm train: --checkpoint loads LAPS's backbone; ELA takes --pretrained or a "
+                             "--image-model of timm's")
+    components = presets.build(args.preset, train, workdir=args.out, **kw)
+    return Matcher(components, epochs=args.epochs, batch_size=args.batch_size,
                    stages=presets.default_stages(args.preset, args.epochs), lr=args.lr, random_state=args.seed,
                    checkpoint_dir=args.out, device=args.device,
                    precision=args.precision, checkpoint_every=args.checkpoint_every, verbose=not args.quiet)
@@ -269,28 +305,39 @@ def _neighbour_batches(args, train):
 def cmd_train(args) -> int:
     # Under torchrun every rank runs this: fit trains with DDP, save writes on rank 0, evaluate is
     # sharded over the ranks; only rank 0 prints and writes the metrics.
+    from imtm import presets
+    from imtm.data.formats import attach_model_transforms
     from imtm.engine import distributed
 
-    train, dev, test = _load_data(args.data, args.view, args.seed)
+    view = args.view or ("pixels" if args.preset in presets.PIXEL_PRESETS else "regions")
+    train, dev, test = _load_data(args, view=view)
     m = _matcher_from_args(args, train)
+    attach_model_transforms(m.components, train, dev, test)
     m.fit(_neighbour_batches(args, train), eval_set=dev, resume=args.resume)
     out = Path(args.out)
     m.save(out / "final")
-    res = m.evaluate(test, protocol=args.protocol)
+    final, split = (test, "test") if test is not None else (dev, "dev")
+    res = m.evaluate(final, protocol=args.protocol) if final is not None else None
     if distributed.is_main():
-        print(_table({args.preset: res}, f"test split ({test.n_images} images):"))
-        (out / "test_metrics.json").write_text(json.dumps(res, indent=2))
+        if res is None:
+            print(f"{args.data} holds one split (the training one): nothing to test on; evaluate with "
+                  "imtm evaluate --model ... --data <test file>")
+        else:
+            print(_table({args.preset: res}, f"{split} split ({final.n_images} images):"))
+            (out / f"{split}_metrics.json").write_text(json.dumps(res, indent=2))
         print(f"saved to {out / 'final'}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from imtm import Matcher
+    from imtm.data.formats import attach_model_transforms, image_encoder
 
     m = Matcher.load(args.model, device=args.device)
     m.verbose = not args.quiet
-    splits = dict(zip(("train", "dev", "test"), _load_data(args.data, args.view, args.seed)))
-    data = splits[args.split]
+    view = args.view or ("pixels" if image_encoder(m.components_) is not None else "regions")
+    data = _load_data(args, split=args.split, view=view)
+    attach_model_transforms(m.components_, data, train=(False,))
     res = m.evaluate(data, protocol=args.protocol)  # sharded over the ranks under torchrun
     from imtm.engine import distributed
 
@@ -303,7 +350,8 @@ def cmd_extract(args) -> int:
     """Encode a dataset's images once with a frozen timm encoder; write the precomputed layout."""
 
     from imtm.components import TimmVisionEncoder
-    from imtm.data.extract import dataset_from_format, extract_features
+    from imtm.data import load_dataset
+    from imtm.data.extract import extract_features
     from imtm.data.transforms import image_transform
 
     try:
@@ -317,8 +365,11 @@ def cmd_extract(args) -> int:
     encoder = TimmVisionEncoder(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
                                 img_size=args.img_size, keep_cls=not args.no_cls, freeze=True,
                                 model_kwargs=model_kwargs)
-    data = dataset_from_format(args.format, args.annotations, args.split, args.image_root,
-                               image_transform(encoder, train=False), args.captions_per_image)
+    if args.format in ("synthetic", "precomp"):
+        raise SystemExit(f"imtm extract: --format {args.format} holds no image files to encode; give a raw-image "
+                         "format (karpathy, caption-files, albef, csv, coco, flickr30k-token)")
+    data = load_dataset(args.annotations, args.format, args.split, image_root=args.image_root,
+                        transform=image_transform(encoder, train=False), captions_per_image=args.captions_per_image)
     t0 = time.time()
     out = extract_features(
         encoder, data, args.out, args.split, batch_size=args.batch_size, shard_size=args.shard_size,
@@ -402,9 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         if name == "train" else
                                         "Load a saved model (imtm train, Matcher.save) and report R@K on a split."),
                            epilog=_epilog(name, _presets_epilog(sorted(PRESETS)) if name == "train" else "",
-                                          _wrapped("data (--data)", DATA_HELP)))
-        t.add_argument("--data", default="synthetic", help="'synthetic' or a folder in the SCAN precomputed layout")
-        t.add_argument("--view", default="regions", choices=["regions", "pixels"], help="synthetic view")
+                                          _wrapped("data (--data)", DATA_HELP), _formats_epilog()))
+        _add_data_arguments(t)
         t.add_argument("--seed", type=int, default=0)
         t.add_argument("--device", default="auto")
         t.add_argument("--protocol", default=None, help="f30k_1k, coco_1k_5fold or coco_5k")
@@ -426,9 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--neighbour-batches", type=int, default=None, metavar="M",
                            help="K-means neighbour batches (DIAS): M clusters x (batch-size / M) images per batch, "
                                 "one caption per image, re-clustered from the model before every epoch")
+            # The pixel presets' backbones (laps, ela).
+            t.add_argument("--image-model", default=None, help="laps, ela: the timm ViT / Swin (default: the "
+                           "paper's on image files, a small ViT from scratch on synthetic pixels)")
+            t.add_argument("--img-size", type=int, default=None, help="laps, ela: input resolution")
+            t.add_argument("--model-kwargs", default=None, help="laps, ela: JSON object of timm.create_model "
+                           "arguments, e.g. '{\"depth\": 2}'")
+            t.add_argument("--pretrained", action="store_true", help="laps, ela: timm's pretrained weights")
+            t.add_argument("--checkpoint", default=None, help="laps: local backbone weights (.safetensors)")
+            t.add_argument("--text-model", default=None, help="ela: a local BERT folder or 'minilm' (default: a "
+                           "small BERT from scratch over the training captions, written into --out)")
         else:
             t.add_argument("--model", required=True, help="folder written by Matcher.save or imtm train")
-            t.add_argument("--split", default="test", choices=["train", "dev", "test"])
+            t.add_argument("--split", default="test", choices=["train", "dev", "val", "test"])
         t.set_defaults(func=func)
 
     c = sub.add_parser("compare", help="train several presets on the same data and budget; one results table "
@@ -455,18 +515,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compare)
 
-    from imtm.data.extract import FORMATS
+    from imtm.data.formats import FORMATS
 
     x = sub.add_parser("extract", help="run a frozen timm image encoder once over a dataset and write its tokens "
                                        "in the precomputed layout (resumable)",
                        parents=compute, formatter_class=raw,
-                       epilog=_epilog("extract", "formats (--format):\n"
-                                      + "\n".join(f"  {k:13s} {v}" for k, v in FORMATS.items())))
-    x.add_argument("--format", required=True, choices=sorted(FORMATS),
-                   help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
-    x.add_argument("--annotations", required=True, help="the annotation file (or folder, for caption-files)")
+                       epilog=_epilog("extract", _formats_epilog(raw_only=True)))
+    x.add_argument("--format", required=True, choices=list(FORMATS), metavar="FORMAT",
+                   help="how to read --data (the list below)")
+    x.add_argument("--data", "--annotations", dest="annotations", required=True,
+                   help="the annotation file or folder --format reads")
     x.add_argument("--image-root", default=None, help="the image folder (default: per format)")
-    x.add_argument("--split", default="test", help="split to read (karpathy, caption-files) and output file prefix")
+    x.add_argument("--split", default="test", help="split to read (train, dev, test) and output file prefix")
     x.add_argument("--model", required=True, help="a timm ViT or Swin name, e.g. vit_base_patch16_224")
     x.add_argument("--checkpoint", default=None, help="local weights (.safetensors or a state dict)")
     x.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the hub or its cache)")

@@ -20,6 +20,8 @@ place; method-specific blocks add their own names and say so in their docstrings
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import inspect
 import math
@@ -37,6 +39,8 @@ __all__ = [
     "register",
     "load_components",
     "ENTRY_POINT_GROUP",
+    "restoring_saved_weights",
+    "is_restoring_saved_weights",
 ]
 
 #: The shared vocabulary of value names that flow between blocks.
@@ -177,6 +181,32 @@ def load_components(*, reload: bool = False) -> dict[str, str]:
                                            "subclass nor a module")
     _entry_points_loaded = True
     return dict(ENTRY_POINT_ERRORS)
+
+
+_RESTORING = contextvars.ContextVar("imtm_restoring_saved_weights", default=False)
+
+
+@contextlib.contextmanager
+def restoring_saved_weights():
+    """Within this block, encoders build their architecture only: their weights come from a saved model.
+
+    ``Matcher.load`` rebuilds every block inside it and then loads the saved
+    ``model.safetensors`` into them. Blocks that otherwise read pretrained weights
+    (:class:`~imtm.components.HFTextEncoder`, :class:`~imtm.components.TimmVisionEncoder`)
+    skip that read (and any download), so a saved model loads offline and without the
+    files its encoders were first built from. A block of one's own that reads weights
+    in ``__init__`` should check :func:`is_restoring_saved_weights` the same way.
+    """
+    token = _RESTORING.set(True)
+    try:
+        yield
+    finally:
+        _RESTORING.reset(token)
+
+
+def is_restoring_saved_weights() -> bool:
+    """Whether blocks are being rebuilt for a saved model (see :func:`restoring_saved_weights`)."""
+    return _RESTORING.get()
 
 
 def suggest(name: str, options) -> str:
@@ -346,6 +376,29 @@ class Component(nn.Module):
 
     def load_generator_states(self, states: dict[str, Any]) -> None:
         """Restore what :meth:`generator_states` returned (default: nothing to restore)."""
+
+    # ------------------------------------------------------------------ portable model folders
+    def portable_params(self) -> dict[str, Any]:
+        """Parameter values a saved model stores instead of the live ones (default: none).
+
+        A saved model folder must not depend on files outside it. A block whose
+        parameters name such files (a pretrained model folder, a weights file) returns
+        here what ``config.json`` stores instead: :data:`imtm.engine.serialization.ASSETS`
+        for "this block's own folder inside the model folder" (which :meth:`write_assets`
+        fills, and which the loaded block receives as its path), or another value
+        (e.g. a file's base name kept as a record of where the weights first came from).
+        The block's weights themselves are in the model's ``model.safetensors``.
+        """
+        return {}
+
+    def write_assets(self, folder) -> None:
+        """Write the files this block needs to be rebuilt into ``folder`` (default: nothing).
+
+        Called by ``Matcher.save`` when :meth:`portable_params` names
+        :data:`~imtm.engine.serialization.ASSETS`; ``folder`` (a ``Path``) exists and is
+        empty. Write configuration and vocabulary files only (JSON and text, never
+        pickles): the weights are saved with every other block's.
+        """
 
     def extra_repr(self) -> str:
         bits = [f"requires={tuple(self.requires)}", f"provides={tuple(self.provides)}"]

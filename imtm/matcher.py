@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,7 +32,7 @@ from sklearn.exceptions import NotFittedError
 from imtm.component import Component, load_components, state_mismatch, suggest
 from imtm.data.collate import collate_images, collate_texts
 from imtm.engine import distributed
-from imtm.engine.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from imtm.engine.checkpoint import CheckpointError, read_checkpoint
 from imtm.engine.evaluation import (
     IMAGE,
     TEXT,
@@ -41,7 +42,14 @@ from imtm.engine.evaluation import (
     side_values_needed,
 )
 from imtm.engine.graph import PipelineError, Plan, build_plan, name_components
-from imtm.engine.serialization import ConfigError, check_depth, decode_value, encode_value
+from imtm.engine.serialization import (
+    ASSETS,
+    AssetPath,
+    ConfigError,
+    check_depth,
+    decode_value,
+    encode_value,
+)
 
 __all__ = ["Matcher", "Stage", "NotFittedError", "PipelineError"]
 
@@ -322,21 +330,34 @@ class Matcher(BaseEstimator):
         return torch.autocast(device_type=self._device().type, dtype=dtype)
 
     # ------------------------------------------------------------------ configuration
-    def get_config(self) -> dict:
-        """JSON-compatible configuration: parameters, blocks by registered class name."""
+    def get_config(self, *, portable: bool = False) -> dict:
+        """JSON-compatible configuration: parameters, blocks by registered class name.
+
+        Args:
+            portable: the form a saved model folder stores: each block's
+                :meth:`~imtm.Component.portable_params` replace its live values (an encoder's
+                source folder becomes ``{"__asset__": "<block name>"}``, its folder inside the
+                model folder; a weights file is kept by its base name only), and
+                ``checkpoint_dir`` is left out (``None``). No absolute path remains from imtm's blocks.
+        """
         params = super().get_params(deep=False)
         params.pop("components")
         if isinstance(params.get("checkpoint_dir"), os.PathLike):
             params["checkpoint_dir"] = os.fspath(params["checkpoint_dir"])
-        cfg = {
+        if portable:
+            params["checkpoint_dir"] = None
+        components = []
+        for n, b in self.named_components:
+            entry = encode_value(b, f"component {n!r}")
+            if portable:
+                for key, value in b.portable_params().items():
+                    entry["params"][key] = {"__asset__": n} if value is ASSETS else encode_value(value, f"{n}.{key}")
+            components.append({"name": n, "class": type(b).__name__, "block": entry})
+        return {
             "format": "imtm.Matcher/1",
-            "components": [
-                {"name": n, "class": type(b).__name__, "block": encode_value(b, f"component {n!r}")}
-                for n, b in self.named_components
-            ],
+            "components": components,
             "params": {k: encode_value(v, f"Matcher.{k}") for k, v in params.items()},
         }
-        return cfg
 
     @classmethod
     def from_config(cls, config: dict) -> "Matcher":
@@ -365,8 +386,12 @@ class Matcher(BaseEstimator):
         return cls(components=comps, **params)
 
     def config_hash(self) -> str:
-        """Hash of the model-defining configuration (blocks and their parameters)."""
-        blocks = self.get_config()["components"]
+        """Hash of the model-defining configuration (blocks and their parameters).
+
+        Computed on the portable form (:meth:`get_config` with ``portable=True``), so a model
+        and the same model saved, moved and loaded again have the same hash.
+        """
+        blocks = self.get_config(portable=True)["components"]
         return hashlib.sha256(json.dumps(blocks, sort_keys=True).encode()).hexdigest()[:12]
 
     # ------------------------------------------------------------------ fitting
@@ -566,47 +591,207 @@ class Matcher(BaseEstimator):
         return float(self.evaluate(data)["rsum"])
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the fitted model to a folder: config.json, model.safetensors, record.json (no pickle).
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False, metrics: dict | None = None) -> Path:
+        """Write the fitted model to a self-contained folder (Hugging Face layout, no pickle).
+
+        The folder holds ``config.json`` (no absolute path), ``model.safetensors`` (every
+        weight, the encoders' included), ``record.json`` (training record), one folder per
+        block that needs files to be rebuilt (an :class:`~imtm.components.HFTextEncoder`'s
+        configuration and tokenizer files), a generated ``README.md`` model card and
+        ``MANIFEST.json`` (checksums). It can be moved, copied, zipped and loaded offline by
+        :meth:`load` / :meth:`from_pretrained`, with no access to the files the encoders were
+        first built from. See ``docs/quickstart.md`` (Saving) for the layout.
+
+        Args:
+            path: the folder. A missing or empty folder, or one holding an earlier saved
+                Matcher, is written (an earlier model's files are replaced; other files in it
+                are left alone).
+            overwrite: also write into a non-empty folder that is not a saved Matcher, beside
+                its files. Even then only files an earlier imtm model listed in its own
+                ``MANIFEST.json`` are replaced; no other file is ever changed or deleted.
+            metrics: evaluation results to record in ``record.json`` and the model card,
+                e.g. ``{"test": m.evaluate(test)}``.
+
+        Raises:
+            NotFittedError: before ``fit``.
+            FileExistsError: ``path`` is a non-empty folder that is not a saved Matcher (pass
+                ``overwrite=True``), or holds a file imtm did not write under a name the model
+                uses (``config.json``, ...; never replaced), or is a file.
 
         Under torchrun every rank may call it: rank 0 writes, the others wait until the folder is complete.
         """
         self._check_fitted("save")
-        record = dict(getattr(self, "record_", {}))
-        record.update({"n_epochs": getattr(self, "n_epochs_", 0), "history": getattr(self, "history_", [])})
         path = Path(path)
         if distributed.is_main():  # under torchrun rank 0 writes; the others wait until it is complete
-            write_checkpoint(
-                path.parent, path.name, config=self.get_config(), model_state=self.components_.state_dict(),
-                record=record, update_latest=False,
-            )
+            from imtm.engine.model_folder import MODEL_FORMAT, manifest_files, write_folder
+
+            write_folder(path, lambda tmp: self._write_model_files(tmp, name=path.name, metrics=metrics),
+                         kind=MODEL_FORMAT, owned=manifest_files, overwrite=overwrite, what="Matcher.save")
         distributed.barrier()
         return path
+
+    def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False, metrics: dict | None = None,
+                        push_to_hub: bool = False, repo_id: str | None = None, **hub_kwargs) -> Path:
+        """:meth:`save` under the Hugging Face name; optionally :meth:`push_to_hub` the folder too.
+
+        Args:
+            path, overwrite, metrics: as :meth:`save`.
+            push_to_hub: also upload the folder (needs ``huggingface_hub``) to ``repo_id``
+                (default: the folder's name); ``hub_kwargs`` go to :meth:`push_to_hub`.
+        """
+        out = self.save(path, overwrite=overwrite, metrics=metrics)
+        if push_to_hub:
+            self._upload_folder(out, repo_id or Path(path).name, **hub_kwargs)
+        return out
+
+    def _write_model_files(self, folder: Path, *, name: str, metrics: dict | None) -> list[str]:
+        """Write every file of a saved model into the empty ``folder``; return their names, the manifest last."""
+        import warnings
+
+        from imtm.engine.model_folder import absolute_paths, model_card, source_record
+        from imtm.engine.serialization import (
+            atomic_write_bytes,
+            atomic_write_json,
+            file_sha256,
+            save_tensors,
+        )
+
+        config = self.get_config(portable=True)
+        record = dict(getattr(self, "record_", {}))
+        record.update({"n_epochs": getattr(self, "n_epochs_", 0), "history": getattr(self, "history_", [])})
+        if metrics is not None:
+            record["metrics"] = {**record.get("metrics", {}), **json.loads(json.dumps(metrics, default=float))}
+        sources = {}
+        for n, b in self.named_components:
+            portable = b.portable_params()
+            if portable:
+                live = b.get_params(deep=False)
+                sources[n] = {k: source_record(live[k]) for k in portable if not isinstance(live[k], AssetPath)}
+                sources[n] = {k: v for k, v in sources[n].items() if v is not None} or record.get(
+                    "sources", {}).get(n, {})
+        sources = {n: v for n, v in sources.items() if v}
+        if sources:
+            record["sources"] = sources
+        found = absolute_paths(config, "config.json") + absolute_paths(record, "record.json")
+        if found:
+            warnings.warn(
+                "Matcher.save: the saved model names absolute paths, so it depends on files outside its folder: "
+                + "; ".join(found[:5]) + ". A block that needs files should copy them into its own folder "
+                "(Component.portable_params / write_assets)", UserWarning, stacklevel=3)
+        files = ["config.json", "model.safetensors", "record.json"]
+        for n, b in self.components_.items():
+            if any(v is ASSETS for v in b.portable_params().values()):
+                sub = folder / n
+                sub.mkdir()
+                b.write_assets(sub)
+                files += sorted(f"{n}/{p.name}" for p in sub.iterdir() if p.is_file())
+        atomic_write_json(folder / "config.json", config)
+        save_tensors(folder / "model.safetensors", self.components_.state_dict())
+        atomic_write_json(folder / "record.json", record)
+        checked = list(files)
+        files.append("README.md")
+        atomic_write_bytes(folder / "README.md",
+                           model_card(config, record, files + ["MANIFEST.json"], name=name).encode("utf-8"))
+        # The card is not checksummed (it is never read back, and users edit cards); it is listed as imtm's.
+        atomic_write_json(folder / "MANIFEST.json", {"sha256": {f: file_sha256(folder / f) for f in checked},
+                                                     "files": files})
+        return files + ["MANIFEST.json"]
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | None = None) -> "Matcher":
         """Load a folder written by :meth:`save` (or a checkpoint folder); verifies checksums.
 
         Blocks are rebuilt from registered imtm classes only; no file can make this run code.
+        Every imtm block is registered first, and so are the blocks of installed packages'
+        ``imtm.components`` entry points (:func:`imtm.component.load_components`), whatever
+        the caller imported. Encoders are rebuilt from the files inside the folder and get
+        their weights from its ``model.safetensors``: nothing outside the folder is read,
+        nothing is downloaded.
         ``checkpoint_dir`` is not restored (it is ``None`` on the loaded Matcher): a folder
         from elsewhere must not choose where a later ``fit`` writes and prunes checkpoints.
         Set it again with ``set_params(checkpoint_dir=...)`` to continue training with checkpoints.
         """
+        from imtm.component import restoring_saved_weights
+        from imtm.engine.serialization import asset_root
+
         load_components()  # every imtm block and those of the 'imtm.components' entry points, whoever calls
         ckpt = read_checkpoint(path, with_train_state=False)
-        m = cls.from_config(ckpt["config"])
-        m.checkpoint_dir = None
-        if device is not None:
-            m.device = device
-        m.validate()
-        seed = ckpt["record"].get("seed", 0)
-        m._build(seed if seed is not None else 0)
+        with asset_root(path), restoring_saved_weights():
+            m = cls.from_config(ckpt["config"])
+            m.checkpoint_dir = None
+            if device is not None:
+                m.device = device
+            m.validate()
+            seed = ckpt["record"].get("seed", 0)
+            m._build(seed if seed is not None else 0)
         m.load_state(ckpt["model_state"])
         m.record_ = ckpt["record"]
         m.history_ = ckpt["record"].get("history", [])
         m.n_epochs_ = ckpt["record"].get("n_epochs", 0)
         m.seed_ = seed
         return m
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, device: str | None = None,
+                        revision: str | None = None, token: str | bool | None = None,
+                        local_files_only: bool = False, cache_dir: str | os.PathLike | None = None) -> "Matcher":
+        """Load a saved model from a local folder or a Hugging Face hub repository.
+
+        A path to an existing folder is loaded with :meth:`load`. Anything else is taken as a
+        hub repository id (``"user/model"``) and fetched with ``huggingface_hub.snapshot_download``
+        (optional dependency; its cache and ``HF_HUB_OFFLINE=1`` apply), then loaded the same way:
+        checksums verified, registered blocks only, safetensors only.
+
+        Raises:
+            FileNotFoundError: not a folder and not a repository id (``"name"`` or ``"owner/name"``).
+            ImportError: a repository id without ``huggingface_hub`` installed.
+            CheckpointError: the folder fails its checks (see :meth:`load`).
+        """
+        source = os.fspath(path_or_repo_id)
+        if Path(source).is_dir():
+            return cls.load(source, device=device)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?", source):
+            raise FileNotFoundError(f"Matcher.from_pretrained: {source!r} is neither a folder nor a hub repository "
+                                    "id ('owner/name')")
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError as err:
+            raise ImportError(f"Matcher.from_pretrained: {source!r} is not a local folder, and loading from the "
+                              "Hugging Face hub needs the optional package huggingface_hub "
+                              "(pip install huggingface_hub)") from err
+        folder = snapshot_download(repo_id=source, revision=revision, token=token, cache_dir=cache_dir,
+                                   local_files_only=local_files_only, library_name="imtm")
+        return cls.load(folder, device=device)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    commit_message: str = "Upload imtm model", revision: str | None = None,
+                    metrics: dict | None = None) -> Any:
+        """Save the model into a temporary folder and upload it to a Hugging Face hub repository.
+
+        Needs the optional ``huggingface_hub`` (and network access and a token with write
+        rights). The repository is created when missing. Returns what
+        ``HfApi.upload_folder`` returns (the commit information).
+        """
+        import tempfile
+
+        self._check_fitted("push_to_hub")
+        with tempfile.TemporaryDirectory(prefix="imtm-push-") as tmp:
+            folder = self.save(Path(tmp) / repo_id.split("/")[-1], metrics=metrics)
+            return self._upload_folder(folder, repo_id, private=private, token=token,
+                                       commit_message=commit_message, revision=revision)
+
+    @staticmethod
+    def _upload_folder(folder: Path, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                       commit_message: str = "Upload imtm model", revision: str | None = None) -> Any:
+        try:
+            from huggingface_hub import HfApi
+        except ImportError as err:
+            raise ImportError("Matcher.push_to_hub needs the optional package huggingface_hub "
+                              "(pip install huggingface_hub)") from err
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=os.fspath(folder), commit_message=commit_message,
+                                 revision=revision)
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load fitted weights, with a clear error when they belong to another configuration."""

@@ -20,11 +20,17 @@ import torch
 from imtm.component import suggest
 from imtm.tokens import Tokens
 
-__all__ = ["vsepp", "chan", "dias", "dias_losses", "dcpa", "dcpa_stages", "default_stages", "ela", "laps", "build", "PRESETS"]
+#: Epochs of summed negatives before the hardest in every preset's triplet loss (VSE-infinity's
+#: warm-up, ``vse_mean_warmup_epochs=1`` in CHAN's training scripts): from random initialisation
+#: the hardest-negative loss alone can collapse; 0 gives the papers' loss from the first step.
+WARMUP_EPOCHS = 1
+
+__all__ = ["vsepp", "chan", "dias", "dias_losses", "dcpa", "dcpa_stages", "default_stages", "ela", "laps", "build", "small_vit",
+           "PRESETS", "PIXEL_PRESETS", "WARMUP_EPOCHS"]
 
 
 def vsepp(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, margin: float = 0.2,
-          hardest: bool = True) -> list[tuple[str, Any]]:
+          hardest: bool = True, warmup_epochs: int = WARMUP_EPOCHS) -> list[tuple[str, Any]]:
     """VSE++ global baseline: region projection + GRU, masked mean pooling, cosine, hardest-negative triplet.
 
     References:
@@ -36,7 +42,7 @@ def vsepp(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300,
         ("image", PrecomputedEncoder(in_dim=region_dim, out_dim=embed_dim)),
         ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
         ("scorer", GlobalCosine()),
-        ("loss", TripletLoss(margin=margin, hardest=hardest)),
+        ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs)),
     ]
 
 
@@ -46,7 +52,7 @@ CHAN_MARGIN = 0.2
 
 def chan(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, codebook: str = "visual",
          pooling: str = "lse", temperature: float = 0.1, margin: float = CHAN_MARGIN, context_heads: int = 8,
-         coding: str = "hard", hardest: bool = True) -> list[tuple[str, Any]]:
+         coding: str = "hard", hardest: bool = True, warmup_epochs: int = WARMUP_EPOCHS) -> list[tuple[str, Any]]:
     """CHAN: precomputed regions + one self-attention context layer, GRU text, hard-assignment coding
     with log-sum-exp pooling, triplet loss with hardest negatives (the paper's defaults).
 
@@ -79,7 +85,7 @@ def chan(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
         ("context", SelfAttentionContext(dim=embed_dim, heads=context_heads)),
         ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
         ("coding", codings[coding]()),
-        ("loss", TripletLoss(margin=margin, hardest=hardest)),
+        ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs)),
     ]
 
 
@@ -89,7 +95,7 @@ DCPA_INTER_BLOCKS = ["inter_i2t", "inter_t2i"]
 
 
 def dcpa(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, heads: int = 8, k: int | None = 10,
-         margin: float = 0.1, hardest: bool = True, decoupled: bool = True,
+         margin: float = 0.1, hardest: bool = True, warmup_epochs: int = WARMUP_EPOCHS, decoupled: bool = True,
          weights: tuple[float, float] = (0.6, 0.4)) -> list[tuple[str, Any]]:
     """DCPA: phrase encoders scored by top-K aggregation (intra-modal), two decoupled inter-modal
     phrase-attention branches, and the weighted fusion of both at inference.
@@ -141,13 +147,13 @@ def dcpa(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
         ("inter_i2t", InterModalPhraseAttention("i2t", dim=embed_dim, heads=heads, k=k)),
         ("inter_t2i", InterModalPhraseAttention("t2i", dim=embed_dim, heads=heads, k=k)),
     ]
-    intra_loss = ("intra_loss", TripletLoss(margin=margin, hardest=hardest, requires=("scores_intra", "positives")))
+    intra_loss = ("intra_loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs, requires=("scores_intra", "positives")))
     if decoupled:
         return blocks + [
             ("fusion", ScoreFusion({"scores_i2t": {"scores_intra": w_intra, "scores_inter_i2t": w_inter},
                                     "scores_t2i": {"scores_intra": w_intra, "scores_inter_t2i": w_inter}})),
             intra_loss,
-            ("inter_loss", TripletLoss(margin=margin, hardest=hardest,
+            ("inter_loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs,
                                        requires=("scores_inter_i2t", "scores_inter_t2i", "positives"))),
         ]
     return blocks + [
@@ -156,7 +162,7 @@ def dcpa(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
         ("fusion", ScoreFusion({"scores": {"scores_intra": w_intra, "scores_inter": w_inter}},
                                requires=("scores_intra", "scores_inter"), provides=("scores",))),
         intra_loss,
-        ("inter_loss", TripletLoss(margin=margin, hardest=hardest, requires=("scores_inter", "positives"))),
+        ("inter_loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs, requires=("scores_inter", "positives"))),
     ]
 
 
@@ -250,8 +256,8 @@ DIAS_SCORERS = ("local", "soft")
 
 def dias(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, context_heads: int = 8,
          scorer: str = "local", weighting: str = "linear", tau: float = 0.1, pooling: str = "lse",
-         temperature: float = 0.1, margin: float = 0.2, hardest: bool = True, miner: bool = False,
-         **losses) -> list[tuple[str, Any]]:
+         temperature: float = 0.1, margin: float = 0.2, hardest: bool = True,
+         warmup_epochs: int = WARMUP_EPOCHS, miner: bool = False, **losses) -> list[tuple[str, Any]]:
     """DIAS: the local matching framework (Eq. 1-3) trained with DIAS's regularisers (Eq. 17).
 
     Over the same encoders as :func:`chan` (precomputed regions with a self-attention
@@ -298,7 +304,7 @@ def dias(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
         ("context", SelfAttentionContext(dim=embed_dim, heads=context_heads)),
         ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
         ("coding", scorers[scorer]()),
-        ("loss", TripletLoss(margin=margin, hardest=hardest,
+        ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs,
                              miner=DistanceWeightedMiner(dim=embed_dim) if miner else None)),
     ] + dias_losses(**losses)
 
@@ -351,7 +357,8 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
             two ``BertLayer`` of ``ctext_head`` in ``ALBEF.__init__``, model/model_pretrain.py of
             Lydia-yang/ELA).
         label_weights: the weights of Eq. 6 (see :func:`imtm.functional.expansive_soft_labels`);
-            the default is the authors' released rule.
+            the default is the authors' released rule (``ALBEF.get_p2w_loss``, model/model_pretrain.py
+            of Lydia-yang/ELA).
         w2l_loss: add a masked-LM loss on the word-to-lexicon head's predictions for the masked
             captions (not in the paper's Eq. 11; without it, and without distillation, the head
             learns nothing, as in the paper's "+ expansion" row).
@@ -456,8 +463,12 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
          model_kwargs: dict | None = None, pretrained: bool = False, checkpoint_path: str | None = None,
          embed_dim: int = 512, word_dim: int = 300, ratio: float | None = None, aggregation: float | None = None,
          beta: float = 0.8, tau: float = 1.0, margin: float = 0.2, hardest: bool = True,
+         warmup_epochs: int = WARMUP_EPOCHS,
          ratio_weight: float = 1.0, fusion: bool = True, language_context: bool = True,
-         calibration: bool = True, direction: str = "both") -> list[tuple[str, Any]]:
+         calibration: bool = True, direction: str = "both", self_attention: bool = True,
+         attentive_only: bool = False, clustering: bool = False, alignment: str = "sparse",
+         word_selection: bool = False, word_aggregation: bool = False, word_ratio: float = 0.8,
+         word_tokens: int = 4) -> list[tuple[str, Any]]:
     """LAPS: a timm ViT/Swin, GRU text, language-context patch slimming with sparse patch-word
     alignment, triplet loss with hardest negatives plus the ratio loss (Eq. 9-10).
 
@@ -470,6 +481,22 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
         model_name: the timm model; ``None``: the paper's Base/224 model of ``backbone``.
         img_size, model_kwargs, pretrained, checkpoint_path: passed to :class:`TimmVisionEncoder`.
         ratio, aggregation: :math:`\\rho` and :math:`\\lambda`; ``None``: the backbone's defaults.
+        fusion: the fused token of the dropped patches ("without redundant fusion": False).
+        language_context: the caption's attention score :math:`a^r` (Eq. 2).
+        calibration: the semantic-spatial patch calibration, the aggregation of Eq. 6-7 (Sec. 3.3);
+            False is Table 4's "without patch calibration": the selected patches are aligned as they
+            are (:class:`~imtm.components.PatchSlimming` with ``aggregation=None``).
+        self_attention: the image's own attention score :math:`a^s` (Eq. 2).
+        attentive_only: Table 4's "only attentive scores": the significance from :math:`a^s` and
+            :math:`a^r` alone, without the predicted :math:`a^p` (``beta = 1``).
+        clustering: Table 4's clustering alternative: DPC-KNN clusters
+            (:class:`~imtm.components.DPCKNNAggregation`) instead of the learned aggregation.
+        alignment: ``"sparse"`` (Eq. 8) or ``"scan"``, Table 4's SCAN row
+            (:class:`~imtm.components.ScanAttention`).
+        word_selection, word_aggregation: Table 4's word-slimming rows (text-side blocks
+            :class:`~imtm.components.WordSelection`, :class:`~imtm.components.WordAggregation`, or
+            both chained); ``word_ratio`` and ``word_tokens`` are their :math:`\\rho` and token
+            count (choices of this library: the paper's values are not given here).
 
     References:
         Fu et al., 'Linguistic-Aware Patch Slimming Framework for Fine-grained Cross-Modal Alignment', CVPR 2024.
@@ -477,15 +504,19 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
     import math
 
     from imtm.components import (
+        DPCKNNAggregation,
         GRUTextEncoder,
         GumbelSelector,
         PatchScorer,
         PatchSlimming,
         RatioLoss,
+        ScanAttention,
         SparsePatchWordAlignment,
         TimmVisionEncoder,
         TokenAggregation,
         TripletLoss,
+        WordAggregation,
+        WordSelection,
     )
 
     if backbone not in LAPS_RATIOS:
@@ -501,22 +532,62 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
     h, w = encoder.grid_size(height, width)
     n_kept = math.ceil(rho * h * w - 1e-6)
     num_out = max(1, int(lam * n_kept + 1e-6))
-    return [
+    aligners = {"sparse": lambda: SparsePatchWordAlignment(direction=direction), "scan": ScanAttention}
+    if alignment not in aligners:
+        raise ValueError(f"alignment must be one of {sorted(aligners)}, got {alignment!r}." + suggest(alignment, aligners))
+    if clustering and not calibration:
+        raise ValueError("laps: clustering replaces the aggregation that calibration=False removes; choose one")
+    if not calibration:
+        agg = None  # Table 4 "without patch calibration": select, then align the selected patches as they are
+    elif clustering:
+        agg = DPCKNNAggregation(num_out)
+    else:
+        agg = TokenAggregation(embed_dim, num_out)
+    blocks = [
         ("image", encoder),
         ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
+    ]
+    words = "text_tokens"
+    if word_selection:
+        blocks.append(("word_selection", WordSelection(embed_dim, ratio=word_ratio, provides=("selected_text_tokens",)
+                                                       if word_aggregation else None)))
+        words = "selected_text_tokens" if word_aggregation else "slim_text_tokens"
+    if word_aggregation:
+        blocks.append(("word_aggregation", WordAggregation(embed_dim, num_out=word_tokens, requires=(words,))))
+        words = "slim_text_tokens"
+    return blocks + [
         ("laps", PatchSlimming(
-            PatchScorer(embed_dim, beta=beta, language_context=language_context, calibration=calibration),
+            PatchScorer(embed_dim, beta=1.0 if attentive_only else beta, language_context=language_context,
+                        self_attention=self_attention),
             GumbelSelector(ratio=rho, tau=tau),
-            TokenAggregation(embed_dim, num_out),
-            SparsePatchWordAlignment(direction=direction),
+            agg,
+            aligners[alignment](),
             fusion=fusion,
+            requires=None if words == "text_tokens" else ("image_tokens", words),
         )),
-        ("loss", TripletLoss(margin=margin, hardest=hardest)),
+        ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs)),
         ("ratio", RatioLoss(rho=rho, weight=ratio_weight)),
     ]
 
 
-PRESETS: dict[str, Callable[..., list]] = {"vsepp": vsepp, "chan": chan, "dias": dias, "dcpa": dcpa, "laps": laps}
+PRESETS: dict[str, Callable[..., list]] = {"vsepp": vsepp, "chan": chan, "dias": dias, "dcpa": dcpa, "laps": laps,
+                                           "ela": ela}
+
+#: The presets that read pixels through a timm ViT / Swin; the others read region features.
+PIXEL_PRESETS = ("laps", "ela")
+
+
+def small_vit(width: int, *, depth: int = 2, patch_size: int = 8) -> dict:
+    """``model_kwargs`` of a small timm ViT trained from scratch (``vit_tiny_patch16_224`` reshaped).
+
+    What :func:`build` gives the pixel presets on the synthetic benchmark's small images
+    when no image model is named: ``depth`` blocks of width ``width``, ``patch_size`` pixels.
+
+    Example:
+        >>> small_vit(64)
+        {'depth': 2, 'embed_dim': 64, 'num_heads': 2, 'patch_size': 8}
+    """
+    return {"depth": depth, "embed_dim": width, "num_heads": 2 if width % 2 == 0 else 1, "patch_size": patch_size}
 
 
 def default_stages(name: str, epochs: int) -> list | None:
@@ -533,14 +604,59 @@ def default_stages(name: str, epochs: int) -> list | None:
     return None
 
 
-def build(name: str, data, **kwargs) -> list[tuple[str, Any]]:
-    """The preset ``name`` with ``vocab`` and ``region_dim`` read from a training dataset."""
+def build(name: str, data, *, workdir=None, **kwargs) -> list[tuple[str, Any]]:
+    """The preset ``name`` with the data-dependent pieces read from a training dataset.
+
+    Region presets get ``vocab`` and ``region_dim``. ``laps`` gets ``vocab``; ``laps`` and ``ela``
+    on the synthetic benchmark's pixels (tensors, not image files), with no image model named,
+    get a small ViT from scratch (:func:`small_vit` of width ``embed_dim``, at the images' size),
+    as :mod:`imtm.compare` trains them. ``ela`` without ``text_model`` gets a small BERT from
+    scratch over the training captions, written into ``workdir`` (needed then) by
+    :func:`~imtm.components.encoders.hf_text.write_local_bert`.
+
+    Keywords the preset does not take raise ``TypeError``, as calling it would.
+
+    Example:
+        >>> from imtm.data import synthetic
+        >>> train, _, _ = synthetic.load(n_train=4, n_dev=1, n_test=1)
+        >>> [n for n, _ in build("vsepp", train, embed_dim=8, word_dim=8)]
+        ['image', 'text', 'scorer', 'loss']
+    """
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}." + suggest(name, PRESETS))
-    if getattr(data, "vocab", None) is None:
-        raise ValueError(f"presets.build: {type(data).__name__} has no vocabulary (attribute 'vocab')")
-    kwargs.setdefault("vocab", data.vocab)
-    if "region_dim" not in kwargs and "region_dim" in inspect.signature(PRESETS[name]).parameters:
+    params = inspect.signature(PRESETS[name]).parameters
+    if "vocab" in params and "vocab" not in kwargs:
+        if getattr(data, "vocab", None) is None:
+            raise ValueError(f"presets.build: {type(data).__name__} has no vocabulary (attribute 'vocab')")
+        kwargs["vocab"] = data.vocab
+    if name in PIXEL_PRESETS:
+        image_key = "model_name" if name == "laps" else "image_model"
+        # Image files (KarpathyDataset, ...) get the preset's own backbone; tensors in memory a small ViT.
+        if kwargs.get(image_key) is None and not hasattr(data, "image_paths"):
+            first = data.images[0]
+            if not isinstance(first, torch.Tensor) or first.dim() != 3:
+                raise ValueError(f"preset {name!r} reads pixels (3, H, W); the data holds images of shape "
+                                 f"{tuple(getattr(first, 'shape', ()))} (for the synthetic benchmark use its 'pixels' view)")
+            width = kwargs.get("embed_dim", inspect.signature(PRESETS[name]).parameters["embed_dim"].default)
+            kwargs[image_key] = "vit_tiny_patch16_224"
+            kwargs.setdefault("img_size", int(first.shape[-1]))
+            kwargs.setdefault("model_kwargs", small_vit(width))
+        if name == "ela" and kwargs.get("text_model") is None:
+            if workdir is None:
+                raise ValueError("presets.build('ela'): pass text_model= (a local BERT folder or 'minilm'), or "
+                                 "workdir= to write a small BERT from scratch over the training captions there")
+            from pathlib import Path
+
+            from imtm.components.encoders.hf_text import write_local_bert
+
+            width = kwargs.get("embed_dim", params["embed_dim"].default)
+            folder = Path(workdir) / "text_model"
+            if not (folder / "config.json").exists():
+                write_local_bert(folder, data.captions, hidden_size=width, num_layers=2,
+                                 num_heads=2 if width % 2 == 0 else 1)
+            kwargs["text_model"] = str(folder)
+            kwargs.setdefault("heads", 2 if width % 2 == 0 else 1)
+    if "region_dim" not in kwargs and "region_dim" in params:
         first = data.images[0]
         if isinstance(first, Tokens):
             # Extracted features (ExtractedDataset) come one image at a time as Tokens (1, N, D).

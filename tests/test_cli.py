@@ -41,21 +41,14 @@ def test_demo_runs_end_to_end_at_a_reduced_size_and_explains_itself(capsys):
     assert "smoke-test numbers" in out
 
 
-def test_train_and_evaluate_round_trip(tmp_path, capsys):
+def test_train_and_evaluate_round_trip(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     args = ["train", "--preset", "vsepp", "--epochs", "1", "--embed-dim", "16", "--word-dim", "8", "--out", str(run),
             "--quiet", "--batch-size", "256"]
-    import imtm.cli as cli
-
-    small = {"n_train": 100, "n_dev": 20, "n_test": 30}
-    orig = cli._load_data
-    cli._load_data = lambda spec, view, seed, sizes=None: orig(spec, view, seed, small)
-    try:
-        assert main(args) == 0
-        assert (run / "final" / "model.safetensors").exists() and (run / "LATEST").exists()
-        assert main(["evaluate", "--model", str(run / "final"), "--quiet"]) == 0
-    finally:
-        cli._load_data = orig
+    monkeypatch.setenv("IMTM_SYNTHETIC", "n_train=100,n_dev=20,n_test=30")
+    assert main(args) == 0
+    assert (run / "final" / "model.safetensors").exists() and (run / "LATEST").exists()
+    assert main(["evaluate", "--model", str(run / "final"), "--quiet"]) == 0
     assert "rsum" in capsys.readouterr().out.lower()
 
 

@@ -4,16 +4,12 @@ import json
 
 import pytest
 
-import imtm.cli as cli
 from imtm.cli import main
-
-SMALL = {"n_train": 40, "n_dev": 8, "n_test": 10}
 
 
 @pytest.fixture
 def small_data(monkeypatch):
-    orig = cli._load_data
-    monkeypatch.setattr(cli, "_load_data", lambda spec, view, seed, sizes=None: orig(spec, view, seed, SMALL))
+    monkeypatch.setenv("IMTM_SYNTHETIC", "n_train=40,n_dev=8,n_test=10")
 
 
 def test_train_dias_with_miner_and_neighbour_batches(tmp_path, small_data, monkeypatch):

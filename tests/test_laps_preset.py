@@ -44,3 +44,41 @@ def test_laps_preset_bad_arguments(data):
         presets.laps(vocab=data[0].vocab, backbone="vitt")
     with pytest.raises(ValueError, match=r"aggregation \(lambda\) must be a number in \(0, 1\]"):
         presets.laps(vocab=data[0].vocab, aggregation=0.0, **TINY)
+
+
+def test_table4_rows_are_preset_options(data):
+    """Every Table 4 row is one keyword: each builds, validates and scores a batch."""
+    from imtm.components import DPCKNNAggregation, ScanAttention, WordAggregation, WordSelection
+
+    train = data[0]
+    rows = {
+        "without patch calibration": dict(calibration=False),
+        "only attentive scores": dict(attentive_only=True),
+        "clustering (DPC-KNN)": dict(clustering=True),
+        "SCAN's alignment": dict(alignment="scan"),
+        "word selection": dict(word_selection=True),
+        "word aggregation": dict(word_aggregation=True),
+        "word selection and aggregation": dict(word_selection=True, word_aggregation=True),
+    }
+    for name, kw in rows.items():
+        comps = dict(presets.laps(vocab=train.vocab, **TINY, **kw))
+        slim = comps["laps"]
+        if name == "without patch calibration":
+            assert slim.aggregation is None  # select, then align the selected patches as they are
+        if name == "only attentive scores":
+            assert slim.scorer.beta == 1.0
+        if name == "clustering (DPC-KNN)":
+            assert isinstance(slim.aggregation, DPCKNNAggregation) and slim.aggregation.num_out == 3
+        if name == "SCAN's alignment":
+            assert isinstance(slim.alignment, ScanAttention)
+        if name.startswith("word"):
+            assert slim.requires == ("image_tokens", "slim_text_tokens")
+            assert isinstance(comps.get("word_selection", WordSelection(16)), WordSelection)
+            assert isinstance(comps.get("word_aggregation", WordAggregation(16)), WordAggregation)
+        m = Matcher(list(comps.items()), epochs=0, batch_size=8, verbose=False).fit(train)
+        s = m.similarity(data[2].images, data[2].captions)
+        assert bool(torch.isfinite(s).all()), name
+    with pytest.raises(ValueError, match="alignment must be one of .*Did you mean 'scan'"):
+        presets.laps(vocab=train.vocab, alignment="scann", **TINY)
+    with pytest.raises(ValueError, match="clustering replaces the aggregation"):
+        presets.laps(vocab=train.vocab, clustering=True, calibration=False, **TINY)

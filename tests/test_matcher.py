@@ -198,7 +198,7 @@ def test_save_load_identical_similarities(data, tmp_path):
     m = small(data).fit(data)
     m.save(tmp_path / "model")
     files = sorted(os.listdir(tmp_path / "model"))
-    assert files == ["MANIFEST.json", "config.json", "model.safetensors", "record.json"]
+    assert files == ["MANIFEST.json", "README.md", "config.json", "model.safetensors", "record.json"]
     loaded = Matcher.load(tmp_path / "model")
     torch.testing.assert_close(loaded.similarity(data.images, data.captions), m.similarity(data.images, data.captions),
                                rtol=0, atol=0)

@@ -15,13 +15,15 @@ _LAZY = {
     "CsvDataset": "csv_captions", "CaptionAugment": "augment", "augment_caption": "augment",
     "image_transform": "transforms", "extract_features": "extract", "ExtractedDataset": "extracted",
     "KMeansNeighborSampler": "neighbor_sampler",
+    "CocoCaptionsDataset": "coco_captions", "Flickr30kTokenDataset": "flickr30k_token",
+    "load_dataset": "formats", "FORMATS": "formats",
 }
 
 
 def __getattr__(name):
     import importlib
 
-    if name in ("synthetic", "transforms", "extract"):
+    if name in ("synthetic", "transforms", "extract", "formats"):
         return importlib.import_module(f"imtm.data.{name}")
     if name in ("PrecompDataset",):
         return getattr(importlib.import_module("imtm.data.precomp"), name)

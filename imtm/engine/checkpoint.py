@@ -99,7 +99,8 @@ def verify_manifest(folder: Path) -> None:
     listed = manifest.get("sha256") if isinstance(manifest, dict) else None
     if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
         raise CheckpointError(f"{manifest_path}: malformed manifest (no 'sha256' table of file checksums)")
-    unknown = sorted(set(listed) - set(REQUIRED_FILES) - set(TRAIN_STATE_FILES))
+    assets = sorted(n for n in listed if _is_asset_file(n))
+    unknown = sorted(set(listed) - set(REQUIRED_FILES) - set(TRAIN_STATE_FILES) - set(assets))
     if unknown:
         raise CheckpointError(f"{manifest_path} lists {unknown}, which are not checkpoint files; the manifest was altered")
     missing = [f for f in REQUIRED_FILES if f not in listed]
@@ -109,12 +110,31 @@ def verify_manifest(folder: Path) -> None:
         raise CheckpointError(
             f"{manifest_path} does not list {missing}; the manifest was altered or the checkpoint is incomplete"
         )
-    extra = sorted(p.name for p in folder.iterdir() if p.name != "MANIFEST.json" and p.name not in listed)
-    if extra:
-        raise CheckpointError(
-            f"{folder} holds {extra}, which MANIFEST.json does not list; imtm writes no such file. "
-            "Remove what was added, or use another checkpoint"
-        )
+    if set(TRAIN_STATE_FILES) & set(listed):
+        # A training checkpoint holds exactly its files. A saved model may have others beside them (a
+        # hub repository's .gitattributes, a user's notes): they are never read, so they are left alone.
+        extra = sorted(p.name for p in folder.iterdir() if p.name != "MANIFEST.json" and p.name not in listed)
+        if extra:
+            raise CheckpointError(
+                f"{folder} holds {extra}, which MANIFEST.json does not list; imtm writes no such file. "
+                "Remove what was added, or use another checkpoint"
+            )
+    inside = folder.resolve()
+    for sub in sorted({n.split("/")[0] for n in assets}):
+        # A block's asset folder is read whole (a tokenizer reads what it finds): it holds the listed files only.
+        sub_path = folder / sub
+        if sub_path.is_symlink() or not sub_path.is_dir() or not sub_path.resolve().is_relative_to(inside):
+            raise CheckpointError(f"{sub_path} is not a folder inside {folder} (a link, or missing); imtm writes "
+                                  "asset folders as plain folders. Use the folder as saved")
+        extra = sorted(f"{sub}/{p.name}" for p in sub_path.iterdir() if f"{sub}/{p.name}" not in listed)
+        if extra:
+            raise CheckpointError(
+                f"{folder} holds {extra}, which MANIFEST.json does not list; imtm writes no such file, and a "
+                "block reads its whole folder. Remove what was added"
+            )
+        for name in (n for n in assets if n.startswith(sub + "/")):
+            if (folder / name).is_symlink():
+                raise CheckpointError(f"{folder / name} is a symlink; imtm writes no links. Copy the file in place")
     for name, digest in listed.items():
         path = folder / name
         if not os.path.lexists(path):
@@ -125,6 +145,15 @@ def verify_manifest(folder: Path) -> None:
                 f"{path}: checksum mismatch; the file was truncated or altered after it was written. "
                 "Nothing was loaded: use another checkpoint"
             )
+
+
+_ASSET_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def _is_asset_file(name: str) -> bool:
+    """``<block name>/<file>``: a file a block needs to be rebuilt (e.g. an HFTextEncoder's tokenizer)."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(_ASSET_PART.match(p) for p in parts) and "\\" not in name
 
 
 def write_checkpoint(

@@ -7,10 +7,13 @@ import a module or run code named in a file.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,9 @@ __all__ = [
     "file_sha256",
     "register_serializable",
     "ConfigError",
+    "ASSETS",
+    "AssetPath",
+    "asset_root",
     "MAX_JSON_DEPTH",
     "check_depth",
     "loads_json",
@@ -83,6 +89,68 @@ def loads_json(text: str | bytes, where: str) -> Any:
     return obj
 
 
+# ---------------------------------------------------------------------- files inside a model folder
+class _Assets:
+    """The marker :data:`ASSETS` (one instance)."""
+
+    def __repr__(self) -> str:
+        return "ASSETS"
+
+
+#: A value of :meth:`imtm.Component.portable_params`: "this block's own folder inside the saved
+#: model folder". ``config.json`` stores it as ``{"__asset__": "<block name>"}``.
+ASSETS = _Assets()
+
+#: A block's asset folder name (its block name): letters, digits, ``_``, ``-``, ``.``; no leading dot.
+_ASSET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+class AssetPath(str):
+    """The path of a block's asset folder inside a loaded model folder (a ``str``).
+
+    Remembers the relative name (:attr:`asset`) so that saving the loaded model again
+    stores ``{"__asset__": name}``, never the absolute path it was loaded from.
+    """
+
+    asset: str
+
+    def __new__(cls, path: str, asset: str):
+        obj = super().__new__(cls, path)
+        obj.asset = asset
+        return obj
+
+    def __reduce__(self):
+        return (AssetPath, (str(self), self.asset))
+
+
+_ASSET_ROOT: contextvars.ContextVar = contextvars.ContextVar("imtm_asset_root", default=None)
+
+
+@contextlib.contextmanager
+def asset_root(folder: str | os.PathLike):
+    """Resolve ``{"__asset__": name}`` values decoded within this block to folders of ``folder``."""
+    token = _ASSET_ROOT.set(Path(folder))
+    try:
+        yield
+    finally:
+        _ASSET_ROOT.reset(token)
+
+
+def _decode_asset(name: Any) -> AssetPath:
+    root = _ASSET_ROOT.get()
+    if not isinstance(name, str) or not _ASSET_NAME.match(name):
+        raise ConfigError(f"malformed __asset__ entry {name!r} in configuration: an asset is a folder name inside "
+                          "the model folder (letters, digits, '_', '-', '.'; no path)")
+    if root is None:
+        raise ConfigError(f"the configuration names the asset folder {name!r} of a saved model folder; load it with "
+                          "Matcher.load(folder), which knows the folder")
+    folder = root / name
+    if folder.is_symlink() or not folder.is_dir() or not folder.resolve().is_relative_to(root.resolve()):
+        raise ConfigError(f"{folder}: the asset folder named in config.json is missing (or not a folder inside "
+                          f"{root}); the model folder is incomplete")
+    return AssetPath(os.fspath(folder.resolve()), name)
+
+
 #: Non-JSON parameter types that know ``to_dict`` / ``from_dict`` (for example a Vocabulary).
 SERIALIZABLE: dict[str, type] = {}
 
@@ -104,6 +172,10 @@ _register_builtin()
 
 def encode_value(value: Any, where: str = "parameter") -> Any:
     """Encode a constructor argument as JSON-compatible data (tagged dicts for non-JSON types)."""
+    if isinstance(value, AssetPath):
+        return {"__asset__": value.asset}
+    if value is ASSETS:
+        raise TypeError(f"cannot save {where}: ASSETS is resolved by Matcher.save (get_config(portable=True))")
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, tuple):
@@ -171,10 +243,12 @@ def decode_value(data: Any) -> Any:
         return [decode_value(v) for v in data]
     if not isinstance(data, dict):
         return data
-    tags = ("__tuple__", "__dict__", "__dtype__", "__component__", "__object__")
+    tags = ("__tuple__", "__dict__", "__dtype__", "__component__", "__object__", "__asset__")
     tag = next((t for t in tags if t in data), None)
     if tag in ("__tuple__", "__dict__") and not isinstance(data[tag], list if tag == "__tuple__" else dict):
         raise ConfigError(f"malformed {tag} value in configuration: {type(data[tag]).__name__}")
+    if "__asset__" in data:
+        return _decode_asset(data["__asset__"])
     if "__tuple__" in data:
         return tuple(decode_value(v) for v in data["__tuple__"])
     if "__dict__" in data:
@@ -247,11 +321,32 @@ def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # ---------------------------------------------------------------------- atomic files
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """Create ``.<name>.<8 random characters>`` beside ``path``; return its descriptor and name.
+
+    Like ``tempfile.mkstemp`` (exclusive creation, same naming), but with mode 0o666 less
+    the umask, as ``open``, ``torch.save`` and safetensors create files: a model written
+    under umask 022 can be read by the user's group and others (``mkstemp`` makes 0600).
+    """
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789_"
+    for _ in range(100):
+        name = path.parent / f".{path.name}.{''.join(secrets.choice(chars) for _ in range(8))}"
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        return fd, str(name)
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
+
+    The file gets mode 0o666 less the process umask (as ``open`` would give it).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -269,14 +364,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Atomic safetensors write (tensors are made contiguous and unshared first)."""
+    """Atomic safetensors write (tensors are made contiguous and unshared first); mode 0o666 less the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = _temporary_beside(path)  # 0o666 less the umask
+    mode = os.fstat(fd).st_mode & 0o777
     os.close(fd)
     try:
         clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
         save_file(clean, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.chmod(tmp, mode)  # safetensors may write through a private temporary of its own (0600)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -30,6 +30,7 @@ from imtm.engine.checkpoint import (
     resolve_checkpoint,
     write_checkpoint,
 )
+from imtm.engine.epochs import start_epoch
 from imtm.engine.evaluation import move, run_blocks
 from imtm.engine.sampling import refresh_sampler
 from imtm.tokens import NonFiniteValueError, Tokens
@@ -632,6 +633,8 @@ class Trainer:
                     if not self.epoch_done:
                         # A batch sampler that follows the model (K-means neighbours) re-clusters here.
                         refresh_sampler(self, e)
+                        # Blocks that change with the epoch (a loss's warm-up) learn it; resumed runs too.
+                        start_epoch(m.components_, e)
                         self.set_modes(stage)
                         t0 = time.time()
                         label = f"{stage.name or f'stage {s + 1}'} epoch {e + 1}/{stage.epochs}" if len(self.stages) > 1 \

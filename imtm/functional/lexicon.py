@@ -69,7 +69,8 @@ def _plan_topk_weights(plan, cost, word_mask, top_k, scale):
 
 
 def _plan_cosine_softmax_weights(plan, cost, word_mask, top_k, scale):
-    """The authors' released rule: softmax over the ``top_k`` words of ``scale * T_ij * cos_ij``."""
+    """The authors' released rule (``ALBEF.get_p2w_loss`` and ``optimal_transport_dist`` in
+    model/model_pretrain.py of Lydia-yang/ELA): softmax over the ``top_k`` words of ``scale * T_ij * cos_ij``."""
     _need_cost(cost, "plan_cosine_softmax")
     k = min(top_k, plan.shape[-1])
     # optimal_transport_dist returns T * cos; get_p2w_loss scales it by 2e3 and sends exact zeros (padding,
@@ -110,7 +111,8 @@ LABEL_WEIGHTS = {
     "one_minus_cost": _one_minus_cost_weights,
 }
 
-#: The rule used unless another is named: the authors' released rule (see :func:`expansive_soft_labels`).
+#: The rule used unless another is named: the authors' released rule, ``ALBEF.get_p2w_loss`` in
+#: model/model_pretrain.py of Lydia-yang/ELA (see :func:`expansive_soft_labels`).
 DEFAULT_LABEL_WEIGHTS = "plan_cosine_softmax"
 
 
@@ -133,7 +135,8 @@ def expansive_soft_labels(
         \qquad \text{(ELA, Eq. 6)}
 
     The paper prints the weights as :math:`1 - c_{ij}`, with :math:`c_{ij}` the output of
-    its transport step (Eq. 5); the authors' released code weighs differently. Each reading
+    its transport step (Eq. 5); the authors' released code (model/model_pretrain.py of
+    Lydia-yang/ELA) weighs differently. Each reading
     has its own name (``T`` the plan of Eq. 5, ``C`` its cosine cost, ``cos = 1 - C``):
 
     - ``"plan_cosine_softmax"`` (default), the authors' released rule, read in

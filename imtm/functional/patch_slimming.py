@@ -3,12 +3,14 @@ r"""LAPS's language-context patch slimming, as pure tensor functions.
 For one image ``I`` (patches :math:`v_1..v_N`, optionally a [CLS] token) and one
 caption ``T`` (words :math:`t_1..t_M`), LAPS
 
-1. scores every patch (Eq. 1-3) with a learned prediction :math:`a^p`, the
-   image's own attention :math:`a^s` and the caption's attention :math:`a^r`;
+1. scores every patch with a learned prediction :math:`a^p` (Eq. 1), the
+   image's own attention :math:`a^s` and the caption's attention :math:`a^r` (both Eq. 2),
+   combined (Eq. 3);
 2. keeps patches by Gumbel-softmax decisions in training (Eq. 4-5), the top
    :math:`N_s = \lceil \rho N \rceil` at inference;
 3. merges the kept patches into :math:`N_c` tokens with learned softmax weights
-   (Eq. 6) and the dropped ones into one fused token (Eq. 7);
+   (Eq. 6-7, the semantic-spatial patch calibration of Sec. 3.3) and the dropped ones
+   into one fused token;
 4. aligns the slimmed set with the words (Eq. 8).
 
 Only :math:`a^r`, the decisions and the masked softmaxes depend on the pair.
@@ -21,7 +23,7 @@ Positions: every function here works on *patch* positions only (prefix tokens
 such as [CLS] are not scored; :class:`~imtm.components.PatchSlimming` keeps them).
 
 References:
-    Fu, Zhang, Chen, Sun and Xie, "Linguistic-Aware Patch Slimming Framework
+    Fu, Zhang, Xia and Mao, "Linguistic-Aware Patch Slimming Framework
     for Fine-grained Cross-Modal Alignment", CVPR 2024, Sec. 3.2-3.5, Eq. 1-10.
 """
 
@@ -39,6 +41,7 @@ __all__ = [
     "aggregated_cosines",
     "aggregation_weights",
     "combine_significance",
+    "dpc_knn_weights",
     "fusion_weights",
     "gumbel_keep_decisions",
     "logistic_noise",
@@ -56,7 +59,7 @@ __all__ = [
 #: log(1e-6) = -13.8 instead of -inf, so the Gumbel logits (and their gradients) stay finite.
 SIGNIFICANCE_EPS = 1e-6
 
-#: Floor of the range in the min-max normalisation (Eq. 2-3): constant scores map to 0, not NaN.
+#: Floor of the range in the min-max normalisation (Eq. 2): constant scores map to 0, not NaN.
 NORM_EPS = 1e-12
 
 #: Slack of ceil(rho * N): 0.7 * 10 is 7.000000000000001 in floating point and must keep 7, not 8.
@@ -71,7 +74,7 @@ def _fill(x: torch.Tensor, mask: torch.Tensor | None, value: float) -> torch.Ten
 
 # ---------------------------------------------------------------------------- significance (Eq. 1-3)
 def minmax_normalize(x: torch.Tensor, mask: torch.Tensor | None = None, *, dim: int = -1) -> torch.Tensor:
-    r"""``Norm`` of LAPS Eq. 2-3: map the valid entries along ``dim`` linearly onto ``[0, 1]``.
+    r"""``Norm`` of LAPS Eq. 2 (both scores): map the valid entries along ``dim`` linearly onto ``[0, 1]``.
 
     .. math::
 
@@ -96,7 +99,7 @@ def minmax_normalize(x: torch.Tensor, mask: torch.Tensor | None = None, *, dim: 
 
 
 def self_attentive_scores(patches: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
-    r"""LAPS Eq. 2: :math:`a^s_i = \operatorname{Norm}(v_i \cdot v_{glo} / d)`, the image's own attention.
+    r"""LAPS Eq. 2 (its first score): :math:`a^s_i = \operatorname{Norm}(v_i \cdot v_{glo} / d)`, the image's own attention.
 
     :math:`v_{glo}` is the mean of the image's real patches. Image-only: computed once
     per image.
@@ -121,7 +124,7 @@ def self_attentive_scores(patches: torch.Tensor, patch_mask: torch.Tensor | None
 def text_attentive_scores(
     patches: torch.Tensor, text_context: torch.Tensor, patch_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    r"""LAPS Eq. 3: :math:`a^r_i = \operatorname{Norm}(v_i \cdot t_{glo} / d)`, for every image and caption.
+    r"""LAPS Eq. 2 (its second score): :math:`a^r_i = \operatorname{Norm}(v_i \cdot t_{glo} / d)`, for every image and caption.
 
     :math:`t_{glo}` is a caption's mean word feature (one row of ``text_context``).
     Every image is scored against every caption with one matrix product.
@@ -146,7 +149,7 @@ def combine_significance(
     *,
     beta: float = 0.8,
 ) -> torch.Tensor:
-    r"""LAPS Eq. 1: :math:`a_i = (1 - \beta)\, a^p_i + \frac{\beta}{2} (a^s_i + a^r_i)`.
+    r"""LAPS Eq. 3: :math:`a_i = (1 - \beta)\, a^p_i + \frac{\beta}{2} (a^s_i + a^r_i)`.
 
     Leaving one of :math:`a^s`, :math:`a^r` out (``None``, the ablations of the
     paper's Table 4) gives the other the whole weight :math:`\beta`, so that ``a``
@@ -305,7 +308,7 @@ def top_keep_decisions(
     return keep.to(scores.dtype)
 
 
-# ---------------------------------------------------------------------------- aggregation and fusion (Eq. 6-7)
+# ---------------------------------------------------------------------------- aggregation (Eq. 6-7) and fusion
 def _masked_softmax(logits: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
     """``keep * exp(logits) / sum(keep * exp(logits))`` along ``dim``; all-zero where nothing is kept.
 
@@ -325,12 +328,12 @@ def _masked_softmax(logits: torch.Tensor, keep: torch.Tensor, dim: int) -> torch
 
 
 def aggregation_weights(logits: torch.Tensor, decisions: torch.Tensor) -> torch.Tensor:
-    r"""LAPS Eq. 6: the aggregation matrix ``W``, a softmax over the kept patches.
+    r"""LAPS Eq. 6-7: the aggregation matrix ``W``, a softmax over the kept patches.
 
     .. math::
 
         W_{ij} = \frac{D_i \exp(L_{ij})}{\sum_k D_k \exp(L_{kj})}, \qquad
-        \hat v_j = \sum_i W_{ij} v_i, \quad j = 1..N_c \quad \text{(Eq. 6)}
+        \hat v_j = \sum_i W_{ij} v_i, \quad j = 1..N_c \quad \text{(Eq. 6-7)}
 
     with ``L = MLP(V)`` the image's aggregation logits (see
     :class:`~imtm.components.TokenAggregation`). Each column sums to 1 over the kept
@@ -350,11 +353,11 @@ def aggregation_weights(logits: torch.Tensor, decisions: torch.Tensor) -> torch.
 
 
 def fusion_weights(scores: torch.Tensor, decisions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    r"""LAPS Eq. 7: the weights of the fused token, a softmax of ``a`` over the dropped patches.
+    r"""LAPS's fused token: its weights, a softmax of ``a`` over the dropped patches.
 
     .. math::
 
-        \hat v_f = \sum_{i : D_i = 0} \frac{\exp(a_i)}{\sum_{k : D_k = 0} \exp(a_k)}\, v_i \quad \text{(Eq. 7)}
+        \hat v_f = \sum_{i : D_i = 0} \frac{\exp(a_i)}{\sum_{k : D_k = 0} \exp(a_k)}\, v_i
 
     The paper writes the weights with :math:`D_i`; :math:`1 - D_i` (the dropped
     patches) is meant and used here. All zero where no patch is dropped.
@@ -371,6 +374,109 @@ def fusion_weights(scores: torch.Tensor, decisions: torch.Tensor, mask: torch.Te
     if mask is not None:
         drop = torch.where(mask, drop, torch.zeros((), dtype=drop.dtype, device=drop.device))
     return _masked_softmax(scores, drop, dim=-1)
+
+
+def dpc_knn_weights(
+    patches: torch.Tensor,
+    decisions: torch.Tensor,
+    num_clusters: int,
+    *,
+    k: int = 5,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Clustering instead of Eq. 6-7: DPC-KNN over each pair's kept patches (the alternative of LAPS Table 4).
+
+    Density-peak clustering with k nearest neighbours, as token merging uses it (Du et al. 2016;
+    Zeng et al., TCFormer, CVPR 2022), over the patches each pair keeps:
+
+    .. math::
+
+        d_{nm} = \lVert v_n - v_m \rVert / \sqrt{D}, \quad
+        \rho_n = \exp\Big(-\frac1k \sum_{m \in \mathrm{kNN}(n)} d_{nm}^2\Big), \quad
+        \delta_n = \min_{m : \rho_m > \rho_n} d_{nm}
+
+        (\delta_n = \max_m d_{nm} \text{ for the densest patch}); \text{ the } N_c \text{ patches of largest }
+        \rho_n \delta_n \text{ are centres; every kept patch joins its nearest centre; a token is the mean of its cluster.}
+
+    The k nearest neighbours include the patch itself (distance 0) and count only kept patches
+    (all of them when fewer than ``k`` are kept). Ties of density go to the lower position. The
+    clusters are hard (no gradient through the assignment); the weights carry the decisions as a
+    factor, so straight-through gradients still reach the selector, and the patch features get
+    gradients through the means.
+
+    Args:
+        patches: the image's patches.
+        decisions: ``D`` of every pair (0/1).
+        num_clusters: ``N_c``.
+        k: neighbours of the density estimate.
+        mask: True where a patch is real; ``None``: all are.
+
+    Returns:
+        ``(weights, valid)``: ``weights[i, n, t, c] = D_n / |C_c|`` for the patches of cluster ``c``
+        (0 elsewhere), and ``valid[i, t, c]``, True for clusters that hold a patch (a pair keeping
+        fewer patches than ``N_c`` has empty clusters).
+
+    Shape:
+        - patches: ``(Bi, N, D)``, decisions: ``(Bi, N, Bt)``, mask: ``(Bi, N)``
+        - weights: ``(Bi, N, Bt, Nc)``, valid: ``(Bi, Bt, Nc)``
+
+    References:
+        Du, Ding and Jia, "Study on density peaks clustering based on k-nearest neighbors and
+        principal component analysis", Knowledge-Based Systems 2016; Fu et al., LAPS, CVPR 2024, Table 4.
+
+    Example:
+        >>> v = torch.tensor([[[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]]])
+        >>> w, valid = dpc_knn_weights(v, torch.ones(1, 4, 1), 2, k=2)
+        >>> w[0, :, 0].tolist(), valid.tolist()
+        ([[0.0, 0.5], [0.0, 0.5], [0.5, 0.0], [0.5, 0.0]], [[[True, True]]])
+    """
+    where = "dpc_knn_weights"
+    for name, value in (("num_clusters", num_clusters), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
+    if patches.dim() != 3 or decisions.dim() != 3 or decisions.shape[:2] != patches.shape[:2]:
+        raise ValueError(f"{where}: expected patches (Bi, N, D) and decisions (Bi, N, Bt) with the same Bi and N, "
+                         f"got {tuple(patches.shape)} and {tuple(decisions.shape)}")
+    bi, n, d = patches.shape
+    bt = decisions.shape[-1]
+    kept = decisions > 0
+    if mask is not None:
+        kept = kept & mask.unsqueeze(-1)
+    kept_t = kept.permute(0, 2, 1)  # (bi, bt, n)
+    # At least float32: cdist has no half-precision kernel on every device, and densities need the range.
+    work = torch.promote_types(patches.dtype, torch.float32)
+    inf = torch.full((), math.inf, dtype=work, device=patches.device)
+    with torch.no_grad():
+        x = patches.detach().to(work)
+        dist = torch.cdist(x, x) / math.sqrt(d)  # (bi, n, n), image-only
+        # Per pair: distances to kept patches only.
+        dd = torch.where(kept_t.unsqueeze(2), dist.unsqueeze(1), inf)  # (bi, bt, n, n)
+        near = dd.topk(min(k, n), dim=-1, largest=False).values
+        finite = torch.isfinite(near)
+        sq = torch.where(finite, near, torch.zeros((), dtype=near.dtype, device=near.device)) ** 2
+        density = torch.exp(-sq.sum(-1) / finite.sum(-1).clamp_min(1).to(near.dtype))
+        # Ties of density go to the lower position (a deterministic stand-in for random jitter).
+        density = density - torch.arange(n, device=patches.device, dtype=work) * 1e-9
+        density = torch.where(kept_t, density, -inf)
+        higher = (density.unsqueeze(-2) > density.unsqueeze(-1)) & kept_t.unsqueeze(2)  # [.., n, m]: rho_m > rho_n
+        to_higher = torch.where(higher, dd, inf).amin(-1)
+        farthest = torch.where(kept_t.unsqueeze(2), dd, -inf).amax(-1)
+        delta = torch.where(torch.isfinite(to_higher), to_higher, farthest)
+        score = torch.where(kept_t, density * delta, -inf)
+        c = min(num_clusters, n)
+        top, centres = score.topk(c, dim=-1)  # (bi, bt, c)
+        centre_ok = torch.isfinite(top)
+        to_centre = dd.gather(-1, centres.unsqueeze(2).expand(bi, bt, n, c))  # (bi, bt, n, c)
+        to_centre = torch.where(centre_ok.unsqueeze(2), to_centre, inf)
+        assign = to_centre.argmin(-1)  # (bi, bt, n)
+        member = torch.nn.functional.one_hot(assign, c).to(work) * kept_t.unsqueeze(-1).to(work)
+        count = member.sum(2)  # (bi, bt, c)
+        member = (member / count.clamp_min(1).unsqueeze(2)).to(patches.dtype)
+    if c < num_clusters:  # fewer patches than clusters: the extra clusters stay empty
+        member = torch.cat([member, member.new_zeros(bi, bt, n, num_clusters - c)], -1)
+        count = torch.cat([count, count.new_zeros(bi, bt, num_clusters - c)], -1)
+    weights = member.permute(0, 2, 1, 3) * decisions.unsqueeze(-1)  # straight-through factor D_n (1 when kept)
+    return weights, count > 0
 
 
 def aggregate_tokens(patches: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -432,7 +538,7 @@ def slimmed_cosines(patch_word: torch.Tensor, gram: torch.Tensor, weights: torch
 def aggregated_cosines(
     patch_word: torch.Tensor, gram: torch.Tensor, exp_logits: torch.Tensor, decisions: torch.Tensor
 ) -> torch.Tensor:
-    r"""Cosines of the aggregated tokens of Eq. 6 with words, for every pair, from image-only factors.
+    r"""Cosines of the aggregated tokens of Eq. 6-7 with words, for every pair, from image-only factors.
 
     :math:`\hat v_k \propto \sum_n D_n E_{nk} v_n` with :math:`E = \exp(L - \max_n L)` the
     image's exponentiated aggregation logits: the softmax's normaliser and shift are a
@@ -486,7 +592,7 @@ def aggregated_cosines(
 
 
 def weighted_cosine(patch_word: torch.Tensor, gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    r"""Cosines of one weighted patch sum per pair (the fused token of Eq. 7) with words.
+    r"""Cosines of one weighted patch sum per pair (the fused token) with words.
 
     :math:`\cos(\sum_n w_n v_n, \hat t_m) = \sum_n w_n (v_n \cdot \hat t_m) / \sqrt{w^\top G w}`;
     the weights need not be normalised. All-zero weights give cosine 0.

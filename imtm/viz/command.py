@@ -64,9 +64,13 @@ def _split(args):
         if args.view == "pixels":
             sizes["image_size"] = args.image_size
         return dict(zip(names, synthetic.load(view=args.view, seed=args.seed, **sizes)))[args.split]
-    from imtm.cli import _load_data
+    from imtm.data import load_dataset
 
-    return dict(zip(names, _load_data(args.data, args.view, args.seed)))[args.split]
+    try:
+        return load_dataset(args.data, getattr(args, "format", None), args.split, view=args.view, seed=args.seed,
+                            image_root=getattr(args, "image_root", None))
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"imtm viz: {err}") from err
 
 
 def cmd_viz(args) -> int:

@@ -233,3 +233,62 @@ def test_zero_weights_give_cosine_zero_and_bounded_gradients():
         assert torch.equal(out, torch.zeros_like(out))
         out.sum().backward()
         assert bool(torch.isfinite(w.grad).all()) and float(w.grad.abs().max()) < 100
+
+
+# ---------------------------------------------------------------------------- DPC-KNN (Table 4's clustering row)
+def _loop_dpc_knn(x, keep, c, k):
+    """DPC-KNN for one pair, point by point; returns {frozenset(members)} of the non-empty clusters."""
+    idx = [n for n in range(x.shape[0]) if keep[n]]
+    d = x.shape[1]
+    dist = {(a, b): float(torch.linalg.vector_norm(x[a] - x[b])) / math.sqrt(d) for a in idx for b in idx}
+    rho = {}
+    for a in idx:
+        near = sorted(dist[a, b] for b in idx)[: min(k, len(idx))]
+        rho[a] = math.exp(-sum(v * v for v in near) / len(near)) - a * 1e-9
+    delta = {}
+    for a in idx:
+        denser = [dist[a, b] for b in idx if rho[b] > rho[a]]
+        delta[a] = min(denser) if denser else max(dist[a, b] for b in idx)
+    centres = sorted(idx, key=lambda a: -rho[a] * delta[a])[:c]
+    groups = {ce: set() for ce in centres}
+    for a in idx:
+        groups[min(centres, key=lambda ce: (dist[a, ce], centres.index(ce)))].add(a)
+    return {frozenset(g) for g in groups.values() if g}
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), c=st.integers(1, 4), k=st.integers(1, 6), extra=st.integers(0, 2))
+def test_dpc_knn_matches_loop_and_ignores_padding(seed, c, k, extra):
+    from imtm.functional.patch_slimming import dpc_knn_weights
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    dec = (torch.rand(2, 6, 3, generator=g) < 0.6).double()
+    w, valid = dpc_knn_weights(x, dec, c, k=k)
+    assert w.shape == (2, 6, 3, c) and valid.shape == (2, 3, c)
+    for i in range(2):
+        for t in range(3):
+            got = {frozenset(int(n) for n in torch.nonzero(w[i, :, t, j]).flatten()) for j in range(c) if valid[i, t, j]}
+            assert got == _loop_dpc_knn(x[i], dec[i, :, t] > 0, c, k)
+            for j in range(c):  # each cluster's weights are its mean
+                members = w[i, :, t, j] > 0
+                if members.any():
+                    torch.testing.assert_close(w[i, members, t, j].sum(), torch.tensor(1.0, dtype=torch.float64))
+    # Padded patches (any values) change nothing.
+    xp = torch.cat([x, torch.randn(2, extra, 3, generator=g, dtype=torch.float64) * 100], 1)
+    dp = torch.cat([dec, torch.ones(2, extra, 3, dtype=torch.float64)], 1)
+    mask = torch.arange(6 + extra)[None].expand(2, -1) < 6
+    wp, vp = dpc_knn_weights(xp, dp, c, k=k, mask=mask)
+    torch.testing.assert_close(wp[:, :6], w)
+    assert torch.equal(vp, valid) and bool((wp[:, 6:] == 0).all())
+
+
+def test_dpc_knn_bad_inputs():
+    from imtm.functional.patch_slimming import dpc_knn_weights
+
+    with pytest.raises(ValueError, match="num_clusters must be a positive int"):
+        dpc_knn_weights(torch.randn(1, 3, 2), torch.ones(1, 3, 1), 0)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        dpc_knn_weights(torch.randn(1, 3, 2), torch.ones(1, 3, 1), 2, k=0)
+    with pytest.raises(ValueError, match=r"expected patches \(Bi, N, D\) and decisions"):
+        dpc_knn_weights(torch.randn(1, 3, 2), torch.ones(1, 4, 1), 2)

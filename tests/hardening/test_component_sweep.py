@@ -33,6 +33,10 @@ from imtm import Tokens
 from imtm.component import COMPONENT_REGISTRY, Component
 from imtm.components import (
     CrossModalEncoder,
+    DPCKNNAggregation,
+    ScanAttention,
+    WordAggregation,
+    WordSelection,
     DimensionAlignmentLoss,
     DistanceWeightedMiner,
     ExpansiveLexiconLoss,
@@ -209,8 +213,10 @@ def variants(*factories):
 
 
 def laps(**kw):
-    return PatchSlimming(PatchScorer(D), GumbelSelector(0.5), TokenAggregation(D, 2),
-                         kw.pop("alignment", SparsePatchWordAlignment()), **kw)
+    agg = kw.pop("aggregation", "learned")
+    agg = TokenAggregation(D, 2) if agg == "learned" else agg
+    return PatchSlimming(PatchScorer(D), GumbelSelector(0.5), agg, kw.pop("alignment", SparsePatchWordAlignment()),
+                         **kw)
 
 
 CASES: dict[str, Case] = {
@@ -235,6 +241,10 @@ CASES: dict[str, Case] = {
     "TextualPhraseEncoder": Case(variants(lambda: TextualPhraseEncoder(D), lambda: TextualPhraseEncoder(D, windows=(2, 5),
                                                                                                     channels=3)),
                                  padding=True),
+    "WordSelection": Case(variants(lambda: WordSelection(D, ratio=0.6), lambda: WordSelection(D, ratio=1.0, beta=0.0)),
+                          padding=True),
+    "WordAggregation": Case(variants(lambda: WordAggregation(D, num_out=2), lambda: WordAggregation(D, num_out=5)),
+                            padding=True),
     "MeanEmbedding": Case(variants(lambda: MeanEmbedding(side="text"), lambda: MeanEmbedding(skip_prefix=True)),
                           padding=True),
     # ---------------------------------------------------------------- scorers
@@ -256,10 +266,16 @@ CASES: dict[str, Case] = {
         lambda: SparsePatchWordAlignment(max_block_elements=30),
         lambda: SparsePatchWordAlignment(direction="patch_to_word"),
         lambda: SparsePatchWordAlignment(direction="word_to_patch")), padding=True),
-    "TopKAggregation": Case(variants(lambda: TopKAggregation(k=2), lambda: TopKAggregation(k=None)), padding=True),
+    "TopKAggregation": Case(variants(lambda: TopKAggregation(k=2), lambda: TopKAggregation(k=None),
+                                     lambda: TopKAggregation(k=None, average="cosines")), padding=True),
     "InterModalPhraseAttention": Case(variants(
         lambda: InterModalPhraseAttention("t2i", dim=D, heads=2, k=2),
-        lambda: InterModalPhraseAttention("i2t", dim=D, heads=2, k=None, max_block_elements=50)), padding=True),
+        lambda: InterModalPhraseAttention("i2t", dim=D, heads=2, k=None, max_block_elements=50),
+        lambda: InterModalPhraseAttention("i2t", dim=D, heads=2, k=3, feed_forward=False),
+        lambda: InterModalPhraseAttention("t2i", dim=D, heads=2, k=None, average="cosines", ffn_dim=5)),
+        padding=True),
+    "ScanAttention": Case(variants(ScanAttention, lambda: ScanAttention(smooth=4.0, max_block_elements=30)),
+                          padding=True),
     "ScoreFusion": Case(ScoreFusion),
     "PatchScorer": Case(lambda: PatchScorer(D), padding=True, error=no_patch),
     "GumbelSelector": Case(lambda: GumbelSelector(0.5), error=no_patch,
@@ -268,7 +284,10 @@ CASES: dict[str, Case] = {
     "RedundantFusion": Case(RedundantFusion, error=no_patch),
     "PatchSlimming": Case(variants(
         laps, lambda: laps(fusion=False, max_block_elements=60),
-        lambda: laps(alignment=HardAssignmentCoding(pooling="mean"))), error=no_patch),
+        lambda: laps(alignment=HardAssignmentCoding(pooling="mean")),
+        lambda: laps(aggregation=None), lambda: laps(aggregation=DPCKNNAggregation(2, k=2)),
+        lambda: laps(alignment=ScanAttention())), error=no_patch),
+    "DPCKNNAggregation": Case(variants(lambda: DPCKNNAggregation(2), lambda: DPCKNNAggregation(3, k=1)), error=no_patch),
     "MatchingReranker": Case(lambda: MatchingReranker(head=ImageTextMatchingHead(D, encoder=cross()), k=2),
                              padding=True),
     "MaxPooling": Case(MaxPooling, extra=POOLING_EXTRA),

@@ -44,6 +44,7 @@ _SEEDS = st.integers(0, 2**32 - 1)
 EXCLUDED = {
     "POOLINGS": "a dict of the pooling functions, each swept under its own name",
     "AttentionWeights": "a frozen dataclass holding attention weights; swept through phrase_attention_*",
+    "FeedForwardWeights": "a frozen dataclass holding feed-forward weights; swept through phrase_attention_*",
 }
 
 # Functions documented as doing no validation (they run inside blocked loops, or are pure
@@ -337,6 +338,18 @@ def _attention_weights(ctx: Ctx, dim: int) -> AttentionWeights:
     )
 
 
+def _feed_forward_weights(ctx: Ctx, dim: int):
+    """Feed-forward sub-layer weights (hidden width 1-5), or None (no sub-layer)."""
+    if not ctx.flag():
+        return None
+    hidden = ctx.int(1, 5)
+    return F.FeedForwardWeights(
+        ctx.randn(hidden, dim, scale=1 / math.sqrt(dim)), ctx.randn(hidden, scale=0.1),
+        ctx.randn(dim, hidden, scale=1 / math.sqrt(hidden)), ctx.randn(dim, scale=0.1),
+        1 + ctx.randn(dim, scale=0.1), ctx.randn(dim, scale=0.1),
+    )
+
+
 def case_phrase_attention_scores(ctx: Ctx):
     heads = ctx.int(1, 2)
     d = heads * ctx.int(1, 3)
@@ -344,6 +357,7 @@ def case_phrase_attention_scores(ctx: Ctx):
     kwargs = {
         "self_attn": _attention_weights(ctx, d), "cross_attn": _attention_weights(ctx, d), "heads": heads,
         "k": ctx.pick([None, 1, 2, 10]), "max_block_elements": ctx.budget(),
+        "feed_forward": _feed_forward_weights(ctx, d), "average": ctx.pick(["features", "cosines"]),
     }
     fn = F.phrase_attention_scores
     out = expect(fn(v, t, vm, tm, **kwargs), (v.shape[0], t.shape[0]), ctx.dtype, ctx, "phrase_attention_scores")
@@ -357,7 +371,8 @@ def case_phrase_attention_token_scores(ctx: Ctx):
     b = ctx.int(1, 3)
     q, qm = ctx.tokens(b, 4, d)
     k, km = ctx.tokens(b, 4, d)
-    kwargs = {"self_attn": _attention_weights(ctx, d), "cross_attn": _attention_weights(ctx, d), "heads": heads}
+    kwargs = {"self_attn": _attention_weights(ctx, d), "cross_attn": _attention_weights(ctx, d), "heads": heads,
+              "feed_forward": _feed_forward_weights(ctx, d)}
     fn = F.phrase_attention_token_scores
     what = "phrase_attention_token_scores"
     out = expect(fn(q, k, qm, km, **kwargs), q.shape[:2], ctx.dtype, ctx, what, finite=False)

@@ -393,12 +393,18 @@ def timm_kwargs():
 
 @pytest.mark.parametrize("torch_format", [False, True], ids=["pickle", "torch.save"])
 def test_timm_checkpoint_path_with_code_is_refused(model, tmp_path, canary, timm_kwargs, torch_format):
+    from imtm.components import TimmVisionEncoder
+
     evil = tmp_path / "weights.pth"
     write_pickle(evil, canary, torch_format)
+    with pytest.raises(ValueError, match="weights_only=True"):  # built directly: read without unpickling code
+        TimmVisionEncoder(checkpoint_path=str(evil), **timm_kwargs)
     edit_config(model, lambda cfg: cfg["components"][0].update(
         block={"__component__": "TimmVisionEncoder",
                "params": encode_value(dict(timm_kwargs, checkpoint_path=str(evil)))["__dict__"]}))
-    with pytest.raises(ValueError, match="weights_only=True"):
+    # Matcher.load never opens checkpoint_path (the weights come from model.safetensors): here they
+    # belong to another block, which is what is refused.
+    with pytest.raises(CheckpointError, match="the weights come from another configuration"):
         Matcher.load(model)
 
 
@@ -437,7 +443,9 @@ def test_cli_evaluate_refuses_a_config_naming_code(model, canary, capsys):
 
 
 def test_load_does_not_restore_where_a_later_fit_writes(saved, model):
-    # The saved configuration names a run folder; a loaded model must not write or prune there.
+    # A saved model names no run folder; one whose configuration names one (a checkpoint's, or an
+    # edited file) must not make a loaded model write or prune there.
     root, _ = saved
-    assert json.loads((model / "config.json").read_text())["params"]["checkpoint_dir"] == str(root / "run")
+    assert json.loads((model / "config.json").read_text())["params"]["checkpoint_dir"] is None
+    edit_config(model, lambda cfg: cfg["params"].update(checkpoint_dir=str(root / "run")))
     assert Matcher.load(model).checkpoint_dir is None

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imtm.component import Component, suggest
+from imtm.component import Component, is_restoring_saved_weights, suggest
 from imtm.components.encoders.timm_vision import WeightsUnavailableError
+from imtm.engine.serialization import ASSETS, AssetPath
 from imtm.tokens import Tokens
 
 __all__ = ["CHUNK_TOKENS", "MINILM", "SPECIAL_TOKENS", "HFTextEncoder", "minilm_path", "write_local_bert"]
@@ -226,16 +227,27 @@ class HFTextEncoder(Component):
         source = os.fspath(model_name_or_path)
         if source == MINILM:
             source = minilm_path()
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         try:
             # The folder may come from a saved configuration: never run code it ships (auto_map
             # modules) and never unpickle weights (pytorch_model.bin); safetensors only.
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-            model = AutoModel.from_pretrained(source, trust_remote_code=False, use_safetensors=True)
+            if is_restoring_saved_weights():
+                # Matcher.load: the architecture only; the weights come from the saved model.safetensors.
+                model = AutoModel.from_config(AutoConfig.from_pretrained(source, trust_remote_code=False),
+                                              trust_remote_code=False)
+            else:
+                model = AutoModel.from_pretrained(source, trust_remote_code=False, use_safetensors=True)
         except OSError as err:  # not a folder, not cached, hub unreachable / offline, no safetensors weights
+            inside_model = isinstance(model_name_or_path, AssetPath)
             raise WeightsUnavailableError(
-                f"{name}: cannot load {source!r} ({type(err).__name__}: {err}). Pass a local folder "
+                f"{name}: cannot load {source!r} ({type(err).__name__}: {err}). "
+                + ("This is the text-encoder folder of a saved imtm model: it holds the configuration and "
+                   "tokenizer, while the weights are in the model's model.safetensors, which Matcher.load "
+                   "restores. To train anew, set model_name_or_path to the pretrained encoder again "
+                   f"(record.json 'sources' names it). " if inside_model else "")
+                + "Pass a local folder "
                 "with config.json, the tokenizer files and the weights as model.safetensors "
                 "(model.save_pretrained(folder, safe_serialization=True) and "
                 "tokenizer.save_pretrained(folder) once where there is internet), 'minilm' for the packaged "
@@ -273,6 +285,29 @@ class HFTextEncoder(Component):
             >>> enc = HFTextEncoder.minilm(max_length=32)  # doctest: +SKIP
         """
         return cls(MINILM, **kwargs)
+
+    def portable_params(self) -> dict:
+        """A saved model rebuilds the encoder from its own folder (configuration and tokenizer files)."""
+        return {"model_name_or_path": ASSETS}
+
+    def write_assets(self, folder) -> None:
+        """Write the transformers configuration (``config.json``) and the tokenizer's files into ``folder``.
+
+        The weights are not written here: they are in the saved model's ``model.safetensors``
+        with every other block's. The configuration's ``_name_or_path`` (where it was first
+        read from) is cleared, so no file of the folder names a path outside it.
+        """
+        folder = Path(folder)
+        self.tokenizer.save_pretrained(os.fspath(folder))
+        config = self.model.config.to_dict()
+        config.pop("_name_or_path", None)
+        config.pop("auto_map", None)  # never run code shipped with a model (trust_remote_code=False)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        for path in folder.glob("*.json"):  # a tokenizer records where it was read from in some versions
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and isinstance(data.get("name_or_path"), str):
+                data["name_or_path"] = ""
+                path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
 
     def validate(self) -> HFTextEncoder:
         """Check the source, ``out_dim``, ``max_length``, ``chunk_tokens``, ``special_tokens``, ``freeze``.

@@ -6,6 +6,7 @@ timm is imported when an encoder is built, not when imtm is imported.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Mapping
 from numbers import Integral, Real
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from imtm.component import Component, state_mismatch, suggest
+from imtm.component import Component, is_restoring_saved_weights, state_mismatch, suggest
 from imtm.functional.masking import random_patch_mask
 from imtm.tokens import Tokens, check_finite
 
@@ -293,8 +294,11 @@ class TimmVisionEncoder(Component):
         if img_size is not None:
             kwargs["img_size"] = img_size
 
+        # Matcher.load rebuilds the architecture only: the weights come from the saved model.safetensors,
+        # so neither the hub nor checkpoint_path is needed (a saved model loads offline, anywhere).
+        restoring = is_restoring_saved_weights()
         try:
-            model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+            model = timm.create_model(model_name, pretrained=pretrained and not restoring, num_classes=0, **kwargs)
         except OSError as err:  # hub unreachable, offline mode, file not in the cache
             if not pretrained:
                 raise
@@ -319,7 +323,7 @@ class TimmVisionEncoder(Component):
                 f"{name}: patch_drop_rate > 0 drops patch tokens at random, so the tokens would not "
                 "match the grid and masked_patches; leave patch_drop_rate at 0"
             )
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and not restoring:
             _load_into(model, checkpoint_path, name)
         self.model = model
         self._features, self._grid = FAMILIES[family]
@@ -348,6 +352,15 @@ class TimmVisionEncoder(Component):
             self.model.eval()
 
     # ------------------------------------------------------------------ information
+    def portable_params(self) -> dict:
+        """A saved model keeps ``checkpoint_path`` by its base name only (a record of where the weights came from).
+
+        The backbone's weights are in the saved ``model.safetensors``; loading never reads the file.
+        """
+        if self.checkpoint_path is None:
+            return {}
+        return {"checkpoint_path": os.path.basename(os.fspath(self.checkpoint_path).rstrip("/\\"))}
+
     def validate(self) -> TimmVisionEncoder:
         """Check the model name, the flags, ``out_dim``, ``mask_ratio`` and ``model_kwargs``; return ``self``."""
         import timm

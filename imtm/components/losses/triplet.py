@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 
@@ -55,7 +55,14 @@ class TripletLoss(Loss):
                         + \max_{i' \in \bar I_t} [\alpha - s(i, t) + s(i', t)]_+   \qquad (6)
 
     summed over the positive pairs (``hardest=False``: sums over the negatives
-    instead, Eq. 5). See :func:`imtm.functional.triplet_loss` for the exact
+    instead, Eq. 5). With ``hardest=True`` and ``warmup_epochs=k``, the first ``k``
+    epochs sum over the negatives and the later ones take the hardest: the
+    VSE-infinity warm-up (its ``train.py`` switches ``max_violation`` on once
+    ``epoch >= vse_mean_warmup_epochs``; CHAN's scripts pass 1). From random
+    initialisation the hardest negative of an untrained embedding is noise, and
+    the hardest-negative loss alone can collapse in the first epoch (VSE++, Sec. 4);
+    the summed loss gives every negative a gradient until the embedding means something.
+    See :func:`imtm.functional.triplet_loss` for the exact
     definition, the reductions and the handling of several captions per image.
 
     ``forward`` takes its values in ``requires`` order and accepts two arities:
@@ -68,6 +75,12 @@ class TripletLoss(Loss):
     Args:
         margin: :math:`\alpha`, at least 0.
         hardest: max over negatives (VSE++) or sum over negatives.
+        warmup_epochs: with ``hardest=True``, sum over the negatives for this many epochs
+            first (an integer >= 0; 0: hardest from the start). The loss learns the epoch
+            from :meth:`set_epoch`, which ``Matcher.fit`` calls at the start of every epoch
+            (the epoch within the current training stage, so a resumed run picks up the
+            same setting). Called by hand in a plain loop; never called, the loss stays in
+            its warm-up.
         reduction: ``"sum"``, ``"mean"`` or ``"none"`` (a ``(Bi, Bt)`` matrix; a Matcher
             needs a scalar, so use it only outside one).
         weight: factor of this loss in the Matcher's total.
@@ -88,10 +101,16 @@ class TripletLoss(Loss):
         >>> loss = TripletLoss(margin=0.2)
         >>> loss(torch.tensor([[0.9, 0.8], [0.1, 0.5]]), torch.eye(2, dtype=torch.bool))
         tensor(0.6000)
+        >>> warm = TripletLoss(margin=0.2, warmup_epochs=1)
+        >>> warm.hardest_now, warm.set_epoch(1), warm.hardest_now
+        (False, None, True)
     """
 
     requires = ("scores", "positives")
     provides = ("triplet_loss",)
+
+    #: 0-based epoch of the current training stage, as the last :meth:`set_epoch` said.
+    epoch_: int = 0
 
     def __init__(
         self,
@@ -102,6 +121,7 @@ class TripletLoss(Loss):
         miner=None,
         count_pairs: str = "once",
         *,
+        warmup_epochs: int = 0,
         requires=None,
         provides=None,
     ):
@@ -111,10 +131,26 @@ class TripletLoss(Loss):
         self.reduction = reduction
         self.weight = weight
         self.miner = miner
+        self.warmup_epochs = warmup_epochs
         self.count_pairs = count_pairs
 
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the loss which epoch starts (0-based, within the training stage).
+
+        ``Matcher.fit`` calls it on every block that has it before each epoch, a resumed
+        run included; call it yourself when you drive the loss from your own loop.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, Integral) or epoch < 0:
+            raise ValueError(f"{type(self).__name__}.set_epoch: epoch must be an integer >= 0, got {epoch!r}")
+        self.epoch_ = int(epoch)
+
+    @property
+    def hardest_now(self) -> bool:
+        """Whether the current epoch takes the hardest negative (``hardest`` and the warm-up is over)."""
+        return bool(self.hardest) and self.epoch_ >= self.warmup_epochs
+
     def validate(self) -> TripletLoss:
-        """Check the hyper-parameters (margin, hardest, reduction, miner, weight, arity); return ``self``."""
+        """Check the hyper-parameters (margin, hardest, warmup_epochs, reduction, miner, weight, arity); return ``self``."""
         name = type(self).__name__
         if self.reduction not in REDUCTIONS:
             raise ValueError(
@@ -138,6 +174,12 @@ class TripletLoss(Loss):
             raise TypeError(
                 f"{name}: hardest must be True (max over negatives) or False (sum), got {self.hardest!r}"
             )
+        warm = self.warmup_epochs
+        if isinstance(warm, bool) or not isinstance(warm, Integral) or warm < 0:
+            raise ValueError(
+                f"{name}: warmup_epochs must be an integer >= 0 (epochs of summed negatives before the "
+                f"hardest), got {warm!r}"
+            )
         if self.miner is not None and not callable(self.miner):
             raise TypeError(
                 f"{name}: miner must be None or a callable block such as DistanceWeightedMiner, "
@@ -158,7 +200,7 @@ class TripletLoss(Loss):
                 scores,
                 positives,
                 margin=self.margin,
-                hardest=self.hardest,
+                hardest=self.hardest_now,
                 reduction=self.reduction,
                 negatives=negatives,
                 count_pairs=self.count_pairs,

@@ -16,7 +16,9 @@ from imtm.components.scorers.topk_aggregation import TopKAggregation
 
 __all__ += ["InterModalPhraseAttention", "ScoreFusion", "TopKAggregation"]
 
-from imtm.components.scorers.patch_slimming import GumbelSelector, PatchScorer, PatchSlimming, RedundantFusion, TokenAggregation
+from imtm.components.scorers.scan_attention import ScanAttention
+from imtm.components.scorers.patch_slimming import DPCKNNAggregation, GumbelSelector, PatchScorer, PatchSlimming, RedundantFusion, TokenAggregation
 from imtm.components.scorers.sparse_alignment import SparsePatchWordAlignment
 
-__all__ += ["GumbelSelector", "PatchScorer", "PatchSlimming", "RedundantFusion", "SparsePatchWordAlignment", "TokenAggregation"]
+__all__ += ["ScanAttention"]
+__all__ += ["DPCKNNAggregation", "GumbelSelector", "PatchScorer", "PatchSlimming", "RedundantFusion", "SparsePatchWordAlignment", "TokenAggregation"]

@@ -2,7 +2,7 @@
 pairwise :class:`PatchSlimming` scorer built from them.
 
 References:
-    Fu, Zhang, Chen, Sun and Xie, "Linguistic-Aware Patch Slimming Framework for
+    Fu, Zhang, Xia and Mao, "Linguistic-Aware Patch Slimming Framework for
     Fine-grained Cross-Modal Alignment", CVPR 2024, Sec. 3.2-3.5, Eq. 1-10.
 """
 
@@ -25,10 +25,12 @@ from imtm.functional.patch_slimming import (
     aggregated_cosines,
     aggregation_weights,
     combine_significance,
+    dpc_knn_weights,
     fusion_weights,
     gumbel_keep_decisions,
     logistic_noise,
     self_attentive_scores,
+    slimmed_cosines,
     text_attentive_scores,
     top_keep_decisions,
     weighted_cosine,
@@ -37,7 +39,7 @@ from imtm.functional.patch_slimming import (
 from imtm.functional.pooling import resolve_pooling
 from imtm.tokens import Tokens, check_finite
 
-__all__ = ["GumbelSelector", "PatchScorer", "PatchSlimming", "RedundantFusion", "TokenAggregation"]
+__all__ = ["DPCKNNAggregation", "GumbelSelector", "PatchScorer", "PatchSlimming", "RedundantFusion", "TokenAggregation"]
 
 
 def _check_number(block, name: str, value, lo: float, hi: float, *, lo_open: bool, hi_open: bool = False) -> None:
@@ -82,11 +84,11 @@ class PatchScorer(Component):
 
     .. math::
 
-        a^p_i = \sigma(\operatorname{MLP}(v_i)), \quad
+        a^p_i = \sigma(\operatorname{MLP}(v_i)) \quad \text{(Eq. 1)}, \qquad
         a^s_i = \operatorname{Norm}(v_i \cdot v_{glo} / d), \quad
-        a^r_i = \operatorname{Norm}(v_i \cdot t_{glo} / d) \quad \text{(Eq. 2-3)}
+        a^r_i = \operatorname{Norm}(v_i \cdot t_{glo} / d) \quad \text{(Eq. 2)}
 
-        a_i = (1 - \beta)\, a^p_i + \frac{\beta}{2} (a^s_i + a^r_i) \quad \text{(Eq. 1)}
+        a_i = (1 - \beta)\, a^p_i + \frac{\beta}{2} (a^s_i + a^r_i) \quad \text{(Eq. 3)}
 
     ``MLP`` is Linear-GELU-Linear (``dim -> hidden_dim -> 1``); :math:`v_{glo}` the
     image's mean patch and :math:`t_{glo}` the caption's mean word; ``Norm`` min-max
@@ -102,10 +104,11 @@ class PatchScorer(Component):
         beta: :math:`\beta` in ``[0, 1]``.
         hidden_dim: MLP width; ``None``: ``max(1, dim // 4)``.
         language_context: include :math:`a^r` (False: the "without language context" ablation).
-        calibration: include the image self-attention :math:`a^s`, which calibrates the
-            caption-guided score toward the image's salient patches (False: the "without
-            calibration" ablation; the reading of that ablation is settled here). Without one
-            of :math:`a^s, a^r` the other gets the whole weight :math:`\beta`.
+        self_attention: include the image self-attention :math:`a^s` (False: a^r alone). Without
+            one of :math:`a^s, a^r` the other gets the whole weight :math:`\beta`. (The paper's
+            "without patch calibration" row removes the aggregation of Eq. 6-7, not this score:
+            :class:`PatchSlimming` with ``aggregation=None``.) ``beta=1`` leaves the prediction
+            :math:`a^p` out: the "only attentive scores" row of Table 4.
 
     Shape:
         - image_tokens: Tokens ``(Bi, N, D)``, text_tokens: Tokens ``(Bt, M, D)``
@@ -134,7 +137,7 @@ class PatchScorer(Component):
         beta: float = 0.8,
         hidden_dim: int | None = None,
         language_context: bool = True,
-        calibration: bool = True,
+        self_attention: bool = True,
         *,
         requires=None,
         provides=None,
@@ -144,7 +147,7 @@ class PatchScorer(Component):
         self.beta = beta
         self.hidden_dim = hidden_dim
         self.language_context = language_context
-        self.calibration = calibration
+        self.self_attention = self_attention
         # The MLP is built from dim and hidden_dim below, so they are checked first.
         self._check_sizes()
         hidden = hidden_dim if hidden_dim is not None else max(1, dim // 4)
@@ -159,15 +162,15 @@ class PatchScorer(Component):
         """Check the hyper-parameters; return ``self``."""
         self._check_sizes()
         _check_number(self, "beta", self.beta, 0.0, 1.0, lo_open=False)
-        for name in ("language_context", "calibration"):
+        for name in ("language_context", "self_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{type(self).__name__}: {name} must be True or False, got {getattr(self, name)!r}")
         return self
 
     def image_scores(self, patches: torch.Tensor, patch_mask: torch.Tensor | None):
-        """The image-only parts ``(a^p, a^s)``, each ``(Bi, Np)`` (``a^s`` is None without calibration)."""
+        """The image-only parts ``(a^p, a^s)``, each ``(Bi, Np)`` (``a^s`` is None without self-attention)."""
         predicted = torch.sigmoid(self.mlp(patches).squeeze(-1))
-        own = self_attentive_scores(patches, patch_mask) if self.calibration else None
+        own = self_attentive_scores(patches, patch_mask) if self.self_attention else None
         return predicted, own
 
     def pair_scores(self, image_part, patches, text_context, patch_mask) -> torch.Tensor:
@@ -277,12 +280,12 @@ class GumbelSelector(Component):
 
 
 class TokenAggregation(Component):
-    r"""Merges the kept patches of every pair into ``num_out`` tokens (LAPS Eq. 6).
+    r"""Merges the kept patches of every pair into ``num_out`` tokens (LAPS Eq. 6-7, Sec. 3.3).
 
     .. math::
 
         W = \operatorname{softmax}_{i : D_i = 1}\big(\operatorname{MLP}(V)\big), \qquad
-        \hat v_j = \sum_i W_{ij} v_i, \quad j = 1..N_c \quad \text{(Eq. 6)}
+        \hat v_j = \sum_i W_{ij} v_i, \quad j = 1..N_c \quad \text{(Eq. 6-7)}
 
     ``MLP`` is LayerNorm-Linear-GELU-Linear (``dim -> hidden -> num_out``), applied to
     every patch of the image once; the decisions mask the dropped patches before
@@ -304,7 +307,7 @@ class TokenAggregation(Component):
             inputs of the wrong shape.
 
     References:
-        Fu et al., CVPR 2024, Eq. 6.
+        Fu et al., CVPR 2024, Eq. 6-7 (Sec. 3.3, semantic-spatial patch calibration).
 
     Example:
         >>> agg = TokenAggregation(dim=16, num_out=3)
@@ -351,6 +354,65 @@ class TokenAggregation(Component):
         return f"dim={self.dim}, num_out={self.num_out}, " + super().extra_repr()
 
 
+class DPCKNNAggregation(Component):
+    r"""Merges the kept patches of every pair into ``num_out`` clusters by DPC-KNN (LAPS Table 4's alternative).
+
+    The clustering alternative to the learned aggregation of Eq. 6-7 in the paper's Table 4:
+    density-peak clustering with ``k`` nearest neighbours over the patches a pair keeps, each
+    token the mean of one cluster (see :func:`imtm.functional.patch_slimming.dpc_knn_weights`).
+    It has no parameters; pass it as :class:`PatchSlimming`'s ``aggregation``.
+
+    Args:
+        num_out: clusters ``N_c``.
+        k: neighbours of the density estimate (5, as TCFormer's token clustering).
+
+    Shape:
+        - image_tokens: Tokens ``(Bi, N, D)``; keep_decisions: ``(Bi, Bt, N)``
+        - output ``aggregated_tokens``: ``(Bi, Bt, Nc, D)`` (an empty cluster is a zero token)
+
+    References:
+        Du, Ding and Jia, Knowledge-Based Systems 2016 (DPC-KNN); Zeng et al., "Not All Tokens
+        Are Equal: Human-centric Visual Analysis via Token Clustering Transformer", CVPR 2022;
+        Fu et al., CVPR 2024, Table 4.
+
+    Example:
+        >>> agg = DPCKNNAggregation(num_out=2)
+        >>> agg(Tokens(torch.randn(2, 6, 8)), torch.ones(2, 3, 6)).shape
+        torch.Size([2, 3, 2, 8])
+    """
+
+    requires = ("image_tokens", "keep_decisions")
+    provides = ("aggregated_tokens",)
+
+    def __init__(self, num_out: int, k: int = 5, *, requires=None, provides=None):
+        super().__init__(requires=requires, provides=provides)
+        self.num_out = num_out
+        self.k = k
+
+    def validate(self) -> DPCKNNAggregation:
+        """Check ``num_out`` and ``k``; return ``self``."""
+        _check_int(self, "num_out", self.num_out)
+        _check_int(self, "k", self.k)
+        return self
+
+    def pair_weights(self, patches, patch_mask, decisions):
+        """``(weights (Bi, Np, Bt, Nc), valid (Bi, Bt, Nc))`` for decisions ``(Bi, Np, Bt)``."""
+        return dpc_knn_weights(patches, decisions, self.num_out, k=self.k, mask=patch_mask)
+
+    def forward(self, image_tokens, keep_decisions: torch.Tensor) -> torch.Tensor:
+        self.validate()
+        images = as_tokens(self, image_tokens, "image tokens")
+        patches, patch_mask = _split_patches(self, images)
+        p = images.num_prefix_tokens
+        decisions = _check_decisions(self, keep_decisions, images)[..., p:]
+        safe = images.zero_padding().feats[:, p:]
+        weights, _ = self.pair_weights(safe, patch_mask, decisions.permute(0, 2, 1))
+        return aggregate_tokens(safe, weights.permute(0, 2, 1, 3))
+
+    def extra_repr(self) -> str:
+        return f"num_out={self.num_out}, k={self.k}, " + super().extra_repr()
+
+
 def _check_decisions(block, decisions, images: Tokens) -> torch.Tensor:
     if (
         not isinstance(decisions, torch.Tensor)
@@ -366,11 +428,11 @@ def _check_decisions(block, decisions, images: Tokens) -> torch.Tensor:
 
 
 class RedundantFusion(Component):
-    r"""Fuses the dropped patches of every pair into one token (LAPS Eq. 7).
+    r"""Fuses the dropped patches of every pair into one token (LAPS's redundant-patch fusion).
 
     .. math::
 
-        \hat v_f = \sum_{i : D_i = 0} \operatorname{softmax}(a)_i\, v_i \quad \text{(Eq. 7)}
+        \hat v_f = \sum_{i : D_i = 0} \operatorname{softmax}(a)_i\, v_i
 
     the softmax of the significance over the dropped patches only (the paper prints
     :math:`D_i` in the weights; :math:`1 - D_i` is meant). A pair that drops nothing
@@ -385,7 +447,9 @@ class RedundantFusion(Component):
             inputs of the wrong shape.
 
     References:
-        Fu et al., CVPR 2024, Eq. 7.
+        Fu et al., CVPR 2024 (the fused token of the redundant patches; ``TokenSparse.forward``
+        in lib/cross_net.py of CrossmodalGroup/LAPS builds it the same way, a softmax of the
+        dropped patches' scores).
 
     Example:
         >>> fuse = RedundantFusion()
@@ -454,8 +518,8 @@ class _ImageSide:
     patches: torch.Tensor  # (Bi, Np, D)
     patch_mask: torch.Tensor | None  # (Bi, Np)
     scores: tuple  # (a^p, a^s)
-    logits: torch.Tensor  # (Bi, Np, Nc)
-    exp_logits: torch.Tensor  # (Bi, Np, Nc): exp(logits - the image's max), in (0, 1]
+    logits: torch.Tensor | None  # (Bi, Np, Nc), with a TokenAggregation
+    exp_logits: torch.Tensor | None  # (Bi, Np, Nc): exp(logits - the image's max), in (0, 1]
     gram: torch.Tensor | None  # (Bi, Np, Np), when the alignment reduces cosines
     inv_norm: torch.Tensor  # (Bi, N) 1 / |v|
 
@@ -467,7 +531,7 @@ class PatchSlimming(Component):
     Eq. 1-3); decisions ``D`` (:class:`GumbelSelector`: Gumbel in training, top
     :math:`N_s` at inference, Eq. 4-5); the slimmed set
     :math:`\{v_{cls}, \hat v_1..\hat v_{N_c}, \hat v_f\}` (:class:`TokenAggregation`,
-    Eq. 6, and redundant fusion, Eq. 7); and the alignment of that set with the
+    Eq. 6-7, and the fused token of the dropped patches); and the alignment of that set with the
     caption's words (:class:`SparsePatchWordAlignment`, Eq. 8, or another scorer:
     the plug-in use of the paper's Table 4, e.g. CHAN's
     :class:`~imtm.components.HardAssignmentCoding`):
@@ -500,7 +564,12 @@ class PatchSlimming(Component):
     Args:
         scorer: a :class:`PatchScorer`.
         selector: a :class:`GumbelSelector`.
-        aggregation: a :class:`TokenAggregation`.
+        aggregation: a :class:`TokenAggregation` (Eq. 6-7), a :class:`DPCKNNAggregation` (the
+            clustering alternative of Table 4), or ``None``: the "without patch calibration" row of
+            Table 4, which removes the aggregation: the selected patches are aligned as they are
+            (the set is ``{v_cls, v_i : D_i = 1, v_f}``), as the line ``aggr_tokens = select_tokens``
+            left commented out in ``CrossSparseAggrNet_v2.forward`` (lib/cross_net.py of
+            CrossmodalGroup/LAPS) would run it.
         alignment: the pair scorer of the slimmed sets (``requires`` image and text tokens,
             provides scores), e.g. :class:`SparsePatchWordAlignment`.
         fusion: add the fused token of the dropped patches (False: "without redundant fusion").
@@ -536,7 +605,7 @@ class PatchSlimming(Component):
         self,
         scorer: PatchScorer,
         selector: GumbelSelector,
-        aggregation: TokenAggregation,
+        aggregation: TokenAggregation | DPCKNNAggregation | None,
         alignment: Component,
         fusion: bool = True,
         max_block_elements: int | None = None,
@@ -555,22 +624,25 @@ class PatchSlimming(Component):
     def validate(self) -> PatchSlimming:
         """Check the parts and how they fit together; return ``self``."""
         name = type(self).__name__
-        for attr, cls in (("scorer", PatchScorer), ("selector", GumbelSelector), ("aggregation", TokenAggregation)):
+        for attr, cls in (("scorer", PatchScorer), ("selector", GumbelSelector)):
             if not isinstance(getattr(self, attr), cls):
                 raise TypeError(f"{name}: {attr} must be a {cls.__name__}, got {type(getattr(self, attr)).__name__}")
+        if self.aggregation is not None and not isinstance(self.aggregation, (TokenAggregation, DPCKNNAggregation)):
+            raise TypeError(f"{name}: aggregation must be a TokenAggregation, a DPCKNNAggregation or None (no "
+                            f"aggregation), got {type(self.aggregation).__name__}")
         if not isinstance(self.alignment, Component) or tuple(self.alignment.provides) != ("scores",):
             raise TypeError(
                 f"{name}: alignment must be a Component that provides ('scores',) from (image_tokens, text_tokens), "
                 f"e.g. SparsePatchWordAlignment(); got {self.alignment!r}"
             )
-        if self.scorer.dim != self.aggregation.dim:
+        if isinstance(self.aggregation, TokenAggregation) and self.scorer.dim != self.aggregation.dim:
             raise ValueError(
                 f"{name}: scorer.dim={self.scorer.dim} and aggregation.dim={self.aggregation.dim} must be equal"
             )
         if not isinstance(self.fusion, bool):
             raise TypeError(f"{name}: fusion must be True or False, got {self.fusion!r}")
         check_block_args(self.max_block_elements, None, where=name)
-        for part in (self.scorer, self.selector, self.alignment):
+        for part in (self.scorer, self.selector, self.alignment, self.aggregation):
             if hasattr(part, "validate"):
                 part.validate()
         return self
@@ -584,12 +656,15 @@ class PatchSlimming(Component):
         norms = feats.norm(dim=-1)
         inv = torch.where(images.mask, 1 / norms.clamp_min(1e-8), torch.zeros((), dtype=feats.dtype, device=feats.device))
         # The MLPs may run under autocast; what follows stays in the features' dtype (see forward).
-        logits = self.aggregation.logits(patches).to(feats.dtype)
         a_p, a_s = self.scorer.image_scores(patches, patch_mask)
-        top = logits if patch_mask is None else logits.masked_fill(~patch_mask.unsqueeze(-1), -math.inf)
-        shift = top.amax(1, keepdim=True).detach()
-        # An image whose only real tokens are prefix tokens has no patch: shift by 0, not -inf (exp(inf)).
-        shift = torch.where(torch.isfinite(shift), shift, torch.zeros((), dtype=shift.dtype, device=shift.device))
+        logits = exp_logits = None
+        if isinstance(self.aggregation, TokenAggregation):
+            logits = self.aggregation.logits(patches).to(feats.dtype)
+            top = logits if patch_mask is None else logits.masked_fill(~patch_mask.unsqueeze(-1), -math.inf)
+            shift = top.amax(1, keepdim=True).detach()
+            # An image whose only real tokens are prefix tokens has no patch: shift by 0, not -inf (exp(inf)).
+            shift = torch.where(torch.isfinite(shift), shift, torch.zeros((), dtype=shift.dtype, device=shift.device))
+            exp_logits = torch.exp(logits - shift)
         return _ImageSide(
             feats=feats,
             prefix_mask=images.mask[:, :p],
@@ -597,7 +672,7 @@ class PatchSlimming(Component):
             patch_mask=patch_mask,
             scores=(a_p.to(feats.dtype), None if a_s is None else a_s.to(feats.dtype)),
             logits=logits,
-            exp_logits=torch.exp(logits - shift),
+            exp_logits=exp_logits,
             gram=None,  # computed in _pairs, outside autocast
             inv_norm=inv,
         )
@@ -605,6 +680,8 @@ class PatchSlimming(Component):
     def _plan(self, n_images: int, n_captions: int, n_patches: int, n_tokens: int, n_words: int, device) -> tuple[int, int]:
         budget = default_block_elements(device) if self.max_block_elements is None else self.max_block_elements
         per_pair = n_patches * (n_tokens + n_words) + n_tokens * n_words
+        if isinstance(self.aggregation, DPCKNNAggregation):
+            per_pair += 2 * n_patches * n_patches  # the pair's distances and density comparisons
         pairs = max(1, budget // max(per_pair, 1))
         bt = max(1, min(n_captions, pairs))
         bi = max(1, min(n_images, pairs // bt))
@@ -641,7 +718,8 @@ class PatchSlimming(Component):
         words = normalize_tokens(texts.feats, texts.mask)  # (Bt, M, D), padding zero
         word_mask = None if bool(texts.mask.all()) else texts.mask
         context = texts.masked_mean()  # t_glo, (Bt, D)
-        n_slim = self.aggregation.num_out + (1 if self.fusion else 0)
+        n_agg = Np if self.aggregation is None else self.aggregation.num_out
+        n_slim = n_agg + (1 if self.fusion else 0)
         noise = None
         if self.training:
             # Drawn once for all pairs, so the decisions do not depend on the block size.
@@ -685,11 +763,20 @@ class PatchSlimming(Component):
             if pm3 is not None:
                 drop = torch.where(pm3, drop, torch.zeros((), dtype=drop.dtype, device=drop.device))
         bi, Np, bt = decisions.shape
-        # The slimmed set's mask: prefix tokens where real, aggregated where something is kept,
-        # the fused token where something is dropped.
-        kept_any = (decisions > 0).any(1)  # (bi, bt)
-        masks = [side.prefix_mask[sl].unsqueeze(1).expand(bi, bt, p),
-                 kept_any.unsqueeze(-1).expand(bi, bt, self.aggregation.num_out)]
+        agg = self.aggregation
+        dpc = None
+        if isinstance(agg, DPCKNNAggregation):
+            dpc = agg.pair_weights(patches, pm, decisions)  # (weights (bi, Np, bt, Nc), valid (bi, bt, Nc))
+        # The slimmed set's mask: prefix tokens where real; aggregated tokens where something is kept
+        # (clusters: where they hold a patch; no aggregation: the kept patches themselves); the fused
+        # token where something is dropped.
+        if agg is None:
+            agg_mask = (decisions > 0).permute(0, 2, 1)
+        elif dpc is not None:
+            agg_mask = dpc[1]
+        else:
+            agg_mask = (decisions > 0).any(1).unsqueeze(-1).expand(bi, bt, agg.num_out)
+        masks = [side.prefix_mask[sl].unsqueeze(1).expand(bi, bt, p), agg_mask]
         if self.fusion:
             masks.append((drop > 0).any(1).unsqueeze(-1))
         token_mask = torch.cat(masks, dim=-1)  # (bi, bt, p + K)
@@ -703,19 +790,33 @@ class PatchSlimming(Component):
             parts = []
             if p:
                 parts.append((dots[:, :p] * side.inv_norm[sl, :p, None, None]).permute(0, 2, 1, 3))
-            parts.append(aggregated_cosines(pw, gram, side.exp_logits[sl], decisions))  # (bi, bt, Nc, M)
+            if agg is None:
+                # The kept patches as they are: their cosines, times D (1 when kept) for the
+                # straight-through gradient; dropped ones are masked out.
+                own = pw * side.inv_norm[sl, p:, None, None] * decisions.unsqueeze(-1)
+                parts.append(own.permute(0, 2, 1, 3))  # (bi, bt, Np, M)
+            elif dpc is not None:
+                parts.append(slimmed_cosines(pw, gram, dpc[0]))  # (bi, bt, Nc, M)
+            else:
+                parts.append(aggregated_cosines(pw, gram, side.exp_logits[sl], decisions))  # (bi, bt, Nc, M)
             if self.fusion:
-                # Eq. 7's softmax of a over the dropped patches, unnormalised: a lies in [0, 1], so exp(a)
-                # needs no shift, and the cosine ignores the normaliser.
+                # The fused token's softmax of a over the dropped patches, unnormalised: a lies in [0, 1],
+                # so exp(a) needs no shift, and the cosine ignores the normaliser.
                 parts.append(weighted_cosine(pw, gram, drop * torch.exp(a)))
             scores = reduce(torch.cat(parts, dim=2), token_mask, wm)
         else:
-            weights = _masked_softmax(side.logits[sl].unsqueeze(2), decisions.unsqueeze(-1), dim=1)  # (bi, Np, bt, Nc)
+            if agg is None:
+                tokens = decisions.permute(0, 2, 1).unsqueeze(-1) * patches.unsqueeze(1)  # (bi, bt, Np, D)
+            else:
+                if dpc is not None:
+                    weights = dpc[0]
+                else:
+                    weights = _masked_softmax(side.logits[sl].unsqueeze(2), decisions.unsqueeze(-1), dim=1)
+                tokens = aggregate_tokens(patches, weights.permute(0, 2, 1, 3))  # (bi, bt, Nc, D)
             if self.fusion:
                 fused = _masked_softmax(a.unsqueeze(-1), drop.unsqueeze(-1), dim=1)  # (bi, Np, bt, 1)
-                weights = torch.cat([weights, fused], dim=-1)
-            K = weights.shape[-1]
-            tokens = aggregate_tokens(patches, weights.permute(0, 2, 1, 3))  # (bi, bt, K, D)
+                tokens = torch.cat([tokens, aggregate_tokens(patches, fused.permute(0, 2, 1, 3))], dim=2)
+            K = tokens.shape[2]
             if p:
                 pre = side.feats[sl, :p].unsqueeze(1).expand(bi, bt, p, tokens.shape[-1])
                 tokens = torch.cat([pre, tokens], dim=2)

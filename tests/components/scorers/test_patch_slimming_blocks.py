@@ -9,6 +9,7 @@ from sklearn.base import clone
 
 from imtm import Tokens
 from imtm.components import (
+    DPCKNNAggregation,
     GumbelSelector,
     HardAssignmentCoding,
     PatchScorer,
@@ -25,12 +26,14 @@ SETTINGS = settings(max_examples=10, deadline=None)
 D = 8
 
 
-def laps(num_out=2, ratio=0.5, fusion=True, alignment=None, budget=None, **scorer_kw):
+def laps(num_out=2, ratio=0.5, fusion=True, alignment=None, budget=None, aggregation="learned", **scorer_kw):
     torch.manual_seed(0)
+    agg = {"learned": lambda: TokenAggregation(D, num_out), "none": lambda: None,
+           "dpc_knn": lambda: DPCKNNAggregation(num_out, k=2)}[aggregation]()
     return PatchSlimming(
         PatchScorer(D, **scorer_kw),
         GumbelSelector(ratio=ratio),
-        TokenAggregation(D, num_out),
+        agg,
         alignment if alignment is not None else SparsePatchWordAlignment(),
         fusion=fusion,
         max_block_elements=budget,
@@ -67,7 +70,7 @@ def reference_slimmed_set(slim: PatchSlimming, images: Tokens, i: int, words: to
 
     a_s = norm([torch.dot(x, v_glo) / d for x in v])
     a_r = norm([torch.dot(x, t_glo) / d for x in v])
-    parts = [a for a, use in ((a_s, sc.calibration), (a_r, sc.language_context)) if use]
+    parts = [a for a, use in ((a_s, sc.self_attention), (a_r, sc.language_context)) if use]
     a = []
     for k in range(len(v)):
         ctx = sum(part[k] for part in parts) / len(parts) if parts else 0
@@ -75,11 +78,16 @@ def reference_slimmed_set(slim: PatchSlimming, images: Tokens, i: int, words: to
     n_s = math.ceil(round(slim.selector.ratio * len(v), 9))
     order = sorted(range(len(v)), key=lambda k: -float(a[k].detach()))
     kept, dropped = sorted(order[:n_s]), sorted(order[n_s:])
-    logits = [slim.aggregation.mlp(x) for x in v]
     tokens = [images.feats[i, n] for n in range(p) if images.mask[i, n]]
-    for j in range(slim.aggregation.num_out):
-        z = sum(math.exp(float(logits[k][j].detach())) for k in kept)
-        tokens.append(sum(torch.exp(logits[k][j]) / z * v[k] for k in kept))
+    if slim.aggregation is None:  # "without patch calibration": the kept patches as they are
+        tokens += [v[k] for k in kept]
+    elif isinstance(slim.aggregation, DPCKNNAggregation):
+        tokens += loop_dpc_knn([v[k] for k in kept], kept, slim.aggregation.num_out, slim.aggregation.k)
+    else:
+        logits = [slim.aggregation.mlp(x) for x in v]
+        for j in range(slim.aggregation.num_out):
+            z = sum(math.exp(float(logits[k][j].detach())) for k in kept)
+            tokens.append(sum(torch.exp(logits[k][j]) / z * v[k] for k in kept))
     if slim.fusion and dropped:
         z = sum(torch.exp(a[k]) for k in dropped)
         tokens.append(sum(torch.exp(a[k]) / z * v[k] for k in dropped))
@@ -88,6 +96,26 @@ def reference_slimmed_set(slim: PatchSlimming, images: Tokens, i: int, words: to
     for k in kept:
         decisions[real[k]] = 1
     return tokens, decisions
+
+
+def loop_dpc_knn(xs, positions, num_clusters, k):
+    """DPC-KNN written out point by point: density from the k nearest (self included), distance to a
+    denser point, the num_clusters largest products are centres, every point joins its nearest centre."""
+    n, d = len(xs), xs[0].shape[0]
+    dist = [[float(torch.linalg.vector_norm(xs[a] - xs[b])) / math.sqrt(d) for b in range(n)] for a in range(n)]
+    rho = []
+    for a in range(n):
+        near = sorted(dist[a])[: min(k, n)]
+        rho.append(math.exp(-sum(x * x for x in near) / len(near)) - positions[a] * 1e-9)
+    delta = []
+    for a in range(n):
+        denser = [dist[a][b] for b in range(n) if rho[b] > rho[a]]
+        delta.append(min(denser) if denser else max(dist[a]))
+    centres = sorted(range(n), key=lambda a: -rho[a] * delta[a])[:num_clusters]
+    members = {c: [] for c in centres}
+    for a in range(n):
+        members[min(centres, key=lambda c: (dist[a][c], centres.index(c)))].append(a)
+    return [sum(xs[a] for a in ms) / len(ms) for ms in members.values() if ms]
 
 
 def reference(slim: PatchSlimming, images: Tokens, texts: Tokens, align=None):
@@ -127,7 +155,9 @@ def test_inference_keeps_exactly_ns_and_holds_nc_plus_two_tokens():
 
 
 @pytest.mark.parametrize("kw", [dict(ratio=1.0), dict(ratio=0.5, num_out=3), dict(fusion=False), dict(language_context=False),
-                                dict(calibration=False), dict(beta=0.0), dict(beta=1.0)])
+                                dict(self_attention=False), dict(beta=0.0), dict(beta=1.0),
+                                dict(aggregation="none"), dict(aggregation="none", fusion=False),
+                                dict(aggregation="dpc_knn"), dict(aggregation="dpc_knn", num_out=4, ratio=0.9)])
 def test_edge_cases_and_ablations_equal_the_loop(kw):
     # ratio 1: nothing dropped, no fused token; N_s = N_c = 3 with 6 patches; ablations of Table 4
     slim = laps(**kw).double().eval()
@@ -199,14 +229,27 @@ def test_hard_assignment_plug_in_equals_the_loop():
         torch.testing.assert_close(scores, want)
 
 
-def test_soft_assignment_plug_in_builds_tokens_and_equals_the_loop():
+@pytest.mark.parametrize("aggregation", ["learned", "none", "dpc_knn"])
+def test_soft_assignment_plug_in_builds_tokens_and_equals_the_loop(aggregation):
     coding = SoftAssignmentCoding(tau=0.1)
-    slim = laps(alignment=coding, budget=50).double().eval()
+    slim = laps(alignment=coding, budget=50, aggregation=aggregation).double().eval()
     images, texts = image_tokens(lengths=[7, 5, 6]), text_tokens()
     with torch.no_grad():
         scores, _ = slim(images, texts)
         want, _ = reference(slim, images, texts, align=coding)
     torch.testing.assert_close(scores, want)
+
+
+def test_without_calibration_aligns_the_selected_patches_and_changes_the_scores():
+    """Table 4's "without patch calibration": no TokenAggregation; the kept patches are aligned as they are."""
+    full, plain = laps().double().eval(), laps(aggregation="none").double().eval()
+    plain.scorer.load_state_dict(full.scorer.state_dict())
+    images, texts = image_tokens(lengths=[7, 5, 6]), text_tokens()
+    with torch.no_grad():
+        (s_full, d_full), (s_plain, d_plain) = full(images, texts), plain(images, texts)
+    torch.testing.assert_close(d_plain, d_full)  # the same selection ...
+    assert float((s_plain - s_full).abs().max()) > 1e-3  # ... aligned without the aggregation
+    assert not any(isinstance(m, TokenAggregation) for m in plain.modules())
 
 
 def test_conformance_of_every_block():
@@ -433,3 +476,16 @@ def test_pairwise_arithmetic_stays_in_float32_under_bf16_autocast():
     assert scores.dtype == torch.float32 and keep.dtype == torch.float32
     # only the MLPs ran in bf16; the Gram norms and cosines did not (bf16 there is off by ~0.1)
     torch.testing.assert_close(scores, ref, rtol=0, atol=1e-2)
+
+
+def test_scan_alignment_row_equals_the_loop():
+    """Table 4's SCAN row: the slimmed sets aligned by SCAN's text-to-image attention."""
+    from imtm.components import ScanAttention
+
+    scan = ScanAttention()
+    slim = laps(alignment=scan).double().eval()
+    images, texts = image_tokens(lengths=[7, 5, 6]), text_tokens()
+    with torch.no_grad():
+        scores, _ = slim(images, texts)
+        want, _ = reference(slim, images, texts, align=scan)
+    torch.testing.assert_close(scores, want)

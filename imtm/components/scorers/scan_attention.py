@@ -1,0 +1,75 @@
+"""ScanAttention: SCAN's text-to-image cross-attention score (the alignment of a LAPS Table 4 row)."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from imtm.component import Component
+from imtm.components.scorers.hard_assignment import as_tokens, named_errors
+from imtm.functional.scan_attention import SCAN_SMOOTH, scan_t2i_scores
+
+__all__ = ["ScanAttention"]
+
+
+class ScanAttention(Component):
+    r"""Scores every image-caption pair by SCAN's text-to-image attention with average pooling.
+
+    .. math::
+
+        \alpha_{ij} = \mathrm{softmax}_i(\lambda_1 \bar s_{ij}), \quad
+        S(I, T) = \frac{1}{M} \sum_j \cos\Big(e_j, \sum_i \alpha_{ij} \hat v_i\Big)
+
+    A thin module over :func:`imtm.functional.scan_attention.scan_t2i_scores` (no parameters),
+    written after ``xattn_score_t2i`` / ``func_attention`` in lib/xttn.py of CrossmodalGroup/LAPS.
+    As :class:`~imtm.components.PatchSlimming`'s ``alignment`` it is the "SCAN" row of LAPS's
+    Table 4 (the slimmed sets aligned by SCAN instead of the sparse alignment).
+
+    Args:
+        smooth: :math:`\lambda_1` of the attention softmax (9).
+        max_block_elements: memory budget of one block; ``None``: the default.
+
+    Shape:
+        - image_tokens: Tokens ``(Bi, N, D)``; text_tokens: Tokens ``(Bt, M, D)``
+        - output: ``(Bi, Bt)`` scores in ``[-1, 1]``
+
+    References:
+        Lee et al., "Stacked Cross Attention for Image-Text Matching", ECCV 2018.
+
+    Example:
+        >>> from imtm import Tokens
+        >>> ScanAttention()(Tokens(torch.randn(2, 6, 8)), Tokens.from_lengths(torch.randn(3, 4, 8), [4, 2, 3])).shape
+        torch.Size([2, 3])
+    """
+
+    requires = ("image_tokens", "text_tokens")
+    provides = ("scores",)
+
+    def __init__(self, smooth: float = SCAN_SMOOTH, max_block_elements: int | None = None, *, requires=None,
+                 provides=None):
+        super().__init__(requires=requires, provides=provides)
+        self.smooth = smooth
+        self.max_block_elements = max_block_elements
+
+    def validate(self) -> ScanAttention:
+        """Check ``smooth`` and the budget; return ``self``."""
+        where = type(self).__name__
+        if isinstance(self.smooth, bool) or not isinstance(self.smooth, Real) or not 0 < self.smooth < math.inf:
+            raise ValueError(f"{where}: smooth must be a finite number > 0, got {self.smooth!r}")
+        b = self.max_block_elements
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise ValueError(f"{where}: max_block_elements must be a positive int or None, got {b!r}")
+        return self
+
+    def forward(self, image_tokens, text_tokens) -> torch.Tensor:
+        self.validate()
+        images = as_tokens(self, image_tokens, "image tokens")
+        texts = as_tokens(self, text_tokens, "text tokens")
+        with named_errors(self):
+            return scan_t2i_scores(images.feats, texts.feats, images.mask, texts.mask, smooth=self.smooth,
+                                   max_block_elements=self.max_block_elements)
+
+    def extra_repr(self) -> str:
+        return f"smooth={self.smooth}, " + super().extra_repr()
