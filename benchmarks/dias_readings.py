@@ -18,12 +18,16 @@ from imtm import Matcher, presets
 from imtm.data import synthetic
 from imtm.metrics import retrieval_metrics
 
-# (label, presets.dias keywords)
+# (label, presets.dias keywords), every reading spelled out (independent of the preset's defaults)
 ROWS = [
-    ("LocalMatching, linear weights (Eq. 1 as printed, clamped), mask 'intent'", {}),
-    ("LocalMatching, linear weights, mask 'printed' (Eq. 14 as printed)", {"mask_rule": "printed"}),
-    ("LocalMatching, softmax weights (tau 0.1), mask 'intent'", {"weighting": "softmax"}),
-    ("soft-assignment coding with LSE pooling (the earlier stand-in), mask 'intent'", {"scorer": "soft"}),
+    ("LocalMatching, linear weights (Eq. 1 as printed, clamped), mask 'intent'",
+     {"scorer": "local", "weighting": "linear", "mask_rule": "intent"}),
+    ("LocalMatching, linear weights, mask 'printed' (Eq. 14 as printed)",
+     {"scorer": "local", "weighting": "linear", "mask_rule": "printed"}),
+    ("LocalMatching, softmax weights (tau 0.1), mask 'intent'",
+     {"scorer": "local", "weighting": "softmax", "mask_rule": "intent"}),
+    ("soft-assignment coding with LSE pooling (the earlier stand-in), mask 'intent'",
+     {"scorer": "soft", "mask_rule": "intent"}),
 ]
 
 

@@ -54,7 +54,7 @@ class SparseCorrelation(Component):
         learnable: learn :math:`\beta`.
         temperature: :math:`T > 0`, in standard deviations of :math:`p`.
         distance: ``"cosine"`` or ``"euclidean"``.
-        rule: ``"intent"`` (default) or ``"printed"``.
+        rule: ``"printed"`` (default) or ``"intent"``.
 
     Shape:
         - image_embedding, text_embedding: ``(B, D)``, row ``b`` of each a matched pair, ``B >= 2``
@@ -84,7 +84,7 @@ class SparseCorrelation(Component):
         learnable: bool = True,
         temperature: float = 0.1,
         distance: str = "cosine",
-        rule: str = "intent",
+        rule: str = "printed",
         *,
         requires=None,
         provides=None,
