@@ -61,6 +61,8 @@ def write_page(out: str | Path, lines: Sequence[str], keep_from: str | None = No
     lines = list(lines)
     old = out.read_text() if keep_from is not None and out.is_file() else ""
     if keep_from is not None and keep_from in old:
+        if lines and lines[-1].strip():
+            lines.append("")  # a heading right under a table row would become one of its rows
         lines.append(old[old.index(keep_from):].rstrip("\n") + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines)

@@ -176,21 +176,23 @@ def _table(results: dict, title: str | None = None) -> str:
 
 def _demo_intro(names, train, test, args) -> str:
     """The paragraph ``imtm demo`` prints before training: what, on which data, what the table means."""
+    import textwrap
+
     cpi = test.n_captions // test.n_images
-    models = "; ".join(f"{n}, {PRESET_HELP.get(n, n)}" for n in names)
-    return (
-        f"imtm demo trains {len(names)} image-text matcher{'s' if len(names) > 1 else ''} from scratch "
-        f"and compares them: {models}.\n"
-        f"The data is imtm's synthetic benchmark (generated here, no download): scenes of 2-5 coloured "
-        f"shapes given as one feature vector per object, like a detector's region features, each with "
-        f"{cpi} captions such as 'a red circle left of a blue square'; half the scenes have a twin with "
-        f"two colours swapped, which only a model that binds colour to shape can tell apart. "
-        f"{train.n_images} images train the models ({args.epochs} epochs), "
-        f"{test.n_images} unseen ones test them.\n"
-        f"The table: R@K is the percentage of queries whose right answer is among the model's top K "
-        f"results, for images searching captions (i2t) and captions searching images (t2i); rSum adds "
-        f"the six recalls (600 is perfect). The 'chance' row is what random scores would get."
-    )
+    models = [f"  {n:6s} {PRESET_HELP.get(n, n)}" for n in names]
+    data = (f"The data: imtm's synthetic benchmark (generated here, no download). Scenes of 2-5 coloured "
+            f"shapes, given as one feature vector per object like a detector's region features, each with "
+            f"{cpi} captions such as 'a red circle left of a blue square'; half the scenes have a twin with "
+            f"two colours swapped, which only a model that binds colour to shape tells apart. "
+            f"{train.n_images} images train the models ({args.epochs} epochs), {test.n_images} unseen ones "
+            f"test them.")
+    table = ("The table: R@K is the percentage of queries whose right answer is among the model's top K "
+             "results, for images searching captions (i2t) and captions searching images (t2i); rSum adds "
+             "the six recalls (600 is perfect). The 'chance' row is what random scores would get.")
+    plural = "s" if len(names) > 1 else ""
+    head = f"imtm demo trains {len(names)} image-text matcher{plural} from scratch and compares them:"
+    return "\n".join([head, *models,
+                      textwrap.fill(data, width=88), textwrap.fill(table, width=88)])
 
 
 def _demo_reading(results: dict, chance: dict) -> str:

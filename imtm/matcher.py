@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -283,8 +284,7 @@ class Matcher(BaseEstimator):
             raise TypeError(f"Matcher: compile must be True or False, got {self.compile!r}")
         if self.on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"Matcher: on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"Matcher: lr must be a positive number, got {self.lr!r}")
+        self._validate_numbers()
         for s in self._stages():
             for field_name in ("train", "losses"):
                 for n in getattr(s, field_name) or []:
@@ -305,6 +305,41 @@ class Matcher(BaseEstimator):
                     + suggest(self.protocol, PROTOCOLS)
                 )
         return plan
+
+    def _validate_numbers(self) -> None:
+        """Every numeric parameter: a real number (never bool, NaN or inf) in its range; the device."""
+
+        def number(name, value, low, *, open_low=False, optional=False, integer=False):
+            if value is None and optional:
+                return
+            kind = int if integer else (int, float)
+            ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) \
+                and (value > low if open_low else value >= low)
+            if not ok:
+                rule = f"{'an integer' if integer else 'a finite number'} {'>' if open_low else '>='} {low}"
+                raise ValueError(f"Matcher: {name} must be {rule}{' or None' if optional else ''}, got {value!r}")
+
+        number("lr", self.lr, 0, open_low=True)
+        number("weight_decay", self.weight_decay, 0)
+        number("warmup", self.warmup, 0)
+        # 0 would zero every gradient, a negative norm turns the step uphill: clipping is off only with None.
+        number("grad_clip", self.grad_clip, 0, open_low=True, optional=True)
+        number("num_workers", self.num_workers, 0, integer=True)
+        number("checkpoint_every", self.checkpoint_every, 1, optional=True, integer=True)
+        if self.random_state is not None and not (isinstance(self.random_state, int) and not isinstance(
+                self.random_state, bool) and 0 <= self.random_state < 2**32):
+            # NumPy takes seeds below 2**32, and the data order mixes the seed into 64-bit generator seeds.
+            raise ValueError(f"Matcher: random_state must be None or an integer in [0, 2**32), got {self.random_state!r}")
+        if not isinstance(self.device, (str, torch.device)):
+            raise TypeError(f"Matcher: device must be a string such as 'cpu', 'cuda' or 'auto', got {self.device!r}")
+        if self.device != "auto":
+            try:
+                dev = torch.device(self.device)
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise ValueError(f"Matcher: invalid device {self.device!r}: {e}") from e
+            if dev.type == "meta":
+                raise ValueError("Matcher: device 'meta' holds no data (shapes only) and cannot train or evaluate; "
+                                 "use 'cpu', 'cuda' or 'auto'")
 
     def _stages(self) -> list[Stage]:
         if self.stages is None:

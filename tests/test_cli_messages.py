@@ -38,6 +38,8 @@ def _mistakes(tmp: Path) -> dict:
                            [r"invalid choice: 'wordz'", r"'words'", r"imtm viz --help"]),
         "missing model folder": (["evaluate", "--model", str(missing)], 2,
                                  [re.escape(str(missing)), r"--model takes a folder written by 'imtm train'"]),
+        "wrong data format": (["train", "--data", str(empty), "--format", "karpathi"], 2,
+                              [r"invalid choice: 'karpathi'", r"'karpathy'", r"--format"]),
         "threads not a number": (["demo", "--threads", "many"], 2, [r"--threads", r"at least 1, e\.g\. 4"]),
         "no command": ([], 2, [r"name a command: demo"]),
         "unknown command": (["trian"], 2, [r"invalid choice: 'trian'", r"'train'"]),
@@ -61,7 +63,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", [
     "wrong preset", "wrong demo preset", "empty data folder", "bad --data spec", "wrong viz kind",
-    "missing model folder", "threads not a number", "no command", "unknown command"])
+    "missing model folder", "wrong data format", "threads not a number", "no command", "unknown command"])
 def test_each_usage_mistake_gets_two_lines_naming_the_fix(runs, name):
     cases, out = runs
     argv, status, patterns = cases[name]

@@ -82,3 +82,13 @@ def test_table4_rows_are_preset_options(data):
         presets.laps(vocab=train.vocab, alignment="scann", **TINY)
     with pytest.raises(ValueError, match="clustering replaces the aggregation"):
         presets.laps(vocab=train.vocab, clustering=True, calibration=False, **TINY)
+
+
+@pytest.mark.parametrize("kw", [dict(calibration=False), dict(clustering=True, alignment="scan"),
+                                dict(word_selection=True, word_aggregation=True)])
+def test_table4_rows_save_and_load(data, tmp_path, kw):
+    train, _, test = data
+    m = Matcher(presets.laps(vocab=train.vocab, **TINY, **kw), epochs=0, batch_size=8, verbose=False).fit(train)
+    s = m.similarity(test.images, test.captions)
+    m.save(tmp_path / "m")
+    torch.testing.assert_close(Matcher.load(tmp_path / "m").similarity(test.images, test.captions), s)

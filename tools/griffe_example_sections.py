@@ -7,8 +7,9 @@ changed) this extension:
 - renames ``Example:`` section headers to ``Examples:`` (Napoleon and the Google style guide
   accept both; griffe's Google parser only the plural, and renders the singular as an
   admonition whose ``>>>`` lines become Markdown quotes);
-- turns ``.. math::`` directives into ``$$ ... $$`` blocks and ``:math:`x``` into ``$x$``
-  (rendered by the ``pymdownx.arithmatex`` extension);
+- turns ``.. math::`` directives into ``$$ ... $$`` blocks (rows and ``&`` alignment inside an
+  ``aligned`` environment, as Sphinx does) and ``:math:`x``` into ``$x$`` (marked by the
+  ``pymdownx.arithmatex`` extension, typeset at build time by ``tools/mkdocs_katex.py``);
 - turns cross-reference roles (``:class:`~imtm.Tokens```, ``:func:``, ``:mod:``...) into code spans.
 """
 
@@ -22,6 +23,15 @@ _HEADER = re.compile(r"^(\s*)Example:[ \t]*$", re.MULTILINE)
 _MATH_ROLE = re.compile(r":math:`([^`]+)`")
 _XREF_ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|obj|exc|const):`~?([^`]+)`")
 _DIRECTIVE = re.compile(r"^(\s*)\.\. math::[ \t]*$")
+
+
+_ENVIRONMENT = re.compile(r"\\begin\{(\w+\*?)\}.*?\\end\{\1\}", re.DOTALL)
+
+
+def _has_rows(tex: str) -> bool:
+    """Whether ``tex`` has ``&`` or ``\\\\`` outside any ``\\begin{...}`` environment."""
+    bare = _ENVIRONMENT.sub("", tex).replace("\\&", "")
+    return "&" in bare or "\\\\" in bare
 
 
 def _math_blocks(text: str) -> str:
@@ -44,8 +54,13 @@ def _math_blocks(text: str) -> str:
             body.pop()
         real = [b for b in body if b.strip()]
         cut = min((len(b) - len(b.lstrip()) for b in real), default=0)
+        rows = [b[cut:] for b in body if b.strip()]
+        if _has_rows(" ".join(rows)):
+            # Like Sphinx, whose math directive puts rows (``\\``) and alignment (``&``) in an
+            # environment: KaTeX and MathJax accept ``&`` only inside one.
+            rows = ["\\begin{aligned}", *rows, "\\end{aligned}"]
         out.append(f"{indent}$$")
-        out.extend(f"{indent}{b[cut:]}" if b.strip() else "" for b in body if b.strip())
+        out.extend(f"{indent}{b}" for b in rows)
         out.append(f"{indent}$$")
         out.append("")
     return "\n".join(out)

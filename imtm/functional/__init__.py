@@ -7,7 +7,7 @@ from imtm.functional.masking import num_masked_patches, random_patch_mask
 from imtm.functional.soft_assignment import soft_assignment_scores
 from imtm.functional.local_matching import local_matching_scores, local_weights
 from imtm.functional.sparse_alignment import sparse_alignment_from_cosines, sparse_alignment_scores
-from imtm.functional.patch_slimming import aggregation_weights, fusion_weights, gumbel_keep_decisions, ratio_loss, slimmed_cosines, top_keep_decisions
+from imtm.functional.patch_slimming import aggregation_weights, dpc_knn_weights, fusion_weights, gumbel_keep_decisions, ratio_loss, slimmed_cosines, top_keep_decisions
 from imtm.functional.dias import (
     dimension_alignment_loss,
     dimension_correlation,
@@ -17,6 +17,7 @@ from imtm.functional.dias import (
     word_region_pairs,
 )
 from imtm.functional.mining import distance_weighted_negatives
+from imtm.functional.scan_attention import scan_t2i_scores
 from imtm.functional.topk import topk_mean, topk_mean_scores
 from imtm.functional.phrase_attention import (
     AttentionWeights,

@@ -517,9 +517,9 @@ def sparse_correlation_mask(
     .. math::
 
         p_{ij} = \operatorname{sigmoid}(-|d_{ij}|) \quad (11), \qquad
-        \kappa^V_i = \mu^V_i + eta_i\, 	heta^V_i, \quad \kappa^T_j = \mu^T_j + eta_j\, 	heta^T_j \quad (12	ext{-}13)
+        \kappa^V_i = \mu^V_i + \beta_i\, \theta^V_i, \quad \kappa^T_j = \mu^T_j + \beta_j\, \theta^T_j \quad (12\text{-}13)
 
-    with :math:`\mu, 	heta` the mean and standard deviation of :math:`p` (row
+    with :math:`\mu, \theta` the mean and standard deviation of :math:`p` (row
     ``i`` for the image side, column ``j`` for the text side, over the unmatched
     pairs). The text says a larger :math:`p` is a stronger dependency, yet Eq. 14
     keeps pair :math:`(i, j)` when
@@ -536,29 +536,29 @@ def sparse_correlation_mask(
       :math:`p_{ij} > \max(\kappa^V_i, \kappa^T_j)` (the small asymmetries).
 
     On random inputs the two selections are disjoint (``p`` falls as ``|d|``
-    grows). Both are relaxed for a gradient in :math:`eta`: with
+    grows). Both are relaxed for a gradient in :math:`\beta`: with
     :math:`a_{ij}` the compared value (:math:`p_{ij}` or :math:`|d_{ij}|`),
-    :math:`z^V_{ij} = (a_{ij} - \mu^V_i) / 	heta^V_i - eta_i` and
-    :math:`z^T_{ij} = (a_{ij} - \mu^T_j) / 	heta^T_j - eta_j`,
+    :math:`z^V_{ij} = (a_{ij} - \mu^V_i) / \theta^V_i - \beta_i` and
+    :math:`z^T_{ij} = (a_{ij} - \mu^T_j) / \theta^T_j - \beta_j`,
 
     .. math::
 
-        m_{ij} = \operatorname{sigmoid}ig(\min(z^V_{ij}, z^T_{ij}) / Tig)
+        m_{ij} = \operatorname{sigmoid}\big(\min(z^V_{ij}, z^T_{ij}) / T\big)
 
     which is above 1/2 exactly when the hard rule keeps the pair and tends to it
-    as :math:`T 	o 0` (``T`` in standard deviations of :math:`p`).
-    :math:`eta` is one number (the default) or one per instance (Eq. 12's
-    :math:`eta_i`, a ``(B,)`` tensor).
+    as :math:`T \to 0` (``T`` in standard deviations of :math:`p`).
+    :math:`\beta` is one number (the default) or one per instance (Eq. 12's
+    :math:`\beta_i`, a ``(B,)`` tensor).
 
     Matched pairs get 0: the diagonal, and with ``positives`` every pair whose
     caption belongs to the row's image (several captions of one image in a batch
     are not unmatched); they are also left out of the statistics. A row whose
     values are all equal (a batch of 2, identical embeddings) has
-    :math:`	heta = \sqrt{\epsilon}` and :math:`z = -eta`.
+    :math:`\theta = \sqrt{\epsilon}` and :math:`z = -\beta`.
 
     Args:
         differences: ``(B, B)`` matrix :math:`d`.
-        beta: :math:`eta`: a number, a one-element tensor (a learnable one), or a ``(B,)`` tensor.
+        beta: :math:`\beta`: a number, a one-element tensor (a learnable one), or a ``(B,)`` tensor.
         temperature: :math:`T > 0` of the relaxation.
         rule: ``"printed"`` (default, chosen by the measurement in ``docs/dias.md``) or ``"intent"``.
         positives: ``(B, B)`` bool, True where row ``i``'s image matches caption ``j``; ``None``:

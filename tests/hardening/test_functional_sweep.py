@@ -715,6 +715,16 @@ def case_word_region_pairs(ctx: Ctx):
     finite_grads(lambda a, c: F.word_region_pairs(a, c, vm, tm), [v, t], [vm, tm], what)
 
 
+def case_scan_t2i_scores(ctx: Ctx):
+    v, t, vm, tm = _pair_inputs(ctx)
+    kwargs = {"smooth": ctx.pick([1.0, 9.0, 50.0]), "max_block_elements": ctx.budget()}
+    fn = F.scan_t2i_scores
+    what = "scan_t2i_scores"
+    out = expect(fn(v, t, vm, tm, **kwargs), (v.shape[0], t.shape[0]), ctx.dtype, ctx, what)
+    within(out, -1, 1, ctx.dtype, what)
+    _pair_properties(ctx, fn, v, t, vm, tm, out, kwargs, what)
+
+
 # ---------------------------------------------------------------------------- LAPS patch slimming
 def _significance(ctx: Ctx, *shape):
     a = ctx.rand(*shape)
@@ -783,6 +793,44 @@ def case_ratio_loss(ctx: Ctx):
 
 def _decisions(ctx: Ctx, *shape):
     return (ctx.rand(*shape) > 0.5).to(ctx.dtype)
+
+
+def case_dpc_knn_weights(ctx: Ctx):
+    bi, bt, n, d, nc = ctx.int(1, 3), ctx.int(1, 3), ctx.int(1, 5), ctx.int(1, 4), ctx.int(1, 4)
+    m = ctx.mask(bi, max_tokens=n)
+    n = m.shape[1]
+    v = ctx.randn(bi, n, d)
+    dec = _decisions(ctx, bi, n, bt)
+    k = ctx.int(1, 4)
+    mask = m if ctx.flag() else None
+    what = "dpc_knn_weights"
+    weights, valid = F.dpc_knn_weights(v, dec, nc, k=k, mask=mask)
+    expect(weights, (bi, n, bt, nc), ctx.dtype, ctx, what)
+    assert valid.dtype == torch.bool and tuple(valid.shape) == (bi, bt, nc), f"{what}: valid {valid.dtype} {tuple(valid.shape)}"
+    kept = (dec > 0) & (m.unsqueeze(-1) if mask is not None else True)
+    # Every kept patch joins exactly one cluster; dropped and padded patches join none.
+    member = (weights > 0).sum(-1)
+    assert bool((member[kept] == 1).all()), f"{what}: a kept patch is in {member[kept].tolist()} clusters"
+    assert bool((member[~kept] == 0).all()), f"{what}: a dropped or padded patch has weight"
+    # A non-empty cluster's weights are 1/|C| each, so they sum to 1; an empty cluster is not valid.
+    close(weights.sum(1), valid.to(ctx.dtype).permute(0, 1, 2), ctx.dtype, f"{what}: cluster weights must sum to 1")
+    assert int(valid.sum()) <= int(kept.sum()), f"{what}: more clusters than kept patches"
+    if mask is not None:
+        # NaN in padded patches changes nothing.
+        w2, v2 = F.dpc_knn_weights(nan_padding(v, m), dec, nc, k=k, mask=mask)
+        close(w2, weights, ctx.dtype, f"{what}: NaN in padding changed the weights")
+        assert torch.equal(v2, valid)
+    finite_grads(lambda a, b: F.dpc_knn_weights(a, b, nc, k=k, mask=mask)[0], [v, dec], None, what)
+
+
+def errors_dpc_knn_weights(ctx: Ctx):
+    v = ctx.randn(1, 3, 2)
+    dec = torch.ones(1, 3, 2, dtype=ctx.dtype, device=ctx.device)
+    return [
+        (lambda: F.dpc_knn_weights(v, dec, 0), ValueError, r"num_clusters must be a positive int"),
+        (lambda: F.dpc_knn_weights(v, dec, 2, k=True), ValueError, r"k must be a positive int"),
+        (lambda: F.dpc_knn_weights(v, dec[:, :2], 2), ValueError, r"expected patches \(Bi, N, D\) and decisions"),
+    ]
 
 
 def case_aggregation_weights(ctx: Ctx):
@@ -1288,6 +1336,7 @@ ERRORS = {
          ({"reduction": "summ"}, ValueError, r"Did you mean 'sum'")],
     ),
     "distance_weighted_negatives": errors_distance_weighted_negatives,
+    "dpc_knn_weights": errors_dpc_knn_weights,
     "expansive_soft_labels": errors_expansive_soft_labels,
     "global_cosine_scores": errors_global_cosine_scores,
     "gumbel_keep_decisions": errors_gumbel_keep_decisions,
@@ -1309,6 +1358,11 @@ ERRORS = {
     "ratio_loss": errors_ratio_loss,
     "resolve_pooling": errors_resolve_pooling,
     "sample_hard_negatives": errors_sample_hard_negatives,
+    "scan_t2i_scores": _both(
+        _pair_errors(F.scan_t2i_scores),
+        lambda ctx: [(lambda: F.scan_t2i_scores(ctx.randn(1, 2, 4), ctx.randn(1, 2, 4), smooth=0.0),
+                      ValueError, r"smooth must be a finite number > 0")],
+    ),
     "soft_assignment_scores": _both(
         _pair_errors(F.soft_assignment_scores),
         _kw_error(F.soft_assignment_scores, {"tau": 0.0}, ValueError, r"tau must be a finite number > 0"),
@@ -1350,6 +1404,7 @@ CASES = {
     "dimension_alignment_loss": case_dimension_alignment_loss,
     "dimension_correlation": case_dimension_correlation,
     "distance_weighted_negatives": case_distance_weighted_negatives,
+    "dpc_knn_weights": case_dpc_knn_weights,
     "expansive_soft_labels": case_expansive_soft_labels,
     "fusion_weights": case_fusion_weights,
     "global_cosine_scores": case_global_cosine_scores,
@@ -1372,6 +1427,7 @@ CASES = {
     "ratio_loss": case_ratio_loss,
     "resolve_pooling": case_resolve_pooling,
     "sample_hard_negatives": case_sample_hard_negatives,
+    "scan_t2i_scores": case_scan_t2i_scores,
     "slimmed_cosines": case_slimmed_cosines,
     "soft_assignment_scores": case_soft_assignment_scores,
     "softmax_pool": _pool_case("softmax_pool", bounded="set"),
@@ -1514,6 +1570,7 @@ MIXED = {
     "hard_assignment_scores": _mixed_pair_scorer(F.hard_assignment_scores),
     "soft_assignment_scores": _mixed_pair_scorer(F.soft_assignment_scores),
     "sparse_alignment_scores": _mixed_pair_scorer(F.sparse_alignment_scores),
+    "scan_t2i_scores": _mixed_pair_scorer(F.scan_t2i_scores),
     "global_cosine_scores": _mixed_two(lambda v, t: F.global_cosine_scores(v, t), (2, 3, 4), (3, 2, 4), "refuse"),
     "cosine_similarity_matrix": _mixed_two(F.cosine_similarity_matrix, (2, 4), (3, 4), "refuse"),
     "topk_mean_scores": _mixed_two(lambda v, c: F.topk_mean_scores(v, c, k=2), (2, 3, 4), (3, 4), "promote"),

@@ -21,9 +21,11 @@ class SelfAttentionContext(Component):
     Every region gathers context from the other real regions of its image;
     padded regions are excluded as keys (``key_padding_mask``), so padding
     never changes a real token's output, and padded outputs are set to zero.
-    There is no feed-forward sub-layer: this is the ``selfattention`` image
-    encoder of CHAN's released code (``precomp_enc_type=selfattention``), used
-    there on the projected region features before L2 normalisation.
+    There is no feed-forward sub-layer. This is the form of the ``SelfAttention``
+    module in ``lib/modules.py`` of CHAN's released code (ppanzx/CHAN: a LayerNorm,
+    ``nn.MultiheadAttention`` with a key padding mask, a residual sum), which
+    ``EncoderImagePrecomp`` in ``lib/encoders.py`` applies to the projected region
+    features when ``precomp_enc_type="selfattention"``, before L2 normalisation.
 
     Args:
         dim: token feature size ``D``.
@@ -37,7 +39,8 @@ class SelfAttentionContext(Component):
     References:
         Pan, Wu and Zhang, "Fine-grained Image-text Matching by Cross-modal Hard
         Aligning Network", CVPR 2023 (image encoder; the layer is not given an
-        equation number in the paper, its form follows the authors' code).
+        equation number in the paper; its form is that of ``SelfAttention`` in
+        ``lib/modules.py`` of the authors' repository).
         Vaswani et al., "Attention Is All You Need", NeurIPS 2017, Eq. 1.
 
     Example:
