@@ -30,12 +30,12 @@ EXAMPLES = {
     "train": ["imtm train --preset chan --epochs 4 --embed-dim 256 --lr 1e-3 --out runs/chan",
               "imtm train --preset vsepp --data data/f30k_precomp --out runs/vsepp --threads 8",
               "imtm train --preset chan --out runs/chan --resume",
-              "imtm train --preset laps --data dataset_flickr30k.json --format karpathy --image-root images "
-              "--out runs/laps"],
+              ("imtm train --preset laps --data dataset_flickr30k.json --format karpathy --image-root images "
+               "--out runs/laps")],
     "evaluate": ["imtm evaluate --model runs/chan/final",
                  "imtm evaluate --model runs/vsepp/final --data data/f30k_precomp --protocol f30k_1k",
-                 "imtm evaluate --model runs/laps/final --data captions_val2014.json --format coco "
-                 "--image-root val2014"],
+                 ("imtm evaluate --model runs/laps/final --data captions_val2014.json --format coco "
+                  "--image-root val2014")],
     "compare": ["imtm compare --presets chan,vsepp,dias --epochs 4 --out runs/compare", "imtm compare --quick"],
     "extract": [("imtm extract --format karpathy --data dataset_flickr30k.json --image-root images "
                  "--split test --model vit_base_patch16_224 --checkpoint vit.safetensors --out data/f30k_vit")],
@@ -199,7 +199,9 @@ def _demo_reading(results: dict, chance: dict) -> str:
     """One line that reads the demo's table."""
     best = max(results, key=lambda n: results[n]["rsum"])
     r = results[best]
-    line = (f"Reading: {best} does best (rSum {r['rsum']:.1f}, chance {chance['rsum']:.1f}); for "
+    others = sorted((n for n in results if n != best), key=lambda n: -results[n]["rsum"])
+    ahead = f", ahead of {others[0]} ({results[others[0]]['rsum']:.1f})" if others else ""
+    line = (f"Reading: {best} does best (rSum {r['rsum']:.1f}, chance {chance['rsum']:.1f}){ahead}; for "
             f"{r['t2i_r1']:.0f}% of the test captions its first-ranked image is the right one "
             f"(chance {chance['t2i_r1']:.1f}%).")
     weak = [n for n, v in results.items() if v["rsum"] < 2 * chance["rsum"]]
@@ -422,10 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     region_presets = [n for n, view in COMPARE_PRESETS.items() if view == "regions"]
     raw = argparse.RawDescriptionHelpFormatter
     p = _Parser(prog="imtm", formatter_class=raw,
-                description="Image-text matching components for PyTorch. Start with 'imtm demo'; "
+                description="Image-text matching components for PyTorch. Start with 'imtm demo';\n"
                             "'imtm COMMAND --help' lists each command's options, presets and examples.",
-                epilog="exit status: 0 done, 2 the command line or a file given cannot be used, "
-                       "1 the work failed; --debug shows the traceback of an error.")
+                epilog=_wrapped("exit status", "0 done; 2 the command line, or a file or folder it names, "
+                                "cannot be used; 1 the work failed; 130 interrupted. --debug shows the "
+                                "traceback of an error."))
     p.add_argument("--debug", action="store_true", default=False, help="on an error, show the full Python traceback")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            title="commands (imtm COMMAND --help for each)")
