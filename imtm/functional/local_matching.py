@@ -48,7 +48,8 @@ def _linear(s: torch.Tensor, mask: torch.Tensor, dim: int, tau: float) -> torch.
     # ``mask`` broadcasts against ``s`` and has its full size along ``dim`` (never expanded here:
     # the full-size copies would cost more than the arithmetic).
     keep = mask.to(s.dtype)
-    pos = s.clamp_min(0) * keep
+    # where(), not a product with the mask: a NaN or inf in a padded position must not reach the sums.
+    pos = torch.where(mask, s.clamp_min(0), torch.zeros((), dtype=s.dtype, device=s.device))
     total = pos.sum(dim, keepdim=True)
     uniform = keep / keep.sum(dim, keepdim=True).clamp_min(1)
     # Where every clamped cosine is 0 (all similarities <= 0) the weights are uniform: the
