@@ -676,7 +676,7 @@ class Matcher(BaseEstimator):
         configuration and tokenizer files), a generated ``README.md`` model card and
         ``MANIFEST.json`` (checksums). It can be moved, copied, zipped and loaded offline by
         :meth:`load` / :meth:`from_pretrained`, with no access to the files the encoders were
-        first built from. See ``docs/quickstart.md`` (Saving) for the layout.
+        first built from. See ``docs/saving.md`` for the layout.
 
         Args:
             path: the folder. A missing or empty folder, or one holding an earlier saved
