@@ -226,6 +226,15 @@ def test_ela_patch_lexicon(tmp_path):
     comps = presets.ela(text_model=str(folder), image_model="vit_tiny_patch16_224", img_size=24, embed_dim=16,
                         heads=2, cross_layers=1, rerank_k=2, **VIT)
     m = Matcher(comps, epochs=1, batch_size=8, checkpoint_dir=None, verbose=False, random_state=0).fit(train)
+    # words of a tokenizer model are its own word pieces, found without naming the text block
+    from imtm.viz.figure import caption_words, encode_pair
+
+    _, txt = encode_pair(m, test.images[0], test.captions[0])
+    pieces = caption_words(m, test.captions[0], txt)
+    text = m.components_["text"]
+    ids = text.tokenize([test.captions[0]])
+    assert set(pieces) <= set(text.tokenizer.convert_ids_to_tokens(ids.feats[0].tolist()))
+    assert not any(p.startswith("#") and p[1:].isdigit() for p in pieces)
     fig = viz.patch_lexicon_words(m, test.images[0], test.captions[0], top=3, path=tmp_path / "e.png")
     assert png_size(tmp_path / "e.png") == (600, 340) == expected_size(fig)
     with pytest.raises(ValueError, match="top must be a positive int"):
