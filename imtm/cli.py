@@ -262,6 +262,11 @@ def _matcher_from_args(args, train):
     kw = {"embed_dim": args.embed_dim}
     if args.word_dim and "word_dim" in params:
         kw["word_dim"] = args.word_dim
+    if getattr(args, "miner", False):
+        if "miner" not in params:
+            raise SystemExit(f"imtm: --miner (distance-weighted negatives) is an option of the dias preset; "
+                             f"{args.preset!r} has none")
+        kw["miner"] = True
     if args.preset in presets.PIXEL_PRESETS:
         try:
             model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
@@ -284,6 +289,23 @@ def _matcher_from_args(args, train):
                    precision=args.precision, checkpoint_every=args.checkpoint_every, verbose=not args.quiet)
 
 
+def _neighbour_batches(args, train):
+    """``train``, or with ``--neighbour-batches M`` a DataLoader of K-means neighbour batches (DIAS, Sec. 3.5)."""
+    clusters = getattr(args, "neighbour_batches", None)
+    if clusters is None:
+        return train
+    if clusters < 1 or args.batch_size // clusters < 1:
+        raise SystemExit(f"imtm: --neighbour-batches must be between 1 and --batch-size ({args.batch_size}), "
+                         f"got {clusters}")
+    from torch.utils.data import DataLoader
+
+    from imtm.data import KMeansNeighborSampler, collate
+
+    sampler = KMeansNeighborSampler(train, clusters_per_batch=clusters,
+                                    images_per_cluster=args.batch_size // clusters, random_state=args.seed)
+    return DataLoader(train, batch_sampler=sampler, collate_fn=collate)
+
+
 def cmd_train(args) -> int:
     # Under torchrun every rank runs this: fit trains with DDP, save writes on rank 0, evaluate is
     # sharded over the ranks; only rank 0 prints and writes the metrics.
@@ -295,7 +317,7 @@ def cmd_train(args) -> int:
     train, dev, test = _load_data(args, view=view)
     m = _matcher_from_args(args, train)
     attach_model_transforms(m.components, train, dev, test)
-    m.fit(train, eval_set=dev, resume=args.resume)
+    m.fit(_neighbour_batches(args, train), eval_set=dev, resume=args.resume)
     out = Path(args.out)
     m.save(out / "final")
     final, split = (test, "test") if test is not None else (dev, "dev")
@@ -454,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--checkpoint-every", type=int, default=None)
             t.add_argument("--out", default="runs/imtm", help="run folder (checkpoints, final model)")
             t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+            t.add_argument("--miner", action="store_true",
+                           help="dias: distance-weighted negatives for the triplet loss (Wu et al. 2017)")
+            t.add_argument("--neighbour-batches", type=int, default=None, metavar="M",
+                           help="K-means neighbour batches (DIAS): M clusters x (batch-size / M) images per batch, "
+                                "one caption per image, re-clustered from the model before every epoch")
             # The pixel presets' backbones (laps, ela).
             t.add_argument("--image-model", default=None, help="laps, ela: the timm ViT / Swin (default: the "
                            "paper's on image files, a small ViT from scratch on synthetic pixels)")
