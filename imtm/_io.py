@@ -165,3 +165,50 @@ def read_json(path: str | os.PathLike, *, who: str = "imtm", max_bytes: int = MA
     """
     data = read_regular(path, max_bytes=max_bytes, who=who, root=root, error=error)
     return loads_json(data, where or f"{who}: {str(path)!r}", max_depth=max_depth, error=error)
+
+
+def check_npy_size(path: str | os.PathLike, who: str = "imtm") -> None:
+    """Refuse a ``.npy`` file shorter than its header says, before NumPy allocates the array.
+
+    ``np.load(..., mmap_mode=None)`` allocates the declared shape first: a truncated file (or a
+    forged header) declaring terabytes would end in ``MemoryError`` instead of an error naming it.
+    Anything that is not a ``.npy`` header is left for ``np.load`` to report.
+    """
+    import numpy as np
+
+    size = regular_file_size(path, who=who)
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, dtype = np.lib.format._read_array_header(f, version)
+        except (ValueError, OSError, EOFError, TypeError, SyntaxError):
+            return
+        offset = f.tell()
+    if dtype.hasobject:
+        return  # refused by np.load(allow_pickle=False)
+    need = dtype.itemsize
+    for n in shape:
+        need *= int(n)
+    if offset + need > size:
+        raise ValueError(f"{who}: {str(path)!r} is truncated: its header declares shape {tuple(shape)} of {dtype} "
+                         f"({need} bytes of data) but the file holds {size - offset}")
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this machine (this very process counts as gone: a leftover of its own
+    is from a write that failed). Without a harmless liveness test (not POSIX), ``False``: keep what may be in use.
+    """
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process, or not a possible process id
+        return True
+    except PermissionError:  # another user's running process
+        return False
+    return False

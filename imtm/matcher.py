@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -195,40 +196,53 @@ class Matcher(BaseEstimator):
         return name_components(self.components)
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Parameters by name; ``deep``: also every block (``name``) and its parameters (``name__param``).
+
+        With ``components`` that is not a list of blocks (``fit`` says what is wrong), ``deep``
+        gives the Matcher's own parameters only.
+        """
         out = super().get_params(deep=False)
         if not deep:
             return out
-        for name, block in self.named_components:
+        try:
+            named = self.named_components
+        except (TypeError, ValueError):
+            return out
+        for name, block in named:
             out[name] = block
             for k, v in block.get_params(deep=True).items():
                 out[f"{name}__{k}"] = v
         return out
 
     def set_params(self, **params) -> "Matcher":
+        """Set parameters (``block__param`` reaches into a named block, ``name=block`` replaces one).
+
+        As in scikit-learn, values are stored, not checked: ``fit`` (through :meth:`validate`) checks
+        them, so a grid search can set any combination and hear about a bad one when it fits.
+        Only names are checked here (a misspelled parameter or block name is a ``ValueError``
+        with a suggestion), and reaching into blocks needs ``components`` to be a list of blocks.
+        """
+        valid_own = set(self._get_param_names())
         own = {k: v for k, v in params.items() if "__" not in k}
         nested: dict[str, dict[str, Any]] = {}
-        valid_own = set(self._get_param_names())
-        named = dict(self.named_components) if "components" not in own else None
-        for key in own:
-            if key not in valid_own and (named is None or key not in named):
-                raise ValueError(
-                    f"Matcher: invalid parameter {key!r}; valid ones are {sorted(valid_own)} "
-                    f"and the block names {sorted(named or [])}." + suggest(key, list(valid_own) + list(named or []))
-                )
-        if "components" in own:
-            self.components = own.pop("components")
-            named = dict(self.named_components)
-        for key, value in list(own.items()):
-            if key in valid_own:
-                setattr(self, key, value)
-            else:  # replace a whole block by name
-                self.components = [
-                    (n, value) if n == key else (n, b) for n, b in self.named_components
-                ]
         for key, value in params.items():
             if "__" in key:
                 head, rest = key.split("__", 1)
                 nested.setdefault(head, {})[rest] = value
+        block_keys = [k for k in own if k not in valid_own]
+        if block_keys:  # names of blocks to replace: checked against the blocks they would replace
+            named = dict(name_components(own.get("components", self.components)))
+            for key in block_keys:
+                if key not in named:
+                    raise ValueError(
+                        f"Matcher: invalid parameter {key!r}; valid ones are {sorted(valid_own)} "
+                        f"and the block names {sorted(named)}." + suggest(key, sorted(valid_own) + sorted(named))
+                    )
+        for key, value in own.items():
+            if key in valid_own:
+                setattr(self, key, value)
+        for key in block_keys:
+            self.components = [(n, own[key]) if n == key else (n, b) for n, b in self.named_components]
         if nested:
             named = dict(self.named_components)
             for head, sub in nested.items():
@@ -238,6 +252,13 @@ class Matcher(BaseEstimator):
                     )
                 named[head].set_params(**sub)
         return self
+
+    def __sklearn_tags__(self):
+        """scikit-learn's tags: fits image-caption datasets (not 2-D arrays), needs no ``y``."""
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.target_tags.required = False
+        return tags
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "components_")
@@ -283,8 +304,7 @@ class Matcher(BaseEstimator):
             raise TypeError(f"Matcher: compile must be True or False, got {self.compile!r}")
         if self.on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"Matcher: on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"Matcher: lr must be a positive number, got {self.lr!r}")
+        self._validate_numbers()
         for s in self._stages():
             for field_name in ("train", "losses"):
                 for n in getattr(s, field_name) or []:
@@ -305,6 +325,41 @@ class Matcher(BaseEstimator):
                     + suggest(self.protocol, PROTOCOLS)
                 )
         return plan
+
+    def _validate_numbers(self) -> None:
+        """Every numeric parameter: a real number (never bool, NaN or inf) in its range; the device."""
+
+        def number(name, value, low, *, open_low=False, optional=False, integer=False):
+            if value is None and optional:
+                return
+            kind = int if integer else (int, float)
+            ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) \
+                and (value > low if open_low else value >= low)
+            if not ok:
+                rule = f"{'an integer' if integer else 'a finite number'} {'>' if open_low else '>='} {low}"
+                raise ValueError(f"Matcher: {name} must be {rule}{' or None' if optional else ''}, got {value!r}")
+
+        number("lr", self.lr, 0, open_low=True)
+        number("weight_decay", self.weight_decay, 0)
+        number("warmup", self.warmup, 0)
+        # 0 would zero every gradient, a negative norm turns the step uphill: clipping is off only with None.
+        number("grad_clip", self.grad_clip, 0, open_low=True, optional=True)
+        number("num_workers", self.num_workers, 0, integer=True)
+        number("checkpoint_every", self.checkpoint_every, 1, optional=True, integer=True)
+        if self.random_state is not None and not (isinstance(self.random_state, int) and not isinstance(
+                self.random_state, bool) and 0 <= self.random_state < 2**32):
+            # NumPy takes seeds below 2**32, and the data order mixes the seed into 64-bit generator seeds.
+            raise ValueError(f"Matcher: random_state must be None or an integer in [0, 2**32), got {self.random_state!r}")
+        if not isinstance(self.device, (str, torch.device)):
+            raise TypeError(f"Matcher: device must be a string such as 'cpu', 'cuda' or 'auto', got {self.device!r}")
+        if self.device != "auto":
+            try:
+                dev = torch.device(self.device)
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise ValueError(f"Matcher: invalid device {self.device!r}: {e}") from e
+            if dev.type == "meta":
+                raise ValueError("Matcher: device 'meta' holds no data (shapes only) and cannot train or evaluate; "
+                                 "use 'cpu', 'cuda' or 'auto'")
 
     def _stages(self) -> list[Stage]:
         if self.stages is None:
@@ -425,7 +480,8 @@ class Matcher(BaseEstimator):
 
         Args:
             train: a dataset whose items are ``{"images", "texts", "image_ids"}`` (see
-                :mod:`imtm.data`), or a DataLoader yielding collated batches.
+                :mod:`imtm.data`), a DataLoader yielding collated batches, or a
+                :class:`~imtm.data.ByImage` (what scikit-learn's model selection passes).
             eval_set: optional dataset with ``images``, ``captions``, ``caption_to_image``.
             resume: ``True``: continue from the checkpoint ``checkpoint_dir/LATEST`` names
                 (same final weights as an uninterrupted run); starts afresh when there is
@@ -441,9 +497,12 @@ class Matcher(BaseEstimator):
         Returns:
             self
         """
+        from imtm.data.by_image import ByImage
         from imtm.engine.training import Trainer
 
         self.validate()
+        if isinstance(train, ByImage):  # scikit-learn's view of a dataset: train on the captions it holds
+            train = train.dataset
         Trainer(self, train, eval_set).run(resume=resume)
         return self
 
@@ -587,7 +646,24 @@ class Matcher(BaseEstimator):
         return distributed.broadcast_object(metrics)
 
     def score(self, data, y=None) -> float:
-        """rSum on ``data`` (scikit-learn's 'higher is better' scalar)."""
+        """rSum on ``data`` (scikit-learn's 'higher is better' scalar).
+
+        ``data`` is what :meth:`evaluate` takes, e.g. a :class:`~imtm.data.ByImage` fold of a
+        grid search; ``y`` is ignored (the matches come from ``caption_to_image``).
+
+        Example:
+            >>> from sklearn.model_selection import GridSearchCV, KFold
+            >>> from imtm import Matcher
+            >>> from imtm.components import PrecomputedEncoder, GRUTextEncoder, GlobalCosine, TripletLoss
+            >>> from imtm.data import ByImage, synthetic
+            >>> train, _, _ = synthetic.load(view="regions", seed=0, n_train=8, n_dev=2, n_test=2)
+            >>> m = Matcher([("image", PrecomputedEncoder(in_dim=train.region_dim, out_dim=8)),
+            ...              ("text", GRUTextEncoder(vocab=train.vocab, out_dim=8)), GlobalCosine(),
+            ...              ("loss", TripletLoss(hardest=False))], epochs=1, batch_size=32, verbose=False)
+            >>> search = GridSearchCV(m, {"lr": [3e-3], "loss__margin": [0.1, 0.2]}, cv=KFold(2))
+            >>> sorted(search.fit(ByImage(train)).best_params_)
+            ['loss__margin', 'lr']
+        """
         return float(self.evaluate(data)["rsum"])
 
     # ------------------------------------------------------------------ persistence
@@ -600,7 +676,7 @@ class Matcher(BaseEstimator):
         configuration and tokenizer files), a generated ``README.md`` model card and
         ``MANIFEST.json`` (checksums). It can be moved, copied, zipped and loaded offline by
         :meth:`load` / :meth:`from_pretrained`, with no access to the files the encoders were
-        first built from. See ``docs/quickstart.md`` (Saving) for the layout.
+        first built from. See ``docs/saving.md`` for the layout.
 
         Args:
             path: the folder. A missing or empty folder, or one holding an earlier saved

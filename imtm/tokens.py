@@ -15,7 +15,31 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NonFiniteValueError", "Tokens", "check_finite", "masked_mean_along"]
+__all__ = ["NonFiniteValueError", "Tokens", "check_finite", "masked_mean_along", "l2_normalize"]
+
+
+def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize(x, dim=dim, eps=eps)``, also for huge finite values.
+
+    The sum of squares of entries around 6e19 overflows float32 to inf, and ``x / inf`` is
+    0: a cosine score of exactly 0.0 from finite features. Rows whose largest entry could
+    overflow it are first divided by that entry (the direction is the same); every other row
+    is ``F.normalize``'s result bit for bit.
+
+    Shape:
+        - x: any shape, output: the same.
+
+    Example:
+        >>> l2_normalize(torch.tensor([[6e19, 8e19], [3.0, 4.0]]))
+        tensor([[0.6000, 0.8000],
+                [0.6000, 0.8000]])
+    """
+    if not x.is_floating_point() or x.numel() == 0:
+        return F.normalize(x, dim=dim, eps=eps)
+    limit = (torch.finfo(x.dtype).max / max(1, x.shape[dim])) ** 0.5 / 2  # squares summed stay finite below it
+    big = x.detach().abs().amax(dim, keepdim=True)
+    scale = torch.where(big > limit, big, torch.ones((), dtype=big.dtype, device=big.device))  # NaN: 1
+    return F.normalize(x / scale, dim=dim, eps=eps)
 
 
 class NonFiniteValueError(ValueError):
@@ -249,7 +273,7 @@ class Tokens:
 
     def normalize(self, eps: float = 1e-8) -> "Tokens":
         """L2-normalise every token; padded tokens become zero vectors (whatever they held)."""
-        f = F.normalize(self.feats, dim=-1, eps=eps)
+        f = l2_normalize(self.feats, dim=-1, eps=eps)
         return self.with_feats(torch.where(self.mask.unsqueeze(-1), f, f.new_zeros(())))
 
     def masked_mean(self, skip_prefix: bool = False) -> torch.Tensor:

@@ -34,6 +34,8 @@ from collections.abc import Sequence
 
 import torch
 
+from imtm.data.seeding import current_item_seed, fit_epoch_key, fit_epoch_serial
+
 __all__ = ["CaptionAugment", "augment_caption"]
 
 #: VSE-infinity's rates: a word is selected with probability 0.2; a selected word is masked
@@ -124,14 +126,16 @@ class CaptionAugment:
         mask_token: what a masked word becomes (``"[MASK]"``, the BERT mask token).
         mask_prob: probability that a selected word is masked (0.5).
         replace_prob: probability that a selected word is replaced (0.1); the rest are deleted.
-        seed: seeds the generator. Each process draws from its own generator; in a
-            DataLoader worker it is seeded from ``seed`` and the worker's seed (which the
-            loader changes every epoch), so workers differ and a seeded run repeats.
-            ``None`` (what ``augment=True`` gives): in a worker, the worker's seed alone; in the
-            main process (``num_workers=0``), torch's global generator, which ``Matcher.fit``
-            seeds from ``random_state`` and its checkpoints restore, so two seeded fits on the
-            same dataset object augment alike. (A generator of the object's own, drawn once,
-            would carry its stream from one fit into the next.)
+        seed: seeds the generator. Inside ``Matcher.fit`` every item is loaded with a seed of
+            its own, fixed by the run's seed, the epoch and the item
+            (:mod:`imtm.data.seeding`): the draws are those of a generator seeded from ``seed``
+            and that item seed (``None``, what ``augment=True`` gives: torch's generator, seeded
+            for the item). So they do not depend on the worker, on ``num_workers``, on an earlier
+            fit in the same process, or on where a run was interrupted and resumed. Outside a
+            fit (and for a DataLoader that ``fit`` iterates as given, see ``docs/robustness.md``)
+            each process draws from its own generator; in a DataLoader worker it is seeded from
+            ``seed`` and the worker's seed, in the main process from ``seed`` (and the epoch,
+            during a fit); ``None``: the worker's seed, or torch's global generator.
 
     Calling ``aug(caption, generator=g)`` draws from ``g`` instead.
 
@@ -219,13 +223,25 @@ class CaptionAugment:
 
     # ------------------------------------------------------------------ randomness
     def _own_generator(self) -> torch.Generator | None:
+        item = current_item_seed()
+        if item is not None:
+            # Inside Matcher.fit: the item's own seed, fixed by (run seed, epoch, item), so the draws do
+            # not depend on the worker, num_workers, what was drawn before, or an interrupted run.
+            if self.seed is None:
+                return None  # torch's generator, seeded for this item
+            return torch.Generator().manual_seed((self.seed * 1_000_003 + item) % 2**63)
         info = torch.utils.data.get_worker_info()
         if info is None and self.seed is None:
-            return None  # torch's global generator: whoever seeds torch (Matcher.fit) seeds this
-        owner = (os.getpid(), None if info is None else (info.id, info.seed))
+            return None  # torch's generator: whoever seeds torch (Matcher.fit) seeds this
+        epoch = fit_epoch_key() if info is None else None
+        owner = (os.getpid(), None if info is None else (info.id, info.seed), epoch, epoch and fit_epoch_serial())
         if self._generator is None or self._owner != owner:
             if info is not None:
                 base = info.seed if self.seed is None else (self.seed * 1_000_003 + info.seed)
+            elif epoch is not None:
+                # A DataLoader imtm iterates as given, in the main process: a new stream each epoch of
+                # each fit, so two fits agree and a run resumed at an epoch's end continues alike.
+                base = self.seed * 1_000_003 + epoch
             else:
                 base = self.seed
             self._generator = torch.Generator().manual_seed(base % 2**63)

@@ -41,16 +41,30 @@ def collate_images(items: Sequence[Any]):
                 f"collate_images: image {k} has shape {tuple(x.shape)} but image 0 has {tuple(first.shape)}; "
                 "every image of a batch must be (3, H, W) pixels, or (N, D) features of one D"
             )
+    # One dtype for the batch, whatever the order of its images: the common floating-point type
+    # (float16 and float32 give float32), never the first image's (which would truncate the others).
+    dtype = _common_float_dtype(items)
     if first.dim() == 3:
         shapes = {tuple(x.shape) for x in items}
         if len(shapes) != 1:
             raise ValueError(f"collate_images: pixel images of different sizes {sorted(shapes)}; resize them first")
-        return torch.stack(list(items))
+        same = all(x.dtype == first.dtype for x in items)  # uint8 pixels stay uint8
+        return torch.stack(list(items) if same else [x.to(dtype) for x in items])
     if first.dim() == 2:
-        return Tokens.pad_sequence([x.float() if not x.is_floating_point() else x for x in items])
+        return Tokens.pad_sequence([x.to(dtype) for x in items])
     raise ValueError(
         f"collate_images: an image must be (3, H, W) pixels or (N, D) region features, got {tuple(first.shape)}"
     )
+
+
+def _common_float_dtype(items: Sequence[torch.Tensor]) -> torch.dtype:
+    """The promoted dtype of the items, made floating point (integers become float32)."""
+    dtype = items[0].dtype
+    for x in items[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.promote_types(dtype, torch.float32)
+    return dtype
 
 
 def collate_texts(items: Sequence[Any]):

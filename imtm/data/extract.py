@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from imtm._io import read_json
+from imtm._io import process_gone, read_json
 from imtm.tokens import Tokens
 
 __all__ = ["FORMATS", "MANIFEST_VERSION", "dataset_from_format", "extract_features"]
@@ -232,6 +233,7 @@ def extract_features(
         "encoder": encoder_name if encoder_name is not None else type(encoder).__name__,
         "data_fingerprint": fp() if callable(fp) else None,
     }
+    _remove_stale_temporaries(out, split)
     manifest = _start_manifest(manifest_path, shard_dir, out, split, config, overwrite)
     if manifest.get("complete") and (out / f"{split}_ims.npy").is_file():
         if not keep_shards and shard_dir.is_dir():
@@ -273,6 +275,23 @@ def extract_features(
         manifest["shards"] = {}
     _write_json(manifest_path, manifest)
     return out
+
+
+def _remove_stale_temporaries(out: Path, split: str) -> list[str]:
+    """Remove the temporaries (``.{split}_ims.npy.tmp<pid>``...) of writers that are gone; return their names.
+
+    A run killed while assembling leaves its temporary feature file, as large as the
+    features; only these exact names, and only once process ``<pid>`` is gone, are removed.
+    """
+    pattern = re.compile(rf"^\.{re.escape(split)}_(ims\.npy|caps\.txt|ids\.txt|images\.txt|extract\.json)"
+                         r"\.tmp(?P<pid>[0-9]+)$")
+    removed = []
+    for path in out.iterdir() if out.is_dir() else []:
+        match = pattern.match(path.name)
+        if match and path.is_file() and not path.is_symlink() and process_gone(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 def read_manifest(path: Path, who: str, remedy: str) -> Any:

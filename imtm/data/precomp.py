@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imtm._io import check_npy_size
 from imtm.component import suggest
 from imtm.data.base import ImageCaptionDataset
 from imtm.data.vocabulary import Vocabulary
@@ -78,6 +79,7 @@ class PrecompImages:
 
     def _open(self) -> None:
         try:
+            check_npy_size(self.path, "PrecompImages")  # before np.load allocates the declared shape
             arr = np.load(self.path, mmap_mode="r" if self.mmap else None, allow_pickle=False)
         except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
             # allow_pickle=False: an object array is refused here, never unpickled.

@@ -26,6 +26,7 @@ See ``docs/robustness.md`` for what survives a kill at each point.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 
-from imtm._io import read_json, read_regular, regular_file_size
+from imtm._io import process_gone, read_json, read_regular, regular_file_size
 from imtm.engine.serialization import (
     ConfigError,
     atomic_write_bytes,
@@ -55,6 +56,8 @@ __all__ = [
     "recover_run",
     "CheckpointError",
     "verify_manifest",
+    "RunLock",
+    "RunFolderBusy",
 ]
 
 #: Files in every checkpoint folder (besides MANIFEST.json), and the pair a resumable one adds.
@@ -208,17 +211,8 @@ def write_checkpoint(
 
 def _process_gone(pid: int) -> bool:
     """Whether no process ``pid`` runs on this machine (leftovers of this very process are stale too)."""
-    if pid == os.getpid():
-        return True  # one process writes its checkpoints one after another: a leftover is from a failed write
-    if os.name != "posix":  # no harmless liveness test: keep what may belong to a running writer
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # no such process, or not a possible process id
-        return True
-    except PermissionError:  # another user's running process
-        return False
-    return False
+    # One process writes its checkpoints one after another: a leftover of its own is from a failed write.
+    return process_gone(pid)
 
 
 def recover_run(run_dir: str | os.PathLike, name: str | None = None) -> list[str]:
@@ -342,10 +336,43 @@ def read_checkpoint(folder: str | os.PathLike, *, with_train_state: bool = True)
         "record": _read_json(folder / "record.json", dict),
         "train_state": None,
     }
+    seed = out["record"].get("seed")
+    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32):
+        raise CheckpointError(f"{folder / 'record.json'}: entry 'seed' is {seed!r}, expected an integer in "
+                              "[0, 2**32) or null; the file was altered")
     if with_train_state and (folder / "state.json").exists():
         tree = _read_json(folder / "state.json", object)
-        out["train_state"] = unflatten_state(tree, _read_tensors(folder / "optimizer.safetensors"))
+        try:
+            out["train_state"] = unflatten_state(tree, _read_tensors(folder / "optimizer.safetensors"))
+        except KeyError as e:
+            raise CheckpointError(f"{folder / 'state.json'} names tensor {e} that optimizer.safetensors does not "
+                                  "hold; the files were altered") from None
+        except (TypeError, AttributeError, ValueError) as e:
+            raise CheckpointError(f"{folder / 'state.json'}: malformed entry ({type(e).__name__}: {e})") from e
+        _check_train_state(out["train_state"], folder / "state.json")
     return out
+
+
+#: The entries of state.json a resume reads, and their types.
+_TRAIN_STATE_ENTRIES = {"position": dict, "epoch_logs": dict, "history": list, "skipped": int,
+                        "train_config": dict, "rng": dict}
+_POSITION_ENTRIES = ("stage", "epoch", "batch", "global_step", "epoch_done")
+
+
+def _check_train_state(ts: Any, path: Path) -> None:
+    """CheckpointError naming the entry (not a KeyError later) when a forged state.json lacks what a resume reads."""
+    if not isinstance(ts, dict):
+        raise CheckpointError(f"{path}: expected an object of trainer state, got {type(ts).__name__}")
+    for key, kind in _TRAIN_STATE_ENTRIES.items():
+        if not isinstance(ts.get(key), kind):
+            raise CheckpointError(f"{path}: entry {key!r} is missing or not a {kind.__name__}; the file was altered")
+    for key in _POSITION_ENTRIES:
+        value = ts["position"].get(key)
+        if not isinstance(value, int) or (key != "epoch_done" and (isinstance(value, bool) or value < 0)):
+            raise CheckpointError(f"{path}: entry 'position.{key}' is {value!r}; the file was altered")
+    for key in ("torch", "numpy", "python"):
+        if key not in ts["rng"]:
+            raise CheckpointError(f"{path}: entry 'rng.{key}' is missing; the file was altered")
 
 
 def _check_links(folder: Path) -> None:
@@ -388,3 +415,86 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); imtm reads weights only as "
             "safetensors and never unpickles (torch.load) a checkpoint file"
         ) from e
+
+
+#: The lock file of a run folder: one writer at a time.
+LOCK_NAME = ".lock"
+
+
+class RunFolderBusy(CheckpointError):
+    """Another process is writing checkpoints to the same run folder (see :class:`RunLock`)."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder: the file ``.lock`` holding the owner's pid and host.
+
+    Taken by ``fit`` before training (so a folder it cannot write is reported at once, not
+    after the first epoch) and removed when ``fit`` ends, however it ends. A second writer
+    is refused with :class:`RunFolderBusy` naming the owner. A lock left by a process that
+    is gone (on this host) is taken over. A lock of another host cannot be checked and is
+    refused: remove the file when you know that run has ended.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self.held = False
+
+    def _owner(self) -> dict:
+        try:
+            owner = read_json(self.path, who="checkpoint_dir lock", max_bytes=4096, error=CheckpointError)
+        except (FileNotFoundError, CheckpointError):
+            return {}
+        return owner if isinstance(owner, dict) else {}
+
+    def acquire(self) -> "RunLock":
+        import socket
+
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _unwritable(self.run_dir, e) from e
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                pid, host = owner.get("pid"), owner.get("host")
+                gone = isinstance(pid, int) and not isinstance(pid, bool) and host == me["host"] \
+                    and pid != os.getpid() and _process_gone(pid)
+                if not gone:
+                    who = (f"process {pid} on host {host!r}" if pid is not None else "another process (the lock "
+                           "file is unreadable)")
+                    raise RunFolderBusy(
+                        f"{self.run_dir} is being written by {who} (lock file {self.path}); two writers on one "
+                        "checkpoint_dir would delete each other's checkpoints. Wait for that fit to end, use "
+                        "another checkpoint_dir, or, when you know that run has ended, remove the lock file"
+                    ) from None
+                try:  # its owner is gone: take it over
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            except OSError as e:  # read-only file system, permission denied, not a folder
+                raise _unwritable(self.run_dir, e) from e
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RunFolderBusy(f"{self.run_dir}: could not take the lock file {self.path}; another writer keeps taking it")
+
+    def release(self) -> None:
+        if self.held:
+            import socket
+
+            if self._owner() == {"pid": os.getpid(), "host": socket.gethostname()}:
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _unwritable(run_dir: Path, err: OSError) -> PermissionError:
+    return PermissionError(
+        f"Matcher.fit: checkpoint_dir {str(run_dir)!r} cannot be written ({err.strerror or err}); nothing was "
+        "trained. Choose a folder you can write, or checkpoint_dir=None to train without checkpoints"
+    )

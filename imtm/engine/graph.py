@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import torch
+
 from imtm.component import COMPONENT_REGISTRY, Component, Loss
 
 __all__ = ["Plan", "PipelineError", "BATCH_VALUES", "SCORE_VALUES", "build_plan", "name_components"]
@@ -62,6 +64,12 @@ def name_components(components: Sequence[Any]) -> list[tuple[str, Component]]:
             )
         if name is not None and ("__" in name or not name):
             raise ValueError(f"Matcher: component name {name!r} must be non-empty and must not contain '__'")
+        if name is not None and ("." in name or hasattr(torch.nn.ModuleDict(), name)):
+            # The fitted blocks live in a ModuleDict: its keys name parameters ("a.b" would be ambiguous)
+            # and must not shadow its attributes ("training", "forward", "parameters"...).
+            raise ValueError(f"Matcher: component name {name!r} (component {k}) cannot name a block: "
+                             + ("it contains '.'" if "." in name else "it is an attribute of torch.nn.Module")
+                             + "; choose another name")
     auto = [block.name_hint for name, block in items if name is None]
     counts = {n: auto.count(n) for n in auto}
     seen: dict[str, int] = {}

@@ -36,6 +36,8 @@ __all__ = [
     "absolute_paths",
     "manifest_files",
     "model_card",
+    "owned_files",
+    "read_small_json",
     "safe_relative_name",
     "source_record",
     "write_folder",
@@ -58,7 +60,7 @@ def safe_relative_name(name: Any, depth: int = 2) -> bool:
     return 1 <= len(parts) <= depth and all(_PART.match(p) for p in parts)
 
 
-def _read_small_json(path: Path) -> Any:
+def read_small_json(path: Path) -> Any:
     """A JSON file imtm wrote, or ``None`` when it is missing, a link, not a regular file, too large or unreadable."""
     from imtm._io import read_json
 
@@ -70,7 +72,7 @@ def _read_small_json(path: Path) -> Any:
         return None
 
 
-def _owned(folder: Path, names: Iterable[Any]) -> list[str]:
+def owned_files(folder: Path, names: Iterable[Any]) -> list[str]:
     """The names that are safe, inside ``folder`` and regular files there (not links): what may be replaced."""
     inside = folder.resolve()
     out = []
@@ -99,17 +101,17 @@ def manifest_files(folder: str | os.PathLike) -> tuple[str | None, list[str]]:
         files inside the folder, with ``MANIFEST.json`` itself (``[]`` without a readable manifest).
     """
     folder = Path(folder)
-    manifest = _read_small_json(folder / MANIFEST)
+    manifest = read_small_json(folder / MANIFEST)
     if not isinstance(manifest, dict):
         return None, []
     listed = manifest.get("sha256")
     names = list(listed) if isinstance(listed, dict) else []
     extra = manifest.get("files")
     names += [n for n in extra if isinstance(n, str)] if isinstance(extra, list) else []
-    files = _owned(folder, names + [MANIFEST])
+    files = owned_files(folder, names + [MANIFEST])
     kind = None
     if "config.json" in files:
-        config = _read_small_json(folder / "config.json")
+        config = read_small_json(folder / "config.json")
         kind = config.get("format") if isinstance(config, dict) and isinstance(config.get("format"), str) else None
     return kind, files
 
@@ -155,6 +157,7 @@ def write_folder(
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise FileExistsError(f"{what}: {path} exists and is not a folder; nothing was written. Give a folder path")
+    path = Path(os.path.abspath(path))  # "." or "runs/x/" name a folder with a name and a parent
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True)
     recover_run(parent, path.name)  # the leftovers of a killed writer of this very folder
@@ -179,13 +182,15 @@ def write_folder(
             listing = sorted(entries + folders)
             shown = ", ".join(listing[:5]) + (", ..." if len(listing) > 5 else "")
             what_it_is = (f"an imtm folder of another kind ({old_kind})" if old_kind else
-                          "not a saved model of this kind")
+                          f"not a saved {kind} folder")
             raise FileExistsError(
                 f"{what}: {path} is not empty ({shown}) and is {what_it_is}; nothing was written. Save to a new or "
-                "empty folder, or pass overwrite=True to write the model's files beside the others (only files "
-                "an earlier imtm model listed in its MANIFEST.json are ever replaced; no other file is touched)"
+                "empty folder, or pass overwrite=True to write the files beside the others (only files an "
+                "earlier imtm folder of this kind listed as its own are ever replaced; no other file is touched)"
             )
-        if not others:  # only a previous imtm folder: swap it whole, atomically
+        cwd = Path(os.getcwd())
+        if not others and path != cwd and path not in cwd.parents:
+            # Only a previous imtm folder (and not the working directory, which must stay): swap it whole.
             old = parent / f".{path.name}.old-{os.getpid()}"
             os.replace(path, old)
             os.replace(tmp, path)

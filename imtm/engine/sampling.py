@@ -50,8 +50,9 @@ def refresh_sampler(trainer, epoch: int) -> None:
 
     A batch sampler with ``update_embeddings(embeddings)`` gets the embeddings of its
     ``images`` (:func:`image_embeddings`); one with ``set_epoch(epoch)`` gets the epoch.
-    Anything else is left alone. A run resumed mid-epoch re-clusters from the resumed
-    weights, so its remaining batches can differ from an uninterrupted run's.
+    Anything else is left alone. The clusters come from the weights at the epoch's start,
+    which a checkpoint written mid-epoch no longer holds: ``fit(resume=True)`` refuses such a
+    checkpoint with a ``CheckpointError`` (resume from one written at an epoch's end).
     """
     if not trainer.loader_given:
         return

@@ -10,20 +10,26 @@ import math
 import os
 import platform
 import random
+import signal
+import sys
+import threading
 import time
+import uuid
 import warnings
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from imtm.data.collate import collate
+from imtm.data.seeding import SeededItems, _restored, item_seed, set_fit_epoch_key
 from imtm.engine import distributed
 from imtm.component import Component
 from imtm.engine.checkpoint import (
     CheckpointError,
+    RunLock,
     complete_checkpoints,
     read_checkpoint,
     recover_run,
@@ -171,6 +177,8 @@ class Trainer:
     skipped = consecutive_skips = 0
     #: ``(stage, epoch)`` of the last skip warning: one warning per epoch.
     warned_epoch: tuple[int, int] | None = None
+    #: The stage under way (``run`` sets it; a Trainer used step by step stays in stage 0).
+    stage_idx = 0
 
     def __init__(self, matcher, train, eval_set=None):
         self.m = matcher
@@ -183,8 +191,14 @@ class Trainer:
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.main = self.rank == 0
         self.ddp = None
+        #: How a user's DataLoader is iterated: "rebuilt" (its batches drawn once per epoch from a
+        #: seeded generator, its items loaded through SeededItems: exact resume anywhere) or
+        #: "as-given" (a DataLoader subclass, an iterable dataset: resumed only at an epoch's end).
+        self.loader_mode = None
+        self.epoch_batches: list | None = None
         if isinstance(train, DataLoader):
             self.loader_given = True
+            self.loader_mode = "rebuilt" if _rebuildable(train) else "as-given"
             n_batches = len(train)
         elif isinstance(train, Dataset) or (hasattr(train, "__getitem__") and hasattr(train, "__len__")):
             self.loader_given = False
@@ -202,23 +216,63 @@ class Trainer:
                     raise TypeError(f"Matcher.fit: eval_set has no {attr!r}; pass an imtm.data evaluation dataset")
 
     # ------------------------------------------------------------------ data
+    def epoch_key(self, epoch: int) -> int:
+        """The epoch's number in the item seeds: unique over the run's stages and epochs."""
+        return self.stage_idx * 1_000_003 + epoch
+
+    def loader_generators(self) -> list[torch.Generator]:
+        """The generators a user's DataLoader draws its order from (its own, its sampler's), once each."""
+        found: dict[int, torch.Generator] = {}
+        loader = self.train
+        for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
+                      getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+            g = getattr(owner, "generator", None)
+            if isinstance(g, torch.Generator):
+                found.setdefault(id(g), g)
+        return list(found.values())
+
+    def draw_epoch_batches(self, epoch: int) -> None:
+        """Draw a rebuilt user DataLoader's batches of this epoch (indices only, no item is loaded).
+
+        Its sampler draws from torch's generator seeded by ``(seed, epoch)`` (or from its own
+        generator, whose state at the epoch's start the checkpoints keep), in a block that
+        leaves the training stream untouched.
+        """
+        self.generators_epoch = [g.get_state() for g in self.loader_generators()]
+        with _restored():
+            torch.default_generator.manual_seed(item_seed(self.seed, self.epoch_key(epoch), -1))
+            self.epoch_batches = [list(b) for b in self.train.batch_sampler]
+
     def batches(self, epoch: int, start_batch: int):
         m = self.m
-        if self.loader_given:
+        # Every item is loaded with a seed of its own, (seed, epoch, item): random crops and caption
+        # augmentation do not depend on the worker, num_workers, or where a run was resumed.
+        if self.loader_mode == "as-given":
             it = iter(self.train)
-            for _ in range(start_batch):
+            for _ in range(start_batch):  # only 0 here: a mid-epoch resume is refused for such loaders
                 next(it)
             return it
         # A private generator: creating the iterator must not draw from the global RNG,
         # or a run resumed mid-epoch would see different dropout / noise than an uninterrupted one.
         g = torch.Generator().manual_seed(self.seed + epoch)
+        if self.loader_mode == "rebuilt":
+            loader = self.train
+            options = {"in_order": loader.in_order} if hasattr(loader, "in_order") else {}
+            return iter(DataLoader(
+                SeededItems(loader.dataset, self.seed, self.epoch_key(epoch)),
+                batch_sampler=self.epoch_batches[start_batch:], num_workers=loader.num_workers,
+                collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
+                worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
+                generator=g, prefetch_factor=loader.prefetch_factor, pin_memory_device=loader.pin_memory_device,
+                **options))
+        data = SeededItems(self.train, self.seed, self.epoch_key(epoch))
         if self.world > 1:
             shard = distributed.ShardedBatchSampler(len(self.train), m.batch_size, seed=self.seed, epoch=epoch,
                                                     rank=self.rank, world=self.world, start_batch=start_batch)
-            return iter(DataLoader(self.train, batch_sampler=shard, collate_fn=collate, num_workers=m.num_workers,
+            return iter(DataLoader(data, batch_sampler=shard, collate_fn=collate, num_workers=m.num_workers,
                                    generator=g))
         sampler = EpochSampler(len(self.train), self.seed, epoch, start=start_batch * m.batch_size)
-        return iter(DataLoader(self.train, batch_size=m.batch_size, sampler=sampler, collate_fn=collate,
+        return iter(DataLoader(data, batch_size=m.batch_size, sampler=sampler, collate_fn=collate,
                                num_workers=m.num_workers, generator=g))
 
     # ------------------------------------------------------------------ optimisation
@@ -481,7 +535,13 @@ class Trainer:
             "params": self.run_config()["params"],
         }
 
-    def train_state(self, opt, sched) -> dict:
+    def train_state(self, opt, sched, cpu_rng: dict | None = None) -> dict:
+        """Everything a resumed run needs; ``cpu_rng``: the CPU generators' states to store instead of the current ones."""
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+               "numpy": _np_state(),
+               "python": _py_state(random.getstate())}
+        rng.update(cpu_rng or {})
         return {
             "position": {"stage": self.stage_idx, "epoch": self.epoch, "batch": self.batch_idx,
                          "global_step": self.global_step, "epoch_done": self.epoch_done},
@@ -490,28 +550,80 @@ class Trainer:
             "best": self.m.best_,
             "skipped": self.skipped,
             "consecutive_skips": self.consecutive_skips,
+            # The sha256 of best/'s weights as this run wrote them: a resume refuses another run's best/.
+            "best_sha256": getattr(self, "best_sha256", None),
+            "run_id": self.run_id,
             "optimizer": opt.state_dict() if opt is not None else None,
             "scheduler": sched.state_dict() if sched is not None else None,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                    "numpy": _np_state(),
-                    "python": _py_state(random.getstate())},
+            "rng": rng,
+            "data": self.data_state(),
             "train_config": self.run_config(),
             # Blocks with a generator of their own (DistanceWeightedMiner(random_state=...)).
             "block_generators": {name: states for name, mod in self.m.components_.named_modules()
                                  if isinstance(mod, Component) and (states := mod.generator_states())},
         }
 
+    def data_state(self) -> dict:
+        """How the data were read: what a resumed run needs to read the same batches with the same draws."""
+        state = {"seeding": DATA_SEEDING, "loader": self.loader_mode or "dataset"}
+        if self.loader_given:
+            state["generators"] = [g.get_state() for g in self.loader_generators()]
+            state["generators_epoch"] = list(getattr(self, "generators_epoch", state["generators"]))
+            state["num_workers"] = self.train.num_workers
+        return state
+
+    def check_data_state(self, folder, ts: dict) -> None:
+        """Refuse a resume that could not read the same batches with the same random draws (say why)."""
+        data = ts.get("data")
+        pos = ts["position"]
+        mid_epoch = not pos["epoch_done"] and pos["batch"] > 0
+        again = ("Fit without resume=True to start afresh" + (", or resume from a checkpoint written at an epoch's "
+                 "end (checkpoint_every=None writes only those)" if mid_epoch else ""))
+        if not isinstance(data, dict) or data.get("seeding") != DATA_SEEDING:
+            raise CheckpointError(
+                f"{folder} was written by an earlier version of imtm, which drew the random numbers of data "
+                "loading (caption augmentation, random crops) differently: resuming would not give the model of "
+                f"an uninterrupted run. {again}")
+        mode = self.loader_mode or "dataset"
+        if data.get("loader") != mode:
+            raise CheckpointError(
+                f"{folder} was trained from a {data.get('loader')!r} source and this fit gets a {mode!r} one "
+                "(a dataset, a DataLoader imtm re-creates each epoch, or one it iterates as given); resume with "
+                f"the same kind of training data. {again}")
+        gens = self.loader_generators() if self.loader_given else []
+        if self.loader_given and len(data.get("generators", [])) != len(gens):
+            raise CheckpointError(
+                f"{folder} was trained with a DataLoader whose sampler drew from {len(data.get('generators', []))} "
+                f"generator(s) of its own; this one has {len(gens)}. Resume with a DataLoader built the same way. "
+                f"{again}")
+        if mode != "as-given":
+            return
+        loader = self.train
+        why = None
+        if mid_epoch:
+            why = (f"{type(loader).__name__} over {type(loader.dataset).__name__} cannot be re-created by imtm "
+                   "(a DataLoader subclass, an iterable dataset, or no batch sampler), so the batches and random "
+                   "draws of the rest of that epoch cannot be replayed")
+        elif loader.num_workers and loader.persistent_workers:
+            why = ("the DataLoader keeps its worker processes from epoch to epoch (persistent_workers=True), so "
+                   "their random state carries over and a new process cannot re-create it; use "
+                   "persistent_workers=False")
+        elif data.get("num_workers") != loader.num_workers:
+            why = (f"the DataLoader had num_workers={data.get('num_workers')} and now has {loader.num_workers}; "
+                   "imtm iterates this DataLoader as given, where what each worker draws depends on their number")
+        if why is not None:
+            raise CheckpointError(f"{folder} cannot be resumed exactly: {why}. {again}")
+
     def run_config(self) -> dict:
         cfg = self.m.get_config()
         cfg["params"] = {k: v for k, v in cfg["params"].items() if k not in _RUN_ONLY_PARAMS}
         return cfg
 
-    def checkpoint(self, opt, sched) -> None:
+    def checkpoint(self, opt, sched, cpu_rng: dict | None = None) -> None:
         m = self.m
         if m.checkpoint_dir is None:
             return
-        state = self.train_state(opt, sched)
+        state = self.train_state(opt, sched, cpu_rng)
         if self.world > 1:
             # Every rank's random state (a collective), so a resumed run draws what an uninterrupted one would.
             state["rng_ranks"] = distributed.all_gather_objects(state["rng"])
@@ -525,6 +637,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False) -> None:
+        """Train; with a ``checkpoint_dir``, hold its lock file (one writer per run folder) the whole time.
+
+        Taking the lock also checks, before any training, that the folder can be written.
+        """
+        m = self.m
+        lock = RunLock(m.checkpoint_dir).acquire() if m.checkpoint_dir is not None and self.main else None
+        try:
+            self._run(resume)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, resume: bool = False) -> None:
         from imtm.matcher import seed_everything
 
         m = self.m
@@ -543,6 +668,7 @@ class Trainer:
         self.stage_idx, self.epoch, self.batch_idx, self.global_step = 0, 0, 0, 0
         self.epoch_done, self.skipped, self.epoch_logs = False, 0, {}
         self.consecutive_skips, self.warned_epoch = 0, None
+        self.run_id, self.best_sha256 = uuid.uuid4().hex, None  # a resumed run takes its checkpoint's
         best_state = None
         resume_state = None
         opt = sched = None
@@ -584,11 +710,24 @@ class Trainer:
                             f"{self.record_[key]!r}); resume with the same training set, or fit without "
                             "resume=True to start afresh"
                         )
+                self.check_data_state(folder, ts)
+                pos = ts["position"]
+                if not pos["epoch_done"] and pos["batch"] > 0 and self.loader_given and callable(
+                        getattr(getattr(self.train, "batch_sampler", None), "update_embeddings", None)):
+                    raise CheckpointError(
+                        f"{folder} was written mid-epoch, and the DataLoader's batch sampler re-clusters from the "
+                        "model at each epoch's start: the clusters of that epoch cannot be re-created from a "
+                        "later model. Resume from a checkpoint written at an epoch's end (checkpoint_every=None "
+                        "writes only those), or fit without resume=True to start afresh")
                 if "rng_ranks" in ts:
                     ts["rng"] = ts["rng_ranks"][self.rank]
                 m.load_state(ckpt["model_state"])
                 resume_state = ts
-                pos = ts["position"]
+                if self.loader_given:
+                    data = ts["data"]
+                    states = data["generators"] if pos["epoch_done"] else data["generators_epoch"]
+                    for g, state in zip(self.loader_generators(), states):
+                        g.set_state(state)
                 self.stage_idx, self.epoch, self.batch_idx = pos["stage"], pos["epoch"], pos["batch"]
                 self.global_step, self.epoch_done = pos["global_step"], pos["epoch_done"]
                 m.history_, m.best_, self.skipped = ts["history"], ts["best"], ts["skipped"]
@@ -596,9 +735,23 @@ class Trainer:
                 self.epoch_logs = ts["epoch_logs"]
                 m.n_epochs_ = len(m.history_)
                 best_path = _best_path(m)
+                self.best_sha256, self.run_id = ts.get("best_sha256"), ts.get("run_id")
                 if best_path is not None and m.best_ is not None:
                     if best_path.is_dir():
-                        best_state = read_checkpoint(best_path, with_train_state=False)["model_state"]
+                        best = read_checkpoint(best_path, with_train_state=False)
+                        digest = _weights_digest(best_path)
+                        theirs = best["record"].get("best")
+                        # Written by this run after the checkpoint (killed before the next one): the
+                        # steps replayed from here reach that evaluation again and rewrite it identically.
+                        later = (best["record"].get("run_id") == self.run_id and isinstance(theirs, dict)
+                                 and (theirs.get("stage"), theirs.get("epoch")) > (m.best_["stage"], m.best_["epoch"]))
+                        if not later and (digest != self.best_sha256 or theirs != m.best_):
+                            raise CheckpointError(
+                                f"{best_path} is not the best epoch of the run in {folder}: its weights (sha256 "
+                                f"{str(digest)[:12]}, best {best['record'].get('best')}) are not the ones that run "
+                                f"saved (sha256 {str(self.best_sha256)[:12]}, best {m.best_}); it may come from "
+                                "another run. Restore that run's best/, or fit without resume=True to start afresh")
+                        best_state = None if later else best["model_state"]
                     elif m.keep_best:
                         # best/ is written before any checkpoint that records it: it was removed since.
                         raise CheckpointError(
@@ -609,6 +762,7 @@ class Trainer:
                 self.seed = ckpt["record"]["seed"]
         m.skipped_steps_ = self.skipped
         plan = m.plan_
+        interrupts = _DeferredInterrupt(verbose=m.verbose and self.main and m.checkpoint_dir is not None)
         try:
             for s in range(self.stage_idx, len(self.stages)):
                 stage = self.stages[s]
@@ -631,20 +785,44 @@ class Trainer:
                     if self.epoch != e:
                         self.epoch, self.batch_idx, self.epoch_done, self.epoch_logs = e, 0, False, {}
                     if not self.epoch_done:
+                        set_fit_epoch_key(item_seed(self.seed, self.epoch_key(e), -2))
                         # A batch sampler that follows the model (K-means neighbours) re-clusters here.
                         refresh_sampler(self, e)
                         # Blocks that change with the epoch (a loss's warm-up) learn it; resumed runs too.
                         start_epoch(m.components_, e)
+                        if self.loader_mode == "rebuilt":
+                            self.draw_epoch_batches(e)
                         self.set_modes(stage)
                         t0 = time.time()
                         label = f"{stage.name or f'stage {s + 1}'} epoch {e + 1}/{stage.epochs}" if len(self.stages) > 1 \
                             else f"epoch {e + 1}/{stage.epochs}"
-                        bar = tqdm(self.batches(e, self.batch_idx), total=self.n_batches, initial=self.batch_idx,
+                        it = self.batches(e, self.batch_idx)
+                        bar = tqdm(total=self.n_batches, initial=self.batch_idx,
                                    desc=label, disable=not (m.verbose and self.main), leave=False)
-                        for batch in bar:
+                        while True:
+                            # Ctrl-C is deferred to here, between steps: the checkpoint then holds the state
+                            # of the last completed step (weights, optimizer, every generator), exactly.
+                            if interrupts.requested:
+                                self.interrupted(opt, sched)
+                            # Loading a batch of a DataLoader iterated as given may draw from the global
+                            # generators: a Ctrl-C during it saves their state from before the load.
+                            before = _cpu_rng() if self.loader_mode == "as-given" else None
+                            try:
+                                batch = next(it)
+                            except StopIteration:
+                                break
+                            except KeyboardInterrupt:  # raised while loading (not by SIGINT): between steps
+                                self.interrupted(opt, sched, before)
+                            except Exception:
+                                if interrupts.requested:  # a worker stopped by the same Ctrl-C
+                                    self.interrupted(opt, sched, before)
+                                raise
+                            if interrupts.requested:
+                                self.interrupted(opt, sched, before)
                             logs = self.step(batch, stage, opt, sched, loss_idx, run_idx)
                             self.batch_idx += 1
                             self.global_step += 1
+                            bar.update(1)
                             if logs is not None:
                                 for n, v in logs.items():
                                     s_, c_ = self.epoch_logs.get(n, (0.0, 0))
@@ -676,18 +854,27 @@ class Trainer:
                         if self.main:
                             log.info("epoch %s", entry)
                         self.checkpoint(opt, sched)
+                        if interrupts.requested:  # during the evaluation: the epoch's checkpoint is written
+                            raise KeyboardInterrupt
                 self.epoch = stage.epochs
-        except KeyboardInterrupt:
-            # Nothing lost: keep the position reached, then let the interrupt through.
-            # (Not under torchrun: the other ranks may be gone, and saving needs all of them.)
-            if m.checkpoint_dir is not None and not self.epoch_done and self.batch_idx > 0 and self.world == 1:
-                self.checkpoint(opt, sched)
-            raise
+        finally:
+            interrupts.close()
+            set_fit_epoch_key(None)
         for block in m.components_.values():
             block.requires_grad_(True)
         m.components_.eval()
         if m.keep_best and best_state is not None:
             m.load_state(best_state)
+
+    def interrupted(self, opt, sched, cpu_rng: dict | None = None) -> None:
+        """After a deferred Ctrl-C: save the state of the last completed step, then raise KeyboardInterrupt.
+
+        (Not under torchrun: the other ranks may be gone, and saving needs all of them. Nothing to
+        save at an epoch's start: the epoch's checkpoint before it holds that state.)
+        """
+        if self.m.checkpoint_dir is not None and not self.epoch_done and self.batch_idx > 0 and self.world == 1:
+            self.checkpoint(opt, sched, cpu_rng)
+        raise KeyboardInterrupt
 
     def _save_best(self) -> None:
         m = self.m
@@ -696,7 +883,8 @@ class Trainer:
             return
         if self.main:
             write_checkpoint(path.parent, path.name, config=m.get_config(), model_state=m.components_.state_dict(),
-                             record={**self.record_, "best": m.best_}, update_latest=False)
+                             record={**self.record_, "best": m.best_, "run_id": self.run_id}, update_latest=False)
+            self.best_sha256 = _weights_digest(path)
         distributed.barrier()
 
 
@@ -748,3 +936,59 @@ def _restore_rng(rng: dict) -> None:
                          float(n["cached_gaussian"])))
     p = rng["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+#: Version of how data loading draws its random numbers (imtm.data.seeding); a checkpoint of another one is refused.
+DATA_SEEDING = 1
+
+
+def _rebuildable(loader: DataLoader) -> bool:
+    """Whether imtm can re-create ``loader`` each epoch (a plain DataLoader over a map-style dataset, batched)."""
+    return (type(loader) is DataLoader and not isinstance(loader.dataset, IterableDataset)
+            and loader.batch_sampler is not None)
+
+
+def _cpu_rng() -> dict:
+    """The CPU generators' states, in the form ``train_state`` stores."""
+    return {"torch": torch.get_rng_state(), "numpy": _np_state(), "python": _py_state(random.getstate())}
+
+
+class _DeferredInterrupt:
+    """Turns the first Ctrl-C (SIGINT) of a fit into a request the loop honours between steps.
+
+    Installed only in the main thread and only over Python's default handler (a handler of
+    yours is left alone). A second Ctrl-C raises ``KeyboardInterrupt`` at once (nothing more is
+    saved: the last checkpoint stays). In a DataLoader worker forked meanwhile, Ctrl-C raises as before.
+    """
+
+    def __init__(self, verbose: bool = False):
+        self.requested = False
+        self.verbose = verbose
+        self.pid = os.getpid()
+        self.previous = None
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested or os.getpid() != self.pid:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.verbose:
+            sys.stderr.write("\n[imtm] interrupted: finishing the current step, then saving a checkpoint "
+                             "(Ctrl-C again stops at once, keeping the last checkpoint)\n")
+
+    def close(self) -> None:
+        if self.previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
+def _weights_digest(folder) -> str | None:
+    """The sha256 of a checkpoint folder's ``model.safetensors``, as its (already verified) manifest lists it."""
+    from pathlib import Path
+
+    from imtm._io import read_json
+
+    manifest = read_json(Path(folder) / "MANIFEST.json", who="checkpoint", max_bytes=1 << 20, error=CheckpointError)
+    return manifest.get("sha256", {}).get("model.safetensors") if isinstance(manifest, dict) else None

@@ -45,9 +45,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from imtm.tokens import check_finite
+from imtm.tokens import check_finite, l2_normalize
 
 __all__ = [
     "DEFAULT_MAX_BLOCK_ELEMENTS",
@@ -232,7 +231,7 @@ def normalize_tokens(
         tensor([[[0.6000, 0.8000],
                  [0.0000, 0.0000]]])
     """
-    out = F.normalize(x, dim=-1, eps=eps)
+    out = l2_normalize(x, dim=-1, eps=eps)
     if mask is not None:
         # where() rather than a product: padding may hold NaN, and 0 * NaN is NaN.
         out = torch.where(mask.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
@@ -510,7 +509,7 @@ def blocked_query_scores(
             # holding a second input-sized copy.
             feats = feats.div_(torch.linalg.vector_norm(feats, dim=-1, keepdim=True).clamp_min_(EPS))
         else:
-            feats = F.normalize(feats, dim=-1, eps=EPS)
+            feats = l2_normalize(feats, dim=-1, eps=EPS)
     if compute_dtype is not None:
         keys, feats = keys.to(compute_dtype), feats.to(compute_dtype)
     plan = plan_query_blocks(Bk, K, packed.offsets, budget)

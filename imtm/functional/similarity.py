@@ -7,9 +7,8 @@ and works on the device and dtype of its inputs.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from imtm.tokens import masked_mean_along
+from imtm.tokens import l2_normalize, masked_mean_along
 
 __all__ = ["cosine_similarity_matrix", "global_cosine_scores", "masked_mean"]
 
@@ -116,7 +115,7 @@ def cosine_similarity_matrix(
         raise TypeError(
             f"cosine_similarity_matrix: images are {images.dtype} but texts are {texts.dtype}"
         )
-    return F.normalize(images, dim=-1, eps=eps) @ F.normalize(texts, dim=-1, eps=eps).transpose(
+    return l2_normalize(images, dim=-1, eps=eps) @ l2_normalize(texts, dim=-1, eps=eps).transpose(
         0, 1
     )
 

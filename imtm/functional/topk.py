@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from imtm.functional.blocking import (
     EPS,
@@ -19,6 +18,7 @@ from imtm.functional.blocking import (
     default_block_elements,
     normalize_tokens,
 )
+from imtm.tokens import l2_normalize
 
 __all__ = ["AVERAGES", "DEFAULT_TOPK", "check_average", "check_k", "topk_mean", "topk_mean_scores"]
 
@@ -194,7 +194,7 @@ def topk_mean_scores(
     Bt = texts.shape[0]
     if Bi == 0 or Bt == 0:
         return torch.zeros(Bi, Bt, dtype=dtype, device=images.device)
-    c = F.normalize(texts.to(dtype), dim=-1, eps=EPS)
+    c = l2_normalize(texts.to(dtype), dim=-1, eps=EPS)
     if compute_dtype is not None:
         c = c.to(compute_dtype)
     if k is None and average == "features":
@@ -205,7 +205,7 @@ def topk_mean_scores(
             count = image_mask.sum(1, keepdim=True).clamp_min(1).to(dtype)
         else:
             count = torch.full((Bi, 1), float(N), dtype=dtype, device=x.device)
-        pooled = F.normalize(x.sum(1) / count, dim=-1, eps=EPS)
+        pooled = l2_normalize(x.sum(1) / count, dim=-1, eps=EPS)
         if compute_dtype is not None:
             pooled = pooled.to(compute_dtype)
         return (pooled @ c.t()).to(dtype)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from imtm._io import check_npy_size
 from imtm.tokens import check_finite
 
 __all__ = ["DEFAULT_INDEX_BLOCK_ELEMENTS", "INDEXES", "FaissIndex", "TorchIndex", "resolve_index"]
@@ -58,6 +59,7 @@ def _check_k(k: Any, n: int, where: str) -> int:
 def _load_array(path: Path, mmap: bool, where: str) -> np.ndarray:
     """``np.load`` (never unpickling) of a float ``(n, D)`` array; errors name the file."""
     try:
+        check_npy_size(path, where)  # before np.load allocates the declared shape
         x = np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{where}: {path} is missing; the saved folder is incomplete") from err

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.exceptions import NotFittedError
 
-from imtm._io import read_json
+from imtm._io import read_json, regular_file_size
 from imtm.data.collate import collate_images, collate_texts
 from imtm.engine.evaluation import IMAGE, TEXT, encode_side, run_blocks, side_values_needed
+from imtm.engine.serialization import atomic_write_bytes
 from imtm.retrieval.cache import CachedValue, load_values, save_values
-from imtm.retrieval.index import INDEXES, resolve_index
+from imtm.retrieval.index import EMBEDDINGS_FILE, FAISS_FILE, INDEXES, resolve_index
 from imtm.tokens import Tokens, check_finite
 
 __all__ = ["CALL_COST_PAIRS_CPU", "FORMAT", "QUERY_BLOCK_CUDA", "SearchResult", "TwoStageRetriever"]
@@ -85,6 +86,82 @@ def _rows(value: Any, rows: torch.Tensor) -> Any:
     if isinstance(value, torch.Tensor):
         return value[rows.to(value.device)]
     raise TypeError(f"TwoStageRetriever: cannot select rows of a value of type {type(value).__name__}")
+
+
+#: The file that describes a saved retriever (written last: its presence means the folder is complete).
+META = "retriever.json"
+#: The index file each index kind writes in a gallery folder.
+_INDEX_FILES = {"torch": EMBEDDINGS_FILE, "faiss": FAISS_FILE}
+#: A cached value's name: a plain identifier (it names files ``<name>.feats.npy``), never a path.
+_VALUE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _check_meta(meta: Any, meta_path: Path, owner: str) -> dict:
+    """Check every entry of a retriever.json; return its galleries. ValueError naming the entry otherwise."""
+    where = f"{owner}.load: {meta_path}"
+    if not isinstance(meta, dict):  # a damaged file, not an argument of the wrong type
+        raise ValueError(f"{where} holds a {type(meta).__name__}, expected an object")  # noqa: TRY004
+    absent = [key for key in ("format", "k", "index", "query_block", "config_hash", "weights", "galleries")
+              if key not in meta]
+    if absent:
+        raise ValueError(f"{where} lacks {absent}; not a complete saved {owner}")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{where} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta["index"], str) or meta["index"] not in _INDEX_FILES:
+        raise ValueError(f"{where}: 'index' is {meta['index']!r}, expected one of {sorted(_INDEX_FILES)}")
+    if not _is_int(meta["k"], 1) or not (meta["query_block"] is None or _is_int(meta["query_block"], 1)):
+        raise ValueError(f"{where}: 'k' and 'query_block' must be positive integers (query_block may be null), "
+                         f"got {meta['k']!r} and {meta['query_block']!r}")
+    for key in ("config_hash", "weights"):
+        if not isinstance(meta[key], str):
+            raise ValueError(  # noqa: TRY004 - a damaged file, not an argument of the wrong type
+                f"{where}: {key!r} must be a string, got {type(meta[key]).__name__}")
+    galleries = meta["galleries"]
+    if not isinstance(galleries, dict) or not galleries:
+        raise ValueError(f"{where}: 'galleries' must be an object with {' and/or '.join(map(repr, _FOLDER))}, "
+                         f"got {galleries!r:.80}")
+    for side, g in galleries.items():
+        if side not in _FOLDER:
+            raise ValueError(f"{where}: unknown gallery {side!r}; a saved retriever has {sorted(_FOLDER)}")
+        if not isinstance(g, dict) or not _is_int(g.get("size")) or not isinstance(g.get("values"), dict):
+            raise ValueError(f"{where}: gallery {side!r} must be an object with an integer 'size' and a 'values' "
+                             f"object, got {g!r:.80}")
+        for name, spec in g["values"].items():
+            if not _VALUE_NAME.match(name):
+                raise ValueError(f"{where}: gallery {side!r} names the value {name!r}; a value name is a plain "
+                                 "name (letters, digits, '_'), never a path: the folder was altered")
+            grid = spec.get("grid") if isinstance(spec, dict) else None
+            if (not isinstance(spec, dict) or spec.get("kind") not in ("tokens", "tensor")
+                    or not _is_int(spec.get("num_prefix_tokens", 0))
+                    or not (grid is None or (isinstance(grid, list) and len(grid) == 2
+                                             and all(_is_int(x, 1) for x in grid)))):
+                raise ValueError(f"{where}: gallery {side!r} value {name!r} must be an object with 'kind' "
+                                 "('tokens' or 'tensor'), 'grid' (null or two positive integers) and "
+                                 f"'num_prefix_tokens' (an integer >= 0), got {spec!r:.120}")
+    return galleries
+
+
+def _retriever_files(folder: Path) -> tuple[str | None, list[str]]:
+    """``(format, files)`` an earlier saved retriever in ``folder`` says imtm wrote (``(None, [])`` if none)."""
+    from imtm.engine.model_folder import owned_files, read_small_json
+
+    meta = read_small_json(folder / META)
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), str):
+        return None, []
+    names: list[Any] = [META]
+    if isinstance(meta.get("files"), list):
+        names += meta["files"]
+    elif isinstance(meta.get("galleries"), dict):  # written before the list existed: its layout says
+        for side, g in meta["galleries"].items():
+            if side in _FOLDER and isinstance(g, dict) and isinstance(g.get("values"), dict):
+                names += [f"{_FOLDER[side]}/{f}" for f in _INDEX_FILES.values()]
+                names += [f"{_FOLDER[side]}/{v}.{part}.npy" for v in g["values"] if isinstance(v, str)
+                          for part in ("feats", "mask")]
+    return meta["format"], owned_files(folder, names)
 
 
 def weights_fingerprint(matcher) -> str:
@@ -367,34 +444,46 @@ class TwoStageRetriever:
         return out
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the indexed galleries to a folder (plain ``.npy`` arrays, faiss's own index file, JSON).
 
-        The folder is written under a temporary name and renamed when complete.
+        ``retriever.json`` (written last) records the settings, the model's fingerprints and every
+        file written. A new folder, or one holding only an earlier saved retriever, is written under a
+        temporary name and renamed when complete.
+
+        Args:
+            path: the folder. A missing or empty folder, or one holding an earlier saved retriever, is
+                written (the earlier retriever's files are replaced; other files are left alone).
+            overwrite: also write into a non-empty folder that is not a saved retriever, beside its
+                files. Even then only the files an earlier retriever listed in its ``retriever.json``
+                are replaced; no other file is ever changed or deleted.
+
+        Raises:
+            NotFittedError: nothing is indexed yet.
+            FileExistsError: ``path`` is a non-empty folder that is not a saved retriever (pass
+                ``overwrite=True``), holds a file imtm did not write under a name the retriever uses,
+                or is a file.
         """
+        from imtm.engine.model_folder import write_folder
+
         galleries = self._gallery_any()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        meta = {"format": FORMAT, "k": self.k, "index": self.index, "query_block": self.query_block,
-                "config_hash": self.matcher.config_hash(), "weights": weights_fingerprint(self.matcher),
-                "galleries": {}}
-        for side, g in galleries.items():
-            sub = tmp / _FOLDER[side]
-            sub.mkdir()
-            g.index.save(sub)
-            meta["galleries"][side] = {"size": len(g), "values": save_values(sub, g.values)}
-        (tmp / "retriever.json").write_text(json.dumps(meta, indent=2))
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        return path
+
+        def stage(tmp: Path) -> list[str]:
+            meta = {"format": FORMAT, "k": self.k, "index": self.index, "query_block": self.query_block,
+                    "config_hash": self.matcher.config_hash(), "weights": weights_fingerprint(self.matcher),
+                    "galleries": {}}
+            for side, g in galleries.items():
+                sub = tmp / _FOLDER[side]
+                sub.mkdir()
+                g.index.save(sub)
+                meta["galleries"][side] = {"size": len(g), "values": save_values(sub, g.values)}
+            files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+            meta["files"] = files
+            atomic_write_bytes(tmp / META, json.dumps(meta, indent=2).encode("utf-8"))
+            return [*files, META]
+
+        return write_folder(path, stage, kind=FORMAT, owned=_retriever_files, overwrite=overwrite,
+                            what=f"{type(self).__name__}.save")
 
     def _gallery_any(self) -> dict:
         galleries = getattr(self, "galleries_", None)
@@ -406,48 +495,52 @@ class TwoStageRetriever:
     def load(cls, path: str | os.PathLike, matcher, *, mmap: bool = True) -> TwoStageRetriever:
         """Open a folder written by :meth:`save` for ``matcher`` (the model it was built with).
 
+        Only files inside the folder are opened: every array and index file is named by the
+        folder's layout (a value name in ``retriever.json`` is a plain name, never a path), must
+        be a regular file, and may not be a link leading out of the folder.
+
         Args:
             mmap: memory-map the arrays (only the rows a search touches are read), or read them into RAM.
 
         Raises:
             ValueError: not a saved retriever, built with another model (configuration or weights), or a
-                damaged folder (unreadable ``retriever.json``, a truncated or reshaped array, an index
-                whose size differs from the one recorded); the message names the file.
+                damaged or altered folder (unreadable ``retriever.json``, a malformed entry in it, a value
+                name that is a path, a file that is a link out of the folder or not a regular file, a
+                truncated or reshaped array, an index whose size differs from the one recorded); the
+                message names the file and the entry.
             FileNotFoundError: an array or index file is missing.
         """
         path = Path(path)
-        meta_path = path / "retriever.json"
-        if not meta_path.exists():
-            raise ValueError(f"{cls.__name__}.load: {path} holds no retriever.json; not a saved {cls.__name__}")
+        meta_path = path / META
+        name = f"{cls.__name__}.load"
+        if not os.path.lexists(meta_path):
+            raise ValueError(f"{name}: {path} holds no {META}; not a saved {cls.__name__}")
         try:
-            meta = read_json(meta_path, who=f"{cls.__name__}.load", max_bytes=1 << 26, where=f"{cls.__name__}.load: {meta_path}")
+            meta = read_json(meta_path, who=name, max_bytes=1 << 26, root=path, where=f"{name}: {meta_path}")
         except FileNotFoundError:
             raise
         except ValueError as err:  # not a regular file, too large, not UTF-8, not JSON, nested too deeply
             raise ValueError(f"{err} (damaged?)") from err
-        if not isinstance(meta, dict):  # a damaged file, not an argument of the wrong type
-            raise ValueError(  # noqa: TRY004
-                f"{cls.__name__}.load: {meta_path} holds a {type(meta).__name__}, expected an object"
-            )
-        absent = [key for key in ("format", "k", "index", "query_block", "config_hash", "weights", "galleries")
-                  if key not in meta]
-        if absent:
-            raise ValueError(f"{cls.__name__}.load: {meta_path} lacks {absent}; not a complete saved {cls.__name__}")
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{cls.__name__}.load: {meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        galleries_meta = _check_meta(meta, meta_path, cls.__name__)
         r = cls(matcher, k=meta["k"], index=meta["index"], query_block=meta["query_block"])
         r._check()
         if meta["config_hash"] != matcher.config_hash() or meta["weights"] != weights_fingerprint(matcher):
             raise ValueError(
-                f"{cls.__name__}.load: {path} was built with another model (its configuration or weights differ); "
+                f"{name}: {path} was built with another model (its configuration or weights differ); "
                 "load it with the Matcher that built it, or rebuild the index with fit()"
             )
         galleries = {}
-        for side, g in meta["galleries"].items():
+        for side, g in galleries_meta.items():
             sub = path / _FOLDER[side]
+            files = [_INDEX_FILES[meta["index"]]] + [
+                f"{v}.{part}.npy" for v, spec in g["values"].items()
+                for part in (("feats", "mask") if spec["kind"] == "tokens" else ("feats",))]
+            for f in files:  # each a regular file inside the folder (a link out of it, a FIFO: refused unread)
+                if os.path.lexists(sub / f):
+                    regular_file_size(sub / f, who=name, root=path)
             index = INDEXES[meta["index"]].load(sub, mmap=mmap)
             if len(index) != g["size"]:
-                raise ValueError(f"{cls.__name__}.load: the index in {sub} holds {len(index)} rows but "
+                raise ValueError(f"{name}: the index in {sub} holds {len(index)} rows but "
                                  f"{meta_path} records a gallery of {g['size']}")
             galleries[side] = _Gallery(index, load_values(sub, g["values"], mmap=mmap, size=g["size"]))
         r.galleries_ = galleries

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ def contents(folder):
 def test_save_refuses_a_folder_of_user_files_and_leaves_every_file(fitted, tmp_path):
     folder = tmp_path / "work"
     before = user_files(folder)
-    with pytest.raises(FileExistsError, match=r"is not empty .*not a saved model.*overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"is not empty .*not a saved imtm.Matcher/1 folder.*overwrite=True"):
         fitted.save(folder)
     assert contents(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]  # no temporary left beside it
@@ -117,6 +118,29 @@ def test_a_manifest_naming_files_outside_the_folder_removes_nothing_there(fitted
     (folder / "MANIFEST.json").write_text(json.dumps(manifest))
     fitted.save(folder)
     assert victim.read_text() == "keep me" and (folder / "link.txt").is_symlink()
+
+
+def test_saving_to_dot_replaces_the_model_in_the_working_directory(fitted, data, tmp_path, monkeypatch):
+    folder = fitted.save(tmp_path / "model")
+    before = user_files(tmp_path / "model")
+    monkeypatch.chdir(folder)
+    other = Matcher(toy_components(data.vocab), epochs=1, batch_size=4, verbose=False, random_state=5).fit(data)
+    other.save(".")
+    after = contents(folder)
+    assert {k: after[k] for k in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    torch.testing.assert_close(Matcher.load(".").similarity(data.images, data.captions),
+                               other.similarity(data.images, data.captions))
+
+
+def test_saving_over_the_model_that_is_the_working_directory_keeps_it_usable(fitted, data, tmp_path, monkeypatch):
+    folder = fitted.save(tmp_path / "model")
+    monkeypatch.chdir(folder)
+    other = Matcher(toy_components(data.vocab), epochs=1, batch_size=4, verbose=False, random_state=6).fit(data)
+    other.save(".")
+    assert Path(os.getcwd()).exists() and Path(".").resolve() == folder.resolve()
+    torch.testing.assert_close(Matcher.load(".").similarity(data.images, data.captions),
+                               other.similarity(data.images, data.captions))
 
 
 def test_save_refuses_a_file_and_an_empty_folder_is_used(fitted, tmp_path):

@@ -6,12 +6,11 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from imtm.component import Component
-from imtm.tokens import Tokens
+from imtm.tokens import Tokens, l2_normalize
 
 __all__ = ["GRUTextEncoder"]
 
@@ -194,7 +193,7 @@ class GRUTextEncoder(Component):
         inverse = order.argsort(dim=1)
         out = out.gather(1, inverse.unsqueeze(-1).expand_as(out))
         if self.normalize:
-            out = F.normalize(out, dim=-1)
+            out = l2_normalize(out, dim=-1)
         out = torch.where(
             mask.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device)
         )

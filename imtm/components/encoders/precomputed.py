@@ -5,11 +5,10 @@ from __future__ import annotations
 from numbers import Integral, Real
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from imtm.component import Component, suggest
-from imtm.tokens import Tokens
+from imtm.tokens import Tokens, l2_normalize
 
 __all__ = ["ACTIVATIONS", "PrecomputedEncoder"]
 
@@ -104,7 +103,8 @@ class PrecomputedEncoder(Component):
                 # would depend on the padding, so the MLP has none.
                 layers += [ACTIVATIONS[activation](), nn.Dropout(dropout)]
         self.mlp = nn.Sequential(*layers)
-        self.shortcut = nn.Linear(in_dim, out_dim) if residual else None
+        # registered even when absent, so no plain attribute is set besides the parameters
+        self.register_module("shortcut", nn.Linear(in_dim, out_dim) if residual else None)
         self.input_dropout = nn.Dropout(dropout)
         self.reset_parameters()
 
@@ -168,6 +168,6 @@ class PrecomputedEncoder(Component):
         if self.shortcut is not None:
             y = y + self.shortcut(x)
         if self.normalize:
-            y = F.normalize(y, dim=-1)
+            y = l2_normalize(y, dim=-1)
         y = torch.where(mask, y, torch.zeros((), dtype=y.dtype, device=y.device))
         return images.with_feats(y)
