@@ -30,12 +30,12 @@ EXAMPLES = {
     "train": ["imtm train --preset chan --epochs 4 --embed-dim 256 --lr 1e-3 --out runs/chan",
               "imtm train --preset vsepp --data data/f30k_precomp --out runs/vsepp --threads 8",
               "imtm train --preset chan --out runs/chan --resume",
-              "imtm train --preset laps --data dataset_flickr30k.json --format karpathy --image-root images "
-              "--out runs/laps"],
+              ("imtm train --preset laps --data dataset_flickr30k.json --format karpathy --image-root images "
+               "--out runs/laps")],
     "evaluate": ["imtm evaluate --model runs/chan/final",
                  "imtm evaluate --model runs/vsepp/final --data data/f30k_precomp --protocol f30k_1k",
-                 "imtm evaluate --model runs/laps/final --data captions_val2014.json --format coco "
-                 "--image-root val2014"],
+                 ("imtm evaluate --model runs/laps/final --data captions_val2014.json --format coco "
+                  "--image-root val2014")],
     "compare": ["imtm compare --presets chan,vsepp,dias --epochs 4 --out runs/compare", "imtm compare --quick"],
     "extract": [("imtm extract --format karpathy --data dataset_flickr30k.json --image-root images "
                  "--split test --model vit_base_patch16_224 --checkpoint vit.safetensors --out data/f30k_vit")],
@@ -199,7 +199,9 @@ def _demo_reading(results: dict, chance: dict) -> str:
     """One line that reads the demo's table."""
     best = max(results, key=lambda n: results[n]["rsum"])
     r = results[best]
-    line = (f"Reading: {best} does best (rSum {r['rsum']:.1f}, chance {chance['rsum']:.1f}); for "
+    others = sorted((n for n in results if n != best), key=lambda n: -results[n]["rsum"])
+    ahead = f", ahead of {others[0]} ({results[others[0]]['rsum']:.1f})" if others else ""
+    line = (f"Reading: {best} does best (rSum {r['rsum']:.1f}, chance {chance['rsum']:.1f}){ahead}; for "
             f"{r['t2i_r1']:.0f}% of the test captions its first-ranked image is the right one "
             f"(chance {chance['t2i_r1']:.1f}%).")
     weak = [n for n, v in results.items() if v["rsum"] < 2 * chance["rsum"]]
@@ -260,6 +262,11 @@ def _matcher_from_args(args, train):
     kw = {"embed_dim": args.embed_dim}
     if args.word_dim and "word_dim" in params:
         kw["word_dim"] = args.word_dim
+    if getattr(args, "miner", False):
+        if "miner" not in params:
+            raise SystemExit(f"imtm: --miner (distance-weighted negatives) is an option of the dias preset; "
+                             f"{args.preset!r} has none")
+        kw["miner"] = True
     if args.preset in presets.PIXEL_PRESETS:
         try:
             model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
@@ -282,6 +289,23 @@ def _matcher_from_args(args, train):
                    precision=args.precision, checkpoint_every=args.checkpoint_every, verbose=not args.quiet)
 
 
+def _neighbour_batches(args, train):
+    """``train``, or with ``--neighbour-batches M`` a DataLoader of K-means neighbour batches (DIAS, Sec. 3.5)."""
+    clusters = getattr(args, "neighbour_batches", None)
+    if clusters is None:
+        return train
+    if clusters < 1 or args.batch_size // clusters < 1:
+        raise SystemExit(f"imtm: --neighbour-batches must be between 1 and --batch-size ({args.batch_size}), "
+                         f"got {clusters}")
+    from torch.utils.data import DataLoader
+
+    from imtm.data import KMeansNeighborSampler, collate
+
+    sampler = KMeansNeighborSampler(train, clusters_per_batch=clusters,
+                                    images_per_cluster=args.batch_size // clusters, random_state=args.seed)
+    return DataLoader(train, batch_sampler=sampler, collate_fn=collate)
+
+
 def cmd_train(args) -> int:
     # Under torchrun every rank runs this: fit trains with DDP, save writes on rank 0, evaluate is
     # sharded over the ranks; only rank 0 prints and writes the metrics.
@@ -293,7 +317,7 @@ def cmd_train(args) -> int:
     train, dev, test = _load_data(args, view=view)
     m = _matcher_from_args(args, train)
     attach_model_transforms(m.components, train, dev, test)
-    m.fit(train, eval_set=dev, resume=args.resume)
+    m.fit(_neighbour_batches(args, train), eval_set=dev, resume=args.resume)
     out = Path(args.out)
     m.save(out / "final")
     final, split = (test, "test") if test is not None else (dev, "dev")
@@ -400,10 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     region_presets = [n for n, view in COMPARE_PRESETS.items() if view == "regions"]
     raw = argparse.RawDescriptionHelpFormatter
     p = _Parser(prog="imtm", formatter_class=raw,
-                description="Image-text matching components for PyTorch. Start with 'imtm demo'; "
+                description="Image-text matching components for PyTorch. Start with 'imtm demo';\n"
                             "'imtm COMMAND --help' lists each command's options, presets and examples.",
-                epilog="exit status: 0 done, 2 the command line or a file given cannot be used, "
-                       "1 the work failed; --debug shows the traceback of an error.")
+                epilog=_wrapped("exit status", "0 done; 2 the command line, or a file or folder it names, "
+                                "cannot be used; 1 the work failed; 130 interrupted. --debug shows the "
+                                "traceback of an error."))
     p.add_argument("--debug", action="store_true", default=False, help="on an error, show the full Python traceback")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            title="commands (imtm COMMAND --help for each)")
@@ -451,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--checkpoint-every", type=int, default=None)
             t.add_argument("--out", default="runs/imtm", help="run folder (checkpoints, final model)")
             t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+            t.add_argument("--miner", action="store_true",
+                           help="dias: distance-weighted negatives for the triplet loss (Wu et al. 2017)")
+            t.add_argument("--neighbour-batches", type=int, default=None, metavar="M",
+                           help="K-means neighbour batches (DIAS): M clusters x (batch-size / M) images per batch, "
+                                "one caption per image, re-clustered from the model before every epoch")
             # The pixel presets' backbones (laps, ela).
             t.add_argument("--image-model", default=None, help="laps, ela: the timm ViT / Swin (default: the "
                            "paper's on image files, a small ViT from scratch on synthetic pixels)")

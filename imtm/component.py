@@ -255,6 +255,16 @@ class Component(nn.Module):
         if provides is not None:
             self.provides = provides
 
+    # ``training`` lives in ``_training``: scikit-learn's estimator checks allow an ``__init__`` to set
+    # its parameters and private attributes only, and nn.Module.__init__ sets ``training``.
+    @property
+    def training(self) -> bool:
+        return self.__dict__.get("_training", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.__dict__["_training"] = mode
+
     # ------------------------------------------------------------------ scikit-learn protocol
     @classmethod
     def _get_param_names(cls) -> list[str]:
@@ -271,10 +281,38 @@ class Component(nn.Module):
             names.append(p.name)
         return sorted(names)
 
+    def default_names(self) -> dict[str, tuple[str, ...]]:
+        """The ``requires`` / ``provides`` this block has when they are not renamed.
+
+        The class defaults; blocks whose defaults follow an option (``MeanEmbedding(side=...)``)
+        override it.
+        """
+        cls = type(self)
+        return {"requires": tuple(cls.requires), "provides": tuple(cls.provides)}
+
+    def _name_param(self, key: str):
+        """``requires`` / ``provides`` as a constructor argument: ``None`` unless renamed."""
+        value = self.__dict__.get(key)
+        if value is None:
+            return None
+        try:
+            if tuple(value) == tuple(self.default_names()[key]):
+                return None
+        except (TypeError, ValueError):  # not a sequence of names (validate() says so)
+            pass
+        return value
+
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """Constructor arguments by name (``deep``: also those of nested blocks, as ``name__param``)."""
+        """Constructor arguments by name (``deep``: also those of nested blocks, as ``name__param``).
+
+        ``requires`` / ``provides`` are ``None`` unless renamed (what the constructor was given),
+        as scikit-learn reports an unchanged default.
+        """
         out: dict[str, Any] = {}
         for name in self._get_param_names():
+            if name in ("requires", "provides"):
+                out[name] = self._name_param(name)
+                continue
             value = getattr(self, name)
             if deep and hasattr(value, "get_params") and not isinstance(value, type):
                 for k, v in value.get_params(deep=True).items():
@@ -300,6 +338,9 @@ class Component(nn.Module):
                 )
             if rest:
                 nested.setdefault(head, {})[rest] = value
+            elif head in ("requires", "provides") and value is None:
+                # back to the default names, as a new block built with requires=None has
+                setattr(self, head, self.default_names()[head])
             else:
                 setattr(self, head, value)
         for head, sub in nested.items():
@@ -316,7 +357,11 @@ class Component(nn.Module):
         of an option value, or ``None`` for an unknown one.
         """
         new_value = getattr(self, option)
-        if option not in params or new_value == old_value:
+        try:
+            same = bool(new_value == old_value)
+        except (TypeError, ValueError):  # e.g. arrays; validate() refuses them later
+            same = False
+        if option not in params or same:
             return
         before, after = defaults(old_value), defaults(new_value)
         if before is None or after is None:
@@ -329,6 +374,44 @@ class Component(nn.Module):
         from sklearn.base import _clone_parametrized
 
         return _clone_parametrized(self)
+
+    def __sklearn_tags__(self):
+        """scikit-learn's estimator tags: a block needs no ``fit`` and takes no 2-D arrays."""
+        from sklearn.utils import InputTags, Tags, TargetTags
+
+        return Tags(estimator_type=None, target_tags=TargetTags(required=False), transformer_tags=None,
+                    regressor_tags=None, classifier_tags=None, requires_fit=False,
+                    input_tags=InputTags(two_d_array=False))
+
+    def __repr__(self) -> str:
+        """``ClassName(param=value, ...)`` with every parameter that differs from its default.
+
+        As scikit-learn prints estimators (``print_changed_only``), so a Matcher's repr shows
+        each block's settings on one line. :meth:`module_repr` gives PyTorch's tree of layers.
+
+        Example:
+            >>> from imtm.components import TripletLoss
+            >>> TripletLoss(margin=0.5, requires=("scores_i2t", "scores_t2i", "positives"))
+            TripletLoss(margin=0.5, requires=('scores_i2t', 'scores_t2i', 'positives'))
+        """
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.changed_params().items())})"
+
+    def changed_params(self) -> dict[str, Any]:
+        """The constructor arguments whose values differ from the signature's defaults."""
+        defaults = {
+            p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        }
+        out = {}
+        for name, value in self.get_params(deep=False).items():
+            default = defaults.get(name, inspect.Parameter.empty)
+            if default is inspect.Parameter.empty or _differs(value, default):
+                out[name] = value
+        return out
+
+    def module_repr(self) -> str:
+        """PyTorch's repr: the block's layers as a tree (``nn.Module.__repr__``)."""
+        return nn.Module.__repr__(self)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -461,6 +544,15 @@ class LinkedComponent(Component, abstract=True):
             raise RuntimeError(f"{type(self).__name__}: {self._target_param}={getattr(self, self._target_param)!r} "
                                "is not linked yet; use it in a Matcher or pass the block itself")
         return self._linked
+
+
+def _differs(value, default) -> bool:
+    """Whether a parameter value differs from its default, as scikit-learn's repr decides (NaN equals NaN)."""
+    if value is default:
+        return False
+    if isinstance(value, float) and isinstance(default, float) and math.isnan(value) and math.isnan(default):
+        return False
+    return repr(value) != repr(default)
 
 
 def state_mismatch(own: dict, state: dict, *, limit: int = 4) -> list[str]:

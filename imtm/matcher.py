@@ -196,40 +196,53 @@ class Matcher(BaseEstimator):
         return name_components(self.components)
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Parameters by name; ``deep``: also every block (``name``) and its parameters (``name__param``).
+
+        With ``components`` that is not a list of blocks (``fit`` says what is wrong), ``deep``
+        gives the Matcher's own parameters only.
+        """
         out = super().get_params(deep=False)
         if not deep:
             return out
-        for name, block in self.named_components:
+        try:
+            named = self.named_components
+        except (TypeError, ValueError):
+            return out
+        for name, block in named:
             out[name] = block
             for k, v in block.get_params(deep=True).items():
                 out[f"{name}__{k}"] = v
         return out
 
     def set_params(self, **params) -> "Matcher":
+        """Set parameters (``block__param`` reaches into a named block, ``name=block`` replaces one).
+
+        As in scikit-learn, values are stored, not checked: ``fit`` (through :meth:`validate`) checks
+        them, so a grid search can set any combination and hear about a bad one when it fits.
+        Only names are checked here (a misspelled parameter or block name is a ``ValueError``
+        with a suggestion), and reaching into blocks needs ``components`` to be a list of blocks.
+        """
+        valid_own = set(self._get_param_names())
         own = {k: v for k, v in params.items() if "__" not in k}
         nested: dict[str, dict[str, Any]] = {}
-        valid_own = set(self._get_param_names())
-        named = dict(self.named_components) if "components" not in own else None
-        for key in own:
-            if key not in valid_own and (named is None or key not in named):
-                raise ValueError(
-                    f"Matcher: invalid parameter {key!r}; valid ones are {sorted(valid_own)} "
-                    f"and the block names {sorted(named or [])}." + suggest(key, list(valid_own) + list(named or []))
-                )
-        if "components" in own:
-            self.components = own.pop("components")
-            named = dict(self.named_components)
-        for key, value in list(own.items()):
-            if key in valid_own:
-                setattr(self, key, value)
-            else:  # replace a whole block by name
-                self.components = [
-                    (n, value) if n == key else (n, b) for n, b in self.named_components
-                ]
         for key, value in params.items():
             if "__" in key:
                 head, rest = key.split("__", 1)
                 nested.setdefault(head, {})[rest] = value
+        block_keys = [k for k in own if k not in valid_own]
+        if block_keys:  # names of blocks to replace: checked against the blocks they would replace
+            named = dict(name_components(own.get("components", self.components)))
+            for key in block_keys:
+                if key not in named:
+                    raise ValueError(
+                        f"Matcher: invalid parameter {key!r}; valid ones are {sorted(valid_own)} "
+                        f"and the block names {sorted(named)}." + suggest(key, sorted(valid_own) + sorted(named))
+                    )
+        for key, value in own.items():
+            if key in valid_own:
+                setattr(self, key, value)
+        for key in block_keys:
+            self.components = [(n, own[key]) if n == key else (n, b) for n, b in self.named_components]
         if nested:
             named = dict(self.named_components)
             for head, sub in nested.items():
@@ -239,6 +252,13 @@ class Matcher(BaseEstimator):
                     )
                 named[head].set_params(**sub)
         return self
+
+    def __sklearn_tags__(self):
+        """scikit-learn's tags: fits image-caption datasets (not 2-D arrays), needs no ``y``."""
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.target_tags.required = False
+        return tags
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "components_")
@@ -460,7 +480,8 @@ class Matcher(BaseEstimator):
 
         Args:
             train: a dataset whose items are ``{"images", "texts", "image_ids"}`` (see
-                :mod:`imtm.data`), or a DataLoader yielding collated batches.
+                :mod:`imtm.data`), a DataLoader yielding collated batches, or a
+                :class:`~imtm.data.ByImage` (what scikit-learn's model selection passes).
             eval_set: optional dataset with ``images``, ``captions``, ``caption_to_image``.
             resume: ``True``: continue from the checkpoint ``checkpoint_dir/LATEST`` names
                 (same final weights as an uninterrupted run); starts afresh when there is
@@ -476,9 +497,12 @@ class Matcher(BaseEstimator):
         Returns:
             self
         """
+        from imtm.data.by_image import ByImage
         from imtm.engine.training import Trainer
 
         self.validate()
+        if isinstance(train, ByImage):  # scikit-learn's view of a dataset: train on the captions it holds
+            train = train.dataset
         Trainer(self, train, eval_set).run(resume=resume)
         return self
 
@@ -622,7 +646,24 @@ class Matcher(BaseEstimator):
         return distributed.broadcast_object(metrics)
 
     def score(self, data, y=None) -> float:
-        """rSum on ``data`` (scikit-learn's 'higher is better' scalar)."""
+        """rSum on ``data`` (scikit-learn's 'higher is better' scalar).
+
+        ``data`` is what :meth:`evaluate` takes, e.g. a :class:`~imtm.data.ByImage` fold of a
+        grid search; ``y`` is ignored (the matches come from ``caption_to_image``).
+
+        Example:
+            >>> from sklearn.model_selection import GridSearchCV, KFold
+            >>> from imtm import Matcher
+            >>> from imtm.components import PrecomputedEncoder, GRUTextEncoder, GlobalCosine, TripletLoss
+            >>> from imtm.data import ByImage, synthetic
+            >>> train, _, _ = synthetic.load(view="regions", seed=0, n_train=8, n_dev=2, n_test=2)
+            >>> m = Matcher([("image", PrecomputedEncoder(in_dim=train.region_dim, out_dim=8)),
+            ...              ("text", GRUTextEncoder(vocab=train.vocab, out_dim=8)), GlobalCosine(),
+            ...              ("loss", TripletLoss(hardest=False))], epochs=1, batch_size=32, verbose=False)
+            >>> search = GridSearchCV(m, {"lr": [3e-3], "loss__margin": [0.1, 0.2]}, cv=KFold(2))
+            >>> sorted(search.fit(ByImage(train)).best_params_)
+            ['loss__margin', 'lr']
+        """
         return float(self.evaluate(data)["rsum"])
 
     # ------------------------------------------------------------------ persistence
@@ -635,7 +676,7 @@ class Matcher(BaseEstimator):
         configuration and tokenizer files), a generated ``README.md`` model card and
         ``MANIFEST.json`` (checksums). It can be moved, copied, zipped and loaded offline by
         :meth:`load` / :meth:`from_pretrained`, with no access to the files the encoders were
-        first built from. See ``docs/quickstart.md`` (Saving) for the layout.
+        first built from. See ``docs/saving.md`` for the layout.
 
         Args:
             path: the folder. A missing or empty folder, or one holding an earlier saved

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_second():
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).strip().splitlines()
+    block = re.search(r"```bash\n(.*?)```", readme, re.DOTALL).group(1).strip().splitlines()
     assert len(block) == 2
     assert block[0].startswith("pip install") and block[0].endswith("imtm demo")
     ci = (ROOT / ".ci" / "run").read_text()

@@ -206,3 +206,13 @@ def test_chance_metrics_bad_input():
         chance_metrics([0, 2])
     with pytest.raises(TypeError, match="integer"):
         chance_metrics(torch.tensor([0.0, 1.0]))
+
+
+def test_demo_reading_names_the_best_the_runner_up_and_models_near_chance():
+    chance = chance_metrics(torch.arange(1000).repeat_interleave(5))
+    line = cli._demo_reading({"vsepp": {"rsum": 266.2, "t2i_r1": 15.9}, "chan": {"rsum": 503.4, "t2i_r1": 57.6}},
+                             chance)
+    assert line.startswith("Reading: chan does best (rSum 503.4, chance 3.2), ahead of vsepp (266.2); for 58% ")
+    assert "Near chance" not in line
+    line = cli._demo_reading({"vsepp": {"rsum": 5.0, "t2i_r1": 0.2}}, chance)
+    assert "ahead of" not in line and line.endswith("Near chance: vsepp (too little training; more --epochs or --n-train).")

@@ -67,3 +67,14 @@ def test_two_stage_example_agrees_with_candidates():
     # every returned image is one of the query's stage-1 candidates
     assert (found.indices[:, :, None] == found.candidates[:, None, :]).any(-1).all()
     assert 0 <= two_stage_r1 <= 100 and 0 <= full_r1 <= 100
+
+
+def test_grid_search_example_searches_two_parameters():
+    search = load("grid_search").main(["--quick"])
+    assert len(search.cv_results_["params"]) == 4 and set(search.best_params_) == {"lr", "loss__margin"}
+    assert 0 <= search.best_score_ <= 600
+
+
+def test_open_clip_loop_learns_with_imtm_losses():
+    metrics = load("open_clip_loop").main(steps=40, verbose=False)
+    assert metrics["rsum"] > 2 * 3200 / 100  # twice chance on the 100 test images

@@ -67,6 +67,10 @@ class MeanEmbedding(Component):
         self.side = side
         self.skip_prefix = skip_prefix
 
+    def default_names(self) -> dict[str, tuple[str, ...]]:
+        """The names of ``side`` (the class defaults for an unknown side, which validate() refuses)."""
+        return _side_defaults(self.side) or super().default_names()
+
     def set_params(self, **params) -> MeanEmbedding:
         """As :meth:`Component.set_params`; a new ``side`` moves unrenamed ``requires`` / ``provides`` along."""
         old = self.side

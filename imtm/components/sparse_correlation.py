@@ -24,7 +24,7 @@ __all__ = ["SparseCorrelation"]
 
 
 class SparseCorrelation(Component):
-    r"""The sparse-correlation mask of DIAS (Eq. 11-16) over the pairs of a batch.
+    r"""The sparse-correlation mask of DIAS (Eq. 11-14) over the pairs of a batch.
 
     From the differences :math:`d` of the spatial constraint of ``kind``
     (inter: :math:`x_{ij} - x_{ji}`; intra: :math:`y_{ij} - z_{ij}`):
@@ -37,11 +37,10 @@ class SparseCorrelation(Component):
     where :math:`z^V_{ij}` standardises :math:`p_{ij}` with the mean and standard
     deviation of row ``i`` and :math:`z^T_{ij}` with those of column ``j``, so that
     :math:`m_{ij} > 1/2` exactly when :math:`p_{ij} > \max(\kappa^V_i, \kappa^T_j)`,
-    :math:`\kappa = \mu + \beta\theta` (Eq. 12-16). The paper's hard mask is the
-    limit :math:`T \to 0`; the relaxation is what gives :math:`\beta` a gradient,
-    and computing :math:`\mu, \theta` from :math:`p` rather than from the distances
-    puts threshold and value on one scale (see
-    :func:`imtm.functional.sparse_correlation_mask`). :math:`\beta` is one scalar,
+    :math:`\kappa = \mu + \beta\theta` with :math:`\mu, \theta` the statistics of
+    :math:`p` (Eq. 12-13): the text's intent for Eq. 14. The hard mask is the limit
+    :math:`T \to 0`; the relaxation is what gives :math:`\beta` a gradient (see
+    :func:`imtm.functional.sparse_correlation_mask`, which quotes both readings). :math:`\beta` is one scalar,
     the parameter ``learned_beta`` initialised to ``beta`` (``learnable=False``: the
     constant ``beta``). The diagonal (matched pairs) is 0.
 
@@ -55,7 +54,7 @@ class SparseCorrelation(Component):
         learnable: learn :math:`\beta`.
         temperature: :math:`T > 0`, in standard deviations of :math:`p`.
         distance: ``"cosine"`` or ``"euclidean"``.
-        rule: ``"intent"`` (default) or ``"printed"``.
+        rule: ``"printed"`` (default) or ``"intent"``.
 
     Shape:
         - image_embedding, text_embedding: ``(B, D)``, row ``b`` of each a matched pair, ``B >= 2``
@@ -67,7 +66,7 @@ class SparseCorrelation(Component):
 
     References:
         Ma et al., "Bridging the Modality Gap: Dimension Information Alignment and Sparse
-        Spatial Constraint for Image-Text Matching", ACM MM 2024, Eq. 11-16.
+        Spatial Constraint for Image-Text Matching", ACM MM 2024, Eq. 11-14.
 
     Example:
         >>> block = SparseCorrelation(kind="inter", beta=0.5)
@@ -85,7 +84,7 @@ class SparseCorrelation(Component):
         learnable: bool = True,
         temperature: float = 0.1,
         distance: str = "cosine",
-        rule: str = "intent",
+        rule: str = "printed",
         *,
         requires=None,
         provides=None,

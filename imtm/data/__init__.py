@@ -1,10 +1,11 @@
 """Datasets, collate functions, vocabularies and the built-in synthetic benchmark."""
 
 from imtm.data.base import ImageCaptionDataset
+from imtm.data.by_image import ByImage
 from imtm.data.collate import collate, collate_images, collate_texts
 from imtm.data.vocabulary import Vocabulary, tokenize
 
-__all__ = ["ImageCaptionDataset", "collate", "collate_images", "collate_texts", "Vocabulary", "tokenize"]
+__all__ = ["ByImage", "ImageCaptionDataset", "collate", "collate_images", "collate_texts", "Vocabulary", "tokenize"]
 
 
 # Raw-image datasets, caption augmentation and feature extraction, imported on first use

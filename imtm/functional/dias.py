@@ -4,16 +4,20 @@ Plain functions on ``(B, D)`` global embeddings, for any codebase. Row ``b`` of
 ``image_embedding`` and row ``b`` of ``text_embedding`` are a matched pair: in an
 imtm training batch row ``b`` of the images is the image of caption ``b`` (an image
 with several captions in the batch appears once per caption), so the pairs need
-no ``image_ids``. Outside imtm, give each caption's embedding next to its image's.
+no ``image_ids``; the spatial constraints take ``positives`` (from ``image_ids``)
+to know which other rows belong to the same image. Outside imtm, give each
+caption's embedding next to its image's.
 
 - :func:`dimension_alignment_loss` (Eq. 4-6): per-dimension correlations between
   the two modalities across the batch; each dimension's correlation with its own
   counterpart should dominate its row and column.
 - :func:`spatial_constraint_loss` (Eq. 7-10): the image-to-text distance matrix
   should be symmetric (``kind="inter"``) and the image-image distances should
-  equal the text-text distances (``kind="intra"``), optionally restricted by
-- :func:`sparse_correlation_mask` (Eq. 11-16): a soft selection of the pairs with
-  strong correlation, with a learnable threshold scale :math:`\beta`.
+  equal the text-text distances (``kind="intra"``), over the unmatched pairs,
+  optionally restricted by
+- :func:`sparse_correlation_mask` (Eq. 11-14): a soft selection of the pairs with
+  strong correlation, with a learnable threshold scale :math:`\beta`, in either
+  reading of Eq. 14 (``rule="intent"`` or ``"printed"``).
 - :func:`word_region_pairs`: the other reading of Eq. 4's paired samples (every
   word with its best region of the matched image).
 
@@ -502,7 +506,7 @@ def sparse_correlation_mask(
     beta=0.0,
     *,
     temperature: float = 0.1,
-    rule: str = "intent",
+    rule: str = "printed",
     positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""DIAS sparse correlation (Eq. 11-14): a soft mask of the strongly correlated unmatched pairs.
@@ -556,7 +560,7 @@ def sparse_correlation_mask(
         differences: ``(B, B)`` matrix :math:`d`.
         beta: :math:`\beta`: a number, a one-element tensor (a learnable one), or a ``(B,)`` tensor.
         temperature: :math:`T > 0` of the relaxation.
-        rule: ``"intent"`` (default, chosen by the ablation in ``docs/dias.md``) or ``"printed"``.
+        rule: ``"printed"`` (default, chosen by the measurement in ``docs/dias.md``) or ``"intent"``.
         positives: ``(B, B)`` bool, True where row ``i``'s image matches caption ``j``; ``None``:
             only the diagonal matches.
 
@@ -577,7 +581,7 @@ def sparse_correlation_mask(
 
     Example:
         >>> d = torch.tensor([[0.0, 0.01, 0.5], [-0.01, 0.0, 0.2], [-0.5, -0.2, 0.0]])
-        >>> (sparse_correlation_mask(d, beta=0.0, temperature=0.01) > 0.5).int()
+        >>> (sparse_correlation_mask(d, beta=0.0, temperature=0.01, rule="intent") > 0.5).int()
         tensor([[0, 1, 0],
                 [1, 0, 0],
                 [0, 0, 0]], dtype=torch.int32)
@@ -616,7 +620,7 @@ def spatial_constraint_loss(
     temperature: float = 0.1,
     distance: str = "cosine",
     reduction: str = "sum",
-    rule: str = "intent",
+    rule: str = "printed",
     positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""DIAS spatial constraint on unmatched pairs (Eq. 7-10), optionally sparse (Eq. 11-14).
@@ -654,7 +658,7 @@ def spatial_constraint_loss(
         temperature: relaxation temperature of the mask (standard-deviation units).
         distance: ``"cosine"`` or ``"euclidean"``.
         reduction: ``"sum"`` over pairs (as the paper) or ``"mean"`` over the unmatched ordered pairs.
-        rule: the mask's reading of Eq. 14, ``"intent"`` or ``"printed"`` (see :func:`sparse_correlation_mask`).
+        rule: the mask's reading of Eq. 14, ``"printed"`` (default) or ``"intent"`` (see :func:`sparse_correlation_mask`).
         positives: ``(B, B)`` bool, True where row ``i``'s image matches caption ``j``; ``None``: the diagonal.
 
     Raises:

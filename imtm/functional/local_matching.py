@@ -45,18 +45,20 @@ def _linear(s: torch.Tensor, mask: torch.Tensor, dim: int, tau: float) -> torch.
     # otherwise give a negative weight, and a sum that vanishes or turns negative a weight
     # of either sign and any size. Clamping at 0 is SCAN's treatment of negative
     # similarities (Lee et al. 2018, Sec. 3.1: max(x, 0) before normalising).
+    # ``mask`` broadcasts against ``s`` and has its full size along ``dim`` (never expanded here:
+    # the full-size copies would cost more than the arithmetic).
+    keep = mask.to(s.dtype)
+    # where(), not a product with the mask: a NaN or inf in a padded position must not reach the sums.
     pos = torch.where(mask, s.clamp_min(0), torch.zeros((), dtype=s.dtype, device=s.device))
     total = pos.sum(dim, keepdim=True)
-    count = mask.sum(dim, keepdim=True).clamp_min(1).to(s.dtype)
-    uniform = mask.to(s.dtype) / count
+    uniform = keep / keep.sum(dim, keepdim=True).clamp_min(1)
     # Where every clamped cosine is 0 (all similarities <= 0) the weights are uniform: the
     # limit of s_ij / sum_j s_ij when all s_ij are equal.
     return torch.where(total > EPS, pos / total.clamp_min(EPS), uniform)
 
 
 def _softmax(s: torch.Tensor, mask: torch.Tensor, dim: int, tau: float) -> torch.Tensor:
-    logits = (s / tau).masked_fill(~mask, -math.inf)
-    return torch.softmax(logits, dim=dim)
+    return torch.softmax((s / tau).masked_fill(~mask, -math.inf), dim=dim)
 
 
 #: :math:`\sigma_l`'s normalisation in Eq. 1: ``"linear"`` (as printed, with negative cosines
@@ -65,7 +67,7 @@ LOCAL_WEIGHTINGS = {"linear": _linear, "softmax": _softmax}
 
 
 def local_weights(
-    sims: torch.Tensor, mask: torch.Tensor, dim: int, *, weighting: str = "linear", tau: float = 0.1
+    sims: torch.Tensor, mask: torch.Tensor, dim: int, *, weighting: str = "softmax", tau: float = 0.1
 ) -> torch.Tensor:
     r"""The weights of Eq. 1 along ``dim``: each row of ``sims`` turned into a distribution.
 
@@ -78,7 +80,7 @@ def local_weights(
         - output: the shape of ``sims``; sums to 1 along ``dim`` wherever ``mask`` has a True
 
     Example:
-        >>> local_weights(torch.tensor([[0.6, -0.2, 0.2]]), torch.ones(1, 3, dtype=torch.bool), -1)
+        >>> local_weights(torch.tensor([[0.6, -0.2, 0.2]]), torch.ones(1, 3, dtype=torch.bool), -1, weighting="linear")
         tensor([[0.7500, 0.0000, 0.2500]])
     """
     where = "local_weights"
@@ -94,17 +96,18 @@ def _block_scores(v, t, vm, tm, gram_v, gram_t, weigh, tau):
     region_mask = vm[:, None, :, None]
     # Eq. 1: region i becomes the weighted mean of the words (weights along M), word j the
     # weighted mean of the regions (weights along N).
-    to_words = weigh(s, word_mask.expand_as(s), -1, tau)
-    to_regions = weigh(s, region_mask.expand_as(s), -2, tau)
+    to_words = weigh(s, word_mask, -1, tau)
+    to_regions = weigh(s, region_mask, -2, tau)
     # Eq. 2: V_hat = mean_i v_hat_i = sum_j alpha_j t_j and T_hat = mean_j t_hat_j = sum_i beta_i v_i.
     n_regions = vm.sum(1).to(s.dtype)[:, None, None]
     n_words = tm.sum(1).to(s.dtype)[None, :, None]
-    # Masked sums as matrix products (no further (bi, bt, N, M) temporaries).
-    alpha = (vm.to(s.dtype)[:, None, None, :] @ to_words).squeeze(-2) / n_regions  # (bi, bt, M)
-    beta = (to_regions @ tm.to(s.dtype)[None, :, :, None]).squeeze(-1) / n_words  # (bi, bt, N)
+    # Padded tokens are zero vectors, so their cosines are 0 and, above, their weights 0 along the
+    # normalised axis; the masks here drop the padded rows of the other axis.
+    alpha = (to_words * region_mask).sum(-2) / n_regions  # (bi, bt, M)
+    beta = (to_regions * word_mask).sum(-1) / n_words  # (bi, bt, N)
     # Eq. 3: cos(V_hat, T_hat) without forming the (bi, bt, D) vectors: V_hat . T_hat = beta^T s alpha,
     # |V_hat|^2 = alpha^T G_t alpha, |T_hat|^2 = beta^T G_v beta (G the Gram matrices of the unit tokens).
-    dot = ((s @ alpha.unsqueeze(-1)).squeeze(-1) * beta).sum(-1)
+    dot = ((s * alpha.unsqueeze(-2)).sum(-1) * beta).sum(-1)
     sq_v = (torch.einsum("itm,tmk->itk", alpha, gram_t) * alpha).sum(-1)
     sq_t = (torch.einsum("itn,ink->itk", beta, gram_v) * beta).sum(-1)
     return dot / (sq_v.clamp_min(EPS * EPS).sqrt() * sq_t.clamp_min(EPS * EPS).sqrt())
@@ -116,7 +119,7 @@ def local_matching_scores(
     image_mask: torch.Tensor | None = None,
     text_mask: torch.Tensor | None = None,
     *,
-    weighting: str = "linear",
+    weighting: str = "softmax",
     tau: float = 0.1,
     max_block_elements: int | None = None,
 ) -> torch.Tensor:
@@ -151,7 +154,7 @@ def local_matching_scores(
         texts: word features.
         image_mask: True where a region is real; ``None``: all are.
         text_mask: True where a word is real; ``None``: all are.
-        weighting: ``"linear"`` or ``"softmax"``.
+        weighting: ``"softmax"`` (default, measured better in ``docs/dias.md``) or ``"linear"`` (as printed).
         tau: temperature of ``"softmax"``.
         max_block_elements: at most this many token similarities at once; ``None``: the default.
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from imtm.functional.blocking import (
     EPS,
@@ -213,18 +214,19 @@ def self_attention(x: torch.Tensor, mask: torch.Tensor | None, weights: Attentio
         >>> self_attention(torch.randn(3, 4, 8), None, AttentionWeights.from_modules(mha, ln), 2).shape
         torch.Size([3, 4, 8])
     """
-    B, L, D = x.shape
+    D = x.shape[-1]
     dh = D // heads
     if mask is not None:
         x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
     (wq, wk, wv), (bq, bk, bv) = weights.projections()
-    q = F.linear(x, wq, bq).view(B, L, heads, dh).transpose(1, 2) / math.sqrt(dh)
-    k = F.linear(x, wk, bk).view(B, L, heads, dh).transpose(1, 2)
-    v = F.linear(x, wv, bv).view(B, L, heads, dh).transpose(1, 2)
+    # head split: the D channels are H heads of dh, each head attends on its own
+    q = rearrange(F.linear(x, wq, bq), "b l (h d) -> b h l d", h=heads) / math.sqrt(dh)
+    k = rearrange(F.linear(x, wk, bk), "b l (h d) -> b h l d", h=heads)
+    v = rearrange(F.linear(x, wv, bv), "b l (h d) -> b h l d", h=heads)
     logits = q @ k.transpose(-1, -2)  # (B, H, L, L)
     if mask is not None:
         logits = logits.masked_fill(~mask[:, None, None, :], -math.inf)
-    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, L, D)
+    out = rearrange(logits.softmax(-1) @ v, "b h l d -> b l (h d)")
     out = F.linear(out, weights.out_proj_weight, weights.out_proj_bias)
     return F.layer_norm(x + out, (D,), weights.norm_weight, weights.norm_bias, LAYER_NORM_EPS)
 
@@ -465,20 +467,18 @@ def phrase_attention_token_scores(
     _check_weights(cross_attn, D, heads, where, "cross_attn", like=queries)
     if feed_forward is not None:
         _check_feed_forward(feed_forward, D, where, queries)
-    B, L, _ = queries.shape
-    M = keys.shape[1]
     H, dh = heads, D // heads
     x = self_attention(queries, query_mask, self_attn, heads)  # (B, L, D)
     kz = keys if key_mask is None else torch.where(key_mask.unsqueeze(-1), keys, torch.zeros((), dtype=keys.dtype,
                                                                                               device=keys.device))
     (wq, wk, wv), (bq, bk, bv) = cross_attn.projections()
-    q = (F.linear(x, wq, bq) / math.sqrt(dh)).view(B, L, H, dh).transpose(1, 2)  # (B, H, L, dh)
-    k = F.linear(kz, wk, bk).view(B, M, H, dh).transpose(1, 2)
-    v = F.linear(kz, wv, bv).view(B, M, H, dh).transpose(1, 2)
+    q = rearrange(F.linear(x, wq, bq) / math.sqrt(dh), "b l (h d) -> b h l d", h=H)
+    k = rearrange(F.linear(kz, wk, bk), "b m (h d) -> b h m d", h=H)
+    v = rearrange(F.linear(kz, wv, bv), "b m (h d) -> b h m d", h=H)
     logits = q @ k.transpose(-1, -2)  # (B, H, L, M)
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, :], -math.inf)
-    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, L, D)
+    out = rearrange(logits.softmax(-1) @ v, "b h l d -> b l (h d)")
     y = F.layer_norm(x + F.linear(out, cross_attn.out_proj_weight, cross_attn.out_proj_bias), (D,),
                      cross_attn.norm_weight, cross_attn.norm_bias, LAYER_NORM_EPS)
     if feed_forward is not None:

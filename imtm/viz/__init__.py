@@ -1,9 +1,14 @@
 """Pictures of what a Matcher learned: the figures the five papers explain themselves with.
 
 Every function takes a fitted :class:`~imtm.Matcher` (or several, by label) and raw
-inputs, draws on matplotlib's Agg canvas (no display, no ``pyplot`` state), writes a PNG
-when given ``path=`` and returns the ``Figure``. matplotlib is optional:
-``pip install "imtm[viz]"``.
+inputs, draws on matplotlib's Agg canvas (no display, no ``pyplot`` state), or into your
+figure with ``ax=`` (one Axes, whose place is split into the picture's panels, or a list of
+Axes), writes ``path=`` in the format its suffix names (``.png``, ``.pdf``, ``.svg``) and
+returns the ``Figure`` it drew in. Where colour encodes a value, a colour bar gives the
+labelled scale; one style (:data:`~imtm.viz.figure.STYLE`) sets fonts and colour maps.
+Region pictures take boxes from :func:`synthetic_picture` or, for bottom-up-attention
+features, from the extractor's TSV or a ``.npy`` (:func:`read_boxes`).
+matplotlib is optional: ``pip install "imtm[viz]"``.
 
 ============================================  =======================================================
 function                                      picture
@@ -27,6 +32,7 @@ Example:
 """
 
 from imtm.viz.alignment import word_alignment, word_alignment_maps
+from imtm.viz.boxes import read_boxes
 from imtm.viz.dcpa import phrase_topk_regions
 from imtm.viz.dias import (
     dimension_correlation_maps,
@@ -34,11 +40,13 @@ from imtm.viz.dias import (
     spatial_distance_histograms,
 )
 from imtm.viz.ela import patch_lexicon_words
-from imtm.viz.figure import as_picture, synthetic_picture
+from imtm.viz.figure import FORMATS, STYLE, as_picture, synthetic_picture
 from imtm.viz.laps import kept_patches, patch_groups, patch_significance
 from imtm.viz.retrieval import recall_at_k, recall_curves, retrieved_examples
 
 __all__ = [
+    "FORMATS",
+    "STYLE",
     "as_picture",
     "dimension_correlation_maps",
     "kept_patches",
@@ -47,6 +55,7 @@ __all__ = [
     "patch_lexicon_words",
     "patch_significance",
     "phrase_topk_regions",
+    "read_boxes",
     "recall_at_k",
     "recall_curves",
     "retrieved_examples",

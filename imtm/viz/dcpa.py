@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from imtm.viz.figure import (
     DPI,
+    STYLE,
+    add_colorbar,
     as_picture,
     block_of,
     caption_words,
@@ -25,8 +27,8 @@ __all__ = ["phrase_topk_regions"]
 
 @torch.no_grad()
 def phrase_topk_regions(matcher, image, caption: str, *, boxes, picture=None, intra: str = "intra",
-                        inter_i2t: str = "inter_i2t", inter_t2i: str | None = "inter_t2i", text_block: str = "text",
-                        panel_size: float = 2.6, path: str | os.PathLike | None = None, dpi: int = DPI):
+                        inter_i2t: str = "inter_i2t", inter_t2i: str | None = "inter_t2i", text_block: str | None = None,
+                        panel_size: float = 2.6, ax=None, path: str | os.PathLike | None = None, dpi: int = DPI):
     r"""The K regions each DCPA branch relies on for one image-caption pair (paper Fig. 6).
 
     - intra-modal (Eq. 10): the visual phrases with the K largest cosines
@@ -41,13 +43,16 @@ def phrase_topk_regions(matcher, image, caption: str, *, boxes, picture=None, in
     Args:
         matcher: a fitted Matcher built by :func:`imtm.presets.dcpa`.
         image: one image's region features ``(N, D)``. caption: one caption.
-        boxes: ``(N, 4)`` pixel boxes of the regions in region order (:func:`~imtm.viz.synthetic_picture`).
+        boxes: ``(N, 4)`` pixel boxes of the regions in region order (:func:`~imtm.viz.synthetic_picture`,
+            or :func:`~imtm.viz.read_boxes` for bottom-up-attention TSV / ``.npy`` boxes).
         picture: drawn under the boxes (optional).
         intra, inter_i2t, inter_t2i: the blocks' names (``inter_t2i=None``: no third panel).
-        path: PNG to write. dpi: its resolution.
+        ax: draw into this matplotlib Axes (its place is split into the panels) or list of Axes.
+        path: file to write, ``.png``, ``.pdf`` or ``.svg``. dpi: resolution of raster output.
 
     Returns:
-        the Figure: two or three panels of ``panel_size`` inches.
+        the Figure drawn in: two or three panels of ``panel_size`` inches when imtm makes it; each
+        region panel has a colour bar of its scores.
 
     References:
         Shi et al., "Decoupled Cross-modal Phrase-Attention Network for Image-Sentence Matching",
@@ -80,15 +85,17 @@ def phrase_topk_regions(matcher, image, caption: str, *, boxes, picture=None, in
 
     inter_scores = branch_scores(i2t_block, regions, words)
     pic = None if picture is None else as_picture(picture)
-    panels = [("intra (Eq. 10)", intra_scores, intra_block.k), ("inter i2t (Eq. 11-14)", inter_scores, i2t_block.k)]
-    fig, axes = new_figure(len(panels) + (t2i_block is not None), panel_size=panel_size, title=caption)
-    for ax, (title, scores, k) in zip(axes, panels):
+    panels = [("intra (Eq. 10)", intra_scores, intra_block.k, "cosine with the sentence c^T"),
+              ("inter i2t (Eq. 11-14)", inter_scores, i2t_block.k, "region score s_k")]
+    fig, axes = new_figure(len(panels) + (t2i_block is not None), panel_size=panel_size, title=caption, ax=ax)
+    for panel, (title, scores, k, label) in zip(axes, panels):
         k = len(scores) if k is None else min(int(k), len(scores))
         top = np.argsort(-scores, kind="stable")[:k]
-        region_canvas(ax, pic, boxes)
-        draw_boxes(ax, boxes, scores, highlight=top, vmin=float(scores.min()),
-                   vmax=float(scores.max()) + 1e-6)
-        ax.set_title(f"{title}: top {k} of {len(scores)}", fontsize=8)
+        region_canvas(panel, pic, boxes)
+        lo, hi = float(scores.min()), float(scores.max()) + 1e-6
+        draw_boxes(panel, boxes, scores, highlight=top, vmin=lo, vmax=hi)
+        add_colorbar(fig, (STYLE["sequential"], lo, hi), panel, label)
+        panel.set_title(f"{title}: top {k} of {len(scores)}", fontsize=STYLE["title"])
     if t2i_block is not None:
         ax = axes[-1]
         t2i = branch_scores(t2i_block, words, regions)
@@ -97,8 +104,9 @@ def phrase_topk_regions(matcher, image, caption: str, *, boxes, picture=None, in
         top = set(np.argsort(-t2i, kind="stable")[:k].tolist())
         ax.barh(range(len(t2i)), t2i, color=["red" if j in top else "grey" for j in range(len(t2i))])
         ax.set_yticks(range(len(t2i)))
-        ax.set_yticklabels(labels, fontsize=6)
+        ax.set_yticklabels(labels, fontsize=STYLE["tick"])
         ax.invert_yaxis()
-        ax.tick_params(axis="x", labelsize=6)
-        ax.set_title(f"inter t2i: words, top {k} red", fontsize=8)
+        ax.tick_params(axis="x", labelsize=STYLE["tick"])
+        ax.set_xlabel("word score", fontsize=STYLE["label"])
+        ax.set_title(f"inter t2i: words, top {k} red", fontsize=STYLE["title"])
     return finish(fig, path, dpi)

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from imtm.viz.figure import DPI, finish, new_figure
+from imtm.viz.figure import DPI, STYLE, add_colorbar, finish, new_figure
 
 __all__ = ["dimension_correlation_maps", "matched_embeddings", "spatial_distance_histograms"]
 
@@ -44,8 +44,8 @@ def matched_embeddings(matcher, images: Sequence, captions: Sequence[str], *, im
 
 
 def dimension_correlation_maps(matchers: Mapping[str, object], images: Sequence, captions: Sequence[str], *,
-                               max_dims: int = 64, panel_size: float = 3.0, path: str | os.PathLike | None = None,
-                               dpi: int = DPI, **values):
+                               max_dims: int = 64, panel_size: float = 3.0, ax=None,
+                               path: str | os.PathLike | None = None, dpi: int = DPI, **values):
     r"""DIAS's dimension correlation matrix :math:`C` of each matcher, side by side (e.g. before and after training).
 
     .. math::
@@ -61,11 +61,14 @@ def dimension_correlation_maps(matchers: Mapping[str, object], images: Sequence,
         matchers: ``{label: fitted Matcher}``, e.g. ``{"before": m0, "after": m1}``
             (``Matcher(..., epochs=0).fit(train)`` is an untrained one).
         images, captions: matched pairs, one caption per image.
-        max_dims: dimensions drawn. path: PNG to write. dpi: its resolution.
+        max_dims: dimensions drawn.
+        ax: draw into this matplotlib Axes (its place is split into the panels) or list of Axes.
+        path: file to write, ``.png``, ``.pdf`` or ``.svg``. dpi: resolution of raster output.
         values: ``image_value=``, ``text_value=`` for :func:`matched_embeddings`.
 
     Returns:
-        the Figure, one panel of ``panel_size`` inches per matcher.
+        the Figure drawn in: one panel of ``panel_size`` inches per matcher when imtm makes it, and one
+        colour bar of the correlation (-1 to 1) shared by the panels.
 
     References:
         Ma et al., "Bridging the Modality Gap: Dimension Information Alignment and Sparse Spatial
@@ -77,36 +80,27 @@ def dimension_correlation_maps(matchers: Mapping[str, object], images: Sequence,
         raise ValueError("imtm.viz.dimension_correlation_maps: give at least one matcher, as {label: matcher}")
     if len(images) < 2:
         raise ValueError("imtm.viz.dimension_correlation_maps: correlations need at least 2 matched pairs")
-    fig, axes = new_figure(len(matchers), panel_size=panel_size)
-    fig.set_layout_engine("constrained")  # places the shared colorbar; tight_layout cannot
+    fig, axes = new_figure(len(matchers), panel_size=panel_size, ax=ax)
     im = None
-    for ax, (label, m) in zip(axes, matchers.items()):
+    for panel, (label, m) in zip(axes, matchers.items()):
         v, t = matched_embeddings(m, images, captions, **values)
         c = dimension_correlation(v, t).numpy()
         diag = float(np.mean(np.diag(c)))
         off = float(np.abs(c - np.diag(np.diag(c))).sum() / max(c.size - len(c), 1))
         d = min(max_dims, len(c))
-        im = ax.imshow(c[:d, :d], cmap="coolwarm", vmin=-1.0, vmax=1.0, interpolation="nearest")
-        ax.set_title(f"{label}: diag {diag:.2f}, |off| {off:.2f}", fontsize=8)
-        ax.set_xlabel("text dimension", fontsize=7)
-        if ax is axes[0]:
-            ax.set_ylabel("image dimension", fontsize=7)
-        ax.tick_params(labelsize=6)
-    if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.8)
-    return finish_no_layout(fig, path, dpi)
-
-
-def finish_no_layout(fig, path, dpi):
-    """Save without tight_layout, which cannot place a colorbar shared by several axes."""
-    if path is not None:
-        fig.savefig(os.fspath(path), dpi=dpi, format="png")
-    return fig
+        im = panel.imshow(c[:d, :d], cmap=STYLE["diverging"], vmin=-1.0, vmax=1.0, interpolation="nearest")
+        panel.set_title(f"{label}: diag {diag:.2f}, |off| {off:.2f}", fontsize=STYLE["title"])
+        panel.set_xlabel("text dimension l", fontsize=STYLE["label"])
+        if panel is axes[0]:
+            panel.set_ylabel("image dimension k", fontsize=STYLE["label"])
+        panel.tick_params(labelsize=STYLE["tick"])
+    add_colorbar(fig, im, axes, "correlation C_kl (Eq. 4)")
+    return finish(fig, path, dpi)
 
 
 def spatial_distance_histograms(matchers: Mapping[str, object], images: Sequence, captions: Sequence[str], *,
-                                bins: int = 30, panel_size: float = 2.6, path: str | os.PathLike | None = None,
-                                dpi: int = DPI, **values):
+                                bins: int = 30, panel_size: float = 2.6, ax=None,
+                                path: str | os.PathLike | None = None, dpi: int = DPI, **values):
     r"""Histograms of the cosine distances DIAS's spatial constraints act on (paper Fig. 4), per matcher.
 
     Three panels over the matched pairs ``(images[b], captions[b])``, with
@@ -121,11 +115,13 @@ def spatial_distance_histograms(matchers: Mapping[str, object], images: Sequence
 
     Args:
         matchers: ``{label: fitted Matcher}``. images, captions: matched pairs.
-        bins: histogram bins. path: PNG to write. dpi: its resolution.
+        bins: histogram bins.
+        ax: draw into this matplotlib Axes (its place is split into the panels) or list of Axes.
+        path: file to write, ``.png``, ``.pdf`` or ``.svg``. dpi: resolution of raster output.
         values: ``image_value=``, ``text_value=`` for :func:`matched_embeddings`.
 
     Returns:
-        the Figure, three panels of ``panel_size`` inches.
+        the Figure drawn in: three panels of ``panel_size`` inches when imtm makes it.
 
     References:
         Ma et al., ACM MM 2024, Eq. 7, 9, Fig. 4.
@@ -136,7 +132,7 @@ def spatial_distance_histograms(matchers: Mapping[str, object], images: Sequence
         raise ValueError("imtm.viz.spatial_distance_histograms: give at least one matcher, as {label: matcher}")
     if len(images) < 2:
         raise ValueError("imtm.viz.spatial_distance_histograms: distances need at least 2 matched pairs")
-    fig, axes = new_figure(3, panel_size=panel_size)
+    fig, axes = new_figure(3, panel_size=panel_size, ax=ax)
     off = ~torch.eye(len(images), dtype=torch.bool)
     colours = ["C0", "C1", "C2", "C3", "C4", "C5"]
     for n, (label, m) in enumerate(matchers.items()):
@@ -152,8 +148,10 @@ def spatial_distance_histograms(matchers: Mapping[str, object], images: Sequence
                      density=True, label=f"{label} unmatched")
         axes[1].hist(inter, bins=bins, histtype="step", color=col, density=True, label=label)
         axes[2].hist(intra, bins=bins, histtype="step", color=col, density=True, label=label)
-    for ax, title in zip(axes, ("cross-modal distance", "inter |x_ij - x_ji| (Eq. 7)", "intra gap (Eq. 9)")):
-        ax.set_title(title, fontsize=8)
-        ax.tick_params(labelsize=6)
-        ax.legend(fontsize=5)
+    for panel, title in zip(axes, ("cross-modal distance", "inter |x_ij - x_ji| (Eq. 7)", "intra gap (Eq. 9)")):
+        panel.set_title(title, fontsize=STYLE["title"])
+        panel.set_xlabel("cosine distance", fontsize=STYLE["label"])
+        panel.tick_params(labelsize=STYLE["tick"])
+        panel.legend(fontsize=STYLE["legend"] - 1)
+    axes[0].set_ylabel("density", fontsize=STYLE["label"])
     return finish(fig, path, dpi)

@@ -7,9 +7,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from imtm.viz.figure import (
     DPI,
+    STYLE,
+    add_colorbar,
     as_picture,
     block_of,
     encode_pair,
@@ -54,7 +57,8 @@ def _prepare(matcher, image, caption, block, picture, what):
 
 
 def kept_patches(matcher, image, caption: str, *, ratios: Sequence[float] = (0.25, 0.5, 0.75), block: str | None = None,
-                 picture=None, panel_size: float = 2.2, path: str | os.PathLike | None = None, dpi: int = DPI):
+                 picture=None, panel_size: float = 2.2, ax=None, path: str | os.PathLike | None = None,
+                 dpi: int = DPI):
     r"""The patches LAPS keeps for ``caption`` at several ratios :math:`\rho` (paper Fig. 4-5).
 
     The first panel is the significance :math:`a` (Eq. 1) over the patch grid; then, for each
@@ -67,10 +71,12 @@ def kept_patches(matcher, image, caption: str, *, ratios: Sequence[float] = (0.2
         ratios: the :math:`\rho` values to draw, each in ``(0, 1]``.
         block: the slimming block's name; ``None``: the Matcher's only PatchSlimming.
         picture: what to draw under the patches; default: ``image``.
-        path: PNG to write. dpi: its resolution.
+        ax: draw into this matplotlib Axes (its place is split into the panels) or list of Axes.
+        path: file to write, ``.png``, ``.pdf`` or ``.svg``. dpi: resolution of raster output.
 
     Returns:
-        the Figure, ``(len(ratios) + 1) * panel_size`` inches wide.
+        the Figure drawn in (``(len(ratios) + 1) * panel_size`` inches wide when imtm makes it);
+        the significance has a colour bar.
 
     References:
         Fu et al., "Linguistic-Aware Patch Slimming Framework for Fine-grained Cross-Modal Alignment", CVPR 2024.
@@ -83,20 +89,21 @@ def kept_patches(matcher, image, caption: str, *, ratios: Sequence[float] = (0.2
             raise ValueError(f"imtm.viz.{what}: every ratio must be a number in (0, 1], got {r!r}")
     slim, img, txt, grid, pic = _prepare(matcher, image, caption, block, picture, what)
     a = patch_significance(slim, img, txt)
-    fig, axes = new_figure(len(ratios) + 1, panel_size=panel_size, title=caption)
-    show_grid_values(axes[0], pic, a.numpy(), grid, vmin=0.0, vmax=1.0)
-    axes[0].set_title("significance a", fontsize=8)
-    for ax, r in zip(axes[1:], ratios):
+    fig, axes = new_figure(len(ratios) + 1, panel_size=panel_size, title=caption, ax=ax)
+    im = show_grid_values(axes[0], pic, a.numpy(), grid, vmin=0.0, vmax=1.0)
+    axes[0].set_title("significance a", fontsize=STYLE["title"])
+    add_colorbar(fig, im, axes[0], "significance a (Eq. 1)")
+    for panel, r in zip(axes[1:], ratios):
         keep = top_keep_decisions(a, float(r)).numpy()
-        # Dropped patches under a dark veil: a grey map, transparent where kept.
+        # Dropped patches under a dark veil: a grey map, transparent where kept (a category, no scale).
         veil = np.where(keep > 0, np.nan, 0.0)
-        show_grid_values(ax, pic, veil, grid, cmap="gray", alpha=0.8, vmin=0.0, vmax=1.0)
-        ax.set_title(f"rho={r:g}: {int(keep.sum())}/{keep.size} kept", fontsize=8)
+        show_grid_values(panel, pic, veil, grid, cmap="gray", alpha=0.8, vmin=0.0, vmax=1.0)
+        panel.set_title(f"rho={r:g}: {int(keep.sum())}/{keep.size} kept", fontsize=STYLE["title"])
     return finish(fig, path, dpi)
 
 
 def patch_groups(matcher, image, caption: str, *, ratio: float | None = None, block: str | None = None, picture=None,
-                 panel_size: float = 2.6, path: str | os.PathLike | None = None, dpi: int = DPI):
+                 panel_size: float = 2.6, ax=None, path: str | os.PathLike | None = None, dpi: int = DPI):
     r"""Which aggregated token each kept patch mostly feeds (LAPS Fig. 6).
 
     Kept patches are coloured by :math:`\arg\max_j W_{ij}`, the aggregated token
@@ -109,7 +116,8 @@ def patch_groups(matcher, image, caption: str, *, ratio: float | None = None, bl
         Others: as :func:`kept_patches`.
 
     Returns:
-        the Figure, two panels (the picture, the groups), ``2 * panel_size`` inches wide.
+        the Figure drawn in: two panels (the picture, the groups), ``2 * panel_size`` inches wide when
+        imtm makes it. Colours name groups (categories), so there is no colour bar.
     """
     from matplotlib import colormaps
 
@@ -130,17 +138,18 @@ def patch_groups(matcher, image, caption: str, *, ratio: float | None = None, bl
     n_groups = int(weights.shape[-1])
     cm = colormaps["tab20" if n_groups > 10 else "tab10"]
     h, w = grid
-    colours = np.array([(0.5, 0.5, 0.5, 1.0) if g < 0 else cm(int(g) % cm.N) for g in group]).reshape(h, w, 4)
-    fig, axes = new_figure(2, panel_size=panel_size, title=caption)
+    colours = rearrange(np.array([(0.5, 0.5, 0.5, 1.0) if g < 0 else cm(int(g) % cm.N) for g in group]),
+                        "(h w) rgba -> h w rgba", h=h, w=w)
+    fig, axes = new_figure(2, panel_size=panel_size, title=caption, ax=ax)
     extent = None
     if pic is not None:
         axes[0].imshow(pic, interpolation="nearest")
         axes[1].imshow(pic, interpolation="nearest")
         extent = (-0.5, pic.shape[1] - 0.5, pic.shape[0] - 0.5, -0.5)
     axes[1].imshow(colours, alpha=0.6 if pic is not None else 1.0, extent=extent, interpolation="nearest")
-    axes[0].set_title("image", fontsize=8)
-    axes[1].set_title(f"{int(keep.sum())} kept -> {n_groups} tokens; grey: fused", fontsize=8)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
+    axes[0].set_title("image", fontsize=STYLE["title"])
+    axes[1].set_title(f"{int(keep.sum())} kept -> {n_groups} tokens; grey: fused", fontsize=STYLE["title"])
+    for panel in axes:
+        panel.set_xticks([])
+        panel.set_yticks([])
     return finish(fig, path, dpi)

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from imtm.viz.figure import DPI, as_picture, finish, new_figure, synthetic_picture
+from imtm.viz.figure import DPI, STYLE, as_picture, finish, new_figure, synthetic_picture
 
 __all__ = ["recall_at_k", "recall_curves", "retrieved_examples"]
 
@@ -37,17 +37,18 @@ def _data_parts(data, what):
 
 
 def recall_curves(matchers: Mapping[str, object], data, *, ks: Sequence[int] = (1, 2, 5, 10, 20, 50),
-                  panel_size: float = 3.0, path: str | os.PathLike | None = None, dpi: int = DPI):
+                  panel_size: float = 3.0, ax=None, path: str | os.PathLike | None = None, dpi: int = DPI):
     """Recall@K against K of several matchers on one evaluation set: image-to-text and text-to-image.
 
     Args:
         matchers: ``{label: fitted Matcher}``.
         data: an evaluation set with ``images``, ``captions`` and ``caption_to_image``.
         ks: the K values (positive ints), drawn on a log axis.
-        path: PNG to write. dpi: its resolution.
+        ax: draw into this matplotlib Axes (its place is split into the panels) or list of Axes.
+        path: file to write, ``.png``, ``.pdf`` or ``.svg``. dpi: resolution of raster output.
 
     Returns:
-        the Figure, two panels of ``panel_size`` inches.
+        the Figure drawn in: two panels of ``panel_size`` inches when imtm makes it.
     """
     what = "recall_curves"
     if not matchers:
@@ -55,22 +56,22 @@ def recall_curves(matchers: Mapping[str, object], data, *, ks: Sequence[int] = (
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"imtm.viz.{what}: ks must be positive ints, got {list(ks)!r}")
     images, captions, c2i = _data_parts(data, what)
-    fig, axes = new_figure(2, panel_size=panel_size)
+    fig, axes = new_figure(2, panel_size=panel_size, ax=ax)
     for label, m in matchers.items():
         rec = recall_at_k(m.similarity(images, captions), c2i, ks)
-        for ax, d in zip(axes, ("i2t", "t2i")):
-            ax.plot(list(ks), rec[d], marker="o", markersize=3, label=label)
-    for ax, title in zip(axes, ("image -> text", "text -> image")):
-        ax.set_xscale("log")
-        ax.set_xticks(list(ks))
-        ax.set_xticklabels([str(k) for k in ks])
-        ax.set_ylim(0, 101)
-        ax.set_xlabel("K", fontsize=7)
-        ax.set_ylabel("recall@K (%)", fontsize=7)
-        ax.set_title(title, fontsize=8)
-        ax.tick_params(labelsize=6)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        for panel, d in zip(axes, ("i2t", "t2i")):
+            panel.plot(list(ks), rec[d], marker="o", markersize=3, label=label)
+    for panel, title in zip(axes, ("image -> text", "text -> image")):
+        panel.set_xscale("log")
+        panel.set_xticks(list(ks))
+        panel.set_xticklabels([str(k) for k in ks])
+        panel.set_ylim(0, 101)
+        panel.set_xlabel("K", fontsize=STYLE["label"])
+        panel.set_ylabel("recall@K (%)", fontsize=STYLE["label"])
+        panel.set_title(title, fontsize=STYLE["title"])
+        panel.tick_params(labelsize=STYLE["tick"])
+        panel.grid(alpha=0.3)
+        panel.legend(fontsize=STYLE["legend"])
     return finish(fig, path, dpi)
 
 
@@ -86,7 +87,7 @@ def _picture(data, pictures, index):
 
 
 def retrieved_examples(matcher, data, query: int, *, direction: str = "i2t", top: int = 5, pictures=None,
-                       panel_size: float = 2.0, path: str | os.PathLike | None = None, dpi: int = DPI):
+                       panel_size: float = 2.0, ax=None, path: str | os.PathLike | None = None, dpi: int = DPI):
     """A query and its ``top`` retrieved items, matches marked (green, with a tick) and misses (red).
 
     ``direction="i2t"``: image ``query`` and its top captions; ``"t2i"``: caption ``query`` and
@@ -98,10 +99,12 @@ def retrieved_examples(matcher, data, query: int, *, direction: str = "i2t", top
         query: index of the query image (i2t) or caption (t2i).
         pictures: what to draw for image ``k`` (``pictures[k]``); default: a synthetic split's
             rendering (:func:`~imtm.viz.synthetic_picture`) or the image itself when it is pixels.
-        path: PNG to write. dpi: its resolution.
+        ax: draw into this matplotlib Axes (its place is split into the panels) or list of Axes
+            (``top`` for t2i, two for i2t).
+        path: file to write, ``.png``, ``.pdf`` or ``.svg``. dpi: resolution of raster output.
 
     Returns:
-        the Figure: ``top + 1`` panels of ``panel_size`` inches in one row (i2t: two panels,
+        the Figure drawn in; when imtm makes it: ``top + 1`` panels of ``panel_size`` inches in one row (i2t: two panels,
         the query image and the ranked captions, ``2 * panel_size`` and ``3 * panel_size`` wide).
     """
     what = "retrieved_examples"
@@ -117,39 +120,39 @@ def retrieved_examples(matcher, data, query: int, *, direction: str = "i2t", top
     s_i2t, s_t2i = sims if isinstance(sims, tuple) else (sims, sims)
     if direction == "i2t":
         order = torch.argsort(s_i2t[query], descending=True, stable=True)[:top].tolist()
-        fig, axes = new_figure(1, panel_size=panel_size)
-        fig.set_size_inches(5 * panel_size, panel_size + 0.4)
-        axes[0].set_position((0.01, 0.05, 0.35, 0.8))
+        n_hits = sum(int(c2i[t]) == query for t in order)
+        fig, axes = new_figure(2, panel_size=panel_size, title=f"top {top} captions ({n_hits} correct)", ax=ax,
+                               width_ratios=(2, 3) if ax is None or not isinstance(ax, (list, tuple)) else None)
+        if ax is None:
+            fig.set_size_inches(5 * panel_size, panel_size + 0.4)
         pic = _picture(data, pictures, query)
         if pic is not None:
             axes[0].imshow(pic, interpolation="nearest")
         axes[0].set_xticks([])
         axes[0].set_yticks([])
-        axes[0].set_title(f"query image {query}", fontsize=8)
-        text_ax = fig.add_axes((0.4, 0.05, 0.58, 0.8))
+        axes[0].set_title(f"query image {query}", fontsize=STYLE["title"])
+        text_ax = axes[1]
         text_ax.axis("off")
         for r, t in enumerate(order):
             hit = int(c2i[t]) == query
             text_ax.text(0.0, 1 - (r + 0.5) / top, f"{r + 1}. {'✓' if hit else '✗'} {captions[t]}",
-                         color="green" if hit else "red", fontsize=7, va="center", transform=text_ax.transAxes,
-                         wrap=True)
-        fig.suptitle(f"top {top} captions ({sum(int(c2i[t]) == query for t in order)} correct)", fontsize=9)
-        if path is not None:
-            fig.savefig(os.fspath(path), dpi=dpi, format="png")
-        return fig
+                         color="green" if hit else "red", fontsize=STYLE["label"], va="center",
+                         transform=text_ax.transAxes, wrap=True)
+        return finish(fig, path, dpi)
     order = torch.argsort(s_t2i[:, query], descending=True, stable=True)[:top].tolist()
-    fig, axes = new_figure(top, panel_size=panel_size, title=f"query: {captions[query]}")
-    for r, (ax, i) in enumerate(zip(axes, order)):
+    fig, axes = new_figure(top, panel_size=panel_size, title=f"query: {captions[query]}", ax=ax)
+    for r, (panel, i) in enumerate(zip(axes, order)):
         hit = int(c2i[query]) == i
         pic = _picture(data, pictures, i)
         if pic is not None:
-            ax.imshow(pic, interpolation="nearest")
+            panel.imshow(pic, interpolation="nearest")
         else:
-            ax.imshow(np.ones((2, 2, 3)))
-        for side in ax.spines.values():
+            panel.imshow(np.ones((2, 2, 3)))
+        for side in panel.spines.values():
             side.set_edgecolor("green" if hit else "red")
             side.set_linewidth(4)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"{r + 1}. image {i} {'✓' if hit else '✗'}", fontsize=8, color="green" if hit else "red")
+        panel.set_xticks([])
+        panel.set_yticks([])
+        panel.set_title(f"{r + 1}. image {i} {'✓' if hit else '✗'}", fontsize=STYLE["title"],
+                     color="green" if hit else "red")
     return finish(fig, path, dpi)

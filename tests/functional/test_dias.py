@@ -226,7 +226,7 @@ def test_per_instance_beta_matches_the_loop_and_a_constant_vector_is_the_scalar(
 def test_the_two_readings_select_disjoint_pairs_on_random_inputs():
     v, t = embeddings(b=32, d=16, seed=16)
     diff = spatial_differences(v, t, kind="inter")
-    intent = sparse_correlation_mask(diff, 0.0, temperature=1e-6) > 0.5
+    intent = sparse_correlation_mask(diff, 0.0, temperature=1e-6, rule="intent") > 0.5
     printed = sparse_correlation_mask(diff, 0.0, temperature=1e-6, rule="printed") > 0.5
     assert int(intent.sum()) > 0 and int(printed.sum()) > 0
     # Small asymmetries (large p) against large ones: no pair is kept by both.

@@ -107,20 +107,26 @@ def test_padding_permutations_bounds_and_block_size(images, texts, weighting, ex
 
 def test_linear_weights_clamp_negative_cosines_and_fall_back_to_uniform():
     mask = torch.ones(1, 3, dtype=torch.bool)
-    torch.testing.assert_close(local_weights(torch.tensor([[0.6, -0.2, 0.2]]), mask, -1), torch.tensor([[0.75, 0.0, 0.25]]))
+    lin = {"weighting": "linear"}
+    torch.testing.assert_close(local_weights(torch.tensor([[0.6, -0.2, 0.2]]), mask, -1, **lin),
+                               torch.tensor([[0.75, 0.0, 0.25]]))
     # Every cosine <= 0: the printed ratio is undefined (sum 0) or negative; the weights are uniform.
-    torch.testing.assert_close(local_weights(torch.tensor([[-0.3, -0.1, 0.0]]), mask, -1), torch.full((1, 3), 1 / 3))
+    torch.testing.assert_close(local_weights(torch.tensor([[-0.3, -0.1, 0.0]]), mask, -1, **lin), torch.full((1, 3), 1 / 3))
     partial = torch.tensor([[True, True, False]])
-    torch.testing.assert_close(local_weights(torch.tensor([[-0.3, -0.1, 0.9]]), partial, -1), torch.tensor([[0.5, 0.5, 0.0]]))
+    torch.testing.assert_close(local_weights(torch.tensor([[-0.3, -0.1, 0.9]]), partial, -1, **lin),
+                               torch.tensor([[0.5, 0.5, 0.0]]))
     # A word that matches one region exactly scores 1 against an image made of that region.
     v = torch.tensor([[[1.0, 0.0]]])
-    assert float(local_matching_scores(v, torch.tensor([[[2.0, 0.0], [0.0, -1.0]]]))) == pytest.approx(1.0)
+    assert float(local_matching_scores(v, torch.tensor([[[2.0, 0.0], [0.0, -1.0]]]), **lin)) == pytest.approx(1.0)
+    # The softmax default: the softmax of the cosines over tau.
+    torch.testing.assert_close(local_weights(torch.tensor([[0.6, -0.2, 0.2]]), mask, -1),
+                               torch.softmax(torch.tensor([[0.6, -0.2, 0.2]]) / 0.1, -1))
 
 
 def test_linear_and_softmax_differ():
     g = torch.Generator().manual_seed(3)
     v, t = torch.randn(3, 4, 6, generator=g), torch.randn(2, 5, 6, generator=g)
-    lin = local_matching_scores(v, t)
+    lin = local_matching_scores(v, t, weighting="linear")
     soft = local_matching_scores(v, t, weighting="softmax", tau=0.1)
     assert float((lin - soft).abs().max()) > 1e-3
 

@@ -68,6 +68,7 @@ UNVALIDATED = {
     "dimension_correlation": "no validation; the DIAS losses that call it validate",
     "transport_cost": "no validation; transport_plan validates",
     "num_masked_patches": "pure arithmetic on two numbers",
+    "row_multiplicity": "counts rows of a bool matrix the losses have already checked",
 }
 
 
@@ -725,6 +726,57 @@ def case_scan_t2i_scores(ctx: Ctx):
     _pair_properties(ctx, fn, v, t, vm, tm, out, kwargs, what)
 
 
+def case_local_matching_scores(ctx: Ctx):
+    v, t, vm, tm = _pair_inputs(ctx)
+    kwargs = {"weighting": ctx.pick(["softmax", "linear"]), "tau": ctx.pick([0.05, 0.1, 1.0]),
+              "max_block_elements": ctx.budget()}
+    fn = F.local_matching_scores
+    what = "local_matching_scores"
+    out = expect(fn(v, t, vm, tm, **kwargs), (v.shape[0], t.shape[0]), ctx.dtype, ctx, what)
+    within(out, -1, 1, ctx.dtype, what)
+    _pair_properties(ctx, fn, v, t, vm, tm, out, kwargs, what)
+
+
+def case_local_weights(ctx: Ctx):
+    b = ctx.int(1, 3)
+    m = ctx.mask(b)
+    sims = ctx.rand(*m.shape, low=-1.0, high=1.0)
+    weighting = ctx.pick(["softmax", "linear"])
+    tau = ctx.pick([0.05, 0.1, 1.0])
+    what = "local_weights"
+    out = expect(F.local_weights(sims, m, -1, weighting=weighting, tau=tau), sims.shape, ctx.dtype, ctx, what)
+    within(out, 0, 1, ctx.dtype, what)
+    close(out.sum(-1), torch.ones(b, dtype=ctx.dtype, device=ctx.device), ctx.dtype, f"{what}: rows must sum to 1")
+    assert bool((out[~m] == 0).all()), f"{what}: a padded position has weight"
+    close(F.local_weights(nan_padding(sims, m), m, -1, weighting=weighting, tau=tau), out, ctx.dtype,
+          f"{what}: NaN in padding changed the weights")
+    p = ctx.perm(m.shape[1])
+    close(F.local_weights(sims[:, p], m[:, p], -1, weighting=weighting, tau=tau), out[:, p], ctx.dtype,
+          f"{what}: not permutation equivariant")
+
+
+def errors_local_weights(ctx: Ctx):
+    sims, m = ctx.randn(1, 3), torch.ones(1, 3, dtype=torch.bool, device=ctx.device)
+    return [
+        (lambda: F.local_weights(sims, m, -1, weighting="softmx"), ValueError, r"Did you mean 'softmax'"),
+        (lambda: F.local_weights(sims, m, -1, tau=0.0), ValueError, r"tau must be a finite number > 0"),
+    ]
+
+
+def case_row_multiplicity(ctx: Ctx):
+    bi, bt = ctx.int(1, 4), ctx.int(1, 4)
+    pos = ctx.positives(bi, bt)
+    what = "row_multiplicity"
+    out = F.row_multiplicity(pos)
+    assert out.dtype == torch.long and tuple(out.shape) == (bi,), f"{what}: {out.dtype} {tuple(out.shape)}"
+    # A plain loop: rows with the same non-empty set of positives.
+    rows = [tuple(r.tolist()) for r in pos.cpu()]
+    expected = [max(1, sum(1 for u in rows if u == r)) if any(r) else 1 for r in rows]
+    assert out.tolist() == expected, f"{what}: {out.tolist()}, expected {expected}"
+    p = ctx.perm(bi)
+    assert F.row_multiplicity(pos[p]).tolist() == out[p].tolist(), f"{what}: not permutation equivariant"
+
+
 # ---------------------------------------------------------------------------- LAPS patch slimming
 def _significance(ctx: Ctx, *shape):
     a = ctx.rand(*shape)
@@ -1358,6 +1410,11 @@ ERRORS = {
     "ratio_loss": errors_ratio_loss,
     "resolve_pooling": errors_resolve_pooling,
     "sample_hard_negatives": errors_sample_hard_negatives,
+    "local_matching_scores": _both(
+        _pair_errors(F.local_matching_scores),
+        _option_error(F.local_matching_scores, "weighting", "lineer", "linear"),
+    ),
+    "local_weights": errors_local_weights,
     "scan_t2i_scores": _both(
         _pair_errors(F.scan_t2i_scores),
         lambda ctx: [(lambda: F.scan_t2i_scores(ctx.randn(1, 2, 4), ctx.randn(1, 2, 4), smooth=0.0),
@@ -1404,6 +1461,9 @@ CASES = {
     "dimension_alignment_loss": case_dimension_alignment_loss,
     "dimension_correlation": case_dimension_correlation,
     "distance_weighted_negatives": case_distance_weighted_negatives,
+    "local_matching_scores": case_local_matching_scores,
+    "local_weights": case_local_weights,
+    "row_multiplicity": case_row_multiplicity,
     "dpc_knn_weights": case_dpc_knn_weights,
     "expansive_soft_labels": case_expansive_soft_labels,
     "fusion_weights": case_fusion_weights,
@@ -1571,6 +1631,7 @@ MIXED = {
     "soft_assignment_scores": _mixed_pair_scorer(F.soft_assignment_scores),
     "sparse_alignment_scores": _mixed_pair_scorer(F.sparse_alignment_scores),
     "scan_t2i_scores": _mixed_pair_scorer(F.scan_t2i_scores),
+    "local_matching_scores": _mixed_pair_scorer(F.local_matching_scores),
     "global_cosine_scores": _mixed_two(lambda v, t: F.global_cosine_scores(v, t), (2, 3, 4), (3, 2, 4), "refuse"),
     "cosine_similarity_matrix": _mixed_two(F.cosine_similarity_matrix, (2, 4), (3, 4), "refuse"),
     "topk_mean_scores": _mixed_two(lambda v, c: F.topk_mean_scores(v, c, k=2), (2, 3, 4), (3, 4), "promote"),

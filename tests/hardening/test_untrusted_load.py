@@ -429,7 +429,9 @@ def test_cli_evaluate_refuses_a_pickle_model(model, canary, capsys):
     refresh_manifest(model)
     assert main(["evaluate", "--model", str(model), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("imtm evaluate: CheckpointError:") and "not a readable safetensors file" in err
+    # One short message (no traceback) naming the file and what is wrong with it.
+    assert err.startswith("imtm evaluate: ") and "model.safetensors: not a readable safetensors file" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 2
 
 
 def test_cli_evaluate_refuses_a_config_naming_code(model, canary, capsys):
@@ -438,8 +440,8 @@ def test_cli_evaluate_refuses_a_config_naming_code(model, canary, capsys):
     edit_config(model, set_first_block("os.system", {"command": f"touch {canary}"}))
     assert main(["evaluate", "--model", str(model), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("imtm evaluate: ConfigError:") and "unknown block 'os.system'" in err
-    assert "Traceback" not in err
+    assert err.startswith("imtm evaluate: unknown block 'os.system'")
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 2
 
 
 def test_load_does_not_restore_where_a_later_fit_writes(saved, model):

@@ -65,11 +65,11 @@ def test_word_region_maps_chan(chan, regions, tmp_path):
     n_words = len(caption.lower().replace(",", " ,").replace(".", " .").split())
     rows = -(-n_words // 3)
     assert png_size(tmp_path / "a.png") == (3 * 200, rows * 200 + 40) == expected_size(fig)
-    # Without a picture the boxes alone are drawn; without boxes, region features cannot be placed.
+    # Without a picture the boxes alone are drawn; without boxes, the words x regions matrix.
     viz.word_alignment_maps(chan, test.images[0], caption, boxes=boxes, path=tmp_path / "b.png")
     png_size(tmp_path / "b.png")
-    with pytest.raises(ValueError, match="pass boxes="):
-        viz.word_alignment_maps(chan, test.images[0], caption)
+    fig = viz.word_alignment_maps(chan, test.images[0], caption, path=tmp_path / "m.png")
+    assert len(fig.axes[0].get_yticklabels()) == n_words
     with pytest.raises(ValueError, match="expected boxes of shape"):
         viz.word_alignment_maps(chan, test.images[0], caption, boxes=boxes[:1])
     with pytest.raises(TypeError, match="caption must be a string"):
@@ -226,9 +226,154 @@ def test_ela_patch_lexicon(tmp_path):
     comps = presets.ela(text_model=str(folder), image_model="vit_tiny_patch16_224", img_size=24, embed_dim=16,
                         heads=2, cross_layers=1, rerank_k=2, **VIT)
     m = Matcher(comps, epochs=1, batch_size=8, checkpoint_dir=None, verbose=False, random_state=0).fit(train)
+    # words of a tokenizer model are its own word pieces, found without naming the text block
+    from imtm.viz.figure import caption_words, encode_pair
+
+    _, txt = encode_pair(m, test.images[0], test.captions[0])
+    pieces = caption_words(m, test.captions[0], txt)
+    text = m.components_["text"]
+    ids = text.tokenize([test.captions[0]])
+    assert set(pieces) <= set(text.tokenizer.convert_ids_to_tokens(ids.feats[0].tolist()))
+    assert not any(p.startswith("#") and p[1:].isdigit() for p in pieces)
     fig = viz.patch_lexicon_words(m, test.images[0], test.captions[0], top=3, path=tmp_path / "e.png")
     assert png_size(tmp_path / "e.png") == (600, 340) == expected_size(fig)
     with pytest.raises(ValueError, match="top must be a positive int"):
         viz.patch_lexicon_words(m, test.images[0], test.captions[0], top=0)
     with pytest.raises(ValueError, match="has no tokenizer"):
         viz.patch_lexicon_words(m, test.images[0], test.captions[0], text_block="itc")
+
+
+# ---------------------------------------------------------------------- formats, ax=, colour bars, boxes
+
+
+def open_written(path):
+    """Open a written figure in its own format; return its size (PNG pixels, PDF/SVG points)."""
+    import re
+    import xml.etree.ElementTree as ET
+
+    from PIL import Image
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        with Image.open(path) as im:
+            assert im.format == "PNG"
+            im.load()  # decodes every pixel: a truncated file fails here
+            return im.size
+    if suffix == ".pdf":
+        data = path.read_bytes()
+        assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF")
+        assert re.search(rb"/Type\s*/Page\b", data) and b"startxref" in data and b"/Root" in data
+        box = re.search(rb"/MediaBox\s*\[\s*([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*\]", data)
+        return round(float(box.group(3))), round(float(box.group(4)))
+    root = ET.parse(path).getroot()  # fails unless the SVG is well-formed XML
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert root.find(".//{http://www.w3.org/2000/svg}g") is not None
+    return tuple(round(float(root.get(k).removesuffix("pt"))) for k in ("width", "height"))
+
+
+def check_formats(draw, tmp_path, name):
+    """``draw(path=...)`` in every format: each file opens in its format at the figure's size."""
+    for suffix in (".png", ".pdf", ".svg"):
+        fig = draw(path=tmp_path / f"{name}{suffix}")
+        w, h = fig.get_size_inches()
+        want = (round(w * 100), round(h * 100)) if suffix == ".png" else (round(w * 72), round(h * 72))
+        assert open_written(tmp_path / f"{name}{suffix}") == want, (name, suffix)
+    return fig
+
+
+def colorbar_labels(fig):
+    """The labels of the figure's colour bars (colour-bar axes carry a ``_colorbar``)."""
+    return [a.get_ylabel() for a in fig.get_axes() if hasattr(a, "_colorbar")]
+
+
+def test_every_figure_in_every_format_with_colour_bars(chan, laps, regions, pixels, tmp_path):
+    test = regions[2]
+    picture, boxes = viz.synthetic_picture(test, 0)
+    image, caption = test.images[0], test.captions[0]
+    fig = check_formats(lambda **kw: viz.word_alignment_maps(chan, image, caption, picture=picture, boxes=boxes, **kw),
+                        tmp_path, "words")
+    assert colorbar_labels(fig) == ["cosine of word and region"]
+    fig = check_formats(lambda **kw: viz.word_alignment_maps(chan, image, caption, **kw), tmp_path, "matrix")
+    assert colorbar_labels(fig) == ["cosine of word and region"]  # no boxes: the words x regions matrix
+    ptest = pixels[2]
+    fig = check_formats(lambda **kw: viz.word_alignment_maps(laps, ptest.images[0], ptest.captions[0], **kw),
+                        tmp_path, "patches")
+    assert colorbar_labels(fig) == ["cosine of word and patch"]
+    fig = check_formats(lambda **kw: viz.kept_patches(laps, ptest.images[0], ptest.captions[0], **kw),
+                        tmp_path, "kept")
+    assert colorbar_labels(fig) == ["significance a (Eq. 1)"]
+    fig = check_formats(lambda **kw: viz.patch_groups(laps, ptest.images[0], ptest.captions[0], **kw),
+                        tmp_path, "groups")
+    assert colorbar_labels(fig) == []  # colours name groups, not values
+    pairs = (test.images, test.captions[::5])
+    fig = check_formats(lambda **kw: viz.dimension_correlation_maps({"a": chan, "b": chan}, *pairs, **kw),
+                        tmp_path, "corr")
+    assert colorbar_labels(fig) == ["correlation C_kl (Eq. 4)"]
+    check_formats(lambda **kw: viz.spatial_distance_histograms({"a": chan}, *pairs, **kw), tmp_path, "hist")
+    check_formats(lambda **kw: viz.recall_curves({"a": chan}, test, **kw), tmp_path, "recall")
+    check_formats(lambda **kw: viz.retrieved_examples(chan, test, 0, **kw), tmp_path, "i2t")
+    check_formats(lambda **kw: viz.retrieved_examples(chan, test, 0, direction="t2i", **kw), tmp_path, "t2i")
+    with pytest.raises(ValueError, match=r"must end in one of \['.pdf', '.png', '.svg'\]"):
+        viz.recall_curves({"a": chan}, test, path=tmp_path / "recall.jpeg")
+    assert not (tmp_path / "recall.jpeg").exists()
+
+
+def test_figures_draw_into_the_callers_axes(chan, regions, tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    test = regions[2]
+    mine = Figure(figsize=(8, 3), layout="constrained")
+    FigureCanvasAgg(mine)
+    left, right = mine.add_subplot(1, 2, 1), mine.add_subplot(1, 2, 2)
+    left.plot([0, 1], [0, 1])
+    # a two-panel picture in the place of one axes: the caller's figure comes back, the other axes stay
+    out = viz.recall_curves({"chan": chan}, test, ax=right, path=tmp_path / "mine.svg")
+    assert out is mine and left in mine.get_axes() and right not in mine.get_axes()
+    assert len(mine.subfigs) == 1 and len(mine.subfigs[0].axes) == 2
+    assert open_written(tmp_path / "mine.svg") == (8 * 72, 3 * 72)
+    # one Axes per panel, as a list
+    mine2 = Figure(figsize=(6, 2))
+    FigureCanvasAgg(mine2)
+    axes = [mine2.add_subplot(1, 3, k + 1) for k in range(3)]
+    assert viz.spatial_distance_histograms({"chan": chan}, test.images, test.captions[::5], ax=axes) is mine2
+    assert all(a.get_title() for a in axes)
+    # a one-panel picture draws in the axes itself
+    mine3 = Figure()
+    FigureCanvasAgg(mine3)
+    ax = mine3.add_subplot()
+    assert viz.word_alignment_maps(chan, test.images[0], test.captions[0], ax=ax) is mine3 and ax.images
+    with pytest.raises(TypeError, match="a list of 3 Axes"):
+        viz.spatial_distance_histograms({"chan": chan}, test.images, test.captions[::5], ax=axes[:2])
+    with pytest.raises(ValueError, match="an axes from a grid"):
+        viz.recall_curves({"chan": chan}, test, ax=mine3.add_axes((0.1, 0.1, 0.3, 0.3)))
+
+
+def test_region_boxes_from_butd_tsv_and_npy(chan, regions, tmp_path):
+    import base64
+
+    test = regions[2]
+    _, boxes = viz.synthetic_picture(test, 0)
+    n = len(boxes)
+    b64 = base64.b64encode(np.asarray(boxes, dtype=np.float32).tobytes()).decode()
+    feats = base64.b64encode(np.zeros((n, 4), dtype=np.float32).tobytes()).decode()
+    tsv = tmp_path / "butd.tsv"
+    tsv.write_text(f"391895\t64\t64\t{n}\t{b64}\t{feats}\n42\t64\t64\t1\t"
+                   f"{base64.b64encode(np.array([0, 0, 8, 8], np.float32).tobytes()).decode()}\t{feats}\n")
+    ids, read = viz.read_boxes(tsv, with_ids=True)
+    assert ids == ["391895", "42"] and read[1].tolist() == [[0.0, 0.0, 8.0, 8.0]]
+    np.testing.assert_allclose(read[0], boxes, rtol=0, atol=1e-4)
+    np.save(tmp_path / "boxes.npy", np.stack([boxes, boxes]))
+    assert len(viz.read_boxes(tmp_path / "boxes.npy")) == 2
+    fig = viz.word_alignment_maps(chan, test.images[0], test.captions[0], boxes=read[0], path=tmp_path / "b.pdf")
+    assert colorbar_labels(fig) and open_written(tmp_path / "b.pdf")
+    bad = tmp_path / "bad.tsv"
+    bad.write_text(f"1\t64\t64\t3\t{b64}\t{feats}\n")
+    with pytest.raises(ValueError, match="num_boxes=3 but the boxes field holds"):
+        viz.read_boxes(bad)
+    np.save(tmp_path / "obj.npy", np.zeros((2, 5)))
+    with pytest.raises(ValueError, match=r"expected numbers of shape \(n_images, N, 4\)"):
+        viz.read_boxes(tmp_path / "obj.npy")
+    with pytest.raises(ValueError, match="expected a bottom-up-attention '.tsv' or a '.npy'"):
+        viz.read_boxes(tmp_path / "boxes.json")

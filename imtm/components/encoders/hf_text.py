@@ -268,13 +268,20 @@ class HFTextEncoder(Component):
             raise ValueError(
                 f"{name}: max_length={max_length} exceeds the model's max_position_embeddings={limit}"
             )
-        self.tokenizer = tokenizer
+        # Only parameters and private attributes are set in __init__ (scikit-learn's rule): the
+        # tokenizer is read through the ``tokenizer`` property, ``proj`` is registered even when absent.
+        self._tokenizer = tokenizer
         self.model = model
         self._keep_cls, self._keep_sep = SPECIAL_TOKENS[special_tokens]
-        self.proj = nn.Linear(width, out_dim) if out_dim is not None else None
+        self.register_module("proj", nn.Linear(width, out_dim) if out_dim is not None else None)
         if freeze:
             self.model.requires_grad_(False)
             self.model.eval()
+
+    @property
+    def tokenizer(self):
+        """The Hugging Face tokenizer that turns captions into this encoder's token ids."""
+        return self._tokenizer
 
     # ------------------------------------------------------------------ information
     @classmethod

@@ -103,7 +103,8 @@ class PrecomputedEncoder(Component):
                 # would depend on the padding, so the MLP has none.
                 layers += [ACTIVATIONS[activation](), nn.Dropout(dropout)]
         self.mlp = nn.Sequential(*layers)
-        self.shortcut = nn.Linear(in_dim, out_dim) if residual else None
+        # registered even when absent, so no plain attribute is set besides the parameters
+        self.register_module("shortcut", nn.Linear(in_dim, out_dim) if residual else None)
         self.input_dropout = nn.Dropout(dropout)
         self.reset_parameters()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange, repeat
 from torch import nn
 
 from imtm.component import Component, is_restoring_saved_weights, state_mismatch, suggest
@@ -130,14 +131,15 @@ def _swin_features(model: nn.Module, pixels: torch.Tensor, patch_mask, mask_toke
         x = model.forward_features(pixels)
     else:
         x = model.patch_embed(pixels)  # (B, H', W', C) channels-last
-        b, hp, wp, _ = x.shape
+        hp, wp = x.shape[1:3]
         h, w = _swin_grid(model, pixels)
         fh, fw = hp // h, wp // w
-        m = patch_mask.view(b, h, w).repeat_interleave(fh, 1).repeat_interleave(fw, 2)
+        # each last-stage token covers an fh x fw block of patch embeddings: spread its mask over them
+        m = repeat(patch_mask, "b (h w) -> b (h fh) (w fw)", h=h, w=w, fh=fh, fw=fw)
         x = torch.where(m.unsqueeze(-1), mask_token.to(x.dtype), x)
         x = model.norm(model.layers(x))
-    b, h, w, c = x.shape
-    return x.reshape(b, h * w, c), (h, w)
+    h, w = x.shape[1:3]
+    return rearrange(x, "b h w c -> b (h w) c"), (h, w)  # row-major over the grid, as ViT's patches
 
 
 def _swin_grid(model: nn.Module, pixels: torch.Tensor) -> tuple[int, int]:
@@ -327,8 +329,10 @@ class TimmVisionEncoder(Component):
             _load_into(model, checkpoint_path, name)
         self.model = model
         self._features, self._grid = FAMILIES[family]
-        self.family = family
-        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0)) if family == "vit" else 0
+        # Only parameters and private attributes are set in __init__ (scikit-learn's rule); read
+        # ``family`` and ``num_prefix_tokens`` through their properties.
+        self._family = family
+        self._num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0)) if family == "vit" else 0
 
         cfg = self.data_config()
         self.register_buffer("pixel_mean", torch.tensor(cfg["mean"]).view(1, -1, 1, 1), persistent=False)
@@ -340,8 +344,8 @@ class TimmVisionEncoder(Component):
             self.mask_token = nn.Parameter(torch.zeros(embed_width))
             nn.init.trunc_normal_(self.mask_token, std=MASK_TOKEN_INIT_STD)
         else:
-            self.mask_token = None
-        self.proj = nn.Linear(width, out_dim) if out_dim is not None else None
+            self.register_parameter("mask_token", None)
+        self.register_module("proj", nn.Linear(width, out_dim) if out_dim is not None else None)
         if self.proj is not None:
             nn.init.trunc_normal_(self.proj.weight, std=MASK_TOKEN_INIT_STD)
             nn.init.zeros_(self.proj.bias)
@@ -350,6 +354,16 @@ class TimmVisionEncoder(Component):
             if self.mask_token is not None:
                 self.mask_token.requires_grad_(False)
             self.model.eval()
+
+    @property
+    def family(self) -> str:
+        """The backbone family (``"vit"``, ``"swin"``...) that decides how patch tokens are read."""
+        return self._family
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Prefix tokens ([CLS], registers) before the patch tokens in this encoder's output."""
+        return self._num_prefix_tokens
 
     # ------------------------------------------------------------------ information
     def portable_params(self) -> dict:

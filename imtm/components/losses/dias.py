@@ -135,6 +135,10 @@ class DimensionAlignmentLoss(Loss):
         self.objective = objective
         self.off_diagonal_weight = off_diagonal_weight
 
+    def default_names(self) -> dict[str, tuple[str, ...]]:
+        """The names of ``pairs`` (the class defaults for an unknown value, which validate() refuses)."""
+        return {**super().default_names(), **(_pairs_defaults(self.pairs) or {})}
+
     def set_params(self, **params) -> DimensionAlignmentLoss:
         """As :meth:`Component.set_params`; a new ``pairs`` moves an unrenamed ``requires`` along."""
         old = self.pairs
@@ -196,7 +200,7 @@ class SpatialConstraintLoss(Loss):
     ``image_ids``) says which rows and captions belong to one image, so two captions of
     one image in a batch are never constrained as unmatched. With ``sparse=True`` the
     weights :math:`w` are the sparse-correlation mask of Eq. 11-14, in the reading
-    ``rule`` (``"intent"`` or ``"printed"``; see
+    ``rule`` (``"printed"``, the default, or ``"intent"``; see
     :func:`imtm.functional.sparse_correlation_mask`, which quotes the paper). The
     threshold scale :math:`\beta` is one learnable scalar, the parameter
     ``learned_beta`` initialised to ``beta`` (``learn_beta=False``: a constant), or with
@@ -215,7 +219,7 @@ class SpatialConstraintLoss(Loss):
         reduction: ``"sum"`` over pairs (as the paper) or ``"mean"``.
         weight: :math:`\omega_{inter}` or :math:`\omega_{intra}` (the paper: 0.05 and 0.1;
             ``presets.dias_losses`` sets them).
-        rule: ``"intent"`` (default) or ``"printed"``, the reading of Eq. 14.
+        rule: ``"printed"`` (default, measured in ``docs/dias.md``) or ``"intent"``, the reading of Eq. 14.
         beta_instances: ``None`` (one :math:`\beta`) or the number of per-instance :math:`\beta_i`.
 
     Shape:
@@ -251,7 +255,7 @@ class SpatialConstraintLoss(Loss):
         distance: str = "cosine",
         reduction: str = "sum",
         weight: float = 1.0,
-        rule: str = "intent",
+        rule: str = "printed",
         beta_instances: int | None = None,
         *,
         requires=None,

@@ -33,7 +33,8 @@ class LocalMatching(Component):
     clamped at 0; uniform weights where all are at most 0). It has no parameters.
 
     Args:
-        weighting: normalisation of Eq. 1, ``"linear"`` (as printed, clamped) or ``"softmax"``.
+        weighting: normalisation of Eq. 1, ``"softmax"`` (default, measured better in ``docs/dias.md``) or
+            ``"linear"`` (as printed, clamped).
         tau: temperature of ``"softmax"``.
         max_block_elements: memory budget of one block (token similarities); ``None``: the default.
 
@@ -58,7 +59,7 @@ class LocalMatching(Component):
 
     def __init__(
         self,
-        weighting: str = "linear",
+        weighting: str = "softmax",
         tau: float = 0.1,
         max_block_elements: int | None = None,
         *,
