@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -44,15 +45,18 @@ def test_extract_command_writes_what_precomp_dataset_reads(tmp_path, capsys):
     assert np.array_equal(np.load(out / "test_ims.npy"), before)
 
 
-def test_extract_command_errors(tmp_path):
+def test_extract_command_errors(tmp_path, capsys):
     path, images, _ = write_karpathy(tmp_path, per_split=1)
-    with pytest.raises(SystemExit, match="--model-kwargs must be a JSON object"):
-        main(_args(path, images, tmp_path / "o", model_kwargs="{depth: 1}"))
+    # Usage errors: exit status 2 and a short message on stderr; --debug lets the exception through.
+    assert main(_args(path, images, tmp_path / "o", model_kwargs="{depth: 1}")) == 2
+    assert "--model-kwargs must be a JSON object" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--model-kwargs must be a JSON object, got"):
-        main(_args(path, images, tmp_path / "o", model_kwargs="[1]"))
+        main(_args(path, images, tmp_path / "o", "--debug", model_kwargs="[1]"))
     out = tmp_path / "o"
     assert main(_args(path, images, out)) == 0
+    assert main(_args(path, images, out, "--no-cls")) == 2
+    assert re.search("belongs to a different run .*encoder", capsys.readouterr().err)
     with pytest.raises(ValueError, match="belongs to a different run .*encoder"):
-        main(_args(path, images, out, "--no-cls"))
+        main(_args(path, images, out, "--no-cls", "--debug"))
     assert main(_args(path, images, out, "--no-cls", "--overwrite")) == 0
     assert PrecompDataset(out, "test").images.shape == (1, 4, 32)
