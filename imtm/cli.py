@@ -319,9 +319,11 @@ def cmd_train(args) -> int:
     attach_model_transforms(m.components, train, dev, test)
     m.fit(_neighbour_batches(args, train), eval_set=dev, resume=args.resume)
     out = Path(args.out)
-    m.save(out / "final")
     final, split = (test, "test") if test is not None else (dev, "dev")
     res = m.evaluate(final, protocol=args.protocol) if final is not None else None
+    # Saved after the evaluation, so that the model card and record.json carry the held-out
+    # metrics; the run folder's checkpoints already hold the weights should evaluation fail.
+    m.save(out / "final", metrics=None if res is None else {f"{split} split": res})
     if distributed.is_main():
         if res is None:
             print(f"{args.data} holds one split (the training one): nothing to test on; evaluate with "

@@ -1,3 +1,4 @@
+import json
 import re
 from pathlib import Path
 
@@ -48,6 +49,10 @@ def test_train_and_evaluate_round_trip(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("IMTM_SYNTHETIC", "n_train=100,n_dev=20,n_test=30")
     assert main(args) == 0
     assert (run / "final" / "model.safetensors").exists() and (run / "LATEST").exists()
+    # The model card and the record carry the test metrics that imtm train printed.
+    test_rsum = json.loads((run / "test_metrics.json").read_text())["rsum"]
+    assert json.loads((run / "final" / "record.json").read_text())["metrics"]["test split"]["rsum"] == test_rsum
+    assert "test split" in (run / "final" / "README.md").read_text()
     assert main(["evaluate", "--model", str(run / "final"), "--quiet"]) == 0
     assert "rsum" in capsys.readouterr().out.lower()
 
