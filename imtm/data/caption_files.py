@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from imtm.component import suggest
-from imtm.data.image_files import ImageFileDataset, group_by_image
+from imtm.data.image_files import ImageFileDataset, check_captions_per_image, group_by_image
 from imtm.data.karpathy import _load_json
 from imtm.data.precomp import _parse_ids, _read_lines
 
@@ -100,10 +100,7 @@ class CaptionFileDataset(ImageFileDataset):
         root = Path(root)
         self.root = str(root)
         self.split = split
-        if captions_per_image is not None and (
-            not isinstance(captions_per_image, int) or isinstance(captions_per_image, bool) or captions_per_image < 1
-        ):
-            raise ValueError(f"{who}: captions_per_image must be a positive integer or None, got {captions_per_image!r}")
+        check_captions_per_image(captions_per_image, who)
         cap_dir = self._find_caption_dir(root, split)
         caps_path, ids_path = cap_dir / f"{split}_caps.txt", cap_dir / f"{split}_ids.txt"
         if not ids_path.is_file():

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from imtm.data.image_files import ImageFileDataset, resolve_under
+from imtm.data.image_files import ImageFileDataset, check_captions_per_image, resolve_under
 from imtm.data.karpathy import _load_json
 
 __all__ = ["CocoCaptionsDataset"]
@@ -87,10 +87,7 @@ class CocoCaptionsDataset(ImageFileDataset):
         path = Path(json_path)
         self.json_path = str(path)
         self.image_root = None if image_root is None else str(image_root)
-        if captions_per_image is not None and (
-            not isinstance(captions_per_image, int) or isinstance(captions_per_image, bool) or captions_per_image < 1
-        ):
-            raise ValueError(f"{who}: captions_per_image must be a positive integer or None, got {captions_per_image!r}")
+        check_captions_per_image(captions_per_image, who)
         data = _load_json(path, who)
         if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
                 or not isinstance(data.get("annotations"), list):

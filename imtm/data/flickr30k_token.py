@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from imtm.data.image_files import ImageFileDataset
+from imtm.data.image_files import ImageFileDataset, check_captions_per_image
 from imtm.data.precomp import _read_lines
 
 __all__ = ["Flickr30kTokenDataset", "parse_token_lines"]
@@ -109,10 +109,7 @@ class Flickr30kTokenDataset(ImageFileDataset):
         self.token_path = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"{who}: no token file {str(path)!r}")
-        if captions_per_image is not None and (
-            not isinstance(captions_per_image, int) or isinstance(captions_per_image, bool) or captions_per_image < 1
-        ):
-            raise ValueError(f"{who}: captions_per_image must be a positive integer or None, got {captions_per_image!r}")
+        check_captions_per_image(captions_per_image, who)
         if image_root is None:
             image_root = path.parent / "flickr30k-images" if (path.parent / "flickr30k-images").is_dir() else path.parent
         root = Path(image_root)

@@ -281,6 +281,12 @@ class ImageFileDataset(ImageCaptionDataset):
         return f"{type(self).__name__}(name={self.name!r}, n_images={self.n_images}, n_captions={self.n_captions})"
 
 
+def check_captions_per_image(value, who: str) -> None:
+    """Refuse a ``captions_per_image`` that is not a positive integer or None, naming ``who``."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{who}: captions_per_image must be a positive integer or None, got {value!r}")
+
+
 def group_by_image(keys: Sequence, what: str = "image") -> tuple[list, torch.Tensor]:
     """Unique ``keys`` in order of first appearance, and each position's index into them.
 

@@ -24,7 +24,7 @@ import torch
 
 from imtm._io import read_json
 from imtm.component import suggest
-from imtm.data.image_files import ImageFileDataset
+from imtm.data.image_files import ImageFileDataset, check_captions_per_image
 
 __all__ = ["KarpathyDataset"]
 
@@ -111,10 +111,7 @@ class KarpathyDataset(ImageFileDataset):
         self.image_root = str(image_root)
         self.split = split
         self.restval = restval
-        if captions_per_image is not None and (
-            not isinstance(captions_per_image, int) or isinstance(captions_per_image, bool) or captions_per_image < 1
-        ):
-            raise ValueError(f"{who}: captions_per_image must be a positive integer or None, got {captions_per_image!r}")
+        check_captions_per_image(captions_per_image, who)
         wanted = self._resolve_splits(split, restval)
         data = _load_json(json_path, who)
         entries = data.get("images") if isinstance(data, dict) else None

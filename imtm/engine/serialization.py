@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from imtm import _io
+from imtm._io import MAX_JSON_DEPTH
 from imtm.component import (
     COMPONENT_REGISTRY,
     ENTRY_POINT_ERRORS,
@@ -54,39 +56,14 @@ class ConfigError(ValueError):
     """A saved configuration or checkpoint cannot be used (unknown block, other configuration)."""
 
 
-#: Deepest nesting of lists and dicts accepted in a configuration or checkpoint state. Real
-#: ones stay below 20; the bound keeps a crafted file from exhausting Python's recursion
-#: limit halfway through a load.
-MAX_JSON_DEPTH = 100
-
-
 def check_depth(obj: Any, where: str = "configuration", limit: int = MAX_JSON_DEPTH) -> None:
     """Raise ConfigError when the lists and dicts of ``obj`` nest deeper than ``limit`` (no recursion)."""
-    stack = [(obj, 1)]
-    while stack:
-        x, depth = stack.pop()
-        if isinstance(x, dict):
-            children = x.values()
-        elif isinstance(x, (list, tuple)):
-            children = x
-        else:
-            continue
-        if depth > limit:
-            raise ConfigError(f"{where}: lists and dicts nest deeper than {limit} levels; this is not a file "
-                              "imtm wrote (configurations and checkpoint states are shallow)")
-        stack.extend((c, depth + 1) for c in children)
+    _io.check_depth(obj, where, limit, ConfigError)
 
 
 def loads_json(text: str | bytes, where: str) -> Any:
     """Parse JSON read from a file, with ConfigError (not RecursionError / JSONDecodeError) on bad input."""
-    try:
-        obj = json.loads(text)
-    except RecursionError as e:
-        raise ConfigError(f"{where}: JSON nested too deeply to read; this is not a file imtm wrote") from e
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ConfigError(f"{where}: not valid JSON ({e})") from e
-    check_depth(obj, where)
-    return obj
+    return _io.loads_json(text, where, error=ConfigError)
 
 
 # ---------------------------------------------------------------------- files inside a model folder
