@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SeededItems", "seeded_item", "current_item_seed", "item_seed", "fit_epoch_key", "fit_epoch_serial",
+__all__ = ["SeededItems", "restored", "seeded_item", "current_item_seed", "item_seed", "fit_epoch_key", "fit_epoch_serial",
            "set_fit_epoch_key"]
 
 _ITEM_SEED: int | None = None
@@ -78,7 +78,7 @@ def _seed_all(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def _restored() -> Iterator[None]:
+def restored() -> Iterator[None]:
     """Put torch's (CPU), NumPy's and Python's generators back as they were after the block."""
     global _ITEM_SEED
     saved = (torch.default_generator.get_state(), np.random.get_state(), random.getstate(), _ITEM_SEED)
@@ -91,10 +91,13 @@ def _restored() -> Iterator[None]:
         _ITEM_SEED = saved[3]
 
 
+_restored = restored  # the earlier name
+
+
 @contextlib.contextmanager
 def seeded_item(seed: int) -> Iterator[None]:
     """Seed torch's (CPU), NumPy's and Python's generators with ``seed`` for the block; restore them after."""
-    with _restored():
+    with restored():
         _seed_all(seed)
         yield
 
@@ -120,10 +123,10 @@ class SeededItems(Dataset):
         return self.transform(item) if self.transform is not None else item
 
     def __getitem__(self, k):
-        with _restored():
+        with restored():
             return self._item(k)
 
     def __getitems__(self, indices) -> list:
         # What a DataLoader calls for a whole batch: the generators are saved and restored once.
-        with _restored():
+        with restored():
             return [self._item(k) for k in indices]

@@ -8,29 +8,11 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from imtm.engine.blocks import move, run_blocks
 from imtm.engine.graph import IMAGE, TEXT, Plan
 from imtm.tokens import NonFiniteValueError, Tokens
 
 __all__ = ["run_blocks", "take", "concat", "move", "encode_side", "blocked_scores"]
-
-
-def run_blocks(plan: Plan, indices: Sequence[int], values: dict[str, Any]) -> dict[str, Any]:
-    """Run blocks ``indices`` in order, reading and writing ``values`` (returned, updated in place)."""
-    for k in indices:
-        block = plan.blocks[k]
-        args = [values[name] for name in block.requires]
-        out = block(*args)
-        provides = tuple(block.provides)
-        if len(provides) == 1:
-            values[provides[0]] = out
-        else:
-            if not isinstance(out, (tuple, list)) or len(out) != len(provides):
-                raise TypeError(
-                    f"{plan.names[k]!r} ({type(block).__name__}) declares provides={provides} but returned "
-                    f"{type(out).__name__}{'' if not isinstance(out, (tuple, list)) else f' of length {len(out)}'}"
-                )
-            values.update(zip(provides, out))
-    return values
 
 
 def take(value: Any, sl: slice) -> Any:
@@ -77,14 +59,6 @@ def concat(parts: list) -> Any:
     if isinstance(first, list):
         return [x for p in parts for x in p]
     raise TypeError(f"cannot concatenate values of type {type(first).__name__}")
-
-
-def move(value: Any, device: torch.device) -> Any:
-    if isinstance(value, (Tokens, torch.Tensor)):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: move(v, device) for k, v in value.items()}
-    return value
 
 
 def _check_finite_batch(batch: Any, start: int, what: str) -> None:
