@@ -146,6 +146,12 @@ class Matcher(BaseEstimator):
             ``"csv"`` (``steps.csv`` and ``epochs.csv`` in ``checkpoint_dir``; nothing without one),
             ``"tensorboard"`` (needs ``tensorboard``), ``"wandb"`` (needs ``wandb``)
             (:mod:`imtm.engine.callbacks`). Other callbacks go to ``fit(callbacks=...)``.
+        accumulate: split each batch into this many micro-batches for the single-modality blocks
+            (encoders), caching their outputs (GradCache), so the all-pairs scores and losses are
+            those of the whole batch and the gradients equal one large batch's, with the encoders'
+            activations of one micro-batch in memory at a time. Not under torchrun.
+        steps_per_epoch: batches per epoch for data without a length (an ``IterableDataset``, a
+            streaming loader); with a length, it caps the epoch.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for forward passes.
         compile: run every block's forward through ``torch.compile`` (opt-in). A block whose
@@ -177,6 +183,7 @@ class Matcher(BaseEstimator):
         n_epochs_: epochs trained. best_: best evaluation record or ``None``.
         seed_: the seed actually used. plan_: the analysed pipeline.
         skipped_steps_: steps skipped as non-finite (``on_nonfinite="skip"``), over the whole run.
+        overflow_steps_: fp16 steps whose gradients overflowed, skipped by the gradient scaler.
     """
 
     def __init__(
@@ -196,6 +203,8 @@ class Matcher(BaseEstimator):
         init_from: Any = None,
         init_blocks: Sequence[str] | None = None,
         loggers: Sequence[str] = ("csv",),
+        accumulate: int = 1,
+        steps_per_epoch: int | None = None,
         device: str = "auto",
         precision: str = "fp32",
         compile: bool = False,
@@ -225,6 +234,8 @@ class Matcher(BaseEstimator):
         self.init_from = init_from
         self.init_blocks = init_blocks
         self.loggers = loggers
+        self.accumulate = accumulate
+        self.steps_per_epoch = steps_per_epoch
         self.device = device
         self.precision = precision
         self.compile = compile
@@ -425,6 +436,8 @@ class Matcher(BaseEstimator):
         number("grad_clip", self.grad_clip, 0, open_low=True, optional=True)
         number("num_workers", self.num_workers, 0, integer=True)
         number("checkpoint_every", self.checkpoint_every, 1, optional=True, integer=True)
+        number("accumulate", self.accumulate, 1, integer=True)
+        number("steps_per_epoch", self.steps_per_epoch, 1, optional=True, integer=True)
         if self.random_state is not None and not (isinstance(self.random_state, int) and not isinstance(
                 self.random_state, bool) and 0 <= self.random_state < 2**32):
             # NumPy takes seeds below 2**32, and the data order mixes the seed into 64-bit generator seeds.
@@ -622,6 +635,7 @@ class Matcher(BaseEstimator):
             if trainer.started:  # the fitted state, also when training stopped with an error
                 self.seed_, self.history_, self.best_ = trainer.seed, trainer.history, trainer.best
                 self.n_epochs_, self.record_, self.skipped_steps_ = len(trainer.history), trainer.record_, trainer.skipped
+                self.overflow_steps_ = trainer.overflows
         return self
 
     def trainer(self, train, eval_set=None, *, callbacks: Sequence[Any] = ()):

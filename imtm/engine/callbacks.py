@@ -216,12 +216,11 @@ class CSVLogger(Callback):
         columns: list[str] = []
         for r in rows:
             columns += [k for k in r if k not in columns]
-        tmp = self.epoch_path.with_name(f".{EPOCH_LOG}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
+        # Rewritten whole from history_ (a resumed run rewrites it from its checkpoint's history).
+        with open(self.epoch_path, "w", encoding="utf-8", newline="") as f:
             w = csv.DictWriter(f, fieldnames=columns or ["stage"])
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, self.epoch_path)
 
     def __del__(self):
         if getattr(self, "file", None) is not None:

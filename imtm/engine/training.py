@@ -38,7 +38,8 @@ from imtm.engine.checkpoint import (
 )
 from imtm.engine.epochs import start_epoch
 from imtm.engine.seeding import seed_everything
-from imtm.engine.blocks import move, run_blocks
+from imtm.engine.blocks import concat, move, run_blocks, take
+from imtm.engine.graph import IMAGE, TEXT
 from imtm.engine.order import EpochSampler
 from imtm.engine.optim import init_state, make_scheduler, optimizer_spec, schedule_spec
 from imtm.engine.sampling import refresh_sampler
@@ -190,6 +191,9 @@ class Trainer:
     last_grad_norm = None
     #: Whether ``start`` has run (the fitted state exists).
     started = False
+    #: fp16 steps whose gradients overflowed (the scaler skipped them); whether the last step was one.
+    overflows = 0
+    last_overflow = False
 
     def __init__(self, model, train, eval_set=None, *, device, stages, autocast=contextlib.nullcontext,
                  build=None, callbacks=()):
@@ -202,9 +206,16 @@ class Trainer:
         self.build = build
         self.callbacks = list(callbacks)
         self.run_dir = model.checkpoint_dir
+        self.accumulate = int(getattr(model, "accumulate", 1) or 1)
+        #: fp16 autocast trains with a gradient scaler (bf16 and fp32 need none).
+        self.scaler = (torch.amp.GradScaler(self.device.type) if getattr(model, "precision", "fp32") == "fp16"
+                       else None)
         # Under torchrun: one process per rank, each with batch_size items of every global batch.
         distributed.setup(self.device)
         self.world, self.rank = distributed.world_size(), distributed.rank()
+        if self.accumulate > 1 and self.world > 1:
+            raise ValueError(f"Matcher.fit: accumulate={self.accumulate} is not supported under torchrun; the "
+                             "processes already train one large batch together (batch_size per process)")
         self.main = self.rank == 0
         self.ddp = None
         #: How a user's DataLoader is iterated: "rebuilt" (its batches drawn once per epoch from a
@@ -212,6 +223,8 @@ class Trainer:
         #: "as-given" (a DataLoader subclass, an iterable dataset: resumed only at an epoch's end).
         self.loader_mode = None
         self.epoch_batches: list | None = None
+        if isinstance(train, IterableDataset):  # a stream: batched as it comes
+            train = self.train = DataLoader(train, batch_size=model.batch_size, collate_fn=collate)
         if isinstance(train, DataLoader):
             self.loader_given = True
             self.loader_mode = "rebuilt" if _rebuildable(train) else "as-given"
@@ -245,9 +258,18 @@ class Trainer:
         self.stage_idx = s
         self.batch_size = self.option(self.stages[s], "batch_size")
         if self.loader_given:
-            n_batches = len(self.train)
+            try:
+                n_batches = len(self.train)
+            except TypeError:  # an iterable dataset without a length
+                n_batches = None
         else:
             n_batches = math.ceil(len(self.train) / (self.batch_size * self.world))
+        limit = getattr(self.m, "steps_per_epoch", None)
+        if limit is not None:
+            n_batches = limit if n_batches is None else min(n_batches, limit)
+        if n_batches is None:
+            raise ValueError("Matcher.fit: the training data has no length (a stream); set steps_per_epoch to the "
+                             "number of batches an epoch takes from it")
         if n_batches == 0:
             raise ValueError("Matcher.fit: the training data yields no batch")
         self.n_batches = n_batches
@@ -378,8 +400,12 @@ class Trainer:
         values["positives"] = ids[:, None] == ids[None, :]
         refused = None
         bad: Any
+        self.last_overflow = False
+        backward = None
         try:
-            if self.ddp is not None:
+            if self.accumulate > 1 and opt is not None:
+                total, logs, backward = self.cached_losses(values, loss_idx, run_idx)
+            elif self.ddp is not None:
                 total, logs = self.ddp(values, loss_idx, run_idx)
             else:
                 total, logs = self.losses(values, loss_idx, run_idx)
@@ -397,13 +423,34 @@ class Trainer:
                 # Backward even when the loss is NaN: under DDP every rank must join the gradient
                 # all-reduce, and it costs nothing on the normal path.
                 opt.zero_grad(set_to_none=True)
-                total.backward()
+                scaled = self.scaler.scale(total) if self.scaler is not None else total
+                if backward is not None:
+                    backward(scaled)
+                else:
+                    scaled.backward()
+                if self.scaler is not None:
+                    self.scaler.unscale_(opt)
                 params = [p for g in opt.param_groups for p in g["params"]]
                 self.last_grad_norm = _grad_norm(params, m.grad_clip)
-                bad = bad | ~torch.isfinite(self.last_grad_norm).to(bad.device)
+                grad_bad = ~torch.isfinite(self.last_grad_norm).to(bad.device)
+                if self.scaler is not None and not distributed.max_over_ranks(bad) \
+                        and distributed.max_over_ranks(grad_bad):
+                    # fp16 overflow: the scaler skips the optimizer step and lowers its scale; the
+                    # schedule does not advance (as for a skipped step). Not an error.
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                    self.overflows += 1
+                    self.last_overflow = True
+                    opt.zero_grad(set_to_none=True)
+                    return {n: float(v.detach()) for n, v in logs.items()}
+                bad = bad | grad_bad
         if not distributed.max_over_ranks(bad):
             if opt is not None:
-                opt.step()
+                if self.scaler is not None:
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                else:
+                    opt.step()
                 sched.step()
             self.consecutive_skips = 0
             return {n: float(v.detach()) for n, v in logs.items()}
@@ -515,6 +562,72 @@ class Trainer:
                 total = total + getattr(block, "weight", 1.0) * value.float()
         return total, logs
 
+    def cached_losses(self, values: dict, loss_idx, run_idx):
+        """The step's losses over ``accumulate`` micro-batches, as one batch (GradCache).
+
+        The single-modality blocks (encoders, refiners) run on each micro-batch without a
+        graph; their outputs that the pairwise blocks and losses read are concatenated into
+        leaf tensors, and the pairwise blocks and losses run on the whole batch, so every
+        all-pairs score and loss is the one of the large batch. Returns ``(total, logs,
+        backward)``: ``backward(total)`` back-propagates the total to the cached values, then
+        re-runs each micro-batch's single-modality blocks (with the random state of its first
+        pass: the same dropout) and back-propagates their share of the cached gradient. The
+        gradients equal those of one large batch; only one micro-batch's encoder activations
+        are held at a time.
+        """
+        plan = self.m.plan_
+        blocks = [k for k in run_idx if not plan.is_loss(k)]
+        side = [k for k in blocks if plan.block_sides[k] in (frozenset({IMAGE}), frozenset({TEXT}))]
+        rest = [k for k in blocks if k not in side]
+        if rest and side and max(side) > min(rest):
+            raise ValueError(f"Matcher: accumulate={self.accumulate} runs the single-modality blocks before the "
+                             f"pairwise ones, but block {plan.names[max(side)]!r} comes after the pairwise block "
+                             f"{plan.names[min(rest)]!r}; reorder the blocks or use accumulate=1")
+        later = rest + list(loss_idx)
+        made = {v for k in side for v in plan.blocks[k].provides}
+        boundary = list(dict.fromkeys(r for k in later for r in plan.blocks[k].requires if r in made))
+        n = len(values["texts"])
+        size = -(-n // self.accumulate)
+        slices = [slice(a, min(n, a + size)) for a in range(0, n, size)]
+        raw = [name for name in values if name != "positives" and plan.sides.get(name) in (frozenset({IMAGE}),
+                                                                                          frozenset({TEXT}))]
+        micro = [{name: take(values[name], sl) for name in raw} for sl in slices]
+        states, parts = [], {name: [] for name in boundary}
+        with torch.no_grad(), self.autocast():
+            for mv in micro:
+                states.append(_rng_state(self.device))
+                out = run_blocks(plan, side, dict(mv))
+                for name in boundary:
+                    parts[name].append(out[name])
+        cache = {name: _leaf(concat(parts[name])) for name in boundary}
+        values.update(cache)
+        total, logs = self.losses(values, loss_idx, rest)
+
+        def backward(total: torch.Tensor) -> None:
+            total.backward()
+            after = _rng_state(self.device)
+            for sl, mv, state in zip(slices, micro, states):
+                _set_rng_state(state, self.device)
+                with self.autocast():
+                    out = run_blocks(plan, side, dict(mv))
+                outs, grads = [], []
+                for name in boundary:
+                    own, leaf = out[name], cache[name]
+                    own_t = own.feats if isinstance(own, Tokens) else own
+                    leaf_t = leaf.feats if isinstance(leaf, Tokens) else leaf
+                    if not isinstance(own_t, torch.Tensor) or not own_t.requires_grad or leaf_t.grad is None:
+                        continue
+                    g = leaf_t.grad[sl]
+                    if isinstance(own, Tokens):
+                        g = g[:, : own_t.shape[1]]
+                    outs.append(own_t)
+                    grads.append(g.to(own_t.dtype))
+                if outs:
+                    torch.autograd.backward(outs, grads)
+            _set_rng_state(after, self.device)
+
+        return total, logs, backward
+
     def run_gathered(self, values: dict, blocks: list[int], loss_idx: list[int]) -> None:
         """Run ``blocks`` in order, gathering every rank's batch before the first pairwise block (or loss).
 
@@ -579,7 +692,7 @@ class Trainer:
             "seed": self.seed,
             "versions": versions,
             "data_fingerprint": fp() if callable(fp) else None,
-            "n_train": len(self.train.dataset if self.loader_given else self.train),
+            "n_train": _length(self.train.dataset if self.loader_given else self.train),
             "evaluation_protocol": m.protocol or "all pairs of the evaluation set (retrieval_metrics)",
             "config_hash": m.config_hash(),
             "params": self.run_config()["params"],
@@ -606,6 +719,8 @@ class Trainer:
             "best_sha256": getattr(self, "best_sha256", None),
             "run_id": self.run_id,
             "optimizer": opt.state_dict() if opt is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "overflows": self.overflows,
             "scheduler": sched.state_dict() if sched is not None else None,
             "rng": rng,
             "data": self.data_state(),
@@ -757,6 +872,11 @@ class Trainer:
         start_epoch(self.m.components_, e)
         if self.loader_mode == "rebuilt":
             self.draw_epoch_batches(e)
+        elif self.loader_mode == "as-given":
+            # a stream that reshuffles by epoch (a Hugging Face IterableDataset, a webdataset pipeline)
+            hook = getattr(getattr(self.train, "dataset", None), "set_epoch", None)
+            if callable(hook):
+                hook(self.epoch_key(e))
         self.set_modes(stage)
 
     def run_epoch(self, stage, e: int) -> None:
@@ -856,7 +976,7 @@ class Trainer:
         norm = self.last_grad_norm
         out.update(grad_norm=float(norm) if norm is not None else float("nan"), samples=samples,
                    samples_per_s=samples / seconds if seconds > 0 else float("nan"), time_s=seconds,
-                   skipped=logs is None)
+                   skipped=logs is None or self.last_overflow)
         return out
 
     def loss_names(self) -> list[str]:
@@ -1015,6 +1135,9 @@ class Trainer:
         if opt is not None and ts["optimizer"] is not None:
             opt.load_state_dict(ts["optimizer"])
             sched.load_state_dict(ts["scheduler"])
+        if self.scaler is not None and ts.get("scaler"):
+            self.scaler.load_state_dict(ts["scaler"])
+        self.overflows = ts.get("overflows", 0)
         _restore_rng(ts["rng"])
         for name, states in ts.get("block_generators", {}).items():
             self.m.components_.get_submodule(name).load_generator_states(states)
@@ -1074,6 +1197,35 @@ class _StepModule(torch.nn.Module):
 
     def forward(self, values, loss_idx, run_idx):
         return self.step_fn(values, loss_idx, run_idx)
+
+
+def _length(data) -> int | None:
+    try:
+        return len(data)
+    except TypeError:  # a stream
+        return None
+
+
+def _leaf(value: Any) -> Any:
+    """A cached value as a leaf that collects its gradient (Tokens: their features)."""
+    if isinstance(value, Tokens):
+        feats = value.feats.detach()
+        return value.with_feats(feats.requires_grad_(feats.is_floating_point()))
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        return t.requires_grad_(t.is_floating_point())
+    return value
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _resume_advice(run_dir) -> str:
