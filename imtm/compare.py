@@ -83,7 +83,7 @@ def build_components(name: str, train, s: CompareSettings, workdir: Path) -> tup
     # The ViT follows the images' side (IMTM_SYNTHETIC may have changed the settings' image_size).
     size = int(train.images[0].shape[-1]) if name in PIXEL_PRESETS else s.image_size
     if name == "laps":
-        comps = presets.laps(vocab=train.vocab, model_name="vit_tiny_patch16_224", img_size=size,
+        comps = presets.laps(vocab=train.vocab, text="gru", model_name="vit_tiny_patch16_224", img_size=size,
                              embed_dim=s.embed_dim, word_dim=s.word_dim, model_kwargs=_vit(s))
         return comps, f"ViT ({s.vit_depth} blocks, scratch); GRU"
     if name == "ela":
