@@ -26,7 +26,7 @@ from imtm.tokens import Tokens
 WARMUP_EPOCHS = 1
 
 __all__ = ["vsepp", "chan", "dias", "dias_losses", "dcpa", "dcpa_stages", "default_stages", "ela", "laps", "build", "small_vit",
-           "text_encoder", "image_encoder", "PRESETS", "PIXEL_PRESETS", "TEXT_ENCODERS", "DEFAULT_TEXT_MODELS",
+           "text_encoder", "image_encoder", "recipe", "PRESETS", "PIXEL_PRESETS", "TEXT_ENCODERS", "DEFAULT_TEXT_MODELS",
            "WARMUP_EPOCHS"]
 
 #: The text encoders every preset takes as ``text=``: a BiGRU over the vocabulary (random word
@@ -721,6 +721,22 @@ def small_vit(width: int, *, depth: int = 2, patch_size: int = 8) -> dict:
     return {"depth": depth, "embed_dim": width, "num_heads": 2 if width % 2 == 0 else 1, "patch_size": patch_size}
 
 
+def recipe(name: str):
+    """A paper's headline configuration, components and training parameters (:class:`imtm.recipes.Recipe`).
+
+    ``presets.recipe("laps-vit-b16-f30k").matcher(train)`` is the paper's model and training, with
+    the authors' reported results recorded (:mod:`imtm.recipes` lists the recipes and where every
+    value comes from).
+
+    Example:
+        >>> recipe("chan-gru-f30k").matcher_kwargs["lr_scheduler"]
+        'x0.1 every 15 epochs'
+    """
+    from imtm.recipes import recipe as _recipe
+
+    return _recipe(name)
+
+
 def default_stages(name: str, epochs: int) -> list | None:
     """The training stages of preset ``name`` for ``epochs`` epochs in all (``None``: one stage).
 
@@ -768,8 +784,9 @@ def build(name: str, data, *, workdir=None, **kwargs) -> list[tuple[str, Any]]:
         kwargs["vocab"] = data.vocab
     if name in PIXEL_PRESETS:
         image_key = "model_name" if name == "laps" else "image_model"
+        named = kwargs.get(image_key) is not None or kwargs.get("image") is not None
         # Image files (KarpathyDataset, ...) get the preset's own backbone; tensors in memory a small ViT.
-        if kwargs.get(image_key) is None and not hasattr(data, "image_paths"):
+        if not named and not hasattr(data, "image_paths"):
             first = data.images[0]
             if not isinstance(first, torch.Tensor) or first.dim() != 3:
                 raise ValueError(f"preset {name!r} reads pixels (3, H, W); the data holds images of shape "
