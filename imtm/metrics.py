@@ -72,7 +72,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from imtm.component import suggest
+from imtm._checks import suggest
 
 __all__ = [
     "METRIC_KEYS",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from imtm._block_inputs import as_tokens
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens
 from imtm.functional.blocking import resolve_option
 
 __all__ = ["SIDES", "MeanEmbedding"]

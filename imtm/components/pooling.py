@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from imtm.component import Component
+from imtm.contract import ValueSpec
 from imtm.functional.pooling import check_temperature, masked_pool
 
 __all__ = ["LSEPooling", "MaxPooling", "MeanPooling", "SoftmaxPooling", "SumPooling"]
@@ -26,6 +27,12 @@ class _Pooling(Component, abstract=True):
 
     requires = ("token_scores", "token_mask")
     provides = ("scores",)
+    values = (
+        ValueSpec("token_scores", "pair", "tensor", ("Bi", "Bt", "M"),
+                  "(Bi, Bt, M) per-token scores to pool, e.g. each word's best region (any (*, M) works)"),
+        ValueSpec("token_mask", "pair", "tensor", ("Bi", "Bt", "M"),
+                  "(Bi, Bt, M) bool: the tokens that count (anything broadcastable to token_scores works)"),
+    )
     _pooling: str = ""
 
     def _temperature(self) -> float:

@@ -8,8 +8,8 @@ from numbers import Real
 import torch
 from torch import nn
 
+from imtm._block_inputs import named_errors
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import named_errors
 from imtm.functional.blocking import resolve_option
 from imtm.functional.dias import (
     DISTANCES,

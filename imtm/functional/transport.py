@@ -24,12 +24,13 @@ target tokens (words).
 
 from __future__ import annotations
 
-import difflib
 import math
 import warnings
 from numbers import Integral, Real
 
 import torch
+
+from imtm._checks import suggest
 
 __all__ = ["TRANSPORT_METHODS", "cosine_cost", "flush_threshold", "transport_cost", "transport_plan"]
 
@@ -47,10 +48,6 @@ def flush_threshold(dtype: torch.dtype) -> float:
     """
     return math.sqrt(torch.finfo(dtype).tiny)
 
-
-def _suggest(name, options) -> str:
-    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def _marginals(cost: torch.Tensor, source_mask, target_mask):
@@ -282,7 +279,7 @@ def transport_plan(
         raise TypeError(f"{fn}: cost must be floating point, got {cost.dtype}")
     if method not in TRANSPORT_METHODS:
         raise ValueError(
-            f"{fn}: method must be one of {sorted(TRANSPORT_METHODS)}, got {method!r}." + _suggest(method, TRANSPORT_METHODS)
+            f"{fn}: method must be one of {sorted(TRANSPORT_METHODS)}, got {method!r}." + suggest(method, TRANSPORT_METHODS)
         )
     for name, value in (("n_iter", n_iter), ("inner_iter", inner_iter)):
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:

@@ -7,6 +7,7 @@ from numbers import Real
 import torch
 
 from imtm.component import Component, LinkedComponent
+from imtm.contract import ValueSpec
 from imtm.functional.lexicon import IGNORE_INDEX, mask_words
 from imtm.tokens import Tokens
 
@@ -49,6 +50,8 @@ class WordMasking(LinkedComponent):
 
     requires = ("texts",)
     provides = ("masked_texts", "mlm_labels", "text_ids")
+    values = (ValueSpec("text_ids", "text", "tensor", ("Bt", None),
+                        "ELA: (Bt, L) long, the token ids of the captions before masking (WordMasking)"),)
     _borrowed = ("tokenizer", "_linked")
     _target_param = "tokenizer"
 

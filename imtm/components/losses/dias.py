@@ -15,8 +15,8 @@ from numbers import Real
 import torch
 from torch import nn
 
+from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Loss
-from imtm.components.scorers.hard_assignment import as_tokens, named_errors
 from imtm.functional.blocking import resolve_option
 from imtm.functional.dias import (
     DIAS_REDUCTIONS,

@@ -7,9 +7,9 @@ from numbers import Integral, Real
 
 import torch
 
+from imtm._block_inputs import named_errors
 from imtm.component import Loss
 from imtm.components.heads.lexicon import LexiconLogits
-from imtm.components.scorers.hard_assignment import named_errors
 from imtm.functional.blocking import resolve_option
 from imtm.functional.lexicon import (
     AUTHORS_SCALE,

@@ -6,8 +6,8 @@ from numbers import Real
 
 import torch
 
+from imtm._block_inputs import as_tokens
 from imtm.component import Loss
-from imtm.components.scorers.hard_assignment import as_tokens
 from imtm.functional.patch_slimming import ratio_loss
 
 __all__ = ["RatioLoss"]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imtm._block_inputs import as_tokens
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens
 from imtm.functional.phrase_attention import LAYER_NORM_EPS
 
 __all__ = ["TextualPhraseEncoder"]

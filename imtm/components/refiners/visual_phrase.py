@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imtm._block_inputs import as_tokens
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens
 from imtm.functional.blocking import EPS
 from imtm.functional.phrase_attention import LAYER_NORM_EPS, AttentionWeights, self_attention
 from imtm.tokens import Tokens

@@ -30,8 +30,9 @@ from numbers import Real
 import torch
 from torch import nn
 
+from imtm._block_inputs import as_tokens
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens
+from imtm.contract import ValueSpec
 from imtm.functional.patch_slimming import (
     aggregate_tokens,
     aggregation_weights,
@@ -85,6 +86,8 @@ class WordSelection(Component):
 
     requires = ("text_tokens",)
     provides = ("slim_text_tokens",)
+    values = (ValueSpec("slim_text_tokens", "text", "tokens", ("Bt", None, None),
+                        "LAPS: Tokens (Bt, M', D) of the words kept and merged by word slimming"),)
 
     def __init__(self, dim: int, ratio: float = 0.8, beta: float = 0.5, tau: float = 1.0, *, requires=None,
                  provides=None):

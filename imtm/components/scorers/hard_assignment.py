@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
 from imtm.functional.blocking import check_block_args, resolve_option
 from imtm.functional.hard_assignment import CODEBOOKS, hard_assignment_scores
 from imtm.functional.pooling import resolve_pooling
-from imtm.tokens import Tokens
+from imtm.tokens import Tokens  # noqa: F401 - the docstring example uses it
 
 __all__ = ["HardAssignmentCoding"]
-
-
-def as_tokens(block: Component, value, what: str) -> Tokens:
-    """``value`` as Tokens (a ``(B, N, D)`` tensor means every token is real), or a TypeError naming ``block``."""
-    if isinstance(value, Tokens):
-        return value
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 3:
-            raise ValueError(f"{type(block).__name__}: expected {what} of shape (B, N, D), got {tuple(value.shape)}")
-        return Tokens(value)
-    raise TypeError(f"{type(block).__name__}: expected {what} as Tokens or a (B, N, D) tensor, got {type(value).__name__}")
-
-
-@contextlib.contextmanager
-def named_errors(block: Component):
-    """Prefix the functional's input errors with the block's class name, so they say where they came from."""
-    try:
-        yield
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"{type(block).__name__}: {err}") from err
 
 
 class HardAssignmentCoding(Component):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
 from imtm.components.refiners.visual_phrase import check_attention_args
-from imtm.components.scorers.hard_assignment import as_tokens, named_errors
 from imtm.functional.blocking import resolve_option
 from imtm.functional.phrase_attention import (
     LAYER_NORM_EPS,

@@ -7,8 +7,8 @@ from numbers import Real
 
 import torch
 
+from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens, named_errors
 from imtm.functional.scan_attention import SCAN_SMOOTH, scan_t2i_scores
 
 __all__ = ["ScanAttention"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens, named_errors
 from imtm.functional.blocking import check_block_args, resolve_option
 from imtm.functional.hard_assignment import CODEBOOKS
 from imtm.functional.pooling import check_temperature, resolve_pooling

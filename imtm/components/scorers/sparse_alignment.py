@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens, named_errors
 from imtm.functional.blocking import check_block_args, resolve_option
-from imtm.functional.sparse_alignment import DIRECTIONS, sparse_alignment_from_cosines, sparse_alignment_scores
+from imtm.functional.sparse_alignment import (
+    DIRECTIONS,
+    sparse_alignment_from_cosines,
+    sparse_alignment_scores,
+)
 
 __all__ = ["SparsePatchWordAlignment"]
 
