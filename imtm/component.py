@@ -204,9 +204,15 @@ def _checking_constraints(validate):
     return checked
 
 
-@functools.lru_cache(maxsize=None)
-def _param_names(cls: type) -> frozenset:
-    return frozenset(cls._get_param_names())
+_PARAM_NAMES: dict[type, frozenset] = {}
+
+
+def _param_names(cls: type[Component]) -> frozenset:
+    """The constructor arguments of a block class (cached: ``__setattr__`` asks on every store)."""
+    names = _PARAM_NAMES.get(cls)
+    if names is None:
+        names = _PARAM_NAMES[cls] = frozenset(cls._get_param_names())
+    return names
 
 
 class Component(nn.Module):
@@ -231,8 +237,9 @@ class Component(nn.Module):
         3.0
     """
 
-    requires: ClassVar[tuple[str, ...]] = ()
-    provides: ClassVar[tuple[str, ...]] = ()
+    # Class defaults that an instance may rename (``requires=`` / ``provides=``), so not ClassVars.
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
     #: Value names this class introduces beyond :data:`imtm.contract.VALUE_SPECS` (added when the
     #: class is defined).
     values: ClassVar[tuple[ValueSpec, ...]] = ()
@@ -247,7 +254,7 @@ class Component(nn.Module):
             register_value(value)
             VALUE_NAMES[value.name] = value.doc
         if "validate" in cls.__dict__:
-            cls.validate = _checking_constraints(cls.__dict__["validate"])
+            setattr(cls, "validate", _checking_constraints(cls.__dict__["validate"]))  # noqa: B010 - a method of cls
         # A base that cannot work as a block on its own (``class Loss(Component, abstract=True)``)
         # stays out of the registry, so no configuration can build it; its subclasses are registered.
         if not abstract:

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
 
+import torch
+
 from imtm._checks import suggest
 
 __all__ = [
@@ -56,9 +58,13 @@ __all__ = [
     "SIDES",
     "KINDS",
     "register_value",
+    "POSITIVE",
+    "BLOCK_BUDGET",
+    "COMPUTE_DTYPE",
     "spec",
     "side_of",
     "parameter_constraints",
+    "refused_values",
     "check_params",
     "check_value",
 ]
@@ -104,8 +110,8 @@ class Interval(_Constraint):
     Example:
         >>> Interval(Real, 0, 1, closed="left").is_satisfied_by(1.0)
         False
-        >>> Interval(int, 1, None).describe()
-        'an int >= 1'
+        >>> Interval(int, 2, None).describe()
+        'an integer >= 2'
     """
 
     def __init__(self, kind: type, left: float | None, right: float | None, *, closed: str = "both"):
@@ -131,9 +137,11 @@ class Interval(_Constraint):
         return not (self.right is not None and (value > self.right or (value == self.right and not hi_closed)))
 
     def describe(self) -> str:
-        what = "an int" if self.kind is Integral else "a finite number"
+        what = "an integer" if self.kind is Integral else "a finite number"
         lo_closed = self.closed in ("both", "left")
         hi_closed = self.closed in ("both", "right")
+        if self.kind is Integral and self.left == 1 and lo_closed and self.right is None:
+            return "a positive int"
         if self.right is None and self.left is not None:
             return f"{what} {'>=' if lo_closed else '>'} {self.left}"
         if self.left is None and self.right is not None:
@@ -243,6 +251,17 @@ class _NoneConstraint(_Constraint):
         return []
 
 
+#: A finite number > 0 (a temperature, a scale).
+POSITIVE = Interval(Real, 0, None, closed="neither")
+#: The blocked scorers' memory budget (elements of one block's similarities); ``None``: the default.
+BLOCK_BUDGET: list[Any] = [Interval(Integral, 1, None, closed="left"), None]
+#: The dtype of the blocked scorers' matrix products; ``None``: the inputs'.
+COMPUTE_DTYPE: list[Any] = [
+    None,
+    Satisfies(lambda d: isinstance(d, torch.dtype) and d.is_floating_point, "a floating torch.dtype such as torch.bfloat16"),
+]
+
+
 def _make_constraint(c: Any) -> _Constraint:
     if isinstance(c, _Constraint):
         return c
@@ -272,6 +291,18 @@ def check_value(value: Any, constraints: Iterable[Any], *, name: str, where: str
         if isinstance(c, Options) and isinstance(value, str):
             hint = suggest(value, sorted(map(str, c.options)))
     raise InvalidParameterError(f"{where}: {name} must be {allowed}, got {value!r}{'.' + hint if hint else ''}")
+
+
+def refused_values(constraints: Iterable[Any]) -> list[Any]:
+    """Values that none of ``constraints`` accepts (drawn from each one's edges), for tests to try.
+
+    Example:
+        >>> refused_values([Interval(Real, 0, 1, closed="right"), None])
+        [True, '1', 0, 1.5, nan]
+    """
+    made = [_make_constraint(c) for c in constraints]
+    candidates = [v for c in made for v in getattr(c, "bad_values", lambda: [])()]
+    return [v for v in candidates if not any(c.is_satisfied_by(v) for c in made)]
 
 
 def parameter_constraints(cls: type) -> dict[str, list[Any]]:

@@ -56,7 +56,7 @@ def test_interval_of_ints_refuses_floats_and_bools():
     c = Interval(Integral, 1, None, closed="left")
     assert c.is_satisfied_by(1) and c.is_satisfied_by(10**12)
     assert not any(c.is_satisfied_by(v) for v in (0, 1.0, True, "1", None))
-    assert c.describe() == "an int >= 1"
+    assert c.describe() == "a positive int" and Interval(int, 0, None).describe() == "an integer >= 0"
     assert Interval(float, 0, 1, closed="right").describe() == "a finite number in (0, 1]"
     for bad in c.bad_values():
         assert not c.is_satisfied_by(bad), bad
@@ -72,7 +72,7 @@ def test_interval_declaration_errors():
 def test_check_value_messages_say_what_where_and_suggest():
     with pytest.raises(InvalidParameterError, match=r"^Blk: pooling must be one of \['lse', 'max'\], got 'mx'\. Did you mean 'max'\?$"):
         check_value("mx", [Options({"max", "lse"})], name="pooling", where="Blk")
-    with pytest.raises(ValueError, match=r"k must be an int >= 1 or None, got 0"):
+    with pytest.raises(ValueError, match=r"k must be a positive int or None, got 0"):
         check_value(0, [Interval(int, 1, None), None], name="k", where="Blk")
     with pytest.raises(TypeError, match=r"flag must be True or False, got 1"):
         check_value(1, ["boolean"], name="flag", where="Blk")

@@ -87,7 +87,6 @@ class MeanEmbedding(Component):
         return self
 
     def forward(self, tokens) -> torch.Tensor:
-        self.validate()
         tokens = as_tokens(self, tokens, f"{self.side} tokens").check(type(self).__name__)
         return tokens.masked_mean(skip_prefix=self.skip_prefix)
 

@@ -119,7 +119,6 @@ class SparseCorrelation(Component):
         return self.beta if self.learned_beta is None else self.learned_beta
 
     def forward(self, image_embedding, text_embedding) -> torch.Tensor:
-        self.validate()
         with named_errors(self):
             diff = spatial_differences(image_embedding, text_embedding, kind=self.kind, distance=self.distance)
             return sparse_correlation_mask(diff, self.current_beta(), temperature=self.temperature, rule=self.rule)

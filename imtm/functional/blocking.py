@@ -400,6 +400,7 @@ def _repad_index(packed: PackedTokens, q0: int, q1: int) -> tuple[torch.Tensor |
         # Every set of the block is a full prefix of the same length: the packed rows already
         # are the (b_q, L_blk) layout, so no gather and no mask.
         return None, None, width
+    assert packed.mask is not None  # no mask means every set is full, which returned above
     mask = packed.mask[q0:q1, :width]
     local = packed.positions[q0:q1, :width] - packed.offsets[q0]
     index = torch.where(mask, local, torch.zeros((), dtype=local.dtype, device=local.device))

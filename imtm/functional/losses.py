@@ -393,7 +393,7 @@ def info_nce_loss(scores, positives: torch.Tensor, temperature=0.05) -> torch.Te
     elif (
         isinstance(temperature, bool)
         or not isinstance(temperature, Real)
-        or not (0 < temperature < math.inf)
+        or not (0 < float(temperature) < math.inf)
     ):
         raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
     check_finite(s_i2t, f"{fn}: scores")

@@ -205,7 +205,6 @@ class ImageTextMatchingHead(LinkedComponent):
         return self.classifier(cls)
 
     def forward(self, image_tokens, text_tokens, scores, positives):
-        self.validate()
         images = _check_tokens(self, image_tokens, "image tokens", self.dim)
         texts = _check_tokens(self, text_tokens, "text tokens", self.dim)
         b = images.batch_size

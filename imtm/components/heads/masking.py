@@ -75,7 +75,6 @@ class WordMasking(LinkedComponent):
                                 f"{attr!r}; use a text encoder such as HFTextEncoder")
 
     def forward(self, texts):
-        self.validate()
         encoder = self.target()
         ids = texts if isinstance(texts, Tokens) else encoder.tokenize(texts)
         tok = encoder.tokenizer
@@ -125,7 +124,6 @@ class Reuse(LinkedComponent):
             raise TypeError(f"Reuse: block must be a block name or a Component, got {type(block).__name__}")
 
     def forward(self, *values):
-        self.validate()
         return self.target()(*values)
 
     def extra_repr(self) -> str:
@@ -201,7 +199,6 @@ class MaskedImageView(LinkedComponent):
                              "build it with mask_ratio > 0 (and mask_in_forward=False for two views)")
 
     def forward(self, images):
-        self.validate()
         # This block's own mode decides (the encoder is borrowed, so eval() does not reach it).
         return self.target().forward_masked(images, mask=self.training)
 

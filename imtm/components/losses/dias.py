@@ -163,7 +163,6 @@ class DimensionAlignmentLoss(Loss):
         return self
 
     def forward(self, image_values, text_values) -> torch.Tensor:
-        self.validate()
         with named_errors(self):
             if self.pairs == "words":
                 images = as_tokens(self, image_values, "image tokens")
@@ -325,7 +324,6 @@ class SpatialConstraintLoss(Loss):
         return beta
 
     def forward(self, image_embedding, text_embedding, positives=None) -> torch.Tensor:
-        self.validate()
         with named_errors(self):
             batch = image_embedding.shape[0] if isinstance(image_embedding, torch.Tensor) else None
             beta = self.current_beta(batch)

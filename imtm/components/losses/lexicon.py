@@ -143,7 +143,6 @@ class ExpansiveLexiconLoss(Loss):
         return self
 
     def forward(self, patch_lexicon, word_lexicon, image_tokens, text_tokens, text_ids=None) -> torch.Tensor:
-        self.validate()
         name = type(self).__name__
         if not self.expansion:
             if text_ids is None:
@@ -249,7 +248,6 @@ class LexiconDistillationLoss(Loss):
         return super().validate()
 
     def forward(self, word_lexicon, cross_lexicon, mlm_labels) -> torch.Tensor:
-        self.validate()
         name = type(self).__name__
         if word_lexicon.dim() != 3 or word_lexicon.shape != cross_lexicon.shape:
             raise ValueError(f"{name}: word_lexicon and cross_lexicon must both be (B, L, V), got "

@@ -119,7 +119,6 @@ class WordSelection(Component):
         return torch.where(texts.mask, a, torch.zeros((), dtype=a.dtype, device=a.device))
 
     def forward(self, text_tokens) -> Tokens:
-        self.validate()
         texts = as_tokens(self, text_tokens, "text tokens").check(type(self).__name__, self.dim)
         a = self.significance(texts)
         if self.training:
@@ -179,7 +178,6 @@ class WordAggregation(Component):
         return self
 
     def forward(self, text_tokens) -> Tokens:
-        self.validate()
         texts = as_tokens(self, text_tokens, "text tokens").check(type(self).__name__, self.dim)
         feats = texts.zero_padding().feats
         weights = aggregation_weights(self.mlp(feats), texts.mask.to(feats.dtype).unsqueeze(1))  # (Bt, 1, M, K)

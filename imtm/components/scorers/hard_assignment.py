@@ -6,9 +6,9 @@ import torch
 
 from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.functional.blocking import check_block_args, resolve_option
+from imtm.contract import BLOCK_BUDGET, COMPUTE_DTYPE, POSITIVE, Options
 from imtm.functional.hard_assignment import CODEBOOKS, hard_assignment_scores
-from imtm.functional.pooling import resolve_pooling
+from imtm.functional.pooling import POOLINGS
 from imtm.tokens import Tokens  # noqa: F401 - the docstring example uses it
 
 __all__ = ["HardAssignmentCoding"]
@@ -73,13 +73,13 @@ class HardAssignmentCoding(Component):
         self.max_block_elements = max_block_elements
         self.compute_dtype = compute_dtype
 
-    def validate(self) -> HardAssignmentCoding:
-        """Check the hyper-parameters (names, temperature, budget, dtype); return ``self``."""
-        where = type(self).__name__
-        resolve_option(self.codebook, CODEBOOKS, name="codebook", where=where)
-        resolve_pooling(self.pooling, self.temperature, where=where)
-        check_block_args(self.max_block_elements, self.compute_dtype, where=where)
-        return self
+    _parameter_constraints = {
+        "codebook": [Options(CODEBOOKS)],
+        "pooling": [Options(POOLINGS)],
+        "temperature": [POSITIVE],
+        "max_block_elements": BLOCK_BUDGET,
+        "compute_dtype": COMPUTE_DTYPE,
+    }
 
     def forward(self, image_tokens, text_tokens) -> torch.Tensor:
         images = as_tokens(self, image_tokens, "image tokens")

@@ -95,7 +95,6 @@ class MatchingReranker(LinkedComponent):
                             "not an ImageTextMatchingHead")
 
     def forward(self, image_tokens, text_tokens, itc_scores):
-        self.validate()
         head = self.target()
         if not isinstance(image_tokens, Tokens) or not isinstance(text_tokens, Tokens):
             raise TypeError(f"{type(self).__name__}: expected image and text tokens as Tokens")
