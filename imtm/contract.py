@@ -66,6 +66,7 @@ __all__ = [
     "parameter_constraints",
     "refused_values",
     "check_params",
+    "check_param",
     "check_value",
 ]
 
@@ -240,6 +241,14 @@ class _Boolean(_Constraint):
         return [1, "yes"]
 
 
+class _Anything(_Constraint):
+    def is_satisfied_by(self, value: Any) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return "anything"
+
+
 class _NoneConstraint(_Constraint):
     def is_satisfied_by(self, value: Any) -> bool:
         return value is None
@@ -313,6 +322,16 @@ def parameter_constraints(cls: type) -> dict[str, list[Any]]:
         if declared:
             out.update(declared)
     return out
+
+
+def check_param(block: Any, name: str, value: Any) -> None:
+    """Check one value against what ``block``'s class declares for parameter ``name``.
+
+    For a block that builds layers in ``__init__`` from some of its arguments (a dimension): it
+    checks those before building, and leaves the rest to ``validate()``, as scikit-learn would.
+    """
+    check_value(value, parameter_constraints(type(block)).get(name, ()) or [_Anything()], name=name,
+                where=type(block).__name__)
 
 
 def check_params(block: Any, params: Mapping[str, Any] | None = None) -> None:

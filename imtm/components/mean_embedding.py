@@ -6,7 +6,7 @@ import torch
 
 from imtm._block_inputs import as_tokens
 from imtm.component import Component
-from imtm.functional.blocking import resolve_option
+from imtm.contract import Options
 
 __all__ = ["SIDES", "MeanEmbedding"]
 
@@ -78,13 +78,7 @@ class MeanEmbedding(Component):
         self._follow_option(old, "side", _side_defaults, params)
         return self
 
-    def validate(self) -> MeanEmbedding:
-        """Check the hyper-parameters; return ``self``."""
-        where = type(self).__name__
-        resolve_option(self.side, SIDES, name="side", where=where)
-        if not isinstance(self.skip_prefix, bool):
-            raise TypeError(f"{where}: skip_prefix must be True or False, got {self.skip_prefix!r}")
-        return self
+    _parameter_constraints = {"side": [Options(SIDES)], "skip_prefix": ["boolean"]}
 
     def forward(self, tokens) -> torch.Tensor:
         tokens = as_tokens(self, tokens, f"{self.side} tokens").check(type(self).__name__)

@@ -7,7 +7,7 @@ from numbers import Real
 import torch
 
 from imtm.component import Component, LinkedComponent
-from imtm.contract import ValueSpec
+from imtm.contract import Interval, ValueSpec
 from imtm.functional.lexicon import IGNORE_INDEX, mask_words
 from imtm.tokens import Tokens
 
@@ -61,12 +61,7 @@ class WordMasking(LinkedComponent):
         self.prob = prob
         self._set_target(tokenizer)
 
-    def validate(self) -> WordMasking:
-        """Check ``prob`` (in ``[0, 1]``) and a tokenizer block given directly; return ``self``."""
-        prob = self.prob
-        if isinstance(prob, bool) or not isinstance(prob, Real) or not 0 <= prob <= 1:
-            raise ValueError(f"{type(self).__name__}: prob must be a number in [0, 1], got {prob!r}")
-        return super().validate()
+    _parameter_constraints = {"prob": [Interval(Real, 0, 1, closed="both")]}
 
     def _check_target(self, block, name=None) -> None:
         for attr in ("tokenize", "tokenizer", "vocab_size"):
