@@ -63,6 +63,7 @@ __all__ = [
     "COMPUTE_DTYPE",
     "spec",
     "side_of",
+    "vocabulary_table",
     "parameter_constraints",
     "refused_values",
     "check_params",
@@ -204,8 +205,7 @@ class InstanceOf(_Constraint):
         return isinstance(value, self.types)
 
     def describe(self) -> str:
-        names = [t.__name__ for t in self.types]
-        return "a " + " or a ".join(names)
+        return " or ".join(("an " if t.__name__[0] in "aeiou" else "a ") + t.__name__ for t in self.types)
 
     def bad_values(self) -> list[Any]:
         return [object()]
@@ -499,6 +499,24 @@ def spec(name: str) -> ValueSpec | None:
 #: The side sets the pipeline plan starts from: which modality a batch value depends on.
 _SIDE_SETS = {"image": frozenset({"image"}), "text": frozenset({"text"}), "pair": frozenset({"image", "text"}),
               "none": frozenset()}
+
+
+def vocabulary_table() -> str:
+    """The vocabulary as a Markdown table (name, side, kind, shape, meaning), as ``docs/design.md`` shows it.
+
+    Example:
+        >>> vocabulary_table().splitlines()[2]
+        '| `images` | image | any |  | raw image batch: pixels (Bi, 3, H, W) or precomputed region features as Tokens (Bi, N, D) |'
+    """
+
+    def shape(value: ValueSpec) -> str:
+        if value.shape is None:
+            return ""
+        return "(" + ", ".join("*" if a is None else str(a) for a in value.shape) + (",)" if len(value.shape) == 1 else ")")
+
+    rows = ["| name | side | kind | shape | what |", "| --- | --- | --- | --- | --- |"]
+    rows += [f"| `{v.name}` | {v.side} | {v.kind} | {shape(v)} | {v.doc} |" for v in VALUE_SPECS.values()]
+    return "\n".join(rows)
 
 
 def side_of(name: str) -> frozenset:

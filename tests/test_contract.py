@@ -155,8 +155,8 @@ def test_a_clone_of_a_checked_block_is_checked_and_a_matcher_validates_every_blo
     copy = clone(block)
     copy(torch.randn(2, 2))
     assert copy.checks == 0  # same values: nothing to check again
-    from imtm.matcher import Matcher
     from imtm.components import GlobalCosine
+    from imtm.matcher import Matcher
 
     m = Matcher(components=[GlobalCosine(requires=("images", "texts")), Scale(factor=-2.0)])
     with pytest.raises(ValueError, match=r"Matcher: block 'scale': Scale: factor must be a finite number > 0"):
@@ -233,3 +233,17 @@ def test_the_pipeline_plan_takes_batch_sides_from_the_specs():
     from imtm.engine.graph import BATCH_VALUES
 
     assert BATCH_VALUES == {n: side_of(n) for n in ("images", "texts", "image_ids", "positives")}
+
+
+def test_the_vocabulary_table_in_docs_design_is_current():
+    from pathlib import Path
+
+    from imtm.contract import vocabulary_table
+
+    load_components()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    start, end = text.index("<!-- vocabulary: begin -->\n"), text.index("\n<!-- vocabulary: end -->")
+    shown = text[start + len("<!-- vocabulary: begin -->\n"):end]
+    assert shown == vocabulary_table(), (
+        "docs/design.md's vocabulary table is stale: paste imtm.contract.vocabulary_table() (after "
+        "imtm.component.load_components()) between its markers")

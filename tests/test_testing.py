@@ -18,12 +18,12 @@ from imtm.testing import (
     captions,
     check_component,
     check_outputs,
-    parametrize_with_checks,
     component_inputs,
     devices,
     dtypes,
     image_ids,
     masks,
+    parametrize_with_checks,
     score_matrices,
     tokens,
 )

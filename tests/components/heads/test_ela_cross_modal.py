@@ -140,7 +140,7 @@ def test_bad_inputs():
         unlinked.link({"x": enc})
     with pytest.raises(TypeError, match="not a CrossModalEncoder"):
         unlinked.link({"cross": GlobalCosine()})
-    with pytest.raises(ValueError, match="k must be a positive integer"):
+    with pytest.raises(ValueError, match="k must be a positive int"):
         MatchingReranker(k=0).validate()
     with pytest.raises(TypeError, match="head must be a block name"):
         MatchingReranker(head=3).validate()

@@ -96,7 +96,7 @@ def test_conformance():
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="WordSelection: ratio must be a number in"):
+    with pytest.raises(ValueError, match="WordSelection: ratio must be a finite number in"):
         WordSelection(D, ratio=0).validate()
     with pytest.raises(ValueError, match="WordSelection: tau must be a finite number > 0"):
         WordSelection(D, tau=0).validate()
