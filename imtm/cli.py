@@ -280,7 +280,7 @@ def _recipe_matcher(args, train, recipe):
     for key in ("epochs", "batch_size", "lr"):
         if getattr(args, key) is not None:
             mk[key] = getattr(args, key)
-    return recipe.matcher(train, matcher_kwargs=mk, workdir=args.out, **over)
+    return presets.build_recipe(recipe, train, workdir=args.out, matcher_kwargs=mk, **over)
 
 
 def _paper_table(measured: dict, record: dict) -> str | None:

@@ -26,7 +26,7 @@ from imtm.tokens import Tokens
 WARMUP_EPOCHS = 1
 
 __all__ = ["vsepp", "chan", "dias", "dias_losses", "dcpa", "dcpa_stages", "default_stages", "ela", "laps", "build", "small_vit",
-           "text_encoder", "image_encoder", "recipe", "PRESETS", "PIXEL_PRESETS", "TEXT_ENCODERS", "DEFAULT_TEXT_MODELS",
+           "text_encoder", "image_encoder", "recipe", "build_recipe", "PRESETS", "PIXEL_PRESETS", "TEXT_ENCODERS", "DEFAULT_TEXT_MODELS",
            "WARMUP_EPOCHS"]
 
 #: The text encoders every preset takes as ``text=``: a BiGRU over the vocabulary (random word
@@ -735,6 +735,26 @@ def recipe(name: str):
     from imtm.recipes import recipe as _recipe
 
     return _recipe(name)
+
+
+def build_recipe(name, data=None, *, workdir=None, matcher_kwargs: dict | None = None, **overrides):
+    """The :class:`~imtm.Matcher` of recipe ``name`` (or a :class:`~imtm.recipes.Recipe`): the paper's model and training.
+
+    ``data`` (the training dataset) gives the data-dependent pieces through :func:`build`;
+    ``overrides`` change preset keywords (a local BERT folder, ``word_vectors=`` for GloVe,
+    ``pretrained=False``...), ``matcher_kwargs`` Matcher parameters (``device``, ``epochs``...).
+
+    Example:
+        >>> from imtm.data import synthetic
+        >>> train, _, _ = synthetic.load(n_train=4, n_dev=1, n_test=1)
+        >>> m = build_recipe("dcpa-f30k", train, embed_dim=8, word_dim=8, heads=2, k=2)
+        >>> m.batch_size, [s.name for s in m.stages]
+        (128, ['intra', 'inter'])
+    """
+    r = recipe(name) if isinstance(name, str) else name
+    kwargs = r.preset_keywords(**overrides)
+    components = PRESETS[r.preset](**kwargs) if data is None else build(r.preset, data, workdir=workdir, **kwargs)
+    return r.matcher(components, **(matcher_kwargs or {}))
 
 
 def default_stages(name: str, epochs: int) -> list | None:

@@ -3,9 +3,11 @@
 ``presets.recipe("laps-vit-b16-f30k")`` returns a :class:`Recipe`: the preset and its keywords, the
 Matcher's training parameters (epochs, batch, optimizer, schedule, stages, learning-rate factors,
 gradient clipping), the image size, the results the authors report for that row (with where they
-come from), and for every value where it comes from or why it was chosen. ``recipe.matcher(train)``
-builds the :class:`~imtm.Matcher`; ``imtm train --recipe NAME --data ...`` runs it, keeps the
-recipe's name in the saved model, and ``imtm evaluate`` prints the reported row beside the measured one.
+come from), and for every value where it comes from or why it was chosen.
+``presets.build_recipe("laps-vit-b16-f30k", train)`` builds the :class:`~imtm.Matcher`;
+``imtm train --recipe NAME --data ...`` runs it, keeps the recipe's name in the saved model, and
+``imtm evaluate`` prints the reported row beside the measured one. This module holds the recipes
+as data; :mod:`imtm.presets` builds them (it imports this module, never the other way round).
 
 Only what was read is attributed: the LAPS values come from the authors' ``arguments.py``,
 ``train.py``, ``lib/vse.py`` and README (CrossmodalGroup/LAPS), CHAN's from ``scripts/train.sh``,
@@ -86,18 +88,9 @@ class Recipe:
     sources: dict[str, str] = field(default_factory=dict)
     differs: list[str] = field(default_factory=list)
 
-    def components(self, data=None, *, workdir=None, **overrides) -> list[tuple[str, Any]]:
-        """The preset's blocks; with ``data``, its vocabulary / region width are read from it (:func:`imtm.presets.build`).
-
-        ``overrides`` replace the recipe's preset keywords (a local BERT folder, tiny test sizes, ...);
-        ``workdir`` is :func:`imtm.presets.build`'s.
-        """
-        from imtm import presets
-
-        kwargs = {**copy.deepcopy(self.preset_kwargs), **overrides}
-        if data is None:
-            return presets.PRESETS[self.preset](**kwargs)
-        return presets.build(self.preset, data, workdir=workdir, **kwargs)
+    def preset_keywords(self, **overrides) -> dict:
+        """The preset's keywords with ``overrides`` applied (a local BERT folder, tiny test sizes, ...)."""
+        return {**copy.deepcopy(self.preset_kwargs), **overrides}
 
     def stage_objects(self) -> list | None:
         """:attr:`stages` as :class:`~imtm.Stage` objects."""
@@ -105,23 +98,19 @@ class Recipe:
 
         return None if self.stages is None else [Stage(**dict(s)) for s in self.stages]
 
-    def matcher(self, data=None, *, components: list | None = None, matcher_kwargs: dict | None = None,
-                workdir=None, **overrides):
-        """The :class:`~imtm.Matcher` of this recipe (``imtm train`` records :meth:`to_record` in ``record_["recipe"]``).
+    def matcher(self, components: list, **matcher_kwargs):
+        """A :class:`~imtm.Matcher` of ``components`` with this recipe's training parameters.
 
-        Args:
-            data: the training dataset (for the preset's data-dependent pieces), or ``None``.
-            components: blocks to use instead of building the preset (e.g. tiny ones in tests).
-            matcher_kwargs: Matcher parameters to change (``device``, ``checkpoint_dir``, ``epochs``...).
-            overrides: preset keywords to change.
+        ``matcher_kwargs`` change Matcher parameters (``device``, ``checkpoint_dir``, ``epochs``...);
+        giving ``epochs`` trains one stage of that many epochs instead of the recipe's stages.
+        :func:`imtm.presets.build_recipe` builds the components and calls this.
         """
-        from imtm import Matcher
+        from imtm.matcher import Matcher
 
-        kwargs = {**copy.deepcopy(self.matcher_kwargs), **(matcher_kwargs or {})}
-        if self.stages is not None and "stages" not in kwargs and "epochs" not in (matcher_kwargs or {}):
+        kwargs = {**copy.deepcopy(self.matcher_kwargs), **matcher_kwargs}
+        if self.stages is not None and "stages" not in kwargs and "epochs" not in matcher_kwargs:
             kwargs["stages"] = self.stage_objects()
-        comps = components if components is not None else self.components(data, workdir=workdir, **overrides)
-        return Matcher(comps, **kwargs)
+        return Matcher(components, **kwargs)
 
     def to_record(self) -> dict:
         """What a saved model keeps of its recipe (``record.json``, key ``"recipe"``)."""

@@ -53,7 +53,8 @@ def tiny_overrides(r, data):
 def test_every_recipe_builds_its_matcher_with_the_recipes_training_parameters(name, data):
     r = recipe(name)
     train = data["pixels" if r.preset in presets.PIXEL_PRESETS else "regions"][0]
-    m = r.matcher(train, matcher_kwargs={"checkpoint_dir": None, "verbose": False}, **tiny_overrides(r, data))
+    m = presets.build_recipe(name, train, matcher_kwargs={"checkpoint_dir": None, "verbose": False},
+                             **tiny_overrides(r, data))
     assert isinstance(m, Matcher)
     for key, value in r.matcher_kwargs.items():
         assert getattr(m, key) == value, key
