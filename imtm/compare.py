@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imtm.component import suggest
+from imtm._checks import suggest
 
 __all__ = ["COMPARE_PRESETS", "PIXEL_PRESETS", "CompareSettings", "compare", "plot_recall", "write_results"]
 
@@ -140,7 +140,8 @@ def compare(preset_names, *, data: str = "synthetic", settings: CompareSettings 
     """
     import torch
 
-    from imtm import Matcher, presets
+    from imtm import presets
+    from imtm.matcher import Matcher
     from imtm.metrics import retrieval_metrics
 
     s = settings or CompareSettings()
