@@ -21,7 +21,7 @@ import math
 import os
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,6 +43,7 @@ from imtm.engine.evaluation import (
     side_values_needed,
 )
 from imtm.engine.graph import PipelineError, Plan, build_plan, name_components
+from imtm.engine.optim import check_lr_factors, describe
 from imtm.engine.serialization import (
     ASSETS,
     AssetPath,
@@ -57,9 +58,11 @@ __all__ = ["Matcher", "Stage", "NotFittedError", "PipelineError"]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass
+@dataclass(repr=False)
 class Stage:
-    """One training stage: which blocks train, which losses count, for how many epochs.
+    """One training stage: which blocks train, which losses count, for how many epochs, and how.
+
+    Every field left ``None`` takes the Matcher's value of the same name.
 
     Args:
         epochs: epochs in this stage.
@@ -68,10 +71,16 @@ class Stage:
         losses: names of the loss blocks that count; ``None`` = every loss block.
         lr: learning rate of this stage; ``None`` = the Matcher's ``lr``.
         name: a label for logs.
+        optimizer: this stage's optimizer (see ``Matcher(optimizer=...)``); a new one starts each stage.
+        lr_scheduler: this stage's schedule (see ``Matcher(lr_scheduler=...)``).
+        batch_size: captions per batch in this stage (a dataset only: a DataLoader has its own).
+        lr_factors: this stage's learning-rate factors by block name (0 freezes a block).
 
     Example:
         >>> Stage(epochs=2, train=["coding"], name="fine-tune")
-        Stage(epochs=2, train=['coding'], losses=None, lr=None, name='fine-tune')
+        Stage(epochs=2, train=['coding'], name='fine-tune')
+        >>> Stage(epochs=5, optimizer="adam", lr_scheduler="cosine_restarts", batch_size=64).batch_size
+        64
     """
 
     epochs: int
@@ -79,9 +88,21 @@ class Stage:
     losses: list[str] | None = None
     lr: float | None = None
     name: str | None = None
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    batch_size: int | None = None
+    lr_factors: dict[str, float] | None = None
+
+    def __repr__(self) -> str:
+        shown = [f"epochs={self.epochs!r}"] + [f"{k}={getattr(self, k)!r}" for k in self.__dataclass_fields__
+                                               if k != "epochs" and getattr(self, k) is not None]
+        return f"Stage({', '.join(shown)})"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as JSON data (a class or a factory recorded by name: see :func:`imtm.engine.optim.describe`)."""
+        from imtm.engine.optim import describe
+
+        return json.loads(json.dumps({k: describe(getattr(self, k)) for k in self.__dataclass_fields__}))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Stage":
@@ -102,11 +123,27 @@ class Matcher(BaseEstimator):
             ``-2`` for repeats); ``set_params(name__param=...)`` reaches inside a block.
         epochs: training epochs (ignored when ``stages`` is given).
         batch_size: training batch size (captions per batch).
-        lr: AdamW learning rate. weight_decay: AdamW weight decay.
+        lr: learning rate. weight_decay: the optimizer's weight decay.
         warmup: linear warm-up, a fraction of each stage's steps (< 1) or a step count.
         grad_clip: maximum gradient norm (``None``: no clipping).
         stages: a list of :class:`Stage` (e.g. DCPA's two stages); ``None`` = one stage of
             ``epochs`` training every block.
+        optimizer: ``"adamw"`` (default), ``"adam"``, ``"sgd"``, a ``torch.optim.Optimizer`` subclass,
+            or ``(name_or_class, {kwargs})`` such as ``("sgd", {"momentum": 0.9})``
+            (:mod:`imtm.engine.optim`).
+        lr_scheduler: ``"cosine"`` (warm-up + cosine, default), ``"constant"``, a step decay such as
+            ``"x0.9 every epoch"``, ``"cosine_restarts"`` (or a dict with options, e.g.
+            ``{"name": "cosine_restarts", "period": 2}``), or a factory ``optimizer -> torch scheduler``;
+            stepped once per optimisation step (:mod:`imtm.engine.optim`).
+        lr_factors: learning-rate factor by block name, e.g. ``{"image": 0.1}`` trains the block
+            ``image`` at a tenth of ``lr``; 0 freezes it. Blocks not named train at ``lr``.
+        init_from: start ``fit`` from the weights of another model: a fitted Matcher, a folder
+            written by :meth:`save`, a checkpoint folder or a run folder (its newest checkpoint).
+            A position table of another length (a ViT at another image size) is resampled
+            (:func:`imtm.engine.optim.interpolate_pos_embed`). Ignored by ``fit(resume=...)``
+            (the checkpoint holds the weights) and ``fit(warm_start=True)``.
+        init_blocks: the names of the blocks ``init_from`` initialises; ``None``: every block
+            of the same name in both models. The other blocks start from their usual initialisation.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for forward passes.
         compile: run every block's forward through ``torch.compile`` (opt-in). A block whose
@@ -151,6 +188,11 @@ class Matcher(BaseEstimator):
         warmup: float = 0.05,
         grad_clip: float | None = 2.0,
         stages: Sequence[Stage] | None = None,
+        optimizer: Any = "adamw",
+        lr_scheduler: Any = "cosine",
+        lr_factors: dict[str, float] | None = None,
+        init_from: Any = None,
+        init_blocks: Sequence[str] | None = None,
         device: str = "auto",
         precision: str = "fp32",
         compile: bool = False,
@@ -174,6 +216,11 @@ class Matcher(BaseEstimator):
         self.warmup = warmup
         self.grad_clip = grad_clip
         self.stages = stages
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.lr_factors = lr_factors
+        self.init_from = init_from
+        self.init_blocks = init_blocks
         self.device = device
         self.precision = precision
         self.compile = compile
@@ -316,6 +363,29 @@ class Matcher(BaseEstimator):
             for n in s.losses or []:
                 if not plan.is_loss(plan.names.index(n)):
                     raise ValueError(f"Matcher: stage lists {n!r} as a loss, but it is not a Loss block")
+            if s.batch_size is not None and (not isinstance(s.batch_size, int) or isinstance(s.batch_size, bool)
+                                             or s.batch_size < 1):
+                raise ValueError(f"Matcher: stage {s.name or ''!s} batch_size must be a positive integer or None, "
+                                 f"got {s.batch_size!r}")
+            if s.lr is not None and not (isinstance(s.lr, (int, float)) and not isinstance(s.lr, bool)
+                                         and math.isfinite(s.lr) and s.lr > 0):
+                raise ValueError(f"Matcher: stage {s.name or ''!s} lr must be a finite number > 0 or None, got {s.lr!r}")
+            check_lr_factors(s.lr_factors, plan.names, where=f"Matcher: stage {s.name or ''!s}")
+        check_lr_factors(self.lr_factors, plan.names)
+        if self.init_blocks is not None:
+            if self.init_from is None:
+                raise ValueError("Matcher: init_blocks names blocks to copy, but init_from is None; give the model "
+                                 "(a fitted Matcher or a saved folder) to copy them from")
+            if isinstance(self.init_blocks, str) or not all(isinstance(n, str) for n in self.init_blocks):
+                raise TypeError(f"Matcher: init_blocks must be a list of block names, got {self.init_blocks!r}")
+            for n in self.init_blocks:
+                if n not in plan.names:
+                    raise ValueError(f"Matcher: init_blocks names block {n!r}, but the blocks are {plan.names}."
+                                     + suggest(n, plan.names))
+        if self.init_from is not None and not isinstance(self.init_from, (str, os.PathLike)) \
+                and not hasattr(self.init_from, "components_") and not isinstance(self.init_from, Matcher):
+            raise TypeError(f"Matcher: init_from must be a fitted Matcher or the path of a saved model, checkpoint or "
+                            f"run folder, got {type(self.init_from).__name__}")
         if self.protocol is not None:
             from imtm.metrics import PROTOCOLS
 
@@ -399,6 +469,14 @@ class Matcher(BaseEstimator):
         params.pop("components")
         if isinstance(params.get("checkpoint_dir"), os.PathLike):
             params["checkpoint_dir"] = os.fspath(params["checkpoint_dir"])
+        # A class or a factory is recorded by name; a Matcher given as init_from is not written (its
+        # weights are in the fitted model; give a saved folder's path to record where they came from).
+        params["optimizer"] = describe(params.get("optimizer"))
+        params["lr_scheduler"] = describe(params.get("lr_scheduler"))
+        if isinstance(params.get("init_from"), os.PathLike):
+            params["init_from"] = os.fspath(params["init_from"])
+        if portable or (params.get("init_from") is not None and not isinstance(params["init_from"], str)):
+            params["init_from"] = params["init_blocks"] = None
         if portable:
             params["checkpoint_dir"] = None
         components = []
@@ -475,7 +553,22 @@ class Matcher(BaseEstimator):
             elif not self.compile and compiled:
                 block._compiled_call_impl = None
 
-    def fit(self, train, eval_set=None, *, resume: bool | str | os.PathLike = False) -> "Matcher":
+    def __sklearn_clone__(self) -> "Matcher":
+        """scikit-learn's ``clone``: an unfitted copy; a Matcher given as ``init_from`` is shared, not cloned
+        (it is where the weights come from, and a clone of it would hold none)."""
+        source = self.init_from
+        if source is None or isinstance(source, (str, os.PathLike)):
+            return super().__sklearn_clone__()
+        self.init_from = None
+        try:
+            new = super().__sklearn_clone__()
+        finally:
+            self.init_from = source
+        new.init_from = source
+        return new
+
+    def fit(self, train, eval_set=None, *, resume: bool | str | os.PathLike = False,
+            warm_start: bool = False) -> "Matcher":
         """Train on ``train`` (a torch Dataset or DataLoader), evaluating on ``eval_set`` each epoch.
 
         Args:
@@ -488,6 +581,11 @@ class Matcher(BaseEstimator):
                 no ``LATEST``. A checkpoint that fails its checksums is refused with a
                 ``CheckpointError`` listing the complete ones left; pass one of their
                 names (``"ckpt-00000120"``) or a path to continue from it instead.
+            warm_start: scikit-learn's meaning: continue from the fitted blocks (a new optimizer and
+                schedule; ``history_`` grows, ``n_epochs_`` counts on) instead of building them afresh.
+                The blocks' parameters may have changed since (``set_params``) as long as their
+                weights still fit. Without fitted blocks it is a fresh fit; with ``resume`` the
+                checkpoint decides. ``init_from`` is not applied again.
 
         Under ``torchrun`` (or ``python -m torch.distributed.run``) the same call trains
         with DistributedDataParallel: ``batch_size`` per process, scorers and losses see
@@ -503,7 +601,9 @@ class Matcher(BaseEstimator):
         self.validate()
         if isinstance(train, ByImage):  # scikit-learn's view of a dataset: train on the captions it holds
             train = train.dataset
-        Trainer(self, train, eval_set).run(resume=resume)
+        if not isinstance(warm_start, bool):
+            raise TypeError(f"Matcher.fit: warm_start must be True or False, got {warm_start!r}")
+        Trainer(self, train, eval_set).run(resume=resume, warm_start=warm_start)
         return self
 
     # ------------------------------------------------------------------ inference

@@ -38,6 +38,7 @@ from imtm.engine.checkpoint import (
 )
 from imtm.engine.epochs import start_epoch
 from imtm.engine.evaluation import move, run_blocks
+from imtm.engine.optim import init_state, make_scheduler, optimizer_spec, schedule_spec
 from imtm.engine.sampling import refresh_sampler
 from imtm.tokens import NonFiniteValueError, Tokens
 
@@ -199,21 +200,42 @@ class Trainer:
         if isinstance(train, DataLoader):
             self.loader_given = True
             self.loader_mode = "rebuilt" if _rebuildable(train) else "as-given"
-            n_batches = len(train)
+            sized = [s.name or f"stage {i + 1}" for i, s in enumerate(self.stages) if s.batch_size is not None]
+            if sized:
+                raise ValueError(f"Matcher.fit: {sized} set batch_size, but train is a DataLoader, which has its "
+                                 "own batch size; pass the dataset instead")
         elif isinstance(train, Dataset) or (hasattr(train, "__getitem__") and hasattr(train, "__len__")):
             self.loader_given = False
             if len(train) == 0:
                 raise ValueError("Matcher.fit: the training dataset is empty")
-            n_batches = math.ceil(len(train) / (matcher.batch_size * self.world))
         else:
             raise TypeError(f"Matcher.fit: train must be a torch Dataset or DataLoader, got {type(train).__name__}")
-        if n_batches == 0:
-            raise ValueError("Matcher.fit: the training data yields no batch")
-        self.n_batches = n_batches
+        for i, stage in enumerate(self.stages):  # every stage's options are checked before any training
+            where = "Matcher" if len(self.stages) == 1 else f"Matcher: stage {stage.name or i + 1}"
+            optimizer_spec(self.option(stage, "optimizer"), where)
+            schedule_spec(self.option(stage, "lr_scheduler"), where)
+        self.set_stage(0)
         if eval_set is not None:
             for attr in ("images", "captions", "caption_to_image"):
                 if not hasattr(getattr(eval_set, "dataset", eval_set), attr):
                     raise TypeError(f"Matcher.fit: eval_set has no {attr!r}; pass an imtm.data evaluation dataset")
+
+    def option(self, stage, name: str):
+        """The stage's own value of an option, else the Matcher's."""
+        own = getattr(stage, name, None)
+        return own if own is not None else getattr(self.m, name)
+
+    def set_stage(self, s: int) -> None:
+        """Enter stage ``s``: its batch size and number of batches per epoch."""
+        self.stage_idx = s
+        self.batch_size = self.option(self.stages[s], "batch_size")
+        if self.loader_given:
+            n_batches = len(self.train)
+        else:
+            n_batches = math.ceil(len(self.train) / (self.batch_size * self.world))
+        if n_batches == 0:
+            raise ValueError("Matcher.fit: the training data yields no batch")
+        self.n_batches = n_batches
 
     # ------------------------------------------------------------------ data
     def epoch_key(self, epoch: int) -> int:
@@ -267,38 +289,51 @@ class Trainer:
                 **options))
         data = SeededItems(self.train, self.seed, self.epoch_key(epoch))
         if self.world > 1:
-            shard = distributed.ShardedBatchSampler(len(self.train), m.batch_size, seed=self.seed, epoch=epoch,
+            shard = distributed.ShardedBatchSampler(len(self.train), self.batch_size, seed=self.seed, epoch=epoch,
                                                     rank=self.rank, world=self.world, start_batch=start_batch)
             return iter(DataLoader(data, batch_sampler=shard, collate_fn=collate, num_workers=m.num_workers,
                                    generator=g))
-        sampler = EpochSampler(len(self.train), self.seed, epoch, start=start_batch * m.batch_size)
-        return iter(DataLoader(data, batch_size=m.batch_size, sampler=sampler, collate_fn=collate,
+        sampler = EpochSampler(len(self.train), self.seed, epoch, start=start_batch * self.batch_size)
+        return iter(DataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
                                num_workers=m.num_workers, generator=g))
 
     # ------------------------------------------------------------------ optimisation
+    def lr_factors(self, stage) -> dict[str, float]:
+        return dict(self.option(stage, "lr_factors") or {})
+
     def trainable(self, stage) -> list[str]:
-        return list(self.m.plan_.names) if stage.train is None else list(stage.train)
+        """The blocks that train in ``stage``: its ``train`` list (or every block), less those with lr factor 0."""
+        names = list(self.m.plan_.names) if stage.train is None else list(stage.train)
+        factors = self.lr_factors(stage)
+        return [n for n in names if factors.get(n, 1.0) != 0]
 
     def make_optimizer(self, stage):
+        """The stage's optimizer (one parameter group per learning-rate factor) and schedule."""
         m = self.m
         names = self.trainable(stage)
         for name, block in m.components_.items():
             block.requires_grad_(name in names)
-        params = [p for n in names for p in m.components_[n].parameters() if p.requires_grad]
-        lr = stage.lr if stage.lr is not None else m.lr
-        if not params:
+        cls, kwargs = optimizer_spec(self.option(stage, "optimizer"))
+        lr = stage.lr if stage.lr is not None else kwargs.pop("lr", m.lr)
+        kwargs.pop("lr", None)
+        kwargs.setdefault("weight_decay", m.weight_decay)
+        factors = self.lr_factors(stage)
+        # Blocks at the full lr form the first group (named "default"), then one group per other block.
+        groups = [{"params": [p for n in names if factors.get(n, 1.0) == 1.0
+                              for p in m.components_[n].parameters() if p.requires_grad], "name": "default"}]
+        groups += [{"params": [p for p in m.components_[n].parameters() if p.requires_grad], "name": n,
+                    "lr": lr * factors[n]} for n in names if factors.get(n, 1.0) != 1.0]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
             return None, None
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=m.weight_decay)
-        total = max(1, stage.epochs * self.n_batches)
-        warm = int(m.warmup * total) if m.warmup < 1 else int(m.warmup)
-
-        def factor(step: int) -> float:
-            if warm and step < warm:
-                return (step + 1) / warm
-            progress = (step - warm) / max(1, total - warm)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        try:
+            opt = cls(groups, lr=lr, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"Matcher.fit: {cls.__name__}(..., lr={lr}, {kwargs}) failed: {err}; set the "
+                            "optimizer's keyword arguments with optimizer=(cls, {...}) (weight_decay comes from "
+                            "the Matcher unless given there)") from err
+        sched = make_scheduler(self.option(stage, "lr_scheduler"), opt, steps_per_epoch=self.n_batches,
+                               total_steps=stage.epochs * self.n_batches, warmup=m.warmup)
         return opt, sched
 
     def set_modes(self, stage) -> None:
@@ -636,7 +671,7 @@ class Trainer:
         distributed.barrier()
 
     # ------------------------------------------------------------------ the loop
-    def run(self, resume: bool = False) -> None:
+    def run(self, resume: bool = False, warm_start: bool = False) -> None:
         """Train; with a ``checkpoint_dir``, hold its lock file (one writer per run folder) the whole time.
 
         Taking the lock also checks, before any training, that the folder can be written.
@@ -644,25 +679,38 @@ class Trainer:
         m = self.m
         lock = RunLock(m.checkpoint_dir).acquire() if m.checkpoint_dir is not None and self.main else None
         try:
-            self._run(resume)
+            self._run(resume, warm_start)
         finally:
             if lock is not None:
                 lock.release()
 
-    def _run(self, resume: bool = False) -> None:
+    def _run(self, resume: bool = False, warm_start: bool = False) -> None:
         from imtm.matcher import seed_everything
 
         m = self.m
         seed = m.random_state if m.random_state is not None else int(np.random.SeedSequence().entropy % (2**31))
         self.seed = int(seed)
+        # warm start: the fitted weights and history carry over into the blocks built below
+        previous = None
+        if warm_start and hasattr(m, "components_"):
+            previous = ({k: v.detach().clone() for k, v in m.components_.state_dict().items()},
+                        list(getattr(m, "history_", [])))
         seed_everything(self.seed)
         m._build(self.seed)
+        if previous is not None:
+            try:
+                m.load_state(previous[0])
+            except CheckpointError as err:
+                raise ValueError(f"Matcher.fit(warm_start=True): the fitted weights no longer fit the blocks "
+                                 f"({err}); fit without warm_start to start afresh") from err
+        elif m.init_from is not None and not resume:
+            self.initialise_from(m.init_from, m.init_blocks)
         if self.rank:
             # Identical initial weights on every rank (and DDP broadcasts rank 0's), but each rank
             # its own dropout / noise stream; rank 0 keeps the single-process stream.
             seed_everything(self.seed + 1_000_003 * self.rank)
         m.seed_ = self.seed
-        m.history_, m.best_, m.n_epochs_ = [], None, 0
+        m.history_, m.best_, m.n_epochs_ = ([], None, 0) if previous is None else (previous[1], None, len(previous[1]))
         self.record_ = self.record()
         m.record_ = self.record_
         self.stage_idx, self.epoch, self.batch_idx, self.global_step = 0, 0, 0, 0
@@ -769,6 +817,7 @@ class Trainer:
                 if s != self.stage_idx:
                     self.stage_idx, self.epoch, self.batch_idx, self.epoch_done = s, 0, 0, False
                     self.epoch_logs = {}
+                self.set_stage(s)
                 opt, sched = self.make_optimizer(stage)
                 self.ddp = self.wrap(opt, stage)
                 if resume_state is not None:
@@ -865,6 +914,29 @@ class Trainer:
         m.components_.eval()
         if m.keep_best and best_state is not None:
             m.load_state(best_state)
+
+    def initialise_from(self, source, names) -> None:
+        """Copy the weights of blocks ``names`` (``None``: every block of the same name) from ``source``.
+
+        ``source``: a fitted Matcher, a saved model or checkpoint folder, or a run folder (its
+        ``LATEST`` checkpoint). Position tables of another length are resampled (:func:`init_state`).
+        """
+        from pathlib import Path
+
+        from imtm.engine.checkpoint import latest_checkpoint
+
+        if isinstance(source, (str, os.PathLike)):
+            folder = Path(source)
+            if (folder / "LATEST").is_file():
+                folder = latest_checkpoint(folder)
+            state = read_checkpoint(folder, with_train_state=False)["model_state"]
+        else:
+            blocks = getattr(source, "components_", None)
+            if blocks is None:
+                raise ValueError("Matcher: init_from is a Matcher that is not fitted; fit or load it first")
+            state = blocks.state_dict()
+        with torch.no_grad():
+            init_state(self.m.components_, state, None if names is None else list(names))
 
     def interrupted(self, opt, sched, cpu_rng: dict | None = None) -> None:
         """After a deferred Ctrl-C: save the state of the last completed step, then raise KeyboardInterrupt.
