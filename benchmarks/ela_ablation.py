@@ -137,6 +137,8 @@ def run_seed(seed, args, folder):
         comps = presets.ela(text_model=text_model, img_size=args.image_size, embed_dim=args.dim, heads=2,
                             cross_layers=1, rerank_k=args.rerank_k, **image,
                             **{"kl_direction": args.kl_direction, **flags})
+        if args.backbone == "synthetic":
+            comps[0][1].set_params(freeze=True)  # the pre-trained ViT frozen; its projection trains
         m = Matcher(comps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, random_state=seed,
                     verbose=False, image_block=len(test.images), text_block=len(test.captions))
         m.set_params(**params)
@@ -193,8 +195,9 @@ def main():
     command = (f"OMP_NUM_THREADS=1 python benchmarks/ela_ablation.py --epochs {args.epochs} --n-train {args.n_train} "
                f"--n-test {args.n_test} --image-size {args.image_size} --backbone {args.backbone} --seeds {args.seeds} "
                f"--rows {args.rows} --kl-direction {args.kl_direction}")
-    enc = ("the packaged synthetic-vit (4 blocks, width 64, 8 x 8-pixel patches) and synthetic-bert (2 layers, "
-           "width 64), pre-trained on the benchmark's pre-training split (imtm.weights) and fine-tuned here"
+    enc = ("the packaged synthetic-vit (4 blocks, width 64, 8 x 8-pixel patches; frozen, its projection trains) "
+           "and synthetic-bert (2 layers, width 64; fine-tuned), pre-trained on the benchmark's pre-training split "
+           "(imtm.weights)"
            if args.backbone == "synthetic" else
            f"a tiny ViT (2 layers, width {args.dim}) and a tiny BERT (2 layers) from scratch")
     intro = [

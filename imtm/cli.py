@@ -397,7 +397,8 @@ def cmd_compare(args) -> int:
 
     s = CompareSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, embed_dim=args.embed_dim,
                         word_dim=args.word_dim, n_train=args.n_train, n_test=args.n_test,
-                        image_size=args.image_size, backbones=args.backbones, seed=args.seed)
+                        image_size=args.image_size, backbones=args.backbones,
+                        freeze_backbone=not args.fine_tune_backbone, seed=args.seed)
     smoke = ("--quick: a smoke test at a tiny size; its numbers show that every preset trains and "
              "scores, not how the presets compare")
     if args.quick:
@@ -520,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backbones", default="synthetic", choices=["synthetic", "scratch"],
                    help="pixel presets: fine-tune the packaged pre-trained synthetic-vit / synthetic-bert "
                         "(default), or train small ones from scratch")
+    c.add_argument("--fine-tune-backbone", action="store_true",
+                   help="pixel presets: fine-tune the pre-trained synthetic-vit too (default: frozen)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="runs/compare", help="folder for compare.md, compare.csv, compare_recall.png")
     c.add_argument("--quick", action="store_true", help="a tiny run (seconds), for smoke tests")
