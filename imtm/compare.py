@@ -272,8 +272,10 @@ def baseline_reading(rows: list[dict]) -> list[str]:
         if base is None or r["preset"] == base or base not in by_name:
             continue
         d = r["rsum"] - by_name[base]["rsum"]
+        mine, theirs = ([part.strip() for part in x.get("encoders", "").split(";")[:2]] for x in (r, by_name[base]))
+        differ = f" (the encoders differ: {'; '.join(mine)} here)" if mine != theirs else ""
         lines.append(f"- {r['preset']}: rSum {r['rsum']:.1f} against {base} {by_name[base]['rsum']:.1f} ({d:+.1f}): "
-                     + ("above" if d > 0 else "not above") + " the global baseline.")
+                     + ("above" if d > 0 else "not above") + f" the global baseline{differ}.")
     return lines
 
 
