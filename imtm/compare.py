@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imtm.component import suggest
+from imtm._checks import suggest
 
 __all__ = ["BACKBONES", "BASELINES", "COMPARE_PRESETS", "PIXEL_PRESETS", "CompareSettings", "baseline_reading",
            "compare", "plot_recall", "write_results"]
@@ -187,7 +187,8 @@ def compare(preset_names, *, data: str = "synthetic", settings: CompareSettings 
     """
     import torch
 
-    from imtm import Matcher, presets
+    from imtm import presets
+    from imtm.matcher import Matcher
     from imtm.metrics import retrieval_metrics
 
     s = settings or CompareSettings()

@@ -666,12 +666,14 @@ class Matcher(BaseEstimator):
             captions: sequence of caption strings (or token-id sequences).
 
         Returns:
-            ``(n_images, n_captions)`` float32 CPU tensor when the pipeline provides
-            ``scores``; a pair ``(scores_i2t, scores_t2i)`` when it provides
-            direction-specific scores (rank captions with the first, images with the second).
-            Under torchrun every rank must call it with the same images and captions: each
-            encodes a share of both and scores its share of the images against all captions,
-            and rank 0 returns the gathered matrix (the others return ``None``).
+            A float32 CPU tensor, always: ``(n_images, n_captions)`` when the pipeline provides
+            ``scores``, and ``(2, n_images, n_captions)`` when it provides direction-specific
+            scores, stacked as ``[scores_i2t, scores_t2i]`` (rank captions with the first, images
+            with the second; ``s_i2t, s_t2i = m.similarity(...)`` unpacks them, and
+            :mod:`imtm.metrics` reads the stack as the pair). Under torchrun every rank must call
+            it with the same images and captions: each encodes a share of both and scores its
+            share of the images against all captions, and rank 0 returns the gathered tensor
+            (the other ranks return ``None``).
 
         The result does not depend on ``image_block`` / ``text_block`` nor, up to the same
         permutation of its rows and columns, on the order of the inputs.
@@ -712,7 +714,7 @@ class Matcher(BaseEstimator):
                 return None
         if len(self.plan_.score_values) == 1:
             return out["scores"]
-        return out["scores_i2t"], out["scores_t2i"]
+        return torch.stack([out["scores_i2t"], out["scores_t2i"]])
 
     def evaluate(self, data, protocol: str | None = None) -> dict[str, float]:
         """Retrieval metrics on an evaluation set (``images``, ``captions``, ``caption_to_image``).

@@ -131,7 +131,9 @@ class Tokens:
     """
 
     feats: torch.Tensor
-    mask: torch.Tensor | None = None
+    # None on construction means every token is real; __post_init__ stores that mask, so a Tokens
+    # always holds a tensor here.
+    mask: torch.Tensor = None  # type: ignore[assignment]
     grid: tuple[int, int] | None = None
     num_prefix_tokens: int = 0
 

@@ -78,7 +78,7 @@ def _seed_all(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def _restored() -> Iterator[None]:
+def restored() -> Iterator[None]:
     """Put torch's (CPU), NumPy's and Python's generators back as they were after the block."""
     global _ITEM_SEED
     saved = (torch.default_generator.get_state(), np.random.get_state(), random.getstate(), _ITEM_SEED)
@@ -91,10 +91,14 @@ def _restored() -> Iterator[None]:
         _ITEM_SEED = saved[3]
 
 
+# The former name, which imtm.engine.training still imports.
+_restored = restored
+
+
 @contextlib.contextmanager
 def seeded_item(seed: int) -> Iterator[None]:
     """Seed torch's (CPU), NumPy's and Python's generators with ``seed`` for the block; restore them after."""
-    with _restored():
+    with restored():
         _seed_all(seed)
         yield
 
@@ -120,10 +124,10 @@ class SeededItems(Dataset):
         return self.transform(item) if self.transform is not None else item
 
     def __getitem__(self, k):
-        with _restored():
+        with restored():
             return self._item(k)
 
     def __getitems__(self, indices) -> list:
         # What a DataLoader calls for a whole batch: the generators are saved and restored once.
-        with _restored():
+        with restored():
             return [self._item(k) for k in indices]

@@ -11,13 +11,13 @@ decoupled branches).
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Sequence
 from numbers import Real
 
 import torch
 
+from imtm._checks import suggest
 from imtm.tokens import check_finite
 
 __all__ = ["PAIR_COUNTS", "REDUCTIONS", "info_nce_loss", "row_multiplicity", "triplet_loss"]
@@ -39,11 +39,6 @@ def _reduce_none(cost: torch.Tensor, n_pairs: torch.Tensor) -> torch.Tensor:
 #: How ``triplet_loss`` reduces its ``(Bi, Bt)`` matrix of per-positive-pair terms.
 REDUCTIONS = {"sum": _reduce_sum, "mean": _reduce_mean, "none": _reduce_none}
 
-
-def _suggest(name, options) -> str:
-    # functional/ imports nothing of imtm but tokens, so the "did you mean" lives here too.
-    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def _split_scores(scores, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +295,7 @@ def triplet_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(
             f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}."
-            + _suggest(reduction, REDUCTIONS)
+            + suggest(reduction, REDUCTIONS)
         )
     check_finite(s_i2t, f"{fn}: scores")
     if s_t2i is not s_i2t:
@@ -329,7 +324,7 @@ def _resolve_count(count_pairs, fn: str):
     if isinstance(count_pairs, str) and count_pairs in PAIR_COUNTS:
         return PAIR_COUNTS[count_pairs]
     raise ValueError(
-        f"{fn}: count_pairs must be one of {sorted(PAIR_COUNTS)}, got {count_pairs!r}." + _suggest(count_pairs, PAIR_COUNTS)
+        f"{fn}: count_pairs must be one of {sorted(PAIR_COUNTS)}, got {count_pairs!r}." + suggest(count_pairs, PAIR_COUNTS)
     )
 
 
@@ -398,7 +393,7 @@ def info_nce_loss(scores, positives: torch.Tensor, temperature=0.05) -> torch.Te
     elif (
         isinstance(temperature, bool)
         or not isinstance(temperature, Real)
-        or not (0 < temperature < math.inf)
+        or not (0 < float(temperature) < math.inf)
     ):
         raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
     check_finite(s_i2t, f"{fn}: scores")

@@ -20,7 +20,7 @@ from torch import nn
 
 from imtm.component import Component, is_restoring_saved_weights, suggest
 from imtm.components.encoders.timm_vision import WeightsUnavailableError
-from imtm.engine.serialization import ASSETS, AssetPath
+from imtm._assets import ASSETS, AssetPath
 from imtm.tokens import Tokens
 from imtm.weights import packaged_text_path
 

@@ -11,12 +11,13 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from imtm.component import suggest
+from imtm._checks import suggest
 from imtm.data.base import ImageCaptionDataset
 from imtm.data.synthetic.captions import describe
 from imtm.data.synthetic.pixels import render
 from imtm.data.synthetic.regions import region_features
-from imtm.data.synthetic.scenes import GRID, Scene, _permutation, sample_scene, swap_colours
+from imtm.data.synthetic._random import permutation as _permutation
+from imtm.data.synthetic.scenes import GRID, Scene, sample_scene, swap_colours
 from imtm.data.vocabulary import Vocabulary
 
 __all__ = ["PRETRAIN_SEED", "SPLITS", "VIEWS", "PixelImages", "SyntheticConfig", "SyntheticDataset", "load",
