@@ -465,7 +465,8 @@ def cmd_compare(args) -> int:
 
     s = CompareSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, embed_dim=args.embed_dim,
                         word_dim=args.word_dim, n_train=args.n_train, n_test=args.n_test,
-                        image_size=args.image_size, seed=args.seed)
+                        image_size=args.image_size, backbones=args.backbones,
+                        freeze_backbone=not args.fine_tune_backbone, seed=args.seed)
     smoke = ("--quick: a smoke test at a tiny size; its numbers show that every preset trains and "
              "scores, not how the presets compare")
     if args.quick:
@@ -582,9 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=compute, formatter_class=raw,
                        epilog=_epilog("compare", _presets_epilog(list(COMPARE_PRESETS)),
                                       _wrapped("data (--data)", DATA_HELP + "; a folder suits the region presets only")))
-    c.add_argument("--presets", default="chan,laps,dcpa,ela,dias,vsepp",
+    c.add_argument("--presets", default="chan,laps,dcpa,ela,dias,vsepp,vsepp-vit",
                    type=_preset_names(list(COMPARE_PRESETS), many=True),
-                   help="comma-separated presets (vsepp, chan, dcpa, dias on regions; laps, ela on pixels)")
+                   help="comma-separated presets (vsepp, chan, dcpa, dias on regions; laps, ela, vsepp-vit on "
+                        "pixels)")
     c.add_argument("--data", default="synthetic", help="'synthetic' or a folder in the SCAN precomputed layout "
                                                       "(region presets only)")
     c.add_argument("--epochs", type=int, default=4, help="epochs of every preset (DCPA: both stages together)")
@@ -594,7 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=float, default=1e-3)
     c.add_argument("--embed-dim", type=int, default=64)
     c.add_argument("--word-dim", type=int, default=64)
-    c.add_argument("--image-size", type=int, default=32, help="pixels view: image side")
+    c.add_argument("--image-size", type=int, default=64, help="pixels view: image side (64: 64 patches of 8x8)")
+    c.add_argument("--backbones", default="synthetic", choices=["synthetic", "scratch"],
+                   help="pixel presets: fine-tune the packaged pre-trained synthetic-vit / synthetic-bert "
+                        "(default), or train small ones from scratch")
+    c.add_argument("--fine-tune-backbone", action="store_true",
+                   help="pixel presets: fine-tune the pre-trained synthetic-vit too (default: frozen)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="runs/compare", help="folder for compare.md, compare.csv, compare_recall.png")
     c.add_argument("--quick", action="store_true", help="a tiny run (seconds), for smoke tests")

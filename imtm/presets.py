@@ -779,9 +779,13 @@ def build(name: str, data, *, workdir=None, **kwargs) -> list[tuple[str, Any]]:
     ``text="gru"``: the paper's BERT-base needs pretrained weights that a dataset does not bring
     (pass ``text="bert", text_model=folder``, or use :func:`recipe`). ``laps`` and ``ela``
     on the synthetic benchmark's pixels (tensors, not image files), with no image model named,
-    get a small ViT from scratch (:func:`small_vit` of width ``embed_dim``, at the images' size),
-    as :mod:`imtm.compare` trains them. ``ela`` without ``text_model`` gets a small BERT from
-    scratch over the training captions, written into ``workdir`` (needed then) by
+    start from the packaged ``"synthetic-vit"`` pre-trained on the benchmark's pre-training split
+    (:mod:`imtm.weights`), at the images' size, kept frozen (its projection trains), and ``ela``
+    fine-tunes the packaged ``"synthetic-bert"``, as :mod:`imtm.compare` trains them; given
+    ``model_kwargs`` (or an image side that is not a
+    multiple of 8) they get a small ViT from scratch (:func:`small_vit` of width ``embed_dim``).
+    ``ela`` otherwise without ``text_model`` gets a small BERT from scratch over the training
+    captions, written into ``workdir`` (needed then) by
     :func:`~imtm.components.encoders.hf_text.write_local_bert`.
 
     Keywords the preset does not take raise ``TypeError``, as calling it would.
@@ -802,6 +806,7 @@ def build(name: str, data, *, workdir=None, **kwargs) -> list[tuple[str, Any]]:
         if getattr(data, "vocab", None) is None:
             raise ValueError(f"presets.build: {type(data).__name__} has no vocabulary (attribute 'vocab')")
         kwargs["vocab"] = data.vocab
+    freeze_image = False
     if name in PIXEL_PRESETS:
         image_key = "model_name" if name == "laps" else "image_model"
         named = kwargs.get(image_key) is not None or kwargs.get("image") is not None
@@ -812,9 +817,18 @@ def build(name: str, data, *, workdir=None, **kwargs) -> list[tuple[str, Any]]:
                 raise ValueError(f"preset {name!r} reads pixels (3, H, W); the data holds images of shape "
                                  f"{tuple(getattr(first, 'shape', ()))} (for the synthetic benchmark use its 'pixels' view)")
             width = kwargs.get("embed_dim", inspect.signature(PRESETS[name]).parameters["embed_dim"].default)
-            kwargs[image_key] = "vit_tiny_patch16_224"
             kwargs.setdefault("img_size", int(first.shape[-1]))
-            kwargs.setdefault("model_kwargs", small_vit(width))
+            if kwargs.get("model_kwargs") is None and kwargs["img_size"] % 8 == 0:
+                # The backbone pre-trained on the benchmark's pre-training split (imtm.weights), fine-tuned
+                # as the papers fine-tune an ImageNet ViT; ELA's text side its BERT.
+                kwargs[image_key] = "synthetic-vit"
+                freeze_image = True
+                if name == "ela" and kwargs.get("text_model") is None:
+                    kwargs["text_model"] = "synthetic-bert"
+                    kwargs.setdefault("heads", 2 if width % 2 == 0 else 1)
+            else:
+                kwargs[image_key] = "vit_tiny_patch16_224"
+                kwargs.setdefault("model_kwargs", small_vit(width))
         if name == "ela" and kwargs.get("text_model") is None:
             if workdir is None:
                 raise ValueError("presets.build('ela'): pass text_model= (a local BERT folder or 'minilm'), or "
@@ -839,4 +853,9 @@ def build(name: str, data, *, workdir=None, **kwargs) -> list[tuple[str, Any]]:
             raise ValueError(f"preset {name!r} needs region features (N, D); the data holds images of shape "
                              f"{tuple(getattr(first, 'shape', ())) or type(first).__name__}")
         kwargs["region_dim"] = int(first.shape[-1])
-    return PRESETS[name](**kwargs)
+    blocks = PRESETS[name](**kwargs)
+    if freeze_image:
+        # The packaged ViT stays frozen (its projection trains): fine-tuned at the presets' learning
+        # rates it forgets faster than it adapts on the benchmark (see imtm.compare.CompareSettings).
+        dict(blocks)["image"].set_params(freeze=True)
+    return blocks

@@ -317,14 +317,28 @@ class GRUTextEncoder(Component):
             f"{name}: expected captions as list[str] or Tokens of word ids (B, M), got {type(texts).__name__}"
         )
 
-    def forward(self, texts) -> Tokens:
+    @torch.compiler.disable
+    def prepare(self, texts) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host-side half of :meth:`forward`: check and tokenise the captions.
+
+        Returns ``(word_ids, mask)`` on the module's device for :meth:`compute`. It
+        never runs inside a compiled region (``torch.compile`` of the encoder, or
+        ``Matcher(compile=True)``, compiles :meth:`compute` only), so new captions
+        never trigger a recompilation.
+        """
         ids = self._word_ids(texts)
-        mask = ids.mask
+        return ids.feats, ids.mask
+
+    def forward(self, texts) -> Tokens:
+        return self.compute(*self.prepare(texts))
+
+    def compute(self, word_ids: torch.Tensor, mask: torch.Tensor) -> Tokens:
+        """The tensor half of :meth:`forward`: word ids ``(Bt, M)`` and their mask -> word tokens."""
         num_words = mask.shape[1]
         # Move real words to the front, in order (a stable sort), so any mask packs correctly.
         order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
         front_mask = mask.gather(1, order)
-        front_ids = ids.feats.gather(1, order)
+        front_ids = word_ids.gather(1, order)
         # Padding may hold any id (even one outside the vocabulary): read the pad id instead.
         pad = getattr(self.vocab, "pad_index", 0)
         front_ids = torch.where(front_mask, front_ids, torch.full_like(front_ids, pad))
