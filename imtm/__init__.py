@@ -10,10 +10,9 @@ Score matrices are always ``scores[i, t]``: images are rows, captions columns.
 Masks are bool, True where a token is real.
 """
 
+from imtm._version import __version__
+from imtm.component import VALUE_NAMES, Component, Loss, register
 from imtm.tokens import Tokens
-from imtm.component import Component, Loss, VALUE_NAMES, register
-
-__version__ = "0.1.0"
 
 __all__ = ["Tokens", "Component", "Loss", "VALUE_NAMES", "Matcher", "Stage", "register", "__version__"]
 

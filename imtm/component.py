@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import difflib
+import functools
 import inspect
 import math
 from numbers import Real
 from typing import Any, ClassVar
 
+import torch
 import torch.nn as nn
+
+from imtm._checks import suggest
+from imtm.contract import VALUE_SPECS, Interval, ValueSpec, check_params, register_value
 
 __all__ = [
     "Component",
@@ -43,47 +47,10 @@ __all__ = [
     "is_restoring_saved_weights",
 ]
 
-#: The shared vocabulary of value names that flow between blocks.
-VALUE_NAMES: dict[str, str] = {
-    "images": "raw image batch: pixels (Bi, 3, H, W) or precomputed region features as Tokens (Bi, N, D)",
-    "texts": "raw caption batch: a list of strings, or Tokens of integer token ids (Bt, M)",
-    "image_ids": "(Bt,) long: for each caption in the batch, the id of its image",
-    "positives": "(Bi, Bt) bool: True for matching image-caption pairs (derived from image_ids)",
-    "image_tokens": "Tokens (Bi, N, D) after encoding and refining",
-    "text_tokens": "Tokens (Bt, M, D) after encoding and refining",
-    "image_embedding": "(Bi, D) global image vectors",
-    "text_embedding": "(Bt, D) global caption vectors",
-    "scores": "(Bi, Bt) one similarity used for both retrieval directions",
-    "scores_i2t": "(Bi, Bt) similarity used to rank captions for an image",
-    "scores_t2i": "(Bi, Bt) similarity used to rank images for a caption",
-    "keep_decisions": "LAPS: (Bi, Bt, N) 0/1 patch keep decisions",
-    "patch_scores": "LAPS: (Bi, Bt, N) patch significance in [0, 1] for every image-caption pair",
-    "aggregated_tokens": "LAPS: (Bi, Bt, Nc, D) kept patches merged into Nc tokens per pair",
-    "fused_tokens": "LAPS: (Bi, Bt, D) the dropped patches of each pair fused into one token",
-    "patch_lexicon": "ELA: LexiconLogits, patch-to-lexicon logits (K, V) of the K masked patches and their (image, position)",
-    "word_lexicon": "ELA: (Bt, M, V) word-to-lexicon logits",
-    "transport_plan": "ELA: (B, N, M) optimal-transport plan between patches and words",
-    "sparse_mask": "DIAS: (B, B) soft mask of the strongly correlated unmatched pairs (SparseCorrelation)",
-    "negatives_i2t": "DIAS miner: (Bi, Bt) long, a negative caption of each positive pair (DistanceWeightedMiner)",
-    "negatives_t2i": "DIAS miner: (Bi, Bt) long, a negative image of each positive pair (DistanceWeightedMiner)",
-    "visual_phrases": "DCPA: Tokens (Bi, N, D) unit-norm visual phrases (regions after the phrase encoder)",
-    "text_phrase": "DCPA: (Bt, D) phrase-aware sentence vectors c^T (1-D CNN over 1/2/3-grams)",
-    "scores_intra": "DCPA: (Bi, Bt) intra-modal top-K score S(i^V, c^T)",
-    "scores_inter_i2t": "DCPA: (Bi, Bt) image-to-text branch score S(i^T, c) (regions query words)",
-    "scores_inter_t2i": "DCPA: (Bi, Bt) text-to-image branch score S(i, c^V) (words query regions)",
-    "masked_patches": "(Bi, N) bool: patch tokens masked at the image encoder's input in training (ELA)",
-    "masked_image_tokens": "ELA: Tokens (Bi, N, D) of the masked view of the images (MaskedImageView)",
-    "word_lexicon_masked": "ELA: (Bt, M, V) word-to-lexicon logits of the masked captions",
-    "masked_texts": "ELA: Tokens (Bt, L) of token ids after masked-LM word masking",
-    "masked_text_tokens": "ELA: Tokens (Bt, L, D) of the masked captions after the text encoder",
-    "mlm_labels": "ELA: (Bt, L) long, the original id at masked words, -100 elsewhere",
-    "cross_text_tokens": "ELA: Tokens (Bt, L, D) word states of the cross-modal encoder (row b: image b, caption b)",
-    "cross_lexicon": "ELA: (Bt, L, V) image-aware word-to-lexicon logits (masked-LM head on the cross-modal encoder)",
-    "itc_scores": "ELA: (Bi, Bt) contrastive similarity, the first stage of two-stage retrieval",
-    "itm_logits": "ELA: (P, 2) image-text matching logits of sampled pairs (not a match, a match)",
-    "itm_labels": "ELA: (P,) long, 1 for matching pairs",
-    "scores_inter": "DCPA without decoupling: (Bi, Bt) one symmetric inter-modal score (mean of both branches)",
-}
+#: The shared vocabulary of value names that flow between blocks: name -> one line for people.
+#: The typed specs (side, kind, shape) are :data:`imtm.contract.VALUE_SPECS`; a block class that
+#: declares ``values`` adds its names to both.
+VALUE_NAMES: dict[str, str] = {name: value.doc for name, value in VALUE_SPECS.items()}
 
 #: Every Component subclass defined by imtm or by a user, by class name. ``Matcher.load``
 #: rebuilds blocks only from this registry: a configuration can never import code by path.
@@ -209,10 +176,43 @@ def is_restoring_saved_weights() -> bool:
     return _RESTORING.get()
 
 
-def suggest(name: str, options) -> str:
-    """A ' Did you mean ...?' suffix for a misspelled ``name`` (empty when nothing is close)."""
-    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
+_VALIDATING: contextvars.ContextVar[frozenset] = contextvars.ContextVar("imtm_validating", default=frozenset())
+
+
+def _checking_constraints(validate):
+    """Wrap a class's own ``validate``: declared constraints first, then the hand-written checks.
+
+    Runs :func:`~imtm.contract.check_params` once per call chain (a subclass's ``validate``
+    calling ``super().validate()`` does not check twice) and marks the block as checked.
+    """
+
+    @functools.wraps(validate)
+    def checked(self, *args, **kwargs):
+        key = id(self)
+        busy = _VALIDATING.get()
+        if key in busy:
+            return validate(self, *args, **kwargs)
+        token = _VALIDATING.set(busy | {key})
+        try:
+            check_params(self)
+            out = validate(self, *args, **kwargs)
+        finally:
+            _VALIDATING.reset(token)
+        self.__dict__["_contract_checked"] = True
+        return out
+
+    return checked
+
+
+_PARAM_NAMES: dict[type, frozenset] = {}
+
+
+def _param_names(cls: type[Component]) -> frozenset:
+    """The constructor arguments of a block class (cached: ``__setattr__`` asks on every store)."""
+    names = _PARAM_NAMES.get(cls)
+    if names is None:
+        names = _PARAM_NAMES[cls] = frozenset(cls._get_param_names())
+    return names
 
 
 class Component(nn.Module):
@@ -237,11 +237,24 @@ class Component(nn.Module):
         3.0
     """
 
-    requires: ClassVar[tuple[str, ...]] = ()
-    provides: ClassVar[tuple[str, ...]] = ()
+    # Class defaults that an instance may rename (``requires=`` / ``provides=``), so not ClassVars.
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
+    #: Value names this class introduces beyond :data:`imtm.contract.VALUE_SPECS` (added when the
+    #: class is defined).
+    values: ClassVar[tuple[ValueSpec, ...]] = ()
+    #: What each constructor argument accepts (see :mod:`imtm.contract`), checked by :meth:`validate`.
+    _parameter_constraints: ClassVar[dict[str, list]] = {}
+    #: Set on an instance once :meth:`validate` passed; a new parameter value clears it.
+    _contract_checked: ClassVar[bool] = False
 
     def __init_subclass__(cls, abstract: bool = False, **kwargs):
         super().__init_subclass__(**kwargs)
+        for value in cls.__dict__.get("values", ()):
+            register_value(value)
+            VALUE_NAMES[value.name] = value.doc
+        if "validate" in cls.__dict__:
+            setattr(cls, "validate", _checking_constraints(cls.__dict__["validate"]))  # noqa: B010 - a method of cls
         # A base that cannot work as a block on its own (``class Loss(Component, abstract=True)``)
         # stays out of the registry, so no configuration can build it; its subclasses are registered.
         if not abstract:
@@ -254,6 +267,19 @@ class Component(nn.Module):
             self.requires = requires
         if provides is not None:
             self.provides = provides
+
+    def __call__(self, *args, **kwargs):
+        # A block used on its own checks its parameters on its first call (and after a parameter
+        # changes), never on every call; inside a Matcher, validate() already ran in fit. Code being
+        # compiled skips it: torch.compile traces forward, not the checks.
+        if not self._contract_checked and not torch.compiler.is_compiling():
+            self.validate()
+        return super().__call__(*args, **kwargs)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if self.__dict__.get("_contract_checked") and name in _param_names(type(self)):
+            self.__dict__["_contract_checked"] = False
 
     # ``training`` lives in ``_training``: scikit-learn's estimator checks allow an ``__init__`` to set
     # its parameters and private attributes only, and nn.Module.__init__ sets ``training``.
@@ -373,7 +399,11 @@ class Component(nn.Module):
     def __sklearn_clone__(self):
         from sklearn.base import _clone_parametrized
 
-        return _clone_parametrized(self)
+        copy = _clone_parametrized(self)
+        # The clone holds the same parameter values: checked if the original was.
+        if self.__dict__.get("_contract_checked"):
+            copy.__dict__["_contract_checked"] = True
+        return copy
 
     def __sklearn_tags__(self):
         """scikit-learn's estimator tags: a block needs no ``fit`` and takes no 2-D arrays."""
@@ -420,16 +450,22 @@ class Component(nn.Module):
         return type(self).__name__.lower()
 
     def validate(self):
-        """Check the hyper-parameters; return ``self`` (default: nothing to check).
+        """Check the hyper-parameters; return ``self``.
 
-        Blocks whose constructor arguments can be wrong override it. The Matcher
-        calls it on every block in :meth:`imtm.Matcher.validate` (so before
-        ``fit`` starts), keeping ``__init__`` a plain store of its arguments.
-        A block used alone checks on its first ``forward`` (most call ``validate()``
-        there, or their functional checks the same values). A block that builds
-        layers from its arguments (a dimension, a head count) calls ``validate()``
-        in ``__init__`` before building them, since no tensor can be built from an
-        invalid size; ``set_params`` followed by ``validate()`` still refuses a bad value.
+        Every constructor argument is checked against the class's ``_parameter_constraints``
+        (:func:`imtm.contract.check_params`, before anything a subclass adds). A subclass
+        overrides this method only for what constraints cannot say (a relation between two
+        arguments, a nested block); the declared constraints are checked first either way.
+        The Matcher calls it on every block in :meth:`imtm.Matcher.validate` (so before
+        ``fit`` starts), keeping ``__init__`` a plain store of its arguments. A block used
+        alone checks on its first call, and again after a parameter changes; ``forward``
+        never validates. A block that builds layers from its arguments (a dimension, a
+        head count) calls ``validate()`` in ``__init__`` before building them, since no
+        tensor can be built from an invalid size.
+
+        Raises:
+            imtm.contract.InvalidParameterError: an argument outside its declared constraints
+                (both a ValueError and a TypeError).
         """
         return self
 
@@ -486,6 +522,10 @@ class Component(nn.Module):
     def extra_repr(self) -> str:
         bits = [f"requires={tuple(self.requires)}", f"provides={tuple(self.provides)}"]
         return ", ".join(bits)
+
+
+# The base class's own validate checks the declared constraints too (subclasses' are wrapped above).
+Component.validate = _checking_constraints(Component.validate)  # type: ignore[method-assign]
 
 
 class LinkedComponent(Component, abstract=True):
@@ -583,10 +623,4 @@ class Loss(Component, abstract=True):
     """
 
     weight: float = 1.0
-
-    def validate(self):
-        """Check ``weight`` (a finite number >= 0); return ``self``. Subclasses add their own checks."""
-        weight = self.weight
-        if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"{type(self).__name__}: weight must be a finite number >= 0, got {weight!r}")
-        return self
+    _parameter_constraints: ClassVar[dict[str, list]] = {"weight": [Interval(Real, 0, None, closed="left")]}

@@ -714,12 +714,14 @@ class Matcher(BaseEstimator):
             captions: sequence of caption strings (or token-id sequences).
 
         Returns:
-            ``(n_images, n_captions)`` float32 CPU tensor when the pipeline provides
-            ``scores``; a pair ``(scores_i2t, scores_t2i)`` when it provides
-            direction-specific scores (rank captions with the first, images with the second).
-            Under torchrun every rank must call it with the same images and captions: each
-            encodes a share of both and scores its share of the images against all captions,
-            and rank 0 returns the gathered matrix (the others return ``None``).
+            A float32 CPU tensor, always: ``(n_images, n_captions)`` when the pipeline provides
+            ``scores``, and ``(2, n_images, n_captions)`` when it provides direction-specific
+            scores, stacked as ``[scores_i2t, scores_t2i]`` (rank captions with the first, images
+            with the second; ``s_i2t, s_t2i = m.similarity(...)`` unpacks them, and
+            :mod:`imtm.metrics` reads the stack as the pair). Under torchrun every rank must call
+            it with the same images and captions: each encodes a share of both and scores its
+            share of the images against all captions, and rank 0 returns the gathered tensor
+            (the other ranks return ``None``).
 
         The result does not depend on ``image_block`` / ``text_block`` nor, up to the same
         permutation of its rows and columns, on the order of the inputs.
@@ -760,7 +762,7 @@ class Matcher(BaseEstimator):
                 return None
         if len(self.plan_.score_values) == 1:
             return out["scores"]
-        return out["scores_i2t"], out["scores_t2i"]
+        return torch.stack([out["scores_i2t"], out["scores_t2i"]])
 
     def evaluate(self, data, protocol: str | None = None) -> dict[str, float]:
         """Retrieval metrics on an evaluation set (``images``, ``captions``, ``caption_to_image``).
@@ -1046,14 +1048,24 @@ class _CompiledCall:
     first call; when the compiled call raises, the block is run eagerly: if that raises
     too, the input was at fault and the eager error propagates unchanged; if it works,
     compilation was at fault, and the block stays eager from then on.
+
+    A block whose forward is ``compute(*prepare(*inputs))`` (a host-side ``prepare``:
+    tokenisation, input checks; a tensor-only ``compute``), such as the text encoders,
+    has only its ``compute`` compiled: ``prepare`` runs eagerly first, so new captions
+    (strings) never reach the compiler and never cause a recompilation.
     """
 
     def __init__(self, block: torch.nn.Module, name: str):
         self.block, self.name = block, name
-        self.compiled = torch.compile(block._call_impl)
+        self.split = callable(getattr(block, "prepare", None)) and callable(getattr(block, "compute", None))
+        # torch's automatic dynamic shapes: the first new batch size or token count recompiles once
+        # with symbolic sizes, later ones reuse that graph.
+        self.compiled = torch.compile(block.compute if self.split else block._call_impl)
 
     def __call__(self, *args, **kwargs):
         try:
+            if self.split:
+                return self.compiled(*self.block.prepare(*args, **kwargs))
             return self.compiled(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - any compiler failure; an input error re-raises below
             out = self.block._call_impl(*args, **kwargs)

@@ -72,7 +72,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from imtm.component import suggest
+from imtm._checks import suggest
 
 __all__ = [
     "METRIC_KEYS",
@@ -116,6 +116,8 @@ _FORMAT = "imtm.similarity"
 _FORMAT_VERSION = "1"
 
 ArrayLike = torch.Tensor | np.ndarray
+#: Similarities: one ``(n_images, n_captions)`` matrix, or direction-specific ones as a pair
+#: ``(sims_i2t, sims_t2i)`` or stacked ``(2, n_images, n_captions)`` (what ``Matcher.similarity`` returns).
 Sims = ArrayLike | tuple
 
 
@@ -158,7 +160,10 @@ def _as_matrix(x, what: str) -> torch.Tensor:
 
 
 def _is_pair(sims) -> bool:
-    # A nested list of numbers is a matrix; only a 2-sequence of arrays is a pair.
+    # A nested list of numbers is a matrix; only a 2-sequence of arrays, or a (2, n_images,
+    # n_captions) stack (what Matcher.similarity returns for direction-specific scores), is a pair.
+    if isinstance(sims, (torch.Tensor, np.ndarray)):
+        return sims.ndim == 3 and sims.shape[0] == 2
     return (
         isinstance(sims, (tuple, list))
         and len(sims) == 2

@@ -451,8 +451,8 @@ def test_shape_errors_name_both_shapes():
         retrieval_metrics(torch.randn(3, 4), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"same shape, got \(3, 4\) and \(4, 3\)"):
         retrieval_metrics((torch.randn(3, 4), torch.randn(4, 3)), [0, 1, 2, 0])
-    with pytest.raises(ValueError, match=r"expected a \(n_images, n_captions\) matrix, got shape \(2, 3, 4\)"):
-        retrieval_metrics(torch.randn(2, 3, 4), [0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"expected a \(n_images, n_captions\) matrix, got shape \(3, 3, 4\)"):
+        retrieval_metrics(torch.randn(3, 3, 4), [0, 1, 2, 0])  # (2, ...) would be a stacked pair
     with pytest.raises(ValueError, match=r"shape \(3,\) to match"):
         retrieval_ranks(torch.randn(3, 3), torch.zeros(3, 1, dtype=torch.long))
 

@@ -86,7 +86,7 @@ def test_word_masking_with_the_text_encoder(data_and_model):
     assert text(caps).num_tokens == clean.shape[1]
     with pytest.raises(TypeError, match="has no 'tokenize'"):
         WordMasking(tokenizer=torch.nn.Linear(2, 2)).validate()
-    with pytest.raises(ValueError, match=r"prob must be a number in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"prob must be a finite number in \[0, 1\]"):
         WordMasking(prob=2).validate()
 
 

@@ -23,6 +23,7 @@ from imtm.testing import (
     dtypes,
     image_ids,
     masks,
+    parametrize_with_checks,
     score_matrices,
     tokens,
 )
@@ -351,11 +352,25 @@ def test_component_inputs_extra_strategies_and_errors():
 
     draw()
     assert seen
-    with pytest.raises(ValueError, match=r"no strategy for 'token_scores' \(required by MaxPooling\).*"
-                                         r"extra=\{'token_scores': strategy\}"):
-        from imtm.components import MaxPooling
+    class NeedsBoxes(Component):
+        requires = ("word_boxes",)
+        provides = ("scores",)
 
-        component_inputs(MaxPooling())
+        def forward(self, boxes):
+            return boxes
+
+    with pytest.raises(ValueError, match=r"no strategy for 'word_boxes' \(required by NeedsBoxes\).*"
+                                         r"extra=\{'word_boxes': strategy\}"):
+        component_inputs(NeedsBoxes())
+    from imtm.components import MaxPooling
+
+    @settings(max_examples=3, deadline=None)
+    @given(v=component_inputs(MaxPooling()))  # drawn from the value specs the pooling blocks declare
+    def pooled(v):
+        assert v["token_scores"].shape == v["token_mask"].shape and v["token_mask"].dtype == torch.bool
+        check_outputs(MaxPooling(), v, MaxPooling()(v["token_scores"], v["token_mask"]))
+
+    pooled()
     with pytest.raises(ValueError, match="Did you mean 'image_tokens'"):
         component_inputs(["image_token"])
     with pytest.raises(ValueError, match="padding must be one of"):
@@ -407,3 +422,68 @@ def test_lazy_strategy_names_match_the_strategies_module():
     from imtm.testing import strategies
 
     assert sorted(imtm.testing._STRATEGIES) == sorted(strategies.__all__)
+
+
+# ---------------------------------------------------------------------- public checks, all failures, pytest ids
+def test_every_failure_is_reported_not_only_the_first():
+    class NaNAndNoisy(Project):
+        def forward(self, x):
+            out = super().forward(x).feats
+            return x.with_feats(out / 0.0 * 0.0 + torch.randn(()))
+
+    with pytest.raises(AssertionError) as info:
+        check_component(NaNAndNoisy(), image_inputs())
+    message = str(info.value)
+    for check in ("finite", "deterministic", "dtypes"):
+        assert f"check_component(NaNAndNoisy): {check} check failed" in message, (check, message)
+
+
+def test_each_check_runs_alone_and_says_when_it_does_not_apply():
+    from imtm.testing import check_functional, check_gradients, check_padding
+
+    assert check_gradients(Project(), image_inputs()) is None
+    assert check_functional(Project(), image_inputs()) == "no functional twin given"
+    with pytest.raises(AssertionError, match=r"check_padding\(ReadsPadding\): padding check failed"):
+        check_padding(ReadsPadding(), image_inputs())
+    with pytest.raises(AssertionError, match=r"check_gradients\(UnusedParameter\): gradients check failed"):
+        check_gradients(UnusedParameter(), image_inputs())
+    with pytest.raises(TypeError, match="unknown option"):
+        check_padding(Project(), image_inputs(), extra_paddings=3)
+    with pytest.raises(ValueError, match=r"inputs lacks \['image_tokens'\]"):
+        check_gradients(Project(), {})
+
+
+def test_check_outputs_without_an_output_calls_the_block():
+    check_outputs(Project(), image_inputs())
+    with pytest.raises(AssertionError, match="must be Tokens, got tuple"):
+        check_outputs(TwoOutputsDeclaredOne(), image_inputs())
+
+
+_CASES = [(Project(), image_inputs()), (ReadsPadding(), image_inputs(), {"skip": ("padding",)})]
+
+
+@parametrize_with_checks(_CASES)
+def test_parametrize_with_checks_runs_each_check(block, check):
+    check(block)
+
+
+def test_parametrize_with_checks_gives_one_id_per_check_and_fails_per_check():
+    marker = parametrize_with_checks(_CASES)
+    ids = [p.id for p in marker.args[1]]
+    assert ids[: len(CHECKS)] == [f"Project()-{c}" for c in CHECKS]
+    assert "ReadsPadding()-padding" not in ids and "ReadsPadding()-gradients" in ids
+    failing = parametrize_with_checks([(ReadsPadding(), image_inputs())])
+    results = {}
+    for param in failing.args[1]:
+        block, check = param.values
+        try:
+            check(block)
+            results[param.id] = "passed"
+        except AssertionError:
+            results[param.id] = "failed"
+    assert results["ReadsPadding()-padding"] == "failed"
+    assert results["ReadsPadding()-gradients"] == "passed"
+    with pytest.raises(ValueError, match="Did you mean 'padding'"):
+        parametrize_with_checks([(Project(), image_inputs(), {"skip": ["paddding"]})])
+    with pytest.raises(TypeError, match=r"each case is \(block, inputs\)"):
+        parametrize_with_checks([Project()])

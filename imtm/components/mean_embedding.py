@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from imtm._block_inputs import as_tokens
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens
-from imtm.functional.blocking import resolve_option
+from imtm.contract import Options
 
 __all__ = ["SIDES", "MeanEmbedding"]
 
@@ -78,16 +78,9 @@ class MeanEmbedding(Component):
         self._follow_option(old, "side", _side_defaults, params)
         return self
 
-    def validate(self) -> MeanEmbedding:
-        """Check the hyper-parameters; return ``self``."""
-        where = type(self).__name__
-        resolve_option(self.side, SIDES, name="side", where=where)
-        if not isinstance(self.skip_prefix, bool):
-            raise TypeError(f"{where}: skip_prefix must be True or False, got {self.skip_prefix!r}")
-        return self
+    _parameter_constraints = {"side": [Options(SIDES)], "skip_prefix": ["boolean"]}
 
     def forward(self, tokens) -> torch.Tensor:
-        self.validate()
         tokens = as_tokens(self, tokens, f"{self.side} tokens").check(type(self).__name__)
         return tokens.masked_mean(skip_prefix=self.skip_prefix)
 

@@ -6,8 +6,8 @@ from numbers import Integral
 
 import torch
 
+from imtm._block_inputs import named_errors
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import named_errors
 from imtm.functional.mining import check_mining_args, distance_weighted_negatives
 
 __all__ = ["DistanceWeightedMiner"]

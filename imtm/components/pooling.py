@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from imtm.component import Component
-from imtm.functional.pooling import check_temperature, masked_pool
+from imtm.contract import POSITIVE, InstanceOf, ValueSpec
+from imtm.functional.pooling import masked_pool
 
 __all__ = ["LSEPooling", "MaxPooling", "MeanPooling", "SoftmaxPooling", "SumPooling"]
 
@@ -26,18 +27,19 @@ class _Pooling(Component, abstract=True):
 
     requires = ("token_scores", "token_mask")
     provides = ("scores",)
+    values = (
+        ValueSpec("token_scores", "pair", "tensor", ("Bi", "Bt", "M"),
+                  "(Bi, Bt, M) per-token scores to pool, e.g. each word's best region (any (*, M) works)"),
+        ValueSpec("token_mask", "pair", "tensor", ("Bi", "Bt", "M"),
+                  "(Bi, Bt, M) bool: the tokens that count (anything broadcastable to token_scores works)"),
+    )
     _pooling: str = ""
 
     def _temperature(self) -> float:
         return 1.0
 
-    def validate(self) -> _Pooling:
-        """Check ``dim`` (an int) and the temperature (a finite number > 0); return ``self``."""
-        where = type(self).__name__
-        if isinstance(self.dim, bool) or not isinstance(self.dim, int):
-            raise TypeError(f"{where}: dim must be an int (the axis to pool), got {self.dim!r}")
-        check_temperature(self._temperature(), where=where)
-        return self
+    # ``temperature`` applies to the poolings that take one (softmax, log-sum-exp).
+    _parameter_constraints = {"dim": [InstanceOf(int)], "temperature": [POSITIVE]}
 
     def forward(self, token_scores: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         # masked_pool checks the temperature and dim itself on every call.

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from numbers import Real
 
 import torch
 from torch import nn
 
+from imtm._block_inputs import named_errors
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import named_errors
-from imtm.functional.blocking import resolve_option
+from imtm.contract import POSITIVE, Interval, Options
 from imtm.functional.dias import (
     DISTANCES,
     MASK_RULES,
@@ -18,7 +17,6 @@ from imtm.functional.dias import (
     sparse_correlation_mask,
     spatial_differences,
 )
-from imtm.functional.pooling import check_temperature
 
 __all__ = ["SparseCorrelation"]
 
@@ -101,25 +99,20 @@ class SparseCorrelation(Component):
         else:
             self.register_parameter("learned_beta", None)
 
-    def validate(self) -> SparseCorrelation:
-        """Check the hyper-parameters; return ``self``."""
-        where = type(self).__name__
-        resolve_option(self.kind, SPATIAL_KINDS, name="kind", where=where)
-        resolve_option(self.distance, DISTANCES, name="distance", where=where)
-        resolve_option(self.rule, MASK_RULES, name="rule", where=where)
-        check_temperature(self.temperature, where=where)
-        if not isinstance(self.learnable, bool):
-            raise TypeError(f"{where}: learnable must be True or False, got {self.learnable!r}")
-        if isinstance(self.beta, bool) or not isinstance(self.beta, Real) or not math.isfinite(self.beta):
-            raise ValueError(f"{where}: beta must be a finite number, got {self.beta!r}")
-        return self
+    _parameter_constraints = {
+        "kind": [Options(SPATIAL_KINDS)],
+        "distance": [Options(DISTANCES)],
+        "rule": [Options(MASK_RULES)],
+        "temperature": [POSITIVE],
+        "learnable": ["boolean"],
+        "beta": [Interval(Real, None, None)],
+    }
 
     def current_beta(self):
         """The threshold scale in use: the learned parameter (a 0-d tensor) or ``beta``."""
         return self.beta if self.learned_beta is None else self.learned_beta
 
     def forward(self, image_embedding, text_embedding) -> torch.Tensor:
-        self.validate()
         with named_errors(self):
             diff = spatial_differences(image_embedding, text_embedding, kind=self.kind, distance=self.distance)
             return sparse_correlation_mask(diff, self.current_beta(), temperature=self.temperature, rule=self.rule)

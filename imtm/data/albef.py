@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from imtm.data.image_files import ImageFileDataset, group_by_image, resolve_under
-from imtm.data.karpathy import _load_json
+from imtm.data.karpathy import load_json
 
 __all__ = ["AlbefJsonDataset"]
 
@@ -83,7 +83,7 @@ class AlbefJsonDataset(ImageFileDataset):
         keys, captions = [], []
         first_source, ext_id = {}, {}
         for path in files:
-            data = _load_json(path, who)
+            data = load_json(path, who)
             if not isinstance(data, list):
                 raise ValueError(
                     f"{who}: {path.name} must hold a JSON list of entries {{image, caption}}, got {type(data).__name__}"

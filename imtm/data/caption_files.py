@@ -26,10 +26,10 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from imtm.component import suggest
+from imtm._checks import suggest
 from imtm.data.image_files import ImageFileDataset, check_captions_per_image, group_by_image
-from imtm.data.karpathy import _load_json
-from imtm.data.precomp import _parse_ids, _read_lines
+from imtm.data.karpathy import load_json
+from imtm.data.precomp import parse_ids, read_lines
 
 __all__ = ["CaptionFileDataset"]
 
@@ -110,8 +110,8 @@ class CaptionFileDataset(ImageFileDataset):
             )
         self.caps_path, self.ids_path = str(caps_path), str(ids_path)
         captions = self._read_captions(caps_path)
-        id_lines = _read_lines(ids_path, who)
-        ids = _parse_ids(id_lines, ids_path, who, "image id").tolist()
+        id_lines = read_lines(ids_path, who)
+        ids = parse_ids(id_lines, ids_path, who, "image id").tolist()
         n_caps, n_ids = len(captions), len(ids)
         if n_ids == n_caps:
             line_of_caption = list(range(n_caps))
@@ -194,7 +194,7 @@ class CaptionFileDataset(ImageFileDataset):
                 )
             id_mapping = found
         path = Path(id_mapping)
-        table = _load_json(path, "CaptionFileDataset", "id mapping file")
+        table = load_json(path, "CaptionFileDataset", "id mapping file")
         if not isinstance(table, dict):
             raise ValueError(f"CaptionFileDataset: {str(path)!r} must hold a JSON object {{id: file}}, got {type(table).__name__}")
         return _Lookup({str(k): v for k, v in table.items()}), repr(str(path))
@@ -221,7 +221,7 @@ class CaptionFileDataset(ImageFileDataset):
     @staticmethod
     def _read_captions(path: Path) -> list[str]:
         captions = []
-        for n, line in enumerate(_read_lines(path, "CaptionFileDataset"), start=1):
+        for n, line in enumerate(read_lines(path, "CaptionFileDataset"), start=1):
             text = line.strip()
             if not text:
                 raise ValueError(

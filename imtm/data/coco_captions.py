@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from imtm.data.image_files import ImageFileDataset, check_captions_per_image, resolve_under
-from imtm.data.karpathy import _load_json
+from imtm.data.karpathy import load_json
 
 __all__ = ["CocoCaptionsDataset"]
 
@@ -88,7 +88,7 @@ class CocoCaptionsDataset(ImageFileDataset):
         self.json_path = str(path)
         self.image_root = None if image_root is None else str(image_root)
         check_captions_per_image(captions_per_image, who)
-        data = _load_json(path, who)
+        data = load_json(path, who)
         if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
                 or not isinstance(data.get("annotations"), list):
             keys = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__

@@ -12,7 +12,7 @@ import csv
 from collections.abc import Callable
 from pathlib import Path
 
-from imtm.component import suggest
+from imtm._checks import suggest
 from imtm.data.image_files import ImageFileDataset, group_by_image, resolve_under
 
 __all__ = ["CsvDataset"]

@@ -440,7 +440,7 @@ def dataset_from_format(fmt: str, annotations, split: str, image_root=None, tran
     ``split`` selects the split for ``karpathy`` and ``caption-files``; an ALBEF or CSV file
     is one split already.
     """
-    from imtm.component import suggest
+    from imtm._checks import suggest
 
     if fmt == "karpathy":
         from imtm.data.karpathy import KarpathyDataset

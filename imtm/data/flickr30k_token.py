@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from imtm.data.image_files import ImageFileDataset, check_captions_per_image
-from imtm.data.precomp import _read_lines
+from imtm.data.precomp import read_lines
 
 __all__ = ["Flickr30kTokenDataset", "parse_token_lines"]
 
@@ -114,7 +114,7 @@ class Flickr30kTokenDataset(ImageFileDataset):
             image_root = path.parent / "flickr30k-images" if (path.parent / "flickr30k-images").is_dir() else path.parent
         root = Path(image_root)
         self.image_root = str(root)
-        rows = parse_token_lines(_read_lines(path, who), repr(str(path)))
+        rows = parse_token_lines(read_lines(path, who), repr(str(path)))
         captions_of: dict[str, list[str]] = {}
         for file, _, caption in rows:
             captions_of.setdefault(file, []).append(caption)

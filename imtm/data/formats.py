@@ -42,7 +42,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from imtm.component import suggest
+from imtm._checks import suggest
 
 __all__ = ["FORMATS", "SPLITS", "SYNTHETIC_ENV", "attach_model_transforms", "image_encoder", "load_dataset",
            "set_image_transform", "synthetic_sizes"]

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from imtm._checks import suggest
 from imtm._io import read_json
-from imtm.component import suggest
 from imtm.data.image_files import ImageFileDataset, check_captions_per_image
 
 __all__ = ["KarpathyDataset"]
@@ -33,7 +33,7 @@ SPLITS = ("train", "val", "test", "restval")
 _ALIASES = {"dev": "val"}
 
 
-def _load_json(path: Path, who: str, what: str = "annotation file"):
+def load_json(path: Path, who: str, what: str = "annotation file"):
     """Read a UTF-8 JSON file (a byte-order mark allowed); errors name ``who`` and the file.
 
     Through :func:`imtm._io.read_json`: a regular file only (a FIFO or device is refused, not
@@ -113,7 +113,7 @@ class KarpathyDataset(ImageFileDataset):
         self.restval = restval
         check_captions_per_image(captions_per_image, who)
         wanted = self._resolve_splits(split, restval)
-        data = _load_json(json_path, who)
+        data = load_json(json_path, who)
         entries = data.get("images") if isinstance(data, dict) else None
         if not isinstance(entries, list):
             raise ValueError(

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imtm._checks import suggest
 from imtm._io import check_npy_size
-from imtm.component import suggest
 from imtm.data.base import ImageCaptionDataset
 from imtm.data.vocabulary import Vocabulary
 
@@ -155,7 +155,7 @@ class PrecompImages:
         return f"PrecompImages({self.path!r}, shape={self.shape}, mmap={self.mmap}, step={self.step})"
 
 
-def _read_lines(path: Path, who: str = "PrecompDataset") -> list[str]:
+def read_lines(path: Path, who: str = "PrecompDataset") -> list[str]:
     try:
         # utf-8-sig: a byte-order mark is not glued to the first caption or id.
         with open(path, encoding="utf-8-sig") as f:
@@ -169,7 +169,7 @@ def _read_lines(path: Path, who: str = "PrecompDataset") -> list[str]:
     return [line.rstrip("\r") for line in lines]
 
 
-def _parse_ids(lines: list[str], path: Path, who: str = "PrecompDataset", what: str = "id") -> torch.Tensor:
+def parse_ids(lines: list[str], path: Path, who: str = "PrecompDataset", what: str = "id") -> torch.Tensor:
     """``(L,)`` long ids, one per line; a line that is not an integer is a ValueError naming it."""
     ids = []
     for n, line in enumerate(lines, start=1):
@@ -286,8 +286,8 @@ class PrecompDataset(ImageCaptionDataset):
         n_caps = len(captions)
         rows = PrecompImages(ims_path, mmap=mmap)
         n_rows = rows.n_rows
-        id_lines = _read_lines(ids_path) if ids_path.is_file() else None
-        ids = _parse_ids(id_lines, ids_path) if id_lines is not None else None
+        id_lines = read_lines(ids_path) if ids_path.is_file() else None
+        ids = parse_ids(id_lines, ids_path) if id_lines is not None else None
 
         cpi, step = (int(v) for v in self._resolve_layout(n_rows, n_caps, captions_per_image, ids, ims_path, caps_path))
         images = PrecompImages(ims_path, mmap=mmap, step=step) if step > 1 else rows
@@ -325,7 +325,7 @@ class PrecompDataset(ImageCaptionDataset):
 
     @staticmethod
     def _read_captions(caps_path: Path) -> list[str]:
-        lines = _read_lines(caps_path)
+        lines = read_lines(caps_path)
         captions = []
         for n, line in enumerate(lines, start=1):
             text = line.strip()

@@ -43,7 +43,7 @@ def resolve_data_config(encoder_or_config: Any) -> dict:
     elif isinstance(obj, dict):
         unknown = set(obj) - set(_CONFIG_KEYS) - {"img_size"}
         if unknown:
-            from imtm.component import suggest
+            from imtm._checks import suggest
 
             name = min(unknown)
             raise ValueError(
@@ -56,7 +56,7 @@ def resolve_data_config(encoder_or_config: Any) -> dict:
 
         pretrained = timm.models.get_pretrained_cfg(obj)
         if pretrained is None:
-            from imtm.component import suggest
+            from imtm._checks import suggest
 
             raise ValueError(
                 f"image_transform: {obj!r} is not a timm model name with a pretrained config."

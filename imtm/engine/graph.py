@@ -7,9 +7,11 @@ runs once per image (or per caption) and its outputs are cached. A block whose
 inputs depend on both sides is *pairwise*: it runs on blocks of images x
 captions. Losses run only in training.
 
-DESIGN.md splits the list at the first pairwise block; tracing each value is the
+The first design split the list at the first pairwise block; tracing each value is the
 same split for the usual ordering and also accepts a single-modality block placed
-after a scorer (for example a lexicon head that only a loss reads).
+after a scorer (for example a lexicon head that only a loss reads). See
+``docs/design.md`` ("How a Matcher runs the blocks"). The side of each batch value comes
+from the vocabulary of :mod:`imtm.contract`.
 """
 
 from __future__ import annotations
@@ -20,18 +22,14 @@ from typing import Any, Sequence
 import torch
 
 from imtm.component import COMPONENT_REGISTRY, Component, Loss
+from imtm.contract import side_of
 
 __all__ = ["Plan", "PipelineError", "BATCH_VALUES", "SCORE_VALUES", "build_plan", "name_components"]
 
 IMAGE, TEXT = "image", "text"
 
-#: Values a batch provides, and the side each depends on.
-BATCH_VALUES: dict[str, frozenset] = {
-    "images": frozenset({IMAGE}),
-    "texts": frozenset({TEXT}),
-    "image_ids": frozenset({TEXT}),
-    "positives": frozenset({IMAGE, TEXT}),
-}
+#: Values a batch provides, and the sides each depends on (from their value specs).
+BATCH_VALUES: dict[str, frozenset] = {name: side_of(name) for name in ("images", "texts", "image_ids", "positives")}
 
 #: The score values evaluation ranks with: one shared matrix, or one per direction.
 SCORE_VALUES = ("scores", "scores_i2t", "scores_t2i")

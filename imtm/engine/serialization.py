@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from imtm import _io
+from imtm._assets import ASSETS, AssetPath
 from imtm._io import MAX_JSON_DEPTH
 from imtm.component import (
     COMPONENT_REGISTRY,
@@ -67,37 +68,9 @@ def loads_json(text: str | bytes, where: str) -> Any:
 
 
 # ---------------------------------------------------------------------- files inside a model folder
-class _Assets:
-    """The marker :data:`ASSETS` (one instance)."""
-
-    def __repr__(self) -> str:
-        return "ASSETS"
-
-
-#: A value of :meth:`imtm.Component.portable_params`: "this block's own folder inside the saved
-#: model folder". ``config.json`` stores it as ``{"__asset__": "<block name>"}``.
-ASSETS = _Assets()
-
 #: A block's asset folder name (its block name): letters, digits, ``_``, ``-``, ``.``; no leading dot.
 _ASSET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
-
-class AssetPath(str):
-    """The path of a block's asset folder inside a loaded model folder (a ``str``).
-
-    Remembers the relative name (:attr:`asset`) so that saving the loaded model again
-    stores ``{"__asset__": name}``, never the absolute path it was loaded from.
-    """
-
-    asset: str
-
-    def __new__(cls, path: str, asset: str):
-        obj = super().__new__(cls, path)
-        obj.asset = asset
-        return obj
-
-    def __reduce__(self):
-        return (AssetPath, (str(self), self.asset))
 
 
 _ASSET_ROOT: contextvars.ContextVar = contextvars.ContextVar("imtm_asset_root", default=None)

@@ -25,7 +25,10 @@ Two engines share this plan:
   (bidirectional max-mean alignment, top-k aggregation).
 
 Neither engine validates its inputs (that needs a device synchronisation);
-call :func:`check_pair_inputs` once at the boundary. Gradients flow through
+call :func:`check_pair_inputs` once at the boundary. Both engines and the check
+plan on the host (lengths, block sizes), so they always run eagerly, also inside
+a ``torch.compile``-d block (``torch.compiler.disable``): new caption lengths
+never trigger a recompilation, and the products run at ``torch.mm``'s speed either way. Gradients flow through
 both engines; the blocks are cut with :func:`torch.split`, whose backward
 assembles the gradient in one step, so a blocked training step costs no more
 than an unblocked one.
@@ -38,14 +41,14 @@ query tokens in total.
 from __future__ import annotations
 
 import bisect
-import difflib
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from imtm._checks import resolve_option
 from imtm.tokens import check_finite, l2_normalize
 
 __all__ = [
@@ -64,6 +67,7 @@ __all__ = [
     "pack_tokens",
     "plan_query_blocks",
     "resolve_option",
+    "check_side",
 ]
 
 #: Default budget on CPU: numbers in one block's similarity matrix (64 MiB in float32). Each
@@ -88,20 +92,6 @@ PairReduceFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 # ---------------------------------------------------------------------------- checks
-def resolve_option(value, options: Mapping, *, name: str, where: str):
-    """``options[value]``, or a ``ValueError`` that lists the options and suggests the closest.
-
-    Example:
-        >>> resolve_option("visual", {"visual": 0, "textual": 1}, name="codebook", where="f")
-        0
-    """
-    if isinstance(value, str) and value in options:
-        return options[value]
-    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"{where}: {name} must be one of {sorted(options)}, got {value!r}.{hint}")
-
-
 def _check_real_finite(x: torch.Tensor, mask: torch.Tensor | None, what: str) -> None:
     # One pass over the features (a sum per token: NaN and inf survive it) instead of the three
     # of isfinite(); the exact count runs only when something is wrong. A sum can also overflow
@@ -113,7 +103,7 @@ def _check_real_finite(x: torch.Tensor, mask: torch.Tensor | None, what: str) ->
         check_finite(x[mask] if mask is not None else x, what)
 
 
-def _check_side(x, mask, name: str, where: str) -> torch.Tensor | None:
+def check_side(x, mask, name: str, where: str) -> torch.Tensor | None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where}: {name} must be a tensor of shape (B, N, D), got {type(x).__name__}")
     if x.dim() != 3:
@@ -148,6 +138,7 @@ def _check_side(x, mask, name: str, where: str) -> torch.Tensor | None:
     return None if bool(mask.all()) else mask
 
 
+@torch.compiler.disable
 def check_pair_inputs(
     images: torch.Tensor,
     texts: torch.Tensor,
@@ -180,8 +171,8 @@ def check_pair_inputs(
         >>> vm is None and tm is None
         True
     """
-    image_mask = _check_side(images, image_mask, "images", where)
-    text_mask = _check_side(texts, text_mask, "texts", where)
+    image_mask = check_side(images, image_mask, "images", where)
+    text_mask = check_side(texts, text_mask, "texts", where)
     if images.shape[-1] != texts.shape[-1]:
         raise ValueError(
             f"{where}: images and texts must share the feature dimension D, got images "
@@ -413,12 +404,14 @@ def _repad_index(packed: PackedTokens, q0: int, q1: int) -> tuple[torch.Tensor |
         # Every set of the block is a full prefix of the same length: the packed rows already
         # are the (b_q, L_blk) layout, so no gather and no mask.
         return None, None, width
+    assert packed.mask is not None  # no mask means every set is full, which returned above
     mask = packed.mask[q0:q1, :width]
     local = packed.positions[q0:q1, :width] - packed.offsets[q0]
     index = torch.where(mask, local, torch.zeros((), dtype=local.dtype, device=local.device))
     return index.reshape(-1), mask, width
 
 
+@torch.compiler.disable
 def blocked_query_scores(
     keys: torch.Tensor,
     queries: torch.Tensor,
@@ -560,6 +553,7 @@ def blocked_query_scores(
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
+@torch.compiler.disable
 def blocked_pair_scores(
     images: torch.Tensor,
     texts: torch.Tensor,

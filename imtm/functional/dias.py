@@ -31,13 +31,13 @@ References:
 
 from __future__ import annotations
 
-import difflib
 import math
 from numbers import Real
 
 import torch
 import torch.nn.functional as F
 
+from imtm._checks import suggest
 from imtm.tokens import check_finite
 
 __all__ = [
@@ -64,15 +64,11 @@ DISTANCE_EPS = 1e-12
 NORM_EPS = 1e-8
 
 
-def _suggest(name, options) -> str:
-    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
-
 
 def _resolve(value, options, name: str, fn: str):
     if isinstance(value, str) and value in options:
         return options[value]
-    raise ValueError(f"{fn}: {name} must be one of {sorted(options)}, got {value!r}." + _suggest(value, options))
+    raise ValueError(f"{fn}: {name} must be one of {sorted(options)}, got {value!r}." + suggest(value, options))
 
 
 def _check_positive(value, name: str, fn: str) -> float:
@@ -372,7 +368,7 @@ def word_region_pairs(
     for mask, shape, what in ((image_mask, (b, n), "image_mask"), (text_mask, (b, m), "text_mask")):
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
             raise ValueError(f"{fn}: {what} must be a bool tensor of shape {shape}")
-    if not bool(image_mask.any(1).all()):
+    if not torch.compiler.is_compiling() and not bool(image_mask.any(1).all()):
         raise ValueError(f"{fn}: an image has no real region (every position of its image_mask is False)")
     with torch.no_grad():
         sims = F.normalize(text_tokens, dim=-1, eps=NORM_EPS) @ F.normalize(image_tokens, dim=-1, eps=NORM_EPS).transpose(1, 2)

@@ -7,12 +7,13 @@ Shape glossary: ``B`` pairs (image ``b`` with caption ``b``), ``N`` patches,
 
 from __future__ import annotations
 
-import difflib
 import math
 from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
+
+from imtm._checks import suggest
 
 __all__ = [
     "AUTHORS_SCALE",
@@ -32,10 +33,6 @@ KL_DIRECTIONS = ("prediction_first", "target_first")
 #: Label value of positions that a masked-LM loss ignores (PyTorch's cross-entropy default).
 IGNORE_INDEX = -100
 
-
-def _suggest(name, options) -> str:
-    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 #: The authors' scale of the plan-times-cosine product before its softmax: ``scale = 2e3`` in
@@ -197,7 +194,7 @@ def expansive_soft_labels(
     if label_weights not in LABEL_WEIGHTS:
         raise ValueError(
             f"{fn}: label_weights must be one of {sorted(LABEL_WEIGHTS)}, got {label_weights!r}."
-            + _suggest(label_weights, LABEL_WEIGHTS)
+            + suggest(label_weights, LABEL_WEIGHTS)
         )
     if isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1:
         raise ValueError(f"{fn}: top_k must be a positive integer, got {top_k!r}")
@@ -289,7 +286,7 @@ def lexicon_kl_loss(
     fn = "lexicon_kl_loss"
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"{fn}: reduction must be one of ['mean', 'none', 'sum'], got {reduction!r}."
-                         + _suggest(reduction, ("mean", "sum", "none")))
+                         + suggest(reduction, ("mean", "sum", "none")))
     if logits.dim() != 2 or logits.shape != target.shape:
         raise ValueError(f"{fn}: logits and target must both have shape (K, V), got {tuple(logits.shape)} "
                          f"and {tuple(target.shape)}")
@@ -297,7 +294,7 @@ def lexicon_kl_loss(
         raise ValueError(f"{fn}: eps must be a number > 0, got {eps!r}")
     if direction not in KL_DIRECTIONS:
         raise ValueError(f"{fn}: direction must be one of {sorted(KL_DIRECTIONS)}, got {direction!r}."
-                         + _suggest(direction, KL_DIRECTIONS))
+                         + suggest(direction, KL_DIRECTIONS))
     # At least float32: a bf16 / fp16 log-softmax over a vocabulary loses the small probabilities.
     log_p = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     y = target.detach().to(log_p.dtype)

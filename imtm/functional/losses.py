@@ -11,13 +11,13 @@ decoupled branches).
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Sequence
 from numbers import Real
 
 import torch
 
+from imtm._checks import suggest
 from imtm.tokens import check_finite
 
 __all__ = ["PAIR_COUNTS", "REDUCTIONS", "info_nce_loss", "row_multiplicity", "triplet_loss"]
@@ -39,11 +39,6 @@ def _reduce_none(cost: torch.Tensor, n_pairs: torch.Tensor) -> torch.Tensor:
 #: How ``triplet_loss`` reduces its ``(Bi, Bt)`` matrix of per-positive-pair terms.
 REDUCTIONS = {"sum": _reduce_sum, "mean": _reduce_mean, "none": _reduce_none}
 
-
-def _suggest(name, options) -> str:
-    # functional/ imports nothing of imtm but tokens, so the "did you mean" lives here too.
-    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def _split_scores(scores, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +88,10 @@ def _check_positives(positives, shape: torch.Size, device: torch.device, fn: str
         )
     if positives.device != device:
         raise ValueError(f"{fn}: positives are on {positives.device} but scores are on {device}")
-    if not bool(positives.any()):
+    # A value check (a device synchronisation) is left out inside a compiled region, so that the
+    # losses compile with fullgraph=True; Matcher.fit builds positives from image ids, which
+    # gives every caption its own image, so a batch there always has a matching pair.
+    if not torch.compiler.is_compiling() and not bool(positives.any()):
         raise ValueError(
             f"{fn}: positives holds no True entry; every batch needs at least one matching pair"
         )
@@ -195,8 +193,10 @@ def _check_negatives(negatives, positives: torch.Tensor, fn: str) -> tuple[torch
     for idx, what, high in ((i2t, "i2t", bt), (t2i, "t2i", bi)):
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or tuple(idx.shape) != (bi, bt):
             raise ValueError(f"{fn}: negatives {what} must be a long tensor of shape {(bi, bt)}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= high):
+        if idx.numel() and not torch.compiler.is_compiling() and (int(idx.min()) < 0 or int(idx.max()) >= high):
             raise ValueError(f"{fn}: negatives {what} holds indices outside [0, {high})")
+    if torch.compiler.is_compiling():
+        return i2t, t2i  # the value checks below synchronise; they run eagerly only
     # A mined "negative" that is a positive would push a match away: refuse it where it counts.
     rows = torch.arange(bi, device=positives.device)[:, None]
     cols = torch.arange(bt, device=positives.device)[None, :]
@@ -300,7 +300,7 @@ def triplet_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(
             f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}."
-            + _suggest(reduction, REDUCTIONS)
+            + suggest(reduction, REDUCTIONS)
         )
     check_finite(s_i2t, f"{fn}: scores")
     if s_t2i is not s_i2t:
@@ -329,7 +329,7 @@ def _resolve_count(count_pairs, fn: str):
     if isinstance(count_pairs, str) and count_pairs in PAIR_COUNTS:
         return PAIR_COUNTS[count_pairs]
     raise ValueError(
-        f"{fn}: count_pairs must be one of {sorted(PAIR_COUNTS)}, got {count_pairs!r}." + _suggest(count_pairs, PAIR_COUNTS)
+        f"{fn}: count_pairs must be one of {sorted(PAIR_COUNTS)}, got {count_pairs!r}." + suggest(count_pairs, PAIR_COUNTS)
     )
 
 
@@ -398,7 +398,7 @@ def info_nce_loss(scores, positives: torch.Tensor, temperature=0.05) -> torch.Te
     elif (
         isinstance(temperature, bool)
         or not isinstance(temperature, Real)
-        or not (0 < temperature < math.inf)
+        or not (0 < float(temperature) < math.inf)
     ):
         raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
     check_finite(s_i2t, f"{fn}: scores")

@@ -24,7 +24,7 @@ ANTIPODE_EPS = 1e-6
 
 
 def _check_number(value, name: str, fn: str, low: float, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not (low < value < high):
+    if isinstance(value, bool) or not isinstance(value, Real) or not (low < float(value) < high):
         raise ValueError(f"{fn}: {name} must be a number in ({low}, {high}), got {value!r}")
     return float(value)
 

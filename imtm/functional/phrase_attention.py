@@ -184,7 +184,7 @@ def _check_weights(w, dim: int, heads, where: str, what: str, like: torch.Tensor
             raise ValueError(f"{where}: {what}.{name} must have shape {shape} for D={dim}, got {got}")
         if like is not None and tensor.device != like.device:
             raise ValueError(f"{where}: {what}.{name} is on {tensor.device} but the tokens are on {like.device}")
-        if same_dtype and tensor.dtype != like.dtype:
+        if same_dtype and like is not None and tensor.dtype != like.dtype:
             raise TypeError(
                 f"{where}: {what}.{name} is {tensor.dtype} but the tokens are {like.dtype}; "
                 "cast the weights (or the tokens) to one dtype"

@@ -82,6 +82,7 @@ def sparse_alignment_from_cosines(
         im = None if image_mask is None else image_mask.unsqueeze(-1)
         part = _masked_max_mean(sims, im, text_mask, max_dim=-2)
         total = part if total is None else total + part
+    assert total is not None  # DIRECTIONS maps every option to at least one direction
     return total
 
 

@@ -11,10 +11,11 @@ import math
 
 import torch
 
+from imtm._checks import check_option
 from imtm.functional.blocking import (
     EPS,
-    _check_side,
     check_block_args,
+    check_side,
     default_block_elements,
     normalize_tokens,
 )
@@ -33,13 +34,7 @@ AVERAGES = ("features", "cosines")
 
 def check_average(average, *, where: str) -> str:
     """``average`` if it is one of :data:`AVERAGES`, else a ValueError with a suggestion."""
-    if average not in AVERAGES:
-        import difflib
-
-        close = difflib.get_close_matches(str(average), AVERAGES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"{where}: average must be one of {sorted(AVERAGES)}, got {average!r}.{hint}")
-    return average
+    return check_option(average, AVERAGES, name="average", where=where)
 
 
 def check_k(k, *, where: str) -> int | None:
@@ -172,7 +167,7 @@ def topk_mean_scores(
     check_k(k, where=where)
     check_average(average, where=where)
     budget, compute_dtype = check_block_args(max_block_elements, compute_dtype, where=where)
-    image_mask = _check_side(images, image_mask, "images", where)
+    image_mask = check_side(images, image_mask, "images", where)
     if not isinstance(texts, torch.Tensor):
         raise TypeError(f"{where}: texts must be a tensor of shape (Bt, D), got {type(texts).__name__}")
     if texts.dim() != 2:

@@ -24,12 +24,14 @@ target tokens (words).
 
 from __future__ import annotations
 
-import difflib
 import math
 import warnings
+from collections.abc import Callable
 from numbers import Integral, Real
 
 import torch
+
+from imtm._checks import suggest
 
 __all__ = ["TRANSPORT_METHODS", "cosine_cost", "flush_threshold", "transport_cost", "transport_plan"]
 
@@ -47,10 +49,6 @@ def flush_threshold(dtype: torch.dtype) -> float:
     """
     return math.sqrt(torch.finfo(dtype).tiny)
 
-
-def _suggest(name, options) -> str:
-    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def _marginals(cost: torch.Tensor, source_mask, target_mask):
@@ -94,7 +92,7 @@ def _ipot(cost, a, b, ms, mt, *, beta: float, n_iter: int, inner_iter: int, flus
             plan = q.mul_(u.unsqueeze(2)).mul_(v.unsqueeze(1))
             # Flush would-be denormals to zero (see flush_threshold): they are slow on some CPUs.
             # (threshold_ is one fused pass; a compare + masked_fill was ~50x slower here.)
-            torch.nn.functional.threshold_(plan, threshold, 0.0)
+            torch.nn.functional.threshold_(plan, threshold, 0.0)  # type: ignore[attr-defined]
         else:
             plan = torch.nn.functional.threshold(u.unsqueeze(2) * q * v.unsqueeze(1), threshold, 0.0)
     return plan
@@ -178,7 +176,7 @@ def _run_sinkhorn(cost, a, b, ms, mt, *, reg, n_iter, **_):
 #: The solvers of :func:`transport_plan`. ``"ipot"`` and ``"sinkhorn"`` are batched torch
 #: programs (differentiable, on the inputs' device); ``"emd"`` and ``"pot_sinkhorn"`` call
 #: POT once per problem on its real tokens (no gradient; a reference, not a hot path).
-TRANSPORT_METHODS = {
+TRANSPORT_METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "ipot": _run_ipot,
     "sinkhorn": _run_sinkhorn,
     "emd": _emd,
@@ -282,14 +280,14 @@ def transport_plan(
         raise TypeError(f"{fn}: cost must be floating point, got {cost.dtype}")
     if method not in TRANSPORT_METHODS:
         raise ValueError(
-            f"{fn}: method must be one of {sorted(TRANSPORT_METHODS)}, got {method!r}." + _suggest(method, TRANSPORT_METHODS)
+            f"{fn}: method must be one of {sorted(TRANSPORT_METHODS)}, got {method!r}." + suggest(method, TRANSPORT_METHODS)
         )
     for name, value in (("n_iter", n_iter), ("inner_iter", inner_iter)):
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
             raise ValueError(f"{fn}: {name} must be a positive integer, got {value!r}")
-    for name, value in (("beta", beta), ("reg", reg)):
-        if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < math.inf:
-            raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value!r}")
+    for name, number in (("beta", beta), ("reg", reg)):
+        if isinstance(number, bool) or not isinstance(number, Real) or not 0 < float(number) < math.inf:
+            raise ValueError(f"{fn}: {name} must be a finite number > 0, got {number!r}")
     b, n, m = cost.shape
     _check_mask(source_mask, (b, n), "source_mask", fn, cost.device)
     _check_mask(target_mask, (b, m), "target_mask", fn, cost.device)

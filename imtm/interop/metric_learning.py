@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from imtm.component import suggest
+from imtm._checks import suggest
 
 __all__ = ["DIRECTIONS", "ScoreMatrixDistance", "labels_from_positives", "pairs_to_triplets",  # noqa: F822
            "pml_loss", "pml_loss_on_scores", "tuple_triplet_loss"]

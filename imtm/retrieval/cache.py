@@ -96,19 +96,19 @@ def load_values(folder: Path, spec: dict, mmap: bool = True, size: int | None = 
         ValueError: a file is truncated, damaged or of the wrong shape (its rows differ from ``size``,
             a mask that does not match its features); the message names the file.
     """
-    from imtm.retrieval.index import _load_array
+    from imtm.retrieval.index import load_array
 
     out = {}
     for name, s in spec.items():
         feats_path = Path(folder) / f"{name}.feats.npy"
-        feats = _load_array(feats_path, mmap, "TwoStageRetriever.load")
+        feats = load_array(feats_path, mmap, "TwoStageRetriever.load")
         if feats.ndim == 0 or (size is not None and feats.shape[0] != size):
             raise ValueError(f"TwoStageRetriever.load: {feats_path} holds shape {feats.shape}, expected {size} rows "
                              "(the gallery size in retriever.json)")
         mask = None
         if s["kind"] == "tokens":
             mask_path = Path(folder) / f"{name}.mask.npy"
-            mask = _load_array(mask_path, mmap, "TwoStageRetriever.load")
+            mask = load_array(mask_path, mmap, "TwoStageRetriever.load")
             if mask.dtype != np.bool_ or mask.shape != feats.shape[:2]:
                 raise ValueError(f"TwoStageRetriever.load: {mask_path} holds {mask.dtype} of shape {mask.shape}, "
                                  f"expected a bool mask of shape {feats.shape[:2]}")

@@ -56,7 +56,7 @@ def _check_k(k: Any, n: int, where: str) -> int:
     return int(k)
 
 
-def _load_array(path: Path, mmap: bool, where: str) -> np.ndarray:
+def load_array(path: Path, mmap: bool, where: str) -> np.ndarray:
     """``np.load`` (never unpickling) of a float ``(n, D)`` array; errors name the file."""
     try:
         check_npy_size(path, where)  # before np.load allocates the declared shape
@@ -146,7 +146,7 @@ class TorchIndex:
             ValueError: the file is truncated, damaged, not numeric or not ``(n, D)``; the message names it.
         """
         path = Path(folder) / EMBEDDINGS_FILE
-        x = _load_array(path, mmap, "TorchIndex.load")
+        x = load_array(path, mmap, "TorchIndex.load")
         if x.ndim != 2:
             raise ValueError(f"TorchIndex.load: {path} holds an array of shape {x.shape}; expected (n, D)")
         return cls(x)
@@ -228,7 +228,7 @@ INDEXES: dict[str, type] = {"torch": TorchIndex, "faiss": FaissIndex}
 
 def resolve_index(name: str, where: str) -> type:
     """The index class called ``name`` (faiss checked for at once), or a ValueError with the choices."""
-    from imtm.component import suggest
+    from imtm._checks import suggest
 
     if name not in INDEXES:
         raise ValueError(f"{where}: index must be one of {sorted(INDEXES)}, got {name!r}." + suggest(name, INDEXES))

@@ -2,7 +2,10 @@
 
 - :func:`check_component`: one battery every block passes (shapes, gradients,
   dtypes, determinism, state_dict and clone round trips, padding invariance,
-  agreement with the functional twin).
+  agreement with the functional twin), reporting every failure; each of its checks
+  is also a public function (:func:`check_gradients`, :func:`check_padding`, ...).
+- :func:`parametrize_with_checks`: the battery as pytest parameters, one test id per
+  check of each block.
 - :func:`check_outputs`: the contract of one call (one output per ``provides``
   name, documented shapes, finite values), for property tests.
 - :func:`component_inputs`: one consistent dict of random values for a block's
@@ -35,7 +38,23 @@ Example:
     {'functional': 'no functional twin given'}
 """
 
-from imtm.testing.conformance import CHECKS, ConformanceReport, check_component, check_outputs
+from imtm.testing.conformance import (
+    CHECKS,
+    ConformanceReport,
+    check_clone,
+    check_component,
+    check_contract,
+    check_deterministic,
+    check_dtypes,
+    check_finite,
+    check_functional,
+    check_gradients,
+    check_inputs_unchanged,
+    check_outputs,
+    check_padding,
+    check_state_dict,
+    parametrize_with_checks,
+)
 
 #: The names of imtm.testing.strategies (the same list as its __all__), loaded on first use:
 #: importing them needs hypothesis, and check_component must not.
@@ -53,7 +72,24 @@ _STRATEGIES = (
     "tokens",
 )
 
-__all__ = ["CHECKS", "ConformanceReport", "check_component", "check_outputs", *_STRATEGIES]
+__all__ = [
+    "CHECKS",
+    "ConformanceReport",
+    "check_component",
+    "check_outputs",
+    "check_contract",
+    "check_finite",
+    "check_inputs_unchanged",
+    "check_deterministic",
+    "check_gradients",
+    "check_dtypes",
+    "check_state_dict",
+    "check_clone",
+    "check_padding",
+    "check_functional",
+    "parametrize_with_checks",
+    *_STRATEGIES,
+]
 
 
 def __getattr__(name):

@@ -1,14 +1,17 @@
-"""check_component: the conformance battery every imtm block passes.
+"""The conformance battery every imtm block passes.
 
-Like timm's test over every model and scikit-learn's ``check_estimator``: one
-function that exercises the component contract on example inputs, so a new
-block (ours or a user's) gets the same checks as every other.
+Like timm's test over every model and scikit-learn's ``check_estimator``: public
+``check_*`` functions, one per part of the component contract, each runnable on its
+own; :func:`check_component` runs them all and reports every failure at once, and
+:func:`parametrize_with_checks` makes each check of each block its own pytest test.
+What a provided value must look like comes from the value specs of :mod:`imtm.contract`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,10 +19,28 @@ from typing import Any
 import torch
 from sklearn.base import clone
 
-from imtm.component import Component, Loss, suggest
+from imtm._checks import suggest
+from imtm.component import Component, Loss
+from imtm.contract import VALUE_SPECS
 from imtm.tokens import Tokens
 
-__all__ = ["CHECKS", "ConformanceReport", "check_component", "check_outputs"]
+__all__ = [
+    "CHECKS",
+    "ConformanceReport",
+    "check_component",
+    "check_outputs",
+    "check_contract",
+    "check_finite",
+    "check_inputs_unchanged",
+    "check_deterministic",
+    "check_gradients",
+    "check_dtypes",
+    "check_state_dict",
+    "check_clone",
+    "check_padding",
+    "check_functional",
+    "parametrize_with_checks",
+]
 
 #: The checks, in the order they run. Any of them can be left out with ``skip=``.
 CHECKS = (
@@ -39,31 +60,16 @@ CHECKS = (
 #: Tolerances of the float32-vs-float64 agreement check: float32 rounding, not a bug, sets them.
 DTYPE_RTOL, DTYPE_ATOL = 1e-3, 1e-4
 
-#: Value names whose batch axis follows the images (Bi) or the captions (Bt).
-_IMAGE_SIDE = ("images", "image_tokens", "image_embedding", "visual_phrases", "masked_image_tokens")
-_TEXT_SIDE = ("texts", "text_tokens", "text_embedding", "image_ids", "text_phrase", "masked_texts",
-              "masked_text_tokens", "cross_text_tokens")
-_PAIR_VALUES = ("positives", "scores", "scores_i2t", "scores_t2i", "scores_intra", "scores_inter_i2t",
-                "scores_inter_t2i", "scores_inter", "itc_scores", "sparse_mask", "negatives_i2t", "negatives_t2i")
-#: Outputs that are Tokens with one row per image (Bi) or per caption (Bt).
-_TOKEN_VALUES = {"image_tokens": "Bi", "visual_phrases": "Bi", "masked_image_tokens": "Bi",
-                 "text_tokens": "Bt", "masked_texts": "Bt", "masked_text_tokens": "Bt", "cross_text_tokens": "Bt"}
-#: Documented shapes of other vocabulary names (imtm.component.VALUE_NAMES), axis by axis: Bi, Bt,
-#: N (the image tokens' width), M (the text tokens' width), an int, or None (any size).
-_SHAPES = {
-    "image_embedding": ("Bi", None),
-    "text_embedding": ("Bt", None),
-    "text_phrase": ("Bt", None),
-    "keep_decisions": ("Bi", "Bt", "N"),
-    "patch_scores": ("Bi", "Bt", "N"),
-    "aggregated_tokens": ("Bi", "Bt", None, None),
-    "fused_tokens": ("Bi", "Bt", None),
-    "word_lexicon": ("Bt", "M", None),
-    "masked_patches": ("Bi", None),
-    "mlm_labels": ("Bt", None),
-    "itm_logits": (None, 2),
-    "itm_labels": (None,),
-}
+
+
+def _names(side: str) -> tuple[str, ...]:
+    """Vocabulary names whose first axis follows the images (``"Bi"``) or the captions (``"Bt"``)."""
+    return tuple(n for n, v in VALUE_SPECS.items() if v.batch_axis() == side)
+
+
+def _is_pair_matrix(name: str) -> bool:
+    value = VALUE_SPECS.get(name)
+    return value is not None and value.kind == "tensor" and value.shape == ("Bi", "Bt")
 
 
 @dataclass
@@ -73,10 +79,12 @@ class ConformanceReport:
     block: str
     passed: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"{self.block}: {len(self.passed)} checks passed ({', '.join(self.passed)})"]
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
+        lines += [f"  FAILED {name}: {why}" for name, why in self.failed.items()]
         return "\n".join(lines)
 
 
@@ -234,11 +242,13 @@ class _Battery:
                     self.fail(check, f"{path} differs: {err}")
 
     def batch_sizes(self) -> tuple[int | None, int | None]:
-        bi = next((_batch_size(self.inputs[n]) for n in _IMAGE_SIDE if n in self.inputs), None)
-        bt = next((_batch_size(self.inputs[n]) for n in _TEXT_SIDE if n in self.inputs), None)
-        for n in _PAIR_VALUES:
-            v = self.inputs.get(n)
-            if isinstance(v, torch.Tensor) and v.dim() == 2:
+        def first(names):
+            sizes = (_batch_size(self.inputs[n]) for n in names if n in self.inputs)
+            return next((b for b in sizes if b is not None), None)
+
+        bi, bt = first(_names("Bi")), first(_names("Bt"))
+        for n, v in self.inputs.items():
+            if _is_pair_matrix(n) and isinstance(v, torch.Tensor) and v.dim() == 2:
                 bi = bi if bi is not None else int(v.shape[0])
                 bt = bt if bt is not None else int(v.shape[1])
         return bi, bt
@@ -260,12 +270,7 @@ class _Battery:
                 self.fail("contract", f"{attr} must be a tuple of value names, got {names!r}")
         if len(block.provides) == 0:
             self.fail("contract", "provides names no value")
-        missing = [n for n in block.requires if n not in self.inputs]
-        if missing:
-            raise ValueError(
-                f"check_component({self.name}): inputs lacks {missing}; give an example value for every name "
-                f"in requires={tuple(block.requires)}"
-            )
+        self.require_inputs()
         try:
             block.get_params(deep=False)
         except AttributeError as err:
@@ -278,12 +283,20 @@ class _Battery:
                 "contract", f"a Loss needs a numeric weight, got {getattr(block, 'weight', None)!r}"
             )
 
-    def check_outputs(self) -> None:
-        self.snapshot = {
-            k: _map_tensors(v, torch.clone, floats_only=False) for k, v in self.inputs.items()
-        }
+    def require_inputs(self) -> None:
+        missing = [n for n in self.block.requires if n not in self.inputs]
+        if missing:
+            raise ValueError(
+                f"{self.caller}({self.name}): inputs lacks {missing}; give an example value for every name "
+                f"in requires={tuple(self.block.requires)}"
+            )
+
+    @functools.cached_property
+    def eval_out(self) -> tuple:
         with torch.no_grad():
-            self.eval_out = self.outputs(self.eval_copy())
+            return self.outputs(self.eval_copy())
+
+    def check_outputs(self) -> None:
         self.verify_outputs(self.eval_out)
 
     def widths(self) -> dict[str, int | None]:
@@ -315,15 +328,18 @@ class _Battery:
                         "outputs", f"a Loss returns a floating-point scalar; {name!r} is {shape}"
                     )
                 continue
-            if name in _TOKEN_VALUES:
+            value_spec = VALUE_SPECS.get(name)
+            kind = value_spec.kind if value_spec is not None else "any"
+            axes = value_spec.shape if value_spec is not None else None
+            if kind == "tokens":
                 if not isinstance(value, Tokens):
                     self.fail("outputs", f"{name!r} must be Tokens, got {type(value).__name__}")
-                want = sizes[_TOKEN_VALUES[name]]
+                want = sizes.get(value_spec.batch_axis()) if value_spec.batch_axis() else None
                 if want is not None and value.batch_size != want:
                     self.fail(
                         "outputs", f"{name!r} has batch size {value.batch_size}, expected {want}"
                     )
-            elif name in _PAIR_VALUES:
+            elif _is_pair_matrix(name):
                 if not isinstance(value, torch.Tensor) or (
                     bi is not None and bt is not None and tuple(value.shape) != (bi, bt)
                 ):
@@ -335,8 +351,7 @@ class _Battery:
                     self.fail(
                         "outputs", f"{name!r} must be a (Bi, Bt) = ({bi}, {bt}) tensor, got {got}"
                     )
-            elif name in _SHAPES:
-                axes = _SHAPES[name]
+            elif kind == "tensor" and axes is not None:
                 want = tuple(sizes.get(a) if isinstance(a, str) else a for a in axes)
                 if (
                     not isinstance(value, torch.Tensor)
@@ -363,7 +378,10 @@ class _Battery:
                     )
 
     def check_inputs_unchanged(self) -> None:
-        for k, before in self.snapshot.items():
+        snapshot = {k: _map_tensors(v, torch.clone, floats_only=False) for k, v in self.inputs.items()}
+        with torch.no_grad():
+            self.outputs(self.eval_copy(), check="inputs_unchanged")
+        for k, before in snapshot.items():
             for (path, x), (_, y) in zip(
                 _leaves(before, k, full=True), _leaves(self.inputs[k], k, full=True)
             ):
@@ -564,6 +582,81 @@ class _Battery:
         return None
 
 
+#: Options of the battery, with their defaults; every ``check_*`` function takes them all.
+_DEFAULTS: dict[str, Any] = {
+    "functional": None,
+    "dtypes": (torch.float32, torch.float64),
+    "rtol": 1e-5,
+    "atol": 1e-6,
+    "extra_padding": 3,
+    "padding_scale": 1e3,
+    "seed": 0,
+}
+
+
+def _battery(block, inputs, caller: str, options: Mapping[str, Any]) -> _Battery:
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise TypeError(f"{caller}: unknown option(s) {unknown}; the options are {sorted(_DEFAULTS)}."
+                        + suggest(unknown[0], _DEFAULTS))
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"{caller}: inputs must map value names to example values, got {type(inputs).__name__}")
+    o = {**_DEFAULTS, **options}
+    return _Battery(block, inputs, o["functional"], o["rtol"], o["atol"], o["extra_padding"], o["padding_scale"],
+                    o["seed"], caller=caller)
+
+
+def _run(battery: _Battery, name: str, dtypes) -> str | None:
+    """Run one check; return why it was skipped (``None``: it ran). Raises ``_Failure`` on failure."""
+    if name == "contract":
+        return battery.check_contract()
+    battery.check_contract()
+    if name == "dtypes":
+        return battery.check_dtypes(dtypes)
+    return getattr(battery, f"check_{name}")()
+
+
+def _public_check(name: str, summary: str):
+    def check(block: Component, inputs: Mapping[str, Any], **options) -> str | None:
+        battery = _battery(block, inputs, f"check_{name}", options)
+        try:
+            return _run(battery, name, options.get("dtypes", _DEFAULTS["dtypes"]))
+        except _Failure as err:
+            raise AssertionError(str(err)) from None
+
+    check.__name__ = check.__qualname__ = f"check_{name}"
+    check.__doc__ = f"""The ``{name}`` check of :func:`check_component` alone: {summary}
+
+    Args:
+        block: the component to check (left as it was: the check works on copies).
+        inputs: an example value for every name in ``block.requires``.
+        **options: the options of :func:`check_component` (``functional``, ``dtypes``, ``rtol``,
+            ``atol``, ``extra_padding``, ``padding_scale``, ``seed``).
+
+    Returns:
+        ``None`` when the check ran and passed, or why it does not apply to this block.
+
+    Raises:
+        AssertionError: the check failed; the message names the block and the check.
+        ValueError: ``inputs`` lacks a required name.
+    """
+    return check
+
+
+check_contract = _public_check(
+    "contract", "a Component, ``requires`` / ``provides`` tuples of names, ``get_params`` works.")
+check_finite = _public_check("finite", "no NaN or inf in the outputs (real tokens only).")
+check_inputs_unchanged = _public_check("inputs_unchanged", "forward does not modify its inputs in place.")
+check_deterministic = _public_check("deterministic", "two calls in eval mode agree bit for bit.")
+check_gradients = _public_check(
+    "gradients", "finite gradients reach every trainable parameter and the floating-point inputs.")
+check_dtypes = _public_check("dtypes", "outputs in each of ``dtypes``; float32 agrees with float64.")
+check_state_dict = _public_check("state_dict", "a clone loaded with the block's state_dict gives the same outputs.")
+check_clone = _public_check("clone", "``clone``, ``get_params`` and ``set_params`` round trips.")
+check_padding = _public_check("padding", "padded positions filled with garbage change no output.")
+check_functional = _public_check("functional", "the module agrees with its functional twin.")
+
+
 def check_component(
     block: Component,
     inputs: Mapping[str, Any],
@@ -577,16 +670,19 @@ def check_component(
     padding_scale: float = 1e3,
     seed: int = 0,
 ) -> ConformanceReport:
-    """Run the conformance battery on one block; raise ``AssertionError`` at the first failure.
+    """Run the conformance battery on one block; raise one ``AssertionError`` naming every failure.
 
-    The checks (see :data:`CHECKS`), each on a copy of ``block`` so the caller's
-    block is left as it was:
+    The checks (see :data:`CHECKS`; each is also a public function, ``check_<name>``,
+    that runs alone), each on a copy of ``block`` so the caller's block is left as it was.
+    ``contract`` runs first and stops the battery when it fails (the others would
+    only repeat it); every other check runs whatever the others found:
 
     - ``contract``: a :class:`~imtm.Component`, ``requires`` / ``provides`` tuples of
       names, ``get_params`` works, ``inputs`` has every required name;
-    - ``outputs``: one value per name in ``provides``; known names have their shapes
-      (``image_tokens``: Tokens with ``Bi`` rows, ``scores*``: ``(Bi, Bt)``, ...), a
-      :class:`~imtm.Loss` returns a floating-point scalar;
+    - ``outputs``: one value per name in ``provides``; names of the vocabulary have the
+      kind and shape their :class:`~imtm.contract.ValueSpec` gives (``image_tokens``:
+      Tokens with ``Bi`` rows, ``scores*``: ``(Bi, Bt)``, ...), a :class:`~imtm.Loss`
+      returns a floating-point scalar;
     - ``finite``: no NaN or inf in the outputs (real tokens only);
     - ``inputs_unchanged``: forward does not modify its inputs in place;
     - ``deterministic``: two calls in eval mode are equal, bit for bit;
@@ -621,7 +717,8 @@ def check_component(
         A :class:`ConformanceReport` listing the checks that passed and those skipped.
 
     Raises:
-        AssertionError: a check failed; the message names the block and the check.
+        AssertionError: one or more checks failed; the message has one line per failed
+            check, each naming the block and the check.
         ValueError: ``inputs`` lacks a required name, or ``skip`` names an unknown check.
 
     Example:
@@ -638,45 +735,92 @@ def check_component(
                 f"skip must name checks among {list(CHECKS[2:])} (contract and outputs always run), "
                 f"got {name!r}." + suggest(name, CHECKS[2:])
             )
-    if not isinstance(inputs, Mapping):
-        raise TypeError(
-            f"check_component: inputs must map value names to example values, got {type(inputs).__name__}"
-        )
-    battery = _Battery(block, inputs, functional, rtol, atol, extra_padding, padding_scale, seed)
+    battery = _battery(block, inputs, "check_component",
+                       {"functional": functional, "rtol": rtol, "atol": atol, "extra_padding": extra_padding,
+                        "padding_scale": padding_scale, "seed": seed})
     report = battery.report
-    # The contract (and the first call, which the later checks compare against) always run.
-    battery.check_contract()
+    battery.check_contract()  # a broken contract makes every other finding noise: stop here
     report.passed.append("contract")
-    battery.check_outputs()
-    report.passed.append("outputs")
-    steps: dict[str, Callable[[], str | None]] = {
-        "finite": battery.check_finite,
-        "inputs_unchanged": battery.check_inputs_unchanged,
-        "deterministic": battery.check_deterministic,
-        "gradients": battery.check_gradients,
-        "dtypes": lambda: battery.check_dtypes(dtypes),
-        "state_dict": battery.check_state_dict,
-        "clone": battery.check_clone,
-        "padding": battery.check_padding,
-        "functional": battery.check_functional,
-    }
-    for name, step in steps.items():
+    for name in CHECKS[1:]:
         if name in skip:
             report.skipped[name] = "asked to skip"
             continue
-        why_not = step()
+        try:
+            why_not = _run(battery, name, dtypes)
+        except _Failure as err:
+            report.failed[name] = str(err)
+            continue
+        except Exception as err:  # noqa: BLE001 - a check that crashes is a failure of that check
+            report.failed[name] = (f"check_component({battery.name}): {name} check failed: "
+                                   f"{type(err).__name__}: {err}")
+            continue
         if why_not:
             report.skipped[name] = why_not
         else:
             report.passed.append(name)
+    if report.failed:
+        raise AssertionError("\n".join(report.failed.values()))
     return report
 
 
-def check_outputs(block: Component, values: Mapping[str, Any], out: Any) -> None:
+def parametrize_with_checks(cases: Iterable[Any], **options):
+    """A ``pytest.mark.parametrize`` over every check of every block: one test id per check.
+
+    As scikit-learn's ``parametrize_with_checks``: each case is a block and its example
+    inputs, and the decorated test receives ``block`` and ``check``; ``check(block)`` runs
+    one check (the battery's options bound). A failing check fails its own test, so a run
+    shows every failure of every block.
+
+    Args:
+        cases: ``(block, inputs)`` pairs, or ``(block, inputs, options)`` with per-case options
+            (``functional``, ``dtypes``, ``rtol``, ``atol``, ..., and ``skip``: checks to leave out).
+        **options: options shared by every case (per-case ones win).
+
+    Returns:
+        The ``pytest.mark.parametrize("block, check", ...)`` decorator; ids read
+        ``<block repr>-<check>``.
+
+    Example:
+        >>> from imtm.components import TripletLoss
+        >>> marker = parametrize_with_checks(
+        ...     [(TripletLoss(), {"scores": torch.randn(3, 3), "positives": torch.eye(3, dtype=torch.bool)})])
+        >>> [p.id for p in marker.args[1]][:3]
+        ['TripletLoss()-contract', 'TripletLoss()-outputs', 'TripletLoss()-finite']
+    """
+    import pytest
+
+    params = []
+    for case in cases:
+        if not isinstance(case, tuple) or len(case) not in (2, 3):
+            raise TypeError(f"parametrize_with_checks: each case is (block, inputs) or (block, inputs, options), "
+                            f"got {case!r}")
+        block, inputs = case[0], case[1]
+        own = dict(options, **(case[2] if len(case) == 3 else {}))
+        skip = own.pop("skip", ())
+        skip = (skip,) if isinstance(skip, str) else tuple(skip)
+        for name in skip:
+            if name not in CHECKS[2:]:
+                raise ValueError(f"parametrize_with_checks: skip must name checks among {list(CHECKS[2:])}, "
+                                 f"got {name!r}." + suggest(name, CHECKS[2:]))
+        _battery(block, inputs, "parametrize_with_checks", own)  # options and inputs checked now
+        for name in CHECKS:
+            if name in skip:
+                continue
+            check = functools.partial(_CHECKS_BY_NAME[name], inputs=inputs, **own)
+            functools.update_wrapper(check, _CHECKS_BY_NAME[name])
+            params.append(pytest.param(block, check, id=f"{block!r}-{name}"))
+    return pytest.mark.parametrize("block, check", params)
+
+
+_MISSING: Any = object()
+
+
+def check_outputs(block: Component, values: Mapping[str, Any], out: Any = _MISSING) -> None:
     """Assert the component contract for one call: ``out = block(*[values[n] for n in block.requires])``.
 
     The ``outputs`` and ``finite`` checks of :func:`check_component` on an output
-    you computed yourself (in a property test, on any device or dtype):
+    you computed yourself (in a property test, on any device or dtype); without
+    ``out``, on the block's own output in eval mode (the ``outputs`` check alone):
 
     - one value per name in ``block.provides`` (a tuple when there are several);
     - the documented type and shape of each vocabulary name, with ``Bi``, ``Bt``,
@@ -691,7 +835,7 @@ def check_outputs(block: Component, values: Mapping[str, Any], out: Any) -> None
         block: the block that was called.
         values: the inputs it was called with, by name (e.g. from
             :func:`imtm.testing.component_inputs`).
-        out: what ``block`` returned.
+        out: what ``block`` returned; default: call a copy of it in eval mode.
 
     Raises:
         AssertionError: the output breaks the contract; the message names the block
@@ -712,8 +856,23 @@ def check_outputs(block: Component, values: Mapping[str, Any], out: Any) -> None
     battery = _Battery(block, values, None, 0.0, 0.0, 0, 0.0, 0, caller="check_outputs")
     try:
         battery.check_contract()
-        outputs = battery.as_tuple(out, "outputs")
+        outputs = battery.eval_out if out is _MISSING else battery.as_tuple(out, "outputs")
         battery.verify_outputs(outputs)
         battery.verify_finite(outputs)
     except _Failure as err:
         raise AssertionError(str(err)) from None
+
+
+_CHECKS_BY_NAME: dict[str, Callable[..., Any]] = {
+    "contract": check_contract,
+    "outputs": lambda block, inputs, **options: check_outputs(block, inputs),
+    "finite": check_finite,
+    "inputs_unchanged": check_inputs_unchanged,
+    "deterministic": check_deterministic,
+    "gradients": check_gradients,
+    "dtypes": check_dtypes,
+    "state_dict": check_state_dict,
+    "clone": check_clone,
+    "padding": check_padding,
+    "functional": check_functional,
+}

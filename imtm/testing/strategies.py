@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
-from imtm.component import suggest
+from imtm._checks import suggest
 from imtm.tokens import Tokens
 
 __all__ = [
@@ -390,7 +390,32 @@ _MAKERS = {
     "cross_lexicon": lambda g, s: _float(g, (s.bt, s.m, s.v), s),
     "itc_scores": _pair_scores,
     "scores_inter": _pair_scores,
+    "token_mask": lambda g, s: s.text_mask[None].expand(s.bi, -1, -1),
+    "text_ids": lambda g, s: _ids(g, s.text_mask.shape, s),
 }
+
+
+def _spec_maker(name: str):
+    """A maker read from the value's spec (imtm.contract): Tokens, or a float tensor of its shape."""
+    from imtm.contract import VALUE_SPECS
+
+    value = VALUE_SPECS.get(name)
+    if value is None or value.shape is None:
+        return None
+    if value.kind == "tokens" and value.batch_axis():
+        return _feature_tokens("image" if value.batch_axis() == "Bi" else "text")
+    if value.kind != "tensor":
+        return None
+
+    def make(g, s):
+        axes = {"Bi": s.bi, "Bt": s.bt, "N": s.n, "M": s.m}
+        return _float(g, tuple(axes.get(a, s.d) if isinstance(a, str) or a is None else a for a in value.shape), s)
+
+    return make
+
+
+def _maker(name: str):
+    return _MAKERS.get(name) or _spec_maker(name)
 # itm_logits and itm_labels share their number of pairs P, so they are drawn together (see _draw_inputs).
 _PAIRED_DRAWS = ("itm_logits", "itm_labels")
 
@@ -482,7 +507,7 @@ def component_inputs(
     extra = dict(extra or {})
     known = set(_MAKERS) | set(_PAIRED_DRAWS) | set(extra)
     for name in names:
-        if name not in known:
+        if name not in known and _spec_maker(name) is None:
             raise ValueError(
                 f"component_inputs: no strategy for {name!r} (required by {where}): it is not in "
                 f"imtm.component.VALUE_NAMES.{suggest(name, sorted(_MAKERS))} Pass one: "
@@ -533,5 +558,5 @@ def _draw_inputs(draw, names, batch, max_tokens, dim, dtype, padding, device, v,
                 strategy = strategy(sizes)
             values[name] = draw(strategy)
         elif name not in values:
-            values[name] = _MAKERS[name](generator, sizes)
+            values[name] = _maker(name)(generator, sizes)
     return {name: values[name] for name in names}

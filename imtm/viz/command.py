@@ -62,7 +62,7 @@ def add_viz_parser(sub) -> None:
 
 def _models(specs):
     """``{label: Matcher}``: ``LABEL=PATH`` labels, else the title from each model's record."""
-    from imtm import Matcher
+    from imtm.matcher import Matcher
     from imtm.viz.figure import model_title
 
     loaded = []

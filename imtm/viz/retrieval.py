@@ -117,7 +117,7 @@ def retrieved_examples(matcher, data, query: int, *, direction: str = "i2t", top
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"imtm.viz.{what}: top must be a positive int, got {top!r}")
     sims = matcher.similarity(images, captions)
-    s_i2t, s_t2i = sims if isinstance(sims, tuple) else (sims, sims)
+    s_i2t, s_t2i = sims if sims.dim() == 3 else (sims, sims)  # (2, Bi, Bt): direction-specific scores
     if direction == "i2t":
         order = torch.argsort(s_i2t[query], descending=True, stable=True)[:top].tolist()
         n_hits = sum(int(c2i[t]) == query for t in order)

@@ -125,7 +125,7 @@ def test_triplet_loss_with_a_miner_matches_the_functional_and_the_default_is_unc
 
 def test_miner_bad_inputs():
     scores, positives = batch()
-    with pytest.raises(ValueError, match="DistanceWeightedMiner: distance_weighted_negatives: dim must be"):
+    with pytest.raises(ValueError, match="DistanceWeightedMiner: (distance_weighted_negatives: )?dim must be"):
         DistanceWeightedMiner(dim=2)(scores, positives)
     with pytest.raises(TypeError, match="random_state must be an int or None"):
         DistanceWeightedMiner(dim=8, random_state=1.5)(scores, positives)

@@ -612,3 +612,29 @@ def test_expansive_lexicon_loss_dtype_does_not_depend_on_the_masked_patches():
               for masked in (False, True)]
     assert [loss.dtype for loss in losses] == [torch.float32, torch.float32]
     assert float(losses[0].detach()) == 0.0
+
+
+# ---------------------------------------------------------------------- declared parameter constraints
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_declared_constraints_refuse_what_they_exclude_and_keep_the_factory_values(name):
+    """Read from each block's ``_parameter_constraints`` (imtm.contract): no per-block table here."""
+    from sklearn.base import clone
+
+    from imtm.contract import InvalidParameterError, check_params, parameter_constraints, refused_values
+
+    constraints = parameter_constraints(COMPONENT_REGISTRY[name])
+    if not constraints:
+        pytest.skip(f"{name} declares no parameter constraints")
+    block = factories(CASES[name])[0]()
+    check_params(block)  # the factory's values are valid
+    params = block.get_params(deep=False)
+    tried = 0
+    for param, accepted in constraints.items():
+        if param not in params:
+            continue
+        for bad in refused_values(accepted):
+            copy_ = clone(block).set_params(**{param: bad})
+            with pytest.raises(InvalidParameterError, match=rf"{name}: {param} must be .*, got "):
+                copy_.validate()
+            tried += 1
+    assert tried, f"{name}: no declared constraint produced a value to refuse"

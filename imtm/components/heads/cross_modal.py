@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from numbers import Integral, Real
 
 import torch
 from torch import nn
 
 from imtm.component import Component, LinkedComponent
+from imtm.contract import POSITIVE, Interval
 from imtm.functional.lexicon import sample_hard_negatives
 from imtm.tokens import Tokens
 
@@ -76,18 +76,17 @@ class CrossModalEncoder(Component):
             enable_nested_tensor=False,
         )
 
+    _parameter_constraints = {
+        "dim": [Interval(Integral, 1, None, closed="left")],
+        "layers": [Interval(Integral, 1, None, closed="left")],
+        "heads": [Interval(Integral, 1, None, closed="left")],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+    }
+
     def validate(self) -> CrossModalEncoder:
-        """Check ``dim``, ``layers``, ``heads`` (dividing ``dim``) and ``dropout``; return ``self``."""
-        where = type(self).__name__
-        for name in ("dim", "layers", "heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-                raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
+        """Check the declared constraints and that ``heads`` divides ``dim``; return ``self``."""
         if self.dim % self.heads:
-            raise ValueError(f"{where}: dim={self.dim} is not divisible by heads={self.heads}")
-        dropout = self.dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
-            raise ValueError(f"{where}: dropout must be in [0, 1), got {dropout!r}")
+            raise ValueError(f"{type(self).__name__}: dim={self.dim} is not divisible by heads={self.heads}")
         return self
 
     def encode_pairs(self, images: Tokens, texts: Tokens, image_index=None, text_index=None) -> Tokens:
@@ -176,14 +175,10 @@ class ImageTextMatchingHead(LinkedComponent):
         self.validate()
         self.classifier = nn.Linear(dim, 2)
 
+    _parameter_constraints = {"dim": [Interval(Integral, 1, None, closed="left")], "temperature": [POSITIVE]}
+
     def validate(self) -> ImageTextMatchingHead:
-        """Check ``dim``, ``temperature`` and an encoder given directly; return ``self``."""
-        where = type(self).__name__
-        if isinstance(self.dim, bool) or not isinstance(self.dim, Integral) or self.dim < 1:
-            raise ValueError(f"{where}: dim must be a positive integer, got {self.dim!r}")
-        temperature = self.temperature
-        if isinstance(temperature, bool) or not isinstance(temperature, Real) or not 0 < temperature < math.inf:
-            raise ValueError(f"{where}: temperature must be a number > 0, got {temperature!r}")
+        """Check the declared constraints and an encoder given directly; return ``self``."""
         return super().validate()
 
     def _check_target(self, block, name=None) -> None:
@@ -205,7 +200,6 @@ class ImageTextMatchingHead(LinkedComponent):
         return self.classifier(cls)
 
     def forward(self, image_tokens, text_tokens, scores, positives):
-        self.validate()
         images = _check_tokens(self, image_tokens, "image tokens", self.dim)
         texts = _check_tokens(self, text_tokens, "text tokens", self.dim)
         b = images.batch_size

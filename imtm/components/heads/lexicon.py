@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from imtm.component import Component
+from imtm.contract import Interval, Satisfies
 from imtm.tokens import Tokens
 
 __all__ = ["LexiconLogits", "PatchToLexiconHead", "TiedEmbedding", "WordToLexiconHead"]
@@ -44,11 +45,6 @@ class LexiconLogits:
     logits: torch.Tensor
     batch_index: torch.Tensor
     token_index: torch.Tensor
-
-
-def _check_positive_int(value, name: str, where: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
 
 
 class TiedEmbedding(Component, abstract=True):
@@ -114,15 +110,15 @@ class TiedEmbedding(Component, abstract=True):
         self._check_shape(weight)
         return weight
 
+    _parameter_constraints = {
+        "dim": [Interval(Integral, 1, None, closed="left")],
+        "embed_dim": [Interval(Integral, 1, None, closed="left")],
+        "vocab_size": [Interval(Integral, 1, None, closed="left")],
+        "embedding": [Satisfies(lambda e: isinstance(e, (str, nn.Module)), "a block name or an nn.Embedding")],
+    }
+
     def validate(self):
-        """Check the sizes and the embedding (a block name, or a module of the right shape); return ``self``."""
-        where = type(self).__name__
-        _check_positive_int(self.dim, "dim", where)
-        _check_positive_int(self.embed_dim, "embed_dim", where)
-        _check_positive_int(self.vocab_size, "vocab_size", where)
-        if not isinstance(self.embedding, (str, nn.Module)):
-            raise TypeError(f"{where}: embedding must be a block name or an nn.Embedding, got "
-                            f"{type(self.embedding).__name__}")
+        """Check the declared constraints and the embedding module's shape; return ``self``."""
         if isinstance(self.embedding, nn.Module):
             self._check_shape(self.embedding.weight)
         return self
@@ -244,18 +240,17 @@ class WordToLexiconHead(TiedEmbedding):
     requires = ("text_tokens",)
     provides = ("word_lexicon",)
 
+    _parameter_constraints = {
+        "layers": [Interval(Integral, 0, None, closed="left")],
+        "heads": [Interval(Integral, 1, None, closed="left")],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+    }
+
     def validate(self) -> WordToLexiconHead:
-        """Check the sizes, the embedding, ``layers``, ``heads`` (dividing ``dim``) and ``dropout``."""
+        """Check the declared constraints, the embedding, and that ``heads`` divides ``dim``."""
         super().validate()
-        where = type(self).__name__
-        layers, heads, dropout = self.layers, self.heads, self.dropout
-        if isinstance(layers, bool) or not isinstance(layers, Integral) or layers < 0:
-            raise ValueError(f"{where}: layers must be an integer >= 0, got {layers!r}")
-        _check_positive_int(heads, "heads", where)
-        if layers and self.dim % heads:
-            raise ValueError(f"{where}: dim={self.dim} is not divisible by heads={heads}")
-        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
-            raise ValueError(f"{where}: dropout must be a number in [0, 1), got {dropout!r}")
+        if self.layers and self.dim % self.heads:
+            raise ValueError(f"{type(self).__name__}: dim={self.dim} is not divisible by heads={self.heads}")
         return self
 
     def __init__(self, dim: int, embed_dim: int, vocab_size: int, embedding="text", layers: int = 2,

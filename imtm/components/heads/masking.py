@@ -7,6 +7,7 @@ from numbers import Real
 import torch
 
 from imtm.component import Component, LinkedComponent
+from imtm.contract import Interval, ValueSpec
 from imtm.functional.lexicon import IGNORE_INDEX, mask_words
 from imtm.tokens import Tokens
 
@@ -49,6 +50,8 @@ class WordMasking(LinkedComponent):
 
     requires = ("texts",)
     provides = ("masked_texts", "mlm_labels", "text_ids")
+    values = (ValueSpec("text_ids", "text", "tensor", ("Bt", None),
+                        "ELA: (Bt, L) long, the token ids of the captions before masking (WordMasking)"),)
     _borrowed = ("tokenizer", "_linked")
     _target_param = "tokenizer"
 
@@ -58,12 +61,7 @@ class WordMasking(LinkedComponent):
         self.prob = prob
         self._set_target(tokenizer)
 
-    def validate(self) -> WordMasking:
-        """Check ``prob`` (in ``[0, 1]``) and a tokenizer block given directly; return ``self``."""
-        prob = self.prob
-        if isinstance(prob, bool) or not isinstance(prob, Real) or not 0 <= prob <= 1:
-            raise ValueError(f"{type(self).__name__}: prob must be a number in [0, 1], got {prob!r}")
-        return super().validate()
+    _parameter_constraints = {"prob": [Interval(Real, 0, 1, closed="both")]}
 
     def _check_target(self, block, name=None) -> None:
         for attr in ("tokenize", "tokenizer", "vocab_size"):
@@ -72,7 +70,6 @@ class WordMasking(LinkedComponent):
                                 f"{attr!r}; use a text encoder such as HFTextEncoder")
 
     def forward(self, texts):
-        self.validate()
         encoder = self.target()
         ids = texts if isinstance(texts, Tokens) else encoder.tokenize(texts)
         tok = encoder.tokenizer
@@ -122,7 +119,6 @@ class Reuse(LinkedComponent):
             raise TypeError(f"Reuse: block must be a block name or a Component, got {type(block).__name__}")
 
     def forward(self, *values):
-        self.validate()
         return self.target()(*values)
 
     def extra_repr(self) -> str:
@@ -198,7 +194,6 @@ class MaskedImageView(LinkedComponent):
                              "build it with mask_ratio > 0 (and mask_in_forward=False for two views)")
 
     def forward(self, images):
-        self.validate()
         # This block's own mode decides (the encoder is borrowed, so eval() does not reach it).
         return self.target().forward_masked(images, mask=self.training)
 

@@ -9,15 +9,14 @@ tokens (``presets.dias_losses()`` does), so any Matcher can take them::
 
 from __future__ import annotations
 
-import math
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import nn
 
+from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Loss
-from imtm.components.scorers.hard_assignment import as_tokens, named_errors
-from imtm.functional.blocking import resolve_option
+from imtm.contract import POSITIVE, Interval, Options
 from imtm.functional.dias import (
     DIAS_REDUCTIONS,
     DIMENSION_CORRELATIONS,
@@ -29,7 +28,6 @@ from imtm.functional.dias import (
     spatial_constraint_loss,
     word_region_pairs,
 )
-from imtm.functional.pooling import check_temperature
 
 __all__ = ["DIMENSION_PAIRS", "DimensionAlignmentLoss", "SpatialConstraintLoss"]
 
@@ -44,12 +42,6 @@ def _pairs_defaults(pairs):
     if not isinstance(pairs, str) or pairs not in DIMENSION_PAIRS:
         return None
     return {"requires": DIMENSION_PAIRS[pairs]}
-
-
-def check_weight(block: Loss) -> None:
-    weight = block.weight
-    if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"{type(block).__name__}: weight must be a finite number >= 0, got {weight!r}")
 
 
 class DimensionAlignmentLoss(Loss):
@@ -146,24 +138,23 @@ class DimensionAlignmentLoss(Loss):
         self._follow_option(old, "pairs", _pairs_defaults, params)
         return self
 
+    _parameter_constraints = {
+        "temperature": [POSITIVE],
+        "reduction": [Options(DIAS_REDUCTIONS)],
+        "pairs": [Options(DIMENSION_PAIRS)],
+        "correlation": [Options(DIMENSION_CORRELATIONS)],
+        "objective": [Options(DIMENSION_OBJECTIVES)],
+        "off_diagonal_weight": [None, Interval(Real, 0, None, closed="left")],
+    }
+
     def validate(self) -> DimensionAlignmentLoss:
-        """Check the hyper-parameters; return ``self``."""
+        """Check the declared constraints and the arity; return ``self``."""
         where = type(self).__name__
-        check_temperature(self.temperature, where=where)
-        resolve_option(self.reduction, DIAS_REDUCTIONS, name="reduction", where=where)
-        resolve_option(self.pairs, DIMENSION_PAIRS, name="pairs", where=where)
-        resolve_option(self.correlation, DIMENSION_CORRELATIONS, name="correlation", where=where)
-        resolve_option(self.objective, DIMENSION_OBJECTIVES, name="objective", where=where)
-        w = self.off_diagonal_weight
-        if w is not None and (isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w) or w < 0):
-            raise ValueError(f"{where}: off_diagonal_weight must be None or a finite number >= 0, got {w!r}")
-        check_weight(self)
         if len(tuple(self.requires)) != 2:
             raise ValueError(f"{where}: requires must name 2 values, got {tuple(self.requires)!r}")
         return self
 
     def forward(self, image_values, text_values) -> torch.Tensor:
-        self.validate()
         with named_errors(self):
             if self.pairs == "words":
                 images = as_tokens(self, image_values, "image tokens")
@@ -278,25 +269,22 @@ class SpatialConstraintLoss(Loss):
         else:
             self.register_parameter("learned_beta", None)
 
+    _parameter_constraints = {
+        "kind": [Options(SPATIAL_KINDS)],
+        "distance": [Options(DISTANCES)],
+        "reduction": [Options(DIAS_REDUCTIONS)],
+        "rule": [Options(MASK_RULES)],
+        "temperature": [POSITIVE],
+        "sparse": ["boolean"],
+        "learn_beta": ["boolean"],
+        "beta": [Interval(Real, None, None)],
+        # None: one beta; an int >= 2: one beta per batch position (at least the batch size).
+        "beta_instances": [None, Interval(Integral, 2, None, closed="left")],
+    }
+
     def validate(self) -> SpatialConstraintLoss:
-        """Check the hyper-parameters; return ``self``."""
+        """Check the declared constraints and the arity; return ``self``."""
         where = type(self).__name__
-        resolve_option(self.kind, SPATIAL_KINDS, name="kind", where=where)
-        resolve_option(self.distance, DISTANCES, name="distance", where=where)
-        resolve_option(self.reduction, DIAS_REDUCTIONS, name="reduction", where=where)
-        resolve_option(self.rule, MASK_RULES, name="rule", where=where)
-        check_temperature(self.temperature, where=where)
-        for flag in ("sparse", "learn_beta"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{where}: {flag} must be True or False, got {getattr(self, flag)!r}")
-        if isinstance(self.beta, bool) or not isinstance(self.beta, Real) or not math.isfinite(self.beta):
-            raise ValueError(f"{where}: beta must be a finite number, got {self.beta!r}")
-        if self.beta_instances is not None and not _is_count(self.beta_instances):
-            raise ValueError(
-                f"{where}: beta_instances must be None (one beta) or an int >= 2 (one beta per batch position, "
-                f"at least the batch size), got {self.beta_instances!r}"
-            )
-        check_weight(self)
         if len(tuple(self.requires)) not in (2, 3):
             raise ValueError(
                 f"{where}: requires must name 2 values (embeddings) or 3 (embeddings, positives), "
@@ -325,7 +313,6 @@ class SpatialConstraintLoss(Loss):
         return beta
 
     def forward(self, image_embedding, text_embedding, positives=None) -> torch.Tensor:
-        self.validate()
         with named_errors(self):
             batch = image_embedding.shape[0] if isinstance(image_embedding, torch.Tensor) else None
             beta = self.current_beta(batch)

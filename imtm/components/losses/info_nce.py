@@ -10,6 +10,7 @@ from torch import nn
 
 from imtm.component import Loss
 from imtm.components.losses.triplet import check_loss_arguments, scores_and_positives
+from imtm.contract import Interval
 from imtm.functional.losses import info_nce_loss
 
 __all__ = ["MAX_TEMPERATURE", "MIN_TEMPERATURE", "InfoNCELoss"]
@@ -85,20 +86,15 @@ class InfoNCELoss(Loss):
         else:
             self.register_parameter("log_temperature", None)
 
+    _parameter_constraints = {
+        "temperature": [Interval(Real, 0, None, closed="neither")],
+        "learnable": ["boolean"],
+    }
+
     def validate(self) -> InfoNCELoss:
-        """Check the temperature, ``learnable``, ``weight`` and the arity; return ``self``."""
+        """Check the declared constraints, a learnable temperature's range and the arity; return ``self``."""
         name = type(self).__name__
         temperature = self.temperature
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, Real)
-            or not 0 < temperature < math.inf
-        ):
-            raise ValueError(
-                f"{name}: temperature must be a finite number > 0, got {temperature!r}"
-            )
-        if not isinstance(self.learnable, bool):
-            raise TypeError(f"{name}: learnable must be True or False, got {self.learnable!r}")
         if self.learnable and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
             raise ValueError(
                 f"{name}: a learnable temperature must start in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
@@ -116,7 +112,6 @@ class InfoNCELoss(Loss):
         ).exp()
 
     def forward(self, *values) -> torch.Tensor:
-        self.validate()
         scores, positives = scores_and_positives(self, values)
         try:
             return info_nce_loss(scores, positives, temperature=self.current_temperature())

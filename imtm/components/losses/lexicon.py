@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
+from numbers import Integral
 
 import torch
 
+from imtm._block_inputs import named_errors
 from imtm.component import Loss
 from imtm.components.heads.lexicon import LexiconLogits
-from imtm.components.scorers.hard_assignment import named_errors
-from imtm.functional.blocking import resolve_option
+from imtm.contract import POSITIVE, Interval, Options
 from imtm.functional.lexicon import (
     AUTHORS_SCALE,
     DEFAULT_LABEL_WEIGHTS,
@@ -121,29 +120,18 @@ class ExpansiveLexiconLoss(Loss):
         self.weight = weight
         self.scale = scale
 
-    def validate(self) -> ExpansiveLexiconLoss:
-        """Check the options; return ``self``."""
-        where = type(self).__name__
-        resolve_option(self.label_weights, LABEL_WEIGHTS, name="label_weights", where=where)
-        resolve_option(self.method, TRANSPORT_METHODS, name="method", where=where)
-        resolve_option(self.direction, dict.fromkeys(KL_DIRECTIONS), name="direction", where=where)
-        if not isinstance(self.expansion, bool):
-            raise TypeError(f"{where}: expansion must be True or False, got {self.expansion!r}")
-        if isinstance(self.weight, bool) or not isinstance(self.weight, Real):
-            raise TypeError(f"{where}: weight must be a number, got {self.weight!r}")
-        super().validate()
-        for arg in ("top_k", "n_iter"):
-            value = getattr(self, arg)
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-                raise ValueError(f"{where}: {arg} must be a positive integer, got {value!r}")
-        if isinstance(self.beta, bool) or not isinstance(self.beta, Real) or not 0 < self.beta < math.inf:
-            raise ValueError(f"{where}: beta must be a finite number > 0, got {self.beta!r}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, Real) or not 0 < self.scale < math.inf:
-            raise ValueError(f"{where}: scale must be a finite number > 0, got {self.scale!r}")
-        return self
+    _parameter_constraints = {
+        "label_weights": [Options(LABEL_WEIGHTS)],
+        "method": [Options(TRANSPORT_METHODS)],
+        "direction": [Options(KL_DIRECTIONS)],
+        "expansion": ["boolean"],
+        "top_k": [Interval(Integral, 1, None, closed="left")],
+        "n_iter": [Interval(Integral, 1, None, closed="left")],
+        "beta": [POSITIVE],
+        "scale": [POSITIVE],
+    }
 
     def forward(self, patch_lexicon, word_lexicon, image_tokens, text_tokens, text_ids=None) -> torch.Tensor:
-        self.validate()
         name = type(self).__name__
         if not self.expansion:
             if text_ids is None:
@@ -243,13 +231,9 @@ class LexiconDistillationLoss(Loss):
         self.direction = direction
         self.weight = weight
 
-    def validate(self) -> LexiconDistillationLoss:
-        """Check ``direction`` and ``weight``; return ``self``."""
-        resolve_option(self.direction, dict.fromkeys(KL_DIRECTIONS), name="direction", where=type(self).__name__)
-        return super().validate()
+    _parameter_constraints = {"direction": [Options(KL_DIRECTIONS)]}
 
     def forward(self, word_lexicon, cross_lexicon, mlm_labels) -> torch.Tensor:
-        self.validate()
         name = type(self).__name__
         if word_lexicon.dim() != 3 or word_lexicon.shape != cross_lexicon.shape:
             raise ValueError(f"{name}: word_lexicon and cross_lexicon must both be (B, L, V), got "

@@ -41,7 +41,6 @@ class ImageTextMatchingLoss(Loss):
         self.weight = weight
 
     def forward(self, itm_logits, itm_labels) -> torch.Tensor:
-        self.validate()
         name = type(self).__name__
         if itm_logits.dim() != 2 or itm_logits.shape[1] != 2 or itm_labels.shape != itm_logits.shape[:1]:
             raise ValueError(f"{name}: expected itm_logits (P, 2) and itm_labels (P,), got "
@@ -84,7 +83,6 @@ class MaskedLanguageModelingLoss(Loss):
         self.weight = weight
 
     def forward(self, cross_lexicon, mlm_labels) -> torch.Tensor:
-        self.validate()
         name = type(self).__name__
         if cross_lexicon.dim() != 3 or mlm_labels.shape != cross_lexicon.shape[:2]:
             raise ValueError(f"{name}: expected cross_lexicon (B, L, V) and mlm_labels (B, L), got "

@@ -6,8 +6,9 @@ from numbers import Real
 
 import torch
 
+from imtm._block_inputs import as_tokens
 from imtm.component import Loss
-from imtm.components.scorers.hard_assignment import as_tokens
+from imtm.contract import Interval
 from imtm.functional.patch_slimming import ratio_loss
 
 __all__ = ["RatioLoss"]
@@ -55,15 +56,9 @@ class RatioLoss(Loss):
         self.rho = rho
         self.weight = weight
 
-    def validate(self) -> RatioLoss:
-        """Check ``rho`` (in ``(0, 1]``) and ``weight``; return ``self``."""
-        rho = self.rho
-        if isinstance(rho, bool) or not isinstance(rho, Real) or not 0 < rho <= 1:
-            raise ValueError(f"{type(self).__name__}: rho must be a number in (0, 1], got {rho!r}")
-        return super().validate()
+    _parameter_constraints = {"rho": [Interval(Real, 0, 1, closed="right")]}
 
     def forward(self, keep_decisions: torch.Tensor, image_tokens) -> torch.Tensor:
-        self.validate()
         images = as_tokens(self, image_tokens, "image tokens")
         name = type(self).__name__
         if not isinstance(keep_decisions, torch.Tensor) or keep_decisions.dim() != 3 or (

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from numbers import Integral, Real
 
 import torch
 
-from imtm.component import Component, Loss, suggest
+from imtm.component import Component, Loss
+from imtm.contract import Interval, Options, Satisfies
 from imtm.functional.losses import PAIR_COUNTS, REDUCTIONS, triplet_loss
 
 __all__ = ["TripletLoss"]
@@ -29,21 +29,16 @@ def scores_and_positives(block: Loss, values: tuple):
 
 
 def check_loss_arguments(block: Loss) -> None:
-    """Checks shared by the score losses' ``validate``: ``requires`` arity and ``weight``."""
+    """The check the score losses' ``validate`` shares: ``requires`` names 2 or 3 values.
+
+    (``weight`` is declared on :class:`~imtm.Loss` and checked with every constraint.)
+    """
     name = type(block).__name__
     if len(tuple(block.requires)) not in (2, 3):
         raise ValueError(
             f"{name}: requires must name 2 values (scores, positives) or 3 (scores_i2t, scores_t2i, positives), "
             f"got {tuple(block.requires)!r}"
         )
-    weight = block.weight
-    if (
-        isinstance(weight, bool)
-        or not isinstance(weight, Real)
-        or not math.isfinite(weight)
-        or weight < 0
-    ):
-        raise ValueError(f"{name}: weight must be a finite number >= 0, got {weight!r}")
 
 
 class TripletLoss(Loss):
@@ -149,42 +144,17 @@ class TripletLoss(Loss):
         """Whether the current epoch takes the hardest negative (``hardest`` and the warm-up is over)."""
         return bool(self.hardest) and self.epoch_ >= self.warmup_epochs
 
+    _parameter_constraints = {
+        "margin": [Interval(Real, 0, None, closed="left")],
+        "hardest": ["boolean"],  # True: the hardest negative (Eq. 6); False: the sum (Eq. 5)
+        "reduction": [Options(REDUCTIONS)],
+        "count_pairs": [Options(PAIR_COUNTS)],
+        "warmup_epochs": [Interval(Integral, 0, None, closed="left")],
+        "miner": [None, Satisfies(callable, "a callable block such as DistanceWeightedMiner")],
+    }
+
     def validate(self) -> TripletLoss:
-        """Check the hyper-parameters (margin, hardest, warmup_epochs, reduction, miner, weight, arity); return ``self``."""
-        name = type(self).__name__
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(
-                f"{name}: reduction must be one of {sorted(REDUCTIONS)}, got {self.reduction!r}."
-                + suggest(self.reduction, REDUCTIONS)
-            )
-        if not isinstance(self.count_pairs, str) or self.count_pairs not in PAIR_COUNTS:
-            raise ValueError(
-                f"{name}: count_pairs must be one of {sorted(PAIR_COUNTS)}, got {self.count_pairs!r}."
-                + suggest(self.count_pairs, PAIR_COUNTS)
-            )
-        margin = self.margin
-        if (
-            isinstance(margin, bool)
-            or not isinstance(margin, Real)
-            or not math.isfinite(margin)
-            or margin < 0
-        ):
-            raise ValueError(f"{name}: margin must be a finite number >= 0, got {margin!r}")
-        if not isinstance(self.hardest, bool):
-            raise TypeError(
-                f"{name}: hardest must be True (max over negatives) or False (sum), got {self.hardest!r}"
-            )
-        warm = self.warmup_epochs
-        if isinstance(warm, bool) or not isinstance(warm, Integral) or warm < 0:
-            raise ValueError(
-                f"{name}: warmup_epochs must be an integer >= 0 (epochs of summed negatives before the "
-                f"hardest), got {warm!r}"
-            )
-        if self.miner is not None and not callable(self.miner):
-            raise TypeError(
-                f"{name}: miner must be None or a callable block such as DistanceWeightedMiner, "
-                f"got {self.miner!r}"
-            )
+        """Check the declared constraints, a nested miner block and the arity; return ``self``."""
         if isinstance(self.miner, Component):
             # A nested block: set_params(miner__cutoff=...) is checked with the loss.
             self.miner.validate()
@@ -192,7 +162,6 @@ class TripletLoss(Loss):
         return self
 
     def forward(self, *values) -> torch.Tensor:
-        self.validate()
         scores, positives = scores_and_positives(self, values)
         try:
             negatives = None if self.miner is None else self.miner(scores, positives)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from numbers import Integral, Real
+
 import torch
 from torch import nn
 
 from imtm.component import Component
+from imtm.contract import Interval
 from imtm.tokens import Tokens
 
 __all__ = ["SelfAttentionContext"]
@@ -64,15 +67,17 @@ class SelfAttentionContext(Component):
         self.norm = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, dropout=float(dropout), batch_first=True)
 
+    _parameter_constraints = {
+        "dim": [Interval(Integral, 1, None, closed="left")],
+        "heads": [Interval(Integral, 1, None, closed="left")],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+    }
+
     def validate(self) -> SelfAttentionContext:
-        """Check ``dim``, ``heads`` (dividing ``dim``) and ``dropout``; return ``self``."""
-        name, dim, heads, dropout = type(self).__name__, self.dim, self.heads, self.dropout
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"{name}: dim must be a positive int, got {dim!r}")
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or dim % heads:
-            raise ValueError(f"{name}: heads must be a positive int dividing dim={dim}, got {heads!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{name}: dropout must lie in [0, 1), got {dropout!r}")
+        """Check the declared constraints and that ``heads`` divides ``dim``; return ``self``."""
+        if self.dim % self.heads:
+            raise ValueError(f"{type(self).__name__}: heads must be a positive int dividing dim={self.dim}, "
+                             f"got {self.heads!r}")
         return self
 
     def forward(self, image_tokens) -> Tokens:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imtm._block_inputs import as_tokens
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens
+from imtm.contract import Interval, Satisfies
 from imtm.functional.phrase_attention import LAYER_NORM_EPS
 
 __all__ = ["TextualPhraseEncoder"]
@@ -70,18 +72,13 @@ class TextualPhraseEncoder(Component):
         self.proj = nn.Linear(width * len(windows), dim)
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
-    def validate(self) -> TextualPhraseEncoder:
-        """Check ``dim``, ``windows`` and ``channels``; return ``self``."""
-        name, dim, windows, channels = type(self).__name__, self.dim, self.windows, self.channels
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"{name}: dim must be a positive int, got {dim!r}")
-        if (not isinstance(windows, (tuple, list)) or not windows
-                or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in windows)):
-            raise ValueError(f"{name}: windows must be a non-empty tuple of positive ints, got {windows!r}")
-        width = dim if channels is None else channels
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"{name}: channels must be a positive int or None, got {channels!r}")
-        return self
+    _parameter_constraints = {
+        "dim": [Interval(Integral, 1, None, closed="left")],
+        "windows": [Satisfies(lambda ws: isinstance(ws, (tuple, list)) and len(ws) > 0
+                              and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in ws),
+                              "a non-empty tuple of positive ints")],
+        "channels": [Interval(Integral, 1, None, closed="left"), None],
+    }
 
     def forward(self, text_tokens) -> torch.Tensor:
         name = type(self).__name__

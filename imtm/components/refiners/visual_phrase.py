@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imtm._block_inputs import as_tokens
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens
+from imtm.contract import Interval
 from imtm.functional.blocking import EPS
 from imtm.functional.phrase_attention import LAYER_NORM_EPS, AttentionWeights, self_attention
 from imtm.tokens import Tokens
@@ -78,12 +81,11 @@ class VisualPhraseEncoder(Component):
         self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
+    _parameter_constraints = {"ffn_dim": [Interval(Integral, 1, None, closed="left"), None]}
+
     def validate(self) -> VisualPhraseEncoder:
-        """Check ``dim``, ``heads`` (dividing ``dim``) and ``ffn_dim``; return ``self``."""
+        """Check the declared constraints, ``dim`` and ``heads`` (dividing ``dim``); return ``self``."""
         check_attention_args(self, self.dim, self.heads)
-        ffn_dim = self.ffn_dim
-        if ffn_dim is not None and (isinstance(ffn_dim, bool) or not isinstance(ffn_dim, int) or ffn_dim < 1):
-            raise ValueError(f"{type(self).__name__}: ffn_dim must be a positive int or None, got {ffn_dim!r}")
         return self
 
     def forward(self, image_tokens) -> Tokens:

@@ -23,15 +23,15 @@ References:
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import nn
 
+from imtm._block_inputs import as_tokens
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens
+from imtm.contract import POSITIVE, Interval, ValueSpec, check_param
 from imtm.functional.patch_slimming import (
     aggregate_tokens,
     aggregation_weights,
@@ -43,19 +43,6 @@ from imtm.functional.patch_slimming import (
 from imtm.tokens import Tokens
 
 __all__ = ["WordAggregation", "WordSelection"]
-
-
-def _check_int(block, name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{type(block).__name__}: {name} must be an int >= 1, got {value!r}")
-
-
-def _check_unit(block, name, value, *, lo_open):
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > 0 if lo_open else value >= 0) and value <= 1
-    if not ok:
-        raise ValueError(f"{type(block).__name__}: {name} must be a number in {'(' if lo_open else '['}0, 1], "
-                         f"got {value!r}")
 
 
 class WordSelection(Component):
@@ -85,6 +72,8 @@ class WordSelection(Component):
 
     requires = ("text_tokens",)
     provides = ("slim_text_tokens",)
+    values = (ValueSpec("slim_text_tokens", "text", "tokens", ("Bt", None, None),
+                        "LAPS: Tokens (Bt, M', D) of the words kept and merged by word slimming"),)
 
     def __init__(self, dim: int, ratio: float = 0.8, beta: float = 0.5, tau: float = 1.0, *, requires=None,
                  provides=None):
@@ -93,19 +82,16 @@ class WordSelection(Component):
         self.ratio = ratio
         self.beta = beta
         self.tau = tau
-        _check_int(self, "dim", dim)  # the MLP is built from it
+        check_param(self, "dim", dim)  # the MLP is built from it
         hidden = max(1, dim // 4)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
-    def validate(self) -> WordSelection:
-        """Check ``dim``, ``ratio``, ``beta`` and ``tau``; return ``self``."""
-        _check_int(self, "dim", self.dim)
-        _check_unit(self, "ratio", self.ratio, lo_open=True)
-        _check_unit(self, "beta", self.beta, lo_open=False)
-        t = self.tau
-        if isinstance(t, bool) or not isinstance(t, Real) or not 0 < t < math.inf:
-            raise ValueError(f"{type(self).__name__}: tau must be a finite number > 0, got {t!r}")
-        return self
+    _parameter_constraints = {
+        "dim": [Interval(Integral, 1, None, closed="left")],
+        "ratio": [Interval(Real, 0, 1, closed="right")],
+        "beta": [Interval(Real, 0, 1, closed="both")],
+        "tau": [POSITIVE],
+    }
 
     def significance(self, texts: Tokens) -> torch.Tensor:
         """``(Bt, M)`` word significance in ``[0, 1]`` (0 at padding)."""
@@ -116,7 +102,6 @@ class WordSelection(Component):
         return torch.where(texts.mask, a, torch.zeros((), dtype=a.dtype, device=a.device))
 
     def forward(self, text_tokens) -> Tokens:
-        self.validate()
         texts = as_tokens(self, text_tokens, "text tokens").check(type(self).__name__, self.dim)
         a = self.significance(texts)
         if self.training:
@@ -161,22 +146,18 @@ class WordAggregation(Component):
         self.dim = dim
         self.num_out = num_out
         self.hidden_ratio = hidden_ratio
-        _check_int(self, "dim", dim)  # the MLP is built from these
-        _check_int(self, "num_out", num_out)
+        check_param(self, "dim", dim)  # the MLP is built from these
+        check_param(self, "num_out", num_out)
         hidden = max(1, int(dim * hidden_ratio)) if isinstance(hidden_ratio, Real) else 1
         self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_out))
 
-    def validate(self) -> WordAggregation:
-        """Check ``dim``, ``num_out`` and ``hidden_ratio``; return ``self``."""
-        _check_int(self, "dim", self.dim)
-        _check_int(self, "num_out", self.num_out)
-        h = self.hidden_ratio
-        if isinstance(h, bool) or not isinstance(h, Real) or not 0 < h < math.inf:
-            raise ValueError(f"{type(self).__name__}: hidden_ratio must be a finite number > 0, got {h!r}")
-        return self
+    _parameter_constraints = {
+        "dim": [Interval(Integral, 1, None, closed="left")],
+        "num_out": [Interval(Integral, 1, None, closed="left")],
+        "hidden_ratio": [POSITIVE],
+    }
 
     def forward(self, text_tokens) -> Tokens:
-        self.validate()
         texts = as_tokens(self, text_tokens, "text tokens").check(type(self).__name__, self.dim)
         feats = texts.zero_padding().feats
         weights = aggregation_weights(self.mlp(feats), texts.mask.to(feats.dtype).unsqueeze(1))  # (Bt, 1, M, K)

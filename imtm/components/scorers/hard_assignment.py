@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.functional.blocking import check_block_args, resolve_option
+from imtm.contract import BLOCK_BUDGET, COMPUTE_DTYPE, POSITIVE, Options
 from imtm.functional.hard_assignment import CODEBOOKS, hard_assignment_scores
-from imtm.functional.pooling import resolve_pooling
-from imtm.tokens import Tokens
+from imtm.functional.pooling import POOLINGS
+from imtm.tokens import Tokens  # noqa: F401 - the docstring example uses it
 
 __all__ = ["HardAssignmentCoding"]
-
-
-def as_tokens(block: Component, value, what: str) -> Tokens:
-    """``value`` as Tokens (a ``(B, N, D)`` tensor means every token is real), or a TypeError naming ``block``."""
-    if isinstance(value, Tokens):
-        return value
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 3:
-            raise ValueError(f"{type(block).__name__}: expected {what} of shape (B, N, D), got {tuple(value.shape)}")
-        return Tokens(value)
-    raise TypeError(f"{type(block).__name__}: expected {what} as Tokens or a (B, N, D) tensor, got {type(value).__name__}")
-
-
-@contextlib.contextmanager
-def named_errors(block: Component):
-    """Prefix the functional's input errors with the block's class name, so they say where they came from."""
-    try:
-        yield
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"{type(block).__name__}: {err}") from err
 
 
 class HardAssignmentCoding(Component):
@@ -94,13 +73,13 @@ class HardAssignmentCoding(Component):
         self.max_block_elements = max_block_elements
         self.compute_dtype = compute_dtype
 
-    def validate(self) -> HardAssignmentCoding:
-        """Check the hyper-parameters (names, temperature, budget, dtype); return ``self``."""
-        where = type(self).__name__
-        resolve_option(self.codebook, CODEBOOKS, name="codebook", where=where)
-        resolve_pooling(self.pooling, self.temperature, where=where)
-        check_block_args(self.max_block_elements, self.compute_dtype, where=where)
-        return self
+    _parameter_constraints = {
+        "codebook": [Options(CODEBOOKS)],
+        "pooling": [Options(POOLINGS)],
+        "temperature": [POSITIVE],
+        "max_block_elements": BLOCK_BUDGET,
+        "compute_dtype": COMPUTE_DTYPE,
+    }
 
     def forward(self, image_tokens, text_tokens) -> torch.Tensor:
         images = as_tokens(self, image_tokens, "image tokens")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens, named_errors
-from imtm.functional.blocking import check_block_args, resolve_option
+from imtm.contract import BLOCK_BUDGET, POSITIVE, Options
 from imtm.functional.local_matching import LOCAL_WEIGHTINGS, local_matching_scores
-from imtm.functional.pooling import check_temperature
 
 __all__ = ["LocalMatching"]
 
@@ -71,13 +70,11 @@ class LocalMatching(Component):
         self.tau = tau
         self.max_block_elements = max_block_elements
 
-    def validate(self) -> LocalMatching:
-        """Check the hyper-parameters (weighting, tau, budget); return ``self``."""
-        where = type(self).__name__
-        resolve_option(self.weighting, LOCAL_WEIGHTINGS, name="weighting", where=where)
-        check_temperature(self.tau, name="tau", where=where)
-        check_block_args(self.max_block_elements, None, where=where)
-        return self
+    _parameter_constraints = {
+        "weighting": [Options(LOCAL_WEIGHTINGS)],
+        "tau": [POSITIVE],
+        "max_block_elements": BLOCK_BUDGET,
+    }
 
     def forward(self, image_tokens, text_tokens) -> torch.Tensor:
         images = as_tokens(self, image_tokens, "image tokens")

@@ -8,6 +8,7 @@ import torch
 
 from imtm.component import LinkedComponent
 from imtm.components.heads.cross_modal import ImageTextMatchingHead
+from imtm.contract import Interval
 from imtm.tokens import Tokens
 
 __all__ = ["MatchingReranker"]
@@ -78,13 +79,10 @@ class MatchingReranker(LinkedComponent):
         self.chunk = chunk
         self._set_target(head)
 
-    def validate(self) -> MatchingReranker:
-        """Check ``k``, ``chunk`` and a head given directly; return ``self``."""
-        for name in ("k", "chunk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-                raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, got {value!r}")
-        return super().validate()
+    _parameter_constraints = {
+        "k": [Interval(Integral, 1, None, closed="left")],
+        "chunk": [Interval(Integral, 1, None, closed="left")],
+    }
 
     def _check_target(self, block, name=None) -> None:
         if name is None and not isinstance(block, ImageTextMatchingHead):
@@ -95,7 +93,6 @@ class MatchingReranker(LinkedComponent):
                             "not an ImageTextMatchingHead")
 
     def forward(self, image_tokens, text_tokens, itc_scores):
-        self.validate()
         head = self.target()
         if not isinstance(image_tokens, Tokens) or not isinstance(text_tokens, Tokens):
             raise TypeError(f"{type(self).__name__}: expected image and text tokens as Tokens")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from numbers import Integral
+
 from torch import nn
 
+from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
 from imtm.components.refiners.visual_phrase import check_attention_args
-from imtm.components.scorers.hard_assignment import as_tokens, named_errors
+from imtm.contract import BLOCK_BUDGET, Interval, Options
 from imtm.functional.blocking import resolve_option
 from imtm.functional.phrase_attention import (
     LAYER_NORM_EPS,
@@ -14,7 +17,7 @@ from imtm.functional.phrase_attention import (
     FeedForwardWeights,
     phrase_attention_scores,
 )
-from imtm.functional.topk import DEFAULT_TOPK, check_average, check_k
+from imtm.functional.topk import AVERAGES, DEFAULT_TOPK
 
 __all__ = ["DIRECTIONS", "InterModalPhraseAttention"]
 
@@ -144,17 +147,17 @@ class InterModalPhraseAttention(Component):
             return None
         return FeedForwardWeights.from_modules(self.linear1, self.linear2, self.norm3)
 
+    _parameter_constraints = {
+        "direction": [Options(DIRECTIONS)],
+        "k": [Interval(Integral, 1, None, closed="left"), None],  # None: the mean of every token
+        "average": [Options(AVERAGES)],
+        "max_block_elements": BLOCK_BUDGET,
+    }
+
     def validate(self) -> InterModalPhraseAttention:
-        """Check ``direction``, ``k`` and the budget; return ``self``."""
-        where = type(self).__name__
+        """Check the declared constraints, ``dim`` / ``heads`` and the feed-forward option; return ``self``."""
         check_attention_args(self, self.dim, self.heads)
-        resolve_option(self.direction, DIRECTIONS, name="direction", where=where)
-        check_k(self.k, where=where)
-        check_average(self.average, where=where)
         self._check_feed_forward()
-        budget = self.max_block_elements
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-            raise ValueError(f"{where}: max_block_elements must be a positive int or None, got {budget!r}")
         return self
 
     def forward(self, image_tokens, text_tokens):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 
+from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens, named_errors
+from imtm.contract import BLOCK_BUDGET, POSITIVE
 from imtm.functional.scan_attention import SCAN_SMOOTH, scan_t2i_scores
 
 __all__ = ["ScanAttention"]
@@ -53,18 +51,9 @@ class ScanAttention(Component):
         self.smooth = smooth
         self.max_block_elements = max_block_elements
 
-    def validate(self) -> ScanAttention:
-        """Check ``smooth`` and the budget; return ``self``."""
-        where = type(self).__name__
-        if isinstance(self.smooth, bool) or not isinstance(self.smooth, Real) or not 0 < self.smooth < math.inf:
-            raise ValueError(f"{where}: smooth must be a finite number > 0, got {self.smooth!r}")
-        b = self.max_block_elements
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
-            raise ValueError(f"{where}: max_block_elements must be a positive int or None, got {b!r}")
-        return self
+    _parameter_constraints = {"smooth": [POSITIVE], "max_block_elements": BLOCK_BUDGET}
 
     def forward(self, image_tokens, text_tokens) -> torch.Tensor:
-        self.validate()
         images = as_tokens(self, image_tokens, "image tokens")
         texts = as_tokens(self, text_tokens, "text tokens")
         with named_errors(self):

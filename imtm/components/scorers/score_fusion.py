@@ -90,7 +90,6 @@ class ScoreFusion(Component):
         return self
 
     def forward(self, *scores: torch.Tensor):
-        self.validate()
         name = type(self).__name__
         requires = tuple(self.requires)
         if len(scores) != len(requires):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens, named_errors
-from imtm.functional.blocking import check_block_args, resolve_option
+from imtm.contract import BLOCK_BUDGET, COMPUTE_DTYPE, POSITIVE, Options
 from imtm.functional.hard_assignment import CODEBOOKS
-from imtm.functional.pooling import check_temperature, resolve_pooling
+from imtm.functional.pooling import POOLINGS
 from imtm.functional.soft_assignment import soft_assignment_scores
 
 __all__ = ["SoftAssignmentCoding"]
@@ -77,14 +77,14 @@ class SoftAssignmentCoding(Component):
         self.max_block_elements = max_block_elements
         self.compute_dtype = compute_dtype
 
-    def validate(self) -> SoftAssignmentCoding:
-        """Check the hyper-parameters (names, temperatures, budget, dtype); return ``self``."""
-        where = type(self).__name__
-        check_temperature(self.tau, name="tau", where=where)
-        resolve_option(self.codebook, CODEBOOKS, name="codebook", where=where)
-        resolve_pooling(self.pooling, self.temperature, where=where)
-        check_block_args(self.max_block_elements, self.compute_dtype, where=where)
-        return self
+    _parameter_constraints = {
+        "tau": [POSITIVE],
+        "codebook": [Options(CODEBOOKS)],
+        "pooling": [Options(POOLINGS)],
+        "temperature": [POSITIVE],
+        "max_block_elements": BLOCK_BUDGET,
+        "compute_dtype": COMPUTE_DTYPE,
+    }
 
     def forward(self, image_tokens, text_tokens) -> torch.Tensor:
         images = as_tokens(self, image_tokens, "image tokens")

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens, named_errors
-from imtm.functional.blocking import check_block_args, resolve_option
-from imtm.functional.sparse_alignment import DIRECTIONS, sparse_alignment_from_cosines, sparse_alignment_scores
+from imtm.contract import BLOCK_BUDGET, COMPUTE_DTYPE, Options
+from imtm.functional.sparse_alignment import (
+    DIRECTIONS,
+    sparse_alignment_from_cosines,
+    sparse_alignment_scores,
+)
 
 __all__ = ["SparsePatchWordAlignment"]
 
@@ -65,12 +69,11 @@ class SparsePatchWordAlignment(Component):
         self.max_block_elements = max_block_elements
         self.compute_dtype = compute_dtype
 
-    def validate(self) -> SparsePatchWordAlignment:
-        """Check the hyper-parameters (direction, budget, dtype); return ``self``."""
-        where = type(self).__name__
-        resolve_option(self.direction, DIRECTIONS, name="direction", where=where)
-        check_block_args(self.max_block_elements, self.compute_dtype, where=where)
-        return self
+    _parameter_constraints = {
+        "direction": [Options(DIRECTIONS)],
+        "max_block_elements": BLOCK_BUDGET,
+        "compute_dtype": COMPUTE_DTYPE,
+    }
 
     def reduce_cosines(self, sims: torch.Tensor, image_mask, text_mask) -> torch.Tensor:
         """Eq. 8 on given cosine matrices ``(..., N, M)`` (see :func:`~imtm.functional.sparse_alignment_from_cosines`)."""

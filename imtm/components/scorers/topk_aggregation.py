@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 
+from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import as_tokens, named_errors
-from imtm.functional.blocking import check_block_args
-from imtm.functional.topk import DEFAULT_TOPK, check_average, check_k, topk_mean_scores
+from imtm.contract import BLOCK_BUDGET, COMPUTE_DTYPE, Interval, Options
+from imtm.functional.topk import AVERAGES, DEFAULT_TOPK, topk_mean_scores
 
 __all__ = ["TopKAggregation"]
 
@@ -60,13 +62,12 @@ class TopKAggregation(Component):
         self.max_block_elements = max_block_elements
         self.compute_dtype = compute_dtype
 
-    def validate(self) -> TopKAggregation:
-        """Check the hyper-parameters (``k``, budget, dtype); return ``self``."""
-        where = type(self).__name__
-        check_k(self.k, where=where)
-        check_average(self.average, where=where)
-        check_block_args(self.max_block_elements, self.compute_dtype, where=where)
-        return self
+    _parameter_constraints = {
+        "k": [Interval(Integral, 1, None, closed="left"), None],  # None: the mean of every token
+        "average": [Options(AVERAGES)],
+        "max_block_elements": BLOCK_BUDGET,
+        "compute_dtype": COMPUTE_DTYPE,
+    }
 
     def forward(self, visual_phrases, text_phrase) -> torch.Tensor:
         images = as_tokens(self, visual_phrases, "visual phrases")

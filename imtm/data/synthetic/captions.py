@@ -12,7 +12,9 @@ import random
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from imtm.data.synthetic.scenes import GRID, Scene, SceneObject, _permutation, _pick
+from imtm.data.synthetic._random import permutation as _permutation
+from imtm.data.synthetic._random import pick as _pick
+from imtm.data.synthetic.scenes import GRID, Scene, SceneObject
 
 __all__ = [
     "COLOUR_WORDS",

@@ -17,6 +17,9 @@ import random
 from collections import Counter
 from dataclasses import dataclass, replace
 
+from imtm.data.synthetic._random import permutation as _permutation
+from imtm.data.synthetic._random import pick as _pick
+
 __all__ = [
     "COLOURS",
     "COLOUR_RGB",
@@ -168,19 +171,6 @@ class Scene:
     def bag_of_attributes(self) -> tuple[Counter, Counter]:
         """Multisets of colours and of shapes, with the binding between them forgotten."""
         return Counter(o.colour for o in self.objects), Counter(o.shape for o in self.objects)
-
-
-def _pick(rng, options):
-    return options[int(rng.random() * len(options))]
-
-
-def _permutation(rng, n: int) -> list[int]:
-    # Fisher-Yates on random() alone (random.shuffle's algorithm is not guaranteed stable).
-    p = list(range(n))
-    for i in range(n - 1, 0, -1):
-        j = int(rng.random() * (i + 1))
-        p[i], p[j] = p[j], p[i]
-    return p
 
 
 def _uniform(rng, lo: float, hi: float) -> float:

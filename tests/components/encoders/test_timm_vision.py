@@ -319,6 +319,6 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="refused the arguments"):
         TimmVisionEncoder(VIT, model_kwargs={"no_such_argument": 1})
     with pytest.raises(ValueError, match="supported are ViT"):
-        TimmVisionEncoder("resnet18")
+        TimmVisionEncoder("mixer_s16_224")  # an MLP-Mixer: tokens without a patch grid map
     with pytest.raises(ValueError, match="patch_drop_rate"):
         TimmVisionEncoder(VIT, img_size=64, model_kwargs=dict(VIT_KW, patch_drop_rate=0.5))

@@ -113,11 +113,11 @@ def test_reuse_runs_the_named_block():
 def test_bad_inputs():
     enc, head = encoder_and_head()
     images, texts = sides()
-    with pytest.raises(ValueError, match="dim must be a positive integer"):
+    with pytest.raises(ValueError, match="dim must be a positive int"):
         CrossModalEncoder(0)
     with pytest.raises(ValueError, match="not divisible by heads"):
         CrossModalEncoder(D, heads=3)
-    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"dropout must be a finite number in \[0, 1\)"):
         CrossModalEncoder(D, heads=2, dropout=1.0)
     with pytest.raises(TypeError, match="expected image tokens as Tokens"):
         enc(images.feats, texts)
@@ -129,9 +129,9 @@ def test_bad_inputs():
         head(images, texts, torch.zeros(3, 2), torch.ones(3, 2, dtype=torch.bool))
     with pytest.raises(TypeError, match="encoder must be a block name"):
         ImageTextMatchingHead(D, encoder=3)
-    with pytest.raises(ValueError, match="temperature must be a number > 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         ImageTextMatchingHead(D, temperature=0)
-    with pytest.raises(ValueError, match="dim must be a positive integer"):
+    with pytest.raises(ValueError, match="dim must be a positive int"):
         ImageTextMatchingHead(0)
     unlinked = ImageTextMatchingHead(D)
     with pytest.raises(RuntimeError, match="not linked yet"):
@@ -140,7 +140,7 @@ def test_bad_inputs():
         unlinked.link({"x": enc})
     with pytest.raises(TypeError, match="not a CrossModalEncoder"):
         unlinked.link({"cross": GlobalCosine()})
-    with pytest.raises(ValueError, match="k must be a positive integer"):
+    with pytest.raises(ValueError, match="k must be a positive int"):
         MatchingReranker(k=0).validate()
     with pytest.raises(TypeError, match="head must be a block name"):
         MatchingReranker(head=3).validate()

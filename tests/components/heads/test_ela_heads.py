@@ -136,7 +136,7 @@ def test_bad_inputs():
         w2l(torch.randn(2, 3, D))
     with pytest.raises(ValueError, match=r"shape \(B, M, 8\)"):
         w2l(Tokens(torch.randn(2, 3, D + 1)))
-    with pytest.raises(ValueError, match="dim must be a positive integer"):
+    with pytest.raises(ValueError, match="dim must be a positive int"):
         PatchToLexiconHead(0, DWE, V, embedding=emb)
     with pytest.raises(TypeError, match="embedding must be a block name"):
         PatchToLexiconHead(D, DWE, V, embedding=3)
@@ -144,7 +144,7 @@ def test_bad_inputs():
         WordToLexiconHead(D, DWE, V, embedding=emb, layers=-1)
     with pytest.raises(ValueError, match="not divisible by heads"):
         WordToLexiconHead(D, DWE, V, embedding=emb, heads=3)
-    with pytest.raises(ValueError, match="heads must be a positive integer"):
+    with pytest.raises(ValueError, match="heads must be a positive int"):
         WordToLexiconHead(D, DWE, V, embedding=emb, heads=0)
 
 

@@ -179,9 +179,9 @@ def test_bad_inputs():
         ExpansiveLexiconLoss(method="exact").validate()
     with pytest.raises(TypeError, match="expansion must be True or False"):
         ExpansiveLexiconLoss(expansion=1).validate()
-    with pytest.raises(TypeError, match="weight must be a number"):
+    with pytest.raises(TypeError, match="weight must be a finite number >= 0, got '1'"):
         ExpansiveLexiconLoss(weight="1").validate()
-    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+    with pytest.raises(ValueError, match="top_k must be a positive int"):
         ExpansiveLexiconLoss(top_k=0).validate()
     with pytest.raises(ValueError, match="scale must be a finite number > 0"):
         ExpansiveLexiconLoss(scale=float("inf")).validate()

@@ -30,7 +30,7 @@ def test_bad_inputs():
     images = Tokens(torch.randn(2, 5, 4), num_prefix_tokens=1)
     with pytest.raises(ValueError, match=r"RatioLoss: expected keep_decisions of shape \(Bi, Bt, N\) = \(2, Bt, 5\)"):
         RatioLoss()(torch.ones(2, 5), images)
-    with pytest.raises(ValueError, match=r"RatioLoss: rho must be a number in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"RatioLoss: rho must be a finite number in \(0, 1\]"):
         RatioLoss(rho=2)(torch.ones(2, 3, 5), images)
     with pytest.raises(TypeError, match="RatioLoss: ratio_loss: decisions must be a floating tensor"):
         RatioLoss()(torch.ones(2, 3, 5, dtype=torch.long), images)

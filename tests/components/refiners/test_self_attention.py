@@ -66,7 +66,7 @@ def test_train_and_eval_paths_agree_without_dropout():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"dim": 10, "heads": 3}, "heads must be a positive int dividing dim=10"), ({"dim": 0}, "dim must be a positive int"), ({"dim": 8, "dropout": 1.5}, "dropout must lie in")],
+    [({"dim": 10, "heads": 3}, "heads must be a positive int dividing dim=10"), ({"dim": 0}, "dim must be a positive int"), ({"dim": 8, "dropout": 1.5}, r"dropout must be a finite number in \[0, 1\)")],
 )
 def test_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=f"SelfAttentionContext: {match}"):

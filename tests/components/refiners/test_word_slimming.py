@@ -96,11 +96,11 @@ def test_conformance():
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="WordSelection: ratio must be a number in"):
+    with pytest.raises(ValueError, match="WordSelection: ratio must be a finite number in"):
         WordSelection(D, ratio=0).validate()
     with pytest.raises(ValueError, match="WordSelection: tau must be a finite number > 0"):
         WordSelection(D, tau=0).validate()
-    with pytest.raises(ValueError, match="WordAggregation: num_out must be an int >= 1"):
+    with pytest.raises(ValueError, match="WordAggregation: num_out must be a positive int"):
         WordAggregation(D, num_out=0)
     with pytest.raises(ValueError, match="WordAggregation: hidden_ratio must be"):
         WordAggregation(D, hidden_ratio=-1.0).validate()
