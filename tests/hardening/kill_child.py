@@ -40,7 +40,7 @@ from pathlib import Path
 #: step, an evaluation each epoch whose best (rSum) is epoch 2 on CPU, so ``best/`` is
 #: written, then replaced, then kept while the last epoch trains on. On the CPU: the fits run
 #: in forked processes, and CUDA cannot be used again in a forked process.
-FIT = dict(epochs=3, batch_size=16, lr=5e-3, random_state=0, checkpoint_every=1, verbose=False, device="cpu")
+FIT = dict(epochs=3, batch_size=16, lr=1e-2, random_state=0, checkpoint_every=1, verbose=False, device="cpu")
 DATA = dict(view="regions", seed=0, n_train=9, n_dev=6, n_test=2, region_dim=16)
 
 
