@@ -68,7 +68,7 @@ def components(kind, kw, train, args):
         tiny = {"depth": args.depth, "embed_dim": args.vit_dim, "num_heads": 2, "patch_size": args.patch}
         vit = {"model_name": "vit_tiny_patch16_224", "img_size": args.image_size, "embed_dim": args.embed_dim,
                "word_dim": args.embed_dim, "model_kwargs": tiny}
-    comps = presets.laps(vocab=train.vocab, hardest=False, **vit, **kw)
+    comps = presets.laps(vocab=train.vocab, text="gru", hardest=False, **vit, **kw)
     if args.backbone == "synthetic" and not args.fine_tune_backbone:
         comps[0][1].set_params(freeze=True)  # the pre-trained ViT frozen; its projection trains
     if kind == "laps":

@@ -121,7 +121,7 @@ def build_components(name: str, train, s: CompareSettings, workdir: Path) -> tup
                  ("loss", TripletLoss(margin=0.2, hardest=not freeze))]
         return comps, f"{vit_label}; GRU; mean-pooled cosine"
     if name == "laps":
-        comps = presets.laps(vocab=train.vocab, model_name=vit["model_name"], img_size=size,
+        comps = presets.laps(vocab=train.vocab, text="gru", model_name=vit["model_name"], img_size=size,
                              embed_dim=s.embed_dim, word_dim=s.word_dim, model_kwargs=vit["model_kwargs"])
         dict(comps)["image"].set_params(freeze=freeze)
         if freeze:
