@@ -8,12 +8,14 @@ puts this folder on the path).
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from imtm.metrics import format_table
 
-__all__ = ["binding_note", "binding_timing_table", "markdown_table", "page", "write_page"]
+__all__ = ["binding_note", "binding_timing_table", "claim_reading", "markdown_table", "mean_std", "page",
+           "seeded_table", "write_page"]
 
 Block = str | Sequence[str]
 
@@ -69,3 +71,52 @@ def write_page(out: str | Path, lines: Sequence[str], keep_from: str | None = No
     out.write_text(text)
     print(text)
     return text
+
+
+#: The columns of a seeded table: the six recalls and rSum.
+RECALL_COLUMNS = (("i2t R@1", "i2t_r1"), ("i2t R@5", "i2t_r5"), ("i2t R@10", "i2t_r10"), ("t2i R@1", "t2i_r1"),
+                  ("t2i R@5", "t2i_r5"), ("t2i R@10", "t2i_r10"), ("rSum", "rsum"))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    values = [float(v) for v in values]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def seeded_table(per_seed: Mapping[str, Sequence[Mapping]], extra: Sequence[tuple[str, str, str]] = ()) -> list[str]:
+    """A Markdown table of ``mean +- std`` over seeds: one row per label, the recalls, rSum and ``extra``.
+
+    ``per_seed[label]`` holds one metric dict per seed; ``extra`` adds columns ``(header, key, format)``.
+    """
+    header = ["model", *(h for h, _ in RECALL_COLUMNS), *(h for h, _, _ in extra), "seeds"]
+    rows = []
+    for label, runs in per_seed.items():
+        cells = [label]
+        for _, key in RECALL_COLUMNS:
+            m, sd = mean_std([r[key] for r in runs])
+            cells.append(f"{m:.1f} +- {sd:.1f}")
+        for _, key, fmt in extra:
+            m, sd = mean_std([r[key] for r in runs])
+            cells.append(f"{m:{fmt}} +- {sd:{fmt}}")
+        cells.append(str(len(runs)))
+        rows.append(cells)
+    return markdown_table(header, "l" + "r" * (len(header) - 1), rows)
+
+
+def claim_reading(per_seed: Mapping[str, Sequence[Mapping]], method: str, baseline: str, claim: str,
+                  key: str = "rsum") -> str:
+    """A sentence read off the numbers: does ``method`` beat ``baseline`` on ``key``, by how much, on how many seeds.
+
+    The seeds are paired (same data, initialisation and order for both rows of one seed).
+    """
+    a, b = [float(r[key]) for r in per_seed[method]], [float(r[key]) for r in per_seed[baseline]]
+    diffs = [x - y for x, y in zip(a, b)]
+    m, sd = mean_std(diffs)
+    wins = sum(d > 0 for d in diffs)
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    verdict = ("reproduces" if wins == len(diffs) and m > 0 else
+               "does not reproduce" if wins == 0 else "is not settled (mixed across seeds)")
+    return (f"**{claim}** {method}: {key} {ma:.1f} +- {sa:.1f}; {baseline}: {mb:.1f} +- {sb:.1f}; paired difference "
+            f"{m:+.1f} +- {sd:.1f} ({', '.join(f'{d:+.1f}' for d in diffs)} on seeds in order), higher on "
+            f"{wins} of {len(diffs)} seeds: the claim {verdict} here.")

@@ -113,7 +113,7 @@ def main() -> int:
     n_pix = max(64, args.n_train // 3)
     ptrain, _, ptest = synthetic.load(view="pixels", seed=args.seed, n_train=n_pix, n_dev=4, n_test=8, image_size=64)
     vit = {"depth": 1, "embed_dim": 64, "num_heads": 2, "patch_size": 8}
-    laps, t_laps = fit(presets.laps(vocab=ptrain.vocab, model_name="vit_tiny_patch16_224", img_size=64,
+    laps, t_laps = fit(presets.laps(vocab=ptrain.vocab, text="gru", model_name="vit_tiny_patch16_224", img_size=64,
                                     embed_dim=64, word_dim=64, hardest=False, model_kwargs=vit), ptrain, args)
     notes.append(f"laps: trained in {t_laps:.0f} s on {ptrain.n_images} images of 64 x 64 (8 x 8 patches)")
     print(notes[-1], flush=True)

@@ -253,6 +253,49 @@ def cmd_demo(args) -> int:
     return 0
 
 
+#: ``imtm train``'s values for the flags a recipe may set (used without ``--recipe``).
+TRAIN_DEFAULTS = {"preset": "chan", "epochs": 10, "batch_size": 128, "lr": 2e-4, "embed_dim": 1024}
+
+
+def _recipe_matcher(args, train, recipe):
+    """The recipe's Matcher, with the flags given on the command line overriding its values."""
+    from imtm import presets
+
+    over: dict = {}
+    given = {"text": args.text, "text_model": args.text_model, "word_vectors": args.word_vectors,
+             "embed_dim": args.embed_dim, "word_dim": args.word_dim, "img_size": args.img_size}
+    if recipe.preset in presets.PIXEL_PRESETS:
+        given["image" if recipe.preset == "laps" else "image_model"] = args.image_model
+        try:
+            given["model_kwargs"] = json.loads(args.model_kwargs) if args.model_kwargs else None
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"imtm train: --model-kwargs must be a JSON object, e.g. '{{\"depth\": 2}}': {e}") from e
+        if args.checkpoint:
+            given["checkpoint_path"] = args.checkpoint
+        if args.random_init or args.checkpoint:
+            over["pretrained"] = False
+    over.update({k: v for k, v in given.items() if v is not None})
+    mk = {"random_state": args.seed, "checkpoint_dir": args.out, "device": args.device, "precision": args.precision,
+          "checkpoint_every": args.checkpoint_every, "verbose": not args.quiet}
+    for key in ("epochs", "batch_size", "lr"):
+        if getattr(args, key) is not None:
+            mk[key] = getattr(args, key)
+    return presets.build_recipe(recipe, train, workdir=args.out, matcher_kwargs=mk, **over)
+
+
+def _paper_table(measured: dict, record: dict) -> str | None:
+    """The measured row, the paper's row (from the recipe a model was trained with) and the gap, as a table."""
+    from imtm.metrics import format_table
+    from imtm.recipes import paper_gap
+
+    paper = (record or {}).get("paper")
+    if not paper:
+        return None
+    rows = {"measured": measured, "paper": paper["metrics"], "gap (measured - paper)": paper_gap(measured, paper["metrics"])}
+    return (f"recipe {record['name']}: the paper's row ({paper['dataset']}, protocol {paper['protocol']}; "
+            f"{paper['source']}); '-' where it reports no value\n{format_table(rows)}")
+
+
 def _matcher_from_args(args, train):
     import inspect
 
@@ -267,6 +310,11 @@ def _matcher_from_args(args, train):
             raise SystemExit(f"imtm: --miner (distance-weighted negatives) is an option of the dias preset; "
                              f"{args.preset!r} has none")
         kw["miner"] = True
+    for key in ("text", "text_model", "word_vectors"):
+        if getattr(args, key, None) is not None:
+            if key not in params:
+                raise SystemExit(f"imtm train: --{key.replace('_', '-')} is not an option of the {args.preset} preset")
+            kw[key] = getattr(args, key)
     if args.preset in presets.PIXEL_PRESETS:
         try:
             model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
@@ -274,7 +322,6 @@ def _matcher_from_args(args, train):
             raise SystemExit(f"imtm train: --model-kwargs must be a JSON object, e.g. '{{\"depth\": 2}}': {e}") from e
         image_key = "model_name" if args.preset == "laps" else "image_model"
         given = {image_key: args.image_model, "img_size": args.img_size, "model_kwargs": model_kwargs,
-                 "text_model": args.text_model if args.preset == "ela" else None,
                  "checkpoint_path": args.checkpoint if args.preset == "laps" else None}
         kw.update({k: v for k, v in given.items() if v is not None})
         if args.pretrained:
@@ -313,11 +360,26 @@ def cmd_train(args) -> int:
     from imtm.data.formats import attach_model_transforms
     from imtm.engine import distributed
 
+    recipe = None
+    if args.recipe is not None:
+        from imtm.recipes import recipe as get_recipe
+
+        if args.preset is not None:
+            raise SystemExit("imtm train: give --preset or --recipe (a recipe names its preset), not both")
+        recipe = get_recipe(args.recipe)
+        args.preset = recipe.preset
+        args.out = args.out or str(Path("runs") / recipe.name)
+    for key, value in TRAIN_DEFAULTS.items():
+        if getattr(args, key) is None and (recipe is None or key == "preset"):
+            setattr(args, key, value)
+    args.out = args.out or "runs/imtm"
     view = args.view or ("pixels" if args.preset in presets.PIXEL_PRESETS else "regions")
     train, dev, test = _load_data(args, view=view)
-    m = _matcher_from_args(args, train)
+    m = _recipe_matcher(args, train, recipe) if recipe is not None else _matcher_from_args(args, train)
     attach_model_transforms(m.components, train, dev, test)
     m.fit(_neighbour_batches(args, train), eval_set=dev, resume=args.resume)
+    if recipe is not None:
+        m.record_["recipe"] = recipe.to_record()  # saved in record.json: evaluate prints the paper's row
     out = Path(args.out)
     final, split = (test, "test") if test is not None else (dev, "dev")
     res = m.evaluate(final, protocol=args.protocol) if final is not None else None
@@ -329,8 +391,11 @@ def cmd_train(args) -> int:
             print(f"{args.data} holds one split (the training one): nothing to test on; evaluate with "
                   "imtm evaluate --model ... --data <test file>")
         else:
-            print(_table({args.preset: res}, f"{split} split ({final.n_images} images):"))
+            print(_table({args.recipe or args.preset: res}, f"{split} split ({final.n_images} images):"))
             (out / f"{split}_metrics.json").write_text(json.dumps(res, indent=2))
+            comparison = _paper_table(res, m.record_.get("recipe"))
+            if comparison:
+                print(comparison)
         print(f"saved to {out / 'final'}")
     return 0
 
@@ -349,6 +414,9 @@ def cmd_evaluate(args) -> int:
 
     if distributed.is_main():
         print(_table({Path(args.model).name: res}, f"{args.split} split ({data.n_images} images):"))
+        comparison = _paper_table(res, getattr(m, "record_", {}).get("recipe"))
+        if comparison:
+            print(comparison)
     return 0
 
 
@@ -397,7 +465,8 @@ def cmd_compare(args) -> int:
 
     s = CompareSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, embed_dim=args.embed_dim,
                         word_dim=args.word_dim, n_train=args.n_train, n_test=args.n_test,
-                        image_size=args.image_size, seed=args.seed)
+                        image_size=args.image_size, backbones=args.backbones,
+                        freeze_backbone=not args.fine_tune_backbone, seed=args.seed)
     smoke = ("--quick: a smoke test at a tiny size; its numbers show that every preset trains and "
              "scores, not how the presets compare")
     if args.quick:
@@ -467,16 +536,27 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--protocol", default=None, help="f30k_1k, coco_1k_5fold or coco_5k")
         t.add_argument("--quiet", action="store_true")
         if name == "train":
-            t.add_argument("--preset", default="chan", type=_preset_names(),
+            t.add_argument("--preset", default=None, type=_preset_names(),
                            help=f"the model to train: {', '.join(sorted(PRESETS))} (default: chan; see below)")
-            t.add_argument("--epochs", type=int, default=10)
-            t.add_argument("--batch-size", type=int, default=128)
-            t.add_argument("--lr", type=float, default=2e-4)
-            t.add_argument("--embed-dim", type=int, default=1024)
+            t.add_argument("--recipe", default=None, metavar="NAME",
+                           help="a paper's headline configuration and training (imtm.recipes; e.g. "
+                                "laps-vit-b16-f30k, chan-gru-f30k): the flags below given explicitly override it")
+            t.add_argument("--epochs", type=int, default=None, help=f"default {TRAIN_DEFAULTS['epochs']}")
+            t.add_argument("--batch-size", type=int, default=None, help=f"default {TRAIN_DEFAULTS['batch_size']}")
+            t.add_argument("--lr", type=float, default=None, help=f"default {TRAIN_DEFAULTS['lr']}")
+            t.add_argument("--embed-dim", type=int, default=None, help=f"default {TRAIN_DEFAULTS['embed_dim']}")
+            t.add_argument("--text", default=None, choices=["gru", "gru-glove", "bert", "clip"],
+                           help="the text encoder (default: the preset's): a BiGRU, a BiGRU from word vectors "
+                                "(--word-vectors), a BERT-style model or a CLIP text tower (--text-model)")
+            t.add_argument("--word-vectors", default=None, help="gru-glove: a GloVe / fastText text file or an "
+                           "aligned .npy")
+            t.add_argument("--random-init", action="store_true", help="--recipe: start the backbones from random "
+                           "weights instead of the pretrained ones the recipe names")
             t.add_argument("--word-dim", type=int, default=None)
             t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
             t.add_argument("--checkpoint-every", type=int, default=None)
-            t.add_argument("--out", default="runs/imtm", help="run folder (checkpoints, final model)")
+            t.add_argument("--out", default=None, help="run folder (checkpoints, final model; default runs/imtm, "
+                           "or runs/RECIPE with --recipe)")
             t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
             t.add_argument("--miner", action="store_true",
                            help="dias: distance-weighted negatives for the triplet loss (Wu et al. 2017)")
@@ -491,8 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "arguments, e.g. '{\"depth\": 2}'")
             t.add_argument("--pretrained", action="store_true", help="laps, ela: timm's pretrained weights")
             t.add_argument("--checkpoint", default=None, help="laps: local backbone weights (.safetensors)")
-            t.add_argument("--text-model", default=None, help="ela: a local BERT folder or 'minilm' (default: a "
-                           "small BERT from scratch over the training captions, written into --out)")
+            t.add_argument("--text-model", default=None, help="a BERT-style or CLIP folder, a hub name or 'minilm' "
+                           "(ela default: a small BERT from scratch over the training captions, written into --out)")
         else:
             t.add_argument("--model", required=True, help="folder written by Matcher.save or imtm train")
             t.add_argument("--split", default="test", choices=["train", "dev", "val", "test"])
@@ -503,9 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=compute, formatter_class=raw,
                        epilog=_epilog("compare", _presets_epilog(list(COMPARE_PRESETS)),
                                       _wrapped("data (--data)", DATA_HELP + "; a folder suits the region presets only")))
-    c.add_argument("--presets", default="chan,laps,dcpa,ela,dias,vsepp",
+    c.add_argument("--presets", default="chan,laps,dcpa,ela,dias,vsepp,vsepp-vit",
                    type=_preset_names(list(COMPARE_PRESETS), many=True),
-                   help="comma-separated presets (vsepp, chan, dcpa, dias on regions; laps, ela on pixels)")
+                   help="comma-separated presets (vsepp, chan, dcpa, dias on regions; laps, ela, vsepp-vit on "
+                        "pixels)")
     c.add_argument("--data", default="synthetic", help="'synthetic' or a folder in the SCAN precomputed layout "
                                                       "(region presets only)")
     c.add_argument("--epochs", type=int, default=4, help="epochs of every preset (DCPA: both stages together)")
@@ -515,7 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=float, default=1e-3)
     c.add_argument("--embed-dim", type=int, default=64)
     c.add_argument("--word-dim", type=int, default=64)
-    c.add_argument("--image-size", type=int, default=32, help="pixels view: image side")
+    c.add_argument("--image-size", type=int, default=64, help="pixels view: image side (64: 64 patches of 8x8)")
+    c.add_argument("--backbones", default="synthetic", choices=["synthetic", "scratch"],
+                   help="pixel presets: fine-tune the packaged pre-trained synthetic-vit / synthetic-bert "
+                        "(default), or train small ones from scratch")
+    c.add_argument("--fine-tune-backbone", action="store_true",
+                   help="pixel presets: fine-tune the pre-trained synthetic-vit too (default: frozen)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="runs/compare", help="folder for compare.md, compare.csv, compare_recall.png")
     c.add_argument("--quick", action="store_true", help="a tiny run (seconds), for smoke tests")

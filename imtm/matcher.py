@@ -1000,14 +1000,24 @@ class _CompiledCall:
     first call; when the compiled call raises, the block is run eagerly: if that raises
     too, the input was at fault and the eager error propagates unchanged; if it works,
     compilation was at fault, and the block stays eager from then on.
+
+    A block whose forward is ``compute(*prepare(*inputs))`` (a host-side ``prepare``:
+    tokenisation, input checks; a tensor-only ``compute``), such as the text encoders,
+    has only its ``compute`` compiled: ``prepare`` runs eagerly first, so new captions
+    (strings) never reach the compiler and never cause a recompilation.
     """
 
     def __init__(self, block: torch.nn.Module, name: str):
         self.block, self.name = block, name
-        self.compiled = torch.compile(block._call_impl)
+        self.split = callable(getattr(block, "prepare", None)) and callable(getattr(block, "compute", None))
+        # torch's automatic dynamic shapes: the first new batch size or token count recompiles once
+        # with symbolic sizes, later ones reuse that graph.
+        self.compiled = torch.compile(block.compute if self.split else block._call_impl)
 
     def __call__(self, *args, **kwargs):
         try:
+            if self.split:
+                return self.compiled(*self.block.prepare(*args, **kwargs))
             return self.compiled(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - any compiler failure; an input error re-raises below
             out = self.block._call_impl(*args, **kwargs)

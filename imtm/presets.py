@@ -26,21 +26,103 @@ from imtm.tokens import Tokens
 WARMUP_EPOCHS = 1
 
 __all__ = ["vsepp", "chan", "dias", "dias_losses", "dcpa", "dcpa_stages", "default_stages", "ela", "laps", "build", "small_vit",
-           "PRESETS", "PIXEL_PRESETS", "WARMUP_EPOCHS"]
+           "text_encoder", "image_encoder", "recipe", "build_recipe", "PRESETS", "PIXEL_PRESETS", "TEXT_ENCODERS", "DEFAULT_TEXT_MODELS",
+           "WARMUP_EPOCHS"]
+
+#: The text encoders every preset takes as ``text=``: a BiGRU over the vocabulary (random word
+#: embeddings, or word vectors from a GloVe / fastText file), a BERT-style transformers encoder,
+#: or the text tower of a CLIP model.
+TEXT_ENCODERS = ("gru", "gru-glove", "bert", "clip")
+#: The model ``text="bert"`` / ``"clip"`` loads when no ``text_model`` is named: BERT-base
+#: (uncased), as LAPS's ``--bert_path`` (arguments.py of CrossmodalGroup/LAPS) and CHAN's BERT rows
+#: use; CLIP ViT-B/16's text tower. Both come from the hub (or its cache); offline, pass a folder.
+DEFAULT_TEXT_MODELS = {"bert": "bert-base-uncased", "clip": "openai/clip-vit-base-patch16"}
+#: ``image=`` value of the presets that read precomputed region (or grid) features.
+REGIONS = "regions"
 
 
-def vsepp(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, margin: float = 0.2,
-          hardest: bool = True, warmup_epochs: int = WARMUP_EPOCHS) -> list[tuple[str, Any]]:
+def text_encoder(text: str = "gru", *, vocab=None, embed_dim: int, word_dim: int = 300, text_model=None,
+                 word_vectors=None, freeze_text: bool = False, max_length: int = 64, preset: str = "preset"):
+    """The text encoder block ``text`` names (one of :data:`TEXT_ENCODERS`), projected to ``embed_dim``.
+
+    - ``"gru"``: :class:`~imtm.components.GRUTextEncoder` over ``vocab``, SCAN's random word embeddings;
+    - ``"gru-glove"``: the same, its embeddings started from ``word_vectors`` (a GloVe / fastText
+      text file or an aligned ``.npy``; words the file lacks keep N(0, 1) as in CHAN's code);
+    - ``"bert"``: :class:`~imtm.components.HFTextEncoder` of ``text_model`` (a hub name or a local
+      folder; default :data:`DEFAULT_TEXT_MODELS`), ``freeze_text`` keeping its weights fixed;
+    - ``"clip"``: the text tower of a CLIP model (a transformers CLIP folder or hub name), with
+      CLIP's end-of-text token kept (``special_tokens="all"``: it holds CLIP's sentence feature).
+
+    Example:
+        >>> from imtm.data import Vocabulary
+        >>> type(text_encoder("gru", vocab=Vocabulary.build(["a dog"]), embed_dim=8, word_dim=4)).__name__
+        'GRUTextEncoder'
+    """
+    from imtm.components import GRUTextEncoder, HFTextEncoder
+
+    if text not in TEXT_ENCODERS:
+        raise ValueError(f"{preset}: text must be one of {list(TEXT_ENCODERS)}, got {text!r}." + suggest(text, TEXT_ENCODERS))
+    if text in ("gru", "gru-glove"):
+        if vocab is None:
+            raise ValueError(f"{preset}: text={text!r} needs vocab= (imtm.data.Vocabulary.build(train_captions), "
+                             "or the dataset's .vocab)")
+        if text == "gru-glove" and word_vectors is None:
+            raise ValueError(f"{preset}: text='gru-glove' needs word_vectors= (a GloVe / fastText text file, e.g. "
+                             "glove.840B.300d.txt, or a .npy aligned with the vocabulary)")
+        if text == "gru" and word_vectors is not None:
+            raise ValueError(f"{preset}: word_vectors is read by text='gru-glove'; text='gru' starts from random "
+                             "word embeddings")
+        return GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim,
+                              word_vectors=word_vectors if text == "gru-glove" else None)
+    return HFTextEncoder(text_model or DEFAULT_TEXT_MODELS[text], out_dim=embed_dim, freeze=freeze_text,
+                         max_length=max_length, special_tokens="all" if text == "clip" else "cls")
+
+
+def image_encoder(image: str = REGIONS, *, region_dim: int | None = None, embed_dim: int,
+                  image_options: dict | None = None, preset: str = "preset"):
+    """The image encoder block: precomputed features (``image="regions"``) or a timm backbone over pixels.
+
+    ``image`` is ``"regions"`` (:class:`~imtm.components.PrecomputedEncoder` from ``region_dim``
+    to ``embed_dim``: SCAN's bottom-up region features, or grid features written by ``imtm extract``)
+    or a :class:`~imtm.components.TimmVisionEncoder` model name (ViT, Swin, EVA, CNN, ``hf-hub:``;
+    VSE-infinity-style grid tokens for a CNN), projected to ``embed_dim``. ``image_options`` go to
+    :class:`~imtm.components.TimmVisionEncoder` (``pretrained``, ``checkpoint_path``, ``img_size``,
+    ``model_kwargs``, ``freeze``).
+    """
+    from imtm.components import PrecomputedEncoder, TimmVisionEncoder
+
+    if not isinstance(image, str) or not image:
+        raise TypeError(f"{preset}: image must be 'regions' or a timm model name, got {image!r}")
+    if image == REGIONS:
+        if region_dim is None:
+            raise ValueError(f"{preset}: image='regions' needs region_dim= (the width of the precomputed features)")
+        if image_options:
+            raise ValueError(f"{preset}: image_options configure a timm backbone; image='regions' takes none")
+        return PrecomputedEncoder(in_dim=region_dim, out_dim=embed_dim)
+    return TimmVisionEncoder(image, out_dim=embed_dim, **dict(image_options or {}))
+
+
+def vsepp(*, vocab=None, region_dim: int | None = None, embed_dim: int = 1024, word_dim: int = 300,
+          margin: float = 0.2, hardest: bool = True, warmup_epochs: int = WARMUP_EPOCHS, text: str = "gru",
+          text_model=None, word_vectors=None, freeze_text: bool = False, image: str = REGIONS,
+          image_options: dict | None = None) -> list[tuple[str, Any]]:
     """VSE++ global baseline: region projection + GRU, masked mean pooling, cosine, hardest-negative triplet.
+
+    ``text`` / ``text_model`` / ``word_vectors`` / ``freeze_text`` choose the text encoder
+    (:func:`text_encoder`), ``image`` / ``image_options`` the image encoder (:func:`image_encoder`).
+    Differs from the paper: VSE++ fine-tunes a ResNet-152 over pixels; here the default reads
+    precomputed region features (``image="resnet152"`` gives its grid tokens, mean-pooled).
 
     References:
         Faghri et al., 'VSE++: Improving Visual-Semantic Embeddings with Hard Negatives', BMVC 2018.
     """
-    from imtm.components import GlobalCosine, GRUTextEncoder, PrecomputedEncoder, TripletLoss
+    from imtm.components import GlobalCosine, TripletLoss
 
     return [
-        ("image", PrecomputedEncoder(in_dim=region_dim, out_dim=embed_dim)),
-        ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
+        ("image", image_encoder(image, region_dim=region_dim, embed_dim=embed_dim, image_options=image_options,
+                                preset="vsepp")),
+        ("text", text_encoder(text, vocab=vocab, embed_dim=embed_dim, word_dim=word_dim, text_model=text_model,
+                              word_vectors=word_vectors, freeze_text=freeze_text, preset="vsepp")),
         ("scorer", GlobalCosine()),
         ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs)),
     ]
@@ -50,11 +132,20 @@ def vsepp(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300,
 CHAN_MARGIN = 0.2
 
 
-def chan(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, codebook: str = "visual",
-         pooling: str = "lse", temperature: float = 0.1, margin: float = CHAN_MARGIN, context_heads: int = 8,
-         coding: str = "hard", hardest: bool = True, warmup_epochs: int = WARMUP_EPOCHS) -> list[tuple[str, Any]]:
+def chan(*, vocab=None, region_dim: int | None = None, embed_dim: int = 1024, word_dim: int = 300,
+         codebook: str = "visual", pooling: str = "lse", temperature: float = 0.1, margin: float = CHAN_MARGIN,
+         context_heads: int = 8, coding: str = "hard", hardest: bool = True, warmup_epochs: int = WARMUP_EPOCHS,
+         text: str = "gru", text_model=None, word_vectors=None, freeze_text: bool = False, image: str = REGIONS,
+         image_options: dict | None = None) -> list[tuple[str, Any]]:
     """CHAN: precomputed regions + one self-attention context layer, GRU text, hard-assignment coding
     with log-sum-exp pooling, triplet loss with hardest negatives (the paper's defaults).
+
+    Text encoders (``text``, :func:`text_encoder`): CHAN's Flickr30K row trains its BiGRU from
+    GloVe (``--wemb_type=glove`` in scripts/train.sh of ppanzx/CHAN): ``text="gru-glove",
+    word_vectors="glove.840B.300d.txt"``; its BERT rows: ``text="bert"``. Differs from the paper:
+    the default ``text="gru"`` starts from random word embeddings, because GloVe is a file only the
+    user can supply (:func:`recipe` ``"chan-gru-f30k"`` sets GloVe). ``image`` / ``image_options``:
+    precomputed regions (default, as the paper) or a timm backbone (:func:`image_encoder`).
 
     Args:
         coding: ``"hard"`` (the paper's model) or ``"soft"`` (cross-attention coding, Table 3).
@@ -66,9 +157,7 @@ def chan(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
         Pan et al., 'Fine-grained Image-text Matching by Cross-modal Hard Aligning Network', CVPR 2023.
     """
     from imtm.components import (
-        GRUTextEncoder,
         HardAssignmentCoding,
-        PrecomputedEncoder,
         SelfAttentionContext,
         SoftAssignmentCoding,
         TripletLoss,
@@ -81,9 +170,11 @@ def chan(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
     if coding not in codings:
         raise ValueError(f"coding must be one of {sorted(codings)}, got {coding!r}." + suggest(coding, codings))
     return [
-        ("image", PrecomputedEncoder(in_dim=region_dim, out_dim=embed_dim)),
+        ("image", image_encoder(image, region_dim=region_dim, embed_dim=embed_dim, image_options=image_options,
+                                preset="chan")),
         ("context", SelfAttentionContext(dim=embed_dim, heads=context_heads)),
-        ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
+        ("text", text_encoder(text, vocab=vocab, embed_dim=embed_dim, word_dim=word_dim, text_model=text_model,
+                              word_vectors=word_vectors, freeze_text=freeze_text, preset="chan")),
         ("coding", codings[coding]()),
         ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs)),
     ]
@@ -94,9 +185,11 @@ DCPA_INTRA_BLOCKS = ["image", "text", "visual_phrases", "text_phrase"]
 DCPA_INTER_BLOCKS = ["inter_i2t", "inter_t2i"]
 
 
-def dcpa(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, heads: int = 8, k: int | None = 10,
-         margin: float = 0.1, hardest: bool = True, warmup_epochs: int = WARMUP_EPOCHS, decoupled: bool = True,
-         weights: tuple[float, float] = (0.6, 0.4)) -> list[tuple[str, Any]]:
+def dcpa(*, vocab=None, region_dim: int | None = None, embed_dim: int = 1024, word_dim: int = 300, heads: int = 8,
+         k: int | None = 10, margin: float = 0.1, hardest: bool = True, warmup_epochs: int = WARMUP_EPOCHS,
+         decoupled: bool = True, weights: tuple[float, float] = (0.6, 0.4), text: str = "gru", text_model=None,
+         word_vectors=None, freeze_text: bool = False, image: str = REGIONS,
+         image_options: dict | None = None) -> list[tuple[str, Any]]:
     """DCPA: phrase encoders scored by top-K aggregation (intra-modal), two decoupled inter-modal
     phrase-attention branches, and the weighted fusion of both at inference.
 
@@ -121,15 +214,21 @@ def dcpa(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
             inter-modal score (the mean of the two branches) trained with one symmetric triplet
             loss, and one fused ``scores`` for both directions.
         weights: ``(w0, w1)``, the fusion weights of the intra-modal and inter-modal scores.
+        text, text_model, word_vectors, freeze_text: the text encoder (:func:`text_encoder`);
+            ``text="bert", freeze_text=True`` is a frozen BERT.
+        image, image_options: the image encoder (:func:`image_encoder`; precomputed regions by default).
+
+    Differs from the paper: the text encoder defaults to a GRU. Issue #25 of this project reports
+    that DCPA uses a frozen BERT with 256-d, 16-head, 512-filter phrase modules; the paper's text was
+    not at hand to check that here, so the default is left as it was and ``text="bert",
+    freeze_text=True`` gives that configuration when wanted.
 
     References:
         Shi et al., 'Decoupled Cross-modal Phrase-Attention Network for Image-Sentence Matching',
         IEEE TIP 2022.
     """
     from imtm.components import (
-        GRUTextEncoder,
         InterModalPhraseAttention,
-        PrecomputedEncoder,
         ScoreFusion,
         TextualPhraseEncoder,
         TopKAggregation,
@@ -139,8 +238,10 @@ def dcpa(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
 
     w_intra, w_inter = weights
     blocks = [
-        ("image", PrecomputedEncoder(in_dim=region_dim, out_dim=embed_dim)),
-        ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
+        ("image", image_encoder(image, region_dim=region_dim, embed_dim=embed_dim, image_options=image_options,
+                                preset="dcpa")),
+        ("text", text_encoder(text, vocab=vocab, embed_dim=embed_dim, word_dim=word_dim, text_model=text_model,
+                              word_vectors=word_vectors, freeze_text=freeze_text, preset="dcpa")),
         ("visual_phrases", VisualPhraseEncoder(dim=embed_dim, heads=heads)),
         ("text_phrase", TextualPhraseEncoder(dim=embed_dim)),
         ("intra", TopKAggregation(k=k)),
@@ -254,10 +355,12 @@ def dias_losses(*, dimension: bool = True, inter: bool = True, intra: bool = Tru
 DIAS_SCORERS = ("local", "soft")
 
 
-def dias(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, context_heads: int = 8,
-         scorer: str = "soft", weighting: str = "softmax", tau: float = 0.1, pooling: str = "lse",
-         temperature: float = 0.1, margin: float = 0.2, hardest: bool = True,
-         warmup_epochs: int = WARMUP_EPOCHS, miner: bool = False, **losses) -> list[tuple[str, Any]]:
+def dias(*, vocab=None, region_dim: int | None = None, embed_dim: int = 1024, word_dim: int = 300,
+         context_heads: int = 8, scorer: str = "soft", weighting: str = "softmax", tau: float = 0.1,
+         pooling: str = "lse", temperature: float = 0.1, margin: float = 0.2, hardest: bool = True,
+         warmup_epochs: int = WARMUP_EPOCHS, miner: bool = False, text: str = "gru", text_model=None,
+         word_vectors=None, freeze_text: bool = False, image: str = REGIONS, image_options: dict | None = None,
+         **losses) -> list[tuple[str, Any]]:
     """DIAS: the local matching framework (Eq. 1-3) trained with DIAS's regularisers (Eq. 17).
 
     Over the same encoders as :func:`chan` (precomputed regions with a self-attention
@@ -282,6 +385,11 @@ def dias(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
         margin, hardest: the triplet loss (hardest negative, or summed with ``hardest=False``).
         miner: sample the triplet negatives by distance (Wu et al.; :class:`~imtm.components.DistanceWeightedMiner`)
             as DIAS does. It reads scores as cosines of unit vectors, which ``scorer="local"`` gives.
+        text, text_model, word_vectors, freeze_text: the text encoder (:func:`text_encoder`).
+        image, image_options: the image encoder (:func:`image_encoder`; precomputed regions by default).
+
+    Differs from the paper: the scorer default (above, measured); the text encoder defaults to a
+    GRU from random word embeddings (the paper's text encoder was not checked here).
 
     References:
         Ma et al., 'Bridging the Modality Gap: Dimension Information Alignment and Sparse Spatial
@@ -289,9 +397,7 @@ def dias(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
     """
     from imtm.components import (
         DistanceWeightedMiner,
-        GRUTextEncoder,
         LocalMatching,
-        PrecomputedEncoder,
         SelfAttentionContext,
         SoftAssignmentCoding,
         TripletLoss,
@@ -304,9 +410,11 @@ def dias(*, vocab, region_dim: int, embed_dim: int = 1024, word_dim: int = 300, 
     if scorer not in scorers:
         raise ValueError(f"dias: scorer must be one of {sorted(scorers)}, got {scorer!r}." + suggest(scorer, scorers))
     return [
-        ("image", PrecomputedEncoder(in_dim=region_dim, out_dim=embed_dim)),
+        ("image", image_encoder(image, region_dim=region_dim, embed_dim=embed_dim, image_options=image_options,
+                                preset="dias")),
         ("context", SelfAttentionContext(dim=embed_dim, heads=context_heads)),
-        ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
+        ("text", text_encoder(text, vocab=vocab, embed_dim=embed_dim, word_dim=word_dim, text_model=text_model,
+                              word_vectors=word_vectors, freeze_text=freeze_text, preset="dias")),
         ("coding", scorers[scorer]()),
         ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs,
                              miner=DistanceWeightedMiner(dim=embed_dim) if miner else None)),
@@ -463,7 +571,7 @@ LAPS_RATIOS: dict[str, tuple[float, float]] = {"vit": (0.5, 0.4), "swin": (0.8, 
 LAPS_BACKBONES: dict[str, str] = {"vit": "vit_base_patch16_224", "swin": "swin_base_patch4_window7_224"}
 
 
-def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_size: int | None = None,
+def laps(*, vocab=None, backbone: str = "vit", model_name: str | None = None, img_size: int | None = None,
          model_kwargs: dict | None = None, pretrained: bool = False, checkpoint_path: str | None = None,
          embed_dim: int = 512, word_dim: int = 300, ratio: float | None = None, aggregation: float | None = None,
          beta: float = 0.8, tau: float = 1.0, margin: float = 0.2, hardest: bool = True,
@@ -472,9 +580,20 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
          calibration: bool = True, direction: str = "both", self_attention: bool = True,
          attentive_only: bool = False, clustering: bool = False, alignment: str = "sparse",
          word_selection: bool = False, word_aggregation: bool = False, word_ratio: float = 0.8,
-         word_tokens: int = 4) -> list[tuple[str, Any]]:
-    """LAPS: a timm ViT/Swin, GRU text, language-context patch slimming with sparse patch-word
+         word_tokens: int = 4, text: str = "bert", text_model=None, word_vectors=None, freeze_text: bool = False,
+         image: str | None = None) -> list[tuple[str, Any]]:
+    """LAPS: a timm ViT/Swin, BERT text, language-context patch slimming with sparse patch-word
     alignment, triplet loss with hardest negatives plus the ratio loss (Eq. 9-10).
+
+    Text (``text``, :func:`text_encoder`): BERT-base by default, as the paper (the authors'
+    ``--bert_path`` in arguments.py and the README's model weights, CrossmodalGroup/LAPS);
+    ``text="gru"`` (with ``vocab``) trains a BiGRU instead, ``text="clip"`` reads a CLIP text tower
+    (with ``image="vit_base_patch16_clip_224"`` and its weights: CLIP-initialised LAPS).
+
+    Differs from the paper: ``pretrained=False`` by default (random backbone weights; the paper
+    starts from ImageNet ViT-Base / Swin-Base: pass ``pretrained=True`` or ``checkpoint_path``), and
+    the ratio loss weight (1.0 here; the authors' arguments.py defaults ``--ratio_weight`` to 2.0,
+    which :func:`recipe` uses).
 
     :math:`N_s = \\lceil \\rho N \\rceil` patches are kept at inference and merged into
     :math:`N_c = \\lfloor \\lambda N_s \\rfloor` tokens; ``N`` is read from the encoder's grid.
@@ -483,6 +602,8 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
     Args:
         backbone: ``"vit"`` (rho 0.5, lambda 0.4) or ``"swin"`` (rho 0.8, lambda 0.6).
         model_name: the timm model; ``None``: the paper's Base/224 model of ``backbone``.
+        image: the same as ``model_name`` (the name every preset takes); give one of the two.
+        text, text_model, word_vectors, freeze_text: the text encoder (:func:`text_encoder`).
         img_size, model_kwargs, pretrained, checkpoint_path: passed to :class:`TimmVisionEncoder`.
         ratio, aggregation: :math:`\\rho` and :math:`\\lambda`; ``None``: the backbone's defaults.
         fusion: the fused token of the dropped patches ("without redundant fusion": False).
@@ -509,7 +630,6 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
 
     from imtm.components import (
         DPCKNNAggregation,
-        GRUTextEncoder,
         GumbelSelector,
         PatchScorer,
         PatchSlimming,
@@ -525,6 +645,12 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
 
     if backbone not in LAPS_RATIOS:
         raise ValueError(f"backbone must be one of {sorted(LAPS_RATIOS)}, got {backbone!r}." + suggest(backbone, LAPS_RATIOS))
+    if image is not None and model_name is not None and image != model_name:
+        raise ValueError(f"laps: image={image!r} and model_name={model_name!r} name two backbones; give one")
+    if image == REGIONS:
+        raise ValueError("laps: image='regions' is not possible: patch slimming needs a patch grid; name a timm "
+                         "ViT / Swin / EVA / CNN (image='vit_base_patch16_224')")
+    model_name = model_name or image
     rho = LAPS_RATIOS[backbone][0] if ratio is None else ratio
     lam = LAPS_RATIOS[backbone][1] if aggregation is None else aggregation
     if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not 0 < lam <= 1:
@@ -549,7 +675,8 @@ def laps(*, vocab, backbone: str = "vit", model_name: str | None = None, img_siz
         agg = TokenAggregation(embed_dim, num_out)
     blocks = [
         ("image", encoder),
-        ("text", GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim)),
+        ("text", text_encoder(text, vocab=vocab, embed_dim=embed_dim, word_dim=word_dim, text_model=text_model,
+                              word_vectors=word_vectors, freeze_text=freeze_text, preset="laps")),
     ]
     words = "text_tokens"
     if word_selection:
@@ -594,6 +721,42 @@ def small_vit(width: int, *, depth: int = 2, patch_size: int = 8) -> dict:
     return {"depth": depth, "embed_dim": width, "num_heads": 2 if width % 2 == 0 else 1, "patch_size": patch_size}
 
 
+def recipe(name: str):
+    """A paper's headline configuration, components and training parameters (:class:`imtm.recipes.Recipe`).
+
+    ``presets.recipe("laps-vit-b16-f30k").matcher(train)`` is the paper's model and training, with
+    the authors' reported results recorded (:mod:`imtm.recipes` lists the recipes and where every
+    value comes from).
+
+    Example:
+        >>> recipe("chan-gru-f30k").matcher_kwargs["lr_scheduler"]
+        'x0.1 every 15 epochs'
+    """
+    from imtm.recipes import recipe as _recipe
+
+    return _recipe(name)
+
+
+def build_recipe(name, data=None, *, workdir=None, matcher_kwargs: dict | None = None, **overrides):
+    """The :class:`~imtm.Matcher` of recipe ``name`` (or a :class:`~imtm.recipes.Recipe`): the paper's model and training.
+
+    ``data`` (the training dataset) gives the data-dependent pieces through :func:`build`;
+    ``overrides`` change preset keywords (a local BERT folder, ``word_vectors=`` for GloVe,
+    ``pretrained=False``...), ``matcher_kwargs`` Matcher parameters (``device``, ``epochs``...).
+
+    Example:
+        >>> from imtm.data import synthetic
+        >>> train, _, _ = synthetic.load(n_train=4, n_dev=1, n_test=1)
+        >>> m = build_recipe("dcpa-f30k", train, embed_dim=8, word_dim=8, heads=2, k=2)
+        >>> m.batch_size, [s.name for s in m.stages]
+        (128, ['intra', 'inter'])
+    """
+    r = recipe(name) if isinstance(name, str) else name
+    kwargs = r.preset_keywords(**overrides)
+    components = PRESETS[r.preset](**kwargs) if data is None else build(r.preset, data, workdir=workdir, **kwargs)
+    return r.matcher(components, **(matcher_kwargs or {}))
+
+
 def default_stages(name: str, epochs: int) -> list | None:
     """The training stages of preset ``name`` for ``epochs`` epochs in all (``None``: one stage).
 
@@ -611,11 +774,18 @@ def default_stages(name: str, epochs: int) -> list | None:
 def build(name: str, data, *, workdir=None, **kwargs) -> list[tuple[str, Any]]:
     """The preset ``name`` with the data-dependent pieces read from a training dataset.
 
-    Region presets get ``vocab`` and ``region_dim``. ``laps`` gets ``vocab``; ``laps`` and ``ela``
+    Region presets get ``vocab`` and ``region_dim`` (``region_dim`` only with ``image="regions"``,
+    the default). ``laps`` gets ``vocab``, and, when neither ``text`` nor ``text_model`` is given,
+    ``text="gru"``: the paper's BERT-base needs pretrained weights that a dataset does not bring
+    (pass ``text="bert", text_model=folder``, or use :func:`recipe`). ``laps`` and ``ela``
     on the synthetic benchmark's pixels (tensors, not image files), with no image model named,
-    get a small ViT from scratch (:func:`small_vit` of width ``embed_dim``, at the images' size),
-    as :mod:`imtm.compare` trains them. ``ela`` without ``text_model`` gets a small BERT from
-    scratch over the training captions, written into ``workdir`` (needed then) by
+    start from the packaged ``"synthetic-vit"`` pre-trained on the benchmark's pre-training split
+    (:mod:`imtm.weights`), at the images' size, kept frozen (its projection trains), and ``ela``
+    fine-tunes the packaged ``"synthetic-bert"``, as :mod:`imtm.compare` trains them; given
+    ``model_kwargs`` (or an image side that is not a
+    multiple of 8) they get a small ViT from scratch (:func:`small_vit` of width ``embed_dim``).
+    ``ela`` otherwise without ``text_model`` gets a small BERT from scratch over the training
+    captions, written into ``workdir`` (needed then) by
     :func:`~imtm.components.encoders.hf_text.write_local_bert`.
 
     Keywords the preset does not take raise ``TypeError``, as calling it would.
@@ -629,22 +799,36 @@ def build(name: str, data, *, workdir=None, **kwargs) -> list[tuple[str, Any]]:
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}." + suggest(name, PRESETS))
     params = inspect.signature(PRESETS[name]).parameters
-    if "vocab" in params and "vocab" not in kwargs:
+    if name == "laps" and "text" not in kwargs and "text_model" not in kwargs:
+        kwargs["text"] = "gru"
+    needs_vocab = kwargs.get("text", params["text"].default if "text" in params else None) in ("gru", "gru-glove")
+    if "vocab" in params and "vocab" not in kwargs and needs_vocab:
         if getattr(data, "vocab", None) is None:
             raise ValueError(f"presets.build: {type(data).__name__} has no vocabulary (attribute 'vocab')")
         kwargs["vocab"] = data.vocab
+    freeze_image = False
     if name in PIXEL_PRESETS:
         image_key = "model_name" if name == "laps" else "image_model"
+        named = kwargs.get(image_key) is not None or kwargs.get("image") is not None
         # Image files (KarpathyDataset, ...) get the preset's own backbone; tensors in memory a small ViT.
-        if kwargs.get(image_key) is None and not hasattr(data, "image_paths"):
+        if not named and not hasattr(data, "image_paths"):
             first = data.images[0]
             if not isinstance(first, torch.Tensor) or first.dim() != 3:
                 raise ValueError(f"preset {name!r} reads pixels (3, H, W); the data holds images of shape "
                                  f"{tuple(getattr(first, 'shape', ()))} (for the synthetic benchmark use its 'pixels' view)")
             width = kwargs.get("embed_dim", inspect.signature(PRESETS[name]).parameters["embed_dim"].default)
-            kwargs[image_key] = "vit_tiny_patch16_224"
             kwargs.setdefault("img_size", int(first.shape[-1]))
-            kwargs.setdefault("model_kwargs", small_vit(width))
+            if kwargs.get("model_kwargs") is None and kwargs["img_size"] % 8 == 0:
+                # The backbone pre-trained on the benchmark's pre-training split (imtm.weights), fine-tuned
+                # as the papers fine-tune an ImageNet ViT; ELA's text side its BERT.
+                kwargs[image_key] = "synthetic-vit"
+                freeze_image = True
+                if name == "ela" and kwargs.get("text_model") is None:
+                    kwargs["text_model"] = "synthetic-bert"
+                    kwargs.setdefault("heads", 2 if width % 2 == 0 else 1)
+            else:
+                kwargs[image_key] = "vit_tiny_patch16_224"
+                kwargs.setdefault("model_kwargs", small_vit(width))
         if name == "ela" and kwargs.get("text_model") is None:
             if workdir is None:
                 raise ValueError("presets.build('ela'): pass text_model= (a local BERT folder or 'minilm'), or "
@@ -660,7 +844,7 @@ def build(name: str, data, *, workdir=None, **kwargs) -> list[tuple[str, Any]]:
                                  num_heads=2 if width % 2 == 0 else 1)
             kwargs["text_model"] = str(folder)
             kwargs.setdefault("heads", 2 if width % 2 == 0 else 1)
-    if "region_dim" not in kwargs and "region_dim" in params:
+    if "region_dim" not in kwargs and "region_dim" in params and kwargs.get("image", REGIONS) == REGIONS:
         first = data.images[0]
         if isinstance(first, Tokens):
             # Extracted features (ExtractedDataset) come one image at a time as Tokens (1, N, D).
@@ -669,4 +853,9 @@ def build(name: str, data, *, workdir=None, **kwargs) -> list[tuple[str, Any]]:
             raise ValueError(f"preset {name!r} needs region features (N, D); the data holds images of shape "
                              f"{tuple(getattr(first, 'shape', ())) or type(first).__name__}")
         kwargs["region_dim"] = int(first.shape[-1])
-    return PRESETS[name](**kwargs)
+    blocks = PRESETS[name](**kwargs)
+    if freeze_image:
+        # The packaged ViT stays frozen (its projection trains): fine-tuned at the presets' learning
+        # rates it forgets faster than it adapts on the benchmark (see imtm.compare.CompareSettings).
+        dict(blocks)["image"].set_params(freeze=True)
+    return blocks

@@ -55,8 +55,13 @@ def check_finite(x: torch.Tensor, what: str) -> None:
     """Raise :class:`NonFiniteValueError` (a ``ValueError``) naming ``what`` when ``x`` holds NaN or inf.
 
     Used at the boundary of blocks (encoders, losses). It synchronises with the
-    device, so blocks call it once per input, not inside inner loops.
+    device, so blocks call it once per input, not inside inner loops. Inside a
+    ``torch.compile``-d region it checks nothing (a value-dependent branch would
+    break the graph); ``Matcher.fit`` still tests every step's loss and gradient
+    for NaN/inf, outside the compiled blocks.
     """
+    if torch.compiler.is_compiling():
+        return
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
         raise NonFiniteValueError(f"{what} holds {n_bad} NaN or inf value(s); check the input features")
@@ -290,13 +295,19 @@ class Tokens:
         return masked_mean_along(self.feats, mask.unsqueeze(-1), dim=1)
 
     def check(self, what: str, dim: int | None = None) -> "Tokens":
-        """Validate for a block: feature dim, no empty row, finite real features."""
+        """Validate for a block: feature dim, no empty row, finite real features.
+
+        Inside a ``torch.compile``-d region only the shapes are checked (the value checks
+        synchronise with the device and would break the graph).
+        """
         if self.feats.dim() != 3:
             raise ValueError(f"{what}: expected token features of shape (B, N, D), got {tuple(self.feats.shape)}")
         if dim is not None and self.dim != dim:
             raise ValueError(
                 f"{what}: expected token features of shape (B, N, {dim}), got {tuple(self.feats.shape)}"
             )
+        if torch.compiler.is_compiling():
+            return self
         empty = ~self.mask.any(1)
         if bool(empty.any()):
             rows = empty.nonzero().flatten().tolist()[:5]

@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 
 from imtm.cli import main
-from imtm.compare import COMPARE_PRESETS, CompareSettings, compare, markdown_table
+from imtm.compare import COMPARE_PRESETS, CompareSettings, baseline_reading, compare, markdown_table
 
 
 def test_compare_cli_writes_table_csv_and_plot(tmp_path, capsys):
@@ -57,4 +57,31 @@ def test_compare_bad_inputs(tmp_path, capsys):
         main(["compare", "--presets", "nope", "--quick", "--out", str(tmp_path)])
     assert stop.value.code == 2
     assert "unknown preset 'nope'; choose from chan, dcpa, dias, ela, laps, vsepp" in capsys.readouterr().err
-    assert set(COMPARE_PRESETS) == {"vsepp", "chan", "dcpa", "dias", "laps", "ela"}
+    assert set(COMPARE_PRESETS) == {"vsepp", "chan", "dcpa", "dias", "laps", "ela", "vsepp-vit"}
+
+
+def test_baseline_reading_compares_each_preset_with_its_views_baseline():
+    rows = [{"preset": "vsepp", "view": "regions", "rsum": 200.0}, {"preset": "chan", "view": "regions", "rsum": 150.0},
+            {"preset": "vsepp-vit", "view": "pixels", "rsum": 100.0}, {"preset": "laps", "view": "pixels", "rsum": 120.5},
+            {"preset": "ela", "view": "pixels", "rsum": 100.0, "encoders": "ViT; BERT"}]
+    assert baseline_reading(rows) == [
+        "- chan: rSum 150.0 against vsepp 200.0 (-50.0): not above the global baseline.",
+        "- laps: rSum 120.5 against vsepp-vit 100.0 (+20.5): above the global baseline.",
+        "- ela: rSum 100.0 against vsepp-vit 100.0 (+0.0): not above the global baseline (the encoders differ: "
+        "ViT; BERT here).",
+    ]
+    assert baseline_reading(rows[3:]) == []  # no baseline of that view ran
+
+
+def test_compare_refuses_unknown_backbones():
+    with pytest.raises(ValueError, match=r"backbones must be one of \['synthetic', 'scratch'\], got 'synthetc'"):
+        compare("laps", settings=CompareSettings(epochs=1, n_train=10, n_dev=2, n_test=5, backbones="synthetc"))
+
+
+def test_compare_pixel_rows_fine_tune_the_packaged_backbones(tmp_path):
+    s = CompareSettings(epochs=1, n_train=12, n_dev=2, n_test=6, embed_dim=16, word_dim=16, batch_size=12)
+    rows = compare("vsepp-vit,laps", settings=s, out=tmp_path, verbose=False)
+    assert [r["encoders"].split(";")[0] for r in rows] == ["ViT synthetic-vit (pre-trained, frozen)"] * 2
+    md = (tmp_path / "compare.md").read_text()
+    assert "--backbones synthetic" in md and "(64x64 pixels, 64 patches of 8x8)" in md
+    assert "- laps: rSum" in md and "against vsepp-vit" in md

@@ -5,7 +5,7 @@ from imtm import Matcher, presets
 from imtm.components import PatchSlimming, RatioLoss, TimmVisionEncoder
 from imtm.data import synthetic
 
-TINY = dict(model_name="vit_tiny_patch16_224", img_size=32, embed_dim=16, word_dim=16,
+TINY = dict(text="gru", model_name="vit_tiny_patch16_224", img_size=32, embed_dim=16, word_dim=16,
             model_kwargs=dict(depth=1, embed_dim=16, num_heads=2, patch_size=8))
 
 

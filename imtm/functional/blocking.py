@@ -25,7 +25,10 @@ Two engines share this plan:
   (bidirectional max-mean alignment, top-k aggregation).
 
 Neither engine validates its inputs (that needs a device synchronisation);
-call :func:`check_pair_inputs` once at the boundary. Gradients flow through
+call :func:`check_pair_inputs` once at the boundary. Both engines and the check
+plan on the host (lengths, block sizes), so they always run eagerly, also inside
+a ``torch.compile``-d block (``torch.compiler.disable``): new caption lengths
+never trigger a recompilation, and the products run at ``torch.mm``'s speed either way. Gradients flow through
 both engines; the blocks are cut with :func:`torch.split`, whose backward
 assembles the gradient in one step, so a blocked training step costs no more
 than an unblocked one.
@@ -135,6 +138,7 @@ def check_side(x, mask, name: str, where: str) -> torch.Tensor | None:
     return None if bool(mask.all()) else mask
 
 
+@torch.compiler.disable
 def check_pair_inputs(
     images: torch.Tensor,
     texts: torch.Tensor,
@@ -407,6 +411,7 @@ def _repad_index(packed: PackedTokens, q0: int, q1: int) -> tuple[torch.Tensor |
     return index.reshape(-1), mask, width
 
 
+@torch.compiler.disable
 def blocked_query_scores(
     keys: torch.Tensor,
     queries: torch.Tensor,
@@ -548,6 +553,7 @@ def blocked_query_scores(
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
+@torch.compiler.disable
 def blocked_pair_scores(
     images: torch.Tensor,
     texts: torch.Tensor,

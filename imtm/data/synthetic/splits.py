@@ -20,13 +20,16 @@ from imtm.data.synthetic._random import permutation as _permutation
 from imtm.data.synthetic.scenes import GRID, Scene, sample_scene, swap_colours
 from imtm.data.vocabulary import Vocabulary
 
-__all__ = ["SPLITS", "VIEWS", "PixelImages", "SyntheticConfig", "SyntheticDataset", "load"]
+__all__ = ["PRETRAIN_SEED", "SPLITS", "VIEWS", "PixelImages", "SyntheticConfig", "SyntheticDataset", "load",
+           "load_pretraining"]
 
 VIEWS = ("pixels", "regions")
 #: Split names in the order they are generated: the test set first, so that it
 #: depends on neither n_train nor n_dev, and later splits never repeat its scenes.
 SPLITS = ("test", "dev", "train")
-_SPLIT_STREAM = {"train": 0, "dev": 1, "test": 2}
+_SPLIT_STREAM = {"train": 0, "dev": 1, "test": 2, "pretrain": 3}
+#: Seed of the pre-training split the packaged synthetic backbones were trained on.
+PRETRAIN_SEED = 1000
 # Independent random streams per split: scenes, captions, view (pixels or features).
 _SCENES, _CAPTIONS, _VIEW = 0, 1, 2
 # Redraws of a scene that repeats an earlier one before giving up (never reached in practice).
@@ -445,3 +448,63 @@ def _make_split(
         seed=seed,
         config=cfg,
     )
+
+
+def load_pretraining(
+    n: int,
+    seed: int = PRETRAIN_SEED,
+    *,
+    view: str = "pixels",
+    exclude_seeds: Sequence[int] = (0, 1, 2),
+    benchmark_sizes: dict | None = None,
+    **config,
+) -> SyntheticDataset:
+    """A pre-training split: ``n`` scenes disjoint from the benchmark's train, dev and test splits.
+
+    The scenes come from their own random stream (split ``"pretrain"``) and every scene
+    whose signature (objects' cells, shapes, colours and sizes, background texture and
+    tint) occurs in the train, dev or test split of the benchmark made with any of
+    ``exclude_seeds`` at ``benchmark_sizes`` is redrawn, so a backbone pre-trained on this
+    split has never seen a benchmark scene of those seeds. Captions are drawn as for the
+    other splits; the vocabulary is built from this split's captions.
+
+    Args:
+        n: images of the split.
+        seed: the split's seed (:data:`PRETRAIN_SEED`: the one of the packaged backbones).
+        view: ``"pixels"`` or ``"regions"``.
+        exclude_seeds: benchmark seeds whose scenes are kept out.
+        benchmark_sizes: ``n_train``, ``n_dev``, ``n_test`` (and any other keyword of :func:`load`
+            that changes the scenes) of the excluded benchmarks (``None``: those of
+            ``imtm compare``: 1000, 20 and 200 images).
+        **config: keywords of :class:`SyntheticConfig` for this split (``image_size``, ``noise``...).
+
+    Returns:
+        a :class:`SyntheticDataset` with ``split == "pretrain"``.
+
+    Example:
+        >>> pre = load_pretraining(6, exclude_seeds=(0,), benchmark_sizes={"n_train": 20, "n_dev": 4, "n_test": 6})
+        >>> train, dev, test = load("pixels", 0, n_train=20, n_dev=4, n_test=6)
+        >>> bench = {s.signature() for d in (train, dev, test) for s in d.scenes}
+        >>> any(s.signature() in bench for s in pre.scenes), pre.split
+        (False, 'pretrain')
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"synthetic.load_pretraining: n must be a positive int, got {n!r}")
+    if not isinstance(view, str) or view not in VIEWS:
+        raise ValueError(
+            f"synthetic.load_pretraining: view must be one of {sorted(VIEWS)}, got {view!r}." + suggest(view, VIEWS)
+        )
+    sizes = {"n_train": 1000, "n_dev": 20, "n_test": 200} if benchmark_sizes is None else dict(benchmark_sizes)
+    bench_cfg = SyntheticConfig(**{**{k: v for k, v in config.items() if k in ("min_objects", "max_objects",
+                                                                            "confusable_fraction")},
+                                   **sizes}).validate()
+    seen: set = set()
+    for s in exclude_seeds:
+        # Replay load()'s scene draws (no rendering): the very scenes of that benchmark.
+        counts = {"train": bench_cfg.n_train, "dev": bench_cfg.n_dev, "test": bench_cfg.n_test}
+        for split in SPLITS:
+            _split_scenes(counts[split], random.Random(_seed(int(s), split, _SCENES)), bench_cfg, seen)
+    cfg = SyntheticConfig(**{**config, "n_train": n}).validate()
+    ds = _make_split("pretrain", n, view, int(seed), cfg, seen)
+    ds.vocab = Vocabulary.build(ds.captions)
+    return ds

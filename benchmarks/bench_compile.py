@@ -1,0 +1,125 @@
+"""Eager against ``Matcher(compile=True)``: the training step time of every preset, after warm-up.
+
+Not part of the test suite. For each preset, two Matchers with the same seed are fitted for
+one short epoch on a small synthetic split (the warm-up: compilation happens there), one
+eager and one with ``compile=True``; then the same training steps (forward of every block,
+the weighted losses, backward, an AdamW step; see ``_steps.py``) run on new batches, eager
+and compiled alternately, so that both see the same load on a shared machine. Printed per
+preset: the median step time of each, their ratio (compiled / eager: <= 1 means compiling
+pays), and the number of recompilations during the timed steps (0: no batch recompiles).
+Then one loss per preset compiled with ``fullgraph=True`` (the ``eager`` backend: it checks
+that the loss traces without a graph break).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_compile.py                 # every preset
+    OMP_NUM_THREADS=1 python benchmarks/bench_compile.py --presets chan  # one
+    python benchmarks/bench_compile.py --quick                           # small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import warnings
+
+import torch
+import torch._dynamo
+from _steps import PRESET_NAMES, load_data, make_batch, make_matcher, train_step
+
+
+def recompile_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["recompiles"].values()) if "recompiles" in counters else 0
+
+
+def frames_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def bench_preset(name: str, args) -> dict:
+    train = load_data(name, args.n_train, seed=args.seed)
+    t0 = time.perf_counter()
+    eager = make_matcher(name, train, embed_dim=args.dim, batch_size=args.batch_size, compile=False)
+    fit_eager = time.perf_counter() - t0
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    compiled = make_matcher(name, train, embed_dim=args.dim, batch_size=args.batch_size, compile=True)
+    fit_compiled = time.perf_counter() - t0
+    graphs_after_warmup = frames_compiled()
+    # New batches (other captions than the warm-up's), the same for both.
+    batches = [make_batch(train, args.batch_size * (k + 1) + 7, args.batch_size) for k in range(args.steps)]
+    opts = {key: torch.optim.AdamW([p for p in m.components_.parameters() if p.requires_grad], lr=1e-5)
+            for key, m in (("eager", eager), ("compiled", compiled))}
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(args.repeats):
+        for values in batches:
+            for key, m in (("eager", eager), ("compiled", compiled)):
+                t0 = time.perf_counter()
+                train_step(m, values, opts[key])
+                times[key].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    failed = [n for n, b in compiled.components_.items() if getattr(b, "_imtm_compile_failed", False)]
+    return {"fit_eager": fit_eager, "fit_compiled": fit_compiled, **med,
+            "new_graphs": frames_compiled() - graphs_after_warmup, "failed": failed}
+
+
+def fullgraph_losses(name: str, args) -> list[str]:
+    train = load_data(name, args.n_train, seed=args.seed)
+    m = make_matcher(name, train, embed_dim=args.dim, batch_size=args.batch_size, compile=False)
+    values = make_batch(train, 0, args.batch_size)
+    plan, lines = m.plan_, []
+    for k, block in enumerate(plan.blocks):
+        inputs = [values[r] for r in block.requires]
+        if plan.is_loss(k):
+            torch._dynamo.reset()
+            try:
+                got = torch.compile(block, fullgraph=True, backend="eager")(*inputs)
+                torch.testing.assert_close(got, block(*inputs))
+                lines.append(f"{plan.names[k]} ({type(block).__name__}): fullgraph OK")
+            except Exception as err:  # noqa: BLE001 - reported, the run goes on
+                lines.append(f"{plan.names[k]} ({type(block).__name__}): FAILS ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:160]})")
+            continue
+        out = block(*inputs)
+        provides = tuple(block.provides)
+        values.update({provides[0]: out} if len(provides) == 1 else dict(zip(provides, out)))
+    return lines
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", default=list(PRESET_NAMES), choices=PRESET_NAMES)
+    ap.add_argument("--n-train", type=int, default=32, help="synthetic training images (5 captions each)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--dim", type=int, default=64, help="embed_dim (and word_dim) of the presets")
+    ap.add_argument("--steps", type=int, default=4, help="timed batches")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n_train, args.batch_size, args.dim, args.steps, args.repeats = 16, 16, 32, 2, 1
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.manual_seed(args.seed)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={torch.get_num_threads()}, "
+          f"seed={args.seed}, batch={args.batch_size}, dim={args.dim}, {args.steps} batches x {args.repeats}")
+    print(f"{'preset':8} {'fit eager':>10} {'fit compiled':>13} {'step eager':>11} {'step compiled':>14} "
+          f"{'compiled/eager':>15} {'new graphs':>11}  failed to compile")
+    for name in args.presets:
+        r = bench_preset(name, args)
+        print(f"{name:8} {r['fit_eager']:9.2f}s {r['fit_compiled']:12.2f}s {r['eager'] * 1e3:9.1f}ms "
+              f"{r['compiled'] * 1e3:12.1f}ms {r['compiled'] / r['eager']:15.2f} {r['new_graphs']:11d}  "
+              f"{', '.join(r['failed']) or '-'}", flush=True)
+    print("losses under torch.compile(fullgraph=True, backend='eager'):")
+    for name in args.presets:
+        for line in fullgraph_losses(name, args):
+            print(f"  {name}: {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The seeded claim tables of benchmarks/_results.py, and the ablation scripts' --quick modes."""
+
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = BENCH.parent
+
+
+@pytest.fixture(scope="module")
+def results():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _results
+
+        yield _results
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _runs(values):
+    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+    return [{**{k: v / 6 for k in keys}, "rsum": v, "fit_s": 10 * v} for v in values]
+
+
+def test_seeded_table_cells_are_mean_and_sample_std(results):
+    per = {"a": _runs([100.0, 110.0, 120.0]), "b": _runs([50.0])}
+    lines = results.seeded_table(per, extra=(("fit (s)", "fit_s", ".0f"),))
+    assert lines[0].startswith("| model | i2t R@1") and lines[0].endswith("| fit (s) | seeds |")
+    row_a = [c.strip() for c in lines[2].strip("|").split("|")]
+    # A plain computation of the rSum cell: mean and sample standard deviation.
+    m = sum([100.0, 110.0, 120.0]) / 3
+    sd = (sum((x - m) ** 2 for x in [100.0, 110.0, 120.0]) / 2) ** 0.5
+    assert row_a[7] == f"{m:.1f} +- {sd:.1f}" == "110.0 +- 10.0"
+    assert row_a[8] == "1100 +- 100" and row_a[9] == "3"
+    assert lines[3].split("|")[8].strip() == "50.0 +- 0.0"
+    assert results.mean_std([1.0, 2.0, 4.0]) == pytest.approx((statistics.fmean([1, 2, 4]), statistics.stdev([1, 2, 4])))
+
+
+@pytest.mark.parametrize("a, b, verdict", [
+    ([10.0, 12.0, 11.0], [9.0, 10.0, 10.5], "the claim reproduces here"),
+    ([8.0, 9.0, 7.0], [9.0, 10.0, 10.5], "the claim does not reproduce here"),
+    ([10.0, 9.0, 11.0], [9.0, 10.0, 10.5], "the claim is not settled (mixed across seeds) here"),
+])
+def test_claim_reading_is_read_off_the_paired_seeds(results, a, b, verdict):
+    text = results.claim_reading({"m": _runs(a), "base": _runs(b)}, "m", "base", "M beats the base:")
+    assert text.endswith(verdict + ".")
+    diffs = [x - y for x, y in zip(a, b)]
+    assert f"paired difference {statistics.fmean(diffs):+.1f}" in text
+    assert f"higher on {sum(d > 0 for d in diffs)} of 3 seeds" in text
+
+
+def test_claim_reading_needs_its_rows(results):
+    with pytest.raises(KeyError):
+        results.claim_reading({"m": _runs([1.0])}, "m", "missing", "x")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, needle", [
+    ("laps_ablation.py", "Slimming keeps accuracy (LAPS vs all patches):"),
+    ("chan_ablation.py", "Hard assignment coding beats soft (cross-attention) coding:"),
+    ("dias_ablation.py", "The DIAS losses improve the local matching model:"),
+    ("dcpa_ablation.py", "Decoupling helps (decoupled vs coupled):"),
+])
+def test_ablation_scripts_quick_mode_prints_a_seeded_page(script, needle, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    out = tmp_path / "page.md"
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert needle in proc.stdout and "| model | i2t R@1" in proc.stdout and "+- " in proc.stdout
+    assert not out.exists()  # --quick prints; it never overwrites a results page

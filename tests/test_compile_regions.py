@@ -1,0 +1,65 @@
+"""What ``torch.compile`` sees: losses trace as one graph, and new captions never recompile an encoder.
+
+The ``eager`` backend traces with Dynamo (graph breaks and guards are the same as with
+Inductor) without generating code, so these checks take seconds on a CPU.
+"""
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from imtm.components import GRUTextEncoder, TripletLoss
+from imtm.components.losses import InfoNCELoss
+from imtm.data import Vocabulary
+from imtm.functional.losses import triplet_loss
+
+CAPTIONS = ["a red circle left of a blue square", "two small green stars", "a big yellow cross at the top",
+            "one purple diamond", "a black plus sign next to a white circle and a red star"]
+
+
+def _positives(n: int) -> torch.Tensor:
+    ids = torch.arange(n)
+    return ids[:, None] == ids[None, :]
+
+
+@pytest.mark.parametrize("make", [lambda: TripletLoss(), lambda: TripletLoss(hardest=False), lambda: InfoNCELoss()])
+def test_losses_compile_fullgraph(make):
+    torch._dynamo.reset()
+    loss = make()
+    scores = torch.randn(6, 6, requires_grad=True)
+    compiled = torch.compile(loss, fullgraph=True, backend="eager")
+    got = compiled(scores, _positives(6))
+    torch.testing.assert_close(got, loss(scores, _positives(6)))
+    got.backward()
+    assert scores.grad is not None and torch.isfinite(scores.grad).all()
+
+
+def test_loss_checks_still_run_eagerly():
+    # The value checks are skipped only inside a compiled region.
+    with pytest.raises(ValueError, match="no True entry"):
+        triplet_loss(torch.randn(3, 3), torch.zeros(3, 3, dtype=torch.bool))
+
+
+def test_gru_encoder_compiles_once_for_any_captions():
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    enc = GRUTextEncoder(Vocabulary.build(CAPTIONS), out_dim=8, word_dim=6)
+    compiled = torch.compile(enc, backend="eager", dynamic=True)
+    graphs = []
+    for k in range(4):
+        batch = CAPTIONS[k:] + CAPTIONS[:k][: 1 + k % 2]
+        got, want = compiled(batch), enc(batch)
+        torch.testing.assert_close(got.feats, want.feats)
+        assert torch.equal(got.mask, want.mask)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # Captions (strings) never reach a guard: new batches reuse what the first one traced.
+    assert graphs[1:] == [graphs[0]] * 3, graphs
+    assert enc.compute(*enc.prepare(CAPTIONS)).feats.shape == enc(CAPTIONS).feats.shape
+
+
+def test_gru_encoder_prepare_checks_inputs():
+    enc = GRUTextEncoder(Vocabulary.build(CAPTIONS), out_dim=8, word_dim=6)
+    with pytest.raises(TypeError, match="one string"):
+        enc.prepare("a red circle")
