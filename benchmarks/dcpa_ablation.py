@@ -77,7 +77,9 @@ def run_seed(seed, picks, args):
         # DCPA ranks captions with scores_i2t and images with scores_t2i.
         res = {k: float(v) for k, v in retrieval_metrics(sims, test.caption_to_image).items() if k in KEYS}
         # A caption compares its own image with the twin: the matrix that ranks images.
-        res.update(binding=100 * test.binding_accuracy(sims[1] if isinstance(sims, tuple) else sims), fit_s=fit_s)
+        # DCPA's similarity holds both directions: a pair, or a (2, images, captions) stack.
+        two = isinstance(sims, tuple) or (isinstance(sims, torch.Tensor) and sims.dim() == 3)
+        res.update(binding=100 * test.binding_accuracy(sims[1] if two else sims), fit_s=fit_s)
         out[label] = res
         print(f"seed {seed} | {label}: rsum {res['rsum']:.1f} (fit {fit_s:.0f}s)", flush=True)
 

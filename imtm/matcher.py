@@ -19,13 +19,11 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
@@ -144,6 +142,16 @@ class Matcher(BaseEstimator):
             (the checkpoint holds the weights) and ``fit(warm_start=True)``.
         init_blocks: the names of the blocks ``init_from`` initialises; ``None``: every block
             of the same name in both models. The other blocks start from their usual initialisation.
+        loggers: where each step's losses, learning rates, gradient norm and samples/s go:
+            ``"csv"`` (``steps.csv`` and ``epochs.csv`` in ``checkpoint_dir``; nothing without one),
+            ``"tensorboard"`` (needs ``tensorboard``), ``"wandb"`` (needs ``wandb``)
+            (:mod:`imtm.engine.callbacks`). Other callbacks go to ``fit(callbacks=...)``.
+        accumulate: split each batch into this many micro-batches for the single-modality blocks
+            (encoders), caching their outputs (GradCache), so the all-pairs scores and losses are
+            those of the whole batch and the gradients equal one large batch's, with the encoders'
+            activations of one micro-batch in memory at a time. Not under torchrun.
+        steps_per_epoch: batches per epoch for data without a length (an ``IterableDataset``, a
+            streaming loader); with a length, it caps the epoch.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for forward passes.
         compile: run every block's forward through ``torch.compile`` (opt-in). A block whose
@@ -175,6 +183,7 @@ class Matcher(BaseEstimator):
         n_epochs_: epochs trained. best_: best evaluation record or ``None``.
         seed_: the seed actually used. plan_: the analysed pipeline.
         skipped_steps_: steps skipped as non-finite (``on_nonfinite="skip"``), over the whole run.
+        overflow_steps_: fp16 steps whose gradients overflowed, skipped by the gradient scaler.
     """
 
     def __init__(
@@ -193,6 +202,9 @@ class Matcher(BaseEstimator):
         lr_factors: dict[str, float] | None = None,
         init_from: Any = None,
         init_blocks: Sequence[str] | None = None,
+        loggers: Sequence[str] = ("csv",),
+        accumulate: int = 1,
+        steps_per_epoch: int | None = None,
         device: str = "auto",
         precision: str = "fp32",
         compile: bool = False,
@@ -221,6 +233,9 @@ class Matcher(BaseEstimator):
         self.lr_factors = lr_factors
         self.init_from = init_from
         self.init_blocks = init_blocks
+        self.loggers = loggers
+        self.accumulate = accumulate
+        self.steps_per_epoch = steps_per_epoch
         self.device = device
         self.precision = precision
         self.compile = compile
@@ -372,6 +387,11 @@ class Matcher(BaseEstimator):
                 raise ValueError(f"Matcher: stage {s.name or ''!s} lr must be a finite number > 0 or None, got {s.lr!r}")
             check_lr_factors(s.lr_factors, plan.names, where=f"Matcher: stage {s.name or ''!s}")
         check_lr_factors(self.lr_factors, plan.names)
+        from imtm.engine.callbacks import LOGGERS
+
+        if isinstance(self.loggers, str) or not all(isinstance(x, str) and x in LOGGERS for x in self.loggers or ()):
+            raise ValueError(f"Matcher: loggers must be a list of names from {sorted(LOGGERS)}, got {self.loggers!r} "
+                             "(pass Callback objects to fit(callbacks=...))")
         if self.init_blocks is not None:
             if self.init_from is None:
                 raise ValueError("Matcher: init_blocks names blocks to copy, but init_from is None; give the model "
@@ -416,6 +436,8 @@ class Matcher(BaseEstimator):
         number("grad_clip", self.grad_clip, 0, open_low=True, optional=True)
         number("num_workers", self.num_workers, 0, integer=True)
         number("checkpoint_every", self.checkpoint_every, 1, optional=True, integer=True)
+        number("accumulate", self.accumulate, 1, integer=True)
+        number("steps_per_epoch", self.steps_per_epoch, 1, optional=True, integer=True)
         if self.random_state is not None and not (isinstance(self.random_state, int) and not isinstance(
                 self.random_state, bool) and 0 <= self.random_state < 2**32):
             # NumPy takes seeds below 2**32, and the data order mixes the seed into 64-bit generator seeds.
@@ -568,7 +590,7 @@ class Matcher(BaseEstimator):
         return new
 
     def fit(self, train, eval_set=None, *, resume: bool | str | os.PathLike = False,
-            warm_start: bool = False) -> "Matcher":
+            warm_start: bool = False, callbacks: Sequence[Any] = ()) -> "Matcher":
         """Train on ``train`` (a torch Dataset or DataLoader), evaluating on ``eval_set`` each epoch.
 
         Args:
@@ -586,6 +608,9 @@ class Matcher(BaseEstimator):
                 The blocks' parameters may have changed since (``set_params``) as long as their
                 weights still fit. Without fitted blocks it is a fresh fit; with ``resume`` the
                 checkpoint decides. ``init_from`` is not applied again.
+            callbacks: :class:`~imtm.engine.callbacks.Callback` objects called at every event of the
+                loop after the Matcher's own (the progress bar when ``verbose``, then ``loggers``),
+                e.g. ``[EarlyStopping("rsum", patience=3)]``. See ``docs/training.md``.
 
         Under ``torchrun`` (or ``python -m torch.distributed.run``) the same call trains
         with DistributedDataParallel: ``batch_size`` per process, scorers and losses see
@@ -603,8 +628,31 @@ class Matcher(BaseEstimator):
             train = train.dataset
         if not isinstance(warm_start, bool):
             raise TypeError(f"Matcher.fit: warm_start must be True or False, got {warm_start!r}")
-        Trainer(self, train, eval_set).run(resume=resume, warm_start=warm_start)
+        trainer = self.trainer(train, eval_set, callbacks=callbacks)
+        try:
+            trainer.run(resume=resume, warm_start=warm_start)
+        finally:
+            if trainer.started:  # the fitted state, also when training stopped with an error
+                self.seed_, self.history_, self.best_ = trainer.seed, trainer.history, trainer.best
+                self.n_epochs_, self.record_, self.skipped_steps_ = len(trainer.history), trainer.record_, trainer.skipped
+                self.overflow_steps_ = trainer.overflows
         return self
+
+    def trainer(self, train, eval_set=None, *, callbacks: Sequence[Any] = ()):
+        """The :class:`~imtm.engine.training.Trainer` that ``fit`` runs, configured from this Matcher.
+
+        Its callbacks are the progress bar (when ``verbose``), the ``loggers``, then ``callbacks``.
+        """
+        from imtm.engine.callbacks import Callback, ProgressBar, make_logger
+        from imtm.engine.training import Trainer
+
+        bad = [c for c in callbacks if not isinstance(c, Callback)]
+        if bad or isinstance(callbacks, (str, Callback)):
+            raise TypeError(f"Matcher.fit: callbacks must be a list of imtm.engine.callbacks.Callback objects, got "
+                            f"{bad[:3] or callbacks!r}")
+        own = ([ProgressBar()] if self.verbose else []) + [make_logger(x) for x in self.loggers or ()]
+        return Trainer(self, train, eval_set, device=self._device(), stages=self._stages(), autocast=self._autocast,
+                       build=self._build, callbacks=own + list(callbacks))
 
     # ------------------------------------------------------------------ inference
     def _eval_plan(self) -> tuple[list[int], list[int], list[int]]:
@@ -1028,51 +1076,6 @@ class _CompiledCall:
         return None  # a copied block starts eager; the Matcher compiles its own blocks
 
 
-#: cuBLAS's workspace setting for reproducible results (PyTorch's reproducibility notes; ":16:8" also works,
-#: with less memory and possibly less speed).
-CUBLAS_WORKSPACE_CONFIG = ":4096:8"
-
-
-def seed_everything(seed: int, deterministic: bool | None = None, *, warn_only: bool = False) -> None:
-    """Seed Python, NumPy and torch (all devices); optionally make torch choose deterministic algorithms.
-
-    ``Matcher.fit`` calls ``seed_everything(random_state)``, which seeds and leaves the
-    algorithm switches alone. On the CPU that is enough for two runs to give identical
-    weights. On a GPU, call ``seed_everything(seed, deterministic=True)`` once at the start of
-    the script, before any CUDA work, for run-to-run identical results on the same machine and
-    software (see ``docs/robustness.md``, Determinism, for what holds and what does not).
-
-    Args:
-        seed: the seed for ``random``, NumPy (modulo 2**32) and torch (CPU and every GPU).
-        deterministic: ``True``: ``torch.use_deterministic_algorithms(True, warn_only=warn_only)``
-            (an operation with no deterministic implementation raises, or warns), cuDNN
-            deterministic and without benchmark autotuning, and ``CUBLAS_WORKSPACE_CONFIG`` set to
-            ``":4096:8"`` unless already set (cuBLAS reads it when it starts, hence "before any
-            CUDA work"). ``False``: back to torch's defaults (non-deterministic algorithms allowed,
-            cuDNN not forced deterministic). ``None``: leave these process-wide switches as they are.
-        warn_only: with ``deterministic=True``, warn instead of raising on an operation that has
-            no deterministic implementation.
-
-    Example:
-        >>> seed_everything(0)
-        >>> a = torch.rand(2)
-        >>> seed_everything(0)
-        >>> torch.equal(a, torch.rand(2))
-        True
-    """
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    if deterministic is None:
-        return
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
-        torch.use_deterministic_algorithms(True, warn_only=warn_only)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
-
+from imtm.engine.seeding import CUBLAS_WORKSPACE_CONFIG, seed_everything  # noqa: E402,F401
 
 __all__ += ["seed_everything"]

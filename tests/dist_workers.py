@@ -12,7 +12,6 @@ from imtm.components import (
     PrecomputedEncoder,
     TripletLoss,
 )
-from imtm.engine.training import Trainer
 
 #: Dataset and batch sizes: 21 items in global batches of 2 x 4 = 8 give batches of 8, 8 and 5
 #: (the last split 3 + 2 over the ranks), so uneven shares are covered.
@@ -35,7 +34,7 @@ def data():
 def one_step_gradients(m: Matcher, train, start_batch: int) -> dict:
     """The gradients of one training step on global batch ``start_batch`` (weights left as they are)."""
     m.validate()
-    tr = Trainer(m, train)
+    tr = m.trainer(train)
     tr.seed = 0
     m._build(0)
     stage = tr.stages[0]

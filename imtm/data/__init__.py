@@ -18,6 +18,7 @@ _LAZY = {
     "KMeansNeighborSampler": "neighbor_sampler",
     "CocoCaptionsDataset": "coco_captions", "Flickr30kTokenDataset": "flickr30k_token",
     "load_dataset": "formats", "FORMATS": "formats",
+    "from_hf_dataset": "hf",
 }
 
 

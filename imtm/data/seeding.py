@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SeededItems", "seeded_item", "current_item_seed", "item_seed", "fit_epoch_key", "fit_epoch_serial",
+__all__ = ["SeededItems", "restored", "seeded_item", "current_item_seed", "item_seed", "fit_epoch_key", "fit_epoch_serial",
            "set_fit_epoch_key"]
 
 _ITEM_SEED: int | None = None
@@ -91,8 +91,7 @@ def restored() -> Iterator[None]:
         _ITEM_SEED = saved[3]
 
 
-# The former name, which imtm.engine.training still imports.
-_restored = restored
+_restored = restored  # the earlier name
 
 
 @contextlib.contextmanager

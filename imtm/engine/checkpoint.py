@@ -12,6 +12,7 @@ Layout of a run folder::
         record.json           reproducibility record (seed, versions, data fingerprint, protocol)
         MANIFEST.json         sha256 of every file above (written last)
       best/                   the best weights on the evaluation set, same files
+      steps.csv, epochs.csv   the step and epoch logs (Matcher(loggers=("csv",)), the default)
 
 A checkpoint folder is written under a temporary name and renamed when complete;
 ``LATEST`` is replaced only after that, so an interruption at any point leaves the

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from imtm.engine.order import EpochSampler
 from imtm.tokens import Tokens
 
 __all__ = [
@@ -351,7 +352,7 @@ class ShardedBatchSampler(Sampler):
     """This rank's batches of one global batch order: K ranks with batch b see one process's batches of K*b.
 
     The epoch's order is a permutation fixed by ``(seed, epoch)`` (the same on every
-    rank, and the same as a single process's :class:`~imtm.engine.training.EpochSampler`).
+    rank, and the same as a single process's :class:`~imtm.engine.order.EpochSampler`).
     Global batch ``t`` is ``order[t*K*b : (t+1)*K*b]``; rank ``r`` takes its ``r``-th
     contiguous share (sizes differ by at most one), so gathering the shares in rank
     order gives back exactly the global batch. When the last global batch holds fewer
@@ -376,8 +377,6 @@ class ShardedBatchSampler(Sampler):
         self.rank, self.world, self.start_batch, self.shuffle = rank, world, start_batch, shuffle
 
     def order(self) -> list[int]:
-        from imtm.engine.training import EpochSampler
-
         return EpochSampler(self.n, self.seed, self.epoch, shuffle=self.shuffle).order()
 
     def __len__(self) -> int:

@@ -20,6 +20,8 @@ Schedules (``lr_scheduler=``), stepped once per optimisation step; the Matcher's
 - ``"constant"``: ``lr`` throughout;
 - ``"x0.9 every epoch"``, ``"x0.1 every 10 epochs"``, or ``{"name": "step", "gamma": 0.9, "every": 1}``:
   step decay, ``lr * gamma ** (epoch // every)`` (DIAS: ``"x0.9 every epoch"``);
+- ``"x0.3 at epochs 9,15,20,25"`` or ``{"name": "step", "gamma": 0.3, "milestones": [9, 15, 20, 25]}``:
+  ``lr * gamma ** (milestones passed)``, epochs counted from 0 within the stage;
 - ``"cosine_restarts"`` or ``{"name": "cosine_restarts", "period": 1, "mult": 1, "min_factor": 0.0}``:
   cosine with warm restarts (SGDR), the first cycle ``period`` epochs long, each next one ``mult`` times longer;
 - a callable ``factory(optimizer) -> torch.optim.lr_scheduler.LRScheduler``, e.g.
@@ -74,7 +76,8 @@ SCHEDULES = ("cosine", "constant", "step", "cosine_restarts")
 
 _STEP_TEXT = re.compile(r"^\s*x\s*(?P<gamma>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s+every\s+(?:(?P<every>[0-9]+)\s+)?"
                         r"epochs?\s*$")
-_SCHEDULE_KEYS = {"step": {"gamma", "every"}, "cosine_restarts": {"period", "mult", "min_factor"},
+_AT_TEXT = re.compile(r"^\s*x\s*(?P<gamma>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s+at\s+epochs?\s+(?P<at>[0-9]+(?:\s*,\s*[0-9]+)*)\s*$")
+_SCHEDULE_KEYS = {"step": {"gamma", "every", "milestones"}, "cosine_restarts": {"period", "mult", "min_factor"},
                   "cosine": set(), "constant": set()}
 
 
@@ -147,6 +150,10 @@ def schedule_spec(spec: Any, where: str = "Matcher") -> dict | Callable:
         match = _STEP_TEXT.match(spec)
         if match:
             return {"name": "step", "gamma": float(match["gamma"]), "every": int(match["every"] or 1)}
+        match = _AT_TEXT.match(spec)
+        if match:
+            return schedule_spec({"name": "step", "gamma": float(match["gamma"]),
+                                  "milestones": [int(x) for x in match["at"].split(",")]}, where)
         if spec not in SCHEDULES:
             from imtm.component import suggest
 
@@ -169,9 +176,20 @@ def schedule_spec(spec: Any, where: str = "Matcher") -> dict | Callable:
                          f"got {sorted(extra)}")
     out = {"name": name}
     if name == "step":
-        out.update(gamma=spec.get("gamma", 0.1), every=spec.get("every", 1))
+        out["gamma"] = spec.get("gamma", 0.1)
         _number(out["gamma"], f"{where}: lr_scheduler 'step' gamma", low=0.0)
-        _integer(out["every"], f"{where}: lr_scheduler 'step' every (epochs)")
+        if spec.get("milestones") is not None:
+            if "every" in spec:
+                raise ValueError(f"{where}: lr_scheduler 'step' takes 'every' or 'milestones', not both")
+            ms = spec["milestones"]
+            if not isinstance(ms, (list, tuple)) or not ms or list(ms) != sorted(set(ms)):
+                raise ValueError(f"{where}: lr_scheduler 'step' milestones must be increasing epochs, got {ms!r}")
+            for x in ms:
+                _integer(x, f"{where}: lr_scheduler 'step' milestone")
+            out["milestones"] = [int(x) for x in ms]
+        else:
+            out["every"] = spec.get("every", 1)
+            _integer(out["every"], f"{where}: lr_scheduler 'step' every (epochs)")
     elif name == "cosine_restarts":
         out.update(period=spec.get("period", 1), mult=spec.get("mult", 1), min_factor=spec.get("min_factor", 0.0))
         _number(out["period"], f"{where}: lr_scheduler 'cosine_restarts' period (epochs)", low=0.0, open_low=True)
@@ -215,7 +233,10 @@ def schedule_factor(spec: Any, *, steps_per_epoch: int, total_steps: int, warmup
         if name == "constant":
             return 1.0
         if name == "step":
-            return float(spec["gamma"]) ** (step // per_epoch // spec["every"])
+            epoch = step // per_epoch
+            if "milestones" in spec:
+                return float(spec["gamma"]) ** sum(epoch >= m for m in spec["milestones"])
+            return float(spec["gamma"]) ** (epoch // spec["every"])
         # cosine with warm restarts (Loshchilov & Hutter's SGDR), cycles measured in steps
         t, length = float(step - warm), float(spec["period"]) * per_epoch
         while t >= length:

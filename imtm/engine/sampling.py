@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -15,11 +16,13 @@ from imtm.tokens import Tokens
 __all__ = ["image_embeddings", "refresh_sampler"]
 
 
-def image_embeddings(matcher, images: Sequence[Any]) -> torch.Tensor:
+def image_embeddings(matcher, images: Sequence[Any], *, device: torch.device | None = None,
+                     autocast: Callable[[], Any] = contextlib.nullcontext) -> torch.Tensor:
     """``(n_images, D)`` global image vectors from a Matcher's current blocks (eval mode, no gradient).
 
     The value ``image_embedding`` when an image-side block provides it, else the
     masked mean of ``image_tokens``. The blocks' train / eval modes are restored.
+    ``device``: where to encode (default: the blocks' device); ``autocast``: the forward's context.
     """
     plan = matcher.plan_
     side = frozenset({IMAGE})
@@ -36,7 +39,8 @@ def image_embeddings(matcher, images: Sequence[Any]) -> torch.Tensor:
         with torch.no_grad():
             values = encode_side(
                 plan, plan.needed_for([name]), "images", images, collate_images, [name],
-                batch_size=matcher.eval_batch_size, device=matcher._device(), autocast=matcher._autocast,
+                batch_size=matcher.eval_batch_size, device=device if device is not None else _device_of(blocks),
+                autocast=autocast,
             )
     finally:
         for n, b in blocks.items():
@@ -62,4 +66,10 @@ def refresh_sampler(trainer, epoch: int) -> None:
     if callable(getattr(sampler, "set_epoch", None)):
         sampler.set_epoch(epoch)
     if callable(getattr(sampler, "update_embeddings", None)):
-        sampler.update_embeddings(image_embeddings(trainer.m, sampler.images))
+        sampler.update_embeddings(image_embeddings(trainer.m, sampler.images, device=trainer.device,
+                                                   autocast=getattr(trainer, "autocast", contextlib.nullcontext)))
+
+
+def _device_of(blocks: torch.nn.Module) -> torch.device:
+    p = next(iter(blocks.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")

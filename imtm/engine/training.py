@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 
@@ -20,11 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from imtm.data.collate import collate
-from imtm.data.seeding import SeededItems, _restored, item_seed, set_fit_epoch_key
+from imtm.data.seeding import SeededItems, item_seed, restored, set_fit_epoch_key
 from imtm.engine import distributed
 from imtm.component import Component
 from imtm.engine.checkpoint import (
@@ -37,7 +37,10 @@ from imtm.engine.checkpoint import (
     write_checkpoint,
 )
 from imtm.engine.epochs import start_epoch
-from imtm.engine.evaluation import move, run_blocks
+from imtm.engine.seeding import seed_everything
+from imtm.engine.blocks import concat, move, run_blocks, take
+from imtm.engine.graph import IMAGE, TEXT
+from imtm.engine.order import EpochSampler
 from imtm.engine.optim import init_state, make_scheduler, optimizer_spec, schedule_spec
 from imtm.engine.sampling import refresh_sampler
 from imtm.tokens import NonFiniteValueError, Tokens
@@ -47,31 +50,8 @@ __all__ = ["Trainer", "EpochSampler", "check_batch", "NonFiniteError"]
 log = logging.getLogger("imtm")
 
 #: Parameters that do not change what a run computes: a resumed run may differ in these.
-_RUN_ONLY_PARAMS = {"verbose", "checkpoint_dir", "checkpoint_every", "num_workers", "device", "eval_batch_size",
+_RUN_ONLY_PARAMS = {"verbose", "loggers", "checkpoint_dir", "checkpoint_every", "num_workers", "device", "eval_batch_size",
                     "image_block", "text_block", "protocol", "compile"}
-
-
-class EpochSampler(Sampler):
-    """A permutation of ``range(n)`` fixed by ``(seed, epoch)``, optionally starting ``start`` items in.
-
-    Resuming mid-epoch re-creates the same order and skips what was already seen,
-    without loading the skipped items.
-    """
-
-    def __init__(self, n: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True):
-        self.n, self.seed, self.epoch, self.start, self.shuffle = n, seed, epoch, start, shuffle
-
-    def order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(self.epoch))
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def __iter__(self):
-        return iter(self.order()[self.start :])
-
-    def __len__(self) -> int:
-        return max(0, self.n - self.start)
 
 
 def check_batch(batch: Any) -> dict:
@@ -172,7 +152,32 @@ def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tens
 
 
 class Trainer:
-    """One ``fit`` call. Owns the optimizer, schedule, data order, checkpoints and history."""
+    """One ``fit`` call: the training loop. Owns the optimizer, schedule, data order, checkpoints and history.
+
+    ``Matcher.fit`` configures it and takes the fitted state from it when it ends (``history``,
+    ``best``, ``seed``, ``skipped``, ``record_``); the blocks it trains are the model's
+    ``components_``, built by the ``build`` callable it is given. The loop, in public methods
+    (each a step of the one before)::
+
+        run            the run folder's lock around fit_loop
+        fit_loop       start (seed, build / init_from / warm start / resume), then every stage
+        run_stage      a stage: its optimizer and schedule, then its epochs
+        run_epoch      start_epoch (data epoch, K-means re-clustering, blocks' epoch, modes),
+                       step per batch (nonfinite guard inside), callbacks, checkpoints
+        end_epoch      history row, evaluation, keep_best_epoch, callbacks, the epoch's checkpoint
+
+    Callbacks (:mod:`imtm.engine.callbacks`) see every event and can stop training.
+
+    Args:
+        model: what is trained: an object with ``components_`` and ``plan_`` (set by ``build``), the
+            training parameters of :class:`~imtm.Matcher` as attributes, and ``evaluate``,
+            ``load_state``, ``get_config``, ``config_hash`` (a Matcher).
+        train: a dataset or a DataLoader. eval_set: evaluated after every epoch (optional).
+        device: where the blocks train. stages: the stages to run (:class:`~imtm.Stage`).
+        autocast: a callable returning the context manager for forward passes (mixed precision).
+        build: ``build(seed)`` builds fresh blocks into ``model.components_`` / ``model.plan_``.
+        callbacks: :class:`~imtm.engine.callbacks.Callback` objects, called in order.
+    """
 
     #: Steps skipped as non-finite in the run, and in a row (``run`` resets them; a resumed run restores them).
     skipped = consecutive_skips = 0
@@ -180,16 +185,37 @@ class Trainer:
     warned_epoch: tuple[int, int] | None = None
     #: The stage under way (``run`` sets it; a Trainer used step by step stays in stage 0).
     stage_idx = 0
+    #: Set by a callback to end training (see :mod:`imtm.engine.callbacks`).
+    should_stop = False
+    #: The last step's total gradient norm (a 0-d tensor; ``None`` before a step or with nothing to train).
+    last_grad_norm = None
+    #: Whether ``start`` has run (the fitted state exists).
+    started = False
+    #: fp16 steps whose gradients overflowed (the scaler skipped them); whether the last step was one.
+    overflows = 0
+    last_overflow = False
 
-    def __init__(self, matcher, train, eval_set=None):
-        self.m = matcher
+    def __init__(self, model, train, eval_set=None, *, device, stages, autocast=contextlib.nullcontext,
+                 build=None, callbacks=()):
+        self.m = self.model = model
         self.train = train
         self.eval_set = eval_set
-        self.device = matcher._device()
-        self.stages = matcher._stages()
+        self.device = torch.device(device)
+        self.stages = list(stages)
+        self.autocast = autocast
+        self.build = build
+        self.callbacks = list(callbacks)
+        self.run_dir = model.checkpoint_dir
+        self.accumulate = int(getattr(model, "accumulate", 1) or 1)
+        #: fp16 autocast trains with a gradient scaler (bf16 and fp32 need none).
+        self.scaler = (torch.amp.GradScaler(self.device.type) if getattr(model, "precision", "fp32") == "fp16"
+                       else None)
         # Under torchrun: one process per rank, each with batch_size items of every global batch.
         distributed.setup(self.device)
         self.world, self.rank = distributed.world_size(), distributed.rank()
+        if self.accumulate > 1 and self.world > 1:
+            raise ValueError(f"Matcher.fit: accumulate={self.accumulate} is not supported under torchrun; the "
+                             "processes already train one large batch together (batch_size per process)")
         self.main = self.rank == 0
         self.ddp = None
         #: How a user's DataLoader is iterated: "rebuilt" (its batches drawn once per epoch from a
@@ -197,6 +223,8 @@ class Trainer:
         #: "as-given" (a DataLoader subclass, an iterable dataset: resumed only at an epoch's end).
         self.loader_mode = None
         self.epoch_batches: list | None = None
+        if isinstance(train, IterableDataset):  # a stream: batched as it comes
+            train = self.train = DataLoader(train, batch_size=model.batch_size, collate_fn=collate)
         if isinstance(train, DataLoader):
             self.loader_given = True
             self.loader_mode = "rebuilt" if _rebuildable(train) else "as-given"
@@ -230,9 +258,18 @@ class Trainer:
         self.stage_idx = s
         self.batch_size = self.option(self.stages[s], "batch_size")
         if self.loader_given:
-            n_batches = len(self.train)
+            try:
+                n_batches = len(self.train)
+            except TypeError:  # an iterable dataset without a length
+                n_batches = None
         else:
             n_batches = math.ceil(len(self.train) / (self.batch_size * self.world))
+        limit = getattr(self.m, "steps_per_epoch", None)
+        if limit is not None:
+            n_batches = limit if n_batches is None else min(n_batches, limit)
+        if n_batches is None:
+            raise ValueError("Matcher.fit: the training data has no length (a stream); set steps_per_epoch to the "
+                             "number of batches an epoch takes from it")
         if n_batches == 0:
             raise ValueError("Matcher.fit: the training data yields no batch")
         self.n_batches = n_batches
@@ -261,7 +298,7 @@ class Trainer:
         leaves the training stream untouched.
         """
         self.generators_epoch = [g.get_state() for g in self.loader_generators()]
-        with _restored():
+        with restored():
             torch.default_generator.manual_seed(item_seed(self.seed, self.epoch_key(epoch), -1))
             self.epoch_batches = [list(b) for b in self.train.batch_sampler]
 
@@ -363,8 +400,12 @@ class Trainer:
         values["positives"] = ids[:, None] == ids[None, :]
         refused = None
         bad: Any
+        self.last_overflow = False
+        backward = None
         try:
-            if self.ddp is not None:
+            if self.accumulate > 1 and opt is not None:
+                total, logs, backward = self.cached_losses(values, loss_idx, run_idx)
+            elif self.ddp is not None:
                 total, logs = self.ddp(values, loss_idx, run_idx)
             else:
                 total, logs = self.losses(values, loss_idx, run_idx)
@@ -382,12 +423,34 @@ class Trainer:
                 # Backward even when the loss is NaN: under DDP every rank must join the gradient
                 # all-reduce, and it costs nothing on the normal path.
                 opt.zero_grad(set_to_none=True)
-                total.backward()
+                scaled = self.scaler.scale(total) if self.scaler is not None else total
+                if backward is not None:
+                    backward(scaled)
+                else:
+                    scaled.backward()
+                if self.scaler is not None:
+                    self.scaler.unscale_(opt)
                 params = [p for g in opt.param_groups for p in g["params"]]
-                bad = bad | ~torch.isfinite(_grad_norm(params, m.grad_clip)).to(bad.device)
+                self.last_grad_norm = _grad_norm(params, m.grad_clip)
+                grad_bad = ~torch.isfinite(self.last_grad_norm).to(bad.device)
+                if self.scaler is not None and not distributed.max_over_ranks(bad) \
+                        and distributed.max_over_ranks(grad_bad):
+                    # fp16 overflow: the scaler skips the optimizer step and lowers its scale; the
+                    # schedule does not advance (as for a skipped step). Not an error.
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                    self.overflows += 1
+                    self.last_overflow = True
+                    opt.zero_grad(set_to_none=True)
+                    return {n: float(v.detach()) for n, v in logs.items()}
+                bad = bad | grad_bad
         if not distributed.max_over_ranks(bad):
             if opt is not None:
-                opt.step()
+                if self.scaler is not None:
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                else:
+                    opt.step()
                 sched.step()
             self.consecutive_skips = 0
             return {n: float(v.detach()) for n, v in logs.items()}
@@ -426,7 +489,6 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         self.skipped += 1
         self.consecutive_skips += 1
-        m.skipped_steps_ = self.skipped
         if self.consecutive_skips >= self.n_batches:
             raise NonFiniteError(
                 f"Matcher.fit: the last {self.consecutive_skips} steps (as many as one epoch holds) were all "
@@ -483,7 +545,7 @@ class Trainer:
         """Run the blocks of one step and the active losses; return (weighted total, each loss by name)."""
         m = self.m
         plan = m.plan_
-        with m._autocast():
+        with self.autocast():
             blocks = [k for k in run_idx if not plan.is_loss(k)]
             if self.world > 1:
                 self.run_gathered(values, blocks, loss_idx)
@@ -499,6 +561,72 @@ class Trainer:
                 logs[plan.names[k]] = value
                 total = total + getattr(block, "weight", 1.0) * value.float()
         return total, logs
+
+    def cached_losses(self, values: dict, loss_idx, run_idx):
+        """The step's losses over ``accumulate`` micro-batches, as one batch (GradCache).
+
+        The single-modality blocks (encoders, refiners) run on each micro-batch without a
+        graph; their outputs that the pairwise blocks and losses read are concatenated into
+        leaf tensors, and the pairwise blocks and losses run on the whole batch, so every
+        all-pairs score and loss is the one of the large batch. Returns ``(total, logs,
+        backward)``: ``backward(total)`` back-propagates the total to the cached values, then
+        re-runs each micro-batch's single-modality blocks (with the random state of its first
+        pass: the same dropout) and back-propagates their share of the cached gradient. The
+        gradients equal those of one large batch; only one micro-batch's encoder activations
+        are held at a time.
+        """
+        plan = self.m.plan_
+        blocks = [k for k in run_idx if not plan.is_loss(k)]
+        side = [k for k in blocks if plan.block_sides[k] in (frozenset({IMAGE}), frozenset({TEXT}))]
+        rest = [k for k in blocks if k not in side]
+        if rest and side and max(side) > min(rest):
+            raise ValueError(f"Matcher: accumulate={self.accumulate} runs the single-modality blocks before the "
+                             f"pairwise ones, but block {plan.names[max(side)]!r} comes after the pairwise block "
+                             f"{plan.names[min(rest)]!r}; reorder the blocks or use accumulate=1")
+        later = rest + list(loss_idx)
+        made = {v for k in side for v in plan.blocks[k].provides}
+        boundary = list(dict.fromkeys(r for k in later for r in plan.blocks[k].requires if r in made))
+        n = len(values["texts"])
+        size = -(-n // self.accumulate)
+        slices = [slice(a, min(n, a + size)) for a in range(0, n, size)]
+        raw = [name for name in values if name != "positives" and plan.sides.get(name) in (frozenset({IMAGE}),
+                                                                                          frozenset({TEXT}))]
+        micro = [{name: take(values[name], sl) for name in raw} for sl in slices]
+        states, parts = [], {name: [] for name in boundary}
+        with torch.no_grad(), self.autocast():
+            for mv in micro:
+                states.append(_rng_state(self.device))
+                out = run_blocks(plan, side, dict(mv))
+                for name in boundary:
+                    parts[name].append(out[name])
+        cache = {name: _leaf(concat(parts[name])) for name in boundary}
+        values.update(cache)
+        total, logs = self.losses(values, loss_idx, rest)
+
+        def backward(total: torch.Tensor) -> None:
+            total.backward()
+            after = _rng_state(self.device)
+            for sl, mv, state in zip(slices, micro, states):
+                _set_rng_state(state, self.device)
+                with self.autocast():
+                    out = run_blocks(plan, side, dict(mv))
+                outs, grads = [], []
+                for name in boundary:
+                    own, leaf = out[name], cache[name]
+                    own_t = own.feats if isinstance(own, Tokens) else own
+                    leaf_t = leaf.feats if isinstance(leaf, Tokens) else leaf
+                    if not isinstance(own_t, torch.Tensor) or not own_t.requires_grad or leaf_t.grad is None:
+                        continue
+                    g = leaf_t.grad[sl]
+                    if isinstance(own, Tokens):
+                        g = g[:, : own_t.shape[1]]
+                    outs.append(own_t)
+                    grads.append(g.to(own_t.dtype))
+                if outs:
+                    torch.autograd.backward(outs, grads)
+            _set_rng_state(after, self.device)
+
+        return total, logs, backward
 
     def run_gathered(self, values: dict, blocks: list[int], loss_idx: list[int]) -> None:
         """Run ``blocks`` in order, gathering every rank's batch before the first pairwise block (or loss).
@@ -564,7 +692,7 @@ class Trainer:
             "seed": self.seed,
             "versions": versions,
             "data_fingerprint": fp() if callable(fp) else None,
-            "n_train": len(self.train.dataset if self.loader_given else self.train),
+            "n_train": _length(self.train.dataset if self.loader_given else self.train),
             "evaluation_protocol": m.protocol or "all pairs of the evaluation set (retrieval_metrics)",
             "config_hash": m.config_hash(),
             "params": self.run_config()["params"],
@@ -581,14 +709,18 @@ class Trainer:
             "position": {"stage": self.stage_idx, "epoch": self.epoch, "batch": self.batch_idx,
                          "global_step": self.global_step, "epoch_done": self.epoch_done},
             "epoch_logs": self.epoch_logs,
-            "history": self.m.history_,
-            "best": self.m.best_,
+            "history": self.history,
+            "best": self.best,
+            "stopped": bool(self.should_stop),
+            "callbacks": self.callback_states(),
             "skipped": self.skipped,
             "consecutive_skips": self.consecutive_skips,
             # The sha256 of best/'s weights as this run wrote them: a resume refuses another run's best/.
             "best_sha256": getattr(self, "best_sha256", None),
             "run_id": self.run_id,
             "optimizer": opt.state_dict() if opt is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "overflows": self.overflows,
             "scheduler": sched.state_dict() if sched is not None else None,
             "rng": rng,
             "data": self.data_state(),
@@ -679,14 +811,194 @@ class Trainer:
         m = self.m
         lock = RunLock(m.checkpoint_dir).acquire() if m.checkpoint_dir is not None and self.main else None
         try:
-            self._run(resume, warm_start)
+            self.fit_loop(resume, warm_start)
         finally:
             if lock is not None:
                 lock.release()
 
-    def _run(self, resume: bool = False, warm_start: bool = False) -> None:
-        from imtm.matcher import seed_everything
+    def fit_loop(self, resume: bool = False, warm_start: bool = False) -> None:
+        """The whole run: :meth:`start` (build, initialise or resume), every stage's epochs
+        (:meth:`run_epoch`), then the best epoch's weights (``keep_best``) and ``on_fit_end``."""
+        self.start(resume, warm_start)
+        interrupts = _DeferredInterrupt(verbose=self.m.verbose and self.main and self.m.checkpoint_dir is not None)
+        self.interrupts = interrupts
+        try:
+            self.emit("on_fit_start")
+            for s in range(self.stage_idx, len(self.stages)):
+                if self.should_stop:
+                    break
+                self.run_stage(s)
+        finally:
+            interrupts.close()
+            set_fit_epoch_key(None)
+        for block in self.m.components_.values():
+            block.requires_grad_(True)
+        self.m.components_.eval()
+        if self.m.keep_best and self.best_state is not None:
+            self.m.load_state(self.best_state)
+        self.emit("on_fit_end")
 
+    def run_stage(self, s: int) -> None:
+        """Train stage ``s`` from where the run stands (its start, or a resumed position)."""
+        stage = self.stages[s]
+        if s != self.stage_idx:
+            self.stage_idx, self.epoch, self.batch_idx, self.epoch_done = s, 0, 0, False
+            self.epoch_logs = {}
+        self.set_stage(s)
+        opt, sched = self.make_optimizer(stage)
+        self.opt, self.sched = opt, sched
+        self.ddp = self.wrap(opt, stage)
+        if self.resume_state is not None:
+            self.restore(self.resume_state, opt, sched)
+            self.resume_state = None
+        self.loss_idx = self.active_losses(stage)
+        self.run_idx = self.m.plan_.needed_for([self.m.plan_.names[k] for k in self.loss_idx])
+        for e in range(self.epoch, stage.epochs):
+            if self.should_stop:
+                return
+            if self.epoch != e:
+                self.epoch, self.batch_idx, self.epoch_done, self.epoch_logs = e, 0, False, {}
+            if not self.epoch_done:
+                self.run_epoch(stage, e)
+        if not self.should_stop:
+            self.epoch = stage.epochs
+
+    def start_epoch(self, stage, e: int) -> None:
+        """Before an epoch's first step: the data's epoch, sampler re-clustering (DIAS), blocks' epoch, modes."""
+        set_fit_epoch_key(item_seed(self.seed, self.epoch_key(e), -2))
+        # A batch sampler that follows the model (K-means neighbours) re-clusters here.
+        refresh_sampler(self, e)
+        # Blocks that change with the epoch (a loss's warm-up) learn it; resumed runs too.
+        start_epoch(self.m.components_, e)
+        if self.loader_mode == "rebuilt":
+            self.draw_epoch_batches(e)
+        elif self.loader_mode == "as-given":
+            # a stream that reshuffles by epoch (a Hugging Face IterableDataset, a webdataset pipeline)
+            hook = getattr(getattr(self.train, "dataset", None), "set_epoch", None)
+            if callable(hook):
+                hook(self.epoch_key(e))
+        self.set_modes(stage)
+
+    def run_epoch(self, stage, e: int) -> None:
+        """One epoch: :meth:`train_step` per batch (callbacks after each), then :meth:`end_epoch`."""
+        opt, sched, interrupts = self.opt, self.sched, self.interrupts
+        self.start_epoch(stage, e)
+        self.emit("on_epoch_start", {"stage": self.stage_idx, "epoch": e + 1})
+        t0 = time.time()
+        it = self.batches(e, self.batch_idx)
+        tick = time.perf_counter()
+        while self.batch_idx < self.n_batches and not self.should_stop:
+            # Ctrl-C is deferred to here, between steps: the checkpoint then holds the state
+            # of the last completed step (weights, optimizer, every generator), exactly.
+            if interrupts.requested:
+                self.interrupted(opt, sched)
+            # Loading a batch of a DataLoader iterated as given may draw from the global
+            # generators: a Ctrl-C during it saves their state from before the load.
+            before = _cpu_rng() if self.loader_mode == "as-given" else None
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            except KeyboardInterrupt:  # raised while loading (not by SIGINT): between steps
+                self.interrupted(opt, sched, before)
+            except Exception:
+                if interrupts.requested:  # a worker stopped by the same Ctrl-C
+                    self.interrupted(opt, sched, before)
+                raise
+            if interrupts.requested:
+                self.interrupted(opt, sched, before)
+            lrs = self.learning_rates(opt) if self.callbacks else None
+            logs = self.step(batch, stage, opt, sched, self.loss_idx, self.run_idx)
+            self.batch_idx += 1
+            self.global_step += 1
+            if logs is not None:
+                for n, v in logs.items():
+                    s_, c_ = self.epoch_logs.get(n, (0.0, 0))
+                    self.epoch_logs[n] = (s_ + v, c_ + 1)
+            if self.callbacks:
+                now = time.perf_counter()
+                self.emit("on_batch_end", self.step_logs(batch, logs, lrs, now - tick))
+                tick = now
+            if self.m.checkpoint_every and self.global_step % self.m.checkpoint_every == 0 \
+                    and self.batch_idx < self.n_batches and not self.should_stop:
+                self.checkpoint(opt, sched)
+        self.end_epoch(stage, e, time.time() - t0)
+
+    def end_epoch(self, stage, e: int, seconds: float) -> None:
+        """After an epoch: its history row, the evaluation and best-epoch keeping, callbacks, the checkpoint."""
+        m = self.m
+        self.epoch_done = True
+        entry = {"stage": self.stage_idx, "epoch": e + 1, "step": self.global_step,
+                 "time_s": round(seconds, 3), "skipped_steps": self.skipped}
+        if self.should_stop and self.batch_idx < self.n_batches:
+            entry["stopped"] = True
+        for n, (s_, c_) in self.epoch_logs.items():
+            entry[f"loss/{n}"] = s_ / max(c_, 1)
+        if self.eval_set is not None:
+            metrics = m.evaluate(self.eval_set)
+            entry["eval"] = metrics
+            self.keep_best_epoch(metrics, e)
+            self.set_modes(stage)
+            self.emit("on_eval", metrics)
+        self.history.append(entry)
+        if self.main:
+            log.info("epoch %s", entry)
+        self.emit("on_epoch_end", entry)
+        self.checkpoint(self.opt, self.sched)
+        if self.interrupts.requested:  # during the evaluation: the epoch's checkpoint is written
+            raise KeyboardInterrupt
+
+    def keep_best_epoch(self, metrics: dict, e: int) -> None:
+        """Remember (and write to ``best/``) the weights of the best epoch so far by rSum."""
+        if self.best is None or metrics["rsum"] > self.best["rsum"]:
+            self.best = {"rsum": metrics["rsum"], "stage": self.stage_idx, "epoch": e + 1}
+            self.best_state = {k: v.detach().clone() for k, v in self.m.components_.state_dict().items()}
+            self._save_best()
+
+    # ------------------------------------------------------------------ callbacks
+    def emit(self, event: str, *args) -> None:
+        """Call ``event`` on every callback, in order."""
+        for cb in self.callbacks:
+            getattr(cb, event)(self, *args)
+
+    def learning_rates(self, opt) -> dict[str, float]:
+        if opt is None:
+            return {}
+        return {g.get("name", f"group{i}"): float(g["lr"]) for i, g in enumerate(opt.param_groups)}
+
+    def step_logs(self, batch: dict, logs: dict | None, lrs: dict, seconds: float) -> dict:
+        """What ``on_batch_end`` receives (see :mod:`imtm.engine.callbacks`)."""
+        samples = len(batch["texts"]) * self.world
+        out = {"step": self.global_step, "stage": self.stage_idx, "epoch": self.epoch + 1,
+               "batch": self.batch_idx - 1}
+        out.update({f"loss/{n}": v for n, v in (logs or {}).items()})
+        out.update({f"lr/{n}": v for n, v in lrs.items()})
+        norm = self.last_grad_norm
+        out.update(grad_norm=float(norm) if norm is not None else float("nan"), samples=samples,
+                   samples_per_s=samples / seconds if seconds > 0 else float("nan"), time_s=seconds,
+                   skipped=logs is None or self.last_overflow)
+        return out
+
+    def loss_names(self) -> list[str]:
+        """Every loss block of the plan (the step log's ``loss/`` columns)."""
+        plan = self.m.plan_
+        return [plan.names[k] for k in plan.losses()]
+
+    def group_names(self) -> list[str]:
+        """Every parameter group name of any stage (the step log's ``lr/`` columns)."""
+        names = ["default"]
+        for stage in self.stages:
+            factors = self.lr_factors(stage)
+            names += [n for n in self.m.plan_.names if factors.get(n, 1.0) not in (0, 1.0) and n not in names]
+        return names
+
+    def callback_states(self) -> dict:
+        return {f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(self.callbacks)}
+
+    # ------------------------------------------------------------------ start and resume
+    def start(self, resume: bool = False, warm_start: bool = False) -> None:
+        """Seed, build the blocks (afresh, from ``init_from``, or continuing under ``warm_start``),
+        then read the checkpoint to resume from, if any."""
         m = self.m
         seed = m.random_state if m.random_state is not None else int(np.random.SeedSequence().entropy % (2**31))
         self.seed = int(seed)
@@ -696,7 +1008,7 @@ class Trainer:
             previous = ({k: v.detach().clone() for k, v in m.components_.state_dict().items()},
                         list(getattr(m, "history_", [])))
         seed_everything(self.seed)
-        m._build(self.seed)
+        self.build(self.seed)
         if previous is not None:
             try:
                 m.load_state(previous[0])
@@ -709,211 +1021,126 @@ class Trainer:
             # Identical initial weights on every rank (and DDP broadcasts rank 0's), but each rank
             # its own dropout / noise stream; rank 0 keeps the single-process stream.
             seed_everything(self.seed + 1_000_003 * self.rank)
-        m.seed_ = self.seed
-        m.history_, m.best_, m.n_epochs_ = ([], None, 0) if previous is None else (previous[1], None, len(previous[1]))
+        self.history, self.best = ([], None) if previous is None else (previous[1], None)
         self.record_ = self.record()
-        m.record_ = self.record_
+        self.started = True
         self.stage_idx, self.epoch, self.batch_idx, self.global_step = 0, 0, 0, 0
         self.epoch_done, self.skipped, self.epoch_logs = False, 0, {}
         self.consecutive_skips, self.warned_epoch = 0, None
         self.run_id, self.best_sha256 = uuid.uuid4().hex, None  # a resumed run takes its checkpoint's
-        best_state = None
-        resume_state = None
-        opt = sched = None
+        self.best_state = None
+        self.resume_state = None
+        self.should_stop = False
         if resume:
-            if m.checkpoint_dir is None:
-                raise ValueError("Matcher.fit(resume=True) needs checkpoint_dir")
-            if resume is not True and not (isinstance(resume, (str, os.PathLike)) and os.fspath(resume)):
-                raise TypeError(f"Matcher.fit: resume must be True, False or the name or path of a checkpoint "
-                                f"folder, got {resume!r}")
-            if self.main:  # this run is the next writer: undo what a killed one left (folders renamed aside)
-                recover_run(m.checkpoint_dir)
-            distributed.barrier()
-            try:
-                folder = resolve_checkpoint(m.checkpoint_dir, resume)
-                ckpt = read_checkpoint(folder) if folder is not None else None
-            except CheckpointError as e:
-                raise CheckpointError(f"{e}. {_resume_advice(m.checkpoint_dir)}") from e
-            if folder is not None:
-                ts = ckpt["train_state"]
-                if ts is None:
-                    raise CheckpointError(f"{folder} holds weights only; it cannot be resumed")
-                if ts["train_config"] != self.run_config():
-                    raise CheckpointError(
-                        f"{folder} comes from another configuration; resume with the same components and "
-                        "training parameters, or fit without resume=True to start afresh"
-                    )
-                if ts.get("world_size", 1) != self.world:
-                    raise CheckpointError(
-                        f"{folder} was written by a run of {ts.get('world_size', 1)} process(es), this one has "
-                        f"{self.world}; resume with the same number of processes (the global batch and the data "
-                        "order depend on it)"
-                    )
-                old = ckpt["record"]
-                for key, what in (("data_fingerprint", "fingerprint"), ("n_train", "size")):
-                    if old.get(key) is not None and self.record_.get(key) is not None \
-                            and old[key] != self.record_[key]:
-                        raise CheckpointError(
-                            f"{folder} was trained on other data (dataset {what} {old[key]!r}, this one "
-                            f"{self.record_[key]!r}); resume with the same training set, or fit without "
-                            "resume=True to start afresh"
-                        )
-                self.check_data_state(folder, ts)
-                pos = ts["position"]
-                if not pos["epoch_done"] and pos["batch"] > 0 and self.loader_given and callable(
-                        getattr(getattr(self.train, "batch_sampler", None), "update_embeddings", None)):
-                    raise CheckpointError(
-                        f"{folder} was written mid-epoch, and the DataLoader's batch sampler re-clusters from the "
-                        "model at each epoch's start: the clusters of that epoch cannot be re-created from a "
-                        "later model. Resume from a checkpoint written at an epoch's end (checkpoint_every=None "
-                        "writes only those), or fit without resume=True to start afresh")
-                if "rng_ranks" in ts:
-                    ts["rng"] = ts["rng_ranks"][self.rank]
-                m.load_state(ckpt["model_state"])
-                resume_state = ts
-                if self.loader_given:
-                    data = ts["data"]
-                    states = data["generators"] if pos["epoch_done"] else data["generators_epoch"]
-                    for g, state in zip(self.loader_generators(), states):
-                        g.set_state(state)
-                self.stage_idx, self.epoch, self.batch_idx = pos["stage"], pos["epoch"], pos["batch"]
-                self.global_step, self.epoch_done = pos["global_step"], pos["epoch_done"]
-                m.history_, m.best_, self.skipped = ts["history"], ts["best"], ts["skipped"]
-                self.consecutive_skips = ts.get("consecutive_skips", 0)
-                self.epoch_logs = ts["epoch_logs"]
-                m.n_epochs_ = len(m.history_)
-                best_path = _best_path(m)
-                self.best_sha256, self.run_id = ts.get("best_sha256"), ts.get("run_id")
-                if best_path is not None and m.best_ is not None:
-                    if best_path.is_dir():
-                        best = read_checkpoint(best_path, with_train_state=False)
-                        digest = _weights_digest(best_path)
-                        theirs = best["record"].get("best")
-                        # Written by this run after the checkpoint (killed before the next one): the
-                        # steps replayed from here reach that evaluation again and rewrite it identically.
-                        later = (best["record"].get("run_id") == self.run_id and isinstance(theirs, dict)
-                                 and (theirs.get("stage"), theirs.get("epoch")) > (m.best_["stage"], m.best_["epoch"]))
-                        if not later and (digest != self.best_sha256 or theirs != m.best_):
-                            raise CheckpointError(
-                                f"{best_path} is not the best epoch of the run in {folder}: its weights (sha256 "
-                                f"{str(digest)[:12]}, best {best['record'].get('best')}) are not the ones that run "
-                                f"saved (sha256 {str(self.best_sha256)[:12]}, best {m.best_}); it may come from "
-                                "another run. Restore that run's best/, or fit without resume=True to start afresh")
-                        best_state = None if later else best["model_state"]
-                    elif m.keep_best:
-                        # best/ is written before any checkpoint that records it: it was removed since.
-                        raise CheckpointError(
-                            f"{folder} records a best epoch ({m.best_}) but {best_path} is missing, so keep_best "
-                            f"could not end this run with that epoch's weights. Restore {best_path}, or fit "
-                            "without resume=True to start afresh"
-                        )
-                self.seed = ckpt["record"]["seed"]
-        m.skipped_steps_ = self.skipped
-        plan = m.plan_
-        interrupts = _DeferredInterrupt(verbose=m.verbose and self.main and m.checkpoint_dir is not None)
+            self.read_resume(resume)
+
+    def read_resume(self, resume) -> None:
+        """Read and check the checkpoint to continue from; set the run's position (the rest in :meth:`restore`)."""
+        m = self.m
+        if m.checkpoint_dir is None:
+            raise ValueError("Matcher.fit(resume=True) needs checkpoint_dir")
+        if resume is not True and not (isinstance(resume, (str, os.PathLike)) and os.fspath(resume)):
+            raise TypeError(f"Matcher.fit: resume must be True, False or the name or path of a checkpoint "
+                            f"folder, got {resume!r}")
+        if self.main:  # this run is the next writer: undo what a killed one left (folders renamed aside)
+            recover_run(m.checkpoint_dir)
+        distributed.barrier()
         try:
-            for s in range(self.stage_idx, len(self.stages)):
-                stage = self.stages[s]
-                if s != self.stage_idx:
-                    self.stage_idx, self.epoch, self.batch_idx, self.epoch_done = s, 0, 0, False
-                    self.epoch_logs = {}
-                self.set_stage(s)
-                opt, sched = self.make_optimizer(stage)
-                self.ddp = self.wrap(opt, stage)
-                if resume_state is not None:
-                    if opt is not None and resume_state["optimizer"] is not None:
-                        opt.load_state_dict(resume_state["optimizer"])
-                        sched.load_state_dict(resume_state["scheduler"])
-                    _restore_rng(resume_state["rng"])
-                    for name, states in resume_state.get("block_generators", {}).items():
-                        m.components_.get_submodule(name).load_generator_states(states)
-                    resume_state = None
-                loss_idx = self.active_losses(stage)
-                run_idx = plan.needed_for([plan.names[k] for k in loss_idx])
-                for e in range(self.epoch, stage.epochs):
-                    if self.epoch != e:
-                        self.epoch, self.batch_idx, self.epoch_done, self.epoch_logs = e, 0, False, {}
-                    if not self.epoch_done:
-                        set_fit_epoch_key(item_seed(self.seed, self.epoch_key(e), -2))
-                        # A batch sampler that follows the model (K-means neighbours) re-clusters here.
-                        refresh_sampler(self, e)
-                        # Blocks that change with the epoch (a loss's warm-up) learn it; resumed runs too.
-                        start_epoch(m.components_, e)
-                        if self.loader_mode == "rebuilt":
-                            self.draw_epoch_batches(e)
-                        self.set_modes(stage)
-                        t0 = time.time()
-                        label = f"{stage.name or f'stage {s + 1}'} epoch {e + 1}/{stage.epochs}" if len(self.stages) > 1 \
-                            else f"epoch {e + 1}/{stage.epochs}"
-                        it = self.batches(e, self.batch_idx)
-                        bar = tqdm(total=self.n_batches, initial=self.batch_idx,
-                                   desc=label, disable=not (m.verbose and self.main), leave=False)
-                        while True:
-                            # Ctrl-C is deferred to here, between steps: the checkpoint then holds the state
-                            # of the last completed step (weights, optimizer, every generator), exactly.
-                            if interrupts.requested:
-                                self.interrupted(opt, sched)
-                            # Loading a batch of a DataLoader iterated as given may draw from the global
-                            # generators: a Ctrl-C during it saves their state from before the load.
-                            before = _cpu_rng() if self.loader_mode == "as-given" else None
-                            try:
-                                batch = next(it)
-                            except StopIteration:
-                                break
-                            except KeyboardInterrupt:  # raised while loading (not by SIGINT): between steps
-                                self.interrupted(opt, sched, before)
-                            except Exception:
-                                if interrupts.requested:  # a worker stopped by the same Ctrl-C
-                                    self.interrupted(opt, sched, before)
-                                raise
-                            if interrupts.requested:
-                                self.interrupted(opt, sched, before)
-                            logs = self.step(batch, stage, opt, sched, loss_idx, run_idx)
-                            self.batch_idx += 1
-                            self.global_step += 1
-                            bar.update(1)
-                            if logs is not None:
-                                for n, v in logs.items():
-                                    s_, c_ = self.epoch_logs.get(n, (0.0, 0))
-                                    self.epoch_logs[n] = (s_ + v, c_ + 1)
-                                bar.set_postfix({n: f"{s_ / max(c_, 1):.4f}" for n, (s_, c_) in self.epoch_logs.items()})
-                            if m.checkpoint_every and self.global_step % m.checkpoint_every == 0 \
-                                    and self.batch_idx < self.n_batches:
-                                self.checkpoint(opt, sched)
-                        bar.close()
-                        self.epoch_done = True
-                        entry = {"stage": s, "epoch": e + 1, "step": self.global_step,
-                                 "time_s": round(time.time() - t0, 3), "skipped_steps": self.skipped}
-                        for n, (s_, c_) in self.epoch_logs.items():
-                            entry[f"loss/{n}"] = s_ / max(c_, 1)
-                        if self.eval_set is not None:
-                            metrics = m.evaluate(self.eval_set)
-                            entry["eval"] = metrics
-                            if m.best_ is None or metrics["rsum"] > m.best_["rsum"]:
-                                m.best_ = {"rsum": metrics["rsum"], "stage": s, "epoch": e + 1}
-                                best_state = {k: v.detach().clone() for k, v in m.components_.state_dict().items()}
-                                self._save_best()
-                            self.set_modes(stage)
-                        m.history_.append(entry)
-                        m.n_epochs_ = len(m.history_)
-                        if m.verbose and self.main:
-                            losses = " ".join(f"{k[5:]}={v:.4f}" for k, v in entry.items() if k.startswith("loss/"))
-                            ev = f" rsum={entry['eval']['rsum']:.2f}" if "eval" in entry else ""
-                            tqdm.write(f"[imtm] {label}: {losses}{ev} ({entry['time_s']:.1f}s)")
-                        if self.main:
-                            log.info("epoch %s", entry)
-                        self.checkpoint(opt, sched)
-                        if interrupts.requested:  # during the evaluation: the epoch's checkpoint is written
-                            raise KeyboardInterrupt
-                self.epoch = stage.epochs
-        finally:
-            interrupts.close()
-            set_fit_epoch_key(None)
-        for block in m.components_.values():
-            block.requires_grad_(True)
-        m.components_.eval()
-        if m.keep_best and best_state is not None:
-            m.load_state(best_state)
+            folder = resolve_checkpoint(m.checkpoint_dir, resume)
+            ckpt = read_checkpoint(folder) if folder is not None else None
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}. {_resume_advice(m.checkpoint_dir)}") from e
+        if folder is None:
+            return
+        ts = ckpt["train_state"]
+        if ts is None:
+            raise CheckpointError(f"{folder} holds weights only; it cannot be resumed")
+        if ts["train_config"] != self.run_config():
+            raise CheckpointError(
+                f"{folder} comes from another configuration; resume with the same components and "
+                "training parameters, or fit without resume=True to start afresh"
+            )
+        if ts.get("world_size", 1) != self.world:
+            raise CheckpointError(
+                f"{folder} was written by a run of {ts.get('world_size', 1)} process(es), this one has "
+                f"{self.world}; resume with the same number of processes (the global batch and the data "
+                "order depend on it)"
+            )
+        old = ckpt["record"]
+        for key, what in (("data_fingerprint", "fingerprint"), ("n_train", "size")):
+            if old.get(key) is not None and self.record_.get(key) is not None \
+                    and old[key] != self.record_[key]:
+                raise CheckpointError(
+                    f"{folder} was trained on other data (dataset {what} {old[key]!r}, this one "
+                    f"{self.record_[key]!r}); resume with the same training set, or fit without "
+                    "resume=True to start afresh"
+                )
+        self.check_data_state(folder, ts)
+        pos = ts["position"]
+        if not pos["epoch_done"] and pos["batch"] > 0 and self.loader_given and callable(
+                getattr(getattr(self.train, "batch_sampler", None), "update_embeddings", None)):
+            raise CheckpointError(
+                f"{folder} was written mid-epoch, and the DataLoader's batch sampler re-clusters from the "
+                "model at each epoch's start: the clusters of that epoch cannot be re-created from a "
+                "later model. Resume from a checkpoint written at an epoch's end (checkpoint_every=None "
+                "writes only those), or fit without resume=True to start afresh")
+        if "rng_ranks" in ts:
+            ts["rng"] = ts["rng_ranks"][self.rank]
+        m.load_state(ckpt["model_state"])
+        self.resume_state = ts
+        if self.loader_given:
+            data = ts["data"]
+            states = data["generators"] if pos["epoch_done"] else data["generators_epoch"]
+            for g, state in zip(self.loader_generators(), states):
+                g.set_state(state)
+        self.stage_idx, self.epoch, self.batch_idx = pos["stage"], pos["epoch"], pos["batch"]
+        self.global_step, self.epoch_done = pos["global_step"], pos["epoch_done"]
+        self.history, self.best, self.skipped = ts["history"], ts["best"], ts["skipped"]
+        self.consecutive_skips = ts.get("consecutive_skips", 0)
+        self.epoch_logs = ts["epoch_logs"]
+        self.should_stop = bool(ts.get("stopped", False))
+        saved = ts.get("callbacks", {})
+        for key, cb in zip(self.callback_states(), self.callbacks):
+            if key in saved:
+                cb.load_state_dict(saved[key])
+        best_path = _best_path(m)
+        self.best_sha256, self.run_id = ts.get("best_sha256"), ts.get("run_id")
+        if best_path is not None and self.best is not None:
+            if best_path.is_dir():
+                best = read_checkpoint(best_path, with_train_state=False)
+                digest = _weights_digest(best_path)
+                theirs = best["record"].get("best")
+                # Written by this run after the checkpoint (killed before the next one): the
+                # steps replayed from here reach that evaluation again and rewrite it identically.
+                later = (best["record"].get("run_id") == self.run_id and isinstance(theirs, dict)
+                         and (theirs.get("stage"), theirs.get("epoch")) > (self.best["stage"], self.best["epoch"]))
+                if not later and (digest != self.best_sha256 or theirs != self.best):
+                    raise CheckpointError(
+                        f"{best_path} is not the best epoch of the run in {folder}: its weights (sha256 "
+                        f"{str(digest)[:12]}, best {best['record'].get('best')}) are not the ones that run "
+                        f"saved (sha256 {str(self.best_sha256)[:12]}, best {self.best}); it may come from "
+                        "another run. Restore that run's best/, or fit without resume=True to start afresh")
+                self.best_state = None if later else best["model_state"]
+            elif m.keep_best:
+                # best/ is written before any checkpoint that records it: it was removed since.
+                raise CheckpointError(
+                    f"{folder} records a best epoch ({self.best}) but {best_path} is missing, so keep_best "
+                    f"could not end this run with that epoch's weights. Restore {best_path}, or fit "
+                    "without resume=True to start afresh"
+                )
+        self.seed = ckpt["record"]["seed"]
+
+    def restore(self, ts: dict, opt, sched) -> None:
+        """At the resumed stage's start: the optimizer, schedule, generators and blocks' generators."""
+        if opt is not None and ts["optimizer"] is not None:
+            opt.load_state_dict(ts["optimizer"])
+            sched.load_state_dict(ts["scheduler"])
+        if self.scaler is not None and ts.get("scaler"):
+            self.scaler.load_state_dict(ts["scaler"])
+        self.overflows = ts.get("overflows", 0)
+        _restore_rng(ts["rng"])
+        for name, states in ts.get("block_generators", {}).items():
+            self.m.components_.get_submodule(name).load_generator_states(states)
 
     def initialise_from(self, source, names) -> None:
         """Copy the weights of blocks ``names`` (``None``: every block of the same name) from ``source``.
@@ -955,7 +1182,7 @@ class Trainer:
             return
         if self.main:
             write_checkpoint(path.parent, path.name, config=m.get_config(), model_state=m.components_.state_dict(),
-                             record={**self.record_, "best": m.best_, "run_id": self.run_id}, update_latest=False)
+                             record={**self.record_, "best": self.best, "run_id": self.run_id}, update_latest=False)
             self.best_sha256 = _weights_digest(path)
         distributed.barrier()
 
@@ -970,6 +1197,35 @@ class _StepModule(torch.nn.Module):
 
     def forward(self, values, loss_idx, run_idx):
         return self.step_fn(values, loss_idx, run_idx)
+
+
+def _length(data) -> int | None:
+    try:
+        return len(data)
+    except TypeError:  # a stream
+        return None
+
+
+def _leaf(value: Any) -> Any:
+    """A cached value as a leaf that collects its gradient (Tokens: their features)."""
+    if isinstance(value, Tokens):
+        feats = value.feats.detach()
+        return value.with_feats(feats.requires_grad_(feats.is_floating_point()))
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        return t.requires_grad_(t.is_floating_point())
+    return value
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _resume_advice(run_dir) -> str:

@@ -64,6 +64,20 @@ def test_step_decay_text_and_dict_agree_with_the_formula():
         assert f(step) == pytest.approx(0.9 ** (step // 5))
 
 
+def test_step_decay_at_milestones():
+    spec = schedule_spec("x0.3 at epochs 9,15,20,25")
+    assert spec == {"name": "step", "gamma": 0.3, "milestones": [9, 15, 20, 25]}
+    f = schedule_factor(spec, steps_per_epoch=3, total_steps=90, warmup=0)
+    for step in range(90):
+        epoch = step // 3
+        passed = len([m for m in (9, 15, 20, 25) if epoch >= m])
+        assert f(step) == pytest.approx(0.3 ** passed)
+    with pytest.raises(ValueError, match="increasing"):
+        schedule_spec({"name": "step", "milestones": [5, 3]})
+    with pytest.raises(ValueError, match="not both"):
+        schedule_spec({"name": "step", "milestones": [5], "every": 2})
+
+
 def test_cosine_restarts_follow_sgdr():
     spec = {"name": "cosine_restarts", "period": 2, "mult": 2}
     f = schedule_factor(spec, steps_per_epoch=3, total_steps=60, warmup=0)

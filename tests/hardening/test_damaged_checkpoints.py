@@ -31,6 +31,7 @@ from toy import toy_components, toy_data
 
 FILES = ["config.json", "model.safetensors", "optimizer.safetensors", "state.json", "record.json"]
 LAST, OLDER = "ckpt-00000024", "ckpt-00000021"  # the two checkpoints a finished run keeps (keep_last=2)
+LOGS = ["epochs.csv", "steps.csv"]  # the CSV logs (loggers=("csv",), the default) beside the checkpoints
 ADVICE = rf"Complete checkpoints in .*, newest first: {OLDER}; continue from one with fit\(\.\.\., resume='{OLDER}'\)"
 
 
@@ -50,7 +51,7 @@ def finished(data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("finished") / "run"
     m = matcher(data, run_dir).fit(data, eval_set=data)
     assert m.best_["epoch"] == 1 and len(m.history_) == 3, m.history_  # the best is not the last epoch
-    assert sorted(p.name for p in run_dir.iterdir()) == ["LATEST", "best", OLDER, LAST]
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(["LATEST", "best", OLDER, LAST] + LOGS)
     return run_dir, {k: v.clone() for k, v in m.components_.state_dict().items()}, m.history_
 
 
@@ -238,7 +239,7 @@ def test_best_renamed_aside_by_a_killed_writer_is_restored(data, run, finished, 
     m = matcher(data, run).fit(data, eval_set=data, resume=True)
     # keep_best ends with epoch 1's weights, read back from the restored best/.
     assert_same_weights(m.components_.state_dict(), finished[1])
-    assert sorted(p.name for p in run.iterdir()) == ["LATEST", "best", OLDER, LAST]
+    assert sorted(p.name for p in run.iterdir()) == sorted(["LATEST", "best", OLDER, LAST] + LOGS)
 
 
 def test_a_removed_best_is_reported(data, run):
@@ -261,8 +262,8 @@ def test_leftovers_are_never_read_and_are_removed_by_the_next_writer(data, run, 
         matcher(data, run).fit(data, eval_set=data, resume=True)
     m = matcher(data, run).fit(data, eval_set=data, resume=OLDER)
     assert_same_weights(m.components_.state_dict(), finished[1])
-    assert sorted(p.name for p in run.iterdir()) == [
-        ".ckpt-00000030.tmp-1", ".keep", "LATEST", "best", OLDER, LAST, "notes.txt"]
+    assert sorted(p.name for p in run.iterdir()) == sorted([
+        ".ckpt-00000030.tmp-1", ".keep", "LATEST", "best", OLDER, LAST, "notes.txt"] + LOGS)
 
 
 def test_recover_run_restores_only_complete_folders_of_gone_processes(run, dead_pid):
@@ -273,7 +274,7 @@ def test_recover_run_restores_only_complete_folders_of_gone_processes(run, dead_
     done = recover_run(run)
     assert f"restored best from .best.old-{dead_pid}" in done
     assert any(line.startswith(f"kept .{LAST}.old-{dead_pid}: it cannot replace the missing {LAST}") for line in done)
-    assert sorted(p.name for p in run.iterdir()) == [f".{OLDER}.old-1", f".{LAST}.old-{dead_pid}", "LATEST", "best"]
+    assert sorted(p.name for p in run.iterdir()) == sorted([f".{OLDER}.old-1", f".{LAST}.old-{dead_pid}", "LATEST", "best"] + LOGS)
     assert recover_run(run / "nowhere") == []
 
 
