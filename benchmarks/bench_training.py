@@ -1,0 +1,144 @@
+"""One training step of every preset: samples/s, the share of each block, and LAPS against the authors' structure.
+
+Not part of the test suite. A step is what ``Matcher.fit`` does per batch (``_steps.py``):
+every block in order on one batch of the synthetic benchmark, the weighted losses, backward,
+AdamW. For every preset: the median step time, samples/s, and the fraction of the step
+spent in each block's forward and in backward + optimizer (each part timed on its own,
+which adds a synchronisation per block).
+
+LAPS against the authors' structure, side by side in one run on the same batches: the same
+Matcher with its ``PatchSlimming`` block's forward replaced by a per-caption Python loop in
+the structure of ``CrossSparseAggrNet_v2.forward`` (lib/cross_net.py of CrossmodalGroup/LAPS,
+read for this benchmark): for each caption in turn, the caption's attention over the patches,
+``TokenSparse`` (sort, keep the top ``N_s``, fuse the rest), ``TokenAggregation`` (the
+aggregation MLP on the kept patches), the [CLS] token prepended, the alignment with the
+caption's words; the image-only scores are computed once before the loop, as they do. The
+loop is ``loop_scores`` of ``bench_laps.py`` with autograd on, plus the per-caption keep masks
+(their ``score_mask``) for the ratio loss. Both variants select the top ``N_s`` patches (the
+authors' v2 net does so in training too; our block does so in eval mode, set for both), so
+they compute the same scores: the largest difference is printed. DCPA against its authors'
+structure is not measured here.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_training.py               # every preset
+    OMP_NUM_THREADS=1 python benchmarks/bench_training.py --presets laps
+    python benchmarks/bench_training.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import warnings
+from collections import defaultdict
+
+import torch
+from _steps import PRESET_NAMES, load_data, make_batch, make_matcher, train_step
+from bench_laps import loop_scores
+
+from imtm.functional.patch_slimming import num_kept
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def authors_laps_forward(slim):
+    """PatchSlimming's forward in the authors' structure: one caption at a time."""
+
+    def forward(image_tokens, text_tokens):
+        images, texts = image_tokens.feats, text_tokens.feats
+        scores = loop_scores(slim, images, texts, text_mask=text_tokens.mask)
+        # The keep masks, per caption as their score_mask, then in the block's (Bi, Bt, 1 + N) layout.
+        patches = images[:, 1:]
+        a_p, a_s = slim.scorer.image_scores(patches, None)
+        n_s = int(num_kept(torch.tensor([patches.shape[1]]), slim.selector.ratio))
+        masks = []
+        with torch.no_grad():
+            for t in range(texts.shape[0]):
+                words = texts[t, text_tokens.mask[t]]
+                from imtm.functional.patch_slimming import minmax_normalize
+
+                a_r = minmax_normalize(patches @ words.mean(0) / patches.shape[-1], dim=1)
+                a = (1 - slim.scorer.beta) * a_p + slim.scorer.beta / 2 * (a_s + a_r)
+                keep = a.argsort(dim=1, descending=True, stable=True)[:, :n_s]
+                masks.append(torch.zeros_like(a).scatter_(1, keep, 1.0))
+        decisions = torch.stack(masks, dim=1)
+        cls = torch.ones(*decisions.shape[:2], 1, dtype=decisions.dtype, device=decisions.device)
+        return scores, torch.cat([cls, decisions], dim=-1)
+
+    return forward
+
+
+def step_profile(m, batches, repeats):
+    opt = torch.optim.AdamW([p for p in m.components_.parameters() if p.requires_grad], lr=1e-5)
+    totals, parts = [], defaultdict(list)
+    for _ in range(repeats):
+        for values in batches:
+            acc = defaultdict(float)
+            t0 = time.perf_counter()
+            train_step(m, values, opt, timer=lambda n, s: acc.__setitem__(n, acc[n] + s))
+            totals.append(time.perf_counter() - t0)
+            for k, v in acc.items():
+                parts[k].append(v)
+    return median(totals), {k: median(v) for k, v in parts.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", default=list(PRESET_NAMES), choices=PRESET_NAMES)
+    ap.add_argument("--n-train", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n_train, args.batch_size, args.dim, args.steps, args.repeats = 16, 16, 32, 2, 1
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(args.seed)
+    print(f"bench_training: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"threads={torch.get_num_threads()}, seed={args.seed}, batch={args.batch_size}, dim={args.dim}, "
+          f"{args.steps} batches x {args.repeats}")
+    for name in args.presets:
+        train = load_data(name, args.n_train, seed=args.seed)
+        m = make_matcher(name, train, embed_dim=args.dim, batch_size=args.batch_size, compile=False)
+        batches = [make_batch(train, args.batch_size * k + 3, args.batch_size) for k in range(args.steps)]
+        total, parts = step_profile(m, batches, args.repeats)
+        share = ", ".join(f"{k} {v / sum(parts.values()):.2f}" for k, v in parts.items())
+        print(f"{name:6} {total * 1e3:8.1f} ms/step  {args.batch_size / total:8.1f} samples/s  share: {share}",
+              flush=True)
+        if name == "laps":
+            slim = m.components_["laps"]
+            slim.eval()  # top-N_s selection in both variants
+            ours_t, _ = step_profile(m, batches, args.repeats)
+            with torch.no_grad():
+                values = batches[0]
+                plan = m.plan_
+                vals = dict(values)
+                for k, block in enumerate(plan.blocks):
+                    if plan.names[k] == "laps":
+                        break
+                    out = block(*[vals[r] for r in block.requires])
+                    provides = tuple(block.provides)
+                    vals.update({provides[0]: out} if len(provides) == 1 else dict(zip(provides, out)))
+                args_laps = [vals[r] for r in slim.requires]
+                want = slim(*args_laps)[0]
+                got = authors_laps_forward(slim)(*args_laps)[0]
+            slim.forward = authors_laps_forward(slim)
+            try:
+                authors_t, _ = step_profile(m, batches, args.repeats)
+            finally:
+                del slim.forward
+            print(f"       LAPS step, top-N_s selection: ours {ours_t * 1e3:.1f} ms, authors' structure "
+                  f"(per-caption loop) {authors_t * 1e3:.1f} ms: ours {authors_t / ours_t:.2f}x faster (goal >= 2x); "
+                  f"scores max abs diff {float((got - want).abs().max()):.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
