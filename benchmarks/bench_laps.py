@@ -44,7 +44,13 @@ import torch
 import torch.nn.functional as F
 
 from imtm import Tokens
-from imtm.components import GumbelSelector, PatchScorer, PatchSlimming, SparsePatchWordAlignment, TokenAggregation
+from imtm.components import (
+    GumbelSelector,
+    PatchScorer,
+    PatchSlimming,
+    SparsePatchWordAlignment,
+    TokenAggregation,
+)
 from imtm.functional import sparse_alignment_scores
 from imtm.functional.patch_slimming import minmax_normalize, num_kept
 

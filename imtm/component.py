@@ -346,7 +346,7 @@ class Component(nn.Module):
             out[name] = value
         return out
 
-    def set_params(self, **params) -> "Component":
+    def set_params(self, **params) -> Component:
         """Set constructor arguments (``name__param`` reaches into nested blocks).
 
         Changing an argument that shapes parameters (a dimension) only takes effect

@@ -33,7 +33,7 @@ def write_karpathy(root, splits=("train", "val", "test", "restval"), per_split=2
     caps = captions(len(splits) * per_split * (cpi + 2), seed)
     c = 0
     for s in splits:
-        for j in range(per_split):
+        for _ in range(per_split):
             k = len(entries)
             n_sent = cpi + (k % 3 if coco else 0)  # COCO has images with 6 or 7 sentences
             entry = {"filename": f"img{k}." + ("jpg" if k % 2 else "png"), "split": s, "imgid": k,

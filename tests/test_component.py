@@ -1,11 +1,10 @@
 import pytest
 import torch
 from sklearn.base import clone
+from toy import ToyHinge, ToyImage
 
 from imtm import Component
 from imtm.component import COMPONENT_REGISTRY
-
-from toy import ToyHinge, ToyImage
 
 
 def test_requires_provides_class_defaults_and_renames():

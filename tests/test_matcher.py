@@ -4,16 +4,15 @@ import os
 import pytest
 import torch
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 from torch.utils.data import DataLoader
+from toy import Crashing, ToyCosine, ToyHinge, ToyImage, ToyText, toy_components, toy_data
 
 from imtm import Matcher, Stage
 from imtm.data import ImageCaptionDataset, collate
 from imtm.engine.checkpoint import CheckpointError
 from imtm.engine.graph import PipelineError
 from imtm.engine.serialization import ConfigError
-from sklearn.exceptions import NotFittedError
-
-from toy import Crashing, ToyCosine, ToyHinge, ToyImage, ToyText, toy_components, toy_data
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,7 @@ def test_auto_names_follow_make_pipeline(data):
     m = Matcher([ToyImage(), ToyImage(), ("text", ToyText(vocab=data.vocab))])
     assert [n for n, _ in m.named_components] == ["toyimage-1", "toyimage-2", "text"]
     with pytest.raises(ValueError, match="must not contain '__'"):
-        Matcher([("a__b", ToyImage())]).named_components
+        _ = Matcher([("a__b", ToyImage())]).named_components
 
 
 # ---------------------------------------------------------------- scikit-learn protocol

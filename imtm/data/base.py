@@ -15,7 +15,7 @@ so a batch of ``B`` items scores ``B`` images (repeats allowed) against ``B`` ca
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import Dataset

@@ -91,8 +91,6 @@ def restored() -> Iterator[None]:
         _ITEM_SEED = saved[3]
 
 
-_restored = restored  # the earlier name
-
 
 @contextlib.contextmanager
 def seeded_item(seed: int) -> Iterator[None]:

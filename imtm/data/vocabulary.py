@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -53,7 +53,7 @@ class Vocabulary:
                 self.itos.append(w)
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 1) -> "Vocabulary":
+    def build(cls, captions: Iterable[str], min_count: int = 1) -> Vocabulary:
         """Words seen at least ``min_count`` times in ``captions``, most frequent first (ties alphabetical)."""
         counts = Counter(w for c in captions for w in tokenize(c))
         if not counts:
@@ -101,7 +101,7 @@ class Vocabulary:
         return {"words": self.itos[2:]}
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "Vocabulary.from_dict") -> "Vocabulary":
+    def from_dict(cls, d: dict, source: str = "Vocabulary.from_dict") -> Vocabulary:
         """The vocabulary of :meth:`to_dict`'s ``{"words": [...]}``.
 
         Args:
@@ -132,7 +132,7 @@ class Vocabulary:
             json.dump(self.to_dict(), f)
 
     @classmethod
-    def load(cls, path) -> "Vocabulary":
+    def load(cls, path) -> Vocabulary:
         """Read a vocabulary written by :meth:`save`.
 
         Raises:

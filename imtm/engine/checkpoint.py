@@ -448,7 +448,7 @@ class RunLock:
             return {}
         return owner if isinstance(owner, dict) else {}
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         import socket
 
         try:

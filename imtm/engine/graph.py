@@ -16,8 +16,9 @@ from the vocabulary of :mod:`imtm.contract`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

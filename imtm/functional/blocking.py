@@ -538,7 +538,7 @@ def blocked_query_scores(
             return qb
         return torch.nn.functional.pad(qb, (0, 0, 0, extra))
 
-    query_blocks = [aligned(qb) for qb in query_blocks]
+    query_blocks = [aligned(qb) for qb in query_blocks]  # type: ignore[assignment]
     # Consecutive product blocks are pooled together, up to a quarter of the budget of token
     # scores per key block: one gather and one pooling per group instead of per product keeps
     # the number of small operations (each a thread synchronisation) low.

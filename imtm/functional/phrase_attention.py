@@ -74,7 +74,7 @@ class AttentionWeights:
     norm_bias: torch.Tensor
 
     @classmethod
-    def from_modules(cls, attention: torch.nn.MultiheadAttention, norm: torch.nn.LayerNorm) -> "AttentionWeights":
+    def from_modules(cls, attention: torch.nn.MultiheadAttention, norm: torch.nn.LayerNorm) -> AttentionWeights:
         """The weights of an ``nn.MultiheadAttention`` (with biases) and its ``nn.LayerNorm``."""
         return cls(attention.in_proj_weight, attention.in_proj_bias, attention.out_proj.weight,
                    attention.out_proj.bias, norm.weight, norm.bias)
@@ -111,7 +111,7 @@ class FeedForwardWeights:
 
     @classmethod
     def from_modules(cls, linear1: torch.nn.Linear, linear2: torch.nn.Linear,
-                     norm: torch.nn.LayerNorm) -> "FeedForwardWeights":
+                     norm: torch.nn.LayerNorm) -> FeedForwardWeights:
         """The weights of two ``nn.Linear`` (with biases) and the ``nn.LayerNorm`` after them."""
         return cls(linear1.weight, linear1.bias, linear2.weight, linear2.bias, norm.weight, norm.bias)
 

@@ -11,7 +11,12 @@ import math
 
 import torch
 
-from imtm.functional.blocking import blocked_pair_scores, check_block_args, check_pair_inputs, resolve_option
+from imtm.functional.blocking import (
+    blocked_pair_scores,
+    check_block_args,
+    check_pair_inputs,
+    resolve_option,
+)
 
 __all__ = ["DIRECTIONS", "sparse_alignment_from_cosines", "sparse_alignment_scores"]
 

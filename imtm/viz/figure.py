@@ -240,7 +240,7 @@ def model_title(matcher, fallback: str = "model") -> str:
     scorers = []
     if plan is not None:
         wanted = set(plan.score_values)
-        for n, b in zip(plan.names, plan.blocks):
+        for b in plan.blocks:
             if wanted & set(b.provides) and type(b).__name__ not in scorers:
                 scorers.append(type(b).__name__)
     epochs = record.get("n_epochs", getattr(matcher, "n_epochs_", None))

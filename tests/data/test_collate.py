@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from imtm import Tokens
-from imtm.data import ImageCaptionDataset, Vocabulary, collate, collate_images, collate_texts, tokenize
+from imtm.data import (
+    ImageCaptionDataset,
+    Vocabulary,
+    collate,
+    collate_images,
+    collate_texts,
+    tokenize,
+)
 
 
 def test_collate_regions_pads_and_masks():

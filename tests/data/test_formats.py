@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from imtm.data import CocoCaptionsDataset, Flickr30kTokenDataset, load_dataset
-from imtm.data.formats import FORMATS, SYNTHETIC_ENV, synthetic_sizes
 from imtm.data.flickr30k_token import parse_token_lines
+from imtm.data.formats import FORMATS, SYNTHETIC_ENV, synthetic_sizes
 from tests import tiny_formats
 
 RAW = ["karpathy", "caption-files", "albef", "csv", "coco", "flickr30k-token"]

@@ -1,12 +1,16 @@
 import pytest
 import torch
+from toy import ToyHinge, ToyText
 
 from imtm.data import Vocabulary
 from imtm.engine.serialization import (
-    ConfigError, atomic_write_json, decode_value, encode_value, flatten_state, unflatten_state,
+    ConfigError,
+    atomic_write_json,
+    decode_value,
+    encode_value,
+    flatten_state,
+    unflatten_state,
 )
-
-from toy import ToyHinge, ToyText
 
 
 def test_values_round_trip():

@@ -74,7 +74,7 @@ def test_gradient_matches_finite_differences():
     v = torch.randn(2, 3, 4, dtype=torch.float64, generator=g).requires_grad_()
     t = torch.randn(3, 2, 4, dtype=torch.float64, generator=g).requires_grad_()
     for weighting in ("linear", "softmax"):
-        assert torch.autograd.gradcheck(lambda a, b: local_matching_scores(a, b, weighting=weighting), (v, t))
+        assert torch.autograd.gradcheck(lambda a, b, w=weighting: local_matching_scores(a, b, weighting=w), (v, t))
 
 
 @SETTINGS

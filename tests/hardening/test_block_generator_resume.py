@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from toy import Crashing, ToyCosine, ToyImage, ToyText, toy_data
 
 from imtm import Matcher
 from imtm.components import DistanceWeightedMiner, TripletLoss
 from imtm.data import ImageCaptionDataset
 from imtm.engine.checkpoint import CheckpointError
-from toy import Crashing, ToyCosine, ToyImage, ToyText, toy_data
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,9 @@ from imtm import Tokens
 from imtm.component import COMPONENT_REGISTRY, Component
 from imtm.components import (
     CrossModalEncoder,
-    DPCKNNAggregation,
-    ScanAttention,
-    WordAggregation,
-    WordSelection,
     DimensionAlignmentLoss,
     DistanceWeightedMiner,
+    DPCKNNAggregation,
     ExpansiveLexiconLoss,
     GlobalCosine,
     GRUTextEncoder,
@@ -50,6 +47,7 @@ from imtm.components import (
     InfoNCELoss,
     InterModalPhraseAttention,
     LexiconDistillationLoss,
+    LocalMatching,
     LSEPooling,
     MaskedImageView,
     MaskedLanguageModelingLoss,
@@ -64,10 +62,10 @@ from imtm.components import (
     RatioLoss,
     RedundantFusion,
     Reuse,
+    ScanAttention,
     ScoreFusion,
     SelfAttentionContext,
     SoftAssignmentCoding,
-    LocalMatching,
     SoftmaxPooling,
     SparseCorrelation,
     SparsePatchWordAlignment,
@@ -79,7 +77,9 @@ from imtm.components import (
     TopKAggregation,
     TripletLoss,
     VisualPhraseEncoder,
+    WordAggregation,
     WordMasking,
+    WordSelection,
     WordToLexiconHead,
 )
 from imtm.components.encoders.hf_text import write_local_bert
@@ -620,7 +620,12 @@ def test_declared_constraints_refuse_what_they_exclude_and_keep_the_factory_valu
     """Read from each block's ``_parameter_constraints`` (imtm.contract): no per-block table here."""
     from sklearn.base import clone
 
-    from imtm.contract import InvalidParameterError, check_params, parameter_constraints, refused_values
+    from imtm.contract import (
+        InvalidParameterError,
+        check_params,
+        parameter_constraints,
+        refused_values,
+    )
 
     constraints = parameter_constraints(COMPONENT_REGISTRY[name])
     if not constraints:

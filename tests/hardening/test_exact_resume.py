@@ -15,8 +15,8 @@ import signal
 
 import pytest
 import torch
-from toy import ToyCosine, ToyHinge, ToyImage, ToyText, toy_data
 from torch.utils.data import DataLoader
+from toy import ToyCosine, ToyHinge, ToyImage, ToyText, toy_data
 
 from imtm import Matcher
 from imtm.data import CaptionAugment, ImageCaptionDataset, collate

@@ -7,7 +7,6 @@ link to ``/dev/zero``, is refused at once instead of hanging or reading until ``
 """
 
 import contextlib
-import json
 import os
 import signal
 import sys

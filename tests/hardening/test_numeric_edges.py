@@ -222,10 +222,10 @@ def test_a_forged_state_json_is_a_checkpoint_error_naming_the_entry(run, data, t
 
 
 def test_a_truncated_npy_read_without_mmap_names_the_file(tmp_path):
+    import io
+
     from imtm.data.precomp import PrecompImages
     from imtm.retrieval.index import TorchIndex
-
-    import io
 
     path = tmp_path / "embedding.npy"
     # A header that declares 10**13 rows over 48 bytes of data: np.load(mmap_mode=None) would allocate them.

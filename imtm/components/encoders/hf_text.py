@@ -424,12 +424,21 @@ class HFTextEncoder(Component):
             if getattr(config, "model_type", None) == "clip":
                 config = config.text_config  # a CLIP model: its text tower (CLIPTextModel) only
             local = Path(source).is_dir()
+            if config.model_type in CLIP_MODEL_TYPES:
+                from transformers import CLIPTextModel
+
+                # AutoModel maps a CLIP text configuration only in recent transformers: name the class.
+                architecture = CLIPTextModel
+            else:
+                architecture = AutoModel
             if is_restoring_saved_weights():
                 # Matcher.load: the architecture only; the weights come from the saved model.safetensors.
-                model = AutoModel.from_config(config, trust_remote_code=False)
+                model = architecture.from_config(config, trust_remote_code=False) if architecture is AutoModel \
+                    else architecture(config)
             elif local and (config.model_type in CLIP_MODEL_TYPES or not (Path(source) / "model.safetensors").is_file()):
                 # A CLIP folder (one tower of two) or a folder with pytorch_model.bin: read here, strictly.
-                model = AutoModel.from_config(config, trust_remote_code=False)
+                model = AutoModel.from_config(config, trust_remote_code=False) if architecture is AutoModel \
+                    else architecture(config)
                 if isinstance(getattr(model, "pooler", None), nn.Module):
                     model.pooler = None  # dropped below anyway; a checkpoint without it is complete
                 load_transformers_weights(model, source)

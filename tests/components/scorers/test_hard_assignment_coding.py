@@ -7,7 +7,7 @@ from sklearn.base import clone
 from imtm import Tokens
 from imtm.components import HardAssignmentCoding
 from imtm.functional import hard_assignment_scores
-from imtm.testing import check_component, tokens
+from imtm.testing import check_component, parametrize_with_checks, tokens
 
 SETTINGS = settings(max_examples=20, deadline=None)
 
@@ -31,6 +31,15 @@ def test_conformance_and_functional_twin(codebook, pooling):
         ),
     )
     assert report.skipped == {}
+
+
+@parametrize_with_checks([
+    (HardAssignmentCoding(codebook="textual", pooling="softmax", max_block_elements=40), example_inputs(),
+     {"functional": lambda im, tx: hard_assignment_scores(im.feats, tx.feats, im.mask, tx.mask, codebook="textual",
+                                                          pooling="softmax")}),
+])
+def test_each_conformance_check_on_its_own(block, check):
+    check(block)
 
 
 def test_requires_provides_and_renaming():

@@ -366,11 +366,12 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_matcher_trains_and_blocked_similarity_equals_one_forward():
+    from toy import ToyImage, ToyText, toy_data
+
     from imtm import Matcher
     from imtm.components import TripletLoss
     from imtm.data import collate
     from imtm.engine.evaluation import run_blocks
-    from toy import ToyImage, ToyText, toy_data
 
     data = toy_data(n_images=8)
     torch.manual_seed(0)
