@@ -80,7 +80,7 @@ def step_profile(m, batches, repeats):
         for values in batches:
             acc = defaultdict(float)
             t0 = time.perf_counter()
-            train_step(m, values, opt, timer=lambda n, s: acc.__setitem__(n, acc[n] + s))
+            train_step(m, values, opt, timer=lambda n, s, acc=acc: acc.__setitem__(n, acc[n] + s))
             totals.append(time.perf_counter() - t0)
             for k, v in acc.items():
                 parts[k].append(v)

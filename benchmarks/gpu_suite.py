@@ -90,8 +90,13 @@ def make_tokens(n_images, n_captions, n_regions, dim, device, seed=0):
 
 
 def section_scorers(args, device) -> None:
-    from imtm.components import (HardAssignmentCoding, LocalMatching, ScanAttention, SoftAssignmentCoding,
-                                 SparsePatchWordAlignment)
+    from imtm.components import (
+        HardAssignmentCoding,
+        LocalMatching,
+        ScanAttention,
+        SoftAssignmentCoding,
+        SparsePatchWordAlignment,
+    )
 
     bf16 = torch.bfloat16
     images, texts, words = make_tokens(args.images, args.captions, 36, args.dim, device)
@@ -111,7 +116,7 @@ def section_scorers(args, device) -> None:
         try:
             block = make().to(device)
             with torch.no_grad(), torch.autocast(device.type, dtype=bf16):
-                seconds = best_time(lambda: block(images, texts), device, args.repeats)
+                seconds = best_time(lambda block=block: block(images, texts), device, args.repeats)
         except Exception as err:  # noqa: BLE001 - reported, the suite goes on
             print(f"    {name:32} FAILED: {type(err).__name__}: {str(err)[:120]}")
             continue
@@ -136,7 +141,7 @@ def section_training(args, device) -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
 
-            def step():
+            def step(m=m, batch=batch, opt=opt):
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     return train_step(m, batch, opt)
 

@@ -20,9 +20,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from sklearn.base import BaseEstimator
@@ -103,7 +104,7 @@ class Stage:
         return json.loads(json.dumps({k: describe(getattr(self, k)) for k in self.__dataclass_fields__}))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Stage":
+    def from_dict(cls, d: dict) -> Stage:
         return cls(**d)
 
 
@@ -276,7 +277,7 @@ class Matcher(BaseEstimator):
                 out[f"{name}__{k}"] = v
         return out
 
-    def set_params(self, **params) -> "Matcher":
+    def set_params(self, **params) -> Matcher:
         """Set parameters (``block__param`` reaches into a named block, ``name=block`` replaces one).
 
         As in scikit-learn, values are stored, not checked: ``fit`` (through :meth:`validate`) checks
@@ -515,7 +516,7 @@ class Matcher(BaseEstimator):
         }
 
     @classmethod
-    def from_config(cls, config: dict) -> "Matcher":
+    def from_config(cls, config: dict) -> Matcher:
         """Rebuild an unfitted Matcher from :meth:`get_config` output (registered blocks only)."""
         if not isinstance(config, dict) or config.get("format") != "imtm.Matcher/1":
             raise ConfigError("not an imtm Matcher configuration (missing format 'imtm.Matcher/1')")
@@ -575,7 +576,7 @@ class Matcher(BaseEstimator):
             elif not self.compile and compiled:
                 block._compiled_call_impl = None
 
-    def __sklearn_clone__(self) -> "Matcher":
+    def __sklearn_clone__(self) -> Matcher:
         """scikit-learn's ``clone``: an unfitted copy; a Matcher given as ``init_from`` is shared, not cloned
         (it is where the weights come from, and a clone of it would hold none)."""
         source = self.init_from
@@ -590,7 +591,7 @@ class Matcher(BaseEstimator):
         return new
 
     def fit(self, train, eval_set=None, *, resume: bool | str | os.PathLike = False,
-            warm_start: bool = False, callbacks: Sequence[Any] = ()) -> "Matcher":
+            warm_start: bool = False, callbacks: Sequence[Any] = ()) -> Matcher:
         """Train on ``train`` (a torch Dataset or DataLoader), evaluating on ``eval_set`` each epoch.
 
         Args:
@@ -621,7 +622,6 @@ class Matcher(BaseEstimator):
             self
         """
         from imtm.data.by_image import ByImage
-        from imtm.engine.training import Trainer
 
         self.validate()
         if isinstance(train, ByImage):  # scikit-learn's view of a dataset: train on the captions it holds
@@ -924,7 +924,7 @@ class Matcher(BaseEstimator):
         return files + ["MANIFEST.json"]
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> "Matcher":
+    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> Matcher:
         """Load a folder written by :meth:`save` (or a checkpoint folder); verifies checksums.
 
         Blocks are rebuilt from registered imtm classes only; no file can make this run code.
@@ -960,7 +960,7 @@ class Matcher(BaseEstimator):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, device: str | None = None,
                         revision: str | None = None, token: str | bool | None = None,
-                        local_files_only: bool = False, cache_dir: str | os.PathLike | None = None) -> "Matcher":
+                        local_files_only: bool = False, cache_dir: str | os.PathLike | None = None) -> Matcher:
         """Load a saved model from a local folder or a Hugging Face hub repository.
 
         A path to an existing folder is loaded with :meth:`load`. Anything else is taken as a

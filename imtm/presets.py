@@ -13,7 +13,8 @@ of ``(name, block)`` pairs ready for :class:`imtm.Matcher`::
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

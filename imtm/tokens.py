@@ -9,8 +9,8 @@ Shape glossary (used in every docstring of imtm):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +166,7 @@ class Tokens:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_lengths(cls, feats: torch.Tensor, lengths: torch.Tensor | Sequence[int], **kw) -> "Tokens":
+    def from_lengths(cls, feats: torch.Tensor, lengths: torch.Tensor | Sequence[int], **kw) -> Tokens:
         """Build Tokens whose first ``lengths[b]`` tokens of row ``b`` are real."""
         lengths = torch.as_tensor(lengths, device=feats.device)
         if lengths.dim() != 1 or lengths.numel() != feats.shape[0]:
@@ -181,7 +181,7 @@ class Tokens:
         return cls(feats, mask, **kw)
 
     @classmethod
-    def pad_sequence(cls, seqs: Sequence[torch.Tensor], pad_to: int | None = None, **kw) -> "Tokens":
+    def pad_sequence(cls, seqs: Sequence[torch.Tensor], pad_to: int | None = None, **kw) -> Tokens:
         """Pad a list of ``(N_b, D)`` (or ``(N_b,)`` id) tensors into Tokens."""
         if len(seqs) == 0:
             raise ValueError("Tokens.pad_sequence: got an empty list")
@@ -199,7 +199,7 @@ class Tokens:
         return cls(out, mask, **kw)
 
     @classmethod
-    def cat(cls, parts: Sequence["Tokens"]) -> "Tokens":
+    def cat(cls, parts: Sequence[Tokens]) -> Tokens:
         """Concatenate along the batch axis, padding the token axis to the longest."""
         if len(parts) == 0:
             raise ValueError("Tokens.cat: got an empty list")
@@ -246,17 +246,17 @@ class Tokens:
         return self.batch_size
 
     # ------------------------------------------------------------------ transforms
-    def __getitem__(self, index) -> "Tokens":
+    def __getitem__(self, index) -> Tokens:
         """Select rows of the batch (an int keeps the batch axis)."""
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
         return replace(self, feats=self.feats[index], mask=self.mask[index])
 
-    def with_feats(self, feats: torch.Tensor) -> "Tokens":
+    def with_feats(self, feats: torch.Tensor) -> Tokens:
         """Same mask and metadata, new features ``(B, N, D')``."""
         return replace(self, feats=feats)
 
-    def to(self, *args, **kwargs) -> "Tokens":
+    def to(self, *args, **kwargs) -> Tokens:
         """Move to a device / dtype. The mask keeps its bool dtype; integer ids keep theirs."""
         if self.feats.is_floating_point():
             feats = self.feats.to(*args, **kwargs)
@@ -265,7 +265,7 @@ class Tokens:
             feats = self.feats.to(device) if device is not None else self.feats
         return replace(self, feats=feats, mask=self.mask.to(feats.device))
 
-    def trim(self) -> "Tokens":
+    def trim(self) -> Tokens:
         """Drop trailing columns that are padding in every row."""
         if self.num_tokens == 0:
             return self
@@ -273,12 +273,12 @@ class Tokens:
         n = int(last.max()) + 1 if last.numel() else 0
         return replace(self, feats=self.feats[:, :n], mask=self.mask[:, :n])
 
-    def zero_padding(self) -> "Tokens":
+    def zero_padding(self) -> Tokens:
         """Features with padded positions set to exactly zero (whatever they held, NaN included)."""
         # where() rather than multiply: NaN * 0 is NaN, and padding may hold anything.
         return self.with_feats(torch.where(self.mask.unsqueeze(-1), self.feats, self.feats.new_zeros(())))
 
-    def normalize(self, eps: float = 1e-8) -> "Tokens":
+    def normalize(self, eps: float = 1e-8) -> Tokens:
         """L2-normalise every token; padded tokens become zero vectors (whatever they held)."""
         f = l2_normalize(self.feats, dim=-1, eps=eps)
         return self.with_feats(torch.where(self.mask.unsqueeze(-1), f, f.new_zeros(())))
@@ -294,7 +294,7 @@ class Tokens:
             mask[:, : self.num_prefix_tokens] = False
         return masked_mean_along(self.feats, mask.unsqueeze(-1), dim=1)
 
-    def check(self, what: str, dim: int | None = None) -> "Tokens":
+    def check(self, what: str, dim: int | None = None) -> Tokens:
         """Validate for a block: feature dim, no empty row, finite real features.
 
         Inside a ``torch.compile``-d region only the shapes are checked (the value checks

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
-
 import logging
 import math
 import os
@@ -23,10 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from imtm.component import Component
 from imtm.data.collate import collate
 from imtm.data.seeding import SeededItems, item_seed, restored, set_fit_epoch_key
 from imtm.engine import distributed
-from imtm.component import Component
+from imtm.engine.blocks import concat, move, run_blocks, take
 from imtm.engine.checkpoint import (
     CheckpointError,
     RunLock,
@@ -37,12 +37,11 @@ from imtm.engine.checkpoint import (
     write_checkpoint,
 )
 from imtm.engine.epochs import start_epoch
-from imtm.engine.seeding import seed_everything
-from imtm.engine.blocks import concat, move, run_blocks, take
 from imtm.engine.graph import IMAGE, TEXT
-from imtm.engine.order import EpochSampler
 from imtm.engine.optim import init_state, make_scheduler, optimizer_spec, schedule_spec
+from imtm.engine.order import EpochSampler
 from imtm.engine.sampling import refresh_sampler
+from imtm.engine.seeding import seed_everything
 from imtm.tokens import NonFiniteValueError, Tokens
 
 __all__ = ["Trainer", "EpochSampler", "check_batch", "NonFiniteError"]

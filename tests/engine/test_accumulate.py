@@ -3,8 +3,8 @@
 import pytest
 import torch
 from dist_workers import components
-from toy import ToyCosine, ToyHinge, ToyImage, ToyText, toy_data
 from torch.utils.data import IterableDataset
+from toy import ToyCosine, ToyHinge, ToyImage, ToyText, toy_data
 
 from imtm import Loss, Matcher
 from imtm.engine.callbacks import Callback

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy import toy_components, toy_data
 
 from imtm import Matcher
 from imtm.engine.checkpoint import (
@@ -26,8 +27,6 @@ from imtm.engine.checkpoint import (
     verify_manifest,
 )
 from imtm.engine.serialization import file_sha256
-
-from toy import toy_components, toy_data
 
 FILES = ["config.json", "model.safetensors", "optimizer.safetensors", "state.json", "record.json"]
 LAST, OLDER = "ckpt-00000024", "ckpt-00000021"  # the two checkpoints a finished run keeps (keep_last=2)

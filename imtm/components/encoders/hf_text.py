@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from imtm._assets import ASSETS, AssetPath
 from imtm.component import Component, is_restoring_saved_weights, suggest
 from imtm.components.encoders.timm_vision import WeightsUnavailableError
-from imtm._assets import ASSETS, AssetPath
 from imtm.tokens import Tokens
 from imtm.weights import packaged_text_path
 
@@ -455,7 +455,7 @@ class HFTextEncoder(Component):
                 + ("This is the text-encoder folder of a saved imtm model: it holds the configuration and "
                    "tokenizer, while the weights are in the model's model.safetensors, which Matcher.load "
                    "restores. To train anew, set model_name_or_path to the pretrained encoder again "
-                   f"(record.json 'sources' names it). " if inside_model else "")
+                   "(record.json 'sources' names it). " if inside_model else "")
                 + "Pass a local folder "
                 "with config.json, the tokenizer files and the weights (model.safetensors, or pytorch_model.bin "
                 "read with weights_only=True) "

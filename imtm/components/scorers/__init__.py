@@ -5,8 +5,8 @@ from imtm.components.scorers.global_cosine import GlobalCosine
 __all__ = ["GlobalCosine"]
 
 from imtm.components.scorers.hard_assignment import HardAssignmentCoding
-from imtm.components.scorers.soft_assignment import SoftAssignmentCoding
 from imtm.components.scorers.local_matching import LocalMatching
+from imtm.components.scorers.soft_assignment import SoftAssignmentCoding
 
 __all__ += ["HardAssignmentCoding", "LocalMatching", "SoftAssignmentCoding"]
 
@@ -16,8 +16,15 @@ from imtm.components.scorers.topk_aggregation import TopKAggregation
 
 __all__ += ["InterModalPhraseAttention", "ScoreFusion", "TopKAggregation"]
 
+from imtm.components.scorers.patch_slimming import (
+    DPCKNNAggregation,
+    GumbelSelector,
+    PatchScorer,
+    PatchSlimming,
+    RedundantFusion,
+    TokenAggregation,
+)
 from imtm.components.scorers.scan_attention import ScanAttention
-from imtm.components.scorers.patch_slimming import DPCKNNAggregation, GumbelSelector, PatchScorer, PatchSlimming, RedundantFusion, TokenAggregation
 from imtm.components.scorers.sparse_alignment import SparsePatchWordAlignment
 
 __all__ += ["ScanAttention"]

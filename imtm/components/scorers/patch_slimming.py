@@ -9,18 +9,24 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from imtm.component import Component
 from imtm.components.scorers.hard_assignment import HardAssignmentCoding, as_tokens, named_errors
-from imtm.functional.blocking import check_block_args, check_pair_inputs, default_block_elements, normalize_tokens
+from imtm.functional.blocking import (
+    check_block_args,
+    check_pair_inputs,
+    default_block_elements,
+    normalize_tokens,
+)
 from imtm.functional.hard_assignment import CODEBOOKS
 from imtm.functional.patch_slimming import (
+    _masked_softmax,
     aggregate_tokens,
     aggregated_cosines,
     aggregation_weights,
@@ -34,7 +40,6 @@ from imtm.functional.patch_slimming import (
     text_attentive_scores,
     top_keep_decisions,
     weighted_cosine,
-    _masked_softmax,
 )
 from imtm.functional.pooling import resolve_pooling
 from imtm.tokens import Tokens, check_finite

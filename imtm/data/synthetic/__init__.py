@@ -31,7 +31,12 @@ patches) is the pixel setting where objects touch a minority of patches
 """
 
 from imtm.data.synthetic.captions import Caption, choose_mentions, compose_caption, describe
-from imtm.data.synthetic.patches import PATCH_SCENES, object_patch_fraction, patch_coverage, patch_objects
+from imtm.data.synthetic.patches import (
+    PATCH_SCENES,
+    object_patch_fraction,
+    patch_coverage,
+    patch_objects,
+)
 from imtm.data.synthetic.pixels import render, render_scene, shape_mask
 from imtm.data.synthetic.regions import (
     FEATURE_SEED,

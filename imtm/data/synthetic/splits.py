@@ -13,10 +13,10 @@ import torch
 
 from imtm._checks import suggest
 from imtm.data.base import ImageCaptionDataset
+from imtm.data.synthetic._random import permutation as _permutation
 from imtm.data.synthetic.captions import describe
 from imtm.data.synthetic.pixels import render
 from imtm.data.synthetic.regions import region_features
-from imtm.data.synthetic._random import permutation as _permutation
 from imtm.data.synthetic.scenes import GRID, Scene, sample_scene, swap_colours
 from imtm.data.vocabulary import Vocabulary
 
