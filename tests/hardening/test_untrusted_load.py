@@ -365,15 +365,16 @@ def test_matcher_config_pointing_at_custom_code_is_refused(model, bert, tmp_path
         Matcher.load(model)
 
 
-def test_hf_pickle_weights_are_never_read(bert, tmp_path, canary, offline_yes):
+def test_hf_pickle_weights_with_code_are_refused(bert, tmp_path, canary, offline_yes):
+    """A folder with only ``pytorch_model.bin`` is read with ``weights_only=True``: a pickle that
+    carries code is refused with the file's name, and the code never runs (the canary stays)."""
     from imtm.components import HFTextEncoder
-    from imtm.components.encoders.timm_vision import WeightsUnavailableError
 
     only_pickle = tmp_path / "only_pickle"
     shutil.copytree(bert, only_pickle)
     (only_pickle / "model.safetensors").unlink()
     write_pickle(only_pickle / "pytorch_model.bin", canary, torch_format=True)
-    with pytest.raises(WeightsUnavailableError, match="model.safetensors"):
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin.*weights_only=True"):
         HFTextEncoder(only_pickle)
 
     both = tmp_path / "both"
