@@ -14,35 +14,56 @@ from pathlib import Path
 
 from imtm.metrics import format_table
 
-__all__ = ["binding_note", "binding_timing_table", "claim_reading", "markdown_table", "mean_std", "page",
-           "seeded_table", "write_page"]
+__all__ = [
+    "binding_note",
+    "binding_timing_table",
+    "claim_reading",
+    "markdown_table",
+    "mean_std",
+    "page",
+    "seeded_table",
+    "write_page",
+]
 
 Block = str | Sequence[str]
 
 
 def binding_note(detail: str = "") -> str:
     """The paragraph that says what the binding-accuracy column measures (``detail`` inside the brackets)."""
-    return ("Binding accuracy: for images that differ only by two objects' swapped colours, how often a caption "
-            f"scores its own image above the twin (50 = chance{'; ' + detail if detail else ''}).")
+    return (
+        "Binding accuracy: for images that differ only by two objects' swapped colours, how often a caption "
+        f"scores its own image above the twin (50 = chance{'; ' + detail if detail else ''})."
+    )
 
 
 def markdown_table(header: Sequence[str], align: str, rows: Sequence[Sequence]) -> list[str]:
     """Lines of a Markdown table; ``align`` has one letter per column, ``l`` (``---``) or ``r`` (``---:``)."""
     if len(align) != len(header) or set(align) - {"l", "r"}:
-        raise ValueError(f"align must give 'l' or 'r' for each of the {len(header)} columns, got {align!r}")
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---:" if a == "r" else "---" for a in align) + " |"]
+        raise ValueError(
+            f"align must give 'l' or 'r' for each of the {len(header)} columns, got {align!r}"
+        )
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---:" if a == "r" else "---" for a in align) + " |",
+    ]
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
 def binding_timing_table(rows: Sequence[tuple[str, float, float, float]]) -> list[str]:
     """The per-model table of fit time, scoring time and binding accuracy: rows ``(label, fit_s, eval_s, binding)``."""
     return markdown_table(
-        ["model", "fit (s)", "scoring + eval (s)", "binding accuracy"], "lrrr",
-        [(label, f"{fit_s:.0f}", f"{eval_s:.1f}", f"{binding:.1f}") for label, fit_s, eval_s, binding in rows],
+        ["model", "fit (s)", "scoring + eval (s)", "binding accuracy"],
+        "lrrr",
+        [
+            (label, f"{fit_s:.0f}", f"{eval_s:.1f}", f"{binding:.1f}")
+            for label, fit_s, eval_s, binding in rows
+        ],
     )
 
 
-def page(title: str, intro: Sequence[Block], results: Mapping, after: Sequence[Block] = ()) -> list[str]:
+def page(
+    title: str, intro: Sequence[Block], results: Mapping, after: Sequence[Block] = ()
+) -> list[str]:
     """The lines of a page: ``# title``, the ``intro`` blocks, the R@K table of ``results``, the ``after`` blocks.
 
     A block is a paragraph (one string) or a list of lines; a blank line follows each.
@@ -65,7 +86,7 @@ def write_page(out: str | Path, lines: Sequence[str], keep_from: str | None = No
     if keep_from is not None and keep_from in old:
         if lines and lines[-1].strip():
             lines.append("")  # a heading right under a table row would become one of its rows
-        lines.append(old[old.index(keep_from):].rstrip("\n") + "\n")
+        lines.append(old[old.index(keep_from) :].rstrip("\n") + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines)
     out.write_text(text)
@@ -74,8 +95,15 @@ def write_page(out: str | Path, lines: Sequence[str], keep_from: str | None = No
 
 
 #: The columns of a seeded table: the six recalls and rSum.
-RECALL_COLUMNS = (("i2t R@1", "i2t_r1"), ("i2t R@5", "i2t_r5"), ("i2t R@10", "i2t_r10"), ("t2i R@1", "t2i_r1"),
-                  ("t2i R@5", "t2i_r5"), ("t2i R@10", "t2i_r10"), ("rSum", "rsum"))
+RECALL_COLUMNS = (
+    ("i2t R@1", "i2t_r1"),
+    ("i2t R@5", "i2t_r5"),
+    ("i2t R@10", "i2t_r10"),
+    ("t2i R@1", "t2i_r1"),
+    ("t2i R@5", "t2i_r5"),
+    ("t2i R@10", "t2i_r10"),
+    ("rSum", "rsum"),
+)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -84,7 +112,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def seeded_table(per_seed: Mapping[str, Sequence[Mapping]], extra: Sequence[tuple[str, str, str]] = ()) -> list[str]:
+def seeded_table(
+    per_seed: Mapping[str, Sequence[Mapping]], extra: Sequence[tuple[str, str, str]] = ()
+) -> list[str]:
     """A Markdown table of ``mean +- std`` over seeds: one row per label, the recalls, rSum and ``extra``.
 
     ``per_seed[label]`` holds one metric dict per seed; ``extra`` adds columns ``(header, key, format)``.
@@ -104,8 +134,13 @@ def seeded_table(per_seed: Mapping[str, Sequence[Mapping]], extra: Sequence[tupl
     return markdown_table(header, "l" + "r" * (len(header) - 1), rows)
 
 
-def claim_reading(per_seed: Mapping[str, Sequence[Mapping]], method: str, baseline: str, claim: str,
-                  key: str = "rsum") -> str:
+def claim_reading(
+    per_seed: Mapping[str, Sequence[Mapping]],
+    method: str,
+    baseline: str,
+    claim: str,
+    key: str = "rsum",
+) -> str:
     """A sentence read off the numbers: does ``method`` beat ``baseline`` on ``key``, by how much, on how many seeds.
 
     The seeds are paired (same data, initialisation and order for both rows of one seed).
@@ -115,8 +150,15 @@ def claim_reading(per_seed: Mapping[str, Sequence[Mapping]], method: str, baseli
     m, sd = mean_std(diffs)
     wins = sum(d > 0 for d in diffs)
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    verdict = ("reproduces" if wins == len(diffs) and m > 0 else
-               "does not reproduce" if wins == 0 else "is not settled (mixed across seeds)")
-    return (f"**{claim}** {method}: {key} {ma:.1f} +- {sa:.1f}; {baseline}: {mb:.1f} +- {sb:.1f}; paired difference "
-            f"{m:+.1f} +- {sd:.1f} ({', '.join(f'{d:+.1f}' for d in diffs)} on seeds in order), higher on "
-            f"{wins} of {len(diffs)} seeds: the claim {verdict} here.")
+    verdict = (
+        "reproduces"
+        if wins == len(diffs) and m > 0
+        else "does not reproduce"
+        if wins == 0
+        else "is not settled (mixed across seeds)"
+    )
+    return (
+        f"**{claim}** {method}: {key} {ma:.1f} +- {sa:.1f}; {baseline}: {mb:.1f} +- {sb:.1f}; paired difference "
+        f"{m:+.1f} +- {sd:.1f} ({', '.join(f'{d:+.1f}' for d in diffs)} on seeds in order), higher on "
+        f"{wins} of {len(diffs)} seeds: the claim {verdict} here."
+    )

@@ -39,11 +39,20 @@ def preset_kwargs(name: str, embed_dim: int) -> dict:
     return kw
 
 
-def make_matcher(name: str, train, *, embed_dim: int, batch_size: int, compile: bool, device: str = "cpu") -> Matcher:
+def make_matcher(
+    name: str, train, *, embed_dim: int, batch_size: int, compile: bool, device: str = "cpu"
+) -> Matcher:
     """A Matcher of preset ``name`` fitted for one epoch on ``train`` (the warm-up: compilation happens there)."""
     comps = presets.build(name, train, workdir=_WORKDIR.name, **preset_kwargs(name, embed_dim))
-    m = Matcher(comps, epochs=1, batch_size=batch_size, compile=compile, verbose=False, device=device,
-                keep_best=False)
+    m = Matcher(
+        comps,
+        epochs=1,
+        batch_size=batch_size,
+        compile=compile,
+        verbose=False,
+        device=device,
+        keep_best=False,
+    )
     m.fit(train)
     m.components_.train()
     return m
@@ -57,7 +66,9 @@ def make_batch(train, start: int, batch_size: int, device: str = "cpu") -> dict:
     return values
 
 
-def train_step(m: Matcher, values: dict, opt: torch.optim.Optimizer, timer: Callable | None = None) -> float:
+def train_step(
+    m: Matcher, values: dict, opt: torch.optim.Optimizer, timer: Callable | None = None
+) -> float:
     """One step: blocks in order, weighted losses, backward, optimizer. ``timer(name, seconds)`` gets
     each block's forward time (after a device synchronisation) when given."""
     plan = m.plan_
@@ -88,7 +99,9 @@ def train_step(m: Matcher, values: dict, opt: torch.optim.Optimizer, timer: Call
 
 
 def _sync(values) -> None:
-    if torch.cuda.is_available() and any(isinstance(v, torch.Tensor) and v.is_cuda for v in values.values()):
+    if torch.cuda.is_available() and any(
+        isinstance(v, torch.Tensor) and v.is_cuda for v in values.values()
+    ):
         torch.cuda.synchronize()
 
 

@@ -39,8 +39,12 @@ OLD = "bf97c0b"
 
 def old_trainer_class():
     """``Trainer`` of imtm/engine/training.py at commit OLD, as a module of its own."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{OLD}:imtm/engine/training.py"], check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{OLD}:imtm/engine/training.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     module = types.ModuleType("imtm_training_" + OLD)
     module.__file__ = f"<{OLD}:imtm/engine/training.py>"
     sys.modules[module.__name__] = module
@@ -49,9 +53,18 @@ def old_trainer_class():
 
 
 def make(train, args, run_dir=None) -> Matcher:
-    return Matcher(presets.chan(vocab=train.vocab, region_dim=train.region_dim, embed_dim=args.dim, word_dim=64),
-                   epochs=args.epochs, batch_size=args.batch, lr=2e-4, device="cpu", random_state=0, verbose=False,
-                   checkpoint_dir=run_dir)
+    return Matcher(
+        presets.chan(
+            vocab=train.vocab, region_dim=train.region_dim, embed_dim=args.dim, word_dim=64
+        ),
+        epochs=args.epochs,
+        batch_size=args.batch,
+        lr=2e-4,
+        device="cpu",
+        random_state=0,
+        verbose=False,
+        checkpoint_dir=run_dir,
+    )
 
 
 def time_new(train, args) -> tuple[float, dict]:
@@ -78,7 +91,9 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=400)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--run-folder", action="store_true", help="both loops write checkpoints (and the CSV log)")
+    p.add_argument(
+        "--run-folder", action="store_true", help="both loops write checkpoints (and the CSV log)"
+    )
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if args.quick:
@@ -91,22 +106,38 @@ def main() -> None:
     time_old(train, args, Trainer)
     new, old = [], []
     for r in range(args.rounds):
-        order = [("new", time_new), ("old", time_old)] if r % 2 == 0 else [("old", time_old), ("new", time_new)]
+        order = (
+            [("new", time_new), ("old", time_old)]
+            if r % 2 == 0
+            else [("old", time_old), ("new", time_new)]
+        )
         weights = {}
         for name, fn in order:
             seconds, state = fn(train, args) if name == "new" else fn(train, args, Trainer)
             (new if name == "new" else old).append(seconds / steps)
             weights[name] = state
-        assert all(torch.equal(weights["new"][k], weights["old"][k]) for k in weights["new"]), "loops differ"
+        assert all(torch.equal(weights["new"][k], weights["old"][k]) for k in weights["new"]), (
+            "loops differ"
+        )
     n, o = statistics.median(new), statistics.median(old)
-    print(f"CHAN preset, synthetic regions: {len(train)} captions, batch {args.batch}, dim {args.dim}, "
-          f"{steps} steps per fit, {args.rounds} rounds, run folder: {args.run_folder}")
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} thread(s)")
-    print(f"old loop ({OLD}): median {o * 1e3:.2f} ms/step  (rounds: {', '.join(f'{x * 1e3:.2f}' for x in old)})")
-    print(f"callback loop:    median {n * 1e3:.2f} ms/step  (rounds: {', '.join(f'{x * 1e3:.2f}' for x in new)})")
-    print(f"overhead of the callback loop: {100 * (n / o - 1):+.2f}% of the median, "
-          f"{100 * (min(new) / min(old) - 1):+.2f}% of the fastest round (same weights: yes)")
+    print(
+        f"CHAN preset, synthetic regions: {len(train)} captions, batch {args.batch}, dim {args.dim}, "
+        f"{steps} steps per fit, {args.rounds} rounds, run folder: {args.run_folder}"
+    )
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
+    print(
+        f"old loop ({OLD}): median {o * 1e3:.2f} ms/step  (rounds: {', '.join(f'{x * 1e3:.2f}' for x in old)})"
+    )
+    print(
+        f"callback loop:    median {n * 1e3:.2f} ms/step  (rounds: {', '.join(f'{x * 1e3:.2f}' for x in new)})"
+    )
+    print(
+        f"overhead of the callback loop: {100 * (n / o - 1):+.2f}% of the median, "
+        f"{100 * (min(new) / min(old) - 1):+.2f}% of the fastest round (same weights: yes)"
+    )
 
 
 if __name__ == "__main__":

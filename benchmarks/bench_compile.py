@@ -48,13 +48,19 @@ def bench_preset(name: str, args) -> dict:
     fit_eager = time.perf_counter() - t0
     torch._dynamo.reset()
     t0 = time.perf_counter()
-    compiled = make_matcher(name, train, embed_dim=args.dim, batch_size=args.batch_size, compile=True)
+    compiled = make_matcher(
+        name, train, embed_dim=args.dim, batch_size=args.batch_size, compile=True
+    )
     fit_compiled = time.perf_counter() - t0
     graphs_after_warmup = frames_compiled()
     # New batches (other captions than the warm-up's), the same for both.
-    batches = [make_batch(train, args.batch_size * (k + 1) + 7, args.batch_size) for k in range(args.steps)]
-    opts = {key: torch.optim.AdamW([p for p in m.components_.parameters() if p.requires_grad], lr=1e-5)
-            for key, m in (("eager", eager), ("compiled", compiled))}
+    batches = [
+        make_batch(train, args.batch_size * (k + 1) + 7, args.batch_size) for k in range(args.steps)
+    ]
+    opts = {
+        key: torch.optim.AdamW([p for p in m.components_.parameters() if p.requires_grad], lr=1e-5)
+        for key, m in (("eager", eager), ("compiled", compiled))
+    }
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     for _ in range(args.repeats):
         for values in batches:
@@ -63,9 +69,16 @@ def bench_preset(name: str, args) -> dict:
                 train_step(m, values, opts[key])
                 times[key].append(time.perf_counter() - t0)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    failed = [n for n, b in compiled.components_.items() if getattr(b, "_imtm_compile_failed", False)]
-    return {"fit_eager": fit_eager, "fit_compiled": fit_compiled, **med,
-            "new_graphs": frames_compiled() - graphs_after_warmup, "failed": failed}
+    failed = [
+        n for n, b in compiled.components_.items() if getattr(b, "_imtm_compile_failed", False)
+    ]
+    return {
+        "fit_eager": fit_eager,
+        "fit_compiled": fit_compiled,
+        **med,
+        "new_graphs": frames_compiled() - graphs_after_warmup,
+        "failed": failed,
+    }
 
 
 def fullgraph_losses(name: str, args) -> list[str]:
@@ -82,8 +95,10 @@ def fullgraph_losses(name: str, args) -> list[str]:
                 torch.testing.assert_close(got, block(*inputs))
                 lines.append(f"{plan.names[k]} ({type(block).__name__}): fullgraph OK")
             except Exception as err:  # noqa: BLE001 - reported, the run goes on
-                lines.append(f"{plan.names[k]} ({type(block).__name__}): FAILS ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0][:160]})")
+                lines.append(
+                    f"{plan.names[k]} ({type(block).__name__}): FAILS ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:160]})"
+                )
             continue
         out = block(*inputs)
         provides = tuple(block.provides)
@@ -94,7 +109,9 @@ def fullgraph_losses(name: str, args) -> list[str]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=list(PRESET_NAMES), choices=PRESET_NAMES)
-    ap.add_argument("--n-train", type=int, default=32, help="synthetic training images (5 captions each)")
+    ap.add_argument(
+        "--n-train", type=int, default=32, help="synthetic training images (5 captions each)"
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--dim", type=int, default=64, help="embed_dim (and word_dim) of the presets")
     ap.add_argument("--steps", type=int, default=4, help="timed batches")
@@ -106,15 +123,22 @@ def main(argv=None) -> None:
         args.n_train, args.batch_size, args.dim, args.steps, args.repeats = 16, 16, 32, 2, 1
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.manual_seed(args.seed)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={torch.get_num_threads()}, "
-          f"seed={args.seed}, batch={args.batch_size}, dim={args.dim}, {args.steps} batches x {args.repeats}")
-    print(f"{'preset':8} {'fit eager':>10} {'fit compiled':>13} {'step eager':>11} {'step compiled':>14} "
-          f"{'compiled/eager':>15} {'new graphs':>11}  failed to compile")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={torch.get_num_threads()}, "
+        f"seed={args.seed}, batch={args.batch_size}, dim={args.dim}, {args.steps} batches x {args.repeats}"
+    )
+    print(
+        f"{'preset':8} {'fit eager':>10} {'fit compiled':>13} {'step eager':>11} {'step compiled':>14} "
+        f"{'compiled/eager':>15} {'new graphs':>11}  failed to compile"
+    )
     for name in args.presets:
         r = bench_preset(name, args)
-        print(f"{name:8} {r['fit_eager']:9.2f}s {r['fit_compiled']:12.2f}s {r['eager'] * 1e3:9.1f}ms "
-              f"{r['compiled'] * 1e3:12.1f}ms {r['compiled'] / r['eager']:15.2f} {r['new_graphs']:11d}  "
-              f"{', '.join(r['failed']) or '-'}", flush=True)
+        print(
+            f"{name:8} {r['fit_eager']:9.2f}s {r['fit_compiled']:12.2f}s {r['eager'] * 1e3:9.1f}ms "
+            f"{r['compiled'] * 1e3:12.1f}ms {r['compiled'] / r['eager']:15.2f} {r['new_graphs']:11d}  "
+            f"{', '.join(r['failed']) or '-'}",
+            flush=True,
+        )
     print("losses under torch.compile(fullgraph=True, backend='eager'):")
     for name in args.presets:
         for line in fullgraph_losses(name, args):

@@ -48,18 +48,28 @@ def reset_hwm() -> None:
         pass
 
 
-def loop_scores(block: InterModalPhraseAttention, images: Tokens, texts: Tokens, hoist: bool) -> torch.Tensor:
+def loop_scores(
+    block: InterModalPhraseAttention, images: Tokens, texts: Tokens, hoist: bool
+) -> torch.Tensor:
     """One caption at a time, as research code scores DCPA: the decoder layer over all images."""
     sa, n1, ca, n2 = block.self_attn, block.norm1, block.cross_attn, block.norm2
     i2t = block.direction == "i2t"
     v, vpad = images.feats, ~images.mask
     Bi = v.shape[0]
     out = torch.empty(Bi, texts.batch_size)
-    x_images = n1(v + sa(v, v, v, key_padding_mask=vpad, need_weights=False)[0]) if (hoist and i2t) else None
+    x_images = (
+        n1(v + sa(v, v, v, key_padding_mask=vpad, need_weights=False)[0])
+        if (hoist and i2t)
+        else None
+    )
     for t in range(texts.batch_size):
         w = texts.feats[t : t + 1, : int(texts.mask[t].sum())]  # the caption's real words (1, m, D)
         if i2t:
-            x = x_images if hoist else n1(v + sa(v, v, v, key_padding_mask=vpad, need_weights=False)[0])
+            x = (
+                x_images
+                if hoist
+                else n1(v + sa(v, v, v, key_padding_mask=vpad, need_weights=False)[0])
+            )
             wr = w.expand(Bi, -1, -1)
             y = n2(x + ca(x, wr, wr, need_weights=False)[0])  # (Bi, N, D)
             best = (F.normalize(y, dim=-1) @ F.normalize(w[0], dim=-1).t()).amax(-1)  # (Bi, N)
@@ -99,7 +109,9 @@ def main():
     p.add_argument("--regions", type=int, default=36)
     p.add_argument("--images", type=int, default=40, help="images in the timed subset")
     p.add_argument("--captions", type=int, default=400, help="captions in the blocked timing")
-    p.add_argument("--loop-captions", type=int, default=8, help="captions in the loop timing (a prefix)")
+    p.add_argument(
+        "--loop-captions", type=int, default=8, help="captions in the loop timing (a prefix)"
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
     args = p.parse_args()
     if args.quick:
@@ -109,9 +121,11 @@ def main():
     images = Tokens(torch.randn(args.images, args.regions, args.dim, generator=g))
     lengths = torch.randint(8, 21, (args.captions,), generator=g)
     texts = Tokens.from_lengths(torch.randn(args.captions, 20, args.dim, generator=g), lengths)
-    print(f"threads {torch.get_num_threads()}; D = {args.dim}, {args.heads} heads, N = {args.regions} regions, "
-          f"captions of 8-20 words; timed subset {args.images} images x {args.captions} captions "
-          f"(loop: x {args.loop_captions}); full problem 1,000 x 5,000")
+    print(
+        f"threads {torch.get_num_threads()}; D = {args.dim}, {args.heads} heads, N = {args.regions} regions, "
+        f"captions of 8-20 words; timed subset {args.images} images x {args.captions} captions "
+        f"(loop: x {args.loop_captions}); full problem 1,000 x 5,000"
+    )
     for direction in ("i2t", "t2i"):
         block = InterModalPhraseAttention(direction, dim=args.dim, heads=args.heads).eval()
         sub = texts[: args.loop_captions]
@@ -124,7 +138,9 @@ def main():
             t0 = time.perf_counter()
             naive = loop_scores(block, images, sub, hoist=False)
             t_loop = time.perf_counter() - t0
-            if direction == "i2t":  # for t2i the self-attention is over the caption's words: nothing to hoist
+            if (
+                direction == "i2t"
+            ):  # for t2i the self-attention is over the caption's words: nothing to hoist
                 t0 = time.perf_counter()
                 hoisted = loop_scores(block, images, sub, hoist=True)
                 t_hoist = time.perf_counter() - t0
@@ -133,16 +149,24 @@ def main():
         n_blocked, n_loop = args.images * args.captions, args.images * args.loop_captions
         pps, pps_loop = n_blocked / t_blocked, n_loop / t_loop
         roof = useful_flops(block, images, texts) / rate
-        print(f"[{direction}] blocked           {pps:10.0f} pairs/s  ({t_blocked:.2f}s for {n_blocked} pairs; "
-              f"1,000 x 5,000 would take {5e6 / pps / 60:.0f} min)")
-        print(f"[{direction}] per-caption loop  {pps_loop:10.0f} pairs/s  ({t_loop:.2f}s for {n_loop} pairs)  "
-              f"blocked / loop = {pps / pps_loop:.1f}x   (same scores: checked)")
+        print(
+            f"[{direction}] blocked           {pps:10.0f} pairs/s  ({t_blocked:.2f}s for {n_blocked} pairs; "
+            f"1,000 x 5,000 would take {5e6 / pps / 60:.0f} min)"
+        )
+        print(
+            f"[{direction}] per-caption loop  {pps_loop:10.0f} pairs/s  ({t_loop:.2f}s for {n_loop} pairs)  "
+            f"blocked / loop = {pps / pps_loop:.1f}x   (same scores: checked)"
+        )
         if direction == "i2t":
             pps_hoist = n_loop / t_hoist
-            print(f"[{direction}] loop, self-attention hoisted {pps_hoist:10.0f} pairs/s  blocked / hoisted = "
-                  f"{pps / pps_hoist:.1f}x")
-        print(f"[{direction}] roofline: torch.mm at {rate / 1e9:.1f} GFLOP/s would do the blocked path's products in "
-              f"{roof:.2f}s; blocked reaches {roof / t_blocked:.2f} of it")
+            print(
+                f"[{direction}] loop, self-attention hoisted {pps_hoist:10.0f} pairs/s  blocked / hoisted = "
+                f"{pps / pps_hoist:.1f}x"
+            )
+        print(
+            f"[{direction}] roofline: torch.mm at {rate / 1e9:.1f} GFLOP/s would do the blocked path's products in "
+            f"{roof:.2f}s; blocked reaches {roof / t_blocked:.2f} of it"
+        )
     # Peak memory of one blocked call (image-to-text) against an unblocked implementation of it.
     block = InterModalPhraseAttention("i2t", dim=args.dim, heads=args.heads).eval()
     with torch.no_grad():
@@ -155,11 +179,15 @@ def main():
     dense = pairs * args.regions * max(args.dim, args.heads * 20) * 4 / 2**20
     budget = 1 << 24
     inputs = (images.feats.numel() + texts.feats.numel()) * 4 / 2**20
-    print(f"[memory] peak resident growth during one blocked call ({args.images} x {args.captions}): "
-          f"{growth:.0f} MiB; block budget 2**24 numbers = {budget * 4 / 2**20:.0f} MiB per intermediate; "
-          f"inputs {inputs:.0f} MiB")
-    print(f"[memory] an unblocked call holds (pairs, N, max(D, H*M)) float32 intermediates: {dense:.0f} MiB each "
-          f"here, {5e6 * args.regions * max(args.dim, args.heads * 20) * 4 / 2**30:.0f} GiB each for 1,000 x 5,000")
+    print(
+        f"[memory] peak resident growth during one blocked call ({args.images} x {args.captions}): "
+        f"{growth:.0f} MiB; block budget 2**24 numbers = {budget * 4 / 2**20:.0f} MiB per intermediate; "
+        f"inputs {inputs:.0f} MiB"
+    )
+    print(
+        f"[memory] an unblocked call holds (pairs, N, max(D, H*M)) float32 intermediates: {dense:.0f} MiB each "
+        f"here, {5e6 * args.regions * max(args.dim, args.heads * 20) * 4 / 2**30:.0f} GiB each for 1,000 x 5,000"
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,26 @@ from imtm.functional import dimension_alignment_loss, spatial_constraint_loss
 from imtm.functional.dias import VARIANCE_EPS
 from imtm.presets import dias
 
-WORDS = ["a", "an", "the", "red", "blue", "green", "small", "big", "circle", "square", "disk", "left", "right", "of", "above", "below", "two", "three"]
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "red",
+    "blue",
+    "green",
+    "small",
+    "big",
+    "circle",
+    "square",
+    "disk",
+    "left",
+    "right",
+    "of",
+    "above",
+    "below",
+    "two",
+    "three",
+]
 
 
 def timed(fn, repeats):
@@ -52,10 +71,14 @@ def timed(fn, repeats):
 
 # ---------------------------------------------------------------------------- (a) training step
 def make_batch(b, n_regions, region_dim, g):
-    captions = [" ".join(WORDS[int(k)] for k in torch.randint(0, len(WORDS), (int(m),), generator=g))
-                for m in torch.randint(8, 16, (b,), generator=g)]
-    items = [{"images": torch.randn(n_regions, region_dim, generator=g), "texts": c, "image_ids": i}
-             for i, c in enumerate(captions)]
+    captions = [
+        " ".join(WORDS[int(k)] for k in torch.randint(0, len(WORDS), (int(m),), generator=g))
+        for m in torch.randint(8, 16, (b,), generator=g)
+    ]
+    items = [
+        {"images": torch.randn(n_regions, region_dim, generator=g), "texts": c, "image_ids": i}
+        for i, c in enumerate(captions)
+    ]
     batch = collate(items)
     batch["positives"] = batch["image_ids"][:, None] == batch["image_ids"][None, :]
     return batch, Vocabulary.build(captions)
@@ -68,8 +91,10 @@ def step_fn(plan, batch, with_dias):
     def step():
         values = dict(batch)
         run_blocks(plan, blocks, values)
-        total = sum(plan.blocks[k].weight * plan.blocks[k](*[values[n] for n in plan.blocks[k].requires])
-                    for k in losses)
+        total = sum(
+            plan.blocks[k].weight * plan.blocks[k](*[values[n] for n in plan.blocks[k].requires])
+            for k in losses
+        )
         for p in plan.blocks[0].parameters():
             p.grad = None
         total.backward()
@@ -91,9 +116,13 @@ def section_a(args):
         t_base += timed(base, 1)
         t_full += timed(full, 1)
     mb, mf = statistics.median(t_base), statistics.median(t_full)
-    print(f"(a) training step, B = {args.batch} captions, N = 36 regions, D = {args.dim}, median of {args.repeats}:")
-    print(f"    without DIAS losses {mb * 1e3:8.1f} ms | with them {mf * 1e3:8.1f} ms | "
-          f"extra {(mf - mb) * 1e3:6.1f} ms = {(mf - mb) / mb:.3f} of the step")
+    print(
+        f"(a) training step, B = {args.batch} captions, N = 36 regions, D = {args.dim}, median of {args.repeats}:"
+    )
+    print(
+        f"    without DIAS losses {mb * 1e3:8.1f} ms | with them {mf * 1e3:8.1f} ms | "
+        f"extra {(mf - mb) * 1e3:6.1f} ms = {(mf - mb) / mb:.3f} of the step"
+    )
 
 
 # ---------------------------------------------------------------------------- (b) the losses alone
@@ -139,16 +168,38 @@ def fwd_bwd(fn, v, t):
 
 def section_b(args):
     g = torch.Generator().manual_seed(1)
-    v, t = torch.randn(args.batch, args.dim, generator=g), torch.randn(args.batch, args.dim, generator=g)
-    print(f"(b) each loss alone, forward + backward on ({args.batch}, {args.dim}) embeddings, median of {args.repeats}:")
+    v, t = (
+        torch.randn(args.batch, args.dim, generator=g),
+        torch.randn(args.batch, args.dim, generator=g),
+    )
+    print(
+        f"(b) each loss alone, forward + backward on ({args.batch}, {args.dim}) embeddings, median of {args.repeats}:"
+    )
     cases = [
-        ("dimension alignment (Eq. 4-6)", lambda a, c: dimension_alignment_loss(a, c), loop_dimension_loss,
-         args.loop_dim),
-        ("inter-modality, sparse (Eq. 7-8, 11-16)", lambda a, c: spatial_constraint_loss(a, c, kind="inter"), None, 0),
-        ("inter-modality, dense (Eq. 7-8)", lambda a, c: spatial_constraint_loss(a, c, kind="inter", sparse=False),
-         lambda a, c: loop_spatial_loss(a, c, "inter"), args.loop_batch),
-        ("intra-modality, dense (Eq. 9-10)", lambda a, c: spatial_constraint_loss(a, c, kind="intra", sparse=False),
-         lambda a, c: loop_spatial_loss(a, c, "intra"), args.loop_batch),
+        (
+            "dimension alignment (Eq. 4-6)",
+            lambda a, c: dimension_alignment_loss(a, c),
+            loop_dimension_loss,
+            args.loop_dim,
+        ),
+        (
+            "inter-modality, sparse (Eq. 7-8, 11-16)",
+            lambda a, c: spatial_constraint_loss(a, c, kind="inter"),
+            None,
+            0,
+        ),
+        (
+            "inter-modality, dense (Eq. 7-8)",
+            lambda a, c: spatial_constraint_loss(a, c, kind="inter", sparse=False),
+            lambda a, c: loop_spatial_loss(a, c, "inter"),
+            args.loop_batch,
+        ),
+        (
+            "intra-modality, dense (Eq. 9-10)",
+            lambda a, c: spatial_constraint_loss(a, c, kind="intra", sparse=False),
+            lambda a, c: loop_spatial_loss(a, c, "intra"),
+            args.loop_batch,
+        ),
     ]
     for label, ours, loop, loop_size in cases:
         t_ours = statistics.median(timed(lambda ours=ours: fwd_bwd(ours, v, t), args.repeats))
@@ -161,16 +212,22 @@ def section_b(args):
                 vs, ts = v[:loop_size], t[:loop_size]
             expect = fwd_bwd(loop, vs.double(), ts.double())
             torch.testing.assert_close(fwd_bwd(ours, vs.double(), ts.double()), expect)
-            t_small = statistics.median(timed(lambda ours=ours, vs=vs, ts=ts: fwd_bwd(ours, vs, ts), args.repeats))
+            t_small = statistics.median(
+                timed(lambda ours=ours, vs=vs, ts=ts: fwd_bwd(ours, vs, ts), args.repeats)
+            )
             t_loop = timed(lambda loop=loop, vs=vs, ts=ts: fwd_bwd(loop, vs, ts), 1)[0]
-            line += f" | on {tuple(vs.shape)}: ours {t_small * 1e3:.2f} ms, plain loop {t_loop * 1e3:.0f} ms " \
-                    f"= {t_loop / t_small:.0f}x slower (same value)"
+            line += (
+                f" | on {tuple(vs.shape)}: ours {t_small * 1e3:.2f} ms, plain loop {t_loop * 1e3:.0f} ms "
+                f"= {t_loop / t_small:.0f}x slower (same value)"
+            )
         if "dimension" in label:
             vt = v.t().contiguous()
             t_mm = statistics.median(timed(lambda vt=vt: torch.mm(vt, t), args.repeats))
             t_fwd = statistics.median(timed(lambda: dimension_alignment_loss(v, t), args.repeats))
-            line += f"\n    {'':42s} forward {t_fwd * 1e3:.2f} ms vs roofline torch.mm (D, B) x (B, D) " \
-                    f"{t_mm * 1e3:.2f} ms: {t_mm / t_fwd:.2f} of the roofline"
+            line += (
+                f"\n    {'':42s} forward {t_fwd * 1e3:.2f} ms vs roofline torch.mm (D, B) x (B, D) "
+                f"{t_mm * 1e3:.2f} ms: {t_mm / t_fwd:.2f} of the roofline"
+            )
         print(line)
 
 
@@ -190,18 +247,23 @@ def section_c(args):
     t0 = time.perf_counter()
     batches = list(sampler)
     t_batches = time.perf_counter() - t0
-    print(f"(c) KMeansNeighborSampler on {n:,} x {d:,} embeddings ({sampler.n_clusters} clusters, MiniBatchKMeans, "
-          f"batch {sampler.kmeans_batch_size}): {t_km:.1f} s to cluster ({c_km:.1f} CPU-s), {t_batches:.2f} s for one epoch of "
-          f"{len(batches)} batches; {len(set(labels.tolist()))} non-empty clusters")
+    print(
+        f"(c) KMeansNeighborSampler on {n:,} x {d:,} embeddings ({sampler.n_clusters} clusters, MiniBatchKMeans, "
+        f"batch {sampler.kmeans_batch_size}): {t_km:.1f} s to cluster ({c_km:.1f} CPU-s), {t_batches:.2f} s for one epoch of "
+        f"{len(batches)} batches; {len(set(labels.tolist()))} non-empty clusters"
+    )
     if args.full_kmeans:
         from sklearn.cluster import KMeans
 
         t0, c0 = time.perf_counter(), time.process_time()
         KMeans(n_clusters=sampler.n_clusters, n_init=1, max_iter=20, random_state=0).fit(
-            x / np.linalg.norm(x, axis=1, keepdims=True))
+            x / np.linalg.norm(x, axis=1, keepdims=True)
+        )
         t_full, c_full = time.perf_counter() - t0, time.process_time() - c0
-        print(f"    full KMeans (one init, 20 iterations): {t_full:.1f} s ({c_full:.1f} CPU-s) = "
-              f"{c_full / c_km:.1f}x the mini-batch clustering's CPU time")
+        print(
+            f"    full KMeans (one init, 20 iterations): {t_full:.1f} s ({c_full:.1f} CPU-s) = "
+            f"{c_full / c_km:.1f}x the mini-batch clustering's CPU time"
+        )
 
 
 def main():
@@ -215,8 +277,10 @@ def main():
     args.repeats = 5 if big else 2
     args.loop_dim, args.loop_batch = (64, 32) if big else (8, 8)
     args.n_images, args.kmeans_dim = (30_000, 1024) if big else (2_000, 64)
-    print(f"imtm DIAS benchmark | torch {torch.__version__} | {platform.processor() or platform.machine()} | "
-          f"{torch.get_num_threads()} thread(s)")
+    print(
+        f"imtm DIAS benchmark | torch {torch.__version__} | {platform.processor() or platform.machine()} | "
+        f"{torch.get_num_threads()} thread(s)"
+    )
     with torch.random.fork_rng():
         if "a" in args.sections:
             section_a(args)

@@ -74,17 +74,25 @@ def section_a(args):
     g = torch.Generator().manual_seed(0)
     b, n, m, d = args.problems, args.patches, args.words, 256
     cost = cosine_cost(torch.randn(b, n, d, generator=g), torch.randn(b, m, d, generator=g))
-    print(f"(a) transport: {b} problems of {n} patches x {m} words, float32 costs (float64 inside POT)")
+    print(
+        f"(a) transport: {b} problems of {n} patches x {m} words, float32 costs (float64 inside POT)"
+    )
     t_emd, plan_emd = best_time(lambda: per_problem(lambda a, bb, c: ot.emd(a, bb, c), cost), 1)
     exact = transport_cost(plan_emd, cost.double())
     t_ipot, plan_ipot = best_time(lambda: transport_plan(cost))
     g_ipot = gap(plan_ipot, cost, exact)
     print(f"  ot.emd, one problem at a time         {t_emd * 1e3:9.1f} ms  (reference cost)")
-    print(f"  transport_plan (IPOT, 50 it, batched) {t_ipot * 1e3:9.1f} ms  gap to emd: mean {g_ipot[0]:.4%}, "
-          f"max {g_ipot[1]:.4%}; {t_emd / t_ipot:.2f}x faster than ot.emd")
+    print(
+        f"  transport_plan (IPOT, 50 it, batched) {t_ipot * 1e3:9.1f} ms  gap to emd: mean {g_ipot[0]:.4%}, "
+        f"max {g_ipot[1]:.4%}; {t_emd / t_ipot:.2f}x faster than ot.emd"
+    )
     a, bb, ms, mt, _, _ = _marginals(cost, None, None)
-    t_nf, _ = best_time(lambda: _ipot(cost, a, bb, ms, mt, beta=0.5, n_iter=50, inner_iter=1, flush=False), 2)
-    print(f"  IPOT without flushing tiny entries    {t_nf * 1e3:9.1f} ms  ({t_nf / t_ipot:.2f}x the flushed time)")
+    t_nf, _ = best_time(
+        lambda: _ipot(cost, a, bb, ms, mt, beta=0.5, n_iter=50, inner_iter=1, flush=False), 2
+    )
+    print(
+        f"  IPOT without flushing tiny entries    {t_nf * 1e3:9.1f} ms  ({t_nf / t_ipot:.2f}x the flushed time)"
+    )
     # Costs of random states cluster near 1, so no entry gets denormal in 50 iterations; costs spread
     # over [0, 2] (far and near words, as in a trained model) do. Flushed and not, side by side.
     wide = torch.rand(b, n, m, generator=g) * 2
@@ -93,9 +101,13 @@ def section_a(args):
     tiny = torch.finfo(torch.float32).tiny
     n_den = int(((kept > 0) & (kept < tiny)).sum())
     t_wf, _ = best_time(lambda: _ipot(wide, aw, bw, msw, mtw, beta=0.5, n_iter=50, inner_iter=1))
-    t_wn, _ = best_time(lambda: _ipot(wide, aw, bw, msw, mtw, beta=0.5, n_iter=50, inner_iter=1, flush=False))
-    print(f"  costs uniform in [0, 2]: {n_den} denormal entries without flushing; flushed {t_wf * 1e3:.1f} ms, "
-          f"not flushed {t_wn * 1e3:.1f} ms ({t_wn / t_wf:.2f}x)")
+    t_wn, _ = best_time(
+        lambda: _ipot(wide, aw, bw, msw, mtw, beta=0.5, n_iter=50, inner_iter=1, flush=False)
+    )
+    print(
+        f"  costs uniform in [0, 2]: {n_den} denormal entries without flushing; flushed {t_wf * 1e3:.1f} ms, "
+        f"not flushed {t_wn * 1e3:.1f} ms ({t_wn / t_wf:.2f}x)"
+    )
     for it in (10, 20, 50, 100, 200):
         gm, gx = gap(transport_plan(cost, n_iter=it), cost, exact)
         print(f"    IPOT {it:3d} iterations: gap mean {gm:.4%}, max {gx:.4%}")
@@ -103,14 +115,26 @@ def section_a(args):
     # come within 10% (relative) of IPOT's mean gap there, or closer.
     n_sub = min(8, b)
     target = gap(plan_ipot[:n_sub], cost[:n_sub], exact[:n_sub])[0]
-    print(f"    IPOT's gap on the first {n_sub} problems: mean {target:.4%} (Sinkhorn must reach {1.1 * target:.4%})")
+    print(
+        f"    IPOT's gap on the first {n_sub} problems: mean {target:.4%} (Sinkhorn must reach {1.1 * target:.4%})"
+    )
     chosen = None
     for reg in (0.05, 0.02, 0.01, 0.005, 0.002):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sub = cost[:n_sub]
-            p = per_problem(lambda a_, b_, c, reg=reg: ot.sinkhorn(a_, b_, c, reg, method="sinkhorn_log",
-                                                          numItermax=args.sinkhorn_iter, stopThr=1e-9), sub)
+            p = per_problem(
+                lambda a_, b_, c, reg=reg: ot.sinkhorn(
+                    a_,
+                    b_,
+                    c,
+                    reg,
+                    method="sinkhorn_log",
+                    numItermax=args.sinkhorn_iter,
+                    stopThr=1e-9,
+                ),
+                sub,
+            )
         gm, _ = gap(p, sub, exact[: sub.shape[0]])
         print(f"    ot.sinkhorn reg={reg}: gap mean {gm:.4%} (on {sub.shape[0]} problems)")
         if gm <= 1.1 * target:
@@ -121,36 +145,68 @@ def section_a(args):
         print(f"    (no swept regularisation reached IPOT's gap; timing the smallest, {chosen})")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t_sk, p_sk = best_time(lambda: per_problem(
-            lambda a_, b_, c: ot.sinkhorn(a_, b_, c, chosen, method="sinkhorn_log",
-                                          numItermax=args.sinkhorn_iter, stopThr=1e-9), cost), 1)
+        t_sk, p_sk = best_time(
+            lambda: per_problem(
+                lambda a_, b_, c: ot.sinkhorn(
+                    a_,
+                    b_,
+                    c,
+                    chosen,
+                    method="sinkhorn_log",
+                    numItermax=args.sinkhorn_iter,
+                    stopThr=1e-9,
+                ),
+                cost,
+            ),
+            1,
+        )
     gs = gap(p_sk, cost, exact)
-    print(f"  ot.sinkhorn (log) reg={chosen}, one by one {t_sk * 1e3:9.1f} ms  gap mean {gs[0]:.4%}; "
-          f"IPOT is {t_sk / t_ipot:.1f}x faster")
-    t_tsk, p_tsk = best_time(lambda: transport_plan(cost, method="sinkhorn", reg=chosen, n_iter=args.sinkhorn_iter), 1)
+    print(
+        f"  ot.sinkhorn (log) reg={chosen}, one by one {t_sk * 1e3:9.1f} ms  gap mean {gs[0]:.4%}; "
+        f"IPOT is {t_sk / t_ipot:.1f}x faster"
+    )
+    t_tsk, p_tsk = best_time(
+        lambda: transport_plan(cost, method="sinkhorn", reg=chosen, n_iter=args.sinkhorn_iter), 1
+    )
     gt = gap(p_tsk, cost, exact)
-    print(f"  torch log-Sinkhorn reg={chosen}, {args.sinkhorn_iter} it   {t_tsk * 1e3:9.1f} ms  gap mean {gt[0]:.4%}; "
-          f"IPOT is {t_tsk / t_ipot:.1f}x faster")
+    print(
+        f"  torch log-Sinkhorn reg={chosen}, {args.sinkhorn_iter} it   {t_tsk * 1e3:9.1f} ms  gap mean {gt[0]:.4%}; "
+        f"IPOT is {t_tsk / t_ipot:.1f}x faster"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t_sb, res = best_time(lambda: ot.solve_batch(cost.double(), reg=None, max_iter=50), 1)
         pb = res.plan
         gb = gap(pb, cost, exact)
-        print(f"  ot.solve_batch(reg=None), 50 it       {t_sb * 1e3:9.1f} ms  gap mean {gb[0]:.4%}, "
-              f"marginal error {marginal_error(pb, n, m):.2e}  (POT {ot.__version__})")
-        t_sl, res = best_time(lambda: ot.solve_batch(cost.double(), reg=chosen, method="log_sinkhorn",
-                                                     max_iter=args.sinkhorn_iter, tol=1e-9), 1)
+        print(
+            f"  ot.solve_batch(reg=None), 50 it       {t_sb * 1e3:9.1f} ms  gap mean {gb[0]:.4%}, "
+            f"marginal error {marginal_error(pb, n, m):.2e}  (POT {ot.__version__})"
+        )
+        t_sl, res = best_time(
+            lambda: ot.solve_batch(
+                cost.double(),
+                reg=chosen,
+                method="log_sinkhorn",
+                max_iter=args.sinkhorn_iter,
+                tol=1e-9,
+            ),
+            1,
+        )
         gl = gap(res.plan, cost, exact)
-        print(f"  ot.solve_batch(log_sinkhorn, {chosen})  {t_sl * 1e3:9.1f} ms  gap mean {gl[0]:.4%}; "
-              f"IPOT is {t_sl / t_ipot:.1f}x faster")
+        print(
+            f"  ot.solve_batch(log_sinkhorn, {chosen})  {t_sl * 1e3:9.1f} ms  gap mean {gl[0]:.4%}; "
+            f"IPOT is {t_sl / t_ipot:.1f}x faster"
+        )
         # Padding as zero-mass marginals: what a batched solver must survive.
         a_pad = torch.full((b, n), 1.0 / (n - 10), dtype=torch.float64)
         a_pad[:, -10:] = 0
         rp = ot.solve_batch(cost.double(), reg=None, a=a_pad, max_iter=50)
         n_nan = int(torch.isnan(rp.plan).flatten(1).any(1).sum())
     ours = transport_plan(cost, torch.arange(n).expand(b, n) < n - 10)
-    print(f"  padded problems (10 zero-mass patches): ot.solve_batch NaN plans {n_nan}/{b}; "
-          f"transport_plan NaN plans {int(torch.isnan(ours).flatten(1).any(1).sum())}/{b}")
+    print(
+        f"  padded problems (10 zero-mass patches): ot.solve_batch NaN plans {n_nan}/{b}; "
+        f"transport_plan NaN plans {int(torch.isnan(ours).flatten(1).any(1).sum())}/{b}"
+    )
     return cost
 
 
@@ -165,7 +221,9 @@ def section_b(cost):
     for _ in range(10):
         transport_plan(c)
     torch.cuda.synchronize()
-    print(f"(b) CUDA ({torch.cuda.get_device_name()}): IPOT 50 it on the same batch {(time.perf_counter() - t0) / 10 * 1e3:.2f} ms")
+    print(
+        f"(b) CUDA ({torch.cuda.get_device_name()}): IPOT 50 it on the same batch {(time.perf_counter() - t0) / 10 * 1e3:.2f} ms"
+    )
 
 
 def peak_rss_mb():
@@ -186,19 +244,29 @@ def section_c(args):
         t_m, out = best_time(lambda: head.logits(feats[masked]))
         t_all, out_all = best_time(lambda: head.logits(feats.reshape(-1, d)), 2)
     mib = lambda t: t.numel() * t.element_size() / 2**20
-    print(f"(c) patch-to-lexicon logits, V = {v}, D = {d}, {bsz} images x {n} patches, {n_masked} masked:")
+    print(
+        f"(c) patch-to-lexicon logits, V = {v}, D = {d}, {bsz} images x {n} patches, {n_masked} masked:"
+    )
     print(f"  masked patches only: {t_m * 1e3:8.1f} ms, logits {mib(out):8.1f} MiB")
-    print(f"  all patches:         {t_all * 1e3:8.1f} ms, logits {mib(out_all):8.1f} MiB "
-          f"({t_all / t_m:.2f}x the time, {mib(out_all) / mib(out):.2f}x the memory)")
+    print(
+        f"  all patches:         {t_all * 1e3:8.1f} ms, logits {mib(out_all):8.1f} MiB "
+        f"({t_all / t_m:.2f}x the time, {mib(out_all) / mib(out):.2f}x the memory)"
+    )
     from imtm import Tokens
     from imtm.components import WordToLexiconHead
 
-    w2l = WordToLexiconHead(dim=d, embed_dim=d, vocab_size=v, embedding=emb, layers=1, heads=4).eval()
-    words = Tokens.from_lengths(torch.randn(bsz, 20, d, generator=g), torch.randint(8, 21, (bsz,), generator=g))
+    w2l = WordToLexiconHead(
+        dim=d, embed_dim=d, vocab_size=v, embedding=emb, layers=1, heads=4
+    ).eval()
+    words = Tokens.from_lengths(
+        torch.randn(bsz, 20, d, generator=g), torch.randint(8, 21, (bsz,), generator=g)
+    )
     with torch.no_grad():
         t_w, out_w = best_time(lambda: w2l(words), 2)
-    print(f"  word-to-lexicon head (1 layer), {bsz} captions x 20 words: {t_w * 1e3:8.1f} ms, "
-          f"logits {mib(out_w):8.1f} MiB (captions are short: (B, M, V) is kept)")
+    print(
+        f"  word-to-lexicon head (1 layer), {bsz} captions x 20 words: {t_w * 1e3:8.1f} ms, "
+        f"logits {mib(out_w):8.1f} MiB (captions are short: (B, M, V) is kept)"
+    )
     print(f"  process peak RSS so far: {peak_rss_mb():.0f} MiB")
 
 
@@ -210,9 +278,11 @@ def main():
     args.problems, args.patches, args.words = (8, 50, 10) if args.quick else (64, 197, 20)
     args.sinkhorn_iter = 500 if args.quick else 5000
     args.lexicon_batch = 4 if args.quick else 32
-    print(f"torch {torch.__version__}, POT {ot.__version__}, {platform.processor() or platform.machine()}, "
-          f"threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}); "
-          "shared machine: timings move with the load, ratios are measured side by side")
+    print(
+        f"torch {torch.__version__}, POT {ot.__version__}, {platform.processor() or platform.machine()}, "
+        f"threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}); "
+        "shared machine: timings move with the load, ratios are measured side by side"
+    )
     cost = None
     if "a" in args.sections:
         cost = section_a(args)

@@ -68,7 +68,9 @@ def rate(n: int, seconds: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8 images (a smoke run)")
-    ap.add_argument("--images", type=int, default=None, help="number of images (default 32; quick: 8)")
+    ap.add_argument(
+        "--images", type=int, default=None, help="number of images (default 32; quick: 8)"
+    )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated timm model names")
@@ -76,15 +78,21 @@ def main() -> None:
     n = args.images or (8 if args.quick else 32)
     bs = min(args.batch_size, n)
     torch.manual_seed(0)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), num_workers={args.num_workers}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), num_workers={args.num_workers}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "imgs").mkdir()
         csv_path = write_images(tmp / "imgs", n)
-        print(f"{n} JPEG images {SIZE[0]}x{SIZE[1]}, batch {bs}, timm evaluation transform to 224x224")
-        header = (f"{'model':<22} {'params':>7} {'load':>8} {'encoder':>8} {'serial':>8} {'extract':>8} {'loop':>8}"
-                  f" {'extract/serial':>15} {'extract/loop':>13}")
+        print(
+            f"{n} JPEG images {SIZE[0]}x{SIZE[1]}, batch {bs}, timm evaluation transform to 224x224"
+        )
+        header = (
+            f"{'model':<22} {'params':>7} {'load':>8} {'encoder':>8} {'serial':>8} {'extract':>8} {'loop':>8}"
+            f" {'extract/serial':>15} {'extract/loop':>13}"
+        )
         print("images/s" + " " * (len(header) - 8))
         print(header)
         for name in args.models.split(","):
@@ -93,7 +101,9 @@ def main() -> None:
             transform = image_transform(enc)
             data = CsvDataset(csv_path, transform=transform)
             loader = torch.utils.data.DataLoader(
-                torch.utils.data.Subset(data.images, range(n)), batch_size=bs, num_workers=args.num_workers,
+                torch.utils.data.Subset(data.images, range(n)),
+                batch_size=bs,
+                num_workers=args.num_workers,
                 collate_fn=collate_images,
             )
 
@@ -110,8 +120,16 @@ def main() -> None:
             del batches
 
             t0 = time.perf_counter()
-            extract_features(enc, data, tmp / f"out-{name}", "test", batch_size=bs, shard_size=max(bs, n // 4),
-                             num_workers=args.num_workers, progress=False)
+            extract_features(
+                enc,
+                data,
+                tmp / f"out-{name}",
+                "test",
+                batch_size=bs,
+                shard_size=max(bs, n // 4),
+                num_workers=args.num_workers,
+                progress=False,
+            )
             extract = rate(n, time.perf_counter() - t0)
 
             loop_dir = tmp / f"loop-{name}"
@@ -125,10 +143,14 @@ def main() -> None:
             loop = rate(n, time.perf_counter() - t0)
 
             serial = 1.0 / (1.0 / load + 1.0 / encode)
-            print(f"{name:<22} {params:>6.1f}M {load:>8.1f} {encode:>8.1f} {serial:>8.1f} {extract:>8.1f} {loop:>8.1f}"
-                  f" {extract / serial:>15.2f} {extract / loop:>13.2f}")
+            print(
+                f"{name:<22} {params:>6.1f}M {load:>8.1f} {encode:>8.1f} {serial:>8.1f} {extract:>8.1f} {loop:>8.1f}"
+                f" {extract / serial:>15.2f} {extract / loop:>13.2f}"
+            )
             out = np.load(tmp / f"out-{name}" / "test_ims.npy", mmap_mode="r")
-            print(f"{'':<22} tokens per image {tuple(out.shape[1:])}, {out.nbytes / n / 1024:.0f} KiB per image on disk")
+            print(
+                f"{'':<22} tokens per image {tuple(out.shape[1:])}, {out.nbytes / n / 1024:.0f} KiB per image on disk"
+            )
 
 
 if __name__ == "__main__":

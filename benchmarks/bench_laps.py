@@ -69,8 +69,13 @@ def make_problem(n_images, n_captions, n_patches, dim, seed=0):
 def make_scorer(dim, n_patches, ratio=0.5, lam=0.4, budget=None):
     torch.manual_seed(0)
     num_out = max(1, int(lam * int(num_kept(torch.tensor([n_patches]), ratio)) + 1e-6))
-    return PatchSlimming(PatchScorer(dim), GumbelSelector(ratio), TokenAggregation(dim, num_out),
-                         SparsePatchWordAlignment(), max_block_elements=budget).eval()
+    return PatchSlimming(
+        PatchScorer(dim),
+        GumbelSelector(ratio),
+        TokenAggregation(dim, num_out),
+        SparsePatchWordAlignment(),
+        max_block_elements=budget,
+    ).eval()
 
 
 def ours(slim, images, texts, text_mask):
@@ -126,7 +131,11 @@ def useful_flops(n_images, n_captions, n_patches, dim, num_out, words):
     """FLOPs of our products: patch-word dots (all tokens), W^T applied to them, and the Gram norms."""
     n_tok = n_patches + 1
     k = num_out + 1
-    per_image = 2 * n_tok * dim * words + 2 * n_patches * k * words + 2 * n_patches * n_patches * k * n_captions
+    per_image = (
+        2 * n_tok * dim * words
+        + 2 * n_patches * k * words
+        + 2 * n_patches * n_patches * k * n_captions
+    )
     return n_images * per_image
 
 
@@ -166,8 +175,15 @@ def peak_memory_child(args):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--loop-captions", type=int, default=64, help="captions the full-scorer loop runs on (then scaled)")
-    p.add_argument("--mem-images", type=int, default=32, help="images of the memory runs (all captions)")
+    p.add_argument(
+        "--loop-captions",
+        type=int,
+        default=64,
+        help="captions the full-scorer loop runs on (then scaled)",
+    )
+    p.add_argument(
+        "--mem-images", type=int, default=32, help="images of the memory runs (all captions)"
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -175,14 +191,18 @@ def main():
         return
     n_images, n_captions, n_patches, dim = (16, 48, 36, 64) if args.quick else (128, 640, 196, 512)
     loop_captions = min(n_captions, 16 if args.quick else args.loop_captions)
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}); "
-          "the machine is shared with other jobs, so absolute times are noisy: compare the ratios")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}); "
+        "the machine is shared with other jobs, so absolute times are noisy: compare the ratios"
+    )
     images, texts, text_mask = make_problem(n_images, n_captions, n_patches, dim)
     slim = make_scorer(dim, n_patches)
     words = int(text_mask.sum())
-    print(f"problem: {n_images} images x {n_captions} captions ({words} words), N = {n_patches} patches + [CLS], "
-          f"D = {dim}, N_s = {int(num_kept(torch.tensor([n_patches]), 0.5))}, N_c = {slim.aggregation.num_out}")
+    print(
+        f"problem: {n_images} images x {n_captions} captions ({words} words), N = {n_patches} patches + [CLS], "
+        f"D = {dim}, N_s = {int(num_kept(torch.tensor([n_patches]), 0.5))}, N_c = {slim.aggregation.num_out}"
+    )
 
     with torch.no_grad():
         # (a) full scorer
@@ -193,30 +213,46 @@ def main():
         torch.testing.assert_close(s_ours[:, :loop_captions], s_loop, rtol=1e-4, atol=1e-4)
         diff = float((s_ours[:, :loop_captions] - s_loop).abs().max())
         t_loop_all = t_loop * n_captions / loop_captions
-        scaled = "" if loop_captions == n_captions else f" (timed on the first {loop_captions} captions, scaled per caption)"
-        print(f"(a) full slimming scorer: ours {t_ours:.2f} s, per-caption loop {t_loop_all:.2f} s{scaled}; "
-              f"ours is {t_loop_all / t_ours:.1f}x faster; outputs agree (max abs diff {diff:.1e})")
-        print(f"(c) roofline: torch.mm over our products' {flops / 1e9:.0f} GFLOP takes {t_roof:.2f} s; "
-              f"ours takes {t_ours / t_roof:.1f}x that ({flops / t_ours / 1e9:.1f} GFLOP/s achieved)")
+        scaled = (
+            ""
+            if loop_captions == n_captions
+            else f" (timed on the first {loop_captions} captions, scaled per caption)"
+        )
+        print(
+            f"(a) full slimming scorer: ours {t_ours:.2f} s, per-caption loop {t_loop_all:.2f} s{scaled}; "
+            f"ours is {t_loop_all / t_ours:.1f}x faster; outputs agree (max abs diff {diff:.1e})"
+        )
+        print(
+            f"(c) roofline: torch.mm over our products' {flops / 1e9:.0f} GFLOP takes {t_roof:.2f} s; "
+            f"ours takes {t_ours / t_roof:.1f}x that ({flops / t_ours / 1e9:.1f} GFLOP/s achieved)"
+        )
         # (b) bare alignment
         t_a, s_a = timed(lambda: sparse_alignment_scores(images, texts, None, text_mask))
         t_al, s_al = timed(lambda: loop_alignment(images, texts, text_mask))
         torch.testing.assert_close(s_a, s_al, rtol=1e-4, atol=1e-4)
-        print(f"(b) bare sparse alignment over {n_patches + 1} tokens: ours {t_a:.2f} s, per-caption loop {t_al:.2f} s; "
-              f"ours is {t_al / t_a:.1f}x faster; outputs agree")
+        print(
+            f"(b) bare sparse alignment over {n_patches + 1} tokens: ours {t_a:.2f} s, per-caption loop {t_al:.2f} s; "
+            f"ours is {t_al / t_a:.1f}x faster; outputs agree"
+        )
 
     # (d) memory against the block budget, one fresh process per budget
     budgets = [1 << 18, 1 << 20, 1 << 22] if args.quick else [1 << 20, 1 << 22, 1 << 24]
     mem_images = min(n_images, args.mem_images)
     pair_bytes = mem_images * n_captions * n_patches * (slim.aggregation.num_out + 1) * 4
-    print(f"(d) memory runs: {mem_images} images x {n_captions} captions; one (pairs x N x (N_c + 1)) float32 "
-          f"tensor over all of them would take {pair_bytes / 2**20:.0f} MiB")
+    print(
+        f"(d) memory runs: {mem_images} images x {n_captions} captions; one (pairs x N x (N_c + 1)) float32 "
+        f"tensor over all of them would take {pair_bytes / 2**20:.0f} MiB"
+    )
     for budget in budgets:
         child = json.dumps([mem_images, n_captions, n_patches, dim, budget])
-        out = subprocess.run([sys.executable, __file__, "--child", child], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", child], capture_output=True, text=True, check=True
+        )
         res = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"(d) max_block_elements = 2**{budget.bit_length() - 1}: peak memory above the inputs "
-              f"{res['extra_mib']:.0f} MiB, {res['seconds']:.2f} s")
+        print(
+            f"(d) max_block_elements = 2**{budget.bit_length() - 1}: peak memory above the inputs "
+            f"{res['extra_mib']:.0f} MiB, {res['seconds']:.2f} s"
+        )
 
 
 if __name__ == "__main__":

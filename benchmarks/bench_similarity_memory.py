@@ -30,8 +30,13 @@ def main():
     p.add_argument("--text-block", type=int, default=1024)
     args = p.parse_args()
     train, _, test = synthetic.load(view="regions", seed=0, n_train=50, n_dev=10, n_test=1000)
-    m = Matcher(presets.build("chan", train, embed_dim=args.embed_dim), epochs=0, verbose=False,
-                image_block=args.image_block, text_block=args.text_block)
+    m = Matcher(
+        presets.build("chan", train, embed_dim=args.embed_dim),
+        epochs=0,
+        verbose=False,
+        image_block=args.image_block,
+        text_block=args.text_block,
+    )
     m.fit(train)  # zero epochs: builds the blocks
     m.similarity(test.images[:8], test.captions[:40])  # warm-up allocations
     n_tok_i = max(x.shape[0] for x in test.images)
@@ -43,19 +48,29 @@ def main():
     # the per-side caches similarity() holds while scoring, measured after the fact
     iv = m.encode_images(test.images)
     tv = m.encode_texts(test.captions)
-    cache_mib = sum(v.feats.numel() * v.feats.element_size() for v in (*iv.values(), *tv.values())) / 2**20
+    cache_mib = (
+        sum(v.feats.numel() * v.feats.element_size() for v in (*iv.values(), *tv.values())) / 2**20
+    )
     n_words = tv["text_tokens"].num_tokens
     n_i, n_t = S.shape
     dense_sim = n_i * n_t * n_tok_i * n_words * 4 / 2**20
     dense_feat = n_i * n_t * n_words * args.embed_dim * 4 / 2**20
-    print(f"similarity {n_i} x {n_t}, N <= {n_tok_i} regions, M <= {n_words} words, D = {args.embed_dim}: {dt:.1f}s")
+    print(
+        f"similarity {n_i} x {n_t}, N <= {n_tok_i} regions, M <= {n_words} words, D = {args.embed_dim}: {dt:.1f}s"
+    )
     print(f"  output matrix                               {S.numel() * 4 / 2**20:10.1f} MiB")
     print(f"  cached token features (both sides)          {cache_mib:10.1f} MiB")
-    print(f"  peak resident memory growth during the call {max(0.0, after - before):10.1f} MiB (caches included)")
-    print(f"  of which pairwise work (growth - caches)     {max(0.0, after - before - cache_mib):10.1f} MiB")
+    print(
+        f"  peak resident memory growth during the call {max(0.0, after - before):10.1f} MiB (caches included)"
+    )
+    print(
+        f"  of which pairwise work (growth - caches)     {max(0.0, after - before - cache_mib):10.1f} MiB"
+    )
     print(f"  dense (n_i, n_t, N, M) float32 similarities {dense_sim:10.1f} MiB")
     print(f"  dense (n_i, n_t, M, D) float32 (soft coding){dense_feat:10.1f} MiB")
-    print(f"  ratio peak growth / dense (n_i, n_t, N, M)   {max(0.0, after - before) / dense_sim:10.4f}")
+    print(
+        f"  ratio peak growth / dense (n_i, n_t, N, M)   {max(0.0, after - before) / dense_sim:10.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -102,17 +102,23 @@ def main(argv=None) -> None:
         args.n_train, args.batch_size, args.dim, args.steps, args.repeats = 16, 16, 32, 2, 1
     warnings.filterwarnings("ignore")
     torch.manual_seed(args.seed)
-    print(f"bench_training: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"threads={torch.get_num_threads()}, seed={args.seed}, batch={args.batch_size}, dim={args.dim}, "
-          f"{args.steps} batches x {args.repeats}")
+    print(
+        f"bench_training: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"threads={torch.get_num_threads()}, seed={args.seed}, batch={args.batch_size}, dim={args.dim}, "
+        f"{args.steps} batches x {args.repeats}"
+    )
     for name in args.presets:
         train = load_data(name, args.n_train, seed=args.seed)
         m = make_matcher(name, train, embed_dim=args.dim, batch_size=args.batch_size, compile=False)
-        batches = [make_batch(train, args.batch_size * k + 3, args.batch_size) for k in range(args.steps)]
+        batches = [
+            make_batch(train, args.batch_size * k + 3, args.batch_size) for k in range(args.steps)
+        ]
         total, parts = step_profile(m, batches, args.repeats)
         share = ", ".join(f"{k} {v / sum(parts.values()):.2f}" for k, v in parts.items())
-        print(f"{name:6} {total * 1e3:8.1f} ms/step  {args.batch_size / total:8.1f} samples/s  share: {share}",
-              flush=True)
+        print(
+            f"{name:6} {total * 1e3:8.1f} ms/step  {args.batch_size / total:8.1f} samples/s  share: {share}",
+            flush=True,
+        )
         if name == "laps":
             slim = m.components_["laps"]
             slim.eval()  # top-N_s selection in both variants
@@ -126,7 +132,9 @@ def main(argv=None) -> None:
                         break
                     out = block(*[vals[r] for r in block.requires])
                     provides = tuple(block.provides)
-                    vals.update({provides[0]: out} if len(provides) == 1 else dict(zip(provides, out)))
+                    vals.update(
+                        {provides[0]: out} if len(provides) == 1 else dict(zip(provides, out))
+                    )
                 args_laps = [vals[r] for r in slim.requires]
                 want = slim(*args_laps)[0]
                 got = authors_laps_forward(slim)(*args_laps)[0]
@@ -135,9 +143,12 @@ def main(argv=None) -> None:
                 authors_t, _ = step_profile(m, batches, args.repeats)
             finally:
                 del slim.forward
-            print(f"       LAPS step, top-N_s selection: ours {ours_t * 1e3:.1f} ms, authors' structure "
-                  f"(per-caption loop) {authors_t * 1e3:.1f} ms: ours {authors_t / ours_t:.2f}x faster (goal >= 2x); "
-                  f"scores max abs diff {float((got - want).abs().max()):.1e}", flush=True)
+            print(
+                f"       LAPS step, top-N_s selection: ours {ours_t * 1e3:.1f} ms, authors' structure "
+                f"(per-caption loop) {authors_t * 1e3:.1f} ms: ours {authors_t / ours_t:.2f}x faster (goal >= 2x); "
+                f"scores max abs diff {float((got - want).abs().max()):.1e}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

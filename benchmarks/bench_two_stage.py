@@ -48,8 +48,21 @@ from imtm.engine.evaluation import blocked_scores, run_blocks
 from imtm.retrieval import TwoStageRetriever
 
 
-def planted_gallery(n_images, n_queries, *, n_regions, n_objects_per_image, n_words, n_named, dim, n_objects,
-                    region_noise, word_noise, n_shared_words, seed):
+def planted_gallery(
+    n_images,
+    n_queries,
+    *,
+    n_regions,
+    n_objects_per_image,
+    n_words,
+    n_named,
+    dim,
+    n_objects,
+    region_noise,
+    word_noise,
+    n_shared_words,
+    seed,
+):
     """Image region tokens (n_images, N, D), query caption tokens (Q, M, D) and each query's image.
 
     Each image holds ``n_objects_per_image`` distinct objects of a shared pool; its ``N``
@@ -65,12 +78,16 @@ def planted_gallery(n_images, n_queries, *, n_regions, n_objects_per_image, n_wo
     for a in range(0, n_images, 4096):  # chunks: bounded temporary memory
         b = min(n_images, a + 4096)
         objects[a:b] = torch.rand(b - a, n_objects, generator=g).argsort(1)[:, :n_objects_per_image]
-        feats[a:b] = protos[objects[a:b][:, view]] + region_noise * torch.randn(b - a, n_regions, dim, generator=g) \
-            / dim**0.5
+        feats[a:b] = (
+            protos[objects[a:b][:, view]]
+            + region_noise * torch.randn(b - a, n_regions, dim, generator=g) / dim**0.5
+        )
     targets = torch.randperm(n_images, generator=g)[:n_queries]
     pick = torch.rand(n_queries, n_objects_per_image, generator=g).argsort(1)[:, :n_named]
     named = objects[targets].gather(1, pick)
-    words = protos[named] + word_noise * torch.randn(n_queries, n_named, dim, generator=g) / dim**0.5
+    words = (
+        protos[named] + word_noise * torch.randn(n_queries, n_named, dim, generator=g) / dim**0.5
+    )
     filler = shared[torch.randint(0, n_shared_words, (n_queries, n_words - n_named), generator=g)]
     # named words first, so that a shorter caption (fewer filler words) keeps all of them
     texts = torch.cat([words, filler], 1)
@@ -87,39 +104,70 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=50_000)
     p.add_argument("--queries", type=int, default=1000, help="queries for two-stage search")
-    p.add_argument("--full-queries", type=int, default=200, help="queries scored against the whole gallery")
+    p.add_argument(
+        "--full-queries", type=int, default=200, help="queries scored against the whole gallery"
+    )
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--regions", type=int, default=36)
     p.add_argument("--words", type=int, default=8)
-    p.add_argument("--named", type=int, default=5, help="words of a caption that name objects of its image")
-    p.add_argument("--objects", type=int, default=500, help="object prototypes shared by all images")
+    p.add_argument(
+        "--named", type=int, default=5, help="words of a caption that name objects of its image"
+    )
+    p.add_argument(
+        "--objects", type=int, default=500, help="object prototypes shared by all images"
+    )
     p.add_argument("--objects-per-image", type=int, default=8)
     p.add_argument("--region-noise", type=float, default=1.0)
     p.add_argument("--word-noise", type=float, default=1.5)
     p.add_argument("--ks", default="10,50,100,200")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="5,000 images, 300 queries, 40 fully scored")
+    p.add_argument(
+        "--quick", action="store_true", help="5,000 images, 300 queries, 40 fully scored"
+    )
     args = p.parse_args()
     if args.quick:
         args.images, args.queries, args.full_queries = 5000, 300, 40
     ks = [int(k) for k in args.ks.split(",")]
     torch.manual_seed(args.seed)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); the machine is shared with other jobs, "
-          "so absolute times vary; ratios are measured side by side in this one run")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); the machine is shared with other jobs, "
+        "so absolute times vary; ratios are measured side by side in this one run"
+    )
 
     t0 = time.perf_counter()
     images, queries, targets = planted_gallery(
-        args.images, args.queries, n_regions=args.regions, n_objects_per_image=args.objects_per_image,
-        n_words=args.words, n_named=args.named, dim=args.dim,
-        n_objects=args.objects, region_noise=args.region_noise, word_noise=args.word_noise, n_shared_words=50,
-        seed=args.seed)
-    print(f"gallery: {args.images} images x {args.regions} regions x D={args.dim} "
-          f"({images.feats.numel() * 4 / 2**30:.2f} GiB float32); {args.queries} query captions of up to "
-          f"{args.words} words ({args.named} name objects of their image); generated in {time.perf_counter() - t0:.1f}s")
+        args.images,
+        args.queries,
+        n_regions=args.regions,
+        n_objects_per_image=args.objects_per_image,
+        n_words=args.words,
+        n_named=args.named,
+        dim=args.dim,
+        n_objects=args.objects,
+        region_noise=args.region_noise,
+        word_noise=args.word_noise,
+        n_shared_words=50,
+        seed=args.seed,
+    )
+    print(
+        f"gallery: {args.images} images x {args.regions} regions x D={args.dim} "
+        f"({images.feats.numel() * 4 / 2**30:.2f} GiB float32); {args.queries} query captions of up to "
+        f"{args.words} words ({args.named} name objects of their image); generated in {time.perf_counter() - t0:.1f}s"
+    )
 
     train, _, _ = synthetic.load(view="regions", seed=0, n_train=8, n_dev=2, n_test=2)
-    m = Matcher(presets.chan(vocab=train.vocab, region_dim=train.region_dim, embed_dim=args.dim, word_dim=16,
-                             context_heads=1), epochs=0, verbose=False, device="cpu").fit(train)
+    m = Matcher(
+        presets.chan(
+            vocab=train.vocab,
+            region_dim=train.region_dim,
+            embed_dim=args.dim,
+            word_dim=16,
+            context_heads=1,
+        ),
+        epochs=0,
+        verbose=False,
+        device="cpu",
+    ).fit(train)
     plan = m.plan_
     pair = m._eval_plan()[2]
     print(f"scorer: {plan.blocks[pair[0]]!r}")
@@ -128,8 +176,9 @@ def main() -> None:
     nf = args.full_queries
     qf = {"text_tokens": queries[:nf]}
     t0 = time.perf_counter()
-    full = blocked_scores(plan, pair, {"image_tokens": images}, qf, args.images, nf, image_block=4096,
-                          text_block=nf)["scores"]
+    full = blocked_scores(
+        plan, pair, {"image_tokens": images}, qf, args.images, nf, image_block=4096, text_block=nf
+    )["scores"]
     full_s = time.perf_counter() - t0
     full_ranked = full.T.topk(10, dim=1).indices
     full_rec = recalls(full_ranked, targets[:nf])
@@ -142,14 +191,18 @@ def main() -> None:
         a @ b
         reps += 1
     gflops = reps * 2.0 * 4096 * 4096 * args.dim / (time.perf_counter() - t1) / 1e9
-    print(f"\nfull scoring: {nf} queries x {args.images} images in {full_s:.1f}s = {full_s / nf * 1e3:.1f} ms/query; "
-          f"{flops / full_s / 1e9:.1f} GFLOP/s vs matmul roofline {gflops:.1f} GFLOP/s "
-          f"({flops / full_s / 1e9 / gflops:.2f} of roofline)")
+    print(
+        f"\nfull scoring: {nf} queries x {args.images} images in {full_s:.1f}s = {full_s / nf * 1e3:.1f} ms/query; "
+        f"{flops / full_s / 1e9:.1f} GFLOP/s vs matmul roofline {gflops:.1f} GFLOP/s "
+        f"({flops / full_s / 1e9 / gflops:.2f} of roofline)"
+    )
 
     # ---------------------------------------------------------------- two-stage search
     rows = []
-    header = f"{'method':34s} {'queries/s':>10s} {'ms/query':>9s} {'x full':>7s}  R@1 / R@5 / R@10 (all {args.queries})" \
-             f"   R@1 / R@5 / R@10 (the {nf} fully scored)"
+    header = (
+        f"{'method':34s} {'queries/s':>10s} {'ms/query':>9s} {'x full':>7s}  R@1 / R@5 / R@10 (all {args.queries})"
+        f"   R@1 / R@5 / R@10 (the {nf} fully scored)"
+    )
     rows.append(("full fine-grained scoring", nf / full_s, None, None, full_rec))
 
     def run(name, retriever, **kw):
@@ -158,8 +211,15 @@ def main() -> None:
         t = time.perf_counter()
         res = retriever.text_to_image(qv, top=10)
         dt = time.perf_counter() - t
-        rows.append((name, args.queries / dt, recalls(res.indices, targets), recalls(res.indices[:nf], targets[:nf]),
-                     None))
+        rows.append(
+            (
+                name,
+                args.queries / dt,
+                recalls(res.indices, targets),
+                recalls(res.indices[:nf], targets[:nf]),
+                None,
+            )
+        )
         return res
 
     gallery = {"image_tokens": images}
@@ -173,7 +233,10 @@ def main() -> None:
     try:
         import faiss  # noqa: F401
 
-        run("two-stage k=100 (faiss IndexFlatIP)", TwoStageRetriever(m, k=100, index="faiss").fit(images=gallery))
+        run(
+            "two-stage k=100 (faiss IndexFlatIP)",
+            TwoStageRetriever(m, k=100, index="faiss").fit(images=gallery),
+        )
     except ImportError:
         print("(faiss not installed: pip install 'imtm[faiss]' for its row)")
     tmp = Path(tempfile.mkdtemp(prefix="imtm_two_stage_"))
@@ -183,8 +246,10 @@ def main() -> None:
         save_s = time.perf_counter() - t
         mm = TwoStageRetriever.load(tmp / "gallery", m, mmap=True)
         run("two-stage k=100 (memory-mapped)", mm)
-        print(f"saved gallery: {sum(f.stat().st_size for f in (tmp / 'gallery').rglob('*') if f.is_file()) / 2**30:.2f}"
-              f" GiB in {save_s:.1f}s")
+        print(
+            f"saved gallery: {sum(f.stat().st_size for f in (tmp / 'gallery').rglob('*') if f.is_file()) / 2**30:.2f}"
+            f" GiB in {save_s:.1f}s"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for qb in (1, 8):
@@ -192,17 +257,32 @@ def main() -> None:
         run(f"two-stage k=100, blocks of {qb} quer{'y' if qb == 1 else 'ies'}", r100)
 
     # stage 2 as a plain loop: one scorer call per (query, candidate list), nothing grouped
-    cand_all = TwoStageRetriever(m, k=100).fit(images=gallery).text_to_image({"text_tokens": queries}, top=10).candidates
+    cand_all = (
+        TwoStageRetriever(m, k=100)
+        .fit(images=gallery)
+        .text_to_image({"text_tokens": queries}, top=10)
+        .candidates
+    )
     t = time.perf_counter()
     plain = []
     for q in range(args.queries):
-        vals = {"image_tokens": images[cand_all[q]].trim(), "text_tokens": queries[q : q + 1].trim()}
+        vals = {
+            "image_tokens": images[cand_all[q]].trim(),
+            "text_tokens": queries[q : q + 1].trim(),
+        }
         run_blocks(plan, pair, vals)
         plain.append(cand_all[q][vals["scores"][:, 0].topk(10).indices])
     plain_s = time.perf_counter() - t
     plain = torch.stack(plain)
-    rows.append(("stage 2 alone, plain per-query loop", args.queries / plain_s, recalls(plain, targets),
-                 recalls(plain[:nf], targets[:nf]), None))
+    rows.append(
+        (
+            "stage 2 alone, plain per-query loop",
+            args.queries / plain_s,
+            recalls(plain, targets),
+            recalls(plain[:nf], targets[:nf]),
+            None,
+        )
+    )
 
     full_qps = nf / full_s
     print()
@@ -210,16 +290,24 @@ def main() -> None:
     for name, qps, rec_all, rec_sub, rec_full in rows:
         if rec_full is not None:
             sub = " / ".join(f"{rec_full[k]:5.1f}" for k in ("R@1", "R@5", "R@10"))
-            print(f"{name:34s} {qps:10.2f} {1e3 / qps:9.1f} {1.0:7.1f}  {'(not run on all)':>22s}   {sub}")
+            print(
+                f"{name:34s} {qps:10.2f} {1e3 / qps:9.1f} {1.0:7.1f}  {'(not run on all)':>22s}   {sub}"
+            )
             continue
         all_ = " / ".join(f"{rec_all[k]:5.1f}" for k in ("R@1", "R@5", "R@10"))
         sub = " / ".join(f"{rec_sub[k]:5.1f}" for k in ("R@1", "R@5", "R@10"))
         print(f"{name:34s} {qps:10.2f} {1e3 / qps:9.1f} {qps / full_qps:7.1f}  {all_:>22s}   {sub}")
     if stage1 is not None:
         hit = stage1 == targets[:, None]
-        print("\nstage 1 alone (masked-mean cosine): target among the top k for "
-              + ", ".join(f"k={k}: {100.0 * float(hit[:, :k].any(1).float().mean()):.1f}%" for k in ks))
-    print(f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+        print(
+            "\nstage 1 alone (masked-mean cosine): target among the top k for "
+            + ", ".join(
+                f"k={k}: {100.0 * float(hit[:, :k].any(1).float().mean()):.1f}%" for k in ks
+            )
+        )
+    print(
+        f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,18 @@ ROWS = [
     ("DIAS without sparsity", "dias", {"sparse": False}, False),
     ("DIAS without inter-modality sparsity", "dias", {"inter_sparse": False}, False),
     ("DIAS without intra-modality sparsity", "dias", {"intra_sparse": False}, False),
-    ("DIAS (full), mask as intended (p above the thresholds)", "dias", {"mask_rule": "intent"}, False),
-    ("DIAS (full), local matching framework (Eq. 1-3) as the scorer", "dias", {"scorer": "local"}, False),
+    (
+        "DIAS (full), mask as intended (p above the thresholds)",
+        "dias",
+        {"mask_rule": "intent"},
+        False,
+    ),
+    (
+        "DIAS (full), local matching framework (Eq. 1-3) as the scorer",
+        "dias",
+        {"scorer": "local"},
+        False,
+    ),
     ("DIAS (full)", "dias", {}, False),
     ("DIAS (full), K-means neighbour batches", "dias", {}, True),
     ("CHAN", "chan", None, False),
@@ -59,7 +69,9 @@ KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
 
 def run_seed(seed, rows, args):
-    train, _, test = synthetic.load(view="regions", seed=seed, n_train=args.n_train, n_dev=50, n_test=args.n_test)
+    train, _, test = synthetic.load(
+        view="regions", seed=seed, n_train=args.n_train, n_dev=50, n_test=args.n_test
+    )
     steps = args.epochs * math.ceil(len(train) / args.batch_size)
     out = {}
     for label, preset, losses, neighbours in rows:
@@ -67,21 +79,40 @@ def run_seed(seed, rows, args):
         if neighbours:
             # One caption per image per epoch: as many epochs as give the same number of steps.
             per_cluster = args.batch_size // args.clusters_per_batch
-            sampler = KMeansNeighborSampler(train, clusters_per_batch=args.clusters_per_batch,
-                                            images_per_cluster=per_cluster, random_state=seed)
+            sampler = KMeansNeighborSampler(
+                train,
+                clusters_per_batch=args.clusters_per_batch,
+                images_per_cluster=per_cluster,
+                random_state=seed,
+            )
             data = DataLoader(train, batch_sampler=sampler, collate_fn=collate)
             epochs = round(steps / len(sampler))
-        m = Matcher(components(train, preset, losses, args), epochs=epochs, batch_size=args.batch_size,
-                    lr=args.lr, random_state=seed, verbose=False)
+        m = Matcher(
+            components(train, preset, losses, args),
+            epochs=epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            random_state=seed,
+            verbose=False,
+        )
         t0 = time.perf_counter()
         m.fit(data)
         fit_s = time.perf_counter() - t0
         with torch.no_grad():
             sims = m.similarity(test.images, test.captions)  # scored once, for R@K and binding
-        res = {k: float(v) for k, v in retrieval_metrics(sims, test.caption_to_image).items() if k in KEYS}
-        res.update(binding=100 * test.binding_accuracy(sims), fit_s=fit_s, steps=m.history_[-1]["step"])
+        res = {
+            k: float(v)
+            for k, v in retrieval_metrics(sims, test.caption_to_image).items()
+            if k in KEYS
+        }
+        res.update(
+            binding=100 * test.binding_accuracy(sims), fit_s=fit_s, steps=m.history_[-1]["step"]
+        )
         out[label] = res
-        print(f"seed {seed} | {label}: rsum {res['rsum']:.1f} (fit {fit_s:.0f}s, {res['steps']} steps)", flush=True)
+        print(
+            f"seed {seed} | {label}: rsum {res['rsum']:.1f} (fit {fit_s:.0f}s, {res['steps']} steps)",
+            flush=True,
+        )
     return out, train, test
 
 
@@ -94,13 +125,24 @@ def main():
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--n-test", type=int, default=500)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--rows", default=CLAIM_ROWS, help="comma-separated row numbers of ROWS, or 'all'")
+    p.add_argument(
+        "--rows", default=CLAIM_ROWS, help="comma-separated row numbers of ROWS, or 'all'"
+    )
     p.add_argument("--clusters-per-batch", type=int, default=16)
-    p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds); its numbers mean nothing")
+    p.add_argument(
+        "--quick", action="store_true", help="a tiny smoke run (seconds); its numbers mean nothing"
+    )
     p.add_argument("--out", default="docs/results/dias.md")
     args = p.parse_args()
     if args.quick:
-        args.epochs, args.n_train, args.n_test, args.seeds, args.embed_dim, args.batch_size = 1, 40, 10, "0", 16, 32
+        args.epochs, args.n_train, args.n_test, args.seeds, args.embed_dim, args.batch_size = (
+            1,
+            40,
+            10,
+            "0",
+            16,
+            32,
+        )
     seeds = [int(k) for k in args.seeds.split(",")]
     rows = ROWS if args.rows == "all" else [ROWS[int(k)] for k in args.rows.split(",")]
     per_seed: dict[str, list] = {}
@@ -108,27 +150,50 @@ def main():
         res, train, test = run_seed(seed, rows, args)
         for label, r in res.items():
             per_seed.setdefault(label, []).append(r)
-    command = (f"python benchmarks/dias_ablation.py --epochs {args.epochs} --n-train {args.n_train} --n-test "
-               f"{args.n_test} --embed-dim {args.embed_dim} --batch-size {args.batch_size} --lr {args.lr} "
-               f"--seeds {args.seeds} --rows {args.rows}")
-    intro = (f"Generated by `{command}` (synthetic regions view, {train.n_images} training images x 5 captions, "
-             f"test {test.n_images} images x 5 captions, per seed; embed dim {args.embed_dim}, word dim 64, lr "
-             f"{args.lr}, batch {args.batch_size}; triplet loss summed over negatives; every row trains for the same "
-             "number of optimiser steps). DIAS rows use `presets.dias` (by default CHAN's soft-assignment coding "
-             "with log-sum-exp pooling as the scorer, which measured best in docs/results/dias_readings.md, plus "
-             "`presets.dias_losses` with the paper's weights 10 / 0.05 / 0.1, cosine correlation, the mask as "
-             "printed); the CHAN rows use `presets.chan`, with `presets.dias_losses(inter=False, intra=False)` "
-             "appended for the dimension alignment (Table 3). Each cell is the mean +- standard deviation over "
-             f"seeds {args.seeds} (the seed sets the data, the initialisation and the order).")
-    table = seeded_table(per_seed, extra=(("binding", "binding", ".1f"), ("fit (s)", "fit_s", ".0f")))
-    lines = [f"# DIAS on the synthetic benchmark ({len(seeds)} seeds)", "", intro, "", *table, "",
-             binding_note("mean over seeds"), "",
-             "## Reading the table (written from the numbers above by the script)", ""]
+    command = (
+        f"python benchmarks/dias_ablation.py --epochs {args.epochs} --n-train {args.n_train} --n-test "
+        f"{args.n_test} --embed-dim {args.embed_dim} --batch-size {args.batch_size} --lr {args.lr} "
+        f"--seeds {args.seeds} --rows {args.rows}"
+    )
+    intro = (
+        f"Generated by `{command}` (synthetic regions view, {train.n_images} training images x 5 captions, "
+        f"test {test.n_images} images x 5 captions, per seed; embed dim {args.embed_dim}, word dim 64, lr "
+        f"{args.lr}, batch {args.batch_size}; triplet loss summed over negatives; every row trains for the same "
+        "number of optimiser steps). DIAS rows use `presets.dias` (by default CHAN's soft-assignment coding "
+        "with log-sum-exp pooling as the scorer, which measured best in docs/results/dias_readings.md, plus "
+        "`presets.dias_losses` with the paper's weights 10 / 0.05 / 0.1, cosine correlation, the mask as "
+        "printed); the CHAN rows use `presets.chan`, with `presets.dias_losses(inter=False, intra=False)` "
+        "appended for the dimension alignment (Table 3). Each cell is the mean +- standard deviation over "
+        f"seeds {args.seeds} (the seed sets the data, the initialisation and the order)."
+    )
+    table = seeded_table(
+        per_seed, extra=(("binding", "binding", ".1f"), ("fit (s)", "fit_s", ".0f"))
+    )
+    lines = [
+        f"# DIAS on the synthetic benchmark ({len(seeds)} seeds)",
+        "",
+        intro,
+        "",
+        *table,
+        "",
+        binding_note("mean over seeds"),
+        "",
+        "## Reading the table (written from the numbers above by the script)",
+        "",
+    ]
     if FULL in per_seed and NONE in per_seed:
-        lines += [claim_reading(per_seed, FULL, NONE, "The DIAS losses improve the local matching model:"), ""]
+        lines += [
+            claim_reading(
+                per_seed, FULL, NONE, "The DIAS losses improve the local matching model:"
+            ),
+            "",
+        ]
     if FULL in per_seed and CHAN in per_seed:
         lines += [claim_reading(per_seed, FULL, CHAN, "DIAS beats CHAN:"), ""]
-    lines += ["Fit times were measured on a machine shared with other jobs (2 cores); they compare only roughly.", ""]
+    lines += [
+        "Fit times were measured on a machine shared with other jobs (2 cores); they compare only roughly.",
+        "",
+    ]
     if args.quick:
         print("\n".join(lines))
         return

@@ -41,8 +41,14 @@ from imtm.functional import global_cosine_scores
 from imtm.metrics import retrieval_metrics
 
 ROWS = [
-    ("ITC + ITM + MLM (baseline)", dict(lexicon=False, expansion=False, distillation=False, mlm=True)),
-    ("+ patch-to-lexicon, no expansion", dict(lexicon=True, expansion=False, distillation=False, mlm=True)),
+    (
+        "ITC + ITM + MLM (baseline)",
+        dict(lexicon=False, expansion=False, distillation=False, mlm=True),
+    ),
+    (
+        "+ patch-to-lexicon, no expansion",
+        dict(lexicon=True, expansion=False, distillation=False, mlm=True),
+    ),
     ("+ expansion", dict(lexicon=True, expansion=True, distillation=False, mlm=True)),
     ("+ distillation (ELA)", dict(lexicon=True, expansion=True, distillation=True, mlm=True)),
 ]
@@ -51,12 +57,23 @@ ROWS = [
 #: lexicon loss: masking the images every objective sees (one view, as before the two-view default),
 #: the other KL order.
 EXTRA_ROWS = [
-    ("ITC + ITM + MLM, 30% of the patches masked (one view)", dict(lexicon=False, expansion=False, distillation=False,
-                                                             mlm=True), {"image__mask_ratio": 0.3}),
-    ("+ expansion, KL(label || P)", dict(lexicon=True, expansion=True, distillation=False, mlm=True,
-                                         kl_direction="target_first"), {}),
-    ("+ distillation (ELA), one masked view for every objective",
-     dict(lexicon=True, expansion=True, distillation=True, mlm=True, separate_masked_view=False), {}),
+    (
+        "ITC + ITM + MLM, 30% of the patches masked (one view)",
+        dict(lexicon=False, expansion=False, distillation=False, mlm=True),
+        {"image__mask_ratio": 0.3},
+    ),
+    (
+        "+ expansion, KL(label || P)",
+        dict(
+            lexicon=True, expansion=True, distillation=False, mlm=True, kl_direction="target_first"
+        ),
+        {},
+    ),
+    (
+        "+ distillation (ELA), one masked view for every objective",
+        dict(lexicon=True, expansion=True, distillation=True, mlm=True, separate_masked_view=False),
+        {},
+    ),
 ]
 
 #: The row whose lexicon predictions are shown (Figure 3).
@@ -80,23 +97,33 @@ def lexicon_predictions(m, test, n_images=4, top=5):
     # Special tokens and punctuation are left out of the display.
     special = {i for i, w in enumerate(vocab) if not w.isalpha()}
     colour_words = {w for ws in synthetic.captions.COLOUR_WORDS.values() for w in ws}
-    shape_words = {w for forms in synthetic.captions.SHAPE_WORDS.values() for pair in forms for w in pair}
+    shape_words = {
+        w for forms in synthetic.captions.SHAPE_WORDS.values() for pair in forms for w in pair
+    }
     lines, found = [], 0
     for i in range(n_images):
         tokens, _ = enc(test.images[i : i + 1])
         h, w = tokens.grid
         patches = tokens.feats[0, tokens.num_prefix_tokens :].reshape(h, w, -1)
-        caps = [test.captions[k] for k in range(len(test.captions)) if int(test.caption_to_image[k]) == i]
+        caps = [
+            test.captions[k]
+            for k in range(len(test.captions))
+            if int(test.caption_to_image[k]) == i
+        ]
         used = {t for cap in caps for t in re.findall(r"\w+", cap.lower())}
-        lines.append(f"**Test image {i}.** Captions: " + " / ".join(f"\"{cap}\"" for cap in caps))
+        lines.append(f"**Test image {i}.** Captions: " + " / ".join(f'"{cap}"' for cap in caps))
         lines.append("")
         lines.append("| region | top words (P^p2l averaged over the region's patches) |")
         lines.append("| --- | --- |")
-        for name, rs, cs in (("top-left", slice(0, h // 2), slice(0, w // 2)),
-                             ("top-right", slice(0, h // 2), slice(w // 2, w)),
-                             ("bottom-left", slice(h // 2, h), slice(0, w // 2)),
-                             ("bottom-right", slice(h // 2, h), slice(w // 2, w))):
-            probs = torch.softmax(head.logits(patches[rs, cs].reshape(-1, patches.shape[-1])), -1).mean(0)
+        for name, rs, cs in (
+            ("top-left", slice(0, h // 2), slice(0, w // 2)),
+            ("top-right", slice(0, h // 2), slice(w // 2, w)),
+            ("bottom-left", slice(h // 2, h), slice(0, w // 2)),
+            ("bottom-right", slice(h // 2, h), slice(w // 2, w)),
+        ):
+            probs = torch.softmax(
+                head.logits(patches[rs, cs].reshape(-1, patches.shape[-1])), -1
+            ).mean(0)
             probs[list(special)] = 0
             val, idx = probs.topk(top)
             words = []
@@ -119,28 +146,62 @@ def _plain(res):
 
 
 def run_seed(seed, args, folder):
-    train, _, test = synthetic.load(view="pixels", seed=seed, n_train=args.n_train, n_dev=10,
-                                    n_test=args.n_test, image_size=args.image_size)
+    train, _, test = synthetic.load(
+        view="pixels",
+        seed=seed,
+        n_train=args.n_train,
+        n_dev=10,
+        n_test=args.n_test,
+        image_size=args.image_size,
+    )
     if args.backbone == "synthetic":
         image = {"image_model": "synthetic-vit", "model_kwargs": None}
         text_model = "synthetic-bert"
     else:
-        image = {"image_model": "vit_tiny_patch16_224",
-                 "model_kwargs": dict(depth=2, embed_dim=args.dim, num_heads=2, patch_size=args.patch_size)}
-        text_model = str(folder or write_local_bert(tempfile.mkdtemp(), train.captions, hidden_size=args.dim,
-                                                    num_layers=2, num_heads=2, seed=seed))
+        image = {
+            "image_model": "vit_tiny_patch16_224",
+            "model_kwargs": dict(
+                depth=2, embed_dim=args.dim, num_heads=2, patch_size=args.patch_size
+            ),
+        }
+        text_model = str(
+            folder
+            or write_local_bert(
+                tempfile.mkdtemp(),
+                train.captions,
+                hidden_size=args.dim,
+                num_layers=2,
+                num_heads=2,
+                seed=seed,
+            )
+        )
     results, timing, full = {}, [], None
     rows = [(label, flags, {}) for label, flags in ROWS] + EXTRA_ROWS
     for r, (label, flags, params) in enumerate(rows):
         if str(r + 1) not in args.rows:
             continue
-        comps = presets.ela(text_model=text_model, img_size=args.image_size, embed_dim=args.dim, heads=2,
-                            cross_layers=1, rerank_k=args.rerank_k, **image,
-                            **{"kl_direction": args.kl_direction, **flags})
+        comps = presets.ela(
+            text_model=text_model,
+            img_size=args.image_size,
+            embed_dim=args.dim,
+            heads=2,
+            cross_layers=1,
+            rerank_k=args.rerank_k,
+            **image,
+            **{"kl_direction": args.kl_direction, **flags},
+        )
         if args.backbone == "synthetic":
             comps[0][1].set_params(freeze=True)  # the pre-trained ViT frozen; its projection trains
-        m = Matcher(comps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, random_state=seed,
-                    verbose=False, image_block=len(test.images), text_block=len(test.captions))
+        m = Matcher(
+            comps,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            random_state=seed,
+            verbose=False,
+            image_block=len(test.images),
+            text_block=len(test.captions),
+        )
         m.set_params(**params)
         t0 = time.perf_counter()
         m.fit(train)
@@ -155,8 +216,11 @@ def run_seed(seed, args, folder):
         results[f"{label}, ITC top-{args.rerank_k} re-ranked by ITM"] = rer
         losses = {k[5:]: round(v, 3) for k, v in m.history_[-1].items() if k.startswith("loss/")}
         timing.append((f"seed {seed}: {label}", f"{fit_s:.0f}", f"{eval_s:.0f}", losses))
-        print(f"seed {seed} | {label}: ITC rsum {itc['rsum']:.1f}, re-ranked rsum {rer['rsum']:.1f} "
-              f"(fit {fit_s:.0f}s, eval {eval_s:.0f}s) {losses}", flush=True)
+        print(
+            f"seed {seed} | {label}: ITC rsum {itc['rsum']:.1f}, re-ranked rsum {rer['rsum']:.1f} "
+            f"(fit {fit_s:.0f}s, eval {eval_s:.0f}s) {losses}",
+            flush=True,
+        )
         if label == FULL_ROW:
             full = m
     return results, timing, full, train, test
@@ -176,13 +240,26 @@ def main():
     p.add_argument("--patch-size", type=int, default=8, help="scratch ViT only")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rows", default="14", help="rows to train: 1-4 the ablation, 5-7 diagnostics")
-    p.add_argument("--kl-direction", default="prediction_first", choices=["prediction_first", "target_first"],
-                   help="order of the lexicon KL divergences of rows 2-4 and 7 (row 6 always target_first)")
-    p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds); its numbers mean nothing")
+    p.add_argument(
+        "--kl-direction",
+        default="prediction_first",
+        choices=["prediction_first", "target_first"],
+        help="order of the lexicon KL divergences of rows 2-4 and 7 (row 6 always target_first)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a tiny smoke run (seconds); its numbers mean nothing"
+    )
     p.add_argument("--out", default="docs/results/ela.md")
     args = p.parse_args()
     if args.quick:
-        args.epochs, args.n_train, args.n_test, args.seeds, args.batch_size, args.dim = 1, 16, 8, "0", 16, 32
+        args.epochs, args.n_train, args.n_test, args.seeds, args.batch_size, args.dim = (
+            1,
+            16,
+            8,
+            "0",
+            16,
+            32,
+        )
     seeds = [int(k) for k in args.seeds.split(",")]
     per_seed: dict[str, list] = {}
     timing, full = [], None
@@ -192,48 +269,79 @@ def main():
             per_seed.setdefault(label, []).append(r)
         timing += tim
         full = model if model is not None else full
-    command = (f"OMP_NUM_THREADS=1 python benchmarks/ela_ablation.py --epochs {args.epochs} --n-train {args.n_train} "
-               f"--n-test {args.n_test} --image-size {args.image_size} --backbone {args.backbone} --seeds {args.seeds} "
-               f"--rows {args.rows} --kl-direction {args.kl_direction}")
-    enc = ("the packaged synthetic-vit (4 blocks, width 64, 8 x 8-pixel patches; frozen, its projection trains) "
-           "and synthetic-bert (2 layers, width 64; fine-tuned), pre-trained on the benchmark's pre-training split "
-           "(imtm.weights)"
-           if args.backbone == "synthetic" else
-           f"a tiny ViT (2 layers, width {args.dim}) and a tiny BERT (2 layers) from scratch")
+    command = (
+        f"OMP_NUM_THREADS=1 python benchmarks/ela_ablation.py --epochs {args.epochs} --n-train {args.n_train} "
+        f"--n-test {args.n_test} --image-size {args.image_size} --backbone {args.backbone} --seeds {args.seeds} "
+        f"--rows {args.rows} --kl-direction {args.kl_direction}"
+    )
+    enc = (
+        "the packaged synthetic-vit (4 blocks, width 64, 8 x 8-pixel patches; frozen, its projection trains) "
+        "and synthetic-bert (2 layers, width 64; fine-tuned), pre-trained on the benchmark's pre-training split "
+        "(imtm.weights)"
+        if args.backbone == "synthetic"
+        else f"a tiny ViT (2 layers, width {args.dim}) and a tiny BERT (2 layers) from scratch"
+    )
     intro = [
-        (f"Generated by `{command}` (synthetic pixel view, {args.image_size} x {args.image_size} images, "
-         f"{train.n_images} training images x 5 captions, test {test.n_images} images x 5 captions, per seed). "
-         f"Every row: {enc}; when a lexicon loss is on, a second pass of the same ViT with 30% of the patches "
-         "masked feeds the patch-to-lexicon head, while ITC, ITM and the transport cost see whole images, as "
-         "evaluation does; a 1-layer cross-modal encoder, a 2-layer word-to-lexicon head, image-aware masked-LM in "
-         "every row, Eq. 6 weights by the authors' rule (ALBEF.get_p2w_loss in model/model_pretrain.py of "
-         f"Lydia-yang/ELA), batch {args.batch_size}, {args.epochs} epochs, AdamW lr {args.lr}; lexicon KL direction "
-         f"{args.kl_direction!r}. Each cell is the mean +- standard deviation over seeds {args.seeds}. Run on 2 CPU "
-         "cores shared with other jobs (OMP_NUM_THREADS=1), so the times are indicative only."),
-        (f"Each row is evaluated by the contrastive similarity alone and by two-stage retrieval (the matching "
-         f"head re-ranking each query's top-{args.rerank_k}). The paper's setting (ELA pre-training on a "
-         "pre-training corpus, then zero-shot and fine-tuned retrieval) is not run here: both rows fine-tune the "
-         "same pre-trained backbones on the benchmark's training split."),
+        (
+            f"Generated by `{command}` (synthetic pixel view, {args.image_size} x {args.image_size} images, "
+            f"{train.n_images} training images x 5 captions, test {test.n_images} images x 5 captions, per seed). "
+            f"Every row: {enc}; when a lexicon loss is on, a second pass of the same ViT with 30% of the patches "
+            "masked feeds the patch-to-lexicon head, while ITC, ITM and the transport cost see whole images, as "
+            "evaluation does; a 1-layer cross-modal encoder, a 2-layer word-to-lexicon head, image-aware masked-LM in "
+            "every row, Eq. 6 weights by the authors' rule (ALBEF.get_p2w_loss in model/model_pretrain.py of "
+            f"Lydia-yang/ELA), batch {args.batch_size}, {args.epochs} epochs, AdamW lr {args.lr}; lexicon KL direction "
+            f"{args.kl_direction!r}. Each cell is the mean +- standard deviation over seeds {args.seeds}. Run on 2 CPU "
+            "cores shared with other jobs (OMP_NUM_THREADS=1), so the times are indicative only."
+        ),
+        (
+            f"Each row is evaluated by the contrastive similarity alone and by two-stage retrieval (the matching "
+            f"head re-ranking each query's top-{args.rerank_k}). The paper's setting (ELA pre-training on a "
+            "pre-training corpus, then zero-shot and fine-tuned retrieval) is not run here: both rows fine-tune the "
+            "same pre-trained backbones on the benchmark's training split."
+        ),
     ]
     lines = [f"# ELA on the synthetic benchmark ({len(seeds)} seeds)", ""]
     for block in intro:
         lines += [block, ""]
-    lines += [*seeded_table(per_seed, extra=(("fit (s)", "fit_s", ".0f"),)), "",
-              *markdown_table(["row", "fit (s)", "eval, both rankings (s)", "training losses, last epoch"], "lrrl",
-                              timing), "",
-              "## Reading the table (written from the numbers above by the script)", ""]
+    lines += [
+        *seeded_table(per_seed, extra=(("fit (s)", "fit_s", ".0f"),)),
+        "",
+        *markdown_table(
+            ["row", "fit (s)", "eval, both rankings (s)", "training losses, last epoch"],
+            "lrrl",
+            timing,
+        ),
+        "",
+        "## Reading the table (written from the numbers above by the script)",
+        "",
+    ]
     base, ela = ROWS[0][0], FULL_ROW
     for rank in ("ITC ranking", f"ITC top-{args.rerank_k} re-ranked by ITM"):
         a, b = f"{ela}, {rank}", f"{base}, {rank}"
         if a in per_seed and b in per_seed:
-            lines += [claim_reading(per_seed, a, b, f"Lexicon alignment beats the ITC + ITM baseline ({rank}):"), ""]
+            lines += [
+                claim_reading(
+                    per_seed, a, b, f"Lexicon alignment beats the ITC + ITM baseline ({rank}):"
+                ),
+                "",
+            ]
     if full is not None:
         pred, found = lexicon_predictions(full, test)
-        lines += ["## Lexicon predictions of the full model (Figure 3; the last seed)", "",
-                  ("Top words of the patch-to-lexicon head for each quadrant of the patch grid. **Bold**: a word that "
-                   "no caption of the image uses. Special tokens and punctuation are left out."), "", *pred,
-                  (f"Colour or shape words among these top words that no caption of the image uses: {found} "
-                   "(counted automatically)."), ""]
+        lines += [
+            "## Lexicon predictions of the full model (Figure 3; the last seed)",
+            "",
+            (
+                "Top words of the patch-to-lexicon head for each quadrant of the patch grid. **Bold**: a word that "
+                "no caption of the image uses. Special tokens and punctuation are left out."
+            ),
+            "",
+            *pred,
+            (
+                f"Colour or shape words among these top words that no caption of the image uses: {found} "
+                "(counted automatically)."
+            ),
+            "",
+        ]
     if args.quick:
         print("\n".join(lines))
         return

@@ -70,10 +70,27 @@ def matmul_rate(rows: int, inner: int, cols: int, dtype, device, repeats: int) -
 def section_tests(args) -> None:
     print("(1) tests marked gpu:", flush=True)
     if args.device == "cpu":
-        print("    on the CPU they are skipped by design (no CUDA device); running them to show the skip")
+        print(
+            "    on the CPU they are skipped by design (no CUDA device); running them to show the skip"
+        )
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                           str(ROOT / "tests" / "test_gpu.py")], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "gpu",
+            "-p",
+            "no:cacheprovider",
+            str(ROOT / "tests" / "test_gpu.py"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     for line in proc.stdout.strip().splitlines()[-4:]:
         print("    " + line)
     print(f"    pytest exit status {proc.returncode}", flush=True)
@@ -85,7 +102,9 @@ def make_tokens(n_images, n_captions, n_regions, dim, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = Tokens(torch.randn(n_images, n_regions, dim, generator=g).to(device))
     lengths = torch.randint(MIN_WORDS, MAX_WORDS + 1, (n_captions,), generator=g)
-    texts = Tokens.from_lengths(torch.randn(n_captions, MAX_WORDS, dim, generator=g).to(device), lengths.tolist())
+    texts = Tokens.from_lengths(
+        torch.randn(n_captions, MAX_WORDS, dim, generator=g).to(device), lengths.tolist()
+    )
     return images, texts, int(lengths.sum())
 
 
@@ -101,10 +120,19 @@ def section_scorers(args, device) -> None:
     bf16 = torch.bfloat16
     images, texts, words = make_tokens(args.images, args.captions, 36, args.dim, device)
     flops = 2.0 * args.images * 36 * words * args.dim
-    roof = matmul_rate(args.images * 36 if device.type == "cuda" else 36 * 64, args.dim, min(words, 1 << 16),
-                       bf16, device, args.repeats)
-    print(f"(2) scorers, {args.images} images x {args.captions} captions, N=36, {MIN_WORDS}-{MAX_WORDS} words, "
-          f"D={args.dim}, bf16 products; bf16 torch.mm: {roof:.0f} GFLOP/s", flush=True)
+    roof = matmul_rate(
+        args.images * 36 if device.type == "cuda" else 36 * 64,
+        args.dim,
+        min(words, 1 << 16),
+        bf16,
+        device,
+        args.repeats,
+    )
+    print(
+        f"(2) scorers, {args.images} images x {args.captions} captions, N=36, {MIN_WORDS}-{MAX_WORDS} words, "
+        f"D={args.dim}, bf16 products; bf16 torch.mm: {roof:.0f} GFLOP/s",
+        flush=True,
+    )
     scorers = {
         "CHAN HardAssignmentCoding": lambda: HardAssignmentCoding(compute_dtype=bf16),
         "LAPS SparsePatchWordAlignment": lambda: SparsePatchWordAlignment(compute_dtype=bf16),
@@ -122,21 +150,34 @@ def section_scorers(args, device) -> None:
             continue
         rate = flops / seconds / 1e9
         pairs = args.images * args.captions / seconds
-        print(f"    {name:32} {seconds:8.3f} s  {pairs:12.3g} pairs/s  {rate:9.0f} GFLOP/s  "
-              f"fraction of bf16 mm {rate / roof:.3f}", flush=True)
+        print(
+            f"    {name:32} {seconds:8.3f} s  {pairs:12.3g} pairs/s  {rate:9.0f} GFLOP/s  "
+            f"fraction of bf16 mm {rate / roof:.3f}",
+            flush=True,
+        )
 
 
 def section_training(args, device) -> None:
     from _steps import PRESET_NAMES, load_data, make_batch, make_matcher, train_step
 
-    print(f"(3) training step per preset under bf16 autocast, batch {args.batch_size}, embed_dim {args.embed_dim}:",
-          flush=True)
+    print(
+        f"(3) training step per preset under bf16 autocast, batch {args.batch_size}, embed_dim {args.embed_dim}:",
+        flush=True,
+    )
     for name in PRESET_NAMES:
         try:
             train = load_data(name, max(args.batch_size // 5 + 1, 8))
-            m = make_matcher(name, train, embed_dim=args.embed_dim, batch_size=args.batch_size, compile=False,
-                             device=str(device))
-            opt = torch.optim.AdamW([p for p in m.components_.parameters() if p.requires_grad], lr=1e-5)
+            m = make_matcher(
+                name,
+                train,
+                embed_dim=args.embed_dim,
+                batch_size=args.batch_size,
+                compile=False,
+                device=str(device),
+            )
+            opt = torch.optim.AdamW(
+                [p for p in m.components_.parameters() if p.requires_grad], lr=1e-5
+            )
             batch = make_batch(train, 0, args.batch_size, device=str(device))
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -146,31 +187,44 @@ def section_training(args, device) -> None:
                     return train_step(m, batch, opt)
 
             seconds = best_time(step, device, args.repeats)
-            peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:8.0f} MiB" if device.type == "cuda" else "n/a (CPU)"
-            print(f"    {name:6} {seconds * 1e3:9.1f} ms/step  {args.batch_size / seconds:9.1f} samples/s  "
-                  f"peak memory {peak}", flush=True)
+            peak = (
+                f"{torch.cuda.max_memory_allocated(device) / 2**20:8.0f} MiB"
+                if device.type == "cuda"
+                else "n/a (CPU)"
+            )
+            print(
+                f"    {name:6} {seconds * 1e3:9.1f} ms/step  {args.batch_size / seconds:9.1f} samples/s  "
+                f"peak memory {peak}",
+                flush=True,
+            )
         except Exception as err:  # noqa: BLE001 - reported, the suite goes on
             print(f"    {name:6} FAILED: {type(err).__name__}: {str(err)[:160]}", flush=True)
 
 
 def section_two_stage(args) -> None:
-    print(f"(4) two-stage retrieval, {args.gallery} gallery images (bench_two_stage.py; it scores on the CPU):",
-          flush=True)
+    print(
+        f"(4) two-stage retrieval, {args.gallery} gallery images (bench_two_stage.py; it scores on the CPU):",
+        flush=True,
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, str(HERE / "bench_two_stage.py"), "--images", str(args.gallery)]
     if args.device == "cpu":
         cmd.append("--quick")
         cmd[cmd.index("--images") + 1] = str(args.gallery)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.two_stage_timeout)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.two_stage_timeout
+    )
     for line in proc.stdout.strip().splitlines()[-12:]:
         print("    " + line)
     if proc.returncode:
-        print(f"    exit status {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] }")
+        print(f"    exit status {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    ap.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"]
+    )
     ap.add_argument("--sections", default="1234")
     ap.add_argument("--images", type=int, default=None)
     ap.add_argument("--captions", type=int, default=None)
@@ -184,8 +238,13 @@ def main(argv=None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here; run with --device cpu for the smoke run")
     gpu = args.device == "cuda"
-    defaults = {"images": 5000 if gpu else 40, "captions": 25000 if gpu else 200, "batch_size": 128 if gpu else 16,
-                "embed_dim": 1024 if gpu else 32, "gallery": 100_000 if gpu else 5000}
+    defaults = {
+        "images": 5000 if gpu else 40,
+        "captions": 25000 if gpu else 200,
+        "batch_size": 128 if gpu else 16,
+        "embed_dim": 1024 if gpu else 32,
+        "gallery": 100_000 if gpu else 5000,
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -193,9 +252,15 @@ def main(argv=None) -> None:
         args.dim = min(args.dim, 128)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if gpu else "CPU"
-    print(f"gpu_suite: torch {torch.__version__}, device {name}"
-          + ("" if gpu else " -- SMOKE RUN on the CPU at tiny sizes: it checks the script, it measures no GPU"),
-          flush=True)
+    print(
+        f"gpu_suite: torch {torch.__version__}, device {name}"
+        + (
+            ""
+            if gpu
+            else " -- SMOKE RUN on the CPU at tiny sizes: it checks the script, it measures no GPU"
+        ),
+        flush=True,
+    )
     t0 = time.perf_counter()
     if "1" in args.sections:
         section_tests(args)

@@ -43,15 +43,22 @@ ROWS = [
     ("CHAN hard assignment (visual codebook, LSE) on all patches", "chan", {}),
     ("LAPS without selection (sparse alignment on all patches)", "no_selection", {}),
     ("LAPS without language context", "laps", {"language_context": False}),
-    ("LAPS without patch calibration (no aggregation, Eq. 6-7: selected patches as they are)", "laps",
-     {"calibration": False}),
+    (
+        "LAPS without patch calibration (no aggregation, Eq. 6-7: selected patches as they are)",
+        "laps",
+        {"calibration": False},
+    ),
     ("LAPS without the image self-attention score a^s", "laps", {"self_attention": False}),
     ("LAPS, only attentive scores (no predicted a^p)", "laps", {"attentive_only": True}),
     ("LAPS, DPC-KNN clustering instead of the learned aggregation", "laps", {"clustering": True}),
     ("LAPS with SCAN's alignment (text-to-image attention)", "laps", {"alignment": "scan"}),
     ("LAPS + word selection", "laps", {"word_selection": True}),
     ("LAPS + word aggregation", "laps", {"word_aggregation": True}),
-    ("LAPS + word selection and aggregation", "laps", {"word_selection": True, "word_aggregation": True}),
+    (
+        "LAPS + word selection and aggregation",
+        "laps",
+        {"word_selection": True, "word_aggregation": True},
+    ),
     ("LAPS without redundant fusion", "laps", {"fusion": False}),
     ("LAPS, patch-to-word alignment only", "laps", {"direction": "patch_to_word"}),
     ("LAPS, word-to-patch alignment only", "laps", {"direction": "word_to_patch"}),
@@ -62,12 +69,26 @@ ROWS = [
 
 def components(kind, kw, train, args):
     if args.backbone == "synthetic":
-        vit = {"model_name": "synthetic-vit", "img_size": args.image_size, "embed_dim": args.embed_dim,
-               "word_dim": args.embed_dim}
+        vit = {
+            "model_name": "synthetic-vit",
+            "img_size": args.image_size,
+            "embed_dim": args.embed_dim,
+            "word_dim": args.embed_dim,
+        }
     else:
-        tiny = {"depth": args.depth, "embed_dim": args.vit_dim, "num_heads": 2, "patch_size": args.patch}
-        vit = {"model_name": "vit_tiny_patch16_224", "img_size": args.image_size, "embed_dim": args.embed_dim,
-               "word_dim": args.embed_dim, "model_kwargs": tiny}
+        tiny = {
+            "depth": args.depth,
+            "embed_dim": args.vit_dim,
+            "num_heads": 2,
+            "patch_size": args.patch,
+        }
+        vit = {
+            "model_name": "vit_tiny_patch16_224",
+            "img_size": args.image_size,
+            "embed_dim": args.embed_dim,
+            "word_dim": args.embed_dim,
+            "model_kwargs": tiny,
+        }
     comps = presets.laps(vocab=train.vocab, text="gru", hardest=False, **vit, **kw)
     if args.backbone == "synthetic" and not args.fine_tune_backbone:
         comps[0][1].set_params(freeze=True)  # the pre-trained ViT frozen; its projection trains
@@ -76,8 +97,11 @@ def components(kind, kw, train, args):
     if kind == "laps_chan":
         comps[2][1].alignment = HardAssignmentCoding(pooling="lse", temperature=0.1)
         return comps
-    scorer = {"global": GlobalCosine(), "chan": HardAssignmentCoding(pooling="lse", temperature=0.1),
-              "no_selection": SparsePatchWordAlignment()}[kind]
+    scorer = {
+        "global": GlobalCosine(),
+        "chan": HardAssignmentCoding(pooling="lse", temperature=0.1),
+        "no_selection": SparsePatchWordAlignment(),
+    }[kind]
     return comps[:2] + [("scorer", scorer), ("loss", TripletLoss(hardest=False))]
 
 
@@ -87,12 +111,24 @@ CLAIM_ROWS = "0,2,16"
 
 def run_seed(seed, rows, args):
     torch.manual_seed(seed)
-    train, _, test = synthetic.load(view="pixels", seed=seed, n_train=args.n_train, n_dev=20,
-                                    n_test=args.n_test, image_size=args.image_size)
+    train, _, test = synthetic.load(
+        view="pixels",
+        seed=seed,
+        n_train=args.n_train,
+        n_dev=20,
+        n_test=args.n_test,
+        image_size=args.image_size,
+    )
     out = {}
     for label, kind, kw in rows:
-        m = Matcher(components(kind, kw, train, args), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                    random_state=seed, verbose=False)
+        m = Matcher(
+            components(kind, kw, train, args),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            random_state=seed,
+            verbose=False,
+        )
         t0 = time.perf_counter()
         m.fit(train)
         fit_s = time.perf_counter() - t0
@@ -100,14 +136,20 @@ def run_seed(seed, rows, args):
         with torch.no_grad():
             sims = m.similarity(test.images, test.captions)
         score_s = time.perf_counter() - t0
-        res = {k: float(v) for k, v in retrieval_metrics(sims, test.caption_to_image).items()
-               if isinstance(v, (int, float)) or getattr(v, "numel", lambda: 2)() == 1}
+        res = {
+            k: float(v)
+            for k, v in retrieval_metrics(sims, test.caption_to_image).items()
+            if isinstance(v, (int, float)) or getattr(v, "numel", lambda: 2)() == 1
+        }
         res["binding"] = 100 * test.binding_accuracy(sims)
         res["fit_s"] = fit_s
         res["score_ms"] = 1e6 * score_s / (test.n_images * len(test.captions))
         out[label] = res
-        print(f"seed {seed} | {label}: rsum {res['rsum']:.1f}, binding {res['binding']:.1f} "
-              f"(fit {fit_s:.0f}s, scoring {res['score_ms']:.2f} ms / 1k pairs)", flush=True)
+        print(
+            f"seed {seed} | {label}: rsum {res['rsum']:.1f}, binding {res['binding']:.1f} "
+            f"(fit {fit_s:.0f}s, scoring {res['score_ms']:.2f} ms / 1k pairs)",
+            flush=True,
+        )
     return out, train, test
 
 
@@ -118,16 +160,26 @@ def main():
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--backbone", default="synthetic", choices=["synthetic", "scratch"])
-    p.add_argument("--fine-tune-backbone", action="store_true", help="fine-tune the synthetic-vit (default: frozen)")
+    p.add_argument(
+        "--fine-tune-backbone",
+        action="store_true",
+        help="fine-tune the synthetic-vit (default: frozen)",
+    )
     p.add_argument("--patch", type=int, default=8, help="scratch ViT only")
     p.add_argument("--depth", type=int, default=2, help="scratch ViT only")
     p.add_argument("--vit-dim", type=int, default=64, help="scratch ViT only")
     p.add_argument("--embed-dim", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data, initialisation, order)")
-    p.add_argument("--rows", default=CLAIM_ROWS, help="comma-separated row numbers of ROWS, or 'all'")
-    p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds); its numbers mean nothing")
+    p.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated seeds (data, initialisation, order)"
+    )
+    p.add_argument(
+        "--rows", default=CLAIM_ROWS, help="comma-separated row numbers of ROWS, or 'all'"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a tiny smoke run (seconds); its numbers mean nothing"
+    )
     p.add_argument("--out", default="docs/results/laps.md")
     args = p.parse_args()
     if args.quick:
@@ -140,54 +192,95 @@ def main():
         res, train, test = run_seed(seed, rows, args)
         for label, r in res.items():
             per_seed[label].append(r)
-    n_patches = (args.image_size // 8 if args.backbone == "synthetic" else args.image_size // args.patch) ** 2
-    frac = synthetic.object_patch_fraction(test.scenes, args.image_size,
-                                           8 if args.backbone == "synthetic" else args.patch)
-    vit = ("the packaged synthetic-vit (4 blocks, width 64, 8x8 patches; pre-trained on the benchmark's "
-           "pre-training split, see imtm.weights), " + ("fine-tuned" if args.fine_tune_backbone else
-                                                          "frozen (its projection and every later block train)")
-           if args.backbone == "synthetic" else
-           f"a ViT trained from scratch ({args.depth} blocks, width {args.vit_dim}, {args.patch}x{args.patch} patches)")
-    command = (f"python benchmarks/laps_ablation.py --epochs {args.epochs} --n-train {args.n_train} --n-test "
-               f"{args.n_test} --image-size {args.image_size} --backbone {args.backbone} --lr {args.lr} "
-               f"--batch-size {args.batch_size} --seeds {args.seeds} --rows {args.rows}"
-               + (" --fine-tune-backbone" if args.fine_tune_backbone else ""))
+    n_patches = (
+        args.image_size // 8 if args.backbone == "synthetic" else args.image_size // args.patch
+    ) ** 2
+    frac = synthetic.object_patch_fraction(
+        test.scenes, args.image_size, 8 if args.backbone == "synthetic" else args.patch
+    )
+    vit = (
+        "the packaged synthetic-vit (4 blocks, width 64, 8x8 patches; pre-trained on the benchmark's "
+        "pre-training split, see imtm.weights), "
+        + (
+            "fine-tuned"
+            if args.fine_tune_backbone
+            else "frozen (its projection and every later block train)"
+        )
+        if args.backbone == "synthetic"
+        else f"a ViT trained from scratch ({args.depth} blocks, width {args.vit_dim}, {args.patch}x{args.patch} patches)"
+    )
+    command = (
+        f"python benchmarks/laps_ablation.py --epochs {args.epochs} --n-train {args.n_train} --n-test "
+        f"{args.n_test} --image-size {args.image_size} --backbone {args.backbone} --lr {args.lr} "
+        f"--batch-size {args.batch_size} --seeds {args.seeds} --rows {args.rows}"
+        + (" --fine-tune-backbone" if args.fine_tune_backbone else "")
+    )
     intro = [
-        (f"Generated by `{command}` (synthetic pixels view, {train.n_images} training images x "
-         f"{len(train) // train.n_images} captions, test {test.n_images} images x {len(test) // test.n_images} "
-         f"captions, per seed). Every row: {vit}, projected to {args.embed_dim}, on "
-         f"{args.image_size}x{args.image_size} images, so N = {n_patches} patches (objects touch "
-         f"{100 * frac:.0f}% of the test images' patches) and a [CLS] token; a GRU over the synthetic vocabulary; "
-         "the triplet loss summed over the negatives (with the frozen ViT the switch to the hardest negative "
-         "measured far worse: rSum 39.2 against 120.0 for the global baseline, 300 training images, 2 epochs); "
-         f"AdamW at lr {args.lr}, {args.epochs} epochs, batch {args.batch_size}, one thread. LAPS rows add the "
-         "ratio loss (weight 1) and slim with rho = 0.5, lambda = 0.4 (the paper's ViT defaults): "
-         f"{-(-n_patches // 2)} patches kept, merged into {int(0.4 * -(-n_patches // 2))} tokens. Each cell is "
-         f"the mean +- standard deviation over seeds {args.seeds} (the seed sets the data, the initialisation "
-         f"of the new layers and the order). Chance: rSum about {3200 / test.n_images:.0f}."),
+        (
+            f"Generated by `{command}` (synthetic pixels view, {train.n_images} training images x "
+            f"{len(train) // train.n_images} captions, test {test.n_images} images x {len(test) // test.n_images} "
+            f"captions, per seed). Every row: {vit}, projected to {args.embed_dim}, on "
+            f"{args.image_size}x{args.image_size} images, so N = {n_patches} patches (objects touch "
+            f"{100 * frac:.0f}% of the test images' patches) and a [CLS] token; a GRU over the synthetic vocabulary; "
+            "the triplet loss summed over the negatives (with the frozen ViT the switch to the hardest negative "
+            "measured far worse: rSum 39.2 against 120.0 for the global baseline, 300 training images, 2 epochs); "
+            f"AdamW at lr {args.lr}, {args.epochs} epochs, batch {args.batch_size}, one thread. LAPS rows add the "
+            "ratio loss (weight 1) and slim with rho = 0.5, lambda = 0.4 (the paper's ViT defaults): "
+            f"{-(-n_patches // 2)} patches kept, merged into {int(0.4 * -(-n_patches // 2))} tokens. Each cell is "
+            f"the mean +- standard deviation over seeds {args.seeds} (the seed sets the data, the initialisation "
+            f"of the new layers and the order). Chance: rSum about {3200 / test.n_images:.0f}."
+        ),
     ]
-    table = seeded_table(per_seed, extra=(("binding", "binding", ".1f"), ("fit (s)", "fit_s", ".0f"),
-                                          ("scoring (ms / 1k pairs)", "score_ms", ".2f")))
-    after = [binding_note("scores of the twin images, mean over seeds"),
-             ("Scoring time: `Matcher.similarity` over the test split, encoding included, per 1,000 image-caption "
-              "pairs, on 2 CPU cores shared with other jobs (indicative only).")]
+    table = seeded_table(
+        per_seed,
+        extra=(
+            ("binding", "binding", ".1f"),
+            ("fit (s)", "fit_s", ".0f"),
+            ("scoring (ms / 1k pairs)", "score_ms", ".2f"),
+        ),
+    )
+    after = [
+        binding_note("scores of the twin images, mean over seeds"),
+        (
+            "Scoring time: `Matcher.similarity` over the test split, encoding included, per 1,000 image-caption "
+            "pairs, on 2 CPU cores shared with other jobs (indicative only)."
+        ),
+    ]
     labels = [label for label, _, _ in rows]
-    full, allp, glob = "LAPS (full)", "LAPS without selection (sparse alignment on all patches)", \
-        "global baseline (mean-pooled cosine)"
+    full, allp, glob = (
+        "LAPS (full)",
+        "LAPS without selection (sparse alignment on all patches)",
+        "global baseline (mean-pooled cosine)",
+    )
     reading = ["## Reading the table (written from the numbers above by the script)", ""]
     if full in labels and allp in labels:
-        reading.append(claim_reading(per_seed, full, allp, "Slimming keeps accuracy (LAPS vs all patches):"))
+        reading.append(
+            claim_reading(per_seed, full, allp, "Slimming keeps accuracy (LAPS vs all patches):")
+        )
         reading.append("")
         t_full = statistics.fmean(r["score_ms"] for r in per_seed[full])
         t_all = statistics.fmean(r["score_ms"] for r in per_seed[allp])
-        reading.append(f"Scoring time: {t_full:.2f} ms per 1,000 pairs with slimming, {t_all:.2f} without "
-                       f"({t_full / t_all:.2f}x); the paper's claim is that aligning {int(0.4 * -(-n_patches // 2))} "
-                       f"merged tokens instead of {n_patches} patches costs less.")
+        reading.append(
+            f"Scoring time: {t_full:.2f} ms per 1,000 pairs with slimming, {t_all:.2f} without "
+            f"({t_full / t_all:.2f}x); the paper's claim is that aligning {int(0.4 * -(-n_patches // 2))} "
+            f"merged tokens instead of {n_patches} patches costs less."
+        )
         reading.append("")
     if full in labels and glob in labels:
-        reading.append(claim_reading(per_seed, full, glob, "LAPS beats the global baseline on the same backbone:"))
+        reading.append(
+            claim_reading(
+                per_seed, full, glob, "LAPS beats the global baseline on the same backbone:"
+            )
+        )
         reading.append("")
-    lines = [f"# LAPS on the synthetic benchmark (pixel view, {len(seeds)} seeds)", "", *intro, "", *table, ""]
+    lines = [
+        f"# LAPS on the synthetic benchmark (pixel view, {len(seeds)} seeds)",
+        "",
+        *intro,
+        "",
+        *table,
+        "",
+    ]
     for block in after:
         lines += [block, ""]
     lines += reading

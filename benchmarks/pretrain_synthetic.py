@@ -73,8 +73,14 @@ def patch_targets(ds, image_size: int, patch_size: int) -> tuple[torch.Tensor, t
     return colour, shape
 
 
-def mask_words(ids: torch.Tensor, special: torch.Tensor, vocab_size: int, mask_id: int, first_word: int,
-               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_words(
+    ids: torch.Tensor,
+    special: torch.Tensor,
+    vocab_size: int,
+    mask_id: int,
+    first_word: int,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masking: the inputs and the labels (-100 where nothing is predicted)."""
     chosen = (torch.rand(ids.shape, generator=gen) < MLM_PROB) & ~special
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
@@ -94,13 +100,23 @@ class Heads(nn.Module):
         self.text_proj = nn.Linear(text_dim, 64)
         self.colour = nn.Linear(vit_dim, len(COLOURS) + 1)
         self.shape = nn.Linear(vit_dim, len(SHAPES) + 1)
-        self.mlm_transform = nn.Sequential(nn.Linear(text_dim, text_dim), nn.GELU(), nn.LayerNorm(text_dim))
+        self.mlm_transform = nn.Sequential(
+            nn.Linear(text_dim, text_dim), nn.GELU(), nn.LayerNorm(text_dim)
+        )
         self.mlm_bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
         self.word_embeddings = word_embeddings  # tied decoder (shared with the BERT)
 
 
-def pretrain(out: str | Path, *, seed: int = synthetic.PRETRAIN_SEED, n_images: int, epochs: int,
-             batch_size: int, lr: float, verbose: bool = True) -> dict:
+def pretrain(
+    out: str | Path,
+    *,
+    seed: int = synthetic.PRETRAIN_SEED,
+    n_images: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    verbose: bool = True,
+) -> dict:
     """Pre-train both backbones and write them into ``out``; return the run's record."""
     import timm
     from safetensors.torch import save_file
@@ -117,14 +133,24 @@ def pretrain(out: str | Path, *, seed: int = synthetic.PRETRAIN_SEED, n_images: 
     torch.manual_seed(seed)
     vit = timm.create_model(VIT["model_name"], num_classes=0, img_size=size, **VIT["model_kwargs"])
     # The BERT's vocabulary: the words of the pre-training captions plus every colour and shape word.
-    words = list(data.captions) + [w for table in (COLOUR_WORDS, SHAPE_WORDS) for v in table.values()
-                                   for w in (v if isinstance(v[0], str) else [x for pair in v for x in pair])]
+    words = list(data.captions) + [
+        w
+        for table in (COLOUR_WORDS, SHAPE_WORDS)
+        for v in table.values()
+        for w in (v if isinstance(v[0], str) else [x for pair in v for x in pair])
+    ]
     bert_dir = out / PACKAGED_TEXT["synthetic-bert"]
     write_local_bert(bert_dir, words, max_position_embeddings=128, seed=seed, **BERT)
     tok = AutoTokenizer.from_pretrained(str(bert_dir))
     bert = AutoModel.from_pretrained(str(bert_dir), use_safetensors=True)
     heads = Heads(vit.num_features, bert.config.hidden_size, bert.get_input_embeddings())
-    enc = tok(list(data.captions), padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+    enc = tok(
+        list(data.captions),
+        padding=True,
+        truncation=True,
+        max_length=MAX_LENGTH,
+        return_tensors="pt",
+    )
     ids, att = enc["input_ids"], enc["attention_mask"].bool()
     special = (ids == tok.cls_token_id) | (ids == tok.sep_token_id) | ~att
     params = [p for m in (vit, bert, heads) for p in m.parameters() if p.requires_grad]
@@ -139,10 +165,10 @@ def pretrain(out: str | Path, *, seed: int = synthetic.PRETRAIN_SEED, n_images: 
         order = torch.randperm(n_images, generator=gen)
         sums = {"itc": 0.0, "colour": 0.0, "shape": 0.0, "mlm": 0.0, "colour_acc": 0.0, "n": 0}
         for start in range(0, n_images, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             cap = idx * cpi + torch.randint(0, cpi, (len(idx),), generator=gen)
             x = data.images[idx]
-            tokens = vit.forward_features(x)[:, vit.num_prefix_tokens:]
+            tokens = vit.forward_features(x)[:, vit.num_prefix_tokens :]
             img = F.normalize(heads.image_proj(tokens.mean(1)), dim=-1)
             a = att[cap]
             hid = bert(input_ids=ids[cap], attention_mask=a.long()).last_hidden_state
@@ -154,12 +180,21 @@ def pretrain(out: str | Path, *, seed: int = synthetic.PRETRAIN_SEED, n_images: 
             c_logits = heads.colour(tokens)
             colour = F.cross_entropy(c_logits.flatten(0, 1), colour_t[idx].flatten())
             shape = F.cross_entropy(heads.shape(tokens).flatten(0, 1), shape_t[idx].flatten())
-            m_in, m_lab = mask_words(ids[cap], special[cap], tok.vocab_size, tok.mask_token_id,
-                                     len(tok.all_special_ids), gen)
+            m_in, m_lab = mask_words(
+                ids[cap],
+                special[cap],
+                tok.vocab_size,
+                tok.mask_token_id,
+                len(tok.all_special_ids),
+                gen,
+            )
             m_hid = bert(input_ids=m_in, attention_mask=a.long()).last_hidden_state
             m_logits = heads.mlm_transform(m_hid) @ heads.word_embeddings.weight.T + heads.mlm_bias
-            mlm = F.cross_entropy(m_logits.flatten(0, 1), m_lab.flatten(), ignore_index=-100) \
-                if (m_lab != -100).any() else m_logits.sum() * 0.0
+            mlm = (
+                F.cross_entropy(m_logits.flatten(0, 1), m_lab.flatten(), ignore_index=-100)
+                if (m_lab != -100).any()
+                else m_logits.sum() * 0.0
+            )
             loss = itc + colour + shape + mlm
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -174,31 +209,56 @@ def pretrain(out: str | Path, *, seed: int = synthetic.PRETRAIN_SEED, n_images: 
         row = {k: round(v / sums["n"], 4) for k, v in sums.items() if k != "n"}
         history.append({"epoch": epoch + 1, **row})
         if verbose:
-            print(f"epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+            print(
+                f"epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()),
+                flush=True,
+            )
     vit_state = {k: v.detach().contiguous() for k, v in vit.state_dict().items()}
     save_file(vit_state, str(out / VIT["file"]))
     bert.save_pretrained(str(bert_dir), safe_serialization=True)
     record = {
         "command": "python benchmarks/pretrain_synthetic.py " + " ".join(sys.argv[1:]),
-        "seed": seed, "n_images": n_images, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-        "steps": steps, "image_size": size, "patch_size": patch,
-        "object_patch_fraction": round(synthetic.object_patch_fraction(data.scenes, size, patch), 4),
+        "seed": seed,
+        "n_images": n_images,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "steps": steps,
+        "image_size": size,
+        "patch_size": patch,
+        "object_patch_fraction": round(
+            synthetic.object_patch_fraction(data.scenes, size, patch), 4
+        ),
         "objective": "symmetric InfoNCE (t=0.07) on mean-pooled ViT patches vs mean-pooled BERT tokens + "
-                     "per-patch colour and shape cross-entropy (ViT) + masked language modelling (BERT, 15%)",
+        "per-patch colour and shape cross-entropy (ViT) + masked language modelling (BERT, 15%)",
         "excluded_benchmark_seeds": [0, 1, 2],
-        "vit": {"model_name": VIT["model_name"], **VIT["model_kwargs"],
-                "parameters": sum(v.numel() for v in vit_state.values())},
-        "bert": {**BERT, "vocab_size": tok.vocab_size, "parameters": sum(p.numel() for p in bert.parameters())},
-        "wall_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
+        "vit": {
+            "model_name": VIT["model_name"],
+            **VIT["model_kwargs"],
+            "parameters": sum(v.numel() for v in vit_state.values()),
+        },
+        "bert": {
+            **BERT,
+            "vocab_size": tok.vocab_size,
+            "parameters": sum(p.numel() for p in bert.parameters()),
+        },
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "threads": torch.get_num_threads(),
         "history": history,
     }
-    (out / "synthetic_backbones.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (out / "synthetic_backbones.json").write_text(
+        json.dumps(record, indent=2) + "\n", encoding="utf-8"
+    )
     return record
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(WEIGHTS_DIR), help="folder to write (default: the package's imtm/weights)")
+    p.add_argument(
+        "--out",
+        default=str(WEIGHTS_DIR),
+        help="folder to write (default: the package's imtm/weights)",
+    )
     p.add_argument("--seed", type=int, default=synthetic.PRETRAIN_SEED)
     p.add_argument("--quick", action="store_true", help="a tiny run of a few seconds (smoke test)")
     p.add_argument("--n-images", type=int)
@@ -211,8 +271,10 @@ def main(argv=None):
     if args.quick and args.out == str(WEIGHTS_DIR):
         args.out = tempfile.mkdtemp(prefix="imtm_pretrain_")
     rec = pretrain(args.out, seed=args.seed, **kw)
-    print(f"wrote {args.out} in {rec['wall_s']}s ({rec['steps']} steps); "
-          f"object patch fraction {rec['object_patch_fraction']}")
+    print(
+        f"wrote {args.out} in {rec['wall_s']}s ({rec['steps']} steps); "
+        f"object patch fraction {rec['object_patch_fraction']}"
+    )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,10 @@ def release_freed_memory() -> None:
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: VmRSS then also holds freed pages, which only adds noise
+    except (
+        OSError,
+        AttributeError,
+    ):  # not glibc: VmRSS then also holds freed pages, which only adds noise
         pass
 
 
@@ -66,7 +69,9 @@ def drop_newest_checkpoint(run_dir: Path) -> str:
     """Delete the newest checkpoint and point LATEST at the one before it, as if the run had been killed."""
     ckpts = sorted(p for p in run_dir.glob("ckpt-*") if p.is_dir())
     if len(ckpts) < 2:
-        raise RuntimeError(f"{run_dir}: need two checkpoints to resume from the earlier one, found {len(ckpts)}")
+        raise RuntimeError(
+            f"{run_dir}: need two checkpoints to resume from the earlier one, found {len(ckpts)}"
+        )
     shutil.rmtree(ckpts[-1])
     (run_dir / "LATEST").write_text(ckpts[-2].name)
     return ckpts[-2].name
@@ -75,20 +80,35 @@ def drop_newest_checkpoint(run_dir: Path) -> str:
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
     """Names of the tensors that differ (in keys, dtype, shape or any bit)."""
     bad = sorted(set(a) ^ set(b))
-    bad += [k for k in sorted(set(a) & set(b)) if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    bad += [
+        k
+        for k in sorted(set(a) & set(b))
+        if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])
+    ]
     return bad
 
 
 def one_round(args, data, resume: bool, tmp: Path) -> tuple[dict, dict, list[str], str]:
     train, test = data
-    params = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "random_state": args.seed,
-              "device": "cpu", "verbose": False, "checkpoint_dir": str(tmp / "run"), "keep_best": False}
+    params = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "random_state": args.seed,
+        "device": "cpu",
+        "verbose": False,
+        "checkpoint_dir": str(tmp / "run"),
+        "keep_best": False,
+    }
 
     def blocks():
         kwargs = {"embed_dim": args.embed_dim, "word_dim": args.embed_dim}
         if args.preset == "laps":  # a one-layer ViT of 8 x 8 patches on the pixel view's images
-            kwargs.update(model_name="vit_tiny_patch16_224", img_size=args.image_size,
-                          model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8})
+            kwargs.update(
+                model_name="vit_tiny_patch16_224",
+                img_size=args.image_size,
+                model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8},
+            )
         return presets.build(args.preset, train, **kwargs)
 
     m = Matcher(blocks(), **params).fit(train)
@@ -114,7 +134,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=5.0, help="how long to keep starting rounds")
     p.add_argument("--preset", default="vsepp", choices=sorted(presets.PRESETS))
-    p.add_argument("--view", default="regions", choices=("regions", "pixels"), help="synthetic benchmark view")
+    p.add_argument(
+        "--view", default="regions", choices=("regions", "pixels"), help="synthetic benchmark view"
+    )
     p.add_argument("--image-size", type=int, default=32, help="pixel view: image side (LAPS)")
     p.add_argument("--n-train", type=int, default=300)
     p.add_argument("--n-test", type=int, default=100)
@@ -123,24 +145,49 @@ def main(argv=None) -> int:
     p.add_argument("--embed-dim", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--inject-leak-mib", type=float, default=0.0,
-                   help="keep this many MiB alive per round (checks that the verdict catches a leak)")
-    p.add_argument("--inject-fd-leak", action="store_true", help="leave one file open per round (same purpose)")
-    p.add_argument("--warmup-rounds", type=int, default=2, help="rounds before the memory baseline is taken")
-    p.add_argument("--rss-tolerance-mib", type=float, default=32.0,
-                   help="allowed VmRSS growth after the warm-up: median of the last third of the rounds "
-                        "minus the median of the first third")
+    p.add_argument(
+        "--inject-leak-mib",
+        type=float,
+        default=0.0,
+        help="keep this many MiB alive per round (checks that the verdict catches a leak)",
+    )
+    p.add_argument(
+        "--inject-fd-leak", action="store_true", help="leave one file open per round (same purpose)"
+    )
+    p.add_argument(
+        "--warmup-rounds", type=int, default=2, help="rounds before the memory baseline is taken"
+    )
+    p.add_argument(
+        "--rss-tolerance-mib",
+        type=float,
+        default=32.0,
+        help="allowed VmRSS growth after the warm-up: median of the last third of the rounds "
+        "minus the median of the first third",
+    )
     args = p.parse_args(argv)
     if args.epochs < 2:
-        p.error("--epochs must be >= 2 (a resumed round restarts from the checkpoint before the last)")
+        p.error(
+            "--epochs must be >= 2 (a resumed round restarts from the checkpoint before the last)"
+        )
 
     if (args.view == "pixels") != (args.preset == "laps"):
-        p.error("--preset laps takes --view pixels; the other presets take region features (--view regions)")
-    train, _, test = synthetic.load(view=args.view, seed=args.seed, n_train=args.n_train, n_dev=10,
-                                    n_test=args.n_test, **({"image_size": args.image_size} if args.view == "pixels" else {}))
-    print(f"soak: preset={args.preset} view={args.view} n_train={args.n_train} n_test={args.n_test} "
-          f"epochs={args.epochs} embed_dim={args.embed_dim} minutes={args.minutes} "
-          f"torch threads={torch.get_num_threads()} pid={os.getpid()}", flush=True)
+        p.error(
+            "--preset laps takes --view pixels; the other presets take region features (--view regions)"
+        )
+    train, _, test = synthetic.load(
+        view=args.view,
+        seed=args.seed,
+        n_train=args.n_train,
+        n_dev=10,
+        n_test=args.n_test,
+        **({"image_size": args.image_size} if args.view == "pixels" else {}),
+    )
+    print(
+        f"soak: preset={args.preset} view={args.view} n_train={args.n_train} n_test={args.n_test} "
+        f"epochs={args.epochs} embed_dim={args.embed_dim} minutes={args.minutes} "
+        f"torch threads={torch.get_num_threads()} pid={os.getpid()}",
+        flush=True,
+    )
 
     deadline = time.monotonic() + 60 * args.minutes
     first_metrics = first_state = None
@@ -158,11 +205,17 @@ def main(argv=None) -> int:
             first_metrics, first_state = metrics, state
         else:
             if metrics != first_metrics:
-                changed = {k: (first_metrics[k], v) for k, v in metrics.items() if first_metrics.get(k) != v}
+                changed = {
+                    k: (first_metrics[k], v)
+                    for k, v in metrics.items()
+                    if first_metrics.get(k) != v
+                }
                 problems.append(f"metrics differ from round 1: {changed}")
             diff = same_state(first_state, state)
             if diff:
-                problems.append(f"weights differ from round 1 in {len(diff)} tensors, e.g. {diff[:3]}")
+                problems.append(
+                    f"weights differ from round 1 in {len(diff)} tensors, e.g. {diff[:3]}"
+                )
         del state
         if args.inject_leak_mib:
             leaked.append(torch.ones(int(args.inject_leak_mib * 2**18)))  # float32: 4 bytes each
@@ -172,36 +225,47 @@ def main(argv=None) -> int:
         s = process_status()
         samples.append(s)
         failures += [f"round {rounds}: {x}" for x in problems]
-        print(f"round {rounds:3d}  {time.perf_counter() - t0:6.1f}s  rsum {metrics['rsum']:8.3f}  "
-              f"{'identical' if not problems else 'DIFFERENT'}  rss {s['rss_mib']:7.1f} MiB  fds {s['fds']:3d}  "
-              f"threads {s['threads']:2d}  {note}", flush=True)
+        print(
+            f"round {rounds:3d}  {time.perf_counter() - t0:6.1f}s  rsum {metrics['rsum']:8.3f}  "
+            f"{'identical' if not problems else 'DIFFERENT'}  rss {s['rss_mib']:7.1f} MiB  fds {s['fds']:3d}  "
+            f"threads {s['threads']:2d}  {note}",
+            flush=True,
+        )
 
     # The baseline is the end of the warm-up. A leak lifts every later round, so memory growth
     # compares the medians of the first and last thirds of the rounds after it (a lone round
     # that caught the allocator holding freed pages does not count); fds and threads must
     # never exceed the baseline.
     base = samples[args.warmup_rounds - 1]
-    after = samples[args.warmup_rounds - 1:]
+    after = samples[args.warmup_rounds - 1 :]
     n = len(after)
     third = max(1, n // 3)
-    growth = {k: median([x[k] for x in after[-third:]]) - median([x[k] for x in after[:third]]) for k in base}
+    growth = {
+        k: median([x[k] for x in after[-third:]]) - median([x[k] for x in after[:third]])
+        for k in base
+    }
     peak = {k: max(x[k] for x in after) - base[k] for k in base}
     xs = range(n)
     mean_x, mean_y = (n - 1) / 2, sum(x["rss_mib"] for x in after) / n
     slope = sum((i - mean_x) * (x["rss_mib"] - mean_y) for i, x in zip(xs, after)) / max(
-        1e-12, sum((i - mean_x) ** 2 for i in xs))
+        1e-12, sum((i - mean_x) ** 2 for i in xs)
+    )
     if growth["rss_mib"] > args.rss_tolerance_mib:
-        failures.append(f"VmRSS grew by {growth['rss_mib']:.1f} MiB after the warm-up (median of the last third "
-                        "of the rounds against the first third) "
-                        f"(tolerance {args.rss_tolerance_mib} MiB)")
+        failures.append(
+            f"VmRSS grew by {growth['rss_mib']:.1f} MiB after the warm-up (median of the last third "
+            "of the rounds against the first third) "
+            f"(tolerance {args.rss_tolerance_mib} MiB)"
+        )
     for key in ("fds", "threads"):
         if peak[key] > 0:
             failures.append(f"{key} grew by up to {int(peak[key])} after the warm-up")
-    print(f"summary: {args.preset} {args.view}: {rounds} rounds in {args.minutes:g} min; metrics and weights "
-          f"{'identical to round 1 in every round' if not any('round 1' in f for f in failures) else 'DIFFER'}; "
-          f"after warm-up (round {args.warmup_rounds}): rss {growth['rss_mib']:+.1f} MiB "
-          f"(last third vs first third, medians; peak {peak['rss_mib']:+.1f}, slope {slope:+.2f} MiB/round), "
-          f"fds {int(peak['fds']):+d}, threads {int(peak['threads']):+d} (peaks)")
+    print(
+        f"summary: {args.preset} {args.view}: {rounds} rounds in {args.minutes:g} min; metrics and weights "
+        f"{'identical to round 1 in every round' if not any('round 1' in f for f in failures) else 'DIFFER'}; "
+        f"after warm-up (round {args.warmup_rounds}): rss {growth['rss_mib']:+.1f} MiB "
+        f"(last third vs first third, medians; peak {peak['rss_mib']:+.1f}, slope {slope:+.2f} MiB/round), "
+        f"fds {int(peak['fds']):+d}, threads {int(peak['threads']):+d} (peaks)"
+    )
     for f in failures:
         print(f"FAIL: {f}")
     print(f"verdict: {'FAIL' if failures else 'PASS'}", flush=True)

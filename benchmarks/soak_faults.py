@@ -60,7 +60,9 @@ def child(run_dir: Path, kind: str, out: Path, epochs: int) -> int:
 
     class Augmented(ImageCaptionDataset):
         def __init__(self):
-            super().__init__(base.images, base.captions, base.caption_to_image, vocab=base.vocab, name="soak")
+            super().__init__(
+                base.images, base.captions, base.caption_to_image, vocab=base.vocab, name="soak"
+            )
             self.augment = CaptionAugment.from_vocabulary(base.vocab)
 
         def __getitem__(self, k):
@@ -72,14 +74,33 @@ def child(run_dir: Path, kind: str, out: Path, epochs: int) -> int:
 
     data = Augmented()
     workers = {"num_workers": 2, "multiprocessing_context": "fork"}
-    train = {"loader": lambda: DataLoader(data, batch_size=10, shuffle=True, collate_fn=collate, **workers),
-             "dataset": lambda: data,
-             "subclass": lambda: MyLoader(data, batch_size=10, shuffle=True, collate_fn=collate, **workers)}[kind]()
-    blocks = [("image", PrecomputedEncoder(in_dim=16, out_dim=16, dropout=0.2)),
-              ("text", GRUTextEncoder(vocab=base.vocab, out_dim=16, word_dim=8)),
-              ("scorer", GlobalCosine()), ("loss", TripletLoss())]
-    m = Matcher(blocks, epochs=epochs, batch_size=10, lr=1e-2, random_state=0, device="cpu", verbose=False,
-                checkpoint_dir=str(run_dir), checkpoint_every=1, num_workers=2 if kind == "dataset" else 0)
+    train = {
+        "loader": lambda: DataLoader(
+            data, batch_size=10, shuffle=True, collate_fn=collate, **workers
+        ),
+        "dataset": lambda: data,
+        "subclass": lambda: MyLoader(
+            data, batch_size=10, shuffle=True, collate_fn=collate, **workers
+        ),
+    }[kind]()
+    blocks = [
+        ("image", PrecomputedEncoder(in_dim=16, out_dim=16, dropout=0.2)),
+        ("text", GRUTextEncoder(vocab=base.vocab, out_dim=16, word_dim=8)),
+        ("scorer", GlobalCosine()),
+        ("loss", TripletLoss()),
+    ]
+    m = Matcher(
+        blocks,
+        epochs=epochs,
+        batch_size=10,
+        lr=1e-2,
+        random_state=0,
+        device="cpu",
+        verbose=False,
+        checkpoint_dir=str(run_dir),
+        checkpoint_every=1,
+        num_workers=2 if kind == "dataset" else 0,
+    )
     latest = latest_checkpoint(run_dir) if (run_dir / "LATEST").exists() else None
     print(f"start {'resume ' + latest.name if latest else 'fresh'}", flush=True)
     try:
@@ -101,12 +122,24 @@ def run_child(run_dir: Path, kind: str, out: Path, epochs: int, kill: tuple[str,
 
     Return (exit code, output, seconds from the start of its fit to its end).
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    proc = subprocess.Popen([sys.executable, __file__, "child", str(run_dir), kind, str(out), str(epochs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TQDM_DISABLE="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "child", str(run_dir), kind, str(out), str(epochs)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     lines: queue.Queue = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] and None, daemon=True)
+    reader = threading.Thread(
+        target=lambda: [lines.put(x) for x in proc.stdout] and None, daemon=True
+    )
     reader.start()
     output, started = [], None
     deadline = time.time() + 600
@@ -159,19 +192,31 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="imtm-soak-faults-"))
-    print(f"soak_faults: seed={args.seed} epochs={args.epochs} minutes={args.minutes} work={work}", flush=True)
+    print(
+        f"soak_faults: seed={args.seed} epochs={args.epochs} minutes={args.minutes} work={work}",
+        flush=True,
+    )
     references, durations = {}, {}
     for kind in KINDS:
-        code, output, seconds = run_child(work / f"ref-{kind}", kind, work / f"ref-{kind}.safetensors", args.epochs,
-                                          None)
+        code, output, seconds = run_child(
+            work / f"ref-{kind}", kind, work / f"ref-{kind}.safetensors", args.epochs, None
+        )
         if code != 0:
             print(f"the uninterrupted {kind} run failed ({code}):\n{output[-3000:]}")
             return 2
         durations[kind], references[kind] = seconds, weights(work / f"ref-{kind}.safetensors")
         print(f"reference {kind}: its fit took {durations[kind]:.1f}s", flush=True)
 
-    counts = {"trials": 0, "SIGINT": 0, "SIGKILL": 0, "resumes": 0, "bit-exact": 0, "refused": 0,
-              "silently different": 0, "before a refusal (not judged)": 0}
+    counts = {
+        "trials": 0,
+        "SIGINT": 0,
+        "SIGKILL": 0,
+        "resumes": 0,
+        "bit-exact": 0,
+        "refused": 0,
+        "silently different": 0,
+        "before a refusal (not judged)": 0,
+    }
     examples: list[str] = []
     deadline = time.monotonic() + 60 * args.minutes
     trial = 0
@@ -183,7 +228,10 @@ def main(argv=None) -> int:
         for attempt in range(args.max_interrupts + 1):
             kill = None
             if attempt < args.max_interrupts:
-                kill = (rng.choice(["SIGINT", "SIGKILL"]), round(rng.uniform(0, durations[kind]), 2))
+                kill = (
+                    rng.choice(["SIGINT", "SIGKILL"]),
+                    round(rng.uniform(0, durations[kind]), 2),
+                )
             code, output, _ = run_child(run_dir, kind, out, args.epochs, kill)
             resumed = "start resume" in output
             resumes += resumed
@@ -192,28 +240,40 @@ def main(argv=None) -> int:
                 counts[kill[0]] += 1
             if code == REFUSED:
                 refused = True
-                why = next((line for line in output.splitlines() if line.startswith("refused:")), "")
+                why = next(
+                    (line for line in output.splitlines() if line.startswith("refused:")), ""
+                )
                 if len(examples) < 3:
                     examples.append(f"trial {trial} ({kind}): {why[:300]}")
                 break
             if code == 0:
                 break
             if code not in (INTERRUPTED, -signal.SIGKILL, -signal.SIGINT):
-                print(f"trial {trial} ({kind}): the child failed ({code}):\n{output[-3000:]}", flush=True)
+                print(
+                    f"trial {trial} ({kind}): the child failed ({code}):\n{output[-3000:]}",
+                    flush=True,
+                )
                 return 2
         counts["trials"] += 1
         counts["resumes"] += resumes
         if refused:
             counts["refused"] += 1
-            counts["before a refusal (not judged)"] += resumes - 1  # the trial ends without final weights
+            counts["before a refusal (not judged)"] += (
+                resumes - 1
+            )  # the trial ends without final weights
             verdict = "refused"
         elif out.is_file() and same(references[kind], weights(out)):
-            counts["bit-exact"] += resumes  # a trial without resume (killed before any checkpoint) adds none
+            counts["bit-exact"] += (
+                resumes  # a trial without resume (killed before any checkpoint) adds none
+            )
             verdict = "bit-exact"
         else:
             counts["silently different"] += max(resumes, 1)
             verdict = "DIFFERENT"
-        print(f"trial {trial:3d} {kind:8s} {verdict:9s} resumes {resumes}  " + "; ".join(log), flush=True)
+        print(
+            f"trial {trial:3d} {kind:8s} {verdict:9s} resumes {resumes}  " + "; ".join(log),
+            flush=True,
+        )
         shutil.rmtree(run_dir, ignore_errors=True)
         out.unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
@@ -221,8 +281,10 @@ def main(argv=None) -> int:
     for e in examples:
         print(f"refusal: {e}")
     bad = counts["silently different"]
-    print(f"verdict: {'FAIL' if bad else 'PASS'} (every judged resume bit-exact or refused: {'no' if bad else 'yes'})",
-          flush=True)
+    print(
+        f"verdict: {'FAIL' if bad else 'PASS'} (every judged resume bit-exact or refused: {'no' if bad else 'yes'})",
+        flush=True,
+    )
     return 1 if bad else 0
 
 

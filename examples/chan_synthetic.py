@@ -18,7 +18,11 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="a tiny run for smoke tests")
     args = p.parse_args(argv)
-    sizes = {"n_train": 120, "n_dev": 10, "n_test": 40} if args.quick else {"n_train": 2000, "n_dev": 50, "n_test": 500}
+    sizes = (
+        {"n_train": 120, "n_dev": 10, "n_test": 40}
+        if args.quick
+        else {"n_train": 2000, "n_dev": 50, "n_test": 500}
+    )
     train, _, test = synthetic.load(view="regions", seed=0, **sizes)
     common = {"embed_dim": 32 if args.quick else 128, "word_dim": 32 if args.quick else 64}
     rows = {
@@ -28,8 +32,14 @@ def main(argv=None):
     }
     results = {}
     for label, components in rows.items():
-        m = Matcher(components, epochs=1 if args.quick else 4, batch_size=64 if args.quick else 128, lr=2e-3,
-                    random_state=0, verbose=False).fit(train)
+        m = Matcher(
+            components,
+            epochs=1 if args.quick else 4,
+            batch_size=64 if args.quick else 128,
+            lr=2e-3,
+            random_state=0,
+            verbose=False,
+        ).fit(train)
         results[label] = m.evaluate(test)
         print(f"{label}: rSum {results[label]['rsum']:.1f}", flush=True)
     print(format_table(results))

@@ -22,7 +22,11 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="a tiny run for smoke tests")
     args = p.parse_args(argv)
-    sizes = {"n_train": 16, "n_dev": 2, "n_test": 8, "region_dim": 16} if args.quick else {"n_train": 600, "n_test": 100}
+    sizes = (
+        {"n_train": 16, "n_dev": 2, "n_test": 8, "region_dim": 16}
+        if args.quick
+        else {"n_train": 600, "n_test": 100}
+    )
     dim = 16 if args.quick else 128
     train, _, test = synthetic.load(view="regions", seed=0, **sizes)
     m = Matcher(

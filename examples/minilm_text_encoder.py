@@ -25,8 +25,10 @@ CAPTIONS = [
 
 def main() -> torch.Tensor:
     enc = HFTextEncoder.minilm(special_tokens="none").eval()  # words only, no [CLS] / [SEP]
-    print(f"vocabulary V = {enc.vocab_size}, width D = {enc.dim}, "
-          f"word embeddings {tuple(enc.word_embeddings.weight.shape)}")
+    print(
+        f"vocabulary V = {enc.vocab_size}, width D = {enc.dim}, "
+        f"word embeddings {tuple(enc.word_embeddings.weight.shape)}"
+    )
     ids = enc.tokenize(CAPTIONS[:1])
     print("word pieces of caption 0:", enc.tokenizer.convert_ids_to_tokens(ids.feats[0].tolist()))
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Use one imtm loss in your own training loop: no Matcher, plain tensors.
 
-    python examples/one_loss_in_a_plain_loop.py
+python examples/one_loss_in_a_plain_loop.py
 """
 
 import torch

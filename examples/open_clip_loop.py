@@ -26,7 +26,9 @@ class TwoTowers(torch.nn.Module):
 
     def __init__(self, region_dim: int, vocab_size: int, dim: int = 64):
         super().__init__()
-        self.image = torch.nn.Sequential(torch.nn.Linear(region_dim, 128), torch.nn.GELU(), torch.nn.Linear(128, dim))
+        self.image = torch.nn.Sequential(
+            torch.nn.Linear(region_dim, 128), torch.nn.GELU(), torch.nn.Linear(128, dim)
+        )
         self.words = torch.nn.EmbeddingBag(vocab_size, 128, mode="mean")
         self.text = torch.nn.Linear(128, dim)
 
@@ -46,7 +48,10 @@ def main(steps: int = 300, batch_size: int = 64, seed: int = 0, verbose: bool = 
     torch.manual_seed(seed + distributed.rank())
     train, _, test = synthetic.load(view="regions", seed=seed, n_train=400, n_dev=2, n_test=100)
     model = TwoTowers(train.region_dim, len(train.vocab))
-    contrastive, hinge = InfoNCELoss(temperature=0.07, learnable=True), TripletLoss(hardest=False, reduction="mean")
+    contrastive, hinge = (
+        InfoNCELoss(temperature=0.07, learnable=True),
+        TripletLoss(hardest=False, reduction="mean"),
+    )
     opt = torch.optim.AdamW([*model.parameters(), *contrastive.parameters()], lr=2e-3)
     g = torch.Generator().manual_seed(seed + distributed.rank())
     for step in range(steps):
@@ -57,7 +62,10 @@ def main(steps: int = 300, batch_size: int = 64, seed: int = 0, verbose: bool = 
         image_features, text_features = model(images, words)
 
         all_image = distributed.gather_with_grad(image_features)  # imtm
-        all_text, all_ids = distributed.gather_with_grad(text_features), distributed.gather_with_grad(image_ids)
+        all_text, all_ids = (
+            distributed.gather_with_grad(text_features),
+            distributed.gather_with_grad(image_ids),
+        )
         scores, positives = all_image @ all_text.T, all_ids[:, None] == all_ids[None, :]  # imtm
         loss = contrastive(scores, positives) + hinge(scores, positives)  # imtm
 
@@ -73,8 +81,10 @@ def main(steps: int = 300, batch_size: int = 64, seed: int = 0, verbose: bool = 
     metrics = retrieval_metrics(v @ t.T, test.caption_to_image)
     if verbose and distributed.is_main():
         # chance: R@K is about K / n_images in each direction, so rSum about 2 * (1 + 5 + 10) * 100 / n_images
-        print(f"test ({test.n_images} images): i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f}, "
-              f"rSum {metrics['rsum']:.1f} (chance about {3200 / test.n_images:.0f})")
+        print(
+            f"test ({test.n_images} images): i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f}, "
+            f"rSum {metrics['rsum']:.1f} (chance about {3200 / test.n_images:.0f})"
+        )
     return metrics
 
 

@@ -23,12 +23,21 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a tiny run for smoke tests")
     p.add_argument("--k", type=int, default=10, help="stage-1 candidates per query")
     args = p.parse_args(argv)
-    sizes = {"n_train": 120, "n_dev": 10, "n_test": 40} if args.quick else {"n_train": 2000, "n_dev": 50, "n_test": 1000}
+    sizes = (
+        {"n_train": 120, "n_dev": 10, "n_test": 40}
+        if args.quick
+        else {"n_train": 2000, "n_dev": 50, "n_test": 1000}
+    )
     train, _, test = synthetic.load(view="regions", seed=0, **sizes)
     dim = 32 if args.quick else 128
-    m = Matcher(presets.build("chan", train, embed_dim=dim, word_dim=dim),
-                epochs=1 if args.quick else 4, batch_size=64 if args.quick else 128, lr=2e-3, random_state=0,
-                verbose=False).fit(train)
+    m = Matcher(
+        presets.build("chan", train, embed_dim=dim, word_dim=dim),
+        epochs=1 if args.quick else 4,
+        batch_size=64 if args.quick else 128,
+        lr=2e-3,
+        random_state=0,
+        verbose=False,
+    ).fit(train)
     retriever = TwoStageRetriever(m, k=args.k).fit(images=test.images)
     with tempfile.TemporaryDirectory() as tmp:
         retriever.save(tmp)
@@ -39,9 +48,11 @@ def main(argv=None):
     in_candidates = 100 * (found.candidates == truth[:, None]).any(1).float().mean().item()
     full = m.similarity(test.images, test.captions)  # (images, captions), every pair
     full_r1 = 100 * (full.argmax(0) == truth).float().mean().item()
-    print(f"{len(test.captions)} caption queries over {len(test.images)} images, k = {args.k}: "
-          f"target among the candidates {in_candidates:.1f}%, two-stage R@1 {two_stage_r1:.1f}, "
-          f"full scoring R@1 {full_r1:.1f}")
+    print(
+        f"{len(test.captions)} caption queries over {len(test.images)} images, k = {args.k}: "
+        f"target among the candidates {in_candidates:.1f}%, two-stage R@1 {two_stage_r1:.1f}, "
+        f"full scoring R@1 {full_r1:.1f}"
+    )
     return found, two_stage_r1, full_r1
 
 

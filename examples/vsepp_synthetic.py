@@ -1,6 +1,6 @@
 """Train the VSE++ global baseline on the built-in synthetic benchmark and print R@K.
 
-    python examples/vsepp_synthetic.py [--quick]
+python examples/vsepp_synthetic.py [--quick]
 """
 
 import argparse

@@ -14,7 +14,16 @@ from imtm._version import __version__
 from imtm.component import VALUE_NAMES, Component, Loss, register
 from imtm.tokens import Tokens
 
-__all__ = ["Tokens", "Component", "Loss", "VALUE_NAMES", "Matcher", "Stage", "register", "__version__"]
+__all__ = [
+    "Tokens",
+    "Component",
+    "Loss",
+    "VALUE_NAMES",
+    "Matcher",
+    "Stage",
+    "register",
+    "__version__",
+]
 
 
 def __getattr__(name):

@@ -32,9 +32,13 @@ def as_tokens(block: Any, value: Any, what: str) -> Tokens:
         return value
     if isinstance(value, torch.Tensor):
         if value.dim() != 3:
-            raise ValueError(f"{type(block).__name__}: expected {what} of shape (B, N, D), got {tuple(value.shape)}")
+            raise ValueError(
+                f"{type(block).__name__}: expected {what} of shape (B, N, D), got {tuple(value.shape)}"
+            )
         return Tokens(value)
-    raise TypeError(f"{type(block).__name__}: expected {what} as Tokens or a (B, N, D) tensor, got {type(value).__name__}")
+    raise TypeError(
+        f"{type(block).__name__}: expected {what} as Tokens or a (B, N, D) tensor, got {type(value).__name__}"
+    )
 
 
 @contextlib.contextmanager

@@ -37,7 +37,10 @@ def check_option(value: Any, options: Iterable[Any], *, name: str, where: str) -
     options = list(options)
     if isinstance(value, str) and value in options:
         return value
-    raise ValueError(f"{where}: {name} must be one of {sorted(options)}, got {value!r}." + suggest(value, options))
+    raise ValueError(
+        f"{where}: {name} must be one of {sorted(options)}, got {value!r}."
+        + suggest(value, options)
+    )
 
 
 def resolve_option(value: Any, options: Mapping, *, name: str, where: str) -> Any:
@@ -49,7 +52,10 @@ def resolve_option(value: Any, options: Mapping, *, name: str, where: str) -> An
     """
     if isinstance(value, str) and value in options:
         return options[value]
-    raise ValueError(f"{where}: {name} must be one of {sorted(options)}, got {value!r}." + suggest(value, options))
+    raise ValueError(
+        f"{where}: {name} must be one of {sorted(options)}, got {value!r}."
+        + suggest(value, options)
+    )
 
 
 def is_int(value: Any) -> bool:

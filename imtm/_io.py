@@ -24,8 +24,15 @@ import stat
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "read_regular", "read_json", "loads_json", "check_depth",
-           "regular_file_size"]
+__all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
+    "read_regular",
+    "read_json",
+    "loads_json",
+    "check_depth",
+    "regular_file_size",
+]
 
 #: Deepest nesting of lists and dicts accepted in a JSON file. Files imtm writes or reads
 #: (configurations, checkpoint states, Karpathy / ALBEF annotations) stay below 20.
@@ -35,8 +42,13 @@ MAX_JSON_BYTES = 1 << 30
 
 
 def _describe_mode(mode: int) -> str:
-    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+    for test, what in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return what
     return "not a regular file"
@@ -48,12 +60,19 @@ def _check_inside(path: Path, root: str | os.PathLike, who: str, error: type) ->
     except (OSError, RuntimeError) as e:  # a symlink loop
         raise error(f"{who}: {str(path)!r} cannot be resolved ({e}); imtm writes no links") from e
     if real != inside and inside not in real.parents:
-        raise error(f"{who}: {str(path)!r} leads to {str(real)!r}, outside {str(root)!r}; imtm writes no links "
-                    "out of its folders: copy the file in, or use another folder")
+        raise error(
+            f"{who}: {str(path)!r} leads to {str(real)!r}, outside {str(root)!r}; imtm writes no links "
+            "out of its folders: copy the file in, or use another folder"
+        )
 
 
-def regular_file_size(path: str | os.PathLike, *, who: str = "imtm", root: str | os.PathLike | None = None,
-                      error: type = ValueError) -> int:
+def regular_file_size(
+    path: str | os.PathLike,
+    *,
+    who: str = "imtm",
+    root: str | os.PathLike | None = None,
+    error: type = ValueError,
+) -> int:
     """The size of ``path`` after checking that it is a regular file (inside ``root`` when given)."""
     path = Path(path)
     if root is not None:
@@ -65,12 +84,20 @@ def regular_file_size(path: str | os.PathLike, *, who: str = "imtm", root: str |
     except OSError as e:  # ELOOP, EACCES...
         raise error(f"{who}: cannot read {str(path)!r} ({e.strerror or e})") from e
     if not stat.S_ISREG(st.st_mode):
-        raise error(f"{who}: {str(path)!r} is {_describe_mode(st.st_mode)}, not a regular file; refused")
+        raise error(
+            f"{who}: {str(path)!r} is {_describe_mode(st.st_mode)}, not a regular file; refused"
+        )
     return st.st_size
 
 
-def read_regular(path: str | os.PathLike, *, max_bytes: int, who: str = "imtm",
-                 root: str | os.PathLike | None = None, error: type = ValueError) -> bytes:
+def read_regular(
+    path: str | os.PathLike,
+    *,
+    max_bytes: int,
+    who: str = "imtm",
+    root: str | os.PathLike | None = None,
+    error: type = ValueError,
+) -> bytes:
     """The bytes of a regular file of at most ``max_bytes`` bytes.
 
     Raises:
@@ -92,10 +119,14 @@ def read_regular(path: str | os.PathLike, *, max_bytes: int, who: str = "imtm",
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise error(f"{who}: {str(path)!r} is {_describe_mode(st.st_mode)}, not a regular file; refused")
+            raise error(
+                f"{who}: {str(path)!r} is {_describe_mode(st.st_mode)}, not a regular file; refused"
+            )
         if st.st_size > max_bytes:
-            raise error(f"{who}: {str(path)!r} holds {st.st_size} bytes, more than the {max_bytes} this file may "
-                        "have; refused without reading it")
+            raise error(
+                f"{who}: {str(path)!r} holds {st.st_size} bytes, more than the {max_bytes} this file may "
+                "have; refused without reading it"
+            )
         chunks, total = [], 0
         while total <= max_bytes:
             chunk = os.read(fd, min(1 << 24, max_bytes + 1 - total))
@@ -110,7 +141,9 @@ def read_regular(path: str | os.PathLike, *, max_bytes: int, who: str = "imtm",
         os.close(fd)
 
 
-def check_depth(obj: Any, where: str = "JSON value", limit: int = MAX_JSON_DEPTH, error: type = ValueError) -> None:
+def check_depth(
+    obj: Any, where: str = "JSON value", limit: int = MAX_JSON_DEPTH, error: type = ValueError
+) -> None:
     """Raise ``error`` when the lists and dicts of ``obj`` nest deeper than ``limit`` (no recursion)."""
     stack = [(obj, 1)]
     while stack:
@@ -122,12 +155,16 @@ def check_depth(obj: Any, where: str = "JSON value", limit: int = MAX_JSON_DEPTH
         else:
             continue
         if depth > limit:
-            raise error(f"{where}: its lists and dicts nest deeper than {limit} levels; refused (files imtm "
-                        "writes or reads are shallow)")
+            raise error(
+                f"{where}: its lists and dicts nest deeper than {limit} levels; refused (files imtm "
+                "writes or reads are shallow)"
+            )
         stack.extend((c, depth + 1) for c in children)
 
 
-def loads_json(data: str | bytes, where: str, *, max_depth: int = MAX_JSON_DEPTH, error: type = ValueError) -> Any:
+def loads_json(
+    data: str | bytes, where: str, *, max_depth: int = MAX_JSON_DEPTH, error: type = ValueError
+) -> Any:
     """Parse JSON text; ``error`` naming ``where`` (never RecursionError / JSONDecodeError) on bad input.
 
     A UTF-8 byte-order mark, as some editors write, is skipped.
@@ -136,25 +173,38 @@ def loads_json(data: str | bytes, where: str, *, max_depth: int = MAX_JSON_DEPTH
         try:
             data = data.decode("utf-8-sig")
         except UnicodeDecodeError as e:
-            raise error(f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); JSON files must be UTF-8") from e
+            raise error(
+                f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); JSON files must be UTF-8"
+            ) from e
     elif data.startswith("\ufeff"):
         data = data[1:]
     try:
         obj = json.loads(data)
     except RecursionError as e:
-        raise error(f"{where} is JSON whose lists and dicts nest deeper than {max_depth} levels; refused (files "
-                    "imtm writes or reads are shallow)") from e
+        raise error(
+            f"{where} is JSON whose lists and dicts nest deeper than {max_depth} levels; refused (files "
+            "imtm writes or reads are shallow)"
+        ) from e
     except json.JSONDecodeError as e:
-        raise error(f"{where} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+        raise error(
+            f"{where} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from e
     except ValueError as e:  # e.g. an integer with too many digits
         raise error(f"{where} is not valid JSON ({e})") from e
     check_depth(obj, where, max_depth, error)
     return obj
 
 
-def read_json(path: str | os.PathLike, *, who: str = "imtm", max_bytes: int = MAX_JSON_BYTES,
-              max_depth: int = MAX_JSON_DEPTH, root: str | os.PathLike | None = None,
-              error: type = ValueError, where: str | None = None) -> Any:
+def read_json(
+    path: str | os.PathLike,
+    *,
+    who: str = "imtm",
+    max_bytes: int = MAX_JSON_BYTES,
+    max_depth: int = MAX_JSON_DEPTH,
+    root: str | os.PathLike | None = None,
+    error: type = ValueError,
+    where: str | None = None,
+) -> Any:
     """Read and parse a JSON file with the checks of :func:`read_regular` and :func:`loads_json`.
 
     Raises:
@@ -193,8 +243,10 @@ def check_npy_size(path: str | os.PathLike, who: str = "imtm") -> None:
     for n in shape:
         need *= int(n)
     if offset + need > size:
-        raise ValueError(f"{who}: {str(path)!r} is truncated: its header declares shape {tuple(shape)} of {dtype} "
-                         f"({need} bytes of data) but the file holds {size - offset}")
+        raise ValueError(
+            f"{who}: {str(path)!r} is truncated: its header declares shape {tuple(shape)} of {dtype} "
+            f"({need} bytes of data) but the file holds {size - offset}"
+        )
 
 
 def process_gone(pid: int) -> bool:

@@ -31,12 +31,28 @@ from typing import Any
 
 from imtm._checks import suggest
 
-__all__ = ["BACKBONES", "BASELINES", "COMPARE_PRESETS", "PIXEL_PRESETS", "CompareSettings", "baseline_reading",
-           "compare", "plot_recall", "write_results"]
+__all__ = [
+    "BACKBONES",
+    "BASELINES",
+    "COMPARE_PRESETS",
+    "PIXEL_PRESETS",
+    "CompareSettings",
+    "baseline_reading",
+    "compare",
+    "plot_recall",
+    "write_results",
+]
 
 #: Presets :func:`compare` can train, and the view of the synthetic benchmark each reads.
-COMPARE_PRESETS: dict[str, str] = {"vsepp": "regions", "chan": "regions", "dcpa": "regions", "dias": "regions",
-                                   "laps": "pixels", "ela": "pixels", "vsepp-vit": "pixels"}
+COMPARE_PRESETS: dict[str, str] = {
+    "vsepp": "regions",
+    "chan": "regions",
+    "dcpa": "regions",
+    "dias": "regions",
+    "laps": "pixels",
+    "ela": "pixels",
+    "vsepp-vit": "pixels",
+}
 #: Backbones of the pixel presets: the packaged pre-trained ones, or small ones from scratch.
 BACKBONES = ("synthetic", "scratch")
 PIXEL_PRESETS = tuple(k for k, v in COMPARE_PRESETS.items() if v == "pixels")
@@ -90,7 +106,12 @@ class CompareSettings:
 
 def _vit(s: CompareSettings) -> dict:
     heads = 2 if s.embed_dim % 2 == 0 else 1
-    return {"depth": s.vit_depth, "embed_dim": s.embed_dim, "num_heads": heads, "patch_size": s.patch_size}
+    return {
+        "depth": s.vit_depth,
+        "embed_dim": s.embed_dim,
+        "num_heads": heads,
+        "patch_size": s.patch_size,
+    }
 
 
 def build_components(name: str, train, s: CompareSettings, workdir: Path) -> tuple[list, str]:
@@ -114,15 +135,32 @@ def build_components(name: str, train, s: CompareSettings, workdir: Path) -> tup
     if name == "vsepp-vit":
         from imtm.components import GlobalCosine, GRUTextEncoder, TimmVisionEncoder, TripletLoss
 
-        comps = [("image", TimmVisionEncoder(vit["model_name"], out_dim=s.embed_dim, img_size=size,
-                                             model_kwargs=vit["model_kwargs"], freeze=freeze)),
-                 ("text", GRUTextEncoder(vocab=train.vocab, out_dim=s.embed_dim, word_dim=s.word_dim)),
-                 ("scorer", GlobalCosine()),
-                 ("loss", TripletLoss(margin=0.2, hardest=not freeze))]
+        comps = [
+            (
+                "image",
+                TimmVisionEncoder(
+                    vit["model_name"],
+                    out_dim=s.embed_dim,
+                    img_size=size,
+                    model_kwargs=vit["model_kwargs"],
+                    freeze=freeze,
+                ),
+            ),
+            ("text", GRUTextEncoder(vocab=train.vocab, out_dim=s.embed_dim, word_dim=s.word_dim)),
+            ("scorer", GlobalCosine()),
+            ("loss", TripletLoss(margin=0.2, hardest=not freeze)),
+        ]
         return comps, f"{vit_label}; GRU; mean-pooled cosine"
     if name == "laps":
-        comps = presets.laps(vocab=train.vocab, text="gru", model_name=vit["model_name"], img_size=size,
-                             embed_dim=s.embed_dim, word_dim=s.word_dim, model_kwargs=vit["model_kwargs"])
+        comps = presets.laps(
+            vocab=train.vocab,
+            text="gru",
+            model_name=vit["model_name"],
+            img_size=size,
+            embed_dim=s.embed_dim,
+            word_dim=s.word_dim,
+            model_kwargs=vit["model_kwargs"],
+        )
         dict(comps)["image"].set_params(freeze=freeze)
         if freeze:
             dict(comps)["loss"].set_params(hardest=False)
@@ -130,39 +168,75 @@ def build_components(name: str, train, s: CompareSettings, workdir: Path) -> tup
     if name == "ela":
         heads = 2 if s.embed_dim % 2 == 0 else 1
         if s.backbones == "synthetic":
-            text_model, text_label = "synthetic-bert", "BERT synthetic-bert (pre-trained, fine-tuned)"
+            text_model, text_label = (
+                "synthetic-bert",
+                "BERT synthetic-bert (pre-trained, fine-tuned)",
+            )
         else:
             from imtm.components.encoders.hf_text import write_local_bert
 
             folder = workdir / "ela_text_model"
             if not (folder / "config.json").exists():
-                write_local_bert(folder, train.captions, hidden_size=s.embed_dim, num_layers=2,
-                                 num_heads=heads, seed=s.seed)
+                write_local_bert(
+                    folder,
+                    train.captions,
+                    hidden_size=s.embed_dim,
+                    num_layers=2,
+                    num_heads=heads,
+                    seed=s.seed,
+                )
             text_model, text_label = str(folder), "BERT (2 layers, scratch)"
-        comps = presets.ela(text_model=text_model, image_model=vit["model_name"], img_size=size,
-                            embed_dim=s.embed_dim, model_kwargs=vit["model_kwargs"], heads=heads,
-                            cross_layers=1, w2l_layers=1, rerank_k=8)
+        comps = presets.ela(
+            text_model=text_model,
+            image_model=vit["model_name"],
+            img_size=size,
+            embed_dim=s.embed_dim,
+            model_kwargs=vit["model_kwargs"],
+            heads=heads,
+            cross_layers=1,
+            w2l_layers=1,
+            rerank_k=8,
+        )
         dict(comps)["image"].set_params(freeze=freeze)
         return comps, f"{vit_label}; {text_label}"
-    raise ValueError(f"compare: unknown preset {name!r}; choose from {sorted(COMPARE_PRESETS)}."
-                     + suggest(name, COMPARE_PRESETS))
+    raise ValueError(
+        f"compare: unknown preset {name!r}; choose from {sorted(COMPARE_PRESETS)}."
+        + suggest(name, COMPARE_PRESETS)
+    )
 
 
 def _load(data: str, view: str, s: CompareSettings, format: str | None = None):
     from imtm.data import load_dataset
 
     if data == "synthetic":
-        return load_dataset("synthetic", view=view, seed=s.seed, sizes={
-            "n_train": s.n_train, "n_dev": s.n_dev, "n_test": s.n_test, "image_size": s.image_size})
+        return load_dataset(
+            "synthetic",
+            view=view,
+            seed=s.seed,
+            sizes={
+                "n_train": s.n_train,
+                "n_dev": s.n_dev,
+                "n_test": s.n_test,
+                "image_size": s.image_size,
+            },
+        )
     if view == "pixels":
-        raise ValueError(f"compare: presets {', '.join(PIXEL_PRESETS)} train on pixels; --data {data!r} is a "
-                         "folder of precomputed region features. Leave them out of --presets or use "
-                         "--data synthetic.")
+        raise ValueError(
+            f"compare: presets {', '.join(PIXEL_PRESETS)} train on pixels; --data {data!r} is a "
+            "folder of precomputed region features. Leave them out of --presets or use "
+            "--data synthetic."
+        )
     return load_dataset(data, format or "precomp", seed=s.seed)
 
 
-def compare(preset_names, *, data: str = "synthetic", settings: CompareSettings | None = None,
-            out: str | Path | None = None, verbose: bool = True) -> list[dict]:
+def compare(
+    preset_names,
+    *,
+    data: str = "synthetic",
+    settings: CompareSettings | None = None,
+    out: str | Path | None = None,
+    verbose: bool = True,
+) -> list[dict]:
     """Train each preset on the same data and budget; evaluate all on the same test split.
 
     Args:
@@ -192,19 +266,27 @@ def compare(preset_names, *, data: str = "synthetic", settings: CompareSettings 
     from imtm.metrics import retrieval_metrics
 
     s = settings or CompareSettings()
-    names = [n.strip() for n in preset_names.split(",")] if isinstance(preset_names, str) else list(preset_names)
+    names = (
+        [n.strip() for n in preset_names.split(",")]
+        if isinstance(preset_names, str)
+        else list(preset_names)
+    )
     names = [n for n in names if n]
     if not names:
         raise ValueError("compare: no presets given; e.g. 'chan,vsepp'")
     for n in names:
         if n not in COMPARE_PRESETS:
-            raise ValueError(f"compare: unknown preset {n!r}; choose from {sorted(COMPARE_PRESETS)}."
-                             + suggest(n, COMPARE_PRESETS))
+            raise ValueError(
+                f"compare: unknown preset {n!r}; choose from {sorted(COMPARE_PRESETS)}."
+                + suggest(n, COMPARE_PRESETS)
+            )
     if s.epochs < 1:
         raise ValueError(f"compare: epochs must be at least 1, got {s.epochs}")
     if s.backbones not in BACKBONES:
-        raise ValueError(f"compare: backbones must be one of {list(BACKBONES)}, got {s.backbones!r}."
-                         + suggest(str(s.backbones), BACKBONES))
+        raise ValueError(
+            f"compare: backbones must be one of {list(BACKBONES)}, got {s.backbones!r}."
+            + suggest(str(s.backbones), BACKBONES)
+        )
     if "dcpa" in names and s.epochs < 2:
         raise ValueError("compare: DCPA trains in two stages and needs epochs >= 2 (one per stage)")
     splits: dict[str, tuple] = {}
@@ -216,9 +298,17 @@ def compare(preset_names, *, data: str = "synthetic", settings: CompareSettings 
                 splits[view] = _load(data, view, s)
             train, _, test = splits[view]
             comps, encoders = build_components(name, train, s, Path(tmp))
-            m = Matcher(comps, epochs=s.epochs, stages=presets.default_stages(name, s.epochs),
-                        batch_size=s.batch_size, lr=s.lr, random_state=s.seed, verbose=False,
-                        image_block=len(test.images), text_block=len(test.captions))
+            m = Matcher(
+                comps,
+                epochs=s.epochs,
+                stages=presets.default_stages(name, s.epochs),
+                batch_size=s.batch_size,
+                lr=s.lr,
+                random_state=s.seed,
+                verbose=False,
+                image_block=len(test.images),
+                text_block=len(test.captions),
+            )
             t0 = time.perf_counter()
             m.fit(train)
             train_s = time.perf_counter() - t0
@@ -228,14 +318,24 @@ def compare(preset_names, *, data: str = "synthetic", settings: CompareSettings 
             score_s = time.perf_counter() - t0
             n_pairs = len(test.images) * len(test.captions)
             res = retrieval_metrics(sims, test.caption_to_image)
-            row = {"preset": name, "view": view, "encoders": encoders,
-                   **{k: float(res[k]) for k in RECALL_KEYS}, "rsum": float(res["rsum"]),
-                   "train_s": train_s, "score_ms_per_1k_pairs": 1e6 * score_s / n_pairs,
-                   "n_test_images": len(test.images), "n_test_captions": len(test.captions)}
+            row = {
+                "preset": name,
+                "view": view,
+                "encoders": encoders,
+                **{k: float(res[k]) for k in RECALL_KEYS},
+                "rsum": float(res["rsum"]),
+                "train_s": train_s,
+                "score_ms_per_1k_pairs": 1e6 * score_s / n_pairs,
+                "n_test_images": len(test.images),
+                "n_test_captions": len(test.captions),
+            }
             rows.append(row)
             if verbose:
-                print(f"{name} ({view}): rSum {row['rsum']:.1f}, trained in {train_s:.1f}s, "
-                      f"{row['score_ms_per_1k_pairs']:.2f} ms per 1,000 pairs", flush=True)
+                print(
+                    f"{name} ({view}): rSum {row['rsum']:.1f}, trained in {train_s:.1f}s, "
+                    f"{row['score_ms_per_1k_pairs']:.2f} ms per 1,000 pairs",
+                    flush=True,
+                )
     if out is not None:
         write_results(rows, out, s, data=data, names=names)
     return rows
@@ -243,12 +343,21 @@ def compare(preset_names, *, data: str = "synthetic", settings: CompareSettings 
 
 def markdown_table(rows: list[dict]) -> str:
     """The results as one Markdown table (one row per preset)."""
-    head = ("| preset | view | encoders | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rSum "
-            "| train (s) | scoring (ms / 1k pairs) |")
+    head = (
+        "| preset | view | encoders | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rSum "
+        "| train (s) | scoring (ms / 1k pairs) |"
+    )
     lines = [head, "| --- | --- | --- |" + " ---: |" * 9]
     for r in rows:
-        cells = [r["preset"], r["view"], r["encoders"], *(f"{r[k]:.1f}" for k in RECALL_KEYS), f"{r['rsum']:.1f}",
-                 f"{r['train_s']:.1f}", f"{r['score_ms_per_1k_pairs']:.2f}"]
+        cells = [
+            r["preset"],
+            r["view"],
+            r["encoders"],
+            *(f"{r[k]:.1f}" for k in RECALL_KEYS),
+            f"{r['rsum']:.1f}",
+            f"{r['train_s']:.1f}",
+            f"{r['score_ms_per_1k_pairs']:.2f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -273,15 +382,27 @@ def baseline_reading(rows: list[dict]) -> list[str]:
         if base is None or r["preset"] == base or base not in by_name:
             continue
         d = r["rsum"] - by_name[base]["rsum"]
-        mine, theirs = ([part.strip() for part in x.get("encoders", "").split(";")[:2]] for x in (r, by_name[base]))
+        mine, theirs = (
+            [part.strip() for part in x.get("encoders", "").split(";")[:2]]
+            for x in (r, by_name[base])
+        )
         differ = f" (the encoders differ: {'; '.join(mine)} here)" if mine != theirs else ""
-        lines.append(f"- {r['preset']}: rSum {r['rsum']:.1f} against {base} {by_name[base]['rsum']:.1f} ({d:+.1f}): "
-                     + ("above" if d > 0 else "not above") + f" the global baseline{differ}.")
+        lines.append(
+            f"- {r['preset']}: rSum {r['rsum']:.1f} against {base} {by_name[base]['rsum']:.1f} ({d:+.1f}): "
+            + ("above" if d > 0 else "not above")
+            + f" the global baseline{differ}."
+        )
     return lines
 
 
-def write_results(rows: list[dict], out: str | Path, settings: CompareSettings, *, data: str = "synthetic",
-                  names=None) -> dict[str, Path]:
+def write_results(
+    rows: list[dict],
+    out: str | Path,
+    settings: CompareSettings,
+    *,
+    data: str = "synthetic",
+    names=None,
+) -> dict[str, Path]:
     """Write ``compare.md``, ``compare.csv`` and (with matplotlib) ``compare_recall.png`` into ``out``.
 
     Returns the paths written, by kind (``"markdown"``, ``"csv"``, ``"plot"``).
@@ -292,42 +413,68 @@ def write_results(rows: list[dict], out: str | Path, settings: CompareSettings, 
     names = names or [r["preset"] for r in rows]
     n_img, n_cap = (rows[0]["n_test_images"], rows[0]["n_test_captions"]) if rows else (0, 0)
     patch = 8 if s.backbones == "synthetic" else s.patch_size
-    command = (f"imtm compare --presets {','.join(names)} --data {data} --epochs {s.epochs} "
-               f"--n-train {s.n_train} --n-test {s.n_test} --batch-size {s.batch_size} --lr {s.lr} "
-               f"--embed-dim {s.embed_dim} --image-size {s.image_size} --backbones {s.backbones} --seed {s.seed}")
+    command = (
+        f"imtm compare --presets {','.join(names)} --data {data} --epochs {s.epochs} "
+        f"--n-train {s.n_train} --n-test {s.n_test} --batch-size {s.batch_size} --lr {s.lr} "
+        f"--embed-dim {s.embed_dim} --image-size {s.image_size} --backbones {s.backbones} --seed {s.seed}"
+    )
     text = [
         "# Presets compared on one budget",
         "",
-        (f"Generated by `{command}` (never typed by hand). Every row: the same training split "
-        f"({s.n_train} images x 5 captions of the {data} data, seed {s.seed}), {s.epochs} epochs, batch "
-        f"{s.batch_size}, AdamW at lr {s.lr}, embedding width {s.embed_dim}, triplet losses summed over "
-        f"negatives for the first epoch and on the hardest negative after (the presets' warm-up), tested on {n_img} images x {n_cap} captions. Region presets read the regions view; "
-        + ("pixel presets (LAPS, ELA, and vsepp-vit, the global baseline on their backbones) fine-tune the "
-           "packaged backbones pre-trained on the benchmark's pre-training split (synthetic-vit: 4 blocks, width 64, "
-           "8x8 patches, kept frozen unless --fine-tune-backbone, and then LAPS and vsepp-vit sum the triplet loss "
-           "over the negatives in every epoch; synthetic-bert: 2 layers, width 64, fine-tuned; see imtm.weights) on "
-           "the pixels view of the same scenes "
-           if s.backbones == "synthetic" else
-           "pixel presets (LAPS, ELA, vsepp-vit) train a ViT from scratch on the pixels view of the same scenes ")
-        + f"({s.image_size}x{s.image_size} pixels, {(s.image_size // patch) ** 2} patches of {patch}x{patch}). "
-        "DCPA splits its "
-        "epochs between its two stages. Scoring time: `Matcher.similarity` over the whole test split "
-        "(encoding included) per 1,000 image-caption pairs, on this machine."),
+        (
+            f"Generated by `{command}` (never typed by hand). Every row: the same training split "
+            f"({s.n_train} images x 5 captions of the {data} data, seed {s.seed}), {s.epochs} epochs, batch "
+            f"{s.batch_size}, AdamW at lr {s.lr}, embedding width {s.embed_dim}, triplet losses summed over "
+            f"negatives for the first epoch and on the hardest negative after (the presets' warm-up), tested on {n_img} images x {n_cap} captions. Region presets read the regions view; "
+            + (
+                "pixel presets (LAPS, ELA, and vsepp-vit, the global baseline on their backbones) fine-tune the "
+                "packaged backbones pre-trained on the benchmark's pre-training split (synthetic-vit: 4 blocks, width 64, "
+                "8x8 patches, kept frozen unless --fine-tune-backbone, and then LAPS and vsepp-vit sum the triplet loss "
+                "over the negatives in every epoch; synthetic-bert: 2 layers, width 64, fine-tuned; see imtm.weights) on "
+                "the pixels view of the same scenes "
+                if s.backbones == "synthetic"
+                else "pixel presets (LAPS, ELA, vsepp-vit) train a ViT from scratch on the pixels view of the same scenes "
+            )
+            + f"({s.image_size}x{s.image_size} pixels, {(s.image_size // patch) ** 2} patches of {patch}x{patch}). "
+            "DCPA splits its "
+            "epochs between its two stages. Scoring time: `Matcher.similarity` over the whole test split "
+            "(encoding included) per 1,000 image-caption pairs, on this machine."
+        ),
         "",
         markdown_table(rows),
         "",
     ]
     reading = baseline_reading(rows)
     if reading:
-        text += ["## Against the global baseline on the same encoders (written from the table)", "", *reading, ""]
+        text += [
+            "## Against the global baseline on the same encoders (written from the table)",
+            "",
+            *reading,
+            "",
+        ]
     paths = {"markdown": out / "compare.md", "csv": out / "compare.csv"}
     with open(paths["csv"], "w", newline="") as f:
-        fields = ["preset", "view", "encoders", *RECALL_KEYS, "rsum", "train_s", "score_ms_per_1k_pairs",
-                  "n_test_images", "n_test_captions"]
+        fields = [
+            "preset",
+            "view",
+            "encoders",
+            *RECALL_KEYS,
+            "rsum",
+            "train_s",
+            "score_ms_per_1k_pairs",
+            "n_test_images",
+            "n_test_captions",
+        ]
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
-            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k in fields})
+            w.writerow(
+                {
+                    k: (round(v, 4) if isinstance(v, float) else v)
+                    for k, v in r.items()
+                    if k in fields
+                }
+            )
     plot = plot_recall(rows, out / "compare_recall.png")
     if plot is not None:
         paths["plot"] = plot
@@ -352,14 +499,21 @@ def plot_recall(rows: list[dict], path: str | Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharey=True)
     for ax, side, title in zip(axes, ("i2t", "t2i"), ("image -> text", "text -> image")):
         for r in rows:
-            ax.plot(ks, [r[f"{side}_r{k}"] for k in ks], marker="o", label=f"{r['preset']} ({r['view']})")
+            ax.plot(
+                ks,
+                [r[f"{side}_r{k}"] for k in ks],
+                marker="o",
+                label=f"{r['preset']} ({r['view']})",
+            )
         ax.set_xticks(ks)
         ax.set_xlabel("K")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("recall@K (%)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(rows), 3), fontsize=8, frameon=False)
+    fig.legend(
+        handles, labels, loc="lower center", ncol=min(len(rows), 3), fontsize=8, frameon=False
+    )
     fig.tight_layout(rect=(0, 0.06 * math.ceil(len(rows) / 3) + 0.02, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=100)

@@ -92,11 +92,16 @@ def register(cls: type) -> type:
         True
     """
     if not (isinstance(cls, type) and issubclass(cls, Component)):
-        raise TypeError(f"imtm.register: only subclasses of imtm.Component can be registered as blocks, got {cls!r}")
+        raise TypeError(
+            f"imtm.register: only subclasses of imtm.Component can be registered as blocks, got {cls!r}"
+        )
     name = cls.__name__
     if name in COMPONENT_REGISTRY and COMPONENT_REGISTRY[name] is not cls:
         existing = COMPONENT_REGISTRY[name]
-        if f"{existing.__module__}.{existing.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}":
+        if (
+            f"{existing.__module__}.{existing.__qualname__}"
+            != f"{cls.__module__}.{cls.__qualname__}"
+        ):
             # A second class of the same name (e.g. a user's): keep both reachable by qualified name.
             COMPONENT_REGISTRY[f"{cls.__module__}.{cls.__qualname__}"] = cls
             return cls
@@ -144,8 +149,10 @@ def load_components(*, reload: bool = False) -> dict[str, str]:
         if isinstance(obj, type) and issubclass(obj, Component):
             register(obj)
         elif not isinstance(obj, types.ModuleType):
-            ENTRY_POINT_ERRORS[ep.name] = (f"{ep.value} is a {type(obj).__name__}, neither an imtm.Component "
-                                           "subclass nor a module")
+            ENTRY_POINT_ERRORS[ep.name] = (
+                f"{ep.value} is a {type(obj).__name__}, neither an imtm.Component "
+                "subclass nor a module"
+            )
     _entry_points_loaded = True
     return dict(ENTRY_POINT_ERRORS)
 
@@ -176,7 +183,9 @@ def is_restoring_saved_weights() -> bool:
     return _RESTORING.get()
 
 
-_VALIDATING: contextvars.ContextVar[frozenset] = contextvars.ContextVar("imtm_validating", default=frozenset())
+_VALIDATING: contextvars.ContextVar[frozenset] = contextvars.ContextVar(
+    "imtm_validating", default=frozenset()
+)
 
 
 def _checking_constraints(validate):
@@ -303,7 +312,9 @@ class Component(nn.Module):
             if p.name == "self" or p.kind == p.VAR_KEYWORD:
                 continue
             if p.kind == p.VAR_POSITIONAL:
-                raise TypeError(f"{cls.__name__}: components may not take *args in __init__ (scikit-learn rule)")
+                raise TypeError(
+                    f"{cls.__name__}: components may not take *args in __init__ (scikit-learn rule)"
+                )
             names.append(p.name)
         return sorted(names)
 
@@ -393,7 +404,11 @@ class Component(nn.Module):
         if before is None or after is None:
             return
         for key in ("requires", "provides"):
-            if key in after and key not in params and tuple(getattr(self, key)) == tuple(before[key]):
+            if (
+                key in after
+                and key not in params
+                and tuple(getattr(self, key)) == tuple(before[key])
+            ):
                 setattr(self, key, tuple(after[key]))
 
     def __sklearn_clone__(self):
@@ -409,9 +424,15 @@ class Component(nn.Module):
         """scikit-learn's estimator tags: a block needs no ``fit`` and takes no 2-D arrays."""
         from sklearn.utils import InputTags, Tags, TargetTags
 
-        return Tags(estimator_type=None, target_tags=TargetTags(required=False), transformer_tags=None,
-                    regressor_tags=None, classifier_tags=None, requires_fit=False,
-                    input_tags=InputTags(two_d_array=False))
+        return Tags(
+            estimator_type=None,
+            target_tags=TargetTags(required=False),
+            transformer_tags=None,
+            regressor_tags=None,
+            classifier_tags=None,
+            requires_fit=False,
+            input_tags=InputTags(two_d_array=False),
+        )
 
     def __repr__(self) -> str:
         """``ClassName(param=value, ...)`` with every parameter that differs from its default.
@@ -429,7 +450,8 @@ class Component(nn.Module):
     def changed_params(self) -> dict[str, Any]:
         """The constructor arguments whose values differ from the signature's defaults."""
         defaults = {
-            p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()
+            p.name: p.default
+            for p in inspect.signature(type(self).__init__).parameters.values()
             if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
         }
         out = {}
@@ -570,8 +592,10 @@ class LinkedComponent(Component, abstract=True):
         if not isinstance(ref, str):
             return
         if ref not in blocks:
-            raise KeyError(f"{type(self).__name__}: {self._target_param}={ref!r} names no block of this pipeline "
-                           f"(blocks: {sorted(blocks)})")
+            raise KeyError(
+                f"{type(self).__name__}: {self._target_param}={ref!r} names no block of this pipeline "
+                f"(blocks: {sorted(blocks)})"
+            )
         self._check_target(blocks[ref], ref)
         self._linked = blocks[ref]
 
@@ -581,8 +605,10 @@ class LinkedComponent(Component, abstract=True):
     def target(self):
         """The linked block; a RuntimeError before :meth:`link` when it was given by name."""
         if self._linked is None:
-            raise RuntimeError(f"{type(self).__name__}: {self._target_param}={getattr(self, self._target_param)!r} "
-                               "is not linked yet; use it in a Matcher or pass the block itself")
+            raise RuntimeError(
+                f"{type(self).__name__}: {self._target_param}={getattr(self, self._target_param)!r} "
+                "is not linked yet; use it in a Matcher or pass the block itself"
+            )
         return self._linked
 
 
@@ -590,7 +616,12 @@ def _differs(value, default) -> bool:
     """Whether a parameter value differs from its default, as scikit-learn's repr decides (NaN equals NaN)."""
     if value is default:
         return False
-    if isinstance(value, float) and isinstance(default, float) and math.isnan(value) and math.isnan(default):
+    if (
+        isinstance(value, float)
+        and isinstance(default, float)
+        and math.isnan(value)
+        and math.isnan(default)
+    ):
         return False
     return repr(value) != repr(default)
 
@@ -610,8 +641,13 @@ def state_mismatch(own: dict, state: dict, *, limit: int = 4) -> list[str]:
     if unexpected:
         bits.append(f"unexpected {unexpected[:limit]}")
     if wrong:
-        bits.append("shape mismatch " + ", ".join(
-            f"{k}: saved {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:limit]))
+        bits.append(
+            "shape mismatch "
+            + ", ".join(
+                f"{k}: saved {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                for k in wrong[:limit]
+            )
+        )
     return bits
 
 
@@ -623,4 +659,6 @@ class Loss(Component, abstract=True):
     """
 
     weight: float = 1.0
-    _parameter_constraints: ClassVar[dict[str, list]] = {"weight": [Interval(Real, 0, None, closed="left")]}
+    _parameter_constraints: ClassVar[dict[str, list]] = {
+        "weight": [Interval(Real, 0, None, closed="left")]
+    }

@@ -116,15 +116,21 @@ class Interval(_Constraint):
         'an integer >= 2'
     """
 
-    def __init__(self, kind: type, left: float | None, right: float | None, *, closed: str = "both"):
+    def __init__(
+        self, kind: type, left: float | None, right: float | None, *, closed: str = "both"
+    ):
         if kind in (int, Integral):
             kind = Integral
         elif kind in (float, Real):
             kind = Real
         else:
-            raise TypeError(f"Interval: kind must be Integral or Real (or int / float), got {kind!r}")
+            raise TypeError(
+                f"Interval: kind must be Integral or Real (or int / float), got {kind!r}"
+            )
         if closed not in ("both", "left", "right", "neither"):
-            raise ValueError(f"Interval: closed must be 'both', 'left', 'right' or 'neither', got {closed!r}")
+            raise ValueError(
+                f"Interval: closed must be 'both', 'left', 'right' or 'neither', got {closed!r}"
+            )
         self.kind, self.left, self.right, self.closed = kind, left, right, closed
 
     def is_satisfied_by(self, value: Any) -> bool:
@@ -136,7 +142,10 @@ class Interval(_Constraint):
         hi_closed = self.closed in ("both", "right")
         if self.left is not None and (value < self.left or (value == self.left and not lo_closed)):
             return False
-        return not (self.right is not None and (value > self.right or (value == self.right and not hi_closed)))
+        return not (
+            self.right is not None
+            and (value > self.right or (value == self.right and not hi_closed))
+        )
 
     def describe(self) -> str:
         what = "an integer" if self.kind is Integral else "a finite number"
@@ -205,7 +214,9 @@ class InstanceOf(_Constraint):
         return isinstance(value, self.types)
 
     def describe(self) -> str:
-        return " or ".join(("an " if t.__name__[0] in "aeiou" else "a ") + t.__name__ for t in self.types)
+        return " or ".join(
+            ("an " if t.__name__[0] in "aeiou" else "a ") + t.__name__ for t in self.types
+        )
 
     def bad_values(self) -> list[Any]:
         return [object()]
@@ -267,7 +278,10 @@ BLOCK_BUDGET: list[Any] = [Interval(Integral, 1, None, closed="left"), None]
 #: The dtype of the blocked scorers' matrix products; ``None``: the inputs'.
 COMPUTE_DTYPE: list[Any] = [
     None,
-    Satisfies(lambda d: isinstance(d, torch.dtype) and d.is_floating_point, "a floating torch.dtype such as torch.bfloat16"),
+    Satisfies(
+        lambda d: isinstance(d, torch.dtype) and d.is_floating_point,
+        "a floating torch.dtype such as torch.bfloat16",
+    ),
 ]
 
 
@@ -280,8 +294,10 @@ def _make_constraint(c: Any) -> _Constraint:
         return _Boolean()
     if isinstance(c, type):
         return InstanceOf(c)
-    raise TypeError(f"unknown parameter constraint {c!r}: use Interval, Options, InstanceOf, Satisfies, "
-                    "'boolean', None or a type")
+    raise TypeError(
+        f"unknown parameter constraint {c!r}: use Interval, Options, InstanceOf, Satisfies, "
+        "'boolean', None or a type"
+    )
 
 
 def check_value(value: Any, constraints: Iterable[Any], *, name: str, where: str) -> None:
@@ -294,12 +310,16 @@ def check_value(value: Any, constraints: Iterable[Any], *, name: str, where: str
     if any(c.is_satisfied_by(value) for c in made):
         return
     described = [c.describe() for c in made]
-    allowed = described[0] if len(described) == 1 else ", ".join(described[:-1]) + " or " + described[-1]
+    allowed = (
+        described[0] if len(described) == 1 else ", ".join(described[:-1]) + " or " + described[-1]
+    )
     hint = ""
     for c in made:
         if isinstance(c, Options) and isinstance(value, str):
             hint = suggest(value, sorted(map(str, c.options)))
-    raise InvalidParameterError(f"{where}: {name} must be {allowed}, got {value!r}{'.' + hint if hint else ''}")
+    raise InvalidParameterError(
+        f"{where}: {name} must be {allowed}, got {value!r}{'.' + hint if hint else ''}"
+    )
 
 
 def refused_values(constraints: Iterable[Any]) -> list[Any]:
@@ -330,8 +350,12 @@ def check_param(block: Any, name: str, value: Any) -> None:
     For a block that builds layers in ``__init__`` from some of its arguments (a dimension): it
     checks those before building, and leaves the rest to ``validate()``, as scikit-learn would.
     """
-    check_value(value, parameter_constraints(type(block)).get(name, ()) or [_Anything()], name=name,
-                where=type(block).__name__)
+    check_value(
+        value,
+        parameter_constraints(type(block)).get(name, ()) or [_Anything()],
+        name=name,
+        where=type(block).__name__,
+    )
 
 
 def check_params(block: Any, params: Mapping[str, Any] | None = None) -> None:
@@ -356,8 +380,10 @@ def check_params(block: Any, params: Mapping[str, Any] | None = None) -> None:
     own = type(block).__dict__.get("_parameter_constraints") or {}
     unknown = sorted(set(own) - set(params))
     if unknown:
-        raise TypeError(f"{where}._parameter_constraints names {unknown}, which are not constructor arguments "
-                        f"(those are {sorted(params)})")
+        raise TypeError(
+            f"{where}._parameter_constraints names {unknown}, which are not constructor arguments "
+            f"(those are {sorted(params)})"
+        )
     for name, accepted in constraints.items():
         if name not in params or accepted == "no_validation":
             continue
@@ -394,9 +420,13 @@ class ValueSpec:
 
     def __post_init__(self):
         if self.side not in SIDES:
-            raise ValueError(f"ValueSpec {self.name!r}: side must be one of {list(SIDES)}, got {self.side!r}")
+            raise ValueError(
+                f"ValueSpec {self.name!r}: side must be one of {list(SIDES)}, got {self.side!r}"
+            )
         if self.kind not in KINDS:
-            raise ValueError(f"ValueSpec {self.name!r}: kind must be one of {list(KINDS)}, got {self.kind!r}")
+            raise ValueError(
+                f"ValueSpec {self.name!r}: kind must be one of {list(KINDS)}, got {self.kind!r}"
+            )
 
     def batch_axis(self) -> str | None:
         """``"Bi"`` / ``"Bt"``: the batch the first axis follows (``None``: none documented)."""
@@ -410,69 +440,259 @@ def _v(name, side, kind, shape, doc) -> ValueSpec:
 
 
 #: The shared vocabulary of value names that flow between blocks, by name.
-VALUE_SPECS: dict[str, ValueSpec] = {s.name: s for s in (
-    _v("images", "image", "any", None,
-       "raw image batch: pixels (Bi, 3, H, W) or precomputed region features as Tokens (Bi, N, D)"),
-    _v("texts", "text", "any", None,
-       "raw caption batch: a list of strings, or Tokens of integer token ids (Bt, M)"),
-    _v("image_ids", "text", "tensor", ("Bt",), "(Bt,) long: for each caption in the batch, the id of its image"),
-    _v("positives", "pair", "tensor", ("Bi", "Bt"),
-       "(Bi, Bt) bool: True for matching image-caption pairs (derived from image_ids)"),
-    _v("image_tokens", "image", "tokens", ("Bi", "N", None), "Tokens (Bi, N, D) after encoding and refining"),
-    _v("text_tokens", "text", "tokens", ("Bt", "M", None), "Tokens (Bt, M, D) after encoding and refining"),
-    _v("image_embedding", "image", "tensor", ("Bi", None), "(Bi, D) global image vectors"),
-    _v("text_embedding", "text", "tensor", ("Bt", None), "(Bt, D) global caption vectors"),
-    _v("scores", "pair", "tensor", ("Bi", "Bt"), "(Bi, Bt) one similarity used for both retrieval directions"),
-    _v("scores_i2t", "pair", "tensor", ("Bi", "Bt"), "(Bi, Bt) similarity used to rank captions for an image"),
-    _v("scores_t2i", "pair", "tensor", ("Bi", "Bt"), "(Bi, Bt) similarity used to rank images for a caption"),
-    _v("keep_decisions", "pair", "tensor", ("Bi", "Bt", "N"), "LAPS: (Bi, Bt, N) 0/1 patch keep decisions"),
-    _v("patch_scores", "pair", "tensor", ("Bi", "Bt", "N"),
-       "LAPS: (Bi, Bt, N) patch significance in [0, 1] for every image-caption pair"),
-    _v("aggregated_tokens", "pair", "tensor", ("Bi", "Bt", None, None),
-       "LAPS: (Bi, Bt, Nc, D) kept patches merged into Nc tokens per pair"),
-    _v("fused_tokens", "pair", "tensor", ("Bi", "Bt", None),
-       "LAPS: (Bi, Bt, D) the dropped patches of each pair fused into one token"),
-    _v("patch_lexicon", "image", "any", None,
-       "ELA: LexiconLogits, patch-to-lexicon logits (K, V) of the K masked patches and their (image, position)"),
-    _v("word_lexicon", "text", "tensor", ("Bt", "M", None), "ELA: (Bt, M, V) word-to-lexicon logits"),
-    _v("transport_plan", "none", "tensor", None, "ELA: (B, N, M) optimal-transport plan between patches and words"),
-    _v("sparse_mask", "pair", "tensor", ("Bi", "Bt"),
-       "DIAS: (B, B) soft mask of the strongly correlated unmatched pairs (SparseCorrelation)"),
-    _v("negatives_i2t", "pair", "tensor", ("Bi", "Bt"),
-       "DIAS miner: (Bi, Bt) long, a negative caption of each positive pair (DistanceWeightedMiner)"),
-    _v("negatives_t2i", "pair", "tensor", ("Bi", "Bt"),
-       "DIAS miner: (Bi, Bt) long, a negative image of each positive pair (DistanceWeightedMiner)"),
-    _v("visual_phrases", "image", "tokens", ("Bi", "N", None),
-       "DCPA: Tokens (Bi, N, D) unit-norm visual phrases (regions after the phrase encoder)"),
-    _v("text_phrase", "text", "tensor", ("Bt", None),
-       "DCPA: (Bt, D) phrase-aware sentence vectors c^T (1-D CNN over 1/2/3-grams)"),
-    _v("scores_intra", "pair", "tensor", ("Bi", "Bt"), "DCPA: (Bi, Bt) intra-modal top-K score S(i^V, c^T)"),
-    _v("scores_inter_i2t", "pair", "tensor", ("Bi", "Bt"),
-       "DCPA: (Bi, Bt) image-to-text branch score S(i^T, c) (regions query words)"),
-    _v("scores_inter_t2i", "pair", "tensor", ("Bi", "Bt"),
-       "DCPA: (Bi, Bt) text-to-image branch score S(i, c^V) (words query regions)"),
-    _v("masked_patches", "image", "tensor", ("Bi", None),
-       "(Bi, N) bool: patch tokens masked at the image encoder's input in training (ELA)"),
-    _v("masked_image_tokens", "image", "tokens", ("Bi", None, None),
-       "ELA: Tokens (Bi, N, D) of the masked view of the images (MaskedImageView)"),
-    _v("word_lexicon_masked", "text", "tensor", ("Bt", None, None),
-       "ELA: (Bt, M, V) word-to-lexicon logits of the masked captions"),
-    _v("masked_texts", "text", "tokens", ("Bt", None), "ELA: Tokens (Bt, L) of token ids after masked-LM word masking"),
-    _v("masked_text_tokens", "text", "tokens", ("Bt", None, None),
-       "ELA: Tokens (Bt, L, D) of the masked captions after the text encoder"),
-    _v("mlm_labels", "text", "tensor", ("Bt", None), "ELA: (Bt, L) long, the original id at masked words, -100 elsewhere"),
-    _v("cross_text_tokens", "text", "tokens", ("Bt", None, None),
-       "ELA: Tokens (Bt, L, D) word states of the cross-modal encoder (row b: image b, caption b)"),
-    _v("cross_lexicon", "text", "tensor", ("Bt", None, None),
-       "ELA: (Bt, L, V) image-aware word-to-lexicon logits (masked-LM head on the cross-modal encoder)"),
-    _v("itc_scores", "pair", "tensor", ("Bi", "Bt"),
-       "ELA: (Bi, Bt) contrastive similarity, the first stage of two-stage retrieval"),
-    _v("itm_logits", "none", "tensor", (None, 2),
-       "ELA: (P, 2) image-text matching logits of sampled pairs (not a match, a match)"),
-    _v("itm_labels", "none", "tensor", (None,), "ELA: (P,) long, 1 for matching pairs"),
-    _v("scores_inter", "pair", "tensor", ("Bi", "Bt"),
-       "DCPA without decoupling: (Bi, Bt) one symmetric inter-modal score (mean of both branches)"),
-)}
+VALUE_SPECS: dict[str, ValueSpec] = {
+    s.name: s
+    for s in (
+        _v(
+            "images",
+            "image",
+            "any",
+            None,
+            "raw image batch: pixels (Bi, 3, H, W) or precomputed region features as Tokens (Bi, N, D)",
+        ),
+        _v(
+            "texts",
+            "text",
+            "any",
+            None,
+            "raw caption batch: a list of strings, or Tokens of integer token ids (Bt, M)",
+        ),
+        _v(
+            "image_ids",
+            "text",
+            "tensor",
+            ("Bt",),
+            "(Bt,) long: for each caption in the batch, the id of its image",
+        ),
+        _v(
+            "positives",
+            "pair",
+            "tensor",
+            ("Bi", "Bt"),
+            "(Bi, Bt) bool: True for matching image-caption pairs (derived from image_ids)",
+        ),
+        _v(
+            "image_tokens",
+            "image",
+            "tokens",
+            ("Bi", "N", None),
+            "Tokens (Bi, N, D) after encoding and refining",
+        ),
+        _v(
+            "text_tokens",
+            "text",
+            "tokens",
+            ("Bt", "M", None),
+            "Tokens (Bt, M, D) after encoding and refining",
+        ),
+        _v("image_embedding", "image", "tensor", ("Bi", None), "(Bi, D) global image vectors"),
+        _v("text_embedding", "text", "tensor", ("Bt", None), "(Bt, D) global caption vectors"),
+        _v(
+            "scores",
+            "pair",
+            "tensor",
+            ("Bi", "Bt"),
+            "(Bi, Bt) one similarity used for both retrieval directions",
+        ),
+        _v(
+            "scores_i2t",
+            "pair",
+            "tensor",
+            ("Bi", "Bt"),
+            "(Bi, Bt) similarity used to rank captions for an image",
+        ),
+        _v(
+            "scores_t2i",
+            "pair",
+            "tensor",
+            ("Bi", "Bt"),
+            "(Bi, Bt) similarity used to rank images for a caption",
+        ),
+        _v(
+            "keep_decisions",
+            "pair",
+            "tensor",
+            ("Bi", "Bt", "N"),
+            "LAPS: (Bi, Bt, N) 0/1 patch keep decisions",
+        ),
+        _v(
+            "patch_scores",
+            "pair",
+            "tensor",
+            ("Bi", "Bt", "N"),
+            "LAPS: (Bi, Bt, N) patch significance in [0, 1] for every image-caption pair",
+        ),
+        _v(
+            "aggregated_tokens",
+            "pair",
+            "tensor",
+            ("Bi", "Bt", None, None),
+            "LAPS: (Bi, Bt, Nc, D) kept patches merged into Nc tokens per pair",
+        ),
+        _v(
+            "fused_tokens",
+            "pair",
+            "tensor",
+            ("Bi", "Bt", None),
+            "LAPS: (Bi, Bt, D) the dropped patches of each pair fused into one token",
+        ),
+        _v(
+            "patch_lexicon",
+            "image",
+            "any",
+            None,
+            "ELA: LexiconLogits, patch-to-lexicon logits (K, V) of the K masked patches and their (image, position)",
+        ),
+        _v(
+            "word_lexicon",
+            "text",
+            "tensor",
+            ("Bt", "M", None),
+            "ELA: (Bt, M, V) word-to-lexicon logits",
+        ),
+        _v(
+            "transport_plan",
+            "none",
+            "tensor",
+            None,
+            "ELA: (B, N, M) optimal-transport plan between patches and words",
+        ),
+        _v(
+            "sparse_mask",
+            "pair",
+            "tensor",
+            ("Bi", "Bt"),
+            "DIAS: (B, B) soft mask of the strongly correlated unmatched pairs (SparseCorrelation)",
+        ),
+        _v(
+            "negatives_i2t",
+            "pair",
+            "tensor",
+            ("Bi", "Bt"),
+            "DIAS miner: (Bi, Bt) long, a negative caption of each positive pair (DistanceWeightedMiner)",
+        ),
+        _v(
+            "negatives_t2i",
+            "pair",
+            "tensor",
+            ("Bi", "Bt"),
+            "DIAS miner: (Bi, Bt) long, a negative image of each positive pair (DistanceWeightedMiner)",
+        ),
+        _v(
+            "visual_phrases",
+            "image",
+            "tokens",
+            ("Bi", "N", None),
+            "DCPA: Tokens (Bi, N, D) unit-norm visual phrases (regions after the phrase encoder)",
+        ),
+        _v(
+            "text_phrase",
+            "text",
+            "tensor",
+            ("Bt", None),
+            "DCPA: (Bt, D) phrase-aware sentence vectors c^T (1-D CNN over 1/2/3-grams)",
+        ),
+        _v(
+            "scores_intra",
+            "pair",
+            "tensor",
+            ("Bi", "Bt"),
+            "DCPA: (Bi, Bt) intra-modal top-K score S(i^V, c^T)",
+        ),
+        _v(
+            "scores_inter_i2t",
+            "pair",
+            "tensor",
+            ("Bi", "Bt"),
+            "DCPA: (Bi, Bt) image-to-text branch score S(i^T, c) (regions query words)",
+        ),
+        _v(
+            "scores_inter_t2i",
+            "pair",
+            "tensor",
+            ("Bi", "Bt"),
+            "DCPA: (Bi, Bt) text-to-image branch score S(i, c^V) (words query regions)",
+        ),
+        _v(
+            "masked_patches",
+            "image",
+            "tensor",
+            ("Bi", None),
+            "(Bi, N) bool: patch tokens masked at the image encoder's input in training (ELA)",
+        ),
+        _v(
+            "masked_image_tokens",
+            "image",
+            "tokens",
+            ("Bi", None, None),
+            "ELA: Tokens (Bi, N, D) of the masked view of the images (MaskedImageView)",
+        ),
+        _v(
+            "word_lexicon_masked",
+            "text",
+            "tensor",
+            ("Bt", None, None),
+            "ELA: (Bt, M, V) word-to-lexicon logits of the masked captions",
+        ),
+        _v(
+            "masked_texts",
+            "text",
+            "tokens",
+            ("Bt", None),
+            "ELA: Tokens (Bt, L) of token ids after masked-LM word masking",
+        ),
+        _v(
+            "masked_text_tokens",
+            "text",
+            "tokens",
+            ("Bt", None, None),
+            "ELA: Tokens (Bt, L, D) of the masked captions after the text encoder",
+        ),
+        _v(
+            "mlm_labels",
+            "text",
+            "tensor",
+            ("Bt", None),
+            "ELA: (Bt, L) long, the original id at masked words, -100 elsewhere",
+        ),
+        _v(
+            "cross_text_tokens",
+            "text",
+            "tokens",
+            ("Bt", None, None),
+            "ELA: Tokens (Bt, L, D) word states of the cross-modal encoder (row b: image b, caption b)",
+        ),
+        _v(
+            "cross_lexicon",
+            "text",
+            "tensor",
+            ("Bt", None, None),
+            "ELA: (Bt, L, V) image-aware word-to-lexicon logits (masked-LM head on the cross-modal encoder)",
+        ),
+        _v(
+            "itc_scores",
+            "pair",
+            "tensor",
+            ("Bi", "Bt"),
+            "ELA: (Bi, Bt) contrastive similarity, the first stage of two-stage retrieval",
+        ),
+        _v(
+            "itm_logits",
+            "none",
+            "tensor",
+            (None, 2),
+            "ELA: (P, 2) image-text matching logits of sampled pairs (not a match, a match)",
+        ),
+        _v("itm_labels", "none", "tensor", (None,), "ELA: (P,) long, 1 for matching pairs"),
+        _v(
+            "scores_inter",
+            "pair",
+            "tensor",
+            ("Bi", "Bt"),
+            "DCPA without decoupling: (Bi, Bt) one symmetric inter-modal score (mean of both branches)",
+        ),
+    )
+}
 
 
 def register_value(value: ValueSpec) -> ValueSpec:
@@ -485,8 +705,10 @@ def register_value(value: ValueSpec) -> ValueSpec:
         raise TypeError(f"register_value: expected a ValueSpec, got {type(value).__name__}")
     known = VALUE_SPECS.get(value.name)
     if known is not None and known != value:
-        raise ValueError(f"value name {value.name!r} is already in the vocabulary as {known}; "
-                         "choose another name or reuse the same spec")
+        raise ValueError(
+            f"value name {value.name!r} is already in the vocabulary as {known}; "
+            "choose another name or reuse the same spec"
+        )
     VALUE_SPECS[value.name] = value
     return value
 
@@ -497,8 +719,12 @@ def spec(name: str) -> ValueSpec | None:
 
 
 #: The side sets the pipeline plan starts from: which modality a batch value depends on.
-_SIDE_SETS = {"image": frozenset({"image"}), "text": frozenset({"text"}), "pair": frozenset({"image", "text"}),
-              "none": frozenset()}
+_SIDE_SETS = {
+    "image": frozenset({"image"}),
+    "text": frozenset({"text"}),
+    "pair": frozenset({"image", "text"}),
+    "none": frozenset(),
+}
 
 
 def vocabulary_table() -> str:
@@ -512,10 +738,16 @@ def vocabulary_table() -> str:
     def shape(value: ValueSpec) -> str:
         if value.shape is None:
             return ""
-        return "(" + ", ".join("*" if a is None else str(a) for a in value.shape) + (",)" if len(value.shape) == 1 else ")")
+        return (
+            "("
+            + ", ".join("*" if a is None else str(a) for a in value.shape)
+            + (",)" if len(value.shape) == 1 else ")")
+        )
 
     rows = ["| name | side | kind | shape | what |", "| --- | --- | --- | --- | --- |"]
-    rows += [f"| `{v.name}` | {v.side} | {v.kind} | {shape(v)} | {v.doc} |" for v in VALUE_SPECS.values()]
+    rows += [
+        f"| `{v.name}` | {v.side} | {v.kind} | {shape(v)} | {v.doc} |" for v in VALUE_SPECS.values()
+    ]
     return "\n".join(rows)
 
 
@@ -528,5 +760,7 @@ def side_of(name: str) -> frozenset:
     """
     value = VALUE_SPECS.get(name)
     if value is None:
-        raise KeyError(f"{name!r} is not in the vocabulary of value names." + suggest(name, VALUE_SPECS))
+        raise KeyError(
+            f"{name!r} is not in the vocabulary of value names." + suggest(name, VALUE_SPECS)
+        )
     return _SIDE_SETS[value.side]

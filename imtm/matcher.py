@@ -93,15 +93,20 @@ class Stage:
     lr_factors: dict[str, float] | None = None
 
     def __repr__(self) -> str:
-        shown = [f"epochs={self.epochs!r}"] + [f"{k}={getattr(self, k)!r}" for k in self.__dataclass_fields__
-                                               if k != "epochs" and getattr(self, k) is not None]
+        shown = [f"epochs={self.epochs!r}"] + [
+            f"{k}={getattr(self, k)!r}"
+            for k in self.__dataclass_fields__
+            if k != "epochs" and getattr(self, k) is not None
+        ]
         return f"Stage({', '.join(shown)})"
 
     def to_dict(self) -> dict:
         """The fields as JSON data (a class or a factory recorded by name: see :func:`imtm.engine.optim.describe`)."""
         from imtm.engine.optim import describe
 
-        return json.loads(json.dumps({k: describe(getattr(self, k)) for k in self.__dataclass_fields__}))
+        return json.loads(
+            json.dumps({k: describe(getattr(self, k)) for k in self.__dataclass_fields__})
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> Stage:
@@ -299,19 +304,23 @@ class Matcher(BaseEstimator):
                 if key not in named:
                     raise ValueError(
                         f"Matcher: invalid parameter {key!r}; valid ones are {sorted(valid_own)} "
-                        f"and the block names {sorted(named)}." + suggest(key, sorted(valid_own) + sorted(named))
+                        f"and the block names {sorted(named)}."
+                        + suggest(key, sorted(valid_own) + sorted(named))
                     )
         for key, value in own.items():
             if key in valid_own:
                 setattr(self, key, value)
         for key in block_keys:
-            self.components = [(n, own[key]) if n == key else (n, b) for n, b in self.named_components]
+            self.components = [
+                (n, own[key]) if n == key else (n, b) for n, b in self.named_components
+            ]
         if nested:
             named = dict(self.named_components)
             for head, sub in nested.items():
                 if head not in named:
                     raise ValueError(
-                        f"Matcher: no block named {head!r}; blocks are {sorted(named)}." + suggest(head, named)
+                        f"Matcher: no block named {head!r}; blocks are {sorted(named)}."
+                        + suggest(head, named)
                     )
                 named[head].set_params(**sub)
         return self
@@ -353,10 +362,18 @@ class Matcher(BaseEstimator):
                 "Matcher: no block provides 'scores' (or both 'scores_i2t' and 'scores_t2i'); "
                 "add a scorer such as GlobalCosine or HardAssignmentCoding"
             )
-        for name, value in [("epochs", self.epochs), ("batch_size", self.batch_size),
-                            ("eval_batch_size", self.eval_batch_size), ("image_block", self.image_block),
-                            ("text_block", self.text_block)]:
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "epochs" else 1):
+        for name, value in [
+            ("epochs", self.epochs),
+            ("batch_size", self.batch_size),
+            ("eval_batch_size", self.eval_batch_size),
+            ("image_block", self.image_block),
+            ("text_block", self.text_block),
+        ]:
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < (0 if name == "epochs" else 1)
+            ):
                 raise ValueError(f"Matcher: {name} must be a positive integer, got {value!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(
@@ -366,7 +383,9 @@ class Matcher(BaseEstimator):
         if not isinstance(self.compile, bool):
             raise TypeError(f"Matcher: compile must be True or False, got {self.compile!r}")
         if self.on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"Matcher: on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
+            raise ValueError(
+                f"Matcher: on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}"
+            )
         self._validate_numbers()
         for s in self._stages():
             for field_name in ("train", "losses"):
@@ -378,35 +397,66 @@ class Matcher(BaseEstimator):
                         )
             for n in s.losses or []:
                 if not plan.is_loss(plan.names.index(n)):
-                    raise ValueError(f"Matcher: stage lists {n!r} as a loss, but it is not a Loss block")
-            if s.batch_size is not None and (not isinstance(s.batch_size, int) or isinstance(s.batch_size, bool)
-                                             or s.batch_size < 1):
-                raise ValueError(f"Matcher: stage {s.name or ''!s} batch_size must be a positive integer or None, "
-                                 f"got {s.batch_size!r}")
-            if s.lr is not None and not (isinstance(s.lr, (int, float)) and not isinstance(s.lr, bool)
-                                         and math.isfinite(s.lr) and s.lr > 0):
-                raise ValueError(f"Matcher: stage {s.name or ''!s} lr must be a finite number > 0 or None, got {s.lr!r}")
+                    raise ValueError(
+                        f"Matcher: stage lists {n!r} as a loss, but it is not a Loss block"
+                    )
+            if s.batch_size is not None and (
+                not isinstance(s.batch_size, int)
+                or isinstance(s.batch_size, bool)
+                or s.batch_size < 1
+            ):
+                raise ValueError(
+                    f"Matcher: stage {s.name or ''!s} batch_size must be a positive integer or None, "
+                    f"got {s.batch_size!r}"
+                )
+            if s.lr is not None and not (
+                isinstance(s.lr, (int, float))
+                and not isinstance(s.lr, bool)
+                and math.isfinite(s.lr)
+                and s.lr > 0
+            ):
+                raise ValueError(
+                    f"Matcher: stage {s.name or ''!s} lr must be a finite number > 0 or None, got {s.lr!r}"
+                )
             check_lr_factors(s.lr_factors, plan.names, where=f"Matcher: stage {s.name or ''!s}")
         check_lr_factors(self.lr_factors, plan.names)
         from imtm.engine.callbacks import LOGGERS
 
-        if isinstance(self.loggers, str) or not all(isinstance(x, str) and x in LOGGERS for x in self.loggers or ()):
-            raise ValueError(f"Matcher: loggers must be a list of names from {sorted(LOGGERS)}, got {self.loggers!r} "
-                             "(pass Callback objects to fit(callbacks=...))")
+        if isinstance(self.loggers, str) or not all(
+            isinstance(x, str) and x in LOGGERS for x in self.loggers or ()
+        ):
+            raise ValueError(
+                f"Matcher: loggers must be a list of names from {sorted(LOGGERS)}, got {self.loggers!r} "
+                "(pass Callback objects to fit(callbacks=...))"
+            )
         if self.init_blocks is not None:
             if self.init_from is None:
-                raise ValueError("Matcher: init_blocks names blocks to copy, but init_from is None; give the model "
-                                 "(a fitted Matcher or a saved folder) to copy them from")
-            if isinstance(self.init_blocks, str) or not all(isinstance(n, str) for n in self.init_blocks):
-                raise TypeError(f"Matcher: init_blocks must be a list of block names, got {self.init_blocks!r}")
+                raise ValueError(
+                    "Matcher: init_blocks names blocks to copy, but init_from is None; give the model "
+                    "(a fitted Matcher or a saved folder) to copy them from"
+                )
+            if isinstance(self.init_blocks, str) or not all(
+                isinstance(n, str) for n in self.init_blocks
+            ):
+                raise TypeError(
+                    f"Matcher: init_blocks must be a list of block names, got {self.init_blocks!r}"
+                )
             for n in self.init_blocks:
                 if n not in plan.names:
-                    raise ValueError(f"Matcher: init_blocks names block {n!r}, but the blocks are {plan.names}."
-                                     + suggest(n, plan.names))
-        if self.init_from is not None and not isinstance(self.init_from, (str, os.PathLike)) \
-                and not hasattr(self.init_from, "components_") and not isinstance(self.init_from, Matcher):
-            raise TypeError(f"Matcher: init_from must be a fitted Matcher or the path of a saved model, checkpoint or "
-                            f"run folder, got {type(self.init_from).__name__}")
+                    raise ValueError(
+                        f"Matcher: init_blocks names block {n!r}, but the blocks are {plan.names}."
+                        + suggest(n, plan.names)
+                    )
+        if (
+            self.init_from is not None
+            and not isinstance(self.init_from, (str, os.PathLike))
+            and not hasattr(self.init_from, "components_")
+            and not isinstance(self.init_from, Matcher)
+        ):
+            raise TypeError(
+                f"Matcher: init_from must be a fitted Matcher or the path of a saved model, checkpoint or "
+                f"run folder, got {type(self.init_from).__name__}"
+            )
         if self.protocol is not None:
             from imtm.metrics import PROTOCOLS
 
@@ -424,11 +474,17 @@ class Matcher(BaseEstimator):
             if value is None and optional:
                 return
             kind = int if integer else (int, float)
-            ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) \
+            ok = (
+                isinstance(value, kind)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
                 and (value > low if open_low else value >= low)
+            )
             if not ok:
                 rule = f"{'an integer' if integer else 'a finite number'} {'>' if open_low else '>='} {low}"
-                raise ValueError(f"Matcher: {name} must be {rule}{' or None' if optional else ''}, got {value!r}")
+                raise ValueError(
+                    f"Matcher: {name} must be {rule}{' or None' if optional else ''}, got {value!r}"
+                )
 
         number("lr", self.lr, 0, open_low=True)
         number("weight_decay", self.weight_decay, 0)
@@ -439,33 +495,46 @@ class Matcher(BaseEstimator):
         number("checkpoint_every", self.checkpoint_every, 1, optional=True, integer=True)
         number("accumulate", self.accumulate, 1, integer=True)
         number("steps_per_epoch", self.steps_per_epoch, 1, optional=True, integer=True)
-        if self.random_state is not None and not (isinstance(self.random_state, int) and not isinstance(
-                self.random_state, bool) and 0 <= self.random_state < 2**32):
+        if self.random_state is not None and not (
+            isinstance(self.random_state, int)
+            and not isinstance(self.random_state, bool)
+            and 0 <= self.random_state < 2**32
+        ):
             # NumPy takes seeds below 2**32, and the data order mixes the seed into 64-bit generator seeds.
-            raise ValueError(f"Matcher: random_state must be None or an integer in [0, 2**32), got {self.random_state!r}")
+            raise ValueError(
+                f"Matcher: random_state must be None or an integer in [0, 2**32), got {self.random_state!r}"
+            )
         if not isinstance(self.device, (str, torch.device)):
-            raise TypeError(f"Matcher: device must be a string such as 'cpu', 'cuda' or 'auto', got {self.device!r}")
+            raise TypeError(
+                f"Matcher: device must be a string such as 'cpu', 'cuda' or 'auto', got {self.device!r}"
+            )
         if self.device != "auto":
             try:
                 dev = torch.device(self.device)
             except (RuntimeError, ValueError, TypeError) as e:
                 raise ValueError(f"Matcher: invalid device {self.device!r}: {e}") from e
             if dev.type == "meta":
-                raise ValueError("Matcher: device 'meta' holds no data (shapes only) and cannot train or evaluate; "
-                                 "use 'cpu', 'cuda' or 'auto'")
+                raise ValueError(
+                    "Matcher: device 'meta' holds no data (shapes only) and cannot train or evaluate; "
+                    "use 'cpu', 'cuda' or 'auto'"
+                )
 
     def _stages(self) -> list[Stage]:
         if self.stages is None:
             return [Stage(epochs=self.epochs)]
         stages = [Stage(**s) if isinstance(s, dict) else s for s in self.stages]
         if not stages:
-            raise ValueError("Matcher: stages is an empty list; give None for one stage of `epochs`")
+            raise ValueError(
+                "Matcher: stages is an empty list; give None for one stage of `epochs`"
+            )
         return stages
 
     def _device(self) -> torch.device:
         if self.device == "auto":
             # under torchrun, "cuda" becomes this process's GPU, cuda:LOCAL_RANK
-            return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            return distributed.local_device(
+                torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            )
         try:
             return distributed.local_device(torch.device(self.device))
         except RuntimeError as e:
@@ -498,7 +567,9 @@ class Matcher(BaseEstimator):
         params["lr_scheduler"] = describe(params.get("lr_scheduler"))
         if isinstance(params.get("init_from"), os.PathLike):
             params["init_from"] = os.fspath(params["init_from"])
-        if portable or (params.get("init_from") is not None and not isinstance(params["init_from"], str)):
+        if portable or (
+            params.get("init_from") is not None and not isinstance(params["init_from"], str)
+        ):
             params["init_from"] = params["init_blocks"] = None
         if portable:
             params["checkpoint_dir"] = None
@@ -507,7 +578,9 @@ class Matcher(BaseEstimator):
             entry = encode_value(b, f"component {n!r}")
             if portable:
                 for key, value in b.portable_params().items():
-                    entry["params"][key] = {"__asset__": n} if value is ASSETS else encode_value(value, f"{n}.{key}")
+                    entry["params"][key] = (
+                        {"__asset__": n} if value is ASSETS else encode_value(value, f"{n}.{key}")
+                    )
             components.append({"name": n, "class": type(b).__name__, "block": entry})
         return {
             "format": "imtm.Matcher/1",
@@ -522,22 +595,33 @@ class Matcher(BaseEstimator):
             raise ConfigError("not an imtm Matcher configuration (missing format 'imtm.Matcher/1')")
         check_depth(config, "Matcher configuration")
         entries, saved = config.get("components"), config.get("params", {})
-        if not isinstance(entries, list) or not isinstance(saved, dict) or not all(
-            isinstance(c, dict) and isinstance(c.get("name"), str) and "block" in c for c in entries
+        if (
+            not isinstance(entries, list)
+            or not isinstance(saved, dict)
+            or not all(
+                isinstance(c, dict) and isinstance(c.get("name"), str) and "block" in c
+                for c in entries
+            )
         ):
-            raise ConfigError("malformed Matcher configuration: expected 'components' as a list of "
-                              "{'name': str, 'block': ...} and 'params' as a dict")
+            raise ConfigError(
+                "malformed Matcher configuration: expected 'components' as a list of "
+                "{'name': str, 'block': ...} and 'params' as a dict"
+            )
         comps = []
         for c in entries:
             block = decode_value(c["block"])
             if not isinstance(block, Component):
-                raise ConfigError(f"component {c['name']!r} of the configuration is a {type(block).__name__}, "
-                                  "not a block; blocks are saved as {'__component__': class name, 'params': {...}}")
+                raise ConfigError(
+                    f"component {c['name']!r} of the configuration is a {type(block).__name__}, "
+                    "not a block; blocks are saved as {'__component__': class name, 'params': {...}}"
+                )
             comps.append((c["name"], block))
         valid = [p for p in cls._get_param_names() if p != "components"]
         for key in saved:
             if key not in valid:
-                raise ConfigError(f"unknown Matcher parameter {key!r} in the configuration." + suggest(key, valid))
+                raise ConfigError(
+                    f"unknown Matcher parameter {key!r} in the configuration." + suggest(key, valid)
+                )
         params = {k: decode_value(v) for k, v in saved.items()}
         return cls(components=comps, **params)
 
@@ -590,8 +674,15 @@ class Matcher(BaseEstimator):
         new.init_from = source
         return new
 
-    def fit(self, train, eval_set=None, *, resume: bool | str | os.PathLike = False,
-            warm_start: bool = False, callbacks: Sequence[Any] = ()) -> Matcher:
+    def fit(
+        self,
+        train,
+        eval_set=None,
+        *,
+        resume: bool | str | os.PathLike = False,
+        warm_start: bool = False,
+        callbacks: Sequence[Any] = (),
+    ) -> Matcher:
         """Train on ``train`` (a torch Dataset or DataLoader), evaluating on ``eval_set`` each epoch.
 
         Args:
@@ -624,7 +715,9 @@ class Matcher(BaseEstimator):
         from imtm.data.by_image import ByImage
 
         self.validate()
-        if isinstance(train, ByImage):  # scikit-learn's view of a dataset: train on the captions it holds
+        if isinstance(
+            train, ByImage
+        ):  # scikit-learn's view of a dataset: train on the captions it holds
             train = train.dataset
         if not isinstance(warm_start, bool):
             raise TypeError(f"Matcher.fit: warm_start must be True or False, got {warm_start!r}")
@@ -634,7 +727,11 @@ class Matcher(BaseEstimator):
         finally:
             if trainer.started:  # the fitted state, also when training stopped with an error
                 self.seed_, self.history_, self.best_ = trainer.seed, trainer.history, trainer.best
-                self.n_epochs_, self.record_, self.skipped_steps_ = len(trainer.history), trainer.record_, trainer.skipped
+                self.n_epochs_, self.record_, self.skipped_steps_ = (
+                    len(trainer.history),
+                    trainer.record_,
+                    trainer.skipped,
+                )
                 self.overflow_steps_ = trainer.overflows
         return self
 
@@ -648,11 +745,23 @@ class Matcher(BaseEstimator):
 
         bad = [c for c in callbacks if not isinstance(c, Callback)]
         if bad or isinstance(callbacks, (str, Callback)):
-            raise TypeError(f"Matcher.fit: callbacks must be a list of imtm.engine.callbacks.Callback objects, got "
-                            f"{bad[:3] or callbacks!r}")
-        own = ([ProgressBar()] if self.verbose else []) + [make_logger(x) for x in self.loggers or ()]
-        return Trainer(self, train, eval_set, device=self._device(), stages=self._stages(), autocast=self._autocast,
-                       build=self._build, callbacks=own + list(callbacks))
+            raise TypeError(
+                f"Matcher.fit: callbacks must be a list of imtm.engine.callbacks.Callback objects, got "
+                f"{bad[:3] or callbacks!r}"
+            )
+        own = ([ProgressBar()] if self.verbose else []) + [
+            make_logger(x) for x in self.loggers or ()
+        ]
+        return Trainer(
+            self,
+            train,
+            eval_set,
+            device=self._device(),
+            stages=self._stages(),
+            autocast=self._autocast,
+            build=self._build,
+            callbacks=own + list(callbacks),
+        )
 
     # ------------------------------------------------------------------ inference
     def _eval_plan(self) -> tuple[list[int], list[int], list[int]]:
@@ -676,7 +785,9 @@ class Matcher(BaseEstimator):
         if isinstance(x, str):
             raise TypeError(f"Matcher: {what} must be a sequence, got a single string")
         if not hasattr(x, "__len__") or not hasattr(x, "__getitem__"):
-            raise TypeError(f"Matcher: {what} must be an indexable sequence, got {type(x).__name__}")
+            raise TypeError(
+                f"Matcher: {what} must be an indexable sequence, got {type(x).__name__}"
+            )
         if len(x) == 0:
             raise ValueError(f"Matcher: got no {what}")
         return x
@@ -690,9 +801,17 @@ class Matcher(BaseEstimator):
         """
         img, _, _, keep_i, _ = self._prepare_eval()
         return encode_side(
-            self.plan_, img, "images", self._items(images, "images"), collate_images, keep_i,
-            batch_size=self.eval_batch_size, device=self._device(), autocast=self._autocast,
-            progress=self.verbose, desc="images",
+            self.plan_,
+            img,
+            "images",
+            self._items(images, "images"),
+            collate_images,
+            keep_i,
+            batch_size=self.eval_batch_size,
+            device=self._device(),
+            autocast=self._autocast,
+            progress=self.verbose,
+            desc="images",
         )
 
     @torch.no_grad()
@@ -700,9 +819,17 @@ class Matcher(BaseEstimator):
         """Run the caption-side blocks over ``captions``; return the values the pairwise blocks read."""
         _, txt, _, _, keep_t = self._prepare_eval()
         return encode_side(
-            self.plan_, txt, "texts", self._items(captions, "captions"), collate_texts, keep_t,
-            batch_size=self.eval_batch_size, device=self._device(), autocast=self._autocast,
-            progress=self.verbose, desc="captions",
+            self.plan_,
+            txt,
+            "texts",
+            self._items(captions, "captions"),
+            collate_texts,
+            keep_t,
+            batch_size=self.eval_batch_size,
+            device=self._device(),
+            autocast=self._autocast,
+            progress=self.verbose,
+            desc="captions",
         )
 
     @torch.no_grad()
@@ -742,20 +869,54 @@ class Matcher(BaseEstimator):
         sharded = world > 1 and min(len(images), len(captions)) >= world
         own_i, own_t = images, captions
         if sharded:
-            own_i = RowRange(images, *distributed.shard_range(len(images), rank=distributed.rank(), world=world))
-            own_t = RowRange(captions, *distributed.shard_range(len(captions), rank=distributed.rank(), world=world))
+            own_i = RowRange(
+                images, *distributed.shard_range(len(images), rank=distributed.rank(), world=world)
+            )
+            own_t = RowRange(
+                captions,
+                *distributed.shard_range(len(captions), rank=distributed.rank(), world=world),
+            )
         progress = self.verbose and distributed.is_main()
-        iv = encode_side(self.plan_, img, "images", own_i, collate_images, keep_i,
-                         batch_size=self.eval_batch_size, device=device, autocast=self._autocast,
-                         progress=progress, desc="images")
-        tv = encode_side(self.plan_, txt, "texts", own_t, collate_texts, keep_t,
-                         batch_size=self.eval_batch_size, device=device, autocast=self._autocast,
-                         progress=progress, desc="captions")
+        iv = encode_side(
+            self.plan_,
+            img,
+            "images",
+            own_i,
+            collate_images,
+            keep_i,
+            batch_size=self.eval_batch_size,
+            device=device,
+            autocast=self._autocast,
+            progress=progress,
+            desc="images",
+        )
+        tv = encode_side(
+            self.plan_,
+            txt,
+            "texts",
+            own_t,
+            collate_texts,
+            keep_t,
+            batch_size=self.eval_batch_size,
+            device=device,
+            autocast=self._autocast,
+            progress=progress,
+            desc="captions",
+        )
         if sharded:  # every rank scores its images against all captions
             tv = {k: distributed.gather_value(v) for k, v in tv.items()}
-        out = blocked_scores(self.plan_, pair, iv, tv, len(own_i), len(captions),
-                             image_block=self.image_block, text_block=self.text_block,
-                             autocast=self._autocast, progress=progress)
+        out = blocked_scores(
+            self.plan_,
+            pair,
+            iv,
+            tv,
+            len(own_i),
+            len(captions),
+            image_block=self.image_block,
+            text_block=self.text_block,
+            autocast=self._autocast,
+            progress=progress,
+        )
         if sharded:
             out = {k: distributed.gather_rows_to_main(v) for k, v in out.items()}
             if not distributed.is_main():
@@ -817,7 +978,9 @@ class Matcher(BaseEstimator):
         return float(self.evaluate(data)["rsum"])
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False, metrics: dict | None = None) -> Path:
+    def save(
+        self, path: str | os.PathLike, *, overwrite: bool = False, metrics: dict | None = None
+    ) -> Path:
         """Write the fitted model to a self-contained folder (Hugging Face layout, no pickle).
 
         The folder holds ``config.json`` (no absolute path), ``model.safetensors`` (every
@@ -848,16 +1011,32 @@ class Matcher(BaseEstimator):
         """
         self._check_fitted("save")
         path = Path(path)
-        if distributed.is_main():  # under torchrun rank 0 writes; the others wait until it is complete
+        if (
+            distributed.is_main()
+        ):  # under torchrun rank 0 writes; the others wait until it is complete
             from imtm.engine.model_folder import MODEL_FORMAT, manifest_files, write_folder
 
-            write_folder(path, lambda tmp: self._write_model_files(tmp, name=path.name, metrics=metrics),
-                         kind=MODEL_FORMAT, owned=manifest_files, overwrite=overwrite, what="Matcher.save")
+            write_folder(
+                path,
+                lambda tmp: self._write_model_files(tmp, name=path.name, metrics=metrics),
+                kind=MODEL_FORMAT,
+                owned=manifest_files,
+                overwrite=overwrite,
+                what="Matcher.save",
+            )
         distributed.barrier()
         return path
 
-    def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False, metrics: dict | None = None,
-                        push_to_hub: bool = False, repo_id: str | None = None, **hub_kwargs) -> Path:
+    def save_pretrained(
+        self,
+        path: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        metrics: dict | None = None,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **hub_kwargs,
+    ) -> Path:
         """:meth:`save` under the Hugging Face name; optionally :meth:`push_to_hub` the folder too.
 
         Args:
@@ -884,17 +1063,27 @@ class Matcher(BaseEstimator):
 
         config = self.get_config(portable=True)
         record = dict(getattr(self, "record_", {}))
-        record.update({"n_epochs": getattr(self, "n_epochs_", 0), "history": getattr(self, "history_", [])})
+        record.update(
+            {"n_epochs": getattr(self, "n_epochs_", 0), "history": getattr(self, "history_", [])}
+        )
         if metrics is not None:
-            record["metrics"] = {**record.get("metrics", {}), **json.loads(json.dumps(metrics, default=float))}
+            record["metrics"] = {
+                **record.get("metrics", {}),
+                **json.loads(json.dumps(metrics, default=float)),
+            }
         sources = {}
         for n, b in self.named_components:
             portable = b.portable_params()
             if portable:
                 live = b.get_params(deep=False)
-                sources[n] = {k: source_record(live[k]) for k in portable if not isinstance(live[k], AssetPath)}
+                sources[n] = {
+                    k: source_record(live[k])
+                    for k in portable
+                    if not isinstance(live[k], AssetPath)
+                }
                 sources[n] = {k: v for k, v in sources[n].items() if v is not None} or record.get(
-                    "sources", {}).get(n, {})
+                    "sources", {}
+                ).get(n, {})
         sources = {n: v for n, v in sources.items() if v}
         if sources:
             record["sources"] = sources
@@ -902,8 +1091,12 @@ class Matcher(BaseEstimator):
         if found:
             warnings.warn(
                 "Matcher.save: the saved model names absolute paths, so it depends on files outside its folder: "
-                + "; ".join(found[:5]) + ". A block that needs files should copy them into its own folder "
-                "(Component.portable_params / write_assets)", UserWarning, stacklevel=3)
+                + "; ".join(found[:5])
+                + ". A block that needs files should copy them into its own folder "
+                "(Component.portable_params / write_assets)",
+                UserWarning,
+                stacklevel=3,
+            )
         files = ["config.json", "model.safetensors", "record.json"]
         for n, b in self.components_.items():
             if any(v is ASSETS for v in b.portable_params().values()):
@@ -916,11 +1109,15 @@ class Matcher(BaseEstimator):
         atomic_write_json(folder / "record.json", record)
         checked = list(files)
         files.append("README.md")
-        atomic_write_bytes(folder / "README.md",
-                           model_card(config, record, files + ["MANIFEST.json"], name=name).encode("utf-8"))
+        atomic_write_bytes(
+            folder / "README.md",
+            model_card(config, record, files + ["MANIFEST.json"], name=name).encode("utf-8"),
+        )
         # The card is not checksummed (it is never read back, and users edit cards); it is listed as imtm's.
-        atomic_write_json(folder / "MANIFEST.json", {"sha256": {f: file_sha256(folder / f) for f in checked},
-                                                     "files": files})
+        atomic_write_json(
+            folder / "MANIFEST.json",
+            {"sha256": {f: file_sha256(folder / f) for f in checked}, "files": files},
+        )
         return files + ["MANIFEST.json"]
 
     @classmethod
@@ -958,9 +1155,16 @@ class Matcher(BaseEstimator):
         return m
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, device: str | None = None,
-                        revision: str | None = None, token: str | bool | None = None,
-                        local_files_only: bool = False, cache_dir: str | os.PathLike | None = None) -> Matcher:
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        device: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> Matcher:
         """Load a saved model from a local folder or a Hugging Face hub repository.
 
         A path to an existing folder is loaded with :meth:`load`. Anything else is taken as a
@@ -977,21 +1181,38 @@ class Matcher(BaseEstimator):
         if Path(source).is_dir():
             return cls.load(source, device=device)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?", source):
-            raise FileNotFoundError(f"Matcher.from_pretrained: {source!r} is neither a folder nor a hub repository "
-                                    "id ('owner/name')")
+            raise FileNotFoundError(
+                f"Matcher.from_pretrained: {source!r} is neither a folder nor a hub repository "
+                "id ('owner/name')"
+            )
         try:
             from huggingface_hub import snapshot_download
         except ImportError as err:
-            raise ImportError(f"Matcher.from_pretrained: {source!r} is not a local folder, and loading from the "
-                              "Hugging Face hub needs the optional package huggingface_hub "
-                              "(pip install huggingface_hub)") from err
-        folder = snapshot_download(repo_id=source, revision=revision, token=token, cache_dir=cache_dir,
-                                   local_files_only=local_files_only, library_name="imtm")
+            raise ImportError(
+                f"Matcher.from_pretrained: {source!r} is not a local folder, and loading from the "
+                "Hugging Face hub needs the optional package huggingface_hub "
+                "(pip install huggingface_hub)"
+            ) from err
+        folder = snapshot_download(
+            repo_id=source,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            library_name="imtm",
+        )
         return cls.load(folder, device=device)
 
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
-                    commit_message: str = "Upload imtm model", revision: str | None = None,
-                    metrics: dict | None = None) -> Any:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str = "Upload imtm model",
+        revision: str | None = None,
+        metrics: dict | None = None,
+    ) -> Any:
         """Save the model into a temporary folder and upload it to a Hugging Face hub repository.
 
         Needs the optional ``huggingface_hub`` (and network access and a token with write
@@ -1003,21 +1224,40 @@ class Matcher(BaseEstimator):
         self._check_fitted("push_to_hub")
         with tempfile.TemporaryDirectory(prefix="imtm-push-") as tmp:
             folder = self.save(Path(tmp) / repo_id.split("/")[-1], metrics=metrics)
-            return self._upload_folder(folder, repo_id, private=private, token=token,
-                                       commit_message=commit_message, revision=revision)
+            return self._upload_folder(
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                commit_message=commit_message,
+                revision=revision,
+            )
 
     @staticmethod
-    def _upload_folder(folder: Path, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
-                       commit_message: str = "Upload imtm model", revision: str | None = None) -> Any:
+    def _upload_folder(
+        folder: Path,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str = "Upload imtm model",
+        revision: str | None = None,
+    ) -> Any:
         try:
             from huggingface_hub import HfApi
         except ImportError as err:
-            raise ImportError("Matcher.push_to_hub needs the optional package huggingface_hub "
-                              "(pip install huggingface_hub)") from err
+            raise ImportError(
+                "Matcher.push_to_hub needs the optional package huggingface_hub "
+                "(pip install huggingface_hub)"
+            ) from err
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=os.fspath(folder), commit_message=commit_message,
-                                 revision=revision)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=os.fspath(folder),
+            commit_message=commit_message,
+            revision=revision,
+        )
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load fitted weights, with a clear error when they belong to another configuration."""
@@ -1057,7 +1297,9 @@ class _CompiledCall:
 
     def __init__(self, block: torch.nn.Module, name: str):
         self.block, self.name = block, name
-        self.split = callable(getattr(block, "prepare", None)) and callable(getattr(block, "compute", None))
+        self.split = callable(getattr(block, "prepare", None)) and callable(
+            getattr(block, "compute", None)
+        )
         # torch's automatic dynamic shapes: the first new batch size or token count recompiles once
         # with symbolic sizes, later ones reuse that graph.
         self.compiled = torch.compile(block.compute if self.split else block._call_impl)

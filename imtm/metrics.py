@@ -99,8 +99,17 @@ RECALL_KS: tuple[int, ...] = (1, 5, 10)
 
 #: The keys of the dict that :func:`retrieval_metrics` returns, in table order.
 METRIC_KEYS: tuple[str, ...] = (
-    "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
-    "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr", "rsum",
+    "i2t_r1",
+    "i2t_r5",
+    "i2t_r10",
+    "t2i_r1",
+    "t2i_r5",
+    "t2i_r10",
+    "i2t_medr",
+    "i2t_meanr",
+    "t2i_medr",
+    "t2i_meanr",
+    "rsum",
 )
 
 # Rows of the score matrix are compared in blocks of about this many entries, so
@@ -148,7 +157,9 @@ def _as_matrix(x, what: str) -> torch.Tensor:
         # float64 holds every integer score up to 2**53 exactly, so ranks do not change.
         x = x.to(torch.float64)
     if x.dim() != 2:
-        raise ValueError(f"{what}: expected a (n_images, n_captions) matrix, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{what}: expected a (n_images, n_captions) matrix, got shape {tuple(x.shape)}"
+        )
     # A finite sum proves there is no NaN without a matrix-sized temporary; only an
     # infinite or NaN sum needs the element-wise check.
     if not bool(torch.isfinite(x.sum())) and bool(torch.isnan(x).any()):
@@ -182,7 +193,9 @@ def _as_sims(sims, what: str) -> tuple[torch.Tensor, torch.Tensor]:
                 f"{tuple(s_i2t.shape)} and {tuple(s_t2i.shape)}"
             )
         if s_i2t.device != s_t2i.device:
-            raise ValueError(f"{what}: sims_i2t is on {s_i2t.device} but sims_t2i on {s_t2i.device}")
+            raise ValueError(
+                f"{what}: sims_i2t is on {s_i2t.device} but sims_t2i on {s_t2i.device}"
+            )
         return s_i2t, s_t2i
     s = _as_matrix(sims, what)
     return s, s
@@ -199,7 +212,9 @@ def _as_caption_to_image(c2i, n_images: int, n_captions: int, device, what: str)
                 f"{what}: caption_to_image must be a sequence of integer image indices, got {c2i!r:.60}"
             ) from e
     if c2i.dtype == torch.bool or c2i.is_floating_point() or c2i.is_complex():
-        raise TypeError(f"{what}: caption_to_image must hold integer image indices, got dtype {c2i.dtype}")
+        raise TypeError(
+            f"{what}: caption_to_image must hold integer image indices, got dtype {c2i.dtype}"
+        )
     if c2i.dim() != 1 or c2i.numel() != n_captions:
         raise ValueError(
             f"{what}: caption_to_image must have shape ({n_captions},) to match sims of shape "
@@ -371,7 +386,11 @@ def chance_metrics(caption_to_image) -> dict[str, float]:
     if n_captions == 0:
         raise ValueError(f"{what}: there are no captions; give the test set's caption_to_image")
     try:
-        arr = caption_to_image.cpu() if isinstance(caption_to_image, torch.Tensor) else caption_to_image
+        arr = (
+            caption_to_image.cpu()
+            if isinstance(caption_to_image, torch.Tensor)
+            else caption_to_image
+        )
         n_images = int(np.max(np.asarray(arr))) + 1
     except (TypeError, ValueError):  # not integers: _as_caption_to_image names the problem
         n_images = 1
@@ -388,7 +407,9 @@ def chance_metrics(caption_to_image) -> dict[str, float]:
     return {k: out[k] for k in METRIC_KEYS if k in out}
 
 
-def retrieval_metrics(sims: Sims, caption_to_image, *, return_ranks: bool = False) -> dict[str, Any]:
+def retrieval_metrics(
+    sims: Sims, caption_to_image, *, return_ranks: bool = False
+) -> dict[str, Any]:
     """Recall@1/5/10 both ways, median and mean rank, and rSum.
 
     Args:
@@ -532,7 +553,9 @@ def evaluate_protocol(name: str, sims: Sims, caption_to_image) -> dict[str, floa
         100.0
     """
     if not isinstance(name, str) or name not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {name!r}." + suggest(name, PROTOCOLS))
+        raise ValueError(
+            f"protocol must be one of {sorted(PROTOCOLS)}, got {name!r}." + suggest(name, PROTOCOLS)
+        )
     return PROTOCOLS[name](sims, caption_to_image)
 
 
@@ -580,7 +603,9 @@ def save_similarity(path, sims: Sims, caption_to_image, meta: Mapping | None = N
     if meta is None:
         meta = {}
     if not isinstance(meta, Mapping):
-        raise TypeError(f"save_similarity: meta must be a mapping (a dict), got {type(meta).__name__}")
+        raise TypeError(
+            f"save_similarity: meta must be a mapping (a dict), got {type(meta).__name__}"
+        )
     try:
         meta_json = json.dumps(dict(meta), sort_keys=True)
     except (TypeError, ValueError) as e:
@@ -594,9 +619,16 @@ def save_similarity(path, sims: Sims, caption_to_image, meta: Mapping | None = N
         tensors["sims_i2t"], tensors["sims_t2i"] = cpu(s_i2t), cpu(s_t2i)
     else:
         tensors["sims"] = cpu(s_i2t)
-    metadata = {"format": _FORMAT, "version": _FORMAT_VERSION, "pair": str(pair).lower(), "meta": meta_json}
+    metadata = {
+        "format": _FORMAT,
+        "version": _FORMAT_VERSION,
+        "pair": str(pair).lower(),
+        "meta": meta_json,
+    }
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else "."
+    )
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
@@ -646,7 +678,9 @@ def load_similarity(path) -> SimilarityRecord:
             sims = f.get_tensor("sims")
     from imtm._io import loads_json
 
-    meta = loads_json(metadata.get("meta", "{}"), f"load_similarity: the 'meta' entry of {str(path)!r}")
+    meta = loads_json(
+        metadata.get("meta", "{}"), f"load_similarity: the 'meta' entry of {str(path)!r}"
+    )
     return SimilarityRecord(sims, c2i, meta)
 
 
@@ -683,7 +717,9 @@ def average_similarities(list_of_sims: Sequence, weights: Sequence[float] | None
         tensor(0.7500)
     """
     if isinstance(list_of_sims, (torch.Tensor, np.ndarray)) or len(list_of_sims) == 0:
-        raise ValueError("average_similarities: expected a non-empty list of similarity matrices or pairs")
+        raise ValueError(
+            "average_similarities: expected a non-empty list of similarity matrices or pairs"
+        )
     items = [s.sims if isinstance(s, SimilarityRecord) else s for s in list_of_sims]
     any_pair = any(_is_pair(s) for s in items)
     pairs = [_as_sims(s, f"average_similarities (element {m})") for m, s in enumerate(items)]
@@ -702,7 +738,9 @@ def average_similarities(list_of_sims: Sequence, weights: Sequence[float] | None
                 f"average_similarities: expected {len(pairs)} weights (one per element), got shape {tuple(w.shape)}"
             )
         if bool(torch.isnan(w).any()) or bool((w < 0).any()) or not float(w.sum()) > 0:
-            raise ValueError(f"average_similarities: weights must be non-negative with a positive sum, got {w.tolist()}")
+            raise ValueError(
+                f"average_similarities: weights must be non-negative with a positive sum, got {w.tolist()}"
+            )
         w = w / w.sum()
     dtype = pairs[0][0].dtype
     for a, b in pairs:
@@ -717,8 +755,12 @@ def average_similarities(list_of_sims: Sequence, weights: Sequence[float] | None
 
 # ---------------------------------------------------------------------------- reporting
 _TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("i2t R@1", "i2t_r1"), ("i2t R@5", "i2t_r5"), ("i2t R@10", "i2t_r10"),
-    ("t2i R@1", "t2i_r1"), ("t2i R@5", "t2i_r5"), ("t2i R@10", "t2i_r10"),
+    ("i2t R@1", "i2t_r1"),
+    ("i2t R@5", "i2t_r5"),
+    ("i2t R@10", "i2t_r10"),
+    ("t2i R@1", "t2i_r1"),
+    ("t2i R@5", "t2i_r5"),
+    ("t2i R@10", "t2i_r10"),
     ("rSum", "rsum"),
 )
 
@@ -745,7 +787,9 @@ def format_table(metrics: Mapping) -> str:
     elif not any(nested):
         rows = {"": metrics}
     else:
-        raise ValueError("format_table: mix of metric values and nested dicts; give one dict or a dict of dicts")
+        raise ValueError(
+            "format_table: mix of metric values and nested dicts; give one dict or a dict of dicts"
+        )
 
     def cell(row: Mapping, key: str) -> str:
         v = row.get(key)
@@ -763,5 +807,7 @@ def format_table(metrics: Mapping) -> str:
         "| --- |" + " ---: |" * len(_TABLE_COLUMNS),
     ]
     for name, row in rows.items():
-        lines.append("| " + " | ".join([name] + [cell(row, key) for _, key in _TABLE_COLUMNS]) + " |")
+        lines.append(
+            "| " + " | ".join([name] + [cell(row, key) for _, key in _TABLE_COLUMNS]) + " |"
+        )
     return "\n".join(lines)

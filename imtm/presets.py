@@ -26,9 +26,28 @@ from imtm.tokens import Tokens
 #: the hardest-negative loss alone can collapse; 0 gives the papers' loss from the first step.
 WARMUP_EPOCHS = 1
 
-__all__ = ["vsepp", "chan", "dias", "dias_losses", "dcpa", "dcpa_stages", "default_stages", "ela", "laps", "build", "small_vit",
-           "text_encoder", "image_encoder", "recipe", "build_recipe", "PRESETS", "PIXEL_PRESETS", "TEXT_ENCODERS", "DEFAULT_TEXT_MODELS",
-           "WARMUP_EPOCHS"]
+__all__ = [
+    "vsepp",
+    "chan",
+    "dias",
+    "dias_losses",
+    "dcpa",
+    "dcpa_stages",
+    "default_stages",
+    "ela",
+    "laps",
+    "build",
+    "small_vit",
+    "text_encoder",
+    "image_encoder",
+    "recipe",
+    "build_recipe",
+    "PRESETS",
+    "PIXEL_PRESETS",
+    "TEXT_ENCODERS",
+    "DEFAULT_TEXT_MODELS",
+    "WARMUP_EPOCHS",
+]
 
 #: The text encoders every preset takes as ``text=``: a BiGRU over the vocabulary (random word
 #: embeddings, or word vectors from a GloVe / fastText file), a BERT-style transformers encoder,
@@ -42,8 +61,18 @@ DEFAULT_TEXT_MODELS = {"bert": "bert-base-uncased", "clip": "openai/clip-vit-bas
 REGIONS = "regions"
 
 
-def text_encoder(text: str = "gru", *, vocab=None, embed_dim: int, word_dim: int = 300, text_model=None,
-                 word_vectors=None, freeze_text: bool = False, max_length: int = 64, preset: str = "preset"):
+def text_encoder(
+    text: str = "gru",
+    *,
+    vocab=None,
+    embed_dim: int,
+    word_dim: int = 300,
+    text_model=None,
+    word_vectors=None,
+    freeze_text: bool = False,
+    max_length: int = 64,
+    preset: str = "preset",
+):
     """The text encoder block ``text`` names (one of :data:`TEXT_ENCODERS`), projected to ``embed_dim``.
 
     - ``"gru"``: :class:`~imtm.components.GRUTextEncoder` over ``vocab``, SCAN's random word embeddings;
@@ -62,25 +91,49 @@ def text_encoder(text: str = "gru", *, vocab=None, embed_dim: int, word_dim: int
     from imtm.components import GRUTextEncoder, HFTextEncoder
 
     if text not in TEXT_ENCODERS:
-        raise ValueError(f"{preset}: text must be one of {list(TEXT_ENCODERS)}, got {text!r}." + suggest(text, TEXT_ENCODERS))
+        raise ValueError(
+            f"{preset}: text must be one of {list(TEXT_ENCODERS)}, got {text!r}."
+            + suggest(text, TEXT_ENCODERS)
+        )
     if text in ("gru", "gru-glove"):
         if vocab is None:
-            raise ValueError(f"{preset}: text={text!r} needs vocab= (imtm.data.Vocabulary.build(train_captions), "
-                             "or the dataset's .vocab)")
+            raise ValueError(
+                f"{preset}: text={text!r} needs vocab= (imtm.data.Vocabulary.build(train_captions), "
+                "or the dataset's .vocab)"
+            )
         if text == "gru-glove" and word_vectors is None:
-            raise ValueError(f"{preset}: text='gru-glove' needs word_vectors= (a GloVe / fastText text file, e.g. "
-                             "glove.840B.300d.txt, or a .npy aligned with the vocabulary)")
+            raise ValueError(
+                f"{preset}: text='gru-glove' needs word_vectors= (a GloVe / fastText text file, e.g. "
+                "glove.840B.300d.txt, or a .npy aligned with the vocabulary)"
+            )
         if text == "gru" and word_vectors is not None:
-            raise ValueError(f"{preset}: word_vectors is read by text='gru-glove'; text='gru' starts from random "
-                             "word embeddings")
-        return GRUTextEncoder(vocab=vocab, out_dim=embed_dim, word_dim=word_dim,
-                              word_vectors=word_vectors if text == "gru-glove" else None)
-    return HFTextEncoder(text_model or DEFAULT_TEXT_MODELS[text], out_dim=embed_dim, freeze=freeze_text,
-                         max_length=max_length, special_tokens="all" if text == "clip" else "cls")
+            raise ValueError(
+                f"{preset}: word_vectors is read by text='gru-glove'; text='gru' starts from random "
+                "word embeddings"
+            )
+        return GRUTextEncoder(
+            vocab=vocab,
+            out_dim=embed_dim,
+            word_dim=word_dim,
+            word_vectors=word_vectors if text == "gru-glove" else None,
+        )
+    return HFTextEncoder(
+        text_model or DEFAULT_TEXT_MODELS[text],
+        out_dim=embed_dim,
+        freeze=freeze_text,
+        max_length=max_length,
+        special_tokens="all" if text == "clip" else "cls",
+    )
 
 
-def image_encoder(image: str = REGIONS, *, region_dim: int | None = None, embed_dim: int,
-                  image_options: dict | None = None, preset: str = "preset"):
+def image_encoder(
+    image: str = REGIONS,
+    *,
+    region_dim: int | None = None,
+    embed_dim: int,
+    image_options: dict | None = None,
+    preset: str = "preset",
+):
     """The image encoder block: precomputed features (``image="regions"``) or a timm backbone over pixels.
 
     ``image`` is ``"regions"`` (:class:`~imtm.components.PrecomputedEncoder` from ``region_dim``
@@ -96,17 +149,33 @@ def image_encoder(image: str = REGIONS, *, region_dim: int | None = None, embed_
         raise TypeError(f"{preset}: image must be 'regions' or a timm model name, got {image!r}")
     if image == REGIONS:
         if region_dim is None:
-            raise ValueError(f"{preset}: image='regions' needs region_dim= (the width of the precomputed features)")
+            raise ValueError(
+                f"{preset}: image='regions' needs region_dim= (the width of the precomputed features)"
+            )
         if image_options:
-            raise ValueError(f"{preset}: image_options configure a timm backbone; image='regions' takes none")
+            raise ValueError(
+                f"{preset}: image_options configure a timm backbone; image='regions' takes none"
+            )
         return PrecomputedEncoder(in_dim=region_dim, out_dim=embed_dim)
     return TimmVisionEncoder(image, out_dim=embed_dim, **dict(image_options or {}))
 
 
-def vsepp(*, vocab=None, region_dim: int | None = None, embed_dim: int = 1024, word_dim: int = 300,
-          margin: float = 0.2, hardest: bool = True, warmup_epochs: int = WARMUP_EPOCHS, text: str = "gru",
-          text_model=None, word_vectors=None, freeze_text: bool = False, image: str = REGIONS,
-          image_options: dict | None = None) -> list[tuple[str, Any]]:
+def vsepp(
+    *,
+    vocab=None,
+    region_dim: int | None = None,
+    embed_dim: int = 1024,
+    word_dim: int = 300,
+    margin: float = 0.2,
+    hardest: bool = True,
+    warmup_epochs: int = WARMUP_EPOCHS,
+    text: str = "gru",
+    text_model=None,
+    word_vectors=None,
+    freeze_text: bool = False,
+    image: str = REGIONS,
+    image_options: dict | None = None,
+) -> list[tuple[str, Any]]:
     """VSE++ global baseline: region projection + GRU, masked mean pooling, cosine, hardest-negative triplet.
 
     ``text`` / ``text_model`` / ``word_vectors`` / ``freeze_text`` choose the text encoder
@@ -120,10 +189,29 @@ def vsepp(*, vocab=None, region_dim: int | None = None, embed_dim: int = 1024, w
     from imtm.components import GlobalCosine, TripletLoss
 
     return [
-        ("image", image_encoder(image, region_dim=region_dim, embed_dim=embed_dim, image_options=image_options,
-                                preset="vsepp")),
-        ("text", text_encoder(text, vocab=vocab, embed_dim=embed_dim, word_dim=word_dim, text_model=text_model,
-                              word_vectors=word_vectors, freeze_text=freeze_text, preset="vsepp")),
+        (
+            "image",
+            image_encoder(
+                image,
+                region_dim=region_dim,
+                embed_dim=embed_dim,
+                image_options=image_options,
+                preset="vsepp",
+            ),
+        ),
+        (
+            "text",
+            text_encoder(
+                text,
+                vocab=vocab,
+                embed_dim=embed_dim,
+                word_dim=word_dim,
+                text_model=text_model,
+                word_vectors=word_vectors,
+                freeze_text=freeze_text,
+                preset="vsepp",
+            ),
+        ),
         ("scorer", GlobalCosine()),
         ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs)),
     ]
@@ -133,11 +221,27 @@ def vsepp(*, vocab=None, region_dim: int | None = None, embed_dim: int = 1024, w
 CHAN_MARGIN = 0.2
 
 
-def chan(*, vocab=None, region_dim: int | None = None, embed_dim: int = 1024, word_dim: int = 300,
-         codebook: str = "visual", pooling: str = "lse", temperature: float = 0.1, margin: float = CHAN_MARGIN,
-         context_heads: int = 8, coding: str = "hard", hardest: bool = True, warmup_epochs: int = WARMUP_EPOCHS,
-         text: str = "gru", text_model=None, word_vectors=None, freeze_text: bool = False, image: str = REGIONS,
-         image_options: dict | None = None) -> list[tuple[str, Any]]:
+def chan(
+    *,
+    vocab=None,
+    region_dim: int | None = None,
+    embed_dim: int = 1024,
+    word_dim: int = 300,
+    codebook: str = "visual",
+    pooling: str = "lse",
+    temperature: float = 0.1,
+    margin: float = CHAN_MARGIN,
+    context_heads: int = 8,
+    coding: str = "hard",
+    hardest: bool = True,
+    warmup_epochs: int = WARMUP_EPOCHS,
+    text: str = "gru",
+    text_model=None,
+    word_vectors=None,
+    freeze_text: bool = False,
+    image: str = REGIONS,
+    image_options: dict | None = None,
+) -> list[tuple[str, Any]]:
     """CHAN: precomputed regions + one self-attention context layer, GRU text, hard-assignment coding
     with log-sum-exp pooling, triplet loss with hardest negatives (the paper's defaults).
 
@@ -165,17 +269,40 @@ def chan(*, vocab=None, region_dim: int | None = None, embed_dim: int = 1024, wo
     )
 
     codings = {
-        "hard": lambda: HardAssignmentCoding(codebook=codebook, pooling=pooling, temperature=temperature),
+        "hard": lambda: HardAssignmentCoding(
+            codebook=codebook, pooling=pooling, temperature=temperature
+        ),
         "soft": lambda: SoftAssignmentCoding(pooling=pooling, temperature=temperature),
     }
     if coding not in codings:
-        raise ValueError(f"coding must be one of {sorted(codings)}, got {coding!r}." + suggest(coding, codings))
+        raise ValueError(
+            f"coding must be one of {sorted(codings)}, got {coding!r}." + suggest(coding, codings)
+        )
     return [
-        ("image", image_encoder(image, region_dim=region_dim, embed_dim=embed_dim, image_options=image_options,
-                                preset="chan")),
+        (
+            "image",
+            image_encoder(
+                image,
+                region_dim=region_dim,
+                embed_dim=embed_dim,
+                image_options=image_options,
+                preset="chan",
+            ),
+        ),
         ("context", SelfAttentionContext(dim=embed_dim, heads=context_heads)),
-        ("text", text_encoder(text, vocab=vocab, embed_dim=embed_dim, word_dim=word_dim, text_model=text_model,
-                              word_vectors=word_vectors, freeze_text=freeze_text, preset="chan")),
+        (
+            "text",
+            text_encoder(
+                text,
+                vocab=vocab,
+                embed_dim=embed_dim,
+                word_dim=word_dim,
+                text_model=text_model,
+                word_vectors=word_vectors,
+                freeze_text=freeze_text,
+                preset="chan",
+            ),
+        ),
         ("coding", codings[coding]()),
         ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs)),
     ]
@@ -186,11 +313,26 @@ DCPA_INTRA_BLOCKS = ["image", "text", "visual_phrases", "text_phrase"]
 DCPA_INTER_BLOCKS = ["inter_i2t", "inter_t2i"]
 
 
-def dcpa(*, vocab=None, region_dim: int | None = None, embed_dim: int = 1024, word_dim: int = 300, heads: int = 8,
-         k: int | None = 10, margin: float = 0.1, hardest: bool = True, warmup_epochs: int = WARMUP_EPOCHS,
-         decoupled: bool = True, weights: tuple[float, float] = (0.6, 0.4), text: str = "gru", text_model=None,
-         word_vectors=None, freeze_text: bool = False, image: str = REGIONS,
-         image_options: dict | None = None) -> list[tuple[str, Any]]:
+def dcpa(
+    *,
+    vocab=None,
+    region_dim: int | None = None,
+    embed_dim: int = 1024,
+    word_dim: int = 300,
+    heads: int = 8,
+    k: int | None = 10,
+    margin: float = 0.1,
+    hardest: bool = True,
+    warmup_epochs: int = WARMUP_EPOCHS,
+    decoupled: bool = True,
+    weights: tuple[float, float] = (0.6, 0.4),
+    text: str = "gru",
+    text_model=None,
+    word_vectors=None,
+    freeze_text: bool = False,
+    image: str = REGIONS,
+    image_options: dict | None = None,
+) -> list[tuple[str, Any]]:
     """DCPA: phrase encoders scored by top-K aggregation (intra-modal), two decoupled inter-modal
     phrase-attention branches, and the weighted fusion of both at inference.
 
@@ -239,37 +381,103 @@ def dcpa(*, vocab=None, region_dim: int | None = None, embed_dim: int = 1024, wo
 
     w_intra, w_inter = weights
     blocks = [
-        ("image", image_encoder(image, region_dim=region_dim, embed_dim=embed_dim, image_options=image_options,
-                                preset="dcpa")),
-        ("text", text_encoder(text, vocab=vocab, embed_dim=embed_dim, word_dim=word_dim, text_model=text_model,
-                              word_vectors=word_vectors, freeze_text=freeze_text, preset="dcpa")),
+        (
+            "image",
+            image_encoder(
+                image,
+                region_dim=region_dim,
+                embed_dim=embed_dim,
+                image_options=image_options,
+                preset="dcpa",
+            ),
+        ),
+        (
+            "text",
+            text_encoder(
+                text,
+                vocab=vocab,
+                embed_dim=embed_dim,
+                word_dim=word_dim,
+                text_model=text_model,
+                word_vectors=word_vectors,
+                freeze_text=freeze_text,
+                preset="dcpa",
+            ),
+        ),
         ("visual_phrases", VisualPhraseEncoder(dim=embed_dim, heads=heads)),
         ("text_phrase", TextualPhraseEncoder(dim=embed_dim)),
         ("intra", TopKAggregation(k=k)),
         ("inter_i2t", InterModalPhraseAttention("i2t", dim=embed_dim, heads=heads, k=k)),
         ("inter_t2i", InterModalPhraseAttention("t2i", dim=embed_dim, heads=heads, k=k)),
     ]
-    intra_loss = ("intra_loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs, requires=("scores_intra", "positives")))
+    intra_loss = (
+        "intra_loss",
+        TripletLoss(
+            margin=margin,
+            hardest=hardest,
+            warmup_epochs=warmup_epochs,
+            requires=("scores_intra", "positives"),
+        ),
+    )
     if decoupled:
         return blocks + [
-            ("fusion", ScoreFusion({"scores_i2t": {"scores_intra": w_intra, "scores_inter_i2t": w_inter},
-                                    "scores_t2i": {"scores_intra": w_intra, "scores_inter_t2i": w_inter}})),
+            (
+                "fusion",
+                ScoreFusion(
+                    {
+                        "scores_i2t": {"scores_intra": w_intra, "scores_inter_i2t": w_inter},
+                        "scores_t2i": {"scores_intra": w_intra, "scores_inter_t2i": w_inter},
+                    }
+                ),
+            ),
             intra_loss,
-            ("inter_loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs,
-                                       requires=("scores_inter_i2t", "scores_inter_t2i", "positives"))),
+            (
+                "inter_loss",
+                TripletLoss(
+                    margin=margin,
+                    hardest=hardest,
+                    warmup_epochs=warmup_epochs,
+                    requires=("scores_inter_i2t", "scores_inter_t2i", "positives"),
+                ),
+            ),
         ]
     return blocks + [
-        ("inter", ScoreFusion({"scores_inter": {"scores_inter_i2t": 0.5, "scores_inter_t2i": 0.5}},
-                              requires=("scores_inter_i2t", "scores_inter_t2i"), provides=("scores_inter",))),
-        ("fusion", ScoreFusion({"scores": {"scores_intra": w_intra, "scores_inter": w_inter}},
-                               requires=("scores_intra", "scores_inter"), provides=("scores",))),
+        (
+            "inter",
+            ScoreFusion(
+                {"scores_inter": {"scores_inter_i2t": 0.5, "scores_inter_t2i": 0.5}},
+                requires=("scores_inter_i2t", "scores_inter_t2i"),
+                provides=("scores_inter",),
+            ),
+        ),
+        (
+            "fusion",
+            ScoreFusion(
+                {"scores": {"scores_intra": w_intra, "scores_inter": w_inter}},
+                requires=("scores_intra", "scores_inter"),
+                provides=("scores",),
+            ),
+        ),
         intra_loss,
-        ("inter_loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs, requires=("scores_inter", "positives"))),
+        (
+            "inter_loss",
+            TripletLoss(
+                margin=margin,
+                hardest=hardest,
+                warmup_epochs=warmup_epochs,
+                requires=("scores_inter", "positives"),
+            ),
+        ),
     ]
 
 
-def dcpa_stages(intra_epochs: int = 10, inter_epochs: int = 10, *, intra_lr: float | None = None,
-                inter_lr: float | None = None) -> list:
+def dcpa_stages(
+    intra_epochs: int = 10,
+    inter_epochs: int = 10,
+    *,
+    intra_lr: float | None = None,
+    inter_lr: float | None = None,
+) -> list:
     """DCPA's two training stages for :func:`dcpa`'s blocks, as :class:`imtm.Stage` objects.
 
     Stage ``"intra"`` trains the encoders and phrase encoders with ``intra_loss``; stage
@@ -283,21 +491,47 @@ def dcpa_stages(intra_epochs: int = 10, inter_epochs: int = 10, *, intra_lr: flo
     from imtm.matcher import Stage
 
     return [
-        Stage(epochs=intra_epochs, train=list(DCPA_INTRA_BLOCKS), losses=["intra_loss"], lr=intra_lr, name="intra"),
-        Stage(epochs=inter_epochs, train=list(DCPA_INTER_BLOCKS), losses=["inter_loss"], lr=inter_lr, name="inter"),
+        Stage(
+            epochs=intra_epochs,
+            train=list(DCPA_INTRA_BLOCKS),
+            losses=["intra_loss"],
+            lr=intra_lr,
+            name="intra",
+        ),
+        Stage(
+            epochs=inter_epochs,
+            train=list(DCPA_INTER_BLOCKS),
+            losses=["inter_loss"],
+            lr=inter_lr,
+            name="inter",
+        ),
     ]
+
 
 #: DIAS's loss weights in Eq. 17: omega_dim, omega_inter, omega_intra.
 DIAS_WEIGHTS = {"dimension": 10.0, "inter": 0.05, "intra": 0.1}
 
 
-def dias_losses(*, dimension: bool = True, inter: bool = True, intra: bool = True, sparse: bool = True,
-                inter_sparse: bool | None = None, intra_sparse: bool | None = None,
-                beta: float = 0.0, dim_weight: float = DIAS_WEIGHTS["dimension"],
-                inter_weight: float = DIAS_WEIGHTS["inter"], intra_weight: float = DIAS_WEIGHTS["intra"],
-                dim_temperature: float = 0.1, mask_temperature: float = 0.1, mask_rule: str = "printed",
-                correlation: str = "cosine", dim_objective: str = "softmax", beta_instances: int | None = None,
-                pool: bool = True) -> list[tuple[str, Any]]:
+def dias_losses(
+    *,
+    dimension: bool = True,
+    inter: bool = True,
+    intra: bool = True,
+    sparse: bool = True,
+    inter_sparse: bool | None = None,
+    intra_sparse: bool | None = None,
+    beta: float = 0.0,
+    dim_weight: float = DIAS_WEIGHTS["dimension"],
+    inter_weight: float = DIAS_WEIGHTS["inter"],
+    intra_weight: float = DIAS_WEIGHTS["intra"],
+    dim_temperature: float = 0.1,
+    mask_temperature: float = 0.1,
+    mask_rule: str = "printed",
+    correlation: str = "cosine",
+    dim_objective: str = "softmax",
+    beta_instances: int | None = None,
+    pool: bool = True,
+) -> list[tuple[str, Any]]:
     """DIAS's regularisers, to append to any preset whose blocks provide ``image_tokens`` and ``text_tokens``.
 
     One line adds them to CHAN (DIAS Table 3 adds the dimension alignment alone)::
@@ -338,17 +572,42 @@ def dias_losses(*, dimension: bool = True, inter: bool = True, intra: bool = Tru
 
     blocks: list[tuple[str, Any]] = []
     if pool:
-        blocks += [("image_pool", MeanEmbedding(side="image")), ("text_pool", MeanEmbedding(side="text"))]
+        blocks += [
+            ("image_pool", MeanEmbedding(side="image")),
+            ("text_pool", MeanEmbedding(side="text")),
+        ]
     if dimension:
-        blocks.append(("dim_loss", DimensionAlignmentLoss(temperature=dim_temperature, weight=dim_weight,
-                                                          correlation=correlation, objective=dim_objective)))
-    masks = {"inter": sparse if inter_sparse is None else inter_sparse,
-             "intra": sparse if intra_sparse is None else intra_sparse}
+        blocks.append(
+            (
+                "dim_loss",
+                DimensionAlignmentLoss(
+                    temperature=dim_temperature,
+                    weight=dim_weight,
+                    correlation=correlation,
+                    objective=dim_objective,
+                ),
+            )
+        )
+    masks = {
+        "inter": sparse if inter_sparse is None else inter_sparse,
+        "intra": sparse if intra_sparse is None else intra_sparse,
+    }
     for kind, on, weight in (("inter", inter, inter_weight), ("intra", intra, intra_weight)):
         if on:
-            blocks.append((f"{kind}_loss", SpatialConstraintLoss(kind=kind, sparse=masks[kind], beta=beta,
-                                                                 temperature=mask_temperature, weight=weight,
-                                                                 rule=mask_rule, beta_instances=beta_instances)))
+            blocks.append(
+                (
+                    f"{kind}_loss",
+                    SpatialConstraintLoss(
+                        kind=kind,
+                        sparse=masks[kind],
+                        beta=beta,
+                        temperature=mask_temperature,
+                        weight=weight,
+                        rule=mask_rule,
+                        beta_instances=beta_instances,
+                    ),
+                )
+            )
     return blocks
 
 
@@ -356,12 +615,30 @@ def dias_losses(*, dimension: bool = True, inter: bool = True, intra: bool = Tru
 DIAS_SCORERS = ("local", "soft")
 
 
-def dias(*, vocab=None, region_dim: int | None = None, embed_dim: int = 1024, word_dim: int = 300,
-         context_heads: int = 8, scorer: str = "soft", weighting: str = "softmax", tau: float = 0.1,
-         pooling: str = "lse", temperature: float = 0.1, margin: float = 0.2, hardest: bool = True,
-         warmup_epochs: int = WARMUP_EPOCHS, miner: bool = False, text: str = "gru", text_model=None,
-         word_vectors=None, freeze_text: bool = False, image: str = REGIONS, image_options: dict | None = None,
-         **losses) -> list[tuple[str, Any]]:
+def dias(
+    *,
+    vocab=None,
+    region_dim: int | None = None,
+    embed_dim: int = 1024,
+    word_dim: int = 300,
+    context_heads: int = 8,
+    scorer: str = "soft",
+    weighting: str = "softmax",
+    tau: float = 0.1,
+    pooling: str = "lse",
+    temperature: float = 0.1,
+    margin: float = 0.2,
+    hardest: bool = True,
+    warmup_epochs: int = WARMUP_EPOCHS,
+    miner: bool = False,
+    text: str = "gru",
+    text_model=None,
+    word_vectors=None,
+    freeze_text: bool = False,
+    image: str = REGIONS,
+    image_options: dict | None = None,
+    **losses,
+) -> list[tuple[str, Any]]:
     """DIAS: the local matching framework (Eq. 1-3) trained with DIAS's regularisers (Eq. 17).
 
     Over the same encoders as :func:`chan` (precomputed regions with a self-attention
@@ -409,27 +686,74 @@ def dias(*, vocab=None, region_dim: int | None = None, embed_dim: int = 1024, wo
         "soft": lambda: SoftAssignmentCoding(tau=tau, pooling=pooling, temperature=temperature),
     }
     if scorer not in scorers:
-        raise ValueError(f"dias: scorer must be one of {sorted(scorers)}, got {scorer!r}." + suggest(scorer, scorers))
+        raise ValueError(
+            f"dias: scorer must be one of {sorted(scorers)}, got {scorer!r}."
+            + suggest(scorer, scorers)
+        )
     return [
-        ("image", image_encoder(image, region_dim=region_dim, embed_dim=embed_dim, image_options=image_options,
-                                preset="dias")),
+        (
+            "image",
+            image_encoder(
+                image,
+                region_dim=region_dim,
+                embed_dim=embed_dim,
+                image_options=image_options,
+                preset="dias",
+            ),
+        ),
         ("context", SelfAttentionContext(dim=embed_dim, heads=context_heads)),
-        ("text", text_encoder(text, vocab=vocab, embed_dim=embed_dim, word_dim=word_dim, text_model=text_model,
-                              word_vectors=word_vectors, freeze_text=freeze_text, preset="dias")),
+        (
+            "text",
+            text_encoder(
+                text,
+                vocab=vocab,
+                embed_dim=embed_dim,
+                word_dim=word_dim,
+                text_model=text_model,
+                word_vectors=word_vectors,
+                freeze_text=freeze_text,
+                preset="dias",
+            ),
+        ),
         ("coding", scorers[scorer]()),
-        ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs,
-                             miner=DistanceWeightedMiner(dim=embed_dim) if miner else None)),
+        (
+            "loss",
+            TripletLoss(
+                margin=margin,
+                hardest=hardest,
+                warmup_epochs=warmup_epochs,
+                miner=DistanceWeightedMiner(dim=embed_dim) if miner else None,
+            ),
+        ),
     ] + dias_losses(**losses)
 
 
-
-def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int | None = None,
-        embed_dim: int = 256, model_kwargs: dict | None = None, pretrained: bool = False,
-        mask_ratio: float = 0.3, mlm: bool = True, itm: bool = True, lexicon: bool = True, expansion: bool = True,
-        distillation: bool = True, rerank_k: int | None = 16, cross_layers: int = 2, w2l_layers: int = 2,
-        heads: int = 4, temperature: float = 0.07, label_weights: str = "plan_cosine_softmax",
-        kl_direction: str = "prediction_first", max_length: int = 40, separate_masked_view: bool = True,
-        lexicon_weight: float = 1.0, w2l_loss: bool = False) -> list[tuple[str, Any]]:
+def ela(
+    *,
+    text_model,
+    image_model: str = "vit_base_patch16_224",
+    img_size: int | None = None,
+    embed_dim: int = 256,
+    model_kwargs: dict | None = None,
+    pretrained: bool = False,
+    mask_ratio: float = 0.3,
+    mlm: bool = True,
+    itm: bool = True,
+    lexicon: bool = True,
+    expansion: bool = True,
+    distillation: bool = True,
+    rerank_k: int | None = 16,
+    cross_layers: int = 2,
+    w2l_layers: int = 2,
+    heads: int = 4,
+    temperature: float = 0.07,
+    label_weights: str = "plan_cosine_softmax",
+    kl_direction: str = "prediction_first",
+    max_length: int = 40,
+    separate_masked_view: bool = True,
+    lexicon_weight: float = 1.0,
+    w2l_loss: bool = False,
+) -> list[tuple[str, Any]]:
     """ELA: a ViT and a BERT-style encoder trained with contrastive, matching and masked-LM objectives
     plus expansive lexicon-patch alignment and cross-modal lexicon distillation.
 
@@ -502,62 +826,144 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
     if rerank_k and not itm:
         raise ValueError("ela: re-ranking (rerank_k) needs the matching head (itm=True)")
     if distillation and not (lexicon and expansion):
-        raise ValueError("ela: distillation teaches the word-to-lexicon head; it needs lexicon=True, expansion=True")
+        raise ValueError(
+            "ela: distillation teaches the word-to-lexicon head; it needs lexicon=True, expansion=True"
+        )
     text = HFTextEncoder(text_model, out_dim=embed_dim, max_length=max_length)
     vocab_size, word_dim = text.vocab_size, int(text.word_embeddings.embedding_dim)
     scores = "itc_scores" if rerank_k else "scores"
     needs_masked_text = mlm or distillation or (lexicon and expansion and w2l_loss)
     two_views = bool(lexicon and separate_masked_view and mask_ratio > 0)
     blocks: list[tuple[str, Any]] = [
-        ("image", TimmVisionEncoder(image_model, pretrained=pretrained, out_dim=embed_dim, img_size=img_size,
-                                    mask_ratio=mask_ratio if lexicon else 0.0, model_kwargs=model_kwargs,
-                                    mask_in_forward=not two_views)),
+        (
+            "image",
+            TimmVisionEncoder(
+                image_model,
+                pretrained=pretrained,
+                out_dim=embed_dim,
+                img_size=img_size,
+                mask_ratio=mask_ratio if lexicon else 0.0,
+                model_kwargs=model_kwargs,
+                mask_in_forward=not two_views,
+            ),
+        ),
         ("text", text),
     ]
     if two_views:
         blocks.append(("masked_image", MaskedImageView("image")))
     if needs_masked_text or (lexicon and not expansion):
-        blocks.append(("masking", WordMasking(tokenizer="text", prob=0.15 if needs_masked_text else 0.0)))
+        blocks.append(
+            ("masking", WordMasking(tokenizer="text", prob=0.15 if needs_masked_text else 0.0))
+        )
     if needs_masked_text:
-        blocks.append(("masked_text", Reuse("text", requires=("masked_texts",), provides=("masked_text_tokens",))))
+        blocks.append(
+            (
+                "masked_text",
+                Reuse("text", requires=("masked_texts",), provides=("masked_text_tokens",)),
+            )
+        )
     blocks += [
         ("itc", GlobalCosine(provides=(scores,))),
-        ("itc_loss", InfoNCELoss(temperature=temperature, learnable=True, requires=(scores, "positives"))),
+        (
+            "itc_loss",
+            InfoNCELoss(temperature=temperature, learnable=True, requires=(scores, "positives")),
+        ),
     ]
     if itm or mlm or distillation:
         # As a block, it runs masked-LM on the masked captions; the matching head calls it on its own pairs.
         words = "masked_text_tokens" if needs_masked_text else "text_tokens"
-        blocks.append(("cross", CrossModalEncoder(embed_dim, layers=cross_layers, heads=heads,
-                                                  requires=("image_tokens", words))))
+        blocks.append(
+            (
+                "cross",
+                CrossModalEncoder(
+                    embed_dim, layers=cross_layers, heads=heads, requires=("image_tokens", words)
+                ),
+            )
+        )
     if itm:
         blocks += [
-            ("itm", ImageTextMatchingHead(embed_dim, encoder="cross",
-                                          requires=("image_tokens", "text_tokens", scores, "positives"))),
+            (
+                "itm",
+                ImageTextMatchingHead(
+                    embed_dim,
+                    encoder="cross",
+                    requires=("image_tokens", "text_tokens", scores, "positives"),
+                ),
+            ),
             ("itm_loss", ImageTextMatchingLoss()),
         ]
     if mlm or distillation:
         blocks += [
-            ("mlm_head", WordToLexiconHead(embed_dim, word_dim, vocab_size, embedding="text", layers=0,
-                                           requires=("cross_text_tokens",), provides=("cross_lexicon",))),
+            (
+                "mlm_head",
+                WordToLexiconHead(
+                    embed_dim,
+                    word_dim,
+                    vocab_size,
+                    embedding="text",
+                    layers=0,
+                    requires=("cross_text_tokens",),
+                    provides=("cross_lexicon",),
+                ),
+            ),
             ("mlm_loss", MaskedLanguageModelingLoss()),
         ]
     if lexicon:
         blocks += [
-            ("p2l", PatchToLexiconHead(embed_dim, word_dim, vocab_size, embedding="text",
-                                       requires=("masked_image_tokens" if two_views else "image_tokens",
-                                                 "masked_patches"))),
-            ("w2l", WordToLexiconHead(embed_dim, word_dim, vocab_size, embedding="text", layers=w2l_layers,
-                                      heads=heads)),
+            (
+                "p2l",
+                PatchToLexiconHead(
+                    embed_dim,
+                    word_dim,
+                    vocab_size,
+                    embedding="text",
+                    requires=(
+                        "masked_image_tokens" if two_views else "image_tokens",
+                        "masked_patches",
+                    ),
+                ),
+            ),
+            (
+                "w2l",
+                WordToLexiconHead(
+                    embed_dim,
+                    word_dim,
+                    vocab_size,
+                    embedding="text",
+                    layers=w2l_layers,
+                    heads=heads,
+                ),
+            ),
         ]
         if expansion and (w2l_loss or distillation):
             blocks.append(
-                ("w2l_masked", Reuse("w2l", requires=("masked_text_tokens",), provides=("word_lexicon_masked",))))
+                (
+                    "w2l_masked",
+                    Reuse(
+                        "w2l", requires=("masked_text_tokens",), provides=("word_lexicon_masked",)
+                    ),
+                )
+            )
         if expansion and w2l_loss:
-            blocks.append(("w2l_loss", MaskedLanguageModelingLoss(requires=("word_lexicon_masked", "mlm_labels"))))
+            blocks.append(
+                (
+                    "w2l_loss",
+                    MaskedLanguageModelingLoss(requires=("word_lexicon_masked", "mlm_labels")),
+                )
+            )
         requires = ExpansiveLexiconLoss.requires + (() if expansion else ("text_ids",))
-        blocks.append(("ela_loss", ExpansiveLexiconLoss(label_weights=label_weights, expansion=expansion,
-                                                        direction=kl_direction, weight=lexicon_weight,
-                                                        requires=requires)))
+        blocks.append(
+            (
+                "ela_loss",
+                ExpansiveLexiconLoss(
+                    label_weights=label_weights,
+                    expansion=expansion,
+                    direction=kl_direction,
+                    weight=lexicon_weight,
+                    requires=requires,
+                ),
+            )
+        )
     if distillation:
         blocks.append(("distill_loss", LexiconDistillationLoss(direction=kl_direction)))
     if rerank_k:
@@ -569,20 +975,49 @@ def ela(*, text_model, image_model: str = "vit_base_patch16_224", img_size: int 
 LAPS_RATIOS: dict[str, tuple[float, float]] = {"vit": (0.5, 0.4), "swin": (0.8, 0.6)}
 
 #: The timm model each ``backbone`` names by default (the paper's ViT-Base/16 and Swin-Base at 224).
-LAPS_BACKBONES: dict[str, str] = {"vit": "vit_base_patch16_224", "swin": "swin_base_patch4_window7_224"}
+LAPS_BACKBONES: dict[str, str] = {
+    "vit": "vit_base_patch16_224",
+    "swin": "swin_base_patch4_window7_224",
+}
 
 
-def laps(*, vocab=None, backbone: str = "vit", model_name: str | None = None, img_size: int | None = None,
-         model_kwargs: dict | None = None, pretrained: bool = False, checkpoint_path: str | None = None,
-         embed_dim: int = 512, word_dim: int = 300, ratio: float | None = None, aggregation: float | None = None,
-         beta: float = 0.8, tau: float = 1.0, margin: float = 0.2, hardest: bool = True,
-         warmup_epochs: int = WARMUP_EPOCHS,
-         ratio_weight: float = 1.0, fusion: bool = True, language_context: bool = True,
-         calibration: bool = True, direction: str = "both", self_attention: bool = True,
-         attentive_only: bool = False, clustering: bool = False, alignment: str = "sparse",
-         word_selection: bool = False, word_aggregation: bool = False, word_ratio: float = 0.8,
-         word_tokens: int = 4, text: str = "bert", text_model=None, word_vectors=None, freeze_text: bool = False,
-         image: str | None = None) -> list[tuple[str, Any]]:
+def laps(
+    *,
+    vocab=None,
+    backbone: str = "vit",
+    model_name: str | None = None,
+    img_size: int | None = None,
+    model_kwargs: dict | None = None,
+    pretrained: bool = False,
+    checkpoint_path: str | None = None,
+    embed_dim: int = 512,
+    word_dim: int = 300,
+    ratio: float | None = None,
+    aggregation: float | None = None,
+    beta: float = 0.8,
+    tau: float = 1.0,
+    margin: float = 0.2,
+    hardest: bool = True,
+    warmup_epochs: int = WARMUP_EPOCHS,
+    ratio_weight: float = 1.0,
+    fusion: bool = True,
+    language_context: bool = True,
+    calibration: bool = True,
+    direction: str = "both",
+    self_attention: bool = True,
+    attentive_only: bool = False,
+    clustering: bool = False,
+    alignment: str = "sparse",
+    word_selection: bool = False,
+    word_aggregation: bool = False,
+    word_ratio: float = 0.8,
+    word_tokens: int = 4,
+    text: str = "bert",
+    text_model=None,
+    word_vectors=None,
+    freeze_text: bool = False,
+    image: str | None = None,
+) -> list[tuple[str, Any]]:
     """LAPS: a timm ViT/Swin, BERT text, language-context patch slimming with sparse patch-word
     alignment, triplet loss with hardest negatives plus the ratio loss (Eq. 9-10).
 
@@ -645,29 +1080,49 @@ def laps(*, vocab=None, backbone: str = "vit", model_name: str | None = None, im
     )
 
     if backbone not in LAPS_RATIOS:
-        raise ValueError(f"backbone must be one of {sorted(LAPS_RATIOS)}, got {backbone!r}." + suggest(backbone, LAPS_RATIOS))
+        raise ValueError(
+            f"backbone must be one of {sorted(LAPS_RATIOS)}, got {backbone!r}."
+            + suggest(backbone, LAPS_RATIOS)
+        )
     if image is not None and model_name is not None and image != model_name:
-        raise ValueError(f"laps: image={image!r} and model_name={model_name!r} name two backbones; give one")
+        raise ValueError(
+            f"laps: image={image!r} and model_name={model_name!r} name two backbones; give one"
+        )
     if image == REGIONS:
-        raise ValueError("laps: image='regions' is not possible: patch slimming needs a patch grid; name a timm "
-                         "ViT / Swin / EVA / CNN (image='vit_base_patch16_224')")
+        raise ValueError(
+            "laps: image='regions' is not possible: patch slimming needs a patch grid; name a timm "
+            "ViT / Swin / EVA / CNN (image='vit_base_patch16_224')"
+        )
     model_name = model_name or image
     rho = LAPS_RATIOS[backbone][0] if ratio is None else ratio
     lam = LAPS_RATIOS[backbone][1] if aggregation is None else aggregation
     if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not 0 < lam <= 1:
         raise ValueError(f"aggregation (lambda) must be a number in (0, 1], got {lam!r}")
-    encoder = TimmVisionEncoder(model_name or LAPS_BACKBONES[backbone], pretrained=pretrained,
-                                checkpoint_path=checkpoint_path, out_dim=embed_dim, img_size=img_size,
-                                model_kwargs=model_kwargs)
+    encoder = TimmVisionEncoder(
+        model_name or LAPS_BACKBONES[backbone],
+        pretrained=pretrained,
+        checkpoint_path=checkpoint_path,
+        out_dim=embed_dim,
+        img_size=img_size,
+        model_kwargs=model_kwargs,
+    )
     _, height, width = encoder.data_config()["input_size"]
     h, w = encoder.grid_size(height, width)
     n_kept = math.ceil(rho * h * w - 1e-6)
     num_out = max(1, int(lam * n_kept + 1e-6))
-    aligners = {"sparse": lambda: SparsePatchWordAlignment(direction=direction), "scan": ScanAttention}
+    aligners = {
+        "sparse": lambda: SparsePatchWordAlignment(direction=direction),
+        "scan": ScanAttention,
+    }
     if alignment not in aligners:
-        raise ValueError(f"alignment must be one of {sorted(aligners)}, got {alignment!r}." + suggest(alignment, aligners))
+        raise ValueError(
+            f"alignment must be one of {sorted(aligners)}, got {alignment!r}."
+            + suggest(alignment, aligners)
+        )
     if clustering and not calibration:
-        raise ValueError("laps: clustering replaces the aggregation that calibration=False removes; choose one")
+        raise ValueError(
+            "laps: clustering replaces the aggregation that calibration=False removes; choose one"
+        )
     if not calibration:
         agg = None  # Table 4 "without patch calibration": select, then align the selected patches as they are
     elif clustering:
@@ -676,34 +1131,68 @@ def laps(*, vocab=None, backbone: str = "vit", model_name: str | None = None, im
         agg = TokenAggregation(embed_dim, num_out)
     blocks = [
         ("image", encoder),
-        ("text", text_encoder(text, vocab=vocab, embed_dim=embed_dim, word_dim=word_dim, text_model=text_model,
-                              word_vectors=word_vectors, freeze_text=freeze_text, preset="laps")),
+        (
+            "text",
+            text_encoder(
+                text,
+                vocab=vocab,
+                embed_dim=embed_dim,
+                word_dim=word_dim,
+                text_model=text_model,
+                word_vectors=word_vectors,
+                freeze_text=freeze_text,
+                preset="laps",
+            ),
+        ),
     ]
     words = "text_tokens"
     if word_selection:
-        blocks.append(("word_selection", WordSelection(embed_dim, ratio=word_ratio, provides=("selected_text_tokens",)
-                                                       if word_aggregation else None)))
+        blocks.append(
+            (
+                "word_selection",
+                WordSelection(
+                    embed_dim,
+                    ratio=word_ratio,
+                    provides=("selected_text_tokens",) if word_aggregation else None,
+                ),
+            )
+        )
         words = "selected_text_tokens" if word_aggregation else "slim_text_tokens"
     if word_aggregation:
-        blocks.append(("word_aggregation", WordAggregation(embed_dim, num_out=word_tokens, requires=(words,))))
+        blocks.append(
+            ("word_aggregation", WordAggregation(embed_dim, num_out=word_tokens, requires=(words,)))
+        )
         words = "slim_text_tokens"
     return blocks + [
-        ("laps", PatchSlimming(
-            PatchScorer(embed_dim, beta=1.0 if attentive_only else beta, language_context=language_context,
-                        self_attention=self_attention),
-            GumbelSelector(ratio=rho, tau=tau),
-            agg,
-            aligners[alignment](),
-            fusion=fusion,
-            requires=None if words == "text_tokens" else ("image_tokens", words),
-        )),
+        (
+            "laps",
+            PatchSlimming(
+                PatchScorer(
+                    embed_dim,
+                    beta=1.0 if attentive_only else beta,
+                    language_context=language_context,
+                    self_attention=self_attention,
+                ),
+                GumbelSelector(ratio=rho, tau=tau),
+                agg,
+                aligners[alignment](),
+                fusion=fusion,
+                requires=None if words == "text_tokens" else ("image_tokens", words),
+            ),
+        ),
         ("loss", TripletLoss(margin=margin, hardest=hardest, warmup_epochs=warmup_epochs)),
         ("ratio", RatioLoss(rho=rho, weight=ratio_weight)),
     ]
 
 
-PRESETS: dict[str, Callable[..., list]] = {"vsepp": vsepp, "chan": chan, "dias": dias, "dcpa": dcpa, "laps": laps,
-                                           "ela": ela}
+PRESETS: dict[str, Callable[..., list]] = {
+    "vsepp": vsepp,
+    "chan": chan,
+    "dias": dias,
+    "dcpa": dcpa,
+    "laps": laps,
+    "ela": ela,
+}
 
 #: The presets that read pixels through a timm ViT / Swin; the others read region features.
 PIXEL_PRESETS = ("laps", "ela")
@@ -719,7 +1208,12 @@ def small_vit(width: int, *, depth: int = 2, patch_size: int = 8) -> dict:
         >>> small_vit(64)
         {'depth': 2, 'embed_dim': 64, 'num_heads': 2, 'patch_size': 8}
     """
-    return {"depth": depth, "embed_dim": width, "num_heads": 2 if width % 2 == 0 else 1, "patch_size": patch_size}
+    return {
+        "depth": depth,
+        "embed_dim": width,
+        "num_heads": 2 if width % 2 == 0 else 1,
+        "patch_size": patch_size,
+    }
 
 
 def recipe(name: str):
@@ -754,7 +1248,11 @@ def build_recipe(name, data=None, *, workdir=None, matcher_kwargs: dict | None =
     """
     r = recipe(name) if isinstance(name, str) else name
     kwargs = r.preset_keywords(**overrides)
-    components = PRESETS[r.preset](**kwargs) if data is None else build(r.preset, data, workdir=workdir, **kwargs)
+    components = (
+        PRESETS[r.preset](**kwargs)
+        if data is None
+        else build(r.preset, data, workdir=workdir, **kwargs)
+    )
     return r.matcher(components, **(matcher_kwargs or {}))
 
 
@@ -798,14 +1296,21 @@ def build(name: str, data, *, workdir=None, **kwargs) -> list[tuple[str, Any]]:
         ['image', 'text', 'scorer', 'loss']
     """
     if name not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}." + suggest(name, PRESETS))
+        raise ValueError(
+            f"preset must be one of {sorted(PRESETS)}, got {name!r}." + suggest(name, PRESETS)
+        )
     params = inspect.signature(PRESETS[name]).parameters
     if name == "laps" and "text" not in kwargs and "text_model" not in kwargs:
         kwargs["text"] = "gru"
-    needs_vocab = kwargs.get("text", params["text"].default if "text" in params else None) in ("gru", "gru-glove")
+    needs_vocab = kwargs.get("text", params["text"].default if "text" in params else None) in (
+        "gru",
+        "gru-glove",
+    )
     if "vocab" in params and "vocab" not in kwargs and needs_vocab:
         if getattr(data, "vocab", None) is None:
-            raise ValueError(f"presets.build: {type(data).__name__} has no vocabulary (attribute 'vocab')")
+            raise ValueError(
+                f"presets.build: {type(data).__name__} has no vocabulary (attribute 'vocab')"
+            )
         kwargs["vocab"] = data.vocab
     freeze_image = False
     if name in PIXEL_PRESETS:
@@ -815,9 +1320,13 @@ def build(name: str, data, *, workdir=None, **kwargs) -> list[tuple[str, Any]]:
         if not named and not hasattr(data, "image_paths"):
             first = data.images[0]
             if not isinstance(first, torch.Tensor) or first.dim() != 3:
-                raise ValueError(f"preset {name!r} reads pixels (3, H, W); the data holds images of shape "
-                                 f"{tuple(getattr(first, 'shape', ()))} (for the synthetic benchmark use its 'pixels' view)")
-            width = kwargs.get("embed_dim", inspect.signature(PRESETS[name]).parameters["embed_dim"].default)
+                raise ValueError(
+                    f"preset {name!r} reads pixels (3, H, W); the data holds images of shape "
+                    f"{tuple(getattr(first, 'shape', ()))} (for the synthetic benchmark use its 'pixels' view)"
+                )
+            width = kwargs.get(
+                "embed_dim", inspect.signature(PRESETS[name]).parameters["embed_dim"].default
+            )
             kwargs.setdefault("img_size", int(first.shape[-1]))
             if kwargs.get("model_kwargs") is None and kwargs["img_size"] % 8 == 0:
                 # The backbone pre-trained on the benchmark's pre-training split (imtm.weights), fine-tuned
@@ -832,8 +1341,10 @@ def build(name: str, data, *, workdir=None, **kwargs) -> list[tuple[str, Any]]:
                 kwargs.setdefault("model_kwargs", small_vit(width))
         if name == "ela" and kwargs.get("text_model") is None:
             if workdir is None:
-                raise ValueError("presets.build('ela'): pass text_model= (a local BERT folder or 'minilm'), or "
-                                 "workdir= to write a small BERT from scratch over the training captions there")
+                raise ValueError(
+                    "presets.build('ela'): pass text_model= (a local BERT folder or 'minilm'), or "
+                    "workdir= to write a small BERT from scratch over the training captions there"
+                )
             from pathlib import Path
 
             from imtm.components.encoders.hf_text import write_local_bert
@@ -841,18 +1352,33 @@ def build(name: str, data, *, workdir=None, **kwargs) -> list[tuple[str, Any]]:
             width = kwargs.get("embed_dim", params["embed_dim"].default)
             folder = Path(workdir) / "text_model"
             if not (folder / "config.json").exists():
-                write_local_bert(folder, data.captions, hidden_size=width, num_layers=2,
-                                 num_heads=2 if width % 2 == 0 else 1)
+                write_local_bert(
+                    folder,
+                    data.captions,
+                    hidden_size=width,
+                    num_layers=2,
+                    num_heads=2 if width % 2 == 0 else 1,
+                )
             kwargs["text_model"] = str(folder)
             kwargs.setdefault("heads", 2 if width % 2 == 0 else 1)
-    if "region_dim" not in kwargs and "region_dim" in params and kwargs.get("image", REGIONS) == REGIONS:
+    if (
+        "region_dim" not in kwargs
+        and "region_dim" in params
+        and kwargs.get("image", REGIONS) == REGIONS
+    ):
         first = data.images[0]
         if isinstance(first, Tokens):
             # Extracted features (ExtractedDataset) come one image at a time as Tokens (1, N, D).
-            first = first.feats[0] if first.feats.dim() == 3 and first.feats.shape[0] == 1 else first.feats
+            first = (
+                first.feats[0]
+                if first.feats.dim() == 3 and first.feats.shape[0] == 1
+                else first.feats
+            )
         if not isinstance(first, torch.Tensor) or first.dim() != 2:
-            raise ValueError(f"preset {name!r} needs region features (N, D); the data holds images of shape "
-                             f"{tuple(getattr(first, 'shape', ())) or type(first).__name__}")
+            raise ValueError(
+                f"preset {name!r} needs region features (N, D); the data holds images of shape "
+                f"{tuple(getattr(first, 'shape', ())) or type(first).__name__}"
+            )
         kwargs["region_dim"] = int(first.shape[-1])
     blocks = PRESETS[name](**kwargs)
     if freeze_image:

@@ -54,8 +54,12 @@ class PaperResult:
         return {**values, "rsum": rsum}
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "dataset": self.dataset, "protocol": self.protocol,
-                "metrics": self.as_metrics()}
+        return {
+            "source": self.source,
+            "dataset": self.dataset,
+            "protocol": self.protocol,
+            "metrics": self.as_metrics(),
+        }
 
 
 @dataclass
@@ -113,8 +117,14 @@ class Recipe:
 
     def to_record(self) -> dict:
         """What a saved model keeps of its recipe (``record.json``, key ``"recipe"``)."""
-        return {"name": self.name, "preset": self.preset, "data": self.data, "protocol": self.protocol,
-                "paper": None if self.paper is None else self.paper.to_dict(), "differs": list(self.differs)}
+        return {
+            "name": self.name,
+            "preset": self.preset,
+            "data": self.data,
+            "protocol": self.protocol,
+            "paper": None if self.paper is None else self.paper.to_dict(),
+            "differs": list(self.differs),
+        }
 
 
 def paper_gap(measured: dict, paper: dict) -> dict[str, float | None]:
@@ -140,28 +150,60 @@ _LAPS_MILESTONES, _LAPS_DECAY, _LAPS_LR, _LAPS_EPOCHS = (9, 15, 20, 25), 0.3, 2e
 def _laps_stages() -> list[dict]:
     """The multi-step decay as stages of constant learning rate (the Matcher's step decay is periodic)."""
     bounds = (0, *_LAPS_MILESTONES, _LAPS_EPOCHS)
-    return [{"epochs": b - a, "lr": round(_LAPS_LR * _LAPS_DECAY ** i, 12), "lr_scheduler": "constant", "name": f"lr{i}"}
-            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    return [
+        {
+            "epochs": b - a,
+            "lr": round(_LAPS_LR * _LAPS_DECAY**i, 12),
+            "lr_scheduler": "constant",
+            "name": f"lr{i}",
+        }
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+    ]
 
 
-def _laps(name: str, backbone: str, model: str, data: str, protocol: str, paper: PaperResult | None) -> Recipe:
+def _laps(
+    name: str, backbone: str, model: str, data: str, protocol: str, paper: PaperResult | None
+) -> Recipe:
     return Recipe(
-        name=name, preset="laps", data=data, protocol=protocol, image_size=224, paper=paper,
-        preset_kwargs={"backbone": backbone, "image": model, "pretrained": True, "img_size": 224, "text": "bert",
-                       "embed_dim": 512, "beta": 0.8, "margin": 0.2, "warmup_epochs": 1, "ratio_weight": 2.0},
-        matcher_kwargs={"epochs": _LAPS_EPOCHS, "batch_size": 64, "lr": _LAPS_LR, "optimizer": "adamw",
-                        "weight_decay": 1e-4, "grad_clip": 2.0, "warmup": 0.0, "lr_scheduler": "constant",
-                        "lr_factors": {"image": 0.1, "text": 0.1}},
+        name=name,
+        preset="laps",
+        data=data,
+        protocol=protocol,
+        image_size=224,
+        paper=paper,
+        preset_kwargs={
+            "backbone": backbone,
+            "image": model,
+            "pretrained": True,
+            "img_size": 224,
+            "text": "bert",
+            "embed_dim": 512,
+            "beta": 0.8,
+            "margin": 0.2,
+            "warmup_epochs": 1,
+            "ratio_weight": 2.0,
+        },
+        matcher_kwargs={
+            "epochs": _LAPS_EPOCHS,
+            "batch_size": 64,
+            "lr": _LAPS_LR,
+            "optimizer": "adamw",
+            "weight_decay": 1e-4,
+            "grad_clip": 2.0,
+            "warmup": 0.0,
+            "lr_scheduler": "constant",
+            "lr_factors": {"image": 0.1, "text": 0.1},
+        },
         stages=_laps_stages(),
         sources={
             "epochs 30, lr 2e-4, margin 0.2, grad_clip 2.0, embed 512, img 224, ratio_weight 2.0, "
             "attention_weight (beta) 0.8, vse_mean_warmup_epochs 1": f"{_LAPS_SRC} arguments.py defaults",
             "lr x0.3 at epochs 9, 15, 20, 25": f"{_LAPS_SRC} arguments.py (--lr_schedules, --decay_rate), "
-                                               "train.py adjust_learning_rate",
+            "train.py adjust_learning_rate",
             "AdamW, weight decay 1e-4, BERT and ViT at 0.1 x lr": f"{_LAPS_SRC} lib/vse.py create_optimizer",
             "batch 64, sparse/aggr ratios per backbone": f"{_LAPS_SRC} README.md single-GPU commands",
             "BERT-base uncased; ViT-Base/16 ImageNet-21k, Swin-Base/224": f"{_LAPS_SRC} README.md model weights "
-                "(timm names chosen as timm's copies of those weights)",
+            "(timm names chosen as timm's copies of those weights)",
         },
         differs=[
             "learning-rate milestones run as stages of constant lr, and the optimizer restarts at each "
@@ -175,18 +217,46 @@ def _laps(name: str, backbone: str, model: str, data: str, protocol: str, paper:
     )
 
 
-_LAPS_README = f"{_LAPS_SRC} README.md, Performances table (the authors' reproduction; R@10 not given)"
+_LAPS_README = (
+    f"{_LAPS_SRC} README.md, Performances table (the authors' reproduction; R@10 not given)"
+)
 RECIPES: dict[str, Recipe] = {}
 for _r in (
-    _laps("laps-vit-b16-f30k", "vit", "vit_base_patch16_224.orig_in21k", "f30k", "f30k_1k",
-          PaperResult(_LAPS_README, "Flickr30K", "f30k_1k", (75.8, 93.8, None), (62.5, 87.5, None))),
-    _laps("laps-swin-b-f30k", "swin", "swin_base_patch4_window7_224.ms_in22k_ft_in1k", "f30k", "f30k_1k",
-          PaperResult(_LAPS_README, "Flickr30K", "f30k_1k", (84.5, 97.7, None), (72.3, 92.7, None))),
-    _laps("laps-vit-b16-coco", "vit", "vit_base_patch16_224.orig_in21k", "coco", "coco_1k_5fold",
-          PaperResult(_LAPS_README, "MSCOCO", "coco_1k_5fold", (78.6, 96.0, None), (65.5, 91.4, None))),
+    _laps(
+        "laps-vit-b16-f30k",
+        "vit",
+        "vit_base_patch16_224.orig_in21k",
+        "f30k",
+        "f30k_1k",
+        PaperResult(_LAPS_README, "Flickr30K", "f30k_1k", (75.8, 93.8, None), (62.5, 87.5, None)),
+    ),
+    _laps(
+        "laps-swin-b-f30k",
+        "swin",
+        "swin_base_patch4_window7_224.ms_in22k_ft_in1k",
+        "f30k",
+        "f30k_1k",
+        PaperResult(_LAPS_README, "Flickr30K", "f30k_1k", (84.5, 97.7, None), (72.3, 92.7, None)),
+    ),
+    _laps(
+        "laps-vit-b16-coco",
+        "vit",
+        "vit_base_patch16_224.orig_in21k",
+        "coco",
+        "coco_1k_5fold",
+        PaperResult(
+            _LAPS_README, "MSCOCO", "coco_1k_5fold", (78.6, 96.0, None), (65.5, 91.4, None)
+        ),
+    ),
     # The README's MSCOCO Swin rows repeat one text-to-image pair for 1K and 5K: no result is recorded.
-    _laps("laps-swin-b-coco", "swin", "swin_base_patch4_window7_224.ms_in22k_ft_in1k", "coco", "coco_1k_5fold",
-          None),
+    _laps(
+        "laps-swin-b-coco",
+        "swin",
+        "swin_base_patch4_window7_224.ms_in22k_ft_in1k",
+        "coco",
+        "coco_1k_5fold",
+        None,
+    ),
 ):
     RECIPES[_r.name] = _r
 
@@ -196,24 +266,45 @@ _CHAN_SRC = "ppanzx/CHAN"
 _CHAN_README = f"{_CHAN_SRC} README.md, Results tables (R@10 not given)"
 
 
-def _chan(name: str, text: str, data: str, protocol: str, batch: int, paper: PaperResult, batch_why: str) -> Recipe:
+def _chan(
+    name: str, text: str, data: str, protocol: str, batch: int, paper: PaperResult, batch_why: str
+) -> Recipe:
     bert = text == "bert"
     return Recipe(
-        name=name, preset="chan", data=data, protocol=protocol, paper=paper,
-        preset_kwargs={"text": "bert" if bert else "gru-glove", "embed_dim": 1024, "word_dim": 300,
-                       "coding": "hard", "codebook": "visual", "pooling": "lse", "temperature": 0.1,
-                       "margin": 0.005, "hardest": True, "warmup_epochs": 1},
-        matcher_kwargs={"epochs": 25, "batch_size": batch, "lr": 5e-4, "optimizer": "adamw",
-                        "weight_decay": 1e-4 if bert else 1e-2, "grad_clip": 2.0, "warmup": 0.0,
-                        "lr_scheduler": "x0.1 every 15 epochs",
-                        **({"lr_factors": {"text": 0.1}} if bert else {})},
+        name=name,
+        preset="chan",
+        data=data,
+        protocol=protocol,
+        paper=paper,
+        preset_kwargs={
+            "text": "bert" if bert else "gru-glove",
+            "embed_dim": 1024,
+            "word_dim": 300,
+            "coding": "hard",
+            "codebook": "visual",
+            "pooling": "lse",
+            "temperature": 0.1,
+            "margin": 0.005,
+            "hardest": True,
+            "warmup_epochs": 1,
+        },
+        matcher_kwargs={
+            "epochs": 25,
+            "batch_size": batch,
+            "lr": 5e-4,
+            "optimizer": "adamw",
+            "weight_decay": 1e-4 if bert else 1e-2,
+            "grad_clip": 2.0,
+            "warmup": 0.0,
+            "lr_scheduler": "x0.1 every 15 epochs",
+            **({"lr_factors": {"text": 0.1}} if bert else {}),
+        },
         sources={
             "epochs 25, lr 5e-4, lr_update 15, embed 1024, self-attention context, LSE pooling 0.1, margin 0.05 "
-            "(0.005 on imtm's score scale, docs/chan.md), vse_mean_warmup_epochs 1":
-                f"{_CHAN_SRC} scripts/train.sh",
+            "(0.005 on imtm's score scale, docs/chan.md), vse_mean_warmup_epochs 1": f"{_CHAN_SRC} scripts/train.sh",
             "grad_clip 2.0, word_dim 300": f"{_CHAN_SRC} lib/arguments.py defaults",
             "decay x0.1 at the scheduled epochs": f"{_CHAN_SRC} train.py adjust_learning_rate (the schedule list "
-                                                   "itself was not read: taken as [lr_update] = [15])",
+            "itself was not read: taken as [lr_update] = [15])",
             "AdamW; BiGRU: torch's default weight decay 0.01 (AdamW(params, lr) without weight_decay); BERT: "
             "weight decay 1e-4, BERT at 0.1 x lr": f"{_CHAN_SRC} lib/model.py Model.__init__",
             "GloVe word vectors, unknown words keep N(0, 1)": f"{_CHAN_SRC} lib/encoders.py EncoderTextBigru.init_weights",
@@ -222,45 +313,98 @@ def _chan(name: str, text: str, data: str, protocol: str, batch: int, paper: Pap
         differs=[
             "the authors' --drop (dropping region features, obj_drop_rate 0.2) is not reproduced",
             "the model kept is the last epoch's (the authors keep the best validation rSum)",
-        ] + (["lr factor 0.1 applies to the whole text block, its projection included (the authors' BERT "
-              "projection trains at the full lr)"] if bert else
-             ["word_vectors= must name the GloVe file (glove.840B.300d.txt, torchtext's default GloVe)"]),
+        ]
+        + (
+            [
+                "lr factor 0.1 applies to the whole text block, its projection included (the authors' BERT "
+                "projection trains at the full lr)"
+            ]
+            if bert
+            else [
+                "word_vectors= must name the GloVe file (glove.840B.300d.txt, torchtext's default GloVe)"
+            ]
+        ),
     )
 
 
 for _r in (
-    _chan("chan-gru-f30k", "gru", "f30k", "f30k_1k", 384,
-          PaperResult(_CHAN_README, "Flickr30K", "f30k_1k", (79.7, 94.5, None), (60.2, 85.3, None)),
-          f"{_CHAN_SRC} scripts/train.sh (f30k, bigru)"),
-    _chan("chan-bert-f30k", "bert", "f30k", "f30k_1k", 128,
-          PaperResult(_CHAN_README, "Flickr30K", "f30k_1k", (80.6, 96.1, None), (63.9, 87.5, None)),
-          "chosen: the script gives no Flickr30K BERT command; 128 as its COCO BERT command"),
-    _chan("chan-gru-coco", "gru", "coco", "coco_5k", 128,
-          PaperResult(_CHAN_README, "MSCOCO", "coco_5k", (60.2, 85.9, None), (41.7, 71.5, None)),
-          "chosen: the script gives no COCO BiGRU command; 128 as its COCO BERT command"),
-    _chan("chan-bert-coco", "bert", "coco", "coco_5k", 128,
-          PaperResult(_CHAN_README, "MSCOCO", "coco_5k", (59.8, 87.2, None), (44.9, 74.5, None)),
-          f"{_CHAN_SRC} scripts/train.sh (coco, bert)"),
+    _chan(
+        "chan-gru-f30k",
+        "gru",
+        "f30k",
+        "f30k_1k",
+        384,
+        PaperResult(_CHAN_README, "Flickr30K", "f30k_1k", (79.7, 94.5, None), (60.2, 85.3, None)),
+        f"{_CHAN_SRC} scripts/train.sh (f30k, bigru)",
+    ),
+    _chan(
+        "chan-bert-f30k",
+        "bert",
+        "f30k",
+        "f30k_1k",
+        128,
+        PaperResult(_CHAN_README, "Flickr30K", "f30k_1k", (80.6, 96.1, None), (63.9, 87.5, None)),
+        "chosen: the script gives no Flickr30K BERT command; 128 as its COCO BERT command",
+    ),
+    _chan(
+        "chan-gru-coco",
+        "gru",
+        "coco",
+        "coco_5k",
+        128,
+        PaperResult(_CHAN_README, "MSCOCO", "coco_5k", (60.2, 85.9, None), (41.7, 71.5, None)),
+        "chosen: the script gives no COCO BiGRU command; 128 as its COCO BERT command",
+    ),
+    _chan(
+        "chan-bert-coco",
+        "bert",
+        "coco",
+        "coco_5k",
+        128,
+        PaperResult(_CHAN_README, "MSCOCO", "coco_5k", (59.8, 87.2, None), (44.9, 74.5, None)),
+        f"{_CHAN_SRC} scripts/train.sh (coco, bert)",
+    ),
 ):
     RECIPES[_r.name] = _r
 
 
 # ---------------------------------------------------------------------- ELA (fine-tuning for retrieval)
 _ELA_SRC = "Lydia-yang/ELA"
-for _data, _protocol, _cfg in (("f30k", "f30k_1k", "configs/Retrieval_flickr.yaml"),
-                               ("coco", "coco_5k", "configs/Retrieval_coco.yaml")):
+for _data, _protocol, _cfg in (
+    ("f30k", "f30k_1k", "configs/Retrieval_flickr.yaml"),
+    ("coco", "coco_5k", "configs/Retrieval_coco.yaml"),
+):
     RECIPES[f"ela-vit-b16-{_data}"] = Recipe(
-        name=f"ela-vit-b16-{_data}", preset="ela", data=_data, protocol=_protocol, image_size=384, paper=None,
-        preset_kwargs={"text_model": "bert-base-uncased", "image_model": "vit_base_patch16_224", "img_size": 384,
-                       "pretrained": True, "embed_dim": 256, "temperature": 0.07, "rerank_k": 128},
-        matcher_kwargs={"epochs": 10, "batch_size": 26, "lr": 1e-5, "optimizer": "adamw", "weight_decay": 0.02,
-                        "lr_scheduler": "cosine", "warmup": 0.0},
+        name=f"ela-vit-b16-{_data}",
+        preset="ela",
+        data=_data,
+        protocol=_protocol,
+        image_size=384,
+        paper=None,
+        preset_kwargs={
+            "text_model": "bert-base-uncased",
+            "image_model": "vit_base_patch16_224",
+            "img_size": 384,
+            "pretrained": True,
+            "embed_dim": 256,
+            "temperature": 0.07,
+            "rerank_k": 128,
+        },
+        matcher_kwargs={
+            "epochs": 10,
+            "batch_size": 26,
+            "lr": 1e-5,
+            "optimizer": "adamw",
+            "weight_decay": 0.02,
+            "lr_scheduler": "cosine",
+            "warmup": 0.0,
+        },
         sources={
             "image_res 384, embed_dim 256, temp 0.07, k_test 128 (re-ranking), batch 26, AdamW lr 1e-5 weight "
             "decay 0.02, cosine over 10 epochs": f"{_ELA_SRC} {_cfg} (the Flickr30K file was read; the COCO "
-                                                  "recipe assumes the same values)",
+            "recipe assumes the same values)",
             "ViT-Base/16 and BERT-base": "chosen: the configs name config_bert.json (BERT-base) and a 768-wide "
-                                         "vision encoder; the ViT weights are the user's (pretrained=True)",
+            "vision encoder; the ViT weights are the user's (pretrained=True)",
         },
         differs=[
             "the authors fine-tune a pre-trained ELA checkpoint (Pretrain.yaml: 5 epochs on COCO, VG, CC3M, SBU); "
@@ -276,30 +420,79 @@ for _data, _protocol, _cfg in (("f30k", "f30k_1k", "configs/Retrieval_flickr.yam
 # ---------------------------------------------------------------------- DCPA and DIAS: library choices
 _CHOSEN = "chosen here: the paper's Sec. 4 was not at hand"
 RECIPES["dcpa-f30k"] = Recipe(
-    name="dcpa-f30k", preset="dcpa", data="f30k", protocol="f30k_1k", paper=None,
-    preset_kwargs={"text": "gru", "embed_dim": 1024, "word_dim": 300, "heads": 8, "k": 10, "margin": 0.1,
-                   "weights": (0.6, 0.4)},
-    matcher_kwargs={"epochs": 20, "batch_size": 128, "lr": 2e-4, "optimizer": "adamw", "grad_clip": 2.0,
-                    "lr_scheduler": "x0.1 every 15 epochs"},
-    stages=[{"epochs": 10, "train": ["image", "text", "visual_phrases", "text_phrase"], "losses": ["intra_loss"],
-             "name": "intra"},
-            {"epochs": 10, "train": ["inter_i2t", "inter_t2i"], "losses": ["inter_loss"], "name": "inter"}],
-    sources={"margin 0.1, K 10, fusion weights (0.6, 0.4), two stages": "presets.dcpa's defaults (docs/dcpa.md)",
-             "epochs, batch, lr, optimizer, schedule": _CHOSEN + " (SCAN-style region training values)"},
-    differs=["training values are this library's choices, not the paper's",
-             "issue #25 of this project reports a frozen BERT with 256-d / 16-head / 512-filter phrase modules; "
-             "not checked against the paper, so not applied"],
+    name="dcpa-f30k",
+    preset="dcpa",
+    data="f30k",
+    protocol="f30k_1k",
+    paper=None,
+    preset_kwargs={
+        "text": "gru",
+        "embed_dim": 1024,
+        "word_dim": 300,
+        "heads": 8,
+        "k": 10,
+        "margin": 0.1,
+        "weights": (0.6, 0.4),
+    },
+    matcher_kwargs={
+        "epochs": 20,
+        "batch_size": 128,
+        "lr": 2e-4,
+        "optimizer": "adamw",
+        "grad_clip": 2.0,
+        "lr_scheduler": "x0.1 every 15 epochs",
+    },
+    stages=[
+        {
+            "epochs": 10,
+            "train": ["image", "text", "visual_phrases", "text_phrase"],
+            "losses": ["intra_loss"],
+            "name": "intra",
+        },
+        {
+            "epochs": 10,
+            "train": ["inter_i2t", "inter_t2i"],
+            "losses": ["inter_loss"],
+            "name": "inter",
+        },
+    ],
+    sources={
+        "margin 0.1, K 10, fusion weights (0.6, 0.4), two stages": "presets.dcpa's defaults (docs/dcpa.md)",
+        "epochs, batch, lr, optimizer, schedule": _CHOSEN + " (SCAN-style region training values)",
+    },
+    differs=[
+        "training values are this library's choices, not the paper's",
+        "issue #25 of this project reports a frozen BERT with 256-d / 16-head / 512-filter phrase modules; "
+        "not checked against the paper, so not applied",
+    ],
 )
 RECIPES["dias-f30k"] = Recipe(
-    name="dias-f30k", preset="dias", data="f30k", protocol="f30k_1k", paper=None,
-    preset_kwargs={"text": "gru", "embed_dim": 1024, "word_dim": 300, "scorer": "local", "miner": True},
-    matcher_kwargs={"epochs": 25, "batch_size": 128, "lr": 5e-4, "optimizer": "adamw", "grad_clip": 2.0,
-                    "lr_scheduler": "x0.9 every epoch"},
-    sources={"Eq. 17 loss weights (10, 0.05, 0.1), scorer Eq. 1-3, distance-weighted negatives":
-             "presets.dias / dias_losses (docs/dias.md)",
-             "epochs, batch, lr, optimizer": _CHOSEN + " (CHAN's training values, on whose code DIAS's "
-                                                      "soft coding is compared)",
-             "x0.9 every epoch": "docs of imtm.engine.optim (its DIAS example; not checked against the paper)"},
+    name="dias-f30k",
+    preset="dias",
+    data="f30k",
+    protocol="f30k_1k",
+    paper=None,
+    preset_kwargs={
+        "text": "gru",
+        "embed_dim": 1024,
+        "word_dim": 300,
+        "scorer": "local",
+        "miner": True,
+    },
+    matcher_kwargs={
+        "epochs": 25,
+        "batch_size": 128,
+        "lr": 5e-4,
+        "optimizer": "adamw",
+        "grad_clip": 2.0,
+        "lr_scheduler": "x0.9 every epoch",
+    },
+    sources={
+        "Eq. 17 loss weights (10, 0.05, 0.1), scorer Eq. 1-3, distance-weighted negatives": "presets.dias / dias_losses (docs/dias.md)",
+        "epochs, batch, lr, optimizer": _CHOSEN + " (CHAN's training values, on whose code DIAS's "
+        "soft coding is compared)",
+        "x0.9 every epoch": "docs of imtm.engine.optim (its DIAS example; not checked against the paper)",
+    },
     differs=["training values are this library's choices, not the paper's"],
 )
 
@@ -318,5 +511,7 @@ def recipe(name: str) -> Recipe:
         ('laps', 64, [9, 6, 5, 5, 5])
     """
     if not isinstance(name, str) or name not in RECIPES:
-        raise ValueError(f"recipe must be one of {recipe_names()}, got {name!r}." + suggest(str(name), RECIPES))
+        raise ValueError(
+            f"recipe must be one of {recipe_names()}, got {name!r}." + suggest(str(name), RECIPES)
+        )
     return copy.deepcopy(RECIPES[name])

@@ -36,9 +36,13 @@ def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Te
     """
     if not x.is_floating_point() or x.numel() == 0:
         return F.normalize(x, dim=dim, eps=eps)
-    limit = (torch.finfo(x.dtype).max / max(1, x.shape[dim])) ** 0.5 / 2  # squares summed stay finite below it
+    limit = (
+        torch.finfo(x.dtype).max / max(1, x.shape[dim])
+    ) ** 0.5 / 2  # squares summed stay finite below it
     big = x.detach().abs().amax(dim, keepdim=True)
-    scale = torch.where(big > limit, big, torch.ones((), dtype=big.dtype, device=big.device))  # NaN: 1
+    scale = torch.where(
+        big > limit, big, torch.ones((), dtype=big.dtype, device=big.device)
+    )  # NaN: 1
     return F.normalize(x / scale, dim=dim, eps=eps)
 
 
@@ -64,7 +68,9 @@ def check_finite(x: torch.Tensor, what: str) -> None:
         return
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
-        raise NonFiniteValueError(f"{what} holds {n_bad} NaN or inf value(s); check the input features")
+        raise NonFiniteValueError(
+            f"{what} holds {n_bad} NaN or inf value(s); check the input features"
+        )
 
 
 def masked_mean_along(
@@ -144,7 +150,9 @@ class Tokens:
 
     def __post_init__(self) -> None:
         if not isinstance(self.feats, torch.Tensor):
-            raise TypeError(f"Tokens: feats must be a torch.Tensor, got {type(self.feats).__name__}")
+            raise TypeError(
+                f"Tokens: feats must be a torch.Tensor, got {type(self.feats).__name__}"
+            )
         if self.feats.dim() not in (2, 3):
             raise ValueError(
                 f"Tokens: feats must have shape (B, N, D) or (B, N), got {tuple(self.feats.shape)}"
@@ -166,7 +174,9 @@ class Tokens:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_lengths(cls, feats: torch.Tensor, lengths: torch.Tensor | Sequence[int], **kw) -> Tokens:
+    def from_lengths(
+        cls, feats: torch.Tensor, lengths: torch.Tensor | Sequence[int], **kw
+    ) -> Tokens:
         """Build Tokens whose first ``lengths[b]`` tokens of row ``b`` are real."""
         lengths = torch.as_tensor(lengths, device=feats.device)
         if lengths.dim() != 1 or lengths.numel() != feats.shape[0]:
@@ -188,7 +198,9 @@ class Tokens:
         n = max(int(s.shape[0]) for s in seqs)
         if pad_to is not None:
             if pad_to < n:
-                raise ValueError(f"Tokens.pad_sequence: pad_to={pad_to} is less than the longest ({n})")
+                raise ValueError(
+                    f"Tokens.pad_sequence: pad_to={pad_to} is less than the longest ({n})"
+                )
             n = pad_to
         first = seqs[0]
         out = first.new_zeros((len(seqs), n, *first.shape[1:]))
@@ -214,7 +226,9 @@ class Tokens:
             feats.append(f)
             masks.append(m)
         p0 = parts[0]
-        return cls(torch.cat(feats), torch.cat(masks), grid=p0.grid, num_prefix_tokens=p0.num_prefix_tokens)
+        return cls(
+            torch.cat(feats), torch.cat(masks), grid=p0.grid, num_prefix_tokens=p0.num_prefix_tokens
+        )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -261,7 +275,9 @@ class Tokens:
         if self.feats.is_floating_point():
             feats = self.feats.to(*args, **kwargs)
         else:
-            device = next((a for a in args if isinstance(a, (str, torch.device))), kwargs.get("device"))
+            device = next(
+                (a for a in args if isinstance(a, (str, torch.device))), kwargs.get("device")
+            )
             feats = self.feats.to(device) if device is not None else self.feats
         return replace(self, feats=feats, mask=self.mask.to(feats.device))
 
@@ -276,7 +292,9 @@ class Tokens:
     def zero_padding(self) -> Tokens:
         """Features with padded positions set to exactly zero (whatever they held, NaN included)."""
         # where() rather than multiply: NaN * 0 is NaN, and padding may hold anything.
-        return self.with_feats(torch.where(self.mask.unsqueeze(-1), self.feats, self.feats.new_zeros(())))
+        return self.with_feats(
+            torch.where(self.mask.unsqueeze(-1), self.feats, self.feats.new_zeros(()))
+        )
 
     def normalize(self, eps: float = 1e-8) -> Tokens:
         """L2-normalise every token; padded tokens become zero vectors (whatever they held)."""
@@ -301,7 +319,9 @@ class Tokens:
         synchronise with the device and would break the graph).
         """
         if self.feats.dim() != 3:
-            raise ValueError(f"{what}: expected token features of shape (B, N, D), got {tuple(self.feats.shape)}")
+            raise ValueError(
+                f"{what}: expected token features of shape (B, N, D), got {tuple(self.feats.shape)}"
+            )
         if dim is not None and self.dim != dim:
             raise ValueError(
                 f"{what}: expected token features of shape (B, N, {dim}), got {tuple(self.feats.shape)}"

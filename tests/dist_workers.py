@@ -20,11 +20,13 @@ N_IMAGES, CPI, BATCH = 7, 3, 4
 
 def components(vocab):
     """No dropout: K ranks and one process then draw no random numbers and must agree."""
-    return [("image", PrecomputedEncoder(in_dim=6, out_dim=8)),
-            ("text", GRUTextEncoder(vocab=vocab, out_dim=8, word_dim=8)),
-            ("coding", HardAssignmentCoding(pooling="lse", temperature=0.1)),
-            ("triplet", TripletLoss(margin=0.2)),
-            ("nce", InfoNCELoss(temperature=0.1, learnable=True))]
+    return [
+        ("image", PrecomputedEncoder(in_dim=6, out_dim=8)),
+        ("text", GRUTextEncoder(vocab=vocab, out_dim=8, word_dim=8)),
+        ("coding", HardAssignmentCoding(pooling="lse", temperature=0.1)),
+        ("triplet", TripletLoss(margin=0.2)),
+        ("nce", InfoNCELoss(temperature=0.1, learnable=True)),
+    ]
 
 
 def data():
@@ -54,14 +56,32 @@ def one_step_gradients(m: Matcher, train, start_batch: int) -> dict:
 
 def matcher(train, batch_size, **kw):
     kw.setdefault("epochs", 1)
-    return Matcher(components(train.vocab), batch_size=batch_size, lr=1e-2, grad_clip=None, device="cpu",
-                   random_state=0, verbose=False, image_block=3, text_block=5, **kw)
+    return Matcher(
+        components(train.vocab),
+        batch_size=batch_size,
+        lr=1e-2,
+        grad_clip=None,
+        device="cpu",
+        random_state=0,
+        verbose=False,
+        image_block=3,
+        text_block=5,
+        **kw,
+    )
 
 
 def toy_matcher(train, run_dir):
     """The toy pipeline has dropout: a resumed run must restore every rank's random state."""
-    return Matcher(toy_components(train.vocab), epochs=1, batch_size=3, checkpoint_every=2, device="cpu",
-                   random_state=0, verbose=False, checkpoint_dir=run_dir)
+    return Matcher(
+        toy_components(train.vocab),
+        epochs=1,
+        batch_size=3,
+        checkpoint_every=2,
+        device="cpu",
+        random_state=0,
+        verbose=False,
+        checkpoint_dir=run_dir,
+    )
 
 
 def all_checks(rank: int, tmp: str) -> dict:
@@ -107,4 +127,3 @@ def gather_odd_value(rank: int) -> str:
     except TypeError as err:
         return str(err)
     return "no error"
-

@@ -25,7 +25,9 @@ def captions(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 7)))) + f" {k}" for k in range(n)]
 
 
-def write_karpathy(root, splits=("train", "val", "test", "restval"), per_split=2, cpi=5, coco=False, seed=0):
+def write_karpathy(
+    root, splits=("train", "val", "test", "restval"), per_split=2, cpi=5, coco=False, seed=0
+):
     """A Karpathy split JSON over generated images; returns (json path, image root, entries)."""
     root = Path(root)
     images = root / "images"
@@ -36,8 +38,14 @@ def write_karpathy(root, splits=("train", "val", "test", "restval"), per_split=2
         for _ in range(per_split):
             k = len(entries)
             n_sent = cpi + (k % 3 if coco else 0)  # COCO has images with 6 or 7 sentences
-            entry = {"filename": f"img{k}." + ("jpg" if k % 2 else "png"), "split": s, "imgid": k,
-                     "sentences": [{"raw": caps[c + i], "tokens": caps[c + i].split()} for i in range(n_sent)]}
+            entry = {
+                "filename": f"img{k}." + ("jpg" if k % 2 else "png"),
+                "split": s,
+                "imgid": k,
+                "sentences": [
+                    {"raw": caps[c + i], "tokens": caps[c + i].split()} for i in range(n_sent)
+                ],
+            }
             c += n_sent
             if coco:
                 entry["filepath"] = "val2014" if k % 2 else "train2014"

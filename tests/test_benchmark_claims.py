@@ -39,16 +39,27 @@ def test_seeded_table_cells_are_mean_and_sample_std(results):
     assert row_a[7] == f"{m:.1f} +- {sd:.1f}" == "110.0 +- 10.0"
     assert row_a[8] == "1100 +- 100" and row_a[9] == "3"
     assert lines[3].split("|")[8].strip() == "50.0 +- 0.0"
-    assert results.mean_std([1.0, 2.0, 4.0]) == pytest.approx((statistics.fmean([1, 2, 4]), statistics.stdev([1, 2, 4])))
+    assert results.mean_std([1.0, 2.0, 4.0]) == pytest.approx(
+        (statistics.fmean([1, 2, 4]), statistics.stdev([1, 2, 4]))
+    )
 
 
-@pytest.mark.parametrize("a, b, verdict", [
-    ([10.0, 12.0, 11.0], [9.0, 10.0, 10.5], "the claim reproduces here"),
-    ([8.0, 9.0, 7.0], [9.0, 10.0, 10.5], "the claim does not reproduce here"),
-    ([10.0, 9.0, 11.0], [9.0, 10.0, 10.5], "the claim is not settled (mixed across seeds) here"),
-])
+@pytest.mark.parametrize(
+    "a, b, verdict",
+    [
+        ([10.0, 12.0, 11.0], [9.0, 10.0, 10.5], "the claim reproduces here"),
+        ([8.0, 9.0, 7.0], [9.0, 10.0, 10.5], "the claim does not reproduce here"),
+        (
+            [10.0, 9.0, 11.0],
+            [9.0, 10.0, 10.5],
+            "the claim is not settled (mixed across seeds) here",
+        ),
+    ],
+)
 def test_claim_reading_is_read_off_the_paired_seeds(results, a, b, verdict):
-    text = results.claim_reading({"m": _runs(a), "base": _runs(b)}, "m", "base", "M beats the base:")
+    text = results.claim_reading(
+        {"m": _runs(a), "base": _runs(b)}, "m", "base", "M beats the base:"
+    )
     assert text.endswith(verdict + ".")
     diffs = [x - y for x, y in zip(a, b)]
     assert f"paired difference {statistics.fmean(diffs):+.1f}" in text
@@ -61,17 +72,27 @@ def test_claim_reading_needs_its_rows(results):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, needle", [
-    ("laps_ablation.py", "Slimming keeps accuracy (LAPS vs all patches):"),
-    ("chan_ablation.py", "Hard assignment coding beats soft (cross-attention) coding:"),
-    ("dias_ablation.py", "The DIAS losses improve the local matching model:"),
-    ("dcpa_ablation.py", "Decoupling helps (decoupled vs coupled):"),
-])
+@pytest.mark.parametrize(
+    "script, needle",
+    [
+        ("laps_ablation.py", "Slimming keeps accuracy (LAPS vs all patches):"),
+        ("chan_ablation.py", "Hard assignment coding beats soft (cross-attention) coding:"),
+        ("dias_ablation.py", "The DIAS losses improve the local matching model:"),
+        ("dcpa_ablation.py", "Decoupling helps (decoupled vs coupled):"),
+    ],
+)
 def test_ablation_scripts_quick_mode_prints_a_seeded_page(script, needle, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     out = tmp_path / "page.md"
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert needle in proc.stdout and "| model | i2t R@1" in proc.stdout and "+- " in proc.stdout
     assert not out.exists()  # --quick prints; it never overwrites a results page

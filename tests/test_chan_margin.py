@@ -18,14 +18,21 @@ from imtm.functional import lse_pool, triplet_loss
 
 def authors_lse(word_scores, temperature):
     """logsumexp(s / T) of each row, written out (no 1 / lambda factor)."""
-    return torch.tensor([[math.log(sum(math.exp(float(x) / temperature) for x in row)) for row in pair]
-                         for pair in word_scores], dtype=torch.float64)
+    return torch.tensor(
+        [
+            [math.log(sum(math.exp(float(x) / temperature) for x in row)) for row in pair]
+            for pair in word_scores
+        ],
+        dtype=torch.float64,
+    )
 
 
 @pytest.mark.parametrize("hardest", [True, False])
 def test_authors_margin_equals_a_tenth_on_imtm_scale(hardest):
     g = torch.Generator().manual_seed(0)
-    word_scores = torch.rand(4, 4, 7, generator=g, dtype=torch.float64) * 2 - 1  # per-word cosines of each pair
+    word_scores = (
+        torch.rand(4, 4, 7, generator=g, dtype=torch.float64) * 2 - 1
+    )  # per-word cosines of each pair
     T = 0.1
     ours = lse_pool(word_scores, temperature=T)
     theirs = authors_lse(word_scores, T)
@@ -36,8 +43,10 @@ def test_authors_margin_equals_a_tenth_on_imtm_scale(hardest):
         triplet_loss(ours, pos, margin=0.05 * T, hardest=hardest) / T,
     )
     # The same margin on both scales is a different loss: 0.05 on imtm's scale is 0.5 on the authors'.
-    assert not torch.allclose(triplet_loss(theirs, pos, margin=0.05, hardest=hardest),
-                              triplet_loss(ours, pos, margin=0.05, hardest=hardest) / T)
+    assert not torch.allclose(
+        triplet_loss(theirs, pos, margin=0.05, hardest=hardest),
+        triplet_loss(ours, pos, margin=0.05, hardest=hardest) / T,
+    )
 
 
 def test_chan_preset_margin_is_the_chosen_default():

@@ -27,8 +27,25 @@ def test_train_dias_with_miner_and_neighbour_batches(tmp_path, small_data, monke
 
     monkeypatch.setattr(Matcher, "fit", recording_fit)
     run = tmp_path / "run"
-    args = ["train", "--preset", "dias", "--epochs", "1", "--embed-dim", "16", "--word-dim", "8", "--out", str(run),
-            "--quiet", "--batch-size", "16", "--miner", "--neighbour-batches", "4"]
+    args = [
+        "train",
+        "--preset",
+        "dias",
+        "--epochs",
+        "1",
+        "--embed-dim",
+        "16",
+        "--word-dim",
+        "8",
+        "--out",
+        str(run),
+        "--quiet",
+        "--batch-size",
+        "16",
+        "--miner",
+        "--neighbour-batches",
+        "4",
+    ]
     assert main(args) == 0
     config = (run / "final").glob("*.json")
     text = " ".join(p.read_text() for p in config)
@@ -42,12 +59,57 @@ def test_train_dias_with_miner_and_neighbour_batches(tmp_path, small_data, monke
 
 
 def test_miner_is_refused_for_a_preset_without_one(tmp_path, small_data, capsys):
-    assert main(["train", "--preset", "vsepp", "--epochs", "1", "--embed-dim", "8", "--word-dim", "8", "--out",
-                 str(tmp_path / "r"), "--quiet", "--miner"]) != 0
-    assert "--miner (distance-weighted negatives) is an option of the dias preset; 'vsepp' has none" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "vsepp",
+                "--epochs",
+                "1",
+                "--embed-dim",
+                "8",
+                "--word-dim",
+                "8",
+                "--out",
+                str(tmp_path / "r"),
+                "--quiet",
+                "--miner",
+            ]
+        )
+        != 0
+    )
+    assert (
+        "--miner (distance-weighted negatives) is an option of the dias preset; 'vsepp' has none"
+        in capsys.readouterr().err
+    )
 
 
 def test_neighbour_batches_out_of_range(tmp_path, small_data, capsys):
-    assert main(["train", "--preset", "dias", "--epochs", "1", "--embed-dim", "8", "--word-dim", "8", "--out",
-                 str(tmp_path / "r"), "--quiet", "--batch-size", "8", "--neighbour-batches", "9"]) != 0
-    assert "--neighbour-batches must be between 1 and --batch-size (8), got 9" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "dias",
+                "--epochs",
+                "1",
+                "--embed-dim",
+                "8",
+                "--word-dim",
+                "8",
+                "--out",
+                str(tmp_path / "r"),
+                "--quiet",
+                "--batch-size",
+                "8",
+                "--neighbour-batches",
+                "9",
+            ]
+        )
+        != 0
+    )
+    assert (
+        "--neighbour-batches must be between 1 and --batch-size (8), got 9"
+        in capsys.readouterr().err
+    )

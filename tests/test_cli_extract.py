@@ -17,10 +17,31 @@ TINY = {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
 
 def _args(path, images, out, *extra, model_kwargs=None):
     model_kwargs = json.dumps(TINY) if model_kwargs is None else model_kwargs
-    return ["extract", "--format", "karpathy", "--annotations", str(path), "--image-root", str(images),
-            "--split", "test", "--model", "vit_tiny_patch16_224", "--img-size", "16",
-            "--model-kwargs", model_kwargs, "--out", str(out), "--shard-size", "1", "--batch-size", "1",
-            "--quiet", *extra]
+    return [
+        "extract",
+        "--format",
+        "karpathy",
+        "--annotations",
+        str(path),
+        "--image-root",
+        str(images),
+        "--split",
+        "test",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--img-size",
+        "16",
+        "--model-kwargs",
+        model_kwargs,
+        "--out",
+        str(out),
+        "--shard-size",
+        "1",
+        "--batch-size",
+        "1",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_extract_command_writes_what_precomp_dataset_reads(tmp_path, capsys):
@@ -31,17 +52,24 @@ def test_extract_command_writes_what_precomp_dataset_reads(tmp_path, capsys):
     out = tmp_path / "feats"
     assert main(_args(path, images, out, "--checkpoint", str(weights), "--keep-shards")) == 0
     printed = capsys.readouterr().out
-    assert "3 images x 5 tokens x 32 (grid [2, 2], 1 prefix)" in printed and "PrecompDataset(" in printed
+    assert (
+        "3 images x 5 tokens x 32 (grid [2, 2], 1 prefix)" in printed
+        and "PrecompDataset(" in printed
+    )
     pre = PrecompDataset(out, "test")
     data = KarpathyDataset(path, images, "test", image_transform(enc))
     with torch.no_grad():
         tokens, _ = enc.eval()(torch.stack(list(data.images)))
-    assert_close(torch.stack(list(pre.images)), tokens.feats)  # the checkpoint's weights, not a fresh init
+    assert_close(
+        torch.stack(list(pre.images)), tokens.feats
+    )  # the checkpoint's weights, not a fresh init
     assert pre.captions == data.captions and len(list((out / "test_shards").iterdir())) == 3
     spec = json.loads(json.loads((out / "test_extract.json").read_text())["encoder"])
     assert spec["model"] == "vit_tiny_patch16_224" and spec["checkpoint"] == str(weights)
     before = np.load(out / "test_ims.npy")
-    assert main(_args(path, images, out, "--checkpoint", str(weights))) == 0  # complete: nothing to redo
+    assert (
+        main(_args(path, images, out, "--checkpoint", str(weights))) == 0
+    )  # complete: nothing to redo
     assert np.array_equal(np.load(out / "test_ims.npy"), before)
 
 

@@ -27,20 +27,46 @@ def _mistakes(tmp: Path) -> dict:
     empty.mkdir()
     missing = tmp / "no_such_run" / "final"
     return {
-        "wrong preset": (["train", "--preset", "chna"], 2,
-                         [r"unknown preset 'chna'", r"chan, dcpa, dias", r"Did you mean 'chan'", r"--preset"]),
-        "wrong demo preset": (["demo", "--presets", "vsepp,chna"], 2, [r"unknown preset 'chna'", r"--presets"]),
-        "empty data folder": (["train", "--data", str(empty), "--quiet"], 2,
-                              [r"train_ims\.npy", re.escape(str(empty)), r"--data takes 'synthetic'"]),
-        "bad --data spec": (["train", "--data", "synthtic", "--quiet"], 2,
-                            [r"synthtic", r"--data takes 'synthetic'"]),
-        "wrong viz kind": (["viz", "wordz", "--model", str(missing), "--out", str(tmp / "x.png")], 2,
-                           [r"invalid choice: 'wordz'", r"'words'", r"imtm viz --help"]),
-        "missing model folder": (["evaluate", "--model", str(missing)], 2,
-                                 [re.escape(str(missing)), r"--model takes a folder written by 'imtm train'"]),
-        "wrong data format": (["train", "--data", str(empty), "--format", "karpathi"], 2,
-                              [r"invalid choice: 'karpathi'", r"'karpathy'", r"--format"]),
-        "threads not a number": (["demo", "--threads", "many"], 2, [r"--threads", r"at least 1, e\.g\. 4"]),
+        "wrong preset": (
+            ["train", "--preset", "chna"],
+            2,
+            [r"unknown preset 'chna'", r"chan, dcpa, dias", r"Did you mean 'chan'", r"--preset"],
+        ),
+        "wrong demo preset": (
+            ["demo", "--presets", "vsepp,chna"],
+            2,
+            [r"unknown preset 'chna'", r"--presets"],
+        ),
+        "empty data folder": (
+            ["train", "--data", str(empty), "--quiet"],
+            2,
+            [r"train_ims\.npy", re.escape(str(empty)), r"--data takes 'synthetic'"],
+        ),
+        "bad --data spec": (
+            ["train", "--data", "synthtic", "--quiet"],
+            2,
+            [r"synthtic", r"--data takes 'synthetic'"],
+        ),
+        "wrong viz kind": (
+            ["viz", "wordz", "--model", str(missing), "--out", str(tmp / "x.png")],
+            2,
+            [r"invalid choice: 'wordz'", r"'words'", r"imtm viz --help"],
+        ),
+        "missing model folder": (
+            ["evaluate", "--model", str(missing)],
+            2,
+            [re.escape(str(missing)), r"--model takes a folder written by 'imtm train'"],
+        ),
+        "wrong data format": (
+            ["train", "--data", str(empty), "--format", "karpathi"],
+            2,
+            [r"invalid choice: 'karpathi'", r"'karpathy'", r"--format"],
+        ),
+        "threads not a number": (
+            ["demo", "--threads", "many"],
+            2,
+            [r"--threads", r"at least 1, e\.g\. 4"],
+        ),
         "no command": ([], 2, [r"name a command: demo"]),
         "unknown command": (["trian"], 2, [r"invalid choice: 'trian'", r"'train'"]),
     }
@@ -51,9 +77,17 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli_messages")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cases = _mistakes(tmp)
-    procs = {name: subprocess.Popen([sys.executable, "-m", "imtm.cli", *argv], cwd=tmp, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for name, (argv, _, _) in cases.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "imtm.cli", *argv],
+            cwd=tmp,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for name, (argv, _, _) in cases.items()
+    }
     out = {}
     for name, p in procs.items():
         stdout, stderr = p.communicate(timeout=300)
@@ -61,9 +95,21 @@ def runs(tmp_path_factory):
     return cases, out
 
 
-@pytest.mark.parametrize("name", [
-    "wrong preset", "wrong demo preset", "empty data folder", "bad --data spec", "wrong viz kind",
-    "missing model folder", "wrong data format", "threads not a number", "no command", "unknown command"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "wrong preset",
+        "wrong demo preset",
+        "empty data folder",
+        "bad --data spec",
+        "wrong viz kind",
+        "missing model folder",
+        "wrong data format",
+        "threads not a number",
+        "no command",
+        "unknown command",
+    ],
+)
 def test_each_usage_mistake_gets_two_lines_naming_the_fix(runs, name):
     cases, out = runs
     argv, status, patterns = cases[name]
@@ -79,8 +125,23 @@ def test_each_usage_mistake_gets_two_lines_naming_the_fix(runs, name):
 
 def test_debug_shows_the_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    p = subprocess.run([sys.executable, "-m", "imtm.cli", "evaluate", "--model", str(tmp_path / "nope"), "--debug"],
-                       cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300, check=False)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imtm.cli",
+            "evaluate",
+            "--model",
+            str(tmp_path / "nope"),
+            "--debug",
+        ],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
     assert p.returncode == 1 and "Traceback (most recent call last)" in p.stderr, p.stderr
     assert len(p.stderr.splitlines()) > 2
 
@@ -92,19 +153,37 @@ def _raising(exc):
     return cmd
 
 
-@pytest.mark.parametrize("exc, status, patterns", [
-    (RuntimeError("CUDA out of memory"), 1, [r"RuntimeError: CUDA out of memory", r"--debug"]),
-    (FloatingPointError("non-finite loss at step 3"), 1, [r"non-finite loss", r"--debug"]),
-    (OSError(28, "No space left on device"), 1, [r"No space left", r"--debug"]),
-    (ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib"), 1,
-     [r"'matplotlib'.*not installed", r"pip install 'imtm\[viz\]'"]),
-    (KeyError("rsum"), 1, [r"internal error KeyError", r"bug in imtm.*--debug"]),
-    (ValueError("lr must be positive, got -1.0;\nuse e.g. --lr 1e-3"), 2, [r"lr must be positive.* use e\.g\. --lr"]),
-    (TypeError("demo: embed_dim must be an int"), 2, [r"^imtm demo: embed_dim must be an int"]),
-    (FileNotFoundError(2, "No such file or directory", "runs/x/final"), 2, [r"no such file or folder: 'runs/x/final'"]),
-    (SystemExit("imtm: --data must be 'synthetic' or a folder"), 2, [r"^imtm demo: --data must be"]),
-    (KeyboardInterrupt(), 130, [r"interrupted"]),
-])
+@pytest.mark.parametrize(
+    "exc, status, patterns",
+    [
+        (RuntimeError("CUDA out of memory"), 1, [r"RuntimeError: CUDA out of memory", r"--debug"]),
+        (FloatingPointError("non-finite loss at step 3"), 1, [r"non-finite loss", r"--debug"]),
+        (OSError(28, "No space left on device"), 1, [r"No space left", r"--debug"]),
+        (
+            ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib"),
+            1,
+            [r"'matplotlib'.*not installed", r"pip install 'imtm\[viz\]'"],
+        ),
+        (KeyError("rsum"), 1, [r"internal error KeyError", r"bug in imtm.*--debug"]),
+        (
+            ValueError("lr must be positive, got -1.0;\nuse e.g. --lr 1e-3"),
+            2,
+            [r"lr must be positive.* use e\.g\. --lr"],
+        ),
+        (TypeError("demo: embed_dim must be an int"), 2, [r"^imtm demo: embed_dim must be an int"]),
+        (
+            FileNotFoundError(2, "No such file or directory", "runs/x/final"),
+            2,
+            [r"no such file or folder: 'runs/x/final'"],
+        ),
+        (
+            SystemExit("imtm: --data must be 'synthetic' or a folder"),
+            2,
+            [r"^imtm demo: --data must be"],
+        ),
+        (KeyboardInterrupt(), 130, [r"interrupted"]),
+    ],
+)
 def test_errors_map_to_one_message_and_an_exit_status(monkeypatch, capsys, exc, status, patterns):
     monkeypatch.setattr(cli, "cmd_demo", _raising(exc))
     assert main(["demo", "--quick"]) == status
@@ -113,7 +192,9 @@ def test_errors_map_to_one_message_and_an_exit_status(monkeypatch, capsys, exc, 
     for pattern in patterns:
         assert re.search(pattern, err, re.MULTILINE), (pattern, err)
     monkeypatch.setattr(cli, "cmd_demo", _raising(RuntimeError("boom")))
-    with pytest.raises(RuntimeError, match="boom"):  # --debug: the exception itself, traceback and all
+    with pytest.raises(
+        RuntimeError, match="boom"
+    ):  # --debug: the exception itself, traceback and all
         main(["demo", "--debug"])
 
 
@@ -210,9 +291,14 @@ def test_chance_metrics_bad_input():
 
 def test_demo_reading_names_the_best_the_runner_up_and_models_near_chance():
     chance = chance_metrics(torch.arange(1000).repeat_interleave(5))
-    line = cli._demo_reading({"vsepp": {"rsum": 266.2, "t2i_r1": 15.9}, "chan": {"rsum": 503.4, "t2i_r1": 57.6}},
-                             chance)
-    assert line.startswith("Reading: chan does best (rSum 503.4, chance 3.2), ahead of vsepp (266.2); for 58% ")
+    line = cli._demo_reading(
+        {"vsepp": {"rsum": 266.2, "t2i_r1": 15.9}, "chan": {"rsum": 503.4, "t2i_r1": 57.6}}, chance
+    )
+    assert line.startswith(
+        "Reading: chan does best (rSum 503.4, chance 3.2), ahead of vsepp (266.2); for 58% "
+    )
     assert "Near chance" not in line
     line = cli._demo_reading({"vsepp": {"rsum": 5.0, "t2i_r1": 0.2}}, chance)
-    assert "ahead of" not in line and line.endswith("Near chance: vsepp (too little training; more --epochs or --n-train).")
+    assert "ahead of" not in line and line.endswith(
+        "Near chance: vsepp (too little training; more --epochs or --n-train)."
+    )

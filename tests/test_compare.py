@@ -9,19 +9,40 @@ from imtm.compare import COMPARE_PRESETS, CompareSettings, baseline_reading, com
 
 def test_compare_cli_writes_table_csv_and_plot(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--presets", "vsepp,laps", "--epochs", "1", "--quick", "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--presets",
+                "vsepp,laps",
+                "--epochs",
+                "1",
+                "--quick",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| vsepp | regions |" in printed and "| laps | pixels |" in printed
-    assert printed.startswith("--quick: a smoke test") and "chance (random scores) on this test split" in printed
+    assert (
+        printed.startswith("--quick: a smoke test")
+        and "chance (random scores) on this test split" in printed
+    )
     with open(out / "compare.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["preset"] for r in rows] == ["vsepp", "laps"]
     assert [r["view"] for r in rows] == ["regions", "pixels"]
     for r in rows:
         assert 0 <= float(r["i2t_r1"]) <= float(r["i2t_r5"]) <= float(r["i2t_r10"]) <= 100
-        assert float(r["rsum"]) == pytest.approx(sum(float(r[k]) for k in
-                                                     ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")),
-                                                 abs=1e-3)
+        assert float(r["rsum"]) == pytest.approx(
+            sum(
+                float(r[k]) for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+            ),
+            abs=1e-3,
+        )
         assert float(r["train_s"]) > 0 and float(r["score_ms_per_1k_pairs"]) > 0
         assert (int(r["n_test_images"]), int(r["n_test_captions"])) == (20, 100)
     md = (out / "compare.md").read_text()
@@ -33,9 +54,15 @@ def test_compare_cli_writes_table_csv_and_plot(tmp_path, capsys):
 
 
 def test_markdown_table_has_one_row_per_preset():
-    row = {"preset": "chan", "view": "regions", "encoders": "e", "rsum": 60.0, "train_s": 1.0,
-           "score_ms_per_1k_pairs": 2.0, **{k: 10.0 for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
-                                                               "t2i_r10")}}
+    row = {
+        "preset": "chan",
+        "view": "regions",
+        "encoders": "e",
+        "rsum": 60.0,
+        "train_s": 1.0,
+        "score_ms_per_1k_pairs": 2.0,
+        **{k: 10.0 for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")},
+    }
     lines = markdown_table([row, {**row, "preset": "vsepp"}]).splitlines()
     assert len(lines) == 4 and lines[2].startswith("| chan | regions | e | 10.0")
     assert all(line.count("|") == lines[0].count("|") for line in lines)
@@ -53,17 +80,26 @@ def test_compare_bad_inputs(tmp_path, capsys):
         compare("dcpa", settings=tiny)
     with pytest.raises(ValueError, match="train on pixels"):
         compare("laps", data=str(tmp_path), settings=tiny)
-    with pytest.raises(SystemExit) as stop:  # a usage error: exit status 2, the valid names on stderr
+    with pytest.raises(
+        SystemExit
+    ) as stop:  # a usage error: exit status 2, the valid names on stderr
         main(["compare", "--presets", "nope", "--quick", "--out", str(tmp_path)])
     assert stop.value.code == 2
-    assert "unknown preset 'nope'; choose from chan, dcpa, dias, ela, laps, vsepp" in capsys.readouterr().err
+    assert (
+        "unknown preset 'nope'; choose from chan, dcpa, dias, ela, laps, vsepp"
+        in capsys.readouterr().err
+    )
     assert set(COMPARE_PRESETS) == {"vsepp", "chan", "dcpa", "dias", "laps", "ela", "vsepp-vit"}
 
 
 def test_baseline_reading_compares_each_preset_with_its_views_baseline():
-    rows = [{"preset": "vsepp", "view": "regions", "rsum": 200.0}, {"preset": "chan", "view": "regions", "rsum": 150.0},
-            {"preset": "vsepp-vit", "view": "pixels", "rsum": 100.0}, {"preset": "laps", "view": "pixels", "rsum": 120.5},
-            {"preset": "ela", "view": "pixels", "rsum": 100.0, "encoders": "ViT; BERT"}]
+    rows = [
+        {"preset": "vsepp", "view": "regions", "rsum": 200.0},
+        {"preset": "chan", "view": "regions", "rsum": 150.0},
+        {"preset": "vsepp-vit", "view": "pixels", "rsum": 100.0},
+        {"preset": "laps", "view": "pixels", "rsum": 120.5},
+        {"preset": "ela", "view": "pixels", "rsum": 100.0, "encoders": "ViT; BERT"},
+    ]
     assert baseline_reading(rows) == [
         "- chan: rSum 150.0 against vsepp 200.0 (-50.0): not above the global baseline.",
         "- laps: rSum 120.5 against vsepp-vit 100.0 (+20.5): above the global baseline.",
@@ -74,14 +110,23 @@ def test_baseline_reading_compares_each_preset_with_its_views_baseline():
 
 
 def test_compare_refuses_unknown_backbones():
-    with pytest.raises(ValueError, match=r"backbones must be one of \['synthetic', 'scratch'\], got 'synthetc'"):
-        compare("laps", settings=CompareSettings(epochs=1, n_train=10, n_dev=2, n_test=5, backbones="synthetc"))
+    with pytest.raises(
+        ValueError, match=r"backbones must be one of \['synthetic', 'scratch'\], got 'synthetc'"
+    ):
+        compare(
+            "laps",
+            settings=CompareSettings(epochs=1, n_train=10, n_dev=2, n_test=5, backbones="synthetc"),
+        )
 
 
 def test_compare_pixel_rows_fine_tune_the_packaged_backbones(tmp_path):
-    s = CompareSettings(epochs=1, n_train=12, n_dev=2, n_test=6, embed_dim=16, word_dim=16, batch_size=12)
+    s = CompareSettings(
+        epochs=1, n_train=12, n_dev=2, n_test=6, embed_dim=16, word_dim=16, batch_size=12
+    )
     rows = compare("vsepp-vit,laps", settings=s, out=tmp_path, verbose=False)
-    assert [r["encoders"].split(";")[0] for r in rows] == ["ViT synthetic-vit (pre-trained, frozen)"] * 2
+    assert [r["encoders"].split(";")[0] for r in rows] == [
+        "ViT synthetic-vit (pre-trained, frozen)"
+    ] * 2
     md = (tmp_path / "compare.md").read_text()
     assert "--backbones synthetic" in md and "(64x64 pixels, 64 patches of 8x8)" in md
     assert "- laps: rSum" in md and "against vsepp-vit" in md

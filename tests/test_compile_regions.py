@@ -14,8 +14,13 @@ from imtm.components.losses import InfoNCELoss
 from imtm.data import Vocabulary
 from imtm.functional.losses import triplet_loss
 
-CAPTIONS = ["a red circle left of a blue square", "two small green stars", "a big yellow cross at the top",
-            "one purple diamond", "a black plus sign next to a white circle and a red star"]
+CAPTIONS = [
+    "a red circle left of a blue square",
+    "two small green stars",
+    "a big yellow cross at the top",
+    "one purple diamond",
+    "a black plus sign next to a white circle and a red star",
+]
 
 
 def _positives(n: int) -> torch.Tensor:
@@ -23,7 +28,9 @@ def _positives(n: int) -> torch.Tensor:
     return ids[:, None] == ids[None, :]
 
 
-@pytest.mark.parametrize("make", [lambda: TripletLoss(), lambda: TripletLoss(hardest=False), lambda: InfoNCELoss()])
+@pytest.mark.parametrize(
+    "make", [lambda: TripletLoss(), lambda: TripletLoss(hardest=False), lambda: InfoNCELoss()]
+)
 def test_losses_compile_fullgraph(make):
     torch._dynamo.reset()
     loss = make()

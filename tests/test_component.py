@@ -19,7 +19,12 @@ def test_requires_provides_class_defaults_and_renames():
 def test_get_params_set_params_clone_round_trip():
     h = ToyHinge(margin=0.3, weight=2.0)
     # requires / provides are reported as given to the constructor: None = the default names
-    assert h.get_params(deep=False) == {"margin": 0.3, "weight": 2.0, "requires": None, "provides": None}
+    assert h.get_params(deep=False) == {
+        "margin": 0.3,
+        "weight": 2.0,
+        "requires": None,
+        "provides": None,
+    }
     assert h.requires == ("scores", "positives") and h.provides == ("hinge_loss",)
     h.set_params(margin=0.5)
     c = clone(h)

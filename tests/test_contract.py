@@ -49,14 +49,18 @@ def _interval_oracle(x, left, right, closed):
 )
 def test_interval_agrees_with_its_definition(x, left, width, closed):
     right = None if width is None else (0 if left is None else left) + width
-    assert Interval(Real, left, right, closed=closed).is_satisfied_by(x) == _interval_oracle(x, left, right, closed)
+    assert Interval(Real, left, right, closed=closed).is_satisfied_by(x) == _interval_oracle(
+        x, left, right, closed
+    )
 
 
 def test_interval_of_ints_refuses_floats_and_bools():
     c = Interval(Integral, 1, None, closed="left")
     assert c.is_satisfied_by(1) and c.is_satisfied_by(10**12)
     assert not any(c.is_satisfied_by(v) for v in (0, 1.0, True, "1", None))
-    assert c.describe() == "a positive int" and Interval(int, 0, None).describe() == "an integer >= 0"
+    assert (
+        c.describe() == "a positive int" and Interval(int, 0, None).describe() == "an integer >= 0"
+    )
     assert Interval(float, 0, 1, closed="right").describe() == "a finite number in (0, 1]"
     for bad in c.bad_values():
         assert not c.is_satisfied_by(bad), bad
@@ -70,7 +74,10 @@ def test_interval_declaration_errors():
 
 
 def test_check_value_messages_say_what_where_and_suggest():
-    with pytest.raises(InvalidParameterError, match=r"^Blk: pooling must be one of \['lse', 'max'\], got 'mx'\. Did you mean 'max'\?$"):
+    with pytest.raises(
+        InvalidParameterError,
+        match=r"^Blk: pooling must be one of \['lse', 'max'\], got 'mx'\. Did you mean 'max'\?$",
+    ):
         check_value("mx", [Options({"max", "lse"})], name="pooling", where="Blk")
     with pytest.raises(ValueError, match=r"k must be a positive int or None, got 0"):
         check_value(0, [Interval(int, 1, None), None], name="k", where="Blk")
@@ -122,13 +129,17 @@ class ScaleLoss(Loss):
 
 
 def test_validate_checks_the_declared_constraints_first():
-    with pytest.raises(InvalidParameterError, match=r"Scale: factor must be a finite number > 0, got -1"):
+    with pytest.raises(
+        InvalidParameterError, match=r"Scale: factor must be a finite number > 0, got -1"
+    ):
         Scale(factor=-1).validate()
     with pytest.raises(ValueError, match="Did you mean 'mul'"):
         Scale(mode="mull").validate()
     assert Scale().validate().checks == 1
     assert parameter_constraints(ScaleLoss) == {"weight": parameter_constraints(Loss)["weight"]}
-    with pytest.raises(ValueError, match=r"ScaleLoss: weight must be a finite number >= 0, got nan"):
+    with pytest.raises(
+        ValueError, match=r"ScaleLoss: weight must be a finite number >= 0, got nan"
+    ):
         ScaleLoss(weight=float("nan")).validate()
 
 
@@ -159,7 +170,9 @@ def test_a_clone_of_a_checked_block_is_checked_and_a_matcher_validates_every_blo
     from imtm.matcher import Matcher
 
     m = Matcher(components=[GlobalCosine(requires=("images", "texts")), Scale(factor=-2.0)])
-    with pytest.raises(ValueError, match=r"Matcher: block 'scale': Scale: factor must be a finite number > 0"):
+    with pytest.raises(
+        ValueError, match=r"Matcher: block 'scale': Scale: factor must be a finite number > 0"
+    ):
         m.validate()
 
 
@@ -182,7 +195,9 @@ def test_every_value_a_built_in_block_reads_or_writes_is_in_the_vocabulary():
         for value in names:
             if value not in VALUE_SPECS:
                 missing.setdefault(value, []).append(name)
-    assert not missing, f"value names outside imtm.contract.VALUE_SPECS (declare them in `values`): {missing}"
+    assert not missing, (
+        f"value names outside imtm.contract.VALUE_SPECS (declare them in `values`): {missing}"
+    )
 
 
 def test_vocabulary_specs_are_consistent():
@@ -201,7 +216,9 @@ def test_vocabulary_specs_are_consistent():
 
 
 def test_a_block_declares_a_new_value_next_to_its_class():
-    new = ValueSpec("region_boxes_test", "image", "tensor", ("Bi", "N", 4), "(Bi, N, 4) boxes of every region")
+    new = ValueSpec(
+        "region_boxes_test", "image", "tensor", ("Bi", "N", 4), "(Bi, N, 4) boxes of every region"
+    )
 
     class Boxes(imtm.Component):
         requires = ("image_tokens",)
@@ -242,8 +259,12 @@ def test_the_vocabulary_table_in_docs_design_is_current():
 
     load_components()
     text = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
-    start, end = text.index("<!-- vocabulary: begin -->\n"), text.index("\n<!-- vocabulary: end -->")
-    shown = text[start + len("<!-- vocabulary: begin -->\n"):end]
+    start, end = (
+        text.index("<!-- vocabulary: begin -->\n"),
+        text.index("\n<!-- vocabulary: end -->"),
+    )
+    shown = text[start + len("<!-- vocabulary: begin -->\n") : end]
     assert shown == vocabulary_table(), (
         "docs/design.md's vocabulary table is stale: paste imtm.contract.vocabulary_table() (after "
-        "imtm.component.load_components()) between its markers")
+        "imtm.component.load_components()) between its markers"
+    )

@@ -21,7 +21,9 @@ def test_the_example_block_and_its_tests_run():
         exec(compile(block_src, "CONTRIBUTING.md (block)", "exec"), module.__dict__)
         tests: dict = {}
         # The page imports the block from its export line; here it comes from the page itself.
-        test_src = test_src.replace("from imtm.components import MeanMax", "from mean_max_example import MeanMax")
+        test_src = test_src.replace(
+            "from imtm.components import MeanMax", "from mean_max_example import MeanMax"
+        )
         exec(compile(test_src, "CONTRIBUTING.md (tests)", "exec"), tests)
     finally:
         sys.modules.pop("mean_max_example", None)
@@ -40,5 +42,10 @@ def test_the_example_block_and_its_tests_run():
 
 def test_the_page_names_the_three_places_a_block_touches():
     text = (ROOT / "CONTRIBUTING.md").read_text()
-    for part in ("**1. The file**", "**2. The test file**", "**3. The export line**", "docs/design.md"):
+    for part in (
+        "**1. The file**",
+        "**2. The test file**",
+        "**3. The export line**",
+        "docs/design.md",
+    ):
         assert part in text

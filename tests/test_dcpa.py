@@ -23,12 +23,19 @@ def test_preset_plans(data):
     # Stage 1 needs neither branch; evaluation runs both.
     assert "inter_i2t" not in [plan.names[k] for k in plan.needed_for(["intra_loss"])]
     assert {"inter_i2t", "inter_t2i"} <= {plan.names[k] for k in plan.needed_for(plan.score_values)}
-    sym = Matcher(presets.build("dcpa", train, decoupled=False, **SMALL), stages=presets.dcpa_stages(1, 1))
+    sym = Matcher(
+        presets.build("dcpa", train, decoupled=False, **SMALL), stages=presets.dcpa_stages(1, 1)
+    )
     assert sym.validate().score_values == ("scores",)
-    assert [s.train for s in presets.dcpa_stages()] == [["image", "text", "visual_phrases", "text_phrase"],
-                                                         ["inter_i2t", "inter_t2i"]]
+    assert [s.train for s in presets.dcpa_stages()] == [
+        ["image", "text", "visual_phrases", "text_phrase"],
+        ["inter_i2t", "inter_t2i"],
+    ]
     # The CLI's split of its epochs: the first half (rounded up) for stage 1; one stage for other presets.
-    assert [(s.name, s.epochs) for s in presets.default_stages("dcpa", 5)] == [("intra", 3), ("inter", 2)]
+    assert [(s.name, s.epochs) for s in presets.default_stages("dcpa", 5)] == [
+        ("intra", 3),
+        ("inter", 2),
+    ]
     assert presets.default_stages("chan", 5) is None
 
 
@@ -37,15 +44,31 @@ def test_stage_two_leaves_stage_one_weights_bit_identical(data):
 
     def fit(stages):
         # A large weight decay: a frozen parameter left in AdamW would visibly shrink.
-        m = Matcher(presets.build("dcpa", train, **SMALL), stages=stages, batch_size=16, lr=1e-2,
-                    weight_decay=0.5, random_state=0, verbose=False, checkpoint_dir=None)
+        m = Matcher(
+            presets.build("dcpa", train, **SMALL),
+            stages=stages,
+            batch_size=16,
+            lr=1e-2,
+            weight_decay=0.5,
+            random_state=0,
+            verbose=False,
+            checkpoint_dir=None,
+        )
         return m.fit(train)
 
     stage1, stage2 = presets.dcpa_stages(1, 2)
     after_one = fit([stage1]).components_.state_dict()
     after_two = fit([stage1, stage2]).components_.state_dict()
-    init = Matcher(presets.build("dcpa", train, **SMALL), stages=[Stage(epochs=0)], random_state=0,
-                   verbose=False).fit(train).components_.state_dict()
+    init = (
+        Matcher(
+            presets.build("dcpa", train, **SMALL),
+            stages=[Stage(epochs=0)],
+            random_state=0,
+            verbose=False,
+        )
+        .fit(train)
+        .components_.state_dict()
+    )
     for key, value in after_two.items():
         block = key.split(".")[0]
         if block in stage1.train:
@@ -97,8 +120,13 @@ def test_each_direction_ranks_with_its_own_matrix():
     captions = [f"c{i}" for i in range(n) for _ in range(2)]
     c2i = [i for i in range(n) for _ in range(2)]
     data = ImageCaptionDataset(images, captions, c2i, name="opposite")
-    blocks = [_OneHotImages(), _OneHotCaptions(n), _OppositeBranches(), ScoreFusion(),
-              TripletLoss(requires=("scores_inter_i2t", "scores_inter_t2i", "positives"))]
+    blocks = [
+        _OneHotImages(),
+        _OneHotCaptions(n),
+        _OppositeBranches(),
+        ScoreFusion(),
+        TripletLoss(requires=("scores_inter_i2t", "scores_inter_t2i", "positives")),
+    ]
     m = Matcher(blocks, epochs=0, image_block=3, text_block=5, verbose=False).fit(data)
     s_i2t, s_t2i = m.similarity(images, captions)
     positives = torch.tensor(c2i)[None, :] == torch.arange(n)[:, None]
@@ -111,13 +139,22 @@ def test_each_direction_ranks_with_its_own_matrix():
 
 def test_similarity_blocked_equals_one_block(data):
     train, _, test = data
-    m = Matcher(presets.build("dcpa", train, **SMALL), stages=presets.dcpa_stages(1, 1), batch_size=16,
-                random_state=0, verbose=False).fit(train)
+    m = Matcher(
+        presets.build("dcpa", train, **SMALL),
+        stages=presets.dcpa_stages(1, 1),
+        batch_size=16,
+        random_state=0,
+        verbose=False,
+    ).fit(train)
     m.set_params(image_block=2, text_block=7)
     small = m.similarity(test.images, test.captions)
     m.set_params(image_block=100, text_block=1000)
     whole = m.similarity(test.images, test.captions)
-    assert isinstance(whole, torch.Tensor) and whole.shape == (2, len(test.images), len(test.captions))
+    assert isinstance(whole, torch.Tensor) and whole.shape == (
+        2,
+        len(test.images),
+        len(test.captions),
+    )
     for a, b in zip(small, whole):
         torch.testing.assert_close(a, b)
     # The same numbers as a training step's forward pass on the whole split at once.
@@ -128,16 +165,25 @@ def test_similarity_blocked_equals_one_block(data):
         img = blocks["image"](collate_images(list(test.images)))
         txt = blocks["text"](collate_texts(list(test.captions)))
         intra = blocks["intra"](blocks["visual_phrases"](img), blocks["text_phrase"](txt))
-        i2t, t2i = blocks["fusion"](intra, blocks["inter_i2t"](img, txt), blocks["inter_t2i"](img, txt))
+        i2t, t2i = blocks["fusion"](
+            intra, blocks["inter_i2t"](img, txt), blocks["inter_t2i"](img, txt)
+        )
     torch.testing.assert_close(whole[0], i2t, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(whole[1], t2i, rtol=1e-5, atol=1e-6)
 
 
 def test_save_and_load_round_trip(data, tmp_path):
     train, _, test = data
-    m = Matcher(presets.build("dcpa", train, decoupled=False, **SMALL), stages=presets.dcpa_stages(1, 1),
-                batch_size=16, random_state=0, verbose=False).fit(train)
+    m = Matcher(
+        presets.build("dcpa", train, decoupled=False, **SMALL),
+        stages=presets.dcpa_stages(1, 1),
+        batch_size=16,
+        random_state=0,
+        verbose=False,
+    ).fit(train)
     loaded = Matcher.load(m.save(tmp_path / "dcpa"))
     assert loaded.components_["inter_t2i"].provides == ("scores_inter_t2i",)
     assert loaded.components_["fusion"].weights == m.components_["fusion"].weights
-    torch.testing.assert_close(loaded.similarity(test.images, test.captions), m.similarity(test.images, test.captions))
+    torch.testing.assert_close(
+        loaded.similarity(test.images, test.captions), m.similarity(test.images, test.captions)
+    )

@@ -52,7 +52,9 @@ def test_maths_is_typeset_to_mathml_at_build_time():
 
     page = markdown.markdown(
         "Inline $s_{ij} = \\cos(t_i, v_j)$ and a block:\n\n$$\n\\frac{1}{K'} \\sum_k x_k\n$$\n",
-        extensions=["pymdownx.arithmatex"], extension_configs={"pymdownx.arithmatex": {"generic": True}})
+        extensions=["pymdownx.arithmatex"],
+        extension_configs={"pymdownx.arithmatex": {"generic": True}},
+    )
     assert page.count('class="arithmatex"') == 2  # what the hook receives
     out = typeset(page)
     assert "arithmatex" not in out and "\\(" not in out and "\\[" not in out
@@ -88,13 +90,19 @@ def test_every_narrative_page_links_into_the_api_reference():
     assert "quickstart.md" in pages and "chan.md" in pages
     for page in pages:
         text = (DOCS / page).read_text()
-        assert re.search(r"\]\(api/[a-z]+\.md|\]\[imtm\.", text), f"{page} has no link into the API reference"
+        assert re.search(r"\]\(api/[a-z]+\.md|\]\[imtm\.", text), (
+            f"{page} has no link into the API reference"
+        )
 
 
 def test_index_says_what_imtm_is_and_lists_every_api_page_including_viz():
     text = (DOCS / "index.md").read_text()
     assert "PyTorch library for image-text matching" in text and "It is for" in text
-    for journey in ("**Try it**", "**Train a paper's model on your data**", "**Lift one block into your code**"):
+    for journey in (
+        "**Try it**",
+        "**Train a paper's model on your data**",
+        "**Lift one block into your code**",
+    ):
         assert journey in text
     api_pages = [p for p in _nav_pages() if p.startswith("api/")]
     assert "api/viz.md" in api_pages
@@ -110,7 +118,9 @@ def test_nested_lists_are_indented_enough_to_render_nested():
             if line.lstrip().startswith("```"):
                 in_code = not in_code
             if not in_code:
-                assert not re.match(r"^ {1,3}([-*+]|\d+\.) ", line), f"{page.name}:{number}: {line!r}"
+                assert not re.match(r"^ {1,3}([-*+]|\d+\.) ", line), (
+                    f"{page.name}:{number}: {line!r}"
+                )
 
 
 def test_no_control_characters_in_sources_and_docs():
@@ -133,7 +143,9 @@ def test_every_heading_starts_its_own_block():
             if line.lstrip().startswith("```"):
                 in_code = not in_code
             if not in_code and re.match(r"#{1,6} ", line) and number > 1:
-                assert not lines[number - 2].strip(), f"{page.name}:{number}: no blank line before {line!r}"
+                assert not lines[number - 2].strip(), (
+                    f"{page.name}:{number}: no blank line before {line!r}"
+                )
 
 
 def test_results_notes_kept_on_a_rerun_stay_a_section_of_their_own(tmp_path):
@@ -142,5 +154,7 @@ def test_results_notes_kept_on_a_rerun_stay_a_section_of_their_own(tmp_path):
 
     out = tmp_path / "r.md"
     out.write_text("# old\n\n| a |\n| --- |\n| 1 |\n## Reading the table\n\nnotes\n")
-    text = write_page(out, ["# new", "", "| a |", "| --- |", "| 2 |"], keep_from="## Reading the table")
+    text = write_page(
+        out, ["# new", "", "| a |", "| --- |", "| 2 |"], keep_from="## Reading the table"
+    )
     assert "| 2 |\n\n## Reading the table\n\nnotes\n" in text

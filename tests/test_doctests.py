@@ -12,7 +12,11 @@ import pytest
 
 import imtm
 
-MODULES = sorted(m.name for m in pkgutil.walk_packages(imtm.__path__, prefix="imtm.") if not m.name.endswith("__main__"))
+MODULES = sorted(
+    m.name
+    for m in pkgutil.walk_packages(imtm.__path__, prefix="imtm.")
+    if not m.name.endswith("__main__")
+)
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -29,4 +33,6 @@ def test_docstring_examples(name):
     for test in tests:
         runner.run(test)
     result = runner.summarize(verbose=False)
-    assert result.failed == 0, f"{result.failed} docstring example(s) of {name} failed (output above)"
+    assert result.failed == 0, (
+        f"{result.failed} docstring example(s) of {name} failed (output above)"
+    )

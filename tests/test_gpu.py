@@ -22,8 +22,10 @@ def _problem(seed=0, n_images=12, n_captions=20, n=36, m=12, d=64):
     return images, texts
 
 
-@pytest.mark.parametrize("scorer", [HardAssignmentCoding(), HardAssignmentCoding(codebook="textual"),
-                                    SparsePatchWordAlignment()])
+@pytest.mark.parametrize(
+    "scorer",
+    [HardAssignmentCoding(), HardAssignmentCoding(codebook="textual"), SparsePatchWordAlignment()],
+)
 def test_scorers_match_the_cpu(scorer):
     images, texts = _problem()
     want = scorer(images, texts)
@@ -43,8 +45,15 @@ def test_blocked_pair_scores_do_not_depend_on_the_block_size_on_cuda():
 
 def test_bf16_training_step_on_cuda():
     train, _, _ = synthetic.load(view="regions", seed=0, n_train=16, n_dev=2, n_test=2)
-    m = Matcher(presets.build("chan", train, embed_dim=32, word_dim=32), epochs=1, batch_size=16,
-                device="cuda", precision="bf16", verbose=False, keep_best=False).fit(train)
+    m = Matcher(
+        presets.build("chan", train, embed_dim=32, word_dim=32),
+        epochs=1,
+        batch_size=16,
+        device="cuda",
+        precision="bf16",
+        verbose=False,
+        keep_best=False,
+    ).fit(train)
     assert all(p.device.type == "cuda" for p in m.components_.parameters())
     losses = [v for k, v in m.history_[-1].items() if "loss" in k and isinstance(v, float)]
     assert losses and all(torch.isfinite(torch.tensor(losses)))

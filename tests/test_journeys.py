@@ -29,8 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = "n_train=24,n_dev=4,n_test=8,image_size=24"
 SMALL = ["--embed-dim", "16", "--word-dim", "8", "--batch-size", "32", "--quiet"]
 # A ViT of one block over 8x8 patches of 32x32 images: the pixel presets at test size.
-TINY_VIT = ["--image-model", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs",
-            json.dumps({"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8})]
+TINY_VIT = [
+    "--image-model",
+    "vit_tiny_patch16_224",
+    "--img-size",
+    "32",
+    "--model-kwargs",
+    json.dumps({"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8}),
+]
 
 
 def env(**extra) -> dict:
@@ -41,16 +47,30 @@ def env(**extra) -> dict:
 
 def imtm(*args, cwd, check=True, timeout=600) -> subprocess.CompletedProcess:
     """``imtm ARGS`` in a fresh interpreter."""
-    proc = subprocess.run([sys.executable, "-m", "imtm", *map(str, args)], cwd=cwd, env=env(), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "imtm", *map(str, args)],
+        cwd=cwd,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check:
-        assert proc.returncode == 0, f"imtm {' '.join(map(str, args))}\n{proc.stdout}\n{proc.stderr}"
+        assert proc.returncode == 0, (
+            f"imtm {' '.join(map(str, args))}\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
 def python(code: str, cwd) -> str:
-    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env(), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -83,8 +103,15 @@ def trained(preset: str, work, source: str = "synthetic", karpathy=None) -> Path
         epochs = "2" if preset == "dcpa" else "1"
         data = ["--data", "synthetic"]
         if source == "karpathy":
-            data = ["--data", karpathy["sources"]["karpathy"], "--format", "karpathy", "--image-root",
-                    karpathy["images"], *TINY_VIT]
+            data = [
+                "--data",
+                karpathy["sources"]["karpathy"],
+                "--format",
+                "karpathy",
+                "--image-root",
+                karpathy["images"],
+                *TINY_VIT,
+            ]
         imtm("train", "--preset", preset, "--epochs", epochs, "--out", out, *data, *SMALL, cwd=work)
         _RUNS[key] = out
     return _RUNS[key]
@@ -93,11 +120,15 @@ def trained(preset: str, work, source: str = "synthetic", karpathy=None) -> Path
 @pytest.mark.parametrize("preset", ["vsepp", "chan", "dcpa", "dias", "laps", "ela"])
 def test_every_preset_trains_from_the_cli_and_its_saved_model_evaluates(preset, work):
     run = trained(preset, work)
-    assert (run / "final" / "config.json").is_file() and (run / "final" / "model.safetensors").is_file()
+    assert (run / "final" / "config.json").is_file() and (
+        run / "final" / "model.safetensors"
+    ).is_file()
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert 0.0 <= metrics["rsum"] <= 600.0
     # A fresh process loads the folder and scores the same test split: the same numbers.
-    out = imtm("evaluate", "--model", run / "final", "--data", "synthetic", "--quiet", cwd=work).stdout
+    out = imtm(
+        "evaluate", "--model", run / "final", "--data", "synthetic", "--quiet", cwd=work
+    ).stdout
     assert rsum_printed(out, "final") == pytest.approx(metrics["rsum"], abs=0.051)
 
 
@@ -107,34 +138,79 @@ def test_pixel_presets_train_from_image_files(preset, work, karpathy):
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert 0.0 <= metrics["rsum"] <= 600.0
     model = run / "final"
-    if preset == "ela":  # its text encoder was written into the run folder: the model must not need it there
+    if (
+        preset == "ela"
+    ):  # its text encoder was written into the run folder: the model must not need it there
         model = work / "ela_elsewhere"
         shutil.copytree(run / "final", model)
         os.rename(run, work / "ela_karpathy_renamed")
     # The same test images read through the other raw-image formats give the same numbers.
-    formats = ("karpathy", "caption-files", "csv", "coco", "flickr30k-token") if preset == "laps" else ("albef",)
+    formats = (
+        ("karpathy", "caption-files", "csv", "coco", "flickr30k-token")
+        if preset == "laps"
+        else ("albef",)
+    )
     for fmt in formats:
-        out = imtm("evaluate", "--model", model, "--data", karpathy["sources"][fmt], "--format", fmt,
-                   "--image-root", karpathy["images"], "--quiet", cwd=work).stdout
+        out = imtm(
+            "evaluate",
+            "--model",
+            model,
+            "--data",
+            karpathy["sources"][fmt],
+            "--format",
+            fmt,
+            "--image-root",
+            karpathy["images"],
+            "--quiet",
+            cwd=work,
+        ).stdout
         assert rsum_printed(out, model.name) == pytest.approx(metrics["rsum"], abs=0.051), fmt
 
 
 def test_an_unknown_format_lists_the_formats(work):
     proc = imtm("train", "--data", "x.json", "--format", "karpathyy", cwd=work, check=False)
     assert proc.returncode == 2
-    for fmt in ("synthetic", "precomp", "karpathy", "caption-files", "albef", "csv", "coco", "flickr30k-token"):
+    for fmt in (
+        "synthetic",
+        "precomp",
+        "karpathy",
+        "caption-files",
+        "albef",
+        "csv",
+        "coco",
+        "flickr30k-token",
+    ):
         assert fmt in proc.stderr
     empty = work / "no_csv_here"
     empty.mkdir()
-    proc = imtm("evaluate", "--model", trained("vsepp", work) / "final", "--data", empty, "--format", "csv",
-                cwd=work, check=False)
+    proc = imtm(
+        "evaluate",
+        "--model",
+        trained("vsepp", work) / "final",
+        "--data",
+        empty,
+        "--format",
+        "csv",
+        cwd=work,
+        check=False,
+    )
     assert proc.returncode == 2 and "no .csv/.tsv split files" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 2 and "Traceback" not in proc.stderr
 
 
 def test_draw_a_figure_from_the_saved_model(work):
     run = trained("chan", work)
-    imtm("viz", "words", "--model", run / "final", "--out", work / "words.png", "--n-test", "4", cwd=work)
+    imtm(
+        "viz",
+        "words",
+        "--model",
+        run / "final",
+        "--out",
+        work / "words.png",
+        "--n-test",
+        "4",
+        cwd=work,
+    )
     assert (work / "words.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -166,13 +242,32 @@ print(json.dumps({{"two_stage": found.indices.tolist(), "full": full.tolist(), "
 
 
 def test_resume_an_interrupted_train(work):
-    args = ["train", "--preset", "vsepp", "--epochs", "3", "--checkpoint-every", "1", "--embed-dim", "16",
-            "--word-dim", "8", "--batch-size", "16", "--quiet"]
+    args = [
+        "train",
+        "--preset",
+        "vsepp",
+        "--epochs",
+        "3",
+        "--checkpoint-every",
+        "1",
+        "--embed-dim",
+        "16",
+        "--word-dim",
+        "8",
+        "--batch-size",
+        "16",
+        "--quiet",
+    ]
     whole = work / "whole"
     imtm(*args, "--out", whole, cwd=work)
     cut = work / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "imtm", *args, "--out", str(cut)], cwd=work, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imtm", *args, "--out", str(cut)],
+        cwd=work,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not list(cut.glob("ckpt-*")):
         time.sleep(0.02)
@@ -205,25 +300,33 @@ def _readme_data(cwd: Path, karpathy) -> None:
     rng = np.random.default_rng(0)
     for split, n in (("train", 12), ("dev", 4), ("test", 4)):
         np.save(precomp / f"{split}_ims.npy", rng.normal(size=(n, 3, 8)).astype(np.float32))
-        (precomp / f"{split}_caps.txt").write_text("".join(f"a thing number {k % 7}\n" for k in range(5 * n)))
+        (precomp / f"{split}_caps.txt").write_text(
+            "".join(f"a thing number {k % 7}\n" for k in range(5 * n))
+        )
     import timm
     from safetensors.torch import save_file
 
     vit = timm.create_model("vit_base_patch16_224", pretrained=False)
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(cwd / "vit_b16.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in vit.state_dict().items()}, str(cwd / "vit_b16.safetensors")
+    )
 
 
 @pytest.mark.slow
 def test_the_readme_command_lines_run_verbatim(work, karpathy):
     lines = _command_lines()
-    assert [line.split()[1] for line in lines][:3] == ["demo", "train", "evaluate"] and len(lines) >= 6
+    assert [line.split()[1] for line in lines][:3] == ["demo", "train", "evaluate"] and len(
+        lines
+    ) >= 6
     cwd = work / "readme_commands"
     cwd.mkdir()
     _readme_data(cwd, karpathy)
     if shutil.which("imtm", path=env()["PATH"]) is None:
         pytest.skip("the imtm command is not installed (pip install -e .)")
     for line in lines:
-        proc = subprocess.run(line, shell=True, cwd=cwd, env=env(), capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            line, shell=True, cwd=cwd, env=env(), capture_output=True, text=True, timeout=900
+        )
         assert proc.returncode == 0, f"{line}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert (cwd / "runs" / "chan" / "final" / "config.json").is_file()
     assert (cwd / "runs" / "compare" / "compare.md").is_file()

@@ -5,8 +5,14 @@ from imtm import Matcher, presets
 from imtm.components import PatchSlimming, RatioLoss, TimmVisionEncoder
 from imtm.data import synthetic
 
-TINY = dict(text="gru", model_name="vit_tiny_patch16_224", img_size=32, embed_dim=16, word_dim=16,
-            model_kwargs=dict(depth=1, embed_dim=16, num_heads=2, patch_size=8))
+TINY = dict(
+    text="gru",
+    model_name="vit_tiny_patch16_224",
+    img_size=32,
+    embed_dim=16,
+    word_dim=16,
+    model_kwargs=dict(depth=1, embed_dim=16, num_heads=2, patch_size=8),
+)
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +24,24 @@ def test_laps_preset_blocks_and_slimming_sizes(data):
     train = data[0]
     comps = dict(presets.laps(vocab=train.vocab, **TINY))
     assert list(comps) == ["image", "text", "laps", "loss", "ratio"]
-    assert isinstance(comps["image"], TimmVisionEncoder) and isinstance(comps["laps"], PatchSlimming)
+    assert isinstance(comps["image"], TimmVisionEncoder) and isinstance(
+        comps["laps"], PatchSlimming
+    )
     slim = comps["laps"]
     # 4 x 4 = 16 patches: N_s = ceil(0.5 * 16) = 8, N_c = floor(0.4 * 8) = 3
     assert slim.selector.ratio == 0.5 and slim.aggregation.num_out == 3
     assert isinstance(comps["ratio"], RatioLoss) and comps["ratio"].rho == 0.5
-    ablated = dict(presets.laps(vocab=train.vocab, ratio=1.0, aggregation=0.5, fusion=False,
-                                language_context=False, direction="word_to_patch", **TINY))
+    ablated = dict(
+        presets.laps(
+            vocab=train.vocab,
+            ratio=1.0,
+            aggregation=0.5,
+            fusion=False,
+            language_context=False,
+            direction="word_to_patch",
+            **TINY,
+        )
+    )
     assert ablated["laps"].aggregation.num_out == 8 and ablated["laps"].fusion is False
     assert ablated["laps"].scorer.language_context is False
     assert ablated["laps"].alignment.direction == "word_to_patch"
@@ -40,7 +57,10 @@ def test_laps_preset_trains_and_builds_from_pixel_data(data):
 
 
 def test_laps_preset_bad_arguments(data):
-    with pytest.raises(ValueError, match=r"backbone must be one of \['swin', 'vit'\], got 'vitt'. Did you mean 'vit'"):
+    with pytest.raises(
+        ValueError,
+        match=r"backbone must be one of \['swin', 'vit'\], got 'vitt'. Did you mean 'vit'",
+    ):
         presets.laps(vocab=data[0].vocab, backbone="vitt")
     with pytest.raises(ValueError, match=r"aggregation \(lambda\) must be a number in \(0, 1\]"):
         presets.laps(vocab=data[0].vocab, aggregation=0.0, **TINY)
@@ -84,11 +104,21 @@ def test_table4_rows_are_preset_options(data):
         presets.laps(vocab=train.vocab, clustering=True, calibration=False, **TINY)
 
 
-@pytest.mark.parametrize("kw", [dict(calibration=False), dict(clustering=True, alignment="scan"),
-                                dict(word_selection=True, word_aggregation=True)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(calibration=False),
+        dict(clustering=True, alignment="scan"),
+        dict(word_selection=True, word_aggregation=True),
+    ],
+)
 def test_table4_rows_save_and_load(data, tmp_path, kw):
     train, _, test = data
-    m = Matcher(presets.laps(vocab=train.vocab, **TINY, **kw), epochs=0, batch_size=8, verbose=False).fit(train)
+    m = Matcher(
+        presets.laps(vocab=train.vocab, **TINY, **kw), epochs=0, batch_size=8, verbose=False
+    ).fit(train)
     s = m.similarity(test.images, test.captions)
     m.save(tmp_path / "m")
-    torch.testing.assert_close(Matcher.load(tmp_path / "m").similarity(test.images, test.captions), s)
+    torch.testing.assert_close(
+        Matcher.load(tmp_path / "m").similarity(test.images, test.captions), s
+    )

@@ -23,13 +23,18 @@ DESIGN = ROOT / "docs" / "design.md"
 KNOWN_UPWARD: dict[tuple[str, str], str] = {
     # The training loop reads imtm.__version__ from the package's front door for its run record;
     # imtm._version holds it below every layer.
-    ("imtm.engine.training", "imtm"): "training loop: read imtm._version instead of the package root",
+    (
+        "imtm.engine.training",
+        "imtm",
+    ): "training loop: read imtm._version instead of the package root",
 }
 #: Imports within one layer that close a cycle today (same terms as KNOWN_UPWARD).
-KNOWN_CYCLE: dict[tuple[str, str], str] = {
-}
+KNOWN_CYCLE: dict[tuple[str, str], str] = {}
 KNOWN_PRIVATE: dict[tuple[str, str], str] = {
-    ("imtm.components.scorers.patch_slimming", "_masked_softmax"): "LAPS module: becomes a thin module over its functional",
+    (
+        "imtm.components.scorers.patch_slimming",
+        "_masked_softmax",
+    ): "LAPS module: becomes a thin module over its functional",
 }
 
 
@@ -124,8 +129,10 @@ def test_no_import_points_up_the_layers(graph):
             if layer_of(target, table) > layer_of(module, table):
                 seen.add((module, target))
                 if (module, target) not in KNOWN_UPWARD:
-                    upward.append(f"{mods[module].relative_to(ROOT)}:{line} imports {target} "
-                                  f"(layer {layer_of(target, table)} > {layer_of(module, table)})")
+                    upward.append(
+                        f"{mods[module].relative_to(ROOT)}:{line} imports {target} "
+                        f"(layer {layer_of(target, table)} > {layer_of(module, table)})"
+                    )
     assert not upward, "imports against docs/design.md's layers:\n" + "\n".join(upward)
     stale = sorted(set(KNOWN_UPWARD) - seen)
     assert not stale, f"these imports are gone: remove them from KNOWN_UPWARD: {stale}"
@@ -137,7 +144,9 @@ def test_the_imports_form_no_cycle_beyond_the_known_ones(graph):
     present = {(m, t) for m, imported in edges.items() for t, _, _ in imported}
     stale = sorted(set(KNOWN_CYCLE) - present)
     assert not stale, f"these imports are gone: remove them from KNOWN_CYCLE: {stale}"
-    adjacency = {m: {t for t, _, _ in imported if (m, t) not in known} for m, imported in edges.items()}
+    adjacency = {
+        m: {t for t, _, _ in imported if (m, t) not in known} for m, imported in edges.items()
+    }
     # Tarjan's strongly connected components, iteratively (the graph is small, but recursion is not needed).
     index, low, on_stack, stack, cycles = {}, {}, set(), [], []
     counter = 0
@@ -183,12 +192,19 @@ def test_no_private_name_is_imported_across_modules(graph):
     found, seen = [], set()
     for module, imported in edges.items():
         for target, name, line in imported:
-            if name and name.startswith("_") and not name.startswith("__") and not target.rpartition(".")[2].startswith("_"):
+            if (
+                name
+                and name.startswith("_")
+                and not name.startswith("__")
+                and not target.rpartition(".")[2].startswith("_")
+            ):
                 seen.add((module, name))
                 if (module, name) not in KNOWN_PRIVATE:
                     found.append(f"{mods[module].relative_to(ROOT)}:{line} imports {target}.{name}")
-    assert not found, ("private names imported from another module (move the helper to an underscore "
-                       "module with a public name):\n" + "\n".join(found))
+    assert not found, (
+        "private names imported from another module (move the helper to an underscore "
+        "module with a public name):\n" + "\n".join(found)
+    )
     stale = sorted(set(KNOWN_PRIVATE) - seen)
     assert not stale, f"these imports are gone: remove them from KNOWN_PRIVATE: {stale}"
 
@@ -196,9 +212,14 @@ def test_no_private_name_is_imported_across_modules(graph):
 def test_the_check_sees_an_upward_import(tmp_path):
     # The checker itself must be able to fail: a block that imports the Matcher is caught.
     mods = {"imtm.components.x": tmp_path / "x.py", "imtm.matcher": tmp_path / "m.py"}
-    mods["imtm.components.x"].write_text("def f():\n    from imtm.matcher import Matcher\n    from imtm.matcher import _private\n")
+    mods["imtm.components.x"].write_text(
+        "def f():\n    from imtm.matcher import Matcher\n    from imtm.matcher import _private\n"
+    )
     mods["imtm.matcher"].write_text("")
     imported = imports_of("imtm.components.x", mods["imtm.components.x"], mods)
-    assert [(t, n) for t, n, _ in imported] == [("imtm.matcher", "Matcher"), ("imtm.matcher", "_private")]
+    assert [(t, n) for t, n, _ in imported] == [
+        ("imtm.matcher", "Matcher"),
+        ("imtm.matcher", "_private"),
+    ]
     table = layer_table()
     assert layer_of("imtm.matcher", table) > layer_of("imtm.components.x", table)

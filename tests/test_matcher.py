@@ -37,7 +37,9 @@ def test_init_only_stores(data):
 
 def test_missing_requirement_names_block_position_and_providers(data):
     m = Matcher([ToyText(vocab=data.vocab), ToyCosine(), ToyImage(), ToyHinge()])
-    with pytest.raises(PipelineError, match=r"'toycosine' \(position 1, ToyCosine\) requires 'image_tokens'") as e:
+    with pytest.raises(
+        PipelineError, match=r"'toycosine' \(position 1, ToyCosine\) requires 'image_tokens'"
+    ) as e:
         m.validate()
     assert "'toyimage' (position 2)" in str(e.value)
     assert "ToyImage" in str(e.value)
@@ -61,7 +63,9 @@ def test_bad_parameter_values(data):
 def test_validate_checks_every_block_hyper_parameters(data):
     from imtm.components import HardAssignmentCoding
 
-    m = Matcher([ToyImage(), ToyText(vocab=data.vocab), HardAssignmentCoding(pooling="lsee"), ToyHinge()])
+    m = Matcher(
+        [ToyImage(), ToyText(vocab=data.vocab), HardAssignmentCoding(pooling="lsee"), ToyHinge()]
+    )
     with pytest.raises(ValueError, match=r"block 'hardassignmentcoding'.*pooling must be one of"):
         m.validate()
 
@@ -118,8 +122,12 @@ def test_similarity_blocked_equals_unblocked(data):
     torch.testing.assert_close(m.similarity(data.images, data.captions), full, rtol=1e-6, atol=1e-6)
     # the same as a training-style forward over all pairs at once
     plan = m.plan_
-    vals = {"images": collate([{"images": x, "texts": "a", "image_ids": 0} for x in data.images])["images"],
-            "texts": data.captions}
+    vals = {
+        "images": collate([{"images": x, "texts": "a", "image_ids": 0} for x in data.images])[
+            "images"
+        ],
+        "texts": data.captions,
+    }
     from imtm.engine.evaluation import run_blocks
 
     with torch.no_grad():
@@ -178,7 +186,9 @@ def test_nan_in_batch_features_is_reported_as_input_not_blamed_on_a_block(data):
     loader = DataLoader(bad, batch_size=4, collate_fn=collate)
     # The toy blocks do not check their inputs: the NaN reaches the loss and is traced back to the batch.
     for policy in ("raise", "skip"):
-        with pytest.raises(ValueError, match=r"the batch's input 'images' holds NaN/inf at step 0 \(stage 1"):
+        with pytest.raises(
+            ValueError, match=r"the batch's input 'images' holds NaN/inf at step 0 \(stage 1"
+        ):
             small(data, on_nonfinite=policy).fit(loader)
 
 
@@ -188,8 +198,12 @@ def test_stage_freezes_blocks(data):
     m.fit(data)
     fresh = small(data)
     fresh._build(0)
-    torch.testing.assert_close(m.components_["toyimage"].proj.weight, fresh.components_["toyimage"].proj.weight)
-    assert not torch.equal(m.components_["toytext"].emb.weight, fresh.components_["toytext"].emb.weight)
+    torch.testing.assert_close(
+        m.components_["toyimage"].proj.weight, fresh.components_["toyimage"].proj.weight
+    )
+    assert not torch.equal(
+        m.components_["toytext"].emb.weight, fresh.components_["toytext"].emb.weight
+    )
 
 
 # ---------------------------------------------------------------- persistence
@@ -197,10 +211,20 @@ def test_save_load_identical_similarities(data, tmp_path):
     m = small(data).fit(data)
     m.save(tmp_path / "model")
     files = sorted(os.listdir(tmp_path / "model"))
-    assert files == ["MANIFEST.json", "README.md", "config.json", "model.safetensors", "record.json"]
+    assert files == [
+        "MANIFEST.json",
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "record.json",
+    ]
     loaded = Matcher.load(tmp_path / "model")
-    torch.testing.assert_close(loaded.similarity(data.images, data.captions), m.similarity(data.images, data.captions),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        loaded.similarity(data.images, data.captions),
+        m.similarity(data.images, data.captions),
+        rtol=0,
+        atol=0,
+    )
     assert loaded.get_params()["toyhinge__margin"] == 0.2
     rec = json.loads((tmp_path / "model" / "record.json").read_text())
     assert {"seed", "versions", "data_fingerprint", "evaluation_protocol", "params"} <= set(rec)
@@ -235,8 +259,11 @@ def test_unregistered_block_is_refused(data, tmp_path):
 
 def test_weights_of_another_configuration(data, tmp_path):
     m = small(data, epochs=1).fit(data)
-    other = Matcher([ToyImage(out_dim=4), ToyText(vocab=data.vocab, out_dim=4), ToyCosine(), ToyHinge()],
-                    epochs=1, verbose=False).fit(data)
+    other = Matcher(
+        [ToyImage(out_dim=4), ToyText(vocab=data.vocab, out_dim=4), ToyCosine(), ToyHinge()],
+        epochs=1,
+        verbose=False,
+    ).fit(data)
     with pytest.raises(CheckpointError, match="another configuration.*shape mismatch"):
         m.load_state(other.components_.state_dict())
 
@@ -252,7 +279,9 @@ def test_resume_gives_the_same_weights(data, tmp_path, limit):
     a, b = full.components_.state_dict(), resumed.components_.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert [h["loss/toyhinge"] for h in full.history_] == [h["loss/toyhinge"] for h in resumed.history_]
+    assert [h["loss/toyhinge"] for h in full.history_] == [
+        h["loss/toyhinge"] for h in resumed.history_
+    ]
 
 
 def test_resume_from_another_configuration_is_refused(data, tmp_path):

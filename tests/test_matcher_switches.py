@@ -25,18 +25,27 @@ def pixel_data():
 @pytest.fixture(scope="module")
 def fitted(pixel_data, tmp_path_factory):
     train, _, _ = pixel_data
-    folder = write_local_bert(tmp_path_factory.mktemp("bert"), train.captions, hidden_size=32, num_heads=2)
+    folder = write_local_bert(
+        tmp_path_factory.mktemp("bert"), train.captions, hidden_size=32, num_heads=2
+    )
     m = Matcher(
         [
             TimmVisionEncoder(
-                "vit_tiny_patch16_224", img_size=32, out_dim=32, mask_ratio=0.25,
+                "vit_tiny_patch16_224",
+                img_size=32,
+                out_dim=32,
+                mask_ratio=0.25,
                 model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8},
             ),
             HFTextEncoder(folder, out_dim=32, max_length=24),
             GlobalCosine(),
             InfoNCELoss(),
         ],
-        epochs=1, batch_size=16, lr=1e-3, device="cpu", verbose=False,
+        epochs=1,
+        batch_size=16,
+        lr=1e-3,
+        device="cpu",
+        verbose=False,
     )
     return m.fit(train)
 
@@ -80,7 +89,9 @@ def test_compile_gives_the_same_retrieval():
     if not _compile_works():
         pytest.skip("torch.compile does not work on this platform")
     data = toy_data(n_images=12)
-    m = Matcher(toy_components(data.vocab), epochs=1, batch_size=6, device="cpu", verbose=False).fit(data)
+    m = Matcher(
+        toy_components(data.vocab), epochs=1, batch_size=6, device="cpu", verbose=False
+    ).fit(data)
     eager = m.similarity(data.images, data.captions)
     m.set_params(compile=True)
     with warnings.catch_warnings():
@@ -88,7 +99,9 @@ def test_compile_gives_the_same_retrieval():
         compiled = m.similarity(data.images, data.captions)
     assert any(b._compiled_call_impl is not None for b in m.components_.values())
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    assert retrieval_metrics(compiled, data.caption_to_image) == retrieval_metrics(eager, data.caption_to_image)
+    assert retrieval_metrics(compiled, data.caption_to_image) == retrieval_metrics(
+        eager, data.caption_to_image
+    )
     m.set_params(compile=False)
     m.similarity(data.images[:2], data.captions[:2])
     assert all(b._compiled_call_impl is None for b in m.components_.values())
@@ -96,7 +109,9 @@ def test_compile_gives_the_same_retrieval():
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     data = toy_data(n_images=6)
-    m = Matcher(toy_components(data.vocab), epochs=1, batch_size=6, device="cpu", verbose=False).fit(data)
+    m = Matcher(
+        toy_components(data.vocab), epochs=1, batch_size=6, device="cpu", verbose=False
+    ).fit(data)
     eager = m.similarity(data.images, data.captions)
 
     def broken_compile(fn, *args, **kwargs):
@@ -107,11 +122,21 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     m.set_params(compile=True)
-    with pytest.warns(RuntimeWarning, match="torch.compile failed for block .*runs eagerly") as caught:
+    with pytest.warns(
+        RuntimeWarning, match="torch.compile failed for block .*runs eagerly"
+    ) as caught:
         fallback = m.similarity(data.images, data.captions)
     torch.testing.assert_close(fallback, eager)
-    named = {n for n in ("toyimage", "toytext", "toycosine") if any(f"block {n!r}" in str(w.message) for w in caught)}
-    assert named == {"toyimage", "toytext", "toycosine"}  # the blocks similarity runs; each warns once
+    named = {
+        n
+        for n in ("toyimage", "toytext", "toycosine")
+        if any(f"block {n!r}" in str(w.message) for w in caught)
+    }
+    assert named == {
+        "toyimage",
+        "toytext",
+        "toycosine",
+    }  # the blocks similarity runs; each warns once
     assert all(m.components_[n]._compiled_call_impl is None for n in named)
 
 
@@ -137,8 +162,14 @@ def test_compile_unsupported_at_construction_warns(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", unsupported)
     with pytest.warns(RuntimeWarning, match="runs eagerly"):
-        m = Matcher(toy_components(data.vocab), epochs=1, batch_size=6, device="cpu", verbose=False,
-                    compile=True).fit(data)
+        m = Matcher(
+            toy_components(data.vocab),
+            epochs=1,
+            batch_size=6,
+            device="cpu",
+            verbose=False,
+            compile=True,
+        ).fit(data)
     assert all(b._compiled_call_impl is None for b in m.components_.values())
 
 

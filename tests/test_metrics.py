@@ -260,7 +260,9 @@ def test_pair_ranks_each_direction_with_its_own_matrix(problem, seed):
     swapped = retrieval_metrics((b, a), c2i)
     for k in ("r1", "r5", "r10", "medr", "meanr"):
         assert got[f"i2t_{k}"] == only_a[f"i2t_{k}"] and got[f"t2i_{k}"] == only_b[f"t2i_{k}"]
-        assert swapped[f"i2t_{k}"] == only_b[f"i2t_{k}"] and swapped[f"t2i_{k}"] == only_a[f"t2i_{k}"]
+        assert (
+            swapped[f"i2t_{k}"] == only_b[f"i2t_{k}"] and swapped[f"t2i_{k}"] == only_a[f"t2i_{k}"]
+        )
     assert retrieval_metrics([a, a], c2i) == only_a
 
 
@@ -320,7 +322,10 @@ def test_whole_set_protocols_equal_retrieval_metrics():
 
 
 def test_unknown_protocol_suggests_a_name():
-    with pytest.raises(ValueError, match=r"protocol must be one of \['coco_1k_5fold', 'coco_5k', 'f30k_1k'\], got 'coco_5K'.*Did you mean 'coco_5k'"):
+    with pytest.raises(
+        ValueError,
+        match=r"protocol must be one of \['coco_1k_5fold', 'coco_5k', 'f30k_1k'\], got 'coco_5K'.*Did you mean 'coco_5k'",
+    ):
         evaluate_protocol("coco_5K", torch.eye(2), [0, 1])
 
 
@@ -372,8 +377,11 @@ def test_save_load_errors(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not one written by save_similarity"):
         load_similarity(tmp_path / "other.safetensors")
-    save_file({"sims": torch.eye(2), "caption_to_image": torch.arange(2)}, str(tmp_path / "v9.safetensors"),
-              metadata={"format": "imtm.similarity", "version": "9"})
+    save_file(
+        {"sims": torch.eye(2), "caption_to_image": torch.arange(2)},
+        str(tmp_path / "v9.safetensors"),
+        metadata={"format": "imtm.similarity", "version": "9"},
+    )
     with pytest.raises(ValueError, match="format version '9'"):
         load_similarity(tmp_path / "v9.safetensors")
 
@@ -399,7 +407,9 @@ def test_average_similarities_errors():
         average_similarities([])
     with pytest.raises(ValueError, match="non-empty list"):
         average_similarities(a)
-    with pytest.raises(ValueError, match=r"element 1 has shape \(3, 2\) but element 0 has \(2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"element 1 has shape \(3, 2\) but element 0 has \(2, 3\)"
+    ):
         average_similarities([a, torch.zeros(3, 2)])
     with pytest.raises(ValueError, match="expected 2 weights"):
         average_similarities([a, a], weights=[1.0])
@@ -416,7 +426,9 @@ def test_format_table():
     m = retrieval_metrics(torch.eye(3), [0, 1, 2])
     one = format_table(m)
     lines = one.splitlines()
-    assert lines[0] == "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rSum |"
+    assert (
+        lines[0] == "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rSum |"
+    )
     assert lines[1].startswith("| --- |") and lines[1].count("---:") == 7
     assert lines[2] == "|  | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 600.0 |"
     many = format_table({"a": m, "b": {"i2t_r1": 12.345, "rsum": 1.0}})
@@ -447,18 +459,24 @@ def test_nan_is_rejected():
 
 
 def test_shape_errors_name_both_shapes():
-    with pytest.raises(ValueError, match=r"shape \(4,\) to match sims of shape \(3, 4\), got shape \(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"shape \(4,\) to match sims of shape \(3, 4\), got shape \(5,\)"
+    ):
         retrieval_metrics(torch.randn(3, 4), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"same shape, got \(3, 4\) and \(4, 3\)"):
         retrieval_metrics((torch.randn(3, 4), torch.randn(4, 3)), [0, 1, 2, 0])
-    with pytest.raises(ValueError, match=r"expected a \(n_images, n_captions\) matrix, got shape \(3, 3, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"expected a \(n_images, n_captions\) matrix, got shape \(3, 3, 4\)"
+    ):
         retrieval_metrics(torch.randn(3, 3, 4), [0, 1, 2, 0])  # (2, ...) would be a stacked pair
     with pytest.raises(ValueError, match=r"shape \(3,\) to match"):
         retrieval_ranks(torch.randn(3, 3), torch.zeros(3, 1, dtype=torch.long))
 
 
 def test_image_without_caption_and_bad_indices():
-    with pytest.raises(ValueError, match=r"1 image\(s\) have no caption \(e.g. image index \[2\]\)"):
+    with pytest.raises(
+        ValueError, match=r"1 image\(s\) have no caption \(e.g. image index \[2\]\)"
+    ):
         retrieval_metrics(torch.randn(3, 3), [0, 1, 1])
     with pytest.raises(ValueError, match=r"outside \[0, 3\): min 0, max 3"):
         retrieval_metrics(torch.randn(3, 3), [0, 1, 3])
@@ -475,5 +493,7 @@ def test_type_errors():
         retrieval_metrics(torch.eye(2, dtype=torch.bool), [0, 1])
     with pytest.raises(TypeError, match="expected a numeric array"):
         retrieval_metrics(np.array([["a", "b"], ["c", "d"]], dtype=object), [0, 1])
-    with pytest.raises(TypeError, match=r"expected a \(n_images, n_captions\) tensor or array, got str"):
+    with pytest.raises(
+        TypeError, match=r"expected a \(n_images, n_captions\) tensor or array, got str"
+    ):
         retrieval_metrics("sims", [0, 1])

@@ -38,9 +38,16 @@ from imtm.data import ByImage, ImageCaptionDataset, Vocabulary, synthetic
 
 #: The API checks of scikit-learn that read no numeric data: run on every block and on the Matcher.
 API_CHECKS = (
-    "check_estimator_cloneable", "check_estimator_tags_renamed", "check_valid_tag_types", "check_estimator_repr",
-    "check_no_attributes_set_in_init", "check_mixin_order", "check_parameters_default_constructible",
-    "check_get_params_invariance", "check_set_params", "check_estimators_unfitted",
+    "check_estimator_cloneable",
+    "check_estimator_tags_renamed",
+    "check_valid_tag_types",
+    "check_estimator_repr",
+    "check_no_attributes_set_in_init",
+    "check_mixin_order",
+    "check_parameters_default_constructible",
+    "check_get_params_invariance",
+    "check_set_params",
+    "check_estimators_unfitted",
     "check_do_not_raise_errors_in_init_or_set_params",
 )
 
@@ -56,24 +63,35 @@ def _laps_slimming():
         TokenAggregation,
     )
 
-    return PatchSlimming(PatchScorer(8), GumbelSelector(), TokenAggregation(8, 2), SparsePatchWordAlignment())
+    return PatchSlimming(
+        PatchScorer(8), GumbelSelector(), TokenAggregation(8, 2), SparsePatchWordAlignment()
+    )
 
 
 #: Arguments for the blocks whose constructors require some (tiny sizes). A new block with required
 #: arguments must be added here: the test below fails naming it otherwise.
 REQUIRED = {
-    "CrossModalEncoder": lambda: {"dim": 8}, "GRUTextEncoder": lambda: {"vocab": VOCAB, "out_dim": 8},
+    "CrossModalEncoder": lambda: {"dim": 8},
+    "GRUTextEncoder": lambda: {"vocab": VOCAB, "out_dim": 8},
     "HFTextEncoder": lambda: {"model_name_or_path": "minilm"},
-    "ImageTextMatchingHead": lambda: {"dim": 8}, "PatchScorer": lambda: {"dim": 8},
+    "ImageTextMatchingHead": lambda: {"dim": 8},
+    "PatchScorer": lambda: {"dim": 8},
     "PatchToLexiconHead": lambda: {"dim": 8, "embed_dim": 8, "vocab_size": 10},
-    "PrecomputedEncoder": lambda: {"in_dim": 4, "out_dim": 8}, "Reuse": lambda: {"block": "text"},
-    "SelfAttentionContext": lambda: {"dim": 8}, "TextualPhraseEncoder": lambda: {"dim": 8},
-    "TimmVisionEncoder": lambda: {"model_name": "vit_tiny_patch16_224", "img_size": 32,
-                                      "model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8}},
-    "TokenAggregation": lambda: {"dim": 8, "num_out": 2}, "VisualPhraseEncoder": lambda: {"dim": 8},
+    "PrecomputedEncoder": lambda: {"in_dim": 4, "out_dim": 8},
+    "Reuse": lambda: {"block": "text"},
+    "SelfAttentionContext": lambda: {"dim": 8},
+    "TextualPhraseEncoder": lambda: {"dim": 8},
+    "TimmVisionEncoder": lambda: {
+        "model_name": "vit_tiny_patch16_224",
+        "img_size": 32,
+        "model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8},
+    },
+    "TokenAggregation": lambda: {"dim": 8, "num_out": 2},
+    "VisualPhraseEncoder": lambda: {"dim": 8},
     "WordToLexiconHead": lambda: {"dim": 8, "embed_dim": 8, "vocab_size": 10},
     "PatchSlimming": lambda: _slimming_args(),
-    "DPCKNNAggregation": lambda: {"num_out": 2}, "WordAggregation": lambda: {"dim": 8},
+    "DPCKNNAggregation": lambda: {"num_out": 2},
+    "WordAggregation": lambda: {"dim": 8},
     "WordSelection": lambda: {"dim": 8},
 }
 
@@ -85,28 +103,45 @@ def _slimming_args():
 
 def _imtm_blocks():
     """Every block class imtm registers (user classes defined in other tests are left out)."""
-    return sorted(n for n, c in COMPONENT_REGISTRY.items() if c.__module__.startswith("imtm.") and "." not in n)
+    return sorted(
+        n
+        for n, c in COMPONENT_REGISTRY.items()
+        if c.__module__.startswith("imtm.") and "." not in n
+    )
 
 
 def _block(name):
     cls = COMPONENT_REGISTRY[name]
-    required = [p.name for p in inspect.signature(cls.__init__).parameters.values()
-                if p.name != "self" and p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    required = [
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name != "self"
+        and p.default is p.empty
+        and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    ]
     if required and name not in REQUIRED:
-        pytest.fail(f"{name} requires {required}: add tiny arguments for it to REQUIRED in this file")
+        pytest.fail(
+            f"{name} requires {required}: add tiny arguments for it to REQUIRED in this file"
+        )
     return cls(**(REQUIRED[name]() if name in REQUIRED else {}))
 
 
 def _run(check, name, obj):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # check_set_params warns (as it should) when a value is refused
+        warnings.simplefilter(
+            "ignore"
+        )  # check_set_params warns (as it should) when a value is refused
         getattr(ec, check)(name, obj)
 
 
 def _builds_weights(block) -> bool:
     """Whether the block builds parameters of its own in __init__ (not only holds blocks it was given)."""
-    given = {id(p) for v in block.get_params(deep=False).values() if isinstance(v, torch.nn.Module)
-             for p in v.parameters()}
+    given = {
+        id(p)
+        for v in block.get_params(deep=False).values()
+        if isinstance(v, torch.nn.Module)
+        for p in v.parameters()
+    }
     return any(id(p) not in given for p in block.parameters())
 
 
@@ -120,15 +155,24 @@ def test_estimator_checks_on_every_block(name):
             except (ValueError, TypeError) as err:
                 # Only a block that builds weights from its arguments in __init__ may refuse nonsense
                 # there (see the module docstring), and it says which block and argument.
-                assert _builds_weights(block), f"{name} has no weights to build but refuses in __init__: {err}"
+                assert _builds_weights(block), (
+                    f"{name} has no weights to build but refuses in __init__: {err}"
+                )
                 assert name in str(err)
             continue
         _run(check, name, block)
 
 
 def test_estimator_checks_on_the_matcher():
-    m = Matcher([PrecomputedEncoder(in_dim=4, out_dim=8), GRUTextEncoder(vocab=VOCAB, out_dim=8), GlobalCosine(),
-                 TripletLoss()], epochs=1)
+    m = Matcher(
+        [
+            PrecomputedEncoder(in_dim=4, out_dim=8),
+            GRUTextEncoder(vocab=VOCAB, out_dim=8),
+            GlobalCosine(),
+            TripletLoss(),
+        ],
+        epochs=1,
+    )
     for check in API_CHECKS:
         _run(check, "Matcher", m)
     # scikit-learn's own entry point skips what needs 2-D arrays, saying why
@@ -138,9 +182,12 @@ def test_estimator_checks_on_the_matcher():
 
 def test_reprs_show_every_non_default_parameter():
     assert repr(TripletLoss()) == "TripletLoss()"
-    assert repr(TripletLoss(margin=0.5, hardest=False)) == "TripletLoss(hardest=False, margin=0.5)"  # sorted, as scikit-learn
+    assert (
+        repr(TripletLoss(margin=0.5, hardest=False)) == "TripletLoss(hardest=False, margin=0.5)"
+    )  # sorted, as scikit-learn
     assert repr(TripletLoss(requires=("scores_i2t", "scores_t2i", "positives"))) == (
-        "TripletLoss(requires=('scores_i2t', 'scores_t2i', 'positives'))")
+        "TripletLoss(requires=('scores_i2t', 'scores_t2i', 'positives'))"
+    )
     m = Matcher([("loss", TripletLoss(margin=0.5))], epochs=3, lr=1e-3)
     assert repr(m) == "Matcher(components=[('loss', TripletLoss(margin=0.5))], epochs=3, lr=0.001)"
     # the layers stay available as PyTorch prints them
@@ -148,8 +195,14 @@ def test_reprs_show_every_non_default_parameter():
 
 
 def test_set_params_defers_validation_to_fit():
-    m = Matcher([PrecomputedEncoder(in_dim=4, out_dim=8), GRUTextEncoder(vocab=VOCAB, out_dim=8), GlobalCosine(),
-                 ("loss", TripletLoss())])
+    m = Matcher(
+        [
+            PrecomputedEncoder(in_dim=4, out_dim=8),
+            GRUTextEncoder(vocab=VOCAB, out_dim=8),
+            GlobalCosine(),
+            ("loss", TripletLoss()),
+        ]
+    )
     m.set_params(epochs=-3, precision="fp64", loss__margin=-1.0)  # stored, as scikit-learn does
     assert m.epochs == -3 and m.get_params()["loss__margin"] == -1.0
     with pytest.raises(ValueError, match="margin must be a finite number >= 0"):
@@ -191,7 +244,9 @@ def test_by_image_indexing_matches_a_loop(seed):
     c2i[:n_images] = list(range(n_images))  # every image has a caption
     names = [f"caption {k}" for k in range(len(c2i))]
     ds = ImageCaptionDataset(torch.arange(n_images, dtype=torch.float32)[:, None], names, c2i)
-    index = g.integers(0, n_images, size=int(g.integers(1, 2 * n_images + 1))).tolist()  # repeats allowed
+    index = g.integers(
+        0, n_images, size=int(g.integers(1, 2 * n_images + 1))
+    ).tolist()  # repeats allowed
     sub = ByImage(ds)[np.array(index)]
     want_caps, want_ids = _loop_subset(c2i, index)
     assert sub.captions == [names[k] for k in want_caps]
@@ -207,7 +262,9 @@ def test_by_image_masks_slices_views_and_errors():
     sub = X[mask]
     assert len(sub) == 3 and sub.vocab is train.vocab
     torch.testing.assert_close(sub.images[1], train.images[2])  # a view of region lists, not a copy
-    assert X[1:3].captions == [c for c, i in zip(train.captions, train.caption_to_image.tolist()) if i in (1, 2)]
+    assert X[1:3].captions == [
+        c for c, i in zip(train.captions, train.caption_to_image.tolist()) if i in (1, 2)
+    ]
     assert len(X[(np.array([0, 5]), Ellipsis)]) == 2  # scikit-learn's X[indices, ...]
     with pytest.raises(IndexError, match="out of range"):
         X[[6]]
@@ -225,9 +282,18 @@ def test_by_image_masks_slices_views_and_errors():
 
 
 def _matcher(train):
-    return Matcher([("image", PrecomputedEncoder(in_dim=train.region_dim, out_dim=8)),
-                    ("text", GRUTextEncoder(vocab=train.vocab, out_dim=8)), GlobalCosine(),
-                    ("loss", TripletLoss(hardest=False))], epochs=1, batch_size=32, verbose=False, random_state=0)
+    return Matcher(
+        [
+            ("image", PrecomputedEncoder(in_dim=train.region_dim, out_dim=8)),
+            ("text", GRUTextEncoder(vocab=train.vocab, out_dim=8)),
+            GlobalCosine(),
+            ("loss", TripletLoss(hardest=False)),
+        ],
+        epochs=1,
+        batch_size=32,
+        verbose=False,
+        random_state=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -244,19 +310,24 @@ def test_folds_never_split_an_image(train):
         c2i = train.caption_to_image.tolist()
         for part, idx in ((a, fit_idx), (b, held_idx)):
             # every caption of every image of the part, and nothing else
-            assert sorted(part.captions) == sorted(c for c, i in zip(train.captions, c2i) if i in set(idx))
+            assert sorted(part.captions) == sorted(
+                c for c, i in zip(train.captions, c2i) if i in set(idx)
+            )
             for j, i in enumerate(idx):
                 torch.testing.assert_close(part.images[j], train.images[i])
 
 
 def test_grid_search_over_two_matcher_parameters(train):
     X = ByImage(train)
-    search = GridSearchCV(_matcher(train), {"lr": [1e-3, 5e-3], "loss__margin": [0.1, 0.3]}, cv=KFold(2))
+    search = GridSearchCV(
+        _matcher(train), {"lr": [1e-3, 5e-3], "loss__margin": [0.1, 0.3]}, cv=KFold(2)
+    )
     search.fit(X)
     res = search.cv_results_
     assert len(res["params"]) == 4
     assert {tuple(sorted(p.items())) for p in res["params"]} == {
-        (("loss__margin", m), ("lr", lr)) for m in (0.1, 0.3) for lr in (1e-3, 5e-3)}
+        (("loss__margin", m), ("lr", lr)) for m in (0.1, 0.3) for lr in (1e-3, 5e-3)
+    }
     scores = np.stack([res["split0_test_score"], res["split1_test_score"]])
     assert np.isfinite(scores).all() and (scores >= 0).all() and (scores <= 600).all()
     np.testing.assert_allclose(res["mean_test_score"], scores.mean(0))
@@ -265,8 +336,9 @@ def test_grid_search_over_two_matcher_parameters(train):
     assert best.lr == search.best_params_["lr"]
     # score is rSum: the sum of the six recalls evaluate() gives
     metrics = best.evaluate(X[:6])
-    assert best.score(X[:6]) == pytest.approx(sum(metrics[k] for k in
-                                                  ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")))
+    assert best.score(X[:6]) == pytest.approx(
+        sum(metrics[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"))
+    )
     assert not hasattr(search.estimator, "components_")  # the search fits clones
 
 
@@ -274,8 +346,14 @@ def test_randomized_search_and_cross_validate(train):
     X = ByImage(train)
     out = cross_validate(_matcher(train), X, cv=KFold(2), return_train_score=True)
     assert out["test_score"].shape == (2,) and np.isfinite(out["train_score"]).all()
-    rs = RandomizedSearchCV(_matcher(train), {"lr": [1e-3, 3e-3, 1e-2], "loss__margin": [0.05, 0.2]}, n_iter=2,
-                            cv=KFold(2), random_state=0, refit=False).fit(X)
+    rs = RandomizedSearchCV(
+        _matcher(train),
+        {"lr": [1e-3, 3e-3, 1e-2], "loss__margin": [0.05, 0.2]},
+        n_iter=2,
+        cv=KFold(2),
+        random_state=0,
+        refit=False,
+    ).fit(X)
     assert len(rs.cv_results_["params"]) == 2
 
 
@@ -293,5 +371,7 @@ def test_fit_behaves_as_scikit_learn_expects(train):
     added = {k for k in vars(m) if not k.startswith("_")} - public_before
     assert added and all(k.endswith("_") for k in added), added  # check_dont_overwrite_parameters
     s1 = m.similarity(train.images, train.captions)
-    s2 = clone(m).fit(X).similarity(train.images, train.captions)  # check_fit_idempotent (same seed)
+    s2 = (
+        clone(m).fit(X).similarity(train.images, train.captions)
+    )  # check_fit_idempotent (same seed)
     torch.testing.assert_close(s1, s2)

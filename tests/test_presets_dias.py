@@ -27,26 +27,44 @@ def test_dias_preset_blocks_and_paper_weights(train):
     with pytest.raises(ValueError, match="scorer must be one of .*Did you mean 'local'"):
         presets.build("dias", train, embed_dim=16, word_dim=8, scorer="locl")
     assert blocks["dim_loss"].correlation == "cosine" and blocks["inter_loss"].rule == "printed"
-    assert tuple(blocks["inter_loss"].requires) == ("image_embedding", "text_embedding", "positives")
-    assert isinstance(blocks["image_pool"], MeanEmbedding) and tuple(blocks["text_pool"].provides) == ("text_embedding",)
-    assert isinstance(blocks["dim_loss"], DimensionAlignmentLoss) and blocks["dim_loss"].weight == 10.0
+    assert tuple(blocks["inter_loss"].requires) == (
+        "image_embedding",
+        "text_embedding",
+        "positives",
+    )
+    assert isinstance(blocks["image_pool"], MeanEmbedding) and tuple(
+        blocks["text_pool"].provides
+    ) == ("text_embedding",)
+    assert (
+        isinstance(blocks["dim_loss"], DimensionAlignmentLoss) and blocks["dim_loss"].weight == 10.0
+    )
     assert (blocks["inter_loss"].kind, blocks["inter_loss"].weight) == ("inter", 0.05)
     assert (blocks["intra_loss"].kind, blocks["intra_loss"].weight) == ("intra", 0.1)
     assert blocks["loss"].miner is None
     with_miner = dict(presets.build("dias", train, embed_dim=16, word_dim=8, miner=True))
-    assert isinstance(with_miner["loss"].miner, DistanceWeightedMiner) and with_miner["loss"].miner.dim == 16
+    assert (
+        isinstance(with_miner["loss"].miner, DistanceWeightedMiner)
+        and with_miner["loss"].miner.dim == 16
+    )
 
 
 def test_dias_losses_ablations():
     names = [n for n, _ in presets.dias_losses(dimension=False, intra=False)]
     assert names == ["image_pool", "text_pool", "inter_loss"]
     assert [n for n, _ in presets.dias_losses(pool=False, inter=False, intra=False)] == ["dim_loss"]
-    assert all(not b.sparse for n, b in presets.dias_losses(sparse=False) if isinstance(b, SpatialConstraintLoss))
+    assert all(
+        not b.sparse
+        for n, b in presets.dias_losses(sparse=False)
+        if isinstance(b, SpatialConstraintLoss)
+    )
     # The inter- and intra-modality sparsity ablations, one at a time.
     blocks = dict(presets.dias_losses(inter_sparse=False))
     assert (blocks["inter_loss"].sparse, blocks["intra_loss"].sparse) == (False, True)
-    blocks = dict(presets.dias_losses(intra_sparse=False, mask_rule="intent", correlation="pearson",
-                                      dim_objective="intuitive"))
+    blocks = dict(
+        presets.dias_losses(
+            intra_sparse=False, mask_rule="intent", correlation="pearson", dim_objective="intuitive"
+        )
+    )
     assert (blocks["inter_loss"].sparse, blocks["intra_loss"].sparse) == (True, False)
     assert blocks["inter_loss"].rule == "intent" and blocks["dim_loss"].correlation == "pearson"
     assert blocks["dim_loss"].objective == "intuitive"
@@ -55,26 +73,42 @@ def test_dias_losses_ablations():
 def test_dias_preset_trains_with_repeated_images_in_a_batch(train):
     # Every image of the toy set has 5 captions: batches hold repeated image rows and the spatial
     # constraints read positives.
-    m = Matcher(presets.build("dias", train, embed_dim=16, word_dim=8, hardest=False, miner=True, scorer="local"),
-                epochs=1,
-                batch_size=40, lr=1e-3, verbose=False, device="cpu").fit(train)
+    m = Matcher(
+        presets.build(
+            "dias", train, embed_dim=16, word_dim=8, hardest=False, miner=True, scorer="local"
+        ),
+        epochs=1,
+        batch_size=40,
+        lr=1e-3,
+        verbose=False,
+        device="cpu",
+    ).fit(train)
     last = m.history_[-1]
     assert {"loss/loss", "loss/dim_loss", "loss/inter_loss", "loss/intra_loss"} <= set(last)
     assert all(torch.isfinite(torch.tensor(v)) for k, v in last.items() if k.startswith("loss/"))
 
 
 def test_one_line_on_chan_trains_scores_without_the_losses_and_round_trips(train, tmp_path):
-    components = presets.build("chan", train, embed_dim=16, word_dim=8, hardest=False) + presets.dias_losses()
+    components = (
+        presets.build("chan", train, embed_dim=16, word_dim=8, hardest=False)
+        + presets.dias_losses()
+    )
     m = Matcher(components, epochs=1, batch_size=40, lr=1e-3, verbose=False, device="cpu")
     plan = m.validate()
     # The pooled embeddings feed only the losses: evaluation never runs them.
     img, txt, pair = m.fit(train)._eval_plan()
-    assert not {plan.names.index("image_pool"), plan.names.index("text_pool")} & set(img + txt + pair)
+    assert not {plan.names.index("image_pool"), plan.names.index("text_pool")} & set(
+        img + txt + pair
+    )
     assert {"loss/dim_loss", "loss/inter_loss", "loss/intra_loss"} <= set(m.history_[-1])
-    assert all(torch.isfinite(torch.tensor(v)) for k, v in m.history_[-1].items() if k.startswith("loss/"))
+    assert all(
+        torch.isfinite(torch.tensor(v)) for k, v in m.history_[-1].items() if k.startswith("loss/")
+    )
     sims = m.similarity(train.images[:3], train.captions[:4])
     assert sims.shape == (3, 4)
     m.save(tmp_path / "model")
     back = Matcher.load(tmp_path / "model")
     torch.testing.assert_close(back.similarity(train.images[:3], train.captions[:4]), sims)
-    torch.testing.assert_close(back.components_["inter_loss"].learned_beta, m.components_["inter_loss"].learned_beta)
+    torch.testing.assert_close(
+        back.components_["inter_loss"].learned_beta, m.components_["inter_loss"].learned_beta
+    )

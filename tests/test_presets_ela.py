@@ -12,17 +12,34 @@ from imtm.data import synthetic
 
 @pytest.fixture(scope="module")
 def data_and_model(tmp_path_factory):
-    train, _, test = synthetic.load(view="pixels", seed=0, n_train=8, n_dev=2, n_test=4, image_size=24)
-    folder = write_local_bert(tmp_path_factory.mktemp("bert"), train.captions + test.captions, hidden_size=16,
-                              num_layers=1, num_heads=2)
+    train, _, test = synthetic.load(
+        view="pixels", seed=0, n_train=8, n_dev=2, n_test=4, image_size=24
+    )
+    folder = write_local_bert(
+        tmp_path_factory.mktemp("bert"),
+        train.captions + test.captions,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+    )
     return train, test, str(folder)
 
 
 def make(folder, **kw):
-    comps = presets.ela(text_model=folder, image_model="vit_tiny_patch16_224", img_size=24, embed_dim=16,
-                        model_kwargs=dict(depth=1, embed_dim=16, num_heads=2, patch_size=8), heads=2,
-                        cross_layers=1, rerank_k=2, **kw)
-    return Matcher(comps, epochs=1, batch_size=8, checkpoint_dir=None, verbose=False, random_state=0)
+    comps = presets.ela(
+        text_model=folder,
+        image_model="vit_tiny_patch16_224",
+        img_size=24,
+        embed_dim=16,
+        model_kwargs=dict(depth=1, embed_dim=16, num_heads=2, patch_size=8),
+        heads=2,
+        cross_layers=1,
+        rerank_k=2,
+        **kw,
+    )
+    return Matcher(
+        comps, epochs=1, batch_size=8, checkpoint_dir=None, verbose=False, random_state=0
+    )
 
 
 def assert_tied(m):
@@ -34,8 +51,10 @@ def assert_tied(m):
     # One parameter, one owner: no parameter appears in two blocks, no checkpoint key twice.
     ptrs = [p.data_ptr() for p in m.components_.parameters()]
     assert len(ptrs) == len(set(ptrs))
-    assert not any(k.startswith(("p2l.embedding", "w2l.embedding", "mlm_head.embedding"))
-                   for k in m.components_.state_dict())
+    assert not any(
+        k.startswith(("p2l.embedding", "w2l.embedding", "mlm_head.embedding"))
+        for k in m.components_.state_dict()
+    )
 
 
 def test_fit_tie_save_load_and_two_stage_scores(data_and_model, tmp_path):
@@ -77,7 +96,11 @@ def test_word_masking_with_the_text_encoder(data_and_model):
     tok = text.tokenizer
     picked = labels != -100
     assert bool(picked.any())
-    assert not bool(torch.isin(clean[picked], torch.tensor([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id])).any())
+    assert not bool(
+        torch.isin(
+            clean[picked], torch.tensor([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id])
+        ).any()
+    )
     torch.testing.assert_close(labels[picked], clean[picked])
     masking.eval()
     ids, labels, clean = masking(caps)
@@ -92,7 +115,12 @@ def test_word_masking_with_the_text_encoder(data_and_model):
 
 def test_ablation_flags_and_errors(data_and_model):
     _, _, folder = data_and_model
-    names = [n for n, _ in make(folder, lexicon=False, expansion=False, distillation=False, mlm=False).components]
+    names = [
+        n
+        for n, _ in make(
+            folder, lexicon=False, expansion=False, distillation=False, mlm=False
+        ).components
+    ]
     assert names == ["image", "text", "itc", "itc_loss", "cross", "itm", "itm_loss", "rerank"]
     names = [n for n, _ in make(folder, expansion=False, distillation=False, mlm=False).components]
     assert "masking" in names and "w2l_loss" not in names and "ela_loss" in names

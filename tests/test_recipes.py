@@ -22,21 +22,42 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes")
     regions = synthetic.load(view="regions", seed=0, n_train=6, n_dev=2, n_test=3)
     pixels = synthetic.load(view="pixels", seed=0, n_train=6, n_dev=2, n_test=3, image_size=32)
-    bert = write_local_bert(root / "bert", regions[0].captions + pixels[0].captions, hidden_size=16,
-                            num_layers=1, num_heads=2)
+    bert = write_local_bert(
+        root / "bert",
+        regions[0].captions + pixels[0].captions,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+    )
     glove = root / "glove.txt"
-    glove.write_text("".join(f"{w} " + " ".join(["0.1"] * 300) + "\n" for w in regions[0].vocab.itos[2:]))
+    glove.write_text(
+        "".join(f"{w} " + " ".join(["0.1"] * 300) + "\n" for w in regions[0].vocab.itos[2:])
+    )
     return {"regions": regions, "pixels": pixels, "bert": str(bert), "glove": str(glove)}
 
 
 def tiny_overrides(r, data):
     """What replaces the pretrained pieces of a recipe offline (the training parameters stay the recipe's)."""
     if r.preset == "laps":
-        return {"image": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32, "model_kwargs": TINY_VIT,
-                "text_model": data["bert"], "embed_dim": 16}
+        return {
+            "image": "vit_tiny_patch16_224",
+            "pretrained": False,
+            "img_size": 32,
+            "model_kwargs": TINY_VIT,
+            "text_model": data["bert"],
+            "embed_dim": 16,
+        }
     if r.preset == "ela":
-        return {"image_model": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
-                "model_kwargs": TINY_VIT, "text_model": data["bert"], "embed_dim": 16, "heads": 2, "cross_layers": 1}
+        return {
+            "image_model": "vit_tiny_patch16_224",
+            "pretrained": False,
+            "img_size": 32,
+            "model_kwargs": TINY_VIT,
+            "text_model": data["bert"],
+            "embed_dim": 16,
+            "heads": 2,
+            "cross_layers": 1,
+        }
     kw = {"embed_dim": 16}
     if r.preset_kwargs.get("text") == "gru-glove":
         kw["word_vectors"] = data["glove"]
@@ -53,8 +74,12 @@ def tiny_overrides(r, data):
 def test_every_recipe_builds_its_matcher_with_the_recipes_training_parameters(name, data):
     r = recipe(name)
     train = data["pixels" if r.preset in presets.PIXEL_PRESETS else "regions"][0]
-    m = presets.build_recipe(name, train, matcher_kwargs={"checkpoint_dir": None, "verbose": False},
-                             **tiny_overrides(r, data))
+    m = presets.build_recipe(
+        name,
+        train,
+        matcher_kwargs={"checkpoint_dir": None, "verbose": False},
+        **tiny_overrides(r, data),
+    )
     assert isinstance(m, Matcher)
     for key, value in r.matcher_kwargs.items():
         assert getattr(m, key) == value, key
@@ -72,7 +97,10 @@ def test_every_recipe_builds_its_matcher_with_the_recipes_training_parameters(na
 def test_laps_recipe_values():
     r = recipe("laps-vit-b16-f30k")
     assert r.matcher_kwargs["batch_size"] == 64 and r.matcher_kwargs["optimizer"] == "adamw"
-    assert r.matcher_kwargs["lr_factors"] == {"image": 0.1, "text": 0.1} and r.matcher_kwargs["grad_clip"] == 2.0
+    assert (
+        r.matcher_kwargs["lr_factors"] == {"image": 0.1, "text": 0.1}
+        and r.matcher_kwargs["grad_clip"] == 2.0
+    )
     # lr x0.3 at epochs 9, 15, 20, 25 of 30
     lrs = [(s["epochs"], s["lr"]) for s in r.stages]
     assert [e for e, _ in lrs] == [9, 6, 5, 5, 5] and sum(e for e, _ in lrs) == 30
@@ -101,20 +129,51 @@ def test_paper_rows_and_gap():
 
 
 def _run(args, env, cwd):
-    return subprocess.run([sys.executable, "-m", "imtm", *args], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "imtm", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
 def test_train_with_a_recipe_then_evaluate_prints_the_paper_row(tmp_path, data):
     """The user journey in fresh processes: imtm train --recipe ..., then imtm evaluate on the saved model."""
-    env = dict(os.environ, IMTM_SYNTHETIC="n_train=12,n_dev=4,n_test=6", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(
+        os.environ,
+        IMTM_SYNTHETIC="n_train=12,n_dev=4,n_test=6",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
     out = tmp_path / "run"
-    args = ["train", "--recipe", "laps-vit-b16-f30k", "--data", "synthetic", "--random-init",
-            "--image-model", "vit_tiny_patch16_224", "--img-size", "64", "--model-kwargs", json.dumps(TINY_VIT),
-            "--text-model", data["bert"], "--embed-dim", "16", "--epochs", "1", "--batch-size", "20",
-            "--out", str(out), "--quiet"]
+    args = [
+        "train",
+        "--recipe",
+        "laps-vit-b16-f30k",
+        "--data",
+        "synthetic",
+        "--random-init",
+        "--image-model",
+        "vit_tiny_patch16_224",
+        "--img-size",
+        "64",
+        "--model-kwargs",
+        json.dumps(TINY_VIT),
+        "--text-model",
+        data["bert"],
+        "--embed-dim",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "20",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     done = _run(args, env, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "recipe laps-vit-b16-f30k: the paper's row" in done.stdout
@@ -128,5 +187,9 @@ def test_train_with_a_recipe_then_evaluate_prints_the_paper_row(tmp_path, data):
     line = next(x for x in done.stdout.splitlines() if x.startswith("| gap"))
     assert line.split("|")[2].strip() == f"{measured['i2t_r1'] - 75.8:.1f}"
     # Without --recipe nothing about papers is printed; --preset and --recipe together are refused.
-    done = _run(["train", "--preset", "laps", "--recipe", "laps-vit-b16-f30k", "--data", "synthetic"], env, tmp_path)
+    done = _run(
+        ["train", "--preset", "laps", "--recipe", "laps-vit-b16-f30k", "--data", "synthetic"],
+        env,
+        tmp_path,
+    )
     assert done.returncode != 0 and "not both" in (done.stderr + done.stdout)

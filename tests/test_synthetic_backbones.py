@@ -30,17 +30,26 @@ def test_synthetic_vit_loads_the_packaged_weights_by_name():
     for k, v in state.items():
         torch.testing.assert_close(own[k], v)
     tokens, _ = enc(torch.rand(2, 3, 64, 64))
-    assert tokens.feats.shape == (2, 65, 16) and tokens.grid == (8, 8) and tokens.num_prefix_tokens == 1
+    assert (
+        tokens.feats.shape == (2, 65, 16)
+        and tokens.grid == (8, 8)
+        and tokens.num_prefix_tokens == 1
+    )
     assert enc.get_params()["model_name"] == "synthetic-vit"
     # Another image side: timm resamples the position embedding, as for real pretrained weights.
-    assert TimmVisionEncoder("synthetic-vit", img_size=32)(torch.rand(1, 3, 32, 32))[0].grid == (4, 4)
+    assert TimmVisionEncoder("synthetic-vit", img_size=32)(torch.rand(1, 3, 32, 32))[0].grid == (
+        4,
+        4,
+    )
 
 
 def test_a_random_vit_of_the_same_shape_differs_from_the_packaged_one():
     import timm
 
     entry = PACKAGED_VISION["synthetic-vit"]
-    scratch = timm.create_model(entry["model_name"], num_classes=0, img_size=entry["img_size"], **entry["model_kwargs"])
+    scratch = timm.create_model(
+        entry["model_name"], num_classes=0, img_size=entry["img_size"], **entry["model_kwargs"]
+    )
     packaged = TimmVisionEncoder("synthetic-vit").model
     w = "blocks.0.attn.qkv.weight"
     assert not torch.allclose(scratch.state_dict()[w], packaged.state_dict()[w])
@@ -61,7 +70,10 @@ def test_synthetic_bert_loads_by_name_and_covers_the_benchmark_words():
 
 
 def test_packaged_names_refuse_nothing_else():
-    assert packaged_vision("vit_base_patch16_224") is None and packaged_text_path("bert-base-uncased") is None
+    assert (
+        packaged_vision("vit_base_patch16_224") is None
+        and packaged_text_path("bert-base-uncased") is None
+    )
     with pytest.raises(ValueError, match="unknown timm model 'synthetic-vitt'"):
         TimmVisionEncoder("synthetic-vitt")
 
@@ -70,7 +82,11 @@ def test_record_says_how_the_weights_were_made():
     rec = record()
     assert rec["seed"] == synthetic.PRETRAIN_SEED and rec["excluded_benchmark_seeds"] == [0, 1, 2]
     assert 0.2 < rec["object_patch_fraction"] < 0.4 and "InfoNCE" in rec["objective"]
-    sizes = sum(p.stat().st_size for p in Path(packaged_text_path("synthetic-bert")).parent.rglob("*") if p.is_file())
+    sizes = sum(
+        p.stat().st_size
+        for p in Path(packaged_text_path("synthetic-bert")).parent.rglob("*")
+        if p.is_file()
+    )
     assert sizes < 4_000_000  # a few MB in all
 
 
@@ -90,8 +106,11 @@ def test_quick_pretraining_is_reproducible(tmp_path):
     rec = json.loads((tmp_path / "a" / "synthetic_backbones.json").read_text())
     assert rec["steps"] == 2 and len(rec["history"]) == 1
     # What it wrote loads as the packaged weights do.
-    enc = TimmVisionEncoder(PACKAGED_VISION["synthetic-vit"]["model_name"], img_size=64,
-                            model_kwargs=PACKAGED_VISION["synthetic-vit"]["model_kwargs"],
-                            checkpoint_path=str(tmp_path / "a" / "synthetic_vit.safetensors"))
+    enc = TimmVisionEncoder(
+        PACKAGED_VISION["synthetic-vit"]["model_name"],
+        img_size=64,
+        model_kwargs=PACKAGED_VISION["synthetic-vit"]["model_kwargs"],
+        checkpoint_path=str(tmp_path / "a" / "synthetic_vit.safetensors"),
+    )
     torch.testing.assert_close(enc.model.state_dict()["cls_token"], a["cls_token"])
     assert HFTextEncoder(str(tmp_path / "a" / "synthetic_bert")).vocab_size > 5

@@ -238,8 +238,11 @@ def test_other_strategies(s, ids, c):
 
 
 @SETTINGS
-@given(t=tokens(batch=3, max_tokens=5, dim=2, padding="all_but_one"), m=masks(batch=2, padding="none"),
-       c=masks(batch=2, max_tokens=4, contiguous=True, padding="all_but_one"))
+@given(
+    t=tokens(batch=3, max_tokens=5, dim=2, padding="all_but_one"),
+    m=masks(batch=2, padding="none"),
+    c=masks(batch=2, max_tokens=4, contiguous=True, padding="all_but_one"),
+)
 def test_paddings(t, m, c):
     assert t.mask.sum(1).tolist() == [1, 1, 1]
     assert bool(m.all())
@@ -283,23 +286,48 @@ def test_check_component_imports_without_hypothesis(monkeypatch):
 # ---------------------------------------------------------------------- component_inputs and check_outputs
 IMAGE_TOKENS = ("images", "image_tokens", "visual_phrases", "masked_image_tokens")
 TEXT_TOKENS = ("text_tokens", "masked_text_tokens", "cross_text_tokens")
-PAIRS = ("scores", "scores_i2t", "scores_t2i", "scores_intra", "scores_inter_i2t", "scores_inter_t2i",
-         "scores_inter", "itc_scores", "positives", "sparse_mask", "negatives_i2t", "negatives_t2i")
+PAIRS = (
+    "scores",
+    "scores_i2t",
+    "scores_t2i",
+    "scores_intra",
+    "scores_inter_i2t",
+    "scores_inter_t2i",
+    "scores_inter",
+    "itc_scores",
+    "positives",
+    "sparse_mask",
+    "negatives_i2t",
+    "negatives_t2i",
+)
 
 
 @SETTINGS
-@given(v=component_inputs(list(VALUE_NAMES), batch=st.integers(1, 4), max_tokens=5, dim=3, vocab_size=11,
-                          dtype=dtypes(), paired=False))
+@given(
+    v=component_inputs(
+        list(VALUE_NAMES),
+        batch=st.integers(1, 4),
+        max_tokens=5,
+        dim=3,
+        vocab_size=11,
+        dtype=dtypes(),
+        paired=False,
+    )
+)
 def test_component_inputs_agree_on_every_size(v):
     assert list(v) == list(VALUE_NAMES)
     bi, n = v["image_tokens"].mask.shape
     bt, m = v["text_tokens"].mask.shape
     dtype = v["image_tokens"].dtype
     for name in IMAGE_TOKENS:
-        assert v[name].feats.shape == (bi, n, 3) and torch.equal(v[name].mask, v["image_tokens"].mask)
+        assert v[name].feats.shape == (bi, n, 3) and torch.equal(
+            v[name].mask, v["image_tokens"].mask
+        )
         assert v[name].dtype == dtype
     for name in TEXT_TOKENS:
-        assert v[name].feats.shape == (bt, m, 3) and torch.equal(v[name].mask, v["text_tokens"].mask)
+        assert v[name].feats.shape == (bt, m, 3) and torch.equal(
+            v[name].mask, v["text_tokens"].mask
+        )
     for name in ("texts", "masked_texts"):
         assert v[name].feats.shape == (bt, m) and int(v[name].feats.max()) < 11
     for name in PAIRS:
@@ -310,30 +338,46 @@ def test_component_inputs_agree_on_every_size(v):
     # caption t belongs to image image_ids[t]: positives follow from the ids
     assert torch.equal(v["positives"], torch.arange(bi)[:, None] == v["image_ids"][None, :])
     assert int(v["negatives_i2t"].max()) < bt and int(v["negatives_t2i"].max()) < bi
-    assert v["keep_decisions"].shape == (bi, bt, n) and not v["keep_decisions"][~v["image_tokens"].mask[:, None]
-                                                                                 .expand(bi, bt, n)].any()
-    assert v["patch_scores"].shape == (bi, bt, n) and bool(((v["patch_scores"] >= 0) & (v["patch_scores"] <= 1)).all())
+    assert (
+        v["keep_decisions"].shape == (bi, bt, n)
+        and not v["keep_decisions"][~v["image_tokens"].mask[:, None].expand(bi, bt, n)].any()
+    )
+    assert v["patch_scores"].shape == (bi, bt, n) and bool(
+        ((v["patch_scores"] >= 0) & (v["patch_scores"] <= 1)).all()
+    )
     lexicon = v["patch_lexicon"]
     assert isinstance(lexicon, LexiconLogits) and lexicon.logits.shape[1] == 11
     assert bool(v["image_tokens"].mask[lexicon.batch_index, lexicon.token_index].all())
-    assert v["masked_patches"].shape == (bi, n) and not (v["masked_patches"] & ~v["image_tokens"].mask).any()
+    assert (
+        v["masked_patches"].shape == (bi, n)
+        and not (v["masked_patches"] & ~v["image_tokens"].mask).any()
+    )
     for name in ("word_lexicon", "word_lexicon_masked", "cross_lexicon"):
         assert v[name].shape == (bt, m, 11) and v[name].dtype == dtype
     labels = v["mlm_labels"]
     assert labels.shape == (bt, m) and bool((labels[~v["text_tokens"].mask] == -100).all())
-    assert v["itm_logits"].shape == (v["itm_labels"].shape[0], 2) and set(v["itm_labels"].tolist()) <= {0, 1}
+    assert v["itm_logits"].shape == (v["itm_labels"].shape[0], 2) and set(
+        v["itm_labels"].tolist()
+    ) <= {0, 1}
     assert v["transport_plan"].shape == (bi, n, m)
 
 
 @SETTINGS
-@given(v=component_inputs(("image_tokens", "text_tokens", "positives", "image_ids"), batch=st.integers(1, 4),
-                          padding="all_but_one"))
+@given(
+    v=component_inputs(
+        ("image_tokens", "text_tokens", "positives", "image_ids"),
+        batch=st.integers(1, 4),
+        padding="all_but_one",
+    )
+)
 def test_component_inputs_paired_batches(v):
     images, texts = v["image_tokens"], v["text_tokens"]
     assert images.batch_size == texts.batch_size == v["image_ids"].shape[0]
     assert images.mask.sum(1).eq(1).all() and texts.mask.sum(1).eq(1).all()
     ids = v["image_ids"]
-    assert torch.equal(v["positives"], ids[:, None] == ids[None, :]) and bool(v["positives"].diagonal().all())
+    assert torch.equal(v["positives"], ids[:, None] == ids[None, :]) and bool(
+        v["positives"].diagonal().all()
+    )
 
 
 def test_component_inputs_extra_strategies_and_errors():
@@ -345,13 +389,18 @@ def test_component_inputs_extra_strategies_and_errors():
         return st.just(torch.zeros(sizes.bi, sizes.bt, sizes.m))
 
     @settings(max_examples=5, deadline=None)
-    @given(v=component_inputs(("token_scores", "token_mask", "scores"), extra={
-        "token_scores": token_scores, "token_mask": st.just("given")}))
+    @given(
+        v=component_inputs(
+            ("token_scores", "token_mask", "scores"),
+            extra={"token_scores": token_scores, "token_mask": st.just("given")},
+        )
+    )
     def draw(v):
         assert v["token_scores"].shape[:2] == v["scores"].shape and v["token_mask"] == "given"
 
     draw()
     assert seen
+
     class NeedsBoxes(Component):
         requires = ("word_boxes",)
         provides = ("scores",)
@@ -359,15 +408,22 @@ def test_component_inputs_extra_strategies_and_errors():
         def forward(self, boxes):
             return boxes
 
-    with pytest.raises(ValueError, match=r"no strategy for 'word_boxes' \(required by NeedsBoxes\).*"
-                                         r"extra=\{'word_boxes': strategy\}"):
+    with pytest.raises(
+        ValueError,
+        match=r"no strategy for 'word_boxes' \(required by NeedsBoxes\).*"
+        r"extra=\{'word_boxes': strategy\}",
+    ):
         component_inputs(NeedsBoxes())
     from imtm.components import MaxPooling
 
     @settings(max_examples=3, deadline=None)
-    @given(v=component_inputs(MaxPooling()))  # drawn from the value specs the pooling blocks declare
+    @given(
+        v=component_inputs(MaxPooling())
+    )  # drawn from the value specs the pooling blocks declare
     def pooled(v):
-        assert v["token_scores"].shape == v["token_mask"].shape and v["token_mask"].dtype == torch.bool
+        assert (
+            v["token_scores"].shape == v["token_mask"].shape and v["token_mask"].dtype == torch.bool
+        )
         check_outputs(MaxPooling(), v, MaxPooling()(v["token_scores"], v["token_mask"]))
 
     pooled()
@@ -385,34 +441,57 @@ def test_check_outputs_passes_a_correct_block_and_catches_broken_ones():
     broken = [
         (ReadsPadding(), torch.zeros(2, 4), r"'image_embedding' must be a \(Bi, \*\) tensor"),
         (MakesNaN(), MakesNaN()(values["image_tokens"]), "finite check failed: image_tokens.feats"),
-        (TwoOutputsDeclaredOne(), TwoOutputsDeclaredOne()(values["image_tokens"]), "must be Tokens, got tuple"),
+        (
+            TwoOutputsDeclaredOne(),
+            TwoOutputsDeclaredOne()(values["image_tokens"]),
+            "must be Tokens, got tuple",
+        ),
         (Project(), Tokens(torch.zeros(1, 5, 4)), "'image_tokens' has batch size 1, expected 3"),
     ]
     for block, out, match in broken:
-        with pytest.raises(AssertionError, match=rf"check_outputs\({type(block).__name__}\): .*{match}"):
+        with pytest.raises(
+            AssertionError, match=rf"check_outputs\({type(block).__name__}\): .*{match}"
+        ):
             check_outputs(block, values, out)
     scores = {"scores": torch.randn(3, 3), "positives": torch.eye(3, dtype=torch.bool)}
-    with pytest.raises(AssertionError, match=r"a Loss returns a floating-point scalar; 'vector_loss' is \(3,\)"):
+    with pytest.raises(
+        AssertionError, match=r"a Loss returns a floating-point scalar; 'vector_loss' is \(3,\)"
+    ):
         check_outputs(VectorLoss(), scores, VectorLoss()(scores["scores"], scores["positives"]))
     with pytest.raises(ValueError, match=r"inputs lacks \['image_tokens'\]"):
         check_outputs(Project(), {}, None)
 
 
 @SETTINGS
-@given(v=component_inputs(("image_tokens", "scores", "texts", "positives"), dtype=torch.bfloat16, device="cpu"))
+@given(
+    v=component_inputs(
+        ("image_tokens", "scores", "texts", "positives"), dtype=torch.bfloat16, device="cpu"
+    )
+)
 def test_component_inputs_dtype_and_device(v):
     assert v["image_tokens"].dtype == v["scores"].dtype == torch.bfloat16
     assert v["texts"].feats.dtype == torch.long and v["positives"].dtype == torch.bool
-    assert {x.device.type for x in (v["image_tokens"].feats, v["scores"], v["texts"].feats)} == {"cpu"}
+    assert {x.device.type for x in (v["image_tokens"].feats, v["scores"], v["texts"].feats)} == {
+        "cpu"
+    }
 
 
 @SETTINGS
-@given(v=component_inputs(("image_tokens", "texts", "image_embedding", "scores"), padding="all_but_one",
-                          num_prefix_tokens=1, scale=1e3, max_tokens=3))
+@given(
+    v=component_inputs(
+        ("image_tokens", "texts", "image_embedding", "scores"),
+        padding="all_but_one",
+        num_prefix_tokens=1,
+        scale=1e3,
+        max_tokens=3,
+    )
+)
 def test_component_inputs_prefix_tokens_and_scale(v):
     images, texts = v["image_tokens"], v["texts"]
     assert images.num_prefix_tokens == texts.num_prefix_tokens == 1
-    assert bool(images.mask[:, 0].all()) and bool(texts.mask[:, 0].all())  # a prefix token is always real
+    assert bool(images.mask[:, 0].all()) and bool(
+        texts.mask[:, 0].all()
+    )  # a prefix token is always real
     assert bool((images.mask.sum(1) <= 2).all())  # all_but_one: the prefix and at most one more
     assert float(v["image_embedding"].abs().max()) > 10  # features drawn at scale 1e3
     assert float(v["scores"].abs().max()) <= 1  # scores keep their range
@@ -443,9 +522,13 @@ def test_each_check_runs_alone_and_says_when_it_does_not_apply():
 
     assert check_gradients(Project(), image_inputs()) is None
     assert check_functional(Project(), image_inputs()) == "no functional twin given"
-    with pytest.raises(AssertionError, match=r"check_padding\(ReadsPadding\): padding check failed"):
+    with pytest.raises(
+        AssertionError, match=r"check_padding\(ReadsPadding\): padding check failed"
+    ):
         check_padding(ReadsPadding(), image_inputs())
-    with pytest.raises(AssertionError, match=r"check_gradients\(UnusedParameter\): gradients check failed"):
+    with pytest.raises(
+        AssertionError, match=r"check_gradients\(UnusedParameter\): gradients check failed"
+    ):
         check_gradients(UnusedParameter(), image_inputs())
     with pytest.raises(TypeError, match="unknown option"):
         check_padding(Project(), image_inputs(), extra_paddings=3)

@@ -15,7 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (230, 220, 40),
+}
 SPLITS = {"train": 8, "dev": 3, "test": 4}
 CPI = 2
 
@@ -26,7 +31,7 @@ def _image(path: Path, k: int) -> None:
     pixels = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
     colour = list(COLOURS.values())[k % len(COLOURS)]
     x, y = (k * 7) % 16, (k * 5) % 16
-    pixels[y:y + 14, x:x + 14] = colour
+    pixels[y : y + 14, x : x + 14] = colour
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, quality=95)
 
@@ -49,10 +54,20 @@ def layout(root) -> dict:
             k += 1
         split_items[split] = items
     karpathy_split = {"train": "train", "dev": "val", "test": "test"}
-    entries = [{"filename": f, "split": karpathy_split[s], "imgid": i,
-                "sentences": [{"raw": c, "tokens": c.split()} for c in caps]}
-               for i, (s, f, caps) in enumerate((s, f, caps) for s, items in split_items.items() for f, caps in items)]
-    (root / "dataset_flickr30k.json").write_text(json.dumps({"images": entries, "dataset": "flickr30k"}))
+    entries = [
+        {
+            "filename": f,
+            "split": karpathy_split[s],
+            "imgid": i,
+            "sentences": [{"raw": c, "tokens": c.split()} for c in caps],
+        }
+        for i, (s, f, caps) in enumerate(
+            (s, f, caps) for s, items in split_items.items() for f, caps in items
+        )
+    ]
+    (root / "dataset_flickr30k.json").write_text(
+        json.dumps({"images": entries, "dataset": "flickr30k"})
+    )
 
     cf = root / "caption_files"
     cf.mkdir()
@@ -95,13 +110,24 @@ def layout(root) -> dict:
                 ann_id += 1
         # COCO lists annotations in no particular image order: interleave them.
         anns = anns[::2] + anns[1::2]
-        (coco / file).write_text(json.dumps({"info": {}, "licenses": [], "images": imgs, "annotations": anns}))
+        (coco / file).write_text(
+            json.dumps({"info": {}, "licenses": [], "images": imgs, "annotations": anns})
+        )
 
     token = root / "flickr30k" / "results_20130124.token"
     token.parent.mkdir()
-    token.write_text("".join(f"{f}#{j}\t{c}\n" for f, cs in split_items["test"] for j, c in enumerate(cs)))
+    token.write_text(
+        "".join(f"{f}#{j}\t{c}\n" for f, cs in split_items["test"] for j, c in enumerate(cs))
+    )
     return {
-        "items": split_items, "images": images,
-        "sources": {"karpathy": root / "dataset_flickr30k.json", "caption-files": cf, "albef": albef,
-                    "csv": csv_dir, "coco": coco, "flickr30k-token": token},
+        "items": split_items,
+        "images": images,
+        "sources": {
+            "karpathy": root / "dataset_flickr30k.json",
+            "caption-files": cf,
+            "albef": albef,
+            "csv": csv_dir,
+            "coco": coco,
+            "flickr30k-token": token,
+        },
     }

@@ -32,7 +32,11 @@ class ToyText(Component):
         self.emb = nn.Embedding(len(vocab), out_dim)
 
     def forward(self, texts) -> Tokens:
-        ids = self.vocab.encode_batch(texts, device=self.emb.weight.device) if isinstance(texts, list) else texts
+        ids = (
+            self.vocab.encode_batch(texts, device=self.emb.weight.device)
+            if isinstance(texts, list)
+            else texts
+        )
         return ids.with_feats(self.emb(ids.feats))
 
 

@@ -47,7 +47,9 @@ def _math_blocks(text: str) -> str:
         indent = m.group(1)
         i += 1
         body: list[str] = []
-        while i < len(lines) and (not lines[i].strip() or len(lines[i]) - len(lines[i].lstrip()) > len(indent)):
+        while i < len(lines) and (
+            not lines[i].strip() or len(lines[i]) - len(lines[i].lstrip()) > len(indent)
+        ):
             body.append(lines[i])
             i += 1
         while body and not body[-1].strip():
@@ -72,7 +74,9 @@ def rewrite(text: str) -> str:
     if ".. math::" in text:
         text = _math_blocks(text)
     text = _MATH_ROLE.sub(lambda m: f"${m.group(1)}$", text)
-    text = _XREF_ROLE.sub(lambda m: f"`{m.group(1).split('.')[-1] if m.group(0).count('~') else m.group(1)}`", text)
+    text = _XREF_ROLE.sub(
+        lambda m: f"`{m.group(1).split('.')[-1] if m.group(0).count('~') else m.group(1)}`", text
+    )
     return text
 
 

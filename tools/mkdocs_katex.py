@@ -35,7 +35,7 @@ def typeset(page_html: str, where: str = "page") -> str:
         tex = html.unescape(m.group("body")).strip()
         start, end = _DELIMITERS[tag]
         if tex.startswith(start) and tex.endswith(end):
-            tex = tex[len(start):-len(end)].strip()
+            tex = tex[len(start) : -len(end)].strip()
         try:
             out = render(tex, display=tag == "div")
         except Exception as err:  # pykatex raises KaTeX's ParseError as a plain Exception subclass

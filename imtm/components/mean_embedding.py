@@ -59,7 +59,9 @@ class MeanEmbedding(Component):
     requires = SIDES["image"][0]
     provides = SIDES["image"][1]
 
-    def __init__(self, side: str = "image", skip_prefix: bool = False, *, requires=None, provides=None):
+    def __init__(
+        self, side: str = "image", skip_prefix: bool = False, *, requires=None, provides=None
+    ):
         if isinstance(side, str) and side in SIDES:
             requires = SIDES[side][0] if requires is None else requires
             provides = SIDES[side][1] if provides is None else provides

@@ -78,16 +78,22 @@ class DistanceWeightedMiner(Component):
 
     def validate(self) -> DistanceWeightedMiner:
         """Check ``dim``, the two cutoffs and ``random_state``; return ``self``."""
-        check_mining_args(self.dim, self.cutoff, self.nonzero_loss_cutoff, where=type(self).__name__)
+        check_mining_args(
+            self.dim, self.cutoff, self.nonzero_loss_cutoff, where=type(self).__name__
+        )
         seed = self.random_state
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral)):
-            raise TypeError(f"{type(self).__name__}: random_state must be an int or None, got {seed!r}")
+            raise TypeError(
+                f"{type(self).__name__}: random_state must be an int or None, got {seed!r}"
+            )
         return self
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         seed = self.random_state
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral)):
-            raise TypeError(f"{type(self).__name__}: random_state must be an int or None, got {seed!r}")
+            raise TypeError(
+                f"{type(self).__name__}: random_state must be an int or None, got {seed!r}"
+            )
         if not self.training:
             return torch.Generator(device=device).manual_seed(0 if seed is None else int(seed))
         if seed is None:
@@ -135,4 +141,7 @@ class DistanceWeightedMiner(Component):
         return new
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, cutoff={self.cutoff}, random_state={self.random_state}, " + super().extra_repr()
+        return (
+            f"dim={self.dim}, cutoff={self.cutoff}, random_state={self.random_state}, "
+            + super().extra_repr()
+        )

@@ -28,10 +28,20 @@ class _Pooling(Component, abstract=True):
     requires = ("token_scores", "token_mask")
     provides = ("scores",)
     values = (
-        ValueSpec("token_scores", "pair", "tensor", ("Bi", "Bt", "M"),
-                  "(Bi, Bt, M) per-token scores to pool, e.g. each word's best region (any (*, M) works)"),
-        ValueSpec("token_mask", "pair", "tensor", ("Bi", "Bt", "M"),
-                  "(Bi, Bt, M) bool: the tokens that count (anything broadcastable to token_scores works)"),
+        ValueSpec(
+            "token_scores",
+            "pair",
+            "tensor",
+            ("Bi", "Bt", "M"),
+            "(Bi, Bt, M) per-token scores to pool, e.g. each word's best region (any (*, M) works)",
+        ),
+        ValueSpec(
+            "token_mask",
+            "pair",
+            "tensor",
+            ("Bi", "Bt", "M"),
+            "(Bi, Bt, M) bool: the tokens that count (anything broadcastable to token_scores works)",
+        ),
     )
     _pooling: str = ""
 
@@ -41,10 +51,14 @@ class _Pooling(Component, abstract=True):
     # ``temperature`` applies to the poolings that take one (softmax, log-sum-exp).
     _parameter_constraints = {"dim": [InstanceOf(int)], "temperature": [POSITIVE]}
 
-    def forward(self, token_scores: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, token_scores: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # masked_pool checks the temperature and dim itself on every call.
         try:
-            return masked_pool(token_scores, token_mask, self._pooling, self._temperature(), self.dim)
+            return masked_pool(
+                token_scores, token_mask, self._pooling, self._temperature(), self.dim
+            )
         except (TypeError, ValueError) as err:
             raise type(err)(f"{type(self).__name__}: {err}") from err
 

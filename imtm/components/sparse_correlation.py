@@ -114,8 +114,12 @@ class SparseCorrelation(Component):
 
     def forward(self, image_embedding, text_embedding) -> torch.Tensor:
         with named_errors(self):
-            diff = spatial_differences(image_embedding, text_embedding, kind=self.kind, distance=self.distance)
-            return sparse_correlation_mask(diff, self.current_beta(), temperature=self.temperature, rule=self.rule)
+            diff = spatial_differences(
+                image_embedding, text_embedding, kind=self.kind, distance=self.distance
+            )
+            return sparse_correlation_mask(
+                diff, self.current_beta(), temperature=self.temperature, rule=self.rule
+            )
 
     def extra_repr(self) -> str:
         return (

@@ -74,7 +74,11 @@ class AlbefJsonDataset(ImageFileDataset):
         name: str | None = None,
     ):
         who = "AlbefJsonDataset"
-        files = [Path(ann_paths)] if isinstance(ann_paths, (str, Path)) else [Path(p) for p in ann_paths]
+        files = (
+            [Path(ann_paths)]
+            if isinstance(ann_paths, (str, Path))
+            else [Path(p) for p in ann_paths]
+        )
         if not files:
             raise ValueError(f"{who}: ann_paths names no annotation file")
         self.ann_paths = [str(p) for p in files]
@@ -92,13 +96,17 @@ class AlbefJsonDataset(ImageFileDataset):
                 where = f"entry {e} of {path.name}"
                 if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
                     got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-                    raise ValueError(f"{who}: {where} needs 'image' and 'caption' fields, got {got}")
+                    raise ValueError(
+                        f"{who}: {where} needs 'image' and 'caption' fields, got {got}"
+                    )
                 caps = entry["caption"]
                 caps = [caps] if isinstance(caps, str) else caps
                 if not isinstance(caps, Sequence) or not caps:
                     raise ValueError(f"{who}: {where} has no caption (got {entry['caption']!r})")
                 if not isinstance(entry["image"], str) or not entry["image"].strip():
-                    raise ValueError(f"{who}: 'image' of {where} is {entry['image']!r}, expected an image file path")
+                    raise ValueError(
+                        f"{who}: 'image' of {where} is {entry['image']!r}, expected an image file path"
+                    )
                 key = str(resolve_under(root, entry["image"], path.parent))
                 first_source.setdefault(key, where)
                 if "image_id" in entry:
@@ -113,7 +121,15 @@ class AlbefJsonDataset(ImageFileDataset):
             raise ValueError(f"{who}: no entries in {[p.name for p in files]}")
         paths, c2i = group_by_image(keys)
         super().__init__(
-            paths, captions, c2i, transform, augment=augment, sources=[first_source[p] for p in paths],
-            image_ids_external=[ext_id.get(p, Path(p).name) for p in paths], vocab=vocab, build_vocab=build_vocab,
-            check_files=check_files, name=name if name is not None else files[0].stem,
+            paths,
+            captions,
+            c2i,
+            transform,
+            augment=augment,
+            sources=[first_source[p] for p in paths],
+            image_ids_external=[ext_id.get(p, Path(p).name) for p in paths],
+            vocab=vocab,
+            build_vocab=build_vocab,
+            check_files=check_files,
+            name=name if name is not None else files[0].stem,
         )

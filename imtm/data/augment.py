@@ -94,7 +94,9 @@ def augment_caption(
     tokens = caption.split()
     n = len(tokens)
     if n == 0:
-        raise ValueError(f"augment_caption: caption {caption!r} has no words (empty captions are not allowed)")
+        raise ValueError(
+            f"augment_caption: caption {caption!r} has no words (empty captions are not allowed)"
+        )
     # One draw per word for the decision (re-used, as in VSE-infinity: u / p is uniform given u < p),
     # one for the replacement word, and one for the word kept when all would be deleted.
     u = torch.rand(n, generator=generator, dtype=torch.float64).tolist()
@@ -165,12 +167,22 @@ class CaptionAugment:
         seed: int | None = None,
     ):
         if isinstance(words, str) or not hasattr(words, "__len__") or len(words) == 0:
-            raise ValueError("CaptionAugment: words must be a non-empty sequence of replacement words")
-        if not isinstance(mask_token, str) or not mask_token.strip() or len(mask_token.split()) != 1:
-            raise ValueError(f"CaptionAugment: mask_token must be one non-empty word, got {mask_token!r}")
+            raise ValueError(
+                "CaptionAugment: words must be a non-empty sequence of replacement words"
+            )
+        if (
+            not isinstance(mask_token, str)
+            or not mask_token.strip()
+            or len(mask_token.split()) != 1
+        ):
+            raise ValueError(
+                f"CaptionAugment: mask_token must be one non-empty word, got {mask_token!r}"
+            )
         _check_rates(p, mask_prob, replace_prob, "CaptionAugment")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise TypeError(f"CaptionAugment: seed must be an int or None, got {type(seed).__name__}")
+            raise TypeError(
+                f"CaptionAugment: seed must be an int or None, got {type(seed).__name__}"
+            )
         self.words = list(words)
         self.p = p
         self.mask_token = mask_token
@@ -199,7 +211,9 @@ class CaptionAugment:
         """
         words = [w for w in vocab.itos[2:] if w.isalpha()]
         if not words:
-            raise ValueError("CaptionAugment.from_vocabulary: the vocabulary has no alphabetic words")
+            raise ValueError(
+                "CaptionAugment.from_vocabulary: the vocabulary has no alphabetic words"
+            )
         if "mask_token" not in kw:
             if "unk" in vocab:
                 raise ValueError(
@@ -215,7 +229,9 @@ class CaptionAugment:
         special = set(getattr(tokenizer, "all_special_tokens", []))
         words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and w not in special)
         if not words:
-            raise ValueError("CaptionAugment.from_tokenizer: the tokenizer vocabulary has no alphabetic words")
+            raise ValueError(
+                "CaptionAugment.from_tokenizer: the tokenizer vocabulary has no alphabetic words"
+            )
         mask = getattr(tokenizer, "mask_token", None)
         if mask and "mask_token" not in kw:
             kw["mask_token"] = mask
@@ -234,7 +250,12 @@ class CaptionAugment:
         if info is None and self.seed is None:
             return None  # torch's generator: whoever seeds torch (Matcher.fit) seeds this
         epoch = fit_epoch_key() if info is None else None
-        owner = (os.getpid(), None if info is None else (info.id, info.seed), epoch, epoch and fit_epoch_serial())
+        owner = (
+            os.getpid(),
+            None if info is None else (info.id, info.seed),
+            epoch,
+            epoch and fit_epoch_serial(),
+        )
         if self._generator is None or self._owner != owner:
             if info is not None:
                 base = info.seed if self.seed is None else (self.seed * 1_000_003 + info.seed)
@@ -250,8 +271,13 @@ class CaptionAugment:
 
     def __call__(self, caption: str, generator: torch.Generator | None = None) -> str:
         return augment_caption(
-            caption, self.words, generator if generator is not None else self._own_generator(),
-            p=self.p, mask_token=self.mask_token, mask_prob=self.mask_prob, replace_prob=self.replace_prob,
+            caption,
+            self.words,
+            generator if generator is not None else self._own_generator(),
+            p=self.p,
+            mask_token=self.mask_token,
+            mask_prob=self.mask_prob,
+            replace_prob=self.replace_prob,
         )
 
     def __getstate__(self) -> dict:

@@ -39,7 +39,9 @@ class ImageCaptionDataset(Dataset):
         (3, 2, 1)
     """
 
-    def __init__(self, images, captions: Sequence[str], caption_to_image, vocab=None, name: str = "dataset"):
+    def __init__(
+        self, images, captions: Sequence[str], caption_to_image, vocab=None, name: str = "dataset"
+    ):
         c2i = torch.as_tensor(caption_to_image, dtype=torch.long)
         if c2i.dim() != 1 or c2i.numel() != len(captions):
             raise ValueError(

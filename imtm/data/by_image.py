@@ -74,8 +74,10 @@ class ByImage:
     def __init__(self, dataset):
         for attr in ("images", "captions", "caption_to_image"):
             if not hasattr(dataset, attr):
-                raise TypeError(f"ByImage: expected an image-caption dataset with 'images', 'captions' and "
-                                f"'caption_to_image' (an imtm.data dataset); {type(dataset).__name__} has no {attr!r}")
+                raise TypeError(
+                    f"ByImage: expected an image-caption dataset with 'images', 'captions' and "
+                    f"'caption_to_image' (an imtm.data dataset); {type(dataset).__name__} has no {attr!r}"
+                )
         self.dataset = dataset
 
     # ------------------------------------------------------------------ the dataset protocol
@@ -121,14 +123,21 @@ class ByImage:
         take = counts[index]
         # for image index[j]: the captions order[starts[i] : starts[i] + counts[i]]
         first = torch.repeat_interleave(starts[index], take)
-        within = torch.arange(int(take.sum())) - torch.repeat_interleave(torch.cumsum(take, 0) - take, take)
+        within = torch.arange(int(take.sum())) - torch.repeat_interleave(
+            torch.cumsum(take, 0) - take, take
+        )
         captions_idx = order[first + within]
         images = self.dataset.images
-        sub_images = images[index] if isinstance(images, torch.Tensor) else _ImageView(images, index)
+        sub_images = (
+            images[index] if isinstance(images, torch.Tensor) else _ImageView(images, index)
+        )
         captions = self.dataset.captions
         sub = ImageCaptionDataset(
-            sub_images, [captions[int(k)] for k in captions_idx], torch.repeat_interleave(torch.arange(len(index)), take),
-            vocab=self.vocab, name=f"{self.name}[{len(index)} images]",
+            sub_images,
+            [captions[int(k)] for k in captions_idx],
+            torch.repeat_interleave(torch.arange(len(index)), take),
+            vocab=self.vocab,
+            name=f"{self.name}[{len(index)} images]",
         )
         return ByImage(sub)
 
@@ -141,14 +150,20 @@ class ByImage:
         arr = np.asarray(key.cpu() if isinstance(key, torch.Tensor) else key)
         if arr.dtype == bool:
             if arr.shape != (n,):
-                raise IndexError(f"ByImage: a boolean mask needs one entry per image ({n}), got shape {arr.shape}")
+                raise IndexError(
+                    f"ByImage: a boolean mask needs one entry per image ({n}), got shape {arr.shape}"
+                )
             arr = np.flatnonzero(arr)
         if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise IndexError(f"ByImage: index images with integers, a boolean mask or a slice, got {key!r}")
+            raise IndexError(
+                f"ByImage: index images with integers, a boolean mask or a slice, got {key!r}"
+            )
         if arr.size == 0:
             raise IndexError("ByImage: an empty selection of images (a dataset needs at least one)")
         if arr.min() < -n or arr.max() >= n:
-            raise IndexError(f"ByImage: image index out of range [0, {n}): min {arr.min()}, max {arr.max()}")
+            raise IndexError(
+                f"ByImage: image index out of range [0, {n}): min {arr.min()}, max {arr.max()}"
+            )
         return torch.as_tensor(arr % n, dtype=torch.long)
 
     def __repr__(self) -> str:

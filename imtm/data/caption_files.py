@@ -122,13 +122,17 @@ class CaptionFileDataset(ImageFileDataset):
         else:
             per_image = (
                 f" or {n_caps // captions_per_image} lines (one per image, captions_per_image={captions_per_image})"
-                if captions_per_image is not None and n_caps % captions_per_image == 0 else ""
+                if captions_per_image is not None and n_caps % captions_per_image == 0
+                else ""
             )
             raise ValueError(
                 f"{who}: {str(caps_path)!r} has {n_caps} lines but {str(ids_path)!r} has {n_ids}; the ids file "
                 f"needs one line per caption ({n_caps}){per_image}"
-                + ("" if captions_per_image is not None else
-                   "; pass captions_per_image=k if it has one line per image of k captions")
+                + (
+                    ""
+                    if captions_per_image is not None
+                    else "; pass captions_per_image=k if it has one line per image of k captions"
+                )
             )
         unique_ids, c2i = group_by_image(caption_ids)
         first_line = {}
@@ -157,8 +161,16 @@ class CaptionFileDataset(ImageFileDataset):
             sources.append(f"id {i}, {where}")
         self.captions_per_image = captions_per_image
         super().__init__(
-            paths, captions, c2i, transform, augment=augment, sources=sources, image_ids_external=unique_ids,
-            vocab=vocab, build_vocab=build_vocab, check_files=check_files,
+            paths,
+            captions,
+            c2i,
+            transform,
+            augment=augment,
+            sources=sources,
+            image_ids_external=unique_ids,
+            vocab=vocab,
+            build_vocab=build_vocab,
+            check_files=check_files,
             name=name if name is not None else f"{root.name}/{split}",
         )
 
@@ -170,7 +182,13 @@ class CaptionFileDataset(ImageFileDataset):
                 return d
         if not root.is_dir():
             raise FileNotFoundError(f"CaptionFileDataset: no directory {str(root)!r}")
-        splits = sorted({p.name[: -len("_caps.txt")] for d in (root, root / "precomp") for p in d.glob("*_caps.txt")})
+        splits = sorted(
+            {
+                p.name[: -len("_caps.txt")]
+                for d in (root, root / "precomp")
+                for p in d.glob("*_caps.txt")
+            }
+        )
         hint = f" Splits found: {splits}." + suggest(split, splits) if splits else ""
         raise FileNotFoundError(
             f"CaptionFileDataset: no {split}_caps.txt in {str(root)!r} or {str(root / 'precomp')!r}.{hint}"
@@ -185,18 +203,25 @@ class CaptionFileDataset(ImageFileDataset):
             table = {str(k): v for k, v in id_mapping.items()}
             return _Lookup(table), "the id_mapping dict"
         if id_mapping is None:
-            candidates = [root / "id_mapping.json", cap_dir / "id_mapping.json", cap_dir.parent / "id_mapping.json"]
+            candidates = [
+                root / "id_mapping.json",
+                cap_dir / "id_mapping.json",
+                cap_dir.parent / "id_mapping.json",
+            ]
             found = next((p for p in candidates if p.is_file()), None)
             if found is None:
                 raise FileNotFoundError(
-                    "CaptionFileDataset: no id_mapping.json in " + ", ".join(repr(str(p.parent)) for p in candidates)
+                    "CaptionFileDataset: no id_mapping.json in "
+                    + ", ".join(repr(str(p.parent)) for p in candidates)
                     + "; pass id_mapping= (a JSON file {id: image file}, a dict, or a callable id -> file name)"
                 )
             id_mapping = found
         path = Path(id_mapping)
         table = load_json(path, "CaptionFileDataset", "id mapping file")
         if not isinstance(table, dict):
-            raise ValueError(f"CaptionFileDataset: {str(path)!r} must hold a JSON object {{id: file}}, got {type(table).__name__}")
+            raise ValueError(
+                f"CaptionFileDataset: {str(path)!r} must hold a JSON object {{id: file}}, got {type(table).__name__}"
+            )
         return _Lookup({str(k): v for k, v in table.items()}), repr(str(path))
 
     @staticmethod
@@ -204,7 +229,9 @@ class CaptionFileDataset(ImageFileDataset):
         if image_root is not None:
             p = Path(image_root)
             if not p.is_dir():
-                raise FileNotFoundError(f"CaptionFileDataset: image_root {str(p)!r} is not a directory")
+                raise FileNotFoundError(
+                    f"CaptionFileDataset: image_root {str(p)!r} is not a directory"
+                )
             return p
         tried = []
         for base in dict.fromkeys((root, cap_dir.parent)):
@@ -213,7 +240,8 @@ class CaptionFileDataset(ImageFileDataset):
                 if (base / d).is_dir():
                     return base / d
         raise FileNotFoundError(
-            "CaptionFileDataset: no image folder found (tried " + ", ".join(repr(str(t)) for t in tried)
+            "CaptionFileDataset: no image folder found (tried "
+            + ", ".join(repr(str(t)) for t in tried)
             + "); pass image_root="
         )
 

@@ -89,8 +89,11 @@ class CocoCaptionsDataset(ImageFileDataset):
         self.image_root = None if image_root is None else str(image_root)
         check_captions_per_image(captions_per_image, who)
         data = load_json(path, who)
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-                or not isinstance(data.get("annotations"), list):
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("images"), list)
+            or not isinstance(data.get("annotations"), list)
+        ):
             keys = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
             raise ValueError(
                 f"{who}: {path.name} must be a COCO caption file, a JSON object with 'images' and 'annotations' "
@@ -107,9 +110,13 @@ class CocoCaptionsDataset(ImageFileDataset):
             if isinstance(i, bool) or not isinstance(i, Integral):
                 raise ValueError(f"{who}: {where} has id {i!r}, expected an integer")
             if not isinstance(file, str) or not file.strip():
-                raise ValueError(f"{who}: {where} has file_name {file!r}, expected an image file name")
+                raise ValueError(
+                    f"{who}: {where} has file_name {file!r}, expected an image file name"
+                )
             if i in files:
-                raise ValueError(f"{who}: {where} repeats image id {i}; every image must appear once")
+                raise ValueError(
+                    f"{who}: {where} repeats image id {i}; every image must appear once"
+                )
             files[int(i)] = file.strip()
             order.append(int(i))
         captions_of: dict[int, list[str]] = {i: [] for i in order}
@@ -120,7 +127,9 @@ class CocoCaptionsDataset(ImageFileDataset):
                 raise ValueError(f"{who}: {where} needs 'image_id' and 'caption', got {got}")
             i, cap = ann["image_id"], ann["caption"]
             if isinstance(i, bool) or not isinstance(i, Integral) or int(i) not in captions_of:
-                raise ValueError(f"{who}: {where} names image_id {i!r}, which no entry of 'images' has")
+                raise ValueError(
+                    f"{who}: {where} names image_id {i!r}, which no entry of 'images' has"
+                )
             if not isinstance(cap, str) or not cap.strip():
                 raise ValueError(f"{who}: {where} is an empty caption ({cap!r})")
             captions_of[int(i)].append(cap.strip())
@@ -147,7 +156,15 @@ class CocoCaptionsDataset(ImageFileDataset):
             raise ValueError(f"{who}: {path.name} holds no captions")
         self.captions_per_image = captions_per_image
         super().__init__(
-            paths, captions, torch.tensor(c2i, dtype=torch.long), transform, augment=augment, sources=sources,
-            image_ids_external=ids, vocab=vocab, build_vocab=build_vocab, check_files=check_files,
+            paths,
+            captions,
+            torch.tensor(c2i, dtype=torch.long),
+            transform,
+            augment=augment,
+            sources=sources,
+            image_ids_external=ids,
+            vocab=vocab,
+            build_vocab=build_vocab,
+            check_files=check_files,
             name=name if name is not None else path.stem,
         )

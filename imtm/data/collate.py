@@ -32,7 +32,9 @@ def collate_images(items: Sequence[Any]):
     if isinstance(first, Tokens):
         for k, x in enumerate(items):
             if not isinstance(x, Tokens):
-                raise TypeError(f"collate_images: image {k} is {type(x).__name__} but image 0 is Tokens; mixed types")
+                raise TypeError(
+                    f"collate_images: image {k} is {type(x).__name__} but image 0 is Tokens; mixed types"
+                )
         return Tokens.cat(list(items))
     items = [_as_tensor(x, k, "image", "collate_images") for k, x in enumerate(items)]
     first = items[0]
@@ -48,7 +50,9 @@ def collate_images(items: Sequence[Any]):
     if first.dim() == 3:
         shapes = {tuple(x.shape) for x in items}
         if len(shapes) != 1:
-            raise ValueError(f"collate_images: pixel images of different sizes {sorted(shapes)}; resize them first")
+            raise ValueError(
+                f"collate_images: pixel images of different sizes {sorted(shapes)}; resize them first"
+            )
         same = all(x.dtype == first.dtype for x in items)  # uint8 pixels stay uint8
         return torch.stack(list(items) if same else [x.to(dtype) for x in items])
     if first.dim() == 2:
@@ -80,21 +84,29 @@ def collate_texts(items: Sequence[Any]):
     if isinstance(items[0], str):
         for k, c in enumerate(items):
             if not isinstance(c, str):
-                raise TypeError(f"collate_texts: caption {k} is {type(c).__name__}, expected str like the others")
+                raise TypeError(
+                    f"collate_texts: caption {k} is {type(c).__name__}, expected str like the others"
+                )
             if not c.strip():
                 raise ValueError(f"collate_texts: caption {k} is empty")
         return list(items)
     seqs = []
     for k, x in enumerate(items):
         if isinstance(x, str):
-            raise TypeError(f"collate_texts: caption {k} is str but caption 0 is token ids; mixed types")
+            raise TypeError(
+                f"collate_texts: caption {k} is str but caption 0 is token ids; mixed types"
+            )
         s = _as_tensor(x, k, "caption", "collate_texts")
         if s.dim() != 1:
-            raise ValueError(f"collate_texts: caption {k} has shape {tuple(s.shape)}, expected a 1-D sequence of token ids")
+            raise ValueError(
+                f"collate_texts: caption {k} has shape {tuple(s.shape)}, expected a 1-D sequence of token ids"
+            )
         if s.numel() == 0:
             raise ValueError(f"collate_texts: caption {k} has length 0")
         if s.is_floating_point() or s.is_complex() or s.dtype == torch.bool:
-            raise TypeError(f"collate_texts: caption {k} holds {s.dtype} values, expected integer token ids")
+            raise TypeError(
+                f"collate_texts: caption {k} holds {s.dtype} values, expected integer token ids"
+            )
         seqs.append(s.long())
     return Tokens.pad_sequence(seqs)
 
@@ -104,11 +116,15 @@ def _as_tensor(x, k: int, what: str, who: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, (str, bytes, Tokens)) or x is None:
-        raise TypeError(f"{who}: {what} {k} is {type(x).__name__}, expected a tensor or array like {what} 0")
+        raise TypeError(
+            f"{who}: {what} {k} is {type(x).__name__}, expected a tensor or array like {what} 0"
+        )
     try:
         return torch.as_tensor(x)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(f"{who}: {what} {k} ({type(x).__name__}) cannot be made a tensor: {e}") from e
+        raise TypeError(
+            f"{who}: {what} {k} ({type(x).__name__}) cannot be made a tensor: {e}"
+        ) from e
 
 
 def collate(batch: Sequence[dict]) -> dict:
@@ -127,14 +143,18 @@ def collate(batch: Sequence[dict]) -> dict:
         raise ValueError("collate: got an empty batch")
     for k, b in enumerate(batch):
         if not isinstance(b, dict):
-            raise TypeError(f"collate: item {k} is {type(b).__name__}, expected a dict {{images, texts, image_ids}}")
+            raise TypeError(
+                f"collate: item {k} is {type(b).__name__}, expected a dict {{images, texts, image_ids}}"
+            )
         missing = [key for key in ("images", "texts", "image_ids") if key not in b]
         if missing:
             raise ValueError(f"collate: item {k} has no {missing} (keys: {sorted(map(str, b))})")
     out = {
         "images": collate_images([b["images"] for b in batch]),
         "texts": collate_texts([b["texts"] for b in batch]),
-        "image_ids": torch.as_tensor([_image_id(b["image_ids"], k) for k, b in enumerate(batch)], dtype=torch.long),
+        "image_ids": torch.as_tensor(
+            [_image_id(b["image_ids"], k) for k, b in enumerate(batch)], dtype=torch.long
+        ),
     }
     return out
 
@@ -146,4 +166,6 @@ def _image_id(i, k: int) -> int:
             raise TypeError
         return operator.index(i)
     except TypeError:
-        raise TypeError(f"collate: item {k} has image_ids {i!r}, expected an integer image index") from None
+        raise TypeError(
+            f"collate: item {k} has image_ids {i!r}, expected an integer image index"
+        ) from None

@@ -92,16 +92,24 @@ class CsvDataset(ImageFileDataset):
                             f"(separator {sep!r}).{suggest(key, columns)} Pass image_key= / caption_key= / sep="
                         )
                     if columns.count(key) > 1:
-                        raise ValueError(f"{who}: {path.name} has the column {key!r} twice in its header {columns}")
+                        raise ValueError(
+                            f"{who}: {path.name} has the column {key!r} twice in its header {columns}"
+                        )
                 rows = [(reader.line_num, row) for row in reader]
         except UnicodeDecodeError as e:
-            raise ValueError(f"{who}: {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from e
+            raise ValueError(
+                f"{who}: {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})"
+            ) from e
         except csv.Error as e:
-            raise ValueError(f"{who}: {str(path)!r} is not a valid CSV file (near line {reader.line_num}: {e})") from e
+            raise ValueError(
+                f"{who}: {str(path)!r} is not a valid CSV file (near line {reader.line_num}: {e})"
+            ) from e
         for line, row in rows:
             if None in row or None in row.values():
                 # More fields than the header is most often a caption with an unquoted separator.
-                n_fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or ())
+                n_fields = sum(v is not None for k, v in row.items() if k is not None) + len(
+                    row.get(None) or ()
+                )
                 raise ValueError(
                     f"{who}: line {line} of {path.name} has {n_fields} fields but the header has {len(columns)}; "
                     f"quote fields that contain the separator {sep!r}"
@@ -110,7 +118,9 @@ class CsvDataset(ImageFileDataset):
             if not file or not file.strip():
                 raise ValueError(f"{who}: line {line} of {path.name} has an empty {image_key!r}")
             if not cap or not cap.strip():
-                raise ValueError(f"{who}: line {line} of {path.name} has an empty caption ({caption_key!r})")
+                raise ValueError(
+                    f"{who}: line {line} of {path.name} has an empty caption ({caption_key!r})"
+                )
             full = str(resolve_under(root, file.strip(), path.parent))
             first_line.setdefault(full, (line, file.strip()))
             keys.append(full)
@@ -119,8 +129,15 @@ class CsvDataset(ImageFileDataset):
             raise ValueError(f"{who}: {path.name} has a header but no rows")
         paths, c2i = group_by_image(keys)
         super().__init__(
-            paths, captions, c2i, transform, augment=augment,
+            paths,
+            captions,
+            c2i,
+            transform,
+            augment=augment,
             sources=[f"line {first_line[p][0]} of {path.name}" for p in paths],
-            image_ids_external=[first_line[p][1] for p in paths], vocab=vocab, build_vocab=build_vocab,
-            check_files=check_files, name=name if name is not None else path.stem,
+            image_ids_external=[first_line[p][1] for p in paths],
+            vocab=vocab,
+            build_vocab=build_vocab,
+            check_files=check_files,
+            name=name if name is not None else path.stem,
         )

@@ -71,7 +71,9 @@ def _caption_layout(data, captions_per_image: int | None) -> tuple[list[int], in
     counts = torch.bincount(c2i, minlength=n_images)
     if int(counts.min()) == 0:
         k = int(torch.nonzero(counts == 0)[0])
-        raise ValueError(f"extract_features: image {k} has no caption; every image needs at least one")
+        raise ValueError(
+            f"extract_features: image {k} has no caption; every image needs at least one"
+        )
     order = torch.sort(c2i, stable=True).indices
     if captions_per_image is None:
         if int(counts.min()) != int(counts.max()):
@@ -107,10 +109,15 @@ def _as_token_array(out, batch: int, provides=None) -> tuple[torch.Tensor, dict]
                 "extract_features: the encoder returned padded tokens (mask not all True); the precomputed "
                 "layout stores every token as real, so extract with a fixed input size"
             )
-        meta = {"grid": list(out.grid) if out.grid is not None else None, "num_prefix_tokens": out.num_prefix_tokens}
+        meta = {
+            "grid": list(out.grid) if out.grid is not None else None,
+            "num_prefix_tokens": out.num_prefix_tokens,
+        }
         out = out.feats
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"extract_features: the encoder must return Tokens or a tensor, got {type(out).__name__}")
+        raise TypeError(
+            f"extract_features: the encoder must return Tokens or a tensor, got {type(out).__name__}"
+        )
     if out.dim() == 2:
         out = out[:, None, :]
     if out.dim() != 3 or out.shape[0] != batch:
@@ -207,11 +214,15 @@ def extract_features(
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"extract_features: {name} must be a positive integer, got {v!r}")
     if not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"extract_features: num_workers must be a non-negative integer, got {num_workers!r}")
+        raise ValueError(
+            f"extract_features: num_workers must be a non-negative integer, got {num_workers!r}"
+        )
     if dtype not in DTYPES:
         raise ValueError(f"extract_features: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if not isinstance(split, str) or not split or os.sep in split or split.startswith("."):
-        raise ValueError(f"extract_features: split must be a plain file-name prefix such as 'test', got {split!r}")
+        raise ValueError(
+            f"extract_features: split must be a plain file-name prefix such as 'test', got {split!r}"
+        )
     caption_order, cpi = _caption_layout(data, captions_per_image)
     n_images = len(data.images)
     if device == "auto":
@@ -263,13 +274,30 @@ def extract_features(
     todo = [k for k in range(n_shards) if k not in done]
     if todo:
         tokens = _encode_shards(
-            encoder, data, todo, ranges, names, shard_dir, manifest, manifest_path,
-            batch_size=batch_size, num_workers=num_workers, device=device, np_dtype=DTYPES[dtype],
-            progress=progress, done_images=sum(ranges[k][1] - ranges[k][0] for k in done), n_images=n_images,
+            encoder,
+            data,
+            todo,
+            ranges,
+            names,
+            shard_dir,
+            manifest,
+            manifest_path,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            np_dtype=DTYPES[dtype],
+            progress=progress,
+            done_images=sum(ranges[k][1] - ranges[k][0] for k in done),
+            n_images=n_images,
         )
     _assemble(out, split, shard_dir, names, n_images, tokens, DTYPES[dtype], data, caption_order)
     manifest["complete"] = True
-    manifest["outputs"] = [f"{split}_ims.npy", f"{split}_caps.txt", f"{split}_ids.txt", f"{split}_images.txt"]
+    manifest["outputs"] = [
+        f"{split}_ims.npy",
+        f"{split}_caps.txt",
+        f"{split}_ids.txt",
+        f"{split}_images.txt",
+    ]
     if not keep_shards:
         shutil.rmtree(shard_dir)
         manifest["shards"] = {}
@@ -283,8 +311,10 @@ def _remove_stale_temporaries(out: Path, split: str) -> list[str]:
     A run killed while assembling leaves its temporary feature file, as large as the
     features; only these exact names, and only once process ``<pid>`` is gone, are removed.
     """
-    pattern = re.compile(rf"^\.{re.escape(split)}_(ims\.npy|caps\.txt|ids\.txt|images\.txt|extract\.json)"
-                         r"\.tmp(?P<pid>[0-9]+)$")
+    pattern = re.compile(
+        rf"^\.{re.escape(split)}_(ims\.npy|caps\.txt|ids\.txt|images\.txt|extract\.json)"
+        r"\.tmp(?P<pid>[0-9]+)$"
+    )
     removed = []
     for path in out.iterdir() if out.is_dir() else []:
         match = pattern.match(path.name)
@@ -301,10 +331,14 @@ def read_manifest(path: Path, who: str, remedy: str) -> Any:
     except FileNotFoundError:
         raise
     except ValueError as e:  # not a regular file, too large, not UTF-8, not JSON, nested too deeply
-        raise ValueError(f"{who}: {str(path)!r} is not a valid UTF-8 JSON manifest ({e}); {remedy}") from e
+        raise ValueError(
+            f"{who}: {str(path)!r} is not a valid UTF-8 JSON manifest ({e}); {remedy}"
+        ) from e
 
 
-def _start_manifest(path: Path, shard_dir: Path, out: Path, split: str, config: dict, overwrite: bool) -> dict:
+def _start_manifest(
+    path: Path, shard_dir: Path, out: Path, split: str, config: dict, overwrite: bool
+) -> dict:
     if path.is_file() and overwrite:
         path.unlink()
         if shard_dir.is_dir():
@@ -318,7 +352,9 @@ def _start_manifest(path: Path, shard_dir: Path, out: Path, split: str, config: 
                 "be trusted; remove the folder or pass overwrite=True"
             )
         return dict(config, shards={}, tokens=None, complete=False)
-    manifest = read_manifest(path, "extract_features", "pass overwrite=True (--overwrite) to start afresh")
+    manifest = read_manifest(
+        path, "extract_features", "pass overwrite=True (--overwrite) to start afresh"
+    )
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", {}), dict):
         raise ValueError(
             f"extract_features: {str(path)!r} is not an extraction manifest (a JSON object with a 'shards' "
@@ -345,20 +381,49 @@ def _shard_ok(path: Path, rows: int, tokens: dict, np_dtype) -> bool:
 
 
 @torch.inference_mode()
-def _encode_shards(encoder, data, todo, ranges, names, shard_dir, manifest, manifest_path, *, batch_size,
-                   num_workers, device, np_dtype, progress, done_images, n_images) -> dict:
+def _encode_shards(
+    encoder,
+    data,
+    todo,
+    ranges,
+    names,
+    shard_dir,
+    manifest,
+    manifest_path,
+    *,
+    batch_size,
+    num_workers,
+    device,
+    np_dtype,
+    progress,
+    done_images,
+    n_images,
+) -> dict:
     from imtm.data.collate import collate_images
 
     if isinstance(encoder, torch.nn.Module):
         encoder.eval().to(device)
     # Batches never cross a shard boundary, so a shard is complete as soon as its last batch is encoded.
-    batches = [list(range(s, min(e, s + batch_size))) for k in todo for (a, e) in [ranges[k]] for s in range(a, e, batch_size)]
+    batches = [
+        list(range(s, min(e, s + batch_size)))
+        for k in todo
+        for (a, e) in [ranges[k]]
+        for s in range(a, e, batch_size)
+    ]
     loader = torch.utils.data.DataLoader(
-        _Items(data.images), batch_sampler=batches, num_workers=num_workers, collate_fn=collate_images,
+        _Items(data.images),
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=collate_images,
     )
     tokens = manifest.get("tokens")
-    bar = tqdm(total=n_images, initial=done_images, desc=f"extract {manifest['split']}", unit="img",
-               disable=not progress)
+    bar = tqdm(
+        total=n_images,
+        initial=done_images,
+        desc=f"extract {manifest['split']}",
+        unit="img",
+        disable=not progress,
+    )
     todo_iter = iter(todo)
     k = next(todo_iter)
     a, b = ranges[k]
@@ -371,7 +436,10 @@ def _encode_shards(encoder, data, todo, ranges, names, shard_dir, manifest, mani
             if tokens is None:
                 tokens = {"num_tokens": int(feats.shape[1]), "dim": int(feats.shape[2]), **meta}
                 manifest["tokens"] = tokens
-            elif [int(feats.shape[1]), int(feats.shape[2])] != [tokens["num_tokens"], tokens["dim"]]:
+            elif [int(feats.shape[1]), int(feats.shape[2])] != [
+                tokens["num_tokens"],
+                tokens["dim"],
+            ]:
                 raise ValueError(
                     f"extract_features: images {row}..{row + len(x) - 1} gave tokens of shape "
                     f"{tuple(feats.shape[1:])}, earlier images ({tokens['num_tokens']}, {tokens['dim']}); "
@@ -383,7 +451,9 @@ def _encode_shards(encoder, data, todo, ranges, names, shard_dir, manifest, mani
             row += len(x)
             bar.update(len(x))
             if row == b:
-                _atomic_write(shard_dir / names[k], lambda f, arr=buf: np.save(f, arr, allow_pickle=False))
+                _atomic_write(
+                    shard_dir / names[k], lambda f, arr=buf: np.save(f, arr, allow_pickle=False)
+                )
                 manifest["shards"][names[k]] = [a, b]
                 _write_json(manifest_path, manifest)
                 k = next(todo_iter, None)
@@ -395,11 +465,15 @@ def _encode_shards(encoder, data, todo, ranges, names, shard_dir, manifest, mani
     return tokens
 
 
-def _assemble(out, split, shard_dir, names, n_images, tokens, np_dtype, data, caption_order) -> None:
+def _assemble(
+    out, split, shard_dir, names, n_images, tokens, np_dtype, data, caption_order
+) -> None:
     """Concatenate the shards into ``{split}_ims.npy`` and write the caption, id and image files."""
     ims = out / f"{split}_ims.npy"
     tmp = ims.with_name(f".{ims.name}.tmp{os.getpid()}")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=(n_images, tokens["num_tokens"], tokens["dim"]))
+    arr = np.lib.format.open_memmap(
+        tmp, mode="w+", dtype=np_dtype, shape=(n_images, tokens["num_tokens"], tokens["dim"])
+    )
     row = 0
     for name in names:
         shard = np.load(shard_dir / name, mmap_mode="r", allow_pickle=False)
@@ -414,14 +488,22 @@ def _assemble(out, split, shard_dir, names, n_images, tokens, np_dtype, data, ca
     c2i = torch.as_tensor(data.caption_to_image, dtype=torch.long).tolist()
     ext = getattr(data, "image_ids_external", None)
     ext = list(ext) if ext is not None else None
-    int_ids = ext is not None and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ext)
+    int_ids = ext is not None and all(
+        isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ext
+    )
     ids = [int(ext[c2i[c]]) if int_ids else c2i[c] for c in caption_order]
     caps = [" ".join(str(data.captions[c]).split()) for c in caption_order]  # one line each
-    _atomic_write(out / f"{split}_caps.txt", lambda f: f.write("".join(c + "\n" for c in caps)), mode="w")
-    _atomic_write(out / f"{split}_ids.txt", lambda f: f.write("".join(f"{i}\n" for i in ids)), mode="w")
+    _atomic_write(
+        out / f"{split}_caps.txt", lambda f: f.write("".join(c + "\n" for c in caps)), mode="w"
+    )
+    _atomic_write(
+        out / f"{split}_ids.txt", lambda f: f.write("".join(f"{i}\n" for i in ids)), mode="w"
+    )
     paths = getattr(data.images, "paths", None)
     files = list(paths) if paths is not None else [str(k) for k in range(n_images)]
-    _atomic_write(out / f"{split}_images.txt", lambda f: f.write("".join(p + "\n" for p in files)), mode="w")
+    _atomic_write(
+        out / f"{split}_images.txt", lambda f: f.write("".join(p + "\n" for p in files)), mode="w"
+    )
 
 
 #: The annotation formats ``imtm extract --format`` reads, with what ``--annotations`` names.
@@ -433,8 +515,14 @@ FORMATS = {
 }
 
 
-def dataset_from_format(fmt: str, annotations, split: str, image_root=None, transform=None,
-                        captions_per_image: int | None = None):
+def dataset_from_format(
+    fmt: str,
+    annotations,
+    split: str,
+    image_root=None,
+    transform=None,
+    captions_per_image: int | None = None,
+):
     """The imtm dataset reading ``annotations`` in format ``fmt`` (a key of :data:`FORMATS`).
 
     ``split`` selects the split for ``karpathy`` and ``caption-files``; an ALBEF or CSV file
@@ -446,8 +534,12 @@ def dataset_from_format(fmt: str, annotations, split: str, image_root=None, tran
         from imtm.data.karpathy import KarpathyDataset
 
         if image_root is None:
-            raise ValueError("extract: --format karpathy needs --image-root (the folder of the images)")
-        return KarpathyDataset(annotations, image_root, split, transform, captions_per_image=captions_per_image)
+            raise ValueError(
+                "extract: --format karpathy needs --image-root (the folder of the images)"
+            )
+        return KarpathyDataset(
+            annotations, image_root, split, transform, captions_per_image=captions_per_image
+        )
     if fmt == "caption-files":
         from imtm.data.caption_files import CaptionFileDataset
 
@@ -460,4 +552,6 @@ def dataset_from_format(fmt: str, annotations, split: str, image_root=None, tran
         from imtm.data.csv_captions import CsvDataset
 
         return CsvDataset(annotations, image_root, transform)
-    raise ValueError(f"extract: format must be one of {sorted(FORMATS)}, got {fmt!r}." + suggest(fmt, FORMATS))
+    raise ValueError(
+        f"extract: format must be one of {sorted(FORMATS)}, got {fmt!r}." + suggest(fmt, FORMATS)
+    )

@@ -94,8 +94,11 @@ class ExtractedDataset(PrecompDataset):
                 f"ExtractedDataset: no {manifest_path.name} in {str(data_path)!r}; the folder was not written by "
                 "imtm extract (read plain features with PrecompDataset)"
             )
-        manifest = read_manifest(manifest_path, "ExtractedDataset",
-                                 "run the extraction again with overwrite=True (--overwrite)")
+        manifest = read_manifest(
+            manifest_path,
+            "ExtractedDataset",
+            "run the extraction again with overwrite=True (--overwrite)",
+        )
         if not isinstance(manifest, dict):
             raise ValueError(
                 f"ExtractedDataset: {str(manifest_path)!r} must hold a JSON object, got {type(manifest).__name__}"
@@ -122,12 +125,18 @@ class ExtractedDataset(PrecompDataset):
 
         where = f"ExtractedDataset: the 'tokens' layout of {str(manifest_path)!r}"
         if not isinstance(layout, dict):
-            raise ValueError(f"{where} is {layout!r}, expected an object {{num_tokens, dim, grid, num_prefix_tokens}}")
+            raise ValueError(
+                f"{where} is {layout!r}, expected an object {{num_tokens, dim, grid, num_prefix_tokens}}"
+            )
         grid, prefix = layout.get("grid"), layout.get("num_prefix_tokens", 0)
-        if grid is not None and not (isinstance(grid, list) and len(grid) == 2 and all(is_count(g) for g in grid)):
+        if grid is not None and not (
+            isinstance(grid, list) and len(grid) == 2 and all(is_count(g) for g in grid)
+        ):
             raise ValueError(f"{where} has grid {grid!r}, expected [h, w] or null")
         if not is_count(prefix):
-            raise ValueError(f"{where} has num_prefix_tokens {prefix!r}, expected a non-negative integer")
+            raise ValueError(
+                f"{where} has num_prefix_tokens {prefix!r}, expected a non-negative integer"
+            )
         n_tokens, dim = shape[1], shape[2]
         expected = {"num_tokens": n_tokens, "dim": dim}
         wrong = {k: layout.get(k) for k, v in expected.items() if layout.get(k) != v}

@@ -27,7 +27,9 @@ from imtm.data.precomp import read_lines
 __all__ = ["Flickr30kTokenDataset", "parse_token_lines"]
 
 
-def parse_token_lines(lines: list[str], where: str = "the token file") -> list[tuple[str, int, str]]:
+def parse_token_lines(
+    lines: list[str], where: str = "the token file"
+) -> list[tuple[str, int, str]]:
     """``(file name, caption number, caption)`` of every non-blank line of a ``.token`` file.
 
     Raises:
@@ -50,7 +52,9 @@ def parse_token_lines(lines: list[str], where: str = "the token file") -> list[t
                 "'<image file>#<caption number><TAB><caption>' (e.g. '1000092795.jpg#0\\tTwo dogs .')"
             )
         if not caption.strip():
-            raise ValueError(f"Flickr30kTokenDataset: line {n} of {where} ({key.strip()}) is an empty caption")
+            raise ValueError(
+                f"Flickr30kTokenDataset: line {n} of {where} ({key.strip()}) is an empty caption"
+            )
         out.append((file, int(number), caption.strip()))
     return out
 
@@ -111,7 +115,11 @@ class Flickr30kTokenDataset(ImageFileDataset):
             raise FileNotFoundError(f"{who}: no token file {str(path)!r}")
         check_captions_per_image(captions_per_image, who)
         if image_root is None:
-            image_root = path.parent / "flickr30k-images" if (path.parent / "flickr30k-images").is_dir() else path.parent
+            image_root = (
+                path.parent / "flickr30k-images"
+                if (path.parent / "flickr30k-images").is_dir()
+                else path.parent
+            )
         root = Path(image_root)
         self.image_root = str(root)
         rows = parse_token_lines(read_lines(path, who), repr(str(path)))
@@ -124,14 +132,18 @@ class Flickr30kTokenDataset(ImageFileDataset):
             names = [str(x) for x in images]
             missing = [x for x in names if x not in captions_of]
             if missing:
-                raise ValueError(f"{who}: {len(missing)} of the images= names are not in {path.name}, e.g. {missing[:3]}")
+                raise ValueError(
+                    f"{who}: {len(missing)} of the images= names are not in {path.name}, e.g. {missing[:3]}"
+                )
         paths, captions, c2i = [], [], []
         for file in names:
             caps = captions_of[file]
             if captions_per_image is not None:
                 if len(caps) < captions_per_image:
-                    raise ValueError(f"{who}: {file} has {len(caps)} captions in {path.name}, fewer than "
-                                     f"captions_per_image={captions_per_image}")
+                    raise ValueError(
+                        f"{who}: {file} has {len(caps)} captions in {path.name}, fewer than "
+                        f"captions_per_image={captions_per_image}"
+                    )
                 caps = caps[:captions_per_image]
             c2i += [len(paths)] * len(caps)
             captions += caps
@@ -140,7 +152,15 @@ class Flickr30kTokenDataset(ImageFileDataset):
             raise ValueError(f"{who}: {path.name} holds no captions")
         self.captions_per_image = captions_per_image
         super().__init__(
-            paths, captions, torch.tensor(c2i, dtype=torch.long), transform, augment=augment,
-            sources=[f"{f} in {path.name}" for f in names], image_ids_external=names, vocab=vocab,
-            build_vocab=build_vocab, check_files=check_files, name=name if name is not None else path.stem,
+            paths,
+            captions,
+            torch.tensor(c2i, dtype=torch.long),
+            transform,
+            augment=augment,
+            sources=[f"{f} in {path.name}" for f in names],
+            image_ids_external=names,
+            vocab=vocab,
+            build_vocab=build_vocab,
+            check_files=check_files,
+            name=name if name is not None else path.stem,
         )

@@ -44,8 +44,16 @@ from pathlib import Path
 
 from imtm._checks import suggest
 
-__all__ = ["FORMATS", "SPLITS", "SYNTHETIC_ENV", "attach_model_transforms", "image_encoder", "load_dataset",
-           "set_image_transform", "synthetic_sizes"]
+__all__ = [
+    "FORMATS",
+    "SPLITS",
+    "SYNTHETIC_ENV",
+    "attach_model_transforms",
+    "image_encoder",
+    "load_dataset",
+    "set_image_transform",
+    "synthetic_sizes",
+]
 
 #: The formats :func:`load_dataset` reads, with what ``data`` names for each.
 FORMATS: dict[str, str] = {
@@ -53,17 +61,21 @@ FORMATS: dict[str, str] = {
     "precomp": "a SCAN precomputed folder: {split}_ims.npy, {split}_caps.txt (optional {split}_ids.txt)",
     "karpathy": "a Karpathy split JSON (dataset_flickr30k.json, dataset_coco.json), with --image-root",
     "caption-files": "a SCAN / VSE-infinity folder: {split}_caps.txt, {split}_ids.txt, id_mapping.json "
-                     "(images in images/ or flickr30k-images/, or --image-root)",
+    "(images in images/ or flickr30k-images/, or --image-root)",
     "albef": "an ALBEF / LAVIS JSON file, or a folder of *train.json, *val.json, *test.json, with --image-root",
     "csv": "a CSV / TSV file with 'filepath' and 'caption' columns, or a folder of train/dev/test files "
-           "(paths relative to --image-root or to the file)",
+    "(paths relative to --image-root or to the file)",
     "coco": "an official COCO captions_*.json, or the folder holding captions_train*.json and "
-            "captions_val*.json, with --image-root",
+    "captions_val*.json, with --image-root",
     "flickr30k-token": "Flickr30K's results_20130124.token (all images, no split), with --image-root",
 }
 
 #: The split names of :func:`load_dataset`, and the names found in file names for each.
-SPLITS: dict[str, tuple[str, ...]] = {"train": ("train",), "dev": ("dev", "val"), "test": ("test", "testall")}
+SPLITS: dict[str, tuple[str, ...]] = {
+    "train": ("train",),
+    "dev": ("dev", "val"),
+    "test": ("test", "testall"),
+}
 
 #: Environment variable of synthetic sizes (``key=value`` pairs separated by commas).
 SYNTHETIC_ENV = "IMTM_SYNTHETIC"
@@ -97,12 +109,15 @@ def synthetic_sizes(sizes: dict | None = None) -> dict:
         if not eq or key not in known:
             raise ValueError(
                 f"{SYNTHETIC_ENV}={text!r}: {item.strip()!r} is not key=value with a key of {known}."
-                + suggest(key, known) + " Example: n_train=60,n_dev=10,n_test=20"
+                + suggest(key, known)
+                + " Example: n_train=60,n_dev=10,n_test=20"
             )
         try:
             out[key] = float(value) if "." in value else int(value)
         except ValueError:
-            raise ValueError(f"{SYNTHETIC_ENV}={text!r}: {key} must be a number, got {value!r}") from None
+            raise ValueError(
+                f"{SYNTHETIC_ENV}={text!r}: {key} must be a number, got {value!r}"
+            ) from None
     return out
 
 
@@ -151,12 +166,18 @@ def _check_format(fmt: str, data) -> str:
             return "synthetic"
         if Path(data).is_dir():
             return "precomp"  # what --data read before --format existed
-        raise ValueError(f"--data {str(data)!r} needs --format, one of: {', '.join(FORMATS)} "
-                         "(imtm train --help says what each reads)")
+        raise ValueError(
+            f"--data {str(data)!r} needs --format, one of: {', '.join(FORMATS)} "
+            "(imtm train --help says what each reads)"
+        )
     if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of: {', '.join(FORMATS)}; got {fmt!r}." + suggest(fmt, FORMATS))
+        raise ValueError(
+            f"--format must be one of: {', '.join(FORMATS)}; got {fmt!r}." + suggest(fmt, FORMATS)
+        )
     if fmt == "synthetic" and str(data) != "synthetic":
-        raise ValueError(f"format 'synthetic' is the built-in benchmark: pass --data synthetic, not {str(data)!r}")
+        raise ValueError(
+            f"format 'synthetic' is the built-in benchmark: pass --data synthetic, not {str(data)!r}"
+        )
     return fmt
 
 
@@ -167,9 +188,16 @@ def _split_files(root: Path, fmt: str) -> dict[str, Path]:
         files = [p for p in files if p.name.startswith("captions_")]
     found: dict[str, Path] = {}
     for split, names in SPLITS.items():
-        hits = [p for p in files if any(p.stem.lower() == n or p.stem.lower().endswith(("_" + n, "-" + n))
-                                        or (fmt == "coco" and p.stem.lower().startswith(f"captions_{n}"))
-                                        for n in names)]
+        hits = [
+            p
+            for p in files
+            if any(
+                p.stem.lower() == n
+                or p.stem.lower().endswith(("_" + n, "-" + n))
+                or (fmt == "coco" and p.stem.lower().startswith(f"captions_{n}"))
+                for n in names
+            )
+        ]
         if len(hits) > 1:
             raise ValueError(
                 f"{fmt}: {str(root)!r} holds several {split} files {[p.name for p in hits]}; pass the one to use "
@@ -190,8 +218,17 @@ def _split_files(root: Path, fmt: str) -> dict[str, Path]:
 _EXAMPLES = {"albef": "flickr30k_train.json", "csv": "train.csv", "coco": "captions_train2014.json"}
 
 
-def _read_file(fmt: str, path: Path, image_root, transform, captions_per_image, *, name: str, vocab=None,
-               build_vocab: bool = False):
+def _read_file(
+    fmt: str,
+    path: Path,
+    image_root,
+    transform,
+    captions_per_image,
+    *,
+    name: str,
+    vocab=None,
+    build_vocab: bool = False,
+):
     common = {"vocab": vocab, "build_vocab": build_vocab, "name": name}
     if fmt == "albef":
         from imtm.data.albef import AlbefJsonDataset
@@ -204,17 +241,31 @@ def _read_file(fmt: str, path: Path, image_root, transform, captions_per_image, 
     if fmt == "coco":
         from imtm.data.coco_captions import CocoCaptionsDataset
 
-        return CocoCaptionsDataset(path, image_root, transform, captions_per_image=captions_per_image, **common)
+        return CocoCaptionsDataset(
+            path, image_root, transform, captions_per_image=captions_per_image, **common
+        )
     from imtm.data.flickr30k_token import Flickr30kTokenDataset
 
     if path.is_dir():
         path = path / "results_20130124.token"
-    return Flickr30kTokenDataset(path, image_root, transform, captions_per_image=captions_per_image, **common)
+    return Flickr30kTokenDataset(
+        path, image_root, transform, captions_per_image=captions_per_image, **common
+    )
 
 
-def load_dataset(data, format: str | None = None, split: str | None = None, *, image_root=None,
-                 view: str = "regions", seed: int = 0, sizes: dict | None = None, transform: Callable | None = None,
-                 captions_per_image: int | None = None, vocab=None):
+def load_dataset(
+    data,
+    format: str | None = None,
+    split: str | None = None,
+    *,
+    image_root=None,
+    view: str = "regions",
+    seed: int = 0,
+    sizes: dict | None = None,
+    transform: Callable | None = None,
+    captions_per_image: int | None = None,
+    vocab=None,
+):
     """Read ``data`` in ``format``: ``(train, dev, test)``, or the one dataset of ``split``.
 
     Args:
@@ -250,7 +301,9 @@ def load_dataset(data, format: str | None = None, split: str | None = None, *, i
     if split is not None:
         split = {"val": "dev"}.get(split, split)
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}." + suggest(split, SPLITS))
+            raise ValueError(
+                f"split must be one of {list(SPLITS)}, got {split!r}." + suggest(split, SPLITS)
+            )
     wanted = list(SPLITS) if split is None else [split]
     if fmt == "synthetic":
         from imtm.data import synthetic
@@ -263,8 +316,10 @@ def load_dataset(data, format: str | None = None, split: str | None = None, *, i
     if not root.exists():
         raise FileNotFoundError(f"{fmt}: no file or folder {str(data)!r} ({FORMATS[fmt]})")
     if fmt == "karpathy" and image_root is None:
-        raise ValueError("karpathy: pass --image-root (image_root=), the folder of the images "
-                         "(flickr30k-images/, or COCO's folder of train2014/ and val2014/)")
+        raise ValueError(
+            "karpathy: pass --image-root (image_root=), the folder of the images "
+            "(flickr30k-images/, or COCO's folder of train2014/ and val2014/)"
+        )
     out: dict = {}
     for s in wanted:
         first = s == wanted[0]
@@ -279,21 +334,30 @@ def load_dataset(data, format: str | None = None, split: str | None = None, *, i
         elif fmt == "karpathy":
             from imtm.data.karpathy import KarpathyDataset
 
-            out[s] = KarpathyDataset(root, image_root, s, transform, captions_per_image=captions_per_image, **kw)
+            out[s] = KarpathyDataset(
+                root, image_root, s, transform, captions_per_image=captions_per_image, **kw
+            )
         elif fmt == "caption-files":
             from imtm.data.caption_files import CaptionFileDataset
 
             name = s
-            if s == "test" and not any((d / "test_caps.txt").is_file() for d in (root, root / "precomp")) \
-                    and any((d / "testall_caps.txt").is_file() for d in (root, root / "precomp")):
+            if (
+                s == "test"
+                and not any((d / "test_caps.txt").is_file() for d in (root, root / "precomp"))
+                and any((d / "testall_caps.txt").is_file() for d in (root, root / "precomp"))
+            ):
                 name = "testall"
-            out[s] = CaptionFileDataset(root, name, image_root, transform, captions_per_image=captions_per_image, **kw)
+            out[s] = CaptionFileDataset(
+                root, name, image_root, transform, captions_per_image=captions_per_image, **kw
+            )
         elif root.is_file() or fmt == "flickr30k-token":
             # One file, one split: the training split when all are asked for, else the split asked for.
             if not first:
                 out[s] = None
                 continue
-            out[s] = _read_file(fmt, root, image_root, transform, captions_per_image, name=f"{root.stem}/{s}", **kw)
+            out[s] = _read_file(
+                fmt, root, image_root, transform, captions_per_image, name=f"{root.stem}/{s}", **kw
+            )
         else:
             files = _split_files(root, fmt)
             if s not in files:
@@ -304,5 +368,13 @@ def load_dataset(data, format: str | None = None, split: str | None = None, *, i
                     )
                 out[s] = None
                 continue
-            out[s] = _read_file(fmt, files[s], image_root, transform, captions_per_image, name=f"{files[s].stem}", **kw)
+            out[s] = _read_file(
+                fmt,
+                files[s],
+                image_root,
+                transform,
+                captions_per_image,
+                name=f"{files[s].stem}",
+                **kw,
+            )
     return tuple(out[s] for s in SPLITS) if split is None else out[split]

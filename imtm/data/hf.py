@@ -39,7 +39,9 @@ __all__ = ["from_hf_dataset", "HFImages", "HFStream", "InMemory", "to_tensor"]
 def to_tensor(image: Any) -> Any:
     """A PIL image as a ``uint8`` tensor ``(3, H, W)``; anything else unchanged."""
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
-        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+        return (
+            torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+        )
     return image
 
 
@@ -65,7 +67,9 @@ class InMemory:
 class HFImages:
     """The image column of a map-style dataset, read one row at a time (``rows[i]``: the row of image ``i``)."""
 
-    def __init__(self, data, column: str, rows: Sequence[int], transform: Callable[[Any], Any] | None = None):
+    def __init__(
+        self, data, column: str, rows: Sequence[int], transform: Callable[[Any], Any] | None = None
+    ):
         self.data, self.column, self.rows, self.transform = data, column, list(rows), transform
 
     def __len__(self) -> int:
@@ -77,13 +81,19 @@ class HFImages:
 
 
 def _captions(cell: Any, where: str) -> list[str]:
-    found = [cell] if isinstance(cell, str) else list(cell) if isinstance(cell, (list, tuple)) else None
+    found = (
+        [cell] if isinstance(cell, str) else list(cell) if isinstance(cell, (list, tuple)) else None
+    )
     if not found or not all(isinstance(c, str) for c in found):
-        raise TypeError(f"from_hf_dataset: {where} holds {cell!r}; a caption cell is a string or a list of strings")
+        raise TypeError(
+            f"from_hf_dataset: {where} holds {cell!r}; a caption cell is a string or a list of strings"
+        )
     return found
 
 
-def _check_columns(data, image_column: str, caption_column: str, image_id_column: str | None) -> None:
+def _check_columns(
+    data, image_column: str, caption_column: str, image_id_column: str | None
+) -> None:
     names = getattr(data, "column_names", None)
     if names is None:
         return  # a stream that does not know its columns before reading
@@ -95,8 +105,14 @@ def _check_columns(data, image_column: str, caption_column: str, image_id_column
 class HFStream(IterableDataset):
     """A stream of rows as imtm training items (``{"images", "texts", "image_ids"}``), one per caption."""
 
-    def __init__(self, data, image_column: str = "image", caption_column: str = "caption",
-                 image_id_column: str | None = None, transform: Callable[[Any], Any] | None = None):
+    def __init__(
+        self,
+        data,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        image_id_column: str | None = None,
+        transform: Callable[[Any], Any] | None = None,
+    ):
         self.data, self.image_column, self.caption_column = data, image_column, caption_column
         self.image_id_column, self.transform = image_id_column, transform
 
@@ -112,13 +128,22 @@ class HFStream(IterableDataset):
             image_id = ids.setdefault(key, len(ids))
             image = to_tensor(row[self.image_column])
             image = self.transform(image) if self.transform is not None else image
-            for caption in _captions(row[self.caption_column], f"row {n}, column {self.caption_column!r}"):
+            for caption in _captions(
+                row[self.caption_column], f"row {n}, column {self.caption_column!r}"
+            ):
                 yield {"images": image, "texts": caption, "image_ids": image_id}
 
 
-def from_hf_dataset(data, *, image_column: str = "image", caption_column: str = "caption",
-                    image_id_column: str | None = None, transform: Callable[[Any], Any] | None = None,
-                    vocab=None, name: str = "hf"):
+def from_hf_dataset(
+    data,
+    *,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    image_id_column: str | None = None,
+    transform: Callable[[Any], Any] | None = None,
+    vocab=None,
+    name: str = "hf",
+):
     """imtm data from a Hugging Face dataset with an image and a caption column (see the module docstring).
 
     Args:

@@ -54,7 +54,9 @@ def read_image(path, source: str | None = None):
 
     where = f" (named by {source})" if source else ""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file {str(path)!r}{where} does not exist; check the image root folder")
+        raise FileNotFoundError(
+            f"image file {str(path)!r}{where} does not exist; check the image root folder"
+        )
     try:
         with Image.open(path) as im:
             # load() decodes the pixels now: a truncated file fails here, not later inside a transform.
@@ -105,11 +107,18 @@ class ImageFiles:
         (torch.Size([3, 4, 5]), 1.0)
     """
 
-    def __init__(self, paths: Sequence, transform: Callable | None = None, sources: Sequence[str] | None = None,
-                 name: str = "images"):
+    def __init__(
+        self,
+        paths: Sequence,
+        transform: Callable | None = None,
+        sources: Sequence[str] | None = None,
+        name: str = "images",
+    ):
         self.paths = [str(p) for p in paths]
         if sources is not None and len(sources) != len(self.paths):
-            raise ValueError(f"{name}: got {len(sources)} sources for {len(self.paths)} image paths")
+            raise ValueError(
+                f"{name}: got {len(sources)} sources for {len(self.paths)} image paths"
+            )
         self.sources = None if sources is None else list(sources)
         self.transform = transform
         self.name = name
@@ -126,7 +135,9 @@ class ImageFiles:
         try:
             k = int(k.__index__()) if not isinstance(k, torch.Tensor) else int(k)
         except (AttributeError, TypeError, ValueError, RuntimeError):
-            raise TypeError(f"{self.name}: image index must be an integer, got {type(k).__name__}") from None
+            raise TypeError(
+                f"{self.name}: image index must be an integer, got {type(k).__name__}"
+            ) from None
         n = len(self.paths)
         if not -n <= k < n:
             raise IndexError(f"{self.name}: image index {k} out of range for {n} images")
@@ -239,17 +250,23 @@ class ImageFileDataset(ImageCaptionDataset):
         from imtm.data.vocabulary import Vocabulary
 
         if vocab is not None and not isinstance(vocab, Vocabulary):
-            raise TypeError(f"{name}: vocab must be an imtm.data.Vocabulary or None, got {type(vocab).__name__}")
+            raise TypeError(
+                f"{name}: vocab must be an imtm.data.Vocabulary or None, got {type(vocab).__name__}"
+            )
         if vocab is not None and build_vocab:
             raise ValueError(f"{name}: give either vocab= or build_vocab=True, not both")
         if transform is not None and not callable(transform):
-            raise TypeError(f"{name}: transform must be a callable PIL.Image -> tensor, got {type(transform).__name__}")
+            raise TypeError(
+                f"{name}: transform must be a callable PIL.Image -> tensor, got {type(transform).__name__}"
+            )
         files = ImageFiles(paths, transform, sources, name=name)
         if build_vocab:
             vocab = Vocabulary.build(captions)
         super().__init__(files, captions, caption_to_image, vocab=vocab, name=name)
         if image_ids_external is not None and len(image_ids_external) != len(files):
-            raise ValueError(f"{name}: got {len(image_ids_external)} external ids for {len(files)} images")
+            raise ValueError(
+                f"{name}: got {len(image_ids_external)} external ids for {len(files)} images"
+            )
         self.image_ids_external = None if image_ids_external is None else list(image_ids_external)
         self.transform = transform
         self.augment = _resolve_augment(augment, self.captions, vocab)
@@ -284,7 +301,9 @@ class ImageFileDataset(ImageCaptionDataset):
 def check_captions_per_image(value, who: str) -> None:
     """Refuse a ``captions_per_image`` that is not a positive integer or None, naming ``who``."""
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"{who}: captions_per_image must be a positive integer or None, got {value!r}")
+        raise ValueError(
+            f"{who}: captions_per_image must be a positive integer or None, got {value!r}"
+        )
 
 
 def group_by_image(keys: Sequence, what: str = "image") -> tuple[list, torch.Tensor]:

@@ -118,7 +118,8 @@ class KarpathyDataset(ImageFileDataset):
         if not isinstance(entries, list):
             raise ValueError(
                 f"{who}: {json_path.name} must be a JSON object with an 'images' list (Karpathy's split format), "
-                f"got {type(data).__name__}" + (f" with keys {sorted(data)[:8]}" if isinstance(data, dict) else "")
+                f"got {type(data).__name__}"
+                + (f" with keys {sorted(data)[:8]}" if isinstance(data, dict) else "")
             )
         root = Path(image_root)
         paths, sources, captions, c2i, ext_ids = [], [], [], [], []
@@ -130,11 +131,19 @@ class KarpathyDataset(ImageFileDataset):
             for key in ("filename", "split", "sentences"):
                 if key not in entry:
                     raise ValueError(f"{who}: {where} has no {key!r} (keys: {sorted(entry)})")
-            for key, kind, expected in (("filename", str, "a file name"), ("split", str, "a split name"),
-                                        ("filepath", str, "a folder name"), ("sentences", list, "a list")):
-                if key in entry and (not isinstance(entry[key], kind) or (kind is str and key != "filepath"
-                                                                          and not entry[key].strip())):
-                    raise ValueError(f"{who}: {key!r} of {where} is {entry[key]!r}, expected {expected}")
+            for key, kind, expected in (
+                ("filename", str, "a file name"),
+                ("split", str, "a split name"),
+                ("filepath", str, "a folder name"),
+                ("sentences", list, "a list"),
+            ):
+                if key in entry and (
+                    not isinstance(entry[key], kind)
+                    or (kind is str and key != "filepath" and not entry[key].strip())
+                ):
+                    raise ValueError(
+                        f"{who}: {key!r} of {where} is {entry[key]!r}, expected {expected}"
+                    )
             found_splits.add(entry["split"])
             if entry["split"] not in wanted:
                 continue
@@ -183,9 +192,19 @@ class KarpathyDataset(ImageFileDataset):
             )
         self.captions_per_image = captions_per_image
         super().__init__(
-            paths, captions, torch.tensor(c2i, dtype=torch.long), transform, augment=augment, sources=sources,
-            image_ids_external=ext_ids, vocab=vocab, build_vocab=build_vocab, check_files=check_files,
-            name=name if name is not None else f"{json_path.stem}/{split if isinstance(split, str) else '+'.join(split)}",
+            paths,
+            captions,
+            torch.tensor(c2i, dtype=torch.long),
+            transform,
+            augment=augment,
+            sources=sources,
+            image_ids_external=ext_ids,
+            vocab=vocab,
+            build_vocab=build_vocab,
+            check_files=check_files,
+            name=name
+            if name is not None
+            else f"{json_path.stem}/{split if isinstance(split, str) else '+'.join(split)}",
         )
 
     @staticmethod

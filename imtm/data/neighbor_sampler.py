@@ -108,11 +108,21 @@ class KMeansNeighborSampler(Sampler):
         self.clusters_per_batch = _positive_int(clusters_per_batch, "clusters_per_batch")
         self.images_per_cluster = _positive_int(images_per_cluster, "images_per_cluster")
         if captions not in CAPTION_MODES:
-            raise ValueError(f"KMeansNeighborSampler: captions must be one of {list(CAPTION_MODES)}, got {captions!r}")
+            raise ValueError(
+                f"KMeansNeighborSampler: captions must be one of {list(CAPTION_MODES)}, got {captions!r}"
+            )
         if not isinstance(drop_last, bool):
-            raise TypeError(f"KMeansNeighborSampler: drop_last must be True or False, got {drop_last!r}")
-        if isinstance(random_state, bool) or not isinstance(random_state, Integral) or random_state < 0:
-            raise ValueError(f"KMeansNeighborSampler: random_state must be an integer >= 0, got {random_state!r}")
+            raise TypeError(
+                f"KMeansNeighborSampler: drop_last must be True or False, got {drop_last!r}"
+            )
+        if (
+            isinstance(random_state, bool)
+            or not isinstance(random_state, Integral)
+            or random_state < 0
+        ):
+            raise ValueError(
+                f"KMeansNeighborSampler: random_state must be an integer >= 0, got {random_state!r}"
+            )
         self.captions = captions
         self.drop_last = drop_last
         self.random_state = int(random_state)
@@ -128,7 +138,9 @@ class KMeansNeighborSampler(Sampler):
         if self._usable.size == 0:
             raise ValueError("KMeansNeighborSampler: the dataset has no image with a caption")
         if n_clusters is None:
-            n_clusters = max(self.clusters_per_batch, self._usable.size // (4 * self.images_per_cluster))
+            n_clusters = max(
+                self.clusters_per_batch, self._usable.size // (4 * self.images_per_cluster)
+            )
         self.n_clusters = _positive_int(n_clusters, "n_clusters")
         if self.n_clusters < self.clusters_per_batch:
             raise ValueError(
@@ -150,8 +162,10 @@ class KMeansNeighborSampler(Sampler):
 
     def update_embeddings(self, embeddings) -> np.ndarray:
         """Re-cluster from ``(n_images, D)`` image embeddings (row ``i``: image ``i``); return the labels."""
-        x = embeddings.detach().float().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(
-            embeddings, dtype=np.float32
+        x = (
+            embeddings.detach().float().cpu().numpy()
+            if isinstance(embeddings, torch.Tensor)
+            else np.asarray(embeddings, dtype=np.float32)
         )
         if x.ndim != 2 or x.shape[0] != self.n_images:
             raise ValueError(
@@ -168,7 +182,9 @@ class KMeansNeighborSampler(Sampler):
         from sklearn.cluster import MiniBatchKMeans
 
         x = np.ascontiguousarray(embeddings[self._usable], dtype=np.float32)
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # cosine geometry, as the scores
+        x /= np.maximum(
+            np.linalg.norm(x, axis=1, keepdims=True), 1e-12
+        )  # cosine geometry, as the scores
         km = MiniBatchKMeans(
             n_clusters=self.n_clusters,
             batch_size=self.kmeans_batch_size,
@@ -208,11 +224,13 @@ class KMeansNeighborSampler(Sampler):
         used = np.zeros_like(remaining)
         batches = []
         while np.count_nonzero(remaining) >= m:
-            chosen = rng.choice(self.n_clusters, size=m, replace=False, p=remaining / remaining.sum())
+            chosen = rng.choice(
+                self.n_clusters, size=m, replace=False, p=remaining / remaining.sum()
+            )
             batches.append(np.concatenate([groups[c][used[c]] for c in chosen]))
             used[chosen] += 1
             remaining[chosen] -= 1
-        rest = [groups[c][used[c]:].reshape(-1) for c in range(self.n_clusters)] + leftovers
+        rest = [groups[c][used[c] :].reshape(-1) for c in range(self.n_clusters)] + leftovers
         rest = rng.permutation(np.concatenate(rest)) if rest else np.zeros(0, dtype=np.int64)
         for start in range(0, rest.size, m * p):
             chunk = rest[start : start + m * p]

@@ -79,7 +79,9 @@ class PrecompImages:
 
     def _open(self) -> None:
         try:
-            check_npy_size(self.path, "PrecompImages")  # before np.load allocates the declared shape
+            check_npy_size(
+                self.path, "PrecompImages"
+            )  # before np.load allocates the declared shape
             arr = np.load(self.path, mmap_mode="r" if self.mmap else None, allow_pickle=False)
         except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
             # allow_pickle=False: an object array is refused here, never unpickled.
@@ -95,8 +97,14 @@ class PrecompImages:
                 f"(or (n_images, D)), got {got}"
             )
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-            raise ValueError(f"PrecompImages: {self.path!r} holds dtype {arr.dtype}, expected floating-point features")
-        if not isinstance(self.step, (int, np.integer)) or isinstance(self.step, bool) or self.step < 1:
+            raise ValueError(
+                f"PrecompImages: {self.path!r} holds dtype {arr.dtype}, expected floating-point features"
+            )
+        if (
+            not isinstance(self.step, (int, np.integer))
+            or isinstance(self.step, bool)
+            or self.step < 1
+        ):
             raise ValueError(f"PrecompImages: step must be a positive integer, got {self.step!r}")
         self._rows = arr
         self._n = -(-arr.shape[0] // self.step)
@@ -119,7 +127,9 @@ class PrecompImages:
         try:
             k = int(k.__index__()) if not isinstance(k, torch.Tensor) else int(k)
         except (AttributeError, TypeError, ValueError, RuntimeError):
-            raise TypeError(f"PrecompImages: index must be an integer, got {type(k).__name__}") from None
+            raise TypeError(
+                f"PrecompImages: index must be an integer, got {type(k).__name__}"
+            ) from None
         if not -self._n <= k < self._n:
             raise IndexError(f"PrecompImages: image index {k} out of range for {self._n} images")
         k %= self._n
@@ -152,7 +162,9 @@ class PrecompImages:
             self._open()
 
     def __repr__(self) -> str:
-        return f"PrecompImages({self.path!r}, shape={self.shape}, mmap={self.mmap}, step={self.step})"
+        return (
+            f"PrecompImages({self.path!r}, shape={self.shape}, mmap={self.mmap}, step={self.step})"
+        )
 
 
 def read_lines(path: Path, who: str = "PrecompDataset") -> list[str]:
@@ -162,14 +174,18 @@ def read_lines(path: Path, who: str = "PrecompDataset") -> list[str]:
             lines = f.read().split("\n")
     except UnicodeDecodeError as e:
         line = e.object[: e.start].count(b"\n") + 1
-        raise ValueError(f"{who}: line {line} of {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from e
+        raise ValueError(
+            f"{who}: line {line} of {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})"
+        ) from e
     # A final newline leaves one empty string after it; it is not a line.
     if lines and lines[-1] == "":
         lines.pop()
     return [line.rstrip("\r") for line in lines]
 
 
-def parse_ids(lines: list[str], path: Path, who: str = "PrecompDataset", what: str = "id") -> torch.Tensor:
+def parse_ids(
+    lines: list[str], path: Path, who: str = "PrecompDataset", what: str = "id"
+) -> torch.Tensor:
     """``(L,)`` long ids, one per line; a line that is not an integer is a ValueError naming it."""
     ids = []
     for n, line in enumerate(lines, start=1):
@@ -177,7 +193,9 @@ def parse_ids(lines: list[str], path: Path, who: str = "PrecompDataset", what: s
         try:
             ids.append(int(text))
         except ValueError:
-            raise ValueError(f"{who}: line {n} of {str(path)!r} is {text!r}, expected an integer {what}") from None
+            raise ValueError(
+                f"{who}: line {n} of {str(path)!r} is {text!r}, expected an integer {what}"
+            ) from None
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -276,9 +294,13 @@ class PrecompDataset(ImageCaptionDataset):
             or isinstance(captions_per_image, bool)
             or captions_per_image < 1
         ):
-            raise ValueError(f"PrecompDataset: captions_per_image must be a positive integer or None, got {captions_per_image!r}")
+            raise ValueError(
+                f"PrecompDataset: captions_per_image must be a positive integer or None, got {captions_per_image!r}"
+            )
         if vocab is not None and not isinstance(vocab, Vocabulary):
-            raise TypeError(f"PrecompDataset: vocab must be an imtm.data.Vocabulary or None, got {type(vocab).__name__}")
+            raise TypeError(
+                f"PrecompDataset: vocab must be an imtm.data.Vocabulary or None, got {type(vocab).__name__}"
+            )
         if vocab is not None and build_vocab:
             raise ValueError("PrecompDataset: give either vocab= or build_vocab=True, not both")
 
@@ -289,12 +311,19 @@ class PrecompDataset(ImageCaptionDataset):
         id_lines = read_lines(ids_path) if ids_path.is_file() else None
         ids = parse_ids(id_lines, ids_path) if id_lines is not None else None
 
-        cpi, step = (int(v) for v in self._resolve_layout(n_rows, n_caps, captions_per_image, ids, ims_path, caps_path))
+        cpi, step = (
+            int(v)
+            for v in self._resolve_layout(
+                n_rows, n_caps, captions_per_image, ids, ims_path, caps_path
+            )
+        )
         images = PrecompImages(ims_path, mmap=mmap, step=step) if step > 1 else rows
         n_images = len(images)
 
         self.captions_per_image = cpi
-        self.image_ids_external = None if ids is None else self._image_ids(ids, n_images, n_caps, cpi, ids_path)
+        self.image_ids_external = (
+            None if ids is None else self._image_ids(ids, n_images, n_caps, cpi, ids_path)
+        )
         if build_vocab:
             vocab = Vocabulary.build(captions)
         super().__init__(
@@ -365,7 +394,9 @@ class PrecompDataset(ImageCaptionDataset):
         )
 
     @staticmethod
-    def _image_ids(ids: torch.Tensor, n_images: int, n_caps: int, cpi: int, ids_path: Path) -> torch.Tensor:
+    def _image_ids(
+        ids: torch.Tensor, n_images: int, n_caps: int, cpi: int, ids_path: Path
+    ) -> torch.Tensor:
         if ids.numel() == n_images:
             return ids
         if ids.numel() != n_caps:

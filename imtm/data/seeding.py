@@ -27,8 +27,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SeededItems", "restored", "seeded_item", "current_item_seed", "item_seed", "fit_epoch_key", "fit_epoch_serial",
-           "set_fit_epoch_key"]
+__all__ = [
+    "SeededItems",
+    "restored",
+    "seeded_item",
+    "current_item_seed",
+    "item_seed",
+    "fit_epoch_key",
+    "fit_epoch_serial",
+    "set_fit_epoch_key",
+]
 
 _ITEM_SEED: int | None = None
 _EPOCH_KEY: int | None = None
@@ -40,7 +48,9 @@ _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for item ``index`` in ``epoch`` of a run seeded with ``seed`` (a pure function)."""
-    x = (int(seed) * _MIX[0] + (int(epoch) + 1) * _MIX[1] + (int(index) + 1) * _MIX[2]) & (2**64 - 1)
+    x = (int(seed) * _MIX[0] + (int(epoch) + 1) * _MIX[1] + (int(index) + 1) * _MIX[2]) & (
+        2**64 - 1
+    )
     x ^= x >> 31
     x = (x * _MIX[1]) & (2**64 - 1)
     x ^= x >> 29
@@ -71,7 +81,9 @@ def set_fit_epoch_key(key: int | None) -> None:
 
 def _seed_all(seed: int) -> None:
     global _ITEM_SEED
-    torch.default_generator.manual_seed(seed)  # torch.manual_seed would also seed every GPU: 100x slower
+    torch.default_generator.manual_seed(
+        seed
+    )  # torch.manual_seed would also seed every GPU: 100x slower
     np.random.seed(seed % 2**32)
     random.seed(seed)
     _ITEM_SEED = seed
@@ -81,7 +93,12 @@ def _seed_all(seed: int) -> None:
 def restored() -> Iterator[None]:
     """Put torch's (CPU), NumPy's and Python's generators back as they were after the block."""
     global _ITEM_SEED
-    saved = (torch.default_generator.get_state(), np.random.get_state(), random.getstate(), _ITEM_SEED)
+    saved = (
+        torch.default_generator.get_state(),
+        np.random.get_state(),
+        random.getstate(),
+        _ITEM_SEED,
+    )
     try:
         yield
     finally:
@@ -89,7 +106,6 @@ def restored() -> Iterator[None]:
         np.random.set_state(saved[1])
         random.setstate(saved[2])
         _ITEM_SEED = saved[3]
-
 
 
 @contextlib.contextmanager

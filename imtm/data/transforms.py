@@ -121,5 +121,11 @@ def image_transform(
         return create_transform(**cfg, is_training=False)
     cfg = {k: v for k, v in cfg.items() if k not in ("crop_pct", "crop_mode")}
     return create_transform(
-        **cfg, is_training=True, scale=tuple(scale), hflip=hflip, color_jitter=None, auto_augment=None, re_prob=0.0
+        **cfg,
+        is_training=True,
+        scale=tuple(scale),
+        hflip=hflip,
+        color_jitter=None,
+        auto_augment=None,
+        re_prob=0.0,
     )

@@ -58,7 +58,9 @@ class Vocabulary:
         counts = Counter(w for c in captions for w in tokenize(c))
         if not counts:
             raise ValueError("Vocabulary.build: no words in the given captions")
-        words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        words = sorted(
+            (w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w)
+        )
         return cls(words)
 
     def __len__(self) -> int:
@@ -80,7 +82,9 @@ class Vocabulary:
         """Token ids of one caption; raises ``ValueError`` on an empty caption."""
         ids = [self[w] for w in tokenize(caption)]
         if not ids:
-            raise ValueError(f"Vocabulary.encode: caption {caption!r} has no words (empty captions are not allowed)")
+            raise ValueError(
+                f"Vocabulary.encode: caption {caption!r} has no words (empty captions are not allowed)"
+            )
         return ids
 
     def encode_batch(self, captions: Sequence[str], device=None) -> Tokens:
@@ -123,7 +127,9 @@ class Vocabulary:
                 raise ValueError(f"{source}: word {k} is {w!r}, expected a non-empty string")
             if w in seen:
                 first = "a reserved entry" if seen[w] < 0 else f"word {seen[w]}"
-                raise ValueError(f"{source}: word {k} {w!r} repeats {first}; every word must appear once")
+                raise ValueError(
+                    f"{source}: word {k} {w!r} repeats {first}; every word must appear once"
+                )
             seen[w] = k
         return cls(words)
 
@@ -145,6 +151,10 @@ class Vocabulary:
             data = read_json(path, who="Vocabulary.load", max_bytes=1 << 28)
         except FileNotFoundError:
             raise
-        except ValueError as e:  # not a regular file, too large, not UTF-8, not JSON, nested too deeply
-            raise ValueError(f"Vocabulary.load: {str(path)!r} is not a UTF-8 JSON vocabulary ({e})") from e
+        except (
+            ValueError
+        ) as e:  # not a regular file, too large, not UTF-8, not JSON, nested too deeply
+            raise ValueError(
+                f"Vocabulary.load: {str(path)!r} is not a UTF-8 JSON vocabulary ({e})"
+            ) from e
         return cls.from_dict(data, source=f"Vocabulary.load({str(path)!r})")

@@ -109,15 +109,22 @@ class ProgressBar(Callback):
         self.bar = None
 
     def on_epoch_start(self, trainer, info: dict) -> None:
-        self.bar = tqdm(total=trainer.n_batches, initial=trainer.batch_idx, desc=_label(trainer),
-                        disable=not trainer.main, leave=False)
+        self.bar = tqdm(
+            total=trainer.n_batches,
+            initial=trainer.batch_idx,
+            desc=_label(trainer),
+            disable=not trainer.main,
+            leave=False,
+        )
 
     def on_batch_end(self, trainer, logs: dict) -> None:
         if self.bar is None:
             return
         self.bar.update(1)
         if not logs.get("skipped"):
-            self.bar.set_postfix({n: f"{s / max(c, 1):.4f}" for n, (s, c) in trainer.epoch_logs.items()})
+            self.bar.set_postfix(
+                {n: f"{s / max(c, 1):.4f}" for n, (s, c) in trainer.epoch_logs.items()}
+            )
 
     def on_epoch_end(self, trainer, entry: dict) -> None:
         self._close()
@@ -181,15 +188,28 @@ class CSVLogger(Callback):
         self.path, self.epoch_path = folder / STEP_LOG, folder / EPOCH_LOG
         for p in (self.path, self.epoch_path):
             if not _is_ours(p):
-                warnings.warn(f"CSVLogger: {p} exists and was not written by imtm; it is left alone and this run "
-                              "writes no CSV log there", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"CSVLogger: {p} exists and was not written by imtm; it is left alone and this run "
+                    "writes no CSV log there",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 return
-        self.columns = (["step", "stage", "epoch", "batch"] + [f"loss/{n}" for n in trainer.loss_names()]
-                        + [f"lr/{g}" for g in trainer.group_names()]
-                        + ["grad_norm", "samples", "samples_per_s", "time_s", "skipped"])
+        self.columns = (
+            ["step", "stage", "epoch", "batch"]
+            + [f"loss/{n}" for n in trainer.loss_names()]
+            + [f"lr/{g}" for g in trainer.group_names()]
+            + ["grad_norm", "samples", "samples_per_s", "time_s", "skipped"]
+        )
         kept = []
-        if trainer.global_step > 0 and self.path.exists():  # resumed: keep the rows up to the checkpoint's step
-            kept = [r for r in read_log(self.path, numbers=False) if int(r["step"]) <= trainer.global_step]
+        if (
+            trainer.global_step > 0 and self.path.exists()
+        ):  # resumed: keep the rows up to the checkpoint's step
+            kept = [
+                r
+                for r in read_log(self.path, numbers=False)
+                if int(r["step"]) <= trainer.global_step
+            ]
         self.file = open(self.path, "w", encoding="utf-8", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
         self.writer.writeheader()
@@ -199,7 +219,9 @@ class CSVLogger(Callback):
 
     def on_batch_end(self, trainer, logs: dict) -> None:
         if self.writer is not None:
-            self.writer.writerow({k: (int(v) if isinstance(v, bool) else v) for k, v in logs.items()})
+            self.writer.writerow(
+                {k: (int(v) if isinstance(v, bool) else v) for k, v in logs.items()}
+            )
             self.file.flush()
 
     def on_epoch_end(self, trainer, entry: dict) -> None:
@@ -274,8 +296,14 @@ def read_log(path: str | os.PathLike, *, numbers: bool = True) -> list[dict]:
 
 # ---------------------------------------------------------------------------- TensorBoard, W&B
 def _scalars(logs: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and k not in ("step", "stage", "epoch", "batch") and math.isfinite(float(v))}
+    return {
+        k: float(v)
+        for k, v in logs.items()
+        if isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and k not in ("step", "stage", "epoch", "batch")
+        and math.isfinite(float(v))
+    }
 
 
 class TensorBoardLogger(Callback):
@@ -290,17 +318,23 @@ class TensorBoardLogger(Callback):
         self.writer = None
 
     def on_fit_start(self, trainer) -> None:
-        folder = self.log_dir if self.log_dir is not None else (
-            None if trainer.run_dir is None else Path(trainer.run_dir) / "tensorboard")
+        folder = (
+            self.log_dir
+            if self.log_dir is not None
+            else (None if trainer.run_dir is None else Path(trainer.run_dir) / "tensorboard")
+        )
         if folder is None or not trainer.main:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
-            raise ImportError("TensorBoardLogger needs the optional package tensorboard (pip install tensorboard)"
-                              ) from err
+            raise ImportError(
+                "TensorBoardLogger needs the optional package tensorboard (pip install tensorboard)"
+            ) from err
         # A resumed run drops the events after its checkpoint's step.
-        self.writer = SummaryWriter(log_dir=os.fspath(folder), purge_step=trainer.global_step or None)
+        self.writer = SummaryWriter(
+            log_dir=os.fspath(folder), purge_step=trainer.global_step or None
+        )
 
     def on_batch_end(self, trainer, logs: dict) -> None:
         if self.writer is not None:
@@ -336,7 +370,9 @@ class WandbLogger(Callback):
         try:
             import wandb
         except ImportError as err:
-            raise ImportError("WandbLogger needs the optional package wandb (pip install wandb)") from err
+            raise ImportError(
+                "WandbLogger needs the optional package wandb (pip install wandb)"
+            ) from err
         kwargs = dict(self.init_kwargs)
         if trainer.run_dir is not None:
             kwargs.setdefault("dir", os.fspath(trainer.run_dir))
@@ -349,7 +385,9 @@ class WandbLogger(Callback):
 
     def on_eval(self, trainer, metrics: dict) -> None:
         if self.run is not None:
-            self.run.log({f"eval/{k}": v for k, v in _scalars(metrics).items()}, step=trainer.global_step)
+            self.run.log(
+                {f"eval/{k}": v for k, v in _scalars(metrics).items()}, step=trainer.global_step
+            )
 
     def on_fit_end(self, trainer) -> None:
         if self.run is not None:
@@ -369,8 +407,10 @@ def make_logger(spec: Any) -> Callback:
         return LOGGERS[spec]()
     from imtm.component import suggest
 
-    raise ValueError(f"Matcher: unknown logger {spec!r}; give names from {sorted(LOGGERS)} or Callback instances."
-                     + (suggest(spec, list(LOGGERS)) if isinstance(spec, str) else ""))
+    raise ValueError(
+        f"Matcher: unknown logger {spec!r}; give names from {sorted(LOGGERS)} or Callback instances."
+        + (suggest(spec, list(LOGGERS)) if isinstance(spec, str) else "")
+    )
 
 
 # ---------------------------------------------------------------------------- early stopping
@@ -388,12 +428,21 @@ class EarlyStopping(Callback):
     fit with the best epoch's weights.
     """
 
-    def __init__(self, monitor: str = "rsum", patience: int = 3, min_delta: float = 0.0, mode: str = "max"):
+    def __init__(
+        self, monitor: str = "rsum", patience: int = 3, min_delta: float = 0.0, mode: str = "max"
+    ):
         if mode not in ("max", "min"):
             raise ValueError(f"EarlyStopping: mode must be 'max' or 'min', got {mode!r}")
         if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
-            raise ValueError(f"EarlyStopping: patience must be a positive integer, got {patience!r}")
-        self.monitor, self.patience, self.min_delta, self.mode = monitor, patience, float(min_delta), mode
+            raise ValueError(
+                f"EarlyStopping: patience must be a positive integer, got {patience!r}"
+            )
+        self.monitor, self.patience, self.min_delta, self.mode = (
+            monitor,
+            patience,
+            float(min_delta),
+            mode,
+        )
         self.best: float | None = None
         self.wait = 0
         self.stopped_epoch: int | None = None
@@ -404,11 +453,16 @@ class EarlyStopping(Callback):
 
     def on_eval(self, trainer, metrics: dict) -> None:
         if self.monitor not in metrics:
-            raise KeyError(f"EarlyStopping: monitor {self.monitor!r} is not among the evaluation metrics "
-                           f"{sorted(metrics)}")
+            raise KeyError(
+                f"EarlyStopping: monitor {self.monitor!r} is not among the evaluation metrics "
+                f"{sorted(metrics)}"
+            )
         value = float(metrics[self.monitor])
-        better = self.best is None or (value > self.best + self.min_delta if self.mode == "max"
-                                       else value < self.best - self.min_delta)
+        better = self.best is None or (
+            value > self.best + self.min_delta
+            if self.mode == "max"
+            else value < self.best - self.min_delta
+        )
         if better:
             self.best, self.wait = value, 0
             return
@@ -416,11 +470,19 @@ class EarlyStopping(Callback):
         if self.wait >= self.patience:
             trainer.should_stop = True
             self.stopped_epoch = len(trainer.history) + 1
-            log.info("early stopping: %s has not improved for %d evaluations (best %s)", self.monitor,
-                     self.wait, self.best)
+            log.info(
+                "early stopping: %s has not improved for %d evaluations (best %s)",
+                self.monitor,
+                self.wait,
+                self.best,
+            )
 
     def state_dict(self) -> dict:
         return {"best": self.best, "wait": self.wait, "stopped_epoch": self.stopped_epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best, self.wait, self.stopped_epoch = state["best"], state["wait"], state["stopped_epoch"]
+        self.best, self.wait, self.stopped_epoch = (
+            state["best"],
+            state["wait"],
+            state["stopped_epoch"],
+        )

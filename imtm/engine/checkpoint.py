@@ -91,24 +91,44 @@ def verify_manifest(folder: Path) -> None:
     folder = Path(folder)
     manifest_path = folder / "MANIFEST.json"
     if not os.path.lexists(manifest_path):
-        hint = ("; it is a training run folder: load one of its checkpoints (LATEST names the newest) or its "
-                "best/") if (folder / "LATEST").is_file() else ""
+        hint = (
+            (
+                "; it is a training run folder: load one of its checkpoints (LATEST names the newest) or its "
+                "best/"
+            )
+            if (folder / "LATEST").is_file()
+            else ""
+        )
         raise CheckpointError(f"{folder}: no MANIFEST.json; the checkpoint is incomplete{hint}")
     try:
         # A regular file inside the folder, small: a FIFO, a device or a link elsewhere is refused unread.
-        manifest = read_json(manifest_path, who="checkpoint", max_bytes=MAX_SMALL_FILE, root=folder,
-                             error=CheckpointError, where=str(manifest_path))
+        manifest = read_json(
+            manifest_path,
+            who="checkpoint",
+            max_bytes=MAX_SMALL_FILE,
+            root=folder,
+            error=CheckpointError,
+            where=str(manifest_path),
+        )
     except CheckpointError as e:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e}); the file was truncated or altered") from e
+        raise CheckpointError(
+            f"{manifest_path}: unreadable manifest ({e}); the file was truncated or altered"
+        ) from e
     listed = manifest.get("sha256") if isinstance(manifest, dict) else None
     if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
-        raise CheckpointError(f"{manifest_path}: malformed manifest (no 'sha256' table of file checksums)")
+        raise CheckpointError(
+            f"{manifest_path}: malformed manifest (no 'sha256' table of file checksums)"
+        )
     assets = sorted(n for n in listed if _is_asset_file(n))
     unknown = sorted(set(listed) - set(REQUIRED_FILES) - set(TRAIN_STATE_FILES) - set(assets))
     if unknown:
-        raise CheckpointError(f"{manifest_path} lists {unknown}, which are not checkpoint files; the manifest was altered")
+        raise CheckpointError(
+            f"{manifest_path} lists {unknown}, which are not checkpoint files; the manifest was altered"
+        )
     missing = [f for f in REQUIRED_FILES if f not in listed]
-    if len(set(TRAIN_STATE_FILES) & set(listed)) == 1:  # trainer state comes as a pair or not at all
+    if (
+        len(set(TRAIN_STATE_FILES) & set(listed)) == 1
+    ):  # trainer state comes as a pair or not at all
         missing += [f for f in TRAIN_STATE_FILES if f not in listed]
     if missing:
         raise CheckpointError(
@@ -117,7 +137,9 @@ def verify_manifest(folder: Path) -> None:
     if set(TRAIN_STATE_FILES) & set(listed):
         # A training checkpoint holds exactly its files. A saved model may have others beside them (a
         # hub repository's .gitattributes, a user's notes): they are never read, so they are left alone.
-        extra = sorted(p.name for p in folder.iterdir() if p.name != "MANIFEST.json" and p.name not in listed)
+        extra = sorted(
+            p.name for p in folder.iterdir() if p.name != "MANIFEST.json" and p.name not in listed
+        )
         if extra:
             raise CheckpointError(
                 f"{folder} holds {extra}, which MANIFEST.json does not list; imtm writes no such file. "
@@ -127,10 +149,18 @@ def verify_manifest(folder: Path) -> None:
     for sub in sorted({n.split("/")[0] for n in assets}):
         # A block's asset folder is read whole (a tokenizer reads what it finds): it holds the listed files only.
         sub_path = folder / sub
-        if sub_path.is_symlink() or not sub_path.is_dir() or not sub_path.resolve().is_relative_to(inside):
-            raise CheckpointError(f"{sub_path} is not a folder inside {folder} (a link, or missing); imtm writes "
-                                  "asset folders as plain folders. Use the folder as saved")
-        extra = sorted(f"{sub}/{p.name}" for p in sub_path.iterdir() if f"{sub}/{p.name}" not in listed)
+        if (
+            sub_path.is_symlink()
+            or not sub_path.is_dir()
+            or not sub_path.resolve().is_relative_to(inside)
+        ):
+            raise CheckpointError(
+                f"{sub_path} is not a folder inside {folder} (a link, or missing); imtm writes "
+                "asset folders as plain folders. Use the folder as saved"
+            )
+        extra = sorted(
+            f"{sub}/{p.name}" for p in sub_path.iterdir() if f"{sub}/{p.name}" not in listed
+        )
         if extra:
             raise CheckpointError(
                 f"{folder} holds {extra}, which MANIFEST.json does not list; imtm writes no such file, and a "
@@ -138,11 +168,15 @@ def verify_manifest(folder: Path) -> None:
             )
         for name in (n for n in assets if n.startswith(sub + "/")):
             if (folder / name).is_symlink():
-                raise CheckpointError(f"{folder / name} is a symlink; imtm writes no links. Copy the file in place")
+                raise CheckpointError(
+                    f"{folder / name} is a symlink; imtm writes no links. Copy the file in place"
+                )
     for name, digest in listed.items():
         path = folder / name
         if not os.path.lexists(path):
-            raise CheckpointError(f"{folder}: {name} is missing; the checkpoint was damaged, use another one")
+            raise CheckpointError(
+                f"{folder}: {name} is missing; the checkpoint was damaged, use another one"
+            )
         regular_file_size(path, who="checkpoint", root=folder, error=CheckpointError)
         if file_sha256(path) != digest:
             raise CheckpointError(
@@ -234,10 +268,19 @@ def recover_run(run_dir: str | os.PathLike, name: str | None = None) -> list[str
     for path in sorted(run_dir.iterdir()):
         match = _FOLDER_TEMPORARY.match(path.name)
         if match:
-            if (name is None or match["name"] == name) and path.is_dir() and not path.is_symlink() \
-                    and _process_gone(int(match["pid"])):
+            if (
+                (name is None or match["name"] == name)
+                and path.is_dir()
+                and not path.is_symlink()
+                and _process_gone(int(match["pid"]))
+            ):
                 leftovers.append((path, match["name"], match["kind"]))
-        elif name is None and _LATEST_TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+        elif (
+            name is None
+            and _LATEST_TEMPORARY.match(path.name)
+            and path.is_file()
+            and not path.is_symlink()
+        ):
             path.unlink(missing_ok=True)
             done.append(f"removed {path.name}")
     for path, target, kind in leftovers:
@@ -301,21 +344,40 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     # A regular file inside the run folder (a FIFO would block a read forever); a folder name, so
     # anything longer than 1024 bytes is not one.
     try:
-        raw = read_regular(latest, max_bytes=MAX_SMALL_FILE, who="fit(resume=True)", root=run_dir,
-                           error=CheckpointError)[:1025]
+        raw = read_regular(
+            latest,
+            max_bytes=MAX_SMALL_FILE,
+            who="fit(resume=True)",
+            root=run_dir,
+            error=CheckpointError,
+        )[:1025]
     except FileNotFoundError:  # a link to nothing
         raise CheckpointError(f"{latest} is a link to a file that does not exist") from None
     try:
-        name = raw.decode("utf-8").strip() if len(raw) <= 1024 else raw[:40].decode("utf-8", "replace") + "..."
+        name = (
+            raw.decode("utf-8").strip()
+            if len(raw) <= 1024
+            else raw[:40].decode("utf-8", "replace") + "..."
+        )
     except UnicodeDecodeError:
         name = raw[:40].decode("utf-8", "replace")
     if not name:
-        raise CheckpointError(f"{latest} is empty; it should hold the name of the newest checkpoint folder in {run_dir}")
+        raise CheckpointError(
+            f"{latest} is empty; it should hold the name of the newest checkpoint folder in {run_dir}"
+        )
     folder = run_dir / name
     # A hidden name is a temporary of a writer, never a checkpoint; a link must not lead out of the run folder.
-    if name.startswith(".") or "/" in name or "\\" in name or "\x00" in name or len(raw) > 1024 \
-            or (folder.exists() and folder.resolve().parent != run_dir.resolve()):
-        raise CheckpointError(f"{latest} names {name!r}, which is not a checkpoint folder of {run_dir}")
+    if (
+        name.startswith(".")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or len(raw) > 1024
+        or (folder.exists() and folder.resolve().parent != run_dir.resolve())
+    ):
+        raise CheckpointError(
+            f"{latest} names {name!r}, which is not a checkpoint folder of {run_dir}"
+        )
     if not folder.is_dir():
         raise CheckpointError(f"{latest} names {folder.name}, which does not exist")
     return folder
@@ -325,9 +387,19 @@ def read_checkpoint(folder: str | os.PathLike, *, with_train_state: bool = True)
     """Verify and read a checkpoint folder: config, model state, record and (optionally) trainer state."""
     folder = Path(folder)
     if not folder.is_dir():
-        aside = sorted(p.name for p in folder.parent.glob(f".{folder.name}.old-*")) if folder.name else []
-        hint = (f"; a write killed while replacing it left the previous version in {aside[0]}: writing "
-                f"{folder.name} again restores it first, or rename it back by hand") if aside else ""
+        aside = (
+            sorted(p.name for p in folder.parent.glob(f".{folder.name}.old-*"))
+            if folder.name
+            else []
+        )
+        hint = (
+            (
+                f"; a write killed while replacing it left the previous version in {aside[0]}: writing "
+                f"{folder.name} again restores it first, or rename it back by hand"
+            )
+            if aside
+            else ""
+        )
         raise CheckpointError(f"{folder}: no such checkpoint folder{hint}")
     _check_links(folder)
     verify_manifest(folder)
@@ -338,39 +410,63 @@ def read_checkpoint(folder: str | os.PathLike, *, with_train_state: bool = True)
         "train_state": None,
     }
     seed = out["record"].get("seed")
-    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32):
-        raise CheckpointError(f"{folder / 'record.json'}: entry 'seed' is {seed!r}, expected an integer in "
-                              "[0, 2**32) or null; the file was altered")
+    if seed is not None and not (
+        isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32
+    ):
+        raise CheckpointError(
+            f"{folder / 'record.json'}: entry 'seed' is {seed!r}, expected an integer in "
+            "[0, 2**32) or null; the file was altered"
+        )
     if with_train_state and (folder / "state.json").exists():
         tree = _read_json(folder / "state.json", object)
         try:
-            out["train_state"] = unflatten_state(tree, _read_tensors(folder / "optimizer.safetensors"))
+            out["train_state"] = unflatten_state(
+                tree, _read_tensors(folder / "optimizer.safetensors")
+            )
         except KeyError as e:
-            raise CheckpointError(f"{folder / 'state.json'} names tensor {e} that optimizer.safetensors does not "
-                                  "hold; the files were altered") from None
+            raise CheckpointError(
+                f"{folder / 'state.json'} names tensor {e} that optimizer.safetensors does not "
+                "hold; the files were altered"
+            ) from None
         except (TypeError, AttributeError, ValueError) as e:
-            raise CheckpointError(f"{folder / 'state.json'}: malformed entry ({type(e).__name__}: {e})") from e
+            raise CheckpointError(
+                f"{folder / 'state.json'}: malformed entry ({type(e).__name__}: {e})"
+            ) from e
         _check_train_state(out["train_state"], folder / "state.json")
     return out
 
 
 #: The entries of state.json a resume reads, and their types.
-_TRAIN_STATE_ENTRIES = {"position": dict, "epoch_logs": dict, "history": list, "skipped": int,
-                        "train_config": dict, "rng": dict}
+_TRAIN_STATE_ENTRIES = {
+    "position": dict,
+    "epoch_logs": dict,
+    "history": list,
+    "skipped": int,
+    "train_config": dict,
+    "rng": dict,
+}
 _POSITION_ENTRIES = ("stage", "epoch", "batch", "global_step", "epoch_done")
 
 
 def _check_train_state(ts: Any, path: Path) -> None:
     """CheckpointError naming the entry (not a KeyError later) when a forged state.json lacks what a resume reads."""
     if not isinstance(ts, dict):
-        raise CheckpointError(f"{path}: expected an object of trainer state, got {type(ts).__name__}")
+        raise CheckpointError(
+            f"{path}: expected an object of trainer state, got {type(ts).__name__}"
+        )
     for key, kind in _TRAIN_STATE_ENTRIES.items():
         if not isinstance(ts.get(key), kind):
-            raise CheckpointError(f"{path}: entry {key!r} is missing or not a {kind.__name__}; the file was altered")
+            raise CheckpointError(
+                f"{path}: entry {key!r} is missing or not a {kind.__name__}; the file was altered"
+            )
     for key in _POSITION_ENTRIES:
         value = ts["position"].get(key)
-        if not isinstance(value, int) or (key != "epoch_done" and (isinstance(value, bool) or value < 0)):
-            raise CheckpointError(f"{path}: entry 'position.{key}' is {value!r}; the file was altered")
+        if not isinstance(value, int) or (
+            key != "epoch_done" and (isinstance(value, bool) or value < 0)
+        ):
+            raise CheckpointError(
+                f"{path}: entry 'position.{key}' is {value!r}; the file was altered"
+            )
     for key in ("torch", "numpy", "python"):
         if key not in ts["rng"]:
             raise CheckpointError(f"{path}: entry 'rng.{key}' is missing; the file was altered")
@@ -387,10 +483,14 @@ def _check_links(folder: Path) -> None:
         try:
             target = entry.resolve()
         except (OSError, RuntimeError) as e:  # a symlink loop
-            raise CheckpointError(f"{entry} is a link that cannot be resolved ({e}); imtm writes no links") from e
+            raise CheckpointError(
+                f"{entry} is a link that cannot be resolved ({e}); imtm writes no links"
+            ) from e
         if entry.is_symlink() and not target.is_relative_to(inside):
-            raise CheckpointError(f"{entry} is a symlink to {target}, outside the checkpoint folder; imtm "
-                                  "writes no links: copy the file into the folder, or use another checkpoint")
+            raise CheckpointError(
+                f"{entry} is a symlink to {target}, outside the checkpoint folder; imtm "
+                "writes no links: copy the file into the folder, or use another checkpoint"
+            )
         if not entry.is_file() and not entry.is_dir():
             raise CheckpointError(f"{entry} is not a regular file (a device, FIFO or broken link)")
 
@@ -398,10 +498,18 @@ def _check_links(folder: Path) -> None:
 def _read_json(path: Path, kind: type) -> Any:
     """Parse a checkpoint's JSON file; CheckpointError (not RecursionError) on bad or crafted content."""
     try:
-        obj = read_json(path, who="checkpoint", max_bytes=MAX_STATE_FILE, root=path.parent, error=CheckpointError,
-                        where=str(path))
+        obj = read_json(
+            path,
+            who="checkpoint",
+            max_bytes=MAX_STATE_FILE,
+            root=path.parent,
+            error=CheckpointError,
+            where=str(path),
+        )
     except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: missing; the checkpoint was damaged, use another one") from e
+        raise CheckpointError(
+            f"{path}: missing; the checkpoint was damaged, use another one"
+        ) from e
     if not isinstance(obj, kind):
         raise CheckpointError(f"{path}: expected a JSON {kind.__name__}, got {type(obj).__name__}")
     return obj
@@ -411,7 +519,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file; anything else (a pickle, a torch.save file, a damaged header) is refused."""
     try:
         return load_tensors(path)
-    except Exception as e:  # SafetensorError (malformed or huge header), OSError: never a pickle fallback
+    except (
+        Exception
+    ) as e:  # SafetensorError (malformed or huge header), OSError: never a pickle fallback
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); imtm reads weights only as "
             "safetensors and never unpickles (torch.load) a checkpoint file"
@@ -443,7 +553,9 @@ class RunLock:
 
     def _owner(self) -> dict:
         try:
-            owner = read_json(self.path, who="checkpoint_dir lock", max_bytes=4096, error=CheckpointError)
+            owner = read_json(
+                self.path, who="checkpoint_dir lock", max_bytes=4096, error=CheckpointError
+            )
         except (FileNotFoundError, CheckpointError):
             return {}
         return owner if isinstance(owner, dict) else {}
@@ -458,15 +570,27 @@ class RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+                fd = os.open(
+                    self.path,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                    0o644,
+                )
             except FileExistsError:
                 owner = self._owner()
                 pid, host = owner.get("pid"), owner.get("host")
-                gone = isinstance(pid, int) and not isinstance(pid, bool) and host == me["host"] \
-                    and pid != os.getpid() and _process_gone(pid)
+                gone = (
+                    isinstance(pid, int)
+                    and not isinstance(pid, bool)
+                    and host == me["host"]
+                    and pid != os.getpid()
+                    and _process_gone(pid)
+                )
                 if not gone:
-                    who = (f"process {pid} on host {host!r}" if pid is not None else "another process (the lock "
-                           "file is unreadable)")
+                    who = (
+                        f"process {pid} on host {host!r}"
+                        if pid is not None
+                        else "another process (the lock file is unreadable)"
+                    )
                     raise RunFolderBusy(
                         f"{self.run_dir} is being written by {who} (lock file {self.path}); two writers on one "
                         "checkpoint_dir would delete each other's checkpoints. Wait for that fit to end, use "
@@ -483,7 +607,9 @@ class RunLock:
                 json.dump(me, f)
             self.held = True
             return self
-        raise RunFolderBusy(f"{self.run_dir}: could not take the lock file {self.path}; another writer keeps taking it")
+        raise RunFolderBusy(
+            f"{self.run_dir}: could not take the lock file {self.path}; another writer keeps taking it"
+        )
 
     def release(self) -> None:
         if self.held:

@@ -88,7 +88,9 @@ def env_world_size() -> int:
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError as err:
-        raise ValueError(f"WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}") from err
+        raise ValueError(
+            f"WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}"
+        ) from err
 
 
 def local_rank() -> int:
@@ -104,7 +106,9 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def setup(device: torch.device | str | None = None, *, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> bool:
+def setup(
+    device: torch.device | str | None = None, *, timeout: datetime.timedelta = DEFAULT_TIMEOUT
+) -> bool:
     """Initialise the default process group from torchrun's variables, once; say whether one is running.
 
     Does nothing in a single process (no ``WORLD_SIZE`` > 1), or when a process group
@@ -371,8 +375,18 @@ class ShardedBatchSampler(Sampler):
         [[2, 3], [6, 7], [9]]
     """
 
-    def __init__(self, n: int, batch_size: int, *, seed: int, epoch: int, rank: int, world: int,
-                 start_batch: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world: int,
+        start_batch: int = 0,
+        shuffle: bool = True,
+    ):
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.rank, self.world, self.start_batch, self.shuffle = rank, world, start_batch, shuffle
 

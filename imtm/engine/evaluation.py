@@ -20,7 +20,9 @@ def _check_finite_batch(batch: Any, start: int, what: str) -> None:
     """Refuse NaN/inf input features (padding excluded) naming the first bad item, as ``fit`` does."""
     if isinstance(batch, Tokens):
         feats = batch.feats
-        bad = ~torch.isfinite(feats) & batch.mask.reshape(*batch.mask.shape, *(1,) * (feats.dim() - 2))
+        bad = ~torch.isfinite(feats) & batch.mask.reshape(
+            *batch.mask.shape, *(1,) * (feats.dim() - 2)
+        )
     elif isinstance(batch, torch.Tensor):
         feats = batch
         bad = ~torch.isfinite(feats)
@@ -81,12 +83,21 @@ def blocked_scores(
 
     Only one ``(image_block, text_block)`` block of pairwise intermediates exists at a time.
     """
-    out = {name: torch.empty(n_images, n_captions, dtype=torch.float32) for name in plan.score_values}
-    starts = [(i0, t0) for i0 in range(0, n_images, image_block) for t0 in range(0, n_captions, text_block)]
+    out = {
+        name: torch.empty(n_images, n_captions, dtype=torch.float32) for name in plan.score_values
+    }
+    starts = [
+        (i0, t0)
+        for i0 in range(0, n_images, image_block)
+        for t0 in range(0, n_captions, text_block)
+    ]
     cached_i: tuple[int, dict] | None = None
     for i0, t0 in tqdm(starts, desc="scoring", disable=not progress, leave=False):
         if cached_i is None or cached_i[0] != i0:
-            cached_i = (i0, {k: take(v, slice(i0, i0 + image_block)) for k, v in image_values.items()})
+            cached_i = (
+                i0,
+                {k: take(v, slice(i0, i0 + image_block)) for k, v in image_values.items()},
+            )
         values = dict(cached_i[1])
         values.update({k: take(v, slice(t0, t0 + text_block)) for k, v in text_values.items()})
         with autocast():

@@ -30,7 +30,9 @@ __all__ = ["Plan", "PipelineError", "BATCH_VALUES", "SCORE_VALUES", "build_plan"
 IMAGE, TEXT = "image", "text"
 
 #: Values a batch provides, and the sides each depends on (from their value specs).
-BATCH_VALUES: dict[str, frozenset] = {name: side_of(name) for name in ("images", "texts", "image_ids", "positives")}
+BATCH_VALUES: dict[str, frozenset] = {
+    name: side_of(name) for name in ("images", "texts", "image_ids", "positives")
+}
 
 #: The score values evaluation ranks with: one shared matrix, or one per direction.
 SCORE_VALUES = ("scores", "scores_i2t", "scores_t2i")
@@ -46,12 +48,16 @@ def name_components(components: Sequence[Any]) -> list[tuple[str, Component]]:
     Repeated automatic names get ``-1``, ``-2``, ... suffixes on every repeat.
     """
     if isinstance(components, (str, bytes)) or not hasattr(components, "__iter__"):
-        raise TypeError(f"Matcher: components must be a list of blocks, got {type(components).__name__}")
+        raise TypeError(
+            f"Matcher: components must be a list of blocks, got {type(components).__name__}"
+        )
     items: list[tuple[str | None, Any]] = []
     for k, c in enumerate(components):
         if isinstance(c, tuple):
             if len(c) != 2 or not isinstance(c[0], str):
-                raise TypeError(f"Matcher: component {k} must be a block or a (name, block) pair, got {c!r}")
+                raise TypeError(
+                    f"Matcher: component {k} must be a block or a (name, block) pair, got {c!r}"
+                )
             items.append((c[0], c[1]))
         else:
             items.append((None, c))
@@ -62,13 +68,17 @@ def name_components(components: Sequence[Any]) -> list[tuple[str, Component]]:
                 "wrap custom nn.Modules in a Component subclass that declares requires/provides"
             )
         if name is not None and ("__" in name or not name):
-            raise ValueError(f"Matcher: component name {name!r} must be non-empty and must not contain '__'")
+            raise ValueError(
+                f"Matcher: component name {name!r} must be non-empty and must not contain '__'"
+            )
         if name is not None and ("." in name or hasattr(torch.nn.ModuleDict(), name)):
             # The fitted blocks live in a ModuleDict: its keys name parameters ("a.b" would be ambiguous)
             # and must not shadow its attributes ("training", "forward", "parameters"...).
-            raise ValueError(f"Matcher: component name {name!r} (component {k}) cannot name a block: "
-                             + ("it contains '.'" if "." in name else "it is an attribute of torch.nn.Module")
-                             + "; choose another name")
+            raise ValueError(
+                f"Matcher: component name {name!r} (component {k}) cannot name a block: "
+                + ("it contains '.'" if "." in name else "it is an attribute of torch.nn.Module")
+                + "; choose another name"
+            )
     auto = [block.name_hint for name, block in items if name is None]
     counts = {n: auto.count(n) for n in auto}
     seen: dict[str, int] = {}
@@ -97,7 +107,9 @@ class Plan:
     blocks: list[Component]
     sides: dict[str, frozenset] = field(default_factory=dict)  # value -> sides it depends on
     block_sides: list[frozenset] = field(default_factory=list)
-    producers: dict[str, int] = field(default_factory=dict)  # value -> index of the last block providing it
+    producers: dict[str, int] = field(
+        default_factory=dict
+    )  # value -> index of the last block providing it
     score_values: tuple[str, ...] = ()
 
     def is_loss(self, k: int) -> bool:
@@ -179,7 +191,11 @@ def build_plan(named: list[tuple[str, Component]]) -> Plan:
             )
         for value in req:
             if value not in sides:
-                later = [f"{names[j]!r} (position {j})" for j in range(k + 1, len(blocks)) if value in blocks[j].provides]
+                later = [
+                    f"{names[j]!r} (position {j})"
+                    for j in range(k + 1, len(blocks))
+                    if value in blocks[j].provides
+                ]
                 classes = sorted(
                     c.__name__
                     for c in set(COMPONENT_REGISTRY.values())
@@ -187,7 +203,9 @@ def build_plan(named: list[tuple[str, Component]]) -> Plan:
                 )
                 hint = []
                 if later:
-                    hint.append(f"later blocks provide it: {', '.join(later)}; move one before position {k}")
+                    hint.append(
+                        f"later blocks provide it: {', '.join(later)}; move one before position {k}"
+                    )
                 if classes:
                     hint.append(f"blocks that provide it: {', '.join(classes)}")
                 known = sorted(sides)
@@ -210,7 +228,9 @@ def build_plan(named: list[tuple[str, Component]]) -> Plan:
         try:
             block.link(by_name)
         except (KeyError, TypeError, ValueError) as err:
-            raise PipelineError(f"Matcher: block {name!r} (position {k}, {type(block).__name__}): {err}") from err
+            raise PipelineError(
+                f"Matcher: block {name!r} (position {k}, {type(block).__name__}): {err}"
+            ) from err
     if "scores" in producers:
         score_values: tuple[str, ...] = ("scores",)
     elif "scores_i2t" in producers and "scores_t2i" in producers:

@@ -80,7 +80,11 @@ def owned_files(folder: Path, names: Iterable[Any]) -> list[str]:
         if not safe_relative_name(name):
             continue
         path = folder / name
-        if path.is_symlink() or not path.is_file() or any((folder / p).is_symlink() for p in _parents(name)):
+        if (
+            path.is_symlink()
+            or not path.is_file()
+            or any((folder / p).is_symlink() for p in _parents(name))
+        ):
             continue
         if path.resolve().is_relative_to(inside):
             out.append(name)
@@ -112,7 +116,11 @@ def manifest_files(folder: str | os.PathLike) -> tuple[str | None, list[str]]:
     kind = None
     if "config.json" in files:
         config = read_small_json(folder / "config.json")
-        kind = config.get("format") if isinstance(config, dict) and isinstance(config.get("format"), str) else None
+        kind = (
+            config.get("format")
+            if isinstance(config, dict) and isinstance(config.get("format"), str)
+            else None
+        )
     return kind, files
 
 
@@ -156,7 +164,9 @@ def write_folder(
 
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise FileExistsError(f"{what}: {path} exists and is not a folder; nothing was written. Give a folder path")
+        raise FileExistsError(
+            f"{what}: {path} exists and is not a folder; nothing was written. Give a folder path"
+        )
     path = Path(os.path.abspath(path))  # "." or "runs/x/" name a folder with a name and a parent
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -181,8 +191,11 @@ def write_folder(
         if old_kind != kind and not overwrite:
             listing = sorted(entries + folders)
             shown = ", ".join(listing[:5]) + (", ..." if len(listing) > 5 else "")
-            what_it_is = (f"an imtm folder of another kind ({old_kind})" if old_kind else
-                          f"not a saved {kind} folder")
+            what_it_is = (
+                f"an imtm folder of another kind ({old_kind})"
+                if old_kind
+                else f"not a saved {kind} folder"
+            )
             raise FileExistsError(
                 f"{what}: {path} is not empty ({shown}) and is {what_it_is}; nothing was written. Save to a new or "
                 "empty folder, or pass overwrite=True to write the files beside the others (only files an "
@@ -206,9 +219,15 @@ def write_folder(
 def _merge_into(path: Path, tmp: Path, files: list[str], old_files: list[str], what: str) -> None:
     """Move the staged ``files`` into ``path``, replacing only ``old_files``; the manifest (last) goes in last."""
     old = set(old_files)
-    clash = sorted({f for f in files if os.path.lexists(path / f) and f not in old}
-                   | {p for f in files for p in _parents(f)
-                      if os.path.lexists(path / p) and ((path / p).is_symlink() or not (path / p).is_dir())})
+    clash = sorted(
+        {f for f in files if os.path.lexists(path / f) and f not in old}
+        | {
+            p
+            for f in files
+            for p in _parents(f)
+            if os.path.lexists(path / p) and ((path / p).is_symlink() or not (path / p).is_dir())
+        }
+    )
     if clash:
         raise FileExistsError(
             f"{what}: {path} holds {clash[:5]}, which imtm did not write (no imtm manifest lists them) and which "
@@ -217,7 +236,9 @@ def _merge_into(path: Path, tmp: Path, files: list[str], old_files: list[str], w
     commit = files[-1]
     if commit in old:  # first: the folder stops loading as complete until the new manifest is in
         (path / commit).unlink()
-    for name in sorted(old - set(files) - {commit}):  # the previous model's files the new one does not have
+    for name in sorted(
+        old - set(files) - {commit}
+    ):  # the previous model's files the new one does not have
         (path / name).unlink(missing_ok=True)
         for p in reversed(_parents(name)):
             with_contents = (path / p).is_dir() and any((path / p).iterdir())
@@ -271,9 +292,17 @@ def _metric_rows(metrics: dict) -> list[str]:
     rows = []
     for split, values in metrics.items():
         if isinstance(values, dict):
-            shown = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            shown = {
+                k: v
+                for k, v in values.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             if shown:
-                rows.append(f"| {_cell(split)} | " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())) + " |")
+                rows.append(
+                    f"| {_cell(split)} | "
+                    + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items()))
+                    + " |"
+                )
     return rows
 
 
@@ -290,9 +319,11 @@ def model_card(config: dict, record: dict, files: list[str], *, name: str) -> st
         "",
         f"# {name}",
         "",
-        ("An image-text matching model saved by imtm (`Matcher.save_pretrained`). The folder is "
-         "self-contained: every weight (encoders included) is in `model.safetensors`, every tokenizer and "
-         "configuration file is here, and nothing outside it is read."),
+        (
+            "An image-text matching model saved by imtm (`Matcher.save_pretrained`). The folder is "
+            "self-contained: every weight (encoders included) is in `model.safetensors`, every tokenizer and "
+            "configuration file is here, and nothing outside it is read."
+        ),
         "",
         "## Use",
         "",
@@ -311,27 +342,46 @@ def model_card(config: dict, record: dict, files: list[str], *, name: str) -> st
     for c in config.get("components", []):
         block = c.get("block", {}) if isinstance(c, dict) else {}
         params = block.get("params", {}) if isinstance(block, dict) else {}
-        shown = ", ".join(f"{k}={_cell(v)}" for k, v in sorted(params.items())
-                          if k not in ("requires", "provides") and not (isinstance(v, dict) and "__object__" in v))
-        lines.append(f"| {_cell(c.get('name', '?'))} | {_cell(c.get('class', block.get('__component__', '?')))} | "
-                     f"{_cell(shown, 600) if shown else ''} |")
+        shown = ", ".join(
+            f"{k}={_cell(v)}"
+            for k, v in sorted(params.items())
+            if k not in ("requires", "provides") and not (isinstance(v, dict) and "__object__" in v)
+        )
+        lines.append(
+            f"| {_cell(c.get('name', '?'))} | {_cell(c.get('class', block.get('__component__', '?')))} | "
+            f"{_cell(shown, 600) if shown else ''} |"
+        )
     lines += ["", "## Training record", ""]
-    facts = [("epochs trained", record.get("n_epochs")), ("seed", record.get("seed")),
-             ("training pairs", record.get("n_train")), ("data fingerprint", record.get("data_fingerprint")),
-             ("evaluation protocol", record.get("evaluation_protocol")),
-             ("configuration hash", record.get("config_hash"))]
+    facts = [
+        ("epochs trained", record.get("n_epochs")),
+        ("seed", record.get("seed")),
+        ("training pairs", record.get("n_train")),
+        ("data fingerprint", record.get("data_fingerprint")),
+        ("evaluation protocol", record.get("evaluation_protocol")),
+        ("configuration hash", record.get("config_hash")),
+    ]
     lines += [f"- {k}: `{v}`" for k, v in facts if v is not None]
     sources = record.get("sources") or {}
     if sources:
-        lines.append("- pretrained weights first came from: " + ", ".join(
-            f"{b}.{p} = `{v}`" for b, params in sorted(sources.items()) for p, v in sorted(params.items())))
+        lines.append(
+            "- pretrained weights first came from: "
+            + ", ".join(
+                f"{b}.{p} = `{v}`"
+                for b, params in sorted(sources.items())
+                for p, v in sorted(params.items())
+            )
+        )
     versions = record.get("versions") or {}
     if versions:
         lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
     history = record.get("history") or []
     metrics: dict[str, Any] = {}
     if history and isinstance(history[-1], dict):
-        last = {k: v for k, v in history[-1].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        last = {
+            k: v
+            for k, v in history[-1].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if last:
             metrics[f"last epoch ({len(history)})"] = last
     if isinstance(record.get("best"), dict):
@@ -345,6 +395,8 @@ def model_card(config: dict, record: dict, files: list[str], *, name: str) -> st
     if rows:
         lines += ["| when | values |", "| --- | --- |", *rows]
     else:
-        lines.append("No evaluation was recorded (train with an `eval_set`, or pass `metrics=` when saving).")
+        lines.append(
+            "No evaluation was recorded (train with an `eval_set`, or pass `metrics=` when saving)."
+        )
     lines += ["", "## Files", "", *[f"- `{f}`" for f in files], ""]
     return "\n".join(lines)

@@ -74,16 +74,26 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 #: The built-in schedules a name selects.
 SCHEDULES = ("cosine", "constant", "step", "cosine_restarts")
 
-_STEP_TEXT = re.compile(r"^\s*x\s*(?P<gamma>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s+every\s+(?:(?P<every>[0-9]+)\s+)?"
-                        r"epochs?\s*$")
-_AT_TEXT = re.compile(r"^\s*x\s*(?P<gamma>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s+at\s+epochs?\s+(?P<at>[0-9]+(?:\s*,\s*[0-9]+)*)\s*$")
-_SCHEDULE_KEYS = {"step": {"gamma", "every", "milestones"}, "cosine_restarts": {"period", "mult", "min_factor"},
-                  "cosine": set(), "constant": set()}
+_STEP_TEXT = re.compile(
+    r"^\s*x\s*(?P<gamma>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s+every\s+(?:(?P<every>[0-9]+)\s+)?"
+    r"epochs?\s*$"
+)
+_AT_TEXT = re.compile(
+    r"^\s*x\s*(?P<gamma>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s+at\s+epochs?\s+(?P<at>[0-9]+(?:\s*,\s*[0-9]+)*)\s*$"
+)
+_SCHEDULE_KEYS = {
+    "step": {"gamma", "every", "milestones"},
+    "cosine_restarts": {"period", "mult", "min_factor"},
+    "cosine": set(),
+    "constant": set(),
+}
 
 
 def describe(value: Any) -> Any:
     """``value`` as a configuration can hold it: a class or a callable becomes its dotted name (a string)."""
-    if isinstance(value, type) or (callable(value) and not isinstance(value, (str, Mapping, tuple, list))):
+    if isinstance(value, type) or (
+        callable(value) and not isinstance(value, (str, Mapping, tuple, list))
+    ):
         func = getattr(value, "func", value)  # functools.partial: the function it wraps
         name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', type(func).__name__)}"
         if isinstance(value, type) and getattr(torch.optim, value.__name__, None) is value:
@@ -106,7 +116,7 @@ def _optimizer_class(what: Any, where: str) -> type[torch.optim.Optimizer]:
         if key in OPTIMIZERS:
             return OPTIMIZERS[key]
         if what.startswith("torch.optim."):
-            cls = getattr(torch.optim, what[len("torch.optim."):], None)
+            cls = getattr(torch.optim, what[len("torch.optim.") :], None)
             if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
                 return cls
         from imtm.component import suggest
@@ -114,9 +124,12 @@ def _optimizer_class(what: Any, where: str) -> type[torch.optim.Optimizer]:
         raise ValueError(
             f"{where}: unknown optimizer {what!r}; give one of {sorted(OPTIMIZERS)}, 'torch.optim.<Name>', or "
             "a torch.optim.Optimizer subclass (a configuration records other classes by name only: pass the "
-            "class again)." + suggest(what, list(OPTIMIZERS)))
-    raise TypeError(f"{where}: optimizer must be a name such as 'adamw', a torch.optim.Optimizer subclass, or "
-                    f"(name_or_class, {{kwargs}}); got {what!r}")
+            "class again)." + suggest(what, list(OPTIMIZERS))
+        )
+    raise TypeError(
+        f"{where}: optimizer must be a name such as 'adamw', a torch.optim.Optimizer subclass, or "
+        f"(name_or_class, {{kwargs}}); got {what!r}"
+    )
 
 
 def optimizer_spec(spec: Any, where: str = "Matcher") -> tuple[type[torch.optim.Optimizer], dict]:
@@ -125,20 +138,26 @@ def optimizer_spec(spec: Any, where: str = "Matcher") -> tuple[type[torch.optim.
     if isinstance(spec, Mapping):
         spec = dict(spec)
         if "name" not in spec:
-            raise ValueError(f"{where}: an optimizer given as a dict needs 'name' (e.g. {{'name': 'sgd', "
-                             f"'momentum': 0.9}}); got keys {sorted(spec)}")
+            raise ValueError(
+                f"{where}: an optimizer given as a dict needs 'name' (e.g. {{'name': 'sgd', "
+                f"'momentum': 0.9}}); got keys {sorted(spec)}"
+            )
         what, kwargs = spec.pop("name"), spec
     elif isinstance(spec, (tuple, list)):
         if len(spec) != 2 or not isinstance(spec[1], Mapping):
-            raise ValueError(f"{where}: an optimizer given as a pair is (name_or_class, {{kwargs}}); got {spec!r}")
+            raise ValueError(
+                f"{where}: an optimizer given as a pair is (name_or_class, {{kwargs}}); got {spec!r}"
+            )
         what, kwargs = spec[0], dict(spec[1])
     else:
         what = spec
     cls = _optimizer_class(what, where)
     bad = [k for k in kwargs if not isinstance(k, str) or k == "params"]
     if bad:
-        raise ValueError(f"{where}: optimizer keyword arguments {bad} are not allowed (parameters come from the "
-                         "blocks; give the optimizer's own options such as momentum or betas)")
+        raise ValueError(
+            f"{where}: optimizer keyword arguments {bad} are not allowed (parameters come from the "
+            "blocks; give the optimizer's own options such as momentum or betas)"
+        )
     return cls, dict(kwargs)
 
 
@@ -149,11 +168,21 @@ def schedule_spec(spec: Any, where: str = "Matcher") -> dict | Callable:
     if isinstance(spec, str):
         match = _STEP_TEXT.match(spec)
         if match:
-            return {"name": "step", "gamma": float(match["gamma"]), "every": int(match["every"] or 1)}
+            return {
+                "name": "step",
+                "gamma": float(match["gamma"]),
+                "every": int(match["every"] or 1),
+            }
         match = _AT_TEXT.match(spec)
         if match:
-            return schedule_spec({"name": "step", "gamma": float(match["gamma"]),
-                                  "milestones": [int(x) for x in match["at"].split(",")]}, where)
+            return schedule_spec(
+                {
+                    "name": "step",
+                    "gamma": float(match["gamma"]),
+                    "milestones": [int(x) for x in match["at"].split(",")],
+                },
+                where,
+            )
         if spec not in SCHEDULES:
             from imtm.component import suggest
 
@@ -161,29 +190,38 @@ def schedule_spec(spec: Any, where: str = "Matcher") -> dict | Callable:
                 f"{where}: unknown lr_scheduler {spec!r}; give one of {list(SCHEDULES)}, a step decay such as "
                 "'x0.9 every epoch' or 'x0.1 every 10 epochs', a dict such as {'name': 'step', 'gamma': 0.9}, or "
                 "a factory optimizer -> torch scheduler (a configuration records a factory by name only: pass "
-                "it again)." + suggest(spec, list(SCHEDULES)))
+                "it again)." + suggest(spec, list(SCHEDULES))
+            )
         spec = {"name": spec}
     if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
-        raise TypeError(f"{where}: lr_scheduler must be a name, a dict with 'name', or a callable factory; "
-                        f"got {spec!r}")
+        raise TypeError(
+            f"{where}: lr_scheduler must be a name, a dict with 'name', or a callable factory; "
+            f"got {spec!r}"
+        )
     spec = dict(spec)
     name = spec["name"]
     if name not in _SCHEDULE_KEYS:
         return schedule_spec(name, where)  # the unknown-name error
     extra = set(spec) - {"name"} - _SCHEDULE_KEYS[name]
     if extra:
-        raise ValueError(f"{where}: lr_scheduler {name!r} takes {sorted(_SCHEDULE_KEYS[name]) or 'no options'}, "
-                         f"got {sorted(extra)}")
+        raise ValueError(
+            f"{where}: lr_scheduler {name!r} takes {sorted(_SCHEDULE_KEYS[name]) or 'no options'}, "
+            f"got {sorted(extra)}"
+        )
     out = {"name": name}
     if name == "step":
         out["gamma"] = spec.get("gamma", 0.1)
         _number(out["gamma"], f"{where}: lr_scheduler 'step' gamma", low=0.0)
         if spec.get("milestones") is not None:
             if "every" in spec:
-                raise ValueError(f"{where}: lr_scheduler 'step' takes 'every' or 'milestones', not both")
+                raise ValueError(
+                    f"{where}: lr_scheduler 'step' takes 'every' or 'milestones', not both"
+                )
             ms = spec["milestones"]
             if not isinstance(ms, (list, tuple)) or not ms or list(ms) != sorted(set(ms)):
-                raise ValueError(f"{where}: lr_scheduler 'step' milestones must be increasing epochs, got {ms!r}")
+                raise ValueError(
+                    f"{where}: lr_scheduler 'step' milestones must be increasing epochs, got {ms!r}"
+                )
             for x in ms:
                 _integer(x, f"{where}: lr_scheduler 'step' milestone")
             out["milestones"] = [int(x) for x in ms]
@@ -191,18 +229,33 @@ def schedule_spec(spec: Any, where: str = "Matcher") -> dict | Callable:
             out["every"] = spec.get("every", 1)
             _integer(out["every"], f"{where}: lr_scheduler 'step' every (epochs)")
     elif name == "cosine_restarts":
-        out.update(period=spec.get("period", 1), mult=spec.get("mult", 1), min_factor=spec.get("min_factor", 0.0))
-        _number(out["period"], f"{where}: lr_scheduler 'cosine_restarts' period (epochs)", low=0.0, open_low=True)
+        out.update(
+            period=spec.get("period", 1),
+            mult=spec.get("mult", 1),
+            min_factor=spec.get("min_factor", 0.0),
+        )
+        _number(
+            out["period"],
+            f"{where}: lr_scheduler 'cosine_restarts' period (epochs)",
+            low=0.0,
+            open_low=True,
+        )
         _number(out["mult"], f"{where}: lr_scheduler 'cosine_restarts' mult", low=1.0)
         _number(out["min_factor"], f"{where}: lr_scheduler 'cosine_restarts' min_factor", low=0.0)
     return out
 
 
 def _number(value: Any, what: str, *, low: float, open_low: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
-        value > low if open_low else value >= low)
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > low if open_low else value >= low)
+    )
     if not ok:
-        raise ValueError(f"{what} must be a finite number {'>' if open_low else '>='} {low}, got {value!r}")
+        raise ValueError(
+            f"{what} must be a finite number {'>' if open_low else '>='} {low}, got {value!r}"
+        )
 
 
 def _integer(value: Any, what: str) -> None:
@@ -210,7 +263,9 @@ def _integer(value: Any, what: str) -> None:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
 
 
-def schedule_factor(spec: Any, *, steps_per_epoch: int, total_steps: int, warmup: float) -> Callable[[int], float]:
+def schedule_factor(
+    spec: Any, *, steps_per_epoch: int, total_steps: int, warmup: float
+) -> Callable[[int], float]:
     """``factor(step)`` of a built-in schedule (``lr(step) = lr * factor(step)``), warm-up included.
 
     Args:
@@ -253,18 +308,30 @@ def schedule_factor(spec: Any, *, steps_per_epoch: int, total_steps: int, warmup
     return factor
 
 
-def make_scheduler(spec: Any, optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, total_steps: int,
-                   warmup: float):
+def make_scheduler(
+    spec: Any,
+    optimizer: torch.optim.Optimizer,
+    *,
+    steps_per_epoch: int,
+    total_steps: int,
+    warmup: float,
+):
     """The scheduler of a stage: a ``LambdaLR`` for the built-in schedules, else what the factory returns."""
     spec = schedule_spec(spec)
     if callable(spec):
         sched = spec(optimizer)
         if not hasattr(sched, "step") or not hasattr(sched, "state_dict"):
-            raise TypeError(f"lr_scheduler factory {describe(spec)} returned {type(sched).__name__}, not a torch "
-                            "learning-rate scheduler (with step() and state_dict())")
+            raise TypeError(
+                f"lr_scheduler factory {describe(spec)} returned {type(sched).__name__}, not a torch "
+                "learning-rate scheduler (with step() and state_dict())"
+            )
         return sched
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, schedule_factor(spec, steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=warmup))
+        optimizer,
+        schedule_factor(
+            spec, steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=warmup
+        ),
+    )
 
 
 def check_lr_factors(lr_factors: Any, names: list[str], where: str = "Matcher") -> dict[str, float]:
@@ -272,14 +339,18 @@ def check_lr_factors(lr_factors: Any, names: list[str], where: str = "Matcher") 
     if lr_factors is None:
         return {}
     if not isinstance(lr_factors, Mapping):
-        raise TypeError(f"{where}: lr_factors must be a dict block name -> factor (e.g. {{'image': 0.1}}), "
-                        f"got {type(lr_factors).__name__}")
+        raise TypeError(
+            f"{where}: lr_factors must be a dict block name -> factor (e.g. {{'image': 0.1}}), "
+            f"got {type(lr_factors).__name__}"
+        )
     from imtm.component import suggest
 
     for name, f in lr_factors.items():
         if name not in names:
-            raise ValueError(f"{where}: lr_factors names block {name!r}, but the blocks are {names}."
-                             + suggest(str(name), names))
+            raise ValueError(
+                f"{where}: lr_factors names block {name!r}, but the blocks are {names}."
+                + suggest(str(name), names)
+            )
         _number(f, f"{where}: lr_factors[{name!r}]", low=0.0)
     return dict(lr_factors)
 
@@ -295,8 +366,9 @@ def _prefix_tokens(n_src: int, n_dst: int, hint: int | None) -> int | None:
     return None
 
 
-def interpolate_pos_embed(pos: torch.Tensor, n_tokens: int, *, num_prefix_tokens: int | None = None,
-                          mode: str = "bicubic") -> torch.Tensor:
+def interpolate_pos_embed(
+    pos: torch.Tensor, n_tokens: int, *, num_prefix_tokens: int | None = None, mode: str = "bicubic"
+) -> torch.Tensor:
     """Resample a ViT position table to ``n_tokens`` positions (a square patch grid after prefix tokens).
 
     The prefix tokens ([CLS], registers) keep their embeddings; the grid part is resized as an
@@ -317,13 +389,17 @@ def interpolate_pos_embed(pos: torch.Tensor, n_tokens: int, *, num_prefix_tokens
     flat = pos.dim() == 2
     table = pos[None] if flat else pos
     if table.dim() != 3 or table.shape[0] != 1:
-        raise ValueError(f"interpolate_pos_embed: expected a (1, N, D) or (N, D) table, got {tuple(pos.shape)}")
+        raise ValueError(
+            f"interpolate_pos_embed: expected a (1, N, D) or (N, D) table, got {tuple(pos.shape)}"
+        )
     n_src = table.shape[1]
     p = _prefix_tokens(n_src, n_tokens, num_prefix_tokens)
     if p is None:
-        raise ValueError(f"interpolate_pos_embed: cannot resize {n_src} positions to {n_tokens}: after "
-                         f"{num_prefix_tokens if num_prefix_tokens is not None else 'any of 0..8'} prefix tokens "
-                         "neither is a square patch grid")
+        raise ValueError(
+            f"interpolate_pos_embed: cannot resize {n_src} positions to {n_tokens}: after "
+            f"{num_prefix_tokens if num_prefix_tokens is not None else 'any of 0..8'} prefix tokens "
+            "neither is a square patch grid"
+        )
     prefix, grid = table[:, :p], table[:, p:]
     a, b = math.isqrt(n_src - p), math.isqrt(n_tokens - p)
     img = grid.reshape(1, a, a, -1).permute(0, 3, 1, 2).float()
@@ -341,8 +417,12 @@ def _num_prefix_tokens(block: torch.nn.Module) -> int | None:
     return None
 
 
-def init_state(blocks: torch.nn.ModuleDict, source: dict[str, torch.Tensor], names: list[str] | None,
-               where: str = "Matcher: init_from") -> list[str]:
+def init_state(
+    blocks: torch.nn.ModuleDict,
+    source: dict[str, torch.Tensor],
+    names: list[str] | None,
+    where: str = "Matcher: init_from",
+) -> list[str]:
     """Copy the weights of blocks ``names`` (``None``: every block both hold) from ``source`` into ``blocks``.
 
     ``source`` is a state dict keyed ``"<block>.<param>"``. A position table whose length
@@ -354,29 +434,42 @@ def init_state(blocks: torch.nn.ModuleDict, source: dict[str, torch.Tensor], nam
     if names is None:
         names = [n for n in blocks if n in have]
         if not names:
-            raise ValueError(f"{where}: the source model has no block of the same name as this one's "
-                             f"({list(blocks)}; it has {have}); name the blocks to copy with init_blocks")
+            raise ValueError(
+                f"{where}: the source model has no block of the same name as this one's "
+                f"({list(blocks)}; it has {have}); name the blocks to copy with init_blocks"
+            )
     missing = [n for n in names if n not in have]
     if missing:
         raise ValueError(f"{where}: the source model has no block {missing}; its blocks are {have}")
     for name in names:
         own = blocks[name].state_dict()
-        theirs = {k[len(name) + 1:]: v for k, v in source.items() if k.startswith(name + ".")}
+        theirs = {k[len(name) + 1 :]: v for k, v in source.items() if k.startswith(name + ".")}
         if set(own) != set(theirs):
             diff = sorted(set(own) ^ set(theirs))[:5]
-            raise ValueError(f"{where}: block {name!r} of the source model has other tensors than this one's "
-                             f"(differing: {diff}); it is another kind of block")
+            raise ValueError(
+                f"{where}: block {name!r} of the source model has other tensors than this one's "
+                f"(differing: {diff}); it is another kind of block"
+            )
         new = {}
         for key, value in theirs.items():
             want = own[key].shape
             if value.shape != want:
                 leaf = key.rsplit(".", 1)[-1]
-                table = "pos" in leaf and value.dim() in (2, 3) and value.dim() == len(want) \
-                    and value.shape[-1] == want[-1] and value.shape[:-2] == want[:-2]
+                table = (
+                    "pos" in leaf
+                    and value.dim() in (2, 3)
+                    and value.dim() == len(want)
+                    and value.shape[-1] == want[-1]
+                    and value.shape[:-2] == want[:-2]
+                )
                 if not table:
-                    raise ValueError(f"{where}: {name}.{key} has shape {tuple(value.shape)} in the source model "
-                                     f"and {tuple(want)} here; only position tables are resized")
-                value = interpolate_pos_embed(value, want[-2], num_prefix_tokens=_num_prefix_tokens(blocks[name]))
+                    raise ValueError(
+                        f"{where}: {name}.{key} has shape {tuple(value.shape)} in the source model "
+                        f"and {tuple(want)} here; only position tables are resized"
+                    )
+                value = interpolate_pos_embed(
+                    value, want[-2], num_prefix_tokens=_num_prefix_tokens(blocks[name])
+                )
             new[key] = value.to(own[key].dtype)
         blocks[name].load_state_dict(new)
     return list(names)

@@ -16,8 +16,13 @@ from imtm.tokens import Tokens
 __all__ = ["image_embeddings", "refresh_sampler"]
 
 
-def image_embeddings(matcher, images: Sequence[Any], *, device: torch.device | None = None,
-                     autocast: Callable[[], Any] = contextlib.nullcontext) -> torch.Tensor:
+def image_embeddings(
+    matcher,
+    images: Sequence[Any],
+    *,
+    device: torch.device | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> torch.Tensor:
     """``(n_images, D)`` global image vectors from a Matcher's current blocks (eval mode, no gradient).
 
     The value ``image_embedding`` when an image-side block provides it, else the
@@ -38,8 +43,14 @@ def image_embeddings(matcher, images: Sequence[Any], *, device: torch.device | N
     try:
         with torch.no_grad():
             values = encode_side(
-                plan, plan.needed_for([name]), "images", images, collate_images, [name],
-                batch_size=matcher.eval_batch_size, device=device if device is not None else _device_of(blocks),
+                plan,
+                plan.needed_for([name]),
+                "images",
+                images,
+                collate_images,
+                [name],
+                batch_size=matcher.eval_batch_size,
+                device=device if device is not None else _device_of(blocks),
                 autocast=autocast,
             )
     finally:
@@ -66,8 +77,14 @@ def refresh_sampler(trainer, epoch: int) -> None:
     if callable(getattr(sampler, "set_epoch", None)):
         sampler.set_epoch(epoch)
     if callable(getattr(sampler, "update_embeddings", None)):
-        sampler.update_embeddings(image_embeddings(trainer.m, sampler.images, device=trainer.device,
-                                                   autocast=getattr(trainer, "autocast", contextlib.nullcontext)))
+        sampler.update_embeddings(
+            image_embeddings(
+                trainer.m,
+                sampler.images,
+                device=trainer.device,
+                autocast=getattr(trainer, "autocast", contextlib.nullcontext),
+            )
+        )
 
 
 def _device_of(blocks: torch.nn.Module) -> torch.device:

@@ -15,7 +15,9 @@ __all__ = ["seed_everything", "CUBLAS_WORKSPACE_CONFIG"]
 CUBLAS_WORKSPACE_CONFIG = ":4096:8"
 
 
-def seed_everything(seed: int, deterministic: bool | None = None, *, warn_only: bool = False) -> None:
+def seed_everything(
+    seed: int, deterministic: bool | None = None, *, warn_only: bool = False
+) -> None:
     """Seed Python, NumPy and torch (all devices); optionally make torch choose deterministic algorithms.
 
     ``Matcher.fit`` calls ``seed_everything(random_state)``, which seeds and leaves the

@@ -72,7 +72,6 @@ def loads_json(text: str | bytes, where: str) -> Any:
 _ASSET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
-
 _ASSET_ROOT: contextvars.ContextVar = contextvars.ContextVar("imtm_asset_root", default=None)
 
 
@@ -89,15 +88,25 @@ def asset_root(folder: str | os.PathLike):
 def _decode_asset(name: Any) -> AssetPath:
     root = _ASSET_ROOT.get()
     if not isinstance(name, str) or not _ASSET_NAME.match(name):
-        raise ConfigError(f"malformed __asset__ entry {name!r} in configuration: an asset is a folder name inside "
-                          "the model folder (letters, digits, '_', '-', '.'; no path)")
+        raise ConfigError(
+            f"malformed __asset__ entry {name!r} in configuration: an asset is a folder name inside "
+            "the model folder (letters, digits, '_', '-', '.'; no path)"
+        )
     if root is None:
-        raise ConfigError(f"the configuration names the asset folder {name!r} of a saved model folder; load it with "
-                          "Matcher.load(folder), which knows the folder")
+        raise ConfigError(
+            f"the configuration names the asset folder {name!r} of a saved model folder; load it with "
+            "Matcher.load(folder), which knows the folder"
+        )
     folder = root / name
-    if folder.is_symlink() or not folder.is_dir() or not folder.resolve().is_relative_to(root.resolve()):
-        raise ConfigError(f"{folder}: the asset folder named in config.json is missing (or not a folder inside "
-                          f"{root}); the model folder is incomplete")
+    if (
+        folder.is_symlink()
+        or not folder.is_dir()
+        or not folder.resolve().is_relative_to(root.resolve())
+    ):
+        raise ConfigError(
+            f"{folder}: the asset folder named in config.json is missing (or not a folder inside "
+            f"{root}); the model folder is incomplete"
+        )
     return AssetPath(os.fspath(folder.resolve()), name)
 
 
@@ -125,7 +134,9 @@ def encode_value(value: Any, where: str = "parameter") -> Any:
     if isinstance(value, AssetPath):
         return {"__asset__": value.asset}
     if value is ASSETS:
-        raise TypeError(f"cannot save {where}: ASSETS is resolved by Matcher.save (get_config(portable=True))")
+        raise TypeError(
+            f"cannot save {where}: ASSETS is resolved by Matcher.save (get_config(portable=True))"
+        )
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, tuple):
@@ -139,7 +150,9 @@ def encode_value(value: Any, where: str = "parameter") -> Any:
         return {"__dict__": {k: encode_value(v, f"{where}.{k}") for k, v in value.items()}}
     if isinstance(value, torch.dtype):
         return {"__dtype__": str(value).replace("torch.", "")}
-    if isinstance(value, os.PathLike):  # a folder or file argument (e.g. a local model): saved as its path
+    if isinstance(
+        value, os.PathLike
+    ):  # a folder or file argument (e.g. a local model): saved as its path
         return os.fspath(value)
     if isinstance(value, Component):
         return {"__component__": type(value).__name__, "params": encode_params(value)}
@@ -166,20 +179,25 @@ def encode_params(block: Component) -> dict:
 def build_component(class_name: str, params: dict) -> Component:
     """Instantiate a registered block by class name (never by import path)."""
     if not isinstance(class_name, str) or not isinstance(params, dict):
-        raise ConfigError(f"a block is a class name and a dict of parameters, got {class_name!r} and "
-                          f"{type(params).__name__}")
+        raise ConfigError(
+            f"a block is a class name and a dict of parameters, got {class_name!r} and "
+            f"{type(params).__name__}"
+        )
     cls = COMPONENT_REGISTRY.get(class_name)
     if cls is None:
         load_components()  # every imtm block, and those of installed packages' entry points
         cls = COMPONENT_REGISTRY.get(class_name)
     if cls is None:
-        broken = "".join(f" Entry point {n!r} of the {ENTRY_POINT_GROUP!r} group failed to load: {why}."
-                         for n, why in sorted(ENTRY_POINT_ERRORS.items()))
+        broken = "".join(
+            f" Entry point {n!r} of the {ENTRY_POINT_GROUP!r} group failed to load: {why}."
+            for n, why in sorted(ENTRY_POINT_ERRORS.items())
+        )
         raise ConfigError(
             f"unknown block {class_name!r}: it is not a registered imtm component. Import the module that "
             "defines it before loading, or declare the block in the 'imtm.components' entry-point group of "
             "its package (blocks are never imported by path from a file)."
-            + broken + suggest(class_name, COMPONENT_REGISTRY)
+            + broken
+            + suggest(class_name, COMPONENT_REGISTRY)
         )
     kwargs = {k: decode_value(v) for k, v in params.items()}
     try:
@@ -195,7 +213,9 @@ def decode_value(data: Any) -> Any:
         return data
     tags = ("__tuple__", "__dict__", "__dtype__", "__component__", "__object__", "__asset__")
     tag = next((t for t in tags if t in data), None)
-    if tag in ("__tuple__", "__dict__") and not isinstance(data[tag], list if tag == "__tuple__" else dict):
+    if tag in ("__tuple__", "__dict__") and not isinstance(
+        data[tag], list if tag == "__tuple__" else dict
+    ):
         raise ConfigError(f"malformed {tag} value in configuration: {type(data[tag]).__name__}")
     if "__asset__" in data:
         return _decode_asset(data["__asset__"])
@@ -214,11 +234,15 @@ def decode_value(data: Any) -> Any:
         name = data["__object__"]
         cls = SERIALIZABLE.get(name) if isinstance(name, str) else None
         if cls is None:
-            raise ConfigError(f"unknown object type {name!r} in configuration (known: {sorted(SERIALIZABLE)})")
+            raise ConfigError(
+                f"unknown object type {name!r} in configuration (known: {sorted(SERIALIZABLE)})"
+            )
         try:
             return cls.from_dict(data["data"])
         except (TypeError, KeyError, AttributeError, ValueError) as e:
-            raise ConfigError(f"cannot rebuild {name} from the saved data ({type(e).__name__}: {e})") from e
+            raise ConfigError(
+                f"cannot rebuild {name} from the saved data ({type(e).__name__}: {e})"
+            ) from e
     raise ConfigError(f"unrecognised value in configuration: {sorted(data)[:5]}")
 
 
@@ -282,7 +306,9 @@ def _temporary_beside(path: Path) -> tuple[int, str]:
     for _ in range(100):
         name = path.parent / f".{path.name}.{''.join(secrets.choice(chars) for _ in range(8))}"
         try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            fd = os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
+            )
         except FileExistsError:
             continue
         return fd, str(name)
@@ -313,7 +339,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+def save_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+) -> None:
     """Atomic safetensors write (tensors are made contiguous and unshared first); mode 0o666 less the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

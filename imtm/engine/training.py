@@ -49,8 +49,19 @@ __all__ = ["Trainer", "EpochSampler", "check_batch", "NonFiniteError"]
 log = logging.getLogger("imtm")
 
 #: Parameters that do not change what a run computes: a resumed run may differ in these.
-_RUN_ONLY_PARAMS = {"verbose", "loggers", "checkpoint_dir", "checkpoint_every", "num_workers", "device", "eval_batch_size",
-                    "image_block", "text_block", "protocol", "compile"}
+_RUN_ONLY_PARAMS = {
+    "verbose",
+    "loggers",
+    "checkpoint_dir",
+    "checkpoint_every",
+    "num_workers",
+    "device",
+    "eval_batch_size",
+    "image_block",
+    "text_block",
+    "protocol",
+    "compile",
+}
 
 
 def check_batch(batch: Any) -> dict:
@@ -68,8 +79,14 @@ def check_batch(batch: Any) -> dict:
     n_i = len(images)
     if n_t == 0:
         raise ValueError("a training batch holds no captions")
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"image_ids must be a 1-D integer tensor, got {getattr(ids, 'shape', type(ids).__name__)}")
+    if (
+        not isinstance(ids, torch.Tensor)
+        or ids.dim() != 1
+        or ids.dtype not in (torch.int64, torch.int32)
+    ):
+        raise TypeError(
+            f"image_ids must be a 1-D integer tensor, got {getattr(ids, 'shape', type(ids).__name__)}"
+        )
     if ids.numel() != n_t:
         raise ValueError(f"image_ids has {ids.numel()} entries but the batch holds {n_t} captions")
     if n_i != n_t:
@@ -106,8 +123,19 @@ class NonFiniteError(FloatingPointError):
             ``history_``). batch: index of the batch in the epoch (0-based).
     """
 
-    def __init__(self, message: str, *, kind: str, block: str | None, value: str | None, blocks: tuple = (),
-                 step: int = -1, stage: int = 0, epoch: int = 0, batch: int = -1):
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        block: str | None,
+        value: str | None,
+        blocks: tuple = (),
+        step: int = -1,
+        stage: int = 0,
+        epoch: int = 0,
+        batch: int = -1,
+    ):
         super().__init__(message)
         self.kind, self.block, self.value, self.blocks = kind, block, value, tuple(blocks)
         self.step, self.stage, self.epoch, self.batch = step, stage, epoch, batch
@@ -119,7 +147,9 @@ def _nonfinite(value: Any) -> bool:
         feats = value.feats
         return feats.is_floating_point() and not bool(torch.isfinite(feats[value.mask]).all())
     if isinstance(value, torch.Tensor):
-        return (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all())
+        return (value.is_floating_point() or value.is_complex()) and not bool(
+            torch.isfinite(value).all()
+        )
     if isinstance(value, (list, tuple)):
         return any(_nonfinite(v) for v in value if not isinstance(v, (str, bytes)))
     if isinstance(value, dict):
@@ -137,16 +167,25 @@ def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tens
     that the blocks whose gradients are non-finite can be told from the others.
     """
     utils = torch.nn.utils
-    if not hasattr(utils, "get_total_norm"):  # torch < 2.6: clipping as before, scaled even when NaN
+    if not hasattr(
+        utils, "get_total_norm"
+    ):  # torch < 2.6: clipping as before, scaled even when NaN
         if max_norm is not None:
             return utils.clip_grad_norm_(params, max_norm)
         grads = [p.grad.detach() for p in params if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).float() for g in grads])) \
-            if grads else torch.zeros(())
+        return (
+            torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g).float() for g in grads])
+            )
+            if grads
+            else torch.zeros(())
+        )
     # torch's own clip_grad_norm_ is exactly these two calls (one fused kernel per device and dtype)
     norm = utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if max_norm is not None:
-        utils.clip_grads_with_norm_(params, max_norm, torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm)))
+        utils.clip_grads_with_norm_(
+            params, max_norm, torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
+        )
     return norm
 
 
@@ -194,8 +233,18 @@ class Trainer:
     overflows = 0
     last_overflow = False
 
-    def __init__(self, model, train, eval_set=None, *, device, stages, autocast=contextlib.nullcontext,
-                 build=None, callbacks=()):
+    def __init__(
+        self,
+        model,
+        train,
+        eval_set=None,
+        *,
+        device,
+        stages,
+        autocast=contextlib.nullcontext,
+        build=None,
+        callbacks=(),
+    ):
         self.m = self.model = model
         self.train = train
         self.eval_set = eval_set
@@ -207,14 +256,19 @@ class Trainer:
         self.run_dir = model.checkpoint_dir
         self.accumulate = int(getattr(model, "accumulate", 1) or 1)
         #: fp16 autocast trains with a gradient scaler (bf16 and fp32 need none).
-        self.scaler = (torch.amp.GradScaler(self.device.type) if getattr(model, "precision", "fp32") == "fp16"
-                       else None)
+        self.scaler = (
+            torch.amp.GradScaler(self.device.type)
+            if getattr(model, "precision", "fp32") == "fp16"
+            else None
+        )
         # Under torchrun: one process per rank, each with batch_size items of every global batch.
         distributed.setup(self.device)
         self.world, self.rank = distributed.world_size(), distributed.rank()
         if self.accumulate > 1 and self.world > 1:
-            raise ValueError(f"Matcher.fit: accumulate={self.accumulate} is not supported under torchrun; the "
-                             "processes already train one large batch together (batch_size per process)")
+            raise ValueError(
+                f"Matcher.fit: accumulate={self.accumulate} is not supported under torchrun; the "
+                "processes already train one large batch together (batch_size per process)"
+            )
         self.main = self.rank == 0
         self.ddp = None
         #: How a user's DataLoader is iterated: "rebuilt" (its batches drawn once per epoch from a
@@ -227,17 +281,29 @@ class Trainer:
         if isinstance(train, DataLoader):
             self.loader_given = True
             self.loader_mode = "rebuilt" if _rebuildable(train) else "as-given"
-            sized = [s.name or f"stage {i + 1}" for i, s in enumerate(self.stages) if s.batch_size is not None]
+            sized = [
+                s.name or f"stage {i + 1}"
+                for i, s in enumerate(self.stages)
+                if s.batch_size is not None
+            ]
             if sized:
-                raise ValueError(f"Matcher.fit: {sized} set batch_size, but train is a DataLoader, which has its "
-                                 "own batch size; pass the dataset instead")
-        elif isinstance(train, Dataset) or (hasattr(train, "__getitem__") and hasattr(train, "__len__")):
+                raise ValueError(
+                    f"Matcher.fit: {sized} set batch_size, but train is a DataLoader, which has its "
+                    "own batch size; pass the dataset instead"
+                )
+        elif isinstance(train, Dataset) or (
+            hasattr(train, "__getitem__") and hasattr(train, "__len__")
+        ):
             self.loader_given = False
             if len(train) == 0:
                 raise ValueError("Matcher.fit: the training dataset is empty")
         else:
-            raise TypeError(f"Matcher.fit: train must be a torch Dataset or DataLoader, got {type(train).__name__}")
-        for i, stage in enumerate(self.stages):  # every stage's options are checked before any training
+            raise TypeError(
+                f"Matcher.fit: train must be a torch Dataset or DataLoader, got {type(train).__name__}"
+            )
+        for i, stage in enumerate(
+            self.stages
+        ):  # every stage's options are checked before any training
             where = "Matcher" if len(self.stages) == 1 else f"Matcher: stage {stage.name or i + 1}"
             optimizer_spec(self.option(stage, "optimizer"), where)
             schedule_spec(self.option(stage, "lr_scheduler"), where)
@@ -245,7 +311,9 @@ class Trainer:
         if eval_set is not None:
             for attr in ("images", "captions", "caption_to_image"):
                 if not hasattr(getattr(eval_set, "dataset", eval_set), attr):
-                    raise TypeError(f"Matcher.fit: eval_set has no {attr!r}; pass an imtm.data evaluation dataset")
+                    raise TypeError(
+                        f"Matcher.fit: eval_set has no {attr!r}; pass an imtm.data evaluation dataset"
+                    )
 
     def option(self, stage, name: str):
         """The stage's own value of an option, else the Matcher's."""
@@ -267,8 +335,10 @@ class Trainer:
         if limit is not None:
             n_batches = limit if n_batches is None else min(n_batches, limit)
         if n_batches is None:
-            raise ValueError("Matcher.fit: the training data has no length (a stream); set steps_per_epoch to the "
-                             "number of batches an epoch takes from it")
+            raise ValueError(
+                "Matcher.fit: the training data has no length (a stream); set steps_per_epoch to the "
+                "number of batches an epoch takes from it"
+            )
         if n_batches == 0:
             raise ValueError("Matcher.fit: the training data yields no batch")
         self.n_batches = n_batches
@@ -282,8 +352,12 @@ class Trainer:
         """The generators a user's DataLoader draws its order from (its own, its sampler's), once each."""
         found: dict[int, torch.Generator] = {}
         loader = self.train
-        for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
-                      getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        for owner in (
+            loader,
+            getattr(loader, "sampler", None),
+            getattr(loader, "batch_sampler", None),
+            getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+        ):
             g = getattr(owner, "generator", None)
             if isinstance(g, torch.Generator):
                 found.setdefault(id(g), g)
@@ -307,7 +381,9 @@ class Trainer:
         # augmentation do not depend on the worker, num_workers, or where a run was resumed.
         if self.loader_mode == "as-given":
             it = iter(self.train)
-            for _ in range(start_batch):  # only 0 here: a mid-epoch resume is refused for such loaders
+            for _ in range(
+                start_batch
+            ):  # only 0 here: a mid-epoch resume is refused for such loaders
                 next(it)
             return it
         # A private generator: creating the iterator must not draw from the global RNG,
@@ -316,22 +392,55 @@ class Trainer:
         if self.loader_mode == "rebuilt":
             loader = self.train
             options = {"in_order": loader.in_order} if hasattr(loader, "in_order") else {}
-            return iter(DataLoader(
-                SeededItems(loader.dataset, self.seed, self.epoch_key(epoch)),
-                batch_sampler=self.epoch_batches[start_batch:], num_workers=loader.num_workers,
-                collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
-                worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
-                generator=g, prefetch_factor=loader.prefetch_factor, pin_memory_device=loader.pin_memory_device,
-                **options))
+            return iter(
+                DataLoader(
+                    SeededItems(loader.dataset, self.seed, self.epoch_key(epoch)),
+                    batch_sampler=self.epoch_batches[start_batch:],
+                    num_workers=loader.num_workers,
+                    collate_fn=loader.collate_fn,
+                    pin_memory=loader.pin_memory,
+                    timeout=loader.timeout,
+                    worker_init_fn=loader.worker_init_fn,
+                    multiprocessing_context=loader.multiprocessing_context,
+                    generator=g,
+                    prefetch_factor=loader.prefetch_factor,
+                    pin_memory_device=loader.pin_memory_device,
+                    **options,
+                )
+            )
         data = SeededItems(self.train, self.seed, self.epoch_key(epoch))
         if self.world > 1:
-            shard = distributed.ShardedBatchSampler(len(self.train), self.batch_size, seed=self.seed, epoch=epoch,
-                                                    rank=self.rank, world=self.world, start_batch=start_batch)
-            return iter(DataLoader(data, batch_sampler=shard, collate_fn=collate, num_workers=m.num_workers,
-                                   generator=g))
-        sampler = EpochSampler(len(self.train), self.seed, epoch, start=start_batch * self.batch_size)
-        return iter(DataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
-                               num_workers=m.num_workers, generator=g))
+            shard = distributed.ShardedBatchSampler(
+                len(self.train),
+                self.batch_size,
+                seed=self.seed,
+                epoch=epoch,
+                rank=self.rank,
+                world=self.world,
+                start_batch=start_batch,
+            )
+            return iter(
+                DataLoader(
+                    data,
+                    batch_sampler=shard,
+                    collate_fn=collate,
+                    num_workers=m.num_workers,
+                    generator=g,
+                )
+            )
+        sampler = EpochSampler(
+            len(self.train), self.seed, epoch, start=start_batch * self.batch_size
+        )
+        return iter(
+            DataLoader(
+                data,
+                batch_size=self.batch_size,
+                sampler=sampler,
+                collate_fn=collate,
+                num_workers=m.num_workers,
+                generator=g,
+            )
+        )
 
     # ------------------------------------------------------------------ optimisation
     def lr_factors(self, stage) -> dict[str, float]:
@@ -355,21 +464,45 @@ class Trainer:
         kwargs.setdefault("weight_decay", m.weight_decay)
         factors = self.lr_factors(stage)
         # Blocks at the full lr form the first group (named "default"), then one group per other block.
-        groups = [{"params": [p for n in names if factors.get(n, 1.0) == 1.0
-                              for p in m.components_[n].parameters() if p.requires_grad], "name": "default"}]
-        groups += [{"params": [p for p in m.components_[n].parameters() if p.requires_grad], "name": n,
-                    "lr": lr * factors[n]} for n in names if factors.get(n, 1.0) != 1.0]
+        groups = [
+            {
+                "params": [
+                    p
+                    for n in names
+                    if factors.get(n, 1.0) == 1.0
+                    for p in m.components_[n].parameters()
+                    if p.requires_grad
+                ],
+                "name": "default",
+            }
+        ]
+        groups += [
+            {
+                "params": [p for p in m.components_[n].parameters() if p.requires_grad],
+                "name": n,
+                "lr": lr * factors[n],
+            }
+            for n in names
+            if factors.get(n, 1.0) != 1.0
+        ]
         groups = [g for g in groups if g["params"]]
         if not groups:
             return None, None
         try:
             opt = cls(groups, lr=lr, **kwargs)
         except TypeError as err:
-            raise TypeError(f"Matcher.fit: {cls.__name__}(..., lr={lr}, {kwargs}) failed: {err}; set the "
-                            "optimizer's keyword arguments with optimizer=(cls, {...}) (weight_decay comes from "
-                            "the Matcher unless given there)") from err
-        sched = make_scheduler(self.option(stage, "lr_scheduler"), opt, steps_per_epoch=self.n_batches,
-                               total_steps=stage.epochs * self.n_batches, warmup=m.warmup)
+            raise TypeError(
+                f"Matcher.fit: {cls.__name__}(..., lr={lr}, {kwargs}) failed: {err}; set the "
+                "optimizer's keyword arguments with optimizer=(cls, {...}) (weight_decay comes from "
+                "the Matcher unless given there)"
+            ) from err
+        sched = make_scheduler(
+            self.option(stage, "lr_scheduler"),
+            opt,
+            steps_per_epoch=self.n_batches,
+            total_steps=stage.epochs * self.n_batches,
+            warmup=m.warmup,
+        )
         return opt, sched
 
     def set_modes(self, stage) -> None:
@@ -413,7 +546,9 @@ class Trainer:
             # produced it. The values computed so far are in `values`.
             refused, total, logs = err, None, {}
         if refused is None and not isinstance(total, torch.Tensor):
-            raise RuntimeError("Matcher.fit: no loss block is active in this stage; add a loss such as TripletLoss")
+            raise RuntimeError(
+                "Matcher.fit: no loss block is active in this stage; add a loss such as TripletLoss"
+            )
         if refused is not None:
             bad = loss_bad = True
         else:
@@ -432,8 +567,11 @@ class Trainer:
                 params = [p for g in opt.param_groups for p in g["params"]]
                 self.last_grad_norm = _grad_norm(params, m.grad_clip)
                 grad_bad = ~torch.isfinite(self.last_grad_norm).to(bad.device)
-                if self.scaler is not None and not distributed.max_over_ranks(bad) \
-                        and distributed.max_over_ranks(grad_bad):
+                if (
+                    self.scaler is not None
+                    and not distributed.max_over_ranks(bad)
+                    and distributed.max_over_ranks(grad_bad)
+                ):
                     # fp16 overflow: the scaler skips the optimizer step and lowers its scale; the
                     # schedule does not advance (as for a skipped step). Not an error.
                     self.scaler.step(opt)
@@ -457,8 +595,9 @@ class Trainer:
         self.nonfinite(values, inputs, logs, refused, local, opt, run_idx)
         return None
 
-    def nonfinite(self, values: dict, inputs: list[str], logs: dict, refused, local: str | None, opt,
-                  run_idx) -> None:
+    def nonfinite(
+        self, values: dict, inputs: list[str], logs: dict, refused, local: str | None, opt, run_idx
+    ) -> None:
         """Trace a non-finite step to its source, then raise or skip it (``on_nonfinite``).
 
         Every rank gets here together (the flag was all-reduced); ``local`` says what was
@@ -466,23 +605,38 @@ class Trainer:
         itself is bad input, refused with a ``ValueError`` under either policy.
         """
         m = self.m
-        kind, block, value, blocks, text = self._trace(values, inputs, logs, refused, local, run_idx)
+        kind, block, value, blocks, text = self._trace(
+            values, inputs, logs, refused, local, run_idx
+        )
         # 2: bad input somewhere, 1: a non-finite step somewhere; the same decision on every rank.
         verdict = distributed.max_over_ranks(2 if kind == "input" else 1)
-        where = (f"step {self.global_step} (stage {self.stage_idx + 1}, epoch {self.epoch + 1}, "
-                 f"batch {self.batch_idx})" + (f" on rank {self.rank}" if self.world > 1 else ""))
+        where = (
+            f"step {self.global_step} (stage {self.stage_idx + 1}, epoch {self.epoch + 1}, "
+            f"batch {self.batch_idx})" + (f" on rank {self.rank}" if self.world > 1 else "")
+        )
         if verdict == 2:
             raise ValueError(
                 f"Matcher.fit: {text} at {where}; imtm refuses non-finite input features under either "
                 "on_nonfinite policy: fix or filter the data"
-                if kind == "input" else
-                f"Matcher.fit: another rank's batch holds NaN/inf input features at {where}; see its error"
+                if kind == "input"
+                else f"Matcher.fit: another rank's batch holds NaN/inf input features at {where}; see its error"
             ) from refused
-        info = dict(kind=kind, block=block, value=value, blocks=blocks, step=self.global_step,
-                    stage=self.stage_idx, epoch=self.epoch + 1, batch=self.batch_idx)
+        info = dict(
+            kind=kind,
+            block=block,
+            value=value,
+            blocks=blocks,
+            step=self.global_step,
+            stage=self.stage_idx,
+            epoch=self.epoch + 1,
+            batch=self.batch_idx,
+        )
         if m.on_nonfinite == "raise":
-            raise NonFiniteError(f"Matcher.fit: non-finite {'gradient' if kind == 'gradient' else 'loss'} at "
-                                 f"{where}: {text}; set on_nonfinite='skip' to skip such steps", **info) from refused
+            raise NonFiniteError(
+                f"Matcher.fit: non-finite {'gradient' if kind == 'gradient' else 'loss'} at "
+                f"{where}: {text}; set on_nonfinite='skip' to skip such steps",
+                **info,
+            ) from refused
         # skip: no optimizer step, no schedule step, no gradient left behind.
         if opt is not None:
             opt.zero_grad(set_to_none=True)
@@ -492,19 +646,31 @@ class Trainer:
             raise NonFiniteError(
                 f"Matcher.fit: the last {self.consecutive_skips} steps (as many as one epoch holds) were all "
                 f"skipped as non-finite; the last, {where}: {text}. The run is not training: lower lr, set "
-                "grad_clip, check the data, or use on_nonfinite='raise' to stop at the first one", **info)
+                "grad_clip, check the data, or use on_nonfinite='raise' to stop at the first one",
+                **info,
+            )
         if self.warned_epoch != (self.stage_idx, self.epoch) and (kind != "rank" or self.main):
             self.warned_epoch = (self.stage_idx, self.epoch)
             warnings.warn(
                 f"Matcher.fit: skipped {where}: {text}. Further skips in this epoch are counted without a "
-                "warning (history_[...]['skipped_steps'], skipped_steps_)", RuntimeWarning, stacklevel=2)
+                "warning (history_[...]['skipped_steps'], skipped_steps_)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
-    def _trace(self, values: dict, inputs: list[str], logs: dict, refused, local: str | None, run_idx):
+    def _trace(
+        self, values: dict, inputs: list[str], logs: dict, refused, local: str | None, run_idx
+    ):
         """``(kind, block, value, blocks, text)``: where this rank's NaN/inf comes from."""
         plan = self.m.plan_
         if local is None:
-            return ("rank", None, None, (),
-                    "this rank's loss and gradients are finite; another rank's step was not (see its warning or error)")
+            return (
+                "rank",
+                None,
+                None,
+                (),
+                "this rank's loss and gradients are finite; another rank's step was not (see its warning or error)",
+            )
 
         def label(k: int) -> str:
             return f"block {plan.names[k]!r} ({type(plan.blocks[k]).__name__}, position {k})"
@@ -519,26 +685,59 @@ class Trainer:
                     continue
                 for name in plan.blocks[k].provides:
                     if name in values and _nonfinite(values[name]):
-                        then = (f"; loss block(s) {losses} returned NaN/inf" if losses
-                                else f"; a later block refused it ({refused})")
-                        return ("loss", plan.names[k], name, tuple(losses),
-                                f"{label(k)} produced NaN/inf in its output {name!r}{then}")
+                        then = (
+                            f"; loss block(s) {losses} returned NaN/inf"
+                            if losses
+                            else f"; a later block refused it ({refused})"
+                        )
+                        return (
+                            "loss",
+                            plan.names[k],
+                            name,
+                            tuple(losses),
+                            f"{label(k)} produced NaN/inf in its output {name!r}{then}",
+                        )
             if losses:
                 k = plan.names.index(losses[0])
-                return ("loss", losses[0], None, tuple(losses),
-                        f"loss block(s) {losses} returned NaN/inf from finite inputs (first: {label(k)})")
+                return (
+                    "loss",
+                    losses[0],
+                    None,
+                    tuple(losses),
+                    f"loss block(s) {losses} returned NaN/inf from finite inputs (first: {label(k)})",
+                )
             if refused is not None:
                 return "loss", None, None, (), f"a block refused a non-finite value ({refused})"
-            return ("loss", None, None, tuple(logs), f"every loss is finite but their weighted sum overflowed "
-                    f"({ {n: float(v.detach()) for n, v in logs.items()} }); lower the loss weights")
-        grads = [name for name, b in self.m.components_.items()
-                 if any(p.grad is not None and _nonfinite(p.grad) for p in b.parameters())]
+            return (
+                "loss",
+                None,
+                None,
+                tuple(logs),
+                f"every loss is finite but their weighted sum overflowed "
+                f"({ {n: float(v.detach()) for n, v in logs.items()} }); lower the loss weights",
+            )
+        grads = [
+            name
+            for name, b in self.m.components_.items()
+            if any(p.grad is not None and _nonfinite(p.grad) for p in b.parameters())
+        ]
         if grads:
             k = plan.names.index(grads[0])
-            return ("gradient", grads[0], None, tuple(grads),
-                    f"the loss is finite but the parameters of block(s) {grads} got NaN/inf gradients "
-                    f"(first: {label(k)})")
-        return "gradient", None, None, (), "the loss and every gradient are finite but their total norm overflowed"
+            return (
+                "gradient",
+                grads[0],
+                None,
+                tuple(grads),
+                f"the loss is finite but the parameters of block(s) {grads} got NaN/inf gradients "
+                f"(first: {label(k)})",
+            )
+        return (
+            "gradient",
+            None,
+            None,
+            (),
+            "the loss and every gradient are finite but their total norm overflowed",
+        )
 
     def losses(self, values: dict, loss_idx, run_idx) -> tuple[Any, dict[str, torch.Tensor]]:
         """Run the blocks of one step and the active losses; return (weighted total, each loss by name)."""
@@ -579,17 +778,25 @@ class Trainer:
         side = [k for k in blocks if plan.block_sides[k] in (frozenset({IMAGE}), frozenset({TEXT}))]
         rest = [k for k in blocks if k not in side]
         if rest and side and max(side) > min(rest):
-            raise ValueError(f"Matcher: accumulate={self.accumulate} runs the single-modality blocks before the "
-                             f"pairwise ones, but block {plan.names[max(side)]!r} comes after the pairwise block "
-                             f"{plan.names[min(rest)]!r}; reorder the blocks or use accumulate=1")
+            raise ValueError(
+                f"Matcher: accumulate={self.accumulate} runs the single-modality blocks before the "
+                f"pairwise ones, but block {plan.names[max(side)]!r} comes after the pairwise block "
+                f"{plan.names[min(rest)]!r}; reorder the blocks or use accumulate=1"
+            )
         later = rest + list(loss_idx)
         made = {v for k in side for v in plan.blocks[k].provides}
-        boundary = list(dict.fromkeys(r for k in later for r in plan.blocks[k].requires if r in made))
+        boundary = list(
+            dict.fromkeys(r for k in later for r in plan.blocks[k].requires if r in made)
+        )
         n = len(values["texts"])
         size = -(-n // self.accumulate)
         slices = [slice(a, min(n, a + size)) for a in range(0, n, size)]
-        raw = [name for name in values if name != "positives" and plan.sides.get(name) in (frozenset({IMAGE}),
-                                                                                          frozenset({TEXT}))]
+        raw = [
+            name
+            for name in values
+            if name != "positives"
+            and plan.sides.get(name) in (frozenset({IMAGE}), frozenset({TEXT}))
+        ]
         micro = [{name: take(values[name], sl) for name in raw} for sl in slices]
         states, parts = [], {name: [] for name in boundary}
         with torch.no_grad(), self.autocast():
@@ -614,7 +821,11 @@ class Trainer:
                     own, leaf = out[name], cache[name]
                     own_t = own.feats if isinstance(own, Tokens) else own
                     leaf_t = leaf.feats if isinstance(leaf, Tokens) else leaf
-                    if not isinstance(own_t, torch.Tensor) or not own_t.requires_grad or leaf_t.grad is None:
+                    if (
+                        not isinstance(own_t, torch.Tensor)
+                        or not own_t.requires_grad
+                        or leaf_t.grad is None
+                    ):
                         continue
                     g = leaf_t.grad[sl]
                     if isinstance(own, Tokens):
@@ -665,48 +876,71 @@ class Trainer:
         run_idx = set(plan.needed_for([plan.names[k] for k in self.active_losses(stage)]))
         # A stage may train a block that no active loss reads: DDP must then look for unused
         # parameters (an extra pass over the graph every step), and only then.
-        unused = any(plan.names.index(n) not in run_idx
-                     and any(p.requires_grad for p in self.m.components_[n].parameters())
-                     for n in self.trainable(stage))
+        unused = any(
+            plan.names.index(n) not in run_idx
+            and any(p.requires_grad for p in self.m.components_[n].parameters())
+            for n in self.trainable(stage)
+        )
         # device_ids=None: the blocks already sit on this rank's device, and DDP must not move
         # the batch (Tokens) itself.
-        return DistributedDataParallel(_StepModule(self.m.components_, self.losses), find_unused_parameters=unused)
+        return DistributedDataParallel(
+            _StepModule(self.m.components_, self.losses), find_unused_parameters=unused
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def record(self) -> dict:
         m = self.m
         import imtm
 
-        versions = {"imtm": imtm.__version__, "torch": torch.__version__, "numpy": np.__version__,
-                    "python": platform.python_version()}
+        versions = {
+            "imtm": imtm.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        }
         # Read from the installed distributions' metadata: importing timm or transformers
         # only to record their versions would cost seconds on the first fit.
-        for mod, dist in (("timm", "timm"), ("transformers", "transformers"), ("ot", "pot"), ("sklearn", "scikit-learn")):
+        for mod, dist in (
+            ("timm", "timm"),
+            ("transformers", "transformers"),
+            ("ot", "pot"),
+            ("sklearn", "scikit-learn"),
+        ):
             try:
                 versions[mod] = importlib.metadata.version(dist)
             except importlib.metadata.PackageNotFoundError:  # optional, only recorded
                 pass
-        fp = getattr(self.train, "fingerprint", None) or getattr(getattr(self.train, "dataset", None), "fingerprint", None)
+        fp = getattr(self.train, "fingerprint", None) or getattr(
+            getattr(self.train, "dataset", None), "fingerprint", None
+        )
         return {
             "seed": self.seed,
             "versions": versions,
             "data_fingerprint": fp() if callable(fp) else None,
             "n_train": _length(self.train.dataset if self.loader_given else self.train),
-            "evaluation_protocol": m.protocol or "all pairs of the evaluation set (retrieval_metrics)",
+            "evaluation_protocol": m.protocol
+            or "all pairs of the evaluation set (retrieval_metrics)",
             "config_hash": m.config_hash(),
             "params": self.run_config()["params"],
         }
 
     def train_state(self, opt, sched, cpu_rng: dict | None = None) -> dict:
         """Everything a resumed run needs; ``cpu_rng``: the CPU generators' states to store instead of the current ones."""
-        rng = {"torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-               "numpy": _np_state(),
-               "python": _py_state(random.getstate())}
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": _np_state(),
+            "python": _py_state(random.getstate()),
+        }
         rng.update(cpu_rng or {})
         return {
-            "position": {"stage": self.stage_idx, "epoch": self.epoch, "batch": self.batch_idx,
-                         "global_step": self.global_step, "epoch_done": self.epoch_done},
+            "position": {
+                "stage": self.stage_idx,
+                "epoch": self.epoch,
+                "batch": self.batch_idx,
+                "global_step": self.global_step,
+                "epoch_done": self.epoch_done,
+            },
             "epoch_logs": self.epoch_logs,
             "history": self.history,
             "best": self.best,
@@ -725,8 +959,11 @@ class Trainer:
             "data": self.data_state(),
             "train_config": self.run_config(),
             # Blocks with a generator of their own (DistanceWeightedMiner(random_state=...)).
-            "block_generators": {name: states for name, mod in self.m.components_.named_modules()
-                                 if isinstance(mod, Component) and (states := mod.generator_states())},
+            "block_generators": {
+                name: states
+                for name, mod in self.m.components_.named_modules()
+                if isinstance(mod, Component) and (states := mod.generator_states())
+            },
         }
 
     def data_state(self) -> dict:
@@ -743,40 +980,53 @@ class Trainer:
         data = ts.get("data")
         pos = ts["position"]
         mid_epoch = not pos["epoch_done"] and pos["batch"] > 0
-        again = ("Fit without resume=True to start afresh" + (", or resume from a checkpoint written at an epoch's "
-                 "end (checkpoint_every=None writes only those)" if mid_epoch else ""))
+        again = "Fit without resume=True to start afresh" + (
+            ", or resume from a checkpoint written at an epoch's "
+            "end (checkpoint_every=None writes only those)"
+            if mid_epoch
+            else ""
+        )
         if not isinstance(data, dict) or data.get("seeding") != DATA_SEEDING:
             raise CheckpointError(
                 f"{folder} was written by an earlier version of imtm, which drew the random numbers of data "
                 "loading (caption augmentation, random crops) differently: resuming would not give the model of "
-                f"an uninterrupted run. {again}")
+                f"an uninterrupted run. {again}"
+            )
         mode = self.loader_mode or "dataset"
         if data.get("loader") != mode:
             raise CheckpointError(
                 f"{folder} was trained from a {data.get('loader')!r} source and this fit gets a {mode!r} one "
                 "(a dataset, a DataLoader imtm re-creates each epoch, or one it iterates as given); resume with "
-                f"the same kind of training data. {again}")
+                f"the same kind of training data. {again}"
+            )
         gens = self.loader_generators() if self.loader_given else []
         if self.loader_given and len(data.get("generators", [])) != len(gens):
             raise CheckpointError(
                 f"{folder} was trained with a DataLoader whose sampler drew from {len(data.get('generators', []))} "
                 f"generator(s) of its own; this one has {len(gens)}. Resume with a DataLoader built the same way. "
-                f"{again}")
+                f"{again}"
+            )
         if mode != "as-given":
             return
         loader = self.train
         why = None
         if mid_epoch:
-            why = (f"{type(loader).__name__} over {type(loader.dataset).__name__} cannot be re-created by imtm "
-                   "(a DataLoader subclass, an iterable dataset, or no batch sampler), so the batches and random "
-                   "draws of the rest of that epoch cannot be replayed")
+            why = (
+                f"{type(loader).__name__} over {type(loader.dataset).__name__} cannot be re-created by imtm "
+                "(a DataLoader subclass, an iterable dataset, or no batch sampler), so the batches and random "
+                "draws of the rest of that epoch cannot be replayed"
+            )
         elif loader.num_workers and loader.persistent_workers:
-            why = ("the DataLoader keeps its worker processes from epoch to epoch (persistent_workers=True), so "
-                   "their random state carries over and a new process cannot re-create it; use "
-                   "persistent_workers=False")
+            why = (
+                "the DataLoader keeps its worker processes from epoch to epoch (persistent_workers=True), so "
+                "their random state carries over and a new process cannot re-create it; use "
+                "persistent_workers=False"
+            )
         elif data.get("num_workers") != loader.num_workers:
-            why = (f"the DataLoader had num_workers={data.get('num_workers')} and now has {loader.num_workers}; "
-                   "imtm iterates this DataLoader as given, where what each worker draws depends on their number")
+            why = (
+                f"the DataLoader had num_workers={data.get('num_workers')} and now has {loader.num_workers}; "
+                "imtm iterates this DataLoader as given, where what each worker draws depends on their number"
+            )
         if why is not None:
             raise CheckpointError(f"{folder} cannot be resumed exactly: {why}. {again}")
 
@@ -796,8 +1046,12 @@ class Trainer:
             state["world_size"] = self.world
         if self.main:
             write_checkpoint(
-                m.checkpoint_dir, f"ckpt-{self.global_step:08d}", config=m.get_config(),
-                model_state=m.components_.state_dict(), record=self.record_, train_state=state,
+                m.checkpoint_dir,
+                f"ckpt-{self.global_step:08d}",
+                config=m.get_config(),
+                model_state=m.components_.state_dict(),
+                record=self.record_,
+                train_state=state,
             )
         distributed.barrier()
 
@@ -808,7 +1062,11 @@ class Trainer:
         Taking the lock also checks, before any training, that the folder can be written.
         """
         m = self.m
-        lock = RunLock(m.checkpoint_dir).acquire() if m.checkpoint_dir is not None and self.main else None
+        lock = (
+            RunLock(m.checkpoint_dir).acquire()
+            if m.checkpoint_dir is not None and self.main
+            else None
+        )
         try:
             self.fit_loop(resume, warm_start)
         finally:
@@ -819,7 +1077,9 @@ class Trainer:
         """The whole run: :meth:`start` (build, initialise or resume), every stage's epochs
         (:meth:`run_epoch`), then the best epoch's weights (``keep_best``) and ``on_fit_end``."""
         self.start(resume, warm_start)
-        interrupts = _DeferredInterrupt(verbose=self.m.verbose and self.main and self.m.checkpoint_dir is not None)
+        interrupts = _DeferredInterrupt(
+            verbose=self.m.verbose and self.main and self.m.checkpoint_dir is not None
+        )
         self.interrupts = interrupts
         try:
             self.emit("on_fit_start")
@@ -918,8 +1178,12 @@ class Trainer:
                 now = time.perf_counter()
                 self.emit("on_batch_end", self.step_logs(batch, logs, lrs, now - tick))
                 tick = now
-            if self.m.checkpoint_every and self.global_step % self.m.checkpoint_every == 0 \
-                    and self.batch_idx < self.n_batches and not self.should_stop:
+            if (
+                self.m.checkpoint_every
+                and self.global_step % self.m.checkpoint_every == 0
+                and self.batch_idx < self.n_batches
+                and not self.should_stop
+            ):
                 self.checkpoint(opt, sched)
         self.end_epoch(stage, e, time.time() - t0)
 
@@ -927,8 +1191,13 @@ class Trainer:
         """After an epoch: its history row, the evaluation and best-epoch keeping, callbacks, the checkpoint."""
         m = self.m
         self.epoch_done = True
-        entry = {"stage": self.stage_idx, "epoch": e + 1, "step": self.global_step,
-                 "time_s": round(seconds, 3), "skipped_steps": self.skipped}
+        entry = {
+            "stage": self.stage_idx,
+            "epoch": e + 1,
+            "step": self.global_step,
+            "time_s": round(seconds, 3),
+            "skipped_steps": self.skipped,
+        }
         if self.should_stop and self.batch_idx < self.n_batches:
             entry["stopped"] = True
         for n, (s_, c_) in self.epoch_logs.items():
@@ -951,7 +1220,9 @@ class Trainer:
         """Remember (and write to ``best/``) the weights of the best epoch so far by rSum."""
         if self.best is None or metrics["rsum"] > self.best["rsum"]:
             self.best = {"rsum": metrics["rsum"], "stage": self.stage_idx, "epoch": e + 1}
-            self.best_state = {k: v.detach().clone() for k, v in self.m.components_.state_dict().items()}
+            self.best_state = {
+                k: v.detach().clone() for k, v in self.m.components_.state_dict().items()
+            }
             self._save_best()
 
     # ------------------------------------------------------------------ callbacks
@@ -968,14 +1239,22 @@ class Trainer:
     def step_logs(self, batch: dict, logs: dict | None, lrs: dict, seconds: float) -> dict:
         """What ``on_batch_end`` receives (see :mod:`imtm.engine.callbacks`)."""
         samples = len(batch["texts"]) * self.world
-        out = {"step": self.global_step, "stage": self.stage_idx, "epoch": self.epoch + 1,
-               "batch": self.batch_idx - 1}
+        out = {
+            "step": self.global_step,
+            "stage": self.stage_idx,
+            "epoch": self.epoch + 1,
+            "batch": self.batch_idx - 1,
+        }
         out.update({f"loss/{n}": v for n, v in (logs or {}).items()})
         out.update({f"lr/{n}": v for n, v in lrs.items()})
         norm = self.last_grad_norm
-        out.update(grad_norm=float(norm) if norm is not None else float("nan"), samples=samples,
-                   samples_per_s=samples / seconds if seconds > 0 else float("nan"), time_s=seconds,
-                   skipped=logs is None or self.last_overflow)
+        out.update(
+            grad_norm=float(norm) if norm is not None else float("nan"),
+            samples=samples,
+            samples_per_s=samples / seconds if seconds > 0 else float("nan"),
+            time_s=seconds,
+            skipped=logs is None or self.last_overflow,
+        )
         return out
 
     def loss_names(self) -> list[str]:
@@ -988,7 +1267,11 @@ class Trainer:
         names = ["default"]
         for stage in self.stages:
             factors = self.lr_factors(stage)
-            names += [n for n in self.m.plan_.names if factors.get(n, 1.0) not in (0, 1.0) and n not in names]
+            names += [
+                n
+                for n in self.m.plan_.names
+                if factors.get(n, 1.0) not in (0, 1.0) and n not in names
+            ]
         return names
 
     def callback_states(self) -> dict:
@@ -999,21 +1282,29 @@ class Trainer:
         """Seed, build the blocks (afresh, from ``init_from``, or continuing under ``warm_start``),
         then read the checkpoint to resume from, if any."""
         m = self.m
-        seed = m.random_state if m.random_state is not None else int(np.random.SeedSequence().entropy % (2**31))
+        seed = (
+            m.random_state
+            if m.random_state is not None
+            else int(np.random.SeedSequence().entropy % (2**31))
+        )
         self.seed = int(seed)
         # warm start: the fitted weights and history carry over into the blocks built below
         previous = None
         if warm_start and hasattr(m, "components_"):
-            previous = ({k: v.detach().clone() for k, v in m.components_.state_dict().items()},
-                        list(getattr(m, "history_", [])))
+            previous = (
+                {k: v.detach().clone() for k, v in m.components_.state_dict().items()},
+                list(getattr(m, "history_", [])),
+            )
         seed_everything(self.seed)
         self.build(self.seed)
         if previous is not None:
             try:
                 m.load_state(previous[0])
             except CheckpointError as err:
-                raise ValueError(f"Matcher.fit(warm_start=True): the fitted weights no longer fit the blocks "
-                                 f"({err}); fit without warm_start to start afresh") from err
+                raise ValueError(
+                    f"Matcher.fit(warm_start=True): the fitted weights no longer fit the blocks "
+                    f"({err}); fit without warm_start to start afresh"
+                ) from err
         elif m.init_from is not None and not resume:
             self.initialise_from(m.init_from, m.init_blocks)
         if self.rank:
@@ -1026,7 +1317,10 @@ class Trainer:
         self.stage_idx, self.epoch, self.batch_idx, self.global_step = 0, 0, 0, 0
         self.epoch_done, self.skipped, self.epoch_logs = False, 0, {}
         self.consecutive_skips, self.warned_epoch = 0, None
-        self.run_id, self.best_sha256 = uuid.uuid4().hex, None  # a resumed run takes its checkpoint's
+        self.run_id, self.best_sha256 = (
+            uuid.uuid4().hex,
+            None,
+        )  # a resumed run takes its checkpoint's
         self.best_state = None
         self.resume_state = None
         self.should_stop = False
@@ -1038,10 +1332,16 @@ class Trainer:
         m = self.m
         if m.checkpoint_dir is None:
             raise ValueError("Matcher.fit(resume=True) needs checkpoint_dir")
-        if resume is not True and not (isinstance(resume, (str, os.PathLike)) and os.fspath(resume)):
-            raise TypeError(f"Matcher.fit: resume must be True, False or the name or path of a checkpoint "
-                            f"folder, got {resume!r}")
-        if self.main:  # this run is the next writer: undo what a killed one left (folders renamed aside)
+        if resume is not True and not (
+            isinstance(resume, (str, os.PathLike)) and os.fspath(resume)
+        ):
+            raise TypeError(
+                f"Matcher.fit: resume must be True, False or the name or path of a checkpoint "
+                f"folder, got {resume!r}"
+            )
+        if (
+            self.main
+        ):  # this run is the next writer: undo what a killed one left (folders renamed aside)
             recover_run(m.checkpoint_dir)
         distributed.barrier()
         try:
@@ -1067,8 +1367,11 @@ class Trainer:
             )
         old = ckpt["record"]
         for key, what in (("data_fingerprint", "fingerprint"), ("n_train", "size")):
-            if old.get(key) is not None and self.record_.get(key) is not None \
-                    and old[key] != self.record_[key]:
+            if (
+                old.get(key) is not None
+                and self.record_.get(key) is not None
+                and old[key] != self.record_[key]
+            ):
                 raise CheckpointError(
                     f"{folder} was trained on other data (dataset {what} {old[key]!r}, this one "
                     f"{self.record_[key]!r}); resume with the same training set, or fit without "
@@ -1076,13 +1379,20 @@ class Trainer:
                 )
         self.check_data_state(folder, ts)
         pos = ts["position"]
-        if not pos["epoch_done"] and pos["batch"] > 0 and self.loader_given and callable(
-                getattr(getattr(self.train, "batch_sampler", None), "update_embeddings", None)):
+        if (
+            not pos["epoch_done"]
+            and pos["batch"] > 0
+            and self.loader_given
+            and callable(
+                getattr(getattr(self.train, "batch_sampler", None), "update_embeddings", None)
+            )
+        ):
             raise CheckpointError(
                 f"{folder} was written mid-epoch, and the DataLoader's batch sampler re-clusters from the "
                 "model at each epoch's start: the clusters of that epoch cannot be re-created from a "
                 "later model. Resume from a checkpoint written at an epoch's end (checkpoint_every=None "
-                "writes only those), or fit without resume=True to start afresh")
+                "writes only those), or fit without resume=True to start afresh"
+            )
         if "rng_ranks" in ts:
             ts["rng"] = ts["rng_ranks"][self.rank]
         m.load_state(ckpt["model_state"])
@@ -1111,14 +1421,19 @@ class Trainer:
                 theirs = best["record"].get("best")
                 # Written by this run after the checkpoint (killed before the next one): the
                 # steps replayed from here reach that evaluation again and rewrite it identically.
-                later = (best["record"].get("run_id") == self.run_id and isinstance(theirs, dict)
-                         and (theirs.get("stage"), theirs.get("epoch")) > (self.best["stage"], self.best["epoch"]))
+                later = (
+                    best["record"].get("run_id") == self.run_id
+                    and isinstance(theirs, dict)
+                    and (theirs.get("stage"), theirs.get("epoch"))
+                    > (self.best["stage"], self.best["epoch"])
+                )
                 if not later and (digest != self.best_sha256 or theirs != self.best):
                     raise CheckpointError(
                         f"{best_path} is not the best epoch of the run in {folder}: its weights (sha256 "
                         f"{str(digest)[:12]}, best {best['record'].get('best')}) are not the ones that run "
                         f"saved (sha256 {str(self.best_sha256)[:12]}, best {self.best}); it may come from "
-                        "another run. Restore that run's best/, or fit without resume=True to start afresh")
+                        "another run. Restore that run's best/, or fit without resume=True to start afresh"
+                    )
                 self.best_state = None if later else best["model_state"]
             elif m.keep_best:
                 # best/ is written before any checkpoint that records it: it was removed since.
@@ -1159,7 +1474,9 @@ class Trainer:
         else:
             blocks = getattr(source, "components_", None)
             if blocks is None:
-                raise ValueError("Matcher: init_from is a Matcher that is not fitted; fit or load it first")
+                raise ValueError(
+                    "Matcher: init_from is a Matcher that is not fitted; fit or load it first"
+                )
             state = blocks.state_dict()
         with torch.no_grad():
             init_state(self.m.components_, state, None if names is None else list(names))
@@ -1170,7 +1487,12 @@ class Trainer:
         (Not under torchrun: the other ranks may be gone, and saving needs all of them. Nothing to
         save at an epoch's start: the epoch's checkpoint before it holds that state.)
         """
-        if self.m.checkpoint_dir is not None and not self.epoch_done and self.batch_idx > 0 and self.world == 1:
+        if (
+            self.m.checkpoint_dir is not None
+            and not self.epoch_done
+            and self.batch_idx > 0
+            and self.world == 1
+        ):
             self.checkpoint(opt, sched, cpu_rng)
         raise KeyboardInterrupt
 
@@ -1180,8 +1502,14 @@ class Trainer:
         if path is None:
             return
         if self.main:
-            write_checkpoint(path.parent, path.name, config=m.get_config(), model_state=m.components_.state_dict(),
-                             record={**self.record_, "best": self.best, "run_id": self.run_id}, update_latest=False)
+            write_checkpoint(
+                path.parent,
+                path.name,
+                config=m.get_config(),
+                model_state=m.components_.state_dict(),
+                record={**self.record_, "best": self.best, "run_id": self.run_id},
+                update_latest=False,
+            )
             self.best_sha256 = _weights_digest(path)
         distributed.barrier()
 
@@ -1231,10 +1559,14 @@ def _resume_advice(run_dir) -> str:
     """What to do when the checkpoint to resume from is refused: the complete ones left, newest first."""
     ok = [p.name for p in complete_checkpoints(run_dir)]
     if ok:
-        return (f"Nothing was loaded. Complete checkpoints in {run_dir}, newest first: {', '.join(ok)}; continue "
-                f"from one with fit(..., resume={ok[0]!r}), or fit without resume=True to start afresh")
-    return (f"Nothing was loaded, and {run_dir} holds no other complete checkpoint: fit without resume=True "
-            "to start afresh")
+        return (
+            f"Nothing was loaded. Complete checkpoints in {run_dir}, newest first: {', '.join(ok)}; continue "
+            f"from one with fit(..., resume={ok[0]!r}), or fit without resume=True to start afresh"
+        )
+    return (
+        f"Nothing was loaded, and {run_dir} holds no other complete checkpoint: fit without resume=True "
+        "to start afresh"
+    )
 
 
 def _best_path(m):
@@ -1245,8 +1577,12 @@ def _best_path(m):
 
 def _np_state() -> dict:
     _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached)}
+    return {
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
 
 
 def _py_state(state):
@@ -1259,8 +1595,15 @@ def _restore_rng(rng: dict) -> None:
     if torch.cuda.is_available() and rng.get("cuda"):
         torch.cuda.set_rng_state_all(rng["cuda"])
     n = rng["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
-                         float(n["cached_gaussian"])))
+    np.random.set_state(
+        (
+            "MT19937",
+            n["keys"].numpy().astype(np.uint32),
+            int(n["pos"]),
+            int(n["has_gauss"]),
+            float(n["cached_gaussian"]),
+        )
+    )
     p = rng["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
 
@@ -1271,13 +1614,20 @@ DATA_SEEDING = 1
 
 def _rebuildable(loader: DataLoader) -> bool:
     """Whether imtm can re-create ``loader`` each epoch (a plain DataLoader over a map-style dataset, batched)."""
-    return (type(loader) is DataLoader and not isinstance(loader.dataset, IterableDataset)
-            and loader.batch_sampler is not None)
+    return (
+        type(loader) is DataLoader
+        and not isinstance(loader.dataset, IterableDataset)
+        and loader.batch_sampler is not None
+    )
 
 
 def _cpu_rng() -> dict:
     """The CPU generators' states, in the form ``train_state`` stores."""
-    return {"torch": torch.get_rng_state(), "numpy": _np_state(), "python": _py_state(random.getstate())}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": _np_state(),
+        "python": _py_state(random.getstate()),
+    }
 
 
 class _DeferredInterrupt:
@@ -1293,8 +1643,10 @@ class _DeferredInterrupt:
         self.verbose = verbose
         self.pid = os.getpid()
         self.previous = None
-        if threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
             self.previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -1302,8 +1654,10 @@ class _DeferredInterrupt:
             raise KeyboardInterrupt
         self.requested = True
         if self.verbose:
-            sys.stderr.write("\n[imtm] interrupted: finishing the current step, then saving a checkpoint "
-                             "(Ctrl-C again stops at once, keeping the last checkpoint)\n")
+            sys.stderr.write(
+                "\n[imtm] interrupted: finishing the current step, then saving a checkpoint "
+                "(Ctrl-C again stops at once, keeping the last checkpoint)\n"
+            )
 
     def close(self) -> None:
         if self.previous is not None and threading.current_thread() is threading.main_thread():
@@ -1317,5 +1671,9 @@ def _weights_digest(folder) -> str | None:
 
     from imtm._io import read_json
 
-    manifest = read_json(Path(folder) / "MANIFEST.json", who="checkpoint", max_bytes=1 << 20, error=CheckpointError)
-    return manifest.get("sha256", {}).get("model.safetensors") if isinstance(manifest, dict) else None
+    manifest = read_json(
+        Path(folder) / "MANIFEST.json", who="checkpoint", max_bytes=1 << 20, error=CheckpointError
+    )
+    return (
+        manifest.get("sha256", {}).get("model.safetensors") if isinstance(manifest, dict) else None
+    )

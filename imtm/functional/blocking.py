@@ -109,7 +109,9 @@ def _check_real_finite(x: torch.Tensor, mask: torch.Tensor | None, what: str) ->
 
 def check_side(x, mask, name: str, where: str) -> torch.Tensor | None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{where}: {name} must be a tensor of shape (B, N, D), got {type(x).__name__}")
+        raise TypeError(
+            f"{where}: {name} must be a tensor of shape (B, N, D), got {type(x).__name__}"
+        )
     if x.dim() != 3:
         raise ValueError(f"{where}: {name} must have shape (B, N, D), got {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -191,15 +193,25 @@ def check_pair_inputs(
 def default_block_elements(device: torch.device) -> int:
     """The default block budget for ``device``: :data:`DEFAULT_MAX_BLOCK_ELEMENTS` on CPU,
     :data:`DEFAULT_MAX_BLOCK_ELEMENTS_CUDA` on CUDA."""
-    return DEFAULT_MAX_BLOCK_ELEMENTS_CUDA if torch.device(device).type == "cuda" else DEFAULT_MAX_BLOCK_ELEMENTS
+    return (
+        DEFAULT_MAX_BLOCK_ELEMENTS_CUDA
+        if torch.device(device).type == "cuda"
+        else DEFAULT_MAX_BLOCK_ELEMENTS
+    )
 
 
-def check_block_args(max_block_elements, compute_dtype, *, where: str) -> tuple[int | None, torch.dtype | None]:
+def check_block_args(
+    max_block_elements, compute_dtype, *, where: str
+) -> tuple[int | None, torch.dtype | None]:
     """Validate the engine's memory budget and compute dtype (``None``: the defaults); return them."""
     bad_budget = isinstance(max_block_elements, bool) or not isinstance(max_block_elements, int)
     if max_block_elements is not None and (bad_budget or max_block_elements < 1):
-        raise ValueError(f"{where}: max_block_elements must be a positive int or None, got {max_block_elements!r}")
-    if compute_dtype is not None and (not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point):
+        raise ValueError(
+            f"{where}: max_block_elements must be a positive int or None, got {max_block_elements!r}"
+        )
+    if compute_dtype is not None and (
+        not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point
+    ):
         raise TypeError(
             f"{where}: compute_dtype must be None or a floating torch.dtype such as torch.bfloat16, got {compute_dtype!r}"
         )
@@ -208,7 +220,11 @@ def check_block_args(max_block_elements, compute_dtype, *, where: str) -> tuple[
 
 # ---------------------------------------------------------------------------- preparation
 def normalize_tokens(
-    x: torch.Tensor, mask: torch.Tensor | None = None, *, dtype: torch.dtype | None = None, eps: float = EPS
+    x: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    eps: float = EPS,
 ) -> torch.Tensor:
     """L2-normalise every token; padded tokens become exact zero vectors.
 
@@ -229,7 +245,9 @@ def normalize_tokens(
     out = l2_normalize(x, dim=-1, eps=eps)
     if mask is not None:
         # where() rather than a product: padding may hold NaN, and 0 * NaN is NaN.
-        out = torch.where(mask.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+        out = torch.where(
+            mask.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device)
+        )
     return out if dtype is None else out.to(dtype)
 
 
@@ -307,7 +325,9 @@ class BlockPlan:
     max_width: int
 
 
-def plan_query_blocks(num_key_sets: int, tokens_per_key_set: int, offsets: Sequence[int], budget: int) -> BlockPlan:
+def plan_query_blocks(
+    num_key_sets: int, tokens_per_key_set: int, offsets: Sequence[int], budget: int
+) -> BlockPlan:
     """Choose block sizes so that one block's similarity matrix holds at most ``budget`` numbers.
 
     The blocks are near-square matrix products (about ``sqrt(budget)`` rows of
@@ -349,7 +369,9 @@ def plan_query_blocks(num_key_sets: int, tokens_per_key_set: int, offsets: Seque
 
 # ---------------------------------------------------------------------------- engines
 def max_over_keys(
-    sims: torch.Tensor, key_mask: torch.Tensor | None = None, key_context: torch.Tensor | None = None
+    sims: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    key_context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Token scores of hard assignment: the best-matching key token for every query token.
 
@@ -400,7 +422,9 @@ def _autocast_dtype(compute_dtype, dtype: torch.dtype, device: torch.device):
     return compute_dtype
 
 
-def _repad_index(packed: PackedTokens, q0: int, q1: int) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+def _repad_index(
+    packed: PackedTokens, q0: int, q1: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
     """For query sets ``q0:q1``: the gather index back to ``(b_q, L_blk)`` (``None`` when the
     packed block already is that layout), the block's mask (``None`` when no padding), and ``L_blk``."""
     width = max(packed.spans[q0:q1])
@@ -487,7 +511,9 @@ def blocked_query_scores(
         >>> s.shape
         torch.Size([4, 5])
     """
-    budget = default_block_elements(keys.device) if max_block_elements is None else max_block_elements
+    budget = (
+        default_block_elements(keys.device) if max_block_elements is None else max_block_elements
+    )
     out_dtype = torch.promote_types(keys.dtype, queries.dtype)
     Bk, K, D = keys.shape
     Bq = queries.shape[0]
@@ -504,7 +530,9 @@ def blocked_query_scores(
         if packed.mask is not None and not tracked:
             # The packed rows are already a private copy: normalise them in place rather than
             # holding a second input-sized copy.
-            feats = feats.div_(torch.linalg.vector_norm(feats, dim=-1, keepdim=True).clamp_min_(EPS))
+            feats = feats.div_(
+                torch.linalg.vector_norm(feats, dim=-1, keepdim=True).clamp_min_(EPS)
+            )
         else:
             feats = l2_normalize(feats, dim=-1, eps=EPS)
     if compute_dtype is not None:
@@ -523,7 +551,9 @@ def blocked_query_scores(
     context_blocks: list = [None] * len(key_blocks)
     if key_context is not None:
         context_blocks = list(torch.split(key_context, plan.key_sets))
-    query_blocks = torch.split(feats, [packed.offsets[q1] - packed.offsets[q0] for q0, q1 in plan.query_bounds])
+    query_blocks = torch.split(
+        feats, [packed.offsets[q1] - packed.offsets[q0] for q0, q1 in plan.query_bounds]
+    )
     widths = [qb.shape[0] for qb in query_blocks]
     # A wide block's width is padded with zero rows to a multiple of QUERY_ALIGN (when the product
     # still fits the budget): the product's output rows then start on aligned addresses, which the
@@ -543,7 +573,10 @@ def blocked_query_scores(
     # scores per key block: one gather and one pooling per group instead of per product keeps
     # the number of small operations (each a thread synchronisation) low.
     groups = _pool_groups(plan, packed.offsets, max(plan.max_width, budget // (4 * plan.key_sets)))
-    repad = [_repad_index(packed, plan.query_bounds[j0][0], plan.query_bounds[j1 - 1][1]) for j0, j1 in groups]
+    repad = [
+        _repad_index(packed, plan.query_bounds[j0][0], plan.query_bounds[j1 - 1][1])
+        for j0, j1 in groups
+    ]
 
     # Without autograd every block's product goes into one reused buffer: a fresh multi-MiB
     # tensor per block would be fresh pages from the OS, zeroed by page faults, each time.
@@ -562,7 +595,11 @@ def blocked_query_scores(
                 if buffer is None:
                     sims = torch.mm(kb, qb.t())
                 else:
-                    sims = torch.mm(kb, qb.t(), out=buffer[: kb.shape[0] * qb.shape[0]].view(kb.shape[0], qb.shape[0]))
+                    sims = torch.mm(
+                        kb,
+                        qb.t(),
+                        out=buffer[: kb.shape[0] * qb.shape[0]].view(kb.shape[0], qb.shape[0]),
+                    )
                 tok = token_scores(sims.view(b, K, qb.shape[0]), km, kc)
                 toks.append(tok if w == qb.shape[0] else tok[:, :w])
             tok = (toks[0] if len(toks) == 1 else torch.cat(toks, dim=1)).to(out_dtype)
@@ -623,12 +660,18 @@ def blocked_pair_scores(
         >>> blocked_pair_scores(torch.randn(3, 4, 8), torch.randn(5, 6, 8), reduce=mean_of_max).shape
         torch.Size([3, 5])
     """
-    budget = default_block_elements(images.device) if max_block_elements is None else max_block_elements
+    budget = (
+        default_block_elements(images.device) if max_block_elements is None else max_block_elements
+    )
     Bi, N, D = images.shape
     Bt, M, _ = texts.shape
     if Bi == 0 or Bt == 0:
-        return torch.zeros(Bi, Bt, dtype=torch.promote_types(images.dtype, texts.dtype), device=images.device)
-    compute_dtype = _autocast_dtype(compute_dtype, torch.promote_types(images.dtype, texts.dtype), images.device)
+        return torch.zeros(
+            Bi, Bt, dtype=torch.promote_types(images.dtype, texts.dtype), device=images.device
+        )
+    compute_dtype = _autocast_dtype(
+        compute_dtype, torch.promote_types(images.dtype, texts.dtype), images.device
+    )
     if normalize:
         images = normalize_tokens(images, image_mask, dtype=compute_dtype)
         texts = normalize_tokens(texts, text_mask, dtype=compute_dtype)
@@ -644,7 +687,9 @@ def blocked_pair_scores(
             bi = max(1, min(Bi, budget // (N1 * Bt * M1)))
     image_blocks = torch.split(images.reshape(Bi * N, D), bi * N)
     text_blocks = torch.split(texts.reshape(Bt * M, D), bt * M)
-    image_masks = torch.split(image_mask, bi) if image_mask is not None else [None] * len(image_blocks)
+    image_masks = (
+        torch.split(image_mask, bi) if image_mask is not None else [None] * len(image_blocks)
+    )
     text_masks = torch.split(text_mask, bt) if text_mask is not None else [None] * len(text_blocks)
     rows = []
     for ib, im in zip(image_blocks, image_masks):

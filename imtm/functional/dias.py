@@ -64,11 +64,12 @@ DISTANCE_EPS = 1e-12
 NORM_EPS = 1e-8
 
 
-
 def _resolve(value, options, name: str, fn: str):
     if isinstance(value, str) and value in options:
         return options[value]
-    raise ValueError(f"{fn}: {name} must be one of {sorted(options)}, got {value!r}." + suggest(value, options))
+    raise ValueError(
+        f"{fn}: {name} must be one of {sorted(options)}, got {value!r}." + suggest(value, options)
+    )
 
 
 def _check_positive(value, name: str, fn: str) -> float:
@@ -178,13 +179,18 @@ def dimension_correlation(
         tensor([1., 1., 1., 1.])
     """
     fn = "dimension_correlation"
-    return _resolve(correlation, DIMENSION_CORRELATIONS, "correlation", fn)(image_embedding, text_embedding)
+    return _resolve(correlation, DIMENSION_CORRELATIONS, "correlation", fn)(
+        image_embedding, text_embedding
+    )
 
 
 def _softmax_shares(C: torch.Tensor, tau: float, off_weight) -> torch.Tensor:
     logits = C / tau
     # exp(C_ii / tau) / sum_j exp(C_ij / tau) is a softmax share: log-softmax keeps it exact.
-    return -(torch.log_softmax(logits, dim=1).diagonal().exp() + torch.log_softmax(logits, dim=0).diagonal().exp())
+    return -(
+        torch.log_softmax(logits, dim=1).diagonal().exp()
+        + torch.log_softmax(logits, dim=0).diagonal().exp()
+    )
 
 
 def _intuitive(C: torch.Tensor, tau: float, off_weight) -> torch.Tensor:
@@ -294,9 +300,13 @@ def dimension_alignment_loss(
     terms = _resolve(objective, DIMENSION_OBJECTIVES, "objective", fn)
     if off_diagonal_weight is not None:
         if isinstance(off_diagonal_weight, bool) or not isinstance(off_diagonal_weight, Real):
-            raise TypeError(f"{fn}: off_diagonal_weight must be None or a number >= 0, got {off_diagonal_weight!r}")
+            raise TypeError(
+                f"{fn}: off_diagonal_weight must be None or a number >= 0, got {off_diagonal_weight!r}"
+            )
         if not math.isfinite(off_diagonal_weight) or off_diagonal_weight < 0:
-            raise ValueError(f"{fn}: off_diagonal_weight must be a finite number >= 0, got {off_diagonal_weight!r}")
+            raise ValueError(
+                f"{fn}: off_diagonal_weight must be a finite number >= 0, got {off_diagonal_weight!r}"
+            )
     C = corr(image_embedding, text_embedding)
     return reduce(terms(C, tau, off_diagonal_weight), C.shape[0])
 
@@ -349,7 +359,10 @@ def word_region_pairs(
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{fn}: {what} must be a floating (B, N, D) tensor, got {got}")
-    if image_tokens.shape[0] != text_tokens.shape[0] or image_tokens.shape[2] != text_tokens.shape[2]:
+    if (
+        image_tokens.shape[0] != text_tokens.shape[0]
+        or image_tokens.shape[2] != text_tokens.shape[2]
+    ):
         raise ValueError(
             f"{fn}: image_tokens {tuple(image_tokens.shape)} and text_tokens {tuple(text_tokens.shape)} must "
             "have the same batch size (row b of each is a matched pair) and feature dimension"
@@ -366,12 +379,20 @@ def word_region_pairs(
     if text_mask is None:
         text_mask = torch.ones(b, m, dtype=torch.bool, device=text_tokens.device)
     for mask, shape, what in ((image_mask, (b, n), "image_mask"), (text_mask, (b, m), "text_mask")):
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
+        if (
+            not isinstance(mask, torch.Tensor)
+            or mask.dtype != torch.bool
+            or tuple(mask.shape) != shape
+        ):
             raise ValueError(f"{fn}: {what} must be a bool tensor of shape {shape}")
     if not torch.compiler.is_compiling() and not bool(image_mask.any(1).all()):
-        raise ValueError(f"{fn}: an image has no real region (every position of its image_mask is False)")
+        raise ValueError(
+            f"{fn}: an image has no real region (every position of its image_mask is False)"
+        )
     with torch.no_grad():
-        sims = F.normalize(text_tokens, dim=-1, eps=NORM_EPS) @ F.normalize(image_tokens, dim=-1, eps=NORM_EPS).transpose(1, 2)
+        sims = F.normalize(text_tokens, dim=-1, eps=NORM_EPS) @ F.normalize(
+            image_tokens, dim=-1, eps=NORM_EPS
+        ).transpose(1, 2)
         best = sims.masked_fill(~image_mask[:, None, :], float("-inf")).argmax(-1)  # (B, M)
     regions = image_tokens.gather(1, best.unsqueeze(-1).expand(-1, -1, image_tokens.shape[2]))
     return regions[text_mask], text_tokens[text_mask]
@@ -379,7 +400,9 @@ def word_region_pairs(
 
 # ---------------------------------------------------------------------- spatial constraints
 def _cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return 1 - F.normalize(a, dim=-1, eps=NORM_EPS) @ F.normalize(b, dim=-1, eps=NORM_EPS).transpose(0, 1)
+    return 1 - F.normalize(a, dim=-1, eps=NORM_EPS) @ F.normalize(
+        b, dim=-1, eps=NORM_EPS
+    ).transpose(0, 1)
 
 
 def _euclidean_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -444,18 +467,24 @@ def spatial_differences(
 
 def _check_beta(beta, fn: str, b: int | None = None):
     if isinstance(beta, torch.Tensor):
-        if not beta.is_floating_point() or not (beta.numel() == 1 or (beta.dim() == 1 and b is not None and beta.numel() == b)):
+        if not beta.is_floating_point() or not (
+            beta.numel() == 1 or (beta.dim() == 1 and b is not None and beta.numel() == b)
+        ):
             raise ValueError(
                 f"{fn}: beta must be a number, a one-element floating tensor or a floating (B,) tensor of one "
                 f"beta per instance (B = {b}), got {tuple(beta.shape)}"
             )
         return beta.reshape(()) if beta.numel() == 1 and beta.dim() != 1 else beta
     if isinstance(beta, bool) or not isinstance(beta, Real) or not math.isfinite(beta):
-        raise ValueError(f"{fn}: beta must be a finite number (or a one-element tensor), got {beta!r}")
+        raise ValueError(
+            f"{fn}: beta must be a finite number (or a one-element tensor), got {beta!r}"
+        )
     return float(beta)
 
 
-def _statistics(x: torch.Tensor, unmatched: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _statistics(
+    x: torch.Tensor, unmatched: torch.Tensor, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation of each row (dim=1) or column (dim=0) of ``p`` over the unmatched pairs."""
     count = unmatched.sum(dim, keepdim=True).clamp_min(1).to(x.dtype)
     mean = (x * unmatched).sum(dim, keepdim=True) / count
@@ -484,7 +513,11 @@ def _unmatched_pairs(b: int, positives, device, fn: str) -> torch.Tensor:
     off = ~torch.eye(b, dtype=torch.bool, device=device)
     if positives is None:
         return off
-    if not isinstance(positives, torch.Tensor) or positives.dtype != torch.bool or tuple(positives.shape) != (b, b):
+    if (
+        not isinstance(positives, torch.Tensor)
+        or positives.dtype != torch.bool
+        or tuple(positives.shape) != (b, b)
+    ):
         raise ValueError(
             f"{fn}: positives must be a bool (B, B) tensor with B = {b} (True where row i's image matches "
             f"caption j, e.g. image_ids[:, None] == image_ids[None, :]), got "
@@ -492,7 +525,9 @@ def _unmatched_pairs(b: int, positives, device, fn: str) -> torch.Tensor:
             + (f" of {positives.dtype}" if isinstance(positives, torch.Tensor) else "")
         )
     if positives.device != device:
-        raise ValueError(f"{fn}: positives are on {positives.device} but the embeddings are on {device}")
+        raise ValueError(
+            f"{fn}: positives are on {positives.device} but the embeddings are on {device}"
+        )
     # A caption of the same image is a matched pair, not an unmatched one, whatever its row.
     return off & ~positives & ~positives.transpose(0, 1)
 
@@ -588,9 +623,17 @@ def sparse_correlation_mask(
     """
     fn = "sparse_correlation_mask"
     if not isinstance(differences, torch.Tensor) or not differences.is_floating_point():
-        raise TypeError(f"{fn}: differences must be a floating (B, B) tensor, got {type(differences).__name__}")
-    if differences.dim() != 2 or differences.shape[0] != differences.shape[1] or differences.shape[0] < 2:
-        raise ValueError(f"{fn}: differences must have shape (B, B) with B >= 2, got {tuple(differences.shape)}")
+        raise TypeError(
+            f"{fn}: differences must be a floating (B, B) tensor, got {type(differences).__name__}"
+        )
+    if (
+        differences.dim() != 2
+        or differences.shape[0] != differences.shape[1]
+        or differences.shape[0] < 2
+    ):
+        raise ValueError(
+            f"{fn}: differences must have shape (B, B) with B >= 2, got {tuple(differences.shape)}"
+        )
     b = differences.shape[0]
     beta = _check_beta(beta, fn, b)
     t = _check_positive(temperature, "temperature", fn)
@@ -683,7 +726,9 @@ def spatial_constraint_loss(
     b = diff.shape[0]
     unmatched = _unmatched_pairs(b, positives, diff.device, fn)
     if sparse:
-        weights = sparse_correlation_mask(diff.detach(), beta, temperature=temperature, rule=rule, positives=positives)
+        weights = sparse_correlation_mask(
+            diff.detach(), beta, temperature=temperature, rule=rule, positives=positives
+        )
     else:
         _check_beta(beta, fn, b)
         _check_positive(temperature, "temperature", fn)

@@ -104,7 +104,9 @@ def hard_assignment_scores(
     textual = resolve_option(codebook, CODEBOOKS, name="codebook", where=where)
     pool = resolve_pooling(pooling, temperature, where=where)
     budget, compute_dtype = check_block_args(max_block_elements, compute_dtype, where=where)
-    images, texts, image_mask, text_mask = check_pair_inputs(images, texts, image_mask, text_mask, where=where)
+    images, texts, image_mask, text_mask = check_pair_inputs(
+        images, texts, image_mask, text_mask, where=where
+    )
     if textual:
         # Regions query words: the same engine with the roles swapped, transposed back.
         scores = blocked_query_scores(

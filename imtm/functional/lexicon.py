@@ -34,7 +34,6 @@ KL_DIRECTIONS = ("prediction_first", "target_first")
 IGNORE_INDEX = -100
 
 
-
 #: The authors' scale of the plan-times-cosine product before its softmax: ``scale = 2e3`` in
 #: ``ALBEF.get_p2w_loss`` of ``model/model_pretrain.py`` (github.com/Lydia-yang/ELA).
 AUTHORS_SCALE = 2e3
@@ -42,8 +41,10 @@ AUTHORS_SCALE = 2e3
 
 def _need_cost(cost, label_weights):
     if cost is None:
-        raise ValueError(f"label_weights={label_weights!r} needs the transport cost (cost=...), the cosine "
-                         "distance the plan was solved with")
+        raise ValueError(
+            f"label_weights={label_weights!r} needs the transport cost (cost=...), the cosine "
+            "distance the plan was solved with"
+        )
 
 
 def _spread_over_picks(values, picked_real):
@@ -201,29 +202,49 @@ def expansive_soft_labels(
     if isinstance(scale, bool) or not isinstance(scale, Real) or not 0 < scale < math.inf:
         raise ValueError(f"{fn}: scale must be a finite number > 0, got {scale!r}")
     if word_probs.dim() != 3:
-        raise ValueError(f"{fn}: word_probs must have shape (B, M, V), got {tuple(word_probs.shape)}")
+        raise ValueError(
+            f"{fn}: word_probs must have shape (B, M, V), got {tuple(word_probs.shape)}"
+        )
     b, m, v = word_probs.shape
     if word_mask is None:
         word_mask = torch.ones(b, m, dtype=torch.bool, device=word_probs.device)
     if tuple(word_mask.shape) != (b, m) or word_mask.dtype != torch.bool:
-        raise ValueError(f"{fn}: word_mask must be a bool tensor of shape {(b, m)}, got "
-                         f"{word_mask.dtype} {tuple(word_mask.shape)}")
+        raise ValueError(
+            f"{fn}: word_mask must be a bool tensor of shape {(b, m)}, got "
+            f"{word_mask.dtype} {tuple(word_mask.shape)}"
+        )
     if cost is not None and cost.shape != plan.shape:
-        raise ValueError(f"{fn}: cost must have the plan's shape {tuple(plan.shape)}, got {tuple(cost.shape)}")
+        raise ValueError(
+            f"{fn}: cost must have the plan's shape {tuple(plan.shape)}, got {tuple(cost.shape)}"
+        )
     if batch_index is None:
         if plan.dim() != 3 or plan.shape[0] != b or plan.shape[2] != m:
-            raise ValueError(f"{fn}: without batch_index, plan must have shape (B, N, M) = ({b}, N, {m}), "
-                             f"got {tuple(plan.shape)}")
+            raise ValueError(
+                f"{fn}: without batch_index, plan must have shape (B, N, M) = ({b}, N, {m}), "
+                f"got {tuple(plan.shape)}"
+            )
         n = plan.shape[1]
         batch_index = torch.arange(b, device=plan.device).repeat_interleave(n)
         rows = plan.reshape(b * n, m)
         cost_rows = None if cost is None else cost.reshape(b * n, m)
-        return expansive_soft_labels(rows, word_probs, word_mask, batch_index=batch_index, cost=cost_rows,
-                                     label_weights=label_weights, top_k=top_k, scale=scale).reshape(b, n, v)
+        return expansive_soft_labels(
+            rows,
+            word_probs,
+            word_mask,
+            batch_index=batch_index,
+            cost=cost_rows,
+            label_weights=label_weights,
+            top_k=top_k,
+            scale=scale,
+        ).reshape(b, n, v)
     if plan.dim() != 2 or plan.shape[1] != m:
-        raise ValueError(f"{fn}: with batch_index, plan must have shape (K, M) = (K, {m}), got {tuple(plan.shape)}")
+        raise ValueError(
+            f"{fn}: with batch_index, plan must have shape (K, M) = (K, {m}), got {tuple(plan.shape)}"
+        )
     if batch_index.dim() != 1 or batch_index.shape[0] != plan.shape[0]:
-        raise ValueError(f"{fn}: batch_index must have shape ({plan.shape[0]},), got {tuple(batch_index.shape)}")
+        raise ValueError(
+            f"{fn}: batch_index must have shape ({plan.shape[0]},), got {tuple(batch_index.shape)}"
+        )
     row_mask = word_mask.index_select(0, batch_index)
     try:
         weights, index = LABEL_WEIGHTS[label_weights](plan, cost, row_mask, top_k, float(scale))
@@ -234,7 +255,9 @@ def expansive_soft_labels(
     labels = word_probs.new_zeros(plan.shape[0], v)
     # A loop over the picks (top_k, or M words), each one gather of (K, V): memory stays 2 x (K, V).
     for r in range(index.shape[1]):
-        labels = labels + weights[:, r : r + 1].to(labels.dtype) * flat.index_select(0, base + index[:, r])
+        labels = labels + weights[:, r : r + 1].to(labels.dtype) * flat.index_select(
+            0, base + index[:, r]
+        )
     return labels
 
 
@@ -285,16 +308,22 @@ def lexicon_kl_loss(
     """
     fn = "lexicon_kl_loss"
     if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"{fn}: reduction must be one of ['mean', 'none', 'sum'], got {reduction!r}."
-                         + suggest(reduction, ("mean", "sum", "none")))
+        raise ValueError(
+            f"{fn}: reduction must be one of ['mean', 'none', 'sum'], got {reduction!r}."
+            + suggest(reduction, ("mean", "sum", "none"))
+        )
     if logits.dim() != 2 or logits.shape != target.shape:
-        raise ValueError(f"{fn}: logits and target must both have shape (K, V), got {tuple(logits.shape)} "
-                         f"and {tuple(target.shape)}")
+        raise ValueError(
+            f"{fn}: logits and target must both have shape (K, V), got {tuple(logits.shape)} "
+            f"and {tuple(target.shape)}"
+        )
     if isinstance(eps, bool) or not isinstance(eps, Real) or not eps > 0:
         raise ValueError(f"{fn}: eps must be a number > 0, got {eps!r}")
     if direction not in KL_DIRECTIONS:
-        raise ValueError(f"{fn}: direction must be one of {sorted(KL_DIRECTIONS)}, got {direction!r}."
-                         + suggest(direction, KL_DIRECTIONS))
+        raise ValueError(
+            f"{fn}: direction must be one of {sorted(KL_DIRECTIONS)}, got {direction!r}."
+            + suggest(direction, KL_DIRECTIONS)
+        )
     # At least float32: a bf16 / fp16 log-softmax over a vocabulary loses the small probabilities.
     log_p = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     y = target.detach().to(log_p.dtype)
@@ -352,18 +381,35 @@ def mask_words(
     fn = "mask_words"
     if ids.shape != maskable.shape or maskable.dtype != torch.bool:
         raise ValueError(f"{fn}: maskable must be a bool tensor shaped like ids {tuple(ids.shape)}")
-    for name, value in (("prob", prob), ("replace_mask", replace_mask), ("replace_random", replace_random)):
+    for name, value in (
+        ("prob", prob),
+        ("replace_mask", replace_mask),
+        ("replace_random", replace_random),
+    ):
         if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 1:
             raise ValueError(f"{fn}: {name} must be a number in [0, 1], got {value!r}")
     if replace_mask + replace_random > 1:
-        raise ValueError(f"{fn}: replace_mask + replace_random must be at most 1, got {replace_mask + replace_random}")
-    draw = torch.rand(ids.shape, generator=generator, device=ids.device if generator is None else "cpu").to(ids.device)
+        raise ValueError(
+            f"{fn}: replace_mask + replace_random must be at most 1, got {replace_mask + replace_random}"
+        )
+    draw = torch.rand(
+        ids.shape, generator=generator, device=ids.device if generator is None else "cpu"
+    ).to(ids.device)
     picked = maskable & (draw < prob)
-    how = torch.rand(ids.shape, generator=generator, device=ids.device if generator is None else "cpu").to(ids.device)
-    random_ids = torch.randint(0, vocab_size, ids.shape, generator=generator,
-                               device=ids.device if generator is None else "cpu").to(ids.device)
+    how = torch.rand(
+        ids.shape, generator=generator, device=ids.device if generator is None else "cpu"
+    ).to(ids.device)
+    random_ids = torch.randint(
+        0,
+        vocab_size,
+        ids.shape,
+        generator=generator,
+        device=ids.device if generator is None else "cpu",
+    ).to(ids.device)
     out = torch.where(picked & (how < replace_mask), torch.full_like(ids, mask_token_id), ids)
-    out = torch.where(picked & (how >= replace_mask) & (how < replace_mask + replace_random), random_ids, out)
+    out = torch.where(
+        picked & (how >= replace_mask) & (how < replace_mask + replace_random), random_ids, out
+    )
     labels = torch.where(picked, ids, torch.full_like(ids, IGNORE_INDEX))
     return out, labels
 
@@ -406,10 +452,14 @@ def sample_hard_negatives(
     """
     fn = "sample_hard_negatives"
     if scores.dim() != 2 or positives.shape != scores.shape or positives.dtype != torch.bool:
-        raise ValueError(f"{fn}: scores must be (Bi, Bt) with a bool positives of the same shape, got "
-                         f"{tuple(scores.shape)} and {positives.dtype} {tuple(positives.shape)}")
+        raise ValueError(
+            f"{fn}: scores must be (Bi, Bt) with a bool positives of the same shape, got "
+            f"{tuple(scores.shape)} and {positives.dtype} {tuple(positives.shape)}"
+        )
     if scores.numel() == 0:
-        raise ValueError(f"{fn}: needs at least one image and one caption, got scores of shape {tuple(scores.shape)}")
+        raise ValueError(
+            f"{fn}: needs at least one image and one caption, got scores of shape {tuple(scores.shape)}"
+        )
     if isinstance(temperature, bool) or not isinstance(temperature, Real) or not temperature > 0:
         raise ValueError(f"{fn}: temperature must be a number > 0, got {temperature!r}")
     s = scores.detach().float()

@@ -67,7 +67,12 @@ LOCAL_WEIGHTINGS = {"linear": _linear, "softmax": _softmax}
 
 
 def local_weights(
-    sims: torch.Tensor, mask: torch.Tensor, dim: int, *, weighting: str = "softmax", tau: float = 0.1
+    sims: torch.Tensor,
+    mask: torch.Tensor,
+    dim: int,
+    *,
+    weighting: str = "softmax",
+    tau: float = 0.1,
 ) -> torch.Tensor:
     r"""The weights of Eq. 1 along ``dim``: each row of ``sims`` turned into a distribution.
 
@@ -184,7 +189,9 @@ def local_matching_scores(
     weigh = resolve_option(weighting, LOCAL_WEIGHTINGS, name="weighting", where=where)
     tau = check_temperature(tau, name="tau", where=where)
     budget, _ = check_block_args(max_block_elements, None, where=where)
-    images, texts, image_mask, text_mask = check_pair_inputs(images, texts, image_mask, text_mask, where=where)
+    images, texts, image_mask, text_mask = check_pair_inputs(
+        images, texts, image_mask, text_mask, where=where
+    )
     bi_all, n, _ = images.shape
     bt_all, m, _ = texts.shape
     if image_mask is None:
@@ -204,8 +211,16 @@ def local_matching_scores(
     rows = []
     for i0 in range(0, bi_all, bi):
         parts = [
-            _block_scores(v[i0:i0 + bi], t[t0:t0 + bt], image_mask[i0:i0 + bi], text_mask[t0:t0 + bt],
-                          gram_v[i0:i0 + bi], gram_t[t0:t0 + bt], weigh, tau)
+            _block_scores(
+                v[i0 : i0 + bi],
+                t[t0 : t0 + bt],
+                image_mask[i0 : i0 + bi],
+                text_mask[t0 : t0 + bt],
+                gram_v[i0 : i0 + bi],
+                gram_t[t0 : t0 + bt],
+                weigh,
+                tau,
+            )
             for t0 in range(0, bt_all, bt)
         ]
         rows.append(torch.cat(parts, 1))

@@ -40,7 +40,6 @@ def _reduce_none(cost: torch.Tensor, n_pairs: torch.Tensor) -> torch.Tensor:
 REDUCTIONS = {"sum": _reduce_sum, "mean": _reduce_mean, "none": _reduce_none}
 
 
-
 def _split_scores(scores, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``scores`` or ``(scores_i2t, scores_t2i)`` -> the matrix each direction uses."""
     if isinstance(scores, torch.Tensor):
@@ -98,7 +97,11 @@ def _check_positives(positives, shape: torch.Size, device: torch.device, fn: str
 
 
 def _hardest_violation(
-    scores: torch.Tensor, positives: torch.Tensor, margin: float, excluded: torch.Tensor, neg_weight: torch.Tensor
+    scores: torch.Tensor,
+    positives: torch.Tensor,
+    margin: float,
+    excluded: torch.Tensor,
+    neg_weight: torch.Tensor,
 ) -> torch.Tensor:
     """Row-wise max-violation term of every positive pair: (Bi, Bt), zero off the positives.
 
@@ -116,7 +119,11 @@ def _hardest_violation(
 
 
 def _summed_violation(
-    scores: torch.Tensor, positives: torch.Tensor, margin: float, excluded: torch.Tensor, neg_weight: torch.Tensor
+    scores: torch.Tensor,
+    positives: torch.Tensor,
+    margin: float,
+    excluded: torch.Tensor,
+    neg_weight: torch.Tensor,
 ) -> torch.Tensor:
     """Row-wise sum-of-hinges term of every positive pair: (Bi, Bt), zero off the positives.
 
@@ -128,9 +135,17 @@ def _summed_violation(
     """
     neg_sorted, order = scores.masked_fill(excluded, float("-inf")).sort(dim=1, descending=True)
     finite = torch.isfinite(neg_sorted)
-    w_sorted = torch.where(finite, neg_weight.expand_as(scores).gather(1, order), torch.zeros_like(neg_sorted))
+    w_sorted = torch.where(
+        finite, neg_weight.expand_as(scores).gather(1, order), torch.zeros_like(neg_sorted)
+    )
     zero = torch.zeros_like(neg_sorted[:, :1])
-    top_sums = torch.cat([zero, (w_sorted * torch.where(finite, neg_sorted, torch.zeros_like(neg_sorted))).cumsum(1)], 1)
+    top_sums = torch.cat(
+        [
+            zero,
+            (w_sorted * torch.where(finite, neg_sorted, torch.zeros_like(neg_sorted))).cumsum(1),
+        ],
+        1,
+    )
     top_weights = torch.cat([zero, w_sorted.cumsum(1)], 1)
     # Number of negatives strictly above s(i, t) - margin; searchsorted needs ascending rows.
     count = torch.searchsorted(
@@ -141,7 +156,9 @@ def _summed_violation(
     return torch.where(positives, cost.clamp_min(0), torch.zeros_like(cost))
 
 
-def _mined_violation(scores: torch.Tensor, positives: torch.Tensor, margin: float, index: torch.Tensor) -> torch.Tensor:
+def _mined_violation(
+    scores: torch.Tensor, positives: torch.Tensor, margin: float, index: torch.Tensor
+) -> torch.Tensor:
     """Hinge of every positive pair against its mined negative ``index[i, t]`` of row ``i``: (Bi, Bt)."""
     has_neg = (~positives).any(1, keepdim=True)
     cost = (margin - scores + scores.gather(1, index)).clamp_min(0)
@@ -185,15 +202,27 @@ def _count_per_row(positives: torch.Tensor) -> torch.Tensor:
 PAIR_COUNTS = {"once": _count_once, "per_row": _count_per_row}
 
 
-def _check_negatives(negatives, positives: torch.Tensor, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_negatives(
+    negatives, positives: torch.Tensor, fn: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(negatives, Sequence) or isinstance(negatives, str) or len(negatives) != 2:
-        raise TypeError(f"{fn}: negatives must be a pair (i2t, t2i) of (Bi, Bt) index tensors, e.g. from a miner")
+        raise TypeError(
+            f"{fn}: negatives must be a pair (i2t, t2i) of (Bi, Bt) index tensors, e.g. from a miner"
+        )
     i2t, t2i = negatives
     bi, bt = positives.shape
     for idx, what, high in ((i2t, "i2t", bt), (t2i, "t2i", bi)):
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or tuple(idx.shape) != (bi, bt):
+        if (
+            not isinstance(idx, torch.Tensor)
+            or idx.dtype != torch.int64
+            or tuple(idx.shape) != (bi, bt)
+        ):
             raise ValueError(f"{fn}: negatives {what} must be a long tensor of shape {(bi, bt)}")
-        if idx.numel() and not torch.compiler.is_compiling() and (int(idx.min()) < 0 or int(idx.max()) >= high):
+        if (
+            idx.numel()
+            and not torch.compiler.is_compiling()
+            and (int(idx.min()) < 0 or int(idx.max()) >= high)
+        ):
             raise ValueError(f"{fn}: negatives {what} holds indices outside [0, {high})")
     if torch.compiler.is_compiling():
         return i2t, t2i  # the value checks below synchronise; they run eagerly only
@@ -203,7 +232,9 @@ def _check_negatives(negatives, positives: torch.Tensor, fn: str) -> tuple[torch
     bad_i2t = positives & (~positives).any(1, keepdim=True) & positives[rows, i2t]
     bad_t2i = positives & (~positives).any(0, keepdim=True) & positives[t2i, cols]
     if bool(bad_i2t.any()) or bool(bad_t2i.any()):
-        raise ValueError(f"{fn}: negatives picks a matching pair as the negative of a positive pair")
+        raise ValueError(
+            f"{fn}: negatives picks a matching pair as the negative of a positive pair"
+        )
     return i2t, t2i
 
 
@@ -314,7 +345,9 @@ def triplet_loss(
     if negatives is not None:
         i2t, t2i = _check_negatives(negatives, positives, fn)
         cost_i2t = _mined_violation(s_i2t, positives, margin, i2t)
-        cost_t2i = _mined_violation(s_t2i.transpose(0, 1), pos_t, margin, t2i.transpose(0, 1)).transpose(0, 1)
+        cost_t2i = _mined_violation(
+            s_t2i.transpose(0, 1), pos_t, margin, t2i.transpose(0, 1)
+        ).transpose(0, 1)
         return REDUCTIONS[reduction]((cost_i2t + cost_t2i) * w[:, None], n_pairs)
     violation = _hardest_violation if hardest else _summed_violation
     ones = torch.ones_like(s_i2t[:1])
@@ -329,7 +362,8 @@ def _resolve_count(count_pairs, fn: str):
     if isinstance(count_pairs, str) and count_pairs in PAIR_COUNTS:
         return PAIR_COUNTS[count_pairs]
     raise ValueError(
-        f"{fn}: count_pairs must be one of {sorted(PAIR_COUNTS)}, got {count_pairs!r}." + suggest(count_pairs, PAIR_COUNTS)
+        f"{fn}: count_pairs must be one of {sorted(PAIR_COUNTS)}, got {count_pairs!r}."
+        + suggest(count_pairs, PAIR_COUNTS)
     )
 
 

@@ -63,7 +63,9 @@ def random_patch_mask(
         (torch.Size([2, 16]), [4, 4])
     """
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, Real) or not 0 <= mask_ratio < 1:
-        raise ValueError(f"random_patch_mask: mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+        raise ValueError(
+            f"random_patch_mask: mask_ratio must be a number in [0, 1), got {mask_ratio!r}"
+        )
     if batch_size < 0 or num_patches < 0:
         raise ValueError(
             f"random_patch_mask: batch_size and num_patches must be >= 0, got {batch_size} and {num_patches}"

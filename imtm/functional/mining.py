@@ -37,9 +37,13 @@ def check_mining_args(dim, cutoff, nonzero_loss_cutoff, *, where: str) -> tuple[
             ``nonzero_loss_cutoff`` not in ``(cutoff, 2]``.
     """
     if isinstance(dim, bool) or not isinstance(dim, Integral) or dim < 4:
-        raise ValueError(f"{where}: dim must be the embedding dimension, an integer >= 4, got {dim!r}")
+        raise ValueError(
+            f"{where}: dim must be the embedding dimension, an integer >= 4, got {dim!r}"
+        )
     cutoff = _check_number(cutoff, "cutoff", where, 0.0, 2.0)
-    return cutoff, _check_number(nonzero_loss_cutoff, "nonzero_loss_cutoff", where, cutoff, 2.0 + 1e-9)
+    return cutoff, _check_number(
+        nonzero_loss_cutoff, "nonzero_loss_cutoff", where, cutoff, 2.0 + 1e-9
+    )
 
 
 def _sample_direction(
@@ -54,7 +58,9 @@ def _sample_direction(
     negatives = ~positives
     # Unit vectors: ||a - b||^2 = 2 - 2 cos. Scores outside [-1, 1] are clamped onto the sphere.
     d = (2 - 2 * scores).clamp(cutoff**2, 4.0).sqrt()
-    log_w = (2.0 - dim) * d.log() - (dim - 3.0) / 2.0 * (1 - d.square() / 4).clamp_min(ANTIPODE_EPS).log()
+    log_w = (2.0 - dim) * d.log() - (dim - 3.0) / 2.0 * (1 - d.square() / 4).clamp_min(
+        ANTIPODE_EPS
+    ).log()
     keep = negatives & (d < nonzero_loss_cutoff)
     log_w = log_w.masked_fill(~keep, float("-inf"))
     # Shift by the row max so the largest weight is exp(0) = 1 (Wu et al. normalise the same way).
@@ -63,7 +69,9 @@ def _sample_direction(
     # No negative within the cut-off: uniform over the negatives, as Wu et al.; no negative at all
     # (every caption matches): uniform over the row, and the loss drops the term.
     empty = weights.sum(1, keepdim=True) == 0
-    fallback = torch.where(negatives.any(1, keepdim=True), negatives.to(weights.dtype), torch.ones_like(weights))
+    fallback = torch.where(
+        negatives.any(1, keepdim=True), negatives.to(weights.dtype), torch.ones_like(weights)
+    )
     weights = torch.where(empty, fallback, weights)
     return torch.multinomial(weights, scores.shape[1], replacement=True, generator=generator)
 
@@ -136,25 +144,46 @@ def distance_weighted_negatives(
     elif isinstance(scores, Sequence) and not isinstance(scores, str) and len(scores) == 2:
         s_i2t, s_t2i = scores
     else:
-        raise TypeError(f"{fn}: scores must be a (Bi, Bt) tensor or a pair (scores_i2t, scores_t2i)")
+        raise TypeError(
+            f"{fn}: scores must be a (Bi, Bt) tensor or a pair (scores_i2t, scores_t2i)"
+        )
     for s in (s_i2t, s_t2i):
         if not isinstance(s, torch.Tensor) or s.dim() != 2 or not s.is_floating_point():
             got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
             raise ValueError(f"{fn}: scores must be floating (Bi, Bt) tensors, got {got}")
     if s_i2t.shape != s_t2i.shape:
-        raise ValueError(f"{fn}: scores_i2t {tuple(s_i2t.shape)} and scores_t2i {tuple(s_t2i.shape)} differ in shape")
-    if not isinstance(positives, torch.Tensor) or positives.dtype != torch.bool or positives.shape != s_i2t.shape:
-        raise ValueError(f"{fn}: positives must be a bool tensor of shape {tuple(s_i2t.shape)} (True = matching pair)")
+        raise ValueError(
+            f"{fn}: scores_i2t {tuple(s_i2t.shape)} and scores_t2i {tuple(s_t2i.shape)} differ in shape"
+        )
+    if (
+        not isinstance(positives, torch.Tensor)
+        or positives.dtype != torch.bool
+        or positives.shape != s_i2t.shape
+    ):
+        raise ValueError(
+            f"{fn}: positives must be a bool tensor of shape {tuple(s_i2t.shape)} (True = matching pair)"
+        )
     if s_i2t.numel() == 0:
-        raise ValueError(f"{fn}: needs at least one image and one caption, got scores of shape {tuple(s_i2t.shape)}")
+        raise ValueError(
+            f"{fn}: needs at least one image and one caption, got scores of shape {tuple(s_i2t.shape)}"
+        )
     cutoff, nonzero_loss_cutoff = check_mining_args(dim, cutoff, nonzero_loss_cutoff, where=fn)
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+        raise TypeError(
+            f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
     check_finite(s_i2t, f"{fn}: scores")
     with torch.no_grad():
         # float64 weights: (2 - n) log d spans hundreds of nats for n = 1024.
-        i2t = _sample_direction(s_i2t.double(), positives, int(dim), cutoff, nonzero_loss_cutoff, generator)
+        i2t = _sample_direction(
+            s_i2t.double(), positives, int(dim), cutoff, nonzero_loss_cutoff, generator
+        )
         t2i = _sample_direction(
-            s_t2i.double().transpose(0, 1), positives.transpose(0, 1), int(dim), cutoff, nonzero_loss_cutoff, generator
+            s_t2i.double().transpose(0, 1),
+            positives.transpose(0, 1),
+            int(dim),
+            cutoff,
+            nonzero_loss_cutoff,
+            generator,
         ).transpose(0, 1)
     return i2t, t2i.contiguous()

@@ -73,7 +73,9 @@ def _fill(x: torch.Tensor, mask: torch.Tensor | None, value: float) -> torch.Ten
 
 
 # ---------------------------------------------------------------------------- significance (Eq. 1-3)
-def minmax_normalize(x: torch.Tensor, mask: torch.Tensor | None = None, *, dim: int = -1) -> torch.Tensor:
+def minmax_normalize(
+    x: torch.Tensor, mask: torch.Tensor | None = None, *, dim: int = -1
+) -> torch.Tensor:
     r"""``Norm`` of LAPS Eq. 2 (both scores): map the valid entries along ``dim`` linearly onto ``[0, 1]``.
 
     .. math::
@@ -98,7 +100,9 @@ def minmax_normalize(x: torch.Tensor, mask: torch.Tensor | None = None, *, dim: 
     return _fill((x - lo) / span, mask, 0.0)
 
 
-def self_attentive_scores(patches: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+def self_attentive_scores(
+    patches: torch.Tensor, patch_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""LAPS Eq. 2 (its first score): :math:`a^s_i = \operatorname{Norm}(v_i \cdot v_{glo} / d)`, the image's own attention.
 
     :math:`v_{glo}` is the mean of the image's real patches. Image-only: computed once
@@ -170,7 +174,9 @@ def combine_significance(
 
 
 # ---------------------------------------------------------------------------- decisions (Eq. 4-5)
-def logistic_noise(shape, *, generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> torch.Tensor:
+def logistic_noise(
+    shape, *, generator: torch.Generator | None = None, dtype=torch.float32, device=None
+) -> torch.Tensor:
     r"""The difference of two independent Gumbel(0, 1) draws (a standard logistic variable).
 
     Two-class Gumbel-softmax only ever uses :math:`G_{keep} - G_{drop}`. Drawn from
@@ -238,15 +244,21 @@ def gumbel_keep_decisions(
         True
     """
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
-        raise TypeError(f"gumbel_keep_decisions: scores must be a floating tensor, got {getattr(scores, 'dtype', type(scores).__name__)}")
+        raise TypeError(
+            f"gumbel_keep_decisions: scores must be a floating tensor, got {getattr(scores, 'dtype', type(scores).__name__)}"
+        )
     if isinstance(tau, bool) or not isinstance(tau, Real) or not math.isfinite(tau) or tau <= 0:
         raise ValueError(f"gumbel_keep_decisions: tau must be a finite number > 0, got {tau!r}")
     if not 0 < eps < 0.5:
         raise ValueError(f"gumbel_keep_decisions: eps must lie in (0, 0.5), got {eps!r}")
     if noise is None:
-        noise = logistic_noise(scores.shape, generator=generator, dtype=scores.dtype, device=scores.device)
+        noise = logistic_noise(
+            scores.shape, generator=generator, dtype=scores.dtype, device=scores.device
+        )
     elif noise.shape != scores.shape:
-        raise ValueError(f"gumbel_keep_decisions: noise has shape {tuple(noise.shape)}, scores {tuple(scores.shape)}")
+        raise ValueError(
+            f"gumbel_keep_decisions: noise has shape {tuple(noise.shape)}, scores {tuple(scores.shape)}"
+        )
     a = scores.clamp(eps, 1 - eps)
     # (log a + G1) - (log(1 - a) + G2): the two-class softmax is the sigmoid of this difference.
     logit = torch.log(a) - torch.log1p(-a) + noise.to(scores.dtype)
@@ -319,7 +331,9 @@ def _masked_softmax(logits: torch.Tensor, keep: torch.Tensor, dim: int) -> torch
     """
     kept = keep > 0
     shift = logits.detach().masked_fill(~kept, -math.inf).amax(dim, keepdim=True)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros((), dtype=shift.dtype, device=shift.device))
+    shift = torch.where(
+        torch.isfinite(shift), shift, torch.zeros((), dtype=shift.dtype, device=shift.device)
+    )
     e = keep * torch.exp((logits - shift).clamp_max(0))
     z = e.sum(dim, keepdim=True)
     # Nothing kept: divide by 1, not by a tiny clamp, whose 1 / tiny (and e / tiny**2 = 0 / 0) would
@@ -352,7 +366,9 @@ def aggregation_weights(logits: torch.Tensor, decisions: torch.Tensor) -> torch.
     return _masked_softmax(logits.unsqueeze(1), decisions.unsqueeze(-1), dim=2)
 
 
-def fusion_weights(scores: torch.Tensor, decisions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def fusion_weights(
+    scores: torch.Tensor, decisions: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""LAPS's fused token: its weights, a softmax of ``a`` over the dropped patches.
 
     .. math::
@@ -435,8 +451,10 @@ def dpc_knn_weights(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
     if patches.dim() != 3 or decisions.dim() != 3 or decisions.shape[:2] != patches.shape[:2]:
-        raise ValueError(f"{where}: expected patches (Bi, N, D) and decisions (Bi, N, Bt) with the same Bi and N, "
-                         f"got {tuple(patches.shape)} and {tuple(decisions.shape)}")
+        raise ValueError(
+            f"{where}: expected patches (Bi, N, D) and decisions (Bi, N, Bt) with the same Bi and N, "
+            f"got {tuple(patches.shape)} and {tuple(decisions.shape)}"
+        )
     bi, n, d = patches.shape
     bt = decisions.shape[-1]
     kept = decisions > 0
@@ -458,7 +476,9 @@ def dpc_knn_weights(
         # Ties of density go to the lower position (a deterministic stand-in for random jitter).
         density = density - torch.arange(n, device=patches.device, dtype=work) * 1e-9
         density = torch.where(kept_t, density, -inf)
-        higher = (density.unsqueeze(-2) > density.unsqueeze(-1)) & kept_t.unsqueeze(2)  # [.., n, m]: rho_m > rho_n
+        higher = (density.unsqueeze(-2) > density.unsqueeze(-1)) & kept_t.unsqueeze(
+            2
+        )  # [.., n, m]: rho_m > rho_n
         to_higher = torch.where(higher, dd, inf).amin(-1)
         farthest = torch.where(kept_t.unsqueeze(2), dd, -inf).amax(-1)
         delta = torch.where(torch.isfinite(to_higher), to_higher, farthest)
@@ -475,7 +495,9 @@ def dpc_knn_weights(
     if c < num_clusters:  # fewer patches than clusters: the extra clusters stay empty
         member = torch.cat([member, member.new_zeros(bi, bt, n, num_clusters - c)], -1)
         count = torch.cat([count, count.new_zeros(bi, bt, num_clusters - c)], -1)
-    weights = member.permute(0, 2, 1, 3) * decisions.unsqueeze(-1)  # straight-through factor D_n (1 when kept)
+    weights = member.permute(0, 2, 1, 3) * decisions.unsqueeze(
+        -1
+    )  # straight-through factor D_n (1 when kept)
     return weights, count > 0
 
 
@@ -494,7 +516,9 @@ def aggregate_tokens(patches: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return torch.einsum("itnk,ind->itkd", weights, patches)
 
 
-def slimmed_cosines(patch_word: torch.Tensor, gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def slimmed_cosines(
+    patch_word: torch.Tensor, gram: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     r"""Cosines of weighted patch sums with words, without building the sums.
 
     For :math:`\hat v_k = \sum_n W_{nk} v_n` and a unit word :math:`\hat t_m`,
@@ -583,7 +607,9 @@ def aggregated_cosines(
     u = decisions.unsqueeze(-1) * exp_logits.unsqueeze(2)  # (bi, n, bt, k)
     gu = torch.bmm(gram, u.reshape(bi, n, bt * k)).view(bi, n, bt, k)
     # Without autograd, multiply in place: one fewer pair-sized allocation (about 15% of this function).
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (patch_word, gram, exp_logits, decisions))
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (patch_word, gram, exp_logits, decisions)
+    )
     sq_norm = (gu * u if grad else gu.mul_(u)).sum(1)  # (bi, bt, k)
     dots = dots.view(bi, k, bt, m).permute(0, 2, 1, 3)
     # Zero weights (nothing kept): cosine 0, divided by 1 rather than by sqrt(tiny), which
@@ -591,7 +617,9 @@ def aggregated_cosines(
     return dots / torch.where(sq_norm > 0, sq_norm, 1.0).sqrt().unsqueeze(-1)
 
 
-def weighted_cosine(patch_word: torch.Tensor, gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted_cosine(
+    patch_word: torch.Tensor, gram: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     r"""Cosines of one weighted patch sum per pair (the fused token) with words.
 
     :math:`\cos(\sum_n w_n v_n, \hat t_m) = \sum_n w_n (v_n \cdot \hat t_m) / \sqrt{w^\top G w}`;
@@ -617,7 +645,9 @@ def weighted_cosine(patch_word: torch.Tensor, gram: torch.Tensor, weights: torch
 
 
 # ---------------------------------------------------------------------------- objective (Eq. 10)
-def ratio_loss(decisions: torch.Tensor, rho: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+def ratio_loss(
+    decisions: torch.Tensor, rho: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""LAPS Eq. 10: keep the fraction of kept patches near the target ratio.
 
     .. math::
@@ -646,7 +676,11 @@ def ratio_loss(decisions: torch.Tensor, rho: float, mask: torch.Tensor | None = 
         tensor(0.0625)
     """
     where = "ratio_loss"
-    if not isinstance(decisions, torch.Tensor) or not decisions.is_floating_point() or decisions.dim() < 1:
+    if (
+        not isinstance(decisions, torch.Tensor)
+        or not decisions.is_floating_point()
+        or decisions.dim() < 1
+    ):
         raise TypeError(
             f"{where}: decisions must be a floating tensor of shape (*, N), got "
             f"{tuple(decisions.shape) if isinstance(decisions, torch.Tensor) else type(decisions).__name__}"
@@ -655,18 +689,24 @@ def ratio_loss(decisions: torch.Tensor, rho: float, mask: torch.Tensor | None = 
     if isinstance(rho, bool) or not isinstance(rho, Real) or not 0 < rho <= 1:
         raise ValueError(f"{where}: rho must be a number in (0, 1], got {rho!r}")
     if decisions.numel() == 0:
-        raise ValueError(f"{where}: decisions of shape {tuple(decisions.shape)} hold no pair or no patch")
+        raise ValueError(
+            f"{where}: decisions of shape {tuple(decisions.shape)} hold no pair or no patch"
+        )
     if mask is None:
         frac = decisions.mean(-1)
     else:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"{where}: mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+            raise TypeError(
+                f"{where}: mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}"
+            )
         try:
             mask = torch.broadcast_to(mask, decisions.shape)
         except RuntimeError:
             raise ValueError(
                 f"{where}: mask of shape {tuple(mask.shape)} does not broadcast to decisions {tuple(decisions.shape)}"
             ) from None
-        d = torch.where(mask, decisions, torch.zeros((), dtype=decisions.dtype, device=decisions.device))
+        d = torch.where(
+            mask, decisions, torch.zeros((), dtype=decisions.dtype, device=decisions.device)
+        )
         frac = d.sum(-1) / mask.sum(-1).clamp_min(1).to(decisions.dtype)
     return ((rho - frac) ** 2).mean()

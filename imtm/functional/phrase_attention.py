@@ -74,10 +74,18 @@ class AttentionWeights:
     norm_bias: torch.Tensor
 
     @classmethod
-    def from_modules(cls, attention: torch.nn.MultiheadAttention, norm: torch.nn.LayerNorm) -> AttentionWeights:
+    def from_modules(
+        cls, attention: torch.nn.MultiheadAttention, norm: torch.nn.LayerNorm
+    ) -> AttentionWeights:
         """The weights of an ``nn.MultiheadAttention`` (with biases) and its ``nn.LayerNorm``."""
-        return cls(attention.in_proj_weight, attention.in_proj_bias, attention.out_proj.weight,
-                   attention.out_proj.bias, norm.weight, norm.bias)
+        return cls(
+            attention.in_proj_weight,
+            attention.in_proj_bias,
+            attention.out_proj.weight,
+            attention.out_proj.bias,
+            norm.weight,
+            norm.bias,
+        )
 
     def projections(self):
         """``(W_q, W_k, W_v), (b_q, b_k, b_v)``."""
@@ -110,10 +118,13 @@ class FeedForwardWeights:
     norm_bias: torch.Tensor
 
     @classmethod
-    def from_modules(cls, linear1: torch.nn.Linear, linear2: torch.nn.Linear,
-                     norm: torch.nn.LayerNorm) -> FeedForwardWeights:
+    def from_modules(
+        cls, linear1: torch.nn.Linear, linear2: torch.nn.Linear, norm: torch.nn.LayerNorm
+    ) -> FeedForwardWeights:
         """The weights of two ``nn.Linear`` (with biases) and the ``nn.LayerNorm`` after them."""
-        return cls(linear1.weight, linear1.bias, linear2.weight, linear2.bias, norm.weight, norm.bias)
+        return cls(
+            linear1.weight, linear1.bias, linear2.weight, linear2.bias, norm.weight, norm.bias
+        )
 
 
 def feed_forward(y: torch.Tensor, weights: FeedForwardWeights) -> torch.Tensor:
@@ -138,7 +149,9 @@ def feed_forward(y: torch.Tensor, weights: FeedForwardWeights) -> torch.Tensor:
     """
     hidden = F.relu(F.linear(y, weights.linear1_weight, weights.linear1_bias))
     out = F.linear(hidden, weights.linear2_weight, weights.linear2_bias)
-    return F.layer_norm(y + out, (y.shape[-1],), weights.norm_weight, weights.norm_bias, LAYER_NORM_EPS)
+    return F.layer_norm(
+        y + out, (y.shape[-1],), weights.norm_weight, weights.norm_bias, LAYER_NORM_EPS
+    )
 
 
 #: The sub-layer under a name the ``feed_forward=`` arguments below do not shadow.
@@ -148,17 +161,29 @@ _feed_forward = feed_forward
 def _check_feed_forward(w, dim: int, where: str, like: torch.Tensor) -> int:
     """The hidden width ``F`` of feed-forward weights for ``D = dim``, after checking them."""
     if not isinstance(w, FeedForwardWeights):
-        raise TypeError(f"{where}: feed_forward must be a FeedForwardWeights or None, got {type(w).__name__}")
+        raise TypeError(
+            f"{where}: feed_forward must be a FeedForwardWeights or None, got {type(w).__name__}"
+        )
     hidden = w.linear1_weight.shape[0] if w.linear1_weight.dim() == 2 else -1
-    shapes = {"linear1_weight": (hidden, dim), "linear1_bias": (hidden,), "linear2_weight": (dim, hidden),
-              "linear2_bias": (dim,), "norm_weight": (dim,), "norm_bias": (dim,)}
+    shapes = {
+        "linear1_weight": (hidden, dim),
+        "linear1_bias": (hidden,),
+        "linear2_weight": (dim, hidden),
+        "linear2_bias": (dim,),
+        "norm_weight": (dim,),
+        "norm_bias": (dim,),
+    }
     for name, shape in shapes.items():
         tensor = getattr(w, name)
         if tuple(tensor.shape) != shape or hidden < 1:
-            raise ValueError(f"{where}: feed_forward.{name} must have shape {shape} for D={dim}, "
-                             f"got {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{where}: feed_forward.{name} must have shape {shape} for D={dim}, "
+                f"got {tuple(tensor.shape)}"
+            )
         if tensor.device != like.device:
-            raise ValueError(f"{where}: feed_forward.{name} is on {tensor.device} but the tokens are on {like.device}")
+            raise ValueError(
+                f"{where}: feed_forward.{name} is on {tensor.device} but the tokens are on {like.device}"
+            )
     return hidden
 
 
@@ -170,20 +195,32 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.sum(1) / mask.sum(1, keepdim=True).clamp_min(1).to(x.dtype)
 
 
-def _check_weights(w, dim: int, heads, where: str, what: str, like: torch.Tensor | None = None) -> None:
+def _check_weights(
+    w, dim: int, heads, where: str, what: str, like: torch.Tensor | None = None
+) -> None:
     if not isinstance(w, AttentionWeights):
         raise TypeError(f"{where}: {what} must be an AttentionWeights, got {type(w).__name__}")
-    shapes = {"in_proj_weight": (3 * dim, dim), "in_proj_bias": (3 * dim,), "out_proj_weight": (dim, dim),
-              "out_proj_bias": (dim,), "norm_weight": (dim,), "norm_bias": (dim,)}
+    shapes = {
+        "in_proj_weight": (3 * dim, dim),
+        "in_proj_bias": (3 * dim,),
+        "out_proj_weight": (dim, dim),
+        "out_proj_bias": (dim,),
+        "norm_weight": (dim,),
+        "norm_bias": (dim,),
+    }
     # Under autocast the products cast both sides themselves; otherwise the weights must match the tokens.
     same_dtype = like is not None and not torch.is_autocast_enabled(like.device.type)
     for name, shape in shapes.items():
         tensor = getattr(w, name)
         got = tuple(tensor.shape)
         if got != shape:
-            raise ValueError(f"{where}: {what}.{name} must have shape {shape} for D={dim}, got {got}")
+            raise ValueError(
+                f"{where}: {what}.{name} must have shape {shape} for D={dim}, got {got}"
+            )
         if like is not None and tensor.device != like.device:
-            raise ValueError(f"{where}: {what}.{name} is on {tensor.device} but the tokens are on {like.device}")
+            raise ValueError(
+                f"{where}: {what}.{name} is on {tensor.device} but the tokens are on {like.device}"
+            )
         if same_dtype and like is not None and tensor.dtype != like.dtype:
             raise TypeError(
                 f"{where}: {what}.{name} is {tensor.dtype} but the tokens are {like.dtype}; "
@@ -193,7 +230,9 @@ def _check_weights(w, dim: int, heads, where: str, what: str, like: torch.Tensor
         raise ValueError(f"{where}: heads must be a positive int dividing D={dim}, got {heads!r}")
 
 
-def self_attention(x: torch.Tensor, mask: torch.Tensor | None, weights: AttentionWeights, heads: int) -> torch.Tensor:
+def self_attention(
+    x: torch.Tensor, mask: torch.Tensor | None, weights: AttentionWeights, heads: int
+) -> torch.Tensor:
     r"""Post-norm residual multi-head self-attention within each set (the first sub-layer of DCPA's decoder, Eq. 11-14).
 
     .. math::
@@ -327,15 +366,23 @@ def phrase_attention_scores(
     check_k(k, where=where)
     check_average(average, where=where)
     if max_block_elements is not None and (
-        isinstance(max_block_elements, bool) or not isinstance(max_block_elements, int) or max_block_elements < 1
+        isinstance(max_block_elements, bool)
+        or not isinstance(max_block_elements, int)
+        or max_block_elements < 1
     ):
-        raise ValueError(f"{where}: max_block_elements must be a positive int or None, got {max_block_elements!r}")
-    queries, keys, query_mask, key_mask = check_pair_inputs(queries, keys, query_mask, key_mask, where=where)
+        raise ValueError(
+            f"{where}: max_block_elements must be a positive int or None, got {max_block_elements!r}"
+        )
+    queries, keys, query_mask, key_mask = check_pair_inputs(
+        queries, keys, query_mask, key_mask, where=where
+    )
     D = queries.shape[-1]
     _check_weights(self_attn, D, heads, where, "self_attn", like=queries)
     _check_weights(cross_attn, D, heads, where, "cross_attn", like=queries)
     hidden = 0 if feed_forward is None else _check_feed_forward(feed_forward, D, where, queries)
-    budget = default_block_elements(queries.device) if max_block_elements is None else max_block_elements
+    budget = (
+        default_block_elements(queries.device) if max_block_elements is None else max_block_elements
+    )
     Bq, L, _ = queries.shape
     Bk, M, _ = keys.shape
     if Bq == 0 or Bk == 0:
@@ -346,7 +393,9 @@ def phrase_attention_scores(
     # Per query set: self-attention, then the cross-attention's query projection.
     x = self_attention(queries, query_mask, self_attn, heads)  # (Bq, L, D)
     (wq, wk, wv), (bq_, bk_, bv_) = cross_attn.projections()
-    q = (F.linear(x, wq, bq_) / math.sqrt(dh)).view(Bq, L, H, dh).permute(2, 0, 1, 3)  # (H, Bq, L, dh)
+    q = (
+        (F.linear(x, wq, bq_) / math.sqrt(dh)).view(Bq, L, H, dh).permute(2, 0, 1, 3)
+    )  # (H, Bq, L, dh)
     # Per key set: key projection, and values with the output projection folded in:
     # concat_h(A_h V_h) W_O^T = sum_h A_h (V_h W_O^h) with W_O^h the head's columns of W_O.
     kz = keys if key_mask is None else torch.where(key_mask.unsqueeze(-1), keys, zero)
@@ -361,7 +410,9 @@ def phrase_attention_scores(
     # masked_fill over each product afterwards.
     key_bias = None
     if key_mask is not None:
-        key_bias = torch.zeros(Bk, M, dtype=keys.dtype, device=keys.device).masked_fill_(~key_mask, -math.inf)
+        key_bias = torch.zeros(Bk, M, dtype=keys.dtype, device=keys.device).masked_fill_(
+            ~key_mask, -math.inf
+        )
     x_bias = x + cross_attn.out_proj_bias  # the residual and the output bias enter the product once
 
     # Block sizes from the budget: a block of b_k key sets holds its folded values (b_k * H * M * D
@@ -390,7 +441,12 @@ def phrase_attention_scores(
             # Cross-attention: every query token of every query set attends to the tokens of every key set.
             qb = q[:, q0:q1].reshape(H, nq * L, dh)
             logits = torch.bmm(qb, kt) if logit_bias is None else torch.baddbmm(logit_bias, qb, kt)
-            attn = logits.view(H, nq, L, M, nk).softmax(-2).permute(4, 1, 2, 0, 3).reshape(nk, nq * L, H * M)
+            attn = (
+                logits.view(H, nq, L, M, nk)
+                .softmax(-2)
+                .permute(4, 1, 2, 0, 3)
+                .reshape(nk, nq * L, H * M)
+            )
             # sum_h A_h (V_h W_O^h) + b_O + X: the output projection, its bias and the residual at once.
             y = torch.baddbmm(x_bias[q0:q1].reshape(1, nq * L, D), attn, u)  # (nk, nq * L, D)
             y = F.layer_norm(y, (D,), cross_attn.norm_weight, cross_attn.norm_bias, LAYER_NORM_EPS)
@@ -399,8 +455,14 @@ def phrase_attention_scores(
             qmask = None if query_mask is None else query_mask[q0:q1].unsqueeze(0)
             if pooled:
                 # The global average of Table IV: pool the outputs, then one cosine with the pooled keys.
-                y_mean = F.normalize(_masked_mean(y.view(nk * nq, L, D), None if qmask is None else
-                                                  qmask.expand(nk, nq, L).reshape(nk * nq, L)), dim=-1, eps=EPS)
+                y_mean = F.normalize(
+                    _masked_mean(
+                        y.view(nk * nq, L, D),
+                        None if qmask is None else qmask.expand(nk, nq, L).reshape(nk * nq, L),
+                    ),
+                    dim=-1,
+                    eps=EPS,
+                )
                 parts.append((y_mean.view(nk, nq, D) * key_mean[k0:k1].unsqueeze(1)).sum(-1).t())
                 continue
             # Cosine of each output with every key token of the same set (the *input* tokens of the other
@@ -410,7 +472,9 @@ def phrase_attention_scores(
                 dots = torch.bmm(units, y.transpose(1, 2))  # (nk, M, nq * L)
             else:
                 dots = torch.baddbmm(dot_bias, units, y.transpose(1, 2))
-            best = (dots.amax(1) / torch.linalg.vector_norm(y, dim=-1).clamp_min(EPS)).view(nk, nq, L)
+            best = (dots.amax(1) / torch.linalg.vector_norm(y, dim=-1).clamp_min(EPS)).view(
+                nk, nq, L
+            )
             # Top-K mean over the query tokens.
             parts.append(topk_mean(best, qmask, k, dim=-1).t())  # (nq, nk)
         cols.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
@@ -458,10 +522,14 @@ def phrase_attention_token_scores(
         torch.Size([3, 5])
     """
     where = "phrase_attention_token_scores"
-    queries, keys, query_mask, key_mask = check_pair_inputs(queries, keys, query_mask, key_mask, where=where)
+    queries, keys, query_mask, key_mask = check_pair_inputs(
+        queries, keys, query_mask, key_mask, where=where
+    )
     if queries.shape[0] != keys.shape[0]:
-        raise ValueError(f"{where}: queries and keys pair row by row; got {queries.shape[0]} query sets and "
-                         f"{keys.shape[0]} key sets")
+        raise ValueError(
+            f"{where}: queries and keys pair row by row; got {queries.shape[0]} query sets and "
+            f"{keys.shape[0]} key sets"
+        )
     D = queries.shape[-1]
     _check_weights(self_attn, D, heads, where, "self_attn", like=queries)
     _check_weights(cross_attn, D, heads, where, "cross_attn", like=queries)
@@ -469,8 +537,13 @@ def phrase_attention_token_scores(
         _check_feed_forward(feed_forward, D, where, queries)
     H, dh = heads, D // heads
     x = self_attention(queries, query_mask, self_attn, heads)  # (B, L, D)
-    kz = keys if key_mask is None else torch.where(key_mask.unsqueeze(-1), keys, torch.zeros((), dtype=keys.dtype,
-                                                                                              device=keys.device))
+    kz = (
+        keys
+        if key_mask is None
+        else torch.where(
+            key_mask.unsqueeze(-1), keys, torch.zeros((), dtype=keys.dtype, device=keys.device)
+        )
+    )
     (wq, wk, wv), (bq, bk, bv) = cross_attn.projections()
     q = rearrange(F.linear(x, wq, bq) / math.sqrt(dh), "b l (h d) -> b h l d", h=H)
     k = rearrange(F.linear(kz, wk, bk), "b m (h d) -> b h m d", h=H)
@@ -479,12 +552,19 @@ def phrase_attention_token_scores(
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, :], -math.inf)
     out = rearrange(logits.softmax(-1) @ v, "b h l d -> b l (h d)")
-    y = F.layer_norm(x + F.linear(out, cross_attn.out_proj_weight, cross_attn.out_proj_bias), (D,),
-                     cross_attn.norm_weight, cross_attn.norm_bias, LAYER_NORM_EPS)
+    y = F.layer_norm(
+        x + F.linear(out, cross_attn.out_proj_weight, cross_attn.out_proj_bias),
+        (D,),
+        cross_attn.norm_weight,
+        cross_attn.norm_bias,
+        LAYER_NORM_EPS,
+    )
     if feed_forward is not None:
         y = _feed_forward(y, feed_forward)
     # As in phrase_attention_scores: each output against the other modality's *input* tokens.
-    cos = F.normalize(y, dim=-1, eps=EPS) @ normalize_tokens(keys, key_mask).transpose(1, 2)  # (B, L, M)
+    cos = F.normalize(y, dim=-1, eps=EPS) @ normalize_tokens(keys, key_mask).transpose(
+        1, 2
+    )  # (B, L, M)
     if key_mask is not None:
         cos = cos.masked_fill(~key_mask.unsqueeze(1), -math.inf)
     best = cos.amax(-1)

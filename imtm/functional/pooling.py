@@ -243,7 +243,9 @@ TEMPERED_POOLINGS = frozenset({"softmax", "lse"})
 def check_temperature(temperature, name: str = "temperature", where: str = "pooling") -> float:
     """Return ``temperature`` as a float, or raise ``ValueError`` unless it is a finite number > 0."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"{where}: {name} must be a positive number, got {type(temperature).__name__}")
+        raise TypeError(
+            f"{where}: {name} must be a positive number, got {type(temperature).__name__}"
+        )
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"{where}: {name} must be a finite number > 0, got {temperature!r}")
     return float(temperature)
@@ -305,7 +307,9 @@ def masked_pool(
     where = "masked_pool"
     pool = resolve_pooling(pooling, temperature, where=where)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{where}: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        raise TypeError(
+            f"{where}: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}"
+        )
     if x.dim() == 0:
         raise ValueError(f"{where}: x must have at least one axis to pool, got a scalar")
     if not -x.dim() <= dim < x.dim():
@@ -324,7 +328,9 @@ def masked_pool(
                 f"{where}: mask of shape {tuple(mask.shape)} does not broadcast to x of shape {tuple(x.shape)}"
             )
     if x.shape[dim] == 0:
-        raise ValueError(f"{where}: x of shape {tuple(x.shape)} has no position to pool over along dim={dim}")
+        raise ValueError(
+            f"{where}: x of shape {tuple(x.shape)} has no position to pool over along dim={dim}"
+        )
     if mask is not None:
         empty = ~torch.broadcast_to(mask, x.shape).any(dim)
         if bool(empty.any()):

@@ -80,10 +80,16 @@ def scan_t2i_scores(
     if isinstance(smooth, bool) or not isinstance(smooth, Real) or not 0 < smooth < math.inf:
         raise ValueError(f"{where}: smooth must be a finite number > 0, got {smooth!r}")
     if max_block_elements is not None and (
-        isinstance(max_block_elements, bool) or not isinstance(max_block_elements, int) or max_block_elements < 1
+        isinstance(max_block_elements, bool)
+        or not isinstance(max_block_elements, int)
+        or max_block_elements < 1
     ):
-        raise ValueError(f"{where}: max_block_elements must be a positive int or None, got {max_block_elements!r}")
-    images, texts, image_mask, text_mask = check_pair_inputs(images, texts, image_mask, text_mask, where=where)
+        raise ValueError(
+            f"{where}: max_block_elements must be a positive int or None, got {max_block_elements!r}"
+        )
+    images, texts, image_mask, text_mask = check_pair_inputs(
+        images, texts, image_mask, text_mask, where=where
+    )
     Bi, N, D = images.shape
     Bt, M, _ = texts.shape
     if Bi == 0 or Bt == 0:
@@ -91,9 +97,14 @@ def scan_t2i_scores(
     v = normalize_tokens(images, image_mask)  # (Bi, N, D), padding zero
     e = normalize_tokens(texts, text_mask)  # (Bt, M, D)
     wmask = None if text_mask is None else text_mask.view(1, 1, Bt, M)
-    count = torch.full((Bt,), float(M), dtype=images.dtype, device=images.device) if text_mask is None \
+    count = (
+        torch.full((Bt,), float(M), dtype=images.dtype, device=images.device)
+        if text_mask is None
         else text_mask.sum(1).to(images.dtype)
-    budget = default_block_elements(images.device) if max_block_elements is None else max_block_elements
+    )
+    budget = (
+        default_block_elements(images.device) if max_block_elements is None else max_block_elements
+    )
     bi = max(1, min(Bi, budget // max(1, N * Bt * M)))
     rows = []
     for i0 in range(0, Bi, bi):
@@ -106,7 +117,9 @@ def scan_t2i_scores(
         # For each region, L2-normalise over the caption's words (func_attention's l2norm(attn, 2), eps 1e-8).
         # A row of zeros (a padded region) stays zero; sqrt is taken of 1 there, so no inf gradient.
         sq = s.pow(2).sum(-1, keepdim=True)
-        s = s / (torch.where(sq > 0, sq, torch.ones((), dtype=sq.dtype, device=sq.device)).sqrt() + 1e-8)
+        s = s / (
+            torch.where(sq > 0, sq, torch.ones((), dtype=sq.dtype, device=sq.device)).sqrt() + 1e-8
+        )
         logits = smooth * s
         if image_mask is not None:
             logits = logits.masked_fill(~image_mask[i0 : i0 + bi].view(nb, N, 1, 1), -math.inf)

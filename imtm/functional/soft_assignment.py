@@ -145,7 +145,9 @@ def soft_assignment_scores(
     pool = resolve_pooling(pooling, temperature, where=where)
     tau = check_temperature(tau, name="tau", where=where)
     budget, compute_dtype = check_block_args(max_block_elements, compute_dtype, where=where)
-    images, texts, image_mask, text_mask = check_pair_inputs(images, texts, image_mask, text_mask, where=where)
+    images, texts, image_mask, text_mask = check_pair_inputs(
+        images, texts, image_mask, text_mask, where=where
+    )
     if textual:
         images, texts, image_mask, text_mask = texts, images, text_mask, image_mask
     # Normalised once here (not in the engine) because the Gram matrices need the unit keys too.

@@ -76,7 +76,9 @@ def sparse_alignment_from_cosines(
         >>> sparse_alignment_from_cosines(A, torch.tensor([[True, True, False]]))
         tensor([1.3000])
     """
-    p2w, w2p = resolve_option(direction, DIRECTIONS, name="direction", where="sparse_alignment_from_cosines")
+    p2w, w2p = resolve_option(
+        direction, DIRECTIONS, name="direction", where="sparse_alignment_from_cosines"
+    )
     total = None
     if p2w:
         # every image token takes its best word; mean over image tokens
@@ -148,9 +150,14 @@ def sparse_alignment_scores(
     where = "sparse_alignment_scores"
     resolve_option(direction, DIRECTIONS, name="direction", where=where)
     budget, compute_dtype = check_block_args(max_block_elements, compute_dtype, where=where)
-    out_dtype = torch.promote_types(images.dtype, texts.dtype) if isinstance(images, torch.Tensor) and isinstance(
-        texts, torch.Tensor) else None
-    images, texts, image_mask, text_mask = check_pair_inputs(images, texts, image_mask, text_mask, where=where)
+    out_dtype = (
+        torch.promote_types(images.dtype, texts.dtype)
+        if isinstance(images, torch.Tensor) and isinstance(texts, torch.Tensor)
+        else None
+    )
+    images, texts, image_mask, text_mask = check_pair_inputs(
+        images, texts, image_mask, text_mask, where=where
+    )
 
     def reduce(sims, vm, tm):
         # (b_i, N, b_t, M) -> (b_i, b_t, N, M), in the inputs' dtype
@@ -160,5 +167,11 @@ def sparse_alignment_scores(
         return sparse_alignment_from_cosines(sims, vm, tm, direction=direction)
 
     return blocked_pair_scores(
-        images, texts, image_mask, text_mask, reduce=reduce, max_block_elements=budget, compute_dtype=compute_dtype
+        images,
+        texts,
+        image_mask,
+        text_mask,
+        reduce=reduce,
+        max_block_elements=budget,
+        compute_dtype=compute_dtype,
     )

@@ -40,11 +40,15 @@ def check_average(average, *, where: str) -> str:
 def check_k(k, *, where: str) -> int | None:
     """``k`` if it is a positive int or ``None`` (mean over every valid token), else a ValueError."""
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ValueError(f"{where}: k must be a positive int (top-K mean) or None (mean of all tokens), got {k!r}")
+        raise ValueError(
+            f"{where}: k must be a positive int (top-K mean) or None (mean of all tokens), got {k!r}"
+        )
     return k
 
 
-def topk_mean(x: torch.Tensor, mask: torch.Tensor | None = None, k: int | None = DEFAULT_TOPK, dim: int = -1) -> torch.Tensor:
+def topk_mean(
+    x: torch.Tensor, mask: torch.Tensor | None = None, k: int | None = DEFAULT_TOPK, dim: int = -1
+) -> torch.Tensor:
     r"""Mean of the ``k`` largest valid entries of ``x`` along ``dim``.
 
     .. math::
@@ -88,11 +92,17 @@ def topk_mean(x: torch.Tensor, mask: torch.Tensor | None = None, k: int | None =
     kk = min(k, size)
     if mask is None:
         return x.topk(kk, dim=dim).values.mean(dim)
-    top = torch.where(mask, x, torch.full((), -math.inf, dtype=x.dtype, device=x.device)).topk(kk, dim=dim).values
+    top = (
+        torch.where(mask, x, torch.full((), -math.inf, dtype=x.dtype, device=x.device))
+        .topk(kk, dim=dim)
+        .values
+    )
     # The first min(k, valid) of the sorted values are real (a real score is > -inf); the rest are padding.
     # K larger than the valid entries (the paper is silent): all valid entries are averaged.
     count = mask.sum(dim, keepdim=True).clamp_max(kk)
-    rank = torch.arange(kk, device=x.device).view([kk if d == (dim % x.dim()) else 1 for d in range(x.dim())])
+    rank = torch.arange(kk, device=x.device).view(
+        [kk if d == (dim % x.dim()) else 1 for d in range(x.dim())]
+    )
     keep = rank < count
     total = torch.where(keep, top, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim)
     return total / count.squeeze(dim).clamp_min(1).to(x.dtype)
@@ -169,9 +179,13 @@ def topk_mean_scores(
     budget, compute_dtype = check_block_args(max_block_elements, compute_dtype, where=where)
     image_mask = check_side(images, image_mask, "images", where)
     if not isinstance(texts, torch.Tensor):
-        raise TypeError(f"{where}: texts must be a tensor of shape (Bt, D), got {type(texts).__name__}")
+        raise TypeError(
+            f"{where}: texts must be a tensor of shape (Bt, D), got {type(texts).__name__}"
+        )
     if texts.dim() != 2:
-        raise ValueError(f"{where}: texts must be one vector per caption, shape (Bt, D), got {tuple(texts.shape)}")
+        raise ValueError(
+            f"{where}: texts must be one vector per caption, shape (Bt, D), got {tuple(texts.shape)}"
+        )
     if not texts.is_floating_point():
         raise TypeError(f"{where}: texts must be floating point, got {texts.dtype}")
     if texts.shape[-1] != images.shape[-1]:
@@ -196,7 +210,9 @@ def topk_mean_scores(
         # Pool first, one cosine after: a (Bi, D) x (D, Bt) product, no per-region cosines at all.
         x = images.to(dtype)
         if image_mask is not None:
-            x = torch.where(image_mask.unsqueeze(-1), x, torch.zeros((), dtype=dtype, device=x.device))
+            x = torch.where(
+                image_mask.unsqueeze(-1), x, torch.zeros((), dtype=dtype, device=x.device)
+            )
             count = image_mask.sum(1, keepdim=True).clamp_min(1).to(dtype)
         else:
             count = torch.full((Bi, 1), float(N), dtype=dtype, device=x.device)

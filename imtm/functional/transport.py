@@ -33,7 +33,13 @@ import torch
 
 from imtm._checks import suggest
 
-__all__ = ["TRANSPORT_METHODS", "cosine_cost", "flush_threshold", "transport_cost", "transport_plan"]
+__all__ = [
+    "TRANSPORT_METHODS",
+    "cosine_cost",
+    "flush_threshold",
+    "transport_cost",
+    "transport_plan",
+]
 
 
 def flush_threshold(dtype: torch.dtype) -> float:
@@ -48,7 +54,6 @@ def flush_threshold(dtype: torch.dtype) -> float:
     entry that matters; zeroing it changes no digit of the result.
     """
     return math.sqrt(torch.finfo(dtype).tiny)
-
 
 
 def _marginals(cost: torch.Tensor, source_mask, target_mask):
@@ -66,7 +71,9 @@ def _marginals(cost: torch.Tensor, source_mask, target_mask):
     return a, bb, ms, mt, source_mask, target_mask
 
 
-def _ipot(cost, a, b, ms, mt, *, beta: float, n_iter: int, inner_iter: int, flush: bool = True) -> torch.Tensor:
+def _ipot(
+    cost, a, b, ms, mt, *, beta: float, n_iter: int, inner_iter: int, flush: bool = True
+) -> torch.Tensor:
     """Batched IPOT (Xie et al. 2020, Algorithm 1) with padding masked out of the kernel.
 
     ``flush=False`` keeps would-be denormals (only to measure what flushing saves).
@@ -94,7 +101,9 @@ def _ipot(cost, a, b, ms, mt, *, beta: float, n_iter: int, inner_iter: int, flus
             # (threshold_ is one fused pass; a compare + masked_fill was ~50x slower here.)
             torch.nn.functional.threshold_(plan, threshold, 0.0)  # type: ignore[attr-defined]
         else:
-            plan = torch.nn.functional.threshold(u.unsqueeze(2) * q * v.unsqueeze(1), threshold, 0.0)
+            plan = torch.nn.functional.threshold(
+                u.unsqueeze(2) * q * v.unsqueeze(1), threshold, 0.0
+            )
     return plan
 
 
@@ -148,7 +157,11 @@ def _emd(cost, a, b, ms, mt, *, source_mask, target_mask, n_iter, **_):
     with torch.no_grad():
         return _pot_per_problem(
             lambda aa, bb, c: ot.emd(aa, bb, c, numItermax=max(100_000, n_iter)),
-            cost.detach(), a, b, source_mask, target_mask,
+            cost.detach(),
+            a,
+            b,
+            source_mask,
+            target_mask,
         )
 
 
@@ -161,7 +174,11 @@ def _pot_sinkhorn(cost, a, b, ms, mt, *, source_mask, target_mask, reg, n_iter, 
         warnings.filterwarnings("ignore", message="Sinkhorn did not converge")
         return _pot_per_problem(
             lambda aa, bb, c: ot.sinkhorn(aa, bb, c, reg, numItermax=n_iter, stopThr=0.0),
-            cost.detach(), a, b, source_mask, target_mask,
+            cost.detach(),
+            a,
+            b,
+            source_mask,
+            target_mask,
         )
 
 
@@ -188,8 +205,10 @@ def _check_mask(mask, shape, name: str, fn: str, device) -> None:
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"{fn}: {name} must be a bool tensor (True = real token), got "
-                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        raise TypeError(
+            f"{fn}: {name} must be a bool tensor (True = real token), got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)}"
+        )
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
     if mask.device != device:
@@ -280,13 +299,18 @@ def transport_plan(
         raise TypeError(f"{fn}: cost must be floating point, got {cost.dtype}")
     if method not in TRANSPORT_METHODS:
         raise ValueError(
-            f"{fn}: method must be one of {sorted(TRANSPORT_METHODS)}, got {method!r}." + suggest(method, TRANSPORT_METHODS)
+            f"{fn}: method must be one of {sorted(TRANSPORT_METHODS)}, got {method!r}."
+            + suggest(method, TRANSPORT_METHODS)
         )
     for name, value in (("n_iter", n_iter), ("inner_iter", inner_iter)):
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
             raise ValueError(f"{fn}: {name} must be a positive integer, got {value!r}")
     for name, number in (("beta", beta), ("reg", reg)):
-        if isinstance(number, bool) or not isinstance(number, Real) or not 0 < float(number) < math.inf:
+        if (
+            isinstance(number, bool)
+            or not isinstance(number, Real)
+            or not 0 < float(number) < math.inf
+        ):
             raise ValueError(f"{fn}: {name} must be a finite number > 0, got {number!r}")
     b, n, m = cost.shape
     _check_mask(source_mask, (b, n), "source_mask", fn, cost.device)
@@ -296,8 +320,17 @@ def transport_plan(
     # Padding may hold anything (NaN included); it never enters the arithmetic.
     cost = torch.where(real, cost, torch.zeros_like(cost))
     return TRANSPORT_METHODS[method](
-        cost, a, bb, ms, mt, beta=float(beta), n_iter=int(n_iter), inner_iter=int(inner_iter),
-        reg=float(reg), source_mask=source_mask, target_mask=target_mask,
+        cost,
+        a,
+        bb,
+        ms,
+        mt,
+        beta=float(beta),
+        n_iter=int(n_iter),
+        inner_iter=int(inner_iter),
+        reg=float(reg),
+        source_mask=source_mask,
+        target_mask=target_mask,
     )
 
 
@@ -311,9 +344,7 @@ def transport_cost(plan: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
     return (plan * torch.where(plan > 0, cost, torch.zeros_like(cost))).sum((1, 2))
 
 
-def cosine_cost(
-    source: torch.Tensor, target: torch.Tensor, eps: float = 1e-8
-) -> torch.Tensor:
+def cosine_cost(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     r"""``(B, N, M)`` cosine distance :math:`1 - \cos(x_i, y_j)` between paired token sets.
 
     Args:
@@ -329,8 +360,12 @@ def cosine_cost(
         >>> cosine_cost(torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
         tensor([[[0., 1.]]])
     """
-    if source.dim() != 3 or target.dim() != 3 or source.shape[0] != target.shape[0] \
-            or source.shape[2] != target.shape[2]:
+    if (
+        source.dim() != 3
+        or target.dim() != 3
+        or source.shape[0] != target.shape[0]
+        or source.shape[2] != target.shape[2]
+    ):
         raise ValueError(
             f"cosine_cost: expected source (B, N, D) and target (B, M, D), got {tuple(source.shape)} "
             f"and {tuple(target.shape)}"

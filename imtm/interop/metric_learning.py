@@ -31,8 +31,15 @@ import torch
 
 from imtm._checks import suggest
 
-__all__ = ["DIRECTIONS", "ScoreMatrixDistance", "labels_from_positives", "pairs_to_triplets",  # noqa: F822
-           "pml_loss", "pml_loss_on_scores", "tuple_triplet_loss"]
+__all__ = [  # noqa: F822 - ScoreMatrixDistance is made on first use (__getattr__)
+    "DIRECTIONS",
+    "ScoreMatrixDistance",
+    "labels_from_positives",
+    "pairs_to_triplets",
+    "pml_loss",
+    "pml_loss_on_scores",
+    "tuple_triplet_loss",
+]
 
 #: Which side the tuples' anchors index: ``"i2t"`` images (rows), ``"t2i"`` captions (columns).
 DIRECTIONS = ("i2t", "t2i")
@@ -43,15 +50,19 @@ def _require_pml():
     try:
         import pytorch_metric_learning  # noqa: F401
     except ImportError as err:
-        raise ImportError('this adapter runs pytorch-metric-learning losses, which is not installed: '
-                          'pip install "imtm[pml]"') from err
+        raise ImportError(
+            "this adapter runs pytorch-metric-learning losses, which is not installed: "
+            'pip install "imtm[pml]"'
+        ) from err
 
 
 def _as_index(t, name: str) -> torch.Tensor:
     t = torch.as_tensor(t)
     if t.dim() != 1 or (t.numel() and (t.dtype.is_floating_point or t.dtype == torch.bool)):
-        raise TypeError(f"tuple_triplet_loss: {name} must be a 1-D tensor of integer indices, got "
-                        f"{tuple(t.shape)} {t.dtype}")
+        raise TypeError(
+            f"tuple_triplet_loss: {name} must be a 1-D tensor of integer indices, got "
+            f"{tuple(t.shape)} {t.dtype}"
+        )
     return t.long()
 
 
@@ -72,18 +83,30 @@ def pairs_to_triplets(pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ([0, 0, 1], [0, 0, 1], [1, 2, 0])
     """
     if len(pairs) != 4:
-        raise ValueError(f"pairs_to_triplets: expected PML's pairs (anchor1, positive, anchor2, negative), "
-                         f"got {len(pairs)} tensors")
-    a1, p, a2, n = (_as_index(t, name) for t, name in zip(pairs, ("anchor1", "positive", "anchor2", "negative")))
+        raise ValueError(
+            f"pairs_to_triplets: expected PML's pairs (anchor1, positive, anchor2, negative), "
+            f"got {len(pairs)} tensors"
+        )
+    a1, p, a2, n = (
+        _as_index(t, name) for t, name in zip(pairs, ("anchor1", "positive", "anchor2", "negative"))
+    )
     if a1.shape != p.shape or a2.shape != n.shape:
-        raise ValueError(f"pairs_to_triplets: anchor1/positive and anchor2/negative must pair up, got lengths "
-                         f"{len(a1)}/{len(p)} and {len(a2)}/{len(n)}")
+        raise ValueError(
+            f"pairs_to_triplets: anchor1/positive and anchor2/negative must pair up, got lengths "
+            f"{len(a1)}/{len(p)} and {len(a2)}/{len(n)}"
+        )
     k, m = torch.nonzero(a1[:, None] == a2[None, :], as_tuple=True)
     return a1[k], p[k], n[m]
 
 
-def tuple_triplet_loss(scores: torch.Tensor, indices_tuple, *, margin: float = 0.2, direction: str = "i2t",
-                       reduction: str = "mean") -> torch.Tensor:
+def tuple_triplet_loss(
+    scores: torch.Tensor,
+    indices_tuple,
+    *,
+    margin: float = 0.2,
+    direction: str = "i2t",
+    reduction: str = "mean",
+) -> torch.Tensor:
     r"""imtm's hinge on a score matrix over the triplets (or pairs) a PML miner returns.
 
     .. math::
@@ -110,32 +133,50 @@ def tuple_triplet_loss(scores: torch.Tensor, indices_tuple, *, margin: float = 0
         Faghri et al., "VSE++", BMVC 2018, Eq. 5; Musgrave et al., "PyTorch Metric Learning", 2020 (the tuples).
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-        raise ValueError(f"tuple_triplet_loss: scores must be a (Bi, Bt) tensor, got "
-                         f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+        raise ValueError(
+            f"tuple_triplet_loss: scores must be a (Bi, Bt) tensor, got "
+            f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}"
+        )
     if direction not in DIRECTIONS:
-        raise ValueError(f"tuple_triplet_loss: direction must be one of {list(DIRECTIONS)}, got {direction!r}."
-                         + suggest(direction, DIRECTIONS))
+        raise ValueError(
+            f"tuple_triplet_loss: direction must be one of {list(DIRECTIONS)}, got {direction!r}."
+            + suggest(direction, DIRECTIONS)
+        )
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"tuple_triplet_loss: reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}."
-                         + suggest(reduction, _REDUCTIONS))
+        raise ValueError(
+            f"tuple_triplet_loss: reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}."
+            + suggest(reduction, _REDUCTIONS)
+        )
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
         raise ValueError(f"tuple_triplet_loss: margin must be a number >= 0, got {margin!r}")
     if len(indices_tuple) == 4:
         a, p, n = pairs_to_triplets(indices_tuple)
     elif len(indices_tuple) == 3:
-        a, p, n = (_as_index(t, name) for t, name in zip(indices_tuple, ("anchor", "positive", "negative")))
+        a, p, n = (
+            _as_index(t, name) for t, name in zip(indices_tuple, ("anchor", "positive", "negative"))
+        )
         if not a.shape == p.shape == n.shape:
-            raise ValueError(f"tuple_triplet_loss: anchor, positive and negative must have one length, got "
-                             f"{len(a)}, {len(p)}, {len(n)}")
+            raise ValueError(
+                f"tuple_triplet_loss: anchor, positive and negative must have one length, got "
+                f"{len(a)}, {len(p)}, {len(n)}"
+            )
     else:
-        raise ValueError(f"tuple_triplet_loss: expected PML triplets (anchor, positive, negative) or pairs "
-                         f"(anchor1, positive, anchor2, negative), got {len(indices_tuple)} tensors")
+        raise ValueError(
+            f"tuple_triplet_loss: expected PML triplets (anchor, positive, negative) or pairs "
+            f"(anchor1, positive, anchor2, negative), got {len(indices_tuple)} tensors"
+        )
     s = scores if direction == "i2t" else scores.t()
     a, p, n = (t.to(s.device) for t in (a, p, n))
-    for t, side, size in ((a, "anchor", s.shape[0]), (p, "positive", s.shape[1]), (n, "negative", s.shape[1])):
+    for t, side, size in (
+        (a, "anchor", s.shape[0]),
+        (p, "positive", s.shape[1]),
+        (n, "negative", s.shape[1]),
+    ):
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= size):
-            raise ValueError(f"tuple_triplet_loss: {side} indices must lie in [0, {size}) for direction="
-                             f"{direction!r} and scores of shape {tuple(scores.shape)}")
+            raise ValueError(
+                f"tuple_triplet_loss: {side} indices must lie in [0, {size}) for direction="
+                f"{direction!r} and scores of shape {tuple(scores.shape)}"
+            )
     losses = (margin - s[a, p] + s[a, n]).clamp(min=0)
     if reduction == "none":
         return losses
@@ -160,19 +201,29 @@ def labels_from_positives(positives: torch.Tensor) -> tuple[torch.Tensor, torch.
         >>> bool(r[0] != r[1]), bool(c[0] == c[1] == r[0]), torch.equal(r[:, None] == c[None, :], pos)
         (True, True, True)
     """
-    if not isinstance(positives, torch.Tensor) or positives.dim() != 2 or positives.dtype != torch.bool:
+    if (
+        not isinstance(positives, torch.Tensor)
+        or positives.dim() != 2
+        or positives.dtype != torch.bool
+    ):
         raise TypeError("labels_from_positives: positives must be a (Bi, Bt) bool tensor")
     if not bool(positives.any(0).all()):
-        raise ValueError("labels_from_positives: a caption has no positive image; pass labels instead")
+        raise ValueError(
+            "labels_from_positives: a caption has no positive image; pass labels instead"
+        )
     _, rows = torch.unique(positives, dim=0, return_inverse=True)
     cols = rows[positives.int().argmax(0)]
     if not torch.equal(rows[:, None] == cols[None, :], positives):
-        raise ValueError("labels_from_positives: these positives are not 'same label' (a caption matches images "
-                         "whose positives differ); pass image_labels and caption_labels")
+        raise ValueError(
+            "labels_from_positives: these positives are not 'same label' (a caption matches images "
+            "whose positives differ); pass image_labels and caption_labels"
+        )
     return rows, cols
 
 
-_DISTANCE: type | None = None  # ScoreMatrixDistance, defined on first use (it subclasses PML's BaseDistance)
+_DISTANCE: type | None = (
+    None  # ScoreMatrixDistance, defined on first use (it subclasses PML's BaseDistance)
+)
 
 
 def _distance_class() -> type:
@@ -213,8 +264,16 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def pml_loss_on_scores(loss, scores: torch.Tensor, positives: torch.Tensor | None = None, *, image_labels=None,
-                       caption_labels=None, direction: str = "i2t", miner=None) -> torch.Tensor:
+def pml_loss_on_scores(
+    loss,
+    scores: torch.Tensor,
+    positives: torch.Tensor | None = None,
+    *,
+    image_labels=None,
+    caption_labels=None,
+    direction: str = "i2t",
+    miner=None,
+) -> torch.Tensor:
     """Run a PML loss on an imtm score matrix.
 
     The loss must measure with a :class:`ScoreMatrixDistance` (``TripletMarginLoss(distance=ScoreMatrixDistance())``);
@@ -234,18 +293,26 @@ def pml_loss_on_scores(loss, scores: torch.Tensor, positives: torch.Tensor | Non
     """
     Distance = _distance_class()
     if direction not in DIRECTIONS:
-        raise ValueError(f"pml_loss_on_scores: direction must be one of {list(DIRECTIONS)}, got {direction!r}")
+        raise ValueError(
+            f"pml_loss_on_scores: direction must be one of {list(DIRECTIONS)}, got {direction!r}"
+        )
     if image_labels is None or caption_labels is None:
         if positives is None:
-            raise ValueError("pml_loss_on_scores: give positives, or image_labels and caption_labels")
+            raise ValueError(
+                "pml_loss_on_scores: give positives, or image_labels and caption_labels"
+            )
         image_labels, caption_labels = labels_from_positives(positives.to(torch.bool))
     s = scores if direction == "i2t" else scores.t()
-    q_labels, r_labels = (image_labels, caption_labels) if direction == "i2t" else (caption_labels, image_labels)
+    q_labels, r_labels = (
+        (image_labels, caption_labels) if direction == "i2t" else (caption_labels, image_labels)
+    )
     parts = [loss] + ([miner] if miner is not None else [])
     for part in parts:
         if not isinstance(getattr(part, "distance", None), Distance):
-            raise TypeError(f"pml_loss_on_scores: {type(part).__name__} must measure with ScoreMatrixDistance(); "
-                            f"build it as {type(part).__name__}(distance=ScoreMatrixDistance())")
+            raise TypeError(
+                f"pml_loss_on_scores: {type(part).__name__} must measure with ScoreMatrixDistance(); "
+                f"build it as {type(part).__name__}(distance=ScoreMatrixDistance())"
+            )
         part.distance.scores = s
     q = torch.arange(s.shape[0], device=s.device, dtype=s.dtype)[:, None]
     r = torch.arange(s.shape[1], device=s.device, dtype=s.dtype)[:, None]
@@ -263,10 +330,16 @@ def _pml_class(module: str, name, what: str):
 
     _require_pml()
     mod = importlib.import_module(f"pytorch_metric_learning.{module}")
-    options = sorted(n for n in getattr(mod, "__dict__", {}) if n[:1].isupper() and isinstance(getattr(mod, n), type))
+    options = sorted(
+        n
+        for n in getattr(mod, "__dict__", {})
+        if n[:1].isupper() and isinstance(getattr(mod, n), type)
+    )
     if not isinstance(name, str) or name not in options:
-        raise ValueError(f"MetricLearningLoss: {what} must name a class of pytorch_metric_learning.{module}, got "
-                         f"{name!r}." + suggest(str(name), options))
+        raise ValueError(
+            f"MetricLearningLoss: {what} must name a class of pytorch_metric_learning.{module}, got "
+            f"{name!r}." + suggest(str(name), options)
+        )
     return getattr(mod, name)
 
 
@@ -278,13 +351,20 @@ def _pml_class(module: str, name, what: str):
     mod = importlib.import_module(f"pytorch_metric_learning.{module}")
     options = sorted(n for n in vars(mod) if n[:1].isupper() and isinstance(getattr(mod, n), type))
     if not isinstance(name, str) or name not in options:
-        raise ValueError(f"pml_loss: {what} must name a class of pytorch_metric_learning.{module}, got {name!r}."
-                         + suggest(str(name), options))
+        raise ValueError(
+            f"pml_loss: {what} must name a class of pytorch_metric_learning.{module}, got {name!r}."
+            + suggest(str(name), options)
+        )
     return getattr(mod, name)
 
 
-def pml_loss(loss: str = "TripletMarginLoss", loss_params: dict | None = None, miner: str | None = None,
-             miner_params: dict | None = None, direction: str = "both"):
+def pml_loss(
+    loss: str = "TripletMarginLoss",
+    loss_params: dict | None = None,
+    miner: str | None = None,
+    miner_params: dict | None = None,
+    direction: str = "both",
+):
     """A function ``(scores, positives) -> loss`` running a PML loss (and miner), named, on imtm scores.
 
     Args:
@@ -305,16 +385,26 @@ def pml_loss(loss: str = "TripletMarginLoss", loss_params: dict | None = None, m
         raise ValueError(f"pml_loss: direction must be 'i2t', 't2i' or 'both', got {direction!r}")
     for name, value in (("loss_params", loss_params), ("miner_params", miner_params)):
         if value is not None and not isinstance(value, dict):
-            raise TypeError(f"pml_loss: {name} must be a dict of keyword arguments or None, got {type(value).__name__}")
+            raise TypeError(
+                f"pml_loss: {name} must be a dict of keyword arguments or None, got {type(value).__name__}"
+            )
     distance = _distance_class()
     built = _pml_class("losses", loss, "loss")(distance=distance(), **(loss_params or {}))
-    mined = None if miner is None else _pml_class("miners", miner, "miner")(distance=distance(), **(miner_params or {}))
+    mined = (
+        None
+        if miner is None
+        else _pml_class("miners", miner, "miner")(distance=distance(), **(miner_params or {}))
+    )
     dirs = DIRECTIONS if direction == "both" else (direction,)
 
     def fn(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
         rows, cols = labels_from_positives(positives)
-        out = [pml_loss_on_scores(built, scores, image_labels=rows, caption_labels=cols, direction=d, miner=mined)
-               for d in dirs]
+        out = [
+            pml_loss_on_scores(
+                built, scores, image_labels=rows, caption_labels=cols, direction=d, miner=mined
+            )
+            for d in dirs
+        ]
         return sum(out) / len(out)
 
     return fn

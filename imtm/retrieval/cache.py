@@ -70,25 +70,36 @@ class CachedValue:
         feats = feats.to(device, non_blocking=True)
         if mask is None:
             return feats
-        return Tokens(feats, mask.to(device), grid=self.grid, num_prefix_tokens=self.num_prefix_tokens).trim()
+        return Tokens(
+            feats, mask.to(device), grid=self.grid, num_prefix_tokens=self.num_prefix_tokens
+        ).trim()
 
     def spec(self) -> dict:
-        return {"kind": "tokens" if self.is_tokens else "tensor", "grid": list(self.grid) if self.grid else None,
-                "num_prefix_tokens": self.num_prefix_tokens}
+        return {
+            "kind": "tokens" if self.is_tokens else "tensor",
+            "grid": list(self.grid) if self.grid else None,
+            "num_prefix_tokens": self.num_prefix_tokens,
+        }
 
 
 def save_values(folder: Path, values: dict[str, CachedValue]) -> dict:
     """Write every value as ``<name>.feats.npy`` (and ``<name>.mask.npy``); return their description."""
     spec = {}
     for name, v in values.items():
-        np.save(folder / f"{name}.feats.npy", _to_numpy(torch.as_tensor(v.feats)), allow_pickle=False)
+        np.save(
+            folder / f"{name}.feats.npy", _to_numpy(torch.as_tensor(v.feats)), allow_pickle=False
+        )
         if v.is_tokens:
-            np.save(folder / f"{name}.mask.npy", _to_numpy(torch.as_tensor(v.mask)), allow_pickle=False)
+            np.save(
+                folder / f"{name}.mask.npy", _to_numpy(torch.as_tensor(v.mask)), allow_pickle=False
+            )
         spec[name] = v.spec()
     return spec
 
 
-def load_values(folder: Path, spec: dict, mmap: bool = True, size: int | None = None) -> dict[str, CachedValue]:
+def load_values(
+    folder: Path, spec: dict, mmap: bool = True, size: int | None = None
+) -> dict[str, CachedValue]:
     """Open the values :func:`save_values` wrote (memory-mapped by default: nothing is read yet).
 
     Raises:
@@ -103,15 +114,19 @@ def load_values(folder: Path, spec: dict, mmap: bool = True, size: int | None = 
         feats_path = Path(folder) / f"{name}.feats.npy"
         feats = load_array(feats_path, mmap, "TwoStageRetriever.load")
         if feats.ndim == 0 or (size is not None and feats.shape[0] != size):
-            raise ValueError(f"TwoStageRetriever.load: {feats_path} holds shape {feats.shape}, expected {size} rows "
-                             "(the gallery size in retriever.json)")
+            raise ValueError(
+                f"TwoStageRetriever.load: {feats_path} holds shape {feats.shape}, expected {size} rows "
+                "(the gallery size in retriever.json)"
+            )
         mask = None
         if s["kind"] == "tokens":
             mask_path = Path(folder) / f"{name}.mask.npy"
             mask = load_array(mask_path, mmap, "TwoStageRetriever.load")
             if mask.dtype != np.bool_ or mask.shape != feats.shape[:2]:
-                raise ValueError(f"TwoStageRetriever.load: {mask_path} holds {mask.dtype} of shape {mask.shape}, "
-                                 f"expected a bool mask of shape {feats.shape[:2]}")
+                raise ValueError(
+                    f"TwoStageRetriever.load: {mask_path} holds {mask.dtype} of shape {mask.shape}, "
+                    f"expected a bool mask of shape {feats.shape[:2]}"
+                )
         grid = tuple(s["grid"]) if s.get("grid") else None
         out[name] = CachedValue(feats, mask, grid, int(s.get("num_prefix_tokens", 0)))
     return out

@@ -34,11 +34,15 @@ FAISS_FILE = "index.faiss"
 
 def _check_queries(queries: torch.Tensor, dim: int, where: str) -> torch.Tensor:
     if not isinstance(queries, torch.Tensor) or queries.dim() != 2:
-        raise ValueError(f"{where}: expected query embeddings of shape (Q, {dim}), got "
-                         f"{tuple(getattr(queries, 'shape', ())) or type(queries).__name__}")
+        raise ValueError(
+            f"{where}: expected query embeddings of shape (Q, {dim}), got "
+            f"{tuple(getattr(queries, 'shape', ())) or type(queries).__name__}"
+        )
     if queries.shape[1] != dim:
-        raise ValueError(f"{where}: query embeddings have dimension {queries.shape[1]} but the gallery's have "
-                         f"{dim}; both sides must embed into one space")
+        raise ValueError(
+            f"{where}: query embeddings have dimension {queries.shape[1]} but the gallery's have "
+            f"{dim}; both sides must embed into one space"
+        )
     if queries.dtype == torch.bool or queries.is_complex():
         raise TypeError(f"{where}: expected real query embeddings, got dtype {queries.dtype}")
     # NaN has no place in a ranking: topk would return it first, or anywhere.
@@ -62,9 +66,13 @@ def load_array(path: Path, mmap: bool, where: str) -> np.ndarray:
         check_npy_size(path, where)  # before np.load allocates the declared shape
         x = np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{where}: {path} is missing; the saved folder is incomplete") from err
+        raise FileNotFoundError(
+            f"{where}: {path} is missing; the saved folder is incomplete"
+        ) from err
     except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"{where}: {path} is not a readable .npy array (truncated or damaged?): {err}") from err
+        raise ValueError(
+            f"{where}: {path} is not a readable .npy array (truncated or damaged?): {err}"
+        ) from err
     if x.dtype.kind not in "fiub":
         raise ValueError(f"{where}: {path} holds an array of dtype {x.dtype}; expected numbers")
     return x
@@ -148,7 +156,9 @@ class TorchIndex:
         path = Path(folder) / EMBEDDINGS_FILE
         x = load_array(path, mmap, "TorchIndex.load")
         if x.ndim != 2:
-            raise ValueError(f"TorchIndex.load: {path} holds an array of shape {x.shape}; expected (n, D)")
+            raise ValueError(
+                f"TorchIndex.load: {path} holds an array of shape {x.shape}; expected (n, D)"
+            )
         return cls(x)
 
 
@@ -178,7 +188,9 @@ class FaissIndex:
         if index is None:
             x = np.ascontiguousarray(_numpy(embeddings), dtype=np.float32)
             if x.ndim != 2:
-                raise ValueError(f"FaissIndex: expected gallery embeddings of shape (n, D), got {x.shape}")
+                raise ValueError(
+                    f"FaissIndex: expected gallery embeddings of shape (n, D), got {x.shape}"
+                )
             check_finite(torch.from_numpy(x), "FaissIndex: gallery embeddings")
             index = faiss.IndexFlatIP(x.shape[1])
             index.add(x)
@@ -197,7 +209,9 @@ class FaissIndex:
         k = _check_k(k, len(self), "FaissIndex")
         x = np.ascontiguousarray(queries.detach().float().cpu().numpy())
         scores, idx = self.index.search(x, k)
-        return torch.from_numpy(scores).to(queries.device), torch.from_numpy(idx).long().to(queries.device)
+        return torch.from_numpy(scores).to(queries.device), torch.from_numpy(idx).long().to(
+            queries.device
+        )
 
     def save(self, folder: Path) -> None:
         _faiss().write_index(self.index, os.fspath(folder / FAISS_FILE))
@@ -208,12 +222,16 @@ class FaissIndex:
         flag = getattr(faiss, "IO_FLAG_MMAP_IFC", getattr(faiss, "IO_FLAG_MMAP", 0)) if mmap else 0
         path = Path(folder) / FAISS_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"FaissIndex.load: {path} is missing; the saved folder is incomplete")
+            raise FileNotFoundError(
+                f"FaissIndex.load: {path} is missing; the saved folder is incomplete"
+            )
         try:
             return cls(index=faiss.read_index(os.fspath(path), flag))
         except RuntimeError as err:  # faiss reports a damaged file as a RuntimeError
-            raise ValueError(f"FaissIndex.load: {path} is not a readable faiss index (truncated or damaged?): "
-                             f"{err}") from err
+            raise ValueError(
+                f"FaissIndex.load: {path} is not a readable faiss index (truncated or damaged?): "
+                f"{err}"
+            ) from err
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -231,7 +249,10 @@ def resolve_index(name: str, where: str) -> type:
     from imtm._checks import suggest
 
     if name not in INDEXES:
-        raise ValueError(f"{where}: index must be one of {sorted(INDEXES)}, got {name!r}." + suggest(name, INDEXES))
+        raise ValueError(
+            f"{where}: index must be one of {sorted(INDEXES)}, got {name!r}."
+            + suggest(name, INDEXES)
+        )
     if name == "faiss":
         _faiss()
     return INDEXES[name]

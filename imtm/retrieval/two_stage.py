@@ -85,7 +85,9 @@ def _rows(value: Any, rows: torch.Tensor) -> Any:
         return value[rows.to(value.device)].trim()
     if isinstance(value, torch.Tensor):
         return value[rows.to(value.device)]
-    raise TypeError(f"TwoStageRetriever: cannot select rows of a value of type {type(value).__name__}")
+    raise TypeError(
+        f"TwoStageRetriever: cannot select rows of a value of type {type(value).__name__}"
+    )
 
 
 #: The file that describes a saved retriever (written last: its presence means the folder is complete).
@@ -105,43 +107,76 @@ def _check_meta(meta: Any, meta_path: Path, owner: str) -> dict:
     where = f"{owner}.load: {meta_path}"
     if not isinstance(meta, dict):  # a damaged file, not an argument of the wrong type
         raise ValueError(f"{where} holds a {type(meta).__name__}, expected an object")  # noqa: TRY004
-    absent = [key for key in ("format", "k", "index", "query_block", "config_hash", "weights", "galleries")
-              if key not in meta]
+    absent = [
+        key
+        for key in ("format", "k", "index", "query_block", "config_hash", "weights", "galleries")
+        if key not in meta
+    ]
     if absent:
         raise ValueError(f"{where} lacks {absent}; not a complete saved {owner}")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{where} has format {meta.get('format')!r}, expected {FORMAT!r}")
     if not isinstance(meta["index"], str) or meta["index"] not in _INDEX_FILES:
-        raise ValueError(f"{where}: 'index' is {meta['index']!r}, expected one of {sorted(_INDEX_FILES)}")
-    if not _is_int(meta["k"], 1) or not (meta["query_block"] is None or _is_int(meta["query_block"], 1)):
-        raise ValueError(f"{where}: 'k' and 'query_block' must be positive integers (query_block may be null), "
-                         f"got {meta['k']!r} and {meta['query_block']!r}")
+        raise ValueError(
+            f"{where}: 'index' is {meta['index']!r}, expected one of {sorted(_INDEX_FILES)}"
+        )
+    if not _is_int(meta["k"], 1) or not (
+        meta["query_block"] is None or _is_int(meta["query_block"], 1)
+    ):
+        raise ValueError(
+            f"{where}: 'k' and 'query_block' must be positive integers (query_block may be null), "
+            f"got {meta['k']!r} and {meta['query_block']!r}"
+        )
     for key in ("config_hash", "weights"):
         if not isinstance(meta[key], str):
             raise ValueError(  # noqa: TRY004 - a damaged file, not an argument of the wrong type
-                f"{where}: {key!r} must be a string, got {type(meta[key]).__name__}")
+                f"{where}: {key!r} must be a string, got {type(meta[key]).__name__}"
+            )
     galleries = meta["galleries"]
     if not isinstance(galleries, dict) or not galleries:
-        raise ValueError(f"{where}: 'galleries' must be an object with {' and/or '.join(map(repr, _FOLDER))}, "
-                         f"got {galleries!r:.80}")
+        raise ValueError(
+            f"{where}: 'galleries' must be an object with {' and/or '.join(map(repr, _FOLDER))}, "
+            f"got {galleries!r:.80}"
+        )
     for side, g in galleries.items():
         if side not in _FOLDER:
-            raise ValueError(f"{where}: unknown gallery {side!r}; a saved retriever has {sorted(_FOLDER)}")
-        if not isinstance(g, dict) or not _is_int(g.get("size")) or not isinstance(g.get("values"), dict):
-            raise ValueError(f"{where}: gallery {side!r} must be an object with an integer 'size' and a 'values' "
-                             f"object, got {g!r:.80}")
+            raise ValueError(
+                f"{where}: unknown gallery {side!r}; a saved retriever has {sorted(_FOLDER)}"
+            )
+        if (
+            not isinstance(g, dict)
+            or not _is_int(g.get("size"))
+            or not isinstance(g.get("values"), dict)
+        ):
+            raise ValueError(
+                f"{where}: gallery {side!r} must be an object with an integer 'size' and a 'values' "
+                f"object, got {g!r:.80}"
+            )
         for name, spec in g["values"].items():
             if not _VALUE_NAME.match(name):
-                raise ValueError(f"{where}: gallery {side!r} names the value {name!r}; a value name is a plain "
-                                 "name (letters, digits, '_'), never a path: the folder was altered")
+                raise ValueError(
+                    f"{where}: gallery {side!r} names the value {name!r}; a value name is a plain "
+                    "name (letters, digits, '_'), never a path: the folder was altered"
+                )
             grid = spec.get("grid") if isinstance(spec, dict) else None
-            if (not isinstance(spec, dict) or spec.get("kind") not in ("tokens", "tensor")
-                    or not _is_int(spec.get("num_prefix_tokens", 0))
-                    or not (grid is None or (isinstance(grid, list) and len(grid) == 2
-                                             and all(_is_int(x, 1) for x in grid)))):
-                raise ValueError(f"{where}: gallery {side!r} value {name!r} must be an object with 'kind' "
-                                 "('tokens' or 'tensor'), 'grid' (null or two positive integers) and "
-                                 f"'num_prefix_tokens' (an integer >= 0), got {spec!r:.120}")
+            if (
+                not isinstance(spec, dict)
+                or spec.get("kind") not in ("tokens", "tensor")
+                or not _is_int(spec.get("num_prefix_tokens", 0))
+                or not (
+                    grid is None
+                    or (
+                        isinstance(grid, list)
+                        and len(grid) == 2
+                        and all(_is_int(x, 1) for x in grid)
+                    )
+                )
+            ):
+                raise ValueError(
+                    f"{where}: gallery {side!r} value {name!r} must be an object with 'kind' "
+                    "('tokens' or 'tensor'), 'grid' (null or two positive integers) and "
+                    f"'num_prefix_tokens' (an integer >= 0), got {spec!r:.120}"
+                )
     return galleries
 
 
@@ -155,12 +190,18 @@ def _retriever_files(folder: Path) -> tuple[str | None, list[str]]:
     names: list[Any] = [META]
     if isinstance(meta.get("files"), list):
         names += meta["files"]
-    elif isinstance(meta.get("galleries"), dict):  # written before the list existed: its layout says
+    elif isinstance(
+        meta.get("galleries"), dict
+    ):  # written before the list existed: its layout says
         for side, g in meta["galleries"].items():
             if side in _FOLDER and isinstance(g, dict) and isinstance(g.get("values"), dict):
                 names += [f"{_FOLDER[side]}/{f}" for f in _INDEX_FILES.values()]
-                names += [f"{_FOLDER[side]}/{v}.{part}.npy" for v in g["values"] if isinstance(v, str)
-                          for part in ("feats", "mask")]
+                names += [
+                    f"{_FOLDER[side]}/{v}.{part}.npy"
+                    for v in g["values"]
+                    if isinstance(v, str)
+                    for part in ("feats", "mask")
+                ]
     return meta["format"], owned_files(folder, names)
 
 
@@ -245,10 +286,14 @@ class TwoStageRetriever:
 
         name = type(self).__name__
         if not isinstance(self.matcher, Matcher):
-            raise TypeError(f"{name}: matcher must be an imtm.Matcher, got {type(self.matcher).__name__}")
+            raise TypeError(
+                f"{name}: matcher must be an imtm.Matcher, got {type(self.matcher).__name__}"
+            )
         if not hasattr(self.matcher, "components_"):
-            raise NotFittedError(f"{name}: the Matcher is not fitted yet; call matcher.fit(train) (or "
-                                 "Matcher.load(path)) before building an index")
+            raise NotFittedError(
+                f"{name}: the Matcher is not fitted yet; call matcher.fit(train) (or "
+                "Matcher.load(path)) before building an index"
+            )
         for what, v in (("k", self.k), ("query_block", self.query_block)):
             if what == "query_block" and v is None:
                 continue
@@ -277,9 +322,19 @@ class TwoStageRetriever:
         indices, keep, emb = self._side_plan(side)
         names = keep + ([emb] if emb is not None and emb not in keep else [])
         collate = collate_images if side == IMAGE else collate_texts
-        return encode_side(m.plan_, indices, _RAW[side], m._items(items, _NOUN[side]), collate, names,
-                           batch_size=m.eval_batch_size, device=m._device(), autocast=m._autocast,
-                           progress=m.verbose, desc=_NOUN[side])
+        return encode_side(
+            m.plan_,
+            indices,
+            _RAW[side],
+            m._items(items, _NOUN[side]),
+            collate,
+            names,
+            batch_size=m.eval_batch_size,
+            device=m._device(),
+            autocast=m._autocast,
+            progress=m.verbose,
+            desc=_NOUN[side],
+        )
 
     def encode_images(self, images) -> dict[str, Any]:
         """The image-side values both stages read (the scorer's inputs, the embedding when a block gives one)."""
@@ -305,12 +360,21 @@ class TwoStageRetriever:
                     f"{keep}); add a block that provides {_EMBEDDING[side]!r} (a (B, D) vector per item)"
                 )
             # in chunks of rows: a masked mean allocates two temporaries the size of its input
-            emb = torch.cat([tokens[a : a + EMBED_CHUNK].masked_mean() for a in range(0, tokens.batch_size, EMBED_CHUNK)])
+            emb = torch.cat(
+                [
+                    tokens[a : a + EMBED_CHUNK].masked_mean()
+                    for a in range(0, tokens.batch_size, EMBED_CHUNK)
+                ]
+            )
         if not isinstance(emb, torch.Tensor) or emb.dim() != 2:
-            raise ValueError(f"{type(self).__name__}: {_EMBEDDING[side]} must have shape (B, D), got "
-                             f"{tuple(getattr(emb, 'shape', ())) or type(emb).__name__}")
+            raise ValueError(
+                f"{type(self).__name__}: {_EMBEDDING[side]} must have shape (B, D), got "
+                f"{tuple(getattr(emb, 'shape', ())) or type(emb).__name__}"
+            )
         # Refused here, at the boundary: a NaN vector would be ranked anywhere by the index.
-        check_finite(emb, f"{type(self).__name__}: the stage-1 {_EMBEDDING[side]} of the {_NOUN[side]}")
+        check_finite(
+            emb, f"{type(self).__name__}: the stage-1 {_EMBEDDING[side]} of the {_NOUN[side]}"
+        )
         return F.normalize(emb.float(), dim=-1)
 
     # ------------------------------------------------------------------ building
@@ -330,7 +394,9 @@ class TwoStageRetriever:
         """
         self._check()
         if images is None and captions is None:
-            raise ValueError(f"{type(self).__name__}.fit: give images=..., captions=... or both to index")
+            raise ValueError(
+                f"{type(self).__name__}.fit: give images=..., captions=... or both to index"
+            )
         galleries = {}
         for side, items in ((IMAGE, images), (TEXT, captions)):
             if items is None:
@@ -345,17 +411,23 @@ class TwoStageRetriever:
         _, keep, _ = self._side_plan(side)
         missing = [n for n in keep if n not in values]
         if missing:
-            raise ValueError(f"{name}: the encoded {_NOUN[side]} lack {missing}, which the scorer reads; "
-                             f"build them with encode_{'images' if side == IMAGE else 'texts'}()")
+            raise ValueError(
+                f"{name}: the encoded {_NOUN[side]} lack {missing}, which the scorer reads; "
+                f"build them with encode_{'images' if side == IMAGE else 'texts'}()"
+            )
         emb = self._embed(side, values)
         n = emb.shape[0]
         if self.k > n:
-            raise ValueError(f"{name}: k={self.k} is larger than the gallery of {n} {_NOUN[side]}; "
-                             f"use k <= {n} (k = {n} scores the whole gallery)")
+            raise ValueError(
+                f"{name}: k={self.k} is larger than the gallery of {n} {_NOUN[side]}; "
+                f"use k <= {n} (k = {n} scores the whole gallery)"
+            )
         cached = {v: CachedValue.from_value(values[v], v) for v in keep}
         for v, c in cached.items():
             if len(c) != n:
-                raise ValueError(f"{name}: {v!r} holds {len(c)} rows but the gallery has {n} {_NOUN[side]}")
+                raise ValueError(
+                    f"{name}: {v!r} holds {len(c)} rows but the gallery has {n} {_NOUN[side]}"
+                )
         return _Gallery(resolve_index(self.index, name)(emb), cached)
 
     def _gallery(self, side: str) -> _Gallery:
@@ -393,23 +465,34 @@ class TwoStageRetriever:
         self._check()
         gallery = self._gallery(_OTHER[query_side])
         if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= self.k:
-            raise ValueError(f"{type(self).__name__}: top must be an integer in [1, k={self.k}], got {top!r}")
+            raise ValueError(
+                f"{type(self).__name__}: top must be an integer in [1, k={self.k}], got {top!r}"
+            )
         if self.k > len(gallery):
-            raise ValueError(f"{type(self).__name__}: k={self.k} is larger than the gallery of {len(gallery)} "
-                             f"{_NOUN[_OTHER[query_side]]}; use k <= {len(gallery)}")
+            raise ValueError(
+                f"{type(self).__name__}: k={self.k} is larger than the gallery of {len(gallery)} "
+                f"{_NOUN[_OTHER[query_side]]}; use k <= {len(gallery)}"
+            )
         values = queries if isinstance(queries, dict) else self._encode(query_side, queries)
         _, keep_q, _ = self._side_plan(query_side)
         missing = [n for n in keep_q if n not in values]
         if missing:  # checked before stage 1, whose own error would not say what is wrong
-            raise ValueError(f"{type(self).__name__}: the encoded queries lack {missing}, which the scorer reads; "
-                             f"build them with encode_{'texts' if query_side == TEXT else 'images'}()")
+            raise ValueError(
+                f"{type(self).__name__}: the encoded queries lack {missing}, which the scorer reads; "
+                f"build them with encode_{'texts' if query_side == TEXT else 'images'}()"
+            )
         _, cand = gallery.index.search(self._embed(query_side, values), self.k)
         scores = self._rescore(query_side, values, gallery, cand)
         order = scores.argsort(dim=1, descending=True, stable=True)[:, :top]
-        return SearchResult(indices=cand.gather(1, order).cpu(), scores=scores.gather(1, order).cpu(),
-                            candidates=cand.cpu())
+        return SearchResult(
+            indices=cand.gather(1, order).cpu(),
+            scores=scores.gather(1, order).cpu(),
+            candidates=cand.cpu(),
+        )
 
-    def _rescore(self, query_side: str, values: dict[str, Any], gallery: _Gallery, cand: torch.Tensor) -> torch.Tensor:
+    def _rescore(
+        self, query_side: str, values: dict[str, Any], gallery: _Gallery, cand: torch.Tensor
+    ) -> torch.Tensor:
         """Fine-grained scores ``(Q, K)`` of every query against its candidates."""
         m = self.matcher
         plan = m.plan_
@@ -421,7 +504,9 @@ class TwoStageRetriever:
         keep_q = side_values_needed(plan, pair, query_side)
         missing = [n for n in keep_q if n not in values]
         if missing:
-            raise ValueError(f"{type(self).__name__}: the encoded queries lack {missing}, which the scorer reads")
+            raise ValueError(
+                f"{type(self).__name__}: the encoded queries lack {missing}, which the scorer reads"
+            )
         device = m._device()
         n_q = cand.shape[0]
         out = torch.empty(cand.shape, dtype=torch.float32, device=cand.device)
@@ -429,7 +514,11 @@ class TwoStageRetriever:
         perm = cand[:, 0].argsort(stable=True)
         qb = self.query_block
         if qb is None:
-            qb = QUERY_BLOCK_CUDA if device.type == "cuda" else max(1, round(math.sqrt(CALL_COST_PAIRS_CPU / self.k)))
+            qb = (
+                QUERY_BLOCK_CUDA
+                if device.type == "cuda"
+                else max(1, round(math.sqrt(CALL_COST_PAIRS_CPU / self.k)))
+            )
         for a in range(0, n_q, qb):
             q = perm[a : a + qb]
             c = cand[q]
@@ -469,9 +558,15 @@ class TwoStageRetriever:
         galleries = self._gallery_any()
 
         def stage(tmp: Path) -> list[str]:
-            meta = {"format": FORMAT, "k": self.k, "index": self.index, "query_block": self.query_block,
-                    "config_hash": self.matcher.config_hash(), "weights": weights_fingerprint(self.matcher),
-                    "galleries": {}}
+            meta = {
+                "format": FORMAT,
+                "k": self.k,
+                "index": self.index,
+                "query_block": self.query_block,
+                "config_hash": self.matcher.config_hash(),
+                "weights": weights_fingerprint(self.matcher),
+                "galleries": {},
+            }
             for side, g in galleries.items():
                 sub = tmp / _FOLDER[side]
                 sub.mkdir()
@@ -482,13 +577,21 @@ class TwoStageRetriever:
             atomic_write_bytes(tmp / META, json.dumps(meta, indent=2).encode("utf-8"))
             return [*files, META]
 
-        return write_folder(path, stage, kind=FORMAT, owned=_retriever_files, overwrite=overwrite,
-                            what=f"{type(self).__name__}.save")
+        return write_folder(
+            path,
+            stage,
+            kind=FORMAT,
+            owned=_retriever_files,
+            overwrite=overwrite,
+            what=f"{type(self).__name__}.save",
+        )
 
     def _gallery_any(self) -> dict:
         galleries = getattr(self, "galleries_", None)
         if not galleries:
-            raise NotFittedError(f"{type(self).__name__}: nothing is indexed yet; call fit(images=..., captions=...)")
+            raise NotFittedError(
+                f"{type(self).__name__}: nothing is indexed yet; call fit(images=..., captions=...)"
+            )
         return galleries
 
     @classmethod
@@ -516,15 +619,21 @@ class TwoStageRetriever:
         if not os.path.lexists(meta_path):
             raise ValueError(f"{name}: {path} holds no {META}; not a saved {cls.__name__}")
         try:
-            meta = read_json(meta_path, who=name, max_bytes=1 << 26, root=path, where=f"{name}: {meta_path}")
+            meta = read_json(
+                meta_path, who=name, max_bytes=1 << 26, root=path, where=f"{name}: {meta_path}"
+            )
         except FileNotFoundError:
             raise
-        except ValueError as err:  # not a regular file, too large, not UTF-8, not JSON, nested too deeply
+        except (
+            ValueError
+        ) as err:  # not a regular file, too large, not UTF-8, not JSON, nested too deeply
             raise ValueError(f"{err} (damaged?)") from err
         galleries_meta = _check_meta(meta, meta_path, cls.__name__)
         r = cls(matcher, k=meta["k"], index=meta["index"], query_block=meta["query_block"])
         r._check()
-        if meta["config_hash"] != matcher.config_hash() or meta["weights"] != weights_fingerprint(matcher):
+        if meta["config_hash"] != matcher.config_hash() or meta["weights"] != weights_fingerprint(
+            matcher
+        ):
             raise ValueError(
                 f"{name}: {path} was built with another model (its configuration or weights differ); "
                 "load it with the Matcher that built it, or rebuild the index with fit()"
@@ -533,15 +642,23 @@ class TwoStageRetriever:
         for side, g in galleries_meta.items():
             sub = path / _FOLDER[side]
             files = [_INDEX_FILES[meta["index"]]] + [
-                f"{v}.{part}.npy" for v, spec in g["values"].items()
-                for part in (("feats", "mask") if spec["kind"] == "tokens" else ("feats",))]
-            for f in files:  # each a regular file inside the folder (a link out of it, a FIFO: refused unread)
+                f"{v}.{part}.npy"
+                for v, spec in g["values"].items()
+                for part in (("feats", "mask") if spec["kind"] == "tokens" else ("feats",))
+            ]
+            for f in (
+                files
+            ):  # each a regular file inside the folder (a link out of it, a FIFO: refused unread)
                 if os.path.lexists(sub / f):
                     regular_file_size(sub / f, who=name, root=path)
             index = INDEXES[meta["index"]].load(sub, mmap=mmap)
             if len(index) != g["size"]:
-                raise ValueError(f"{name}: the index in {sub} holds {len(index)} rows but "
-                                 f"{meta_path} records a gallery of {g['size']}")
-            galleries[side] = _Gallery(index, load_values(sub, g["values"], mmap=mmap, size=g["size"]))
+                raise ValueError(
+                    f"{name}: the index in {sub} holds {len(index)} rows but "
+                    f"{meta_path} records a gallery of {g['size']}"
+                )
+            galleries[side] = _Gallery(
+                index, load_values(sub, g["values"], mmap=mmap, size=g["size"])
+            )
         r.galleries_ = galleries
         return r

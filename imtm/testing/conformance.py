@@ -61,7 +61,6 @@ CHECKS = (
 DTYPE_RTOL, DTYPE_ATOL = 1e-3, 1e-4
 
 
-
 def _names(side: str) -> tuple[str, ...]:
     """Vocabulary names whose first axis follows the images (``"Bi"``) or the captions (``"Bt"``)."""
     return tuple(n for n, v in VALUE_SPECS.items() if v.batch_axis() == side)
@@ -172,8 +171,18 @@ def _crop_to(value: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
 
 # ---------------------------------------------------------------------- the battery
 class _Battery:
-    def __init__(self, block, inputs, functional, rtol, atol, extra_padding, padding_scale, seed,
-                 caller="check_component"):
+    def __init__(
+        self,
+        block,
+        inputs,
+        functional,
+        rtol,
+        atol,
+        extra_padding,
+        padding_scale,
+        seed,
+        caller="check_component",
+    ):
         self.caller = caller
         self.block = block
         self.name = type(block).__name__
@@ -358,9 +367,17 @@ class _Battery:
                     or value.dim() != len(axes)
                     or any(w is not None and w != n for w, n in zip(want, value.shape))
                 ):
-                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                    doc = ", ".join(a if isinstance(a, str) else ("*" if a is None else str(a)) for a in axes)
-                    self.fail("outputs", f"{name!r} must be a ({doc}) tensor with {sizes}, got {got}")
+                    got = (
+                        tuple(value.shape)
+                        if isinstance(value, torch.Tensor)
+                        else type(value).__name__
+                    )
+                    doc = ", ".join(
+                        a if isinstance(a, str) else ("*" if a is None else str(a)) for a in axes
+                    )
+                    self.fail(
+                        "outputs", f"{name!r} must be a ({doc}) tensor with {sizes}, got {got}"
+                    )
             elif not _leaves(value, name) and not isinstance(value, (torch.Tensor, Tokens)):
                 self.fail("outputs", f"{name!r} is a {type(value).__name__}, holding no tensor")
 
@@ -378,7 +395,9 @@ class _Battery:
                     )
 
     def check_inputs_unchanged(self) -> None:
-        snapshot = {k: _map_tensors(v, torch.clone, floats_only=False) for k, v in self.inputs.items()}
+        snapshot = {
+            k: _map_tensors(v, torch.clone, floats_only=False) for k, v in self.inputs.items()
+        }
         with torch.no_grad():
             self.outputs(self.eval_copy(), check="inputs_unchanged")
         for k, before in snapshot.items():
@@ -597,13 +616,26 @@ _DEFAULTS: dict[str, Any] = {
 def _battery(block, inputs, caller: str, options: Mapping[str, Any]) -> _Battery:
     unknown = sorted(set(options) - set(_DEFAULTS))
     if unknown:
-        raise TypeError(f"{caller}: unknown option(s) {unknown}; the options are {sorted(_DEFAULTS)}."
-                        + suggest(unknown[0], _DEFAULTS))
+        raise TypeError(
+            f"{caller}: unknown option(s) {unknown}; the options are {sorted(_DEFAULTS)}."
+            + suggest(unknown[0], _DEFAULTS)
+        )
     if not isinstance(inputs, Mapping):
-        raise TypeError(f"{caller}: inputs must map value names to example values, got {type(inputs).__name__}")
+        raise TypeError(
+            f"{caller}: inputs must map value names to example values, got {type(inputs).__name__}"
+        )
     o = {**_DEFAULTS, **options}
-    return _Battery(block, inputs, o["functional"], o["rtol"], o["atol"], o["extra_padding"], o["padding_scale"],
-                    o["seed"], caller=caller)
+    return _Battery(
+        block,
+        inputs,
+        o["functional"],
+        o["rtol"],
+        o["atol"],
+        o["extra_padding"],
+        o["padding_scale"],
+        o["seed"],
+        caller=caller,
+    )
 
 
 def _run(battery: _Battery, name: str, dtypes) -> str | None:
@@ -644,14 +676,22 @@ def _public_check(name: str, summary: str):
 
 
 check_contract = _public_check(
-    "contract", "a Component, ``requires`` / ``provides`` tuples of names, ``get_params`` works.")
+    "contract", "a Component, ``requires`` / ``provides`` tuples of names, ``get_params`` works."
+)
 check_finite = _public_check("finite", "no NaN or inf in the outputs (real tokens only).")
-check_inputs_unchanged = _public_check("inputs_unchanged", "forward does not modify its inputs in place.")
+check_inputs_unchanged = _public_check(
+    "inputs_unchanged", "forward does not modify its inputs in place."
+)
 check_deterministic = _public_check("deterministic", "two calls in eval mode agree bit for bit.")
 check_gradients = _public_check(
-    "gradients", "finite gradients reach every trainable parameter and the floating-point inputs.")
-check_dtypes = _public_check("dtypes", "outputs in each of ``dtypes``; float32 agrees with float64.")
-check_state_dict = _public_check("state_dict", "a clone loaded with the block's state_dict gives the same outputs.")
+    "gradients", "finite gradients reach every trainable parameter and the floating-point inputs."
+)
+check_dtypes = _public_check(
+    "dtypes", "outputs in each of ``dtypes``; float32 agrees with float64."
+)
+check_state_dict = _public_check(
+    "state_dict", "a clone loaded with the block's state_dict gives the same outputs."
+)
 check_clone = _public_check("clone", "``clone``, ``get_params`` and ``set_params`` round trips.")
 check_padding = _public_check("padding", "padded positions filled with garbage change no output.")
 check_functional = _public_check("functional", "the module agrees with its functional twin.")
@@ -735,9 +775,19 @@ def check_component(
                 f"skip must name checks among {list(CHECKS[2:])} (contract and outputs always run), "
                 f"got {name!r}." + suggest(name, CHECKS[2:])
             )
-    battery = _battery(block, inputs, "check_component",
-                       {"functional": functional, "rtol": rtol, "atol": atol, "extra_padding": extra_padding,
-                        "padding_scale": padding_scale, "seed": seed})
+    battery = _battery(
+        block,
+        inputs,
+        "check_component",
+        {
+            "functional": functional,
+            "rtol": rtol,
+            "atol": atol,
+            "extra_padding": extra_padding,
+            "padding_scale": padding_scale,
+            "seed": seed,
+        },
+    )
     report = battery.report
     battery.check_contract()  # a broken contract makes every other finding noise: stop here
     report.passed.append("contract")
@@ -751,8 +801,9 @@ def check_component(
             report.failed[name] = str(err)
             continue
         except Exception as err:  # noqa: BLE001 - a check that crashes is a failure of that check
-            report.failed[name] = (f"check_component({battery.name}): {name} check failed: "
-                                   f"{type(err).__name__}: {err}")
+            report.failed[name] = (
+                f"check_component({battery.name}): {name} check failed: {type(err).__name__}: {err}"
+            )
             continue
         if why_not:
             report.skipped[name] = why_not
@@ -792,16 +843,20 @@ def parametrize_with_checks(cases: Iterable[Any], **options):
     params = []
     for case in cases:
         if not isinstance(case, tuple) or len(case) not in (2, 3):
-            raise TypeError(f"parametrize_with_checks: each case is (block, inputs) or (block, inputs, options), "
-                            f"got {case!r}")
+            raise TypeError(
+                f"parametrize_with_checks: each case is (block, inputs) or (block, inputs, options), "
+                f"got {case!r}"
+            )
         block, inputs = case[0], case[1]
         own = dict(options, **(case[2] if len(case) == 3 else {}))
         skip = own.pop("skip", ())
         skip = (skip,) if isinstance(skip, str) else tuple(skip)
         for name in skip:
             if name not in CHECKS[2:]:
-                raise ValueError(f"parametrize_with_checks: skip must name checks among {list(CHECKS[2:])}, "
-                                 f"got {name!r}." + suggest(name, CHECKS[2:]))
+                raise ValueError(
+                    f"parametrize_with_checks: skip must name checks among {list(CHECKS[2:])}, "
+                    f"got {name!r}." + suggest(name, CHECKS[2:])
+                )
         _battery(block, inputs, "parametrize_with_checks", own)  # options and inputs checked now
         for name in CHECKS:
             if name in skip:
@@ -852,7 +907,9 @@ def check_outputs(block: Component, values: Mapping[str, Any], out: Any = _MISSI
         AssertionError: check_outputs(GlobalCosine): outputs check failed: 'scores' must be a (Bi, Bt) = (2, 5) tensor, got (5, 2)
     """
     if not isinstance(values, Mapping):
-        raise TypeError(f"check_outputs: values must map value names to the inputs, got {type(values).__name__}")
+        raise TypeError(
+            f"check_outputs: values must map value names to the inputs, got {type(values).__name__}"
+        )
     battery = _Battery(block, values, None, 0.0, 0.0, 0, 0.0, 0, caller="check_outputs")
     try:
         battery.check_contract()

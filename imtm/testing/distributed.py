@@ -50,9 +50,18 @@ def _plain(x: Any) -> Any:
 
 
 def _entry(fn: Callable, rank: int, world: int, port: int, args: Sequence[Any], results) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "TQDM_DISABLE": "1",
+        }
+    )
     import torch
     import torch.distributed as dist
 
@@ -67,7 +76,9 @@ def _entry(fn: Callable, rank: int, world: int, port: int, args: Sequence[Any], 
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, nprocs: int = 2, args: Sequence[Any] = (), timeout: float = 120.0) -> list[Any]:
+def run_ranks(
+    fn: Callable, nprocs: int = 2, args: Sequence[Any] = (), timeout: float = 120.0
+) -> list[Any]:
     """Call ``fn(rank, *args)`` in ``nprocs`` spawned processes; return their results by rank.
 
     Tensors in the results (in dicts, lists, tuples) come back as NumPy arrays.
@@ -79,8 +90,10 @@ def run_ranks(fn: Callable, nprocs: int = 2, args: Sequence[Any] = (), timeout: 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, nprocs, port, tuple(args), results), daemon=True)
-             for r in range(nprocs)]
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, nprocs, port, tuple(args), results), daemon=True)
+        for r in range(nprocs)
+    ]
     for p in procs:
         p.start()
     out: dict[int, Any] = {}
@@ -89,8 +102,10 @@ def run_ranks(fn: Callable, nprocs: int = 2, args: Sequence[Any] = (), timeout: 
         while len(out) < nprocs:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"run_ranks: {nprocs - len(out)} of {nprocs} processes did not finish "
-                                   f"within {timeout:.0f}s (a collective call waiting for a rank?)")
+                raise TimeoutError(
+                    f"run_ranks: {nprocs - len(out)} of {nprocs} processes did not finish "
+                    f"within {timeout:.0f}s (a collective call waiting for a rank?)"
+                )
             try:
                 rank, status, value = results.get(timeout=min(left, 1.0))
             except queue_module.Empty:

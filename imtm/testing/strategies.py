@@ -60,7 +60,9 @@ def dtypes(*, bf16: bool = True, float64: bool = True) -> st.SearchStrategy[torc
         ...     assert dt in (torch.float32, torch.float64)
         >>> test_dtype()
     """
-    choices = [torch.float32] + ([torch.float64] if float64 else []) + ([torch.bfloat16] if bf16 else [])
+    choices = (
+        [torch.float32] + ([torch.float64] if float64 else []) + ([torch.bfloat16] if bf16 else [])
+    )
     return st.sampled_from(choices)
 
 
@@ -99,7 +101,9 @@ def _draw_row(draw, n: int, contiguous: bool, padding: str) -> list[bool]:
 
 
 @st.composite
-def masks(draw, batch=_BATCH, max_tokens=6, *, contiguous: bool = False, padding: str = "random") -> torch.Tensor:
+def masks(
+    draw, batch=_BATCH, max_tokens=6, *, contiguous: bool = False, padding: str = "random"
+) -> torch.Tensor:
     """A ``(B, N)`` bool mask with at least one real (True) position per row.
 
     Args:
@@ -119,7 +123,9 @@ def masks(draw, batch=_BATCH, max_tokens=6, *, contiguous: bool = False, padding
     _check_padding(padding)
     b = draw(_size(batch, "batch"))
     n = draw(st.integers(1, draw(_size(max_tokens, "max_tokens"))))
-    return torch.tensor([_draw_row(draw, n, contiguous, padding) for _ in range(b)], dtype=torch.bool).reshape(b, n)
+    return torch.tensor(
+        [_draw_row(draw, n, contiguous, padding) for _ in range(b)], dtype=torch.bool
+    ).reshape(b, n)
 
 
 @st.composite
@@ -327,7 +333,9 @@ def _masked_patches(g, s):
 
 def _transport_plan(g, s):
     # Row b couples image b with caption b (a training batch); unpaired, with every word position.
-    words = s.text_mask if s.bt == s.bi else torch.ones(s.bi, s.m, dtype=torch.bool, device=s.device)
+    words = (
+        s.text_mask if s.bt == s.bi else torch.ones(s.bi, s.m, dtype=torch.bool, device=s.device)
+    )
     valid = s.image_mask[:, :, None] & words[:, None, :]
     plan = torch.rand(s.bi, s.n, s.m, generator=g, dtype=torch.float64).to(s.device) * valid
     return (plan / plan.sum((1, 2), keepdim=True)).to(s.dtype)
@@ -344,7 +352,9 @@ def _mlm_labels(g, s):
     picked = (torch.rand(s.bt, s.m, generator=g) < 0.3).to(s.device) & s.text_mask
     from imtm.functional.lexicon import IGNORE_INDEX
 
-    return torch.where(picked, _ids(g, (s.bt, s.m), s), torch.full_like(picked, IGNORE_INDEX, dtype=torch.long))
+    return torch.where(
+        picked, _ids(g, (s.bt, s.m), s), torch.full_like(picked, IGNORE_INDEX, dtype=torch.long)
+    )
 
 
 def _pair_scores(g, s):
@@ -409,13 +419,19 @@ def _spec_maker(name: str):
 
     def make(g, s):
         axes = {"Bi": s.bi, "Bt": s.bt, "N": s.n, "M": s.m}
-        return _float(g, tuple(axes.get(a, s.d) if isinstance(a, str) or a is None else a for a in value.shape), s)
+        return _float(
+            g,
+            tuple(axes.get(a, s.d) if isinstance(a, str) or a is None else a for a in value.shape),
+            s,
+        )
 
     return make
 
 
 def _maker(name: str):
     return _MAKERS.get(name) or _spec_maker(name)
+
+
 # itm_logits and itm_labels share their number of pairs P, so they are drawn together (see _draw_inputs).
 _PAIRED_DRAWS = ("itm_logits", "itm_labels")
 
@@ -425,7 +441,9 @@ def _choice(value, what: str, kind) -> st.SearchStrategy:
         return value
     if value is None or isinstance(value, kind):
         return st.just(value)
-    raise TypeError(f"component_inputs: {what} must be a {kind} or a strategy of them, got {value!r}")
+    raise TypeError(
+        f"component_inputs: {what} must be a {kind} or a strategy of them, got {value!r}"
+    )
 
 
 def component_inputs(
@@ -501,8 +519,14 @@ def component_inputs(
     """
     names = tuple(getattr(block_or_requires, "requires", block_or_requires))
     if isinstance(block_or_requires, str) or not all(isinstance(n, str) for n in names):
-        raise TypeError(f"component_inputs: give a block or a sequence of value names, got {block_or_requires!r}")
-    where = type(block_or_requires).__name__ if hasattr(block_or_requires, "requires") else "the given names"
+        raise TypeError(
+            f"component_inputs: give a block or a sequence of value names, got {block_or_requires!r}"
+        )
+    where = (
+        type(block_or_requires).__name__
+        if hasattr(block_or_requires, "requires")
+        else "the given names"
+    )
     _check_padding(padding)
     extra = dict(extra or {})
     known = set(_MAKERS) | set(_PAIRED_DRAWS) | set(extra)
@@ -514,18 +538,32 @@ def component_inputs(
                 f"component_inputs(..., extra={{{name!r}: strategy}}), a strategy or a function of the "
                 "drawn InputSizes that returns one"
             )
-    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
-        raise ValueError(f"component_inputs: vocab_size must be a positive int or None, got {vocab_size!r}")
+    if vocab_size is not None and (
+        isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
+    ):
+        raise ValueError(
+            f"component_inputs: vocab_size must be a positive int or None, got {vocab_size!r}"
+        )
     return _draw_inputs(
-        names, _size(batch, "batch"), _size(max_tokens, "max_tokens"), _size(dim, "dim"),
-        _choice(dtype, "dtype", torch.dtype), padding, _choice(device, "device", (torch.device, str)),
-        vocab_size or DEFAULT_VOCAB_SIZE, bool(paired), _choice(scale, "scale", (int, float)),
-        _choice(num_prefix_tokens, "num_prefix_tokens", int), extra,
+        names,
+        _size(batch, "batch"),
+        _size(max_tokens, "max_tokens"),
+        _size(dim, "dim"),
+        _choice(dtype, "dtype", torch.dtype),
+        padding,
+        _choice(device, "device", (torch.device, str)),
+        vocab_size or DEFAULT_VOCAB_SIZE,
+        bool(paired),
+        _choice(scale, "scale", (int, float)),
+        _choice(num_prefix_tokens, "num_prefix_tokens", int),
+        extra,
     )
 
 
 @st.composite
-def _draw_inputs(draw, names, batch, max_tokens, dim, dtype, padding, device, v, paired, scale, prefix, extra):
+def _draw_inputs(
+    draw, names, batch, max_tokens, dim, dtype, padding, device, v, paired, scale, prefix, extra
+):
     bi = draw(batch)
     bt = bi if paired else draw(batch)
     prefix = draw(prefix)
@@ -540,10 +578,20 @@ def _draw_inputs(draw, names, batch, max_tokens, dim, dtype, padding, device, v,
     else:
         ids = draw(st.lists(st.integers(0, bi - 1), min_size=bt, max_size=bt))
     sizes = InputSizes(
-        bi=bi, bt=bt, n=int(image_mask.shape[1]), m=int(text_mask.shape[1]), d=draw(dim), v=v,
-        dtype=draw(dtype), device=device, paired=paired, image_mask=image_mask.to(device),
-        text_mask=text_mask.to(device), image_ids=torch.tensor(ids, dtype=torch.long, device=device),
-        scale=float(draw(scale)), prefix=prefix,
+        bi=bi,
+        bt=bt,
+        n=int(image_mask.shape[1]),
+        m=int(text_mask.shape[1]),
+        d=draw(dim),
+        v=v,
+        dtype=draw(dtype),
+        device=device,
+        paired=paired,
+        image_mask=image_mask.to(device),
+        text_mask=text_mask.to(device),
+        image_ids=torch.tensor(ids, dtype=torch.long, device=device),
+        scale=float(draw(scale)),
+        prefix=prefix,
     )
     generator = torch.Generator().manual_seed(draw(_SEEDS))
     values = {}

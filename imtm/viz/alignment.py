@@ -49,9 +49,22 @@ def word_alignment(image_tokens, text_tokens) -> torch.Tensor:
     return F.normalize(words.float(), dim=-1) @ F.normalize(regions.float(), dim=-1).t()
 
 
-def word_alignment_maps(matcher, image, caption: str, *, picture=None, boxes=None, image_value: str = "image_tokens",
-                        text_value: str = "text_tokens", text_block: str | None = None, cols: int = 4,
-                        panel_size: float = 2.0, ax=None, path: str | os.PathLike | None = None, dpi: int = DPI):
+def word_alignment_maps(
+    matcher,
+    image,
+    caption: str,
+    *,
+    picture=None,
+    boxes=None,
+    image_value: str = "image_tokens",
+    text_value: str = "text_tokens",
+    text_block: str | None = None,
+    cols: int = 4,
+    panel_size: float = 2.0,
+    ax=None,
+    path: str | os.PathLike | None = None,
+    dpi: int = DPI,
+):
     r"""One panel per word of ``caption``: how strongly it aligns with each patch or region of ``image``.
 
     Patch tokens (a ViT/Swin encoder, LAPS Fig. 8) are drawn as a heat map over the
@@ -86,7 +99,9 @@ def word_alignment_maps(matcher, image, caption: str, *, picture=None, boxes=Non
         >>> word_alignment_maps(m, test.images[0], test.captions[0], path="align.png")  # doctest: +SKIP
     """
     what = "word_alignment_maps"
-    img, txt = encode_pair(matcher, image, caption, image_value=image_value, text_value=text_value, what=what)
+    img, txt = encode_pair(
+        matcher, image, caption, image_value=image_value, text_value=text_value, what=what
+    )
     cos = word_alignment(img, txt).cpu().numpy()
     words = caption_words(matcher, caption, txt, text_block=text_block)
     if picture is None and isinstance(image, torch.Tensor) and image.dim() == 3:
@@ -95,20 +110,28 @@ def word_alignment_maps(matcher, image, caption: str, *, picture=None, boxes=Non
     if img.grid is None and boxes is not None:
         boxes = np.asarray(boxes, dtype=np.float64)
         if boxes.shape != (cos.shape[1], 4):
-            raise ValueError(f"imtm.viz.{what}: expected boxes of shape ({cos.shape[1]}, 4), one per real region, "
-                             f"got {boxes.shape}")
+            raise ValueError(
+                f"imtm.viz.{what}: expected boxes of shape ({cos.shape[1]}, 4), one per real region, "
+                f"got {boxes.shape}"
+            )
     # One colour scale for the whole caption (its lowest to highest cosine), so panels compare.
     lo, hi = float(cos.min()), float(cos.max())
     hi = hi if hi > lo else lo + 1e-6
     label = "cosine of word and " + ("patch" if img.grid is not None else "region")
     cmap = STYLE["sequential"]
     if img.grid is None and boxes is None:  # nowhere to place the regions: the matrix itself
-        fig, axes = new_figure(1, panel_size=max(panel_size, 0.35 * len(words)), title=caption, ax=ax)
-        im = axes[0].imshow(cos, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest", aspect="auto")
+        fig, axes = new_figure(
+            1, panel_size=max(panel_size, 0.35 * len(words)), title=caption, ax=ax
+        )
+        im = axes[0].imshow(
+            cos, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest", aspect="auto"
+        )
         axes[0].set_yticks(range(len(words)), words, fontsize=STYLE["tick"])
         axes[0].set_xlabel("region", fontsize=STYLE["label"])
         axes[0].tick_params(axis="x", labelsize=STYLE["tick"])
-        axes[0].plot(cos.argmax(1), range(len(words)), "s", markerfacecolor="none", markeredgecolor="red")
+        axes[0].plot(
+            cos.argmax(1), range(len(words)), "s", markerfacecolor="none", markeredgecolor="red"
+        )
         add_colorbar(fig, im, axes, label)
         return finish(fig, path, dpi)
     fig, axes = new_figure(len(words), cols=cols, panel_size=panel_size, title=caption, ax=ax)
@@ -133,4 +156,6 @@ def _outline_cell(ax, index: int, grid: tuple[int, int], pic) -> None:
     h, w = grid
     ch, cw = (1.0, 1.0) if pic is None else (pic.shape[0] / h, pic.shape[1] / w)
     r, c = divmod(index, w)
-    ax.add_patch(Rectangle((c * cw - 0.5, r * ch - 0.5), cw, ch, fill=False, edgecolor="red", linewidth=2.0))
+    ax.add_patch(
+        Rectangle((c * cw - 0.5, r * ch - 0.5), cw, ch, fill=False, edgecolor="red", linewidth=2.0)
+    )

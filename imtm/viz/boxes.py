@@ -55,28 +55,42 @@ def read_boxes(path: str | os.PathLike, *, with_ids: bool = False):
         if arr.ndim == 2:
             arr = arr[None]
         if arr.ndim != 3 or arr.shape[-1] != 4 or not np.issubdtype(arr.dtype, np.number):
-            raise ValueError(f"imtm.viz.read_boxes: {path!r} holds an array of shape {arr.shape} ({arr.dtype}); "
-                             "expected numbers of shape (n_images, N, 4) or (N, 4), boxes as (x0, y0, x1, y1)")
+            raise ValueError(
+                f"imtm.viz.read_boxes: {path!r} holds an array of shape {arr.shape} ({arr.dtype}); "
+                "expected numbers of shape (n_images, N, 4) or (N, 4), boxes as (x0, y0, x1, y1)"
+            )
         boxes = [a.astype(np.float64) for a in arr]
         return (list(range(len(boxes))), boxes) if with_ids else boxes
     if suffix != ".tsv":
-        raise ValueError(f"imtm.viz.read_boxes: {path!r}: expected a bottom-up-attention '.tsv' or a '.npy' of boxes")
+        raise ValueError(
+            f"imtm.viz.read_boxes: {path!r}: expected a bottom-up-attention '.tsv' or a '.npy' of boxes"
+        )
     ids, boxes = [], []
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a row holds the base64 features of every box
+    csv.field_size_limit(
+        min(sys.maxsize, 2**31 - 1)
+    )  # a row holds the base64 features of every box
     with open(path, newline="", encoding="utf-8") as f:
-        for line, row in enumerate(csv.DictReader(f, delimiter="\t", fieldnames=BUTD_FIELDS), start=1):
+        for line, row in enumerate(
+            csv.DictReader(f, delimiter="\t", fieldnames=BUTD_FIELDS), start=1
+        ):
             if any(row.get(k) in (None, "") for k in ("image_id", "num_boxes", "boxes")):
-                raise ValueError(f"imtm.viz.read_boxes: {path!r} line {line}: expected the tab-separated "
-                                 f"bottom-up-attention columns {list(BUTD_FIELDS)}")
+                raise ValueError(
+                    f"imtm.viz.read_boxes: {path!r} line {line}: expected the tab-separated "
+                    f"bottom-up-attention columns {list(BUTD_FIELDS)}"
+                )
             try:
                 n = int(row["num_boxes"])
                 b = np.frombuffer(base64.b64decode(row["boxes"], validate=True), dtype=np.float32)
             except (ValueError, binascii.Error) as err:
-                raise ValueError(f"imtm.viz.read_boxes: {path!r} line {line}: unreadable num_boxes or boxes "
-                                 f"({err})") from err
+                raise ValueError(
+                    f"imtm.viz.read_boxes: {path!r} line {line}: unreadable num_boxes or boxes "
+                    f"({err})"
+                ) from err
             if n < 0 or b.size != 4 * n:
-                raise ValueError(f"imtm.viz.read_boxes: {path!r} line {line}: num_boxes={n} but the boxes "
-                                 f"field holds {b.size} floats (expected {4 * n})")
+                raise ValueError(
+                    f"imtm.viz.read_boxes: {path!r} line {line}: num_boxes={n} but the boxes "
+                    f"field holds {b.size} floats (expected {4 * n})"
+                )
             ids.append(row["image_id"])
             boxes.append(b.reshape(n, 4).astype(np.float64))
     return (ids, boxes) if with_ids else boxes

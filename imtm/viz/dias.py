@@ -14,8 +14,14 @@ __all__ = ["dimension_correlation_maps", "matched_embeddings", "spatial_distance
 
 
 @torch.no_grad()
-def matched_embeddings(matcher, images: Sequence, captions: Sequence[str], *, image_value: str = "image_tokens",
-                       text_value: str = "text_tokens") -> tuple[torch.Tensor, torch.Tensor]:
+def matched_embeddings(
+    matcher,
+    images: Sequence,
+    captions: Sequence[str],
+    *,
+    image_value: str = "image_tokens",
+    text_value: str = "text_tokens",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Global embeddings of matched pairs: row ``b`` of each output is image ``b`` and caption ``b``.
 
     Each side's tokens (``image_value``, ``text_value``, as the Matcher's pairwise blocks read them)
@@ -28,24 +34,41 @@ def matched_embeddings(matcher, images: Sequence, captions: Sequence[str], *, im
     from imtm.tokens import Tokens
 
     if len(images) != len(captions):
-        raise ValueError(f"imtm.viz.matched_embeddings: images and captions pair up one to one; got {len(images)} "
-                         f"images and {len(captions)} captions")
+        raise ValueError(
+            f"imtm.viz.matched_embeddings: images and captions pair up one to one; got {len(images)} "
+            f"images and {len(captions)} captions"
+        )
     out = []
-    for values, name, side in ((matcher.encode_images(images), image_value, "image"),
-                               (matcher.encode_texts(list(captions)), text_value, "caption")):
+    for values, name, side in (
+        (matcher.encode_images(images), image_value, "image"),
+        (matcher.encode_texts(list(captions)), text_value, "caption"),
+    ):
         if name not in values:
-            raise ValueError(f"imtm.viz.matched_embeddings: the Matcher's {side} side gives no Tokens named "
-                             f"{name!r}; it gives {sorted(values)}")
+            raise ValueError(
+                f"imtm.viz.matched_embeddings: the Matcher's {side} side gives no Tokens named "
+                f"{name!r}; it gives {sorted(values)}"
+            )
         v = values[name]
         if not isinstance(v, Tokens):
-            raise TypeError(f"imtm.viz.matched_embeddings: {name!r} is a {type(v).__name__}, not Tokens")
+            raise TypeError(
+                f"imtm.viz.matched_embeddings: {name!r} is a {type(v).__name__}, not Tokens"
+            )
         out.append(v.masked_mean(skip_prefix=True).float().cpu())
     return out[0], out[1]
 
 
-def dimension_correlation_maps(matchers: Mapping[str, object], images: Sequence, captions: Sequence[str], *,
-                               max_dims: int = 64, panel_size: float = 3.0, ax=None,
-                               path: str | os.PathLike | None = None, dpi: int = DPI, **values):
+def dimension_correlation_maps(
+    matchers: Mapping[str, object],
+    images: Sequence,
+    captions: Sequence[str],
+    *,
+    max_dims: int = 64,
+    panel_size: float = 3.0,
+    ax=None,
+    path: str | os.PathLike | None = None,
+    dpi: int = DPI,
+    **values,
+):
     r"""DIAS's dimension correlation matrix :math:`C` of each matcher, side by side (e.g. before and after training).
 
     .. math::
@@ -77,9 +100,13 @@ def dimension_correlation_maps(matchers: Mapping[str, object], images: Sequence,
     from imtm.functional import dimension_correlation
 
     if not matchers:
-        raise ValueError("imtm.viz.dimension_correlation_maps: give at least one matcher, as {label: matcher}")
+        raise ValueError(
+            "imtm.viz.dimension_correlation_maps: give at least one matcher, as {label: matcher}"
+        )
     if len(images) < 2:
-        raise ValueError("imtm.viz.dimension_correlation_maps: correlations need at least 2 matched pairs")
+        raise ValueError(
+            "imtm.viz.dimension_correlation_maps: correlations need at least 2 matched pairs"
+        )
     fig, axes = new_figure(len(matchers), panel_size=panel_size, ax=ax)
     im = None
     for panel, (label, m) in zip(axes, matchers.items()):
@@ -88,7 +115,9 @@ def dimension_correlation_maps(matchers: Mapping[str, object], images: Sequence,
         diag = float(np.mean(np.diag(c)))
         off = float(np.abs(c - np.diag(np.diag(c))).sum() / max(c.size - len(c), 1))
         d = min(max_dims, len(c))
-        im = panel.imshow(c[:d, :d], cmap=STYLE["diverging"], vmin=-1.0, vmax=1.0, interpolation="nearest")
+        im = panel.imshow(
+            c[:d, :d], cmap=STYLE["diverging"], vmin=-1.0, vmax=1.0, interpolation="nearest"
+        )
         panel.set_title(f"{label}: diag {diag:.2f}, |off| {off:.2f}", fontsize=STYLE["title"])
         panel.set_xlabel("text dimension l", fontsize=STYLE["label"])
         if panel is axes[0]:
@@ -98,9 +127,18 @@ def dimension_correlation_maps(matchers: Mapping[str, object], images: Sequence,
     return finish(fig, path, dpi)
 
 
-def spatial_distance_histograms(matchers: Mapping[str, object], images: Sequence, captions: Sequence[str], *,
-                                bins: int = 30, panel_size: float = 2.6, ax=None,
-                                path: str | os.PathLike | None = None, dpi: int = DPI, **values):
+def spatial_distance_histograms(
+    matchers: Mapping[str, object],
+    images: Sequence,
+    captions: Sequence[str],
+    *,
+    bins: int = 30,
+    panel_size: float = 2.6,
+    ax=None,
+    path: str | os.PathLike | None = None,
+    dpi: int = DPI,
+    **values,
+):
     r"""Histograms of the cosine distances DIAS's spatial constraints act on (paper Fig. 4), per matcher.
 
     Three panels over the matched pairs ``(images[b], captions[b])``, with
@@ -129,26 +167,52 @@ def spatial_distance_histograms(matchers: Mapping[str, object], images: Sequence
     from imtm.functional import spatial_differences
 
     if not matchers:
-        raise ValueError("imtm.viz.spatial_distance_histograms: give at least one matcher, as {label: matcher}")
+        raise ValueError(
+            "imtm.viz.spatial_distance_histograms: give at least one matcher, as {label: matcher}"
+        )
     if len(images) < 2:
-        raise ValueError("imtm.viz.spatial_distance_histograms: distances need at least 2 matched pairs")
+        raise ValueError(
+            "imtm.viz.spatial_distance_histograms: distances need at least 2 matched pairs"
+        )
     fig, axes = new_figure(3, panel_size=panel_size, ax=ax)
     off = ~torch.eye(len(images), dtype=torch.bool)
     colours = ["C0", "C1", "C2", "C3", "C4", "C5"]
     for n, (label, m) in enumerate(matchers.items()):
         v, t = matched_embeddings(m, images, captions, **values)
-        cross = 1 - torch.nn.functional.normalize(v, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).t()
+        cross = (
+            1
+            - torch.nn.functional.normalize(v, dim=-1)
+            @ torch.nn.functional.normalize(t, dim=-1).t()
+        )
         inter = spatial_differences(v, t, kind="inter", distance="cosine")[off].abs().numpy()
         intra = spatial_differences(v, t, kind="intra", distance="cosine")[off].abs().numpy()
         col = colours[n % len(colours)]
-        edges = np.histogram_bin_edges(cross.numpy(), bins=bins)  # one binning for matched and unmatched
-        axes[0].hist(cross.diagonal().numpy(), bins=edges, histtype="step", color=col, linestyle="-",
-                     density=True, label=f"{label} matched")
-        axes[0].hist(cross[off].numpy(), bins=edges, histtype="step", color=col, linestyle=":",
-                     density=True, label=f"{label} unmatched")
+        edges = np.histogram_bin_edges(
+            cross.numpy(), bins=bins
+        )  # one binning for matched and unmatched
+        axes[0].hist(
+            cross.diagonal().numpy(),
+            bins=edges,
+            histtype="step",
+            color=col,
+            linestyle="-",
+            density=True,
+            label=f"{label} matched",
+        )
+        axes[0].hist(
+            cross[off].numpy(),
+            bins=edges,
+            histtype="step",
+            color=col,
+            linestyle=":",
+            density=True,
+            label=f"{label} unmatched",
+        )
         axes[1].hist(inter, bins=bins, histtype="step", color=col, density=True, label=label)
         axes[2].hist(intra, bins=bins, histtype="step", color=col, density=True, label=label)
-    for panel, title in zip(axes, ("cross-modal distance", "inter |x_ij - x_ji| (Eq. 7)", "intra gap (Eq. 9)")):
+    for panel, title in zip(
+        axes, ("cross-modal distance", "inter |x_ij - x_ji| (Eq. 7)", "intra gap (Eq. 9)")
+    ):
         panel.set_title(title, fontsize=STYLE["title"])
         panel.set_xlabel("cosine distance", fontsize=STYLE["label"])
         panel.tick_params(labelsize=STYLE["tick"])

@@ -22,10 +22,21 @@ __all__ = ["patch_lexicon_words"]
 
 
 @torch.no_grad()
-def patch_lexicon_words(matcher, image, caption: str, *, top: int = 3, head: str | None = None,
-                        text_block: str | None = None,
-                        picture=None, max_patches: int = 16, panel_size: float = 3.0, ax=None,
-                        path: str | os.PathLike | None = None, dpi: int = DPI):
+def patch_lexicon_words(
+    matcher,
+    image,
+    caption: str,
+    *,
+    top: int = 3,
+    head: str | None = None,
+    text_block: str | None = None,
+    picture=None,
+    max_patches: int = 16,
+    panel_size: float = 3.0,
+    ax=None,
+    path: str | os.PathLike | None = None,
+    dpi: int = DPI,
+):
     r"""The ``top`` vocabulary words of each patch under ELA's patch-to-lexicon head (paper Fig. 3).
 
     .. math::
@@ -67,14 +78,19 @@ def patch_lexicon_words(matcher, image, caption: str, *, top: int = 3, head: str
     text = text_encoder_of(matcher, text_block)
     tokenizer = getattr(text, "tokenizer", None)
     if tokenizer is None or not hasattr(tokenizer, "convert_ids_to_tokens"):
-        raise ValueError(f"imtm.viz.{what}: " + (f"block {text_block!r} has" if text_block else "the Matcher has")
-                         + " no tokenizer to name the lexicon's words (an HFTextEncoder)")
+        raise ValueError(
+            f"imtm.viz.{what}: "
+            + (f"block {text_block!r} has" if text_block else "the Matcher has")
+            + " no tokenizer to name the lexicon's words (an HFTextEncoder)"
+        )
     img, _ = encode_pair(matcher, image, caption, what=what)
     grid = patch_grid(img, what)
     p = img.num_prefix_tokens
     patches = img.feats[0, p:]
     logits = p2l.logits(patches).float()
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long, device=logits.device)
+    special = torch.tensor(
+        sorted(set(tokenizer.all_special_ids)), dtype=torch.long, device=logits.device
+    )
     logits[:, special] = -torch.inf
     probs = logits.softmax(-1).cpu()
     values, ids = probs.topk(min(top, probs.shape[-1]), dim=-1)
@@ -94,8 +110,15 @@ def patch_lexicon_words(matcher, image, caption: str, *, top: int = 3, head: str
         ax.imshow(np.ones((h, w, 3)), extent=(-0.5, W - 0.5, H - 0.5, -0.5))
     for i in range(h * w):
         r, c = divmod(i, w)
-        ax.text((c + 0.5) * W / w - 0.5, (r + 0.5) * H / h - 0.5, str(i), ha="center", va="center", fontsize=STYLE["tick"],
-                color="yellow" if i in order else "white")
+        ax.text(
+            (c + 0.5) * W / w - 0.5,
+            (r + 0.5) * H / h - 0.5,
+            str(i),
+            ha="center",
+            va="center",
+            fontsize=STYLE["tick"],
+            color="yellow" if i in order else "white",
+        )
     for r in range(1, h):
         ax.axhline(r * H / h - 0.5, color="white", linewidth=0.4)
     for c in range(1, w):
@@ -113,6 +136,13 @@ def patch_lexicon_words(matcher, image, caption: str, *, top: int = 3, head: str
         for j in range(values.shape[1]):
             wid = int(ids[i, j])
             word = tokenizer.convert_ids_to_tokens([wid])[0]
-            ax.text(0.12 + j * 0.88 / values.shape[1], y, f"{word} {float(values[i, j]):.2f}", fontsize=STYLE["tick"],
-                    va="center", color="black" if wid in in_caption else "red", transform=ax.transAxes)
+            ax.text(
+                0.12 + j * 0.88 / values.shape[1],
+                y,
+                f"{word} {float(values[i, j]):.2f}",
+                fontsize=STYLE["tick"],
+                va="center",
+                color="black" if wid in in_caption else "red",
+                transform=ax.transAxes,
+            )
     return finish(fig, path, dpi)

@@ -28,9 +28,27 @@ from einops import rearrange
 
 from imtm.tokens import Tokens
 
-__all__ = ["DPI", "FORMATS", "STYLE", "BlockChoiceError", "add_colorbar", "as_picture", "block_of", "caption_words",
-           "draw_boxes", "encode_pair", "finish", "format_of", "model_title", "new_figure", "patch_grid",
-           "require_matplotlib", "show_grid_values", "synthetic_picture", "text_encoder_of"]
+__all__ = [
+    "DPI",
+    "FORMATS",
+    "STYLE",
+    "BlockChoiceError",
+    "add_colorbar",
+    "as_picture",
+    "block_of",
+    "caption_words",
+    "draw_boxes",
+    "encode_pair",
+    "finish",
+    "format_of",
+    "model_title",
+    "new_figure",
+    "patch_grid",
+    "require_matplotlib",
+    "show_grid_values",
+    "synthetic_picture",
+    "text_encoder_of",
+]
 
 #: Resolution of raster output: a figure of ``w x h`` inches is ``w * DPI x h * DPI`` pixels in a PNG.
 DPI = 100
@@ -40,8 +58,15 @@ FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
 
 #: One style for every figure: font sizes in points, and the colour maps for values that run from
 #: low to high (``sequential``) or around zero (``diverging``).
-STYLE = {"suptitle": 9, "title": 8, "label": 7, "tick": 6, "legend": 6, "sequential": "viridis",
-         "diverging": "coolwarm"}
+STYLE = {
+    "suptitle": 9,
+    "title": 8,
+    "label": 7,
+    "tick": 6,
+    "legend": 6,
+    "sequential": "viridis",
+    "diverging": "coolwarm",
+}
 
 
 def require_matplotlib():
@@ -50,7 +75,9 @@ def require_matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - exercised by monkeypatching in the tests
-        raise ImportError('imtm.viz draws with matplotlib, which is not installed: pip install "imtm[viz]"') from err
+        raise ImportError(
+            'imtm.viz draws with matplotlib, which is not installed: pip install "imtm[viz]"'
+        ) from err
     return Figure, FigureCanvasAgg
 
 
@@ -63,13 +90,22 @@ def format_of(path: str | os.PathLike) -> str:
     """
     suffix = os.path.splitext(os.fspath(path))[1].lower()
     if suffix not in FORMATS:
-        raise ValueError(f"imtm.viz: cannot write {os.fspath(path)!r}: the file name must end in one of "
-                         f"{sorted(FORMATS)} (the suffix chooses the format)")
+        raise ValueError(
+            f"imtm.viz: cannot write {os.fspath(path)!r}: the file name must end in one of "
+            f"{sorted(FORMATS)} (the suffix chooses the format)"
+        )
     return FORMATS[suffix]
 
 
-def new_figure(n_panels: int, *, cols: int | None = None, panel_size: float = 2.0, title: str | None = None,
-               ax=None, width_ratios=None):
+def new_figure(
+    n_panels: int,
+    *,
+    cols: int | None = None,
+    panel_size: float = 2.0,
+    title: str | None = None,
+    ax=None,
+    width_ratios=None,
+):
     """A grid of ``n_panels`` axes; returns ``(figure, flat list of axes)``.
 
     Without ``ax`` a new figure of ``cols * panel_size`` by ``rows * panel_size`` inches
@@ -104,8 +140,10 @@ def _panels_in(ax, n_panels: int, rows: int, cols: int, title, width_ratios):
             return ax.figure, [ax]
         spec = ax.get_subplotspec()
         if spec is None:
-            raise ValueError(f"imtm.viz: this picture has {n_panels} panels; pass ax= as an axes from a grid "
-                             f"(fig.add_subplot, plt.subplots), whose place is split, or a list of {n_panels} axes")
+            raise ValueError(
+                f"imtm.viz: this picture has {n_panels} panels; pass ax= as an axes from a grid "
+                f"(fig.add_subplot, plt.subplots), whose place is split, or a list of {n_panels} axes"
+            )
         parent = ax.figure
         ax.remove()
         sub = parent.add_subfigure(spec)
@@ -116,8 +154,10 @@ def _panels_in(ax, n_panels: int, rows: int, cols: int, title, width_ratios):
         return sub, axes
     axes = list(ax) if not isinstance(ax, str) and hasattr(ax, "__iter__") else None
     if axes is None or len(axes) != n_panels or not all(isinstance(a, Axes) for a in axes):
-        raise TypeError(f"imtm.viz: ax must be a matplotlib Axes or a list of {n_panels} Axes (one per panel), "
-                        f"got {type(ax).__name__}" + (f" of length {len(axes)}" if axes is not None else ""))
+        raise TypeError(
+            f"imtm.viz: ax must be a matplotlib Axes or a list of {n_panels} Axes (one per panel), "
+            f"got {type(ax).__name__}" + (f" of length {len(axes)}" if axes is not None else "")
+        )
     if title:
         axes[0].set_title(title, fontsize=STYLE["title"])
     return axes[0].figure, axes
@@ -161,7 +201,9 @@ def as_picture(picture) -> np.ndarray:
         picture = picture.detach().cpu().numpy()
     arr = np.asarray(picture)
     if arr.ndim != 3 or 3 not in (arr.shape[0], arr.shape[-1]):
-        raise ValueError(f"imtm.viz: expected a picture of shape (3, H, W) or (H, W, 3), got {arr.shape}")
+        raise ValueError(
+            f"imtm.viz: expected a picture of shape (3, H, W) or (H, W, 3), got {arr.shape}"
+        )
     if arr.shape[-1] != 3:
         arr = arr.transpose(1, 2, 0)
     arr = arr.astype(np.float64)
@@ -178,7 +220,9 @@ class BlockChoiceError(ValueError):
         blocks: all the Matcher's block names. name: the name asked for (``None``: none).
     """
 
-    def __init__(self, message: str, *, kind: str, names: list[str], blocks: list[str], name: str | None):
+    def __init__(
+        self, message: str, *, kind: str, names: list[str], blocks: list[str], name: str | None
+    ):
         super().__init__(message)
         self.kind, self.names, self.blocks, self.name = kind, names, blocks, name
 
@@ -197,13 +241,22 @@ def block_of(matcher, name: str | None, cls, what: str, *, param: str = "block")
     info = {"kind": cls.__name__, "names": of_kind, "blocks": sorted(blocks), "name": name}
     if name is not None:
         if name not in blocks:
-            raise BlockChoiceError(f"imtm.viz.{what}: the Matcher has no block named {name!r}; it has {sorted(blocks)}",
-                                   **info)
+            raise BlockChoiceError(
+                f"imtm.viz.{what}: the Matcher has no block named {name!r}; it has {sorted(blocks)}",
+                **info,
+            )
         return blocks[name]
     if len(of_kind) != 1:
-        which = f"its {cls.__name__} blocks are {of_kind}" if of_kind else f"its blocks are {sorted(blocks)}"
-        raise BlockChoiceError(f"imtm.viz.{what}: expected one {cls.__name__} block in the Matcher, found "
-                               f"{len(of_kind)}; pass {param}=NAME ({which})", **info)
+        which = (
+            f"its {cls.__name__} blocks are {of_kind}"
+            if of_kind
+            else f"its blocks are {sorted(blocks)}"
+        )
+        raise BlockChoiceError(
+            f"imtm.viz.{what}: expected one {cls.__name__} block in the Matcher, found "
+            f"{len(of_kind)}; pass {param}=NAME ({which})",
+            **info,
+        )
     return blocks[of_kind[0]]
 
 
@@ -220,7 +273,9 @@ def text_encoder_of(matcher, name: str | None = None):
 
     def reads_text(b):
         return isinstance(getattr(b, "vocab", None), Vocabulary) or (
-            callable(getattr(b, "tokenize", None)) and hasattr(getattr(b, "tokenizer", None), "convert_ids_to_tokens"))
+            callable(getattr(b, "tokenize", None))
+            and hasattr(getattr(b, "tokenizer", None), "convert_ids_to_tokens")
+        )
 
     found = [b for b in blocks.values() if reads_text(b)]
     main = [b for b in found if "text_tokens" in tuple(b.provides)]
@@ -251,8 +306,15 @@ def model_title(matcher, fallback: str = "model") -> str:
 
 
 @torch.no_grad()
-def encode_pair(matcher, image, caption: str, *, image_value: str = "image_tokens",
-                text_value: str = "text_tokens", what: str = "picture") -> tuple[Any, Any]:
+def encode_pair(
+    matcher,
+    image,
+    caption: str,
+    *,
+    image_value: str = "image_tokens",
+    text_value: str = "text_tokens",
+    what: str = "picture",
+) -> tuple[Any, Any]:
     """``matcher``'s encodings of one image and one caption: the values the pairwise blocks read.
 
     Returns the two values (Tokens of shape ``(1, N, D)`` and ``(1, M, D)`` for the defaults) on the
@@ -264,12 +326,16 @@ def encode_pair(matcher, image, caption: str, *, image_value: str = "image_token
     tv = matcher.encode_texts([caption])
     for name, values, side in ((image_value, iv, "image"), (text_value, tv, "caption")):
         if name not in values:
-            raise ValueError(f"imtm.viz.{what}: the Matcher's {side} side gives the pairwise blocks "
-                             f"{sorted(values)}, not {name!r}")
+            raise ValueError(
+                f"imtm.viz.{what}: the Matcher's {side} side gives the pairwise blocks "
+                f"{sorted(values)}, not {name!r}"
+            )
     return iv[image_value], tv[text_value]
 
 
-def caption_words(matcher, caption: str, text_tokens: Tokens, *, text_block: str | None = None) -> list[str]:
+def caption_words(
+    matcher, caption: str, text_tokens: Tokens, *, text_block: str | None = None
+) -> list[str]:
     """A label for every real token of ``text_tokens`` (one caption): the word or word piece the model reads.
 
     From the Matcher's text encoder (``text_block``, or found by :func:`text_encoder_of`): a
@@ -285,12 +351,22 @@ def caption_words(matcher, caption: str, text_tokens: Tokens, *, text_block: str
     vocab = getattr(block, "vocab", None)
     if vocab is not None and hasattr(vocab, "encode") and hasattr(vocab, "itos"):
         labels = [vocab.itos[i] for i in vocab.encode(caption)]
-    elif block is not None and callable(getattr(block, "tokenize", None)) and hasattr(block, "tokenizer"):
+    elif (
+        block is not None
+        and callable(getattr(block, "tokenize", None))
+        and hasattr(block, "tokenizer")
+    ):
         ids = block.tokenize([caption])
         pieces = block.tokenizer.convert_ids_to_tokens(ids.feats[0][ids.mask[0]].tolist())
         special = set(getattr(block.tokenizer, "all_special_tokens", ()))
         # the encoder may drop [CLS] and/or [SEP]: try what it keeps
-        options = [pieces, pieces[1:], pieces[:-1], pieces[1:-1], [p for p in pieces if p not in special]]
+        options = [
+            pieces,
+            pieces[1:],
+            pieces[:-1],
+            pieces[1:-1],
+            [p for p in pieces if p not in special],
+        ]
         labels = next((o for o in options if len(o) == n), None)
     if labels is not None and len(labels) == n:
         return labels
@@ -310,34 +386,55 @@ def synthetic_picture(data, index: int, *, noise: float = 0.0) -> tuple[np.ndarr
     from imtm.data.synthetic import render_scene
 
     if not hasattr(data, "scenes") or not hasattr(data, "boxes"):
-        raise TypeError(f"imtm.viz.synthetic_picture: expected a synthetic split (SyntheticDataset), "
-                        f"got {type(data).__name__}")
+        raise TypeError(
+            f"imtm.viz.synthetic_picture: expected a synthetic split (SyntheticDataset), "
+            f"got {type(data).__name__}"
+        )
     boxes = np.asarray(data.boxes[index], dtype=np.float64)
     if data.view == "pixels":
         return as_picture(data.images[index]), boxes
     size = int(data.config.image_size)
-    return as_picture(render_scene(data.scenes[index], np.random.default_rng(0), size, noise)), boxes
+    return as_picture(
+        render_scene(data.scenes[index], np.random.default_rng(0), size, noise)
+    ), boxes
 
 
 def patch_grid(tokens: Tokens, what: str) -> tuple[int, int]:
     """The ``(h, w)`` patch grid of one image's tokens, or an error saying the picture needs one."""
     if tokens.grid is None:
-        raise ValueError(f"imtm.viz.{what}: the image tokens carry no patch grid (a ViT/Swin encoder sets one); "
-                         f"for region features pass boxes=")
+        raise ValueError(
+            f"imtm.viz.{what}: the image tokens carry no patch grid (a ViT/Swin encoder sets one); "
+            f"for region features pass boxes="
+        )
     return int(tokens.grid[0]), int(tokens.grid[1])
 
 
-def show_grid_values(ax, picture: np.ndarray | None, values: np.ndarray, grid: tuple[int, int], *,
-                     cmap: str = STYLE["sequential"], alpha: float = 0.55, vmin=None, vmax=None):
+def show_grid_values(
+    ax,
+    picture: np.ndarray | None,
+    values: np.ndarray,
+    grid: tuple[int, int],
+    *,
+    cmap: str = STYLE["sequential"],
+    alpha: float = 0.55,
+    vmin=None,
+    vmax=None,
+):
     """Draw ``values`` (one per patch, row-major over ``grid``) over ``picture`` (or alone); return the image."""
     h, w = grid
     extent = None
     if picture is not None:
         ax.imshow(picture, interpolation="nearest")
         extent = (-0.5, picture.shape[1] - 0.5, picture.shape[0] - 0.5, -0.5)
-    im = ax.imshow(rearrange(np.asarray(values, dtype=np.float64), "(h w) -> h w", h=h, w=w), cmap=cmap,
-                   alpha=alpha if picture is not None else 1.0, extent=extent, interpolation="nearest",
-                   vmin=vmin, vmax=vmax)
+    im = ax.imshow(
+        rearrange(np.asarray(values, dtype=np.float64), "(h w) -> h w", h=h, w=w),
+        cmap=cmap,
+        alpha=alpha if picture is not None else 1.0,
+        extent=extent,
+        interpolation="nearest",
+        vmin=vmin,
+        vmax=vmax,
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     return im
@@ -354,8 +451,17 @@ def region_canvas(ax, picture: np.ndarray | None, boxes) -> None:
     ax.set_aspect("equal")
 
 
-def draw_boxes(ax, boxes: Sequence, values: Sequence[float] | None = None, *, highlight: Sequence[int] = (),
-               cmap: str = STYLE["sequential"], vmin: float = -1.0, vmax: float = 1.0, label_top: bool = False):
+def draw_boxes(
+    ax,
+    boxes: Sequence,
+    values: Sequence[float] | None = None,
+    *,
+    highlight: Sequence[int] = (),
+    cmap: str = STYLE["sequential"],
+    vmin: float = -1.0,
+    vmax: float = 1.0,
+    label_top: bool = False,
+):
     """Boxes ``(x0, y0, x1, y1)``, filled by ``values`` through ``cmap``; ``highlight`` outlined in red."""
     from matplotlib import colormaps
     from matplotlib.patches import Rectangle
@@ -365,10 +471,26 @@ def draw_boxes(ax, boxes: Sequence, values: Sequence[float] | None = None, *, hi
     for k, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, dtype=np.float64)):
         if values is not None:
             t = (float(values[k]) - vmin) / max(vmax - vmin, 1e-12)
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=cm(min(max(t, 0.0), 1.0)), alpha=0.45,
-                                   edgecolor="none"))
+            ax.add_patch(
+                Rectangle(
+                    (x0, y0),
+                    x1 - x0,
+                    y1 - y0,
+                    facecolor=cm(min(max(t, 0.0), 1.0)),
+                    alpha=0.45,
+                    edgecolor="none",
+                )
+            )
         red = k in highlight
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red" if red else "white",
-                               linewidth=2.0 if red else 0.6))
+        ax.add_patch(
+            Rectangle(
+                (x0, y0),
+                x1 - x0,
+                y1 - y0,
+                fill=False,
+                edgecolor="red" if red else "white",
+                linewidth=2.0 if red else 0.6,
+            )
+        )
     ax.set_xticks([])
     ax.set_yticks([])

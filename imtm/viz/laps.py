@@ -56,9 +56,19 @@ def _prepare(matcher, image, caption, block, picture, what):
     return slim, img, txt, grid, pic
 
 
-def kept_patches(matcher, image, caption: str, *, ratios: Sequence[float] = (0.25, 0.5, 0.75), block: str | None = None,
-                 picture=None, panel_size: float = 2.2, ax=None, path: str | os.PathLike | None = None,
-                 dpi: int = DPI):
+def kept_patches(
+    matcher,
+    image,
+    caption: str,
+    *,
+    ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    block: str | None = None,
+    picture=None,
+    panel_size: float = 2.2,
+    ax=None,
+    path: str | os.PathLike | None = None,
+    dpi: int = DPI,
+):
     r"""The patches LAPS keeps for ``caption`` at several ratios :math:`\rho` (paper Fig. 4-5).
 
     The first panel is the significance :math:`a` (Eq. 1) over the patch grid; then, for each
@@ -102,8 +112,19 @@ def kept_patches(matcher, image, caption: str, *, ratios: Sequence[float] = (0.2
     return finish(fig, path, dpi)
 
 
-def patch_groups(matcher, image, caption: str, *, ratio: float | None = None, block: str | None = None, picture=None,
-                 panel_size: float = 2.6, ax=None, path: str | os.PathLike | None = None, dpi: int = DPI):
+def patch_groups(
+    matcher,
+    image,
+    caption: str,
+    *,
+    ratio: float | None = None,
+    block: str | None = None,
+    picture=None,
+    panel_size: float = 2.6,
+    ax=None,
+    path: str | os.PathLike | None = None,
+    dpi: int = DPI,
+):
     r"""Which aggregated token each kept patch mostly feeds (LAPS Fig. 6).
 
     Kept patches are coloured by :math:`\arg\max_j W_{ij}`, the aggregated token
@@ -134,21 +155,31 @@ def patch_groups(matcher, image, caption: str, *, ratio: float | None = None, bl
     with torch.no_grad():
         logits = slim.aggregation.logits(img.feats[:, p:]).float().cpu()  # (1, Np, Nc)
     weights = aggregation_weights(logits, keep[None, None])[0, 0]  # (Np, Nc)
-    group = torch.where(keep > 0, weights.argmax(-1), torch.full_like(keep, -1, dtype=torch.long)).numpy()
+    group = torch.where(
+        keep > 0, weights.argmax(-1), torch.full_like(keep, -1, dtype=torch.long)
+    ).numpy()
     n_groups = int(weights.shape[-1])
     cm = colormaps["tab20" if n_groups > 10 else "tab10"]
     h, w = grid
-    colours = rearrange(np.array([(0.5, 0.5, 0.5, 1.0) if g < 0 else cm(int(g) % cm.N) for g in group]),
-                        "(h w) rgba -> h w rgba", h=h, w=w)
+    colours = rearrange(
+        np.array([(0.5, 0.5, 0.5, 1.0) if g < 0 else cm(int(g) % cm.N) for g in group]),
+        "(h w) rgba -> h w rgba",
+        h=h,
+        w=w,
+    )
     fig, axes = new_figure(2, panel_size=panel_size, title=caption, ax=ax)
     extent = None
     if pic is not None:
         axes[0].imshow(pic, interpolation="nearest")
         axes[1].imshow(pic, interpolation="nearest")
         extent = (-0.5, pic.shape[1] - 0.5, pic.shape[0] - 0.5, -0.5)
-    axes[1].imshow(colours, alpha=0.6 if pic is not None else 1.0, extent=extent, interpolation="nearest")
+    axes[1].imshow(
+        colours, alpha=0.6 if pic is not None else 1.0, extent=extent, interpolation="nearest"
+    )
     axes[0].set_title("image", fontsize=STYLE["title"])
-    axes[1].set_title(f"{int(keep.sum())} kept -> {n_groups} tokens; grey: fused", fontsize=STYLE["title"])
+    axes[1].set_title(
+        f"{int(keep.sum())} kept -> {n_groups} tokens; grey: fused", fontsize=STYLE["title"]
+    )
     for panel in axes:
         panel.set_xticks([])
         panel.set_yticks([])

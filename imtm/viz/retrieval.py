@@ -25,19 +25,32 @@ def recall_at_k(sims, caption_to_image, ks: Sequence[int]) -> dict[str, list[flo
     from imtm.metrics import retrieval_ranks
 
     ranks = retrieval_ranks(sims, caption_to_image)
-    return {d: [100.0 * float((r < k).float().mean()) for k in ks] for d, r in (("i2t", ranks.i2t), ("t2i", ranks.t2i))}
+    return {
+        d: [100.0 * float((r < k).float().mean()) for k in ks]
+        for d, r in (("i2t", ranks.i2t), ("t2i", ranks.t2i))
+    }
 
 
 def _data_parts(data, what):
     for attr in ("images", "captions", "caption_to_image"):
         if not hasattr(data, attr):
-            raise TypeError(f"imtm.viz.{what}: data must have images, captions and caption_to_image "
-                            f"(an ImageCaptionDataset); {type(data).__name__} has no {attr!r}")
+            raise TypeError(
+                f"imtm.viz.{what}: data must have images, captions and caption_to_image "
+                f"(an ImageCaptionDataset); {type(data).__name__} has no {attr!r}"
+            )
     return data.images, data.captions, torch.as_tensor(data.caption_to_image)
 
 
-def recall_curves(matchers: Mapping[str, object], data, *, ks: Sequence[int] = (1, 2, 5, 10, 20, 50),
-                  panel_size: float = 3.0, ax=None, path: str | os.PathLike | None = None, dpi: int = DPI):
+def recall_curves(
+    matchers: Mapping[str, object],
+    data,
+    *,
+    ks: Sequence[int] = (1, 2, 5, 10, 20, 50),
+    panel_size: float = 3.0,
+    ax=None,
+    path: str | os.PathLike | None = None,
+    dpi: int = DPI,
+):
     """Recall@K against K of several matchers on one evaluation set: image-to-text and text-to-image.
 
     Args:
@@ -86,8 +99,19 @@ def _picture(data, pictures, index):
     return None
 
 
-def retrieved_examples(matcher, data, query: int, *, direction: str = "i2t", top: int = 5, pictures=None,
-                       panel_size: float = 2.0, ax=None, path: str | os.PathLike | None = None, dpi: int = DPI):
+def retrieved_examples(
+    matcher,
+    data,
+    query: int,
+    *,
+    direction: str = "i2t",
+    top: int = 5,
+    pictures=None,
+    panel_size: float = 2.0,
+    ax=None,
+    path: str | os.PathLike | None = None,
+    dpi: int = DPI,
+):
     """A query and its ``top`` retrieved items, matches marked (green, with a tick) and misses (red).
 
     ``direction="i2t"``: image ``query`` and its top captions; ``"t2i"``: caption ``query`` and
@@ -117,12 +141,19 @@ def retrieved_examples(matcher, data, query: int, *, direction: str = "i2t", top
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"imtm.viz.{what}: top must be a positive int, got {top!r}")
     sims = matcher.similarity(images, captions)
-    s_i2t, s_t2i = sims if sims.dim() == 3 else (sims, sims)  # (2, Bi, Bt): direction-specific scores
+    s_i2t, s_t2i = (
+        sims if sims.dim() == 3 else (sims, sims)
+    )  # (2, Bi, Bt): direction-specific scores
     if direction == "i2t":
         order = torch.argsort(s_i2t[query], descending=True, stable=True)[:top].tolist()
         n_hits = sum(int(c2i[t]) == query for t in order)
-        fig, axes = new_figure(2, panel_size=panel_size, title=f"top {top} captions ({n_hits} correct)", ax=ax,
-                               width_ratios=(2, 3) if ax is None or not isinstance(ax, (list, tuple)) else None)
+        fig, axes = new_figure(
+            2,
+            panel_size=panel_size,
+            title=f"top {top} captions ({n_hits} correct)",
+            ax=ax,
+            width_ratios=(2, 3) if ax is None or not isinstance(ax, (list, tuple)) else None,
+        )
         if ax is None:
             fig.set_size_inches(5 * panel_size, panel_size + 0.4)
         pic = _picture(data, pictures, query)
@@ -135,9 +166,16 @@ def retrieved_examples(matcher, data, query: int, *, direction: str = "i2t", top
         text_ax.axis("off")
         for r, t in enumerate(order):
             hit = int(c2i[t]) == query
-            text_ax.text(0.0, 1 - (r + 0.5) / top, f"{r + 1}. {'✓' if hit else '✗'} {captions[t]}",
-                         color="green" if hit else "red", fontsize=STYLE["label"], va="center",
-                         transform=text_ax.transAxes, wrap=True)
+            text_ax.text(
+                0.0,
+                1 - (r + 0.5) / top,
+                f"{r + 1}. {'✓' if hit else '✗'} {captions[t]}",
+                color="green" if hit else "red",
+                fontsize=STYLE["label"],
+                va="center",
+                transform=text_ax.transAxes,
+                wrap=True,
+            )
         return finish(fig, path, dpi)
     order = torch.argsort(s_t2i[:, query], descending=True, stable=True)[:top].tolist()
     fig, axes = new_figure(top, panel_size=panel_size, title=f"query: {captions[query]}", ax=ax)
@@ -153,6 +191,9 @@ def retrieved_examples(matcher, data, query: int, *, direction: str = "i2t", top
             side.set_linewidth(4)
         panel.set_xticks([])
         panel.set_yticks([])
-        panel.set_title(f"{r + 1}. image {i} {'✓' if hit else '✗'}", fontsize=STYLE["title"],
-                     color="green" if hit else "red")
+        panel.set_title(
+            f"{r + 1}. image {i} {'✓' if hit else '✗'}",
+            fontsize=STYLE["title"],
+            color="green" if hit else "red",
+        )
     return finish(fig, path, dpi)

@@ -21,7 +21,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["PACKAGED_TEXT", "PACKAGED_VISION", "WEIGHTS_DIR", "packaged_text_path", "packaged_vision", "record"]
+__all__ = [
+    "PACKAGED_TEXT",
+    "PACKAGED_VISION",
+    "WEIGHTS_DIR",
+    "packaged_text_path",
+    "packaged_vision",
+    "record",
+]
 
 #: The folder of the packaged weights.
 WEIGHTS_DIR = Path(__file__).resolve().parent

@@ -25,7 +25,9 @@ def test_mean_embedding_conformance_and_functional_twin(side):
     name = f"{side}_tokens"
     assert tuple(block.requires) == (name,) and tuple(block.provides) == (f"{side}_embedding",)
     feats = Tokens.from_lengths(torch.randn(3, 5, 4), [5, 1, 3])
-    report = check_component(block, {name: feats}, functional=lambda t: masked_mean(t.feats, t.mask))
+    report = check_component(
+        block, {name: feats}, functional=lambda t: masked_mean(t.feats, t.mask)
+    )
     assert {"padding", "functional"} <= set(report.passed)
 
 
@@ -60,8 +62,11 @@ def test_sparse_correlation_conformance_functional_twin_and_beta_gradient(kind):
     v, t = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
     block = SparseCorrelation(kind=kind, beta=0.2, temperature=0.3)
     report = check_component(
-        block, {"image_embedding": v, "text_embedding": t},
-        functional=lambda a, b: sparse_correlation_mask(spatial_differences(a, b, kind=kind), 0.2, temperature=0.3),
+        block,
+        {"image_embedding": v, "text_embedding": t},
+        functional=lambda a, b: sparse_correlation_mask(
+            spatial_differences(a, b, kind=kind), 0.2, temperature=0.3
+        ),
     )
     assert {"gradients", "functional"} <= set(report.passed)
     (block(v, t) * torch.rand(6, 6, generator=g)).sum().backward()
@@ -103,7 +108,9 @@ def test_miner_conformance_and_randomness():
     glob = DistanceWeightedMiner(dim=16).train()(scores, positives)
     torch.manual_seed(0)
     expect = distance_weighted_negatives(scores, positives, dim=16)
-    assert torch.equal(glob[0], expect[0]) and torch.equal(glob[1], expect[1])  # random_state=None: global RNG
+    assert torch.equal(glob[0], expect[0]) and torch.equal(
+        glob[1], expect[1]
+    )  # random_state=None: global RNG
 
 
 def test_triplet_loss_with_a_miner_matches_the_functional_and_the_default_is_unchanged():
@@ -111,21 +118,29 @@ def test_triplet_loss_with_a_miner_matches_the_functional_and_the_default_is_unc
     miner = DistanceWeightedMiner(dim=16, random_state=0).eval()
     loss = TripletLoss(miner=miner).eval()
     negatives = miner(scores, positives)
-    torch.testing.assert_close(loss(scores, positives), triplet_loss(scores, positives, negatives=negatives))
+    torch.testing.assert_close(
+        loss(scores, positives), triplet_loss(scores, positives, negatives=negatives)
+    )
     torch.testing.assert_close(TripletLoss()(scores, positives), triplet_loss(scores, positives))
-    report = check_component(TripletLoss(miner=DistanceWeightedMiner(dim=16, random_state=0)),
-                             {"scores": scores, "positives": positives})
+    report = check_component(
+        TripletLoss(miner=DistanceWeightedMiner(dim=16, random_state=0)),
+        {"scores": scores, "positives": positives},
+    )
     assert "clone" in report.passed
     assert TripletLoss(miner=miner).get_params()["miner__dim"] == 16
     other = scores.flip(0)
     pair = TripletLoss(miner=miner, requires=("scores_i2t", "scores_t2i", "positives")).eval()
-    torch.testing.assert_close(pair(scores, other, positives),
-                               triplet_loss((scores, other), positives, negatives=miner((scores, other), positives)))
+    torch.testing.assert_close(
+        pair(scores, other, positives),
+        triplet_loss((scores, other), positives, negatives=miner((scores, other), positives)),
+    )
 
 
 def test_miner_bad_inputs():
     scores, positives = batch()
-    with pytest.raises(ValueError, match="DistanceWeightedMiner: (distance_weighted_negatives: )?dim must be"):
+    with pytest.raises(
+        ValueError, match="DistanceWeightedMiner: (distance_weighted_negatives: )?dim must be"
+    ):
         DistanceWeightedMiner(dim=2)(scores, positives)
     with pytest.raises(TypeError, match="random_state must be an int or None"):
         DistanceWeightedMiner(dim=8, random_state=1.5)(scores, positives)

@@ -22,7 +22,9 @@ def test_modules_match_functional_and_pass_the_contract(block, name):
     mask[..., 0] = True
     torch.testing.assert_close(block(x, mask), masked_pool(x, mask, name, 0.3))
     assert block.requires == ("token_scores", "token_mask") and block.provides == ("scores",)
-    report = check_component(block, {"token_scores": x.float(), "token_mask": mask}, skip=("padding",))
+    report = check_component(
+        block, {"token_scores": x.float(), "token_mask": mask}, skip=("padding",)
+    )
     assert "clone" in report.passed and "state_dict" in report.passed
 
 
@@ -34,7 +36,11 @@ def test_dim_and_temperature_are_parameters():
 
 
 def test_errors_name_the_block():
-    with pytest.raises(ValueError, match="LSEPooling: (masked_pool: )?temperature must be a finite number > 0"):
+    with pytest.raises(
+        ValueError, match="LSEPooling: (masked_pool: )?temperature must be a finite number > 0"
+    ):
         LSEPooling(temperature=0.0)(torch.randn(2, 3))
     with pytest.raises(ValueError, match="MeanPooling: masked_pool: 1 set"):
-        MeanPooling()(torch.randn(2, 3), torch.tensor([[True, False, False], [False, False, False]]))
+        MeanPooling()(
+            torch.randn(2, 3), torch.tensor([[True, False, False], [False, False, False]])
+        )

@@ -51,20 +51,27 @@ def test_matches_the_rule_and_never_empty(n, seed, p):
     out = augment_caption(caption, words, torch.Generator().manual_seed(seed), p=p)
     assert out == _reference(caption, words, u, pick, keep_one, p=p)
     assert out.strip()
-    every_deleted = augment_caption(caption, words, torch.Generator().manual_seed(seed), p=1.0,
-                                    mask_prob=0.0, replace_prob=0.0)
+    every_deleted = augment_caption(
+        caption, words, torch.Generator().manual_seed(seed), p=1.0, mask_prob=0.0, replace_prob=0.0
+    )
     assert len(every_deleted.split()) == 1 and every_deleted in caption.split()
 
 
 def test_deterministic_with_a_seed_and_identity_at_p0():
     caps = [f"a dog number {k} runs on the red grass" for k in range(50)]
-    a, b, c = CaptionAugment(["cat"], seed=1), CaptionAugment(["cat"], seed=1), CaptionAugment(["cat"], seed=2)
+    a, b, c = (
+        CaptionAugment(["cat"], seed=1),
+        CaptionAugment(["cat"], seed=1),
+        CaptionAugment(["cat"], seed=2),
+    )
     out_a, out_b, out_c = [a(x) for x in caps], [b(x) for x in caps], [c(x) for x in caps]
     assert out_a == out_b and out_a != out_c and out_a != caps
     assert [CaptionAugment(["cat"], p=0.0)(x) for x in caps] == caps
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert [a(x, generator=g1) for x in caps] == [augment_caption(x, ["cat"], g2) for x in caps]
-    back = pickle.loads(pickle.dumps(CaptionAugment(["cat"], seed=1)))  # generator rebuilt from the seed
+    back = pickle.loads(
+        pickle.dumps(CaptionAugment(["cat"], seed=1))
+    )  # generator rebuilt from the seed
     assert [back(x) for x in caps] == out_a
 
 
@@ -85,7 +92,9 @@ def test_workers_differ_and_a_seeded_loader_repeats(monkeypatch):
     assert in_worker(0, 99) != w0  # a new epoch (new worker seed) draws anew
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: None)
     fresh = CaptionAugment(["cat"], seed=3)
-    assert [aug(x) for x in caps] == [fresh(x) for x in caps]  # the main process: the seed's own stream
+    assert [aug(x) for x in caps] == [
+        fresh(x) for x in caps
+    ]  # the main process: the seed's own stream
 
 
 def test_augmentation_is_off_at_evaluation(tmp_path):
@@ -93,14 +102,30 @@ def test_augmentation_is_off_at_evaluation(tmp_path):
     caps = ["a red dog", "a cat on a mat", "two dogs"]
     off = ImageFileDataset(paths, caps, [0, 1, 1])
     assert [off[k]["texts"] for k in range(3)] == caps
-    on = ImageFileDataset(paths, caps, [0, 1, 1], augment=CaptionAugment(["x"], p=1.0, mask_prob=1.0, replace_prob=0.0))
-    assert [on[k]["texts"] for k in range(3)] == ["[MASK] [MASK] [MASK]", "[MASK] [MASK] [MASK] [MASK] [MASK]",
-                                                  "[MASK] [MASK]"]
+    on = ImageFileDataset(
+        paths,
+        caps,
+        [0, 1, 1],
+        augment=CaptionAugment(["x"], p=1.0, mask_prob=1.0, replace_prob=0.0),
+    )
+    assert [on[k]["texts"] for k in range(3)] == [
+        "[MASK] [MASK] [MASK]",
+        "[MASK] [MASK] [MASK] [MASK] [MASK]",
+        "[MASK] [MASK]",
+    ]
     # Matcher.evaluate / similarity read .captions, which the augmentation never touches.
     assert on.captions == caps
     default = ImageFileDataset(paths, caps, [0, 1, 1], augment=True)
-    assert isinstance(default.augment, CaptionAugment) and default.augment.words == ["a", "cat", "dog", "dogs",
-                                                                                     "mat", "on", "red", "two"]
+    assert isinstance(default.augment, CaptionAugment) and default.augment.words == [
+        "a",
+        "cat",
+        "dog",
+        "dogs",
+        "mat",
+        "on",
+        "red",
+        "two",
+    ]
 
 
 def test_vocabulary_and_tokenizer_vocabularies(tmp_path):
@@ -115,7 +140,9 @@ def test_vocabulary_and_tokenizer_vocabularies(tmp_path):
     from transformers import BertTokenizer
 
     vocab_file = tmp_path / "vocab.txt"
-    vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "cat", "##s", "."]))
+    vocab_file.write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "cat", "##s", "."])
+    )
     tok = BertTokenizer(str(vocab_file))
     aug = CaptionAugment.from_tokenizer(tok, p=1.0, mask_prob=1.0, replace_prob=0.0)
     assert aug.mask_token == "[MASK]" and aug.words == ["a", "cat", "dog"]

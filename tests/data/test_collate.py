@@ -13,8 +13,12 @@ from imtm.data import (
 
 
 def test_collate_regions_pads_and_masks():
-    b = collate([{"images": torch.randn(3, 4), "texts": "a cat", "image_ids": 0},
-                 {"images": torch.randn(5, 4), "texts": "a dog", "image_ids": 1}])
+    b = collate(
+        [
+            {"images": torch.randn(3, 4), "texts": "a cat", "image_ids": 0},
+            {"images": torch.randn(5, 4), "texts": "a dog", "image_ids": 1},
+        ]
+    )
     assert isinstance(b["images"], Tokens) and b["images"].lengths.tolist() == [3, 5]
     assert b["texts"] == ["a cat", "a dog"] and b["image_ids"].tolist() == [0, 1]
 

@@ -42,8 +42,13 @@ def _dataset(tmp_path, n=N_IMAGES, cpi=2):
     paths = [write_image(tmp_path / "imgs" / f"{k}.png", k, size=(6, 5)) for k in range(n)]
     # Captions listed out of image order: the output groups them by image.
     c2i = torch.arange(n * cpi).remainder(n)
-    return ImageFileDataset(paths, captions(n * cpi), c2i, image_transform({"input_size": (3, 4, 4)}),
-                            image_ids_external=[100 + k for k in range(n)])
+    return ImageFileDataset(
+        paths,
+        captions(n * cpi),
+        c2i,
+        image_transform({"input_size": (3, 4, 4)}),
+        image_ids_external=[100 + k for k in range(n)],
+    )
 
 
 def _expected(ds, enc):
@@ -55,7 +60,9 @@ def _expected(ds, enc):
 def test_round_trip_into_precomp_dataset(tmp_path):
     ds = _dataset(tmp_path)
     enc = CountingEncoder()
-    out = extract_features(enc, ds, tmp_path / "out", "test", batch_size=BATCH, shard_size=SHARD, progress=False)
+    out = extract_features(
+        enc, ds, tmp_path / "out", "test", batch_size=BATCH, shard_size=SHARD, progress=False
+    )
     assert enc.seen == N_IMAGES  # one pass over the unique images
     pre = PrecompDataset(out, "test")
     assert (pre.n_images, pre.n_captions, pre.captions_per_image) == (N_IMAGES, 2 * N_IMAGES, 2)
@@ -65,8 +72,12 @@ def test_round_trip_into_precomp_dataset(tmp_path):
     assert pre.image_ids_external.tolist() == [100 + k for k in range(N_IMAGES)]
     assert (out / "test_images.txt").read_text().split() == ds.image_paths
     manifest = json.loads((out / "test_extract.json").read_text())
-    assert manifest["complete"] and manifest["tokens"] == {"num_tokens": 16, "dim": 5, "grid": [4, 4],
-                                                           "num_prefix_tokens": 0}
+    assert manifest["complete"] and manifest["tokens"] == {
+        "num_tokens": 16,
+        "dim": 5,
+        "grid": [4, 4],
+        "num_prefix_tokens": 0,
+    }
     assert not (out / "test_shards").exists()  # assembled, shards removed
     assert collate([pre[k] for k in range(3)])["images"].feats.shape == (3, 16, 5)
     again = CountingEncoder()
@@ -77,14 +88,29 @@ def test_round_trip_into_precomp_dataset(tmp_path):
 @pytest.mark.parametrize("k_shards", [0, 1, 2])
 def test_resume_after_interruption_neither_duplicates_nor_loses_a_shard(tmp_path, k_shards):
     ds = _dataset(tmp_path)
-    reference = extract_features(CountingEncoder(), ds, tmp_path / "ref", "test", batch_size=BATCH,
-                                 shard_size=SHARD, progress=False)
+    reference = extract_features(
+        CountingEncoder(),
+        ds,
+        tmp_path / "ref",
+        "test",
+        batch_size=BATCH,
+        shard_size=SHARD,
+        progress=False,
+    )
     out = tmp_path / "out"
     # Stop inside shard k (after its first batch): k shards are complete, shard k is half encoded.
     stopper = CountingEncoder(stop_after_images=k_shards * SHARD + BATCH)
     with pytest.raises(KeyboardInterrupt):
-        extract_features(stopper, ds, out, "test", batch_size=BATCH, shard_size=SHARD, keep_shards=True,
-                         progress=False)
+        extract_features(
+            stopper,
+            ds,
+            out,
+            "test",
+            batch_size=BATCH,
+            shard_size=SHARD,
+            keep_shards=True,
+            progress=False,
+        )
     shards = sorted(p.name for p in (out / "test_shards").iterdir())
     assert shards == [f"test-{k:05d}-of-00003.npy" for k in range(k_shards)]
     manifest = json.loads((out / "test_extract.json").read_text())
@@ -92,9 +118,20 @@ def test_resume_after_interruption_neither_duplicates_nor_loses_a_shard(tmp_path
     assert not (out / "test_ims.npy").exists()
 
     resumed = CountingEncoder()
-    extract_features(resumed, ds, out, "test", batch_size=BATCH, shard_size=SHARD, keep_shards=True, progress=False)
+    extract_features(
+        resumed,
+        ds,
+        out,
+        "test",
+        batch_size=BATCH,
+        shard_size=SHARD,
+        keep_shards=True,
+        progress=False,
+    )
     assert resumed.seen == N_IMAGES - k_shards * SHARD  # only the missing shards are encoded
-    assert sorted(p.name for p in (out / "test_shards").iterdir()) == [f"test-{k:05d}-of-00003.npy" for k in range(3)]
+    assert sorted(p.name for p in (out / "test_shards").iterdir()) == [
+        f"test-{k:05d}-of-00003.npy" for k in range(3)
+    ]
     assert np.array_equal(np.load(out / "test_ims.npy"), np.load(reference / "test_ims.npy"))
     assert (out / "test_caps.txt").read_text() == (reference / "test_caps.txt").read_text()
 
@@ -103,8 +140,15 @@ def test_resume_after_a_kill_mid_write_and_before_the_manifest(tmp_path):
     ds = _dataset(tmp_path)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        extract_features(CountingEncoder(stop_after_images=2 * SHARD), ds, out, "test", batch_size=BATCH,
-                         shard_size=SHARD, progress=False)
+        extract_features(
+            CountingEncoder(stop_after_images=2 * SHARD),
+            ds,
+            out,
+            "test",
+            batch_size=BATCH,
+            shard_size=SHARD,
+            progress=False,
+        )
     # A kill can leave a half-written temporary file, and a renamed shard the manifest does not list yet.
     (out / "test_shards" / ".test-00002-of-00003.npy.tmp4242").write_bytes(b"\x93NUMPY half")
     manifest = json.loads((out / "test_extract.json").read_text())
@@ -121,12 +165,23 @@ def test_a_different_run_in_the_folder_is_refused(tmp_path):
     ds = _dataset(tmp_path)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        extract_features(CountingEncoder(stop_after_images=SHARD), ds, out, "test", batch_size=BATCH,
-                         shard_size=SHARD, progress=False)
-    with pytest.raises(ValueError, match=r"belongs to a different run \(shard_size: 4 there, 5 now.*overwrite=True"):
+        extract_features(
+            CountingEncoder(stop_after_images=SHARD),
+            ds,
+            out,
+            "test",
+            batch_size=BATCH,
+            shard_size=SHARD,
+            progress=False,
+        )
+    with pytest.raises(
+        ValueError, match=r"belongs to a different run \(shard_size: 4 there, 5 now.*overwrite=True"
+    ):
         extract_features(CountingEncoder(), ds, out, "test", shard_size=5, progress=False)
     with pytest.raises(ValueError, match=r"encoder: 'CountingEncoder' there, 'vit' now"):
-        extract_features(CountingEncoder(), ds, out, "test", shard_size=SHARD, encoder_name="vit", progress=False)
+        extract_features(
+            CountingEncoder(), ds, out, "test", shard_size=SHARD, encoder_name="vit", progress=False
+        )
     fresh = CountingEncoder()
     extract_features(fresh, ds, out, "test", shard_size=5, overwrite=True, progress=False)
     assert fresh.seen == N_IMAGES and PrecompDataset(out, "test").n_images == N_IMAGES
@@ -138,13 +193,24 @@ def test_a_different_run_in_the_folder_is_refused(tmp_path):
 
 def test_captions_per_image_and_float16(tmp_path):
     paths = [write_image(tmp_path / f"{k}.png", k) for k in range(3)]
-    ds = ImageFileDataset(paths, captions(7), [0, 0, 1, 1, 1, 2, 2], image_transform({"input_size": (3, 4, 4)}))
+    ds = ImageFileDataset(
+        paths, captions(7), [0, 0, 1, 1, 1, 2, 2], image_transform({"input_size": (3, 4, 4)})
+    )
     with pytest.raises(ValueError, match="between 2 and 3 captions; .* pass captions_per_image=k"):
         extract_features(CountingEncoder(), ds, tmp_path / "o", "test", progress=False)
     with pytest.raises(ValueError, match="image 0 has 2 captions, fewer than captions_per_image=3"):
-        extract_features(CountingEncoder(), ds, tmp_path / "o", "test", captions_per_image=3, progress=False)
-    out = extract_features(CountingEncoder(), ds, tmp_path / "o", "test", captions_per_image=2, dtype="float16",
-                           progress=False)
+        extract_features(
+            CountingEncoder(), ds, tmp_path / "o", "test", captions_per_image=3, progress=False
+        )
+    out = extract_features(
+        CountingEncoder(),
+        ds,
+        tmp_path / "o",
+        "test",
+        captions_per_image=2,
+        dtype="float16",
+        progress=False,
+    )
     pre = PrecompDataset(out, "test")
     assert pre.captions == [ds.captions[j] for j in (0, 1, 2, 3, 5, 6)]
     assert np.load(out / "test_ims.npy").dtype == np.float16
@@ -159,10 +225,18 @@ def test_bad_encoder_outputs_and_arguments(tmp_path):
         extract_features(padded, ds, tmp_path / "a", "test", progress=False)
     calls = iter(range(10))
     growing = lambda x: torch.ones(len(x), 2 + next(calls), 3)
-    with pytest.raises(ValueError, match=r"images 2..3 gave tokens of shape \(3, 3\), earlier images \(2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"images 2..3 gave tokens of shape \(3, 3\), earlier images \(2, 3\)"
+    ):
         extract_features(growing, ds, tmp_path / "b", "test", batch_size=2, progress=False)
     with pytest.raises(ValueError, match="non-finite"):
-        extract_features(lambda x: torch.full((len(x), 2), float("nan")), ds, tmp_path / "c", "test", progress=False)
+        extract_features(
+            lambda x: torch.full((len(x), 2), float("nan")),
+            ds,
+            tmp_path / "c",
+            "test",
+            progress=False,
+        )
     with pytest.raises(ValueError, match=r"must return \(B, N, D\) tokens or \(B, D\) vectors"):
         extract_features(lambda x: torch.ones(2, 3), ds, tmp_path / "d", "test", progress=False)
     with pytest.raises(TypeError, match="must return Tokens or a tensor"):
@@ -187,11 +261,17 @@ def test_bad_encoder_outputs_and_arguments(tmp_path):
 
 def test_timm_encoder_on_a_karpathy_split(tmp_path):
     path, images, entries = write_karpathy(tmp_path)
-    enc = TimmVisionEncoder("vit_tiny_patch16_224", img_size=16, freeze=True,
-                            model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8})
+    enc = TimmVisionEncoder(
+        "vit_tiny_patch16_224",
+        img_size=16,
+        freeze=True,
+        model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8},
+    )
     data = dataset_from_format("karpathy", path, "train", images, image_transform(enc))
     assert isinstance(data, KarpathyDataset)
-    out = extract_features(enc, data, tmp_path / "feats", "train", batch_size=3, shard_size=2, progress=False)
+    out = extract_features(
+        enc, data, tmp_path / "feats", "train", batch_size=3, shard_size=2, progress=False
+    )
     pre = PrecompDataset(out, "train")
     assert pre.images.shape == (data.n_images, 5, 32) and pre.captions == data.captions
     with torch.no_grad():
@@ -199,7 +279,9 @@ def test_timm_encoder_on_a_karpathy_split(tmp_path):
     assert_close(torch.stack(list(pre.images)), expected.feats)
     tokens = json.loads((out / "train_extract.json").read_text())["tokens"]
     assert tokens["grid"] == [2, 2] and tokens["num_prefix_tokens"] == 1
-    assert pre.image_ids_external.tolist() == [e["imgid"] for e in entries if e["split"] in ("train", "restval")]
+    assert pre.image_ids_external.tolist() == [
+        e["imgid"] for e in entries if e["split"] in ("train", "restval")
+    ]
     with pytest.raises(ValueError, match=r"format must be one of .*Did you mean 'csv'"):
         dataset_from_format("cvs", path, "train")
     with pytest.raises(ValueError, match="needs --image-root"):
@@ -213,11 +295,22 @@ def test_extracted_dataset_keeps_the_grid_through_collate_and_blocks(tmp_path):
     ds = _dataset(tmp_path)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        extract_features(CountingEncoder(stop_after_images=SHARD), ds, out, "test", batch_size=BATCH,
-                         shard_size=SHARD, progress=False)
-    with pytest.raises(ValueError, match=r"did not finish \(1 shards of 11 images written\); run the same"):
+        extract_features(
+            CountingEncoder(stop_after_images=SHARD),
+            ds,
+            out,
+            "test",
+            batch_size=BATCH,
+            shard_size=SHARD,
+            progress=False,
+        )
+    with pytest.raises(
+        ValueError, match=r"did not finish \(1 shards of 11 images written\); run the same"
+    ):
         ExtractedDataset(out, "test")
-    extract_features(CountingEncoder(), ds, out, "test", batch_size=BATCH, shard_size=SHARD, progress=False)
+    extract_features(
+        CountingEncoder(), ds, out, "test", batch_size=BATCH, shard_size=SHARD, progress=False
+    )
     ext, pre = ExtractedDataset(out, "test"), PrecompDataset(out, "test")
     assert ext.token_layout["grid"] == [4, 4] and ext.images.shape == (N_IMAGES, 16, 5)
     batch = collate([ext[k] for k in range(5)])
@@ -270,7 +363,9 @@ def test_resume_after_sigkill_between_shards(tmp_path):
             child.kill()
     assert sorted(json.loads(manifest.read_text())["shards"]) == ["test-00000-of-00003.npy"]
     g = torch.Generator().manual_seed(0)
-    ds = ImageCaptionDataset(torch.rand(10, 3, 4, 4, generator=g), [f"c{k}" for k in range(10)], list(range(10)))
+    ds = ImageCaptionDataset(
+        torch.rand(10, 3, 4, 4, generator=g), [f"c{k}" for k in range(10)], list(range(10))
+    )
     seen = []
 
     def encoder(x):
@@ -279,17 +374,29 @@ def test_resume_after_sigkill_between_shards(tmp_path):
 
     extract_features(encoder, ds, out, "test", batch_size=2, shard_size=4, progress=False)
     assert sum(seen) == 6  # shards 1 and 2 only
-    assert_close(torch.from_numpy(np.load(out / "test_ims.npy")), ds.images.flatten(2).transpose(1, 2) * 2.0)
+    assert_close(
+        torch.from_numpy(np.load(out / "test_ims.npy")), ds.images.flatten(2).transpose(1, 2) * 2.0
+    )
 
 
 def test_a_kill_before_the_first_manifest_update_redoes_that_shard(tmp_path):
     ds = _dataset(tmp_path)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        extract_features(CountingEncoder(stop_after_images=SHARD), ds, out, "test", batch_size=BATCH,
-                         shard_size=SHARD, progress=False)
+        extract_features(
+            CountingEncoder(stop_after_images=SHARD),
+            ds,
+            out,
+            "test",
+            batch_size=BATCH,
+            shard_size=SHARD,
+            progress=False,
+        )
     manifest = json.loads((out / "test_extract.json").read_text())
-    manifest["shards"], manifest["tokens"] = {}, None  # as if killed between the rename and the manifest write
+    manifest["shards"], manifest["tokens"] = (
+        {},
+        None,
+    )  # as if killed between the rename and the manifest write
     (out / "test_extract.json").write_text(json.dumps(manifest))
     resumed = CountingEncoder()
     extract_features(resumed, ds, out, "test", batch_size=BATCH, shard_size=SHARD, progress=False)

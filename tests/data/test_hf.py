@@ -18,7 +18,11 @@ def toy():
 def columns(toy):
     """One row per caption, the image repeated, with an image id column (COCO's layout on the hub)."""
     ids = toy.caption_to_image.tolist()
-    return {"image": [toy.images[i] for i in ids], "caption": list(toy.captions), "image_id": [10 + i for i in ids]}
+    return {
+        "image": [toy.images[i] for i in ids],
+        "caption": list(toy.captions),
+        "image_id": [10 + i for i in ids],
+    }
 
 
 def test_a_map_style_dataset_becomes_an_imtm_dataset(toy):
@@ -29,7 +33,9 @@ def test_a_map_style_dataset_becomes_an_imtm_dataset(toy):
         torch.testing.assert_close(ds.images[i], toy.images[i])
     # without ids: one image per row
     flat = from_hf_dataset(InMemory(columns(toy)))
-    assert flat.n_images == len(toy.captions) and flat.caption_to_image.tolist() == list(range(len(toy.captions)))
+    assert flat.n_images == len(toy.captions) and flat.caption_to_image.tolist() == list(
+        range(len(toy.captions))
+    )
     m = Matcher(components(toy.vocab), epochs=1, batch_size=4, device="cpu", verbose=False).fit(ds)
     assert m.evaluate(ds)["rsum"] >= 0
 
@@ -53,8 +59,14 @@ def test_a_stream_trains_with_steps_per_epoch_and_passes_set_epoch_on(toy):
     items = list(stream)
     assert [x["texts"] for x in items] == toy.captions
     assert [x["image_ids"] for x in items] == toy.caption_to_image.tolist()
-    m = Matcher(components(toy.vocab), epochs=2, batch_size=4, steps_per_epoch=2, device="cpu",
-                verbose=False).fit(stream)
+    m = Matcher(
+        components(toy.vocab),
+        epochs=2,
+        batch_size=4,
+        steps_per_epoch=2,
+        device="cpu",
+        verbose=False,
+    ).fit(stream)
     assert [h["step"] for h in m.history_] == [2, 4] and len(hub.epochs) == 2
 
 
@@ -74,8 +86,15 @@ def test_bad_columns_and_cells_are_refused(toy):
 
 def test_a_real_datasets_dataset(toy):
     datasets = pytest.importorskip("datasets")
-    hub = datasets.Dataset.from_dict({"image": [t.tolist() for t in toy.images], "caption": [
-        [c for c, i in zip(toy.captions, toy.caption_to_image.tolist()) if i == k] for k in range(toy.n_images)]})
+    hub = datasets.Dataset.from_dict(
+        {
+            "image": [t.tolist() for t in toy.images],
+            "caption": [
+                [c for c, i in zip(toy.captions, toy.caption_to_image.tolist()) if i == k]
+                for k in range(toy.n_images)
+            ],
+        }
+    )
     ds = from_hf_dataset(hub, transform=torch.tensor)
     assert ds.captions == toy.captions and ds.n_images == toy.n_images
     torch.testing.assert_close(ds.images[2], toy.images[2])

@@ -23,7 +23,10 @@ def test_items_read_the_file_of_their_image(tmp_path):
     ds, paths = _dataset(tmp_path)
     assert (len(ds), ds.n_images) == (6, 3)
     item = ds[3]
-    expected = torch.from_numpy(np.array(Image.open(paths[1]).convert("RGB"))).permute(2, 0, 1).float() / 255
+    expected = (
+        torch.from_numpy(np.array(Image.open(paths[1]).convert("RGB"))).permute(2, 0, 1).float()
+        / 255
+    )
     assert item["image_ids"] == 1 and item["texts"] == "caption 3 of image 1"
     assert_close(item["images"], expected)
     assert_close(ds.images[1], expected)
@@ -43,7 +46,9 @@ def test_missing_file_names_file_and_annotation(tmp_path):
     files = ImageFiles([tmp_path / "nope.jpg"], sources=["line 7 of train.csv"], name="toy")
     with pytest.raises(FileNotFoundError, match=r"nope\.jpg.*line 7 of train\.csv"):
         files[0]
-    with pytest.raises(FileNotFoundError, match=r"1 of 1 image files do not exist: .*nope\.jpg.*line 7"):
+    with pytest.raises(
+        FileNotFoundError, match=r"1 of 1 image files do not exist: .*nope\.jpg.*line 7"
+    ):
         files.check()
 
 
@@ -55,7 +60,9 @@ def test_corrupt_or_truncated_file_names_file(tmp_path, suffix):
     (tmp_path / f"junk.{suffix}").write_bytes(b"not an image at all")
     for bad in ("trunc", "junk"):
         files = ImageFiles([tmp_path / f"{bad}.{suffix}"], sources=[f"entry 3 of {bad}.json"])
-        with pytest.raises(ImageReadError, match=rf"{bad}\.{suffix}.*entry 3 of {bad}\.json.*corrupt"):
+        with pytest.raises(
+            ImageReadError, match=rf"{bad}\.{suffix}.*entry 3 of {bad}\.json.*corrupt"
+        ):
             files[0]
 
 

@@ -18,7 +18,9 @@ def dataset(n_images=40, captions=(1, 2, 3), seed=0):
     g = np.random.default_rng(seed)
     c2i = np.concatenate([[i] * captions[i % len(captions)] for i in range(n_images)])
     c2i = c2i[g.permutation(c2i.size)]
-    return ImageCaptionDataset(torch.zeros(n_images, 2), [f"caption {k}" for k in range(c2i.size)], c2i.tolist())
+    return ImageCaptionDataset(
+        torch.zeros(n_images, 2), [f"caption {k}" for k in range(c2i.size)], c2i.tolist()
+    )
 
 
 def blobs(n_images=40, k=5, seed=0):
@@ -32,8 +34,14 @@ def blobs(n_images=40, k=5, seed=0):
 def test_every_image_once_per_epoch_and_batches_of_the_promised_shape(captions, drop_last):
     ds = dataset()
     m, p = 3, 4
-    sampler = KMeansNeighborSampler(ds, clusters_per_batch=m, images_per_cluster=p, n_clusters=5,
-                                    captions=captions, drop_last=drop_last)
+    sampler = KMeansNeighborSampler(
+        ds,
+        clusters_per_batch=m,
+        images_per_cluster=p,
+        n_clusters=5,
+        captions=captions,
+        drop_last=drop_last,
+    )
     sampler.update_embeddings(blobs())
     c2i = ds.caption_to_image
     for epoch in range(2):
@@ -67,14 +75,18 @@ def test_full_batches_take_p_images_from_each_of_m_clusters():
     assert all(len(set(labels[np.arange(60) % 5 == r])) == 1 for r in range(5))
     groups = sampler.image_batches()
     from_clusters = [g for g in groups[:-1] if sorted(Counter(labels[g]).values()) == [3, 3]]
-    assert len(from_clusters) >= 8  # the 12 groups of 3 per blob give >= 8 two-cluster batches before leftovers
+    assert (
+        len(from_clusters) >= 8
+    )  # the 12 groups of 3 per blob give >= 8 two-cluster batches before leftovers
     for g in from_clusters:
         assert len(g) == 6
 
 
 def test_same_epoch_same_batches_new_epoch_new_order():
     ds = dataset()
-    sampler = KMeansNeighborSampler(ds, clusters_per_batch=2, images_per_cluster=4, n_clusters=4, random_state=1)
+    sampler = KMeansNeighborSampler(
+        ds, clusters_per_batch=2, images_per_cluster=4, n_clusters=4, random_state=1
+    )
     sampler.update_embeddings(blobs())
     first, again = list(sampler), list(sampler)
     assert first == again
@@ -83,7 +95,9 @@ def test_same_epoch_same_batches_new_epoch_new_order():
 
 
 def test_random_clusters_before_any_embedding():
-    sampler = KMeansNeighborSampler(dataset(), clusters_per_batch=2, images_per_cluster=4, n_clusters=4)
+    sampler = KMeansNeighborSampler(
+        dataset(), clusters_per_batch=2, images_per_cluster=4, n_clusters=4
+    )
     assert sampler.labels_ is None
     assert sorted(i for b in sampler.image_batches() for i in b.tolist()) == list(range(40))
 
@@ -107,16 +121,25 @@ def test_matcher_reclusters_from_the_current_model_before_every_epoch(monkeypatc
         return original(embeddings)
 
     monkeypatch.setattr(sampler, "update_embeddings", spy)
-    m = Matcher(toy_components(data.vocab), epochs=2, batch_size=6, lr=1e-2, verbose=False, device="cpu")
+    m = Matcher(
+        toy_components(data.vocab), epochs=2, batch_size=6, lr=1e-2, verbose=False, device="cpu"
+    )
     m.fit(DataLoader(data, batch_sampler=sampler, collate_fn=collate))
     assert [c[0] for c in calls] == [0, 1]
     assert calls[0][1].shape == (24, 8)
     assert not torch.allclose(calls[0][1], calls[1][1])  # the model moved between epochs
     # What the hook computed is the trained model's mean image tokens, in eval mode.
-    torch.testing.assert_close(image_embeddings(m, data.images), m.encode_images(data.images)["image_tokens"].masked_mean())
+    torch.testing.assert_close(
+        image_embeddings(m, data.images), m.encode_images(data.images)["image_tokens"].masked_mean()
+    )
     # A pipeline with a pooled image embedding hands that value instead.
-    m2 = Matcher(toy_components(data.vocab)[:1] + [MeanEmbedding()] + toy_components(data.vocab)[1:], epochs=1,
-                 batch_size=6, verbose=False, device="cpu")
+    m2 = Matcher(
+        toy_components(data.vocab)[:1] + [MeanEmbedding()] + toy_components(data.vocab)[1:],
+        epochs=1,
+        batch_size=6,
+        verbose=False,
+        device="cpu",
+    )
     m2.fit(DataLoader(data, batch_sampler=sampler, collate_fn=collate))
     assert m2.plan_.sides["image_embedding"] == frozenset({"image"})
     assert image_embeddings(m2, data.images).shape == (24, 8)
@@ -124,7 +147,9 @@ def test_matcher_reclusters_from_the_current_model_before_every_epoch(monkeypatc
 
 def test_image_embeddings_need_an_image_side_value():
     data = toy_data(n_images=6)
-    m = Matcher(toy_components(data.vocab), epochs=1, batch_size=6, verbose=False, device="cpu").fit(data)
+    m = Matcher(
+        toy_components(data.vocab), epochs=1, batch_size=6, verbose=False, device="cpu"
+    ).fit(data)
     m.plan_.sides.pop("image_tokens")
     with pytest.raises(PipelineError, match="no image-side block provides"):
         image_embeddings(m, data.images)
@@ -138,7 +163,11 @@ def test_image_embeddings_need_an_image_side_value():
         ({"captions": "some"}, ValueError, "captions must be one of"),
         ({"drop_last": 1}, TypeError, "drop_last must be True or False"),
         ({"random_state": -1}, ValueError, "random_state must be an integer >= 0"),
-        ({"n_clusters": 2, "clusters_per_batch": 3}, ValueError, r"n_clusters \(2\) must be at least clusters_per_batch"),
+        (
+            {"n_clusters": 2, "clusters_per_batch": 3},
+            ValueError,
+            r"n_clusters \(2\) must be at least clusters_per_batch",
+        ),
         ({"n_clusters": 41}, ValueError, "exceeds the 40 images with captions"),
         ({"kmeans_batch_size": 0}, ValueError, "kmeans_batch_size must be a positive integer"),
     ],
@@ -151,7 +180,9 @@ def test_bad_arguments(kwargs, error, match):
 def test_bad_datasets_and_embeddings():
     with pytest.raises(TypeError, match="has no 'images'"):
         KMeansNeighborSampler([1, 2, 3])
-    sampler = KMeansNeighborSampler(dataset(), clusters_per_batch=2, images_per_cluster=2, n_clusters=4)
+    sampler = KMeansNeighborSampler(
+        dataset(), clusters_per_batch=2, images_per_cluster=2, n_clusters=4
+    )
     with pytest.raises(ValueError, match=r"expected embeddings of shape \(40, D\)"):
         sampler.update_embeddings(torch.randn(39, 4))
     with pytest.raises(ValueError, match="NaN or inf"):

@@ -21,8 +21,19 @@ def _captions(n, seed=0):
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 7)))) + f" {k}" for k in range(n)]
 
 
-def write_split(root, split="test", *, n_images=4, regions=36, dim=16, cpi=5, ids=None,
-                per_caption_rows=False, dtype=np.float32, seed=0):
+def write_split(
+    root,
+    split="test",
+    *,
+    n_images=4,
+    regions=36,
+    dim=16,
+    cpi=5,
+    ids=None,
+    per_caption_rows=False,
+    dtype=np.float32,
+    seed=0,
+):
     """Write a split in the SCAN layout; returns (feature array as saved, captions, ids or None)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -108,7 +119,13 @@ def test_collates_into_full_region_tokens(tmp_path):
 def test_every_caption_sees_its_image_row(n_images, cpi, regions, dim, per_caption_rows, ids):
     with tempfile.TemporaryDirectory() as d:
         feats, caps, id_values = write_split(
-            d, n_images=n_images, cpi=cpi, regions=regions, dim=dim, ids=ids, per_caption_rows=per_caption_rows
+            d,
+            n_images=n_images,
+            cpi=cpi,
+            regions=regions,
+            dim=dim,
+            ids=ids,
+            per_caption_rows=per_caption_rows,
         )
         ds = PrecompDataset(d, "test", captions_per_image=cpi)
         assert ds.n_images == n_images and ds.captions_per_image == cpi
@@ -121,7 +138,9 @@ def test_every_caption_sees_its_image_row(n_images, cpi, regions, dim, per_capti
         # caption_to_image is sorted and every image has exactly cpi captions
         assert torch.bincount(ds.caption_to_image).tolist() == [cpi] * n_images
         if ids is not None:
-            assert ds.image_ids_external.tolist() == [int(v) for v in id_values[::1 if ids == "image" else cpi]]
+            assert ds.image_ids_external.tolist() == [
+                int(v) for v in id_values[:: 1 if ids == "image" else cpi]
+            ]
 
 
 # ---------------------------------------------------------------------------- ids
@@ -145,17 +164,25 @@ def test_ids_that_split_an_image_are_rejected(tmp_path):
     lines = (tmp_path / "test_ids.txt").read_text().splitlines()
     lines[7] = "123456789"
     (tmp_path / "test_ids.txt").write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=r"line 8 of test_ids.txt has id 123456789 but the other captions of image 1 \(lines 6-10\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"line 8 of test_ids.txt has id 123456789 but the other captions of image 1 \(lines 6-10\)",
+    ):
         PrecompDataset(tmp_path, "test")
 
 
 def test_ids_of_the_wrong_length_or_type(tmp_path):
     write_split(tmp_path)
     (tmp_path / "test_ids.txt").write_text("1\n2\n3\n")
-    with pytest.raises(ValueError, match=r"test_ids.txt has 3 lines; expected one per image \(4\) or one per caption \(20\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"test_ids.txt has 3 lines; expected one per image \(4\) or one per caption \(20\)",
+    ):
         PrecompDataset(tmp_path, "test")
     (tmp_path / "test_ids.txt").write_text("1\n2\nthree\n4\n")
-    with pytest.raises(ValueError, match=r"line 3 of .*test_ids.txt' is 'three', expected an integer id"):
+    with pytest.raises(
+        ValueError, match=r"line 3 of .*test_ids.txt' is 'three', expected an integer id"
+    ):
         PrecompDataset(tmp_path, "test")
 
 
@@ -199,7 +226,10 @@ def test_caption_count_must_divide(tmp_path):
     write_split(tmp_path)
     with open(tmp_path / "test_caps.txt", "a") as f:
         f.write("one caption too many\n")
-    with pytest.raises(ValueError, match=r"21 captions in test_caps.txt is not a multiple of the 4 images in test_ims.npy"):
+    with pytest.raises(
+        ValueError,
+        match=r"21 captions in test_caps.txt is not a multiple of the 4 images in test_ims.npy",
+    ):
         PrecompDataset(tmp_path, "test")
     with pytest.raises(ValueError, match=r"captions_per_image=5 does not fit 21 captions"):
         PrecompDataset(tmp_path, "test", captions_per_image=5)
@@ -226,7 +256,10 @@ def test_crlf_and_missing_final_newline(tmp_path):
 
 def test_missing_files_list_what_was_expected(tmp_path):
     write_split(tmp_path, split="dev")
-    with pytest.raises(FileNotFoundError, match=r"missing \['test_ims.npy', 'test_caps.txt'\].*expected test_ims.npy \(features, \(n_images, R, D\)\) and test_caps.txt.*Splits found there: \['dev'\]"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"missing \['test_ims.npy', 'test_caps.txt'\].*expected test_ims.npy \(features, \(n_images, R, D\)\) and test_caps.txt.*Splits found there: \['dev'\]",
+    ):
         PrecompDataset(tmp_path, "test")
     with pytest.raises(FileNotFoundError, match=r"Did you mean 'dev'"):
         PrecompDataset(tmp_path, "dve")
@@ -240,7 +273,9 @@ def test_missing_files_list_what_was_expected(tmp_path):
 def test_bad_feature_files(tmp_path):
     write_split(tmp_path)
     np.save(tmp_path / "test_ims.npy", np.zeros((4, 2, 3, 4), dtype=np.float32))
-    with pytest.raises(ValueError, match=r"must hold features of shape \(n_images, R, D\).*got \(4, 2, 3, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"must hold features of shape \(n_images, R, D\).*got \(4, 2, 3, 4\)"
+    ):
         PrecompDataset(tmp_path, "test")
     np.save(tmp_path / "test_ims.npy", np.array([{"a": 1}] * 4, dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="not a plain numeric .npy array"):
@@ -254,7 +289,9 @@ def test_bad_feature_files(tmp_path):
     ds = PrecompDataset(tmp_path, "test")
     with pytest.raises(ValueError, match=r"image 2 \(row 2 of .*\) holds NaN or inf"):
         ds[11]
-    with pytest.raises(ValueError, match="captions_per_image must be a positive integer or None, got 0"):
+    with pytest.raises(
+        ValueError, match="captions_per_image must be a positive integer or None, got 0"
+    ):
         PrecompDataset(tmp_path, "test", captions_per_image=0)
 
 
@@ -286,7 +323,12 @@ def _shared_captions() -> Path | None:
 
 @pytest.mark.parametrize(
     "dataset, split, n_images",
-    [("f30k", "test", 1000), ("f30k", "dev", 1014), ("coco", "testall", 5000), ("coco", "dev", 1000)],
+    [
+        ("f30k", "test", 1000),
+        ("f30k", "dev", 1014),
+        ("coco", "testall", 5000),
+        ("coco", "dev", 1000),
+    ],
 )
 def test_real_caption_files(tmp_path, dataset, split, n_images):
     shared = _shared_captions()

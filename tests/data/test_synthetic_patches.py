@@ -26,7 +26,9 @@ def loop_coverage(scene, image_size, patch_size, ss=2):
                     for xx in range(patch_size * ss):
                         x = px * patch_size + (xx + 0.5) / ss
                         y = py * patch_size + (yy + 0.5) / ss
-                        inside += bool(shape_mask(o.shape, np.array((x - cx) / r), np.array((cy - y) / r)))
+                        inside += bool(
+                            shape_mask(o.shape, np.array((x - cx) / r), np.array((cy - y) / r))
+                        )
                 out[k, py * g + px] = inside / (patch_size * ss) ** 2
     return out
 
@@ -35,7 +37,9 @@ def test_patch_coverage_matches_a_plain_loop():
     scene = sample_scene(random.Random(3), min_objects=3, max_objects=3)
     got = synthetic.patch_coverage(scene, 24, 6)
     assert got.shape == (3, 16)
-    torch.testing.assert_close(torch.from_numpy(got).double(), torch.from_numpy(loop_coverage(scene, 24, 6)))
+    torch.testing.assert_close(
+        torch.from_numpy(got).double(), torch.from_numpy(loop_coverage(scene, 24, 6))
+    )
 
 
 def test_objects_touch_a_minority_of_the_patch_scenes_patches():
@@ -44,7 +48,9 @@ def test_objects_touch_a_minority_of_the_patch_scenes_patches():
     assert (size // patch) ** 2 == 64
     frac = synthetic.object_patch_fraction(test.scenes, size, patch)
     assert 0.2 < frac < 0.4  # measured 0.284 on these 200 scenes
-    assert synthetic.object_patch_fraction(test.scenes, 32, 8) > 0.45  # the older 16-patch images: half
+    assert (
+        synthetic.object_patch_fraction(test.scenes, 32, 8) > 0.45
+    )  # the older 16-patch images: half
 
 
 @settings(max_examples=20, deadline=None)
@@ -76,7 +82,9 @@ def test_patch_functions_refuse_bad_sizes():
 def test_pretraining_split_is_disjoint_from_the_benchmark_and_seeded():
     sizes = {"n_train": 60, "n_dev": 10, "n_test": 30}
     pre = synthetic.load_pretraining(40, exclude_seeds=(0, 1), benchmark_sizes=sizes, image_size=32)
-    again = synthetic.load_pretraining(40, exclude_seeds=(0, 1), benchmark_sizes=sizes, image_size=32)
+    again = synthetic.load_pretraining(
+        40, exclude_seeds=(0, 1), benchmark_sizes=sizes, image_size=32
+    )
     assert pre.split == "pretrain" and pre.n_images == 40 and len(pre.captions) == 200
     assert pre.captions == again.captions
     torch.testing.assert_close(pre.images[:], again.images[:])

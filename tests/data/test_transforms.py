@@ -54,7 +54,9 @@ def test_train_transform_is_light_and_random():
     a, b = t(im), t(im)
     assert a.shape == b.shape == (3, 32, 32) and not torch.equal(a, b)
     random.seed(0), torch.manual_seed(0)
-    assert_close(t(im), a)  # Python's and torch's generators drive it (a DataLoader seeds both per worker)
+    assert_close(
+        t(im), a
+    )  # Python's and torch's generators drive it (a DataLoader seeds both per worker)
     flips = image_transform(cfg, train=True, hflip=0.0, scale=(1.0, 1.0))
     assert not any(type(s).__name__ == "RandomHorizontalFlip" and s.p > 0 for s in flips.transforms)
 
@@ -63,7 +65,9 @@ def test_size_override_and_bad_inputs():
     assert imtm_resolve({"img_size": 64})["input_size"] == (3, 64, 64)
     with pytest.raises(ValueError, match=r"unknown data-config key 'men'.*Did you mean 'mean'"):
         image_transform({"men": (0.5, 0.5, 0.5)})
-    with pytest.raises(ValueError, match=r"not a timm model name .*Did you mean 'vit_base_patch16_224'"):
+    with pytest.raises(
+        ValueError, match=r"not a timm model name .*Did you mean 'vit_base_patch16_224'"
+    ):
         image_transform("vit_base_patch16_2244")
     with pytest.raises(TypeError, match="expected an encoder with data_config"):
         image_transform(3)

@@ -30,12 +30,24 @@ def fitted_gradients(m: Matcher, train, batch_size: int) -> tuple[dict, dict]:
     run_idx = m.plan_.needed_for([m.plan_.names[k] for k in loss_idx])
     batch = next(tr.batches(0, 0))
     logs = tr.step(batch, stage, opt, sched, loss_idx, run_idx)
-    return {n: p.grad.clone() for n, p in m.components_.named_parameters() if p.grad is not None}, logs
+    return {
+        n: p.grad.clone() for n, p in m.components_.named_parameters() if p.grad is not None
+    }, logs
 
 
 def make(data, blocks, **kw):
-    return Matcher(blocks, epochs=1, lr=1e-3, grad_clip=None, device="cpu", random_state=0, verbose=False,
-                   warmup=0, lr_scheduler="constant", **kw)
+    return Matcher(
+        blocks,
+        epochs=1,
+        lr=1e-3,
+        grad_clip=None,
+        device="cpu",
+        random_state=0,
+        verbose=False,
+        warmup=0,
+        lr_scheduler="constant",
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])
@@ -64,7 +76,9 @@ def test_accumulation_with_global_embeddings_and_dropout_replays_the_same_masks(
 
 
 def test_accumulation_trains_and_resumes_bit_exactly(data, tmp_path):
-    kw = dict(epochs=2, batch_size=12, lr=1e-2, device="cpu", random_state=0, verbose=False, accumulate=3)
+    kw = dict(
+        epochs=2, batch_size=12, lr=1e-2, device="cpu", random_state=0, verbose=False, accumulate=3
+    )
     ref = Matcher(components(data.vocab), **kw).fit(data)
 
     class Stop(Callback):
@@ -74,10 +88,14 @@ def test_accumulation_trains_and_resumes_bit_exactly(data, tmp_path):
 
     with pytest.raises(RuntimeError):
         Matcher(components(data.vocab), checkpoint_dir=str(tmp_path), checkpoint_every=1, **kw).fit(
-            data, callbacks=[Stop()])
-    assert latest_checkpoint(tmp_path).name == "ckpt-00000002"  # the callback raised before step 3 was saved
-    resumed = Matcher(components(data.vocab), checkpoint_dir=str(tmp_path), checkpoint_every=1, **kw).fit(
-        data, resume=True)
+            data, callbacks=[Stop()]
+        )
+    assert (
+        latest_checkpoint(tmp_path).name == "ckpt-00000002"
+    )  # the callback raised before step 3 was saved
+    resumed = Matcher(
+        components(data.vocab), checkpoint_dir=str(tmp_path), checkpoint_every=1, **kw
+    ).fit(data, resume=True)
     for k, v in ref.components_.state_dict().items():
         assert torch.equal(v, resumed.components_.state_dict()[k]), k
 
@@ -107,33 +125,72 @@ def test_fp16_scaler_skips_overflow_steps_and_trains_on(data):
 
     class Watch(Callback):
         def on_batch_end(self, trainer, logs):
-            steps.append((logs["skipped"], trainer.scaler.get_scale(), {k: v.clone() for k, v in
-                                                                        trainer.model.components_.state_dict().items()}))
+            steps.append(
+                (
+                    logs["skipped"],
+                    trainer.scaler.get_scale(),
+                    {k: v.clone() for k, v in trainer.model.components_.state_dict().items()},
+                )
+            )
 
     blocks = [("image", ToyImage()), ("text", ToyText(vocab=data.vocab)), ToyCosine(), Huge()]
-    m = Matcher(blocks, precision="fp16", epochs=4, batch_size=6, lr=1e-3, device="cpu", random_state=0,
-                verbose=False, on_nonfinite="raise")
+    m = Matcher(
+        blocks,
+        precision="fp16",
+        epochs=4,
+        batch_size=6,
+        lr=1e-3,
+        device="cpu",
+        random_state=0,
+        verbose=False,
+        on_nonfinite="raise",
+    )
     m.fit(data, callbacks=[Watch()])
     skipped = [i for i, (s, _, _) in enumerate(steps) if s]
-    assert skipped and skipped[0] == 0 and len(skipped) < len(steps), skipped  # overflows first, then trains
+    assert skipped and skipped[0] == 0 and len(skipped) < len(steps), (
+        skipped
+    )  # overflows first, then trains
     assert m.overflow_steps_ == len(skipped) and m.skipped_steps_ == 0
     scales = [sc for _, sc, _ in steps]
     assert scales[skipped[-1]] < 65536.0  # each overflow halved the scale
     first = skipped[0]
-    assert first == 0 or all(torch.equal(steps[first - 1][2][k], steps[first][2][k]) for k in steps[first][2])
-    fresh = Matcher(blocks, precision="fp16", epochs=0, device="cpu", random_state=0, verbose=False).fit(data)
-    for k, v in fresh.components_.state_dict().items():  # an overflowed first step left the weights alone
+    assert first == 0 or all(
+        torch.equal(steps[first - 1][2][k], steps[first][2][k]) for k in steps[first][2]
+    )
+    fresh = Matcher(
+        blocks, precision="fp16", epochs=0, device="cpu", random_state=0, verbose=False
+    ).fit(data)
+    for (
+        k,
+        v,
+    ) in fresh.components_.state_dict().items():  # an overflowed first step left the weights alone
         assert torch.equal(v, steps[0][2][k]), k
     trained = next(i for i, (s, _, _) in enumerate(steps) if not s)
-    assert any(not torch.equal(steps[trained][2][k], fresh.components_.state_dict()[k]) for k in steps[0][2])
+    assert any(
+        not torch.equal(steps[trained][2][k], fresh.components_.state_dict()[k])
+        for k in steps[0][2]
+    )
     assert all(torch.isfinite(v).all() for v in m.components_.state_dict().values())
 
 
 def test_fp16_scaler_state_resumes_bit_exactly(data, tmp_path):
     def blocks():
-        return [("image", ToyImage()), ("text", ToyText(vocab=data.vocab)), ToyCosine(), Huge(factor=30.0)]
+        return [
+            ("image", ToyImage()),
+            ("text", ToyText(vocab=data.vocab)),
+            ToyCosine(),
+            Huge(factor=30.0),
+        ]
 
-    kw = dict(precision="fp16", epochs=3, batch_size=6, lr=1e-3, device="cpu", random_state=0, verbose=False)
+    kw = dict(
+        precision="fp16",
+        epochs=3,
+        batch_size=6,
+        lr=1e-3,
+        device="cpu",
+        random_state=0,
+        verbose=False,
+    )
     ref = Matcher(blocks(), **kw).fit(data)
 
     class Stop(Callback):
@@ -142,8 +199,12 @@ def test_fp16_scaler_state_resumes_bit_exactly(data, tmp_path):
                 raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError):
-        Matcher(blocks(), checkpoint_dir=str(tmp_path), checkpoint_every=1, **kw).fit(data, callbacks=[Stop()])
-    resumed = Matcher(blocks(), checkpoint_dir=str(tmp_path), checkpoint_every=1, **kw).fit(data, resume=True)
+        Matcher(blocks(), checkpoint_dir=str(tmp_path), checkpoint_every=1, **kw).fit(
+            data, callbacks=[Stop()]
+        )
+    resumed = Matcher(blocks(), checkpoint_dir=str(tmp_path), checkpoint_every=1, **kw).fit(
+        data, resume=True
+    )
     assert resumed.overflow_steps_ == ref.overflow_steps_ > 0
     for k, v in ref.components_.state_dict().items():
         assert torch.equal(v, resumed.components_.state_dict()[k]), k
@@ -161,16 +222,26 @@ class Stream(IterableDataset):
         self.epochs_seen.append(epoch)
 
     def __iter__(self):
-        order = torch.randperm(len(self.base), generator=torch.Generator().manual_seed(self.epoch)).tolist()
+        order = torch.randperm(
+            len(self.base), generator=torch.Generator().manual_seed(self.epoch)
+        ).tolist()
         return (self.base[k] for k in order)
 
 
 def test_an_iterable_dataset_trains_with_steps_per_epoch(data):
     stream = Stream(data)
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        Matcher(components(data.vocab), epochs=1, batch_size=6, device="cpu", verbose=False).fit(stream)
-    m = Matcher(components(data.vocab), epochs=2, batch_size=6, steps_per_epoch=3, device="cpu",
-                verbose=False).fit(stream)
+        Matcher(components(data.vocab), epochs=1, batch_size=6, device="cpu", verbose=False).fit(
+            stream
+        )
+    m = Matcher(
+        components(data.vocab),
+        epochs=2,
+        batch_size=6,
+        steps_per_epoch=3,
+        device="cpu",
+        verbose=False,
+    ).fit(stream)
     assert [h["step"] for h in m.history_] == [3, 6]
     assert stream.epochs_seen == [0, 1]
     assert m.record_["n_train"] is None

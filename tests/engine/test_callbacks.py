@@ -20,8 +20,21 @@ def data():
 
 
 def matcher(data, run=None, **kw):
-    kw = {"epochs": 2, "batch_size": 6, "verbose": False, "device": "cpu", "random_state": 0, "lr": 5e-2, **kw}
-    blocks = [("image", ToyImage()), ("text", ToyText(vocab=data.vocab)), ("score", ToyCosine()), ("loss", ToyHinge())]
+    kw = {
+        "epochs": 2,
+        "batch_size": 6,
+        "verbose": False,
+        "device": "cpu",
+        "random_state": 0,
+        "lr": 5e-2,
+        **kw,
+    }
+    blocks = [
+        ("image", ToyImage()),
+        ("text", ToyText(vocab=data.vocab)),
+        ("score", ToyCosine()),
+        ("loss", ToyHinge()),
+    ]
     return Matcher(blocks, checkpoint_dir=None if run is None else str(run), **kw)
 
 
@@ -79,7 +92,8 @@ def test_callbacks_see_every_event_in_order(data):
 def test_step_logs_hold_losses_lrs_grad_norm_and_speed(data):
     rec = Recorder()
     matcher(data, lr_factors={"image": 0.5}, lr_scheduler="constant", warmup=0, grad_clip=None).fit(
-        data, callbacks=[rec])
+        data, callbacks=[rec]
+    )
     first = rec.logs[0]
     assert [r["step"] for r in rec.logs] == list(range(1, 9))
     assert first["lr/default"] == pytest.approx(5e-2) and first["lr/image"] == pytest.approx(2.5e-2)
@@ -114,20 +128,27 @@ def test_the_csv_log_has_a_row_per_step_and_per_epoch(data, tmp_path):
     m = matcher(data, tmp_path, epochs=3, lr_scheduler="x0.5 every epoch", warmup=0).fit(data, data)
     rows = read_log(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 13))
-    assert [r["lr/default"] for r in rows] == pytest.approx([5e-2] * 4 + [2.5e-2] * 4 + [1.25e-2] * 4)
-    assert all(r["loss/loss"] is not None and r["grad_norm"] > 0 and r["skipped"] == 0 for r in rows)
+    assert [r["lr/default"] for r in rows] == pytest.approx(
+        [5e-2] * 4 + [2.5e-2] * 4 + [1.25e-2] * 4
+    )
+    assert all(
+        r["loss/loss"] is not None and r["grad_norm"] > 0 and r["skipped"] == 0 for r in rows
+    )
     # the epoch means of the step log are the history's losses
     for e, h in enumerate(m.history_):
-        mean = sum(r["loss/loss"] for r in rows[4 * e: 4 * e + 4]) / 4
+        mean = sum(r["loss/loss"] for r in rows[4 * e : 4 * e + 4]) / 4
         assert mean == pytest.approx(h["loss/loss"])
     epochs = read_log(tmp_path / "epochs.csv")
     assert [r["epoch"] for r in epochs] == [1, 2, 3] and epochs[0]["eval/rsum"] == pytest.approx(
-        m.history_[0]["eval"]["rsum"])
+        m.history_[0]["eval"]["rsum"]
+    )
 
 
 class Crash(ImageCaptionDataset):
     def __init__(self, base, crash_after=None):
-        super().__init__(base.images, base.captions, base.caption_to_image, vocab=base.vocab, name="toy")
+        super().__init__(
+            base.images, base.captions, base.caption_to_image, vocab=base.vocab, name="toy"
+        )
         self.crash_after, self.seen = crash_after, 0
 
     def __getitem__(self, k):
@@ -140,9 +161,13 @@ class Crash(ImageCaptionDataset):
 def test_the_csv_log_keeps_one_row_per_step_after_a_resume(data, tmp_path):
     reference = read_log(matcher(data, tmp_path / "ref", epochs=3).fit(data) and tmp_path / "ref")
     with pytest.raises(RuntimeError):
-        matcher(data, tmp_path / "run", epochs=3, checkpoint_every=3).fit(Crash(data, crash_after=40))
+        matcher(data, tmp_path / "run", epochs=3, checkpoint_every=3).fit(
+            Crash(data, crash_after=40)
+        )
     done = read_log(tmp_path / "run")
-    assert len(done) == 6  # steps 1..6 ran; the checkpoint holds step 6 (an epoch end is step 4, then every 3)
+    assert (
+        len(done) == 6
+    )  # steps 1..6 ran; the checkpoint holds step 6 (an epoch end is step 4, then every 3)
     matcher(data, tmp_path / "run", epochs=3, checkpoint_every=3).fit(Crash(data), resume=True)
     rows = read_log(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, 13))
@@ -175,12 +200,16 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(dat
 def test_early_stopping_resumes_bit_exactly(data, tmp_path):
     def fit(folder, train, **kw):
         stop = EarlyStopping("rsum", patience=3, min_delta=1e9)  # stops after the 4th evaluation
-        return matcher(data, folder, epochs=8, checkpoint_every=3).fit(train, data, callbacks=[stop], **kw)
+        return matcher(data, folder, epochs=8, checkpoint_every=3).fit(
+            train, data, callbacks=[stop], **kw
+        )
 
     ref = fit(None, data)
     assert len(ref.history_) == 4
     with pytest.raises(RuntimeError):
-        fit(tmp_path, Crash(data, crash_after=60))  # mid third epoch: the callback's state is in the checkpoint
+        fit(
+            tmp_path, Crash(data, crash_after=60)
+        )  # mid third epoch: the callback's state is in the checkpoint
     assert latest_checkpoint(tmp_path) is not None
     resumed = fit(tmp_path, Crash(data), resume=True)
     assert len(resumed.history_) == 4
@@ -201,7 +230,9 @@ def test_wandb_logger_offline(data, tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    matcher(data, tmp_path, loggers=()).fit(data, callbacks=[WandbLogger(mode="offline", project="imtm-test")])
+    matcher(data, tmp_path, loggers=()).fit(
+        data, callbacks=[WandbLogger(mode="offline", project="imtm-test")]
+    )
     assert list(Path(tmp_path).rglob("*.wandb"))
 
 
@@ -226,8 +257,14 @@ def test_the_engine_imports_nothing_from_the_matcher_and_no_private_names():
             if module.startswith("imtm"):
                 package = ENGINE.parents[1].joinpath(*module.split("."))
                 # an underscore module of the package (imtm._io) is internal by name, not a private name
-                private = [n for n in names if n.startswith("_") and not n.startswith("__")
-                           and not (package / f"{n}.py").is_file() and not (package / n).is_dir()]
+                private = [
+                    n
+                    for n in names
+                    if n.startswith("_")
+                    and not n.startswith("__")
+                    and not (package / f"{n}.py").is_file()
+                    and not (package / n).is_dir()
+                ]
                 assert not private, f"{path.name} imports private names {private} from {module}"
 
 

@@ -13,8 +13,10 @@ from imtm.engine.checkpoint import CheckpointError
 from imtm.engine.training import EpochSampler
 from imtm.testing.distributed import run_ranks
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
 
 
 def t(x):
@@ -44,7 +46,9 @@ def test_two_ranks_compute_the_loss_and_gradients_of_the_combined_batch(ranks, w
         assert set(r[which]["grads"]) == set(single["grads"])
         for name, g in single["grads"].items():
             # encoders (gathered rows), the scorer side and the learned temperature alike
-            torch.testing.assert_close(t(r[which]["grads"][name]), g, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(
+                t(r[which]["grads"][name]), g, rtol=1e-4, atol=1e-6, msg=name
+            )
 
 
 def test_gathered_gradient_is_not_the_local_one(ranks):
@@ -52,9 +56,14 @@ def test_gathered_gradient_is_not_the_local_one(ranks):
     _, res = ranks
     train = w.data()
     local = w.one_step_gradients(w.matcher(train, w.BATCH), train, 0)
-    g = t(res[0]["step_first"]["grads"]["image.proj.weight"] if "image.proj.weight" in local["grads"]
-          else next(iter(res[0]["step_first"]["grads"].values())))
-    name = "image.proj.weight" if "image.proj.weight" in local["grads"] else next(iter(local["grads"]))
+    g = t(
+        res[0]["step_first"]["grads"]["image.proj.weight"]
+        if "image.proj.weight" in local["grads"]
+        else next(iter(res[0]["step_first"]["grads"].values()))
+    )
+    name = (
+        "image.proj.weight" if "image.proj.weight" in local["grads"] else next(iter(local["grads"]))
+    )
     assert not torch.allclose(g, local["grads"][name], atol=1e-6)
 
 
@@ -142,13 +151,24 @@ def test_shard_range_covers_everything_once(n, world):
     assert max(map(len, rows)) - min(map(len, rows)) <= 1
 
 
-@pytest.mark.parametrize("n, b, world, start", [(21, 4, 2, 0), (20, 3, 3, 1), (5, 2, 4, 0), (9, 1, 2, 3)])
+@pytest.mark.parametrize(
+    "n, b, world, start", [(21, 4, 2, 0), (20, 3, 3, 1), (5, 2, 4, 0), (9, 1, 2, 3)]
+)
 def test_sharded_batches_rebuild_the_single_process_batches(n, b, world, start):
-    per_rank = [list(distributed.ShardedBatchSampler(n, b, seed=3, epoch=1, rank=r, world=world,
-                                                     start_batch=start)) for r in range(world)]
+    per_rank = [
+        list(
+            distributed.ShardedBatchSampler(
+                n, b, seed=3, epoch=1, rank=r, world=world, start_batch=start
+            )
+        )
+        for r in range(world)
+    ]
     assert len({len(p) for p in per_rank}) == 1
-    assert len(per_rank[0]) == len(distributed.ShardedBatchSampler(n, b, seed=3, epoch=1, rank=0, world=world,
-                                                                   start_batch=start))
+    assert len(per_rank[0]) == len(
+        distributed.ShardedBatchSampler(
+            n, b, seed=3, epoch=1, rank=0, world=world, start_batch=start
+        )
+    )
     order = EpochSampler(n, 3, 1).order()
     glob = b * world
     for t_, shares in enumerate(zip(*per_rank), start=start):
@@ -156,7 +176,9 @@ def test_sharded_batches_rebuild_the_single_process_batches(n, b, world, start):
         joined = [i for s in shares for i in s]
         expected = order[t_ * glob : (t_ + 1) * glob]
         assert joined[: len(expected)] == expected
-        assert joined[len(expected):] == order[: len(joined) - len(expected)]  # top-up of a tiny last batch
+        assert (
+            joined[len(expected) :] == order[: len(joined) - len(expected)]
+        )  # top-up of a tiny last batch
 
 
 def test_setup_needs_torchrun_variables(monkeypatch):

@@ -29,9 +29,20 @@ WORDS = ["a", "dog", "cat", "runs", "sits", "on", "the", "red", "grass", "mat"]
 
 def run(args, cwd, *, env_extra=None, check=True, timeout=240):
     """Run a fresh Python process with this checkout's imtm first on the path."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + list(env_extra or [])), TQDM_DISABLE="1")
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT)] + list(env_extra or [])),
+        TQDM_DISABLE="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if check:
         assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -42,7 +53,9 @@ def write_precomp(root: Path, *, n_images=(12, 4, 4), regions=6, dim=8, cpi=5, s
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for split, n in zip(("train", "dev", "test"), n_images):
-        np.save(root / f"{split}_ims.npy", rng.standard_normal((n, regions, dim)).astype(np.float32))
+        np.save(
+            root / f"{split}_ims.npy", rng.standard_normal((n, regions, dim)).astype(np.float32)
+        )
         caps = [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 6)))) for _ in range(n * cpi)]
         (root / f"{split}_caps.txt").write_text("\n".join(caps) + "\n")
     return root
@@ -54,16 +67,50 @@ def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("journey")
     data = write_precomp(base / "data")
     out = base / "run"
-    run(["-m", "imtm", "train", "--preset", "chan", "--data", str(data), "--epochs", "1", "--embed-dim", "8",
-         "--word-dim", "8", "--batch-size", "32", "--out", str(out), "--quiet"], cwd=base)
+    run(
+        [
+            "-m",
+            "imtm",
+            "train",
+            "--preset",
+            "chan",
+            "--data",
+            str(data),
+            "--epochs",
+            "1",
+            "--embed-dim",
+            "8",
+            "--word-dim",
+            "8",
+            "--batch-size",
+            "32",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        cwd=base,
+    )
     assert (out / "final" / "config.json").is_file()
     return base, data, out / "final"
 
 
 def test_imtm_evaluate_loads_a_model_trained_by_imtm_train_in_another_process(trained):
     base, data, model = trained
-    proc = run(["-m", "imtm", "evaluate", "--model", str(model), "--data", str(data), "--split", "test", "--quiet"],
-               cwd=base)
+    proc = run(
+        [
+            "-m",
+            "imtm",
+            "evaluate",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--split",
+            "test",
+            "--quiet",
+        ],
+        cwd=base,
+    )
     assert "rSum" in proc.stdout and "| final |" in proc.stdout, proc.stdout
 
 
@@ -71,7 +118,21 @@ def test_imtm_viz_loads_a_saved_model_in_a_fresh_process(trained):
     pytest.importorskip("matplotlib")
     base, data, model = trained
     png = base / "recall.png"
-    run(["-m", "imtm", "viz", "recall", "--model", str(model), "--data", str(data), "--out", str(png)], cwd=base)
+    run(
+        [
+            "-m",
+            "imtm",
+            "viz",
+            "recall",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(png),
+        ],
+        cwd=base,
+    )
     assert png.stat().st_size > 0
 
 
@@ -112,7 +173,7 @@ class ThirdPartyScale(Component):
         return x * self.scale
 '''
 
-SAVE = '''
+SAVE = """
 import sys
 from imtm import Matcher
 from imtm.components import GlobalCosine, GRUTextEncoder, PrecomputedEncoder, TripletLoss
@@ -124,14 +185,14 @@ m = Matcher([PrecomputedEncoder(in_dim=8, out_dim=8), GRUTextEncoder(vocab=train
              GlobalCosine(), ThirdPartyScale(init=1.5), TripletLoss()],
             epochs=1, batch_size=32, verbose=False, checkpoint_dir=None)
 m.fit(train).save(sys.argv[2])
-'''
+"""
 
-LOAD = '''
+LOAD = """
 import sys
 from imtm import Matcher
 m = Matcher.load(sys.argv[1], device="cpu")
 print(type(m.components_["thirdpartyscale"]).__name__, round(float(m.components_["thirdpartyscale"].scale), 3) != 0)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -148,34 +209,59 @@ def third_party(tmp_path_factory):
     return base, code
 
 
-def test_a_third_party_block_declared_in_the_entry_point_group_loads_in_a_fresh_process(third_party):
+def test_a_third_party_block_declared_in_the_entry_point_group_loads_in_a_fresh_process(
+    third_party,
+):
     base, code = third_party
     site = base / "site"  # an installed distribution: its metadata declares the entry point
     dist = site / "thirdparty_blocks-0.1.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-blocks\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[imtm.components]\nscale = thirdparty_blocks:ThirdPartyScale\n")
-    proc = run([str(base / "load.py"), str(base / "model")], cwd=base, env_extra=[str(code), str(site)])
+    (dist / "entry_points.txt").write_text(
+        "[imtm.components]\nscale = thirdparty_blocks:ThirdPartyScale\n"
+    )
+    proc = run(
+        [str(base / "load.py"), str(base / "model")], cwd=base, env_extra=[str(code), str(site)]
+    )
     assert "ThirdPartyScale True" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_an_undeclared_block_is_refused_and_a_broken_entry_point_named_without_stopping_other_loads(
-        third_party, trained):
+    third_party, trained
+):
     base, code = third_party
     site = base / "broken-site"
     dist = site / "broken_blocks-0.1.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-blocks\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[imtm.components]\nbroken = no_such_module_here:Block\n")
+    (dist / "entry_points.txt").write_text(
+        "[imtm.components]\nbroken = no_such_module_here:Block\n"
+    )
     # The block's module is importable but neither imported nor declared: refused, never imported by name.
-    proc = run([str(base / "load.py"), str(base / "model")], cwd=base, env_extra=[str(code), str(site)], check=False)
+    proc = run(
+        [str(base / "load.py"), str(base / "model")],
+        cwd=base,
+        env_extra=[str(code), str(site)],
+        check=False,
+    )
     assert proc.returncode != 0
-    assert "unknown block 'ThirdPartyScale'" in proc.stderr and "'imtm.components' entry-point group" in proc.stderr
-    assert "Entry point 'broken'" in proc.stderr and "no_such_module_here" in proc.stderr, proc.stderr
+    assert (
+        "unknown block 'ThirdPartyScale'" in proc.stderr
+        and "'imtm.components' entry-point group" in proc.stderr
+    )
+    assert "Entry point 'broken'" in proc.stderr and "no_such_module_here" in proc.stderr, (
+        proc.stderr
+    )
     # A model of imtm blocks still loads although a third-party entry point is broken.
     model = trained[2]
-    out = run(["-c", f"from imtm import Matcher\nprint(len(Matcher.load({str(model)!r}).components_) > 0)"],
-              cwd=base, env_extra=[str(site)])
+    out = run(
+        [
+            "-c",
+            f"from imtm import Matcher\nprint(len(Matcher.load({str(model)!r}).components_) > 0)",
+        ],
+        cwd=base,
+        env_extra=[str(site)],
+    )
     assert out.stdout.strip() == "True"
 
 

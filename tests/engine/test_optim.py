@@ -33,16 +33,31 @@ def data():
 
 
 def blocks(data):
-    return [("image", ToyImage()), ("text", ToyText(vocab=data.vocab)), ("score", ToyCosine()), ("loss", ToyHinge())]
+    return [
+        ("image", ToyImage()),
+        ("text", ToyText(vocab=data.vocab)),
+        ("score", ToyCosine()),
+        ("loss", ToyHinge()),
+    ]
 
 
 def matcher(data, run=None, **kw):
-    kw = {"epochs": 2, "batch_size": 6, "verbose": False, "device": "cpu", "random_state": 0, "lr": 5e-2, **kw}
+    kw = {
+        "epochs": 2,
+        "batch_size": 6,
+        "verbose": False,
+        "device": "cpu",
+        "random_state": 0,
+        "lr": 5e-2,
+        **kw,
+    }
     return Matcher(blocks(data), checkpoint_dir=None if run is None else str(run), **kw)
 
 
 def weights(m, prefix=""):
-    return {k: v.detach().clone() for k, v in m.components_.state_dict().items() if k.startswith(prefix)}
+    return {
+        k: v.detach().clone() for k, v in m.components_.state_dict().items() if k.startswith(prefix)
+    }
 
 
 def assert_same(a, b):
@@ -71,7 +86,7 @@ def test_step_decay_at_milestones():
     for step in range(90):
         epoch = step // 3
         passed = len([m for m in (9, 15, 20, 25) if epoch >= m])
-        assert f(step) == pytest.approx(0.3 ** passed)
+        assert f(step) == pytest.approx(0.3**passed)
     with pytest.raises(ValueError, match="increasing"):
         schedule_spec({"name": "step", "milestones": [5, 3]})
     with pytest.raises(ValueError, match="not both"):
@@ -99,8 +114,10 @@ def test_cosine_with_warmup_ramps_then_decays_within_bounds(warm, total):
     values = [f(s) for s in range(total)]
     assert all(0 <= v <= 1 + 1e-12 for v in values)
     w = min(warm, total)
-    assert values[: w] == pytest.approx([(s + 1) / warm for s in range(w)])
-    assert all(a >= b - 1e-12 for a, b in zip(values[w:], values[w + 1:]))  # non-increasing after warm-up
+    assert values[:w] == pytest.approx([(s + 1) / warm for s in range(w)])
+    assert all(
+        a >= b - 1e-12 for a, b in zip(values[w:], values[w + 1 :])
+    )  # non-increasing after warm-up
 
 
 def test_constant_is_constant_after_warmup():
@@ -108,19 +125,31 @@ def test_constant_is_constant_after_warmup():
     assert [f(s) for s in range(8)] == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1, 1, 1])
 
 
-@pytest.mark.parametrize("bad, match", [
-    ("cosin", "cosine"), ({"name": "step", "gama": 0.9}, "gamma"), ({"name": "step", "gamma": -1}, "gamma"),
-    ({"name": "cosine_restarts", "period": 0}, "period"), (3, "lr_scheduler must be"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("cosin", "cosine"),
+        ({"name": "step", "gama": 0.9}, "gamma"),
+        ({"name": "step", "gamma": -1}, "gamma"),
+        ({"name": "cosine_restarts", "period": 0}, "period"),
+        (3, "lr_scheduler must be"),
+    ],
+)
 def test_bad_schedules_are_refused_with_the_fix(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         schedule_spec(bad)
 
 
-@pytest.mark.parametrize("bad, match", [
-    ("adamm", "adam"), (("sgd", 0.9), "pair"), ({"momentum": 0.9}, "'name'"), (("sgd", {"params": []}), "params"),
-    (torch.nn.Linear, "optimizer must be"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("adamm", "adam"),
+        (("sgd", 0.9), "pair"),
+        ({"momentum": 0.9}, "'name'"),
+        (("sgd", {"params": []}), "params"),
+        (torch.nn.Linear, "optimizer must be"),
+    ],
+)
 def test_bad_optimizers_are_refused_with_the_fix(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         optimizer_spec(bad)
@@ -135,9 +164,15 @@ def test_optimizer_forms():
 
 
 # ---------------------------------------------------------------- end to end through fit
-@pytest.mark.parametrize("optimizer, state_key", [("adam", "exp_avg"), ("adamw", "exp_avg"),
-                                                   (("sgd", {"momentum": 0.9}), "momentum_buffer"),
-                                                   (torch.optim.RMSprop, "square_avg")])
+@pytest.mark.parametrize(
+    "optimizer, state_key",
+    [
+        ("adam", "exp_avg"),
+        ("adamw", "exp_avg"),
+        (("sgd", {"momentum": 0.9}), "momentum_buffer"),
+        (torch.optim.RMSprop, "square_avg"),
+    ],
+)
 def test_fit_uses_the_named_optimizer(data, tmp_path, optimizer, state_key):
     matcher(data, tmp_path, epochs=1, optimizer=optimizer).fit(data)
     state = last_optimizer(tmp_path)["state"]
@@ -145,7 +180,9 @@ def test_fit_uses_the_named_optimizer(data, tmp_path, optimizer, state_key):
 
 
 def test_lr_factors_make_groups_and_the_schedule_reaches_each(data, tmp_path):
-    m = matcher(data, tmp_path, lr=0.1, warmup=0, lr_scheduler="x0.5 every epoch", lr_factors={"image": 0.1})
+    m = matcher(
+        data, tmp_path, lr=0.1, warmup=0, lr_scheduler="x0.5 every epoch", lr_factors={"image": 0.1}
+    )
     m.fit(data)
     groups = {g["name"]: g for g in last_optimizer(tmp_path)["param_groups"]}
     assert set(groups) == {"default", "image"}
@@ -159,7 +196,9 @@ def test_lr_factor_zero_freezes_the_block(data):
     start = matcher(data, epochs=0).fit(data)
     m = matcher(data, lr_factors={"image": 0}).fit(data)
     assert_same(weights(start, "image."), weights(m, "image."))
-    assert not torch.equal(weights(start, "text.")["text.emb.weight"], weights(m, "text.")["text.emb.weight"])
+    assert not torch.equal(
+        weights(start, "text.")["text.emb.weight"], weights(m, "text.")["text.emb.weight"]
+    )
 
 
 def test_bad_lr_factors_are_refused(data):
@@ -172,14 +211,25 @@ def test_bad_lr_factors_are_refused(data):
 
 
 def test_stage_fields_batch_size_optimizer_schedule(data, tmp_path):
-    stages = [Stage(epochs=1, batch_size=6, optimizer="adam", name="a"),
-              Stage(epochs=2, batch_size=12, optimizer=("sgd", {"momentum": 0.9}), lr=0.2,
-                    lr_scheduler="constant", lr_factors={"text": 0.5}, name="b")]
+    stages = [
+        Stage(epochs=1, batch_size=6, optimizer="adam", name="a"),
+        Stage(
+            epochs=2,
+            batch_size=12,
+            optimizer=("sgd", {"momentum": 0.9}),
+            lr=0.2,
+            lr_scheduler="constant",
+            lr_factors={"text": 0.5},
+            name="b",
+        ),
+    ]
     m = matcher(data, tmp_path, stages=stages, warmup=0).fit(data)
     assert [h["step"] for h in m.history_] == [4, 6, 8]  # 4 batches of 6, then 2 of 12 per epoch
     opt = last_optimizer(tmp_path)
     assert all("momentum_buffer" in s for s in opt["state"].values())
-    assert {g["name"]: g["lr"] for g in opt["param_groups"]} == pytest.approx({"default": 0.2, "text": 0.1})
+    assert {g["name"]: g["lr"] for g in opt["param_groups"]} == pytest.approx(
+        {"default": 0.2, "text": 0.1}
+    )
 
 
 def test_stage_batch_size_with_a_dataloader_is_refused(data):
@@ -188,7 +238,9 @@ def test_stage_batch_size_with_a_dataloader_is_refused(data):
     from imtm.data import collate
 
     with pytest.raises(ValueError, match="DataLoader"):
-        matcher(data, stages=[Stage(epochs=1, batch_size=4)]).fit(DataLoader(data, batch_size=6, collate_fn=collate))
+        matcher(data, stages=[Stage(epochs=1, batch_size=4)]).fit(
+            DataLoader(data, batch_size=6, collate_fn=collate)
+        )
 
 
 def test_a_torch_scheduler_factory_is_stepped_per_step(data, tmp_path):
@@ -204,12 +256,28 @@ def test_a_torch_scheduler_factory_is_stepped_per_step(data, tmp_path):
 
 # ---------------------------------------------------------------- clone, serialise, resume
 def test_new_options_clone_and_round_trip_through_the_configuration(data):
-    stages = [Stage(epochs=1, optimizer=("sgd", {"momentum": 0.9}), lr_scheduler="x0.9 every epoch", batch_size=4,
-                    lr_factors={"image": 0.5})]
-    m = matcher(data, optimizer=torch.optim.Adam, lr_scheduler={"name": "cosine_restarts", "period": 2},
-                lr_factors={"image": 0.1}, stages=stages)
+    stages = [
+        Stage(
+            epochs=1,
+            optimizer=("sgd", {"momentum": 0.9}),
+            lr_scheduler="x0.9 every epoch",
+            batch_size=4,
+            lr_factors={"image": 0.5},
+        )
+    ]
+    m = matcher(
+        data,
+        optimizer=torch.optim.Adam,
+        lr_scheduler={"name": "cosine_restarts", "period": 2},
+        lr_factors={"image": 0.1},
+        stages=stages,
+    )
     c = clone(m)
-    assert c.optimizer is torch.optim.Adam and c.lr_factors == {"image": 0.1} and c.stages[0].batch_size == 4
+    assert (
+        c.optimizer is torch.optim.Adam
+        and c.lr_factors == {"image": 0.1}
+        and c.stages[0].batch_size == 4
+    )
     back = Matcher.from_config(m.get_config())
     assert back.optimizer == "torch.optim.Adam" and back.lr_scheduler == m.lr_scheduler
     assert back.lr_factors == m.lr_factors
@@ -221,7 +289,9 @@ class Crash(ImageCaptionDataset):
     """The toy data, raising after ``crash_after`` items."""
 
     def __init__(self, base, crash_after=None):
-        super().__init__(base.images, base.captions, base.caption_to_image, vocab=base.vocab, name="toy")
+        super().__init__(
+            base.images, base.captions, base.caption_to_image, vocab=base.vocab, name="toy"
+        )
         self.crash_after, self.seen = crash_after, 0
 
     def __getitem__(self, k):
@@ -232,11 +302,18 @@ class Crash(ImageCaptionDataset):
 
 
 RESUME_OPTIONS = {
-    "sgd-step-factors": dict(optimizer=("sgd", {"momentum": 0.9}), lr_scheduler="x0.7 every epoch",
-                             lr_factors={"image": 0.3}),
+    "sgd-step-factors": dict(
+        optimizer=("sgd", {"momentum": 0.9}),
+        lr_scheduler="x0.7 every epoch",
+        lr_factors={"image": 0.3},
+    ),
     "adam-restarts": dict(optimizer="adam", lr_scheduler={"name": "cosine_restarts", "period": 1}),
-    "stages": dict(stages=[Stage(epochs=1, batch_size=4, optimizer="adam"),
-                           Stage(epochs=2, batch_size=6, lr_scheduler="constant", lr_factors={"text": 0.0})]),
+    "stages": dict(
+        stages=[
+            Stage(epochs=1, batch_size=4, optimizer="adam"),
+            Stage(epochs=2, batch_size=6, lr_scheduler="constant", lr_factors={"text": 0.0}),
+        ]
+    ),
 }
 
 
@@ -282,10 +359,14 @@ def test_init_from_copies_only_the_named_blocks(data, tmp_path):
     assert_same(weights(fresh, "text."), weights(m, "text."))
     # from a saved folder and from a run folder (its newest checkpoint) alike
     source.save(tmp_path / "saved")
-    from_folder = matcher(data, epochs=0, init_from=tmp_path / "saved", init_blocks=["image"]).fit(data)
+    from_folder = matcher(data, epochs=0, init_from=tmp_path / "saved", init_blocks=["image"]).fit(
+        data
+    )
     assert_same(weights(m), weights(from_folder))
     matcher(data, tmp_path / "run", epochs=1, random_state=1).fit(data)
-    from_run = matcher(data, epochs=0, init_from=str(tmp_path / "run"), init_blocks=["image"]).fit(data)
+    from_run = matcher(data, epochs=0, init_from=str(tmp_path / "run"), init_blocks=["image"]).fit(
+        data
+    )
     assert_same(weights(m), weights(from_run))
 
 
@@ -302,7 +383,9 @@ def test_clone_keeps_a_fitted_init_from(data):
     source = matcher(data, epochs=1).fit(data)
     m = matcher(data, init_from=source, init_blocks=["image"])
     assert clone(m).init_from is source
-    assert m.get_config()["params"]["init_from"] is None  # a Matcher is not written into a configuration
+    assert (
+        m.get_config()["params"]["init_from"] is None
+    )  # a Matcher is not written into a configuration
 
 
 # ---------------------------------------------------------------- position tables
@@ -315,7 +398,9 @@ def test_interpolate_pos_embed_matches_a_plain_resize_and_keeps_the_prefix():
     # plain: each channel as a 4x4 image resized to 6x6
     for c in range(5):
         img = pos[0, 1:, c].reshape(1, 1, 4, 4)
-        want = torch.nn.functional.interpolate(img, size=(6, 6), mode="bicubic", align_corners=False).flatten()
+        want = torch.nn.functional.interpolate(
+            img, size=(6, 6), mode="bicubic", align_corners=False
+        ).flatten()
         torch.testing.assert_close(out[0, 1:, c], want)
     torch.testing.assert_close(interpolate_pos_embed(pos, 17), pos)  # same size: unchanged
     assert interpolate_pos_embed(pos[0], 37).shape == (37, 5)
@@ -337,17 +422,39 @@ def test_pretrain_then_finetune_at_another_resolution_on_other_data():
     from imtm.data import synthetic
 
     def vit(size):
-        return TimmVisionEncoder("vit_tiny_patch16_224", img_size=size, out_dim=16,
-                                 model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8})
+        return TimmVisionEncoder(
+            "vit_tiny_patch16_224",
+            img_size=size,
+            out_dim=16,
+            model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8},
+        )
 
     pre, _, _ = synthetic.load(view="pixels", seed=0, n_train=16, n_dev=4, n_test=4, image_size=32)
-    fine, _, test = synthetic.load(view="pixels", seed=1, n_train=16, n_dev=4, n_test=4, image_size=48)
+    fine, _, test = synthetic.load(
+        view="pixels", seed=1, n_train=16, n_dev=4, n_test=4, image_size=48
+    )
     kw = dict(epochs=1, batch_size=16, lr=1e-3, device="cpu", verbose=False)
-    pretrained = Matcher([("image", vit(32)), ("text", GRUTextEncoder(vocab=pre.vocab, out_dim=16)),
-                          GlobalCosine(), InfoNCELoss()], **kw).fit(pre)
-    tuned = Matcher([("image", vit(48)), ("text", GRUTextEncoder(vocab=fine.vocab, out_dim=16)),
-                     GlobalCosine(), InfoNCELoss()], init_from=pretrained, init_blocks=["image"], epochs=0,
-                    **{k: v for k, v in kw.items() if k != "epochs"}).fit(fine)
+    pretrained = Matcher(
+        [
+            ("image", vit(32)),
+            ("text", GRUTextEncoder(vocab=pre.vocab, out_dim=16)),
+            GlobalCosine(),
+            InfoNCELoss(),
+        ],
+        **kw,
+    ).fit(pre)
+    tuned = Matcher(
+        [
+            ("image", vit(48)),
+            ("text", GRUTextEncoder(vocab=fine.vocab, out_dim=16)),
+            GlobalCosine(),
+            InfoNCELoss(),
+        ],
+        init_from=pretrained,
+        init_blocks=["image"],
+        epochs=0,
+        **{k: v for k, v in kw.items() if k != "epochs"},
+    ).fit(fine)
     key = next(k for k in weights(tuned) if k.endswith("pos_embed"))
     src = weights(pretrained)[key]
     assert src.shape[1] == 1 + 16 and weights(tuned)[key].shape[1] == 1 + 36

@@ -45,7 +45,9 @@ def test_optimizer_state_round_trip():
     opt2 = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=0.5)
     opt2.load_state_dict(back)
     assert opt2.param_groups[0]["lr"] == 0.1 and opt2.param_groups[0]["betas"] == (0.9, 0.999)
-    torch.testing.assert_close(opt2.state[opt2.param_groups[0]["params"][0]]["exp_avg"], opt.state[p]["exp_avg"])
+    torch.testing.assert_close(
+        opt2.state[opt2.param_groups[0]["params"][0]]["exp_avg"], opt.state[p]["exp_avg"]
+    )
 
 
 def test_atomic_write_leaves_no_temporary(tmp_path):

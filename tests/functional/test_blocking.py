@@ -37,7 +37,9 @@ def loop_query_scores(keys, queries, pooling="sum"):
                 if not queries.mask[q, i]:
                     continue
                 best = max(
-                    float(F.cosine_similarity(queries.feats[q, i], keys.feats[k, j], dim=0, eps=1e-8))
+                    float(
+                        F.cosine_similarity(queries.feats[q, i], keys.feats[k, j], dim=0, eps=1e-8)
+                    )
                     for j in range(keys.num_tokens)
                     if keys.mask[k, j]
                 )
@@ -55,7 +57,9 @@ def test_normalize_tokens_zeroes_padding_even_when_it_is_nan():
 
 def test_pack_tokens_keeps_order_and_handles_non_prefix_masks():
     x = torch.arange(12.0).view(3, 4, 1)
-    mask = torch.tensor([[True, False, True, False], [False, False, False, True], [True, True, True, True]])
+    mask = torch.tensor(
+        [[True, False, True, False], [False, False, False, True], [True, True, True, True]]
+    )
     p = pack_tokens(x, mask)
     assert p.feats.flatten().tolist() == [0.0, 2.0, 7.0, 8.0, 9.0, 10.0, 11.0]
     assert p.lengths == (2, 1, 4) and p.spans == (3, 4, 4) and p.offsets == (0, 2, 3, 7)
@@ -83,7 +87,12 @@ def test_plan_respects_the_budget_and_covers_every_set():
 def test_query_engine_matches_loop_for_every_block_size(keys, queries, budget):
     expected = loop_query_scores(keys, queries, "sum")
     got = blocked_query_scores(
-        keys.feats, queries.feats, keys.mask, queries.mask, pool=resolve_pooling("sum"), max_block_elements=budget
+        keys.feats,
+        queries.feats,
+        keys.mask,
+        queries.mask,
+        pool=resolve_pooling("sum"),
+        max_block_elements=budget,
     )
     torch.testing.assert_close(got, expected)
 
@@ -102,19 +111,29 @@ def test_query_engine_budget_bounds_every_product(monkeypatch):
     monkeypatch.setattr(torch, "mm", recording_mm)
     for budget in [30, 100, 250, 1000]:
         sizes.clear()
-        blocked_query_scores(keys, queries, None, qmask, pool=resolve_pooling("max"), max_block_elements=budget)
+        blocked_query_scores(
+            keys, queries, None, qmask, pool=resolve_pooling("max"), max_block_elements=budget
+        )
         assert sizes and max(sizes) <= budget
 
 
 def test_query_engine_custom_token_scores_and_context():
-    keys, queries = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(2, 6, 5, dtype=torch.float64)
+    keys, queries = (
+        torch.randn(3, 4, 5, dtype=torch.float64),
+        torch.randn(2, 6, 5, dtype=torch.float64),
+    )
     weights = torch.rand(3, 4, dtype=torch.float64)
 
     def weighted_mean(sims, key_mask, context):
         return (sims * context.unsqueeze(-1)).sum(1)
 
     got = blocked_query_scores(
-        keys, queries, token_scores=weighted_mean, pool=resolve_pooling("mean"), key_context=weights, max_block_elements=7
+        keys,
+        queries,
+        token_scores=weighted_mean,
+        pool=resolve_pooling("mean"),
+        key_context=weights,
+        max_block_elements=7,
     )
     kn, qn = F.normalize(keys, dim=-1), F.normalize(queries, dim=-1)
     expected = torch.einsum("kjd,qid,kj->kqi", kn, qn, weights).mean(-1)
@@ -134,12 +153,23 @@ def test_pair_engine_matches_loop_for_every_block_size(images, texts, budget):
         words = s.amax(1)  # (bi, bt, M): best region of each word
         regions = s.amax(3)  # (bi, N, bt): best word of each region
         tm = text_mask[None] if text_mask is not None else torch.ones_like(words, dtype=torch.bool)
-        im = image_mask[:, :, None] if image_mask is not None else torch.ones_like(regions, dtype=torch.bool)
+        im = (
+            image_mask[:, :, None]
+            if image_mask is not None
+            else torch.ones_like(regions, dtype=torch.bool)
+        )
         w = torch.where(tm, words, 0).sum(-1) / tm.sum(-1)
         r = torch.where(im, regions, 0).sum(1) / im.sum(1)
         return w + r
 
-    got = blocked_pair_scores(images.feats, texts.feats, images.mask, texts.mask, reduce=bidirectional_max_mean, max_block_elements=budget)
+    got = blocked_pair_scores(
+        images.feats,
+        texts.feats,
+        images.mask,
+        texts.mask,
+        reduce=bidirectional_max_mean,
+        max_block_elements=budget,
+    )
     expected = torch.empty(images.batch_size, texts.batch_size, dtype=torch.float64)
     for i in range(images.batch_size):
         v = F.normalize(images.feats[i][images.mask[i]], dim=-1)
@@ -158,7 +188,9 @@ def test_gradients_through_blocks_equal_unblocked():
     grads = []
     for budget in [None, 12, 50]:
         keys.grad = queries.grad = None
-        s = blocked_query_scores(keys, queries, None, qmask, pool=resolve_pooling("lse", 0.1), max_block_elements=budget)
+        s = blocked_query_scores(
+            keys, queries, None, qmask, pool=resolve_pooling("lse", 0.1), max_block_elements=budget
+        )
         (s * w).sum().backward()
         grads.append((keys.grad.clone(), queries.grad.clone()))
     for g in grads[1:]:
@@ -176,15 +208,23 @@ def test_max_over_keys_masks_padding_and_routes_the_gradient_to_the_maximiser():
 
 
 def test_empty_batches_give_empty_scores():
-    s = blocked_query_scores(torch.randn(0, 3, 4), torch.randn(2, 3, 4), pool=resolve_pooling("max"))
+    s = blocked_query_scores(
+        torch.randn(0, 3, 4), torch.randn(2, 3, 4), pool=resolve_pooling("max")
+    )
     assert s.shape == (0, 2)
-    s = blocked_pair_scores(torch.randn(2, 3, 4), torch.randn(0, 3, 4), reduce=lambda s, a, b: s.amax((1, 3)))
+    s = blocked_pair_scores(
+        torch.randn(2, 3, 4), torch.randn(0, 3, 4), reduce=lambda s, a, b: s.amax((1, 3))
+    )
     assert s.shape == (2, 0)
 
 
 def test_check_pair_inputs_drops_all_true_masks_and_promotes_dtype():
     v, t, vm, tm = check_pair_inputs(
-        torch.randn(2, 3, 4), torch.randn(3, 2, 4, dtype=torch.float64), torch.ones(2, 3, dtype=torch.bool), None, where="x"
+        torch.randn(2, 3, 4),
+        torch.randn(3, 2, 4, dtype=torch.float64),
+        torch.ones(2, 3, dtype=torch.bool),
+        None,
+        where="x",
     )
     assert vm is None and tm is None and v.dtype == t.dtype == torch.float64
 
@@ -193,13 +233,34 @@ def test_check_pair_inputs_drops_all_true_masks_and_promotes_dtype():
     "args, error, match",
     [
         ((torch.randn(2, 3, 4), torch.randn(2, 3, 5)), ValueError, "share the feature dimension D"),
-        ((torch.randn(2, 4), torch.randn(2, 3, 4)), ValueError, r"images must have shape \(B, N, D\), got \(2, 4\)"),
-        (([1.0], torch.randn(2, 3, 4)), TypeError, "images must be a tensor"),
-        ((torch.ones(2, 3, 4, dtype=torch.long), torch.randn(2, 3, 4)), TypeError, "images must be floating point"),
-        ((torch.randn(2, 3, 4), torch.randn(2, 3, 4), None, torch.ones(2, 3)), TypeError, "texts_mask must be a bool tensor"),
-        ((torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(2, 2, dtype=torch.bool)), ValueError, r"images_mask of shape \(2, 2\)"),
         (
-            (torch.randn(2, 3, 4), torch.randn(2, 3, 4), None, torch.tensor([[True] * 3, [False] * 3])),
+            (torch.randn(2, 4), torch.randn(2, 3, 4)),
+            ValueError,
+            r"images must have shape \(B, N, D\), got \(2, 4\)",
+        ),
+        (([1.0], torch.randn(2, 3, 4)), TypeError, "images must be a tensor"),
+        (
+            (torch.ones(2, 3, 4, dtype=torch.long), torch.randn(2, 3, 4)),
+            TypeError,
+            "images must be floating point",
+        ),
+        (
+            (torch.randn(2, 3, 4), torch.randn(2, 3, 4), None, torch.ones(2, 3)),
+            TypeError,
+            "texts_mask must be a bool tensor",
+        ),
+        (
+            (torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(2, 2, dtype=torch.bool)),
+            ValueError,
+            r"images_mask of shape \(2, 2\)",
+        ),
+        (
+            (
+                torch.randn(2, 3, 4),
+                torch.randn(2, 3, 4),
+                None,
+                torch.tensor([[True] * 3, [False] * 3]),
+            ),
             ValueError,
             r"texts rows \[1\] have no real token",
         ),
@@ -215,16 +276,23 @@ def test_check_pair_inputs_errors(args, error, match):
 def test_nan_in_padding_is_accepted():
     x = torch.randn(2, 3, 4)
     x[1, 2] = float("nan")
-    check_pair_inputs(x, torch.randn(2, 3, 4), torch.tensor([[True] * 3, [True, True, False]]), where="demo")
+    check_pair_inputs(
+        x, torch.randn(2, 3, 4), torch.tensor([[True] * 3, [True, True, False]]), where="demo"
+    )
 
 
 def test_block_args_and_options():
     assert check_block_args(None, torch.bfloat16, where="f") == (None, torch.bfloat16)
     assert default_block_elements(torch.device("cpu")) == DEFAULT_MAX_BLOCK_ELEMENTS
     assert default_block_elements(torch.device("cuda")) == DEFAULT_MAX_BLOCK_ELEMENTS_CUDA
-    with pytest.raises(ValueError, match="max_block_elements must be a positive int or None, got 0"):
+    with pytest.raises(
+        ValueError, match="max_block_elements must be a positive int or None, got 0"
+    ):
         check_block_args(0, None, where="f")
     with pytest.raises(TypeError, match="compute_dtype must be None or a floating torch.dtype"):
         check_block_args(None, torch.int8, where="f")
-    with pytest.raises(ValueError, match=r"f: codebook must be one of \['textual', 'visual'\], got 'visul'. Did you mean 'visual'\?"):
+    with pytest.raises(
+        ValueError,
+        match=r"f: codebook must be one of \['textual', 'visual'\], got 'visul'. Did you mean 'visual'\?",
+    ):
         resolve_option("visul", {"visual": 0, "textual": 1}, name="codebook", where="f")

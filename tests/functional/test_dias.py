@@ -45,19 +45,27 @@ def loop_dimension_loss(v, t, tau=0.1, correlation="cosine"):
     C = loop_correlation(v, t, correlation)
     d = C.shape[0]
     c = [[math.exp(float(C[i, j]) / tau) for j in range(d)] for i in range(d)]
-    return -sum(c[i][i] / sum(c[i][j] for j in range(d)) + c[i][i] / sum(c[j][i] for j in range(d)) for i in range(d))
+    return -sum(
+        c[i][i] / sum(c[i][j] for j in range(d)) + c[i][i] / sum(c[j][i] for j in range(d))
+        for i in range(d)
+    )
 
 
 def loop_intuitive_loss(v, t, lam, correlation="cosine"):
     """Eq. 5: each C_ii to 1, each C_ij (j != i) to 0, in squares."""
     C = loop_correlation(v, t, correlation)
     d = C.shape[0]
-    return sum((1 - float(C[i, i])) ** 2 + lam * sum(float(C[i, j]) ** 2 for j in range(d) if j != i) for i in range(d))
+    return sum(
+        (1 - float(C[i, i])) ** 2 + lam * sum(float(C[i, j]) ** 2 for j in range(d) if j != i)
+        for i in range(d)
+    )
 
 
 def cosine_distance(a, b):
     dot = sum(x * y for x, y in zip(a, b))
-    return 1 - dot / max(math.sqrt(sum(x * x for x in a)), 1e-8) / max(math.sqrt(sum(y * y for y in b)), 1e-8)
+    return 1 - dot / max(math.sqrt(sum(x * x for x in a)), 1e-8) / max(
+        math.sqrt(sum(y * y for y in b)), 1e-8
+    )
 
 
 def loop_differences(v, t, kind):
@@ -99,7 +107,10 @@ def loop_mask(diff, beta, temperature, rule="intent", ids=None):
         for j in range(b):
             if not unmatched[i][j]:
                 continue
-            z = min((a[i][j] - rows[i][0]) / rows[i][1] - betas[i], (a[i][j] - cols[j][0]) / cols[j][1] - betas[j])
+            z = min(
+                (a[i][j] - rows[i][0]) / rows[i][1] - betas[i],
+                (a[i][j] - cols[j][0]) / cols[j][1] - betas[j],
+            )
             out[i, j] = 1 / (1 + math.exp(-z / temperature))
     return out
 
@@ -111,7 +122,9 @@ def loop_spatial_loss(v, t, kind, sparse, beta=0.0, temperature=0.1, rule="inten
     if sparse:
         w = loop_mask(diff, beta, temperature, rule, ids)
     else:
-        w = torch.tensor([[float(ids[i] != ids[j]) for j in range(b)] for i in range(b)], dtype=torch.float64)
+        w = torch.tensor(
+            [[float(ids[i] != ids[j]) for j in range(b)] for i in range(b)], dtype=torch.float64
+        )
     return sum(float(w[i, j]) * float(diff[i, j]) ** 2 for i in range(b) for j in range(b))
 
 
@@ -120,7 +133,9 @@ def loop_spatial_loss(v, t, kind, sparse, beta=0.0, temperature=0.1, rule="inten
 def test_dimension_correlation_and_loss_match_the_loop(correlation):
     v, t = embeddings()
     v = v + 0.7  # non-zero column means: cosine and Pearson differ
-    torch.testing.assert_close(dimension_correlation(v, t, correlation=correlation), loop_correlation(v, t, correlation))
+    torch.testing.assert_close(
+        dimension_correlation(v, t, correlation=correlation), loop_correlation(v, t, correlation)
+    )
     torch.testing.assert_close(
         dimension_alignment_loss(v, t, correlation=correlation),
         torch.tensor(loop_dimension_loss(v, t, correlation=correlation), dtype=torch.float64),
@@ -131,7 +146,9 @@ def test_dimension_correlation_and_loss_match_the_loop(correlation):
     )
     for lam, expect_lam in ((None, 1 / (v.shape[1] - 1)), (0.3, 0.3)):
         torch.testing.assert_close(
-            dimension_alignment_loss(v, t, objective="intuitive", off_diagonal_weight=lam, correlation=correlation),
+            dimension_alignment_loss(
+                v, t, objective="intuitive", off_diagonal_weight=lam, correlation=correlation
+            ),
             torch.tensor(loop_intuitive_loss(v, t, expect_lam, correlation), dtype=torch.float64),
         )
 
@@ -139,11 +156,22 @@ def test_dimension_correlation_and_loss_match_the_loop(correlation):
 def test_cosine_is_the_default_correlation_and_differs_from_pearson():
     v, t = embeddings(b=16, d=4, seed=11)
     v, t = v + 2.0, t - 1.0
-    torch.testing.assert_close(dimension_correlation(v, t), dimension_correlation(v, t, correlation="cosine"))
-    assert float((dimension_correlation(v, t) - dimension_correlation(v, t, correlation="pearson")).abs().max()) > 0.1
+    torch.testing.assert_close(
+        dimension_correlation(v, t), dimension_correlation(v, t, correlation="cosine")
+    )
+    assert (
+        float(
+            (dimension_correlation(v, t) - dimension_correlation(v, t, correlation="pearson"))
+            .abs()
+            .max()
+        )
+        > 0.1
+    )
     # Centred columns: the two coincide.
     vc, tc = v - v.mean(0), t - t.mean(0)
-    torch.testing.assert_close(dimension_correlation(vc, tc), dimension_correlation(vc, tc, correlation="pearson"))
+    torch.testing.assert_close(
+        dimension_correlation(vc, tc), dimension_correlation(vc, tc, correlation="pearson")
+    )
 
 
 def test_intuitive_objective_is_zero_exactly_at_the_identity():
@@ -151,7 +179,9 @@ def test_intuitive_objective_is_zero_exactly_at_the_identity():
     x = torch.randn(64, d, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
     q, _ = torch.linalg.qr(x)  # orthonormal columns: cosine correlation C = I
     v = q * 8.0
-    assert float(dimension_alignment_loss(v, v, objective="intuitive")) == pytest.approx(0, abs=1e-6)
+    assert float(dimension_alignment_loss(v, v, objective="intuitive")) == pytest.approx(
+        0, abs=1e-6
+    )
     mix = torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
     assert float(dimension_alignment_loss(v, v @ mix, objective="intuitive")) > 0.1
 
@@ -162,9 +192,16 @@ def test_intuitive_objective_is_zero_exactly_at_the_identity():
 def test_spatial_loss_matches_the_loop(kind, sparse, rule):
     v, t = embeddings(b=5, d=4, seed=1)
     torch.testing.assert_close(spatial_differences(v, t, kind=kind), loop_differences(v, t, kind))
-    got = spatial_constraint_loss(v, t, kind=kind, sparse=sparse, beta=0.3, temperature=0.2, rule=rule)
-    torch.testing.assert_close(got, torch.tensor(loop_spatial_loss(v, t, kind, sparse, 0.3, 0.2, rule), dtype=torch.float64))
-    mean = spatial_constraint_loss(v, t, kind=kind, sparse=sparse, beta=0.3, temperature=0.2, reduction="mean", rule=rule)
+    got = spatial_constraint_loss(
+        v, t, kind=kind, sparse=sparse, beta=0.3, temperature=0.2, rule=rule
+    )
+    torch.testing.assert_close(
+        got,
+        torch.tensor(loop_spatial_loss(v, t, kind, sparse, 0.3, 0.2, rule), dtype=torch.float64),
+    )
+    mean = spatial_constraint_loss(
+        v, t, kind=kind, sparse=sparse, beta=0.3, temperature=0.2, reduction="mean", rule=rule
+    )
     torch.testing.assert_close(mean, got / 20)
 
 
@@ -177,14 +214,27 @@ def test_captions_of_one_image_are_not_unmatched_pairs(kind, sparse, rule):
     v, t = embeddings(b=6, d=4, seed=14)
     v = v[torch.tensor([0, 1, 0, 3, 4, 1])]  # repeated image rows
     pos = torch.tensor(ids)[:, None] == torch.tensor(ids)[None, :]
-    got = spatial_constraint_loss(v, t, kind=kind, sparse=sparse, beta=0.2, temperature=0.3, rule=rule, positives=pos)
+    got = spatial_constraint_loss(
+        v, t, kind=kind, sparse=sparse, beta=0.2, temperature=0.3, rule=rule, positives=pos
+    )
     ref = loop_spatial_loss(v, t, kind, sparse, 0.2, 0.3, rule, ids)
     torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float64))
-    mean = spatial_constraint_loss(v, t, kind=kind, sparse=sparse, beta=0.2, temperature=0.3, rule=rule, positives=pos,
-                                   reduction="mean")
+    mean = spatial_constraint_loss(
+        v,
+        t,
+        kind=kind,
+        sparse=sparse,
+        beta=0.2,
+        temperature=0.3,
+        rule=rule,
+        positives=pos,
+        reduction="mean",
+    )
     torch.testing.assert_close(mean, got / int((~pos).sum()))
     # Without positives the two captions of image 4 count as an unmatched pair: a different loss.
-    without = spatial_constraint_loss(v, t, kind=kind, sparse=sparse, beta=0.2, temperature=0.3, rule=rule)
+    without = spatial_constraint_loss(
+        v, t, kind=kind, sparse=sparse, beta=0.2, temperature=0.3, rule=rule
+    )
     assert float((without - got).abs()) > 1e-6
 
 
@@ -192,7 +242,10 @@ def test_captions_of_one_image_are_not_unmatched_pairs(kind, sparse, rule):
 def test_sparse_mask_matches_the_loop_and_the_hard_limit(rule):
     v, t = embeddings(b=6, d=4, seed=2)
     diff = spatial_differences(v, t, kind="inter")
-    torch.testing.assert_close(sparse_correlation_mask(diff, 0.4, temperature=0.3, rule=rule), loop_mask(diff, 0.4, 0.3, rule))
+    torch.testing.assert_close(
+        sparse_correlation_mask(diff, 0.4, temperature=0.3, rule=rule),
+        loop_mask(diff, 0.4, 0.3, rule),
+    )
     # T -> 0 is the hard rule, kappa = mu + beta theta from the statistics of p (Eq. 12-13): "intent" keeps
     # (i, j) when p_ij > max(kappa_i^V, kappa_j^T); "printed" (Eq. 14) when |x_ij - x_ji| > max(kappa_i^V, kappa_j^T).
     p = torch.sigmoid(-diff.abs())
@@ -215,7 +268,9 @@ def test_per_instance_beta_matches_the_loop_and_a_constant_vector_is_the_scalar(
     diff = spatial_differences(v, t, kind="intra")
     betas = [0.1, -0.3, 0.5, 0.0, 0.2]
     for rule in ("intent", "printed"):
-        got = sparse_correlation_mask(diff, torch.tensor(betas, dtype=torch.float64), temperature=0.2, rule=rule)
+        got = sparse_correlation_mask(
+            diff, torch.tensor(betas, dtype=torch.float64), temperature=0.2, rule=rule
+        )
         torch.testing.assert_close(got, loop_mask(diff, betas, 0.2, rule))
         torch.testing.assert_close(
             sparse_correlation_mask(diff, torch.full((5,), 0.25, dtype=torch.float64), rule=rule),
@@ -240,7 +295,9 @@ def test_gradients_match_the_loop():
         lambda a, b: spatial_constraint_loss(a, b, kind="inter", sparse=False),
         lambda a, b: spatial_constraint_loss(a, b, kind="intra", sparse=False),
     ):
-        assert torch.autograd.gradcheck(fn, (v.clone().requires_grad_(), t.clone().requires_grad_()))
+        assert torch.autograd.gradcheck(
+            fn, (v.clone().requires_grad_(), t.clone().requires_grad_())
+        )
     # The mask takes no gradient from the embeddings: the sparse loss's gradient is the masked plain one.
     a, b = v.clone().requires_grad_(), t.clone().requires_grad_()
     spatial_constraint_loss(a, b, kind="inter", beta=0.2).backward()
@@ -256,7 +313,9 @@ def test_beta_receives_a_gradient():
     for kind in ("inter", "intra"):
         beta = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
         spatial_constraint_loss(v, t, kind=kind, beta=beta).backward()
-        assert beta.grad is not None and torch.isfinite(beta.grad) and float(beta.grad) < 0  # masking more lowers it
+        assert (
+            beta.grad is not None and torch.isfinite(beta.grad) and float(beta.grad) < 0
+        )  # masking more lowers it
 
 
 # ---------------------------------------------------------------------- minima and zeros
@@ -264,8 +323,14 @@ def test_identical_modalities_give_zero_spatial_losses():
     v, _ = embeddings(b=7, d=5, seed=5)
     for kind in ("inter", "intra"):
         for sparse in (False, True):
-            assert float(spatial_constraint_loss(v, v.clone(), kind=kind, sparse=sparse)) == pytest.approx(0, abs=1e-12)
-            assert float(spatial_constraint_loss(v, v.clone(), kind=kind, distance="euclidean", sparse=sparse)) == pytest.approx(0, abs=1e-12)
+            assert float(
+                spatial_constraint_loss(v, v.clone(), kind=kind, sparse=sparse)
+            ) == pytest.approx(0, abs=1e-12)
+            assert float(
+                spatial_constraint_loss(
+                    v, v.clone(), kind=kind, distance="euclidean", sparse=sparse
+                )
+            ) == pytest.approx(0, abs=1e-12)
 
 
 def test_diagonal_correlation_minimises_dimension_loss():
@@ -274,22 +339,37 @@ def test_diagonal_correlation_minimises_dimension_loss():
     x = torch.randn(64, d, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     q, _ = torch.linalg.qr(x - x.mean(0))  # orthonormal columns with zero mean
     v = q * 8.0
-    torch.testing.assert_close(dimension_correlation(v, v), torch.eye(d, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        dimension_correlation(v, v), torch.eye(d, dtype=torch.float64), atol=1e-4, rtol=0
+    )
     best = dimension_alignment_loss(v, v, temperature=tau)
     share = math.exp(1 / tau) / (math.exp(1 / tau) + d - 1)
-    torch.testing.assert_close(best, torch.tensor(-2 * d * share, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        best, torch.tensor(-2 * d * share, dtype=torch.float64), atol=1e-4, rtol=0
+    )
     assert float(best) < -2 * d + 2 * d * (d - 1) * math.exp(-1 / tau)  # near the bound -2D
     g = torch.Generator().manual_seed(7)
     for _ in range(5):  # any other pairing of the dimensions, or mixing them, scores worse
         mix = torch.randn(d, d, dtype=torch.float64, generator=g)
         assert float(dimension_alignment_loss(v, v @ mix, temperature=tau)) > float(best)
-        assert float(dimension_alignment_loss(v, v[:, torch.randperm(d, generator=g)], temperature=tau)) >= float(best) - 1e-9
+        assert (
+            float(
+                dimension_alignment_loss(v, v[:, torch.randperm(d, generator=g)], temperature=tau)
+            )
+            >= float(best) - 1e-9
+        )
 
 
 # ---------------------------------------------------------------------- finiteness at the edges
 @pytest.mark.parametrize(
     "case",
-    ["batch of 2", "identical rows", "zero-variance dimension", "identical modalities", "zero vectors"],
+    [
+        "batch of 2",
+        "identical rows",
+        "zero-variance dimension",
+        "identical modalities",
+        "zero vectors",
+    ],
 )
 def test_finite_values_and_gradients_at_the_edges(case):
     v, t = embeddings(b=5, d=4, seed=8)
@@ -308,7 +388,9 @@ def test_finite_values_and_gradients_at_the_edges(case):
         lambda a, b, beta: dimension_alignment_loss(a, b),
         lambda a, b, beta: spatial_constraint_loss(a, b, kind="inter", beta=beta),
         lambda a, b, beta: spatial_constraint_loss(a, b, kind="intra", beta=beta),
-        lambda a, b, beta: spatial_constraint_loss(a, b, kind="intra", distance="euclidean", beta=beta),
+        lambda a, b, beta: spatial_constraint_loss(
+            a, b, kind="intra", distance="euclidean", beta=beta
+        ),
     ):
         a, b = v.clone().requires_grad_(), t.clone().requires_grad_()
         beta = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
@@ -321,24 +403,42 @@ def test_finite_values_and_gradients_at_the_edges(case):
 
 # ---------------------------------------------------------------------- properties
 @SETTINGS
-@given(b=st.integers(2, 7), d=st.integers(2, 5), seed=st.integers(0, 2**16), tau=st.sampled_from([0.05, 0.1, 1.0]))
+@given(
+    b=st.integers(2, 7),
+    d=st.integers(2, 5),
+    seed=st.integers(0, 2**16),
+    tau=st.sampled_from([0.05, 0.1, 1.0]),
+)
 def test_dimension_loss_bounds_and_pair_permutation(b, d, seed, tau):
     v, t = embeddings(b, d, seed)
     loss = dimension_alignment_loss(v, t, temperature=tau)
-    assert -2 * d <= float(loss) < 0  # a batch of 2 has correlations of exactly +-1: shares can round to 1
+    assert (
+        -2 * d <= float(loss) < 0
+    )  # a batch of 2 has correlations of exactly +-1: shares can round to 1
     perm = torch.randperm(b, generator=torch.Generator().manual_seed(seed))
     # Reordering the pairs (rows of both sides together) changes nothing.
     torch.testing.assert_close(dimension_alignment_loss(v[perm], t[perm], temperature=tau), loss)
     # Renaming the dimensions on both sides the same way permutes C's rows and columns together.
     dims = torch.randperm(d, generator=torch.Generator().manual_seed(seed + 1))
-    torch.testing.assert_close(dimension_alignment_loss(v[:, dims], t[:, dims], temperature=tau), loss)
+    torch.testing.assert_close(
+        dimension_alignment_loss(v[:, dims], t[:, dims], temperature=tau), loss
+    )
 
 
 @SETTINGS
-@given(b=st.integers(2, 7), d=st.integers(2, 5), seed=st.integers(0, 2**16), kind=st.sampled_from(["inter", "intra"]),
-       sparse=st.booleans(), beta=st.floats(-1, 1), rule=st.sampled_from(["intent", "printed"]),
-       n_images=st.integers(1, 7))
-def test_spatial_loss_is_pair_permutation_invariant_and_nonnegative(b, d, seed, kind, sparse, beta, rule, n_images):
+@given(
+    b=st.integers(2, 7),
+    d=st.integers(2, 5),
+    seed=st.integers(0, 2**16),
+    kind=st.sampled_from(["inter", "intra"]),
+    sparse=st.booleans(),
+    beta=st.floats(-1, 1),
+    rule=st.sampled_from(["intent", "printed"]),
+    n_images=st.integers(1, 7),
+)
+def test_spatial_loss_is_pair_permutation_invariant_and_nonnegative(
+    b, d, seed, kind, sparse, beta, rule, n_images
+):
     v, t = embeddings(b, d, seed)
     ids = torch.arange(b) % n_images
     pos = ids[:, None] == ids[None, :]
@@ -346,26 +446,36 @@ def test_spatial_loss_is_pair_permutation_invariant_and_nonnegative(b, d, seed, 
     loss = spatial_constraint_loss(v, t, **kw)
     assert float(loss) >= 0
     perm = torch.randperm(b, generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(spatial_constraint_loss(v[perm], t[perm], **{**kw, "positives": pos[perm][:, perm]}), loss)
+    torch.testing.assert_close(
+        spatial_constraint_loss(v[perm], t[perm], **{**kw, "positives": pos[perm][:, perm]}), loss
+    )
     diff = spatial_differences(v, t, kind=kind)
     mask = sparse_correlation_mask(diff, beta, rule=rule, positives=pos)
     assert bool(((mask >= 0) & (mask <= 1)).all()) and bool((mask[pos] == 0).all())
     torch.testing.assert_close(
-        sparse_correlation_mask(diff[perm][:, perm], beta, rule=rule, positives=pos[perm][:, perm]), mask[perm][:, perm]
+        sparse_correlation_mask(diff[perm][:, perm], beta, rule=rule, positives=pos[perm][:, perm]),
+        mask[perm][:, perm],
     )
     # The cosine distance is scale-free: rescaling a side's vectors changes nothing.
     torch.testing.assert_close(spatial_constraint_loss(3 * v, 0.5 * t, **kw), loss)
 
 
 @SETTINGS
-@given(b=st.integers(2, 7), d=st.integers(2, 5), seed=st.integers(0, 2**16),
-       correlation=st.sampled_from(["cosine", "pearson"]))
+@given(
+    b=st.integers(2, 7),
+    d=st.integers(2, 5),
+    seed=st.integers(0, 2**16),
+    correlation=st.sampled_from(["cosine", "pearson"]),
+)
 def test_intuitive_objective_is_nonnegative_and_pair_permutation_invariant(b, d, seed, correlation):
     v, t = embeddings(b, d, seed)
     loss = dimension_alignment_loss(v, t, objective="intuitive", correlation=correlation)
     assert float(loss) >= 0
     perm = torch.randperm(b, generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(dimension_alignment_loss(v[perm], t[perm], objective="intuitive", correlation=correlation), loss)
+    torch.testing.assert_close(
+        dimension_alignment_loss(v[perm], t[perm], objective="intuitive", correlation=correlation),
+        loss,
+    )
     C = dimension_correlation(v, t, correlation=correlation)
     assert bool((C.abs() <= 1 + 1e-9).all())
 
@@ -397,7 +507,12 @@ def test_word_region_pairs_match_the_loop():
     for b in range(2):
         for m in range(3):
             if tm[b, m]:
-                sims = [1 - cosine_distance(v[b, n].tolist(), t[b, m].tolist()) if vm[b, n] else -math.inf for n in range(4)]
+                sims = [
+                    1 - cosine_distance(v[b, n].tolist(), t[b, m].tolist())
+                    if vm[b, n]
+                    else -math.inf
+                    for n in range(4)
+                ]
                 expect_r.append(v[b, max(range(4), key=lambda n: sims[n])])
                 expect_w.append(t[b, m])
     torch.testing.assert_close(regions, torch.stack(expect_r))
@@ -409,38 +524,146 @@ def test_word_region_pairs_match_the_loop():
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda v, t: dimension_alignment_loss(v.numpy(), t), TypeError, "image_embedding must be a"),
-        (lambda v, t: dimension_alignment_loss(v[None], t), ValueError, r"must have shape \(B, D\)"),
+        (
+            lambda v, t: dimension_alignment_loss(v.numpy(), t),
+            TypeError,
+            "image_embedding must be a",
+        ),
+        (
+            lambda v, t: dimension_alignment_loss(v[None], t),
+            ValueError,
+            r"must have shape \(B, D\)",
+        ),
         (lambda v, t: dimension_alignment_loss(v.long(), t), TypeError, "must be floating point"),
         (lambda v, t: dimension_alignment_loss(v, t[:3]), ValueError, "must have the same shape"),
         (lambda v, t: dimension_alignment_loss(v[:1], t[:1]), ValueError, "at least 2 pairs"),
         (lambda v, t: dimension_alignment_loss(v, t.to("meta")), ValueError, "is on"),
         (lambda v, t: dimension_alignment_loss(v * float("nan"), t), ValueError, "NaN or inf"),
-        (lambda v, t: dimension_alignment_loss(v, t, temperature=0), ValueError, "temperature must be a finite number > 0"),
-        (lambda v, t: dimension_alignment_loss(v, t, temperature="hot"), TypeError, "temperature must be a positive number"),
-        (lambda v, t: dimension_alignment_loss(v, t, reduction="avg"), ValueError, "reduction must be one of"),
-        (lambda v, t: spatial_constraint_loss(v, t, kind="inner"), ValueError, "Did you mean 'inter'"),
-        (lambda v, t: spatial_constraint_loss(v, t, distance="cos"), ValueError, "distance must be one of"),
-        (lambda v, t: spatial_constraint_loss(v, t, sparse=1), TypeError, "sparse must be True or False"),
-        (lambda v, t: spatial_constraint_loss(v, t, beta=float("inf")), ValueError, "beta must be a finite number"),
-        (lambda v, t: spatial_constraint_loss(v, t, sparse=False, beta="x"), ValueError, "beta must be a finite number"),
-        (lambda v, t: spatial_constraint_loss(v, t, beta=torch.zeros(2)), ValueError, "one-element floating tensor"),
-        (lambda v, t: sparse_correlation_mask(torch.zeros(3, 3, dtype=torch.long)), TypeError, "floating"),
-        (lambda v, t: sparse_correlation_mask(torch.zeros(3, 4)), ValueError, r"shape \(B, B\) with B >= 2"),
-        (lambda v, t: sparse_correlation_mask(torch.zeros(3, 3), temperature=-1.0), ValueError, "temperature"),
-        (lambda v, t: sparse_correlation_mask(torch.zeros(3, 3), rule="print"), ValueError, "Did you mean 'printed'"),
-        (lambda v, t: sparse_correlation_mask(torch.zeros(3, 3), beta=torch.zeros(4)), ValueError, r"\(B,\) tensor"),
-        (lambda v, t: sparse_correlation_mask(torch.zeros(3, 3), positives=torch.eye(3)), ValueError, "positives must be a bool"),
-        (lambda v, t: spatial_constraint_loss(v, t, positives=torch.eye(3, dtype=torch.bool)), ValueError, r"\(B, B\) tensor with B = 4"),
-        (lambda v, t: spatial_constraint_loss(v, t, sparse=False, rule="x"), ValueError, "rule must be one of"),
-        (lambda v, t: dimension_alignment_loss(v, t, correlation="pearsn"), ValueError, "Did you mean 'pearson'"),
-        (lambda v, t: dimension_alignment_loss(v, t, objective="intuition"), ValueError, "objective must be one of"),
-        (lambda v, t: dimension_alignment_loss(v, t, objective="intuitive", off_diagonal_weight=-1.0), ValueError, ">= 0"),
-        (lambda v, t: dimension_alignment_loss(v, t, off_diagonal_weight="big"), TypeError, "off_diagonal_weight"),
+        (
+            lambda v, t: dimension_alignment_loss(v, t, temperature=0),
+            ValueError,
+            "temperature must be a finite number > 0",
+        ),
+        (
+            lambda v, t: dimension_alignment_loss(v, t, temperature="hot"),
+            TypeError,
+            "temperature must be a positive number",
+        ),
+        (
+            lambda v, t: dimension_alignment_loss(v, t, reduction="avg"),
+            ValueError,
+            "reduction must be one of",
+        ),
+        (
+            lambda v, t: spatial_constraint_loss(v, t, kind="inner"),
+            ValueError,
+            "Did you mean 'inter'",
+        ),
+        (
+            lambda v, t: spatial_constraint_loss(v, t, distance="cos"),
+            ValueError,
+            "distance must be one of",
+        ),
+        (
+            lambda v, t: spatial_constraint_loss(v, t, sparse=1),
+            TypeError,
+            "sparse must be True or False",
+        ),
+        (
+            lambda v, t: spatial_constraint_loss(v, t, beta=float("inf")),
+            ValueError,
+            "beta must be a finite number",
+        ),
+        (
+            lambda v, t: spatial_constraint_loss(v, t, sparse=False, beta="x"),
+            ValueError,
+            "beta must be a finite number",
+        ),
+        (
+            lambda v, t: spatial_constraint_loss(v, t, beta=torch.zeros(2)),
+            ValueError,
+            "one-element floating tensor",
+        ),
+        (
+            lambda v, t: sparse_correlation_mask(torch.zeros(3, 3, dtype=torch.long)),
+            TypeError,
+            "floating",
+        ),
+        (
+            lambda v, t: sparse_correlation_mask(torch.zeros(3, 4)),
+            ValueError,
+            r"shape \(B, B\) with B >= 2",
+        ),
+        (
+            lambda v, t: sparse_correlation_mask(torch.zeros(3, 3), temperature=-1.0),
+            ValueError,
+            "temperature",
+        ),
+        (
+            lambda v, t: sparse_correlation_mask(torch.zeros(3, 3), rule="print"),
+            ValueError,
+            "Did you mean 'printed'",
+        ),
+        (
+            lambda v, t: sparse_correlation_mask(torch.zeros(3, 3), beta=torch.zeros(4)),
+            ValueError,
+            r"\(B,\) tensor",
+        ),
+        (
+            lambda v, t: sparse_correlation_mask(torch.zeros(3, 3), positives=torch.eye(3)),
+            ValueError,
+            "positives must be a bool",
+        ),
+        (
+            lambda v, t: spatial_constraint_loss(v, t, positives=torch.eye(3, dtype=torch.bool)),
+            ValueError,
+            r"\(B, B\) tensor with B = 4",
+        ),
+        (
+            lambda v, t: spatial_constraint_loss(v, t, sparse=False, rule="x"),
+            ValueError,
+            "rule must be one of",
+        ),
+        (
+            lambda v, t: dimension_alignment_loss(v, t, correlation="pearsn"),
+            ValueError,
+            "Did you mean 'pearson'",
+        ),
+        (
+            lambda v, t: dimension_alignment_loss(v, t, objective="intuition"),
+            ValueError,
+            "objective must be one of",
+        ),
+        (
+            lambda v, t: dimension_alignment_loss(
+                v, t, objective="intuitive", off_diagonal_weight=-1.0
+            ),
+            ValueError,
+            ">= 0",
+        ),
+        (
+            lambda v, t: dimension_alignment_loss(v, t, off_diagonal_weight="big"),
+            TypeError,
+            "off_diagonal_weight",
+        ),
         (lambda v, t: word_region_pairs(v, t), ValueError, r"floating \(B, N, D\) tensor"),
-        (lambda v, t: word_region_pairs(v[None].expand(2, 4, 3), t[None]), ValueError, "same batch size"),
-        (lambda v, t: word_region_pairs(v[None], t[None], image_mask=torch.ones(1, 4)), ValueError, "bool tensor of shape"),
-        (lambda v, t: word_region_pairs(v[None], t[None], image_mask=torch.zeros(1, 4, dtype=torch.bool)), ValueError, "no real region"),
+        (
+            lambda v, t: word_region_pairs(v[None].expand(2, 4, 3), t[None]),
+            ValueError,
+            "same batch size",
+        ),
+        (
+            lambda v, t: word_region_pairs(v[None], t[None], image_mask=torch.ones(1, 4)),
+            ValueError,
+            "bool tensor of shape",
+        ),
+        (
+            lambda v, t: word_region_pairs(
+                v[None], t[None], image_mask=torch.zeros(1, 4, dtype=torch.bool)
+            ),
+            ValueError,
+            "no real region",
+        ),
     ],
 )
 def test_bad_inputs(call, error, match):

@@ -69,15 +69,24 @@ def loop_labels(plan, cost, probs, mask, weights="plan_topk", top_k=3, scale=2e3
 @pytest.mark.parametrize("top_k", [1, 3, 9])
 def test_soft_labels_match_loop_and_are_distributions(weights, top_k):
     plan, cost, probs, mask = problem()
-    plan = plan / 20  # plan entries of the size a transport plan has, so the scaled softmax is not one-hot
+    plan = (
+        plan / 20
+    )  # plan entries of the size a transport plan has, so the scaled softmax is not one-hot
     got = expansive_soft_labels(plan, probs, mask, cost=cost, label_weights=weights, top_k=top_k)
     torch.testing.assert_close(got, loop_labels(plan, cost, probs, mask, weights, top_k))
     assert bool((got >= 0).all())
     torch.testing.assert_close(got.sum(-1), torch.ones(2, 4, dtype=torch.float64))
     # The packed form (selected patches only) gives the same rows.
     b_idx, t_idx = torch.tensor([1, 0, 1]), torch.tensor([3, 0, 0])
-    packed = expansive_soft_labels(plan[b_idx, t_idx], probs, mask, batch_index=b_idx, cost=cost[b_idx, t_idx],
-                                   label_weights=weights, top_k=top_k)
+    packed = expansive_soft_labels(
+        plan[b_idx, t_idx],
+        probs,
+        mask,
+        batch_index=b_idx,
+        cost=cost[b_idx, t_idx],
+        label_weights=weights,
+        top_k=top_k,
+    )
     torch.testing.assert_close(packed, got[b_idx, t_idx])
 
 
@@ -91,8 +100,10 @@ def test_authors_rule_scale_zero_entries_and_negative_cosines():
     want = torch.zeros(5, dtype=torch.float64)
     want[[1, 2, 4]] = torch.softmax(x, 0)
     torch.testing.assert_close(got[0, 0], want)
-    torch.testing.assert_close(expansive_soft_labels(plan, probs, cost=cost, scale=1.0)[0, 0, [1, 2, 4]],
-                               torch.softmax(x / 2e3, 0))
+    torch.testing.assert_close(
+        expansive_soft_labels(plan, probs, cost=cost, scale=1.0)[0, 0, [1, 2, 4]],
+        torch.softmax(x / 2e3, 0),
+    )
 
 
 @pytest.mark.parametrize("weights", ["plan_cosine_softmax", "one_minus_plan", "plan_topk"])
@@ -105,7 +116,9 @@ def test_rules_that_read_the_plan_change_with_it(weights):
     b = expansive_soft_labels(other / 20, probs, mask, cost=cost, label_weights=weights)
     assert float((a - b).abs().max()) > 1e-4
     same = expansive_soft_labels(other, probs, mask, cost=cost, label_weights="one_minus_cost")
-    torch.testing.assert_close(same, expansive_soft_labels(plan, probs, mask, cost=cost, label_weights="one_minus_cost"))
+    torch.testing.assert_close(
+        same, expansive_soft_labels(plan, probs, mask, cost=cost, label_weights="one_minus_cost")
+    )
 
 
 def _label_mass_on_the_right_word(rule, seed, noise=1.0, b=8, n=24, m=8, d=32):
@@ -114,30 +127,45 @@ def _label_mass_on_the_right_word(rule, seed, noise=1.0, b=8, n=24, m=8, d=32):
     g = torch.Generator().manual_seed(seed)
     words = torch.randn(b, m, d, generator=g, dtype=torch.float64)
     which = torch.randint(0, m, (b, n), generator=g)
-    patches = words.gather(1, which.unsqueeze(-1).expand(b, n, d)) + noise * torch.randn(b, n, d, generator=g,
-                                                                                        dtype=torch.float64)
+    patches = words.gather(1, which.unsqueeze(-1).expand(b, n, d)) + noise * torch.randn(
+        b, n, d, generator=g, dtype=torch.float64
+    )
     cost = cosine_cost(patches, words)
-    labels = expansive_soft_labels(transport_plan(cost), torch.eye(m, dtype=torch.float64).expand(b, m, m),
-                                   cost=cost, label_weights=rule)
+    labels = expansive_soft_labels(
+        transport_plan(cost),
+        torch.eye(m, dtype=torch.float64).expand(b, m, m),
+        cost=cost,
+        label_weights=rule,
+    )
     return float(labels.gather(-1, which.unsqueeze(-1)).mean())
 
 
 def test_label_rules_on_known_alignments():
     """The measurement behind the default: patches are noisy copies of one word each (seeds 0-4)."""
-    mass = {rule: sum(_label_mass_on_the_right_word(rule, s) for s in range(5)) / 5 for rule in RULES}
+    mass = {
+        rule: sum(_label_mass_on_the_right_word(rule, s) for s in range(5)) / 5 for rule in RULES
+    }
     assert max(mass, key=mass.get) == "plan_cosine_softmax"
-    assert mass["plan_cosine_softmax"] > 0.8 and mass["one_minus_plan"] < 0.13  # 1/8 is the uniform mean
+    assert (
+        mass["plan_cosine_softmax"] > 0.8 and mass["one_minus_plan"] < 0.13
+    )  # 1/8 is the uniform mean
 
 
 def test_one_word_caption_and_zero_plan_row():
     probs = torch.softmax(torch.randn(1, 1, 6), -1)
     for rule in RULES:
-        labels = expansive_soft_labels(torch.rand(1, 3, 1) / 10, probs, cost=torch.rand(1, 3, 1), label_weights=rule)
+        labels = expansive_soft_labels(
+            torch.rand(1, 3, 1) / 10, probs, cost=torch.rand(1, 3, 1), label_weights=rule
+        )
         torch.testing.assert_close(labels, probs.expand(1, 3, 6))
     plan = torch.zeros(1, 2, 4)
     probs = torch.softmax(torch.randn(1, 4, 6), -1)
-    for rule in RULES:  # no mass: spread evenly over the picks (the authors' softmax would be NaN here)
-        labels = expansive_soft_labels(plan, probs, cost=torch.rand(1, 2, 4), top_k=2, label_weights=rule)
+    for (
+        rule
+    ) in RULES:  # no mass: spread evenly over the picks (the authors' softmax would be NaN here)
+        labels = expansive_soft_labels(
+            plan, probs, cost=torch.rand(1, 2, 4), top_k=2, label_weights=rule
+        )
         assert bool(torch.isfinite(labels).all())
         torch.testing.assert_close(labels.sum(-1), torch.ones(1, 2))
 
@@ -149,26 +177,38 @@ def test_padding_and_word_permutation_never_change_labels(seed, extra, weights):
     plan = plan / 20
     base = expansive_soft_labels(plan, probs, mask, cost=cost, label_weights=weights)
     g = torch.Generator().manual_seed(seed)
-    pad = lambda x, d: torch.cat([x, torch.rand(*x.shape[:d], extra, *x.shape[d + 1:], generator=g,
-                                                dtype=x.dtype) * 10], d)
-    padded = expansive_soft_labels(pad(plan, 2), pad(probs, 1), torch.cat([mask, torch.zeros(2, extra, dtype=torch.bool)], 1),
-                                   cost=pad(cost, 2), label_weights=weights)
+    pad = lambda x, d: torch.cat(
+        [x, torch.rand(*x.shape[:d], extra, *x.shape[d + 1 :], generator=g, dtype=x.dtype) * 10], d
+    )
+    padded = expansive_soft_labels(
+        pad(plan, 2),
+        pad(probs, 1),
+        torch.cat([mask, torch.zeros(2, extra, dtype=torch.bool)], 1),
+        cost=pad(cost, 2),
+        label_weights=weights,
+    )
     torch.testing.assert_close(padded, base)
     p = torch.randperm(5, generator=g)
-    perm = expansive_soft_labels(plan[:, :, p], probs[:, p], mask[:, p], cost=cost[:, :, p], label_weights=weights)
+    perm = expansive_soft_labels(
+        plan[:, :, p], probs[:, p], mask[:, p], cost=cost[:, :, p], label_weights=weights
+    )
     torch.testing.assert_close(perm, base)
 
 
 def test_kl_loss_matches_loop_and_gives_no_gradient_to_the_target():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    target = torch.softmax(torch.randn(3, 5, generator=g, dtype=torch.float64), -1).requires_grad_(True)
+    target = torch.softmax(torch.randn(3, 5, generator=g, dtype=torch.float64), -1).requires_grad_(
+        True
+    )
     loss = lexicon_kl_loss(logits, target)
     want = 0.0
     for i in range(3):
         z = sum(math.exp(float(x)) for x in logits[i].detach())
         p = [math.exp(float(x)) / z for x in logits[i].detach()]
-        want += sum(pi * (math.log(pi) - math.log(float(t))) for pi, t in zip(p, target[i].detach()))
+        want += sum(
+            pi * (math.log(pi) - math.log(float(t))) for pi, t in zip(p, target[i].detach())
+        )
     torch.testing.assert_close(loss, torch.tensor(want / 3, dtype=torch.float64))
     loss.backward()
     assert target.grad is None and logits.grad is not None
@@ -179,15 +219,21 @@ def test_kl_loss_matches_loop_and_gives_no_gradient_to_the_target():
     target = torch.tensor([[0.5, 0.5, 0.0, 0.0, 0.0]], dtype=torch.float64)
     got = lexicon_kl_loss(logits[:1].detach(), target, direction="target_first")
     p = torch.softmax(logits[:1].detach(), -1)[0].tolist()
-    torch.testing.assert_close(got, torch.tensor(sum(0.5 * (math.log(0.5) - math.log(p[j])) for j in range(2)),
-                                                 dtype=torch.float64))
+    torch.testing.assert_close(
+        got,
+        torch.tensor(
+            sum(0.5 * (math.log(0.5) - math.log(p[j])) for j in range(2)), dtype=torch.float64
+        ),
+    )
 
 
 def test_mask_words_proportions_and_specials():
     ids = torch.randint(5, 1000, (200, 50), generator=torch.Generator().manual_seed(0))
     maskable = torch.ones_like(ids, dtype=torch.bool)
     maskable[:, 0] = False
-    out, labels = mask_words(ids, maskable, mask_token_id=3, vocab_size=1000, generator=torch.Generator().manual_seed(1))
+    out, labels = mask_words(
+        ids, maskable, mask_token_id=3, vocab_size=1000, generator=torch.Generator().manual_seed(1)
+    )
     picked = labels != IGNORE_INDEX
     assert not bool(picked[:, 0].any())
     torch.testing.assert_close(labels[picked], ids[picked])
@@ -251,7 +297,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="prob must be a number in"):
         mask_words(ids, ids > 0, mask_token_id=1, vocab_size=5, prob=1.5)
     with pytest.raises(ValueError, match="must be at most 1"):
-        mask_words(ids, ids > 0, mask_token_id=1, vocab_size=5, replace_mask=0.9, replace_random=0.2)
+        mask_words(
+            ids, ids > 0, mask_token_id=1, vocab_size=5, replace_mask=0.9, replace_random=0.2
+        )
     with pytest.raises(ValueError, match="scores must be"):
         sample_hard_negatives(torch.zeros(2, 2), torch.zeros(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="temperature must be a number > 0"):

@@ -15,7 +15,9 @@ SIDES = {"batch": st.integers(1, 4), "max_tokens": 5, "dim": 4, "dtype": torch.f
 
 
 def cos(a, b):
-    return sum(x * y for x, y in zip(a, b)) / max(math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)), 1e-16)
+    return sum(x * y for x, y in zip(a, b)) / max(
+        math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)), 1e-16
+    )
 
 
 def pool(vals, pooling, temperature):
@@ -29,18 +31,26 @@ def pool(vals, pooling, temperature):
     w = [math.exp((v - top) / temperature) for v in vals]
     if pooling == "softmax":
         return sum(wi * v for wi, v in zip(w, vals)) / sum(w)
-    return top + temperature * math.log(sum(w))  # (1/lambda) log sum exp(lambda s), shifted by the max
+    return top + temperature * math.log(
+        sum(w)
+    )  # (1/lambda) log sum exp(lambda s), shifted by the max
 
 
 def loop_scores(images: Tokens, texts: Tokens, codebook="visual", pooling="lse", temperature=0.1):
     """CHAN Eq. 5-8 one pair at a time, in plain Python floats."""
     out = torch.empty(images.batch_size, texts.batch_size, dtype=torch.float64)
     for i in range(images.batch_size):
-        regions = [images.feats[i, j].tolist() for j in range(images.num_tokens) if images.mask[i, j]]
+        regions = [
+            images.feats[i, j].tolist() for j in range(images.num_tokens) if images.mask[i, j]
+        ]
         for t in range(texts.batch_size):
-            words = [texts.feats[t, k].tolist() for k in range(texts.num_tokens) if texts.mask[t, k]]
+            words = [
+                texts.feats[t, k].tolist() for k in range(texts.num_tokens) if texts.mask[t, k]
+            ]
             queries, codewords = (words, regions) if codebook == "visual" else (regions, words)
-            per_query = [max(cos(q, c) for c in codewords) for q in queries]  # Eq. 5-6: hard assignment
+            per_query = [
+                max(cos(q, c) for c in codewords) for q in queries
+            ]  # Eq. 5-6: hard assignment
             out[i, t] = pool(per_query, pooling, temperature)  # Eq. 7-8: pooling over the queries
     return out
 
@@ -54,10 +64,13 @@ def test_shape_mask_and_dtype():
     texts = Tokens.from_lengths(torch.randn(5, 7, 8), [7, 1, 3, 5, 2])
     s = call(images, texts)
     assert s.shape == (3, 5) and s.dtype == torch.float32
-    assert hard_assignment_scores(images.feats.double(), texts.feats.double()).dtype == torch.float64
+    assert (
+        hard_assignment_scores(images.feats.double(), texts.feats.double()).dtype == torch.float64
+    )
     # No mask means every token is real.
     torch.testing.assert_close(
-        hard_assignment_scores(images.feats, texts.feats), call(Tokens(images.feats), Tokens(texts.feats))
+        hard_assignment_scores(images.feats, texts.feats),
+        call(Tokens(images.feats), Tokens(texts.feats)),
     )
 
 
@@ -77,7 +90,9 @@ def test_same_numbers_for_every_block_size(codebook, images, texts, data):
     full = call(images, texts, codebook=codebook, max_block_elements=10**9)
     n_pairs = images.batch_size * images.num_tokens * texts.batch_size * texts.num_tokens
     for budget in sorted({1, 2, 3, 7, data.draw(st.integers(1, max(1, n_pairs)))}):
-        torch.testing.assert_close(call(images, texts, codebook=codebook, max_block_elements=budget), full)
+        torch.testing.assert_close(
+            call(images, texts, codebook=codebook, max_block_elements=budget), full
+        )
 
 
 def test_blocked_float32_matches_unblocked_at_realistic_sizes():
@@ -88,20 +103,32 @@ def test_blocked_float32_matches_unblocked_at_realistic_sizes():
     for budget in [36 * 5, 36 * 40, 36 * 100 + 17, 5000]:
         torch.testing.assert_close(call(images, texts, max_block_elements=budget), full)
     # Sub-batches (how a retrieval evaluation cuts the test set) give the same numbers too.
-    parts = torch.cat([torch.cat([call(images[i : i + 4], texts[t : t + 5]) for t in range(0, 23, 5)], 1) for i in range(0, 11, 4)])
+    parts = torch.cat(
+        [
+            torch.cat([call(images[i : i + 4], texts[t : t + 5]) for t in range(0, 23, 5)], 1)
+            for i in range(0, 11, 4)
+        ]
+    )
     torch.testing.assert_close(parts, full)
 
 
 @pytest.mark.parametrize("codebook", ["visual", "textual"])
 @SETTINGS
-@given(images=tokens(**SIDES), texts=tokens(**SIDES), extra=st.integers(1, 3), fill=st.sampled_from([float("nan"), 1e6]))
+@given(
+    images=tokens(**SIDES),
+    texts=tokens(**SIDES),
+    extra=st.integers(1, 3),
+    fill=st.sampled_from([float("nan"), 1e6]),
+)
 def test_padding_garbage_changes_nothing(codebook, images, texts, extra, fill):
     def pad(t):
         mask = torch.cat([t.mask, t.mask.new_zeros(t.batch_size, extra)], 1)
         feats = torch.cat([t.feats, torch.randn(t.batch_size, extra, t.dim, dtype=t.dtype)], 1)
         return Tokens(feats.masked_fill(~mask.unsqueeze(-1), fill), mask)
 
-    torch.testing.assert_close(call(pad(images), pad(texts), codebook=codebook), call(images, texts, codebook=codebook))
+    torch.testing.assert_close(
+        call(pad(images), pad(texts), codebook=codebook), call(images, texts, codebook=codebook)
+    )
 
 
 @SETTINGS
@@ -122,14 +149,17 @@ def test_cosine_bounds_and_scale_invariance(images, texts, scale):
     for pooling in ("max", "mean", "softmax"):
         s = call(images, texts, pooling=pooling)
         assert bool((s.abs() <= 1 + 1e-12).all())
-    torch.testing.assert_close(call(images.with_feats(images.feats * scale), texts), call(images, texts))
+    torch.testing.assert_close(
+        call(images.with_feats(images.feats * scale), texts), call(images, texts)
+    )
 
 
 @SETTINGS
 @given(images=tokens(**SIDES), texts=tokens(**SIDES))
 def test_textual_codebook_is_visual_with_roles_swapped(images, texts):
     torch.testing.assert_close(
-        call(images, texts, codebook="textual", pooling="mean"), call(texts, images, pooling="mean").t()
+        call(images, texts, codebook="textual", pooling="mean"),
+        call(texts, images, pooling="mean").t(),
     )
 
 
@@ -152,7 +182,9 @@ def test_gradcheck_float64(pooling, codebook):
     text_mask = torch.tensor([[True, True, False], [True, True, True]])
 
     def f(v, t):
-        return hard_assignment_scores(v, t, None, text_mask, codebook=codebook, pooling=pooling, max_block_elements=20)
+        return hard_assignment_scores(
+            v, t, None, text_mask, codebook=codebook, pooling=pooling, max_block_elements=20
+        )
 
     # Random inputs have no ties, so the max over regions is differentiable at these points.
     assert torch.autograd.gradcheck(f, (images, texts), fast_mode=True)
@@ -209,17 +241,77 @@ def test_bfloat16_compute_is_close_to_float32_and_returns_float32():
 @pytest.mark.parametrize(
     "args, kwargs, error, match",
     [
-        ((torch.randn(2, 3, 8), torch.randn(2, 4, 6)), {}, ValueError, r"hard_assignment_scores: images and texts must share the feature dimension D"),
-        ((torch.randn(2, 3, 8), torch.randn(2, 4, 8), None, torch.tensor([[True] * 4, [False] * 4])), {}, ValueError, r"texts rows \[1\] have no real token"),
-        ((torch.full((2, 3, 8), float("nan")), torch.randn(2, 4, 8)), {}, ValueError, "images holds 48 NaN or inf"),
-        ((torch.randn(2, 3, 8), torch.randn(2, 4, 8), torch.ones(2, 3)), {}, TypeError, "images_mask must be a bool tensor"),
-        ((torch.randn(2, 3, 8), torch.randn(2, 4, 8), None, torch.ones(2, 3, dtype=torch.bool)), {}, ValueError, r"texts_mask of shape \(2, 3\) does not match"),
-        ((torch.randn(2, 3, 8), torch.randn(2, 4, 8)), {"pooling": "meen"}, ValueError, r"pooling must be one of .*got 'meen'. Did you mean 'mean'\?"),
-        ((torch.randn(2, 3, 8), torch.randn(2, 4, 8)), {"codebook": "textal"}, ValueError, r"codebook must be one of \['textual', 'visual'\], got 'textal'. Did you mean 'textual'\?"),
-        ((torch.randn(2, 3, 8), torch.randn(2, 4, 8)), {"temperature": -1.0}, ValueError, "temperature must be a finite number > 0"),
-        ((torch.randn(2, 3, 8), torch.randn(2, 4, 8)), {"max_block_elements": 0}, ValueError, "max_block_elements must be a positive int"),
-        ((torch.randn(2, 3, 8), torch.randn(2, 4, 8)), {"compute_dtype": "bf16"}, TypeError, "compute_dtype must be None or a floating torch.dtype"),
-        ((torch.randn(2, 3, 8), torch.randint(0, 5, (2, 4))), {}, ValueError, r"texts must have shape \(B, N, D\)"),
+        (
+            (torch.randn(2, 3, 8), torch.randn(2, 4, 6)),
+            {},
+            ValueError,
+            r"hard_assignment_scores: images and texts must share the feature dimension D",
+        ),
+        (
+            (
+                torch.randn(2, 3, 8),
+                torch.randn(2, 4, 8),
+                None,
+                torch.tensor([[True] * 4, [False] * 4]),
+            ),
+            {},
+            ValueError,
+            r"texts rows \[1\] have no real token",
+        ),
+        (
+            (torch.full((2, 3, 8), float("nan")), torch.randn(2, 4, 8)),
+            {},
+            ValueError,
+            "images holds 48 NaN or inf",
+        ),
+        (
+            (torch.randn(2, 3, 8), torch.randn(2, 4, 8), torch.ones(2, 3)),
+            {},
+            TypeError,
+            "images_mask must be a bool tensor",
+        ),
+        (
+            (torch.randn(2, 3, 8), torch.randn(2, 4, 8), None, torch.ones(2, 3, dtype=torch.bool)),
+            {},
+            ValueError,
+            r"texts_mask of shape \(2, 3\) does not match",
+        ),
+        (
+            (torch.randn(2, 3, 8), torch.randn(2, 4, 8)),
+            {"pooling": "meen"},
+            ValueError,
+            r"pooling must be one of .*got 'meen'. Did you mean 'mean'\?",
+        ),
+        (
+            (torch.randn(2, 3, 8), torch.randn(2, 4, 8)),
+            {"codebook": "textal"},
+            ValueError,
+            r"codebook must be one of \['textual', 'visual'\], got 'textal'. Did you mean 'textual'\?",
+        ),
+        (
+            (torch.randn(2, 3, 8), torch.randn(2, 4, 8)),
+            {"temperature": -1.0},
+            ValueError,
+            "temperature must be a finite number > 0",
+        ),
+        (
+            (torch.randn(2, 3, 8), torch.randn(2, 4, 8)),
+            {"max_block_elements": 0},
+            ValueError,
+            "max_block_elements must be a positive int",
+        ),
+        (
+            (torch.randn(2, 3, 8), torch.randn(2, 4, 8)),
+            {"compute_dtype": "bf16"},
+            TypeError,
+            "compute_dtype must be None or a floating torch.dtype",
+        ),
+        (
+            (torch.randn(2, 3, 8), torch.randint(0, 5, (2, 4))),
+            {},
+            ValueError,
+            r"texts must have shape \(B, N, D\)",
+        ),
     ],
 )
 def test_bad_inputs(args, kwargs, error, match):
@@ -236,4 +328,6 @@ def test_autocast_training_and_inference_compute_the_same_numbers():
         training = hard_assignment_scores(v.clone().requires_grad_(), t)
     assert inference.dtype == training.dtype == torch.float32
     torch.testing.assert_close(training.detach(), inference, rtol=0, atol=0)
-    torch.testing.assert_close(inference, hard_assignment_scores(v, t, compute_dtype=torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(
+        inference, hard_assignment_scores(v, t, compute_dtype=torch.bfloat16), rtol=0, atol=0
+    )

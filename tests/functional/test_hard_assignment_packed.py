@@ -40,8 +40,10 @@ def test_packed_blocks_equal_the_padded_product(budget):
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b)
     with torch.no_grad():  # the inference path (products into one reused buffer)
-        torch.testing.assert_close(hard_assignment_scores(images, texts, text_mask=text_mask, max_block_elements=budget),
-                                   want.detach())
+        torch.testing.assert_close(
+            hard_assignment_scores(images, texts, text_mask=text_mask, max_block_elements=budget),
+            want.detach(),
+        )
 
 
 def test_aligned_blocks_are_padded_and_cut_back(monkeypatch):
@@ -55,8 +57,14 @@ def test_aligned_blocks_are_padded_and_cut_back(monkeypatch):
         return real_mm(a, b, **kwargs)
 
     monkeypatch.setattr(torch, "mm", recording_mm)
-    got = blocked_query_scores(images, texts, None, text_mask, pool=resolve_pooling("lse", 0.1),
-                               max_block_elements=9 * 7 * 200)
+    got = blocked_query_scores(
+        images,
+        texts,
+        None,
+        text_mask,
+        pool=resolve_pooling("lse", 0.1),
+        max_block_elements=9 * 7 * 200,
+    )
     monkeypatch.setattr(torch, "mm", real_mm)
     assert widths and all(w % QUERY_ALIGN == 0 for w in widths), widths
     torch.testing.assert_close(got, padded_reference(images, texts, text_mask))

@@ -88,7 +88,9 @@ def test_triplet_matches_loop_forward_and_gradient(problem, margin, hardest, red
     b1, b2 = s1.clone().requires_grad_(), s2.clone().requires_grad_()
     scores = (a1, a2) if paired else a1
     # Arbitrary positives may repeat a row: every row counts here; "once" has its own loop below.
-    out = triplet_loss(scores, pos, margin=margin, hardest=hardest, reduction=reduction, count_pairs="per_row")
+    out = triplet_loss(
+        scores, pos, margin=margin, hardest=hardest, reduction=reduction, count_pairs="per_row"
+    )
     ref_terms = loop_triplet(b1, b2 if paired else b1, pos, margin, hardest)
     ref = {"sum": ref_terms.sum(), "mean": ref_terms.sum() / pos.sum(), "none": ref_terms}[
         reduction
@@ -112,7 +114,9 @@ def test_triplet_with_tied_scores_matches_loop(problem, hardest):
     # Scores on a coarse grid make many negatives tie with each other and with s(i, t) - margin.
     s, _, pos = problem
     s = (s * 4).round() / 4
-    out = triplet_loss(s, pos, margin=0.25, hardest=hardest, reduction="none", count_pairs="per_row")
+    out = triplet_loss(
+        s, pos, margin=0.25, hardest=hardest, reduction="none", count_pairs="per_row"
+    )
     torch.testing.assert_close(out, loop_triplet(s, s, pos, 0.25, hardest))
 
 
@@ -143,9 +147,16 @@ def loop_triplet_deduplicated(base, caption_image, margin, hardest):
         for c in range(n_captions):
             if caption_image[c] != u:
                 continue
-            i2t = [torch.clamp(margin - base[u, c] + base[u, d], min=0)
-                   for d in range(n_captions) if caption_image[d] != u]
-            t2i = [torch.clamp(margin - base[u, c] + base[v, c], min=0) for v in range(n_images) if v != u]
+            i2t = [
+                torch.clamp(margin - base[u, c] + base[u, d], min=0)
+                for d in range(n_captions)
+                if caption_image[d] != u
+            ]
+            t2i = [
+                torch.clamp(margin - base[u, c] + base[v, c], min=0)
+                for v in range(n_images)
+                if v != u
+            ]
             for hinges in (i2t, t2i):
                 if hinges:
                     stacked = torch.stack(hinges)
@@ -172,8 +183,9 @@ def test_triplet_counts_each_pair_once_with_repeated_image_rows(ids, seed, margi
     ref = loop_triplet_deduplicated(base, caption_image.tolist(), margin, hardest)
     torch.testing.assert_close(out, ref)
     n_pairs = len(ids)  # one matched pair per caption
-    torch.testing.assert_close(triplet_loss(scores, pos, margin=margin, hardest=hardest, reduction="mean"),
-                               ref / n_pairs)
+    torch.testing.assert_close(
+        triplet_loss(scores, pos, margin=margin, hardest=hardest, reduction="mean"), ref / n_pairs
+    )
     (grad,) = torch.autograd.grad(out, base)
     (ref_grad,) = torch.autograd.grad(ref + 0 * base.sum(), base)
     torch.testing.assert_close(grad, ref_grad)
@@ -183,15 +195,23 @@ def loop_triplet_copies(s, pos, margin, hardest):
     """The "once" rule written out: rows with the same non-empty positives are copies of one image;
     each copy's terms weigh 1 / copies, and in the summed loss a negative row weighs 1 / its copies."""
     bi, bt = pos.shape
-    copies = [sum(1 for u in range(bi) if pos[u].any() and bool((pos[u] == pos[r]).all())) or 1 for r in range(bi)]
+    copies = [
+        sum(1 for u in range(bi) if pos[u].any() and bool((pos[u] == pos[r]).all())) or 1
+        for r in range(bi)
+    ]
     total = s.new_zeros(())
     for i in range(bi):
         for t in range(bt):
             if not pos[i, t]:
                 continue
-            i2t = [torch.clamp(margin - s[i, t] + s[i, u], min=0) for u in range(bt) if not pos[i, u]]
-            t2i = [torch.clamp(margin - s[i, t] + s[j, t], min=0) / (1 if hardest else copies[j])
-                   for j in range(bi) if not pos[j, t]]
+            i2t = [
+                torch.clamp(margin - s[i, t] + s[i, u], min=0) for u in range(bt) if not pos[i, u]
+            ]
+            t2i = [
+                torch.clamp(margin - s[i, t] + s[j, t], min=0) / (1 if hardest else copies[j])
+                for j in range(bi)
+                if not pos[j, t]
+            ]
             for hinges in (i2t, t2i):
                 if hinges:
                     stacked = torch.stack(hinges)
@@ -200,12 +220,20 @@ def loop_triplet_copies(s, pos, margin, hardest):
 
 
 @SETTINGS
-@given(ids=image_ids(batch=st.integers(2, 7), max_images=3), seed=st.integers(0, 1000), hardest=st.booleans())
+@given(
+    ids=image_ids(batch=st.integers(2, 7), max_images=3),
+    seed=st.integers(0, 1000),
+    hardest=st.booleans(),
+)
 def test_triplet_once_with_unequal_copies_matches_loop(ids, seed, hardest):
     # Copies of one image need not score alike (dropout in the image encoder): each copy weighs 1 / k.
-    s = torch.rand(len(ids), len(ids), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    s = torch.rand(
+        len(ids), len(ids), generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
     pos = ids[:, None] == ids[None, :]
-    torch.testing.assert_close(triplet_loss(s, pos, margin=0.3, hardest=hardest), loop_triplet_copies(s, pos, 0.3, hardest))
+    torch.testing.assert_close(
+        triplet_loss(s, pos, margin=0.3, hardest=hardest), loop_triplet_copies(s, pos, 0.3, hardest)
+    )
 
 
 def test_triplet_per_row_counts_a_pair_once_per_copy():

@@ -7,7 +7,9 @@ from imtm.functional import num_masked_patches, random_patch_mask
 
 
 @settings(max_examples=20, deadline=None)
-@given(b=st.integers(0, 5), n=st.integers(0, 50), ratio=st.floats(0, 0.99), seed=st.integers(0, 100))
+@given(
+    b=st.integers(0, 5), n=st.integers(0, 50), ratio=st.floats(0, 0.99), seed=st.integers(0, 100)
+)
 def test_exact_count_per_row_and_reproducible(b, n, ratio, seed):
     m = random_patch_mask(b, n, ratio, generator=torch.Generator().manual_seed(seed))
     assert m.shape == (b, n) and m.dtype == torch.bool

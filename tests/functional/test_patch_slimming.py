@@ -45,7 +45,7 @@ def test_significance_parts_equal_the_loop():
         glo = sum(real) / len(real)
         want = loop_norm([torch.dot(x, glo) / 4 for x in real])
         torch.testing.assert_close(a_s[i, : len(real)], torch.stack(want))
-        assert bool((a_s[i, len(real):] == 0).all())
+        assert bool((a_s[i, len(real) :] == 0).all())
         for t in range(3):
             want = loop_norm([torch.dot(x, ctx[t]) / 4 for x in real])
             torch.testing.assert_close(a_r[i, : len(real), t], torch.stack(want))
@@ -53,7 +53,9 @@ def test_significance_parts_equal_the_loop():
     a = combine_significance(pred, a_s.unsqueeze(-1), a_r, beta=0.8)
     torch.testing.assert_close(a, 0.2 * pred + 0.4 * (a_s.unsqueeze(-1) + a_r))
     # one score left out: the other takes the whole weight beta
-    torch.testing.assert_close(combine_significance(pred, None, a_r, beta=0.8), 0.2 * pred + 0.8 * a_r)
+    torch.testing.assert_close(
+        combine_significance(pred, None, a_r, beta=0.8), 0.2 * pred + 0.8 * a_r
+    )
 
 
 @SETTINGS
@@ -81,7 +83,9 @@ def test_gumbel_decisions_are_exact_and_follow_the_formula():
         assert d.flatten()[idx].item() == float(keep > drop)
     soft = torch.sigmoid((torch.log(a) - torch.log1p(-a) + noise) / 0.5)
     w = torch.randn(4, 7, dtype=torch.float64)
-    torch.testing.assert_close(torch.autograd.grad((d * w).sum(), a)[0], torch.autograd.grad((soft * w).sum(), a)[0])
+    torch.testing.assert_close(
+        torch.autograd.grad((d * w).sum(), a)[0], torch.autograd.grad((soft * w).sum(), a)[0]
+    )
     torch.testing.assert_close(gumbel_keep_decisions(a, tau=0.5, hard=False, noise=noise), soft)
 
 
@@ -100,13 +104,19 @@ def test_gumbel_scores_at_zero_and_one_give_no_nan():
     (grad,) = torch.autograd.grad(d.sum(), a)
     assert bool(torch.isfinite(d).all()) and bool(torch.isfinite(grad).all())
     # the clamp keeps exactly-0 scores from ever being kept in practice, and exactly-1 from being dropped
-    many = gumbel_keep_decisions(torch.tensor([0.0, 1.0]).expand(5000, 2), generator=torch.Generator().manual_seed(1))
-    assert many[:, 0].sum() <= 5000 * SIGNIFICANCE_EPS * 10 and many[:, 1].sum() >= 5000 * (1 - SIGNIFICANCE_EPS * 10)
+    many = gumbel_keep_decisions(
+        torch.tensor([0.0, 1.0]).expand(5000, 2), generator=torch.Generator().manual_seed(1)
+    )
+    assert many[:, 0].sum() <= 5000 * SIGNIFICANCE_EPS * 10 and many[:, 1].sum() >= 5000 * (
+        1 - SIGNIFICANCE_EPS * 10
+    )
 
 
 def test_gumbel_mask_and_bad_inputs():
     a = torch.full((2, 3), 0.999)
-    d = gumbel_keep_decisions(a, mask=torch.tensor([[True, False, True]]), generator=torch.Generator().manual_seed(0))
+    d = gumbel_keep_decisions(
+        a, mask=torch.tensor([[True, False, True]]), generator=torch.Generator().manual_seed(0)
+    )
     assert bool((d[:, 1] == 0).all())
     with pytest.raises(ValueError, match="tau must be a finite number > 0"):
         gumbel_keep_decisions(a, tau=0.0)
@@ -173,8 +183,12 @@ def test_fusion_weights_equal_the_loop():
     mask = torch.tensor([[True, True, True, True, False]])
     w = fusion_weights(a, d, mask)
     z = math.exp(0.2) + math.exp(0.4)
-    torch.testing.assert_close(w, torch.tensor([[0, math.exp(0.2) / z, math.exp(0.4) / z, 0, 0]], dtype=torch.float64))
-    assert bool((fusion_weights(a, torch.ones_like(a)) == 0).all())  # nothing dropped: no fused token
+    torch.testing.assert_close(
+        w, torch.tensor([[0, math.exp(0.2) / z, math.exp(0.4) / z, 0, 0]], dtype=torch.float64)
+    )
+    assert bool(
+        (fusion_weights(a, torch.ones_like(a)) == 0).all()
+    )  # nothing dropped: no fused token
 
 
 def test_slimmed_cosines_equal_built_tokens_forward_and_gradient():
@@ -192,7 +206,9 @@ def test_slimmed_cosines_equal_built_tokens_forward_and_gradient():
                     want[i, c, k, m] = F.cosine_similarity(built[i, c, k], t[c, m], dim=0)
     torch.testing.assert_close(got, want)
     w = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad((got * w).sum(), (v, W)), torch.autograd.grad((want * w).sum(), (v, W))):
+    for a, b in zip(
+        torch.autograd.grad((got * w).sum(), (v, W)), torch.autograd.grad((want * w).sum(), (v, W))
+    ):
         torch.testing.assert_close(a, b)
 
 
@@ -202,7 +218,9 @@ def test_ratio_loss_equals_the_loop_and_masks():
     mask = torch.tensor([[[True, True, True, False]]])
     want = ((0.5 - 2 / 3) ** 2 + (0.5 - 0 / 3) ** 2) / 2
     torch.testing.assert_close(ratio_loss(d, 0.5, mask), torch.tensor(want))
-    torch.testing.assert_close(ratio_loss(d, 0.5), torch.tensor(((0.5 - 0.75) ** 2 + (0.5 - 0.25) ** 2) / 2))
+    torch.testing.assert_close(
+        ratio_loss(d, 0.5), torch.tensor(((0.5 - 0.75) ** 2 + (0.5 - 0.25) ** 2) / 2)
+    )
 
 
 def test_ratio_loss_bad_inputs():
@@ -240,7 +258,11 @@ def _loop_dpc_knn(x, keep, c, k):
     """DPC-KNN for one pair, point by point; returns {frozenset(members)} of the non-empty clusters."""
     idx = [n for n in range(x.shape[0]) if keep[n]]
     d = x.shape[1]
-    dist = {(a, b): float(torch.linalg.vector_norm(x[a] - x[b])) / math.sqrt(d) for a in idx for b in idx}
+    dist = {
+        (a, b): float(torch.linalg.vector_norm(x[a] - x[b])) / math.sqrt(d)
+        for a in idx
+        for b in idx
+    }
     rho = {}
     for a in idx:
         near = sorted(dist[a, b] for b in idx)[: min(k, len(idx))]
@@ -257,7 +279,9 @@ def _loop_dpc_knn(x, keep, c, k):
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 10**6), c=st.integers(1, 4), k=st.integers(1, 6), extra=st.integers(0, 2))
+@given(
+    seed=st.integers(0, 10**6), c=st.integers(1, 4), k=st.integers(1, 6), extra=st.integers(0, 2)
+)
 def test_dpc_knn_matches_loop_and_ignores_padding(seed, c, k, extra):
     from imtm.functional.patch_slimming import dpc_knn_weights
 
@@ -268,12 +292,18 @@ def test_dpc_knn_matches_loop_and_ignores_padding(seed, c, k, extra):
     assert w.shape == (2, 6, 3, c) and valid.shape == (2, 3, c)
     for i in range(2):
         for t in range(3):
-            got = {frozenset(int(n) for n in torch.nonzero(w[i, :, t, j]).flatten()) for j in range(c) if valid[i, t, j]}
+            got = {
+                frozenset(int(n) for n in torch.nonzero(w[i, :, t, j]).flatten())
+                for j in range(c)
+                if valid[i, t, j]
+            }
             assert got == _loop_dpc_knn(x[i], dec[i, :, t] > 0, c, k)
             for j in range(c):  # each cluster's weights are its mean
                 members = w[i, :, t, j] > 0
                 if members.any():
-                    torch.testing.assert_close(w[i, members, t, j].sum(), torch.tensor(1.0, dtype=torch.float64))
+                    torch.testing.assert_close(
+                        w[i, members, t, j].sum(), torch.tensor(1.0, dtype=torch.float64)
+                    )
     # Padded patches (any values) change nothing.
     xp = torch.cat([x, torch.randn(2, extra, 3, generator=g, dtype=torch.float64) * 100], 1)
     dp = torch.cat([dec, torch.ones(2, extra, 3, dtype=torch.float64)], 1)

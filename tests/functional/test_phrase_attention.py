@@ -23,8 +23,12 @@ def modules(seed=0, ffn=True):
     ``ffn``: seven layers (attention, norm, attention, norm, linear1, linear2, norm3), else the first four.
     """
     torch.manual_seed(seed)
-    layers = [torch.nn.MultiheadAttention(D, H, batch_first=True), torch.nn.LayerNorm(D),
-              torch.nn.MultiheadAttention(D, H, batch_first=True), torch.nn.LayerNorm(D)]
+    layers = [
+        torch.nn.MultiheadAttention(D, H, batch_first=True),
+        torch.nn.LayerNorm(D),
+        torch.nn.MultiheadAttention(D, H, batch_first=True),
+        torch.nn.LayerNorm(D),
+    ]
     if ffn:
         layers += [torch.nn.Linear(D, FFN), torch.nn.Linear(FFN, D), torch.nn.LayerNorm(D)]
     for layer in layers:
@@ -37,9 +41,17 @@ def modules(seed=0, ffn=True):
 def call(queries, keys, layers, **kw):
     sa, n1, ca, n2 = layers[:4]
     ff = FeedForwardWeights.from_modules(*layers[4:]) if len(layers) == 7 else None
-    return phrase_attention_scores(queries.feats, keys.feats, queries.mask, keys.mask,
-                                   self_attn=AttentionWeights.from_modules(sa, n1),
-                                   cross_attn=AttentionWeights.from_modules(ca, n2), heads=H, feed_forward=ff, **kw)
+    return phrase_attention_scores(
+        queries.feats,
+        keys.feats,
+        queries.mask,
+        keys.mask,
+        self_attn=AttentionWeights.from_modules(sa, n1),
+        cross_attn=AttentionWeights.from_modules(ca, n2),
+        heads=H,
+        feed_forward=ff,
+        **kw,
+    )
 
 
 def loop_scores(queries: Tokens, keys: Tokens, layers, k, average="features"):
@@ -56,11 +68,17 @@ def loop_scores(queries: Tokens, keys: Tokens, layers, k, average="features"):
             if len(layers) == 7:  # then the feed-forward sub-layer
                 l1, l2, n3 = layers[4:]
                 y = n3(y + l2(torch.relu(l1(y))))
-            if k is None and average == "features":  # the global average: pool both sides, one cosine
+            if (
+                k is None and average == "features"
+            ):  # the global average: pool both sides, one cosine
                 row.append(F.cosine_similarity(y.mean(0), w[0].mean(0), dim=0))
                 continue
-            best = torch.stack([max(F.cosine_similarity(y[a], w[0, b], dim=0) for b in range(w.shape[1]))
-                                for a in range(y.shape[0])])
+            best = torch.stack(
+                [
+                    max(F.cosine_similarity(y[a], w[0, b], dim=0) for b in range(w.shape[1]))
+                    for a in range(y.shape[0])
+                ]
+            )
             kk = best.numel() if k is None else min(k, best.numel())
             row.append(best.topk(kk).values.mean())
         out.append(torch.stack(row))
@@ -78,26 +96,45 @@ def test_self_attention_matches_torch():
 
 
 @SETTINGS
-@given(queries=tokens(**SIDES), keys=tokens(**SIDES), k=st.sampled_from([1, 2, 10, None]),
-       average=st.sampled_from(["features", "cosines"]), ffn=st.booleans(), data=st.data())
+@given(
+    queries=tokens(**SIDES),
+    keys=tokens(**SIDES),
+    k=st.sampled_from([1, 2, 10, None]),
+    average=st.sampled_from(["features", "cosines"]),
+    ffn=st.booleans(),
+    data=st.data(),
+)
 def test_matches_loop_for_every_block_size(queries, keys, k, average, ffn, data):
     layers = modules(ffn=ffn)
     full = call(queries, keys, layers, k=k, average=average)
     with torch.no_grad():
         torch.testing.assert_close(full, loop_scores(queries, keys, layers, k, average))
     assert bool((full.abs() <= 1 + 1e-9).all())
-    budget = data.draw(st.integers(1, queries.batch_size * keys.batch_size * 5 * max(D, H * 5, FFN)))
-    torch.testing.assert_close(call(queries, keys, layers, k=k, average=average, max_block_elements=budget), full)
+    budget = data.draw(
+        st.integers(1, queries.batch_size * keys.batch_size * 5 * max(D, H * 5, FFN))
+    )
+    torch.testing.assert_close(
+        call(queries, keys, layers, k=k, average=average, max_block_elements=budget), full
+    )
 
 
 def test_the_layer_is_torchs_transformer_decoder_layer():
     """With the feed-forward sub-layer, each pair's outputs are nn.TransformerDecoderLayer's (post-norm, ReLU)."""
     torch.manual_seed(3)
-    layer = torch.nn.TransformerDecoderLayer(D, H, FFN, dropout=0.0, batch_first=True).double().eval()
+    layer = (
+        torch.nn.TransformerDecoderLayer(D, H, FFN, dropout=0.0, batch_first=True).double().eval()
+    )
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.7)
-    layers = [layer.self_attn, layer.norm1, layer.multihead_attn, layer.norm2, layer.linear1, layer.linear2,
-              layer.norm3]
+    layers = [
+        layer.self_attn,
+        layer.norm1,
+        layer.multihead_attn,
+        layer.norm2,
+        layer.linear1,
+        layer.linear2,
+        layer.norm3,
+    ]
     q = Tokens.from_lengths(torch.randn(3, 5, D, dtype=torch.float64), [5, 2, 4])
     kk = Tokens.from_lengths(torch.randn(2, 4, D, dtype=torch.float64), [4, 3])
     got = call(q, kk, layers, k=2)
@@ -110,8 +147,10 @@ def test_the_layer_is_torchs_transformer_decoder_layer():
                 cos = F.normalize(y, dim=-1) @ F.normalize(w[0], dim=-1).t()
                 want[i, t] = cos.amax(1).topk(min(2, y.shape[0])).values.mean()
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(feed_forward(q.feats, FeedForwardWeights.from_modules(*layers[4:])),
-                               layer.norm3(q.feats + layer.linear2(torch.relu(layer.linear1(q.feats)))))
+    torch.testing.assert_close(
+        feed_forward(q.feats, FeedForwardWeights.from_modules(*layers[4:])),
+        layer.norm3(q.feats + layer.linear2(torch.relu(layer.linear1(q.feats)))),
+    )
 
 
 def test_global_average_pools_first_and_differs_from_the_mean_of_cosines():
@@ -127,13 +166,19 @@ def test_global_average_pools_first_and_differs_from_the_mean_of_cosines():
 @pytest.mark.parametrize("budget", [1, 50, None])
 def test_gradients_match_loop(budget):
     layers = modules(1)
-    q = Tokens.from_lengths(torch.randn(3, 5, D, dtype=torch.float64, requires_grad=True), [5, 2, 3])
+    q = Tokens.from_lengths(
+        torch.randn(3, 5, D, dtype=torch.float64, requires_grad=True), [5, 2, 3]
+    )
     kk = Tokens.from_lengths(torch.randn(2, 4, D, dtype=torch.float64, requires_grad=True), [4, 1])
     weight = torch.randn(3, 2, dtype=torch.float64)
     params = [p for layer in layers for p in layer.parameters()]
-    got = torch.autograd.grad((call(q, kk, layers, k=2, max_block_elements=budget) * weight).sum(),
-                              [q.feats, kk.feats, *params])
-    want = torch.autograd.grad((loop_scores(q, kk, layers, 2) * weight).sum(), [q.feats, kk.feats, *params])
+    got = torch.autograd.grad(
+        (call(q, kk, layers, k=2, max_block_elements=budget) * weight).sum(),
+        [q.feats, kk.feats, *params],
+    )
+    want = torch.autograd.grad(
+        (loop_scores(q, kk, layers, 2) * weight).sum(), [q.feats, kk.feats, *params]
+    )
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 
@@ -172,14 +217,24 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="must share the feature dimension"):
         phrase_attention_scores(q, kk[..., :2], self_attn=w, cross_attn=w, heads=H)
     with pytest.raises(ValueError, match="have no real token"):
-        phrase_attention_scores(q, kk, key_mask=torch.zeros(2, 4, dtype=torch.bool), self_attn=w, cross_attn=w, heads=H)
+        phrase_attention_scores(
+            q, kk, key_mask=torch.zeros(2, 4, dtype=torch.bool), self_attn=w, cross_attn=w, heads=H
+        )
     with pytest.raises(ValueError, match="Did you mean 'features'"):
-        phrase_attention_scores(q, kk, self_attn=w, cross_attn=w, heads=H, k=None, average="feature")
+        phrase_attention_scores(
+            q, kk, self_attn=w, cross_attn=w, heads=H, k=None, average="feature"
+        )
     with pytest.raises(TypeError, match="feed_forward must be a FeedForwardWeights or None"):
         phrase_attention_scores(q, kk, self_attn=w, cross_attn=w, heads=H, feed_forward=w)
     l1, l2, n3 = modules()[4:]
     ff = FeedForwardWeights.from_modules(l1, l2, n3)
-    bad = FeedForwardWeights(ff.linear1_weight, ff.linear1_bias, ff.linear2_weight[:, :2], ff.linear2_bias,
-                             ff.norm_weight, ff.norm_bias)
+    bad = FeedForwardWeights(
+        ff.linear1_weight,
+        ff.linear1_bias,
+        ff.linear2_weight[:, :2],
+        ff.linear2_bias,
+        ff.norm_weight,
+        ff.norm_bias,
+    )
     with pytest.raises(ValueError, match=r"feed_forward.linear2_weight must have shape \(4, 6\)"):
         phrase_attention_scores(q, kk, self_attn=w, cross_attn=w, heads=H, feed_forward=bad)

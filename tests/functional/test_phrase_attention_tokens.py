@@ -18,7 +18,9 @@ from imtm.functional.topk import topk_mean
 
 def weights(dim=8, heads=2, seed=0):
     torch.manual_seed(seed)
-    mk = lambda: AttentionWeights.from_modules(torch.nn.MultiheadAttention(dim, heads), torch.nn.LayerNorm(dim))
+    mk = lambda: AttentionWeights.from_modules(
+        torch.nn.MultiheadAttention(dim, heads), torch.nn.LayerNorm(dim)
+    )
     return mk(), mk()
 
 
@@ -68,8 +70,9 @@ def test_padding_never_changes_a_score_and_scores_are_cosines(pad_q, pad_k, seed
     kp = torch.cat([k, torch.randn(2, pad_k, 8, generator=g) * 1e3], 1)
     qm = torch.arange(4 + pad_q) < 4
     km = torch.arange(3 + pad_k) < 3
-    padded = phrase_attention_token_scores(qp, kp, qm.expand(2, -1), km.expand(2, -1), self_attn=sa,
-                                           cross_attn=ca, heads=2)
+    padded = phrase_attention_token_scores(
+        qp, kp, qm.expand(2, -1), km.expand(2, -1), self_attn=sa, cross_attn=ca, heads=2
+    )
     torch.testing.assert_close(padded[:, :4], base)
     assert bool((padded[:, 4:] == -math.inf).all())
     assert bool((base.abs() <= 1 + 1e-5).all())
@@ -78,6 +81,10 @@ def test_padding_never_changes_a_score_and_scores_are_cosines(pad_q, pad_k, seed
 def test_bad_inputs():
     sa, ca = weights()
     with pytest.raises(ValueError, match="pair row by row"):
-        phrase_attention_token_scores(torch.randn(2, 3, 8), torch.randn(3, 3, 8), self_attn=sa, cross_attn=ca, heads=2)
+        phrase_attention_token_scores(
+            torch.randn(2, 3, 8), torch.randn(3, 3, 8), self_attn=sa, cross_attn=ca, heads=2
+        )
     with pytest.raises(ValueError, match="heads must be a positive int"):
-        phrase_attention_token_scores(torch.randn(2, 3, 8), torch.randn(2, 3, 8), self_attn=sa, cross_attn=ca, heads=3)
+        phrase_attention_token_scores(
+            torch.randn(2, 3, 8), torch.randn(2, 3, 8), self_attn=sa, cross_attn=ca, heads=3
+        )

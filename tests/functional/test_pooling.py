@@ -22,7 +22,11 @@ SETTINGS = settings(max_examples=25, deadline=None)
 def loop_pool(x, mask, pooling, temperature):
     """The poolings written out one set at a time over the last axis."""
     out = torch.empty(x.shape[:-1], dtype=x.dtype)
-    for idx in torch.cartesian_prod(*[torch.arange(n) for n in x.shape[:-1]]).view(-1, x.dim() - 1).tolist():
+    for idx in (
+        torch.cartesian_prod(*[torch.arange(n) for n in x.shape[:-1]])
+        .view(-1, x.dim() - 1)
+        .tolist()
+    ):
         vals = [float(x[tuple(idx)][m]) for m in range(x.shape[-1]) if mask[tuple(idx)][m]]
         if pooling == "max":
             r = max(vals)
@@ -43,7 +47,11 @@ def loop_pool(x, mask, pooling, temperature):
 
 @st.composite
 def scores_and_mask(draw, max_sets=4, max_len=6):
-    a, b, m = draw(st.integers(1, max_sets)), draw(st.integers(1, max_sets)), draw(st.integers(1, max_len))
+    a, b, m = (
+        draw(st.integers(1, max_sets)),
+        draw(st.integers(1, max_sets)),
+        draw(st.integers(1, max_len)),
+    )
     rows = [draw(st.lists(st.booleans(), min_size=m, max_size=m)) for _ in range(a * b)]
     for row in rows:
         if not any(row):
@@ -62,7 +70,8 @@ def test_shape_and_axis(pooling):
     assert masked_pool(x, mask, pooling).shape == (3, 4)
     # Pooling another axis is the same as moving it last.
     torch.testing.assert_close(
-        masked_pool(x, mask, pooling, dim=1), masked_pool(x.transpose(1, 2), mask.transpose(1, 2), pooling)
+        masked_pool(x, mask, pooling, dim=1),
+        masked_pool(x.transpose(1, 2), mask.transpose(1, 2), pooling),
     )
 
 
@@ -71,18 +80,26 @@ def test_shape_and_axis(pooling):
 @given(data=scores_and_mask(), temperature=st.sampled_from([0.05, 0.1, 1.0]))
 def test_matches_loop_of_equation(pooling, data, temperature):
     x, mask = data
-    torch.testing.assert_close(masked_pool(x, mask, pooling, temperature), loop_pool(x, mask, pooling, temperature))
+    torch.testing.assert_close(
+        masked_pool(x, mask, pooling, temperature), loop_pool(x, mask, pooling, temperature)
+    )
 
 
 @pytest.mark.parametrize("pooling", sorted(POOLINGS))
 @SETTINGS
-@given(data=scores_and_mask(), extra=st.integers(1, 3), fill=st.sampled_from([float("nan"), 1e30, -1e30]))
+@given(
+    data=scores_and_mask(),
+    extra=st.integers(1, 3),
+    fill=st.sampled_from([float("nan"), 1e30, -1e30]),
+)
 def test_padding_values_never_matter(pooling, data, extra, fill):
     x, mask = data
     padded = torch.cat([x, torch.full((*x.shape[:-1], extra), fill, dtype=x.dtype)], -1)
     padded_mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], extra)], -1)
     garbage = padded.masked_fill(~padded_mask, fill)
-    torch.testing.assert_close(masked_pool(garbage, padded_mask, pooling), masked_pool(x, mask, pooling))
+    torch.testing.assert_close(
+        masked_pool(garbage, padded_mask, pooling), masked_pool(x, mask, pooling)
+    )
 
 
 @SETTINGS
@@ -107,7 +124,9 @@ def test_permutation_invariance_within_a_set(data):
     x, mask = data
     perm = torch.randperm(x.shape[-1])
     for pooling in POOLINGS:
-        torch.testing.assert_close(masked_pool(x[..., perm], mask[..., perm], pooling), masked_pool(x, mask, pooling))
+        torch.testing.assert_close(
+            masked_pool(x[..., perm], mask[..., perm], pooling), masked_pool(x, mask, pooling)
+        )
 
 
 def test_broadcast_mask_and_none_mask():
@@ -123,7 +142,9 @@ def test_lse_and_softmax_tiny_temperature_stay_finite_and_tend_to_max():
     for t in (1e-3, 1e-4):
         lse = lse_pool(x, temperature=t)
         assert bool(torch.isfinite(lse).all())
-        torch.testing.assert_close(lse, max_pool(x) + torch.tensor([0.0, t * math.log(2)]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            lse, max_pool(x) + torch.tensor([0.0, t * math.log(2)]), atol=1e-5, rtol=0
+        )
         torch.testing.assert_close(softmax_pool(x, temperature=t), max_pool(x))
 
 
@@ -164,14 +185,42 @@ def test_lse_gradient_is_finite_at_tiny_temperature():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"pooling": "lsee"}, ValueError, r"pooling must be one of \['lse', 'max', 'mean', 'softmax', 'sum'\], got 'lsee'\. Did you mean 'lse'\?"),
-        ({"pooling": "lse", "temperature": 0.0}, ValueError, "temperature must be a finite number > 0, got 0.0"),
-        ({"pooling": "lse", "temperature": float("nan")}, ValueError, "temperature must be a finite number > 0"),
-        ({"pooling": "max", "temperature": "hot"}, TypeError, "temperature must be a positive number, got str"),
+        (
+            {"pooling": "lsee"},
+            ValueError,
+            r"pooling must be one of \['lse', 'max', 'mean', 'softmax', 'sum'\], got 'lsee'\. Did you mean 'lse'\?",
+        ),
+        (
+            {"pooling": "lse", "temperature": 0.0},
+            ValueError,
+            "temperature must be a finite number > 0, got 0.0",
+        ),
+        (
+            {"pooling": "lse", "temperature": float("nan")},
+            ValueError,
+            "temperature must be a finite number > 0",
+        ),
+        (
+            {"pooling": "max", "temperature": "hot"},
+            TypeError,
+            "temperature must be a positive number, got str",
+        ),
         ({"mask": torch.ones(2, 3)}, TypeError, "mask must be a bool tensor"),
-        ({"mask": torch.ones(4, 3, dtype=torch.bool)}, ValueError, r"mask of shape \(4, 3\) does not broadcast"),
-        ({"mask": torch.ones(2, 2, 3, dtype=torch.bool)}, ValueError, "does not broadcast to x of shape"),
-        ({"mask": torch.tensor([[True] * 3, [False] * 3])}, ValueError, "1 set\\(s\\) have no valid position"),
+        (
+            {"mask": torch.ones(4, 3, dtype=torch.bool)},
+            ValueError,
+            r"mask of shape \(4, 3\) does not broadcast",
+        ),
+        (
+            {"mask": torch.ones(2, 2, 3, dtype=torch.bool)},
+            ValueError,
+            "does not broadcast to x of shape",
+        ),
+        (
+            {"mask": torch.tensor([[True] * 3, [False] * 3])},
+            ValueError,
+            "1 set\\(s\\) have no valid position",
+        ),
         ({"dim": 2}, ValueError, "dim=2 is out of range"),
     ],
 )

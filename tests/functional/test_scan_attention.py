@@ -17,12 +17,22 @@ def loop_scan(images: Tokens, texts: Tokens, smooth=9.0):
     """SCAN t2i with average pooling, one pair and one word at a time, on the real tokens only."""
     out = torch.zeros(images.batch_size, texts.batch_size, dtype=torch.float64)
     for i in range(images.batch_size):
-        v = [images.feats[i, n] / images.feats[i, n].norm() for n in range(images.num_tokens) if images.mask[i, n]]
+        v = [
+            images.feats[i, n] / images.feats[i, n].norm()
+            for n in range(images.num_tokens)
+            if images.mask[i, n]
+        ]
         for t in range(texts.batch_size):
-            e = [texts.feats[t, m] / texts.feats[t, m].norm() for m in range(texts.num_tokens) if texts.mask[t, m]]
+            e = [
+                texts.feats[t, m] / texts.feats[t, m].norm()
+                for m in range(texts.num_tokens)
+                if texts.mask[t, m]
+            ]
             s = [[float(x @ w) for w in e] for x in v]
             s = [[c if c > 0 else 0.1 * c for c in row] for row in s]  # LeakyReLU(0.1)
-            s = [[c / (math.sqrt(sum(x * x for x in row)) + 1e-8) for c in row] for row in s]  # over words
+            s = [
+                [c / (math.sqrt(sum(x * x for x in row)) + 1e-8) for c in row] for row in s
+            ]  # over words
             total = 0.0
             for j, w in enumerate(e):
                 z = sum(math.exp(smooth * s[r][j]) for r in range(len(v)))
@@ -39,20 +49,28 @@ def test_matches_the_per_pair_loop_for_every_block_size(images, texts, data):
     torch.testing.assert_close(got, loop_scan(images, texts))
     assert bool((got.abs() <= 1 + 1e-9).all())
     budget = data.draw(st.integers(1, 200))
-    torch.testing.assert_close(scan_t2i_scores(images.feats, texts.feats, images.mask, texts.mask,
-                                               max_block_elements=budget), got)
+    torch.testing.assert_close(
+        scan_t2i_scores(
+            images.feats, texts.feats, images.mask, texts.mask, max_block_elements=budget
+        ),
+        got,
+    )
 
 
 def test_padding_and_permutations():
     g = torch.Generator().manual_seed(0)
     images = Tokens.from_lengths(torch.randn(3, 6, 4, generator=g, dtype=torch.float64), [6, 3, 5])
-    texts = Tokens.from_lengths(torch.randn(4, 5, 4, generator=g, dtype=torch.float64), [5, 1, 3, 4])
+    texts = Tokens.from_lengths(
+        torch.randn(4, 5, 4, generator=g, dtype=torch.float64), [5, 1, 3, 4]
+    )
     base = scan_t2i_scores(images.feats, texts.feats, images.mask, texts.mask)
     dirty = images.feats.masked_fill(~images.mask.unsqueeze(-1), float("nan"))
     torch.testing.assert_close(scan_t2i_scores(dirty, texts.feats, images.mask, texts.mask), base)
     pi, pt = torch.randperm(3, generator=g), torch.randperm(4, generator=g)
-    torch.testing.assert_close(scan_t2i_scores(images.feats[pi], texts.feats[pt], images.mask[pi], texts.mask[pt]),
-                               base[pi][:, pt])
+    torch.testing.assert_close(
+        scan_t2i_scores(images.feats[pi], texts.feats[pt], images.mask[pi], texts.mask[pt]),
+        base[pi][:, pt],
+    )
 
 
 def test_bad_inputs():

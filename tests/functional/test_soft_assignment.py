@@ -38,13 +38,21 @@ def pool(vals, pooling, temperature):
     return top + temperature * math.log(sum(w))
 
 
-def loop_scores(images: Tokens, texts: Tokens, tau, codebook="visual", pooling="lse", temperature=0.1):
+def loop_scores(
+    images: Tokens, texts: Tokens, tau, codebook="visual", pooling="lse", temperature=0.1
+):
     """CHAN Eq. 1-4 one pair and one word at a time, building every attended vector t_hat."""
     out = torch.empty(images.batch_size, texts.batch_size, dtype=torch.float64)
     for i in range(images.batch_size):
-        regions = [unit(images.feats[i, j].tolist()) for j in range(images.num_tokens) if images.mask[i, j]]
+        regions = [
+            unit(images.feats[i, j].tolist()) for j in range(images.num_tokens) if images.mask[i, j]
+        ]
         for t in range(texts.batch_size):
-            words = [unit(texts.feats[t, k].tolist()) for k in range(texts.num_tokens) if texts.mask[t, k]]
+            words = [
+                unit(texts.feats[t, k].tolist())
+                for k in range(texts.num_tokens)
+                if texts.mask[t, k]
+            ]
             queries, codewords = (words, regions) if codebook == "visual" else (regions, words)
             per_query = []
             for q in queries:
@@ -52,8 +60,13 @@ def loop_scores(images: Tokens, texts: Tokens, tau, codebook="visual", pooling="
                 top = max(logits)
                 a = [math.exp(x - top) for x in logits]
                 a = [x / sum(a) for x in a]  # Eq. 2: softmax over the codewords
-                t_hat = [sum(a[j] * codewords[j][d] for j in range(len(codewords))) for d in range(len(q))]
-                per_query.append(dot(q, t_hat) / math.sqrt(dot(t_hat, t_hat)))  # Eq. 4: cos(t_i, t_hat_i)
+                t_hat = [
+                    sum(a[j] * codewords[j][d] for j in range(len(codewords)))
+                    for d in range(len(q))
+                ]
+                per_query.append(
+                    dot(q, t_hat) / math.sqrt(dot(t_hat, t_hat))
+                )  # Eq. 4: cos(t_i, t_hat_i)
             out[i, t] = pool(per_query, pooling, temperature)
     return out
 
@@ -109,7 +122,10 @@ def test_permutations_and_bounds(images, texts, data):
 
 def test_small_tau_approaches_hard_assignment():
     torch.manual_seed(0)
-    images, texts = torch.randn(3, 5, 16, dtype=torch.float64), torch.randn(4, 6, 16, dtype=torch.float64)
+    images, texts = (
+        torch.randn(3, 5, 16, dtype=torch.float64),
+        torch.randn(4, 6, 16, dtype=torch.float64),
+    )
     soft = soft_assignment_scores(images, texts, tau=1e-4, pooling="mean")
     hard = hard_assignment_scores(images, texts, pooling="mean")
     torch.testing.assert_close(soft, hard)
@@ -123,7 +139,9 @@ def test_attended_cosine_never_builds_t_hat_but_equals_it():
     got = attended_cosine(sims, None, v @ v.transpose(1, 2), tau=0.3)
     attn = torch.softmax(sims / 0.3, dim=1)
     t_hat = torch.einsum("bkw,bkd->bwd", attn, v)
-    torch.testing.assert_close(got, torch.nn.functional.cosine_similarity(t.expand_as(t_hat), t_hat, dim=-1))
+    torch.testing.assert_close(
+        got, torch.nn.functional.cosine_similarity(t.expand_as(t_hat), t_hat, dim=-1)
+    )
 
 
 @pytest.mark.parametrize("codebook", ["visual", "textual"])
@@ -134,7 +152,9 @@ def test_gradcheck_float64(codebook):
     text_mask = torch.tensor([[True, True, False], [True, True, True]])
 
     def f(v, t):
-        return soft_assignment_scores(v, t, None, text_mask, tau=0.5, codebook=codebook, max_block_elements=20)
+        return soft_assignment_scores(
+            v, t, None, text_mask, tau=0.5, codebook=codebook, max_block_elements=20
+        )
 
     assert torch.autograd.gradcheck(f, (images, texts), fast_mode=True)
 
@@ -151,7 +171,11 @@ def test_bfloat16_compute_is_close_to_float32():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"tau": 0.0}, ValueError, "soft_assignment_scores: tau must be a finite number > 0, got 0.0"),
+        (
+            {"tau": 0.0},
+            ValueError,
+            "soft_assignment_scores: tau must be a finite number > 0, got 0.0",
+        ),
         ({"pooling": "sums"}, ValueError, "Did you mean 'sum'"),
         ({"codebook": "visuall"}, ValueError, "Did you mean 'visual'"),
         ({"text_mask": torch.zeros(2, 4, dtype=torch.bool)}, ValueError, "have no real token"),

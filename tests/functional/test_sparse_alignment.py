@@ -58,7 +58,9 @@ def test_equals_the_loop_of_eq8_forward_and_gradient(direction):
 def test_padding_block_size_and_bounds(images, texts, budget, extra):
     full = sparse_alignment_scores(images.feats, texts.feats, images.mask, texts.mask)
     assert bool((full.abs() <= 2 + 1e-9).all())
-    blocked = sparse_alignment_scores(images.feats, texts.feats, images.mask, texts.mask, max_block_elements=budget)
+    blocked = sparse_alignment_scores(
+        images.feats, texts.feats, images.mask, texts.mask, max_block_elements=budget
+    )
     torch.testing.assert_close(blocked, full)
     # garbage (NaN included) in extra padded positions changes nothing
     pad_v = torch.full((images.batch_size, extra, 4), math.nan, dtype=torch.float64)
@@ -81,10 +83,13 @@ def test_permutation_equivariance(seed):
 def test_from_cosines_broadcasts_masks():
     A = torch.tensor([[[0.9, 0.1], [0.2, 0.4], [5.0, 5.0]]])
     torch.testing.assert_close(
-        sparse_alignment_from_cosines(A, torch.tensor([[True, True, False]])), torch.tensor([0.65 + 0.65])
+        sparse_alignment_from_cosines(A, torch.tensor([[True, True, False]])),
+        torch.tensor([0.65 + 0.65]),
     )
     torch.testing.assert_close(
-        sparse_alignment_from_cosines(A[:, :2], None, torch.tensor([[True, False]]), direction="word_to_patch"),
+        sparse_alignment_from_cosines(
+            A[:, :2], None, torch.tensor([[True, False]]), direction="word_to_patch"
+        ),
         torch.tensor([0.9]),
     )
 

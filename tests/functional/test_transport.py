@@ -62,7 +62,9 @@ def test_ipot_matches_loop_forward_and_gradient(seed):
     for k in range(2):
         rows = sm[k].nonzero().flatten().tolist()
         cols = tm[k].nonzero().flatten().tolist()
-        want = torch.tensor(loop_ipot(cost[k].detach().tolist(), rows, cols, n_iter=30), dtype=torch.float64)
+        want = torch.tensor(
+            loop_ipot(cost[k].detach().tolist(), rows, cols, n_iter=30), dtype=torch.float64
+        )
         torch.testing.assert_close(plan[k][rows][:, cols], want)
     # Gradient of <T, W> against central differences of the loop (a smooth function of C).
     w = torch.randn(cost.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -75,11 +77,17 @@ def test_ipot_matches_loop_forward_and_gradient(seed):
         c = cost[k].detach().clone()
         c[i, j] += delta
         t = loop_ipot(c.tolist(), rows, cols, n_iter=30)
-        return sum(t[a][b] * float(w[k, rows[a], cols[b]]) for a in range(len(rows)) for b in range(len(cols)))
+        return sum(
+            t[a][b] * float(w[k, rows[a], cols[b]])
+            for a in range(len(rows))
+            for b in range(len(cols))
+        )
 
     h = 1e-6
     numeric = (f(h) - f(-h)) / (2 * h)
-    torch.testing.assert_close(cost.grad[k, i, j], torch.tensor(numeric, dtype=torch.float64), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        cost.grad[k, i, j], torch.tensor(numeric, dtype=torch.float64), rtol=1e-4, atol=1e-7
+    )
     assert bool((cost.grad[~(sm.unsqueeze(2) & tm.unsqueeze(1))] == 0).all())
 
 
@@ -87,10 +95,17 @@ def test_ipot_is_within_one_percent_of_exact_emd():
     g = torch.Generator().manual_seed(0)
     cost = cosine_cost(torch.randn(8, 40, 16, generator=g), torch.randn(8, 12, 16, generator=g))
     ipot = transport_cost(transport_plan(cost), cost)
-    exact = torch.stack([
-        (torch.from_numpy(ot.emd(np.full(40, 1 / 40), np.full(12, 1 / 12), c.double().numpy())) * c.double()).sum()
-        for c in cost
-    ]).float()
+    exact = torch.stack(
+        [
+            (
+                torch.from_numpy(
+                    ot.emd(np.full(40, 1 / 40), np.full(12, 1 / 12), c.double().numpy())
+                )
+                * c.double()
+            ).sum()
+            for c in cost
+        ]
+    ).float()
     assert float(((ipot - exact) / exact).abs().mean()) < 0.01
     torch.testing.assert_close(transport_cost(transport_plan(cost, method="emd"), cost), exact)
 
@@ -103,14 +118,21 @@ def test_torch_sinkhorn_matches_pot_sinkhorn():
 
 
 @SETTINGS
-@given(seed=st.integers(0, 10**6), n=st.integers(1, 6), m=st.integers(1, 5), extra=st.integers(1, 3),
-       method=st.sampled_from(["ipot", "sinkhorn", "emd"]))
+@given(
+    seed=st.integers(0, 10**6),
+    n=st.integers(1, 6),
+    m=st.integers(1, 5),
+    extra=st.integers(1, 3),
+    method=st.sampled_from(["ipot", "sinkhorn", "emd"]),
+)
 def test_padding_never_changes_the_plan(seed, n, m, extra, method):
     g = torch.Generator().manual_seed(seed)
     cost = torch.rand(2, n, m, generator=g, dtype=torch.float64) * 2
     base = transport_plan(cost, method=method, n_iter=20)
     padded = torch.cat([cost, torch.randn(2, extra, m, generator=g, dtype=torch.float64) * 1e3], 1)
-    padded = torch.cat([padded, torch.randn(2, n + extra, extra, generator=g, dtype=torch.float64) * 1e3], 2)
+    padded = torch.cat(
+        [padded, torch.randn(2, n + extra, extra, generator=g, dtype=torch.float64) * 1e3], 2
+    )
     sm = torch.arange(n + extra) < n
     tm = torch.arange(m + extra) < m
     out = transport_plan(padded, sm.expand(2, -1), tm.expand(2, -1), method=method, n_iter=20)

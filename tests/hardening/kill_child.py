@@ -40,7 +40,15 @@ from pathlib import Path
 #: step, an evaluation each epoch whose best (rSum) is epoch 2 on CPU, so ``best/`` is
 #: written, then replaced, then kept while the last epoch trains on. On the CPU: the fits run
 #: in forked processes, and CUDA cannot be used again in a forked process.
-FIT = dict(epochs=3, batch_size=16, lr=1e-2, random_state=0, checkpoint_every=1, verbose=False, device="cpu")
+FIT = dict(
+    epochs=3,
+    batch_size=16,
+    lr=1e-2,
+    random_state=0,
+    checkpoint_every=1,
+    verbose=False,
+    device="cpu",
+)
 DATA = dict(view="regions", seed=0, n_train=9, n_dev=6, n_test=2, region_dim=16)
 
 
@@ -54,8 +62,11 @@ def make_data():
 def make_matcher(run_dir, train):
     from imtm import Matcher, presets
 
-    return Matcher(presets.build("vsepp", train, embed_dim=8, word_dim=8, hardest=False),
-                   checkpoint_dir=str(run_dir), **FIT)
+    return Matcher(
+        presets.build("vsepp", train, embed_dim=8, word_dim=8, hardest=False),
+        checkpoint_dir=str(run_dir),
+        **FIT,
+    )
 
 
 def history_without_times(history: list) -> list:
@@ -182,7 +193,9 @@ def install_hooks() -> None:
 
 
 # ---------------------------------------------------------------- processes
-def in_child(work, timeout_s: float = 120.0, kill_after_s: float | None = None) -> tuple[str, float]:
+def in_child(
+    work, timeout_s: float = 120.0, kill_after_s: float | None = None
+) -> tuple[str, float]:
     """Run ``work()`` in a forked process; return how it ended (``"exit 0"``, ``"SIGKILL"``...) and its time."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -200,7 +213,9 @@ def in_child(work, timeout_s: float = 120.0, kill_after_s: float | None = None) 
         os._exit(code)
     if kill_after_s is not None:
         time.sleep(kill_after_s)
-        os.kill(pid, signal.SIGKILL)  # a zombie until waited for: the pid cannot be reused meanwhile
+        os.kill(
+            pid, signal.SIGKILL
+        )  # a zombie until waited for: the pid cannot be reused meanwhile
     deadline = t0 + timeout_s
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -241,8 +256,13 @@ def save_result(matcher, out: Path, extra: dict) -> None:
 
     save_tensors(out / "weights.safetensors", dict(matcher.components_.state_dict()))
     best = Path(matcher.checkpoint_dir) / "best"
-    record = {"history": history_without_times(matcher.history_), "best": matcher.best_,
-              "n_epochs": matcher.n_epochs_, "best_saved": best.is_dir(), **extra}
+    record = {
+        "history": history_without_times(matcher.history_),
+        "best": matcher.best_,
+        "n_epochs": matcher.n_epochs_,
+        "best_saved": best.is_dir(),
+        **extra,
+    }
     (out / "result.json").write_text(json.dumps(record, indent=1, sort_keys=True))
 
 
@@ -262,12 +282,23 @@ def run_scenarios(spec_path: Path) -> None:
     reference = make_matcher(ref_dir / "run", train).fit(train, eval_set=dev)
     ref_time = time.time() - t0
     ref_events = list(EVENTS.labels)
-    save_result(reference, ref_dir, {"events": ref_events, "time_s": ref_time, "steps_run": len(
-        [e for e in ref_events if e.startswith("step ")])})
+    save_result(
+        reference,
+        ref_dir,
+        {
+            "events": ref_events,
+            "time_s": ref_time,
+            "steps_run": len([e for e in ref_events if e.startswith("step ")]),
+        },
+    )
 
     rng = random.Random(spec["seed"])
-    report = {"seed": spec["seed"], "reference_events": len(ref_events), "reference_time_s": ref_time,
-              "scenarios": {}}
+    report = {
+        "seed": spec["seed"],
+        "reference_events": len(ref_events),
+        "reference_time_s": ref_time,
+        "scenarios": {},
+    }
     for scenario in spec["scenarios"]:
         name = scenario["name"]
         out = work_dir / name
@@ -279,7 +310,9 @@ def run_scenarios(spec_path: Path) -> None:
             # Random points are drawn here, from the spec's seed, among the reference run's events
             # (or its duration); what was drawn goes to the report and into the test's messages.
             if kill.get("event") == "random":
-                kill["event"] = rng.randint(1, max(1, int(len(ref_events) * kill.get("within", 1.0))))
+                kill["event"] = rng.randint(
+                    1, max(1, int(len(ref_events) * kill.get("within", 1.0)))
+                )
             if kill.get("after_s") == "random":
                 kill["after_s"] = round(rng.uniform(0.0, ref_time), 3)
             last = Path(os.environ["KILL_CHILD_LAST"])
@@ -292,9 +325,17 @@ def run_scenarios(spec_path: Path) -> None:
                 make_matcher(run_dir, train).fit(train, eval_set=dev, resume=True)
 
             how, seconds = in_child(killed_fit, kill_after_s=kill.get("after_s"))
-            kills.append({"spec": kill, "ended": how, "seconds": round(seconds, 3),
-                          "at": last.read_text() if last.exists() else None, "before": before,
-                          "after": listing(run_dir), **latest_state(run_dir)})
+            kills.append(
+                {
+                    "spec": kill,
+                    "ended": how,
+                    "seconds": round(seconds, 3),
+                    "at": last.read_text() if last.exists() else None,
+                    "before": before,
+                    "after": listing(run_dir),
+                    **latest_state(run_dir),
+                }
+            )
 
         start = latest_state(run_dir)
         leftovers_before = [n for n in listing(run_dir) if n.startswith(".")]
@@ -304,12 +345,24 @@ def run_scenarios(spec_path: Path) -> None:
             EVENTS.labels, EVENTS.matched = [], 0
             m = make_matcher(run_dir, train).fit(train, eval_set=dev, resume=True)
             steps = [e for e in EVENTS.labels if e.startswith("step ")]
-            save_result(m, out, {"steps_run": len(steps), "listing_after": listing(run_dir),
-                                 "best_weights": _best_weights_equal(run_dir, ref_dir / "run")})
+            save_result(
+                m,
+                out,
+                {
+                    "steps_run": len(steps),
+                    "listing_after": listing(run_dir),
+                    "best_weights": _best_weights_equal(run_dir, ref_dir / "run"),
+                },
+            )
 
         how, seconds = in_child(final_fit)
-        report["scenarios"][name] = {"kills": kills, "final": how, "final_seconds": round(seconds, 3),
-                                     "resumed_from": start, "leftovers_before_resume": leftovers_before}
+        report["scenarios"][name] = {
+            "kills": kills,
+            "final": how,
+            "final_seconds": round(seconds, 3),
+            "resumed_from": start,
+            "leftovers_before_resume": leftovers_before,
+        }
     report["threads"] = torch.get_num_threads()
     (work_dir / "REPORT.json").write_text(json.dumps(report, indent=1, sort_keys=True))
 

@@ -24,10 +24,25 @@ class PoisonedEncoder(Component):
     requires = ("images",)
     provides = ("image_tokens",)
 
-    def __init__(self, in_dim=6, out_dim=8, at=(), fill="nan", padding_always=False, *, requires=None,
-                 provides=None):
+    def __init__(
+        self,
+        in_dim=6,
+        out_dim=8,
+        at=(),
+        fill="nan",
+        padding_always=False,
+        *,
+        requires=None,
+        provides=None,
+    ):
         super().__init__(requires=requires, provides=provides)
-        self.in_dim, self.out_dim, self.at, self.fill, self.padding_always = in_dim, out_dim, at, fill, padding_always
+        self.in_dim, self.out_dim, self.at, self.fill, self.padding_always = (
+            in_dim,
+            out_dim,
+            at,
+            fill,
+            padding_always,
+        )
         self.proj = nn.Linear(in_dim, out_dim)
         self.calls = 0
 
@@ -66,12 +81,19 @@ class PoisonedScorer(Component):
                 scores = scores + torch.sqrt(self.gate * 0.0)
             if step in self.at and self.rank in (None, distributed.rank()):
                 scores = scores.clone()
-                scores[0, -1] = FILLS[self.fill]  # a negative pair: an inf positive would be clamped away
+                scores[0, -1] = FILLS[
+                    self.fill
+                ]  # a negative pair: an inf positive would be clamped away
         return scores
 
 
 def components(vocab, scorer):
-    return [("image", PoisonedEncoder()), ("text", ToyText(vocab=vocab)), ("scorer", scorer), ("loss", ToyHinge())]
+    return [
+        ("image", PoisonedEncoder()),
+        ("text", ToyText(vocab=vocab)),
+        ("scorer", scorer),
+        ("loss", ToyHinge()),
+    ]
 
 
 def fit_with_a_nan_on_one_rank(rank: int, batch_size: int, at: int) -> dict:
@@ -79,11 +101,23 @@ def fit_with_a_nan_on_one_rank(rank: int, batch_size: int, at: int) -> dict:
     import warnings
 
     train = toy_data(n_images=12, cpi=2)
-    m = Matcher(components(train.vocab, PoisonedScorer(at=(at,), rank=1)), epochs=1, batch_size=batch_size,
-                lr=1e-2, warmup=0, device="cpu", random_state=0, verbose=False, on_nonfinite="skip")
+    m = Matcher(
+        components(train.vocab, PoisonedScorer(at=(at,), rank=1)),
+        epochs=1,
+        batch_size=batch_size,
+        lr=1e-2,
+        warmup=0,
+        device="cpu",
+        random_state=0,
+        verbose=False,
+        on_nonfinite="skip",
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         m.fit(train)
-    return {"state": {k: v.clone() for k, v in m.components_.state_dict().items()},
-            "skipped": m.skipped_steps_, "history": m.history_,
-            "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]}
+    return {
+        "state": {k: v.clone() for k, v in m.components_.state_dict().items()},
+        "skipped": m.skipped_steps_,
+        "history": m.history_,
+        "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
+    }

@@ -16,8 +16,12 @@ def data():
 
 
 def mined(data, **kw):
-    blocks = [ToyImage(), ToyText(vocab=data.vocab), ToyCosine(),
-              TripletLoss(margin=0.2, miner=DistanceWeightedMiner(dim=4, random_state=3))]
+    blocks = [
+        ToyImage(),
+        ToyText(vocab=data.vocab),
+        ToyCosine(),
+        TripletLoss(margin=0.2, miner=DistanceWeightedMiner(dim=4, random_state=3)),
+    ]
     return Matcher(blocks, epochs=2, batch_size=6, checkpoint_every=1, verbose=False, **kw)
 
 
@@ -28,7 +32,9 @@ def test_miner_generator_is_checkpointed_and_resumed(data, tmp_path):
     resumed = mined(data, checkpoint_dir=tmp_path / "b").fit(data, resume=True)
     a, b = full.components_.state_dict(), resumed.components_.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [h["loss/tripletloss"] for h in full.history_] == [h["loss/tripletloss"] for h in resumed.history_]
+    assert [h["loss/tripletloss"] for h in full.history_] == [
+        h["loss/tripletloss"] for h in resumed.history_
+    ]
 
 
 def test_generator_states_round_trip():
@@ -48,10 +54,14 @@ def test_resume_on_other_data_is_refused(data, tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         mined(data, checkpoint_dir=tmp_path).fit(Crashing(data, 20))
     # Same vocabulary (so the same configuration), other features; then fewer captions.
-    other = ImageCaptionDataset([x + 1 for x in data.images], data.captions, data.caption_to_image, vocab=data.vocab)
+    other = ImageCaptionDataset(
+        [x + 1 for x in data.images], data.captions, data.caption_to_image, vocab=data.vocab
+    )
     with pytest.raises(CheckpointError, match=r"trained on other data \(dataset fingerprint"):
         mined(other, checkpoint_dir=tmp_path).fit(other, resume=True)
-    fewer = ImageCaptionDataset(data.images, data.captions[:-2], data.caption_to_image[:-2], vocab=data.vocab)
+    fewer = ImageCaptionDataset(
+        data.images, data.captions[:-2], data.caption_to_image[:-2], vocab=data.vocab
+    )
     with pytest.raises(CheckpointError, match="trained on other data"):
         mined(fewer, checkpoint_dir=tmp_path).fit(fewer, resume=True)
     assert mined(data, checkpoint_dir=tmp_path).fit(data, resume=True).n_epochs_ == 2

@@ -117,8 +117,13 @@ def once(key: str, make: Callable[[], Component]) -> Component:
 
 
 def vit(**kw):
-    return TimmVisionEncoder("vit_tiny_patch16_224", img_size=IMG, out_dim=D,
-                             model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8}, **kw)
+    return TimmVisionEncoder(
+        "vit_tiny_patch16_224",
+        img_size=IMG,
+        out_dim=D,
+        model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8},
+        **kw,
+    )
 
 
 _FOLDERS: dict[str, object] = {}
@@ -127,8 +132,9 @@ _FOLDERS: dict[str, object] = {}
 @pytest.fixture(scope="module", autouse=True)
 def local_bert(tmp_path_factory):
     """A tiny random BERT folder for this module's text encoders; the built blocks are dropped after it."""
-    _FOLDERS["bert"] = write_local_bert(tmp_path_factory.mktemp("bert"), WORDS, hidden_size=16, num_layers=1,
-                                        num_heads=2)
+    _FOLDERS["bert"] = write_local_bert(
+        tmp_path_factory.mktemp("bert"), WORDS, hidden_size=16, num_layers=1, num_heads=2
+    )
     yield
     _CACHE.clear()
     _FOLDERS.clear()
@@ -182,7 +188,11 @@ def small_batch(values):
 def no_patch(values):
     """The LAPS blocks select among patches: image tokens holding prefix tokens only leave none."""
     images = values["image_tokens"]
-    return (ValueError, "no patch is left to select") if images.num_tokens <= images.num_prefix_tokens else None
+    return (
+        (ValueError, "no patch is left to select")
+        if images.num_tokens <= images.num_prefix_tokens
+        else None
+    )
 
 
 def at_least_float32(dtype):
@@ -215,81 +225,169 @@ def variants(*factories):
 def laps(**kw):
     agg = kw.pop("aggregation", "learned")
     agg = TokenAggregation(D, 2) if agg == "learned" else agg
-    return PatchSlimming(PatchScorer(D), GumbelSelector(0.5), agg, kw.pop("alignment", SparsePatchWordAlignment()),
-                         **kw)
+    return PatchSlimming(
+        PatchScorer(D),
+        GumbelSelector(0.5),
+        agg,
+        kw.pop("alignment", SparsePatchWordAlignment()),
+        **kw,
+    )
 
 
 CASES: dict[str, Case] = {
     # ---------------------------------------------------------------- encoders
-    "PrecomputedEncoder": Case(variants(
-        lambda: PrecomputedEncoder(in_dim=D, out_dim=6),
-        lambda: PrecomputedEncoder(in_dim=D, out_dim=6, num_layers=2, hidden_dim=5, residual=True,
-                                   activation="gelu", normalize=True, dropout=0.1)), padding=True),
-    "GRUTextEncoder": Case(variants(
-        lambda: GRUTextEncoder(VOCAB, out_dim=6, word_dim=5),
-        lambda: GRUTextEncoder(VOCAB, out_dim=6, word_dim=5, num_layers=2, bidirectional=False, dropout=0.2,
-                               normalize=True)), vocab_size=len(VOCAB), padding=True),
+    "PrecomputedEncoder": Case(
+        variants(
+            lambda: PrecomputedEncoder(in_dim=D, out_dim=6),
+            lambda: PrecomputedEncoder(
+                in_dim=D,
+                out_dim=6,
+                num_layers=2,
+                hidden_dim=5,
+                residual=True,
+                activation="gelu",
+                normalize=True,
+                dropout=0.1,
+            ),
+        ),
+        padding=True,
+    ),
+    "GRUTextEncoder": Case(
+        variants(
+            lambda: GRUTextEncoder(VOCAB, out_dim=6, word_dim=5),
+            lambda: GRUTextEncoder(
+                VOCAB,
+                out_dim=6,
+                word_dim=5,
+                num_layers=2,
+                bidirectional=False,
+                dropout=0.2,
+                normalize=True,
+            ),
+        ),
+        vocab_size=len(VOCAB),
+        padding=True,
+    ),
     "HFTextEncoder": Case(lambda: once("bert", bert), extra={"texts": strings}),
-    "TimmVisionEncoder": Case(variants(
-        lambda: once("vit", lambda: vit(mask_ratio=0.5)),
-        lambda: once("vit-patches", lambda: vit(keep_cls=False))), extra={"images": pixels}),
-    "MaskedImageView": Case(lambda: MaskedImageView(once("vit2", lambda: vit(mask_ratio=0.5, mask_in_forward=False))),
-                            extra={"images": pixels}),
+    "TimmVisionEncoder": Case(
+        variants(
+            lambda: once("vit", lambda: vit(mask_ratio=0.5)),
+            lambda: once("vit-patches", lambda: vit(keep_cls=False)),
+        ),
+        extra={"images": pixels},
+    ),
+    "MaskedImageView": Case(
+        lambda: MaskedImageView(once("vit2", lambda: vit(mask_ratio=0.5, mask_in_forward=False))),
+        extra={"images": pixels},
+    ),
     # ---------------------------------------------------------------- refiners and embeddings
     "SelfAttentionContext": Case(lambda: SelfAttentionContext(D, heads=2), padding=True),
     "VisualPhraseEncoder": Case(lambda: VisualPhraseEncoder(D, heads=2), padding=True),
-    "TextualPhraseEncoder": Case(variants(lambda: TextualPhraseEncoder(D), lambda: TextualPhraseEncoder(D, windows=(2, 5),
-                                                                                                    channels=3)),
-                                 padding=True),
-    "WordSelection": Case(variants(lambda: WordSelection(D, ratio=0.6), lambda: WordSelection(D, ratio=1.0, beta=0.0)),
-                          padding=True),
-    "WordAggregation": Case(variants(lambda: WordAggregation(D, num_out=2), lambda: WordAggregation(D, num_out=5)),
-                            padding=True),
-    "MeanEmbedding": Case(variants(lambda: MeanEmbedding(side="text"), lambda: MeanEmbedding(skip_prefix=True)),
-                          padding=True),
+    "TextualPhraseEncoder": Case(
+        variants(
+            lambda: TextualPhraseEncoder(D),
+            lambda: TextualPhraseEncoder(D, windows=(2, 5), channels=3),
+        ),
+        padding=True,
+    ),
+    "WordSelection": Case(
+        variants(
+            lambda: WordSelection(D, ratio=0.6), lambda: WordSelection(D, ratio=1.0, beta=0.0)
+        ),
+        padding=True,
+    ),
+    "WordAggregation": Case(
+        variants(lambda: WordAggregation(D, num_out=2), lambda: WordAggregation(D, num_out=5)),
+        padding=True,
+    ),
+    "MeanEmbedding": Case(
+        variants(lambda: MeanEmbedding(side="text"), lambda: MeanEmbedding(skip_prefix=True)),
+        padding=True,
+    ),
     # ---------------------------------------------------------------- scorers
     "GlobalCosine": Case(GlobalCosine, padding=True),
-    "HardAssignmentCoding": Case(variants(
-        lambda: HardAssignmentCoding(pooling="lse", max_block_elements=40),
-        lambda: HardAssignmentCoding(codebook="textual", pooling="max"),
-        lambda: HardAssignmentCoding(pooling="mean"),
-        lambda: HardAssignmentCoding(codebook="textual", pooling="sum"),
-        lambda: HardAssignmentCoding(pooling="softmax", temperature=0.01)), padding=True),
-    "SoftAssignmentCoding": Case(variants(
-        lambda: SoftAssignmentCoding(codebook="textual", pooling="softmax"),
-        lambda: SoftAssignmentCoding(tau=0.01, pooling="lse", max_block_elements=40),
-        lambda: SoftAssignmentCoding(pooling="max")), padding=True),
-    "LocalMatching": Case(variants(
-        lambda: LocalMatching(max_block_elements=40),
-        lambda: LocalMatching(weighting="softmax", tau=0.05)), padding=True),
-    "SparsePatchWordAlignment": Case(variants(
-        lambda: SparsePatchWordAlignment(max_block_elements=30),
-        lambda: SparsePatchWordAlignment(direction="patch_to_word"),
-        lambda: SparsePatchWordAlignment(direction="word_to_patch")), padding=True),
-    "TopKAggregation": Case(variants(lambda: TopKAggregation(k=2), lambda: TopKAggregation(k=None),
-                                     lambda: TopKAggregation(k=None, average="cosines")), padding=True),
-    "InterModalPhraseAttention": Case(variants(
-        lambda: InterModalPhraseAttention("t2i", dim=D, heads=2, k=2),
-        lambda: InterModalPhraseAttention("i2t", dim=D, heads=2, k=None, max_block_elements=50),
-        lambda: InterModalPhraseAttention("i2t", dim=D, heads=2, k=3, feed_forward=False),
-        lambda: InterModalPhraseAttention("t2i", dim=D, heads=2, k=None, average="cosines", ffn_dim=5)),
-        padding=True),
-    "ScanAttention": Case(variants(ScanAttention, lambda: ScanAttention(smooth=4.0, max_block_elements=30)),
-                          padding=True),
+    "HardAssignmentCoding": Case(
+        variants(
+            lambda: HardAssignmentCoding(pooling="lse", max_block_elements=40),
+            lambda: HardAssignmentCoding(codebook="textual", pooling="max"),
+            lambda: HardAssignmentCoding(pooling="mean"),
+            lambda: HardAssignmentCoding(codebook="textual", pooling="sum"),
+            lambda: HardAssignmentCoding(pooling="softmax", temperature=0.01),
+        ),
+        padding=True,
+    ),
+    "SoftAssignmentCoding": Case(
+        variants(
+            lambda: SoftAssignmentCoding(codebook="textual", pooling="softmax"),
+            lambda: SoftAssignmentCoding(tau=0.01, pooling="lse", max_block_elements=40),
+            lambda: SoftAssignmentCoding(pooling="max"),
+        ),
+        padding=True,
+    ),
+    "LocalMatching": Case(
+        variants(
+            lambda: LocalMatching(max_block_elements=40),
+            lambda: LocalMatching(weighting="softmax", tau=0.05),
+        ),
+        padding=True,
+    ),
+    "SparsePatchWordAlignment": Case(
+        variants(
+            lambda: SparsePatchWordAlignment(max_block_elements=30),
+            lambda: SparsePatchWordAlignment(direction="patch_to_word"),
+            lambda: SparsePatchWordAlignment(direction="word_to_patch"),
+        ),
+        padding=True,
+    ),
+    "TopKAggregation": Case(
+        variants(
+            lambda: TopKAggregation(k=2),
+            lambda: TopKAggregation(k=None),
+            lambda: TopKAggregation(k=None, average="cosines"),
+        ),
+        padding=True,
+    ),
+    "InterModalPhraseAttention": Case(
+        variants(
+            lambda: InterModalPhraseAttention("t2i", dim=D, heads=2, k=2),
+            lambda: InterModalPhraseAttention("i2t", dim=D, heads=2, k=None, max_block_elements=50),
+            lambda: InterModalPhraseAttention("i2t", dim=D, heads=2, k=3, feed_forward=False),
+            lambda: InterModalPhraseAttention(
+                "t2i", dim=D, heads=2, k=None, average="cosines", ffn_dim=5
+            ),
+        ),
+        padding=True,
+    ),
+    "ScanAttention": Case(
+        variants(ScanAttention, lambda: ScanAttention(smooth=4.0, max_block_elements=30)),
+        padding=True,
+    ),
     "ScoreFusion": Case(ScoreFusion),
     "PatchScorer": Case(lambda: PatchScorer(D), padding=True, error=no_patch),
-    "GumbelSelector": Case(lambda: GumbelSelector(0.5), error=no_patch,
-                           nan_unused="reads the image tokens' mask and prefix count, not their features"),
+    "GumbelSelector": Case(
+        lambda: GumbelSelector(0.5),
+        error=no_patch,
+        nan_unused="reads the image tokens' mask and prefix count, not their features",
+    ),
     "TokenAggregation": Case(lambda: TokenAggregation(D, 2), error=no_patch),
     "RedundantFusion": Case(RedundantFusion, error=no_patch),
-    "PatchSlimming": Case(variants(
-        laps, lambda: laps(fusion=False, max_block_elements=60),
-        lambda: laps(alignment=HardAssignmentCoding(pooling="mean")),
-        lambda: laps(aggregation=None), lambda: laps(aggregation=DPCKNNAggregation(2, k=2)),
-        lambda: laps(alignment=ScanAttention())), error=no_patch),
-    "DPCKNNAggregation": Case(variants(lambda: DPCKNNAggregation(2), lambda: DPCKNNAggregation(3, k=1)), error=no_patch),
-    "MatchingReranker": Case(lambda: MatchingReranker(head=ImageTextMatchingHead(D, encoder=cross()), k=2),
-                             padding=True),
+    "PatchSlimming": Case(
+        variants(
+            laps,
+            lambda: laps(fusion=False, max_block_elements=60),
+            lambda: laps(alignment=HardAssignmentCoding(pooling="mean")),
+            lambda: laps(aggregation=None),
+            lambda: laps(aggregation=DPCKNNAggregation(2, k=2)),
+            lambda: laps(alignment=ScanAttention()),
+        ),
+        error=no_patch,
+    ),
+    "DPCKNNAggregation": Case(
+        variants(lambda: DPCKNNAggregation(2), lambda: DPCKNNAggregation(3, k=1)), error=no_patch
+    ),
+    "MatchingReranker": Case(
+        lambda: MatchingReranker(head=ImageTextMatchingHead(D, encoder=cross()), k=2), padding=True
+    ),
     "MaxPooling": Case(MaxPooling, extra=POOLING_EXTRA),
     "MeanPooling": Case(MeanPooling, extra=POOLING_EXTRA),
     "SumPooling": Case(SumPooling, extra=POOLING_EXTRA),
@@ -297,40 +395,87 @@ CASES: dict[str, Case] = {
     "LSEPooling": Case(lambda: LSEPooling(temperature=0.01), extra=POOLING_EXTRA),
     # ---------------------------------------------------------------- heads
     "CrossModalEncoder": Case(cross, paired=True, padding=True),
-    "ImageTextMatchingHead": Case(lambda: ImageTextMatchingHead(D, encoder=cross()), paired=True, padding=True),
-    "PatchToLexiconHead": Case(lambda: PatchToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4)),
-                               nan_unused="computes the masked patches only, never the others"),
-    "WordToLexiconHead": Case(variants(
-        lambda: WordToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4), layers=1, heads=2),
-        lambda: WordToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4), layers=0))),
-    "WordMasking": Case(lambda: WordMasking(tokenizer=once("bert", bert), prob=0.5), extra={"texts": strings}),
-    "Reuse": Case(lambda: Reuse(GlobalCosine(), requires=("image_tokens", "text_tokens"), provides=("scores",)),
-                  padding=True),
+    "ImageTextMatchingHead": Case(
+        lambda: ImageTextMatchingHead(D, encoder=cross()), paired=True, padding=True
+    ),
+    "PatchToLexiconHead": Case(
+        lambda: PatchToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4)),
+        nan_unused="computes the masked patches only, never the others",
+    ),
+    "WordToLexiconHead": Case(
+        variants(
+            lambda: WordToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4), layers=1, heads=2),
+            lambda: WordToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4), layers=0),
+        )
+    ),
+    "WordMasking": Case(
+        lambda: WordMasking(tokenizer=once("bert", bert), prob=0.5), extra={"texts": strings}
+    ),
+    "Reuse": Case(
+        lambda: Reuse(
+            GlobalCosine(), requires=("image_tokens", "text_tokens"), provides=("scores",)
+        ),
+        padding=True,
+    ),
     "DistanceWeightedMiner": Case(lambda: DistanceWeightedMiner(dim=D, random_state=0)),
-    "SparseCorrelation": Case(variants(
-        SparseCorrelation, lambda: SparseCorrelation(kind="intra", distance="euclidean", learnable=False, beta=0.5)),
-        paired=True, error=small_batch),
+    "SparseCorrelation": Case(
+        variants(
+            SparseCorrelation,
+            lambda: SparseCorrelation(
+                kind="intra", distance="euclidean", learnable=False, beta=0.5
+            ),
+        ),
+        paired=True,
+        error=small_batch,
+    ),
     # ---------------------------------------------------------------- losses
-    "TripletLoss": Case(variants(
-        TripletLoss, lambda: TripletLoss(hardest=False, reduction="mean"),
-        lambda: TripletLoss(miner=DistanceWeightedMiner(dim=D, random_state=0)),
-        lambda: TripletLoss(requires=("scores_i2t", "scores_t2i", "positives")))),
-    "InfoNCELoss": Case(variants(InfoNCELoss, lambda: InfoNCELoss(temperature=0.1, learnable=True))),
-    "RatioLoss": Case(RatioLoss, nan_unused="reads the image tokens' mask and prefix count, not their features"),
-    "DimensionAlignmentLoss": Case(variants(
-        DimensionAlignmentLoss, lambda: DimensionAlignmentLoss(reduction="mean", pairs="words")),
-        paired=True, error=small_batch),
-    "SpatialConstraintLoss": Case(variants(
-        SpatialConstraintLoss, lambda: SpatialConstraintLoss(kind="intra", sparse=False, distance="euclidean"),
-        lambda: SpatialConstraintLoss(learn_beta=False, beta=1.0, reduction="mean")),
-        paired=True, error=small_batch),
-    "ExpansiveLexiconLoss": Case(variants(
-        ExpansiveLexiconLoss,
-        lambda: ExpansiveLexiconLoss(label_weights="one_minus_cost", method="sinkhorn", direction="target_first"),
-        lambda: ExpansiveLexiconLoss(method="emd", top_k=1)), paired=True, out_dtype=at_least_float32),
-    "LexiconDistillationLoss": Case(variants(LexiconDistillationLoss,
-                                             lambda: LexiconDistillationLoss(direction="target_first")),
-                                    out_dtype=at_least_float32),
+    "TripletLoss": Case(
+        variants(
+            TripletLoss,
+            lambda: TripletLoss(hardest=False, reduction="mean"),
+            lambda: TripletLoss(miner=DistanceWeightedMiner(dim=D, random_state=0)),
+            lambda: TripletLoss(requires=("scores_i2t", "scores_t2i", "positives")),
+        )
+    ),
+    "InfoNCELoss": Case(
+        variants(InfoNCELoss, lambda: InfoNCELoss(temperature=0.1, learnable=True))
+    ),
+    "RatioLoss": Case(
+        RatioLoss, nan_unused="reads the image tokens' mask and prefix count, not their features"
+    ),
+    "DimensionAlignmentLoss": Case(
+        variants(
+            DimensionAlignmentLoss, lambda: DimensionAlignmentLoss(reduction="mean", pairs="words")
+        ),
+        paired=True,
+        error=small_batch,
+    ),
+    "SpatialConstraintLoss": Case(
+        variants(
+            SpatialConstraintLoss,
+            lambda: SpatialConstraintLoss(kind="intra", sparse=False, distance="euclidean"),
+            lambda: SpatialConstraintLoss(learn_beta=False, beta=1.0, reduction="mean"),
+        ),
+        paired=True,
+        error=small_batch,
+    ),
+    "ExpansiveLexiconLoss": Case(
+        variants(
+            ExpansiveLexiconLoss,
+            lambda: ExpansiveLexiconLoss(
+                label_weights="one_minus_cost", method="sinkhorn", direction="target_first"
+            ),
+            lambda: ExpansiveLexiconLoss(method="emd", top_k=1),
+        ),
+        paired=True,
+        out_dtype=at_least_float32,
+    ),
+    "LexiconDistillationLoss": Case(
+        variants(
+            LexiconDistillationLoss, lambda: LexiconDistillationLoss(direction="target_first")
+        ),
+        out_dtype=at_least_float32,
+    ),
     "MaskedLanguageModelingLoss": Case(MaskedLanguageModelingLoss),
     "ImageTextMatchingLoss": Case(ImageTextMatchingLoss),
 }
@@ -347,7 +492,11 @@ def is_sweepable(name: str, cls: type) -> bool:
     if cls.__name__.startswith("_") or cls.forward is nn.Module.forward:
         return False
     module = sys.modules.get(cls.__module__)
-    return cls.__module__.startswith("imtm.") and getattr(module, cls.__name__, None) is cls and name == cls.__name__
+    return (
+        cls.__module__.startswith("imtm.")
+        and getattr(module, cls.__name__, None) is cls
+        and name == cls.__name__
+    )
 
 
 def test_every_registered_block_has_a_case():
@@ -384,12 +533,27 @@ def test_block_returns_the_documented_outputs_or_the_documented_error(name, data
     dtype = data.draw(dtypes(), label="dtype")
     device = data.draw(devices(), label="device")
     training = data.draw(st.booleans(), label="training")
-    block = copy.deepcopy(data.draw(st.sampled_from(factories(case)), label="factory")()).train(training)
+    block = copy.deepcopy(data.draw(st.sampled_from(factories(case)), label="factory")()).train(
+        training
+    )
     move(block, device, dtype)
-    values = data.draw(component_inputs(block, batch=st.integers(1, 3), max_tokens=4, dim=D, dtype=dtype,
-                                        padding=padding, device=device, vocab_size=case.vocab_size,
-                                        paired=case.paired, scale=SCALES, num_prefix_tokens=st.integers(0, 1),
-                                        extra=case.extra), label="values")
+    values = data.draw(
+        component_inputs(
+            block,
+            batch=st.integers(1, 3),
+            max_tokens=4,
+            dim=D,
+            dtype=dtype,
+            padding=padding,
+            device=device,
+            vocab_size=case.vocab_size,
+            paired=case.paired,
+            scale=SCALES,
+            num_prefix_tokens=st.integers(0, 1),
+            extra=case.extra,
+        ),
+        label="values",
+    )
     expected = case.error(values)
     if expected is not None:
         kind, match = expected
@@ -399,7 +563,10 @@ def test_block_returns_the_documented_outputs_or_the_documented_error(name, data
     # Training with float32 / float64: the outputs must also back-propagate finite gradients.
     backward = training and dtype != torch.bfloat16
     if backward:
-        values = {k: _map_tensors(v, lambda t: t.detach().clone().requires_grad_(True)) for k, v in values.items()}
+        values = {
+            k: _map_tensors(v, lambda t: t.detach().clone().requires_grad_(True))
+            for k, v in values.items()
+        }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         out = call(block, values)
@@ -407,7 +574,9 @@ def test_block_returns_the_documented_outputs_or_the_documented_error(name, data
     want = case.out_dtype(dtype)
     for provided, value in zip(block.provides, out if len(block.provides) > 1 else (out,)):
         for path, t in _leaves(value, provided):
-            assert not t.is_floating_point() or t.dtype == want, f"{path} is {t.dtype} for {dtype} inputs"
+            assert not t.is_floating_point() or t.dtype == want, (
+                f"{path} is {t.dtype} for {dtype} inputs"
+            )
     if backward:
         check_gradients(block, values, out)
 
@@ -420,24 +589,40 @@ def check_gradients(block: Component, values: dict, out) -> None:
     for name, value in zip(block.provides, outputs):
         for _, t in _leaves(value, name):
             if t.is_floating_point() and t.requires_grad:
-                w = torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device, t.dtype)
+                w = torch.randn(t.shape, generator=generator, dtype=torch.float64).to(
+                    t.device, t.dtype
+                )
                 total = (t * w).sum() if total is None else total + (t * w).sum()
     if total is None:
         return
     total.backward()
     grads = [(f"parameter {n!r}", p.grad) for n, p in block.named_parameters()]
     for name, value in values.items():
-        grads += [(f"input {path}", t.grad) for path, t in _leaves(value, name, full=True) if t.requires_grad]
+        grads += [
+            (f"input {path}", t.grad)
+            for path, t in _leaves(value, name, full=True)
+            if t.requires_grad
+        ]
     bad = [what for what, g in grads if g is not None and not bool(torch.isfinite(g).all())]
     assert not bad, f"{type(block).__name__}: NaN or inf gradient of {bad}"
 
 
-PADDING_ONLY = ("finite", "inputs_unchanged", "deterministic", "gradients", "dtypes", "state_dict", "clone",
-                "functional")
+PADDING_ONLY = (
+    "finite",
+    "inputs_unchanged",
+    "deterministic",
+    "gradients",
+    "dtypes",
+    "state_dict",
+    "clone",
+    "functional",
+)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.padding))
-@settings(max_examples=max(1, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=max(1, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_padding_never_changes_the_output(name, data):
     """Appending padded positions full of large garbage to any Tokens input leaves every output as it was."""
@@ -445,21 +630,42 @@ def test_padding_never_changes_the_output(name, data):
     block = copy.deepcopy(data.draw(st.sampled_from(factories(case)), label="factory")())
     move(block, torch.device("cpu"), torch.float64)
     padding = data.draw(st.sampled_from(PADDINGS), label="padding")
-    values = data.draw(component_inputs(block, batch=st.integers(1, 3), max_tokens=4, dim=D, dtype=torch.float64,
-                                        padding=padding, vocab_size=case.vocab_size, paired=case.paired,
-                                        num_prefix_tokens=st.integers(0, 1), extra=case.extra), label="values")
+    values = data.draw(
+        component_inputs(
+            block,
+            batch=st.integers(1, 3),
+            max_tokens=4,
+            dim=D,
+            dtype=torch.float64,
+            padding=padding,
+            vocab_size=case.vocab_size,
+            paired=case.paired,
+            num_prefix_tokens=st.integers(0, 1),
+            extra=case.extra,
+        ),
+        label="values",
+    )
     assume(case.error(values) is None)
     report = check_component(block, values, skip=PADDING_ONLY, rtol=1e-7, atol=1e-9)
     assert "padding" in report.passed, report
 
 
 def float_tokens(values: dict) -> list[str]:
-    return sorted(k for k, v in values.items() if isinstance(v, Tokens) and v.feats.is_floating_point())
+    return sorted(
+        k for k, v in values.items() if isinstance(v, Tokens) and v.feats.is_floating_point()
+    )
 
 
 #: Vocabulary names drawn as Tokens of features.
-FEATURE_TOKENS = {"images", "image_tokens", "text_tokens", "visual_phrases", "masked_image_tokens",
-                  "masked_text_tokens", "cross_text_tokens"}
+FEATURE_TOKENS = {
+    "images",
+    "image_tokens",
+    "text_tokens",
+    "visual_phrases",
+    "masked_image_tokens",
+    "masked_text_tokens",
+    "cross_text_tokens",
+}
 
 
 def reads_feature_tokens(name: str) -> bool:
@@ -468,7 +674,9 @@ def reads_feature_tokens(name: str) -> bool:
 
 
 @pytest.mark.parametrize("name", sorted(n for n in CASES if reads_feature_tokens(n)))
-@settings(max_examples=max(1, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=max(1, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_a_nan_in_a_real_token_is_refused_or_shows(name, data):
     """NaN in one real token of a Tokens input: a ValueError naming NaN, or a NaN in the outputs; never a
@@ -476,9 +684,19 @@ def test_a_nan_in_a_real_token_is_refused_or_shows(name, data):
     case = CASES[name]
     block = copy.deepcopy(data.draw(st.sampled_from(factories(case)), label="factory")()).eval()
     move(block, torch.device("cpu"), torch.float64)
-    values = data.draw(component_inputs(block, batch=st.integers(2, 3), max_tokens=4, dim=D, dtype=torch.float64,
-                                        vocab_size=case.vocab_size, paired=case.paired, extra=case.extra),
-                       label="values")
+    values = data.draw(
+        component_inputs(
+            block,
+            batch=st.integers(2, 3),
+            max_tokens=4,
+            dim=D,
+            dtype=torch.float64,
+            vocab_size=case.vocab_size,
+            paired=case.paired,
+            extra=case.extra,
+        ),
+        label="values",
+    )
     keys = float_tokens(values)
     assume(keys and case.error(values) is None)
     key = data.draw(st.sampled_from(keys), label="input")
@@ -494,9 +712,15 @@ def test_a_nan_in_a_real_token_is_refused_or_shows(name, data):
         assert "NaN" in str(err), err
         return
     outputs = out if len(block.provides) > 1 else (out,)
-    finite = all(bool(torch.isfinite(t).all()) for provided, value in zip(block.provides, outputs)
-                 for _, t in _leaves(value, provided) if t.is_floating_point())
-    assert not finite or case.nan_unused, f"{name}: a NaN in {key}[{row}, {position}] vanished from every output"
+    finite = all(
+        bool(torch.isfinite(t).all())
+        for provided, value in zip(block.provides, outputs)
+        for _, t in _leaves(value, provided)
+        if t.is_floating_point()
+    )
+    assert not finite or case.nan_unused, (
+        f"{name}: a NaN in {key}[{row}, {position}] vanished from every output"
+    )
 
 
 # ---------------------------------------------------------------------- the sweep catches broken blocks
@@ -522,7 +746,9 @@ def test_a_block_that_fails_on_one_real_token_is_caught():
     def sweep(values):
         check_outputs(block, values, call(block, values))
 
-    with pytest.raises(AssertionError, match=r"check_outputs\(NaNOnOneToken\): finite check failed"):
+    with pytest.raises(
+        AssertionError, match=r"check_outputs\(NaNOnOneToken\): finite check failed"
+    ):
         sweep()
 
 
@@ -536,27 +762,37 @@ def test_a_pair_that_keeps_or_drops_every_patch_has_finite_gradients(dtype):
     """
     torch.manual_seed(0)
     feats = torch.randn(1, 3, D, dtype=dtype, requires_grad=True)
-    decisions = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 0.0, 1.0]], [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]]],
-                             dtype=dtype).requires_grad_(True)
+    decisions = torch.tensor(
+        [[[0.0, 0.0, 0.0], [1.0, 0.0, 1.0]], [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]]], dtype=dtype
+    ).requires_grad_(True)
     aggregation = TokenAggregation(D, 2).to(dtype)
     merged = aggregation(Tokens(feats), decisions[:1])
     fused = RedundantFusion()(Tokens(feats), torch.rand(1, 2, 3, dtype=dtype), decisions[1:])
-    torch.testing.assert_close(merged[0, 0], torch.zeros(2, D, dtype=dtype))  # nothing kept: zero tokens
-    torch.testing.assert_close(fused[0, 0], torch.zeros(D, dtype=dtype))  # nothing dropped: a zero token
+    torch.testing.assert_close(
+        merged[0, 0], torch.zeros(2, D, dtype=dtype)
+    )  # nothing kept: zero tokens
+    torch.testing.assert_close(
+        fused[0, 0], torch.zeros(D, dtype=dtype)
+    )  # nothing dropped: a zero token
     ((merged * torch.randn_like(merged)).sum() + (fused * torch.randn_like(fused)).sum()).backward()
     for what, grad in [("features", feats.grad), ("decisions", decisions.grad)] + [
-            (n, p.grad) for n, p in aggregation.named_parameters()]:
+        (n, p.grad) for n, p in aggregation.named_parameters()
+    ]:
         assert bool(torch.isfinite(grad).all()) and float(grad.abs().max()) < 1e3, what
 
 
 @pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("real", [[True, True, False], [True, False, False]], ids=["one patch", "no patch"])
+@pytest.mark.parametrize(
+    "real", [[True, True, False], [True, False, False]], ids=["one patch", "no patch"]
+)
 def test_patch_slimming_with_one_or_no_real_patch_has_finite_gradients(training, real):
     """An image whose only real token is [CLS] shifted its aggregation logits by -inf: exp(inf) in
     the (masked) cosines of its empty tokens made every gradient NaN. With one real patch, the
     pair keeps it (the fused token is empty) or drops it (the aggregated tokens are empty)."""
     torch.manual_seed(0)
-    block = PatchSlimming(PatchScorer(D), GumbelSelector(0.5), TokenAggregation(D, 2), SparsePatchWordAlignment())
+    block = PatchSlimming(
+        PatchScorer(D), GumbelSelector(0.5), TokenAggregation(D, 2), SparsePatchWordAlignment()
+    )
     block = block.double().train(training)
     feats = torch.randn(1, 3, D, dtype=torch.float64, requires_grad=True)
     words = torch.randn(2, 3, D, dtype=torch.float64, requires_grad=True)
@@ -566,7 +802,8 @@ def test_patch_slimming_with_one_or_no_real_patch_has_finite_gradients(training,
     check_outputs(block, {"image_tokens": images, "text_tokens": texts}, (scores, decisions))
     (scores * torch.tensor([[0.3, -1.2]], dtype=torch.float64)).sum().backward()
     for what, grad in [("image features", feats.grad), ("words", words.grad)] + [
-            (n, p.grad) for n, p in block.named_parameters() if p.grad is not None]:
+        (n, p.grad) for n, p in block.named_parameters() if p.grad is not None
+    ]:
         assert bool(torch.isfinite(grad).all()), what
 
 
@@ -574,7 +811,9 @@ def test_patch_slimming_with_one_or_no_real_patch_has_finite_gradients(training,
 def test_gumbel_selector_refuses_nan_scores_of_real_patches(training):
     """Top-k and Gumbel decisions turned a NaN significance into a plain 0/1 decision, silently."""
     selector = GumbelSelector(0.5).train(training)
-    images = Tokens(torch.randn(1, 4, D), torch.tensor([[True, True, True, False]]), num_prefix_tokens=1)
+    images = Tokens(
+        torch.randn(1, 4, D), torch.tensor([[True, True, True, False]]), num_prefix_tokens=1
+    )
     scores = torch.rand(1, 2, 4)
     scores[0, 1, 3] = float("nan")  # a padded patch: ignored
     decisions = selector(scores, images)
@@ -589,16 +828,24 @@ def test_expansive_lexicon_loss_refuses_a_nan_token(side):
     """The transport plan and the soft labels are computed without gradient; a NaN patch or word
     vanished into them and the loss came out finite."""
     torch.manual_seed(0)
-    values = {"patch_lexicon": None, "word_lexicon": torch.randn(2, 3, V),
-              "image_tokens": Tokens(torch.randn(2, 4, D)), "text_tokens": Tokens(torch.randn(2, 3, D))}
+    values = {
+        "patch_lexicon": None,
+        "word_lexicon": torch.randn(2, 3, V),
+        "image_tokens": Tokens(torch.randn(2, 4, D)),
+        "text_tokens": Tokens(torch.randn(2, 3, D)),
+    }
     values["patch_lexicon"] = PatchToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4))(
-        values["image_tokens"], torch.tensor([[True, False, True, False], [False, True, False, False]]))
+        values["image_tokens"],
+        torch.tensor([[True, False, True, False], [False, True, False, False]]),
+    )
     loss = ExpansiveLexiconLoss()
     check_outputs(loss, values, call(loss, values))
     feats = values[side].feats.clone()
     feats[1, 2] = float("nan")
     values[side] = Tokens(feats)
-    with pytest.raises(ValueError, match=rf"ExpansiveLexiconLoss: {side.replace('_', ' ')} holds 8 NaN or inf"):
+    with pytest.raises(
+        ValueError, match=rf"ExpansiveLexiconLoss: {side.replace('_', ' ')} holds 8 NaN or inf"
+    ):
         call(loss, values)
 
 
@@ -608,8 +855,10 @@ def test_expansive_lexicon_loss_dtype_does_not_depend_on_the_masked_patches():
     texts = Tokens(torch.randn(2, 3, D, dtype=torch.bfloat16))
     head = PatchToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4)).to(torch.bfloat16)
     words = torch.randn(2, 3, V, dtype=torch.bfloat16)
-    losses = [ExpansiveLexiconLoss()(head(images, torch.full((2, 3), masked)), words, images, texts)
-              for masked in (False, True)]
+    losses = [
+        ExpansiveLexiconLoss()(head(images, torch.full((2, 3), masked)), words, images, texts)
+        for masked in (False, True)
+    ]
     assert [loss.dtype for loss in losses] == [torch.float32, torch.float32]
     assert float(losses[0].detach()) == 0.0
 

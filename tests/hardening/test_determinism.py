@@ -17,8 +17,13 @@ from imtm import Matcher, presets
 from imtm.data import CaptionAugment, ImageCaptionDataset, synthetic
 from imtm.matcher import CUBLAS_WORKSPACE_CONFIG, seed_everything
 
-LAPS_TINY = {"model_name": "vit_tiny_patch16_224", "img_size": 32, "embed_dim": 16, "word_dim": 16,
-             "model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8}}
+LAPS_TINY = {
+    "model_name": "vit_tiny_patch16_224",
+    "img_size": 32,
+    "embed_dim": 16,
+    "word_dim": 16,
+    "model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8},
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +33,9 @@ def regions():
 
 @pytest.fixture(scope="module")
 def pixels():
-    return synthetic.load(view="pixels", seed=0, n_train=4, n_dev=2, n_test=2, image_size=32)[0]  # 20 captions
+    return synthetic.load(view="pixels", seed=0, n_train=4, n_dev=2, n_test=2, image_size=32)[
+        0
+    ]  # 20 captions
 
 
 def fit(components, train, seed, **kw):
@@ -63,7 +70,9 @@ def build(name, regions, pixels):
     if name == "chan":
         return presets.build("chan", regions, embed_dim=16, word_dim=8, context_heads=2), regions
     if name == "dias_miner":
-        return presets.build("dias", regions, embed_dim=16, word_dim=8, context_heads=2, miner=True), regions
+        return presets.build(
+            "dias", regions, embed_dim=16, word_dim=8, context_heads=2, miner=True
+        ), regions
     if name == "laps_gumbel":
         return presets.build("laps", pixels, **LAPS_TINY), pixels
     raise KeyError(name)
@@ -89,7 +98,9 @@ def test_the_noise_is_drawn_in_training_from_what_fit_seeds(name, regions, pixel
 
     def build_then_reseed(self, seed):
         build_blocks(self, seed)
-        torch.manual_seed(seed + 12345)  # same initial weights, other Gumbel noise / negatives / dropout
+        torch.manual_seed(
+            seed + 12345
+        )  # same initial weights, other Gumbel noise / negatives / dropout
 
     monkeypatch.setattr(Matcher, "_build", build_then_reseed)
     assert_different(a, fit(components, train, seed=0))
@@ -99,12 +110,23 @@ def test_ela_masking_is_seeded(tmp_path):
     from imtm.components.encoders.hf_text import write_local_bert
 
     train = synthetic.load(view="pixels", seed=0, n_train=4, n_dev=2, n_test=2, image_size=24)[0]
-    folder = str(write_local_bert(tmp_path / "bert", train.captions, hidden_size=16, num_layers=1, num_heads=2))
+    folder = str(
+        write_local_bert(
+            tmp_path / "bert", train.captions, hidden_size=16, num_layers=1, num_heads=2
+        )
+    )
 
     def components():
-        return presets.ela(text_model=folder, image_model="vit_tiny_patch16_224", img_size=24, embed_dim=16,
-                           model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8}, heads=2,
-                           cross_layers=1, rerank_k=2)
+        return presets.ela(
+            text_model=folder,
+            image_model="vit_tiny_patch16_224",
+            img_size=24,
+            embed_dim=16,
+            model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8},
+            heads=2,
+            cross_layers=1,
+            rerank_k=2,
+        )
 
     a = fit(components(), train, seed=0)
     disturb_global_rngs()
@@ -116,6 +138,7 @@ def test_ela_masking_is_seeded(tmp_path):
 # ---------------------------------------------------------------- data loading
 def augmented(regions):
     """The synthetic regions with VSE-infinity caption augmentation drawn in __getitem__."""
+
     class Augmented(ImageCaptionDataset):
         def __init__(self, base, augment):
             super().__init__(base.images, base.captions, base.caption_to_image, vocab=base.vocab)
@@ -142,8 +165,13 @@ def test_loader_workers_and_caption_augmentation_are_seeded(regions, num_workers
 # ---------------------------------------------------------------- deterministic algorithms (what a GPU needs)
 @pytest.fixture
 def restore_switches():
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
     yield
     torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
@@ -157,7 +185,10 @@ def test_seed_everything_deterministic_sets_and_clears_the_switches(restore_swit
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     torch.backends.cudnn.benchmark = True
     seed_everything(3, deterministic=True)
-    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert (
+        torch.are_deterministic_algorithms_enabled()
+        and not torch.is_deterministic_algorithms_warn_only_enabled()
+    )
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE_CONFIG == ":4096:8"
     # None (what Matcher.fit passes) leaves them alone; a value the user set is kept.
@@ -165,9 +196,14 @@ def test_seed_everything_deterministic_sets_and_clears_the_switches(restore_swit
     assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     seed_everything(3, deterministic=True, warn_only=True)
-    assert torch.is_deterministic_algorithms_warn_only_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    assert (
+        torch.is_deterministic_algorithms_warn_only_enabled()
+        and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    )
     seed_everything(3, deterministic=False)
-    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    assert (
+        not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    )
     # and it still seeds
     seed_everything(5, deterministic=False)
     x = torch.rand(3)

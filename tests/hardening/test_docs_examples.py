@@ -26,7 +26,10 @@ def test_own_block_example_runs_and_its_tests_pass():
 def test_the_example_would_catch_a_broken_block():
     # The same example with a block whose padding leaks into its scores must fail.
     block = [b for b in python_blocks(PAGE.read_text()) if "component_inputs" in b][0]
-    leaky = block.replace("masked_fill(~images.mask[:, None, :, None], -2.0)", "masked_fill(images.mask[:, None, :, None] & False, -2.0)")
+    leaky = block.replace(
+        "masked_fill(~images.mask[:, None, :, None], -2.0)",
+        "masked_fill(images.mask[:, None, :, None] & False, -2.0)",
+    )
     assert leaky != block
     namespace: dict = {"__name__": "robustness_example_broken"}
     exec(compile(leaky, str(PAGE), "exec"), namespace)

@@ -9,9 +9,13 @@ from imtm.functional import distance_weighted_negatives, ratio_loss, sample_hard
 @pytest.mark.parametrize("shape", [(0, 3), (3, 0), (0, 0)])
 def test_samplers_refuse_an_empty_batch(shape):
     scores, positives = torch.randn(shape), torch.zeros(shape, dtype=torch.bool)
-    with pytest.raises(ValueError, match=r"sample_hard_negatives: needs at least one image and one caption"):
+    with pytest.raises(
+        ValueError, match=r"sample_hard_negatives: needs at least one image and one caption"
+    ):
         sample_hard_negatives(scores, positives)
-    with pytest.raises(ValueError, match=r"distance_weighted_negatives: needs at least one image and one caption"):
+    with pytest.raises(
+        ValueError, match=r"distance_weighted_negatives: needs at least one image and one caption"
+    ):
         distance_weighted_negatives(scores, positives, dim=8)
 
 

@@ -42,7 +42,9 @@ class Augmented(ImageCaptionDataset):
     """The toy data with caption augmentation in ``__getitem__``, raising after ``crash_after`` items."""
 
     def __init__(self, base, augment, crash_after=None):
-        super().__init__(base.images, base.captions, base.caption_to_image, vocab=base.vocab, name="toy")
+        super().__init__(
+            base.images, base.captions, base.caption_to_image, vocab=base.vocab, name="toy"
+        )
         self.augment, self.crash_after, self.seen = augment, crash_after, 0
 
     def __getitem__(self, k):
@@ -63,7 +65,15 @@ def blocks(data, image=ToyImage):
 
 
 def matcher(data, run=None, image=ToyImage, **kw):
-    kw = {"epochs": 2, "batch_size": 6, "verbose": False, "device": "cpu", "random_state": 0, "lr": 5e-2, **kw}
+    kw = {
+        "epochs": 2,
+        "batch_size": 6,
+        "verbose": False,
+        "device": "cpu",
+        "random_state": 0,
+        "lr": 5e-2,
+        **kw,
+    }
     return Matcher(blocks(data, image), checkpoint_dir=None if run is None else str(run), **kw)
 
 
@@ -82,6 +92,7 @@ def disturb():
     import random
 
     import numpy as np
+
     np.random.rand(3)
     random.random()
 
@@ -100,7 +111,9 @@ def test_sigint_mid_step_then_resume_is_bit_exact_with_dropout(data, tmp_path, a
         matcher(data, tmp_path, image=SigintImage).fit(data)
     SigintImage.at = None
     state = json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())
-    assert state["__dict__"]["position"]["__dict__"]["global_step"] == at  # the interrupted step completed
+    assert (
+        state["__dict__"]["position"]["__dict__"]["global_step"] == at
+    )  # the interrupted step completed
     disturb()
     resumed = matcher(data, tmp_path, image=SigintImage).fit(data, resume=True)
     assert_same(reference, weights(resumed), f"(SIGINT in step {at})")
@@ -120,30 +133,44 @@ def crash_then_resume(data, tmp_path, make_train, crash_after, **kw):
 def test_user_dataloader_shuffled_resumes_mid_epoch_bit_exact(data, tmp_path):
     aug = CaptionAugment.from_vocabulary(data.vocab)
     reference = weights(matcher(data).fit(loader(Augmented(data, aug))))
-    resumed = crash_then_resume(data, tmp_path, lambda c: loader(Augmented(data, aug, c)), crash_after=15)
+    resumed = crash_then_resume(
+        data, tmp_path, lambda c: loader(Augmented(data, aug, c)), crash_after=15
+    )
     assert_same(reference, weights(resumed))
 
 
 def test_user_dataloader_with_two_workers_and_augmentation_resumes_bit_exact(data, tmp_path):
     aug = CaptionAugment.from_vocabulary(data.vocab, seed=0)
     reference = weights(matcher(data).fit(loader(Augmented(data, aug), num_workers=2)))
-    resumed = crash_then_resume(data, tmp_path, lambda c: loader(Augmented(data, aug, c), num_workers=2),
-                                crash_after=9)
+    resumed = crash_then_resume(
+        data, tmp_path, lambda c: loader(Augmented(data, aug, c), num_workers=2), crash_after=9
+    )
     assert_same(reference, weights(resumed))
 
 
 @pytest.mark.parametrize("seed", [None, 0])
-def test_augmentation_in_two_workers_resumes_bit_exact_and_num_workers_may_change(data, tmp_path, seed):
+def test_augmentation_in_two_workers_resumes_bit_exact_and_num_workers_may_change(
+    data, tmp_path, seed
+):
     aug = CaptionAugment.from_vocabulary(data.vocab, seed=seed)
     reference = weights(matcher(data, num_workers=2).fit(Augmented(data, aug)))
-    assert_same(reference, weights(matcher(data, num_workers=0).fit(Augmented(data, aug))), "(num_workers=0)")
-    resumed = crash_then_resume(data, tmp_path / "a", lambda c: Augmented(data, aug, c), crash_after=9,
-                                num_workers=2)
+    assert_same(
+        reference,
+        weights(matcher(data, num_workers=0).fit(Augmented(data, aug))),
+        "(num_workers=0)",
+    )
+    resumed = crash_then_resume(
+        data, tmp_path / "a", lambda c: Augmented(data, aug, c), crash_after=9, num_workers=2
+    )
     assert_same(reference, weights(resumed))
     # Changing num_workers on resume (documented as safe) changes nothing.
     with pytest.raises(RuntimeError, match="simulated crash"):
-        matcher(data, tmp_path / "b", checkpoint_every=1, num_workers=2).fit(Augmented(data, aug, 9))
-    resumed = matcher(data, tmp_path / "b", checkpoint_every=1, num_workers=0).fit(Augmented(data, aug), resume=True)
+        matcher(data, tmp_path / "b", checkpoint_every=1, num_workers=2).fit(
+            Augmented(data, aug, 9)
+        )
+    resumed = matcher(data, tmp_path / "b", checkpoint_every=1, num_workers=0).fit(
+        Augmented(data, aug), resume=True
+    )
     assert_same(reference, weights(resumed), "(resumed with num_workers=0)")
 
 
@@ -156,7 +183,9 @@ def test_seeded_caption_augment_two_fits_in_one_process_agree_and_resume_bit_exa
     resumed = crash_then_resume(data, tmp_path, lambda c: Augmented(data, aug, c), crash_after=9)
     assert_same(first, weights(resumed))
     # The augmentation draws something: another augment seed gives other weights.
-    other = weights(matcher(data).fit(Augmented(data, CaptionAugment.from_vocabulary(data.vocab, seed=1))))
+    other = weights(
+        matcher(data).fit(Augmented(data, CaptionAugment.from_vocabulary(data.vocab, seed=1)))
+    )
     assert any(not torch.equal(first[k], other[k]) for k in first)
 
 
@@ -167,12 +196,17 @@ class MyLoader(DataLoader):
 
 def test_dataloader_subclass_is_refused_mid_epoch_and_exact_at_epoch_end(data, tmp_path):
     aug = CaptionAugment.from_vocabulary(data.vocab, seed=0)
-    make = lambda c: MyLoader(Augmented(data, aug, c), batch_size=6, shuffle=True, collate_fn=collate)  # noqa: E731
+    make = lambda c: MyLoader(
+        Augmented(data, aug, c), batch_size=6, shuffle=True, collate_fn=collate
+    )  # noqa: E731
     reference = weights(matcher(data).fit(make(None)))
     with pytest.raises(RuntimeError, match="simulated crash"):
         matcher(data, tmp_path, checkpoint_every=1).fit(make(15))
-    with pytest.raises(CheckpointError, match=r"cannot be resumed exactly: MyLoader over Augmented cannot be "
-                                              r"re-created by imtm.*checkpoint_every=None"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"cannot be resumed exactly: MyLoader over Augmented cannot be "
+        r"re-created by imtm.*checkpoint_every=None",
+    ):
         matcher(data, tmp_path, checkpoint_every=1).fit(make(None), resume=True)
     # At an epoch's end it is exact (two fits agree, and the epoch's checkpoint resumes alike).
     run = tmp_path / "epochs"
@@ -191,5 +225,7 @@ def test_checkpoint_without_data_seeding_is_refused(data, tmp_path):
     manifest = json.loads((ckpt / "MANIFEST.json").read_text())
     manifest["sha256"]["state.json"] = file_sha256(ckpt / "state.json")
     (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="earlier version of imtm, which drew the random numbers of data"):
+    with pytest.raises(
+        CheckpointError, match="earlier version of imtm, which drew the random numbers of data"
+    ):
         matcher(data, tmp_path).fit(data, resume=True)

@@ -133,8 +133,16 @@ class Ctx:
         Features are of scale 1 or 1000, and sometimes the first token is an all-zero vector.
         """
         scale = self.pick([1.0, 1e3])
-        t = self.draw(tokens(batch=batch, max_tokens=max_tokens, dim=dim, dtype=self.dtype, scale=scale,
-                             padding=padding or self.padding()))
+        t = self.draw(
+            tokens(
+                batch=batch,
+                max_tokens=max_tokens,
+                dim=dim,
+                dtype=self.dtype,
+                scale=scale,
+                padding=padding or self.padding(),
+            )
+        )
         feats = t.feats.clone()
         if self.flag():
             feats[0, 0] = 0
@@ -145,7 +153,9 @@ class Ctx:
         return self.layout(m.to(self.device))
 
     def perm(self, n: int) -> torch.Tensor:
-        return torch.tensor(self.draw(st.permutations(range(n))), dtype=torch.long, device=self.device)
+        return torch.tensor(
+            self.draw(st.permutations(range(n))), dtype=torch.long, device=self.device
+        )
 
     def positives(self, bi: int, bt: int) -> torch.Tensor:
         """``(Bi, Bt)`` bool from the image id of every caption: each caption matches one image."""
@@ -155,7 +165,9 @@ class Ctx:
     def scores(self, bi, bt, *, wide: bool = False) -> torch.Tensor:
         """Cosine-like scores in [-1, 1], or with ``wide`` sometimes logits in [-50, 50]."""
         high = self.pick([1.0, 50.0]) if wide else 1.0
-        return self.draw(score_matrices(bi=bi, bt=bt, dtype=self.dtype, low=-high, high=high)).to(self.device)
+        return self.draw(score_matrices(bi=bi, bt=bt, dtype=self.dtype, low=-high, high=high)).to(
+            self.device
+        )
 
     def budget(self):
         """A block budget: the default, or one small enough to cut a tiny problem into many blocks."""
@@ -168,16 +180,22 @@ _RTOL = {BF16: 3e-2, F32: 2e-5, F64: 1e-9}
 
 
 def close(actual, expected, dtype, what: str) -> None:
-    torch.testing.assert_close(actual, expected, atol=_ATOL[dtype], rtol=_RTOL[dtype], msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual, expected, atol=_ATOL[dtype], rtol=_RTOL[dtype], msg=lambda m: f"{what}: {m}"
+    )
 
 
 def expect(out, shape, dtype, ctx: Ctx, what: str, *, finite: bool = True) -> torch.Tensor:
     """``out`` is a tensor of ``shape`` and ``dtype`` on the context's device, finite unless told."""
     assert isinstance(out, torch.Tensor), f"{what}: expected a tensor, got {type(out).__name__}"
-    assert tuple(out.shape) == tuple(shape), f"{what}: shape {tuple(out.shape)}, documented {tuple(shape)}"
+    assert tuple(out.shape) == tuple(shape), (
+        f"{what}: shape {tuple(out.shape)}, documented {tuple(shape)}"
+    )
     if torch.is_autocast_enabled(ctx.device.type) and dtype == F32:
         # Under autocast, matrix products return the autocast dtype, and so may the functions.
-        assert out.dtype in (F32, torch.get_autocast_dtype(ctx.device.type)), f"{what}: dtype {out.dtype}"
+        assert out.dtype in (F32, torch.get_autocast_dtype(ctx.device.type)), (
+            f"{what}: dtype {out.dtype}"
+        )
     else:
         assert out.dtype == dtype, f"{what}: dtype {out.dtype}, expected {dtype}"
     assert out.device.type == ctx.device.type, f"{what}: on {out.device}, inputs on {ctx.device}"
@@ -206,7 +224,11 @@ def finite_grads(fn, tensors, real=None, what: str = "") -> None:
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
     out = fn(*leaves)
     outs = out if isinstance(out, tuple) else (out,)
-    terms = [o[torch.isfinite(o)].float().sum() for o in outs if o.is_floating_point() and o.requires_grad]
+    terms = [
+        o[torch.isfinite(o)].float().sum()
+        for o in outs
+        if o.is_floating_point() and o.requires_grad
+    ]
     if not terms:
         return
     sum(terms).backward()
@@ -235,12 +257,21 @@ def _pair_properties(ctx, fn, v, t, vm, tm, out, kwargs, what, *, budget=True, g
     v2 = v if vm is None else nan_padding(v, vm)
     t2 = t if tm is None else nan_padding(t, tm)
     if vm is not None or tm is not None:
-        close(fn(v2, t2, vm, tm, **kwargs), out, dtype, f"{what}: NaN in padding changed the scores")
+        close(
+            fn(v2, t2, vm, tm, **kwargs), out, dtype, f"{what}: NaN in padding changed the scores"
+        )
     pi, pt = ctx.perm(v.shape[0]), ctx.perm(t.shape[0])
-    permuted = fn(v[pi], t[pt], None if vm is None else vm[pi], None if tm is None else tm[pt], **kwargs)
+    permuted = fn(
+        v[pi], t[pt], None if vm is None else vm[pi], None if tm is None else tm[pt], **kwargs
+    )
     close(permuted, out[pi][:, pt], dtype, f"{what}: not permutation equivariant")
     if budget and kwargs.get("max_block_elements") is not None:
-        close(fn(v, t, vm, tm, **{**kwargs, "max_block_elements": None}), out, dtype, f"{what}: depends on the block budget")
+        close(
+            fn(v, t, vm, tm, **{**kwargs, "max_block_elements": None}),
+            out,
+            dtype,
+            f"{what}: depends on the block budget",
+        )
     if grad:
         # NaN in padding must not reach the gradient of a real token either.
         finite_grads(lambda a, b: fn(a, b, vm, tm, **kwargs), [v2, t2], [vm, tm], what)
@@ -260,7 +291,13 @@ def case_hard_assignment_scores(ctx: Ctx):
         "compute_dtype": _compute_dtype(ctx),
     }
     fn = F.hard_assignment_scores
-    out = expect(fn(v, t, vm, tm, **kwargs), (v.shape[0], t.shape[0]), ctx.dtype, ctx, "hard_assignment_scores")
+    out = expect(
+        fn(v, t, vm, tm, **kwargs),
+        (v.shape[0], t.shape[0]),
+        ctx.dtype,
+        ctx,
+        "hard_assignment_scores",
+    )
     if kwargs["pooling"] in ("max", "mean", "softmax"):
         within(out, -1, 1, ctx.dtype, "hard_assignment_scores")
     _pair_properties(ctx, fn, v, t, vm, tm, out, kwargs, "hard_assignment_scores")
@@ -277,7 +314,13 @@ def case_soft_assignment_scores(ctx: Ctx):
         "compute_dtype": _compute_dtype(ctx),
     }
     fn = F.soft_assignment_scores
-    out = expect(fn(v, t, vm, tm, **kwargs), (v.shape[0], t.shape[0]), ctx.dtype, ctx, "soft_assignment_scores")
+    out = expect(
+        fn(v, t, vm, tm, **kwargs),
+        (v.shape[0], t.shape[0]),
+        ctx.dtype,
+        ctx,
+        "soft_assignment_scores",
+    )
     if kwargs["pooling"] in ("max", "mean", "softmax"):
         within(out, -1, 1, ctx.dtype, "soft_assignment_scores")
     _pair_properties(ctx, fn, v, t, vm, tm, out, kwargs, "soft_assignment_scores")
@@ -286,9 +329,19 @@ def case_soft_assignment_scores(ctx: Ctx):
 def case_sparse_alignment_scores(ctx: Ctx):
     v, t, vm, tm = _pair_inputs(ctx)
     direction = ctx.pick(["both", "patch_to_word", "word_to_patch"])
-    kwargs = {"direction": direction, "max_block_elements": ctx.budget(), "compute_dtype": _compute_dtype(ctx)}
+    kwargs = {
+        "direction": direction,
+        "max_block_elements": ctx.budget(),
+        "compute_dtype": _compute_dtype(ctx),
+    }
     fn = F.sparse_alignment_scores
-    out = expect(fn(v, t, vm, tm, **kwargs), (v.shape[0], t.shape[0]), ctx.dtype, ctx, "sparse_alignment_scores")
+    out = expect(
+        fn(v, t, vm, tm, **kwargs),
+        (v.shape[0], t.shape[0]),
+        ctx.dtype,
+        ctx,
+        "sparse_alignment_scores",
+    )
     bound = 2 if direction == "both" else 1
     within(out, -bound, bound, ctx.dtype, "sparse_alignment_scores")
     _pair_properties(ctx, fn, v, t, vm, tm, out, kwargs, "sparse_alignment_scores")
@@ -305,16 +358,24 @@ def case_global_cosine_scores(ctx: Ctx):
 def _mean_of_max(sims, vm, tm):
     # A masked reduction for the pair engine: LAPS Eq. 8 on the block's (b_i, b_t, N, M) cosines.
     return F.sparse_alignment_from_cosines(
-        sims.permute(0, 2, 1, 3), None if vm is None else vm[:, None], None if tm is None else tm[None]
+        sims.permute(0, 2, 1, 3),
+        None if vm is None else vm[:, None],
+        None if tm is None else tm[None],
     )
 
 
 def case_blocked_pair_scores(ctx: Ctx):
     v, t, vm, tm = _pair_inputs(ctx)
-    kwargs = {"reduce": _mean_of_max, "max_block_elements": ctx.budget(), "compute_dtype": _compute_dtype(ctx)}
+    kwargs = {
+        "reduce": _mean_of_max,
+        "max_block_elements": ctx.budget(),
+        "compute_dtype": _compute_dtype(ctx),
+    }
     fn = F.blocked_pair_scores
     out_dtype = kwargs["compute_dtype"] or ctx.dtype  # the dtype the reduction returns
-    out = expect(fn(v, t, vm, tm, **kwargs), (v.shape[0], t.shape[0]), out_dtype, ctx, "blocked_pair_scores")
+    out = expect(
+        fn(v, t, vm, tm, **kwargs), (v.shape[0], t.shape[0]), out_dtype, ctx, "blocked_pair_scores"
+    )
     within(out, -2, 2, out_dtype, "blocked_pair_scores")
     ctx.dtype = out_dtype  # tolerances of the compute dtype
     _pair_properties(ctx, fn, v, t, vm, tm, out, kwargs, "blocked_pair_scores")
@@ -323,9 +384,15 @@ def case_blocked_pair_scores(ctx: Ctx):
 def case_blocked_query_scores(ctx: Ctx):
     v, t, vm, tm = _pair_inputs(ctx)
     pooling = ctx.pick(["max", "mean", "sum", "softmax", "lse"])
-    kwargs = {"pool": F.resolve_pooling(pooling, 0.1), "max_block_elements": ctx.budget(), "compute_dtype": _compute_dtype(ctx)}
+    kwargs = {
+        "pool": F.resolve_pooling(pooling, 0.1),
+        "max_block_elements": ctx.budget(),
+        "compute_dtype": _compute_dtype(ctx),
+    }
     fn = F.blocked_query_scores
-    out = expect(fn(v, t, vm, tm, **kwargs), (v.shape[0], t.shape[0]), ctx.dtype, ctx, "blocked_query_scores")
+    out = expect(
+        fn(v, t, vm, tm, **kwargs), (v.shape[0], t.shape[0]), ctx.dtype, ctx, "blocked_query_scores"
+    )
     if pooling != "sum":
         within(out, -1, 1 + 0.1 * math.log(t.shape[1]), ctx.dtype, "blocked_query_scores")
     _pair_properties(ctx, fn, v, t, vm, tm, out, kwargs, "blocked_query_scores")
@@ -334,8 +401,12 @@ def case_blocked_query_scores(ctx: Ctx):
 def _attention_weights(ctx: Ctx, dim: int) -> AttentionWeights:
     s = 1 / math.sqrt(dim)
     return AttentionWeights(
-        ctx.randn(3 * dim, dim, scale=s), ctx.randn(3 * dim, scale=0.1), ctx.randn(dim, dim, scale=s),
-        ctx.randn(dim, scale=0.1), 1 + ctx.randn(dim, scale=0.1), ctx.randn(dim, scale=0.1),
+        ctx.randn(3 * dim, dim, scale=s),
+        ctx.randn(3 * dim, scale=0.1),
+        ctx.randn(dim, dim, scale=s),
+        ctx.randn(dim, scale=0.1),
+        1 + ctx.randn(dim, scale=0.1),
+        ctx.randn(dim, scale=0.1),
     )
 
 
@@ -345,9 +416,12 @@ def _feed_forward_weights(ctx: Ctx, dim: int):
         return None
     hidden = ctx.int(1, 5)
     return F.FeedForwardWeights(
-        ctx.randn(hidden, dim, scale=1 / math.sqrt(dim)), ctx.randn(hidden, scale=0.1),
-        ctx.randn(dim, hidden, scale=1 / math.sqrt(hidden)), ctx.randn(dim, scale=0.1),
-        1 + ctx.randn(dim, scale=0.1), ctx.randn(dim, scale=0.1),
+        ctx.randn(hidden, dim, scale=1 / math.sqrt(dim)),
+        ctx.randn(hidden, scale=0.1),
+        ctx.randn(dim, hidden, scale=1 / math.sqrt(hidden)),
+        ctx.randn(dim, scale=0.1),
+        1 + ctx.randn(dim, scale=0.1),
+        ctx.randn(dim, scale=0.1),
     )
 
 
@@ -356,12 +430,22 @@ def case_phrase_attention_scores(ctx: Ctx):
     d = heads * ctx.int(1, 3)
     v, t, vm, tm = _pair_inputs(ctx, dim=d)
     kwargs = {
-        "self_attn": _attention_weights(ctx, d), "cross_attn": _attention_weights(ctx, d), "heads": heads,
-        "k": ctx.pick([None, 1, 2, 10]), "max_block_elements": ctx.budget(),
-        "feed_forward": _feed_forward_weights(ctx, d), "average": ctx.pick(["features", "cosines"]),
+        "self_attn": _attention_weights(ctx, d),
+        "cross_attn": _attention_weights(ctx, d),
+        "heads": heads,
+        "k": ctx.pick([None, 1, 2, 10]),
+        "max_block_elements": ctx.budget(),
+        "feed_forward": _feed_forward_weights(ctx, d),
+        "average": ctx.pick(["features", "cosines"]),
     }
     fn = F.phrase_attention_scores
-    out = expect(fn(v, t, vm, tm, **kwargs), (v.shape[0], t.shape[0]), ctx.dtype, ctx, "phrase_attention_scores")
+    out = expect(
+        fn(v, t, vm, tm, **kwargs),
+        (v.shape[0], t.shape[0]),
+        ctx.dtype,
+        ctx,
+        "phrase_attention_scores",
+    )
     within(out, -1, 1, ctx.dtype, "phrase_attention_scores")
     _pair_properties(ctx, fn, v, t, vm, tm, out, kwargs, "phrase_attention_scores")
 
@@ -372,8 +456,12 @@ def case_phrase_attention_token_scores(ctx: Ctx):
     b = ctx.int(1, 3)
     q, qm = ctx.tokens(b, 4, d)
     k, km = ctx.tokens(b, 4, d)
-    kwargs = {"self_attn": _attention_weights(ctx, d), "cross_attn": _attention_weights(ctx, d), "heads": heads,
-              "feed_forward": _feed_forward_weights(ctx, d)}
+    kwargs = {
+        "self_attn": _attention_weights(ctx, d),
+        "cross_attn": _attention_weights(ctx, d),
+        "heads": heads,
+        "feed_forward": _feed_forward_weights(ctx, d),
+    }
     fn = F.phrase_attention_token_scores
     what = "phrase_attention_token_scores"
     out = expect(fn(q, k, qm, km, **kwargs), q.shape[:2], ctx.dtype, ctx, what, finite=False)
@@ -381,25 +469,54 @@ def case_phrase_attention_token_scores(ctx: Ctx):
     assert bool(torch.isfinite(out[qm]).all()), f"{what}: non-finite score at a real token"
     assert bool((out[~qm] == -math.inf).all()), f"{what}: padded query tokens must score -inf"
     within(out[qm], -1, 1, ctx.dtype, what)
-    close(fn(nan_padding(q, qm), nan_padding(k, km), qm, km, **kwargs), out, ctx.dtype, f"{what}: NaN in padding")
+    close(
+        fn(nan_padding(q, qm), nan_padding(k, km), qm, km, **kwargs),
+        out,
+        ctx.dtype,
+        f"{what}: NaN in padding",
+    )
     p = ctx.perm(b)
-    close(fn(q[p], k[p], qm[p], km[p], **kwargs), out[p], ctx.dtype, f"{what}: not equivariant in the pairs")
-    finite_grads(lambda a, c: fn(a, c, qm, km, **kwargs), [nan_padding(q, qm), nan_padding(k, km)], [qm, km], what)
+    close(
+        fn(q[p], k[p], qm[p], km[p], **kwargs),
+        out[p],
+        ctx.dtype,
+        f"{what}: not equivariant in the pairs",
+    )
+    finite_grads(
+        lambda a, c: fn(a, c, qm, km, **kwargs),
+        [nan_padding(q, qm), nan_padding(k, km)],
+        [qm, km],
+        what,
+    )
 
 
 def case_topk_mean_scores(ctx: Ctx):
     d = ctx.int(1, 5)
     v, vm = ctx.tokens(ctx.int(1, 3), 5, d)
     c = ctx.randn(ctx.int(1, 3), d)
-    kwargs = {"k": ctx.pick([None, 1, 2, 10]), "max_block_elements": ctx.budget(), "compute_dtype": _compute_dtype(ctx)}
+    kwargs = {
+        "k": ctx.pick([None, 1, 2, 10]),
+        "max_block_elements": ctx.budget(),
+        "compute_dtype": _compute_dtype(ctx),
+    }
     fn = F.topk_mean_scores
     what = "topk_mean_scores"
     out = expect(fn(v, c, vm, **kwargs), (v.shape[0], c.shape[0]), ctx.dtype, ctx, what)
     within(out, -1, 1, ctx.dtype, what)
     close(fn(nan_padding(v, vm), c, vm, **kwargs), out, ctx.dtype, f"{what}: NaN in padding")
     pi, pt = ctx.perm(v.shape[0]), ctx.perm(c.shape[0])
-    close(fn(v[pi], c[pt], vm[pi], **kwargs), out[pi][:, pt], ctx.dtype, f"{what}: not permutation equivariant")
-    close(fn(v, c, vm, **{**kwargs, "max_block_elements": None}), out, ctx.dtype, f"{what}: depends on the budget")
+    close(
+        fn(v[pi], c[pt], vm[pi], **kwargs),
+        out[pi][:, pt],
+        ctx.dtype,
+        f"{what}: not permutation equivariant",
+    )
+    close(
+        fn(v, c, vm, **{**kwargs, "max_block_elements": None}),
+        out,
+        ctx.dtype,
+        f"{what}: depends on the budget",
+    )
     finite_grads(lambda a, b: fn(a, b, vm, **kwargs), [nan_padding(v, vm), c], [vm, None], what)
 
 
@@ -413,10 +530,19 @@ def case_sparse_alignment_from_cosines(ctx: Ctx):
     out = expect(fn(sims, vm, tm, direction=direction), (b,), ctx.dtype, ctx, what)
     within(out, -2, 2, ctx.dtype, what)
     pair = vm[:, :, None] & tm[:, None, :]
-    close(fn(nan_padding(sims, pair), vm, tm, direction=direction), out, ctx.dtype, f"{what}: NaN in padding")
+    close(
+        fn(nan_padding(sims, pair), vm, tm, direction=direction),
+        out,
+        ctx.dtype,
+        f"{what}: NaN in padding",
+    )
     pn, pm = ctx.perm(vm.shape[1]), ctx.perm(tm.shape[1])
-    close(fn(sims[:, pn][:, :, pm], vm[:, pn], tm[:, pm], direction=direction), out, ctx.dtype,
-          f"{what}: not invariant to the order of tokens")
+    close(
+        fn(sims[:, pn][:, :, pm], vm[:, pn], tm[:, pm], direction=direction),
+        out,
+        ctx.dtype,
+        f"{what}: not invariant to the order of tokens",
+    )
     finite_grads(lambda s: fn(s, vm, tm, direction=direction), [sims], None, what)
 
 
@@ -442,11 +568,18 @@ def case_masked_mean(ctx: Ctx):
     out = expect(F.masked_mean(x, m), (x.shape[0], x.shape[2]), ctx.dtype, ctx, what)
     close(F.masked_mean(nan_padding(x, m), m), out, ctx.dtype, f"{what}: NaN in padding")
     p = ctx.perm(x.shape[1])
-    close(F.masked_mean(x[:, p], m[:, p]), out, ctx.dtype, f"{what}: not invariant to the order of tokens")
+    close(
+        F.masked_mean(x[:, p], m[:, p]),
+        out,
+        ctx.dtype,
+        f"{what}: not invariant to the order of tokens",
+    )
     # Documented: a row without any real token gives a zero vector.
     empty = m.clone()
     empty[0] = False
-    assert bool((F.masked_mean(x, empty)[0] == 0).all()), f"{what}: an empty row must give a zero vector"
+    assert bool((F.masked_mean(x, empty)[0] == 0).all()), (
+        f"{what}: an empty row must give a zero vector"
+    )
     finite_grads(lambda a: F.masked_mean(a, m), [nan_padding(x, m)], [m], what)
 
 
@@ -456,12 +589,19 @@ def case_normalize_tokens(ctx: Ctx):
     what = "normalize_tokens"
     out = expect(F.normalize_tokens(x, m, dtype=cast), x.shape, cast or ctx.dtype, ctx, what)
     assert bool((out[~m] == 0).all()), f"{what}: padded tokens must be exact zeros"
-    coarse = max(out.dtype, ctx.dtype, key=lambda t: _ATOL[t])  # computed in the input dtype, then cast
+    coarse = max(
+        out.dtype, ctx.dtype, key=lambda t: _ATOL[t]
+    )  # computed in the input dtype, then cast
     norms = torch.linalg.vector_norm(out[m].to(F64), dim=-1)
     nonzero = x[m].abs().amax(-1) > 0  # documented: an all-zero token stays zero
     within(norms[nonzero], 1, 1, coarse, f"{what}: real tokens must have unit norm")
     assert bool((norms[~nonzero] == 0).all()), f"{what}: a zero token must stay zero"
-    close(F.normalize_tokens(nan_padding(x, m), m, dtype=cast), out, out.dtype, f"{what}: NaN in padding")
+    close(
+        F.normalize_tokens(nan_padding(x, m), m, dtype=cast),
+        out,
+        out.dtype,
+        f"{what}: NaN in padding",
+    )
     finite_grads(lambda a: F.normalize_tokens(a, m, dtype=cast), [nan_padding(x, m)], [m], what)
 
 
@@ -472,7 +612,9 @@ def case_pack_tokens(ctx: Ctx):
     packed = F.pack_tokens(x, mask)
     total = x.shape[0] * x.shape[1] if mask is None else int(m.sum())
     expect(packed.feats, (total, x.shape[2]), ctx.dtype, ctx, f"{what}: feats")
-    assert packed.offsets[-1] == total and sum(packed.lengths) == total, f"{what}: offsets disagree with the mask"
+    assert packed.offsets[-1] == total and sum(packed.lengths) == total, (
+        f"{what}: offsets disagree with the mask"
+    )
     torch.testing.assert_close(packed.feats, x.reshape(-1, x.shape[2]) if mask is None else x[m])
     if mask is not None:
         torch.testing.assert_close(F.pack_tokens(nan_padding(x, m), m).feats, packed.feats)
@@ -488,7 +630,11 @@ def _pool_inputs(ctx: Ctx):
     m = ctx.mask(sets)  # (sets, L), one real position at least per set
     length = m.shape[1]
     x = ctx.randn(*lead, length, scale=ctx.pick([1.0, 30.0]))
-    m = m.reshape(*([1] if broadcast else lead[:1]), *lead[1:], length) if rank > 1 else m.reshape(length)
+    m = (
+        m.reshape(*([1] if broadcast else lead[:1]), *lead[1:], length)
+        if rank > 1
+        else m.reshape(length)
+    )
     dim = ctx.pick(range(-1, -rank - 1, -1)) if rank > 1 else -1
     if dim != -1:
         x, m = x.movedim(-1, dim), m.movedim(-1, dim)
@@ -507,27 +653,43 @@ def _pool_case(name: str, *, bounded: str | None, **fixed):
         if name == "masked_pool":
             kwargs["pooling"] = ctx.pick(sorted(F.POOLINGS))
             kwargs["temperature"] = ctx.pick([1e-3, 0.1, 1.0])
-        shape = x.shape[:dim % x.dim()] + x.shape[dim % x.dim() + 1 :]
+        shape = x.shape[: dim % x.dim()] + x.shape[dim % x.dim() + 1 :]
         out = expect(fn(x, m, dim=dim, **kwargs), shape, ctx.dtype, ctx, name)
         full = torch.broadcast_to(m, x.shape)
-        lo = torch.where(full, x, torch.full((), math.inf, dtype=x.dtype, device=x.device)).amin(dim)
-        hi = torch.where(full, x, torch.full((), -math.inf, dtype=x.dtype, device=x.device)).amax(dim)
+        lo = torch.where(full, x, torch.full((), math.inf, dtype=x.dtype, device=x.device)).amin(
+            dim
+        )
+        hi = torch.where(full, x, torch.full((), -math.inf, dtype=x.dtype, device=x.device)).amax(
+            dim
+        )
         pooled = kwargs.get("pooling", name)
         if bounded == "set" and pooled not in ("sum", "lse", "lse_pool", "sum_pool"):
             # max, mean, softmax and top-k means lie between the smallest and largest valid score.
             slack = _ATOL[ctx.dtype] * (1 + hi.abs())
-            assert bool((out >= lo - slack).all() and (out <= hi + slack).all()), f"{name}: outside the set's range"
+            assert bool((out >= lo - slack).all() and (out <= hi + slack).all()), (
+                f"{name}: outside the set's range"
+            )
         if pooled in ("lse", "lse_pool"):
             n = full.sum(dim).to(F64)
             t = kwargs["temperature"]
             slack = _ATOL[ctx.dtype] * (1 + hi.abs())
-            assert bool((out >= hi - slack).all() and (out <= hi + t * n.log().to(out.dtype) + slack).all()), (
-                f"{name}: log-sum-exp outside [max, max + T log n]"
-            )
-        close(fn(nan_padding(x, full), m, dim=dim, **kwargs), out, ctx.dtype, f"{name}: NaN in padding")
+            assert bool(
+                (out >= hi - slack).all() and (out <= hi + t * n.log().to(out.dtype) + slack).all()
+            ), f"{name}: log-sum-exp outside [max, max + T log n]"
+        close(
+            fn(nan_padding(x, full), m, dim=dim, **kwargs),
+            out,
+            ctx.dtype,
+            f"{name}: NaN in padding",
+        )
         p = ctx.perm(x.shape[dim])
         xp, mp = x.index_select(dim % x.dim(), p), m.index_select(dim % m.dim(), p)
-        close(fn(xp, mp, dim=dim, **kwargs), out, ctx.dtype, f"{name}: not invariant to the order within a set")
+        close(
+            fn(xp, mp, dim=dim, **kwargs),
+            out,
+            ctx.dtype,
+            f"{name}: not invariant to the order within a set",
+        )
         finite_grads(lambda a: fn(a, m, dim=dim, **kwargs), [nan_padding(x, full)], [full], name)
 
     case.__name__ = f"case_{name}"
@@ -539,10 +701,15 @@ def case_resolve_pooling(ctx: Ctx):
     temperature = ctx.pick([0.05, 1.0])
     pool = F.resolve_pooling(name, temperature)
     x, m, dim = _pool_inputs(ctx)
-    shape = x.shape[:dim % x.dim()] + x.shape[dim % x.dim() + 1 :]
+    shape = x.shape[: dim % x.dim()] + x.shape[dim % x.dim() + 1 :]
     out = expect(pool(x, m, dim), shape, ctx.dtype, ctx, "resolve_pooling")
     kwargs = {"temperature": temperature} if name in ("softmax", "lse") else {}
-    close(out, F.POOLINGS[name](x, m, dim=dim, **kwargs), ctx.dtype, "resolve_pooling: not the named pooling")
+    close(
+        out,
+        F.POOLINGS[name](x, m, dim=dim, **kwargs),
+        ctx.dtype,
+        "resolve_pooling: not the named pooling",
+    )
 
 
 # ---------------------------------------------------------------------------- ranking losses and miners
@@ -565,7 +732,9 @@ def case_triplet_loss(ctx: Ctx):
     reduction = ctx.pick(["sum", "mean", "none"])
     kwargs = {"margin": ctx.pick([0.0, 0.2, 1.0]), "hardest": ctx.flag(), "reduction": reduction}
     if ctx.flag():
-        kwargs["negatives"] = F.distance_weighted_negatives(scores, pos, dim=16, generator=ctx.generator())
+        kwargs["negatives"] = F.distance_weighted_negatives(
+            scores, pos, dim=16, generator=ctx.generator()
+        )
     what = "triplet_loss"
     shape = tuple(pos.shape) if reduction == "none" else ()
     out = expect(F.triplet_loss(scores, pos, **kwargs), shape, ctx.dtype, ctx, what)
@@ -573,9 +742,16 @@ def case_triplet_loss(ctx: Ctx):
     if "negatives" not in kwargs:
         pi, pt = ctx.perm(pos.shape[0]), ctx.perm(pos.shape[1])
         permuted = F.triplet_loss(_permute_scores(scores, pi, pt), pos[pi][:, pt], **kwargs)
-        close(permuted, out[pi][:, pt] if reduction == "none" else out, ctx.dtype, f"{what}: not permutation invariant")
+        close(
+            permuted,
+            out[pi][:, pt] if reduction == "none" else out,
+            ctx.dtype,
+            f"{what}: not permutation invariant",
+        )
     s = list(scores) if isinstance(scores, tuple) else [scores]
-    finite_grads(lambda *a: F.triplet_loss(a[0] if len(a) == 1 else a, pos, **kwargs), s, None, what)
+    finite_grads(
+        lambda *a: F.triplet_loss(a[0] if len(a) == 1 else a, pos, **kwargs), s, None, what
+    )
 
 
 def case_info_nce_loss(ctx: Ctx):
@@ -585,10 +761,16 @@ def case_info_nce_loss(ctx: Ctx):
     out = expect(F.info_nce_loss(scores, pos, temperature), (), ctx.dtype, ctx, what)
     assert float(out) >= -_ATOL[ctx.dtype], f"{what}: negative loss {out}"
     pi, pt = ctx.perm(pos.shape[0]), ctx.perm(pos.shape[1])
-    close(F.info_nce_loss(_permute_scores(scores, pi, pt), pos[pi][:, pt], temperature), out, ctx.dtype,
-          f"{what}: not permutation invariant")
+    close(
+        F.info_nce_loss(_permute_scores(scores, pi, pt), pos[pi][:, pt], temperature),
+        out,
+        ctx.dtype,
+        f"{what}: not permutation invariant",
+    )
     s = list(scores) if isinstance(scores, tuple) else [scores]
-    finite_grads(lambda *a: F.info_nce_loss(a[0] if len(a) == 1 else a, pos, temperature), s, None, what)
+    finite_grads(
+        lambda *a: F.info_nce_loss(a[0] if len(a) == 1 else a, pos, temperature), s, None, what
+    )
 
 
 def _is_negative_pick(idx, pos, has_neg, what):
@@ -599,14 +781,20 @@ def _is_negative_pick(idx, pos, has_neg, what):
 def case_distance_weighted_negatives(ctx: Ctx):
     scores, pos = _loss_inputs(ctx, wide=False)
     cutoff = ctx.pick([0.1, 0.5])
-    kwargs = {"dim": ctx.pick([4, 16, 1024]), "cutoff": cutoff, "nonzero_loss_cutoff": ctx.pick([1.4, 2.0]),
-                  "generator": ctx.generator()}
+    kwargs = {
+        "dim": ctx.pick([4, 16, 1024]),
+        "cutoff": cutoff,
+        "nonzero_loss_cutoff": ctx.pick([1.4, 2.0]),
+        "generator": ctx.generator(),
+    }
     what = "distance_weighted_negatives"
     i2t, t2i = F.distance_weighted_negatives(scores, pos, **kwargs)
     expect(i2t, pos.shape, torch.long, ctx, f"{what}: i2t")
     expect(t2i, pos.shape, torch.long, ctx, f"{what}: t2i")
     bi, bt = pos.shape
-    assert bool(((i2t >= 0) & (i2t < bt)).all() and ((t2i >= 0) & (t2i < bi)).all()), f"{what}: index out of range"
+    assert bool(((i2t >= 0) & (i2t < bt)).all() and ((t2i >= 0) & (t2i < bi)).all()), (
+        f"{what}: index out of range"
+    )
     _is_negative_pick(i2t, pos, (~pos).any(1, keepdim=True), what)
     _is_negative_pick(t2i.t(), pos.t(), (~pos).any(0)[:, None], what)
 
@@ -617,14 +805,17 @@ def case_sample_hard_negatives(ctx: Ctx):
     sample = ctx.flag()
     what = "sample_hard_negatives"
     gen = ctx.generator() if sample else None
-    neg_t, neg_i = F.sample_hard_negatives(s, pos, temperature=ctx.pick([0.01, 0.07, 1.0]), sample=sample,
-                                           generator=gen)
+    neg_t, neg_i = F.sample_hard_negatives(
+        s, pos, temperature=ctx.pick([0.01, 0.07, 1.0]), sample=sample, generator=gen
+    )
     expect(neg_t, (pos.shape[0],), torch.long, ctx, f"{what}: texts")
     expect(neg_i, (pos.shape[1],), torch.long, ctx, f"{what}: images")
     for idx, p in ((neg_t, pos), (neg_i, pos.t())):
         has_neg = (~p).any(1)
         assert bool((idx[~has_neg] == -1).all()), f"{what}: a row without negatives must give -1"
-        assert not bool(p[has_neg].gather(1, idx[has_neg, None]).any()), f"{what}: picked a positive"
+        assert not bool(p[has_neg].gather(1, idx[has_neg, None]).any()), (
+            f"{what}: picked a positive"
+        )
 
 
 def case_dimension_alignment_loss(ctx: Ctx):
@@ -639,7 +830,12 @@ def case_dimension_alignment_loss(ctx: Ctx):
     out = expect(F.dimension_alignment_loss(v, t, **kwargs), (), ctx.dtype, ctx, what)
     within(out, -2 * d if reduction == "sum" else -2, 0, ctx.dtype, what)
     p = ctx.perm(b)
-    close(F.dimension_alignment_loss(v[p], t[p], **kwargs), out, ctx.dtype, f"{what}: depends on the order of pairs")
+    close(
+        F.dimension_alignment_loss(v[p], t[p], **kwargs),
+        out,
+        ctx.dtype,
+        f"{what}: depends on the order of pairs",
+    )
     finite_grads(lambda a, c: F.dimension_alignment_loss(a, c, **kwargs), [v, t], None, what)
 
 
@@ -650,7 +846,12 @@ def case_dimension_correlation(ctx: Ctx):
     out = expect(F.dimension_correlation(v, t), (d, d), ctx.dtype, ctx, what)
     within(out, -1, 1, ctx.dtype, what)
     p = ctx.perm(b)
-    close(F.dimension_correlation(v[p], t[p]), out, ctx.dtype, f"{what}: depends on the order of pairs")
+    close(
+        F.dimension_correlation(v[p], t[p]),
+        out,
+        ctx.dtype,
+        f"{what}: depends on the order of pairs",
+    )
     finite_grads(F.dimension_correlation, [v, t], None, what)
 
 
@@ -666,7 +867,12 @@ def case_spatial_differences(ctx: Ctx):
     out = expect(F.spatial_differences(v, t, **kwargs), (b, b), ctx.dtype, ctx, what)
     within(out.diagonal(), 0, 0, ctx.dtype, f"{what}: diagonal")
     p = ctx.perm(b)
-    close(F.spatial_differences(v[p], t[p], **kwargs), out[p][:, p], ctx.dtype, f"{what}: not equivariant")
+    close(
+        F.spatial_differences(v[p], t[p], **kwargs),
+        out[p][:, p],
+        ctx.dtype,
+        f"{what}: not equivariant",
+    )
     finite_grads(lambda a, c: F.spatial_differences(a, c, **kwargs), [v, t], None, what)
 
 
@@ -676,13 +882,23 @@ def case_spatial_constraint_loss(ctx: Ctx):
     beta = ctx.pick([0.0, 1.0, -0.5])
     if ctx.flag():
         beta = torch.tensor(beta, dtype=ctx.dtype, device=ctx.device)
-    kwargs = dict(_dias_kwargs(ctx), sparse=ctx.flag(), beta=beta, temperature=ctx.pick([0.01, 0.1]),
-                  reduction=ctx.pick(["sum", "mean"]))
+    kwargs = dict(
+        _dias_kwargs(ctx),
+        sparse=ctx.flag(),
+        beta=beta,
+        temperature=ctx.pick([0.01, 0.1]),
+        reduction=ctx.pick(["sum", "mean"]),
+    )
     what = "spatial_constraint_loss"
     out = expect(F.spatial_constraint_loss(v, t, **kwargs), (), ctx.dtype, ctx, what)
     assert float(out) >= 0, f"{what}: negative loss {out}"
     p = ctx.perm(b)
-    close(F.spatial_constraint_loss(v[p], t[p], **kwargs), out, ctx.dtype, f"{what}: depends on the order of pairs")
+    close(
+        F.spatial_constraint_loss(v[p], t[p], **kwargs),
+        out,
+        ctx.dtype,
+        f"{what}: depends on the order of pairs",
+    )
     finite_grads(lambda a, c: F.spatial_constraint_loss(a, c, **kwargs), [v, t], None, what)
 
 
@@ -696,7 +912,12 @@ def case_sparse_correlation_mask(ctx: Ctx):
     within(out, 0, 1, ctx.dtype, what)
     assert bool((out.diagonal() == 0).all()), f"{what}: the diagonal must be 0"
     p = ctx.perm(b)
-    close(F.sparse_correlation_mask(d[p][:, p], **kwargs), out[p][:, p], ctx.dtype, f"{what}: not equivariant")
+    close(
+        F.sparse_correlation_mask(d[p][:, p], **kwargs),
+        out[p][:, p],
+        ctx.dtype,
+        f"{what}: not equivariant",
+    )
 
 
 def case_word_region_pairs(ctx: Ctx):
@@ -712,7 +933,9 @@ def case_word_region_pairs(ctx: Ctx):
     # Every region comes from a real token of its own image.
     owner = torch.arange(b, device=ctx.device)[:, None].expand_as(tm)[tm]
     real = torch.where(vm[..., None], v, torch.full((), math.nan, dtype=v.dtype, device=v.device))
-    assert bool((regions[:, None, :] == real[owner]).all(-1).any(-1).all()), f"{what}: a region is not a real token"
+    assert bool((regions[:, None, :] == real[owner]).all(-1).any(-1).all()), (
+        f"{what}: a region is not a real token"
+    )
     finite_grads(lambda a, c: F.word_region_pairs(a, c, vm, tm), [v, t], [vm, tm], what)
 
 
@@ -728,8 +951,11 @@ def case_scan_t2i_scores(ctx: Ctx):
 
 def case_local_matching_scores(ctx: Ctx):
     v, t, vm, tm = _pair_inputs(ctx)
-    kwargs = {"weighting": ctx.pick(["softmax", "linear"]), "tau": ctx.pick([0.05, 0.1, 1.0]),
-              "max_block_elements": ctx.budget()}
+    kwargs = {
+        "weighting": ctx.pick(["softmax", "linear"]),
+        "tau": ctx.pick([0.05, 0.1, 1.0]),
+        "max_block_elements": ctx.budget(),
+    }
     fn = F.local_matching_scores
     what = "local_matching_scores"
     out = expect(fn(v, t, vm, tm, **kwargs), (v.shape[0], t.shape[0]), ctx.dtype, ctx, what)
@@ -744,22 +970,45 @@ def case_local_weights(ctx: Ctx):
     weighting = ctx.pick(["softmax", "linear"])
     tau = ctx.pick([0.05, 0.1, 1.0])
     what = "local_weights"
-    out = expect(F.local_weights(sims, m, -1, weighting=weighting, tau=tau), sims.shape, ctx.dtype, ctx, what)
+    out = expect(
+        F.local_weights(sims, m, -1, weighting=weighting, tau=tau), sims.shape, ctx.dtype, ctx, what
+    )
     within(out, 0, 1, ctx.dtype, what)
-    close(out.sum(-1), torch.ones(b, dtype=ctx.dtype, device=ctx.device), ctx.dtype, f"{what}: rows must sum to 1")
+    close(
+        out.sum(-1),
+        torch.ones(b, dtype=ctx.dtype, device=ctx.device),
+        ctx.dtype,
+        f"{what}: rows must sum to 1",
+    )
     assert bool((out[~m] == 0).all()), f"{what}: a padded position has weight"
-    close(F.local_weights(nan_padding(sims, m), m, -1, weighting=weighting, tau=tau), out, ctx.dtype,
-          f"{what}: NaN in padding changed the weights")
+    close(
+        F.local_weights(nan_padding(sims, m), m, -1, weighting=weighting, tau=tau),
+        out,
+        ctx.dtype,
+        f"{what}: NaN in padding changed the weights",
+    )
     p = ctx.perm(m.shape[1])
-    close(F.local_weights(sims[:, p], m[:, p], -1, weighting=weighting, tau=tau), out[:, p], ctx.dtype,
-          f"{what}: not permutation equivariant")
+    close(
+        F.local_weights(sims[:, p], m[:, p], -1, weighting=weighting, tau=tau),
+        out[:, p],
+        ctx.dtype,
+        f"{what}: not permutation equivariant",
+    )
 
 
 def errors_local_weights(ctx: Ctx):
     sims, m = ctx.randn(1, 3), torch.ones(1, 3, dtype=torch.bool, device=ctx.device)
     return [
-        (lambda: F.local_weights(sims, m, -1, weighting="softmx"), ValueError, r"Did you mean 'softmax'"),
-        (lambda: F.local_weights(sims, m, -1, tau=0.0), ValueError, r"tau must be a finite number > 0"),
+        (
+            lambda: F.local_weights(sims, m, -1, weighting="softmx"),
+            ValueError,
+            r"Did you mean 'softmax'",
+        ),
+        (
+            lambda: F.local_weights(sims, m, -1, tau=0.0),
+            ValueError,
+            r"tau must be a finite number > 0",
+        ),
     ]
 
 
@@ -768,20 +1017,26 @@ def case_row_multiplicity(ctx: Ctx):
     pos = ctx.positives(bi, bt)
     what = "row_multiplicity"
     out = F.row_multiplicity(pos)
-    assert out.dtype == torch.long and tuple(out.shape) == (bi,), f"{what}: {out.dtype} {tuple(out.shape)}"
+    assert out.dtype == torch.long and tuple(out.shape) == (bi,), (
+        f"{what}: {out.dtype} {tuple(out.shape)}"
+    )
     # A plain loop: rows with the same non-empty set of positives.
     rows = [tuple(r.tolist()) for r in pos.cpu()]
     expected = [max(1, sum(1 for u in rows if u == r)) if any(r) else 1 for r in rows]
     assert out.tolist() == expected, f"{what}: {out.tolist()}, expected {expected}"
     p = ctx.perm(bi)
-    assert F.row_multiplicity(pos[p]).tolist() == out[p].tolist(), f"{what}: not permutation equivariant"
+    assert F.row_multiplicity(pos[p]).tolist() == out[p].tolist(), (
+        f"{what}: not permutation equivariant"
+    )
 
 
 # ---------------------------------------------------------------------------- LAPS patch slimming
 def _significance(ctx: Ctx, *shape):
     a = ctx.rand(*shape)
     # Scores of exactly 0 and 1 are documented to give finite logits and gradients.
-    edge = ctx.draw(st.lists(st.sampled_from([None, 0.0, 1.0]), min_size=a.numel(), max_size=a.numel()))
+    edge = ctx.draw(
+        st.lists(st.sampled_from([None, 0.0, 1.0]), min_size=a.numel(), max_size=a.numel())
+    )
     flat = a.reshape(-1).clone()
     for k, e in enumerate(edge):
         if e is not None:
@@ -799,7 +1054,9 @@ def case_gumbel_keep_decisions(ctx: Ctx):
     seed = ctx.draw(_SEEDS)
 
     def call(s):
-        return F.gumbel_keep_decisions(s, generator=torch.Generator(device=ctx.device).manual_seed(seed), **kwargs)
+        return F.gumbel_keep_decisions(
+            s, generator=torch.Generator(device=ctx.device).manual_seed(seed), **kwargs
+        )
 
     out = expect(call(scores), scores.shape, ctx.dtype, ctx, what)
     within(out, 0, 1, ctx.dtype, what)
@@ -822,10 +1079,14 @@ def case_top_keep_decisions(ctx: Ctx):
     valid = m if mask is not None else torch.ones_like(m)
     n = valid.sum(1)
     expected = torch.minimum(torch.ceil(n.double() * ratio - 1e-6).clamp_min(1), n.double()).long()
-    assert out.sum(1).long().tolist() == expected.tolist(), f"{what}: kept {out.sum(1)}, expected ceil(ratio * n)"
+    assert out.sum(1).long().tolist() == expected.tolist(), (
+        f"{what}: kept {out.sum(1)}, expected ceil(ratio * n)"
+    )
     assert bool((out[~valid] == 0).all()), f"{what}: a padded patch was kept"
     kept_min = torch.where(out > 0, scores, torch.full_like(scores, math.inf)).amin(1)
-    dropped_max = torch.where((out == 0) & valid, scores, torch.full_like(scores, -math.inf)).amax(1)
+    dropped_max = torch.where((out == 0) & valid, scores, torch.full_like(scores, -math.inf)).amax(
+        1
+    )
     assert bool((kept_min >= dropped_max).all()), f"{what}: kept a patch below a dropped one"
 
 
@@ -839,7 +1100,12 @@ def case_ratio_loss(ctx: Ctx):
     out = expect(F.ratio_loss(decisions, rho, mask), (), ctx.dtype, ctx, what)
     within(out, 0, 1, ctx.dtype, what)
     if mask is not None:
-        close(F.ratio_loss(nan_padding(decisions, m), rho, mask), out, ctx.dtype, f"{what}: NaN in padding")
+        close(
+            F.ratio_loss(nan_padding(decisions, m), rho, mask),
+            out,
+            ctx.dtype,
+            f"{what}: NaN in padding",
+        )
     finite_grads(lambda d: F.ratio_loss(d, rho, mask), [decisions], [mask], what)
 
 
@@ -858,14 +1124,23 @@ def case_dpc_knn_weights(ctx: Ctx):
     what = "dpc_knn_weights"
     weights, valid = F.dpc_knn_weights(v, dec, nc, k=k, mask=mask)
     expect(weights, (bi, n, bt, nc), ctx.dtype, ctx, what)
-    assert valid.dtype == torch.bool and tuple(valid.shape) == (bi, bt, nc), f"{what}: valid {valid.dtype} {tuple(valid.shape)}"
+    assert valid.dtype == torch.bool and tuple(valid.shape) == (bi, bt, nc), (
+        f"{what}: valid {valid.dtype} {tuple(valid.shape)}"
+    )
     kept = (dec > 0) & (m.unsqueeze(-1) if mask is not None else True)
     # Every kept patch joins exactly one cluster; dropped and padded patches join none.
     member = (weights > 0).sum(-1)
-    assert bool((member[kept] == 1).all()), f"{what}: a kept patch is in {member[kept].tolist()} clusters"
+    assert bool((member[kept] == 1).all()), (
+        f"{what}: a kept patch is in {member[kept].tolist()} clusters"
+    )
     assert bool((member[~kept] == 0).all()), f"{what}: a dropped or padded patch has weight"
     # A non-empty cluster's weights are 1/|C| each, so they sum to 1; an empty cluster is not valid.
-    close(weights.sum(1), valid.to(ctx.dtype).permute(0, 1, 2), ctx.dtype, f"{what}: cluster weights must sum to 1")
+    close(
+        weights.sum(1),
+        valid.to(ctx.dtype).permute(0, 1, 2),
+        ctx.dtype,
+        f"{what}: cluster weights must sum to 1",
+    )
     assert int(valid.sum()) <= int(kept.sum()), f"{what}: more clusters than kept patches"
     if mask is not None:
         # NaN in padded patches changes nothing.
@@ -881,7 +1156,11 @@ def errors_dpc_knn_weights(ctx: Ctx):
     return [
         (lambda: F.dpc_knn_weights(v, dec, 0), ValueError, r"num_clusters must be a positive int"),
         (lambda: F.dpc_knn_weights(v, dec, 2, k=True), ValueError, r"k must be a positive int"),
-        (lambda: F.dpc_knn_weights(v, dec[:, :2], 2), ValueError, r"expected patches \(Bi, N, D\) and decisions"),
+        (
+            lambda: F.dpc_knn_weights(v, dec[:, :2], 2),
+            ValueError,
+            r"expected patches \(Bi, N, D\) and decisions",
+        ),
     ]
 
 
@@ -905,7 +1184,12 @@ def case_fusion_weights(ctx: Ctx):
     what = "fusion_weights"
     out = expect(F.fusion_weights(scores, dec, mask), scores.shape, ctx.dtype, ctx, what)
     dropped = (dec == 0) & (m if mask is not None else torch.ones_like(m))
-    close(out.sum(-1), dropped.any(-1).to(ctx.dtype), ctx.dtype, f"{what}: weights must sum to 1 over dropped patches")
+    close(
+        out.sum(-1),
+        dropped.any(-1).to(ctx.dtype),
+        ctx.dtype,
+        f"{what}: weights must sum to 1 over dropped patches",
+    )
     assert bool((out[~dropped] == 0).all()), f"{what}: weight outside the dropped real patches"
     finite_grads(lambda s, d: F.fusion_weights(s, d, mask), [scores, dec], None, what)
 
@@ -942,9 +1226,16 @@ def case_random_patch_mask(ctx: Ctx):
     b, n = ctx.int(0, 4), ctx.int(0, 8)
     r = ctx.pick([0.0, 0.25, 0.5, 0.75, 0.99])
     what = "random_patch_mask"
-    out = expect(F.random_patch_mask(b, n, r, generator=ctx.generator(), device=ctx.device), (b, n), torch.bool,
-                 ctx, what)
-    assert out.sum(1).tolist() == [F.num_masked_patches(n, r)] * b, f"{what}: not K masked patches per row"
+    out = expect(
+        F.random_patch_mask(b, n, r, generator=ctx.generator(), device=ctx.device),
+        (b, n),
+        torch.bool,
+        ctx,
+        what,
+    )
+    assert out.sum(1).tolist() == [F.num_masked_patches(n, r)] * b, (
+        f"{what}: not K masked patches per row"
+    )
 
 
 def _transport_inputs(ctx: Ctx):
@@ -957,7 +1248,12 @@ def _transport_inputs(ctx: Ctx):
 def case_transport_plan(ctx: Ctx):
     cost, sm, tm = _transport_inputs(ctx)
     method = ctx.pick(["ipot", "sinkhorn", "emd", "pot_sinkhorn"])
-    kwargs = {"method": method, "n_iter": ctx.int(1, 20), "beta": ctx.pick([0.1, 0.5]), "reg": ctx.pick([0.05, 0.5])}
+    kwargs = {
+        "method": method,
+        "n_iter": ctx.int(1, 20),
+        "beta": ctx.pick([0.1, 0.5]),
+        "reg": ctx.pick([0.05, 0.5]),
+    }
     what = f"transport_plan[{method}]"
     plan = expect(F.transport_plan(cost, sm, tm, **kwargs), cost.shape, ctx.dtype, ctx, what)
     assert bool((plan >= 0).all()), f"{what}: negative mass"
@@ -969,13 +1265,29 @@ def case_transport_plan(ctx: Ctx):
     a_marg = s.to(F64) / s.sum(1, keepdim=True)
     b_marg = tm.to(F64) / tm.sum(1, keepdim=True)
     if method != "pot_sinkhorn":
-        close(plan.to(F64).sum(1), b_marg, ctx.dtype, f"{what}: column sums are not the target marginal")
+        close(
+            plan.to(F64).sum(1),
+            b_marg,
+            ctx.dtype,
+            f"{what}: column sums are not the target marginal",
+        )
     if method in ("emd", "pot_sinkhorn"):
-        close(plan.to(F64).sum(2), a_marg, ctx.dtype, f"{what}: row sums are not the source marginal")
-    close(F.transport_plan(nan_padding(cost, pair), sm, tm, **kwargs), plan, ctx.dtype, f"{what}: NaN in padding")
+        close(
+            plan.to(F64).sum(2), a_marg, ctx.dtype, f"{what}: row sums are not the source marginal"
+        )
+    close(
+        F.transport_plan(nan_padding(cost, pair), sm, tm, **kwargs),
+        plan,
+        ctx.dtype,
+        f"{what}: NaN in padding",
+    )
     p = ctx.perm(cost.shape[0])
-    close(F.transport_plan(cost[p], None if sm is None else sm[p], tm[p], **kwargs), plan[p], ctx.dtype,
-          f"{what}: problems are not independent")
+    close(
+        F.transport_plan(cost[p], None if sm is None else sm[p], tm[p], **kwargs),
+        plan[p],
+        ctx.dtype,
+        f"{what}: problems are not independent",
+    )
     if method in ("ipot", "sinkhorn"):
         finite_grads(lambda c: F.transport_plan(c, sm, tm, **kwargs), [cost], None, what)
 
@@ -988,7 +1300,12 @@ def case_transport_cost(ctx: Ctx):
     what = "transport_cost"
     out = expect(F.transport_cost(plan, cost), cost.shape[:1], ctx.dtype, ctx, what)
     assert bool((out >= 0).all()), f"{what}: negative cost of non-negative plans and costs"
-    close(F.transport_cost(plan, nan_padding(cost, pair)), out, ctx.dtype, f"{what}: padding is not ignored")
+    close(
+        F.transport_cost(plan, nan_padding(cost, pair)),
+        out,
+        ctx.dtype,
+        f"{what}: padding is not ignored",
+    )
     finite_grads(F.transport_cost, [plan, cost], None, what)
 
 
@@ -1015,13 +1332,20 @@ def case_expansive_soft_labels(ctx: Ctx):
         out = F.expansive_soft_labels(plan, probs, wm, cost=cost, **kwargs)
         shape = (b, n, v)
     else:
-        idx = torch.tensor(ctx.draw(st.lists(st.integers(0, b - 1), min_size=1, max_size=4)), device=ctx.device)
+        idx = torch.tensor(
+            ctx.draw(st.lists(st.integers(0, b - 1), min_size=1, max_size=4)), device=ctx.device
+        )
         rows = plan[idx, 0]
         out = F.expansive_soft_labels(rows, probs, wm, batch_index=idx, cost=cost[idx, 0], **kwargs)
         shape = (idx.shape[0], v)
     expect(out, shape, ctx.dtype, ctx, what)
     assert bool((out >= 0).all()), f"{what}: negative label mass"
-    close(out.sum(-1), torch.ones(shape[:-1], dtype=ctx.dtype, device=ctx.device), ctx.dtype, f"{what}: rows must sum to 1")
+    close(
+        out.sum(-1),
+        torch.ones(shape[:-1], dtype=ctx.dtype, device=ctx.device),
+        ctx.dtype,
+        f"{what}: rows must sum to 1",
+    )
 
 
 def case_lexicon_kl_loss(ctx: Ctx):
@@ -1033,7 +1357,13 @@ def case_lexicon_kl_loss(ctx: Ctx):
     what = "lexicon_kl_loss"
     # Computed in at least float32 (a bf16 log-softmax over a vocabulary loses small probabilities).
     dtype = torch.promote_types(ctx.dtype, F32)
-    out = expect(F.lexicon_kl_loss(logits, target, **kwargs), (k,) if reduction == "none" else (), dtype, ctx, what)
+    out = expect(
+        F.lexicon_kl_loss(logits, target, **kwargs),
+        (k,) if reduction == "none" else (),
+        dtype,
+        ctx,
+        what,
+    )
     assert bool((out >= -1e-4).all()), f"{what}: a KL divergence below 0: {out}"
     finite_grads(lambda a: F.lexicon_kl_loss(a, target, **kwargs), [logits], None, what)
 
@@ -1041,12 +1371,21 @@ def case_lexicon_kl_loss(ctx: Ctx):
 def case_mask_words(ctx: Ctx):
     b, vocab = ctx.int(1, 3), ctx.int(2, 50)
     maskable = ctx.mask(b, 6) if ctx.flag() else ctx.mask(b, 6) & False
-    ids = torch.randint(0, vocab, maskable.shape, generator=torch.Generator().manual_seed(ctx.draw(_SEEDS))).to(ctx.device)
+    ids = torch.randint(
+        0, vocab, maskable.shape, generator=torch.Generator().manual_seed(ctx.draw(_SEEDS))
+    ).to(ctx.device)
     mask_id = vocab  # outside the ordinary ids, as BERT's [MASK] is a special token
     replace_mask, replace_random = ctx.pick([(0.8, 0.1), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])
-    kwargs = {"mask_token_id": mask_id, "vocab_size": vocab, "prob": ctx.pick([0.0, 0.15, 1.0]),
-                  "replace_mask": replace_mask, "replace_random": replace_random}
-    gen = torch.Generator().manual_seed(ctx.draw(_SEEDS))  # documented: a CPU generator serves any device
+    kwargs = {
+        "mask_token_id": mask_id,
+        "vocab_size": vocab,
+        "prob": ctx.pick([0.0, 0.15, 1.0]),
+        "replace_mask": replace_mask,
+        "replace_random": replace_random,
+    }
+    gen = torch.Generator().manual_seed(
+        ctx.draw(_SEEDS)
+    )  # documented: a CPU generator serves any device
     what = "mask_words"
     out, labels = F.mask_words(ids, maskable, generator=gen, **kwargs)
     expect(out, ids.shape, torch.long, ctx, f"{what}: ids")
@@ -1081,13 +1420,22 @@ def _pair_errors(fn, **kwargs):
         v, vm = ctx.tokens(b, 4, d)
         t, tm = ctx.tokens(b, 4, d)
         variants = [
-            (lambda: fn(v, t, _with_empty_row(vm), tm, **kwargs), ValueError, r"have no real token"),
+            (
+                lambda: fn(v, t, _with_empty_row(vm), tm, **kwargs),
+                ValueError,
+                r"have no real token",
+            ),
             (lambda: fn(_with_nan_token(v, vm), t, vm, tm, **kwargs), ValueError, r"NaN or inf"),
             (lambda: fn(v, t, vm.long(), tm, **kwargs), TypeError, r"must be a bool tensor"),
-            (lambda: fn(v, torch.cat([t, t], -1), vm, tm, **kwargs), ValueError, r"feature dimension"),
+            (
+                lambda: fn(v, torch.cat([t, t], -1), vm, tm, **kwargs),
+                ValueError,
+                r"feature dimension",
+            ),
             (lambda: fn(v[0], t, None, tm, **kwargs), ValueError, r"shape \(B, N, D\)"),
         ]
         return variants
+
     return errors
 
 
@@ -1095,6 +1443,7 @@ def _option_error(fn, option, typo, suggestion):
     def variant(ctx: Ctx):
         v, t = ctx.randn(1, 2, 4), ctx.randn(1, 2, 4)
         return [(lambda: fn(v, t, **{option: typo}), ValueError, rf"Did you mean {suggestion!r}")]
+
     return variant
 
 
@@ -1102,12 +1451,14 @@ def _kw_error(fn, kwargs, exc, match):
     def variant(ctx: Ctx):
         v, t = ctx.randn(1, 2, 4), ctx.randn(1, 2, 4)
         return [(lambda: fn(v, t, **kwargs), exc, match)]
+
     return variant
 
 
 def _both(*makers):
     def errors(ctx: Ctx):
         return [variant for make in makers for variant in make(ctx)]
+
     return errors
 
 
@@ -1119,17 +1470,46 @@ def _attention_errors(fn, paired: bool):
         w = _attention_weights(ctx, 4)
         small = _attention_weights(ctx, 2)
         variants = [
-            (lambda: fn(q, k, qm, km, self_attn=w, cross_attn=w, heads=3), ValueError, r"heads must be a positive int dividing"),
-            (lambda: fn(q, k, qm, km, self_attn=small, cross_attn=w, heads=2), ValueError, r"self_attn.in_proj_weight must have shape"),
-            (lambda: fn(q, k, _with_empty_row(qm), km, self_attn=w, cross_attn=w, heads=2), ValueError, r"have no real token"),
-            (lambda: fn(q, k, qm, km, self_attn="w", cross_attn=w, heads=2), TypeError, r"must be an AttentionWeights"),
+            (
+                lambda: fn(q, k, qm, km, self_attn=w, cross_attn=w, heads=3),
+                ValueError,
+                r"heads must be a positive int dividing",
+            ),
+            (
+                lambda: fn(q, k, qm, km, self_attn=small, cross_attn=w, heads=2),
+                ValueError,
+                r"self_attn.in_proj_weight must have shape",
+            ),
+            (
+                lambda: fn(q, k, _with_empty_row(qm), km, self_attn=w, cross_attn=w, heads=2),
+                ValueError,
+                r"have no real token",
+            ),
+            (
+                lambda: fn(q, k, qm, km, self_attn="w", cross_attn=w, heads=2),
+                TypeError,
+                r"must be an AttentionWeights",
+            ),
         ]
         if paired:
             k2, km2 = torch.cat([k, k]), torch.cat([km, km])
-            variants.append((lambda: fn(q, k2, qm, km2, self_attn=w, cross_attn=w, heads=2), ValueError, r"pair row by row"))
+            variants.append(
+                (
+                    lambda: fn(q, k2, qm, km2, self_attn=w, cross_attn=w, heads=2),
+                    ValueError,
+                    r"pair row by row",
+                )
+            )
         else:
-            variants.append((lambda: fn(q, k, qm, km, self_attn=w, cross_attn=w, heads=2, k=0), ValueError, r"k must be a positive int"))
+            variants.append(
+                (
+                    lambda: fn(q, k, qm, km, self_attn=w, cross_attn=w, heads=2, k=0),
+                    ValueError,
+                    r"k must be a positive int",
+                )
+            )
         return variants
+
     return errors
 
 
@@ -1140,8 +1520,13 @@ def errors_global_cosine_scores(ctx: Ctx):
     return [
         (lambda: fn(v, t[..., :3], vm, tm), ValueError, r"project both into one space"),
         (lambda: fn(v, t, vm.long(), tm), TypeError, r"mask must be a bool tensor"),
-        (lambda: fn(v, t, torch.ones(2, v.shape[1] + 1, dtype=torch.bool, device=ctx.device), tm), ValueError,
-         r"does not match"),
+        (
+            lambda: fn(
+                v, t, torch.ones(2, v.shape[1] + 1, dtype=torch.bool, device=ctx.device), tm
+            ),
+            ValueError,
+            r"does not match",
+        ),
         (lambda: fn(v.long(), t), TypeError, r"floating-point features"),
     ]
 
@@ -1149,7 +1534,11 @@ def errors_global_cosine_scores(ctx: Ctx):
 def errors_masked_mean(ctx: Ctx):
     x, m = ctx.tokens(2, 3, 4)
     return [
-        (lambda: F.masked_mean(x[..., 0], m), ValueError, r"expected a tensor of shape \(B, N, D\)"),
+        (
+            lambda: F.masked_mean(x[..., 0], m),
+            ValueError,
+            r"expected a tensor of shape \(B, N, D\)",
+        ),
         (lambda: F.masked_mean(x, m.float()), TypeError, r"must be a bool tensor"),
         (lambda: F.masked_mean(x.tolist(), m), TypeError, r"expected a tensor"),
     ]
@@ -1179,7 +1568,11 @@ def errors_topk_mean_scores(ctx: Ctx):
         (lambda: fn(v, c, _with_empty_row(vm)), ValueError, r"have no real token"),
         (lambda: fn(v, bad, vm), ValueError, r"NaN or inf"),
         (lambda: fn(v, c[:, :2], vm), ValueError, r"feature dimension"),
-        (lambda: fn(v, c, vm, max_block_elements=0), ValueError, r"max_block_elements must be a positive int"),
+        (
+            lambda: fn(v, c, vm, max_block_elements=0),
+            ValueError,
+            r"max_block_elements must be a positive int",
+        ),
     ]
 
 
@@ -1192,7 +1585,11 @@ def errors_masked_pool(ctx: Ctx):
     return [
         (lambda: fn(x, full, dim=dim), ValueError, r"no valid position to pool over"),
         (lambda: fn(x, m, pooling="maxx", dim=dim), ValueError, r"Did you mean 'max'"),
-        (lambda: fn(x, m, pooling="lse", temperature=0.0, dim=dim), ValueError, r"finite number > 0"),
+        (
+            lambda: fn(x, m, pooling="lse", temperature=0.0, dim=dim),
+            ValueError,
+            r"finite number > 0",
+        ),
         (lambda: fn(x.long(), m, dim=dim), TypeError, r"floating-point tensor"),
         (lambda: fn(x, m, dim=x.dim()), ValueError, r"out of range"),
         (lambda: fn(x, m.float(), dim=dim), TypeError, r"mask must be a bool tensor"),
@@ -1202,7 +1599,11 @@ def errors_masked_pool(ctx: Ctx):
 def errors_resolve_pooling(ctx: Ctx):
     return [
         (lambda: F.resolve_pooling("softmaxx"), ValueError, r"Did you mean 'softmax'"),
-        (lambda: F.resolve_pooling("lse", ctx.pick([0.0, -1.0, math.inf, math.nan])), ValueError, r"finite number > 0"),
+        (
+            lambda: F.resolve_pooling("lse", ctx.pick([0.0, -1.0, math.inf, math.nan])),
+            ValueError,
+            r"finite number > 0",
+        ),
         (lambda: F.resolve_pooling("lse", "0.1"), TypeError, r"must be a positive number"),
     ]
 
@@ -1222,6 +1623,7 @@ def _loss_errors(fn, extra):
             (lambda: fn((s, s, s), pos), ValueError, r"got a sequence of 3"),
             *((lambda kw=kw: fn(s, pos, **kw), exc, match) for kw, exc, match in extra),
         ]
+
     return errors
 
 
@@ -1230,10 +1632,18 @@ def errors_distance_weighted_negatives(ctx: Ctx):
     pos = torch.eye(3, dtype=torch.bool, device=ctx.device)
     fn = F.distance_weighted_negatives
     return [
-        (lambda: fn(s, pos, dim=3), ValueError, r"dim must be the embedding dimension, an integer >= 4"),
+        (
+            lambda: fn(s, pos, dim=3),
+            ValueError,
+            r"dim must be the embedding dimension, an integer >= 4",
+        ),
         (lambda: fn(s, pos, dim=8, cutoff=2.5), ValueError, r"cutoff must be a number in"),
         (lambda: fn(s, pos.float(), dim=8), ValueError, r"positives must be a bool tensor"),
-        (lambda: fn(s, pos, dim=8, nonzero_loss_cutoff=0.1), ValueError, r"nonzero_loss_cutoff must be a number"),
+        (
+            lambda: fn(s, pos, dim=8, nonzero_loss_cutoff=0.1),
+            ValueError,
+            r"nonzero_loss_cutoff must be a number",
+        ),
         (lambda: fn(s, pos, dim=8, generator=0), TypeError, r"generator must be a torch.Generator"),
     ]
 
@@ -1262,6 +1672,7 @@ def _dias_errors(fn, extra=()):
             (lambda: fn(v[None], t), ValueError, r"must have shape \(B, D\)"),
             *((lambda kw=kw: fn(v, t, **kw), exc, match) for kw, exc, match in extra),
         ]
+
     return errors
 
 
@@ -1293,7 +1704,11 @@ def errors_gumbel_keep_decisions(ctx: Ctx):
     a = ctx.rand(2, 3)
     fn = F.gumbel_keep_decisions
     return [
-        (lambda: fn(a, tau=ctx.pick([0.0, -1.0, math.inf])), ValueError, r"tau must be a finite number > 0"),
+        (
+            lambda: fn(a, tau=ctx.pick([0.0, -1.0, math.inf])),
+            ValueError,
+            r"tau must be a finite number > 0",
+        ),
         (lambda: fn((a > 0.5).long()), TypeError, r"scores must be a floating tensor"),
         (lambda: fn(a, noise=a[:1]), ValueError, r"noise has shape"),
         (lambda: fn(a, eps=0.5), ValueError, r"eps must lie in \(0, 0.5\)"),
@@ -1304,17 +1719,33 @@ def errors_ratio_loss(ctx: Ctx):
     d = ctx.rand(2, 3)
     fn = F.ratio_loss
     return [
-        (lambda: fn(d, ctx.pick([0.0, 1.5, -0.1])), ValueError, r"rho must be a number in \(0, 1\]"),
+        (
+            lambda: fn(d, ctx.pick([0.0, 1.5, -0.1])),
+            ValueError,
+            r"rho must be a number in \(0, 1\]",
+        ),
         (lambda: fn((d > 0.5).long(), 0.5), TypeError, r"decisions must be a floating tensor"),
-        (lambda: fn(d, 0.5, torch.ones(4, dtype=torch.bool, device=ctx.device)), ValueError, r"does not broadcast"),
-        (lambda: fn(d, 0.5, torch.ones(3, device=ctx.device)), TypeError, r"mask must be a bool tensor"),
+        (
+            lambda: fn(d, 0.5, torch.ones(4, dtype=torch.bool, device=ctx.device)),
+            ValueError,
+            r"does not broadcast",
+        ),
+        (
+            lambda: fn(d, 0.5, torch.ones(3, device=ctx.device)),
+            TypeError,
+            r"mask must be a bool tensor",
+        ),
     ]
 
 
 def errors_random_patch_mask(ctx: Ctx):
     fn = F.random_patch_mask
     return [
-        (lambda: fn(2, 4, ctx.pick([1.0, -0.1, 2])), ValueError, r"mask_ratio must be a number in \[0, 1\)"),
+        (
+            lambda: fn(2, 4, ctx.pick([1.0, -0.1, 2])),
+            ValueError,
+            r"mask_ratio must be a number in \[0, 1\)",
+        ),
         (lambda: fn(-1, 4, 0.5), ValueError, r"must be >= 0"),
     ]
 
@@ -1336,8 +1767,16 @@ def errors_transport_plan(ctx: Ctx):
 def errors_cosine_cost(ctx: Ctx):
     x, y = ctx.randn(2, 3, 4), ctx.randn(2, 2, 4)
     return [
-        (lambda: F.cosine_cost(x, y[:1]), ValueError, r"expected source \(B, N, D\) and target \(B, M, D\)"),
-        (lambda: F.cosine_cost(x, y[..., :3]), ValueError, r"expected source \(B, N, D\) and target \(B, M, D\)"),
+        (
+            lambda: F.cosine_cost(x, y[:1]),
+            ValueError,
+            r"expected source \(B, N, D\) and target \(B, M, D\)",
+        ),
+        (
+            lambda: F.cosine_cost(x, y[..., :3]),
+            ValueError,
+            r"expected source \(B, N, D\) and target \(B, M, D\)",
+        ),
     ]
 
 
@@ -1346,13 +1785,26 @@ def errors_expansive_soft_labels(ctx: Ctx):
     plan = ctx.rand(2, 4, 3)
     fn = F.expansive_soft_labels
     return [
-        (lambda: fn(plan, probs, label_weights="plan_top"), ValueError, r"Did you mean 'plan_topk'"),
-        (lambda: fn(plan, probs, label_weights="one_minus_cost"), ValueError, r"needs the transport cost"),
+        (
+            lambda: fn(plan, probs, label_weights="plan_top"),
+            ValueError,
+            r"Did you mean 'plan_topk'",
+        ),
+        (
+            lambda: fn(plan, probs, label_weights="one_minus_cost"),
+            ValueError,
+            r"needs the transport cost",
+        ),
         (lambda: fn(plan, probs, top_k=0), ValueError, r"top_k must be a positive integer"),
         (lambda: fn(plan[..., :2], probs), ValueError, r"plan must have shape \(B, N, M\)"),
         (lambda: fn(plan, probs[0]), ValueError, r"word_probs must have shape \(B, M, V\)"),
-        (lambda: fn(plan[0], probs, batch_index=torch.zeros(3, dtype=torch.long, device=ctx.device)), ValueError,
-         r"batch_index must have shape"),
+        (
+            lambda: fn(
+                plan[0], probs, batch_index=torch.zeros(3, dtype=torch.long, device=ctx.device)
+            ),
+            ValueError,
+            r"batch_index must have shape",
+        ),
     ]
 
 
@@ -1362,7 +1814,11 @@ def errors_lexicon_kl_loss(ctx: Ctx):
     return [
         (lambda: fn(logits, target, reduction="meen"), ValueError, r"Did you mean 'mean'"),
         (lambda: fn(logits, target[:, :4]), ValueError, r"must both have shape \(K, V\)"),
-        (lambda: fn(logits, target, direction="target"), ValueError, r"Did you mean 'target_first'"),
+        (
+            lambda: fn(logits, target, direction="target"),
+            ValueError,
+            r"Did you mean 'target_first'",
+        ),
         (lambda: fn(logits, target, eps=0.0), ValueError, r"eps must be a number > 0"),
     ]
 
@@ -1372,10 +1828,23 @@ def errors_mask_words(ctx: Ctx):
     maskable = ids > 2
     fn = F.mask_words
     return [
-        (lambda: fn(ids, maskable, mask_token_id=9, vocab_size=9, prob=1.5), ValueError, r"prob must be a number in"),
-        (lambda: fn(ids, maskable, mask_token_id=9, vocab_size=9, replace_mask=0.8, replace_random=0.3), ValueError,
-         r"replace_mask \+ replace_random must be at most 1"),
-        (lambda: fn(ids, maskable.long(), mask_token_id=9, vocab_size=9), ValueError, r"maskable must be a bool tensor"),
+        (
+            lambda: fn(ids, maskable, mask_token_id=9, vocab_size=9, prob=1.5),
+            ValueError,
+            r"prob must be a number in",
+        ),
+        (
+            lambda: fn(
+                ids, maskable, mask_token_id=9, vocab_size=9, replace_mask=0.8, replace_random=0.3
+            ),
+            ValueError,
+            r"replace_mask \+ replace_random must be at most 1",
+        ),
+        (
+            lambda: fn(ids, maskable.long(), mask_token_id=9, vocab_size=9),
+            ValueError,
+            r"maskable must be a bool tensor",
+        ),
     ]
 
 
@@ -1384,8 +1853,10 @@ ERRORS = {
     "cosine_similarity_matrix": errors_cosine_similarity_matrix,
     "dimension_alignment_loss": _dias_errors(
         F.dimension_alignment_loss,
-        [({"temperature": 0.0}, ValueError, r"temperature must be a finite number > 0"),
-         ({"reduction": "summ"}, ValueError, r"Did you mean 'sum'")],
+        [
+            ({"temperature": 0.0}, ValueError, r"temperature must be a finite number > 0"),
+            ({"reduction": "summ"}, ValueError, r"Did you mean 'sum'"),
+        ],
     ),
     "distance_weighted_negatives": errors_distance_weighted_negatives,
     "dpc_knn_weights": errors_dpc_knn_weights,
@@ -1398,14 +1869,17 @@ ERRORS = {
         _option_error(F.hard_assignment_scores, "codebook", "visul", "visual"),
     ),
     "info_nce_loss": _loss_errors(
-        F.info_nce_loss, [({"temperature": 0.0}, ValueError, r"temperature must be a finite number > 0")]
+        F.info_nce_loss,
+        [({"temperature": 0.0}, ValueError, r"temperature must be a finite number > 0")],
     ),
     "lexicon_kl_loss": errors_lexicon_kl_loss,
     "mask_words": errors_mask_words,
     "masked_mean": errors_masked_mean,
     "masked_pool": errors_masked_pool,
     "phrase_attention_scores": _attention_errors(F.phrase_attention_scores, paired=False),
-    "phrase_attention_token_scores": _attention_errors(F.phrase_attention_token_scores, paired=True),
+    "phrase_attention_token_scores": _attention_errors(
+        F.phrase_attention_token_scores, paired=True
+    ),
     "random_patch_mask": errors_random_patch_mask,
     "ratio_loss": errors_ratio_loss,
     "resolve_pooling": errors_resolve_pooling,
@@ -1417,12 +1891,19 @@ ERRORS = {
     "local_weights": errors_local_weights,
     "scan_t2i_scores": _both(
         _pair_errors(F.scan_t2i_scores),
-        lambda ctx: [(lambda: F.scan_t2i_scores(ctx.randn(1, 2, 4), ctx.randn(1, 2, 4), smooth=0.0),
-                      ValueError, r"smooth must be a finite number > 0")],
+        lambda ctx: [
+            (
+                lambda: F.scan_t2i_scores(ctx.randn(1, 2, 4), ctx.randn(1, 2, 4), smooth=0.0),
+                ValueError,
+                r"smooth must be a finite number > 0",
+            )
+        ],
     ),
     "soft_assignment_scores": _both(
         _pair_errors(F.soft_assignment_scores),
-        _kw_error(F.soft_assignment_scores, {"tau": 0.0}, ValueError, r"tau must be a finite number > 0"),
+        _kw_error(
+            F.soft_assignment_scores, {"tau": 0.0}, ValueError, r"tau must be a finite number > 0"
+        ),
     ),
     "sparse_alignment_scores": _both(
         _pair_errors(F.sparse_alignment_scores),
@@ -1431,10 +1912,12 @@ ERRORS = {
     "sparse_correlation_mask": errors_sparse_correlation_mask,
     "spatial_constraint_loss": _dias_errors(
         F.spatial_constraint_loss,
-        [({"sparse": 1}, TypeError, r"sparse must be True or False"),
-         ({"temperature": 0.0}, ValueError, r"temperature must be a finite number > 0"),
-         ({"beta": math.nan}, ValueError, r"beta must be a finite number"),
-         ({"distance": "cosin"}, ValueError, r"Did you mean 'cosine'")],
+        [
+            ({"sparse": 1}, TypeError, r"sparse must be True or False"),
+            ({"temperature": 0.0}, ValueError, r"temperature must be a finite number > 0"),
+            ({"beta": math.nan}, ValueError, r"beta must be a finite number"),
+            ({"distance": "cosin"}, ValueError, r"Did you mean 'cosine'"),
+        ],
     ),
     "spatial_differences": _dias_errors(
         F.spatial_differences, [({"kind": "intr"}, ValueError, r"Did you mean 'intra'")]
@@ -1443,9 +1926,11 @@ ERRORS = {
     "transport_plan": errors_transport_plan,
     "triplet_loss": _loss_errors(
         F.triplet_loss,
-        [({"margin": -0.1}, ValueError, r"margin must be a finite number >= 0"),
-         ({"reduction": "summ"}, ValueError, r"Did you mean 'sum'"),
-         ({"hardest": 1}, TypeError, r"hardest must be True")],
+        [
+            ({"margin": -0.1}, ValueError, r"margin must be a finite number >= 0"),
+            ({"reduction": "summ"}, ValueError, r"Did you mean 'sum'"),
+            ({"hardest": 1}, TypeError, r"hardest must be True"),
+        ],
     ),
     "word_region_pairs": errors_word_region_pairs,
 }
@@ -1511,24 +1996,36 @@ CASES = {
 EXAMPLES = max(8, settings.default.max_examples // 100 * 8)
 ERROR_EXAMPLES = max(1, EXAMPLES * 3 // 4)
 AUTOCAST_EXAMPLES = max(1, EXAMPLES // 3)
-SLOW = dict.fromkeys(["transport_plan", "phrase_attention_scores", "soft_assignment_scores"], ERROR_EXAMPLES)
+SLOW = dict.fromkeys(
+    ["transport_plan", "phrase_attention_scores", "soft_assignment_scores"], ERROR_EXAMPLES
+)
 
 
 def _settings(n):
-    return settings(max_examples=n, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 def test_every_public_function_is_swept():
     names = set(public_names())
     missing = names - set(CASES) - set(EXCLUDED)
-    assert not missing, f"imtm.functional exports {sorted(missing)} without a sweep case: add one to CASES"
+    assert not missing, (
+        f"imtm.functional exports {sorted(missing)} without a sweep case: add one to CASES"
+    )
     stale = (set(CASES) | set(EXCLUDED)) - names
     assert not stale, f"sweep entries for names imtm.functional no longer exports: {sorted(stale)}"
     for name in EXCLUDED:
         # Only constants and classes may be left out; every function is swept.
-        assert not inspect.isfunction(getattr(F, name)), f"{name} is a function: give it a sweep case"
-    assert set(ERRORS) | set(UNVALIDATED) == set(CASES), "every swept function needs a hostile case or a reason"
+        assert not inspect.isfunction(getattr(F, name)), (
+            f"{name} is a function: give it a sweep case"
+        )
+    assert set(ERRORS) | set(UNVALIDATED) == set(CASES), (
+        "every swept function needs a hostile case or a reason"
+    )
     assert not set(ERRORS) & set(UNVALIDATED)
 
 
@@ -1550,8 +2047,14 @@ def leaves_inputs_alone(fn):
         before = [t.detach().clone() for t in given]
         out = fn(*args, **kwargs)
         for k, (t, b) in enumerate(zip(given, before)):
-            torch.testing.assert_close(t.detach(), b, rtol=0, atol=0, equal_nan=True,
-                                       msg=lambda m, k=k: f"{fn.__name__} wrote into its input {k}: {m}")
+            torch.testing.assert_close(
+                t.detach(),
+                b,
+                rtol=0,
+                atol=0,
+                equal_nan=True,
+                msg=lambda m, k=k: f"{fn.__name__} wrote into its input {k}: {m}",
+            )
         return out
 
     return guarded
@@ -1609,6 +2112,7 @@ def _mixed_pair_scorer(fn):
         v, vm = ctx.tokens(ctx.int(1, 3), 4, 4)
         t, tm = ctx.tokens(ctx.int(1, 3), 4, 4)
         return (lambda: fn(v.to(a), t.to(b), vm, tm)), "promote"
+
     return build
 
 
@@ -1616,6 +2120,7 @@ def _mixed_two(fn, shape_a, shape_b, rule):
     def build(ctx: Ctx, a, b):
         x, y = ctx.randn(*shape_a, dtype=a), ctx.randn(*shape_b, dtype=b)
         return (lambda: fn(x, y)), rule
+
     return build
 
 
@@ -1623,6 +2128,7 @@ def _mixed_loss(fn):
     def build(ctx: Ctx, a, b):
         pos = ctx.positives(3, 2)
         return (lambda: fn((ctx.scores(3, 2).to(a), ctx.scores(3, 2).to(b)), pos)), "promote"
+
     return build
 
 
@@ -1632,9 +2138,13 @@ MIXED = {
     "sparse_alignment_scores": _mixed_pair_scorer(F.sparse_alignment_scores),
     "scan_t2i_scores": _mixed_pair_scorer(F.scan_t2i_scores),
     "local_matching_scores": _mixed_pair_scorer(F.local_matching_scores),
-    "global_cosine_scores": _mixed_two(lambda v, t: F.global_cosine_scores(v, t), (2, 3, 4), (3, 2, 4), "refuse"),
+    "global_cosine_scores": _mixed_two(
+        lambda v, t: F.global_cosine_scores(v, t), (2, 3, 4), (3, 2, 4), "refuse"
+    ),
     "cosine_similarity_matrix": _mixed_two(F.cosine_similarity_matrix, (2, 4), (3, 4), "refuse"),
-    "topk_mean_scores": _mixed_two(lambda v, c: F.topk_mean_scores(v, c, k=2), (2, 3, 4), (3, 4), "promote"),
+    "topk_mean_scores": _mixed_two(
+        lambda v, c: F.topk_mean_scores(v, c, k=2), (2, 3, 4), (3, 4), "promote"
+    ),
     "triplet_loss": _mixed_loss(F.triplet_loss),
     "info_nce_loss": _mixed_loss(F.info_nce_loss),
     "dimension_alignment_loss": _mixed_two(F.dimension_alignment_loss, (3, 4), (3, 4), "refuse"),
@@ -1671,7 +2181,9 @@ def test_pot_backends_take_bfloat16(method):
     target_mask = torch.tensor([[True, True, False, True], [True, False, False, False]])
     plan = F.transport_plan(cost.to(BF16), target_mask=target_mask, method=method, reg=0.5)
     assert plan.dtype == BF16
-    reference = F.transport_plan(cost.to(BF16).to(F64), target_mask=target_mask, method=method, reg=0.5)
+    reference = F.transport_plan(
+        cost.to(BF16).to(F64), target_mask=target_mask, method=method, reg=0.5
+    )
     torch.testing.assert_close(plan, reference.to(BF16))
 
 
@@ -1690,14 +2202,24 @@ def test_log_sinkhorn_meets_the_target_marginal_in_bfloat16():
     cost = torch.rand(2, 3, 4, generator=torch.Generator().manual_seed(0), dtype=F64) * 4
     plan = F.transport_plan(cost.to(BF16), method="sinkhorn", n_iter=1, reg=0.05)
     assert plan.dtype == BF16
-    torch.testing.assert_close(plan.double().sum(1), torch.full((2, 4), 0.25, dtype=F64), atol=5e-3, rtol=0)
+    torch.testing.assert_close(
+        plan.double().sum(1), torch.full((2, 4), 0.25, dtype=F64), atol=5e-3, rtol=0
+    )
 
 
 @pytest.mark.parametrize("fn", [F.phrase_attention_scores, F.phrase_attention_token_scores])
 def test_phrase_attention_refuses_weights_of_another_dtype(fn):
     # Float32 weights with float64 features failed inside F.linear ("mat1 and mat2 must have the same dtype").
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 3, 4, generator=g, dtype=F64), torch.randn(2, 2, 4, generator=g, dtype=F64)
-    w = _attention_weights(Ctx(lambda strategy: 0, F32, torch.device("cpu")), 4)  # every draw seeds 0
-    with pytest.raises(TypeError, match=r"self_attn.in_proj_weight is torch.float32 but the tokens are torch.float64"):
+    q, k = (
+        torch.randn(2, 3, 4, generator=g, dtype=F64),
+        torch.randn(2, 2, 4, generator=g, dtype=F64),
+    )
+    w = _attention_weights(
+        Ctx(lambda strategy: 0, F32, torch.device("cpu")), 4
+    )  # every draw seeds 0
+    with pytest.raises(
+        TypeError,
+        match=r"self_attn.in_proj_weight is torch.float32 but the tokens are torch.float64",
+    ):
         fn(q, k, self_attn=w, cross_attn=w, heads=2)

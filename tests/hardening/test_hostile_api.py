@@ -40,7 +40,10 @@ def loop_ranks(sims: np.ndarray, c2i: list[int]) -> tuple[list[int], list[int]]:
     for i in range(n_images):
         best = max(sims[i, t] for t in range(n_captions) if c2i[t] == i)
         i2t.append(sum(1 for t in range(n_captions) if c2i[t] != i and sims[i, t] >= best))
-    t2i = [sum(1 for i in range(n_images) if i != c2i[t] and sims[i, t] >= sims[c2i[t], t]) for t in range(n_captions)]
+    t2i = [
+        sum(1 for i in range(n_images) if i != c2i[t] and sims[i, t] >= sims[c2i[t], t])
+        for t in range(n_captions)
+    ]
     return i2t, t2i
 
 
@@ -72,7 +75,9 @@ def test_metrics_follow_the_loop_rule_and_stay_in_range(problem):
         ranks = i2t if d == "i2t" else t2i
         for k, r in zip(RECALL_KS, recalls):
             assert r == pytest.approx(100.0 * sum(x < k for x in ranks) / len(ranks))
-    assert m["rsum"] == pytest.approx(sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS))
+    assert m["rsum"] == pytest.approx(
+        sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
+    )
     # NumPy in, tensor in, float32 in: the same metrics.
     assert retrieval_metrics(sims, np.array(c2i)) == {k: m[k] for k in METRIC_KEYS}
 
@@ -124,30 +129,44 @@ def test_nan_anywhere_is_refused(problem, data):
         retrieval_metrics((np.zeros_like(sims), sims), c2i)
 
 
-@pytest.mark.parametrize("c2i,error,match", [
-    ([0, 1, 3], ValueError, r"outside \[0, 3\): min 0, max 3"),
-    ([0, -1, 2], ValueError, r"outside \[0, 3\): min -1, max 2"),
-    ([0, 1], ValueError, r"must have shape \(3,\).*got shape \(2,\)"),
-    ([[0, 1, 2]], ValueError, r"must have shape \(3,\).*got shape \(1, 3\)"),
-    ([0.0, 1.0, 2.0], TypeError, "must hold integer image indices, got dtype torch.float"),
-    ([True, False, True], TypeError, "must hold integer image indices, got dtype torch.bool"),
-    ([0, 0, 2], ValueError, r"1 image\(s\) have no caption \(e.g. image index \[1\]\)"),
-    (["0", "1", "2"], TypeError, "must be a sequence of integer image indices, got \\['0'"),
-    ([0, None, 2], TypeError, "must be a sequence of integer image indices"),
-])
+@pytest.mark.parametrize(
+    "c2i,error,match",
+    [
+        ([0, 1, 3], ValueError, r"outside \[0, 3\): min 0, max 3"),
+        ([0, -1, 2], ValueError, r"outside \[0, 3\): min -1, max 2"),
+        ([0, 1], ValueError, r"must have shape \(3,\).*got shape \(2,\)"),
+        ([[0, 1, 2]], ValueError, r"must have shape \(3,\).*got shape \(1, 3\)"),
+        ([0.0, 1.0, 2.0], TypeError, "must hold integer image indices, got dtype torch.float"),
+        ([True, False, True], TypeError, "must hold integer image indices, got dtype torch.bool"),
+        ([0, 0, 2], ValueError, r"1 image\(s\) have no caption \(e.g. image index \[1\]\)"),
+        (["0", "1", "2"], TypeError, "must be a sequence of integer image indices, got \\['0'"),
+        ([0, None, 2], TypeError, "must be a sequence of integer image indices"),
+    ],
+)
 def test_bad_caption_to_image_is_refused(c2i, error, match):
     with pytest.raises(error, match=match):
         retrieval_metrics(torch.eye(3), c2i)
 
 
-@pytest.mark.parametrize("sims,error,match", [
-    (torch.zeros(3), ValueError, r"expected a \(n_images, n_captions\) matrix, got shape \(3,\)"),
-    (torch.zeros(3, 0), ValueError, r"must have shape \(0,\)"),
-    (torch.zeros(0, 3), ValueError, r"there are no images \(sims has shape \(0, 3\)\)"),
-    (torch.zeros(3, 3, dtype=torch.bool), TypeError, "expected real similarity scores"),
-    (np.array([["a", "b"]]), TypeError, "expected a numeric array"),
-    ((torch.eye(3), torch.eye(2)), ValueError, "sims_i2t and sims_t2i must have the same shape"),
-])
+@pytest.mark.parametrize(
+    "sims,error,match",
+    [
+        (
+            torch.zeros(3),
+            ValueError,
+            r"expected a \(n_images, n_captions\) matrix, got shape \(3,\)",
+        ),
+        (torch.zeros(3, 0), ValueError, r"must have shape \(0,\)"),
+        (torch.zeros(0, 3), ValueError, r"there are no images \(sims has shape \(0, 3\)\)"),
+        (torch.zeros(3, 3, dtype=torch.bool), TypeError, "expected real similarity scores"),
+        (np.array([["a", "b"]]), TypeError, "expected a numeric array"),
+        (
+            (torch.eye(3), torch.eye(2)),
+            ValueError,
+            "sims_i2t and sims_t2i must have the same shape",
+        ),
+    ],
+)
 def test_bad_similarity_matrices_are_refused(sims, error, match):
     with pytest.raises(error, match=match):
         retrieval_metrics(sims, [0, 1, 2])
@@ -158,7 +177,9 @@ def test_protocols_refuse_bad_names_and_sizes():
         evaluate_protocol("coco5k", torch.eye(2), [0, 1])
     with pytest.raises(ValueError, match="expected 5000 images.*got a matrix with 2 rows"):
         coco_1k_5fold(torch.eye(2), [0, 1])
-    assert evaluate_protocol("coco_5k", torch.eye(2), [0, 1]) == retrieval_metrics(torch.eye(2), [0, 1])
+    assert evaluate_protocol("coco_5k", torch.eye(2), [0, 1]) == retrieval_metrics(
+        torch.eye(2), [0, 1]
+    )
 
 
 # ================================================================== stage-1 indexes
@@ -173,13 +194,16 @@ def make_index(kind, embeddings, **kw):
 
 
 @pytest.mark.parametrize("kind", INDEX_KINDS)
-@pytest.mark.parametrize("k,error,match", [
-    (6, ValueError, r"k must be in \[1, 5\] \(the gallery size\), got 6"),
-    (0, ValueError, r"k must be in \[1, 5\].*got 0"),
-    (-2, ValueError, r"k must be in \[1, 5\].*got -2"),
-    (True, TypeError, "k must be an integer, got True"),
-    (2.0, TypeError, "k must be an integer, got 2.0"),
-])
+@pytest.mark.parametrize(
+    "k,error,match",
+    [
+        (6, ValueError, r"k must be in \[1, 5\] \(the gallery size\), got 6"),
+        (0, ValueError, r"k must be in \[1, 5\].*got 0"),
+        (-2, ValueError, r"k must be in \[1, 5\].*got -2"),
+        (True, TypeError, "k must be an integer, got True"),
+        (2.0, TypeError, "k must be an integer, got 2.0"),
+    ],
+)
 def test_index_refuses_bad_k(kind, k, error, match):
     index = make_index(kind, torch.randn(5, 3))
     with pytest.raises(error, match=match):
@@ -193,7 +217,9 @@ def test_index_refuses_nan_queries_wrong_dimension_and_bool(kind):
     q[1, 2] = math.nan
     with pytest.raises(NonFiniteValueError, match="query embeddings holds 1 NaN or inf"):
         index.search(q, 2)
-    with pytest.raises(ValueError, match="query embeddings have dimension 4 but the gallery's have 3"):
+    with pytest.raises(
+        ValueError, match="query embeddings have dimension 4 but the gallery's have 3"
+    ):
         index.search(torch.randn(2, 4), 2)
     with pytest.raises(TypeError, match="expected real query embeddings, got dtype torch.bool"):
         index.search(torch.ones(2, 3, dtype=torch.bool), 2)
@@ -202,12 +228,16 @@ def test_index_refuses_nan_queries_wrong_dimension_and_bool(kind):
 def test_index_refuses_nan_gallery_and_empty_gallery():
     g = torch.randn(6, 3)
     g[4, 0] = math.inf
-    with pytest.raises(NonFiniteValueError, match=r"gallery embeddings \(rows 3..5\) holds 1 NaN or inf"):
+    with pytest.raises(
+        NonFiniteValueError, match=r"gallery embeddings \(rows 3..5\) holds 1 NaN or inf"
+    ):
         TorchIndex(g, max_block_elements=6).search(torch.randn(2, 3), 2)
     with pytest.raises(ValueError, match="the gallery is empty"):
         TorchIndex(torch.zeros(0, 3)).search(torch.randn(2, 3), 1)
     pytest.importorskip("faiss")
-    with pytest.raises(NonFiniteValueError, match="FaissIndex: gallery embeddings holds 1 NaN or inf"):
+    with pytest.raises(
+        NonFiniteValueError, match="FaissIndex: gallery embeddings holds 1 NaN or inf"
+    ):
         FaissIndex(g)
 
 
@@ -239,13 +269,20 @@ def _flag():
 
 
 @pytest.mark.parametrize("mmap", [True, False])
-@pytest.mark.parametrize("damage,error,match", [
-    ("truncate", ValueError, r"embedding\.npy is not a readable \.npy array \(truncated or damaged\?\)"),
-    ("garbage", ValueError, r"embedding\.npy is not a readable \.npy array"),
-    ("pickle", ValueError, r"embedding\.npy is not a readable \.npy array"),
-    ("vector", ValueError, r"embedding\.npy holds an array of shape \(4,\); expected \(n, D\)"),
-    ("missing", FileNotFoundError, r"embedding\.npy is missing"),
-])
+@pytest.mark.parametrize(
+    "damage,error,match",
+    [
+        (
+            "truncate",
+            ValueError,
+            r"embedding\.npy is not a readable \.npy array \(truncated or damaged\?\)",
+        ),
+        ("garbage", ValueError, r"embedding\.npy is not a readable \.npy array"),
+        ("pickle", ValueError, r"embedding\.npy is not a readable \.npy array"),
+        ("vector", ValueError, r"embedding\.npy holds an array of shape \(4,\); expected \(n, D\)"),
+        ("missing", FileNotFoundError, r"embedding\.npy is missing"),
+    ],
+)
 def test_damaged_index_file_is_refused_naming_it(tmp_path, mmap, damage, error, match):
     TorchIndex(torch.randn(5, 3)).save(tmp_path)
     f = tmp_path / "embedding.npy"
@@ -289,8 +326,15 @@ def toy():
 
 @pytest.fixture(scope="module")
 def fitted(toy):
-    blocks = [PrecomputedEncoder(in_dim=6, out_dim=8), ToyText(vocab=toy.vocab), ToyCosine(), ToyHinge()]
-    return Matcher(blocks, epochs=1, batch_size=5, device="cpu", verbose=False, random_state=0).fit(toy)
+    blocks = [
+        PrecomputedEncoder(in_dim=6, out_dim=8),
+        ToyText(vocab=toy.vocab),
+        ToyCosine(),
+        ToyHinge(),
+    ]
+    return Matcher(blocks, epochs=1, batch_size=5, device="cpu", verbose=False, random_state=0).fit(
+        toy
+    )
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +357,9 @@ def test_similarity_refuses_empty_lists_and_empty_captions(fitted, toy):
 def test_similarity_refuses_non_finite_image_features_naming_the_image(fitted, toy, bad):
     images = [x.clone() for x in toy.images]
     images[7][1, 2] = bad
-    with pytest.raises(NonFiniteValueError, match=r"encoding images: item 7 holds NaN or inf features"):
+    with pytest.raises(
+        NonFiniteValueError, match=r"encoding images: item 7 holds NaN or inf features"
+    ):
         fitted.similarity(images, toy.captions)
     # the same image as a query or a gallery item of a two-stage search
     r = TwoStageRetriever(fitted, k=3)
@@ -327,9 +373,13 @@ def test_similarity_refuses_non_finite_image_features_naming_the_image(fitted, t
 def test_similarity_refuses_a_wrong_feature_dimension(fitted, toy):
     images = list(toy.images)
     images[2] = torch.randn(3, 5)
-    with pytest.raises(ValueError, match=r"collate_images: image 2 has shape \(3, 5\) but image 0 has \(\d+, 6\)"):
+    with pytest.raises(
+        ValueError, match=r"collate_images: image 2 has shape \(3, 5\) but image 0 has \(\d+, 6\)"
+    ):
         fitted.similarity(images, toy.captions)
-    with pytest.raises(ValueError, match=r"PrecomputedEncoder: expected image tokens of shape \(B, N, 6\)"):
+    with pytest.raises(
+        ValueError, match=r"PrecomputedEncoder: expected image tokens of shape \(B, N, 6\)"
+    ):
         fitted.similarity([torch.randn(3, 5) for _ in range(2)], toy.captions)
 
 
@@ -365,7 +415,9 @@ def test_evaluate_score_and_a_save_load_round_trip(fitted, toy, full, tmp_path):
 # ================================================================== two-stage retrieval
 @pytest.mark.parametrize("query_block", [None, 1, 4])
 def test_two_stage_with_k_the_gallery_size_is_full_scoring(fitted, toy, full, query_block):
-    r = TwoStageRetriever(fitted, k=10, query_block=query_block).fit(images=toy.images, captions=toy.captions)
+    r = TwoStageRetriever(fitted, k=10, query_block=query_block).fit(
+        images=toy.images, captions=toy.captions
+    )
     res = r.text_to_image(toy.captions, top=10)
     expected = full.T.sort(dim=1, descending=True, stable=True)
     torch.testing.assert_close(res.scores, expected.values)
@@ -387,24 +439,45 @@ def test_two_stage_refuses_bad_k_and_nan_precomputed_values(fitted, toy):
     r = TwoStageRetriever(fitted, k=2)
     values = r.encode_images(toy.images)
     values["image_tokens"].feats[4, 0, 0] = math.nan
-    with pytest.raises(NonFiniteValueError, match="stage-1 image_embedding of the images holds 1 NaN"):
+    with pytest.raises(
+        NonFiniteValueError, match="stage-1 image_embedding of the images holds 1 NaN"
+    ):
         r.fit(images=values)
     r.fit(images=toy.images)
-    with pytest.raises(ValueError, match=r"the encoded queries lack \['text_tokens'\].*encode_texts\(\)"):
+    with pytest.raises(
+        ValueError, match=r"the encoded queries lack \['text_tokens'\].*encode_texts\(\)"
+    ):
         r.text_to_image(r.encode_images(toy.images[:2]), top=1)
 
 
-@pytest.mark.parametrize("damage,error,match", [
-    ("truncate", ValueError, r"images[/\\]image_tokens\.feats\.npy is not a readable \.npy array"),
-    ("rows", ValueError, r"images[/\\]image_tokens\.feats\.npy holds shape \(9, .*expected 10 rows"),
-    ("mask", ValueError, r"image_tokens\.mask\.npy holds float32 .*expected a bool mask"),
-    ("index", ValueError, r"the index in .*images holds 9 rows but .*retriever\.json records a gallery of 10"),
-    ("json", ValueError, r"retriever\.json is not valid JSON"),
-    ("list", ValueError, r"retriever\.json holds a list, expected an object"),
-    ("keys", ValueError, r"retriever\.json lacks \['galleries'\]; not a complete saved"),
-    ("missing", FileNotFoundError, r"images[/\\]embedding\.npy is missing"),
-])
-def test_damaged_retriever_folder_is_refused_naming_the_file(fitted, toy, tmp_path, damage, error, match):
+@pytest.mark.parametrize(
+    "damage,error,match",
+    [
+        (
+            "truncate",
+            ValueError,
+            r"images[/\\]image_tokens\.feats\.npy is not a readable \.npy array",
+        ),
+        (
+            "rows",
+            ValueError,
+            r"images[/\\]image_tokens\.feats\.npy holds shape \(9, .*expected 10 rows",
+        ),
+        ("mask", ValueError, r"image_tokens\.mask\.npy holds float32 .*expected a bool mask"),
+        (
+            "index",
+            ValueError,
+            r"the index in .*images holds 9 rows but .*retriever\.json records a gallery of 10",
+        ),
+        ("json", ValueError, r"retriever\.json is not valid JSON"),
+        ("list", ValueError, r"retriever\.json holds a list, expected an object"),
+        ("keys", ValueError, r"retriever\.json lacks \['galleries'\]; not a complete saved"),
+        ("missing", FileNotFoundError, r"images[/\\]embedding\.npy is missing"),
+    ],
+)
+def test_damaged_retriever_folder_is_refused_naming_the_file(
+    fitted, toy, tmp_path, damage, error, match
+):
     path = TwoStageRetriever(fitted, k=2).fit(images=toy.images).save(tmp_path / "r")
     feats = path / "images" / "image_tokens.feats.npy"
     if damage == "truncate":

@@ -23,12 +23,15 @@ from imtm.engine.checkpoint import CheckpointError, latest_checkpoint, read_chec
 
 DEEP = b"[" * 1000 + b"]" * 1000  # 2 kB
 DEEP_OBJECT = b'{"a": ' * 1000 + b"1" + b"}" * 1000
-posix_only = pytest.mark.skipif(sys.platform == "win32" or not hasattr(os, "mkfifo"), reason="FIFOs and /dev/zero")
+posix_only = pytest.mark.skipif(
+    sys.platform == "win32" or not hasattr(os, "mkfifo"), reason="FIFOs and /dev/zero"
+)
 
 
 @contextlib.contextmanager
 def deadline(seconds=10):
     """Fail instead of hanging: a read blocked on a FIFO is interrupted and the test fails."""
+
     def alarm(*_):
         raise TimeoutError(f"blocked for {seconds} s (a FIFO read?)")
 
@@ -58,7 +61,9 @@ def test_read_json_refuses_deep_nesting_with_a_value_error(tmp_path, raw):
 def test_read_json_limits_size_and_names_the_file(tmp_path):
     path = tmp_path / "big.json"
     path.write_bytes(b"[" + b"1," * 100 + b"1]")
-    with pytest.raises(ValueError, match=r"reader: '.*big\.json' holds 203 bytes, more than the 100"):
+    with pytest.raises(
+        ValueError, match=r"reader: '.*big\.json' holds 203 bytes, more than the 100"
+    ):
         read_json(path, who="reader", max_bytes=100)
     assert len(read_json(path, who="reader")) == 101
     with pytest.raises(ValueError, match=r"is not UTF-8 text \(byte 1"):
@@ -84,8 +89,13 @@ def test_read_regular_refuses_what_is_not_a_regular_file_inside_the_root(tmp_pat
     else:
         (tmp_path / "secret").write_text("x")
         path.symlink_to(tmp_path / "secret")
-    match = {"fifo": "is a FIFO", "devzero": "outside|character device", "folder": "is a folder",
-             "loop": "cannot be (resolved|opened)|cannot open", "outside": "outside"}[kind]
+    match = {
+        "fifo": "is a FIFO",
+        "devzero": "outside|character device",
+        "folder": "is a folder",
+        "loop": "cannot be (resolved|opened)|cannot open",
+        "outside": "outside",
+    }[kind]
     with deadline(), pytest.raises(ValueError, match=match):
         read_regular(path, max_bytes=100, root=root)
     if kind in ("fifo", "devzero", "folder"):  # without a root: still not a regular file
@@ -158,13 +168,23 @@ def similarity(tmp_path):
 
     from imtm.metrics import load_similarity
 
-    save_file({"sims": torch.zeros(1, 1), "caption_to_image": torch.zeros(1, dtype=torch.long)},
-              str(tmp_path / "s.safetensors"), metadata={"format": "imtm.similarity", "version": "1",
-                                                         "meta": DEEP.decode()})
+    save_file(
+        {"sims": torch.zeros(1, 1), "caption_to_image": torch.zeros(1, dtype=torch.long)},
+        str(tmp_path / "s.safetensors"),
+        metadata={"format": "imtm.similarity", "version": "1", "meta": DEEP.decode()},
+    )
     load_similarity(tmp_path / "s.safetensors")
 
 
-READERS = [karpathy, albef, id_mapping, vocabulary, extracted_manifest, extraction_resumed, similarity]
+READERS = [
+    karpathy,
+    albef,
+    id_mapping,
+    vocabulary,
+    extracted_manifest,
+    extraction_resumed,
+    similarity,
+]
 
 
 @pytest.mark.parametrize("reader", READERS, ids=[r.__name__ for r in READERS])
@@ -182,8 +202,14 @@ def data():
 @pytest.fixture(scope="module")
 def fitted_run(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("fitted")
-    m = Matcher(toy_components(data.vocab), epochs=1, batch_size=6, verbose=False, device="cpu",
-                checkpoint_dir=str(root / "run")).fit(data)
+    m = Matcher(
+        toy_components(data.vocab),
+        epochs=1,
+        batch_size=6,
+        verbose=False,
+        device="cpu",
+        checkpoint_dir=str(root / "run"),
+    ).fit(data)
     m.save(root / "model")
     return root, m
 
@@ -203,8 +229,14 @@ def test_matcher_load_and_resume_refuse_a_deep_manifest(fitted_run, data, tmp_pa
         Matcher.load(model)
     run = _copy(root / "run", tmp_path / "run")
     (latest_checkpoint(run) / "MANIFEST.json").write_bytes(DEEP)
-    m = Matcher(toy_components(data.vocab), epochs=1, batch_size=6, verbose=False, device="cpu",
-                checkpoint_dir=str(run))
+    m = Matcher(
+        toy_components(data.vocab),
+        epochs=1,
+        batch_size=6,
+        verbose=False,
+        device="cpu",
+        checkpoint_dir=str(run),
+    )
     with pytest.raises(CheckpointError, match=r"MANIFEST\.json.*nest deeper than 100"):
         m.fit(data, resume=True)
 
@@ -213,8 +245,15 @@ def test_two_stage_retriever_load_refuses_deep_json(tmp_path, data):
     from imtm.components.encoders.precomputed import PrecomputedEncoder
     from imtm.retrieval import TwoStageRetriever
 
-    blocks = [PrecomputedEncoder(in_dim=6, out_dim=8), ToyText(vocab=data.vocab), ToyCosine(), ToyHinge()]
-    m = Matcher(blocks, epochs=1, batch_size=6, device="cpu", verbose=False, random_state=0).fit(data)
+    blocks = [
+        PrecomputedEncoder(in_dim=6, out_dim=8),
+        ToyText(vocab=data.vocab),
+        ToyCosine(),
+        ToyHinge(),
+    ]
+    m = Matcher(blocks, epochs=1, batch_size=6, device="cpu", verbose=False, random_state=0).fit(
+        data
+    )
     path = TwoStageRetriever(m, k=2).fit(images=data.images).save(tmp_path / "r")
     (path / "retriever.json").write_bytes(DEEP_OBJECT)
     with pytest.raises(ValueError, match=r"retriever\.json .*nest deeper than 100"):
@@ -223,29 +262,45 @@ def test_two_stage_retriever_load_refuses_deep_json(tmp_path, data):
 
 # ---------------------------------------------------------------- hostile run folders (FIFO, /dev/zero, loops)
 def _resume(run, data):
-    m = Matcher(toy_components(data.vocab), epochs=1, batch_size=6, verbose=False, device="cpu",
-                checkpoint_dir=str(run))
+    m = Matcher(
+        toy_components(data.vocab),
+        epochs=1,
+        batch_size=6,
+        verbose=False,
+        device="cpu",
+        checkpoint_dir=str(run),
+    )
     with deadline():
         m.fit(data, resume=True)
 
 
 @posix_only
-@pytest.mark.parametrize("what, match", [
-    ("latest-fifo", r"LATEST' is a FIFO, not a regular file"),
-    ("latest-devzero", r"LATEST' leads to '/dev/zero', outside"),
-    ("latest-folder", r"LATEST' is a folder"),
-    ("latest-loop", r"cannot open '.*LATEST' \(Too many levels of symbolic links\)"),
-    ("manifest-fifo", r"MANIFEST\.json is not a regular file \(a device, FIFO"),
-    ("manifest-devzero", r"MANIFEST\.json is a symlink to /dev/zero, outside the checkpoint folder"),
-    ("state-devzero", r"state\.json.*(/dev/zero|not a regular file)"),
-    ("config-folder", r"config\.json.*(folder|not a regular file)"),
-])
+@pytest.mark.parametrize(
+    "what, match",
+    [
+        ("latest-fifo", r"LATEST' is a FIFO, not a regular file"),
+        ("latest-devzero", r"LATEST' leads to '/dev/zero', outside"),
+        ("latest-folder", r"LATEST' is a folder"),
+        ("latest-loop", r"cannot open '.*LATEST' \(Too many levels of symbolic links\)"),
+        ("manifest-fifo", r"MANIFEST\.json is not a regular file \(a device, FIFO"),
+        (
+            "manifest-devzero",
+            r"MANIFEST\.json is a symlink to /dev/zero, outside the checkpoint folder",
+        ),
+        ("state-devzero", r"state\.json.*(/dev/zero|not a regular file)"),
+        ("config-folder", r"config\.json.*(folder|not a regular file)"),
+    ],
+)
 def test_resume_refuses_a_hostile_run_folder_at_once(fitted_run, data, tmp_path, what, match):
     root, _ = fitted_run
     run = _copy(root / "run", tmp_path / "run")
     ckpt = latest_checkpoint(run)
-    target = {"latest": run / "LATEST", "manifest": ckpt / "MANIFEST.json", "state": ckpt / "state.json",
-              "config": ckpt / "config.json"}[what.split("-")[0]]
+    target = {
+        "latest": run / "LATEST",
+        "manifest": ckpt / "MANIFEST.json",
+        "state": ckpt / "state.json",
+        "config": ckpt / "config.json",
+    }[what.split("-")[0]]
     target.unlink()
     kind = what.split("-")[1]
     if kind == "fifo":
@@ -268,7 +323,9 @@ def test_load_refuses_a_symlink_loop_and_a_folder_as_a_checkpoint_file(fitted_ru
     (model / "record.json").unlink()
     (model / "record.json").symlink_to(model / "loop")
     (model / "loop").symlink_to(model / "record.json")
-    with pytest.raises(CheckpointError, match=r"(record\.json|loop) is a link that cannot be resolved"):
+    with pytest.raises(
+        CheckpointError, match=r"(record\.json|loop) is a link that cannot be resolved"
+    ):
         Matcher.load(model)
     model = _copy(root / "model", tmp_path / "model2")
     (model / "model.safetensors").unlink()

@@ -35,23 +35,46 @@ SCENARIOS = [
     {"name": "random-event-1", "kills": [{"event": "random"}]},
     {"name": "random-event-2", "kills": [{"event": "random"}]},
     {"name": "random-event-3", "kills": [{"event": "random"}]},
-    {"name": "half-written-model", "kills": [{"label": "/model.safetensors", "nth": 4}], "leaves": ".ckpt-"},
-    {"name": "half-written-state", "kills": [{"label": "/state.json", "nth": 6}], "leaves": ".ckpt-"},
-    {"name": "half-written-manifest", "kills": [{"label": "/MANIFEST.json", "nth": 2}], "leaves": ".ckpt-"},
+    {
+        "name": "half-written-model",
+        "kills": [{"label": "/model.safetensors", "nth": 4}],
+        "leaves": ".ckpt-",
+    },
+    {
+        "name": "half-written-state",
+        "kills": [{"label": "/state.json", "nth": 6}],
+        "leaves": ".ckpt-",
+    },
+    {
+        "name": "half-written-manifest",
+        "kills": [{"label": "/MANIFEST.json", "nth": 2}],
+        "leaves": ".ckpt-",
+    },
     # The checkpoint folder is renamed into place; LATEST (half written) still names the previous one.
     {"name": "before-latest", "kills": [{"label": "/LATEST", "nth": 5}], "leaves": ".LATEST."},
     # best/ is replaced in epoch 2: killed after renaming the old one aside, before renaming the new one in.
-    {"name": "between-best-renames", "kills": [{"label": "rename .best.tmp-", "nth": 2}], "leaves": ".best.old-",
-     "missing": "best"},
-    {"name": "removing-old-best", "kills": [{"label": "remove .best.old-", "nth": 1}], "leaves": ".best.old-"},
+    {
+        "name": "between-best-renames",
+        "kills": [{"label": "rename .best.tmp-", "nth": 2}],
+        "leaves": ".best.old-",
+        "missing": "best",
+    },
+    {
+        "name": "removing-old-best",
+        "kills": [{"label": "remove .best.old-", "nth": 1}],
+        "leaves": ".best.old-",
+    },
     {"name": "pruning-old-checkpoint", "kills": [{"label": "remove ckpt-", "nth": 2}]},
-    {"name": "several-kills-in-a-row", "kills": [
-        {"event": "random", "within": 0.25},
-        {"label": "/optimizer.safetensors", "nth": 2},
-        {"event": "random", "within": 0.25},
-        {"label": "rename .best.tmp-", "nth": 1},
-        {"event": "random", "within": 0.25},
-    ]},
+    {
+        "name": "several-kills-in-a-row",
+        "kills": [
+            {"event": "random", "within": 0.25},
+            {"label": "/optimizer.safetensors", "nth": 2},
+            {"event": "random", "within": 0.25},
+            {"label": "rename .best.tmp-", "nth": 1},
+            {"event": "random", "within": 0.25},
+        ],
+    },
     {"name": "random-time-1", "kills": [{"after_s": "random"}]},
     {"name": "random-time-2", "kills": [{"after_s": "random"}, {"after_s": "random"}]},
 ]
@@ -59,7 +82,13 @@ SCENARIOS = [
 
 def child_env() -> dict:
     # No GPU in the children: their fits run on the CPU, and a process that touched CUDA cannot fork usefully.
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TQDM_DISABLE="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     return env
 
@@ -70,14 +99,24 @@ def killed(tmp_path_factory):
     work = tmp_path_factory.mktemp("kills")
     spec = work / "SPEC.json"
     spec.write_text(json.dumps({"seed": SEED, "scenarios": SCENARIOS}))
-    proc = subprocess.run([sys.executable, str(CHILD), "scenarios", str(spec)], env=child_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"the kill child failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    proc = subprocess.run(
+        [sys.executable, str(CHILD), "scenarios", str(spec)],
+        env=child_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (
+        f"the kill child failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    )
     return work, json.loads((work / "REPORT.json").read_text())
 
 
 def result(folder: Path) -> tuple[dict, dict]:
-    return load_file(str(folder / "weights.safetensors")), json.loads((folder / "result.json").read_text())
+    return load_file(str(folder / "weights.safetensors")), json.loads(
+        (folder / "result.json").read_text()
+    )
 
 
 def assert_same_weights(ref: dict, got: dict, msg: str) -> None:
@@ -92,9 +131,19 @@ def test_reference_run_has_every_kind_of_event(killed):
     _, ref = result(work / "reference")
     events = ref["events"]
     assert ref["steps_run"] == 9 and ref["best"]["epoch"] == 2, ref["best"]
-    for label in ("/model.safetensors", "/optimizer.safetensors", "/state.json", "/MANIFEST.json", "/LATEST",
-                  "rename best -> .best.old-", "remove .best.old-", "remove ckpt-"):
-        assert any(label in e for e in events), f"no {label!r} among the reference run's events: {events}"
+    for label in (
+        "/model.safetensors",
+        "/optimizer.safetensors",
+        "/state.json",
+        "/MANIFEST.json",
+        "/LATEST",
+        "rename best -> .best.old-",
+        "remove .best.old-",
+        "remove ckpt-",
+    ):
+        assert any(label in e for e in events), (
+            f"no {label!r} among the reference run's events: {events}"
+        )
 
 
 @pytest.mark.parametrize("name", [s["name"] for s in SCENARIOS])
@@ -102,8 +151,10 @@ def test_killed_fit_resumes_to_the_uninterrupted_weights(killed, name):
     work, report = killed
     scenario = report["scenarios"][name]
     spec = next(s for s in SCENARIOS if s["name"] == name)
-    msg = f"scenario {name!r} (seed {SEED}, reference {report['reference_events']} events):\n" + json.dumps(
-        scenario, indent=1)
+    msg = (
+        f"scenario {name!r} (seed {SEED}, reference {report['reference_events']} events):\n"
+        + json.dumps(scenario, indent=1)
+    )
     for kill in scenario["kills"]:
         if "after_s" not in kill["spec"]:
             assert kill["ended"] == "SIGKILL", msg  # the kill point was reached
@@ -142,8 +193,14 @@ def test_sigkill_from_outside_then_resume_in_this_process(killed, tmp_path):
     work, _ = killed
     step = random.Random(SEED).randint(2, 8)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(CHILD), "fit", str(run_dir)], env=child_env(), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(CHILD), "fit", str(run_dir)],
+        env=child_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     watchdog = threading.Timer(300, proc.kill)
     watchdog.start()
     lines = []

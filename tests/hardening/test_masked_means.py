@@ -30,8 +30,10 @@ def with_nan_padding(t: Tokens) -> Tokens:
 
 
 @SETTINGS
-@given(t=st.sampled_from(PADDINGS).flatmap(lambda p: tokens(batch=3, max_tokens=5, dim=4, padding=p)),
-       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+@given(
+    t=st.sampled_from(PADDINGS).flatmap(lambda p: tokens(batch=3, max_tokens=5, dim=4, padding=p)),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+)
 def test_three_means_agree_and_ignore_nan_padding(t, dtype):
     t = with_nan_padding(t.with_feats(t.feats.to(dtype)))
     a = t.masked_mean()
@@ -53,7 +55,11 @@ def test_one_real_token_per_row_returns_that_token():
     mask = ~feats.isnan().any(-1)
     t = Tokens(feats, mask)
     expected = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 4.0]])
-    for out in (t.masked_mean(), masked_mean(feats, mask), mean_pool(feats, mask.unsqueeze(-1), dim=1)):
+    for out in (
+        t.masked_mean(),
+        masked_mean(feats, mask),
+        mean_pool(feats, mask.unsqueeze(-1), dim=1),
+    ):
         torch.testing.assert_close(out, expected)
 
 
@@ -79,16 +85,32 @@ def test_empty_sets_keep_each_documented_value():
 
 def test_mask_constant_along_the_axis_counts_every_position():
     x = torch.arange(6.0).reshape(2, 3)
-    torch.testing.assert_close(masked_mean_along(x, torch.tensor([[True], [False]]), dim=1, empty=-1.0),
-                               torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(
+        masked_mean_along(x, torch.tensor([[True], [False]]), dim=1, empty=-1.0),
+        torch.tensor([1.0, -1.0]),
+    )
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: masked_mean(torch.randn(2, 3)), ValueError, r"masked_mean: expected a tensor of shape \(B, N, D\)"),
-    (lambda: masked_mean(torch.randn(2, 3, 4), torch.ones(2, 3)), TypeError, "mask must be a bool tensor"),
-    (lambda: masked_mean(torch.randn(2, 3, 4), torch.ones(2, 4, dtype=torch.bool)), ValueError,
-     r"does not match \(B, N\)"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (
+            lambda: masked_mean(torch.randn(2, 3)),
+            ValueError,
+            r"masked_mean: expected a tensor of shape \(B, N, D\)",
+        ),
+        (
+            lambda: masked_mean(torch.randn(2, 3, 4), torch.ones(2, 3)),
+            TypeError,
+            "mask must be a bool tensor",
+        ),
+        (
+            lambda: masked_mean(torch.randn(2, 3, 4), torch.ones(2, 4, dtype=torch.bool)),
+            ValueError,
+            r"does not match \(B, N\)",
+        ),
+    ],
+)
 def test_functional_errors_are_unchanged(call, error, match):
     with pytest.raises(error, match=match):
         call()

@@ -40,26 +40,33 @@ def matcher(data, **kw):
 
 
 # ---------------------------------------------------------------- item 5: numeric parameters
-@pytest.mark.parametrize("param, value, match", [
-    ("grad_clip", -1.0, r"grad_clip must be a finite number > 0 or None, got -1\.0"),
-    ("grad_clip", 0, r"grad_clip must be a finite number > 0 or None, got 0"),
-    ("grad_clip", float("nan"), r"grad_clip must be .* got nan"),
-    ("grad_clip", float("inf"), r"grad_clip must be .* got inf"),
-    ("grad_clip", True, r"grad_clip must be .* got True"),
-    ("warmup", float("nan"), r"warmup must be a finite number >= 0, got nan"),
-    ("warmup", -0.1, r"warmup must be a finite number >= 0"),
-    ("lr", float("inf"), r"lr must be a finite number > 0, got inf"),
-    ("lr", float("nan"), r"lr must be a finite number > 0, got nan"),
-    ("weight_decay", float("nan"), r"weight_decay must be a finite number >= 0"),
-    ("weight_decay", -1e-4, r"weight_decay must be a finite number >= 0"),
-    ("random_state", 2**64, r"random_state must be None or an integer in \[0, 2\*\*32\), got 18446744073709551616"),
-    ("random_state", -1, r"random_state must be None or an integer"),
-    ("random_state", 1.5, r"random_state must be None or an integer"),
-    ("device", "meta", r"device 'meta' holds no data"),
-    ("device", "gpu7", r"invalid device 'gpu7'"),
-    ("num_workers", -1, r"num_workers must be an integer >= 0"),
-    ("checkpoint_every", 0, r"checkpoint_every must be an integer >= 1 or None"),
-])
+@pytest.mark.parametrize(
+    "param, value, match",
+    [
+        ("grad_clip", -1.0, r"grad_clip must be a finite number > 0 or None, got -1\.0"),
+        ("grad_clip", 0, r"grad_clip must be a finite number > 0 or None, got 0"),
+        ("grad_clip", float("nan"), r"grad_clip must be .* got nan"),
+        ("grad_clip", float("inf"), r"grad_clip must be .* got inf"),
+        ("grad_clip", True, r"grad_clip must be .* got True"),
+        ("warmup", float("nan"), r"warmup must be a finite number >= 0, got nan"),
+        ("warmup", -0.1, r"warmup must be a finite number >= 0"),
+        ("lr", float("inf"), r"lr must be a finite number > 0, got inf"),
+        ("lr", float("nan"), r"lr must be a finite number > 0, got nan"),
+        ("weight_decay", float("nan"), r"weight_decay must be a finite number >= 0"),
+        ("weight_decay", -1e-4, r"weight_decay must be a finite number >= 0"),
+        (
+            "random_state",
+            2**64,
+            r"random_state must be None or an integer in \[0, 2\*\*32\), got 18446744073709551616",
+        ),
+        ("random_state", -1, r"random_state must be None or an integer"),
+        ("random_state", 1.5, r"random_state must be None or an integer"),
+        ("device", "meta", r"device 'meta' holds no data"),
+        ("device", "gpu7", r"invalid device 'gpu7'"),
+        ("num_workers", -1, r"num_workers must be an integer >= 0"),
+        ("checkpoint_every", 0, r"checkpoint_every must be an integer >= 1 or None"),
+    ],
+)
 def test_numeric_parameters_are_validated_before_training(data, param, value, match):
     m = matcher(data, **{param: value})
     with pytest.raises(ValueError, match=match):
@@ -70,16 +77,33 @@ def test_numeric_parameters_are_validated_before_training(data, param, value, ma
 
 
 def test_valid_numeric_parameters_pass(data):
-    for kw in ({"grad_clip": None}, {"grad_clip": 0.5}, {"warmup": 0}, {"warmup": 3}, {"random_state": None},
-               {"random_state": 2**32 - 1}, {"checkpoint_every": 2}, {"device": "cpu"}, {"weight_decay": 0}):
+    for kw in (
+        {"grad_clip": None},
+        {"grad_clip": 0.5},
+        {"warmup": 0},
+        {"warmup": 3},
+        {"random_state": None},
+        {"random_state": 2**32 - 1},
+        {"checkpoint_every": 2},
+        {"device": "cpu"},
+        {"weight_decay": 0},
+    ):
         matcher(data, **kw).validate()
 
 
-@pytest.mark.parametrize("name, match", [("a.b", "it contains '.'"), ("training", "it is an attribute of torch.nn.Module"),
-                                         ("forward", "it is an attribute of torch.nn.Module")])
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("a.b", "it contains '.'"),
+        ("training", "it is an attribute of torch.nn.Module"),
+        ("forward", "it is an attribute of torch.nn.Module"),
+    ],
+)
 def test_block_names_that_cannot_name_a_module_are_a_value_error(data, name, match):
     blocks = [(name, ToyImage()), ToyText(vocab=data.vocab), ToyCosine(), ToyHinge()]
-    with pytest.raises(ValueError, match=rf"component name '{name}' \(component 0\) cannot name a block: {match}"):
+    with pytest.raises(
+        ValueError, match=rf"component name '{name}' \(component 0\) cannot name a block: {match}"
+    ):
         Matcher(blocks, verbose=False).fit(data)
 
 
@@ -96,7 +120,9 @@ def test_a_batch_takes_the_common_dtype_whatever_the_order():
     torch.testing.assert_close(fwd.feats[1, :3], b, rtol=0, atol=0)
     torch.testing.assert_close(fwd.feats[1], back.feats[0], rtol=0, atol=0)
     torch.testing.assert_close(fwd.feats[0, :2], a.float(), rtol=0, atol=0)
-    pixels = collate_images([torch.zeros(3, 2, 2, dtype=torch.float16), torch.full((3, 2, 2), 70000.0)])
+    pixels = collate_images(
+        [torch.zeros(3, 2, 2, dtype=torch.float16), torch.full((3, 2, 2), 70000.0)]
+    )
     assert pixels.dtype == torch.float32 and bool(torch.isfinite(pixels).all())
     same = collate_images([torch.zeros(3, 2, 2, dtype=torch.uint8)] * 2)
     assert same.dtype == torch.uint8  # one dtype: kept as it is
@@ -105,7 +131,12 @@ def test_a_batch_takes_the_common_dtype_whatever_the_order():
 def test_a_large_finite_float32_image_after_a_float16_one_is_not_called_nonfinite(data):
     from imtm.components import PrecomputedEncoder
 
-    blocks = [PrecomputedEncoder(in_dim=6, out_dim=8), ToyText(vocab=data.vocab), ToyCosine(), ToyHinge()]
+    blocks = [
+        PrecomputedEncoder(in_dim=6, out_dim=8),
+        ToyText(vocab=data.vocab),
+        ToyCosine(),
+        ToyHinge(),
+    ]
     m = Matcher(blocks, epochs=1, batch_size=6, verbose=False, device="cpu").fit(data)
     images = [torch.rand(2, 6).half(), torch.full((3, 6), 70000.0)]
     scores = m.similarity(images, data.captions[:2])
@@ -164,8 +195,17 @@ def test_extract_features_removes_temporaries_of_dead_writers(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     dead, alive = _dead_pid(), os.getppid()
-    stale = [f".test_ims.npy.tmp{dead}", f".test_caps.txt.tmp{dead}", f".test_extract.json.tmp{dead}"]
-    kept = [f".test_ims.npy.tmp{alive}", f".train_ims.npy.tmp{dead}" + "x", "notes.txt", f".test_ims.npy.old{dead}"]
+    stale = [
+        f".test_ims.npy.tmp{dead}",
+        f".test_caps.txt.tmp{dead}",
+        f".test_extract.json.tmp{dead}",
+    ]
+    kept = [
+        f".test_ims.npy.tmp{alive}",
+        f".train_ims.npy.tmp{dead}" + "x",
+        "notes.txt",
+        f".test_ims.npy.old{dead}",
+    ]
     for name in stale + kept:
         (out / name).write_bytes(b"\x93NUMPY" + b"\0" * 1000)
     data = ImageCaptionDataset(torch.rand(2, 3, 2, 2), ["a", "b"], [0, 1])
@@ -201,18 +241,30 @@ def test_a_forged_record_seed_is_a_checkpoint_error_naming_it(run, tmp_path, see
 
     model = shutil.copytree(run / "model", tmp_path / "model")
     _rewrite(model, "record.json", lambda r: r.update(seed=seed))
-    with pytest.raises(CheckpointError, match=r"record\.json: entry 'seed' is .*expected an integer"):
+    with pytest.raises(
+        CheckpointError, match=r"record\.json: entry 'seed' is .*expected an integer"
+    ):
         Matcher.load(model)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda s: s["__dict__"].pop("position"), r"entry 'position' is missing"),
-    (lambda s: s["__dict__"]["position"]["__dict__"].pop("batch"), r"entry 'position\.batch' is None"),
-    (lambda s: s["__dict__"]["rng"]["__dict__"].pop("torch"), r"entry 'rng\.torch' is missing"),
-    (lambda s: s["__dict__"]["rng"]["__dict__"].update(torch={"__tensor__": "nowhere"}),
-     r"names tensor 'nowhere' that optimizer\.safetensors does not hold"),
-])
-def test_a_forged_state_json_is_a_checkpoint_error_naming_the_entry(run, data, tmp_path, edit, match):
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda s: s["__dict__"].pop("position"), r"entry 'position' is missing"),
+        (
+            lambda s: s["__dict__"]["position"]["__dict__"].pop("batch"),
+            r"entry 'position\.batch' is None",
+        ),
+        (lambda s: s["__dict__"]["rng"]["__dict__"].pop("torch"), r"entry 'rng\.torch' is missing"),
+        (
+            lambda s: s["__dict__"]["rng"]["__dict__"].update(torch={"__tensor__": "nowhere"}),
+            r"names tensor 'nowhere' that optimizer\.safetensors does not hold",
+        ),
+    ],
+)
+def test_a_forged_state_json_is_a_checkpoint_error_naming_the_entry(
+    run, data, tmp_path, edit, match
+):
     import shutil
 
     folder = shutil.copytree(run / "run", tmp_path / "run")
@@ -230,9 +282,14 @@ def test_a_truncated_npy_read_without_mmap_names_the_file(tmp_path):
     path = tmp_path / "embedding.npy"
     # A header that declares 10**13 rows over 48 bytes of data: np.load(mmap_mode=None) would allocate them.
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (10**13, 3)})
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "<f4", "fortran_order": False, "shape": (10**13, 3)}
+    )
     path.write_bytes(buf.getvalue() + np.ones((4, 3), np.float32).tobytes())
-    with pytest.raises(ValueError, match=r"embedding\.npy.*truncated: its header declares shape \(10000000000000, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"embedding\.npy.*truncated: its header declares shape \(10000000000000, 3\)",
+    ):
         TorchIndex.load(tmp_path, mmap=False)
     with pytest.raises(ValueError, match=r"embedding\.npy.*truncated"):
         PrecompImages(path, mmap=False)

@@ -10,8 +10,16 @@ from imtm.data import ImageCaptionDataset, Vocabulary, extract_features
 from imtm.data.extracted import ExtractedDataset
 
 WIDTH = 5  # feature width of the extracted tokens
-CAPTIONS = ["a red dog runs", "a blue cat sits", "one big car", "a small red car", "two dogs play",
-            "a cat on a mat", "blue sky above", "a dog and a cat"]
+CAPTIONS = [
+    "a red dog runs",
+    "a blue cat sits",
+    "one big car",
+    "a small red car",
+    "two dogs play",
+    "a cat on a mat",
+    "blue sky above",
+    "a dog and a cat",
+]
 
 
 def encoder(x):
@@ -25,17 +33,24 @@ def extracted(tmp_path_factory):
     n = len(CAPTIONS) // 2
     pixels = torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     ds = ImageCaptionDataset(pixels, CAPTIONS, [k % n for k in range(len(CAPTIONS))])
-    out = extract_features(encoder, ds, tmp_path_factory.mktemp("extracted"), "train", progress=False)
+    out = extract_features(
+        encoder, ds, tmp_path_factory.mktemp("extracted"), "train", progress=False
+    )
     return ExtractedDataset(out, "train", build_vocab=True)
 
 
-REGION_PRESETS = sorted(name for name, fn in presets.PRESETS.items()
-                        if "region_dim" in inspect.signature(fn).parameters)
+REGION_PRESETS = sorted(
+    name for name, fn in presets.PRESETS.items() if "region_dim" in inspect.signature(fn).parameters
+)
 
 
 def test_items_are_tokens(extracted):
     # The case build has to handle: one image is Tokens (1, N, D), not a (N, D) tensor.
-    assert isinstance(extracted.images[0], Tokens) and extracted.images[0].feats.shape == (1, 16, WIDTH)
+    assert isinstance(extracted.images[0], Tokens) and extracted.images[0].feats.shape == (
+        1,
+        16,
+        WIDTH,
+    )
 
 
 @pytest.mark.parametrize("name", REGION_PRESETS)
@@ -45,14 +60,22 @@ def test_build_reads_region_dim_from_extracted_tokens(extracted, name):
 
 
 def test_built_pipeline_trains_on_extracted_features(extracted):
-    m = Matcher(presets.build("vsepp", extracted, embed_dim=8), epochs=1, batch_size=4, random_state=0)
+    m = Matcher(
+        presets.build("vsepp", extracted, embed_dim=8), epochs=1, batch_size=4, random_state=0
+    )
     m.fit(extracted)
     scores = m.similarity(extracted.images, extracted.captions)
-    assert scores.shape == (extracted.n_images, extracted.n_captions) and bool(torch.isfinite(scores).all())
+    assert scores.shape == (extracted.n_images, extracted.n_captions) and bool(
+        torch.isfinite(scores).all()
+    )
     assert set(m.evaluate(extracted)) >= {"i2t_r1", "t2i_r1", "rsum"}
 
 
 def test_pixels_are_still_refused():
-    ds = ImageCaptionDataset(torch.rand(2, 3, 4, 4), ["a b", "c d"], [0, 1], vocab=Vocabulary.build(["a b", "c d"]))
-    with pytest.raises(ValueError, match=r"needs region features \(N, D\); the data holds images of shape"):
+    ds = ImageCaptionDataset(
+        torch.rand(2, 3, 4, 4), ["a b", "c d"], [0, 1], vocab=Vocabulary.build(["a b", "c d"])
+    )
+    with pytest.raises(
+        ValueError, match=r"needs region features \(N, D\); the data holds images of shape"
+    ):
         presets.build("vsepp", ds)

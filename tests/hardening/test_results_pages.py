@@ -7,14 +7,22 @@ import pytest
 
 # benchmarks/ is not a package: load the module from its file, as the scripts' own folder would.
 _spec = importlib.util.spec_from_file_location(
-    "_results", Path(__file__).resolve().parents[2] / "benchmarks" / "_results.py")
+    "_results", Path(__file__).resolve().parents[2] / "benchmarks" / "_results.py"
+)
 _results = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_results)
 binding_note, binding_timing_table = _results.binding_note, _results.binding_timing_table
 markdown_table, page, write_page = _results.markdown_table, _results.page, _results.write_page
 
-ROW = {"i2t_r1": 10.0, "i2t_r5": 20.0, "i2t_r10": 30.0, "t2i_r1": 5.0, "t2i_r5": 15.0, "t2i_r10": 25.0,
-       "rsum": 105.0}
+ROW = {
+    "i2t_r1": 10.0,
+    "i2t_r5": 20.0,
+    "i2t_r10": 30.0,
+    "t2i_r1": 5.0,
+    "t2i_r5": 15.0,
+    "t2i_r10": 25.0,
+    "rsum": 105.0,
+}
 
 # The layout the scripts wrote before they shared this module (title, paragraphs, R@K table, blocks).
 EXPECTED = """# T
@@ -35,13 +43,21 @@ scores its own image above the twin (50 = chance; x).
 
 
 def test_page_layout():
-    lines = page("T", ["Intro paragraph."], {"a": ROW},
-                 [binding_note("x"), binding_timing_table([("a", 12.4, 3.46, 61.25)])])
+    lines = page(
+        "T",
+        ["Intro paragraph."],
+        {"a": ROW},
+        [binding_note("x"), binding_timing_table([("a", 12.4, 3.46, 61.25)])],
+    )
     assert "\n".join(lines) == EXPECTED
 
 
 def test_markdown_table_alignment_and_errors():
-    assert markdown_table(["a", "b"], "lr", [(1, "x")]) == ["| a | b |", "| --- | ---: |", "| 1 | x |"]
+    assert markdown_table(["a", "b"], "lr", [(1, "x")]) == [
+        "| a | b |",
+        "| --- | ---: |",
+        "| 1 | x |",
+    ]
     with pytest.raises(ValueError, match="align must give 'l' or 'r' for each of the 2 columns"):
         markdown_table(["a", "b"], "l", [])
 

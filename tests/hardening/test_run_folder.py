@@ -49,12 +49,24 @@ def dead_pid() -> int:
     return proc.pid
 
 
-@pytest.mark.parametrize("owner, match", [
-    (lambda: {"pid": os.getppid(), "host": socket.gethostname()}, r"being written by process \d+ on host"),
-    (lambda: {"pid": os.getpid(), "host": socket.gethostname()}, r"being written by process \d+ on host"),
-    (lambda: {"pid": dead_pid(), "host": "another-host.example"}, r"on host 'another-host\.example'"),
-    (lambda: "not json", r"another process \(the lock file is unreadable\)"),
-])
+@pytest.mark.parametrize(
+    "owner, match",
+    [
+        (
+            lambda: {"pid": os.getppid(), "host": socket.gethostname()},
+            r"being written by process \d+ on host",
+        ),
+        (
+            lambda: {"pid": os.getpid(), "host": socket.gethostname()},
+            r"being written by process \d+ on host",
+        ),
+        (
+            lambda: {"pid": dead_pid(), "host": "another-host.example"},
+            r"on host 'another-host\.example'",
+        ),
+        (lambda: "not json", r"another process \(the lock file is unreadable\)"),
+    ],
+)
 def test_a_second_writer_is_refused_naming_the_owner(data, tmp_path, owner, match):
     tmp_path.mkdir(exist_ok=True)
     value = owner()
@@ -62,7 +74,9 @@ def test_a_second_writer_is_refused_naming_the_owner(data, tmp_path, owner, matc
     train = Counting(data, tmp_path)
     with pytest.raises(RunFolderBusy, match=match + r".*two writers on one checkpoint_dir"):
         matcher(data, tmp_path).fit(train)
-    assert train.seen == 0 and (tmp_path / ".lock").is_file()  # nothing trained, the owner's lock kept
+    assert (
+        train.seen == 0 and (tmp_path / ".lock").is_file()
+    )  # nothing trained, the owner's lock kept
     assert not latest_checkpoint(tmp_path)
 
 
@@ -80,8 +94,11 @@ def test_the_lock_is_held_while_training_released_after_and_a_stale_one_taken_ov
 def test_an_unwritable_checkpoint_dir_is_reported_before_training(data, tmp_path):
     (tmp_path / "file").write_text("x")
     train = Counting(data, tmp_path)
-    with pytest.raises(PermissionError, match=r"checkpoint_dir '.*file[/\\]run' cannot be written.*nothing was "
-                                              r"trained"):
+    with pytest.raises(
+        PermissionError,
+        match=r"checkpoint_dir '.*file[/\\]run' cannot be written.*nothing was "
+        r"trained",
+    ):
         matcher(data, tmp_path / "file" / "run").fit(train)
     assert train.seen == 0
     if hasattr(os, "geteuid") and os.geteuid() != 0:  # root writes anywhere: only for other users
@@ -106,13 +123,18 @@ def test_another_runs_best_is_refused_on_resume(data, tmp_path):
     kept = tmp_path / "a-best"
     shutil.move(mine, kept)
     shutil.copytree(tmp_path / "b" / "best", mine)
-    with pytest.raises(CheckpointError, match=r"best is not the best epoch of the run in .*it may come from another "
-                                              r"run"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"best is not the best epoch of the run in .*it may come from another "
+        r"run",
+    ):
         matcher(data, tmp_path / "a", checkpoint_every=1).fit(data, eval_set=data, resume=True)
     # With this run's own best/ back, it resumes to the uninterrupted run's weights.
     shutil.rmtree(mine)
     shutil.move(kept, mine)
-    resumed = matcher(data, tmp_path / "a", checkpoint_every=1).fit(data, eval_set=data, resume=True)
+    resumed = matcher(data, tmp_path / "a", checkpoint_every=1).fit(
+        data, eval_set=data, resume=True
+    )
     reference = matcher(data, tmp_path / "ref").fit(data, eval_set=data)
     for k, v in reference.components_.state_dict().items():
         assert torch.equal(v, resumed.components_.state_dict()[k]), k

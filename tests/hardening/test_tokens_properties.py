@@ -10,8 +10,10 @@ from imtm.testing import PADDINGS, dtypes, tokens
 
 SETTINGS = settings(max_examples=25, deadline=None)
 ANY_TOKENS = st.sampled_from(PADDINGS).flatmap(
-    lambda padding: dtypes().flatmap(lambda dt: tokens(batch=st.integers(1, 4), max_tokens=5, dim=3, dtype=dt,
-                                                       padding=padding)))
+    lambda padding: dtypes().flatmap(
+        lambda dt: tokens(batch=st.integers(1, 4), max_tokens=5, dim=3, dtype=dt, padding=padding)
+    )
+)
 
 
 def poison(t: Tokens, value=float("nan")) -> Tokens:
@@ -55,14 +57,19 @@ def test_row_selection_is_equivariant(t, data):
 
 
 @SETTINGS
-@given(parts=st.lists(tokens(batch=st.integers(1, 3), max_tokens=5, dim=2, contiguous=True), min_size=1,
-                      max_size=3))
+@given(
+    parts=st.lists(
+        tokens(batch=st.integers(1, 3), max_tokens=5, dim=2, contiguous=True),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_cat_then_slice_gives_the_parts_back(parts):
     whole = Tokens.cat(parts)
     assert whole.batch_size == sum(p.batch_size for p in parts)
     start = 0
     for p in parts:
-        back = whole[start:start + p.batch_size]
+        back = whole[start : start + p.batch_size]
         start += p.batch_size
         n = p.num_tokens
         assert torch.equal(back.mask[:, :n], p.mask) and not bool(back.mask[:, n:].any())

@@ -53,7 +53,9 @@ def write_pickle(path, canary, torch_format=False):
     if torch_format:
         torch.save({"weight": Payload(canary)}, path)
     else:
-        path.write_bytes(pickle.dumps({"weight": Payload(canary)}, protocol=2))  # torch.load's own protocol
+        path.write_bytes(
+            pickle.dumps({"weight": Payload(canary)}, protocol=2)
+        )  # torch.load's own protocol
 
 
 # ---------------------------------------------------------------- a saved model to tamper with
@@ -100,8 +102,9 @@ def edit_config(folder, edit):
 
 def test_an_untampered_folder_loads(model, saved, data):
     m = Matcher.load(model)
-    torch.testing.assert_close(m.similarity(data.images, data.captions),
-                               saved[1].similarity(data.images, data.captions))
+    torch.testing.assert_close(
+        m.similarity(data.images, data.captions), saved[1].similarity(data.images, data.captions)
+    )
 
 
 # ---------------------------------------------------------------- pickles where weights belong
@@ -133,8 +136,10 @@ def test_pickle_weights_beside_a_valid_model_are_never_read(model, saved, data, 
     except CheckpointError as err:
         assert name in str(err)
     else:
-        torch.testing.assert_close(m.similarity(data.images, data.captions),
-                                   saved[1].similarity(data.images, data.captions))
+        torch.testing.assert_close(
+            m.similarity(data.images, data.captions),
+            saved[1].similarity(data.images, data.captions),
+        )
 
 
 def test_pickle_saved_as_optimizer_state_is_refused_on_resume(saved, data, tmp_path, canary):
@@ -143,7 +148,9 @@ def test_pickle_saved_as_optimizer_state_is_refused_on_resume(saved, data, tmp_p
     folder = latest_checkpoint(run)
     write_pickle(folder / "optimizer.safetensors", canary, torch_format=True)
     refresh_manifest(folder)
-    with pytest.raises(CheckpointError, match="optimizer.safetensors: not a readable safetensors file"):
+    with pytest.raises(
+        CheckpointError, match="optimizer.safetensors: not a readable safetensors file"
+    ):
         toy_matcher(data, checkpoint_dir=str(run)).fit(data, resume=True)
 
 
@@ -151,7 +158,9 @@ def header_file(path, header: bytes, length=None, body=b""):
     path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + body)
 
 
-@pytest.mark.parametrize("case", ["huge length", "not json", "offsets past the end", "truncated", "empty"])
+@pytest.mark.parametrize(
+    "case", ["huge length", "not json", "offsets past the end", "truncated", "empty"]
+)
 def test_malformed_safetensors_header_is_refused(model, case):
     path = model / "model.safetensors"
     if case == "huge length":
@@ -159,8 +168,15 @@ def test_malformed_safetensors_header_is_refused(model, case):
     elif case == "not json":
         header_file(path, b"{not json" + b" " * 7)
     elif case == "offsets past the end":
-        header = json.dumps({"image.proj.weight": {"dtype": "F32", "shape": [1 << 20, 1 << 20],
-                                                   "data_offsets": [0, 1 << 42]}}).encode()
+        header = json.dumps(
+            {
+                "image.proj.weight": {
+                    "dtype": "F32",
+                    "shape": [1 << 20, 1 << 20],
+                    "data_offsets": [0, 1 << 42],
+                }
+            }
+        ).encode()
         header_file(path, header + b" " * (-len(header) % 8), body=b"\0" * 16)
     elif case == "truncated":
         path.write_bytes(path.read_bytes()[:11])
@@ -175,15 +191,32 @@ def test_malformed_safetensors_header_is_refused(model, case):
 def set_first_block(name, params=None):
     def edit(cfg):
         cfg["components"][0]["block"] = {"__component__": name, "params": params or {}}
+
     return edit
 
 
-@pytest.mark.parametrize("name", [
-    "os.system", "builtins.eval", "subprocess.Popen", "torch.nn.Linear", "imtm.components.pooling.MaxPooling",
-    "NoSuchBlock", "Component", "Loss", "LinkedComponent", "_Pooling", "TiedEmbedding",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "os.system",
+        "builtins.eval",
+        "subprocess.Popen",
+        "torch.nn.Linear",
+        "imtm.components.pooling.MaxPooling",
+        "NoSuchBlock",
+        "Component",
+        "Loss",
+        "LinkedComponent",
+        "_Pooling",
+        "TiedEmbedding",
+    ],
+)
 def test_config_naming_code_or_an_unregistered_block_is_refused(model, canary, name):
-    params = {"command": f"touch {canary}", "args": [f"touch {canary}"], "source": f"open({str(canary)!r}, 'w')"}
+    params = {
+        "command": f"touch {canary}",
+        "args": [f"touch {canary}"],
+        "source": f"open({str(canary)!r}, 'w')",
+    }
     edit_config(model, set_first_block(name, params))
     with pytest.raises(ConfigError, match=f"unknown block '{name}'"):
         Matcher.load(model)
@@ -223,22 +256,32 @@ def nested(tag_value, depth=3):
     return value
 
 
-@pytest.mark.parametrize("value, message", [
-    (nested({"__component__": "os.system", "params": {"command": "touch x"}}), "unknown block 'os.system'"),
-    (nested({"__component__": "Loss", "params": {}}), "unknown block 'Loss'"),
-    (nested({"__object__": "Popen", "data": {"args": ["touch", "x"]}}), "unknown object type 'Popen'"),
-    (nested({"__object__": "Vocabulary", "data": "not a dict"}), "cannot rebuild Vocabulary"),
-    (nested({"__component__": ["os", "system"]}), "a block is a class name"),
-    (nested({"__tuple__": {"a": 1}}), "malformed __tuple__"),
-    ({"__dtype__": "load"}, "unknown dtype 'load'"),
-    ({"__dtype__": "save"}, "unknown dtype 'save'"),
-    ({"__dtype__": "Tensor"}, "unknown dtype 'Tensor'"),
-    ({"__dtype__": "__class__"}, "unknown dtype '__class__'"),
-    ({"__code__": "import os"}, "unrecognised value"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (
+            nested({"__component__": "os.system", "params": {"command": "touch x"}}),
+            "unknown block 'os.system'",
+        ),
+        (nested({"__component__": "Loss", "params": {}}), "unknown block 'Loss'"),
+        (
+            nested({"__object__": "Popen", "data": {"args": ["touch", "x"]}}),
+            "unknown object type 'Popen'",
+        ),
+        (nested({"__object__": "Vocabulary", "data": "not a dict"}), "cannot rebuild Vocabulary"),
+        (nested({"__component__": ["os", "system"]}), "a block is a class name"),
+        (nested({"__tuple__": {"a": 1}}), "malformed __tuple__"),
+        ({"__dtype__": "load"}, "unknown dtype 'load'"),
+        ({"__dtype__": "save"}, "unknown dtype 'save'"),
+        ({"__dtype__": "Tensor"}, "unknown dtype 'Tensor'"),
+        ({"__dtype__": "__class__"}, "unknown dtype '__class__'"),
+        ({"__code__": "import os"}, "unrecognised value"),
+    ],
+)
 def test_tagged_values_deep_in_a_parameter_are_refused(model, monkeypatch, value, message):
     def edit(cfg):
         cfg["components"][1]["block"]["params"]["vocab"] = value
+
     edit_config(model, edit)
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
     with pytest.raises(ConfigError, match=message):
@@ -246,21 +289,33 @@ def test_tagged_values_deep_in_a_parameter_are_refused(model, monkeypatch, value
 
 
 def test_config_that_is_not_a_matcher_is_refused(model):
-    edit_config(model, lambda cfg: cfg["components"][0].update(block={"__object__": "Stage", "data": {"epochs": 1}}))
+    edit_config(
+        model,
+        lambda cfg: cfg["components"][0].update(
+            block={"__object__": "Stage", "data": {"epochs": 1}}
+        ),
+    )
     with pytest.raises(ConfigError, match="is a Stage, not a block"):
         Matcher.load(model)
 
 
 def test_unknown_matcher_parameter_is_refused(model):
     edit_config(model, lambda cfg: cfg["params"].update(epochz=3))
-    with pytest.raises(ConfigError, match="unknown Matcher parameter 'epochz'.*Did you mean 'epochs'"):
+    with pytest.raises(
+        ConfigError, match="unknown Matcher parameter 'epochz'.*Did you mean 'epochs'"
+    ):
         Matcher.load(model)
 
 
 @pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 300, 100_000])
 def test_deeply_nested_config_fails_with_config_error(model, depth):
     """Shallow enough for json but deep enough to recurse past the limit, or too deep for json itself."""
-    text = '{"format": "imtm.Matcher/1", "components": [], "params": {"stages": ' + "[" * depth + "]" * depth + "}}"
+    text = (
+        '{"format": "imtm.Matcher/1", "components": [], "params": {"stages": '
+        + "[" * depth
+        + "]" * depth
+        + "}}"
+    )
     (model / "config.json").write_text(text)
     refresh_manifest(model)
     with pytest.raises(CheckpointError, match="nest"):
@@ -272,17 +327,27 @@ def test_deeply_nested_config_in_memory_fails_with_config_error():
     for _ in range(5000):
         value = [value]
     with pytest.raises(ConfigError, match="nest deeper than"):
-        Matcher.from_config({"format": "imtm.Matcher/1", "components": [], "params": {"stages": value}})
+        Matcher.from_config(
+            {"format": "imtm.Matcher/1", "components": [], "params": {"stages": value}}
+        )
 
 
 def test_huge_parameter_fails_with_a_clear_error(model):
-    edit_config(model, lambda cfg: cfg["components"][0]["block"]["params"].update(in_dim=[0] * 200_000))
+    edit_config(
+        model, lambda cfg: cfg["components"][0]["block"]["params"].update(in_dim=[0] * 200_000)
+    )
     with pytest.raises(ConfigError, match="cannot rebuild ToyImage"):
         Matcher.load(model)
 
 
-@pytest.mark.parametrize("name, content", [("config.json", b"\xff\xfe not utf-8"), ("record.json", b"[1, 2]"),
-                                           ("config.json", b'"a string"')])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("config.json", b"\xff\xfe not utf-8"),
+        ("record.json", b"[1, 2]"),
+        ("config.json", b'"a string"'),
+    ],
+)
 def test_json_files_of_the_wrong_shape_are_refused(model, name, content):
     (model / name).write_bytes(content)
     refresh_manifest(model)
@@ -322,18 +387,29 @@ def bert(tmp_path_factory):
     pytest.importorskip("transformers")
     from imtm.components.encoders.hf_text import write_local_bert
 
-    return write_local_bert(tmp_path_factory.mktemp("bert"), ["a red circle", "a blue square"],
-                            hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8)
+    return write_local_bert(
+        tmp_path_factory.mktemp("bert"),
+        ["a red circle", "a blue square"],
+        hidden_size=8,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=8,
+    )
 
 
 def custom_code_folder(bert, folder, canary):
     """A transformers folder whose model and tokenizer need its own module, which writes the canary."""
     shutil.copytree(bert, folder)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(model_type="imtm_custom", auto_map={"AutoConfig": "modeling_x.XConfig", "AutoModel": "modeling_x.XModel"})
+    cfg.update(
+        model_type="imtm_custom",
+        auto_map={"AutoConfig": "modeling_x.XConfig", "AutoModel": "modeling_x.XModel"},
+    )
     (folder / "config.json").write_text(json.dumps(cfg))
     tok = json.loads((folder / "tokenizer_config.json").read_text())
-    tok.update(tokenizer_class="XTokenizer", auto_map={"AutoTokenizer": ["modeling_x.XTokenizer", None]})
+    tok.update(
+        tokenizer_class="XTokenizer", auto_map={"AutoTokenizer": ["modeling_x.XTokenizer", None]}
+    )
     (folder / "tokenizer_config.json").write_text(json.dumps(tok))
     (folder / "modeling_x.py").write_text(
         f"open({str(canary)!r}, 'w').write('ran')\n"
@@ -357,10 +433,19 @@ def test_hf_folder_with_custom_code_is_refused(bert, tmp_path, canary, offline_y
         HFTextEncoder(folder)
 
 
-def test_matcher_config_pointing_at_custom_code_is_refused(model, bert, tmp_path, canary, offline_yes):
+def test_matcher_config_pointing_at_custom_code_is_refused(
+    model, bert, tmp_path, canary, offline_yes
+):
     folder = custom_code_folder(bert, tmp_path / "custom", canary)
-    edit_config(model, lambda cfg: cfg["components"][1].update(
-        block={"__component__": "HFTextEncoder", "params": {"model_name_or_path": str(folder), "out_dim": 8}}))
+    edit_config(
+        model,
+        lambda cfg: cfg["components"][1].update(
+            block={
+                "__component__": "HFTextEncoder",
+                "params": {"model_name_or_path": str(folder), "out_dim": 8},
+            }
+        ),
+    )
     with pytest.raises(ValueError, match="trust_remote_code"):
         Matcher.load(model)
 
@@ -388,21 +473,34 @@ def test_hf_pickle_weights_with_code_are_refused(bert, tmp_path, canary, offline
 @pytest.fixture(scope="module")
 def timm_kwargs():
     pytest.importorskip("timm")
-    return {"model_name": "vit_tiny_patch16_224", "img_size": 16,
-            "model_kwargs": {"depth": 1, "embed_dim": 8, "num_heads": 2, "patch_size": 8}}
+    return {
+        "model_name": "vit_tiny_patch16_224",
+        "img_size": 16,
+        "model_kwargs": {"depth": 1, "embed_dim": 8, "num_heads": 2, "patch_size": 8},
+    }
 
 
 @pytest.mark.parametrize("torch_format", [False, True], ids=["pickle", "torch.save"])
-def test_timm_checkpoint_path_with_code_is_refused(model, tmp_path, canary, timm_kwargs, torch_format):
+def test_timm_checkpoint_path_with_code_is_refused(
+    model, tmp_path, canary, timm_kwargs, torch_format
+):
     from imtm.components import TimmVisionEncoder
 
     evil = tmp_path / "weights.pth"
     write_pickle(evil, canary, torch_format)
-    with pytest.raises(ValueError, match="weights_only=True"):  # built directly: read without unpickling code
+    with pytest.raises(
+        ValueError, match="weights_only=True"
+    ):  # built directly: read without unpickling code
         TimmVisionEncoder(checkpoint_path=str(evil), **timm_kwargs)
-    edit_config(model, lambda cfg: cfg["components"][0].update(
-        block={"__component__": "TimmVisionEncoder",
-               "params": encode_value(dict(timm_kwargs, checkpoint_path=str(evil)))["__dict__"]}))
+    edit_config(
+        model,
+        lambda cfg: cfg["components"][0].update(
+            block={
+                "__component__": "TimmVisionEncoder",
+                "params": encode_value(dict(timm_kwargs, checkpoint_path=str(evil)))["__dict__"],
+            }
+        ),
+    )
     # Matcher.load never opens checkpoint_path (the weights come from model.safetensors): here they
     # belong to another block, which is what is refused.
     with pytest.raises(CheckpointError, match="the weights come from another configuration"):
@@ -431,7 +529,10 @@ def test_cli_evaluate_refuses_a_pickle_model(model, canary, capsys):
     assert main(["evaluate", "--model", str(model), "--quiet"]) == 2
     err = capsys.readouterr().err
     # One short message (no traceback) naming the file and what is wrong with it.
-    assert err.startswith("imtm evaluate: ") and "model.safetensors: not a readable safetensors file" in err
+    assert (
+        err.startswith("imtm evaluate: ")
+        and "model.safetensors: not a readable safetensors file" in err
+    )
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 2
 
 

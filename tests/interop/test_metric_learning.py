@@ -26,15 +26,23 @@ def loop_triplet_loss(scores, a, p, n, margin, direction):
 
 
 @settings(max_examples=25, deadline=None)
-@given(bi=st.integers(1, 5), bt=st.integers(1, 6), t=st.integers(0, 12), seed=st.integers(0, 999),
-       direction=st.sampled_from(["i2t", "t2i"]), margin=st.floats(0, 1))
+@given(
+    bi=st.integers(1, 5),
+    bt=st.integers(1, 6),
+    t=st.integers(0, 12),
+    seed=st.integers(0, 999),
+    direction=st.sampled_from(["i2t", "t2i"]),
+    margin=st.floats(0, 1),
+)
 def test_tuple_triplet_loss_is_the_loop(bi, bt, t, seed, direction, margin):
     g = torch.Generator().manual_seed(seed)
     scores = torch.randn(bi, bt, generator=g, dtype=torch.float64, requires_grad=True)
     rows, cols = (bi, bt) if direction == "i2t" else (bt, bi)
     a = torch.randint(0, rows, (t,), generator=g)
     p, n = torch.randint(0, cols, (t,), generator=g), torch.randint(0, cols, (t,), generator=g)
-    got = tuple_triplet_loss(scores, (a, p, n), margin=margin, direction=direction, reduction="none")
+    got = tuple_triplet_loss(
+        scores, (a, p, n), margin=margin, direction=direction, reduction="none"
+    )
     if t == 0:
         assert got.shape == (0,)
         mean = tuple_triplet_loss(scores, (a, p, n), direction=direction)
@@ -43,20 +51,28 @@ def test_tuple_triplet_loss_is_the_loop(bi, bt, t, seed, direction, margin):
         return
     want = loop_triplet_loss(scores, a, p, n, margin, direction)
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(tuple_triplet_loss(scores, (a, p, n), margin=margin, direction=direction),
-                               want.mean())
+    torch.testing.assert_close(
+        tuple_triplet_loss(scores, (a, p, n), margin=margin, direction=direction), want.mean()
+    )
     g1 = torch.autograd.grad(got.sum(), scores)[0]
     g2 = torch.autograd.grad(want.sum(), scores)[0]
     torch.testing.assert_close(g1, g2)
 
 
 def test_pairs_become_triplets_per_anchor():
-    a1, p, a2, n = torch.tensor([0, 0, 2]), torch.tensor([1, 3, 0]), torch.tensor([0, 2, 2]), torch.tensor([5, 6, 7])
+    a1, p, a2, n = (
+        torch.tensor([0, 0, 2]),
+        torch.tensor([1, 3, 0]),
+        torch.tensor([0, 2, 2]),
+        torch.tensor([5, 6, 7]),
+    )
     ta, tp, tn = pairs_to_triplets((a1, p, a2, n))
     want = {(int(x), int(y), int(z)) for x, y in zip(a1, p) for w, z in zip(a2, n) if x == w}
     assert set(zip(ta.tolist(), tp.tolist(), tn.tolist())) == want and len(ta) == len(want)
     scores = torch.randn(3, 8)
-    torch.testing.assert_close(tuple_triplet_loss(scores, (a1, p, a2, n)), tuple_triplet_loss(scores, (ta, tp, tn)))
+    torch.testing.assert_close(
+        tuple_triplet_loss(scores, (a1, p, a2, n)), tuple_triplet_loss(scores, (ta, tp, tn))
+    )
 
 
 def test_bad_tuples_and_options():
@@ -64,7 +80,9 @@ def test_bad_tuples_and_options():
     i = torch.tensor([0])
     with pytest.raises(ValueError, match="positive indices must lie in \\[0, 3\\)"):
         tuple_triplet_loss(s, (i, torch.tensor([3]), i))
-    with pytest.raises(ValueError, match="anchor indices must lie in \\[0, 3\\) for direction='t2i'"):
+    with pytest.raises(
+        ValueError, match="anchor indices must lie in \\[0, 3\\) for direction='t2i'"
+    ):
         tuple_triplet_loss(s, (torch.tensor([3]), i, i), direction="t2i")
     with pytest.raises(ValueError, match="expected PML triplets"):
         tuple_triplet_loss(s, (i, i))
@@ -104,13 +122,17 @@ def test_pml_miner_tuples_feed_imtm_loss():
     scores = v @ t.T
     from pytorch_metric_learning.distances import CosineSimilarity
 
-    triplets = TripletMarginMiner(margin=0.5, type_of_triplets="all", distance=CosineSimilarity())(v, labels, t, labels)
+    triplets = TripletMarginMiner(margin=0.5, type_of_triplets="all", distance=CosineSimilarity())(
+        v, labels, t, labels
+    )
     assert len(triplets[0]) > 0
     got = tuple_triplet_loss(scores, triplets, margin=0.5, reduction="none")
     torch.testing.assert_close(got, loop_triplet_loss(scores, *triplets, 0.5, "i2t"))
     hard = BatchHardMiner(distance=CosineSimilarity())(v, labels, t, labels)
     assert tuple_triplet_loss(scores, hard).dim() == 0
-    pairs = PairMarginMiner(pos_margin=0.0, neg_margin=1.0, distance=CosineSimilarity())(v, labels, t, labels)
+    pairs = PairMarginMiner(pos_margin=0.0, neg_margin=1.0, distance=CosineSimilarity())(
+        v, labels, t, labels
+    )
     assert len(pairs) == 4 and tuple_triplet_loss(scores, pairs).dim() == 0
 
 
@@ -131,16 +153,23 @@ def test_pml_losses_on_imtm_scores_match_pml_on_embeddings():
     ids = torch.tensor([0, 0, 1, 1, 2, 2])
     scores = torch.nn.functional.normalize(v, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).T
     positives = ids[:, None] == ids[None, :]
-    for make in (lambda d: TripletMarginLoss(margin=0.2, distance=d), lambda d: ContrastiveLoss(distance=d),
-                 lambda d: MultiSimilarityLoss(distance=d)):
+    for make in (
+        lambda d: TripletMarginLoss(margin=0.2, distance=d),
+        lambda d: ContrastiveLoss(distance=d),
+        lambda d: MultiSimilarityLoss(distance=d),
+    ):
         ours = pml_loss_on_scores(make(ScoreMatrixDistance()), scores, positives)
         # ids.clone(): PML drops the diagonal's positives when ref_labels *is* labels (it takes that for
         # self-comparison, get_matches_and_diffs); image b and caption b are a real positive pair here.
         theirs = make(CosineSimilarity())(v, ids, ref_emb=t, ref_labels=ids.clone())
         torch.testing.assert_close(ours, theirs)
-        torch.testing.assert_close(torch.autograd.grad(ours, v, retain_graph=True)[0],
-                                   torch.autograd.grad(theirs, v, retain_graph=True)[0])
-        ours_t2i = pml_loss_on_scores(make(ScoreMatrixDistance()), scores, positives, direction="t2i")
+        torch.testing.assert_close(
+            torch.autograd.grad(ours, v, retain_graph=True)[0],
+            torch.autograd.grad(theirs, v, retain_graph=True)[0],
+        )
+        ours_t2i = pml_loss_on_scores(
+            make(ScoreMatrixDistance()), scores, positives, direction="t2i"
+        )
         theirs_t2i = make(CosineSimilarity())(t, ids, ref_emb=v, ref_labels=ids.clone())
         torch.testing.assert_close(ours_t2i, theirs_t2i)
     with pytest.raises(TypeError, match="must measure with ScoreMatrixDistance"):
@@ -155,8 +184,18 @@ def test_pml_loss_by_name_in_a_training_loop():
     ids = torch.tensor([0, 0, 1, 2])
     positives = ids[:, None] == ids[None, :]
     s = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
-    want = sum(pml_loss_on_scores(TripletMarginLoss(margin=0.3, distance=ScoreMatrixDistance()), s, positives,
-                                  direction=d) for d in ("i2t", "t2i")) / 2
+    want = (
+        sum(
+            pml_loss_on_scores(
+                TripletMarginLoss(margin=0.3, distance=ScoreMatrixDistance()),
+                s,
+                positives,
+                direction=d,
+            )
+            for d in ("i2t", "t2i")
+        )
+        / 2
+    )
     torch.testing.assert_close(pml_loss("TripletMarginLoss", {"margin": 0.3})(s, positives), want)
     # a few steps of a plain loop with a mined PML loss lower it
     torch.manual_seed(0)
@@ -164,10 +203,18 @@ def test_pml_loss_by_name_in_a_training_loop():
     ids = torch.arange(12) // 2
     proj = torch.nn.Linear(8, 8)
     opt = torch.optim.Adam(proj.parameters(), lr=5e-2)
-    fn = pml_loss("TripletMarginLoss", {"margin": 0.2}, miner="TripletMarginMiner", miner_params={"margin": 0.2})
+    fn = pml_loss(
+        "TripletMarginLoss",
+        {"margin": 0.2},
+        miner="TripletMarginMiner",
+        miner_params={"margin": 0.2},
+    )
     losses = []
     for _ in range(30):
-        scores = torch.nn.functional.normalize(proj(v), dim=-1) @ torch.nn.functional.normalize(t, dim=-1).T
+        scores = (
+            torch.nn.functional.normalize(proj(v), dim=-1)
+            @ torch.nn.functional.normalize(t, dim=-1).T
+        )
         loss = fn(scores, ids[:, None] == ids[None, :])
         opt.zero_grad()
         loss.backward()
@@ -176,8 +223,11 @@ def test_pml_loss_by_name_in_a_training_loop():
     assert math.isfinite(losses[0]) and losses[-1] < losses[0]
     with pytest.raises(ValueError, match="direction must be 'i2t', 't2i' or 'both'"):
         pml_loss(direction="x")
-    with pytest.raises(ValueError, match="loss must name a class of pytorch_metric_learning.losses.*Did you mean "
-                                         "'TripletMarginLoss'"):
+    with pytest.raises(
+        ValueError,
+        match="loss must name a class of pytorch_metric_learning.losses.*Did you mean "
+        "'TripletMarginLoss'",
+    ):
         pml_loss("TripletMarginLos")
     with pytest.raises(TypeError, match="loss_params must be a dict"):
         pml_loss(loss_params=[1])

@@ -21,8 +21,13 @@ def plain_top_k(gallery, queries, k):
 
 
 @settings(max_examples=20, deadline=None)
-@given(n=st.integers(1, 40), q=st.integers(1, 5), k=st.integers(1, 40), budget=st.integers(1, 200),
-       seed=st.integers(0, 10_000))
+@given(
+    n=st.integers(1, 40),
+    q=st.integers(1, 5),
+    k=st.integers(1, 40),
+    budget=st.integers(1, 200),
+    seed=st.integers(0, 10_000),
+)
 def test_blocked_top_k_equals_a_plain_sort(n, q, k, budget, seed):
     k = min(k, n)
     g = torch.Generator().manual_seed(seed)

@@ -17,13 +17,24 @@ from imtm.retrieval.cache import CachedValue
 
 
 def fitted(data, extra=(), scorer=None, **kw):
-    blocks = [("image", PrecomputedEncoder(in_dim=6, out_dim=8)),
-              ("text", GRUTextEncoder(vocab=data.vocab, out_dim=8, word_dim=8)), *extra,
-              ("coding", scorer or HardAssignmentCoding(pooling="lse", temperature=0.1)),
-              ("loss", TripletLoss())]
+    blocks = [
+        ("image", PrecomputedEncoder(in_dim=6, out_dim=8)),
+        ("text", GRUTextEncoder(vocab=data.vocab, out_dim=8, word_dim=8)),
+        *extra,
+        ("coding", scorer or HardAssignmentCoding(pooling="lse", temperature=0.1)),
+        ("loss", TripletLoss()),
+    ]
     # epochs=0: random weights are all these tests need; the retriever must reproduce *this* model
-    return Matcher(blocks, epochs=0, verbose=False, device="cpu", random_state=1, image_block=4,
-                   text_block=6, **kw).fit(data)
+    return Matcher(
+        blocks,
+        epochs=0,
+        verbose=False,
+        device="cpu",
+        random_state=1,
+        image_block=4,
+        text_block=6,
+        **kw,
+    ).fit(data)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +55,18 @@ def full(model, data):
 def first_stage(model, data):
     """Stage 1 written plainly: masked means of the scorer's tokens, cosine, per query."""
     iv, tv = model.encode_images(data.images), model.encode_texts(data.captions)
-    ie = torch.stack([iv["image_tokens"].feats[i][iv["image_tokens"].mask[i]].mean(0) for i in range(len(data.images))])
-    te = torch.stack([tv["text_tokens"].feats[t][tv["text_tokens"].mask[t]].mean(0)
-                      for t in range(len(data.captions))])
+    ie = torch.stack(
+        [
+            iv["image_tokens"].feats[i][iv["image_tokens"].mask[i]].mean(0)
+            for i in range(len(data.images))
+        ]
+    )
+    te = torch.stack(
+        [
+            tv["text_tokens"].feats[t][tv["text_tokens"].mask[t]].mean(0)
+            for t in range(len(data.captions))
+        ]
+    )
     return F.normalize(ie, dim=-1), F.normalize(te, dim=-1)
 
 
@@ -76,7 +96,11 @@ def test_candidates_are_the_global_top_k_and_are_rescored_exactly(model, data, f
     r = TwoStageRetriever(model, k=k, query_block=2).fit(images=data.images, captions=data.captions)
     ie, te = first_stage(model, data)
     for direction, queries, gallery, fine in (("t2i", te, ie, full.T), ("i2t", ie, te, full)):
-        res = r.text_to_image(data.captions, top=3) if direction == "t2i" else r.image_to_text(data.images, top=3)
+        res = (
+            r.text_to_image(data.captions, top=3)
+            if direction == "t2i"
+            else r.image_to_text(data.images, top=3)
+        )
         for q in range(queries.shape[0]):  # a plain loop over queries
             cos = torch.tensor([float(queries[q] @ gallery[g]) for g in range(gallery.shape[0])])
             assert set(res.candidates[q].tolist()) == set(cos.topk(k).indices.tolist())
@@ -84,8 +108,12 @@ def test_candidates_are_the_global_top_k_and_are_rescored_exactly(model, data, f
             best = sorted(fine_q.values(), reverse=True)[:3]
             assert set(res.indices[q].tolist()) <= set(fine_q)
             torch.testing.assert_close(res.scores[q], torch.tensor(best), rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(res.scores[q], torch.tensor([fine_q[int(g)] for g in res.indices[q]]),
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                res.scores[q],
+                torch.tensor([fine_q[int(g)] for g in res.indices[q]]),
+                rtol=1e-5,
+                atol=1e-6,
+            )
 
 
 def test_a_block_embedding_drives_stage_one(data):
@@ -122,20 +150,33 @@ def test_padding_and_gallery_order_do_not_change_results(model, seed, pad):
     n, q, d = 9, 4, 8
     lens = torch.randint(1, 5, (n,), generator=g)
     images = Tokens.from_lengths(torch.randn(n, 4, d, generator=g), lens)
-    texts = Tokens.from_lengths(torch.randn(q, 3, d, generator=g), torch.randint(1, 4, (q,), generator=g))
-    base = TwoStageRetriever(model, k=5).fit(images={"image_tokens": images}).text_to_image(
-        {"text_tokens": texts}, top=3)
+    texts = Tokens.from_lengths(
+        torch.randn(q, 3, d, generator=g), torch.randint(1, 4, (q,), generator=g)
+    )
+    base = (
+        TwoStageRetriever(model, k=5)
+        .fit(images={"image_tokens": images})
+        .text_to_image({"text_tokens": texts}, top=3)
+    )
     # extra padding columns full of garbage
-    padded = Tokens(torch.cat([images.feats, 1e6 * torch.randn(n, pad, d, generator=g)], 1),
-                    torch.cat([images.mask, torch.zeros(n, pad, dtype=torch.bool)], 1))
-    res = TwoStageRetriever(model, k=5).fit(images={"image_tokens": padded}).text_to_image(
-        {"text_tokens": texts}, top=3)
+    padded = Tokens(
+        torch.cat([images.feats, 1e6 * torch.randn(n, pad, d, generator=g)], 1),
+        torch.cat([images.mask, torch.zeros(n, pad, dtype=torch.bool)], 1),
+    )
+    res = (
+        TwoStageRetriever(model, k=5)
+        .fit(images={"image_tokens": padded})
+        .text_to_image({"text_tokens": texts}, top=3)
+    )
     assert torch.equal(res.indices, base.indices)
     torch.testing.assert_close(res.scores, base.scores)
     # a permuted gallery returns the same items under their new positions
     perm = torch.randperm(n, generator=g)
-    res = TwoStageRetriever(model, k=5).fit(images={"image_tokens": images[perm]}).text_to_image(
-        {"text_tokens": texts}, top=3)
+    res = (
+        TwoStageRetriever(model, k=5)
+        .fit(images={"image_tokens": images[perm]})
+        .text_to_image({"text_tokens": texts}, top=3)
+    )
     assert torch.equal(perm[res.indices], base.indices)
     torch.testing.assert_close(res.scores, base.scores)
 
@@ -152,7 +193,9 @@ def test_saved_and_memory_mapped_galleries_give_identical_results(model, data, t
     for mmap in (True, False):
         s = TwoStageRetriever.load(tmp_path / "gallery", model, mmap=mmap)
         if mmap:
-            assert isinstance(s.galleries_["image"].values["image_tokens"].feats, __import__("numpy").memmap)
+            assert isinstance(
+                s.galleries_["image"].values["image_tokens"].feats, __import__("numpy").memmap
+            )
         b_t2i, b_i2t = s.text_to_image(data.captions, top=4), s.image_to_text(data.images, top=4)
         for a, b in ((a_t2i, b_t2i), (a_i2t, b_i2t)):
             assert torch.equal(a.indices, b.indices) and torch.equal(a.candidates, b.candidates)
@@ -161,15 +204,25 @@ def test_saved_and_memory_mapped_galleries_give_identical_results(model, data, t
 
 def test_faiss_and_torch_indexes_rank_alike(model, data):
     pytest.importorskip("faiss")
-    a = TwoStageRetriever(model, k=6, index="torch").fit(images=data.images).text_to_image(data.captions, top=6)
-    b = TwoStageRetriever(model, k=6, index="faiss").fit(images=data.images).text_to_image(data.captions, top=6)
+    a = (
+        TwoStageRetriever(model, k=6, index="torch")
+        .fit(images=data.images)
+        .text_to_image(data.captions, top=6)
+    )
+    b = (
+        TwoStageRetriever(model, k=6, index="faiss")
+        .fit(images=data.images)
+        .text_to_image(data.captions, top=6)
+    )
     assert torch.equal(a.indices, b.indices)
     torch.testing.assert_close(a.scores, b.scores)
 
 
 # ---------------------------------------------------------------- bad inputs
 def test_k_larger_than_the_gallery_is_refused(model, data):
-    with pytest.raises(ValueError, match="k=13 is larger than the gallery of 12 images; use k <= 12"):
+    with pytest.raises(
+        ValueError, match="k=13 is larger than the gallery of 12 images; use k <= 12"
+    ):
         TwoStageRetriever(model, k=13).fit(images=data.images)
     r = TwoStageRetriever(model, k=5).fit(images=data.images)
     r.k = 13
@@ -203,7 +256,9 @@ def test_a_matcher_without_embeddings_or_tokens_is_refused(data):
             return a @ b.T
 
     m = fitted(data, extra=[("vi", Vector()), ("vt", TextVector())], scorer=Dot())
-    with pytest.raises(ValueError, match="nothing to rank images with: no block provides 'image_embedding'"):
+    with pytest.raises(
+        ValueError, match="nothing to rank images with: no block provides 'image_embedding'"
+    ):
         TwoStageRetriever(m, k=2).fit(images=data.images)
 
 
@@ -257,7 +312,7 @@ def test_loading_checks_the_folder_and_the_model(model, data, tmp_path):
     m2 = Matcher(model.components, epochs=0, verbose=False, device="cpu", random_state=7).fit(data)
     with pytest.raises(ValueError, match="built with another model"):
         TwoStageRetriever.load(tmp_path / "g", m2)
-    meta = (tmp_path / "g" / "retriever.json")
+    meta = tmp_path / "g" / "retriever.json"
     meta.write_text(meta.read_text().replace("imtm.TwoStageRetriever/1", "other/9"))
     with pytest.raises(ValueError, match="has format 'other/9'"):
         TwoStageRetriever.load(tmp_path / "g", model)
@@ -266,7 +321,13 @@ def test_loading_checks_the_folder_and_the_model(model, data, tmp_path):
 def test_stage_one_embeddings_in_chunks_equal_one_pass(model, data, monkeypatch):
     import imtm.retrieval.two_stage as two_stage
 
-    whole = TwoStageRetriever(model, k=5).fit(images=data.images).text_to_image(data.captions, top=3)
+    whole = (
+        TwoStageRetriever(model, k=5).fit(images=data.images).text_to_image(data.captions, top=3)
+    )
     monkeypatch.setattr(two_stage, "EMBED_CHUNK", 5)  # 12 images: chunks of 5, 5 and 2
-    chunked = TwoStageRetriever(model, k=5).fit(images=data.images).text_to_image(data.captions, top=3)
-    assert torch.equal(whole.candidates, chunked.candidates) and torch.equal(whole.indices, chunked.indices)
+    chunked = (
+        TwoStageRetriever(model, k=5).fit(images=data.images).text_to_image(data.captions, top=3)
+    )
+    assert torch.equal(whole.candidates, chunked.candidates) and torch.equal(
+        whole.indices, chunked.indices
+    )

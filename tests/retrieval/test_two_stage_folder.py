@@ -22,9 +22,12 @@ def data():
 
 @pytest.fixture(scope="module")
 def model(data):
-    blocks = [("image", PrecomputedEncoder(in_dim=6, out_dim=8)),
-              ("text", GRUTextEncoder(vocab=data.vocab, out_dim=8, word_dim=8)),
-              ("coding", HardAssignmentCoding(pooling="lse", temperature=0.1)), ("loss", TripletLoss())]
+    blocks = [
+        ("image", PrecomputedEncoder(in_dim=6, out_dim=8)),
+        ("text", GRUTextEncoder(vocab=data.vocab, out_dim=8, word_dim=8)),
+        ("coding", HardAssignmentCoding(pooling="lse", temperature=0.1)),
+        ("loss", TripletLoss()),
+    ]
     return Matcher(blocks, epochs=0, verbose=False, device="cpu", random_state=1).fit(data)
 
 
@@ -34,7 +37,9 @@ def retriever(model, data):
 
 
 def contents(folder):
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def results(r, data):
@@ -71,7 +76,9 @@ def test_saving_again_replaces_only_the_retrievers_files(retriever, model, data,
     only_images = TwoStageRetriever(model, k=2).fit(images=data.images)
     only_images.save(folder)  # a retriever of the same kind: no overwrite needed
     assert (folder / "README.txt").read_text() == "my gallery notes"
-    assert not (folder / "captions").exists()  # the earlier retriever's files are gone, not the user's
+    assert not (
+        folder / "captions"
+    ).exists()  # the earlier retriever's files are gone, not the user's
     loaded = TwoStageRetriever.load(folder, model)
     assert loaded.k == 2
     for a, b in zip(results(loaded, data), results(only_images, data)):
@@ -92,7 +99,9 @@ def test_a_retriever_folder_written_before_the_file_list_is_recognised(retriever
 def test_save_refuses_to_write_over_a_matcher_folder_without_overwrite(retriever, model, tmp_path):
     folder = model.save(tmp_path / "model")
     before = contents(folder)
-    with pytest.raises(FileExistsError, match=r"not a saved imtm.TwoStageRetriever/1 folder.*overwrite=True"):
+    with pytest.raises(
+        FileExistsError, match=r"not a saved imtm.TwoStageRetriever/1 folder.*overwrite=True"
+    ):
         retriever.save(folder)
     assert contents(folder) == before
 
@@ -114,17 +123,26 @@ def rename_value(meta, new):
     values[new] = values.pop("image_tokens")
 
 
-@pytest.mark.parametrize("evil", ["ABSOLUTE", "../outside/image_tokens", "../../image_tokens", "a/b", ""])
-def test_a_value_named_by_a_path_is_refused_and_nothing_outside_is_opened(saved, model, tmp_path, evil, monkeypatch):
+@pytest.mark.parametrize(
+    "evil", ["ABSOLUTE", "../outside/image_tokens", "../../image_tokens", "a/b", ""]
+)
+def test_a_value_named_by_a_path_is_refused_and_nothing_outside_is_opened(
+    saved, model, tmp_path, evil, monkeypatch
+):
     outside = tmp_path / "outside"
     outside.mkdir()
     for part in ("feats", "mask"):
-        np.save(outside / f"image_tokens.{part}.npy", np.load(saved / "images" / f"image_tokens.{part}.npy"))
+        np.save(
+            outside / f"image_tokens.{part}.npy",
+            np.load(saved / "images" / f"image_tokens.{part}.npy"),
+        )
     name = str(outside / "image_tokens") if evil == "ABSOLUTE" else evil
     edit(saved, lambda meta: rename_value(meta, name))
     opened = []
     real_load = np.load
-    monkeypatch.setattr(np, "load", lambda p, *a, **k: (opened.append(str(p)), real_load(p, *a, **k))[1])
+    monkeypatch.setattr(
+        np, "load", lambda p, *a, **k: (opened.append(str(p)), real_load(p, *a, **k))[1]
+    )
     with pytest.raises(ValueError, match="never a path"):
         TwoStageRetriever.load(saved, model)
     assert not [p for p in opened if "outside" in p]
@@ -157,26 +175,42 @@ def test_a_fifo_in_place_of_an_array_is_refused_without_blocking(saved, model):
         TwoStageRetriever.load(saved, model)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m.update(galleries=[]), "'galleries' must be an object"),
-    (lambda m: m.update(galleries={}), "'galleries' must be an object"),
-    (lambda m: m["galleries"].update(videos={"size": 1, "values": {}}), "unknown gallery 'videos'"),
-    (lambda m: m["galleries"].update(image=[1, 2]), "gallery 'image' must be an object"),
-    (lambda m: m["galleries"]["image"].pop("size"), "gallery 'image' must be an object with an integer 'size'"),
-    (lambda m: m["galleries"]["image"].update(size="8"), "an integer 'size'"),
-    (lambda m: m["galleries"]["image"].update(values=None), "a 'values' object"),
-    (lambda m: m["galleries"]["image"]["values"].update(image_tokens="tokens"), "value 'image_tokens' must be"),
-    (lambda m: m["galleries"]["image"]["values"]["image_tokens"].pop("kind"), "'kind'"),
-    (lambda m: m["galleries"]["image"]["values"]["image_tokens"].update(grid=[1]), "'grid'"),
-    (lambda m: m["galleries"]["image"]["values"]["image_tokens"].update(num_prefix_tokens=-1),
-     "'num_prefix_tokens'"),
-    (lambda m: m.update(index=["torch"]), "'index' is"),
-    (lambda m: m.update(index="annoy"), "'index' is 'annoy'"),
-    (lambda m: m.update(k="3"), "'k' and 'query_block'"),
-    (lambda m: m.update(query_block=0), "'k' and 'query_block'"),
-    (lambda m: m.update(weights=None), "'weights' must be a string"),
-    (lambda m: m.pop("galleries"), "lacks \\['galleries'\\]"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(galleries=[]), "'galleries' must be an object"),
+        (lambda m: m.update(galleries={}), "'galleries' must be an object"),
+        (
+            lambda m: m["galleries"].update(videos={"size": 1, "values": {}}),
+            "unknown gallery 'videos'",
+        ),
+        (lambda m: m["galleries"].update(image=[1, 2]), "gallery 'image' must be an object"),
+        (
+            lambda m: m["galleries"]["image"].pop("size"),
+            "gallery 'image' must be an object with an integer 'size'",
+        ),
+        (lambda m: m["galleries"]["image"].update(size="8"), "an integer 'size'"),
+        (lambda m: m["galleries"]["image"].update(values=None), "a 'values' object"),
+        (
+            lambda m: m["galleries"]["image"]["values"].update(image_tokens="tokens"),
+            "value 'image_tokens' must be",
+        ),
+        (lambda m: m["galleries"]["image"]["values"]["image_tokens"].pop("kind"), "'kind'"),
+        (lambda m: m["galleries"]["image"]["values"]["image_tokens"].update(grid=[1]), "'grid'"),
+        (
+            lambda m: m["galleries"]["image"]["values"]["image_tokens"].update(
+                num_prefix_tokens=-1
+            ),
+            "'num_prefix_tokens'",
+        ),
+        (lambda m: m.update(index=["torch"]), "'index' is"),
+        (lambda m: m.update(index="annoy"), "'index' is 'annoy'"),
+        (lambda m: m.update(k="3"), "'k' and 'query_block'"),
+        (lambda m: m.update(query_block=0), "'k' and 'query_block'"),
+        (lambda m: m.update(weights=None), "'weights' must be a string"),
+        (lambda m: m.pop("galleries"), "lacks \\['galleries'\\]"),
+    ],
+)
 def test_malformed_entries_give_the_documented_error(saved, model, change, message):
     edit(saved, change)
     with pytest.raises(ValueError, match=message):

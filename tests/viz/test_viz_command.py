@@ -18,9 +18,14 @@ def saved(tmp_path_factory):
     train, _, _ = synthetic.load(view="regions", seed=0, n_train=16, n_dev=2, n_test=4)
     root = tmp_path_factory.mktemp("models")
     # One saved DCPA model serves every kind: its pairwise blocks read image and text tokens too.
-    m = Matcher(presets.build("dcpa", train, embed_dim=16, word_dim=8, hardest=False, heads=2, k=3),
-                batch_size=16, checkpoint_dir=None, verbose=False, random_state=0,
-                stages=presets.default_stages("dcpa", 2)).fit(train)
+    m = Matcher(
+        presets.build("dcpa", train, embed_dim=16, word_dim=8, hardest=False, heads=2, k=3),
+        batch_size=16,
+        checkpoint_dir=None,
+        verbose=False,
+        random_state=0,
+        stages=presets.default_stages("dcpa", 2),
+    ).fit(train)
     path = m.save(root / "dcpa")
     return {"chan": path, "dcpa": path}
 
@@ -33,16 +38,58 @@ def size(path):
 
 def test_viz_words_recall_retrieved_and_dcpa(saved, tmp_path, capsys):
     common = ["--n-test", "6", "--dpi", "50"]
-    assert main(["viz", "words", "--model", str(saved["chan"]), "--out", str(tmp_path / "w.png")] + common) == 0
+    assert (
+        main(
+            ["viz", "words", "--model", str(saved["chan"]), "--out", str(tmp_path / "w.png")]
+            + common
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     assert size(tmp_path / "w.png")[0] == 4 * 100  # 4 panels of 2 inches at 50 dpi
-    assert main(["viz", "recall", "--model", f"a={saved['chan']}", "--model", f"b={saved['dcpa']}",
-                 "--out", str(tmp_path / "r.png")] + common) == 0
+    assert (
+        main(
+            [
+                "viz",
+                "recall",
+                "--model",
+                f"a={saved['chan']}",
+                "--model",
+                f"b={saved['dcpa']}",
+                "--out",
+                str(tmp_path / "r.png"),
+            ]
+            + common
+        )
+        == 0
+    )
     assert size(tmp_path / "r.png") == (300, 150)
-    assert main(["viz", "retrieved", "--direction", "t2i", "--index", "3", "--model", str(saved["chan"]),
-                 "--out", str(tmp_path / "t.png")] + common) == 0
+    assert (
+        main(
+            [
+                "viz",
+                "retrieved",
+                "--direction",
+                "t2i",
+                "--index",
+                "3",
+                "--model",
+                str(saved["chan"]),
+                "--out",
+                str(tmp_path / "t.png"),
+            ]
+            + common
+        )
+        == 0
+    )
     assert size(tmp_path / "t.png") == (500, 120)
-    assert main(["viz", "dcpa", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "d.png")] + common) == 0
+    assert (
+        main(
+            ["viz", "dcpa", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "d.png")]
+            + common
+        )
+        == 0
+    )
     assert size(tmp_path / "d.png") == (3 * 130, 150)
 
 
@@ -55,8 +102,22 @@ def usage_error(argv, capsys, pattern):
 
 
 def test_viz_bad_index(saved, tmp_path, capsys):
-    usage_error(["viz", "words", "--model", str(saved["chan"]), "--out", str(tmp_path / "x.png"), "--n-test", "6",
-                 "--index", "6"], capsys, r"--index must lie in \[0, 6\)")
+    usage_error(
+        [
+            "viz",
+            "words",
+            "--model",
+            str(saved["chan"]),
+            "--out",
+            str(tmp_path / "x.png"),
+            "--n-test",
+            "6",
+            "--index",
+            "6",
+        ],
+        capsys,
+        r"--index must lie in \[0, 6\)",
+    )
 
 
 def test_viz_formats_titles_and_block_flag(saved, tmp_path, capsys):
@@ -65,9 +126,21 @@ def test_viz_formats_titles_and_block_flag(saved, tmp_path, capsys):
     from imtm.viz.command import _models
 
     common = ["--n-test", "6", "--dpi", "50"]
-    assert main(["viz", "recall", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "r.pdf")] + common) == 0
+    assert (
+        main(
+            ["viz", "recall", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "r.pdf")]
+            + common
+        )
+        == 0
+    )
     assert (tmp_path / "r.pdf").read_bytes().startswith(b"%PDF-")
-    assert main(["viz", "words", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "w.svg")] + common) == 0
+    assert (
+        main(
+            ["viz", "words", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "w.svg")]
+            + common
+        )
+        == 0
+    )
     assert ET.parse(tmp_path / "w.svg").getroot().tag.endswith("svg")
     # titles come from the model's record, not from the folder's name; same titles say which folder
     (label,) = _models([str(saved["dcpa"])])
@@ -78,14 +151,46 @@ def test_viz_formats_titles_and_block_flag(saved, tmp_path, capsys):
     two = list(_models([str(saved["dcpa"]), str(copy)]))
     assert len(two) == 2 and two[1] == f"{label} (again/final)"
     # a kind that needs a block the model lacks names the flag
-    usage_error(["viz", "laps-kept", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "k.png")] + common, capsys,
-                r"needs a LAPS model with a PatchSlimming block \(chosen with --block NAME")
-    usage_error(["viz", "laps-kept", "--block", "nope", "--model", str(saved["dcpa"]), "--out",
-                 str(tmp_path / "k.png")] + common, capsys, r"--block nope: model .* has no block of that name")
-    usage_error(["viz", "recall", "--block", "x", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "k.png")],
-                capsys, "--block is for the kinds")
-    usage_error(["viz", "recall", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "k.jpg")], capsys,
-                r"use \.png, \.pdf or \.svg")
+    usage_error(
+        ["viz", "laps-kept", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "k.png")]
+        + common,
+        capsys,
+        r"needs a LAPS model with a PatchSlimming block \(chosen with --block NAME",
+    )
+    usage_error(
+        [
+            "viz",
+            "laps-kept",
+            "--block",
+            "nope",
+            "--model",
+            str(saved["dcpa"]),
+            "--out",
+            str(tmp_path / "k.png"),
+        ]
+        + common,
+        capsys,
+        r"--block nope: model .* has no block of that name",
+    )
+    usage_error(
+        [
+            "viz",
+            "recall",
+            "--block",
+            "x",
+            "--model",
+            str(saved["dcpa"]),
+            "--out",
+            str(tmp_path / "k.png"),
+        ],
+        capsys,
+        "--block is for the kinds",
+    )
+    usage_error(
+        ["viz", "recall", "--model", str(saved["dcpa"]), "--out", str(tmp_path / "k.jpg")],
+        capsys,
+        r"use \.png, \.pdf or \.svg",
+    )
 
 
 def test_viz_words_come_from_the_models_vocabulary(tmp_path):
@@ -94,8 +199,17 @@ def test_viz_words_come_from_the_models_vocabulary(tmp_path):
 
     train, _, test = synthetic.load(view="regions", seed=0, n_train=8, n_dev=2, n_test=2)
     # blocks named automatically (no "text" block): the words still come from the GRU's vocabulary
-    m = Matcher([PrecomputedEncoder(in_dim=train.region_dim, out_dim=8), GRUTextEncoder(vocab=train.vocab, out_dim=8),
-                 GlobalCosine(), TripletLoss()], epochs=1, batch_size=16, verbose=False).fit(train)
+    m = Matcher(
+        [
+            PrecomputedEncoder(in_dim=train.region_dim, out_dim=8),
+            GRUTextEncoder(vocab=train.vocab, out_dim=8),
+            GlobalCosine(),
+            TripletLoss(),
+        ],
+        epochs=1,
+        batch_size=16,
+        verbose=False,
+    ).fit(train)
     caption = "a red circle and a zebra"
     _, txt = encode_pair(m, test.images[0], caption)
     assert caption_words(m, caption, txt) == ["a", "red", "circle", "and", "a", "<unk>"]

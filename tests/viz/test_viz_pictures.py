@@ -29,8 +29,16 @@ def expected_size(fig, dpi=100):
 
 
 def fit(components, train, epochs=1, **kw):
-    return Matcher(components, epochs=epochs, batch_size=16, lr=2e-3, checkpoint_dir=None, verbose=False,
-                   random_state=0, **kw).fit(train)
+    return Matcher(
+        components,
+        epochs=epochs,
+        batch_size=16,
+        lr=2e-3,
+        checkpoint_dir=None,
+        verbose=False,
+        random_state=0,
+        **kw,
+    ).fit(train)
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +53,26 @@ def pixels():
 
 @pytest.fixture(scope="module")
 def chan(regions):
-    return fit(presets.build("chan", regions[0], embed_dim=16, word_dim=8, context_heads=2, hardest=False),
-               regions[0])
+    return fit(
+        presets.build("chan", regions[0], embed_dim=16, word_dim=8, context_heads=2, hardest=False),
+        regions[0],
+    )
 
 
 @pytest.fixture(scope="module")
 def laps(pixels):
-    return fit(presets.laps(vocab=pixels[0].vocab, text="gru", model_name="vit_tiny_patch16_224", img_size=32, embed_dim=16,
-                            word_dim=16, **VIT), pixels[0])
+    return fit(
+        presets.laps(
+            vocab=pixels[0].vocab,
+            text="gru",
+            model_name="vit_tiny_patch16_224",
+            img_size=32,
+            embed_dim=16,
+            word_dim=16,
+            **VIT,
+        ),
+        pixels[0],
+    )
 
 
 def test_word_region_maps_chan(chan, regions, tmp_path):
@@ -60,8 +80,9 @@ def test_word_region_maps_chan(chan, regions, tmp_path):
     picture, boxes = viz.synthetic_picture(test, 0)
     assert picture.shape == (64, 64, 3) and boxes.shape == (test.images[0].shape[0], 4)
     caption = test.captions[0]
-    fig = viz.word_alignment_maps(chan, test.images[0], caption, picture=picture, boxes=boxes, cols=3,
-                                  path=tmp_path / "a.png")
+    fig = viz.word_alignment_maps(
+        chan, test.images[0], caption, picture=picture, boxes=boxes, cols=3, path=tmp_path / "a.png"
+    )
     n_words = len(caption.lower().replace(",", " ,").replace(".", " .").split())
     rows = -(-n_words // 3)
     assert png_size(tmp_path / "a.png") == (3 * 200, rows * 200 + 40) == expected_size(fig)
@@ -83,8 +104,17 @@ def test_word_alignment_is_the_cosine_loop():
     img = Tokens(img.feats, img.mask, num_prefix_tokens=1)
     txt = Tokens.from_lengths(torch.randn(1, 4, 8), [3])
     got = word_alignment(img, txt)
-    want = torch.tensor([[float(torch.nn.functional.cosine_similarity(txt.feats[0, i], img.feats[0, j], dim=0))
-                          for j in range(1, 5)] for i in range(3)])
+    want = torch.tensor(
+        [
+            [
+                float(
+                    torch.nn.functional.cosine_similarity(txt.feats[0, i], img.feats[0, j], dim=0)
+                )
+                for j in range(1, 5)
+            ]
+            for i in range(3)
+        ]
+    )
     torch.testing.assert_close(got, want)
 
 
@@ -119,14 +149,19 @@ def test_laps_pictures_need_a_patch_grid(chan, regions):
 
 def test_dcpa_topk_regions(regions, tmp_path):
     train, _, test = regions
-    m = fit(presets.build("dcpa", train, embed_dim=16, word_dim=8, heads=2, k=3, hardest=False), train,
-            stages=presets.default_stages("dcpa", 2))
+    m = fit(
+        presets.build("dcpa", train, embed_dim=16, word_dim=8, heads=2, k=3, hardest=False),
+        train,
+        stages=presets.default_stages("dcpa", 2),
+    )
     picture, boxes = viz.synthetic_picture(test, 1)
-    fig = viz.phrase_topk_regions(m, test.images[1], test.captions[5], boxes=boxes, picture=picture,
-                                  path=tmp_path / "d.png")
+    fig = viz.phrase_topk_regions(
+        m, test.images[1], test.captions[5], boxes=boxes, picture=picture, path=tmp_path / "d.png"
+    )
     assert png_size(tmp_path / "d.png") == (3 * 260, 260 + 40) == expected_size(fig)
-    fig = viz.phrase_topk_regions(m, test.images[1], test.captions[5], boxes=boxes, inter_t2i=None,
-                                  path=tmp_path / "d2.png")
+    fig = viz.phrase_topk_regions(
+        m, test.images[1], test.captions[5], boxes=boxes, inter_t2i=None, path=tmp_path / "d2.png"
+    )
     assert png_size(tmp_path / "d2.png") == (2 * 260, 260 + 40)
     with pytest.raises(ValueError, match="expected boxes of shape"):
         viz.phrase_topk_regions(m, test.images[1], test.captions[5], boxes=boxes[:2])
@@ -138,10 +173,13 @@ def test_dias_pictures(regions, tmp_path):
     before = fit(comps, train, epochs=0)
     after = fit(comps, train, epochs=1)
     images, captions = test.images, test.captions[::5]
-    fig = viz.dimension_correlation_maps({"before": before, "after": after}, images, captions, path=tmp_path / "c.png")
+    fig = viz.dimension_correlation_maps(
+        {"before": before, "after": after}, images, captions, path=tmp_path / "c.png"
+    )
     assert png_size(tmp_path / "c.png") == (600, 300) == expected_size(fig)
-    fig = viz.spatial_distance_histograms({"before": before, "after": after}, images, captions,
-                                          path=tmp_path / "h.png")
+    fig = viz.spatial_distance_histograms(
+        {"before": before, "after": after}, images, captions, path=tmp_path / "h.png"
+    )
     assert png_size(tmp_path / "h.png") == (3 * 260, 260) == expected_size(fig)
     v, t = viz.matched_embeddings(after, images, captions)
     assert v.shape == t.shape == (len(images), 16)
@@ -183,7 +221,9 @@ def test_recall_at_k_against_a_loop():
     c2i = torch.arange(8) // 2
     rec = viz.recall_at_k(sims, c2i, [1, 3])
     for n, k in enumerate([1, 3]):
-        hits = [any(int(c2i[t]) == i for t in sims[i].argsort(descending=True)[:k]) for i in range(4)]
+        hits = [
+            any(int(c2i[t]) == i for t in sims[i].argsort(descending=True)[:k]) for i in range(4)
+        ]
         assert rec["i2t"][n] == pytest.approx(100 * np.mean(hits))
         hits = [int(c2i[t]) in sims[:, t].argsort(descending=True)[:k].tolist() for t in range(8)]
         assert rec["t2i"][n] == pytest.approx(100 * np.mean(hits))
@@ -220,12 +260,25 @@ def test_missing_matplotlib_says_how_to_install(monkeypatch):
 def test_ela_patch_lexicon(tmp_path):
     from imtm.components.encoders.hf_text import write_local_bert
 
-    train, _, test = synthetic.load(view="pixels", seed=0, n_train=8, n_dev=2, n_test=2, image_size=24)
-    folder = write_local_bert(tmp_path / "bert", train.captions + test.captions, hidden_size=16, num_layers=1,
-                              num_heads=2)
-    comps = presets.ela(text_model=str(folder), image_model="vit_tiny_patch16_224", img_size=24, embed_dim=16,
-                        heads=2, cross_layers=1, rerank_k=2, **VIT)
-    m = Matcher(comps, epochs=1, batch_size=8, checkpoint_dir=None, verbose=False, random_state=0).fit(train)
+    train, _, test = synthetic.load(
+        view="pixels", seed=0, n_train=8, n_dev=2, n_test=2, image_size=24
+    )
+    folder = write_local_bert(
+        tmp_path / "bert", train.captions + test.captions, hidden_size=16, num_layers=1, num_heads=2
+    )
+    comps = presets.ela(
+        text_model=str(folder),
+        image_model="vit_tiny_patch16_224",
+        img_size=24,
+        embed_dim=16,
+        heads=2,
+        cross_layers=1,
+        rerank_k=2,
+        **VIT,
+    )
+    m = Matcher(
+        comps, epochs=1, batch_size=8, checkpoint_dir=None, verbose=False, random_state=0
+    ).fit(train)
     # words of a tokenizer model are its own word pieces, found without naming the text block
     from imtm.viz.figure import caption_words, encode_pair
 
@@ -235,7 +288,9 @@ def test_ela_patch_lexicon(tmp_path):
     ids = text.tokenize([test.captions[0]])
     assert set(pieces) <= set(text.tokenizer.convert_ids_to_tokens(ids.feats[0].tolist()))
     assert not any(p.startswith("#") and p[1:].isdigit() for p in pieces)
-    fig = viz.patch_lexicon_words(m, test.images[0], test.captions[0], top=3, path=tmp_path / "e.png")
+    fig = viz.patch_lexicon_words(
+        m, test.images[0], test.captions[0], top=3, path=tmp_path / "e.png"
+    )
     assert png_size(tmp_path / "e.png") == (600, 340) == expected_size(fig)
     with pytest.raises(ValueError, match="top must be a positive int"):
         viz.patch_lexicon_words(m, test.images[0], test.captions[0], top=0)
@@ -277,7 +332,9 @@ def check_formats(draw, tmp_path, name):
     for suffix in (".png", ".pdf", ".svg"):
         fig = draw(path=tmp_path / f"{name}{suffix}")
         w, h = fig.get_size_inches()
-        want = (round(w * 100), round(h * 100)) if suffix == ".png" else (round(w * 72), round(h * 72))
+        want = (
+            (round(w * 100), round(h * 100)) if suffix == ".png" else (round(w * 72), round(h * 72))
+        )
         assert open_written(tmp_path / f"{name}{suffix}") == want, (name, suffix)
     return fig
 
@@ -291,29 +348,54 @@ def test_every_figure_in_every_format_with_colour_bars(chan, laps, regions, pixe
     test = regions[2]
     picture, boxes = viz.synthetic_picture(test, 0)
     image, caption = test.images[0], test.captions[0]
-    fig = check_formats(lambda **kw: viz.word_alignment_maps(chan, image, caption, picture=picture, boxes=boxes, **kw),
-                        tmp_path, "words")
+    fig = check_formats(
+        lambda **kw: viz.word_alignment_maps(
+            chan, image, caption, picture=picture, boxes=boxes, **kw
+        ),
+        tmp_path,
+        "words",
+    )
     assert colorbar_labels(fig) == ["cosine of word and region"]
-    fig = check_formats(lambda **kw: viz.word_alignment_maps(chan, image, caption, **kw), tmp_path, "matrix")
-    assert colorbar_labels(fig) == ["cosine of word and region"]  # no boxes: the words x regions matrix
+    fig = check_formats(
+        lambda **kw: viz.word_alignment_maps(chan, image, caption, **kw), tmp_path, "matrix"
+    )
+    assert colorbar_labels(fig) == [
+        "cosine of word and region"
+    ]  # no boxes: the words x regions matrix
     ptest = pixels[2]
-    fig = check_formats(lambda **kw: viz.word_alignment_maps(laps, ptest.images[0], ptest.captions[0], **kw),
-                        tmp_path, "patches")
+    fig = check_formats(
+        lambda **kw: viz.word_alignment_maps(laps, ptest.images[0], ptest.captions[0], **kw),
+        tmp_path,
+        "patches",
+    )
     assert colorbar_labels(fig) == ["cosine of word and patch"]
-    fig = check_formats(lambda **kw: viz.kept_patches(laps, ptest.images[0], ptest.captions[0], **kw),
-                        tmp_path, "kept")
+    fig = check_formats(
+        lambda **kw: viz.kept_patches(laps, ptest.images[0], ptest.captions[0], **kw),
+        tmp_path,
+        "kept",
+    )
     assert colorbar_labels(fig) == ["significance a (Eq. 1)"]
-    fig = check_formats(lambda **kw: viz.patch_groups(laps, ptest.images[0], ptest.captions[0], **kw),
-                        tmp_path, "groups")
+    fig = check_formats(
+        lambda **kw: viz.patch_groups(laps, ptest.images[0], ptest.captions[0], **kw),
+        tmp_path,
+        "groups",
+    )
     assert colorbar_labels(fig) == []  # colours name groups, not values
     pairs = (test.images, test.captions[::5])
-    fig = check_formats(lambda **kw: viz.dimension_correlation_maps({"a": chan, "b": chan}, *pairs, **kw),
-                        tmp_path, "corr")
+    fig = check_formats(
+        lambda **kw: viz.dimension_correlation_maps({"a": chan, "b": chan}, *pairs, **kw),
+        tmp_path,
+        "corr",
+    )
     assert colorbar_labels(fig) == ["correlation C_kl (Eq. 4)"]
-    check_formats(lambda **kw: viz.spatial_distance_histograms({"a": chan}, *pairs, **kw), tmp_path, "hist")
+    check_formats(
+        lambda **kw: viz.spatial_distance_histograms({"a": chan}, *pairs, **kw), tmp_path, "hist"
+    )
     check_formats(lambda **kw: viz.recall_curves({"a": chan}, test, **kw), tmp_path, "recall")
     check_formats(lambda **kw: viz.retrieved_examples(chan, test, 0, **kw), tmp_path, "i2t")
-    check_formats(lambda **kw: viz.retrieved_examples(chan, test, 0, direction="t2i", **kw), tmp_path, "t2i")
+    check_formats(
+        lambda **kw: viz.retrieved_examples(chan, test, 0, direction="t2i", **kw), tmp_path, "t2i"
+    )
     with pytest.raises(ValueError, match=r"must end in one of \['.pdf', '.png', '.svg'\]"):
         viz.recall_curves({"a": chan}, test, path=tmp_path / "recall.jpeg")
     assert not (tmp_path / "recall.jpeg").exists()
@@ -337,15 +419,23 @@ def test_figures_draw_into_the_callers_axes(chan, regions, tmp_path):
     mine2 = Figure(figsize=(6, 2))
     FigureCanvasAgg(mine2)
     axes = [mine2.add_subplot(1, 3, k + 1) for k in range(3)]
-    assert viz.spatial_distance_histograms({"chan": chan}, test.images, test.captions[::5], ax=axes) is mine2
+    assert (
+        viz.spatial_distance_histograms({"chan": chan}, test.images, test.captions[::5], ax=axes)
+        is mine2
+    )
     assert all(a.get_title() for a in axes)
     # a one-panel picture draws in the axes itself
     mine3 = Figure()
     FigureCanvasAgg(mine3)
     ax = mine3.add_subplot()
-    assert viz.word_alignment_maps(chan, test.images[0], test.captions[0], ax=ax) is mine3 and ax.images
+    assert (
+        viz.word_alignment_maps(chan, test.images[0], test.captions[0], ax=ax) is mine3
+        and ax.images
+    )
     with pytest.raises(TypeError, match="a list of 3 Axes"):
-        viz.spatial_distance_histograms({"chan": chan}, test.images, test.captions[::5], ax=axes[:2])
+        viz.spatial_distance_histograms(
+            {"chan": chan}, test.images, test.captions[::5], ax=axes[:2]
+        )
     with pytest.raises(ValueError, match="an axes from a grid"):
         viz.recall_curves({"chan": chan}, test, ax=mine3.add_axes((0.1, 0.1, 0.3, 0.3)))
 
@@ -359,14 +449,18 @@ def test_region_boxes_from_butd_tsv_and_npy(chan, regions, tmp_path):
     b64 = base64.b64encode(np.asarray(boxes, dtype=np.float32).tobytes()).decode()
     feats = base64.b64encode(np.zeros((n, 4), dtype=np.float32).tobytes()).decode()
     tsv = tmp_path / "butd.tsv"
-    tsv.write_text(f"391895\t64\t64\t{n}\t{b64}\t{feats}\n42\t64\t64\t1\t"
-                   f"{base64.b64encode(np.array([0, 0, 8, 8], np.float32).tobytes()).decode()}\t{feats}\n")
+    tsv.write_text(
+        f"391895\t64\t64\t{n}\t{b64}\t{feats}\n42\t64\t64\t1\t"
+        f"{base64.b64encode(np.array([0, 0, 8, 8], np.float32).tobytes()).decode()}\t{feats}\n"
+    )
     ids, read = viz.read_boxes(tsv, with_ids=True)
     assert ids == ["391895", "42"] and read[1].tolist() == [[0.0, 0.0, 8.0, 8.0]]
     np.testing.assert_allclose(read[0], boxes, rtol=0, atol=1e-4)
     np.save(tmp_path / "boxes.npy", np.stack([boxes, boxes]))
     assert len(viz.read_boxes(tmp_path / "boxes.npy")) == 2
-    fig = viz.word_alignment_maps(chan, test.images[0], test.captions[0], boxes=read[0], path=tmp_path / "b.pdf")
+    fig = viz.word_alignment_maps(
+        chan, test.images[0], test.captions[0], boxes=read[0], path=tmp_path / "b.pdf"
+    )
     assert colorbar_labels(fig) and open_written(tmp_path / "b.pdf")
     bad = tmp_path / "bad.tsv"
     bad.write_text(f"1\t64\t64\t3\t{b64}\t{feats}\n")

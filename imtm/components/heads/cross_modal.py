@@ -20,7 +20,9 @@ def _check_tokens(block, value, what: str, dim: int) -> Tokens:
     if not isinstance(value, Tokens):
         raise TypeError(f"{name}: expected {what} as Tokens, got {type(value).__name__}")
     if value.feats.dim() != 3 or value.dim != dim:
-        raise ValueError(f"{name}: expected {what} of shape (B, N, {dim}), got {tuple(value.feats.shape)}")
+        raise ValueError(
+            f"{name}: expected {what} of shape (B, N, {dim}), got {tuple(value.feats.shape)}"
+        )
     return value
 
 
@@ -60,8 +62,16 @@ class CrossModalEncoder(Component):
     requires = ("image_tokens", "text_tokens")
     provides = ("cross_text_tokens",)
 
-    def __init__(self, dim: int, layers: int = 2, heads: int = 4, dropout: float = 0.0, *, requires=None,
-                 provides=None):
+    def __init__(
+        self,
+        dim: int,
+        layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.0,
+        *,
+        requires=None,
+        provides=None,
+    ):
         super().__init__(requires=requires, provides=provides)
         self.dim = dim
         self.layers = layers
@@ -72,7 +82,8 @@ class CrossModalEncoder(Component):
         self.modality = nn.Parameter(torch.zeros(2, dim))
         nn.init.normal_(self.modality, std=0.02)
         self.encoder = nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True), layers,
+            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True),
+            layers,
             enable_nested_tensor=False,
         )
 
@@ -86,10 +97,14 @@ class CrossModalEncoder(Component):
     def validate(self) -> CrossModalEncoder:
         """Check the declared constraints and that ``heads`` divides ``dim``; return ``self``."""
         if self.dim % self.heads:
-            raise ValueError(f"{type(self).__name__}: dim={self.dim} is not divisible by heads={self.heads}")
+            raise ValueError(
+                f"{type(self).__name__}: dim={self.dim} is not divisible by heads={self.heads}"
+            )
         return self
 
-    def encode_pairs(self, images: Tokens, texts: Tokens, image_index=None, text_index=None) -> Tokens:
+    def encode_pairs(
+        self, images: Tokens, texts: Tokens, image_index=None, text_index=None
+    ) -> Tokens:
         """Word states of the pairs ``(images[image_index[p]], texts[text_index[p]])`` (default: row by row)."""
         iv, im = images.feats, images.mask
         tv, tm = texts.feats, texts.mask
@@ -98,19 +113,28 @@ class CrossModalEncoder(Component):
         if text_index is not None:
             tv, tm = tv.index_select(0, text_index), tm.index_select(0, text_index)
         zero = torch.zeros((), dtype=iv.dtype, device=iv.device)
-        x = torch.cat([torch.where(im.unsqueeze(-1), iv, zero) + self.modality[0].to(iv.dtype),
-                       torch.where(tm.unsqueeze(-1), tv, zero) + self.modality[1].to(iv.dtype)], dim=1)
+        x = torch.cat(
+            [
+                torch.where(im.unsqueeze(-1), iv, zero) + self.modality[0].to(iv.dtype),
+                torch.where(tm.unsqueeze(-1), tv, zero) + self.modality[1].to(iv.dtype),
+            ],
+            dim=1,
+        )
         mask = torch.cat([im, tm], dim=1)
-        out = self.encoder(x, src_key_padding_mask=~mask)[:, iv.shape[1]:]
-        out = torch.where(tm.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+        out = self.encoder(x, src_key_padding_mask=~mask)[:, iv.shape[1] :]
+        out = torch.where(
+            tm.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device)
+        )
         return Tokens(out, tm, num_prefix_tokens=texts.num_prefix_tokens)
 
     def forward(self, image_tokens, text_tokens) -> Tokens:
         images = _check_tokens(self, image_tokens, "image tokens", self.dim)
         texts = _check_tokens(self, text_tokens, "text tokens", self.dim)
         if images.batch_size != texts.batch_size:
-            raise ValueError(f"{type(self).__name__}: row b of the image tokens pairs with caption b; got "
-                             f"{images.batch_size} images and {texts.batch_size} captions")
+            raise ValueError(
+                f"{type(self).__name__}: row b of the image tokens pairs with caption b; got "
+                f"{images.batch_size} images and {texts.batch_size} captions"
+            )
         return self.encode_pairs(images, texts)
 
     def extra_repr(self) -> str:
@@ -165,7 +189,9 @@ class ImageTextMatchingHead(LinkedComponent):
     _borrowed = ("encoder", "_linked")
     _target_param = "encoder"
 
-    def __init__(self, dim: int, encoder="cross", temperature: float = 0.07, *, requires=None, provides=None):
+    def __init__(
+        self, dim: int, encoder="cross", temperature: float = 0.07, *, requires=None, provides=None
+    ):
         super().__init__(requires=requires, provides=provides)
         self.dim = dim
         self.encoder = encoder
@@ -175,7 +201,10 @@ class ImageTextMatchingHead(LinkedComponent):
         self.validate()
         self.classifier = nn.Linear(dim, 2)
 
-    _parameter_constraints = {"dim": [Interval(Integral, 1, None, closed="left")], "temperature": [POSITIVE]}
+    _parameter_constraints = {
+        "dim": [Interval(Integral, 1, None, closed="left")],
+        "temperature": [POSITIVE],
+    }
 
     def validate(self) -> ImageTextMatchingHead:
         """Check the declared constraints and an encoder given directly; return ``self``."""
@@ -183,11 +212,15 @@ class ImageTextMatchingHead(LinkedComponent):
 
     def _check_target(self, block, name=None) -> None:
         if name is None and not isinstance(block, CrossModalEncoder):
-            raise TypeError(f"{type(self).__name__}: encoder must be a block name or a CrossModalEncoder, got "
-                            f"{type(block).__name__}")
+            raise TypeError(
+                f"{type(self).__name__}: encoder must be a block name or a CrossModalEncoder, got "
+                f"{type(block).__name__}"
+            )
         if not isinstance(block, CrossModalEncoder):
-            raise TypeError(f"{type(self).__name__}: block {name!r} is a {type(block).__name__}, "
-                            "not a CrossModalEncoder")
+            raise TypeError(
+                f"{type(self).__name__}: block {name!r} is a {type(block).__name__}, "
+                "not a CrossModalEncoder"
+            )
 
     def cross_encoder(self) -> CrossModalEncoder:
         """The linked :class:`CrossModalEncoder`."""
@@ -203,20 +236,34 @@ class ImageTextMatchingHead(LinkedComponent):
         images = _check_tokens(self, image_tokens, "image tokens", self.dim)
         texts = _check_tokens(self, text_tokens, "text tokens", self.dim)
         b = images.batch_size
-        if texts.batch_size != b or tuple(scores.shape) != (b, b) or tuple(positives.shape) != (b, b):
-            raise ValueError(f"{type(self).__name__}: expects a training batch of B paired rows: images "
-                             f"{images.batch_size}, captions {texts.batch_size}, scores {tuple(scores.shape)}, "
-                             f"positives {tuple(positives.shape)}")
-        neg_text, neg_image = sample_hard_negatives(scores, positives, temperature=self.temperature,
-                                                    sample=self.training)
+        if (
+            texts.batch_size != b
+            or tuple(scores.shape) != (b, b)
+            or tuple(positives.shape) != (b, b)
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: expects a training batch of B paired rows: images "
+                f"{images.batch_size}, captions {texts.batch_size}, scores {tuple(scores.shape)}, "
+                f"positives {tuple(positives.shape)}"
+            )
+        neg_text, neg_image = sample_hard_negatives(
+            scores, positives, temperature=self.temperature, sample=self.training
+        )
         rows = torch.arange(b, device=scores.device)
         has_t, has_i = neg_text >= 0, neg_image >= 0
         image_index = torch.cat([rows, rows[has_t], neg_image[has_i]])
         text_index = torch.cat([rows, neg_text[has_t], rows[has_i]])
-        labels = torch.cat([torch.ones(b, dtype=torch.long, device=rows.device),
-                            torch.zeros(image_index.shape[0] - b, dtype=torch.long, device=rows.device)])
+        labels = torch.cat(
+            [
+                torch.ones(b, dtype=torch.long, device=rows.device),
+                torch.zeros(image_index.shape[0] - b, dtype=torch.long, device=rows.device),
+            ]
+        )
         return self.pair_logits(images, texts, image_index, text_index), labels
 
     def extra_repr(self) -> str:
         enc = self.encoder if isinstance(self.encoder, str) else "module"
-        return f"dim={self.dim}, encoder={enc!r}, temperature={self.temperature}, " + super().extra_repr()
+        return (
+            f"dim={self.dim}, encoder={enc!r}, temperature={self.temperature}, "
+            + super().extra_repr()
+        )

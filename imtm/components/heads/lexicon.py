@@ -114,7 +114,9 @@ class TiedEmbedding(Component, abstract=True):
         "dim": [Interval(Integral, 1, None, closed="left")],
         "embed_dim": [Interval(Integral, 1, None, closed="left")],
         "vocab_size": [Interval(Integral, 1, None, closed="left")],
-        "embedding": [Satisfies(lambda e: isinstance(e, (str, nn.Module)), "a block name or an nn.Embedding")],
+        "embedding": [
+            Satisfies(lambda e: isinstance(e, (str, nn.Module)), "a block name or an nn.Embedding")
+        ],
     }
 
     def validate(self):
@@ -164,8 +166,16 @@ class PatchToLexiconHead(TiedEmbedding):
     requires = ("image_tokens", "masked_patches")
     provides = ("patch_lexicon",)
 
-    def __init__(self, dim: int, embed_dim: int, vocab_size: int, embedding="text", *, requires=None,
-                 provides=None):
+    def __init__(
+        self,
+        dim: int,
+        embed_dim: int,
+        vocab_size: int,
+        embedding="text",
+        *,
+        requires=None,
+        provides=None,
+    ):
         super().__init__(requires=requires, provides=provides)
         self.dim = dim
         self.embed_dim = embed_dim
@@ -183,25 +193,39 @@ class PatchToLexiconHead(TiedEmbedding):
     def forward(self, image_tokens, masked_patches=None) -> LexiconLogits:
         name = type(self).__name__
         if not isinstance(image_tokens, Tokens):
-            raise TypeError(f"{name}: expected image tokens as Tokens, got {type(image_tokens).__name__}")
+            raise TypeError(
+                f"{name}: expected image tokens as Tokens, got {type(image_tokens).__name__}"
+            )
         if image_tokens.feats.dim() != 3 or image_tokens.dim != self.dim:
-            raise ValueError(f"{name}: expected image tokens of shape (B, N, {self.dim}), "
-                             f"got {tuple(image_tokens.feats.shape)}")
+            raise ValueError(
+                f"{name}: expected image tokens of shape (B, N, {self.dim}), "
+                f"got {tuple(image_tokens.feats.shape)}"
+            )
         select = image_tokens.mask.clone()
         select[:, : image_tokens.num_prefix_tokens] = False  # prefix tokens ([CLS]) are not patches
         if masked_patches is not None:
-            if not isinstance(masked_patches, torch.Tensor) or masked_patches.dtype != torch.bool \
-                    or masked_patches.shape != select.shape:
-                raise ValueError(f"{name}: masked_patches must be a bool tensor of shape {tuple(select.shape)}, "
-                                 f"got {getattr(masked_patches, 'dtype', type(masked_patches).__name__)} "
-                                 f"{tuple(getattr(masked_patches, 'shape', ()))}")
+            if (
+                not isinstance(masked_patches, torch.Tensor)
+                or masked_patches.dtype != torch.bool
+                or masked_patches.shape != select.shape
+            ):
+                raise ValueError(
+                    f"{name}: masked_patches must be a bool tensor of shape {tuple(select.shape)}, "
+                    f"got {getattr(masked_patches, 'dtype', type(masked_patches).__name__)} "
+                    f"{tuple(getattr(masked_patches, 'shape', ()))}"
+                )
             select = select & masked_patches
         batch_index, token_index = select.nonzero(as_tuple=True)
-        return LexiconLogits(self.logits(image_tokens.feats[batch_index, token_index]), batch_index, token_index)
+        return LexiconLogits(
+            self.logits(image_tokens.feats[batch_index, token_index]), batch_index, token_index
+        )
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, embed_dim={self.embed_dim}, vocab_size={self.vocab_size}, " \
-               f"embedding={self.embedding if isinstance(self.embedding, str) else 'module'!r}, " + super().extra_repr()
+        return (
+            f"dim={self.dim}, embed_dim={self.embed_dim}, vocab_size={self.vocab_size}, "
+            f"embedding={self.embedding if isinstance(self.embedding, str) else 'module'!r}, "
+            + super().extra_repr()
+        )
 
 
 class WordToLexiconHead(TiedEmbedding):
@@ -250,11 +274,24 @@ class WordToLexiconHead(TiedEmbedding):
         """Check the declared constraints, the embedding, and that ``heads`` divides ``dim``."""
         super().validate()
         if self.layers and self.dim % self.heads:
-            raise ValueError(f"{type(self).__name__}: dim={self.dim} is not divisible by heads={self.heads}")
+            raise ValueError(
+                f"{type(self).__name__}: dim={self.dim} is not divisible by heads={self.heads}"
+            )
         return self
 
-    def __init__(self, dim: int, embed_dim: int, vocab_size: int, embedding="text", layers: int = 2,
-                 heads: int = 4, dropout: float = 0.0, *, requires=None, provides=None):
+    def __init__(
+        self,
+        dim: int,
+        embed_dim: int,
+        vocab_size: int,
+        embedding="text",
+        layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.0,
+        *,
+        requires=None,
+        provides=None,
+    ):
         super().__init__(requires=requires, provides=provides)
         self.dim = dim
         self.embed_dim = embed_dim
@@ -269,27 +306,39 @@ class WordToLexiconHead(TiedEmbedding):
         self.encoder = (
             nn.TransformerEncoder(
                 nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True),
-                layers, enable_nested_tensor=False,
+                layers,
+                enable_nested_tensor=False,
             )
-            if layers else None
+            if layers
+            else None
         )
         self.proj = nn.Linear(dim, embed_dim)
 
     def forward(self, text_tokens) -> torch.Tensor:
         name = type(self).__name__
         if not isinstance(text_tokens, Tokens):
-            raise TypeError(f"{name}: expected text tokens as Tokens, got {type(text_tokens).__name__}")
+            raise TypeError(
+                f"{name}: expected text tokens as Tokens, got {type(text_tokens).__name__}"
+            )
         if text_tokens.feats.dim() != 3 or text_tokens.dim != self.dim:
-            raise ValueError(f"{name}: expected text tokens of shape (B, M, {self.dim}), "
-                             f"got {tuple(text_tokens.feats.shape)}")
+            raise ValueError(
+                f"{name}: expected text tokens of shape (B, M, {self.dim}), "
+                f"got {tuple(text_tokens.feats.shape)}"
+            )
         mask = text_tokens.mask
         # Padding may hold anything: zero it before attention (masked keys still enter a matmul).
-        x = torch.where(mask.unsqueeze(-1), text_tokens.feats, torch.zeros((), dtype=text_tokens.feats.dtype))
+        x = torch.where(
+            mask.unsqueeze(-1), text_tokens.feats, torch.zeros((), dtype=text_tokens.feats.dtype)
+        )
         if self.encoder is not None:
             x = self.encoder(x, src_key_padding_mask=~mask)
         logits = self.proj(x) @ self.embedding_weight().t().to(x.dtype)
-        return torch.where(mask.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+        return torch.where(
+            mask.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device)
+        )
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, embed_dim={self.embed_dim}, vocab_size={self.vocab_size}, layers={self.layers}, " \
-               + super().extra_repr()
+        return (
+            f"dim={self.dim}, embed_dim={self.embed_dim}, vocab_size={self.vocab_size}, layers={self.layers}, "
+            + super().extra_repr()
+        )

@@ -50,8 +50,15 @@ class WordMasking(LinkedComponent):
 
     requires = ("texts",)
     provides = ("masked_texts", "mlm_labels", "text_ids")
-    values = (ValueSpec("text_ids", "text", "tensor", ("Bt", None),
-                        "ELA: (Bt, L) long, the token ids of the captions before masking (WordMasking)"),)
+    values = (
+        ValueSpec(
+            "text_ids",
+            "text",
+            "tensor",
+            ("Bt", None),
+            "ELA: (Bt, L) long, the token ids of the captions before masking (WordMasking)",
+        ),
+    )
     _borrowed = ("tokenizer", "_linked")
     _target_param = "tokenizer"
 
@@ -66,18 +73,27 @@ class WordMasking(LinkedComponent):
     def _check_target(self, block, name=None) -> None:
         for attr in ("tokenize", "tokenizer", "vocab_size"):
             if not hasattr(block, attr):
-                raise TypeError(f"{type(self).__name__}: the tokenizer block ({type(block).__name__}) has no "
-                                f"{attr!r}; use a text encoder such as HFTextEncoder")
+                raise TypeError(
+                    f"{type(self).__name__}: the tokenizer block ({type(block).__name__}) has no "
+                    f"{attr!r}; use a text encoder such as HFTextEncoder"
+                )
 
     def forward(self, texts):
         encoder = self.target()
         ids = texts if isinstance(texts, Tokens) else encoder.tokenize(texts)
         tok = encoder.tokenizer
-        special = torch.tensor([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id], device=ids.feats.device)
+        special = torch.tensor(
+            [tok.cls_token_id, tok.sep_token_id, tok.pad_token_id], device=ids.feats.device
+        )
         maskable = ids.mask & ~torch.isin(ids.feats, special)
         if self.training and self.prob > 0:
-            masked, labels = mask_words(ids.feats, maskable, mask_token_id=tok.mask_token_id,
-                                        vocab_size=encoder.vocab_size, prob=self.prob)
+            masked, labels = mask_words(
+                ids.feats,
+                maskable,
+                mask_token_id=tok.mask_token_id,
+                vocab_size=encoder.vocab_size,
+                prob=self.prob,
+            )
         else:
             masked, labels = ids.feats, torch.full_like(ids.feats, IGNORE_INDEX)
         return Tokens(masked, ids.mask), labels, ids.feats
@@ -116,7 +132,9 @@ class Reuse(LinkedComponent):
 
     def _check_target(self, block, name=None) -> None:
         if not isinstance(block, Component):
-            raise TypeError(f"Reuse: block must be a block name or a Component, got {type(block).__name__}")
+            raise TypeError(
+                f"Reuse: block must be a block name or a Component, got {type(block).__name__}"
+            )
 
     def forward(self, *values):
         return self.target()(*values)
@@ -185,13 +203,19 @@ class MaskedImageView(LinkedComponent):
     def _check_target(self, block, name=None) -> None:
         where = type(self).__name__
         if not isinstance(block, Component):
-            raise TypeError(f"{where}: encoder must be a block name or a vision encoder, got {type(block).__name__}")
+            raise TypeError(
+                f"{where}: encoder must be a block name or a vision encoder, got {type(block).__name__}"
+            )
         if not callable(getattr(block, "forward_masked", None)):
-            raise TypeError(f"{where}: the encoder block ({type(block).__name__}) has no forward_masked; use a "
-                            "TimmVisionEncoder")
+            raise TypeError(
+                f"{where}: the encoder block ({type(block).__name__}) has no forward_masked; use a "
+                "TimmVisionEncoder"
+            )
         if not getattr(block, "mask_ratio", 0) > 0:
-            raise ValueError(f"{where}: the encoder masks nothing (mask_ratio={getattr(block, 'mask_ratio', None)!r}); "
-                             "build it with mask_ratio > 0 (and mask_in_forward=False for two views)")
+            raise ValueError(
+                f"{where}: the encoder masks nothing (mask_ratio={getattr(block, 'mask_ratio', None)!r}); "
+                "build it with mask_ratio > 0 (and mask_in_forward=False for two views)"
+            )
 
     def forward(self, images):
         # This block's own mode decides (the encoder is borrowed, so eval() does not reach it).

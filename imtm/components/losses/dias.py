@@ -116,7 +116,12 @@ class DimensionAlignmentLoss(Loss):
         requires=None,
         provides=None,
     ):
-        if requires is None and isinstance(pairs, str) and pairs in DIMENSION_PAIRS and pairs != "embeddings":
+        if (
+            requires is None
+            and isinstance(pairs, str)
+            and pairs in DIMENSION_PAIRS
+            and pairs != "embeddings"
+        ):
             requires = DIMENSION_PAIRS[pairs]
         super().__init__(requires=requires, provides=provides)
         self.temperature = temperature
@@ -159,7 +164,9 @@ class DimensionAlignmentLoss(Loss):
             if self.pairs == "words":
                 images = as_tokens(self, image_values, "image tokens")
                 texts = as_tokens(self, text_values, "text tokens")
-                image_values, text_values = word_region_pairs(images.feats, texts.feats, images.mask, texts.mask)
+                image_values, text_values = word_region_pairs(
+                    images.feats, texts.feats, images.mask, texts.mask
+                )
             return dimension_alignment_loss(
                 image_values,
                 text_values,
@@ -263,7 +270,12 @@ class SpatialConstraintLoss(Loss):
         self.weight = weight
         self.rule = rule
         self.beta_instances = beta_instances
-        if sparse is True and learn_beta is True and isinstance(beta, Real) and not isinstance(beta, bool):
+        if (
+            sparse is True
+            and learn_beta is True
+            and isinstance(beta, Real)
+            and not isinstance(beta, bool)
+        ):
             shape = (beta_instances,) if _is_count(beta_instances) else ()
             self.learned_beta = nn.Parameter(torch.full(shape, float(beta)))
         else:

@@ -27,8 +27,10 @@ __all__ = ["ExpansiveLexiconLoss", "LexiconDistillationLoss"]
 
 def _tokens(block, value, what: str) -> Tokens:
     if not isinstance(value, Tokens) or value.feats.dim() != 3:
-        raise TypeError(f"{type(block).__name__}: expected {what} as Tokens (B, N, D), got "
-                        f"{type(value).__name__}")
+        raise TypeError(
+            f"{type(block).__name__}: expected {what} as Tokens (B, N, D), got "
+            f"{type(value).__name__}"
+        )
     return value
 
 
@@ -106,9 +108,21 @@ class ExpansiveLexiconLoss(Loss):
     requires = ("patch_lexicon", "word_lexicon", "image_tokens", "text_tokens")
     provides = ("expansive_lexicon_loss",)
 
-    def __init__(self, label_weights: str = DEFAULT_LABEL_WEIGHTS, top_k: int = 3, method: str = "ipot",
-                 n_iter: int = 50, beta: float = 0.5, expansion: bool = True, direction: str = "prediction_first",
-                 weight: float = 1.0, scale: float = AUTHORS_SCALE, *, requires=None, provides=None):
+    def __init__(
+        self,
+        label_weights: str = DEFAULT_LABEL_WEIGHTS,
+        top_k: int = 3,
+        method: str = "ipot",
+        n_iter: int = 50,
+        beta: float = 0.5,
+        expansion: bool = True,
+        direction: str = "prediction_first",
+        weight: float = 1.0,
+        scale: float = AUTHORS_SCALE,
+        *,
+        requires=None,
+        provides=None,
+    ):
         super().__init__(requires=requires, provides=provides)
         self.direction = direction
         self.label_weights = label_weights
@@ -131,37 +145,53 @@ class ExpansiveLexiconLoss(Loss):
         "scale": [POSITIVE],
     }
 
-    def forward(self, patch_lexicon, word_lexicon, image_tokens, text_tokens, text_ids=None) -> torch.Tensor:
+    def forward(
+        self, patch_lexicon, word_lexicon, image_tokens, text_tokens, text_ids=None
+    ) -> torch.Tensor:
         name = type(self).__name__
         if not self.expansion:
             if text_ids is None:
-                raise ValueError(f"{name}: expansion=False labels patches with their words' own ids; add "
-                                 "'text_ids' to requires (WordMasking provides it)")
+                raise ValueError(
+                    f"{name}: expansion=False labels patches with their words' own ids; add "
+                    "'text_ids' to requires (WordMasking provides it)"
+                )
             text_ids = text_ids.feats if isinstance(text_ids, Tokens) else text_ids
             if text_ids.shape != word_lexicon.shape[:2]:
-                raise ValueError(f"{name}: text_ids must have shape {tuple(word_lexicon.shape[:2])}, "
-                                 f"got {tuple(text_ids.shape)}")
+                raise ValueError(
+                    f"{name}: text_ids must have shape {tuple(word_lexicon.shape[:2])}, "
+                    f"got {tuple(text_ids.shape)}"
+                )
         if not isinstance(patch_lexicon, LexiconLogits):
-            raise TypeError(f"{name}: patch_lexicon must be the LexiconLogits of a PatchToLexiconHead, got "
-                            f"{type(patch_lexicon).__name__}")
+            raise TypeError(
+                f"{name}: patch_lexicon must be the LexiconLogits of a PatchToLexiconHead, got "
+                f"{type(patch_lexicon).__name__}"
+            )
         images = _tokens(self, image_tokens, "image tokens")
         texts = _tokens(self, text_tokens, "text tokens")
         if images.batch_size != texts.batch_size:
-            raise ValueError(f"{name}: row b of the image tokens must pair with caption b; got {images.batch_size} "
-                             f"images and {texts.batch_size} captions")
+            raise ValueError(
+                f"{name}: row b of the image tokens must pair with caption b; got {images.batch_size} "
+                f"images and {texts.batch_size} captions"
+            )
         if images.dim != texts.dim:
-            raise ValueError(f"{name}: the transport cost compares patch and word states, which must share their "
-                             f"width; got D = {images.dim} (images) and {texts.dim} (texts); project one side")
+            raise ValueError(
+                f"{name}: the transport cost compares patch and word states, which must share their "
+                f"width; got D = {images.dim} (images) and {texts.dim} (texts); project one side"
+            )
         # The plan and the labels are computed without gradient: a NaN token would vanish into them silently.
         for tokens, what in ((images, "image tokens"), (texts, "text tokens")):
             check_finite(tokens.feats[tokens.mask], f"{name}: {what}")
         if word_lexicon.dim() != 3 or word_lexicon.shape[:2] != texts.feats.shape[:2]:
-            raise ValueError(f"{name}: word_lexicon must have shape (B, M, V) = ({texts.batch_size}, "
-                             f"{texts.num_tokens}, V), got {tuple(word_lexicon.shape)}")
+            raise ValueError(
+                f"{name}: word_lexicon must have shape (B, M, V) = ({texts.batch_size}, "
+                f"{texts.num_tokens}, V), got {tuple(word_lexicon.shape)}"
+            )
         logits = patch_lexicon.logits
         if logits.shape[-1] != word_lexicon.shape[-1]:
-            raise ValueError(f"{name}: vocabulary mismatch: patch_lexicon has V = {logits.shape[-1]}, word_lexicon "
-                             f"{word_lexicon.shape[-1]}; tie both heads to the same word embeddings")
+            raise ValueError(
+                f"{name}: vocabulary mismatch: patch_lexicon has V = {logits.shape[-1]}, word_lexicon "
+                f"{word_lexicon.shape[-1]}; tie both heads to the same word embeddings"
+            )
         if logits.shape[0] == 0:  # nothing masked (evaluation, mask_ratio=0): nothing to align
             # In the dtype lexicon_kl_loss returns (at least float32), whether or not a patch is masked.
             return (logits.sum() * 0.0).to(torch.promote_types(logits.dtype, torch.float32))
@@ -171,22 +201,34 @@ class ExpansiveLexiconLoss(Loss):
             # float32 at least: under bf16 / fp16 autocast the plan would lose its small entries.
             dtype = torch.promote_types(images.feats.dtype, torch.float32)
             cost = cosine_cost(images.feats.detach().to(dtype), texts.feats.detach().to(dtype))
-            plan = transport_plan(cost, patch_mask, word_mask, method=self.method, n_iter=self.n_iter,
-                                  beta=self.beta)
+            plan = transport_plan(
+                cost, patch_mask, word_mask, method=self.method, n_iter=self.n_iter, beta=self.beta
+            )
             b_idx, t_idx = patch_lexicon.batch_index, patch_lexicon.token_index
             if self.expansion:
                 word_probs = torch.softmax(word_lexicon.detach().to(dtype), dim=-1)
             else:
-                ids = text_ids.clamp(0, word_lexicon.shape[-1] - 1)  # padding ids carry no weight anyway
+                ids = text_ids.clamp(
+                    0, word_lexicon.shape[-1] - 1
+                )  # padding ids carry no weight anyway
                 word_probs = torch.nn.functional.one_hot(ids, word_lexicon.shape[-1]).to(dtype)
-            labels = expansive_soft_labels(plan[b_idx, t_idx], word_probs, word_mask, batch_index=b_idx,
-                                           cost=cost[b_idx, t_idx], label_weights=self.label_weights,
-                                           top_k=self.top_k, scale=self.scale)
+            labels = expansive_soft_labels(
+                plan[b_idx, t_idx],
+                word_probs,
+                word_mask,
+                batch_index=b_idx,
+                cost=cost[b_idx, t_idx],
+                label_weights=self.label_weights,
+                top_k=self.top_k,
+                scale=self.scale,
+            )
         return lexicon_kl_loss(logits, labels.to(logits.dtype), direction=self.direction)
 
     def extra_repr(self) -> str:
-        return f"label_weights={self.label_weights!r}, top_k={self.top_k}, expansion={self.expansion}, " \
-               + super().extra_repr()
+        return (
+            f"label_weights={self.label_weights!r}, top_k={self.top_k}, expansion={self.expansion}, "
+            + super().extra_repr()
+        )
 
 
 class LexiconDistillationLoss(Loss):
@@ -226,7 +268,14 @@ class LexiconDistillationLoss(Loss):
     requires = ("word_lexicon_masked", "cross_lexicon", "mlm_labels")
     provides = ("lexicon_distillation_loss",)
 
-    def __init__(self, direction: str = "prediction_first", weight: float = 1.0, *, requires=None, provides=None):
+    def __init__(
+        self,
+        direction: str = "prediction_first",
+        weight: float = 1.0,
+        *,
+        requires=None,
+        provides=None,
+    ):
         super().__init__(requires=requires, provides=provides)
         self.direction = direction
         self.weight = weight
@@ -236,11 +285,17 @@ class LexiconDistillationLoss(Loss):
     def forward(self, word_lexicon, cross_lexicon, mlm_labels) -> torch.Tensor:
         name = type(self).__name__
         if word_lexicon.dim() != 3 or word_lexicon.shape != cross_lexicon.shape:
-            raise ValueError(f"{name}: word_lexicon and cross_lexicon must both be (B, L, V), got "
-                             f"{tuple(word_lexicon.shape)} and {tuple(cross_lexicon.shape)}")
+            raise ValueError(
+                f"{name}: word_lexicon and cross_lexicon must both be (B, L, V), got "
+                f"{tuple(word_lexicon.shape)} and {tuple(cross_lexicon.shape)}"
+            )
         if mlm_labels.shape != word_lexicon.shape[:2]:
-            raise ValueError(f"{name}: mlm_labels must have shape {tuple(word_lexicon.shape[:2])}, "
-                             f"got {tuple(mlm_labels.shape)}")
+            raise ValueError(
+                f"{name}: mlm_labels must have shape {tuple(word_lexicon.shape[:2])}, "
+                f"got {tuple(mlm_labels.shape)}"
+            )
         picked = mlm_labels != IGNORE_INDEX
         teacher = torch.softmax(cross_lexicon[picked].detach().float(), dim=-1)
-        return lexicon_kl_loss(word_lexicon[picked], teacher.to(word_lexicon.dtype), direction=self.direction)
+        return lexicon_kl_loss(
+            word_lexicon[picked], teacher.to(word_lexicon.dtype), direction=self.direction
+        )

@@ -42,11 +42,19 @@ class ImageTextMatchingLoss(Loss):
 
     def forward(self, itm_logits, itm_labels) -> torch.Tensor:
         name = type(self).__name__
-        if itm_logits.dim() != 2 or itm_logits.shape[1] != 2 or itm_labels.shape != itm_logits.shape[:1]:
-            raise ValueError(f"{name}: expected itm_logits (P, 2) and itm_labels (P,), got "
-                             f"{tuple(itm_logits.shape)} and {tuple(itm_labels.shape)}")
+        if (
+            itm_logits.dim() != 2
+            or itm_logits.shape[1] != 2
+            or itm_labels.shape != itm_logits.shape[:1]
+        ):
+            raise ValueError(
+                f"{name}: expected itm_logits (P, 2) and itm_labels (P,), got "
+                f"{tuple(itm_logits.shape)} and {tuple(itm_labels.shape)}"
+            )
         if itm_labels.dtype != torch.long:
-            raise TypeError(f"{name}: itm_labels must be long (0: not a match, 1: a match), got {itm_labels.dtype}")
+            raise TypeError(
+                f"{name}: itm_labels must be long (0: not a match, 1: a match), got {itm_labels.dtype}"
+            )
         return F.cross_entropy(itm_logits, itm_labels)
 
 
@@ -85,8 +93,10 @@ class MaskedLanguageModelingLoss(Loss):
     def forward(self, cross_lexicon, mlm_labels) -> torch.Tensor:
         name = type(self).__name__
         if cross_lexicon.dim() != 3 or mlm_labels.shape != cross_lexicon.shape[:2]:
-            raise ValueError(f"{name}: expected cross_lexicon (B, L, V) and mlm_labels (B, L), got "
-                             f"{tuple(cross_lexicon.shape)} and {tuple(mlm_labels.shape)}")
+            raise ValueError(
+                f"{name}: expected cross_lexicon (B, L, V) and mlm_labels (B, L), got "
+                f"{tuple(cross_lexicon.shape)} and {tuple(mlm_labels.shape)}"
+            )
         picked = mlm_labels != IGNORE_INDEX
         logits = cross_lexicon[picked]
         if logits.shape[0] == 0:

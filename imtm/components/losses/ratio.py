@@ -61,8 +61,12 @@ class RatioLoss(Loss):
     def forward(self, keep_decisions: torch.Tensor, image_tokens) -> torch.Tensor:
         images = as_tokens(self, image_tokens, "image tokens")
         name = type(self).__name__
-        if not isinstance(keep_decisions, torch.Tensor) or keep_decisions.dim() != 3 or (
-            keep_decisions.shape[0], keep_decisions.shape[2]) != (images.batch_size, images.num_tokens):
+        if (
+            not isinstance(keep_decisions, torch.Tensor)
+            or keep_decisions.dim() != 3
+            or (keep_decisions.shape[0], keep_decisions.shape[2])
+            != (images.batch_size, images.num_tokens)
+        ):
             raise ValueError(
                 f"{name}: expected keep_decisions of shape (Bi, Bt, N) = ({images.batch_size}, Bt, {images.num_tokens}) "
                 f"to match the image tokens, got {tuple(getattr(keep_decisions, 'shape', ())) or type(keep_decisions).__name__}"

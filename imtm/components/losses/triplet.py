@@ -136,7 +136,9 @@ class TripletLoss(Loss):
         run included; call it yourself when you drive the loss from your own loop.
         """
         if isinstance(epoch, bool) or not isinstance(epoch, Integral) or epoch < 0:
-            raise ValueError(f"{type(self).__name__}.set_epoch: epoch must be an integer >= 0, got {epoch!r}")
+            raise ValueError(
+                f"{type(self).__name__}.set_epoch: epoch must be an integer >= 0, got {epoch!r}"
+            )
         self.epoch_ = int(epoch)
 
     @property

@@ -56,7 +56,9 @@ class SelfAttentionContext(Component):
     requires = ("image_tokens",)
     provides = ("image_tokens",)
 
-    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.0, *, requires=None, provides=None):
+    def __init__(
+        self, dim: int, heads: int = 8, dropout: float = 0.0, *, requires=None, provides=None
+    ):
         super().__init__(requires=requires, provides=provides)
         self.dim = dim
         self.heads = heads
@@ -76,18 +78,24 @@ class SelfAttentionContext(Component):
     def validate(self) -> SelfAttentionContext:
         """Check the declared constraints and that ``heads`` divides ``dim``; return ``self``."""
         if self.dim % self.heads:
-            raise ValueError(f"{type(self).__name__}: heads must be a positive int dividing dim={self.dim}, "
-                             f"got {self.heads!r}")
+            raise ValueError(
+                f"{type(self).__name__}: heads must be a positive int dividing dim={self.dim}, "
+                f"got {self.heads!r}"
+            )
         return self
 
     def forward(self, image_tokens) -> Tokens:
         name = type(self).__name__
         if isinstance(image_tokens, torch.Tensor):
             if image_tokens.dim() != 3:
-                raise ValueError(f"{name}: expected image tokens of shape (B, N, {self.dim}), got {tuple(image_tokens.shape)}")
+                raise ValueError(
+                    f"{name}: expected image tokens of shape (B, N, {self.dim}), got {tuple(image_tokens.shape)}"
+                )
             image_tokens = Tokens(image_tokens)
         elif not isinstance(image_tokens, Tokens):
-            raise TypeError(f"{name}: expected image tokens as Tokens or a (B, N, D) tensor, got {type(image_tokens).__name__}")
+            raise TypeError(
+                f"{name}: expected image tokens as Tokens or a (B, N, D) tensor, got {type(image_tokens).__name__}"
+            )
         tokens = image_tokens.check(name, dim=self.dim)
         mask = tokens.mask.unsqueeze(-1)
         zero = torch.zeros((), dtype=tokens.feats.dtype, device=tokens.feats.device)

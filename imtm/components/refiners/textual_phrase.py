@@ -59,8 +59,15 @@ class TextualPhraseEncoder(Component):
     requires = ("text_tokens",)
     provides = ("text_phrase",)
 
-    def __init__(self, dim: int, windows: tuple[int, ...] = (1, 2, 3), channels: int | None = None, *,
-                 requires=None, provides=None):
+    def __init__(
+        self,
+        dim: int,
+        windows: tuple[int, ...] = (1, 2, 3),
+        channels: int | None = None,
+        *,
+        requires=None,
+        provides=None,
+    ):
         super().__init__(requires=requires, provides=provides)
         self.dim = dim
         self.windows = windows
@@ -74,9 +81,16 @@ class TextualPhraseEncoder(Component):
 
     _parameter_constraints = {
         "dim": [Interval(Integral, 1, None, closed="left")],
-        "windows": [Satisfies(lambda ws: isinstance(ws, (tuple, list)) and len(ws) > 0
-                              and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in ws),
-                              "a non-empty tuple of positive ints")],
+        "windows": [
+            Satisfies(
+                lambda ws: (
+                    isinstance(ws, (tuple, list))
+                    and len(ws) > 0
+                    and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in ws)
+                ),
+                "a non-empty tuple of positive ints",
+            )
+        ],
         "channels": [Interval(Integral, 1, None, closed="left"), None],
     }
 
@@ -92,7 +106,9 @@ class TextualPhraseEncoder(Component):
         start_mask = mask.unsqueeze(1)
         pooled = []
         for conv, w in zip(self.convs, self.windows):
-            p = F.relu(conv(F.pad(x, (0, w - 1))))  # (Bt, C, M): window j covers words j .. j + w - 1
+            p = F.relu(
+                conv(F.pad(x, (0, w - 1)))
+            )  # (Bt, C, M): window j covers words j .. j + w - 1
             pooled.append(p.masked_fill(~start_mask, -math.inf).amax(-1))
         return self.norm(self.proj(torch.cat(pooled, dim=-1)))
 

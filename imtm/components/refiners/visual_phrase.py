@@ -67,7 +67,9 @@ class VisualPhraseEncoder(Component):
     requires = ("image_tokens",)
     provides = ("visual_phrases",)
 
-    def __init__(self, dim: int, heads: int = 8, ffn_dim: int | None = None, *, requires=None, provides=None):
+    def __init__(
+        self, dim: int, heads: int = 8, ffn_dim: int | None = None, *, requires=None, provides=None
+    ):
         super().__init__(requires=requires, provides=provides)
         self.dim = dim
         self.heads = heads
@@ -92,10 +94,16 @@ class VisualPhraseEncoder(Component):
         name = type(self).__name__
         tokens = as_tokens(self, image_tokens, "image tokens").check(name, dim=self.dim)
         mask = tokens.mask
-        x = self_attention(tokens.feats, mask, AttentionWeights.from_modules(self.attn, self.norm1), self.heads)
+        x = self_attention(
+            tokens.feats, mask, AttentionWeights.from_modules(self.attn, self.norm1), self.heads
+        )
         x = self.norm2(x + self.ffn(x))
         x = F.normalize(x, dim=-1, eps=EPS)
-        return tokens.with_feats(torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device)))
+        return tokens.with_feats(
+            torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        )
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.heads}, ffn_dim={self.ffn_dim}, " + super().extra_repr()
+        return (
+            f"dim={self.dim}, heads={self.heads}, ffn_dim={self.ffn_dim}, " + super().extra_repr()
+        )

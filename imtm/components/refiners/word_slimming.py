@@ -72,11 +72,26 @@ class WordSelection(Component):
 
     requires = ("text_tokens",)
     provides = ("slim_text_tokens",)
-    values = (ValueSpec("slim_text_tokens", "text", "tokens", ("Bt", None, None),
-                        "LAPS: Tokens (Bt, M', D) of the words kept and merged by word slimming"),)
+    values = (
+        ValueSpec(
+            "slim_text_tokens",
+            "text",
+            "tokens",
+            ("Bt", None, None),
+            "LAPS: Tokens (Bt, M', D) of the words kept and merged by word slimming",
+        ),
+    )
 
-    def __init__(self, dim: int, ratio: float = 0.8, beta: float = 0.5, tau: float = 1.0, *, requires=None,
-                 provides=None):
+    def __init__(
+        self,
+        dim: int,
+        ratio: float = 0.8,
+        beta: float = 0.5,
+        tau: float = 1.0,
+        *,
+        requires=None,
+        provides=None,
+    ):
         super().__init__(requires=requires, provides=provides)
         self.dim = dim
         self.ratio = ratio
@@ -141,7 +156,9 @@ class WordAggregation(Component):
     requires = ("text_tokens",)
     provides = ("slim_text_tokens",)
 
-    def __init__(self, dim: int, num_out: int = 4, hidden_ratio: float = 0.2, *, requires=None, provides=None):
+    def __init__(
+        self, dim: int, num_out: int = 4, hidden_ratio: float = 0.2, *, requires=None, provides=None
+    ):
         super().__init__(requires=requires, provides=provides)
         self.dim = dim
         self.num_out = num_out
@@ -149,7 +166,9 @@ class WordAggregation(Component):
         check_param(self, "dim", dim)  # the MLP is built from these
         check_param(self, "num_out", num_out)
         hidden = max(1, int(dim * hidden_ratio)) if isinstance(hidden_ratio, Real) else 1
-        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_out))
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_out)
+        )
 
     _parameter_constraints = {
         "dim": [Interval(Integral, 1, None, closed="left")],
@@ -160,7 +179,9 @@ class WordAggregation(Component):
     def forward(self, text_tokens) -> Tokens:
         texts = as_tokens(self, text_tokens, "text tokens").check(type(self).__name__, self.dim)
         feats = texts.zero_padding().feats
-        weights = aggregation_weights(self.mlp(feats), texts.mask.to(feats.dtype).unsqueeze(1))  # (Bt, 1, M, K)
+        weights = aggregation_weights(
+            self.mlp(feats), texts.mask.to(feats.dtype).unsqueeze(1)
+        )  # (Bt, 1, M, K)
         out = aggregate_tokens(feats, weights)[:, 0]  # (Bt, K, D)
         return Tokens(out, texts.mask.any(1, keepdim=True).expand(-1, self.num_out).clone())
 

@@ -28,4 +28,12 @@ from imtm.components.scorers.scan_attention import ScanAttention
 from imtm.components.scorers.sparse_alignment import SparsePatchWordAlignment
 
 __all__ += ["ScanAttention"]
-__all__ += ["DPCKNNAggregation", "GumbelSelector", "PatchScorer", "PatchSlimming", "RedundantFusion", "SparsePatchWordAlignment", "TokenAggregation"]
+__all__ += [
+    "DPCKNNAggregation",
+    "GumbelSelector",
+    "PatchScorer",
+    "PatchSlimming",
+    "RedundantFusion",
+    "SparsePatchWordAlignment",
+    "TokenAggregation",
+]

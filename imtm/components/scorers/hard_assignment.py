@@ -98,4 +98,7 @@ class HardAssignmentCoding(Component):
             )
 
     def extra_repr(self) -> str:
-        return f"codebook={self.codebook!r}, pooling={self.pooling!r}, temperature={self.temperature}, " + super().extra_repr()
+        return (
+            f"codebook={self.codebook!r}, pooling={self.pooling!r}, temperature={self.temperature}, "
+            + super().extra_repr()
+        )

@@ -86,11 +86,15 @@ class MatchingReranker(LinkedComponent):
 
     def _check_target(self, block, name=None) -> None:
         if name is None and not isinstance(block, ImageTextMatchingHead):
-            raise TypeError(f"{type(self).__name__}: head must be a block name or an ImageTextMatchingHead, "
-                            f"got {type(block).__name__}")
+            raise TypeError(
+                f"{type(self).__name__}: head must be a block name or an ImageTextMatchingHead, "
+                f"got {type(block).__name__}"
+            )
         if not isinstance(block, ImageTextMatchingHead):
-            raise TypeError(f"{type(self).__name__}: block {name!r} is a {type(block).__name__}, "
-                            "not an ImageTextMatchingHead")
+            raise TypeError(
+                f"{type(self).__name__}: block {name!r} is a {type(block).__name__}, "
+                "not an ImageTextMatchingHead"
+            )
 
     def forward(self, image_tokens, text_tokens, itc_scores):
         head = self.target()
@@ -98,8 +102,10 @@ class MatchingReranker(LinkedComponent):
             raise TypeError(f"{type(self).__name__}: expected image and text tokens as Tokens")
         bi, bt = image_tokens.batch_size, text_tokens.batch_size
         if tuple(itc_scores.shape) != (bi, bt):
-            raise ValueError(f"{type(self).__name__}: itc_scores must have shape ({bi}, {bt}), "
-                             f"got {tuple(itc_scores.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: itc_scores must have shape ({bi}, {bt}), "
+                f"got {tuple(itc_scores.shape)}"
+            )
         s = itc_scores
         rows = torch.zeros(bi, bt, dtype=torch.bool, device=s.device)
         rows.scatter_(1, s.topk(min(self.k, bt), dim=1).indices, True)
@@ -107,7 +113,9 @@ class MatchingReranker(LinkedComponent):
         cols.scatter_(0, s.topk(min(self.k, bi), dim=0).indices, True)
         img_idx, txt_idx = (rows | cols).nonzero(as_tuple=True)
         match = s.new_empty(img_idx.shape[0])
-        for start in range(0, img_idx.shape[0], self.chunk):  # chunks of candidate pairs bound the memory
+        for start in range(
+            0, img_idx.shape[0], self.chunk
+        ):  # chunks of candidate pairs bound the memory
             sl = slice(start, start + self.chunk)
             logits = head.pair_logits(image_tokens, text_tokens, img_idx[sl], txt_idx[sl])
             match[sl] = torch.softmax(logits.float(), dim=-1)[:, 1].to(s.dtype)

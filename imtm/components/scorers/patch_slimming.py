@@ -44,15 +44,28 @@ from imtm.functional.patch_slimming import (
 from imtm.functional.pooling import resolve_pooling
 from imtm.tokens import Tokens, check_finite
 
-__all__ = ["DPCKNNAggregation", "GumbelSelector", "PatchScorer", "PatchSlimming", "RedundantFusion", "TokenAggregation"]
+__all__ = [
+    "DPCKNNAggregation",
+    "GumbelSelector",
+    "PatchScorer",
+    "PatchSlimming",
+    "RedundantFusion",
+    "TokenAggregation",
+]
 
 
-def _check_number(block, name: str, value, lo: float, hi: float, *, lo_open: bool, hi_open: bool = False) -> None:
+def _check_number(
+    block, name: str, value, lo: float, hi: float, *, lo_open: bool, hi_open: bool = False
+) -> None:
     ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    ok = (
+        ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    )
     if not ok:
         lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{type(block).__name__}: {name} must be a number in {lb}{lo}, {hi}{rb}, got {value!r}")
+        raise ValueError(
+            f"{type(block).__name__}: {name} must be a number in {lb}{lo}, {hi}{rb}, got {value!r}"
+        )
 
 
 def _check_int(block, name: str, value, lo: int = 1) -> None:
@@ -72,14 +85,18 @@ def _split_patches(block, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor | 
     return tokens.feats[:, p:], (None if bool(mask.all()) else mask)
 
 
-def _pair_layout(x: torch.Tensor, p: int, fill: float, prefix_mask: torch.Tensor | None) -> torch.Tensor:
+def _pair_layout(
+    x: torch.Tensor, p: int, fill: float, prefix_mask: torch.Tensor | None
+) -> torch.Tensor:
     """``(Bi, Np, Bt)`` patch values -> ``(Bi, Bt, N)`` over all token positions (prefix first)."""
     x = x.permute(0, 2, 1)
     if not p:
         return x
     pre = torch.full((*x.shape[:2], p), fill, dtype=x.dtype, device=x.device)
     if prefix_mask is not None:
-        pre = torch.where(prefix_mask.unsqueeze(1), pre, torch.zeros((), dtype=x.dtype, device=x.device))
+        pre = torch.where(
+            prefix_mask.unsqueeze(1), pre, torch.zeros((), dtype=x.dtype, device=x.device)
+        )
     return torch.cat([pre, x], dim=-1)
 
 
@@ -169,7 +186,9 @@ class PatchScorer(Component):
         _check_number(self, "beta", self.beta, 0.0, 1.0, lo_open=False)
         for name in ("language_context", "self_attention"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{type(self).__name__}: {name} must be True or False, got {getattr(self, name)!r}")
+                raise TypeError(
+                    f"{type(self).__name__}: {name} must be True or False, got {getattr(self, name)!r}"
+                )
         return self
 
     def image_scores(self, patches: torch.Tensor, patch_mask: torch.Tensor | None):
@@ -181,12 +200,23 @@ class PatchScorer(Component):
     def pair_scores(self, image_part, patches, text_context, patch_mask) -> torch.Tensor:
         """``a`` for every (image, caption) in layout ``(Bi, Np, Bt)``, from :meth:`image_scores`' output."""
         predicted, own = image_part
-        text = text_attentive_scores(patches, text_context, patch_mask) if self.language_context else None
+        text = (
+            text_attentive_scores(patches, text_context, patch_mask)
+            if self.language_context
+            else None
+        )
         score = combine_significance(
-            predicted.unsqueeze(-1), None if own is None else own.unsqueeze(-1), text, beta=self.beta
+            predicted.unsqueeze(-1),
+            None if own is None else own.unsqueeze(-1),
+            text,
+            beta=self.beta,
         )
         if patch_mask is not None:
-            score = torch.where(patch_mask.unsqueeze(-1), score, torch.zeros((), dtype=score.dtype, device=score.device))
+            score = torch.where(
+                patch_mask.unsqueeze(-1),
+                score,
+                torch.zeros((), dtype=score.dtype, device=score.device),
+            )
         if text is None:
             # Without the caption the score is the same for every caption.
             score = score.expand(-1, -1, text_context.shape[0])
@@ -255,7 +285,9 @@ class GumbelSelector(Component):
         _check_number(self, "tau", self.tau, 0.0, math.inf, lo_open=True, hi_open=True)
         return self
 
-    def decide(self, scores: torch.Tensor, patch_mask: torch.Tensor | None, *, dim: int, noise=None) -> torch.Tensor:
+    def decide(
+        self, scores: torch.Tensor, patch_mask: torch.Tensor | None, *, dim: int, noise=None
+    ) -> torch.Tensor:
         """Decisions on patch positions along ``dim`` (training: Gumbel with ``noise``; eval: top-k)."""
         if self.training:
             return gumbel_keep_decisions(scores, self.tau, True, mask=patch_mask, noise=noise)
@@ -264,9 +296,12 @@ class GumbelSelector(Component):
     def forward(self, patch_scores: torch.Tensor, image_tokens) -> torch.Tensor:
         self.validate()
         images = as_tokens(self, image_tokens, "image tokens")
-        if not isinstance(patch_scores, torch.Tensor) or patch_scores.dim() != 3 or tuple(
-            (patch_scores.shape[0], patch_scores.shape[2])
-        ) != (images.batch_size, images.num_tokens):
+        if (
+            not isinstance(patch_scores, torch.Tensor)
+            or patch_scores.dim() != 3
+            or tuple((patch_scores.shape[0], patch_scores.shape[2]))
+            != (images.batch_size, images.num_tokens)
+        ):
             raise ValueError(
                 f"{type(self).__name__}: expected patch_scores of shape (Bi, Bt, N) = ({images.batch_size}, Bt, "
                 f"{images.num_tokens}), got {tuple(getattr(patch_scores, 'shape', ())) or type(patch_scores).__name__}"
@@ -276,7 +311,10 @@ class GumbelSelector(Component):
         scores = patch_scores[..., p:].permute(0, 2, 1)  # (Bi, Np, Bt)
         pm = None if patch_mask is None else patch_mask.unsqueeze(-1)
         # A NaN score would otherwise come out as a plain 0/1 decision (top-k and Gumbel both hide it).
-        check_finite(scores if pm is None else scores[pm.expand_as(scores)], f"{type(self).__name__}: patch_scores")
+        check_finite(
+            scores if pm is None else scores[pm.expand_as(scores)],
+            f"{type(self).__name__}: patch_scores",
+        )
         decisions = self.decide(scores, pm, dim=1)
         return _pair_layout(decisions, p, 1.0, images.mask[:, :p])
 
@@ -323,7 +361,9 @@ class TokenAggregation(Component):
     requires = ("image_tokens", "keep_decisions")
     provides = ("aggregated_tokens",)
 
-    def __init__(self, dim: int, num_out: int, hidden_ratio: float = 0.2, *, requires=None, provides=None):
+    def __init__(
+        self, dim: int, num_out: int, hidden_ratio: float = 0.2, *, requires=None, provides=None
+    ):
         super().__init__(requires=requires, provides=provides)
         self.dim = dim
         self.num_out = num_out
@@ -331,13 +371,17 @@ class TokenAggregation(Component):
         # The MLP is built from these arguments below, so they are checked first.
         self.validate()
         hidden = max(1, int(dim * hidden_ratio))
-        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_out))
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_out)
+        )
 
     def validate(self) -> TokenAggregation:
         """Check ``dim``, ``num_out`` and ``hidden_ratio``; return ``self``."""
         _check_int(self, "dim", self.dim)
         _check_int(self, "num_out", self.num_out)
-        _check_number(self, "hidden_ratio", self.hidden_ratio, 0.0, math.inf, lo_open=True, hi_open=True)
+        _check_number(
+            self, "hidden_ratio", self.hidden_ratio, 0.0, math.inf, lo_open=True, hi_open=True
+        )
         return self
 
     def logits(self, patches: torch.Tensor) -> torch.Tensor:
@@ -350,8 +394,11 @@ class TokenAggregation(Component):
         p = images.num_prefix_tokens
         decisions = _check_decisions(self, keep_decisions, images)[..., p:]
         if patch_mask is not None:
-            decisions = torch.where(patch_mask.unsqueeze(1), decisions, torch.zeros((), dtype=decisions.dtype,
-                                                                                    device=decisions.device))
+            decisions = torch.where(
+                patch_mask.unsqueeze(1),
+                decisions,
+                torch.zeros((), dtype=decisions.dtype, device=decisions.device),
+            )
         safe = images.zero_padding().feats[:, p:]
         return aggregate_tokens(safe, aggregation_weights(self.logits(safe), decisions))
 
@@ -468,7 +515,9 @@ class RedundantFusion(Component):
     def __init__(self, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
 
-    def forward(self, image_tokens, patch_scores: torch.Tensor, keep_decisions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, image_tokens, patch_scores: torch.Tensor, keep_decisions: torch.Tensor
+    ) -> torch.Tensor:
         images = as_tokens(self, image_tokens, "image tokens")
         patches, patch_mask = _split_patches(self, images)
         p = images.num_prefix_tokens
@@ -478,8 +527,11 @@ class RedundantFusion(Component):
                 f"{type(self).__name__}: patch_scores must have the shape of keep_decisions "
                 f"{tuple(keep_decisions.shape)}, got {tuple(getattr(patch_scores, 'shape', ())) or type(patch_scores).__name__}"
             )
-        weights = fusion_weights(patch_scores[..., p:].to(images.dtype), decisions,
-                                 None if patch_mask is None else patch_mask.unsqueeze(1))
+        weights = fusion_weights(
+            patch_scores[..., p:].to(images.dtype),
+            decisions,
+            None if patch_mask is None else patch_mask.unsqueeze(1),
+        )
         safe = images.zero_padding().feats[:, p:]
         return torch.einsum("itn,ind->itd", weights, safe)
 
@@ -631,16 +683,27 @@ class PatchSlimming(Component):
         name = type(self).__name__
         for attr, cls in (("scorer", PatchScorer), ("selector", GumbelSelector)):
             if not isinstance(getattr(self, attr), cls):
-                raise TypeError(f"{name}: {attr} must be a {cls.__name__}, got {type(getattr(self, attr)).__name__}")
-        if self.aggregation is not None and not isinstance(self.aggregation, (TokenAggregation, DPCKNNAggregation)):
-            raise TypeError(f"{name}: aggregation must be a TokenAggregation, a DPCKNNAggregation or None (no "
-                            f"aggregation), got {type(self.aggregation).__name__}")
-        if not isinstance(self.alignment, Component) or tuple(self.alignment.provides) != ("scores",):
+                raise TypeError(
+                    f"{name}: {attr} must be a {cls.__name__}, got {type(getattr(self, attr)).__name__}"
+                )
+        if self.aggregation is not None and not isinstance(
+            self.aggregation, (TokenAggregation, DPCKNNAggregation)
+        ):
+            raise TypeError(
+                f"{name}: aggregation must be a TokenAggregation, a DPCKNNAggregation or None (no "
+                f"aggregation), got {type(self.aggregation).__name__}"
+            )
+        if not isinstance(self.alignment, Component) or tuple(self.alignment.provides) != (
+            "scores",
+        ):
             raise TypeError(
                 f"{name}: alignment must be a Component that provides ('scores',) from (image_tokens, text_tokens), "
                 f"e.g. SparsePatchWordAlignment(); got {self.alignment!r}"
             )
-        if isinstance(self.aggregation, TokenAggregation) and self.scorer.dim != self.aggregation.dim:
+        if (
+            isinstance(self.aggregation, TokenAggregation)
+            and self.scorer.dim != self.aggregation.dim
+        ):
             raise ValueError(
                 f"{name}: scorer.dim={self.scorer.dim} and aggregation.dim={self.aggregation.dim} must be equal"
             )
@@ -659,16 +722,28 @@ class PatchSlimming(Component):
         patches, patch_mask = feats[:, p:], images.mask[:, p:]
         patch_mask = None if bool(patch_mask.all()) else patch_mask
         norms = feats.norm(dim=-1)
-        inv = torch.where(images.mask, 1 / norms.clamp_min(1e-8), torch.zeros((), dtype=feats.dtype, device=feats.device))
+        inv = torch.where(
+            images.mask,
+            1 / norms.clamp_min(1e-8),
+            torch.zeros((), dtype=feats.dtype, device=feats.device),
+        )
         # The MLPs may run under autocast; what follows stays in the features' dtype (see forward).
         a_p, a_s = self.scorer.image_scores(patches, patch_mask)
         logits = exp_logits = None
         if isinstance(self.aggregation, TokenAggregation):
             logits = self.aggregation.logits(patches).to(feats.dtype)
-            top = logits if patch_mask is None else logits.masked_fill(~patch_mask.unsqueeze(-1), -math.inf)
+            top = (
+                logits
+                if patch_mask is None
+                else logits.masked_fill(~patch_mask.unsqueeze(-1), -math.inf)
+            )
             shift = top.amax(1, keepdim=True).detach()
             # An image whose only real tokens are prefix tokens has no patch: shift by 0, not -inf (exp(inf)).
-            shift = torch.where(torch.isfinite(shift), shift, torch.zeros((), dtype=shift.dtype, device=shift.device))
+            shift = torch.where(
+                torch.isfinite(shift),
+                shift,
+                torch.zeros((), dtype=shift.dtype, device=shift.device),
+            )
             exp_logits = torch.exp(logits - shift)
         return _ImageSide(
             feats=feats,
@@ -682,8 +757,14 @@ class PatchSlimming(Component):
             inv_norm=inv,
         )
 
-    def _plan(self, n_images: int, n_captions: int, n_patches: int, n_tokens: int, n_words: int, device) -> tuple[int, int]:
-        budget = default_block_elements(device) if self.max_block_elements is None else self.max_block_elements
+    def _plan(
+        self, n_images: int, n_captions: int, n_patches: int, n_tokens: int, n_words: int, device
+    ) -> tuple[int, int]:
+        budget = (
+            default_block_elements(device)
+            if self.max_block_elements is None
+            else self.max_block_elements
+        )
         per_pair = n_patches * (n_tokens + n_words) + n_tokens * n_words
         if isinstance(self.aggregation, DPCKNNAggregation):
             per_pair += 2 * n_patches * n_patches  # the pair's distances and density comparisons
@@ -700,8 +781,10 @@ class PatchSlimming(Component):
         with named_errors(self):
             check_pair_inputs(images.feats, texts.feats, images.mask, texts.mask, where="inputs")
         if images.dim != self.scorer.dim:
-            raise ValueError(f"{name}: expected image tokens of shape (Bi, N, {self.scorer.dim}), got "
-                             f"{tuple(images.feats.shape)}")
+            raise ValueError(
+                f"{name}: expected image tokens of shape (Bi, N, {self.scorer.dim}), got "
+                f"{tuple(images.feats.shape)}"
+            )
         _split_patches(self, images)
         dtype = torch.promote_types(images.dtype, texts.dtype)
         images, texts = images.to(dtype), texts.to(dtype)
@@ -736,17 +819,32 @@ class PatchSlimming(Component):
             parts_s, parts_d = [], []
             for t0 in range(0, Bt, bt):
                 t1 = min(Bt, t0 + bt)
-                s, d = self._block(side, i0, i1, t0, t1, words, word_mask, context, texts,
-                                   None if noise is None else noise[i0:i1, :, t0:t1], reduce)
+                s, d = self._block(
+                    side,
+                    i0,
+                    i1,
+                    t0,
+                    t1,
+                    words,
+                    word_mask,
+                    context,
+                    texts,
+                    None if noise is None else noise[i0:i1, :, t0:t1],
+                    reduce,
+                )
                 parts_s.append(s)
                 parts_d.append(d)
             rows_s.append(torch.cat(parts_s, dim=1) if len(parts_s) > 1 else parts_s[0])
-            rows_d.append(torch.cat(parts_d, dim=2) if len(parts_d) > 1 else parts_d[0])  # (bi, Np, Bt)
+            rows_d.append(
+                torch.cat(parts_d, dim=2) if len(parts_d) > 1 else parts_d[0]
+            )  # (bi, Np, Bt)
         scores = torch.cat(rows_s) if len(rows_s) > 1 else rows_s[0]
         decisions = torch.cat(rows_d) if len(rows_d) > 1 else rows_d[0]
         return scores, _pair_layout(decisions, p, 1.0, side.prefix_mask)
 
-    def _block(self, side: _ImageSide, i0, i1, t0, t1, words, word_mask, context, texts, noise, reduce):
+    def _block(
+        self, side: _ImageSide, i0, i1, t0, t1, words, word_mask, context, texts, noise, reduce
+    ):
         sl = slice(i0, i1)
         patches = side.patches[sl]
         pm = None if side.patch_mask is None else side.patch_mask[sl]
@@ -771,7 +869,9 @@ class PatchSlimming(Component):
         agg = self.aggregation
         dpc = None
         if isinstance(agg, DPCKNNAggregation):
-            dpc = agg.pair_weights(patches, pm, decisions)  # (weights (bi, Np, bt, Nc), valid (bi, bt, Nc))
+            dpc = agg.pair_weights(
+                patches, pm, decisions
+            )  # (weights (bi, Np, bt, Nc), valid (bi, bt, Nc))
         # The slimmed set's mask: prefix tokens where real; aggregated tokens where something is kept
         # (clusters: where they hold a patch; no aggregation: the kept patches themselves); the fused
         # token where something is dropped.
@@ -803,7 +903,9 @@ class PatchSlimming(Component):
             elif dpc is not None:
                 parts.append(slimmed_cosines(pw, gram, dpc[0]))  # (bi, bt, Nc, M)
             else:
-                parts.append(aggregated_cosines(pw, gram, side.exp_logits[sl], decisions))  # (bi, bt, Nc, M)
+                parts.append(
+                    aggregated_cosines(pw, gram, side.exp_logits[sl], decisions)
+                )  # (bi, bt, Nc, M)
             if self.fusion:
                 # The fused token's softmax of a over the dropped patches, unnormalised: a lies in [0, 1],
                 # so exp(a) needs no shift, and the cosine ignores the normaliser.
@@ -811,22 +913,32 @@ class PatchSlimming(Component):
             scores = reduce(torch.cat(parts, dim=2), token_mask, wm)
         else:
             if agg is None:
-                tokens = decisions.permute(0, 2, 1).unsqueeze(-1) * patches.unsqueeze(1)  # (bi, bt, Np, D)
+                tokens = decisions.permute(0, 2, 1).unsqueeze(-1) * patches.unsqueeze(
+                    1
+                )  # (bi, bt, Np, D)
             else:
                 if dpc is not None:
                     weights = dpc[0]
                 else:
-                    weights = _masked_softmax(side.logits[sl].unsqueeze(2), decisions.unsqueeze(-1), dim=1)
+                    weights = _masked_softmax(
+                        side.logits[sl].unsqueeze(2), decisions.unsqueeze(-1), dim=1
+                    )
                 tokens = aggregate_tokens(patches, weights.permute(0, 2, 1, 3))  # (bi, bt, Nc, D)
             if self.fusion:
-                fused = _masked_softmax(a.unsqueeze(-1), drop.unsqueeze(-1), dim=1)  # (bi, Np, bt, 1)
-                tokens = torch.cat([tokens, aggregate_tokens(patches, fused.permute(0, 2, 1, 3))], dim=2)
+                fused = _masked_softmax(
+                    a.unsqueeze(-1), drop.unsqueeze(-1), dim=1
+                )  # (bi, Np, bt, 1)
+                tokens = torch.cat(
+                    [tokens, aggregate_tokens(patches, fused.permute(0, 2, 1, 3))], dim=2
+                )
             K = tokens.shape[2]
             if p:
                 pre = side.feats[sl, :p].unsqueeze(1).expand(bi, bt, p, tokens.shape[-1])
                 tokens = torch.cat([pre, tokens], dim=2)
             flat = Tokens(tokens.reshape(bi * bt, p + K, -1), token_mask.reshape(bi * bt, p + K))
-            all_pairs = self.alignment(flat, texts[t0:t1])  # (bi * bt, bt): each set against each caption
+            all_pairs = self.alignment(
+                flat, texts[t0:t1]
+            )  # (bi * bt, bt): each set against each caption
             scores = all_pairs.view(bi, bt, bt).diagonal(dim1=1, dim2=2)
         return scores, decisions
 

@@ -42,7 +42,11 @@ class _DirectionProvides:
             return tuple(value for _, value in DIRECTIONS.values())
         if "provides" in obj.__dict__:
             return obj.__dict__["provides"]
-        return (DIRECTIONS[obj.direction][1],) if obj.direction in DIRECTIONS else (f"scores_inter_{obj.direction}",)
+        return (
+            (DIRECTIONS[obj.direction][1],)
+            if obj.direction in DIRECTIONS
+            else (f"scores_inter_{obj.direction}",)
+        )
 
     def __set__(self, obj, value):
         obj.__dict__["provides"] = value
@@ -108,9 +112,20 @@ class InterModalPhraseAttention(Component):
     requires = ("image_tokens", "text_tokens")
     provides = _DirectionProvides()
 
-    def __init__(self, direction: str = "i2t", dim: int = 1024, heads: int = 8, k: int | None = DEFAULT_TOPK,
-                 max_block_elements: int | None = None, feed_forward: bool = True, ffn_dim: int | None = None,
-                 average: str = "features", *, requires=None, provides=None):
+    def __init__(
+        self,
+        direction: str = "i2t",
+        dim: int = 1024,
+        heads: int = 8,
+        k: int | None = DEFAULT_TOPK,
+        max_block_elements: int | None = None,
+        feed_forward: bool = True,
+        ffn_dim: int | None = None,
+        average: str = "features",
+        *,
+        requires=None,
+        provides=None,
+    ):
         super().__init__(requires=requires, provides=provides)
         self.direction = direction
         self.dim = dim
@@ -136,10 +151,14 @@ class InterModalPhraseAttention(Component):
     def _check_feed_forward(self) -> None:
         where = type(self).__name__
         if not isinstance(self.feed_forward, bool):
-            raise TypeError(f"{where}: feed_forward must be True or False, got {self.feed_forward!r}")
+            raise TypeError(
+                f"{where}: feed_forward must be True or False, got {self.feed_forward!r}"
+            )
         ffn = self.ffn_dim
         if ffn is not None and (isinstance(ffn, bool) or not isinstance(ffn, int) or ffn < 1):
-            raise ValueError(f"{where}: ffn_dim must be a positive int or None (4 * dim), got {ffn!r}")
+            raise ValueError(
+                f"{where}: ffn_dim must be a positive int or None (4 * dim), got {ffn!r}"
+            )
 
     def feed_forward_weights(self) -> FeedForwardWeights | None:
         """The feed-forward sub-layer's weights (``None`` with ``feed_forward=False``)."""
@@ -161,20 +180,30 @@ class InterModalPhraseAttention(Component):
         return self
 
     def forward(self, image_tokens, text_tokens):
-        images_query, _ = resolve_option(self.direction, DIRECTIONS, name="direction", where=type(self).__name__)
+        images_query, _ = resolve_option(
+            self.direction, DIRECTIONS, name="direction", where=type(self).__name__
+        )
         images = as_tokens(self, image_tokens, "image tokens")
         texts = as_tokens(self, text_tokens, "text tokens")
         queries, keys = (images, texts) if images_query else (texts, images)
         with named_errors(self):
             scores = phrase_attention_scores(
-                queries.feats, keys.feats, queries.mask, keys.mask,
+                queries.feats,
+                keys.feats,
+                queries.mask,
+                keys.mask,
                 self_attn=AttentionWeights.from_modules(self.self_attn, self.norm1),
                 cross_attn=AttentionWeights.from_modules(self.cross_attn, self.norm2),
-                heads=self.heads, k=self.k, max_block_elements=self.max_block_elements,
-                feed_forward=self.feed_forward_weights(), average=self.average,
+                heads=self.heads,
+                k=self.k,
+                max_block_elements=self.max_block_elements,
+                feed_forward=self.feed_forward_weights(),
+                average=self.average,
             )
         return scores if images_query else scores.t().contiguous()
 
     def extra_repr(self) -> str:
-        return (f"direction={self.direction!r}, dim={self.dim}, heads={self.heads}, k={self.k}, "
-                f"feed_forward={self.feed_forward}, " + super().extra_repr())
+        return (
+            f"direction={self.direction!r}, dim={self.dim}, heads={self.heads}, k={self.k}, "
+            f"feed_forward={self.feed_forward}, " + super().extra_repr()
+        )

@@ -45,8 +45,14 @@ class ScanAttention(Component):
     requires = ("image_tokens", "text_tokens")
     provides = ("scores",)
 
-    def __init__(self, smooth: float = SCAN_SMOOTH, max_block_elements: int | None = None, *, requires=None,
-                 provides=None):
+    def __init__(
+        self,
+        smooth: float = SCAN_SMOOTH,
+        max_block_elements: int | None = None,
+        *,
+        requires=None,
+        provides=None,
+    ):
         super().__init__(requires=requires, provides=provides)
         self.smooth = smooth
         self.max_block_elements = max_block_elements
@@ -57,8 +63,14 @@ class ScanAttention(Component):
         images = as_tokens(self, image_tokens, "image tokens")
         texts = as_tokens(self, text_tokens, "text tokens")
         with named_errors(self):
-            return scan_t2i_scores(images.feats, texts.feats, images.mask, texts.mask, smooth=self.smooth,
-                                   max_block_elements=self.max_block_elements)
+            return scan_t2i_scores(
+                images.feats,
+                texts.feats,
+                images.mask,
+                texts.mask,
+                smooth=self.smooth,
+                max_block_elements=self.max_block_elements,
+            )
 
     def extra_repr(self) -> str:
         return f"smooth={self.smooth}, " + super().extra_repr()

@@ -57,7 +57,13 @@ class ScoreFusion(Component):
     requires = ("scores_intra", "scores_inter_i2t", "scores_inter_t2i")
     provides = ("scores_i2t", "scores_t2i")
 
-    def __init__(self, weights: Mapping[str, Mapping[str, float]] | None = None, *, requires=None, provides=None):
+    def __init__(
+        self,
+        weights: Mapping[str, Mapping[str, float]] | None = None,
+        *,
+        requires=None,
+        provides=None,
+    ):
         super().__init__(requires=requires, provides=provides)
         self.weights = weights
 
@@ -69,7 +75,9 @@ class ScoreFusion(Component):
         name = type(self).__name__
         weights = self._resolved()
         if not isinstance(weights, Mapping):
-            raise TypeError(f"{name}: weights must be a dict {{output: {{input: weight}}}}, got {type(weights).__name__}")
+            raise TypeError(
+                f"{name}: weights must be a dict {{output: {{input: weight}}}}, got {type(weights).__name__}"
+            )
         provides, requires = tuple(self.provides), tuple(self.requires)
         if set(weights) != set(provides):
             raise ValueError(
@@ -78,7 +86,9 @@ class ScoreFusion(Component):
             )
         for out, terms in weights.items():
             if not isinstance(terms, Mapping) or not terms:
-                raise ValueError(f"{name}: weights[{out!r}] must be a non-empty dict {{input: weight}}, got {terms!r}")
+                raise ValueError(
+                    f"{name}: weights[{out!r}] must be a non-empty dict {{input: weight}}, got {terms!r}"
+                )
             for value, w in terms.items():
                 if value not in requires:
                     raise ValueError(
@@ -86,19 +96,25 @@ class ScoreFusion(Component):
                         + suggest(value, requires)
                     )
                 if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w):
-                    raise ValueError(f"{name}: weights[{out!r}][{value!r}] must be a finite number, got {w!r}")
+                    raise ValueError(
+                        f"{name}: weights[{out!r}][{value!r}] must be a finite number, got {w!r}"
+                    )
         return self
 
     def forward(self, *scores: torch.Tensor):
         name = type(self).__name__
         requires = tuple(self.requires)
         if len(scores) != len(requires):
-            raise TypeError(f"{name}: forward takes {len(requires)} score matrices {requires}, got {len(scores)}")
+            raise TypeError(
+                f"{name}: forward takes {len(requires)} score matrices {requires}, got {len(scores)}"
+            )
         shape = tuple(scores[0].shape) if isinstance(scores[0], torch.Tensor) else None
         for value, s in zip(requires, scores):
             if not isinstance(s, torch.Tensor) or s.dim() != 2 or tuple(s.shape) != shape:
                 got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-                raise ValueError(f"{name}: every input must be a (Bi, Bt) matrix of shape {shape}; {value!r} is {got}")
+                raise ValueError(
+                    f"{name}: every input must be a (Bi, Bt) matrix of shape {shape}; {value!r} is {got}"
+                )
         by_name = dict(zip(requires, scores))
         weights = self._resolved()
         out = []

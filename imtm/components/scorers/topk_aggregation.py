@@ -53,9 +53,16 @@ class TopKAggregation(Component):
     requires = ("visual_phrases", "text_phrase")
     provides = ("scores_intra",)
 
-    def __init__(self, k: int | None = DEFAULT_TOPK, max_block_elements: int | None = None,
-                 compute_dtype: torch.dtype | None = None, average: str = "features", *, requires=None,
-                 provides=None):
+    def __init__(
+        self,
+        k: int | None = DEFAULT_TOPK,
+        max_block_elements: int | None = None,
+        compute_dtype: torch.dtype | None = None,
+        average: str = "features",
+        *,
+        requires=None,
+        provides=None,
+    ):
         super().__init__(requires=requires, provides=provides)
         self.k = k
         self.average = average
@@ -72,9 +79,15 @@ class TopKAggregation(Component):
     def forward(self, visual_phrases, text_phrase) -> torch.Tensor:
         images = as_tokens(self, visual_phrases, "visual phrases")
         with named_errors(self):
-            return topk_mean_scores(images.feats, text_phrase, images.mask, k=self.k,
-                                    max_block_elements=self.max_block_elements, compute_dtype=self.compute_dtype,
-                                    average=self.average)
+            return topk_mean_scores(
+                images.feats,
+                text_phrase,
+                images.mask,
+                k=self.k,
+                max_block_elements=self.max_block_elements,
+                compute_dtype=self.compute_dtype,
+                average=self.average,
+            )
 
     def extra_repr(self) -> str:
         return f"k={self.k}, average={self.average!r}, " + super().extra_repr()

@@ -73,8 +73,9 @@ def patch_coverage(scene: Scene, image_size: int, patch_size: int) -> np.ndarray
     return out
 
 
-def patch_objects(scenes: Sequence[Scene], image_size: int, patch_size: int,
-                  min_coverage: float = 0.25) -> np.ndarray:
+def patch_objects(
+    scenes: Sequence[Scene], image_size: int, patch_size: int, min_coverage: float = 0.25
+) -> np.ndarray:
     """One object per patch: the object covering most of it, when it covers at least ``min_coverage``.
 
     Args:
@@ -118,6 +119,8 @@ def object_patch_fraction(scenes: Sequence[Scene], image_size: int, patch_size: 
     g = _check(image_size, patch_size, "object_patch_fraction")
     if len(scenes) == 0:
         raise ValueError("object_patch_fraction: got no scenes")
-    touched = sum(int((patch_coverage(s, image_size, patch_size) > 0).any(axis=0).sum()) if s.objects else 0
-                  for s in scenes)
+    touched = sum(
+        int((patch_coverage(s, image_size, patch_size) > 0).any(axis=0).sum()) if s.objects else 0
+        for s in scenes
+    )
     return touched / (len(scenes) * g * g)

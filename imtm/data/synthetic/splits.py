@@ -20,8 +20,16 @@ from imtm.data.synthetic.regions import region_features
 from imtm.data.synthetic.scenes import GRID, Scene, sample_scene, swap_colours
 from imtm.data.vocabulary import Vocabulary
 
-__all__ = ["PRETRAIN_SEED", "SPLITS", "VIEWS", "PixelImages", "SyntheticConfig", "SyntheticDataset", "load",
-           "load_pretraining"]
+__all__ = [
+    "PRETRAIN_SEED",
+    "SPLITS",
+    "VIEWS",
+    "PixelImages",
+    "SyntheticConfig",
+    "SyntheticDataset",
+    "load",
+    "load_pretraining",
+]
 
 VIEWS = ("pixels", "regions")
 #: Split names in the order they are generated: the test set first, so that it
@@ -492,18 +500,32 @@ def load_pretraining(
         raise ValueError(f"synthetic.load_pretraining: n must be a positive int, got {n!r}")
     if not isinstance(view, str) or view not in VIEWS:
         raise ValueError(
-            f"synthetic.load_pretraining: view must be one of {sorted(VIEWS)}, got {view!r}." + suggest(view, VIEWS)
+            f"synthetic.load_pretraining: view must be one of {sorted(VIEWS)}, got {view!r}."
+            + suggest(view, VIEWS)
         )
-    sizes = {"n_train": 1000, "n_dev": 20, "n_test": 200} if benchmark_sizes is None else dict(benchmark_sizes)
-    bench_cfg = SyntheticConfig(**{**{k: v for k, v in config.items() if k in ("min_objects", "max_objects",
-                                                                            "confusable_fraction")},
-                                   **sizes}).validate()
+    sizes = (
+        {"n_train": 1000, "n_dev": 20, "n_test": 200}
+        if benchmark_sizes is None
+        else dict(benchmark_sizes)
+    )
+    bench_cfg = SyntheticConfig(
+        **{
+            **{
+                k: v
+                for k, v in config.items()
+                if k in ("min_objects", "max_objects", "confusable_fraction")
+            },
+            **sizes,
+        }
+    ).validate()
     seen: set = set()
     for s in exclude_seeds:
         # Replay load()'s scene draws (no rendering): the very scenes of that benchmark.
         counts = {"train": bench_cfg.n_train, "dev": bench_cfg.n_dev, "test": bench_cfg.n_test}
         for split in SPLITS:
-            _split_scenes(counts[split], random.Random(_seed(int(s), split, _SCENES)), bench_cfg, seen)
+            _split_scenes(
+                counts[split], random.Random(_seed(int(s), split, _SCENES)), bench_cfg, seen
+            )
     cfg = SyntheticConfig(**{**config, "n_train": n}).validate()
     ds = _make_split("pretrain", n, view, int(seed), cfg, seen)
     ds.vocab = Vocabulary.build(ds.captions)

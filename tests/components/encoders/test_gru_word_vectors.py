@@ -26,7 +26,11 @@ def _reference(vocab, table, weight_before):
     """The plain loop: CHAN's lookup (the word, else the cleaned word) row by row."""
     expected, hits = weight_before.clone(), 0
     for i, word in enumerate(vocab.itos):
-        key = word if word in table else word.replace("-", "").replace(".", "").replace("'", "").split("/")[0]
+        key = (
+            word
+            if word in table
+            else word.replace("-", "").replace(".", "").replace("'", "").split("/")[0]
+        )
         if key in table:
             expected[i] = torch.tensor(table[key], dtype=torch.float32)
             hits += 1
@@ -38,14 +42,22 @@ def test_found_words_get_their_vectors_and_the_rest_keeps_the_random_init(tmp_pa
     # SCAN's vocabularies keep tokens such as "t-shirt" whole (imtm's own tokenizer splits them).
     vocab = Vocabulary(["a", "man", "t-shirt", "dogs", "cyclist/rider", "grass", "the"])
     # "tshirt" and "cyclist" are only reachable through CHAN's cleaning; "grass" is missing.
-    table = _glove(tmp_path / "vec.txt", ["a", "man", "tshirt", "dogs", "cyclist", "the", "extra"], header=header)
-    enc = GRUTextEncoder(vocab, out_dim=6, word_dim=4, word_vectors=tmp_path / "vec.txt", unknown_words="zeros")
+    table = _glove(
+        tmp_path / "vec.txt",
+        ["a", "man", "tshirt", "dogs", "cyclist", "the", "extra"],
+        header=header,
+    )
+    enc = GRUTextEncoder(
+        vocab, out_dim=6, word_dim=4, word_vectors=tmp_path / "vec.txt", unknown_words="zeros"
+    )
     expected, hits = _reference(vocab, table, torch.zeros(len(vocab), 4))
     torch.testing.assert_close(enc.embed.weight.detach(), expected)
     assert enc.word_vector_hits == hits == 6
     # CHAN's rule for the others: nn.Embedding's N(0, 1), left as drawn.
     torch.manual_seed(0)
-    normal = GRUTextEncoder(vocab, out_dim=6, word_dim=4, word_vectors=tmp_path / "vec.txt").embed.weight.detach()
+    normal = GRUTextEncoder(
+        vocab, out_dim=6, word_dim=4, word_vectors=tmp_path / "vec.txt"
+    ).embed.weight.detach()
     found = expected.abs().sum(1) > 0
     torch.testing.assert_close(normal[found], expected[found])
     assert 0.6 < float(normal[~found].std()) < 1.4
@@ -57,7 +69,9 @@ def test_unknown_word_initialisations(tmp_path_factory, init, seed):
     folder = tmp_path_factory.mktemp("vec")
     vocab = Vocabulary.build(CAPTIONS)
     table = _glove(folder / "v.txt", ["man", "dogs"], seed=seed)
-    enc = GRUTextEncoder(vocab, out_dim=6, word_dim=4, word_vectors=folder / "v.txt", unknown_words=init)
+    enc = GRUTextEncoder(
+        vocab, out_dim=6, word_dim=4, word_vectors=folder / "v.txt", unknown_words=init
+    )
     w = enc.embed.weight.detach()
     unknown = torch.tensor([word not in table for word in vocab.itos])
     if init == "zeros":
@@ -65,7 +79,9 @@ def test_unknown_word_initialisations(tmp_path_factory, init, seed):
     elif init == "uniform":
         assert w[unknown].abs().max() <= 0.1
     for word in table:
-        torch.testing.assert_close(w[vocab.stoi[word]], torch.tensor(table[word], dtype=torch.float32))
+        torch.testing.assert_close(
+            w[vocab.stoi[word]], torch.tensor(table[word], dtype=torch.float32)
+        )
 
 
 def test_aligned_npy(tmp_path):
@@ -83,7 +99,9 @@ def test_freeze_embeddings_and_training_changes_the_vectors_otherwise(tmp_path):
     vocab = Vocabulary.build(CAPTIONS)
     _glove(tmp_path / "v.txt", ["man", "dogs"])
     for freeze in (True, False):
-        enc = GRUTextEncoder(vocab, out_dim=6, word_dim=4, word_vectors=tmp_path / "v.txt", freeze_embeddings=freeze)
+        enc = GRUTextEncoder(
+            vocab, out_dim=6, word_dim=4, word_vectors=tmp_path / "v.txt", freeze_embeddings=freeze
+        )
         enc(CAPTIONS).feats.sum().backward()
         assert (enc.embed.weight.grad is None) == freeze
 
@@ -96,7 +114,9 @@ def test_bad_word_vectors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         GRUTextEncoder(vocab, out_dim=6, word_dim=4, word_vectors=tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="unknown_words must be one of.*Did you mean 'normal'"):
-        GRUTextEncoder(vocab, out_dim=6, word_dim=4, word_vectors=tmp_path / "v.txt", unknown_words="norml")
+        GRUTextEncoder(
+            vocab, out_dim=6, word_dim=4, word_vectors=tmp_path / "v.txt", unknown_words="norml"
+        )
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="holds no word vectors"):
         read_word_vectors(tmp_path / "empty.txt")

@@ -20,7 +20,9 @@ CAPTIONS = ["a red circle", "two green stars above a blue square", "yellow"]
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    return write_local_clip(tmp_path_factory.mktemp("clip"), WORDS, hidden_size=32, num_layers=2, num_heads=2)
+    return write_local_clip(
+        tmp_path_factory.mktemp("clip"), WORDS, hidden_size=32, num_layers=2, num_heads=2
+    )
 
 
 def _bin_folder(tmp_path, sharded=False):
@@ -30,14 +32,18 @@ def _bin_folder(tmp_path, sharded=False):
     reference = HFTextEncoder(folder).eval()
     state = {}
     for key, value in reference.model.state_dict().items():
-        key = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        key = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        )
         state["bert." + key] = value.clone()
     state["cls.predictions.bias"] = torch.zeros(7)  # a head the encoder has no use for
     os.remove(folder / "model.safetensors")
     if sharded:
         keys = sorted(state)
-        halves = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
-                  "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+        halves = {
+            "pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+            "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :],
+        }
         for name, part in halves.items():
             torch.save({k: state[k] for k in part}, folder / name)
         index = {"weight_map": {k: name for name, part in halves.items() for k in part}}
@@ -92,7 +98,9 @@ def test_clip_text_tower_tokens_give_clips_text_features(clip_dir):
 
 
 @settings(max_examples=6, deadline=None)
-@given(extra=st.lists(st.sampled_from(["red", "blue", "stars", "the", "two"]), min_size=1, max_size=6))
+@given(
+    extra=st.lists(st.sampled_from(["red", "blue", "stars", "the", "two"]), min_size=1, max_size=6)
+)
 def test_clip_padding_never_changes_a_result(clip_dir, extra):
     enc = CLIP_ENC
     alone = enc([CAPTIONS[0]]).feats[0]
@@ -120,7 +128,9 @@ def test_clip_from_pytorch_model_bin(clip_dir, tmp_path):
 
     state = load_file(str(folder / "model.safetensors"))
     os.remove(folder / "model.safetensors")
-    torch.save(state, folder / "pytorch_model.bin")  # CLIPModel's names: text_model.*, vision_model.*, ...
+    torch.save(
+        state, folder / "pytorch_model.bin"
+    )  # CLIPModel's names: text_model.*, vision_model.*, ...
     a = HFTextEncoder(folder).eval()(CAPTIONS)
     b = HFTextEncoder(clip_dir).eval()(CAPTIONS)
     torch.testing.assert_close(a.feats, b.feats)

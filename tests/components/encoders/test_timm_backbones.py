@@ -32,7 +32,9 @@ def convnext(**kw):
 
 
 def eva(img_size=32, **kw):
-    return TimmVisionEncoder("eva02_tiny_patch14_224", img_size=img_size, model_kwargs=dict(EVA_KW), **kw)
+    return TimmVisionEncoder(
+        "eva02_tiny_patch14_224", img_size=img_size, model_kwargs=dict(EVA_KW), **kw
+    )
 
 
 def pixels(b=2, h=64, w=64, seed=0):
@@ -70,7 +72,11 @@ CNX = convnext().eval()
 
 def test_cnn_with_projection_and_img_size():
     enc = convnext(out_dim=8, img_size=64)
-    assert enc.data_config()["input_size"] == (3, 64, 64)  # CNNs take no img_size; data_config reports it
+    assert enc.data_config()["input_size"] == (
+        3,
+        64,
+        64,
+    )  # CNNs take no img_size; data_config reports it
     tokens, _ = enc(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
     assert tokens.feats.shape == (2, 4, 8) and tokens.grid == (2, 2) and enc.dim == 8
 
@@ -135,21 +141,31 @@ def _openai_clip_visual_state(width=32, layers=2, patch=8, grid=4, out=16, seed=
         "visual.class_embedding": r(width),
         "visual.positional_embedding": r(grid * grid + 1, width),
         "visual.conv1.weight": r(width, 3, patch, patch),
-        "visual.ln_pre.weight": 1 + r(width), "visual.ln_pre.bias": r(width),
-        "visual.ln_post.weight": 1 + r(width), "visual.ln_post.bias": r(width),
+        "visual.ln_pre.weight": 1 + r(width),
+        "visual.ln_pre.bias": r(width),
+        "visual.ln_post.weight": 1 + r(width),
+        "visual.ln_post.bias": r(width),
         "visual.proj": r(width, out),
         "token_embedding.weight": r(10, width),  # the text tower's: ignored by the image tower
     }
     for i in range(layers):
         p = f"visual.transformer.resblocks.{i}."
-        state.update({
-            p + "ln_1.weight": 1 + r(width), p + "ln_1.bias": r(width),
-            p + "ln_2.weight": 1 + r(width), p + "ln_2.bias": r(width),
-            p + "attn.in_proj_weight": r(3 * width, width), p + "attn.in_proj_bias": r(3 * width),
-            p + "attn.out_proj.weight": r(width, width), p + "attn.out_proj.bias": r(width),
-            p + "mlp.c_fc.weight": r(4 * width, width), p + "mlp.c_fc.bias": r(4 * width),
-            p + "mlp.c_proj.weight": r(width, 4 * width), p + "mlp.c_proj.bias": r(width),
-        })
+        state.update(
+            {
+                p + "ln_1.weight": 1 + r(width),
+                p + "ln_1.bias": r(width),
+                p + "ln_2.weight": 1 + r(width),
+                p + "ln_2.bias": r(width),
+                p + "attn.in_proj_weight": r(3 * width, width),
+                p + "attn.in_proj_bias": r(3 * width),
+                p + "attn.out_proj.weight": r(width, width),
+                p + "attn.out_proj.bias": r(width),
+                p + "mlp.c_fc.weight": r(4 * width, width),
+                p + "mlp.c_fc.bias": r(4 * width),
+                p + "mlp.c_proj.weight": r(width, 4 * width),
+                p + "mlp.c_proj.bias": r(width),
+            }
+        )
     return state
 
 
@@ -157,21 +173,37 @@ def _clip_visual_reference(state, x, heads=2, layers=2):
     """CLIP's image transformer written out from its weights (exact GELU, as open_clip's LAION models;
     ``ln_post`` on every token, as the tokens of a matching model are read)."""
     f = torch.nn.functional
-    s = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    s = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
     width = s["class_embedding"].shape[0]
-    patches = f.conv2d(x, s["conv1.weight"], stride=s["conv1.weight"].shape[-1]).flatten(2).transpose(1, 2)
-    h = torch.cat([s["class_embedding"].expand(x.shape[0], 1, width), patches], 1) + s["positional_embedding"]
+    patches = (
+        f.conv2d(x, s["conv1.weight"], stride=s["conv1.weight"].shape[-1])
+        .flatten(2)
+        .transpose(1, 2)
+    )
+    h = (
+        torch.cat([s["class_embedding"].expand(x.shape[0], 1, width), patches], 1)
+        + s["positional_embedding"]
+    )
     h = f.layer_norm(h, (width,), s["ln_pre.weight"], s["ln_pre.bias"], eps=1e-5)
     for i in range(layers):
         p = f"transformer.resblocks.{i}."
         y = f.layer_norm(h, (width,), s[p + "ln_1.weight"], s[p + "ln_1.bias"], eps=1e-5)
         q, k, v = f.linear(y, s[p + "attn.in_proj_weight"], s[p + "attn.in_proj_bias"]).chunk(3, -1)
         split = lambda t: t.unflatten(-1, (heads, width // heads)).transpose(1, 2)  # noqa: E731
-        att = torch.softmax(split(q) @ split(k).transpose(-1, -2) / (width // heads) ** 0.5, -1) @ split(v)
-        h = h + f.linear(att.transpose(1, 2).flatten(2), s[p + "attn.out_proj.weight"], s[p + "attn.out_proj.bias"])
+        att = torch.softmax(
+            split(q) @ split(k).transpose(-1, -2) / (width // heads) ** 0.5, -1
+        ) @ split(v)
+        h = h + f.linear(
+            att.transpose(1, 2).flatten(2),
+            s[p + "attn.out_proj.weight"],
+            s[p + "attn.out_proj.bias"],
+        )
         y = f.layer_norm(h, (width,), s[p + "ln_2.weight"], s[p + "ln_2.bias"], eps=1e-5)
-        y = f.linear(f.gelu(f.linear(y, s[p + "mlp.c_fc.weight"], s[p + "mlp.c_fc.bias"])),
-                     s[p + "mlp.c_proj.weight"], s[p + "mlp.c_proj.bias"])
+        y = f.linear(
+            f.gelu(f.linear(y, s[p + "mlp.c_fc.weight"], s[p + "mlp.c_fc.bias"])),
+            s[p + "mlp.c_proj.weight"],
+            s[p + "mlp.c_proj.bias"],
+        )
         h = h + y
     return f.layer_norm(h, (width,), s["ln_post.weight"], s["ln_post.bias"], eps=1e-5)
 
@@ -181,8 +213,12 @@ def test_clip_image_tower_loads_openai_and_open_clip_layouts(tmp_path, suffix):
     state = _openai_clip_visual_state()
     path = tmp_path / f"open_clip_model{suffix}"
     save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
-    enc = TimmVisionEncoder("vit_base_patch16_clip_224", img_size=32, checkpoint_path=str(path),
-                            model_kwargs=dict(CLIP_KW)).eval()
+    enc = TimmVisionEncoder(
+        "vit_base_patch16_clip_224",
+        img_size=32,
+        checkpoint_path=str(path),
+        model_kwargs=dict(CLIP_KW),
+    ).eval()
     x = pixels(2, 32, 32)
     tokens, _ = enc(x)
     assert tokens.grid == (4, 4) and tokens.num_prefix_tokens == 1
@@ -193,8 +229,12 @@ def test_clip_checkpoint_of_another_size_is_refused(tmp_path):
     path = tmp_path / "clip.safetensors"
     save_file(_openai_clip_visual_state(width=64), str(path))
     with pytest.raises(ValueError, match="does not fit this model"):
-        TimmVisionEncoder("vit_base_patch16_clip_224", img_size=32, checkpoint_path=str(path),
-                          model_kwargs=dict(CLIP_KW))
+        TimmVisionEncoder(
+            "vit_base_patch16_clip_224",
+            img_size=32,
+            checkpoint_path=str(path),
+            model_kwargs=dict(CLIP_KW),
+        )
 
 
 # ---------------------------------------------------------------------- local checkpoints
@@ -203,7 +243,9 @@ def test_cnn_checkpoint_loads_exactly(tmp_path, suffix):
     source = convnext().eval()
     path = tmp_path / f"convnext{suffix}"
     state = source.model.state_dict()
-    save_file(state, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(
+        {"state_dict": state}, path
+    )
     loaded = convnext(checkpoint_path=str(path)).eval()
     x = pixels(2, 64, 64)
     torch.testing.assert_close(loaded(x)[0].feats, source(x)[0].feats)
@@ -223,10 +265,20 @@ def _timm_folder(folder, architecture="vit_tiny_patch16_224", **model_args):
 
     model = timm.create_model(architecture, pretrained=False, num_classes=0, **model_args)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"architecture": architecture, "num_classes": 0, "num_features": model.num_features,
-           "model_args": model_args,
-           "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
-                              "interpolation": "bicubic", "crop_pct": 1.0, "num_classes": 0}}
+    cfg = {
+        "architecture": architecture,
+        "num_classes": 0,
+        "num_features": model.num_features,
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [3, 32, 32],
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "num_classes": 0,
+        },
+    }
     (folder / "config.json").write_text(json.dumps(cfg))
     save_file(model.state_dict(), str(folder / "model.safetensors"))
     return model
@@ -263,7 +315,9 @@ def test_hf_hub_name_reads_config_and_weights_from_the_cache(tmp_path, monkeypat
 
 def test_hf_hub_name_not_in_the_cache_says_what_to_do(tmp_path, monkeypatch):
     _offline(monkeypatch, tmp_path)
-    with pytest.raises(WeightsUnavailableError, match="reads config.json from the Hugging Face hub"):
+    with pytest.raises(
+        WeightsUnavailableError, match="reads config.json from the Hugging Face hub"
+    ):
         TimmVisionEncoder("hf-hub:someone/absent")
 
 

@@ -190,7 +190,9 @@ def test_offline_without_weights_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
-    with pytest.raises(WeightsUnavailableError, match="checkpoint_path='path/to/model.safetensors'"):
+    with pytest.raises(
+        WeightsUnavailableError, match="checkpoint_path='path/to/model.safetensors'"
+    ):
         TimmVisionEncoder(VIT, pretrained=True, img_size=64, model_kwargs=dict(VIT_KW))
 
 
@@ -208,7 +210,9 @@ def test_masking_replaces_exactly_round_ratio_n_patches_in_training_and_none_in_
 
 
 def test_dynamic_img_size_non_square_with_masking():
-    enc = TimmVisionEncoder(VIT, img_size=64, mask_ratio=0.5, model_kwargs=dict(VIT_KW, dynamic_img_size=True))
+    enc = TimmVisionEncoder(
+        VIT, img_size=64, mask_ratio=0.5, model_kwargs=dict(VIT_KW, dynamic_img_size=True)
+    )
     tokens, masked = enc.train()(torch.randn(2, 3, 96, 64))
     assert tokens.grid == (12, 8) and tokens.feats.shape[1] == 1 + 96
     assert masked.sum(1).tolist() == [48, 48]
@@ -302,7 +306,9 @@ def test_bad_inputs():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="unknown timm model .* Did you mean 'vit_tiny_patch16_224'"):
+    with pytest.raises(
+        ValueError, match="unknown timm model .* Did you mean 'vit_tiny_patch16_224'"
+    ):
         TimmVisionEncoder("vit_tiny_patch16_22")
     with pytest.raises(ValueError, match="mask_ratio must be a number in"):
         vit(mask_ratio=1.0)

@@ -24,8 +24,11 @@ def encoder_and_head():
 def sides(bi=3, bt=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = Tokens(torch.randn(bi, 4, D, generator=g), num_prefix_tokens=1)
-    texts = Tokens.from_lengths(torch.randn(bt, 5, D, generator=g), torch.randint(2, 6, (bt,), generator=g),
-                                num_prefix_tokens=1)
+    texts = Tokens.from_lengths(
+        torch.randn(bt, 5, D, generator=g),
+        torch.randint(2, 6, (bt,), generator=g),
+        num_prefix_tokens=1,
+    )
     return images, texts
 
 
@@ -33,7 +36,11 @@ def test_cross_encoder_pairs_rows_and_ignores_padding():
     enc, _ = encoder_and_head()
     images, texts = sides()
     out = enc(images, texts)
-    assert out.feats.shape == (3, 5, D) and torch.equal(out.mask, texts.mask) and out.num_prefix_tokens == 1
+    assert (
+        out.feats.shape == (3, 5, D)
+        and torch.equal(out.mask, texts.mask)
+        and out.num_prefix_tokens == 1
+    )
     idx_i, idx_t = torch.tensor([2, 0]), torch.tensor([1, 1])
     pairs = enc.encode_pairs(images, texts, idx_i, idx_t)
     one = enc(images[2], texts[1])
@@ -59,8 +66,13 @@ def test_matching_head_pairs_labels_and_negatives():
     assert only_pos[1].tolist() == [1, 1]  # no negative to draw: positives only
     # The borrowed encoder is neither converted with the head nor part of its state_dict (its own
     # block owns it, in a Matcher); a clone rebuilds an unfitted one, as scikit-learn's clone does.
-    check_component(head, {"image_tokens": images, "text_tokens": texts, "scores": scores, "positives": pos},
-                    atol=1e-5, rtol=1e-4, skip=("dtypes", "state_dict"))
+    check_component(
+        head,
+        {"image_tokens": images, "text_tokens": texts, "scores": scores, "positives": pos},
+        atol=1e-5,
+        rtol=1e-4,
+        skip=("dtypes", "state_dict"),
+    )
     assert clone(ImageTextMatchingHead(D, encoder="cross"))._linked is None
 
 
@@ -96,7 +108,9 @@ def test_reranker_matches_loop_of_two_stage_retrieval():
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
     # Candidates rank above every other pair of their query.
     top = s.topk(2, dim=1).indices
-    assert bool((got[0].gather(1, top).min(1).values > got[0].scatter(1, top, -9).max(1).values).all())
+    assert bool(
+        (got[0].gather(1, top).min(1).values > got[0].scatter(1, top, -9).max(1).values).all()
+    )
 
 
 def test_reuse_runs_the_named_block():

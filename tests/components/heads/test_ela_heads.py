@@ -34,7 +34,9 @@ def test_patch_head_matches_eq2_loop_on_masked_patches_only():
     feats = x.feats.tolist()
     for k, (i, n) in enumerate(zip(out.batch_index.tolist(), out.token_index.tolist())):
         h = [sum(W[r][c] * feats[i][n][c] for c in range(D)) + b[r] for r in range(DWE)]
-        want = torch.tensor([sum(E[v][r] * h[r] for r in range(DWE)) for v in range(V)], dtype=torch.float64)
+        want = torch.tensor(
+            [sum(E[v][r] * h[r] for r in range(DWE)) for v in range(V)], dtype=torch.float64
+        )
         torch.testing.assert_close(out.logits[k], want)  # Eq. 2 before the softmax
     # Renamed to read image tokens only: every real non-prefix patch.
     assert PatchToLexiconHead(D, DWE, V, embedding=emb).double()(x).logits.shape == (6, V)
@@ -54,7 +56,9 @@ def test_tied_one_parameter_gradients_from_both_heads():
     emb, p2l, w2l = heads()
     ids = {p.data_ptr() for p in list(p2l.parameters()) + list(w2l.parameters())}
     assert emb.weight.data_ptr() not in ids  # not registered: the owner holds the only copy
-    assert "embedding.weight" not in p2l.state_dict() and "embedding" not in dict(p2l.named_modules())
+    assert "embedding.weight" not in p2l.state_dict() and "embedding" not in dict(
+        p2l.named_modules()
+    )
     x = Tokens(torch.randn(2, 3, D))
     p2l(x, torch.ones(2, 3, dtype=torch.bool)).logits.sum().backward()
     g1 = emb.weight.grad.clone()
@@ -97,12 +101,16 @@ def test_padding_and_permutation(seed, extra):
     g = torch.Generator().manual_seed(seed)
     t = Tokens.from_lengths(torch.randn(2, 4, D, generator=g), [4, 2])
     base = w2l(t)
-    padded = Tokens(torch.cat([t.feats, torch.randn(2, extra, D, generator=g) * 100], 1),
-                    torch.cat([t.mask, torch.zeros(2, extra, dtype=torch.bool)], 1))
+    padded = Tokens(
+        torch.cat([t.feats, torch.randn(2, extra, D, generator=g) * 100], 1),
+        torch.cat([t.mask, torch.zeros(2, extra, dtype=torch.bool)], 1),
+    )
     torch.testing.assert_close(w2l(padded)[:, :4], base, atol=1e-5, rtol=1e-5)
     p = torch.randperm(4, generator=g)
     full = Tokens(t.feats)
-    torch.testing.assert_close(w2l(Tokens(full.feats[:, p]))[:, :], w2l(full)[:, p], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        w2l(Tokens(full.feats[:, p]))[:, :], w2l(full)[:, p], atol=1e-5, rtol=1e-5
+    )
     masked = torch.rand(2, 4, generator=g) < 0.5
     out = p2l(full, masked)
     out_p = p2l(Tokens(full.feats[:, p]), masked[:, p])
@@ -119,9 +127,17 @@ def test_all_masked_and_none_masked():
 def test_conformance():
     _, p2l, w2l = heads()
     x = Tokens.from_lengths(torch.randn(2, 4, D), [4, 3], num_prefix_tokens=1)
-    check_component(p2l, {"image_tokens": x, "masked_patches": torch.tensor([[0, 1, 1, 0], [1, 0, 1, 1]]).bool()},
-                    skip=("padding",))  # masked_patches is a plain tensor: padding checked above
-    check_component(w2l, {"text_tokens": Tokens.from_lengths(torch.randn(3, 5, D), [5, 2, 1])}, atol=1e-5, rtol=1e-4)
+    check_component(
+        p2l,
+        {"image_tokens": x, "masked_patches": torch.tensor([[0, 1, 1, 0], [1, 0, 1, 1]]).bool()},
+        skip=("padding",),
+    )  # masked_patches is a plain tensor: padding checked above
+    check_component(
+        w2l,
+        {"text_tokens": Tokens.from_lengths(torch.randn(3, 5, D), [5, 2, 1])},
+        atol=1e-5,
+        rtol=1e-4,
+    )
 
 
 def test_bad_inputs():
@@ -154,7 +170,9 @@ def test_lexicon_loss_added_to_a_chan_matcher():
     from imtm.data import synthetic
 
     train, _, test = synthetic.load(view="regions", seed=0, n_train=12, n_dev=2, n_test=3)
-    comps = presets.chan(vocab=train.vocab, region_dim=train.region_dim, embed_dim=16, word_dim=8, context_heads=2)
+    comps = presets.chan(
+        vocab=train.vocab, region_dim=train.region_dim, embed_dim=16, word_dim=8, context_heads=2
+    )
     v = len(train.vocab)
     comps += [
         ("p2l", PatchToLexiconHead(16, 8, v, embedding="text.embed", requires=("image_tokens",))),
@@ -163,4 +181,7 @@ def test_lexicon_loss_added_to_a_chan_matcher():
     ]
     m = Matcher(comps, epochs=1, batch_size=12, checkpoint_dir=None, verbose=False).fit(train)
     assert m.components_["p2l"].embedding_weight() is m.components_["text"].embed.weight
-    assert "loss/ela_loss" in m.history_[-1] and m.similarity(test.images, test.captions).shape == (3, 15)
+    assert "loss/ela_loss" in m.history_[-1] and m.similarity(test.images, test.captions).shape == (
+        3,
+        15,
+    )

@@ -13,8 +13,15 @@ VIT_KW = {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
 
 
 def vit(mask_ratio=0.3, mask_in_forward=False, **kw):
-    return TimmVisionEncoder(VIT, img_size=32, out_dim=16, mask_ratio=mask_ratio, mask_in_forward=mask_in_forward,
-                             model_kwargs=dict(VIT_KW), **kw)
+    return TimmVisionEncoder(
+        VIT,
+        img_size=32,
+        out_dim=16,
+        mask_ratio=mask_ratio,
+        mask_in_forward=mask_in_forward,
+        model_kwargs=dict(VIT_KW),
+        **kw,
+    )
 
 
 def pixels(b=3, seed=0):

@@ -18,8 +18,16 @@ def loop_triplet(scores, positives, margin, hardest):
         for t in range(n_t):
             if not positives[i, t]:
                 continue
-            cap = [max(0.0, margin - float(scores[i, t]) + float(scores[i, u])) for u in range(n_t) if not positives[i, u]]
-            img = [max(0.0, margin - float(scores[i, t]) + float(scores[j, t])) for j in range(n_i) if not positives[j, t]]
+            cap = [
+                max(0.0, margin - float(scores[i, t]) + float(scores[i, u]))
+                for u in range(n_t)
+                if not positives[i, u]
+            ]
+            img = [
+                max(0.0, margin - float(scores[i, t]) + float(scores[j, t]))
+                for j in range(n_i)
+                if not positives[j, t]
+            ]
             if hardest:
                 total += max(cap, default=0.0) + max(img, default=0.0)
             else:
@@ -28,8 +36,13 @@ def loop_triplet(scores, positives, margin, hardest):
 
 
 @settings(max_examples=25, deadline=None)
-@given(ids=image_ids(batch=st.integers(2, 6), max_images=4), seed=st.integers(0, 10_000),
-       warmup=st.integers(0, 3), epoch=st.integers(0, 5), margin=st.floats(0.0, 0.5))
+@given(
+    ids=image_ids(batch=st.integers(2, 6), max_images=4),
+    seed=st.integers(0, 10_000),
+    warmup=st.integers(0, 3),
+    epoch=st.integers(0, 5),
+    margin=st.floats(0.0, 0.5),
+)
 def test_summed_during_the_warm_up_hardest_after(ids, seed, warmup, epoch, margin):
     g = torch.Generator().manual_seed(seed)
     positives = ids[:, None] == ids[None, :]
@@ -43,8 +56,10 @@ def test_summed_during_the_warm_up_hardest_after(ids, seed, warmup, epoch, margi
     # With the default pair counting: the same value as the loss with hardest fixed to that epoch's choice.
     default = TripletLoss(margin=margin, warmup_epochs=warmup)
     default.set_epoch(epoch)
-    torch.testing.assert_close(default(scores, positives),
-                               TripletLoss(margin=margin, hardest=epoch >= warmup)(scores, positives))
+    torch.testing.assert_close(
+        default(scores, positives),
+        TripletLoss(margin=margin, hardest=epoch >= warmup)(scores, positives),
+    )
 
 
 def test_never_told_the_epoch_it_stays_in_its_warm_up_and_hardest_false_ignores_it():
@@ -52,13 +67,16 @@ def test_never_told_the_epoch_it_stays_in_its_warm_up_and_hardest_false_ignores_
     positives = ids[:, None] == ids[None, :]
     scores = torch.rand(4, 4, generator=torch.Generator().manual_seed(1))
     summed = loop_triplet(scores, positives, 0.2, hardest=False)
-    torch.testing.assert_close(TripletLoss(warmup_epochs=2, count_pairs="per_row")(scores, positives),
-                               torch.tensor(summed))
+    torch.testing.assert_close(
+        TripletLoss(warmup_epochs=2, count_pairs="per_row")(scores, positives), torch.tensor(summed)
+    )
     plain = TripletLoss(hardest=False, warmup_epochs=2, count_pairs="per_row")
     plain.set_epoch(9)
     torch.testing.assert_close(plain(scores, positives), torch.tensor(summed))
     hardest = TripletLoss(warmup_epochs=0, count_pairs="per_row")
-    torch.testing.assert_close(hardest(scores, positives), torch.tensor(loop_triplet(scores, positives, 0.2, True)))
+    torch.testing.assert_close(
+        hardest(scores, positives), torch.tensor(loop_triplet(scores, positives, 0.2, True))
+    )
 
 
 def test_conformance_params_and_clone_forget_the_epoch():

@@ -49,8 +49,10 @@ def test_matches_loop_forward_and_gradient():
 
 
 @SETTINGS
-@given(x=tokens(batch=st.integers(1, 4), max_tokens=6, dim=4, dtype=torch.float64, contiguous=True),
-       extra=st.integers(1, 4))
+@given(
+    x=tokens(batch=st.integers(1, 4), max_tokens=6, dim=4, dtype=torch.float64, contiguous=True),
+    extra=st.integers(1, 4),
+)
 def test_padding_never_changes_the_sentence_vector(x, extra):
     torch.manual_seed(0)
     block = TextualPhraseEncoder(dim=4, channels=3).double()
@@ -58,7 +60,10 @@ def test_padding_never_changes_the_sentence_vector(x, extra):
     # NaN in the padding and more padded positions at the end: the same vectors.
     garbage = torch.full((x.batch_size, extra, 4), float("nan"), dtype=torch.float64)
     feats = torch.where(x.mask.unsqueeze(-1), x.feats, torch.full_like(x.feats, float("nan")))
-    padded = Tokens(torch.cat([feats, garbage], 1), torch.cat([x.mask, x.mask.new_zeros(x.batch_size, extra)], 1))
+    padded = Tokens(
+        torch.cat([feats, garbage], 1),
+        torch.cat([x.mask, x.mask.new_zeros(x.batch_size, extra)], 1),
+    )
     torch.testing.assert_close(block(padded), out)
     # Every caption is scored on its own: permuting the batch permutes the vectors.
     perm = torch.randperm(x.batch_size)
@@ -67,7 +72,9 @@ def test_padding_never_changes_the_sentence_vector(x, extra):
 
 def test_conformance():
     block = TextualPhraseEncoder(dim=8, channels=4)
-    report = check_component(block, {"text_tokens": Tokens.from_lengths(torch.randn(3, 6, 8), [6, 2, 1])})
+    report = check_component(
+        block, {"text_tokens": Tokens.from_lengths(torch.randn(3, 6, 8), [6, 2, 1])}
+    )
     assert "padding" in report.passed
 
 

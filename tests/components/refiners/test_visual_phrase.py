@@ -13,8 +13,14 @@ SETTINGS = settings(max_examples=15, deadline=None)
 
 def reference_layer(block: VisualPhraseEncoder) -> torch.nn.TransformerEncoderLayer:
     """torch's own post-norm encoder layer carrying the block's weights."""
-    ref = torch.nn.TransformerEncoderLayer(block.dim, block.heads, dim_feedforward=block.ffn[0].out_features,
-                                           dropout=0.0, batch_first=True, norm_first=False)
+    ref = torch.nn.TransformerEncoderLayer(
+        block.dim,
+        block.heads,
+        dim_feedforward=block.ffn[0].out_features,
+        dropout=0.0,
+        batch_first=True,
+        norm_first=False,
+    )
     ref.self_attn.load_state_dict(block.attn.state_dict())
     ref.linear1.load_state_dict(block.ffn[0].state_dict())
     ref.linear2.load_state_dict(block.ffn[2].state_dict())
@@ -48,12 +54,17 @@ def test_matches_torch_encoder_layer_per_image():
         torch.testing.assert_close(out.feats[i, :n], loop[i])
     w = torch.randn(3, 5, 8, dtype=torch.float64)
     (g_block,) = torch.autograd.grad((out.feats * w).sum(), feats)
-    (g_loop,) = torch.autograd.grad(sum((loop[i] * w[i, :n]).sum() for i, n in enumerate([5, 3, 1])), feats)
+    (g_loop,) = torch.autograd.grad(
+        sum((loop[i] * w[i, :n]).sum() for i, n in enumerate([5, 3, 1])), feats
+    )
     torch.testing.assert_close(g_block, g_loop)
 
 
 @SETTINGS
-@given(x=tokens(batch=st.integers(1, 3), max_tokens=6, dim=4, dtype=torch.float64), seed=st.integers(0, 100))
+@given(
+    x=tokens(batch=st.integers(1, 3), max_tokens=6, dim=4, dtype=torch.float64),
+    seed=st.integers(0, 100),
+)
 def test_padding_invariance_and_permutation_equivariance(x, seed):
     torch.manual_seed(seed)
     block = VisualPhraseEncoder(dim=4, heads=2).double().eval()
@@ -69,7 +80,9 @@ def test_padding_invariance_and_permutation_equivariance(x, seed):
 
 def test_conformance():
     block = VisualPhraseEncoder(dim=8, heads=2, ffn_dim=16)
-    report = check_component(block, {"image_tokens": Tokens.from_lengths(torch.randn(3, 5, 8), [5, 2, 4])})
+    report = check_component(
+        block, {"image_tokens": Tokens.from_lengths(torch.randn(3, 5, 8), [5, 2, 4])}
+    )
     assert "padding" in report.passed and "gradients" in report.passed
 
 

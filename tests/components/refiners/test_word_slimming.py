@@ -15,7 +15,9 @@ D = 8
 
 def captions(lengths=(6, 3, 1), m=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return Tokens.from_lengths(torch.randn(len(lengths), m, D, generator=g, dtype=torch.float64), list(lengths))
+    return Tokens.from_lengths(
+        torch.randn(len(lengths), m, D, generator=g, dtype=torch.float64), list(lengths)
+    )
 
 
 def loop_selection(sel, texts):
@@ -27,7 +29,9 @@ def loop_selection(sel, texts):
         raw = [float(x @ glo) / D for x in t]
         lo, hi = min(raw), max(raw)
         own = [(r - lo) / (hi - lo) if hi > lo else 0.0 for r in raw]
-        a = [(1 - sel.beta) * float(torch.sigmoid(sel.mlp(x))) + sel.beta * o for x, o in zip(t, own)]
+        a = [
+            (1 - sel.beta) * float(torch.sigmoid(sel.mlp(x))) + sel.beta * o for x, o in zip(t, own)
+        ]
         n = math.ceil(round(sel.ratio * len(t), 9))
         kept.append(sorted(sorted(range(len(t)), key=lambda k: -a[k])[:n]))
     return kept
@@ -71,8 +75,10 @@ def test_padding_never_changes_a_caption(seed, extra):
     torch.manual_seed(2)
     sel, agg = WordSelection(D, ratio=0.6).double().eval(), WordAggregation(D, num_out=2).double()
     texts = captions(seed=seed)
-    pad = Tokens(torch.cat([texts.feats, torch.full((3, extra, D), float("nan"), dtype=torch.float64)], 1),
-                 torch.cat([texts.mask, torch.zeros(3, extra, dtype=torch.bool)], 1))
+    pad = Tokens(
+        torch.cat([texts.feats, torch.full((3, extra, D), float("nan"), dtype=torch.float64)], 1),
+        torch.cat([texts.mask, torch.zeros(3, extra, dtype=torch.bool)], 1),
+    )
     with torch.no_grad():
         a, b = sel(texts), sel(pad)
         assert torch.equal(b.mask[:, :6], a.mask) and not b.mask[:, 6:].any()

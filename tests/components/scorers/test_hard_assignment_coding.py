@@ -33,11 +33,19 @@ def test_conformance_and_functional_twin(codebook, pooling):
     assert report.skipped == {}
 
 
-@parametrize_with_checks([
-    (HardAssignmentCoding(codebook="textual", pooling="softmax", max_block_elements=40), example_inputs(),
-     {"functional": lambda im, tx: hard_assignment_scores(im.feats, tx.feats, im.mask, tx.mask, codebook="textual",
-                                                          pooling="softmax")}),
-])
+@parametrize_with_checks(
+    [
+        (
+            HardAssignmentCoding(codebook="textual", pooling="softmax", max_block_elements=40),
+            example_inputs(),
+            {
+                "functional": lambda im, tx: hard_assignment_scores(
+                    im.feats, tx.feats, im.mask, tx.mask, codebook="textual", pooling="softmax"
+                )
+            },
+        ),
+    ]
+)
 def test_each_conformance_check_on_its_own(block, check):
     check(block)
 
@@ -45,15 +53,23 @@ def test_each_conformance_check_on_its_own(block, check):
 def test_requires_provides_and_renaming():
     assert HardAssignmentCoding.requires == ("image_tokens", "text_tokens")
     assert HardAssignmentCoding.provides == ("scores",)
-    block = HardAssignmentCoding(requires=("image_tokens", "phrase_tokens"), provides=("scores_i2t",))
+    block = HardAssignmentCoding(
+        requires=("image_tokens", "phrase_tokens"), provides=("scores_i2t",)
+    )
     assert block.requires == ("image_tokens", "phrase_tokens") and block.provides == ("scores_i2t",)
     assert block(torch.randn(2, 4, 8), torch.randn(3, 5, 8)).shape == (2, 3)
 
 
 def test_get_params_clone_and_state_dict_round_trip():
-    block = HardAssignmentCoding(codebook="textual", pooling="softmax", temperature=0.05, compute_dtype=torch.bfloat16)
+    block = HardAssignmentCoding(
+        codebook="textual", pooling="softmax", temperature=0.05, compute_dtype=torch.bfloat16
+    )
     params = block.get_params()
-    assert params["codebook"] == "textual" and params["temperature"] == 0.05 and params["compute_dtype"] is torch.bfloat16
+    assert (
+        params["codebook"] == "textual"
+        and params["temperature"] == 0.05
+        and params["compute_dtype"] is torch.bfloat16
+    )
     copy = clone(block)
     assert copy is not block and copy.get_params() == params
     copy.set_params(temperature=0.2)
@@ -73,27 +89,60 @@ def test_get_params_clone_and_state_dict_round_trip():
 )
 def test_module_equals_functional_for_any_block_size(images, texts, budget):
     block = HardAssignmentCoding(max_block_elements=budget)
-    torch.testing.assert_close(block(images, texts), hard_assignment_scores(images.feats, texts.feats, images.mask, texts.mask))
+    torch.testing.assert_close(
+        block(images, texts),
+        hard_assignment_scores(images.feats, texts.feats, images.mask, texts.mask),
+    )
 
 
 def test_validate_names_the_block():
     assert HardAssignmentCoding().validate().pooling == "lse"
-    with pytest.raises(ValueError, match=r"HardAssignmentCoding: pooling must be one of .* got 'lsee'. Did you mean 'lse'\?"):
+    with pytest.raises(
+        ValueError,
+        match=r"HardAssignmentCoding: pooling must be one of .* got 'lsee'. Did you mean 'lse'\?",
+    ):
         HardAssignmentCoding(pooling="lsee").validate()
     with pytest.raises(ValueError, match="HardAssignmentCoding: codebook must be one of"):
         HardAssignmentCoding(codebook="image").validate()
-    with pytest.raises(ValueError, match="HardAssignmentCoding: temperature must be a finite number > 0"):
+    with pytest.raises(
+        ValueError, match="HardAssignmentCoding: temperature must be a finite number > 0"
+    ):
         HardAssignmentCoding(temperature=0).validate()
 
 
 @pytest.mark.parametrize(
     "images, texts, error, match",
     [
-        (torch.randn(2, 3, 8), torch.randn(2, 3, 6), ValueError, "HardAssignmentCoding: hard_assignment_scores: images and texts must share"),
-        (torch.randn(2, 8), torch.randn(2, 3, 8), ValueError, r"HardAssignmentCoding: expected image tokens of shape \(B, N, D\)"),
-        (torch.randn(2, 3, 8), [1, 2], TypeError, "HardAssignmentCoding: expected text tokens as Tokens"),
-        (Tokens(torch.randn(2, 3, 8), torch.tensor([[True] * 3, [False] * 3])), torch.randn(2, 3, 8), ValueError, "no real token"),
-        (torch.full((2, 3, 8), float("nan")), torch.randn(2, 3, 8), ValueError, "HardAssignmentCoding: .*NaN or inf"),
+        (
+            torch.randn(2, 3, 8),
+            torch.randn(2, 3, 6),
+            ValueError,
+            "HardAssignmentCoding: hard_assignment_scores: images and texts must share",
+        ),
+        (
+            torch.randn(2, 8),
+            torch.randn(2, 3, 8),
+            ValueError,
+            r"HardAssignmentCoding: expected image tokens of shape \(B, N, D\)",
+        ),
+        (
+            torch.randn(2, 3, 8),
+            [1, 2],
+            TypeError,
+            "HardAssignmentCoding: expected text tokens as Tokens",
+        ),
+        (
+            Tokens(torch.randn(2, 3, 8), torch.tensor([[True] * 3, [False] * 3])),
+            torch.randn(2, 3, 8),
+            ValueError,
+            "no real token",
+        ),
+        (
+            torch.full((2, 3, 8), float("nan")),
+            torch.randn(2, 3, 8),
+            ValueError,
+            "HardAssignmentCoding: .*NaN or inf",
+        ),
     ],
 )
 def test_bad_inputs(images, texts, error, match):
@@ -102,5 +151,7 @@ def test_bad_inputs(images, texts, error, match):
 
 
 def test_forward_with_unknown_pooling_names_the_block():
-    with pytest.raises(ValueError, match="HardAssignmentCoding: (hard_assignment_scores: )?pooling must be one of"):
+    with pytest.raises(
+        ValueError, match="HardAssignmentCoding: (hard_assignment_scores: )?pooling must be one of"
+    ):
         HardAssignmentCoding(pooling="average")(torch.randn(2, 3, 8), torch.randn(2, 3, 8))

@@ -21,13 +21,17 @@ def test_conformance_and_functional_twin(weighting):
     report = check_component(
         block,
         example_inputs(),
-        functional=lambda im, tx: local_matching_scores(im.feats, tx.feats, im.mask, tx.mask, weighting=weighting, tau=0.2),
+        functional=lambda im, tx: local_matching_scores(
+            im.feats, tx.feats, im.mask, tx.mask, weighting=weighting, tau=0.2
+        ),
     )
     assert report.skipped == {}
 
 
 def test_requires_provides_params_and_clone():
-    assert LocalMatching.requires == ("image_tokens", "text_tokens") and LocalMatching.provides == ("scores",)
+    assert LocalMatching.requires == ("image_tokens", "text_tokens") and LocalMatching.provides == (
+        "scores",
+    )
     block = LocalMatching(weighting="softmax", tau=0.05)
     copy = clone(block)
     assert copy.get_params() == block.get_params() and block.state_dict() == {}

@@ -26,10 +26,21 @@ SETTINGS = settings(max_examples=10, deadline=None)
 D = 8
 
 
-def laps(num_out=2, ratio=0.5, fusion=True, alignment=None, budget=None, aggregation="learned", **scorer_kw):
+def laps(
+    num_out=2,
+    ratio=0.5,
+    fusion=True,
+    alignment=None,
+    budget=None,
+    aggregation="learned",
+    **scorer_kw,
+):
     torch.manual_seed(0)
-    agg = {"learned": lambda: TokenAggregation(D, num_out), "none": lambda: None,
-           "dpc_knn": lambda: DPCKNNAggregation(num_out, k=2)}[aggregation]()
+    agg = {
+        "learned": lambda: TokenAggregation(D, num_out),
+        "none": lambda: None,
+        "dpc_knn": lambda: DPCKNNAggregation(num_out, k=2),
+    }[aggregation]()
     return PatchSlimming(
         PatchScorer(D, **scorer_kw),
         GumbelSelector(ratio=ratio),
@@ -49,7 +60,9 @@ def image_tokens(b=3, n=7, prefix=1, lengths=None, seed=0, dtype=torch.float64):
 
 def text_tokens(lengths=(4, 2, 3, 1), m=4, seed=1, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return Tokens.from_lengths(torch.randn(len(lengths), m, D, generator=g, dtype=dtype), list(lengths))
+    return Tokens.from_lengths(
+        torch.randn(len(lengths), m, D, generator=g, dtype=dtype), list(lengths)
+    )
 
 
 # ---------------------------------------------------------------------------- the plain per-pair reference
@@ -82,7 +95,9 @@ def reference_slimmed_set(slim: PatchSlimming, images: Tokens, i: int, words: to
     if slim.aggregation is None:  # "without patch calibration": the kept patches as they are
         tokens += [v[k] for k in kept]
     elif isinstance(slim.aggregation, DPCKNNAggregation):
-        tokens += loop_dpc_knn([v[k] for k in kept], kept, slim.aggregation.num_out, slim.aggregation.k)
+        tokens += loop_dpc_knn(
+            [v[k] for k in kept], kept, slim.aggregation.num_out, slim.aggregation.k
+        )
     else:
         logits = [slim.aggregation.mlp(x) for x in v]
         for j in range(slim.aggregation.num_out):
@@ -102,7 +117,10 @@ def loop_dpc_knn(xs, positions, num_clusters, k):
     """DPC-KNN written out point by point: density from the k nearest (self included), distance to a
     denser point, the num_clusters largest products are centres, every point joins its nearest centre."""
     n, d = len(xs), xs[0].shape[0]
-    dist = [[float(torch.linalg.vector_norm(xs[a] - xs[b])) / math.sqrt(d) for b in range(n)] for a in range(n)]
+    dist = [
+        [float(torch.linalg.vector_norm(xs[a] - xs[b])) / math.sqrt(d) for b in range(n)]
+        for a in range(n)
+    ]
     rho = []
     for a in range(n):
         near = sorted(dist[a])[: min(k, n)]
@@ -120,7 +138,9 @@ def loop_dpc_knn(xs, positions, num_clusters, k):
 
 def reference(slim: PatchSlimming, images: Tokens, texts: Tokens, align=None):
     scores = torch.zeros(images.batch_size, texts.batch_size, dtype=images.dtype)
-    decisions = torch.zeros(images.batch_size, texts.batch_size, images.num_tokens, dtype=images.dtype)
+    decisions = torch.zeros(
+        images.batch_size, texts.batch_size, images.num_tokens, dtype=images.dtype
+    )
     for i in range(images.batch_size):
         for t in range(texts.batch_size):
             words = [texts.feats[t, m] for m in range(texts.num_tokens) if texts.mask[t, m]]
@@ -130,7 +150,8 @@ def reference(slim: PatchSlimming, images: Tokens, texts: Tokens, align=None):
                 continue
             A = [[F.cosine_similarity(x, w, dim=0) for w in words] for x in tokens]
             scores[i, t] = sum(max(r) for r in A) / len(A) + sum(
-                max(A[k][m] for k in range(len(A))) for m in range(len(words))) / len(words)
+                max(A[k][m] for k in range(len(A))) for m in range(len(words))
+            ) / len(words)
     return scores, decisions
 
 
@@ -154,10 +175,22 @@ def test_inference_keeps_exactly_ns_and_holds_nc_plus_two_tokens():
     assert len(tokens) == 2 + 2  # [CLS], N_c = 2 aggregated, fused
 
 
-@pytest.mark.parametrize("kw", [dict(ratio=1.0), dict(ratio=0.5, num_out=3), dict(fusion=False), dict(language_context=False),
-                                dict(self_attention=False), dict(beta=0.0), dict(beta=1.0),
-                                dict(aggregation="none"), dict(aggregation="none", fusion=False),
-                                dict(aggregation="dpc_knn"), dict(aggregation="dpc_knn", num_out=4, ratio=0.9)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(ratio=1.0),
+        dict(ratio=0.5, num_out=3),
+        dict(fusion=False),
+        dict(language_context=False),
+        dict(self_attention=False),
+        dict(beta=0.0),
+        dict(beta=1.0),
+        dict(aggregation="none"),
+        dict(aggregation="none", fusion=False),
+        dict(aggregation="dpc_knn"),
+        dict(aggregation="dpc_knn", num_out=4, ratio=0.9),
+    ],
+)
 def test_edge_cases_and_ablations_equal_the_loop(kw):
     # ratio 1: nothing dropped, no fused token; N_s = N_c = 3 with 6 patches; ablations of Table 4
     slim = laps(**kw).double().eval()
@@ -179,7 +212,9 @@ def test_training_decisions_are_binary_and_gradients_reach_the_scorer_mlp():
     loss = scores.sum() + RatioLoss(0.5)(keep, images)
     loss.backward()
     for p in slim.scorer.mlp.parameters():
-        assert p.grad is not None and bool(torch.isfinite(p.grad).all()) and bool((p.grad != 0).any())
+        assert (
+            p.grad is not None and bool(torch.isfinite(p.grad).all()) and bool((p.grad != 0).any())
+        )
     for p in slim.aggregation.mlp.parameters():
         assert p.grad is not None and bool(torch.isfinite(p.grad).all())
     # the ratio loss alone reaches the scorer (straight-through decisions)
@@ -253,18 +288,33 @@ def test_without_calibration_aligns_the_selected_patches_and_changes_the_scores(
 
 
 def test_conformance_of_every_block():
-    images, texts = image_tokens(dtype=torch.float32, lengths=[7, 5, 6]), text_tokens(dtype=torch.float32)
+    images, texts = (
+        image_tokens(dtype=torch.float32, lengths=[7, 5, 6]),
+        text_tokens(dtype=torch.float32),
+    )
     report = check_component(laps(), {"image_tokens": images, "text_tokens": texts})
     assert "padding" in report.passed and "gradients" in report.passed
     check_component(PatchScorer(D), {"image_tokens": images, "text_tokens": texts})
     scores = torch.rand(3, 4, 7)
-    check_component(GumbelSelector(0.5), {"patch_scores": scores, "image_tokens": images}, skip=["padding"])
+    check_component(
+        GumbelSelector(0.5), {"patch_scores": scores, "image_tokens": images}, skip=["padding"]
+    )
     keep = GumbelSelector(0.5).eval()(scores, images)
-    check_component(TokenAggregation(D, 2), {"image_tokens": images, "keep_decisions": keep}, skip=["padding"])
-    check_component(RedundantFusion(), {"image_tokens": images, "patch_scores": scores, "keep_decisions": keep},
-                    skip=["padding"])
-    check_component(RatioLoss(0.5), {"keep_decisions": keep, "image_tokens": images}, skip=["padding"])
-    check_component(SparsePatchWordAlignment(max_block_elements=30), {"image_tokens": images, "text_tokens": texts})
+    check_component(
+        TokenAggregation(D, 2), {"image_tokens": images, "keep_decisions": keep}, skip=["padding"]
+    )
+    check_component(
+        RedundantFusion(),
+        {"image_tokens": images, "patch_scores": scores, "keep_decisions": keep},
+        skip=["padding"],
+    )
+    check_component(
+        RatioLoss(0.5), {"keep_decisions": keep, "image_tokens": images}, skip=["padding"]
+    )
+    check_component(
+        SparsePatchWordAlignment(max_block_elements=30),
+        {"image_tokens": images, "text_tokens": texts},
+    )
 
 
 def test_selector_and_aggregation_standalone_match_patch_slimming():
@@ -291,8 +341,10 @@ def test_padded_and_dropped_patches_never_change_aggregated_tokens(seed, extra):
     keep[..., 0] = 1
     out = agg(Tokens(feats), keep)
     # garbage padding, then new values in every dropped patch
-    padded = Tokens(torch.cat([feats, 1e3 * torch.randn(2, extra, D, generator=g, dtype=torch.float64)], 1),
-                    torch.cat([torch.ones(2, 6, dtype=torch.bool), torch.zeros(2, extra, dtype=torch.bool)], 1))
+    padded = Tokens(
+        torch.cat([feats, 1e3 * torch.randn(2, extra, D, generator=g, dtype=torch.float64)], 1),
+        torch.cat([torch.ones(2, 6, dtype=torch.bool), torch.zeros(2, extra, dtype=torch.bool)], 1),
+    )
     keep_p = torch.cat([keep, torch.ones(2, 3, extra, dtype=torch.float64)], -1)
     torch.testing.assert_close(agg(padded, keep_p), out)
     for t in range(3):
@@ -309,11 +361,17 @@ def test_clone_get_params_and_validation():
     copy = clone(slim)
     assert copy.scorer is not slim.scorer and copy.aggregation.num_out == 3
     with pytest.raises(ValueError, match="scorer.dim=8 and aggregation.dim=4 must be equal"):
-        PatchSlimming(PatchScorer(8), GumbelSelector(), TokenAggregation(4, 2), SparsePatchWordAlignment()).validate()
+        PatchSlimming(
+            PatchScorer(8), GumbelSelector(), TokenAggregation(4, 2), SparsePatchWordAlignment()
+        ).validate()
     with pytest.raises(TypeError, match="selector must be a GumbelSelector"):
-        PatchSlimming(PatchScorer(8), None, TokenAggregation(8, 2), SparsePatchWordAlignment()).validate()
+        PatchSlimming(
+            PatchScorer(8), None, TokenAggregation(8, 2), SparsePatchWordAlignment()
+        ).validate()
     with pytest.raises(TypeError, match="alignment must be a Component that provides"):
-        PatchSlimming(PatchScorer(8), GumbelSelector(), TokenAggregation(8, 2), RatioLoss()).validate()
+        PatchSlimming(
+            PatchScorer(8), GumbelSelector(), TokenAggregation(8, 2), RatioLoss()
+        ).validate()
     with pytest.raises(TypeError, match="fusion must be True or False"):
         laps(fusion="yes").validate()
     with pytest.raises(ValueError, match=r"GumbelSelector: ratio must be a number in \(0.0, 1.0\]"):
@@ -339,7 +397,9 @@ def test_clone_get_params_and_validation():
 def test_bad_inputs_raise_clear_errors():
     slim = laps().eval()
     images, texts = image_tokens(dtype=torch.float32), text_tokens(dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"PatchSlimming: expected image tokens of shape \(Bi, N, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"PatchSlimming: expected image tokens of shape \(Bi, N, 8\)"
+    ):
         slim(Tokens(torch.randn(2, 5, 4)), Tokens(torch.randn(2, 3, 4)))
     with pytest.raises(ValueError, match="PatchSlimming: image tokens hold 1 position"):
         slim(Tokens(torch.randn(2, 1, D), num_prefix_tokens=1), texts)
@@ -349,13 +409,17 @@ def test_bad_inputs_raise_clear_errors():
         slim(Tokens(torch.full((2, 5, D), math.nan)), texts)
     with pytest.raises(TypeError, match="PatchSlimming: expected image tokens as Tokens"):
         slim("pixels", texts)
-    with pytest.raises(ValueError, match=r"GumbelSelector: expected patch_scores of shape \(Bi, Bt, N\)"):
+    with pytest.raises(
+        ValueError, match=r"GumbelSelector: expected patch_scores of shape \(Bi, Bt, N\)"
+    ):
         GumbelSelector()(torch.rand(3, 7), images)
     with pytest.raises(ValueError, match=r"TokenAggregation: expected keep_decisions of shape"):
         TokenAggregation(D, 2)(images, torch.ones(3, 4, 5))
     with pytest.raises(ValueError, match=r"RedundantFusion: expected keep_decisions of shape"):
         RedundantFusion()(images, torch.rand(3, 4, 7), torch.ones(2, 4, 7))
-    with pytest.raises(ValueError, match="RedundantFusion: patch_scores must have the shape of keep_decisions"):
+    with pytest.raises(
+        ValueError, match="RedundantFusion: patch_scores must have the shape of keep_decisions"
+    ):
         RedundantFusion()(images, torch.rand(3, 4, 6), torch.ones(3, 4, 7))
     with pytest.raises(ValueError, match="PatchScorer: expected token features of shape"):
         PatchScorer(D)(Tokens(torch.randn(2, 5, 3)), texts)
@@ -375,15 +439,24 @@ def test_matcher_trains_and_blocked_similarity_equals_one_forward():
 
     data = toy_data(n_images=8)
     torch.manual_seed(0)
-    components = [ToyImage(out_dim=D), ToyText(vocab=data.vocab, out_dim=D), ("laps", laps(num_out=2)),
-                  TripletLoss(hardest=False), RatioLoss(0.5)]
+    components = [
+        ToyImage(out_dim=D),
+        ToyText(vocab=data.vocab, out_dim=D),
+        ("laps", laps(num_out=2)),
+        TripletLoss(hardest=False),
+        RatioLoss(0.5),
+    ]
     m = Matcher(components, epochs=1, batch_size=6, verbose=False).fit(data)
     assert "loss/ratioloss" in m.history_[0]
     full = m.similarity(data.images, data.captions)
     m.set_params(image_block=5, text_block=7, eval_batch_size=3)
     torch.testing.assert_close(m.similarity(data.images, data.captions), full)
-    vals = {"images": collate([{"images": x, "texts": "a", "image_ids": 0} for x in data.images])["images"],
-            "texts": data.captions}
+    vals = {
+        "images": collate([{"images": x, "texts": "a", "image_ids": 0} for x in data.images])[
+            "images"
+        ],
+        "texts": data.captions,
+    }
     m.components_.eval()
     with torch.no_grad():
         run_blocks(m.plan_, [0, 1, 2], vals)
@@ -424,8 +497,12 @@ def reference_training_pair(slim, feats, words, noise):
     v_glo, t_glo = sum(v) / len(v), sum(words) / len(words)
     a_s = norm([torch.dot(x, v_glo) / d_ for x in v])
     a_r = norm([torch.dot(x, t_glo) / d_ for x in v])
-    a = torch.stack([(1 - beta) * torch.sigmoid(sc.mlp(x)).squeeze() + beta / 2 * (s + r)
-                     for x, s, r in zip(v, a_s, a_r)])
+    a = torch.stack(
+        [
+            (1 - beta) * torch.sigmoid(sc.mlp(x)).squeeze() + beta / 2 * (s + r)
+            for x, s, r in zip(v, a_s, a_r)
+        ]
+    )
     d = gumbel_keep_decisions(a, slim.selector.tau, noise=noise)
     logits = torch.stack([slim.aggregation.mlp(x) for x in v])  # (Np, Nc)
     tokens = [cls]
@@ -437,7 +514,9 @@ def reference_training_pair(slim, feats, words, noise):
         e = (1 - d) * torch.exp(a)
         tokens.append(sum(e[k] / e.sum() * v[k] for k in range(len(v))))
     A = [[F.cosine_similarity(x, w, dim=0) for w in words] for x in tokens]
-    score = sum(max(r) for r in A) / len(A) + sum(max(A[k][m] for k in range(len(A))) for m in range(len(words))) / len(words)
+    score = sum(max(r) for r in A) / len(A) + sum(
+        max(A[k][m] for k in range(len(A))) for m in range(len(words))
+    ) / len(words)
     return score, d
 
 
@@ -462,8 +541,10 @@ def test_training_forward_and_gradient_equal_the_per_pair_loop():
     torch.testing.assert_close(keep[..., 1:], want_d)
     proj = torch.randn(3, 4, dtype=torch.float64)
     params = [feats, words, *slim.scorer.mlp.parameters(), *slim.aggregation.mlp.parameters()]
-    got_g = torch.autograd.grad((scores * proj).sum() + (keep[..., 1:] ** 2).sum(), params, allow_unused=True)
-    want_g = torch.autograd.grad((want * proj).sum() + (want_d ** 2).sum(), params, allow_unused=True)
+    got_g = torch.autograd.grad(
+        (scores * proj).sum() + (keep[..., 1:] ** 2).sum(), params, allow_unused=True
+    )
+    want_g = torch.autograd.grad((want * proj).sum() + (want_d**2).sum(), params, allow_unused=True)
     for g, h in zip(got_g, want_g):
         torch.testing.assert_close(g, h)
 

@@ -19,8 +19,12 @@ def images_with_lengths(seed, b, n, prefix, dim=6):
 
 
 @SETTINGS
-@given(seed=st.integers(0, 10_000), prefix=st.integers(0, 2), ratio=st.sampled_from([0.25, 0.5, 0.8, 1.0]),
-       beta=st.floats(0, 1))
+@given(
+    seed=st.integers(0, 10_000),
+    prefix=st.integers(0, 2),
+    ratio=st.sampled_from([0.25, 0.5, 0.8, 1.0]),
+    beta=st.floats(0, 1),
+)
 def test_scorer_bounds_and_selector_counts(seed, prefix, ratio, beta):
     images, lengths = images_with_lengths(seed, 3, 7, prefix)
     g = torch.Generator().manual_seed(seed + 1)
@@ -28,11 +32,15 @@ def test_scorer_bounds_and_selector_counts(seed, prefix, ratio, beta):
     torch.manual_seed(seed)
     a = PatchScorer(6, beta=beta).double()(images, texts)
     assert a.shape == (3, 2, 7) and bool(((a >= 0) & (a <= 1)).all())
-    assert bool((a[..., :prefix] == 0).all()) and bool((a[~images.mask.unsqueeze(1).expand_as(a)] == 0).all())
+    assert bool((a[..., :prefix] == 0).all()) and bool(
+        (a[~images.mask.unsqueeze(1).expand_as(a)] == 0).all()
+    )
     keep = GumbelSelector(ratio).eval()(a, images)
     for i in range(3):
         n = int(lengths[i]) - prefix
-        assert bool((keep[i, :, :prefix] == 1).all()) and bool((keep[i, :, int(lengths[i]):] == 0).all())
+        assert bool((keep[i, :, :prefix] == 1).all()) and bool(
+            (keep[i, :, int(lengths[i]) :] == 0).all()
+        )
         assert bool((keep[i, :, prefix:].sum(-1) == math.ceil(round(ratio * n, 9))).all())
     train_keep = GumbelSelector(ratio).train()(a, images)
     assert set(train_keep.unique().tolist()) <= {0.0, 1.0}
@@ -53,7 +61,9 @@ def test_fused_token_ignores_kept_patches_and_padding(seed):
         change = (keep[:, t] == 1) | ~images.mask
         change[:, 0] = True
         alt[change] = torch.randn(int(change.sum()), 6, generator=g, dtype=torch.float64)
-        torch.testing.assert_close(RedundantFusion()(images.with_feats(alt), scores, keep)[:, t], fused[:, t])
+        torch.testing.assert_close(
+            RedundantFusion()(images.with_feats(alt), scores, keep)[:, t], fused[:, t]
+        )
 
 
 @SETTINGS

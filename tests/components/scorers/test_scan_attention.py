@@ -9,11 +9,15 @@ from imtm.testing import check_component
 
 def test_shape_conformance_and_functional_twin():
     torch.manual_seed(0)
-    x = {"image_tokens": Tokens.from_lengths(torch.randn(3, 5, 8), [5, 2, 4]),
-         "text_tokens": Tokens.from_lengths(torch.randn(4, 6, 8), [6, 1, 3, 4])}
+    x = {
+        "image_tokens": Tokens.from_lengths(torch.randn(3, 5, 8), [5, 2, 4]),
+        "text_tokens": Tokens.from_lengths(torch.randn(4, 6, 8), [6, 1, 3, 4]),
+    }
     block = ScanAttention()
     assert block(x["image_tokens"], x["text_tokens"]).shape == (3, 4)
-    report = check_component(block, x, functional=lambda i, t: scan_t2i_scores(i.feats, t.feats, i.mask, t.mask))
+    report = check_component(
+        block, x, functional=lambda i, t: scan_t2i_scores(i.feats, t.feats, i.mask, t.mask)
+    )
     assert {"functional", "padding"} <= set(report.passed)
 
 

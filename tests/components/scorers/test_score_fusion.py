@@ -22,13 +22,19 @@ def test_default_is_dcpa_fusion(shape, seed):
 
 
 def test_custom_weights_single_output():
-    fusion = ScoreFusion({"scores": {"a": 0.5, "b": 2.0}}, requires=("a", "b"), provides=("scores",))
+    fusion = ScoreFusion(
+        {"scores": {"a": 0.5, "b": 2.0}}, requires=("a", "b"), provides=("scores",)
+    )
     a, b = torch.ones(2, 3), torch.full((2, 3), 3.0)
     torch.testing.assert_close(fusion(a, b), torch.full((2, 3), 6.5))
 
 
 def test_conformance():
-    x = {"scores_intra": torch.randn(3, 4), "scores_inter_i2t": torch.randn(3, 4), "scores_inter_t2i": torch.randn(3, 4)}
+    x = {
+        "scores_intra": torch.randn(3, 4),
+        "scores_inter_i2t": torch.randn(3, 4),
+        "scores_inter_t2i": torch.randn(3, 4),
+    }
     report = check_component(ScoreFusion(), x)
     assert "clone" in report.passed and "outputs" in report.passed
 
@@ -36,10 +42,17 @@ def test_conformance():
 def test_bad_weights_and_inputs():
     with pytest.raises(ValueError, match="one entry per provided value"):
         ScoreFusion({"scores_i2t": {"scores_intra": 1.0}}).validate()
-    with pytest.raises(ValueError, match="names 'scores_itra', which is not in requires.*Did you mean 'scores_intra'"):
-        ScoreFusion({"scores_i2t": {"scores_itra": 1.0}, "scores_t2i": {"scores_intra": 1.0}}).validate()
+    with pytest.raises(
+        ValueError,
+        match="names 'scores_itra', which is not in requires.*Did you mean 'scores_intra'",
+    ):
+        ScoreFusion(
+            {"scores_i2t": {"scores_itra": 1.0}, "scores_t2i": {"scores_intra": 1.0}}
+        ).validate()
     with pytest.raises(ValueError, match="must be a finite number"):
-        ScoreFusion({"scores_i2t": {"scores_intra": float("nan")}, "scores_t2i": {"scores_intra": 1.0}}).validate()
+        ScoreFusion(
+            {"scores_i2t": {"scores_intra": float("nan")}, "scores_t2i": {"scores_intra": 1.0}}
+        ).validate()
     with pytest.raises(ValueError, match="must be a non-empty dict"):
         ScoreFusion({"scores_i2t": {}, "scores_t2i": {"scores_intra": 1.0}}).validate()
     with pytest.raises(TypeError, match="weights must be a dict"):

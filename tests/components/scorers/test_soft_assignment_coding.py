@@ -21,7 +21,9 @@ def test_conformance_and_functional_twin(codebook):
     report = check_component(
         block,
         example_inputs(),
-        functional=lambda im, tx: soft_assignment_scores(im.feats, tx.feats, im.mask, tx.mask, tau=0.2, codebook=codebook),
+        functional=lambda im, tx: soft_assignment_scores(
+            im.feats, tx.feats, im.mask, tx.mask, tau=0.2, codebook=codebook
+        ),
     )
     assert report.skipped == {}
 
