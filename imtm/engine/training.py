@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from imtm._version import __version__
 from imtm.component import Component
 from imtm.data.collate import collate
 from imtm.data.seeding import SeededItems, item_seed, restored, set_fit_epoch_key
@@ -890,10 +891,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def record(self) -> dict:
         m = self.m
-        import imtm
-
         versions = {
-            "imtm": imtm.__version__,
+            "imtm": __version__,
             "torch": torch.__version__,
             "numpy": np.__version__,
             "python": platform.python_version(),

@@ -36,6 +36,7 @@ import torch
 
 __all__ = [
     "NORM_EPS",
+    "masked_softmax",
     "SIGNIFICANCE_EPS",
     "aggregate_tokens",
     "aggregated_cosines",
@@ -321,7 +322,7 @@ def top_keep_decisions(
 
 
 # ---------------------------------------------------------------------------- aggregation (Eq. 6-7) and fusion
-def _masked_softmax(logits: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
+def masked_softmax(logits: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
     """``keep * exp(logits) / sum(keep * exp(logits))`` along ``dim``; all-zero where nothing is kept.
 
     ``keep`` may carry straight-through gradients: it multiplies the exponentials, so a 0/1
@@ -363,7 +364,7 @@ def aggregation_weights(logits: torch.Tensor, decisions: torch.Tensor) -> torch.
         >>> torch.allclose(W.sum(2), torch.ones(2, 4, 3))
         True
     """
-    return _masked_softmax(logits.unsqueeze(1), decisions.unsqueeze(-1), dim=2)
+    return masked_softmax(logits.unsqueeze(1), decisions.unsqueeze(-1), dim=2)
 
 
 def fusion_weights(
@@ -389,7 +390,7 @@ def fusion_weights(
     drop = 1 - decisions
     if mask is not None:
         drop = torch.where(mask, drop, torch.zeros((), dtype=drop.dtype, device=drop.device))
-    return _masked_softmax(scores, drop, dim=-1)
+    return masked_softmax(scores, drop, dim=-1)
 
 
 def dpc_knn_weights(

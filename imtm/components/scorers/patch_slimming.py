@@ -26,7 +26,6 @@ from imtm.functional.blocking import (
 )
 from imtm.functional.hard_assignment import CODEBOOKS
 from imtm.functional.patch_slimming import (
-    _masked_softmax,
     aggregate_tokens,
     aggregated_cosines,
     aggregation_weights,
@@ -35,6 +34,7 @@ from imtm.functional.patch_slimming import (
     fusion_weights,
     gumbel_keep_decisions,
     logistic_noise,
+    masked_softmax,
     self_attentive_scores,
     slimmed_cosines,
     text_attentive_scores,
@@ -920,12 +920,12 @@ class PatchSlimming(Component):
                 if dpc is not None:
                     weights = dpc[0]
                 else:
-                    weights = _masked_softmax(
+                    weights = masked_softmax(
                         side.logits[sl].unsqueeze(2), decisions.unsqueeze(-1), dim=1
                     )
                 tokens = aggregate_tokens(patches, weights.permute(0, 2, 1, 3))  # (bi, bt, Nc, D)
             if self.fusion:
-                fused = _masked_softmax(
+                fused = masked_softmax(
                     a.unsqueeze(-1), drop.unsqueeze(-1), dim=1
                 )  # (bi, Np, bt, 1)
                 tokens = torch.cat(
