@@ -693,6 +693,8 @@ VALUE_SPECS: dict[str, ValueSpec] = {
         ),
     )
 }
+#: The names declared above, before any block registers its own values.
+CORE_VALUES: frozenset[str] = frozenset(VALUE_SPECS)
 
 
 def register_value(value: ValueSpec) -> ValueSpec:
@@ -744,10 +746,14 @@ def vocabulary_table() -> str:
             + (",)" if len(value.shape) == 1 else ")")
         )
 
+    # The core vocabulary in its declared order, then the values blocks register, by name: the
+    # table does not depend on the order in which block modules happen to be imported.
+    core = [v for name, v in VALUE_SPECS.items() if name in CORE_VALUES]
+    added = sorted(
+        (v for name, v in VALUE_SPECS.items() if name not in CORE_VALUES), key=lambda v: v.name
+    )
     rows = ["| name | side | kind | shape | what |", "| --- | --- | --- | --- | --- |"]
-    rows += [
-        f"| `{v.name}` | {v.side} | {v.kind} | {shape(v)} | {v.doc} |" for v in VALUE_SPECS.values()
-    ]
+    rows += [f"| `{v.name}` | {v.side} | {v.kind} | {shape(v)} | {v.doc} |" for v in core + added]
     return "\n".join(rows)
 
 
