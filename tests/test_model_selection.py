@@ -73,7 +73,8 @@ def _laps_slimming():
 REQUIRED = {
     "CrossModalEncoder": lambda: {"dim": 8},
     "GRUTextEncoder": lambda: {"vocab": VOCAB, "out_dim": 8},
-    "HFTextEncoder": lambda: {"model_name_or_path": "minilm"},
+    # The packaged synthetic BERT: no optional package needed.
+    "HFTextEncoder": lambda: {"model_name_or_path": "synthetic-bert"},
     "ImageTextMatchingHead": lambda: {"dim": 8},
     "PatchScorer": lambda: {"dim": 8},
     "PatchToLexiconHead": lambda: {"dim": 8, "embed_dim": 8, "vocab_size": 10},
