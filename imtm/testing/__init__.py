@@ -38,6 +38,7 @@ Example:
     {'functional': 'no functional twin given'}
 """
 
+from imtm.testing import conformance as _conformance
 from imtm.testing.conformance import (
     CHECKS,
     ConformanceReport,
@@ -72,24 +73,7 @@ _STRATEGIES = (
     "tokens",
 )
 
-__all__ = [
-    "CHECKS",
-    "ConformanceReport",
-    "check_component",
-    "check_outputs",
-    "check_contract",
-    "check_finite",
-    "check_inputs_unchanged",
-    "check_deterministic",
-    "check_gradients",
-    "check_dtypes",
-    "check_state_dict",
-    "check_clone",
-    "check_padding",
-    "check_functional",
-    "parametrize_with_checks",
-    *_STRATEGIES,
-]
+__all__ = [*_conformance.__all__, *_STRATEGIES]
 
 
 def __getattr__(name):
