@@ -47,6 +47,22 @@ def test_a_region_preset_on_synthetic_pixels_reads_them_through_the_frozen_packa
     assert type(blocks["image"]).__name__ == "PrecomputedEncoder"
 
 
+@pytest.mark.parametrize("name", ["laps", "vsepp"])
+def test_over_the_frozen_vit_the_triplet_loss_sums_over_the_negatives(pixels, name):
+    train = pixels[0]
+    loss = dict(presets.build(name, train, embed_dim=16, word_dim=8))["loss"]
+    assert loss.hardest is False and not loss.hardest_now
+    loss.set_epoch(3)
+    assert not loss.hardest_now
+    # Asked for, the hardest negative stays.
+    loss = dict(presets.build(name, train, embed_dim=16, word_dim=8, hardest=True))["loss"]
+    assert loss.hardest is True
+    # On region features the presets keep their warm-up then the hardest negative.
+    regions = load_dataset("synthetic", view="regions", seed=0, sizes=SIZES)[0]
+    loss = dict(presets.build("vsepp", regions, embed_dim=16, word_dim=8))["loss"]
+    assert loss.hardest is True and loss.warmup_epochs == 1
+
+
 def test_imtm_train_vsepp_on_the_pixels_view(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("IMTM_SYNTHETIC", "n_train=16,n_dev=4,n_test=6")
     out = tmp_path / "run"
