@@ -347,6 +347,62 @@ def write_local_clip(
     return path
 
 
+def _load_tokenizer(source: str, owner: str):
+    """The tokenizer of ``source``: the fast (Rust) one, or the Python one where the fast one cannot be built.
+
+    Some transformers versions (4.46 with tokenizers 0.20) cannot convert a BERT vocabulary
+    whose configuration sets a special token to ``null`` into a fast tokenizer (a
+    ``TypeError`` inside the conversion, then reported as a missing ``protobuf``), where
+    newer versions build it. The Python tokenizer reads the same vocabulary and splits
+    captions the same way, so it is used then; the special-token checks of
+    :class:`HFTextEncoder` see the same tokens either way.
+
+    Raises:
+        OSError: no tokenizer files (the caller reports it with what to pass).
+        ValueError: neither tokenizer can be built; the message names both causes.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except OSError:
+        raise
+    except (TypeError, ValueError, ImportError, AttributeError) as fast_err:
+        # transformers reports a failed conversion as a missing protobuf: name the first cause too.
+        first = fast_err.__context__ or fast_err
+        try:
+            return AutoTokenizer.from_pretrained(source, trust_remote_code=False, use_fast=False)
+        except Exception as slow_err:  # noqa: BLE001 - both failures are reported together
+            raise ValueError(
+                f"{owner}: cannot build the tokenizer of {source!r}: the fast tokenizer failed "
+                f"({type(first).__name__}: {first}) and the Python tokenizer too "
+                f"({type(slow_err).__name__}: {slow_err}). Check the folder's tokenizer_config.json "
+                "(its special tokens) and vocabulary files, or save the tokenizer again with "
+                "tokenizer.save_pretrained(folder)"
+            ) from slow_err
+
+
+@contextlib.contextmanager
+def _clip_masks_in(dtype: torch.dtype):
+    """Run a CLIP text tower in ``dtype`` on every transformers version the package supports.
+
+    transformers 4.46 builds CLIP's causal mask with ``torch.full(..., torch.finfo(dtype).min)``
+    in torch's default dtype, then casts it; in float64 the float64 minimum does not fit a float32
+    tensor and the forward fails (``value cannot be converted to type float without overflow``).
+    For a float64 model the default dtype is float64 for the call (and restored after), so the mask
+    is built where its value fits; every other dtype runs unchanged.
+    """
+    if dtype != torch.float64 or torch.get_default_dtype() == torch.float64:
+        yield
+        return
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def _start_id(tokenizer):
     """The id that opens every caption: BERT's [CLS], or CLIP's start of text."""
     return tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
@@ -456,12 +512,12 @@ class HFTextEncoder(Component):
             source = minilm_path()
         # A packaged backbone (imtm.weights, e.g. "synthetic-bert"): a folder inside the package.
         source = packaged_text_path(source) or source
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel
 
         try:
             # The folder may come from a saved configuration: never run code it ships (auto_map
             # modules) and never unpickle code: a pytorch_model.bin is read with weights_only=True.
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+            tokenizer = _load_tokenizer(source, name)
             config = AutoConfig.from_pretrained(source, trust_remote_code=False)
             if getattr(config, "model_type", None) == "clip":
                 config = config.text_config  # a CLIP model: its text tower (CLIPTextModel) only
@@ -547,6 +603,7 @@ class HFTextEncoder(Component):
         self._tokenizer = tokenizer
         self.model = model
         self._keep_cls, self._keep_sep = SPECIAL_TOKENS[special_tokens]
+        self._clip = getattr(model.config, "model_type", None) in CLIP_MODEL_TYPES
         self.register_module("proj", nn.Linear(width, out_dim) if out_dim is not None else None)
         if freeze:
             self.model.requires_grad_(False)
@@ -737,10 +794,18 @@ class HFTextEncoder(Component):
         ``lengths`` are the captions' token counts as a host list (from the host-side
         tokenizer's mask), so planning the chunks never waits for the device.
         """
-        batch, full = input_ids.shape
         budget = self.chunk_tokens
         if budget is None:
             budget = CHUNK_TOKENS.get(input_ids.device.type, CHUNK_TOKENS["default"])
+        if self._clip:
+            with _clip_masks_in(self.word_embeddings.weight.dtype):
+                return self._chunked_hidden_states(input_ids, mask, lengths, budget)
+        return self._chunked_hidden_states(input_ids, mask, lengths, budget)
+
+    def _chunked_hidden_states(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, lengths: list[int], budget: int
+    ) -> torch.Tensor:
+        batch, full = input_ids.shape
         if batch * full <= budget:
             return self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
         order_host = sorted(
