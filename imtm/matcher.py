@@ -155,7 +155,8 @@ class Matcher(BaseEstimator):
         accumulate: split each batch into this many micro-batches for the single-modality blocks
             (encoders), caching their outputs (GradCache), so the all-pairs scores and losses are
             those of the whole batch and the gradients equal one large batch's, with the encoders'
-            activations of one micro-batch in memory at a time. Not under torchrun.
+            activations of one micro-batch in memory at a time. Under torchrun each process
+            splits its own batch; the cached embeddings are gathered over the processes.
         steps_per_epoch: batches per epoch for data without a length (an ``IterableDataset``, a
             streaming loader); with a length, it caps the epoch.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...

@@ -265,11 +265,6 @@ class Trainer:
         # Under torchrun: one process per rank, each with batch_size items of every global batch.
         distributed.setup(self.device)
         self.world, self.rank = distributed.world_size(), distributed.rank()
-        if self.accumulate > 1 and self.world > 1:
-            raise ValueError(
-                f"Matcher.fit: accumulate={self.accumulate} is not supported under torchrun; the "
-                "processes already train one large batch together (batch_size per process)"
-            )
         self.main = self.rank == 0
         self.ddp = None
         #: How a user's DataLoader is iterated: "rebuilt" (its batches drawn once per epoch from a
@@ -561,6 +556,11 @@ class Trainer:
                 scaled = self.scaler.scale(total) if self.scaler is not None else total
                 if backward is not None:
                     backward(scaled)
+                    # The passes of a cached step run outside DDP (no gradient synchronisation in
+                    # any of them); the ranks' gradients are averaged once, as DDP would.
+                    distributed.average_gradients(
+                        [p for g in opt.param_groups for p in g["params"]]
+                    )
                 else:
                     scaled.backward()
                 if self.scaler is not None:
@@ -772,7 +772,9 @@ class Trainer:
         re-runs each micro-batch's single-modality blocks (with the random state of its first
         pass: the same dropout) and back-propagates their share of the cached gradient. The
         gradients equal those of one large batch; only one micro-batch's encoder activations
-        are held at a time.
+        are held at a time. Under torchrun the pairwise blocks read the cached values of every
+        rank (:meth:`run_gathered`); :meth:`step` then averages the gradients over the ranks
+        once (:func:`~imtm.engine.distributed.average_gradients`).
         """
         plan = self.m.plan_
         blocks = [k for k in run_idx if not plan.is_loss(k)]
@@ -870,6 +872,12 @@ class Trainer:
     def wrap(self, opt, stage):
         """The step under DistributedDataParallel (``None`` in a single process or with nothing to train)."""
         if self.world == 1 or opt is None:
+            return None
+        if self.accumulate > 1:
+            # A cached step (cached_losses) runs its blocks in several passes and averages the
+            # gradients itself (distributed.average_gradients); only DDP's start is needed:
+            # every rank begins from rank 0's weights.
+            distributed.broadcast_module(self.m.components_)
             return None
         from torch.nn.parallel import DistributedDataParallel
 
