@@ -39,10 +39,19 @@ from imtm.engine.checkpoint import (
 )
 from imtm.engine.epochs import start_epoch
 from imtm.engine.graph import IMAGE, TEXT
-from imtm.engine.optim import init_state, make_scheduler, optimizer_spec, schedule_spec
+from imtm.engine.optim import (
+    init_from_record,
+    init_state,
+    is_init_record,
+    make_scheduler,
+    optimizer_spec,
+    schedule_spec,
+    state_digest,
+)
 from imtm.engine.order import EpochSampler
 from imtm.engine.sampling import refresh_sampler
 from imtm.engine.seeding import seed_everything
+from imtm.engine.serialization import encode_value
 from imtm.tokens import NonFiniteValueError, Tokens
 
 __all__ = ["Trainer", "EpochSampler", "check_batch", "NonFiniteError"]
@@ -233,6 +242,8 @@ class Trainer:
     #: fp16 steps whose gradients overflowed (the scaler skipped them); whether the last step was one.
     overflows = 0
     last_overflow = False
+    #: Where ``init_from`` initialised the blocks from (``record_["init_from"]``; ``None``: it did not).
+    init_record: dict | None = None
 
     def __init__(
         self,
@@ -920,7 +931,7 @@ class Trainer:
         fp = getattr(self.train, "fingerprint", None) or getattr(
             getattr(self.train, "dataset", None), "fingerprint", None
         )
-        return {
+        out = {
             "seed": self.seed,
             "versions": versions,
             "data_fingerprint": fp() if callable(fp) else None,
@@ -928,8 +939,15 @@ class Trainer:
             "evaluation_protocol": m.protocol
             or "all pairs of the evaluation set (retrieval_metrics)",
             "config_hash": m.config_hash(),
-            "params": self.run_config()["params"],
+            # init_from as a saved folder records it (no absolute path; a Matcher described)
+            "params": {
+                **self.run_config()["params"],
+                "init_from": encode_value(init_from_record(m.init_from, portable=True)),
+            },
         }
+        if self.init_record is not None:
+            out["init_from"] = self.init_record
+        return out
 
     def train_state(self, opt, sched, cpu_rng: dict | None = None) -> dict:
         """Everything a resumed run needs; ``cpu_rng``: the CPU generators' states to store instead of the current ones."""
@@ -1473,6 +1491,12 @@ class Trainer:
 
         from imtm.engine.checkpoint import latest_checkpoint
 
+        if is_init_record(source):
+            raise ValueError(
+                f"Matcher: init_from={source!r} records where a saved model's weights came from; it "
+                "cannot be applied again (the weights are not stored with it). Pass the fitted Matcher "
+                "or a saved folder's path as init_from, or set init_from=None to train afresh"
+            )
         if isinstance(source, (str, os.PathLike)):
             folder = Path(source)
             if (folder / "LATEST").is_file():
@@ -1486,7 +1510,16 @@ class Trainer:
                 )
             state = blocks.state_dict()
         with torch.no_grad():
-            init_state(self.m.components_, state, None if names is None else list(names))
+            copied = init_state(self.m.components_, state, None if names is None else list(names))
+        # What the record keeps (record_["init_from"]): the source as the configuration describes
+        # it, the blocks copied, and the sha256 of the weights copied (before any resampling).
+        self.init_record = {
+            "source": init_from_record(source, portable=True),
+            "blocks": copied,
+            "weights_sha256": state_digest(
+                {k: v for k, v in state.items() if k.split(".", 1)[0] in copied}
+            ),
+        }
 
     def interrupted(self, opt, sched, cpu_rng: dict | None = None) -> None:
         """After a deferred Ctrl-C: save the state of the last completed step, then raise KeyboardInterrupt.
