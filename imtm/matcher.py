@@ -42,7 +42,7 @@ from imtm.engine.evaluation import (
     side_values_needed,
 )
 from imtm.engine.graph import PipelineError, Plan, build_plan, name_components
-from imtm.engine.optim import check_lr_factors, describe
+from imtm.engine.optim import check_lr_factors, describe, init_from_record, is_init_record
 from imtm.engine.serialization import (
     ASSETS,
     AssetPath,
@@ -145,7 +145,10 @@ class Matcher(BaseEstimator):
             written by :meth:`save`, a checkpoint folder or a run folder (its newest checkpoint).
             A position table of another length (a ViT at another image size) is resampled
             (:func:`imtm.engine.optim.interpolate_pos_embed`). Ignored by ``fit(resume=...)``
-            (the checkpoint holds the weights) and ``fit(warm_start=True)``.
+            (the checkpoint holds the weights) and ``fit(warm_start=True)``. A configuration
+            records a Matcher as ``{"matcher": {"config_hash": ..., "n_epochs": ...}}`` and, in a
+            saved folder, a path by its name, ``{"folder": name}``; such a record is kept by
+            ``load``/``clone`` but cannot be applied again (:func:`imtm.engine.optim.init_from_record`).
         init_blocks: the names of the blocks ``init_from`` initialises; ``None``: every block
             of the same name in both models. The other blocks start from their usual initialisation.
         loggers: where each step's losses, learning rates, gradient norm and samples/s go:
@@ -155,7 +158,8 @@ class Matcher(BaseEstimator):
         accumulate: split each batch into this many micro-batches for the single-modality blocks
             (encoders), caching their outputs (GradCache), so the all-pairs scores and losses are
             those of the whole batch and the gradients equal one large batch's, with the encoders'
-            activations of one micro-batch in memory at a time. Not under torchrun.
+            activations of one micro-batch in memory at a time. Under torchrun each process
+            splits its own batch; the cached embeddings are gathered over the processes.
         steps_per_epoch: batches per epoch for data without a length (an ``IterableDataset``, a
             streaming loader); with a length, it caps the epoch.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
@@ -452,6 +456,7 @@ class Matcher(BaseEstimator):
             and not isinstance(self.init_from, (str, os.PathLike))
             and not hasattr(self.init_from, "components_")
             and not isinstance(self.init_from, Matcher)
+            and not is_init_record(self.init_from)
         ):
             raise TypeError(
                 f"Matcher: init_from must be a fitted Matcher or the path of a saved model, checkpoint or "
@@ -561,16 +566,10 @@ class Matcher(BaseEstimator):
         params.pop("components")
         if isinstance(params.get("checkpoint_dir"), os.PathLike):
             params["checkpoint_dir"] = os.fspath(params["checkpoint_dir"])
-        # A class or a factory is recorded by name; a Matcher given as init_from is not written (its
-        # weights are in the fitted model; give a saved folder's path to record where they came from).
+        # A class or a factory is recorded by name; init_from by a description (init_from_record).
         params["optimizer"] = describe(params.get("optimizer"))
         params["lr_scheduler"] = describe(params.get("lr_scheduler"))
-        if isinstance(params.get("init_from"), os.PathLike):
-            params["init_from"] = os.fspath(params["init_from"])
-        if portable or (
-            params.get("init_from") is not None and not isinstance(params["init_from"], str)
-        ):
-            params["init_from"] = params["init_blocks"] = None
+        params["init_from"] = init_from_record(params.get("init_from"), portable=portable)
         if portable:
             params["checkpoint_dir"] = None
         components = []
@@ -664,7 +663,7 @@ class Matcher(BaseEstimator):
         """scikit-learn's ``clone``: an unfitted copy; a Matcher given as ``init_from`` is shared, not cloned
         (it is where the weights come from, and a clone of it would hold none)."""
         source = self.init_from
-        if source is None or isinstance(source, (str, os.PathLike)):
+        if source is None or isinstance(source, (str, os.PathLike)) or is_init_record(source):
             return super().__sklearn_clone__()
         self.init_from = None
         try:

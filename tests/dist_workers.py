@@ -92,6 +92,12 @@ def all_checks(rank: int, tmp: str) -> dict:
     out["step_first"] = one_step_gradients(matcher(train, BATCH), train, 0)
     out["step_last"] = one_step_gradients(matcher(train, BATCH), train, 2)
 
+    # Gradient accumulation with cached embeddings under torchrun: one step, then a whole fit.
+    out["acc_step_first"] = one_step_gradients(matcher(train, BATCH, accumulate=2), train, 0)
+    out["acc_step_last"] = one_step_gradients(matcher(train, BATCH, accumulate=3), train, 2)
+    acc = matcher(train, BATCH, accumulate=2, epochs=2).fit(train)
+    out["acc_fit_state"] = acc.components_.state_dict()
+
     m = matcher(train, BATCH, checkpoint_dir=tmp / "fit").fit(train, eval_set=train)
     out["fit_state"] = m.components_.state_dict()
     out["fit_history"] = [{k: v for k, v in h.items() if k != "time_s"} for h in m.history_]

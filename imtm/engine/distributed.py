@@ -348,7 +348,60 @@ def max_over_ranks(value: int | torch.Tensor) -> int:
     return int(t.item())
 
 
-__all__ += ["all_gather_objects", "max_over_ranks"]
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers into ``module`` on every rank (as DDP does when built).
+
+    A no-op in a single process.
+    """
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=src)
+
+
+def average_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Average the gradients of ``params`` over the ranks, in place, in one all-reduce per dtype.
+
+    What DistributedDataParallel does at the end of a backward pass, for a step whose
+    backward runs in several passes outside DDP (gradient accumulation with cached
+    embeddings: DDP's ``no_sync`` for every pass, then one synchronisation). A parameter
+    with a gradient on some ranks only gets zeros on the others, as under DDP's
+    ``find_unused_parameters``; one with a gradient on no rank keeps ``None``.
+    A no-op in a single process.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.ones(2)); p.grad = torch.full((2,), 3.0)
+        >>> average_gradients([p]); p.grad  # one process: unchanged
+        tensor([3., 3.])
+    """
+    if not is_distributed():
+        return
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    device = params[0].device
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    present = [p for p, h in zip(params, has.tolist()) if h]
+    world = dist.get_world_size()
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in present:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world
+        offset = 0
+        for p in group:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
+
+__all__ += ["all_gather_objects", "average_gradients", "broadcast_module", "max_over_ranks"]
 
 
 # ---------------------------------------------------------------------------- data order

@@ -45,7 +45,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -63,6 +65,9 @@ __all__ = [
     "check_lr_factors",
     "interpolate_pos_embed",
     "init_state",
+    "init_from_record",
+    "is_init_record",
+    "state_digest",
 ]
 
 #: The optimisers a name selects (lower case).
@@ -473,3 +478,61 @@ def init_state(
             new[key] = value.to(own[key].dtype)
         blocks[name].load_state_dict(new)
     return list(names)
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a state dict: every key, dtype, shape and the tensor's bytes, in key order.
+
+    Example:
+        >>> state_digest({"w": torch.zeros(2)}) == state_digest({"w": torch.zeros(2)})
+        True
+    """
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def is_init_record(value: Any) -> bool:
+    """Whether ``value`` is what :func:`init_from_record` writes for a source it cannot keep."""
+    if not isinstance(value, dict) or len(value) != 1:
+        return False
+    ((kind, what),) = value.items()
+    if kind == "folder":
+        return isinstance(what, str)
+    return kind == "matcher" and isinstance(what, dict)
+
+
+def init_from_record(source: Any, *, portable: bool = False) -> Any:
+    """How a configuration records ``init_from`` (JSON, never a pickle), truthfully.
+
+    - ``None`` and a path stay as they are (a path as a string); in the portable form of a
+      saved model folder a path becomes ``{"folder": name}``, its base name when absolute
+      (a saved model names no path outside itself).
+    - A fitted Matcher becomes ``{"matcher": {"config_hash": ..., "n_epochs": ...}}``: what it
+      was, not its weights (those are in the model that was initialised from it; the run's
+      record keeps the sha256 of the weights copied, ``record_["init_from"]``).
+    - Such a record is kept as it is. A Matcher whose ``init_from`` is a record cannot apply it
+      again: ``fit`` asks for the Matcher or folder itself.
+
+    Example:
+        >>> init_from_record("/runs/pretrain/ckpt-00000012", portable=True)
+        {'folder': 'ckpt-00000012'}
+    """
+    if source is None or is_init_record(source):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not portable:
+            return path
+        name = os.path.basename(path.rstrip("/\\")) if os.path.isabs(path) else path
+        return {"folder": name}
+    hash_ = getattr(source, "config_hash", None)
+    return {
+        "matcher": {
+            "config_hash": hash_() if callable(hash_) else None,
+            "n_epochs": int(getattr(source, "n_epochs_", 0) or 0),
+        }
+    }

@@ -39,10 +39,19 @@ from imtm.engine.checkpoint import (
 )
 from imtm.engine.epochs import start_epoch
 from imtm.engine.graph import IMAGE, TEXT
-from imtm.engine.optim import init_state, make_scheduler, optimizer_spec, schedule_spec
+from imtm.engine.optim import (
+    init_from_record,
+    init_state,
+    is_init_record,
+    make_scheduler,
+    optimizer_spec,
+    schedule_spec,
+    state_digest,
+)
 from imtm.engine.order import EpochSampler
 from imtm.engine.sampling import refresh_sampler
 from imtm.engine.seeding import seed_everything
+from imtm.engine.serialization import encode_value
 from imtm.tokens import NonFiniteValueError, Tokens
 
 __all__ = ["Trainer", "EpochSampler", "check_batch", "NonFiniteError"]
@@ -233,6 +242,8 @@ class Trainer:
     #: fp16 steps whose gradients overflowed (the scaler skipped them); whether the last step was one.
     overflows = 0
     last_overflow = False
+    #: Where ``init_from`` initialised the blocks from (``record_["init_from"]``; ``None``: it did not).
+    init_record: dict | None = None
 
     def __init__(
         self,
@@ -265,11 +276,6 @@ class Trainer:
         # Under torchrun: one process per rank, each with batch_size items of every global batch.
         distributed.setup(self.device)
         self.world, self.rank = distributed.world_size(), distributed.rank()
-        if self.accumulate > 1 and self.world > 1:
-            raise ValueError(
-                f"Matcher.fit: accumulate={self.accumulate} is not supported under torchrun; the "
-                "processes already train one large batch together (batch_size per process)"
-            )
         self.main = self.rank == 0
         self.ddp = None
         #: How a user's DataLoader is iterated: "rebuilt" (its batches drawn once per epoch from a
@@ -561,6 +567,11 @@ class Trainer:
                 scaled = self.scaler.scale(total) if self.scaler is not None else total
                 if backward is not None:
                     backward(scaled)
+                    # The passes of a cached step run outside DDP (no gradient synchronisation in
+                    # any of them); the ranks' gradients are averaged once, as DDP would.
+                    distributed.average_gradients(
+                        [p for g in opt.param_groups for p in g["params"]]
+                    )
                 else:
                     scaled.backward()
                 if self.scaler is not None:
@@ -772,7 +783,9 @@ class Trainer:
         re-runs each micro-batch's single-modality blocks (with the random state of its first
         pass: the same dropout) and back-propagates their share of the cached gradient. The
         gradients equal those of one large batch; only one micro-batch's encoder activations
-        are held at a time.
+        are held at a time. Under torchrun the pairwise blocks read the cached values of every
+        rank (:meth:`run_gathered`); :meth:`step` then averages the gradients over the ranks
+        once (:func:`~imtm.engine.distributed.average_gradients`).
         """
         plan = self.m.plan_
         blocks = [k for k in run_idx if not plan.is_loss(k)]
@@ -871,6 +884,12 @@ class Trainer:
         """The step under DistributedDataParallel (``None`` in a single process or with nothing to train)."""
         if self.world == 1 or opt is None:
             return None
+        if self.accumulate > 1:
+            # A cached step (cached_losses) runs its blocks in several passes and averages the
+            # gradients itself (distributed.average_gradients); only DDP's start is needed:
+            # every rank begins from rank 0's weights.
+            distributed.broadcast_module(self.m.components_)
+            return None
         from torch.nn.parallel import DistributedDataParallel
 
         plan = self.m.plan_
@@ -912,7 +931,7 @@ class Trainer:
         fp = getattr(self.train, "fingerprint", None) or getattr(
             getattr(self.train, "dataset", None), "fingerprint", None
         )
-        return {
+        out = {
             "seed": self.seed,
             "versions": versions,
             "data_fingerprint": fp() if callable(fp) else None,
@@ -920,8 +939,15 @@ class Trainer:
             "evaluation_protocol": m.protocol
             or "all pairs of the evaluation set (retrieval_metrics)",
             "config_hash": m.config_hash(),
-            "params": self.run_config()["params"],
+            # init_from as a saved folder records it (no absolute path; a Matcher described)
+            "params": {
+                **self.run_config()["params"],
+                "init_from": encode_value(init_from_record(m.init_from, portable=True)),
+            },
         }
+        if self.init_record is not None:
+            out["init_from"] = self.init_record
+        return out
 
     def train_state(self, opt, sched, cpu_rng: dict | None = None) -> dict:
         """Everything a resumed run needs; ``cpu_rng``: the CPU generators' states to store instead of the current ones."""
@@ -1465,6 +1491,12 @@ class Trainer:
 
         from imtm.engine.checkpoint import latest_checkpoint
 
+        if is_init_record(source):
+            raise ValueError(
+                f"Matcher: init_from={source!r} records where a saved model's weights came from; it "
+                "cannot be applied again (the weights are not stored with it). Pass the fitted Matcher "
+                "or a saved folder's path as init_from, or set init_from=None to train afresh"
+            )
         if isinstance(source, (str, os.PathLike)):
             folder = Path(source)
             if (folder / "LATEST").is_file():
@@ -1478,7 +1510,16 @@ class Trainer:
                 )
             state = blocks.state_dict()
         with torch.no_grad():
-            init_state(self.m.components_, state, None if names is None else list(names))
+            copied = init_state(self.m.components_, state, None if names is None else list(names))
+        # What the record keeps (record_["init_from"]): the source as the configuration describes
+        # it, the blocks copied, and the sha256 of the weights copied (before any resampling).
+        self.init_record = {
+            "source": init_from_record(source, portable=True),
+            "blocks": copied,
+            "weights_sha256": state_digest(
+                {k: v for k, v in state.items() if k.split(".", 1)[0] in copied}
+            ),
+        }
 
     def interrupted(self, opt, sched, cpu_rng: dict | None = None) -> None:
         """After a deferred Ctrl-C: save the state of the last completed step, then raise KeyboardInterrupt.

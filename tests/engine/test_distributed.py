@@ -51,6 +51,37 @@ def test_two_ranks_compute_the_loss_and_gradients_of_the_combined_batch(ranks, w
             )
 
 
+@pytest.mark.parametrize("which, start", [("acc_step_first", 0), ("acc_step_last", 2)])
+def test_accumulation_on_two_ranks_equals_one_process_with_the_combined_batch(ranks, which, start):
+    """accumulate=k under torchrun: cached micro-batches on each rank, the gathered batch's loss,
+    one gradient average over the ranks; the gradients of one process with one large batch."""
+    _, res = ranks
+    train = w.data()
+    single = w.one_step_gradients(w.matcher(train, 2 * w.BATCH), train, start)
+    assert sum(r[which]["n_local"] for r in res) == single["n_local"]
+    for r in res:
+        assert set(r[which]["logs"]) == set(single["logs"])
+        for name, value in single["logs"].items():
+            assert r[which]["logs"][name] == pytest.approx(value, rel=1e-6, abs=1e-6)
+        assert set(r[which]["grads"]) == set(single["grads"]) and len(single["grads"]) >= 4
+        for name, g in single["grads"].items():
+            torch.testing.assert_close(
+                t(r[which]["grads"][name]), g, rtol=1e-6, atol=1e-6, msg=name
+            )
+    # the ranks hold one model: the same averaged gradients, bit for bit
+    for name in single["grads"]:
+        np.testing.assert_array_equal(res[0][which]["grads"][name], res[1][which]["grads"][name])
+
+
+def test_accumulated_fit_on_two_ranks_equals_one_process_with_the_combined_batch(ranks):
+    _, res = ranks
+    train = w.data()
+    single = w.matcher(train, 2 * w.BATCH, epochs=2).fit(train)
+    for r in res:
+        for k, v in single.components_.state_dict().items():
+            torch.testing.assert_close(t(r["acc_fit_state"][k]), v, rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_gathered_gradient_is_not_the_local_one(ranks):
     """Guard against a test that cannot fail: each rank's share alone gives other gradients."""
     _, res = ranks

@@ -5,7 +5,9 @@ last checkpoint holds), against the plain formula of its schedule, and for bit-e
 """
 
 import functools
+import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -24,7 +26,9 @@ from imtm.engine.optim import (
     optimizer_spec,
     schedule_factor,
     schedule_spec,
+    state_digest,
 )
+from imtm.engine.serialization import decode_value
 
 
 @pytest.fixture(scope="module")
@@ -383,9 +387,65 @@ def test_clone_keeps_a_fitted_init_from(data):
     source = matcher(data, epochs=1).fit(data)
     m = matcher(data, init_from=source, init_blocks=["image"])
     assert clone(m).init_from is source
-    assert (
-        m.get_config()["params"]["init_from"] is None
-    )  # a Matcher is not written into a configuration
+
+
+def decoded_params(m, **kw):
+    return {k: decode_value(v) for k, v in m.get_config(**kw)["params"].items()}
+
+
+def test_a_matcher_given_as_init_from_is_recorded_truthfully_through_save_load_and_clone(
+    data, tmp_path
+):
+    """Not as None: the configuration describes the source Matcher (JSON, never a pickle), the
+    record keeps the sha256 of the weights copied; a loaded model cannot apply it again silently."""
+    source = matcher(data, epochs=1, random_state=1).fit(data)
+    m = matcher(data, epochs=1, init_from=source, init_blocks=["image"]).fit(data)
+    described = {"matcher": {"config_hash": source.config_hash(), "n_epochs": 1}}
+    for portable in (False, True):
+        params = decoded_params(m, portable=portable)
+        assert params["init_from"] == described and params["init_blocks"] == ["image"]
+    copied = state_digest(weights(source, "image."))
+    assert copied != state_digest(weights(source))  # only the named block's weights
+    assert m.record_["init_from"] == {
+        "source": described,
+        "blocks": ["image"],
+        "weights_sha256": copied,
+    }
+    m.save(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert "__object__" not in json.dumps(config["params"])  # plain JSON values
+    loaded = Matcher.load(tmp_path / "model")
+    assert loaded.init_from == described and loaded.init_blocks == ["image"]
+    assert loaded.record_["init_from"]["weights_sha256"] == copied
+    twin = clone(loaded)
+    assert twin.init_from == described and twin.init_from is not loaded.init_from
+    assert decoded_params(twin)["init_from"] == described  # saved again: the same description
+    with pytest.raises(ValueError, match="cannot be applied again"):
+        twin.fit(data)
+    assert_same(
+        weights(twin.set_params(init_from=None, init_blocks=None).fit(data)),
+        weights(matcher(data, epochs=1).fit(data)),
+    )
+
+
+def test_a_folder_given_as_init_from_is_saved_by_its_name(data, tmp_path):
+    source = matcher(data, epochs=1, random_state=1).fit(data)
+    source.save(tmp_path / "pretrained")
+    m = matcher(data, epochs=1, init_from=tmp_path / "pretrained").fit(data)
+    assert decoded_params(m)["init_from"] == str(tmp_path / "pretrained")  # live: the path
+    assert decoded_params(m, portable=True)["init_from"] == {"folder": "pretrained"}
+    assert m.record_["init_from"]["source"] == {"folder": "pretrained"}
+    assert m.record_["init_from"]["weights_sha256"] == state_digest(weights(source))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no absolute path in the saved folder
+        m.save(tmp_path / "model")
+    assert Matcher.load(tmp_path / "model").init_from == {"folder": "pretrained"}
+
+
+@pytest.mark.parametrize("bad", [{"matcher": "x"}, {"folder": 3}, {"path": "a"}, {}])
+def test_init_from_refuses_a_dict_that_is_not_a_record(data, bad):
+    with pytest.raises(TypeError, match="init_from must be"):
+        matcher(data, init_from=bad).fit(data)
 
 
 # ---------------------------------------------------------------- position tables
