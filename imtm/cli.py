@@ -851,7 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--image-model",
                 default=None,
                 help="laps, ela: the timm ViT / Swin (default: the "
-                "paper's on image files, a small ViT from scratch on synthetic pixels)",
+                "paper's on image files, the packaged 'synthetic-vit', frozen, on synthetic pixels)",
             )
             t.add_argument("--img-size", type=int, default=None, help="laps, ela: input resolution")
             t.add_argument(
@@ -869,7 +869,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "--text-model",
                 default=None,
                 help="a BERT-style or CLIP folder, a hub name or 'minilm' "
-                "(ela default: a small BERT from scratch over the training captions, written into --out)",
+                "(on the synthetic pixels laps and ela fine-tune the packaged 'synthetic-bert'; "
+                "elsewhere ela trains a small BERT from scratch over the training captions, written "
+                "into --out)",
             )
         else:
             t.add_argument(
