@@ -667,7 +667,7 @@ def cmd_compare(args) -> int:
         image_size=args.image_size,
         backbones=args.backbones,
         freeze_backbone=not args.fine_tune_backbone,
-        cache_backbone=not args.no_backbone_cache,
+        cache_backbone=args.backbone_cache,
         seed=args.seed,
     )
     smoke = (
@@ -933,10 +933,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="pixel presets: fine-tune the pre-trained synthetic-vit too (default: frozen)",
     )
     c.add_argument(
-        "--no-backbone-cache",
+        "--backbone-cache",
         action="store_true",
-        help="pixel presets with the ViT frozen: run it in every step instead of encoding the "
-        "images once and training on its cached tokens (the default; the same model)",
+        help="laps, vsepp-vit with the ViT frozen: encode the images with it once and train a "
+        "linear projection (PrecomputedEncoder, its own initialisation: results differ from the "
+        "default) on the cached tokens",
     )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument(
