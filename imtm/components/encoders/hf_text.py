@@ -31,6 +31,8 @@ __all__ = [
     "HFTextEncoder",
     "load_transformers_weights",
     "minilm_path",
+    "open_clip_text_config",
+    "open_clip_text_state_dict",
     "write_local_bert",
     "write_local_clip",
 ]
@@ -58,13 +60,200 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+#: Weight files of an open_clip folder (the names open_clip's ``push_to_hf_hub`` writes), read
+#: after the transformers names: their text tower is converted (:func:`open_clip_text_state_dict`).
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+#: open_clip's model configuration file (``{"model_cfg": {"text_cfg": ...}, "preprocess_cfg": ...}``).
+OPEN_CLIP_CONFIG = "open_clip_config.json"
 #: Layer-norm names of checkpoints saved before transformers renamed them (old BERT checkpoints).
 _LEGACY_NORM_NAMES = {".gamma": ".weight", ".beta": ".bias"}
+#: open_clip text-tower names -> transformers ``CLIPTextModel`` names (per residual block, then the rest).
+_OPEN_CLIP_BLOCK_NAMES = {
+    "ln_1": "layer_norm1",
+    "attn.out_proj": "self_attn.out_proj",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+_OPEN_CLIP_TOWER_NAMES = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+#: Text-tower entries that no token output uses (the pooled feature's projection, the causal mask).
+_OPEN_CLIP_UNUSED = (
+    "text_projection",
+    "text_projection.weight",
+    "text_projection.bias",
+    "attn_mask",
+)
+#: open_clip text_cfg options that change the tower beyond what CLIPTextModel computes.
+_OPEN_CLIP_UNSUPPORTED_CFG = (
+    "hf_model_name",
+    "ls_init_value",
+    "embed_cls",
+    "no_causal_mask",
+    "qk_norm",
+    "scaled_cosine_attn",
+    "scale_heads",
+    "scale_attn_inner",
+    "scale_attn",
+    "scale_fc",
+    "norm_kwargs",
+    "act_kwargs",
+    "variable_text",
+)
+
+
+def _open_clip_text_prefix(state: Mapping[str, torch.Tensor]) -> str | None:
+    """``""`` (open_clip's ``CLIP`` and OpenAI's layout), ``"text."`` (``CustomTextCLIP``), or None."""
+    for prefix in ("", "text."):
+        if f"{prefix}token_embedding.weight" in state and f"{prefix}ln_final.weight" in state:
+            return prefix
+    return None
+
+
+def open_clip_text_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    r"""An open_clip (or OpenAI CLIP) state dict's text tower in the names of transformers' ``CLIPTextModel``.
+
+    open_clip keeps the text tower at the top level (``CLIP``: ``token_embedding``,
+    ``positional_embedding``, ``transformer.resblocks.{i}``, ``ln_final``, as OpenAI's
+    checkpoints) or under ``text.`` (``CustomTextCLIP``). Each residual block's fused
+    attention input projection ``attn.in_proj_weight`` ``(3W, W)`` holds the query, key and
+    value rows in that order (``nn.MultiheadAttention``'s layout) and is split into
+    ``q_proj`` / ``k_proj`` / ``v_proj``; ``ln_1`` / ``ln_2`` / ``mlp.c_fc`` / ``mlp.c_proj`` /
+    ``attn.out_proj`` become ``layer_norm1`` / ``layer_norm2`` / ``mlp.fc1`` / ``mlp.fc2`` /
+    ``self_attn.out_proj``, ``ln_final`` ``final_layer_norm``. Both compute
+
+    .. math::
+
+        x^{(0)} = E[w] + P, \quad
+        x^{(l)} = y + \mathrm{MLP}(\mathrm{LN}_2(y)),\ y = x^{(l-1)} + \mathrm{Attn}_{causal}(\mathrm{LN}_1(x^{(l-1)})),
+        \quad u = \mathrm{LN}_f(x^{(L)})
+
+    The image tower (``visual.``), ``logit_scale`` and the text projection (it maps the pooled
+    sentence feature, not the tokens) are left out.
+
+    Raises:
+        ValueError: the state dict has no open_clip text tower, or its text tower has parts a
+            ``CLIPTextModel`` does not compute (layer scale, a class embedding, custom attention
+            blocks); the message names them.
+
+    Example:
+        >>> import torch
+        >>> W = 4
+        >>> state = {"token_embedding.weight": torch.zeros(10, W), "positional_embedding": torch.zeros(8, W),
+        ...          "ln_final.weight": torch.ones(W), "ln_final.bias": torch.zeros(W),
+        ...          "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(3 * W, W)}
+        >>> out = open_clip_text_state_dict(state)
+        >>> sorted(k.rsplit(".", 2)[-2] for k in out if "self_attn" in k)
+        ['k_proj', 'q_proj', 'v_proj']
+    """
+    prefix = _open_clip_text_prefix(state)
+    if prefix is None:
+        raise ValueError(
+            "open_clip_text_state_dict: no open_clip text tower in this state dict (expected "
+            "'token_embedding.weight' and 'ln_final.weight', or the same under 'text.')"
+        )
+    out: dict[str, torch.Tensor] = {}
+    left: list[str] = []
+    block = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)$")
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        if prefix == "" and name.startswith(("visual.", "logit_scale", "logit_bias")):
+            continue  # the image tower and the contrastive temperature
+        if name in _OPEN_CLIP_TOWER_NAMES:
+            out[_OPEN_CLIP_TOWER_NAMES[name]] = value
+            continue
+        if name in _OPEN_CLIP_UNUSED:
+            continue
+        match = block.match(name)
+        if match is None:
+            left.append(key)
+            continue
+        layer, rest = match.groups()
+        target = f"text_model.encoder.layers.{layer}."
+        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            kind = rest.rsplit("_", 1)[1]  # weight / bias
+            if value.shape[0] % 3:
+                raise ValueError(
+                    f"open_clip_text_state_dict: {key!r} has {value.shape[0]} rows, not 3 x width"
+                )
+            for part, chunk in zip(("q", "k", "v"), value.chunk(3, dim=0)):
+                out[f"{target}self_attn.{part}_proj.{kind}"] = chunk
+            continue
+        module, _, leaf = rest.rpartition(".")
+        if module in _OPEN_CLIP_BLOCK_NAMES and leaf in ("weight", "bias"):
+            out[f"{target}{_OPEN_CLIP_BLOCK_NAMES[module]}.{leaf}"] = value
+        else:
+            left.append(key)
+    if left:
+        raise ValueError(
+            f"open_clip_text_state_dict: the text tower has parts a CLIP text model does not compute: "
+            f"{left[:6]}{'...' if len(left) > 6 else ''} (layer scale, a class embedding or custom "
+            "attention blocks); convert only standard CLIP text towers"
+        )
+    return out
+
+
+def open_clip_text_config(folder: str | os.PathLike, tokenizer=None):
+    """A transformers ``CLIPTextConfig`` for the text tower that an ``open_clip_config.json`` describes.
+
+    Reads ``model_cfg.text_cfg`` (``width``, ``heads``, ``layers``, ``context_length``,
+    ``vocab_size``, ``mlp_ratio``, with open_clip's ``CLIPTextCfg`` defaults where a value is
+    absent) and ``model_cfg.quick_gelu`` (QuickGELU, as OpenAI's CLIP, or GELU). The start, end
+    and padding ids come from ``tokenizer`` when given.
+
+    Raises:
+        FileNotFoundError: no ``open_clip_config.json`` in the folder.
+        ValueError: the text tower is not a standard CLIP text transformer (a Hugging Face text
+            model, layer scale, a class embedding, custom attention blocks).
+    """
+    from transformers import CLIPTextConfig
+
+    path = Path(folder) / OPEN_CLIP_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no {OPEN_CLIP_CONFIG}")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model_cfg = data.get("model_cfg", data) if isinstance(data, dict) else {}
+    text = model_cfg.get("text_cfg") or {}
+    bad = [k for k in _OPEN_CLIP_UNSUPPORTED_CFG if text.get(k)]
+    if text.get("text_arch", "clip") != "clip":
+        bad.append(f"text_arch={text['text_arch']!r}")
+    if text.get("block_type") not in (None, "default"):
+        bad.append(f"block_type={text['block_type']!r}")
+    if bad:
+        raise ValueError(
+            f"{str(path)!r}: the text tower is not a standard CLIP text transformer ({bad}); "
+            "HFTextEncoder converts open_clip's default CLIP text towers only"
+        )
+    width = int(text.get("width", 512))
+    ids = {}
+    if tokenizer is not None:
+        ids = {
+            "bos_token_id": _start_id(tokenizer),
+            "eos_token_id": _end_id(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    return CLIPTextConfig(
+        vocab_size=int(text.get("vocab_size", 49408)),
+        hidden_size=width,
+        intermediate_size=int(width * float(text.get("mlp_ratio", 4.0))),
+        num_hidden_layers=int(text.get("layers", 12)),
+        num_attention_heads=int(text.get("heads", 8)),
+        max_position_embeddings=int(text.get("context_length", 77)),
+        hidden_act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+        layer_norm_eps=1e-5,  # open_clip's LayerNorm default
+        **{k: v for k, v in ids.items() if v is not None},
+    )
 
 
 def _weight_files(folder: Path) -> list[Path]:
     """The weight files of a transformers folder: one file, or the shards an index names."""
-    for name in WEIGHT_FILES:
+    for name in (*WEIGHT_FILES, *OPEN_CLIP_WEIGHT_FILES):
         path = folder / name
         if path.is_file():
             if name.endswith(".index.json"):
@@ -76,14 +265,18 @@ def _weight_files(folder: Path) -> list[Path]:
                     )
                 return [folder / shard for shard in shards]
             return [path]
-    raise FileNotFoundError(f"{str(folder)!r} has no weights: expected one of {list(WEIGHT_FILES)}")
+    raise FileNotFoundError(
+        f"{str(folder)!r} has no weights: expected one of {[*WEIGHT_FILES, *OPEN_CLIP_WEIGHT_FILES]}"
+    )
 
 
 def load_transformers_weights(model: nn.Module, folder: str | os.PathLike) -> None:
     """Load a transformers folder's weights into ``model`` (built from its configuration), strictly.
 
     Reads ``model.safetensors`` or a ``pytorch_model.bin`` (with ``torch.load(weights_only=True)``:
-    tensors only, no pickled code), sharded or not. Checkpoint names are matched to the model's
+    tensors only, no pickled code), sharded or not, or else open_clip's ``open_clip_model.safetensors``
+    / ``open_clip_pytorch_model.bin``, whose text tower is converted by
+    :func:`open_clip_text_state_dict` (as is any checkpoint in open_clip's or OpenAI's layout). Checkpoint names are matched to the model's
     with or without the architecture's prefix (``bert.``, ``text_model.``), and old layer-norm names
     (``gamma`` / ``beta``) are read as ``weight`` / ``bias``; checkpoint entries the model has no
     use for (a pre-training head, another tower of a CLIP model) are left out.
@@ -102,6 +295,8 @@ def load_transformers_weights(model: nn.Module, folder: str | os.PathLike) -> No
                 if key.endswith(old) and "LayerNorm" in key:
                     key = key[: -len(old)] + new
             state[key] = value
+    if _open_clip_text_prefix(state) is not None:
+        state = open_clip_text_state_dict(state)  # open_clip's (or OpenAI's) layout
     prefixes = [p for p in (getattr(model, "base_model_prefix", ""), "text_model") if p]
     own = model.state_dict()
     picked, missing, wrong = {}, [], []
@@ -347,6 +542,62 @@ def write_local_clip(
     return path
 
 
+def _load_tokenizer(source: str, owner: str):
+    """The tokenizer of ``source``: the fast (Rust) one, or the Python one where the fast one cannot be built.
+
+    Some transformers versions (4.46 with tokenizers 0.20) cannot convert a BERT vocabulary
+    whose configuration sets a special token to ``null`` into a fast tokenizer (a
+    ``TypeError`` inside the conversion, then reported as a missing ``protobuf``), where
+    newer versions build it. The Python tokenizer reads the same vocabulary and splits
+    captions the same way, so it is used then; the special-token checks of
+    :class:`HFTextEncoder` see the same tokens either way.
+
+    Raises:
+        OSError: no tokenizer files (the caller reports it with what to pass).
+        ValueError: neither tokenizer can be built; the message names both causes.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except OSError:
+        raise
+    except (TypeError, ValueError, ImportError, AttributeError) as fast_err:
+        # transformers reports a failed conversion as a missing protobuf: name the first cause too.
+        first = fast_err.__context__ or fast_err
+        try:
+            return AutoTokenizer.from_pretrained(source, trust_remote_code=False, use_fast=False)
+        except Exception as slow_err:  # noqa: BLE001 - both failures are reported together
+            raise ValueError(
+                f"{owner}: cannot build the tokenizer of {source!r}: the fast tokenizer failed "
+                f"({type(first).__name__}: {first}) and the Python tokenizer too "
+                f"({type(slow_err).__name__}: {slow_err}). Check the folder's tokenizer_config.json "
+                "(its special tokens) and vocabulary files, or save the tokenizer again with "
+                "tokenizer.save_pretrained(folder)"
+            ) from slow_err
+
+
+@contextlib.contextmanager
+def _clip_masks_in(dtype: torch.dtype):
+    """Run a CLIP text tower in ``dtype`` on every transformers version the package supports.
+
+    transformers 4.46 builds CLIP's causal mask with ``torch.full(..., torch.finfo(dtype).min)``
+    in torch's default dtype, then casts it; in float64 the float64 minimum does not fit a float32
+    tensor and the forward fails (``value cannot be converted to type float without overflow``).
+    For a float64 model the default dtype is float64 for the call (and restored after), so the mask
+    is built where its value fits; every other dtype runs unchanged.
+    """
+    if dtype != torch.float64 or torch.get_default_dtype() == torch.float64:
+        yield
+        return
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def _start_id(tokenizer):
     """The id that opens every caption: BERT's [CLS], or CLIP's start of text."""
     return tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
@@ -382,6 +633,11 @@ class HFTextEncoder(Component):
     (LAPS Table 2's CLIP rows): CLIP's start-of-text and end-of-text tokens play [CLS] and [SEP]
     (with CLIP's causal attention the start token sees only itself, so prefer
     ``special_tokens="none"`` or ``"all"`` there; the end token is CLIP's sentence feature).
+    An open_clip folder, as open_clip's ``push_to_hf_hub`` writes it (``open_clip_config.json``,
+    ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``, and the tokenizer's
+    files), gives its text tower too: the configuration from :func:`open_clip_text_config`, the
+    weights converted by :func:`open_clip_text_state_dict` (also when a transformers CLIP
+    ``config.json`` sits beside open_clip's weights).
 
     Args:
         model_name_or_path: a hub name (e.g. ``"bert-base-uncased"``, needs the hub or its
@@ -456,13 +712,21 @@ class HFTextEncoder(Component):
             source = minilm_path()
         # A packaged backbone (imtm.weights, e.g. "synthetic-bert"): a folder inside the package.
         source = packaged_text_path(source) or source
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel
 
         try:
             # The folder may come from a saved configuration: never run code it ships (auto_map
             # modules) and never unpickle code: a pytorch_model.bin is read with weights_only=True.
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+            tokenizer = _load_tokenizer(source, name)
+            if (
+                Path(source).is_dir()
+                and not (Path(source) / "config.json").is_file()
+                and (Path(source) / OPEN_CLIP_CONFIG).is_file()
+            ):
+                # An open_clip folder (open_clip_config.json, its weights, the tokenizer's files).
+                config = open_clip_text_config(source, tokenizer)
+            else:
+                config = AutoConfig.from_pretrained(source, trust_remote_code=False)
             if getattr(config, "model_type", None) == "clip":
                 config = config.text_config  # a CLIP model: its text tower (CLIPTextModel) only
             local = Path(source).is_dir()
@@ -547,6 +811,7 @@ class HFTextEncoder(Component):
         self._tokenizer = tokenizer
         self.model = model
         self._keep_cls, self._keep_sep = SPECIAL_TOKENS[special_tokens]
+        self._clip = getattr(model.config, "model_type", None) in CLIP_MODEL_TYPES
         self.register_module("proj", nn.Linear(width, out_dim) if out_dim is not None else None)
         if freeze:
             self.model.requires_grad_(False)
@@ -737,10 +1002,18 @@ class HFTextEncoder(Component):
         ``lengths`` are the captions' token counts as a host list (from the host-side
         tokenizer's mask), so planning the chunks never waits for the device.
         """
-        batch, full = input_ids.shape
         budget = self.chunk_tokens
         if budget is None:
             budget = CHUNK_TOKENS.get(input_ids.device.type, CHUNK_TOKENS["default"])
+        if self._clip:
+            with _clip_masks_in(self.word_embeddings.weight.dtype):
+                return self._chunked_hidden_states(input_ids, mask, lengths, budget)
+        return self._chunked_hidden_states(input_ids, mask, lengths, budget)
+
+    def _chunked_hidden_states(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, lengths: list[int], budget: int
+    ) -> torch.Tensor:
+        batch, full = input_ids.shape
         if batch * full <= budget:
             return self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
         order_host = sorted(

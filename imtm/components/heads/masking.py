@@ -24,6 +24,11 @@ class WordMasking(LinkedComponent):
     the labels (``-100`` where nothing was picked), and the clean ids, aligned with
     the text encoder's output positions.
 
+    A CLIP text tower's tokenizer opens and closes captions with start / end of text
+    instead of [CLS] / [SEP] (never picked either) and has no [MASK]: with ``prob > 0``
+    such a tokenizer is refused when the block is linked (the error says what to use
+    instead); with ``prob = 0`` it gives the clean ids and empty labels.
+
     Args:
         tokenizer: the text encoder block's name (in a Matcher; it must have
             ``tokenize``, ``tokenizer`` and ``vocab_size``, as
@@ -77,16 +82,45 @@ class WordMasking(LinkedComponent):
                     f"{type(self).__name__}: the tokenizer block ({type(block).__name__}) has no "
                     f"{attr!r}; use a text encoder such as HFTextEncoder"
                 )
+        self._check_mask_token(block, name)
+
+    def _check_mask_token(self, block, name=None) -> None:
+        """Refuse to corrupt captions (``prob > 0``) with a tokenizer that has no mask token."""
+        prob = self.prob
+        if not (isinstance(prob, Real) and prob > 0):
+            return  # nothing is masked (a bad prob is reported by the constraint check)
+        if getattr(block.tokenizer, "mask_token_id", None) is None:
+            where = f"the text encoder {name!r}" if name else "the text encoder"
+            raise ValueError(
+                f"{type(self).__name__}: {where} ({type(block).__name__}) has a tokenizer without a "
+                f"mask token ({type(block.tokenizer).__name__}: mask_token_id is None), so masked-LM "
+                f"with prob={self.prob} cannot replace words by [MASK]. A CLIP text tower has none "
+                "(and, being causal, is not trained to fill words from both sides): use a BERT-style "
+                "encoder (text='bert', a folder with [MASK] in its vocabulary), or give the encoder's "
+                "folder a mask token (tokenizer.add_special_tokens({'mask_token': '<mask>'}), "
+                "model.resize_token_embeddings(len(tokenizer)), then save_pretrained both), or set "
+                "prob=0 (clean ids and labels only)"
+            )
 
     def forward(self, texts):
         encoder = self.target()
         ids = texts if isinstance(texts, Tokens) else encoder.tokenize(texts)
         tok = encoder.tokenizer
-        special = torch.tensor(
-            [tok.cls_token_id, tok.sep_token_id, tok.pad_token_id], device=ids.feats.device
-        )
-        maskable = ids.mask & ~torch.isin(ids.feats, special)
+        # The ids never picked: BERT's [CLS] / [SEP] or CLIP's start / end of text, and padding.
+        special = [
+            i
+            for i in (
+                tok.cls_token_id,
+                tok.sep_token_id,
+                tok.bos_token_id,
+                tok.eos_token_id,
+                tok.pad_token_id,
+            )
+            if i is not None
+        ]
+        maskable = ids.mask & ~torch.isin(ids.feats, torch.tensor(special, device=ids.feats.device))
         if self.training and self.prob > 0:
+            self._check_mask_token(encoder)  # prob may have changed since the block was linked
             masked, labels = mask_words(
                 ids.feats,
                 maskable,

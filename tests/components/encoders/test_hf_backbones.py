@@ -141,6 +141,28 @@ def test_clip_conformance(clip_dir):
     assert "gradients" in report.passed
 
 
+def test_clip_runs_in_float64_and_keeps_the_default_dtype(clip_dir):
+    # transformers 4.46 builds CLIP's causal mask in the default dtype; float64 must still run.
+    enc = HFTextEncoder(clip_dir).eval()
+    single = enc(CAPTIONS).feats
+    double = enc.double()(CAPTIONS).feats
+    assert double.dtype == torch.float64
+    assert torch.get_default_dtype() == torch.float32
+    torch.testing.assert_close(double.float(), single, rtol=1e-4, atol=1e-5)
+
+
+def test_the_float64_mask_context_restores_the_default_dtype_after_an_error():
+    from imtm.components.encoders.hf_text import _clip_masks_in
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with _clip_masks_in(torch.float64):
+            assert torch.get_default_dtype() == torch.float64
+            raise RuntimeError("inside")
+    assert torch.get_default_dtype() == torch.float32
+    with _clip_masks_in(torch.float32):
+        assert torch.get_default_dtype() == torch.float32
+
+
 def test_clip_pretokenised_must_start_with_start_of_text(clip_dir):
     enc = CLIP_ENC
     ids = enc.tokenize(CAPTIONS)

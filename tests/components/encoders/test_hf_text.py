@@ -247,6 +247,17 @@ def test_a_tokenizer_without_sep_is_refused(tmp_path):
         HFTextEncoder(folder)
 
 
+def test_a_tokenizer_that_cannot_be_built_names_both_causes(tmp_path):
+    folder = write_local_bert(tmp_path, WORDS, hidden_size=16)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "NoSuchTokenizer"
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="cannot build the tokenizer") as err:
+        HFTextEncoder(folder)
+    for part in ("fast tokenizer failed", "Python tokenizer too", "tokenizer_config.json"):
+        assert part in str(err.value)
+
+
 def test_bad_inputs(encoder, bert_dir):
     enc = encoder
     with pytest.raises(TypeError, match="got one string"):
