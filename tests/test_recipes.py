@@ -128,6 +128,28 @@ def test_paper_rows_and_gap():
     assert gap["i2t_r1"] == pytest.approx(-5.8) and gap["i2t_r10"] is None and gap["rsum"] is None
 
 
+def test_every_recorded_row_is_consistent_and_names_its_source():
+    full = 0
+    for name in recipe_names():
+        paper = recipe(name).paper
+        if paper is None:
+            continue
+        row = paper.as_metrics()
+        assert all(row[k] is not None for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")), name
+        assert all(0 < v <= 100 for k, v in row.items() if k != "rsum" and v is not None), name
+        for r1, r5, r10 in (paper.i2t, paper.t2i):
+            assert r1 <= r5 and (r10 is None or r5 <= r10), name  # recall never falls with K
+        if row["rsum"] is not None:
+            full += 1
+            # rSum as printed: within rounding of the printed recalls' sum (a mistyped value fails here).
+            recalls = sum(
+                row[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+            )
+            assert abs(row["rsum"] - recalls) <= 0.15, (name, row["rsum"], recalls)
+            assert "R@10 and rSum:" in paper.source, name  # where the full row was read
+    assert full == 4  # CHAN's four rows; LAPS's README gives R@1 / R@5 only
+
+
 def _run(args, env, cwd):
     return subprocess.run(
         [sys.executable, "-m", "imtm", *args],
