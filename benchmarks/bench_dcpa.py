@@ -1,24 +1,28 @@
-"""DCPA's inter-modal phrase attention: blocked pairs against a per-caption loop, and peak memory.
+"""DCPA's inter-modal phrase attention: blocked pairs against a per-caption loop, the roofline, a training step.
 
 For every image-caption pair DCPA runs a decoder layer (Eq. 11-14). This script
-times :class:`imtm.components.InterModalPhraseAttention` (both branches) on random
-features shaped like the 1,000 images x 5,000 captions evaluation (N = 36 regions,
-captions of 8-20 words, D = 1,024, 8 heads), side by side with
+times :class:`imtm.components.InterModalPhraseAttention` (both branches, autograd off)
+on random features shaped like the 1,000 images x 5,000 captions evaluation (N = 36
+regions, captions of 8-20 words, D = 1,024, 8 heads), twice: the attention sub-layers
+alone (``feed_forward=False``) and the whole decoder layer with its feed-forward
+sub-layer (the preset's default), each side by side with
 
 - the per-caption loop of research code: for each caption, the decoder layer
-  (torch's own ``nn.MultiheadAttention`` and ``nn.LayerNorm`` modules holding the
-  same weights) over all images with the caption repeated; same outputs, checked;
-- the same loop with the caption-independent self-attention hoisted out of it;
+  (torch's own ``nn.MultiheadAttention``, ``nn.LayerNorm`` and ``nn.Linear`` modules
+  holding the same weights) over all images with the caption repeated; same scores, checked;
 - the matrix-product roofline: ``torch.mm`` at the rate it reaches on this machine,
-  for the useful FLOPs of the blocked path's three products (logits, values, cosines).
+  measured right after, for the useful FLOPs of the layer's pairwise products on the
+  real tokens (logits, values with the output projection, feed-forward, cosines).
 
 Both sides run on a subset (timing all 5,000,000 pairs on a shared core would take
 hours); pairs per second do not depend on the subset size once a block is full.
-Then the growth of the peak resident memory (VmHWM, reset through
-``/proc/self/clear_refs``) during one blocked call, next to what an unblocked
-implementation would hold for the same call.
+Then one training step (forward and backward of both branches and the hardest-negative
+triplet loss on one batch) against the same step in the per-caption structure (same
+loss and gradients, checked), and the growth of the peak resident memory (VmHWM, reset
+through ``/proc/self/clear_refs``) during one blocked call.
 
-    python benchmarks/bench_dcpa.py [--dim 1024] [--images 40] [--captions 400] [--loop-captions 8] [--quick]
+    python benchmarks/bench_dcpa.py [--dim 1024] [--images 32] [--captions 64] [--loop-captions 4]
+                                    [--train-batch 32] [--train-dim 256] [--quick]
 """
 
 import argparse
@@ -53,10 +57,15 @@ def loop_scores(
 ) -> torch.Tensor:
     """One caption at a time, as research code scores DCPA: the decoder layer over all images."""
     sa, n1, ca, n2 = block.self_attn, block.norm1, block.cross_attn, block.norm2
+    ffn = (
+        (lambda y: block.norm3(y + block.linear2(torch.relu(block.linear1(y)))))
+        if block.feed_forward
+        else (lambda y: y)
+    )
     i2t = block.direction == "i2t"
     v, vpad = images.feats, ~images.mask
     Bi = v.shape[0]
-    out = torch.empty(Bi, texts.batch_size)
+    outs = []
     x_images = (
         n1(v + sa(v, v, v, key_padding_mask=vpad, need_weights=False)[0])
         if (hoist and i2t)
@@ -71,16 +80,16 @@ def loop_scores(
                 else n1(v + sa(v, v, v, key_padding_mask=vpad, need_weights=False)[0])
             )
             wr = w.expand(Bi, -1, -1)
-            y = n2(x + ca(x, wr, wr, need_weights=False)[0])  # (Bi, N, D)
+            y = ffn(n2(x + ca(x, wr, wr, need_weights=False)[0]))  # (Bi, N, D)
             best = (F.normalize(y, dim=-1) @ F.normalize(w[0], dim=-1).t()).amax(-1)  # (Bi, N)
-            out[:, t] = topk_mean(best, images.mask, block.k)
+            outs.append(topk_mean(best, images.mask, block.k))
         else:
             x = n1(w + sa(w, w, w, need_weights=False)[0]).expand(Bi, -1, -1)  # (Bi, m, D)
-            y = n2(x + ca(x, v, v, key_padding_mask=vpad, need_weights=False)[0])
+            y = ffn(n2(x + ca(x, v, v, key_padding_mask=vpad, need_weights=False)[0]))
             cos = F.normalize(y, dim=-1) @ F.normalize(v, dim=-1).transpose(1, 2)  # (Bi, m, N)
             best = cos.masked_fill(vpad[:, None, :], -float("inf")).amax(-1)
-            out[:, t] = topk_mean(best, None, block.k)
-    return out
+            outs.append(topk_mean(best, None, block.k))
+    return torch.stack(outs, dim=1)
 
 
 def mm_rate(dim: int, seconds: float = 1.0) -> float:
@@ -96,10 +105,84 @@ def mm_rate(dim: int, seconds: float = 1.0) -> float:
 
 
 def useful_flops(block, images: Tokens, texts: Tokens) -> float:
-    """FLOPs of the blocked path's pairwise products: logits, head-folded values, cosines (padding included)."""
+    """FLOPs of the pairwise products on the real tokens of every pair (padding not counted).
+
+    Per pair with ``l`` real query tokens and ``m`` real key tokens: the logits ``2 l m D``, the
+    values with the output projection (the cheaper of ``2 l H m D`` folded and ``2 l m D + 2 l D^2``
+    unfolded), the feed-forward sub-layer ``4 l D F`` when the block has it, the cosines ``2 l m D``.
+    """
     q, k = (images, texts) if block.direction == "i2t" else (texts, images)
-    L, M, D, H = q.num_tokens, k.num_tokens, q.dim, block.heads
-    return 2.0 * q.batch_size * k.batch_size * L * M * D * (2 + H)
+    lq = q.mask.sum(1).double()  # (Bq,)
+    mk = k.mask.sum(1).double()  # (Bk,)
+    D, H = q.dim, block.heads
+    F_ = block.linear1.out_features if block.feed_forward else 0
+    lm = lq.sum() * mk.sum()  # sum over pairs of l * m
+    l_all = lq.sum() * k.batch_size  # sum over pairs of l
+    values = torch.minimum(2 * lm * H * D, 2 * lm * D + 2 * l_all * D * D)
+    return float(4 * lm * D + values + 4 * l_all * D * F_)
+
+
+def time_branch(block, images, texts, sub, rate_dim):
+    """Blocked scores and the per-caption loop on ``sub``: timings, checked equal; the roofline ratio."""
+    with torch.no_grad():
+        block(images[:2], texts[:4])  # warm-up
+        t0 = time.perf_counter()
+        blocked = block(images, texts)
+        t_blocked = time.perf_counter() - t0
+        rate = mm_rate(rate_dim)
+        t0 = time.perf_counter()
+        naive = loop_scores(block, images, sub, hoist=False)
+        t_loop = time.perf_counter() - t0
+    torch.testing.assert_close(blocked[:, : sub.batch_size], naive, rtol=1e-4, atol=1e-5)
+    return t_blocked, t_loop, rate, useful_flops(block, images, texts) / rate
+
+
+def train_step_loop(block, images: Tokens, texts: Tokens) -> torch.Tensor:
+    """One training forward in the per-caption structure: for each caption, the layer over all images."""
+    return loop_scores(block, images, texts, hoist=False)
+
+
+def bench_training(args) -> None:
+    """Forward + backward of both branches and the triplet loss on one batch: blocked vs per-caption loop."""
+    from imtm.functional.losses import triplet_loss
+
+    g = torch.Generator().manual_seed(1)
+    B, D = args.train_batch, args.train_dim
+    images = Tokens(torch.randn(B, args.regions, D, generator=g))
+    lengths = torch.randint(8, 21, (B,), generator=g)
+    texts = Tokens.from_lengths(torch.randn(B, 20, D, generator=g), lengths)
+    positives = torch.eye(B, dtype=torch.bool)
+    torch.manual_seed(0)
+    branches = [InterModalPhraseAttention(d, dim=D, heads=args.heads) for d in ("i2t", "t2i")]
+
+    def step(score_fn, n=B):
+        for b in branches:
+            b.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        s_i2t, s_t2i = (score_fn(b) for b in branches)
+        pos = positives[:n, :n]
+        loss = triplet_loss(s_i2t, pos, margin=0.1, hardest=True)
+        loss = loss + triplet_loss(s_t2i, pos, margin=0.1, hardest=True)
+        loss.backward()
+        seconds = time.perf_counter() - t0
+        grads = [p.grad.clone() for b in branches for p in b.parameters()]
+        return seconds, float(loss), grads
+
+    step(lambda b: b(images[:2], texts[:2]), 2)  # warm-up
+    t_blocked, l_blocked, g_blocked = step(lambda b: b(images, texts))
+    t_loop, l_loop, g_loop = step(lambda b: train_step_loop(b, images, texts))
+    assert abs(l_blocked - l_loop) <= 1e-3 * max(1.0, abs(l_loop)), (l_blocked, l_loop)
+    for a, b in zip(g_blocked, g_loop):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    print(
+        f"[train] one step of both branches + hardest-negative triplet loss, batch {B} "
+        f"({B * B} pairs), D = {D}, with the feed-forward sub-layer:"
+    )
+    print(
+        f"[train] blocked {t_blocked:.2f}s ({B / t_blocked:.1f} samples/s); per-caption loop "
+        f"{t_loop:.2f}s ({B / t_loop:.1f} samples/s); blocked / loop = {t_loop / t_blocked:.1f}x "
+        "(same loss and gradients: checked)"
+    )
 
 
 def main():
@@ -107,15 +190,18 @@ def main():
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--regions", type=int, default=36)
-    p.add_argument("--images", type=int, default=40, help="images in the timed subset")
-    p.add_argument("--captions", type=int, default=400, help="captions in the blocked timing")
+    p.add_argument("--images", type=int, default=32, help="images in the timed subset")
+    p.add_argument("--captions", type=int, default=64, help="captions in the blocked timing")
     p.add_argument(
-        "--loop-captions", type=int, default=8, help="captions in the loop timing (a prefix)"
+        "--loop-captions", type=int, default=4, help="captions in the loop timing (a prefix)"
     )
+    p.add_argument("--train-batch", type=int, default=32, help="batch of the training-step timing")
+    p.add_argument("--train-dim", type=int, default=256, help="D of the training-step timing")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
     args = p.parse_args()
     if args.quick:
         args.dim, args.images, args.captions, args.loop_captions = 64, 8, 40, 4
+        args.train_batch, args.train_dim = 8, 32
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     images = Tokens(torch.randn(args.images, args.regions, args.dim, generator=g))
@@ -126,47 +212,34 @@ def main():
         f"captions of 8-20 words; timed subset {args.images} images x {args.captions} captions "
         f"(loop: x {args.loop_captions}); full problem 1,000 x 5,000"
     )
-    for direction in ("i2t", "t2i"):
-        block = InterModalPhraseAttention(direction, dim=args.dim, heads=args.heads).eval()
-        sub = texts[: args.loop_captions]
-        with torch.no_grad():
-            block(images[:2], texts[:4])  # warm-up
-            t0 = time.perf_counter()
-            blocked = block(images, texts)
-            t_blocked = time.perf_counter() - t0
-            rate = mm_rate(args.dim)
-            t0 = time.perf_counter()
-            naive = loop_scores(block, images, sub, hoist=False)
-            t_loop = time.perf_counter() - t0
-            if (
-                direction == "i2t"
-            ):  # for t2i the self-attention is over the caption's words: nothing to hoist
-                t0 = time.perf_counter()
-                hoisted = loop_scores(block, images, sub, hoist=True)
-                t_hoist = time.perf_counter() - t0
-                torch.testing.assert_close(hoisted, naive, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(blocked[:, : args.loop_captions], naive, rtol=1e-4, atol=1e-5)
-        n_blocked, n_loop = args.images * args.captions, args.images * args.loop_captions
-        pps, pps_loop = n_blocked / t_blocked, n_loop / t_loop
-        roof = useful_flops(block, images, texts) / rate
-        print(
-            f"[{direction}] blocked           {pps:10.0f} pairs/s  ({t_blocked:.2f}s for {n_blocked} pairs; "
-            f"1,000 x 5,000 would take {5e6 / pps / 60:.0f} min)"
+    sub = texts[: args.loop_captions]
+    for ffn in (False, True):
+        layer = (
+            "decoder layer with its feed-forward sub-layer" if ffn else "attention sub-layers only"
         )
-        print(
-            f"[{direction}] per-caption loop  {pps_loop:10.0f} pairs/s  ({t_loop:.2f}s for {n_loop} pairs)  "
-            f"blocked / loop = {pps / pps_loop:.1f}x   (same scores: checked)"
-        )
-        if direction == "i2t":
-            pps_hoist = n_loop / t_hoist
+        for direction in ("i2t", "t2i"):
+            torch.manual_seed(0)
+            block = InterModalPhraseAttention(
+                direction, dim=args.dim, heads=args.heads, feed_forward=ffn
+            ).eval()
+            t_blocked, t_loop, rate, roof = time_branch(block, images, texts, sub, args.dim)
+            n_blocked, n_loop = args.images * args.captions, args.images * args.loop_captions
+            pps, pps_loop = n_blocked / t_blocked, n_loop / t_loop
+            tag = f"[{direction}{' +ffn' if ffn else ''}]"
+            print(f"{tag} {layer}")
             print(
-                f"[{direction}] loop, self-attention hoisted {pps_hoist:10.0f} pairs/s  blocked / hoisted = "
-                f"{pps / pps_hoist:.1f}x"
+                f"{tag} blocked           {pps:10.0f} pairs/s  ({t_blocked:.2f}s for {n_blocked} pairs; "
+                f"1,000 x 5,000 would take {5e6 / pps / 60:.0f} min)"
             )
-        print(
-            f"[{direction}] roofline: torch.mm at {rate / 1e9:.1f} GFLOP/s would do the blocked path's products in "
-            f"{roof:.2f}s; blocked reaches {roof / t_blocked:.2f} of it"
-        )
+            print(
+                f"{tag} per-caption loop  {pps_loop:10.0f} pairs/s  ({t_loop:.2f}s for {n_loop} pairs)  "
+                f"blocked / loop = {pps / pps_loop:.1f}x   (same scores: checked)"
+            )
+            print(
+                f"{tag} roofline: torch.mm at {rate / 1e9:.1f} GFLOP/s would do the useful products "
+                f"(real tokens) in {roof:.2f}s; blocked reaches {roof / t_blocked:.2f} of it"
+            )
+    bench_training(args)
     # Peak memory of one blocked call (image-to-text) against an unblocked implementation of it.
     block = InterModalPhraseAttention("i2t", dim=args.dim, heads=args.heads).eval()
     with torch.no_grad():
@@ -175,18 +248,17 @@ def main():
         base = vm_hwm_mib()
         block(images, texts)
         growth = vm_hwm_mib() - base
-    pairs = args.images * args.captions
-    dense = pairs * args.regions * max(args.dim, args.heads * 20) * 4 / 2**20
-    budget = 1 << 24
+    hidden = block.linear1.out_features
+    per_pair = args.regions * max(args.dim, args.heads * 20, hidden) * 4
+    dense = args.images * args.captions * per_pair / 2**20
     inputs = (images.feats.numel() + texts.feats.numel()) * 4 / 2**20
     print(
         f"[memory] peak resident growth during one blocked call ({args.images} x {args.captions}): "
-        f"{growth:.0f} MiB; block budget 2**24 numbers = {budget * 4 / 2**20:.0f} MiB per intermediate; "
-        f"inputs {inputs:.0f} MiB"
+        f"{growth:.0f} MiB; CPU block budget 2**20 numbers = 4 MiB per intermediate; inputs {inputs:.0f} MiB"
     )
     print(
-        f"[memory] an unblocked call holds (pairs, N, max(D, H*M)) float32 intermediates: {dense:.0f} MiB each "
-        f"here, {5e6 * args.regions * max(args.dim, args.heads * 20) * 4 / 2**30:.0f} GiB each for 1,000 x 5,000"
+        f"[memory] an unblocked call holds (pairs, N, max(D, H*M, F)) float32 intermediates: {dense:.0f} MiB each "
+        f"here, {5e6 * per_pair / 2**30:.0f} GiB each for 1,000 x 5,000"
     )
 
 

@@ -45,6 +45,13 @@ __all__ = [
 #: LayerNorm epsilon (torch's default, as in nn.TransformerDecoderLayer).
 LAYER_NORM_EPS = 1e-5
 
+#: On CPU, when no budget is given: at most this many numbers in one block's largest intermediate,
+#: so that a block's intermediates stay in the cache (``benchmarks/bench_dcpa.py`` measures it).
+CPU_BLOCK_ELEMENTS = 1 << 20
+
+#: Query tokens aimed at per block: the rows of each key set's value product ``A (V W_O)``.
+BLOCK_ROWS = 256
+
 
 @dataclass(frozen=True)
 class AttentionWeights:
@@ -380,9 +387,11 @@ def phrase_attention_scores(
     _check_weights(self_attn, D, heads, where, "self_attn", like=queries)
     _check_weights(cross_attn, D, heads, where, "cross_attn", like=queries)
     hidden = 0 if feed_forward is None else _check_feed_forward(feed_forward, D, where, queries)
-    budget = (
-        default_block_elements(queries.device) if max_block_elements is None else max_block_elements
-    )
+    budget = max_block_elements
+    if budget is None:
+        budget = default_block_elements(queries.device)
+        if queries.device.type == "cpu":
+            budget = min(budget, CPU_BLOCK_ELEMENTS)
     Bq, L, _ = queries.shape
     Bk, M, _ = keys.shape
     if Bq == 0 or Bk == 0:
@@ -393,19 +402,17 @@ def phrase_attention_scores(
     # Per query set: self-attention, then the cross-attention's query projection.
     x = self_attention(queries, query_mask, self_attn, heads)  # (Bq, L, D)
     (wq, wk, wv), (bq_, bk_, bv_) = cross_attn.projections()
-    q = (
-        (F.linear(x, wq, bq_) / math.sqrt(dh)).view(Bq, L, H, dh).permute(2, 0, 1, 3)
-    )  # (H, Bq, L, dh)
+    q = (F.linear(x, wq, bq_) / math.sqrt(dh)).view(Bq, L, H, dh)
     # Per key set: key projection, and values with the output projection folded in:
     # concat_h(A_h V_h) W_O^T = sum_h A_h (V_h W_O^h) with W_O^h the head's columns of W_O.
     kz = keys if key_mask is None else torch.where(key_mask.unsqueeze(-1), keys, zero)
-    # Keys as (H, M, Bk, dh): a block's logits then come out as (H, b_q, L, M, b_k), and the softmax
-    # over M runs along a strided axis, vectorised over the key sets (a softmax over a short
-    # contiguous last axis of M ~ 10-40 words is several times slower on CPU).
-    kp = F.linear(kz, wk, bk_).view(Bk, M, H, dh).permute(2, 1, 0, 3)  # (H, M, Bk, dh)
+    kp = F.linear(kz, wk, bk_).view(Bk, M, H, dh)
     vp = F.linear(kz, wv, bv_).view(Bk, M, H, dh)
     w_out = cross_attn.out_proj_weight.view(D, H, dh)
     key_unit = normalize_tokens(keys, key_mask)  # (Bk, M, D), zero at padding
+    pooled = k is None and average == "features"
+    if pooled:
+        key_mean = F.normalize(_masked_mean(kz, key_mask), dim=-1, eps=EPS)
     # Padded keys get -inf added inside the products (beta * bias + A @ B in one pass), instead of a
     # masked_fill over each product afterwards.
     key_bias = None
@@ -415,50 +422,68 @@ def phrase_attention_scores(
         )
     x_bias = x + cross_attn.out_proj_bias  # the residual and the output bias enter the product once
 
+    # Sets sorted by extent (the position after their last real token), longest first, so that each
+    # block is cut to the extent of its longest set: a block of short captions does not compute the
+    # padding of the longest caption of the batch. Undone on the scores at the end.
+    q_order, q_ext = _by_extent(query_mask, L, Bq)
+    k_order, k_ext = _by_extent(key_mask, M, Bk)
+    if q_order is not None:
+        q, x_bias, query_mask = q[q_order], x_bias[q_order], query_mask[q_order]
+    if k_order is not None:
+        kp, vp, key_unit = kp[k_order], vp[k_order], key_unit[k_order]
+        key_bias = None if key_bias is None else key_bias[k_order]
+        if pooled:
+            key_mean = key_mean[k_order]
+    # Keys as (H, M, Bk, dh): a block's logits then come out as (H, b_q, L, M, b_k), and the softmax
+    # over M runs along a strided axis, vectorised over the key sets (a softmax over a short
+    # contiguous last axis of M ~ 10-40 words is several times slower on CPU).
+    kp = kp.permute(2, 1, 0, 3)  # (H, M, Bk, dh)
+    q = q.permute(2, 0, 1, 3)  # (H, Bq, L, dh)
+
     # Block sizes from the budget: a block of b_k key sets holds its folded values (b_k * H * M * D
     # numbers, made once per key block), and the largest pairwise intermediate of a block holds
-    # b_q * b_k * L * max(D, H * M). Key sets are grouped first (all of them when they fit).
+    # b_q * b_k * L * max(D, H * M, F). A query block aims at BLOCK_ROWS query tokens (the rows of
+    # the per-key-set value products); the key sets fill the rest of the budget.
     per_pair = L * max(D, H * M, hidden)
-    pooled = k is None and average == "features"
-    if pooled:
-        key_mean = F.normalize(_masked_mean(kz, key_mask), dim=-1, eps=EPS)
-    bk = max(1, min(Bk, budget // max(1, per_pair, H * M * D)))
+    rows = min(Bq, max(1, -(-BLOCK_ROWS // L)))
+    bk = max(1, min(Bk, budget // max(1, per_pair * rows, H * M * D)))
     bq = max(1, min(Bq, budget // max(1, per_pair * bk)))
     cols = []
     for k0 in range(0, Bk, bk):
         k1 = min(Bk, k0 + bk)
-        nk = k1 - k0
+        nk, Mb = k1 - k0, k_ext[k0]
         # The key block's values with the output projection folded in (per key set, not per pair).
-        u = torch.einsum("bmhj,ehj->bhme", vp[k0:k1], w_out).reshape(nk, H * M, D)
-        kt = kp[:, :, k0:k1].reshape(H, M * nk, dh).transpose(1, 2)
-        logit_bias = None if key_bias is None else key_bias[k0:k1].t().reshape(1, 1, M * nk)
-        dot_bias = None if key_bias is None else key_bias[k0:k1].unsqueeze(-1)
-        units = key_unit[k0:k1]
+        u = torch.einsum("bmhj,ehj->bhme", vp[k0:k1, :Mb], w_out).reshape(nk, H * Mb, D)
+        kt = kp[:, :Mb, k0:k1].reshape(H, Mb * nk, dh).transpose(1, 2)
+        kb = None if key_bias is None else key_bias[k0:k1, :Mb]
+        logit_bias = None if kb is None else kb.t().reshape(1, 1, Mb * nk)
+        dot_bias = None if kb is None else kb.unsqueeze(-1)
+        units = key_unit[k0:k1, :Mb]
         parts = []
         for q0 in range(0, Bq, bq):
             q1 = min(Bq, q0 + bq)
-            nq = q1 - q0
+            nq, Lb = q1 - q0, q_ext[q0]
             # Cross-attention: every query token of every query set attends to the tokens of every key set.
-            qb = q[:, q0:q1].reshape(H, nq * L, dh)
+            qb = q[:, q0:q1, :Lb].reshape(H, nq * Lb, dh)
             logits = torch.bmm(qb, kt) if logit_bias is None else torch.baddbmm(logit_bias, qb, kt)
             attn = (
-                logits.view(H, nq, L, M, nk)
+                logits.view(H, nq, Lb, Mb, nk)
                 .softmax(-2)
                 .permute(4, 1, 2, 0, 3)
-                .reshape(nk, nq * L, H * M)
+                .reshape(nk, nq * Lb, H * Mb)
             )
             # sum_h A_h (V_h W_O^h) + b_O + X: the output projection, its bias and the residual at once.
-            y = torch.baddbmm(x_bias[q0:q1].reshape(1, nq * L, D), attn, u)  # (nk, nq * L, D)
+            y = torch.baddbmm(x_bias[q0:q1, :Lb].reshape(1, nq * Lb, D), attn, u)
             y = F.layer_norm(y, (D,), cross_attn.norm_weight, cross_attn.norm_bias, LAYER_NORM_EPS)
             if feed_forward is not None:
-                y = _feed_forward(y, feed_forward)
-            qmask = None if query_mask is None else query_mask[q0:q1].unsqueeze(0)
+                y = _feed_forward_rows(y, feed_forward)
+            qmask = None if query_mask is None else query_mask[q0:q1, :Lb].unsqueeze(0)
             if pooled:
                 # The global average of Table IV: pool the outputs, then one cosine with the pooled keys.
                 y_mean = F.normalize(
                     _masked_mean(
-                        y.view(nk * nq, L, D),
-                        None if qmask is None else qmask.expand(nk, nq, L).reshape(nk * nq, L),
+                        y.view(nk * nq, Lb, D),
+                        None if qmask is None else qmask.expand(nk, nq, Lb).reshape(nk * nq, Lb),
                     ),
                     dim=-1,
                     eps=EPS,
@@ -473,12 +498,46 @@ def phrase_attention_scores(
             else:
                 dots = torch.baddbmm(dot_bias, units, y.transpose(1, 2))
             best = (dots.amax(1) / torch.linalg.vector_norm(y, dim=-1).clamp_min(EPS)).view(
-                nk, nq, L
+                nk, nq, Lb
             )
             # Top-K mean over the query tokens.
             parts.append(topk_mean(best, qmask, k, dim=-1).t())  # (nq, nk)
         cols.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
-    return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+    out = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+    if q_order is not None:
+        out = out[torch.argsort(q_order)]
+    if k_order is not None:
+        out = out[:, torch.argsort(k_order)]
+    return out
+
+
+def _by_extent(
+    mask: torch.Tensor | None, n: int, count: int
+) -> tuple[torch.Tensor | None, list[int]]:
+    """Sets ordered by extent, longest first, and the extents in that order (one host read).
+
+    The extent of a set is one past its last real token (masks need not be prefixes); ``None``
+    for the order when nothing is padded.
+    """
+    if mask is None:
+        return None, [n] * count
+    last = torch.where(mask, torch.arange(1, n + 1, device=mask.device), 0).amax(1)
+    ext, order = torch.sort(last, descending=True, stable=True)
+    extents = [max(1, e) for e in ext.tolist()]
+    if extents[-1] == n:  # no set is padded at its end: keep the order, cut nothing
+        return None, [n] * len(extents)
+    return order, extents
+
+
+def _feed_forward_rows(y: torch.Tensor, weights: FeedForwardWeights) -> torch.Tensor:
+    """:func:`feed_forward` over a block's rows, with the bias, ReLU and residual fused into the products."""
+    D = y.shape[-1]
+    flat = y.reshape(-1, D)
+    hidden = torch.addmm(weights.linear1_bias, flat, weights.linear1_weight.t()).relu_()
+    out = torch.addmm(flat, hidden, weights.linear2_weight.t()).add_(weights.linear2_bias)
+    return F.layer_norm(out, (D,), weights.norm_weight, weights.norm_bias, LAYER_NORM_EPS).view_as(
+        y
+    )
 
 
 def phrase_attention_token_scores(

@@ -238,3 +238,31 @@ def test_bad_inputs():
     )
     with pytest.raises(ValueError, match=r"feed_forward.linear2_weight must have shape \(4, 6\)"):
         phrase_attention_scores(q, kk, self_attn=w, cross_attn=w, heads=H, feed_forward=bad)
+
+
+@pytest.mark.parametrize("budget", [1, 300, None])
+def test_sets_of_every_extent_score_as_each_pair_alone(budget):
+    """Blocks are cut to their longest set (sets sorted by extent, then put back): each score is the pair's own."""
+    layers = modules(5)
+    g = torch.Generator().manual_seed(0)
+    # extents 1, 6, 4, 2, 3 (the third mask is not a prefix) and 5, 1, 3, 5 (the last not a prefix)
+    q_mask = torch.tensor(
+        [[1, 0, 0, 0, 0, 0], [1] * 6, [0, 1, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]],
+        dtype=torch.bool,
+    )
+    k_mask = torch.tensor(
+        [[1] * 5, [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 1, 0, 1]], dtype=torch.bool
+    )
+    q = Tokens(torch.randn(5, 6, D, dtype=torch.float64, generator=g), q_mask)
+    kk = Tokens(torch.randn(4, 5, D, dtype=torch.float64, generator=g), k_mask)
+    for k in (2, None):
+        got = call(q, kk, layers, k=k, max_block_elements=budget)
+        alone = torch.stack(
+            [
+                torch.cat([call(q[i : i + 1], kk[t : t + 1], layers, k=k)[0] for t in range(4)])
+                for i in range(5)
+            ]
+        )
+        torch.testing.assert_close(got, alone)
+        with torch.no_grad():
+            torch.testing.assert_close(got, loop_scores(q, kk, layers, k))
