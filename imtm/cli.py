@@ -667,6 +667,7 @@ def cmd_compare(args) -> int:
         image_size=args.image_size,
         backbones=args.backbones,
         freeze_backbone=not args.fine_tune_backbone,
+        cache_backbone=not args.no_backbone_cache,
         seed=args.seed,
     )
     smoke = (
@@ -928,6 +929,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fine-tune-backbone",
         action="store_true",
         help="pixel presets: fine-tune the pre-trained synthetic-vit too (default: frozen)",
+    )
+    c.add_argument(
+        "--no-backbone-cache",
+        action="store_true",
+        help="pixel presets with the ViT frozen: run it in every step instead of encoding the "
+        "images once and training on its cached tokens (the default; the same model)",
     )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument(

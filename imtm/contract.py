@@ -219,14 +219,29 @@ class InstanceOf(_Constraint):
         )
 
     def bad_values(self) -> list[Any]:
+        if all(issubclass(t, torch.nn.Module) for t in self.types):
+            # A module attribute holds only modules (or None): torch refuses anything else on
+            # assignment, so the values to refuse are None and another module.
+            return [None, torch.nn.Identity()]
         return [object()]
 
 
 class Satisfies(_Constraint):
-    """A value for which ``predicate(value)`` is true; ``description`` completes "must be ..."."""
+    """A value for which ``predicate(value)`` is true; ``description`` completes "must be ...".
 
-    def __init__(self, predicate: Callable[[Any], bool], description: str):
+    ``refused``: values the predicate refuses, for the tests that try them (default: a bare
+    ``object()``; a module attribute needs modules or None, which torch lets through to the check).
+    """
+
+    def __init__(
+        self,
+        predicate: Callable[[Any], bool],
+        description: str,
+        *,
+        refused: Iterable[Any] | None = None,
+    ):
         self.predicate, self.description = predicate, description
+        self.refused = None if refused is None else list(refused)
 
     def is_satisfied_by(self, value: Any) -> bool:
         try:
@@ -238,7 +253,7 @@ class Satisfies(_Constraint):
         return self.description
 
     def bad_values(self) -> list[Any]:
-        return [object()]
+        return [object()] if self.refused is None else list(self.refused)
 
 
 class _Boolean(_Constraint):

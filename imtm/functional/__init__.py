@@ -12,7 +12,7 @@ from imtm.functional.dias import (
     spatial_differences,
     word_region_pairs,
 )
-from imtm.functional.hard_assignment import hard_assignment_scores
+from imtm.functional.hard_assignment import hard_assignment_from_cosines, hard_assignment_scores
 from imtm.functional.lexicon import (
     expansive_soft_labels,
     lexicon_kl_loss,
@@ -28,6 +28,7 @@ from imtm.functional.patch_slimming import (
     dpc_knn_weights,
     fusion_weights,
     gumbel_keep_decisions,
+    patch_slimming_scores,
     ratio_loss,
     slimmed_cosines,
     top_keep_decisions,

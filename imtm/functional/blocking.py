@@ -45,6 +45,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -621,7 +622,10 @@ def blocked_pair_scores(
     max_block_elements: int | None = None,
     compute_dtype: torch.dtype | None = None,
     normalize: bool = True,
-) -> torch.Tensor:
+    pair_elements: int | None = None,
+    with_blocks: bool = False,
+    products: bool = True,
+) -> Any:
     r"""Score every image against every caption from their full token-similarity blocks.
 
     For each block of ``b_i`` images and ``b_t`` captions, one matrix product
@@ -642,9 +646,18 @@ def blocked_pair_scores(
             :func:`default_block_elements` of the inputs' device.
         compute_dtype: dtype of the tokens in the matrix products; ``None``: the inputs'.
         normalize: L2-normalise tokens first.
+        pair_elements: numbers ``reduce`` holds at once per image-caption pair, for the plan
+            (a scorer whose reduction builds pair-sized intermediates larger than the ``N x M``
+            similarities); ``None``: ``N * M``.
+        with_blocks: call ``reduce(sims, image_mask, text_mask, rows, cols)`` with the block's
+            image and caption ranges (two ``slice`` objects), so that it can cut per-image and
+            per-caption inputs of its own to the block.
+        products: compute the block's cosines; ``False``: ``reduce`` gets ``sims=None`` (a
+            scorer that only needs the plan and the block ranges).
 
     Returns:
-        ``(Bi, Bt)`` scores (in the dtype ``reduce`` returns).
+        ``(Bi, Bt)`` scores (in the dtype ``reduce`` returns). A ``reduce`` that returns a tuple of
+        ``(b_i, b_t, ...)`` tensors gets the tuple of the assembled ``(Bi, Bt, ...)`` tensors.
 
     Shape:
         - images: ``(Bi, N, D)``, image_mask: ``(Bi, N)``
@@ -678,6 +691,9 @@ def blocked_pair_scores(
     elif compute_dtype is not None:
         images, texts = images.to(compute_dtype), texts.to(compute_dtype)
     N1, M1 = max(N, 1), max(M, 1)
+    # The plan treats a pair as an N1 x M1 matrix; a larger per-pair footprint scales N1 up.
+    if pair_elements is not None and pair_elements > N1 * M1:
+        N1 = -(-pair_elements // M1)
     if Bi * N1 * Bt * M1 <= budget:
         bi, bt = max(Bi, 1), max(Bt, 1)
     else:
@@ -691,11 +707,26 @@ def blocked_pair_scores(
         torch.split(image_mask, bi) if image_mask is not None else [None] * len(image_blocks)
     )
     text_masks = torch.split(text_mask, bt) if text_mask is not None else [None] * len(text_blocks)
+    # Called as the options say: with or without the block ranges, with or without products.
+    call: Any = reduce
     rows = []
-    for ib, im in zip(image_blocks, image_masks):
+    for i0, ib, im in zip(range(0, Bi, bi), image_blocks, image_masks):
         parts = []
-        for tb, tm in zip(text_blocks, text_masks):
-            sims = torch.mm(ib, tb.t()).view(ib.shape[0] // N, N, tb.shape[0] // M, M)
-            parts.append(reduce(sims, im, tm))
-        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
-    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+        for t0, tb, tm in zip(range(0, Bt, bt), text_blocks, text_masks):
+            b_i, b_t = ib.shape[0] // N, tb.shape[0] // M
+            sims = torch.mm(ib, tb.t()).view(b_i, N, b_t, M) if products else None
+            if with_blocks:
+                parts.append(call(sims, im, tm, slice(i0, i0 + b_i), slice(t0, t0 + b_t)))
+            else:
+                parts.append(call(sims, im, tm))
+        rows.append(_assemble(parts, 1))
+    return _assemble(rows, 0)
+
+
+def _assemble(parts: list, dim: int):
+    """Concatenate block results (tensors, or tuples of tensors) along ``dim``."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(list(group), dim=dim) for group in zip(*parts))
+    return torch.cat(parts, dim=dim)

@@ -7,6 +7,8 @@ References:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from imtm.functional.blocking import (
@@ -18,7 +20,7 @@ from imtm.functional.blocking import (
 )
 from imtm.functional.pooling import resolve_pooling
 
-__all__ = ["CODEBOOKS", "hard_assignment_scores"]
+__all__ = ["CODEBOOKS", "hard_assignment_from_cosines", "hard_assignment_scores"]
 
 #: Which modality is the codebook. ``"visual"``: regions are the codewords and every word
 #: is assigned to one region (words query regions, pooled over words). ``"textual"``: words
@@ -130,3 +132,49 @@ def hard_assignment_scores(
         max_block_elements=budget,
         compute_dtype=compute_dtype,
     )
+
+
+def hard_assignment_from_cosines(
+    sims: torch.Tensor,
+    image_mask: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+    *,
+    codebook: str = "visual",
+    pooling: str = "lse",
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    r"""CHAN's hard assignment coding (Eq. 5-8) on given cosine matrices, one score per matrix.
+
+    The reduction of :func:`hard_assignment_scores` for token sets that are not one image's
+    tokens, e.g. LAPS's slimmed sets, different for every pair
+    (:class:`~imtm.components.PatchSlimming` with CHAN as its alignment). With the visual codebook
+    every word keeps its best image token and the words are pooled; with the textual codebook
+    every image token keeps its best word and the image tokens are pooled. Padding is excluded
+    on both sides. No input checks beyond the options (it runs inside blocked loops); every
+    set must hold at least one valid token of each kind.
+
+    Args:
+        sims: cosines of image tokens (rows) and words (columns).
+        image_mask: True where an image token is real; broadcasts against ``(..., N)``.
+        text_mask: True where a word is real; broadcasts against ``(..., M)``.
+        codebook, pooling, temperature: as :func:`hard_assignment_scores`.
+
+    Shape:
+        - sims: ``(..., N, M)``, image_mask: ``(..., N)``, text_mask: ``(..., M)``
+        - output: ``(...)``
+
+    Example:
+        >>> A = torch.tensor([[[0.9, 0.1], [0.2, 0.4], [5.0, 5.0]]])
+        >>> hard_assignment_from_cosines(A, torch.tensor([[True, True, False]]), pooling="mean")
+        tensor([0.6500])
+    """
+    where = "hard_assignment_from_cosines"
+    textual = resolve_option(codebook, CODEBOOKS, name="codebook", where=where)
+    pool = resolve_pooling(pooling, temperature, where=where)
+    if textual:  # every image token takes its best word, pooled over image tokens
+        if text_mask is not None:
+            sims = sims.masked_fill(~text_mask.unsqueeze(-2), -math.inf)
+        return pool(sims.amax(-1), image_mask, -1)
+    if image_mask is not None:  # every word takes its best image token, pooled over words
+        sims = sims.masked_fill(~image_mask.unsqueeze(-1), -math.inf)
+    return pool(sims.amax(-2), text_mask, -1)

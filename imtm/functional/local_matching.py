@@ -29,9 +29,9 @@ import torch
 
 from imtm.functional.blocking import (
     EPS,
+    blocked_pair_scores,
     check_block_args,
     check_pair_inputs,
-    default_block_elements,
     normalize_tokens,
     resolve_option,
 )
@@ -94,9 +94,8 @@ def local_weights(
     return fn(sims, mask.expand_as(sims), dim, tau)
 
 
-def _block_scores(v, t, vm, tm, gram_v, gram_t, weigh, tau):
-    """Eq. 1-3 for every pair of a block: ``v`` (bi, N, D), ``t`` (bt, M, D) unit tokens -> (bi, bt)."""
-    s = torch.einsum("ind,tmd->itnm", v, t)  # s_ij for every pair: (bi, bt, N, M)
+def _block_scores(s, vm, tm, gram_v, gram_t, weigh, tau):
+    """Eq. 1-3 for every pair of a block, from its unit-token cosines ``s`` (bi, bt, N, M) -> (bi, bt)."""
     word_mask = tm[None, :, None, :]
     region_mask = vm[:, None, :, None]
     # Eq. 1: region i becomes the weighted mean of the words (weights along M), word j the
@@ -204,24 +203,19 @@ def local_matching_scores(
     t = normalize_tokens(texts, text_mask)
     gram_v = torch.bmm(v, v.transpose(1, 2))
     gram_t = torch.bmm(t, t.transpose(1, 2))
-    budget = default_block_elements(images.device) if budget is None else budget
-    per_pair = max(n * m, 1)
-    bt = max(1, min(bt_all, budget // per_pair))
-    bi = max(1, min(bi_all, budget // (per_pair * bt)))
-    rows = []
-    for i0 in range(0, bi_all, bi):
-        parts = [
-            _block_scores(
-                v[i0 : i0 + bi],
-                t[t0 : t0 + bt],
-                image_mask[i0 : i0 + bi],
-                text_mask[t0 : t0 + bt],
-                gram_v[i0 : i0 + bi],
-                gram_t[t0 : t0 + bt],
-                weigh,
-                tau,
-            )
-            for t0 in range(0, bt_all, bt)
-        ]
-        rows.append(torch.cat(parts, 1))
-    return torch.cat(rows, 0)
+
+    def reduce(sims, _vm, _tm, rows, cols):
+        s = sims.permute(0, 2, 1, 3)  # (bi, bt, N, M): s_ij for every pair of the block
+        return _block_scores(
+            s, image_mask[rows], text_mask[cols], gram_v[rows], gram_t[cols], weigh, tau
+        )
+
+    # The block holds a few (bi, bt, N, M) tensors at once (weights along both axes).
+    return blocked_pair_scores(
+        v,
+        t,
+        reduce=reduce,
+        max_block_elements=budget,
+        normalize=False,
+        with_blocks=True,
+    )

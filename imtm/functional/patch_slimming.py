@@ -30,9 +30,19 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from numbers import Real
 
 import torch
+
+from imtm.functional.blocking import (
+    blocked_pair_scores,
+    check_block_args,
+    check_pair_inputs,
+    normalize_tokens,
+)
+from imtm.functional.sparse_alignment import sparse_alignment_from_cosines
 
 __all__ = [
     "NORM_EPS",
@@ -48,7 +58,9 @@ __all__ = [
     "logistic_noise",
     "minmax_normalize",
     "num_kept",
+    "patch_slimming_scores",
     "ratio_loss",
+    "SlimmingOutput",
     "self_attentive_scores",
     "slimmed_cosines",
     "text_attentive_scores",
@@ -335,7 +347,10 @@ def masked_softmax(logits: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.
     shift = torch.where(
         torch.isfinite(shift), shift, torch.zeros((), dtype=shift.dtype, device=shift.device)
     )
-    e = keep * torch.exp((logits - shift).clamp_max(0))
+    # where(), not clamp_max(0): clamp's gradient is 0 at the bound itself, which is the largest kept
+    # logit, so that logit would get no gradient.
+    z = logits - shift
+    e = keep * torch.exp(torch.where(z > 0, torch.zeros((), dtype=z.dtype, device=z.device), z))
     z = e.sum(dim, keepdim=True)
     # Nothing kept: divide by 1, not by a tiny clamp, whose 1 / tiny (and e / tiny**2 = 0 / 0) would
     # send ~1e38 or NaN gradients into the decisions and the logits.
@@ -711,3 +726,357 @@ def ratio_loss(
         )
         frac = d.sum(-1) / mask.sum(-1).clamp_min(1).to(decisions.dtype)
     return ((rho - frac) ** 2).mean()
+
+
+# ---------------------------------------------------------------------------- the whole scorer (Eq. 1-8)
+#: ``reduce(cosines (..., K, M), token_mask (..., K), word_mask (..., M) or None) -> (...)``: how an
+#: alignment scores one slimmed set from its cosines with the words (Eq. 8 by default).
+CosineReduce = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+#: ``align(tokens (bi, bt, K, D), token_mask (bi, bt, K), words (bt, M, D), word_mask (bt, M) or
+#: None) -> (bi, bt)``: an alignment that needs the slimmed tokens themselves.
+TokenAlign = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SlimmingOutput:
+    """What :func:`patch_slimming_scores` returns, every time.
+
+    Attributes:
+        scores: ``(Bi, Bt)`` alignment scores of every image's slimmed set with every caption.
+        keep_decisions: ``(Bi, Bt, N)`` over all image positions: 1 for real prefix tokens, the
+            decision ``D`` for patches (0/1, straight-through gradients in training), 0 for padding.
+    """
+
+    scores: torch.Tensor
+    keep_decisions: torch.Tensor
+
+
+def _check_slimming_args(where, beta, ratio, tau, num_prefix_tokens, dpc_knn) -> None:
+    for name, value, lo, hi, lo_open in (
+        ("beta", beta, 0.0, 1.0, False),
+        ("ratio", ratio, 0.0, 1.0, True),
+        ("tau", tau, 0.0, math.inf, True),
+    ):
+        ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < lo or (lo_open and value == lo) or value > hi:
+            lb = "(" if lo_open else "["
+            raise ValueError(
+                f"{where}: {name} must be a finite number in {lb}{lo}, {hi}], got {value!r}"
+            )
+    p = num_prefix_tokens
+    if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+        raise ValueError(f"{where}: num_prefix_tokens must be an int >= 0, got {p!r}")
+    if dpc_knn is not None and (
+        not isinstance(dpc_knn, tuple)
+        or len(dpc_knn) != 2
+        or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in dpc_knn)
+    ):
+        raise ValueError(
+            f"{where}: dpc_knn must be None or (num_clusters, k), two positive ints, got {dpc_knn!r}"
+        )
+
+
+def patch_slimming_scores(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    image_mask: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+    *,
+    predicted: torch.Tensor,
+    num_prefix_tokens: int = 0,
+    beta: float = 0.8,
+    self_attention: bool = True,
+    language_context: bool = True,
+    ratio: float = 0.5,
+    tau: float = 1.0,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+    aggregation_logits: torch.Tensor | None = None,
+    dpc_knn: tuple[int, int] | None = None,
+    fusion: bool = True,
+    reduce: CosineReduce | None = None,
+    align: TokenAlign | None = None,
+    max_block_elements: int | None = None,
+) -> SlimmingOutput:
+    r"""LAPS's slim-then-align scores for every image and caption (Eq. 1-8), blocked.
+
+    For every pair: the significance :math:`a` (Eq. 1-3, :func:`combine_significance` of the
+    given prediction :math:`a^p`, :func:`self_attentive_scores` and
+    :func:`text_attentive_scores`); the decisions :math:`D` (Eq. 4-5: Gumbel in training, the
+    top :math:`N_s = \lceil \rho N \rceil` otherwise); the slimmed set
+    :math:`\{v_{cls}, \hat v_1..\hat v_{N_c}, \hat v_f\}` (Eq. 6-7 and the fused token of the
+    dropped patches); and its alignment with the words (Eq. 8 by default):
+
+    .. math::
+
+        S(I, T) = \frac{1}{|\hat V|} \sum_{i} \max_j A_{ij}
+                + \frac{1}{M} \sum_{j} \max_i A_{ij} \quad \text{(Eq. 8)}
+
+    The pairs are cut into blocks by :func:`~imtm.functional.blocking.blocked_pair_scores`:
+    per block one matrix product gives every patch's dot product with every unit word, and the
+    slimmed tokens' cosines follow from them and the image's Gram matrix
+    (:func:`aggregated_cosines`), never from the built tokens. An ``align`` that needs the
+    tokens gets them built per block.
+
+    The image-only parts are inputs, as a module computes them once per image: ``predicted``
+    (:math:`a^p`, the scorer MLP) and ``aggregation_logits`` (the aggregation MLP of Eq. 6-7).
+    The pairwise arithmetic runs in the features' dtype, also under autocast (the cosines come
+    from differences of products, which bf16 would blur).
+
+    Args:
+        images: image tokens, ``num_prefix_tokens`` prefix tokens ([CLS]) first, then the patches.
+        texts: word features.
+        image_mask: True where an image token is real; ``None``: all are.
+        text_mask: True where a word is real; ``None``: all are.
+        predicted: :math:`a^p` of every patch, in ``[0, 1]``.
+        num_prefix_tokens: prefix tokens of ``images``: never scored, always in the slimmed set.
+        beta: :math:`\beta` of Eq. 3, in ``[0, 1]``.
+        self_attention: include :math:`a^s`; language_context: include :math:`a^r` (Eq. 2-3).
+        ratio: :math:`\rho`, the kept fraction at inference, in ``(0, 1]``.
+        tau: Gumbel-softmax temperature (training), > 0.
+        training: Gumbel decisions with straight-through gradients (else the top :math:`N_s`).
+        generator: source of the Gumbel noise, drawn once for all pairs (so the decisions do
+            not depend on the blocks); ``None``: torch's default generator.
+        aggregation_logits: the image's aggregation logits ``MLP(V)`` of Eq. 6-7, for the learned
+            aggregation into :math:`N_c` tokens.
+        dpc_knn: ``(num_clusters, k)``: DPC-KNN clusters of the kept patches instead
+            (:func:`dpc_knn_weights`, Table 4). Neither this nor ``aggregation_logits``: the kept
+            patches are aligned as they are ("without patch calibration").
+        fusion: add the fused token of the dropped patches.
+        reduce: ``reduce(cosines, token_mask, word_mask)`` scoring one slimmed set from its
+            cosines with the words (e.g. :func:`~imtm.functional.hard_assignment_from_cosines`);
+            ``None`` (and no ``align``): Eq. 8,
+            :func:`~imtm.functional.sparse_alignment_from_cosines`.
+        align: instead of ``reduce``, ``align(tokens, token_mask, words, word_mask) -> (bi, bt)``
+            for alignments that need the slimmed tokens themselves.
+        max_block_elements: memory budget of one block of pairs (numbers per pairwise
+            intermediate); ``None``: :func:`~imtm.functional.blocking.default_block_elements`.
+
+    Returns:
+        A :class:`SlimmingOutput` (scores and keep decisions).
+
+    Raises:
+        ValueError: out-of-range hyper-parameters, both ``reduce`` and ``align``, inputs of the
+            wrong shape, images with no patch after their prefix tokens, NaN/inf in real tokens.
+        TypeError: non-tensor or non-float features, masks that are not bool.
+
+    Shape:
+        - images: ``(Bi, N, D)``, image_mask: ``(Bi, N)``, texts: ``(Bt, M, D)``, text_mask: ``(Bt, M)``
+        - predicted: ``(Bi, Np)`` with ``Np = N - num_prefix_tokens``; aggregation_logits: ``(Bi, Np, Nc)``
+        - scores: ``(Bi, Bt)``, keep_decisions: ``(Bi, Bt, N)``
+
+    References:
+        Fu, Zhang, Xia and Mao, "Linguistic-Aware Patch Slimming Framework for Fine-grained
+        Cross-Modal Alignment", CVPR 2024, Eq. 1-8.
+
+    Example:
+        >>> v, t = torch.randn(2, 9, 16), torch.randn(3, 4, 16)
+        >>> out = patch_slimming_scores(v, t, predicted=torch.rand(2, 8), num_prefix_tokens=1,
+        ...                             aggregation_logits=torch.randn(2, 8, 2))
+        >>> out.scores.shape, out.keep_decisions.shape, out.keep_decisions[..., 1:].sum(-1).unique().tolist()
+        (torch.Size([2, 3]), torch.Size([2, 3, 9]), [4.0])
+    """
+    where = "patch_slimming_scores"
+    _check_slimming_args(where, beta, ratio, tau, num_prefix_tokens, dpc_knn)
+    check_block_args(max_block_elements, None, where=where)
+    if reduce is not None and align is not None:
+        raise ValueError(f"{where}: give reduce or align, not both")
+    if aggregation_logits is not None and dpc_knn is not None:
+        raise ValueError(f"{where}: give aggregation_logits or dpc_knn, not both")
+    images, texts, image_mask, text_mask = check_pair_inputs(
+        images, texts, image_mask, text_mask, where=where
+    )
+    p = num_prefix_tokens
+    Bi, N, D = images.shape
+    Bt, M = texts.shape[:2]
+    Np = N - p
+    if Np < 1:
+        raise ValueError(
+            f"{where}: images hold {N} position(s) and num_prefix_tokens={p}, so no patch is left to select"
+        )
+    full_mask = (
+        torch.ones(Bi, N, dtype=torch.bool, device=images.device)
+        if image_mask is None
+        else image_mask
+    )
+    patch_mask = None if image_mask is None else image_mask[:, p:]
+    if patch_mask is not None and bool(patch_mask.all()):
+        patch_mask = None
+    for name, value, want in (
+        ("predicted", predicted, (Bi, Np)),
+        ("aggregation_logits", aggregation_logits, (Bi, Np, None)),
+    ):
+        if value is None:
+            continue
+        if (
+            not isinstance(value, torch.Tensor)
+            or value.dim() != len(want)
+            or any(w is not None and s != w for s, w in zip(value.shape, want))
+        ):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"{where}: {name} must have shape {tuple('Nc' if w is None else w for w in want)}, got {shape}"
+            )
+    dtype = images.dtype
+    if Bi == 0 or Bt == 0:
+        return SlimmingOutput(images.new_zeros(Bi, Bt), images.new_zeros(Bi, Bt, N))
+    if reduce is None and align is None:
+        reduce = sparse_alignment_from_cosines
+    with torch.autocast(images.device.type, enabled=False):
+        feats = torch.where(full_mask.unsqueeze(-1), images, torch.zeros((), dtype=dtype))
+        patches = feats[:, p:]
+        a_p = predicted.to(dtype)
+        a_s = self_attentive_scores(patches, patch_mask).to(dtype) if self_attention else None
+        exp_logits = logits = None
+        if aggregation_logits is not None:
+            logits = aggregation_logits.to(dtype)
+            top = (
+                logits
+                if patch_mask is None
+                else logits.masked_fill(~patch_mask.unsqueeze(-1), -math.inf)
+            )
+            shift = top.amax(1, keepdim=True).detach()
+            # An image whose only real tokens are prefix tokens has no patch: shift by 0, not -inf.
+            shift = torch.where(torch.isfinite(shift), shift, torch.zeros((), dtype=dtype))
+            exp_logits = torch.exp(logits - shift)
+        gram = torch.bmm(patches, patches.transpose(1, 2)) if reduce is not None else None
+        inv_norm = torch.where(
+            full_mask, 1 / feats.norm(dim=-1).clamp_min(1e-8), torch.zeros((), dtype=dtype)
+        )
+        words = normalize_tokens(texts, text_mask)
+        context = _masked_mean(texts, text_mask)  # t_glo, (Bt, D)
+        noise = None
+        if training:
+            # Drawn once for all pairs, so the decisions do not depend on the block size.
+            noise = logistic_noise(
+                (Bi, Np, Bt), generator=generator, dtype=dtype, device=images.device
+            )
+        if exp_logits is not None:
+            n_agg = exp_logits.shape[-1]
+        elif dpc_knn is not None:
+            n_agg = dpc_knn[0]
+        else:
+            n_agg = Np
+        n_slim = p + n_agg + (1 if fusion else 0)
+        per_pair = Np * (n_slim + M) + n_slim * M
+        if dpc_knn is not None:
+            per_pair += 2 * Np * Np  # the pair's distances and density comparisons
+        if align is not None:
+            per_pair += n_slim * D
+
+        def block(sims, _im, tm, rows, cols):
+            pm = None if patch_mask is None else patch_mask[rows]
+            pm3 = None if pm is None else pm.unsqueeze(-1)
+            pv = patches[rows]
+            text_part = text_attentive_scores(pv, context[cols], pm) if language_context else None
+            a = combine_significance(
+                a_p[rows].unsqueeze(-1),
+                None if a_s is None else a_s[rows].unsqueeze(-1),
+                text_part,
+                beta=beta,
+            )
+            if pm3 is not None:
+                a = torch.where(pm3, a, torch.zeros((), dtype=a.dtype))
+            bi, bt = pv.shape[0], cols.stop - cols.start
+            if text_part is None:  # without the caption the score is the same for every caption
+                a = a.expand(-1, -1, bt)
+            if training:
+                assert noise is not None
+                decisions = gumbel_keep_decisions(
+                    a, tau, True, mask=pm3, noise=noise[rows, :, cols]
+                )
+            else:
+                decisions = top_keep_decisions(a, ratio, pm3, dim=1)
+            if not fusion and not p:
+                # Nothing else would be left of a pair whose Gumbel draw keeps no patch (training
+                # only): it keeps its most significant patch instead of an empty set.
+                none_kept = ~(decisions > 0).any(1, keepdim=True)
+                decisions = decisions + top_keep_decisions(a, 1e-9, pm3, dim=1) * none_kept
+            drop = None
+            if fusion:
+                drop = 1 - decisions
+                if pm3 is not None:
+                    drop = torch.where(pm3, drop, torch.zeros((), dtype=drop.dtype))
+            dpc = None
+            if dpc_knn is not None:
+                dpc = dpc_knn_weights(pv, decisions, dpc_knn[0], k=dpc_knn[1], mask=pm)
+            # The slimmed set's mask: prefix tokens where real; aggregated tokens where something is
+            # kept (clusters: where they hold a patch; no aggregation: the kept patches themselves);
+            # the fused token where something is dropped.
+            if dpc is not None:
+                agg_mask = dpc[1]
+            elif exp_logits is None:
+                agg_mask = (decisions > 0).permute(0, 2, 1)
+            else:
+                agg_mask = (decisions > 0).any(1).unsqueeze(-1).expand(bi, bt, n_agg)
+            masks = [full_mask[rows, :p].unsqueeze(1).expand(bi, bt, p), agg_mask]
+            if drop is not None:
+                masks.append((drop > 0).any(1).unsqueeze(-1))
+            token_mask = torch.cat(masks, dim=-1)  # (bi, bt, n_slim)
+            wm = None if tm is None else tm.unsqueeze(0)
+            if reduce is not None:
+                assert gram is not None  # computed above whenever there is a reduce
+                pw = sims[:, p:]  # (bi, Np, bt, M): patches . unit words
+                parts = []
+                if p:
+                    parts.append((sims[:, :p] * inv_norm[rows, :p, None, None]).permute(0, 2, 1, 3))
+                if dpc is not None:
+                    parts.append(slimmed_cosines(pw, gram[rows], dpc[0]))
+                elif exp_logits is None:
+                    # The kept patches as they are: their cosines, times D (1 when kept) for the
+                    # straight-through gradient; dropped ones are masked out.
+                    own = pw * inv_norm[rows, p:, None, None] * decisions.unsqueeze(-1)
+                    parts.append(own.permute(0, 2, 1, 3))
+                else:
+                    parts.append(aggregated_cosines(pw, gram[rows], exp_logits[rows], decisions))
+                if drop is not None:
+                    # The fused token's softmax of a over the dropped patches, unnormalised: a lies in
+                    # [0, 1], so exp(a) needs no shift, and the cosine ignores the normaliser.
+                    parts.append(weighted_cosine(pw, gram[rows], drop * torch.exp(a)))
+                return reduce(torch.cat(parts, dim=2), token_mask, wm), decisions.permute(0, 2, 1)
+            assert align is not None
+            if dpc is not None:
+                weights = dpc[0]
+            elif logits is not None:
+                weights = masked_softmax(logits[rows].unsqueeze(2), decisions.unsqueeze(-1), dim=1)
+            else:
+                weights = None
+            if weights is None:
+                tokens = decisions.permute(0, 2, 1).unsqueeze(-1) * pv.unsqueeze(
+                    1
+                )  # (bi, bt, Np, D)
+            else:
+                tokens = aggregate_tokens(pv, weights.permute(0, 2, 1, 3))  # (bi, bt, Nc, D)
+            if drop is not None:
+                fused = masked_softmax(a.unsqueeze(-1), drop.unsqueeze(-1), dim=1)
+                tokens = torch.cat([tokens, aggregate_tokens(pv, fused.permute(0, 2, 1, 3))], dim=2)
+            if p:
+                pre = feats[rows, :p].unsqueeze(1).expand(bi, bt, p, D)
+                tokens = torch.cat([pre, tokens], dim=2)
+            t_mask = None if text_mask is None else text_mask[cols]
+            return align(tokens, token_mask, texts[cols], t_mask), decisions.permute(0, 2, 1)
+
+        scores, decisions = blocked_pair_scores(
+            feats,
+            words,
+            image_mask,
+            text_mask,
+            reduce=block,
+            max_block_elements=max_block_elements,
+            normalize=False,
+            pair_elements=per_pair,
+            with_blocks=True,
+            products=reduce is not None,
+        )
+    prefix = full_mask[:, :p].to(decisions.dtype).unsqueeze(1).expand(Bi, Bt, p)
+    return SlimmingOutput(scores, torch.cat([prefix, decisions], dim=-1))
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the real tokens of every set: ``(B, L, D) -> (B, D)``."""
+    if mask is None:
+        return x.mean(1)
+    w = mask.to(x.dtype).unsqueeze(-1)
+    return torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype)).sum(1) / w.sum(
+        1
+    ).clamp_min(1)

@@ -21,7 +21,12 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 
-from imtm.functional.blocking import check_pair_inputs, default_block_elements, normalize_tokens
+from imtm.functional.blocking import (
+    blocked_pair_scores,
+    check_block_args,
+    check_pair_inputs,
+    normalize_tokens,
+)
 
 __all__ = ["SCAN_SMOOTH", "scan_t2i_scores"]
 
@@ -79,14 +84,7 @@ def scan_t2i_scores(
     where = "scan_t2i_scores"
     if isinstance(smooth, bool) or not isinstance(smooth, Real) or not 0 < smooth < math.inf:
         raise ValueError(f"{where}: smooth must be a finite number > 0, got {smooth!r}")
-    if max_block_elements is not None and (
-        isinstance(max_block_elements, bool)
-        or not isinstance(max_block_elements, int)
-        or max_block_elements < 1
-    ):
-        raise ValueError(
-            f"{where}: max_block_elements must be a positive int or None, got {max_block_elements!r}"
-        )
+    check_block_args(max_block_elements, None, where=where)
     images, texts, image_mask, text_mask = check_pair_inputs(
         images, texts, image_mask, text_mask, where=where
     )
@@ -96,22 +94,18 @@ def scan_t2i_scores(
         return torch.zeros(Bi, Bt, dtype=images.dtype, device=images.device)
     v = normalize_tokens(images, image_mask)  # (Bi, N, D), padding zero
     e = normalize_tokens(texts, text_mask)  # (Bt, M, D)
-    wmask = None if text_mask is None else text_mask.view(1, 1, Bt, M)
+    gram = torch.bmm(v, v.transpose(1, 2))  # (Bi, N, N), image-only
     count = (
         torch.full((Bt,), float(M), dtype=images.dtype, device=images.device)
         if text_mask is None
         else text_mask.sum(1).to(images.dtype)
     )
-    budget = (
-        default_block_elements(images.device) if max_block_elements is None else max_block_elements
-    )
-    bi = max(1, min(Bi, budget // max(1, N * Bt * M)))
-    rows = []
-    for i0 in range(0, Bi, bi):
-        vb = v[i0 : i0 + bi]
-        nb = vb.shape[0]
-        cos = torch.einsum("ind,tmd->intm", vb, e)  # (nb, N, Bt, M)
+
+    def reduce(cos, vm, tm, rows, cols):
+        # cos: (nb, N, bt, M) region-word cosines of the block
+        nb, _, bt, _ = cos.shape
         s = F.leaky_relu(cos, SCAN_NEGATIVE_SLOPE)
+        wmask = None if tm is None else tm.view(1, 1, bt, M)
         if wmask is not None:
             s = s.masked_fill(~wmask, 0.0)
         # For each region, L2-normalise over the caption's words (func_attention's l2norm(attn, 2), eps 1e-8).
@@ -121,16 +115,25 @@ def scan_t2i_scores(
             torch.where(sq > 0, sq, torch.ones((), dtype=sq.dtype, device=sq.device)).sqrt() + 1e-8
         )
         logits = smooth * s
-        if image_mask is not None:
-            logits = logits.masked_fill(~image_mask[i0 : i0 + bi].view(nb, N, 1, 1), -math.inf)
+        if vm is not None:
+            logits = logits.masked_fill(~vm.view(nb, N, 1, 1), -math.inf)
         attn = logits.softmax(1)  # over the regions
-        dots = (attn * cos).sum(1)  # (nb, Bt, M): sum_i alpha_ij (v_i . e_j)
-        gram = torch.bmm(vb, vb.transpose(1, 2))  # (nb, N, N)
-        ga = torch.bmm(gram, attn.reshape(nb, N, Bt * M)).view(nb, N, Bt, M)
+        dots = (attn * cos).sum(1)  # (nb, bt, M): sum_i alpha_ij (v_i . e_j)
+        ga = torch.bmm(gram[rows], attn.reshape(nb, N, bt * M)).view(nb, N, bt, M)
         sq_norm = (attn * ga).sum(1)  # |a_j|^2
         one = torch.ones((), dtype=sq_norm.dtype, device=sq_norm.device)
         word = dots / torch.where(sq_norm > 0, sq_norm, one).sqrt()
-        if wmask is not None:
-            word = word.masked_fill(~text_mask.view(1, Bt, M), 0.0)
-        rows.append(word.sum(-1) / count)
-    return torch.cat(rows) if len(rows) > 1 else rows[0]
+        if tm is not None:
+            word = word.masked_fill(~tm.view(1, bt, M), 0.0)
+        return word.sum(-1) / count[cols]
+
+    return blocked_pair_scores(
+        v,
+        e,
+        image_mask,
+        text_mask,
+        reduce=reduce,
+        max_block_elements=max_block_elements,
+        normalize=False,
+        with_blocks=True,
+    )

@@ -296,3 +296,50 @@ def test_block_args_and_options():
         match=r"f: codebook must be one of \['textual', 'visual'\], got 'visul'. Did you mean 'visual'\?",
     ):
         resolve_option("visul", {"visual": 0, "textual": 1}, name="codebook", where="f")
+
+
+@settings(max_examples=15, deadline=None)
+@given(budget=st.integers(1, 400), pair_elements=st.one_of(st.none(), st.integers(1, 200)))
+def test_blocked_pair_scores_tuples_block_ranges_and_pair_budget(budget, pair_elements):
+    # A reduce with its own per-image and per-caption inputs (cut by the block ranges) and two
+    # outputs equals the unblocked computation, whatever the budget and per-pair footprint.
+    from imtm.functional.blocking import blocked_pair_scores
+
+    g = torch.Generator().manual_seed(budget)
+    v, t = torch.randn(5, 3, 4, generator=g), torch.randn(7, 2, 4, generator=g)
+    image_bias, text_bias = torch.randn(5, generator=g), torch.randn(7, generator=g)
+    seen = []
+
+    def reduce(sims, vm, tm, rows, cols):
+        seen.append((rows, cols))
+        s = sims.amax(1).amax(-1) + image_bias[rows, None] + text_bias[None, cols]
+        return s, s.unsqueeze(-1) * torch.ones(3)
+
+    s, extra = blocked_pair_scores(
+        v,
+        t,
+        reduce=reduce,
+        max_block_elements=budget,
+        pair_elements=pair_elements,
+        with_blocks=True,
+    )
+    want = torch.einsum("ind,tmd->itnm", F.normalize(v, dim=-1), F.normalize(t, dim=-1))
+    want = want.amax(-1).amax(-1) + image_bias[:, None] + text_bias[None, :]
+    torch.testing.assert_close(s, want)
+    torch.testing.assert_close(extra, want.unsqueeze(-1).expand(5, 7, 3))
+    # the plan holds one block when all pairs' footprint fits the budget, several otherwise
+    footprint = max(3 * 2, 2 * -(-(pair_elements or 0) // 2))
+    blocks = [(r.stop - r.start) * (c.stop - c.start) for r, c in seen]
+    assert sum(blocks) == 35
+    assert (len(blocks) == 1) == (35 * footprint <= budget)
+
+    def no_products(sims, vm, tm, rows, cols):
+        assert sims is None
+        return image_bias[rows, None] + text_bias[None, cols]
+
+    torch.testing.assert_close(
+        blocked_pair_scores(
+            v, t, reduce=no_products, max_block_elements=budget, with_blocks=True, products=False
+        ),
+        image_bias[:, None] + text_bias[None, :],
+    )

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -331,3 +332,29 @@ def test_autocast_training_and_inference_compute_the_same_numbers():
     torch.testing.assert_close(
         inference, hard_assignment_scores(v, t, compute_dtype=torch.bfloat16), rtol=0, atol=0
     )
+
+
+@pytest.mark.parametrize("codebook", ["visual", "textual"])
+@pytest.mark.parametrize("pooling", ["lse", "mean", "max"])
+def test_from_cosines_equals_the_blocked_scores(codebook, pooling):
+    # The per-matrix reduction (used on LAPS's slimmed sets) is the same coding as the blocked
+    # all-pairs scorer, and HardAssignmentCoding.reduce_cosines calls it.
+    from imtm.components import HardAssignmentCoding
+    from imtm.functional import hard_assignment_from_cosines
+
+    g = torch.Generator().manual_seed(0)
+    v, t = (
+        torch.randn(3, 5, 8, generator=g, dtype=torch.float64),
+        torch.randn(4, 6, 8, generator=g, dtype=torch.float64),
+    )
+    vm = torch.arange(5) < torch.tensor([[5], [3], [1]])
+    tm = torch.arange(6) < torch.tensor([[6], [2], [4], [1]])
+    kw = dict(codebook=codebook, pooling=pooling, temperature=0.2)
+    want = hard_assignment_scores(v, t, vm, tm, **kw)
+    sims = torch.einsum("ind,tmd->itnm", F.normalize(v, dim=-1), F.normalize(t, dim=-1))
+    got = hard_assignment_from_cosines(sims, vm[:, None, :], tm[None, :, :], **kw)
+    torch.testing.assert_close(got, want)
+    coding = HardAssignmentCoding(**kw)
+    torch.testing.assert_close(coding.reduce_cosines(sims, vm[:, None, :], tm[None, :, :]), want)
+    with pytest.raises(ValueError, match="hard_assignment_from_cosines: codebook must be one of"):
+        hard_assignment_from_cosines(sims, codebook="visaul")

@@ -322,3 +322,229 @@ def test_dpc_knn_bad_inputs():
         dpc_knn_weights(torch.randn(1, 3, 2), torch.ones(1, 3, 1), 2, k=0)
     with pytest.raises(ValueError, match=r"expected patches \(Bi, N, D\) and decisions"):
         dpc_knn_weights(torch.randn(1, 3, 2), torch.ones(1, 4, 1), 2)
+
+
+# ---------------------------------------------------------------------------- the whole scorer (Eq. 1-8)
+def loop_slimming_scores(
+    v, vmask, t, tmask, a_p, logits, *, prefix, beta, ratio, fusion, align=None
+):
+    """Eq. 1-8 for every image and caption, one pair at a time and one patch at a time (inference)."""
+    bi, n, d = v.shape
+    scores = torch.zeros(bi, t.shape[0], dtype=v.dtype)
+    keep = torch.zeros(bi, t.shape[0], n, dtype=v.dtype)
+    for i in range(bi):
+        real = [j for j in range(prefix, n) if vmask[i, j]]
+        patches = [v[i, j] for j in real]
+        v_glo = sum(patches) / len(patches)
+        a_s = loop_norm([float(x @ v_glo) / d for x in patches])
+        for c in range(t.shape[0]):
+            words = [t[c, m] for m in range(t.shape[1]) if tmask[c, m]]
+            t_glo = sum(words) / len(words)
+            a_r = loop_norm([float(x @ t_glo) / d for x in patches])
+            a = [
+                (1 - beta) * float(a_p[i, j - prefix]) + beta / 2 * (s + r)
+                for j, s, r in zip(real, a_s, a_r)
+            ]
+            n_s = math.ceil(round(ratio * len(patches), 9))
+            order = sorted(range(len(patches)), key=lambda k: -a[k])
+            kept, dropped = sorted(order[:n_s]), sorted(order[n_s:])
+            tokens = [v[i, j] for j in range(prefix) if vmask[i, j]]
+            for col in range(logits.shape[-1]):
+                z = sum(math.exp(float(logits[i, real[k] - prefix, col])) for k in kept)
+                tokens.append(
+                    sum(
+                        math.exp(float(logits[i, real[k] - prefix, col])) / z * patches[k]
+                        for k in kept
+                    )
+                )
+            if fusion and dropped:
+                z = sum(math.exp(a[k]) for k in dropped)
+                tokens.append(sum(math.exp(a[k]) / z * patches[k] for k in dropped))
+            if align is not None:
+                scores[i, c] = align(torch.stack(tokens), torch.stack(words))
+            else:
+                A = [[float(F.cosine_similarity(x, w, dim=0)) for w in words] for x in tokens]
+                scores[i, c] = sum(max(r) for r in A) / len(A) + sum(
+                    max(A[k][m] for k in range(len(A))) for m in range(len(words))
+                ) / len(words)
+            keep[i, c, :prefix] = vmask[i, :prefix].to(v.dtype)
+            for k in kept:
+                keep[i, c, real[k]] = 1
+    return scores, keep
+
+
+def slimming_problem(seed=0, bi=3, n=8, bt=4, m=5, d=6, prefix=1, k=2, ragged=True):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(bi, n, d, generator=g, dtype=torch.float64)
+    t = torch.randn(bt, m, d, generator=g, dtype=torch.float64)
+    vlen = torch.randint(prefix + 1, n + 1, (bi,), generator=g) if ragged else torch.full((bi,), n)
+    tlen = torch.randint(1, m + 1, (bt,), generator=g) if ragged else torch.full((bt,), m)
+    vmask = torch.arange(n) < vlen[:, None]
+    tmask = torch.arange(m) < tlen[:, None]
+    v = torch.where(vmask[..., None], v, torch.nan)  # padding may hold anything
+    a_p = torch.rand(bi, n - prefix, generator=g, dtype=torch.float64)
+    logits = torch.randn(bi, n - prefix, k, generator=g, dtype=torch.float64)
+    return v, vmask, t, tmask, a_p, logits
+
+
+@pytest.mark.parametrize(
+    "prefix,fusion,ragged", [(1, True, True), (0, True, False), (2, False, True)]
+)
+def test_patch_slimming_scores_equal_the_per_pair_loop(prefix, fusion, ragged):
+    from imtm.functional import patch_slimming_scores
+
+    v, vm, t, tm, a_p, logits = slimming_problem(prefix=prefix, ragged=ragged)
+    out = patch_slimming_scores(
+        v,
+        t,
+        vm,
+        tm,
+        predicted=a_p,
+        num_prefix_tokens=prefix,
+        aggregation_logits=logits,
+        beta=0.6,
+        ratio=0.5,
+        fusion=fusion,
+    )
+    want_s, want_k = loop_slimming_scores(
+        v, vm, t, tm, a_p, logits, prefix=prefix, beta=0.6, ratio=0.5, fusion=fusion
+    )
+    torch.testing.assert_close(out.scores, want_s)
+    torch.testing.assert_close(out.keep_decisions, want_k)
+
+
+def test_patch_slimming_scores_hard_assignment_and_token_align_equal_the_loop():
+    from imtm.functional import hard_assignment_from_cosines, patch_slimming_scores
+
+    v, vm, t, tm, a_p, logits = slimming_problem(seed=3)
+
+    def chan(tokens, words):  # Eq. 5-8 of CHAN on one pair: every word keeps its best token, LSE
+        A = F.normalize(tokens, dim=-1) @ F.normalize(words, dim=-1).t()
+        return 0.1 * torch.logsumexp(A.amax(0) / 0.1, 0)
+
+    want, _ = loop_slimming_scores(
+        v, vm, t, tm, a_p, logits, prefix=1, beta=0.8, ratio=0.5, fusion=True, align=chan
+    )
+    kw = dict(predicted=a_p, num_prefix_tokens=1, aggregation_logits=logits)
+    got = patch_slimming_scores(v, t, vm, tm, reduce=hard_assignment_from_cosines, **kw)
+    torch.testing.assert_close(got.scores, want)
+
+    def align(tokens, token_mask, words, word_mask):  # built tokens, each set against its caption
+        out = torch.empty(tokens.shape[:2], dtype=tokens.dtype)
+        for i in range(tokens.shape[0]):
+            for c in range(tokens.shape[1]):
+                wm = slice(None) if word_mask is None else word_mask[c]
+                out[i, c] = chan(tokens[i, c][token_mask[i, c]], words[c][wm])
+        return out
+
+    built = patch_slimming_scores(v, t, vm, tm, align=align, **kw)
+    torch.testing.assert_close(built.scores, want)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), budget=st.integers(1, 3000), train=st.booleans())
+def test_patch_slimming_scores_blocked_equal_unblocked_and_padding_is_inert(seed, budget, train):
+    from imtm.functional import patch_slimming_scores
+
+    v, vm, t, tm, a_p, logits = slimming_problem(seed=seed)
+    kw = dict(predicted=a_p, num_prefix_tokens=1, aggregation_logits=logits, training=train)
+    full = patch_slimming_scores(v, t, vm, tm, generator=torch.Generator().manual_seed(seed), **kw)
+    blocked = patch_slimming_scores(
+        v, t, vm, tm, generator=torch.Generator().manual_seed(seed), max_block_elements=budget, **kw
+    )
+    torch.testing.assert_close(blocked.scores, full.scores)
+    torch.testing.assert_close(blocked.keep_decisions, full.keep_decisions)
+    # more padding (other values in it) changes nothing
+    v2 = torch.cat([v, torch.full((3, 2, 6), 1e3, dtype=v.dtype)], 1)
+    vm2 = torch.cat([vm, torch.zeros(3, 2, dtype=torch.bool)], 1)
+    a2 = torch.cat([a_p, torch.rand(3, 2, dtype=a_p.dtype)], 1)
+    l2 = torch.cat([logits, torch.randn(3, 2, 2, dtype=logits.dtype)], 1)
+    if not train:  # (the Gumbel noise has one draw per position, so padding shifts it)
+        padded = patch_slimming_scores(
+            v2, t, vm2, tm, predicted=a2, num_prefix_tokens=1, aggregation_logits=l2
+        )
+        torch.testing.assert_close(padded.scores, full.scores)
+        torch.testing.assert_close(padded.keep_decisions[..., :8], full.keep_decisions)
+    assert bool((full.scores.abs() <= 2 + 1e-9).all())
+
+
+def test_patch_slimming_scores_gradients_equal_the_built_token_path():
+    from imtm.functional import patch_slimming_scores, sparse_alignment_from_cosines
+
+    v, vm, t, tm, a_p, logits = slimming_problem(seed=5, ragged=False)
+    for x in (v, t, a_p, logits):
+        x.requires_grad_(True)
+
+    def align(tokens, token_mask, words, word_mask):
+        A = F.normalize(tokens, dim=-1) @ F.normalize(words, dim=-1).transpose(-1, -2).unsqueeze(0)
+        return sparse_alignment_from_cosines(A, token_mask, word_mask)
+
+    # At inference the decisions are constants, so both paths differentiate the same function (in
+    # training the built tokens' masked softmax caps dropped logits, which changes only gradients
+    # through the straight-through decisions).
+    kw = dict(predicted=a_p, num_prefix_tokens=1, aggregation_logits=logits)
+    fast = patch_slimming_scores(v, t, generator=torch.Generator().manual_seed(1), **kw)
+    grads = torch.autograd.grad(fast.scores.sum(), (v, t, a_p, logits))
+    built = patch_slimming_scores(
+        v, t, generator=torch.Generator().manual_seed(1), align=align, **kw
+    )
+    torch.testing.assert_close(fast.scores, built.scores)
+    for g1, g2 in zip(grads, torch.autograd.grad(built.scores.sum(), (v, t, a_p, logits))):
+        torch.testing.assert_close(g1, g2)
+
+
+def test_patch_slimming_scores_bad_inputs():
+    from imtm.functional import patch_slimming_scores
+
+    v, vm, t, tm, a_p, logits = slimming_problem()
+    kw = dict(predicted=a_p, num_prefix_tokens=1, aggregation_logits=logits)
+    with pytest.raises(
+        ValueError, match=r"patch_slimming_scores: ratio must be a finite number in \(0.0"
+    ):
+        patch_slimming_scores(v, t, vm, tm, ratio=0.0, **kw)
+    with pytest.raises(
+        ValueError, match=r"patch_slimming_scores: beta must be a finite number in \[0.0"
+    ):
+        patch_slimming_scores(v, t, vm, tm, beta=True, **kw)
+    with pytest.raises(ValueError, match="tau must be"):
+        patch_slimming_scores(v, t, vm, tm, tau=float("inf"), **kw)
+    with pytest.raises(ValueError, match="num_prefix_tokens must be an int >= 0"):
+        patch_slimming_scores(v, t, vm, tm, predicted=a_p, num_prefix_tokens=-1)
+    with pytest.raises(ValueError, match=r"predicted must have shape \(3, 7\), got \(3, 6\)"):
+        patch_slimming_scores(v, t, vm, tm, predicted=a_p[:, 1:], num_prefix_tokens=1)
+    with pytest.raises(ValueError, match=r"aggregation_logits must have shape \(3, 7, 'Nc'\)"):
+        patch_slimming_scores(
+            v, t, vm, tm, predicted=a_p, num_prefix_tokens=1, aggregation_logits=a_p
+        )
+    with pytest.raises(ValueError, match="give reduce or align, not both"):
+        patch_slimming_scores(v, t, vm, tm, reduce=lambda *a: a, align=lambda *a: a, **kw)
+    with pytest.raises(ValueError, match="give aggregation_logits or dpc_knn, not both"):
+        patch_slimming_scores(v, t, vm, tm, dpc_knn=(2, 3), **kw)
+    with pytest.raises(ValueError, match=r"dpc_knn must be None or \(num_clusters, k\)"):
+        patch_slimming_scores(v, t, vm, tm, predicted=a_p, num_prefix_tokens=1, dpc_knn=(2, 0))
+    with pytest.raises(ValueError, match="so no patch is left to select"):
+        patch_slimming_scores(v, t, vm, tm, predicted=a_p[:, :0], num_prefix_tokens=8)
+    with pytest.raises(ValueError, match="patch_slimming_scores: images .* NaN or inf"):
+        patch_slimming_scores(torch.full_like(v, math.nan), t, None, tm, **kw)
+    empty = patch_slimming_scores(v[:0], t, vm[:0], tm, predicted=a_p[:0], num_prefix_tokens=1)
+    assert empty.scores.shape == (0, 4) and empty.keep_decisions.shape == (0, 4, 8)
+
+
+def test_masked_softmax_gradient_equals_the_softmax_over_kept_entries():
+    # The largest kept logit sits exactly on the shift: its gradient must not be cut there.
+    from imtm.functional.patch_slimming import masked_softmax
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    keep = (torch.rand(2, 6, 1, generator=g) > 0.4).double()
+    keep[:, 0] = 1.0
+
+    def reference(x):
+        return torch.where(keep > 0, x, -math.inf).softmax(1)
+
+    got = torch.autograd.functional.jacobian(lambda x: masked_softmax(x, keep, dim=1), logits)
+    want = torch.autograd.functional.jacobian(reference, logits)
+    torch.testing.assert_close(got, torch.nan_to_num(want))
+    assert torch.autograd.gradcheck(
+        lambda x: masked_softmax(x, keep, dim=1), (logits.requires_grad_(),)
+    )

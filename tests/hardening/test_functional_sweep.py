@@ -61,6 +61,7 @@ UNVALIDATED = {
     "normalize_tokens": "a preparation step of the engines",
     "pack_tokens": "a preparation step of the engines",
     "sparse_alignment_from_cosines": "documented: no validation, runs inside blocked loops",
+    "hard_assignment_from_cosines": "as sparse_alignment_from_cosines (options checked, inputs not)",
     "aggregation_weights": "an inner step of PatchSlimming, whose block validates",
     "fusion_weights": "as aggregation_weights",
     "slimmed_cosines": "as aggregation_weights",
@@ -544,6 +545,80 @@ def case_sparse_alignment_from_cosines(ctx: Ctx):
         f"{what}: not invariant to the order of tokens",
     )
     finite_grads(lambda s: fn(s, vm, tm, direction=direction), [sims], None, what)
+
+
+def case_patch_slimming_scores(ctx: Ctx):
+    v, t, vm, tm = _pair_inputs(ctx)
+    bi, n, _ = v.shape
+    a_p, logits = ctx.rand(bi, n), ctx.randn(bi, n, ctx.int(1, 3))
+    kwargs = {
+        "beta": ctx.pick([0.0, 0.8, 1.0]),
+        "ratio": ctx.pick([0.3, 0.5, 1.0]),
+        "fusion": ctx.flag(),
+        "max_block_elements": ctx.budget(),
+    }
+    what = "patch_slimming_scores"
+
+    def fn(v, t, vm, tm, a_p=a_p, logits=logits, **kw):
+        out = F.patch_slimming_scores(v, t, vm, tm, predicted=a_p, aggregation_logits=logits, **kw)
+        return out.scores
+
+    out = expect(fn(v, t, vm, tm, **kwargs), (bi, t.shape[0]), ctx.dtype, ctx, what)
+    within(out, -2, 2, ctx.dtype, what)
+    v2 = v if vm is None else nan_padding(v, vm)
+    t2 = t if tm is None else nan_padding(t, tm)
+    close(
+        fn(v2, t2, vm, tm, **kwargs), out, ctx.dtype, f"{what}: NaN in padding changed the scores"
+    )
+    pi, pt = ctx.perm(bi), ctx.perm(t.shape[0])
+    permuted = fn(
+        v[pi],
+        t[pt],
+        None if vm is None else vm[pi],
+        None if tm is None else tm[pt],
+        a_p=a_p[pi],
+        logits=logits[pi],
+        **kwargs,
+    )
+    close(permuted, out[pi][:, pt], ctx.dtype, f"{what}: not permutation equivariant")
+    close(
+        fn(v, t, vm, tm, **{**kwargs, "max_block_elements": None}),
+        out,
+        ctx.dtype,
+        f"{what}: depends on the block budget",
+    )
+    finite_grads(lambda a, b: fn(a, b, vm, tm, **kwargs), [v2, t2], [vm, tm], what)
+
+
+def _slimming_scores(v, t, vm=None, tm=None, **kwargs):
+    """patch_slimming_scores with a prediction of the images' shape, for the shared hostile cases."""
+    predicted = v.new_zeros(v.shape[:2]) if isinstance(v, torch.Tensor) and v.dim() == 3 else None
+    return F.patch_slimming_scores(v, t, vm, tm, predicted=predicted, **kwargs).scores
+
+
+def case_hard_assignment_from_cosines(ctx: Ctx):
+    b = ctx.int(1, 3)
+    vm, tm = ctx.mask(b), ctx.mask(b)
+    sims = ctx.rand(b, vm.shape[1], tm.shape[1], low=-1, high=1)
+    kw = {
+        "codebook": ctx.pick(["visual", "textual"]),
+        "pooling": ctx.pick(["max", "mean", "softmax"]),
+        "temperature": ctx.pick([0.05, 1.0]),
+    }
+    fn = F.hard_assignment_from_cosines
+    what = "hard_assignment_from_cosines"
+    out = expect(fn(sims, vm, tm, **kw), (b,), ctx.dtype, ctx, what)
+    within(out, -1, 1, ctx.dtype, what)
+    pair = vm[:, :, None] & tm[:, None, :]
+    close(fn(nan_padding(sims, pair), vm, tm, **kw), out, ctx.dtype, f"{what}: NaN in padding")
+    pn, pm = ctx.perm(vm.shape[1]), ctx.perm(tm.shape[1])
+    close(
+        fn(sims[:, pn][:, :, pm], vm[:, pn], tm[:, pm], **kw),
+        out,
+        ctx.dtype,
+        f"{what}: not invariant to the order of tokens",
+    )
+    finite_grads(lambda s: fn(s, vm, tm, **kw), [sims], None, what)
 
 
 def case_cosine_similarity_matrix(ctx: Ctx):
@@ -1889,6 +1964,11 @@ ERRORS = {
         _option_error(F.local_matching_scores, "weighting", "lineer", "linear"),
     ),
     "local_weights": errors_local_weights,
+    "patch_slimming_scores": _both(
+        _pair_errors(_slimming_scores),
+        _kw_error(_slimming_scores, {"ratio": 0.0}, ValueError, r"ratio must be a finite number"),
+        _kw_error(_slimming_scores, {"tau": -1.0}, ValueError, r"tau must be a finite number"),
+    ),
     "scan_t2i_scores": _both(
         _pair_errors(F.scan_t2i_scores),
         lambda ctx: [
@@ -1954,6 +2034,7 @@ CASES = {
     "fusion_weights": case_fusion_weights,
     "global_cosine_scores": case_global_cosine_scores,
     "gumbel_keep_decisions": case_gumbel_keep_decisions,
+    "hard_assignment_from_cosines": case_hard_assignment_from_cosines,
     "hard_assignment_scores": case_hard_assignment_scores,
     "info_nce_loss": case_info_nce_loss,
     "lexicon_kl_loss": case_lexicon_kl_loss,
@@ -1966,6 +2047,7 @@ CASES = {
     "normalize_tokens": case_normalize_tokens,
     "num_masked_patches": case_num_masked_patches,
     "pack_tokens": case_pack_tokens,
+    "patch_slimming_scores": case_patch_slimming_scores,
     "phrase_attention_scores": case_phrase_attention_scores,
     "phrase_attention_token_scores": case_phrase_attention_token_scores,
     "random_patch_mask": case_random_patch_mask,

@@ -7,7 +7,11 @@ import torch
 from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
 from imtm.contract import BLOCK_BUDGET, COMPUTE_DTYPE, POSITIVE, Options
-from imtm.functional.hard_assignment import CODEBOOKS, hard_assignment_scores
+from imtm.functional.hard_assignment import (
+    CODEBOOKS,
+    hard_assignment_from_cosines,
+    hard_assignment_scores,
+)
 from imtm.functional.pooling import POOLINGS
 from imtm.tokens import Tokens  # noqa: F401 - the docstring example uses it
 
@@ -80,6 +84,17 @@ class HardAssignmentCoding(Component):
         "max_block_elements": BLOCK_BUDGET,
         "compute_dtype": COMPUTE_DTYPE,
     }
+
+    def reduce_cosines(self, sims: torch.Tensor, image_mask, text_mask) -> torch.Tensor:
+        """Eq. 5-8 on given cosine matrices ``(..., N, M)`` (see :func:`~imtm.functional.hard_assignment.hard_assignment_from_cosines`)."""
+        return hard_assignment_from_cosines(
+            sims,
+            image_mask,
+            text_mask,
+            codebook=self.codebook,
+            pooling=self.pooling,
+            temperature=self.temperature,
+        )
 
     def forward(self, image_tokens, text_tokens) -> torch.Tensor:
         images = as_tokens(self, image_tokens, "image tokens")

@@ -8,40 +8,27 @@ References:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 import torch.nn as nn
 
+from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.components.scorers.hard_assignment import HardAssignmentCoding, as_tokens, named_errors
-from imtm.functional.blocking import (
-    check_block_args,
-    check_pair_inputs,
-    default_block_elements,
-    normalize_tokens,
-)
-from imtm.functional.hard_assignment import CODEBOOKS
+from imtm.contract import BLOCK_BUDGET, InstanceOf, Interval, Satisfies, check_param
 from imtm.functional.patch_slimming import (
+    TokenAlign,
     aggregate_tokens,
-    aggregated_cosines,
     aggregation_weights,
     combine_significance,
     dpc_knn_weights,
     fusion_weights,
     gumbel_keep_decisions,
-    logistic_noise,
-    masked_softmax,
+    patch_slimming_scores,
     self_attentive_scores,
-    slimmed_cosines,
     text_attentive_scores,
     top_keep_decisions,
-    weighted_cosine,
 )
-from imtm.functional.pooling import resolve_pooling
 from imtm.tokens import Tokens, check_finite
 
 __all__ = [
@@ -52,25 +39,6 @@ __all__ = [
     "RedundantFusion",
     "TokenAggregation",
 ]
-
-
-def _check_number(
-    block, name: str, value, lo: float, hi: float, *, lo_open: bool, hi_open: bool = False
-) -> None:
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = (
-        ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    )
-    if not ok:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(
-            f"{type(block).__name__}: {name} must be a number in {lb}{lo}, {hi}{rb}, got {value!r}"
-        )
-
-
-def _check_int(block, name: str, value, lo: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{type(block).__name__}: {name} must be an int >= {lo}, got {value!r}")
 
 
 def _split_patches(block, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -171,25 +139,18 @@ class PatchScorer(Component):
         self.language_context = language_context
         self.self_attention = self_attention
         # The MLP is built from dim and hidden_dim below, so they are checked first.
-        self._check_sizes()
+        check_param(self, "dim", dim)
+        check_param(self, "hidden_dim", hidden_dim)
         hidden = hidden_dim if hidden_dim is not None else max(1, dim // 4)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
-    def _check_sizes(self) -> None:
-        _check_int(self, "dim", self.dim)
-        if self.hidden_dim is not None:
-            _check_int(self, "hidden_dim", self.hidden_dim)
-
-    def validate(self) -> PatchScorer:
-        """Check the hyper-parameters; return ``self``."""
-        self._check_sizes()
-        _check_number(self, "beta", self.beta, 0.0, 1.0, lo_open=False)
-        for name in ("language_context", "self_attention"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(
-                    f"{type(self).__name__}: {name} must be True or False, got {getattr(self, name)!r}"
-                )
-        return self
+    _parameter_constraints = {
+        "dim": [Interval(Integral, 1, None)],
+        "beta": [Interval(Real, 0, 1)],
+        "hidden_dim": [Interval(Integral, 1, None), None],
+        "language_context": ["boolean"],
+        "self_attention": ["boolean"],
+    }
 
     def image_scores(self, patches: torch.Tensor, patch_mask: torch.Tensor | None):
         """The image-only parts ``(a^p, a^s)``, each ``(Bi, Np)`` (``a^s`` is None without self-attention)."""
@@ -223,7 +184,6 @@ class PatchScorer(Component):
         return score
 
     def forward(self, image_tokens, text_tokens) -> torch.Tensor:
-        self.validate()  # used alone, a bad beta or flag would otherwise weigh the scores silently
         images = as_tokens(self, image_tokens, "image tokens").check(type(self).__name__, self.dim)
         texts = as_tokens(self, text_tokens, "text tokens").check(type(self).__name__, self.dim)
         patches, patch_mask = _split_patches(self, images)
@@ -279,11 +239,10 @@ class GumbelSelector(Component):
         self.ratio = ratio
         self.tau = tau
 
-    def validate(self) -> GumbelSelector:
-        """Check the hyper-parameters; return ``self``."""
-        _check_number(self, "ratio", self.ratio, 0.0, 1.0, lo_open=True)
-        _check_number(self, "tau", self.tau, 0.0, math.inf, lo_open=True, hi_open=True)
-        return self
+    _parameter_constraints = {
+        "ratio": [Interval(Real, 0, 1, closed="right")],
+        "tau": [Interval(Real, 0, None, closed="neither")],
+    }
 
     def decide(
         self, scores: torch.Tensor, patch_mask: torch.Tensor | None, *, dim: int, noise=None
@@ -294,7 +253,6 @@ class GumbelSelector(Component):
         return top_keep_decisions(scores, self.ratio, patch_mask, dim=dim)
 
     def forward(self, patch_scores: torch.Tensor, image_tokens) -> torch.Tensor:
-        self.validate()
         images = as_tokens(self, image_tokens, "image tokens")
         if (
             not isinstance(patch_scores, torch.Tensor)
@@ -369,20 +327,18 @@ class TokenAggregation(Component):
         self.num_out = num_out
         self.hidden_ratio = hidden_ratio
         # The MLP is built from these arguments below, so they are checked first.
-        self.validate()
+        for name in ("dim", "num_out", "hidden_ratio"):
+            check_param(self, name, getattr(self, name))
         hidden = max(1, int(dim * hidden_ratio))
         self.mlp = nn.Sequential(
             nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_out)
         )
 
-    def validate(self) -> TokenAggregation:
-        """Check ``dim``, ``num_out`` and ``hidden_ratio``; return ``self``."""
-        _check_int(self, "dim", self.dim)
-        _check_int(self, "num_out", self.num_out)
-        _check_number(
-            self, "hidden_ratio", self.hidden_ratio, 0.0, math.inf, lo_open=True, hi_open=True
-        )
-        return self
+    _parameter_constraints = {
+        "dim": [Interval(Integral, 1, None)],
+        "num_out": [Interval(Integral, 1, None)],
+        "hidden_ratio": [Interval(Real, 0, None, closed="neither")],
+    }
 
     def logits(self, patches: torch.Tensor) -> torch.Tensor:
         """``MLP(V)``: ``(Bi, Np, D) -> (Bi, Np, Nc)``, image-only."""
@@ -441,18 +397,16 @@ class DPCKNNAggregation(Component):
         self.num_out = num_out
         self.k = k
 
-    def validate(self) -> DPCKNNAggregation:
-        """Check ``num_out`` and ``k``; return ``self``."""
-        _check_int(self, "num_out", self.num_out)
-        _check_int(self, "k", self.k)
-        return self
+    _parameter_constraints = {
+        "num_out": [Interval(Integral, 1, None)],
+        "k": [Interval(Integral, 1, None)],
+    }
 
     def pair_weights(self, patches, patch_mask, decisions):
         """``(weights (Bi, Np, Bt, Nc), valid (Bi, Bt, Nc))`` for decisions ``(Bi, Np, Bt)``."""
         return dpc_knn_weights(patches, decisions, self.num_out, k=self.k, mask=patch_mask)
 
     def forward(self, image_tokens, keep_decisions: torch.Tensor) -> torch.Tensor:
-        self.validate()
         images = as_tokens(self, image_tokens, "image tokens")
         patches, patch_mask = _split_patches(self, images)
         p = images.num_prefix_tokens
@@ -537,48 +491,21 @@ class RedundantFusion(Component):
 
 
 # ---------------------------------------------------------------------------- alignments on slimmed sets
-#: ``reduce(cosines (..., K, M), token_mask (..., K), word_mask (..., M)) -> (...)``.
-PairReduce = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+def _alignment_is_scorer(alignment) -> bool:
+    return isinstance(alignment, Component) and tuple(alignment.provides) == ("scores",)
 
 
-def _hard_assignment_reduce(coding: HardAssignmentCoding) -> PairReduce:
-    """CHAN's hard assignment coding on per-pair cosine matrices (its Eq. 5-8)."""
-    textual = CODEBOOKS[coding.codebook]
-    pool = resolve_pooling(coding.pooling, coding.temperature, where=type(coding).__name__)
+def _token_align(alignment: Component) -> TokenAlign:
+    """Run ``alignment`` on the built slimmed sets of a block (each set against its own caption)."""
 
-    def reduce(sims, token_mask, word_mask):
-        if textual:  # every token takes its best word, pooled over tokens
-            if word_mask is not None:
-                sims = sims.masked_fill(~word_mask.unsqueeze(-2), -math.inf)
-            return pool(sims.amax(-1), token_mask, -1)
-        sims = sims.masked_fill(~token_mask.unsqueeze(-1), -math.inf)
-        return pool(sims.amax(-2), word_mask, -1)
+    def align(tokens, token_mask, words, word_mask):
+        bi, bt, k, d = tokens.shape
+        flat = Tokens(tokens.reshape(bi * bt, k, d), token_mask.reshape(bi * bt, k))
+        texts = Tokens(words, word_mask)
+        all_pairs = alignment(flat, texts)  # (bi * bt, bt): each set against each caption
+        return all_pairs.view(bi, bt, bt).diagonal(dim1=1, dim2=2)
 
-    return reduce
-
-
-def pair_reducer(alignment: Component) -> PairReduce | None:
-    """How ``alignment`` scores one slimmed set from its cosines, or None (then tokens are built)."""
-    if hasattr(alignment, "reduce_cosines"):
-        return alignment.reduce_cosines
-    if isinstance(alignment, HardAssignmentCoding):
-        return _hard_assignment_reduce(alignment)
-    return None
-
-
-@dataclass
-class _ImageSide:
-    """What :class:`PatchSlimming` computes once per image."""
-
-    feats: torch.Tensor  # (Bi, N, D), padding zeroed
-    prefix_mask: torch.Tensor  # (Bi, P)
-    patches: torch.Tensor  # (Bi, Np, D)
-    patch_mask: torch.Tensor | None  # (Bi, Np)
-    scores: tuple  # (a^p, a^s)
-    logits: torch.Tensor | None  # (Bi, Np, Nc), with a TokenAggregation
-    exp_logits: torch.Tensor | None  # (Bi, Np, Nc): exp(logits - the image's max), in (0, 1]
-    gram: torch.Tensor | None  # (Bi, Np, Np), when the alignment reduces cosines
-    inv_norm: torch.Tensor  # (Bi, N) 1 / |v|
+    return align
 
 
 class PatchSlimming(Component):
@@ -602,12 +529,12 @@ class PatchSlimming(Component):
 
     with :math:`A` the cosines of :math:`\hat V(I, T)` and the caption's words.
 
-    Computed for all pairs in blocks, never caption by caption: the scorer MLP,
-    :math:`a^s`, the aggregation MLP and the Gram matrix run once per image;
-    per pair only :math:`a^r`, the decisions and the masked softmaxes. Alignments
-    that reduce cosine matrices (sparse alignment, hard assignment coding) get the
-    slimmed tokens' cosines from :func:`~imtm.functional.patch_slimming.aggregated_cosines`, without
-    building the tokens; any other scorer is run on the built tokens of each pair.
+    A thin module over :func:`~imtm.functional.patch_slimming.patch_slimming_scores`: it runs
+    the scorer MLP and the aggregation MLP once per image and hands the rest to the functional,
+    which computes all pairs in blocks, never caption by caption. Alignments that reduce cosine
+    matrices (those with a ``reduce_cosines`` method: sparse alignment, CHAN's hard assignment
+    coding) get the slimmed tokens' cosines without the tokens being built; any other scorer is
+    run on the built tokens of each pair.
 
     The slimmed set's mask: [CLS] (each of ``num_prefix_tokens``) always, the
     :math:`N_c` aggregated tokens where the pair keeps a patch, the fused token where
@@ -658,6 +585,22 @@ class PatchSlimming(Component):
     requires = ("image_tokens", "text_tokens")
     provides = ("scores", "keep_decisions")
 
+    _parameter_constraints = {
+        "scorer": [InstanceOf(PatchScorer)],
+        "selector": [InstanceOf(GumbelSelector)],
+        "aggregation": [InstanceOf(TokenAggregation, DPCKNNAggregation), None],
+        "alignment": [
+            Satisfies(
+                _alignment_is_scorer,
+                "a Component that provides ('scores',) from (image_tokens, text_tokens), "
+                "e.g. SparsePatchWordAlignment()",
+                refused=[None, nn.Identity()],
+            )
+        ],
+        "fusion": ["boolean"],
+        "max_block_elements": BLOCK_BUDGET,
+    }
+
     def __init__(
         self,
         scorer: PatchScorer,
@@ -678,269 +621,73 @@ class PatchSlimming(Component):
         self.fusion = fusion
         self.max_block_elements = max_block_elements
 
+    def _parts(self) -> tuple:
+        return tuple(
+            part
+            for part in (self.scorer, self.selector, self.aggregation, self.alignment)
+            if isinstance(part, Component)
+        )
+
     def validate(self) -> PatchSlimming:
-        """Check the parts and how they fit together; return ``self``."""
-        name = type(self).__name__
-        for attr, cls in (("scorer", PatchScorer), ("selector", GumbelSelector)):
-            if not isinstance(getattr(self, attr), cls):
-                raise TypeError(
-                    f"{name}: {attr} must be a {cls.__name__}, got {type(getattr(self, attr)).__name__}"
-                )
-        if self.aggregation is not None and not isinstance(
-            self.aggregation, (TokenAggregation, DPCKNNAggregation)
-        ):
-            raise TypeError(
-                f"{name}: aggregation must be a TokenAggregation, a DPCKNNAggregation or None (no "
-                f"aggregation), got {type(self.aggregation).__name__}"
-            )
-        if not isinstance(self.alignment, Component) or tuple(self.alignment.provides) != (
-            "scores",
-        ):
-            raise TypeError(
-                f"{name}: alignment must be a Component that provides ('scores',) from (image_tokens, text_tokens), "
-                f"e.g. SparsePatchWordAlignment(); got {self.alignment!r}"
-            )
+        """Check the parts (their declared constraints too) and how they fit together; return ``self``."""
         if (
             isinstance(self.aggregation, TokenAggregation)
             and self.scorer.dim != self.aggregation.dim
         ):
             raise ValueError(
-                f"{name}: scorer.dim={self.scorer.dim} and aggregation.dim={self.aggregation.dim} must be equal"
+                f"{type(self).__name__}: scorer.dim={self.scorer.dim} and aggregation.dim="
+                f"{self.aggregation.dim} must be equal"
             )
-        if not isinstance(self.fusion, bool):
-            raise TypeError(f"{name}: fusion must be True or False, got {self.fusion!r}")
-        check_block_args(self.max_block_elements, None, where=name)
-        for part in (self.scorer, self.selector, self.alignment, self.aggregation):
-            if hasattr(part, "validate"):
-                part.validate()
+        for part in self._parts():
+            part.validate()
         return self
 
-    # ------------------------------------------------------------------ the computation
-    def _image_side(self, images: Tokens) -> _ImageSide:
-        p = images.num_prefix_tokens
-        feats = images.zero_padding().feats
-        patches, patch_mask = feats[:, p:], images.mask[:, p:]
-        patch_mask = None if bool(patch_mask.all()) else patch_mask
-        norms = feats.norm(dim=-1)
-        inv = torch.where(
-            images.mask,
-            1 / norms.clamp_min(1e-8),
-            torch.zeros((), dtype=feats.dtype, device=feats.device),
-        )
-        # The MLPs may run under autocast; what follows stays in the features' dtype (see forward).
-        a_p, a_s = self.scorer.image_scores(patches, patch_mask)
-        logits = exp_logits = None
-        if isinstance(self.aggregation, TokenAggregation):
-            logits = self.aggregation.logits(patches).to(feats.dtype)
-            top = (
-                logits
-                if patch_mask is None
-                else logits.masked_fill(~patch_mask.unsqueeze(-1), -math.inf)
-            )
-            shift = top.amax(1, keepdim=True).detach()
-            # An image whose only real tokens are prefix tokens has no patch: shift by 0, not -inf (exp(inf)).
-            shift = torch.where(
-                torch.isfinite(shift),
-                shift,
-                torch.zeros((), dtype=shift.dtype, device=shift.device),
-            )
-            exp_logits = torch.exp(logits - shift)
-        return _ImageSide(
-            feats=feats,
-            prefix_mask=images.mask[:, :p],
-            patches=patches,
-            patch_mask=patch_mask,
-            scores=(a_p.to(feats.dtype), None if a_s is None else a_s.to(feats.dtype)),
-            logits=logits,
-            exp_logits=exp_logits,
-            gram=None,  # computed in _pairs, outside autocast
-            inv_norm=inv,
-        )
-
-    def _plan(
-        self, n_images: int, n_captions: int, n_patches: int, n_tokens: int, n_words: int, device
-    ) -> tuple[int, int]:
-        budget = (
-            default_block_elements(device)
-            if self.max_block_elements is None
-            else self.max_block_elements
-        )
-        per_pair = n_patches * (n_tokens + n_words) + n_tokens * n_words
-        if isinstance(self.aggregation, DPCKNNAggregation):
-            per_pair += 2 * n_patches * n_patches  # the pair's distances and density comparisons
-        pairs = max(1, budget // max(per_pair, 1))
-        bt = max(1, min(n_captions, pairs))
-        bi = max(1, min(n_images, pairs // bt))
-        return bi, bt
-
     def forward(self, image_tokens, text_tokens) -> tuple[torch.Tensor, torch.Tensor]:
-        name = type(self).__name__
-        self.validate()
+        # The parts are not called as modules, so a part changed after validation (set_params on
+        # the selector, say) is caught here: a flag read per part, no check is repeated.
+        if not torch.compiler.is_compiling() and not all(
+            part._contract_checked for part in self._parts()
+        ):
+            self.validate()
         images = as_tokens(self, image_tokens, "image tokens")
         texts = as_tokens(self, text_tokens, "text tokens")
-        with named_errors(self):
-            check_pair_inputs(images.feats, texts.feats, images.mask, texts.mask, where="inputs")
         if images.dim != self.scorer.dim:
             raise ValueError(
-                f"{name}: expected image tokens of shape (Bi, N, {self.scorer.dim}), got "
+                f"{type(self).__name__}: expected image tokens of shape (Bi, N, {self.scorer.dim}), got "
                 f"{tuple(images.feats.shape)}"
             )
         _split_patches(self, images)
-        dtype = torch.promote_types(images.dtype, texts.dtype)
-        images, texts = images.to(dtype), texts.to(dtype)
-        reduce = pair_reducer(self.alignment)
-        side = self._image_side(images)
-        # The pairwise arithmetic runs in the features' dtype even under autocast: the cosines come
-        # from differences of products (norms through the Gram matrix), which bf16 would blur by
-        # about 0.1 on scores in [-2, 2].
-        with torch.autocast(images.device.type, enabled=False):
-            return self._pairs(images, texts, side, reduce, dtype)
-
-    def _pairs(self, images: Tokens, texts: Tokens, side: _ImageSide, reduce, dtype):
-        if reduce is not None:
-            side.gram = torch.bmm(side.patches, side.patches.transpose(1, 2))
         p = images.num_prefix_tokens
-        Bi, N, D = images.feats.shape
-        Bt, M = texts.batch_size, texts.num_tokens
-        Np = N - p
-        words = normalize_tokens(texts.feats, texts.mask)  # (Bt, M, D), padding zero
-        word_mask = None if bool(texts.mask.all()) else texts.mask
-        context = texts.masked_mean()  # t_glo, (Bt, D)
-        n_agg = Np if self.aggregation is None else self.aggregation.num_out
-        n_slim = n_agg + (1 if self.fusion else 0)
-        noise = None
-        if self.training:
-            # Drawn once for all pairs, so the decisions do not depend on the block size.
-            noise = logistic_noise((Bi, Np, Bt), dtype=dtype, device=images.device)
-        bi, bt = self._plan(Bi, Bt, Np, n_slim + p, M, images.device)
-        rows_s, rows_d = [], []
-        for i0 in range(0, Bi, bi):
-            i1 = min(Bi, i0 + bi)
-            parts_s, parts_d = [], []
-            for t0 in range(0, Bt, bt):
-                t1 = min(Bt, t0 + bt)
-                s, d = self._block(
-                    side,
-                    i0,
-                    i1,
-                    t0,
-                    t1,
-                    words,
-                    word_mask,
-                    context,
-                    texts,
-                    None if noise is None else noise[i0:i1, :, t0:t1],
-                    reduce,
-                )
-                parts_s.append(s)
-                parts_d.append(d)
-            rows_s.append(torch.cat(parts_s, dim=1) if len(parts_s) > 1 else parts_s[0])
-            rows_d.append(
-                torch.cat(parts_d, dim=2) if len(parts_d) > 1 else parts_d[0]
-            )  # (bi, Np, Bt)
-        scores = torch.cat(rows_s) if len(rows_s) > 1 else rows_s[0]
-        decisions = torch.cat(rows_d) if len(rows_d) > 1 else rows_d[0]
-        return scores, _pair_layout(decisions, p, 1.0, side.prefix_mask)
-
-    def _block(
-        self, side: _ImageSide, i0, i1, t0, t1, words, word_mask, context, texts, noise, reduce
-    ):
-        sl = slice(i0, i1)
-        patches = side.patches[sl]
-        pm = None if side.patch_mask is None else side.patch_mask[sl]
-        pm3 = None if pm is None else pm.unsqueeze(-1)
-        a_p, a_s = side.scores
-        a = self.scorer.pair_scores(
-            (a_p[sl], None if a_s is None else a_s[sl]), patches, context[t0:t1], pm
-        )  # (bi, Np, bt)
-        decisions = self.selector.decide(a, pm3, dim=1, noise=noise)  # (bi, Np, bt)
-        p = side.prefix_mask.shape[1]
-        if not self.fusion and not p:
-            # Nothing else would be left of a pair whose Gumbel draw keeps no patch (possible in
-            # training only): it keeps its most significant patch instead of an empty set.
-            none_kept = ~(decisions > 0).any(1, keepdim=True)
-            decisions = decisions + top_keep_decisions(a, 1e-9, pm3, dim=1) * none_kept
-        drop = None
-        if self.fusion:
-            drop = 1 - decisions
-            if pm3 is not None:
-                drop = torch.where(pm3, drop, torch.zeros((), dtype=drop.dtype, device=drop.device))
-        bi, Np, bt = decisions.shape
+        # The image-only MLPs run once per image (under autocast if enabled); padding zeroed so
+        # that NaN padding never reaches them.
+        patches = images.zero_padding().feats[:, p:]
+        predicted = torch.sigmoid(self.scorer.mlp(patches).squeeze(-1))
         agg = self.aggregation
-        dpc = None
-        if isinstance(agg, DPCKNNAggregation):
-            dpc = agg.pair_weights(
-                patches, pm, decisions
-            )  # (weights (bi, Np, bt, Nc), valid (bi, bt, Nc))
-        # The slimmed set's mask: prefix tokens where real; aggregated tokens where something is kept
-        # (clusters: where they hold a patch; no aggregation: the kept patches themselves); the fused
-        # token where something is dropped.
-        if agg is None:
-            agg_mask = (decisions > 0).permute(0, 2, 1)
-        elif dpc is not None:
-            agg_mask = dpc[1]
-        else:
-            agg_mask = (decisions > 0).any(1).unsqueeze(-1).expand(bi, bt, agg.num_out)
-        masks = [side.prefix_mask[sl].unsqueeze(1).expand(bi, bt, p), agg_mask]
-        if self.fusion:
-            masks.append((drop > 0).any(1).unsqueeze(-1))
-        token_mask = torch.cat(masks, dim=-1)  # (bi, bt, p + K)
-        wm = None if word_mask is None else word_mask[t0:t1].unsqueeze(0)
-        if reduce is not None:
-            w = words[t0:t1]
-            M = w.shape[1]
-            dots = torch.mm(side.feats[sl].reshape(-1, w.shape[-1]), w.reshape(-1, w.shape[-1]).t())
-            dots = dots.view(bi, -1, bt, M)  # (bi, N, bt, M)
-            pw, gram = dots[:, p:], side.gram[sl]
-            parts = []
-            if p:
-                parts.append((dots[:, :p] * side.inv_norm[sl, :p, None, None]).permute(0, 2, 1, 3))
-            if agg is None:
-                # The kept patches as they are: their cosines, times D (1 when kept) for the
-                # straight-through gradient; dropped ones are masked out.
-                own = pw * side.inv_norm[sl, p:, None, None] * decisions.unsqueeze(-1)
-                parts.append(own.permute(0, 2, 1, 3))  # (bi, bt, Np, M)
-            elif dpc is not None:
-                parts.append(slimmed_cosines(pw, gram, dpc[0]))  # (bi, bt, Nc, M)
-            else:
-                parts.append(
-                    aggregated_cosines(pw, gram, side.exp_logits[sl], decisions)
-                )  # (bi, bt, Nc, M)
-            if self.fusion:
-                # The fused token's softmax of a over the dropped patches, unnormalised: a lies in [0, 1],
-                # so exp(a) needs no shift, and the cosine ignores the normaliser.
-                parts.append(weighted_cosine(pw, gram, drop * torch.exp(a)))
-            scores = reduce(torch.cat(parts, dim=2), token_mask, wm)
-        else:
-            if agg is None:
-                tokens = decisions.permute(0, 2, 1).unsqueeze(-1) * patches.unsqueeze(
-                    1
-                )  # (bi, bt, Np, D)
-            else:
-                if dpc is not None:
-                    weights = dpc[0]
-                else:
-                    weights = masked_softmax(
-                        side.logits[sl].unsqueeze(2), decisions.unsqueeze(-1), dim=1
-                    )
-                tokens = aggregate_tokens(patches, weights.permute(0, 2, 1, 3))  # (bi, bt, Nc, D)
-            if self.fusion:
-                fused = masked_softmax(
-                    a.unsqueeze(-1), drop.unsqueeze(-1), dim=1
-                )  # (bi, Np, bt, 1)
-                tokens = torch.cat(
-                    [tokens, aggregate_tokens(patches, fused.permute(0, 2, 1, 3))], dim=2
-                )
-            K = tokens.shape[2]
-            if p:
-                pre = side.feats[sl, :p].unsqueeze(1).expand(bi, bt, p, tokens.shape[-1])
-                tokens = torch.cat([pre, tokens], dim=2)
-            flat = Tokens(tokens.reshape(bi * bt, p + K, -1), token_mask.reshape(bi * bt, p + K))
-            all_pairs = self.alignment(
-                flat, texts[t0:t1]
-            )  # (bi * bt, bt): each set against each caption
-            scores = all_pairs.view(bi, bt, bt).diagonal(dim1=1, dim2=2)
-        return scores, decisions
+        logits = agg.logits(patches) if isinstance(agg, TokenAggregation) else None
+        dpc = (agg.num_out, agg.k) if isinstance(agg, DPCKNNAggregation) else None
+        reduce = getattr(self.alignment, "reduce_cosines", None)
+        with named_errors(self):
+            out = patch_slimming_scores(
+                images.feats,
+                texts.feats,
+                images.mask,
+                texts.mask,
+                predicted=predicted,
+                num_prefix_tokens=p,
+                beta=self.scorer.beta,
+                self_attention=self.scorer.self_attention,
+                language_context=self.scorer.language_context,
+                ratio=self.selector.ratio,
+                tau=self.selector.tau,
+                training=self.training,
+                aggregation_logits=logits,
+                dpc_knn=dpc,
+                fusion=self.fusion,
+                reduce=reduce,
+                align=None if reduce is not None else _token_align(self.alignment),
+                max_block_elements=self.max_block_elements,
+            )
+        return out.scores, out.keep_decisions
 
     def extra_repr(self) -> str:
         return f"fusion={self.fusion}, " + super().extra_repr()

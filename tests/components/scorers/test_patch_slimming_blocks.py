@@ -374,21 +374,29 @@ def test_clone_get_params_and_validation():
         ).validate()
     with pytest.raises(TypeError, match="fusion must be True or False"):
         laps(fusion="yes").validate()
-    with pytest.raises(ValueError, match=r"GumbelSelector: ratio must be a number in \(0.0, 1.0\]"):
+    with pytest.raises(
+        ValueError, match=r"GumbelSelector: ratio must be a finite number in \(0, 1\], got 0.0"
+    ):
         laps(ratio=0.0).validate()
-    with pytest.raises(ValueError, match="GumbelSelector: tau must be a number"):
+    with pytest.raises(ValueError, match="GumbelSelector: tau must be a finite number > 0, got -1"):
         GumbelSelector(tau=-1).validate()
-    with pytest.raises(ValueError, match=r"PatchScorer: beta must be a number in \[0.0, 1.0\]"):
+    with pytest.raises(
+        ValueError, match=r"PatchScorer: beta must be a finite number in \[0, 1\], got 2.0"
+    ):
         laps(beta=2.0).validate()
     with pytest.raises(TypeError, match="PatchScorer: language_context must be True or False"):
         PatchScorer(8, language_context=1).validate()
-    with pytest.raises(ValueError, match="PatchScorer: dim must be an int >= 1"):
+    with pytest.raises(ValueError, match="PatchScorer: dim must be a positive int, got 0"):
         PatchScorer(0)
-    with pytest.raises(ValueError, match="PatchScorer: hidden_dim must be an int >= 1"):
+    with pytest.raises(
+        ValueError, match="PatchScorer: hidden_dim must be a positive int or None, got 0"
+    ):
         PatchScorer(8, hidden_dim=0)
-    with pytest.raises(ValueError, match="TokenAggregation: num_out must be an int >= 1"):
+    with pytest.raises(ValueError, match="TokenAggregation: num_out must be a positive int, got 0"):
         TokenAggregation(8, 0)
-    with pytest.raises(ValueError, match="TokenAggregation: hidden_ratio must be a number"):
+    with pytest.raises(
+        ValueError, match="TokenAggregation: hidden_ratio must be a finite number > 0, got 0"
+    ):
         TokenAggregation(8, 2, hidden_ratio=0)
     with pytest.raises(ValueError, match="SparsePatchWordAlignment: direction must be one of"):
         SparsePatchWordAlignment(direction="up").validate()
@@ -403,9 +411,11 @@ def test_bad_inputs_raise_clear_errors():
         slim(Tokens(torch.randn(2, 5, 4)), Tokens(torch.randn(2, 3, 4)))
     with pytest.raises(ValueError, match="PatchSlimming: image tokens hold 1 position"):
         slim(Tokens(torch.randn(2, 1, D), num_prefix_tokens=1), texts)
-    with pytest.raises(ValueError, match="PatchSlimming: inputs: texts rows"):
+    with pytest.raises(ValueError, match="PatchSlimming: patch_slimming_scores: texts rows"):
         slim(images, Tokens(texts.feats, torch.zeros(4, 4, dtype=torch.bool)))
-    with pytest.raises(ValueError, match="PatchSlimming: inputs: images .* NaN or inf"):
+    with pytest.raises(
+        ValueError, match="PatchSlimming: patch_slimming_scores: images .* NaN or inf"
+    ):
         slim(Tokens(torch.full((2, 5, D), math.nan)), texts)
     with pytest.raises(TypeError, match="PatchSlimming: expected image tokens as Tokens"):
         slim("pixels", texts)
@@ -571,3 +581,48 @@ def test_scan_alignment_row_equals_the_loop():
         scores, _ = slim(images, texts)
         want, _ = reference(slim, images, texts, align=scan)
     torch.testing.assert_close(scores, want)
+
+
+def test_module_is_a_thin_wrapper_over_the_functional():
+    from imtm.functional import patch_slimming_scores
+
+    slim = laps(num_out=3).double().eval()
+    images, texts = image_tokens(lengths=[7, 5, 6]), text_tokens()
+    scores, keep = slim(images, texts)
+    patches = images.zero_padding().feats[:, 1:]
+    out = patch_slimming_scores(
+        images.feats,
+        texts.feats,
+        images.mask,
+        texts.mask,
+        predicted=torch.sigmoid(slim.scorer.mlp(patches).squeeze(-1)),
+        num_prefix_tokens=1,
+        aggregation_logits=slim.aggregation.mlp(patches),
+    )
+    torch.testing.assert_close(scores, out.scores)
+    torch.testing.assert_close(keep, out.keep_decisions)
+
+
+def test_parameters_are_checked_once_not_on_every_forward(monkeypatch):
+    slim = laps().double().eval()
+    images, texts = image_tokens(), text_tokens()
+    calls = []
+    for part in (slim, slim.scorer, slim.selector):
+        original = part.validate
+        monkeypatch.setattr(part, "validate", lambda o=original: calls.append(1) or o())
+    slim(images, texts)
+    first = len(calls)
+    assert first >= 1
+    slim(images, texts)
+    slim(images, texts)
+    assert len(calls) == first  # no check repeated per forward
+    # a part changed after validation is checked again, at the next call
+    slim.selector.ratio = 1.5
+    with pytest.raises(
+        ValueError, match=r"GumbelSelector: ratio must be a finite number in \(0, 1\]"
+    ):
+        slim(images, texts)
+    import inspect
+
+    for cls in (PatchScorer, GumbelSelector, DPCKNNAggregation, TokenAggregation):
+        assert "validate(" not in inspect.getsource(cls.forward)
