@@ -207,8 +207,9 @@ class Matcher(BaseEstimator):
             streaming loader); with a length, it caps the epoch.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for forward passes.
-        compile: run every block's forward through ``torch.compile`` (opt-in). A block whose
-            compilation fails (no compiler, an unsupported platform or operation) runs eagerly,
+        compile: run every block's forward through ``torch.compile`` (opt-in), except blocks
+            that declare ``compiles = False`` (the GRU text encoder, whose packed RNN the compiler
+            cannot improve). A block whose compilation fails (no compiler, an unsupported platform or operation) runs eagerly,
             with a warning; the results agree with eager ones within floating-point tolerance.
         random_state: seed for initialisation, data order, dropout; ``None`` draws one.
         eval_batch_size: batch size for encoding images and captions in evaluation.
@@ -637,12 +638,13 @@ class Matcher(BaseEstimator):
         """Compile (or un-compile) the fitted blocks' forward to match ``self.compile``."""
         for name, block in self.components_.items():
             compiled = isinstance(block._compiled_call_impl, _CompiledCall)
-            if self.compile and not compiled and not getattr(block, "_imtm_compile_failed", False):
+            wanted = self.compile and getattr(block, "compiles", True)
+            if wanted and not compiled and not getattr(block, "_imtm_compile_failed", False):
                 try:
                     block._compiled_call_impl = _CompiledCall(block, name)
                 except Exception as err:  # noqa: BLE001 - torch.compile itself unsupported here
                     _compile_failed(block, name, err)
-            elif not self.compile and compiled:
+            elif not wanted and compiled:
                 block._compiled_call_impl = None
 
     def __sklearn_clone__(self) -> Matcher:
