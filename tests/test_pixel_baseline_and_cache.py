@@ -63,6 +63,30 @@ def test_over_the_frozen_vit_the_triplet_loss_sums_over_the_negatives(pixels, na
     assert loss.hardest is True and loss.warmup_epochs == 1
 
 
+def test_laps_on_synthetic_pixels_fine_tunes_the_packaged_bert_unless_a_text_encoder_is_named(
+    pixels,
+):
+    from imtm.components import GRUTextEncoder, HFTextEncoder
+
+    train = pixels[0]
+    text = dict(presets.build("laps", train, embed_dim=16, word_dim=8))["text"]
+    assert isinstance(text, HFTextEncoder) and text.model_name_or_path == "synthetic-bert"
+    assert all(p.requires_grad for p in text.parameters())
+    named = dict(presets.build("laps", train, embed_dim=16, word_dim=8, text="gru"))["text"]
+    assert isinstance(named, GRUTextEncoder) and named.vocab is train.vocab
+    # Image files (no packaged backbone) keep the GRU over the data's vocabulary.
+    scratch = dict(
+        presets.build(
+            "laps",
+            train,
+            embed_dim=16,
+            word_dim=8,
+            model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8},
+        )
+    )["text"]
+    assert isinstance(scratch, GRUTextEncoder)
+
+
 def test_imtm_train_vsepp_on_the_pixels_view(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("IMTM_SYNTHETIC", "n_train=16,n_dev=4,n_test=6")
     out = tmp_path / "run"
