@@ -59,11 +59,11 @@ __all__ = ["Matcher", "Stage", "NotFittedError", "PipelineError"]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _whole(low: int) -> Satisfies:
+def _whole(low: int, description: str | None = None) -> Satisfies:
     """A Python ``int`` (never bool) ``>= low``: the value lands in JSON configs as it is."""
     return Satisfies(
         lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low,
-        "a positive integer" if low == 1 else f"an integer >= {low}",
+        description or f"an integer >= {low}",
         refused=[low - 1, True, 1.5],
     )
 
@@ -72,10 +72,10 @@ def _whole(low: int) -> Satisfies:
 #: (and so ``fit``) checks them. Relations between parameters (stages, init_blocks) stay in ``validate``.
 MATCHER_CONSTRAINTS: dict[str, list[Any]] = {
     "epochs": [_whole(0)],
-    "batch_size": [_whole(1)],
-    "eval_batch_size": [_whole(1)],
-    "image_block": [_whole(1)],
-    "text_block": [_whole(1)],
+    "batch_size": [_whole(1, "a positive integer")],
+    "eval_batch_size": [_whole(1, "a positive integer")],
+    "image_block": [_whole(1, "a positive integer")],
+    "text_block": [_whole(1, "a positive integer")],
     "precision": [Options(PRECISIONS)],
     "compile": ["boolean"],
     "on_nonfinite": [Options({"raise", "skip"})],
@@ -90,12 +90,12 @@ MATCHER_CONSTRAINTS: dict[str, list[Any]] = {
     "steps_per_epoch": [_whole(1), None],
     # NumPy takes seeds below 2**32, and the data order mixes the seed into 64-bit generator seeds.
     "random_state": [
+        None,
         Satisfies(
             lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32,
             "an integer in [0, 2**32)",
             refused=[-1, 2**32, True],
         ),
-        None,
     ],
 }
 
