@@ -204,7 +204,9 @@ class Matcher(BaseEstimator):
             activations of one micro-batch in memory at a time. Under torchrun each process
             splits its own batch; the cached embeddings are gathered over the processes.
         steps_per_epoch: batches per epoch for data without a length (an ``IterableDataset``, a
-            streaming loader); with a length, it caps the epoch.
+            streaming loader); with a length, it caps the epoch. A stream resumes mid-epoch bit
+            for bit when it is deterministic given the seeds imtm sets while reading it
+            (``docs/training.md``, "Streams resume mid-epoch").
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for forward passes.
         compile: run every block's forward through ``torch.compile`` (opt-in), except blocks
