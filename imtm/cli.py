@@ -110,6 +110,128 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _json_or_text(text: str, flag: str):
+    """A JSON object given on the command line (``{...}``), or the text itself."""
+    if text.strip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(
+                f"{flag}: not a valid JSON object ({e}): {text!r}"
+            ) from e
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{flag}: expected a JSON object, got {text!r}")
+        return value
+    return text
+
+
+def _optimizer(text: str):
+    """``--optimizer``: a name (adamw, adam, sgd, torch.optim.<Name>) or a JSON object with ``name``."""
+    from imtm.engine.optim import optimizer_spec
+
+    value = _json_or_text(text, "--optimizer")
+    try:
+        optimizer_spec(value, "--optimizer")
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return value
+
+
+def _lr_scheduler(text: str):
+    """``--lr-scheduler``: cosine, constant, 'x0.9 every epoch', cosine_restarts, or a JSON object."""
+    from imtm.engine.optim import schedule_spec
+
+    value = _json_or_text(text, "--lr-scheduler")
+    try:
+        schedule_spec(value, "--lr-scheduler")
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return value
+
+
+def _lr_factors(text: str) -> dict:
+    """``--lr-factors``: ``image=0.1,text=0`` (or a JSON object): block name -> learning-rate factor."""
+    example = "e.g. --lr-factors image=0.1,text=0 (0 freezes a block)"
+    value = _json_or_text(text, "--lr-factors")
+    if isinstance(value, str):
+        pairs = [p.strip() for p in value.split(",") if p.strip()]
+        if not pairs or not all(p.count("=") == 1 for p in pairs):
+            raise argparse.ArgumentTypeError(
+                f"expected BLOCK=FACTOR pairs, {example}; got {text!r}"
+            )
+        value = dict(p.split("=") for p in pairs)
+    out = {}
+    for name, factor in value.items():
+        try:
+            f = float(factor)
+        except (TypeError, ValueError):
+            f = float("nan")
+        if not name.strip() or not (f >= 0 and f != float("inf")):
+            raise argparse.ArgumentTypeError(
+                f"the factor of block {name!r} must be a number >= 0, got {factor!r}; {example}"
+            )
+        out[name.strip()] = f
+    return out
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected block names separated by commas, got {text!r}")
+    return names
+
+
+#: The names --logger takes (imtm.engine.callbacks.LOGGERS; the CLI does not import torch to list them).
+LOGGER_NAMES = ("csv", "tensorboard", "wandb")
+
+
+def _monitor(text: str) -> str:
+    from imtm.metrics import METRIC_KEYS
+
+    if text not in METRIC_KEYS:
+        from imtm.component import suggest
+
+        raise argparse.ArgumentTypeError(
+            f"not an evaluation metric: {text!r}; give one of {list(METRIC_KEYS)}."
+            + suggest(text, list(METRIC_KEYS))
+        )
+    return text
+
+
+def _engine_params(args) -> dict:
+    """The Matcher's training-loop parameters given by the flags (those not given are left out)."""
+    given = {
+        "optimizer": args.optimizer,
+        "lr_scheduler": args.lr_scheduler,
+        "lr_factors": args.lr_factors,
+        "accumulate": args.accumulate,
+        "steps_per_epoch": args.steps_per_epoch,
+        "init_from": args.init_from,
+        "init_blocks": args.init_blocks,
+        "loggers": list(dict.fromkeys(args.logger)) if args.logger else None,
+    }
+    if args.init_blocks is not None and args.init_from is None:
+        raise SystemExit(
+            "imtm train: --init-blocks names the blocks to copy from --init-from; give --init-from too"
+        )
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _callbacks(args, dev) -> list:
+    """``fit(callbacks=...)`` from the flags: early stopping."""
+    if args.early_stopping is None:
+        return []
+    if dev is None:
+        raise SystemExit(
+            "imtm train: --early-stopping watches the dev split's metrics, but --data holds no dev split"
+        )
+    from imtm.engine.callbacks import EarlyStopping
+
+    # ranks: lower is better; recalls and rsum: higher
+    mode = "min" if args.monitor.endswith(("medr", "meanr")) else "max"
+    return [EarlyStopping(args.monitor, patience=args.early_stopping, mode=mode)]
+
+
 def _preset_names(allowed=None, many: bool = False):
     """An argparse type: one preset name (or a comma-separated list) checked against ``allowed``."""
 
@@ -525,8 +647,14 @@ def cmd_train(args) -> int:
         if recipe is not None
         else _matcher_from_args(args, train)
     )
+    m.set_params(**_engine_params(args))
     attach_model_transforms(m.components, train, dev, test)
-    m.fit(_neighbour_batches(args, train), eval_set=dev, resume=args.resume)
+    m.fit(
+        _neighbour_batches(args, train),
+        eval_set=dev,
+        resume=args.resume,
+        callbacks=_callbacks(args, dev),
+    )
     if recipe is not None:
         m.record_["recipe"] = (
             recipe.to_record()
@@ -832,6 +960,83 @@ def build_parser() -> argparse.ArgumentParser:
             )
             t.add_argument(
                 "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+            )
+            eng = t.add_argument_group(
+                "training loop (docs/training.md; Matcher parameters of the same names)"
+            )
+            eng.add_argument(
+                "--optimizer",
+                type=_optimizer,
+                default=None,
+                metavar="NAME|JSON",
+                help="adamw (default), adam, sgd, torch.optim.<Name>, or a JSON object with "
+                'keyword arguments, e.g. \'{"name": "sgd", "momentum": 0.9}\'',
+            )
+            eng.add_argument(
+                "--lr-scheduler",
+                type=_lr_scheduler,
+                default=None,
+                metavar="SPEC",
+                help="cosine (warm-up + cosine, default), constant, a step decay such as "
+                "'x0.9 every epoch' or 'x0.1 at epochs 10,15', cosine_restarts, or a JSON object "
+                'such as \'{"name": "cosine_restarts", "period": 2}\'',
+            )
+            eng.add_argument(
+                "--lr-factors",
+                type=_lr_factors,
+                default=None,
+                metavar="BLOCK=F,...",
+                help="learning-rate factor per block, e.g. image=0.1 (0 freezes the block)",
+            )
+            eng.add_argument(
+                "--accumulate",
+                type=_positive_int,
+                default=None,
+                metavar="K",
+                help="split each batch into K micro-batches with cached embeddings (the gradients "
+                "of the whole batch, the encoders' memory of one micro-batch)",
+            )
+            eng.add_argument(
+                "--steps-per-epoch",
+                type=_positive_int,
+                default=None,
+                metavar="N",
+                help="at most N batches per epoch (the length of an epoch of a stream)",
+            )
+            eng.add_argument(
+                "--init-from",
+                default=None,
+                metavar="FOLDER",
+                help="start from the weights of a saved model, checkpoint or run folder",
+            )
+            eng.add_argument(
+                "--init-blocks",
+                type=_names,
+                default=None,
+                metavar="NAME,...",
+                help="with --init-from: copy only these blocks (default: every block of the same name)",
+            )
+            eng.add_argument(
+                "--logger",
+                action="append",
+                choices=LOGGER_NAMES,
+                default=None,
+                help="where the step and epoch logs go (repeatable; default csv: steps.csv and "
+                "epochs.csv in --out); tensorboard and wandb need their packages",
+            )
+            eng.add_argument(
+                "--early-stopping",
+                type=_positive_int,
+                default=None,
+                metavar="PATIENCE",
+                help="stop when the dev split's --monitor metric has not improved for PATIENCE epochs",
+            )
+            eng.add_argument(
+                "--monitor",
+                type=_monitor,
+                default="rsum",
+                metavar="METRIC",
+                help="the metric --early-stopping watches (default rsum; i2t_r1, t2i_medr, ...)",
             )
             t.add_argument(
                 "--miner",

@@ -25,7 +25,13 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from imtm._version import __version__
 from imtm.component import Component
 from imtm.data.collate import collate
-from imtm.data.seeding import SeededItems, item_seed, restored, set_fit_epoch_key
+from imtm.data.seeding import (
+    SeededItems,
+    item_seed,
+    restored,
+    seeded_item,
+    set_fit_epoch_key,
+)
 from imtm.engine import distributed
 from imtm.engine.blocks import concat, move, run_blocks, take
 from imtm.engine.checkpoint import (
@@ -54,7 +60,11 @@ from imtm.engine.seeding import seed_everything
 from imtm.engine.serialization import encode_value
 from imtm.tokens import NonFiniteValueError, Tokens
 
-__all__ = ["Trainer", "EpochSampler", "check_batch", "NonFiniteError"]
+__all__ = ["Trainer", "EpochSampler", "SeededStream", "check_batch", "NonFiniteError"]
+
+#: How a DataLoader iterated as given (a stream, a DataLoader subclass) is read: recorded in
+#: checkpoints; a checkpoint of another way is refused (its batches could not be replayed).
+STREAM_SEEDING = "seeded-batches/1"
 
 log = logging.getLogger("imtm")
 
@@ -280,7 +290,8 @@ class Trainer:
         self.ddp = None
         #: How a user's DataLoader is iterated: "rebuilt" (its batches drawn once per epoch from a
         #: seeded generator, its items loaded through SeededItems: exact resume anywhere) or
-        #: "as-given" (a DataLoader subclass, an iterable dataset: resumed only at an epoch's end).
+        #: "as-given" (a DataLoader subclass, an iterable dataset: read through SeededStream, a
+        #: mid-epoch resume reads the epoch's consumed batches again and drops them).
         self.loader_mode = None
         self.epoch_batches: list | None = None
         if isinstance(train, IterableDataset):  # a stream: batched as it comes
@@ -387,12 +398,11 @@ class Trainer:
         # Every item is loaded with a seed of its own, (seed, epoch, item): random crops and caption
         # augmentation do not depend on the worker, num_workers, or where a run was resumed.
         if self.loader_mode == "as-given":
-            it = iter(self.train)
-            for _ in range(
-                start_batch
-            ):  # only 0 here: a mid-epoch resume is refused for such loaders
-                next(it)
-            return it
+            # Read under generators seeded by (seed, epoch, batch); a resumed epoch reads again
+            # (and drops) the batches its checkpoint had consumed.
+            return SeededStream(
+                self.train, self.seed, self.epoch_key(epoch), start=start_batch, rank=self.rank
+            )
         # A private generator: creating the iterator must not draw from the global RNG,
         # or a run resumed mid-epoch would see different dropout / noise than an uninterrupted one.
         g = torch.Generator().manual_seed(self.seed + epoch)
@@ -994,6 +1004,8 @@ class Trainer:
     def data_state(self) -> dict:
         """How the data were read: what a resumed run needs to read the same batches with the same draws."""
         state = {"seeding": DATA_SEEDING, "loader": self.loader_mode or "dataset"}
+        if self.loader_mode == "as-given":
+            state["stream"] = STREAM_SEEDING
         if self.loader_given:
             state["generators"] = [g.get_state() for g in self.loader_generators()]
             state["generators_epoch"] = list(getattr(self, "generators_epoch", state["generators"]))
@@ -1035,11 +1047,11 @@ class Trainer:
             return
         loader = self.train
         why = None
-        if mid_epoch:
+        if data.get("stream") != STREAM_SEEDING:
             why = (
-                f"{type(loader).__name__} over {type(loader.dataset).__name__} cannot be re-created by imtm "
-                "(a DataLoader subclass, an iterable dataset, or no batch sampler), so the batches and random "
-                "draws of the rest of that epoch cannot be replayed"
+                f"it was written by an earlier version of imtm, which read {type(loader).__name__} over "
+                f"{type(loader.dataset).__name__} with the training stream's random numbers, so its batches "
+                "cannot be replayed"
             )
         elif loader.num_workers and loader.persistent_workers:
             why = (
@@ -1552,6 +1564,56 @@ class Trainer:
             )
             self.best_sha256 = _weights_digest(path)
         distributed.barrier()
+
+
+class SeededStream:
+    """A DataLoader iterated as given, each batch read under generators seeded by ``(seed, epoch, batch)``.
+
+    What a stream (an ``IterableDataset``, a webdataset or Hugging Face streaming pipeline, a
+    DataLoader subclass) draws while its batches are read (torch's CPU generator, NumPy's,
+    Python's ``random``, and through them the seeds of its worker processes) comes from
+    seeds fixed by the run's seed, the epoch and the batch's index, and the training
+    stream (dropout, noise) is left untouched. Resuming an epoch at batch ``start`` reads
+    its first ``start`` batches again and drops them (loading, not training), so the
+    batches that follow, and every random draw, are an uninterrupted run's, provided the
+    source is deterministic given those seeds and its ``set_epoch`` (see
+    ``docs/training.md``, "Streams").
+
+    Args:
+        loader: the DataLoader. seed: the run's seed. epoch: the epoch's key (unique over stages).
+        start: batches to read and drop first.
+        rank: the process's rank under torchrun: each rank reads its own stream with seeds of
+            its own (rank 0 those of a single process), as its training stream is its own.
+
+    Raises:
+        ValueError: the stream ends before ``start`` batches (it yields other data than when the
+            checkpoint was written).
+    """
+
+    def __init__(self, loader, seed: int, epoch: int, *, start: int = 0, rank: int = 0):
+        seed = int(seed) if rank == 0 else item_seed(int(seed), -5, int(rank))
+        self.seed, self.epoch, self.index = seed, int(epoch), 0
+        # Creating the iterator draws (the workers' base seed, a shuffling sampler's order).
+        with seeded_item(item_seed(self.seed, self.epoch, -3)):
+            self.it = iter(loader)
+        for _ in range(start):
+            try:
+                next(self)
+            except StopIteration:
+                raise ValueError(
+                    f"Matcher.fit: the training stream ended after {self.index} batches while skipping "
+                    f"the {start} its checkpoint had consumed in this epoch; a resumed stream must yield "
+                    "the same batches as the interrupted run (see docs/training.md, Streams)"
+                ) from None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with seeded_item(item_seed(self.seed, self.epoch, -4 - self.index)):
+            batch = next(self.it)
+        self.index += 1
+        return batch
 
 
 class _StepModule(torch.nn.Module):

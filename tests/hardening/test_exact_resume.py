@@ -5,8 +5,10 @@
 - Mid-epoch, with a user ``DataLoader(shuffle=True)``, with caption augmentation drawn in two
   worker processes, with ``CaptionAugment(seed=0)``; and ``num_workers`` changed on resume.
 - Two fits in one process agree, whatever was drawn before.
-- What cannot be replayed (a DataLoader subclass mid-epoch, a checkpoint of an earlier data
-  seeding) is refused with a ``CheckpointError`` that says why.
+- A DataLoader imtm iterates as given (a subclass, a stream with ``steps_per_epoch``, in worker
+  processes too) resumes mid-epoch by reading the consumed batches again.
+- What cannot be replayed (a checkpoint of an earlier data seeding) is refused with a
+  ``CheckpointError`` that says why.
 """
 
 import json
@@ -189,12 +191,12 @@ def test_seeded_caption_augment_two_fits_in_one_process_agree_and_resume_bit_exa
     assert any(not torch.equal(first[k], other[k]) for k in first)
 
 
-# ---------------------------------------------------------------- refused, with the reason
+# ---------------------------------------------------------------- loaders iterated as given, streams
 class MyLoader(DataLoader):
-    """A DataLoader subclass: imtm iterates it as given and cannot re-create it mid-epoch."""
+    """A DataLoader subclass: imtm iterates it as given (it cannot re-create it)."""
 
 
-def test_dataloader_subclass_is_refused_mid_epoch_and_exact_at_epoch_end(data, tmp_path):
+def test_dataloader_subclass_resumes_mid_epoch_and_at_epoch_end_bit_exactly(data, tmp_path):
     aug = CaptionAugment.from_vocabulary(data.vocab, seed=0)
     make = lambda c: MyLoader(
         Augmented(data, aug, c), batch_size=6, shuffle=True, collate_fn=collate
@@ -202,18 +204,98 @@ def test_dataloader_subclass_is_refused_mid_epoch_and_exact_at_epoch_end(data, t
     reference = weights(matcher(data).fit(make(None)))
     with pytest.raises(RuntimeError, match="simulated crash"):
         matcher(data, tmp_path, checkpoint_every=1).fit(make(15))
-    with pytest.raises(
-        CheckpointError,
-        match=r"cannot be resumed exactly: MyLoader over Augmented cannot be "
-        r"re-created by imtm.*checkpoint_every=None",
-    ):
-        matcher(data, tmp_path, checkpoint_every=1).fit(make(None), resume=True)
-    # At an epoch's end it is exact (two fits agree, and the epoch's checkpoint resumes alike).
+    assert latest_checkpoint(tmp_path).name == "ckpt-00000002"  # mid-epoch
+    disturb()
+    resumed = matcher(data, tmp_path, checkpoint_every=1).fit(make(None), resume=True)
+    assert_same(reference, weights(resumed), "(resumed mid-epoch)")
     run = tmp_path / "epochs"
     with pytest.raises(RuntimeError, match="simulated crash"):
         matcher(data, run).fit(make(30))
     assert latest_checkpoint(run).name == "ckpt-00000004"
     assert_same(reference, weights(matcher(data, run).fit(make(None), resume=True)))
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """The toy items as a stream without a length: reshuffled by ``set_epoch``, noise drawn from
+    torch's global generator on every item (an augmentation), split over worker processes, and
+    crashing in epoch ``crash_epoch`` after ``crash_after`` items of one iterator (of one worker)."""
+
+    def __init__(self, base, crash_after=None, crash_epoch=1, noise=0.1):
+        self.base, self.epoch, self.noise = base, 0, noise
+        self.crash_after, self.crash_epoch = crash_after, crash_epoch
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        order = torch.randperm(len(self.base), generator=torch.Generator().manual_seed(self.epoch))
+        if info is not None:
+            order = order[info.id :: info.num_workers]
+        for seen, k in enumerate(order.tolist()):
+            if self.epoch == self.crash_epoch and seen == self.crash_after:
+                raise RuntimeError("simulated crash")
+            item = self.base[k]
+            if self.noise:
+                item = {
+                    **item,
+                    "images": item["images"] + self.noise * torch.randn(item["images"].shape),
+                }
+            yield item
+
+
+@pytest.mark.parametrize("workers, crash_after", [(0, 12), (2, 6)])
+def test_a_stream_resumes_mid_epoch_bit_exactly(data, tmp_path, workers, crash_after):
+    """steps_per_epoch=3 of a stream of 4 batches; crashed reading batch 2 of epoch 2 (in a
+    worker process too), resumed from the checkpoint after its batch 0."""
+    make = lambda c=None: DataLoader(  # noqa: E731
+        Stream(data, c), batch_size=6, collate_fn=collate, num_workers=workers
+    )
+    kw = dict(steps_per_epoch=3, epochs=3)
+    reference = weights(matcher(data, **kw).fit(make()))
+    disturb()
+    assert_same(reference, weights(matcher(data, **kw).fit(make())), "(a second fit)")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        matcher(data, tmp_path, checkpoint_every=2, **kw).fit(make(crash_after))
+    assert latest_checkpoint(tmp_path).name == "ckpt-00000004"  # epoch 2, after its batch 0
+    disturb()
+    resumed = matcher(data, tmp_path, checkpoint_every=2, **kw).fit(make(), resume=True)
+    assert_same(reference, weights(resumed), "(a stream resumed mid-epoch)")
+    # the stream's draws count: without the noise the weights differ
+    plain = DataLoader(Stream(data, noise=0), batch_size=6, collate_fn=collate)
+    other = weights(matcher(data, **kw).fit(plain))
+    assert any(not torch.equal(reference[k], other[k]) for k in reference)
+
+
+def test_seeded_stream_draws_per_batch_and_per_rank(data):
+    """What a stream draws while imtm reads it depends on (seed, epoch, batch, rank) only."""
+    from imtm.engine.training import SeededStream
+
+    def images(**kw):
+        loader = DataLoader(Stream(data), batch_size=6, collate_fn=collate)
+        return [b["images"].feats for b in SeededStream(loader, 0, 1, **kw)]
+
+    first = images()
+    disturb()
+    again = images()
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and len(first) == 4
+    # resumed at batch 2: the batches that follow are the same, drawn alike
+    assert all(torch.equal(a, b) for a, b in zip(first[2:], images(start=2)))
+    assert all(torch.equal(a, b) for a, b in zip(first, images(rank=0)))
+    # another rank (under torchrun): other draws
+    assert not any(torch.equal(a, b) for a, b in zip(first, images(rank=1)))
+
+
+def test_a_stream_that_ends_early_on_resume_is_a_clear_error(data, tmp_path):
+    kw = dict(steps_per_epoch=3, epochs=2, checkpoint_every=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        matcher(data, tmp_path, **kw).fit(
+            DataLoader(Stream(data, 12, 0), batch_size=6, collate_fn=collate)
+        )
+    assert latest_checkpoint(tmp_path).name == "ckpt-00000002"
+    short = DataLoader(Stream(toy_data(n_images=3)), batch_size=6, collate_fn=collate)  # 1 batch
+    with pytest.raises(ValueError, match="stream ended after 1 batches while skipping the 2"):
+        matcher(data, tmp_path, **kw).fit(short, resume=True)
 
 
 def test_checkpoint_without_data_seeding_is_refused(data, tmp_path):
