@@ -11,8 +11,9 @@ sub-layer (the preset's default), each side by side with
   (torch's own ``nn.MultiheadAttention``, ``nn.LayerNorm`` and ``nn.Linear`` modules
   holding the same weights) over all images with the caption repeated; same scores, checked;
 - the matrix-product roofline: ``torch.mm`` at the rate it reaches on this machine,
-  measured right after, for the useful FLOPs of the layer's pairwise products on the
-  real tokens (logits, values with the output projection, feed-forward, cosines).
+  measured right after, for the FLOPs of the matrix products the call must do on the real
+  tokens (the per-set projections and self-attention, then per pair the logits, the values
+  with the output projection, the feed-forward sub-layer and the cosines).
 
 Both sides run on a subset (timing all 5,000,000 pairs on a shared core would take
 hours); pairs per second do not depend on the subset size once a block is full.
@@ -21,7 +22,8 @@ triplet loss on one batch) against the same step in the per-caption structure (s
 loss and gradients, checked), and the growth of the peak resident memory (VmHWM, reset
 through ``/proc/self/clear_refs``) during one blocked call.
 
-    python benchmarks/bench_dcpa.py [--dim 1024] [--images 32] [--captions 64] [--loop-captions 4]
+    python benchmarks/bench_dcpa.py [--dim 1024] [--images 64] [--captions 256] [--ffn-captions 32]
+                                    [--loop-captions 4]
                                     [--train-batch 32] [--train-dim 256] [--quick]
 """
 
@@ -105,11 +107,14 @@ def mm_rate(dim: int, seconds: float = 1.0) -> float:
 
 
 def useful_flops(block, images: Tokens, texts: Tokens) -> float:
-    """FLOPs of the pairwise products on the real tokens of every pair (padding not counted).
+    """FLOPs of the matrix products one call must do, on the real tokens only (padding not counted).
 
-    Per pair with ``l`` real query tokens and ``m`` real key tokens: the logits ``2 l m D``, the
-    values with the output projection (the cheaper of ``2 l H m D`` folded and ``2 l m D + 2 l D^2``
-    unfolded), the feed-forward sub-layer ``4 l D F`` when the block has it, the cosines ``2 l m D``.
+    Per query set with ``l`` real tokens: the self-attention (``8 l D^2 + 4 l^2 D``) and the
+    cross-attention's query projection (``2 l D^2``); per key set with ``m`` real tokens: the key
+    and value projections (``4 m D^2``); per pair: the logits ``2 l m D``, the values with the
+    output projection (the cheaper in total of folded, ``2 m D^2`` per key set plus ``2 l H m D``
+    per pair, and unfolded, ``2 l m D + 2 l D^2`` per pair), the feed-forward sub-layer
+    ``4 l D F`` when the block has it, and the cosines ``2 l m D``.
     """
     q, k = (images, texts) if block.direction == "i2t" else (texts, images)
     lq = q.mask.sum(1).double()  # (Bq,)
@@ -118,8 +123,11 @@ def useful_flops(block, images: Tokens, texts: Tokens) -> float:
     F_ = block.linear1.out_features if block.feed_forward else 0
     lm = lq.sum() * mk.sum()  # sum over pairs of l * m
     l_all = lq.sum() * k.batch_size  # sum over pairs of l
-    values = torch.minimum(2 * lm * H * D, 2 * lm * D + 2 * l_all * D * D)
-    return float(4 * lm * D + values + 4 * l_all * D * F_)
+    single = (10 * lq * D * D + 4 * lq * lq * D).sum() + (4 * mk * D * D).sum()
+    folded = 2 * mk.sum() * D * D + 2 * lm * H * D
+    unfolded = 2 * lm * D + 2 * l_all * D * D
+    pairwise = 4 * lm * D + torch.minimum(folded, unfolded) + 4 * l_all * D * F_
+    return float(single + pairwise)
 
 
 def time_branch(block, images, texts, sub, rate_dim):
@@ -166,7 +174,7 @@ def bench_training(args) -> None:
         loss.backward()
         seconds = time.perf_counter() - t0
         grads = [p.grad.clone() for b in branches for p in b.parameters()]
-        return seconds, float(loss), grads
+        return seconds, float(loss.detach()), grads
 
     step(lambda b: b(images[:2], texts[:2]), 2)  # warm-up
     t_blocked, l_blocked, g_blocked = step(lambda b: b(images, texts))
@@ -190,8 +198,14 @@ def main():
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--regions", type=int, default=36)
-    p.add_argument("--images", type=int, default=32, help="images in the timed subset")
-    p.add_argument("--captions", type=int, default=64, help="captions in the blocked timing")
+    p.add_argument("--images", type=int, default=64, help="images in the timed subset")
+    p.add_argument("--captions", type=int, default=256, help="captions in the blocked timing")
+    p.add_argument(
+        "--ffn-captions",
+        type=int,
+        default=32,
+        help="captions (a prefix) in the timing of the layer with its feed-forward sub-layer",
+    )
     p.add_argument(
         "--loop-captions", type=int, default=4, help="captions in the loop timing (a prefix)"
     )
@@ -201,6 +215,7 @@ def main():
     args = p.parse_args()
     if args.quick:
         args.dim, args.images, args.captions, args.loop_captions = 64, 8, 40, 4
+        args.ffn_captions = 20
         args.train_batch, args.train_dim = 8, 32
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -210,10 +225,12 @@ def main():
     print(
         f"threads {torch.get_num_threads()}; D = {args.dim}, {args.heads} heads, N = {args.regions} regions, "
         f"captions of 8-20 words; timed subset {args.images} images x {args.captions} captions "
-        f"(loop: x {args.loop_captions}); full problem 1,000 x 5,000"
+        f"(with the feed-forward sub-layer: x {args.ffn_captions}; loop: x {args.loop_captions}); "
+        "full problem 1,000 x 5,000"
     )
     sub = texts[: args.loop_captions]
     for ffn in (False, True):
+        timed = texts[: args.ffn_captions] if ffn else texts
         layer = (
             "decoder layer with its feed-forward sub-layer" if ffn else "attention sub-layers only"
         )
@@ -222,8 +239,8 @@ def main():
             block = InterModalPhraseAttention(
                 direction, dim=args.dim, heads=args.heads, feed_forward=ffn
             ).eval()
-            t_blocked, t_loop, rate, roof = time_branch(block, images, texts, sub, args.dim)
-            n_blocked, n_loop = args.images * args.captions, args.images * args.loop_captions
+            t_blocked, t_loop, rate, roof = time_branch(block, images, timed, sub, args.dim)
+            n_blocked, n_loop = args.images * timed.batch_size, args.images * args.loop_captions
             pps, pps_loop = n_blocked / t_blocked, n_loop / t_loop
             tag = f"[{direction}{' +ffn' if ffn else ''}]"
             print(f"{tag} {layer}")
@@ -236,12 +253,14 @@ def main():
                 f"blocked / loop = {pps / pps_loop:.1f}x   (same scores: checked)"
             )
             print(
-                f"{tag} roofline: torch.mm at {rate / 1e9:.1f} GFLOP/s would do the useful products "
-                f"(real tokens) in {roof:.2f}s; blocked reaches {roof / t_blocked:.2f} of it"
+                f"{tag} roofline: torch.mm at {rate / 1e9:.1f} GFLOP/s would do the layer's "
+                f"products on the real tokens in {roof:.2f}s; blocked reaches {roof / t_blocked:.2f} of it"
             )
     bench_training(args)
-    # Peak memory of one blocked call (image-to-text) against an unblocked implementation of it.
+    # Peak memory of one blocked call (image-to-text, the whole layer, the feed-forward timing's
+    # pairs) against an unblocked implementation of it.
     block = InterModalPhraseAttention("i2t", dim=args.dim, heads=args.heads).eval()
+    texts = texts[: args.ffn_captions]
     with torch.no_grad():
         block(images[:2], texts[:4])
         reset_hwm()
@@ -250,10 +269,10 @@ def main():
         growth = vm_hwm_mib() - base
     hidden = block.linear1.out_features
     per_pair = args.regions * max(args.dim, args.heads * 20, hidden) * 4
-    dense = args.images * args.captions * per_pair / 2**20
+    dense = args.images * texts.batch_size * per_pair / 2**20
     inputs = (images.feats.numel() + texts.feats.numel()) * 4 / 2**20
     print(
-        f"[memory] peak resident growth during one blocked call ({args.images} x {args.captions}): "
+        f"[memory] peak resident growth during one blocked call ({args.images} x {texts.batch_size}): "
         f"{growth:.0f} MiB; CPU block budget 2**20 numbers = 4 MiB per intermediate; inputs {inputs:.0f} MiB"
     )
     print(

@@ -256,6 +256,10 @@ class Component(nn.Module):
     _parameter_constraints: ClassVar[dict[str, list]] = {}
     #: Set on an instance once :meth:`validate` passed; a new parameter value clears it.
     _contract_checked: ClassVar[bool] = False
+    #: Whether ``Matcher(compile=True)`` compiles this block. False for a block whose cost is one
+    #: fused kernel the compiler cannot improve (a packed RNN): there compiling only adds graph
+    #: breaks and guard checks, and the step gets slower.
+    compiles: ClassVar[bool] = True
 
     def __init_subclass__(cls, abstract: bool = False, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -22,6 +22,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
 from imtm.component import Component, load_components, state_mismatch, suggest
+from imtm.contract import Interval, Options, Satisfies, check_value
 from imtm.data.collate import collate_images, collate_texts
 from imtm.engine import distributed
 from imtm.engine.checkpoint import CheckpointError, read_checkpoint
@@ -55,6 +57,47 @@ from imtm.engine.serialization import (
 __all__ = ["Matcher", "Stage", "NotFittedError", "PipelineError"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _whole(low: int, description: str | None = None) -> Satisfies:
+    """A Python ``int`` (never bool) ``>= low``: the value lands in JSON configs as it is."""
+    return Satisfies(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low,
+        description or f"an integer >= {low}",
+        refused=[low - 1, True, 1.5],
+    )
+
+
+#: What the Matcher's scalar parameters accept, in :mod:`imtm.contract`'s vocabulary; ``validate``
+#: (and so ``fit``) checks them. Relations between parameters (stages, init_blocks) stay in ``validate``.
+MATCHER_CONSTRAINTS: dict[str, list[Any]] = {
+    "epochs": [_whole(0)],
+    "batch_size": [_whole(1, "a positive integer")],
+    "eval_batch_size": [_whole(1, "a positive integer")],
+    "image_block": [_whole(1, "a positive integer")],
+    "text_block": [_whole(1, "a positive integer")],
+    "precision": [Options(PRECISIONS)],
+    "compile": ["boolean"],
+    "on_nonfinite": [Options({"raise", "skip"})],
+    "lr": [Interval(Real, 0, None, closed="neither")],
+    "weight_decay": [Interval(Real, 0, None)],
+    "warmup": [Interval(Real, 0, None)],
+    # 0 would zero every gradient, a negative norm turns the step uphill: clipping is off only with None.
+    "grad_clip": [Interval(Real, 0, None, closed="neither"), None],
+    "num_workers": [_whole(0)],
+    "checkpoint_every": [_whole(1), None],
+    "accumulate": [_whole(1)],
+    "steps_per_epoch": [_whole(1), None],
+    # NumPy takes seeds below 2**32, and the data order mixes the seed into 64-bit generator seeds.
+    "random_state": [
+        None,
+        Satisfies(
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32,
+            "an integer in [0, 2**32)",
+            refused=[-1, 2**32, True],
+        ),
+    ],
+}
 
 
 @dataclass(repr=False)
@@ -166,8 +209,9 @@ class Matcher(BaseEstimator):
             (``docs/training.md``, "Streams resume mid-epoch").
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for forward passes.
-        compile: run every block's forward through ``torch.compile`` (opt-in). A block whose
-            compilation fails (no compiler, an unsupported platform or operation) runs eagerly,
+        compile: run every block's forward through ``torch.compile`` (opt-in), except blocks
+            that declare ``compiles = False`` (the GRU text encoder, whose packed RNN the compiler
+            cannot improve). A block whose compilation fails (no compiler, an unsupported platform or operation) runs eagerly,
             with a warning; the results agree with eager ones within floating-point tolerance.
         random_state: seed for initialisation, data order, dropout; ``None`` draws one.
         eval_batch_size: batch size for encoding images and captions in evaluation.
@@ -368,31 +412,9 @@ class Matcher(BaseEstimator):
                 "Matcher: no block provides 'scores' (or both 'scores_i2t' and 'scores_t2i'); "
                 "add a scorer such as GlobalCosine or HardAssignmentCoding"
             )
-        for name, value in [
-            ("epochs", self.epochs),
-            ("batch_size", self.batch_size),
-            ("eval_batch_size", self.eval_batch_size),
-            ("image_block", self.image_block),
-            ("text_block", self.text_block),
-        ]:
-            if (
-                not isinstance(value, int)
-                or isinstance(value, bool)
-                or value < (0 if name == "epochs" else 1)
-            ):
-                raise ValueError(f"Matcher: {name} must be a positive integer, got {value!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"Matcher: precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}."
-                + suggest(self.precision, PRECISIONS)
-            )
-        if not isinstance(self.compile, bool):
-            raise TypeError(f"Matcher: compile must be True or False, got {self.compile!r}")
-        if self.on_nonfinite not in ("raise", "skip"):
-            raise ValueError(
-                f"Matcher: on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}"
-            )
-        self._validate_numbers()
+        for name, accepted in MATCHER_CONSTRAINTS.items():
+            check_value(getattr(self, name), accepted, name=name, where="Matcher")
+        self._validate_device()
         for s in self._stages():
             for field_name in ("train", "losses"):
                 for n in getattr(s, field_name) or []:
@@ -474,43 +496,8 @@ class Matcher(BaseEstimator):
                 )
         return plan
 
-    def _validate_numbers(self) -> None:
-        """Every numeric parameter: a real number (never bool, NaN or inf) in its range; the device."""
-
-        def number(name, value, low, *, open_low=False, optional=False, integer=False):
-            if value is None and optional:
-                return
-            kind = int if integer else (int, float)
-            ok = (
-                isinstance(value, kind)
-                and not isinstance(value, bool)
-                and math.isfinite(value)
-                and (value > low if open_low else value >= low)
-            )
-            if not ok:
-                rule = f"{'an integer' if integer else 'a finite number'} {'>' if open_low else '>='} {low}"
-                raise ValueError(
-                    f"Matcher: {name} must be {rule}{' or None' if optional else ''}, got {value!r}"
-                )
-
-        number("lr", self.lr, 0, open_low=True)
-        number("weight_decay", self.weight_decay, 0)
-        number("warmup", self.warmup, 0)
-        # 0 would zero every gradient, a negative norm turns the step uphill: clipping is off only with None.
-        number("grad_clip", self.grad_clip, 0, open_low=True, optional=True)
-        number("num_workers", self.num_workers, 0, integer=True)
-        number("checkpoint_every", self.checkpoint_every, 1, optional=True, integer=True)
-        number("accumulate", self.accumulate, 1, integer=True)
-        number("steps_per_epoch", self.steps_per_epoch, 1, optional=True, integer=True)
-        if self.random_state is not None and not (
-            isinstance(self.random_state, int)
-            and not isinstance(self.random_state, bool)
-            and 0 <= self.random_state < 2**32
-        ):
-            # NumPy takes seeds below 2**32, and the data order mixes the seed into 64-bit generator seeds.
-            raise ValueError(
-                f"Matcher: random_state must be None or an integer in [0, 2**32), got {self.random_state!r}"
-            )
+    def _validate_device(self) -> None:
+        """The device (the numbers are declared in :data:`MATCHER_CONSTRAINTS`)."""
         if not isinstance(self.device, (str, torch.device)):
             raise TypeError(
                 f"Matcher: device must be a string such as 'cpu', 'cuda' or 'auto', got {self.device!r}"
@@ -653,12 +640,13 @@ class Matcher(BaseEstimator):
         """Compile (or un-compile) the fitted blocks' forward to match ``self.compile``."""
         for name, block in self.components_.items():
             compiled = isinstance(block._compiled_call_impl, _CompiledCall)
-            if self.compile and not compiled and not getattr(block, "_imtm_compile_failed", False):
+            wanted = self.compile and getattr(block, "compiles", True)
+            if wanted and not compiled and not getattr(block, "_imtm_compile_failed", False):
                 try:
                     block._compiled_call_impl = _CompiledCall(block, name)
                 except Exception as err:  # noqa: BLE001 - torch.compile itself unsupported here
                     _compile_failed(block, name, err)
-            elif not self.compile and compiled:
+            elif not wanted and compiled:
                 block._compiled_call_impl = None
 
     def __sklearn_clone__(self) -> Matcher:

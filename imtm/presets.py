@@ -26,6 +26,10 @@ from imtm.tokens import Tokens
 #: the hardest-negative loss alone can collapse; 0 gives the papers' loss from the first step.
 WARMUP_EPOCHS = 1
 
+#: DCPA's warm-up per stage (summed negatives before the hardest). DCPA adds two separately trained
+#: scores; the switch to the hardest negative squeezes the intra-modal score's spread (docs/dcpa.md).
+DCPA_WARMUP_EPOCHS = 2
+
 __all__ = [
     "vsepp",
     "chan",
@@ -47,6 +51,7 @@ __all__ = [
     "TEXT_ENCODERS",
     "DEFAULT_TEXT_MODELS",
     "WARMUP_EPOCHS",
+    "DCPA_WARMUP_EPOCHS",
 ]
 
 #: The text encoders every preset takes as ``text=``: a BiGRU over the vocabulary (random word
@@ -323,7 +328,7 @@ def dcpa(
     k: int | None = 10,
     margin: float = 0.1,
     hardest: bool = True,
-    warmup_epochs: int = WARMUP_EPOCHS,
+    warmup_epochs: int = DCPA_WARMUP_EPOCHS,
     decoupled: bool = True,
     weights: tuple[float, float] = (0.6, 0.4),
     text: str = "gru",
@@ -353,6 +358,9 @@ def dcpa(
             pooled first and one cosine taken (Table IV's "w/o local-agg"; with the intra-modal
             blocks alone, Table III's SAEM-style aggregation).
         margin: triplet margin (0.1 in the paper). hardest: hardest negatives (the paper) or summed.
+        warmup_epochs: epochs of each stage that sum over the negatives before the hardest
+            (:data:`DCPA_WARMUP_EPOCHS`, 2: the switch squeezes the intra-modal score's spread, and the
+            fused score then follows the inter-modal one; ``docs/dcpa.md`` has the measurements).
         decoupled: ``False`` is the "without decoupling" ablation (Table IV): one symmetric
             inter-modal score (the mean of the two branches) trained with one symmetric triplet
             loss, and one fused ``scores`` for both directions.

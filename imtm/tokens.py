@@ -15,7 +15,14 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NonFiniteValueError", "Tokens", "check_finite", "masked_mean_along", "l2_normalize"]
+__all__ = [
+    "NonFiniteValueError",
+    "Tokens",
+    "autocast_common_dtype",
+    "check_finite",
+    "masked_mean_along",
+    "l2_normalize",
+]
 
 
 def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
@@ -53,6 +60,30 @@ class NonFiniteValueError(ValueError):
     ``Matcher.fit`` tell "a block refused a non-finite input" from other errors and trace
     the value back to the block (or the batch) that produced it.
     """
+
+
+def autocast_common_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype | None:
+    """The dtype two tensors of different floating dtypes meet in under autocast; ``None`` otherwise.
+
+    Under autocast, blocks of one model legitimately return different dtypes (a GRU's output
+    stays float32 while a linear layer's is bfloat16), so a block that combines two of them
+    promotes both to their common dtype (the products inside still run in the autocast dtype).
+    Outside autocast a dtype mismatch is a mistake the caller should see, so this returns
+    ``None`` there, and for equal dtypes.
+
+    Example:
+        >>> a, b = torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16)
+        >>> autocast_common_dtype(a, b) is None
+        True
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     autocast_common_dtype(a, b)
+        torch.float32
+    """
+    if a.dtype == b.dtype or not (a.is_floating_point() and b.is_floating_point()):
+        return None
+    if not torch.is_autocast_enabled(a.device.type):
+        return None
+    return torch.promote_types(a.dtype, b.dtype)
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:

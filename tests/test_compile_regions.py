@@ -70,3 +70,28 @@ def test_gru_encoder_prepare_checks_inputs():
     enc = GRUTextEncoder(Vocabulary.build(CAPTIONS), out_dim=8, word_dim=6)
     with pytest.raises(TypeError, match="one string"):
         enc.prepare("a red circle")
+
+
+def test_matcher_compile_leaves_blocks_that_do_not_gain_eager():
+    # The GRU encoder's cost is its packed RNN kernel: compiling it only added graph breaks (vsepp's
+    # step was slower compiled), so Matcher(compile=True) compiles the other blocks only.
+    from imtm import Matcher, presets
+    from imtm.data import synthetic
+    from imtm.matcher import _CompiledCall
+
+    train = synthetic.load(view="regions", seed=0, n_train=8, n_dev=2, n_test=2)[0]
+    m = Matcher(
+        presets.build("vsepp", train, embed_dim=8, word_dim=8),
+        epochs=1,
+        batch_size=20,
+        compile=True,
+        verbose=False,
+        device="cpu",
+    ).fit(train)
+    compiled = {
+        name: isinstance(b._compiled_call_impl, _CompiledCall) for name, b in m.components_.items()
+    }
+    assert compiled["text"] is False and not GRUTextEncoder.compiles
+    assert compiled["scorer"] is True, compiled
+    s = m.similarity(train.images[:3], train.captions[:4])
+    assert s.shape == (3, 4) and bool(torch.isfinite(s).all())

@@ -187,3 +187,21 @@ def test_save_and_load_round_trip(data, tmp_path):
     torch.testing.assert_close(
         loaded.similarity(test.images, test.captions), m.similarity(test.images, test.captions)
     )
+
+
+def test_each_stage_sums_the_negatives_for_dcpas_warm_up(data):
+    """Both triplet losses take the hardest negative only from epoch DCPA_WARMUP_EPOCHS of their stage on."""
+    from imtm.engine.epochs import start_epoch
+
+    blocks = torch.nn.ModuleDict(
+        dict(presets.build("dcpa", data[0], embed_dim=8, word_dim=8, heads=2))
+    )
+    assert presets.DCPA_WARMUP_EPOCHS == 2 > presets.WARMUP_EPOCHS
+    for epoch in range(4):
+        start_epoch(blocks, epoch)
+        hardest = epoch >= presets.DCPA_WARMUP_EPOCHS
+        assert blocks["intra_loss"].hardest_now is hardest
+        assert blocks["inter_loss"].hardest_now is hardest
+    assert not dict(presets.dcpa(vocab=data[0].vocab, region_dim=8, hardest=False))[
+        "intra_loss"
+    ].hardest

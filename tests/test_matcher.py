@@ -51,6 +51,20 @@ def test_no_scorer_is_an_error(data):
         m.validate()
 
 
+@pytest.mark.parametrize("name", sorted(__import__("imtm.matcher").matcher.MATCHER_CONSTRAINTS))
+def test_declared_matcher_constraints_refuse_what_they_exclude(data, name):
+    # Read from MATCHER_CONSTRAINTS (imtm.contract's vocabulary): no hand-written table here.
+    from imtm.contract import InvalidParameterError, refused_values
+    from imtm.matcher import MATCHER_CONSTRAINTS
+
+    small(data).validate()  # the defaults pass
+    bad_values = refused_values(MATCHER_CONSTRAINTS[name])
+    assert bad_values, f"{name}: no value to refuse"
+    for bad in bad_values:
+        with pytest.raises(InvalidParameterError, match=rf"Matcher: {name} must be .*, got "):
+            small(data, **{name: bad}).validate()
+
+
 def test_bad_parameter_values(data):
     with pytest.raises(ValueError, match="precision must be one of.*Did you mean 'bf16'"):
         small(data, precision="bf61").validate()

@@ -209,7 +209,7 @@ def test_set_params_defers_validation_to_fit():
     with pytest.raises(ValueError, match="margin must be a finite number >= 0"):
         m.validate()
     m.set_params(loss__margin=0.2)
-    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+    with pytest.raises(ValueError, match="epochs must be an integer >= 0, got -3"):
         m.validate()
     m.set_params(epochs=1)
     with pytest.raises(ValueError, match="precision must be one of"):

@@ -112,3 +112,42 @@ def test_one_line_on_chan_trains_scores_without_the_losses_and_round_trips(train
     torch.testing.assert_close(
         back.components_["inter_loss"].learned_beta, m.components_["inter_loss"].learned_beta
     )
+
+
+@pytest.mark.parametrize("name", ["vsepp", "dias"])
+def test_presets_train_and_score_under_bf16_autocast_on_cpu(train, name):
+    # Under autocast the GRU's words stay float32 while the projected regions are bfloat16: the
+    # blocks that combine them (GlobalCosine, DimensionAlignmentLoss, the spatial constraints)
+    # promote both to their common dtype instead of refusing the pair.
+    m = Matcher(
+        presets.build(name, train, embed_dim=16, word_dim=8),
+        epochs=1,
+        batch_size=20,
+        verbose=False,
+        device="cpu",
+        precision="bf16",
+    ).fit(train)
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in m.history_[-1].items() if "loss" in k)
+    s = m.similarity(train.images[:4], train.captions[:6])
+    assert s.shape == (4, 6) and bool(torch.isfinite(s).all())
+
+
+def test_mixed_dtypes_are_promoted_under_autocast_only():
+    from imtm.components import GlobalCosine
+    from imtm.functional import dimension_alignment_loss
+    from imtm.tokens import Tokens
+
+    g = torch.Generator().manual_seed(0)
+    v, t = torch.randn(3, 4, 8, generator=g), torch.randn(3, 5, 8, generator=g)
+    want = GlobalCosine()(Tokens(v), Tokens(t))
+    want_loss = dimension_alignment_loss(v.mean(1), t.mean(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = GlobalCosine()(Tokens(v.bfloat16()), Tokens(t))
+        got_loss = dimension_alignment_loss(v.mean(1).bfloat16(), t.mean(1))
+    # (the products inside run in bfloat16, autocast's dtype, so bfloat16 tolerances)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=0)
+    torch.testing.assert_close(got_loss.float(), want_loss, atol=5e-2, rtol=5e-2)
+    with pytest.raises(TypeError, match="cast one to the other's dtype"):
+        GlobalCosine()(Tokens(v.bfloat16()), Tokens(t))
+    with pytest.raises(TypeError, match="cast one to the other's dtype"):
+        dimension_alignment_loss(v.mean(1).bfloat16(), t.mean(1))

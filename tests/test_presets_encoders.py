@@ -183,6 +183,26 @@ def test_ela_with_bert(assets, tmp_path):
     fit_save_reload(comps, train, test, tmp_path)
 
 
+def test_ela_with_a_clip_text_tower_is_refused_with_what_to_use(assets):
+    # ELA's masked-LM needs [MASK]; a CLIP tokenizer has none: refused when the pipeline is built.
+    train, _, _ = assets["pixels"]
+    comps = presets.ela(
+        text_model=assets["clip"],
+        image_model="vit_tiny_patch16_224",
+        img_size=32,
+        embed_dim=DIM,
+        model_kwargs=dict(TINY_VIT),
+        heads=2,
+        cross_layers=1,
+        rerank_k=2,
+    )
+    m = Matcher(comps, epochs=1, batch_size=15, checkpoint_dir=None, verbose=False)
+    with pytest.raises(
+        ValueError, match="the text encoder 'text'.*without a mask token.*text='bert'"
+    ):
+        m.fit(train)
+
+
 def test_text_and_image_choices_are_checked(assets):
     train = assets["regions"][0]
     with pytest.raises(ValueError, match="text must be one of.*Did you mean 'bert'"):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from numbers import Integral
+from numbers import Integral, Real
 
 import torch
 
 from imtm._block_inputs import named_errors
 from imtm.component import Component
-from imtm.functional.mining import check_mining_args, distance_weighted_negatives
+from imtm.contract import Interval, Satisfies
+from imtm.functional.mining import distance_weighted_negatives
 
 __all__ = ["DistanceWeightedMiner"]
 
@@ -76,24 +77,31 @@ class DistanceWeightedMiner(Component):
         self.nonzero_loss_cutoff = nonzero_loss_cutoff
         self.random_state = random_state
 
+    _parameter_constraints = {
+        "dim": [
+            Satisfies(
+                Interval(Integral, 4, None).is_satisfied_by,
+                "the embedding dimension, an integer >= 4",
+                refused=[3, 4.0, True],
+            )
+        ],
+        "cutoff": [Interval(Real, 0, 2, closed="neither")],
+        # (cutoff, 2] in fact: the lower bound is the other parameter, checked in validate().
+        "nonzero_loss_cutoff": [Interval(Real, 0, 2, closed="right")],
+        "random_state": [Interval(Integral, None, None), None],
+    }
+
     def validate(self) -> DistanceWeightedMiner:
-        """Check ``dim``, the two cutoffs and ``random_state``; return ``self``."""
-        check_mining_args(
-            self.dim, self.cutoff, self.nonzero_loss_cutoff, where=type(self).__name__
-        )
-        seed = self.random_state
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral)):
-            raise TypeError(
-                f"{type(self).__name__}: random_state must be an int or None, got {seed!r}"
+        """Check that ``nonzero_loss_cutoff`` lies above ``cutoff`` (each is declared above); return ``self``."""
+        if self.nonzero_loss_cutoff <= self.cutoff:
+            raise ValueError(
+                f"{type(self).__name__}: nonzero_loss_cutoff must be a number in (cutoff, 2] = "
+                f"({self.cutoff}, 2], got {self.nonzero_loss_cutoff!r}"
             )
         return self
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         seed = self.random_state
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral)):
-            raise TypeError(
-                f"{type(self).__name__}: random_state must be an int or None, got {seed!r}"
-            )
         if not self.training:
             return torch.Generator(device=device).manual_seed(0 if seed is None else int(seed))
         if seed is None:

@@ -400,7 +400,9 @@ class Trainer:
         if self.loader_mode == "as-given":
             # Read under generators seeded by (seed, epoch, batch); a resumed epoch reads again
             # (and drops) the batches its checkpoint had consumed.
-            return SeededStream(self.train, self.seed, self.epoch_key(epoch), start=start_batch)
+            return SeededStream(
+                self.train, self.seed, self.epoch_key(epoch), start=start_batch, rank=self.rank
+            )
         # A private generator: creating the iterator must not draw from the global RNG,
         # or a run resumed mid-epoch would see different dropout / noise than an uninterrupted one.
         g = torch.Generator().manual_seed(self.seed + epoch)
@@ -1580,14 +1582,17 @@ class SeededStream:
     Args:
         loader: the DataLoader. seed: the run's seed. epoch: the epoch's key (unique over stages).
         start: batches to read and drop first.
+        rank: the process's rank under torchrun: each rank reads its own stream with seeds of
+            its own (rank 0 those of a single process), as its training stream is its own.
 
     Raises:
         ValueError: the stream ends before ``start`` batches (it yields other data than when the
             checkpoint was written).
     """
 
-    def __init__(self, loader, seed: int, epoch: int, *, start: int = 0):
-        self.seed, self.epoch, self.index = int(seed), int(epoch), 0
+    def __init__(self, loader, seed: int, epoch: int, *, start: int = 0, rank: int = 0):
+        seed = int(seed) if rank == 0 else item_seed(int(seed), -5, int(rank))
+        self.seed, self.epoch, self.index = seed, int(epoch), 0
         # Creating the iterator draws (the workers' base seed, a shuffling sampler's order).
         with seeded_item(item_seed(self.seed, self.epoch, -3)):
             self.it = iter(loader)

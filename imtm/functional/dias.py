@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from imtm._checks import suggest
-from imtm.tokens import check_finite
+from imtm.tokens import autocast_common_dtype, check_finite
 
 __all__ = [
     "DIAS_REDUCTIONS",
@@ -80,7 +80,9 @@ def _check_positive(value, name: str, fn: str) -> float:
     return float(value)
 
 
-def _check_embeddings(image_embedding, text_embedding, fn: str) -> None:
+def _check_embeddings(
+    image_embedding, text_embedding, fn: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Boundary checks shared by the losses: two floating (B, D) tensors, same shape and dtype, B >= 2, finite."""
     for x, what in ((image_embedding, "image_embedding"), (text_embedding, "text_embedding")):
         if not isinstance(x, torch.Tensor):
@@ -95,6 +97,9 @@ def _check_embeddings(image_embedding, text_embedding, fn: str) -> None:
             f"{tuple(text_embedding.shape)} must have the same shape (B, D): row b of each is a matched pair "
             "(in a Matcher batch, row b of the images is the image of caption b)"
         )
+    common = autocast_common_dtype(image_embedding, text_embedding)
+    if common is not None:  # under autocast, blocks may return different dtypes: promote both
+        image_embedding, text_embedding = image_embedding.to(common), text_embedding.to(common)
     if image_embedding.dtype != text_embedding.dtype:
         raise TypeError(
             f"{fn}: image_embedding is {image_embedding.dtype} but text_embedding is {text_embedding.dtype}; "
@@ -110,6 +115,7 @@ def _check_embeddings(image_embedding, text_embedding, fn: str) -> None:
         )
     check_finite(image_embedding, f"{fn}: image_embedding")
     check_finite(text_embedding, f"{fn}: text_embedding")
+    return image_embedding, text_embedding
 
 
 def _sum(cost: torch.Tensor, count: int) -> torch.Tensor:
@@ -293,7 +299,7 @@ def dimension_alignment_loss(
         True
     """
     fn = "dimension_alignment_loss"
-    _check_embeddings(image_embedding, text_embedding, fn)
+    image_embedding, text_embedding = _check_embeddings(image_embedding, text_embedding, fn)
     tau = _check_positive(temperature, "temperature", fn)
     reduce = _resolve(reduction, DIAS_REDUCTIONS, "reduction", fn)
     corr = _resolve(correlation, DIMENSION_CORRELATIONS, "correlation", fn)
@@ -367,6 +373,9 @@ def word_region_pairs(
             f"{fn}: image_tokens {tuple(image_tokens.shape)} and text_tokens {tuple(text_tokens.shape)} must "
             "have the same batch size (row b of each is a matched pair) and feature dimension"
         )
+    common = autocast_common_dtype(image_tokens, text_tokens)
+    if common is not None:  # under autocast, blocks may return different dtypes: promote both
+        image_tokens, text_tokens = image_tokens.to(common), text_tokens.to(common)
     if image_tokens.dtype != text_tokens.dtype:
         raise TypeError(
             f"{fn}: image_tokens are {image_tokens.dtype} but text_tokens are {text_tokens.dtype}; "
@@ -459,7 +468,7 @@ def spatial_differences(
         0.0
     """
     fn = "spatial_differences"
-    _check_embeddings(image_embedding, text_embedding, fn)
+    image_embedding, text_embedding = _check_embeddings(image_embedding, text_embedding, fn)
     build = _resolve(kind, SPATIAL_KINDS, "kind", fn)
     dist = _resolve(distance, DISTANCES, "distance", fn)
     return build(image_embedding, text_embedding, dist)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from imtm.tokens import l2_normalize, masked_mean_along
+from imtm.tokens import autocast_common_dtype, l2_normalize, masked_mean_along
 
 __all__ = ["cosine_similarity_matrix", "global_cosine_scores", "masked_mean"]
 
@@ -111,9 +111,13 @@ def cosine_similarity_matrix(
             f"cosine_similarity_matrix: images have dimension {images.shape[1]} but texts have "
             f"{texts.shape[1]}; project both into one space first"
         )
+    common = autocast_common_dtype(images, texts)
+    if common is not None:  # under autocast: blocks may return different dtypes
+        images, texts = images.to(common), texts.to(common)
     if images.dtype != texts.dtype:
         raise TypeError(
             f"cosine_similarity_matrix: images are {images.dtype} but texts are {texts.dtype}"
+            " (outside autocast, cast one to the other's dtype)"
         )
     return l2_normalize(images, dim=-1, eps=eps) @ l2_normalize(texts, dim=-1, eps=eps).transpose(
         0, 1

@@ -142,7 +142,7 @@ def test_miner_bad_inputs():
         ValueError, match="DistanceWeightedMiner: (distance_weighted_negatives: )?dim must be"
     ):
         DistanceWeightedMiner(dim=2)(scores, positives)
-    with pytest.raises(TypeError, match="random_state must be an int or None"):
+    with pytest.raises(TypeError, match="random_state must be an integer or None"):
         DistanceWeightedMiner(dim=8, random_state=1.5)(scores, positives)
     with pytest.raises(TypeError, match="miner must be None or a callable"):
         TripletLoss(miner=3).validate()

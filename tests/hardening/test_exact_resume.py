@@ -267,6 +267,25 @@ def test_a_stream_resumes_mid_epoch_bit_exactly(data, tmp_path, workers, crash_a
     assert any(not torch.equal(reference[k], other[k]) for k in reference)
 
 
+def test_seeded_stream_draws_per_batch_and_per_rank(data):
+    """What a stream draws while imtm reads it depends on (seed, epoch, batch, rank) only."""
+    from imtm.engine.training import SeededStream
+
+    def images(**kw):
+        loader = DataLoader(Stream(data), batch_size=6, collate_fn=collate)
+        return [b["images"].feats for b in SeededStream(loader, 0, 1, **kw)]
+
+    first = images()
+    disturb()
+    again = images()
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and len(first) == 4
+    # resumed at batch 2: the batches that follow are the same, drawn alike
+    assert all(torch.equal(a, b) for a, b in zip(first[2:], images(start=2)))
+    assert all(torch.equal(a, b) for a, b in zip(first, images(rank=0)))
+    # another rank (under torchrun): other draws
+    assert not any(torch.equal(a, b) for a, b in zip(first, images(rank=1)))
+
+
 def test_a_stream_that_ends_early_on_resume_is_a_clear_error(data, tmp_path):
     kw = dict(steps_per_epoch=3, epochs=2, checkpoint_every=2)
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -850,6 +850,11 @@ class HFTextEncoder(Component):
         config.pop(
             "auto_map", None
         )  # never run code shipped with a model (trust_remote_code=False)
+        # How this process chose its attention kernel, not part of the model: transformers 4.46 writes
+        # "_attn_implementation_autoset", and a configuration read back with it keeps the eager kernel
+        # (the original ran SDPA), so a reloaded model's scores would differ in the last bits.
+        for key in [k for k in config if k.startswith("_attn_implementation")]:
+            config.pop(key)
         (folder / "config.json").write_text(
             json.dumps(config, indent=2, sort_keys=True), encoding="utf-8"
         )

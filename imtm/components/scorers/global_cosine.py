@@ -6,7 +6,7 @@ import torch
 
 from imtm.component import Component
 from imtm.functional.similarity import global_cosine_scores
-from imtm.tokens import Tokens
+from imtm.tokens import Tokens, autocast_common_dtype
 
 __all__ = ["GlobalCosine"]
 
@@ -67,8 +67,14 @@ class GlobalCosine(Component):
                 f"{type(self).__name__}: image tokens have dimension {images.dim} but text tokens have "
                 f"{texts.dim}; project both into one space (out_dim) first"
             )
+        common = autocast_common_dtype(images.feats, texts.feats)
+        if (
+            common is not None
+        ):  # under autocast: a GRU's float32 words, a linear layer's bf16 regions
+            images, texts = images.to(common), texts.to(common)
         if images.dtype != texts.dtype:
             raise TypeError(
                 f"{type(self).__name__}: image tokens are {images.dtype} but text tokens are {texts.dtype}"
+                " (outside autocast, cast one to the other's dtype)"
             )
         return global_cosine_scores(images.feats, texts.feats, images.mask, texts.mask)

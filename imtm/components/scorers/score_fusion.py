@@ -9,6 +9,7 @@ from numbers import Real
 import torch
 
 from imtm.component import Component, suggest
+from imtm.contract import Satisfies
 
 __all__ = ["DCPA_WEIGHTS", "ScoreFusion"]
 
@@ -70,14 +71,22 @@ class ScoreFusion(Component):
     def _resolved(self) -> dict[str, dict[str, float]]:
         return DCPA_WEIGHTS if self.weights is None else self.weights
 
+    _parameter_constraints = {
+        "weights": [
+            Satisfies(
+                lambda w: isinstance(w, Mapping),
+                "a dict {output: {input: weight}}",
+                refused=[[0.6, 0.4], "scores"],
+            ),
+            None,
+        ],
+    }
+
     def validate(self) -> ScoreFusion:
-        """Check that ``weights`` names exactly the provided values and only required ones; return ``self``."""
+        """Check that ``weights`` (a dict, as declared) names exactly the provided values and only
+        required ones, each with a finite weight; return ``self``."""
         name = type(self).__name__
         weights = self._resolved()
-        if not isinstance(weights, Mapping):
-            raise TypeError(
-                f"{name}: weights must be a dict {{output: {{input: weight}}}}, got {type(weights).__name__}"
-            )
         provides, requires = tuple(self.provides), tuple(self.requires)
         if set(weights) != set(provides):
             raise ValueError(

@@ -247,6 +247,24 @@ def test_a_tokenizer_without_sep_is_refused(tmp_path):
         HFTextEncoder(folder)
 
 
+def test_a_restored_encoder_runs_the_same_attention_kernel(bert_dir, tmp_path):
+    # transformers 4.46 records "_attn_implementation_autoset" in the configuration; read back, it
+    # would pin the eager kernel while the original ran SDPA (scores then differ in the last bits).
+    from imtm.component import restoring_saved_weights
+
+    enc = HFTextEncoder(bert_dir)
+    enc.write_assets(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert not [k for k in config if k.startswith("_attn_implementation")]
+    with restoring_saved_weights():
+        again = HFTextEncoder(tmp_path)
+    assert again.model.config._attn_implementation == enc.model.config._attn_implementation
+    again.load_state_dict(enc.state_dict())
+    torch.testing.assert_close(
+        again.eval()(CAPTIONS).feats, enc.eval()(CAPTIONS).feats, rtol=0, atol=0
+    )
+
+
 def test_a_tokenizer_that_cannot_be_built_names_both_causes(tmp_path):
     folder = write_local_bert(tmp_path, WORDS, hidden_size=16)
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
