@@ -35,6 +35,11 @@ from imtm.data import synthetic
 ROOT = Path(__file__).resolve().parents[1]
 #: The last commit with the loop before callbacks.
 OLD = "bf97c0b"
+#: Imports of the old loop whose names have since moved or lost their underscore.
+RENAMED = {
+    "from imtm.data.seeding import SeededItems, _restored,": "from imtm.data.seeding import SeededItems, restored as _restored,",
+    "from imtm.engine.evaluation import move, run_blocks": "from imtm.engine.blocks import move, run_blocks",
+}
 
 
 def old_trainer_class():
@@ -45,6 +50,9 @@ def old_trainer_class():
         capture_output=True,
         text=True,
     ).stdout
+    # Names the library has renamed or moved since OLD (same functions).
+    for before, after in RENAMED.items():
+        source = source.replace(before, after)
     module = types.ModuleType("imtm_training_" + OLD)
     module.__file__ = f"<{OLD}:imtm/engine/training.py>"
     sys.modules[module.__name__] = module
