@@ -74,8 +74,12 @@ def _plan_cosine_softmax_weights(plan, cost, word_mask, top_k, scale):
     # optimal_transport_dist returns T * cos; get_p2w_loss scales it by 2e3 and sends exact zeros (padding,
     # and plan entries that vanished) to -inf before the top-3 and the softmax.
     product = scale * plan * (1.0 - cost)
-    product = product.masked_fill(~word_mask | (product == 0), float("-inf"))
-    values, index = product.topk(k, dim=-1)
+    kept = word_mask & (product != 0)
+    # The picks rank real words before padding even where no product survives (a row of zeros), so that
+    # such a row can spread over real words; the weights still read -inf for every entry the authors drop.
+    key = product.masked_fill(~kept, torch.finfo(product.dtype).min)
+    _, index = key.masked_fill(~word_mask, float("-inf")).topk(k, dim=-1)
+    values = product.gather(-1, index).masked_fill(~kept.gather(-1, index), float("-inf"))
     real = torch.isfinite(values)
     # Departure: a row with no finite pick is NaN in the authors' softmax; here it spreads evenly over the
     # picks that are real words (or, without any, it is renormalised to zero weight by _spread_over_picks).

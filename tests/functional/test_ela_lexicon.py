@@ -170,6 +170,19 @@ def test_one_word_caption_and_zero_plan_row():
         torch.testing.assert_close(labels.sum(-1), torch.ones(1, 2))
 
 
+def test_a_row_without_mass_picks_real_words_before_padding():
+    # Padding ahead of the only real word, a plan row of zeros and top_k=1: the one pick is the
+    # real word, so the labels are its distribution (they used to pick the padding and sum to 0).
+    probs = torch.softmax(torch.randn(2, 3, 5, dtype=torch.float64), -1)
+    mask = torch.tensor([[False, False, True], [False, True, False]])
+    plan = torch.zeros(2, 1, 3, dtype=torch.float64)
+    cost = torch.rand(2, 1, 3, dtype=torch.float64)
+    for rule in RULES:
+        labels = expansive_soft_labels(plan, probs, mask, cost=cost, top_k=1, label_weights=rule)
+        torch.testing.assert_close(labels[0, 0], probs[0, 2])
+        torch.testing.assert_close(labels[1, 0], probs[1, 1])
+
+
 @SETTINGS
 @given(seed=st.integers(0, 10**6), extra=st.integers(1, 3), weights=st.sampled_from(RULES))
 def test_padding_and_word_permutation_never_change_labels(seed, extra, weights):
