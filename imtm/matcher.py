@@ -219,7 +219,9 @@ class Matcher(BaseEstimator):
             during ``similarity``; bounds memory, not the result.
         checkpoint_dir: folder for atomic checkpoints (``None``: none are written).
         checkpoint_every: also checkpoint every this many steps (``None``: at epoch ends).
-        keep_best: with an ``eval_set``, end ``fit`` with the weights of the best epoch (rSum).
+        keep_best: with an ``eval_set``, end ``fit`` with the weights of the best epoch (rSum),
+            among the epochs after which every block the fit trains has trained (in a staged
+            fit, an epoch before a later stage first trains a block is not a candidate).
         protocol: evaluation protocol name for ``evaluate`` (see :mod:`imtm.metrics`).
         on_nonfinite: what a NaN/inf loss or gradient does. ``"raise"``: stop with
             :class:`~imtm.engine.training.NonFiniteError` (a ``FloatingPointError``) naming the

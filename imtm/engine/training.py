@@ -1253,8 +1253,30 @@ class Trainer:
         if self.interrupts.requested:  # during the evaluation: the epoch's checkpoint is written
             raise KeyboardInterrupt
 
+    def blocks_still_untrained(self) -> list[str]:
+        """Blocks with parameters that a later stage trains and no stage so far has trained.
+
+        An epoch after which such a block still holds its initial weights is not a candidate for
+        ``keep_best``: in a staged fit (DCPA trains its inter-modal branches only in its second
+        stage) the best first-stage epoch would otherwise end the fit with those branches untrained.
+        """
+        done: set[str] = set()
+        for stage in self.stages[: self.stage_idx + 1]:
+            done.update(self.trainable(stage))
+        later: list[str] = []
+        for stage in self.stages[self.stage_idx + 1 :]:
+            later.extend(n for n in self.trainable(stage) if n not in done and n not in later)
+        blocks = self.m.components_
+        return [n for n in later if any(True for _ in blocks[n].parameters())]
+
     def keep_best_epoch(self, metrics: dict, e: int) -> None:
-        """Remember (and write to ``best/``) the weights of the best epoch so far by rSum."""
+        """Remember (and write to ``best/``) the weights of the best epoch so far by rSum.
+
+        Only epochs after which every block that the fit trains has trained are candidates
+        (:meth:`blocks_still_untrained`).
+        """
+        if self.blocks_still_untrained():
+            return
         if self.best is None or metrics["rsum"] > self.best["rsum"]:
             self.best = {"rsum": metrics["rsum"], "stage": self.stage_idx, "epoch": e + 1}
             self.best_state = {
