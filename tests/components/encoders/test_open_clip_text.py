@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from clip_towers import openai_clip_visual_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -302,44 +303,6 @@ def test_an_open_clip_text_tower_trains_in_a_preset_and_the_saved_model_reloads(
     torch.testing.assert_close(again.similarity(images, captions), m.similarity(images, captions))
 
 
-def _open_clip_visual_state(width=WIDTH, layers=1, patch=8, grid=4, seed=1):
-    """A random open_clip image tower (``visual.*``: conv1, class/positional embeddings, ln_pre,
-    transformer.resblocks, ln_post, proj), to sit beside the text tower in one checkpoint."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g) * 0.05
-
-    state = {
-        "visual.class_embedding": r(width),
-        "visual.positional_embedding": r(grid * grid + 1, width),
-        "visual.conv1.weight": r(width, 3, patch, patch),
-        "visual.ln_pre.weight": 1 + r(width),
-        "visual.ln_pre.bias": r(width),
-        "visual.ln_post.weight": 1 + r(width),
-        "visual.ln_post.bias": r(width),
-        "visual.proj": r(width, 8),
-    }
-    for i in range(layers):
-        p = f"visual.transformer.resblocks.{i}."
-        for name, shape in {
-            "ln_1.weight": (width,),
-            "ln_1.bias": (width,),
-            "ln_2.weight": (width,),
-            "ln_2.bias": (width,),
-            "attn.in_proj_weight": (3 * width, width),
-            "attn.in_proj_bias": (3 * width,),
-            "attn.out_proj.weight": (width, width),
-            "attn.out_proj.bias": (width,),
-            "mlp.c_fc.weight": (4 * width, width),
-            "mlp.c_fc.bias": (4 * width,),
-            "mlp.c_proj.weight": (width, 4 * width),
-            "mlp.c_proj.bias": (width,),
-        }.items():
-            state[p + name] = r(*shape)
-    return state
-
-
 def test_clip_initialised_laps_from_one_open_clip_checkpoint_trains_and_reloads(tmp_path):
     """LAPS Table 2's CLIP rows: both towers from one open_clip checkpoint (image through timm's
     converter, text through open_clip_text_state_dict), one training step, save, reload."""
@@ -350,7 +313,10 @@ def test_clip_initialised_laps_from_one_open_clip_checkpoint_trains_and_reloads(
         view="pixels", seed=0, n_train=6, n_dev=2, n_test=3, image_size=32
     )
     tok_dir = write_local_clip(tmp_path / "tok", train.captions + test.captions, hidden_size=WIDTH)
-    state = {**open_clip_state(_vocab_size(tok_dir), visual=False), **_open_clip_visual_state()}
+    state = {
+        **open_clip_state(_vocab_size(tok_dir), visual=False),
+        **openai_clip_visual_state(width=WIDTH, layers=1, out=8, seed=1),
+    }
     folder = write_open_clip_folder(tmp_path / "oc", tok_dir, state)
     comps = presets.laps(
         image="vit_base_patch16_clip_224",

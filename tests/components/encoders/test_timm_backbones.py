@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from clip_towers import openai_clip_visual_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -132,40 +133,10 @@ def test_eva_masking_counts_in_training():
 # ---------------------------------------------------------------------- CLIP image tower
 def _openai_clip_visual_state(width=32, layers=2, patch=8, grid=4, out=16, seed=0):
     """A random CLIP image tower in OpenAI's / open_clip's layout (``visual.*`` keys) plus a text key."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g) * 0.05
-
-    state = {
-        "visual.class_embedding": r(width),
-        "visual.positional_embedding": r(grid * grid + 1, width),
-        "visual.conv1.weight": r(width, 3, patch, patch),
-        "visual.ln_pre.weight": 1 + r(width),
-        "visual.ln_pre.bias": r(width),
-        "visual.ln_post.weight": 1 + r(width),
-        "visual.ln_post.bias": r(width),
-        "visual.proj": r(width, out),
-        "token_embedding.weight": r(10, width),  # the text tower's: ignored by the image tower
-    }
-    for i in range(layers):
-        p = f"visual.transformer.resblocks.{i}."
-        state.update(
-            {
-                p + "ln_1.weight": 1 + r(width),
-                p + "ln_1.bias": r(width),
-                p + "ln_2.weight": 1 + r(width),
-                p + "ln_2.bias": r(width),
-                p + "attn.in_proj_weight": r(3 * width, width),
-                p + "attn.in_proj_bias": r(3 * width),
-                p + "attn.out_proj.weight": r(width, width),
-                p + "attn.out_proj.bias": r(width),
-                p + "mlp.c_fc.weight": r(4 * width, width),
-                p + "mlp.c_fc.bias": r(4 * width),
-                p + "mlp.c_proj.weight": r(width, 4 * width),
-                p + "mlp.c_proj.bias": r(width),
-            }
-        )
+    state = openai_clip_visual_state(width, layers, patch, grid, out, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    # The text tower's: ignored by the image tower.
+    state["token_embedding.weight"] = torch.randn(10, width, generator=g) * 0.05
     return state
 
 
