@@ -168,7 +168,7 @@ _LAPS_BATCH_SRC = (
     f"{_LAPS_SRC} issue #11 ('batchSize', 2025-01-20): the repository maintainer's answer that Table 1 "
     "of the paper used batch 128 on Flickr30K and 256 on MSCOCO (vit_base_224 and swin_base_224); issue #2 "
     "(2024-08-07): 'the batch size has a significant impact on the results ... batch size=128 (the same as "
-    "our provided training logs)'"
+    "our provided training logs)'; arguments.py also defaults --batch_size to 128"
 )
 
 
