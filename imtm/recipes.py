@@ -10,14 +10,14 @@ come from), and for every value where it comes from or why it was chosen.
 as data; :mod:`imtm.presets` builds them (it imports this module, never the other way round).
 
 Only what was read is attributed: the LAPS values come from the authors' ``arguments.py``,
-``train.py``, ``lib/vse.py`` and README (CrossmodalGroup/LAPS), CHAN's from ``scripts/train.sh``,
-``lib/arguments.py``, ``lib/model.py``, ``lib/encoders.py`` and README (ppanzx/CHAN), ELA's from
-``configs/Retrieval_flickr.yaml`` and ``configs/Retrieval_coco.yaml`` (Lydia-yang/ELA). The papers'
-own tables were not at hand here: the results recorded are the authors' README tables (LAPS: R@1 and
-R@5 only, so R@10 and rSum stay ``None``; CHAN: R@1 and R@5, with R@10 and rSum from another paper's
-comparison tables that quote CHAN, named in each row's ``source``), and none for DCPA, ELA and DIAS
-(no table of theirs was found; docs/recipes.md says where it was looked for). DCPA's and DIAS's
-training values are this library's choices, marked as such.
+``train.py``, ``lib/vse.py``, README and the answers in issues #2 and #11 of CrossmodalGroup/LAPS
+(Table 1's batch sizes), CHAN's from ``scripts/train.sh``, ``lib/arguments.py``, ``lib/model.py``,
+``lib/encoders.py`` and README (ppanzx/CHAN), ELA's from ``configs/Retrieval_flickr.yaml`` and
+``configs/Retrieval_coco.yaml`` (Lydia-yang/ELA). The papers' own tables were not found: the results
+recorded are the authors' README tables (LAPS: R@1 and R@5 only, so R@10 and rSum stay ``None``;
+CHAN: R@1 and R@5, with R@10 and rSum from another paper's comparison tables that quote CHAN, named
+in each row's ``source``), and none for DCPA, ELA and DIAS (docs/recipes.md lists where they were
+looked for). DCPA's and DIAS's training values are this library's choices, marked as such.
 """
 
 from __future__ import annotations
@@ -163,9 +163,24 @@ def _laps_stages() -> list[dict]:
     ]
 
 
+#: Where the batch sizes of the paper's Table 1 were read (the README's commands use 64).
+_LAPS_BATCH_SRC = (
+    f"{_LAPS_SRC} issue #11 ('batchSize', 2025-01-20): the repository maintainer's answer that Table 1 "
+    "of the paper used batch 128 on Flickr30K and 256 on MSCOCO (vit_base_224 and swin_base_224); issue #2 "
+    "(2024-08-07): 'the batch size has a significant impact on the results ... batch size=128 (the same as "
+    "our provided training logs)'; arguments.py also defaults --batch_size to 128"
+)
+
+
 def _laps(
-    name: str, backbone: str, model: str, data: str, protocol: str, paper: PaperResult | None
+    name: str,
+    backbone: str,
+    model: str,
+    data: str,
+    protocol: str,
+    paper: PaperResult | None,
 ) -> Recipe:
+    batch = 128 if data == "f30k" else 256
     return Recipe(
         name=name,
         preset="laps",
@@ -187,7 +202,7 @@ def _laps(
         },
         matcher_kwargs={
             "epochs": _LAPS_EPOCHS,
-            "batch_size": 64,
+            "batch_size": batch,
             "lr": _LAPS_LR,
             "optimizer": "adamw",
             "weight_decay": 1e-4,
@@ -203,7 +218,9 @@ def _laps(
             "lr x0.3 at epochs 9, 15, 20, 25": f"{_LAPS_SRC} arguments.py (--lr_schedules, --decay_rate), "
             "train.py adjust_learning_rate",
             "AdamW, weight decay 1e-4, BERT and ViT at 0.1 x lr": f"{_LAPS_SRC} lib/vse.py create_optimizer",
-            "batch 64, sparse/aggr ratios per backbone": f"{_LAPS_SRC} README.md single-GPU commands",
+            f"batch {batch}": _LAPS_BATCH_SRC,
+            "sparse/aggr ratios per backbone (ViT 0.5 / 0.4, Swin 0.8 / 0.6)": f"{_LAPS_SRC} README.md "
+            "training commands (which use batch 64 on one GPU: about 20 GB)",
             "BERT-base uncased; ViT-Base/16 ImageNet-21k, Swin-Base/224": f"{_LAPS_SRC} README.md model weights "
             "(timm names chosen as timm's copies of those weights)",
         },
@@ -417,9 +434,10 @@ for _r in (
 
 # ---------------------------------------------------------------------- ELA (fine-tuning for retrieval)
 _ELA_SRC = "Lydia-yang/ELA"
-for _data, _protocol, _cfg in (
-    ("f30k", "f30k_1k", "configs/Retrieval_flickr.yaml"),
-    ("coco", "coco_5k", "configs/Retrieval_coco.yaml"),
+#: data, protocol, config file, lr, min_lr, k_test, warmup_epochs: each read in that file (commit 7b6cdc6).
+for _data, _protocol, _cfg, _lr, _min_lr, _k, _warm in (
+    ("f30k", "f30k_1k", "configs/Retrieval_flickr.yaml", 1e-5, 1e-6, 128, 1),
+    ("coco", "coco_5k", "configs/Retrieval_coco.yaml", 7e-6, 3e-6, 256, 2),
 ):
     RECIPES[f"ela-vit-b16-{_data}"] = Recipe(
         name=f"ela-vit-b16-{_data}",
@@ -435,31 +453,33 @@ for _data, _protocol, _cfg in (
             "pretrained": True,
             "embed_dim": 256,
             "temperature": 0.07,
-            "rerank_k": 128,
+            "rerank_k": _k,
         },
         matcher_kwargs={
             "epochs": 10,
             "batch_size": 26,
-            "lr": 1e-5,
+            "lr": _lr,
             "optimizer": "adamw",
             "weight_decay": 0.02,
             "lr_scheduler": "cosine",
             "warmup": 0.0,
         },
         sources={
-            "image_res 384, embed_dim 256, temp 0.07, k_test 128 (re-ranking), batch 26, AdamW lr 1e-5 weight "
-            "decay 0.02, cosine over 10 epochs": f"{_ELA_SRC} {_cfg} (the Flickr30K file was read; the COCO "
-            "recipe assumes the same values)",
+            f"image_res 384, embed_dim 256, temp 0.07, k_test {_k} (re-ranking), batch 26, AdamW lr {_lr:g} "
+            "weight decay 0.02, cosine over 10 epochs": f"{_ELA_SRC} {_cfg}",
             "ViT-Base/16 and BERT-base": "chosen: the configs name config_bert.json (BERT-base) and a 768-wide "
             "vision encoder; the ViT weights are the user's (pretrained=True)",
         },
         differs=[
             "the authors fine-tune a pre-trained ELA checkpoint (Pretrain.yaml: 5 epochs on COCO, VG, CC3M, SBU); "
             "this recipe fine-tunes from ImageNet / BERT weights: pre-training is not reproduced",
-            "cosine to 0 (the config's min_lr 1e-6 is not a Matcher option)",
+            f"cosine to 0 (the config's min_lr {_min_lr:g} is not a Matcher option); the config's "
+            f"warmup_epochs {_warm} starts at warmup_lr = lr, and how the authors' scheduler uses it was not "
+            "read: no warm-up here",
             "the retrieval config sets lexicon_loss False and a momentum queue (65,536, 0.995); the preset keeps "
             "its lexicon objectives and has no queue",
-            "the paper's reported results were not at hand: none recorded",
+            "no reported results recorded: the paper's tables were not found (docs/recipes.md says where they "
+            "were looked for)",
         ],
     )
 
@@ -555,7 +575,7 @@ def recipe(name: str) -> Recipe:
     Example:
         >>> r = recipe("laps-vit-b16-f30k")
         >>> r.preset, r.matcher_kwargs["batch_size"], [s["epochs"] for s in r.stages]
-        ('laps', 64, [9, 6, 5, 5, 5])
+        ('laps', 128, [9, 6, 5, 5, 5])
     """
     if not isinstance(name, str) or name not in RECIPES:
         raise ValueError(

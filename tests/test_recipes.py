@@ -96,7 +96,10 @@ def test_every_recipe_builds_its_matcher_with_the_recipes_training_parameters(na
 
 def test_laps_recipe_values():
     r = recipe("laps-vit-b16-f30k")
-    assert r.matcher_kwargs["batch_size"] == 64 and r.matcher_kwargs["optimizer"] == "adamw"
+    assert r.matcher_kwargs["batch_size"] == 128 and r.matcher_kwargs["optimizer"] == "adamw"
+    assert (
+        recipe("laps-swin-b-coco").matcher_kwargs["batch_size"] == 256
+    )  # CrossmodalGroup/LAPS issue #11
     assert (
         r.matcher_kwargs["lr_factors"] == {"image": 0.1, "text": 0.1}
         and r.matcher_kwargs["grad_clip"] == 2.0
@@ -108,6 +111,16 @@ def test_laps_recipe_values():
         assert b == pytest.approx(0.3 * a)
     assert r.preset_kwargs["text"] == "bert" and r.preset_kwargs["ratio_weight"] == 2.0
     assert recipe("laps-swin-b-f30k").preset_kwargs["backbone"] == "swin"
+
+
+def test_ela_recipes_follow_their_own_config_files():
+    """Retrieval_flickr.yaml and Retrieval_coco.yaml of Lydia-yang/ELA differ in lr and k_test."""
+    f30k, coco = recipe("ela-vit-b16-f30k"), recipe("ela-vit-b16-coco")
+    assert (f30k.matcher_kwargs["lr"], f30k.preset_kwargs["rerank_k"]) == (1e-5, 128)
+    assert (coco.matcher_kwargs["lr"], coco.preset_kwargs["rerank_k"]) == (7e-6, 256)
+    assert any("Retrieval_coco.yaml" in where for where in coco.sources.values())
+    for r in (f30k, coco):
+        assert r.matcher_kwargs["batch_size"] == 26 and r.matcher_kwargs["epochs"] == 10
 
 
 def test_recipe_is_a_copy_and_unknown_names_suggest():
