@@ -13,7 +13,11 @@ Sections, each printed with its ratios measured side by side in this one run:
       measured bf16 ``torch.mm`` throughput on the same FLOPs (``2 N D`` per image and real
       word: the product every scorer needs at least; scorers doing more work than that
       product show a lower fraction). Goal: CHAN (hard assignment) and LAPS's sparse
-      alignment >= 0.5;
+      alignment >= 0.5; then (2b) the scorers that run a layer per pair, LAPS's full
+      ``PatchSlimming`` (N = 196 + [CLS], D = 512) and DCPA's two ``InterModalPhraseAttention``
+      branches, on a subset (``--pair-images`` x ``--pair-captions``), each as a fraction of
+      the bf16 ``torch.mm`` rate over the FLOPs of its own products (``bench_laps.py``'s and
+      ``bench_dcpa.py``'s counts), with the time the whole problem would take;
   (3) each preset's training step (``_steps.py``: forward of every block, losses, backward,
       AdamW) under bf16 autocast: samples/s and peak device memory;
   (4) two-stage retrieval (``bench_two_stage.py --quick`` sizes scaled to ``--gallery`` images;
@@ -157,6 +161,75 @@ def section_scorers(args, device) -> None:
         )
 
 
+def section_pair_scorers(args, device) -> None:
+    """The scorers that run a layer per pair (LAPS's slimming, DCPA's branches), on a subset."""
+    from bench_dcpa import useful_flops as dcpa_flops
+    from bench_laps import make_scorer
+    from bench_laps import useful_flops as laps_flops
+
+    from imtm import Tokens
+    from imtm.components import InterModalPhraseAttention
+
+    bf16 = torch.bfloat16
+    ni, nc = args.pair_images, args.pair_captions
+    full = args.images * args.captions
+    roof = matmul_rate(4096, args.dim, 4096, bf16, device, args.repeats)
+    print(
+        f"(2b) per-pair scorers on {ni} images x {nc} captions (DCPA: {max(1, ni // 4)} x "
+        f"{max(1, nc // 5)}; the time for {args.images} x "
+        f"{args.captions} scaled per pair), bf16 autocast; bf16 torch.mm {roof:.0f} GFLOP/s",
+        flush=True,
+    )
+    # LAPS: N = 196 patches + [CLS] at D = 512 as in bench_laps.py; the roofline over our products.
+    g = torch.Generator().manual_seed(0)
+    patches, laps_dim = (196, 512) if device.type == "cuda" else (36, 64)
+    images = torch.randn(ni, patches + 1, laps_dim, generator=g).to(device)
+    lengths = torch.randint(MIN_WORDS, MAX_WORDS + 1, (nc,), generator=g)
+    texts = Tokens.from_lengths(
+        torch.randn(nc, MAX_WORDS, laps_dim, generator=g).to(device), lengths.tolist()
+    )
+    runs = {}
+    slim = make_scorer(laps_dim, patches).to(device)
+    flops = laps_flops(ni, nc, patches, laps_dim, slim.aggregation.num_out, int(lengths.sum()))
+    runs["LAPS PatchSlimming"] = (
+        lambda: slim(Tokens(images, num_prefix_tokens=1), texts)[0],
+        flops,
+    )
+    # DCPA's layer per pair (feed-forward width 4 D) costs ~100x LAPS's pair: a quarter of the
+    # images and a fifth of the captions.
+    dni, dnc = max(1, ni // 4), max(1, nc // 5)
+    regions, texts_d = make_tokens(dni, dnc, 36, args.dim, device)[:2]
+    for direction in ("i2t", "t2i"):
+        torch.manual_seed(0)
+        block = InterModalPhraseAttention(direction, dim=args.dim, heads=8).eval().to(device)
+        runs[f"DCPA {direction} (with feed-forward)"] = (
+            lambda block=block: block(regions, texts_d),
+            useful_flops_or_nan(dcpa_flops, block, regions, texts_d),
+            dni * dnc,
+        )
+    for name, (fn, flops, *n_pairs) in runs.items():
+        try:
+            with torch.no_grad(), torch.autocast(device.type, dtype=bf16):
+                seconds = best_time(fn, device, args.repeats)
+        except Exception as err:  # noqa: BLE001 - reported, the suite goes on
+            print(f"    {name:32} FAILED: {type(err).__name__}: {str(err)[:120]}")
+            continue
+        pairs = (n_pairs[0] if n_pairs else ni * nc) / seconds
+        print(
+            f"    {name:32} {seconds:8.3f} s  {pairs:12.3g} pairs/s  {flops / seconds / 1e9:9.0f} GFLOP/s  "
+            f"fraction of bf16 mm {flops / seconds / 1e9 / roof:.3f}; {full:,} pairs would take "
+            f"{full / pairs / 60:.1f} min",
+            flush=True,
+        )
+
+
+def useful_flops_or_nan(fn, *args) -> float:
+    try:
+        return float(fn(*args))
+    except Exception:  # noqa: BLE001 - only a printed ratio depends on it
+        return float("nan")
+
+
 def section_training(args, device) -> None:
     from _steps import PRESET_NAMES, load_data, make_batch, make_matcher, train_step
 
@@ -233,6 +306,12 @@ def main(argv=None) -> None:
     ap.add_argument("--embed-dim", type=int, default=None)
     ap.add_argument("--gallery", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--pair-images", type=int, default=None, help="images of the per-pair scorers' subset"
+    )
+    ap.add_argument(
+        "--pair-captions", type=int, default=None, help="captions of the per-pair scorers' subset"
+    )
     ap.add_argument("--two-stage-timeout", type=int, default=240)
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -244,6 +323,8 @@ def main(argv=None) -> None:
         "batch_size": 128 if gpu else 16,
         "embed_dim": 1024 if gpu else 32,
         "gallery": 100_000 if gpu else 5000,
+        "pair_images": 256 if gpu else 4,
+        "pair_captions": 1280 if gpu else 20,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -266,6 +347,7 @@ def main(argv=None) -> None:
         section_tests(args)
     if "2" in args.sections:
         section_scorers(args, device)
+        section_pair_scorers(args, device)
     if "3" in args.sections:
         section_training(args, device)
     if "4" in args.sections:
