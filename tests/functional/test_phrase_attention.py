@@ -367,3 +367,17 @@ def test_padded_query_tokens_are_never_read():
     sa, n1 = layers[:2]
     out = self_attention(dirty, q.mask, AttentionWeights.from_modules(sa, n1), H)
     assert bool((out[~q.mask] == 0).all()) and bool(torch.isfinite(out).all())
+
+
+def test_bf16_autocast_stays_close_to_float32():
+    """Under autocast the blocks allocate (no reused buffers) and the softmax runs in bf16."""
+    layers = [layer.float() for layer in modules(9)]
+    g = torch.Generator().manual_seed(0)
+    q = Tokens.from_lengths(torch.randn(3, 5, D, generator=g), [5, 2, 4])
+    kk = Tokens.from_lengths(torch.randn(4, 6, D, generator=g), [6, 1, 3, 5])
+    with torch.no_grad():
+        want = call(q, kk, layers, k=2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = call(q, kk, layers, k=2)
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=5e-2)
