@@ -500,6 +500,21 @@ def phrase_attention_scores(
     rows = min(Bq, max(1, -(-BLOCK_ROWS // L)))
     bk = max(1, min(Bk, budget // max(1, per_pair * rows, H * M * D)))
     bq = max(1, min(Bq, budget // max(1, per_pair * bk)))
+    # Each query block's queries and residual rows, laid out for the products once (not once per
+    # key block): (H, nq * Lb, dh) and (1, nq * Lb, D).
+    q_blocks = []
+    for q0 in range(0, Bq, bq):
+        q1 = min(Bq, q0 + bq)
+        Lb = q_ext[q0]
+        q_blocks.append(
+            (
+                q0,
+                q1,
+                Lb,
+                q[:, q0:q1, :Lb].reshape(H, (q1 - q0) * Lb, dh),
+                x_bias[q0:q1, :Lb].reshape(1, (q1 - q0) * Lb, D),
+            )
+        )
     cols = []
     for k0 in range(0, Bk, bk):
         k1 = min(Bk, k0 + bk)
@@ -517,11 +532,9 @@ def phrase_attention_scores(
         dot_bias = None if kb is None else kb.unsqueeze(-1)
         units = key_unit[k0:k1, :Mb]
         parts = []
-        for q0 in range(0, Bq, bq):
-            q1 = min(Bq, q0 + bq)
-            nq, Lb = q1 - q0, q_ext[q0]
+        for q0, q1, Lb, qb, xb in q_blocks:
+            nq = q1 - q0
             # Cross-attention: every query token of every query set attends to the tokens of every key set.
-            qb = q[:, q0:q1, :Lb].reshape(H, nq * Lb, dh)
             R = nq * Lb
             logits = _scratch(scratch, "logits", (H, R, nk * Mb), qb)
             if logit_bias is None:
@@ -533,7 +546,6 @@ def phrase_attention_scores(
                 logits, nk, Mb, shift, _scratch(scratch, "attn", (nk, R, H * Mb), qb)
             )
             # sum_h A_h (V_h W_O^h) + b_O + X: the output projection, its bias and the residual at once.
-            xb = x_bias[q0:q1, :Lb].reshape(1, R, D)
             y = torch.baddbmm(xb, attn, u, out=_scratch(scratch, "z", (nk, R, D), xb))
             y = _layer_norm(
                 y,
