@@ -315,6 +315,7 @@ def _self_attention_rows(
     return F.layer_norm(real + out, (D,), weights.norm_weight, weights.norm_bias, LAYER_NORM_EPS)
 
 
+@torch.compiler.disable
 def phrase_attention_scores(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -355,6 +356,9 @@ def phrase_attention_scores(
     (``sum_h A_h (V_h W_O^h)``), so the pairwise work is the attention
     itself, ``O(H * L * M * D)`` per pair, plus the feed-forward sub-layer,
     ``O(L * D * F)`` per pair. ``K' = min(K, valid queries)``.
+
+    Like the blocked engines of :mod:`imtm.functional.blocking`, it plans its blocks on the
+    host and runs eagerly, also inside a ``torch.compile``-d block.
 
     ``k=None`` is the "global average" of DCPA's Table IV ("w/o local-agg"): with
     ``average="features"`` (default) the outputs are averaged first and one cosine taken with

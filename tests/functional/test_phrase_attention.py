@@ -381,3 +381,20 @@ def test_bf16_autocast_stays_close_to_float32():
             got = call(q, kk, layers, k=2)
     assert bool(torch.isfinite(got).all())
     torch.testing.assert_close(got.float(), want, rtol=0, atol=5e-2)
+
+
+def test_runs_eagerly_inside_a_compiled_block():
+    """The blocks plan on the host and write into reused buffers: inside torch.compile the function runs
+    eagerly (as the blocked engines do), with the same scores and gradients."""
+    layers = modules(10, ffn=True)
+    sa, n1, ca, n2, l1, l2, n3 = layers
+    q = Tokens.from_lengths(torch.randn(3, 5, D, dtype=torch.float64), [5, 2, 4])
+    kk = Tokens.from_lengths(torch.randn(4, 6, D, dtype=torch.float64), [6, 1, 3, 5])
+
+    def score(qf, kf):
+        return call(Tokens(qf, q.mask), Tokens(kf, kk.mask), layers, k=2)
+
+    compiled = torch.compile(score, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q.feats, kk.feats), score(q.feats, kk.feats))
+    torch.testing.assert_close(compiled(q.feats, kk.feats), score(q.feats, kk.feats))
