@@ -22,12 +22,20 @@ triplet loss on one batch) against the same step in the per-caption structure (s
 loss and gradients, checked), and the growth of the peak resident memory (VmHWM, reset
 through ``/proc/self/clear_refs``) during one blocked call.
 
+Each blocked timing runs ``--repeats`` times, each run followed by its roofline, and every
+run's ratio is printed twice: by wall-clock time, and by this process's CPU time (on a
+machine shared with other jobs the process waits for a core now and then; its CPU time
+counts only what it ran, for the scorer and for ``torch.mm`` alike). The load average is
+printed at the start and after the timings.
+
     python benchmarks/bench_dcpa.py [--dim 1024] [--images 64] [--captions 256] [--ffn-captions 32]
-                                    [--loop-captions 4]
+                                    [--loop-captions 4] [--repeats 3]
+                                    [--sections attention ffn train memory]
                                     [--train-batch 32] [--train-dim 256] [--quick]
 """
 
 import argparse
+import os
 import time
 
 import torch
@@ -36,6 +44,13 @@ import torch.nn.functional as F
 from imtm import Tokens
 from imtm.components import InterModalPhraseAttention
 from imtm.functional.topk import topk_mean
+
+SECTIONS = ("attention", "ffn", "train", "memory")
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
 
 
 def vm_hwm_mib() -> float:
@@ -94,16 +109,18 @@ def loop_scores(
     return torch.stack(outs, dim=1)
 
 
-def mm_rate(dim: int, seconds: float = 1.0) -> float:
-    """FLOP/s of a large float32 ``torch.mm`` with inner size ``dim`` on this machine, now."""
+def mm_rate(dim: int, seconds: float = 1.0) -> tuple[float, float]:
+    """FLOP/s of a large float32 ``torch.mm`` with inner size ``dim`` on this machine, now:
+    per second of wall-clock time and per second of this process's CPU time."""
     a, b = torch.randn(4096, dim), torch.randn(dim, 2048)
     out = torch.empty(4096, 2048)
     torch.mm(a, b, out=out)
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         torch.mm(a, b, out=out)
         n += 1
-    return n * 2 * 4096 * 2048 * dim / (time.perf_counter() - t0)
+    flops = n * 2 * 4096 * 2048 * dim
+    return flops / (time.perf_counter() - t0), flops / (time.process_time() - c0)
 
 
 def useful_flops(block, images: Tokens, texts: Tokens) -> float:
@@ -130,19 +147,27 @@ def useful_flops(block, images: Tokens, texts: Tokens) -> float:
     return float(single + pairwise)
 
 
-def time_branch(block, images, texts, sub, rate_dim):
-    """Blocked scores and the per-caption loop on ``sub``: timings, checked equal; the roofline ratio."""
+def timed(fn):
+    """``fn()`` and its wall-clock and process CPU seconds."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
+def time_branch(block, images, texts, sub, rate_dim, repeats):
+    """Blocked scores (``repeats`` times, each followed by the roofline) and the per-caption loop on
+    ``sub``: timings, checked equal; the roofline ratios of every run, by wall-clock and by CPU time."""
+    flops = useful_flops(block, images, texts)
+    runs = []
     with torch.no_grad():
         block(images[:2], texts[:4])  # warm-up
-        t0 = time.perf_counter()
-        blocked = block(images, texts)
-        t_blocked = time.perf_counter() - t0
-        rate = mm_rate(rate_dim)
-        t0 = time.perf_counter()
-        naive = loop_scores(block, images, sub, hoist=False)
-        t_loop = time.perf_counter() - t0
+        for _ in range(repeats):
+            blocked, wall, cpu = timed(lambda: block(images, texts))
+            rate_wall, rate_cpu = mm_rate(rate_dim)
+            runs.append((wall, cpu, rate_wall, flops / rate_wall / wall, flops / rate_cpu / cpu))
+        naive, t_loop, _ = timed(lambda: loop_scores(block, images, sub, hoist=False))
     torch.testing.assert_close(blocked[:, : sub.batch_size], naive, rtol=1e-4, atol=1e-5)
-    return t_blocked, t_loop, rate, useful_flops(block, images, texts) / rate
+    return runs, t_loop
 
 
 def train_step_loop(block, images: Tokens, texts: Tokens) -> torch.Tensor:
@@ -211,6 +236,20 @@ def main():
     )
     p.add_argument("--train-batch", type=int, default=32, help="batch of the training-step timing")
     p.add_argument("--train-dim", type=int, default=256, help="D of the training-step timing")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed blocked calls per branch, each with its roofline",
+    )
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=list(SECTIONS),
+        choices=SECTIONS,
+        help="what to time: the attention sub-layers, the layer with its feed-forward sub-layer, "
+        "a training step, peak memory",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
     args = p.parse_args()
     if args.quick:
@@ -222,6 +261,7 @@ def main():
     images = Tokens(torch.randn(args.images, args.regions, args.dim, generator=g))
     lengths = torch.randint(8, 21, (args.captions,), generator=g)
     texts = Tokens.from_lengths(torch.randn(args.captions, 20, args.dim, generator=g), lengths)
+    print(f"load average {' / '.join(f'{x:.2f}' for x in os.getloadavg())} (1 / 5 / 15 min)")
     print(
         f"threads {torch.get_num_threads()}; D = {args.dim}, {args.heads} heads, N = {args.regions} regions, "
         f"captions of 8-20 words; timed subset {args.images} images x {args.captions} captions "
@@ -230,7 +270,9 @@ def main():
     )
     sub = texts[: args.loop_captions]
     for ffn in (False, True):
-        timed = texts[: args.ffn_captions] if ffn else texts
+        if ("ffn" if ffn else "attention") not in args.sections:
+            continue
+        timed_texts = texts[: args.ffn_captions] if ffn else texts
         layer = (
             "decoder layer with its feed-forward sub-layer" if ffn else "attention sub-layers only"
         )
@@ -239,24 +281,39 @@ def main():
             block = InterModalPhraseAttention(
                 direction, dim=args.dim, heads=args.heads, feed_forward=ffn
             ).eval()
-            t_blocked, t_loop, rate, roof = time_branch(block, images, timed, sub, args.dim)
-            n_blocked, n_loop = args.images * timed.batch_size, args.images * args.loop_captions
+            runs, t_loop = time_branch(block, images, timed_texts, sub, args.dim, args.repeats)
+            t_blocked = median([r[0] for r in runs])
+            n_blocked, n_loop = (
+                args.images * timed_texts.batch_size,
+                args.images * args.loop_captions,
+            )
             pps, pps_loop = n_blocked / t_blocked, n_loop / t_loop
             tag = f"[{direction}{' +ffn' if ffn else ''}]"
             print(f"{tag} {layer}")
             print(
-                f"{tag} blocked           {pps:10.0f} pairs/s  ({t_blocked:.2f}s for {n_blocked} pairs; "
-                f"1,000 x 5,000 would take {5e6 / pps / 60:.0f} min)"
+                f"{tag} blocked           {pps:10.0f} pairs/s  ({t_blocked:.2f}s for {n_blocked} pairs, "
+                f"median of {len(runs)}; 1,000 x 5,000 would take {5e6 / pps / 60:.0f} min)"
             )
             print(
                 f"{tag} per-caption loop  {pps_loop:10.0f} pairs/s  ({t_loop:.2f}s for {n_loop} pairs)  "
                 f"blocked / loop = {pps / pps_loop:.1f}x   (same scores: checked)"
             )
+            for k, (wall, cpu, rate, by_wall, by_cpu) in enumerate(runs):
+                print(
+                    f"{tag} run {k + 1}: blocked {wall:.2f}s wall / {cpu:.2f}s CPU; torch.mm right after "
+                    f"at {rate / 1e9:.1f} GFLOP/s (wall); fraction of the roofline: {by_wall:.2f} by "
+                    f"wall-clock time, {by_cpu:.2f} by CPU time"
+                )
             print(
-                f"{tag} roofline: torch.mm at {rate / 1e9:.1f} GFLOP/s would do the layer's "
-                f"products on the real tokens in {roof:.2f}s; blocked reaches {roof / t_blocked:.2f} of it"
+                f"{tag} roofline (the layer's products on the real tokens at torch.mm's rate): median "
+                f"{median([r[3] for r in runs]):.2f} by wall-clock time, "
+                f"{median([r[4] for r in runs]):.2f} by CPU time (goal >= 0.6)"
             )
-    bench_training(args)
+    print(f"load average {' / '.join(f'{x:.2f}' for x in os.getloadavg())} (1 / 5 / 15 min)")
+    if "train" in args.sections:
+        bench_training(args)
+    if "memory" not in args.sections:
+        return
     # Peak memory of one blocked call (image-to-text, the whole layer, the feed-forward timing's
     # pairs) against an unblocked implementation of it.
     block = InterModalPhraseAttention("i2t", dim=args.dim, heads=args.heads).eval()

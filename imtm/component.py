@@ -261,6 +261,17 @@ class Component(nn.Module):
     #: breaks and guard checks, and the step gets slower.
     compiles: ClassVar[bool] = True
 
+    @classmethod
+    def _examples(cls) -> tuple:
+        """Small configurations of this block and what their inputs need (none here).
+
+        A block class returns :class:`imtm.contract.Example` s, next to the class: the
+        property sweeps, ``imtm.testing.parametrize_with_checks(BlockClass)`` and the
+        documentation read them through :func:`imtm.contract.examples`, so a new block needs no
+        entry in any table elsewhere.
+        """
+        return ()
+
     def __init_subclass__(cls, abstract: bool = False, **kwargs):
         super().__init_subclass__(**kwargs)
         for value in cls.__dict__.get("values", ()):

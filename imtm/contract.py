@@ -11,11 +11,16 @@ Every block states two things next to its class:
   scikit-learn. A parameter is valid when it satisfies any one of its constraints:
   :class:`Interval`, :class:`Options`, :class:`InstanceOf`, :class:`Satisfies`, the string
   ``"boolean"``, or ``None`` (the value ``None``).
+- **examples**: a ``_examples`` classmethod returning :class:`Example` s: small constructor
+  arguments (sizes of :data:`EXAMPLE_DIM`, :data:`EXAMPLE_VOCAB_SIZE`,
+  :data:`EXAMPLE_IMAGE_SIZE`) and what the block's example inputs need (a training batch,
+  captions as strings, pixels, the error documented for some inputs).
 
 :func:`check_params` enforces the constraints (``Component.validate`` calls it, so
 ``Matcher.validate``, ``fit`` and a block's first call do); the pipeline plan
 (:func:`side_of`), the conformance battery (:func:`spec`) and the documentation read the
-value specs.
+value specs; the sweeps, ``imtm.testing.parametrize_with_checks`` and the documentation's
+block table read the examples through :func:`examples`.
 
 Example:
     >>> from numbers import Real
@@ -39,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any
 
@@ -59,6 +64,8 @@ __all__ = [
     "KINDS",
     "register_value",
     "POSITIVE",
+    "POSITIVE_INT",
+    "block_or_name",
     "BLOCK_BUDGET",
     "COMPUTE_DTYPE",
     "spec",
@@ -69,6 +76,15 @@ __all__ = [
     "check_params",
     "check_param",
     "check_value",
+    "Example",
+    "EXAMPLE_DIM",
+    "EXAMPLE_VOCAB_SIZE",
+    "EXAMPLE_IMAGE_SIZE",
+    "EXAMPLE_WORDS",
+    "INPUT_KINDS",
+    "examples",
+    "example_call",
+    "blocks_table",
 ]
 
 
@@ -288,6 +304,8 @@ class _NoneConstraint(_Constraint):
 
 #: A finite number > 0 (a temperature, a scale).
 POSITIVE = Interval(Real, 0, None, closed="neither")
+#: A whole number >= 1 (a size, a count of layers).
+POSITIVE_INT = Interval(Integral, 1, None, closed="left")
 #: The blocked scorers' memory budget (elements of one block's similarities); ``None``: the default.
 BLOCK_BUDGET: list[Any] = [Interval(Integral, 1, None, closed="left"), None]
 #: The dtype of the blocked scorers' matrix products; ``None``: the inputs'.
@@ -298,6 +316,18 @@ COMPUTE_DTYPE: list[Any] = [
         "a floating torch.dtype such as torch.bfloat16",
     ),
 ]
+
+
+def block_or_name(*types: type, description: str) -> Satisfies:
+    """The constraint of a linked block's argument: its name in the pipeline or the block itself.
+
+    Example:
+        >>> block_or_name(torch.nn.Linear, description="a linear layer").describe()
+        'a block name or a linear layer'
+    """
+    return Satisfies(
+        lambda value: isinstance(value, (str, *types)), f"a block name or {description}"
+    )
 
 
 def _make_constraint(c: Any) -> _Constraint:
@@ -785,3 +815,140 @@ def side_of(name: str) -> frozenset:
             f"{name!r} is not in the vocabulary of value names." + suggest(name, VALUE_SPECS)
         )
     return _SIDE_SETS[value.side]
+
+
+# ---------------------------------------------------------------------- examples
+#: Feature size ``D`` of example inputs: a block's example arguments use it for its dimension.
+EXAMPLE_DIM = 8
+#: Vocabulary size ``V`` of example token ids and lexicon logits (a block with a vocabulary of its
+#: own says its size in :attr:`Example.vocab_size`).
+EXAMPLE_VOCAB_SIZE = 16
+#: Side of example images in pixels (an example vision encoder is built for it).
+EXAMPLE_IMAGE_SIZE = 16
+#: The words of example captions (an example vocabulary or tokenizer covers them).
+EXAMPLE_WORDS = ("a", "red", "blue", "circle", "square", "left", "of", "the", "green", "triangle")
+#: The kinds of example input :attr:`Example.inputs` may ask for, beyond the vocabulary's makers.
+INPUT_KINDS = {
+    "captions": "a list of Bt caption strings of EXAMPLE_WORDS",
+    "pixels": "(Bi, 3, EXAMPLE_IMAGE_SIZE, EXAMPLE_IMAGE_SIZE) images: float, or uint8 in [0, 255]",
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One small configuration of a block and what its example inputs need.
+
+    A block class lists its examples in a ``_examples`` classmethod, next to the class, so that
+    adding a block needs no table elsewhere: the property sweeps of ``tests/hardening``, the
+    conformance battery (``imtm.testing.parametrize_with_checks`` given a block class) and the
+    documentation's block table read them through :func:`examples`. A classmethod, not a plain
+    attribute, so arguments that are blocks or modules are built fresh on each call.
+
+    Args:
+        params: constructor arguments, at the sizes of :data:`EXAMPLE_DIM` (features),
+            :data:`EXAMPLE_VOCAB_SIZE` and :data:`EXAMPLE_IMAGE_SIZE`.
+        paired: the inputs are a training batch: image ``b`` goes with caption ``b``
+            (as ``imtm.testing.component_inputs``'s ``paired``).
+        inputs: ``{value name: kind}`` for a required value whose example is not the
+            vocabulary's default, a kind of :data:`INPUT_KINDS` (``{"texts": "captions"}``).
+        vocab_size: ``V`` of example token ids when the block has a vocabulary of its own.
+        padding: the block promises that padded positions never change its outputs.
+        error: ``inputs -> (exception type, message regex)`` for inputs on which the block's
+            docstring documents an error, else ``None`` (``None``: no such inputs).
+        nan_unused: why a NaN in a real token of a Tokens input may leave every output finite
+            (``None``: it may not).
+        out_dtype: ``input dtype -> dtype of the floating outputs``, where it is not the input's.
+
+    Example:
+        >>> Example({"dim": EXAMPLE_DIM, "heads": 2}, padding=True).params
+        {'dim': 8, 'heads': 2}
+    """
+
+    params: Mapping[str, Any] = field(default_factory=dict)
+    paired: bool = False
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    vocab_size: int | None = None
+    padding: bool = False
+    error: Callable[[Mapping[str, Any]], tuple[type, str] | None] | None = None
+    nan_unused: str | None = None
+    out_dtype: Callable[[torch.dtype], torch.dtype] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.params, Mapping):
+            raise TypeError(f"Example: params must be a dict, got {type(self.params).__name__}")
+        for name, kind in self.inputs.items():
+            if kind not in INPUT_KINDS:
+                raise ValueError(
+                    f"Example: inputs[{name!r}] must be one of {sorted(INPUT_KINDS)}, got {kind!r}."
+                    + suggest(kind, INPUT_KINDS)
+                )
+
+    def build(self, cls: type) -> Any:
+        """``cls(**params)``: the block of this example."""
+        return cls(**self.params)
+
+    def expected_error(self, inputs: Mapping[str, Any]) -> tuple[type, str] | None:
+        """The documented error for ``inputs`` (``None``: the call must succeed)."""
+        return None if self.error is None else self.error(inputs)
+
+
+def examples(cls: type) -> tuple[Example, ...]:
+    """The examples a block class declares (its ``_examples`` classmethod), checked.
+
+    Raises:
+        TypeError: the class declares none, or its hook returns something else than
+            :class:`Example` s; the message says how to declare them.
+    """
+    hook = getattr(cls, "_examples", None)
+    found = tuple(hook()) if callable(hook) else ()
+    if not found:
+        raise TypeError(
+            f"{cls.__name__} declares no examples: add a classmethod next to the class, "
+            "`@classmethod def _examples(cls): return (Example({...}),)` with small constructor "
+            "arguments (imtm.contract.Example)"
+        )
+    bad = [type(e).__name__ for e in found if not isinstance(e, Example)]
+    if bad:
+        raise TypeError(f"{cls.__name__}._examples() must return Example objects, got {bad}")
+    return found
+
+
+def example_call(cls: type, example: Example) -> str:
+    """The constructor call of ``example`` as Python source, e.g. ``"TopKAggregation(k=2)"``.
+
+    Example:
+        >>> class Demo:
+        ...     pass
+        >>> example_call(Demo, Example({"dim": 8, "pooling": "max"}))
+        "Demo(dim=8, pooling='max')"
+    """
+    args = ", ".join(f"{k}={_source(v)}" for k, v in example.params.items())
+    return f"{cls.__name__}({args})"
+
+
+def _source(value: Any) -> str:
+    if isinstance(value, torch.nn.Module) and not hasattr(value, "get_params"):
+        return repr(value).replace("\n", " ")  # nn.Embedding(16, 4)
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_source(v)}" for k, v in value.items()) + "}"
+    return " ".join(repr(value).split())
+
+
+def blocks_table(classes: Iterable[type]) -> str:
+    """A Markdown table of blocks: reads, writes, constrained arguments and the first example.
+
+    The documentation's catalogue of blocks (``docs/design.md``) is this table over every block
+    imtm registers; ``tests/test_contract.py`` checks that the copy there is current.
+    """
+    rows = [
+        "| block | requires | provides | constrained arguments | example |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for cls in sorted(classes, key=lambda c: c.__name__):
+        constrained = ", ".join(f"`{n}`" for n in parameter_constraints(cls)) or "(none)"
+        call = example_call(cls, examples(cls)[0]).replace("|", "\\|")
+        rows.append(
+            f"| `{cls.__name__}` | {', '.join(getattr(cls, 'requires', ()))} | "
+            f"{', '.join(getattr(cls, 'provides', ()))} | {constrained} | `{call}` |"
+        )
+    return "\n".join(rows)

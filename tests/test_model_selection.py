@@ -34,6 +34,7 @@ import imtm.components  # noqa: F401  (registers every block)
 from imtm import Matcher
 from imtm.component import COMPONENT_REGISTRY
 from imtm.components import GlobalCosine, GRUTextEncoder, PrecomputedEncoder, TripletLoss
+from imtm.contract import examples
 from imtm.data import ByImage, ImageCaptionDataset, Vocabulary, synthetic
 
 #: The API checks of scikit-learn that read no numeric data: run on every block and on the Matcher.
@@ -54,54 +55,6 @@ API_CHECKS = (
 VOCAB = Vocabulary.build(["a red circle", "a blue square"])
 
 
-def _laps_slimming():
-    from imtm.components import (
-        GumbelSelector,
-        PatchScorer,
-        PatchSlimming,
-        SparsePatchWordAlignment,
-        TokenAggregation,
-    )
-
-    return PatchSlimming(
-        PatchScorer(8), GumbelSelector(), TokenAggregation(8, 2), SparsePatchWordAlignment()
-    )
-
-
-#: Arguments for the blocks whose constructors require some (tiny sizes). A new block with required
-#: arguments must be added here: the test below fails naming it otherwise.
-REQUIRED = {
-    "CrossModalEncoder": lambda: {"dim": 8},
-    "GRUTextEncoder": lambda: {"vocab": VOCAB, "out_dim": 8},
-    # The packaged synthetic BERT: no optional package needed.
-    "HFTextEncoder": lambda: {"model_name_or_path": "synthetic-bert"},
-    "ImageTextMatchingHead": lambda: {"dim": 8},
-    "PatchScorer": lambda: {"dim": 8},
-    "PatchToLexiconHead": lambda: {"dim": 8, "embed_dim": 8, "vocab_size": 10},
-    "PrecomputedEncoder": lambda: {"in_dim": 4, "out_dim": 8},
-    "Reuse": lambda: {"block": "text"},
-    "SelfAttentionContext": lambda: {"dim": 8},
-    "TextualPhraseEncoder": lambda: {"dim": 8},
-    "TimmVisionEncoder": lambda: {
-        "model_name": "vit_tiny_patch16_224",
-        "img_size": 32,
-        "model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8},
-    },
-    "TokenAggregation": lambda: {"dim": 8, "num_out": 2},
-    "VisualPhraseEncoder": lambda: {"dim": 8},
-    "WordToLexiconHead": lambda: {"dim": 8, "embed_dim": 8, "vocab_size": 10},
-    "PatchSlimming": lambda: _slimming_args(),
-    "DPCKNNAggregation": lambda: {"num_out": 2},
-    "WordAggregation": lambda: {"dim": 8},
-    "WordSelection": lambda: {"dim": 8},
-}
-
-
-def _slimming_args():
-    s = _laps_slimming()
-    return {k: getattr(s, k) for k in ("scorer", "selector", "aggregation", "alignment")}
-
-
 def _imtm_blocks():
     """Every block class imtm registers (user classes defined in other tests are left out)."""
     return sorted(
@@ -112,6 +65,8 @@ def _imtm_blocks():
 
 
 def _block(name):
+    """The block with its defaults; a block with required arguments as the first example its class
+    declares next to it (``_examples``, imtm.contract), at tiny sizes."""
     cls = COMPONENT_REGISTRY[name]
     required = [
         p.name
@@ -120,11 +75,7 @@ def _block(name):
         and p.default is p.empty
         and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
     ]
-    if required and name not in REQUIRED:
-        pytest.fail(
-            f"{name} requires {required}: add tiny arguments for it to REQUIRED in this file"
-        )
-    return cls(**(REQUIRED[name]() if name in REQUIRED else {}))
+    return examples(cls)[0].build(cls) if required else cls()
 
 
 def _run(check, name, obj):

@@ -6,7 +6,7 @@ import torch
 
 from imtm._block_inputs import as_tokens
 from imtm.component import Component
-from imtm.contract import Options
+from imtm.contract import Example, Options
 
 __all__ = ["SIDES", "MeanEmbedding"]
 
@@ -58,6 +58,14 @@ class MeanEmbedding(Component):
 
     requires = SIDES["image"][0]
     provides = SIDES["image"][1]
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (
+            Example({"side": "text"}, padding=True),
+            Example({"skip_prefix": True}, padding=True),
+        )
 
     def __init__(
         self, side: str = "image", skip_prefix: bool = False, *, requires=None, provides=None

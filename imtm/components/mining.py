@@ -8,7 +8,7 @@ import torch
 
 from imtm._block_inputs import named_errors
 from imtm.component import Component
-from imtm.contract import Interval, Satisfies
+from imtm.contract import EXAMPLE_DIM, Example, Interval, Satisfies
 from imtm.functional.mining import distance_weighted_negatives
 
 __all__ = ["DistanceWeightedMiner"]
@@ -60,6 +60,11 @@ class DistanceWeightedMiner(Component):
 
     requires = ("scores", "positives")
     provides = ("negatives_i2t", "negatives_t2i")
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({"dim": EXAMPLE_DIM, "random_state": 0}),)
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from imtm.component import Component
-from imtm.contract import POSITIVE, InstanceOf, ValueSpec
+from imtm.contract import POSITIVE, Example, InstanceOf, ValueSpec
 from imtm.functional.pooling import masked_pool
 
 __all__ = ["LSEPooling", "MaxPooling", "MeanPooling", "SoftmaxPooling", "SumPooling"]
@@ -83,6 +83,11 @@ class MaxPooling(_Pooling):
 
     _pooling = "max"
 
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({}),)
+
     def __init__(self, dim: int = -1, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
         self.dim = dim
@@ -107,6 +112,11 @@ class MeanPooling(_Pooling):
     """
 
     _pooling = "mean"
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({}),)
 
     def __init__(self, dim: int = -1, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
@@ -133,6 +143,11 @@ class SumPooling(_Pooling):
 
     _pooling = "sum"
 
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({}),)
+
     def __init__(self, dim: int = -1, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
         self.dim = dim
@@ -158,6 +173,11 @@ class SoftmaxPooling(_Pooling):
     """
 
     _pooling = "softmax"
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({"temperature": 0.1}),)
 
     def __init__(self, temperature: float = 0.1, dim: int = -1, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
@@ -194,6 +214,11 @@ class LSEPooling(_Pooling):
     """
 
     _pooling = "lse"
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({"temperature": 0.01}),)
 
     def __init__(self, temperature: float = 0.1, dim: int = -1, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)

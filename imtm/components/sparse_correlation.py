@@ -9,7 +9,8 @@ from torch import nn
 
 from imtm._block_inputs import named_errors
 from imtm.component import Component
-from imtm.contract import POSITIVE, Interval, Options
+from imtm.components.losses.dias import too_few_pairs
+from imtm.contract import POSITIVE, Example, Interval, Options
 from imtm.functional.dias import (
     DISTANCES,
     MASK_RULES,
@@ -74,6 +75,15 @@ class SparseCorrelation(Component):
 
     requires = ("image_embedding", "text_embedding")
     provides = ("sparse_mask",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        intra = {"kind": "intra", "distance": "euclidean", "learnable": False, "beta": 0.5}
+        return (
+            Example({}, paired=True, error=too_few_pairs),
+            Example(intra, paired=True, error=too_few_pairs),
+        )
 
     def __init__(
         self,

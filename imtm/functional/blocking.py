@@ -625,6 +625,7 @@ def blocked_pair_scores(
     pair_elements: int | None = None,
     with_blocks: bool = False,
     products: bool = True,
+    text_extents: list[int] | None = None,
 ) -> Any:
     r"""Score every image against every caption from their full token-similarity blocks.
 
@@ -654,6 +655,11 @@ def blocked_pair_scores(
             per-caption inputs of its own to the block.
         products: compute the block's cosines; ``False``: ``reduce`` gets ``sims=None`` (a
             scorer that only needs the plan and the block ranges).
+        text_extents: per caption, one past the position of its last real word;
+            each block of captions is then cut to the largest extent among them, so ``reduce``
+            gets ``(b_i, N, b_t, M_b)`` cosines and a ``(b_t, M_b)`` mask: the padding beyond
+            every caption of the block is never multiplied. Captions sorted by extent (longest
+            first) leave little padding in any block. ``None``: every block is ``M`` wide.
 
     Returns:
         ``(Bi, Bt)`` scores (in the dtype ``reduce`` returns). A ``reduce`` that returns a tuple of
@@ -710,17 +716,50 @@ def blocked_pair_scores(
     # Called as the options say: with or without the block ranges, with or without products.
     call: Any = reduce
     rows = []
+    text_starts = list(range(0, Bt, bt))
+    widths = [M] * len(text_blocks)
+    if text_extents is not None:
+        if len(text_extents) != Bt or any(a < b for a, b in zip(text_extents, text_extents[1:])):
+            raise ValueError(
+                f"blocked_pair_scores: text_extents must hold one extent per caption ({Bt}), "
+                f"longest first; got {len(text_extents)} entries"
+            )
+        # Blocks of at most b_t captions of one extent each, cut to it (one copy per block).
+        text_starts = _runs(text_extents, bt)
+        bounds = list(zip(text_starts, [*text_starts[1:], Bt]))
+        widths = [max(1, text_extents[t0]) for t0, _ in bounds]
+        text_blocks = tuple(texts[t0:t1, :w].reshape(-1, D) for (t0, t1), w in zip(bounds, widths))
+        # A block whose captions are all real up to their extent (one host read) has no padding.
+        cut_masks: list[torch.Tensor | None] = [None] * len(bounds)
+        if text_mask is not None:
+            real = text_mask.sum(1).tolist()
+            cut_masks = [
+                None
+                if all(real[t] == text_extents[t] for t in range(t0, t1))
+                else text_mask[t0:t1, :w]
+                for (t0, t1), w in zip(bounds, widths)
+            ]
+        text_masks = cut_masks  # type: ignore[assignment]
     for i0, ib, im in zip(range(0, Bi, bi), image_blocks, image_masks):
         parts = []
-        for t0, tb, tm in zip(range(0, Bt, bt), text_blocks, text_masks):
-            b_i, b_t = ib.shape[0] // N, tb.shape[0] // M
-            sims = torch.mm(ib, tb.t()).view(b_i, N, b_t, M) if products else None
+        for t0, tb, tm, Mb in zip(text_starts, text_blocks, text_masks, widths):
+            b_i, b_t = ib.shape[0] // N, tb.shape[0] // Mb
+            sims = torch.mm(ib, tb.t()).view(b_i, N, b_t, Mb) if products else None
             if with_blocks:
                 parts.append(call(sims, im, tm, slice(i0, i0 + b_i), slice(t0, t0 + b_t)))
             else:
                 parts.append(call(sims, im, tm))
         rows.append(_assemble(parts, 1))
     return _assemble(rows, 0)
+
+
+def _runs(extents: list[int], size: int) -> list[int]:
+    """Starts of the blocks of at most ``size`` consecutive captions sharing one extent."""
+    starts: list[int] = []
+    for t, e in enumerate(extents):
+        if not starts or e != extents[starts[-1]] or t - starts[-1] >= size:
+            starts.append(t)
+    return starts
 
 
 def _assemble(parts: list, dim: int):

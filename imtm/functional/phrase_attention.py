@@ -246,8 +246,9 @@ def self_attention(
 
         X = \operatorname{LN}\big(Q + \operatorname{MHA}(Q, Q, Q)\big)
 
-    Padded tokens are never attended to (their features are zeroed first, so
-    NaN in padding cannot leak); their outputs are defined but meaningless.
+    Padded tokens are never attended to and never read (NaN in padding cannot leak); their
+    outputs are zero. The projections, the residual and the LayerNorm run on the real tokens
+    only.
 
     Shape:
         - x: ``(B, L, D)``, mask: ``(B, L)``, output: ``(B, L, D)``
@@ -260,21 +261,58 @@ def self_attention(
         >>> self_attention(torch.randn(3, 4, 8), None, AttentionWeights.from_modules(mha, ln), 2).shape
         torch.Size([3, 4, 8])
     """
-    D = x.shape[-1]
+    rows = _real_rows(mask)
+    out = _self_attention_rows(x, mask, rows, weights, heads)
+    return _unpack(out, rows, x.shape[:2])
+
+
+def _real_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Flat indices of the real tokens of ``(B, L)`` sets (one host read); ``None`` when all are real."""
+    if mask is None:
+        return None
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _pack(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``(B, L, D) -> (n, D)``: the real tokens' rows (all rows when ``rows`` is ``None``)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if rows is None else flat.index_select(0, rows)
+
+
+def _unpack(packed: torch.Tensor, rows: torch.Tensor | None, sets: torch.Size) -> torch.Tensor:
+    """``(n, E) -> (B, L, E)``, the inverse of :func:`_pack`, with zeros at padded tokens."""
+    if rows is None:
+        return packed.reshape(*sets, packed.shape[-1])
+    out = packed.new_zeros(sets[0] * sets[1], packed.shape[-1])
+    return out.index_copy(0, rows, packed).view(*sets, packed.shape[-1])
+
+
+def _self_attention_rows(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    weights: AttentionWeights,
+    heads: int,
+) -> torch.Tensor:
+    """:func:`self_attention` for the real tokens only, ``(n, D)`` in :func:`_pack`'s order.
+
+    The projections, the residual and the LayerNorm run on the real tokens (padding costs no
+    product there); only the attention itself needs the padded layout.
+    """
+    B, L, D = x.shape
     dh = D // heads
-    if mask is not None:
-        x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
-    (wq, wk, wv), (bq, bk, bv) = weights.projections()
-    # head split: the D channels are H heads of dh, each head attends on its own
-    q = rearrange(F.linear(x, wq, bq), "b l (h d) -> b h l d", h=heads) / math.sqrt(dh)
-    k = rearrange(F.linear(x, wk, bk), "b l (h d) -> b h l d", h=heads)
-    v = rearrange(F.linear(x, wv, bv), "b l (h d) -> b h l d", h=heads)
-    logits = q @ k.transpose(-1, -2)  # (B, H, L, L)
+    real = _pack(x, rows)  # padding never enters: NaN there cannot leak
+    # one product for the three projections; padded tokens get zero queries, keys and values
+    qkv = _unpack(F.linear(real, weights.in_proj_weight, weights.in_proj_bias), rows, x.shape[:2])
+    q, k, v = (
+        rearrange(t, "b l (h d) -> b h l d", h=heads) for t in qkv.chunk(3, dim=-1)
+    )  # head split: the D channels are H heads of dh, each head attends on its own
+    logits = (q / math.sqrt(dh)) @ k.transpose(-1, -2)  # (B, H, L, L)
     if mask is not None:
         logits = logits.masked_fill(~mask[:, None, None, :], -math.inf)
-    out = rearrange(logits.softmax(-1) @ v, "b h l d -> b l (h d)")
-    out = F.linear(out, weights.out_proj_weight, weights.out_proj_bias)
-    return F.layer_norm(x + out, (D,), weights.norm_weight, weights.norm_bias, LAYER_NORM_EPS)
+    out = _pack(rearrange(logits.softmax(-1) @ v, "b h l d -> b l (h d)"), rows)
+    out = torch.addmm(weights.out_proj_bias, out, weights.out_proj_weight.t())
+    return F.layer_norm(real + out, (D,), weights.norm_weight, weights.norm_bias, LAYER_NORM_EPS)
 
 
 def phrase_attention_scores(
@@ -399,19 +437,24 @@ def phrase_attention_scores(
     H, dh = heads, D // heads
     zero = torch.zeros((), dtype=keys.dtype, device=keys.device)
 
-    # Per query set: self-attention, then the cross-attention's query projection.
-    x = self_attention(queries, query_mask, self_attn, heads)  # (Bq, L, D)
+    # Per query set: self-attention, then the cross-attention's query projection, on the real
+    # tokens only (padded tokens get zero rows).
+    q_rows, k_rows = _real_rows(query_mask), _real_rows(key_mask)
+    x = _self_attention_rows(queries, query_mask, q_rows, self_attn, heads)  # (n_q, D)
     (wq, wk, wv), (bq_, bk_, bv_) = cross_attn.projections()
-    q = (F.linear(x, wq, bq_) / math.sqrt(dh)).view(Bq, L, H, dh)
-    # Per key set: key projection, and values with the output projection folded in:
+    q = _unpack(F.linear(x, wq, bq_) / math.sqrt(dh), q_rows, queries.shape[:2]).view(Bq, L, H, dh)
+    # the residual and the output bias enter the value product once
+    x_bias = _unpack(x + cross_attn.out_proj_bias, q_rows, queries.shape[:2])
+    # Per key set: key and value projections in one product, on the real tokens only; the values
+    # then get the output projection folded in:
     # concat_h(A_h V_h) W_O^T = sum_h A_h (V_h W_O^h) with W_O^h the head's columns of W_O.
-    kz = keys if key_mask is None else torch.where(key_mask.unsqueeze(-1), keys, zero)
-    kp = F.linear(kz, wk, bk_).view(Bk, M, H, dh)
-    vp = F.linear(kz, wv, bv_).view(Bk, M, H, dh)
+    kv = F.linear(_pack(keys, k_rows), cross_attn.in_proj_weight[D:], cross_attn.in_proj_bias[D:])
+    kp, vp = (t.reshape(Bk, M, H, dh) for t in _unpack(kv, k_rows, keys.shape[:2]).chunk(2, -1))
     w_out = cross_attn.out_proj_weight.view(D, H, dh)
     key_unit = normalize_tokens(keys, key_mask)  # (Bk, M, D), zero at padding
     pooled = k is None and average == "features"
     if pooled:
+        kz = keys if key_mask is None else torch.where(key_mask.unsqueeze(-1), keys, zero)
         key_mean = F.normalize(_masked_mean(kz, key_mask), dim=-1, eps=EPS)
     # Padded keys get -inf added inside the products (beta * bias + A @ B in one pass), instead of a
     # masked_fill over each product afterwards.
@@ -420,7 +463,6 @@ def phrase_attention_scores(
         key_bias = torch.zeros(Bk, M, dtype=keys.dtype, device=keys.device).masked_fill_(
             ~key_mask, -math.inf
         )
-    x_bias = x + cross_attn.out_proj_bias  # the residual and the output bias enter the product once
 
     # Sets sorted by extent (the position after their last real token), longest first, so that each
     # block is cut to the extent of its longest set: a block of short captions does not compute the
@@ -434,11 +476,21 @@ def phrase_attention_scores(
         key_bias = None if key_bias is None else key_bias[k_order]
         if pooled:
             key_mean = key_mean[k_order]
-    # Keys as (H, M, Bk, dh): a block's logits then come out as (H, b_q, L, M, b_k), and the softmax
-    # over M runs along a strided axis, vectorised over the key sets (a softmax over a short
-    # contiguous last axis of M ~ 10-40 words is several times slower on CPU).
-    kp = kp.permute(2, 1, 0, 3)  # (H, M, Bk, dh)
+    # Keys as (H, Bk, M, dh): a block's logits come out as (H, b_q, L, b_k, M), each key set's words
+    # contiguous, so that the softmax over the words is a few in-place passes (see _attention_weights).
+    kp = kp.permute(2, 0, 1, 3)  # (H, Bk, M, dh)
     q = q.permute(2, 0, 1, 3)  # (H, Bq, L, dh)
+    shift = _logits_need_shift(q, kp, M)
+    # Without autograd or autocast, every block's large intermediates go into buffers reused from
+    # block to block (fresh buffers of a few MiB cost page faults on every block).
+    weights = [*vars(self_attn).values(), *vars(cross_attn).values()]
+    if feed_forward is not None:
+        weights += vars(feed_forward).values()
+    scratch: dict[str, torch.Tensor] | None = (
+        None if _tracks_grad_or_autocast([queries, keys, *weights]) else {}
+    )
+    if scratch is not None:
+        x_bias = x_bias - x_bias.mean(-1, keepdim=True)
 
     # Block sizes from the budget: a block of b_k key sets holds its folded values (b_k * H * M * D
     # numbers, made once per key block), and the largest pairwise intermediate of a block holds
@@ -454,9 +506,14 @@ def phrase_attention_scores(
         nk, Mb = k1 - k0, k_ext[k0]
         # The key block's values with the output projection folded in (per key set, not per pair).
         u = torch.einsum("bmhj,ehj->bhme", vp[k0:k1, :Mb], w_out).reshape(nk, H * Mb, D)
-        kt = kp[:, :Mb, k0:k1].reshape(H, Mb * nk, dh).transpose(1, 2)
+        if scratch is not None:
+            # Rows of u and of x_bias centred: the value product then comes out centred (each
+            # output row is a weighted sum of rows of u plus a row of x_bias), ready for the
+            # in-place LayerNorm.
+            u = u.sub_(u.mean(-1, keepdim=True))
+        kt = kp[:, k0:k1, :Mb].reshape(H, nk * Mb, dh).transpose(1, 2)
         kb = None if key_bias is None else key_bias[k0:k1, :Mb]
-        logit_bias = None if kb is None else kb.t().reshape(1, 1, Mb * nk)
+        logit_bias = None if kb is None else kb.reshape(1, 1, nk * Mb)
         dot_bias = None if kb is None else kb.unsqueeze(-1)
         units = key_unit[k0:k1, :Mb]
         parts = []
@@ -465,18 +522,28 @@ def phrase_attention_scores(
             nq, Lb = q1 - q0, q_ext[q0]
             # Cross-attention: every query token of every query set attends to the tokens of every key set.
             qb = q[:, q0:q1, :Lb].reshape(H, nq * Lb, dh)
-            logits = torch.bmm(qb, kt) if logit_bias is None else torch.baddbmm(logit_bias, qb, kt)
-            attn = (
-                logits.view(H, nq, Lb, Mb, nk)
-                .softmax(-2)
-                .permute(4, 1, 2, 0, 3)
-                .reshape(nk, nq * Lb, H * Mb)
+            R = nq * Lb
+            logits = _scratch(scratch, "logits", (H, R, nk * Mb), qb)
+            if logit_bias is None:
+                logits = torch.bmm(qb, kt, out=logits)
+            else:
+                logits = torch.baddbmm(logit_bias, qb, kt, out=logits)
+            # (nk, nq * Lb, H * Mb)
+            attn = _attention_weights(
+                logits, nk, Mb, shift, _scratch(scratch, "attn", (nk, R, H * Mb), qb)
             )
             # sum_h A_h (V_h W_O^h) + b_O + X: the output projection, its bias and the residual at once.
-            y = torch.baddbmm(x_bias[q0:q1, :Lb].reshape(1, nq * Lb, D), attn, u)
-            y = F.layer_norm(y, (D,), cross_attn.norm_weight, cross_attn.norm_bias, LAYER_NORM_EPS)
+            xb = x_bias[q0:q1, :Lb].reshape(1, R, D)
+            y = torch.baddbmm(xb, attn, u, out=_scratch(scratch, "z", (nk, R, D), xb))
+            y = _layer_norm(
+                y,
+                cross_attn.norm_weight,
+                cross_attn.norm_bias,
+                in_place=scratch is not None,
+                centered=True,
+            )
             if feed_forward is not None:
-                y = _feed_forward_rows(y, feed_forward)
+                y = _feed_forward_rows(y, feed_forward, scratch)
             qmask = None if query_mask is None else query_mask[q0:q1, :Lb].unsqueeze(0)
             if pooled:
                 # The global average of Table IV: pool the outputs, then one cosine with the pooled keys.
@@ -511,6 +578,92 @@ def phrase_attention_scores(
     return out
 
 
+def _tracks_grad_or_autocast(tensors: list[torch.Tensor]) -> bool:
+    """Whether results must stay in fresh tensors: autograd records a graph, or autocast casts."""
+    if torch.is_autocast_enabled(tensors[0].device.type):
+        return True
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _scratch(
+    store: dict[str, torch.Tensor] | None, name: str, shape: tuple[int, ...], like: torch.Tensor
+) -> torch.Tensor | None:
+    """A ``shape`` view of the reusable buffer ``name`` (grown when too small); ``None`` without a store."""
+    if store is None:
+        return None
+    n = math.prod(shape)
+    buf = store.get(name)
+    if buf is None or buf.numel() < n:
+        buf = store[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+    return buf[:n].view(shape)
+
+
+def _layer_norm(
+    z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, in_place: bool, centered: bool
+) -> torch.Tensor:
+    """LayerNorm over the last axis (torch's, or written in place into ``z`` without autograd).
+
+    In place: ``z - mean`` (skipped when ``centered``: the caller made every row's mean zero by
+    linearity), one norm for the variance, then ``z * rstd * weight + bias`` in two in-place
+    passes. A fresh output of a few MiB costs a page fault per 4 KiB on every block; this
+    writes none.
+    """
+    D = z.shape[-1]
+    if not in_place:
+        return F.layer_norm(z, (D,), weight, bias, LAYER_NORM_EPS)
+    if not centered:
+        z.sub_(z.mean(-1, keepdim=True))
+    rstd = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+    rstd = rstd.square_().div_(D).add_(LAYER_NORM_EPS).rsqrt_()
+    return torch.addcmul(bias, z.mul_(rstd), weight, out=z)
+
+
+def _attention_weights(
+    logits: torch.Tensor, nk: int, m: int, shift: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax over each key set's words, laid out for the value product: ``(H, R, nk * m) -> (nk, R, H * m)``.
+
+    Written out as in-place passes (``exp``, sum) with the division fused into the layout copy:
+    on CPU several times faster than ``softmax`` over a short last axis followed by the copy.
+    With ``shift`` each key set's logits are first shifted by their largest (detached: the
+    softmax does not depend on it); without, the caller has bounded every logit so that ``exp``
+    can neither overflow nor underflow (:func:`_logits_need_shift`). Every key set has a real
+    word (checked at the boundary), so no sum is zero.
+    """
+    H, R, _ = logits.shape
+    e = logits.view(H, R, nk, m)
+    if shift:
+        e = e.sub_(e.detach().amax(-1, keepdim=True))
+    e = e.exp_()
+    total = e.sum(-1, keepdim=True)
+    if torch.is_grad_enabled() and e.requires_grad:  # out= takes no part in autograd
+        return (e / total).permute(2, 1, 0, 3).reshape(nk, R, H * m)
+    if out is None:
+        out = torch.empty(nk, R, H * m, dtype=e.dtype, device=e.device)
+    torch.div(e.permute(2, 1, 0, 3), total.permute(2, 1, 0, 3), out=out.view(nk, R, H, m))
+    return out
+
+
+def _logits_need_shift(q: torch.Tensor, kp: torch.Tensor, words: int) -> bool:
+    """Whether the cross-attention logits need the softmax's shift (one host read per call).
+
+    Every logit is a per-head dot product, so ``|q_h . k_h| <= max |q_h| * max |k_h|``
+    (Cauchy-Schwarz). When that bound is small enough that ``exp`` of any logit, and a sum of
+    ``words`` of them, stays a normal number of the dtype (about 80 in float32 and bfloat16,
+    6 in float16), the shift changes nothing but the rounding, and is skipped.
+
+    Shape:
+        - q: ``(H, Bq, L, dh)``, kp: ``(H, Bk, M, dh)``
+    """
+    info = torch.finfo(q.dtype)
+    limit = min(math.log(info.max / max(1, words)), -math.log(info.tiny)) - 2.0
+    with torch.no_grad():
+        q_max = torch.linalg.vector_norm(q.float(), dim=-1).flatten(1).amax(1)  # (H,)
+        k_max = torch.linalg.vector_norm(kp.float(), dim=-1).flatten(1).amax(1)  # (H,)
+        bound = float((q_max * k_max).amax())
+    return not bound < limit  # NaN or inf in the bound: shift
+
+
 def _by_extent(
     mask: torch.Tensor | None, n: int, count: int
 ) -> tuple[torch.Tensor | None, list[int]]:
@@ -529,15 +682,27 @@ def _by_extent(
     return order, extents
 
 
-def _feed_forward_rows(y: torch.Tensor, weights: FeedForwardWeights) -> torch.Tensor:
-    """:func:`feed_forward` over a block's rows, with the bias, ReLU and residual fused into the products."""
+def _feed_forward_rows(
+    y: torch.Tensor, weights: FeedForwardWeights, scratch: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """:func:`feed_forward` over a block's rows, with the bias, ReLU and residual fused into the
+    products; with ``scratch`` (no autograd) into reused buffers and the LayerNorm in place."""
     D = y.shape[-1]
     flat = y.reshape(-1, D)
-    hidden = torch.addmm(weights.linear1_bias, flat, weights.linear1_weight.t()).relu_()
-    out = torch.addmm(flat, hidden, weights.linear2_weight.t()).add_(weights.linear2_bias)
-    return F.layer_norm(out, (D,), weights.norm_weight, weights.norm_bias, LAYER_NORM_EPS).view_as(
-        y
+    n, hidden_dim = flat.shape[0], weights.linear1_weight.shape[0]
+    hidden = torch.addmm(
+        weights.linear1_bias,
+        flat,
+        weights.linear1_weight.t(),
+        out=_scratch(scratch, "hidden", (n, hidden_dim), flat),
+    ).relu_()
+    out = torch.addmm(
+        flat, hidden, weights.linear2_weight.t(), out=_scratch(scratch, "ffn", (n, D), flat)
+    ).add_(weights.linear2_bias)
+    out = _layer_norm(
+        out, weights.norm_weight, weights.norm_bias, in_place=scratch is not None, centered=False
     )
+    return out.view_as(y)
 
 
 def phrase_attention_token_scores(

@@ -432,6 +432,28 @@ def _maker(name: str):
     return _MAKERS.get(name) or _spec_maker(name)
 
 
+def _pixels(shape, s: InputSizes, seed: int, raw: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if raw:  # uint8 pixels: the encoder scales them
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(s.device)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(s.device, s.dtype)
+
+
+def _input_kind(kind: str, s: InputSizes) -> st.SearchStrategy:
+    """The strategy of an example input kind (:data:`imtm.contract.INPUT_KINDS`)."""
+    from imtm.contract import EXAMPLE_IMAGE_SIZE, EXAMPLE_WORDS, INPUT_KINDS
+
+    if kind == "captions":
+        return captions(list(EXAMPLE_WORDS), batch=s.bt, max_words=4)
+    if kind == "pixels":
+        shape = (s.bi, 3, EXAMPLE_IMAGE_SIZE, EXAMPLE_IMAGE_SIZE)
+        return st.tuples(_SEEDS, st.booleans()).map(lambda sr: _pixels(shape, s, *sr))
+    raise ValueError(
+        f"component_inputs: extra names the input kind {kind!r}; the kinds are "
+        f"{sorted(INPUT_KINDS)}." + suggest(kind, INPUT_KINDS)
+    )
+
+
 # itm_logits and itm_labels share their number of pairs P, so they are drawn together (see _draw_inputs).
 _PAIRED_DRAWS = ("itm_logits", "itm_labels")
 
@@ -497,7 +519,8 @@ def component_inputs(
             the prefix alone or the prefix and one token.
         extra: ``{name: strategy}`` for names outside the vocabulary (or to replace a
             maker); instead of a strategy, a function of the drawn :class:`InputSizes`
-            returning one.
+            returning one, or an example input kind of :data:`imtm.contract.INPUT_KINDS`
+            (``"captions"``, ``"pixels"``), as :attr:`imtm.contract.Example.inputs` gives.
 
     Returns:
         A strategy of ``{name: value}`` with exactly the names of ``requires``.
@@ -602,7 +625,9 @@ def _draw_inputs(
     for name in names:
         if name in extra:
             strategy = extra[name]
-            if not isinstance(strategy, st.SearchStrategy):
+            if isinstance(strategy, str):
+                strategy = _input_kind(strategy, sizes)
+            elif not isinstance(strategy, st.SearchStrategy):
                 strategy = strategy(sizes)
             values[name] = draw(strategy)
         elif name not in values:

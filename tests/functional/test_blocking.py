@@ -140,28 +140,29 @@ def test_query_engine_custom_token_scores_and_context():
     torch.testing.assert_close(got, expected)
 
 
+def bidirectional_max_mean(sims, image_mask, text_mask):
+    neg = torch.tensor(-math.inf, dtype=sims.dtype)
+    s = sims
+    if image_mask is not None:
+        s = torch.where(image_mask[:, :, None, None], s, neg)
+    if text_mask is not None:
+        s = torch.where(text_mask[None, None], s, neg)
+    words = s.amax(1)  # (bi, bt, M): best region of each word
+    regions = s.amax(3)  # (bi, N, bt): best word of each region
+    tm = text_mask[None] if text_mask is not None else torch.ones_like(words, dtype=torch.bool)
+    im = (
+        image_mask[:, :, None]
+        if image_mask is not None
+        else torch.ones_like(regions, dtype=torch.bool)
+    )
+    w = torch.where(tm, words, 0).sum(-1) / tm.sum(-1)
+    r = torch.where(im, regions, 0).sum(1) / im.sum(1)
+    return w + r
+
+
 @SETTINGS
 @given(images=tokens(**SIDES), texts=tokens(**SIDES), budget=st.integers(1, 400))
 def test_pair_engine_matches_loop_for_every_block_size(images, texts, budget):
-    def bidirectional_max_mean(sims, image_mask, text_mask):
-        neg = torch.tensor(-math.inf, dtype=sims.dtype)
-        s = sims
-        if image_mask is not None:
-            s = torch.where(image_mask[:, :, None, None], s, neg)
-        if text_mask is not None:
-            s = torch.where(text_mask[None, None], s, neg)
-        words = s.amax(1)  # (bi, bt, M): best region of each word
-        regions = s.amax(3)  # (bi, N, bt): best word of each region
-        tm = text_mask[None] if text_mask is not None else torch.ones_like(words, dtype=torch.bool)
-        im = (
-            image_mask[:, :, None]
-            if image_mask is not None
-            else torch.ones_like(regions, dtype=torch.bool)
-        )
-        w = torch.where(tm, words, 0).sum(-1) / tm.sum(-1)
-        r = torch.where(im, regions, 0).sum(1) / im.sum(1)
-        return w + r
-
     got = blocked_pair_scores(
         images.feats,
         texts.feats,
@@ -343,3 +344,32 @@ def test_blocked_pair_scores_tuples_block_ranges_and_pair_budget(budget, pair_el
         ),
         image_bias[:, None] + text_bias[None, :],
     )
+
+
+@SETTINGS
+@given(texts=tokens(**SIDES), budget=st.integers(1, 400), data=st.data())
+def test_pair_engine_cut_to_text_extents_equals_the_full_width(texts, budget, data):
+    """Captions sorted by extent and each block cut to it: the same scores, the padding never multiplied."""
+    images = data.draw(tokens(**SIDES))
+    mask = texts.mask
+    last = torch.where(mask, torch.arange(1, mask.shape[1] + 1), 0).amax(1)
+    ext, order = torch.sort(last, descending=True, stable=True)
+    feats, mask = texts.feats[order], mask[order]
+    widths = []
+
+    def reduce(sims, image_mask, text_mask):
+        widths.append(sims.shape[-1])
+        return bidirectional_max_mean(sims, image_mask, text_mask)
+
+    kw = dict(reduce=reduce, max_block_elements=budget)
+    full = blocked_pair_scores(images.feats, feats, images.mask, mask, **kw)
+    widths.clear()
+    cut = blocked_pair_scores(
+        images.feats, feats, images.mask, mask, text_extents=ext.tolist(), **kw
+    )
+    torch.testing.assert_close(cut, full)
+    assert max(widths) <= int(ext[0]) and min(widths) == max(1, int(ext[-1]))
+    with pytest.raises(ValueError, match="longest first"):
+        blocked_pair_scores(
+            images.feats, feats, images.mask, mask, text_extents=ext.tolist()[::-1] + [0], **kw
+        )

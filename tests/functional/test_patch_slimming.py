@@ -548,3 +548,37 @@ def test_masked_softmax_gradient_equals_the_softmax_over_kept_entries():
     assert torch.autograd.gradcheck(
         lambda x: masked_softmax(x, keep, dim=1), (logits.requires_grad_(),)
     )
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), budget=st.sampled_from([50, 400, None]), train=st.booleans())
+def test_patch_slimming_scores_cut_to_caption_extents_equal_the_full_width(seed, budget, train):
+    """Captions sorted by extent, each block cut to its longest (the fast path), against every block at
+    the full width in the given order (the reference path): same scores, decisions and Gumbel draws."""
+    import imtm.functional.patch_slimming as ps
+
+    v, vm, t, tm, a_p, logits = slimming_problem(seed=seed, bt=7, m=6)
+    kw = dict(
+        predicted=a_p,
+        num_prefix_tokens=1,
+        aggregation_logits=logits,
+        training=train,
+        max_block_elements=budget,
+        beta=0.6,
+        ratio=0.5,
+        fusion=True,
+    )
+    fast = ps.patch_slimming_scores(v, t, vm, tm, generator=torch.Generator().manual_seed(1), **kw)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ps, "_by_extent", lambda mask, n: (None, None))
+        ref = ps.patch_slimming_scores(
+            v, t, vm, tm, generator=torch.Generator().manual_seed(1), **kw
+        )
+    torch.testing.assert_close(fast.scores, ref.scores)
+    torch.testing.assert_close(fast.keep_decisions, ref.keep_decisions)
+    if not train:
+        want_s, want_k = loop_slimming_scores(
+            v, vm, t, tm, a_p, logits, prefix=1, beta=0.6, ratio=0.5, fusion=True
+        )
+        torch.testing.assert_close(fast.scores, want_s)
+        torch.testing.assert_close(fast.keep_decisions, want_k)

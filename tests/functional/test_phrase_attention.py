@@ -266,3 +266,104 @@ def test_sets_of_every_extent_score_as_each_pair_alone(budget):
         torch.testing.assert_close(got, alone)
         with torch.no_grad():
             torch.testing.assert_close(got, loop_scores(q, kk, layers, k))
+
+
+@SETTINGS
+@given(
+    queries=tokens(**SIDES),
+    keys=tokens(**SIDES),
+    k=st.sampled_from([1, 2, None]),
+    average=st.sampled_from(["features", "cosines"]),
+    ffn=st.booleans(),
+    data=st.data(),
+)
+def test_the_no_grad_path_equals_the_autograd_path(queries, keys, k, average, ffn, data):
+    """Without autograd, blocks run in reused buffers with the LayerNorms written in place (values
+    centred by linearity); with autograd, in fresh tensors with torch's LayerNorm: same scores."""
+    layers = modules(ffn=ffn)
+    budget = data.draw(st.sampled_from([1, 40, None]))
+    with torch.no_grad():
+        fast = call(queries, keys, layers, k=k, average=average, max_block_elements=budget)
+    reference = call(queries, keys, layers, k=k, average=average, max_block_elements=budget)
+    assert reference.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(fast, reference.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(fast, loop_scores(queries, keys, layers, k, average))
+
+
+def test_the_no_grad_path_writes_its_layer_norms_in_place(monkeypatch):
+    """The fast path is the one taken without autograd, and only then (so the test above compares two paths)."""
+    import imtm.functional.phrase_attention as pa
+
+    seen = []
+    real = pa._layer_norm
+
+    def spy(z, weight, bias, *, in_place, centered):
+        seen.append(in_place)
+        return real(z, weight, bias, in_place=in_place, centered=centered)
+
+    monkeypatch.setattr(pa, "_layer_norm", spy)
+    layers = modules(6)
+    q = Tokens.from_lengths(torch.randn(2, 4, D, dtype=torch.float64), [4, 2])
+    kk = Tokens.from_lengths(torch.randn(3, 5, D, dtype=torch.float64), [5, 1, 3])
+    with torch.no_grad():
+        call(q, kk, layers, k=2)
+    assert seen and all(seen)
+    seen.clear()
+    call(q, kk, layers, k=2)
+    assert seen and not any(seen)
+
+
+def test_the_layer_norm_in_place_is_torchs():
+    import imtm.functional.phrase_attention as pa
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 7, 16, dtype=torch.float64, generator=g) * 5 + 40  # a large mean
+    w, b = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    want = F.layer_norm(z, (16,), w, b, pa.LAYER_NORM_EPS)
+    torch.testing.assert_close(pa._layer_norm(z.clone(), w, b, in_place=True, centered=False), want)
+    centred = z - z.mean(-1, keepdim=True)
+    torch.testing.assert_close(pa._layer_norm(centred, w, b, in_place=True, centered=True), want)
+
+
+def test_large_logits_are_shifted_before_exp():
+    """The softmax skips its shift only when every logit is provably small; float32 logits in the
+    hundreds would overflow exp without it."""
+    import imtm.functional.phrase_attention as pa
+
+    layers64 = modules(7, ffn=False)
+    q = Tokens.from_lengths(torch.randn(3, 5, D, dtype=torch.float64), [5, 2, 4])
+    kk = Tokens.from_lengths(torch.randn(4, 6, D, dtype=torch.float64), [6, 1, 3, 5])
+    with torch.no_grad():
+        layers64[2].in_proj_weight[:D] *= 300.0  # the cross-attention's query projection
+        want = loop_scores(q, kk, layers64, 2)
+    layers32 = [layer.float() for layer in modules(7, ffn=False)]
+    with torch.no_grad():
+        layers32[2].in_proj_weight[:D] *= 300.0
+    q32, kk32 = Tokens(q.feats.float(), q.mask), Tokens(kk.feats.float(), kk.mask)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = call(q32, kk32, layers32, k=2)
+        assert bool(torch.isfinite(got).all())
+        torch.testing.assert_close(got.detach().double(), want, rtol=1e-4, atol=1e-4)
+    big = torch.full((1, 1, 1, 4), 30.0)
+    assert pa._logits_need_shift(big, big, 6)  # |q| |k| = 3600
+    assert not pa._logits_need_shift(big / 10, big / 10, 6)  # 36 < ~80 in float32
+    assert pa._logits_need_shift(big.half() / 10, big.half() / 10, 6)  # float16: exp(36) overflows
+    assert pa._logits_need_shift(torch.full((1, 1, 1, 4), float("nan")), big / 10, 6)
+
+
+def test_padded_query_tokens_are_never_read():
+    """Projections run on the real tokens only: NaN in padded query tokens changes nothing, on both paths."""
+    layers = modules(8)
+    feats = torch.randn(3, 5, D, dtype=torch.float64)
+    q = Tokens.from_lengths(feats, [5, 2, 3])
+    kk = Tokens.from_lengths(torch.randn(2, 4, D, dtype=torch.float64), [4, 2])
+    dirty = torch.where(q.mask.unsqueeze(-1), feats, torch.full_like(feats, float("nan")))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            clean = call(q, kk, layers, k=2)
+            torch.testing.assert_close(call(Tokens(dirty, q.mask), kk, layers, k=2), clean)
+    sa, n1 = layers[:2]
+    out = self_attention(dirty, q.mask, AttentionWeights.from_modules(sa, n1), H)
+    assert bool((out[~q.mask] == 0).all()) and bool(torch.isfinite(out).all())

@@ -6,8 +6,6 @@ so a bad value set through ``set_params`` is refused by ``validate()``. Blocks t
 build parameters from their arguments also call ``validate()`` before building them.
 """
 
-import math
-
 import pytest
 import torch
 from sklearn.base import clone
@@ -18,141 +16,15 @@ import imtm.matcher
 from imtm import Matcher, Tokens
 from imtm.component import COMPONENT_REGISTRY, Component
 from imtm.components import (
-    CrossModalEncoder,
     DistanceWeightedMiner,
-    GRUTextEncoder,
-    HFTextEncoder,
-    ImageTextMatchingHead,
     InfoNCELoss,
     PatchScorer,
-    TimmVisionEncoder,
     TripletLoss,
 )
-from imtm.components.encoders.hf_text import write_local_bert
+from imtm.contract import examples, parameter_constraints, refused_values
 from imtm.data import Vocabulary
 
 D = 8
-WORDS = ["a", "red", "blue", "circle", "square"]
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bert")
-    write_local_bert(path, WORDS, hidden_size=16, num_layers=1, num_heads=2)
-    return path
-
-
-def vit(**kw):
-    return TimmVisionEncoder("vit_tiny_patch16_224", img_size=32, **kw)
-
-
-# name -> (build(bert_dir), parameter, bad value). One entry per block of imtm; the bad value
-# is one validate() must refuse (None: the block has no checkable parameter).
-CASES = {
-    "CrossModalEncoder": (lambda b: CrossModalEncoder(D, layers=1, heads=2), "dropout", 1.5),
-    "DimensionAlignmentLoss": (
-        lambda b: imtm.components.DimensionAlignmentLoss(),
-        "temperature",
-        0.0,
-    ),
-    "DistanceWeightedMiner": (lambda b: DistanceWeightedMiner(dim=D), "cutoff", 3.0),
-    "ExpansiveLexiconLoss": (lambda b: imtm.components.ExpansiveLexiconLoss(), "beta", -1.0),
-    "GRUTextEncoder": (
-        lambda b: GRUTextEncoder(Vocabulary.build(["a red circle"]), D, word_dim=4),
-        "dropout",
-        1.0,
-    ),
-    "GlobalCosine": (lambda b: imtm.components.GlobalCosine(), None, None),
-    "GumbelSelector": (lambda b: imtm.components.GumbelSelector(), "ratio", 1.5),
-    "HFTextEncoder": (lambda b: HFTextEncoder(str(b)), "max_length", 1),
-    "HardAssignmentCoding": (lambda b: imtm.components.HardAssignmentCoding(), "temperature", -1.0),
-    "ImageTextMatchingHead": (lambda b: ImageTextMatchingHead(D), "temperature", 0.0),
-    "ImageTextMatchingLoss": (
-        lambda b: imtm.components.ImageTextMatchingLoss(),
-        "weight",
-        math.nan,
-    ),
-    "InfoNCELoss": (lambda b: InfoNCELoss(learnable=True), "temperature", 5.0),
-    "InterModalPhraseAttention": (
-        lambda b: imtm.components.InterModalPhraseAttention(dim=D, heads=2),
-        "k",
-        0,
-    ),
-    "LSEPooling": (lambda b: imtm.components.LSEPooling(), "temperature", 0.0),
-    "LocalMatching": (lambda b: imtm.components.LocalMatching(), "weighting", "linearr"),
-    "LexiconDistillationLoss": (
-        lambda b: imtm.components.LexiconDistillationLoss(),
-        "weight",
-        -1.0,
-    ),
-    "MaskedImageView": (lambda b: imtm.components.MaskedImageView(), "encoder", 3),
-    "MaskedLanguageModelingLoss": (
-        lambda b: imtm.components.MaskedLanguageModelingLoss(),
-        "weight",
-        -1.0,
-    ),
-    "MatchingReranker": (lambda b: imtm.components.MatchingReranker(), "k", 0),
-    "MaxPooling": (lambda b: imtm.components.MaxPooling(), "dim", 1.5),
-    "MeanEmbedding": (lambda b: imtm.components.MeanEmbedding(), "side", "both"),
-    "MeanPooling": (lambda b: imtm.components.MeanPooling(), "dim", "last"),
-    "PatchScorer": (lambda b: imtm.components.PatchScorer(D), "beta", 1.5),
-    "PatchSlimming": (
-        lambda b: imtm.components.PatchSlimming(
-            imtm.components.PatchScorer(D),
-            imtm.components.GumbelSelector(),
-            imtm.components.TokenAggregation(D, 2),
-            imtm.components.SparsePatchWordAlignment(),
-        ),
-        "max_block_elements",
-        0,
-    ),
-    "PatchToLexiconHead": (lambda b: imtm.components.PatchToLexiconHead(D, 4, 10), "vocab_size", 0),
-    "PrecomputedEncoder": (lambda b: imtm.components.PrecomputedEncoder(6, D), "dropout", -0.5),
-    "RatioLoss": (lambda b: imtm.components.RatioLoss(), "rho", 0.0),
-    "RedundantFusion": (lambda b: imtm.components.RedundantFusion(), None, None),
-    "Reuse": (
-        lambda b: imtm.components.Reuse("text", requires=("a",), provides=("b",)),
-        "block",
-        3,
-    ),
-    "ScoreFusion": (lambda b: imtm.components.ScoreFusion(), "weights", {"scores": {"nope": 1.0}}),
-    "SelfAttentionContext": (
-        lambda b: imtm.components.SelfAttentionContext(D, heads=2),
-        "heads",
-        3,
-    ),
-    "SoftAssignmentCoding": (lambda b: imtm.components.SoftAssignmentCoding(), "tau", -1.0),
-    "SoftmaxPooling": (lambda b: imtm.components.SoftmaxPooling(), "temperature", math.inf),
-    "SparseCorrelation": (lambda b: imtm.components.SparseCorrelation(), "temperature", 0.0),
-    "SparsePatchWordAlignment": (
-        lambda b: imtm.components.SparsePatchWordAlignment(),
-        "max_block_elements",
-        0,
-    ),
-    "SpatialConstraintLoss": (lambda b: imtm.components.SpatialConstraintLoss(), "weight", -1.0),
-    "SumPooling": (lambda b: imtm.components.SumPooling(), "dim", None),
-    "TextualPhraseEncoder": (lambda b: imtm.components.TextualPhraseEncoder(D), "windows", ()),
-    "TimmVisionEncoder": (lambda b: vit(), "mask_ratio", 1.0),
-    "TokenAggregation": (lambda b: imtm.components.TokenAggregation(D, 2), "hidden_ratio", 0.0),
-    "DPCKNNAggregation": (lambda b: imtm.components.DPCKNNAggregation(2), "k", 0),
-    "ScanAttention": (lambda b: imtm.components.ScanAttention(), "smooth", 0.0),
-    "WordSelection": (lambda b: imtm.components.WordSelection(D), "ratio", 1.5),
-    "WordAggregation": (lambda b: imtm.components.WordAggregation(D, 2), "hidden_ratio", 0.0),
-    "TopKAggregation": (lambda b: imtm.components.TopKAggregation(), "k", 0),
-    "TripletLoss": (lambda b: TripletLoss(miner=DistanceWeightedMiner(dim=D)), "margin", -0.1),
-    "VisualPhraseEncoder": (
-        lambda b: imtm.components.VisualPhraseEncoder(D, heads=2),
-        "ffn_dim",
-        0,
-    ),
-    "WordMasking": (lambda b: imtm.components.WordMasking(), "prob", 1.5),
-    "WordToLexiconHead": (
-        lambda b: imtm.components.WordToLexiconHead(D, 4, 10, heads=2),
-        "dropout",
-        1.0,
-    ),
-}
-
 
 #: Base classes, not blocks (registered or not depending on the base's ``abstract`` flag).
 BASES = ("Component", "Loss", "LinkedComponent", "TiedEmbedding")
@@ -168,6 +40,22 @@ def imtm_blocks():
         and name not in BASES
         and not name.startswith("_")
     )
+
+
+def example_block(name: str) -> Component:
+    """The first example the block's class declares next to it (imtm.contract.examples)."""
+    cls = COMPONENT_REGISTRY[name]
+    return examples(cls)[0].build(cls)
+
+
+def bad_value(name: str, block: Component):
+    """A constrained argument of the block and a value its declared constraints refuse (None: none)."""
+    params = block.get_params(deep=False)
+    for param, accepted in parameter_constraints(type(block)).items():
+        refused = refused_values(accepted) if param in params else []
+        if refused:
+            return param, refused[-1]
+    return None, None
 
 
 def same(a, b) -> bool:
@@ -188,13 +76,14 @@ def params_equal(p, q) -> bool:
 
 
 def test_every_block_has_a_case():
-    assert sorted(CASES) == imtm_blocks()
+    """Every block declares examples next to its class; no table here lists blocks."""
+    for name in imtm_blocks():
+        assert examples(COMPONENT_REGISTRY[name]), name
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_clone_keeps_params_and_validate_refuses_bad_values(name, bert_dir):
-    build, param, bad = CASES[name]
-    block = build(bert_dir)
+@pytest.mark.parametrize("name", imtm_blocks())
+def test_clone_keeps_params_and_validate_refuses_bad_values(name):
+    block = example_block(name)
     assert type(block).__name__ == name
     params = block.get_params(deep=False)
     copy = clone(block)
@@ -206,7 +95,9 @@ def test_clone_keeps_params_and_validate_refuses_bad_values(name, bert_dir):
         if isinstance(v, Component)
     )
     assert copy.validate() is copy
+    param, bad = bad_value(name, block)
     if param is None:
+        assert not set(params) - {"requires", "provides"}, f"{name} has arguments but no constraint"
         return
     copy.set_params(**{param: bad})
     with pytest.raises((ValueError, TypeError), match=name):
@@ -233,14 +124,10 @@ def test_clone_keeps_params_and_validate_refuses_bad_values(name, bert_dir):
 )
 def test_init_of_blocks_without_parameters_only_stores(name):
     # Blocks that build nothing from their arguments accept any value at construction; validate() refuses it.
-    build, param, bad = CASES[name]
-    if name == "InfoNCELoss":
-        block = InfoNCELoss(temperature=-1.0)
-    else:
-        block = type(build(None))(**{**build(None).get_params(deep=False), param: bad})
-    assert (
-        block.get_params(deep=False)[param if name != "InfoNCELoss" else "temperature"] is not None
-    )
+    block = example_block(name)
+    param, bad = bad_value(name, block)
+    block = type(block)(**{**block.get_params(deep=False), param: bad})
+    assert block.get_params(deep=False)[param] is bad
     with pytest.raises((ValueError, TypeError), match=name):
         block.validate()
 

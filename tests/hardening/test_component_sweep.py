@@ -1,16 +1,17 @@
 """Property sweep over every registered block: random shapes, masks, dtypes and devices.
 
-Each block of :data:`imtm.component.COMPONENT_REGISTRY` has an entry in ``CASES``: a
-small factory, the values it reads (``imtm.testing.component_inputs`` and, for names
-outside the shared vocabulary, ``extra`` strategies), the errors its docstring
-documents for valid-looking input, and whether it promises padding invariance.
+Each block of :data:`imtm.component.COMPONENT_REGISTRY` is swept through the examples its
+class declares (``_examples``, read by :func:`imtm.contract.examples`): small constructor
+arguments and what its inputs need (``imtm.testing.component_inputs`` with the example's
+``paired``, ``inputs`` and ``vocab_size``), the errors its docstring documents for
+valid-looking input, and whether it promises padding invariance. No table here names a block.
 For every drawn example (batch sizes, widths, ``padding`` among random,
 all-but-one and none, a [CLS] prefix token or none, feature scales from 1e-4 to
 1e4, float32 / float64 / bfloat16, every available device, training or eval
 mode) the call either passes ``imtm.testing.check_outputs`` (one output per
 ``provides`` name, documented shapes, finite values), returns its inputs' dtype,
 and in training back-propagates finite gradients, or raises exactly the
-documented error. A block registered without an entry fails
+documented error. A registered block without examples fails
 ``test_every_registered_block_has_a_case``.
 
 More examples: ``HYPOTHESIS_PROFILE=thorough python -m pytest tests/hardening``.
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -32,61 +31,18 @@ from torch import nn
 from imtm import Tokens
 from imtm.component import COMPONENT_REGISTRY, Component
 from imtm.components import (
-    CrossModalEncoder,
-    DimensionAlignmentLoss,
-    DistanceWeightedMiner,
-    DPCKNNAggregation,
     ExpansiveLexiconLoss,
-    GlobalCosine,
-    GRUTextEncoder,
     GumbelSelector,
-    HardAssignmentCoding,
-    HFTextEncoder,
-    ImageTextMatchingHead,
-    ImageTextMatchingLoss,
-    InfoNCELoss,
-    InterModalPhraseAttention,
-    LexiconDistillationLoss,
-    LocalMatching,
-    LSEPooling,
-    MaskedImageView,
-    MaskedLanguageModelingLoss,
-    MatchingReranker,
-    MaxPooling,
-    MeanEmbedding,
-    MeanPooling,
     PatchScorer,
     PatchSlimming,
     PatchToLexiconHead,
-    PrecomputedEncoder,
-    RatioLoss,
     RedundantFusion,
-    Reuse,
-    ScanAttention,
-    ScoreFusion,
-    SelfAttentionContext,
-    SoftAssignmentCoding,
-    SoftmaxPooling,
-    SparseCorrelation,
     SparsePatchWordAlignment,
-    SpatialConstraintLoss,
-    SumPooling,
-    TextualPhraseEncoder,
-    TimmVisionEncoder,
     TokenAggregation,
-    TopKAggregation,
-    TripletLoss,
-    VisualPhraseEncoder,
-    WordAggregation,
-    WordMasking,
-    WordSelection,
-    WordToLexiconHead,
 )
-from imtm.components.encoders.hf_text import write_local_bert
-from imtm.data import Vocabulary
+from imtm.contract import EXAMPLE_DIM, EXAMPLE_VOCAB_SIZE, Example, examples
 from imtm.testing import (
     PADDINGS,
-    captions,
     check_component,
     check_outputs,
     component_inputs,
@@ -95,390 +51,11 @@ from imtm.testing import (
 )
 from imtm.testing.conformance import _leaves, _map_tensors
 
-D, V = 8, 16  # feature size and vocabulary of the drawn values
-IMG = 16  # pixel side of drawn images: 2 x 2 patches of 8 pixels
-WORDS = ["a", "red", "blue", "circle", "square", "left", "of", "the", "green", "triangle"]
-VOCAB = Vocabulary.build([" ".join(WORDS)])
+D, V = EXAMPLE_DIM, EXAMPLE_VOCAB_SIZE  # feature size and vocabulary of the drawn values
 # A tenth of the profile's examples per block: 10 by default, 100 with HYPOTHESIS_PROFILE=thorough.
 EXAMPLES = max(1, settings.default.max_examples // 10)
 SWEEP = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SEEDS = st.integers(0, 2**32 - 1)
 SCALES = st.sampled_from([1e-4, 1.0, 1e4])  # feature scales, numerical extremes included
-
-_CACHE: dict[str, Component] = {}
-
-
-def once(key: str, make: Callable[[], Component]) -> Component:
-    """Heavy blocks (timm, transformers) are built once per module and copied per example."""
-    if key not in _CACHE:
-        torch.manual_seed(0)
-        _CACHE[key] = make()
-    return _CACHE[key]
-
-
-def vit(**kw):
-    return TimmVisionEncoder(
-        "vit_tiny_patch16_224",
-        img_size=IMG,
-        out_dim=D,
-        model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8},
-        **kw,
-    )
-
-
-_FOLDERS: dict[str, object] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_bert(tmp_path_factory):
-    """A tiny random BERT folder for this module's text encoders; the built blocks are dropped after it."""
-    _FOLDERS["bert"] = write_local_bert(
-        tmp_path_factory.mktemp("bert"), WORDS, hidden_size=16, num_layers=1, num_heads=2
-    )
-    yield
-    _CACHE.clear()
-    _FOLDERS.clear()
-
-
-def bert() -> HFTextEncoder:
-    return HFTextEncoder(_FOLDERS["bert"], out_dim=D)
-
-
-def cross():
-    return CrossModalEncoder(D, layers=1, heads=2)
-
-
-def random_tensor(shape, s, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(s.device, s.dtype)
-
-
-def raw_pixels(shape, s, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(s.device)
-
-
-def pixels(s):
-    """Normalised float pixels in the drawn dtype, or raw uint8 pixels (the encoder scales them)."""
-    make = st.sampled_from([random_tensor, raw_pixels])
-    return st.tuples(make, SEEDS).map(lambda ms: ms[0]((s.bi, 3, IMG, IMG), s, ms[1]))
-
-
-def strings(s):
-    return captions(WORDS, batch=s.bt, max_words=4)
-
-
-POOLING_EXTRA = {
-    # token_scores: one score per word of every pair; token_mask: the caption's words, broadcast over images.
-    "token_scores": lambda s: SEEDS.map(lambda seed: random_tensor((s.bi, s.bt, s.m), s, seed)),
-    "token_mask": lambda s: st.just(s.text_mask[None]),
-}
-
-
-def small_batch(values):
-    """The DIAS blocks standardise over the other pairs of the batch: their Shape says ``B >= 2``.
-
-    With ``pairs="words"`` the pairs are the real words of the batch, each with its best region.
-    """
-    texts = values.get("text_tokens")
-    b = int(texts.mask.sum()) if texts is not None else len(values["image_embedding"])
-    return (ValueError, "at least 2") if b < 2 else None
-
-
-def no_patch(values):
-    """The LAPS blocks select among patches: image tokens holding prefix tokens only leave none."""
-    images = values["image_tokens"]
-    return (
-        (ValueError, "no patch is left to select")
-        if images.num_tokens <= images.num_prefix_tokens
-        else None
-    )
-
-
-def at_least_float32(dtype):
-    """The ELA lexicon losses return float32 for bfloat16 logits, as lexicon_kl_loss documents."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-@dataclass
-class Case:
-    """How to sweep one block."""
-
-    build: Callable[[], Component] | tuple[Callable[[], Component], ...]  # one factory, or variants
-    paired: bool = False  # row b of the images goes with caption b (a training batch)
-    extra: dict = field(default_factory=dict)
-    # The error the docstring documents for these values, as (type, message regex), or None.
-    error: Callable[[dict], tuple[type, str] | None] = lambda values: None
-    padding: bool = False  # promises that padded positions never change the output
-    # Why a NaN in a real token of its Tokens inputs may leave every output finite (None: it may not).
-    nan_unused: str | None = None
-    # The dtype of its floating outputs given inputs of a dtype, where it is not that dtype.
-    out_dtype: Callable[[torch.dtype], torch.dtype] = lambda dtype: dtype
-    vocab_size: int = V
-
-
-def variants(*factories):
-    """Several configurations of one block: each example draws one."""
-    return factories
-
-
-def laps(**kw):
-    agg = kw.pop("aggregation", "learned")
-    agg = TokenAggregation(D, 2) if agg == "learned" else agg
-    return PatchSlimming(
-        PatchScorer(D),
-        GumbelSelector(0.5),
-        agg,
-        kw.pop("alignment", SparsePatchWordAlignment()),
-        **kw,
-    )
-
-
-CASES: dict[str, Case] = {
-    # ---------------------------------------------------------------- encoders
-    "PrecomputedEncoder": Case(
-        variants(
-            lambda: PrecomputedEncoder(in_dim=D, out_dim=6),
-            lambda: PrecomputedEncoder(
-                in_dim=D,
-                out_dim=6,
-                num_layers=2,
-                hidden_dim=5,
-                residual=True,
-                activation="gelu",
-                normalize=True,
-                dropout=0.1,
-            ),
-        ),
-        padding=True,
-    ),
-    "GRUTextEncoder": Case(
-        variants(
-            lambda: GRUTextEncoder(VOCAB, out_dim=6, word_dim=5),
-            lambda: GRUTextEncoder(
-                VOCAB,
-                out_dim=6,
-                word_dim=5,
-                num_layers=2,
-                bidirectional=False,
-                dropout=0.2,
-                normalize=True,
-            ),
-        ),
-        vocab_size=len(VOCAB),
-        padding=True,
-    ),
-    "HFTextEncoder": Case(lambda: once("bert", bert), extra={"texts": strings}),
-    "TimmVisionEncoder": Case(
-        variants(
-            lambda: once("vit", lambda: vit(mask_ratio=0.5)),
-            lambda: once("vit-patches", lambda: vit(keep_cls=False)),
-        ),
-        extra={"images": pixels},
-    ),
-    "MaskedImageView": Case(
-        lambda: MaskedImageView(once("vit2", lambda: vit(mask_ratio=0.5, mask_in_forward=False))),
-        extra={"images": pixels},
-    ),
-    # ---------------------------------------------------------------- refiners and embeddings
-    "SelfAttentionContext": Case(lambda: SelfAttentionContext(D, heads=2), padding=True),
-    "VisualPhraseEncoder": Case(lambda: VisualPhraseEncoder(D, heads=2), padding=True),
-    "TextualPhraseEncoder": Case(
-        variants(
-            lambda: TextualPhraseEncoder(D),
-            lambda: TextualPhraseEncoder(D, windows=(2, 5), channels=3),
-        ),
-        padding=True,
-    ),
-    "WordSelection": Case(
-        variants(
-            lambda: WordSelection(D, ratio=0.6), lambda: WordSelection(D, ratio=1.0, beta=0.0)
-        ),
-        padding=True,
-    ),
-    "WordAggregation": Case(
-        variants(lambda: WordAggregation(D, num_out=2), lambda: WordAggregation(D, num_out=5)),
-        padding=True,
-    ),
-    "MeanEmbedding": Case(
-        variants(lambda: MeanEmbedding(side="text"), lambda: MeanEmbedding(skip_prefix=True)),
-        padding=True,
-    ),
-    # ---------------------------------------------------------------- scorers
-    "GlobalCosine": Case(GlobalCosine, padding=True),
-    "HardAssignmentCoding": Case(
-        variants(
-            lambda: HardAssignmentCoding(pooling="lse", max_block_elements=40),
-            lambda: HardAssignmentCoding(codebook="textual", pooling="max"),
-            lambda: HardAssignmentCoding(pooling="mean"),
-            lambda: HardAssignmentCoding(codebook="textual", pooling="sum"),
-            lambda: HardAssignmentCoding(pooling="softmax", temperature=0.01),
-        ),
-        padding=True,
-    ),
-    "SoftAssignmentCoding": Case(
-        variants(
-            lambda: SoftAssignmentCoding(codebook="textual", pooling="softmax"),
-            lambda: SoftAssignmentCoding(tau=0.01, pooling="lse", max_block_elements=40),
-            lambda: SoftAssignmentCoding(pooling="max"),
-        ),
-        padding=True,
-    ),
-    "LocalMatching": Case(
-        variants(
-            lambda: LocalMatching(max_block_elements=40),
-            lambda: LocalMatching(weighting="softmax", tau=0.05),
-        ),
-        padding=True,
-    ),
-    "SparsePatchWordAlignment": Case(
-        variants(
-            lambda: SparsePatchWordAlignment(max_block_elements=30),
-            lambda: SparsePatchWordAlignment(direction="patch_to_word"),
-            lambda: SparsePatchWordAlignment(direction="word_to_patch"),
-        ),
-        padding=True,
-    ),
-    "TopKAggregation": Case(
-        variants(
-            lambda: TopKAggregation(k=2),
-            lambda: TopKAggregation(k=None),
-            lambda: TopKAggregation(k=None, average="cosines"),
-        ),
-        padding=True,
-    ),
-    "InterModalPhraseAttention": Case(
-        variants(
-            lambda: InterModalPhraseAttention("t2i", dim=D, heads=2, k=2),
-            lambda: InterModalPhraseAttention("i2t", dim=D, heads=2, k=None, max_block_elements=50),
-            lambda: InterModalPhraseAttention("i2t", dim=D, heads=2, k=3, feed_forward=False),
-            lambda: InterModalPhraseAttention(
-                "t2i", dim=D, heads=2, k=None, average="cosines", ffn_dim=5
-            ),
-        ),
-        padding=True,
-    ),
-    "ScanAttention": Case(
-        variants(ScanAttention, lambda: ScanAttention(smooth=4.0, max_block_elements=30)),
-        padding=True,
-    ),
-    "ScoreFusion": Case(ScoreFusion),
-    "PatchScorer": Case(lambda: PatchScorer(D), padding=True, error=no_patch),
-    "GumbelSelector": Case(
-        lambda: GumbelSelector(0.5),
-        error=no_patch,
-        nan_unused="reads the image tokens' mask and prefix count, not their features",
-    ),
-    "TokenAggregation": Case(lambda: TokenAggregation(D, 2), error=no_patch),
-    "RedundantFusion": Case(RedundantFusion, error=no_patch),
-    "PatchSlimming": Case(
-        variants(
-            laps,
-            lambda: laps(fusion=False, max_block_elements=60),
-            lambda: laps(alignment=HardAssignmentCoding(pooling="mean")),
-            lambda: laps(aggregation=None),
-            lambda: laps(aggregation=DPCKNNAggregation(2, k=2)),
-            lambda: laps(alignment=ScanAttention()),
-        ),
-        error=no_patch,
-    ),
-    "DPCKNNAggregation": Case(
-        variants(lambda: DPCKNNAggregation(2), lambda: DPCKNNAggregation(3, k=1)), error=no_patch
-    ),
-    "MatchingReranker": Case(
-        lambda: MatchingReranker(head=ImageTextMatchingHead(D, encoder=cross()), k=2), padding=True
-    ),
-    "MaxPooling": Case(MaxPooling, extra=POOLING_EXTRA),
-    "MeanPooling": Case(MeanPooling, extra=POOLING_EXTRA),
-    "SumPooling": Case(SumPooling, extra=POOLING_EXTRA),
-    "SoftmaxPooling": Case(lambda: SoftmaxPooling(temperature=0.1), extra=POOLING_EXTRA),
-    "LSEPooling": Case(lambda: LSEPooling(temperature=0.01), extra=POOLING_EXTRA),
-    # ---------------------------------------------------------------- heads
-    "CrossModalEncoder": Case(cross, paired=True, padding=True),
-    "ImageTextMatchingHead": Case(
-        lambda: ImageTextMatchingHead(D, encoder=cross()), paired=True, padding=True
-    ),
-    "PatchToLexiconHead": Case(
-        lambda: PatchToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4)),
-        nan_unused="computes the masked patches only, never the others",
-    ),
-    "WordToLexiconHead": Case(
-        variants(
-            lambda: WordToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4), layers=1, heads=2),
-            lambda: WordToLexiconHead(D, 4, V, embedding=nn.Embedding(V, 4), layers=0),
-        )
-    ),
-    "WordMasking": Case(
-        lambda: WordMasking(tokenizer=once("bert", bert), prob=0.5), extra={"texts": strings}
-    ),
-    "Reuse": Case(
-        lambda: Reuse(
-            GlobalCosine(), requires=("image_tokens", "text_tokens"), provides=("scores",)
-        ),
-        padding=True,
-    ),
-    "DistanceWeightedMiner": Case(lambda: DistanceWeightedMiner(dim=D, random_state=0)),
-    "SparseCorrelation": Case(
-        variants(
-            SparseCorrelation,
-            lambda: SparseCorrelation(
-                kind="intra", distance="euclidean", learnable=False, beta=0.5
-            ),
-        ),
-        paired=True,
-        error=small_batch,
-    ),
-    # ---------------------------------------------------------------- losses
-    "TripletLoss": Case(
-        variants(
-            TripletLoss,
-            lambda: TripletLoss(hardest=False, reduction="mean"),
-            lambda: TripletLoss(miner=DistanceWeightedMiner(dim=D, random_state=0)),
-            lambda: TripletLoss(requires=("scores_i2t", "scores_t2i", "positives")),
-        )
-    ),
-    "InfoNCELoss": Case(
-        variants(InfoNCELoss, lambda: InfoNCELoss(temperature=0.1, learnable=True))
-    ),
-    "RatioLoss": Case(
-        RatioLoss, nan_unused="reads the image tokens' mask and prefix count, not their features"
-    ),
-    "DimensionAlignmentLoss": Case(
-        variants(
-            DimensionAlignmentLoss, lambda: DimensionAlignmentLoss(reduction="mean", pairs="words")
-        ),
-        paired=True,
-        error=small_batch,
-    ),
-    "SpatialConstraintLoss": Case(
-        variants(
-            SpatialConstraintLoss,
-            lambda: SpatialConstraintLoss(kind="intra", sparse=False, distance="euclidean"),
-            lambda: SpatialConstraintLoss(learn_beta=False, beta=1.0, reduction="mean"),
-        ),
-        paired=True,
-        error=small_batch,
-    ),
-    "ExpansiveLexiconLoss": Case(
-        variants(
-            ExpansiveLexiconLoss,
-            lambda: ExpansiveLexiconLoss(
-                label_weights="one_minus_cost", method="sinkhorn", direction="target_first"
-            ),
-            lambda: ExpansiveLexiconLoss(method="emd", top_k=1),
-        ),
-        paired=True,
-        out_dtype=at_least_float32,
-    ),
-    "LexiconDistillationLoss": Case(
-        variants(
-            LexiconDistillationLoss, lambda: LexiconDistillationLoss(direction="target_first")
-        ),
-        out_dtype=at_least_float32,
-    ),
-    "MaskedLanguageModelingLoss": Case(MaskedLanguageModelingLoss),
-    "ImageTextMatchingLoss": Case(ImageTextMatchingLoss),
-}
 
 
 def is_sweepable(name: str, cls: type) -> bool:
@@ -499,16 +76,50 @@ def is_sweepable(name: str, cls: type) -> bool:
     )
 
 
+#: Every block of imtm, by name; what to sweep comes from each class's examples (imtm.contract).
+BLOCKS = sorted(name for name, cls in COMPONENT_REGISTRY.items() if is_sweepable(name, cls))
+
+_CACHE: dict[tuple[str, int], Component] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def drop_built_blocks():
+    """The example blocks are built once per module (seeded) and copied per drawn example."""
+    yield
+    _CACHE.clear()
+
+
+def examples_of(name: str, *, padding: bool = False) -> list[tuple[int, Example]]:
+    """The block's declared examples with their index (only those promising padding invariance)."""
+    found = list(enumerate(examples(COMPONENT_REGISTRY[name])))
+    return [(i, e) for i, e in found if e.padding or not padding]
+
+
+def built(name: str, index: int) -> Component:
+    """A fresh copy of example ``index`` of block ``name`` (built once, with seed 0)."""
+    key = (name, index)
+    if key not in _CACHE:
+        torch.manual_seed(0)
+        cls = COMPONENT_REGISTRY[name]
+        _CACHE[key] = examples(cls)[index].build(cls)
+    return copy.deepcopy(_CACHE[key])
+
+
+def draw_example(data, name: str, *, padding: bool = False) -> tuple[Component, Example]:
+    index, example = data.draw(st.sampled_from(examples_of(name, padding=padding)), label="example")
+    return built(name, index), example
+
+
 def test_every_registered_block_has_a_case():
-    registered = {name for name, cls in COMPONENT_REGISTRY.items() if is_sweepable(name, cls)}
-    missing = sorted(registered - set(CASES))
-    assert not missing, f"blocks without an entry in CASES (add a factory for each): {missing}"
-    stale = sorted(set(CASES) - registered)
-    assert not stale, f"CASES names blocks that are not registered: {stale}"
-
-
-def factories(case: Case) -> tuple:
-    return case.build if isinstance(case.build, tuple) else (case.build,)
+    """Every block declares examples next to its class (``_examples``), and they build."""
+    missing = []
+    for name in BLOCKS:
+        try:
+            examples(COMPONENT_REGISTRY[name])
+        except TypeError as err:
+            missing.append(f"{name}: {err}")
+    assert not missing, "\n".join(missing)
+    assert len(BLOCKS) >= 49, BLOCKS
 
 
 def move(block: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -524,18 +135,16 @@ def call(block: Component, values: dict):
     return block(*[values[n] for n in block.requires])
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", BLOCKS)
 @SWEEP
 @given(data=st.data())
 def test_block_returns_the_documented_outputs_or_the_documented_error(name, data):
-    case = CASES[name]
     padding = data.draw(st.sampled_from(PADDINGS), label="padding")
     dtype = data.draw(dtypes(), label="dtype")
     device = data.draw(devices(), label="device")
     training = data.draw(st.booleans(), label="training")
-    block = copy.deepcopy(data.draw(st.sampled_from(factories(case)), label="factory")()).train(
-        training
-    )
+    block, case = draw_example(data, name)
+    block.train(training)
     move(block, device, dtype)
     values = data.draw(
         component_inputs(
@@ -546,15 +155,15 @@ def test_block_returns_the_documented_outputs_or_the_documented_error(name, data
             dtype=dtype,
             padding=padding,
             device=device,
-            vocab_size=case.vocab_size,
+            vocab_size=case.vocab_size or V,
             paired=case.paired,
             scale=SCALES,
             num_prefix_tokens=st.integers(0, 1),
-            extra=case.extra,
+            extra=case.inputs,
         ),
         label="values",
     )
-    expected = case.error(values)
+    expected = case.expected_error(values)
     if expected is not None:
         kind, match = expected
         with pytest.raises(kind, match=match):
@@ -571,7 +180,7 @@ def test_block_returns_the_documented_outputs_or_the_documented_error(name, data
         torch.manual_seed(0)
         out = call(block, values)
     check_outputs(block, values, out)
-    want = case.out_dtype(dtype)
+    want = case.out_dtype(dtype) if case.out_dtype else dtype
     for provided, value in zip(block.provides, out if len(block.provides) > 1 else (out,)):
         for path, t in _leaves(value, provided):
             assert not t.is_floating_point() or t.dtype == want, (
@@ -619,15 +228,14 @@ PADDING_ONLY = (
 )
 
 
-@pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.padding))
+@pytest.mark.parametrize("name", [n for n in BLOCKS if examples_of(n, padding=True)])
 @settings(
     max_examples=max(1, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 @given(data=st.data())
 def test_padding_never_changes_the_output(name, data):
     """Appending padded positions full of large garbage to any Tokens input leaves every output as it was."""
-    case = CASES[name]
-    block = copy.deepcopy(data.draw(st.sampled_from(factories(case)), label="factory")())
+    block, case = draw_example(data, name, padding=True)
     move(block, torch.device("cpu"), torch.float64)
     padding = data.draw(st.sampled_from(PADDINGS), label="padding")
     values = data.draw(
@@ -638,14 +246,14 @@ def test_padding_never_changes_the_output(name, data):
             dim=D,
             dtype=torch.float64,
             padding=padding,
-            vocab_size=case.vocab_size,
+            vocab_size=case.vocab_size or V,
             paired=case.paired,
             num_prefix_tokens=st.integers(0, 1),
-            extra=case.extra,
+            extra=case.inputs,
         ),
         label="values",
     )
-    assume(case.error(values) is None)
+    assume(case.expected_error(values) is None)
     report = check_component(block, values, skip=PADDING_ONLY, rtol=1e-7, atol=1e-9)
     assert "padding" in report.passed, report
 
@@ -670,10 +278,13 @@ FEATURE_TOKENS = {
 
 def reads_feature_tokens(name: str) -> bool:
     """The block's class reads Tokens of features that component_inputs draws (not an extra strategy)."""
-    return bool((set(COMPONENT_REGISTRY[name].requires) & FEATURE_TOKENS) - set(CASES[name].extra))
+    drawn = set(COMPONENT_REGISTRY[name].requires) - set(
+        examples(COMPONENT_REGISTRY[name])[0].inputs
+    )
+    return bool(drawn & FEATURE_TOKENS)
 
 
-@pytest.mark.parametrize("name", sorted(n for n in CASES if reads_feature_tokens(n)))
+@pytest.mark.parametrize("name", [n for n in BLOCKS if reads_feature_tokens(n)])
 @settings(
     max_examples=max(1, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -681,8 +292,8 @@ def reads_feature_tokens(name: str) -> bool:
 def test_a_nan_in_a_real_token_is_refused_or_shows(name, data):
     """NaN in one real token of a Tokens input: a ValueError naming NaN, or a NaN in the outputs; never a
     finite result that silently dropped it."""
-    case = CASES[name]
-    block = copy.deepcopy(data.draw(st.sampled_from(factories(case)), label="factory")()).eval()
+    block, case = draw_example(data, name)
+    block.eval()
     move(block, torch.device("cpu"), torch.float64)
     values = data.draw(
         component_inputs(
@@ -691,14 +302,14 @@ def test_a_nan_in_a_real_token_is_refused_or_shows(name, data):
             max_tokens=4,
             dim=D,
             dtype=torch.float64,
-            vocab_size=case.vocab_size,
+            vocab_size=case.vocab_size or V,
             paired=case.paired,
-            extra=case.extra,
+            extra=case.inputs,
         ),
         label="values",
     )
     keys = float_tokens(values)
-    assume(keys and case.error(values) is None)
+    assume(keys and case.expected_error(values) is None)
     key = data.draw(st.sampled_from(keys), label="input")
     tokens = values[key]
     real = tokens.mask.nonzero().tolist()
@@ -864,9 +475,11 @@ def test_expansive_lexicon_loss_dtype_does_not_depend_on_the_masked_patches():
 
 
 # ---------------------------------------------------------------------- declared parameter constraints
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", BLOCKS)
 def test_declared_constraints_refuse_what_they_exclude_and_keep_the_factory_values(name):
-    """Read from each block's ``_parameter_constraints`` (imtm.contract): no per-block table here."""
+    """Read from each block's ``_parameter_constraints`` (imtm.contract): no per-block table here.
+
+    Every constructor argument has an entry (a block without arguments declares none)."""
     from sklearn.base import clone
 
     from imtm.contract import (
@@ -877,9 +490,13 @@ def test_declared_constraints_refuse_what_they_exclude_and_keep_the_factory_valu
     )
 
     constraints = parameter_constraints(COMPONENT_REGISTRY[name])
-    if not constraints:
-        pytest.skip(f"{name} declares no parameter constraints")
-    block = factories(CASES[name])[0]()
+    block = built(name, 0)
+    arguments = set(block.get_params(deep=False)) - {"requires", "provides"}
+    unconstrained = sorted(arguments - set(constraints))
+    assert not unconstrained, f"{name}: no _parameter_constraints entry for {unconstrained}"
+    if not arguments:
+        assert not constraints, f"{name} constrains {sorted(constraints)} but takes no argument"
+        return
     check_params(block)  # the factory's values are valid
     params = block.get_params(deep=False)
     tried = 0

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from imtm._assets import ASSETS, AssetPath
-from imtm.component import Component, is_restoring_saved_weights, suggest
+from imtm.component import Component, is_restoring_saved_weights
 from imtm.components.encoders.timm_vision import WeightsUnavailableError
+from imtm.contract import EXAMPLE_DIM, POSITIVE_INT, Example, Interval, Options, Satisfies
 from imtm.tokens import Tokens
 from imtm.weights import packaged_text_path
 
@@ -683,6 +684,31 @@ class HFTextEncoder(Component):
 
     requires = ("texts",)
     provides = ("text_tokens",)
+    # max_length is also checked against the loaded model's position limit at construction.
+    _parameter_constraints = {
+        "model_name_or_path": [
+            Satisfies(
+                lambda source: isinstance(source, (str, os.PathLike)),
+                "a hub name or a folder (a str or an os.PathLike)",
+            )
+        ],
+        "out_dim": [POSITIVE_INT, None],
+        "freeze": ["boolean"],
+        "max_length": [Interval(Integral, 2, None, closed="left")],
+        "special_tokens": [Options(SPECIAL_TOKENS)],
+        "chunk_tokens": [POSITIVE_INT, None],
+    }
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        # The packaged random BERT (imtm.weights): no download, no optional package.
+        return (
+            Example(
+                {"model_name_or_path": "synthetic-bert", "out_dim": EXAMPLE_DIM},
+                inputs={"texts": "captions"},
+            ),
+        )
 
     def __init__(
         self,
@@ -865,44 +891,6 @@ class HFTextEncoder(Component):
             if isinstance(data, dict) and isinstance(data.get("name_or_path"), str):
                 data["name_or_path"] = ""
                 path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-
-    def validate(self) -> HFTextEncoder:
-        """Check the source, ``out_dim``, ``max_length``, ``chunk_tokens``, ``special_tokens``, ``freeze``.
-
-        ``max_length`` is also checked against the loaded model's position limit at construction.
-        """
-        name = type(self).__name__
-        if not isinstance(self.model_name_or_path, (str, os.PathLike)):
-            raise TypeError(
-                f"{name}: model_name_or_path must be a hub name or a folder, "
-                f"got {type(self.model_name_or_path).__name__}"
-            )
-        special_tokens = self.special_tokens
-        if not isinstance(special_tokens, str) or special_tokens not in SPECIAL_TOKENS:
-            raise ValueError(
-                f"{name}: special_tokens must be one of {sorted(SPECIAL_TOKENS)}, got {special_tokens!r}."
-                + suggest(special_tokens, SPECIAL_TOKENS)
-            )
-        out_dim, max_length, chunk_tokens = self.out_dim, self.max_length, self.chunk_tokens
-        if out_dim is not None and (
-            isinstance(out_dim, bool) or not isinstance(out_dim, Integral) or out_dim < 1
-        ):
-            raise ValueError(f"{name}: out_dim must be a positive integer or None, got {out_dim!r}")
-        if isinstance(max_length, bool) or not isinstance(max_length, Integral) or max_length < 2:
-            raise ValueError(
-                f"{name}: max_length must be an integer >= 2 ([CLS] and [SEP]), got {max_length!r}"
-            )
-        if chunk_tokens is not None and (
-            isinstance(chunk_tokens, bool)
-            or not isinstance(chunk_tokens, Integral)
-            or chunk_tokens < 1
-        ):
-            raise ValueError(
-                f"{name}: chunk_tokens must be a positive integer or None, got {chunk_tokens!r}"
-            )
-        if not isinstance(self.freeze, bool):
-            raise TypeError(f"{name}: freeze must be True or False, got {self.freeze!r}")
-        return self
 
     @property
     def word_embeddings(self) -> nn.Embedding:

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from numbers import Integral, Real
+from numbers import Real
 
 import torch
 from torch import nn
 
-from imtm.component import Component, suggest
+from imtm.component import Component
+from imtm.contract import EXAMPLE_DIM, POSITIVE_INT, Example, Interval, Options
 from imtm.tokens import Tokens, l2_normalize
 
 __all__ = ["ACTIVATIONS", "PrecomputedEncoder"]
 
 #: Non-linearities of the hidden layers, by name.
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
-
-
-def _positive_int(value, name: str, owner: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
 
 
 class PrecomputedEncoder(Component):
@@ -66,6 +62,26 @@ class PrecomputedEncoder(Component):
 
     requires = ("images",)
     provides = ("image_tokens",)
+    _parameter_constraints = {
+        "in_dim": [POSITIVE_INT],
+        "out_dim": [POSITIVE_INT],
+        "hidden_dim": [POSITIVE_INT, None],
+        "num_layers": [POSITIVE_INT],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "normalize": ["boolean"],
+        "activation": [Options(ACTIVATIONS)],
+        "residual": ["boolean"],
+    }
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        small = {"in_dim": EXAMPLE_DIM, "out_dim": 6}
+        mlp = {"num_layers": 2, "hidden_dim": 5, "residual": True, "activation": "gelu"}
+        return (
+            Example(small, padding=True),
+            Example({**small, **mlp, "normalize": True, "dropout": 0.1}, padding=True),
+        )
 
     def __init__(
         self,
@@ -109,23 +125,11 @@ class PrecomputedEncoder(Component):
         self.reset_parameters()
 
     def validate(self) -> PrecomputedEncoder:
-        """Check the sizes, ``dropout``, ``activation`` and ``residual``; return ``self``."""
-        name = type(self).__name__
-        for arg in ("in_dim", "out_dim", "num_layers"):
-            _positive_int(getattr(self, arg), arg, name)
-        if self.hidden_dim is not None:
-            _positive_int(self.hidden_dim, "hidden_dim", name)
-        dropout = self.dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
-            raise ValueError(f"{name}: dropout must be a number in [0, 1), got {dropout!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}."
-                + suggest(self.activation, ACTIVATIONS)
-            )
+        """Check the declared constraints and that ``residual`` has an MLP to bypass; return ``self``."""
         if self.residual and self.num_layers < 2:
             raise ValueError(
-                f"{name}: residual=True needs an MLP (num_layers >= 2), got num_layers={self.num_layers}"
+                f"{type(self).__name__}: residual=True needs an MLP (num_layers >= 2), got "
+                f"num_layers={self.num_layers}"
             )
         return self
 

@@ -18,6 +18,14 @@ from einops import rearrange, repeat
 from torch import nn
 
 from imtm.component import Component, is_restoring_saved_weights, state_mismatch, suggest
+from imtm.contract import (
+    EXAMPLE_DIM,
+    EXAMPLE_IMAGE_SIZE,
+    POSITIVE_INT,
+    Example,
+    Interval,
+    Satisfies,
+)
 from imtm.functional.masking import random_patch_mask
 from imtm.tokens import Tokens, check_finite
 from imtm.weights import packaged_vision
@@ -28,6 +36,7 @@ __all__ = [
     "TimmVisionEncoder",
     "WeightsUnavailableError",
     "load_state_file",
+    "tiny_vit_params",
 ]
 
 #: ``model_kwargs`` keys that the encoder sets itself (through its own arguments).
@@ -324,6 +333,32 @@ def _is_prefixed(model_name) -> bool:
     return isinstance(model_name, str) and model_name.startswith(SOURCE_PREFIXES)
 
 
+def tiny_vit_params(**more) -> dict[str, Any]:
+    """Arguments of a tiny random ViT for examples and tests: one block, 16-d, 8-pixel patches.
+
+    Built for :data:`imtm.contract.EXAMPLE_IMAGE_SIZE` pixels and :data:`imtm.contract.EXAMPLE_DIM`
+    outputs; ``more`` adds or replaces arguments.
+
+    Example:
+        >>> TimmVisionEncoder(**tiny_vit_params()).grid_size(16, 16)
+        (2, 2)
+    """
+    return {
+        "model_name": "vit_tiny_patch16_224",
+        "img_size": EXAMPLE_IMAGE_SIZE,
+        "out_dim": EXAMPLE_DIM,
+        "model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8},
+        **more,
+    }
+
+
+def _is_image_size(size) -> bool:
+    """A positive int, or a (height, width) pair of them."""
+    if isinstance(size, (tuple, list)):
+        return len(size) == 2 and all(POSITIVE_INT.is_satisfied_by(s) for s in size)
+    return POSITIVE_INT.is_satisfied_by(size)
+
+
 class TimmVisionEncoder(Component):
     r"""Pixels -> grid tokens of a timm ViT, Swin, EVA or CNN (with [CLS] as a prefix token), optionally projected.
 
@@ -427,6 +462,36 @@ class TimmVisionEncoder(Component):
 
     requires = ("images",)
     provides = ("image_tokens", "masked_patches")
+    _parameter_constraints = {
+        "model_name": [str],
+        "pretrained": ["boolean"],
+        "checkpoint_path": [str, os.PathLike, None],
+        "out_dim": [POSITIVE_INT, None],
+        "keep_cls": ["boolean"],
+        "img_size": [
+            Satisfies(_is_image_size, "a positive int or a (height, width) pair of them"),
+            None,
+        ],
+        "freeze": ["boolean"],
+        "mask_ratio": [Interval(Real, 0, 1, closed="left")],
+        "model_kwargs": [
+            Satisfies(
+                lambda kwargs: isinstance(kwargs, Mapping),
+                "a dict of timm.create_model arguments",
+                refused=[[("depth", 2)]],
+            ),
+            None,
+        ],
+        "mask_in_forward": ["boolean"],
+    }
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (
+            Example(tiny_vit_params(mask_ratio=0.5), inputs={"images": "pixels"}),
+            Example(tiny_vit_params(keep_cls=False), inputs={"images": "pixels"}),
+        )
 
     def __init__(
         self,
@@ -603,11 +668,13 @@ class TimmVisionEncoder(Component):
         return {"checkpoint_path": os.path.basename(os.fspath(self.checkpoint_path).rstrip("/\\"))}
 
     def validate(self) -> TimmVisionEncoder:
-        """Check the model name, the flags, ``out_dim``, ``mask_ratio`` and ``model_kwargs``; return ``self``."""
+        """Check the declared constraints, that timm knows ``model_name``, and the arguments'
+        relations (``pretrained`` or ``checkpoint_path``; ``model_kwargs`` leaves the encoder's own
+        arguments alone); return ``self``."""
         import timm
 
         name, model_name = type(self).__name__, self.model_name
-        if not isinstance(model_name, str) or not (
+        if not (
             timm.is_model(model_name) or _is_prefixed(model_name) or packaged_vision(model_name)
         ):
             raise ValueError(
@@ -616,31 +683,12 @@ class TimmVisionEncoder(Component):
                 "name a hub repository as 'hf-hub:org/name', or a packaged backbone "
                 "(imtm.weights.PACKAGED_VISION)." + suggest(model_name, timm.list_models())
             )
-        for arg in ("pretrained", "keep_cls", "freeze", "mask_in_forward"):
-            value = getattr(self, arg)
-            if not isinstance(value, bool):
-                raise TypeError(f"{name}: {arg} must be True or False, got {value!r}")
         if self.pretrained and self.checkpoint_path is not None:
             raise ValueError(
                 f"{name}: give pretrained=True (weights from timm / the hub) or checkpoint_path "
                 "(a local file), not both"
             )
-        out_dim, mask_ratio, model_kwargs = self.out_dim, self.mask_ratio, self.model_kwargs
-        if out_dim is not None and (
-            isinstance(out_dim, bool) or not isinstance(out_dim, Integral) or out_dim < 1
-        ):
-            raise ValueError(f"{name}: out_dim must be a positive integer or None, got {out_dim!r}")
-        if (
-            isinstance(mask_ratio, bool)
-            or not isinstance(mask_ratio, Real)
-            or not 0 <= mask_ratio < 1
-        ):
-            raise ValueError(f"{name}: mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
-        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
-            raise TypeError(
-                f"{name}: model_kwargs must be a dict of timm.create_model arguments, got {type(model_kwargs).__name__}"
-            )
-        reserved = [k for k in _RESERVED_KWARGS if k in (model_kwargs or {})]
+        reserved = [k for k in _RESERVED_KWARGS if k in (self.model_kwargs or {})]
         if reserved:
             raise ValueError(
                 f"{name}: model_kwargs may not set {reserved}; use the encoder's own arguments "

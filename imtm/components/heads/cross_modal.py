@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from imtm.component import Component, LinkedComponent
-from imtm.contract import POSITIVE, Interval
+from imtm.contract import EXAMPLE_DIM, POSITIVE, Example, Interval, block_or_name
 from imtm.functional.lexicon import sample_hard_negatives
 from imtm.tokens import Tokens
 
@@ -61,6 +61,11 @@ class CrossModalEncoder(Component):
 
     requires = ("image_tokens", "text_tokens")
     provides = ("cross_text_tokens",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({"dim": EXAMPLE_DIM, "layers": 1, "heads": 2}, paired=True, padding=True),)
 
     def __init__(
         self,
@@ -189,6 +194,12 @@ class ImageTextMatchingHead(LinkedComponent):
     _borrowed = ("encoder", "_linked")
     _target_param = "encoder"
 
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        encoder = CrossModalEncoder(EXAMPLE_DIM, layers=1, heads=2)
+        return (Example({"dim": EXAMPLE_DIM, "encoder": encoder}, paired=True, padding=True),)
+
     def __init__(
         self, dim: int, encoder="cross", temperature: float = 0.07, *, requires=None, provides=None
     ):
@@ -203,6 +214,7 @@ class ImageTextMatchingHead(LinkedComponent):
 
     _parameter_constraints = {
         "dim": [Interval(Integral, 1, None, closed="left")],
+        "encoder": [block_or_name(CrossModalEncoder, description="a CrossModalEncoder")],
         "temperature": [POSITIVE],
     }
 
@@ -211,11 +223,6 @@ class ImageTextMatchingHead(LinkedComponent):
         return super().validate()
 
     def _check_target(self, block, name=None) -> None:
-        if name is None and not isinstance(block, CrossModalEncoder):
-            raise TypeError(
-                f"{type(self).__name__}: encoder must be a block name or a CrossModalEncoder, got "
-                f"{type(block).__name__}"
-            )
         if not isinstance(block, CrossModalEncoder):
             raise TypeError(
                 f"{type(self).__name__}: block {name!r} is a {type(block).__name__}, "

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from imtm.component import Component
-from imtm.contract import Interval, Satisfies
+from imtm.contract import EXAMPLE_DIM, EXAMPLE_VOCAB_SIZE, Example, Interval, Satisfies
 from imtm.tokens import Tokens
 
 __all__ = ["LexiconLogits", "PatchToLexiconHead", "TiedEmbedding", "WordToLexiconHead"]
@@ -166,6 +166,22 @@ class PatchToLexiconHead(TiedEmbedding):
     requires = ("image_tokens", "masked_patches")
     provides = ("patch_lexicon",)
 
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        v = EXAMPLE_VOCAB_SIZE
+        return (
+            Example(
+                {
+                    "dim": EXAMPLE_DIM,
+                    "embed_dim": 4,
+                    "vocab_size": v,
+                    "embedding": nn.Embedding(v, 4),
+                },
+                nan_unused="computes the masked patches only, never the others",
+            ),
+        )
+
     def __init__(
         self,
         dim: int,
@@ -269,6 +285,16 @@ class WordToLexiconHead(TiedEmbedding):
         "heads": [Interval(Integral, 1, None, closed="left")],
         "dropout": [Interval(Real, 0, 1, closed="left")],
     }
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        v = EXAMPLE_VOCAB_SIZE
+        sizes = {"dim": EXAMPLE_DIM, "embed_dim": 4, "vocab_size": v}
+        return (
+            Example({**sizes, "embedding": nn.Embedding(v, 4), "layers": 1, "heads": 2}),
+            Example({**sizes, "embedding": nn.Embedding(v, 4), "layers": 0}),
+        )
 
     def validate(self) -> WordToLexiconHead:
         """Check the declared constraints, the embedding, and that ``heads`` divides ``dim``."""

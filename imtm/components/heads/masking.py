@@ -7,7 +7,7 @@ from numbers import Real
 import torch
 
 from imtm.component import Component, LinkedComponent
-from imtm.contract import Interval, ValueSpec
+from imtm.contract import EXAMPLE_DIM, Example, Interval, ValueSpec, block_or_name
 from imtm.functional.lexicon import IGNORE_INDEX, mask_words
 from imtm.tokens import Tokens
 
@@ -67,13 +67,24 @@ class WordMasking(LinkedComponent):
     _borrowed = ("tokenizer", "_linked")
     _target_param = "tokenizer"
 
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        from imtm.components.encoders.hf_text import HFTextEncoder
+
+        encoder = HFTextEncoder("synthetic-bert", out_dim=EXAMPLE_DIM)
+        return (Example({"tokenizer": encoder, "prob": 0.5}, inputs={"texts": "captions"}),)
+
     def __init__(self, tokenizer="text", prob: float = 0.15, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
         self.tokenizer = tokenizer
         self.prob = prob
         self._set_target(tokenizer)
 
-    _parameter_constraints = {"prob": [Interval(Real, 0, 1, closed="both")]}
+    _parameter_constraints = {
+        "tokenizer": [block_or_name(Component, description="a text encoder such as HFTextEncoder")],
+        "prob": [Interval(Real, 0, 1, closed="both")],
+    }
 
     def _check_target(self, block, name=None) -> None:
         for attr in ("tokenize", "tokenizer", "vocab_size"):
@@ -158,17 +169,20 @@ class Reuse(LinkedComponent):
 
     _borrowed = ("block", "_linked")
     _target_param = "block"
+    _parameter_constraints = {"block": [block_or_name(Component, description="a Component")]}
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        from imtm.components.scorers.global_cosine import GlobalCosine
+
+        names = {"requires": ("image_tokens", "text_tokens"), "provides": ("scores",)}
+        return (Example({"block": GlobalCosine(), **names}, padding=True),)
 
     def __init__(self, block, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
         self.block = block
         self._set_target(block)
-
-    def _check_target(self, block, name=None) -> None:
-        if not isinstance(block, Component):
-            raise TypeError(
-                f"Reuse: block must be a block name or a Component, got {type(block).__name__}"
-            )
 
     def forward(self, *values):
         return self.target()(*values)
@@ -228,6 +242,15 @@ class MaskedImageView(LinkedComponent):
     provides = ("masked_image_tokens", "masked_patches")
     _borrowed = ("encoder", "_linked")
     _target_param = "encoder"
+    _parameter_constraints = {"encoder": [block_or_name(Component, description="a vision encoder")]}
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        from imtm.components.encoders.timm_vision import TimmVisionEncoder, tiny_vit_params
+
+        encoder = TimmVisionEncoder(**tiny_vit_params(mask_ratio=0.5, mask_in_forward=False))
+        return (Example({"encoder": encoder}, inputs={"images": "pixels"}),)
 
     def __init__(self, encoder="image", *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
@@ -236,10 +259,6 @@ class MaskedImageView(LinkedComponent):
 
     def _check_target(self, block, name=None) -> None:
         where = type(self).__name__
-        if not isinstance(block, Component):
-            raise TypeError(
-                f"{where}: encoder must be a block name or a vision encoder, got {type(block).__name__}"
-            )
         if not callable(getattr(block, "forward_masked", None)):
             raise TypeError(
                 f"{where}: the encoder block ({type(block).__name__}) has no forward_masked; use a "

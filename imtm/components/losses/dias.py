@@ -9,14 +9,16 @@ tokens (``presets.dias_losses()`` does), so any Matcher can take them::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from numbers import Integral, Real
+from typing import Any
 
 import torch
 from torch import nn
 
 from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Loss
-from imtm.contract import POSITIVE, Interval, Options
+from imtm.contract import POSITIVE, Example, Interval, Options
 from imtm.functional.dias import (
     DIAS_REDUCTIONS,
     DIMENSION_CORRELATIONS,
@@ -29,7 +31,7 @@ from imtm.functional.dias import (
     word_region_pairs,
 )
 
-__all__ = ["DIMENSION_PAIRS", "DimensionAlignmentLoss", "SpatialConstraintLoss"]
+__all__ = ["DIMENSION_PAIRS", "DimensionAlignmentLoss", "SpatialConstraintLoss", "too_few_pairs"]
 
 #: Which samples Eq. 4 correlates, and the values each reading requires.
 DIMENSION_PAIRS = {
@@ -42,6 +44,17 @@ def _pairs_defaults(pairs):
     if not isinstance(pairs, str) or pairs not in DIMENSION_PAIRS:
         return None
     return {"requires": DIMENSION_PAIRS[pairs]}
+
+
+def too_few_pairs(values: Mapping[str, Any]) -> tuple[type, str] | None:
+    """The error the DIAS blocks document for a batch of fewer than 2 pairs (their Shape: ``B >= 2``).
+
+    They standardise over the other pairs of the batch; with ``pairs="words"`` the pairs are the
+    real words of the batch, each with its best region. For :class:`imtm.contract.Example`.
+    """
+    texts = values.get("text_tokens")
+    b = int(texts.mask.sum()) if texts is not None else len(values["image_embedding"])
+    return (ValueError, "at least 2") if b < 2 else None
 
 
 class DimensionAlignmentLoss(Loss):
@@ -102,6 +115,14 @@ class DimensionAlignmentLoss(Loss):
 
     requires = DIMENSION_PAIRS["embeddings"]
     provides = ("dimension_alignment_loss",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (
+            Example({}, paired=True, error=too_few_pairs),
+            Example({"reduction": "mean", "pairs": "words"}, paired=True, error=too_few_pairs),
+        )
 
     def __init__(
         self,
@@ -242,6 +263,23 @@ class SpatialConstraintLoss(Loss):
 
     requires = ("image_embedding", "text_embedding", "positives")
     provides = ("spatial_constraint_loss",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (
+            Example({}, paired=True, error=too_few_pairs),
+            Example(
+                {"kind": "intra", "sparse": False, "distance": "euclidean"},
+                paired=True,
+                error=too_few_pairs,
+            ),
+            Example(
+                {"learn_beta": False, "beta": 1.0, "reduction": "mean"},
+                paired=True,
+                error=too_few_pairs,
+            ),
+        )
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ from torch import nn
 
 from imtm.component import Loss
 from imtm.components.losses.triplet import check_loss_arguments, scores_and_positives
-from imtm.contract import Interval
+from imtm.contract import Example, Interval
 from imtm.functional.losses import info_nce_loss
 
 __all__ = ["MAX_TEMPERATURE", "MIN_TEMPERATURE", "InfoNCELoss"]
@@ -65,6 +65,11 @@ class InfoNCELoss(Loss):
 
     requires = ("scores", "positives")
     provides = ("info_nce_loss",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({}), Example({"temperature": 0.1, "learnable": True}))
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ import torch
 from imtm._block_inputs import named_errors
 from imtm.component import Loss
 from imtm.components.heads.lexicon import LexiconLogits
-from imtm.contract import POSITIVE, Interval, Options
+from imtm.contract import POSITIVE, Example, Interval, Options
 from imtm.functional.lexicon import (
     AUTHORS_SCALE,
     DEFAULT_LABEL_WEIGHTS,
@@ -38,6 +38,11 @@ def _real_non_prefix(tokens: Tokens) -> torch.Tensor:
     mask = tokens.mask.clone()
     mask[:, : tokens.num_prefix_tokens] = False
     return mask
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """The lexicon losses return float32 for bfloat16 logits, as lexicon_kl_loss documents."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class ExpansiveLexiconLoss(Loss):
@@ -107,6 +112,19 @@ class ExpansiveLexiconLoss(Loss):
 
     requires = ("patch_lexicon", "word_lexicon", "image_tokens", "text_tokens")
     provides = ("expansive_lexicon_loss",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        other = {
+            "label_weights": "one_minus_cost",
+            "method": "sinkhorn",
+            "direction": "target_first",
+        }
+        return tuple(
+            Example(params, paired=True, out_dtype=_at_least_float32)
+            for params in ({}, other, {"method": "emd", "top_k": 1})
+        )
 
     def __init__(
         self,
@@ -267,6 +285,14 @@ class LexiconDistillationLoss(Loss):
 
     requires = ("word_lexicon_masked", "cross_lexicon", "mlm_labels")
     provides = ("lexicon_distillation_loss",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (
+            Example({}, out_dtype=_at_least_float32),
+            Example({"direction": "target_first"}, out_dtype=_at_least_float32),
+        )
 
     def __init__(
         self,

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from imtm.component import Loss
+from imtm.contract import Example
 from imtm.functional.lexicon import IGNORE_INDEX
 
 __all__ = ["ImageTextMatchingLoss", "MaskedLanguageModelingLoss"]
@@ -35,6 +36,11 @@ class ImageTextMatchingLoss(Loss):
 
     requires = ("itm_logits", "itm_labels")
     provides = ("itm_loss",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({}),)
 
     def __init__(self, weight: float = 1.0, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
@@ -85,6 +91,11 @@ class MaskedLanguageModelingLoss(Loss):
 
     requires = ("cross_lexicon", "mlm_labels")
     provides = ("mlm_loss",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({}),)
 
     def __init__(self, weight: float = 1.0, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)

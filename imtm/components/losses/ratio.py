@@ -8,7 +8,7 @@ import torch
 
 from imtm._block_inputs import as_tokens
 from imtm.component import Loss
-from imtm.contract import Interval
+from imtm.contract import Example, Interval
 from imtm.functional.patch_slimming import ratio_loss
 
 __all__ = ["RatioLoss"]
@@ -50,6 +50,15 @@ class RatioLoss(Loss):
 
     requires = ("keep_decisions", "image_tokens")
     provides = ("ratio_loss",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (
+            Example(
+                {}, nan_unused="reads the image tokens' mask and prefix count, not their features"
+            ),
+        )
 
     def __init__(self, rho: float = 0.5, weight: float = 1.0, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)

@@ -7,7 +7,7 @@ from numbers import Integral, Real
 import torch
 
 from imtm.component import Component, Loss
-from imtm.contract import Interval, Options, Satisfies
+from imtm.contract import EXAMPLE_DIM, Example, Interval, Options, Satisfies
 from imtm.functional.losses import PAIR_COUNTS, REDUCTIONS, triplet_loss
 
 __all__ = ["TripletLoss"]
@@ -106,6 +106,18 @@ class TripletLoss(Loss):
 
     #: 0-based epoch of the current training stage, as the last :meth:`set_epoch` said.
     epoch_: int = 0
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        from imtm.components.mining import DistanceWeightedMiner
+
+        return (
+            Example({}),
+            Example({"hardest": False, "reduction": "mean"}),
+            Example({"miner": DistanceWeightedMiner(dim=EXAMPLE_DIM, random_state=0)}),
+            Example({"requires": ("scores_i2t", "scores_t2i", "positives")}),
+        )
 
     def __init__(
         self,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from imtm.component import Component
-from imtm.contract import Interval
+from imtm.contract import EXAMPLE_DIM, Example, Interval
 from imtm.tokens import Tokens
 
 __all__ = ["SelfAttentionContext"]
@@ -55,6 +55,11 @@ class SelfAttentionContext(Component):
 
     requires = ("image_tokens",)
     provides = ("image_tokens",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({"dim": EXAMPLE_DIM, "heads": 2}, padding=True),)
 
     def __init__(
         self, dim: int, heads: int = 8, dropout: float = 0.0, *, requires=None, provides=None

@@ -11,7 +11,7 @@ from torch import nn
 
 from imtm._block_inputs import as_tokens
 from imtm.component import Component
-from imtm.contract import Interval, Satisfies
+from imtm.contract import EXAMPLE_DIM, Example, Interval, Satisfies
 from imtm.functional.phrase_attention import LAYER_NORM_EPS
 
 __all__ = ["TextualPhraseEncoder"]
@@ -58,6 +58,14 @@ class TextualPhraseEncoder(Component):
 
     requires = ("text_tokens",)
     provides = ("text_phrase",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (
+            Example({"dim": EXAMPLE_DIM}, padding=True),
+            Example({"dim": EXAMPLE_DIM, "windows": (2, 5), "channels": 3}, padding=True),
+        )
 
     def __init__(
         self,

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from numbers import Integral
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from imtm._block_inputs import as_tokens
 from imtm.component import Component
-from imtm.contract import Interval
+from imtm.contract import EXAMPLE_DIM, POSITIVE_INT, Example
 from imtm.functional.blocking import EPS
 from imtm.functional.phrase_attention import LAYER_NORM_EPS, AttentionWeights, self_attention
 from imtm.tokens import Tokens
@@ -19,12 +17,11 @@ __all__ = ["VisualPhraseEncoder", "check_attention_args"]
 
 
 def check_attention_args(block: Component, dim, heads) -> None:
-    """Constructor checks shared by DCPA's attention blocks (their parameters are built in ``__init__``)."""
-    name = type(block).__name__
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"{name}: dim must be a positive int, got {dim!r}")
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or dim % heads:
-        raise ValueError(f"{name}: heads must be a positive int dividing dim={dim}, got {heads!r}")
+    """The relation DCPA's attention blocks add to their declared constraints: ``heads`` divides ``dim``."""
+    if dim % heads:
+        raise ValueError(
+            f"{type(block).__name__}: heads must be a positive int dividing dim={dim}, got {heads!r}"
+        )
 
 
 class VisualPhraseEncoder(Component):
@@ -67,6 +64,11 @@ class VisualPhraseEncoder(Component):
     requires = ("image_tokens",)
     provides = ("visual_phrases",)
 
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({"dim": EXAMPLE_DIM, "heads": 2}, padding=True),)
+
     def __init__(
         self, dim: int, heads: int = 8, ffn_dim: int | None = None, *, requires=None, provides=None
     ):
@@ -83,7 +85,11 @@ class VisualPhraseEncoder(Component):
         self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
-    _parameter_constraints = {"ffn_dim": [Interval(Integral, 1, None, closed="left"), None]}
+    _parameter_constraints = {
+        "dim": [POSITIVE_INT],
+        "heads": [POSITIVE_INT],
+        "ffn_dim": [POSITIVE_INT, None],
+    }
 
     def validate(self) -> VisualPhraseEncoder:
         """Check the declared constraints, ``dim`` and ``heads`` (dividing ``dim``); return ``self``."""

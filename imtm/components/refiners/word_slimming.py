@@ -31,7 +31,7 @@ from torch import nn
 
 from imtm._block_inputs import as_tokens
 from imtm.component import Component
-from imtm.contract import POSITIVE, Interval, ValueSpec, check_param
+from imtm.contract import EXAMPLE_DIM, POSITIVE, Example, Interval, ValueSpec, check_param
 from imtm.functional.patch_slimming import (
     aggregate_tokens,
     aggregation_weights,
@@ -81,6 +81,14 @@ class WordSelection(Component):
             "LAPS: Tokens (Bt, M', D) of the words kept and merged by word slimming",
         ),
     )
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (
+            Example({"dim": EXAMPLE_DIM, "ratio": 0.6}, padding=True),
+            Example({"dim": EXAMPLE_DIM, "ratio": 1.0, "beta": 0.0}, padding=True),
+        )
 
     def __init__(
         self,
@@ -155,6 +163,14 @@ class WordAggregation(Component):
 
     requires = ("text_tokens",)
     provides = ("slim_text_tokens",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (
+            Example({"dim": EXAMPLE_DIM, "num_out": 2}, padding=True),
+            Example({"dim": EXAMPLE_DIM, "num_out": 5}, padding=True),
+        )
 
     def __init__(
         self, dim: int, num_out: int = 4, hidden_ratio: float = 0.2, *, requires=None, provides=None

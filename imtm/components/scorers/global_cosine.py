@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from imtm.component import Component
+from imtm.contract import Example
 from imtm.functional.similarity import global_cosine_scores
 from imtm.tokens import Tokens, autocast_common_dtype
 
@@ -41,6 +44,12 @@ class GlobalCosine(Component):
 
     requires = ("image_tokens", "text_tokens")
     provides = ("scores",)
+    _parameter_constraints: ClassVar[dict[str, list]] = {}  # no constructor argument
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({}, padding=True),)
 
     def __init__(self, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)

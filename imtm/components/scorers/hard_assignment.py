@@ -6,7 +6,7 @@ import torch
 
 from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.contract import BLOCK_BUDGET, COMPUTE_DTYPE, POSITIVE, Options
+from imtm.contract import BLOCK_BUDGET, COMPUTE_DTYPE, POSITIVE, Example, Options
 from imtm.functional.hard_assignment import (
     CODEBOOKS,
     hard_assignment_from_cosines,
@@ -58,6 +58,20 @@ class HardAssignmentCoding(Component):
 
     requires = ("image_tokens", "text_tokens")
     provides = ("scores",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return tuple(
+            Example(params, padding=True)
+            for params in (
+                {"pooling": "lse", "max_block_elements": 40},
+                {"codebook": "textual", "pooling": "max"},
+                {"pooling": "mean"},
+                {"codebook": "textual", "pooling": "sum"},
+                {"pooling": "softmax", "temperature": 0.01},
+            )
+        )
 
     def __init__(
         self,

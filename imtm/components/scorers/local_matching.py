@@ -6,7 +6,7 @@ import torch
 
 from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.contract import BLOCK_BUDGET, POSITIVE, Options
+from imtm.contract import BLOCK_BUDGET, POSITIVE, Example, Options
 from imtm.functional.local_matching import LOCAL_WEIGHTINGS, local_matching_scores
 
 __all__ = ["LocalMatching"]
@@ -55,6 +55,14 @@ class LocalMatching(Component):
 
     requires = ("image_tokens", "text_tokens")
     provides = ("scores",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (
+            Example({"max_block_elements": 40}, padding=True),
+            Example({"weighting": "softmax", "tau": 0.05}, padding=True),
+        )
 
     def __init__(
         self,

@@ -8,7 +8,7 @@ import torch
 
 from imtm.component import LinkedComponent
 from imtm.components.heads.cross_modal import ImageTextMatchingHead
-from imtm.contract import Interval
+from imtm.contract import EXAMPLE_DIM, Example, Interval, block_or_name
 from imtm.tokens import Tokens
 
 __all__ = ["MatchingReranker"]
@@ -72,6 +72,16 @@ class MatchingReranker(LinkedComponent):
     _borrowed = ("head", "_linked")
     _target_param = "head"
 
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        from imtm.components.heads.cross_modal import CrossModalEncoder, ImageTextMatchingHead
+
+        head = ImageTextMatchingHead(
+            EXAMPLE_DIM, encoder=CrossModalEncoder(EXAMPLE_DIM, layers=1, heads=2)
+        )
+        return (Example({"head": head, "k": 2}, padding=True),)
+
     def __init__(self, head="itm", k: int = 16, chunk: int = 1024, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
         self.head = head
@@ -80,16 +90,12 @@ class MatchingReranker(LinkedComponent):
         self._set_target(head)
 
     _parameter_constraints = {
+        "head": [block_or_name(ImageTextMatchingHead, description="an ImageTextMatchingHead")],
         "k": [Interval(Integral, 1, None, closed="left")],
         "chunk": [Interval(Integral, 1, None, closed="left")],
     }
 
     def _check_target(self, block, name=None) -> None:
-        if name is None and not isinstance(block, ImageTextMatchingHead):
-            raise TypeError(
-                f"{type(self).__name__}: head must be a block name or an ImageTextMatchingHead, "
-                f"got {type(block).__name__}"
-            )
         if not isinstance(block, ImageTextMatchingHead):
             raise TypeError(
                 f"{type(self).__name__}: block {name!r} is a {type(block).__name__}, "

@@ -8,14 +8,24 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from numbers import Integral, Real
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
 from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.contract import BLOCK_BUDGET, InstanceOf, Interval, Satisfies, check_param
+from imtm.contract import (
+    BLOCK_BUDGET,
+    EXAMPLE_DIM,
+    Example,
+    InstanceOf,
+    Interval,
+    Satisfies,
+    check_param,
+)
 from imtm.functional.patch_slimming import (
     TokenAlign,
     aggregate_tokens,
@@ -38,6 +48,7 @@ __all__ = [
     "PatchSlimming",
     "RedundantFusion",
     "TokenAggregation",
+    "no_patch_left",
 ]
 
 
@@ -69,6 +80,20 @@ def _pair_layout(
 
 
 # ---------------------------------------------------------------------------- blocks
+
+
+def no_patch_left(values: Mapping[str, Any]) -> tuple[type, str] | None:
+    """The error the LAPS blocks document for image tokens that hold prefix tokens only.
+
+    For :class:`imtm.contract.Example`: ``(ValueError, message)`` when ``values["image_tokens"]``
+    leaves no patch to select, else ``None``.
+    """
+    images = values["image_tokens"]
+    if images.num_tokens <= images.num_prefix_tokens:
+        return ValueError, "no patch is left to select"
+    return None
+
+
 class PatchScorer(Component):
     r"""Significance of every patch for every caption (LAPS Eq. 1-3).
 
@@ -120,6 +145,11 @@ class PatchScorer(Component):
 
     requires = ("image_tokens", "text_tokens")
     provides = ("patch_scores",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({"dim": EXAMPLE_DIM}, padding=True, error=no_patch_left),)
 
     def __init__(
         self,
@@ -234,6 +264,12 @@ class GumbelSelector(Component):
     requires = ("patch_scores", "image_tokens")
     provides = ("keep_decisions",)
 
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        unused = "reads the image tokens' mask and prefix count, not their features"
+        return (Example({"ratio": 0.5}, error=no_patch_left, nan_unused=unused),)
+
     def __init__(self, ratio: float = 0.5, tau: float = 1.0, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
         self.ratio = ratio
@@ -319,6 +355,11 @@ class TokenAggregation(Component):
     requires = ("image_tokens", "keep_decisions")
     provides = ("aggregated_tokens",)
 
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({"dim": EXAMPLE_DIM, "num_out": 2}, error=no_patch_left),)
+
     def __init__(
         self, dim: int, num_out: int, hidden_ratio: float = 0.2, *, requires=None, provides=None
     ):
@@ -391,6 +432,14 @@ class DPCKNNAggregation(Component):
 
     requires = ("image_tokens", "keep_decisions")
     provides = ("aggregated_tokens",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (
+            Example({"num_out": 2}, error=no_patch_left),
+            Example({"num_out": 3, "k": 1}, error=no_patch_left),
+        )
 
     def __init__(self, num_out: int, k: int = 5, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
@@ -465,6 +514,12 @@ class RedundantFusion(Component):
 
     requires = ("image_tokens", "patch_scores", "keep_decisions")
     provides = ("fused_tokens",)
+    _parameter_constraints: ClassVar[dict[str, list]] = {}  # no constructor argument
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({}, error=no_patch_left),)
 
     def __init__(self, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
@@ -600,6 +655,37 @@ class PatchSlimming(Component):
         "fusion": ["boolean"],
         "max_block_elements": BLOCK_BUDGET,
     }
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        from imtm.components.scorers.hard_assignment import HardAssignmentCoding
+        from imtm.components.scorers.scan_attention import ScanAttention
+        from imtm.components.scorers.sparse_alignment import SparsePatchWordAlignment
+
+        def laps(aggregation="learned", alignment=None, **more):
+            aggregation = (
+                TokenAggregation(EXAMPLE_DIM, 2) if aggregation == "learned" else aggregation
+            )
+            return {
+                "scorer": PatchScorer(EXAMPLE_DIM),
+                "selector": GumbelSelector(0.5),
+                "aggregation": aggregation,
+                "alignment": alignment or SparsePatchWordAlignment(),
+                **more,
+            }
+
+        return tuple(
+            Example(params, error=no_patch_left)
+            for params in (
+                laps(),
+                laps(fusion=False, max_block_elements=60),
+                laps(alignment=HardAssignmentCoding(pooling="mean")),
+                laps(aggregation=None),
+                laps(aggregation=DPCKNNAggregation(2, k=2)),
+                laps(alignment=ScanAttention()),
+            )
+        )
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ from torch import nn
 from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
 from imtm.components.refiners.visual_phrase import check_attention_args
-from imtm.contract import BLOCK_BUDGET, Interval, Options
+from imtm.contract import BLOCK_BUDGET, EXAMPLE_DIM, POSITIVE_INT, Example, Interval, Options
 from imtm.functional.blocking import resolve_option
 from imtm.functional.phrase_attention import (
     LAYER_NORM_EPS,
@@ -112,6 +112,20 @@ class InterModalPhraseAttention(Component):
     requires = ("image_tokens", "text_tokens")
     provides = _DirectionProvides()
 
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        sizes = {"dim": EXAMPLE_DIM, "heads": 2}
+        return tuple(
+            Example({**sizes, **params}, padding=True)
+            for params in (
+                {"direction": "t2i", "k": 2},
+                {"direction": "i2t", "k": None, "max_block_elements": 50},
+                {"direction": "i2t", "k": 3, "feed_forward": False},
+                {"direction": "t2i", "k": None, "average": "cosines", "ffn_dim": 5},
+            )
+        )
+
     def __init__(
         self,
         direction: str = "i2t",
@@ -136,8 +150,7 @@ class InterModalPhraseAttention(Component):
         self.ffn_dim = ffn_dim
         self.average = average
         # The layers are built from dim, heads and the feed-forward options below, so they are checked first.
-        check_attention_args(self, dim, heads)
-        self._check_feed_forward()
+        self.validate()
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
@@ -147,18 +160,6 @@ class InterModalPhraseAttention(Component):
             self.linear1 = nn.Linear(dim, hidden)
             self.linear2 = nn.Linear(hidden, dim)
             self.norm3 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-
-    def _check_feed_forward(self) -> None:
-        where = type(self).__name__
-        if not isinstance(self.feed_forward, bool):
-            raise TypeError(
-                f"{where}: feed_forward must be True or False, got {self.feed_forward!r}"
-            )
-        ffn = self.ffn_dim
-        if ffn is not None and (isinstance(ffn, bool) or not isinstance(ffn, int) or ffn < 1):
-            raise ValueError(
-                f"{where}: ffn_dim must be a positive int or None (4 * dim), got {ffn!r}"
-            )
 
     def feed_forward_weights(self) -> FeedForwardWeights | None:
         """The feed-forward sub-layer's weights (``None`` with ``feed_forward=False``)."""
@@ -171,12 +172,15 @@ class InterModalPhraseAttention(Component):
         "k": [Interval(Integral, 1, None, closed="left"), None],  # None: the mean of every token
         "average": [Options(AVERAGES)],
         "max_block_elements": BLOCK_BUDGET,
+        "dim": [POSITIVE_INT],
+        "heads": [POSITIVE_INT],
+        "feed_forward": ["boolean"],
+        "ffn_dim": [POSITIVE_INT, None],  # None: 4 * dim
     }
 
     def validate(self) -> InterModalPhraseAttention:
-        """Check the declared constraints, ``dim`` / ``heads`` and the feed-forward option; return ``self``."""
+        """Check the declared constraints and that ``heads`` divides ``dim``; return ``self``."""
         check_attention_args(self, self.dim, self.heads)
-        self._check_feed_forward()
         return self
 
     def forward(self, image_tokens, text_tokens):

@@ -6,7 +6,7 @@ import torch
 
 from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.contract import BLOCK_BUDGET, POSITIVE
+from imtm.contract import BLOCK_BUDGET, POSITIVE, Example
 from imtm.functional.scan_attention import SCAN_SMOOTH, scan_t2i_scores
 
 __all__ = ["ScanAttention"]
@@ -44,6 +44,14 @@ class ScanAttention(Component):
 
     requires = ("image_tokens", "text_tokens")
     provides = ("scores",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (
+            Example({}, padding=True),
+            Example({"smooth": 4.0, "max_block_elements": 30}, padding=True),
+        )
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ from numbers import Real
 import torch
 
 from imtm.component import Component, suggest
-from imtm.contract import Satisfies
+from imtm.contract import Example, Satisfies
 
 __all__ = ["DCPA_WEIGHTS", "ScoreFusion"]
 
@@ -57,6 +57,11 @@ class ScoreFusion(Component):
 
     requires = ("scores_intra", "scores_inter_i2t", "scores_inter_t2i")
     provides = ("scores_i2t", "scores_t2i")
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return (Example({}),)
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ import torch
 
 from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.contract import BLOCK_BUDGET, COMPUTE_DTYPE, POSITIVE, Options
+from imtm.contract import BLOCK_BUDGET, COMPUTE_DTYPE, POSITIVE, Example, Options
 from imtm.functional.hard_assignment import CODEBOOKS
 from imtm.functional.pooling import POOLINGS
 from imtm.functional.soft_assignment import soft_assignment_scores
@@ -56,6 +56,18 @@ class SoftAssignmentCoding(Component):
 
     requires = ("image_tokens", "text_tokens")
     provides = ("scores",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return tuple(
+            Example(params, padding=True)
+            for params in (
+                {"codebook": "textual", "pooling": "softmax"},
+                {"tau": 0.01, "pooling": "lse", "max_block_elements": 40},
+                {"pooling": "max"},
+            )
+        )
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ import torch
 
 from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.contract import BLOCK_BUDGET, COMPUTE_DTYPE, Options
+from imtm.contract import BLOCK_BUDGET, COMPUTE_DTYPE, Example, Options
 from imtm.functional.sparse_alignment import (
     DIRECTIONS,
     sparse_alignment_from_cosines,
@@ -54,6 +54,18 @@ class SparsePatchWordAlignment(Component):
 
     requires = ("image_tokens", "text_tokens")
     provides = ("scores",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return tuple(
+            Example(params, padding=True)
+            for params in (
+                {"max_block_elements": 30},
+                {"direction": "patch_to_word"},
+                {"direction": "word_to_patch"},
+            )
+        )
 
     def __init__(
         self,

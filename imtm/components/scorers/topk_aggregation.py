@@ -8,7 +8,7 @@ import torch
 
 from imtm._block_inputs import as_tokens, named_errors
 from imtm.component import Component
-from imtm.contract import BLOCK_BUDGET, COMPUTE_DTYPE, Interval, Options
+from imtm.contract import BLOCK_BUDGET, COMPUTE_DTYPE, Example, Interval, Options
 from imtm.functional.topk import AVERAGES, DEFAULT_TOPK, topk_mean_scores
 
 __all__ = ["TopKAggregation"]
@@ -52,6 +52,14 @@ class TopKAggregation(Component):
 
     requires = ("visual_phrases", "text_phrase")
     provides = ("scores_intra",)
+
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        """Small configurations for the sweeps, the conformance battery and the docs."""
+        return tuple(
+            Example(params, padding=True)
+            for params in ({"k": 2}, {"k": None}, {"k": None, "average": "cosines"})
+        )
 
     def __init__(
         self,

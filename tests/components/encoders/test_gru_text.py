@@ -106,9 +106,9 @@ def test_bad_inputs(texts, error, match):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"vocab": {"a": 1}}, TypeError, "vocab must be an imtm.data.Vocabulary"),
-        ({"vocab": "vocab.json"}, TypeError, "got str"),
-        ({"out_dim": 0}, ValueError, "out_dim must be a positive integer"),
+        ({"vocab": {"a": 1}}, TypeError, "vocab must be a non-empty imtm.data.Vocabulary"),
+        ({"vocab": "vocab.json"}, TypeError, "got 'vocab.json'"),
+        ({"out_dim": 0}, ValueError, "GRUTextEncoder: out_dim must be a positive int, got 0"),
         ({"word_dim": 1.5}, ValueError, "word_dim"),
         ({"bidirectional": 1}, TypeError, "bidirectional must be True or False"),
         ({"dropout": -0.1}, ValueError, "dropout"),

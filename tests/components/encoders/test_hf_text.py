@@ -216,11 +216,13 @@ def test_offline_hub_name_without_cache_gives_a_clear_error(tmp_path, monkeypatc
 def test_bad_arguments(bert_dir):
     with pytest.raises(ValueError, match="special_tokens must be one of .* Did you mean 'cls'"):
         HFTextEncoder(bert_dir, special_tokens="clss")
-    with pytest.raises(ValueError, match="out_dim must be a positive integer"):
+    with pytest.raises(
+        ValueError, match="HFTextEncoder: out_dim must be a positive int or None, got 0"
+    ):
         HFTextEncoder(bert_dir, out_dim=0)
-    with pytest.raises(ValueError, match="chunk_tokens must be a positive integer or None"):
+    with pytest.raises(ValueError, match="chunk_tokens must be a positive int or None, got 0"):
         HFTextEncoder(bert_dir, chunk_tokens=0)
-    with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
+    with pytest.raises(ValueError, match="max_length must be an integer >= 2, got 1"):
         HFTextEncoder(bert_dir, max_length=1)
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
         HFTextEncoder(bert_dir, max_length=4096)

@@ -115,11 +115,11 @@ def test_bad_inputs(images, error, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"in_dim": 0}, "in_dim must be a positive integer"),
-        ({"out_dim": 2.5}, "out_dim must be a positive integer"),
+        ({"in_dim": 0}, "PrecomputedEncoder: in_dim must be a positive int, got 0"),
+        ({"out_dim": 2.5}, "out_dim must be a positive int, got 2.5"),
         ({"num_layers": 0}, "num_layers"),
         ({"hidden_dim": -1}, "hidden_dim"),
-        ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
+        ({"dropout": 1.0}, r"dropout must be a finite number in \[0, 1\), got 1.0"),
         (
             {"activation": "rleu"},
             r"activation must be one of \['gelu', 'relu'\], got 'rleu'. Did you mean 'relu'",

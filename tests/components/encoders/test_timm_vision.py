@@ -310,9 +310,13 @@ def test_bad_arguments():
         ValueError, match="unknown timm model .* Did you mean 'vit_tiny_patch16_224'"
     ):
         TimmVisionEncoder("vit_tiny_patch16_22")
-    with pytest.raises(ValueError, match="mask_ratio must be a number in"):
+    with pytest.raises(
+        ValueError, match=r"mask_ratio must be a finite number in \[0, 1\), got 1.0"
+    ):
         vit(mask_ratio=1.0)
-    with pytest.raises(ValueError, match="out_dim must be a positive integer"):
+    with pytest.raises(
+        ValueError, match="TimmVisionEncoder: out_dim must be a positive int or None, got 0"
+    ):
         vit(out_dim=0)
     with pytest.raises(TypeError, match="freeze must be True or False"):
         vit(freeze="yes")
