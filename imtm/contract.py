@@ -858,6 +858,8 @@ class Example:
         nan_unused: why a NaN in a real token of a Tokens input may leave every output finite
             (``None``: it may not).
         out_dtype: ``input dtype -> dtype of the floating outputs``, where it is not the input's.
+        skip: ``{check: why}`` for checks of the conformance battery (``imtm.testing.CHECKS``)
+            that do not apply to this configuration, with the reason.
 
     Example:
         >>> Example({"dim": EXAMPLE_DIM, "heads": 2}, padding=True).params
@@ -872,6 +874,7 @@ class Example:
     error: Callable[[Mapping[str, Any]], tuple[type, str] | None] | None = None
     nan_unused: str | None = None
     out_dtype: Callable[[torch.dtype], torch.dtype] | None = None
+    skip: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.params, Mapping):

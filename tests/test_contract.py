@@ -268,3 +268,27 @@ def test_the_vocabulary_table_in_docs_design_is_current():
         "docs/design.md's vocabulary table is stale: paste imtm.contract.vocabulary_table() (after "
         "imtm.component.load_components()) between its markers"
     )
+
+
+def test_the_docs_build_the_block_table_from_the_classes():
+    """docs/design.md's catalogue of blocks is rendered at build time from the block classes."""
+    import importlib.util
+    from pathlib import Path
+
+    from imtm.testing import block_classes
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "mkdocs_blocks", root / "tools" / "mkdocs_blocks.py"
+    )
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    assert "tools/mkdocs_blocks.py" in (root / "mkdocs.yml").read_text()
+    page = (root / "docs" / "design.md").read_text()
+    assert page.count(hook.MARKER) == 1
+    rendered = hook.render(page)
+    rows = [line for line in rendered.splitlines() if line.startswith("| `")]
+    names = {row.split("`")[1] for row in rows}
+    assert {cls.__name__ for cls in block_classes()} <= names
+    assert "| `TopKAggregation` | visual_phrases, text_phrase | scores_intra |" in rendered
+    assert "`TopKAggregation(k=2)`" in rendered  # its first example, read from the class

@@ -29,7 +29,9 @@ def test_the_example_block_and_its_tests_run():
         sys.modules.pop("mean_max_example", None)
     marker = tests["test_conformance"].pytestmark[0]
     ids = [p.id for p in marker.args[1]]
-    assert ids[0] == "MeanMax()-contract" and len(ids) == 11
+    # Both examples the class declares, every check of each (read by parametrize_with_checks).
+    assert ids[0] == "MeanMax()-contract" and len(ids) == 22
+    assert "MeanMax(temperature=0.5)-padding" in ids
     for param in marker.args[1]:
         block, check = param.values
         tests["test_conformance"](block, check)

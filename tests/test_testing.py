@@ -21,6 +21,7 @@ from imtm.testing import (
     component_inputs,
     devices,
     dtypes,
+    example_inputs,
     image_ids,
     masks,
     parametrize_with_checks,
@@ -570,3 +571,80 @@ def test_parametrize_with_checks_gives_one_id_per_check_and_fails_per_check():
         parametrize_with_checks([(Project(), image_inputs(), {"skip": ["paddding"]})])
     with pytest.raises(TypeError, match=r"each case is \(block, inputs\)"):
         parametrize_with_checks([Project()])
+
+
+# ---------------------------------------------------------------------- examples declared by a class
+class Scaled(Component):
+    """A block of this file with examples of its own: scores times a factor."""
+
+    requires = ("scores",)
+    provides = ("scores",)
+
+    @classmethod
+    def _examples(cls):
+        from imtm.contract import Example
+
+        return (
+            Example({"factor": 2.0}),
+            Example({"factor": 0.5}, skip={"gradients": "shown skipped in a test"}),
+        )
+
+    def __init__(self, factor=1.0, *, requires=None, provides=None):
+        super().__init__(requires=requires, provides=provides)
+        self.factor = factor
+
+    def forward(self, scores):
+        return scores * self.factor
+
+
+def test_parametrize_with_checks_reads_the_examples_a_class_declares():
+    ids = [p.id for p in parametrize_with_checks([Scaled]).args[1]]
+    assert "Scaled(factor=2.0)-contract" in ids and "Scaled(factor=0.5)-contract" in ids
+    # No Tokens input, no promise of padding invariance: padding is skipped; so is what skip names.
+    assert "Scaled(factor=2.0)-padding" not in ids and "Scaled(factor=2.0)-gradients" in ids
+    assert "Scaled(factor=0.5)-gradients" not in ids
+    for _, inputs, options in imtm.testing.example_cases(Scaled):
+        assert set(inputs) == {"scores"} and options["skip"][-1] == "padding"
+
+
+def test_example_inputs_follow_the_example():
+    from imtm.components import GRUTextEncoder, TimmVisionEncoder, TripletLoss
+    from imtm.contract import Example, examples
+
+    loss = TripletLoss()
+    first, again = (example_inputs(loss, Example(paired=True), seed=3) for _ in range(2))
+    torch.testing.assert_close(first["scores"], again["scores"])
+    assert first["scores"].shape == (3, 3) and bool(first["positives"].diagonal().all())
+    other = example_inputs(loss, Example(), seed=4)
+    assert other["scores"].shape == (3, 4) and not torch.equal(
+        other["scores"][:, :3], first["scores"]
+    )
+    gru = examples(GRUTextEncoder)[0]
+    texts = example_inputs(gru.build(GRUTextEncoder), Example(inputs={"texts": "captions"}))[
+        "texts"
+    ]
+    assert len(texts) == 4 and all(isinstance(t, str) and t for t in texts)
+    vit = examples(TimmVisionEncoder)[0]
+    pixels = example_inputs(vit.build(TimmVisionEncoder), vit)["images"]
+    assert pixels.shape == (3, 3, 16, 16)
+    with pytest.raises(ValueError, match="example_inputs: no example for 'not_a_value'"):
+        example_inputs(type("Block", (), {"requires": ("not_a_value",)})())
+
+
+def test_examples_are_checked_where_they_are_declared():
+    from imtm.contract import Example, examples
+
+    with pytest.raises(
+        ValueError, match=r"inputs\['texts'\] must be one of .* Did you mean 'captions'"
+    ):
+        Example(inputs={"texts": "caption"})
+    with pytest.raises(TypeError, match="NoExamples declares no examples: add a classmethod"):
+        examples(type("NoExamples", (), {}))
+
+    @settings(max_examples=1, deadline=None, database=None)
+    @given(component_inputs(["texts"], extra={"texts": "pixel"}))
+    def draw(values):
+        pass
+
+    with pytest.raises(ValueError, match=r"the kinds are \['captions', 'pixels'\]"):
+        draw()

@@ -5,11 +5,14 @@
   agreement with the functional twin), reporting every failure; each of its checks
   is also a public function (:func:`check_gradients`, :func:`check_padding`, ...).
 - :func:`parametrize_with_checks`: the battery as pytest parameters, one test id per
-  check of each block.
+  check of each block; given a block class, on the examples the class declares
+  (:func:`example_cases`).
 - :func:`check_outputs`: the contract of one call (one output per ``provides``
   name, documented shapes, finite values), for property tests.
 - :func:`component_inputs`: one consistent dict of random values for a block's
-  ``requires`` (shared ``Bi``, ``Bt``, ``N``, ``M``, ``D``; masks, dtypes, devices).
+  ``requires`` (shared ``Bi``, ``Bt``, ``N``, ``M``, ``D``; masks, dtypes, devices);
+  :func:`example_inputs`: one fixed such dict, as a block's declared
+  :class:`~imtm.contract.Example` asks.
 - :func:`tokens`, :func:`masks`, :func:`score_matrices`, :func:`image_ids`,
   :func:`captions`, :func:`dtypes`, :func:`devices`: hypothesis strategies for property tests of your own blocks. hypothesis is a
   test extra (``pip install imtm[test]``); they load on first use, so
@@ -42,6 +45,7 @@ from imtm.testing import conformance as _conformance
 from imtm.testing.conformance import (
     CHECKS,
     ConformanceReport,
+    block_classes,
     check_clone,
     check_component,
     check_contract,
@@ -54,6 +58,7 @@ from imtm.testing.conformance import (
     check_outputs,
     check_padding,
     check_state_dict,
+    example_cases,
     parametrize_with_checks,
 )
 
@@ -67,6 +72,7 @@ _STRATEGIES = (
     "component_inputs",
     "devices",
     "dtypes",
+    "example_inputs",
     "image_ids",
     "masks",
     "score_matrices",

@@ -39,6 +39,8 @@ __all__ = [
     "check_clone",
     "check_padding",
     "check_functional",
+    "block_classes",
+    "example_cases",
     "parametrize_with_checks",
 ]
 
@@ -116,7 +118,39 @@ def _map_tensors(
         return [_map_tensors(v, fn, floats_only) for v in value]
     if isinstance(value, dict):
         return {k: _map_tensors(v, fn, floats_only) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # A value of its own kind (ELA's LexiconLogits): its tensor fields.
+        return dataclasses.replace(
+            value,
+            **{
+                f.name: _map_tensors(getattr(value, f.name), fn, floats_only)
+                for f in dataclasses.fields(value)
+                if f.init
+            },
+        )
     return value
+
+
+def _linked_to(block: Any, dtype: torch.dtype) -> None:
+    """The blocks ``block`` links to (and theirs) to ``dtype``; ``block.to`` leaves them."""
+    for _, linked in _borrowed_modules(block):
+        linked.to(dtype)
+        _linked_to(linked, dtype)
+
+
+def _load_linked(fresh: Any, block: Any) -> None:
+    """A linked block's weights are its partner's: ``fresh``'s partners load ``block``'s (and theirs)."""
+    for attr, linked in _borrowed_modules(block):
+        partner = fresh.__dict__.get(attr)
+        if isinstance(partner, torch.nn.Module):
+            partner.load_state_dict(linked.state_dict())
+            _load_linked(partner, linked)
+
+
+def _borrowed_modules(block: Any) -> list[tuple[str, torch.nn.Module]]:
+    """The modules a linked block uses without owning them (its ``_borrowed`` attributes)."""
+    found = ((a, block.__dict__.get(a)) for a in getattr(block, "_borrowed", ()))
+    return [(a, m) for a, m in found if isinstance(m, torch.nn.Module)]
 
 
 def _leaves(value: Any, path: str, full: bool = False) -> list[tuple[str, torch.Tensor]]:
@@ -266,6 +300,7 @@ class _Battery:
         block = copy.deepcopy(self.block)
         if dtype is not None:
             block = block.to(dtype)
+            _linked_to(block, dtype)
         return block.eval()
 
     # -- checks
@@ -505,6 +540,7 @@ class _Battery:
             fresh = fresh.to(floats[0].dtype)
         try:
             fresh.load_state_dict(self.block.state_dict())
+            _load_linked(fresh, self.block)
         except Exception as err:  # noqa: BLE001
             self.fail("state_dict", f"a clone does not load the block's state_dict: {err}")
         with torch.no_grad():
@@ -814,6 +850,65 @@ def check_component(
     return report
 
 
+def block_classes() -> list[type]:
+    """The concrete block classes of the imtm package, by name (what the battery and docs cover).
+
+    Left out: private and abstract bases (no ``forward`` of their own), and classes defined
+    outside the package (a user's blocks, doctest examples).
+
+    Example:
+        >>> "GlobalCosine" in [cls.__name__ for cls in block_classes()]
+        True
+    """
+    import sys
+
+    from imtm.component import COMPONENT_REGISTRY, load_components
+
+    load_components()
+    found = []
+    for name, cls in sorted(COMPONENT_REGISTRY.items()):
+        module = sys.modules.get(cls.__module__)
+        if (
+            cls.__module__.startswith("imtm.")
+            and not name.startswith("_")
+            and name == cls.__name__
+            and getattr(module, name, None) is cls
+            and cls.forward is not torch.nn.Module.forward
+        ):
+            found.append(cls)
+    return found
+
+
+def example_cases(cls: type) -> list[tuple[Component, dict[str, Any], dict[str, Any]]]:
+    """``(block, inputs, options)`` for every example a block class declares next to it.
+
+    Each :class:`~imtm.contract.Example` of ``cls._examples()`` is built (with seed 0) and given
+    :func:`imtm.testing.example_inputs`; a block whose example does not promise padding
+    invariance skips the ``padding`` check. Needs hypothesis (the inputs' makers live with the
+    strategies).
+
+    Example:
+        >>> from imtm.components import TopKAggregation
+        >>> [repr(block) for block, _, _ in example_cases(TopKAggregation)]
+        ['TopKAggregation(k=2)', 'TopKAggregation(k=None)', "TopKAggregation(average='cosines', k=None)"]
+    """
+    from imtm.contract import examples
+    from imtm.testing.strategies import example_inputs
+
+    out = []
+    for example in examples(cls):
+        torch.manual_seed(0)
+        block = example.build(cls)
+        skip = tuple(example.skip) + (() if example.padding else ("padding",))
+        options: dict[str, Any] = {"skip": skip} if skip else {}
+        out.append((block, example_inputs(block, example), options))
+    return out
+
+
+def _cases_of(given: Any) -> list[Any]:
+    return list(example_cases(given)) if isinstance(given, type) else [given]
+
+
 def parametrize_with_checks(cases: Iterable[Any], **options):
     """A ``pytest.mark.parametrize`` over every check of every block: one test id per check.
 
@@ -824,7 +919,9 @@ def parametrize_with_checks(cases: Iterable[Any], **options):
 
     Args:
         cases: ``(block, inputs)`` pairs, or ``(block, inputs, options)`` with per-case options
-            (``functional``, ``dtypes``, ``rtol``, ``atol``, ..., and ``skip``: checks to leave out).
+            (``functional``, ``dtypes``, ``rtol``, ``atol``, ..., and ``skip``: checks to leave out),
+            or block classes: each stands for the examples it declares next to it
+            (:func:`example_cases`).
         **options: options shared by every case (per-case ones win).
 
     Returns:
@@ -841,7 +938,7 @@ def parametrize_with_checks(cases: Iterable[Any], **options):
     import pytest
 
     params = []
-    for case in cases:
+    for case in [c for given in cases for c in _cases_of(given)]:
         if not isinstance(case, tuple) or len(case) not in (2, 3):
             raise TypeError(
                 f"parametrize_with_checks: each case is (block, inputs) or (block, inputs, options), "

@@ -24,6 +24,7 @@ __all__ = [
     "component_inputs",
     "devices",
     "dtypes",
+    "example_inputs",
     "image_ids",
     "masks",
     "score_matrices",
@@ -633,3 +634,80 @@ def _draw_inputs(
         elif name not in values:
             values[name] = _maker(name)(generator, sizes)
     return {name: values[name] for name in names}
+
+
+# ---------------------------------------------------------------------- fixed example inputs
+def example_inputs(block, example=None, *, seed: int = 0, batch: int = 3, tokens: int = 5) -> dict:
+    """One fixed dict of example values for a block's ``requires``, as its :class:`~imtm.contract.Example` asks.
+
+    No hypothesis draw: the same makers as :func:`component_inputs` with fixed sizes (``batch``
+    images, ``batch + 1`` captions unless the example is ``paired``; rows of ``tokens`` padded
+    positions with ``tokens, tokens - 1, ...`` real ones, at least one), features of
+    :data:`imtm.contract.EXAMPLE_DIM`, and a generator seeded with ``seed``. The conformance
+    battery reads it when given a block class (:func:`imtm.testing.parametrize_with_checks`).
+
+    Args:
+        block: the block (its ``requires`` is read).
+        example: its :class:`~imtm.contract.Example` (default: an example of defaults).
+        seed: seed of every random value.
+        batch: images ``Bi``; tokens: padded widths ``N`` and ``M``.
+
+    Example:
+        >>> from imtm.components import GlobalCosine
+        >>> values = example_inputs(GlobalCosine())
+        >>> values["image_tokens"].feats.shape, values["text_tokens"].mask.sum(1).tolist()
+        (torch.Size([3, 5, 8]), [5, 4, 3, 2])
+    """
+    from imtm.contract import EXAMPLE_DIM, EXAMPLE_VOCAB_SIZE, EXAMPLE_WORDS, Example
+
+    example = Example() if example is None else example
+    bi = batch
+    bt = batch if example.paired else batch + 1
+
+    def lengths(rows: int) -> torch.Tensor:
+        real = torch.tensor([max(1, tokens - r) for r in range(rows)])
+        return torch.arange(tokens)[None, :] < real[:, None]
+
+    ids = torch.arange(bt) % bi if not example.paired else torch.arange(bi)
+    sizes = InputSizes(
+        bi=bi,
+        bt=bt,
+        n=tokens,
+        m=tokens,
+        d=EXAMPLE_DIM,
+        v=example.vocab_size or EXAMPLE_VOCAB_SIZE,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        paired=example.paired,
+        image_mask=lengths(bi),
+        text_mask=lengths(bt),
+        image_ids=ids,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    values: dict = {}
+    if any(n in _PAIRED_DRAWS for n in block.requires):
+        p = 2 * bi
+        values["itm_logits"] = _float(generator, (p, 2), sizes)
+        values["itm_labels"] = torch.arange(p) % 2
+    for name in block.requires:
+        kind = example.inputs.get(name)
+        if kind == "captions":
+            words = list(EXAMPLE_WORDS)
+            picks = torch.randint(0, len(words), (bt, 4), generator=generator).tolist()
+            values[name] = [
+                " ".join(words[i] for i in row[: 1 + r % 4]) for r, row in enumerate(picks)
+            ]
+        elif kind == "pixels":
+            from imtm.contract import EXAMPLE_IMAGE_SIZE
+
+            shape = (bi, 3, EXAMPLE_IMAGE_SIZE, EXAMPLE_IMAGE_SIZE)
+            values[name] = torch.randn(shape, generator=generator)
+        elif name not in values:
+            maker = _maker(name)
+            if maker is None:
+                raise ValueError(
+                    f"example_inputs: no example for {name!r} (required by {type(block).__name__}): "
+                    "it is not in the vocabulary and the block's Example names no input kind for it"
+                )
+            values[name] = maker(generator, sizes)
+    return {name: values[name] for name in block.requires}

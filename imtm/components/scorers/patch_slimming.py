@@ -436,9 +436,12 @@ class DPCKNNAggregation(Component):
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
         """Small configurations for the sweeps, the conformance battery and the docs."""
+        # The cluster centres are a discrete choice (the top density x distance scores): float32
+        # rounding can pick another centre than float64 where two scores are close.
+        discrete = {"dtypes": "float32 rounding can flip DPC-KNN's choice of a cluster centre"}
         return (
-            Example({"num_out": 2}, error=no_patch_left),
-            Example({"num_out": 3, "k": 1}, error=no_patch_left),
+            Example({"num_out": 2}, error=no_patch_left, skip=discrete),
+            Example({"num_out": 3, "k": 1}, error=no_patch_left, skip=discrete),
         )
 
     def __init__(self, num_out: int, k: int = 5, *, requires=None, provides=None):
@@ -675,16 +678,21 @@ class PatchSlimming(Component):
                 **more,
             }
 
-        return tuple(
-            Example(params, error=no_patch_left)
-            for params in (
-                laps(),
-                laps(fusion=False, max_block_elements=60),
-                laps(alignment=HardAssignmentCoding(pooling="mean")),
-                laps(aggregation=None),
-                laps(aggregation=DPCKNNAggregation(2, k=2)),
-                laps(alignment=ScanAttention()),
-            )
+        discrete = {"dtypes": "float32 rounding can flip DPC-KNN's choice of a cluster centre"}
+        return (
+            *(
+                Example(params, error=no_patch_left)
+                for params in (
+                    laps(),
+                    laps(fusion=False, max_block_elements=60),
+                    laps(alignment=HardAssignmentCoding(pooling="mean")),
+                    laps(aggregation=None),
+                    laps(alignment=ScanAttention()),
+                )
+            ),
+            Example(
+                laps(aggregation=DPCKNNAggregation(2, k=2)), error=no_patch_left, skip=discrete
+            ),
         )
 
     def __init__(
