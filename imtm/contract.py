@@ -886,6 +886,16 @@ class Example:
                     + suggest(kind, INPUT_KINDS)
                 )
 
+    @classmethod
+    def variants(cls, *params: Mapping[str, Any], **fields: Any) -> tuple[Example, ...]:
+        """One example per dict of ``params``, all with the same other ``fields``.
+
+        Example:
+            >>> [e.params for e in Example.variants({"k": 2}, {"k": None}, padding=True)]
+            [{'k': 2}, {'k': None}]
+        """
+        return tuple(cls(p, **fields) for p in params)
+
     def build(self, cls: type) -> Any:
         """``cls(**params)``: the block of this example."""
         return cls(**self.params)

@@ -61,7 +61,6 @@ class MeanEmbedding(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (
             Example({"side": "text"}, padding=True),
             Example({"skip_prefix": True}, padding=True),

@@ -63,7 +63,6 @@ class DistanceWeightedMiner(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (Example({"dim": EXAMPLE_DIM, "random_state": 0}),)
 
     def __init__(

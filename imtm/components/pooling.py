@@ -45,6 +45,11 @@ class _Pooling(Component, abstract=True):
     )
     _pooling: str = ""
 
+    @classmethod
+    def _examples(cls) -> tuple[Example, ...]:
+        # Max, mean and sum pooling take no argument but dim; Softmax and LSE pooling add theirs.
+        return (Example({}),)
+
     def _temperature(self) -> float:
         return 1.0
 
@@ -83,11 +88,6 @@ class MaxPooling(_Pooling):
 
     _pooling = "max"
 
-    @classmethod
-    def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
-        return (Example({}),)
-
     def __init__(self, dim: int = -1, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
         self.dim = dim
@@ -113,11 +113,6 @@ class MeanPooling(_Pooling):
 
     _pooling = "mean"
 
-    @classmethod
-    def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
-        return (Example({}),)
-
     def __init__(self, dim: int = -1, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
         self.dim = dim
@@ -142,11 +137,6 @@ class SumPooling(_Pooling):
     """
 
     _pooling = "sum"
-
-    @classmethod
-    def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
-        return (Example({}),)
 
     def __init__(self, dim: int = -1, *, requires=None, provides=None):
         super().__init__(requires=requires, provides=provides)
@@ -176,7 +166,6 @@ class SoftmaxPooling(_Pooling):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (Example({"temperature": 0.1}),)
 
     def __init__(self, temperature: float = 0.1, dim: int = -1, *, requires=None, provides=None):
@@ -217,7 +206,6 @@ class LSEPooling(_Pooling):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (Example({"temperature": 0.01}),)
 
     def __init__(self, temperature: float = 0.1, dim: int = -1, *, requires=None, provides=None):

@@ -78,7 +78,6 @@ class SparseCorrelation(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         intra = {"kind": "intra", "distance": "euclidean", "learnable": False, "beta": 0.5}
         return (
             Example({}, paired=True, error=too_few_pairs),

@@ -179,7 +179,6 @@ class GRUTextEncoder(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         from imtm.data import Vocabulary
 
         vocab = Vocabulary.build([" ".join(EXAMPLE_WORDS)])

@@ -701,7 +701,6 @@ class HFTextEncoder(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         # The packaged random BERT (imtm.weights): no download, no optional package.
         return (
             Example(

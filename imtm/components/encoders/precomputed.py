@@ -75,7 +75,6 @@ class PrecomputedEncoder(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         small = {"in_dim": EXAMPLE_DIM, "out_dim": 6}
         mlp = {"num_layers": 2, "hidden_dim": 5, "residual": True, "activation": "gelu"}
         return (

@@ -487,7 +487,6 @@ class TimmVisionEncoder(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (
             Example(tiny_vit_params(mask_ratio=0.5), inputs={"images": "pixels"}),
             Example(tiny_vit_params(keep_cls=False), inputs={"images": "pixels"}),

@@ -64,7 +64,6 @@ class CrossModalEncoder(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (Example({"dim": EXAMPLE_DIM, "layers": 1, "heads": 2}, paired=True, padding=True),)
 
     def __init__(
@@ -196,7 +195,6 @@ class ImageTextMatchingHead(LinkedComponent):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         encoder = CrossModalEncoder(EXAMPLE_DIM, layers=1, heads=2)
         return (Example({"dim": EXAMPLE_DIM, "encoder": encoder}, paired=True, padding=True),)
 

@@ -168,7 +168,6 @@ class PatchToLexiconHead(TiedEmbedding):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         v = EXAMPLE_VOCAB_SIZE
         return (
             Example(
@@ -288,7 +287,6 @@ class WordToLexiconHead(TiedEmbedding):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         v = EXAMPLE_VOCAB_SIZE
         sizes = {"dim": EXAMPLE_DIM, "embed_dim": 4, "vocab_size": v}
         return (

@@ -69,7 +69,6 @@ class WordMasking(LinkedComponent):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         from imtm.components.encoders.hf_text import HFTextEncoder
 
         encoder = HFTextEncoder("synthetic-bert", out_dim=EXAMPLE_DIM)
@@ -173,7 +172,6 @@ class Reuse(LinkedComponent):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         from imtm.components.scorers.global_cosine import GlobalCosine
 
         names = {"requires": ("image_tokens", "text_tokens"), "provides": ("scores",)}
@@ -246,7 +244,6 @@ class MaskedImageView(LinkedComponent):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         from imtm.components.encoders.timm_vision import TimmVisionEncoder, tiny_vit_params
 
         encoder = TimmVisionEncoder(**tiny_vit_params(mask_ratio=0.5, mask_in_forward=False))

@@ -118,7 +118,6 @@ class DimensionAlignmentLoss(Loss):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (
             Example({}, paired=True, error=too_few_pairs),
             Example({"reduction": "mean", "pairs": "words"}, paired=True, error=too_few_pairs),
@@ -266,7 +265,6 @@ class SpatialConstraintLoss(Loss):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (
             Example({}, paired=True, error=too_few_pairs),
             Example(

@@ -68,7 +68,6 @@ class InfoNCELoss(Loss):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (Example({}), Example({"temperature": 0.1, "learnable": True}))
 
     def __init__(

@@ -115,7 +115,6 @@ class ExpansiveLexiconLoss(Loss):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         other = {
             "label_weights": "one_minus_cost",
             "method": "sinkhorn",
@@ -292,7 +291,6 @@ class LexiconDistillationLoss(Loss):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (
             Example({}, out_dtype=_at_least_float32),
             Example({"direction": "target_first"}, out_dtype=_at_least_float32),

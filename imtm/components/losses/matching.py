@@ -39,7 +39,6 @@ class ImageTextMatchingLoss(Loss):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (Example({}),)
 
     def __init__(self, weight: float = 1.0, *, requires=None, provides=None):
@@ -94,7 +93,6 @@ class MaskedLanguageModelingLoss(Loss):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (Example({}),)
 
     def __init__(self, weight: float = 1.0, *, requires=None, provides=None):

@@ -53,7 +53,6 @@ class RatioLoss(Loss):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (
             Example(
                 {}, nan_unused="reads the image tokens' mask and prefix count, not their features"

@@ -109,7 +109,6 @@ class TripletLoss(Loss):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         from imtm.components.mining import DistanceWeightedMiner
 
         return (

@@ -61,7 +61,6 @@ class TextualPhraseEncoder(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (
             Example({"dim": EXAMPLE_DIM}, padding=True),
             Example({"dim": EXAMPLE_DIM, "windows": (2, 5), "channels": 3}, padding=True),

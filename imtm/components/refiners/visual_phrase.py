@@ -66,7 +66,6 @@ class VisualPhraseEncoder(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (Example({"dim": EXAMPLE_DIM, "heads": 2}, padding=True),)
 
     def __init__(

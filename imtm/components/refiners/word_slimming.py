@@ -84,7 +84,6 @@ class WordSelection(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (
             Example({"dim": EXAMPLE_DIM, "ratio": 0.6}, padding=True),
             Example({"dim": EXAMPLE_DIM, "ratio": 1.0, "beta": 0.0}, padding=True),
@@ -166,7 +165,6 @@ class WordAggregation(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (
             Example({"dim": EXAMPLE_DIM, "num_out": 2}, padding=True),
             Example({"dim": EXAMPLE_DIM, "num_out": 5}, padding=True),

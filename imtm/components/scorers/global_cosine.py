@@ -48,7 +48,6 @@ class GlobalCosine(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (Example({}, padding=True),)
 
     def __init__(self, *, requires=None, provides=None):

@@ -61,16 +61,13 @@ class HardAssignmentCoding(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
-        return tuple(
-            Example(params, padding=True)
-            for params in (
-                {"pooling": "lse", "max_block_elements": 40},
-                {"codebook": "textual", "pooling": "max"},
-                {"pooling": "mean"},
-                {"codebook": "textual", "pooling": "sum"},
-                {"pooling": "softmax", "temperature": 0.01},
-            )
+        return Example.variants(
+            {"pooling": "lse", "max_block_elements": 40},
+            {"codebook": "textual", "pooling": "max"},
+            {"pooling": "mean"},
+            {"codebook": "textual", "pooling": "sum"},
+            {"pooling": "softmax", "temperature": 0.01},
+            padding=True,
         )
 
     def __init__(

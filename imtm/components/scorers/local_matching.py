@@ -58,7 +58,6 @@ class LocalMatching(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (
             Example({"max_block_elements": 40}, padding=True),
             Example({"weighting": "softmax", "tau": 0.05}, padding=True),

@@ -74,7 +74,6 @@ class MatchingReranker(LinkedComponent):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         from imtm.components.heads.cross_modal import CrossModalEncoder, ImageTextMatchingHead
 
         head = ImageTextMatchingHead(

@@ -148,7 +148,6 @@ class PatchScorer(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (Example({"dim": EXAMPLE_DIM}, padding=True, error=no_patch_left),)
 
     def __init__(
@@ -266,7 +265,6 @@ class GumbelSelector(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         unused = "reads the image tokens' mask and prefix count, not their features"
         return (Example({"ratio": 0.5}, error=no_patch_left, nan_unused=unused),)
 
@@ -357,7 +355,6 @@ class TokenAggregation(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (Example({"dim": EXAMPLE_DIM, "num_out": 2}, error=no_patch_left),)
 
     def __init__(
@@ -435,7 +432,6 @@ class DPCKNNAggregation(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         # The cluster centres are a discrete choice (the top density x distance scores): float32
         # rounding can pick another centre than float64 where two scores are close.
         discrete = {"dtypes": "float32 rounding can flip DPC-KNN's choice of a cluster centre"}
@@ -521,7 +517,6 @@ class RedundantFusion(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (Example({}, error=no_patch_left),)
 
     def __init__(self, *, requires=None, provides=None):
@@ -661,7 +656,6 @@ class PatchSlimming(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         from imtm.components.scorers.hard_assignment import HardAssignmentCoding
         from imtm.components.scorers.scan_attention import ScanAttention
         from imtm.components.scorers.sparse_alignment import SparsePatchWordAlignment
@@ -680,15 +674,13 @@ class PatchSlimming(Component):
 
         discrete = {"dtypes": "float32 rounding can flip DPC-KNN's choice of a cluster centre"}
         return (
-            *(
-                Example(params, error=no_patch_left)
-                for params in (
-                    laps(),
-                    laps(fusion=False, max_block_elements=60),
-                    laps(alignment=HardAssignmentCoding(pooling="mean")),
-                    laps(aggregation=None),
-                    laps(alignment=ScanAttention()),
-                )
+            *Example.variants(
+                laps(),
+                laps(fusion=False, max_block_elements=60),
+                laps(alignment=HardAssignmentCoding(pooling="mean")),
+                laps(aggregation=None),
+                laps(alignment=ScanAttention()),
+                error=no_patch_left,
             ),
             Example(
                 laps(aggregation=DPCKNNAggregation(2, k=2)), error=no_patch_left, skip=discrete

@@ -114,16 +114,13 @@ class InterModalPhraseAttention(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         sizes = {"dim": EXAMPLE_DIM, "heads": 2}
-        return tuple(
-            Example({**sizes, **params}, padding=True)
-            for params in (
-                {"direction": "t2i", "k": 2},
-                {"direction": "i2t", "k": None, "max_block_elements": 50},
-                {"direction": "i2t", "k": 3, "feed_forward": False},
-                {"direction": "t2i", "k": None, "average": "cosines", "ffn_dim": 5},
-            )
+        return Example.variants(
+            {**sizes, "direction": "t2i", "k": 2},
+            {**sizes, "direction": "i2t", "k": None, "max_block_elements": 50},
+            {**sizes, "direction": "i2t", "k": 3, "feed_forward": False},
+            {**sizes, "direction": "t2i", "k": None, "average": "cosines", "ffn_dim": 5},
+            padding=True,
         )
 
     def __init__(

@@ -47,7 +47,6 @@ class ScanAttention(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (
             Example({}, padding=True),
             Example({"smooth": 4.0, "max_block_elements": 30}, padding=True),

@@ -60,7 +60,6 @@ class ScoreFusion(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
         return (Example({}),)
 
     def __init__(

@@ -59,14 +59,11 @@ class SoftAssignmentCoding(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
-        return tuple(
-            Example(params, padding=True)
-            for params in (
-                {"codebook": "textual", "pooling": "softmax"},
-                {"tau": 0.01, "pooling": "lse", "max_block_elements": 40},
-                {"pooling": "max"},
-            )
+        return Example.variants(
+            {"codebook": "textual", "pooling": "softmax"},
+            {"tau": 0.01, "pooling": "lse", "max_block_elements": 40},
+            {"pooling": "max"},
+            padding=True,
         )
 
     def __init__(

@@ -57,14 +57,11 @@ class SparsePatchWordAlignment(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
-        return tuple(
-            Example(params, padding=True)
-            for params in (
-                {"max_block_elements": 30},
-                {"direction": "patch_to_word"},
-                {"direction": "word_to_patch"},
-            )
+        return Example.variants(
+            {"max_block_elements": 30},
+            {"direction": "patch_to_word"},
+            {"direction": "word_to_patch"},
+            padding=True,
         )
 
     def __init__(

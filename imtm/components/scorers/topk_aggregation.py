@@ -55,10 +55,8 @@ class TopKAggregation(Component):
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
-        """Small configurations for the sweeps, the conformance battery and the docs."""
-        return tuple(
-            Example(params, padding=True)
-            for params in ({"k": 2}, {"k": None}, {"k": None, "average": "cosines"})
+        return Example.variants(
+            {"k": 2}, {"k": None}, {"k": None, "average": "cosines"}, padding=True
         )
 
     def __init__(
