@@ -639,6 +639,8 @@ def cmd_train(args) -> int:
     for key, value in TRAIN_DEFAULTS.items():
         if getattr(args, key) is None and (recipe is None or key == "preset"):
             setattr(args, key, value)
+            if key == "batch_size":  # a preset may train with its own (presets.TRAIN_BATCH_SIZES)
+                args.batch_size = presets.default_batch_size(args.preset, value)
     args.out = args.out or "runs/imtm"
     view = args.view or ("pixels" if args.preset in presets.PIXEL_PRESETS else "regions")
     train, dev, test = _load_data(args, view=view)
@@ -925,7 +927,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "--batch-size",
                 type=int,
                 default=None,
-                help=f"default {TRAIN_DEFAULTS['batch_size']}",
+                help=f"default {TRAIN_DEFAULTS['batch_size']}; dcpa and laps: 32 (their scorers run "
+                "a network per image-caption pair: O(batch^2) per step)",
             )
             t.add_argument("--lr", type=float, default=None, help=f"default {TRAIN_DEFAULTS['lr']}")
             t.add_argument(

@@ -205,3 +205,30 @@ def test_each_stage_sums_the_negatives_for_dcpas_warm_up(data):
     assert not dict(presets.dcpa(vocab=data[0].vocab, region_dim=8, hardest=False))[
         "intra_loss"
     ].hardest
+
+
+@pytest.mark.parametrize(
+    ("preset", "flags", "expected"),
+    [("dcpa", [], 32), ("dcpa", ["--batch-size", "8"], 8), ("laps", [], 32), ("chan", [], 128)],
+)
+def test_imtm_train_batch_size_default_per_preset(monkeypatch, tmp_path, preset, flags, expected):
+    # DCPA's and LAPS's scorers run a network per image-caption pair (O(B^2) per step): imtm train
+    # gives them batches of 32 unless --batch-size says otherwise; the other presets keep 128.
+    from imtm import Matcher, cli
+
+    seen = {}
+
+    def fit(self, *args, **kwargs):
+        seen["batch_size"] = self.batch_size
+        raise SystemExit(0)  # built and about to train: nothing more to check
+
+    monkeypatch.setenv("IMTM_SYNTHETIC", "n_train=20,n_dev=5,n_test=5")
+    monkeypatch.setattr(Matcher, "fit", fit)
+    with pytest.raises(SystemExit):
+        cli.main(
+            ["train", "--preset", preset, "--data", "synthetic", "--epochs", "2", "--quiet"]
+            + ["--embed-dim", "16", "--word-dim", "8", "--out", str(tmp_path / "run"), *flags]
+        )
+    assert seen["batch_size"] == expected
+    assert presets.default_batch_size(preset) == presets.TRAIN_BATCH_SIZES.get(preset, 128)
+    assert presets.TRAIN_BATCH_SIZES == {"dcpa": 32, "laps": 32}
