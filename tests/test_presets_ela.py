@@ -107,7 +107,7 @@ def test_word_masking_with_the_text_encoder(data_and_model):
     assert bool((labels == -100).all()) and torch.equal(ids.feats, clean)
     # Positions line up with the text encoder's output.
     assert text(caps).num_tokens == clean.shape[1]
-    with pytest.raises(TypeError, match="has no 'tokenize'"):
+    with pytest.raises(TypeError, match="tokenizer must be a block name or a text encoder"):
         WordMasking(tokenizer=torch.nn.Linear(2, 2)).validate()
     with pytest.raises(ValueError, match=r"prob must be a finite number in \[0, 1\]"):
         WordMasking(prob=2).validate()
