@@ -65,6 +65,7 @@ __all__ = [
     "default_block_elements",
     "max_over_keys",
     "normalize_tokens",
+    "order_by_extent",
     "pack_tokens",
     "plan_query_blocks",
     "resolve_option",
@@ -751,6 +752,39 @@ def blocked_pair_scores(
                 parts.append(call(sims, im, tm))
         rows.append(_assemble(parts, 1))
     return _assemble(rows, 0)
+
+
+def order_by_extent(
+    mask: torch.Tensor | None, n: int
+) -> tuple[torch.Tensor | None, list[int] | None]:
+    """Sets ordered by extent, longest first, and their extents in that order (one host read).
+
+    The extent of a set is one past its last real token (masks need not be prefixes). Sorting
+    by it lets a blocked engine cut each block to its longest set, so short sets do not compute
+    the padding of the longest (``blocked_pair_scores(text_extents=)``, DCPA's phrase attention).
+
+    Args:
+        mask: ``(B, n)``, True at real tokens; ``None``: nothing is padded.
+        n: the padded length.
+
+    Returns:
+        ``(order, extents)``: ``order`` ``(B,)`` indexes the sets longest first (stable) and
+        ``extents[b]`` is the extent of set ``order[b]``; ``(None, None)`` when ``mask`` is
+        ``None``, empty, or no set ends in padding (nothing to cut).
+
+    Example:
+        >>> order, ext = order_by_extent(torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 0]]).bool(), 3)
+        >>> order.tolist(), ext
+        ([1, 2, 0], [3, 2, 1])
+    """
+    if mask is None:
+        return None, None
+    last = torch.where(mask, torch.arange(1, n + 1, device=mask.device), 0).amax(1)
+    ext, order = torch.sort(last, descending=True, stable=True)
+    extents = ext.tolist()
+    if not extents or extents[-1] == n:
+        return None, None
+    return order, extents
 
 
 def _runs(extents: list[int], size: int) -> list[int]:

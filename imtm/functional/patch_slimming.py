@@ -41,6 +41,7 @@ from imtm.functional.blocking import (
     check_block_args,
     check_pair_inputs,
     normalize_tokens,
+    order_by_extent,
 )
 from imtm.functional.sparse_alignment import sparse_alignment_from_cosines
 
@@ -1058,7 +1059,7 @@ def patch_slimming_scores(
 
         # Captions sorted by extent (longest first) and each block of them cut to its longest:
         # the padded words of a block's captions are not multiplied. Undone on the outputs.
-        order, extents = _by_extent(text_mask, M)
+        order, extents = order_by_extent(text_mask, M)
         if order is not None:
             texts, words, context = texts[order], words[order], context[order]
             text_mask = None if text_mask is None else text_mask[order]
@@ -1082,19 +1083,6 @@ def patch_slimming_scores(
             scores, decisions = scores[:, back], decisions[:, back]
     prefix = full_mask[:, :p].to(decisions.dtype).unsqueeze(1).expand(Bi, Bt, p)
     return SlimmingOutput(scores, torch.cat([prefix, decisions], dim=-1))
-
-
-def _by_extent(mask: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, list[int] | None]:
-    """Captions ordered by extent (one past their last real word), longest first, and the extents
-    in that order (one host read); ``(None, None)`` when no caption ends in padding."""
-    if mask is None:
-        return None, None
-    last = torch.where(mask, torch.arange(1, n + 1, device=mask.device), 0).amax(1)
-    ext, order = torch.sort(last, descending=True, stable=True)
-    extents = ext.tolist()
-    if not extents or extents[-1] == n:
-        return None, None
-    return order, extents
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -30,6 +30,7 @@ from imtm.functional.blocking import (
     check_pair_inputs,
     default_block_elements,
     normalize_tokens,
+    order_by_extent,
 )
 from imtm.functional.topk import DEFAULT_TOPK, check_average, check_k, topk_mean
 
@@ -683,19 +684,12 @@ def _logits_need_shift(q: torch.Tensor, kp: torch.Tensor, words: int) -> bool:
 def _by_extent(
     mask: torch.Tensor | None, n: int, count: int
 ) -> tuple[torch.Tensor | None, list[int]]:
-    """Sets ordered by extent, longest first, and the extents in that order (one host read).
-
-    The extent of a set is one past its last real token (masks need not be prefixes); ``None``
-    for the order when nothing is padded.
-    """
-    if mask is None:
+    """:func:`~imtm.functional.blocking.order_by_extent`, with every extent at least 1 and ``[n] *
+    count`` when nothing is cut (a set without real tokens still gets one column)."""
+    order, extents = order_by_extent(mask, n)
+    if order is None or extents is None:
         return None, [n] * count
-    last = torch.where(mask, torch.arange(1, n + 1, device=mask.device), 0).amax(1)
-    ext, order = torch.sort(last, descending=True, stable=True)
-    extents = [max(1, e) for e in ext.tolist()]
-    if extents[-1] == n:  # no set is padded at its end: keep the order, cut nothing
-        return None, [n] * len(extents)
-    return order, extents
+    return order, [max(1, e) for e in extents]
 
 
 def _feed_forward_rows(

@@ -570,7 +570,7 @@ def test_patch_slimming_scores_cut_to_caption_extents_equal_the_full_width(seed,
     )
     fast = ps.patch_slimming_scores(v, t, vm, tm, generator=torch.Generator().manual_seed(1), **kw)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(ps, "_by_extent", lambda mask, n: (None, None))
+        m.setattr(ps, "order_by_extent", lambda mask, n: (None, None))
         ref = ps.patch_slimming_scores(
             v, t, vm, tm, generator=torch.Generator().manual_seed(1), **kw
         )
