@@ -22,6 +22,21 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 SHARED_CAPTIONS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "captions"
 
 
+#: The smallest normal float64: a quarter of it is a subnormal number, or 0 under flush-to-zero.
+_SMALLEST_NORMAL = 2.2250738585072014e-308
+
+
+@pytest.fixture(autouse=True)
+def _subnormals_stay_representable():
+    """torch 2.4's inductor loads its CPU kernels from a library built with -ffast-math, which turns
+    on flush-to-zero for the whole process (torch 2.14 does not): a test that compiled a block would
+    change the floats of every later test (hypothesis refuses to draw subnormals then). Restored
+    after such a test; imtm itself never changes it."""
+    yield
+    if _SMALLEST_NORMAL / 4 == 0.0:
+        torch.set_flush_denormal(False)
+
+
 @pytest.fixture
 def shared_captions():
     if not SHARED_CAPTIONS.is_dir():

@@ -179,6 +179,10 @@ def _nonfinite(value: Any) -> bool:
     return False
 
 
+#: What torch's gradient clipping adds to the norm before dividing by it (clip_grad_norm_).
+_CLIP_EPS = 1e-6
+
+
 def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     """The total 2-norm of the parameters' gradients, clipping them to ``max_norm`` when given.
 
@@ -187,19 +191,22 @@ def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tens
     that the blocks whose gradients are non-finite can be told from the others.
     """
     utils = torch.nn.utils
-    if not hasattr(
-        utils, "get_total_norm"
-    ):  # torch < 2.6: clipping as before, scaled even when NaN
-        if max_norm is not None:
-            return utils.clip_grad_norm_(params, max_norm)
+    if not hasattr(utils, "get_total_norm"):
+        # torch < 2.6 has no get_total_norm / clip_grads_with_norm_, and its clip_grad_norm_ scales
+        # the gradients by a NaN factor when the norm is NaN/inf: the same clipping (max_norm over
+        # the norm plus 1e-6, at most 1) by hand, by a factor of 1 when the norm is not finite.
         grads = [p.grad.detach() for p in params if p.grad is not None]
-        return (
-            torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g).float() for g in grads])
-            )
-            if grads
-            else torch.zeros(())
+        if not grads:
+            return torch.zeros(())
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g).float().to(grads[0].device) for g in grads])
         )
+        if max_norm is not None:
+            factor = torch.clamp(max_norm / (norm + _CLIP_EPS), max=1.0)
+            factor = torch.where(torch.isfinite(norm), factor, torch.ones_like(factor))
+            for g in grads:
+                g.mul_(factor.to(g.device))
+        return norm
     # torch's own clip_grad_norm_ is exactly these two calls (one fused kernel per device and dtype)
     norm = utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if max_norm is not None:

@@ -273,13 +273,17 @@ def gumbel_keep_decisions(
         raise ValueError(
             f"gumbel_keep_decisions: noise has shape {tuple(noise.shape)}, scores {tuple(scores.shape)}"
         )
-    a = scores.clamp(eps, 1 - eps)
+    # In float32 at least: in bfloat16 / float16 1 - eps rounds to 1, so a score of 1 would give
+    # an infinite logit (and NaN gradients on torch 2.4, whose clamp passes them at its bound).
+    work = torch.promote_types(scores.dtype, torch.float32)
+    a = scores.to(work).clamp(eps, 1 - eps)
     # (log a + G1) - (log(1 - a) + G2): the two-class softmax is the sigmoid of this difference.
-    logit = torch.log(a) - torch.log1p(-a) + noise.to(scores.dtype)
+    logit = torch.log(a) - torch.log1p(-a) + noise.to(work)
     soft = torch.sigmoid(logit / tau)
     if hard:
-        decision = (logit > 0).to(scores.dtype)
+        decision = (logit > 0).to(work)
         soft = decision + (soft - soft.detach())
+    soft = soft.to(scores.dtype)
     if mask is not None:
         soft = torch.where(mask, soft, torch.zeros((), dtype=soft.dtype, device=soft.device))
     return soft

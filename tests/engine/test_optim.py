@@ -529,12 +529,13 @@ def test_keep_best_skips_epochs_before_a_later_stage_first_trains_a_block(data):
     # Stage "b" trains the image block for the first time, at a learning rate too small to move
     # the ranking: its epoch is still the only candidate (an equal rSum earlier would otherwise
     # be kept), since stage "a" ends with the image block at its initial weights. When both
-    # stages train every block, stage "a" stays a candidate (here the better one).
+    # stages train every block, stage "a" stays a candidate: with the same unmoving stage "b",
+    # its equal (or better) rSum is kept.
     staged = [Stage(epochs=2, train=["text"], name="a"), Stage(epochs=1, lr=1e-9, name="b")]
     m = matcher(data, stages=staged).fit(data, eval_set=data)
     assert (m.best_["stage"], m.best_["epoch"]) == (1, 1)
     assert m.history_[-1]["eval"]["rsum"] == m.best_["rsum"]
-    both = [Stage(epochs=2, name="a"), Stage(epochs=1, lr=500.0, name="b")]
+    both = [Stage(epochs=2, name="a"), Stage(epochs=1, lr=1e-9, name="b")]
     m = matcher(data, stages=both).fit(data, eval_set=data)
     assert m.best_["stage"] == 0
-    assert m.best_["rsum"] > m.history_[-1]["eval"]["rsum"]
+    assert m.best_["rsum"] >= m.history_[-1]["eval"]["rsum"]

@@ -112,6 +112,23 @@ def test_gumbel_scores_at_zero_and_one_give_no_nan():
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hard", [True, False])
+def test_gumbel_half_precision_scores_are_clamped_as_in_float64(dtype, hard):
+    # 1 - eps is 1 in bfloat16 / float16: the logits are computed in float32 at least, so a score of
+    # 1 is clamped there too and strong noise can still drop it (and no gradient is NaN).
+    a = torch.tensor([1.0, 0.0, 0.5, 1.0], dtype=dtype, requires_grad=True)
+    noise = torch.tensor([-20.0, 20.0, 0.25, 3.0])
+    d = gumbel_keep_decisions(a, 0.5, hard=hard, noise=noise.to(dtype))
+    want = gumbel_keep_decisions(a.detach().double(), 0.5, hard=hard, noise=noise.double())
+    assert d.dtype == dtype
+    torch.testing.assert_close(d.double(), want, atol=1e-2, rtol=0.0)
+    if hard:
+        assert d.tolist() == [0.0, 1.0, 1.0, 1.0]
+    (grad,) = torch.autograd.grad(d.float().sum(), a)
+    assert bool(torch.isfinite(grad).all())
+
+
 def test_gumbel_mask_and_bad_inputs():
     a = torch.full((2, 3), 0.999)
     d = gumbel_keep_decisions(

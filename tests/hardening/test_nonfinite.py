@@ -217,6 +217,41 @@ def test_nan_gradient_with_a_finite_loss_is_caught_and_names_the_block(data, gra
 
 
 # ---------------------------------------------------------------- skip: nothing moves, the step counts
+def _grads(seed, shapes=((3, 4), (5,), (2, 2))):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 3.0
+    return params
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.5, 1e3])
+def test_clipping_without_get_total_norm_is_torchs_and_leaves_nan_gradients_alone(
+    monkeypatch, max_norm
+):
+    # torch < 2.6 (no get_total_norm) takes the by-hand path of _grad_norm; it is forced here on
+    # any torch. Finite gradients: torch's clip_grad_norm_ (same norm, same scaled gradients).
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)
+    ours, theirs = _grads(0), _grads(0)
+    norm = training._grad_norm(ours, max_norm)
+    expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in theirs]))
+    if max_norm is not None:
+        expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    torch.testing.assert_close(norm, expected)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad)
+    # A NaN gradient: the norm says so and no other gradient is scaled by it.
+    params, before = _grads(1), _grads(1)
+    params[1].grad[2] = float("nan")
+    norm = training._grad_norm(params, max_norm)
+    assert not bool(torch.isfinite(norm))
+    torch.testing.assert_close(params[0].grad, before[0].grad)
+    torch.testing.assert_close(params[2].grad, before[2].grad)
+    assert int(params[1].grad.isnan().sum()) == 1
+    # No gradient at all: a zero norm.
+    assert float(training._grad_norm([torch.nn.Parameter(torch.zeros(2))], max_norm)) == 0.0
+
+
 def test_skipped_step_leaves_weights_optimizer_and_schedule_unchanged(data, monkeypatch):
     seen = []
     original = training.Trainer.step

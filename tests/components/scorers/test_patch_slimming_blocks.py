@@ -530,17 +530,24 @@ def reference_training_pair(slim, feats, words, noise):
     return score, d
 
 
-def test_training_forward_and_gradient_equal_the_per_pair_loop():
-    from imtm.functional.patch_slimming import logistic_noise
+def test_training_forward_and_gradient_equal_the_per_pair_loop(monkeypatch):
+    import imtm.functional.patch_slimming as ps
 
+    # The block's Gumbel noise, from torch.rand (the same numbers on every torch release; the
+    # exponential draws of logistic_noise changed between releases), with which every pair keeps
+    # 2 to 5 of its 6 patches (asserted below). With a single kept patch every aggregated token
+    # is that patch, their cosines tie, and which token the max's gradient reaches is a choice
+    # (the loop's max takes the first, amax shares it), not a difference of the equations.
+    u = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    noise = u.log() - torch.log1p(-u)
+    monkeypatch.setattr(ps, "logistic_noise", lambda shape, **kw: noise.clone())
     slim = laps(num_out=2).double().train()
     images, texts = image_tokens(n=7, prefix=1), text_tokens()
     feats = images.feats.clone().requires_grad_(True)
     words = texts.feats.clone().requires_grad_(True)
-    torch.manual_seed(5)
     scores, keep = slim(Tokens(feats, num_prefix_tokens=1), Tokens(words, texts.mask))
-    torch.manual_seed(5)
-    noise = logistic_noise((3, 6, 4), dtype=torch.float64)
+    kept = keep[..., 1:].detach().sum(-1)
+    assert bool((kept >= 2).all()) and bool((kept <= 5).all()), kept
     want = torch.zeros(3, 4, dtype=torch.float64)
     want_d = torch.zeros(3, 4, 6, dtype=torch.float64)
     for i in range(3):
