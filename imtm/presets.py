@@ -1019,7 +1019,7 @@ def laps(
     margin: float = 0.2,
     hardest: bool = True,
     warmup_epochs: int = WARMUP_EPOCHS,
-    ratio_weight: float = 1.0,
+    ratio_weight: float = 2.0,
     fusion: bool = True,
     language_context: bool = True,
     calibration: bool = True,
@@ -1047,9 +1047,10 @@ def laps(
     (with ``image="vit_base_patch16_clip_224"`` and its weights: CLIP-initialised LAPS).
 
     Differs from the paper: ``pretrained=False`` by default (random backbone weights; the paper
-    starts from ImageNet ViT-Base / Swin-Base: pass ``pretrained=True`` or ``checkpoint_path``), and
-    the ratio loss weight (1.0 here; the authors' arguments.py defaults ``--ratio_weight`` to 2.0,
-    which :func:`recipe` uses).
+    starts from ImageNet ViT-Base / Swin-Base: pass ``pretrained=True`` or ``checkpoint_path``).
+    The ratio loss (Eq. 10) is weighted 2.0, the default of ``--ratio_weight`` in the authors'
+    ``arguments.py`` (``get_argument_parser``, CrossmodalGroup/LAPS); ``ratio_weight=1.0`` adds
+    it unweighted and measured lower from ``imtm train`` (docs/compare.md).
 
     :math:`N_s = \\lceil \\rho N \\rceil` patches are kept at inference and merged into
     :math:`N_c = \\lfloor \\lambda N_s \\rfloor` tokens; ``N`` is read from the encoder's grid.
@@ -1062,6 +1063,7 @@ def laps(
         text, text_model, word_vectors, freeze_text: the text encoder (:func:`text_encoder`).
         img_size, model_kwargs, pretrained, checkpoint_path: passed to :class:`TimmVisionEncoder`.
         ratio, aggregation: :math:`\\rho` and :math:`\\lambda`; ``None``: the backbone's defaults.
+        ratio_weight: the weight of the ratio loss (Eq. 10) beside the triplet loss (Eq. 9).
         fusion: the fused token of the dropped patches ("without redundant fusion": False).
         language_context: the caption's attention score :math:`a^r` (Eq. 2).
         calibration: the semantic-spatial patch calibration, the aggregation of Eq. 6-7 (Sec. 3.3);
