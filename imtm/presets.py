@@ -37,7 +37,8 @@ DCPA_WARMUP_EPOCHS = 2
 #: batches of 32 make an epoch cheaper and give it 4x as many steps. On the README's command
 #: (500 synthetic training images, 4 epochs, seed 0) DCPA ended at test rSum 137.7 with batch 128
 #: and 289.3 with 32, LAPS at 214.2 and 245.1, against 248.3 for the global baseline (``vsepp``,
-#: batch 128); over seeds 0-2 LAPS 230.6 +- 20.8 and the baseline 231.0 +- 18.9 (docs/compare.md).
+#: batch 128); with its ratio loss weighted 2.0 LAPS reached 242.1 +- 12.2 over seeds 0-4 and the
+#: baseline 222.8 +- 17.5 (docs/compare.md).
 TRAIN_BATCH_SIZES = {"dcpa": 32, "laps": 32}
 
 __all__ = [
