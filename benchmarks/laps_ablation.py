@@ -18,6 +18,7 @@ split (encoding included) per 1,000 image-caption pairs.
 """
 
 import argparse
+import inspect
 import statistics
 import time
 
@@ -109,6 +110,9 @@ def components(kind, kw, train, args):
     }[kind]
     return comps[:2] + [("scorer", scorer), ("loss", TripletLoss(hardest=False))]
 
+
+#: The weight of LAPS's ratio loss in every LAPS row: the preset's default.
+RATIO_WEIGHT = inspect.signature(presets.laps).parameters["ratio_weight"].default
 
 #: Every row's text encoder unless --text says otherwise.
 TEXT_DEFAULT = "synthetic-bert"
@@ -245,7 +249,7 @@ def main():
             + "the triplet loss summed over the negatives (with the frozen ViT the switch to the hardest negative "
             "measured far worse: rSum 39.2 against 120.0 for the global baseline, 300 training images, 2 epochs); "
             f"AdamW at lr {args.lr}, {args.epochs} epochs, batch {args.batch_size}, one thread. LAPS rows add the "
-            "ratio loss (weight 1) and slim with rho = 0.5, lambda = 0.4 (the paper's ViT defaults): "
+            f"ratio loss (weight {RATIO_WEIGHT:g}, the preset's) and slim with rho = 0.5, lambda = 0.4 (the paper's ViT defaults): "
             f"{-(-n_patches // 2)} patches kept, merged into {int(0.4 * -(-n_patches // 2))} tokens. Each cell is "
             f"the mean +- standard deviation over seeds {args.seeds} (the seed sets the data, the initialisation "
             f"of the new layers and the order). Chance: rSum about {3200 / test.n_images:.0f}."

@@ -18,6 +18,7 @@ PRESET_HELP = {
     "dias": "DIAS: region-word matching with dimension-alignment regularisers",
     "laps": "LAPS: a ViT on pixels, patches slimmed by language context, sparse patch-word alignment",
     "ela": "ELA: a ViT and a BERT encoder aligned through a shared lexicon",
+    "vsepp-vit": "the VSE++ baseline on the pixel presets' frozen ViT (compare only)",
 }
 
 #: What ``--data`` accepts, for ``--help``.

@@ -96,3 +96,76 @@ def test_ablation_scripts_quick_mode_prints_a_seeded_page(script, needle, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert needle in proc.stdout and "| model | i2t R@1" in proc.stdout and "+- " in proc.stdout
     assert not out.exists()  # --quick prints; it never overwrites a results page
+
+
+@pytest.fixture
+def ela_ablation():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import ela_ablation
+
+        yield ela_ablation
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_ela_pretrain_arguments(ela_ablation):
+    args = ela_ablation.parse_args(["--quick", "--pretrain", "500"])
+    assert (args.pretrain, args.pretrain_epochs, args.out) == (16, 1, ela_ablation.PRETRAIN_PAGE)
+    assert ela_ablation.parse_args([]).out == ela_ablation.PAGE  # no --pretrain: the Table 6 page
+    for bad in (["--pretrain", "-1"], ["--pretrain", "10", "--pretrain-epochs", "0"]):
+        with pytest.raises(SystemExit):
+            ela_ablation.parse_args(bad)
+
+
+@pytest.mark.slow
+def test_ela_pretrain_fine_tunes_the_pretrained_model(ela_ablation, monkeypatch):
+    # Each row trains on the pre-training split afresh, then continues (warm start) on the
+    # training split: the history of the fine-tuned model holds both runs' epochs.
+    calls = []
+    fit = ela_ablation.Matcher.fit
+
+    def recording_fit(self, data, *a, **kw):
+        out = fit(self, data, *a, **kw)
+        calls.append((data.split, kw.get("warm_start", False), len(self.history_)))
+        return out
+
+    monkeypatch.setattr(ela_ablation.Matcher, "fit", recording_fit)
+    args = ela_ablation.parse_args(["--quick", "--pretrain", "8"])
+    pre = ela_ablation.synthetic.load_pretraining(
+        args.pretrain,
+        image_size=args.image_size,
+        exclude_seeds=(0,),
+        benchmark_sizes={"n_train": args.n_train, "n_dev": 10, "n_test": args.n_test},
+    )
+    results, _, figure, train, _ = ela_ablation.run_seed_pretrain(0, args, pre)
+    assert calls == [("pretrain", False, 1), ("train", True, 2)] * 2
+    assert {s.signature() for s in pre.scenes}.isdisjoint(s.signature() for s in train.scenes)
+    for label in ("ITC + ITM + MLM (baseline)", "+ distillation (ELA)"):
+        for stage in ela_ablation.STAGES:
+            assert 0 <= results[f"{label}, {stage}, ITC ranking"]["rsum"] <= 600
+    assert figure is not None and figure[0][0].startswith("**Test image 0.**")
+
+
+@pytest.mark.slow
+def test_ela_pretrain_quick_mode_prints_both_settings(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    out = tmp_path / "page.md"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "ela_ablation.py"), "--quick", "--pretrain", "8"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for stage in ("zero-shot", "fine-tuned"):
+        for label in ("ITC + ITM + MLM (baseline)", "+ distillation (ELA)"):
+            assert f"| {label}, {stage}, ITC ranking | " in proc.stdout
+        assert (
+            f"Lexicon alignment beats the ITC + ITM baseline ({stage}, ITC ranking):" in proc.stdout
+        )
+    assert "minutes of wall time" in proc.stdout and "--pretrain 8" in proc.stdout
+    assert not out.exists() and not (tmp_path / "docs").exists()  # --quick never writes a page

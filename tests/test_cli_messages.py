@@ -208,6 +208,10 @@ def test_help_lists_presets_formats_examples_and_threads(capsys, command):
     assert "--threads N" in text and "--debug" in text
     if command in ("demo", "train", "compare"):
         assert "presets:" in text and re.search(r"^\s+chan\s+CHAN: ", text, re.MULTILINE)
+        listed = text.split("presets:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        assert listed and all(len(line.split(None, 1)) == 2 for line in listed), (
+            listed
+        )  # each described
     if command in ("train", "evaluate", "compare"):
         assert "data (--data):" in text and "synthetic" in text
     if command == "extract":

@@ -31,6 +31,9 @@ def test_laps_preset_blocks_and_slimming_sizes(data):
     # 4 x 4 = 16 patches: N_s = ceil(0.5 * 16) = 8, N_c = floor(0.4 * 8) = 3
     assert slim.selector.ratio == 0.5 and slim.aggregation.num_out == 3
     assert isinstance(comps["ratio"], RatioLoss) and comps["ratio"].rho == 0.5
+    # Weighted as the authors' arguments.py (--ratio_weight 2.0); 1.0 measured lower (docs/compare.md).
+    assert comps["ratio"].weight == 2.0
+    assert dict(presets.laps(vocab=train.vocab, ratio_weight=1.0, **TINY))["ratio"].weight == 1.0
     ablated = dict(
         presets.laps(
             vocab=train.vocab,
