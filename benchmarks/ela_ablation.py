@@ -418,6 +418,31 @@ def main(argv=None):
     write_page(args.out, lines)
 
 
+def page_lines(title, intro, per_seed, timing, readings, note=None):
+    """A results page: the title, the intro paragraphs, the seeded table, the timing table and the
+    reading of each ``(row, against, label)`` of ``readings`` whose two rows were run."""
+    lines = [title, ""]
+    for block in intro:
+        lines += [block, ""]
+    lines += [*seeded_table(per_seed, extra=(("fit (s)", "fit_s", ".0f"),)), ""]
+    if note:
+        lines += [note, ""]
+    lines += [
+        *markdown_table(
+            ["row", "fit (s)", "eval, both rankings (s)", "training losses, last epoch"],
+            "lrrl",
+            timing,
+        ),
+        "",
+        "## Reading the table (written from the numbers above by the script)",
+        "",
+    ]
+    for row, against, label in readings:
+        if row in per_seed and against in per_seed:
+            lines += [claim_reading(per_seed, row, against, label), ""]
+    return lines
+
+
 def finetune_page(args, seeds, start):
     """Table 6 rows fine-tuned from the packaged backbones: the lines of docs/results/ela.md."""
     per_seed: dict[str, list] = {}
@@ -444,31 +469,18 @@ def finetune_page(args, seeds, start):
             "[ela_pretraining.md](ela_pretraining.md)."
         ),
     ]
-    lines = [f"# ELA on the synthetic benchmark ({len(seeds)} seeds)", ""]
-    for block in intro:
-        lines += [block, ""]
-    lines += [
-        *seeded_table(per_seed, extra=(("fit (s)", "fit_s", ".0f"),)),
-        "",
-        *markdown_table(
-            ["row", "fit (s)", "eval, both rankings (s)", "training losses, last epoch"],
-            "lrrl",
-            timing,
-        ),
-        "",
-        "## Reading the table (written from the numbers above by the script)",
-        "",
-    ]
     base, ela = ROWS[0][0], FULL_ROW
-    for rank in ("ITC ranking", f"ITC top-{args.rerank_k} re-ranked by ITM"):
-        a, b = f"{ela}, {rank}", f"{base}, {rank}"
-        if a in per_seed and b in per_seed:
-            lines += [
-                claim_reading(
-                    per_seed, a, b, f"Lexicon alignment beats the ITC + ITM baseline ({rank}):"
-                ),
-                "",
-            ]
+    readings = [
+        (
+            f"{ela}, {rank}",
+            f"{base}, {rank}",
+            f"Lexicon alignment beats the ITC + ITM baseline ({rank}):",
+        )
+        for rank in ("ITC ranking", f"ITC top-{args.rerank_k} re-ranked by ITM")
+    ]
+    lines = page_lines(
+        f"# ELA on the synthetic benchmark ({len(seeds)} seeds)", intro, per_seed, timing, readings
+    )
     if full is not None:
         lines += figure_lines(*lexicon_predictions(full, test))
     return lines
@@ -517,40 +529,24 @@ def pretrain_page(args, seeds, start):
             f"two-stage retrieval (the matching head re-ranking each query's top-{args.rerank_k})."
         ),
     ]
-    lines = [
-        f"# ELA pre-trained on the pre-training split, zero-shot and fine-tuned ({len(seeds)} seeds)",
-        "",
-    ]
-    for block in intro:
-        lines += [block, ""]
-    lines += [
-        *seeded_table(per_seed, extra=(("fit (s)", "fit_s", ".0f"),)),
-        "",
-        "fit (s): the training time of that setting (pre-training for zero-shot, fine-tuning for fine-tuned).",
-        "",
-        *markdown_table(
-            ["row", "fit (s)", "eval, both rankings (s)", "training losses, last epoch"],
-            "lrrl",
-            timing,
-        ),
-        "",
-        "## Reading the table (written from the numbers above by the script)",
-        "",
-    ]
     base, ela = ROWS[0][0], FULL_ROW
-    for stage in STAGES:
-        for rank in ("ITC ranking", f"ITC top-{args.rerank_k} re-ranked by ITM"):
-            a, b = f"{ela}, {stage}, {rank}", f"{base}, {stage}, {rank}"
-            if a in per_seed and b in per_seed:
-                lines += [
-                    claim_reading(
-                        per_seed,
-                        a,
-                        b,
-                        f"Lexicon alignment beats the ITC + ITM baseline ({stage}, {rank}):",
-                    ),
-                    "",
-                ]
+    readings = [
+        (
+            f"{ela}, {stage}, {rank}",
+            f"{base}, {stage}, {rank}",
+            f"Lexicon alignment beats the ITC + ITM baseline ({stage}, {rank}):",
+        )
+        for stage in STAGES
+        for rank in ("ITC ranking", f"ITC top-{args.rerank_k} re-ranked by ITM")
+    ]
+    lines = page_lines(
+        f"# ELA pre-trained on the pre-training split, zero-shot and fine-tuned ({len(seeds)} seeds)",
+        intro,
+        per_seed,
+        timing,
+        readings,
+        note="fit (s): the training time of that setting (pre-training for zero-shot, fine-tuning for fine-tuned).",
+    )
     if figure is not None:
         lines += figure_lines(*figure, "zero-shot, after pre-training")
     return lines
