@@ -12,15 +12,36 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 ROOT = BENCH.parent
 
 
-@pytest.fixture(scope="module")
-def results():
+def _bench_module(name):
+    """Import ``benchmarks/<name>.py`` (the folder on ``sys.path`` while the fixture lives)."""
+    import importlib
+
     sys.path.insert(0, str(BENCH))
     try:
-        import _results
-
-        yield _results
+        yield importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
+
+
+def _run_quick(tmp_path, script, *args):
+    """``benchmarks/<script> --quick *args`` in a fresh process, from ``tmp_path``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def results():
+    yield from _bench_module("_results")
 
 
 def _runs(values):
@@ -82,31 +103,15 @@ def test_claim_reading_needs_its_rows(results):
     ],
 )
 def test_ablation_scripts_quick_mode_prints_a_seeded_page(script, needle, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     out = tmp_path / "page.md"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / script), "--quick", "--out", str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _run_quick(tmp_path, script, "--out", str(out))
     assert needle in proc.stdout and "| model | i2t R@1" in proc.stdout and "+- " in proc.stdout
     assert not out.exists()  # --quick prints; it never overwrites a results page
 
 
 @pytest.fixture
 def ela_ablation():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import ela_ablation
-
-        yield ela_ablation
-    finally:
-        sys.path.remove(str(BENCH))
+    yield from _bench_module("ela_ablation")
 
 
 def test_ela_pretrain_arguments(ela_ablation):
@@ -149,18 +154,8 @@ def test_ela_pretrain_fine_tunes_the_pretrained_model(ela_ablation, monkeypatch)
 
 @pytest.mark.slow
 def test_ela_pretrain_quick_mode_prints_both_settings(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     out = tmp_path / "page.md"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "ela_ablation.py"), "--quick", "--pretrain", "8"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _run_quick(tmp_path, "ela_ablation.py", "--pretrain", "8")
     for stage in ("zero-shot", "fine-tuned"):
         for label in ("ITC + ITM + MLM (baseline)", "+ distillation (ELA)"):
             assert f"| {label}, {stage}, ITC ranking | " in proc.stdout
