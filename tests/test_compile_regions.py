@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 from imtm.components import GRUTextEncoder, TripletLoss
 from imtm.components.losses import InfoNCELoss
+from imtm.components.losses.matching import MaskedLanguageModelingLoss
 from imtm.data import Vocabulary
 from imtm.functional.losses import triplet_loss
 
@@ -40,6 +41,30 @@ def test_losses_compile_fullgraph(make):
     torch.testing.assert_close(got, loss(scores, _positives(6)))
     got.backward()
     assert scores.grad is not None and torch.isfinite(scores.grad).all()
+
+
+@pytest.mark.parametrize("n_picked", [0, 1, 4])
+def test_masked_lm_loss_compiles_fullgraph_whatever_the_number_of_picked_words(n_picked):
+    # The number of picked words depends on the draw: selecting them would make a data-dependent
+    # size, which fullgraph=True refuses. Compared with the mean of Eq. 11 over the picked words.
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(n_picked)
+    logits = torch.randn(3, 5, 11, generator=gen, requires_grad=True)
+    labels = torch.full((3, 5), -100)
+    where = torch.randperm(15, generator=gen)[:n_picked]
+    labels.view(-1)[where] = torch.randint(0, 11, (n_picked,), generator=gen)
+    compiled = torch.compile(MaskedLanguageModelingLoss(), fullgraph=True, backend="eager")
+    got = compiled(logits, labels)
+    terms = [
+        -torch.log_softmax(logits[b, j], -1)[labels[b, j]]
+        for b in range(3)
+        for j in range(5)
+        if labels[b, j] != -100
+    ]
+    want = torch.stack(terms).mean() if terms else torch.tensor(0.0)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
 
 def test_loss_checks_still_run_eagerly():

@@ -173,3 +173,29 @@ def test_contrastive_and_matching_see_whole_images_in_training(data_and_model):
     # Without a lexicon loss nothing is masked and there is no second view.
     base = make(folder, lexicon=False, expansion=False, distillation=False, mlm=False)
     assert "masked_image" not in [n for n, _ in base.components]
+
+
+def test_compiled_ela_keeps_word_masking_eager_and_compiles_without_falling_back(
+    data_and_model, monkeypatch
+):
+    # WordMasking tokenises strings and draws the corruption: traced, its draws over a caption-length
+    # shape failed (a fake-tensor error) and the block fell back to eager with a warning. The eager
+    # backend traces with Dynamo as Inductor does, without generating code.
+    import functools
+    import warnings
+
+    from imtm.matcher import _CompiledCall
+
+    train, test, folder = data_and_model
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    m = make(folder)
+    m.set_params(compile=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.fit(train)
+    failed = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
+    assert not failed, failed
+    compiled = {n: isinstance(b._compiled_call_impl, _CompiledCall) for n, b in m.components_.items()}
+    assert compiled["masking"] is False and not WordMasking.compiles
+    assert compiled["p2l"] is True, compiled

@@ -66,6 +66,10 @@ class WordMasking(LinkedComponent):
     )
     _borrowed = ("tokenizer", "_linked")
     _target_param = "tokenizer"
+    # Tokenising strings and drawing the corruption is host-side work with nothing to fuse, and the
+    # draws over a caption-length shape failed to trace (torch.rand under fake tensors): compiling it
+    # only cost a failed compilation and a warning, so Matcher(compile=True) keeps it eager.
+    compiles = False
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:

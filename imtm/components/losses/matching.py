@@ -106,8 +106,13 @@ class MaskedLanguageModelingLoss(Loss):
                 f"{name}: expected cross_lexicon (B, L, V) and mlm_labels (B, L), got "
                 f"{tuple(cross_lexicon.shape)} and {tuple(mlm_labels.shape)}"
             )
-        picked = mlm_labels != IGNORE_INDEX
-        logits = cross_lexicon[picked]
-        if logits.shape[0] == 0:
-            return cross_lexicon.sum() * 0.0
-        return F.cross_entropy(logits, mlm_labels[picked])
+        # Summed over the picked words and divided by their count (at least 1): the mean of Eq. 11
+        # without selecting the picked rows, whose number depends on the data and would break a
+        # torch.compile(fullgraph=True) graph; a batch with no picked word gives 0 (not NaN).
+        nll = F.cross_entropy(
+            cross_lexicon.flatten(0, 1),
+            mlm_labels.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        return nll / (mlm_labels != IGNORE_INDEX).sum().clamp_min(1)
