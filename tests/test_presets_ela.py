@@ -196,6 +196,8 @@ def test_compiled_ela_keeps_word_masking_eager_and_compiles_without_falling_back
         m.fit(train)
     failed = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
     assert not failed, failed
-    compiled = {n: isinstance(b._compiled_call_impl, _CompiledCall) for n, b in m.components_.items()}
+    compiled = {
+        n: isinstance(b._compiled_call_impl, _CompiledCall) for n, b in m.components_.items()
+    }
     assert compiled["masking"] is False and not WordMasking.compiles
     assert compiled["p2l"] is True, compiled
