@@ -785,7 +785,7 @@ def cmd_extract(args) -> int:
 
 def cmd_compare(args) -> int:
     """Train every named preset on the same data and budget; write the table (Markdown, CSV) and a plot."""
-    from imtm.compare import CompareSettings, compare, markdown_table
+    from imtm.compare import CompareSettings, compare, markdown_seed_table, markdown_table
 
     s = CompareSettings(
         epochs=args.epochs,
@@ -808,9 +808,17 @@ def cmd_compare(args) -> int:
     if args.quick:
         s.n_train, s.n_dev, s.n_test, s.embed_dim, s.word_dim, s.batch_size = 40, 5, 20, 16, 16, 16
         print(smoke, flush=True)
-    rows = compare(args.presets, data=args.data, settings=s, out=args.out, verbose=not args.quiet)
+    rows = compare(
+        args.presets,
+        data=args.data,
+        settings=s,
+        out=args.out,
+        verbose=not args.quiet,
+        seeds=args.seeds,
+    )
     print()
-    print(markdown_table(rows))
+    several = len({r["seed"] for r in rows}) > 1
+    print(markdown_seed_table(rows) if several else markdown_table(rows))
     if rows:
         from imtm.metrics import chance_metrics
 
@@ -1149,6 +1157,13 @@ def build_parser() -> argparse.ArgumentParser:
         "default) on the cached tokens",
     )
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S0,S1,...",
+        help="run the whole comparison once per seed (e.g. 0,1,2) and report every number as "
+        "mean +- std over them, with each preset's rSum per seed (replaces --seed)",
+    )
     c.add_argument(
         "--out",
         default="runs/compare",

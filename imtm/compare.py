@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,9 @@ __all__ = [
     "CompareSettings",
     "baseline_reading",
     "compare",
+    "markdown_seed_table",
+    "markdown_table",
+    "mean_rows",
     "plot_recall",
     "write_results",
 ]
@@ -143,8 +147,16 @@ def build_components(name: str, train, s: CompareSettings, workdir: Path) -> tup
     else:
         vit = {"model_name": "vit_tiny_patch16_224", "model_kwargs": _vit(s)}
         vit_label = f"ViT ({s.vit_depth} blocks, scratch)"
+    # Pixel presets share one text encoder, so that each is measured against the baseline on the same
+    # encoders: with the packaged backbones it is synthetic-bert (the papers' BERT role, as in
+    # `imtm train`), fine-tuned; from scratch, a GRU (LAPS, vsepp-vit) or a small BERT (ELA).
+    if s.backbones == "synthetic":
+        text_kw: dict[str, Any] = {"text": "bert", "text_model": "synthetic-bert"}
+        text_label = "BERT synthetic-bert (pre-trained, fine-tuned)"
+    else:
+        text_kw, text_label = {"text": "gru", "vocab": train.vocab}, "GRU"
     if name == "vsepp-vit":
-        from imtm.components import GlobalCosine, GRUTextEncoder, TimmVisionEncoder, TripletLoss
+        from imtm.components import GlobalCosine, TimmVisionEncoder, TripletLoss
 
         comps = [
             (
@@ -157,15 +169,19 @@ def build_components(name: str, train, s: CompareSettings, workdir: Path) -> tup
                     freeze=freeze,
                 ),
             ),
-            ("text", GRUTextEncoder(vocab=train.vocab, out_dim=s.embed_dim, word_dim=s.word_dim)),
+            (
+                "text",
+                presets.text_encoder(
+                    **text_kw, embed_dim=s.embed_dim, word_dim=s.word_dim, preset="vsepp-vit"
+                ),
+            ),
             ("scorer", GlobalCosine()),
             ("loss", TripletLoss(margin=0.2, hardest=not freeze)),
         ]
-        return comps, f"{vit_label}; GRU; mean-pooled cosine"
+        return comps, f"{vit_label}; {text_label}; mean-pooled cosine"
     if name == "laps":
         comps = presets.laps(
-            vocab=train.vocab,
-            text="gru",
+            **text_kw,
             model_name=vit["model_name"],
             img_size=size,
             embed_dim=s.embed_dim,
@@ -175,14 +191,11 @@ def build_components(name: str, train, s: CompareSettings, workdir: Path) -> tup
         dict(comps)["image"].set_params(freeze=freeze)
         if freeze:
             dict(comps)["loss"].set_params(hardest=False)
-        return comps, f"{vit_label}; GRU"
+        return comps, f"{vit_label}; {text_label}"
     if name == "ela":
         heads = 2 if s.embed_dim % 2 == 0 else 1
         if s.backbones == "synthetic":
-            text_model, text_label = (
-                "synthetic-bert",
-                "BERT synthetic-bert (pre-trained, fine-tuned)",
-            )
+            text_model = text_kw["text_model"]
         else:
             from imtm.components.encoders.hf_text import write_local_bert
 
@@ -345,6 +358,7 @@ def compare(
     settings: CompareSettings | None = None,
     out: str | Path | None = None,
     verbose: bool = True,
+    seeds=None,
 ) -> list[dict]:
     """Train each preset on the same data and budget; evaluate all on the same test split.
 
@@ -355,9 +369,14 @@ def compare(
         settings: the shared budget (:class:`CompareSettings`; default sizes when ``None``).
         out: folder for ``compare.md``, ``compare.csv`` and ``compare_recall.png`` (``None``: no files).
         verbose: print one line per preset as it finishes.
+        seeds: several seeds (e.g. ``[0, 1, 2]``): the whole comparison runs once per seed (data,
+            initialisation and order follow the seed, as ``settings.seed`` does), the rows of every
+            seed are returned, and the page gives each number as the mean +- standard deviation
+            over the seeds, each preset's rSum per seed, and its difference from the global
+            baseline per seed. ``None``: ``settings.seed`` alone.
 
     Returns:
-        One dict per preset: ``preset``, ``view``, ``encoders``, the six recalls, ``rsum``,
+        One dict per preset (and per seed): ``preset``, ``seed``, ``view``, ``encoders``, the six recalls, ``rsum``,
         ``train_s`` (fit wall time), ``score_ms_per_1k_pairs`` (wall time of
         ``Matcher.similarity`` on the test split, encoding included, per 1,000 image-caption
         pairs), ``n_test_images``, ``n_test_captions``, ``backbone_cached`` (whether the row
@@ -400,6 +419,16 @@ def compare(
         )
     if "dcpa" in names and s.epochs < 2:
         raise ValueError("compare: DCPA trains in two stages and needs epochs >= 2 (one per stage)")
+    if seeds is not None:
+        seeds = _check_seeds(seeds)
+        rows = []
+        for seed in seeds:
+            if verbose:
+                print(f"seed {seed}:", flush=True)
+            rows += compare(names, data=data, settings=replace(s, seed=seed), verbose=verbose)
+        if out is not None:
+            write_results(rows, out, s, data=data, names=names)
+        return rows
     splits: dict[str, tuple] = {}
     cache: dict[tuple, tuple] = {}
     rows = []
@@ -446,6 +475,7 @@ def compare(
             res = retrieval_metrics(sims, test.caption_to_image)
             row = {
                 "preset": name,
+                "seed": s.seed,
                 "view": view,
                 "encoders": encoders,
                 **{k: float(res[k]) for k in RECALL_KEYS},
@@ -467,6 +497,81 @@ def compare(
     if out is not None:
         write_results(rows, out, s, data=data, names=names)
     return rows
+
+
+def _check_seeds(seeds) -> list[int]:
+    """``seeds`` as a list of distinct ints (a list, or a comma-separated string such as ``"0,1,2"``)."""
+    if isinstance(seeds, str):
+        try:
+            seeds = [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(
+                f"compare: seeds must be integers separated by commas (e.g. '0,1,2'), got {seeds!r}"
+            ) from None
+    seeds = list(seeds)
+    if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise ValueError(f"compare: seeds must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"compare: seeds must be distinct, got {seeds!r}")
+    return seeds
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _by_preset(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows of each preset (in the order presets first appear), one per seed."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["preset"], []).append(r)
+    return out
+
+
+def mean_rows(rows: list[dict]) -> list[dict]:
+    """One row per preset with every number averaged over its seeds (``rsum_std`` and ``seeds`` added).
+
+    Example:
+        >>> rows = [{"preset": "vsepp", "seed": s, "view": "regions", "encoders": "e", "rsum": v}
+        ...         for s, v in ((0, 200.0), (1, 210.0))]
+        >>> [(r["preset"], r["rsum"], round(r["rsum_std"], 2), r["seeds"]) for r in mean_rows(rows)]
+        [('vsepp', 205.0, 7.07, [0, 1])]
+    """
+    out = []
+    for group in _by_preset(rows).values():
+        row = dict(group[0])
+        for k, v in group[0].items():
+            if isinstance(v, float):
+                row[k] = statistics.fmean(float(g[k]) for g in group)
+        row["rsum_std"] = _mean_std([float(g["rsum"]) for g in group])[1]
+        row["seeds"] = [g.get("seed") for g in group]
+        row["rsum_by_seed"] = [float(g["rsum"]) for g in group]
+        out.append(row)
+    return out
+
+
+def markdown_seed_table(rows: list[dict]) -> str:
+    """The results over several seeds: each recall and rSum as mean +- std, and rSum per seed."""
+    by = _by_preset(rows)
+    seeds = [g.get("seed") for g in next(iter(by.values()))] if by else []
+    head = (
+        "| preset | view | encoders | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 "
+        "| rSum | "
+        + " | ".join(f"rSum seed {x}" for x in seeds)
+        + " | train (s) | scoring (ms / 1k pairs) |"
+    )
+    lines = [head, "| --- | --- | --- |" + " ---: |" * (9 + len(seeds))]
+    for name, group in by.items():
+        cells = [name, group[0]["view"], group[0]["encoders"]]
+        for k in (*RECALL_KEYS, "rsum"):
+            m, sd = _mean_std([float(g[k]) for g in group])
+            cells.append(f"{m:.1f} +- {sd:.1f}")
+        cells += [f"{float(g['rsum']):.1f}" for g in group]
+        cells.append(f"{statistics.fmean(float(g['train_s']) for g in group):.1f}")
+        cells.append(f"{statistics.fmean(float(g['score_ms_per_1k_pairs']) for g in group):.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -503,6 +608,8 @@ def baseline_reading(rows: list[dict]) -> list[str]:
         >>> baseline_reading(rows)
         ['- chan: rSum 250.0 against vsepp 200.0 (+50.0): above the global baseline.']
     """
+    if len({r.get("seed") for r in rows}) > 1:
+        return _baseline_reading_over_seeds(rows)
     by_name = {r["preset"]: r for r in rows}
     lines = []
     for r in rows:
@@ -519,6 +626,42 @@ def baseline_reading(rows: list[dict]) -> list[str]:
             f"- {r['preset']}: rSum {r['rsum']:.1f} against {base} {by_name[base]['rsum']:.1f} ({d:+.1f}): "
             + ("above" if d > 0 else "not above")
             + f" the global baseline{differ}."
+        )
+    return lines
+
+
+def _baseline_reading_over_seeds(rows: list[dict]) -> list[str]:
+    """:func:`baseline_reading` over several seeds: each seed's difference, their mean +- std."""
+    by = _by_preset(rows)
+    lines = []
+    for name, group in by.items():
+        base = BASELINES.get(group[0]["view"])
+        if base is None or name == base or base not in by:
+            continue
+        theirs = {g.get("seed"): float(g["rsum"]) for g in by[base]}
+        pairs = [(g.get("seed"), float(g["rsum"])) for g in group if g.get("seed") in theirs]
+        diffs = [mine - theirs[seed] for seed, mine in pairs]
+        if not diffs:
+            continue
+        (m, sd), (bm, bsd) = _mean_std([v for _, v in pairs]), _mean_std(list(theirs.values()))
+        dm, dsd = _mean_std(diffs)
+        above = sum(d > 0 for d in diffs)
+        mine_enc, their_enc = (
+            [part.strip() for part in x["encoders"].split(";")[:2]] for x in (group[0], by[base][0])
+        )
+        differ = (
+            f" (the encoders differ: {'; '.join(mine_enc)} here)" if mine_enc != their_enc else ""
+        )
+        verdict = (
+            "above the global baseline on every seed"
+            if above == len(diffs)
+            else f"above the global baseline on {above} of {len(diffs)} seeds"
+            if above
+            else "not above the global baseline on any seed"
+        )
+        lines.append(
+            f"- {name}: rSum {m:.1f} +- {sd:.1f} against {base} {bm:.1f} +- {bsd:.1f}; difference per "
+            f"seed {', '.join(f'{d:+.1f}' for d in diffs)} ({dm:+.1f} +- {dsd:.1f}): {verdict}{differ}."
         )
     return lines
 
@@ -556,17 +699,26 @@ def write_results(
     names = names or [r["preset"] for r in rows]
     n_img, n_cap = (rows[0]["n_test_images"], rows[0]["n_test_captions"]) if rows else (0, 0)
     patch = 8 if s.backbones == "synthetic" else s.patch_size
+    seeds = list(dict.fromkeys(r.get("seed", s.seed) for r in rows)) or [s.seed]
+    several = len(seeds) > 1
+    seed_flag = f"--seeds {','.join(map(str, seeds))}" if several else f"--seed {seeds[0]}"
     command = (
         f"imtm compare --presets {','.join(names)} --data {data} --epochs {s.epochs} "
         f"--n-train {s.n_train} --n-test {s.n_test} --batch-size {s.batch_size} --lr {s.lr} "
-        f"--embed-dim {s.embed_dim} --image-size {s.image_size} --backbones {s.backbones} --seed {s.seed}"
+        f"--embed-dim {s.embed_dim} --image-size {s.image_size} --backbones {s.backbones} {seed_flag}"
+    )
+    seed_words = (
+        f"seeds {', '.join(map(str, seeds))}: each seed draws its own scenes, initialisation and order; "
+        "every number is the mean +- standard deviation over the seeds"
+        if several
+        else f"seed {seeds[0]}"
     )
     text = [
         "# Presets compared on one budget",
         "",
         (
             f"Generated by `{command}` (never typed by hand). Every row: the same training split "
-            f"({s.n_train} images x 5 captions of the {data} data, seed {s.seed}), {s.epochs} epochs, batch "
+            f"({s.n_train} images x 5 captions of the {data} data, {seed_words}), {s.epochs} epochs, batch "
             f"{s.batch_size}, AdamW at lr {s.lr}, embedding width {s.embed_dim}, triplet losses summed over "
             f"negatives for the first epoch and on the hardest negative after (the presets' warm-up), tested on {n_img} images x {n_cap} captions. Region presets read the regions view; "
             + (
@@ -585,7 +737,7 @@ def write_results(
             "(encoding included) per 1,000 image-caption pairs, on this machine."
         ),
         "",
-        markdown_table(rows),
+        markdown_seed_table(rows) if several else markdown_table(rows),
         "",
     ]
     reading = baseline_reading(rows)
@@ -600,6 +752,7 @@ def write_results(
     with open(paths["csv"], "w", newline="") as f:
         fields = [
             "preset",
+            "seed",
             "view",
             "encoders",
             *RECALL_KEYS,
@@ -621,10 +774,11 @@ def write_results(
                     if k in fields
                 }
             )
-    plot = plot_recall(rows, out / "compare_recall.png")
+    plot = plot_recall(mean_rows(rows) if several else rows, out / "compare_recall.png")
     if plot is not None:
         paths["plot"] = plot
-        text += ["![recall@K of every preset](compare_recall.png)", ""]
+        what = "mean recall@K over the seeds" if several else "recall@K"
+        text += [f"![{what} of every preset](compare_recall.png)", ""]
     paths["markdown"].write_text("\n".join(text))
     return paths
 

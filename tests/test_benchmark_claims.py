@@ -164,3 +164,55 @@ def test_ela_pretrain_quick_mode_prints_both_settings(tmp_path):
         )
     assert "minutes of wall time" in proc.stdout and "--pretrain 8" in proc.stdout
     assert not out.exists() and not (tmp_path / "docs").exists()  # --quick never writes a page
+
+
+@pytest.fixture
+def laps_selection():
+    yield from _bench_module("laps_selection")
+
+
+def test_laps_selection_readings_match_a_loop(laps_selection):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    n_img, n_cap, n = 3, 7, 9
+    keep = torch.rand(n_img, n_cap, n, generator=gen) < 0.5
+    touched = torch.rand(n_img, n, generator=gen) < 0.3
+    touched[2] = False  # an image without objects counts in no precision or recall
+    owner = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    got = laps_selection.selection_readings(keep, touched, owner)
+    prec, rec, best, foreign = [], [], [], []
+    for c in range(n_cap):
+        i, o = int(owner[c]), (int(owner[c]) + 1) % n_img
+        k, t = keep[i, c].tolist(), touched[i].tolist()
+        if any(t):
+            both = sum(a and b for a, b in zip(k, t))
+            prec.append(both / max(1, sum(k)))
+            rec.append(both / sum(t))
+            best.append(min(sum(k), sum(t)) / sum(t))
+        kf, tf = keep[o, c].tolist(), touched[o].tolist()
+        if any(tf):
+            foreign.append(sum(a and b for a, b in zip(kf, tf)) / max(1, sum(kf)))
+    jac = []
+    for i in range(n_img):
+        mine = [c for c in range(n_cap) if int(owner[c]) == i]
+        a, b = keep[i, mine[0]].tolist(), keep[i, mine[1]].tolist()
+        jac.append(sum(x and y for x, y in zip(a, b)) / max(1, sum(x or y for x, y in zip(a, b))))
+    want = {
+        "precision": statistics.fmean(prec),
+        "recall": statistics.fmean(rec),
+        "best_recall": statistics.fmean(best),
+        "precision_foreign": statistics.fmean(foreign),
+        "jaccard": statistics.fmean(jac),
+        "object_fraction": float(touched.float().mean()),
+    }
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_laps_selection_quick_mode_prints_its_table(tmp_path):
+    proc = _run_quick(tmp_path, "laps_selection.py", "--out", str(tmp_path / "page.md"))
+    assert "| precision: kept patches on an object, own caption |" in proc.stdout
+    assert "Read from the table: the kept patches lie on an object" in proc.stdout
+    assert not (tmp_path / "page.md").exists()

@@ -130,3 +130,43 @@ def test_compare_pixel_rows_fine_tune_the_packaged_backbones(tmp_path):
     md = (tmp_path / "compare.md").read_text()
     assert "--backbones synthetic" in md and "(64x64 pixels, 64 patches of 8x8)" in md
     assert "- laps: rSum" in md and "against vsepp-vit" in md
+
+
+def test_compare_over_seeds_writes_mean_std_and_the_difference_per_seed(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--presets", "vsepp,chan", "--epochs", "1", "--quick", "--quiet"]
+    assert main([*argv, "--seeds", "3,5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "rSum seed 3 | rSum seed 5" in printed
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["preset"], r["seed"]) for r in rows] == [
+        ("vsepp", "3"),
+        ("chan", "3"),
+        ("vsepp", "5"),
+        ("chan", "5"),
+    ]
+    # Each seed's rows are the single-seed run of that seed (runs are deterministic per seed).
+    single = tmp_path / "one"
+    assert main([*argv, "--seed", "5", "--out", str(single)]) == 0
+    with open(single / "compare.csv") as f:
+        (one_vsepp, one_chan) = list(csv.DictReader(f))
+    assert float(one_chan["rsum"]) == pytest.approx(float(rows[3]["rsum"]), abs=1e-3)
+    assert float(one_vsepp["rsum"]) == pytest.approx(float(rows[2]["rsum"]), abs=1e-3)
+    md = (out / "compare.md").read_text()
+    assert "--seeds 3,5" in md and "mean +- standard deviation over the seeds" in md
+    rsums = {(r["preset"], r["seed"]): float(r["rsum"]) for r in rows}
+    chan = [rsums[("chan", s)] for s in ("3", "5")]
+    mean = sum(chan) / 2
+    std = abs(chan[0] - chan[1]) / 2**0.5
+    line = next(x for x in md.splitlines() if x.startswith("| chan |"))
+    assert f"{mean:.1f} +- {std:.1f}" in line
+    diffs = [rsums[("chan", s)] - rsums[("vsepp", s)] for s in ("3", "5")]
+    reading = next(x for x in md.splitlines() if x.startswith("- chan: rSum"))
+    assert f"difference per seed {diffs[0]:+.1f}, {diffs[1]:+.1f}" in reading
+
+
+@pytest.mark.parametrize("seeds", ["", "0,x", "1,1", [True]])
+def test_compare_refuses_bad_seeds(seeds):
+    with pytest.raises(ValueError, match="seeds"):
+        compare("vsepp", settings=CompareSettings(epochs=1, n_train=8, n_test=4), seeds=seeds)
