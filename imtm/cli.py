@@ -799,6 +799,7 @@ def cmd_compare(args) -> int:
         backbones=args.backbones,
         freeze_backbone=not args.fine_tune_backbone,
         cache_backbone=args.backbone_cache,
+        warmup_epochs=args.warmup_epochs,
         seed=args.seed,
     )
     smoke = (
@@ -1155,6 +1156,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="laps, vsepp-vit with the ViT frozen: encode the images with it once and train a "
         "linear projection (PrecomputedEncoder, its own initialisation: results differ from the "
         "default) on the cached tokens",
+    )
+    c.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=2,
+        help="epochs in which every triplet loss sums over the negatives before taking the hardest "
+        "(DCPA keeps its own two per stage)",
     )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument(

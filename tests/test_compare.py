@@ -170,3 +170,27 @@ def test_compare_over_seeds_writes_mean_std_and_the_difference_per_seed(tmp_path
 def test_compare_refuses_bad_seeds(seeds):
     with pytest.raises(ValueError, match="seeds"):
         compare("vsepp", settings=CompareSettings(epochs=1, n_train=8, n_test=4), seeds=seeds)
+
+
+def test_compare_sets_the_warm_up_of_every_triplet_loss_but_dcpas(tmp_path):
+    from imtm import presets
+    from imtm.compare import _load, build_components
+
+    s = CompareSettings(epochs=1, n_train=12, n_dev=2, n_test=6, embed_dim=16, word_dim=16)
+    warm = {}
+    for name in ("vsepp", "chan", "dias", "dcpa", "laps", "vsepp-vit"):
+        train = _load("synthetic", COMPARE_PRESETS[name], s)[0]
+        comps = build_components(name, train, s, tmp_path)[0]
+        warm[name] = sorted(
+            {b.warmup_epochs for _, b in comps if type(b).__name__ == "TripletLoss"}
+        )
+    assert warm == {
+        "vsepp": [2],
+        "chan": [2],
+        "dias": [2],
+        "dcpa": [presets.DCPA_WARMUP_EPOCHS],
+        "laps": [2],
+        "vsepp-vit": [2],
+    }
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        compare("vsepp", settings=CompareSettings(epochs=1, n_train=8, n_test=4, warmup_epochs=-1))
