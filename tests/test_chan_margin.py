@@ -54,3 +54,18 @@ def test_chan_preset_margin_is_the_chosen_default():
     blocks = dict(presets.build("chan", train, embed_dim=8, word_dim=8))
     assert blocks["loss"].margin == presets.CHAN_MARGIN
     assert blocks["coding"].temperature == 0.1
+
+
+def test_chan_preset_warms_up_for_two_epochs_and_its_recipes_for_the_authors_one():
+    from imtm import presets
+    from imtm.data import synthetic
+
+    train = synthetic.load(view="regions", seed=0, n_train=4, n_dev=1, n_test=1)[0]
+    loss = dict(presets.build("chan", train, embed_dim=8, word_dim=8))["loss"]
+    assert loss.warmup_epochs == presets.CHAN_WARMUP_EPOCHS == 2
+    from imtm.recipes import recipe, recipe_names
+
+    chan_recipes = [n for n in recipe_names() if recipe(n).preset == "chan"]
+    assert chan_recipes
+    for name in chan_recipes:
+        assert recipe(name).preset_kwargs["warmup_epochs"] == 1, name
