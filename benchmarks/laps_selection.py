@@ -163,7 +163,7 @@ def run_seed(args, seed: int) -> dict:
     return out
 
 
-#: (column header, key, how the cell reads it)
+#: (row label, key of the readings)
 COLUMNS = (
     ("objects touch (share of patches)", "object_fraction"),
     ("kept (share of patches)", "kept_fraction"),
