@@ -211,7 +211,8 @@ class Matcher(BaseEstimator):
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for forward passes.
         compile: run every block's forward through ``torch.compile`` (opt-in), except blocks
             that declare ``compiles = False`` (the GRU text encoder, whose packed RNN the compiler
-            cannot improve, and ELA's ``WordMasking``, which tokenises strings and draws the
+            cannot improve; the transformers text encoder, whose forward tokenises strings and
+            plans its chunks on the host; ELA's ``WordMasking``, which tokenises and draws the
             masked-LM corruption on the host). A block whose compilation fails (no compiler, an unsupported platform or operation) runs eagerly,
             with a warning; the results agree with eager ones within floating-point tolerance.
         random_state: seed for initialisation, data order, dropout; ``None`` draws one.

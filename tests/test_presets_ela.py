@@ -200,4 +200,6 @@ def test_compiled_ela_keeps_word_masking_eager_and_compiles_without_falling_back
         n: isinstance(b._compiled_call_impl, _CompiledCall) for n, b in m.components_.items()
     }
     assert compiled["masking"] is False and not WordMasking.compiles
+    # The text encoder tokenises strings: traced, it guarded on the captions and recompiled per batch.
+    assert compiled["text"] is False and not type(m.components_["text"]).compiles
     assert compiled["p2l"] is True, compiled

@@ -684,6 +684,11 @@ class HFTextEncoder(Component):
 
     requires = ("texts",)
     provides = ("text_tokens",)
+    # Its forward tokenises strings and plans length-sorted chunks from host-side lengths: traced,
+    # Dynamo guarded on the captions themselves and recompiled for new ones until its limit (ELA's
+    # compiled step measured 1.72x the eager one, benchmarks/README.md), so Matcher(compile=True)
+    # keeps it eager, as the GRU encoder.
+    compiles = False
     # max_length is also checked against the loaded model's position limit at construction.
     _parameter_constraints = {
         "model_name_or_path": [
