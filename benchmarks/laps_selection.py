@@ -36,11 +36,9 @@ import numpy as np
 import torch
 from _results import markdown_table, mean_std, write_page
 
-from imtm import presets
-from imtm.compare import CompareSettings, _load, build_components
+from imtm.compare import CompareSettings, build_components, load_splits, make_matcher
 from imtm.components import PatchSlimming
 from imtm.data import synthetic
-from imtm.matcher import Matcher
 from imtm.metrics import retrieval_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,22 +132,14 @@ def run_seed(args, seed: int) -> dict:
         embed_dim=args.embed_dim,
         word_dim=args.embed_dim,
     )
-    train, _, test = _load("synthetic", "pixels", s)
+    train, _, test = load_splits("synthetic", "pixels", s)
     with tempfile.TemporaryDirectory() as tmp:
         comps, encoders = build_components("laps", train, s, Path(tmp))
-    m = Matcher(
-        comps,
-        epochs=s.epochs,
-        stages=presets.default_stages("laps", s.epochs),
-        batch_size=s.batch_size,
-        lr=s.lr,
-        random_state=seed,
-        verbose=False,
-    ).fit(train)
+    m = make_matcher("laps", comps, s).fit(train)
     iv, tv = m.encode_images(test.images), m.encode_texts(test.captions)
     slim = next(b for b in m.components_.values() if isinstance(b, PatchSlimming))
     with torch.no_grad():
-        scores, keep = slim(iv["image_tokens"], tv["text_tokens"])
+        _, keep = slim(iv["image_tokens"], tv["text_tokens"])
     prefix = iv["image_tokens"].num_prefix_tokens
     keep = keep[..., prefix:] > 0.5
     image_size = int(test.images[0].shape[-1])

@@ -40,6 +40,8 @@ __all__ = [
     "CompareSettings",
     "baseline_reading",
     "compare",
+    "load_splits",
+    "make_matcher",
     "markdown_seed_table",
     "markdown_table",
     "mean_rows",
@@ -342,7 +344,8 @@ def _with_images(data, images):
     )
 
 
-def _load(data: str, view: str, s: CompareSettings, format: str | None = None):
+def load_splits(data: str, view: str, s: CompareSettings, format: str | None = None):
+    """The ``(train, dev, test)`` splits :func:`compare` trains and tests on, for one view and seed."""
     from imtm.data import load_dataset
 
     if data == "synthetic":
@@ -364,6 +367,30 @@ def _load(data: str, view: str, s: CompareSettings, format: str | None = None):
             "--data synthetic."
         )
     return load_dataset(data, format or "precomp", seed=s.seed)
+
+
+def make_matcher(name: str, comps: list, s: CompareSettings, test=None):
+    """The (unfitted) :class:`~imtm.Matcher` :func:`compare` trains for preset ``name``'s blocks ``comps``.
+
+    Every preset gets the settings' epochs (DCPA's split into its two stages), batch size, learning
+    rate and seed; with ``test`` given, pairwise blocks score the whole test split in one block.
+    """
+    from imtm import presets
+    from imtm.matcher import Matcher
+
+    blocks = (
+        {} if test is None else {"image_block": len(test.images), "text_block": len(test.captions)}
+    )
+    return Matcher(
+        comps,
+        epochs=s.epochs,
+        stages=presets.default_stages(name, s.epochs),
+        batch_size=s.batch_size,
+        lr=s.lr,
+        random_state=s.seed,
+        verbose=False,
+        **blocks,
+    )
 
 
 def compare(
@@ -406,8 +433,6 @@ def compare(
     """
     import torch
 
-    from imtm import presets
-    from imtm.matcher import Matcher
     from imtm.metrics import retrieval_metrics
 
     s = settings or CompareSettings()
@@ -457,7 +482,7 @@ def compare(
         for name in names:
             view = COMPARE_PRESETS[name]
             if view not in splits:
-                splits[view] = _load(data, view, s)
+                splits[view] = load_splits(data, view, s)
             train, _, test = splits[view]
             comps, encoders = build_components(name, train, s, Path(tmp))
             cache_s, cached = 0.0, False
@@ -474,17 +499,7 @@ def compare(
                 train, test = cache[key]
                 cached = True
                 comps = [(n, cached_image_block(b) if n == "image" else b) for n, b in comps]
-            m = Matcher(
-                comps,
-                epochs=s.epochs,
-                stages=presets.default_stages(name, s.epochs),
-                batch_size=s.batch_size,
-                lr=s.lr,
-                random_state=s.seed,
-                verbose=False,
-                image_block=len(test.images),
-                text_block=len(test.captions),
-            )
+            m = make_matcher(name, comps, s, test)
             t0 = time.perf_counter()
             m.fit(train)
             train_s = time.perf_counter() - t0
@@ -572,7 +587,6 @@ def mean_rows(rows: list[dict]) -> list[dict]:
                 row[k] = statistics.fmean(float(g[k]) for g in group)
         row["rsum_std"] = _mean_std([float(g["rsum"]) for g in group])[1]
         row["seeds"] = [g.get("seed") for g in group]
-        row["rsum_by_seed"] = [float(g["rsum"]) for g in group]
         out.append(row)
     return out
 
@@ -643,17 +657,21 @@ def baseline_reading(rows: list[dict]) -> list[str]:
         if base is None or r["preset"] == base or base not in by_name:
             continue
         d = r["rsum"] - by_name[base]["rsum"]
-        mine, theirs = (
-            [part.strip() for part in x.get("encoders", "").split(";")[:2]]
-            for x in (r, by_name[base])
-        )
-        differ = f" (the encoders differ: {'; '.join(mine)} here)" if mine != theirs else ""
+        differ = _encoders_differ(r, by_name[base])
         lines.append(
             f"- {r['preset']}: rSum {r['rsum']:.1f} against {base} {by_name[base]['rsum']:.1f} ({d:+.1f}): "
             + ("above" if d > 0 else "not above")
             + f" the global baseline{differ}."
         )
     return lines
+
+
+def _encoders_differ(row: dict, base: dict) -> str:
+    """The reading's note when ``row`` and its baseline ``base`` ran on other image / text encoders ("" if not)."""
+    mine, theirs = (
+        [part.strip() for part in x.get("encoders", "").split(";")[:2]] for x in (row, base)
+    )
+    return f" (the encoders differ: {'; '.join(mine)} here)" if mine != theirs else ""
 
 
 def _baseline_reading_over_seeds(rows: list[dict]) -> list[str]:
@@ -672,12 +690,7 @@ def _baseline_reading_over_seeds(rows: list[dict]) -> list[str]:
         (m, sd), (bm, bsd) = _mean_std([v for _, v in pairs]), _mean_std(list(theirs.values()))
         dm, dsd = _mean_std(diffs)
         above = sum(d > 0 for d in diffs)
-        mine_enc, their_enc = (
-            [part.strip() for part in x["encoders"].split(";")[:2]] for x in (group[0], by[base][0])
-        )
-        differ = (
-            f" (the encoders differ: {'; '.join(mine_enc)} here)" if mine_enc != their_enc else ""
-        )
+        differ = _encoders_differ(group[0], by[base][0])
         verdict = (
             "above the global baseline on every seed"
             if above == len(diffs)

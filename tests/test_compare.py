@@ -174,12 +174,12 @@ def test_compare_refuses_bad_seeds(seeds):
 
 def test_compare_sets_the_warm_up_of_every_triplet_loss_but_dcpas(tmp_path):
     from imtm import presets
-    from imtm.compare import _load, build_components
+    from imtm.compare import build_components, load_splits
 
     s = CompareSettings(epochs=1, n_train=12, n_dev=2, n_test=6, embed_dim=16, word_dim=16)
     warm = {}
     for name in ("vsepp", "chan", "dias", "dcpa", "laps", "vsepp-vit"):
-        train = _load("synthetic", COMPARE_PRESETS[name], s)[0]
+        train = load_splits("synthetic", COMPARE_PRESETS[name], s)[0]
         comps = build_components(name, train, s, tmp_path)[0]
         warm[name] = sorted(
             {b.warmup_epochs for _, b in comps if type(b).__name__ == "TripletLoss"}
