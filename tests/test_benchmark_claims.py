@@ -216,3 +216,45 @@ def test_laps_selection_quick_mode_prints_its_table(tmp_path):
     assert "| precision: kept patches on an object, own caption |" in proc.stdout
     assert "Read from the table: the kept patches lie on an object" in proc.stdout
     assert not (tmp_path / "page.md").exists()
+
+
+@pytest.fixture
+def dcpa_budget():
+    yield from _bench_module("dcpa_budget")
+
+
+def test_dcpa_budget_readings_are_the_fusion_of_one_model(dcpa_budget, tmp_path):
+    """The three readings come from one set of weights: fused = 0.6 intra + 0.4 inter, per direction."""
+    import torch
+
+    from imtm.compare import CompareSettings
+
+    s = CompareSettings(
+        epochs=2, n_train=12, n_dev=2, n_test=4, batch_size=6, embed_dim=16, word_dim=16
+    )
+    train, _, test = dcpa_budget.load_splits("synthetic", "regions", s)
+    comps, _ = dcpa_budget.build_components("dcpa", train, s, tmp_path)
+    m = dcpa_budget.make_matcher("dcpa", comps, s, test).fit(train)
+    trained = m.components_["fusion"].weights
+    got = dcpa_budget.dcpa_readings(m, test)
+    fused, intra, inter = (got[k] for k in dcpa_budget.READINGS)
+    assert fused.shape == intra.shape == inter.shape == (2, 4, 20)
+    torch.testing.assert_close(intra[0], intra[1])  # the intra-modal score is one matrix
+    assert not torch.allclose(inter[0], inter[1])  # each direction has its own branch
+    torch.testing.assert_close(fused, 0.6 * intra + 0.4 * inter, rtol=1e-5, atol=1e-6)
+    assert m.components_["fusion"].weights is trained
+
+
+@pytest.mark.slow
+def test_dcpa_budget_quick_mode_prints_its_table(tmp_path):
+    proc = _run_quick(tmp_path, "dcpa_budget.py", "--out", str(tmp_path / "page.md"))
+    for reading in (
+        "fused (0.6 intra + 0.4 inter)",
+        "intra-modal score alone",
+        "inter-modal branches alone",
+    ):
+        assert proc.stdout.count(f"| DCPA, {reading} |") == 3  # three budgets at 2 epochs
+    assert proc.stdout.count("| VSE++ (global baseline, same budget) |") == 3
+    assert "split 1 + 1" not in proc.stdout  # at 2 epochs the 3 + 1 row would repeat the default
+    assert "## Read from the table" in proc.stdout
+    assert not (tmp_path / "page.md").exists()
