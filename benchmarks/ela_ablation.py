@@ -324,6 +324,8 @@ def command_line(args):
     )
     if args.pretrain:
         cmd += f" --pretrain {args.pretrain} --pretrain-epochs {args.pretrain_epochs}"
+    if args.out != (PRETRAIN_PAGE if args.pretrain else PAGE):
+        cmd += f" --out {args.out}"  # another page (a diagnostic): rerunning must not overwrite the default
     return cmd
 
 
