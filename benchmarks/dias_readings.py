@@ -36,6 +36,10 @@ ROWS = [
         "soft-assignment coding with LSE pooling (the earlier stand-in), mask 'intent'",
         {"scorer": "soft", "mask_rule": "intent"},
     ),
+    (
+        "soft-assignment coding with LSE pooling, mask 'printed' (the preset's default scorer and mask)",
+        {"scorer": "soft", "mask_rule": "printed"},
+    ),
 ]
 
 

@@ -590,7 +590,7 @@ def dias_losses(
         beta: initial threshold scale of the masks (learned).
         dim_weight, inter_weight, intra_weight: the omegas of Eq. 17.
         dim_temperature: tau of the dimension-alignment shares. mask_temperature: of the soft masks.
-        mask_rule: ``"printed"`` (default, measured in ``docs/dias.md``) or ``"intent"``, the reading of Eq. 14.
+        mask_rule: ``"printed"`` (default: Eq. 14 as printed; ``docs/dias.md`` measured no difference) or ``"intent"``.
         correlation: ``"cosine"`` (the paper's default correlation) or ``"pearson"`` for Eq. 4.
         dim_objective: ``"softmax"`` (Eq. 6) or ``"intuitive"`` (Eq. 5).
         beta_instances: ``None`` (one beta per mask) or one per batch position (at least the batch size).

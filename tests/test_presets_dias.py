@@ -20,7 +20,8 @@ def train():
 
 def test_dias_preset_blocks_and_paper_weights(train):
     blocks = dict(presets.build("dias", train, embed_dim=16, word_dim=8))
-    # The default scorer and readings follow the measurement of benchmarks/dias_readings.py.
+    # The default scorer and weighting follow benchmarks/dias_readings.py; the mask is Eq. 14 as
+    # printed (that measurement does not separate the two readings).
     assert isinstance(blocks["coding"], SoftAssignmentCoding)
     local = dict(presets.build("dias", train, embed_dim=16, word_dim=8, scorer="local"))["coding"]
     assert isinstance(local, LocalMatching) and local.weighting == "softmax"

@@ -600,7 +600,7 @@ def sparse_correlation_mask(
         differences: ``(B, B)`` matrix :math:`d`.
         beta: :math:`\beta`: a number, a one-element tensor (a learnable one), or a ``(B,)`` tensor.
         temperature: :math:`T > 0` of the relaxation.
-        rule: ``"printed"`` (default, chosen by the measurement in ``docs/dias.md``) or ``"intent"``.
+        rule: ``"printed"`` (default: Eq. 14 as printed; the measurement in ``docs/dias.md`` does not separate the two) or ``"intent"``.
         positives: ``(B, B)`` bool, True where row ``i``'s image matches caption ``j``; ``None``:
             only the diagonal matches.
 

@@ -237,7 +237,7 @@ class SpatialConstraintLoss(Loss):
         reduction: ``"sum"`` over pairs (as the paper) or ``"mean"``.
         weight: :math:`\omega_{inter}` or :math:`\omega_{intra}` (the paper: 0.05 and 0.1;
             ``presets.dias_losses`` sets them).
-        rule: ``"printed"`` (default, measured in ``docs/dias.md``) or ``"intent"``, the reading of Eq. 14.
+        rule: ``"printed"`` (default: Eq. 14 as printed; ``docs/dias.md`` measured no difference) or ``"intent"``.
         beta_instances: ``None`` (one :math:`\beta`) or the number of per-instance :math:`\beta_i`.
 
     Shape:
