@@ -6,6 +6,7 @@ gives the mean and the spread (sample standard deviation) of rSum and R@1 over t
 written to docs/results/dias_readings.md (generated, never typed by hand).
 
     python benchmarks/dias_readings.py [--seeds 0 1 2] [--epochs 4] [--n-train 400] [--n-test 200]
+    python benchmarks/dias_readings.py --quick    # seconds; a smoke run, its numbers mean nothing
 """
 
 import argparse
@@ -47,7 +48,7 @@ def spread(values):
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=4)
@@ -57,7 +58,13 @@ def main():
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--out", default="docs/results/dias_readings.md")
-    args = p.parse_args()
+    p.add_argument(
+        "--quick", action="store_true", help="a tiny smoke run (seconds); prints, writes nothing"
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs, args.n_train, args.n_test = [0], 1, 16, 8
+        args.embed_dim, args.batch_size = 16, 8
     runs = {label: [] for label, _ in ROWS}
     for seed in args.seeds:
         train, _, test = synthetic.load(
@@ -115,6 +122,9 @@ def main():
         ),
         "",
     ]
+    if args.quick:
+        print("\n".join(lines))
+        return
     write_page(args.out, lines)
 
 

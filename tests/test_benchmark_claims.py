@@ -109,6 +109,24 @@ def test_ablation_scripts_quick_mode_prints_a_seeded_page(script, needle, tmp_pa
     assert not out.exists()  # --quick prints; it never overwrites a results page
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, rows",
+    [
+        ("chan_margin.py", ("| margin 0.2, summed negatives |", "| margin 0.005 (the authors'")),
+        (
+            "dias_readings.py",
+            ("| LocalMatching, linear weights", "mask 'printed' (the preset's default"),
+        ),
+    ],
+)
+def test_reading_scripts_quick_mode_prints_their_table(script, rows, tmp_path):
+    out = tmp_path / "page.md"
+    proc = _run_quick(tmp_path, script, "--out", str(out))
+    assert all(row in proc.stdout for row in rows) and "| rSum per seed |" in proc.stdout
+    assert not out.exists() and not (tmp_path / "docs").exists()  # --quick never writes a page
+
+
 @pytest.fixture
 def ela_ablation():
     yield from _bench_module("ela_ablation")
