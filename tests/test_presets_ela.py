@@ -184,11 +184,20 @@ def test_compiled_ela_keeps_word_masking_eager_and_compiles_without_falling_back
     import functools
     import warnings
 
+    from imtm.components.encoders.hf_text import HFTextEncoder
     from imtm.matcher import _CompiledCall
 
     train, test, folder = data_and_model
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    # Whether the text encoder's host-side tokenisation is ever traced (through any block).
+    traced, ids = [], HFTextEncoder._ids
+
+    def watched_ids(self, texts):
+        traced.append(torch.compiler.is_compiling())
+        return ids(self, texts)
+
+    monkeypatch.setattr(HFTextEncoder, "_ids", watched_ids)
     m = make(folder)
     m.set_params(compile=True)
     with warnings.catch_warnings(record=True) as caught:
@@ -203,3 +212,8 @@ def test_compiled_ela_keeps_word_masking_eager_and_compiles_without_falling_back
     # The text encoder tokenises strings: traced, it guarded on the captions and recompiled per batch.
     assert compiled["text"] is False and not type(m.components_["text"]).compiles
     assert compiled["p2l"] is True, compiled
+    # Reuse runs its target, compiled or not, and is never compiled itself: compiled, the second
+    # text-encoder pass (masked captions) traced the tokenizer through it.
+    assert compiled["masked_text"] is False and compiled["w2l_masked"] is False
+    assert compiled["w2l"] is True
+    assert traced and not any(traced)

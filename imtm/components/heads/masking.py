@@ -173,6 +173,10 @@ class Reuse(LinkedComponent):
     _borrowed = ("block", "_linked")
     _target_param = "block"
     _parameter_constraints = {"block": [block_or_name(Component, description="a Component")]}
+    #: ``Matcher(compile=True)`` leaves the wrapper eager: calling the target runs the target's own
+    #: compiled forward where it has one, and a target that stays eager (a text encoder that
+    #: tokenises strings) is not traced through the wrapper.
+    compiles = False
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
