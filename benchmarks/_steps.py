@@ -1,8 +1,9 @@
 """One training step of a preset, for the step benchmarks (bench_compile.py, bench_training.py).
 
-A step here is what ``Matcher.fit`` does per batch: every block of the preset in order on one
-collated batch of the synthetic benchmark, the weighted sum of its losses, backward, an AdamW
-step. All blocks and all losses take part (DCPA's two stages at once). The blocks are the
+A step here is what ``Matcher.fit`` does per batch: the blocks the preset's losses need, in order,
+on one collated batch of the synthetic benchmark, the weighted sum of its losses, backward, an
+AdamW step. All losses take part (DCPA's two stages at once); blocks no loss needs (ELA's
+re-ranker, used at inference) are left out, as ``Matcher.fit`` leaves them out. The blocks are the
 fitted ones of a ``Matcher`` (``components_``, ``plan_``), so ``Matcher(compile=True)``'s
 compiled blocks are the ones timed. The scripts import it as ``from _steps import ...``.
 """
@@ -70,11 +71,18 @@ def train_step(
     m: Matcher, values: dict, opt: torch.optim.Optimizer, timer: Callable | None = None
 ) -> float:
     """One step: blocks in order, weighted losses, backward, optimizer. ``timer(name, seconds)`` gets
-    each block's forward time (after a device synchronisation) when given."""
+    each block's forward time (after a device synchronisation) when given.
+
+    As ``Matcher.fit``, the step runs only the blocks the losses need (``Plan.needed_for``): an
+    inference-only block such as ELA's re-ranker is left out.
+    """
     plan = m.plan_
     values = dict(values)
     total = 0.0
+    run = set(plan.needed_for([plan.names[k] for k in range(len(plan.blocks)) if plan.is_loss(k)]))
     for k, block in enumerate(plan.blocks):
+        if k not in run:
+            continue
         t0 = time.perf_counter()
         out = block(*[values[r] for r in block.requires])
         if timer is not None:
