@@ -15,12 +15,16 @@ from pathlib import Path
 from imtm.metrics import format_table
 
 __all__ = [
+    "add_compare_arguments",
+    "add_quick_argument",
     "binding_note",
     "binding_timing_table",
     "claim_reading",
     "markdown_table",
     "mean_std",
     "page",
+    "page_command",
+    "quick_regions_sizes",
     "seeded_table",
     "write_page",
 ]
@@ -162,3 +166,50 @@ def claim_reading(
         f"{m:+.1f} +- {sd:.1f} ({', '.join(f'{d:+.1f}' for d in diffs)} on seeds in order), higher on "
         f"{wins} of {len(diffs)} seeds: the claim {verdict} here."
     )
+
+
+QUICK_HELP = "a tiny smoke run (seconds); prints its table, writes no page"
+
+
+def add_quick_argument(p, out: str) -> None:
+    """``--out`` (the page, default ``out``) and ``--quick`` on parser ``p``."""
+    p.add_argument("--out", default=out)
+    p.add_argument("--quick", action="store_true", help=QUICK_HELP)
+
+
+def add_compare_arguments(p, out: str) -> None:
+    """The budget flags of a script that trains as ``imtm compare`` does (defaults:
+    :class:`imtm.compare.CompareSettings`), then ``--out`` and ``--quick``."""
+    from imtm.compare import CompareSettings
+
+    d = CompareSettings()
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--n-train", type=int, default=d.n_train)
+    p.add_argument("--n-test", type=int, default=d.n_test)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--embed-dim", type=int, default=d.embed_dim)
+    add_quick_argument(p, out)
+
+
+def quick_regions_sizes(args) -> None:
+    """Shrink the parsed ``args`` of a regions-view reading script to its ``--quick`` run (one seed)."""
+    args.seeds, args.epochs, args.n_train, args.n_test = [0], 1, 16, 8
+    args.embed_dim, args.batch_size = 16, 8
+
+
+def page_command(script: str, argv: Sequence[str]) -> str:
+    """The command that made a page: ``python benchmarks/<script>`` and ``argv`` without
+    ``--quick`` and ``--out PATH`` (where the page goes is not how it was made).
+
+    Example:
+        >>> page_command("x.py", ["--seeds", "0,1", "--out", "/tmp/p.md", "--quick"])
+        'python benchmarks/x.py --seeds 0,1'
+    """
+    given = list(argv)
+    for flag in ("--quick", "--out"):
+        while flag in given:
+            at = given.index(flag)
+            del given[at : at + (2 if flag == "--out" else 1)]
+    return ("python benchmarks/" + script + " " + " ".join(given)).strip()

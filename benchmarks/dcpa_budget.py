@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from _results import markdown_table, mean_std, write_page
+from _results import add_compare_arguments, markdown_table, mean_std, page_command, write_page
 
 from imtm import presets
 from imtm.compare import CompareSettings, build_components, load_splits, make_matcher
@@ -150,15 +150,7 @@ def run_seed(args, seed: int) -> list[tuple[str, str, float]]:
 def main(argv=None) -> int:
     d = CompareSettings()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--n-train", type=int, default=d.n_train)
-    p.add_argument("--n-test", type=int, default=d.n_test)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--embed-dim", type=int, default=d.embed_dim)
-    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "dcpa_budget.md"))
-    p.add_argument("--quick", action="store_true", help="a tiny run; prints, writes nothing")
+    add_compare_arguments(p, str(ROOT / "docs" / "results" / "dcpa_budget.md"))
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.n_train, args.n_test = "0", 2, 24, 8
@@ -205,12 +197,7 @@ def main(argv=None) -> int:
             f"inter-modal branches alone {mean_std(inter)[0]:.1f}; fusing them changes the "
             f"intra-modal score by {mean_std(gain)[0]:+.1f} +- {mean_std(gain)[1]:.1f}."
         )
-    given = list(argv if argv is not None else sys.argv[1:])
-    for flag in ("--quick", "--out"):  # where the page goes is not how it was made
-        while flag in given:
-            at = given.index(flag)
-            del given[at : at + (2 if flag == "--out" else 1)]
-    cmd = ("python benchmarks/dcpa_budget.py " + " ".join(given)).strip()
+    cmd = page_command("dcpa_budget.py", argv if argv is not None else sys.argv[1:])
     lines = [
         "# DCPA against the global baseline in `imtm compare`: its two scores and its budget",
         "",

@@ -13,7 +13,7 @@ import argparse
 import statistics
 import time
 
-from _results import markdown_table, write_page
+from _results import add_quick_argument, markdown_table, quick_regions_sizes, write_page
 
 from imtm import Matcher, presets
 from imtm.data import synthetic
@@ -57,14 +57,10 @@ def main(argv=None):
     p.add_argument("--embed-dim", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--out", default="docs/results/dias_readings.md")
-    p.add_argument(
-        "--quick", action="store_true", help="a tiny smoke run (seconds); prints, writes nothing"
-    )
+    add_quick_argument(p, "docs/results/dias_readings.md")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.epochs, args.n_train, args.n_test = [0], 1, 16, 8
-        args.embed_dim, args.batch_size = 16, 8
+        quick_regions_sizes(args)
     runs = {label: [] for label, _ in ROWS}
     for seed in args.seeds:
         train, _, test = synthetic.load(

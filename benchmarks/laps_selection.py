@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _results import markdown_table, mean_std, write_page
+from _results import add_compare_arguments, markdown_table, mean_std, page_command, write_page
 
 from imtm.compare import CompareSettings, build_components, load_splits, make_matcher
 from imtm.components import PatchSlimming
@@ -45,17 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    d = CompareSettings()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--n-train", type=int, default=d.n_train)
-    p.add_argument("--n-test", type=int, default=d.n_test)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--embed-dim", type=int, default=d.embed_dim)
-    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "laps_selection.md"))
-    p.add_argument("--quick", action="store_true", help="a tiny run; prints, writes nothing")
+    add_compare_arguments(p, str(ROOT / "docs" / "results" / "laps_selection.md"))
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.n_train, args.n_test = "0", 1, 24, 8
@@ -197,12 +188,7 @@ def main(argv=None) -> int:
         f"the selector keeps {rec:.1%} of an image's object patches (a selector that ignored the image would "
         f"keep about {mean_std([r['kept_fraction'] for r in runs])[0]:.1%})."
     )
-    given = list(argv if argv is not None else sys.argv[1:])
-    for flag in ("--quick", "--out"):  # where the page goes is not how it was made
-        while flag in given:
-            at = given.index(flag)
-            del given[at : at + (2 if flag == "--out" else 1)]
-    cmd = "python benchmarks/laps_selection.py " + " ".join(given)
+    cmd = page_command("laps_selection.py", argv if argv is not None else sys.argv[1:])
     lines = [
         "# Which patches LAPS keeps (the trained selector against the scenes' objects)",
         "",
