@@ -213,7 +213,8 @@ class Matcher(BaseEstimator):
             that declare ``compiles = False`` (the GRU text encoder, whose packed RNN the compiler
             cannot improve; the transformers text encoder, whose forward tokenises strings and
             plans its chunks on the host; ELA's ``WordMasking``, which tokenises and draws the
-            masked-LM corruption on the host). A block whose compilation fails (no compiler, an unsupported platform or operation) runs eagerly,
+            masked-LM corruption on the host; ``Reuse``, which calls its target block, compiled
+            or not, rather than tracing through it). A block whose compilation fails (no compiler, an unsupported platform or operation) runs eagerly,
             with a warning; the results agree with eager ones within floating-point tolerance.
         random_state: seed for initialisation, data order, dropout; ``None`` draws one.
         eval_batch_size: batch size for encoding images and captions in evaluation.
