@@ -18,6 +18,7 @@ __all__ = [
     "add_compare_arguments",
     "add_quick_argument",
     "binding_note",
+    "compare_settings",
     "binding_timing_table",
     "claim_reading",
     "markdown_table",
@@ -191,6 +192,26 @@ def add_compare_arguments(p, out: str) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--embed-dim", type=int, default=d.embed_dim)
     add_quick_argument(p, out)
+
+
+def compare_settings(args, seed: int):
+    """The :class:`imtm.compare.CompareSettings` of the flags of :func:`add_compare_arguments`, for one
+    seed (the word embeddings as wide as the joint space, as in the comparison's defaults)."""
+    from dataclasses import replace
+
+    from imtm.compare import CompareSettings
+
+    return replace(
+        CompareSettings(),
+        seed=seed,
+        epochs=args.epochs,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        embed_dim=args.embed_dim,
+        word_dim=args.embed_dim,
+    )
 
 
 def quick_regions_sizes(args) -> None:

@@ -74,7 +74,7 @@ def authors_laps_forward(slim):
     return forward
 
 
-def shared_work_forward(slim):
+def shared_work_forward():
     """PatchSlimming replaced by a mean-pooled cosine over the same tokens (keeping every patch): the
     step's work that any scorer shares (encoders, ratio loss, backward through the encoders, the
     optimizer). The authors' step over it bounds what a faster scorer can gain (Amdahl)."""
@@ -118,7 +118,7 @@ def alternate_steps(m, slim, batches, repeats):
     opt = torch.optim.AdamW([p for p in m.components_.parameters() if p.requires_grad], lr=1e-5)
     walls: dict[str, list[float]] = defaultdict(list)
     cpus: dict[str, list[float]] = defaultdict(list)
-    swapped = {"authors": authors_laps_forward(slim), "shared": shared_work_forward(slim)}
+    swapped = {"authors": authors_laps_forward(slim), "shared": shared_work_forward()}
     for _ in range(repeats):
         for values in batches:
             for key in ("ours", "authors", "shared"):

@@ -33,7 +33,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from _results import add_compare_arguments, markdown_table, mean_std, page_command, write_page
+from _results import (
+    add_compare_arguments,
+    compare_settings,
+    markdown_table,
+    mean_std,
+    page_command,
+    write_page,
+)
 
 from imtm import presets
 from imtm.compare import CompareSettings, build_components, load_splits, make_matcher
@@ -115,17 +122,7 @@ def dcpa_readings(m, test) -> dict:
 
 def run_seed(args, seed: int) -> list[tuple[str, str, float]]:
     """``(budget, reading, test rSum)`` for every budget and reading of one seed."""
-    base = replace(
-        CompareSettings(),
-        seed=seed,
-        epochs=args.epochs,
-        n_train=args.n_train,
-        n_test=args.n_test,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        embed_dim=args.embed_dim,
-        word_dim=args.embed_dim,
-    )
+    base = compare_settings(args, seed)
     data = load_splits("synthetic", "regions", base)
     rows, baselines = [], {}
     for label, changes, split in budgets(base):
@@ -148,7 +145,6 @@ def run_seed(args, seed: int) -> list[tuple[str, str, float]]:
 
 
 def main(argv=None) -> int:
-    d = CompareSettings()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_compare_arguments(p, str(ROOT / "docs" / "results" / "dcpa_budget.md"))
     args = p.parse_args(argv)
@@ -182,7 +178,7 @@ def main(argv=None) -> int:
         table_rows,
     )
     readings = []
-    for budget, _, _ in budgets(replace(d, epochs=args.epochs, batch_size=args.batch_size)):
+    for budget, _, _ in budgets(compare_settings(args, seeds[0])):
         fused = values[(budget, "DCPA, fused (0.6 intra + 0.4 inter)")]
         intra = values[(budget, "DCPA, intra-modal score alone")]
         inter = values[(budget, "DCPA, inter-modal branches alone")]

@@ -29,14 +29,20 @@ import argparse
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from _results import add_compare_arguments, markdown_table, mean_std, page_command, write_page
+from _results import (
+    add_compare_arguments,
+    compare_settings,
+    markdown_table,
+    mean_std,
+    page_command,
+    write_page,
+)
 
-from imtm.compare import CompareSettings, build_components, load_splits, make_matcher
+from imtm.compare import build_components, load_splits, make_matcher
 from imtm.components import PatchSlimming
 from imtm.data import synthetic
 from imtm.metrics import retrieval_metrics
@@ -112,17 +118,7 @@ def selection_readings(keep: torch.Tensor, touched: torch.Tensor, owner: torch.T
 
 
 def run_seed(args, seed: int) -> dict:
-    s = replace(
-        CompareSettings(),
-        seed=seed,
-        epochs=args.epochs,
-        n_train=args.n_train,
-        n_test=args.n_test,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        embed_dim=args.embed_dim,
-        word_dim=args.embed_dim,
-    )
+    s = compare_settings(args, seed)
     train, _, test = load_splits("synthetic", "pixels", s)
     with tempfile.TemporaryDirectory() as tmp:
         comps, encoders = build_components("laps", train, s, Path(tmp))

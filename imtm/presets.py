@@ -21,9 +21,10 @@ import torch
 from imtm.component import suggest
 from imtm.tokens import Tokens
 
-#: Epochs of summed negatives before the hardest in the presets' triplet losses (CHAN and DCPA: below) (VSE-infinity's
-#: warm-up, ``vse_mean_warmup_epochs=1`` in CHAN's training scripts): from random initialisation
-#: the hardest-negative loss alone can collapse; 0 gives the papers' loss from the first step.
+#: Epochs of summed negatives before the hardest in the presets' triplet losses, CHAN's and DCPA's
+#: apart (below): VSE-infinity's warm-up, ``vse_mean_warmup_epochs=1`` in CHAN's training scripts.
+#: From random initialisation the hardest-negative loss alone can collapse; 0 gives the papers' loss
+#: from the first step.
 WARMUP_EPOCHS = 1
 
 #: CHAN's warm-up (summed negatives before the hardest). Its training script uses one epoch
