@@ -27,10 +27,12 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
 from imtm._checks import suggest
+from imtm.contract import Interval, check_value
 
 __all__ = [
     "BACKBONES",
@@ -450,12 +452,12 @@ def compare(
                 f"compare: unknown preset {n!r}; choose from {sorted(COMPARE_PRESETS)}."
                 + suggest(n, COMPARE_PRESETS)
             )
-    if (
-        isinstance(s.warmup_epochs, bool)
-        or not isinstance(s.warmup_epochs, int)
-        or s.warmup_epochs < 0
-    ):
-        raise ValueError(f"compare: warmup_epochs must be an int >= 0, got {s.warmup_epochs!r}")
+    check_value(
+        s.warmup_epochs,
+        [Interval(Integral, 0, None, closed="left")],
+        name="warmup_epochs",
+        where="compare",
+    )
     if s.epochs < 1:
         raise ValueError(f"compare: epochs must be at least 1, got {s.epochs}")
     if s.backbones not in BACKBONES:
