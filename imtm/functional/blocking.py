@@ -736,7 +736,7 @@ def blocked_pair_scores(
             real = text_mask.sum(1).tolist()
             cut_masks = [
                 None
-                if all(real[t] == text_extents[t] for t in range(t0, t1))
+                if all(real[t] == w for t in range(t0, t1))
                 else text_mask[t0:t1, :w]
                 for (t0, t1), w in zip(bounds, widths)
             ]

@@ -46,13 +46,17 @@ from imtm.functional.blocking import (
 from imtm.functional.sparse_alignment import sparse_alignment_from_cosines
 
 __all__ = [
+    "COSINE_ROUTES",
     "NORM_EPS",
     "masked_softmax",
     "SIGNIFICANCE_EPS",
     "aggregate_tokens",
     "aggregated_cosines",
+    "aggregated_tokens",
     "aggregation_weights",
+    "cheaper_cosine_route",
     "combine_significance",
+    "cosine_route_costs",
     "dpc_knn_weights",
     "fusion_weights",
     "gumbel_keep_decisions",
@@ -65,8 +69,10 @@ __all__ = [
     "self_attentive_scores",
     "slimmed_cosines",
     "text_attentive_scores",
+    "token_cosines",
     "top_keep_decisions",
     "weighted_cosine",
+    "weighted_tokens",
 ]
 
 #: Clamp of the significance before its logarithm (Eq. 4): a score of exactly 0 or 1 gives
@@ -665,6 +671,121 @@ def weighted_cosine(
     return (dots / torch.where(sq_norm > 0, sq_norm, 1.0).sqrt().unsqueeze(-1)).unsqueeze(2)
 
 
+#: How :func:`patch_slimming_scores` gets the cosines of the aggregated and fused tokens with the
+#: words: ``"gram"`` from the patch-word dot products and the Gram matrix (:func:`aggregated_cosines`),
+#: ``"tokens"`` by building the tokens (:func:`token_cosines`), ``"auto"`` whichever needs fewer
+#: multiply-adds for the shapes at hand (:func:`cheaper_cosine_route`).
+COSINE_ROUTES = ("auto", "gram", "tokens")
+
+
+def cosine_route_costs(
+    num_patches: int, num_words: int, dim: int, num_tokens: int, num_prefix_tokens: int = 0
+) -> dict[str, int]:
+    r"""Multiply-adds per image-caption pair of the two ways to the slimmed set's cosines.
+
+    With :math:`N` patches, :math:`M` words, :math:`D` features, :math:`K` aggregated tokens,
+    :math:`P` prefix tokens and the fused token:
+
+    - ``"gram"``: the patch-word dot products :math:`(N + P) M D`, the aggregated tokens' dot
+      products :math:`K N M` and norms :math:`N^2 K` (:func:`aggregated_cosines`), the fused
+      token's :math:`N M + N^2` (:func:`weighted_cosine`);
+    - ``"tokens"``: the tokens :math:`(K + 1) N D`, their norms :math:`(K + 1) D` and their dot
+      products with the words :math:`(K + 1 + P) M D` (:func:`token_cosines`).
+
+    The Gram route wins at the papers' widths (for example :math:`N = 196, M = 12, D = 1024, K = 39`:
+    2.4M + 0.1M + 1.5M against 8.0M), building the tokens at small ones (:math:`N = 64, M = 19, D = 64,
+    K = 28`: 0.24M against 0.16M).
+
+    Example:
+        >>> c = cosine_route_costs(196, 12, 1024, 39)
+        >>> c["gram"] < c["tokens"]
+        True
+    """
+    n, m, d, k, p = num_patches, num_words, dim, num_tokens, num_prefix_tokens
+    return {
+        "gram": (n + p) * m * d + k * n * m + n * n * k + n * m + n * n,
+        "tokens": (k + 1) * n * d + (k + 1) * d + (k + 1 + p) * m * d,
+    }
+
+
+def cheaper_cosine_route(
+    num_patches: int, num_words: int, dim: int, num_tokens: int, num_prefix_tokens: int = 0
+) -> str:
+    """``"gram"`` or ``"tokens"``, whichever :func:`cosine_route_costs` counts fewer multiply-adds for
+    (``"gram"`` on a tie).
+
+    Example:
+        >>> cheaper_cosine_route(196, 12, 1024, 39), cheaper_cosine_route(64, 19, 64, 28)
+        ('gram', 'tokens')
+    """
+    costs = cosine_route_costs(num_patches, num_words, dim, num_tokens, num_prefix_tokens)
+    return "tokens" if costs["tokens"] < costs["gram"] else "gram"
+
+
+def token_cosines(tokens: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    r"""Cosines of every pair's tokens with the pair's caption's unit words.
+
+    :math:`\cos(\hat v_k, \hat t_m) = \hat v_k \cdot \hat t_m / \lVert \hat v_k \rVert`; the tokens
+    need not be normalised (a positive factor per token cancels), the words must be. An all-zero
+    token gets cosine 0 (divided by 1, not by ``sqrt(tiny)``: bounded gradients).
+
+    Shape:
+        - tokens: ``(Bi, Bt, K, D)``, words: ``(Bt, M, D)``, output: ``(Bi, Bt, K, M)``
+
+    Example:
+        >>> v, t = torch.randn(2, 3, 4, 8), torch.nn.functional.normalize(torch.randn(3, 5, 8), dim=-1)
+        >>> ref = torch.nn.functional.cosine_similarity(v.unsqueeze(-2), t[None, :, None], dim=-1)
+        >>> torch.allclose(token_cosines(v, t), ref, atol=1e-6)
+        True
+    """
+    norm = torch.linalg.vector_norm(tokens, dim=-1)  # (bi, bt, k), no squared copy of the tokens
+    dots = torch.einsum("itkd,tmd->itkm", tokens, words)
+    return dots / torch.where(norm > 0, norm, 1.0).unsqueeze(-1)
+
+
+def weighted_tokens(patches: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    r"""Every pair's weighted patch sums, one matrix product per image: :math:`\hat v_{tk} = \sum_n W_{ntk} v_n`.
+
+    The tokens :func:`aggregated_cosines` and :func:`weighted_cosine` avoid building; built, their
+    cosines with the words cost :math:`K N D + K M D` per pair (:func:`cosine_route_costs`).
+
+    Shape:
+        - patches: ``(Bi, N, D)``, weights: ``(Bi, Bt, K, N)``, output: ``(Bi, Bt, K, D)``
+
+    Example:
+        >>> v, W = torch.randn(2, 5, 8), torch.rand(2, 3, 4, 5)
+        >>> torch.allclose(weighted_tokens(v, W), torch.einsum("itkn,ind->itkd", W, v), atol=1e-6)
+        True
+    """
+    bi, bt, k, n = weights.shape
+    return torch.bmm(weights.reshape(bi, bt * k, n), patches).view(bi, bt, k, patches.shape[-1])
+
+
+def aggregated_tokens(
+    patches: torch.Tensor, exp_logits: torch.Tensor, decisions: torch.Tensor
+) -> torch.Tensor:
+    r"""The aggregated tokens of Eq. 6-7 for every pair, up to a positive factor per token and pair.
+
+    :math:`\hat v_{tk} \propto \sum_n D_{nt} E_{nk} v_n` (``E`` and ``D`` as in
+    :func:`aggregated_cosines`), as one matrix product per image of the decisions with the image's
+    :math:`Z_{n,(k,d)} = E_{nk} v_{nd}`: nothing of size pairs x patches x tokens is formed.
+
+    Shape:
+        - patches: ``(Bi, N, D)``, exp_logits: ``(Bi, N, K)``, decisions: ``(Bi, N, Bt)``
+        - output: ``(Bi, Bt, K, D)``
+
+    Example:
+        >>> v, E, D = torch.randn(2, 5, 8), torch.rand(2, 5, 3), (torch.rand(2, 5, 4) > 0.5).float()
+        >>> ref = torch.einsum("int,ink,ind->itkd", D, E, v)
+        >>> torch.allclose(aggregated_tokens(v, E, D), ref, atol=1e-6)
+        True
+    """
+    bi, n, d = patches.shape
+    k, bt = exp_logits.shape[-1], decisions.shape[-1]
+    z = (exp_logits.unsqueeze(-1) * patches.unsqueeze(2)).reshape(bi, n, k * d)
+    return torch.bmm(decisions.transpose(1, 2), z).view(bi, bt, k, d)
+
+
 # ---------------------------------------------------------------------------- objective (Eq. 10)
 def ratio_loss(
     decisions: torch.Tensor, rho: float, mask: torch.Tensor | None = None
@@ -802,6 +923,7 @@ def patch_slimming_scores(
     reduce: CosineReduce | None = None,
     align: TokenAlign | None = None,
     max_block_elements: int | None = None,
+    cosine_route: str = "auto",
 ) -> SlimmingOutput:
     r"""LAPS's slim-then-align scores for every image and caption (Eq. 1-8), blocked.
 
@@ -820,8 +942,11 @@ def patch_slimming_scores(
     The pairs are cut into blocks by :func:`~imtm.functional.blocking.blocked_pair_scores`:
     per block one matrix product gives every patch's dot product with every unit word, and the
     slimmed tokens' cosines follow from them and the image's Gram matrix
-    (:func:`aggregated_cosines`), never from the built tokens. An ``align`` that needs the
-    tokens gets them built per block.
+    (:func:`aggregated_cosines`), never from the built tokens; or, where that costs fewer
+    multiply-adds (small feature widths, :func:`cosine_route_costs`), the aggregated and fused
+    tokens are built by one matrix product per image and block (:func:`weighted_tokens`) and their
+    cosines taken directly (:func:`token_cosines`): the same numbers up to rounding. An ``align``
+    that needs the tokens gets them built per block.
 
     The image-only parts are inputs, as a module computes them once per image: ``predicted``
     (:math:`a^p`, the scorer MLP) and ``aggregation_logits`` (the aggregation MLP of Eq. 6-7).
@@ -856,13 +981,17 @@ def patch_slimming_scores(
             for alignments that need the slimmed tokens themselves.
         max_block_elements: memory budget of one block of pairs (numbers per pairwise
             intermediate); ``None``: :func:`~imtm.functional.blocking.default_block_elements`.
+        cosine_route: how the aggregated (or clustered) and fused tokens' cosines are computed
+            under a ``reduce``: ``"gram"`` (patch-word products and the Gram matrix), ``"tokens"``
+            (the tokens built), or ``"auto"`` (:func:`cheaper_cosine_route` of the shapes). The
+            kept patches as they are (no calibration) always use the patch-word products.
 
     Returns:
         A :class:`SlimmingOutput` (scores and keep decisions).
 
     Raises:
-        ValueError: out-of-range hyper-parameters, both ``reduce`` and ``align``, inputs of the
-            wrong shape, images with no patch after their prefix tokens, NaN/inf in real tokens.
+        ValueError: out-of-range hyper-parameters, both ``reduce`` and ``align``, an unknown
+            ``cosine_route``, inputs of the wrong shape, images with no patch after their prefix tokens, NaN/inf in real tokens.
         TypeError: non-tensor or non-float features, masks that are not bool.
 
     Shape:
@@ -888,6 +1017,10 @@ def patch_slimming_scores(
         raise ValueError(f"{where}: give reduce or align, not both")
     if aggregation_logits is not None and dpc_knn is not None:
         raise ValueError(f"{where}: give aggregation_logits or dpc_knn, not both")
+    if not isinstance(cosine_route, str) or cosine_route not in COSINE_ROUTES:
+        raise ValueError(
+            f"{where}: cosine_route must be one of {', '.join(map(repr, COSINE_ROUTES))}, got {cosine_route!r}"
+        )
     images, texts, image_mask, text_mask = check_pair_inputs(
         images, texts, image_mask, text_mask, where=where
     )
@@ -944,7 +1077,23 @@ def patch_slimming_scores(
             # An image whose only real tokens are prefix tokens has no patch: shift by 0, not -inf.
             shift = torch.where(torch.isfinite(shift), shift, torch.zeros((), dtype=dtype))
             exp_logits = torch.exp(logits - shift)
-        gram = torch.bmm(patches, patches.transpose(1, 2)) if reduce is not None else None
+        if aggregation_logits is not None:
+            n_agg = aggregation_logits.shape[-1]
+        elif dpc_knn is not None:
+            n_agg = dpc_knn[0]
+        else:
+            n_agg = Np
+        # The tokens route serves the calibrated sets (aggregated or clustered) under a reduce.
+        route = "gram"
+        if reduce is not None and (aggregation_logits is not None or dpc_knn is not None):
+            route = (
+                cheaper_cosine_route(Np, M, D, n_agg, p) if cosine_route == "auto" else cosine_route
+            )
+        gram = (
+            torch.bmm(patches, patches.transpose(1, 2))
+            if reduce is not None and route == "gram"
+            else None
+        )
         inv_norm = torch.where(
             full_mask, 1 / feats.norm(dim=-1).clamp_min(1e-8), torch.zeros((), dtype=dtype)
         )
@@ -956,14 +1105,10 @@ def patch_slimming_scores(
             noise = logistic_noise(
                 (Bi, Np, Bt), generator=generator, dtype=dtype, device=images.device
             )
-        if exp_logits is not None:
-            n_agg = exp_logits.shape[-1]
-        elif dpc_knn is not None:
-            n_agg = dpc_knn[0]
-        else:
-            n_agg = Np
         n_slim = p + n_agg + (1 if fusion else 0)
         per_pair = Np * (n_slim + M) + n_slim * M
+        if route == "tokens":  # the weights, the tokens and their cosines; no patch-word products
+            per_pair = Np * n_slim + n_slim * (D + M)
         if dpc_knn is not None:
             per_pair += 2 * Np * Np  # the pair's distances and density comparisons
         if align is not None:
@@ -1019,6 +1164,23 @@ def patch_slimming_scores(
                 masks.append((drop > 0).any(1).unsqueeze(-1))
             token_mask = torch.cat(masks, dim=-1)  # (bi, bt, n_slim)
             wm = None if tm is None else tm.unsqueeze(0)
+            if reduce is not None and route == "tokens":
+                wv = words[cols]  # (bt, M, D), unit words
+                parts = []
+                if p:
+                    pre = feats[rows, :p] * inv_norm[rows, :p, None]
+                    parts.append(torch.einsum("ipd,tmd->itpm", pre, wv))
+                if dpc is not None:
+                    tokens = weighted_tokens(pv, dpc[0].permute(0, 2, 3, 1))
+                else:
+                    assert exp_logits is not None  # the tokens route serves calibrated sets only
+                    # Eq. 6-7 up to a positive factor per token and pair, which a cosine ignores.
+                    tokens = aggregated_tokens(pv, exp_logits[rows], decisions)
+                parts.append(token_cosines(tokens, wv))
+                if drop is not None:  # the fused token's unnormalised softmax, as below
+                    fused_w = (drop * torch.exp(a)).transpose(1, 2).unsqueeze(2)
+                    parts.append(token_cosines(weighted_tokens(pv, fused_w), wv))
+                return reduce(torch.cat(parts, dim=2), token_mask, wm), decisions.permute(0, 2, 1)
             if reduce is not None:
                 assert gram is not None  # computed above whenever there is a reduce
                 pw = sims[:, p:]  # (bi, Np, bt, M): patches . unit words
@@ -1063,7 +1225,8 @@ def patch_slimming_scores(
 
         # Captions sorted by extent (longest first) and each block of them cut to its longest:
         # the padded words of a block's captions are not multiplied. Undone on the outputs.
-        order, extents = order_by_extent(text_mask, M)
+        # (The tokens route multiplies no patch by a word: nothing to cut.)
+        order, extents = (None, None) if route == "tokens" else order_by_extent(text_mask, M)
         if order is not None:
             texts, words, context = texts[order], words[order], context[order]
             text_mask = None if text_mask is None else text_mask[order]
@@ -1079,7 +1242,7 @@ def patch_slimming_scores(
             normalize=False,
             pair_elements=per_pair,
             with_blocks=True,
-            products=reduce is not None,
+            products=reduce is not None and route == "gram",
             text_extents=None if reduce is None else extents,
         )
         if order is not None:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from imtm.functional import (
@@ -459,12 +459,25 @@ def test_patch_slimming_scores_hard_assignment_and_token_align_equal_the_loop():
 
 
 @SETTINGS
-@given(seed=st.integers(0, 10_000), budget=st.integers(1, 3000), train=st.booleans())
-def test_patch_slimming_scores_blocked_equal_unblocked_and_padding_is_inert(seed, budget, train):
+@given(
+    seed=st.integers(0, 10_000),
+    budget=st.integers(1, 3000),
+    train=st.booleans(),
+    route=st.sampled_from(["gram", "tokens"]),
+)
+def test_patch_slimming_scores_blocked_equal_unblocked_and_padding_is_inert(
+    seed, budget, train, route
+):
     from imtm.functional import patch_slimming_scores
 
     v, vm, t, tm, a_p, logits = slimming_problem(seed=seed)
-    kw = dict(predicted=a_p, num_prefix_tokens=1, aggregation_logits=logits, training=train)
+    kw = dict(
+        predicted=a_p,
+        num_prefix_tokens=1,
+        aggregation_logits=logits,
+        training=train,
+        cosine_route=route,
+    )
     full = patch_slimming_scores(v, t, vm, tm, generator=torch.Generator().manual_seed(seed), **kw)
     blocked = patch_slimming_scores(
         v, t, vm, tm, generator=torch.Generator().manual_seed(seed), max_block_elements=budget, **kw
@@ -478,7 +491,14 @@ def test_patch_slimming_scores_blocked_equal_unblocked_and_padding_is_inert(seed
     l2 = torch.cat([logits, torch.randn(3, 2, 2, dtype=logits.dtype)], 1)
     if not train:  # (the Gumbel noise has one draw per position, so padding shifts it)
         padded = patch_slimming_scores(
-            v2, t, vm2, tm, predicted=a2, num_prefix_tokens=1, aggregation_logits=l2
+            v2,
+            t,
+            vm2,
+            tm,
+            predicted=a2,
+            num_prefix_tokens=1,
+            aggregation_logits=l2,
+            cosine_route=route,
         )
         torch.testing.assert_close(padded.scores, full.scores)
         torch.testing.assert_close(padded.keep_decisions[..., :8], full.keep_decisions)
@@ -500,14 +520,17 @@ def test_patch_slimming_scores_gradients_equal_the_built_token_path():
     # training the built tokens' masked softmax caps dropped logits, which changes only gradients
     # through the straight-through decisions).
     kw = dict(predicted=a_p, num_prefix_tokens=1, aggregation_logits=logits)
-    fast = patch_slimming_scores(v, t, generator=torch.Generator().manual_seed(1), **kw)
-    grads = torch.autograd.grad(fast.scores.sum(), (v, t, a_p, logits))
     built = patch_slimming_scores(
         v, t, generator=torch.Generator().manual_seed(1), align=align, **kw
     )
-    torch.testing.assert_close(fast.scores, built.scores)
-    for g1, g2 in zip(grads, torch.autograd.grad(built.scores.sum(), (v, t, a_p, logits))):
-        torch.testing.assert_close(g1, g2)
+    want = torch.autograd.grad(built.scores.sum(), (v, t, a_p, logits))
+    for route in ("gram", "tokens"):
+        fast = patch_slimming_scores(
+            v, t, generator=torch.Generator().manual_seed(1), cosine_route=route, **kw
+        )
+        torch.testing.assert_close(fast.scores, built.scores)
+        for g1, g2 in zip(torch.autograd.grad(fast.scores.sum(), (v, t, a_p, logits)), want):
+            torch.testing.assert_close(g1, g2)
 
 
 def test_patch_slimming_scores_bad_inputs():
@@ -584,6 +607,7 @@ def test_patch_slimming_scores_cut_to_caption_extents_equal_the_full_width(seed,
         beta=0.6,
         ratio=0.5,
         fusion=True,
+        cosine_route="gram",  # the route that multiplies patches by words (the tokens route cuts nothing)
     )
     fast = ps.patch_slimming_scores(v, t, vm, tm, generator=torch.Generator().manual_seed(1), **kw)
     with pytest.MonkeyPatch.context() as m:
@@ -599,3 +623,145 @@ def test_patch_slimming_scores_cut_to_caption_extents_equal_the_full_width(seed,
         )
         torch.testing.assert_close(fast.scores, want_s)
         torch.testing.assert_close(fast.keep_decisions, want_k)
+
+
+# ---------------------------------------------------------------------------- the two cosine routes
+def test_cosine_route_costs_pick_the_gram_route_at_paper_widths_and_tokens_at_small_ones():
+    from imtm.functional.patch_slimming import cheaper_cosine_route, cosine_route_costs
+
+    # LAPS with ViT-B/16 at 224 (196 patches + [CLS], D = 512 after the projection), 12 words.
+    assert cheaper_cosine_route(196, 12, 512, 39, 1) == "gram"
+    assert cheaper_cosine_route(196, 12, 1024, 39, 1) == "gram"
+    # The synthetic benchmark's widths: 64 patches, D = 64.
+    assert cheaper_cosine_route(64, 19, 64, 12, 1) == "tokens"
+    c = cosine_route_costs(8, 5, 6, 2, 1)  # written out term by term
+    assert c["gram"] == 9 * 5 * 6 + 2 * 8 * 5 + 8 * 8 * 2 + 8 * 5 + 8 * 8
+    assert c["tokens"] == 3 * 8 * 6 + 3 * 6 + 4 * 5 * 6
+
+
+def test_token_helpers_equal_the_nested_loop():
+    from imtm.functional.patch_slimming import aggregated_tokens, token_cosines, weighted_tokens
+
+    g = torch.Generator().manual_seed(0)
+    bi, n, bt, k, m, d = 2, 5, 3, 2, 4, 6
+    v = torch.randn(bi, n, d, generator=g, dtype=torch.float64)
+    E = torch.rand(bi, n, k, generator=g, dtype=torch.float64)
+    D = (torch.rand(bi, n, bt, generator=g) > 0.5).to(torch.float64)
+    D[0, :, 1] = 0  # a pair that keeps nothing: zero tokens, cosine 0
+    W = torch.rand(bi, bt, k, n, generator=g, dtype=torch.float64)
+    words = F.normalize(torch.randn(bt, m, d, generator=g, dtype=torch.float64), dim=-1)
+    agg, wt = aggregated_tokens(v, E, D), weighted_tokens(v, W)
+    cos = token_cosines(agg, words)
+    for i in range(bi):
+        for t in range(bt):
+            for c in range(k):
+                want = sum(D[i, j, t] * E[i, j, c] * v[i, j] for j in range(n))
+                torch.testing.assert_close(agg[i, t, c], want)
+                torch.testing.assert_close(
+                    wt[i, t, c], sum(W[i, t, c, j] * v[i, j] for j in range(n))
+                )
+                for w in range(m):
+                    norm = float(want.norm())
+                    expect = 0.0 if norm == 0 else float(want @ words[t, w]) / norm
+                    assert math.isclose(float(cos[i, t, c, w]), expect, abs_tol=1e-12)
+    assert bool((cos[0, 1] == 0).all())
+    zero = torch.zeros(1, 1, 1, d, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(token_cosines(zero, words[:1]).sum(), zero)
+    assert bool(torch.isfinite(grad).all())
+
+
+@pytest.mark.parametrize("route", ["gram", "tokens"])
+@pytest.mark.parametrize(
+    "prefix,fusion,ragged", [(1, True, True), (0, True, False), (2, False, True)]
+)
+def test_both_cosine_routes_equal_the_per_pair_loop(route, prefix, fusion, ragged):
+    from imtm.functional import patch_slimming_scores
+
+    v, vm, t, tm, a_p, logits = slimming_problem(prefix=prefix, ragged=ragged)
+    out = patch_slimming_scores(
+        v,
+        t,
+        vm,
+        tm,
+        predicted=a_p,
+        num_prefix_tokens=prefix,
+        aggregation_logits=logits,
+        beta=0.6,
+        ratio=0.5,
+        fusion=fusion,
+        cosine_route=route,
+    )
+    want_s, want_k = loop_slimming_scores(
+        v, vm, t, tm, a_p, logits, prefix=prefix, beta=0.6, ratio=0.5, fusion=fusion
+    )
+    torch.testing.assert_close(out.scores, want_s)
+    torch.testing.assert_close(out.keep_decisions, want_k)
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 10_000),
+    train=st.booleans(),
+    prefix=st.integers(0, 2),
+    clusters=st.booleans(),
+    budget=st.sampled_from([60, 500, None]),
+)
+def test_cosine_routes_give_the_same_scores_decisions_and_gradients(
+    seed, train, prefix, clusters, budget
+):
+    """The tokens route (the tokens built, small widths) against the Gram route (the papers' widths):
+    the same scores, decisions and gradients to every input, in training too, blocked or not, for the
+    learned aggregation and for DPC-KNN clusters."""
+    from imtm.functional import patch_slimming_scores
+
+    v, vm, t, tm, a_p, logits = slimming_problem(seed=seed, prefix=prefix, k=3)
+    v = torch.where(vm.unsqueeze(-1), v, 0.0)  # (NaN padding has no gradient to compare)
+    leaves = [x.requires_grad_(True) for x in (v, t, a_p, logits)]
+    outs = []
+    for route in ("gram", "tokens"):
+        kw = dict(dpc_knn=(2, 2)) if clusters else dict(aggregation_logits=logits)
+        out = patch_slimming_scores(
+            v,
+            t,
+            vm,
+            tm,
+            predicted=a_p,
+            num_prefix_tokens=prefix,
+            training=train,
+            generator=torch.Generator().manual_seed(seed),
+            max_block_elements=budget,
+            cosine_route=route,
+            **kw,
+        )
+        if train:
+            # A set of one kept patch makes the aggregated tokens parallel: the maxima of Eq. 8 then
+            # tie, and rounding picks which token's straight-through gradient the dropped patches get.
+            assume(bool(((out.keep_decisions[..., prefix:] > 0).sum(-1) >= 2).all()))
+        loss = out.scores.sum() + (out.keep_decisions * torch.arange(v.shape[1])).sum()
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        outs.append((out, grads))
+    (gram, g_gram), (tok, g_tok) = outs
+    torch.testing.assert_close(tok.scores, gram.scores)
+    torch.testing.assert_close(tok.keep_decisions, gram.keep_decisions)
+    for a, b in zip(g_gram, g_tok):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(b, a)
+
+
+def test_cosine_route_bad_value():
+    from imtm.functional import patch_slimming_scores
+
+    v, vm, t, tm, a_p, logits = slimming_problem()
+    with pytest.raises(ValueError, match=r"cosine_route must be one of 'auto', 'gram', 'tokens'"):
+        patch_slimming_scores(
+            v,
+            t,
+            vm,
+            tm,
+            predicted=a_p,
+            num_prefix_tokens=1,
+            aggregation_logits=logits,
+            cosine_route="tokenz",
+        )

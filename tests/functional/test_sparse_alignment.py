@@ -108,3 +108,40 @@ def test_bad_inputs():
         sparse_alignment_scores(v, t, max_block_elements=0)
     with pytest.raises(TypeError, match="must be floating point"):
         sparse_alignment_scores(v.long(), t)
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 10_000),
+    fill=st.sampled_from([math.nan, math.inf, -math.inf, 7.0]),
+    direction=st.sampled_from(["both", "patch_to_word", "word_to_patch"]),
+)
+def test_from_cosines_with_both_masks_equals_the_loop_and_padding_gets_no_gradient(
+    seed, fill, direction
+):
+    """With both masks the cosines are filled once for both halves of Eq. 8: the loop's values, the
+    two halves summing to the whole, and a zero gradient at every padded position, whatever the
+    padding holds (NaN included)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.rand(3, 4, 5, 6, generator=g, dtype=torch.float64) * 2 - 1
+    im = torch.rand(3, 4, 5, generator=g) > 0.3
+    tm = torch.rand(1, 4, 6, generator=g) > 0.3
+    im[..., 0], tm[..., 0] = True, True
+    real = im.unsqueeze(-1) & tm.unsqueeze(-2)
+    A = torch.where(real, A, fill).requires_grad_(True)
+    got = sparse_alignment_from_cosines(A, im, tm, direction=direction)
+    (grad,) = torch.autograd.grad(got.sum(), A)
+    assert bool(torch.isfinite(grad).all()) and bool((grad[~real.expand_as(A)] == 0).all())
+    if direction == "both":
+        halves = sparse_alignment_from_cosines(
+            A, im, tm, direction="patch_to_word"
+        ) + sparse_alignment_from_cosines(A, im, tm, direction="word_to_patch")
+        torch.testing.assert_close(got, halves)
+    for i in range(3):
+        for t in range(4):
+            rows = [n for n in range(5) if im[i, t, n]]
+            cols = [m for m in range(6) if tm[0, t, m]]
+            p2w = sum(max(float(A[i, t, n, m]) for m in cols) for n in rows) / len(rows)
+            w2p = sum(max(float(A[i, t, n, m]) for n in rows) for m in cols) / len(cols)
+            want = {"both": p2w + w2p, "patch_to_word": p2w, "word_to_patch": w2p}[direction]
+            assert math.isclose(float(got[i, t]), want, abs_tol=1e-12)

@@ -23,10 +23,12 @@ from imtm.contract import (
     Example,
     InstanceOf,
     Interval,
+    Options,
     Satisfies,
     check_param,
 )
 from imtm.functional.patch_slimming import (
+    COSINE_ROUTES,
     TokenAlign,
     aggregate_tokens,
     aggregation_weights,
@@ -612,6 +614,12 @@ class PatchSlimming(Component):
         fusion: add the fused token of the dropped patches (False: "without redundant fusion").
         max_block_elements: memory budget of one block of pairs (numbers per pairwise
             intermediate); ``None``: :func:`~imtm.functional.blocking.default_block_elements`.
+        cosine_route: how an alignment that scores cosines (Eq. 8) gets those of the aggregated
+            and fused tokens: ``"gram"`` from the patch-word products and each image's Gram
+            matrix, ``"tokens"`` from the tokens built by one matrix product per image, ``"auto"``
+            (default) whichever needs fewer multiply-adds for the shapes at hand
+            (:func:`~imtm.functional.patch_slimming.cheaper_cosine_route`: the Gram route at the
+            papers' widths, the tokens at small ones). The same scores up to rounding.
 
     Shape:
         - image_tokens: Tokens ``(Bi, N, D)`` (``num_prefix_tokens`` marks [CLS])
@@ -652,6 +660,7 @@ class PatchSlimming(Component):
         ],
         "fusion": ["boolean"],
         "max_block_elements": BLOCK_BUDGET,
+        "cosine_route": [Options(COSINE_ROUTES)],
     }
 
     @classmethod
@@ -677,6 +686,8 @@ class PatchSlimming(Component):
             *Example.variants(
                 laps(),
                 laps(fusion=False, max_block_elements=60),
+                laps(cosine_route="tokens"),
+                laps(cosine_route="gram", max_block_elements=60),
                 laps(alignment=HardAssignmentCoding(pooling="mean")),
                 laps(aggregation=None),
                 laps(alignment=ScanAttention()),
@@ -695,6 +706,7 @@ class PatchSlimming(Component):
         alignment: Component,
         fusion: bool = True,
         max_block_elements: int | None = None,
+        cosine_route: str = "auto",
         *,
         requires=None,
         provides=None,
@@ -706,6 +718,7 @@ class PatchSlimming(Component):
         self.alignment = alignment
         self.fusion = fusion
         self.max_block_elements = max_block_elements
+        self.cosine_route = cosine_route
 
     def _parts(self) -> tuple:
         return tuple(
@@ -772,6 +785,7 @@ class PatchSlimming(Component):
                 reduce=reduce,
                 align=None if reduce is not None else _token_align(self.alignment),
                 max_block_elements=self.max_block_elements,
+                cosine_route=self.cosine_route,
             )
         return out.scores, out.keep_decisions
 
