@@ -17,9 +17,10 @@ sub-layer (the preset's default), each side by side with
 
 Both sides run on a subset (timing all 5,000,000 pairs on a shared core would take
 hours); pairs per second do not depend on the subset size once a block is full.
-Then one training step (forward and backward of both branches and the hardest-negative
+Then training steps (forward and backward of both branches and the hardest-negative
 triplet loss on one batch) against the same step in the per-caption structure (same
-loss and gradients, checked), and the growth of the peak resident memory (VmHWM, reset
+loss and gradients, checked), alternating, with the feed-forward sub-layers' forward and
+backward alone on as many query tokens (the work neither structure can avoid), and the growth of the peak resident memory (VmHWM, reset
 through ``/proc/self/clear_refs``) during one blocked call.
 
 Each blocked timing runs ``--repeats`` times, each run followed by its roofline, and every
@@ -31,7 +32,7 @@ printed at the start and after the timings.
     python benchmarks/bench_dcpa.py [--dim 1024] [--images 64] [--captions 256] [--ffn-captions 32]
                                     [--loop-captions 4] [--repeats 3]
                                     [--sections attention ffn train memory]
-                                    [--train-batch 32] [--train-dim 256] [--quick]
+                                    [--train-batch 32] [--train-dim 256] [--train-steps 5] [--quick]
 """
 
 import argparse
@@ -175,46 +176,97 @@ def train_step_loop(block, images: Tokens, texts: Tokens) -> torch.Tensor:
     return loop_scores(block, images, texts, hoist=False)
 
 
-def bench_training(args) -> None:
-    """Forward + backward of both branches and the triplet loss on one batch: blocked vs per-caption loop."""
-    from imtm.functional.losses import triplet_loss
+def ffn_floor_step(branches, images: Tokens, texts: Tokens) -> float:
+    """Seconds of the work no structure can avoid: each branch's feed-forward sub-layer, forward and
+    backward, on as many query tokens as the step has (every real query token of every pair), as two
+    plain ``nn.Linear`` calls with a ReLU between them."""
+    seconds = 0.0
+    for b in branches:
+        q = images if b.direction == "i2t" else texts
+        rows = int(q.mask.sum()) * (texts if b.direction == "i2t" else images).batch_size
+        x = torch.randn(rows, q.dim, requires_grad=True)
+        t0 = time.perf_counter()
+        y = b.linear2(torch.relu(b.linear1(x)))
+        y.sum().backward()
+        seconds += time.perf_counter() - t0
+        b.zero_grad(set_to_none=True)
+    return seconds
 
+
+def bench_training(args) -> None:
+    """Forward + backward of both branches and the triplet loss on one batch: blocked vs per-caption loop,
+    alternating step by step, and the feed-forward work both must do; then the same without the
+    feed-forward sub-layer."""
     g = torch.Generator().manual_seed(1)
     B, D = args.train_batch, args.train_dim
     images = Tokens(torch.randn(B, args.regions, D, generator=g))
     lengths = torch.randint(8, 21, (B,), generator=g)
     texts = Tokens.from_lengths(torch.randn(B, 20, D, generator=g), lengths)
     positives = torch.eye(B, dtype=torch.bool)
-    torch.manual_seed(0)
-    branches = [InterModalPhraseAttention(d, dim=D, heads=args.heads) for d in ("i2t", "t2i")]
+    for ffn in (True, False):
+        torch.manual_seed(0)
+        branches = [
+            InterModalPhraseAttention(d, dim=D, heads=args.heads, feed_forward=ffn)
+            for d in ("i2t", "t2i")
+        ]
+        train_steps(args, branches, images, texts, positives, ffn)
+
+
+def train_steps(args, branches, images, texts, positives, ffn: bool) -> None:
+    from imtm.functional.losses import triplet_loss
+
+    B, D = images.batch_size, images.dim
 
     def step(score_fn, n=B):
         for b in branches:
             b.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         s_i2t, s_t2i = (score_fn(b) for b in branches)
         pos = positives[:n, :n]
         loss = triplet_loss(s_i2t, pos, margin=0.1, hardest=True)
         loss = loss + triplet_loss(s_t2i, pos, margin=0.1, hardest=True)
         loss.backward()
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         grads = [p.grad.clone() for b in branches for p in b.parameters()]
-        return seconds, float(loss.detach()), grads
+        return (seconds, cpu), float(loss.detach()), grads
 
     step(lambda b: b(images[:2], texts[:2]), 2)  # warm-up
-    t_blocked, l_blocked, g_blocked = step(lambda b: b(images, texts))
-    t_loop, l_loop, g_loop = step(lambda b: train_step_loop(b, images, texts))
+    times: dict[str, list[tuple[float, float]]] = {"blocked": [], "loop": [], "floor": []}
+    for _ in range(args.train_steps):  # alternating, so that all three see the same load
+        t, l_blocked, g_blocked = step(lambda b: b(images, texts))
+        times["blocked"].append(t)
+        t, l_loop, g_loop = step(lambda b: train_step_loop(b, images, texts))
+        times["loop"].append(t)
+        if ffn:
+            c0 = time.process_time()
+            times["floor"].append(
+                (ffn_floor_step(branches, images, texts), time.process_time() - c0)
+            )
     assert abs(l_blocked - l_loop) <= 1e-3 * max(1.0, abs(l_loop)), (l_blocked, l_loop)
     for a, b in zip(g_blocked, g_loop):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    (tb, cb), (tl, cl) = (
+        (median([x[0] for x in times[k]]), median([x[1] for x in times[k]]))
+        for k in ("blocked", "loop")
+    )
+    tag = "[train]" if ffn else "[train, attention sub-layers only]"
     print(
-        f"[train] one step of both branches + hardest-negative triplet loss, batch {B} "
-        f"({B * B} pairs), D = {D}, with the feed-forward sub-layer:"
+        f"{tag} one step of both branches + hardest-negative triplet loss, batch {B} "
+        f"({B * B} pairs), D = {D}, {'with' if ffn else 'without'} the feed-forward sub-layer; "
+        f"median of {args.train_steps} steps, blocked and loop alternating:"
     )
     print(
-        f"[train] blocked {t_blocked:.2f}s ({B / t_blocked:.1f} samples/s); per-caption loop "
-        f"{t_loop:.2f}s ({B / t_loop:.1f} samples/s); blocked / loop = {t_loop / t_blocked:.1f}x "
-        "(same loss and gradients: checked)"
+        f"{tag} blocked {tb:.2f}s ({B / tb:.1f} samples/s); per-caption loop "
+        f"{tl:.2f}s ({B / tl:.1f} samples/s); blocked / loop = {tl / tb:.2f}x by wall-clock time, "
+        f"{cl / cb:.2f}x by CPU time ({'goal >= 2x; ' if ffn else ''}same loss and gradients: checked)"
+    )
+    if not ffn:
+        return
+    tf, cf = median([x[0] for x in times["floor"]]), median([x[1] for x in times["floor"]])
+    print(
+        f"[train] the feed-forward sub-layers alone (forward + backward on every pair's query tokens, "
+        f"work both structures must do): {tf:.2f}s wall, {cf:.2f}s CPU; the loop over it, the most any "
+        f"structure could gain: {tl / tf:.2f}x by wall-clock time, {cl / cf:.2f}x by CPU time"
     )
 
 
@@ -237,6 +289,9 @@ def main():
     p.add_argument("--train-batch", type=int, default=32, help="batch of the training-step timing")
     p.add_argument("--train-dim", type=int, default=256, help="D of the training-step timing")
     p.add_argument(
+        "--train-steps", type=int, default=5, help="timed training steps of each structure"
+    )
+    p.add_argument(
         "--repeats",
         type=int,
         default=3,
@@ -255,7 +310,7 @@ def main():
     if args.quick:
         args.dim, args.images, args.captions, args.loop_captions = 64, 8, 40, 4
         args.ffn_captions = 20
-        args.train_batch, args.train_dim = 8, 32
+        args.train_batch, args.train_dim, args.train_steps = 8, 32, 1
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     images = Tokens(torch.randn(args.images, args.regions, args.dim, generator=g))
