@@ -260,6 +260,11 @@ class Component(nn.Module):
     #: fused kernel the compiler cannot improve (a packed RNN): there compiling only adds graph
     #: breaks and guard checks, and the step gets slower.
     compiles: ClassVar[bool] = True
+    #: Whether ``Matcher(compile=True)`` compiles this block when the Matcher runs on the CPU. False
+    #: for a block measured slower compiled than eager there (ELA's blocks built on
+    #: ``nn.TransformerEncoderLayer``, whose Inductor CPU code loses to eager's, and its transport
+    #: loss; DCPA's phrase encoders): on other devices they compile.
+    compiles_on_cpu: ClassVar[bool] = True
 
     @classmethod
     def _examples(cls) -> tuple:

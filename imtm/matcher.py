@@ -214,7 +214,12 @@ class Matcher(BaseEstimator):
             cannot improve; the transformers text encoder, whose forward tokenises strings and
             plans its chunks on the host; ELA's ``WordMasking``, which tokenises and draws the
             masked-LM corruption on the host; ``Reuse``, which calls its target block, compiled
-            or not, rather than tracing through it). A block whose compilation fails (no compiler, an unsupported platform or operation) runs eagerly,
+            or not, rather than tracing through it; DCPA's ``InterModalPhraseAttention``, whose
+            engine runs eagerly in any compiled region), and, on the CPU only, blocks that declare
+            ``compiles_on_cpu = False`` (ELA's cross-modal encoder, matching head and
+            word-to-lexicon head, whose transformer layers Inductor's CPU code runs slower than
+            eager, and its transport loss; DCPA's phrase encoders: each measured slower compiled,
+            ``benchmarks/README.md``). A block whose compilation fails (no compiler, an unsupported platform or operation) runs eagerly,
             with a warning; the results agree with eager ones within floating-point tolerance.
         random_state: seed for initialisation, data order, dropout; ``None`` draws one.
         eval_batch_size: batch size for encoding images and captions in evaluation.
@@ -643,9 +648,14 @@ class Matcher(BaseEstimator):
 
     def _sync_compile(self) -> None:
         """Compile (or un-compile) the fitted blocks' forward to match ``self.compile``."""
+        on_cpu = self._device().type == "cpu"
         for name, block in self.components_.items():
             compiled = isinstance(block._compiled_call_impl, _CompiledCall)
-            wanted = self.compile and getattr(block, "compiles", True)
+            wanted = (
+                self.compile
+                and getattr(block, "compiles", True)
+                and (not on_cpu or getattr(block, "compiles_on_cpu", True))
+            )
             if wanted and not compiled and not getattr(block, "_imtm_compile_failed", False):
                 try:
                     block._compiled_call_impl = _CompiledCall(block, name)

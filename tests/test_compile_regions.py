@@ -120,3 +120,69 @@ def test_matcher_compile_leaves_blocks_that_do_not_gain_eager():
     assert compiled["scorer"] is True, compiled
     s = m.similarity(train.images[:3], train.captions[:4])
     assert s.shape == (3, 4) and bool(torch.isfinite(s).all())
+
+
+def test_matcher_compile_leaves_blocks_slower_compiled_on_the_cpu_eager_there_only(monkeypatch):
+    # ELA's transformer-layer blocks and transport loss measured slower compiled than eager on the
+    # CPU (benchmarks/README.md, bench_compile.py): there Matcher(compile=True) leaves them eager; on
+    # another device (here the Matcher is told it runs on one; nothing is called) they compile.
+    from imtm import Matcher
+    from imtm.components import (
+        CrossModalEncoder,
+        ExpansiveLexiconLoss,
+        GlobalCosine,
+        ImageTextMatchingHead,
+        InterModalPhraseAttention,
+        TextualPhraseEncoder,
+        VisualPhraseEncoder,
+        WordToLexiconHead,
+    )
+    from imtm.matcher import _CompiledCall
+
+    for cls in (
+        CrossModalEncoder,
+        ImageTextMatchingHead,
+        WordToLexiconHead,
+        ExpansiveLexiconLoss,
+        VisualPhraseEncoder,
+        TextualPhraseEncoder,
+    ):
+        assert cls.compiles and not cls.compiles_on_cpu, cls
+    assert GlobalCosine.compiles_on_cpu
+    # DCPA's inter-modal attention runs its engine eagerly in any compiled region: never compiled.
+    assert not InterModalPhraseAttention.compiles
+    m = Matcher([], compile=True, device="cpu", verbose=False)
+    enc = CrossModalEncoder(8, layers=1, heads=2)
+    m.components_ = torch.nn.ModuleDict({"cross": enc, "scorer": GlobalCosine()})
+
+    def compiled():
+        return {
+            n: isinstance(b._compiled_call_impl, _CompiledCall) for n, b in m.components_.items()
+        }
+
+    m._sync_compile()
+    assert compiled() == {"cross": False, "scorer": True}
+    monkeypatch.setattr(Matcher, "_device", lambda self: torch.device("cuda"))
+    m._sync_compile()
+    assert compiled() == {"cross": True, "scorer": True}
+
+
+def test_transformer_layers_run_eagerly_inside_a_compiled_block_on_the_cpu():
+    # A user's torch.compile of the cross-modal encoder: the layers are a graph break on the CPU
+    # (never traced), the rest of the block is compiled, and the output is eager's.
+    from imtm import Tokens
+    from imtm.components import CrossModalEncoder
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    enc = CrossModalEncoder(8, layers=1, heads=2)
+    seen = []
+    enc.encoder.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(torch.compiler.is_compiling()), with_kwargs=True
+    )
+    images = Tokens(torch.randn(3, 5, 8))
+    texts = Tokens.from_lengths(torch.randn(3, 4, 8), [4, 2, 3])
+    want = enc(images, texts).feats
+    got = torch.compile(enc, backend="eager")(images, texts).feats
+    torch.testing.assert_close(got, want)
+    assert seen == [False, False], seen

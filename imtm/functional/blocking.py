@@ -735,9 +735,7 @@ def blocked_pair_scores(
         if text_mask is not None:
             real = text_mask.sum(1).tolist()
             cut_masks = [
-                None
-                if all(real[t] == w for t in range(t0, t1))
-                else text_mask[t0:t1, :w]
+                None if all(real[t] == w for t in range(t0, t1)) else text_mask[t0:t1, :w]
                 for (t0, t1), w in zip(bounds, widths)
             ]
         text_masks = cut_masks  # type: ignore[assignment]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from imtm.component import Component, LinkedComponent
+from imtm.components.heads._layers import transformer_layers
 from imtm.contract import EXAMPLE_DIM, POSITIVE, Example, Interval, block_or_name
 from imtm.functional.lexicon import sample_hard_negatives
 from imtm.tokens import Tokens
@@ -41,6 +42,11 @@ class CrossModalEncoder(Component):
     block, row ``b`` of the image tokens pairs with caption ``b`` (a training batch);
     :meth:`encode_pairs` runs any list of pairs. Padding takes no part.
 
+    On the CPU the transformer layers are never compiled (a user's ``torch.compile`` of the block
+    runs them eagerly, and ``Matcher(compile=True)`` leaves the block eager there:
+    ``compiles_on_cpu = False``): Inductor's CPU code for them measured slower than eager's
+    (:func:`~imtm.components.heads._layers.transformer_layers`).
+
     Args:
         dim: ``D`` of both modalities. layers: transformer layers. heads: attention heads.
         dropout: dropout of the layers.
@@ -61,6 +67,7 @@ class CrossModalEncoder(Component):
 
     requires = ("image_tokens", "text_tokens")
     provides = ("cross_text_tokens",)
+    compiles_on_cpu = False
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
@@ -125,7 +132,7 @@ class CrossModalEncoder(Component):
             dim=1,
         )
         mask = torch.cat([im, tm], dim=1)
-        out = self.encoder(x, src_key_padding_mask=~mask)[:, iv.shape[1] :]
+        out = transformer_layers(self.encoder, x, ~mask)[:, iv.shape[1] :]
         out = torch.where(
             tm.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device)
         )
@@ -190,6 +197,8 @@ class ImageTextMatchingHead(LinkedComponent):
 
     requires = ("image_tokens", "text_tokens", "scores", "positives")
     provides = ("itm_logits", "itm_labels")
+    #: It runs the cross-modal encoder on 3B pairs: eager on the CPU, as the encoder.
+    compiles_on_cpu = False
     _borrowed = ("encoder", "_linked")
     _target_param = "encoder"
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from imtm.component import Component
+from imtm.components.heads._layers import transformer_layers
 from imtm.contract import EXAMPLE_DIM, EXAMPLE_VOCAB_SIZE, Example, Interval, Satisfies
 from imtm.tokens import Tokens
 
@@ -278,6 +279,8 @@ class WordToLexiconHead(TiedEmbedding):
 
     requires = ("text_tokens",)
     provides = ("word_lexicon",)
+    #: Its transformer layers are never compiled on the CPU (``transformer_layers``), nor the block.
+    compiles_on_cpu = False
 
     _parameter_constraints = {
         "layers": [Interval(Integral, 0, None, closed="left")],
@@ -355,7 +358,7 @@ class WordToLexiconHead(TiedEmbedding):
             mask.unsqueeze(-1), text_tokens.feats, torch.zeros((), dtype=text_tokens.feats.dtype)
         )
         if self.encoder is not None:
-            x = self.encoder(x, src_key_padding_mask=~mask)
+            x = transformer_layers(self.encoder, x, ~mask)
         logits = self.proj(x) @ self.embedding_weight().t().to(x.dtype)
         return torch.where(
             mask.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device)

@@ -58,6 +58,10 @@ class TextualPhraseEncoder(Component):
 
     requires = ("text_tokens",)
     provides = ("text_phrase",)
+    #: Measured slower compiled than eager on the CPU (Inductor's code for the windowed
+    #: convolutions: 1.68 against 1.12 ms a step in DCPA's benchmark step, bench_compile.py); it
+    #: compiles elsewhere.
+    compiles_on_cpu = False
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
