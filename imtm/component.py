@@ -257,7 +257,8 @@ class Component(nn.Module):
     #: Set on an instance once :meth:`validate` passed; a new parameter value clears it.
     _contract_checked: ClassVar[bool] = False
     #: Whether ``Matcher(compile=True)`` compiles this block. False for a block whose cost is one
-    #: fused kernel the compiler cannot improve (a packed RNN): there compiling only adds graph
+    #: fused kernel the compiler cannot improve (a packed RNN), or one call into an engine that runs
+    #: eagerly in compiled regions (the blocked pairwise scorers): there compiling only adds graph
     #: breaks and guard checks, and the step gets slower.
     compiles: ClassVar[bool] = True
     #: Whether ``Matcher(compile=True)`` compiles this block when the Matcher runs on the CPU. False

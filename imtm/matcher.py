@@ -214,8 +214,10 @@ class Matcher(BaseEstimator):
             cannot improve; the transformers text encoder, whose forward tokenises strings and
             plans its chunks on the host; ELA's ``WordMasking``, which tokenises and draws the
             masked-LM corruption on the host; ``Reuse``, which calls its target block, compiled
-            or not, rather than tracing through it; DCPA's ``InterModalPhraseAttention``, whose
-            engine runs eagerly in any compiled region), and, on the CPU only, blocks that declare
+            or not, rather than tracing through it; DCPA's ``InterModalPhraseAttention`` and the
+            pairwise scorers that are one call into a blocked engine, which runs eagerly in any
+            compiled region: ``HardAssignmentCoding``, ``SoftAssignmentCoding``,
+            ``LocalMatching``, ``ScanAttention``, ``SparsePatchWordAlignment``), and, on the CPU only, blocks that declare
             ``compiles_on_cpu = False`` (ELA's cross-modal encoder, matching head and
             word-to-lexicon head, whose transformer layers Inductor's CPU code runs slower than
             eager, and its transport loss; DCPA's phrase encoders: each measured slower compiled,

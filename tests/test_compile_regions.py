@@ -149,8 +149,25 @@ def test_matcher_compile_leaves_blocks_slower_compiled_on_the_cpu_eager_there_on
     ):
         assert cls.compiles and not cls.compiles_on_cpu, cls
     assert GlobalCosine.compiles_on_cpu
-    # DCPA's inter-modal attention runs its engine eagerly in any compiled region: never compiled.
-    assert not InterModalPhraseAttention.compiles
+    # DCPA's inter-modal attention and the pairwise scorers that are one call into a blocked engine
+    # run it eagerly in any compiled region: never compiled (compiled, they only added graph breaks).
+    from imtm.components import (
+        HardAssignmentCoding,
+        LocalMatching,
+        ScanAttention,
+        SoftAssignmentCoding,
+        SparsePatchWordAlignment,
+    )
+
+    for cls in (
+        InterModalPhraseAttention,
+        HardAssignmentCoding,
+        SoftAssignmentCoding,
+        LocalMatching,
+        ScanAttention,
+        SparsePatchWordAlignment,
+    ):
+        assert not cls.compiles, cls
     m = Matcher([], compile=True, device="cpu", verbose=False)
     enc = CrossModalEncoder(8, layers=1, heads=2)
     m.components_ = torch.nn.ModuleDict({"cross": enc, "scorer": GlobalCosine()})

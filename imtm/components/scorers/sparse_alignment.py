@@ -54,6 +54,11 @@ class SparsePatchWordAlignment(Component):
 
     requires = ("image_tokens", "text_tokens")
     provides = ("scores",)
+    #: Its forward is one call into a blocked engine of :mod:`imtm.functional.blocking`, which runs
+    #: eagerly inside any compiled region (it plans its blocks on the host): compiled, the block
+    #: only adds graph breaks around it (CHAN's coding 1.34 against 1.06 ms a step,
+    #: ``bench_compile.py --per-block``), so ``Matcher(compile=True)`` leaves it eager.
+    compiles = False
 
     @classmethod
     def _examples(cls) -> tuple[Example, ...]:
