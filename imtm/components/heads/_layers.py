@@ -20,10 +20,11 @@ def transformer_layers(
     """``encoder(x, src_key_padding_mask=pad)``; on the CPU never compiled.
 
     Inductor's CPU code for ``nn.TransformerEncoderLayer`` in training measured slower than eager
-    at every width tried (forward and backward of one layer on 48 pairs of 65 patches and 18-23
-    words, one thread: 13.9 against 20.4 ms at D = 32, 103.0 against 120.4 ms at D = 128, 321.9
-    against 354.3 ms at D = 256; ``benchmarks/README.md``), so under ``torch.compile`` (a user's
-    own, of a block that calls this) the layers run eagerly there; elsewhere they compile.
+    at every width tried (forward and backward of one layer on 48 pairs of 65 patches and up to 23
+    words, one thread, ``benchmarks/bench_compile.py --encoder-layer``: eager 13.4 against
+    Inductor 20.1 ms at D = 32, 93.7 against 116.4 ms at D = 128, 291.4 against 338.7 ms at
+    D = 256; ``benchmarks/README.md``), so under ``torch.compile`` (a user's own, of a block that
+    calls this) the layers run eagerly there; elsewhere they compile.
 
     Shape:
         - x: ``(B, L, D)``, pad: ``(B, L)`` bool, True at padding; output: ``(B, L, D)``
