@@ -767,8 +767,11 @@ def aggregated_tokens(
     r"""The aggregated tokens of Eq. 6-7 for every pair, up to a positive factor per token and pair.
 
     :math:`\hat v_{tk} \propto \sum_n D_{nt} E_{nk} v_n` (``E`` and ``D`` as in
-    :func:`aggregated_cosines`), as one matrix product per image of the decisions with the image's
-    :math:`Z_{n,(k,d)} = E_{nk} v_{nd}`: nothing of size pairs x patches x tokens is formed.
+    :func:`aggregated_cosines`), as one matrix product per image: with at least ``D`` captions, of
+    the decisions with the image's :math:`Z_{n,(k,d)} = E_{nk} v_{nd}` (nothing of size pairs x
+    patches x tokens is formed); with fewer, of the pair's weights :math:`D_{nt} E_{nk}` with the
+    patches (:func:`weighted_tokens`), so that ``Z`` (``N K D`` numbers per image) is never larger
+    than the pair-sized weights (``Bt N K`` per image) a blocked caller budgets for.
 
     Shape:
         - patches: ``(Bi, N, D)``, exp_logits: ``(Bi, N, K)``, decisions: ``(Bi, N, Bt)``
@@ -782,6 +785,9 @@ def aggregated_tokens(
     """
     bi, n, d = patches.shape
     k, bt = exp_logits.shape[-1], decisions.shape[-1]
+    if bt < d:
+        weights = decisions.transpose(1, 2).unsqueeze(2) * exp_logits.transpose(1, 2).unsqueeze(1)
+        return weighted_tokens(patches, weights)  # (bi, bt, k, n) weights, no larger than Z
     z = (exp_logits.unsqueeze(-1) * patches.unsqueeze(2)).reshape(bi, n, k * d)
     return torch.bmm(decisions.transpose(1, 2), z).view(bi, bt, k, d)
 

@@ -665,6 +665,11 @@ def test_token_helpers_equal_the_nested_loop():
                     expect = 0.0 if norm == 0 else float(want @ words[t, w]) / norm
                     assert math.isclose(float(cos[i, t, c, w]), expect, abs_tol=1e-12)
     assert bool((cos[0, 1] == 0).all())
+    # At least D captions: the image-only Z route (above: fewer, the pair-sized weights).
+    many = (torch.rand(bi, n, 2 * d, generator=g) > 0.5).to(torch.float64)
+    torch.testing.assert_close(
+        aggregated_tokens(v, E, many), torch.einsum("int,ink,ind->itkd", many, E, v)
+    )
     zero = torch.zeros(1, 1, 1, d, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(token_cosines(zero, words[:1]).sum(), zero)
     assert bool(torch.isfinite(grad).all())
