@@ -404,10 +404,11 @@ def slimming_problem(seed=0, bi=3, n=8, bt=4, m=5, d=6, prefix=1, k=2, ragged=Tr
     return v, vmask, t, tmask, a_p, logits
 
 
+@pytest.mark.parametrize("route", ["auto", "gram", "tokens"])
 @pytest.mark.parametrize(
     "prefix,fusion,ragged", [(1, True, True), (0, True, False), (2, False, True)]
 )
-def test_patch_slimming_scores_equal_the_per_pair_loop(prefix, fusion, ragged):
+def test_patch_slimming_scores_equal_the_per_pair_loop(route, prefix, fusion, ragged):
     from imtm.functional import patch_slimming_scores
 
     v, vm, t, tm, a_p, logits = slimming_problem(prefix=prefix, ragged=ragged)
@@ -422,6 +423,7 @@ def test_patch_slimming_scores_equal_the_per_pair_loop(prefix, fusion, ragged):
         beta=0.6,
         ratio=0.5,
         fusion=fusion,
+        cosine_route=route,
     )
     want_s, want_k = loop_slimming_scores(
         v, vm, t, tm, a_p, logits, prefix=prefix, beta=0.6, ratio=0.5, fusion=fusion
@@ -673,34 +675,6 @@ def test_token_helpers_equal_the_nested_loop():
     zero = torch.zeros(1, 1, 1, d, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(token_cosines(zero, words[:1]).sum(), zero)
     assert bool(torch.isfinite(grad).all())
-
-
-@pytest.mark.parametrize("route", ["gram", "tokens"])
-@pytest.mark.parametrize(
-    "prefix,fusion,ragged", [(1, True, True), (0, True, False), (2, False, True)]
-)
-def test_both_cosine_routes_equal_the_per_pair_loop(route, prefix, fusion, ragged):
-    from imtm.functional import patch_slimming_scores
-
-    v, vm, t, tm, a_p, logits = slimming_problem(prefix=prefix, ragged=ragged)
-    out = patch_slimming_scores(
-        v,
-        t,
-        vm,
-        tm,
-        predicted=a_p,
-        num_prefix_tokens=prefix,
-        aggregation_logits=logits,
-        beta=0.6,
-        ratio=0.5,
-        fusion=fusion,
-        cosine_route=route,
-    )
-    want_s, want_k = loop_slimming_scores(
-        v, vm, t, tm, a_p, logits, prefix=prefix, beta=0.6, ratio=0.5, fusion=fusion
-    )
-    torch.testing.assert_close(out.scores, want_s)
-    torch.testing.assert_close(out.keep_decisions, want_k)
 
 
 @SETTINGS
