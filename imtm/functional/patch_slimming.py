@@ -997,7 +997,8 @@ def patch_slimming_scores(
 
     Raises:
         ValueError: out-of-range hyper-parameters, both ``reduce`` and ``align``, an unknown
-            ``cosine_route``, inputs of the wrong shape, images with no patch after their prefix tokens, NaN/inf in real tokens.
+            ``cosine_route``, inputs of the wrong shape, images with no patch after their prefix
+            tokens, NaN/inf in real tokens.
         TypeError: non-tensor or non-float features, masks that are not bool.
 
     Shape:

@@ -112,9 +112,9 @@ class ExpansiveLexiconLoss(Loss):
 
     requires = ("patch_lexicon", "word_lexicon", "image_tokens", "text_tokens")
     provides = ("expansive_lexicon_loss",)
-    #: Measured slower compiled than eager on the CPU (the solver's iterations unrolled into one
-    #: graph: 5.82 against 4.75 ms a step at ELA's benchmark sizes); it compiles elsewhere, and
-    #: with ``fullgraph=True`` wherever it is compiled.
+    #: Measured slower compiled than eager on the CPU (5.82 against 4.75 ms a step at ELA's
+    #: benchmark sizes, ``bench_compile.py --per-block``); it compiles elsewhere, and with
+    #: ``fullgraph=True`` wherever it is compiled.
     compiles_on_cpu = False
 
     @classmethod

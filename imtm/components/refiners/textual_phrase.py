@@ -58,9 +58,8 @@ class TextualPhraseEncoder(Component):
 
     requires = ("text_tokens",)
     provides = ("text_phrase",)
-    #: Measured slower compiled than eager on the CPU (Inductor's code for the windowed
-    #: convolutions: 1.68 against 1.12 ms a step in DCPA's benchmark step, bench_compile.py); it
-    #: compiles elsewhere.
+    #: Measured slower compiled than eager on the CPU (1.68 against 1.12 ms a step in DCPA's
+    #: benchmark step, ``bench_compile.py --per-block``); it compiles elsewhere.
     compiles_on_cpu = False
 
     @classmethod
