@@ -54,14 +54,20 @@ __all__ = [
 ]
 
 
-def _split_patches(block, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The patch part of image tokens (prefix tokens left out) and its mask."""
+def _check_has_patches(block, tokens: Tokens) -> None:
+    """Raise unless the image tokens hold a patch after their prefix tokens (shapes only)."""
     p = tokens.num_prefix_tokens
     if tokens.num_tokens <= p:
         raise ValueError(
             f"{type(block).__name__}: image tokens hold {tokens.num_tokens} position(s) and "
             f"num_prefix_tokens={p}, so no patch is left to select"
         )
+
+
+def _split_patches(block, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The patch part of image tokens (prefix tokens left out) and its mask."""
+    _check_has_patches(block, tokens)
+    p = tokens.num_prefix_tokens
     mask = tokens.mask[:, p:]
     return tokens.feats[:, p:], (None if bool(mask.all()) else mask)
 
@@ -755,7 +761,9 @@ class PatchSlimming(Component):
                 f"{type(self).__name__}: expected image tokens of shape (Bi, N, {self.scorer.dim}), got "
                 f"{tuple(images.feats.shape)}"
             )
-        _split_patches(self, images)
+        _check_has_patches(
+            self, images
+        )  # (no host read of the mask: it would break a compiled graph)
         p = images.num_prefix_tokens
         # The image-only MLPs run once per image (under autocast if enabled); padding zeroed so
         # that NaN padding never reaches them.
