@@ -693,8 +693,8 @@ def cosine_route_costs(
       products with the words :math:`(K + 1 + P) M D` (:func:`token_cosines`).
 
     The Gram route wins at the papers' widths (for example :math:`N = 196, M = 12, D = 1024, K = 39`:
-    2.4M + 0.1M + 1.5M against 8.0M), building the tokens at small ones (:math:`N = 64, M = 19, D = 64,
-    K = 28`: 0.24M against 0.16M).
+    4.04M against 8.56M), building the tokens at small ones (:math:`N = 64, M = 19, D = 64,
+    K = 28`: 0.23M against 0.16M).
 
     Example:
         >>> c = cosine_route_costs(196, 12, 1024, 39)
